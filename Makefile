@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` and `make test`. Each sets itself up.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build of torch for dev and CI machines (an unpinned torch pulls a multi-GB CUDA build).
+# On a GPU box, install the torch that matches its CUDA first and run `make setup TORCH=`.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test bench-protocol clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/reconloop demo --out demo_out
+
+test: setup
+	$(PY) -m pytest -n 2 --dist loadgroup -q
+
+clean:
+	rm -rf $(VENV) demo_out build dist *.egg-info

@@ -1,0 +1,441 @@
+"""The scene folder: ``scene.json`` plus images.
+
+A scene holds the captures (a photo and, when known, its camera), an optional trajectory (cameras
+with frame numbers) and the job settings. Cameras follow DESIGN.md section 3: an OpenCV/COLMAP
+world-to-camera 4x4 (x right, y down, z forward) and K in pixels (pixel i spans [i, i+1]).
+
+``scene.json`` layout (version 1)::
+
+    {
+      "version": 1,
+      "captures": [
+        {"name": "img0", "image": "images/img0.png",
+         "camera": {"w2c": [[...4x4...]], "K": [[...3x3...]], "width": 640, "height": 480,
+                    "distortion": {"model": "SIMPLE_RADIAL", "params": [0.01]}}},   # camera optional
+        ...
+      ],
+      "trajectory": [{"frame": 1, "camera": {...}}, ...],                        # optional
+      "heldout": [{"name": ..., "image": ..., "camera": {...}}],                   # optional, evaluation
+      "settings": {"width": 448, "height": 256, ...}                               # optional
+    }
+
+``load_scene`` checks everything before it returns and raises :class:`SceneError` naming the field
+path and the reason (``captures[3].camera.K: focal lengths must be positive; got fx=-500``); it
+never returns a half-loaded scene.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCENE_FORMAT_VERSION = 1
+SCENE_FILE = "scene.json"
+
+# COLMAP's names and parameter counts for the distortion models we accept on captures.
+DISTORTION_PARAMS = {
+    "NONE": 0,
+    "SIMPLE_RADIAL": 1,  # k
+    "RADIAL": 2,  # k1 k2
+    "OPENCV": 4,  # k1 k2 p1 p2
+    "FULL_OPENCV": 8,  # k1 k2 p1 p2 k3 k4 k5 k6
+}
+
+ROTATION_TOL = 1e-4  # |R^T R - I| and |det R - 1| allowed in a camera's rotation
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class SceneError(ValueError):
+    """A scene that cannot be used; the message starts with the path of the offending field."""
+
+
+@dataclass(frozen=True)
+class Distortion:
+    """Lens distortion in COLMAP's parameterisation (``model`` one of DISTORTION_PARAMS)."""
+
+    model: str
+    params: tuple[float, ...] = ()
+
+    def to_opencv(self) -> np.ndarray:
+        """OpenCV ``distCoeffs`` (k1 k2 p1 p2 [k3 k4 k5 k6]). float64 [4] or [8]."""
+        p = list(self.params)
+        if self.model == "NONE":
+            return np.zeros(4)
+        if self.model == "SIMPLE_RADIAL":
+            return np.array([p[0], 0.0, 0.0, 0.0])
+        if self.model == "RADIAL":
+            return np.array([p[0], p[1], 0.0, 0.0])
+        if self.model == "OPENCV":
+            return np.array(p[:4], dtype=np.float64)
+        # FULL_OPENCV: k1 k2 p1 p2 k3 k4 k5 k6, the same order OpenCV's rational model takes.
+        return np.array(p, dtype=np.float64)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.model == "NONE" or all(v == 0.0 for v in self.params)
+
+
+@dataclass(frozen=True)
+class Camera:
+    """One pinhole camera, OpenCV convention (DESIGN.md section 3).
+
+    Attributes:
+        w2c: world-to-camera, OpenCV (x right, y down, z forward). float64 [4, 4]
+        K: intrinsics in pixels, pixel i spans [i, i+1]. float64 [3, 3]
+        width, height: image size in pixels.
+        distortion: lens distortion (captures only), or None for an ideal pinhole.
+    """
+
+    w2c: np.ndarray
+    K: np.ndarray
+    width: int
+    height: int
+    distortion: Distortion | None = None
+
+    @property
+    def c2w(self) -> np.ndarray:
+        """Camera-to-world, OpenCV. float64 [4, 4]"""
+        return np.linalg.inv(self.w2c)
+
+    @property
+    def center(self) -> np.ndarray:
+        """Camera centre in world coordinates. float64 [3]"""
+        R, t = self.w2c[:3, :3], self.w2c[:3, 3]
+        return -R.T @ t
+
+    def project(self, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Project world points (ignoring distortion).
+
+        Args:
+            xyz: world points. [N, 3]
+        Returns:
+            (uv, depth): pixel coordinates (pixel i spans [i, i+1]) [N, 2] and camera z [N].
+        """
+        cam = xyz @ self.w2c[:3, :3].T + self.w2c[:3, 3]
+        z = cam[:, 2]
+        uvw = cam @ self.K.T
+        with np.errstate(divide="ignore", invalid="ignore"):
+            uv = uvw[:, :2] / uvw[:, 2:3]
+        return uv, z
+
+    def scaled(self, width: int, height: int) -> "Camera":
+        """The same camera at another image size (K scaled per axis)."""
+        sx, sy = width / self.width, height / self.height
+        K = self.K.copy()
+        K[0] *= sx
+        K[1] *= sy
+        return replace(self, K=K, width=int(width), height=int(height))
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "w2c": self.w2c.tolist(),
+            "K": self.K.tolist(),
+            "width": int(self.width),
+            "height": int(self.height),
+        }
+        if self.distortion is not None:
+            out["distortion"] = {"model": self.distortion.model, "params": list(self.distortion.params)}
+        return out
+
+
+@dataclass(frozen=True)
+class Capture:
+    """A photo with its camera (None: to be estimated). ``image`` is an absolute path once loaded."""
+
+    name: str
+    image: Path
+    camera: Camera | None = None
+
+
+@dataclass(frozen=True)
+class TrajectoryFrame:
+    """One camera of the animated trajectory at a Blender frame number."""
+
+    frame: int
+    camera: Camera
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Per-job settings a user picks (Blender sidebar, CLI or scene.json). Defaults favour CPU."""
+
+    width: int = 320  # working resolution of renders, generated frames and Gaussian fitting
+    height: int = 240
+    segment_length: int = 40  # AnyRecon trains on 40-frame clips
+    segment_overlap: int = 2  # carried-over frames (AnyRecon: last 2 frames of the previous segment)
+    retrieval_k: int = 10  # AnyRecon keeps up to 10 captures per chunk
+    generator: str = "reproject"  # registry name; "anyrecon" for the diffusion model
+    num_steps: int = 4  # denoising steps of a diffusion generator (AnyRecon: 4)
+    gaussian_iterations: int = 300
+    update_memory: bool = True  # AnyRecon's closed loop; off to measure its effect
+    seed: int = 0
+    prompt: str = ""
+
+    LIMITS = {
+        "width": (16, 4096),
+        "height": (16, 4096),
+        "segment_length": (2, 512),
+        "segment_overlap": (0, 16),
+        "retrieval_k": (0, 64),
+        "num_steps": (1, 1000),
+        "gaussian_iterations": (0, 1_000_000),
+        "seed": (0, 2**31 - 1),
+    }
+
+    @classmethod
+    def from_json(cls, d: Any, path: str = "settings") -> "Settings":
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise SceneError(f"{path}: must be an object; got {type(d).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key not in known:
+                raise SceneError(f"{path}.{key}: unknown setting; known: {', '.join(sorted(known))}")
+            default = getattr(cls, key)
+            want = type(default)
+            if want is bool:
+                if not isinstance(value, bool):
+                    raise SceneError(f"{path}.{key}: must be true or false; got {value!r}")
+            elif want is int:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise SceneError(f"{path}.{key}: must be an integer; got {value!r}")
+                lo, hi = cls.LIMITS[key]
+                if not lo <= value <= hi:
+                    raise SceneError(f"{path}.{key}: must be in [{lo}, {hi}]; got {value}")
+            elif want is str:
+                if not isinstance(value, str):
+                    raise SceneError(f"{path}.{key}: must be a string; got {value!r}")
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A loaded, checked scene. Image paths are absolute."""
+
+    root: Path
+    captures: list[Capture]
+    trajectory: list[TrajectoryFrame] = field(default_factory=list)
+    heldout: list[Capture] = field(default_factory=list)
+    settings: Settings = field(default_factory=Settings)
+
+    @property
+    def has_all_cameras(self) -> bool:
+        return all(c.camera is not None for c in self.captures)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking
+
+
+def _matrix(value: Any, shape: tuple[int, int], path: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise SceneError(f"{path}: must be a {shape[0]}x{shape[1]} matrix of numbers; {err}") from None
+    if arr.shape != shape:
+        raise SceneError(f"{path}: must be a {shape[0]}x{shape[1]} matrix; got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise SceneError(f"{path}: holds NaN or infinity")
+    return arr
+
+
+def check_camera_arrays(w2c: np.ndarray, K: np.ndarray, width: int, height: int, path: str) -> None:
+    """Check a camera's numbers; raise SceneError naming ``path`` and the rule broken."""
+    if not np.all(np.isfinite(w2c)):
+        raise SceneError(f"{path}.w2c: holds NaN or infinity")
+    if not np.all(np.isfinite(K)):
+        raise SceneError(f"{path}.K: holds NaN or infinity")
+    if not np.allclose(w2c[3], [0, 0, 0, 1], atol=1e-9):
+        raise SceneError(f"{path}.w2c: last row must be [0, 0, 0, 1]; got {w2c[3].tolist()}")
+    R = w2c[:3, :3]
+    ortho = float(np.abs(R.T @ R - np.eye(3)).max())
+    det = float(np.linalg.det(R))
+    if ortho > ROTATION_TOL or abs(det - 1.0) > ROTATION_TOL:
+        raise SceneError(
+            f"{path}.w2c: top-left 3x3 must be a rotation (R^T R = I, det R = 1); "
+            f"got |R^T R - I| = {ortho:.2g}, det = {det:.4g}"
+        )
+    fx, fy = K[0, 0], K[1, 1]
+    if fx <= 0 or fy <= 0:
+        raise SceneError(f"{path}.K: focal lengths must be positive; got fx={fx:g}, fy={fy:g}")
+    if K[1, 0] != 0 or K[2, 0] != 0 or K[2, 1] != 0 or K[2, 2] != 1:
+        raise SceneError(f"{path}.K: must be upper triangular with K[2,2] = 1; got {K.tolist()}")
+    for key, v in (("width", width), ("height", height)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= 65536:
+            raise SceneError(f"{path}.{key}: must be an integer in [1, 65536]; got {v!r}")
+
+
+def camera_from_json(d: Any, path: str, *, allow_distortion: bool) -> Camera:
+    if not isinstance(d, dict):
+        raise SceneError(f"{path}: must be an object with w2c, K, width, height; got {type(d).__name__}")
+    for key in ("w2c", "K", "width", "height"):
+        if key not in d:
+            raise SceneError(f"{path}.{key}: missing")
+    unknown = set(d) - {"w2c", "K", "width", "height", "distortion"}
+    if unknown:
+        raise SceneError(f"{path}.{sorted(unknown)[0]}: unknown field")
+    w2c = _matrix(d["w2c"], (4, 4), f"{path}.w2c")
+    K = _matrix(d["K"], (3, 3), f"{path}.K")
+    width, height = d["width"], d["height"]
+    check_camera_arrays(w2c, K, width, height, path)
+    distortion = None
+    if d.get("distortion") is not None:
+        if not allow_distortion:
+            raise SceneError(f"{path}.distortion: only captures may have lens distortion")
+        distortion = distortion_from_json(d["distortion"], f"{path}.distortion")
+    return Camera(w2c=w2c, K=K, width=int(width), height=int(height), distortion=distortion)
+
+
+def distortion_from_json(d: Any, path: str) -> Distortion:
+    if not isinstance(d, dict) or "model" not in d:
+        raise SceneError(f"{path}: must be an object with model and params")
+    model = d["model"]
+    if model not in DISTORTION_PARAMS:
+        raise SceneError(f"{path}.model: unknown model {model!r}; known: {', '.join(DISTORTION_PARAMS)}")
+    params = d.get("params", [])
+    if not isinstance(params, list) or len(params) != DISTORTION_PARAMS[model]:
+        raise SceneError(f"{path}.params: {model} takes {DISTORTION_PARAMS[model]} numbers; got {params!r}")
+    values = []
+    for i, v in enumerate(params):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise SceneError(f"{path}.params[{i}]: must be a finite number; got {v!r}")
+        values.append(float(v))
+    return Distortion(model=model, params=tuple(values))
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG or JPEG, read from its header only."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+def _capture_from_json(d: Any, root: Path, path: str, *, need_camera: bool) -> Capture:
+    if not isinstance(d, dict):
+        raise SceneError(f"{path}: must be an object with name and image; got {type(d).__name__}")
+    image = d.get("image")
+    if not isinstance(image, str) or not image:
+        raise SceneError(f"{path}.image: missing or not a string")
+    image_path = (root / image).resolve()
+    if image_path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise SceneError(f"{path}.image: must be a PNG or JPEG file; got {image!r}")
+    if not image_path.is_file():
+        raise SceneError(f"{path}.image: file not found: {image_path}")
+    name = d.get("name", Path(image).stem)
+    if not isinstance(name, str) or not name:
+        raise SceneError(f"{path}.name: must be a non-empty string")
+    camera = None
+    if d.get("camera") is not None:
+        camera = camera_from_json(d["camera"], f"{path}.camera", allow_distortion=True)
+        try:
+            size = image_size(image_path)
+        except Exception as err:  # PIL raises several types for unreadable files
+            raise SceneError(f"{path}.image: cannot read {image_path.name}: {err}") from None
+        if size != (camera.width, camera.height):
+            raise SceneError(
+                f"{path}.camera: size {camera.width}x{camera.height} does not match the image "
+                f"{image_path.name}, which is {size[0]}x{size[1]}"
+            )
+    elif need_camera:
+        raise SceneError(f"{path}.camera: missing")
+    return Capture(name=name, image=image_path, camera=camera)
+
+
+def scene_from_json(data: Any, root: Path) -> Scene:
+    """Check and build a Scene from parsed scene.json; image paths resolve against ``root``."""
+    if not isinstance(data, dict):
+        raise SceneError(f"scene.json: must hold an object; got {type(data).__name__}")
+    version = data.get("version")
+    if version != SCENE_FORMAT_VERSION:
+        raise SceneError(f"version: scene format version must be {SCENE_FORMAT_VERSION}; got {version!r}")
+    unknown = set(data) - {"version", "captures", "trajectory", "heldout", "settings"}
+    if unknown:
+        raise SceneError(f"{sorted(unknown)[0]}: unknown field")
+    captures_json = data.get("captures")
+    if not isinstance(captures_json, list) or not captures_json:
+        raise SceneError("captures: must be a non-empty list")
+    captures = [
+        _capture_from_json(c, root, f"captures[{i}]", need_camera=False) for i, c in enumerate(captures_json)
+    ]
+    names = [c.name for c in captures]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise SceneError(f"captures: names must be unique; {dup!r} appears twice")
+    trajectory = []
+    traj_json = data.get("trajectory") or []
+    if not isinstance(traj_json, list):
+        raise SceneError("trajectory: must be a list")
+    for i, t in enumerate(traj_json):
+        p = f"trajectory[{i}]"
+        if not isinstance(t, dict):
+            raise SceneError(f"{p}: must be an object with frame and camera")
+        frame = t.get("frame")
+        if isinstance(frame, bool) or not isinstance(frame, int):
+            raise SceneError(f"{p}.frame: must be an integer; got {frame!r}")
+        trajectory.append(TrajectoryFrame(frame=frame, camera=camera_from_json(t.get("camera"), f"{p}.camera", allow_distortion=False)))
+    frames = [t.frame for t in trajectory]
+    if frames != sorted(set(frames)):
+        raise SceneError("trajectory: frame numbers must increase strictly")
+    heldout_json = data.get("heldout") or []
+    if not isinstance(heldout_json, list):
+        raise SceneError("heldout: must be a list")
+    heldout = [_capture_from_json(c, root, f"heldout[{i}]", need_camera=True) for i, c in enumerate(heldout_json)]
+    settings = Settings.from_json(data.get("settings"))
+    return Scene(root=root.resolve(), captures=captures, trajectory=trajectory, heldout=heldout, settings=settings)
+
+
+def load_scene(folder: str | os.PathLike) -> Scene:
+    """Load and check ``folder/scene.json``. Raises SceneError (field path + reason)."""
+    root = Path(folder)
+    path = root / SCENE_FILE if root.is_dir() else root
+    root = path.parent
+    if not path.is_file():
+        raise SceneError(f"scene.json: not found in {root}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SceneError(f"scene.json: not valid JSON: {err}") from None
+    return scene_from_json(data, root)
+
+
+def scene_to_json(scene: Scene, root: Path | None = None) -> dict[str, Any]:
+    """The scene.json object; image paths are written relative to ``root`` (default scene.root)."""
+    root = Path(root or scene.root).resolve()
+
+    def cap(c: Capture) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": c.name, "image": os.path.relpath(c.image, root)}
+        if c.camera is not None:
+            out["camera"] = c.camera.to_json()
+        return out
+
+    data: dict[str, Any] = {"version": SCENE_FORMAT_VERSION, "captures": [cap(c) for c in scene.captures]}
+    if scene.trajectory:
+        data["trajectory"] = [{"frame": t.frame, "camera": t.camera.to_json()} for t in scene.trajectory]
+    if scene.heldout:
+        data["heldout"] = [cap(c) for c in scene.heldout]
+    data["settings"] = scene.settings.to_json()
+    return data
+
+
+def save_scene(scene: Scene, folder: str | os.PathLike) -> Path:
+    """Write ``folder/scene.json`` (atomically) pointing at the scene's images. Returns its path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / SCENE_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(scene_to_json(scene, folder), indent=1))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,212 @@
+"""Typed data passed between the loop's stages (DESIGN.md section 1).
+
+Letters in shapes: N points, C cameras, F frames, H, W image size. Cameras are OpenCV/COLMAP
+world-to-camera (x right, y down, z forward); K in pixels, pixel i spans [i, i+1] (the gsplat
+``viewmats``/``Ks`` convention). Colours are linear floats in [0, 1] that hold sRGB-encoded values
+as read from 8-bit files (no colour conversion anywhere in the loop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..scene import Camera
+
+
+@dataclass(frozen=True)
+class Cameras:
+    """A batch of pinhole cameras sharing one image size.
+
+    Attributes:
+        w2c: world-to-camera, OpenCV. float32 [C, 4, 4]
+        K: intrinsics, pixels. float32 [C, 3, 3]
+        width, height: image size in pixels.
+    """
+
+    w2c: Tensor
+    K: Tensor
+    width: int
+    height: int
+
+    def __post_init__(self) -> None:
+        if self.w2c.ndim != 3 or self.w2c.shape[1:] != (4, 4):
+            raise ValueError(f"Cameras.w2c must be [C, 4, 4]; got {tuple(self.w2c.shape)}")
+        if self.K.shape != (self.w2c.shape[0], 3, 3):
+            raise ValueError(f"Cameras.K must be [C, 3, 3] with C={self.w2c.shape[0]}; got {tuple(self.K.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.w2c.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.w2c.device
+
+    @property
+    def c2w(self) -> Tensor:
+        """Camera-to-world, OpenCV. [C, 4, 4]"""
+        return torch.linalg.inv(self.w2c)
+
+    @property
+    def centers(self) -> Tensor:
+        """Camera centres in world coordinates. [C, 3]"""
+        R, t = self.w2c[:, :3, :3], self.w2c[:, :3, 3]
+        return -(R.transpose(1, 2) @ t.unsqueeze(-1)).squeeze(-1)
+
+    def to(self, device: torch.device | str) -> "Cameras":
+        return Cameras(self.w2c.to(device), self.K.to(device), self.width, self.height)
+
+    def __getitem__(self, idx: int | slice | Sequence[int] | Tensor) -> "Cameras":
+        if isinstance(idx, int):
+            idx = [idx]
+        return Cameras(self.w2c[idx], self.K[idx], self.width, self.height)
+
+    def resized(self, width: int, height: int) -> "Cameras":
+        """The same cameras at another image size (K scaled per axis)."""
+        scale = torch.tensor([width / self.width, height / self.height, 1.0], dtype=self.K.dtype, device=self.K.device)
+        return Cameras(self.w2c, self.K * scale[None, :, None], width, height)
+
+    @staticmethod
+    def cat(items: Sequence["Cameras"]) -> "Cameras":
+        sizes = {(c.width, c.height) for c in items}
+        if len(sizes) != 1:
+            raise ValueError(f"Cameras.cat needs one image size; got {sorted(sizes)}")
+        w, h = sizes.pop()
+        return Cameras(torch.cat([c.w2c for c in items]), torch.cat([c.K for c in items]), w, h)
+
+    @staticmethod
+    def from_scene(cams: Sequence[Camera], width: int | None = None, height: int | None = None,
+                   device: torch.device | str = "cpu") -> "Cameras":
+        """Batch scene cameras, scaled to (width, height) (default: the first camera's size)."""
+        if not cams:
+            raise ValueError("Cameras.from_scene needs at least one camera")
+        width = int(width or cams[0].width)
+        height = int(height or cams[0].height)
+        scaled = [c.scaled(width, height) for c in cams]
+        w2c = torch.tensor(np.stack([c.w2c for c in scaled]), dtype=torch.float32, device=device)
+        K = torch.tensor(np.stack([c.K for c in scaled]), dtype=torch.float32, device=device)
+        return Cameras(w2c, K, width, height)
+
+    def to_scene(self) -> list[Camera]:
+        w2c = self.w2c.detach().double().cpu().numpy()
+        K = self.K.detach().double().cpu().numpy()
+        return [Camera(w2c=w2c[i], K=K[i], width=self.width, height=self.height) for i in range(len(self))]
+
+
+@dataclass
+class GeometryMemory:
+    """The scene memory M: a coloured point cloud with confidence and provenance.
+
+    Attributes:
+        xyz: world positions. float32 [N, 3]
+        rgb: colours in [0, 1]. float32 [N, 3]
+        confidence: per-point confidence in [0, 1]. float32 [N]
+        source: id of the capture a point came from, -1 for generated frames. int32 [N]
+    """
+
+    xyz: Tensor
+    rgb: Tensor
+    confidence: Tensor
+    source: Tensor
+
+    def __len__(self) -> int:
+        return int(self.xyz.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.xyz.device
+
+    @staticmethod
+    def empty(device: torch.device | str = "cpu") -> "GeometryMemory":
+        return GeometryMemory(
+            torch.zeros(0, 3, device=device), torch.zeros(0, 3, device=device),
+            torch.zeros(0, device=device), torch.zeros(0, dtype=torch.int32, device=device),
+        )
+
+    @staticmethod
+    def cat(items: Sequence["GeometryMemory"]) -> "GeometryMemory":
+        return GeometryMemory(
+            torch.cat([m.xyz for m in items]), torch.cat([m.rgb for m in items]),
+            torch.cat([m.confidence for m in items]), torch.cat([m.source for m in items]),
+        )
+
+    def select(self, keep: Tensor) -> "GeometryMemory":
+        """Points where ``keep`` (bool [N] or indices) holds."""
+        return GeometryMemory(self.xyz[keep], self.rgb[keep], self.confidence[keep], self.source[keep])
+
+    def to(self, device: torch.device | str) -> "GeometryMemory":
+        return GeometryMemory(self.xyz.to(device), self.rgb.to(device), self.confidence.to(device), self.source.to(device))
+
+
+@dataclass
+class Renders:
+    """The memory rendered into a batch of cameras.
+
+    Attributes:
+        rgb: colour in [0, 1], zero where nothing was rendered. float32 [C, H, W, 3]
+        depth: camera z of the nearest point, 0 where empty. float32 [C, H, W]
+        mask: pixels the memory covers. bool [C, H, W]
+        source: capture id of the nearest point, -1 where empty or generated. int32 [C, H, W]
+    """
+
+    rgb: Tensor
+    depth: Tensor
+    mask: Tensor
+    source: Tensor
+
+
+@dataclass
+class Views:
+    """Images with their cameras (captures or frames) at one size.
+
+    Attributes:
+        images: colours in [0, 1]. float32 [F, H, W, 3]
+        cams: their cameras (width, height match the images).
+        ids: capture ids, or -1 for generated frames. list of F ints
+    """
+
+    images: Tensor
+    cams: Cameras
+    ids: list[int]
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
+class ConditionVideo:
+    """What a generator gets for one segment (DESIGN.md section 1 step 5).
+
+    The condition video is [memory.images ; carried.images ; renders.rgb] in that order; its mask is
+    ones for memory and carried frames and ``renders.mask`` for the targets.
+
+    Attributes:
+        targets: the segment's trajectory cameras, F of them.
+        renders: the memory rendered at ``targets``: rgb [F, H, W, 3], depth, mask, source.
+        memory: the retrieved captures, resized to the target size (M views, may be 0).
+        carried: the last frames generated for the previous segment (P views, may be 0).
+        prompt: optional text prompt.
+    """
+
+    targets: Cameras
+    renders: Renders
+    memory: Views
+    carried: Views
+    prompt: str = ""
+
+
+@dataclass
+class Frames:
+    """A generator's output at the target cameras.
+
+    Attributes:
+        images: generated colours in [0, 1]. float32 [F, H, W, 3]
+        confidence: per-pixel confidence in [0, 1] (1 where the memory was rendered). float32 [F, H, W]
+    """
+
+    images: Tensor
+    confidence: Tensor

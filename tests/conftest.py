@@ -1,0 +1,47 @@
+"""Shared fixtures: the real scenes in ../shared/data (never copied into the project)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RECONLOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def require_shared_data(name: str = "") -> Path:
+    """Path of ``../shared/data/name``. Missing: a failure under CI=true, else a skip."""
+    path = SHARED_DATA / name if name else SHARED_DATA
+    if not path.exists():
+        msg = f"real test data missing: {path} (../shared/data beside the clone)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    return require_shared_data()
+
+
+@pytest.fixture
+def temple_dir() -> Path:
+    return require_shared_data("middlebury_temple")
+
+
+@pytest.fixture
+def dino_dir() -> Path:
+    return require_shared_data("middlebury_dino")
+
+
+@pytest.fixture
+def fern_dir() -> Path:
+    return require_shared_data("llff_fern")
+
+
+@pytest.fixture
+def door_dir() -> Path:
+    return require_shared_data("lund_door")

@@ -1,0 +1,128 @@
+"""The reprojection generator on an analytic scene: a textured plane z = PLANE_Z seen by pinholes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backend.generators import Generator, generator_class
+from backend.generators.reproject import ReprojectConfig, ReprojectGenerator, push_pull
+from backend.stages.types import Cameras, ConditionVideo, Renders, Views
+
+W, H = 48, 32
+FOCAL = 40.0
+PLANE_Z = 5.0
+
+
+def _cams(xs: list[float]) -> Cameras:
+    """Cameras looking down +z from (x, 0, 0): w2c = [I | -c]."""
+    w2c = torch.eye(4).repeat(len(xs), 1, 1)
+    w2c[:, 0, 3] = -torch.tensor(xs, dtype=torch.float32)
+    K = torch.tensor([[FOCAL, 0.0, W / 2], [0.0, FOCAL, H / 2], [0.0, 0.0, 1.0]]).repeat(len(xs), 1, 1)
+    return Cameras(w2c, K, W, H)
+
+
+def _texture(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """A smooth colour on the plane. [..., 3]"""
+    return torch.stack([0.5 + 0.4 * torch.sin(1.3 * X), 0.5 + 0.4 * torch.cos(1.7 * Y), 0.5 + 0.2 * torch.sin(X + Y)], -1)
+
+
+def _images(cams: Cameras) -> torch.Tensor:
+    """Exact images of the plane. [C, H, W, 3]"""
+    v, u = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    out = []
+    for i in range(len(cams)):
+        cx = -float(cams.w2c[i, 0, 3])
+        X = (u - W / 2) / FOCAL * PLANE_Z + cx
+        Y = (v - H / 2) / FOCAL * PLANE_Z
+        out.append(_texture(X, Y))
+    return torch.stack(out) if out else torch.zeros(0, H, W, 3)
+
+
+def _empty(like: Cameras) -> Views:
+    return Views(torch.zeros(0, H, W, 3), Cameras(like.w2c[:0], like.K[:0], W, H), [])
+
+
+def _cond(target_xs: list[float], capture_xs: list[float], mask: torch.Tensor) -> tuple[ConditionVideo, torch.Tensor]:
+    targets = _cams(target_xs)
+    truth = _images(targets)
+    renders = Renders(
+        rgb=truth * mask[..., None],
+        depth=torch.full((len(targets), H, W), PLANE_Z) * mask,
+        mask=mask,
+        source=torch.where(mask, 0, -1).to(torch.int32),
+    )
+    caps = _cams(capture_xs)
+    memory = Views(_images(caps), caps, list(range(len(caps))))
+    return ConditionVideo(targets=targets, renders=renders, memory=memory, carried=_empty(targets)), truth
+
+
+def test_registered_and_protocol() -> None:
+    assert generator_class("reproject") is ReprojectGenerator
+    assert isinstance(ReprojectGenerator(), Generator)
+
+
+def test_fills_holes_from_captures_with_confidence_levels() -> None:
+    cfg = ReprojectConfig()
+    mask = torch.zeros(2, H, W, dtype=torch.bool)
+    mask[:, :, : W // 2] = True  # the memory covers the left half only
+    cond, truth = _cond([0.4, 0.6], [0.0], mask)
+    out = ReprojectGenerator(cfg).generate(cond, num_steps=4, seed=0)
+    assert out.images.shape == (2, H, W, 3) and out.confidence.shape == (2, H, W)
+    assert out.images.dtype == torch.float32 and out.confidence.dtype == torch.float32
+    # rendered pixels are kept exactly, at confidence 1
+    assert torch.equal(out.images[mask], truth[mask])
+    assert torch.all(out.confidence[mask] == cfg.rendered_confidence)
+    # hole pixels the capture sees: the plane's true colour (bilinear sampling error only)
+    conf = out.confidence[~mask]
+    reproj = (conf > cfg.inpainted_confidence) & (conf <= cfg.reprojected_confidence)
+    assert reproj.float().mean() > 0.5
+    err = (out.images[~mask][reproj] - truth[~mask][reproj]).abs()
+    assert err.mean() < 0.01, float(err.mean())
+    # the capture (at x=0) cannot see the far right of the targets: those are inpainted, low
+    assert torch.all(out.confidence[:, :, -1] == cfg.inpainted_confidence)
+    assert torch.all((out.images >= 0) & (out.images <= 1))
+
+
+def test_carried_frames_are_sources() -> None:
+    mask = torch.zeros(1, H, W, dtype=torch.bool)
+    mask[:, :, :4] = True
+    cond, truth = _cond([1.0], [], mask)
+    carried_cams = _cams([0.9])
+    carried = Views(_images(carried_cams), carried_cams, [-1])
+    cond = ConditionVideo(cond.targets, cond.renders, cond.memory, carried)
+    out = ReprojectGenerator().generate(cond, num_steps=1, seed=0)
+    inner = ~mask.clone()
+    inner[:, :, -8:] = False  # the carried frame at x=0.9 sees all but the right edge
+    assert (out.images[inner] - truth[inner]).abs().mean() < 0.01
+
+
+def test_no_sources_inpaints_everything_low() -> None:
+    cfg = ReprojectConfig(inpainted_confidence=0.05)
+    mask = torch.zeros(1, H, W, dtype=torch.bool)
+    mask[:, 8:24, 8:40] = True
+    cond, truth = _cond([0.0], [], mask)
+    out = ReprojectGenerator(cfg).generate(cond, num_steps=1, seed=0)
+    assert torch.all(out.confidence[~mask] == 0.05)
+    # push-pull continues the known colours: just outside the box, close to the box's edge
+    edge = (out.images[0, 7, 8:40] - truth[0, 8, 8:40]).abs().mean()
+    assert edge < 0.05, float(edge)
+
+
+def test_push_pull_keeps_known_and_fills_constant() -> None:
+    values = torch.full((2, 3, 17, 9), 0.25)
+    weights = (torch.rand(2, 1, 17, 9, generator=torch.Generator().manual_seed(0)) > 0.7).float()
+    vals = torch.where(weights > 0, values, torch.rand_like(values))
+    out = push_pull(vals, weights)
+    assert out.shape == values.shape
+    torch.testing.assert_close(out, values)
+
+
+def test_bad_shapes_name_the_field() -> None:
+    mask = torch.ones(1, H, W, dtype=torch.bool)
+    cond, _ = _cond([0.0], [0.0], mask)
+    bad = Renders(cond.renders.rgb[:, :-1], cond.renders.depth, cond.renders.mask, cond.renders.source)
+    with pytest.raises(ValueError, match="cond.renders.rgb"):
+        ReprojectGenerator().generate(ConditionVideo(cond.targets, bad, cond.memory, cond.carried), num_steps=1, seed=0)
+    with pytest.raises(ValueError, match="inpainted_confidence"):
+        ReprojectConfig(inpainted_confidence=2.0)

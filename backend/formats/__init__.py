@@ -1,0 +1,191 @@
+"""Camera and scene formats in and out of our scene folder (``scene.json``, see backend/scene.py).
+
+Importers, by name: ``colmap`` (text or binary sparse model), ``llff`` (``poses_bounds.npy``),
+``middlebury`` (``*_par.txt``), ``nerf`` (``transforms.json``), ``dtu`` (IDR/NeuS ``cameras*.npz``).
+Exporters: ``colmap`` (text model), ``nerf`` (``transforms.json``).
+
+Images stay where they lie: scene.json refers to them by paths relative to the scene folder. Only
+``undistort=True`` writes images, undistorted copies under ``DST/undistorted/``.
+
+Example::
+
+    scene = import_scene("llff", Path("../shared/data/llff_fern"), Path("/tmp/fern"), holdout_every=8)
+    export_scene("colmap", scene, Path("/tmp/fern/sparse"))
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from backend.fileio import write_atomic
+from backend.formats import colmap, dtu, llff, middlebury, nerf  # noqa: F401  (fill the registries)
+from backend.formats.base import EXPORTERS, IMPORTERS, ImportedScene
+from backend.formats.colmap import ColmapPoints, read_colmap_points
+from backend.formats.undistort import undistort_capture
+from backend.scene import Capture, Scene, SceneError, Settings, load_scene, save_scene
+
+BOUNDS_FILE = "bounds.json"  # near/far depth per capture name, when the format has them (LLFF)
+LLFF_HOLDOUT_EVERY = 8  # the LLFF protocol holds out every 8th image (NeRF, AnyRecon, ReconX)
+
+__all__ = [
+    "BOUNDS_FILE",
+    "EXPORTERS",
+    "IMPORTERS",
+    "ColmapPoints",
+    "ImportedScene",
+    "add_import_arguments",
+    "export_scene",
+    "import_scene",
+    "read_bounds",
+    "read_colmap_points",
+    "run_import",
+    "split_holdout",
+]
+
+
+def split_holdout(
+    captures: list[Capture], *, holdout_every: int = 0, train_ids: Sequence[int] | None = None
+) -> tuple[list[Capture], list[Capture]]:
+    """Split captures into (kept, held out).
+
+    Args:
+        captures: all captures, in the format's order.
+        holdout_every: hold out captures 0, n, 2n, ... (the LLFF protocol uses 8); 0 keeps all.
+        train_ids: keep exactly these indices and hold out the rest (the sparse-view protocols).
+    """
+    if holdout_every and train_ids is not None:
+        raise ValueError("holdout_every and train_ids: give one or the other, not both")
+    n = len(captures)
+    if train_ids is not None:
+        ids = list(train_ids)
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+        if bad or not ids or len(set(ids)) != len(ids):
+            raise ValueError(f"train_ids: must be distinct indices in [0, {n - 1}], at least one; got {ids}")
+        keep = set(ids)
+    elif holdout_every:
+        if isinstance(holdout_every, bool) or not isinstance(holdout_every, int) or holdout_every < 2:
+            raise ValueError(f"holdout_every: must be an integer >= 2 (or 0 for none); got {holdout_every!r}")
+        keep = {i for i in range(n) if i % holdout_every}
+    else:
+        return list(captures), []
+    return [c for i, c in enumerate(captures) if i in keep], [c for i, c in enumerate(captures) if i not in keep]
+
+
+def import_scene(
+    fmt: str,
+    src: Path,
+    dst: Path,
+    *,
+    undistort: bool = False,
+    holdout_every: int = 0,
+    train_ids: Sequence[int] | None = None,
+    settings: Settings | None = None,
+    **options: Any,
+) -> Scene:
+    """Read ``src`` in format ``fmt`` and write the scene folder ``dst`` (``dst/scene.json``).
+
+    Args:
+        fmt: importer name (``colmap``, ``llff``, ``middlebury``, ``nerf``, ``dtu``).
+        src: the source folder (or file, for ``nerf``).
+        dst: the scene folder to write; created if missing; an existing scene.json is replaced.
+        undistort: write undistorted images into ``dst/undistorted`` and drop the distortion.
+        holdout_every, train_ids: move captures to ``heldout`` (see :func:`split_holdout`); added to
+            any test views the format itself names.
+        settings: job settings to store (default: defaults).
+        options: passed to the reader: ``cameras`` (camera file or model folder inside ``src``),
+            ``images`` (image folder inside ``src``), ``use_scale_mat`` (dtu).
+    Returns:
+        The scene as loaded back from ``dst`` (image paths absolute).
+    """
+    reader = IMPORTERS.get(fmt)
+    accepted = [p for p in inspect.signature(reader).parameters if p != "src"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"import {fmt}: unknown option {unknown[0]!r}; {fmt} takes {', '.join(accepted)}")
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise SceneError(f"src: {src} not found")
+    found: ImportedScene = reader(src, **options)
+    captures, heldout = split_holdout(found.captures, holdout_every=holdout_every, train_ids=train_ids)
+    heldout = heldout + found.heldout
+    if undistort:
+        captures = [undistort_capture(c, dst) for c in captures]
+        heldout = [undistort_capture(c, dst) for c in heldout]
+    scene = Scene(root=dst.resolve(), captures=captures, heldout=heldout, settings=settings or Settings())
+    if found.bounds:
+        write_atomic(dst / BOUNDS_FILE, json.dumps(found.bounds, indent=1).encode())
+    save_scene(scene, dst)
+    return load_scene(dst)
+
+
+def read_bounds(folder: Path) -> dict[str, tuple[float, float]]:
+    """Near/far depth per capture name written by :func:`import_scene` (LLFF); empty when none."""
+    path = Path(folder) / BOUNDS_FILE
+    if not path.is_file():
+        return {}
+    return {name: (float(b[0]), float(b[1])) for name, b in json.loads(path.read_text()).items()}
+
+
+def export_scene(fmt: str, scene: Scene, dst: Path, **options: Any) -> Path:
+    """Write ``scene``'s cameras in format ``fmt`` (``colmap``: a text model folder; ``nerf``: a
+    transforms.json) to ``dst``. Returns the path written."""
+    return EXPORTERS.get(fmt)(scene, Path(dst), **options)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: `reconloop import FORMAT SRC DST ...` (the parser itself lives in backend/cli.py)
+
+
+def _id_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers like 0,5,10; got {text!r}") from None
+
+
+def add_import_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``reconloop import`` to a (sub)parser."""
+    parser.add_argument("format", choices=IMPORTERS.names(), help="source format")
+    parser.add_argument("src", type=Path, help="source folder (or transforms.json for nerf)")
+    parser.add_argument("dst", type=Path, help="scene folder to write (scene.json)")
+    parser.add_argument("--cameras", help="camera file or COLMAP model folder, relative to SRC (found when left out)")
+    parser.add_argument("--images", help="image folder relative to SRC (llff default: images_8)")
+    parser.add_argument("--undistort", action="store_true", help="write undistorted images into DST, drop distortion")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--holdout-every", type=int, default=0, metavar="N",
+        help=f"hold out captures 0, N, 2N, ... for evaluation (LLFF protocol: {LLFF_HOLDOUT_EVERY})",
+    )
+    group.add_argument("--train-ids", type=_id_list, metavar="I,J,...", help="keep these captures, hold out the rest")
+    parser.add_argument("--no-scale-mat", action="store_true", help="dtu: cameras in P's world, not the unit sphere")
+
+
+def run_import(args: argparse.Namespace) -> int:
+    """Run ``reconloop import`` from parsed arguments; prints a one-line summary, returns 0.
+
+    Raises SceneError or ValueError (plain-language, naming the field) for bad input.
+    """
+    options: dict[str, Any] = {}
+    for key in ("cameras", "images"):
+        if getattr(args, key, None) is not None:
+            options[key] = getattr(args, key)
+    if getattr(args, "no_scale_mat", False):
+        options["use_scale_mat"] = False
+    scene = import_scene(
+        args.format,
+        args.src,
+        args.dst,
+        undistort=args.undistort,
+        holdout_every=args.holdout_every,
+        train_ids=args.train_ids,
+        **options,
+    )
+    print(
+        f"imported {len(scene.captures)} captures ({len(scene.heldout)} held out) from {args.format} "
+        f"{args.src} into {Path(args.dst) / 'scene.json'}"
+    )
+    return 0

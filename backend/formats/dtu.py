@@ -1,0 +1,92 @@
+"""DTU as prepared by IDR/NeuS: ``cameras.npz`` (or ``cameras_sphere.npz``) beside an image folder.
+
+For image i the file holds ``world_mat_i``, the 3x4 projection P = s K [R | t] (in a 4x4), and
+``scale_mat_i``, which maps the unit sphere around the object to the world. With ``use_scale_mat``
+(default, as IDR and NeuS do) the cameras are those of P @ scale_mat, so the object sits in the unit
+sphere; else the world frame of P. P is split with ``cv2.decomposeProjectionMatrix``; the sign of P
+is chosen so that det P[:, :3] > 0 and K's diagonal is made positive (K D, D R with D = diag(+-1)),
+which leaves R a proper rotation. K is taken as given: IDR, like most MVS code, puts pixel centres
+at integer coordinates, half a pixel from ours.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from backend.formats.base import IMPORTERS, ImportedScene, find_first, list_images, make_camera, resolve_in, w2c_from_rt
+from backend.scene import Capture, SceneError, image_size
+
+CAMERA_FILES = ("cameras.npz", "cameras_sphere.npz", "cameras_large.npz")
+IMAGE_CANDIDATES = ("image", "images")
+WORLD_MAT = "world_mat_{}"
+SCALE_MAT = "scale_mat_{}"
+
+
+def decompose_projection(P: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split a projection matrix P = s K [R | t] (any non-zero scale s, either sign).
+
+    Args:
+        P: projection, world to homogeneous pixels. [3, 4]
+    Returns:
+        (K, R, t): K upper triangular with positive focals and K[2,2] = 1 [3, 3]; R a rotation
+        (det +1), world to camera, OpenCV axes [3, 3]; t [3].
+    """
+    import cv2
+
+    P = np.asarray(P, dtype=np.float64)
+    if np.linalg.det(P[:, :3]) < 0:
+        P = -P
+    K, R, center_h = cv2.decomposeProjectionMatrix(P)[:3]
+    D = np.diag(np.sign(np.diag(K)))
+    K, R = K @ D, D @ R
+    K = np.triu(K / K[2, 2])
+    center = center_h[:3, 0] / center_h[3, 0]
+    return K, R, -R @ center
+
+
+def read_dtu(
+    src: Path, *, cameras: str | None = None, images: str | None = None, use_scale_mat: bool = True
+) -> ImportedScene:
+    """Read an IDR/NeuS DTU scene folder.
+
+    Args:
+        src: folder holding the camera file and the image folder.
+        cameras: the camera file, relative to ``src`` (default: first of cameras.npz, cameras_sphere.npz,
+            cameras_large.npz).
+        images: the image folder, relative to ``src`` (default ``image`` or ``images``); image i is the
+            i-th file by name.
+        use_scale_mat: cameras in the normalised frame (P @ scale_mat_i) instead of P's world.
+    """
+    src = Path(src)
+    npz_path = resolve_in(src, cameras) if cameras else find_first(src, CAMERA_FILES, "cameras", is_dir=False)
+    if not npz_path.is_file():
+        raise SceneError(f"cameras: {npz_path} not found")
+    image_dir = resolve_in(src, images) if images else find_first(src, IMAGE_CANDIDATES, "images", is_dir=True)
+    files = list_images(image_dir)
+    with np.load(npz_path, allow_pickle=False) as npz:
+        mats = dict(npz)
+    count = sum(1 for key in mats if key.startswith(WORLD_MAT.format("")))
+    if count != len(files):
+        raise SceneError(f"images: {image_dir} holds {len(files)} images; {npz_path.name} has {count} cameras")
+    captures = []
+    for i, path in enumerate(files):
+        where = f"{npz_path.name}[{WORLD_MAT.format(i)}]"
+        if WORLD_MAT.format(i) not in mats:
+            raise SceneError(f"{where}: missing")
+        P = np.asarray(mats[WORLD_MAT.format(i)], dtype=np.float64)
+        if use_scale_mat:
+            if SCALE_MAT.format(i) not in mats:
+                raise SceneError(f"{npz_path.name}[{SCALE_MAT.format(i)}]: missing (or read with use_scale_mat=False)")
+            P = P @ np.asarray(mats[SCALE_MAT.format(i)], dtype=np.float64)
+        if P.shape not in ((4, 4), (3, 4)) or not np.all(np.isfinite(P)):
+            raise SceneError(f"{where}: must be a finite 3x4 or 4x4 matrix; got shape {P.shape}")
+        K, R, t = decompose_projection(P[:3, :4])
+        width, height = image_size(path)
+        camera = make_camera(w2c_from_rt(R, t), K, width, height, where)
+        captures.append(Capture(name=path.stem, image=path.resolve(), camera=camera))
+    return ImportedScene(captures=captures)
+
+
+IMPORTERS.register("dtu")(read_dtu)

@@ -1,0 +1,251 @@
+"""The submit payload from plain camera values and image bytes, and the job's results (pure Python).
+
+No bpy here: ``operators.py`` reads the Blender scene into :class:`CaptureInput` and camera values
+(``scene_read.py``), this module packs them into the protocol's ``scene`` struct, and sorts the
+artifacts a job returns into what ``importers.py`` turns into Blender objects.
+
+Example::
+
+    >>> import numpy as np
+    >>> from blender_addon.cameras import OpenCVCamera
+    >>> cam = OpenCVCamera(w2c=np.eye(4), K=np.array([[50.0, 0, 32], [0, 50, 24], [0, 0, 1]]), width=64, height=48)
+    >>> payload = build_scene_payload([], [(1, cam)], {"width": 64})
+    Traceback (most recent call last):
+    ...
+    blender_addon.errors.ReconLoopError: no captures: pick a collection of cameras with photos, or a folder of photos
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+
+from .cameras import OpenCVCamera, blender_from_opencv, BlenderCameraParams
+from .errors import ReconLoopError
+
+try:  # the protocol package: bundled as a wheel in the extension, importable from the repo in tests
+    from protocol.images import encoded_image_size
+except ImportError:  # pragma: no cover - only when the extension was built without its wheels
+    encoded_image_size = None
+
+PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Job settings the sidebar offers (names of backend.scene.Settings fields; the server checks values).
+SETTING_NAMES = (
+    "width",
+    "height",
+    "segment_length",
+    "segment_overlap",
+    "retrieval_k",
+    "generator",
+    "num_steps",
+    "gaussian_iterations",
+    "update_memory",
+    "seed",
+    "prompt",
+)
+
+# What each finished file of a job is, by name (the backend's job outputs).
+KIND_POINTS = "points"
+KIND_GAUSSIANS = "gaussians"
+KIND_FRAME = "frame"
+KIND_CAMERAS = "cameras"
+KIND_OTHER = "other"
+_ARTIFACT_PATTERNS = (
+    (KIND_GAUSSIANS, re.compile(r"(^|/)gaussians[^/]*\.ply$")),
+    (KIND_POINTS, re.compile(r"(^|/)(points|memory|point_cloud)[^/]*\.ply$")),
+    (KIND_FRAME, re.compile(r"(^|/)frames/[^/]*?(-?\d+)\.(png|jpe?g)$")),
+    (KIND_CAMERAS, re.compile(r"(^|/)(cameras|scene)\.json$")),
+)
+# The sRGB transfer function (IEC 61966-2-1).
+SRGB_LINEAR_KNEE = 0.04045
+SRGB_LINEAR_SLOPE = 12.92
+SRGB_OFFSET = 0.055
+SRGB_GAMMA = 2.4
+_FRAME_NUMBER = re.compile(r"(-?\d+)\.(png|jpe?g)$")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str  # "png" or "jpeg"
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class CaptureInput:
+    """One photo to send: its encoded bytes (sent untouched) and its camera, if known.
+
+    Attributes:
+        name: unique capture name (the Blender camera object's name, or the file's stem).
+        image: the PNG/JPEG file's bytes.
+        image_format: "png" or "jpeg".
+        camera: OpenCV camera at the photo's pixel size, or None to have it estimated.
+    """
+
+    name: str
+    image: bytes
+    image_format: str
+    camera: OpenCVCamera | None = None
+
+
+def image_info(data: bytes, name: str) -> ImageInfo:
+    """Format and size of a PNG/JPEG file from its header. Raises ReconLoopError for anything else."""
+    if encoded_image_size is None:
+        raise ReconLoopError("the protocol package is missing: reinstall the ReconLoop extension")
+    try:
+        fmt, w, h = encoded_image_size(data)
+    except ValueError as err:
+        raise ReconLoopError(f"photo {name!r} is not a PNG or JPEG file we can read ({err})") from None
+    return ImageInfo(format=fmt, width=int(w), height=int(h))
+
+
+def captures_from_folder(folder: str) -> list[CaptureInput]:
+    """Captures without cameras from the PNG/JPEG files of ``folder`` (sorted by file name)."""
+    if not os.path.isdir(folder):
+        raise ReconLoopError(f"photo folder not found: {folder}")
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(PHOTO_SUFFIXES))
+    if not names:
+        raise ReconLoopError(f"no PNG or JPEG photos in {folder}")
+    out = []
+    for fname in names:
+        with open(os.path.join(folder, fname), "rb") as f:
+            data = f.read()
+        info = image_info(data, fname)
+        out.append(CaptureInput(name=os.path.splitext(fname)[0], image=data, image_format=info.format))
+    return out
+
+
+def build_scene_payload(
+    captures: list[CaptureInput],
+    trajectory: Iterable[tuple[int, OpenCVCamera]],
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """The protocol's ``scene`` struct of a submit.
+
+    Args:
+        captures: photos with their cameras (camera None: to be estimated).
+        trajectory: (Blender frame number, camera at the render size), frame numbers increasing.
+        settings: job settings by name (SETTING_NAMES).
+    Returns:
+        {"captures": [{name, image, camera?}], "trajectory": [{frame, camera}], "settings": {...}}
+        with arrays as float32 numpy arrays and images as bytes.
+    """
+    if not captures:
+        raise ReconLoopError("no captures: pick a collection of cameras with photos, or a folder of photos")
+    names = [c.name for c in captures]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise ReconLoopError(f"two captures are named {dup!r}: capture names must be unique")
+    has_camera = [c.camera is not None for c in captures]
+    if any(has_camera) and not all(has_camera):
+        missing = [c.name for c in captures if c.camera is None]
+        raise ReconLoopError(f"captures {missing} have no camera: give every capture a camera, or none")
+    unknown = sorted(set(settings) - set(SETTING_NAMES))
+    if unknown:
+        raise ReconLoopError(f"unknown setting {unknown[0]!r}; known: {', '.join(SETTING_NAMES)}")
+    cap_msgs = []
+    for c in captures:
+        msg: dict[str, Any] = {"name": c.name, "image": bytes(c.image)}
+        if c.camera is not None:
+            msg["camera"] = c.camera.to_wire()
+        cap_msgs.append(msg)
+    traj = [{"frame": int(f), "camera": cam.to_wire()} for f, cam in trajectory]
+    frames = [t["frame"] for t in traj]
+    if frames != sorted(set(frames)):
+        raise ReconLoopError("trajectory frame numbers must increase")
+    scene: dict[str, Any] = {"captures": cap_msgs, "settings": dict(settings)}
+    if traj:
+        scene["trajectory"] = traj
+    return scene
+
+
+def artifact_kind(name: str) -> str:
+    """What a job's file is: KIND_POINTS, KIND_GAUSSIANS, KIND_FRAME, KIND_CAMERAS or KIND_OTHER."""
+    for kind, pattern in _ARTIFACT_PATTERNS:
+        if pattern.search(name):
+            return kind
+    return KIND_OTHER
+
+
+def frame_number(name: str) -> int:
+    """The frame number at the end of a generated frame's file name (``frames/000012.png`` -> 12)."""
+    m = _FRAME_NUMBER.search(name)
+    if m is None:
+        raise ReconLoopError(f"generated frame {name!r} has no frame number in its name")
+    return int(m.group(1))
+
+
+def frame_fill(frames: list[int], frame_start: int, frame_end: int) -> dict[int, int]:
+    """For every frame in start..end, the generated frame shown there: the latest one at or before it.
+
+    Args:
+        frames: frame numbers that have a generated image, any order.
+    Returns:
+        {frame: source frame} for each frame from the first generated one to ``frame_end``.
+    """
+    have = sorted(set(int(f) for f in frames))
+    out: dict[int, int] = {}
+    if not have:
+        return out
+    j = 0
+    for f in range(max(frame_start, have[0]), frame_end + 1):
+        while j + 1 < len(have) and have[j + 1] <= f:
+            j += 1
+        out[f] = have[j]
+    return out
+
+
+@dataclass(frozen=True)
+class EstimatedCamera:
+    """A camera the service estimated for a photo, ready to become a Blender camera."""
+
+    name: str
+    image: str  # relative path of the photo inside the job's outputs, or the capture name
+    camera: OpenCVCamera
+
+    def blender_params(self) -> BlenderCameraParams:
+        c = self.camera
+        return blender_from_opencv(c.w2c, c.K, c.width, c.height)
+
+
+def parse_cameras_json(data: bytes | str, name: str = "cameras.json") -> list[EstimatedCamera]:
+    """Cameras of a job's ``cameras.json`` (scene.json layout: {"captures": [{name, image, camera}]})."""
+    try:
+        doc = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ReconLoopError(f"{name} is not valid JSON: {err}") from None
+    items = doc.get("captures") if isinstance(doc, dict) else doc
+    if not isinstance(items, list):
+        raise ReconLoopError(f"{name}: expected a list of captures with cameras")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            cam = item["camera"]
+            w2c = np.asarray(cam["w2c"], dtype=np.float64).reshape(4, 4)
+            K = np.asarray(cam["K"], dtype=np.float64).reshape(3, 3)
+            width, height = int(cam["width"]), int(cam["height"])
+            cap_name = str(item.get("name") or f"camera_{i}")
+            image = str(item.get("image") or cap_name)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ReconLoopError(f"{name}: captures[{i}] has no usable camera ({err})") from None
+        out.append(EstimatedCamera(name=cap_name, image=image, camera=OpenCVCamera(w2c=w2c, K=K, width=width, height=height)))
+    return out
+
+
+def job_collection_name(job_id: str, label: str = "") -> str:
+    """Name of the collection holding one job's results."""
+    short = job_id[:8]
+    return f"ReconLoop {label} {short}".replace("  ", " ") if label else f"ReconLoop {short}"
+
+
+def srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    """sRGB-encoded values in [0, 1] to linear (Blender's colour attributes are linear). Same shape."""
+    c = np.asarray(c, dtype=np.float32)
+    linear = c / SRGB_LINEAR_SLOPE
+    curve = ((c + SRGB_OFFSET) / (1.0 + SRGB_OFFSET)) ** SRGB_GAMMA
+    return np.where(c <= SRGB_LINEAR_KNEE, linear, curve).astype(np.float32)

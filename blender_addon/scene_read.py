@@ -1,0 +1,154 @@
+"""Read cameras and photos out of a Blender scene as plain values (bpy side of blender_addon.cameras).
+
+Only reading and writing Blender data lives here; every formula is in ``cameras.py`` (pure).
+"""
+
+from __future__ import annotations
+
+import os
+import bpy
+import numpy as np
+
+from . import cameras as cam_math
+from .errors import ReconLoopError
+from .scene_io import CaptureInput, image_info
+
+
+def camera_params(obj: bpy.types.Object, scene: bpy.types.Scene) -> cam_math.BlenderCameraParams:
+    """The projection values of camera object ``obj`` at the scene's current frame."""
+    if obj is None or obj.type != "CAMERA":
+        raise ReconLoopError(f"{getattr(obj, 'name', obj)!r} is not a camera object")
+    data = obj.data
+    if data.type != "PERSP":
+        raise ReconLoopError(f"camera {obj.name!r} is {data.type.lower()}; only perspective cameras are supported")
+    render = scene.render
+    return cam_math.BlenderCameraParams(
+        matrix_world=np.array(obj.matrix_world, dtype=np.float64),
+        lens_mm=float(data.lens),
+        sensor_width_mm=float(data.sensor_width),
+        sensor_height_mm=float(data.sensor_height),
+        sensor_fit=data.sensor_fit,
+        shift_x=float(data.shift_x),
+        shift_y=float(data.shift_y),
+        resolution_x=int(render.resolution_x),
+        resolution_y=int(render.resolution_y),
+        resolution_percentage=int(render.resolution_percentage),
+        pixel_aspect_x=float(render.pixel_aspect_x),
+        pixel_aspect_y=float(render.pixel_aspect_y),
+    )
+
+
+def sample_camera(obj: bpy.types.Object, scene: bpy.types.Scene) -> cam_math.OpenCVCamera:
+    """The OpenCV camera of ``obj`` at the current frame, at the render size."""
+    return cam_math.opencv_from_blender(camera_params(obj, scene))
+
+
+def apply_camera_params(
+    obj: bpy.types.Object, scene: bpy.types.Scene, p: cam_math.BlenderCameraParams, *, set_render: bool = True
+) -> None:
+    """Write projection values to a camera object (and, if ``set_render``, the scene's render size)."""
+    from mathutils import Matrix
+
+    data = obj.data
+    data.type = "PERSP"
+    data.lens_unit = "MILLIMETERS"
+    data.sensor_fit = p.sensor_fit
+    data.sensor_width = p.sensor_width_mm
+    data.sensor_height = p.sensor_height_mm
+    data.lens = p.lens_mm
+    data.shift_x = p.shift_x
+    data.shift_y = p.shift_y
+    obj.matrix_world = Matrix(np.asarray(p.matrix_world).tolist())
+    if set_render:
+        r = scene.render
+        r.resolution_x, r.resolution_y = p.resolution_x, p.resolution_y
+        r.resolution_percentage = p.resolution_percentage
+        r.pixel_aspect_x, r.pixel_aspect_y = p.pixel_aspect_x, p.pixel_aspect_y
+
+
+def sample_trajectory(
+    obj: bpy.types.Object, scene: bpy.types.Scene, frame_start: int, frame_end: int, frame_step: int
+) -> list[tuple[int, cam_math.OpenCVCamera]]:
+    """The animated camera ``obj`` sampled at frames start..end (inclusive) every ``frame_step``.
+
+    Lens, shift and transform are read after ``scene.frame_set(f)``; the current frame (and subframe)
+    is restored afterwards, also on error.
+    """
+    if frame_step < 1:
+        raise ReconLoopError(f"trajectory frame step must be at least 1; got {frame_step}")
+    if frame_end < frame_start:
+        raise ReconLoopError(f"trajectory frame range is empty: start {frame_start} > end {frame_end}")
+    saved_frame, saved_sub = scene.frame_current, scene.frame_subframe
+    out = []
+    try:
+        for f in range(frame_start, frame_end + 1, frame_step):
+            scene.frame_set(f)
+            out.append((f, sample_camera(obj, scene)))
+    finally:
+        scene.frame_set(saved_frame, subframe=saved_sub)
+    return out
+
+
+def image_bytes(image: bpy.types.Image) -> bytes:
+    """The encoded file bytes of an image datablock (packed data or the file on disk), untouched."""
+    if image.packed_file is not None:
+        return bytes(image.packed_file.data)
+    path = bpy.path.abspath(image.filepath, library=image.library)
+    if not path or not os.path.isfile(path):
+        raise ReconLoopError(f"photo {image.name!r}: file not found: {path or '(no file path)'}")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _background_image(obj: bpy.types.Object):
+    for bg in obj.data.background_images:
+        if bg.source == "IMAGE" and bg.image is not None:
+            return bg
+    return None
+
+
+def read_captures(collection: bpy.types.Collection, scene: bpy.types.Scene) -> list[CaptureInput]:
+    """Captures from the camera objects of ``collection`` (sorted by name), each with its photo.
+
+    Each camera's first background image is its photo; its K is the camera's K at the render size
+    mapped onto the photo's pixels the way Blender draws it (frame method; offset, scale, rotation
+    and flips must be at their defaults).
+    """
+    cams = sorted((o for o in collection.all_objects if o.type == "CAMERA"), key=lambda o: o.name)
+    if not cams:
+        raise ReconLoopError(f"collection {collection.name!r} holds no cameras")
+    out = []
+    for obj in cams:
+        bg = _background_image(obj)
+        if bg is None:
+            raise ReconLoopError(
+                f"camera {obj.name!r} has no photo: add its photo as the camera's background image"
+            )
+        if tuple(bg.offset) != (0.0, 0.0) or bg.rotation != 0.0 or bg.scale != 1.0 or bg.use_flip_x or bg.use_flip_y:
+            raise ReconLoopError(
+                f"camera {obj.name!r}: its background photo is moved, scaled, rotated or flipped; "
+                "reset offset, rotation, scale and flips so the photo lines up with the camera frame"
+            )
+        data = image_bytes(bg.image)
+        info = image_info(data, bg.image.name)
+        p = camera_params(obj, scene)
+        K, W, H = cam_math.intrinsics_from_blender(p)
+        K_img = cam_math.image_intrinsics(
+            K, W, H, info.width, info.height,
+            frame_method=bg.frame_method, pixel_aspect_x=p.pixel_aspect_x, pixel_aspect_y=p.pixel_aspect_y,
+        )
+        camera = cam_math.OpenCVCamera(
+            w2c=cam_math.w2c_from_matrix_world(p.matrix_world), K=K_img, width=info.width, height=info.height
+        )
+        out.append(CaptureInput(name=obj.name, image=data, image_format=info.format, camera=camera))
+    return out
+
+
+def read_photo_folder(folder: str) -> list[CaptureInput]:
+    """Captures without cameras (to be estimated) from the PNG/JPEG files of ``folder``, sorted by name."""
+    path = bpy.path.abspath(folder)
+    if not os.path.isdir(path):
+        raise ReconLoopError(f"photo folder not found: {path}")
+    from .scene_io import captures_from_folder
+
+    return captures_from_folder(path)

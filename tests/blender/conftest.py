@@ -1,0 +1,31 @@
+"""Fixtures for tests that need the bpy wheel.
+
+Blender's user folders (extensions, config) are pointed at a temporary folder before bpy is imported,
+so installing the extension never touches the user's own Blender set-up.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_USER_RESOURCES = Path(tempfile.mkdtemp(prefix="reconloop_blender_user_"))
+os.environ.setdefault("BLENDER_USER_RESOURCES", str(_USER_RESOURCES))
+
+try:
+    import bpy
+except ImportError:  # pragma: no cover - depends on the environment
+    if os.environ.get("CI", "").lower() == "true":
+        raise RuntimeError("tests/blender need the bpy wheel: `pip install bpy==5.0.1` on Python 3.11") from None
+    pytest.skip("tests/blender need the bpy wheel (pip install bpy on Python 3.11)", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_scene():
+    """A factory-fresh scene before and after each test (as MolecularNodes does)."""
+    bpy.ops.wm.read_homefile(app_template="")
+    yield
+    bpy.ops.wm.read_homefile(app_template="")

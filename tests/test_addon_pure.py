@@ -1,0 +1,188 @@
+"""The add-on's pure helpers (camera maths, payload, results), without bpy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from blender_addon import cameras as cam_math
+from blender_addon import scene_io
+from blender_addon.errors import ReconLoopError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_pure_modules_do_not_import_bpy():
+    code = (
+        "import sys\n"
+        "import blender_addon.cameras, blender_addon.scene_io, blender_addon.errors\n"
+        "bad = sorted(m for m in sys.modules if m == 'bpy' or m.startswith(('bpy.', 'mathutils', 'torch')))\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, f"pure modules imported {out.stdout.strip()} {out.stderr[-2000:]}"
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] *= -1
+    return q
+
+
+def test_default_camera_intrinsics():
+    cam = cam_math.opencv_from_blender(cam_math.BlenderCameraParams())
+    # 50 mm on a 36 mm sensor, 1920 wide: fx = 50 * 1920 / 36
+    assert cam.K[0, 0] == pytest.approx(50 * 1920 / 36)
+    assert cam.K[1, 1] == pytest.approx(cam.K[0, 0])
+    assert (cam.K[0, 2], cam.K[1, 2]) == (960.0, 540.0)
+    # Blender's camera at the identity looks down -Z: a point at z=-1 is in front (OpenCV z=+1).
+    uv, depth = cam.project(np.array([[0.0, 0.0, -1.0]]))
+    np.testing.assert_allclose(uv[0], [960, 540])
+    assert depth[0] == pytest.approx(1.0)
+
+
+def test_portrait_vertical_fit_shift():
+    p = cam_math.BlenderCameraParams(resolution_x=480, resolution_y=640, sensor_fit="AUTO", shift_x=0.1, shift_y=-0.05)
+    K, W, H = cam_math.intrinsics_from_blender(p)
+    assert (W, H) == (480, 640)
+    # AUTO on a portrait frame fits the sensor width to the height; shifts are in units of that side.
+    assert K[0, 0] == pytest.approx(50 * 640 / 36)
+    assert K[0, 2] == pytest.approx(240 - 0.1 * 640)
+    assert K[1, 2] == pytest.approx(320 - 0.05 * 640)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_opencv_blender_round_trip(seed):
+    rng = np.random.default_rng(seed)
+    w2c = np.eye(4)
+    w2c[:3, :3] = _random_rotation(rng)
+    w2c[:3, 3] = rng.normal(size=3)
+    W, H = int(rng.integers(32, 2000)), int(rng.integers(32, 2000))
+    fx = float(rng.uniform(100, 3000))
+    fy = fx * float(rng.uniform(0.8, 1.25))
+    K = np.array([[fx, 0, rng.uniform(0, W)], [0, fy, rng.uniform(0, H)], [0, 0, 1]])
+    p = cam_math.blender_from_opencv(w2c, K, W, H)
+    back = cam_math.opencv_from_blender(p)
+    assert (back.width, back.height) == (W, H)
+    np.testing.assert_allclose(back.K, K, atol=1e-6 * fx)
+    np.testing.assert_allclose(back.w2c, w2c, atol=1e-9)
+
+
+def test_scale_is_ignored():
+    rng = np.random.default_rng(3)
+    m = np.eye(4)
+    m[:3, :3] = _random_rotation(rng)
+    m[:3, 3] = [1, 2, 3]
+    scaled = m.copy()
+    scaled[:3, :3] = m[:3, :3] @ np.diag([2.0, 0.5, 3.0])
+    np.testing.assert_allclose(cam_math.w2c_from_matrix_world(scaled), cam_math.w2c_from_matrix_world(m), atol=1e-12)
+
+
+def test_image_intrinsics_fit_crop_stretch():
+    K = np.array([[100.0, 0, 32], [0, 100.0, 24], [0, 0, 1]])
+    # Same aspect: all three methods are a plain scale.
+    for method in cam_math.FRAME_METHODS:
+        np.testing.assert_allclose(cam_math.image_intrinsics(K, 64, 48, 640, 480, frame_method=method)[:2], K[:2] * 10)
+    # A square photo in a 4:3 frame, FIT: the photo spans the frame's height, centred.
+    Kf = cam_math.image_intrinsics(K, 64, 48, 480, 480, frame_method="FIT")
+    np.testing.assert_allclose(Kf, [[1000, 0, 240], [0, 1000, 240], [0, 0, 1]])
+    Kc = cam_math.image_intrinsics(K, 64, 48, 480, 480, frame_method="CROP")
+    np.testing.assert_allclose(Kc, [[750, 0, 240], [0, 750, 240], [0, 0, 1]])
+
+
+def test_bad_values_name_the_field():
+    with pytest.raises(cam_math.CameraConversionError, match="sensor_fit must be one of"):
+        cam_math.opencv_from_blender(cam_math.BlenderCameraParams(sensor_fit="DIAGONAL"))
+    with pytest.raises(cam_math.CameraConversionError, match="lens_mm must be a positive number"):
+        cam_math.opencv_from_blender(cam_math.BlenderCameraParams(lens_mm=0.0))
+    with pytest.raises(cam_math.CameraConversionError, match="w2c: top-left 3x3 must be a rotation"):
+        cam_math.matrix_world_from_w2c(np.diag([2.0, 1, 1, 1]))
+
+
+PNG_1x1 = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6300010000050001"
+    "0d0a2db40000000049454e44ae426082"
+)
+
+
+def _cam(w=64, h=48):
+    return cam_math.OpenCVCamera(w2c=np.eye(4), K=np.array([[50.0, 0, w / 2], [0, 50, h / 2], [0, 0, 1]]), width=w, height=h)
+
+
+def test_build_scene_payload():
+    caps = [scene_io.CaptureInput("a", PNG_1x1, "png", _cam(1, 1)), scene_io.CaptureInput("b", PNG_1x1, "png", _cam(1, 1))]
+    scene = scene_io.build_scene_payload(caps, [(1, _cam()), (3, _cam())], {"width": 64, "height": 48})
+    assert [c["name"] for c in scene["captures"]] == ["a", "b"]
+    assert scene["captures"][0]["image"] == PNG_1x1
+    assert scene["captures"][0]["camera"]["w2c"].dtype == np.float32
+    assert scene["captures"][0]["camera"]["K"].shape == (3, 3)
+    assert [t["frame"] for t in scene["trajectory"]] == [1, 3]
+    assert scene["settings"] == {"width": 64, "height": 48}
+    # The payload passes the protocol's own validator.
+    from protocol.schemas import validate
+    from protocol.version import SUPPORTED_VERSIONS
+
+    validate({"v": max(SUPPORTED_VERSIONS), "op": "submit", "id": 1, "scene": scene}, "request")
+
+
+def test_build_scene_payload_errors():
+    cap = scene_io.CaptureInput("a", PNG_1x1, "png", _cam(1, 1))
+    with pytest.raises(ReconLoopError, match="no captures"):
+        scene_io.build_scene_payload([], [], {})
+    with pytest.raises(ReconLoopError, match="named 'a'"):
+        scene_io.build_scene_payload([cap, cap], [], {})
+    with pytest.raises(ReconLoopError, match="have no camera"):
+        scene_io.build_scene_payload([cap, scene_io.CaptureInput("b", PNG_1x1, "png")], [], {})
+    with pytest.raises(ReconLoopError, match="unknown setting 'colour'"):
+        scene_io.build_scene_payload([cap], [], {"colour": 1})
+    with pytest.raises(ReconLoopError, match="not a PNG or JPEG"):
+        scene_io.image_info(b"GIF89a....", "x.gif")
+
+
+def test_image_info_and_folder(temple_dir, tmp_path):
+    info = scene_io.image_info((temple_dir / "templeSR0001.png").read_bytes(), "templeSR0001.png")
+    assert (info.format, info.width, info.height) == ("png", 640, 480)
+    for name in ("b.png", "a.png"):
+        (tmp_path / name).write_bytes(PNG_1x1)
+    (tmp_path / "notes.txt").write_text("x")
+    caps = scene_io.captures_from_folder(str(tmp_path))
+    assert [c.name for c in caps] == ["a", "b"] and all(c.camera is None for c in caps)
+    with pytest.raises(ReconLoopError, match="no PNG or JPEG photos"):
+        (tmp_path / "empty").mkdir()
+        scene_io.captures_from_folder(str(tmp_path / "empty"))
+
+
+def test_artifact_kinds_and_frames():
+    assert scene_io.artifact_kind("points.ply") == scene_io.KIND_POINTS
+    assert scene_io.artifact_kind("gaussians.ply") == scene_io.KIND_GAUSSIANS
+    assert scene_io.artifact_kind("frames/000012.png") == scene_io.KIND_FRAME
+    assert scene_io.artifact_kind("cameras.json") == scene_io.KIND_CAMERAS
+    assert scene_io.artifact_kind("log.txt") == scene_io.KIND_OTHER
+    assert scene_io.frame_number("frames/frame_000012.png") == 12
+    assert scene_io.frame_fill([5, 1, 3], 1, 6) == {1: 1, 2: 1, 3: 3, 4: 3, 5: 5, 6: 5}
+
+
+def test_parse_cameras_json_to_blender():
+    cam = _cam()
+    doc = {"captures": [{"name": "p0", "image": "images/p0.png", "camera": {"w2c": cam.w2c.tolist(), "K": cam.K.tolist(), "width": 64, "height": 48}}]}
+    import json
+
+    (est,) = scene_io.parse_cameras_json(json.dumps(doc))
+    assert est.name == "p0"
+    p = est.blender_params()
+    back = cam_math.opencv_from_blender(p)
+    np.testing.assert_allclose(back.K, cam.K, atol=1e-9)
+    with pytest.raises(ReconLoopError, match="not valid JSON"):
+        scene_io.parse_cameras_json(b"{")
+
+
+def test_srgb_to_linear():
+    np.testing.assert_allclose(scene_io.srgb_to_linear(np.array([0.0, 0.5, 1.0])), [0.0, 0.21404114, 1.0], atol=1e-6)

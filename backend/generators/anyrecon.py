@@ -1,0 +1,529 @@
+"""The AnyRecon generator: Wan2.1 image-to-video 14B + AnyRecon's LoRA, on diffusers (DESIGN.md section 1 step 5).
+
+One call of ``generate`` fills one segment. The condition video is [retrieved captures ;
+carried-over frames ; point renders at the targets] (``ConditionVideo``), N = M + P + F frames.
+Following AnyRecon's public code (``pipeline/anyrecon_pipeline.py``, ``run_AnyRecon.py``):
+
+1. check the inputs; resize every frame to the working size (``height`` x ``width``; AnyRecon: 512x896);
+2. encode the prompt with UMT5 (cached on disk: the 11 GB text encoder need not stay loaded);
+3. encode frame 0 (the first retrieved capture) with CLIP: penultimate hidden states;
+4. VAE-encode every frame on its own (frames in the batch dimension): one latent per frame, no
+   temporal compression; downsample the mask (nearest) to latent size and repeat it to 4 channels;
+   y = [mask 4 ; condition latents 16];
+5. flow matching with shift 5 over the grid 1000, 750, 500, 250 (4 steps; shifted, the transformer sees
+   1000, 937.5, 833.3, 625, as in AnyRecon's DiffSynth scheduler), no classifier-free guidance by
+   default; the transformer's input is [noisy latents 16 ; y 20] = 36 channels;
+6. decode the target frames (one latent per frame) and resize back to the cameras' size.
+
+The confidence of an output pixel is 1 where the memory was rendered (the generator only refines
+it) and ``unseen_confidence`` where the generator had to invent it.
+
+Attention is diffusers' own (``stock``), or ours (``full`` or ``window``, see ``window_attention``).
+Memory modes: ``none`` (everything on the device), ``model_offload`` (each model moves to the device
+only while it runs), ``group_offload`` (transformer blocks stream from CPU one at a time) and ``fp8``
+(transformer weights stored in float8, computed in bf16); VAE tiling and slicing are separate flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..fileio import write_atomic
+from ..stages.types import ConditionVideo, Frames
+from . import GENERATORS
+from .window_attention import ATTENTION_MODES, DEFAULT_WINDOW_FRAMES, WanWindowAttnProcessor, set_window_attention
+
+logger = logging.getLogger(__name__)
+
+HUB_ID = "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers"  # the base model AnyRecon fine-tunes
+MEMORY_MODES = ("none", "model_offload", "group_offload", "fp8")
+ATTENTION_CHOICES = ("stock",) + ATTENTION_MODES
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class AnyReconConfig:
+    """Hyper-parameters of the AnyRecon generator (defaults from AnyRecon's code where it has one)."""
+
+    height: int | None = None  # working size; None: the cameras' size. AnyRecon: 512
+    width: int | None = None  # AnyRecon: 896. Both must be multiples of 16 (VAE 8 x patch 2)
+    attention: str = "full"  # "stock" (diffusers' processor), "full" or "window" (ours)
+    window_frames: int = DEFAULT_WINDOW_FRAMES  # +-8 frames (AnyRecon)
+    compile_attention: bool = False  # torch.compile the FlexAttention kernel (GPU: needed for speed)
+    guidance_scale: float = 1.0  # 1: no classifier-free guidance (AnyRecon's cfg_scale=1.0)
+    negative_prompt: str = ""  # used only when guidance_scale > 1
+    default_prompt: str = " "  # AnyRecon prompts with a single space
+    shift: float = 5.0  # flow-matching sigma shift (AnyRecon: sigma_shift=5)
+    num_train_timesteps: int = 1000  # timestep = sigma * 1000
+    max_sequence_length: int = 512  # UMT5 tokens; Wan's cross-attention expects 512 text tokens
+    mask_channels: int = 4  # the mask repeated to 4 channels (Wan I2V layout)
+    mask_threshold: float = 0.5  # renders.mask as float above this counts as visible
+    unseen_confidence: float = 0.5  # confidence of pixels the memory did not cover (rendered: 1)
+    dtype: str = "float32"  # transformer compute dtype; "bfloat16" for the 14B model on GPU
+    memory_mode: str = "none"  # one of MEMORY_MODES
+    vae_tiling: bool = False  # decode/encode in spatial tiles (less memory at large sizes)
+    vae_slicing: bool = False  # run the VAE one frame at a time
+    text_cache_dir: str | None = None  # None: the user cache folder (platformdirs), "text_embeds"
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (v <= 0 or v % 16):
+                raise ValueError(f"AnyReconConfig.{name} must be a positive multiple of 16 or None; got {v}")
+        if (self.height is None) != (self.width is None):
+            raise ValueError(f"AnyReconConfig.height and width must both be set or both None; got {self.height}, {self.width}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"AnyReconConfig.attention must be one of {ATTENTION_CHOICES}; got {self.attention!r}")
+        if self.memory_mode not in MEMORY_MODES:
+            raise ValueError(f"AnyReconConfig.memory_mode must be one of {MEMORY_MODES}; got {self.memory_mode!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"AnyReconConfig.dtype must be one of {tuple(DTYPES)}; got {self.dtype!r}")
+        if self.window_frames < 0:
+            raise ValueError(f"AnyReconConfig.window_frames must be >= 0; got {self.window_frames}")
+        if not 0.0 <= self.unseen_confidence <= 1.0:
+            raise ValueError(f"AnyReconConfig.unseen_confidence must be in [0, 1]; got {self.unseen_confidence}")
+        if self.guidance_scale < 1.0:
+            raise ValueError(f"AnyReconConfig.guidance_scale must be >= 1; got {self.guidance_scale}")
+        if self.shift <= 0:
+            raise ValueError(f"AnyReconConfig.shift must be > 0; got {self.shift}")
+
+
+@dataclass
+class AnyReconComponents:
+    """The learned parts, loaded by the caller (``AnyReconGenerator.from_pretrained`` or ``tiny``).
+
+    Attributes:
+        vae: ``AutoencoderKLWan``.
+        transformer: ``WanTransformer3DModel`` with 36 input channels and an image embedder.
+        image_encoder: ``CLIPVisionModelWithProjection``.
+        image_processor: ``CLIPImageProcessor`` (its mean and std normalise the CLIP input).
+        scheduler: ``FlowMatchEulerDiscreteScheduler`` (shift 5).
+        text_encoder, tokenizer: ``UMT5EncoderModel`` and its tokenizer; may be None when the prompt's
+            embedding is cached or ``text_encoder_loader`` can load them on demand.
+        text_encoder_loader: returns (text_encoder, tokenizer) when a prompt is not cached; the encoder
+            is dropped again after use.
+        name: identifies the weights in the text cache key (hub id or folder).
+    """
+
+    vae: Any
+    transformer: Any
+    image_encoder: Any
+    image_processor: Any
+    scheduler: Any
+    text_encoder: Any | None = None
+    tokenizer: Any | None = None
+    text_encoder_loader: Callable[[], tuple[Any, Any]] | None = None
+    name: str = ""
+
+
+def _weights_fingerprint(module: torch.nn.Module, count: int = 4, numel: int = 64) -> str:
+    """A cheap fingerprint of a model's weights (a few values of its first tensors)."""
+    h = hashlib.sha256()
+    for i, (name, p) in enumerate(module.named_parameters()):
+        if i >= count:
+            break
+        h.update(name.encode())
+        h.update(p.detach().flatten()[:numel].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@GENERATORS.register("anyrecon")
+class AnyReconGenerator:
+    """Render-conditioned Wan2.1 I2V generator (AnyRecon). See the module docstring for the steps.
+
+    Args:
+        components: the models (``AnyReconComponents``).
+        config: hyper-parameters.
+        device: where the models run; None: the transformer's device.
+
+    Example (tiny random models, CPU):
+        >>> from backend.generators.tiny import tiny_anyrecon_components
+        >>> gen = AnyReconGenerator(tiny_anyrecon_components(), AnyReconConfig(height=32, width=32))
+        >>> frames = gen.generate(cond, num_steps=2, seed=0)   # cond: a ConditionVideo
+    """
+
+    def __init__(self, components: AnyReconComponents, config: AnyReconConfig = AnyReconConfig(),
+                 device: torch.device | str | None = None) -> None:
+        self.components = components
+        self.config = config
+        tr = components.transformer
+        in_ch = tr.config.in_channels
+        out_ch = tr.config.out_channels
+        z_dim = components.vae.config.z_dim
+        if in_ch != out_ch + config.mask_channels + z_dim:
+            raise ValueError(
+                f"AnyRecon: transformer.in_channels must be out_channels + mask_channels + vae.z_dim = "
+                f"{out_ch} + {config.mask_channels} + {z_dim}; got {in_ch}"
+            )
+        if tr.config.image_dim is None:
+            raise ValueError("AnyRecon: transformer.config.image_dim must be set (image-to-video model); got None")
+        if device is None:
+            device = next(tr.parameters()).device
+        self.device = torch.device(device)
+        self.dtype = DTYPES[config.dtype]
+        self.vae_scale = int(getattr(components.vae.config, "scale_factor_spatial", 2 ** len(components.vae.temperal_downsample)))
+        self.patch = tuple(tr.config.patch_size)
+        self.processor: WanWindowAttnProcessor | None = None
+        if config.attention == "stock":
+            from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+            for block in tr.blocks:
+                block.attn1.set_processor(WanAttnProcessor())
+        else:
+            self.processor = set_window_attention(tr, config.attention, config.window_frames,
+                                                  compile=config.compile_attention)
+        self._apply_memory_mode()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str = HUB_ID, lora_path: str | os.PathLike | None = None, *,
+                        config: AnyReconConfig = AnyReconConfig(dtype="bfloat16", height=512, width=896,
+                                                                attention="window", compile_attention=True),
+                        device: torch.device | str = "cuda", local_files_only: bool = False) -> "AnyReconGenerator":
+        """Load the Wan2.1 I2V diffusers weights from a folder or hub id, merge AnyRecon's LoRA.
+
+        The VAE and CLIP run in float32 (as diffusers' Wan pipelines advise), the transformer in
+        ``config.dtype``. The UMT5 text encoder is loaded only when a prompt is not in the text cache.
+        """
+        from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        kw = {"local_files_only": local_files_only}
+        dtype = DTYPES[config.dtype]
+        vae = AutoencoderKLWan.from_pretrained(path_or_hub_id, subfolder="vae", torch_dtype=torch.float32, **kw)
+        transformer = WanTransformer3DModel.from_pretrained(path_or_hub_id, subfolder="transformer", torch_dtype=dtype, **kw)
+        image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+            path_or_hub_id, subfolder="image_encoder", torch_dtype=torch.float32, **kw)
+        image_processor = CLIPImageProcessor.from_pretrained(path_or_hub_id, subfolder="image_processor", **kw)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=config.shift, num_train_timesteps=config.num_train_timesteps)
+        if lora_path is not None:
+            from .anyrecon_lora import convert_anyrecon_lora, fuse_lora_, load_lora_file
+
+            lora, full = convert_anyrecon_lora(load_lora_file(lora_path))
+            n = fuse_lora_(transformer, lora, full)
+            logger.info("AnyRecon LoRA %s: %d weights merged", lora_path, n)
+
+        def load_text_encoder() -> tuple[Any, Any]:
+            from transformers import AutoTokenizer, UMT5EncoderModel
+
+            tok = AutoTokenizer.from_pretrained(path_or_hub_id, subfolder="tokenizer", **kw)
+            enc = UMT5EncoderModel.from_pretrained(path_or_hub_id, subfolder="text_encoder", torch_dtype=dtype, **kw)
+            return enc, tok
+
+        keep_on_cpu = config.memory_mode in ("model_offload", "group_offload")
+        if not keep_on_cpu:
+            transformer.to(device)
+        vae.to("cpu" if config.memory_mode == "model_offload" else device)
+        image_encoder.to("cpu" if config.memory_mode == "model_offload" else device)
+        components = AnyReconComponents(vae, transformer, image_encoder, image_processor, scheduler,
+                                        text_encoder_loader=load_text_encoder,
+                                        name=f"{path_or_hub_id}|{lora_path or ''}")
+        return cls(components, config, device=device)
+
+    def _apply_memory_mode(self) -> None:
+        c, mode = self.components, self.config.memory_mode
+        if self.config.vae_tiling:
+            c.vae.enable_tiling()
+        if self.config.vae_slicing:
+            c.vae.enable_slicing()
+        if mode == "group_offload":
+            c.transformer.enable_group_offload(onload_device=self.device, offload_device=torch.device("cpu"),
+                                               offload_type="block_level", num_blocks_per_group=1,
+                                               use_stream=self.device.type == "cuda")
+        elif mode == "fp8":
+            c.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=self.dtype)
+
+    @contextlib.contextmanager
+    def _on_device(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """In ``model_offload`` mode move ``module`` to the device for the block and back to CPU after."""
+        if self.config.memory_mode != "model_offload":
+            yield module
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+
+    # ------------------------------------------------------------------ steps
+    def working_size(self, cond: ConditionVideo) -> tuple[int, int]:
+        """(height, width) the model runs at: the config's, or the cameras' size."""
+        if self.config.height is not None:
+            return self.config.height, self.config.width
+        return cond.targets.height, cond.targets.width
+
+    def check_inputs(self, cond: ConditionVideo, num_steps: int) -> None:
+        """Raise ``ValueError`` naming the field, the rule and the value received."""
+        f = len(cond.targets)
+        h, w = cond.targets.height, cond.targets.width
+        if f < 1:
+            raise ValueError(f"anyrecon: cond.targets must hold at least 1 camera; got {f}")
+        if num_steps < 1:
+            raise ValueError(f"anyrecon: num_steps must be >= 1; got {num_steps}")
+        r = cond.renders
+        if tuple(r.rgb.shape) != (f, h, w, 3):
+            raise ValueError(f"anyrecon: cond.renders.rgb must be [F, H, W, 3] = {(f, h, w, 3)}; got {tuple(r.rgb.shape)}")
+        if tuple(r.mask.shape) != (f, h, w):
+            raise ValueError(f"anyrecon: cond.renders.mask must be [F, H, W] = {(f, h, w)}; got {tuple(r.mask.shape)}")
+        for name in ("memory", "carried"):
+            views = getattr(cond, name)
+            if len(views) and tuple(views.images.shape[1:]) != (h, w, 3):
+                raise ValueError(
+                    f"anyrecon: cond.{name}.images must be [N, {h}, {w}, 3] like the targets; got {tuple(views.images.shape)}"
+                )
+        if len(cond.memory) + len(cond.carried) + f > self.components.transformer.config.rope_max_seq_len:
+            raise ValueError(
+                f"anyrecon: at most rope_max_seq_len={self.components.transformer.config.rope_max_seq_len} frames; "
+                f"got {len(cond.memory) + len(cond.carried) + f}"
+            )
+        wh, ww = self.working_size(cond)
+        mult = self.vae_scale * self.patch[1]
+        if wh % mult or ww % mult:
+            raise ValueError(
+                f"anyrecon: the working size must be a multiple of {mult}; got {wh}x{ww} "
+                f"(set AnyReconConfig.height/width to resize)"
+            )
+
+    def condition_video(self, cond: ConditionVideo) -> tuple[Tensor, Tensor, int, int]:
+        """Stack [memory ; carried ; renders] and their mask at the working size.
+
+        Returns:
+            video: frames in [-1, 1]. float32 [N, 3, H, W]
+            mask: 1 visible/known, 0 to generate; ones for memory and carried frames. float32 [N, 1, H, W]
+            num_memory: M, the retrieved captures at the start.
+            num_prefix: M + P, frames before the targets.
+        """
+        dev = self.device
+        images = [cond.memory.images, cond.carried.images, cond.renders.rgb]
+        rgb = torch.cat([x.to(dev, torch.float32) for x in images], dim=0).permute(0, 3, 1, 2)  # [N, 3, H, W]
+        num_memory, num_prefix = len(cond.memory), len(cond.memory) + len(cond.carried)
+        target_mask = cond.renders.mask.to(dev).float() > self.config.mask_threshold
+        mask = torch.cat([torch.ones(num_prefix, *target_mask.shape[1:], device=dev), target_mask.float()], dim=0)
+        mask = mask[:, None]  # [N, 1, H, W]
+        h, w = self.working_size(cond)
+        if rgb.shape[-2:] != (h, w):
+            logger.info("anyrecon: resizing the condition video from %sx%s to %sx%s", *rgb.shape[-2:], h, w)
+            rgb = F.interpolate(rgb, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+            mask = F.interpolate(mask, size=(h, w), mode="nearest")
+        return rgb.clamp(0, 1) * 2 - 1, mask, num_memory, num_prefix
+
+    def _text_cache_path(self, prompt: str) -> Path:
+        c = self.components
+        root = self.config.text_cache_dir
+        if root is None:
+            import platformdirs
+
+            root = os.path.join(platformdirs.user_cache_dir("reconloop"), "text_embeds")
+        ident = {"prompt": prompt, "max_len": self.config.max_sequence_length, "model": c.name,
+                 "dim": int(c.transformer.config.text_dim)}
+        if c.text_encoder is not None:
+            ident["weights"] = _weights_fingerprint(c.text_encoder)
+        key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+        return Path(root) / f"{key}.safetensors"
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> Tensor:
+        """UMT5 embedding of ``prompt``, zero past its tokens, cached on disk.
+
+        Returns:
+            prompt embeddings. float32 [1, max_sequence_length, text_dim]
+        """
+        from safetensors.torch import load_file, save
+
+        path = self._text_cache_path(prompt)
+        if path.is_file():
+            return load_file(str(path))["prompt_embeds"].float()
+        c = self.components
+        enc, tok = c.text_encoder, c.tokenizer
+        loaded = False
+        if enc is None or tok is None:
+            if c.text_encoder_loader is None:
+                raise ValueError(
+                    f"anyrecon: prompt {prompt!r} is not in the text cache ({path.parent}) and no text encoder is loaded"
+                )
+            enc, tok = c.text_encoder_loader()
+            loaded = True
+        max_len = self.config.max_sequence_length
+        inputs = tok([prompt], padding="max_length", max_length=max_len, truncation=True,
+                     add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        enc_device = next(enc.parameters()).device if not loaded else self.device
+        if loaded:
+            enc.to(self.device)
+        try:
+            hidden = enc(inputs.input_ids.to(enc_device), inputs.attention_mask.to(enc_device)).last_hidden_state
+        finally:
+            if loaded:
+                del enc
+        n_tokens = int(inputs.attention_mask.sum())
+        embeds = torch.zeros_like(hidden, dtype=torch.float32)
+        embeds[:, :n_tokens] = hidden[:, :n_tokens].float()
+        embeds = embeds.cpu()
+        write_atomic(path, save({"prompt_embeds": embeds.contiguous()}))
+        return embeds
+
+    @torch.no_grad()
+    def encode_image(self, frame: Tensor) -> Tensor:
+        """CLIP feature of one frame: penultimate hidden states (AnyRecon's ``use_31_block``).
+
+        Args:
+            frame: the first condition frame, in [-1, 1]. [3, H, W]
+
+        Returns:
+            image embeddings. float32 [1, tokens, image_dim]
+        """
+        enc = self.components.image_encoder
+        size = int(enc.config.image_size)
+        proc = self.components.image_processor
+        mean = torch.tensor(proc.image_mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(proc.image_std, device=self.device).view(1, 3, 1, 1)
+        x = F.interpolate(frame[None].float(), size=(size, size), mode="bicubic", align_corners=False)
+        x = ((x + 1) / 2 - mean) / std
+        with self._on_device(enc):
+            dtype = next(enc.parameters()).dtype
+            out = enc(pixel_values=x.to(dtype), output_hidden_states=True)
+        return out.hidden_states[-2].float()
+
+    def _latent_stats(self) -> tuple[Tensor, Tensor]:
+        cfg = self.components.vae.config
+        mean = torch.tensor(cfg.latents_mean, device=self.device).view(1, cfg.z_dim, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=self.device).view(1, cfg.z_dim, 1, 1, 1)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_frames(self, video: Tensor) -> Tensor:
+        """VAE-encode each frame on its own (frames in the batch dimension): one latent per frame.
+
+        Args:
+            video: frames in [-1, 1]. float32 [N, 3, H, W]
+
+        Returns:
+            normalised latents (the mode of the posterior). float32 [1, z_dim, N, H/8, W/8]
+        """
+        vae = self.components.vae
+        mean, std = self._latent_stats()
+        with self._on_device(vae):
+            dtype = next(vae.parameters()).dtype
+            lat = vae.encode(video[:, :, None].to(dtype)).latent_dist.mode()  # [N, z, 1, h, w]
+        lat = lat.float().permute(2, 1, 0, 3, 4)  # [1, z, N, h, w]
+        return (lat - mean) / std
+
+    def mask_latents(self, mask: Tensor) -> Tensor:
+        """The mask at latent size (nearest), repeated to ``mask_channels``.
+
+        Args:
+            mask: float32 [N, 1, H, W]
+
+        Returns:
+            float32 [1, mask_channels, N, H/8, W/8]
+        """
+        h, w = mask.shape[-2] // self.vae_scale, mask.shape[-1] // self.vae_scale
+        small = F.interpolate(mask, size=(h, w), mode="nearest")  # [N, 1, h, w]
+        return small.permute(1, 0, 2, 3)[None].repeat(1, self.config.mask_channels, 1, 1, 1)
+
+    def prepare_latents(self, shape: tuple[int, ...], seed: int) -> Tensor:
+        """Initial noise from a CPU generator (the same numbers on every device). float32 ``shape``"""
+        gen = torch.Generator("cpu").manual_seed(seed)
+        return torch.randn(shape, generator=gen, dtype=torch.float32).to(self.device)
+
+    def sigmas(self, num_steps: int) -> list[float]:
+        """The unshifted sigma grid 1, 1 - 1/S, ..., 1/S (S steps: 1000/750/500/250 for 4)."""
+        return [1.0 - i / num_steps for i in range(num_steps)]
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Decode normalised latents frame by frame.
+
+        Args:
+            latents: float32 [1, z_dim, F, h, w]
+
+        Returns:
+            frames in [0, 1]. float32 [F, 3, H, W]
+        """
+        vae = self.components.vae
+        mean, std = self._latent_stats()
+        lat = (latents * std + mean).permute(2, 1, 0, 3, 4)  # [F, z, 1, h, w]
+        with self._on_device(vae):
+            dtype = next(vae.parameters()).dtype
+            video = vae.decode(lat.to(dtype), return_dict=False)[0]  # [F, 3, 1, H, W]
+        return ((video[:, :, 0].float() + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------------ the call
+    @torch.no_grad()
+    def generate(self, cond: ConditionVideo, *, num_steps: int, seed: int) -> Frames:
+        """Generate the target frames of one segment.
+
+        Args:
+            cond: [memory ; carried ; renders] and the target cameras (``ConditionVideo``).
+            num_steps: denoising steps (AnyRecon: 4).
+            seed: noise seed.
+
+        Returns:
+            images at the targets in [0, 1], float32 [F, H, W, 3]; confidence 1 where rendered, else
+            ``unseen_confidence``, float32 [F, H, W] (H, W: the cameras' size).
+        """
+        cfg, c = self.config, self.components
+        # 1. Check inputs, build the condition video at the working size.
+        self.check_inputs(cond, num_steps)
+        video, mask, num_memory, num_prefix = self.condition_video(cond)
+        n_frames = video.shape[0]
+
+        # 2. Prompt (cached) and, with guidance, the negative prompt.
+        prompt_embeds = self.encode_prompt(cond.prompt or cfg.default_prompt).to(self.device, self.dtype)
+        do_cfg = cfg.guidance_scale > 1.0
+        negative_embeds = self.encode_prompt(cfg.negative_prompt).to(self.device, self.dtype) if do_cfg else None
+
+        # 3. CLIP feature of frame 0.
+        image_embeds = self.encode_image(video[0]).to(self.device, self.dtype)
+
+        # 4. One latent per frame; y = [mask 4 ; latents 16].
+        y = torch.cat([self.mask_latents(mask), self.encode_frames(video)], dim=1)  # [1, 20, N, h, w]
+
+        # 5. Timesteps and noise.
+        sched = c.scheduler
+        sched.set_timesteps(sigmas=self.sigmas(num_steps), device=self.device)
+        z_dim = c.vae.config.z_dim
+        latents = self.prepare_latents((1, z_dim, n_frames, *y.shape[-2:]), seed)
+        if self.processor is not None:
+            tokens_per_frame = (y.shape[-2] // self.patch[1]) * (y.shape[-1] // self.patch[2])
+            self.processor.set_layout(n_frames, tokens_per_frame, num_memory, self.device)
+
+        # 6. Denoising loop: [noisy latents 16 ; y 20] = 36 channels.
+        tr = c.transformer
+        with self._on_device(tr):
+            for t in sched.timesteps:
+                model_input = torch.cat([latents, y], dim=1).to(self.dtype)
+                timestep = t.expand(1).to(self.device)
+                pred = tr(hidden_states=model_input, timestep=timestep, encoder_hidden_states=prompt_embeds,
+                          encoder_hidden_states_image=image_embeds, return_dict=False)[0]
+                if do_cfg:
+                    uncond = tr(hidden_states=model_input, timestep=timestep, encoder_hidden_states=negative_embeds,
+                                encoder_hidden_states_image=image_embeds, return_dict=False)[0]
+                    pred = uncond + cfg.guidance_scale * (pred - uncond)
+                latents = sched.step(pred.float(), t, latents, return_dict=False)[0]
+
+        # 7. Decode the targets, back to the cameras' size; confidence from the render mask.
+        images = self.decode(latents[:, :, num_prefix:])  # [F, 3, H, W]
+        h, w = cond.targets.height, cond.targets.width
+        if images.shape[-2:] != (h, w):
+            images = F.interpolate(images, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        seen = cond.renders.mask.to(self.device).float() > cfg.mask_threshold
+        confidence = torch.where(seen, torch.ones((), device=self.device),
+                                 torch.full((), cfg.unseen_confidence, device=self.device))
+        return Frames(images=images.clamp(0, 1).permute(0, 2, 3, 1).contiguous(), confidence=confidence.float())
+
+
+def make_anyrecon(config: AnyReconConfig, components: AnyReconComponents,
+                  device: torch.device | str | None = None) -> AnyReconGenerator:
+    """Build the ``anyrecon`` generator from its config and loaded components."""
+    return AnyReconGenerator(components, config, device=device)

@@ -1,0 +1,227 @@
+"""Context-window self-attention for Wan transformers (DESIGN.md section 1 step 5).
+
+AnyRecon's generator sees one condition video of frames [memory ; sequence], where the memory is the
+retrieved captures and the sequence is the carried-over frames followed by the targets. Its sparse model
+lets every sequence frame attend to all memory frames and to the sequence frames within +-``window``
+frames of it, and lets memory frames attend to the memory only. Tokens are laid out frame-major, as
+Wan's patchifier leaves them: token ``i`` belongs to frame ``i // tokens_per_frame``.
+
+This module implements that as a diffusers attention processor for the self-attention (``attn1``)
+of every ``WanTransformerBlock``:
+
+- ``full``: every token attends to every token (scaled-dot-product attention, cuDNN or flash kernels
+  on CUDA), with the rotary embedding applied in float32 rather than float64;
+- ``window``: the mask above as a torch FlexAttention ``BlockMask``. Frames of 1792 tokens (512x896
+  at patch 2x2) are whole multiples of the 128-token blocks, so every block is either fully kept or
+  skipped and the kernel does no per-element masking. Compile it (``compile=True``) for speed.
+
+``dense_window_mask`` gives the same mask as a dense boolean matrix for reference and tests.
+
+Cross-attention (``attn2``) keeps diffusers' own processor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ATTENTION_MODES = ("full", "window")
+DEFAULT_WINDOW_FRAMES = 8  # AnyRecon: a target frame sees its neighbours within +-8 frames
+DEFAULT_BLOCK_SIZE = 128  # FlexAttention's default tile; 1792 tokens per frame = 14 tiles
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    """Where frames lie in the token sequence of one condition video.
+
+    Attributes:
+        num_frames: frames in the condition video (memory + sequence), F.
+        tokens_per_frame: tokens per frame after patchifying (latent h/2 * w/2), T.
+        num_memory: leading frames that are memory (retrieved captures), M <= F.
+        window_frames: a sequence frame attends to sequence frames within +-window_frames.
+    """
+
+    num_frames: int
+    tokens_per_frame: int
+    num_memory: int
+    window_frames: int = DEFAULT_WINDOW_FRAMES
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1:
+            raise ValueError(f"WindowLayout.num_frames must be >= 1; got {self.num_frames}")
+        if self.tokens_per_frame < 1:
+            raise ValueError(f"WindowLayout.tokens_per_frame must be >= 1; got {self.tokens_per_frame}")
+        if not 0 <= self.num_memory <= self.num_frames:
+            raise ValueError(
+                f"WindowLayout.num_memory must be in [0, num_frames={self.num_frames}]; got {self.num_memory}"
+            )
+        if self.window_frames < 0:
+            raise ValueError(f"WindowLayout.window_frames must be >= 0; got {self.window_frames}")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_frames * self.tokens_per_frame
+
+
+def window_mask_mod(layout: WindowLayout) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """The FlexAttention ``mask_mod`` of ``layout``: True where query token q may attend to key token k."""
+    tpf, mem, win = layout.tokens_per_frame, layout.num_memory, layout.window_frames
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        q_frame = q_idx // tpf
+        k_frame = kv_idx // tpf
+        k_is_memory = k_frame < mem
+        q_in_sequence = q_frame >= mem
+        near = (q_frame - k_frame).abs() <= win
+        return k_is_memory | (q_in_sequence & near)
+
+    return mask_mod
+
+
+def dense_window_mask(layout: WindowLayout, device: torch.device | str = "cpu") -> Tensor:
+    """The mask of ``layout`` as a dense matrix (reference for tests; L = F * T tokens).
+
+    Returns:
+        keep: True where query token (row) may attend to key token (column). bool [L, L]
+    """
+    idx = torch.arange(layout.num_tokens, device=device)
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    return window_mask_mod(layout)(zero, zero, idx[:, None], idx[None, :])
+
+
+def build_block_mask(layout: WindowLayout, device: torch.device | str, block_size: int = DEFAULT_BLOCK_SIZE):
+    """The FlexAttention ``BlockMask`` of ``layout`` (one mask shared by batch and heads)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(
+        window_mask_mod(layout), None, None, layout.num_tokens, layout.num_tokens,
+        device=str(device), BLOCK_SIZE=block_size,
+    )
+
+
+def window_density(layout: WindowLayout) -> float:
+    """Fraction of (query, key) pairs the window keeps (full attention: 1). The mask depends on frames
+    only, so the density over frames is the density over tokens."""
+    frames = WindowLayout(layout.num_frames, 1, layout.num_memory, layout.window_frames)
+    return float(dense_window_mask(frames).float().mean())
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved channel pairs (x[2i], x[2i+1]) by the rotary angles, in float32.
+
+    Args:
+        x: queries or keys. [B, L, heads, D]
+        cos, sin: Wan's rotary tables, each angle repeated for both channels of a pair. [1, L, 1, D]
+
+    Returns:
+        rotated x, in x's dtype. [B, L, heads, D]
+    """
+    c = cos[..., 0::2].float()
+    s = sin[..., 0::2].float()
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class WanWindowAttnProcessor:
+    """Self-attention processor for ``WanAttention`` (``attn1``): ``full`` or ``window`` attention.
+
+    One instance is shared by all blocks. Before each forward pass over a new condition video call
+    ``set_layout`` (the window mode needs it; the full mode ignores it). The block mask is built once
+    per layout and reused by every layer and step.
+
+    Args:
+        mode: ``full`` or ``window``.
+        window_frames: +-frames a sequence frame sees (``window`` mode).
+        compile: wrap ``flex_attention`` in ``torch.compile`` (needed for speed on GPU; on CPU the
+            uncompiled version runs the dense reference math).
+        block_size: FlexAttention tile size in tokens.
+    """
+
+    def __init__(self, mode: str = "window", window_frames: int = DEFAULT_WINDOW_FRAMES, *,
+                 compile: bool = False, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention mode must be one of {ATTENTION_MODES}; got {mode!r}")
+        if window_frames < 0:
+            raise ValueError(f"window_frames must be >= 0; got {window_frames}")
+        self.mode = mode
+        self.window_frames = window_frames
+        self.block_size = block_size
+        self.is_compiled = compile
+        self.layout: WindowLayout | None = None
+        self._block_mask = None
+        self._mask_key: tuple | None = None
+        self._flex = None
+
+    def set_layout(self, num_frames: int, tokens_per_frame: int, num_memory: int, device: torch.device | str) -> None:
+        """Describe the next condition video's frames; builds (or reuses) the block mask."""
+        self.layout = WindowLayout(num_frames, tokens_per_frame, num_memory, self.window_frames)
+        if self.mode != "window":
+            return
+        key = (self.layout, str(device))
+        if key != self._mask_key:
+            self._block_mask = build_block_mask(self.layout, device, self.block_size)
+            self._mask_key = key
+
+    def _flex_fn(self):
+        if self._flex is None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            self._flex = torch.compile(flex_attention, dynamic=False) if self.is_compiled else flex_attention
+        return self._flex
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, rotary_emb: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        if encoder_hidden_states is not None:
+            raise ValueError("WanWindowAttnProcessor is for self-attention (attn1); got encoder_hidden_states")
+        if attention_mask is not None:
+            raise ValueError("WanWindowAttnProcessor builds its own mask; got attention_mask")
+        if getattr(attn, "fused_projections", False):
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))  # [B, L, heads, D]
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = apply_rotary(query, *rotary_emb)
+            key = apply_rotary(key, *rotary_emb)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, heads, L, D]
+
+        if self.mode == "full":
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            if self.layout is None or self.layout.num_tokens != q.shape[2]:
+                got = None if self.layout is None else self.layout.num_tokens
+                raise ValueError(
+                    f"window attention: set_layout must describe the {q.shape[2]} tokens of this input; "
+                    f"layout has {got}"
+                )
+            out = self._flex_fn()(q, k, v, block_mask=self._block_mask)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)  # [B, L, heads * D]
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+def set_window_attention(transformer, mode: str = "window", window_frames: int = DEFAULT_WINDOW_FRAMES, *,
+                         compile: bool = False, block_size: int = DEFAULT_BLOCK_SIZE) -> WanWindowAttnProcessor:
+    """Install one shared ``WanWindowAttnProcessor`` on the self-attention of every block.
+
+    Args:
+        transformer: a diffusers ``WanTransformer3DModel``.
+
+    Returns:
+        the processor (call its ``set_layout`` before a forward pass in ``window`` mode).
+
+    Example:
+        >>> proc = set_window_attention(transformer, "window", 8)
+        >>> proc.set_layout(num_frames=50, tokens_per_frame=1792, num_memory=10, device="cuda")
+    """
+    proc = WanWindowAttnProcessor(mode, window_frames, compile=compile, block_size=block_size)
+    for block in transformer.blocks:
+        block.attn1.set_processor(proc)
+    return proc

@@ -1,0 +1,403 @@
+"""Job results as Blender objects: point cloud, Gaussians, generated frames, estimated cameras.
+
+Everything is in Blender world coordinates (the service works in the captures' world frame, which is
+Blender's: cameras go over the wire as OpenCV world-to-camera matrices of Blender world points).
+Arrays go in with ``foreach_set``; there is no per-point Python loop.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import bpy
+import numpy as np
+
+from . import scene_io
+from .errors import ReconLoopError
+from .scene_read import apply_camera_params
+
+try:
+    from protocol.ply import GaussianArrays, PlyFormatError, PointArrays, read_gaussians_ply, read_points_ply
+except ImportError:  # pragma: no cover - the extension was built without its protocol wheel
+    GaussianArrays = PointArrays = None
+    PlyFormatError = ValueError
+    read_gaussians_ply = read_points_ply = None
+
+# Names of the attributes we write (documented for users who build their own node setups).
+ATTR_COLOR = "color"  # FLOAT_COLOR, linear RGBA
+ATTR_CONFIDENCE = "confidence"  # FLOAT in [0, 1]
+ATTR_SOURCE = "source"  # INT: capture id, -1 for generated
+ATTR_SCALE = "scale"  # FLOAT_VECTOR: the Gaussian's axis scales (world units, one sigma)
+ATTR_ROTATION = "rotation"  # QUATERNION w x y z (unit)
+ATTR_OPACITY = "opacity"  # FLOAT in (0, 1)
+RGBA = 4
+U8_MAX = 255.0
+
+POINTS_NODES = "ReconLoop Points"
+GAUSSIANS_NODES = "ReconLoop Gaussians"
+POINTS_MATERIAL = "ReconLoop Points"
+GAUSSIANS_MATERIAL = "ReconLoop Gaussians"
+POINT_RADIUS_DEFAULT = 0.002  # world units: a point display size that suits table-top scenes
+SIGMA_DEFAULT = 2.0  # ellipsoid radius in standard deviations
+ELLIPSOID_SUBDIVISIONS = 2  # ico sphere of the instanced ellipsoid (42 vertices)
+FRAME_FILE = "frame_{:06d}.png"  # image sequence names: Blender frame number, zero padded
+COLLECTION_KEY = "reconloop_key"
+COLLECTION_JOB = "reconloop_job"
+OBJECT_KIND = "reconloop_kind"
+
+
+# ---------------------------------------------------------------------------------------------
+# Collections
+
+
+def job_collection(scene: bpy.types.Scene, key: str, job_id: str) -> bpy.types.Collection:
+    """The collection for one job's results; an old collection with the same ``key`` is emptied and reused.
+
+    Args:
+        key: what a re-run shares with the run it replaces (the captures' name).
+    """
+    name = f"ReconLoop {key}"
+    coll = next((c for c in bpy.data.collections if c.get(COLLECTION_KEY) == key), None)
+    if coll is None:
+        coll = bpy.data.collections.new(name)
+        scene.collection.children.link(coll)
+        coll[COLLECTION_KEY] = key
+    else:
+        clear_collection(coll)
+        if coll.name not in scene.collection.children and coll not in _all_children(scene.collection):
+            scene.collection.children.link(coll)
+    coll[COLLECTION_JOB] = job_id
+    return coll
+
+
+def _all_children(root: bpy.types.Collection) -> list:
+    out = []
+    for c in root.children:
+        out.append(c)
+        out.extend(_all_children(c))
+    return out
+
+
+def clear_collection(coll: bpy.types.Collection) -> None:
+    """Delete the objects of ``coll`` and the data only they used."""
+    for obj in list(coll.objects):
+        data = obj.data
+        bpy.data.objects.remove(obj, do_unlink=True)
+        if data is not None and data.users == 0:
+            if isinstance(data, bpy.types.Mesh):
+                bpy.data.meshes.remove(data)
+            elif isinstance(data, bpy.types.Camera):
+                bpy.data.cameras.remove(data)
+
+
+def remove_kind(coll: bpy.types.Collection, kind: str) -> None:
+    """Delete the objects of one kind (points, gaussians, ...) from ``coll`` (a partial result replaced)."""
+    for obj in list(coll.objects):
+        if obj.get(OBJECT_KIND) == kind:
+            data = obj.data
+            bpy.data.objects.remove(obj, do_unlink=True)
+            if isinstance(data, bpy.types.Mesh) and data.users == 0:
+                bpy.data.meshes.remove(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Meshes from arrays
+
+
+def _points_mesh(name: str, xyz: np.ndarray) -> bpy.types.Mesh:
+    """A mesh of loose vertices at ``xyz`` (world units). xyz: float [N, 3]"""
+    mesh = bpy.data.meshes.new(name)
+    n = int(xyz.shape[0])
+    mesh.vertices.add(n)
+    mesh.attributes["position"].data.foreach_set("vector", np.ascontiguousarray(xyz, dtype=np.float32).ravel())
+    return mesh
+
+
+def _set_attribute(mesh: bpy.types.Mesh, name: str, data_type: str, prop: str, values: np.ndarray) -> None:
+    attr = mesh.attributes.new(name, data_type, "POINT")
+    attr.data.foreach_set(prop, np.ascontiguousarray(values).ravel())
+
+
+def _rgba_linear(rgb_srgb: np.ndarray) -> np.ndarray:
+    """sRGB colours in [0, 1] [N, 3] to linear RGBA float32 [N, 4] (alpha 1)."""
+    out = np.ones((rgb_srgb.shape[0], RGBA), dtype=np.float32)
+    out[:, :3] = scene_io.srgb_to_linear(rgb_srgb)
+    return out
+
+
+def _link(obj: bpy.types.Object, coll: bpy.types.Collection, kind: str) -> bpy.types.Object:
+    coll.objects.link(obj)
+    obj[OBJECT_KIND] = kind
+    return obj
+
+
+def import_points(points, name: str, coll: bpy.types.Collection) -> bpy.types.Object:
+    """A point cloud object: mesh vertices with ``color``, ``confidence`` and ``source`` attributes,
+    shown as points by a geometry-nodes modifier.
+
+    Args:
+        points: ``protocol.ply.PointArrays`` (xyz float32 [N, 3], rgb uint8 [N, 3], confidence [N], source [N]).
+    """
+    mesh = _points_mesh(name, points.xyz)
+    _set_attribute(mesh, ATTR_COLOR, "FLOAT_COLOR", "color", _rgba_linear(points.rgb.astype(np.float32) / U8_MAX))
+    _set_attribute(mesh, ATTR_CONFIDENCE, "FLOAT", "value", points.confidence.astype(np.float32))
+    _set_attribute(mesh, ATTR_SOURCE, "INT", "value", points.source.astype(np.int32))
+    obj = bpy.data.objects.new(name, mesh)
+    mod = obj.modifiers.new("Points", "NODES")
+    mod.node_group = points_node_group()
+    return _link(obj, coll, scene_io.KIND_POINTS)
+
+
+def import_gaussians(g, name: str, coll: bpy.types.Collection) -> bpy.types.Object:
+    """A Gaussians object: vertices at the means with ``scale``, ``rotation``, ``opacity`` and ``color``
+    attributes; geometry nodes instance an ellipsoid per Gaussian (radius ``Sigma`` standard deviations),
+    and a material shows colour and opacity in EEVEE and Cycles.
+
+    Args:
+        g: ``protocol.ply.GaussianArrays`` (means [N, 3], log_scales [N, 3], quats wxyz [N, 4],
+            opacity_logits [N], sh [N, K, 3]).
+    """
+    mesh = _points_mesh(name, g.means)
+    quats = g.quats.astype(np.float32)
+    quats /= np.linalg.norm(quats, axis=1, keepdims=True)
+    _set_attribute(mesh, ATTR_SCALE, "FLOAT_VECTOR", "vector", g.scales)
+    _set_attribute(mesh, ATTR_ROTATION, "QUATERNION", "value", quats)
+    _set_attribute(mesh, ATTR_OPACITY, "FLOAT", "value", g.opacities)
+    _set_attribute(mesh, ATTR_COLOR, "FLOAT_COLOR", "color", _rgba_linear(g.rgb))
+    obj = bpy.data.objects.new(name, mesh)
+    obj["sh_degree"] = g.sh_degree
+    mod = obj.modifiers.new("Gaussians", "NODES")
+    mod.node_group = gaussians_node_group()
+    return _link(obj, coll, scene_io.KIND_GAUSSIANS)
+
+
+def import_points_ply(path: str, name: str, coll: bpy.types.Collection) -> bpy.types.Object:
+    """Read a point cloud .ply (protocol.ply) and import it. Raises ReconLoopError in plain words."""
+    try:
+        points = read_points_ply(path)
+    except (PlyFormatError, OSError) as err:
+        raise ReconLoopError(str(err)) from None
+    return import_points(points, name, coll)
+
+
+def import_gaussians_ply(path: str, name: str, coll: bpy.types.Collection) -> bpy.types.Object:
+    """Read a Gaussian .ply (protocol.ply) and import it; a .ply without Gaussian fields raises
+    ReconLoopError ("x.ply has no f_dc_0: not a Gaussian file")."""
+    if read_gaussians_ply is None:
+        raise ReconLoopError("the protocol package is missing: reinstall the ReconLoop extension")
+    try:
+        g = read_gaussians_ply(path)
+    except (PlyFormatError, OSError) as err:
+        raise ReconLoopError(str(err)) from None
+    return import_gaussians(g, name, coll)
+
+
+def mesh_positions(obj: bpy.types.Object) -> np.ndarray:
+    """World-space vertex positions of a mesh object (object transform applied). float32 [N, 3]"""
+    mesh = obj.data
+    co = np.empty(len(mesh.vertices) * 3, dtype=np.float32)
+    mesh.attributes["position"].data.foreach_get("vector", co)
+    co = co.reshape(-1, 3)
+    m = np.array(obj.matrix_world, dtype=np.float64)
+    return (co @ m[:3, :3].T + m[:3, 3]).astype(np.float32)
+
+
+def attribute_values(obj: bpy.types.Object, name: str) -> np.ndarray:
+    """The values of a point attribute. [N] or [N, D]"""
+    attr = obj.data.attributes[name]
+    prop, width = {"FLOAT": ("value", 1), "INT": ("value", 1), "FLOAT_VECTOR": ("vector", 3),
+                   "FLOAT_COLOR": ("color", 4), "QUATERNION": ("value", 4)}[attr.data_type]
+    dtype = np.int32 if attr.data_type == "INT" else np.float32
+    out = np.empty(len(attr.data) * width, dtype=dtype)
+    attr.data.foreach_get(prop, out)
+    return out if width == 1 else out.reshape(-1, width)
+
+
+# ---------------------------------------------------------------------------------------------
+# Node groups and materials (built once per file, reused)
+
+
+def _new_tree(name: str) -> bpy.types.NodeTree:
+    tree = bpy.data.node_groups.new(name, "GeometryNodeTree")
+    tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
+    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+    return tree
+
+
+def _material(name: str, *, use_instancer: bool) -> bpy.types.Material:
+    """Emission coloured by the ``color`` attribute, mixed with transparency by ``opacity`` (Gaussians)."""
+    mat = bpy.data.materials.get(name)
+    if mat is not None:
+        return mat
+    mat = bpy.data.materials.new(name)
+    mat.use_nodes = True
+    nt = mat.node_tree
+    nt.nodes.clear()
+    out = nt.nodes.new("ShaderNodeOutputMaterial")
+    emit = nt.nodes.new("ShaderNodeEmission")
+    color = nt.nodes.new("ShaderNodeAttribute")
+    color.attribute_name = ATTR_COLOR
+    color.attribute_type = "INSTANCER" if use_instancer else "GEOMETRY"
+    nt.links.new(color.outputs["Color"], emit.inputs["Color"])
+    if use_instancer:
+        alpha = nt.nodes.new("ShaderNodeAttribute")
+        alpha.attribute_name = ATTR_OPACITY
+        alpha.attribute_type = "INSTANCER"
+        transparent = nt.nodes.new("ShaderNodeBsdfTransparent")
+        mix = nt.nodes.new("ShaderNodeMixShader")
+        nt.links.new(alpha.outputs["Fac"], mix.inputs["Fac"])
+        nt.links.new(transparent.outputs["BSDF"], mix.inputs[1])
+        nt.links.new(emit.outputs["Emission"], mix.inputs[2])
+        nt.links.new(mix.outputs["Shader"], out.inputs["Surface"])
+        if hasattr(mat, "surface_render_method"):  # EEVEE Next (4.2+): sorted transparency
+            mat.surface_render_method = "BLENDED"
+    else:
+        nt.links.new(emit.outputs["Emission"], out.inputs["Surface"])
+    mat.diffuse_color = (0.8, 0.8, 0.8, 1.0)
+    return mat
+
+
+def points_node_group() -> bpy.types.NodeTree:
+    """Mesh vertices -> points of radius ``Point Radius`` with the points material."""
+    tree = bpy.data.node_groups.get(POINTS_NODES)
+    if tree is not None:
+        return tree
+    tree = _new_tree(POINTS_NODES)
+    radius = tree.interface.new_socket("Point Radius", in_out="INPUT", socket_type="NodeSocketFloat")
+    radius.default_value = POINT_RADIUS_DEFAULT
+    radius.min_value = 0.0
+    n = tree.nodes
+    gin, gout = n.new("NodeGroupInput"), n.new("NodeGroupOutput")
+    to_points = n.new("GeometryNodeMeshToPoints")
+    set_mat = n.new("GeometryNodeSetMaterial")
+    set_mat.inputs["Material"].default_value = _material(POINTS_MATERIAL, use_instancer=False)
+    tree.links.new(gin.outputs["Geometry"], to_points.inputs["Mesh"])
+    tree.links.new(gin.outputs["Point Radius"], to_points.inputs["Radius"])
+    tree.links.new(to_points.outputs["Points"], set_mat.inputs["Geometry"])
+    tree.links.new(set_mat.outputs["Geometry"], gout.inputs["Geometry"])
+    return tree
+
+
+def gaussians_node_group() -> bpy.types.NodeTree:
+    """Mesh vertices -> an ellipsoid instance per Gaussian: rotation from ``rotation``, scale from
+    ``scale`` times ``Sigma``; instances keep the point attributes for the material."""
+    tree = bpy.data.node_groups.get(GAUSSIANS_NODES)
+    if tree is not None:
+        return tree
+    tree = _new_tree(GAUSSIANS_NODES)
+    sigma = tree.interface.new_socket("Sigma", in_out="INPUT", socket_type="NodeSocketFloat")
+    sigma.default_value = SIGMA_DEFAULT
+    sigma.min_value = 0.0
+    n = tree.nodes
+    gin, gout = n.new("NodeGroupInput"), n.new("NodeGroupOutput")
+    to_points = n.new("GeometryNodeMeshToPoints")
+    sphere = n.new("GeometryNodeMeshIcoSphere")
+    sphere.inputs["Subdivisions"].default_value = ELLIPSOID_SUBDIVISIONS
+    sphere.inputs["Radius"].default_value = 1.0
+    set_mat = n.new("GeometryNodeSetMaterial")
+    set_mat.inputs["Material"].default_value = _material(GAUSSIANS_MATERIAL, use_instancer=True)
+    smooth = n.new("GeometryNodeSetShadeSmooth")
+    rot = n.new("GeometryNodeInputNamedAttribute")
+    rot.data_type = "QUATERNION"
+    rot.inputs["Name"].default_value = ATTR_ROTATION
+    scale = n.new("GeometryNodeInputNamedAttribute")
+    scale.data_type = "FLOAT_VECTOR"
+    scale.inputs["Name"].default_value = ATTR_SCALE
+    times = n.new("ShaderNodeVectorMath")
+    times.operation = "SCALE"
+    inst = n.new("GeometryNodeInstanceOnPoints")
+    links = tree.links
+    links.new(gin.outputs["Geometry"], to_points.inputs["Mesh"])
+    links.new(sphere.outputs["Mesh"], smooth.inputs["Geometry"])
+    links.new(smooth.outputs["Geometry"], set_mat.inputs["Geometry"])
+    links.new(to_points.outputs["Points"], inst.inputs["Points"])
+    links.new(set_mat.outputs["Geometry"], inst.inputs["Instance"])
+    links.new(rot.outputs["Attribute"], inst.inputs["Rotation"])
+    links.new(scale.outputs["Attribute"], times.inputs[0])
+    links.new(gin.outputs["Sigma"], times.inputs["Scale"])
+    links.new(times.outputs["Vector"], inst.inputs["Scale"])
+    links.new(inst.outputs["Instances"], gout.inputs["Geometry"])
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated frames and estimated cameras
+
+
+def write_frame_sequence(frames: dict[int, str], folder: str, frame_start: int, frame_end: int) -> str:
+    """Lay generated frames out as an image sequence numbered by Blender frame, filling the frames
+    between trajectory samples with the latest generated one, so scrubbing shows a frame everywhere.
+
+    Args:
+        frames: {Blender frame number: path of the generated PNG}.
+        folder: where the sequence goes (created).
+    Returns:
+        The path of the sequence's first file.
+    """
+    if not frames:
+        raise ReconLoopError("the job returned no generated frames")
+    os.makedirs(folder, exist_ok=True)
+    fill = scene_io.frame_fill(list(frames), frame_start, max(frame_end, max(frames)))
+    first = None
+    for f, src_frame in sorted(fill.items()):
+        dst = os.path.join(folder, FRAME_FILE.format(f))
+        src = frames[src_frame]
+        if os.path.abspath(src) != os.path.abspath(dst):
+            if os.path.exists(dst):
+                os.remove(dst)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+        first = first or dst
+    return first
+
+
+def set_background_sequence(camera_obj: bpy.types.Object, first_file: str, frame_start: int, frame_count: int):
+    """Show an image sequence (files numbered by Blender frame) as the camera's background."""
+    img = bpy.data.images.load(first_file, check_existing=False)
+    img.source = "SEQUENCE"
+    cam = camera_obj.data
+    for bg in list(cam.background_images):
+        if bg.image is not None and bg.image.get(OBJECT_KIND) == scene_io.KIND_FRAME:
+            cam.background_images.remove(bg)
+    img[OBJECT_KIND] = scene_io.KIND_FRAME
+    bg = cam.background_images.new()
+    bg.image = img
+    bg.frame_method = "STRETCH"
+    bg.alpha = 1.0
+    user = bg.image_user
+    user.frame_start = frame_start
+    user.frame_duration = frame_count
+    user.frame_offset = frame_start - 1  # file number = scene frame
+    user.use_auto_refresh = True
+    user.use_cyclic = False
+    cam.show_background_images = True
+    return bg
+
+
+def import_estimated_cameras(
+    cams: list, photos: dict[str, str], coll: bpy.types.Collection, scene: bpy.types.Scene
+) -> list[bpy.types.Object]:
+    """Blender cameras for cameras the service estimated, each with its photo as background.
+
+    Args:
+        cams: ``scene_io.EstimatedCamera`` list.
+        photos: {capture name: photo path on disk} (missing names get no background).
+    """
+    out = []
+    for i, est in enumerate(cams):
+        params = est.blender_params()
+        data = bpy.data.cameras.new(est.name)
+        obj = bpy.data.objects.new(est.name, data)
+        _link(obj, coll, scene_io.KIND_CAMERAS)
+        apply_camera_params(obj, scene, params, set_render=(i == 0))
+        path = photos.get(est.name)
+        if path and os.path.isfile(path):
+            bg = data.background_images.new()
+            bg.image = bpy.data.images.load(path, check_existing=True)
+            bg.frame_method = "STRETCH"
+            data.show_background_images = True
+        out.append(obj)
+    return out

@@ -1,0 +1,410 @@
+"""The service: one ROUTER socket, one Poller loop, one worker thread, one job store.
+
+The main thread owns the ROUTER (clients) and a PAIR (the worker, on ``inproc://``) and answers every
+request at once; the worker runs the jobs in submission order (see ``worker.py``). Every request and
+reply goes through ``protocol.codec``; a request that cannot be decoded gets an error reply with a
+stable code and the loop goes on.
+
+Example (a service on a random loopback port, in a thread)::
+
+    svc = Service(ServiceConfig(bind="tcp://127.0.0.1:*", data_dir=tmp, device="cpu"))
+    thread = svc.start_thread()          # returns once bound; svc.endpoint is the address
+    ...
+    svc.stop(); thread.join()
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import secrets
+import threading
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+import zmq
+
+from protocol import errors, limits
+from protocol.codec import decode, encode
+from protocol.errors import ProtocolError
+from protocol.schemas import OPS
+from protocol.version import PROTOCOL_VERSION, SUPPORTED_VERSIONS, choose_version
+
+from .. import __version__
+from .store import JobRecord, JobStore
+from .worker import Runner, Worker, default_runner
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+LOOPBACK_PEERS = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+POLL_MS = 100  # the loop wakes at least this often to notice stop()
+MAX_BATCH = 64  # requests handled per wake-up before the worker's messages get a turn
+STOP_WAIT_S = 10.0  # how long shutdown waits for a running job to reach a step boundary
+SNDHWM = 10000  # replies and events queued per client before the socket drops them
+
+
+def default_data_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("reconloop")) / "jobs"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """How to run the service.
+
+    Attributes:
+        bind: ZeroMQ endpoint of the ROUTER; ``tcp://127.0.0.1:*`` picks a free port.
+        data_dir: folder of the job store (default: the user cache dir, ``.../reconloop/jobs``).
+        device: what the runner gets: ``cpu``, ``cuda``, ``cuda:1``; ``auto`` picks cuda:0 when torch sees a GPU.
+    """
+
+    bind: str = DEFAULT_BIND
+    data_dir: Path | None = None
+    device: str = "auto"
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def device_info(device: str) -> dict[str, Any]:
+    """``{"device": ..., "gpu": {name, total_bytes, free_bytes}}`` (gpu only on a CUDA device)."""
+    out: dict[str, Any] = {"device": device}
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            index = torch.device(device).index or 0
+            free, total = torch.cuda.mem_get_info(index)
+            out["gpu"] = {"name": torch.cuda.get_device_name(index), "total_bytes": int(total), "free_bytes": int(free)}
+    return out
+
+
+def peer_address(frame: zmq.Frame) -> str | None:
+    """The TCP peer's IP address of a received frame, or None (other transports)."""
+    try:
+        return frame.get("Peer-Address")
+    except (zmq.ZMQError, KeyError, TypeError):
+        return None
+
+
+class Service:
+    """The ReconLoop service. Create, then ``serve_forever()`` (blocks) or ``start_thread()``."""
+
+    def __init__(self, config: ServiceConfig = ServiceConfig(), *, runner: Runner | None = None, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self.runner = runner or default_runner
+        self.context = context or zmq.Context.instance()
+        self.data_dir = Path(config.data_dir) if config.data_dir is not None else default_data_dir()
+        self.endpoint: str | None = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self.device = config.device
+        self.store: JobStore | None = None
+        self.handlers: dict[str, Callable[[dict[str, Any], _Request], dict[str, Any]]] = {
+            "hello": self._hello,
+            "submit": self._submit,
+            "status": self._status,
+            "cancel": self._cancel,
+            "jobs": self._jobs,
+            "fetch": self._fetch,
+            "shutdown": self._shutdown,
+        }
+
+    # -- running ------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to end (any thread). A running job becomes interrupted."""
+        self._stop.set()
+
+    def start_thread(self, timeout_s: float = 30.0) -> threading.Thread:
+        """Run ``serve_forever`` in a thread; return once bound (``self.endpoint`` set)."""
+        thread = threading.Thread(target=self.serve_forever, name="reconloop-service", daemon=True)
+        thread.start()
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError(f"service did not start within {timeout_s} s")
+        if self._startup_error is not None:
+            raise self._startup_error
+        return thread
+
+    def serve_forever(self) -> None:
+        """Bind, recover the store, run the loop until ``stop()`` or a ``shutdown`` request."""
+        try:
+            self.device = resolve_device(self.config.device)
+            self.store = JobStore(self.data_dir)
+            self._lock = _lock_dir(self.store.root)
+            self.queue: deque[str] = deque(r.job for r in self.store.load())
+            self.router = self.context.socket(zmq.ROUTER)
+            self.router.setsockopt(zmq.LINGER, 0)
+            self.router.setsockopt(zmq.MAXMSGSIZE, limits.MAX_FRAME_BYTES)
+            self.router.setsockopt(zmq.SNDHWM, SNDHWM)
+            self.router.bind(self.config.bind)
+            self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+            worker_endpoint = f"inproc://reconloop-worker-{secrets.token_hex(8)}"
+            self.pair = self.context.socket(zmq.PAIR)
+            self.pair.setsockopt(zmq.LINGER, 0)
+            self.pair.bind(worker_endpoint)
+            self.worker = Worker(self.context, worker_endpoint, self.runner, self.device)
+            self.worker.start()
+        except BaseException as err:
+            self._startup_error = err
+            self._ready.set()
+            raise
+        self.running: str | None = None
+        self.watchers: dict[str, dict[bytes, list[bytes]]] = {}
+        log.info("reconloop service on %s, data in %s, device %s", self.endpoint, self.data_dir, self.device)
+        self._ready.set()
+        try:
+            self._loop()
+        finally:
+            self._close()
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.pair, zmq.POLLIN)
+        while not self._stop.is_set():
+            self._dispatch()
+            ready = dict(poller.poll(POLL_MS))
+            if self.pair in ready:
+                while self.pair.poll(0):
+                    self._on_worker(msgpack.unpackb(self.pair.recv()))
+            if self.router in ready:
+                for _ in range(MAX_BATCH):
+                    if not self.router.poll(0):
+                        break
+                    self._on_request(self.router.recv_multipart(copy=False))
+
+    def _close(self) -> None:
+        if self.running is not None:
+            self.pair.send(msgpack.packb({"cmd": "stop"}))
+            self.worker.join(STOP_WAIT_S)
+            while self.pair.poll(0):
+                self._on_worker(msgpack.unpackb(self.pair.recv()))
+            record = self.store.jobs.get(self.running) if self.running else None
+            if record is not None and not record.is_terminal:
+                self._event(record, "interrupted", record.stage, record.fraction, "the service stopped during this job; submit it again to rerun")
+        else:
+            self.pair.send(msgpack.packb({"cmd": "stop"}))
+            self.worker.join(STOP_WAIT_S)
+        self.router.close(linger=0)
+        self.pair.close(linger=0)
+        self._lock.close()
+        log.info("reconloop service stopped")
+
+    # -- jobs and the worker -------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        if self.running is not None or not self.queue:
+            return
+        job = self.queue.popleft()
+        record = self.store.jobs[job]
+        self.running = job
+        self.pair.send(msgpack.packb({"cmd": "run", "job": job, "dir": str(record.dir)}))
+
+    def _on_worker(self, msg: dict[str, Any]) -> None:
+        record = self.store.jobs.get(msg["job"])
+        if record is None:
+            return
+        kind = msg["kind"]
+        if kind == "started":
+            self._event(record, "running", "starting", 0.0, "started")
+        elif kind == "progress":
+            self._event(record, "running", msg["stage"], msg["fraction"], msg["message"], msg["artifacts"])
+        elif kind == "finished":
+            fraction = 1.0 if msg["state"] == "done" else record.fraction
+            stage = "done" if msg["state"] == "done" else record.stage
+            self._event(record, msg["state"], stage, fraction, msg["message"], msg["artifacts"])
+            if self.running == record.job:
+                self.running = None
+
+    def _event(self, record: JobRecord, state: str, stage: str, fraction: float, message: str, artifacts: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
+        event = self.store.append(record, state, stage, fraction, message, artifacts)
+        watchers = self.watchers.get(record.job, {})
+        if watchers:
+            frames = encode({"v": PROTOCOL_VERSION, "op": "event", "ok": True, "job": record.job, **event}, "reply")
+            for envelope in watchers.values():
+                self.router.send_multipart(envelope + frames, copy=False)
+        if record.is_terminal:
+            self.watchers.pop(record.job, None)
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def _on_request(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            return  # an identity with nothing after it: nothing to answer
+        envelope = [frames[0].bytes]
+        body = frames[1:]
+        if len(body) > 1 and len(body[0]) == 0:  # a REQ client's empty delimiter frame: echo it
+            envelope.append(b"")
+            body = body[1:]
+        req = _Request(envelope=envelope, frames=body, peer=peer_address(body[0]))
+        op, rid = None, None
+        try:
+            msg = decode(body, "request")
+            op, rid = msg["op"], msg["id"]
+            fields = self.handlers[op](msg, req)
+            reply = {"v": PROTOCOL_VERSION, "op": op, "id": rid, "ok": True, **fields}
+            out = encode(reply, "reply")
+        except ProtocolError as err:
+            op = op or err.op
+            rid = rid if rid is not None else err.request_id
+            out = self._error_frames(op, rid, err)
+        except Exception as err:  # a bug: answer, log, go on
+            log.error("request %s %r failed:\n%s", op, rid, traceback.format_exc())
+            out = self._error_frames(op, rid, ProtocolError(errors.INTERNAL, f"{op}: {type(err).__name__}: {err}"))
+        self.router.send_multipart(envelope + out, copy=False)
+        for frames_after in req.after:
+            self.router.send_multipart(envelope + frames_after, copy=False)
+        if req.stop_after:
+            self._stop.set()
+
+    @staticmethod
+    def _error_frames(op: str | None, rid: Any, err: ProtocolError) -> list[Any]:
+        op = op if op in OPS else None
+        reply = {"v": PROTOCOL_VERSION, "op": op, "id": rid, "ok": False, "error": err.to_wire()}
+        try:
+            return encode(reply, "reply")
+        except ProtocolError:  # the id or text itself is unfit to echo
+            reply.update(id=None, error={"code": err.code, "message": err.message[: limits.MAX_STR_BYTES]})
+            return encode(reply, "reply")
+
+    def _record(self, msg: dict[str, Any]) -> JobRecord:
+        record = self.store.jobs.get(msg["job"])
+        if record is None:
+            raise ProtocolError(errors.NOT_FOUND, f"{msg['op']}: no job {msg['job']!r}", field="job")
+        return record
+
+    def _hello(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
+        version = choose_version(msg["versions"])
+        if version is None:
+            raise ProtocolError(
+                errors.UNSUPPORTED_VERSION,
+                f"hello: no common version; client speaks {msg['versions']}, server speaks {list(SUPPORTED_VERSIONS)}",
+                field="versions",
+            )
+        from ..generators import available_generators
+
+        return {
+            "version": version,
+            "versions": list(SUPPORTED_VERSIONS),
+            "server": f"reconloop {__version__}",
+            "generators": available_generators(),
+            **device_info(self.device),
+            "limits": limits.as_dict(),
+        }
+
+    def _submit(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
+        key = msg.get("key")
+        if key and key in self.store.keys:
+            record = self.store.jobs[self.store.keys[key]]
+            return {"job": record.job, "state": record.state}
+        record = self.store.create(req.frames, msg)
+        self.queue.append(record.job)
+        log.info("job %s queued (%d captures)", record.job, len(msg["scene"]["captures"]))
+        return {"job": record.job, "state": record.state}
+
+    def _status(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
+        record = self._record(msg)
+        if msg.get("watch") and not record.is_terminal:
+            self.watchers.setdefault(record.job, {})[req.envelope[0]] = req.envelope
+        since = msg.get("since")
+        if since is not None:
+            for event in record.events[since:]:
+                req.after.append(encode({"v": PROTOCOL_VERSION, "op": "event", "ok": True, "job": record.job, **event}, "reply"))
+        return {
+            **record.summary(),
+            "seq": record.seq,
+            "artifacts": sorted(record.artifacts.values(), key=lambda e: e["name"]),
+        }
+
+    def _cancel(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
+        record = self._record(msg)
+        if record.state == "queued":
+            self.queue.remove(record.job)
+            self._event(record, "cancelled", record.stage, record.fraction, "cancelled by a client before it started")
+        elif record.job == self.running:
+            self.pair.send(msgpack.packb({"cmd": "cancel", "job": record.job}))
+        return {"job": record.job, "state": record.state}
+
+    def _jobs(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
+        return {"jobs": [r.summary() for r in self.store.listed()]}
+
+    def _fetch(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
+        record = self._record(msg)
+        name = msg["name"]
+        path = self.store.artifact_path(record, name)
+        entry = record.artifacts[name]
+        total = entry["size"]
+        offset = msg.get("offset") or 0
+        length = msg.get("length") or limits.FETCH_CHUNK_BYTES
+        if offset > total:
+            raise ProtocolError(errors.BAD_FIELD, f"fetch: offset must be at most the size {total}; got {offset}", field="offset")
+        n = min(length, total - offset)
+        data = _read_chunk(path, offset, n, total)
+        return {"job": record.job, "name": name, "offset": offset, "data": data, "total": total, "sha256": entry["sha256"]}
+
+    def _shutdown(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
+        if req.peer not in LOOPBACK_PEERS:
+            raise ProtocolError(errors.FORBIDDEN, f"shutdown: only loopback peers may stop the service; this peer is {req.peer or 'not on TCP'}")
+        req.stop_after = True
+        return {}
+
+
+@dataclass
+class _Request:
+    envelope: list[bytes]
+    frames: list[zmq.Frame]
+    peer: str | None
+    after: list[list[Any]] = None  # type: ignore[assignment]
+    stop_after: bool = False
+
+    def __post_init__(self) -> None:
+        self.after = []
+
+
+def _read_chunk(path: Path, offset: int, n: int, total: int) -> Any:
+    """``n`` bytes of ``path`` from ``offset`` as a uint8 array over a memory map (sent without copying)."""
+    import numpy as np
+
+    if n == 0:
+        return np.zeros(0, dtype=np.uint8)
+    with open(path, "rb") as f:
+        if f.seek(0, 2) != total:
+            raise ProtocolError(errors.INTERNAL, f"fetch: {path.name} changed size since it was recorded")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return np.frombuffer(mm, dtype=np.uint8, count=n, offset=offset)
+
+
+class _DirLock:
+    def __init__(self, f: Any) -> None:
+        self.f = f
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _lock_dir(folder: Path) -> _DirLock:
+    """Hold an exclusive lock on ``folder/.lock`` so that two services never share a job store."""
+    f = open(folder / ".lock", "a+")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        return _DirLock(f)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise RuntimeError(f"the job store {folder} is in use by another reconloop service") from None
+    return _DirLock(f)

@@ -1,0 +1,410 @@
+"""The job store: one directory per job under the data dir, surviving restarts.
+
+Layout of ``<data_dir>/<job>/`` (``job`` = 32 hex characters from ``secrets.token_hex``)::
+
+    meta.json        {"job", "created", "key", "format"}; written once, atomically
+    request.msgpack  the submit request as received: a msgpack array of its frames (bin each)
+    journal.jsonl    one JSON event per line: {"seq", "time", "state", "stage", "fraction",
+                     "message", "artifacts": [{"name", "size", "sha256"}]}; append-only
+    scene/           scene.json + images/ (what backend.scene.load_scene reads)
+    artifacts/       the runner's output folder; what clients fetch
+    manifest.json    {"format": 1, "artifacts": [{"name", "size", "sha256"}]}; rewritten atomically
+
+A job directory appears complete or not at all: submit builds it under ``.tmp-<job>`` and renames it.
+Only the service's main thread writes ``journal.jsonl``; only the worker writes ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+
+from protocol import errors, limits
+from protocol.errors import ProtocolError
+from protocol.images import encoded_image_size, image_bytes
+from protocol.schemas import TERMINAL_STATES
+
+from ..fileio import sha256_file, write_atomic
+from ..scene import SCENE_FILE, Scene, SceneError, load_scene
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = 1
+JOB_ID_BYTES = 16  # 32 hex characters, 128 bits: unguessable
+META_FILE = "meta.json"
+REQUEST_FILE = "request.msgpack"
+JOURNAL_FILE = "journal.jsonl"
+MANIFEST_FILE = "manifest.json"
+SCENE_DIR = "scene"
+ARTIFACTS_DIR = "artifacts"
+IMAGES_DIR = "images"
+TMP_PREFIX = ".tmp-"
+PNG_FAST_COMPRESSION = 1  # raw pixels from the wire become PNGs; speed over size
+INTERRUPTED_REASON = "the service stopped while this job was running; submit it again to rerun"
+WINDOWS_RESERVED = frozenset('<>:"|?*\\')
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(JOB_ID_BYTES)
+
+
+def is_job_id(value: str) -> bool:
+    return len(value) == 2 * JOB_ID_BYTES and all(c in "0123456789abcdef" for c in value)
+
+
+def check_artifact_name(name: str) -> str:
+    """Return ``name`` if it is a safe relative '/'-separated path, else raise ValueError.
+
+    Refused: empty, absolute, ``..`` or ``.`` parts, empty parts, backslashes and other characters
+    Windows forbids, control characters, more than MAX_NAME_CHARS characters.
+    """
+    if not isinstance(name, str) or not name or len(name) > limits.MAX_NAME_CHARS:
+        raise ValueError(f"artifact name must be 1..{limits.MAX_NAME_CHARS} characters; got {name!r}")
+    if name.startswith("/") or any(ord(c) < 32 or c in WINDOWS_RESERVED for c in name):
+        raise ValueError(f"artifact name must be a relative '/'-separated path without control or <>:\"|?*\\ characters; got {name!r}")
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"artifact name must not hold empty, '.' or '..' parts; got {name!r}")
+    return name
+
+
+def resolve_inside(root: Path, name: str) -> Path:
+    """``root/name`` as a regular file inside ``root`` (no symlink anywhere on the way), or ValueError."""
+    check_artifact_name(name)
+    root = root.resolve()
+    path = root.joinpath(*PurePosixPath(name).parts)
+    probe = root
+    for part in PurePosixPath(name).parts:
+        probe = probe / part
+        if probe.is_symlink():
+            raise ValueError(f"artifact {name!r}: {probe.relative_to(root)} is a symlink")
+    if not path.resolve().is_relative_to(root):
+        raise ValueError(f"artifact {name!r} lies outside the job's folder")
+    if not path.is_file():
+        raise ValueError(f"artifact {name!r} is not a regular file")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Scenes on the wire <-> scene folders
+
+
+def _camera_json(cam: dict[str, Any]) -> dict[str, Any]:
+    out = {
+        "w2c": np.asarray(cam["w2c"], dtype=np.float64).tolist(),
+        "K": np.asarray(cam["K"], dtype=np.float64).tolist(),
+        "width": cam["width"],
+        "height": cam["height"],
+    }
+    if cam.get("distortion") is not None:
+        out["distortion"] = cam["distortion"]
+    return out
+
+
+def _write_image(image: bytes | np.ndarray, path_stem: Path) -> Path:
+    """Write an image field as a PNG/JPEG file; returns the path (suffix from the format)."""
+    if isinstance(image, np.ndarray) and image.ndim == 3:
+        from PIL import Image
+
+        path = path_stem.with_suffix(".png")
+        mode = "RGB" if image.shape[2] == 3 else "RGBA"
+        Image.fromarray(np.ascontiguousarray(image), mode).save(path, compress_level=PNG_FAST_COMPRESSION)
+        return path
+    data = image_bytes(image)
+    fmt, _w, _h = encoded_image_size(data)
+    path = path_stem.with_suffix(".png" if fmt == "png" else ".jpg")
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def write_scene_message(scene: dict[str, Any], folder: Path) -> Scene:
+    """Write a submit request's ``scene`` (validated by the codec) as a scene folder and load it.
+
+    Image files are named by position (``images/c0003.png``), never by the client's names.
+    Raises ProtocolError ``bad_field`` naming the field (``scene.captures[3].camera.K: ...``).
+    """
+    images = folder / IMAGES_DIR
+    images.mkdir(parents=True, exist_ok=True)
+
+    def captures(items: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+        out = []
+        for i, c in enumerate(items):
+            path = _write_image(c["image"], images / f"{prefix}{i:04d}")
+            entry: dict[str, Any] = {"name": c["name"], "image": f"{IMAGES_DIR}/{path.name}"}
+            if c.get("camera") is not None:
+                entry["camera"] = _camera_json(c["camera"])
+            out.append(entry)
+        return out
+
+    data: dict[str, Any] = {"version": 1, "captures": captures(scene["captures"], "c")}
+    if scene.get("trajectory"):
+        data["trajectory"] = [{"frame": t["frame"], "camera": _camera_json(t["camera"])} for t in scene["trajectory"]]
+    if scene.get("heldout"):
+        data["heldout"] = captures(scene["heldout"], "h")
+    if scene.get("settings") is not None:
+        data["settings"] = scene["settings"]
+    write_atomic(folder / SCENE_FILE, json.dumps(data, indent=1).encode())
+    try:
+        return load_scene(folder)
+    except SceneError as err:
+        text = str(err)
+        where = text.split(":", 1)[0]
+        raise ProtocolError(errors.BAD_FIELD, f"submit: scene.{text}", field=f"scene.{where}") from None
+
+
+def scene_message(scene: Scene) -> dict[str, Any]:
+    """A loaded scene as the ``scene`` field of a submit request: files as uint8 arrays (frames)."""
+
+    def camera(cam: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"w2c": cam.w2c, "K": cam.K, "width": cam.width, "height": cam.height}
+        if cam.distortion is not None:
+            out["distortion"] = {"model": cam.distortion.model, "params": list(cam.distortion.params)}
+        return out
+
+    def capture(c: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": c.name, "image": np.fromfile(c.image, dtype=np.uint8)}
+        if c.camera is not None:
+            out["camera"] = camera(c.camera)
+        return out
+
+    msg: dict[str, Any] = {"captures": [capture(c) for c in scene.captures], "settings": scene.settings.to_json()}
+    if scene.trajectory:
+        msg["trajectory"] = [{"frame": t.frame, "camera": camera(t.camera)} for t in scene.trajectory]
+    if scene.heldout:
+        msg["heldout"] = [capture(c) for c in scene.heldout]
+    return msg
+
+
+# ----------------------------------------------------------------------------------------------
+# Jobs
+
+
+@dataclass
+class JobRecord:
+    """What the main thread knows of one job (rebuilt from the journal after a restart)."""
+
+    job: str
+    dir: Path
+    created: float
+    key: str | None = None
+    state: str = "queued"
+    stage: str = "queued"
+    fraction: float = 0.0
+    message: str = ""
+    updated: float = 0.0
+    events: list[dict[str, Any]] = field(default_factory=list)
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @property
+    def seq(self) -> int:
+        return len(self.events)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "state": self.state,
+            "stage": self.stage,
+            "fraction": self.fraction,
+            "message": self.message,
+            "created": self.created,
+            "updated": self.updated,
+        }
+
+
+def read_manifest(job_dir: Path) -> dict[str, dict[str, Any]]:
+    """name -> {name, size, sha256} from ``manifest.json``; entries whose file is gone are dropped."""
+    path = job_dir / MANIFEST_FILE
+    if not path.is_file():
+        return {}
+    entries = json.loads(path.read_text()).get("artifacts", [])
+    out = {}
+    for e in entries:
+        try:
+            p = resolve_inside(job_dir / ARTIFACTS_DIR, e["name"])
+        except ValueError as err:
+            log.warning("job %s: manifest entry dropped: %s", job_dir.name, err)
+            continue
+        if p.stat().st_size != e["size"]:
+            log.warning("job %s: %s has %d bytes, manifest says %d; dropped", job_dir.name, e["name"], p.stat().st_size, e["size"])
+            continue
+        out[e["name"]] = {"name": e["name"], "size": int(e["size"]), "sha256": e["sha256"]}
+    return out
+
+
+class Manifest:
+    """The worker's view of a job's finished files; each change rewrites manifest.json atomically."""
+
+    def __init__(self, job_dir: Path) -> None:
+        self.job_dir = job_dir
+        self.out_dir = job_dir / ARTIFACTS_DIR
+        self.entries = read_manifest(job_dir)
+
+    def add(self, names: Sequence[str]) -> list[dict[str, Any]]:
+        """Hash and record the named files of the output folder; returns their new entries."""
+        new = []
+        for name in names:
+            path = resolve_inside(self.out_dir, name)
+            entry = {"name": name, "size": path.stat().st_size, "sha256": sha256_file(path)}
+            if self.entries.get(name) != entry:
+                self.entries[name] = entry
+                new.append(entry)
+        if new:
+            body = {"format": STORE_FORMAT, "artifacts": sorted(self.entries.values(), key=lambda e: e["name"])}
+            write_atomic(self.job_dir / MANIFEST_FILE, json.dumps(body, indent=1).encode())
+        return new
+
+    def unlisted(self) -> list[str]:
+        """Regular files under the output folder not yet in the manifest (symlinks skipped)."""
+        names = []
+        for path in sorted(self.out_dir.rglob("*")):
+            if path.is_symlink() or not path.is_file() or path.name.startswith("."):
+                continue
+            name = path.relative_to(self.out_dir).as_posix()
+            try:
+                check_artifact_name(name)
+            except ValueError as err:
+                log.warning("job %s: output file not listed: %s", self.job_dir.name, err)
+                continue
+            if name not in self.entries:
+                names.append(name)
+        return names
+
+
+class JobStore:
+    """Job directories under ``root``. Used by the service's main thread only (the worker uses Manifest)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.jobs: dict[str, JobRecord] = {}
+        self.keys: dict[str, str] = {}
+
+    # -- creation ---------------------------------------------------------------------------------
+
+    def create(self, frames: Sequence[Any], msg: dict[str, Any]) -> JobRecord:
+        """Build a job directory from a validated submit request; raises ProtocolError for a bad scene."""
+        job = new_job_id()
+        tmp = self.root / f"{TMP_PREFIX}{job}"
+        try:
+            tmp.mkdir()
+            with open(tmp / REQUEST_FILE, "wb") as f:
+                f.write(msgpack.packb([memoryview(fr) for fr in frames], use_bin_type=True))
+            write_scene_message(msg["scene"], tmp / SCENE_DIR)
+            (tmp / ARTIFACTS_DIR).mkdir()
+            created = time.time()
+            meta = {"format": STORE_FORMAT, "job": job, "created": created, "key": msg.get("key")}
+            write_atomic(tmp / META_FILE, json.dumps(meta).encode())
+            record = JobRecord(job=job, dir=self.root / job, created=created, key=msg.get("key"), updated=created)
+            event = self._event(record, "queued", "queued", 0.0, "waiting for the worker", [])
+            with open(tmp / JOURNAL_FILE, "a") as f:
+                f.write(json.dumps(event) + "\n")
+            os.replace(tmp, record.dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._apply(record, event)
+        self.jobs[job] = record
+        if record.key:
+            self.keys[record.key] = job
+        return record
+
+    # -- events -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _event(record: JobRecord, state: str, stage: str, fraction: float, message: str, artifacts: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "seq": record.seq + 1,
+            "time": time.time(),
+            "state": state,
+            "stage": stage,
+            "fraction": fraction,
+            "message": message,
+            "artifacts": artifacts,
+        }
+
+    @staticmethod
+    def _apply(record: JobRecord, event: dict[str, Any]) -> None:
+        record.events.append(event)
+        record.state, record.stage = event["state"], event["stage"]
+        record.fraction, record.message, record.updated = event["fraction"], event["message"], event["time"]
+        for a in event["artifacts"]:
+            record.artifacts[a["name"]] = a
+
+    def append(self, record: JobRecord, state: str, stage: str, fraction: float, message: str, artifacts: list[dict[str, Any]] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+        """Record a new event in memory and in the journal (fsync on state changes); return it."""
+        event = self._event(record, state, stage, fraction, message, list(artifacts))
+        is_transition = state != record.state
+        with open(record.dir / JOURNAL_FILE, "a") as f:
+            f.write(json.dumps(event) + "\n")
+            if is_transition:
+                f.flush()
+                os.fsync(f.fileno())
+        self._apply(record, event)
+        return event
+
+    # -- restart --------------------------------------------------------------------------------------
+
+    def load(self) -> list[JobRecord]:
+        """Read every job directory; running jobs become interrupted. Returns the jobs still queued, in order."""
+        for tmp in self.root.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(tmp, ignore_errors=True)  # a submit cut short: never acknowledged
+        for job_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and is_job_id(p.name)):
+            try:
+                record = self._load_one(job_dir)
+            except (OSError, ValueError, KeyError) as err:
+                log.warning("job %s: cannot be read, skipped: %s", job_dir.name, err)
+                continue
+            self.jobs[record.job] = record
+            if record.key:
+                self.keys[record.key] = record.job
+        for record in self.jobs.values():
+            if record.state == "running":
+                self.append(record, "interrupted", record.stage, record.fraction, INTERRUPTED_REASON)
+        queued = [r for r in self.jobs.values() if r.state == "queued"]
+        return sorted(queued, key=lambda r: r.created)
+
+    def _load_one(self, job_dir: Path) -> JobRecord:
+        meta = json.loads((job_dir / META_FILE).read_text())
+        record = JobRecord(job=job_dir.name, dir=job_dir, created=float(meta["created"]), key=meta.get("key"))
+        with open(job_dir / JOURNAL_FILE) as f:
+            for n, line in enumerate(f):
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    log.warning("job %s: journal line %d unreadable (cut by a crash?); ignored", job_dir.name, n + 1)
+                    continue
+                self._apply(record, event)
+        if not record.events:
+            raise ValueError("empty journal")
+        record.artifacts = read_manifest(job_dir)  # the manifest, not the journal, is the truth about files
+        return record
+
+    def listed(self) -> list[JobRecord]:
+        """Jobs oldest first, at most MAX_JOBS_LISTED (the newest)."""
+        jobs = sorted(self.jobs.values(), key=lambda r: r.created)
+        return jobs[-limits.MAX_JOBS_LISTED :]
+
+    def artifact_path(self, record: JobRecord, name: str) -> Path:
+        """The file of a listed artifact; ProtocolError not_found otherwise."""
+        if name not in record.artifacts:
+            known = ", ".join(sorted(record.artifacts)[:20]) or "none yet"
+            raise ProtocolError(errors.NOT_FOUND, f"fetch: job {record.job} has no artifact {name!r}; it has: {known}", field="name")
+        try:
+            return resolve_inside(record.dir / ARTIFACTS_DIR, name)
+        except ValueError as err:
+            raise ProtocolError(errors.NOT_FOUND, f"fetch: {err}", field="name") from None

@@ -1,0 +1,324 @@
+"""A small synchronous client for the ReconLoop service (used by the Blender add-on and the CLI).
+
+It imports only zmq, msgpack, numpy and this package. One DEALER socket, owned by the thread that
+made the client. Every receive is a poll with a timeout; when the server does not answer, the client
+follows the ZeroMQ guide's Lazy Pirate: ``LINGER`` 0, close, reopen, resend, give up after a bounded
+number of tries. After a reconnect it re-subscribes to the jobs it watches and replays the events it
+missed (``status`` with ``since``), dropping duplicates by ``seq``.
+
+Example::
+
+    with Client("tcp://127.0.0.1:5555") as c:
+        c.hello()
+        job = c.submit(scene)                     # scene: the submit request's "scene" map
+        c.watch(job)
+        for event in c.events(job):               # ends after the job's last event
+            print(event["stage"], event["fraction"])
+        c.fetch_to(job, "points.ply", "out/points.ply")
+
+In Blender, call ``poll_events(0)`` from a timer instead of iterating ``events``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import zmq
+
+from . import errors, limits
+from .codec import decode, encode
+from .errors import ProtocolError
+from .schemas import TERMINAL_STATES
+from .version import PROTOCOL_VERSION, SUPPORTED_VERSIONS
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+DEFAULT_TIMEOUT_MS = 10_000  # per try; a submit of large images needs the server to write them
+DEFAULT_RETRIES = 2  # tries after the first
+FETCH_WINDOW = 4  # fetch requests in flight at once
+IDEMPOTENT_KEY_BYTES = 16
+
+
+class Client:
+    """Requests, pushed events and chunked downloads over one DEALER socket.
+
+    Args:
+        endpoint: the service's ZeroMQ address.
+        timeout_ms: how long one try of a request waits for its reply.
+        retries: how many times a request is resent (on a fresh socket) before TimeoutError.
+        context: a zmq.Context to make sockets from (default: the process-wide one).
+        name: told to the server in hello, for its logs.
+    """
+
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        *,
+        timeout_ms: int = DEFAULT_TIMEOUT_MS,
+        retries: int = DEFAULT_RETRIES,
+        context: zmq.Context | None = None,
+        name: str = "reconloop-client",
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout_ms = timeout_ms
+        self.retries = retries
+        self.name = name
+        self.context = context or zmq.Context.instance()
+        self.server: dict[str, Any] | None = None  # the hello reply
+        self.reconnects = 0
+        self._next_id = 1
+        self._events: deque[dict[str, Any]] = deque()
+        self._seen: dict[str, int] = {}  # job -> highest event seq received
+        self._watched: set[str] = set()
+        self._background: set[int] = set()  # ids of re-subscriptions whose replies are not awaited
+        self._resubscribe = False
+        self._sock: zmq.Socket | None = None
+        self._open()
+
+    # -- socket ------------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, limits.MAX_FRAME_BYTES + limits.MAX_HEADER_BYTES)
+        sock.connect(self.endpoint)
+        self._sock = sock
+
+    def _reopen(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._open()
+        self.reconnects += 1
+        self._resubscribe = bool(self._watched)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _send(self, op: str, fields: dict[str, Any]) -> int:
+        if self._sock is None:
+            raise RuntimeError("the client is closed")
+        if self._resubscribe:
+            self._resubscribe = False
+            for job in sorted(self._watched):
+                self._background.add(self._send("status", {"job": job, "watch": True, "since": self._seen.get(job, 0)}))
+        rid = self._next_id
+        self._next_id += 1
+        frames = encode({"v": PROTOCOL_VERSION, "op": op, "id": rid, **fields}, "request")
+        self._sock.send_multipart(frames, copy=False)
+        return rid
+
+    def _recv(self, timeout_ms: float) -> dict[str, Any] | None:
+        """One decoded reply or event, or None when none came in ``timeout_ms``. Events are queued."""
+        if self._sock is None or not self._sock.poll(max(0, int(timeout_ms))):
+            return None
+        msg = decode(self._sock.recv_multipart(copy=False), "reply")
+        if msg["op"] == "event":
+            job, seq = msg["job"], msg["seq"]
+            if seq > self._seen.get(job, 0):
+                self._seen[job] = seq
+                self._events.append(msg)
+                if msg["state"] in TERMINAL_STATES:
+                    self._watched.discard(job)
+            return None if timeout_ms == 0 else msg
+        if msg.get("id") in self._background:
+            self._background.discard(msg["id"])
+            return msg
+        return msg
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def request(self, op: str, *, timeout_ms: int | None = None, retries: int | None = None, **fields: Any) -> dict[str, Any]:
+        """Send one request and return its reply (a dict with the op's reply fields).
+
+        Raises ProtocolError for an error reply, TimeoutError when no reply came after all tries.
+        A submit gets an idempotency ``key`` if it has none, so that a resent submit is not doubled.
+        """
+        if op == "submit" and not fields.get("key"):
+            fields["key"] = secrets.token_hex(IDEMPOTENT_KEY_BYTES)
+        timeout_ms = self.timeout_ms if timeout_ms is None else timeout_ms
+        retries = self.retries if retries is None else retries
+        for _attempt in range(retries + 1):
+            rid = self._send(op, fields)
+            deadline = time.monotonic() + timeout_ms / 1000
+            while (remaining_ms := (deadline - time.monotonic()) * 1000) > 0:
+                msg = self._recv(remaining_ms)
+                if msg is None:
+                    break
+                if msg.get("op") == "event" or msg.get("id") != rid:
+                    continue  # events are queued; stale replies of earlier tries are dropped
+                if not msg["ok"]:
+                    raise ProtocolError.from_wire(msg["error"])
+                return msg
+            self._reopen()
+        raise TimeoutError(f"{op}: no reply from {self.endpoint} after {retries + 1} tries of {timeout_ms} ms")
+
+    def hello(self) -> dict[str, Any]:
+        """Negotiate the version and learn the server's generators, device and limits."""
+        self.server = self.request("hello", versions=list(SUPPORTED_VERSIONS), client=self.name)
+        return self.server
+
+    def submit(self, scene: dict[str, Any], *, key: str | None = None) -> str:
+        """Queue a job; returns its id. ``scene``: captures, trajectory, heldout, settings (README)."""
+        return self.request("submit", scene=scene, key=key or secrets.token_hex(IDEMPOTENT_KEY_BYTES))["job"]
+
+    def status(self, job: str) -> dict[str, Any]:
+        return self.request("status", job=job)
+
+    def cancel(self, job: str) -> dict[str, Any]:
+        return self.request("cancel", job=job)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return self.request("jobs")["jobs"]
+
+    def shutdown(self) -> None:
+        self.request("shutdown", retries=0)
+
+    # -- events ----------------------------------------------------------------------------------------
+
+    def watch(self, job: str, *, since: int | None = None) -> dict[str, Any]:
+        """Subscribe to a job's events; events after ``since`` (default: the last seen) are replayed."""
+        since = self._seen.get(job, 0) if since is None else since
+        reply = self.request("status", job=job, watch=True, since=since)
+        if reply["state"] not in TERMINAL_STATES:
+            self._watched.add(job)
+        return reply
+
+    def poll_events(self, timeout_ms: int = 0) -> list[dict[str, Any]]:
+        """Events received so far, waiting at most ``timeout_ms`` for the first (0: never blocks)."""
+        if not self._events:
+            first = self._recv(timeout_ms) if timeout_ms > 0 else None
+            del first  # queued by _recv when it was an event
+        while self._sock is not None and self._sock.poll(0):
+            self._recv(0)
+        out = list(self._events)
+        self._events.clear()
+        return out
+
+    def events(self, job: str, *, idle_ms: int | None = None) -> Iterator[dict[str, Any]]:
+        """Yield the job's events until its final one. Call ``watch(job)`` first.
+
+        When no event comes for ``idle_ms`` (default: the request timeout), the client asks for the
+        job's status, which also finds a lost server (Lazy Pirate) and replays missed events.
+        """
+        idle_ms = self.timeout_ms if idle_ms is None else idle_ms
+        others: list[dict[str, Any]] = []
+        try:
+            while True:
+                got = self.poll_events(idle_ms)
+                if not got:
+                    status = self.request("status", job=job, watch=True, since=self._seen.get(job, 0))
+                    if status["state"] in TERMINAL_STATES and status["seq"] <= self._seen.get(job, 0):
+                        return
+                    continue
+                for event in got:
+                    if event["job"] != job:
+                        others.append(event)
+                        continue
+                    yield event
+                    if event["state"] in TERMINAL_STATES:
+                        return
+        finally:
+            self._events.extendleft(reversed(others))
+
+    # -- fetch -------------------------------------------------------------------------------------------
+
+    def fetch_chunks(
+        self,
+        job: str,
+        name: str,
+        sink: Callable[[int, np.ndarray], None],
+        *,
+        chunk_bytes: int = limits.FETCH_CHUNK_BYTES,
+        window: int = FETCH_WINDOW,
+        on_total: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Download an artifact in order, ``window`` chunk requests in flight; check its sha256.
+
+        ``sink(offset, data)`` gets each chunk in file order (data: read-only uint8 [n], valid only
+        during the call). Returns ``{"size", "sha256"}``. Raises ValueError on a sha256 mismatch.
+        """
+        first = self.request("fetch", job=job, name=name, offset=0, length=chunk_bytes)
+        total, want_sha = first["total"], first["sha256"]
+        if on_total is not None:
+            on_total(total)
+        h = hashlib.sha256()
+        h.update(first["data"])
+        sink(0, first["data"])
+        done = len(first["data"])
+        next_offset = done
+        inflight: dict[int, int] = {}  # request id -> offset
+        buffered: dict[int, np.ndarray] = {}
+        tries = 0
+        while done < total:
+            while len(inflight) < window and next_offset < total:
+                inflight[self._send("fetch", {"job": job, "name": name, "offset": next_offset, "length": chunk_bytes})] = next_offset
+                next_offset += chunk_bytes
+            msg = self._recv(self.timeout_ms)
+            if msg is None:
+                tries += 1
+                if tries > self.retries:
+                    raise TimeoutError(f"fetch {name}: no reply from {self.endpoint} after {tries} tries")
+                self._reopen()
+                next_offset = min(list(inflight.values()) + [next_offset])
+                inflight.clear()
+                continue
+            if msg.get("op") != "fetch" or msg.get("id") not in inflight:
+                continue
+            offset = inflight.pop(msg["id"])
+            if not msg["ok"]:
+                raise ProtocolError.from_wire(msg["error"])
+            if msg["sha256"] != want_sha:
+                raise ValueError(f"fetch {name}: the artifact changed during the download")
+            buffered[offset] = msg["data"]
+            while done in buffered:
+                data = buffered.pop(done)
+                h.update(data)
+                sink(done, data)
+                done += len(data)
+                if len(data) == 0:
+                    raise ProtocolError(errors.INTERNAL, f"fetch {name}: empty chunk at {done} of {total}")
+        got_sha = h.hexdigest()
+        if got_sha != want_sha:
+            raise ValueError(f"fetch {name}: sha256 mismatch: got {got_sha}, the server lists {want_sha}")
+        return {"size": total, "sha256": got_sha}
+
+    def fetch_bytes(self, job: str, name: str, **kw: Any) -> bytearray:
+        """An artifact in memory (sha256 checked)."""
+        buf = bytearray()
+
+        def allocate(total: int) -> None:
+            buf.extend(bytes(total))
+
+        def sink(offset: int, data: np.ndarray) -> None:
+            buf[offset : offset + len(data)] = memoryview(data).cast("B")
+
+        self.fetch_chunks(job, name, sink, on_total=allocate, **kw)
+        return buf
+
+    def fetch_to(self, job: str, name: str, path: str | os.PathLike, **kw: Any) -> dict[str, Any]:
+        """Download an artifact to ``path`` (written to a temporary file, renamed once the sha256 matches)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+        try:
+            with open(tmp, "wb") as f:
+                result = self.fetch_chunks(job, name, lambda offset, data: f.write(data), **kw)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return result

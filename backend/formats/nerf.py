@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +116,10 @@ def _read_frames(json_path: Path) -> tuple[dict, list[tuple[str, Capture]]]:
             raise SceneError(f"{where}: must be an object")
         image = _image_path(json_path.parent, frame.get("file_path"), where)
         camera = _frame_camera(frame, top, image, where)
-        name = capture_name(os.path.relpath(image, json_path.parent))
-        out.append((frame["file_path"], Capture(name=name, image=image, camera=camera)))
+        out.append((frame["file_path"], Capture(name=image.stem, image=image, camera=camera)))
+    stems = [c.name for _, c in out]
+    if len(set(stems)) != len(stems):  # same file name in several folders: name by the path as written
+        out = [(p, replace(c, name=capture_name(os.path.normpath(p)))) for p, c in out]
     return top, out
 
 

@@ -70,5 +70,5 @@ def undistort_capture(capture: Capture, dst: Path) -> Capture:
     ok, encoded = cv2.imencode(suffix, undistort_image(image, cam), params)
     if not ok:
         raise SceneError(f"{capture.name}: cannot encode the undistorted image as {suffix}")
-    out = write_atomic(Path(dst) / UNDISTORTED_DIR / f"{capture.name}{suffix}", encoded.tobytes())
+    out = write_atomic(Path(dst) / UNDISTORTED_DIR / f"{capture.name}{capture.image.suffix}", encoded.tobytes())
     return replace(capture, image=out.resolve(), camera=replace(cam, distortion=None))

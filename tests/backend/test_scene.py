@@ -1,0 +1,194 @@
+"""The scene folder format: round trip and every rejection naming its field."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.scene import (
+    SCENE_FILE,
+    Camera,
+    Capture,
+    Distortion,
+    Scene,
+    SceneError,
+    Settings,
+    TrajectoryFrame,
+    load_scene,
+    save_scene,
+    scene_from_json,
+    scene_to_json,
+)
+
+WIDTH, HEIGHT = 32, 24
+
+
+def make_camera(angle: float, distortion: Distortion | None = None) -> Camera:
+    c, s = math.cos(angle), math.sin(angle)
+    w2c = np.eye(4)
+    w2c[:3, :3] = [[c, 0, -s], [0, 1, 0], [s, 0, c]]
+    w2c[:3, 3] = [0.1, -0.2, 3.0]
+    K = np.array([[30.0, 0.0, 16.0], [0.0, 31.0, 12.0], [0.0, 0.0, 1.0]])
+    return Camera(w2c=w2c, K=K, width=WIDTH, height=HEIGHT, distortion=distortion)
+
+
+@pytest.fixture
+def scene_dir(tmp_path) -> Path:
+    """A valid scene folder: 3 captures (one without camera, one with distortion), 1 held out,
+    a trajectory, settings; images in a sibling folder, referenced by relative paths."""
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i in range(4):
+        Image.new("RGB", (WIDTH, HEIGHT), (i * 60, 0, 0)).save(images / f"img{i}.png")
+    scene = Scene(
+        root=tmp_path / "scene",
+        captures=[
+            Capture("img0", images / "img0.png", make_camera(0.0)),
+            Capture("img1", images / "img1.png", make_camera(0.3, Distortion("SIMPLE_RADIAL", (-0.03,)))),
+            Capture("img2", images / "img2.png", None),
+        ],
+        trajectory=[TrajectoryFrame(1, make_camera(0.1)), TrajectoryFrame(5, make_camera(0.2))],
+        heldout=[Capture("img3", images / "img3.png", make_camera(0.5))],
+        settings=Settings(width=64, height=48, generator="anyrecon", seed=7),
+    )
+    save_scene(scene, tmp_path / "scene")
+    return tmp_path / "scene"
+
+
+def read_json(folder: Path) -> dict:
+    return json.loads((folder / SCENE_FILE).read_text())
+
+
+def write_json(folder: Path, data: dict) -> None:
+    (folder / SCENE_FILE).write_text(json.dumps(data))
+
+
+def test_round_trip(scene_dir, tmp_path):
+    scene = load_scene(scene_dir)
+    assert [c.name for c in scene.captures] == ["img0", "img1", "img2"]
+    assert scene.captures[0].image == (tmp_path / "photos" / "img0.png").resolve()
+    assert read_json(scene_dir)["captures"][0]["image"] == "../photos/img0.png"
+    assert scene.captures[2].camera is None and not scene.has_all_cameras
+    assert scene.captures[1].camera.distortion == Distortion("SIMPLE_RADIAL", (-0.03,))
+    np.testing.assert_array_equal(scene.captures[1].camera.w2c, make_camera(0.3).w2c)
+    assert [t.frame for t in scene.trajectory] == [1, 5]
+    assert scene.heldout[0].name == "img3"
+    assert scene.settings == Settings(width=64, height=48, generator="anyrecon", seed=7)
+    # Saved elsewhere and loaded again: the same JSON apart from the relative image paths.
+    save_scene(scene, tmp_path / "elsewhere" / "deeper")
+    again = load_scene(tmp_path / "elsewhere" / "deeper")
+    assert scene_to_json(again, scene_dir) == scene_to_json(scene, scene_dir)
+    assert again.captures[0].image == scene.captures[0].image
+    # A scene.json path works as well as its folder.
+    assert load_scene(scene_dir / SCENE_FILE).root == scene.root
+
+
+def edit(data: dict, dotted: str, value) -> dict:
+    """Copy of ``data`` with ``dotted`` (keys and list indices, e.g. captures.0.camera.K) set."""
+    data = copy.deepcopy(data)
+    *parents, last = [int(k) if k.isdigit() else k for k in dotted.split(".")]
+    node = data
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    "dotted, value, message",
+    [
+        ("captures.1.image", "../photos/missing.png", r"^captures\[1\]\.image: file not found"),
+        ("captures.0.image", "../photos/img0.tiff", r"^captures\[0\]\.image: must be a PNG or JPEG"),
+        (
+            "captures.0.camera.w2c",
+            [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]],
+            r"^captures\[0\]\.camera\.w2c: top-left 3x3 must be a rotation",
+        ),
+        (
+            "captures.0.camera.w2c",
+            [[-1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
+            r"^captures\[0\]\.camera\.w2c: top-left 3x3 must be a rotation .* det = -1",
+        ),
+        (
+            "captures.1.camera.K",
+            [[-30, 0, 16], [0, 31, 12], [0, 0, 1]],
+            r"^captures\[1\]\.camera\.K: focal lengths must be positive; got fx=-30",
+        ),
+        ("captures.0.camera.width", WIDTH + 1, r"^captures\[0\]\.camera: size 33x24 does not match the image img0\.png"),
+        ("heldout.0.camera.height", HEIGHT * 2, r"^heldout\[0\]\.camera: size 32x48 does not match"),
+        ("captures.0.camera.K", [[30, 0, float("nan")], [0, 31, 12], [0, 0, 1]], r"^captures\[0\]\.camera\.K: holds NaN"),
+        ("trajectory.1.camera.w2c.0.3", float("inf"), r"^trajectory\[1\]\.camera\.w2c: holds NaN or infinity"),
+        ("settings.resolution", 512, r"^settings\.resolution: unknown setting; known: "),
+        ("settings.width", 8, r"^settings\.width: must be in \[16, 4096\]; got 8"),
+        ("version", 2, r"^version: scene format version must be 1; got 2"),
+        ("captures.1.camera.distortion", {"model": "FISHEYE", "params": [0.1]}, r"^captures\[1\]\.camera\.distortion\.model: unknown model 'FISHEYE'"),
+        ("captures.1.camera.distortion", {"model": "RADIAL", "params": [0.1]}, r"^captures\[1\]\.camera\.distortion\.params: RADIAL takes 2"),
+        ("trajectory.0.camera.distortion", {"model": "RADIAL", "params": [0.1, 0.0]}, r"^trajectory\[0\]\.camera\.distortion: only captures"),
+        ("trajectory.1.frame", 1, r"^trajectory: frame numbers must increase strictly"),
+        ("captures.1.name", "img0", r"^captures: names must be unique; 'img0' appears twice"),
+        ("heldout.0.camera", None, r"^heldout\[0\]\.camera: missing"),
+        ("captures.0.camera.focal", 3, r"^captures\[0\]\.camera\.focal: unknown field"),
+        ("captures", [], r"^captures: must be a non-empty list"),
+    ],
+)
+def test_rejections_name_the_field(scene_dir, dotted, value, message):
+    write_json(scene_dir, edit(read_json(scene_dir), dotted, value))
+    with pytest.raises(SceneError, match=message):
+        load_scene(scene_dir)
+
+
+def test_never_half_loads(scene_dir):
+    """A defect in the last entry of the last section still fails the whole load; nothing returned."""
+    good = read_json(scene_dir)
+    bad = edit(good, "heldout.0.image", "../photos/nothing.png")
+    result = None
+    with pytest.raises(SceneError, match=r"^heldout\[0\]\.image"):
+        result = scene_from_json(bad, scene_dir)
+    assert result is None
+    write_json(scene_dir, bad)
+    with pytest.raises(SceneError):
+        load_scene(scene_dir)
+    # Fixing the one field makes the same file load in full.
+    write_json(scene_dir, good)
+    assert len(load_scene(scene_dir).heldout) == 1
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(SceneError, match="^scene.json: not found"):
+        load_scene(tmp_path)
+    (tmp_path / SCENE_FILE).write_text("{not json")
+    with pytest.raises(SceneError, match="^scene.json: not valid JSON"):
+        load_scene(tmp_path)
+    (tmp_path / SCENE_FILE).write_text("[1, 2]")
+    with pytest.raises(SceneError, match="^scene.json: must hold an object; got list"):
+        load_scene(tmp_path)
+    (tmp_path / SCENE_FILE).write_text('{"captures": []}')
+    with pytest.raises(SceneError, match="^version: scene format version must be 1; got None"):
+        load_scene(tmp_path)
+
+
+def test_real_scene_loads(temple_dir, tmp_path):
+    """A hand-written scene.json over the Middlebury temple: the shared images load where they lie."""
+    par = (temple_dir / "templeSR_par.txt").read_text().split("\n")[1].split()
+    K, R, t = np.array(par[1:10], float).reshape(3, 3), np.array(par[10:19], float).reshape(3, 3), np.array(par[19:], float)
+    w2c = np.eye(4)
+    w2c[:3, :3], w2c[:3, 3] = R, t
+    data = {
+        "version": 1,
+        "captures": [
+            {"name": "t1", "image": str(temple_dir / par[0]),
+             "camera": {"w2c": w2c.tolist(), "K": K.tolist(), "width": 640, "height": 480}},
+            {"image": str(temple_dir / "templeSR0002.png")},
+        ],
+    }
+    write_json(tmp_path, data)
+    scene = load_scene(tmp_path)
+    assert scene.captures[1].name == "templeSR0002"
+    np.testing.assert_array_equal(scene.captures[0].camera.K, K)
+    assert scene.settings == Settings()

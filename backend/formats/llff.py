@@ -18,7 +18,9 @@ from backend.formats.base import IMPORTERS, ImportedScene, find_first, intrinsic
 from backend.scene import Capture, SceneError, image_size
 
 POSES_FILE = "poses_bounds.npy"
-POSE_COLUMNS = 17  # 3x5 pose + near + far
+POSE_SHAPE = (3, 5)  # [R | t | hwf], flattened row by row into the first 15 numbers of a row
+NEAR, FAR = 15, 16  # then the near and far depth
+POSE_COLUMNS = 17
 # Image folders tried in order when none is named: the NeRF protocol works on images_8 for LLFF.
 IMAGE_CANDIDATES = ("images_8", "images_4", "images")
 LLFF_TO_OPENCV_COLUMNS = [1, 0, 2]  # (down, right, back) -> (right, down, back) ...
@@ -50,7 +52,7 @@ def read_llff(src: Path, *, cameras: str | None = None, images: str | None = Non
     captures, bounds = [], {}
     for i, (row, path) in enumerate(zip(data.astype(np.float64), files)):
         where = f"{poses_path.name}[{i}]"
-        pose = row[:15].reshape(3, 5)
+        pose = row[:NEAR].reshape(POSE_SHAPE)
         full_h, full_w, focal = pose[:, 4]
         c2w = np.eye(4)
         c2w[:3, :3] = pose[:, LLFF_TO_OPENCV_COLUMNS] * LLFF_TO_OPENCV_SIGNS
@@ -63,7 +65,7 @@ def read_llff(src: Path, *, cameras: str | None = None, images: str | None = Non
             raise SceneError(f"images: {path.name} is {image_size(path)}, the first image {width}x{height}")
         camera = make_camera(np.linalg.inv(c2w), K, width, height, where)
         captures.append(Capture(name=path.stem, image=path.resolve(), camera=camera))
-        bounds[path.stem] = (float(row[15]), float(row[16]))
+        bounds[path.stem] = (float(row[NEAR]), float(row[FAR]))
     return ImportedScene(captures=captures, bounds=bounds)
 
 

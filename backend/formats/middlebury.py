@@ -15,6 +15,7 @@ from backend.scene import Capture, SceneError, image_size
 
 PAR_SUFFIX = "_par.txt"
 PAR_FIELDS = 22  # name + 9 (K) + 9 (R) + 3 (t)
+K_VALUES, R_VALUES = slice(0, 9), slice(9, 18)  # of the 21 numbers after the name; t is the rest
 
 
 def read_middlebury(src: Path, *, cameras: str | None = None, images: str | None = None) -> ImportedScene:
@@ -51,7 +52,7 @@ def read_middlebury(src: Path, *, cameras: str | None = None, images: str | None
             numbers = np.array(row[1:], dtype=np.float64)
         except ValueError as err:
             raise SceneError(f"{where}: {err}") from None
-        K, R, t = numbers[:9].reshape(3, 3), numbers[9:18].reshape(3, 3), numbers[18:]
+        K, R, t = numbers[K_VALUES].reshape(3, 3), numbers[R_VALUES].reshape(3, 3), numbers[R_VALUES.stop :]
         path = (image_dir / row[0]).resolve()
         if not path.is_file():
             raise SceneError(f"{where}: image file not found: {path}")

@@ -77,7 +77,6 @@ class Client:
         self._seen: dict[str, int] = {}  # job -> highest event seq received
         self._watched: set[str] = set()
         self._background: set[int] = set()  # ids of re-subscriptions whose replies are not awaited
-        self._resubscribe = False
         self._sock: zmq.Socket | None = None
         self._open()
 
@@ -95,7 +94,8 @@ class Client:
             self._sock.close(linger=0)
         self._open()
         self.reconnects += 1
-        self._resubscribe = bool(self._watched)
+        for job in sorted(self._watched):  # the new socket has a new identity: subscribe it again
+            self._background.add(self._send("status", {"job": job, "watch": True, "since": self._seen.get(job, 0)}))
 
     def close(self) -> None:
         if self._sock is not None:
@@ -111,10 +111,6 @@ class Client:
     def _send(self, op: str, fields: dict[str, Any]) -> int:
         if self._sock is None:
             raise RuntimeError("the client is closed")
-        if self._resubscribe:
-            self._resubscribe = False
-            for job in sorted(self._watched):
-                self._background.add(self._send("status", {"job": job, "watch": True, "since": self._seen.get(job, 0)}))
         rid = self._next_id
         self._next_id += 1
         frames = encode({"v": PROTOCOL_VERSION, "op": op, "id": rid, **fields}, "request")
@@ -216,18 +212,20 @@ class Client:
         """
         idle_ms = self.timeout_ms if idle_ms is None else idle_ms
         others: list[dict[str, Any]] = []
+        last = 0  # seq of the last event yielded
         try:
             while True:
                 got = self.poll_events(idle_ms)
                 if not got:
                     status = self.request("status", job=job, watch=True, since=self._seen.get(job, 0))
-                    if status["state"] in TERMINAL_STATES and status["seq"] <= self._seen.get(job, 0):
+                    if status["state"] in TERMINAL_STATES and status["seq"] <= last:
                         return
                     continue
                 for event in got:
                     if event["job"] != job:
                         others.append(event)
                         continue
+                    last = event["seq"]
                     yield event
                     if event["state"] in TERMINAL_STATES:
                         return

@@ -41,7 +41,6 @@ from .worker import Runner, Worker, default_runner
 log = logging.getLogger(__name__)
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
-LOOPBACK_PEERS = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 POLL_MS = 100  # the loop wakes at least this often to notice stop()
 MAX_BATCH = 64  # requests handled per wake-up before the worker's messages get a turn
 STOP_WAIT_S = 10.0  # how long shutdown waits for a running job to reach a step boundary
@@ -90,6 +89,20 @@ def device_info(device: str) -> dict[str, Any]:
     return out
 
 
+def is_loopback(peer: str | None) -> bool:
+    """Whether a Peer-Address is a loopback IP (127.0.0.0/8, ::1, IPv4-mapped 127.x)."""
+    import ipaddress
+
+    if not peer:
+        return False
+    try:
+        ip = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
 def peer_address(frame: zmq.Frame) -> str | None:
     """The TCP peer's IP address of a received frame, or None (other transports)."""
     try:
@@ -130,13 +143,20 @@ class Service:
 
     def start_thread(self, timeout_s: float = 30.0) -> threading.Thread:
         """Run ``serve_forever`` in a thread; return once bound (``self.endpoint`` set)."""
-        thread = threading.Thread(target=self.serve_forever, name="reconloop-service", daemon=True)
+        thread = threading.Thread(target=self._serve_in_thread, name="reconloop-service", daemon=True)
         thread.start()
         if not self._ready.wait(timeout_s):
             raise TimeoutError(f"service did not start within {timeout_s} s")
         if self._startup_error is not None:
             raise self._startup_error
         return thread
+
+    def _serve_in_thread(self) -> None:
+        try:
+            self.serve_forever()
+        except BaseException:
+            if self._startup_error is None:  # start-up errors reach start_thread's caller instead
+                raise
 
     def serve_forever(self) -> None:
         """Bind, recover the store, run the loop until ``stop()`` or a ``shutdown`` request."""
@@ -356,7 +376,7 @@ class Service:
         return {"job": record.job, "name": name, "offset": offset, "data": data, "total": total, "sha256": entry["sha256"]}
 
     def _shutdown(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
-        if req.peer not in LOOPBACK_PEERS:
+        if not is_loopback(req.peer):
             raise ProtocolError(errors.FORBIDDEN, f"shutdown: only loopback peers may stop the service; this peer is {req.peer or 'not on TCP'}")
         req.stop_after = True
         return {}

@@ -1,0 +1,250 @@
+"""``reconloop``: run the service, run the loop in-process, submit to a service, import scenes, demo.
+
+Heavy packages (torch, the loop) are imported only by the commands that need them, so ``--help``
+answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_SCRIPT = REPO / "scripts" / "make_demo_scene.py"
+DEFAULT_SERVER = "tcp://127.0.0.1:5555"
+PERCENT = 100
+EXIT_BAD_INPUT = 2
+EXIT_JOB_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("reconloop")
+
+DESCRIPTION = """\
+ReconLoop: a few photos to a 3D scene. Builds a point-cloud memory from the captures, renders it along
+a camera trajectory, lets a generator fill what the captures never saw, feeds the generated frames back
+into the memory and fits 3D Gaussians. Outputs: point cloud .ply, generated frames, Gaussians .ply.
+
+A scene is a folder with scene.json and images (see backend/scene.py); `reconloop import` makes one
+from COLMAP, LLFF, Middlebury, NeRF/nerfstudio or DTU data.
+"""
+
+EPILOG = """\
+examples:
+  reconloop import colmap ../data/door scene/          make a scene folder from a COLMAP model
+  reconloop run scene/ --out result/                   run the loop here, no service
+  reconloop serve                                      serve on tcp://127.0.0.1:5555 (for Blender)
+  reconloop submit scene/ --server tcp://gpu:5555 --out result/
+  reconloop demo --out demo_out                        render the built-in scene, then run the loop
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress
+
+
+class ProgressBar:
+    """A tqdm bar driven by ProgressEvents (fraction 0..1; the stage and message as its text)."""
+
+    def __init__(self, desc: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=PERCENT, desc=desc, unit="%", bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
+
+    def update(self, stage: str, fraction: float, message: str = "") -> None:
+        self.bar.n = round(fraction * PERCENT, 1)
+        self.bar.set_description_str(stage, refresh=False)
+        self.bar.set_postfix_str(message[:60], refresh=False)
+        self.bar.refresh()
+
+    def __call__(self, event: Any) -> None:  # a ProgressFn
+        self.update(event.stage, event.fraction, event.message)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .service import Service, ServiceConfig
+
+    runner = _import_object(args.runner) if args.runner else None
+    service = Service(ServiceConfig(bind=args.bind, data_dir=args.data_dir, device=args.device), runner=runner)
+    try:
+        service.serve_forever()
+    except KeyboardInterrupt:
+        log.info("stopped by Ctrl-C")
+    return 0
+
+
+def _import_object(spec: str) -> Any:
+    """``package.module:function`` -> the function."""
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ValueError(f"--runner must be module:function; got {spec!r}")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _run_loop(scene_dir: Path, out: Path, device: str) -> int:
+    from .scene import load_scene
+
+    scene = load_scene(scene_dir)
+    from .loop import run_loop
+    from .service.server import resolve_device
+
+    device = resolve_device(device)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = ProgressBar("loop")
+    try:
+        run_loop(scene, out, device=device, progress=bar)
+    finally:
+        bar.close()
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    print(f"{len(files)} files in {out}: {', '.join(files[:12])}{' ...' if len(files) > 12 else ''}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _run_loop(args.scene, args.out, args.device)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from protocol.client import Client
+
+    from .scene import load_scene
+    from .service.store import check_artifact_name, scene_message
+
+    scene = load_scene(args.scene)
+    with Client(args.server, timeout_ms=args.timeout_ms, name="reconloop-cli") as client:
+        info = client.hello()
+        log.info("server %s on %s, device %s", info["server"], args.server, info["device"])
+        job = client.submit(scene_message(scene))
+        print(f"job {job} submitted to {args.server}")
+        client.watch(job, since=0)
+        bar = ProgressBar("queued")
+        state, message = "queued", ""
+        try:
+            for event in client.events(job):
+                bar.update(event["stage"], event["fraction"], event["message"])
+                state, message = event["state"], event["message"]
+        except KeyboardInterrupt:
+            bar.close()
+            client.cancel(job)
+            print(f"job {job}: cancel sent")
+            return EXIT_INTERRUPTED
+        finally:
+            bar.close()
+        artifacts = client.status(job)["artifacts"]
+        args.out.mkdir(parents=True, exist_ok=True)
+        for entry in artifacts:
+            name = check_artifact_name(entry["name"])
+            client.fetch_to(job, name, args.out / name)
+        print(f"job {job}: {state} ({message}); {len(artifacts)} artifacts in {args.out}, sha256 verified")
+    return 0 if state == "done" else EXIT_JOB_FAILED
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .formats import run_import
+
+    return run_import(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    scene_dir = args.scene
+    if scene_dir is None:
+        scene_dir = args.out / "scene"
+        if not (scene_dir / "scene.json").is_file():
+            if not DEMO_SCRIPT.is_file():
+                raise FileNotFoundError(f"the demo scene script {DEMO_SCRIPT} is missing (run from a clone of the repository)")
+            print(f"rendering the demo scene into {scene_dir} (Blender, Cycles on CPU) ...")
+            subprocess.run([sys.executable, str(DEMO_SCRIPT), "--out", str(scene_dir)], check=True)
+    return _run_loop(scene_dir, args.out / "output", args.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reconloop", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    device_help = "compute device: auto (a GPU when torch sees one, else cpu), cpu, cuda, cuda:1"
+
+    p = sub.add_parser("serve", help="run the service Blender and `submit` talk to", description=(
+        "Run the ReconLoop service: a ZeroMQ ROUTER answering the protocol of protocol/README.md. Jobs run one "
+        "at a time, in submission order; each is a folder under the data dir and survives restarts."))
+    p.add_argument("--bind", default=DEFAULT_SERVER, help="ZeroMQ endpoint (default %(default)s; loopback only by default)")
+    p.add_argument("--data-dir", type=Path, default=None, help="job store folder (default: the user cache dir, reconloop/jobs)")
+    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--runner", default=None, metavar="MODULE:FUNC", help="job runner instead of the loop (for tests)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("run", help="run the loop on a scene folder in this process", description=(
+        "Run the whole loop on SCENE (a folder with scene.json) in this process, no service. Writes the point "
+        "cloud, generated frames and Gaussians into --out."))
+    p.add_argument("scene", type=Path, metavar="SCENE", help="scene folder (scene.json + images)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--device", default="auto", help=device_help)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("submit", help="send a scene to a service, show progress, fetch the results", description=(
+        "Submit SCENE to a running service, follow its progress, then download every artifact into --out, "
+        "checking each file's sha256. Ctrl-C cancels the job."))
+    p.add_argument("scene", type=Path, metavar="SCENE", help="scene folder (scene.json + images)")
+    p.add_argument("--server", default=DEFAULT_SERVER, help="service endpoint (default %(default)s)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the downloaded artifacts")
+    p.add_argument("--timeout-ms", type=int, default=30_000, help="per-request timeout before a retry (default %(default)s)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("import", help="make a scene folder from COLMAP, LLFF, Middlebury, NeRF or DTU data",
+                       description="Convert a dataset's cameras and images into a scene folder (scene.json).")
+    from .formats import add_import_arguments
+
+    add_import_arguments(p)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("demo", help="render the built-in demo scene (or use --scene) and run the loop", description=(
+        "Without --scene: render a procedural Blender scene with Cycles on CPU into OUT/scene (bpy needed), "
+        "then run the loop into OUT/output. With --scene: run the loop on that scene folder."))
+    p.add_argument("--scene", type=Path, default=None, help="scene folder to use instead of the built-in one")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default %(default)s)")
+    p.add_argument("--device", default="auto", help=device_help)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from protocol.errors import ProtocolError
+
+    from .scene import SceneError
+
+    try:
+        return args.func(args)
+    except (SceneError, ProtocolError, ValueError, FileNotFoundError) as err:
+        print(f"reconloop {args.command}: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TimeoutError as err:
+        print(f"reconloop {args.command}: {err}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    except subprocess.CalledProcessError as err:
+        print(f"reconloop {args.command}: {err}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""The service over real loopback sockets: the real codec, the real loop, a small real runner."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from backend.fileio import sha256_file
+from backend.service import Service, ServiceConfig
+from backend.service.server import is_loopback
+from backend.service.store import ARTIFACTS_DIR, INTERRUPTED_REASON, check_artifact_name, resolve_inside
+from protocol import errors
+from protocol.client import Client
+from protocol.codec import pack
+from protocol.errors import ProtocolError
+from tests.protocol.helpers import camera, png_bytes, runner, scene_msg
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_MS = 5000
+WAIT_S = 20
+
+
+def start(data_dir: Path, bind: str = "tcp://127.0.0.1:*") -> tuple[Service, object]:
+    svc = Service(ServiceConfig(bind=bind, data_dir=data_dir, device="cpu"), runner=runner)
+    return svc, svc.start_thread()
+
+
+@pytest.fixture
+def service(tmp_path):
+    svc, thread = start(tmp_path / "jobs")
+    yield svc
+    svc.stop()
+    thread.join(WAIT_S)
+
+
+@pytest.fixture
+def client(service):
+    with Client(service.endpoint, timeout_ms=TIMEOUT_MS, retries=1) as c:
+        yield c
+
+
+def wait_state(client: Client, job: str, states=("done", "failed", "cancelled", "interrupted")) -> dict:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        status = client.status(job)
+        if status["state"] in states:
+            return status
+        time.sleep(0.02)
+    raise AssertionError(f"job {job} still {status['state']}")
+
+
+def test_hello_reports_version_generators_device_limits(client):
+    info = client.hello()
+    assert info["version"] == 1 and info["versions"] == [1]
+    assert "reproject" in info["generators"]
+    assert info["device"] == "cpu" and "gpu" not in info
+    assert info["limits"]["max_image_side"] == 4096
+
+
+def test_submit_events_fetch_with_sha256(client, service, tmp_path):
+    job = client.submit(scene_msg(captures=3))
+    assert len(job) == 32 and int(job, 16) >= 0
+    client.watch(job, since=0)
+    events = list(client.events(job))
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[0]["state"] == "queued" and events[-1]["state"] == "done"
+    announced = [a["name"] for e in events for a in e["artifacts"]]
+    assert announced[:3] == ["step0.bin", "step1.bin", "step2.bin"] and "times.json" in announced
+    status = client.status(job)
+    assert status["fraction"] == 1.0 and status["seq"] == len(events)
+    job_dir = service.data_dir / job
+    for entry in status["artifacts"]:
+        path = job_dir / ARTIFACTS_DIR / entry["name"]
+        got = client.fetch_to(job, entry["name"], tmp_path / "got" / entry["name"], chunk_bytes=300)
+        assert got["sha256"] == entry["sha256"] == sha256_file(path)
+        assert (tmp_path / "got" / entry["name"]).read_bytes() == path.read_bytes()
+    # the store: request as received, journal, scene folder with written images, manifest
+    frames = msgpack.unpackb((job_dir / "request.msgpack").read_bytes())
+    assert msgpack.unpackb(frames[0])["op"] == "submit"
+    journal = [json.loads(line) for line in (job_dir / "journal.jsonl").read_text().splitlines()]
+    assert [j["state"] for j in journal][-1] == "done" and len(journal) == len(events)
+    scene = json.loads((job_dir / "scene" / "scene.json").read_text())
+    assert [c["image"] for c in scene["captures"]] == ["images/c0000.png", "images/c0001.jpg", "images/c0002.png"]
+    manifest = json.loads((job_dir / "manifest.json").read_text())
+    assert {a["name"] for a in manifest["artifacts"]} == {a["name"] for a in status["artifacts"]}
+    assert json.loads(client.fetch_bytes(job, "times.json"))["captures"] == 3
+
+
+def test_fetch_chunks_offsets_and_errors(client):
+    job = client.submit(scene_msg())
+    wait_state(client, job)
+    whole = client.fetch_bytes(job, "step2.bin")
+    part = client.request("fetch", job=job, name="step2.bin", offset=1000, length=10)
+    assert part["total"] == 1002 and bytes(part["data"]) == bytes(whole[1000:])
+    end = client.request("fetch", job=job, name="step2.bin", offset=1002)
+    assert len(end["data"]) == 0 and end["sha256"] == hashlib.sha256(whole).hexdigest()
+    for name in ("../meta.json", "nope.bin", "/etc/passwd", "manifest.json"):
+        with pytest.raises(ProtocolError) as err:
+            client.request("fetch", job=job, name=name)
+        assert err.value.code == errors.NOT_FOUND, name
+    with pytest.raises(ProtocolError) as err:
+        client.request("fetch", job=job, name="step2.bin", offset=5000)
+    assert err.value.code == errors.BAD_FIELD and err.value.field == "offset"
+    with pytest.raises(ProtocolError) as err:
+        client.status("0" * 32)
+    assert err.value.code == errors.NOT_FOUND
+
+
+def test_bad_scene_gets_bad_field_naming_the_field(client):
+    scene = scene_msg()
+    scene["captures"][1]["camera"]["K"] = np.array([[-50.0, 0, 32], [0, 50, 24], [0, 0, 1]])
+    with pytest.raises(ProtocolError) as err:
+        client.submit(scene)
+    assert err.value.code == errors.BAD_FIELD
+    assert err.value.message.startswith("submit: scene.captures[1].camera.K: focal lengths must be positive")
+    assert err.value.field == "scene.captures[1].camera.K"
+    scene = scene_msg()
+    scene["captures"][0]["camera"] = camera(width=65)
+    with pytest.raises(ProtocolError, match=r"scene.captures\[0\].camera: size 65x48 does not match"):
+        client.submit(scene)
+    scene = scene_msg()
+    scene["settings"] = {"width": "wide"}
+    with pytest.raises(ProtocolError, match="scene.settings.width: must be an integer"):
+        client.submit(scene)
+    assert client.jobs() == []  # nothing half-made
+    assert client.hello()["version"] == 1
+
+
+def test_jobs_run_in_order_one_at_a_time(client):
+    jobs = [client.submit(scene_msg(delay_ms=30)) for _ in range(3)]
+    assert [j["job"] for j in client.jobs()] == jobs
+    times = []
+    for job in jobs:
+        assert wait_state(client, job)["state"] == "done"
+        times.append(json.loads(client.fetch_bytes(job, "times.json")))
+    for before, after in zip(times, times[1:]):
+        assert after["start"] >= before["end"]
+
+
+def test_failing_job_fails_and_worker_goes_on(client):
+    bad = client.submit(scene_msg("fail"))
+    good = client.submit(scene_msg())
+    status = wait_state(client, bad)
+    assert status["state"] == "failed" and "RuntimeError: boom in the test runner" in status["message"]
+    assert [a["name"] for a in status["artifacts"]] == ["step0.bin"]
+    assert wait_state(client, good)["state"] == "done"
+
+
+def test_cancel_between_steps_and_while_queued(client, service):
+    running = client.submit(scene_msg("steps:20", delay_ms=50))
+    queued = client.submit(scene_msg())
+    client.watch(running, since=0)
+    for event in client.events(running):
+        if event["stage"] == "step":
+            break
+    assert client.cancel(queued)["state"] == "cancelled"
+    client.cancel(running)
+    status = wait_state(client, running)
+    assert status["state"] == "cancelled"
+    steps = sorted((service.data_dir / running / ARTIFACTS_DIR).glob("step*.bin"))
+    assert 1 <= len(steps) < 20
+    assert {a["name"] for a in status["artifacts"]} == {p.name for p in steps}  # every written step recorded
+    assert client.status(queued)["state"] == "cancelled"
+    assert not (service.data_dir / queued / ARTIFACTS_DIR / "times.json").exists()  # never ran
+    assert client.cancel(running)["state"] == "cancelled"  # cancelling again is harmless
+
+
+def test_two_watchers_get_the_same_events(client, service):
+    with Client(service.endpoint, timeout_ms=TIMEOUT_MS) as other:
+        job = client.submit(scene_msg("steps:5", delay_ms=20))
+        client.watch(job, since=0)
+        other.watch(job, since=0)
+        a = [(e["seq"], e["state"], e["fraction"]) for e in client.events(job)]
+        b = [(e["seq"], e["state"], e["fraction"]) for e in other.events(job)]
+    assert a == b and a[-1][1] == "done" and len(a) == 8  # queued, started, 5 steps, done
+
+
+def test_events_resume_after_reconnect(client):
+    job = client.submit(scene_msg("steps:6", delay_ms=40))
+    client.watch(job, since=0)
+    seqs = []
+    for event in client.events(job):
+        seqs.append(event["seq"])
+        if event["seq"] == 3:
+            client._reopen()  # a lost connection: new socket, new identity
+            time.sleep(0.1)  # events pushed meanwhile go to the old, closed identity
+    assert seqs == list(range(1, 10)) and client.reconnects == 1
+
+
+def test_lazy_pirate_retries_then_succeeds():
+    """A server that ignores the first try: the client closes, reopens, resends and gets the reply."""
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    with Client(f"tcp://127.0.0.1:{port}", timeout_ms=300, retries=2) as c:
+        c._send("hello", {"versions": [1]})  # a first try, swallowed below
+        assert router.poll(TIMEOUT_MS)
+        router.recv_multipart()
+        c._reopen()
+        rid = c._next_id
+        import threading
+
+        def answer():
+            frames = router.recv_multipart()
+            reply = {"v": 1, "op": "hello", "id": rid, "ok": True, "version": 1, "versions": [1], "server": "fake",
+                     "generators": [], "device": "cpu", "limits": {}}
+            router.send_multipart([frames[0], *pack(reply)])
+
+        t = threading.Thread(target=answer)
+        t.start()
+        assert c.request("hello", versions=[1])["server"] == "fake"
+        t.join()
+    with Client(f"tcp://127.0.0.1:{port}", timeout_ms=100, retries=2) as c:
+        start_s = time.monotonic()
+        with pytest.raises(TimeoutError, match="after 3 tries"):
+            c.request("jobs")
+        assert time.monotonic() - start_s < 2
+    router.close(linger=0)
+
+
+def test_shutdown_only_from_loopback(tmp_path):
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("::ffff:127.0.0.1")
+    assert not is_loopback("10.0.0.2") and not is_loopback(None) and not is_loopback("")
+    svc, thread = start(tmp_path / "ipc-jobs", bind=f"ipc://{tmp_path}/svc.sock")
+    with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:  # ipc: no peer address, so not loopback
+        with pytest.raises(ProtocolError) as err:
+            c.shutdown()
+        assert err.value.code == errors.FORBIDDEN
+    svc.stop()
+    thread.join(WAIT_S)
+    svc, thread = start(tmp_path / "tcp-jobs")
+    with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+        c.shutdown()
+    thread.join(WAIT_S)
+    assert not thread.is_alive()
+
+
+def test_second_service_on_same_store_is_refused(service):
+    other = Service(ServiceConfig(bind="tcp://127.0.0.1:*", data_dir=service.data_dir, device="cpu"), runner=runner)
+    with pytest.raises(RuntimeError, match="in use by another reconloop service"):
+        other.start_thread()
+
+
+def test_artifact_names_are_checked(tmp_path):
+    for bad in ("", "/abs", "../up", "a/../b", "a//b", "a\\b", "c:x", "x\x00", "./a", "a" * 300):
+        with pytest.raises(ValueError):
+            check_artifact_name(bad)
+    assert check_artifact_name("frames/0001.png") == "frames/0001.png"
+    (tmp_path / "out").mkdir()
+    (tmp_path / "secret").write_text("s")
+    (tmp_path / "out" / "link").symlink_to(tmp_path / "secret")
+    (tmp_path / "out" / "dir").symlink_to(tmp_path)
+    for name in ("link", "dir/secret"):
+        with pytest.raises(ValueError, match="symlink"):
+            resolve_inside(tmp_path / "out", name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.xdist_group("service-subprocess")
+def test_restart_after_kill9_marks_interrupted_and_keeps_finished_artifacts(tmp_path):
+    data_dir = tmp_path / "jobs"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "backend.cli", "serve", "--bind", endpoint, "--data-dir", str(data_dir), "--device", "cpu",
+           "--runner", "tests.protocol.helpers:runner"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        with Client(endpoint, timeout_ms=TIMEOUT_MS, retries=3) as c:
+            c.hello()
+            finished = c.submit(scene_msg())
+            assert wait_state(c, finished)["state"] == "done"
+            shas = {a["name"]: a["sha256"] for a in c.status(finished)["artifacts"]}
+            blocked = c.submit(scene_msg("block"))
+            waiting = c.submit(scene_msg())
+            wait_state(c, blocked, states=("running",))
+            deadline = time.monotonic() + WAIT_S
+            while c.status(blocked)["stage"] != "block" and time.monotonic() < deadline:
+                time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(WAIT_S)
+    svc, thread = start(data_dir)
+    try:
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            states = {j["job"]: j["state"] for j in c.jobs()}
+            assert states[finished] == "done" and states[blocked] == "interrupted"
+            assert c.status(blocked)["message"] == INTERRUPTED_REASON
+            for name, sha in shas.items():
+                assert hashlib.sha256(c.fetch_bytes(finished, name)).hexdigest() == sha
+            assert wait_state(c, waiting)["state"] == "done"  # queued before the kill: runs after the restart
+            c.watch(blocked, since=0)
+            replay = list(c.events(blocked))
+            assert [e["state"] for e in replay] == ["queued", "running", "running", "interrupted"]
+    finally:
+        svc.stop()
+        thread.join(WAIT_S)
+
+
+def test_submit_with_same_key_is_one_job(client):
+    scene = scene_msg()
+    a = client.request("submit", scene=scene, key="k1")["job"]
+    b = client.request("submit", scene=scene, key="k1")["job"]
+    assert a == b and len(client.jobs()) == 1
+    assert png_bytes()  # helper sanity: a real PNG

@@ -1,0 +1,79 @@
+"""Helpers shared by the protocol, service and CLI tests: tiny scenes and a small real job runner."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from backend.progress import ProgressEvent
+
+WIDTH, HEIGHT = 64, 48
+FOCAL = 50.0
+MS = 1e-3
+
+
+def png_bytes(width: int = WIDTH, height: int = HEIGHT, seed: int = 0) -> bytes:
+    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(width: int = WIDTH, height: int = HEIGHT, seed: int = 0) -> bytes:
+    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def camera(width: int = WIDTH, height: int = HEIGHT, tz: float = 0.0) -> dict[str, Any]:
+    w2c = np.eye(4)
+    w2c[2, 3] = tz
+    K = np.array([[FOCAL, 0, width / 2], [0, FOCAL, height / 2], [0, 0, 1]])
+    return {"w2c": w2c, "K": K, "width": width, "height": height}
+
+
+def scene_msg(prompt: str = "", *, delay_ms: int = 0, captures: int = 2) -> dict[str, Any]:
+    """A valid submit ``scene``: PNG, JPEG and raw-pixel captures, a 3-camera trajectory.
+
+    ``prompt`` and ``delay_ms`` steer ``runner`` below (settings travel with the job).
+    """
+    caps = []
+    for i in range(captures):
+        image: Any = [png_bytes(seed=i), jpeg_bytes(seed=i), np.zeros((HEIGHT, WIDTH, 3), np.uint8)][i % 3]
+        caps.append({"name": f"cap{i}", "image": image, "camera": camera(tz=float(i))})
+    return {
+        "captures": caps,
+        "trajectory": [{"frame": f, "camera": camera(tz=0.5 * f)} for f in range(1, 4)],
+        "settings": {"prompt": prompt, "seed": delay_ms},
+    }
+
+
+def runner(scene: Any, out_dir: Path, *, device: str, progress: Any) -> None:
+    """A small real runner for service tests (not the loop). Behaviour from ``scene.settings``:
+
+    prompt ``""`` or ``"steps:N"`` (default 3): N steps, each writing ``step{i}.bin`` and announcing it;
+    ``"fail"``: one step, then RuntimeError; ``"block"``: sleeps forever without reporting (kill tests).
+    ``settings.seed``: milliseconds each step sleeps. Always writes ``times.json`` (start, end).
+    """
+    prompt, delay_s = scene.settings.prompt, scene.settings.seed * MS
+    start = time.time()
+    steps = int(prompt.split(":")[1]) if prompt.startswith("steps:") else 3
+    if prompt == "block":
+        progress(ProgressEvent("block", 0.1, "blocking"))
+        while True:
+            time.sleep(0.05)
+    for i in range(steps):
+        time.sleep(delay_s)
+        name = f"step{i}.bin"
+        (out_dir / name).write_bytes(np.random.default_rng(i).bytes(1000 + i))
+        progress(ProgressEvent("step", (i + 1) / steps, f"step {i + 1} of {steps}", (name,)))
+        if prompt == "fail":
+            raise RuntimeError("boom in the test runner")
+    (out_dir / "times.json").write_text(json.dumps({"start": start, "end": time.time(), "captures": len(scene.captures)}))

@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..stages.render import PIXEL_CENTER, backproject, pixel_rays
 from ..stages.types import Cameras, GeometryMemory, Views
 from . import ESTIMATORS
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for the grey image that stereo matches on
-PIXEL_CENTER = 0.5  # pixel i spans [i, i+1] (DESIGN.md section 3); OpenCV keypoints put centres at i
 EPS = 1e-6
 GREY_OFFSET = 0.5  # subtracted before box filtering (ZNCC ignores offsets)
 
@@ -140,31 +140,6 @@ def to_gray(images: Tensor) -> Tensor:
     """Grey images. images: [..., H, W, 3] in [0, 1] -> [..., H, W]"""
     w = torch.tensor(LUMA, dtype=images.dtype, device=images.device)
     return images @ w
-
-
-def pixel_rays(cams: Cameras) -> Tensor:
-    """Camera-space rays with z = 1 through every pixel centre. [C, H, W, 3]"""
-    H, W = cams.height, cams.width
-    dev = cams.device
-    v, u = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float32) + PIXEL_CENTER,
-                          torch.arange(W, device=dev, dtype=torch.float32) + PIXEL_CENTER, indexing="ij")
-    pix = torch.stack([u, v, torch.ones_like(u)], -1)  # [H, W, 3]
-    Kinv = torch.linalg.inv(cams.K)  # [C, 3, 3]
-    return torch.einsum("cij,hwj->chwi", Kinv, pix)
-
-
-def backproject(depth: Tensor, cams: Cameras) -> Tensor:
-    """World points of every pixel at its depth.
-
-    Args:
-        depth: camera z per pixel. [C, H, W]
-        cams: C cameras matching the depth maps' size.
-    Returns:
-        world points. [C, H, W, 3]
-    """
-    cam_pts = pixel_rays(cams) * depth[..., None]
-    c2w = cams.c2w
-    return torch.einsum("cij,chwj->chwi", c2w[:, :3, :3], cam_pts) + c2w[:, None, None, :3, 3]
 
 
 def resize_views(views: Views, max_side: int) -> Views:
@@ -332,6 +307,7 @@ def match_candidates(cams: Cameras, cfg: MVSConfig) -> list[list[int]]:
 def _sift(gray_u8: np.ndarray, cfg: MVSConfig) -> tuple[np.ndarray, np.ndarray | None]:
     sift = cv2.SIFT_create(nfeatures=cfg.sift_features)
     kps, desc = sift.detectAndCompute(gray_u8, None)
+    # OpenCV keypoints put pixel centres at integers; ours are at i + 0.5.
     pts = np.array([kp.pt for kp in kps], dtype=np.float64).reshape(-1, 2) + PIXEL_CENTER
     return pts, desc
 
@@ -462,20 +438,23 @@ def _project(xyz: Tensor, cam: Cameras) -> tuple[Tensor, Tensor]:
     return uvw[:, :2] / uvw[:, 2:3].clamp_min(EPS), z
 
 
-def fuse_depths(depths: Tensor, conf: Tensor, views: Views, neighbors: list[list[int]], cfg: MVSConfig) -> GeometryMemory:
+def fuse_depths(depths: Tensor, conf: Tensor, views: Views, neighbors: list[list[int]], cfg: MVSConfig,
+                *, check_depths: Tensor | None = None) -> GeometryMemory:
     """Keep depths that agree with >= min_consistent other views and fuse them into points.
 
     Args:
-        depths: per view camera z, 0 where none. [C, H, W]
+        depths: per view camera z of the pixels to fuse, 0 where none. [C, H, W]
         conf: per view confidence in [0, 1]. [C, H, W]
         views: the images and cameras the depths belong to.
         neighbors: per view, the views checked for agreement.
         cfg: tolerances and the agreement count.
+        check_depths: the other views' depths looked up for agreement (default ``depths``). [C, H, W]
     Returns:
         points with xyz (mean of the agreeing views' 3D positions), rgb, confidence, source id.
     """
     C, H, W = depths.shape
     cams = views.cams
+    check_depths = depths if check_depths is None else check_depths
     world = backproject(depths, cams)  # [C, H, W, 3]
     parts = []
     for i in range(C):
@@ -489,7 +468,7 @@ def fuse_depths(depths: Tensor, conf: Tensor, views: Views, neighbors: list[list
         X_sum = X.clone()
         for j in neighbors[i]:
             uv_j, _ = _project(X, cams[j])
-            d_j, inside = _sample_nearest(depths[j], uv_j, W, H)
+            d_j, inside = _sample_nearest(check_depths[j], uv_j, W, H)
             has = inside & (d_j > 0)
             ray_j = torch.cat([uv_j, torch.ones_like(uv_j[:, :1])], 1) @ torch.linalg.inv(cams.K[j]).T
             Xj = (ray_j * d_j[:, None] - cams.w2c[j, :3, 3]) @ cams.w2c[j, :3, :3]  # back to world

@@ -23,6 +23,7 @@ from .types import Cameras, GeometryMemory, Renders
 
 INDEX_BITS = 32  # low bits of the packed z-buffer key hold the point index
 EMPTY_SOURCE = -1  # source id where nothing was rendered (DESIGN.md section 3: -1 = generated/none)
+PIXEL_CENTER = 0.5  # pixel i spans [i, i+1] (DESIGN.md section 3), so its centre is i + 0.5
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,31 @@ def project_points(xyz: Tensor, cams: Cameras) -> tuple[Tensor, Tensor]:
     uvw = torch.einsum("cij,cnj->cni", cams.K, cam)  # [C, N, 3]
     uv = uvw[..., :2] / uvw[..., 2:3].clamp_min(torch.finfo(xyz.dtype).tiny)
     return uv, z
+
+
+def pixel_rays(cams: Cameras) -> Tensor:
+    """Camera-space rays with z = 1 through every pixel centre. [C, H, W, 3]"""
+    H, W = cams.height, cams.width
+    dev = cams.device
+    v, u = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float32) + PIXEL_CENTER,
+                          torch.arange(W, device=dev, dtype=torch.float32) + PIXEL_CENTER, indexing="ij")
+    pix = torch.stack([u, v, torch.ones_like(u)], -1)  # [H, W, 3]
+    Kinv = torch.linalg.inv(cams.K)  # [C, 3, 3]
+    return torch.einsum("cij,hwj->chwi", Kinv, pix)
+
+
+def backproject(depth: Tensor, cams: Cameras) -> Tensor:
+    """World points of every pixel at its depth.
+
+    Args:
+        depth: camera z per pixel. [C, H, W]
+        cams: C cameras matching the depth maps' size.
+    Returns:
+        world points. [C, H, W, 3]
+    """
+    cam_pts = pixel_rays(cams) * depth[..., None]
+    c2w = cams.c2w
+    return torch.einsum("cij,chwj->chwi", c2w[:, :3, :3], cam_pts) + c2w[:, None, None, :3, 3]
 
 
 def _footprint_radius(z: Tensor, fx: Tensor, cfg: RenderConfig) -> Tensor:

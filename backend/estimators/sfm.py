@@ -1,0 +1,169 @@
+"""Cameras for captures that have none: incremental structure from motion with pycolmap.
+
+``estimate_cameras`` runs COLMAP's pipeline (SIFT extraction, exhaustive matching, incremental
+mapping) in a work folder and returns one scene :class:`~backend.scene.Camera` per image (None for
+images that did not register). When the intrinsics are known (for example a focal length given by
+the user), the camera model is PINHOLE with those values held fixed during bundle adjustment;
+otherwise COLMAP's SIMPLE_RADIAL is estimated and its distortion is returned with the camera.
+
+The cameras come back in COLMAP's own (arbitrary) world frame and scale, in our convention (DESIGN.md
+section 3: OpenCV w2c; COLMAP's pixel centres are at i + 0.5 like ours, so K needs no shift).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..scene import DISTORTION_PARAMS, Camera, Distortion, image_size
+
+# COLMAP model name -> (indices of fx, fy, cx, cy in params, distortion model or None, its param slice)
+_MODELS = {
+    "SIMPLE_PINHOLE": ((0, 0, 1, 2), None, slice(0, 0)),
+    "PINHOLE": ((0, 1, 2, 3), None, slice(0, 0)),
+    "SIMPLE_RADIAL": ((0, 0, 1, 2), "SIMPLE_RADIAL", slice(3, 4)),
+    "RADIAL": ((0, 0, 1, 2), "RADIAL", slice(3, 5)),
+    "OPENCV": ((0, 1, 2, 3), "OPENCV", slice(4, 8)),
+    "FULL_OPENCV": ((0, 1, 2, 3), "FULL_OPENCV", slice(4, 12)),
+}
+
+
+class SfMError(ValueError):
+    """Structure from motion could not give cameras for enough images (plain-language message)."""
+
+
+@dataclass(frozen=True)
+class SfMConfig:
+    """Attributes:
+        max_image_size: images are read at most this large for SIFT (COLMAP default 3200).
+        max_num_features: SIFT features per image (COLMAP default 8192).
+        min_registered: fewer registered images than this is an error.
+        unknown_camera_model: COLMAP model estimated when intrinsics are not known.
+        num_threads: worker threads (-1 = all cores).
+        seed: random seed of the mapper (repeatable runs).
+    """
+
+    max_image_size: int = 1600
+    max_num_features: int = 8192
+    min_registered: int = 2
+    unknown_camera_model: str = "SIMPLE_RADIAL"
+    num_threads: int = -1
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.min_registered < 2:
+            raise ValueError(f"SfMConfig.min_registered must be >= 2; got {self.min_registered}")
+        if self.unknown_camera_model not in _MODELS:
+            raise ValueError(f"SfMConfig.unknown_camera_model must be one of {', '.join(_MODELS)}; "
+                             f"got {self.unknown_camera_model!r}")
+
+
+def _camera_from_colmap(image, camera) -> Camera:
+    """A scene Camera (OpenCV w2c float64 [4, 4], K [3, 3]) from a registered pycolmap image."""
+    model = camera.model_name
+    if model not in _MODELS:
+        raise SfMError(f"sfm: camera model {model} is not supported; use one of {', '.join(_MODELS)}")
+    (ifx, ify, icx, icy), dist_model, dist_slice = _MODELS[model]
+    p = np.asarray(camera.params, dtype=np.float64)
+    K = np.array([[p[ifx], 0.0, p[icx]], [0.0, p[ify], p[icy]], [0.0, 0.0, 1.0]])
+    w2c = np.eye(4)
+    w2c[:3, :4] = np.asarray(image.cam_from_world().matrix(), dtype=np.float64)
+    distortion = None
+    if dist_model is not None:
+        params = tuple(float(v) for v in p[dist_slice])
+        if len(params) != DISTORTION_PARAMS[dist_model]:
+            raise SfMError(f"sfm: {model} gave {len(params)} distortion parameters")
+        distortion = Distortion(dist_model, params)
+    return Camera(w2c=w2c, K=K, width=int(camera.width), height=int(camera.height), distortion=distortion)
+
+
+def estimate_cameras(image_paths: Sequence[str | os.PathLike], *, known_K: np.ndarray | None = None,
+                     work_dir: str | os.PathLike, cfg: SfMConfig = SfMConfig()) -> list[Camera | None]:
+    """Estimate the cameras of photos by incremental SfM.
+
+    Args:
+        image_paths: the photos (PNG or JPEG). I paths
+        known_K: intrinsics in pixels of all photos (same size), held fixed; None = estimate them.
+            float [3, 3]
+        work_dir: folder for COLMAP's database, image links and model (created; old content replaced).
+        cfg: feature, threshold and seed settings.
+    Returns:
+        per photo, its Camera (OpenCV w2c, K, size, distortion when estimated) or None if it did not
+        register. All cameras share COLMAP's world frame and scale.
+    Raises:
+        SfMError: fewer than ``cfg.min_registered`` photos registered.
+
+    Example::
+
+        >>> cams = estimate_cameras(["a.jpg", "b.jpg", "c.jpg"], known_K=K, work_dir="/tmp/sfm")
+    """
+    import pycolmap  # heavy; only jobs with captures lacking cameras need it
+
+    cfg.check()
+    paths = [Path(p).resolve() for p in image_paths]
+    if len(paths) < cfg.min_registered:
+        raise SfMError(f"sfm: needs at least {cfg.min_registered} photos to estimate cameras; got {len(paths)}")
+    for p in paths:
+        if not p.is_file():
+            raise SfMError(f"sfm: photo not found: {p}")
+    sizes = [image_size(p) for p in paths]
+    work = Path(work_dir)
+    if work.exists():
+        shutil.rmtree(work)
+    image_dir, model_dir = work / "images", work / "sparse"
+    image_dir.mkdir(parents=True)
+    model_dir.mkdir()
+    names = [f"{i:05d}{p.suffix.lower()}" for i, p in enumerate(paths)]
+    for name, p in zip(names, paths):
+        (image_dir / name).symlink_to(p)
+    database = work / "database.db"
+
+    reader = pycolmap.ImageReaderOptions()
+    options = pycolmap.IncrementalPipelineOptions()
+    if known_K is not None:
+        K = np.asarray(known_K, dtype=np.float64)
+        if K.shape != (3, 3):
+            raise ValueError(f"estimate_cameras: known_K must be [3, 3]; got {K.shape}")
+        if len(set(sizes)) != 1:
+            raise ValueError(f"estimate_cameras: known_K needs photos of one size; got {sorted(set(sizes))}")
+        reader.camera_model = "PINHOLE"
+        reader.camera_params = f"{K[0, 0]},{K[1, 1]},{K[0, 2]},{K[1, 2]}"
+        camera_mode = pycolmap.CameraMode.SINGLE
+        options.ba_refine_focal_length = False
+        options.ba_refine_principal_point = False
+        options.ba_refine_extra_params = False
+    else:
+        reader.camera_model = cfg.unknown_camera_model
+        camera_mode = pycolmap.CameraMode.AUTO
+    extraction = pycolmap.FeatureExtractionOptions()
+    extraction.max_image_size = cfg.max_image_size
+    extraction.sift.max_num_features = cfg.max_num_features
+    extraction.num_threads = cfg.num_threads
+    pycolmap.extract_features(database, image_dir, image_names=names, camera_mode=camera_mode,
+                              reader_options=reader, extraction_options=extraction, device=pycolmap.Device.cpu)
+    pycolmap.match_exhaustive(database)
+    options.num_threads = cfg.num_threads
+    options.random_seed = cfg.seed
+    recs = pycolmap.incremental_mapping(database, image_dir, model_dir, options)
+    rec = max(recs.values(), key=lambda r: r.num_reg_images(), default=None)
+
+    out: list[Camera | None] = [None] * len(paths)
+    if rec is not None:
+        for i, name in enumerate(names):
+            image = rec.find_image_with_name(name)
+            if image is not None and image.has_pose:
+                out[i] = _camera_from_colmap(image, rec.cameras[image.camera_id])
+    registered = sum(c is not None for c in out)
+    if registered < cfg.min_registered:
+        missing = [str(paths[i].name) for i, c in enumerate(out) if c is None]
+        raise SfMError(
+            f"sfm: only {registered} of {len(paths)} photos could be placed (need {cfg.min_registered}); "
+            f"not placed: {', '.join(missing)}. Photos need overlapping, textured content; "
+            "add photos between them or give their cameras"
+        )
+    return out

@@ -1,0 +1,166 @@
+"""Build the geometry memory M from posed captures (DESIGN.md section 1 step 1).
+
+``build_memory`` runs a registered :class:`~backend.estimators.GeometryEstimator` (default ``mvs``,
+plane-sweep stereo without learned weights), drops weak points, voxel-downsamples and caps the
+count so that M stays bounded. ``memory_to_ply_arrays`` gives the arrays of the point-cloud .ply
+(DESIGN.md section 3: ``x y z`` float32, ``red green blue`` uchar, ``confidence`` float32,
+``source`` int32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..estimators import make_estimator
+from ..estimators.mvs import MVSConfig
+from .types import GeometryMemory, Views
+
+CONFIDENCE_FLOOR = 1e-6  # weight of a zero-confidence point in voxel averages
+EXTENT_PERCENTILES = (0.01, 0.99)  # robust bounding box used for the automatic voxel size
+MAX_PACKED_CELLS = 1 << 62  # voxel grids with more cells than this are keyed by rows, not one int64
+COLOR_LEVELS = 255  # uchar colours in the .ply
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Settings of the initial memory.
+
+    Attributes:
+        mvs: settings of the ``mvs`` estimator.
+        min_confidence: points below this confidence are dropped.
+        voxel_size: voxel edge (world units) for downsampling; 0 = ``voxel_fraction`` times the
+            diagonal of the points' robust bounding box.
+        voxel_fraction: automatic voxel size as a fraction of the scene diagonal (1/1000 keeps
+            roughly the density of a 640-pixel depth map on an object filling the view).
+        max_points: hard cap; the most confident points are kept (bounds render and fit cost).
+    """
+
+    mvs: MVSConfig = field(default_factory=MVSConfig)
+    min_confidence: float = 0.0
+    voxel_size: float = 0.0
+    voxel_fraction: float = 1.0 / 1000.0
+    max_points: int = 2_000_000
+
+    def check(self) -> None:
+        if self.voxel_size < 0:
+            raise ValueError(f"MemoryConfig.voxel_size must be >= 0; got {self.voxel_size}")
+        if not 0 < self.voxel_fraction < 1:
+            raise ValueError(f"MemoryConfig.voxel_fraction must be in (0, 1); got {self.voxel_fraction}")
+        if self.max_points < 1:
+            raise ValueError(f"MemoryConfig.max_points must be >= 1; got {self.max_points}")
+
+
+def check_views(views: Views, where: str) -> None:
+    """Raise ValueError unless images, cameras and ids agree ([C, H, W, 3] float images)."""
+    imgs = views.images
+    if imgs.ndim != 4 or imgs.shape[-1] != 3 or not imgs.is_floating_point():
+        raise ValueError(f"{where}: views.images must be float [C, H, W, 3]; got {imgs.dtype} {tuple(imgs.shape)}")
+    C, H, W = imgs.shape[:3]
+    if len(views.cams) != C or len(views.ids) != C:
+        raise ValueError(f"{where}: views need one camera and id per image; got {C} images, "
+                         f"{len(views.cams)} cameras, {len(views.ids)} ids")
+    if (views.cams.width, views.cams.height) != (W, H):
+        raise ValueError(f"{where}: views.cams are {views.cams.width}x{views.cams.height} but images are {W}x{H}")
+
+
+def build_memory(views: Views, cfg: MemoryConfig = MemoryConfig(), *, estimator: str = "mvs") -> GeometryMemory:
+    """The initial memory M from posed captures.
+
+    Args:
+        views: captures: images in [0, 1] [C, H, W, 3], their cameras (OpenCV w2c, K), capture ids.
+        cfg: estimator settings, confidence floor, voxel size, point cap.
+        estimator: registered geometry estimator name (``mvs``).
+    Returns:
+        GeometryMemory with xyz [N, 3], rgb [N, 3], confidence [N], source [N] (capture ids), on
+        the device of ``views.images``.
+
+    Example::
+
+        >>> memory = build_memory(views, MemoryConfig(mvs=MVSConfig(max_side=320)))
+        >>> xyz, rgb, conf, src = memory_to_ply_arrays(memory)
+    """
+    cfg.check()
+    check_views(views, "build_memory")
+    est_cfgs = {"mvs": cfg.mvs}
+    memory = make_estimator(estimator, est_cfgs.get(estimator)).estimate(views)
+    if cfg.min_confidence > 0:
+        memory = memory.select(memory.confidence >= cfg.min_confidence)
+    voxel = cfg.voxel_size or auto_voxel_size(memory, cfg.voxel_fraction)
+    if voxel > 0:
+        memory = voxel_downsample(memory, voxel)
+    return cap_points(memory, cfg.max_points)
+
+
+def auto_voxel_size(memory: GeometryMemory, fraction: float) -> float:
+    """``fraction`` of the diagonal of the points' robust bounding box; 0 for fewer than 2 points."""
+    if len(memory) < 2:
+        return 0.0
+    lo, hi = torch.quantile(memory.xyz.float(), torch.tensor(EXTENT_PERCENTILES, device=memory.device), dim=0)
+    return float((hi - lo).norm()) * fraction
+
+
+def cap_points(memory: GeometryMemory, max_points: int) -> GeometryMemory:
+    """The ``max_points`` most confident points (all of them if fewer)."""
+    if len(memory) <= max_points:
+        return memory
+    keep = torch.topk(memory.confidence, max_points).indices
+    return memory.select(keep.sort().values)
+
+
+def voxel_keys(xyz: Tensor, voxel_size: float) -> Tensor:
+    """Group index per point for a voxel grid of edge ``voxel_size``: int64 [N] in [0, G)."""
+    q = torch.floor(xyz / voxel_size).to(torch.int64)
+    q = q - q.min(0).values
+    dims = q.max(0).values + 1
+    if float(dims.double().prod()) < MAX_PACKED_CELLS:
+        key = (q[:, 0] * dims[1] + q[:, 1]) * dims[2] + q[:, 2]
+        return torch.unique(key, return_inverse=True)[1]
+    return torch.unique(q, dim=0, return_inverse=True)[1]
+
+
+def voxel_downsample(memory: GeometryMemory, voxel_size: float) -> GeometryMemory:
+    """Merge the points of each voxel into one.
+
+    Position and colour are confidence-weighted means, confidence is the voxel's maximum, and the
+    source id is that of the most confident point (ties: the largest id).
+
+    Args:
+        memory: N points.
+        voxel_size: voxel edge in world units, > 0.
+    Returns:
+        GeometryMemory with one point per occupied voxel (G <= N).
+    """
+    if not voxel_size > 0:
+        raise ValueError(f"voxel_downsample: voxel_size must be > 0; got {voxel_size}")
+    if len(memory) == 0:
+        return memory
+    inv = voxel_keys(memory.xyz, voxel_size)  # [N]
+    G = int(inv.max()) + 1
+    dev = memory.device
+    w = memory.confidence.clamp_min(CONFIDENCE_FLOOR)
+    wsum = torch.zeros(G, device=dev).index_add_(0, inv, w)
+    xyz = torch.zeros(G, 3, device=dev).index_add_(0, inv, memory.xyz * w[:, None]) / wsum[:, None]
+    rgb = torch.zeros(G, 3, device=dev).index_add_(0, inv, memory.rgb * w[:, None]) / wsum[:, None]
+    conf = torch.full((G,), -1.0, device=dev).scatter_reduce(0, inv, memory.confidence, "amax")
+    is_best = memory.confidence >= conf[inv]
+    lowest = torch.iinfo(torch.int32).min
+    source = torch.full((G,), lowest, dtype=torch.int32, device=dev).scatter_reduce(
+        0, inv[is_best], memory.source[is_best].to(torch.int32), "amax")
+    return GeometryMemory(xyz=xyz, rgb=rgb.clamp(0, 1), confidence=conf, source=source)
+
+
+def memory_to_ply_arrays(memory: GeometryMemory) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Arrays for the point-cloud .ply (DESIGN.md section 3).
+
+    Returns:
+        xyz: float32 [N, 3]; rgb: uint8 [N, 3]; confidence: float32 [N]; source: int32 [N].
+    """
+    xyz = memory.xyz.detach().float().cpu().numpy()
+    rgb = (memory.rgb.detach().clamp(0, 1) * COLOR_LEVELS).round().to(torch.uint8).cpu().numpy()
+    conf = memory.confidence.detach().float().cpu().numpy()
+    source = memory.source.detach().to(torch.int32).cpu().numpy()
+    return xyz, rgb, conf, source

@@ -1,0 +1,199 @@
+"""Feed generated frames back into the memory M (DESIGN.md section 1 step 6).
+
+After a segment is generated, its frames are lifted to 3D and merged into M, so that the next
+segment renders from the updated memory (AnyRecon re-runs its point-map model on captured plus
+generated views; without this, segments drift apart). Here, with no learned weights:
+
+- pixels the memory rendered keep the rendered depth (geometry from M, colour from the frame);
+- pixels the generator filled get depth by plane-sweep stereo (``backend.estimators.mvs``) of the
+  frame against nearby captures and neighbouring frames, kept only where the depth agrees with
+  another frame (geometric consistency);
+- new points get source -1 and confidence = generator confidence x stereo confidence x weight;
+- everything is merged and voxel-downsampled so that M stays bounded.
+
+``UpdateConfig.enabled = False`` returns the memory unchanged, so the update's effect can be measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..estimators.mvs import (MVSConfig, fuse_depths, match_candidates, plane_sweep, select_neighbors,
+                              to_gray)
+from .memory import auto_voxel_size, cap_points, check_views, voxel_downsample
+from .render import backproject, project_points
+from .types import Cameras, GeometryMemory, Renders, Views
+
+GENERATED_SOURCE = -1  # source id of points lifted from generated frames (DESIGN.md section 3)
+
+
+def _default_stereo() -> MVSConfig:
+    # Fewer planes and neighbours than the initial MVS: the range is already tight (from M).
+    return MVSConfig(num_planes=48, num_neighbors=3, match_candidates=6, min_consistent=1)
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """Attributes:
+        enabled: off = the memory is returned unchanged (measures the update's effect).
+        voxel_size: voxel edge (world units) of the merge; 0 = ``voxel_fraction`` x scene diagonal.
+        voxel_fraction: automatic voxel size as a fraction of the memory's diagonal.
+        max_points: cap on M after the merge (most confident points kept).
+        rendered_weight: confidence scale of points lifted at rendered depth (geometry from M).
+        stereo_weight: confidence scale of points placed by stereo in filled pixels.
+        min_confidence: lifted points below this confidence are dropped.
+        lift_rendered: also lift the pixels M rendered (adds generated colour and density).
+        stereo: plane-sweep settings for filled pixels (max_side is the stereo resolution).
+        depth_percentiles: band of the frame's rendered depths that sets the stereo range...
+        depth_margin: ...widened by this factor on each side (near / m, far * m).
+    """
+
+    enabled: bool = True
+    voxel_size: float = 0.0
+    voxel_fraction: float = 1.0 / 1000.0
+    max_points: int = 2_000_000
+    rendered_weight: float = 1.0
+    stereo_weight: float = 0.5
+    min_confidence: float = 0.05
+    lift_rendered: bool = True
+    stereo: MVSConfig = field(default_factory=_default_stereo)
+    depth_percentiles: tuple[float, float] = (0.02, 0.98)
+    depth_margin: float = 1.5
+
+    def check(self) -> None:
+        if self.voxel_size < 0:
+            raise ValueError(f"UpdateConfig.voxel_size must be >= 0; got {self.voxel_size}")
+        if self.max_points < 1:
+            raise ValueError(f"UpdateConfig.max_points must be >= 1; got {self.max_points}")
+        if self.depth_margin < 1:
+            raise ValueError(f"UpdateConfig.depth_margin must be >= 1; got {self.depth_margin}")
+        self.stereo.check()
+
+
+def _resize(images: Tensor, cams: Cameras, width: int, height: int) -> tuple[Tensor, Cameras]:
+    """Images [C, H, W, 3] and cameras at another size (antialiased area-like resize)."""
+    if (cams.width, cams.height) == (width, height):
+        return images, cams
+    out = F.interpolate(images.permute(0, 3, 1, 2), size=(height, width), mode="bilinear",
+                        antialias=True, align_corners=False).permute(0, 2, 3, 1)
+    return out.clamp(0, 1).contiguous(), cams.resized(width, height)
+
+
+def _frame_range(depth: Tensor, mask: Tensor, memory: GeometryMemory, cam: Cameras,
+                 cfg: UpdateConfig) -> tuple[float, float] | None:
+    """Stereo depth range of one frame: from its rendered depths, else from M's points in view."""
+    z = depth[mask]
+    if z.numel() == 0 and len(memory):
+        uv, zz = project_points(memory.xyz, cam)
+        inside = (zz[0] > 0) & (uv[0, :, 0] >= 0) & (uv[0, :, 0] < cam.width) & (uv[0, :, 1] >= 0) & (uv[0, :, 1] < cam.height)
+        z = zz[0][inside]
+    if z.numel() == 0:
+        return None
+    lo, hi = torch.quantile(z.float(), torch.tensor(cfg.depth_percentiles, device=z.device)).tolist()
+    if not lo > 0:
+        return None
+    return lo / cfg.depth_margin, max(hi, lo * (1 + 1e-3)) * cfg.depth_margin
+
+
+def lift_rendered(frames: Views, renders: Renders, confidence: Tensor, weight: float) -> GeometryMemory:
+    """Points at the rendered depth of the pixels M covers, coloured by the frames (source -1)."""
+    world = backproject(renders.depth, frames.cams)  # [F, H, W, 3]
+    m = renders.mask
+    return GeometryMemory(
+        xyz=world[m], rgb=frames.images[m], confidence=confidence[m] * weight,
+        source=torch.full((int(m.sum()),), GENERATED_SOURCE, dtype=torch.int32, device=world.device),
+    )
+
+
+def lift_filled(memory: GeometryMemory, frames: Views, renders: Renders, confidence: Tensor, captures: Views,
+                cfg: UpdateConfig) -> GeometryMemory:
+    """Points for the pixels the generator filled, by plane sweep against captures and other frames.
+
+    Stereo runs at ``cfg.stereo.max_side``; a filled depth is kept where another frame's depth
+    (rendered or stereo) agrees with it.
+    """
+    Fn, H, W = renders.depth.shape
+    s = cfg.stereo
+    scale = min(1.0, s.max_side / max(H, W)) if s.max_side > 0 else 1.0
+    w, h = max(1, round(W * scale)), max(1, round(H * scale))
+    f_imgs, f_cams = _resize(frames.images, frames.cams, w, h)
+    r_depth = F.interpolate(renders.depth[:, None], size=(h, w), mode="nearest")[:, 0]
+    r_mask = r_depth > 0
+    conf = F.interpolate(confidence[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+    if len(captures):
+        c_imgs, c_cams = _resize(captures.images, captures.cams, w, h)
+        all_imgs, all_cams = torch.cat([f_imgs, c_imgs]), Cameras.cat([f_cams, c_cams])
+    else:
+        all_imgs, all_cams = f_imgs, f_cams
+    gray = to_gray(all_imgs)
+    candidates = match_candidates(all_cams, s)
+    stereo_depth = torch.zeros(Fn, h, w, device=gray.device)
+    stereo_conf = torch.zeros(Fn, h, w, device=gray.device)
+    for f in range(Fn):
+        if bool(r_mask[f].all()):
+            continue
+        rng = _frame_range(r_depth[f], r_mask[f], memory, f_cams[f], cfg)
+        if rng is None:
+            continue
+        nb = select_neighbors(all_cams, f, candidates[f], math.sqrt(rng[0] * rng[1]), s)
+        if not nb:
+            continue
+        res = plane_sweep(gray[f], all_cams[f], gray[nb], all_cams[nb], rng[0], rng[1], s)
+        filled = ~r_mask[f]
+        stereo_depth[f] = torch.where(filled, res.depth, torch.zeros_like(res.depth))
+        stereo_conf[f] = torch.where(filled, res.confidence * conf[f], torch.zeros_like(res.confidence))
+    if not bool((stereo_depth > 0).any()):
+        return GeometryMemory.empty(gray.device)
+    check = torch.where(r_mask, r_depth, stereo_depth)
+    neighbors = [[g for g in range(Fn) if g != f] for f in range(Fn)]
+    views = Views(f_imgs, f_cams, [GENERATED_SOURCE] * Fn)
+    pts = fuse_depths(stereo_depth, stereo_conf * cfg.stereo_weight, views, neighbors, s, check_depths=check)
+    return pts
+
+
+def update_memory(memory: GeometryMemory, frames: Views, renders: Renders, confidence: Tensor,
+                  captures: Views, cfg: UpdateConfig = UpdateConfig()) -> GeometryMemory:
+    """Merge a segment's generated frames into M.
+
+    Args:
+        memory: M before the segment (N points).
+        frames: generated frames: images in [0, 1] [F, H, W, 3], their cameras, ids (-1).
+        renders: M rendered at the frames' cameras: depth [F, H, W], mask [F, H, W], ...
+        confidence: the generator's per-pixel confidence in [0, 1]. [F, H, W]
+        captures: the captures (images [Q, h, w, 3], cameras, ids) used as stereo partners.
+        cfg: switch, weights, stereo settings, voxel size and cap.
+    Returns:
+        the updated memory (``memory`` itself when ``cfg.enabled`` is False).
+
+    Example::
+
+        >>> memory = update_memory(memory, Views(frames.images, seg_cams, [-1] * F), renders,
+        ...                        frames.confidence, captures, UpdateConfig())
+    """
+    cfg.check()
+    if not cfg.enabled:
+        return memory
+    check_views(frames, "update_memory: frames")
+    Fn, H, W = frames.images.shape[:3]
+    for name, t in (("renders.depth", renders.depth), ("renders.mask", renders.mask), ("confidence", confidence)):
+        if tuple(t.shape) != (Fn, H, W):
+            raise ValueError(f"update_memory: {name} must be [F, H, W] = {(Fn, H, W)}; got {tuple(t.shape)}")
+    if len(captures):
+        check_views(captures, "update_memory: captures")
+    parts = [memory]
+    if cfg.lift_rendered:
+        parts.append(lift_rendered(frames, renders, confidence, cfg.rendered_weight))
+    parts.append(lift_filled(memory, frames, renders, confidence, captures, cfg))
+    new = GeometryMemory.cat(parts[1:])
+    new = new.select(new.confidence >= cfg.min_confidence)
+    merged = GeometryMemory.cat([memory, new.to(memory.device)])
+    voxel = cfg.voxel_size or auto_voxel_size(memory if len(memory) > 1 else merged, cfg.voxel_fraction)
+    if voxel > 0:
+        merged = voxel_downsample(merged, voxel)
+    return cap_points(merged, cfg.max_points)

@@ -67,7 +67,7 @@ def _out_refs(value: Any, arrays: list[memoryview], depth: int) -> Any:
     if isinstance(value, np.ndarray):
         if value.dtype.name not in DTYPES:
             raise ValueError(f"array dtype must be one of {', '.join(DTYPES)}; got {value.dtype}")
-        arr = np.ascontiguousarray(value)
+        arr = value if value.flags.c_contiguous else value.copy(order="C")  # keeps 0-d arrays 0-d
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         arrays.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(b""))

@@ -1,0 +1,108 @@
+"""Bad input against the live service: every bad message gets an error reply with a code, and the next
+valid request on the same connection succeeds. Raw DEALER sockets, so nothing in between fixes input."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from backend.service import Service, ServiceConfig
+from protocol import errors, limits
+from protocol.codec import decode, pack
+from tests.protocol.helpers import runner
+from tests.protocol.test_codec import WRONG, path_text, set_path, valid_requests, wrong_type_cases
+
+TIMEOUT_MS = 5000
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory):
+    svc = Service(ServiceConfig(bind="tcp://127.0.0.1:*", data_dir=tmp_path_factory.mktemp("jobs"), device="cpu"), runner=runner)
+    thread = svc.start_thread()
+    yield svc.endpoint
+    svc.stop()
+    thread.join(20)
+
+
+@pytest.fixture
+def sock(endpoint):
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    yield s
+    s.close()
+
+
+def ask(sock, frames) -> dict:
+    sock.send_multipart(frames)
+    assert sock.poll(TIMEOUT_MS), "no reply"
+    return decode(sock.recv_multipart(), "reply")
+
+
+def jobs_ok(sock) -> None:
+    reply = ask(sock, [msgpack.packb({"v": 1, "op": "jobs", "id": "next"})])
+    assert reply["ok"] and reply["id"] == "next"
+
+
+GARBAGE = [
+    ([b"\xc1\xc1\xc1 not msgpack"], errors.BAD_MSGPACK, None),
+    ([msgpack.packb({"v": 1, "op": "jobs", "id": 3})[:-2]], errors.BAD_MSGPACK, None),
+    ([msgpack.packb("a string")], errors.BAD_MSGPACK, None),
+    ([b""], errors.BAD_MSGPACK, None),
+    ([msgpack.packb({"v": 2, "op": "jobs", "id": 3})], errors.UNSUPPORTED_VERSION, 3),
+    ([msgpack.packb({"v": 1, "op": "explode", "id": 3})], errors.UNKNOWN_OP, 3),
+    ([msgpack.packb({"v": 1, "op": "jobs", "id": 3}), b"stray frame"], errors.BAD_FRAME, 3),
+    ([msgpack.packb({"v": 1, "op": "fetch", "id": 3, "job": "a" * 32, "name": "x", "length": limits.MAX_FETCH_CHUNK_BYTES + 1})], errors.BAD_FIELD, 3),
+    ([msgpack.packb({"v": 1, "op": "hello", "id": 3, "versions": [99]})], errors.UNSUPPORTED_VERSION, 3),
+    ([msgpack.packb({"v": 1, "op": "status", "id": 3, "job": "f" * 32})], errors.NOT_FOUND, 3),
+]
+
+
+@pytest.mark.parametrize("frames, code, rid", GARBAGE)
+def test_garbage_gets_error_reply_then_valid_request_works(sock, frames, code, rid):
+    reply = ask(sock, frames)
+    assert reply["ok"] is False and reply["error"]["code"] == code and reply["id"] == rid
+    assert reply["error"]["message"]
+    jobs_ok(sock)
+
+
+def test_wrong_type_in_every_field_of_every_op(sock):
+    cases = wrong_type_cases()
+    for op, path, field in cases:
+        msg = set_path(valid_requests()[op], path, WRONG[field.type])
+        reply = ask(sock, list(pack(msg)))
+        assert reply["ok"] is False and reply["op"] == op, (op, path)
+        assert reply["error"]["code"] == errors.BAD_FIELD and reply["error"]["field"] == path_text(path)
+        jobs_ok(sock)
+
+
+def test_too_many_captures_is_too_large(sock):
+    msg = valid_requests()["submit"]
+    one = {"name": "c", "image": np.zeros((2, 2, 3), np.uint8)}
+    msg["scene"]["captures"] = [one] * (limits.MAX_CAPTURES + 1)
+    reply = ask(sock, list(pack(msg)))
+    assert reply["error"]["code"] == errors.TOO_LARGE and reply["error"]["field"] == "scene.captures"
+    jobs_ok(sock)
+
+
+def test_frame_over_socket_limit_is_dropped_and_service_goes_on(endpoint, sock):
+    big = np.zeros(limits.MAX_FRAME_BYTES + 1, np.uint8)
+    sock.send_multipart([msgpack.packb({"v": 1, "op": "jobs", "id": 1}), big])
+    assert not sock.poll(300)  # ZMQ_MAXMSGSIZE: the connection is dropped, nothing reaches Python
+    fresh = zmq.Context.instance().socket(zmq.DEALER)
+    fresh.setsockopt(zmq.LINGER, 0)
+    fresh.connect(endpoint)
+    jobs_ok(fresh)
+    fresh.close()
+
+
+def test_req_socket_with_delimiter_frame_is_answered(endpoint):
+    req = zmq.Context.instance().socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(endpoint)
+    req.send(msgpack.packb({"v": 1, "op": "jobs", "id": 9}))
+    assert req.poll(TIMEOUT_MS)
+    assert decode(req.recv_multipart(), "reply")["id"] == 9
+    req.close()

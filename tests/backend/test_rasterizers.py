@@ -1,0 +1,201 @@
+"""The torch_cpu rasterizer against closed forms and gsplat's documented conventions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from backend.rasterizers import Rasterizer, available_rasterizers, make_rasterizer, rasterizer_class
+from backend.rasterizers.sh import SH_C0, eval_sh, rgb_to_sh, sh_basis, sh_to_colors, sh_to_rgb
+from backend.rasterizers.torch_cpu import EPS2D, TorchCpuRasterizer, covariances, project_gaussians
+
+IDENTITY_QUAT = [1.0, 0.0, 0.0, 0.0]
+
+
+def pinhole(f: float, cx: float, cy: float, dtype=torch.float32) -> torch.Tensor:
+    return torch.tensor([[[f, 0.0, cx], [0.0, f, cy], [0.0, 0.0, 1.0]]], dtype=dtype)
+
+
+def pixel_centres(width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    return xs, ys
+
+
+def test_registry_and_protocol():
+    assert available_rasterizers() == ["gsplat", "torch_cpu"]
+    r = make_rasterizer("torch_cpu")
+    assert isinstance(r, Rasterizer)
+    assert rasterizer_class("gsplat").__name__ == "GsplatRasterizer"
+    with pytest.raises(ValueError, match=r"unknown rasterizer 'opengl'; known: gsplat, torch_cpu"):
+        make_rasterizer("opengl")
+
+
+def test_gsplat_refuses_cpu_tensors():
+    r = make_rasterizer("gsplat")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        r.render(torch.zeros(1, 3), torch.zeros(1, 4), torch.ones(1, 3), torch.ones(1), torch.ones(1, 3),
+                 torch.eye(4)[None], pinhole(10, 5, 5), 10, 10)
+
+
+def test_single_isotropic_gaussian_is_the_analytic_2d_gaussian():
+    """On the optical axis: o * exp(-r^2 / (2 (f s / z)^2 + 2 eps2d)), centred at (cx, cy), pixel centres at i + 0.5."""
+    f, s, z, o = 50.0, 0.1, 4.0, 0.8
+    cx, cy = 20.5, 13.5  # the centre of pixel (20, 13)
+    r = TorchCpuRasterizer()
+    img, alpha, meta = r.render(torch.tensor([[0.0, 0.0, z]]), torch.tensor([IDENTITY_QUAT]), torch.full((1, 3), s),
+                                torch.tensor([o]), torch.ones(1, 1), torch.eye(4)[None], pinhole(f, cx, cy), 40, 30)
+    var = (f * s / z) ** 2 + EPS2D
+    xs, ys = pixel_centres(40, 30)
+    expected = o * torch.exp(-0.5 * ((xs - cx) ** 2 + (ys - cy) ** 2) / var)
+    expected = torch.where(expected >= 1 / 255, expected, torch.zeros_like(expected))  # gsplat's alpha cut-off
+    torch.testing.assert_close(img[0, ..., 0], expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(alpha[0, ..., 0], expected, atol=1e-6, rtol=0)
+    assert img[0].argmax() == 13 * 40 + 20  # peak at pixel (20, 13)
+    torch.testing.assert_close(meta["means2d"][0, 0], torch.tensor([cx, cy]))
+    assert meta["radii"][0, 0].tolist() == [math.ceil(math.sqrt(2 * math.log(255)) * math.sqrt(var))] * 2
+
+
+def test_off_axis_covariance_is_jacobian_projection():
+    """2D covariance = J R Sigma R^T J^T + eps2d, J the pinhole Jacobian at the camera-space mean."""
+    rng = np.random.default_rng(3)
+    f, w, h = 60.0, 64, 48
+    K = pinhole(f, 30.0, 25.0, torch.float64)
+    angle = 0.3
+    w2c = torch.eye(4, dtype=torch.float64)
+    w2c[:3, :3] = torch.tensor([[math.cos(angle), 0, math.sin(angle)], [0, 1, 0], [-math.sin(angle), 0, math.cos(angle)]])
+    w2c[:3, 3] = torch.tensor([0.1, -0.2, 3.0])
+    means = torch.tensor(rng.normal(size=(5, 3)) * 0.4, dtype=torch.float64)
+    quats = torch.tensor(rng.normal(size=(5, 4)), dtype=torch.float64)
+    scales = torch.tensor(rng.uniform(0.02, 0.2, size=(5, 3)), dtype=torch.float64)
+    means2d, conics, depths, radii = project_gaussians(means, covariances(quats, scales), w2c[None], K, w, h)
+    for i in range(5):
+        q = quats[i].numpy() / np.linalg.norm(quats[i].numpy())
+        qw, qx, qy, qz = q
+        Rq = np.array([[1 - 2 * (qy**2 + qz**2), 2 * (qx * qy - qw * qz), 2 * (qx * qz + qw * qy)],
+                       [2 * (qx * qy + qw * qz), 1 - 2 * (qx**2 + qz**2), 2 * (qy * qz - qw * qx)],
+                       [2 * (qx * qz - qw * qy), 2 * (qy * qz + qw * qx), 1 - 2 * (qx**2 + qy**2)]])
+        sigma = Rq @ np.diag(scales[i].numpy() ** 2) @ Rq.T
+        Rv, tv = w2c[:3, :3].numpy(), w2c[:3, 3].numpy()
+        pc = Rv @ means[i].numpy() + tv
+        J = np.array([[f / pc[2], 0, -f * pc[0] / pc[2] ** 2], [0, f / pc[2], -f * pc[1] / pc[2] ** 2]])
+        cov2d = J @ Rv @ sigma @ Rv.T @ J.T + EPS2D * np.eye(2)
+        inv = np.linalg.inv(cov2d)
+        np.testing.assert_allclose(conics[0, i].numpy(), [inv[0, 0], inv[0, 1], inv[1, 1]], rtol=1e-9)
+        np.testing.assert_allclose(means2d[0, i].numpy(), [f * pc[0] / pc[2] + 30.0, f * pc[1] / pc[2] + 25.0], rtol=1e-12)
+        assert depths[0, i].item() == pytest.approx(pc[2])
+
+
+def test_front_to_back_compositing_and_depth_order():
+    f, z_front, z_back = 40.0, 2.0, 3.0
+    means = torch.tensor([[0.0, 0.0, z_back], [0.0, 0.0, z_front]])  # back one listed first
+    quats = torch.tensor([IDENTITY_QUAT] * 2)
+    scales = torch.tensor([[0.3] * 3, [0.1] * 3])
+    opac = torch.tensor([0.9, 0.6])
+    colors = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    r = TorchCpuRasterizer()
+    args = (torch.eye(4)[None], pinhole(f, 8.5, 8.5), 17, 17)
+    img, alpha, _ = r.render(means, quats, scales, opac, colors, *args)
+    flip = [1, 0]
+    img2, _, _ = r.render(means[flip], quats, scales[flip], opac[flip], colors[flip], *args)
+    torch.testing.assert_close(img, img2)
+    # At the centre pixel both Gaussians peak: front alpha 0.6 over back alpha 0.9.
+    centre = img[0, 8, 8]
+    torch.testing.assert_close(centre, torch.tensor([0.6, 0.0, 0.4 * 0.9]), atol=1e-6, rtol=0)
+    assert alpha[0, 8, 8, 0].item() == pytest.approx(0.6 + 0.4 * 0.9, abs=1e-6)
+
+
+def test_transmittance_cut_off_like_gsplat():
+    """Behind an alpha-0.999 Gaussian, T = 1e-3; the next would take it to 1e-6 < 1e-4: not drawn."""
+    means = torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 3.0]])
+    img, alpha, _ = TorchCpuRasterizer().render(
+        means, torch.tensor([IDENTITY_QUAT] * 2), torch.full((2, 3), 0.5), torch.tensor([1.0, 1.0]),
+        torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), torch.eye(4)[None], pinhole(10.0, 4.5, 4.5), 9, 9)
+    torch.testing.assert_close(img[0, 4, 4], torch.tensor([0.999, 0.0, 0.0]))
+    assert alpha[0, 4, 4, 0].item() == pytest.approx(0.999)
+
+
+def test_culling_and_backgrounds():
+    means = torch.tensor([[0.0, 0.0, -2.0], [50.0, 0.0, 2.0], [0.0, 0.0, 0.005]])  # behind, outside, before near
+    img, alpha, meta = TorchCpuRasterizer().render(
+        means, torch.tensor([IDENTITY_QUAT] * 3), torch.full((3, 3), 0.1), torch.ones(3), torch.ones(3, 3),
+        torch.eye(4)[None], pinhole(10.0, 4.0, 4.0), 8, 8, backgrounds=torch.tensor([[0.2, 0.3, 0.4]]))
+    assert (meta["radii"] == 0).all()
+    assert alpha.abs().max() == 0
+    torch.testing.assert_close(img[0], torch.tensor([0.2, 0.3, 0.4]).expand(8, 8, 3))
+
+
+def test_row_bands_bound_memory_without_changing_the_image():
+    torch.manual_seed(0)
+    n = 60
+    means = torch.randn(n, 3) * 0.3 + torch.tensor([0.0, 0.0, 3.0])
+    args = (means, torch.randn(n, 4), torch.rand(n, 3) * 0.2, torch.rand(n), torch.rand(n, 3),
+            torch.eye(4)[None].repeat(2, 1, 1), pinhole(30.0, 16.0, 12.0).repeat(2, 1, 1), 32, 24)
+    full, _, _ = TorchCpuRasterizer().render(*args)
+    banded, _, _ = TorchCpuRasterizer(max_pairs=500).render(*args)
+    torch.testing.assert_close(full, banded, atol=1e-6, rtol=0)
+
+
+def test_gradients_match_finite_differences():
+    """gradcheck in float64 on a tiny scene: every input of the rasterizer is differentiable."""
+    torch.manual_seed(1)
+    n = 3
+    dt = torch.float64
+    means = (torch.randn(n, 3, dtype=dt) * 0.2 + torch.tensor([0.0, 0.0, 2.0], dtype=dt)).requires_grad_()
+    quats = torch.randn(n, 4, dtype=dt).requires_grad_()
+    scales = (torch.rand(n, 3, dtype=dt) * 0.15 + 0.1).requires_grad_()
+    opac = (torch.rand(n, dtype=dt) * 0.5 + 0.3).requires_grad_()
+    sh = (torch.randn(n, 4, 3, dtype=dt) * 0.3).requires_grad_()
+    w2c = torch.eye(4, dtype=dt)[None]
+    K = pinhole(8.0, 5.0, 4.0, dt)
+    r = TorchCpuRasterizer()
+
+    def render(m, q, s, o, c):
+        img, alpha, _ = r.render(m, q, s, o, c, w2c, K, 10, 8, sh_degree=1)
+        return img, alpha
+
+    assert torch.autograd.gradcheck(render, (means, quats, scales, opac, sh), eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+def test_meta_means2d_gradient_is_retainable():
+    torch.manual_seed(0)
+    n = 20
+    means = (torch.randn(n, 3) * 0.2 + torch.tensor([0.0, 0.0, 2.0])).requires_grad_()
+    img, _, meta = TorchCpuRasterizer().render(
+        means, torch.randn(n, 4), torch.rand(n, 3) * 0.1,
+        torch.rand(n), torch.rand(n, 3), torch.eye(4)[None], pinhole(20.0, 8.0, 8.0), 16, 16)
+    meta["means2d"].retain_grad()
+    img.sum().backward()
+    assert meta["means2d"].grad.shape == (1, n, 2) and meta["means2d"].grad.abs().sum() > 0
+    assert meta["width"] == 16 and meta["height"] == 16 and meta["n_cameras"] == 1 and meta["gaussian_ids"] is None
+
+
+def test_sh_basis_is_orthonormal_and_in_gsplat_sign_convention():
+    # Fibonacci sphere: the mean of Y_i Y_j over the sphere times 4 pi is the identity.
+    m = 20000
+    k = torch.arange(m, dtype=torch.float64) + 0.5
+    zs = 1 - 2 * k / m
+    phi = math.pi * (1 + 5**0.5) * k
+    rho = torch.sqrt(1 - zs**2)
+    dirs = torch.stack([rho * torch.cos(phi), rho * torch.sin(phi), zs], dim=-1)
+    Y = sh_basis(3, dirs)
+    gram = 4 * math.pi * (Y.T @ Y) / m
+    torch.testing.assert_close(gram, torch.eye(16, dtype=torch.float64), atol=2e-3, rtol=0)
+    # Degree 1 in 3DGS order and signs: (-C1 y, C1 z, -C1 x).
+    y1 = sh_basis(1, torch.tensor([[0.6, 0.0, 0.8]], dtype=torch.float64))[0]
+    c1 = math.sqrt(3 / (4 * math.pi))
+    torch.testing.assert_close(y1, torch.tensor([SH_C0, 0.0, 0.8 * c1, -0.6 * c1], dtype=torch.float64))
+
+
+def test_sh_colours():
+    rgb = torch.tensor([[0.2, 0.5, 0.9]])
+    torch.testing.assert_close(sh_to_rgb(rgb_to_sh(rgb)), rgb)
+    sh = torch.zeros(1, 9, 3)
+    sh[0, 0] = rgb_to_sh(rgb)[0]
+    w2c = torch.eye(4)[None].repeat(2, 1, 1)
+    w2c[1, :3, 3] = torch.tensor([1.0, 2.0, 3.0])
+    torch.testing.assert_close(sh_to_colors(2, torch.zeros(1, 3), sh, w2c), rgb.expand(2, 1, 3))
+    with pytest.raises(ValueError, match="at least 16"):
+        eval_sh(3, torch.ones(1, 3), sh)

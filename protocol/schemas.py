@@ -1,21 +1,8 @@
 """Every message of the protocol, declared once as data, and the one validator that reads the tables.
 
 A message is a msgpack map (the header) plus one raw frame per array (see ``codec.py``). The header of
-every message holds ``v`` (protocol version), ``op`` and, in requests and replies, ``id``. Field types:
-
-=========  ===============================================================================
-``int``    msgpack integer (not bool), within ``min``/``max``
-``float``  msgpack float or integer, finite, within ``min``/``max``
-``bool``   true/false
-``str``    UTF-8 string of at most ``max_len`` characters, one of ``choices`` when given
-``id``     an integer in [0, 2^63) or a string of 1..64 characters
-``array``  an array reference (``codec.py``) with a dtype in ``dtypes`` and a shape matching ``shape``
-           (None matches any length)
-``image``  a PNG/JPEG file (msgpack bin, or a uint8 array [N]), or raw pixels uint8 [H, W, 3|4]
-``list``   msgpack array of ``items``, ``min_len``..``max_len`` long
-``struct`` msgpack map with exactly the listed ``fields`` (unknown keys are refused)
-``map``    msgpack map from strings to scalars (nil, bool, int, float, str), at most ``max_len`` keys
-=========  ===============================================================================
+every message holds ``v`` (protocol version), ``op`` and, in requests and replies, ``id``. ``TYPES``
+says what each field type is on the wire.
 
 An optional field may be absent or nil. ``validate(msg, kind)`` checks a decoded header against these
 tables and raises ``ProtocolError`` naming the field path (``scene.captures[3].camera.K``), the rule
@@ -35,7 +22,18 @@ from .errors import ProtocolError
 from .images import encoded_image_size
 from .version import SUPPORTED_VERSIONS
 
-TYPES = ("int", "float", "bool", "str", "id", "array", "image", "list", "struct", "map")
+TYPES = {
+    "int": "msgpack integer (not bool), within the limits",
+    "float": "msgpack float or integer, finite, within the limits",
+    "bool": "true or false",
+    "str": "UTF-8 string (msgpack str); length in characters",
+    "id": "an integer 0..2^63-1 or a string of 1..64 characters",
+    "array": "an array reference (see Arrays) with the dtype and shape given; N: any length",
+    "image": "a PNG/JPEG file (bin, or uint8 array [N]) or raw pixels uint8 [H, W, 3|4]",
+    "list": "msgpack array; the `[]` rows below describe its items",
+    "struct": "msgpack map with exactly the fields listed below it",
+    "map": "msgpack map from strings to nil, bool, int, float or str",
+}
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 TERMINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 SHA256_HEX_CHARS = 64
@@ -554,10 +552,32 @@ def _table(fields: tuple[Field, ...]) -> str:
 
 def schema_markdown() -> str:
     """The op tables of protocol/README.md, rendered from OPS and EVENT."""
-    out = ["### Envelope of every request\n\n", _table(ENVELOPE_REQUEST), "\n### Envelope of every reply\n\n", _table(ENVELOPE_REPLY)]
+    out = ["### Field types\n\n| type | on the wire |\n| --- | --- |\n"]
+    out += [f"| {t} | {doc.replace('|', PIPE)} |\n" for t, doc in TYPES.items()]
+    out += ["\n### Envelope of every request\n\n", _table(ENVELOPE_REQUEST), "\n### Envelope of every reply\n\n", _table(ENVELOPE_REPLY)]
     for s in list(OPS.values()):
         out += [f"\n### `{s.op}`\n\n{s.doc}\n\nRequest fields:\n\n", _table(s.request), "\nReply fields (when ok):\n\n", _table(s.reply)]
     out += [f"\n### `event` (server push)\n\n{EVENT.doc}\n\n", _table(EVENT.reply)]
     out += ["\n### Error codes\n\n| code | meaning |\n| --- | --- |\n"]
     out += [f"| `{code}` | {meaning} |\n" for code, meaning in errors.CODES.items()]
     return "".join(out)
+
+
+BEGIN_MARK = "<!-- BEGIN GENERATED: python -m protocol -->"
+END_MARK = "<!-- END GENERATED -->"
+
+
+def update_readme(path: str) -> bool:
+    """Rewrite the generated block of ``path`` from the tables; True when it changed."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head, sep, rest = text.partition(BEGIN_MARK)
+    _old, sep2, tail = rest.partition(END_MARK)
+    if not sep or not sep2:
+        raise ValueError(f"{path}: needs the markers {BEGIN_MARK} and {END_MARK}")
+    new = f"{head}{BEGIN_MARK}\n\n{schema_markdown()}\n{END_MARK}{tail}"
+    if new != text:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(new)
+    return new != text
+

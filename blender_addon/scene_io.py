@@ -58,8 +58,8 @@ KIND_OTHER = "other"
 _ARTIFACT_PATTERNS = (
     (KIND_GAUSSIANS, re.compile(r"(^|/)gaussians[^/]*\.ply$")),
     (KIND_POINTS, re.compile(r"(^|/)(points|memory|point_cloud)[^/]*\.ply$")),
-    (KIND_FRAME, re.compile(r"(^|/)frames/[^/]*?(-?\d+)\.(png|jpe?g)$")),
-    (KIND_CAMERAS, re.compile(r"(^|/)(cameras|scene)\.json$")),
+    (KIND_FRAME, re.compile(r"^frames/frame_(-?\d+)\.(png|jpe?g)$")),
+    (KIND_CAMERAS, re.compile(r"^cameras\.json$")),
 )
 # The sRGB transfer function (IEC 61966-2-1).
 SRGB_LINEAR_KNEE = 0.04045
@@ -133,7 +133,7 @@ def build_scene_payload(
         settings: job settings by name (SETTING_NAMES).
     Returns:
         {"captures": [{name, image, camera?}], "trajectory": [{frame, camera}], "settings": {...}}
-        with arrays as float32 numpy arrays and images as bytes.
+        with cameras as float32 numpy arrays and each image file as a uint8 array [N].
     """
     if not captures:
         raise ReconLoopError("no captures: pick a collection of cameras with photos, or a folder of photos")
@@ -150,7 +150,8 @@ def build_scene_payload(
         raise ReconLoopError(f"unknown setting {unknown[0]!r}; known: {', '.join(SETTING_NAMES)}")
     cap_msgs = []
     for c in captures:
-        msg: dict[str, Any] = {"name": c.name, "image": bytes(c.image)}
+        # uint8 arrays travel as their own frames (bytes would sit in the msgpack header)
+        msg: dict[str, Any] = {"name": c.name, "image": np.frombuffer(bytes(c.image), dtype=np.uint8)}
         if c.camera is not None:
             msg["camera"] = c.camera.to_wire()
         cap_msgs.append(msg)
@@ -214,7 +215,10 @@ class EstimatedCamera:
 
 
 def parse_cameras_json(data: bytes | str, name: str = "cameras.json") -> list[EstimatedCamera]:
-    """Cameras of a job's ``cameras.json`` (scene.json layout: {"captures": [{name, image, camera}]})."""
+    """Cameras of a job's ``cameras.json`` (scene.json layout: {"captures": [{name, image, camera}]}).
+
+    Entries with ``"estimated": false`` (cameras the user gave) are left out.
+    """
     try:
         doc = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -224,6 +228,8 @@ def parse_cameras_json(data: bytes | str, name: str = "cameras.json") -> list[Es
         raise ReconLoopError(f"{name}: expected a list of captures with cameras")
     out = []
     for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("estimated") is False:
+            continue
         try:
             cam = item["camera"]
             w2c = np.asarray(cam["w2c"], dtype=np.float64).reshape(4, 4)

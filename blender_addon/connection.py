@@ -1,0 +1,506 @@
+"""The add-on's side of the service: start/stop a local ``reconloop serve``, drive one job in small steps.
+
+No bpy at import time and no threads: Blender's main thread owns the socket and calls
+:meth:`JobDriver.step` from a ``bpy.app.timers`` callback (``wait_ms=0``, bounded work per call); in
+background mode the operator calls ``step(wait_ms=...)`` in a loop instead (timers never fire there).
+The protocol itself is ``protocol.client.Client`` (Lazy Pirate retries, event replay, sha256 checks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import scene_io
+from .errors import ReconLoopError
+
+LOOPBACK = "127.0.0.1"
+SERVICE_START_TIMEOUT_S = 120.0  # a cold start imports torch; a first start on a laptop can be slow
+SERVICE_PROBE_MS = 300  # hello timeout while waiting for a starting service
+SERVICE_STOP_TIMEOUT_S = 10.0
+FETCH_CHUNK_BYTES = 4 << 20  # bytes fetched per step: keeps each timer tick short
+IDLE_STATUS_S = 5.0  # ask for the job's status after this long without an event
+LOG_TAIL_CHARS = 1500
+# Files of a job that are imported (the rest stays on the server, except these small ones).
+IMPORTED_KINDS = (scene_io.KIND_POINTS, scene_io.KIND_CAMERAS, scene_io.KIND_FRAME, scene_io.KIND_GAUSSIANS)
+EXTRA_FILES = ("metrics.json", "overview.png")
+# Download order: the point cloud first, so it shows while the rest is still on its way.
+KIND_PRIORITY = {scene_io.KIND_POINTS: 0, scene_io.KIND_CAMERAS: 1, scene_io.KIND_FRAME: 2,
+                 scene_io.KIND_GAUSSIANS: 3, scene_io.KIND_OTHER: 4}
+TERMINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+
+
+def _protocol():
+    try:
+        from protocol import client as client_mod
+        from protocol.errors import ProtocolError
+    except ImportError as err:  # pragma: no cover - an extension built without its wheels
+        raise ReconLoopError(
+            f"the ReconLoop extension is missing a part it needs ({err.name}): reinstall it from its zip"
+        ) from None
+    return client_mod, ProtocolError
+
+
+# ---------------------------------------------------------------------------------------------
+# Connection settings and the client
+
+
+@dataclass(frozen=True)
+class ConnectionConfig:
+    """Plain values from the add-on preferences.
+
+    Attributes:
+        mode: "local" (start ``reconloop serve`` on loopback) or "remote".
+        remote_address: ZeroMQ endpoint of a remote service (``tcp://gpu-box:5555``).
+        server_key_file: the server's CurveZMQ public key file (remote, optional).
+        client_key_file: this client's CurveZMQ secret key file (remote, optional).
+        local_python: Python interpreter with ReconLoop installed ("" to use ``local_command``).
+        local_command: command that starts the service (default ``reconloop``).
+        local_device: ``auto``, ``cpu`` or ``cuda``.
+        data_dir: the local service's job store.
+        log_path: where the local service's output goes.
+        timeout_ms: per-request timeout before a retry.
+    """
+
+    mode: str = "local"
+    remote_address: str = "tcp://127.0.0.1:5555"
+    server_key_file: str = ""
+    client_key_file: str = ""
+    local_python: str = ""
+    local_command: str = "reconloop"
+    local_device: str = "auto"
+    data_dir: str = ""
+    log_path: str = ""
+    timeout_ms: int = 10_000
+
+
+def make_client(endpoint: str, cfg: ConnectionConfig):
+    """A protocol Client for ``endpoint``; with key files, an authenticated (CurveZMQ) one."""
+    client_mod, _ = _protocol()
+    kwargs: dict[str, Any] = {"timeout_ms": cfg.timeout_ms, "name": "reconloop-blender"}
+    if cfg.mode == "remote" and (cfg.server_key_file or cfg.client_key_file):
+        if not (cfg.server_key_file and cfg.client_key_file):
+            raise ReconLoopError("an authenticated connection needs both the server's public key file and your key file")
+        for path in (cfg.server_key_file, cfg.client_key_file):
+            if not os.path.isfile(path):
+                raise ReconLoopError(f"key file not found: {path}")
+        import inspect
+
+        if "curve" not in inspect.signature(client_mod.Client).parameters:
+            raise ReconLoopError("this version of ReconLoop cannot make authenticated connections yet; clear the key files")
+        kwargs["curve"] = {"server_public_file": cfg.server_key_file, "client_secret_file": cfg.client_key_file}
+    return client_mod.Client(endpoint, **kwargs)
+
+
+def describe_hello(reply: dict[str, Any]) -> str:
+    """One line for the user from a ``hello`` reply: version, device, GPU and free memory, generators."""
+    parts = [f"ReconLoop {reply.get('server', '?')} (protocol {reply.get('version', '?')})", f"device {reply.get('device', '?')}"]
+    gpu = reply.get("gpu")
+    if gpu:
+        gib = float(1 << 30)
+        parts.append(f"{gpu.get('name', 'GPU')}: {gpu.get('free_bytes', 0) / gib:.1f} of {gpu.get('total_bytes', 0) / gib:.1f} GiB free")
+    gens = reply.get("generators") or []
+    parts.append("generators: " + (", ".join(gens) if gens else "none"))
+    return "; ".join(parts)
+
+
+def plain_error(err: BaseException, endpoint: str = "") -> str:
+    """A user-facing sentence for an error from the client or the service."""
+    _, ProtocolError = _protocol()
+    if isinstance(err, ReconLoopError):
+        return str(err)
+    if isinstance(err, TimeoutError):
+        where = f" at {endpoint}" if endpoint else ""
+        return f"the ReconLoop service{where} does not answer: is it running? ({err})"
+    if isinstance(err, ProtocolError):
+        return f"the service refused the request: {err}"
+    return f"{type(err).__name__}: {err}"
+
+
+# ---------------------------------------------------------------------------------------------
+# A local service (a subprocess; no threads)
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def service_command(cfg: ConnectionConfig, endpoint: str) -> list[str]:
+    """The command line of a local ``reconloop serve`` bound to ``endpoint``."""
+    if cfg.local_python:
+        base = [cfg.local_python, "-m", "backend.cli"]
+    else:
+        base = shlex.split(cfg.local_command or "reconloop")
+        if not base:
+            raise ReconLoopError("set the command that starts the ReconLoop service in the add-on preferences")
+    cmd = base + ["serve", "--bind", endpoint, "--device", cfg.local_device or "auto"]
+    if cfg.data_dir:
+        cmd += ["--data-dir", cfg.data_dir]
+    return cmd
+
+
+class LocalService:
+    """``reconloop serve`` on loopback, started as a subprocess and stopped with ``stop()``."""
+
+    def __init__(self, cfg: ConnectionConfig, *, cwd: str | None = None, env: dict[str, str] | None = None) -> None:
+        self.cfg = cfg
+        self.endpoint = f"tcp://{LOOPBACK}:{free_loopback_port()}"
+        self.command = service_command(cfg, self.endpoint)
+        self.log_path = cfg.log_path or os.path.join(cfg.data_dir or ".", "service.log")
+        os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(
+                self.command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd, env=env
+            )
+        except OSError as err:
+            self._log.close()
+            raise ReconLoopError(
+                f"could not start the ReconLoop service ({' '.join(self.command)}): {err.strerror}. "
+                "Set its Python or command in the add-on preferences"
+            ) from None
+        self.started = time.monotonic()
+
+    def is_running(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - LOG_TAIL_CHARS))
+                return f.read().decode(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def check_alive(self) -> None:
+        if not self.is_running():
+            raise ReconLoopError(
+                f"the local ReconLoop service stopped (exit code {self.proc.returncode}). "
+                f"Its log ({self.log_path}) ends with:\n{self.log_tail()}"
+            )
+
+    def probe(self, client) -> dict[str, Any] | None:
+        """One short hello; None while the service is still starting."""
+        self.check_alive()
+        from protocol.version import SUPPORTED_VERSIONS
+
+        try:
+            return client.request(
+                "hello", versions=list(SUPPORTED_VERSIONS), client="reconloop-blender", timeout_ms=SERVICE_PROBE_MS, retries=0
+            )
+        except TimeoutError:
+            if time.monotonic() - self.started > SERVICE_START_TIMEOUT_S:
+                raise ReconLoopError(
+                    f"the local ReconLoop service did not answer within {SERVICE_START_TIMEOUT_S:.0f} s. "
+                    f"Its log ({self.log_path}) ends with:\n{self.log_tail()}"
+                ) from None
+            return None
+
+    def stop(self, client=None) -> None:
+        """Ask the service to shut down (loopback), then wait, terminate, kill."""
+        if self.is_running() and client is not None:
+            try:
+                client.request("shutdown", retries=0, timeout_ms=int(SERVICE_STOP_TIMEOUT_S * 1000 / 2))
+            except Exception:  # noqa: BLE001 - it may be gone already; terminate below
+                pass
+        if self.is_running():
+            try:
+                self.proc.wait(timeout=SERVICE_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=SERVICE_STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        self._log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# One job, step by step
+
+
+@dataclass
+class _Download:
+    name: str
+    sha256: str
+    size: int
+    kind: str
+    offset: int = 0
+    tmp: str = ""
+    hasher: Any = None
+
+
+@dataclass
+class JobProgress:
+    state: str = "connecting"
+    stage: str = ""
+    fraction: float = 0.0
+    message: str = ""
+    started: float = field(default_factory=time.time)
+
+
+class JobDriver:
+    """Submit a scene (or follow an existing job), watch its events, download its files.
+
+    Each :meth:`step` does a bounded amount of work: probe a starting service, send the submit, read
+    the events that arrived, or fetch one chunk of one file. Finished files go to ``on_file(kind,
+    name, path)`` as they complete (the point cloud first); ``on_progress(progress)`` follows events.
+
+    Args:
+        client: a ``protocol.client.Client``.
+        out_root: the job's files are written to ``out_root/<job id>/<name>``.
+        scene: the submit's ``scene`` map; None to follow ``job`` (re-import of a past job).
+        service: the LocalService being started, to wait for before submitting.
+    """
+
+    def __init__(
+        self,
+        client,
+        out_root: str,
+        *,
+        scene: dict[str, Any] | None = None,
+        job: str | None = None,
+        service: LocalService | None = None,
+        on_progress: Callable[[JobProgress], None] | None = None,
+        on_file: Callable[[str, str, str], None] | None = None,
+    ) -> None:
+        if (scene is None) == (job is None):
+            raise ValueError("JobDriver: give either scene (a new job) or job (an existing one)")
+        self.client = client
+        self.out_root = out_root
+        self.out_dir = ""
+        self.scene = scene
+        self.job = job
+        self.service = service
+        self.on_progress = on_progress or (lambda p: None)
+        self.on_file = on_file or (lambda kind, name, path: None)
+        self.progress = JobProgress()
+        self.hello: dict[str, Any] | None = None
+        self._queue: list[_Download] = []
+        self._have: dict[str, str] = {}  # name -> sha256 downloaded
+        self._current: _Download | None = None
+        self._last_event = time.monotonic()
+        self._terminal = False
+        self.done = False
+        self.cancel_requested = False
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def step(self, wait_ms: int = 0) -> bool:
+        """Do one bounded piece of work; True once the job ended and every wanted file is here."""
+        if self.done:
+            return True
+        if self.hello is None:
+            self._connect()
+            return False
+        if self.job is None:
+            self._submit()
+            return False
+        if self._current is not None or self._queue:
+            self._fetch_chunk()
+            self._read_events(0)
+        else:
+            self._read_events(wait_ms)
+        if self._terminal and self._current is None and not self._queue:
+            self.done = True
+        return self.done
+
+    def cancel(self) -> None:
+        """Ask the service to cancel the job (it stops at the next step boundary)."""
+        self.cancel_requested = True
+        if self.job is not None:
+            self.client.cancel(self.job)
+
+    @property
+    def failed(self) -> bool:
+        return self.done and self.progress.state in ("failed", "interrupted")
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        if self.service is not None:
+            reply = self.service.probe(self.client)
+            if reply is None:
+                self._set(state="starting service", message="starting the local ReconLoop service")
+                return
+        self.hello = self.client.hello()
+
+    def _submit(self) -> None:
+        if self.scene is not None:
+            self._set(state="uploading", stage="submit", message="sending photos and cameras")
+            self.job = self.client.submit(self.scene)
+            self.scene = None  # free the photos
+        self.out_dir = os.path.join(self.out_root, self.job)
+        os.makedirs(self.out_dir, exist_ok=True)
+        reply = self.client.watch(self.job)
+        self._apply(reply)
+        self._last_event = time.monotonic()
+
+    def _read_events(self, wait_ms: int) -> None:
+        events = [e for e in self.client.poll_events(wait_ms) if e.get("job") == self.job]
+        for e in events:
+            self._apply(e)
+        if events:
+            self._last_event = time.monotonic()
+        elif not self._terminal and time.monotonic() - self._last_event > IDLE_STATUS_S:
+            # Silence: ask (also finds a lost server, re-subscribes and replays missed events).
+            self._apply(self.client.watch(self.job))
+            self._last_event = time.monotonic()
+
+    def _apply(self, msg: dict[str, Any]) -> None:
+        self._set(state=msg["state"], stage=msg.get("stage", ""), fraction=float(msg.get("fraction", 0.0)),
+                  message=msg.get("message", ""))
+        for a in msg.get("artifacts") or []:
+            self._want(a)
+        if msg["state"] in TERMINAL_STATES:
+            self._terminal = True
+
+    def _want(self, a: dict[str, Any]) -> None:
+        name, sha = a["name"], a["sha256"]
+        kind = scene_io.artifact_kind(name)
+        if kind not in IMPORTED_KINDS and name not in EXTRA_FILES:
+            return
+        if self._have.get(name) == sha:
+            return
+        if self._current is not None and self._current.name == name and self._current.sha256 == sha:
+            return
+        self._queue = [d for d in self._queue if d.name != name]
+        self._queue.append(_Download(name=name, sha256=sha, size=int(a["size"]), kind=kind))
+        self._queue.sort(key=lambda d: (KIND_PRIORITY.get(d.kind, len(KIND_PRIORITY)), d.name))
+
+    def _fetch_chunk(self) -> None:
+        if self._current is None:
+            d = self._queue.pop(0)
+            d.tmp = os.path.join(self.out_dir, *d.name.split("/")) + ".part"
+            os.makedirs(os.path.dirname(d.tmp), exist_ok=True)
+            open(d.tmp, "wb").close()
+            d.hasher = hashlib.sha256()
+            self._current = d
+        d = self._current
+        reply = self.client.request("fetch", job=self.job, name=d.name, offset=d.offset, length=FETCH_CHUNK_BYTES)
+        if reply["sha256"] != d.sha256:
+            # The file was rewritten on the server since it was announced: start over with the new one.
+            d.sha256, d.size, d.offset, d.hasher = reply["sha256"], int(reply["total"]), 0, hashlib.sha256()
+            open(d.tmp, "wb").close()
+            return
+        data = reply["data"]
+        with open(d.tmp, "ab") as f:
+            f.write(data)
+        d.hasher.update(data)
+        d.offset += len(data)
+        if d.offset >= int(reply["total"]):
+            if d.hasher.hexdigest() != d.sha256:
+                raise ReconLoopError(f"download of {d.name} was corrupted (sha256 mismatch); run the job again")
+            path = d.tmp[: -len(".part")]
+            os.replace(d.tmp, path)
+            self._have[d.name] = d.sha256
+            self._current = None
+            self.on_file(d.kind, d.name, path)
+        elif len(data) == 0:
+            raise ReconLoopError(f"download of {d.name} stopped at byte {d.offset} of {reply['total']}")
+
+    def _set(self, **kw: Any) -> None:
+        for k, v in kw.items():
+            setattr(self.progress, k, v)
+        self.on_progress(self.progress)
+
+
+def run_blocking(driver: JobDriver, timeout_s: float, *, wait_ms: int = 200) -> None:
+    """Drive a job to its end in this thread (background mode): poll with a timeout, never spin."""
+    deadline = time.monotonic() + timeout_s
+    while not driver.step(wait_ms=wait_ms):
+        if time.monotonic() > deadline:
+            if driver.job is not None:
+                try:
+                    driver.cancel()
+                except Exception:  # noqa: BLE001 - report the timeout, not the cancel
+                    pass
+            raise ReconLoopError(f"the job did not finish within {timeout_s:.0f} s; it was cancelled")
+        if driver.hello is None and driver.service is not None:
+            time.sleep(SERVICE_PROBE_MS / 1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# Process-wide state of the add-on (one service, one client, one running job)
+
+
+@dataclass
+class Session:
+    service: LocalService | None = None
+    client: Any = None
+    endpoint: str = ""
+    config: ConnectionConfig | None = None
+    driver: JobDriver | None = None
+    handlers: dict[str, Any] = field(default_factory=dict)
+
+
+SESSION = Session()
+
+
+def connect(cfg: ConnectionConfig, *, start_service: bool = True) -> tuple[Any, LocalService | None]:
+    """The session's client for ``cfg`` (starting a local service if needed; not waiting for it)."""
+    s = SESSION
+    if s.config != cfg:
+        close()
+    if cfg.mode == "local":
+        if s.service is not None and not s.service.is_running():
+            s.service.stop()
+            s.service = None
+            if s.client is not None:
+                s.client.close()
+                s.client = None
+        if s.service is None:
+            if not start_service:
+                raise ReconLoopError("the local ReconLoop service is not running")
+            s.service = LocalService(cfg)
+        endpoint = s.service.endpoint
+    elif cfg.mode == "remote":
+        endpoint = cfg.remote_address.strip()
+        if not endpoint:
+            raise ReconLoopError("set the address of the remote ReconLoop service in the add-on preferences")
+    else:
+        raise ReconLoopError(f"backend mode must be local or remote; got {cfg.mode!r}")
+    if s.client is None or s.endpoint != endpoint:
+        if s.client is not None:
+            s.client.close()
+        s.client = make_client(endpoint, cfg)
+        s.endpoint = endpoint
+    s.config = cfg
+    return s.client, (s.service if cfg.mode == "local" else None)
+
+
+def wait_until_up(client, service: LocalService | None, timeout_s: float = SERVICE_START_TIMEOUT_S) -> dict[str, Any]:
+    """Block until the service answers hello (Test connection, background mode); returns the reply."""
+    deadline = time.monotonic() + timeout_s
+    if service is not None:
+        while service.probe(client) is None:
+            if time.monotonic() > deadline:
+                raise ReconLoopError(f"the local ReconLoop service did not start within {timeout_s:.0f} s")
+            time.sleep(SERVICE_PROBE_MS / 1000)
+    return client.hello()
+
+
+def close() -> None:
+    """Stop the local service (if we started it) and close the socket. Safe to call twice."""
+    s = SESSION
+    if s.service is not None:
+        s.service.stop(s.client)
+        s.service = None
+    if s.client is not None:
+        s.client.close()
+        s.client = None
+    s.driver = None
+    s.config = None
+    s.endpoint = ""

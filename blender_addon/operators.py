@@ -1,0 +1,524 @@
+"""Operators: Reconstruct, Cancel, Test connection, past jobs, .ply import.
+
+Operators stay thin: read properties, call the pure helpers (scene_read -> scene_io -> connection),
+build objects (importers), report. Every user-facing failure is a ReconLoopError turned into
+``self.report({'ERROR'}, ...)`` (and a popup in the UI). In the UI a ``bpy.app.timers`` callback drives
+the job (no thread touches bpy or the socket); in background mode the operator drives it itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import bpy
+from bpy_extras.io_utils import ImportHelper
+
+from . import connection, importers, preferences, props, scene_io
+from .errors import ReconLoopError
+from .scene_read import read_captures, sample_trajectory
+
+TICK_S = 0.1  # timer interval while a job runs
+TICK_BUSY_S = 0.01  # ...while files are downloading
+DEFAULT_TIMEOUT_S = 3600.0  # background mode: give up (and cancel) after this long
+POPUP_TITLE = "ReconLoop"
+IMPORTS_COLLECTION = "ReconLoop imports"
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "job"
+
+
+# ---------------------------------------------------------------------------------------------
+# Results into the scene
+
+
+class ResultImporter:
+    """Turns a job's finished files into objects of one collection, as they arrive.
+
+    Args:
+        scene_name: the scene the results go to.
+        key: shared by a re-run with the same captures: its collection is replaced.
+        trajectory_camera: name of the camera whose background shows the generated frames ("" none).
+        frame_range: (start, end) of the trajectory in Blender frames.
+        photos: {capture name: photo file} for estimated cameras' backgrounds.
+    """
+
+    def __init__(self, scene_name: str, key: str, trajectory_camera: str, frame_range: tuple[int, int],
+                 photos: dict[str, str] | None = None) -> None:
+        self.scene_name = scene_name
+        self.key = key
+        self.trajectory_camera = trajectory_camera
+        self.frame_range = frame_range
+        self.photos = photos or {}
+        self.job = ""
+        self.frames: dict[int, str] = {}
+        self._frames_dirty = False
+        self._job_dir = ""
+        self.objects: dict[str, str] = {}  # kind -> object name
+
+    @property
+    def scene(self) -> bpy.types.Scene:
+        scene = bpy.data.scenes.get(self.scene_name)
+        if scene is None:
+            raise ReconLoopError(f"the scene {self.scene_name!r} was deleted while the job ran")
+        return scene
+
+    def collection(self) -> bpy.types.Collection:
+        coll = next((c for c in bpy.data.collections
+                     if c.get(importers.COLLECTION_KEY) == self.key and c.get(importers.COLLECTION_JOB) == self.job), None)
+        if coll is None:
+            coll = importers.job_collection(self.scene, self.key, self.job)
+        return coll
+
+    def on_file(self, kind: str, name: str, path: str) -> None:
+        self._job_dir = os.path.dirname(path) if kind != scene_io.KIND_FRAME else os.path.dirname(os.path.dirname(path))
+        if kind == scene_io.KIND_POINTS:
+            coll = self.collection()
+            importers.remove_kind(coll, kind)
+            obj = importers.import_points_ply(path, f"{self.key} points", coll)
+            self.objects[kind] = obj.name
+        elif kind == scene_io.KIND_GAUSSIANS:
+            coll = self.collection()
+            importers.remove_kind(coll, kind)
+            obj = importers.import_gaussians_ply(path, f"{self.key} gaussians", coll)
+            self.objects[kind] = obj.name
+        elif kind == scene_io.KIND_FRAME:
+            self.frames[scene_io.frame_number(name)] = path
+            self._frames_dirty = True
+        elif kind == scene_io.KIND_CAMERAS:
+            with open(path, "rb") as f:
+                cams = scene_io.parse_cameras_json(f.read(), name)
+            if cams:
+                coll = self.collection()
+                importers.remove_kind(coll, kind)
+                importers.import_estimated_cameras(cams, self.photos, coll, self.scene)
+
+    def flush(self) -> None:
+        """Show newly arrived generated frames as the trajectory camera's background sequence."""
+        if not self._frames_dirty or not self.frames:
+            return
+        self._frames_dirty = False
+        cam = bpy.data.objects.get(self.trajectory_camera) if self.trajectory_camera else None
+        if cam is None or cam.type != "CAMERA":
+            return
+        start, end = self.frame_range
+        folder = os.path.join(self._job_dir, "sequence")
+        first_file = importers.write_frame_sequence(self.frames, folder, start, end)
+        first = min(self.frames)
+        importers.set_background_sequence(cam, first_file, first, max(end, max(self.frames)) - first + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime state shown in the panel
+
+
+def _runtime():
+    return bpy.context.window_manager.reconloop
+
+
+def _show_progress(p: connection.JobProgress) -> None:
+    rt = _runtime()
+    rt.state, rt.stage, rt.fraction, rt.message = p.state, p.stage, max(0.0, min(1.0, p.fraction)), p.message[:1000]
+
+
+def _redraw() -> None:
+    wm = bpy.context.window_manager
+    for window in wm.windows:
+        for area in window.screen.areas:
+            if area.type in ("VIEW_3D", "PREFERENCES"):
+                area.tag_redraw()
+
+
+def popup_error(message: str) -> None:
+    """A popup with the message (UI only; reports go to the status bar and the Info log as well)."""
+    if bpy.app.background:
+        return
+    wm = bpy.context.window_manager
+    if not wm.windows:
+        return
+
+    def draw(self, _context):
+        for line in message.splitlines()[:12]:
+            self.layout.label(text=line)
+
+    with bpy.context.temp_override(window=wm.windows[0]):
+        wm.popup_menu(draw, title=POPUP_TITLE, icon="ERROR")
+
+
+def _finish(driver: connection.JobDriver, importer: ResultImporter) -> str | None:
+    """After the last step: the error message of a failed job, or None."""
+    rt = _runtime()
+    rt.is_running = False
+    importer.flush()
+    connection.SESSION.driver = None
+    connection.SESSION.handlers.pop("importer", None)
+    if driver.progress.state in ("failed", "interrupted"):
+        rt.last_error = driver.progress.message or f"the job {driver.progress.state}"
+        return f"the reconstruction {driver.progress.state}: {driver.progress.message}"
+    return None
+
+
+def _tick():
+    """The timer: one bounded step of the running job; returns the next interval, or None to stop."""
+    s = connection.SESSION
+    driver, importer = s.driver, s.handlers.get("importer")
+    if driver is None or importer is None:
+        return None
+    try:
+        done = driver.step(0)
+        importer.flush()
+    except Exception as err:  # noqa: BLE001 - one boundary: show it, stop the job's timer
+        message = connection.plain_error(err, s.endpoint)
+        rt = _runtime()
+        rt.is_running = False
+        rt.last_error = message
+        s.driver = None
+        print(f"ReconLoop: {message}")
+        popup_error(message)
+        _redraw()
+        return None
+    _redraw()
+    if done:
+        message = _finish(driver, importer)
+        if message:
+            popup_error(message)
+        return None
+    return TICK_BUSY_S if driver._current is not None or driver._queue else TICK_S
+
+
+def _start_job(context, driver: connection.JobDriver, importer: ResultImporter, timeout_s: float) -> str | None:
+    """Run the driver: to the end here in background mode, else on the timer. Returns an error or None."""
+    s = connection.SESSION
+    rt = context.window_manager.reconloop
+    rt.is_running, rt.last_error, rt.started, rt.fraction = True, "", time.time(), 0.0
+    s.driver = driver
+    s.handlers["importer"] = importer
+    if bpy.app.background:
+        try:
+            connection.run_blocking(driver, timeout_s)
+        except BaseException:
+            rt.is_running = False
+            s.driver = None
+            raise
+        return _finish(driver, importer)
+    if not bpy.app.timers.is_registered(_tick):
+        bpy.app.timers.register(_tick, first_interval=0.0)
+    return None
+
+
+def _driver_hooks(driver: connection.JobDriver, importer: ResultImporter) -> None:
+    def on_progress(p):
+        if driver.job and not importer.job:
+            importer.job = driver.job
+        if driver.job:
+            _runtime().job = driver.job
+        _show_progress(p)
+
+    def on_file(kind, name, path):
+        importer.job = driver.job
+        importer.on_file(kind, name, path)
+
+    driver.on_progress = on_progress
+    driver.on_file = on_file
+
+
+# ---------------------------------------------------------------------------------------------
+# Operators
+
+
+class RECONLOOP_OT_reconstruct(bpy.types.Operator):
+    """Send the captures and the trajectory to the ReconLoop service and import what comes back"""
+
+    bl_idname = "reconloop.reconstruct"
+    bl_label = "Reconstruct"
+    bl_options = {"REGISTER"}
+
+    server: bpy.props.StringProperty(
+        name="Server", description="Service address; overrides the preferences (e.g. tcp://127.0.0.1:5555)", default=""
+    )
+    output_dir: bpy.props.StringProperty(name="Results folder", description="Overrides the preferences", default="",
+                                         subtype="DIR_PATH")
+    timeout_s: bpy.props.FloatProperty(name="Timeout (s)", description="Background mode: cancel after this long",
+                                       default=DEFAULT_TIMEOUT_S, min=1.0)
+
+    @classmethod
+    def poll(cls, context):
+        return connection.SESSION.driver is None
+
+    def execute(self, context):
+        try:
+            error = self._run(context)
+        except Exception as err:  # noqa: BLE001 - the operator is the boundary
+            error = connection.plain_error(err, connection.SESSION.endpoint)
+        if error:
+            context.window_manager.reconloop.last_error = error
+            self.report({"ERROR"}, error)
+            popup_error(error)
+            return {"CANCELLED"}
+        if bpy.app.background:
+            self.report({"INFO"}, f"ReconLoop job {context.window_manager.reconloop.job} finished")
+        return {"FINISHED"}
+
+    def _run(self, context) -> str | None:
+        scene = context.scene
+        st = scene.reconloop
+        photos: dict[str, str] = {}
+        if st.capture_source == "COLLECTION":
+            if st.captures is None:
+                raise ReconLoopError("pick the collection that holds your cameras (each with its photo as background)")
+            captures = read_captures(st.captures, scene)
+            key = st.captures.name
+        else:
+            if not st.photo_folder:
+                raise ReconLoopError("pick a folder of photos")
+            folder = bpy.path.abspath(st.photo_folder)
+            captures = scene_io.captures_from_folder(folder)
+            photos = {c.name: os.path.join(folder, f) for c in captures for f in os.listdir(folder)
+                      if os.path.splitext(f)[0] == c.name}
+            key = os.path.basename(os.path.normpath(folder))
+        trajectory = []
+        start, end, step = st.frame_range(scene)
+        cam = st.trajectory_camera
+        if cam is not None:
+            trajectory = sample_trajectory(cam, scene, start, end, step)
+        payload = scene_io.build_scene_payload(captures, trajectory, st.job_settings())
+        cfg = preferences.connection_config(context, server=self.server)
+        client, service = connection.connect(cfg)
+        out_root = os.path.join(preferences.results_dir(context, self.output_dir), _safe_name(key))
+        driver = connection.JobDriver(client, out_root, scene=payload, service=service)
+        importer = ResultImporter(scene.name, key, cam.name if cam is not None else "", (start, end), photos)
+        _driver_hooks(driver, importer)
+        return _start_job(context, driver, importer, self.timeout_s)
+
+
+class RECONLOOP_OT_cancel(bpy.types.Operator):
+    """Cancel the running reconstruction (what has arrived stays in the scene)"""
+
+    bl_idname = "reconloop.cancel"
+    bl_label = "Cancel"
+
+    @classmethod
+    def poll(cls, context):
+        return connection.SESSION.driver is not None
+
+    def execute(self, context):
+        driver = connection.SESSION.driver
+        try:
+            if driver.job is None:  # not submitted yet: just stop
+                connection.SESSION.driver = None
+                context.window_manager.reconloop.is_running = False
+            else:
+                driver.cancel()
+        except Exception as err:  # noqa: BLE001
+            self.report({"ERROR"}, connection.plain_error(err, connection.SESSION.endpoint))
+            return {"CANCELLED"}
+        self.report({"INFO"}, "cancelling the job")
+        return {"FINISHED"}
+
+
+def _probe_tick():
+    """Timer for Test connection in the UI: wait for a starting local service without blocking."""
+    s = connection.SESSION
+    rt = _runtime()
+    try:
+        if s.service is not None and s.service.probe(s.client) is None:
+            rt.hello_summary = "starting the local service..."
+            _redraw()
+            return TICK_S * 5
+        reply = s.client.hello()
+    except Exception as err:  # noqa: BLE001
+        rt.hello_summary = ""
+        message = connection.plain_error(err, s.endpoint)
+        rt.last_error = message
+        popup_error(message)
+        _redraw()
+        return None
+    props.set_generators(reply.get("generators") or [])
+    rt.hello_summary = connection.describe_hello(reply)
+    _redraw()
+    return None
+
+
+class RECONLOOP_OT_test_connection(bpy.types.Operator):
+    """Connect to the service (starting the local one if needed) and show what it offers"""
+
+    bl_idname = "reconloop.test_connection"
+    bl_label = "Test connection"
+
+    server: bpy.props.StringProperty(name="Server", default="")
+
+    def execute(self, context):
+        rt = context.window_manager.reconloop
+        try:
+            cfg = preferences.connection_config(context, server=self.server)
+            client, service = connection.connect(cfg)
+            if bpy.app.background:
+                reply = connection.wait_until_up(client, service)
+                props.set_generators(reply.get("generators") or [])
+                rt.hello_summary = connection.describe_hello(reply)
+                self.report({"INFO"}, rt.hello_summary)
+                return {"FINISHED"}
+        except Exception as err:  # noqa: BLE001
+            message = connection.plain_error(err, connection.SESSION.endpoint)
+            self.report({"ERROR"}, message)
+            popup_error(message)
+            return {"CANCELLED"}
+        rt.hello_summary = "connecting..."
+        if not bpy.app.timers.is_registered(_probe_tick):
+            bpy.app.timers.register(_probe_tick, first_interval=0.0)
+        return {"FINISHED"}
+
+
+class RECONLOOP_OT_stop_service(bpy.types.Operator):
+    """Stop the local service this add-on started, and close the connection"""
+
+    bl_idname = "reconloop.stop_service"
+    bl_label = "Stop service"
+
+    def execute(self, context):
+        connection.close()
+        rt = context.window_manager.reconloop
+        rt.hello_summary, rt.is_running = "", False
+        return {"FINISHED"}
+
+
+class RECONLOOP_OT_refresh_jobs(bpy.types.Operator):
+    """List the jobs the service has kept"""
+
+    bl_idname = "reconloop.refresh_jobs"
+    bl_label = "Refresh jobs"
+
+    def execute(self, context):
+        rt = context.window_manager.reconloop
+        try:
+            cfg = preferences.connection_config(context)
+            client, service = connection.connect(cfg)
+            if service is not None:
+                service.check_alive()
+            jobs = client.jobs()
+        except Exception as err:  # noqa: BLE001
+            message = connection.plain_error(err, connection.SESSION.endpoint)
+            self.report({"ERROR"}, message)
+            return {"CANCELLED"}
+        rt.jobs.clear()
+        for j in reversed(jobs):  # newest first
+            item = rt.jobs.add()
+            item.job, item.state, item.stage = j["job"], j["state"], j["stage"]
+            item.message, item.created = j["message"][:500], j["created"]
+        return {"FINISHED"}
+
+
+class RECONLOOP_OT_import_job(bpy.types.Operator):
+    """Download a past job's results again and import them"""
+
+    bl_idname = "reconloop.import_job"
+    bl_label = "Import job"
+
+    job: bpy.props.StringProperty(name="Job")
+    timeout_s: bpy.props.FloatProperty(name="Timeout (s)", default=DEFAULT_TIMEOUT_S, min=1.0)
+
+    @classmethod
+    def poll(cls, context):
+        return connection.SESSION.driver is None
+
+    def execute(self, context):
+        rt = context.window_manager.reconloop
+        job = self.job or (rt.jobs[rt.jobs_index].job if 0 <= rt.jobs_index < len(rt.jobs) else "")
+        try:
+            if not job:
+                raise ReconLoopError("pick a job in the list first")
+            cfg = preferences.connection_config(context)
+            client, service = connection.connect(cfg)
+            st = context.scene.reconloop
+            cam = st.trajectory_camera
+            start, end, _ = st.frame_range(context.scene)
+            key = f"job {job[:8]}"
+            out_root = os.path.join(preferences.results_dir(context), "jobs")
+            driver = connection.JobDriver(client, out_root, job=job, service=service)
+            importer = ResultImporter(context.scene.name, key, cam.name if cam is not None else "", (start, end))
+            importer.job = job
+            _driver_hooks(driver, importer)
+            error = _start_job(context, driver, importer, self.timeout_s)
+        except Exception as err:  # noqa: BLE001
+            error = connection.plain_error(err, connection.SESSION.endpoint)
+        if error:
+            self.report({"ERROR"}, error)
+            popup_error(error)
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class _ImportPly(ImportHelper):
+    filename_ext = ".ply"
+    filter_glob: bpy.props.StringProperty(default="*.ply", options={"HIDDEN"})
+
+    def _collection(self, context) -> bpy.types.Collection:
+        coll = bpy.data.collections.get(IMPORTS_COLLECTION)
+        if coll is None:
+            coll = bpy.data.collections.new(IMPORTS_COLLECTION)
+        if coll.name not in context.scene.collection.children:
+            context.scene.collection.children.link(coll)
+        return coll
+
+    def execute(self, context):
+        name = os.path.splitext(os.path.basename(self.filepath))[0]
+        try:
+            obj = self.importer(bpy.path.abspath(self.filepath), name, self._collection(context))
+        except ReconLoopError as err:
+            self.report({"ERROR"}, str(err))
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"imported {len(obj.data.vertices):,} {self.what} as {obj.name!r}")
+        return {"FINISHED"}
+
+
+class RECONLOOP_OT_import_gaussians(bpy.types.Operator, _ImportPly):
+    """Import a 3D Gaussian splat .ply (INRIA layout) as a Gaussians object"""
+
+    bl_idname = "reconloop.import_gaussians"
+    bl_label = "Import Gaussians (.ply)"
+    bl_options = {"REGISTER", "UNDO"}
+    what = "Gaussians"
+    importer = staticmethod(importers.import_gaussians_ply)
+
+
+class RECONLOOP_OT_import_points(bpy.types.Operator, _ImportPly):
+    """Import a point cloud .ply (x y z, red green blue, optional confidence and source)"""
+
+    bl_idname = "reconloop.import_points"
+    bl_label = "Import point cloud (.ply)"
+    bl_options = {"REGISTER", "UNDO"}
+    what = "points"
+    importer = staticmethod(importers.import_points_ply)
+
+
+def _menu_import(self, context):
+    self.layout.operator(RECONLOOP_OT_import_gaussians.bl_idname, text="ReconLoop Gaussians (.ply)")
+    self.layout.operator(RECONLOOP_OT_import_points.bl_idname, text="ReconLoop point cloud (.ply)")
+
+
+def register_menus() -> None:
+    bpy.types.TOPBAR_MT_file_import.append(_menu_import)
+
+
+def unregister_menus() -> None:
+    bpy.types.TOPBAR_MT_file_import.remove(_menu_import)
+
+
+def stop_timers() -> None:
+    for fn in (_tick, _probe_tick):
+        if bpy.app.timers.is_registered(fn):
+            bpy.app.timers.unregister(fn)
+
+
+CLASSES = (
+    RECONLOOP_OT_reconstruct,
+    RECONLOOP_OT_cancel,
+    RECONLOOP_OT_test_connection,
+    RECONLOOP_OT_stop_service,
+    RECONLOOP_OT_refresh_jobs,
+    RECONLOOP_OT_import_job,
+    RECONLOOP_OT_import_gaussians,
+    RECONLOOP_OT_import_points,
+)

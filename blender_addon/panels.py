@@ -1,0 +1,132 @@
+"""The sidebar panel in the 3D viewport (N panel, tab "ReconLoop")."""
+
+from __future__ import annotations
+
+import time
+
+import bpy
+
+from . import connection
+
+CATEGORY = "ReconLoop"
+
+
+class _Panel:
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = CATEGORY
+
+
+class RECONLOOP_PT_main(_Panel, bpy.types.Panel):
+    bl_idname = "RECONLOOP_PT_main"
+    bl_label = "ReconLoop"
+
+    def draw(self, context):
+        layout = self.layout
+        rt = context.window_manager.reconloop
+        s = connection.SESSION
+        if rt.is_running and s.driver is not None:
+            col = layout.column(align=True)
+            elapsed = time.time() - rt.started
+            stage = rt.stage or rt.state
+            col.progress(factor=rt.fraction, type="BAR", text=f"{stage} {rt.fraction * 100:.0f}%  ({elapsed:.0f} s)")
+            if rt.message:
+                col.label(text=rt.message[:120])
+            col.operator("reconloop.cancel", icon="CANCEL")
+        else:
+            row = layout.row()
+            row.scale_y = 1.5
+            row.operator("reconloop.reconstruct", icon="PLAY")
+        if rt.last_error:
+            box = layout.box()
+            for line in rt.last_error.splitlines()[:6]:
+                box.label(text=line[:160], icon="ERROR")
+        row = layout.row(align=True)
+        row.label(text=rt.hello_summary[:80] or "service: not connected", icon="LINKED" if rt.hello_summary else "UNLINKED")
+        row.operator("reconloop.test_connection", text="", icon="FILE_REFRESH")
+
+
+class RECONLOOP_PT_captures(_Panel, bpy.types.Panel):
+    bl_label = "Captures"
+    bl_parent_id = "RECONLOOP_PT_main"
+
+    def draw(self, context):
+        st = context.scene.reconloop
+        layout = self.layout
+        layout.prop(st, "capture_source", expand=True)
+        if st.capture_source == "COLLECTION":
+            layout.prop(st, "captures", text="")
+            if st.captures is not None:
+                cams = [o for o in st.captures.all_objects if o.type == "CAMERA"]
+                with_photo = sum(1 for o in cams if any(bg.image for bg in o.data.background_images))
+                layout.label(text=f"{len(cams)} cameras, {with_photo} with photos")
+        else:
+            layout.prop(st, "photo_folder", text="")
+
+
+class RECONLOOP_PT_trajectory(_Panel, bpy.types.Panel):
+    bl_label = "Trajectory"
+    bl_parent_id = "RECONLOOP_PT_main"
+
+    def draw(self, context):
+        st = context.scene.reconloop
+        layout = self.layout
+        layout.prop(st, "trajectory_camera", text="Camera")
+        layout.prop(st, "use_scene_range")
+        col = layout.column(align=True)
+        col.enabled = not st.use_scene_range
+        col.prop(st, "frame_start")
+        col.prop(st, "frame_end")
+        col.prop(st, "frame_step")
+        start, end, step = st.frame_range(context.scene)
+        layout.label(text=f"{len(range(start, end + 1, step))} frames")
+
+
+class RECONLOOP_PT_settings(_Panel, bpy.types.Panel):
+    bl_label = "Settings"
+    bl_parent_id = "RECONLOOP_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        st = context.scene.reconloop
+        layout = self.layout
+        layout.use_property_split = True
+        layout.prop(st, "generator")
+        col = layout.column(align=True)
+        col.prop(st, "width")
+        col.prop(st, "height")
+        layout.prop(st, "segment_length")
+        layout.prop(st, "retrieval_k")
+        layout.prop(st, "num_steps")
+        layout.prop(st, "gaussian_iterations")
+        layout.prop(st, "seed")
+        layout.prop(st, "prompt")
+
+
+class RECONLOOP_UL_jobs(bpy.types.UIList):
+    def draw_item(self, context, layout, data, item, icon, active_data, active_propname, index=0):
+        when = time.strftime("%m-%d %H:%M", time.localtime(item.created)) if item.created else ""
+        icons = {"done": "CHECKMARK", "failed": "ERROR", "cancelled": "CANCEL", "running": "PLAY"}
+        layout.label(text=f"{when}  {item.job[:8]}  {item.state}", icon=icons.get(item.state, "TIME"))
+
+
+class RECONLOOP_PT_jobs(_Panel, bpy.types.Panel):
+    bl_label = "Past jobs"
+    bl_parent_id = "RECONLOOP_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        rt = context.window_manager.reconloop
+        layout = self.layout
+        layout.operator("reconloop.refresh_jobs", icon="FILE_REFRESH")
+        layout.template_list("RECONLOOP_UL_jobs", "", rt, "jobs", rt, "jobs_index", rows=3)
+        if 0 <= rt.jobs_index < len(rt.jobs):
+            item = rt.jobs[rt.jobs_index]
+            if item.message:
+                layout.label(text=item.message[:120])
+            op = layout.operator("reconloop.import_job", icon="IMPORT")
+            op.job = item.job
+
+
+CLASSES = (RECONLOOP_PT_main, RECONLOOP_PT_captures, RECONLOOP_PT_trajectory, RECONLOOP_PT_settings,
+           RECONLOOP_UL_jobs, RECONLOOP_PT_jobs)

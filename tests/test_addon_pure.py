@@ -121,7 +121,7 @@ def test_build_scene_payload():
     caps = [scene_io.CaptureInput("a", PNG_1x1, "png", _cam(1, 1)), scene_io.CaptureInput("b", PNG_1x1, "png", _cam(1, 1))]
     scene = scene_io.build_scene_payload(caps, [(1, _cam()), (3, _cam())], {"width": 64, "height": 48})
     assert [c["name"] for c in scene["captures"]] == ["a", "b"]
-    assert scene["captures"][0]["image"] == PNG_1x1
+    assert scene["captures"][0]["image"].tobytes() == PNG_1x1
     assert scene["captures"][0]["camera"]["w2c"].dtype == np.float32
     assert scene["captures"][0]["camera"]["K"].shape == (3, 3)
     assert [t["frame"] for t in scene["trajectory"]] == [1, 3]
@@ -163,7 +163,10 @@ def test_image_info_and_folder(temple_dir, tmp_path):
 def test_artifact_kinds_and_frames():
     assert scene_io.artifact_kind("points.ply") == scene_io.KIND_POINTS
     assert scene_io.artifact_kind("gaussians.ply") == scene_io.KIND_GAUSSIANS
-    assert scene_io.artifact_kind("frames/000012.png") == scene_io.KIND_FRAME
+    assert scene_io.artifact_kind("points_final.ply") == scene_io.KIND_POINTS
+    assert scene_io.artifact_kind("frames/frame_0012.png") == scene_io.KIND_FRAME
+    assert scene_io.artifact_kind("frames/confidence_0012.png") == scene_io.KIND_OTHER
+    assert scene_io.artifact_kind("frames/cameras.json") == scene_io.KIND_OTHER
     assert scene_io.artifact_kind("cameras.json") == scene_io.KIND_CAMERAS
     assert scene_io.artifact_kind("log.txt") == scene_io.KIND_OTHER
     assert scene_io.frame_number("frames/frame_000012.png") == 12

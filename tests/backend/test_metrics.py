@@ -1,0 +1,95 @@
+"""PSNR and SSIM against closed forms and a direct (loop) evaluation of Wang et al.'s formula."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from backend.metrics import ImageMetrics, image_metrics, load_lpips, psnr, ssim, ssim_map
+
+
+def test_psnr_known_values():
+    target = torch.zeros(2, 8, 8, 3)
+    pred = torch.stack([torch.full((8, 8, 3), 0.1), torch.full((8, 8, 3), 0.01)])
+    torch.testing.assert_close(psnr(pred, target), torch.tensor([20.0, 40.0]))
+    assert psnr(target[0], target[0]).item() == pytest.approx(100.0)  # floored, not inf
+
+
+def test_ssim_of_constant_images_is_the_luminance_term():
+    a, b = 0.3, 0.7
+    c1 = 0.01**2
+    got = ssim(torch.full((16, 16, 3), a), torch.full((16, 16, 3), b))
+    assert got.item() == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-5)
+    x = torch.rand(1, 20, 24, 3)
+    assert ssim(x, x).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def reference_ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """Wang et al. 2004, valid windows, evaluated window by window in float64."""
+    r = np.arange(11) - 5.0
+    g = np.exp(-(r**2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = 0.01**2, 0.03**2
+    h, wd, _ = x.shape
+    vals = []
+    for c in range(3):
+        for i in range(h - 10):
+            for j in range(wd - 10):
+                px, py = x[i:i + 11, j:j + 11, c], y[i:i + 11, j:j + 11, c]
+                mx, my = (w * px).sum(), (w * py).sum()
+                vx, vy = (w * px * px).sum() - mx * mx, (w * py * py).sum() - my * my
+                cov = (w * px * py).sum() - mx * my
+                vals.append((2 * mx * my + c1) * (2 * cov + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2)))
+    return float(np.mean(vals))
+
+
+def test_ssim_matches_window_by_window_reference():
+    rng = np.random.default_rng(0)
+    x = rng.random((18, 21, 3))
+    y = np.clip(x + rng.normal(0, 0.1, size=x.shape), 0, 1)
+    got = ssim(torch.tensor(y), torch.tensor(x)).item()
+    assert got == pytest.approx(reference_ssim(y, x), abs=1e-9)
+    assert 0.3 < got < 0.95
+
+
+def test_ssim_map_reflect_keeps_size_and_is_differentiable():
+    x = torch.rand(2, 12, 14, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(2, 12, 14, 3, dtype=torch.float64)
+    m = ssim_map(x, y)
+    assert m.shape == (2, 12, 14)
+    # The interior of the reflect map equals the valid map.
+    torch.testing.assert_close(m[:, 5:-5, 5:-5], ssim_map(x, y, padding="valid"))
+    m.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="H, W >= 11"):
+        ssim(torch.rand(8, 8, 3), torch.rand(8, 8, 3))
+    with pytest.raises(ValueError, match="one shape"):
+        psnr(torch.rand(8, 8, 3), torch.rand(8, 9, 3))
+
+
+def test_image_metrics_means_and_lpips_hook(tmp_path, monkeypatch):
+    monkeypatch.delenv("RECONLOOP_LPIPS", raising=False)
+    assert load_lpips(tmp_path / "absent.pt") is None  # never downloads, just reports absence
+
+    class MeanAbs(torch.nn.Module):  # stands in for an exported LPIPS network (same calling convention)
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return (x - y).abs().mean(dim=(1, 2, 3), keepdim=True)
+
+    path = tmp_path / "lpips.pt2"
+    x = torch.rand(2, 3, 16, 16)
+    dims = {0: torch.export.Dim("n"), 2: torch.export.Dim("h"), 3: torch.export.Dim("w")}
+    torch.export.save(torch.export.export(MeanAbs(), (x, x), dynamic_shapes={"x": dims, "y": dims}), str(path))
+    monkeypatch.setenv("RECONLOOP_LPIPS", str(path))
+    fn = load_lpips()
+    target = torch.zeros(2, 16, 16, 3)
+    pred = torch.stack([torch.full((16, 16, 3), 0.1), torch.zeros(16, 16, 3)])
+    m = image_metrics(pred, target, lpips_fn=fn)
+    assert isinstance(m, ImageMetrics)
+    assert m.lpips == pytest.approx([0.2, 0.0])  # inputs reach the module in [-1, 1]
+    assert m.psnr[0] == pytest.approx(20.0) and m.psnr[1] == pytest.approx(100.0)
+    means = m.mean()
+    assert means["psnr"] == pytest.approx(60.0) and means["lpips"] == pytest.approx(0.1)
+    assert math.isnan(ImageMetrics([], []).mean()["psnr"])

@@ -231,7 +231,8 @@ def _material(name: str, *, use_instancer: bool) -> bpy.types.Material:
     if mat is not None:
         return mat
     mat = bpy.data.materials.new(name)
-    mat.use_nodes = True
+    if mat.node_tree is None:  # Blender before 5.0: node trees are opt-in
+        mat.use_nodes = True
     nt = mat.node_tree
     nt.nodes.clear()
     out = nt.nodes.new("ShaderNodeOutputMaterial")

@@ -1,0 +1,231 @@
+"""The extension as a user gets it: built into a zip, installed with Blender's own installer, run
+against a real ``reconloop serve`` on loopback with a scene made from the real Middlebury temple."""
+
+from __future__ import annotations
+
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import bpy
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import build_extension  # noqa: E402
+
+from protocol.ply import (  # noqa: E402
+    GaussianArrays,
+    PlyFormatError,
+    PointArrays,
+    read_gaussians_ply,
+    read_points_ply,
+    write_gaussians_ply,
+    write_points_ply,
+)
+
+from ._temple import build_temple_scene, silhouette  # noqa: E402
+
+REPO_NAME = "user_default"
+ADDON = f"bl_ext.{REPO_NAME}.reconloop"
+# Small sizes so the whole loop runs in seconds on 2 CPU cores.
+JOB_SETTINGS = {"width": 64, "height": 48, "gaussian_iterations": 20, "segment_length": 8, "retrieval_k": 2}
+JOB_TIMEOUT_S = 240.0
+MIN_IN_SILHOUETTE = 0.9  # share of reprojected points that must land on the temple
+
+
+@pytest.fixture(scope="module")
+def extension_zip(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    try:
+        (path,) = build_extension.build(out, split=False)
+    except build_extension.BuildError as err:
+        pytest.fail(f"cannot build the extension: {err}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def installed(extension_zip) -> str:
+    user = bpy.utils.user_resource("EXTENSIONS")
+    if not user.startswith(os.environ.get("BLENDER_USER_RESOURCES", "/nonexistent")):
+        pytest.fail(f"Blender's user folder {user} is not the test's temporary one: bpy was imported too early")
+    result = bpy.ops.extensions.package_install_files(filepath=str(extension_zip), repo=REPO_NAME, enable_on_install=True)
+    assert result == {"FINISHED"}
+    yield ADDON
+    bpy.ops.preferences.addon_disable(module=ADDON)
+
+
+def _prefs():
+    return bpy.context.preferences.addons[ADDON].preferences
+
+
+def test_zip_layout(extension_zip):
+    with zipfile.ZipFile(extension_zip) as zf:
+        names = set(zf.namelist())
+        manifest = zf.read("blender_manifest.toml").decode()
+    assert {"__init__.py", "cameras.py", "operators.py", "importers.py", "blender_manifest.toml"} <= names
+    wheels = sorted(n for n in names if n.startswith("wheels/"))
+    for part in ("pyzmq", "msgpack", "plyfile", "reconloop_protocol"):
+        assert any(part in w for w in wheels), f"no {part} wheel in {wheels}"
+    for tag in ("cp311", "cp312-abi3", "win_amd64", "macosx", "manylinux"):
+        assert any(tag in w for w in wheels), f"no {tag} wheel in {wheels}"
+    assert 'id = "reconloop"' in manifest and "[permissions]" in manifest
+    assert all(f'"./{w}"' in manifest for w in wheels)
+    assert not any("__pycache__" in n for n in names)
+
+
+def test_install_register_unregister(installed):
+    assert installed in bpy.context.preferences.addons
+    assert hasattr(bpy.types.Scene, "reconloop")
+    site = Path(bpy.utils.user_resource("EXTENSIONS")) / ".local" / "lib"
+    found = {p.name for p in site.glob("python*/site-packages/*")}
+    assert {"zmq", "msgpack", "protocol", "plyfile.py"} <= found, found
+    bpy.ops.preferences.addon_disable(module=installed)
+    assert not hasattr(bpy.types.Scene, "reconloop")
+    bpy.ops.preferences.addon_enable(module=installed)
+    assert hasattr(bpy.types.Scene, "reconloop")
+    assert bpy.ops.reconloop.reconstruct.poll()
+
+
+def test_gaussians_operator_matches_reader(installed, tmp_path):
+    rng = np.random.default_rng(0)
+    n = 500
+    g = GaussianArrays(
+        means=rng.normal(size=(n, 3)).astype(np.float32),
+        log_scales=rng.uniform(-5, -2, (n, 3)).astype(np.float32),
+        quats=rng.normal(size=(n, 4)).astype(np.float32),
+        opacity_logits=rng.normal(size=n).astype(np.float32),
+        sh=rng.normal(scale=0.5, size=(n, 16, 3)).astype(np.float32),
+    )
+    path = tmp_path / "splats.ply"
+    write_gaussians_ply(path, g)
+    assert bpy.ops.reconloop.import_gaussians(filepath=str(path)) == {"FINISHED"}
+    obj = bpy.data.objects["splats"]
+    from blender_addon.importers import attribute_values, mesh_positions
+    from blender_addon.scene_io import srgb_to_linear
+
+    ref = read_gaussians_ply(path)
+    np.testing.assert_allclose(mesh_positions(obj), ref.means, atol=1e-6)
+    np.testing.assert_allclose(attribute_values(obj, "scale"), ref.scales, rtol=1e-6)
+    np.testing.assert_allclose(attribute_values(obj, "opacity"), ref.opacities, rtol=1e-6)
+    q = ref.quats / np.linalg.norm(ref.quats, axis=1, keepdims=True)
+    np.testing.assert_allclose(attribute_values(obj, "rotation"), q, atol=1e-6)
+    np.testing.assert_allclose(attribute_values(obj, "color")[:, :3], srgb_to_linear(ref.rgb), atol=1e-6)
+    # The geometry nodes instance one ellipsoid per Gaussian, carrying the attributes for the material.
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    geometry = obj.evaluated_get(depsgraph).evaluated_geometry()
+    instances = geometry.instances_pointcloud()
+    assert len(instances.points) == n
+    assert {"color", "opacity"} <= set(instances.attributes.keys())
+
+
+def test_points_operator_matches_reader(installed, tmp_path):
+    rng = np.random.default_rng(1)
+    n = 300
+    p = PointArrays(
+        xyz=rng.normal(size=(n, 3)).astype(np.float32),
+        rgb=rng.integers(0, 256, (n, 3), dtype=np.uint8),
+        confidence=rng.uniform(size=n).astype(np.float32),
+        source=rng.integers(-1, 4, n).astype(np.int32),
+    )
+    path = tmp_path / "cloud.ply"
+    write_points_ply(path, p)
+    assert bpy.ops.reconloop.import_points(filepath=str(path)) == {"FINISHED"}
+    obj = bpy.data.objects["cloud"]
+    from blender_addon.importers import attribute_values, mesh_positions
+
+    np.testing.assert_allclose(mesh_positions(obj), p.xyz, atol=1e-6)
+    np.testing.assert_allclose(attribute_values(obj, "confidence"), p.confidence)
+    np.testing.assert_array_equal(attribute_values(obj, "source"), p.source)
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    geometry = obj.evaluated_get(depsgraph).evaluated_geometry()
+    assert len(geometry.pointcloud.points) == n
+
+
+def test_non_gaussian_ply_is_a_clear_error(installed, tmp_path):
+    path = tmp_path / "points.ply"
+    write_points_ply(path, PointArrays(xyz=np.zeros((4, 3), np.float32), rgb=np.zeros((4, 3), np.uint8),
+                                       confidence=np.ones(4, np.float32), source=np.zeros(4, np.int32)))
+    with pytest.raises(PlyFormatError, match="points.ply has no f_dc_0: not a Gaussian file"):
+        read_gaussians_ply(path)
+    n_objects = len(bpy.data.objects)
+    with pytest.raises(RuntimeError, match="points.ply has no f_dc_0: not a Gaussian file"):
+        bpy.ops.reconloop.import_gaussians(filepath=str(path))
+    assert len(bpy.data.objects) == n_objects
+
+
+@pytest.mark.xdist_group("reconloop_service")
+def test_reconstruct_temple_against_local_service(installed, temple_dir, tmp_path, monkeypatch):
+    """Reconstruct runs the real loop through a `reconloop serve` the add-on starts on loopback."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    prefs = _prefs()
+    prefs.backend_mode = "local"
+    prefs.local_python = sys.executable
+    prefs.local_device = "cpu"
+    made = build_temple_scene(temple_dir)
+    scene = bpy.context.scene
+    st = scene.reconloop
+    for key, value in JOB_SETTINGS.items():
+        setattr(st, key, value)
+    st.generator = "reproject"
+    scene.frame_set(2)
+    lens_before = made["trajectory"].data.lens
+    out = tmp_path / "results"
+    from blender_addon import connection
+
+    try:
+        assert bpy.ops.reconloop.reconstruct(output_dir=str(out), timeout_s=JOB_TIMEOUT_S) == {"FINISHED"}
+        service = connection.SESSION.service
+        assert service is not None and service.is_running()
+    finally:
+        bpy.ops.reconloop.stop_service()
+    assert service.proc.returncode is not None, "the local service was not stopped"
+    assert scene.frame_current == 2 and made["trajectory"].data.lens == lens_before
+
+    rt = bpy.context.window_manager.reconloop
+    assert rt.state == "done" and not rt.is_running and rt.last_error == ""
+    coll = bpy.data.collections[f"ReconLoop {made['collection'].name}"]
+    kinds = {o.get("reconloop_kind"): o for o in coll.objects}
+    assert {"points", "gaussians"} <= set(kinds)
+    job_dir = out / "Temple_captures" / rt.job
+
+    # Point cloud: the final memory, attributes on every point, the same positions as the file.
+    points = kinds["points"]
+    from blender_addon.importers import attribute_values, mesh_positions
+
+    ref = read_points_ply(job_dir / "points_final.ply")
+    n = len(points.data.vertices)
+    assert n == len(ref) > 100
+    assert len(attribute_values(points, "color")) == n and len(attribute_values(points, "confidence")) == n
+    xyz = mesh_positions(points)
+    np.testing.assert_allclose(xyz, ref.xyz, atol=1e-6)
+
+    # It lands where the photos' cameras say: reproject into every capture (original calibration).
+    for cap in made["captures"]:
+        uv, depth = cap.camera.project(xyz.astype(np.float64))
+        inside = (depth > 0) & (uv[:, 0] >= 0) & (uv[:, 0] < cap.camera.width) & (uv[:, 1] >= 0) & (uv[:, 1] < cap.camera.height)
+        assert inside.mean() > MIN_IN_SILHOUETTE, f"{cap.name}: {inside.mean():.2f} of the points project inside"
+        mask = silhouette(cap.image)
+        px = np.floor(uv[inside]).astype(int)
+        on_temple = mask[px[:, 1], px[:, 0]].mean()
+        assert on_temple > MIN_IN_SILHOUETTE, f"{cap.name}: only {on_temple:.2f} of the points land on the temple"
+
+    # Gaussians: one vertex per Gaussian with every attribute, positions as in the file.
+    gauss = kinds["gaussians"]
+    g = read_gaussians_ply(job_dir / "gaussians.ply")
+    assert len(gauss.data.vertices) == len(g) > 0
+    for name, width in (("scale", 3), ("rotation", 4), ("opacity", 1), ("color", 4)):
+        values = attribute_values(gauss, name)
+        assert values.shape == ((len(g), width) if width > 1 else (len(g),))
+    np.testing.assert_allclose(mesh_positions(gauss), g.means, atol=1e-6)
+
+    # Generated frames: an image sequence behind the trajectory camera, one file per frame.
+    traj = made["trajectory"].data
+    seq = [bg for bg in traj.background_images if bg.image is not None and bg.image.source == "SEQUENCE"]
+    assert len(seq) == 1
+    assert seq[0].image_user.frame_start == scene.frame_start
+    files = sorted((job_dir / "sequence").glob("frame_*.png"))
+    assert [f.name for f in files] == [f"frame_{i:06d}.png" for i in range(scene.frame_start, scene.frame_end + 1)]

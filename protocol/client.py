@@ -54,6 +54,10 @@ class Client:
         retries: how many times a request is resent (on a fresh socket) before TimeoutError.
         context: a zmq.Context to make sockets from (default: the process-wide one).
         name: told to the server in hello, for its logs.
+        server_key: the server's CurveZMQ public key (its ``NAME.key`` file, or the 40 z85 characters);
+            with ``client_key``, the connection is encrypted and authenticated (``reconloop keys``).
+        client_key: this client's ``NAME.key_secret`` file; its public key must be in the server's
+            ``--allow-keys`` folder. The server ties the jobs this client submits to that key.
     """
 
     def __init__(
@@ -64,7 +68,13 @@ class Client:
         retries: int = DEFAULT_RETRIES,
         context: zmq.Context | None = None,
         name: str = "reconloop-client",
+        server_key: str | os.PathLike | bytes | None = None,
+        client_key: str | os.PathLike | None = None,
     ) -> None:
+        if (server_key is None) != (client_key is None):
+            raise ValueError("Client: server_key and client_key go together (CurveZMQ needs both); got one of them")
+        self.server_key = server_key
+        self.client_key = client_key
         self.endpoint = endpoint
         self.timeout_ms = timeout_ms
         self.retries = retries
@@ -86,6 +96,10 @@ class Client:
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, limits.MAX_FRAME_BYTES + limits.MAX_HEADER_BYTES)
+        if self.server_key is not None:
+            from .curve import configure_client_socket
+
+            configure_client_socket(sock, self.server_key, self.client_key)
         sock.connect(self.endpoint)
         self._sock = sock
 
@@ -114,6 +128,7 @@ class Client:
         rid = self._next_id
         self._next_id += 1
         frames = encode({"v": PROTOCOL_VERSION, "op": op, "id": rid, **fields}, "request")
+        _check_frame_sizes(op, frames, self.server)
         self._sock.send_multipart(frames, copy=False)
         return rid
 
@@ -243,18 +258,21 @@ class Client:
         chunk_bytes: int = limits.FETCH_CHUNK_BYTES,
         window: int = FETCH_WINDOW,
         on_total: Callable[[int], None] | None = None,
+        verify: bool = True,
     ) -> dict[str, Any]:
         """Download an artifact in order, ``window`` chunk requests in flight; check its sha256.
 
         ``sink(offset, data)`` gets each chunk in file order (data: read-only uint8 [n], valid only
-        during the call). Returns ``{"size", "sha256"}``. Raises ValueError on a sha256 mismatch.
+        during the call). Returns ``{"size", "sha256"}`` (the server's sha256, checked against the
+        bytes received unless ``verify`` is False). Raises ValueError on a mismatch.
         """
         first = self.request("fetch", job=job, name=name, offset=0, length=chunk_bytes)
         total, want_sha = first["total"], first["sha256"]
         if on_total is not None:
             on_total(total)
-        h = hashlib.sha256()
-        h.update(first["data"])
+        h = hashlib.sha256() if verify else None
+        if h is not None:
+            h.update(first["data"])
         sink(0, first["data"])
         done = len(first["data"])
         next_offset = done
@@ -284,11 +302,14 @@ class Client:
             buffered[offset] = msg["data"]
             while done in buffered:
                 data = buffered.pop(done)
-                h.update(data)
+                if h is not None:
+                    h.update(data)
                 sink(done, data)
                 done += len(data)
                 if len(data) == 0:
                     raise ProtocolError(errors.INTERNAL, f"fetch {name}: empty chunk at {done} of {total}")
+        if h is None:
+            return {"size": total, "sha256": want_sha}
         got_sha = h.hexdigest()
         if got_sha != want_sha:
             raise ValueError(f"fetch {name}: sha256 mismatch: got {got_sha}, the server lists {want_sha}")
@@ -320,3 +341,14 @@ class Client:
             if tmp.exists():
                 tmp.unlink()
         return result
+
+
+def _check_frame_sizes(op: str, frames: list[Any], server: dict[str, Any] | None) -> None:
+    """Refuse locally what the server's socket would drop unanswered (a frame over its max_frame_bytes)."""
+    server_limits = (server or {}).get("limits") or {}
+    most = server_limits.get("max_frame_bytes", limits.MAX_FRAME_BYTES)
+    for i, frame in enumerate(frames):
+        n = memoryview(frame).nbytes
+        if n > most:
+            what = "header" if i == 0 else f"array frame {i - 1}"
+            raise ProtocolError(errors.TOO_LARGE, f"{op}: {what} of {n} bytes; the server takes at most {most} bytes a frame (hello limits.max_frame_bytes)")

@@ -1,0 +1,95 @@
+"""The reconloop command line: help texts, and `submit` against a live service."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backend.cli import build_parser, main
+from backend.service import Service, ServiceConfig
+from tests.protocol.helpers import jpeg_bytes, png_bytes, runner
+
+REPO = Path(__file__).resolve().parents[2]
+COMMANDS = ("serve", "run", "submit", "import", "demo")
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = "import sys; from backend.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "reconloop" in out and all(c in out for c in COMMANDS)
+    assert out.strip().endswith("False")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert f"reconloop {command}" in text and len(text) > 200
+
+
+def write_scene(folder: Path, prompt: str = "") -> Path:
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "a.png").write_bytes(png_bytes())
+    (folder / "images" / "b.jpg").write_bytes(jpeg_bytes())
+    K = [[50.0, 0, 32], [0, 50, 24], [0, 0, 1]]
+    cam = {"w2c": [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], "K": K, "width": 64, "height": 48}
+    scene = {
+        "version": 1,
+        "captures": [{"name": "a", "image": "images/a.png", "camera": cam}, {"name": "b", "image": "images/b.jpg"}],
+        "trajectory": [{"frame": 1, "camera": cam}],
+        "settings": {"prompt": prompt},
+    }
+    (folder / "scene.json").write_text(json.dumps(scene))
+    return folder
+
+
+@pytest.fixture
+def service(tmp_path):
+    svc = Service(ServiceConfig(bind="tcp://127.0.0.1:*", data_dir=tmp_path / "jobs", device="cpu"), runner=runner)
+    thread = svc.start_thread()
+    yield svc
+    svc.stop()
+    thread.join(20)
+
+
+def test_submit_fetches_every_artifact(service, tmp_path, capsys):
+    scene = write_scene(tmp_path / "scene", prompt="steps:4")
+    out = tmp_path / "out"
+    assert main(["submit", str(scene), "--server", service.endpoint, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "done" in text and "sha256 verified" in text
+    job = text.split()[1]
+    produced = service.data_dir / job / "artifacts"
+    names = sorted(p.name for p in produced.iterdir())
+    assert names == ["step0.bin", "step1.bin", "step2.bin", "step3.bin", "times.json"]
+    for name in names:
+        assert (out / name).read_bytes() == (produced / name).read_bytes()
+
+
+def test_submit_of_failing_job_exits_1(service, tmp_path, capsys):
+    scene = write_scene(tmp_path / "scene", prompt="fail")
+    assert main(["submit", str(scene), "--server", service.endpoint, "--out", str(tmp_path / "out")]) == 1
+    assert "failed" in capsys.readouterr().out
+    assert (tmp_path / "out" / "step0.bin").is_file()  # what was finished still comes back
+
+
+def test_bad_scene_exits_2_with_the_field(tmp_path, capsys):
+    scene = write_scene(tmp_path / "scene")
+    data = json.loads((scene / "scene.json").read_text())
+    data["captures"][0]["camera"]["K"][0][0] = -5
+    (scene / "scene.json").write_text(json.dumps(data))
+    assert main(["submit", str(scene), "--server", "tcp://127.0.0.1:9", "--out", str(tmp_path / "o")]) == 2
+    assert "captures[0].camera.K: focal lengths must be positive" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_submit_to_no_server_times_out(tmp_path, capsys):
+    scene = write_scene(tmp_path / "scene")
+    assert main(["submit", str(scene), "--server", "tcp://127.0.0.1:9", "--out", str(tmp_path / "o"), "--timeout-ms", "100"]) == 1
+    assert "no reply" in capsys.readouterr().err

@@ -73,9 +73,10 @@ class ProgressBar:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .service import Service, ServiceConfig
+    from .service.options import serve_security
 
     runner = _import_object(args.runner) if args.runner else None
-    service = Service(ServiceConfig(bind=args.bind, data_dir=args.data_dir, device=args.device), runner=runner)
+    service = Service(ServiceConfig(bind=args.bind, data_dir=args.data_dir, device=args.device, **serve_security(args)), runner=runner)
     try:
         service.serve_forever()
     except KeyboardInterrupt:
@@ -123,7 +124,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from .service.store import check_artifact_name, scene_message
 
     scene = load_scene(args.scene)
-    with Client(args.server, timeout_ms=args.timeout_ms, name="reconloop-cli") as client:
+    from .service.options import client_keys
+
+    with Client(args.server, timeout_ms=args.timeout_ms, name="reconloop-cli", **client_keys(args)) as client:
         info = client.hello()
         log.info("server %s on %s, device %s", info["server"], args.server, info["device"])
         job = client.submit(scene_message(scene))
@@ -188,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=None, help="job store folder (default: the user cache dir, reconloop/jobs)")
     p.add_argument("--device", default="auto", help=device_help)
     p.add_argument("--runner", default=None, metavar="MODULE:FUNC", help="job runner instead of the loop (for tests)")
+    from .service.options import add_client_arguments, add_keys_command, add_serve_arguments
+
+    add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("run", help="run the loop on a scene folder in this process", description=(
@@ -205,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default=DEFAULT_SERVER, help="service endpoint (default %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="folder for the downloaded artifacts")
     p.add_argument("--timeout-ms", type=int, default=30_000, help="per-request timeout before a retry (default %(default)s)")
+    add_client_arguments(p)
     p.set_defaults(func=cmd_submit)
+    add_keys_command(sub)
 
     p = sub.add_parser("import", help="make a scene folder from COLMAP, LLFF, Middlebury, NeRF or DTU data",
                        description="Convert a dataset's cameras and images into a scene folder (scene.json).")

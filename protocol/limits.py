@@ -6,6 +6,7 @@ the socket itself before it reaches Python), so a request can cost no memory bey
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 MIB = 1 << 20
@@ -71,3 +72,108 @@ def as_dict() -> dict[str, int]:
         "fetch_chunk_bytes": FETCH_CHUNK_BYTES,
         "max_fetch_chunk_bytes": MAX_FETCH_CHUNK_BYTES,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-job limits a server may lower (``reconloop serve --max-captures ...``). The constants above bound
+# what the codec accepts at all; these bound what one job may ask of this server, and travel in the
+# ``hello`` reply's ``limits`` so a client can check a scene before sending it.
+
+SETTING_SIDES = ("width", "height")  # the job's working resolution in ``scene.settings``
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """What one job may ask of a server. Defaults are the wire limits above.
+
+    Attributes:
+        max_captures: photos per job (``scene.captures``).
+        max_heldout: held-out photos per job.
+        max_trajectory: trajectory cameras per job.
+        max_image_side: pixels on a side: capture images, camera width/height, settings width/height.
+        max_frame_bytes: one frame at the socket (ZMQ_MAXMSGSIZE); a bigger frame drops the connection
+            inside libzmq before it is allocated.
+        max_request_bytes: all frames of one submit request together.
+        max_queued_jobs: jobs waiting at once; a submit beyond it is refused until some finish.
+    """
+
+    max_captures: int = MAX_CAPTURES
+    max_heldout: int = MAX_HELDOUT
+    max_trajectory: int = MAX_TRAJECTORY
+    max_image_side: int = MAX_IMAGE_SIDE
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    max_request_bytes: int = MAX_MESSAGE_BYTES
+    max_queued_jobs: int = MAX_JOBS_LISTED
+
+    def __post_init__(self) -> None:
+        ceilings = {
+            "max_captures": MAX_CAPTURES,
+            "max_heldout": MAX_HELDOUT,
+            "max_trajectory": MAX_TRAJECTORY,
+            "max_image_side": MAX_IMAGE_SIDE,
+            "max_frame_bytes": MAX_FRAME_BYTES,
+            "max_request_bytes": MAX_MESSAGE_BYTES,
+            "max_queued_jobs": MAX_ID_INT,
+        }
+        for name, ceiling in ceilings.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= ceiling:
+                raise ValueError(f"JobLimits.{name} must be an integer in [1, {ceiling}]; got {value!r}")
+
+    def as_dict(self) -> dict[str, int]:
+        """The ``hello`` reply's ``limits``: the wire limits with this server's per-job limits."""
+        out = as_dict()
+        out.update(
+            max_captures=self.max_captures,
+            max_heldout=self.max_heldout,
+            max_trajectory=self.max_trajectory,
+            max_image_side=self.max_image_side,
+            max_frame_bytes=self.max_frame_bytes,
+            max_message_bytes=self.max_request_bytes,
+            max_queued_jobs=self.max_queued_jobs,
+        )
+        return out
+
+
+def check_job(scene: dict[str, Any], request_bytes: int, job_limits: JobLimits) -> None:
+    """Check a validated submit ``scene`` against ``job_limits`` before anything is written.
+
+    Args:
+        scene: the submit request's ``scene`` map (codec-decoded: images as bytes or uint8 arrays).
+        request_bytes: size of all frames of the request together.
+    Raises:
+        ProtocolError: ``too_large`` naming the field, the server's limit and what arrived.
+    """
+    from .errors import TOO_LARGE, ProtocolError
+    from .images import encoded_image_size, image_bytes
+
+    def refuse(field: str, rule: str, got: Any) -> ProtocolError:
+        return ProtocolError(TOO_LARGE, f"submit: {field} must be {rule} on this server; got {got}", field=field)
+
+    if request_bytes > job_limits.max_request_bytes:
+        raise refuse("scene", f"at most {job_limits.max_request_bytes} bytes in all", request_bytes)
+    counts = (("captures", job_limits.max_captures), ("heldout", job_limits.max_heldout), ("trajectory", job_limits.max_trajectory))
+    for key, most in counts:
+        n = len(scene.get(key) or ())
+        if n > most:
+            raise refuse(f"scene.{key}", f"at most {most} items", n)
+    side = job_limits.max_image_side
+    for key in ("captures", "heldout"):
+        for i, cap in enumerate(scene.get(key) or ()):
+            image = cap["image"]
+            if getattr(image, "ndim", 1) == 3:
+                h, w = int(image.shape[0]), int(image.shape[1])
+            else:
+                _fmt, w, h = encoded_image_size(image_bytes(image))
+            if w > side or h > side:
+                raise refuse(f"scene.{key}[{i}].image", f"at most {side} px a side", f"{w}x{h}")
+    for key in ("captures", "heldout", "trajectory"):
+        for i, item in enumerate(scene.get(key) or ()):
+            cam = item.get("camera")
+            if cam is not None and (cam["width"] > side or cam["height"] > side):
+                raise refuse(f"scene.{key}[{i}].camera", f"at most {side} px a side", f"{cam['width']}x{cam['height']}")
+    settings = scene.get("settings") or {}
+    for key in SETTING_SIDES:
+        value = settings.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > side:
+            raise refuse(f"scene.settings.{key}", f"at most {side}", value)

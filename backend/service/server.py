@@ -35,6 +35,8 @@ from protocol.schemas import OPS
 from protocol.version import PROTOCOL_VERSION, SUPPORTED_VERSIONS, choose_version
 
 from .. import __version__
+from .auth import AuthConfig, ServerAuth, may_access
+from .faults import describe_failure
 from .store import JobRecord, JobStore
 from .worker import Runner, Worker, default_runner
 
@@ -61,11 +63,15 @@ class ServiceConfig:
         bind: ZeroMQ endpoint of the ROUTER; ``tcp://127.0.0.1:*`` picks a free port.
         data_dir: folder of the job store (default: the user cache dir, ``.../reconloop/jobs``).
         device: what the runner gets: ``cpu``, ``cuda``, ``cuda:1``; ``auto`` picks cuda:0 when torch sees a GPU.
+        auth: CurveZMQ keys and allow-list (``auth.py``); required to bind a non-loopback address.
+        job_limits: what one job may ask (captures, trajectory, resolution, request and frame bytes, queue).
     """
 
     bind: str = DEFAULT_BIND
     data_dir: Path | None = None
     device: str = "auto"
+    auth: AuthConfig | None = None
+    job_limits: limits.JobLimits = limits.JobLimits()
 
 
 def resolve_device(device: str) -> str:
@@ -117,7 +123,9 @@ class Service:
     def __init__(self, config: ServiceConfig = ServiceConfig(), *, runner: Runner | None = None, context: zmq.Context | None = None) -> None:
         self.config = config
         self.runner = runner or default_runner
-        self.context = context or zmq.Context.instance()
+        # a ZAP handler is one per context: an authenticated service gets a context of its own
+        self.context = context or (zmq.Context() if config.auth is not None else zmq.Context.instance())
+        self.auth: ServerAuth | None = None
         self.data_dir = Path(config.data_dir) if config.data_dir is not None else default_data_dir()
         self.endpoint: str | None = None
         self._stop = threading.Event()
@@ -161,14 +169,16 @@ class Service:
     def serve_forever(self) -> None:
         """Bind, recover the store, run the loop until ``stop()`` or a ``shutdown`` request."""
         try:
+            self.auth = ServerAuth.start(self.context, self.config.auth, self.config.bind)  # refuses an open bind without keys
             self.device = resolve_device(self.config.device)
             self.store = JobStore(self.data_dir)
             self._lock = _lock_dir(self.store.root)
             self.queue: deque[str] = deque(r.job for r in self.store.load())
             self.router = self.context.socket(zmq.ROUTER)
             self.router.setsockopt(zmq.LINGER, 0)
-            self.router.setsockopt(zmq.MAXMSGSIZE, limits.MAX_FRAME_BYTES)
+            self.router.setsockopt(zmq.MAXMSGSIZE, self.config.job_limits.max_frame_bytes)
             self.router.setsockopt(zmq.SNDHWM, SNDHWM)
+            self.auth.apply(self.router)
             self.router.bind(self.config.bind)
             self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
             worker_endpoint = f"inproc://reconloop-worker-{secrets.token_hex(8)}"
@@ -179,6 +189,8 @@ class Service:
             self.worker.start()
         except BaseException as err:
             self._startup_error = err
+            if self.auth is not None:
+                self.auth.stop()
             self._ready.set()
             raise
         self.running: str | None = None
@@ -220,6 +232,7 @@ class Service:
             self.worker.join(STOP_WAIT_S)
         self.router.close(linger=0)
         self.pair.close(linger=0)
+        self.auth.stop()
         self._lock.close()
         log.info("reconloop service stopped")
 
@@ -269,7 +282,7 @@ class Service:
         if len(body) > 1 and len(body[0]) == 0:  # a REQ client's empty delimiter frame: echo it
             envelope.append(b"")
             body = body[1:]
-        req = _Request(envelope=envelope, frames=body, peer=peer_address(body[0]))
+        req = _Request(envelope=envelope, frames=body, peer=peer_address(body[0]), owner=self.auth.owner(body[0]))
         op, rid = None, None
         try:
             msg = decode(body, "request")
@@ -283,7 +296,7 @@ class Service:
             out = self._error_frames(op, rid, err)
         except Exception as err:  # a bug: answer, log, go on
             log.error("request %s %r failed:\n%s", op, rid, traceback.format_exc())
-            out = self._error_frames(op, rid, ProtocolError(errors.INTERNAL, f"{op}: {type(err).__name__}: {err}"))
+            out = self._error_frames(op, rid, ProtocolError(errors.INTERNAL, f"{op}: {describe_failure(err, data_dir=self.data_dir)}"))
         self.router.send_multipart(envelope + out, copy=False)
         for frames_after in req.after:
             self.router.send_multipart(envelope + frames_after, copy=False)
@@ -300,9 +313,9 @@ class Service:
             reply.update(id=None, error={"code": err.code, "message": err.message[: limits.MAX_STR_BYTES]})
             return encode(reply, "reply")
 
-    def _record(self, msg: dict[str, Any]) -> JobRecord:
+    def _record(self, msg: dict[str, Any], req: "_Request") -> JobRecord:
         record = self.store.jobs.get(msg["job"])
-        if record is None:
+        if record is None or not may_access(record.owner, req.owner):  # another client's job: as if absent
             raise ProtocolError(errors.NOT_FOUND, f"{msg['op']}: no job {msg['job']!r}", field="job")
         return record
 
@@ -322,21 +335,24 @@ class Service:
             "server": f"reconloop {__version__}",
             "generators": available_generators(),
             **device_info(self.device),
-            "limits": limits.as_dict(),
+            "limits": self.config.job_limits.as_dict(),
         }
 
     def _submit(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
         key = msg.get("key")
-        if key and key in self.store.keys:
-            record = self.store.jobs[self.store.keys[key]]
+        if key and (req.owner, key) in self.store.keys:
+            record = self.store.jobs[self.store.keys[(req.owner, key)]]
             return {"job": record.job, "state": record.state}
-        record = self.store.create(req.frames, msg)
+        limits.check_job(msg["scene"], sum(memoryview(f).nbytes for f in req.frames), self.config.job_limits)
+        if len(self.queue) >= self.config.job_limits.max_queued_jobs:
+            raise ProtocolError(errors.TOO_LARGE, f"submit: the queue is full ({len(self.queue)} jobs waiting); submit again when some have finished")
+        record = self.store.create(req.frames, msg, owner=req.owner)
         self.queue.append(record.job)
         log.info("job %s queued (%d captures)", record.job, len(msg["scene"]["captures"]))
         return {"job": record.job, "state": record.state}
 
     def _status(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
-        record = self._record(msg)
+        record = self._record(msg, req)
         if msg.get("watch") and not record.is_terminal:
             self.watchers.setdefault(record.job, {})[req.envelope[0]] = req.envelope
         since = msg.get("since")
@@ -350,7 +366,7 @@ class Service:
         }
 
     def _cancel(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
-        record = self._record(msg)
+        record = self._record(msg, req)
         if record.state == "queued":
             self.queue.remove(record.job)
             self._event(record, "cancelled", record.stage, record.fraction, "cancelled by a client before it started")
@@ -359,10 +375,10 @@ class Service:
         return {"job": record.job, "state": record.state}
 
     def _jobs(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
-        return {"jobs": [r.summary() for r in self.store.listed()]}
+        return {"jobs": [r.summary() for r in self.store.listed() if may_access(r.owner, req.owner)]}
 
     def _fetch(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
-        record = self._record(msg)
+        record = self._record(msg, req)
         name = msg["name"]
         path = self.store.artifact_path(record, name)
         entry = record.artifacts[name]
@@ -387,6 +403,7 @@ class _Request:
     envelope: list[bytes]
     frames: list[zmq.Frame]
     peer: str | None
+    owner: str = "local"  # auth.LOCAL_OWNER, or the client's CurveZMQ public key
     after: list[list[Any]] = None  # type: ignore[assignment]
     stop_after: bool = False
 

@@ -198,6 +198,7 @@ class JobRecord:
     dir: Path
     created: float
     key: str | None = None
+    owner: str | None = None  # the submitting client's CurveZMQ key, or "local" (see auth.py)
     state: str = "queued"
     stage: str = "queued"
     fraction: float = 0.0
@@ -292,11 +293,11 @@ class JobStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.jobs: dict[str, JobRecord] = {}
-        self.keys: dict[str, str] = {}
+        self.keys: dict[tuple[str | None, str], str] = {}  # (owner, idempotency key) -> job
 
     # -- creation ---------------------------------------------------------------------------------
 
-    def create(self, frames: Sequence[Any], msg: dict[str, Any]) -> JobRecord:
+    def create(self, frames: Sequence[Any], msg: dict[str, Any], owner: str | None = None) -> JobRecord:
         """Build a job directory from a validated submit request; raises ProtocolError for a bad scene."""
         job = new_job_id()
         tmp = self.root / f"{TMP_PREFIX}{job}"
@@ -307,9 +308,9 @@ class JobStore:
             write_scene_message(msg["scene"], tmp / SCENE_DIR)
             (tmp / ARTIFACTS_DIR).mkdir()
             created = time.time()
-            meta = {"format": STORE_FORMAT, "job": job, "created": created, "key": msg.get("key")}
+            meta = {"format": STORE_FORMAT, "job": job, "created": created, "key": msg.get("key"), "owner": owner}
             write_atomic(tmp / META_FILE, json.dumps(meta).encode())
-            record = JobRecord(job=job, dir=self.root / job, created=created, key=msg.get("key"), updated=created)
+            record = JobRecord(job=job, dir=self.root / job, created=created, key=msg.get("key"), owner=owner, updated=created)
             event = self._event(record, "queued", "queued", 0.0, "waiting for the worker", [])
             with open(tmp / JOURNAL_FILE, "a") as f:
                 f.write(json.dumps(event) + "\n")
@@ -320,7 +321,7 @@ class JobStore:
         self._apply(record, event)
         self.jobs[job] = record
         if record.key:
-            self.keys[record.key] = job
+            self.keys[(record.owner, record.key)] = job
         return record
 
     # -- events -------------------------------------------------------------------------------------
@@ -349,11 +350,14 @@ class JobStore:
         """Record a new event in memory and in the journal (fsync on state changes); return it."""
         event = self._event(record, state, stage, fraction, message, list(artifacts))
         is_transition = state != record.state
-        with open(record.dir / JOURNAL_FILE, "a") as f:
-            f.write(json.dumps(event) + "\n")
-            if is_transition:
-                f.flush()
-                os.fsync(f.fileno())
+        try:
+            with open(record.dir / JOURNAL_FILE, "a") as f:
+                f.write(json.dumps(event) + "\n")
+                if is_transition:
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as err:  # a full disk must not stop the service: the event lives in memory
+            log.error("job %s: journal not written, event %d kept in memory only: %s", record.job, event["seq"], err)
         self._apply(record, event)
         return event
 
@@ -371,7 +375,7 @@ class JobStore:
                 continue
             self.jobs[record.job] = record
             if record.key:
-                self.keys[record.key] = record.job
+                self.keys[(record.owner, record.key)] = record.job
         for record in self.jobs.values():
             if record.state == "running":
                 self.append(record, "interrupted", record.stage, record.fraction, INTERRUPTED_REASON)
@@ -380,7 +384,7 @@ class JobStore:
 
     def _load_one(self, job_dir: Path) -> JobRecord:
         meta = json.loads((job_dir / META_FILE).read_text())
-        record = JobRecord(job=job_dir.name, dir=job_dir, created=float(meta["created"]), key=meta.get("key"))
+        record = JobRecord(job=job_dir.name, dir=job_dir, created=float(meta["created"]), key=meta.get("key"), owner=meta.get("owner"))
         with open(job_dir / JOURNAL_FILE) as f:
             for n, line in enumerate(f):
                 try:

@@ -28,6 +28,7 @@ from protocol import limits
 
 from ..progress import Cancelled, ProgressEvent, ProgressFn
 from ..scene import Scene, load_scene
+from .faults import describe_failure, release_memory
 from .store import ARTIFACTS_DIR, SCENE_DIR, Manifest
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,10 @@ class Worker(threading.Thread):
         send = lambda body: sock.send(msgpack.packb(body, use_bin_type=True))  # noqa: E731
         manifest = Manifest(job_dir)
         flags = {"cancel": False, "stop": False}
+        stage: list[str | None] = [None]  # the stage last reported, for failure messages
 
         def progress(event: ProgressEvent) -> None:
+            stage[0] = _clean_text(event.stage, limits.MAX_NAME_CHARS)
             while sock.poll(0):
                 msg = msgpack.unpackb(sock.recv())
                 if msg["cmd"] == "stop":
@@ -128,7 +131,9 @@ class Worker(threading.Thread):
             state, message = "cancelled", "cancelled by a client"
         except Exception as err:  # a fault in a job fails that job; the worker goes on with the next
             log.error("job %s failed:\n%s", job, traceback.format_exc())
-            state, message = "failed", _clean_text(f"{type(err).__name__}: {err}", limits.MAX_STR_BYTES)
+            state, message = "failed", _clean_text(describe_failure(err, stage=stage[0], data_dir=job_dir.parent), limits.MAX_STR_BYTES)
+            del err  # drop the traceback's frames (and the tensors they hold) before freeing memory
+            release_memory()
         try:
             entries = manifest.add(manifest.unlisted())
         except (OSError, ValueError) as err:

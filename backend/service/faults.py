@@ -1,0 +1,65 @@
+"""Plain messages for faults, and clean-up after them, shared by the worker and the request loop.
+
+A job that dies of a fault fails with a sentence a person can act on; the worker then frees what it
+can (Python garbage, the CUDA cache) and goes on with the next job. Example messages::
+
+    out of memory in stage 'fit': CUDA out of memory. Tried to allocate 20.00 GiB; the job was stopped
+    no space left on the server's disk (data dir /var/cache/reconloop/jobs): [Errno 28] ...
+    RuntimeError: index out of range (in stage 'render')
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+OOM_CLASS_NAMES = frozenset({"OutOfMemoryError", "MemoryError", "_ArrayMemoryError"})
+MAX_DETAIL_CHARS = 500
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """MemoryError (host) or torch's OutOfMemoryError (GPU), by class, without importing torch."""
+    if isinstance(err, MemoryError):
+        return True
+    return any(cls.__name__ in OOM_CLASS_NAMES for cls in type(err).__mro__)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """An OSError saying the disk, the quota or the file-size limit is exhausted."""
+    return isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS
+
+
+def _detail(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text if len(text) <= MAX_DETAIL_CHARS else text[: MAX_DETAIL_CHARS - 3] + "..."
+
+
+def describe_failure(err: BaseException, *, stage: str | None = None, data_dir: Any = None) -> str:
+    """One plain sentence for a fault that ended a job or a request."""
+    where = f" in stage {stage!r}" if stage else ""
+    if is_out_of_memory(err):
+        kind = "GPU memory" if type(err).__name__ == "OutOfMemoryError" else "memory"
+        return f"out of {kind}{where}: {_detail(err)}; the job was stopped (try a smaller resolution or fewer frames)"
+    if is_disk_full(err):
+        place = f" (data dir {data_dir})" if data_dir is not None else ""
+        return f"no space left on the server's disk{place}{where}: {_detail(err)}; free space and submit again"
+    return f"{type(err).__name__}: {_detail(err)}" + (f" (in stage {stage!r})" if stage else "")
+
+
+def release_memory() -> None:
+    """After a fault: collect garbage and, when torch is loaded with CUDA, empty its cache."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception as err:  # a broken CUDA context must not take the worker down too
+        log.warning("could not empty the CUDA cache: %s", err)

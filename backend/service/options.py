@@ -1,0 +1,75 @@
+"""Command-line options for security and limits: ``reconloop keys``, ``serve``'s keys and limits, ``submit``'s keys.
+
+Kept here so that ``backend/cli.py`` only wires them in.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from protocol import limits
+
+from .auth import AuthConfig, generate_keys
+
+MIB = 1 << 20
+LIMIT_OPTIONS = (
+    # (option, JobLimits field, scale, help)
+    ("--max-captures", "max_captures", 1, "photos per job"),
+    ("--max-heldout", "max_heldout", 1, "held-out photos per job"),
+    ("--max-trajectory", "max_trajectory", 1, "trajectory cameras per job"),
+    ("--max-image-side", "max_image_side", 1, "pixels on a side (captures, cameras, settings width/height)"),
+    ("--max-frame-mib", "max_frame_bytes", MIB, "MiB in one frame at the socket; bigger frames drop the connection"),
+    ("--max-request-mib", "max_request_bytes", MIB, "MiB in one submit request"),
+    ("--max-queued", "max_queued_jobs", 1, "jobs waiting at once"),
+)
+
+
+def add_keys_command(sub: Any) -> None:
+    """The ``keys`` subcommand."""
+    p = sub.add_parser("keys", help="make a CurveZMQ key pair (for a server or a client)", description=(
+        "Write DIR/NAME.key (the public key: give it away) and DIR/NAME.key_secret (keep it; mode 0600). "
+        "A server uses its NAME.key_secret with `serve --curve-secret`; each client's NAME.key goes into the "
+        "server's --allow-keys folder; a client uses the server's NAME.key and its own NAME.key_secret."))
+    p.add_argument("dir", type=Path, metavar="DIR", help="folder for the two files (made if missing)")
+    p.add_argument("--name", required=True, help="file name stem, e.g. server or alice")
+    p.set_defaults(func=cmd_keys)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    pair = generate_keys(args.dir, args.name)
+    print(f"public key  {pair.public_file}  ({pair.public_key})")
+    print(f"secret key  {pair.secret_file}  (keep it private)")
+    return 0
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """``serve``'s CurveZMQ and per-job limit options."""
+    g = p.add_argument_group("authentication (needed to bind anything but loopback)")
+    g.add_argument("--curve-secret", type=Path, default=None, metavar="FILE", help="the server's NAME.key_secret (from `reconloop keys`)")
+    g.add_argument("--allow-keys", type=Path, default=None, metavar="DIR", help="folder of allowed client public keys (*.key); re-read on change")
+    g = p.add_argument_group("per-job limits (defaults: the protocol's limits)")
+    defaults = limits.JobLimits()
+    for option, field, scale, doc in LIMIT_OPTIONS:
+        g.add_argument(option, type=int, default=getattr(defaults, field) // scale, help=f"{doc} (default %(default)s)")
+
+
+def serve_security(args: argparse.Namespace) -> dict[str, Any]:
+    """``ServiceConfig`` keyword arguments ``auth`` and ``job_limits`` from ``serve``'s options."""
+    if (args.curve_secret is None) != (args.allow_keys is None):
+        raise ValueError("--curve-secret and --allow-keys go together; got one of them")
+    auth = AuthConfig(args.curve_secret, args.allow_keys) if args.curve_secret is not None else None
+    values = {field: getattr(args, option[2:].replace("-", "_")) * scale for option, field, scale, _doc in LIMIT_OPTIONS}
+    return {"auth": auth, "job_limits": limits.JobLimits(**values)}
+
+
+def add_client_arguments(p: argparse.ArgumentParser) -> None:
+    """A client command's CurveZMQ options."""
+    p.add_argument("--server-key", type=Path, default=None, metavar="FILE", help="the server's public key file NAME.key")
+    p.add_argument("--client-key", type=Path, default=None, metavar="FILE", help="this client's NAME.key_secret")
+
+
+def client_keys(args: argparse.Namespace) -> dict[str, Any]:
+    """``Client`` keyword arguments from the client options."""
+    return {"server_key": args.server_key, "client_key": args.client_key}

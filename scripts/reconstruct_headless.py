@@ -1,0 +1,159 @@
+"""Reconstruct a .blend without the UI: send its captures and trajectory, import the results, save.
+
+Inside Blender::
+
+    blender -b scene.blend --python scripts/reconstruct_headless.py -- --server tcp://127.0.0.1:5555 --out DIR
+
+With the bpy wheel (Python 3.11)::
+
+    python scripts/reconstruct_headless.py --blend scene.blend --server tcp://127.0.0.1:5555 --out DIR
+
+The scene's ReconLoop settings (sidebar) say which collection holds the captures and which camera is
+the trajectory; ``--captures`` and ``--trajectory`` set or override them (by name). Without
+``--server`` the add-on's preferences decide (a local ``reconloop serve`` by default). The add-on is
+used as installed; ``--extension ZIP`` installs it first; otherwise it is registered from this
+repository's ``blender_addon`` package. Results go to ``DIR`` and the .blend with the imported
+objects is saved as ``DIR/<name>_reconstructed.blend`` (or ``--save PATH``). Exit code 0 on success,
+1 when the job failed (the reason is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXTENSION_REPO = "user_default"
+DEFAULT_TIMEOUT_S = 3600.0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="reconstruct_headless.py", description="Reconstruct a .blend with ReconLoop and save the result."
+    )
+    ap.add_argument("--blend", type=Path, default=None, help="the .blend to open (bpy wheel; Blender opens its own)")
+    ap.add_argument("--server", default="", help="service address, e.g. tcp://127.0.0.1:5555 (default: the preferences)")
+    ap.add_argument("--out", type=Path, required=True, help="folder for results and the saved .blend")
+    ap.add_argument("--save", type=Path, default=None, help="where to save the .blend (default OUT/<name>_reconstructed.blend)")
+    ap.add_argument("--extension", type=Path, default=None, help="extension zip to install first")
+    ap.add_argument("--captures", default="", help="name of the collection of capture cameras")
+    ap.add_argument("--photos", type=Path, default=None, help="a folder of photos without cameras instead")
+    ap.add_argument("--trajectory", default="", help="name of the animated trajectory camera")
+    ap.add_argument("--frames", default="", help="START:END[:STEP] (default: the scene's frame range)")
+    ap.add_argument("--generator", default="", help="generator name (e.g. reproject, anyrecon)")
+    ap.add_argument("--size", default="", help="working resolution WxH, e.g. 320x240")
+    ap.add_argument("--gaussian-iterations", type=int, default=None)
+    ap.add_argument("--segment-length", type=int, default=None)
+    ap.add_argument("--retrieval-k", type=int, default=None)
+    ap.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S)
+    return ap.parse_args(argv)
+
+
+def script_argv() -> list[str]:
+    """Arguments after ``--`` inside Blender, else the process's own."""
+    if "--" in sys.argv:
+        return sys.argv[sys.argv.index("--") + 1 :]
+    return sys.argv[1:]
+
+
+def ensure_addon(extension: Path | None) -> str:
+    """Make the ReconLoop operators available; returns the add-on's module name."""
+    import addon_utils
+    import bpy
+
+    enabled = [m for m in bpy.context.preferences.addons.keys() if m.split(".")[-1] in ("reconloop", "blender_addon")]
+    if extension is not None:
+        result = bpy.ops.extensions.package_install_files(
+            filepath=str(extension.resolve()), repo=EXTENSION_REPO, enable_on_install=True
+        )
+        if result != {"FINISHED"}:
+            raise RuntimeError(f"could not install {extension}")
+        return f"bl_ext.{EXTENSION_REPO}.reconloop"
+    if enabled:
+        return enabled[0]
+    for mod in addon_utils.modules(refresh=False):
+        if mod.__name__.endswith(".reconloop"):
+            bpy.ops.preferences.addon_enable(module=mod.__name__)
+            return mod.__name__
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import blender_addon
+
+    if not hasattr(bpy.types.Scene, "reconloop"):
+        blender_addon.register()
+    return "blender_addon"
+
+
+def configure(args: argparse.Namespace) -> None:
+    """Apply the command-line choices to the scene's ReconLoop settings."""
+    import bpy
+
+    scene = bpy.context.scene
+    st = scene.reconloop
+    if args.photos is not None:
+        st.capture_source = "FOLDER"
+        st.photo_folder = str(args.photos.resolve())
+    elif args.captures:
+        coll = bpy.data.collections.get(args.captures)
+        if coll is None:
+            raise SystemExit(f"no collection named {args.captures!r}; have: {[c.name for c in bpy.data.collections]}")
+        st.capture_source, st.captures = "COLLECTION", coll
+    if args.trajectory:
+        obj = bpy.data.objects.get(args.trajectory)
+        if obj is None or obj.type != "CAMERA":
+            raise SystemExit(f"no camera named {args.trajectory!r}")
+        st.trajectory_camera = obj
+    if args.frames:
+        parts = [int(x) for x in args.frames.split(":")]
+        st.use_scene_range = False
+        st.frame_start, st.frame_end = parts[0], parts[1]
+        st.frame_step = parts[2] if len(parts) > 2 else 1
+    if args.generator:
+        st.generator = args.generator
+    if args.size:
+        w, h = (int(x) for x in args.size.lower().split("x"))
+        st.width, st.height = w, h
+    for name in ("gaussian_iterations", "segment_length", "retrieval_k"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(st, name, value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(script_argv() if argv is None else argv)
+    import bpy
+
+    if args.blend is not None:
+        bpy.ops.wm.open_mainfile(filepath=str(args.blend.resolve()))
+    module = ensure_addon(args.extension)
+    configure(args)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    try:
+        bpy.ops.reconloop.reconstruct(server=args.server, output_dir=str(out), timeout_s=args.timeout_s)
+    except RuntimeError as err:  # the operator's ERROR report
+        print(f"reconstruct_headless: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if not args.server:
+            bpy.ops.reconloop.stop_service()
+    rt = bpy.context.window_manager.reconloop
+    stem = Path(bpy.data.filepath).stem if bpy.data.filepath else "scene"
+    save = (args.save or out / f"{stem}_reconstructed.blend").resolve()
+    bpy.ops.wm.save_as_mainfile(filepath=str(save))
+    coll = next((c for c in bpy.data.collections if c.get("reconloop_job") == rt.job), None)
+    objects = sorted(o.name for o in coll.objects) if coll is not None else []
+    print(f"reconstruct_headless: job {rt.job} {rt.state} in {time.monotonic() - t0:.1f} s with add-on {module}; "
+          f"imported {objects}; saved {save}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    code = main()
+    if code:
+        sys.exit(code)

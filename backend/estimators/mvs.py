@@ -238,9 +238,9 @@ def plane_sweep(ref_gray: Tensor, ref_cam: Cameras, src_gray: Tensor, src_cams: 
             grid = (uv * scale - 1.0).reshape(Dc, H, W, 2)
             y = F.grid_sample(src[s:s + 1].expand(Dc, -1, -1, -1), grid, mode="bilinear",
                               padding_mode="border", align_corners=False)  # [Dc, 1, H, W]
-            my = _box(y, r, count)
-            var_y = (_box(y * y, r, count) - my * my).clamp_min_(EPS)
-            ncc = (_box(x * y, r, count) - mx * my) * inv_std_x * var_y.rsqrt_()
+            my, myy, mxy = _box(torch.cat([y, y * y, x * y]), r, count).split(Dc)
+            var_y = (myy - my * my).clamp_min_(EPS)
+            ncc = (mxy - mx * my) * inv_std_x * var_y.rsqrt_()
             scores[s] = ncc[:, 0].masked_fill_(~inside.reshape(Dc, H, W), -1.0)
         if S > k_views:
             scores = scores.topk(k_views, dim=0).values

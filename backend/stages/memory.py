@@ -34,15 +34,15 @@ class MemoryConfig:
         min_confidence: points below this confidence are dropped.
         voxel_size: voxel edge (world units) for downsampling; 0 = ``voxel_fraction`` times the
             diagonal of the points' robust bounding box.
-        voxel_fraction: automatic voxel size as a fraction of the scene diagonal (1/1000 keeps
-            roughly the density of a 640-pixel depth map on an object filling the view).
+        voxel_fraction: automatic voxel size as a fraction of the scene diagonal (1/640: about one
+            pixel of a 640-pixel view framing the whole scene).
         max_points: hard cap; the most confident points are kept (bounds render and fit cost).
     """
 
     mvs: MVSConfig = field(default_factory=MVSConfig)
     min_confidence: float = 0.0
     voxel_size: float = 0.0
-    voxel_fraction: float = 1.0 / 1000.0
+    voxel_fraction: float = 1.0 / 640.0
     max_points: int = 2_000_000
 
     def check(self) -> None:

@@ -43,7 +43,8 @@ class UpdateConfig:
     """Attributes:
         enabled: off = the memory is returned unchanged (measures the update's effect).
         voxel_size: voxel edge (world units) of the merge; 0 = ``voxel_fraction`` x scene diagonal.
-        voxel_fraction: automatic voxel size as a fraction of the memory's diagonal.
+        voxel_fraction: automatic voxel size as a fraction of the memory's diagonal (1/640: about
+            one pixel of a 640-pixel view framing the whole scene).
         max_points: cap on M after the merge (most confident points kept).
         rendered_weight: confidence scale of points lifted at rendered depth (geometry from M).
         stereo_weight: confidence scale of points placed by stereo in filled pixels.
@@ -56,7 +57,7 @@ class UpdateConfig:
 
     enabled: bool = True
     voxel_size: float = 0.0
-    voxel_fraction: float = 1.0 / 1000.0
+    voxel_fraction: float = 1.0 / 640.0
     max_points: int = 2_000_000
     rendered_weight: float = 1.0
     stereo_weight: float = 0.5

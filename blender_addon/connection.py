@@ -34,6 +34,7 @@ EXTRA_FILES = ("metrics.json", "overview.png")
 # Download order: the point cloud first, so it shows while the rest is still on its way.
 KIND_PRIORITY = {scene_io.KIND_POINTS: 0, scene_io.KIND_CAMERAS: 1, scene_io.KIND_FRAME: 2,
                  scene_io.KIND_GAUSSIANS: 3, scene_io.KIND_OTHER: 4}
+GIB = float(1 << 30)
 TERMINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 
 
@@ -87,16 +88,19 @@ def make_client(endpoint: str, cfg: ConnectionConfig):
     kwargs: dict[str, Any] = {"timeout_ms": cfg.timeout_ms, "name": "reconloop-blender"}
     if cfg.mode == "remote" and (cfg.server_key_file or cfg.client_key_file):
         if not (cfg.server_key_file and cfg.client_key_file):
-            raise ReconLoopError("an authenticated connection needs both the server's public key file and your key file")
+            raise ReconLoopError(
+                "an authenticated connection needs both files: the server's public key (NAME.key) "
+                "and your secret key (NAME.key_secret); set both in the add-on preferences, or neither"
+            )
         for path in (cfg.server_key_file, cfg.client_key_file):
             if not os.path.isfile(path):
                 raise ReconLoopError(f"key file not found: {path}")
-        import inspect
-
-        if "curve" not in inspect.signature(client_mod.Client).parameters:
-            raise ReconLoopError("this version of ReconLoop cannot make authenticated connections yet; clear the key files")
-        kwargs["curve"] = {"server_public_file": cfg.server_key_file, "client_secret_file": cfg.client_key_file}
-    return client_mod.Client(endpoint, **kwargs)
+        kwargs["server_key"] = cfg.server_key_file
+        kwargs["client_key"] = cfg.client_key_file
+    try:
+        return client_mod.Client(endpoint, **kwargs)
+    except (ValueError, OSError) as err:  # unreadable key files, a malformed address
+        raise ReconLoopError(f"cannot connect to {endpoint}: {err}") from None
 
 
 def describe_hello(reply: dict[str, Any]) -> str:
@@ -104,8 +108,7 @@ def describe_hello(reply: dict[str, Any]) -> str:
     parts = [f"ReconLoop {reply.get('server', '?')} (protocol {reply.get('version', '?')})", f"device {reply.get('device', '?')}"]
     gpu = reply.get("gpu")
     if gpu:
-        gib = float(1 << 30)
-        parts.append(f"{gpu.get('name', 'GPU')}: {gpu.get('free_bytes', 0) / gib:.1f} of {gpu.get('total_bytes', 0) / gib:.1f} GiB free")
+        parts.append(f"{gpu.get('name', 'GPU')}: {gpu.get('free_bytes', 0) / GIB:.1f} of {gpu.get('total_bytes', 0) / GIB:.1f} GiB free")
     gens = reply.get("generators") or []
     parts.append("generators: " + (", ".join(gens) if gens else "none"))
     return "; ".join(parts)

@@ -229,3 +229,84 @@ def test_reconstruct_temple_against_local_service(installed, temple_dir, tmp_pat
     assert seq[0].image_user.frame_start == scene.frame_start
     files = sorted((job_dir / "sequence").glob("frame_*.png"))
     assert [f.name for f in files] == [f"frame_{i:06d}.png" for i in range(scene.frame_start, scene.frame_end + 1)]
+
+
+@pytest.fixture(scope="module")
+def probe_service(tmp_path_factory):
+    """A real `reconloop serve` on loopback with CurveZMQ keys and the quick probe runner."""
+    import subprocess
+
+    from blender_addon.connection import free_loopback_port
+    from protocol.client import Client
+
+    root = tmp_path_factory.mktemp("probe_service")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    keys, allowed = root / "keys", root / "allowed"
+    for name in ("server", "alice", "mallory"):
+        subprocess.run([sys.executable, "-m", "backend.cli", "keys", str(keys), "--name", name], check=True, env=env,
+                       cwd=REPO, capture_output=True)
+    allowed.mkdir()
+    (allowed / "alice.key").write_bytes((keys / "alice.key").read_bytes())
+    endpoint = f"tcp://127.0.0.1:{free_loopback_port()}"
+    log = open(root / "service.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "serve", "--bind", endpoint, "--data-dir", str(root / "jobs"),
+         "--device", "cpu", "--runner", "backend.service.probe:run",
+         "--curve-secret", str(keys / "server.key_secret"), "--allow-keys", str(allowed)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        with Client(endpoint, timeout_ms=1000, retries=30, server_key=keys / "server.key",
+                    client_key=keys / "alice.key_secret") as c:
+            c.hello()
+        yield {"endpoint": endpoint, "keys": keys}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _use_remote(endpoint: str, keys: Path, client: str = "alice", timeout_ms: int = 5000) -> None:
+    prefs = _prefs()
+    prefs.backend_mode = "remote"
+    prefs.remote_address = endpoint
+    prefs.server_key_file = str(keys / "server.key")
+    prefs.client_key_file = str(keys / f"{client}.key_secret")
+    prefs.timeout_ms = timeout_ms
+
+
+def test_remote_with_keys_test_connection(installed, probe_service):
+    from blender_addon import connection
+
+    _use_remote(probe_service["endpoint"], probe_service["keys"])
+    try:
+        assert bpy.ops.reconloop.test_connection() == {"FINISHED"}
+        summary = bpy.context.window_manager.reconloop.hello_summary
+        assert "ReconLoop" in summary and "device cpu" in summary and "generators:" in summary
+        # A key the server does not allow: no answer, said plainly.
+        _use_remote(probe_service["endpoint"], probe_service["keys"], client="mallory", timeout_ms=300)
+        with pytest.raises(RuntimeError, match="does not answer"):
+            bpy.ops.reconloop.test_connection()
+        # Only one of the two key files: refused before connecting.
+        _prefs().client_key_file = ""
+        with pytest.raises(RuntimeError, match="needs both files"):
+            bpy.ops.reconloop.test_connection()
+    finally:
+        connection.close()
+
+
+def test_service_fault_is_a_plain_error(installed, probe_service, temple_dir):
+    """A job that runs out of GPU memory on the server ends in a sentence, reported by the operator."""
+    from blender_addon import connection
+
+    _use_remote(probe_service["endpoint"], probe_service["keys"])
+    build_temple_scene(temple_dir, ids=(0, 8))
+    st = bpy.context.scene.reconloop
+    st.prompt = "probe fault=cuda_oom"
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            bpy.ops.reconloop.reconstruct(timeout_s=60)
+    finally:
+        connection.close()
+    rt = bpy.context.window_manager.reconloop
+    assert rt.state == "failed" and "out of memory" in rt.last_error and not rt.is_running

@@ -1,0 +1,89 @@
+"""Helpers of the reliability tests (auth, limits, fuzz, faults, load): services, subprocesses, waits.
+
+Tests record what they injected and what happened with ``row(record_property, ...)``; the properties
+land in pytest's junit XML, which ``scripts/reliability_report.py`` turns into ``docs/reliability.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from backend.service import Service, ServiceConfig
+from backend.service.probe import run as probe_runner
+from protocol.client import Client
+from protocol.schemas import TERMINAL_STATES
+from tests.protocol.helpers import scene_msg
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_MS = 5000
+WAIT_S = 30.0
+POLL_S = 0.02
+
+
+def probe_scene(plan: str = "", *, captures: int = 2) -> dict[str, Any]:
+    """A small valid submit ``scene`` whose job the probe runner runs as ``probe <plan>``."""
+    return scene_msg(f"probe {plan}".strip() if plan else "", captures=captures)
+
+
+def start_service(data_dir: Path, *, runner: Callable[..., Any] = probe_runner, bind: str = "tcp://127.0.0.1:*", **config: Any) -> tuple[Service, Any]:
+    svc = Service(ServiceConfig(bind=bind, data_dir=data_dir, device="cpu", **config), runner=runner)
+    return svc, svc.start_thread()
+
+
+def stop_service(svc: Service, thread: Any) -> None:
+    svc.stop()
+    thread.join(WAIT_S)
+    assert not thread.is_alive(), "the service did not stop"
+
+
+def wait_state(client: Client, job: str, states: tuple[str, ...] = TERMINAL_STATES, timeout_s: float = WAIT_S) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    status = client.status(job)
+    while status["state"] not in states:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job} still {status['state']} ({status['message']}) after {timeout_s} s")
+        time.sleep(POLL_S)
+        status = client.status(job)
+    return status
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_serve(data_dir: Path, endpoint: str, *extra: str, preexec: Callable[[], None] | None = None) -> subprocess.Popen:
+    """``reconloop serve`` with the probe runner in a subprocess (stderr to ``data_dir``/../serve.log)."""
+    cmd = [sys.executable, "-m", "backend.cli", "serve", "--bind", endpoint, "--data-dir", str(data_dir), "--device", "cpu",
+           "--runner", "backend.service.probe:run", *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = open(data_dir.parent / f"serve-{endpoint.rsplit(':', 1)[1]}.log", "ab")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log, preexec_fn=preexec)
+
+
+def wait_up(endpoint: str, timeout_s: float = WAIT_S, **client_kw: Any) -> None:
+    """Wait until a service answers hello."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with Client(endpoint, timeout_ms=500, retries=0, **client_kw) as c:
+                c.hello()
+                return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+
+
+def row(record_property: Callable[[str, Any], None], category: str, injected: str, outcome: str) -> None:
+    """One row of docs/reliability.md: what was injected and what happened (measured)."""
+    record_property("category", category)
+    record_property("injected", injected)
+    record_property("outcome", outcome)

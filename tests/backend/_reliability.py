@@ -70,12 +70,12 @@ def spawn_serve(data_dir: Path, endpoint: str, *extra: str, preexec: Callable[[]
 
 
 def wait_up(endpoint: str, timeout_s: float = WAIT_S, **client_kw: Any) -> None:
-    """Wait until a service answers hello."""
+    """Wait until a service answers (``jobs``: hello's first call imports the generators, which is slow)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             with Client(endpoint, timeout_ms=500, retries=0, **client_kw) as c:
-                c.hello()
+                c.jobs()
                 return
         except TimeoutError:
             if time.monotonic() > deadline:

@@ -20,7 +20,7 @@ import mmap
 import secrets
 import threading
 import traceback
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -46,6 +46,7 @@ DEFAULT_BIND = "tcp://127.0.0.1:5555"
 POLL_MS = 100  # the loop wakes at least this often to notice stop()
 MAX_BATCH = 64  # requests handled per wake-up before the worker's messages get a turn
 STOP_WAIT_S = 10.0  # how long shutdown waits for a running job to reach a step boundary
+OPEN_ARTIFACTS = 8  # memory maps kept open between fetch chunks
 SNDHWM = 10000  # replies and events queued per client before the socket drops them
 
 
@@ -194,6 +195,7 @@ class Service:
             self._ready.set()
             raise
         self.running: str | None = None
+        self._maps: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
         self.watchers: dict[str, dict[bytes, list[bytes]]] = {}
         log.info("reconloop service on %s, data in %s, device %s", self.endpoint, self.data_dir, self.device)
         self._ready.set()
@@ -380,16 +382,34 @@ class Service:
     def _fetch(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
         record = self._record(msg, req)
         name = msg["name"]
-        path = self.store.artifact_path(record, name)
-        entry = record.artifacts[name]
+        entry = record.artifacts.get(name)
+        if entry is None:
+            self.store.artifact_path(record, name)  # raises not_found, listing what there is
         total = entry["size"]
         offset = msg.get("offset") or 0
         length = msg.get("length") or limits.FETCH_CHUNK_BYTES
         if offset > total:
             raise ProtocolError(errors.BAD_FIELD, f"fetch: offset must be at most the size {total}; got {offset}", field="offset")
         n = min(length, total - offset)
-        data = _read_chunk(path, offset, n, total)
+        data = self._artifact_map(record, name, entry)[offset : offset + n]
         return {"job": record.job, "name": name, "offset": offset, "data": data, "total": total, "sha256": entry["sha256"]}
+
+    def _artifact_map(self, record: JobRecord, name: str, entry: dict[str, Any]) -> Any:
+        """A memory map of an artifact, kept open for the next chunks (the few most recent ones).
+
+        Keyed by sha256 too, so a file the job rewrote is mapped again. Maps dropped from the cache
+        close once zmq has sent the last frame that points into them.
+        """
+        key = (record.job, name, entry["sha256"])
+        mapped = self._maps.get(key)
+        if mapped is None:
+            mapped = _map_file(self.store.artifact_path(record, name), entry["size"])
+            self._maps[key] = mapped
+            while len(self._maps) > OPEN_ARTIFACTS:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(key)
+        return mapped
 
     def _shutdown(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
         if not is_loopback(req.peer):
@@ -411,17 +431,17 @@ class _Request:
         self.after = []
 
 
-def _read_chunk(path: Path, offset: int, n: int, total: int) -> Any:
-    """``n`` bytes of ``path`` from ``offset`` as a uint8 array over a memory map (sent without copying)."""
+def _map_file(path: Path, total: int) -> Any:
+    """The file as a read-only uint8 array over a memory map (slices of it are sent without copying)."""
     import numpy as np
 
-    if n == 0:
-        return np.zeros(0, dtype=np.uint8)
     with open(path, "rb") as f:
         if f.seek(0, 2) != total:
             raise ProtocolError(errors.INTERNAL, f"fetch: {path.name} changed size since it was recorded")
+        if total == 0:
+            return np.zeros(0, dtype=np.uint8)
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return np.frombuffer(mm, dtype=np.uint8, count=n, offset=offset)
+    return np.frombuffer(mm, dtype=np.uint8)
 
 
 class _DirLock:

@@ -23,7 +23,22 @@ def temple_captures(temple_dir: Path, ids=CAPTURE_IDS):
 
 
 def build_temple_scene(temple_dir: Path, *, frames: tuple[int, int] = (1, 3), ids=CAPTURE_IDS) -> dict:
-    """Fill the current (fresh) scene. Returns {"captures": [...], "collection", "trajectory"}."""
+    """Fill the current (fresh) scene and point the add-on's settings at it (needs the add-on).
+
+    Returns {"captures": [...], "collection", "trajectory"}.
+    """
+    made = build_temple_scene_plain(temple_dir, frames=frames, ids=ids)
+    scene = bpy.context.scene
+    st = scene.reconloop
+    st.capture_source = "COLLECTION"
+    st.captures = made["collection"]
+    st.trajectory_camera = made["trajectory"]
+    st.use_scene_range = True
+    return made
+
+
+def build_temple_scene_plain(temple_dir: Path, *, frames: tuple[int, int] = (1, 3), ids=CAPTURE_IDS) -> dict:
+    """Capture cameras with photos and an animated trajectory camera; no add-on needed."""
     scene = bpy.context.scene
     caps, all_caps = temple_captures(temple_dir, ids)
     coll = bpy.data.collections.new(COLLECTION)
@@ -36,6 +51,7 @@ def build_temple_scene(temple_dir: Path, *, frames: tuple[int, int] = (1, 3), id
         apply_camera_params(obj, scene, params, set_render=(i == 0))
         bg = obj.data.background_images.new()
         bg.image = bpy.data.images.load(str(cap.image))
+        bg.frame_method = "STRETCH"  # fx != fy: the render's pixel aspect is not 1, the photo's pixels are
         obj.data.show_background_images = True
     # The trajectory: a camera keyed at two ring views, lens keyed as well.
     a, b = all_caps[TRAJECTORY_FROM].camera, all_caps[TRAJECTORY_TO].camera
@@ -49,11 +65,6 @@ def build_temple_scene(temple_dir: Path, *, frames: tuple[int, int] = (1, 3), id
         traj.data.keyframe_insert("lens", frame=frame)
     scene.frame_start, scene.frame_end = frames
     scene.camera = traj
-    st = scene.reconloop
-    st.capture_source = "COLLECTION"
-    st.captures = coll
-    st.trajectory_camera = traj
-    st.use_scene_range = True
     return {"captures": caps, "collection": coll, "trajectory": traj}
 
 

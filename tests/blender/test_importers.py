@@ -1,0 +1,126 @@
+"""Importers and scene reading, run from the repository package (no service needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import bpy
+from bpy_extras.object_utils import world_to_camera_view
+from mathutils import Vector
+
+from blender_addon import cameras as cam_math
+from blender_addon import importers, scene_io
+from blender_addon.errors import ReconLoopError
+from blender_addon.scene_read import read_captures, sample_camera, sample_trajectory
+
+from ._temple import build_temple_scene_plain, temple_captures
+
+MAX_ERROR_PX = 0.01
+
+
+def test_animated_trajectory_is_sampled_per_frame_and_frame_restored():
+    scene = bpy.context.scene
+    obj = bpy.data.objects.new("traj", bpy.data.cameras.new("traj"))
+    scene.collection.objects.link(obj)
+    for frame, (x, lens, shift) in {1: (0.0, 30.0, 0.0), 5: (4.0, 70.0, 0.2)}.items():
+        obj.location = (x, 0.0, 0.0)
+        obj.data.lens, obj.data.shift_x = lens, shift
+        obj.keyframe_insert("location", frame=frame)
+        obj.data.keyframe_insert("lens", frame=frame)
+        obj.data.keyframe_insert("shift_x", frame=frame)
+    scene.frame_set(3)
+    lens_now = obj.data.lens
+    samples = sample_trajectory(obj, scene, 1, 5, 2)
+    assert [f for f, _ in samples] == [1, 3, 5]
+    assert scene.frame_current == 3 and obj.data.lens == lens_now
+    W = scene.render.resolution_x
+    first, last = samples[0][1], samples[-1][1]
+    assert first.K[0, 0] == pytest.approx(30.0 * W / 36.0) and last.K[0, 0] == pytest.approx(70.0 * W / 36.0)
+    assert last.K[0, 2] == pytest.approx(W / 2 - 0.2 * W)
+    # camera centres follow the animation: c = -R^T t
+    centres = [-(c.w2c[:3, :3].T @ c.w2c[:3, 3]) for _, c in samples]
+    assert centres[0][0] == pytest.approx(0.0, abs=1e-6) and centres[-1][0] == pytest.approx(4.0, abs=1e-6)
+    with pytest.raises(ReconLoopError, match="frame step must be at least 1"):
+        sample_trajectory(obj, scene, 1, 5, 0)
+
+
+def test_captures_read_back_as_the_dataset_cameras(temple_dir):
+    """Temple cameras (non-square pixels, off-centre principal point) in Blender, read back for submit."""
+    made = build_temple_scene_plain(temple_dir)
+    captures = read_captures(made["collection"], bpy.context.scene)
+    assert [c.name for c in captures] == [c.name for c in made["captures"]]
+    for got, cap in zip(captures, made["captures"]):
+        assert got.image == cap.image.read_bytes() and got.image_format == "png"
+        assert (got.camera.width, got.camera.height) == (cap.camera.width, cap.camera.height)
+        np.testing.assert_allclose(got.camera.K, cap.camera.K, atol=1e-6)
+        np.testing.assert_allclose(got.camera.w2c, cap.camera.w2c, atol=1e-6)  # Blender keeps float32
+
+
+def test_capture_without_photo_is_a_clear_error():
+    coll = bpy.data.collections.new("caps")
+    bpy.context.scene.collection.children.link(coll)
+    obj = bpy.data.objects.new("cam_a", bpy.data.cameras.new("cam_a"))
+    coll.objects.link(obj)
+    with pytest.raises(ReconLoopError, match="camera 'cam_a' has no photo"):
+        read_captures(coll, bpy.context.scene)
+
+
+def test_estimated_cameras_match_their_opencv_values(temple_dir, tmp_path):
+    caps, _ = temple_captures(temple_dir, ids=(0, 5))
+    est = [scene_io.EstimatedCamera(name=c.name, image=str(c.image), camera=cam_math.OpenCVCamera(
+        w2c=c.camera.w2c, K=c.camera.K, width=c.camera.width, height=c.camera.height)) for c in caps]
+    scene = bpy.context.scene
+    coll = importers.job_collection(scene, "estimated", "job0")
+    objs = importers.import_estimated_cameras(est, {c.name: str(c.image) for c in caps}, coll, scene)
+    bpy.context.view_layer.update()
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(-0.05, 0.1, (20, 3))  # inside the temple's bounding box
+    for obj, cap in zip(objs, caps):
+        assert obj.data.background_images[0].image.filepath == str(cap.image)
+        uv, _ = cap.camera.project(pts)
+        for p, (u, v) in zip(pts, uv):
+            ndc = world_to_camera_view(scene, obj, Vector(p.tolist()))
+            assert abs(ndc.x * cap.camera.width - u) < MAX_ERROR_PX
+            assert abs((1 - ndc.y) * cap.camera.height - v) < MAX_ERROR_PX
+        np.testing.assert_allclose(sample_camera(obj, scene).K, cap.camera.K, atol=1e-6)
+
+
+def test_rerun_replaces_its_collection():
+    scene = bpy.context.scene
+    from protocol.ply import PointArrays
+
+    p = PointArrays(xyz=np.zeros((3, 3), np.float32), rgb=np.zeros((3, 3), np.uint8),
+                    confidence=np.ones(3, np.float32), source=np.zeros(3, np.int32))
+    first = importers.job_collection(scene, "caps", "job1")
+    importers.import_points(p, "caps points", first)
+    other = importers.job_collection(scene, "other", "job2")
+    importers.import_points(p, "other points", other)
+    again = importers.job_collection(scene, "caps", "job3")
+    assert again == first and again["reconloop_job"] == "job3" and len(again.objects) == 0
+    assert "caps points" not in bpy.data.objects and "caps points" not in bpy.data.meshes
+    assert len(other.objects) == 1
+
+
+def test_frame_sequence_fills_gaps(tmp_path):
+    from PIL import Image
+
+    frames = {}
+    for f in (1, 3):
+        path = tmp_path / "frames" / f"frame_{f:04d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 6), (f * 40, 0, 0)).save(path)
+        frames[f] = str(path)
+    first = importers.write_frame_sequence(frames, str(tmp_path / "seq"), 1, 4)
+    names = sorted(p.name for p in (tmp_path / "seq").iterdir())
+    assert names == [f"frame_{f:06d}.png" for f in (1, 2, 3, 4)]
+    assert (tmp_path / "seq" / "frame_000002.png").read_bytes() == (tmp_path / "frames" / "frame_0001.png").read_bytes()
+    cam = bpy.data.objects.new("traj", bpy.data.cameras.new("traj"))
+    bg = importers.set_background_sequence(cam, first, 1, 4)
+    assert bg.image.source == "SEQUENCE" and bg.image_user.frame_duration == 4
+    # Blender's file number for scene frame f: f - frame_start + 1 + frame_offset == f
+    assert 3 - bg.image_user.frame_start + 1 + bg.image_user.frame_offset == 3
+    # a second call replaces the first sequence, leaving other backgrounds alone
+    cam.data.background_images.new()
+    importers.set_background_sequence(cam, first, 1, 4)
+    kinds = [b.image is not None for b in cam.data.background_images]
+    assert sorted(kinds) == [False, True]

@@ -188,13 +188,20 @@ def _tick():
     return TICK_BUSY_S if driver._current is not None or driver._queue else TICK_S
 
 
+def begin_job(context, driver: connection.JobDriver, importer: ResultImporter) -> None:
+    """Make ``driver`` the session's running job (what ``_tick`` steps and the panel shows)."""
+    s = connection.SESSION
+    rt = context.window_manager.reconloop
+    rt.is_running, rt.last_error, rt.started, rt.fraction, rt.job = True, "", time.time(), 0.0, ""
+    s.driver = driver
+    s.handlers["importer"] = importer
+
+
 def _start_job(context, driver: connection.JobDriver, importer: ResultImporter, timeout_s: float) -> str | None:
     """Run the driver: to the end here in background mode, else on the timer. Returns an error or None."""
     s = connection.SESSION
     rt = context.window_manager.reconloop
-    rt.is_running, rt.last_error, rt.started, rt.fraction = True, "", time.time(), 0.0
-    s.driver = driver
-    s.handlers["importer"] = importer
+    begin_job(context, driver, importer)
     if bpy.app.background:
         try:
             connection.run_blocking(driver, timeout_s)
@@ -222,6 +229,39 @@ def _driver_hooks(driver: connection.JobDriver, importer: ResultImporter) -> Non
 
     driver.on_progress = on_progress
     driver.on_file = on_file
+
+
+def prepare_job(context, *, server: str = "", output_dir: str = "") -> tuple[connection.JobDriver, ResultImporter]:
+    """Read the scene (captures, trajectory, settings) into a submit payload and a JobDriver for it."""
+    scene = context.scene
+    st = scene.reconloop
+    photos: dict[str, str] = {}
+    if st.capture_source == "COLLECTION":
+        if st.captures is None:
+            raise ReconLoopError("pick the collection that holds your cameras (each with its photo as background)")
+        captures = read_captures(st.captures, scene)
+        key = st.captures.name
+    else:
+        if not st.photo_folder:
+            raise ReconLoopError("pick a folder of photos")
+        folder = bpy.path.abspath(st.photo_folder)
+        captures = scene_io.captures_from_folder(folder)
+        photos = {c.name: os.path.join(folder, f) for c in captures for f in os.listdir(folder)
+                  if os.path.splitext(f)[0] == c.name}
+        key = os.path.basename(os.path.normpath(folder))
+    trajectory = []
+    start, end, step = st.frame_range(scene)
+    cam = st.trajectory_camera
+    if cam is not None:
+        trajectory = sample_trajectory(cam, scene, start, end, step)
+    payload = scene_io.build_scene_payload(captures, trajectory, st.job_settings())
+    cfg = preferences.connection_config(context, server=server)
+    client, service = connection.connect(cfg)
+    out_root = os.path.join(preferences.results_dir(context, output_dir), _safe_name(key))
+    driver = connection.JobDriver(client, out_root, scene=payload, service=service)
+    importer = ResultImporter(scene.name, key, cam.name if cam is not None else "", (start, end), photos)
+    _driver_hooks(driver, importer)
+    return driver, importer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,34 +302,7 @@ class RECONLOOP_OT_reconstruct(bpy.types.Operator):
         return {"FINISHED"}
 
     def _run(self, context) -> str | None:
-        scene = context.scene
-        st = scene.reconloop
-        photos: dict[str, str] = {}
-        if st.capture_source == "COLLECTION":
-            if st.captures is None:
-                raise ReconLoopError("pick the collection that holds your cameras (each with its photo as background)")
-            captures = read_captures(st.captures, scene)
-            key = st.captures.name
-        else:
-            if not st.photo_folder:
-                raise ReconLoopError("pick a folder of photos")
-            folder = bpy.path.abspath(st.photo_folder)
-            captures = scene_io.captures_from_folder(folder)
-            photos = {c.name: os.path.join(folder, f) for c in captures for f in os.listdir(folder)
-                      if os.path.splitext(f)[0] == c.name}
-            key = os.path.basename(os.path.normpath(folder))
-        trajectory = []
-        start, end, step = st.frame_range(scene)
-        cam = st.trajectory_camera
-        if cam is not None:
-            trajectory = sample_trajectory(cam, scene, start, end, step)
-        payload = scene_io.build_scene_payload(captures, trajectory, st.job_settings())
-        cfg = preferences.connection_config(context, server=self.server)
-        client, service = connection.connect(cfg)
-        out_root = os.path.join(preferences.results_dir(context, self.output_dir), _safe_name(key))
-        driver = connection.JobDriver(client, out_root, scene=payload, service=service)
-        importer = ResultImporter(scene.name, key, cam.name if cam is not None else "", (start, end), photos)
-        _driver_hooks(driver, importer)
+        driver, importer = prepare_job(context, server=self.server, output_dir=self.output_dir)
         return _start_job(context, driver, importer, self.timeout_s)
 
 

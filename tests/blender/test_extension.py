@@ -310,3 +310,37 @@ def test_service_fault_is_a_plain_error(installed, probe_service, temple_dir):
         connection.close()
     rt = bpy.context.window_manager.reconloop
     assert rt.state == "failed" and "out of memory" in rt.last_error and not rt.is_running
+
+
+def test_timer_path_takes_short_steps(installed, probe_service, temple_dir):
+    """The UI path: the timer callback drives a job in short, bounded steps until it ends."""
+    import time
+
+    ops = sys.modules[f"{ADDON}.operators"]
+    conn = sys.modules[f"{ADDON}.connection"]
+    _use_remote(probe_service["endpoint"], probe_service["keys"])
+    build_temple_scene(temple_dir, ids=(0, 8))
+    bpy.context.scene.reconloop.prompt = "probe steps=6 delay_ms=150"
+    try:
+        driver, importer = ops.prepare_job(bpy.context)
+        ops.begin_job(bpy.context, driver, importer)
+        ticks, longest, fractions = 0, 0.0, []
+        deadline = time.monotonic() + 60
+        while True:
+            t0 = time.perf_counter()
+            interval = ops._tick()
+            longest = max(longest, time.perf_counter() - t0)
+            ticks += 1
+            fractions.append(bpy.context.window_manager.reconloop.fraction)
+            if interval is None:
+                break
+            assert time.monotonic() < deadline, "the job did not end"
+            time.sleep(interval)
+    finally:
+        conn.close()
+    rt = bpy.context.window_manager.reconloop
+    assert rt.state == "done" and not rt.is_running and rt.last_error == ""
+    assert ticks > 6 and conn.SESSION.driver is None
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    # No tick waits for the job: each is one poll or one request (upload, watch) on loopback.
+    assert longest < 0.5, f"a timer tick took {longest:.3f} s"

@@ -37,6 +37,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("--blend", type=Path, default=None, help="the .blend to open (bpy wheel; Blender opens its own)")
     ap.add_argument("--server", default="", help="service address, e.g. tcp://127.0.0.1:5555 (default: the preferences)")
+    ap.add_argument("--server-key", type=Path, default=None, help="the server's CurveZMQ public key file (NAME.key)")
+    ap.add_argument("--client-key", type=Path, default=None, help="your CurveZMQ secret key file (NAME.key_secret)")
     ap.add_argument("--out", type=Path, required=True, help="folder for results and the saved .blend")
     ap.add_argument("--save", type=Path, default=None, help="where to save the .blend (default OUT/<name>_reconstructed.blend)")
     ap.add_argument("--extension", type=Path, default=None, help="extension zip to install first")
@@ -81,11 +83,21 @@ def ensure_addon(extension: Path | None) -> str:
             return mod.__name__
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    import blender_addon
-
+    bpy.ops.preferences.addon_enable(module="blender_addon")  # this repository's package, as a plain add-on
     if not hasattr(bpy.types.Scene, "reconloop"):
-        blender_addon.register()
+        raise RuntimeError(f"could not enable the ReconLoop add-on from {REPO / 'blender_addon'}")
     return "blender_addon"
+
+
+def set_keys(module: str, server_key: Path | None, client_key: Path | None) -> None:
+    """Put the CurveZMQ key files into the add-on's preferences (an authenticated remote service)."""
+    import bpy
+
+    if server_key is None and client_key is None:
+        return
+    prefs = bpy.context.preferences.addons[module].preferences
+    prefs.server_key_file = str(server_key.resolve()) if server_key else ""
+    prefs.client_key_file = str(client_key.resolve()) if client_key else ""
 
 
 def configure(args: argparse.Namespace) -> None:
@@ -130,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.blend is not None:
         bpy.ops.wm.open_mainfile(filepath=str(args.blend.resolve()))
     module = ensure_addon(args.extension)
+    set_keys(module, args.server_key, args.client_key)
     configure(args)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

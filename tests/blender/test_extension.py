@@ -344,3 +344,28 @@ def test_timer_path_takes_short_steps(installed, probe_service, temple_dir):
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
     # No tick waits for the job: each is one poll or one request (upload, watch) on loopback.
     assert longest < 0.5, f"a timer tick took {longest:.3f} s"
+
+
+def test_headless_script(installed, probe_service, extension_zip, temple_dir, tmp_path):
+    """scripts/reconstruct_headless.py with the bpy wheel: open a .blend, install the zip, reconstruct, save."""
+    import subprocess
+
+    build_temple_scene(temple_dir, ids=(0, 8))
+    st = bpy.context.scene.reconloop
+    st.prompt = "probe steps=2"
+    blend = tmp_path / "temple.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(blend))
+    keys = probe_service["keys"]
+    env = dict(os.environ, BLENDER_USER_RESOURCES=str(tmp_path / "blender_user"))
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "scripts" / "reconstruct_headless.py"), "--blend", str(blend),
+           "--server", probe_service["endpoint"], "--out", str(out), "--extension", str(extension_zip),
+           "--server-key", str(keys / "server.key"), "--client-key", str(keys / "alice.key_secret")]
+    run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "done" in run.stdout and (out / "temple_reconstructed.blend").is_file()
+    # A job that fails: exit code 1 and the plain reason on stderr.
+    st.prompt = "probe fault=cuda_oom"
+    bpy.ops.wm.save_as_mainfile(filepath=str(blend))
+    run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "out of memory" in run.stderr, run.stdout[-3000:] + run.stderr[-3000:]

@@ -1,0 +1,321 @@
+"""Faults: errors and out-of-memory inside a stage, cancel, a full disk, kill -9 and restart, lost clients.
+
+Jobs run the probe runner (``backend/service/probe.py``): real file work in milliseconds, with faults
+steered by the scene's settings. Each test records its row of ``docs/reliability.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from backend.fileio import sha256_file
+from backend.service.store import ARTIFACTS_DIR, INTERRUPTED_REASON, MANIFEST_FILE, REQUEST_FILE
+from protocol import errors
+from protocol.client import Client
+from protocol.codec import decode
+from protocol.errors import ProtocolError
+from tests.backend._reliability import (
+    TIMEOUT_MS,
+    free_port,
+    probe_scene,
+    row,
+    spawn_serve,
+    start_service,
+    stop_service,
+    wait_state,
+    wait_up,
+)
+from tests.protocol.helpers import png_bytes
+
+CANCEL_BOUND_S = 2.0  # cancel must end a job that reports steps this fast well within this
+STEP_MS = 20
+FSIZE_LIMIT_BYTES = 512 * 1024  # RLIMIT_FSIZE of the "small disk" service subprocess
+TMPFS_BYTES = 2 * 1024 * 1024
+BIG_IMAGE_SIDE = 400  # random PNGs this size are ~480 KB each: a submit of three is over FSIZE_LIMIT_BYTES
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    svc, thread = start_service(tmp_path_factory.mktemp("faults") / "jobs")
+    yield svc
+    stop_service(svc, thread)
+
+
+@pytest.fixture
+def client(service):
+    with Client(service.endpoint, timeout_ms=TIMEOUT_MS) as c:
+        yield c
+
+
+def test_exception_in_a_stage_fails_the_job_and_the_worker_goes_on(client, record_property):
+    bad = client.submit(probe_scene("steps=3 fault=error at=1"))
+    good = client.submit(probe_scene("steps=2"))
+    status = wait_state(client, bad)
+    assert status["state"] == "failed"
+    assert status["message"] == "RuntimeError: injected fault in probe step 1 (in stage 'probe')"
+    assert [a["name"] for a in status["artifacts"]] == ["step0.json"]  # what finished before the fault stays
+    assert wait_state(client, good)["state"] == "done"
+    row(record_property, "fault", "RuntimeError raised inside a stage (step 2 of 3)",
+        f"job failed: \"{status['message']}\"; its finished artifact kept; next job done")
+
+
+@pytest.mark.parametrize(
+    "fault, expect",
+    [
+        ("memory", "out of memory in stage 'probe': Unable to allocate"),  # a real numpy allocation of 2^60 bytes
+        ("cuda_oom", "out of GPU memory in stage 'probe': CUDA out of memory. Tried to allocate 20.00 GiB"),
+    ],
+)
+def test_out_of_memory_fails_the_job_plainly_and_the_worker_goes_on(client, record_property, fault, expect):
+    bad = client.submit(probe_scene(f"steps=2 fault={fault} at=1"))
+    good = client.submit(probe_scene("steps=1"))
+    status = wait_state(client, bad)
+    assert status["state"] == "failed"
+    assert status["message"].startswith(expect), status["message"]
+    assert "the job was stopped" in status["message"]
+    assert wait_state(client, good)["state"] == "done"
+    how = "MemoryError from a real allocation (numpy, 2^60 bytes)" if fault == "memory" else "torch.cuda.OutOfMemoryError raised in a stage (simulated GPU OOM)"
+    row(record_property, "fault", how, f"job failed: \"{status['message'][:90]}...\"; CUDA cache emptied if loaded; next job done")
+
+
+def test_cancel_stops_a_running_job_within_a_bound(client, record_property):
+    job = client.submit(probe_scene(f"steps=5000 delay_ms={STEP_MS}"))
+    wait_state(client, job, states=("running",))
+    while not client.status(job)["artifacts"]:
+        time.sleep(STEP_MS / 1000)
+    t0 = time.monotonic()
+    client.cancel(job)
+    status = wait_state(client, job, timeout_s=CANCEL_BOUND_S)
+    took_s = time.monotonic() - t0
+    assert status["state"] == "cancelled" and status["message"] == "cancelled by a client"
+    assert took_s < CANCEL_BOUND_S
+    # a queued job is cancelled at once, and the worker goes on
+    blocker = client.submit(probe_scene(f"steps=10 delay_ms={STEP_MS}"))
+    queued = client.submit(probe_scene("steps=1"))
+    assert client.cancel(queued)["state"] == "cancelled"
+    assert wait_state(client, blocker)["state"] == "done"
+    record_property("cancel_s", round(took_s, 3))
+    row(record_property, "fault", f"cancel of a running job ({STEP_MS} ms steps); cancel of a queued job",
+        f"running job cancelled {took_s * 1000:.0f} ms after the cancel reply (bound {CANCEL_BOUND_S:.0f} s: one step); queued job cancelled at once")
+
+
+def test_cancel_waits_for_the_step_boundary(client, record_property):
+    """Cancel acts between steps: a stage that reports nothing for 0.6 s ends 0.6 s later, not sooner, not never."""
+    step_s = 0.6
+    job = client.submit(probe_scene(f"steps=3 delay_ms={int(step_s * 1000)} fault=hang at=99"))
+    wait_state(client, job, states=("running",))
+    t0 = time.monotonic()
+    client.cancel(job)
+    status = wait_state(client, job, timeout_s=4 * step_s + CANCEL_BOUND_S)
+    took_s = time.monotonic() - t0
+    # hang reports no progress: the cancel is seen when the job ends its steps (3 x 0.6 s at most)
+    assert status["state"] in ("cancelled", "done") and took_s <= 3 * step_s + CANCEL_BOUND_S
+    row(record_property, "fault", "cancel while a stage runs 1.8 s without reporting progress",
+        f"ended after {took_s:.2f} s as {status['state']}: cancel takes effect at step boundaries only (documented bound: the longest step)")
+
+
+# ----------------------------------------------------------------------------------------------
+# A full disk
+
+
+def _limit_file_size() -> None:  # runs in the child before exec
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE_LIMIT_BYTES, FSIZE_LIMIT_BYTES))
+
+
+@pytest.mark.xdist_group("service-subprocess")
+def test_file_size_limit_gives_clear_errors_and_the_service_goes_on(tmp_path, record_property):
+    """A real kernel write limit (RLIMIT_FSIZE, no root needed): writes past it fail with EFBIG."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = spawn_serve(tmp_path / "jobs", endpoint, preexec=_limit_file_size)
+    try:
+        wait_up(endpoint)
+        with Client(endpoint, timeout_ms=TIMEOUT_MS) as c:
+            big = c.submit(probe_scene(f"steps=2 fault=write bytes={4 * FSIZE_LIMIT_BYTES} at=0"))
+            status = wait_state(c, big)
+            assert status["state"] == "failed"
+            assert status["message"].startswith("no space left on the server's disk"), status["message"]
+            assert "File too large" in status["message"]
+            scene = probe_scene()
+            for i, cap in enumerate(scene["captures"]):
+                cap["image"] = png_bytes(BIG_IMAGE_SIDE, BIG_IMAGE_SIDE, seed=i)
+                cap["camera"]["width"] = cap["camera"]["height"] = BIG_IMAGE_SIDE
+            with pytest.raises(ProtocolError) as err:
+                c.submit(scene)
+            assert err.value.code == errors.INTERNAL and "no space left on the server's disk" in err.value.message
+            assert wait_state(c, c.submit(probe_scene("steps=1")))["state"] == "done"  # still serving
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not list((tmp_path / "jobs").glob(".tmp-*")), "a failed submit left its temporary folder"
+    row(record_property, "fault", "disk limit: service run under RLIMIT_FSIZE 512 KiB; a job writes 2 MiB; a 1.4 MB submit",
+        f"job failed: \"{status['message'][:80]}...\"; submit answered internal \"no space left on the server's disk ...\"; no partial job folder; next job done")
+
+
+def _mount_tmpfs(path: Path) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(path)], capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.mark.xdist_group("service-subprocess")
+def test_full_tmpfs_gives_clear_errors_and_the_service_goes_on(tmp_path, record_property):
+    """A real full file system (ENOSPC) on a 2 MiB tmpfs; needs root (CI runs as root) and mount rights."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk):
+        pytest.skip("cannot mount a tmpfs here (not root or no mount rights); the RLIMIT_FSIZE test covers the path")
+    try:
+        svc, thread = start_service(disk / "jobs")
+        try:
+            with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+                first = c.submit(probe_scene("steps=1"))
+                assert wait_state(c, first)["state"] == "done"
+                big = c.submit(probe_scene(f"steps=2 fault=write bytes={2 * TMPFS_BYTES} at=0"))
+                status = wait_state(c, big)
+                assert status["state"] == "failed" and "No space left on device" in status["message"]
+                assert status["message"].startswith("no space left on the server's disk")
+                # the disk entirely full: submits are refused plainly; the journal cannot grow, the service answers
+                filler = disk / "filler"
+                with open(filler, "wb") as f:
+                    try:
+                        while True:
+                            f.write(bytes(1 << 16))
+                    except OSError:
+                        pass
+                with pytest.raises(ProtocolError) as err:
+                    c.submit(probe_scene("steps=1"))
+                assert err.value.code == errors.INTERNAL and "no space left on the server's disk" in err.value.message
+                assert c.status(first)["state"] == "done" and len(c.jobs()) == 2
+                filler.unlink()  # the operator frees space: the filler and the failed job's partial file
+                (disk / "jobs" / big / ARTIFACTS_DIR / "big.bin").unlink()
+                assert wait_state(c, c.submit(probe_scene("steps=1")))["state"] == "done"
+        finally:
+            stop_service(svc, thread)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+    row(record_property, "fault", "full disk: data dir on a 2 MiB tmpfs; a job writes 4 MiB; then the disk filled to the last byte",
+        "job failed: \"no space left on the server's disk ... No space left on device\"; submits refused with that text while full; "
+        "status/jobs answered; after freeing space the next job done")
+
+
+# ----------------------------------------------------------------------------------------------
+# kill -9, restart, resubmit, resume
+
+
+def _verify_manifest(job_dir: Path) -> dict[str, str]:
+    """Every manifest entry's file exists with its size and sha256; returns name -> sha256."""
+    manifest = json.loads((job_dir / MANIFEST_FILE).read_text())
+    out = {}
+    for entry in manifest["artifacts"]:
+        path = job_dir / ARTIFACTS_DIR / entry["name"]
+        assert path.stat().st_size == entry["size"], entry
+        assert sha256_file(path) == entry["sha256"], entry
+        out[entry["name"]] = entry["sha256"]
+    return out
+
+
+@pytest.mark.xdist_group("service-subprocess")
+def test_kill9_mid_job_then_restart_resubmit_and_resume(tmp_path, record_property):
+    data_dir = tmp_path / "jobs"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = spawn_serve(data_dir, endpoint)
+    restarted = None
+    try:
+        wait_up(endpoint)
+        with Client(endpoint, timeout_ms=TIMEOUT_MS) as c:
+            finished = c.submit(probe_scene("steps=3"))
+            before = {a["name"]: a["sha256"] for a in wait_state(c, finished)["artifacts"]}
+            long_job = c.submit(probe_scene("steps=40 delay_ms=50"))
+            waiting = c.submit(probe_scene("steps=3 delay_ms=10"))
+            while len(c.status(long_job)["artifacts"]) < 2:
+                time.sleep(0.02)
+        watcher = Client(endpoint, timeout_ms=1000, retries=30)  # the client that loses its server
+        watcher.watch(waiting)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        time.sleep(0.3)
+        restarted = spawn_serve(data_dir, endpoint)
+        events = list(watcher.events(waiting))  # reconnects (Lazy Pirate) and resumes with since
+        watcher.close()
+        seqs = [e["seq"] for e in events]
+        assert seqs == list(range(1, len(seqs) + 1)), seqs  # no gap, no duplicate across the restart
+        assert events[-1]["state"] == "done"
+        assert events[0]["state"] == "queued" and "running" in {e["state"] for e in events}  # events from both lives
+        with Client(endpoint, timeout_ms=TIMEOUT_MS) as c:
+            states = {j["job"]: j for j in c.jobs()}
+            assert states[finished]["state"] == "done"
+            assert states[long_job]["state"] == "interrupted" and states[long_job]["message"] == INTERRUPTED_REASON
+            assert _verify_manifest(data_dir / finished) == before  # finished job intact, sha256 checked on disk
+            partial = _verify_manifest(data_dir / long_job)  # what the interrupted job finished is intact too
+            assert len(partial) >= 2
+            assert {a["name"]: a["sha256"] for a in c.status(finished)["artifacts"]} == before
+            # resubmittable: the request as received is in the job folder; send its scene again
+            frames = msgpack.unpackb((data_dir / long_job / REQUEST_FILE).read_bytes())
+            scene = decode(frames, "request")["scene"]
+            scene["settings"]["prompt"] = "probe steps=3"  # same scene, shorter run for the test
+            again = c.submit(scene)
+            assert again != long_job and wait_state(c, again)["state"] == "done"
+            assert sorted(c.status(again)["artifacts"], key=lambda a: a["name"])[0]["name"] == "step0.json"
+    finally:
+        for p in (proc, restarted):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    row(record_property, "fault", "kill -9 of `reconloop serve` mid-job (2 of 40 steps done, one job queued, a client watching), then restart",
+        f"finished job intact ({len(before)} artifacts, sha256 verified on disk); running job 'interrupted' with its reason, "
+        f"its {len(partial)} finished artifacts intact, resubmitted from its stored request: done; queued job ran after restart; "
+        f"watching client resumed (status watch+since; {watcher.reconnects} socket reopens) and got events 1..{seqs[-1]} with no gap or duplicate")
+
+
+def test_torn_journal_line_is_ignored_after_restart(tmp_path, record_property):
+    """A crash can cut the journal's last line; the job loads from the lines before it."""
+    svc, thread = start_service(tmp_path / "jobs")
+    try:
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            job = c.submit(probe_scene("steps=2"))
+            wait_state(c, job)
+    finally:
+        stop_service(svc, thread)
+    journal = tmp_path / "jobs" / job / "journal.jsonl"
+    with open(journal, "ab") as f:
+        f.write(b'{"seq": 99, "time": 1.0, "sta')
+    (tmp_path / "jobs" / "not-a-job").mkdir()
+    svc, thread = start_service(tmp_path / "jobs")
+    try:
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            status = c.status(job)
+            assert status["state"] == "done" and len(status["artifacts"]) == 3
+            assert wait_state(c, c.submit(probe_scene("steps=1")))["state"] == "done"
+    finally:
+        stop_service(svc, thread)
+    row(record_property, "fault", "journal's last line torn (as by a crash mid-write), stray folder in the data dir",
+        "torn line ignored, job listed done with its 3 artifacts; stray folder skipped; new jobs run")
+
+
+def test_runner_outputs_outside_the_job_are_refused(client, record_property):
+    for fault, needle in (("symlink", "is a symlink"), ("escape", "'..' parts")):
+        job = client.submit(probe_scene(f"steps=2 fault={fault} at=0"))
+        status = wait_state(client, job)
+        assert status["state"] == "failed" and needle in status["message"], status["message"]
+        names = {a["name"] for a in status["artifacts"]}
+        assert "leak.txt" not in names and "../meta.json" not in names
+        for name in ("leak.txt", "../meta.json"):
+            with pytest.raises(ProtocolError) as err:
+                client.fetch_bytes(job, name)
+            assert err.value.code == errors.NOT_FOUND
+    assert np.all([wait_state(client, client.submit(probe_scene("steps=1")))["state"] == "done"])
+    row(record_property, "fault", "runner announces a symlink to /etc/hostname and the name ../meta.json as artifacts",
+        "job failed naming the symlink / the '..' part; neither listed nor fetchable (not_found)")

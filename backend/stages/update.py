@@ -4,7 +4,9 @@ After a segment is generated, its frames are lifted to 3D and merged into M, so 
 segment renders from the updated memory (AnyRecon re-runs its point-map model on captured plus
 generated views; without this, segments drift apart). Here, with no learned weights:
 
-- pixels the memory rendered keep the rendered depth (geometry from M, colour from the frame);
+- pixels that hold a memory point's projection (a footprint-free render) are lifted at its depth:
+  the geometry stays M's, the colour is the frame's (merged by confidence); pixels covered only by
+  a splat footprint are not lifted, so that surfaces do not creep outwards update after update;
 - pixels the generator filled get depth by plane-sweep stereo (``backend.estimators.mvs``) of the
   frame against nearby captures and neighbouring frames, kept only where the depth agrees with
   another frame (geometric consistency);
@@ -19,7 +21,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,7 +28,7 @@ from torch import Tensor
 from ..estimators.mvs import (MVSConfig, fuse_depths, match_candidates, plane_sweep, select_neighbors,
                               to_gray)
 from .memory import auto_voxel_size, cap_points, check_views, voxel_downsample
-from .render import backproject, project_points
+from .render import RenderConfig, backproject, project_points, render_memory
 from .types import Cameras, GeometryMemory, Renders, Views
 
 GENERATED_SOURCE = -1  # source id of points lifted from generated frames (DESIGN.md section 3)
@@ -42,14 +43,17 @@ def _default_stereo() -> MVSConfig:
 class UpdateConfig:
     """Attributes:
         enabled: off = the memory is returned unchanged (measures the update's effect).
-        voxel_size: voxel edge (world units) of the merge; 0 = ``voxel_fraction`` x scene diagonal.
+        voxel_size: voxel edge (world units) of the merge; 0 = automatic: the larger of
+            ``voxel_fraction`` x scene diagonal and ``voxel_px`` frame pixels at the median depth.
         voxel_fraction: automatic voxel size as a fraction of the memory's diagonal (1/640: about
             one pixel of a 640-pixel view framing the whole scene).
+        voxel_px: automatic voxel size in frame pixels at the median rendered depth (>= 1 keeps
+            re-lifted points in the voxels they came from, so M stays bounded).
         max_points: cap on M after the merge (most confident points kept).
         rendered_weight: confidence scale of points lifted at rendered depth (geometry from M).
         stereo_weight: confidence scale of points placed by stereo in filled pixels.
         min_confidence: lifted points below this confidence are dropped.
-        lift_rendered: also lift the pixels M rendered (adds generated colour and density).
+        lift_rendered: also lift the pixels holding a projection of M (merges generated colour).
         stereo: plane-sweep settings for filled pixels (max_side is the stereo resolution).
         depth_percentiles: band of the frame's rendered depths that sets the stereo range...
         depth_margin: ...widened by this factor on each side (near / m, far * m).
@@ -58,6 +62,7 @@ class UpdateConfig:
     enabled: bool = True
     voxel_size: float = 0.0
     voxel_fraction: float = 1.0 / 640.0
+    voxel_px: float = 1.0
     max_points: int = 2_000_000
     rendered_weight: float = 1.0
     stereo_weight: float = 0.5
@@ -102,10 +107,15 @@ def _frame_range(depth: Tensor, mask: Tensor, memory: GeometryMemory, cam: Camer
     return lo / cfg.depth_margin, max(hi, lo * (1 + 1e-3)) * cfg.depth_margin
 
 
-def lift_rendered(frames: Views, renders: Renders, confidence: Tensor, weight: float) -> GeometryMemory:
-    """Points at the rendered depth of the pixels M covers, coloured by the frames (source -1)."""
-    world = backproject(renders.depth, frames.cams)  # [F, H, W, 3]
-    m = renders.mask
+def lift_rendered(memory: GeometryMemory, frames: Views, confidence: Tensor, weight: float) -> GeometryMemory:
+    """Points at the depth of the memory points projecting into each pixel, coloured by the frames.
+
+    A footprint-free render (radius 0) picks the nearest point per pixel; those pixels are lifted at
+    its depth with source -1 and confidence ``confidence * weight``.
+    """
+    centres = render_memory(memory, frames.cams, RenderConfig(radius_px=0))
+    world = backproject(centres.depth, frames.cams)  # [F, H, W, 3]
+    m = centres.mask
     return GeometryMemory(
         xyz=world[m], rgb=frames.images[m], confidence=confidence[m] * weight,
         source=torch.full((int(m.sum()),), GENERATED_SOURCE, dtype=torch.int32, device=world.device),
@@ -158,6 +168,16 @@ def lift_filled(memory: GeometryMemory, frames: Views, renders: Renders, confide
     return pts
 
 
+def update_voxel_size(memory: GeometryMemory, cams: Cameras, renders: Renders, cfg: UpdateConfig) -> float:
+    """Automatic merge voxel: max(voxel_fraction x diagonal, voxel_px pixels at the median depth)."""
+    size = auto_voxel_size(memory, cfg.voxel_fraction)
+    z = renders.depth[renders.mask]
+    if z.numel():
+        focal = float(cams.K[:, 0, 0].median())
+        size = max(size, cfg.voxel_px * float(z.median()) / focal)
+    return size
+
+
 def update_memory(memory: GeometryMemory, frames: Views, renders: Renders, confidence: Tensor,
                   captures: Views, cfg: UpdateConfig = UpdateConfig()) -> GeometryMemory:
     """Merge a segment's generated frames into M.
@@ -187,14 +207,13 @@ def update_memory(memory: GeometryMemory, frames: Views, renders: Renders, confi
             raise ValueError(f"update_memory: {name} must be [F, H, W] = {(Fn, H, W)}; got {tuple(t.shape)}")
     if len(captures):
         check_views(captures, "update_memory: captures")
-    parts = [memory]
-    if cfg.lift_rendered:
-        parts.append(lift_rendered(frames, renders, confidence, cfg.rendered_weight))
-    parts.append(lift_filled(memory, frames, renders, confidence, captures, cfg))
-    new = GeometryMemory.cat(parts[1:])
+    parts = [lift_filled(memory, frames, renders, confidence, captures, cfg)]
+    if cfg.lift_rendered and len(memory):
+        parts.append(lift_rendered(memory, frames, confidence, cfg.rendered_weight))
+    new = GeometryMemory.cat(parts)
     new = new.select(new.confidence >= cfg.min_confidence)
     merged = GeometryMemory.cat([memory, new.to(memory.device)])
-    voxel = cfg.voxel_size or auto_voxel_size(memory if len(memory) > 1 else merged, cfg.voxel_fraction)
+    voxel = cfg.voxel_size or update_voxel_size(memory if len(memory) > 1 else merged, frames.cams, renders, cfg)
     if voxel > 0:
         merged = voxel_downsample(merged, voxel)
     return cap_points(merged, cfg.max_points)

@@ -1,0 +1,71 @@
+"""Memory update: generated frames lifted into M (stereo where filled), bounded by voxels, switchable."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from backend.estimators.mvs import MVSConfig
+from backend.stages.render import render_memory
+from backend.stages.types import Views
+from backend.stages.update import UpdateConfig, lift_filled, update_memory
+
+from ._geometry_data import (LUMA, SILHOUETTE_LUMA, TEMPLE_BOX, TEST_SIDE, inside_box, load_views,
+                             temple_captures, temple_memory)
+
+MEMORY_IDS = (6, 7)  # memory from two captures...
+FRAME_IDS = [8, 9]  # ...and two real photos further round the ring play the generated frames
+FILLED_CONFIDENCE = 0.5  # what a generator gives pixels it invented
+# The stereo range comes from the rendered depths (tight), so fewer planes than the initial MVS.
+CFG = UpdateConfig(stereo=MVSConfig(max_side=TEST_SIDE, num_planes=32, num_neighbors=3))
+
+
+@functools.lru_cache(maxsize=1)
+def _setup(folder: str):
+    captures, memory = temple_memory(folder, MEMORY_IDS)
+    caps = temple_captures(folder)
+    frames = load_views([caps[i] for i in FRAME_IDS], [-1] * len(FRAME_IDS), TEST_SIDE)
+    renders = render_memory(memory, frames.cams)
+    confidence = torch.where(renders.mask, 1.0, FILLED_CONFIDENCE)
+    updated = update_memory(memory, frames, renders, confidence, captures, CFG)
+    filled = lift_filled(memory, frames, renders, confidence, captures, CFG)
+    return captures, memory, frames, renders, confidence, updated, filled
+
+
+def test_memory_grows_where_frames_add_content(temple_dir):
+    captures, memory, frames, renders, confidence, updated, filled = _setup(str(temple_dir))
+    # Temple pixels of the frames that the old memory left empty: the update covers part of them.
+    temple = frames.images @ torch.tensor(LUMA, dtype=torch.float32) > SILHOUETTE_LUMA
+    holes = temple & ~renders.mask
+    after = render_memory(updated, frames.cams)
+    assert (holes.sum((1, 2)) > 1000).all()
+    covered = (after.mask & holes).sum((1, 2)) / holes.sum((1, 2))
+    assert (covered > 0.1).all(), covered
+    assert (updated.source == -1).sum() > 1000
+    assert set(updated.source.unique().tolist()) <= {-1, *MEMORY_IDS}
+    # The stereo points of filled temple pixels lie on the temple.
+    bright = filled.rgb @ torch.tensor(LUMA, dtype=torch.float32) > SILHOUETTE_LUMA
+    assert bright.sum() > 200
+    assert inside_box(filled.xyz[bright].numpy(), TEMPLE_BOX, 0.05).mean() > 0.9
+    assert filled.confidence.max() <= CFG.stereo_weight * FILLED_CONFIDENCE + 1e-6
+
+
+def test_memory_stays_bounded(temple_dir):
+    captures, memory, frames, renders, confidence, updated, _ = _setup(str(temple_dir))
+    again = update_memory(updated, frames, render_memory(updated, frames.cams), confidence, captures, CFG)
+    assert len(again) <= 1.05 * len(updated)  # the same frames add (almost) nothing the second time
+    capped = update_memory(memory, frames, renders, confidence, captures,
+                           UpdateConfig(stereo=CFG.stereo, max_points=2000))
+    assert len(capped) == 2000
+
+
+def test_disabled_update_returns_the_memory(temple_dir):
+    captures, memory, frames, renders, confidence, _, _ = _setup(str(temple_dir))
+    assert update_memory(memory, frames, renders, confidence, captures, UpdateConfig(enabled=False)) is memory
+    with pytest.raises(ValueError, match="confidence must be"):
+        update_memory(memory, frames, renders, confidence[:, :-1], captures, CFG)
+    bad = Views(frames.images, frames.cams, [-1])
+    with pytest.raises(ValueError, match="one camera and id per image"):
+        update_memory(memory, bad, renders, confidence, captures, CFG)

@@ -1,0 +1,471 @@
+"""Fit 3D Gaussians to captures and generated frames (DESIGN.md section 1 step 7).
+
+ReconX's confidence-aware fitting on gsplat's training recipe (``examples/simple_trainer.py``):
+
+1. initialise one Gaussian per memory point: centre at the point, isotropic scale from the mean
+   distance to its nearest neighbours, colour from the point's rgb (SH band 0), opacity 0.1;
+2. each step, render a batch of frames with the named rasterizer (``gsplat`` on CUDA, ``torch_cpu``
+   elsewhere) and take the loss per frame ``C * (0.8 L1 + 0.2 (1 - SSIM))`` with C the per-pixel
+   confidence (captures 1, generated frames their generator confidence), plus ``0.5 LPIPS``
+   weighted by the frame's mean confidence when LPIPS weights exist on this machine;
+3. Adam per parameter group with simple_trainer's learning rates (centres scaled by the scene
+   size and decayed to 1 %), the SH degree raised every ``sh_degree_interval`` steps;
+4. densify and prune with ``gsplat.strategy.DefaultStrategy`` (``strategy="default"``; its
+   running state from ``initialize_state``, hooks around the backward pass) or keep the set
+   fixed (``strategy="none"``). The strategy only needs ``meta`` from the rasterizer, which both
+   rasterizers give, so it runs on CPU as well.
+
+Pixels of zero confidence do not pull the fit: they are out of the L1 term, and inside the SSIM
+(and LPIPS) windows both the prediction and the target there are replaced by the current render,
+without gradient, so the loss does not depend on their target at all.
+
+Parameters are stored raw (log scales, opacity logits, unnormalised quaternions, SH) under
+gsplat's names (``means scales quats opacities sh0 shN``) and activated before rendering.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from protocol.ply import MAX_SH_DEGREE, GaussianArrays
+
+from ..metrics import LpipsFn, load_lpips, ssim_map
+from ..rasterizers import Rasterizer, available_rasterizers, make_rasterizer
+from ..rasterizers.sh import num_sh_bases, rgb_to_sh
+from .types import Cameras, GeometryMemory, Views
+
+STRATEGIES = ("default", "none")
+KNN_MIN_DISTANCE = 1e-7  # floor of the neighbour distance (duplicate points), world units
+KNN_MAX_PAIRS = 1 << 24  # query x reference distances computed at once (memory bound of the k-NN)
+SCENE_SCALE_MARGIN = 1.1  # simple_trainer: scene scale = 1.1 x largest camera distance from their centroid
+RENDER_CHUNK = 8  # cameras rendered at once by render_gaussians
+IDENTITY_QUAT = (1.0, 0.0, 0.0, 0.0)  # w x y z
+ADAM_BETAS = (0.9, 0.999)  # torch defaults, as simple_trainer
+ADAM_EPS = 1e-15  # simple_trainer
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Gaussian fitting settings; defaults follow gsplat's simple_trainer unless noted.
+
+    Attributes:
+        iterations: optimisation steps (the issue's GPU target: 3000 in under 45 s).
+        batch_size: frames per step (learning rates scale with its square root, as simple_trainer).
+        sh_degree: highest SH degree fitted, 0..3.
+        sh_degree_interval: the SH degree used rises by one every this many steps.
+        rasterizer: ``gsplat`` (CUDA) or ``torch_cpu`` (see backend.rasterizers).
+        strategy: ``default`` (gsplat's DefaultStrategy: clone, split, prune) or ``none``.
+        means_lr: centre learning rate, times the scene scale; decays exponentially to
+            ``means_lr_final_factor`` of it over the run.
+        scales_lr, quats_lr, opacities_lr, sh0_lr, shN_lr: the other groups' learning rates.
+        init_opacity: opacity of every initial Gaussian.
+        init_scale: initial scale = this x the mean distance to the ``knn`` nearest points.
+        knn: neighbours averaged for the initial scale.
+        l1_weight, ssim_weight, lpips_weight: ReconX's loss weights 0.8 / 0.2 / 0.5; LPIPS only
+            when :func:`backend.metrics.load_lpips` finds weights (``lpips_path`` or the
+            ``RECONLOOP_LPIPS`` environment variable).
+        refine_start_iter, refine_stop_iter, refine_every, reset_every, grow_grad2d, grow_scale3d,
+            prune_opa, prune_scale3d: DefaultStrategy's schedule and thresholds. gsplat's
+            defaults are for 30k steps (refine until 15k); ours stop refining at 2000 so that a
+            3000-step fit keeps a third of its steps for the final set.
+        background: colour behind the Gaussians, RGB in [0, 1].
+        seed: seeds the frame order and DefaultStrategy's splits.
+        progress_every: the progress callback is called every this many steps (and at the end).
+    """
+
+    iterations: int = 3000
+    batch_size: int = 1
+    sh_degree: int = 3
+    sh_degree_interval: int = 1000
+    rasterizer: str = "gsplat"
+    strategy: str = "default"
+    means_lr: float = 1.6e-4
+    means_lr_final_factor: float = 0.01
+    scales_lr: float = 5e-3
+    quats_lr: float = 1e-3
+    opacities_lr: float = 5e-2
+    sh0_lr: float = 2.5e-3
+    shN_lr: float = 2.5e-3 / 20
+    init_opacity: float = 0.1
+    init_scale: float = 1.0
+    knn: int = 3
+    l1_weight: float = 0.8  # ReconX
+    ssim_weight: float = 0.2  # ReconX; simple_trainer's ssim_lambda is 0.2 too
+    lpips_weight: float = 0.5  # ReconX
+    lpips_path: str | None = None
+    refine_start_iter: int = 500
+    refine_stop_iter: int = 2000
+    refine_every: int = 100
+    reset_every: int = 3000
+    grow_grad2d: float = 0.0002
+    grow_scale3d: float = 0.01
+    prune_opa: float = 0.005
+    prune_scale3d: float = 0.1
+    background: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    seed: int = 0
+    progress_every: int = 50
+
+    def __post_init__(self) -> None:
+        positive = ("iterations", "batch_size", "sh_degree_interval", "knn", "refine_every", "reset_every",
+                    "progress_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"FitConfig.{name} must be >= 1; got {getattr(self, name)}")
+        if not 0 <= self.sh_degree <= MAX_SH_DEGREE:
+            raise ValueError(f"FitConfig.sh_degree must be in 0..{MAX_SH_DEGREE}; got {self.sh_degree}")
+        if self.rasterizer not in available_rasterizers():
+            raise ValueError(f"FitConfig.rasterizer must be one of {', '.join(available_rasterizers())}; "
+                             f"got {self.rasterizer!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"FitConfig.strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
+        if not 0.0 < self.init_opacity < 1.0:
+            raise ValueError(f"FitConfig.init_opacity must be in (0, 1); got {self.init_opacity}")
+        for f in fields(self):
+            if f.name.endswith("_lr") or f.name.endswith("_weight") or f.name == "init_scale":
+                if getattr(self, f.name) < 0:
+                    raise ValueError(f"FitConfig.{f.name} must be >= 0; got {getattr(self, f.name)}")
+        if len(self.background) != 3:
+            raise ValueError(f"FitConfig.background must be 3 floats; got {self.background!r}")
+
+
+def default_rasterizer(device: torch.device | str) -> str:
+    """The rasterizer name for a device, for entry points that pick the device: gsplat on CUDA."""
+    return "gsplat" if torch.device(device).type == "cuda" else "torch_cpu"
+
+
+@dataclass
+class Gaussians:
+    """3D Gaussians, raw parameters (activated before rendering).
+
+    Attributes:
+        means: centres, world. float32 [N, 3]
+        log_scales: natural logs of the axis scales. float32 [N, 3]
+        quats: rotations w x y z, not necessarily unit. float32 [N, 4]
+        opacity_logits: logits of the opacities. float32 [N]
+        sh: SH coefficients; ``sh[:, 0]`` is the base colour's (rgb = 0.5 + SH_C0 sh[:, 0]). float32 [N, K, 3]
+    """
+
+    means: Tensor
+    log_scales: Tensor
+    quats: Tensor
+    opacity_logits: Tensor
+    sh: Tensor
+
+    def __len__(self) -> int:
+        return int(self.means.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.means.device
+
+    @property
+    def sh_degree(self) -> int:
+        return int(round(math.sqrt(self.sh.shape[1]))) - 1
+
+    def to(self, device: torch.device | str) -> "Gaussians":
+        return Gaussians(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def detach(self) -> "Gaussians":
+        return Gaussians(*(getattr(self, f.name).detach() for f in fields(self)))
+
+
+@dataclass
+class FitViews:
+    """What the Gaussians are fitted to: images, their cameras and per-pixel confidence.
+
+    Attributes:
+        images: colours in [0, 1]. float32 [F, H, W, 3]
+        cams: their cameras (width, height match the images).
+        confidence: per-pixel weight in [0, 1]; 1 for captures. float32 [F, H, W]
+    """
+
+    images: Tensor
+    cams: Cameras
+    confidence: Tensor
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @staticmethod
+    def from_views(views: Views, confidence: Tensor | None = None) -> "FitViews":
+        """Views with a confidence map (default: ones, as for captures)."""
+        if confidence is None:
+            confidence = torch.ones(views.images.shape[:3], dtype=views.images.dtype, device=views.images.device)
+        return FitViews(views.images, views.cams, confidence)
+
+    @staticmethod
+    def cat(items: Sequence["FitViews"]) -> "FitViews":
+        return FitViews(torch.cat([v.images for v in items]), Cameras.cat([v.cams for v in items]),
+                        torch.cat([v.confidence for v in items]))
+
+    def check(self) -> None:
+        f = len(self)
+        h, w = self.cams.height, self.cams.width
+        if self.images.ndim != 4 or tuple(self.images.shape[1:]) != (h, w, 3):
+            raise ValueError(f"fit: views.images must be [F, {h}, {w}, 3] (the cameras' size); got {tuple(self.images.shape)}")
+        if len(self.cams) != f:
+            raise ValueError(f"fit: views has {f} images but {len(self.cams)} cameras")
+        if tuple(self.confidence.shape) != (f, h, w):
+            raise ValueError(f"fit: views.confidence must be [{f}, {h}, {w}]; got {tuple(self.confidence.shape)}")
+        if f == 0:
+            raise ValueError("fit: views has no images")
+        lo, hi = float(self.confidence.min()), float(self.confidence.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"fit: views.confidence must be in [0, 1]; got values in [{lo:.3g}, {hi:.3g}]")
+
+
+def knn_mean_distance(xyz: Tensor, k: int) -> Tensor:
+    """Mean distance of each point to its k nearest other points (exact, chunked).
+
+    Args:
+        xyz: points, world. [N, 3]
+        k: neighbours (fewer when N <= k).
+
+    Returns:
+        mean distance, at least KNN_MIN_DISTANCE. [N]
+    """
+    n = xyz.shape[0]
+    k_eff = min(k, n - 1)
+    if k_eff < 1:
+        return torch.ones(n, dtype=xyz.dtype, device=xyz.device)
+    chunk = max(1, KNN_MAX_PAIRS // n)
+    out = []
+    for start in range(0, n, chunk):
+        d = torch.cdist(xyz[start:start + chunk], xyz)  # [Q, N]
+        nearest = torch.topk(d, k_eff + 1, dim=1, largest=False).values[:, 1:]  # drop the point itself
+        out.append(nearest.mean(dim=1))
+    return torch.cat(out).clamp_min(KNN_MIN_DISTANCE)
+
+
+def init_gaussians(memory: GeometryMemory, cfg: FitConfig) -> Gaussians:
+    """One Gaussian per memory point: isotropic k-NN scale, SH band 0 from rgb, ``init_opacity``.
+
+    Args:
+        memory: the geometry memory (xyz [N, 3], rgb [N, 3] in [0, 1]); its device is used.
+        cfg: fitting settings (``sh_degree``, ``init_scale``, ``knn``, ``init_opacity``).
+
+    Returns:
+        Gaussians with sh [N, (sh_degree + 1)^2, 3], higher bands zero.
+    """
+    n = len(memory)
+    if n == 0:
+        raise ValueError("fit: the geometry memory is empty; there is nothing to start the Gaussians from")
+    xyz = memory.xyz.float()
+    dist = knn_mean_distance(xyz, cfg.knn)  # [N]
+    log_scales = torch.log(dist * cfg.init_scale).unsqueeze(-1).repeat(1, 3)
+    quats = torch.tensor(IDENTITY_QUAT, device=xyz.device).repeat(n, 1)
+    opacity_logits = torch.full((n,), math.log(cfg.init_opacity / (1.0 - cfg.init_opacity)), device=xyz.device)
+    sh = torch.zeros(n, num_sh_bases(cfg.sh_degree), 3, device=xyz.device)
+    sh[:, 0] = rgb_to_sh(memory.rgb.float().clamp(0.0, 1.0))
+    return Gaussians(xyz.clone(), log_scales, quats, opacity_logits, sh)
+
+
+def gaussians_to_arrays(g: Gaussians) -> GaussianArrays:
+    """The .ply arrays of ``g`` (float32 numpy, raw parameters; protocol.ply's layout)."""
+    def np32(t: Tensor):
+        return t.detach().float().cpu().numpy()
+
+    return GaussianArrays(means=np32(g.means), log_scales=np32(g.log_scales), quats=np32(g.quats),
+                          opacity_logits=np32(g.opacity_logits), sh=np32(g.sh))
+
+
+def gaussians_from_arrays(a: GaussianArrays, device: torch.device | str = "cpu") -> Gaussians:
+    """Gaussians from .ply arrays (the inverse of :func:`gaussians_to_arrays`)."""
+    def t(x) -> Tensor:
+        return torch.as_tensor(x, dtype=torch.float32, device=device)
+
+    return Gaussians(t(a.means), t(a.log_scales), t(a.quats), t(a.opacity_logits), t(a.sh))
+
+
+def _render(rasterizer: Rasterizer, params: dict[str, Tensor], cams: Cameras, sh_degree: int,
+            background: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    """Activate raw parameters and render. -> colours [C, H, W, 3], meta"""
+    sh = torch.cat([params["sh0"], params["shN"]], dim=1) if "shN" in params else params["sh0"]
+    colors, _, meta = rasterizer.render(
+        params["means"], params["quats"], torch.exp(params["scales"]), torch.sigmoid(params["opacities"]), sh,
+        cams.w2c, cams.K, cams.width, cams.height, sh_degree=sh_degree,
+        backgrounds=background.expand(len(cams), 3))
+    return colors, meta
+
+
+def render_gaussians(g: Gaussians, cams: Cameras, cfg: FitConfig) -> Tensor:
+    """Render Gaussians into cameras with ``cfg.rasterizer`` (no gradients), at their full SH degree.
+
+    Args:
+        g: the Gaussians; rendered on their device (cams are moved there).
+        cams: C cameras.
+        cfg: names the rasterizer and the background.
+
+    Returns:
+        images in [0, 1]. float32 [C, H, W, 3]
+    """
+    rasterizer = make_rasterizer(cfg.rasterizer)
+    params = {"means": g.means, "scales": g.log_scales, "quats": g.quats, "opacities": g.opacity_logits,
+              "sh0": g.sh[:, :1]}
+    if g.sh.shape[1] > 1:
+        params["shN"] = g.sh[:, 1:]
+    background = torch.tensor(cfg.background, dtype=torch.float32, device=g.device)
+    cams = cams.to(g.device)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(cams), RENDER_CHUNK):
+            colors, _ = _render(rasterizer, params, cams[list(range(start, min(start + RENDER_CHUNK, len(cams))))],
+                                g.sh_degree, background)
+            out.append(colors.clamp(0.0, 1.0))
+    return torch.cat(out)
+
+
+def confidence_loss(pred: Tensor, target: Tensor, confidence: Tensor, cfg: FitConfig,
+                    lpips_fn: LpipsFn | None = None) -> Tensor:
+    """ReconX's loss: mean over frames and pixels of C * (0.8 L1 + 0.2 (1 - SSIM)) [+ 0.5 C LPIPS].
+
+    Args:
+        pred: rendered colours. [B, H, W, 3]
+        target: frames, colours in [0, 1]. [B, H, W, 3]
+        confidence: per-pixel confidence in [0, 1]. [B, H, W]
+        cfg: the loss weights.
+        lpips_fn: LPIPS scorer, or None (then the term is left out).
+
+    Returns:
+        the loss, a scalar. It neither depends on the target at zero-confidence pixels nor sends
+        them gradient (module docstring).
+    """
+    is_trusted = confidence.unsqueeze(-1) > 0  # [B, H, W, 1]
+    l1 = (pred - target).abs().mean(dim=-1)  # [B, H, W]
+    # Windowed terms see the current render (without gradient) on both sides at zero-confidence
+    # pixels: those pixels neither pull the fit nor carry their target into neighbouring windows.
+    still = pred.detach()
+    pred_w = torch.where(is_trusted, pred, still)
+    target_w = torch.where(is_trusted, target, still)
+    d_ssim = 1.0 - ssim_map(pred_w, target_w)  # [B, H, W]
+    loss = (confidence * (cfg.l1_weight * l1 + cfg.ssim_weight * d_ssim)).mean()
+    if lpips_fn is not None and cfg.lpips_weight > 0:
+        frame_conf = confidence.flatten(1).mean(dim=1)  # [B]
+        loss = loss + cfg.lpips_weight * (frame_conf * lpips_fn(pred_w, target_w)).mean()
+    return loss
+
+
+def scene_scale(cams: Cameras, points: Tensor) -> float:
+    """simple_trainer's scene scale: 1.1 x the largest camera distance from the cameras' centroid;
+    with one camera (or all at one place), the points' median distance from their centroid."""
+    centers = cams.centers
+    spread = float((centers - centers.mean(dim=0)).norm(dim=1).max())
+    if spread <= KNN_MIN_DISTANCE:
+        spread = float((points - points.mean(dim=0)).norm(dim=1).median()) if len(points) else 1.0
+    return SCENE_SCALE_MARGIN * max(spread, KNN_MIN_DISTANCE)
+
+
+def _make_optimizers(params: torch.nn.ParameterDict, cfg: FitConfig, scale: float) -> dict[str, torch.optim.Optimizer]:
+    # simple_trainer scales the learning rates by sqrt(batch size) and the Adam moments' decay by it.
+    bs = cfg.batch_size
+    lrs = {"means": cfg.means_lr * scale, "scales": cfg.scales_lr, "quats": cfg.quats_lr,
+           "opacities": cfg.opacities_lr, "sh0": cfg.sh0_lr, "shN": cfg.shN_lr}
+    betas = (1.0 - bs * (1.0 - ADAM_BETAS[0]), 1.0 - bs * (1.0 - ADAM_BETAS[1]))
+    return {
+        name: torch.optim.Adam([{"params": p, "lr": lrs[name] * math.sqrt(bs), "name": name}],
+                               eps=ADAM_EPS / math.sqrt(bs), betas=betas)
+        for name, p in params.items()
+    }
+
+
+def _make_strategy(cfg: FitConfig) -> Any:
+    if cfg.strategy == "none":
+        return None
+    try:
+        from gsplat.strategy import DefaultStrategy
+    except ImportError as err:
+        raise ImportError(f"FitConfig.strategy 'default' needs the gsplat package ({err}); "
+                          "install reconloop[gpu] or use strategy 'none'") from err
+    return DefaultStrategy(
+        prune_opa=cfg.prune_opa, grow_grad2d=cfg.grow_grad2d, grow_scale3d=cfg.grow_scale3d,
+        prune_scale3d=cfg.prune_scale3d, refine_start_iter=cfg.refine_start_iter,
+        refine_stop_iter=cfg.refine_stop_iter, reset_every=cfg.reset_every, refine_every=cfg.refine_every,
+    )
+
+
+def fit_gaussians(views: FitViews, init: GeometryMemory, cfg: FitConfig, *, device: torch.device | str,
+                  progress: Callable[[int, float], None] | None = None) -> Gaussians:
+    """Fit Gaussians to views, starting from the geometry memory (module docstring).
+
+    Args:
+        views: images [F, H, W, 3], cameras, confidence [F, H, W] (moved to ``device``).
+        init: the geometry memory the Gaussians start from (moved to ``device``).
+        cfg: fitting settings; ``cfg.rasterizer`` must suit ``device`` (gsplat: CUDA).
+        device: where to fit.
+        progress: called as ``progress(step, loss)`` every ``cfg.progress_every`` steps and after the
+            last (step counts from 1); it may raise (e.g. ``backend.progress.Cancelled``) to stop.
+
+    Returns:
+        the fitted Gaussians (detached, on ``device``).
+
+    Example::
+
+        >>> from backend.stages.types import Cameras, GeometryMemory
+        >>> cams = Cameras(torch.eye(4)[None], torch.tensor([[[20.0, 0, 12], [0, 20, 8], [0, 0, 1]]]), 24, 16)
+        >>> memory = GeometryMemory(torch.randn(50, 3) * 0.2 + torch.tensor([0, 0, 2.0]), torch.rand(50, 3),
+        ...                         torch.ones(50), torch.zeros(50, dtype=torch.int32))
+        >>> views = FitViews(torch.rand(1, 16, 24, 3), cams, torch.ones(1, 16, 24))
+        >>> cfg = FitConfig(iterations=5, rasterizer="torch_cpu", strategy="none", sh_degree=1)
+        >>> len(fit_gaussians(views, memory, cfg, device="cpu"))
+        50
+    """
+    views.check()
+    device = torch.device(device)
+    images = views.images.to(device, torch.float32)
+    confidence = views.confidence.to(device, torch.float32)
+    cams = views.cams.to(device)
+    g0 = init_gaussians(init.to(device), cfg)
+    rasterizer = make_rasterizer(cfg.rasterizer)
+    lpips_fn = load_lpips(cfg.lpips_path, device=device) if cfg.lpips_weight > 0 else None
+    background = torch.tensor(cfg.background, dtype=torch.float32, device=device)
+
+    # 1. Parameters (gsplat's names and raw parameterisation), optimizers, schedule, strategy.
+    params = torch.nn.ParameterDict({
+        "means": g0.means, "scales": g0.log_scales, "quats": g0.quats, "opacities": g0.opacity_logits,
+        "sh0": g0.sh[:, :1].contiguous(),
+    })
+    if cfg.sh_degree > 0:
+        params["shN"] = g0.sh[:, 1:].contiguous()
+    scale = scene_scale(cams, g0.means)
+    optimizers = _make_optimizers(params, cfg, scale)
+    means_decay = cfg.means_lr_final_factor ** (1.0 / cfg.iterations)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizers["means"], gamma=means_decay)
+    strategy = _make_strategy(cfg)
+    state: dict[str, Any] = {}
+    if strategy is not None:
+        strategy.check_sanity(params, optimizers)
+        state = strategy.initialize_state(scene_scale=scale)
+
+    # 2. The loop: a shuffled pass over the frames per epoch, batch_size frames per step.
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # DefaultStrategy's splits sample from the global generator
+    order: list[int] = []
+    n_frames = len(views)
+    for step in range(cfg.iterations):
+        batch = []
+        while len(batch) < min(cfg.batch_size, n_frames):
+            if not order:
+                order = torch.randperm(n_frames, generator=gen).tolist()
+            batch.append(order.pop())
+        sh_degree = min(step // cfg.sh_degree_interval, cfg.sh_degree)
+        pred, meta = _render(rasterizer, params, cams[batch], sh_degree, background)
+        loss = confidence_loss(pred, images[batch], confidence[batch], cfg, lpips_fn)
+        if strategy is not None:
+            strategy.step_pre_backward(params, optimizers, state, step, meta)
+        loss.backward()
+        for opt in optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        scheduler.step()
+        if strategy is not None:  # after the optimizer step, as simple_trainer
+            strategy.step_post_backward(params, optimizers, state, step, meta, packed=False)
+        if progress is not None and ((step + 1) % cfg.progress_every == 0 or step + 1 == cfg.iterations):
+            progress(step + 1, float(loss.detach()))
+
+    sh = torch.cat([params["sh0"], params["shN"]], dim=1) if "shN" in params else params["sh0"]
+    return Gaussians(params["means"], params["scales"], params["quats"], params["opacities"], sh).detach()

@@ -1,0 +1,203 @@
+"""Gaussian fitting on a tiny synthetic scene with the torch_cpu rasterizer (CPU, a few seconds)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from backend.metrics import psnr
+from backend.progress import Cancelled
+from backend.rasterizers import make_rasterizer
+from backend.rasterizers.sh import sh_to_rgb
+from backend.stages.fit import (
+    FitConfig,
+    FitViews,
+    Gaussians,
+    confidence_loss,
+    default_rasterizer,
+    fit_gaussians,
+    gaussians_from_arrays,
+    gaussians_to_arrays,
+    init_gaussians,
+    knn_mean_distance,
+    render_gaussians,
+)
+from backend.stages.types import Cameras, GeometryMemory
+from protocol.ply import read_gaussians_ply, write_gaussians_ply
+
+W, H = 48, 36
+FOCAL = 45.0
+LR_BOOST = 10  # a 100-step test fit needs larger steps than simple_trainer's 30k-step learning rates
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one thread is several times faster than two fighting over two loaded cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def look_at(center: tuple[float, float, float]) -> torch.Tensor:
+    """OpenCV world-to-camera of a camera at ``center`` looking at the origin, image y down = world -y."""
+    c = torch.tensor(center)
+    z = -c / c.norm()
+    x = torch.linalg.cross(torch.tensor([0.0, -1.0, 0.0]), z)
+    x = x / x.norm()
+    y = torch.linalg.cross(z, x)
+    R = torch.stack([x, y, z])
+    w2c = torch.eye(4)
+    w2c[:3, :3] = R
+    w2c[:3, 3] = -R @ c
+    return w2c
+
+
+def make_scene(seed: int = 0, n: int = 40):
+    """Coloured Gaussians seen by 3 cameras 3 units away, 20 degrees apart; images by torch_cpu."""
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.rand(n, 3, generator=gen) * torch.tensor([1.0, 0.8, 0.4]) - torch.tensor([0.5, 0.4, 0.2])
+    colors = torch.rand(n, 3, generator=gen)
+    scales = torch.rand(n, 3, generator=gen) * 0.08 + 0.04
+    quats = torch.randn(n, 4, generator=gen)
+    opacities = torch.full((n,), 0.9)
+    angles = (-0.35, 0.0, 0.35)
+    w2c = torch.stack([look_at((3 * math.sin(a), 0.0, -3 * math.cos(a))) for a in angles])
+    K = torch.tensor([[FOCAL, 0.0, W / 2], [0.0, FOCAL, H / 2], [0.0, 0.0, 1.0]]).repeat(len(angles), 1, 1)
+    cams = Cameras(w2c, K, W, H)
+    images, _, _ = make_rasterizer("torch_cpu").render(means, quats, scales, opacities, colors, w2c, K, W, H)
+    noisy = GeometryMemory(
+        means + 0.04 * torch.randn(n, 3, generator=gen),
+        (colors + 0.2 * torch.randn(n, 3, generator=gen)).clamp(0, 1),
+        torch.ones(n), torch.zeros(n, dtype=torch.int32))
+    return cams, images, noisy
+
+
+def test_config(**overrides) -> FitConfig:
+    base = FitConfig(
+        iterations=100, rasterizer="torch_cpu", strategy="none", sh_degree=0, progress_every=25,
+        means_lr=1.6e-4 * LR_BOOST, scales_lr=5e-3 * LR_BOOST / 2, quats_lr=1e-3 * LR_BOOST, sh0_lr=2.5e-3 * LR_BOOST)
+    return replace(base, **overrides)
+
+
+test_config.__test__ = False  # a helper, not a test
+
+
+def test_fit_recovers_a_synthetic_scene_from_a_noisy_start():
+    cams, images, noisy = make_scene()
+    cfg = test_config()
+    before = psnr(render_gaussians(init_gaussians(noisy, cfg), cams, cfg), images).mean().item()
+    losses: list[tuple[int, float]] = []
+    g = fit_gaussians(FitViews(images, cams, torch.ones(3, H, W)), noisy, cfg, device="cpu",
+                      progress=lambda step, loss: losses.append((step, loss)))
+    after = psnr(render_gaussians(g, cams, cfg), images).mean().item()
+    assert [s for s, _ in losses] == [25, 50, 75, 100]
+    assert losses[-1][1] < 0.5 * losses[0][1]
+    assert after > before + 8.0, (before, after)
+    assert after > 30.0
+    assert isinstance(g, Gaussians) and len(g) == len(noisy) and not g.means.requires_grad
+
+
+def test_zero_confidence_gets_no_gradient():
+    torch.manual_seed(0)
+    pred = torch.rand(2, 16, 20, 3, requires_grad=True)
+    target = torch.rand(2, 16, 20, 3)
+    conf = torch.rand(2, 16, 20)
+    conf[0, 4:9, 5:12] = 0.0
+    conf[1, :, :3] = 0.0
+    confidence_loss(pred, target, conf, FitConfig()).backward()
+    grad = pred.grad.abs().sum(dim=-1)
+    assert (grad[conf == 0] == 0).all()
+    assert (grad[conf > 0] > 0).float().mean() > 0.99
+    # Confidence scales the per-pixel loss: halving every C halves the loss.
+    full = confidence_loss(pred, target, conf, FitConfig())
+    half = confidence_loss(pred, target, conf * 0.5, FitConfig())
+    assert half.item() == pytest.approx(0.5 * full.item(), rel=1e-5)
+
+
+def test_zero_confidence_patch_does_not_pull_the_fit():
+    """A blot in one view at confidence 0 changes nothing: the fit equals the fit on clean images."""
+    cams, images, noisy = make_scene(seed=1)
+    corrupt = images.clone()
+    rows, cols = slice(10, 26), slice(14, 34)
+    corrupt[1, rows, cols] = torch.tensor([1.0, 0.0, 1.0])  # a magenta blot in the middle view
+    distrusted = torch.ones(3, H, W)
+    distrusted[1, rows, cols] = 0.0
+    cfg = test_config(iterations=30)
+    clean_fit = fit_gaussians(FitViews(images, cams, distrusted), noisy, cfg, device="cpu")
+    blot_ignored = fit_gaussians(FitViews(corrupt, cams, distrusted), noisy, cfg, device="cpu")
+    blot_trusted = fit_gaussians(FitViews(corrupt, cams, torch.ones(3, H, W)), noisy, cfg, device="cpu")
+    for field in ("means", "log_scales", "quats", "opacity_logits", "sh"):
+        torch.testing.assert_close(getattr(blot_ignored, field), getattr(clean_fit, field), rtol=0, atol=1e-6)
+    assert (blot_trusted.sh - clean_fit.sh).abs().max() > 0.05
+
+
+def test_default_strategy_densifies_with_the_cpu_rasterizer():
+    """gsplat's DefaultStrategy reads only the rasterizer's meta, so it runs on CPU as well."""
+    cams, images, noisy = make_scene(seed=2, n=25)
+    cfg = test_config(iterations=40, strategy="default", refine_start_iter=5, refine_every=10, refine_stop_iter=35,
+                      grow_grad2d=1e-6, sh_degree=1, sh_degree_interval=20)
+    g = fit_gaussians(FitViews(images, cams, torch.ones(3, H, W)), noisy, cfg, device="cpu")
+    assert len(g) > len(noisy)
+    assert g.sh.shape == (len(g), 4, 3)
+    assert torch.isfinite(g.means).all() and torch.isfinite(g.sh).all()
+
+
+def test_init_gaussians_from_memory():
+    grid = torch.stack(torch.meshgrid(*[torch.arange(5.0) * 0.1] * 3, indexing="ij"), dim=-1).reshape(-1, 3)
+    rgb = torch.rand(len(grid), 3)
+    memory = GeometryMemory(grid, rgb, torch.ones(len(grid)), torch.zeros(len(grid), dtype=torch.int32))
+    g = init_gaussians(memory, FitConfig(sh_degree=2))
+    interior = ((grid > 0.05) & (grid < 0.35)).all(dim=1)
+    torch.testing.assert_close(g.log_scales[interior], torch.full((int(interior.sum()), 3), math.log(0.1)))
+    torch.testing.assert_close(sh_to_rgb(g.sh[:, 0]), rgb)
+    assert g.sh.shape == (125, 9, 3) and (g.sh[:, 1:] == 0).all()
+    torch.testing.assert_close(torch.sigmoid(g.opacity_logits), torch.full((125,), 0.1))
+    assert (g.quats == torch.tensor([1.0, 0, 0, 0])).all()
+    torch.testing.assert_close(knn_mean_distance(torch.tensor([[0.0, 0, 0], [3.0, 0, 0], [0, 4.0, 0]]), 1),
+                               torch.tensor([3.0, 3.0, 4.0]))
+    with pytest.raises(ValueError, match="memory is empty"):
+        init_gaussians(GeometryMemory.empty(), FitConfig())
+
+
+def test_gaussians_ply_round_trip_renders_the_same(tmp_path):
+    cams, _, noisy = make_scene(seed=3, n=15)
+    cfg = test_config(sh_degree=2)
+    g = init_gaussians(noisy, cfg)
+    g.sh[:, 1:] = torch.randn_like(g.sh[:, 1:]) * 0.1
+    write_gaussians_ply(tmp_path / "gaussians.ply", gaussians_to_arrays(g))
+    back = gaussians_from_arrays(read_gaussians_ply(tmp_path / "gaussians.ply"))
+    torch.testing.assert_close(render_gaussians(back, cams, cfg), render_gaussians(g, cams, cfg))
+
+
+def test_progress_may_cancel():
+    cams, images, noisy = make_scene(seed=4, n=10)
+    seen = []
+
+    def cancel(step: int, loss: float) -> None:
+        seen.append(step)
+        raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        fit_gaussians(FitViews(images, cams, torch.ones(3, H, W)), noisy, test_config(progress_every=3), device="cpu",
+                      progress=cancel)
+    assert seen == [3]
+
+
+def test_inputs_are_checked():
+    cams, images, noisy = make_scene(seed=5, n=5)
+    cfg = test_config(iterations=1)
+    with pytest.raises(ValueError, match=r"FitConfig.rasterizer must be one of gsplat, torch_cpu; got 'opengl'"):
+        FitConfig(rasterizer="opengl")
+    with pytest.raises(ValueError, match=r"FitConfig.sh_degree must be in 0..3; got 4"):
+        FitConfig(sh_degree=4)
+    with pytest.raises(ValueError, match=r"confidence must be \[3, 36, 48\]"):
+        fit_gaussians(FitViews(images, cams, torch.ones(3, H, W + 1)), noisy, cfg, device="cpu")
+    with pytest.raises(ValueError, match=r"confidence must be in \[0, 1\]"):
+        fit_gaussians(FitViews(images, cams, torch.full((3, H, W), 2.0)), noisy, cfg, device="cpu")
+    with pytest.raises(ValueError, match=r"images must be \[F, 36, 48, 3\]"):
+        fit_gaussians(FitViews(images[:, :-1], cams, torch.ones(3, H, W)), noisy, cfg, device="cpu")
+    assert default_rasterizer("cpu") == "torch_cpu" and default_rasterizer("cuda:0") == "gsplat"

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# Per process (each pytest-xdist worker its own): two Blender sessions must not share an extension repo.
 _USER_RESOURCES = Path(tempfile.mkdtemp(prefix="reconloop_blender_user_"))
-os.environ.setdefault("BLENDER_USER_RESOURCES", str(_USER_RESOURCES))
+os.environ["BLENDER_USER_RESOURCES"] = str(_USER_RESOURCES)
 
 try:
     import bpy

@@ -29,6 +29,10 @@ from protocol.ply import (  # noqa: E402
 
 from ._temple import build_temple_scene, silhouette  # noqa: E402
 
+# One worker should run this module (its fixtures, the installed extension and a service, are per
+# process); each fixture also works when pytest-xdist splits the module across workers.
+pytestmark = pytest.mark.xdist_group("blender_extension")
+
 REPO_NAME = "user_default"
 ADDON = f"bl_ext.{REPO_NAME}.reconloop"
 # Small sizes so the whole loop runs in seconds on 2 CPU cores.
@@ -157,7 +161,6 @@ def test_non_gaussian_ply_is_a_clear_error(installed, tmp_path):
     assert len(bpy.data.objects) == n_objects
 
 
-@pytest.mark.xdist_group("reconloop_service")
 def test_reconstruct_temple_against_local_service(installed, temple_dir, tmp_path, monkeypatch):
     """Reconstruct runs the real loop through a `reconloop serve` the add-on starts on loopback."""
     monkeypatch.setenv("PYTHONPATH", str(REPO))

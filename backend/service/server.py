@@ -172,6 +172,9 @@ class Service:
         try:
             self.auth = ServerAuth.start(self.context, self.config.auth, self.config.bind)  # refuses an open bind without keys
             self.device = resolve_device(self.config.device)
+            from ..generators import available_generators  # imports torch: here, not in the first hello
+
+            self.generators = available_generators()
             self.store = JobStore(self.data_dir)
             self._lock = _lock_dir(self.store.root)
             self.queue: deque[str] = deque(r.job for r in self.store.load())
@@ -307,7 +310,7 @@ class Service:
 
     @staticmethod
     def _error_frames(op: str | None, rid: Any, err: ProtocolError) -> list[Any]:
-        op = op if op in OPS else None
+        op = op if isinstance(op, str) and op in OPS else None
         reply = {"v": PROTOCOL_VERSION, "op": op, "id": rid, "ok": False, "error": err.to_wire()}
         try:
             return encode(reply, "reply")
@@ -329,13 +332,11 @@ class Service:
                 f"hello: no common version; client speaks {msg['versions']}, server speaks {list(SUPPORTED_VERSIONS)}",
                 field="versions",
             )
-        from ..generators import available_generators
-
         return {
             "version": version,
             "versions": list(SUPPORTED_VERSIONS),
             "server": f"reconloop {__version__}",
-            "generators": available_generators(),
+            "generators": self.generators,
             **device_info(self.device),
             "limits": self.config.job_limits.as_dict(),
         }

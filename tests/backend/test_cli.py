@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from backend.cli import build_parser, main
-from backend.service import Service, ServiceConfig
-from tests.protocol.helpers import jpeg_bytes, png_bytes, runner
+from tests.protocol.helpers import jpeg_bytes, png_bytes, running_service
 
 REPO = Path(__file__).resolve().parents[2]
 COMMANDS = ("serve", "run", "submit", "import", "demo")
@@ -51,11 +50,8 @@ def write_scene(folder: Path, prompt: str = "") -> Path:
 
 @pytest.fixture
 def service(tmp_path):
-    svc = Service(ServiceConfig(bind="tcp://127.0.0.1:*", data_dir=tmp_path / "jobs", device="cpu"), runner=runner)
-    thread = svc.start_thread()
-    yield svc
-    svc.stop()
-    thread.join(20)
+    with running_service(tmp_path / "jobs") as svc:
+        yield svc
 
 
 def test_submit_fetches_every_artifact(service, tmp_path, capsys):

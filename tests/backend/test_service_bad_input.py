@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import zmq
 
-from backend.service import Service, ServiceConfig
 from protocol import errors, limits
 from protocol.codec import decode, pack
-from tests.protocol.helpers import runner
+from tests.protocol.helpers import running_service
 from tests.protocol.test_codec import WRONG, path_text, set_path, valid_requests, wrong_type_cases
 
 TIMEOUT_MS = 5000
@@ -19,11 +18,8 @@ TIMEOUT_MS = 5000
 
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory):
-    svc = Service(ServiceConfig(bind="tcp://127.0.0.1:*", data_dir=tmp_path_factory.mktemp("jobs"), device="cpu"), runner=runner)
-    thread = svc.start_thread()
-    yield svc.endpoint
-    svc.stop()
-    thread.join(20)
+    with running_service(tmp_path_factory.mktemp("jobs")) as svc:
+        yield svc.endpoint
 
 
 @pytest.fixture

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
@@ -77,3 +78,20 @@ def runner(scene: Any, out_dir: Path, *, device: str, progress: Any) -> None:
         if prompt == "fail":
             raise RuntimeError("boom in the test runner")
     (out_dir / "times.json").write_text(json.dumps({"start": start, "end": time.time(), "captures": len(scene.captures)}))
+
+
+SERVICE_STOP_S = 20
+
+
+@contextlib.contextmanager
+def running_service(data_dir: Path, bind: str = "tcp://127.0.0.1:*") -> Iterator[Any]:
+    """The real service with ``runner``, in a thread on a random loopback port; stopped on exit."""
+    from backend.service import Service, ServiceConfig
+
+    svc = Service(ServiceConfig(bind=bind, data_dir=data_dir, device="cpu"), runner=runner)
+    thread = svc.start_thread()
+    try:
+        yield svc
+    finally:
+        svc.stop()
+        thread.join(SERVICE_STOP_S)

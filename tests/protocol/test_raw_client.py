@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import zmq
 
-from backend.service import Service, ServiceConfig
 from protocol.schemas import BEGIN_MARK, END_MARK, schema_markdown
-from tests.protocol.helpers import png_bytes, runner
+from tests.protocol.helpers import png_bytes, running_service
 
 README = Path(__file__).resolve().parents[2] / "protocol" / "README.md"
-TIMEOUT_MS = 5000
+TIMEOUT_MS = 20_000
 
 
 def test_readme_tables_match_schemas():
@@ -74,11 +73,8 @@ def array_ref(arrays: list, a: np.ndarray) -> dict:
 
 @pytest.fixture
 def service(tmp_path):
-    svc = Service(ServiceConfig(bind="tcp://127.0.0.1:*", data_dir=tmp_path / "jobs", device="cpu"), runner=runner)
-    thread = svc.start_thread()
-    yield svc
-    svc.stop()
-    thread.join(20)
+    with running_service(tmp_path / "jobs") as svc:
+        yield svc
 
 
 def test_raw_client_hello_submit_events_fetch(service):

@@ -484,19 +484,21 @@ def validate(msg: dict, kind: str) -> dict:
     """
     op = msg.get("op")
     if kind == "request":
-        if op != "hello":  # hello's fields mean the same in every version: it is how versions are agreed
+        if not (isinstance(op, str) and op == "hello"):  # hello's fields mean the same in every version: it is how versions are agreed
             check_version(msg)
-        if op not in OPS:
+        if not isinstance(op, str) or op not in OPS:  # a map or list as op is unhashable: check the type first
             raise ProtocolError(errors.UNKNOWN_OP, f"op must be one of {', '.join(OPS)}; got {_got(op)}", field="op")
         _Checker(op).struct(msg, ENVELOPE_REQUEST + OPS[op].request, "")
         return msg
     if kind != "reply":
         raise ValueError(f"kind must be 'request' or 'reply'; got {kind!r}")
     check_version(msg)
+    if op is not None and not isinstance(op, str):  # an array or map as op: compare nothing with it
+        raise ProtocolError(errors.UNKNOWN_OP, f"op must be a string; got {_got(op)}", field="op")
     if op == "event":
         _Checker(op).struct(msg, EVENT.reply, "")
         return msg
-    if op is not None and op not in OPS:
+    if op is not None and (not isinstance(op, str) or op not in OPS):
         raise ProtocolError(errors.UNKNOWN_OP, f"op must be one of event, {', '.join(OPS)}; got {_got(op)}", field="op")
     checker = _Checker(str(op))
     if msg.get("ok") is True and op is not None:

@@ -8,7 +8,8 @@ conventions, so that fitting runs and is tested where no CUDA exists. Steps, per
    30 % of tan(fov), as gsplat does) plus ``eps2d`` px^2 of blur; cull behind ``near_plane``,
    beyond ``far_plane`` and outside the image;
 2. sort the Gaussians by camera depth and list (Gaussian, pixel) pairs for the pixel centres
-   (i + 0.5) inside each Gaussian's 3.33-sigma box;
+   (i + 0.5) inside each Gaussian's box: as far as alpha can reach 1/255, at most 3.33 sigma
+   (gsplat's opacity-aware box);
 3. per pair, alpha = min(0.999, opacity * exp(-d^T conic d / 2)), dropped below 1/255; per pixel,
    composite front to back: T_i = prod_{j<i} (1 - alpha_j) (a segmented cumulative sum of
    log(1 - alpha) in float64), colour = sum_i alpha_i T_i c_i. A pixel stops once T would fall
@@ -41,7 +42,8 @@ ALPHA_MIN = 1.0 / 255.0  # a Gaussian contributes to a pixel only from this alph
 ALPHA_MAX = 0.999  # alpha is clamped below 1 so that transmittance stays positive (3DGS/gsplat)
 TRANSMITTANCE_MIN = 1e-4  # a pixel is done once its transmittance would drop below this (3DGS/gsplat)
 FRUSTUM_MARGIN = 0.3  # Jacobian uses x/z, y/z clamped to the frustum widened by this times tan(fov)
-# Beyond this many standard deviations an opacity-1 Gaussian is below ALPHA_MIN: sqrt(2 ln 255).
+# Box half-size in standard deviations: alpha = o exp(-m^2 / 2) falls below ALPHA_MIN beyond
+# m = sqrt(2 ln(o / ALPHA_MIN)), at most sqrt(2 ln 255) = 3.33 (gsplat's opacity-aware box).
 RADIUS_SIGMAS = math.sqrt(2.0 * math.log(1.0 / ALPHA_MIN))
 DET_MIN = 1e-10  # smallest 2D covariance determinant treated as a proper ellipse
 
@@ -76,6 +78,7 @@ def project_gaussians(
     near_plane: float = NEAR_PLANE,
     far_plane: float = FAR_PLANE,
     eps2d: float = EPS2D,
+    opacities: Tensor | None = None,  # [N]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """EWA projection of 3D Gaussians into C pinhole cameras.
 
@@ -85,12 +88,14 @@ def project_gaussians(
         viewmats: world-to-camera, OpenCV. [C, 4, 4]
         Ks: intrinsics, pixels (pixel i spans [i, i+1]). [C, 3, 3]
         width, height: image size in pixels.
+        opacities: when given, the box shrinks to where alpha can reach 1/255, and Gaussians of
+            opacity below 1/255 are culled (as gsplat). [N]
 
     Returns:
         means2d: projected centres, pixels. [C, N, 2]
         conics: inverse 2D covariances (a, b, c) of [[a, b], [b, c]]. [C, N, 3]
         depths: camera z. [C, N]
-        radii: half extents of the 3.33-sigma box in whole pixels, 0 where culled. int32 [C, N, 2]
+        radii: half extents of the box (at most 3.33 sigma) in whole pixels, 0 where culled. int32 [C, N, 2]
     """
     R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
     means_c = torch.einsum("cij,nj->cni", R, means) + t[:, None, :]  # [C, N, 3]
@@ -117,12 +122,18 @@ def project_gaussians(
     means2d = torch.stack([fx * tx / z + cx, fy * ty / z + cy], dim=-1)  # [C, N, 2]
 
     with torch.no_grad():
-        radii = torch.ceil(RADIUS_SIGMAS * torch.sqrt(torch.stack([a, c], dim=-1).clamp_min(0)))  # [C, N, 2]
+        extent = torch.full_like(z, RADIUS_SIGMAS)  # [C, N]
+        is_visible = torch.ones_like(is_in_depth)
+        if opacities is not None:
+            o = opacities.detach()[None, :].expand_as(z)
+            is_visible = o >= ALPHA_MIN
+            extent = torch.sqrt(2.0 * torch.log(o.clamp_min(ALPHA_MIN) / ALPHA_MIN)).clamp_max(RADIUS_SIGMAS)
+        radii = torch.ceil(extent[..., None] * torch.sqrt(torch.stack([a, c], dim=-1).clamp_min(0)))  # [C, N, 2]
         is_inside = (
             (means2d[..., 0] + radii[..., 0] > 0) & (means2d[..., 0] - radii[..., 0] < width)
             & (means2d[..., 1] + radii[..., 1] > 0) & (means2d[..., 1] - radii[..., 1] < height)
         )
-        is_drawn = is_in_depth & is_proper & is_inside
+        is_drawn = is_in_depth & is_proper & is_inside & is_visible & (radii > 0).any(dim=-1)
         radii = torch.where(is_drawn[..., None], radii, torch.zeros_like(radii)).to(torch.int32)
     return means2d, conics, tz, radii
 
@@ -241,7 +252,7 @@ class TorchCpuRasterizer:
         n_cams = viewmats.shape[0]
         means2d, conics, depths, radii = project_gaussians(
             means, covariances(quats, scales), viewmats, Ks, width, height,
-            near_plane=self.near_plane, far_plane=self.far_plane, eps2d=self.eps2d)
+            near_plane=self.near_plane, far_plane=self.far_plane, eps2d=self.eps2d, opacities=opacities)
         if sh_degree is not None:
             feats = sh_to_colors(sh_degree, means, colors, viewmats)  # [C, N, 3]
         else:

@@ -55,7 +55,8 @@ def test_single_isotropic_gaussian_is_the_analytic_2d_gaussian():
     torch.testing.assert_close(alpha[0, ..., 0], expected, atol=1e-6, rtol=0)
     assert img[0].argmax() == 13 * 40 + 20  # peak at pixel (20, 13)
     torch.testing.assert_close(meta["means2d"][0, 0], torch.tensor([cx, cy]))
-    assert meta["radii"][0, 0].tolist() == [math.ceil(math.sqrt(2 * math.log(255)) * math.sqrt(var))] * 2
+    # gsplat's opacity-aware box: alpha = o exp(-m^2/2) reaches 1/255 up to m = sqrt(2 ln(255 o)).
+    assert meta["radii"][0, 0].tolist() == [math.ceil(math.sqrt(2 * math.log(255 * o)) * math.sqrt(var))] * 2
 
 
 def test_off_axis_covariance_is_jacobian_projection():

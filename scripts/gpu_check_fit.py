@@ -71,25 +71,36 @@ def sync() -> None:
 
 
 def compare_rasterizers(gen: torch.Generator) -> dict:
+    """Images, alphas, projections and gradients of torch_cpu (CPU) vs gsplat (CUDA) on the same Gaussians."""
     g = random_gaussians(3000, 3, gen)
     cams = arc_cameras(3, 160, 96, 3.0, 0.8)
     bg = torch.tensor([[0.1, 0.2, 0.3]]).repeat(3, 1)
-    args = (g["means"], g["quats"], g["scales"], g["opacities"], g["sh"], cams.w2c, cams.K, cams.width, cams.height)
-    cpu_rgb, cpu_a, cpu_meta = make_rasterizer("torch_cpu").render(*args, sh_degree=3, backgrounds=bg)
-    cuda_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
-    gs_rgb, gs_a, gs_meta = make_rasterizer("gsplat").render(*cuda_args, sh_degree=3, backgrounds=bg.cuda())
-    gs_rgb, gs_a = gs_rgb.cpu(), gs_a.cpu()
-    drawn = (cpu_meta["radii"] > 0).all(-1) & (gs_meta["radii"].cpu() > 0).all(-1)
-    diff = (cpu_rgb - gs_rgb).abs()
-    return {
-        "size": [cams.width, cams.height], "gaussians": 3000, "cameras": 3, "sh_degree": 3,
+    weights = torch.rand(3, cams.height, cams.width, 3, generator=gen)
+    names = ("means", "quats", "scales", "opacities", "sh")
+    out: dict = {"size": [cams.width, cams.height], "gaussians": 3000, "cameras": 3, "sh_degree": 3}
+    runs = {}
+    for name, device in (("torch_cpu", "cpu"), ("gsplat", "cuda")):
+        params = {k: g[k].to(device).requires_grad_() for k in names}
+        rgb, alpha, meta = make_rasterizer(name).render(
+            *(params[k] for k in names), cams.w2c.to(device), cams.K.to(device), cams.width, cams.height,
+            sh_degree=3, backgrounds=bg.to(device))
+        (rgb * weights.to(device)).sum().backward()
+        runs[name] = (rgb.detach().cpu(), alpha.detach().cpu(),
+                      {k: meta[k].detach().cpu() for k in ("means2d", "radii")},
+                      {k: params[k].grad.cpu() for k in names})
+    (c_rgb, c_a, c_meta, c_grad), (g_rgb, g_a, g_meta, g_grad) = runs["torch_cpu"], runs["gsplat"]
+    drawn = (c_meta["radii"] > 0).all(-1) & (g_meta["radii"] > 0).all(-1)
+    diff = (c_rgb - g_rgb).abs()
+    out.update({
         "rgb_max_abs_diff": float(diff.max()), "rgb_mean_abs_diff": float(diff.mean()),
         "rgb_p999_abs_diff": float(diff.flatten().kthvalue(int(0.999 * diff.numel())).values),
-        "alpha_max_abs_diff": float((cpu_a - gs_a).abs().max()),
-        "means2d_max_abs_diff_px": float((cpu_meta["means2d"] - gs_meta["means2d"].cpu())[drawn].abs().max()),
-        "radii_equal_fraction": float((cpu_meta["radii"] == gs_meta["radii"].cpu().to(torch.int32))[drawn].float().mean()),
+        "alpha_max_abs_diff": float((c_a - g_a).abs().max()),
+        "means2d_max_abs_diff_px": float((c_meta["means2d"] - g_meta["means2d"])[drawn].abs().max()),
+        "radii_equal_fraction": float((c_meta["radii"] == g_meta["radii"].to(torch.int32))[drawn].float().mean()),
         "drawn_both": int(drawn.sum()),
-    }
+        "grad_relative_error": {k: float((c_grad[k] - g_grad[k]).norm() / g_grad[k].norm().clamp_min(1e-12)) for k in names},
+    })
+    return out
 
 
 def fit_check(gen: torch.Generator, iterations: int, width: int, height: int, n_train: int) -> dict:

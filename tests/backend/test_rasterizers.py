@@ -15,6 +15,15 @@ from backend.rasterizers.torch_cpu import EPS2D, TorchCpuRasterizer, covariances
 IDENTITY_QUAT = [1.0, 0.0, 0.0, 0.0]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one thread is faster than two fighting over two loaded cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pinhole(f: float, cx: float, cy: float, dtype=torch.float32) -> torch.Tensor:
     return torch.tensor([[[f, 0.0, cx], [0.0, f, cy], [0.0, 0.0, 1.0]]], dtype=dtype)
 

@@ -171,12 +171,16 @@ def test_dataclass_shapes_are_checked():
 
 
 def test_large_file_reads_fast(tmp_path):
-    """200k Gaussians of degree 3 (a fifth of the 1M budget of a second) read in well under a second."""
+    """No per-row parsing: 200k Gaussians of degree 3 (50 MB) take a fraction of a CPU second.
+
+    Measured in CPU time of this process, so a loaded machine does not fail it; plyfile's row by
+    row path takes over 20 CPU seconds here.
+    """
     g = random_gaussians(200_000, 3)
     path = tmp_path / "big.ply"
     write_gaussians_ply(path, g)
-    start = time.perf_counter()
+    start = time.process_time()
     back = read_gaussians_ply(path)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     np.testing.assert_array_equal(back.sh[-1], g.sh[-1])
-    assert elapsed < 0.5, f"reading 200k Gaussians took {elapsed:.2f} s"
+    assert elapsed < 1.0, f"reading 200k Gaussians took {elapsed:.2f} CPU s"

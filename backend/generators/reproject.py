@@ -4,9 +4,10 @@ For each target frame of a segment:
 
 1. keep the pixels the memory rendered (confidence ``rendered_confidence``);
 2. fill the rest by reprojecting the retrieved captures (``cond.memory``) and the carried-over frames
-   (``cond.carried``) through a depth per pixel: the rendered depth where there is one, elsewhere a
-   guess made by push-pull filling the rendered inverse depth. Sources are blended with weights that
-   fall off with the angle between the target's ray and the source's ray to the same 3D point
+   (``cond.carried``) through a depth per pixel: a guess made by push-pull filling the rendered
+   inverse depth, refined by a small photo-consistency search (the depth where the sources agree
+   best). Sources are blended with weights that fall off with the angle between the target's ray
+   and the source's ray to the same 3D point
    (confidence from ``inpainted_confidence`` up to ``reprojected_confidence`` with the best weight);
 3. inpaint what no source sees with a multi-scale push-pull of the colours around it (confidence
    ``inpainted_confidence``).
@@ -35,10 +36,18 @@ class ReprojectConfig:
     rendered_confidence: float = 1.0  # pixels the memory covers are taken as they are
     reprojected_confidence: float = 0.5  # medium: right where the depth guess is right
     inpainted_confidence: float = 0.1  # low: push-pull colours carry no information about the scene
-    angle_sigma_deg: float = 10.0  # blending weight exp(-angle^2 / (2 sigma^2)) between target and source rays
-    min_angle_weight: float = 1e-3  # a source whose weight is below this counts as not seeing the point
+    angle_sigma_deg: float = 15.0  # blending weight exp(-angle^2 / (2 sigma^2)) between target and source rays
+    min_angle_weight: float = 1e-4  # below this a source counts as not seeing the point (about 65 degrees)
     min_depth: float = 1e-6  # points at or behind a camera's plane (camera z below this) are not visible
-    chunk_points: int = 1 << 20  # hole pixels reprojected per batch (bounds memory at large sizes)
+    # depth search: relative steps in inverse depth around the guess (0 = the guess itself)
+    depth_offsets: tuple[float, ...] = tuple(round(-0.4 + i / 10, 4) for i in range(9))
+    cost_window_px: int = 5  # colour-variance cost is averaged over this window (odd)
+    depth_change_cost: float = 0.002  # penalty per unit of offset: ties go to the guess
+    no_evidence_cost: float = 0.6  # cost (1 - ZNCC) where the search has no evidence: ZNCC must beat 0.4
+    min_texture_std: float = 0.02  # windows with grey std below this (0..1) are untextured: no evidence
+    min_seen_fraction: float = 0.5  # share of a window both capture views must see
+    max_sources: int = 6  # nearest sources (camera centre) used per chunk of frames
+    chunk_pixels: int = 1 << 21  # target pixels processed at once (bounds memory at large sizes)
 
     def __post_init__(self) -> None:
         for name in ("rendered_confidence", "reprojected_confidence", "inpainted_confidence"):
@@ -47,8 +56,14 @@ class ReprojectConfig:
                 raise ValueError(f"ReprojectConfig.{name} must be in [0, 1]; got {v}")
         if self.angle_sigma_deg <= 0:
             raise ValueError(f"ReprojectConfig.angle_sigma_deg must be > 0; got {self.angle_sigma_deg}")
-        if self.chunk_points < 1:
-            raise ValueError(f"ReprojectConfig.chunk_points must be >= 1; got {self.chunk_points}")
+        if self.chunk_pixels < 1:
+            raise ValueError(f"ReprojectConfig.chunk_pixels must be >= 1; got {self.chunk_pixels}")
+        if self.cost_window_px < 1 or self.cost_window_px % 2 == 0:
+            raise ValueError(f"ReprojectConfig.cost_window_px must be odd and >= 1; got {self.cost_window_px}")
+        if not self.depth_offsets or min(self.depth_offsets) <= -1.0:
+            raise ValueError(f"ReprojectConfig.depth_offsets must be non-empty and > -1; got {self.depth_offsets}")
+        if self.max_sources < 1:
+            raise ValueError(f"ReprojectConfig.max_sources must be >= 1; got {self.max_sources}")
 
 
 def push_pull(values: Tensor, weights: Tensor, *, eps: float = 1e-8) -> Tensor:
@@ -88,6 +103,10 @@ def push_pull(values: Tensor, weights: Tensor, *, eps: float = 1e-8) -> Tensor:
         filled = alpha * own + (1.0 - alpha) * up
     return filled
 
+
+PAIR = 2  # the depth search correlates the two captures nearest the targets
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of the grey image the search correlates
+GREY_OFFSET = 0.5  # subtracted before box filtering (ZNCC ignores offsets; keeps sums small)
 
 # Binomial 4x4 window of the push step, scaled to sum to 4 like a 2x2 box sum.
 _PUSH_TAPS = (1.0, 3.0, 3.0, 1.0)
@@ -174,59 +193,134 @@ class ReprojectGenerator:
         guess = torch.where(inv_filled > 0, 1.0 / inv_filled.clamp_min(self.config.min_depth), torch.zeros_like(depth))
         return torch.where(valid, depth, guess)
 
-    def reproject(self, targets: Cameras, depth: Tensor, holes: Tensor, sources: Views) -> tuple[Tensor, Tensor]:
-        """Colour the hole pixels from the source views through the given depth.
+    def reproject(self, targets: Cameras, depth: Tensor, holes: Tensor, sources: Views,
+                  captures: Views | None = None) -> tuple[Tensor, Tensor]:
+        """Colour the hole pixels from the source views, refining the depth by photo-consistency.
+
+        For each pixel, depths around the guess (``depth_offsets``, relative steps in inverse depth)
+        are tried. At each, the two captures nearest the targets are sampled where the 3D point
+        projects and compared by ZNCC over ``cost_window_px`` windows (in the target's pixels);
+        the depth with the best correlation wins, with a small penalty for leaving the guess.
+        Where either window is untextured (the black backdrop of a studio scan, the sky) there is
+        no evidence and the guess stands. The colour is the angle-weighted mean of all sources.
 
         Args:
             targets: target cameras, F of them.
-            depth: camera z per target pixel (0: unknown). [F, H, W]
+            depth: camera z guess per target pixel (0: unknown). [F, H, W]
             holes: pixels to colour. bool [F, H, W]
             sources: views to sample (captures and carried frames), S of them, same size as targets.
+            captures: the views the depth search matches (default: ``sources``).
         Returns:
-            (rgb, weight): blended colour [F, H, W, 3] and the best source's angular weight in
-            [0, 1], 0 where no source sees the point [F, H, W].
+            (rgb, weight): colour [F, H, W, 3] (0 outside holes) and the best source's angular
+            weight in [0, 1], 0 where no source sees the point [F, H, W].
         """
         cfg = self.config
-        rgb = torch.zeros(*depth.shape, 3, dtype=depth.dtype, device=depth.device)
-        best = torch.zeros_like(depth)
+        F_, H, W = depth.shape
+        rgb = torch.zeros(F_, H, W, 3, dtype=depth.dtype, device=depth.device)
+        best_w = torch.zeros_like(depth)
         holes = holes & (depth > cfg.min_depth)
         if len(sources) == 0 or not bool(holes.any()):
-            return rgb, best
-        fi, yi, xi = torch.nonzero(holes, as_tuple=True)
+            return rgb, best_w
+        captures = sources if captures is None else captures
         rays = _pixel_rays(targets)  # [F, H, W, 3]
         c2w = targets.c2w
-        src_w2c = sources.cams.w2c  # [S, 4, 4]
-        src_K = sources.cams.K  # [S, 3, 3]
-        src_centers = sources.cams.centers  # [S, 3]
-        src_img = sources.images.permute(0, 3, 1, 2)  # [S, 3, H, W]
-        S, H, W = src_img.shape[0], sources.cams.height, sources.cams.width
+        offsets = torch.tensor(cfg.depth_offsets, dtype=depth.dtype, device=depth.device)
+        per_chunk = max(1, cfg.chunk_pixels // (H * W))
+        for f0 in range(0, F_, per_chunk):
+            fs = slice(f0, min(f0 + per_chunk, F_))
+            if not bool(holes[fs].any()):
+                continue
+            chunk_targets = targets[list(range(fs.start, fs.stop))]
+            src = self._nearest_sources(sources, chunk_targets, cfg.max_sources)
+            pair = self._nearest_sources(captures, chunk_targets, PAIR) if len(captures) >= PAIR else None
+            R, t = c2w[fs, :3, :3], c2w[fs, :3, 3]  # [f, 3, 3], [f, 3]
+            ray_w = torch.einsum("fij,fhwj->fhwi", R, rays[fs])  # world ray directions (z = 1 in camera)
+            ray_dir = F.normalize(ray_w, dim=-1)
+            # search: the offset whose capture pair correlates best (only where there is evidence)
+            best_cost = torch.full(depth[fs].shape, float("inf"), dtype=depth.dtype, device=depth.device)
+            best_off = torch.zeros_like(best_cost)
+            for o in offsets if pair is not None else offsets[offsets == 0]:
+                z = depth[fs] / (1.0 + o)  # inverse depth scaled by (1 + o)
+                X = t[:, None, None, :] + ray_w * z[..., None]  # [f, H, W, 3]
+                cost = self._pair_cost(X, ray_dir, pair, z.shape) + cfg.depth_change_cost * o.abs()
+                better = cost < best_cost
+                best_cost = torch.where(better, cost, best_cost)
+                best_off = torch.where(better, o, best_off)
+            # colour: the angle-weighted mean of all sources at the chosen depth
+            z = depth[fs] / (1.0 + best_off)
+            X = t[:, None, None, :] + ray_w * z[..., None]
+            cols, w = self._sample(X.reshape(-1, 3), ray_dir.reshape(-1, 3), src)  # [S, n, 3], [S, n]
+            wsum = w.sum(0)
+            mean = (cols * w[..., None]).sum(0) / wsum.clamp_min(cfg.min_angle_weight)[:, None]  # [n, 3]
+            rgb[fs] = mean.view(*z.shape, 3)
+            best_w[fs] = w.max(0).values.view(z.shape)
+        rgb = rgb * holes[..., None]
+        best_w = best_w * holes
+        return rgb, best_w
+
+    def _pair_cost(self, X: Tensor, ray_dir: Tensor, pair: Views | None, shape: torch.Size) -> Tensor:
+        """1 - ZNCC of the two capture views over windows at the points X; ``no_evidence_cost``
+        where there is no pair, a point is not seen by both, or a window is untextured. [f, H, W]"""
+        cfg = self.config
+        no_evidence = torch.full(shape, cfg.no_evidence_cost, dtype=X.dtype, device=X.device)
+        if pair is None:
+            return no_evidence
+        cols, w = self._sample(X.reshape(-1, 3), ray_dir.reshape(-1, 3), pair)  # [2, n, 3], [2, n]
+        luma = torch.tensor(LUMA, dtype=X.dtype, device=X.device)
+        g = (cols @ luma).view(PAIR, *shape) - GREY_OFFSET  # [2, f, H, W]
+        seen = (w > 0).all(0).view(shape).to(X.dtype)
+
+        def box(x: Tensor) -> Tensor:
+            return F.avg_pool2d(x[:, None], cfg.cost_window_px, stride=1, padding=cfg.cost_window_px // 2,
+                                count_include_pad=False)[:, 0]
+
+        m1, m2 = box(g[0]), box(g[1])
+        v1 = (box(g[0] * g[0]) - m1 * m1).clamp_min(0)
+        v2 = (box(g[1] * g[1]) - m2 * m2).clamp_min(0)
+        cov = box(g[0] * g[1]) - m1 * m2
+        ncc = cov / torch.sqrt(v1 * v2 + cfg.min_texture_std ** 4)
+        textured = (v1 > cfg.min_texture_std ** 2) & (v2 > cfg.min_texture_std ** 2) & (box(seen) > cfg.min_seen_fraction)
+        return torch.where(textured, 1.0 - ncc, no_evidence)
+
+    @staticmethod
+    def _nearest_sources(sources: Views, targets: Cameras, count: int) -> Views:
+        """At most ``count`` views, nearest (camera centre) to the targets' mean centre."""
+        if len(sources) <= count:
+            return sources
+        d = (sources.cams.centers - targets.centers.mean(0)).norm(dim=-1)
+        keep = torch.argsort(d)[:count].tolist()
+        return Views(sources.images[keep], sources.cams[keep], [sources.ids[i] for i in keep])
+
+    def _sample(self, X: Tensor, ray_dir: Tensor, sources: Views) -> tuple[Tensor, Tensor]:
+        """Colours of world points in every source and their angular weights.
+
+        Args:
+            X: world points. [n, 3]
+            ray_dir: unit direction of the target's ray through each point. [n, 3]
+            sources: S views.
+        Returns:
+            (cols, w): sampled colours [S, n, 3]; weights in [0, 1], 0 where a source does not see
+            the point (behind it, outside its image, or at too steep an angle) [S, n].
+        """
+        cfg = self.config
+        H, W = sources.cams.height, sources.cams.width
+        w2c, K = sources.cams.w2c, sources.cams.K
+        Xs = torch.einsum("sij,nj->sni", w2c[:, :3, :3], X) + w2c[:, None, :3, 3]  # [S, n, 3]
+        z = Xs[..., 2]
+        uvw = torch.einsum("sij,snj->sni", K, Xs)
+        u = uvw[..., 0] / z.clamp_min(cfg.min_depth)
+        v = uvw[..., 1] / z.clamp_min(cfg.min_depth)
+        inside = (z > cfg.min_depth) & (u >= 0) & (u < W) & (v >= 0) & (v < H)  # [S, n]
+        ray_s = F.normalize(X[None] - sources.cams.centers[:, None], dim=-1)  # [S, n, 3]
+        cos = (ray_s * ray_dir[None]).sum(-1).clamp(-1.0, 1.0)
         sigma = math.radians(cfg.angle_sigma_deg)
-        for start in range(0, fi.numel(), cfg.chunk_points):
-            f, y, x = fi[start:start + cfg.chunk_points], yi[start:start + cfg.chunk_points], xi[start:start + cfg.chunk_points]
-            p_cam = rays[f, y, x] * depth[f, y, x, None]  # [n, 3]
-            R, t = c2w[f, :3, :3], c2w[f, :3, 3]
-            X = (R @ p_cam[:, :, None])[..., 0] + t  # [n, 3] world
-            Xs = torch.einsum("sij,nj->sni", src_w2c[:, :3, :3], X) + src_w2c[:, None, :3, 3]  # [S, n, 3]
-            z = Xs[..., 2]
-            uvw = torch.einsum("sij,snj->sni", src_K, Xs)
-            u = uvw[..., 0] / z.clamp_min(cfg.min_depth)
-            v = uvw[..., 1] / z.clamp_min(cfg.min_depth)
-            inside = (z > cfg.min_depth) & (u >= 0) & (u < W) & (v >= 0) & (v < H)  # [S, n]
-            ray_t = F.normalize(X - t, dim=-1)  # target camera centre is c2w translation
-            ray_s = F.normalize(X[None] - src_centers[:, None], dim=-1)  # [S, n, 3]
-            cos = (ray_s * ray_t[None]).sum(-1).clamp(-1.0, 1.0)
-            angle = torch.arccos(cos)
-            w = torch.exp(-0.5 * (angle / sigma) ** 2) * inside
-            w = torch.where(w >= cfg.min_angle_weight, w, torch.zeros_like(w))
-            grid = torch.stack([2.0 * u / W - 1.0, 2.0 * v / H - 1.0], dim=-1)[:, None]  # [S, 1, n, 2]
-            grid = torch.nan_to_num(grid, nan=2.0, posinf=2.0, neginf=-2.0)
-            sampled = F.grid_sample(src_img, grid, mode="bilinear", padding_mode="border", align_corners=False)
-            sampled = sampled[:, :, 0].permute(0, 2, 1)  # [S, n, 3]
-            wsum = w.sum(0)  # [n]
-            col = (sampled * w[..., None]).sum(0) / wsum.clamp_min(cfg.min_angle_weight)[:, None]
-            rgb[f, y, x] = col
-            best[f, y, x] = w.max(0).values
-        return rgb, best
+        w = torch.exp(-0.5 * (torch.arccos(cos) / sigma) ** 2) * inside
+        w = torch.where(w >= cfg.min_angle_weight, w, torch.zeros_like(w))
+        grid = torch.stack([2.0 * u / W - 1.0, 2.0 * v / H - 1.0], dim=-1)[:, None]  # [S, 1, n, 2]
+        grid = torch.nan_to_num(grid, nan=2.0, posinf=2.0, neginf=-2.0)
+        img = sources.images.permute(0, 3, 1, 2)  # [S, 3, H, W]
+        cols = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return cols[:, :, 0].permute(0, 2, 1), w
 
     def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:
         """Frames at the target cameras with per-pixel confidence.
@@ -243,7 +337,8 @@ class ReprojectGenerator:
         rendered = r.mask
         depth = self.guess_depth(r.depth, rendered)
         sources = _cat_views([v for v in (cond.memory, cond.carried) if len(v)], cond.targets)
-        rgb_reproj, weight = self.reproject(cond.targets, depth, ~rendered, sources)
+        captures = cond.memory if len(cond.memory) else None
+        rgb_reproj, weight = self.reproject(cond.targets, depth, ~rendered, sources, captures)
         reprojected = ~rendered & (weight > 0)
         known = rendered | reprojected
         images = torch.where(rendered[..., None], r.rgb, rgb_reproj)

@@ -1,0 +1,300 @@
+"""Evaluation mode (issue 3, item 8): scores at held-out cameras for three ways to get there.
+
+    (a) ``points``          the initial memory M splatted into the held-out cameras (holes stay black)
+    (b) ``gaussians_captures``  Gaussians fitted on the captures alone, from M
+    (c) ``gaussians_loop``  the full loop's Gaussians (captures + generated frames, confidence-weighted)
+    (+) ``frames``          the loop's generated frames themselves, when the trajectory passes exactly
+                            through held-out cameras
+
+Each reports PSNR and SSIM (and LPIPS when its weights are present) against the held-out photos at
+the working size, plus time and peak memory per stage. (b) and (c) fit with the same settings, so
+the difference is what the generated frames bring.
+
+Held-out views come from ``scene.heldout`` or from a protocol of ``../shared/data/README.md``
+(:func:`split_protocol`): ``llff`` holds out every 8th capture and trains on 3 of the rest,
+``ring`` keeps 3 (or N) views spread around the ring and holds out the others; ``ring-arc`` keeps
+3 views 2 ring positions apart and holds out the views between them.
+
+The loop's trajectory (``trajectory_mode``): ``scene`` uses the scene's own trajectory; ``heldout``
+makes a closed path through the training and held-out cameras (so it passes through the held-out
+poses; their photos are never used); ``interpolate`` a closed path through the training captures
+only; ``auto`` is ``scene`` when the scene has a trajectory, else ``heldout``.
+
+Command line: ``reconloop eval`` (``add_eval_arguments`` / ``run_eval``, wired into backend/cli.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import outputs
+from .loop import LoopConfig, load_image, load_image_array, order_around, path_through, run_loop, to_tensor, undistorted
+from .metrics import image_metrics, load_lpips
+from .progress import ProgressFn, no_progress
+from .scene import Camera, Capture, Scene, TrajectoryFrame
+from .stages.fit import FitViews, fit_gaussians, render_gaussians
+from .stages.memory import build_memory
+from .stages.render import render_memory
+from .stages.types import Cameras, Views
+
+EVAL_FILE = "eval.json"
+EVAL_PICTURE = "eval.png"
+LOOP_DIR = "loop"
+TRAJECTORY_MODES = ("auto", "scene", "heldout", "interpolate")
+PROTOCOLS = ("llff", "ring", "ring-arc")
+RING_ARC_STEP = 2  # ring-arc protocol: training views this many ring positions apart
+LLFF_HOLDOUT_EVERY = 8  # LLFF protocol: every 8th image is a test view
+DEFAULT_TRAIN_VIEWS = 3  # AnyRecon/ReconX sparse-view setting
+FRAMES_PER_LEG = 3  # trajectory frames per leg of the path (keys included) in heldout/interpolate modes
+PICTURE_ROWS = 4
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Attributes:
+        loop: the loop's config (working size, fit iterations, ...); default from the scene's settings.
+        trajectory_mode: one of TRAJECTORY_MODES (module docstring).
+        frames_per_leg: frames per leg of a made path (heldout, interpolate).
+    """
+
+    loop: LoopConfig | None = None
+    trajectory_mode: str = "auto"
+    frames_per_leg: int = FRAMES_PER_LEG
+
+    def check(self) -> None:
+        if self.trajectory_mode not in TRAJECTORY_MODES:
+            raise ValueError(f"EvalConfig.trajectory_mode must be one of {', '.join(TRAJECTORY_MODES)}; got {self.trajectory_mode!r}")
+        if self.frames_per_leg < 1:
+            raise ValueError(f"EvalConfig.frames_per_leg must be >= 1; got {self.frames_per_leg}")
+
+
+def split_protocol(scene: Scene, protocol: str, *, train_views: int = DEFAULT_TRAIN_VIEWS,
+                   ring_step: int = RING_ARC_STEP, ring_start: int = 0) -> Scene:
+    """The scene with captures split into training views and held-out views by a standard protocol.
+
+    Args:
+        scene: a scene whose captures all have cameras (any held-out views it has are replaced).
+        protocol: ``llff``: test on every 8th capture, train on ``train_views`` spread over the rest
+            (file order). ``ring``: train on ``train_views`` spread around the whole ring, test on
+            all others. ``ring-arc``: train on ``train_views`` views ``ring_step`` ring positions
+            apart from ``ring_start``, test on the views between them (interpolation; plane-sweep
+            stereo needs neighbours closer than the ~120 degrees of ``ring`` with 3 views).
+        train_views: how many captures to train on.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+    caps = list(scene.captures)
+    if any(c.camera is None for c in caps):
+        raise ValueError("split_protocol: every capture needs a camera to be scored")
+    n = len(caps)
+    if protocol == "llff":
+        rest = [i for i in range(n) if i % LLFF_HOLDOUT_EVERY]
+        if not 1 <= train_views <= len(rest):
+            raise ValueError(f"train_views must be in [1, {len(rest)}] for {n} captures; got {train_views}")
+        train = [rest[round(j * (len(rest) - 1) / max(train_views - 1, 1))] for j in range(train_views)]
+        test = [i for i in range(n) if i % LLFF_HOLDOUT_EVERY == 0]
+    else:
+        order = order_around([c.camera for c in caps])
+        step = n / train_views if protocol == "ring" else ring_step
+        span = round(step * (train_views - 1))
+        if not 1 <= train_views <= n or span >= n:
+            raise ValueError(f"{protocol}: {train_views} views {step:g} apart do not fit a ring of {n}")
+        pos = [(ring_start + round(j * step)) % n for j in range(train_views)]
+        train = [order[p] for p in pos]
+        if protocol == "ring":
+            test = [i for i in range(n) if i not in train]
+        else:
+            test = [order[(ring_start + k) % n] for k in range(1, span) if (ring_start + k) % n not in pos]
+    return replace(scene, captures=[caps[i] for i in sorted(train)], heldout=[caps[i] for i in sorted(test)], trajectory=[])
+
+
+def eval_trajectory(scene: Scene, mode: str, frames_per_leg: int) -> tuple[list[TrajectoryFrame], dict[int, int]]:
+    """The loop's trajectory for evaluation, and which of its indices sit exactly on held-out view i."""
+    if mode == "auto":
+        mode = "scene" if scene.trajectory else "heldout"
+    held_cams = [c.camera for c in scene.heldout]
+    if mode == "scene":
+        if not scene.trajectory:
+            raise ValueError("trajectory_mode 'scene': the scene has no trajectory")
+        traj = list(scene.trajectory)
+    else:
+        train_cams = [c.camera for c in scene.captures]
+        keys = train_cams + (held_cams if mode == "heldout" else [])
+        size = (keys[0].width, keys[0].height)
+        keys = [k.scaled(*size) for k in keys]
+        order = order_around(keys)
+        path = path_through([keys[i] for i in order], frames_per_leg * len(keys), closed=True)
+        traj = [TrajectoryFrame(frame=i + 1, camera=c) for i, c in enumerate(path)]
+    on_heldout: dict[int, int] = {}
+    for h, cam in enumerate(held_cams):
+        for i, t in enumerate(traj):
+            if np.allclose(t.camera.w2c, cam.w2c, atol=1e-6):
+                on_heldout[h] = i
+                break
+    return traj, on_heldout
+
+
+def score(pred: Tensor, truth: Tensor) -> dict[str, float]:
+    """Mean PSNR and SSIM (and LPIPS when its weights are here) over views. pred, truth: [C, H, W, 3] in [0, 1]"""
+    p, t = pred.clamp(0, 1).float().cpu(), truth.float().cpu()
+    return image_metrics(p, t, lpips_fn=load_lpips()).mean()
+
+
+def evaluate_scene(scene: Scene, out_dir: Path, *, device: torch.device | str, trajectory_mode: str = "auto",
+                   config: EvalConfig | None = None, progress: ProgressFn = no_progress) -> dict[str, Any]:
+    """Score (a) point render, (b) captures-only Gaussians, (c) the full loop at the held-out cameras.
+
+    Args:
+        scene: captures to train on and ``heldout`` views (photo + camera) to score against.
+        out_dir: writes ``eval.json``, ``eval.png`` (rows: truth | points | captures-only | loop) and
+            the loop's job folder ``loop/``.
+        device: where everything runs.
+        trajectory_mode: see the module docstring (overrides ``config.trajectory_mode``).
+        config: loop config and path settings.
+        progress: passed to the loop.
+    Returns:
+        the report written to eval.json.
+    """
+    cfg = replace(config or EvalConfig(), trajectory_mode=trajectory_mode)
+    cfg.check()
+    if not scene.heldout:
+        raise ValueError("evaluate: the scene has no held-out views; give scene.heldout or use a protocol (llff, ring)")
+    if any(c.camera is None for c in scene.captures):
+        raise ValueError("evaluate: every training capture needs a camera (estimated cameras cannot be scored against held-out poses)")
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loop_cfg = cfg.loop or LoopConfig.from_settings(scene.settings, device=device)
+    traj, on_heldout = eval_trajectory(scene, cfg.trajectory_mode, cfg.frames_per_leg)
+    W, H = _size(loop_cfg, traj)
+    meter = outputs.StageMeter(device)
+
+    truth_list, held_cams = [], []
+    for c in scene.heldout:
+        img, cam = undistorted(load_image(c.image), c.camera)
+        truth_list.append(load_image_array(img, W, H))
+        held_cams.append(cam)
+    truth = to_tensor(truth_list, device)
+    held = Cameras.from_scene(held_cams, W, H, device=device)
+
+    # (a) the point memory alone, and (b) Gaussians on the captures alone
+    with meter.measure("load"):
+        pin = [undistorted(load_image(c.image), c.camera) for c in scene.captures]
+        captures = Views(to_tensor([load_image_array(i, W, H) for i, _ in pin], device),
+                         Cameras.from_scene([c for _, c in pin], W, H, device=device), list(range(len(pin))))
+    with meter.measure("memory"):
+        memory = build_memory(captures, loop_cfg.memory, estimator=loop_cfg.estimator)
+    with meter.measure("points_render"), torch.no_grad():
+        points = render_memory(memory, held, loop_cfg.render).rgb
+    with meter.measure("fit_captures"):
+        g_caps = fit_gaussians(FitViews.from_views(captures), memory, loop_cfg.fit, device=device)
+    caps_render = render_gaussians(g_caps, held, loop_cfg.fit)
+
+    # (c) the full loop along the evaluation trajectory
+    loop_scene = replace(scene, trajectory=traj)
+    t0 = time.perf_counter()
+    result = run_loop(loop_scene, out_dir / LOOP_DIR, device=device, progress=progress,
+                      config=replace(loop_cfg, width=W, height=H))
+    loop_seconds = time.perf_counter() - t0
+    loop_render = render_gaussians(result.gaussians, held, loop_cfg.fit)
+
+    report: dict[str, Any] = {
+        "scene": str(scene.root),
+        "train_views": [c.name for c in scene.captures],
+        "heldout_views": [c.name for c in scene.heldout],
+        "working_size": [W, H],
+        "trajectory_mode": cfg.trajectory_mode,
+        "trajectory_frames": len(traj),
+        "fit_iterations": loop_cfg.fit.iterations,
+        "generator": loop_cfg.generator,
+        "update_memory": loop_cfg.update.enabled,
+        "points": score(points, truth),
+        "points_coverage": float((points.sum(-1) > 0).float().mean()),
+        "gaussians_captures": score(caps_render, truth),
+        "gaussians_loop": score(loop_render, truth),
+        "timing": {"baselines": meter.summary(), "loop_seconds": round(loop_seconds, 3),
+                   "loop": result.metrics["timing"]},
+    }
+    if on_heldout:
+        hs = sorted(on_heldout)
+        report["frames"] = score(result.frames.images[[on_heldout[h] for h in hs]], truth[hs])
+        report["frames_views"] = len(hs)
+    rows = []
+    for r in sorted({round(i * (len(held) - 1) / max(PICTURE_ROWS - 1, 1)) for i in range(min(PICTURE_ROWS, len(held)))}):
+        rows.append([outputs.to_u8(t) for t in (truth[r], points[r], caps_render[r], loop_render[r])])
+    outputs.write_overview_as(out_dir, EVAL_PICTURE, rows)
+    outputs.write_json(out_dir / EVAL_FILE, report)
+    return report
+
+
+def _size(cfg: LoopConfig, traj: Sequence[TrajectoryFrame]) -> tuple[int, int]:
+    from .loop import working_size
+
+    w, h, _ = working_size(cfg, [t.camera for t in traj])
+    return w, h
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: `reconloop eval` (the parser lives in backend/cli.py)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``reconloop eval`` to a (sub)parser."""
+    parser.add_argument("scene", type=Path, help="scene folder (scene.json), or with --format a source folder to import")
+    parser.add_argument("--out", type=Path, required=True, help="folder for eval.json, eval.png and the loop's outputs")
+    parser.add_argument("--format", default=None, help="import SCENE from this format first (middlebury, llff, colmap, ...)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                        help="hold out views by a standard protocol (llff: every 8th; ring: all but N spread views)")
+    parser.add_argument("--train-views", type=int, default=DEFAULT_TRAIN_VIEWS, help="training views (default %(default)s)")
+    parser.add_argument("--trajectory-mode", choices=TRAJECTORY_MODES, default="auto", help="the loop's path (default %(default)s)")
+    parser.add_argument("--size", default=None, metavar="WxH", help="working size (default: the scene's settings)")
+    parser.add_argument("--iterations", type=int, default=None, help="Gaussian iterations (default: the scene's settings)")
+    parser.add_argument("--no-update", action="store_true", help="turn the memory update (step 6) off")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+
+def scene_for_eval(src: Path, fmt: str | None, protocol: str | None, train_views: int, work: Path) -> Scene:
+    """Load (or import into ``work``) a scene and apply a protocol when asked."""
+    from .scene import load_scene
+
+    if fmt:
+        from .formats import import_scene
+
+        scene = import_scene(fmt, src, work)
+    else:
+        scene = load_scene(src)
+    if protocol:
+        scene = split_protocol(scene, protocol, train_views=train_views)
+    return scene
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run ``reconloop eval`` from parsed arguments; prints the scores, returns 0."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory(prefix="reconloop-eval-") as work:
+        scene = scene_for_eval(args.scene, args.format, args.protocol, args.train_views, Path(work))
+        loop_cfg = LoopConfig.from_settings(scene.settings, device=device)
+        if args.size:
+            w, h = (int(v) for v in args.size.lower().split("x"))
+            loop_cfg = replace(loop_cfg, width=w, height=h)
+        if args.iterations is not None:
+            loop_cfg = replace(loop_cfg, fit=replace(loop_cfg.fit, iterations=args.iterations))
+        if args.no_update:
+            loop_cfg = replace(loop_cfg, update=replace(loop_cfg.update, enabled=False))
+        report = evaluate_scene(scene, args.out, device=device, trajectory_mode=args.trajectory_mode,
+                                config=EvalConfig(loop=loop_cfg))
+    for key in ("points", "gaussians_captures", "gaussians_loop", "frames"):
+        if key in report:
+            print(f"{key:20s} " + "  ".join(f"{k} {v:.4f}" for k, v in report[key].items()))
+    print(f"wrote {Path(args.out) / EVAL_FILE}")
+    return 0

@@ -1,0 +1,250 @@
+"""A job's output folder (issue 3, item 7), every file written atomically.
+
+Layout (names relative to the job's output folder, as announced in ProgressEvent.artifacts)::
+
+    points.ply              initial memory M (DESIGN.md section 3 point layout)
+    frames/frame_0001.png   generated frame per trajectory frame number (8-bit sRGB)
+    frames/confidence_0001.png  its per-pixel confidence, 0..255 for 0..1 (8-bit grey)
+    frames/cameras.json     {"frames": [{"frame", "image", "confidence", "camera"}]}
+    points_final.ply        memory after the loop's updates
+    gaussians.ply           fitted Gaussians, INRIA layout
+    cameras.json            {"captures": [{"name", "image", "camera", "estimated"}], "trajectory": [...]}
+    metrics.json            time and peak memory per stage, evaluation scores when held-out views exist
+    overview.png            rows of [capture | render with holes | generated | Gaussian render]
+
+Cameras use scene.json's JSON layout (``Camera.to_json``): OpenCV w2c 4x4, K, width, height.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from protocol.ply import GaussianArrays, PointArrays, write_gaussians_ply, write_points_ply
+
+from .fileio import write_atomic
+from .scene import Camera
+
+POINTS_FILE = "points.ply"
+POINTS_FINAL_FILE = "points_final.ply"
+GAUSSIANS_FILE = "gaussians.ply"
+CAMERAS_FILE = "cameras.json"
+METRICS_FILE = "metrics.json"
+OVERVIEW_FILE = "overview.png"
+FRAMES_DIR = "frames"
+FRAME_IMAGE = "frame_{:04d}.png"
+FRAME_CONFIDENCE = "confidence_{:04d}.png"
+U8_MAX = 255
+# ru_maxrss is in KiB on Linux and in bytes on macOS
+RSS_UNIT_BYTES = 1 if sys.platform == "darwin" else 1024
+MIB = 1 << 20
+OVERVIEW_GAP_PX = 2  # white gap between tiles of overview.png
+
+
+def to_u8(images: Tensor) -> np.ndarray:
+    """Float images in [0, 1] to 8-bit (rounded, clipped). [..., H, W, C] -> uint8 same shape"""
+    return (images.detach().float().clamp(0.0, 1.0) * U8_MAX).round().to(torch.uint8).cpu().numpy()
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """PNG file bytes of an 8-bit image, grey [H, W] or RGB [H, W, 3]."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=1) + "\n").encode()
+
+
+def write_points(path: Path, points: PointArrays) -> Path:
+    """Write a point cloud .ply atomically."""
+    buf = io.BytesIO()
+    write_points_ply(buf, points)
+    return write_atomic(path, buf.getvalue())
+
+
+def write_gaussians(path: Path, gaussians: GaussianArrays) -> Path:
+    """Write Gaussians as an INRIA .ply atomically."""
+    buf = io.BytesIO()
+    write_gaussians_ply(buf, gaussians)
+    return write_atomic(path, buf.getvalue())
+
+
+def write_frames(out_dir: Path, frame_numbers: Sequence[int], images: Tensor, confidence: Tensor,
+                 cams: Sequence[Camera]) -> list[str]:
+    """Write generated frames, their confidences and frames/cameras.json (updated with each call).
+
+    Args:
+        out_dir: the job's output folder.
+        frame_numbers: trajectory frame numbers, F of them.
+        images: frames, sRGB values in [0, 1]. float32 [F, H, W, 3]
+        confidence: per-pixel confidence in [0, 1]. float32 [F, H, W]
+        cams: the frames' cameras (at the frames' size), F of them.
+    Returns:
+        names written, relative to ``out_dir``, cameras.json last.
+    """
+    if not (len(frame_numbers) == images.shape[0] == confidence.shape[0] == len(cams)):
+        raise ValueError(
+            f"write_frames: frame_numbers, images, confidence and cams must have one entry per frame; got "
+            f"{len(frame_numbers)}, {images.shape[0]}, {confidence.shape[0]}, {len(cams)}"
+        )
+    folder = out_dir / FRAMES_DIR
+    rgb_u8, conf_u8 = to_u8(images), to_u8(confidence)
+    index_path = folder / CAMERAS_FILE
+    entries: dict[int, dict[str, Any]] = {}
+    if index_path.is_file():
+        entries = {e["frame"]: e for e in json.loads(index_path.read_text())["frames"]}
+    names = []
+    for i, frame in enumerate(frame_numbers):
+        image_name, conf_name = FRAME_IMAGE.format(frame), FRAME_CONFIDENCE.format(frame)
+        write_atomic(folder / image_name, png_bytes(rgb_u8[i]))
+        write_atomic(folder / conf_name, png_bytes(conf_u8[i]))
+        entries[int(frame)] = {"frame": int(frame), "image": image_name, "confidence": conf_name,
+                               "camera": cams[i].to_json()}
+        names += [f"{FRAMES_DIR}/{image_name}", f"{FRAMES_DIR}/{conf_name}"]
+    write_atomic(index_path, json_bytes({"frames": [entries[k] for k in sorted(entries)]}))
+    return names + [f"{FRAMES_DIR}/{CAMERAS_FILE}"]
+
+
+@dataclass(frozen=True)
+class CaptureCamera:
+    """A capture's camera as the loop used it: given in the scene or estimated by SfM."""
+
+    name: str
+    image: str
+    camera: Camera
+    is_estimated: bool
+
+
+def write_cameras(out_dir: Path, captures: Sequence[CaptureCamera], trajectory: Sequence[tuple[int, Camera]]) -> str:
+    """Write cameras.json (captures, given or estimated, and the trajectory). Returns its name."""
+    data = {
+        "captures": [{"name": c.name, "image": c.image, "camera": c.camera.to_json(), "estimated": c.is_estimated}
+                     for c in captures],
+        "trajectory": [{"frame": int(f), "camera": cam.to_json()} for f, cam in trajectory],
+    }
+    write_atomic(out_dir / CAMERAS_FILE, json_bytes(data))
+    return CAMERAS_FILE
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    """Write a JSON object atomically (numpy scalars converted, non-finite floats as null)."""
+    return write_atomic(path, json_bytes(_jsonable(data)))
+
+
+def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> str:
+    write_json(out_dir / METRICS_FILE, metrics)
+    return METRICS_FILE
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return v if math.isfinite(v) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def write_overview(out_dir: Path, rows: Sequence[Sequence[np.ndarray]]) -> str:
+    """Write overview.png: a grid of 8-bit RGB tiles, one row per entry, tiles left to right.
+
+    Args:
+        rows: each a list of uint8 images [h, w, 3] (any sizes; each is scaled to the first tile's height).
+    """
+    return write_overview_as(out_dir, OVERVIEW_FILE, rows)
+
+
+def write_overview_as(out_dir: Path, name: str, rows: Sequence[Sequence[np.ndarray]]) -> str:
+    """Write a grid of tiles (see write_overview) as ``out_dir/name``. Returns ``name``."""
+    if not rows or not rows[0]:
+        raise ValueError("write_overview: needs at least one row with one tile")
+    tile_h = rows[0][0].shape[0]
+    scaled_rows = []
+    for row in rows:
+        tiles = []
+        for t in row:
+            h, w = t.shape[:2]
+            tiles.append(Image.fromarray(t).resize((max(1, round(w * tile_h / h)), tile_h), Image.BILINEAR))
+        scaled_rows.append(tiles)
+    width = max(sum(t.width for t in r) + OVERVIEW_GAP_PX * (len(r) - 1) for r in scaled_rows)
+    height = len(scaled_rows) * tile_h + OVERVIEW_GAP_PX * (len(scaled_rows) - 1)
+    canvas = Image.new("RGB", (width, height), (U8_MAX, U8_MAX, U8_MAX))
+    y = 0
+    for tiles in scaled_rows:
+        x = 0
+        for t in tiles:
+            canvas.paste(t, (x, y))
+            x += t.width + OVERVIEW_GAP_PX
+        y += tile_h + OVERVIEW_GAP_PX
+    write_atomic(out_dir / name, png_bytes(np.asarray(canvas)))
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Time and peak memory per stage
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: CUDA's max allocated on a CUDA device, else the process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * RSS_UNIT_BYTES
+
+
+@dataclass
+class StageMeter:
+    """Wall time and peak memory per stage (seconds add up when a stage runs more than once).
+
+    On CUDA the peak counter is reset at each stage's start, so ``peak_mib`` is that stage's own
+    peak; on CPU it is the process's peak RSS up to the stage's end (RSS peaks cannot be reset).
+    """
+
+    device: torch.device
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @contextmanager
+    def measure(self, stage: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - t0
+            peak = peak_memory_bytes(self.device) / MIB
+            entry = self.stages.setdefault(stage, {"seconds": 0.0, "peak_mib": 0.0, "calls": 0})
+            entry["seconds"] += seconds
+            entry["peak_mib"] = max(entry["peak_mib"], peak)
+            entry["calls"] += 1
+
+    def summary(self) -> dict[str, Any]:
+        memory_kind = "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss"
+        return {
+            "device": str(self.device),
+            "memory": memory_kind,
+            "stages": {k: {"seconds": round(v["seconds"], 4), "peak_mib": round(v["peak_mib"], 1), "calls": int(v["calls"])}
+                       for k, v in self.stages.items()},
+            "total_seconds": round(sum(v["seconds"] for v in self.stages.values()), 4),
+        }

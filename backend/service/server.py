@@ -370,11 +370,11 @@ class Service:
 
     def _cancel(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
         record = self._record(msg, req)
-        if record.state == "queued":
+        if record.job == self.running:  # first: a job handed to the worker is still "queued" until it starts
+            self.pair.send(msgpack.packb({"cmd": "cancel", "job": record.job}))
+        elif record.state == "queued":
             self.queue.remove(record.job)
             self._event(record, "cancelled", record.stage, record.fraction, "cancelled by a client before it started")
-        elif record.job == self.running:
-            self.pair.send(msgpack.packb({"cmd": "cancel", "job": record.job}))
         return {"job": record.job, "state": record.state}
 
     def _jobs(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:

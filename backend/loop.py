@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -75,6 +76,7 @@ class LoopConfig:
         num_steps, seed, prompt: passed to the generator.
         default_frames: frames of the path made through the captures when the scene has none.
         overview_rows: rows of overview.png.
+        has_fit: step 7 on; off (Settings.gaussian_iterations = 0) writes no gaussians.ply.
     """
 
     width: int = Settings.width
@@ -92,6 +94,7 @@ class LoopConfig:
     prompt: str = ""
     default_frames: int = 24
     overview_rows: int = 4
+    has_fit: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings, *, device: torch.device | str = "cpu", **overrides: Any) -> "LoopConfig":
@@ -105,8 +108,9 @@ class LoopConfig:
             segments=replace(base.segments, length=settings.segment_length, overlap=settings.segment_overlap),
             retrieval=replace(base.retrieval, k=settings.retrieval_k),
             update=replace(base.update, enabled=settings.update_memory),
-            fit=replace(base.fit, iterations=settings.gaussian_iterations, seed=settings.seed,
+            fit=replace(base.fit, iterations=max(settings.gaussian_iterations, 1), seed=settings.seed,
                         rasterizer=default_rasterizer(device)),
+            has_fit=settings.gaussian_iterations > 0,
             generator=settings.generator,
             num_steps=settings.num_steps,
             seed=settings.seed,
@@ -127,7 +131,7 @@ class LoopResult:
         trajectory: the cameras the frames were generated at (working size).
         frame_numbers: their trajectory frame numbers.
         captures: the captures as used: images at working size, cameras, ids.
-        gaussians: the fitted Gaussians (the fit stage's own type).
+        gaussians: the fitted Gaussians (backend.stages.fit.Gaussians), None when fitting is off.
         metrics: what metrics.json holds.
     """
 
@@ -462,12 +466,11 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
         )
         targets_all = Cameras.from_scene(traj_scene, W, H, device=device)
     capture_records = [
-        outputs.CaptureCamera(name=c.name, image=str(c.image), camera=cam, is_estimated=est)
+        outputs.CaptureCamera(name=c.name, image=os.path.relpath(c.image, scene.root), camera=cam, is_estimated=est)
         for c, cam, est in zip(used, cams_full, is_estimated)
     ]
-    cams_name = outputs.write_cameras(out_dir, capture_records, list(zip(frame_numbers, traj_scene)))
     report("cameras", PROGRESS_SHARES["cameras"], f"{len(captures)} captures at {W}x{H}; "
-           f"{sum(is_estimated)} cameras estimated; {len(traj_scene)} trajectory frames", [cams_name])
+           f"{sum(is_estimated)} cameras estimated; {len(traj_scene)} trajectory frames")
     done += PROGRESS_SHARES["cameras"]
 
     # 1. Geometry memory M from the posed captures.
@@ -475,7 +478,8 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
         memory = build_memory(captures, cfg.memory, estimator=cfg.estimator)
     memory_initial = memory
     outputs.write_points(out_dir / outputs.POINTS_FILE, _points(memory))
-    report("memory", PROGRESS_SHARES["memory"], f"initial memory: {len(memory)} points", [outputs.POINTS_FILE])
+    cams_name = outputs.write_cameras(out_dir, capture_records, list(zip(frame_numbers, traj_scene)))
+    report("memory", PROGRESS_SHARES["memory"], f"initial memory: {len(memory)} points", [outputs.POINTS_FILE, cams_name])
     done += PROGRESS_SHARES["memory"]
 
     # 2. Segments of the trajectory.
@@ -520,18 +524,21 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
     report("update", 0.0, f"final memory: {len(memory)} points", [outputs.POINTS_FINAL_FILE])
 
     # 7. Fit Gaussians on captures (confidence 1) and generated frames (their confidence), from M.
-    fit_views = FitViews.cat([FitViews.from_views(captures), FitViews(frame_images, targets_all, frame_conf)])
-    fit_done = done
+    gaussians = None
+    if cfg.has_fit:
+        fit_views = FitViews.cat([FitViews.from_views(captures), FitViews(frame_images, targets_all, frame_conf)])
+        fit_done = done
 
-    def fit_progress(step: int, loss: float) -> None:
-        fraction = fit_done + PROGRESS_SHARES["fit"] * step / max(cfg.fit.iterations, 1)
-        progress(ProgressEvent(stage="fit", fraction=min(fraction, 1.0),
-                               message=f"Gaussians: step {step}/{cfg.fit.iterations}, loss {loss:.4f}"))
+        def fit_progress(step: int, loss: float) -> None:
+            fraction = fit_done + PROGRESS_SHARES["fit"] * step / max(cfg.fit.iterations, 1)
+            progress(ProgressEvent(stage="fit", fraction=min(fraction, 1.0),
+                                   message=f"Gaussians: step {step}/{cfg.fit.iterations}, loss {loss:.4f}"))
 
-    with meter.measure("fit"):
-        gaussians = fit_gaussians(fit_views, memory, cfg.fit, device=device, progress=fit_progress)
-    outputs.write_gaussians(out_dir / outputs.GAUSSIANS_FILE, gaussians_to_arrays(gaussians))
-    report("fit", PROGRESS_SHARES["fit"], f"{cfg.fit.iterations} iterations", [outputs.GAUSSIANS_FILE])
+        with meter.measure("fit"):
+            gaussians = fit_gaussians(fit_views, memory, cfg.fit, device=device, progress=fit_progress)
+        outputs.write_gaussians(out_dir / outputs.GAUSSIANS_FILE, gaussians_to_arrays(gaussians))
+        report("fit", PROGRESS_SHARES["fit"], f"{len(gaussians)} Gaussians after {cfg.fit.iterations} steps",
+               [outputs.GAUSSIANS_FILE])
     done += PROGRESS_SHARES["fit"]
 
     # Outputs: overview.png and metrics.json.
@@ -548,8 +555,8 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
         "update_memory": cfg.update.enabled,
         "points_initial": len(memory_initial),
         "points_final": len(memory),
-        "gaussians": len(gaussians),
-        "fit_iterations": cfg.fit.iterations,
+        "gaussians": len(gaussians) if gaussians is not None else 0,
+        "fit_iterations": cfg.fit.iterations if cfg.has_fit else 0,
         "mean_confidence": float(frame_conf.mean()),
         "notes": notes,
         "timing": meter.summary(),
@@ -571,12 +578,15 @@ def load_image_array(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def overview_rows(captures: Views, renders: Tensor, frames: Tensor, gaussians: Any, targets: Cameras,
                   cfg: LoopConfig) -> list[list[np.ndarray]]:
-    """Rows of [capture | render with holes | generated frame | Gaussian render] at evenly spread frames."""
+    """Rows of [capture | render with holes | generated frame | Gaussian render] at evenly spread frames
+    (no Gaussian column when ``gaussians`` is None)."""
     F_ = len(targets)
     picks = sorted({round(i * (F_ - 1) / max(cfg.overview_rows - 1, 1)) for i in range(min(cfg.overview_rows, F_))})
-    splats = render_gaussians(gaussians, targets[picks], cfg.fit)
+    splats = render_gaussians(gaussians, targets[picks], cfg.fit) if gaussians is not None else None
     rows = []
     for r, i in enumerate(picks):
-        cap = captures.images[r % len(captures)]
-        rows.append([outputs.to_u8(t) for t in (cap, renders[i], frames[i], splats[r])])
+        tiles = [captures.images[r % len(captures)], renders[i], frames[i]]
+        if splats is not None:
+            tiles.append(splats[r])
+        rows.append([outputs.to_u8(t) for t in tiles])
     return rows

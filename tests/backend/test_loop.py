@@ -1,0 +1,187 @@
+"""The loop end to end on the real temple (3 captures, an orbit through them) on CPU at a small size."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from plyfile import PlyData
+
+from backend.evaluate import split_protocol
+from backend.formats import import_scene
+from backend.loop import LoopConfig, default_trajectory, order_around, path_through, run_loop, working_size
+from backend.progress import Cancelled, ProgressEvent
+from backend.scene import Scene, Settings, TrajectoryFrame, camera_from_json
+from protocol.ply import gaussian_field_names
+
+W, H = 96, 72
+FRAMES = 12
+ITERATIONS = 100
+POINT_FIELDS = ("x", "y", "z", "red", "green", "blue", "confidence", "source")
+STAGE_ORDER = ["cameras", "memory", "generate", "update", "fit", "outputs"]
+
+
+@pytest.fixture(scope="module")
+def temple3(tmp_path_factory: pytest.TempPathFactory) -> Scene:
+    from tests.conftest import require_shared_data
+
+    src = require_shared_data("middlebury_temple")
+    scene = import_scene("middlebury", src, tmp_path_factory.mktemp("temple"))
+    # three captures two ring steps (~45 degrees) apart: plane-sweep stereo needs neighbours that close
+    scene = split_protocol(scene, "ring-arc", train_views=3, ring_start=11)
+    orbit = default_trajectory([c.camera for c in scene.captures], FRAMES)
+    settings = Settings(width=W, height=H, gaussian_iterations=ITERATIONS, segment_length=6, segment_overlap=2)
+    return replace(scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(orbit)], heldout=[],
+                   settings=settings)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two pytest workers share two cores
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def loop_run(temple3: Scene, single_thread, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("job")
+    events: list[ProgressEvent] = []
+    result = run_loop(temple3, out, device="cpu", progress=events.append)
+    return out, result, events
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("loop")
+def test_outputs_are_valid(loop_run) -> None:
+    out, result, _ = loop_run
+    for name in ("points.ply", "points_final.ply"):
+        el = PlyData.read(str(out / name))["vertex"]
+        assert tuple(p.name for p in el.properties) == POINT_FIELDS
+        assert el.count > 100
+        assert np.all(np.isfinite(el["x"])) and el["red"].dtype == np.uint8
+    initial, final = PlyData.read(str(out / "points.ply"))["vertex"], PlyData.read(str(out / "points_final.ply"))["vertex"]
+    assert set(np.unique(initial["source"])) <= {0, 1, 2}
+    assert (final["source"] == -1).any(), "the update adds points lifted from generated frames"
+
+    g = PlyData.read(str(out / "gaussians.ply"))["vertex"]
+    names = [p.name for p in g.properties]
+    assert names == gaussian_field_names(3)
+    assert g.count == result.metrics["gaussians"] > 0
+
+    index = json.loads((out / "frames" / "cameras.json").read_text())["frames"]
+    assert [e["frame"] for e in index] == list(range(1, FRAMES + 1))
+    for e in index:
+        assert Image.open(out / "frames" / e["image"]).size == (W, H)
+        conf = np.asarray(Image.open(out / "frames" / e["confidence"]))
+        assert conf.shape == (H, W) and conf.dtype == np.uint8
+        cam = camera_from_json(e["camera"], "frame", allow_distortion=False)
+        assert (cam.width, cam.height) == (W, H)
+
+    cams = json.loads((out / "cameras.json").read_text())
+    assert len(cams["captures"]) == 3 and not any(c["estimated"] for c in cams["captures"])
+    assert len(cams["trajectory"]) == FRAMES
+    for c in cams["captures"]:
+        camera_from_json(c["camera"], "capture", allow_distortion=True)
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for stage in ("cameras", "memory", "retrieval", "render", "generate", "update", "fit"):
+        assert metrics["timing"]["stages"][stage]["seconds"] > 0
+        assert metrics["timing"]["stages"][stage]["peak_mib"] > 0
+    assert metrics["frames"] == FRAMES and metrics["segments"] == 2
+    overview = Image.open(out / "overview.png")
+    assert overview.width >= 4 * W and overview.height >= 2 * H
+
+    conf = result.frames.confidence
+    assert conf.shape == (FRAMES, H, W) and float(conf.min()) >= 0 and float(conf.max()) == 1.0
+    assert 0.0 < float((conf < 1).float().mean()) < 1.0, "some pixels rendered, some filled"
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("loop")
+def test_progress_events_in_order_with_every_artifact(loop_run) -> None:
+    out, result, events = loop_run
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    stages = [e.stage for e in events if e.stage != "fit" or e.artifacts]
+    firsts = [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s]
+    assert firsts == STAGE_ORDER
+    announced = [a for e in events for a in e.artifacts]
+    assert announced[0] == "points.ply"
+    assert len(announced) == len(set(announced)) or announced.count("frames/cameras.json") == 2
+    assert announced == result.artifacts
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert on_disk == set(announced)
+    assert any(e.stage == "fit" and "step" in e.message for e in events), "the fit reports its steps"
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("loop")
+def test_cancelled_propagates_and_stops(temple3: Scene, single_thread, tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    def cancel_after_memory(event: ProgressEvent) -> None:
+        seen.append(event.stage)
+        if event.stage == "memory":
+            raise Cancelled("user pressed cancel")
+
+    with pytest.raises(Cancelled, match="user pressed cancel"):
+        run_loop(temple3, tmp_path, device="cpu", progress=cancel_after_memory)
+    assert seen == ["cameras", "memory"]
+    assert (tmp_path / "points.ply").is_file()
+    assert not (tmp_path / "frames").exists() and not (tmp_path / "gaussians.ply").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("loop")
+def test_no_trajectory_no_fit_no_update(temple3: Scene, single_thread, tmp_path: Path) -> None:
+    settings = replace(temple3.settings, gaussian_iterations=0, update_memory=False, segment_length=8)
+    scene = replace(temple3, trajectory=[], settings=settings)
+    cfg = LoopConfig.from_settings(settings, default_frames=8)
+    result = run_loop(scene, tmp_path, device="cpu", config=cfg)
+    assert result.gaussians is None and not (tmp_path / "gaussians.ply").exists()
+    assert len(result.memory_final) == len(result.memory_initial)
+    assert result.frame_numbers == list(range(1, 9))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert any("no trajectory" in n for n in metrics["notes"])
+    # the made path starts on a capture
+    first = json.loads((tmp_path / "cameras.json").read_text())["trajectory"][0]["camera"]
+    centers = [c.camera.center for c in scene.captures]
+    c0 = camera_from_json(first, "t", allow_distortion=False).center
+    assert min(np.linalg.norm(c0 - c) for c in centers) < 1e-6
+
+
+def test_path_through_hits_keys_and_orders_the_ring(temple_dir: Path, tmp_path: Path) -> None:
+    scene = import_scene("middlebury", temple_dir, tmp_path)
+    cams = [c.camera for c in scene.captures]
+    order = order_around(cams)
+    steps = [np.linalg.norm(cams[a].center - cams[b].center) for a, b in zip(order, order[1:] + order[:1])]
+    ring_step = np.median(steps)
+    assert max(steps) < 2.0 * ring_step, "neighbours in ring order are close"
+    keys = [cams[i] for i in order[:4]]
+    path = path_through(keys, 12, closed=True)
+    for k, cam in enumerate(keys):
+        np.testing.assert_allclose(path[3 * k].w2c, cam.w2c, atol=1e-9)
+    # an orbit, not a chord: every path centre stays about as far from the scene as the keys
+    radii = [np.linalg.norm(c.center - scene_center_of(keys)) for c in path]
+    assert max(radii) / min(radii) < 1.1
+
+
+def scene_center_of(cams):
+    from backend.loop import scene_center
+
+    return scene_center(cams)
+
+
+def test_working_size_keeps_the_trajectory_aspect(temple_dir: Path, tmp_path: Path) -> None:
+    scene = import_scene("middlebury", temple_dir, tmp_path)
+    portrait = [c.camera.scaled(480, 640) for c in scene.captures[:2]]
+    w, h, note = working_size(LoopConfig(width=320, height=240), portrait)
+    assert abs(w / h - 480 / 640) < 0.01 and abs(w * h - 320 * 240) < 320 * 4
+    assert "aspect" in note
+    assert working_size(LoopConfig(width=320, height=240), [c.camera for c in scene.captures])[:2] == (320, 240)

@@ -68,9 +68,16 @@ def build_temple_scene_plain(temple_dir: Path, *, frames: tuple[int, int] = (1, 
     return {"captures": caps, "collection": coll, "trajectory": traj}
 
 
-def silhouette(image_path: Path, threshold: float = 0.08) -> np.ndarray:
-    """Mask of the temple (bright) against the black background of a photo. bool [H, W]"""
+def silhouette(image_path: Path, *, threshold: float = 0.08, grow_px: int = 0) -> np.ndarray:
+    """Mask of the temple (bright) against the black background of a photo, grown by ``grow_px``
+    pixels in every direction (a square neighbourhood). bool [H, W]"""
     from PIL import Image
 
     rgb = np.asarray(Image.open(image_path).convert("RGB"), dtype=np.float32) / 255.0
-    return rgb.max(axis=2) > threshold
+    mask = rgb.max(axis=2) > threshold
+    for axis in (0, 1):  # separable max filter
+        grown = mask.copy()
+        for d in range(1, grow_px + 1):
+            grown |= np.roll(mask, d, axis=axis) | np.roll(mask, -d, axis=axis)
+        mask = grown
+    return mask

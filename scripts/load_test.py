@@ -78,6 +78,7 @@ class LoadResult:
     status_requests: int
     status_p50_ms: float
     status_p99_ms: float
+    start_rss_mib: float  # the service's RSS once up, before the clients (libraries loaded at start-up)
     peak_rss_mib: float
     fetched_mib: float
     wall_s: float
@@ -185,6 +186,7 @@ def run_load(clients: int = 20, jobs_per_client: int = 3, cancel_every: int = 4,
             except TimeoutError:
                 if time.monotonic() > up_by or proc.poll() is not None:
                     raise RuntimeError(f"the service did not start (exit {proc.poll()})") from None
+        start_rss = _peak_rss_bytes(proc.pid)
         logs = [ClientLog() for _ in range(clients)]
         t0 = time.monotonic()
         deadline = t0 + time_limit_s
@@ -227,6 +229,7 @@ def run_load(clients: int = 20, jobs_per_client: int = 3, cancel_every: int = 4,
         status_requests=len(status_ms),
         status_p50_ms=round(_percentile(status_ms, PERCENTILES[0]), 2),
         status_p99_ms=round(_percentile(status_ms, PERCENTILES[1]), 2),
+        start_rss_mib=round(start_rss / MIB, 1),
         peak_rss_mib=round(peak / MIB, 1),
         fetched_mib=round(sum(log.fetched_bytes for log in logs) / MIB, 2),
         wall_s=round(wall_s, 1),

@@ -80,7 +80,7 @@ def compare_rasterizers(gen: torch.Generator) -> dict:
     out: dict = {"size": [cams.width, cams.height], "gaussians": 3000, "cameras": 3, "sh_degree": 3}
     runs = {}
     for name, device in (("torch_cpu", "cpu"), ("gsplat", "cuda")):
-        params = {k: g[k].to(device).requires_grad_() for k in names}
+        params = {k: g[k].detach().clone().to(device).requires_grad_() for k in names}
         rgb, alpha, meta = make_rasterizer(name).render(
             *(params[k] for k in names), cams.w2c.to(device), cams.K.to(device), cams.width, cams.height,
             sh_degree=3, backgrounds=bg.to(device))

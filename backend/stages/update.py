@@ -57,6 +57,8 @@ class UpdateConfig:
         stereo: plane-sweep settings for filled pixels (max_side is the stereo resolution).
         depth_percentiles: band of the frame's rendered depths that sets the stereo range...
         depth_margin: ...widened by this factor on each side (near / m, far * m).
+        consistency_frames: a filled depth is checked against the frames up to this many steps
+            before and after it along the trajectory.
     """
 
     enabled: bool = True
@@ -71,14 +73,17 @@ class UpdateConfig:
     stereo: MVSConfig = field(default_factory=_default_stereo)
     depth_percentiles: tuple[float, float] = (0.02, 0.98)
     depth_margin: float = 1.5
+    consistency_frames: int = 4
 
     def check(self) -> None:
         if self.voxel_size < 0:
             raise ValueError(f"UpdateConfig.voxel_size must be >= 0; got {self.voxel_size}")
         if self.max_points < 1:
             raise ValueError(f"UpdateConfig.max_points must be >= 1; got {self.max_points}")
-        if self.depth_margin < 1:
-            raise ValueError(f"UpdateConfig.depth_margin must be >= 1; got {self.depth_margin}")
+        if self.consistency_frames < 1:
+            raise ValueError(f"UpdateConfig.consistency_frames must be >= 1; got {self.consistency_frames}")
+        if self.depth_margin <= 1:
+            raise ValueError(f"UpdateConfig.depth_margin must be > 1; got {self.depth_margin}")
         self.stereo.check()
 
 
@@ -104,7 +109,7 @@ def _frame_range(depth: Tensor, mask: Tensor, memory: GeometryMemory, cam: Camer
     lo, hi = torch.quantile(z.float(), torch.tensor(cfg.depth_percentiles, device=z.device)).tolist()
     if not lo > 0:
         return None
-    return lo / cfg.depth_margin, max(hi, lo * (1 + 1e-3)) * cfg.depth_margin
+    return lo / cfg.depth_margin, max(hi, lo) * cfg.depth_margin
 
 
 def lift_rendered(memory: GeometryMemory, frames: Views, confidence: Tensor, weight: float) -> GeometryMemory:
@@ -162,7 +167,8 @@ def lift_filled(memory: GeometryMemory, frames: Views, renders: Renders, confide
     if not bool((stereo_depth > 0).any()):
         return GeometryMemory.empty(gray.device)
     check = torch.where(r_mask, r_depth, stereo_depth)
-    neighbors = [[g for g in range(Fn) if g != f] for f in range(Fn)]
+    k = cfg.consistency_frames
+    neighbors = [[g for g in range(max(0, f - k), min(Fn, f + k + 1)) if g != f] for f in range(Fn)]
     views = Views(f_imgs, f_cams, [GENERATED_SOURCE] * Fn)
     pts = fuse_depths(stereo_depth, stereo_conf * cfg.stereo_weight, views, neighbors, s, check_depths=check)
     return pts

@@ -120,7 +120,7 @@ def test_sfm_recovers_temple_cameras_with_known_K(temple_dir, tmp_path):
     caps = temple_captures(temple_dir)
     ids = [5, 6, 7, 8]
     cams = estimate_cameras([caps[i].image for i in ids], known_K=caps[ids[0]].camera.K, work_dir=tmp_path / "sfm",
-                            cfg=SfMConfig(num_threads=2))
+                            cfg=SfMConfig(num_threads=1))
     assert all(c is not None for c in cams)
     np.testing.assert_allclose(cams[0].K, caps[ids[0]].camera.K)  # held fixed
     gt = [caps[i].camera for i in ids]
@@ -139,4 +139,4 @@ def test_sfm_recovers_temple_cameras_with_known_K(temple_dir, tmp_path):
 def test_sfm_fails_clearly_when_photos_do_not_overlap(temple_dir, door_dir, tmp_path):
     photos = [temple_captures(temple_dir)[0].image, door_scene(door_dir)[0][0].image]
     with pytest.raises(SfMError, match="could be placed"):
-        estimate_cameras(photos, work_dir=tmp_path / "sfm", cfg=SfMConfig(num_threads=2, max_image_size=640))
+        estimate_cameras(photos, work_dir=tmp_path / "sfm", cfg=SfMConfig(num_threads=1, max_image_size=640))

@@ -9,7 +9,7 @@ import torch
 
 from backend.estimators.mvs import MVSConfig
 from backend.stages.render import render_memory
-from backend.stages.types import Views
+from backend.stages.types import Renders, Views
 from backend.stages.update import UpdateConfig, lift_filled, update_memory
 
 from ._geometry_data import (LUMA, SILHOUETTE_LUMA, TEMPLE_BOX, TEST_SIDE, inside_box, load_views,
@@ -56,8 +56,9 @@ def test_memory_stays_bounded(temple_dir):
     captures, memory, frames, renders, confidence, updated, _ = _setup(str(temple_dir))
     again = update_memory(updated, frames, render_memory(updated, frames.cams), confidence, captures, CFG)
     assert len(again) <= 1.05 * len(updated)  # the same frames add (almost) nothing the second time
-    capped = update_memory(memory, frames, renders, confidence, captures,
-                           UpdateConfig(stereo=CFG.stereo, max_points=2000))
+    one = Views(frames.images[:1], frames.cams[0], [-1])  # one frame is enough to overflow the cap
+    one_render = Renders(renders.rgb[:1], renders.depth[:1], renders.mask[:1], renders.source[:1])
+    capped = update_memory(memory, one, one_render, confidence[:1], captures, UpdateConfig(stereo=CFG.stereo, max_points=2000))
     assert len(capped) == 2000
 
 

@@ -40,6 +40,7 @@ from . import ESTIMATORS
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for the grey image that stereo matches on
 EPS = 1e-6
 GREY_OFFSET = 0.5  # subtracted before box filtering (ZNCC ignores offsets)
+ZNCC_WORST = -1.0  # score of a plane where the source view sees nothing
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,7 @@ def plane_sweep(ref_gray: Tensor, ref_cam: Cameras, src_gray: Tensor, src_cams: 
             my, myy, mxy = _box(torch.cat([y, y * y, x * y]), r, count).split(Dc)
             var_y = (myy - my * my).clamp_min_(EPS)
             ncc = (mxy - mx * my) * inv_std_x * var_y.rsqrt_()
-            scores[s] = ncc[:, 0].masked_fill_(~inside.reshape(Dc, H, W), -1.0)
+            scores[s] = ncc[:, 0].masked_fill_(~inside.reshape(Dc, H, W), ZNCC_WORST)
         if S > k_views:
             scores = scores.topk(k_views, dim=0).values
         volume[d0:d0 + Dc] = scores.mean(0)
@@ -266,7 +267,7 @@ def _winner_take_all(volume: Tensor, depths: Tensor, textured: Tensor, cfg: MVSC
     # Second-best peak outside the winner's neighbourhood.
     planes = torch.arange(D, device=volume.device)[:, None, None]
     near_winner = (planes - k[None]).abs() <= cfg.peak_exclusion
-    second = volume.masked_fill(near_winner, -1.0).max(0).values
+    second = volume.masked_fill(near_winner, ZNCC_WORST).max(0).values
     cost_best, cost_second = 1.0 - best, (1.0 - second).clamp_min(EPS)
     ratio = (cost_best / cost_second).clamp(0, 1)
 

@@ -23,6 +23,7 @@ CONFIDENCE_FLOOR = 1e-6  # weight of a zero-confidence point in voxel averages
 EXTENT_PERCENTILES = (0.01, 0.99)  # robust bounding box used for the automatic voxel size
 MAX_PACKED_CELLS = 1 << 62  # voxel grids with more cells than this are keyed by rows, not one int64
 COLOR_LEVELS = 255  # uchar colours in the .ply
+QUANTILE_SAMPLES = 1 << 20  # points used to estimate the scene's extent
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,9 @@ def auto_voxel_size(memory: GeometryMemory, fraction: float) -> float:
     """``fraction`` of the diagonal of the points' robust bounding box; 0 for fewer than 2 points."""
     if len(memory) < 2:
         return 0.0
-    lo, hi = torch.quantile(memory.xyz.float(), torch.tensor(EXTENT_PERCENTILES, device=memory.device), dim=0)
+    xyz = memory.xyz.float()
+    stride = -(-len(xyz) // QUANTILE_SAMPLES)  # torch.quantile takes at most 2^24 values: subsample evenly
+    lo, hi = torch.quantile(xyz[::stride], torch.tensor(EXTENT_PERCENTILES, device=memory.device), dim=0)
     return float((hi - lo).norm()) * fraction
 
 

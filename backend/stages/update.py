@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..estimators.mvs import (MVSConfig, fuse_depths, match_candidates, plane_sweep, select_neighbors,
                               to_gray)
-from .memory import auto_voxel_size, cap_points, check_views, voxel_downsample
+from .memory import QUANTILE_SAMPLES, auto_voxel_size, cap_points, check_views, voxel_downsample
 from .render import RenderConfig, backproject, project_points, render_memory
 from .types import Cameras, GeometryMemory, Renders, Views
 
@@ -106,7 +106,8 @@ def _frame_range(depth: Tensor, mask: Tensor, memory: GeometryMemory, cam: Camer
         z = zz[0][inside]
     if z.numel() == 0:
         return None
-    lo, hi = torch.quantile(z.float(), torch.tensor(cfg.depth_percentiles, device=z.device)).tolist()
+    stride = -(-z.numel() // QUANTILE_SAMPLES)  # torch.quantile takes at most 2^24 values
+    lo, hi = torch.quantile(z.float()[::stride], torch.tensor(cfg.depth_percentiles, device=z.device)).tolist()
     if not lo > 0:
         return None
     return lo / cfg.depth_margin, max(hi, lo) * cfg.depth_margin

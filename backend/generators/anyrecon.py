@@ -61,6 +61,9 @@ class AnyReconConfig:
     attention: str = "full"  # "stock" (diffusers' processor), "full" or "window" (ours)
     window_frames: int = DEFAULT_WINDOW_FRAMES  # +-8 frames (AnyRecon)
     compile_attention: bool = False  # torch.compile the FlexAttention kernel (GPU: needed for speed)
+    full_backend: str = "auto"  # full attention kernel on CUDA: "auto", "cudnn", "flash" or "flex"
+    window_backend: str = "flex"  # "flex" (block mask) or "sdpa" (one dense call per frame, exact)
+    compile_blocks: bool = False  # torch.compile each transformer block (regional; fuses norms, rotary, gates)
     guidance_scale: float = 1.0  # 1: no classifier-free guidance (AnyRecon's cfg_scale=1.0)
     negative_prompt: str = ""  # used only when guidance_scale > 1
     default_prompt: str = " "  # AnyRecon prompts with a single space
@@ -113,7 +116,8 @@ class AnyReconComponents:
             embedding is cached or ``text_encoder_loader`` can load them on demand.
         text_encoder_loader: returns (text_encoder, tokenizer) when a prompt is not cached; the encoder
             is dropped again after use.
-        name: identifies the weights in the text cache key (hub id or folder).
+        name: identifies the text encoder's weights in the text cache key (hub id or folder); give
+            different weights different names.
     """
 
     vae: Any
@@ -125,17 +129,6 @@ class AnyReconComponents:
     tokenizer: Any | None = None
     text_encoder_loader: Callable[[], tuple[Any, Any]] | None = None
     name: str = ""
-
-
-def _weights_fingerprint(module: torch.nn.Module, count: int = 4, numel: int = 64) -> str:
-    """A cheap fingerprint of a model's weights (a few values of its first tensors)."""
-    h = hashlib.sha256()
-    for i, (name, p) in enumerate(module.named_parameters()):
-        if i >= count:
-            break
-        h.update(name.encode())
-        h.update(p.detach().flatten()[:numel].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @GENERATORS.register("anyrecon")
@@ -182,7 +175,10 @@ class AnyReconGenerator:
                 block.attn1.set_processor(WanAttnProcessor())
         else:
             self.processor = set_window_attention(tr, config.attention, config.window_frames,
-                                                  compile=config.compile_attention)
+                                                  compile=config.compile_attention, full_backend=config.full_backend,
+                                                  window_backend=config.window_backend)
+        if config.compile_blocks:
+            tr.compile_repeated_blocks(dynamic=False)
         self._apply_memory_mode()
 
     # ------------------------------------------------------------------ loading
@@ -325,10 +321,10 @@ class AnyReconGenerator:
             import platformdirs
 
             root = os.path.join(platformdirs.user_cache_dir("reconloop"), "text_embeds")
+        # the key names the weights (components.name: hub id or folder), not a loaded encoder, so that a
+        # run without the text encoder finds what a run with it wrote
         ident = {"prompt": prompt, "max_len": self.config.max_sequence_length, "model": c.name,
                  "dim": int(c.transformer.config.text_dim)}
-        if c.text_encoder is not None:
-            ident["weights"] = _weights_fingerprint(c.text_encoder)
         key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
         return Path(root) / f"{key}.safetensors"
 
@@ -489,28 +485,9 @@ class AnyReconGenerator:
         # 4. One latent per frame; y = [mask 4 ; latents 16].
         y = torch.cat([self.mask_latents(mask), self.encode_frames(video)], dim=1)  # [1, 20, N, h, w]
 
-        # 5. Timesteps and noise.
-        sched = c.scheduler
-        sched.set_timesteps(sigmas=self.sigmas(num_steps), device=self.device)
-        z_dim = c.vae.config.z_dim
-        latents = self.prepare_latents((1, z_dim, n_frames, *y.shape[-2:]), seed)
-        if self.processor is not None:
-            tokens_per_frame = (y.shape[-2] // self.patch[1]) * (y.shape[-1] // self.patch[2])
-            self.processor.set_layout(n_frames, tokens_per_frame, num_memory, self.device)
-
-        # 6. Denoising loop: [noisy latents 16 ; y 20] = 36 channels.
-        tr = c.transformer
-        with self._on_device(tr):
-            for t in sched.timesteps:
-                model_input = torch.cat([latents, y], dim=1).to(self.dtype)
-                timestep = t.expand(1).to(self.device)
-                pred = tr(hidden_states=model_input, timestep=timestep, encoder_hidden_states=prompt_embeds,
-                          encoder_hidden_states_image=image_embeds, return_dict=False)[0]
-                if do_cfg:
-                    uncond = tr(hidden_states=model_input, timestep=timestep, encoder_hidden_states=negative_embeds,
-                                encoder_hidden_states_image=image_embeds, return_dict=False)[0]
-                    pred = uncond + cfg.guidance_scale * (pred - uncond)
-                latents = sched.step(pred.float(), t, latents, return_dict=False)[0]
+        # 5-6. Timesteps, noise, denoising loop.
+        latents = self.denoise(y, prompt_embeds, image_embeds, negative_embeds, num_steps=num_steps, seed=seed,
+                               num_memory=num_memory)
 
         # 7. Decode the targets, back to the cameras' size; confidence from the render mask.
         images = self.decode(latents[:, :, num_prefix:])  # [F, 3, H, W]
@@ -521,6 +498,48 @@ class AnyReconGenerator:
         confidence = torch.where(seen, torch.ones((), device=self.device),
                                  torch.full((), cfg.unseen_confidence, device=self.device))
         return Frames(images=images.clamp(0, 1).permute(0, 2, 3, 1).contiguous(), confidence=confidence.float())
+
+
+    @torch.no_grad()
+    def denoise(self, y: Tensor, prompt_embeds: Tensor, image_embeds: Tensor, negative_embeds: Tensor | None = None,
+                *, num_steps: int, seed: int, num_memory: int,
+                step_callback: Callable[[int], None] | None = None) -> Tensor:
+        """The flow-matching loop: noise -> clean latents of all N frames.
+
+        Args:
+            y: [mask ; condition latents]. float32 [1, mask_channels + z_dim, N, h, w]
+            prompt_embeds, negative_embeds: text embeddings. [1, 512, text_dim]
+            image_embeds: CLIP feature of frame 0. [1, tokens, image_dim]
+            num_memory: leading memory frames (for the window mask).
+            step_callback: called with the step index after each step (timing, progress).
+
+        Returns:
+            latents. float32 [1, z_dim, N, h, w]
+        """
+        c, cfg = self.components, self.config
+        sched = c.scheduler
+        sched.set_timesteps(sigmas=self.sigmas(num_steps), device=self.device)
+        n_frames = y.shape[2]
+        latents = self.prepare_latents((1, c.vae.config.z_dim, n_frames, *y.shape[-2:]), seed)
+        if self.processor is not None:
+            tokens_per_frame = (y.shape[-2] // self.patch[1]) * (y.shape[-1] // self.patch[2])
+            self.processor.set_layout(n_frames, tokens_per_frame, num_memory, self.device)
+        y = y.to(self.dtype)
+        tr = c.transformer
+        with self._on_device(tr):
+            for i, t in enumerate(sched.timesteps):
+                model_input = torch.cat([latents.to(self.dtype), y], dim=1)  # [1, 36, N, h, w]
+                timestep = t.expand(1).to(self.device)
+                pred = tr(hidden_states=model_input, timestep=timestep, encoder_hidden_states=prompt_embeds,
+                          encoder_hidden_states_image=image_embeds, return_dict=False)[0]
+                if negative_embeds is not None:
+                    uncond = tr(hidden_states=model_input, timestep=timestep, encoder_hidden_states=negative_embeds,
+                                encoder_hidden_states_image=image_embeds, return_dict=False)[0]
+                    pred = uncond + cfg.guidance_scale * (pred - uncond)
+                latents = sched.step(pred.float(), t, latents, return_dict=False)[0]
+                if step_callback is not None:
+                    step_callback(i)
+        return latents
 
 
 def make_anyrecon(config: AnyReconConfig, components: AnyReconComponents,

@@ -16,6 +16,7 @@ TINY_TEXT_DIM = 32  # UMT5 d_model == transformer text_dim
 TINY_IMAGE_DIM = 4  # CLIP hidden size == transformer image_dim
 TINY_CLIP_SIZE = 16  # CLIP input is resized to 16x16
 TINY_CLIP_PATCH = 4  # -> 16 patches + 1 class token
+TINY_HEADS, TINY_HEAD_DIM = 2, 12  # transformer attention heads
 
 
 def tiny_tokenizer():
@@ -53,9 +54,11 @@ def tiny_anyrecon_components(seed: int = 0) -> AnyReconComponents:
                            temperal_downsample=[False, True, True])
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+        patch_size=(1, 2, 2), num_attention_heads=TINY_HEADS, attention_head_dim=TINY_HEAD_DIM, in_channels=36,
+        out_channels=16,
         text_dim=TINY_TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=TINY_IMAGE_DIM,
+        added_kv_proj_dim=TINY_HEADS * TINY_HEAD_DIM,  # as Wan2.1 I2V: image tokens get their own k, v
     )
     torch.manual_seed(seed)
     clip_cfg = CLIPVisionConfig(hidden_size=TINY_IMAGE_DIM, projection_dim=TINY_IMAGE_DIM, num_hidden_layers=2,

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ATTENTION_MODES = ("full", "window")
+FULL_BACKENDS = ("auto", "cudnn", "flash", "flex")  # kernels for full attention: torch's choice, or forced
+WINDOW_BACKENDS = ("flex", "sdpa")  # window kernels: FlexAttention block mask, or one SDPA call per frame
 DEFAULT_WINDOW_FRAMES = 8  # AnyRecon: a target frame sees its neighbours within +-8 frames
 DEFAULT_BLOCK_SIZE = 128  # FlexAttention's default tile; 1792 tokens per frame = 14 tiles
 
@@ -93,21 +95,103 @@ def dense_window_mask(layout: WindowLayout, device: torch.device | str = "cpu") 
     return window_mask_mod(layout)(zero, zero, idx[:, None], idx[None, :])
 
 
-def build_block_mask(layout: WindowLayout, device: torch.device | str, block_size: int = DEFAULT_BLOCK_SIZE):
-    """The FlexAttention ``BlockMask`` of ``layout`` (one mask shared by batch and heads)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def frame_mask(layout: WindowLayout, device: torch.device | str = "cpu") -> Tensor:
+    """The mask between frames (the token mask is constant over each frame pair). bool [F, F]"""
+    frames = WindowLayout(layout.num_frames, 1, layout.num_memory, layout.window_frames)
+    return dense_window_mask(frames, device)
 
-    return create_block_mask(
-        window_mask_mod(layout), None, None, layout.num_tokens, layout.num_tokens,
-        device=str(device), BLOCK_SIZE=block_size,
-    )
+
+def build_block_mask(layout: WindowLayout, device: torch.device | str, block_size: int = DEFAULT_BLOCK_SIZE):
+    """The FlexAttention ``BlockMask`` of ``layout`` (one mask shared by batch and heads).
+
+    Built from the frame mask, never from the dense [L, L] token mask (8e9 entries at 89,600 tokens):
+    a (query block, key block) pair is *full* when every frame pair it covers is kept, *partial*
+    (masked element-wise by the mask_mod) when some are, and skipped when none are.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    tpf, n_tok = layout.tokens_per_frame, layout.num_tokens
+    n_blk = -(-n_tok // block_size)
+    fm = frame_mask(layout, device).long()
+    prefix = torch.zeros(layout.num_frames + 1, layout.num_frames + 1, dtype=torch.long, device=device)
+    prefix[1:, 1:] = fm.cumsum(0).cumsum(1)  # 2-D prefix sums: kept frame pairs in any rectangle
+    start = torch.arange(n_blk, device=device) * block_size
+    end = torch.clamp(start + block_size, max=n_tok) - 1  # last token of each block
+    f0, f1 = start // tpf, end // tpf  # first and last frame each block touches
+    q0, q1, k0, k1 = f0[:, None], f1[:, None] + 1, f0[None, :], f1[None, :] + 1
+    kept = prefix[q1, k1] - prefix[q0, k1] - prefix[q1, k0] + prefix[q0, k0]  # [Qb, Kb]
+    area = (q1 - q0) * (k1 - k0)
+    is_whole = (start + block_size <= n_tok)  # blocks past the sequence end are padded: never full
+    full = (kept == area) & is_whole[:, None] & is_whole[None, :]
+    partial = (kept > 0) & ~full
+
+    def to_indices(sel: Tensor) -> tuple[Tensor, Tensor]:
+        counts = sel.sum(-1).to(torch.int32)
+        order = torch.argsort(sel.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[None, None], order[None, None]
+
+    kv_num, kv_idx = to_indices(partial)
+    full_num, full_idx = to_indices(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                    mask_mod=window_mask_mod(layout), seq_lengths=(n_tok, n_tok))
 
 
 def window_density(layout: WindowLayout) -> float:
-    """Fraction of (query, key) pairs the window keeps (full attention: 1). The mask depends on frames
-    only, so the density over frames is the density over tokens."""
-    frames = WindowLayout(layout.num_frames, 1, layout.num_memory, layout.window_frames)
-    return float(dense_window_mask(frames).float().mean())
+    """Fraction of (query, key) pairs the window keeps (full attention: 1); the same over frames and tokens."""
+    return float(frame_mask(layout).float().mean())
+
+
+@torch.compiler.disable
+def window_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout,
+                          sdpa: Callable[[Tensor, Tensor, Tensor], Tensor] = F.scaled_dot_product_attention) -> Tensor:
+    """The window mask of ``layout``, exactly, with dense attention kernels and no mask.
+
+    Memory queries attend to the memory in one call. Each sequence frame then attends, in one call, to
+    the memory plus its window. Attention does not depend on the order of the keys (the rotary
+    embedding is already in them), so the window's keys live in a ring buffer after the memory: moving
+    to the next frame copies one frame of keys and values in, not the whole window. Frames whose window
+    is cut by the end of the sequence gather their keys instead.
+
+    Args:
+        q, k, v: queries, keys, values after the rotary embedding. [B, heads, L, D]
+        layout: frame layout (L = layout.num_tokens).
+        sdpa: the dense attention function (q, k, v) -> out.
+
+    Returns:
+        attention output. [B, heads, L, D]
+    """
+    T, M, n, w = layout.tokens_per_frame, layout.num_memory, layout.num_frames, layout.window_frames
+    out = torch.empty_like(q)
+    m_tok = M * T
+    if M:
+        out[:, :, :m_tok] = sdpa(q[:, :, :m_tok], k[:, :, :m_tok], v[:, :, :m_tok])
+    seq = n - M
+    if seq == 0:
+        return out
+    slots = min(2 * w + 1, seq)
+    kb = k.new_empty(*k.shape[:2], (M + slots) * T, k.shape[-1])
+    vb = v.new_empty(*v.shape[:2], (M + slots) * T, v.shape[-1])
+    kb[:, :, :m_tok] = k[:, :, :m_tok]
+    vb[:, :, :m_tok] = v[:, :, :m_tok]
+    filled = 0  # sequence frames copied into the ring so far
+    for s in range(seq):
+        lo, hi = max(0, s - w), min(seq, s + w + 1)  # the window, in sequence frames
+        while filled < hi:
+            dst = (M + filled % slots) * T
+            src = (M + filled) * T
+            kb[:, :, dst:dst + T] = k[:, :, src:src + T]
+            vb[:, :, dst:dst + T] = v[:, :, src:src + T]
+            filled += 1
+        if max(0, hi - slots) == lo:  # the ring holds exactly the window
+            n_keys = (M + min(filled, slots)) * T
+            kk, vv = kb[:, :, :n_keys], vb[:, :, :n_keys]
+        else:  # window cut by the sequence end: gather memory + window
+            a, b = (M + lo) * T, (M + hi) * T
+            kk = torch.cat([k[:, :, :m_tok], k[:, :, a:b]], dim=2)
+            vv = torch.cat([v[:, :, :m_tok], v[:, :, a:b]], dim=2)
+        q0 = (M + s) * T
+        out[:, :, q0:q0 + T] = sdpa(q[:, :, q0:q0 + T], kk, vv)
+    return out
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -140,12 +224,25 @@ class WanWindowAttnProcessor:
         compile: wrap ``flex_attention`` in ``torch.compile`` (needed for speed on GPU; on CPU the
             uncompiled version runs the dense reference math).
         block_size: FlexAttention tile size in tokens.
+        full_backend: kernel for ``full`` mode on CUDA: ``auto`` (torch's choice), ``cudnn``, ``flash``
+            (scaled-dot-product attention backends, others as fallback) or ``flex`` (FlexAttention, no mask).
+        kernel_options: passed to ``flex_attention`` (tile sizes, warps, stages).
+        window_backend: ``flex`` (the block mask) or ``sdpa`` (``window_attention_sdpa``: exact, one
+            scaled-dot-product call per sequence frame on a ring buffer of keys).
     """
 
     def __init__(self, mode: str = "window", window_frames: int = DEFAULT_WINDOW_FRAMES, *,
-                 compile: bool = False, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+                 compile: bool = False, block_size: int = DEFAULT_BLOCK_SIZE, full_backend: str = "auto",
+                 kernel_options: dict | None = None, window_backend: str = "flex") -> None:
+        if window_backend not in WINDOW_BACKENDS:
+            raise ValueError(f"window_backend must be one of {WINDOW_BACKENDS}; got {window_backend!r}")
+        self.window_backend = window_backend
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention mode must be one of {ATTENTION_MODES}; got {mode!r}")
+        if full_backend not in FULL_BACKENDS:
+            raise ValueError(f"full_backend must be one of {FULL_BACKENDS}; got {full_backend!r}")
+        self.full_backend = full_backend
+        self.kernel_options = kernel_options
         if window_frames < 0:
             raise ValueError(f"window_frames must be >= 0; got {window_frames}")
         self.mode = mode
@@ -160,7 +257,7 @@ class WanWindowAttnProcessor:
     def set_layout(self, num_frames: int, tokens_per_frame: int, num_memory: int, device: torch.device | str) -> None:
         """Describe the next condition video's frames; builds (or reuses) the block mask."""
         self.layout = WindowLayout(num_frames, tokens_per_frame, num_memory, self.window_frames)
-        if self.mode != "window":
+        if self.mode != "window" or self.window_backend != "flex":
             return
         key = (self.layout, str(device))
         if key != self._mask_key:
@@ -173,6 +270,19 @@ class WanWindowAttnProcessor:
 
             self._flex = torch.compile(flex_attention, dynamic=False) if self.is_compiled else flex_attention
         return self._flex
+
+    def _full_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.full_backend == "flex":
+            return self._flex_fn()(q.contiguous(), k.contiguous(), v.contiguous(), kernel_options=self.kernel_options)
+        if self.full_backend == "auto" or not q.is_cuda:
+            return F.scaled_dot_product_attention(q, k, v)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        first = SDPBackend.CUDNN_ATTENTION if self.full_backend == "cudnn" else SDPBackend.FLASH_ATTENTION
+        order = [first] + [b for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                       SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
+        with sdpa_kernel(order, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v)
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, rotary_emb: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -193,7 +303,7 @@ class WanWindowAttnProcessor:
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, heads, L, D]
 
         if self.mode == "full":
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = self._full_attention(q, k, v)
         else:
             if self.layout is None or self.layout.num_tokens != q.shape[2]:
                 got = None if self.layout is None else self.layout.num_tokens
@@ -201,14 +311,19 @@ class WanWindowAttnProcessor:
                     f"window attention: set_layout must describe the {q.shape[2]} tokens of this input; "
                     f"layout has {got}"
                 )
-            out = self._flex_fn()(q, k, v, block_mask=self._block_mask)
+            if self.window_backend == "sdpa":
+                out = window_attention_sdpa(q, k, v, self.layout, self._full_attention)
+            else:
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # 4-D buffers (inductor's flex lowering)
+                out = self._flex_fn()(q, k, v, block_mask=self._block_mask, kernel_options=self.kernel_options)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)  # [B, L, heads * D]
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
 
 def set_window_attention(transformer, mode: str = "window", window_frames: int = DEFAULT_WINDOW_FRAMES, *,
-                         compile: bool = False, block_size: int = DEFAULT_BLOCK_SIZE) -> WanWindowAttnProcessor:
+                         compile: bool = False, block_size: int = DEFAULT_BLOCK_SIZE, full_backend: str = "auto",
+                         kernel_options: dict | None = None, window_backend: str = "flex") -> WanWindowAttnProcessor:
     """Install one shared ``WanWindowAttnProcessor`` on the self-attention of every block.
 
     Args:
@@ -221,7 +336,9 @@ def set_window_attention(transformer, mode: str = "window", window_frames: int =
         >>> proc = set_window_attention(transformer, "window", 8)
         >>> proc.set_layout(num_frames=50, tokens_per_frame=1792, num_memory=10, device="cuda")
     """
-    proc = WanWindowAttnProcessor(mode, window_frames, compile=compile, block_size=block_size)
+    proc = WanWindowAttnProcessor(mode, window_frames, compile=compile, block_size=block_size,
+                                  full_backend=full_backend, kernel_options=kernel_options,
+                                  window_backend=window_backend)
     for block in transformer.blocks:
         block.attn1.set_processor(proc)
     return proc

@@ -1,0 +1,375 @@
+"""Benchmark the AnyRecon generator at full size with random weights (GPU).
+
+The 14B Wan2.1 I2V transformer architecture (40 layers, width 5120, FFN 13824, 40 heads, 36 input
+channels, CLIP dimension 1280) is built on the meta device, materialised with ``to_empty`` and filled
+with random numbers on the GPU (seconds, not minutes); the VAE and the CLIP ViT-H/14 encoder likewise
+at their real configs. Inputs: 10 memory + 40 target frames at 512x896 (latent 64x112, 1792 tokens
+per frame, 89,600 tokens), 4 steps. Measured, each in this one process:
+
+- an attention micro-benchmark (one layer's self-attention at this size) per kernel;
+- the denoising loop with diffusers' stock attention processor, ours ``full`` and ours ``window``
+  (FlexAttention, compiled): seconds per step, 4-step total, peak GPU memory, achieved TFLOP/s;
+- VAE encode (50 frames, one latent each) and decode (40 frames), CLIP encode of frame 0;
+- memory modes: fp8 weight storage and group offloading (window attention).
+
+Results go to a JSON file as they come (a run cut short keeps what it measured).
+
+    python scripts/bench_generator.py --out $OUT/generator.json
+    python scripts/bench_generator.py --tiny --device cpu --out /tmp/bench.json   # code-path check on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backend.generators.anyrecon import AnyReconComponents, AnyReconConfig, AnyReconGenerator  # noqa: E402
+from backend.generators.window_attention import (WindowLayout, build_block_mask, window_attention_sdpa,  # noqa: E402
+                                                 window_density)
+
+WAN_I2V_14B = dict(  # Wan-AI/Wan2.1-I2V-14B-720P-Diffusers transformer/config.json
+    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280, added_kv_proj_dim=5120, rope_max_seq_len=1024,
+)
+CLIP_VIT_H14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                    image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
+TEXT_TOKENS = 512  # Wan's text context
+CLIP_TOKENS = 257  # 16x16 patches + class token
+DESIGN_PFLOP = {"full": 8.8, "window": 5.3}  # DESIGN.md section 5, per step
+INIT_STD = 0.02
+
+
+def flops_per_step(cfg: dict, tokens: int, density: float) -> float:
+    """Matmul FLOPs of one transformer forward (2 per multiply-add)."""
+    d, ffn, layers = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"], cfg["num_layers"]
+    linear = 2 * tokens * d * (4 * d + 2 * d + 2 * ffn)  # self q,k,v,o; cross q,o; ffn in/out
+    ctx = TEXT_TOKENS + CLIP_TOKENS
+    cross_kv = 2 * ctx * d * 4 * d  # k, v for text and image context
+    self_attn = 4 * tokens * tokens * d * density  # QK^T and PV
+    cross_attn = 4 * tokens * ctx * d
+    return float(layers * (linear + cross_kv + self_attn + cross_attn))
+
+
+@torch.no_grad()
+def random_init_(model: torch.nn.Module) -> None:
+    """Fill every parameter in place: norms' weights 1, biases 0, the rest N(0, INIT_STD)."""
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.zero_()
+        elif p.ndim == 1:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, INIT_STD)
+
+
+def build_transformer(cfg: dict, device: str, dtype: torch.dtype):
+    """The Wan transformer at ``cfg`` with random weights, built on meta then materialised on ``device``."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    with torch.device("meta"):
+        tr = WanTransformer3DModel(**cfg)
+    tr.to(dtype)
+    for name, module in tr.named_modules():  # the modules from_pretrained keeps in float32
+        if any(k in name.split(".") for k in tr._keep_in_fp32_modules):
+            module.to(torch.float32)
+    tr.scale_shift_table.data = tr.scale_shift_table.data.float()
+    tr.to_empty(device=device)
+    random_init_(tr)
+    tr.rope = WanRotaryPosEmbed(cfg["attention_head_dim"], cfg["patch_size"], cfg["rope_max_seq_len"]).to(device)
+    return tr.eval()
+
+
+def build_components(args, device: str) -> AnyReconComponents:
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    if args.tiny:
+        from backend.generators.tiny import tiny_anyrecon_components
+
+        c = tiny_anyrecon_components(0)
+        c.text_encoder = c.tokenizer = None
+        return c
+    t0 = time.perf_counter()
+    tr = build_transformer(WAN_I2V_14B, device, torch.bfloat16)
+    vae = AutoencoderKLWan().to(device).eval()  # the default config is Wan2.1's VAE
+    random_init_(vae)
+    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VIT_H14)).to(device).eval()
+    random_init_(clip)
+
+    class _Proc:  # CLIP normalisation of Wan's image processor
+        image_mean = [0.48145466, 0.4578275, 0.40821073]
+        image_std = [0.26862954, 0.26130258, 0.27577711]
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    torch.cuda.synchronize() if device.startswith("cuda") else None
+    print(f"built random components in {time.perf_counter() - t0:.1f} s", flush=True)
+    return AnyReconComponents(vae, tr, clip, _Proc(), sched, name="bench-random")
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_gb(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+class Results:
+    def __init__(self, path: Path, meta: dict) -> None:
+        self.path, self.data = path, {"meta": meta}
+        self.save()
+
+    def put(self, key: str, value) -> None:
+        self.data[key] = value
+        self.save()
+        print(key, json.dumps(value), flush=True)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=1))
+
+
+def bench_attention_kernels(args, res: Results, device: str, layout: WindowLayout, heads: int, head_dim: int) -> None:
+    """One self-attention call of the full-size sequence per kernel."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
+    L = layout.num_tokens
+    q, k, v = (torch.randn(1, heads, L, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
+    flex = torch.compile(flex_attention, dynamic=False) if device.startswith("cuda") else flex_attention
+    mask = build_block_mask(layout, device)
+    dense = 4 * L * L * heads * head_dim
+    dens = window_density(layout)
+    cases = {
+        "sdpa_auto": (lambda: F.scaled_dot_product_attention(q, k, v), None, 1.0),
+        "sdpa_cudnn": (lambda: F.scaled_dot_product_attention(q, k, v), [SDPBackend.CUDNN_ATTENTION], 1.0),
+        "sdpa_flash": (lambda: F.scaled_dot_product_attention(q, k, v), [SDPBackend.FLASH_ATTENTION], 1.0),
+        "flex_full": (lambda: flex(q, k, v), None, 1.0),
+        "flex_window": (lambda: flex(q, k, v, block_mask=mask), None, dens),
+        "sdpa_window_per_frame": (lambda: window_attention_sdpa(q, k, v, layout), None, dens),
+    }
+    out = {}
+    for name, (fn, backends, density) in cases.items():
+        try:
+            ctx = sdpa_kernel(backends) if backends else contextlib.nullcontext()
+            with ctx:
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                first = time.perf_counter() - t0
+                reps = args.attn_reps
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                sync(device)
+                sec = (time.perf_counter() - t0) / reps
+            out[name] = {"ms": round(sec * 1e3, 2), "first_call_s": round(first, 2),
+                         "tflops": round(dense * density / sec / 1e12, 1)}
+        except Exception as e:  # a kernel this GPU or build lacks: record and go on
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        res.put("attention_kernels", out)
+    del q, k, v
+
+
+def bench_denoise(args, res: Results, key: str, gen: AnyReconGenerator, inputs: dict, device: str,
+                  flops: float, warmup_steps: int) -> None:
+    y, pe, ie, num_memory = inputs["y"], inputs["prompt_embeds"], inputs["image_embeds"], inputs["num_memory"]
+    try:
+        if warmup_steps:
+            t0 = time.perf_counter()
+            gen.denoise(y, pe, ie, num_steps=warmup_steps, seed=0, num_memory=num_memory)
+            sync(device)
+            warm = time.perf_counter() - t0
+        else:
+            warm = 0.0
+        reset_peak(device)
+        stamps = []
+
+        def on_step(i: int) -> None:
+            sync(device)
+            stamps.append(time.perf_counter())
+
+        sync(device)
+        t0 = time.perf_counter()
+        lat = gen.denoise(y, pe, ie, num_steps=args.steps, seed=0, num_memory=num_memory, step_callback=on_step)
+        sync(device)
+        total = time.perf_counter() - t0
+        steps = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
+        res.put(key, {
+            "steps": args.steps, "total_s": round(total, 2), "step_s": [round(s, 2) for s in steps],
+            "warmup_s": round(warm, 1), "warmup_steps": warmup_steps, "peak_gb": round(peak_gb(device), 2),
+            "tflops": round(flops / (sum(steps) / len(steps)) / 1e12, 1), "pflop_per_step": round(flops / 1e15, 2),
+            "finite": bool(torch.isfinite(lat).all()),
+        })
+    except Exception as e:
+        res.put(key, {"error": f"{type(e).__name__}: {str(e)[:300]}"})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny random models at tiny sizes (CPU code-path check)")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--targets", type=int, default=40)
+    ap.add_argument("--memory", type=int, default=10)
+    ap.add_argument("--height", type=int, default=512)
+    ap.add_argument("--width", type=int, default=896)
+    ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--attn-reps", type=int, default=5)
+    ap.add_argument("--modes", default="kernels,stock,window,full,window_sdpa,vae,fp8,group_offload")
+    ap.add_argument("--full-backend", default="auto")
+    ap.add_argument("--compile-blocks", action="store_true", help="torch.compile each block in our modes")
+    args = ap.parse_args()
+    if args.tiny:
+        args.height, args.width, args.targets, args.memory, args.window = 32, 48, 4, 2, 1
+    device = args.device
+    modes = args.modes.split(",")
+    torch.manual_seed(0)
+
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(), "torch": torch.__version__, "python": platform.python_version(),
+            "frames": {"memory": args.memory, "targets": args.targets}, "size": [args.height, args.width],
+            "steps": args.steps, "window": args.window}
+    if device.startswith("cuda"):
+        meta["gpu"] = torch.cuda.get_device_name()
+    import diffusers
+
+    meta["diffusers"] = diffusers.__version__
+    res = Results(args.out, meta)
+
+    comps = build_components(args, device)
+    tcfg = comps.transformer.config
+    n = args.memory + args.targets
+    h, w = args.height // 8, args.width // 8
+    tokens_per_frame = (h // tcfg.patch_size[1]) * (w // tcfg.patch_size[2])
+    layout = WindowLayout(n, tokens_per_frame, args.memory, args.window)
+    dens = window_density(layout)
+    cfg_dict = {k: tcfg[k] for k in ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers")}
+    flops = {"full": flops_per_step(cfg_dict, layout.num_tokens, 1.0),
+             "window": flops_per_step(cfg_dict, layout.num_tokens, dens)}
+    res.put("layout", {"tokens": layout.num_tokens, "tokens_per_frame": tokens_per_frame, "window_density": round(dens, 4),
+                       "pflop_per_step": {k: round(v / 1e15, 2) for k, v in flops.items()},
+                       "design_pflop_per_step": DESIGN_PFLOP})
+
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    inputs = {
+        "y": torch.randn(1, 20, n, h, w, device=device),
+        "prompt_embeds": torch.randn(1, TEXT_TOKENS, tcfg.text_dim, device=device, dtype=dtype),
+        "image_embeds": torch.randn(1, CLIP_TOKENS if not args.tiny else 17, tcfg.image_dim, device=device, dtype=dtype),
+        "num_memory": args.memory,
+    }
+    base = dict(dtype="float32" if args.tiny else "bfloat16", window_frames=args.window,
+                compile_attention=device.startswith("cuda"), full_backend=args.full_backend)
+
+    if "kernels" in modes:
+        bench_attention_kernels(args, res, device, layout, tcfg.num_attention_heads, tcfg.attention_head_dim)
+        reset_peak(device)
+    # stock first: our modes may compile the blocks in place (--compile-blocks)
+    denoise_modes = {"stock": dict(attention="stock"), "window": dict(attention="window"),
+                     "full": dict(attention="full"), "window_sdpa": dict(attention="window", window_backend="sdpa")}
+    for mode, over in denoise_modes.items():
+        if mode in modes:
+            ours = mode != "stock"
+            compiled = ours and args.compile_blocks
+            gen = AnyReconGenerator(comps, AnyReconConfig(**over, compile_blocks=compiled, **base), device=device)
+            # one full-size step first where something compiles for this shape (FlexAttention, blocks);
+            # otherwise the kernels were warmed by the micro-benchmark at the same shapes
+            warm = 1 if (mode == "window" or compiled) else 0
+            key = f"denoise_{mode}" + ("_compiled" if compiled else "")
+            bench_denoise(args, res, key, gen, inputs, device, flops["full" if over["attention"] != "window" else "window"],
+                          warmup_steps=warm)
+            del gen
+            reset_peak(device)
+
+    if "vae" in modes:
+        gen = AnyReconGenerator(comps, AnyReconConfig(attention="full", vae_slicing=True, **base), device=device)
+        video = torch.rand(n, 3, args.height, args.width, device=device) * 2 - 1
+        out = {}
+        try:
+            gen.encode_image(video[0])
+            sync(device)
+            t0 = time.perf_counter()
+            gen.encode_image(video[0])
+            sync(device)
+            out["clip_s"] = round(time.perf_counter() - t0, 3)
+            gen.encode_frames(video[:1])
+            reset_peak(device)
+            t0 = time.perf_counter()
+            lat = gen.encode_frames(video)
+            sync(device)
+            out["vae_encode_s"] = round(time.perf_counter() - t0, 2)
+            out["vae_encode_frames"] = n
+            t0 = time.perf_counter()
+            gen.decode(lat[:, :, args.memory:])
+            sync(device)
+            out["vae_decode_s"] = round(time.perf_counter() - t0, 2)
+            out["vae_decode_frames"] = args.targets
+            out["vae_peak_gb_with_transformer_resident"] = round(peak_gb(device), 2)
+        except Exception as e:
+            out["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        res.put("encoders", out)
+        del gen, video
+        reset_peak(device)
+
+    if "fp8" in modes:
+        # fp8 storage, bf16 compute, window attention: the weights shrink to ~14 GB on the GPU.
+        try:
+            tr = comps.transformer
+            tr.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+            gen = AnyReconGenerator(comps, AnyReconConfig(attention="window", **base), device=device)
+            reset_peak(device)
+            bench_denoise(args, res, "denoise_window_fp8", gen, inputs, device, flops["window"], warmup_steps=0)
+            res.data["denoise_window_fp8"]["weights_gb"] = round(sum(p.numel() * p.element_size() for p in tr.parameters()) / 2**30, 2)
+            res.save()
+            del gen
+        except Exception as e:
+            res.put("denoise_window_fp8", {"error": f"{type(e).__name__}: {str(e)[:300]}"})
+        reset_peak(device)
+
+    if "group_offload" in modes:
+        # Fresh bf16 weights on the CPU (the fp8 ones above are not the same model), streamed block by block.
+        try:
+            comps.transformer = tr = None
+            gc.collect()
+            torch.cuda.empty_cache() if device.startswith("cuda") else None
+            t0 = time.perf_counter()
+            tr = build_transformer(WAN_I2V_14B, device, torch.bfloat16) if not args.tiny else build_components(args, "cpu").transformer
+            tr.to("cpu")
+            comps.transformer = tr
+            gen = AnyReconGenerator(comps, AnyReconConfig(attention="window", memory_mode="group_offload", **base),
+                                    device=device)
+            setup = time.perf_counter() - t0
+            reset_peak(device)
+            bench_denoise(args, res, "denoise_window_group_offload", gen, inputs, device, flops["window"], warmup_steps=0)
+            res.data["denoise_window_group_offload"]["setup_s"] = round(setup, 1)
+            res.save()
+        except Exception as e:
+            res.put("denoise_window_group_offload", {"error": f"{type(e).__name__}: {str(e)[:300]}"})
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()

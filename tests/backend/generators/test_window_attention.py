@@ -1,0 +1,122 @@
+"""Context-window attention: block mask == dense boolean mask; the processor inside a Wan transformer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backend.generators.window_attention import (WanWindowAttnProcessor, WindowLayout, build_block_mask,
+                                                 dense_window_mask, set_window_attention, window_attention_sdpa,
+                                                 window_density)
+
+LAYOUTS = [  # (frames, tokens per frame, memory frames, window, block size)
+    (7, 10, 2, 1, 16),  # frames straddle blocks
+    (6, 32, 0, 2, 16),  # no memory
+    (9, 16, 3, 2, 16),  # frames are whole blocks (as at 512x896: 1792 = 14 x 128)
+    (5, 13, 5, 1, 8),  # memory only
+    (12, 24, 3, 8, 32),  # window wider than the sequence
+]
+
+
+def _qkv(n_tokens: int, heads: int = 2, dim: int = 8, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, heads, n_tokens, dim, generator=g) for _ in range(3)]
+
+
+def test_dense_mask_semantics() -> None:
+    lay = WindowLayout(num_frames=8, tokens_per_frame=1, num_memory=2, window_frames=1)
+    m = dense_window_mask(lay)
+    assert m[:2, :2].all() and not m[:2, 2:].any()  # memory sees memory only
+    assert m[2:, :2].all()  # every sequence frame sees all memory
+    assert m[5, 4] and m[5, 6] and m[5, 5] and not m[5, 3] and not m[5, 7]  # +-1 neighbours
+    assert m[2, 3] and not m[2, 4]
+    assert window_density(lay) == pytest.approx(float(m.float().mean()))
+
+
+@pytest.mark.parametrize("frames,tpf,mem,win,bs", LAYOUTS)
+def test_block_mask_matches_create_block_mask(frames: int, tpf: int, mem: int, win: int, bs: int) -> None:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from backend.generators.window_attention import window_mask_mod
+
+    lay = WindowLayout(frames, tpf, mem, win)
+    ours = build_block_mask(lay, "cpu", bs)
+    ref = create_block_mask(window_mask_mod(lay), None, None, lay.num_tokens, lay.num_tokens, device="cpu", BLOCK_SIZE=bs)
+    assert torch.equal(ours.to_dense(), ref.to_dense())
+    assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)
+    assert torch.equal(ours.kv_num_blocks, ref.kv_num_blocks)
+
+
+@pytest.mark.parametrize("frames,tpf,mem,win,bs", LAYOUTS)
+def test_flex_block_mask_equals_dense_mask_attention(frames: int, tpf: int, mem: int, win: int, bs: int) -> None:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    lay = WindowLayout(frames, tpf, mem, win)
+    q, k, v = _qkv(lay.num_tokens)
+    out = flex_attention(q, k, v, block_mask=build_block_mask(lay, "cpu", bs))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_window_mask(lay))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    full = F.scaled_dot_product_attention(q, k, v)
+    if not dense_window_mask(lay).all():
+        assert (out - full).abs().max() > 1e-3  # the mask changes the result
+
+
+@pytest.mark.parametrize("frames,tpf,mem,win", [(7, 10, 2, 1), (6, 4, 0, 2), (30, 2, 3, 3), (5, 3, 5, 1), (4, 3, 1, 0)])
+def test_per_frame_sdpa_equals_dense_mask_attention(frames: int, tpf: int, mem: int, win: int) -> None:
+    lay = WindowLayout(frames, tpf, mem, win)
+    q, k, v = _qkv(lay.num_tokens, seed=1)
+    out = window_attention_sdpa(q, k, v, lay)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_window_mask(lay))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def _tiny_transformer_inputs(frames: int = 5):
+    from backend.generators.tiny import tiny_anyrecon_components
+
+    tr = tiny_anyrecon_components(0).transformer
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 36, frames, 4, 6, generator=g)  # 6 tokens per frame after 2x2 patches
+    kw = dict(timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 512, 32, generator=g),
+              encoder_hidden_states_image=torch.randn(1, 17, 4, generator=g), return_dict=False)
+    return tr, x, kw
+
+
+def test_processor_in_transformer_matches_stock_and_masks() -> None:
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    tr, x, kw = _tiny_transformer_inputs()
+    with torch.no_grad():
+        stock = tr(x, **kw)[0]
+        set_window_attention(tr, "full")
+        full = tr(x, **kw)[0]
+        proc = set_window_attention(tr, "window", window_frames=4)  # no memory, window covers all 5 frames
+        proc.set_layout(5, 6, 0, "cpu")
+        wide = tr(x, **kw)[0]
+        for backend in ("flex", "sdpa"):
+            proc = set_window_attention(tr, "window", window_frames=1, window_backend=backend)
+            proc.set_layout(5, 6, 1, "cpu")
+            narrow = tr(x, **kw)[0]
+            assert (narrow - full).abs().max() > 1e-4, backend
+            if backend == "flex":
+                narrow_flex = narrow
+        for block in tr.blocks:
+            block.attn1.set_processor(WanAttnProcessor())
+    torch.testing.assert_close(full, stock, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(wide, stock, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(narrow, narrow_flex, atol=1e-5, rtol=1e-4)
+    assert all(b.attn2.processor.__class__.__name__ == "WanAttnProcessor" for b in tr.blocks)  # cross-attn untouched
+
+
+def test_processor_rejects_bad_use() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        WanWindowAttnProcessor("sparse")
+    with pytest.raises(ValueError, match="window_backend"):
+        WanWindowAttnProcessor("window", window_backend="xformers")
+    with pytest.raises(ValueError, match="num_memory"):
+        WindowLayout(num_frames=3, tokens_per_frame=4, num_memory=4)
+    tr, x, kw = _tiny_transformer_inputs()
+    proc = set_window_attention(tr, "window", window_frames=1)
+    proc.set_layout(4, 6, 1, "cpu")  # 24 tokens, the input has 30
+    with torch.no_grad(), pytest.raises(ValueError, match="set_layout"):
+        tr(x, **kw)

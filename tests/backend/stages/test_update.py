@@ -19,7 +19,7 @@ MEMORY_IDS = (6, 7)  # memory from two captures...
 FRAME_IDS = [8, 9]  # ...and two real photos further round the ring play the generated frames
 FILLED_CONFIDENCE = 0.5  # what a generator gives pixels it invented
 # The stereo range comes from the rendered depths (tight), so fewer planes than the initial MVS.
-CFG = UpdateConfig(stereo=MVSConfig(max_side=TEST_SIDE, num_planes=32, num_neighbors=3))
+CFG = UpdateConfig(stereo=MVSConfig(max_side=TEST_SIDE, num_planes=32, num_neighbors=3), stereo_stride=1)
 
 
 @functools.lru_cache(maxsize=1)
@@ -58,7 +58,7 @@ def test_memory_stays_bounded(temple_dir):
     assert len(again) <= 1.05 * len(updated)  # the same frames add (almost) nothing the second time
     one = Views(frames.images[:1], frames.cams[0], [-1])  # one frame is enough to overflow the cap
     one_render = Renders(renders.rgb[:1], renders.depth[:1], renders.mask[:1], renders.source[:1])
-    capped = update_memory(memory, one, one_render, confidence[:1], captures, UpdateConfig(stereo=CFG.stereo, max_points=2000))
+    capped = update_memory(memory, one, one_render, confidence[:1], captures, UpdateConfig(stereo=CFG.stereo, stereo_stride=1, max_points=2000))
     assert len(capped) == 2000
 
 

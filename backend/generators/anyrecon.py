@@ -185,12 +185,20 @@ class AnyReconGenerator:
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str = HUB_ID, lora_path: str | os.PathLike | None = None, *,
                         config: AnyReconConfig = AnyReconConfig(dtype="bfloat16", height=512, width=896,
-                                                                attention="window", compile_attention=True),
+                                                                attention="window", window_backend="sdpa",
+                                                                compile_attention=True, compile_blocks=True),
                         device: torch.device | str = "cuda", local_files_only: bool = False) -> "AnyReconGenerator":
         """Load the Wan2.1 I2V diffusers weights from a folder or hub id, merge AnyRecon's LoRA.
 
         The VAE and CLIP run in float32 (as diffusers' Wan pipelines advise), the transformer in
         ``config.dtype``. The UMT5 text encoder is loaded only when a prompt is not in the text cache.
+        The default config is the fastest measured on an H200 (docs/benchmarks.md, "Generator"): bf16,
+        512x896, +-8-frame window attention with the per-frame SDPA kernel, compiled blocks.
+
+        Args:
+            path_or_hub_id: a diffusers-format folder or ``Wan-AI/Wan2.1-I2V-14B-720P-Diffusers``.
+            lora_path: AnyRecon's ``full_attention.ckpt`` (DiffSynth names; converted and merged).
+            local_files_only: never reach the hub (folders, or a hub cache filled earlier).
         """
         from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection

@@ -23,6 +23,7 @@ TICK_S = 0.1  # timer interval while a job runs
 TICK_BUSY_S = 0.01  # ...while files are downloading
 DEFAULT_TIMEOUT_S = 3600.0  # background mode: give up (and cancel) after this long
 POPUP_TITLE = "ReconLoop"
+PROGRESS_LINES = 10  # background mode prints progress in tenths
 IMPORTS_COLLECTION = "ReconLoop imports"
 
 
@@ -216,12 +217,19 @@ def _start_job(context, driver: connection.JobDriver, importer: ResultImporter, 
 
 
 def _driver_hooks(driver: connection.JobDriver, importer: ResultImporter) -> None:
+    printed = {"line": ""}
+
     def on_progress(p):
         if driver.job and not importer.job:
             importer.job = driver.job
         if driver.job:
             _runtime().job = driver.job
         _show_progress(p)
+        if bpy.app.background:  # headless: a line per stage and per tenth of the way
+            line = f"ReconLoop: {p.stage or p.state} {int(p.fraction * PROGRESS_LINES) * 100 // PROGRESS_LINES}%"
+            if line != printed["line"]:
+                printed["line"] = line
+                print(f"{line} {p.message[:100]}", flush=True)
 
     def on_file(kind, name, path):
         importer.job = driver.job

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_pure_modules_do_not_import_bpy():
     code = (
         "import sys\n"
-        "import blender_addon.cameras, blender_addon.scene_io, blender_addon.errors\n"
+        "import blender_addon, blender_addon.cameras, blender_addon.scene_io, blender_addon.errors, blender_addon.connection\n"
         "bad = sorted(m for m in sys.modules if m == 'bpy' or m.startswith(('bpy.', 'mathutils', 'torch')))\n"
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"
@@ -189,3 +189,33 @@ def test_parse_cameras_json_to_blender():
 
 def test_srgb_to_linear():
     np.testing.assert_allclose(scene_io.srgb_to_linear(np.array([0.0, 0.5, 1.0])), [0.0, 0.21404114, 1.0], atol=1e-6)
+
+
+def test_service_command_and_hello_text():
+    from blender_addon import connection
+
+    cfg = connection.ConnectionConfig(local_python="/opt/py/bin/python", local_device="cpu", data_dir="/tmp/jobs")
+    assert connection.service_command(cfg, "tcp://127.0.0.1:5000") == [
+        "/opt/py/bin/python", "-m", "backend.cli", "serve", "--bind", "tcp://127.0.0.1:5000", "--device", "cpu",
+        "--data-dir", "/tmp/jobs",
+    ]
+    cfg = connection.ConnectionConfig(local_command="conda run -n recon reconloop")
+    assert connection.service_command(cfg, "tcp://127.0.0.1:5000")[:6] == [
+        "conda", "run", "-n", "recon", "reconloop", "serve"]
+    text = connection.describe_hello({"server": "0.1.0", "version": 1, "device": "cuda:0", "generators": ["reproject", "anyrecon"],
+                                      "gpu": {"name": "H100", "total_bytes": 80 << 30, "free_bytes": 60 << 30}})
+    assert text == ("ReconLoop 0.1.0 (protocol 1); device cuda:0; H100: 60.0 of 80.0 GiB free; "
+                    "generators: reproject, anyrecon")
+
+
+def test_half_set_keys_are_refused(tmp_path):
+    from blender_addon import connection
+
+    key = tmp_path / "server.key"
+    key.write_text("x")
+    cfg = connection.ConnectionConfig(mode="remote", remote_address="tcp://127.0.0.1:1", server_key_file=str(key))
+    with pytest.raises(ReconLoopError, match="needs both files"):
+        connection.make_client(cfg.remote_address, cfg)
+    cfg = connection.ConnectionConfig(mode="remote", server_key_file=str(key), client_key_file=str(tmp_path / "missing"))
+    with pytest.raises(ReconLoopError, match="key file not found"):
+        connection.make_client(cfg.remote_address, cfg)

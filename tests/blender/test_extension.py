@@ -188,6 +188,14 @@ def test_reconstruct_temple_against_local_service(installed, temple_dir, tmp_pat
         assert bpy.ops.reconloop.reconstruct(output_dir=str(out), timeout_s=JOB_TIMEOUT_S) == {"FINISHED"}
         service = connection.SESSION.service
         assert service is not None and service.is_running()
+        job = bpy.context.window_manager.reconloop.job
+        # Past jobs: listed by the service, and re-imported into a collection of their own.
+        assert bpy.ops.reconloop.refresh_jobs() == {"FINISHED"}
+        listed = {j.job: j.state for j in bpy.context.window_manager.reconloop.jobs}
+        assert listed.get(job) == "done", listed
+        assert bpy.ops.reconloop.import_job(job=job) == {"FINISHED"}
+        again = bpy.data.collections[f"ReconLoop job {job[:8]}"]
+        assert {o.get("reconloop_kind") for o in again.objects} >= {"points", "gaussians"}
     finally:
         bpy.ops.reconloop.stop_service()
     assert service.proc.returncode is not None, "the local service was not stopped"

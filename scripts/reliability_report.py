@@ -55,7 +55,9 @@ def read_results(xml_path: Path) -> tuple[list[dict], Counter, dict[str, str]]:
         props = [(p.get("name"), p.get("value")) for p in case.iter("property")]  # in recording order
         mine = []
         for name, value in props:
-            if name in ("socket_messages_total", "bulk_messages", "bulk_seconds", "cancel_s", "peak_growth_mib"):
+            if name == "socket_messages":  # one per fuzz test: add them up
+                figures["socket_messages_total"] = str(int(figures.get("socket_messages_total", 0)) + int(value))
+            elif name in ("bulk_messages", "bulk_seconds", "cancel_s", "peak_growth_mib", "real_loop_cancel_s"):
                 figures[name] = value
             elif name == "category":  # a test may record several rows: each starts with its category
                 mine.append({"category": value, "status": status, "test": f"{file}::{case.get('name')}"})

@@ -48,7 +48,7 @@ BATCH = 32  # messages in flight before their replies are read (one DEALER keeps
 REPLY_TIMEOUT_MS = 10_000
 FRAME_LIMIT = 1 << 20  # the fuzzed service's socket limit: frames over it are dropped
 HYPOTHESIS_EXAMPLES = 150
-TOTAL = collections.Counter()  # class -> messages sent through the socket (for the report)
+TOTAL = collections.Counter()  # class -> messages sent through the socket by this process
 
 CLASSES = (
     "garbage bytes",
@@ -423,6 +423,14 @@ class Sender:
         self.sock.close()
 
 
+@pytest.fixture
+def counted(record_property):
+    """Records how many messages the test sent through the socket (the report adds them up)."""
+    before = sum(TOTAL.values())
+    yield
+    record_property("socket_messages", sum(TOTAL.values()) - before)
+
+
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory):
     job_limits = limits.JobLimits(max_frame_bytes=FRAME_LIMIT, max_queued_jobs=100_000)
@@ -453,7 +461,7 @@ def assert_alive_and_working(svc, thread) -> dict[str, str]:
 # Tests
 
 
-def test_bulk_mutated_messages(fuzzed, record_property):
+def test_bulk_mutated_messages(fuzzed, counted, record_property):
     svc, thread, job = fuzzed
     mutator = Mutator(random.Random(SEED), base_messages(job, "summary.json"))
     sender = Sender(svc.endpoint)
@@ -470,10 +478,11 @@ def test_bulk_mutated_messages(fuzzed, record_property):
         row(record_property, "bad input", f"{name}: {sum(codes.values())} mutated messages",
             "every one answered: " + ", ".join(f"{code} {n}" for code, n in codes.most_common()))
     record_property("bulk_messages", sum(sum(c.values()) for c in sender.codes.values()))
+    assert sum(TOTAL[name] for name in CLASSES) >= BULK_MESSAGES - 10
     record_property("bulk_seconds", round(took_s, 1))
 
 
-def test_frames_over_the_socket_limit_are_dropped_cleanly(fuzzed, record_property):
+def test_frames_over_the_socket_limit_are_dropped_cleanly(fuzzed, counted, record_property):
     svc, thread, job = fuzzed
     for size in (FRAME_LIMIT + 1, 4 * FRAME_LIMIT):
         sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -508,7 +517,7 @@ def hsender(fuzzed):
 
 @HYP
 @given(data=st.data())
-def test_hypothesis_wrong_value_at_every_path(hsender, data):
+def test_hypothesis_wrong_value_at_every_path(hsender, counted, data):
     sender, bases = hsender
     msg = copy.deepcopy(data.draw(st.sampled_from(bases)))
     for _ in range(4):
@@ -525,7 +534,7 @@ def test_hypothesis_wrong_value_at_every_path(hsender, data):
 @HYP
 @given(index=st.one_of(st.integers(-3, 5), st.text(max_size=3), st.none()), dtype=st.one_of(st.sampled_from(DTYPES), st.text(max_size=8)),
        shape=st.one_of(st.lists(st.integers(-2, 2**40), max_size=6), st.integers(), st.none()), frame=st.binary(max_size=64))
-def test_hypothesis_array_references(hsender, index, dtype, shape, frame):
+def test_hypothesis_array_references(hsender, counted, index, dtype, shape, frame):
     sender, bases = hsender
     ref = {"__array__": index, "dtype": dtype, "shape": shape}
     for field in ("w2c", "K"):
@@ -542,10 +551,11 @@ finite = st.floats(allow_nan=True, allow_infinity=True, width=64)
 @HYP
 @given(w2c=st.lists(finite, min_size=16, max_size=16), K=st.lists(finite, min_size=9, max_size=9),
        width=st.integers(-5, 5000), height=st.integers(-5, 5000), dtype=st.sampled_from(("float32", "float64", "float16", "int32")))
-def test_hypothesis_cameras(hsender, w2c, K, width, height, dtype):
+def test_hypothesis_cameras(hsender, counted, w2c, K, width, height, dtype):
     sender, bases = hsender
     msg = copy.deepcopy(bases[1])
-    cam = {"w2c": np.array(w2c).reshape(4, 4).astype(dtype), "K": np.array(K).reshape(3, 3).astype(dtype), "width": width, "height": height}
+    with np.errstate(invalid="ignore", over="ignore"):  # nan and inf cast to int32 or float16 on purpose
+        cam = {"w2c": np.array(w2c).reshape(4, 4).astype(dtype), "K": np.array(K).reshape(3, 3).astype(dtype), "width": width, "height": height}
     msg["scene"]["trajectory"][0]["camera"] = cam
     sender.send("bad cameras", pack(msg))
     msg["scene"]["captures"][1]["camera"] = cam
@@ -555,7 +565,7 @@ def test_hypothesis_cameras(hsender, w2c, K, width, height, dtype):
 @HYP
 @given(prefix=st.sampled_from((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"")), body=st.binary(max_size=200),
        raw=st.tuples(st.integers(0, 40), st.integers(0, 40), st.integers(0, 6)))
-def test_hypothesis_images(hsender, prefix, body, raw):
+def test_hypothesis_images(hsender, counted, prefix, body, raw):
     sender, bases = hsender
     msg = copy.deepcopy(bases[1])
     msg["scene"]["captures"][0]["image"] = prefix + body
@@ -566,7 +576,7 @@ def test_hypothesis_images(hsender, prefix, body, raw):
 
 @HYP
 @given(frames=st.lists(st.binary(max_size=300), min_size=1, max_size=6))
-def test_hypothesis_garbage_frames(hsender, frames):
+def test_hypothesis_garbage_frames(hsender, counted, frames):
     sender, _ = hsender
     sender.send("garbage bytes", frames)
 
@@ -585,12 +595,3 @@ def test_codec_in_process_raises_only_protocol_errors(record_property):
     assert sum(seen.values()) == CODEC_MESSAGES
     row(record_property, "bad input", f"codec alone (no socket): {CODEC_MESSAGES} mutated messages of all classes",
         "only ProtocolError raised: " + ", ".join(f"{c} {n}" for c, n in seen.most_common()))
-
-
-def test_zz_total_messages_through_the_socket(record_property):
-    """Runs last in this module (same xdist group): the count across all fuzz tests above."""
-    total = sum(TOTAL.values())
-    assert total >= BULK_MESSAGES, TOTAL
-    record_property("socket_messages_total", total)
-    row(record_property, "bad input", f"all fuzz tests together: {total} messages through the socket",
-        "every one answered with a valid reply, or (over the frame limit) dropped cleanly; service up; a valid job afterwards done, sha256 verified")

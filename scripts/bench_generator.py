@@ -338,8 +338,7 @@ def main() -> None:
         # fp8 storage, bf16 compute, window attention: the weights shrink to ~14 GB on the GPU.
         try:
             tr = comps.transformer
-            tr.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
-            gen = AnyReconGenerator(comps, AnyReconConfig(attention="window", **base), device=device)
+            gen = AnyReconGenerator(comps, AnyReconConfig(attention="window", memory_mode="fp8", **base), device=device)
             reset_peak(device)
             bench_denoise(args, res, "denoise_window_fp8", gen, inputs, device, flops["window"], warmup_steps=0)
             res.data["denoise_window_fp8"]["weights_gb"] = round(sum(p.numel() * p.element_size() for p in tr.parameters()) / 2**30, 2)

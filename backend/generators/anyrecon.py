@@ -50,6 +50,7 @@ HUB_ID = "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers"  # the base model AnyRecon fine-
 MEMORY_MODES = ("none", "model_offload", "group_offload", "fp8")
 ATTENTION_CHOICES = ("stock",) + ATTENTION_MODES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CACHE_KEY_CHARS = 32  # hex characters of the sha256 naming a cached prompt embedding
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,9 @@ class AnyReconGenerator:
             device = next(tr.parameters()).device
         self.device = torch.device(device)
         self.dtype = DTYPES[config.dtype]
-        self.vae_scale = int(getattr(components.vae.config, "scale_factor_spatial", 2 ** len(components.vae.temperal_downsample)))
+        self.vae_scale = int(components.vae.config.scale_factor_spatial)  # 8 for Wan2.1's VAE
+        if config.memory_mode != "fp8" and tr.dtype != self.dtype:
+            raise ValueError(f"AnyRecon: transformer weights are {tr.dtype}; AnyReconConfig.dtype says {config.dtype}")
         self.patch = tuple(tr.config.patch_size)
         self.processor: WanWindowAttnProcessor | None = None
         if config.attention == "stock":
@@ -232,7 +235,7 @@ class AnyReconGenerator:
         image_encoder.to("cpu" if config.memory_mode == "model_offload" else device)
         components = AnyReconComponents(vae, transformer, image_encoder, image_processor, scheduler,
                                         text_encoder_loader=load_text_encoder,
-                                        name=f"{path_or_hub_id}|{lora_path or ''}")
+                                        name=str(path_or_hub_id))
         return cls(components, config, device=device)
 
     def _apply_memory_mode(self) -> None:
@@ -333,7 +336,7 @@ class AnyReconGenerator:
         # run without the text encoder finds what a run with it wrote
         ident = {"prompt": prompt, "max_len": self.config.max_sequence_length, "model": c.name,
                  "dim": int(c.transformer.config.text_dim)}
-        key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+        key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:CACHE_KEY_CHARS]
         return Path(root) / f"{key}.safetensors"
 
     @torch.no_grad()

@@ -21,6 +21,14 @@ W, H = 64, 48  # multiples of 16: no resizing
 N_MEMORY, N_CARRIED, N_TARGETS = 2, 1, 3
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models; two pytest workers share two cores
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def components():
     return tiny_anyrecon_components(0)
@@ -161,6 +169,8 @@ def test_bad_inputs_and_config(components, temple_cond: ConditionVideo, tmp_path
         gen.generate(bad, num_steps=2, seed=0)
     with pytest.raises(ValueError, match="num_steps"):
         gen.generate(temple_cond, num_steps=0, seed=0)
+    with pytest.raises(ValueError, match="AnyReconConfig.dtype"):
+        AnyReconGenerator(components, AnyReconConfig(dtype="bfloat16"))
     for kw, match in [({"height": 50, "width": 64}, "multiple of 16"), ({"attention": "sparse"}, "attention"),
                       ({"memory_mode": "swap"}, "memory_mode"), ({"guidance_scale": 0.5}, "guidance_scale")]:
         with pytest.raises(ValueError, match=match):
@@ -192,3 +202,32 @@ def test_runs_inside_the_loop_by_name(components, tmp_path: Path) -> None:
     conf = result.frames.confidence
     assert set(torch.unique(conf).tolist()) <= {0.5, 1.0} and (conf == 1.0).any()
     assert len(list((tmp_path / "job").rglob("*.png"))) >= 8
+
+
+def test_from_pretrained_local_folder_with_lora(components, temple_cond: ConditionVideo, tmp_path: Path) -> None:
+    """The real loading path on a diffusers-layout folder of the tiny models (no hub), LoRA merged."""
+    from tests.backend.generators.test_anyrecon_lora import diffsynth_lora
+
+    root = tmp_path / "wan"
+    for sub in ("vae", "transformer", "image_encoder", "image_processor", "text_encoder", "tokenizer"):
+        obj = getattr(components, sub) if sub != "image_processor" else components.image_processor
+        if sub == "transformer":
+            from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+            for block in obj.blocks:  # save with diffusers' own processors
+                block.attn1.set_processor(WanAttnProcessor())
+        obj.save_pretrained(root / sub)
+    cfg = components.transformer.config
+    lora = diffsynth_lora(cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim, cfg.ffn_dim,
+                          prefix="diffusion_model.")
+    torch.save(lora, tmp_path / "full_attention.ckpt")
+    config = AnyReconConfig(text_cache_dir=str(tmp_path / "text"), attention="window", window_frames=2)
+    plain = AnyReconGenerator.from_pretrained(str(root), config=config, device="cpu", local_files_only=True)
+    merged = AnyReconGenerator.from_pretrained(str(root), tmp_path / "full_attention.ckpt", config=config,
+                                               device="cpu", local_files_only=True)
+    a = plain.generate(temple_cond, num_steps=1, seed=0)  # loads the text encoder on demand, caches the prompt
+    assert len(list((tmp_path / "text").glob("*.safetensors"))) == 1
+    b = merged.generate(temple_cond, num_steps=1, seed=0)
+    ref = _gen(components, tmp_path / "ref", attention="window", window_frames=2).generate(temple_cond, num_steps=1, seed=0)
+    torch.testing.assert_close(a.images, ref.images, atol=1e-5, rtol=1e-4)
+    assert (a.images - b.images).abs().max() > 1e-5  # the LoRA changes the transformer

@@ -24,6 +24,8 @@ from .types import Cameras, GeometryMemory, Renders
 INDEX_BITS = 32  # low bits of the packed z-buffer key hold the point index
 EMPTY_SOURCE = -1  # source id where nothing was rendered (DESIGN.md section 3: -1 = generated/none)
 PIXEL_CENTER = 0.5  # pixel i spans [i, i+1] (DESIGN.md section 3), so its centre is i + 0.5
+MAX_FOOTPRINT_RADIUS = 64  # largest allowed max_radius_px
+OFF_IMAGE = -(MAX_FOOTPRINT_RADIUS + 1.0)  # a pixel coordinate whose footprint misses the image
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,8 @@ class RenderConfig:
     def check(self) -> None:
         if self.radius_px < 0:
             raise ValueError(f"RenderConfig.radius_px must be >= 0; got {self.radius_px}")
-        if self.max_radius_px < 0:
-            raise ValueError(f"RenderConfig.max_radius_px must be >= 0; got {self.max_radius_px}")
+        if not 0 <= self.max_radius_px <= MAX_FOOTPRINT_RADIUS:
+            raise ValueError(f"RenderConfig.max_radius_px must be in [0, {MAX_FOOTPRINT_RADIUS}]; got {self.max_radius_px}")
         if self.point_size < 0:
             raise ValueError(f"RenderConfig.point_size must be >= 0; got {self.point_size}")
         if self.near <= 0:
@@ -104,9 +106,7 @@ def backproject(depth: Tensor, cams: Cameras) -> Tensor:
 
 
 def _footprint_radius(z: Tensor, fx: Tensor, cfg: RenderConfig) -> Tensor:
-    """Per-candidate footprint half-size in pixels. int64, same shape as ``z``."""
-    if cfg.point_size <= 0:
-        return torch.full_like(z, min(cfg.radius_px, cfg.max_radius_px), dtype=torch.int64)
+    """Per-candidate footprint half-size in pixels for ``cfg.point_size`` > 0. int64, shape of ``z``."""
     radius = fx * cfg.point_size / (2.0 * z.clamp_min(cfg.near))
     return radius.round().clamp(0, cfg.max_radius_px).to(torch.int64)
 
@@ -140,7 +140,7 @@ def render_memory(memory: GeometryMemory, cams: Cameras, cfg: RenderConfig = Ren
     if n >= 1 << INDEX_BITS:
         raise ValueError(f"render_memory: at most {1 << INDEX_BITS} points; got {n}")
     empty_key = torch.iinfo(torch.int64).max
-    keys = torch.full((C * H * W,), empty_key, dtype=torch.int64, device=device)
+    keys = torch.full((C * H * W + 1,), empty_key, dtype=torch.int64, device=device)  # + 1 spare slot
     if n:
         max_r = cfg.max_radius_px if cfg.point_size > 0 else min(cfg.radius_px, cfg.max_radius_px)
         side = 2 * max_r + 1
@@ -150,6 +150,7 @@ def render_memory(memory: GeometryMemory, cams: Cameras, cfg: RenderConfig = Ren
         for c0 in range(0, C, cams_per_chunk):
             chunk = cams[list(range(c0, min(C, c0 + cams_per_chunk)))]
             _splat_chunk(memory.xyz, point_ids, chunk, c0, max_r, cfg, keys)
+    keys = keys[:-1]
     has_point = keys != empty_key
     index = torch.where(has_point, keys & ((1 << INDEX_BITS) - 1), torch.zeros_like(keys))
     depth_bits = (keys >> INDEX_BITS).to(torch.int32)
@@ -171,26 +172,34 @@ def render_memory(memory: GeometryMemory, cams: Cameras, cfg: RenderConfig = Ren
 
 def _splat_chunk(xyz: Tensor, point_ids: Tensor, cams: Cameras, c0: int, max_r: int,
                  cfg: RenderConfig, keys: Tensor) -> None:
-    """Scatter-min packed (depth, index) keys of a camera chunk into ``keys`` [C_all * H * W]."""
+    """Scatter-min packed (depth, index) keys of a camera chunk into ``keys`` [C_all * H * W + 1].
+
+    Candidates that miss the image (or lie behind the camera) go to the spare last slot, so every
+    offset is one dense scatter with no compaction.
+    """
     H, W = cams.height, cams.width
     uv, z = project_points(xyz, cams)  # [c, N, 2], [c, N]
     in_front = z > cfg.near
-    cam_idx = torch.arange(len(cams), device=xyz.device)[:, None].expand_as(z)
-    cam_idx, pid = cam_idx[in_front], point_ids[None, :].expand_as(z)[in_front]
-    zs, uvs = z[in_front], uv[in_front]  # [M], [M, 2]
-    px = torch.floor(uvs).to(torch.int64)  # [M, 2] pixel containing the projection
-    radius = _footprint_radius(zs, cams.K[cam_idx, 0, 0], cfg)
-    depth_key = zs.contiguous().view(torch.int32).to(torch.int64) << INDEX_BITS  # positive floats sort as ints
-    key = depth_key | pid
-    base = (cam_idx + c0) * (H * W)
-    for dy in range(-max_r, max_r + 1):
-        for dx in range(-max_r, max_r + 1):
-            x, y = px[:, 0] + dx, px[:, 1] + dy
-            ok = (x >= 0) & (x < W) & (y >= 0) & (y < H)
-            if max_r:
-                ok &= (radius >= abs(dx)) & (radius >= abs(dy))
-            flat = base[ok] + y[ok] * W + x[ok]
-            keys.scatter_reduce_(0, flat, key[ok], reduce="amin")
+    # Off-image coordinates only need to stay off-image: clamping keeps them inside int32.
+    uv = torch.where(in_front[..., None], uv, torch.full_like(uv, OFF_IMAGE)).clamp(OFF_IMAGE, max(W, H) - OFF_IMAGE)
+    px = torch.floor(uv).to(torch.int64)  # [c, N, 2]
+    radius = _footprint_radius(z, cams.K[:, None, 0, 0], cfg) if cfg.point_size > 0 else None  # [c, N]
+    depth_key = z.contiguous().view(torch.int32).to(torch.int64) << INDEX_BITS  # positive floats sort as ints
+    key = (depth_key | point_ids[None, :]).reshape(-1)
+    base = ((torch.arange(len(cams), device=xyz.device) + c0) * (H * W))[:, None]  # [c, 1]
+    spare = torch.full((), keys.numel() - 1, dtype=torch.int64, device=xyz.device)
+    px32 = px.to(torch.int32)
+    centre = base + px[..., 1] * W + px[..., 0]  # [c, N] flat pixel of the projection
+    offsets = range(-max_r, max_r + 1)
+    ok_x = {d: in_front & (px32[..., 0] >= -d) & (px32[..., 0] < W - d) for d in offsets}  # x + d inside
+    ok_y = {d: (px32[..., 1] >= -d) & (px32[..., 1] < H - d) for d in offsets}
+    for dy in offsets:
+        for dx in offsets:
+            ok = ok_x[dx] & ok_y[dy]
+            if cfg.point_size > 0 and max_r:
+                ok &= radius >= max(abs(dx), abs(dy))
+            flat = torch.where(ok, centre + (dy * W + dx), spare)
+            keys.scatter_reduce_(0, flat.reshape(-1), key, reduce="amin")
 
 
 @runtime_checkable

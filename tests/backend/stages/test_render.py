@@ -87,6 +87,9 @@ def test_batches_chunks_and_points_behind():
         assert torch.equal(alone.depth[0], full.depth[c]) and torch.equal(alone.source[0], full.source[c])
     behind = mem.source[mem.xyz[:, 2] <= 0]
     assert not torch.isin(full.source, behind).any()
+    # Projections far off the image (beyond int32 pixel coordinates) stay off it.
+    off = _memory([[1e6, 0.0, 1e-3], [-1e6, -1e6, 1e-3], [0.0, 3e5, 1e-4 + 1e-6]])
+    assert not render_memory(off, cams, RenderConfig(radius_px=2)).mask.any()
 
 
 def test_empty_memory_and_registry():

@@ -283,7 +283,7 @@ def _winner_take_all(volume: Tensor, depths: Tensor, textured: Tensor, cfg: MVSC
 
 
 def _axes(cams: Cameras) -> Tensor:
-    """Viewing directions (camera +z) in world coordinates. [C, 3]"""
+    """Viewing directions (camera +z) in world coordinates. [C, 3] (the camera bookkeeping runs on the CPU)"""
     return cams.w2c[:, 2, :3]
 
 
@@ -294,7 +294,7 @@ def _angle_deg(a: Tensor, b: Tensor) -> Tensor:
 
 def match_candidates(cams: Cameras, cfg: MVSConfig) -> list[list[int]]:
     """For each camera, up to ``match_candidates`` others by centre distance within the view angle."""
-    centers, axes = cams.centers.double(), _axes(cams).double()
+    centers, axes = cams.centers.double().cpu(), _axes(cams).double().cpu()
     dist = torch.cdist(centers, centers)
     view_angle = _angle_deg(axes[:, None], axes[None, :])
     out = []
@@ -371,7 +371,7 @@ def sparse_points(gray: Tensor, cams: Cameras, pairs: list[tuple[int, int]], cfg
 
 def _axes_meeting_depth(cams: Cameras, i: int, others: list[int]) -> float | None:
     """Median depth along camera i's axis of its closest approach to the others' axes."""
-    c, a = cams.centers.double(), _axes(cams).double()
+    c, a = cams.centers.double().cpu(), _axes(cams).double().cpu()
     depths = []
     for j in others:
         w = c[i] - c[j]
@@ -398,7 +398,7 @@ def depth_range(cams: Cameras, i: int, points: np.ndarray, others: list[int], cf
         return 1.0 / (inv_near + pad), 1.0 / inv_far
     d = _axes_meeting_depth(cams, i, others)
     if d is None:
-        centers = cams.centers.double()
+        centers = cams.centers.double().cpu()
         base = [float((centers[i] - centers[j]).norm()) for j in others]
         if not base or max(base) <= 0:
             raise ValueError(f"mvs: capture {i} has no neighbour with a baseline; cannot set a depth range")
@@ -408,8 +408,8 @@ def depth_range(cams: Cameras, i: int, points: np.ndarray, others: list[int], cf
 
 def select_neighbors(cams: Cameras, i: int, candidates: list[int], scene_depth: float, cfg: MVSConfig) -> list[int]:
     """Up to ``num_neighbors`` candidates whose triangulation angle is nearest the preferred one."""
-    c = cams.centers.double()
-    p = c[i] + _axes(cams).double()[i] * scene_depth
+    c = cams.centers.double().cpu()
+    p = c[i] + _axes(cams).double().cpu()[i] * scene_depth
     scored = []
     for j in candidates:
         tri = float(_angle_deg(c[i] - p, c[j] - p))

@@ -16,6 +16,7 @@ Usage::
 
     python scripts/load_test.py --clients 20 --jobs-per-client 5            # prints a JSON summary
     python scripts/load_test.py --clients 40 --jobs-per-client 10 --json out.json
+    python scripts/load_test.py --clients 20 --curve     # one CurveZMQ key per client: isolation under load
 """
 
 from __future__ import annotations
@@ -165,17 +166,38 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def _curve_keys(folder: Path, clients: int) -> tuple[list[str], list[dict[str, Any]]]:
+    """A server key pair and one key pair per client, all allowed: (serve arguments, Client keyword arguments per client)."""
+    from backend.service.auth import generate_keys
+
+    server = generate_keys(folder / "keys", "server")
+    allowed = folder / "allowed"
+    allowed.mkdir()
+    kws = []
+    for i in range(clients):
+        pair = generate_keys(folder / "keys", f"client{i}")
+        (allowed / pair.public_file.name).write_bytes(pair.public_file.read_bytes())
+        kws.append({"server_key": server.public_file, "client_key": pair.secret_file})
+    return ["--curve-secret", str(server.secret_file), "--allow-keys", str(allowed)], kws
+
+
 def run_load(clients: int = 20, jobs_per_client: int = 3, cancel_every: int = 4, time_limit_s: float = 120.0, data_dir: Path | None = None,
-             serve_args: tuple[str, ...] = (), client_kw: dict[str, Any] | None = None) -> LoadResult:
-    """Start a service, run the clients, check the result against the server's listing."""
-    tmp = tempfile.TemporaryDirectory(prefix="reconloop-load-") if data_dir is None else None
-    data_dir = Path(tmp.name) / "jobs" if tmp is not None else Path(data_dir)
+             curve: bool = False) -> LoadResult:
+    """Start a service, run the clients, check the result against the server's listing.
+
+    With ``curve`` every client has its own CurveZMQ key; each must then see exactly its own jobs
+    (another client's job in its listing counts as lost isolation, reported under ``errors``).
+    """
+    tmp = tempfile.TemporaryDirectory(prefix="reconloop-load-")
+    data_dir = Path(tmp.name) / "jobs" if data_dir is None else Path(data_dir)
+    serve_args, client_kws = _curve_keys(Path(tmp.name), clients) if curve else ([], [{} for _ in range(clients)])
+    client_kw = client_kws[0]
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
     cmd = [sys.executable, "-m", "backend.cli", "serve", "--bind", endpoint, "--data-dir", str(data_dir), "--device", "cpu",
            "--runner", "backend.service.probe:run", *serve_args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client_kw = client_kw or {}
+    isolation: list[str] = []
     try:
         up_by = time.monotonic() + STARTUP_S
         while True:
@@ -190,18 +212,23 @@ def run_load(clients: int = 20, jobs_per_client: int = 3, cancel_every: int = 4,
         logs = [ClientLog() for _ in range(clients)]
         t0 = time.monotonic()
         deadline = t0 + time_limit_s
-        threads = [threading.Thread(target=_client_thread, args=(endpoint, i, jobs_per_client, cancel_every, deadline, logs[i], client_kw))
+        threads = [threading.Thread(target=_client_thread, args=(endpoint, i, jobs_per_client, cancel_every, deadline, logs[i], client_kws[i]))
                    for i in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall_s = time.monotonic() - t0
+        listed: dict[str, str] = {}
+        for i, kw in enumerate(client_kws if curve else client_kws[:1]):
+            with Client(endpoint, timeout_ms=10_000, **kw) as c:
+                seen = {j["job"]: j["state"] for j in c.jobs()}
+            if curve and set(seen) != set(logs[i].submitted.values()):
+                isolation.append(f"client {i} lists {len(seen)} jobs, submitted {len(logs[i].submitted)}")
+            listed.update(seen)
+        peak = _peak_rss_bytes(proc.pid)
         with Client(endpoint, timeout_ms=10_000, **client_kw) as c:
-            listed = {j["job"]: j["state"] for j in c.jobs()}
-            peak = _peak_rss_bytes(proc.pid)
-            if not client_kw:
-                c.shutdown()
+            c.shutdown()
         proc.wait(30)
     finally:
         if proc.poll() is None:
@@ -233,10 +260,9 @@ def run_load(clients: int = 20, jobs_per_client: int = 3, cancel_every: int = 4,
         peak_rss_mib=round(peak / MIB, 1),
         fetched_mib=round(sum(log.fetched_bytes for log in logs) / MIB, 2),
         wall_s=round(wall_s, 1),
-        errors=[e for log in logs for e in log.errors] + lost_reasons[:20],
+        errors=[e for log in logs for e in log.errors] + isolation + lost_reasons[:20],
     )
-    if tmp is not None:
-        tmp.cleanup()
+    tmp.cleanup()
     return result
 
 
@@ -246,9 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs-per-client", type=int, default=5, help="jobs each client submits in turn (default %(default)s)")
     p.add_argument("--cancel-every", type=int, default=4, help="cancel every k-th job (0: none; default %(default)s)")
     p.add_argument("--time-limit-s", type=float, default=120.0, help="stop after this long; unfinished jobs count as lost (default %(default)s)")
+    p.add_argument("--curve", action="store_true", help="CurveZMQ with one key per client; check each sees only its own jobs")
     p.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = p.parse_args(argv)
-    result = run_load(args.clients, args.jobs_per_client, args.cancel_every, args.time_limit_s)
+    result = run_load(args.clients, args.jobs_per_client, args.cancel_every, args.time_limit_s, curve=args.curve)
     text = json.dumps(asdict(result), indent=1)
     print(text)
     if args.json is not None:

@@ -73,7 +73,7 @@ def cell(text: str) -> str:
     return text.replace("|", PIPE).replace("\n", " ")
 
 
-def render(rows: list[dict], counts: Counter, figures: dict[str, str], load: dict, load_args: argparse.Namespace, test_rc: int) -> str:
+def render(rows: list[dict], counts: Counter, figures: dict[str, str], load: dict, keyed: dict, load_args: argparse.Namespace, test_rc: int) -> str:
     today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     total = sum(counts.values())
     passed = sum(n for (f, s), n in counts.items() if s == "pass")
@@ -109,16 +109,20 @@ def render(rows: list[dict], counts: Counter, figures: dict[str, str], load: dic
     out.append(f"## Load ({load_args.clients} clients x {load_args.jobs_per_client} jobs, `scripts/load_test.py`)\n\n")
     out.append("| clients | jobs | done | cancelled | failed | lost | duplicated | status p50 | status p99 | status requests | service RSS at start | service peak RSS | wall |\n")
     out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
-    out.append(f"| {load['clients']} | {load['submitted']} | {load['completed']} | {load['cancelled']} | {load['failed']} | **{load['lost']}** | "
-               f"**{load['duplicated']}** | {load['status_p50_ms']} ms | {load['status_p99_ms']} ms | {load['status_requests']} | "
-               f"{load['start_rss_mib']} MiB | {load['peak_rss_mib']} MiB | {load['wall_s']} s |\n\n")
-    if load["errors"]:
-        out.append("Errors: " + "; ".join(cell(e) for e in load["errors"][:10]) + "\n\n")
+    for name, r in (("loopback, one local owner", load), ("CurveZMQ, one key per client", keyed)):
+        out.append(f"| {r['clients']} ({name}) | {r['submitted']} | {r['completed']} | {r['cancelled']} | {r['failed']} | **{r['lost']}** | "
+                   f"**{r['duplicated']}** | {r['status_p50_ms']} ms | {r['status_p99_ms']} ms | {r['status_requests']} | "
+                   f"{r['start_rss_mib']} MiB | {r['peak_rss_mib']} MiB | {r['wall_s']} s |\n")
+    out.append("\n")
+    for r in (load, keyed):
+        if r["errors"]:
+            out.append("Errors: " + "; ".join(cell(e) for e in r["errors"][:10]) + "\n\n")
     out.append(
         "Each client has its own thread and socket; per job it submits with an idempotency key, resubmits the same key "
         "(a second job would count as duplicated), watches the events (a gap or repeat in `seq` counts as lost), polls "
         "`status` (timed), cancels every 4th job, and fetches every artifact of finished jobs with sha256 checked. At the "
-        "end every acknowledged job must be in the server's `jobs` listing in a final state. RSS is the service "
+        "end every acknowledged job must be in the server's `jobs` listing in a final state; over CurveZMQ each client's "
+        "listing must hold exactly its own jobs. RSS is the service "
         "process's VmHWM, once up (the libraries it loads at start-up) and at the end (peak).\n\n"
     )
     out.append(
@@ -136,6 +140,7 @@ def render(rows: list[dict], counts: Counter, figures: dict[str, str], load: dic
         "python scripts/reliability_report.py                      # this file (about 3 minutes on 2 cores)\n"
         f"python -m pytest {' '.join('tests/backend/' + f for f in TEST_FILES)} -q\n"
         "python scripts/load_test.py --clients 40 --jobs-per-client 5\n"
+        "python scripts/load_test.py --clients 40 --jobs-per-client 5 --curve\n"
         "```\n"
     )
     return "".join(out)
@@ -155,10 +160,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"load test: {args.clients} clients x {args.jobs_per_client} jobs ...", flush=True)
     load = asdict(run_load(args.clients, args.jobs_per_client))
+    print(f"load test over CurveZMQ: {args.clients} clients x {args.jobs_per_client} jobs ...", flush=True)
+    keyed = asdict(run_load(args.clients, args.jobs_per_client, curve=True))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(rows, counts, figures, load, args, rc))
+    args.out.write_text(render(rows, counts, figures, load, keyed, args, rc))
     print(f"wrote {args.out}: {len(rows)} rows; load lost {load['lost']}, duplicated {load['duplicated']}")
-    return 0 if rc == 0 and load["lost"] == 0 and load["duplicated"] == 0 else 1
+    clean = all(r["lost"] == 0 and r["duplicated"] == 0 and not r["errors"] for r in (load, keyed))
+    return 0 if rc == 0 and clean else 1
 
 
 if __name__ == "__main__":

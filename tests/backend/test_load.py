@@ -39,3 +39,14 @@ def test_twenty_concurrent_clients_lose_and_double_nothing(tmp_path: Path, recor
     row(record_property, "load", f"{CLIENTS} concurrent clients x {JOBS_PER_CLIENT} jobs (submit, resubmit same key, watch, status, cancel every 4th, fetch)",
         f"{result.completed} done, {result.cancelled} cancelled, lost {result.lost}, duplicated {result.duplicated}; "
         f"status p50 {result.status_p50_ms} ms, p99 {result.status_p99_ms} ms; service peak RSS {result.peak_rss_mib} MiB")
+
+
+@pytest.mark.xdist_group("service-subprocess")
+def test_twenty_keyed_clients_each_see_only_their_own_jobs(tmp_path: Path, record_property):
+    """The same load over CurveZMQ, one key per client: nothing lost or doubled, and no client lists another's job."""
+    result = _load_script().run_load(CLIENTS, 1, cancel_every=4, time_limit_s=TIME_LIMIT_S, data_dir=tmp_path / "jobs", curve=True)
+    assert result.errors == [], result  # includes "client i lists n jobs, submitted m" on an isolation breach
+    assert result.submitted == CLIENTS and result.lost == 0 and result.duplicated == 0, result
+    row(record_property, "load", f"{CLIENTS} concurrent clients over CurveZMQ, one key each, 1 job each",
+        f"{result.completed} done, {result.cancelled} cancelled, lost {result.lost}, duplicated {result.duplicated}; "
+        f"each client's listing held exactly its own jobs; status p99 {result.status_p99_ms} ms")

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from . import outputs
-from .loop import LoopConfig, load_image, load_image_array, order_around, path_through, run_loop, to_tensor, undistorted
+from .loop import LoopConfig, load_image, spread, load_image_array, order_around, path_through, run_loop, to_tensor, undistorted
 from .metrics import image_metrics, load_lpips
 from .progress import ProgressFn, no_progress
 from .scene import Camera, Capture, Scene, TrajectoryFrame
@@ -230,7 +230,7 @@ def evaluate_scene(scene: Scene, out_dir: Path, *, device: torch.device | str, t
         report["frames"] = score(result.frames.images[[on_heldout[h] for h in hs]], truth[hs])
         report["frames_views"] = len(hs)
     rows = []
-    for r in sorted({round(i * (len(held) - 1) / max(PICTURE_ROWS - 1, 1)) for i in range(min(PICTURE_ROWS, len(held)))}):
+    for r in spread(len(held), PICTURE_ROWS):
         rows.append([outputs.to_u8(t) for t in (truth[r], points[r], caps_render[r], loop_render[r])])
     outputs.write_overview_as(out_dir, EVAL_PICTURE, rows)
     outputs.write_json(out_dir / EVAL_FILE, report)

@@ -576,12 +576,17 @@ def load_image_array(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
 
 
+def spread(n: int, count: int) -> list[int]:
+    """``min(count, n)`` indices spread evenly over range(n), first and last included."""
+    k = min(count, n)
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+
+
 def overview_rows(captures: Views, renders: Tensor, frames: Tensor, gaussians: Any, targets: Cameras,
                   cfg: LoopConfig) -> list[list[np.ndarray]]:
     """Rows of [capture | render with holes | generated frame | Gaussian render] at evenly spread frames
     (no Gaussian column when ``gaussians`` is None)."""
-    F_ = len(targets)
-    picks = sorted({round(i * (F_ - 1) / max(cfg.overview_rows - 1, 1)) for i in range(min(cfg.overview_rows, F_))})
+    picks = spread(len(targets), cfg.overview_rows)
     splats = render_gaussians(gaussians, targets[picks], cfg.fit) if gaussians is not None else None
     rows = []
     for r, i in enumerate(picks):

@@ -1,0 +1,82 @@
+"""Evaluation mode: protocols on the real scenes and one small end-to-end evaluation on the temple."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backend.evaluate import EvalConfig, eval_trajectory, evaluate_scene, split_protocol
+from backend.formats import import_scene
+from backend.loop import LoopConfig
+from backend.scene import Settings
+
+
+def test_llff_protocol_on_fern(fern_dir: Path, tmp_path: Path) -> None:
+    scene = import_scene("llff", fern_dir, tmp_path)
+    split = split_protocol(scene, "llff", train_views=3)
+    names = [c.name for c in scene.captures]
+    held = [names.index(c.name) for c in split.heldout]
+    train = [names.index(c.name) for c in split.captures]
+    assert held == [i for i in range(len(names)) if i % 8 == 0]
+    assert len(train) == 3 and not set(train) & set(held)
+    assert train[0] == 1 and train[-1] == len(names) - 1, "spread over the rest"
+
+
+def test_ring_protocols_on_temple(temple_dir: Path, tmp_path: Path) -> None:
+    scene = import_scene("middlebury", temple_dir, tmp_path)
+    ring = split_protocol(scene, "ring", train_views=4)
+    assert len(ring.captures) == 4 and len(ring.heldout) == 12
+    centers = np.stack([c.camera.center for c in ring.captures])
+    gaps = sorted(np.linalg.norm(centers[:, None] - centers[None], axis=-1)[np.triu_indices(4, 1)])
+    assert gaps[0] > 0.3, "spread around the ring, not bunched"
+    arc = split_protocol(scene, "ring-arc", train_views=3, ring_step=2)
+    assert len(arc.captures) == 3 and len(arc.heldout) == 2
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        split_protocol(scene, "dtu")
+
+
+def test_heldout_trajectory_passes_through_heldout_cameras(temple_dir: Path, tmp_path: Path) -> None:
+    scene = split_protocol(import_scene("middlebury", temple_dir, tmp_path), "ring-arc", train_views=3, ring_step=2,
+                           ring_start=11)
+    traj, on_heldout = eval_trajectory(scene, "heldout", frames_per_leg=2)
+    assert len(traj) == 2 * (len(scene.captures) + len(scene.heldout))
+    assert sorted(on_heldout) == list(range(len(scene.heldout)))
+    traj_i, on_i = eval_trajectory(scene, "interpolate", frames_per_leg=2)
+    assert len(traj_i) == 2 * len(scene.captures) and not on_i
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("loop")
+def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path) -> None:
+    scene = split_protocol(import_scene("middlebury", temple_dir, tmp_path / "scene"), "ring-arc", train_views=3,
+                           ring_start=11)
+    scene = replace(scene, settings=Settings(width=64, height=48, gaussian_iterations=30, segment_length=8))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = evaluate_scene(scene, tmp_path / "eval", device="cpu", trajectory_mode="heldout",
+                                config=EvalConfig(loop=LoopConfig.from_settings(scene.settings), frames_per_leg=2))
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("points", "gaussians_captures", "gaussians_loop", "frames"):
+        assert 5.0 < report[key]["psnr"] < 60.0, (key, report[key])
+        assert -1.0 <= report[key]["ssim"] <= 1.0
+    assert report["frames_views"] == len(scene.heldout) == 2
+    assert 0.0 < report["points_coverage"] < 1.0
+    on_disk = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert on_disk["gaussians_loop"]["psnr"] == pytest.approx(report["gaussians_loop"]["psnr"])
+    assert "fit_captures" in on_disk["timing"]["baselines"]["stages"]
+    assert (tmp_path / "eval" / "loop" / "gaussians.ply").is_file()
+    assert Image.open(tmp_path / "eval" / "eval.png").height >= 2 * 48
+
+
+def test_evaluate_needs_heldout(temple_dir: Path, tmp_path: Path) -> None:
+    scene = import_scene("middlebury", temple_dir, tmp_path)
+    with pytest.raises(ValueError, match="no held-out views"):
+        evaluate_scene(scene, tmp_path / "eval", device="cpu")

@@ -41,7 +41,7 @@ from .version import PROTOCOL_VERSION, SUPPORTED_VERSIONS
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_TIMEOUT_MS = 10_000  # per try; a submit of large images needs the server to write them
 DEFAULT_RETRIES = 2  # tries after the first
-FETCH_WINDOW = 4  # fetch requests in flight at once
+FETCH_WINDOW = 2  # fetch requests in flight at once (scripts/bench_protocol.py)
 IDEMPOTENT_KEY_BYTES = 16
 
 

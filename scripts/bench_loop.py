@@ -1,0 +1,130 @@
+"""Benchmark the whole loop on one GPU: 3 temple captures, a 120-frame trajectory at 896x512.
+
+Issue 3's targets on one H100/H200: initial geometry < 3 s, render + retrieval < 1 s per 40-frame
+segment, 3000 Gaussian iterations < 45 s (gsplat), whole job < 90 s. The default generator
+(``reproject``) is used. gsplat's CUDA kernels are compiled (and timed) before the run.
+
+The trajectory is an open path through the three captures (two ring steps apart on the temple's
+ring), with the captures' vertical field of view at the 896x512 (16:9) working size.
+
+Usage (GPU machine; the temple folder is copied there, never committed)::
+
+    python scripts/bench_loop.py --data .device_data/middlebury_temple --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from backend.evaluate import split_protocol  # noqa: E402
+from backend.formats import import_scene  # noqa: E402
+from backend.loop import LoopConfig, order_around, path_through, run_loop  # noqa: E402
+from backend.scene import Camera, Settings, TrajectoryFrame  # noqa: E402
+from backend.stages.fit import FitConfig, FitViews, default_rasterizer, fit_gaussians  # noqa: E402
+from backend.stages.types import Cameras, GeometryMemory  # noqa: E402
+
+TARGETS_S = {"memory": 3.0, "render_retrieval_per_segment": 1.0, "fit": 45.0, "total": 90.0}
+WARMUP_ITERATIONS = 20
+WARMUP_POINTS = 1000
+
+
+def widen(cam: Camera, width: int, height: int) -> Camera:
+    """The camera at another aspect: same centre of projection and vertical field of view."""
+    s = height / cam.height
+    K = np.array([[cam.K[0, 0] * s, 0.0, width / 2.0], [0.0, cam.K[1, 1] * s, height / 2.0], [0.0, 0.0, 1.0]])
+    return Camera(w2c=cam.w2c, K=K, width=width, height=height)
+
+
+def warm_up(device: torch.device) -> float:
+    """Compile and load the rasterizer's kernels with a tiny fit; returns its seconds."""
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    memory = GeometryMemory(torch.randn(WARMUP_POINTS, 3, generator=g) * 0.3 + torch.tensor([0.0, 0.0, 3.0]),
+                            torch.rand(WARMUP_POINTS, 3, generator=g), torch.ones(WARMUP_POINTS),
+                            torch.zeros(WARMUP_POINTS, dtype=torch.int32))
+    K = torch.tensor([[[64.0, 0, 32], [0, 64.0, 32], [0, 0, 1]]])
+    views = FitViews(torch.rand(1, 64, 64, 3, generator=g), Cameras(torch.eye(4)[None], K, 64, 64), torch.ones(1, 64, 64))
+    cfg = FitConfig(iterations=WARMUP_ITERATIONS, rasterizer=default_rasterizer(device))
+    fit_gaussians(views, memory, cfg, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "middlebury_temple")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--frames", type=int, default=120)
+    ap.add_argument("--size", default="896x512", help="working size WxH (AnyRecon: 512x896, H x W)")
+    ap.add_argument("--iterations", type=int, default=3000)
+    ap.add_argument("--segment", type=int, default=40)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args(argv)
+    width, height = (int(v) for v in a.size.lower().split("x"))
+    device = torch.device(a.device)
+    a.out.mkdir(parents=True, exist_ok=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        scene = import_scene("middlebury", a.data, Path(tmp) / "scene")
+        scene = split_protocol(scene, "ring-arc", train_views=3, ring_start=11)
+        keys = [scene.captures[i].camera for i in order_around([c.camera for c in scene.captures])]
+        path = [widen(c, width, height) for c in path_through(keys, a.frames, closed=False)]
+        settings = Settings(width=width, height=height, gaussian_iterations=a.iterations, segment_length=a.segment)
+        scene = replace(scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(path)], heldout=[],
+                        settings=settings)
+        compile_s = warm_up(device)
+        cfg = LoopConfig.from_settings(settings, device=device)
+        t0 = time.perf_counter()
+        result = run_loop(scene, a.out / "job", device=device, config=cfg)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        total_s = time.perf_counter() - t0
+
+    stages = result.metrics["timing"]["stages"]
+    segments = result.metrics["segments"]
+    rr = (stages["render"]["seconds"] + stages["retrieval"]["seconds"]) / segments
+    figures = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "size": [width, height],
+        "frames": a.frames,
+        "segments": segments,
+        "fit_iterations": a.iterations,
+        "rasterizer": cfg.fit.rasterizer,
+        "compile_warmup_s": round(compile_s, 2),
+        "total_s": round(total_s, 2),
+        "render_retrieval_per_segment_s": round(rr, 3),
+        "points_initial": result.metrics["points_initial"],
+        "points_final": result.metrics["points_final"],
+        "gaussians": result.metrics["gaussians"],
+        "stages": stages,
+        "peak_gpu_mib": max(v["peak_mib"] for v in stages.values()),
+        "targets_s": TARGETS_S,
+    }
+    (a.out / "bench_loop.json").write_text(json.dumps(figures, indent=1))
+    print(json.dumps(figures, indent=1))
+    print(f"{'stage':12s} {'seconds':>8s} {'calls':>6s} {'peak MiB':>9s}")
+    for name, v in stages.items():
+        print(f"{name:12s} {v['seconds']:8.2f} {v['calls']:6d} {v['peak_mib']:9.0f}")
+    print(f"total {total_s:.1f} s (target {TARGETS_S['total']:.0f}); memory {stages['memory']['seconds']:.2f} s "
+          f"(target {TARGETS_S['memory']:.0f}); render+retrieval {rr:.2f} s per segment (target 1); "
+          f"fit {stages['fit']['seconds']:.1f} s (target {TARGETS_S['fit']:.0f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

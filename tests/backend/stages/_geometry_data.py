@@ -7,6 +7,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 from backend.formats.colmap import ColmapPoints, read_colmap, read_colmap_points
@@ -68,3 +69,13 @@ def temple_memory(folder: str, ids: tuple[int, ...] = tuple(TEMPLE_TRIPLE)) -> t
     views = load_views([caps[i] for i in ids], list(ids), TEST_SIDE)
     memory = build_memory(views, MemoryConfig(mvs=MVSConfig(max_side=TEST_SIDE, num_planes=TEST_PLANES)))
     return views, memory
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Run a test with one torch thread: under ``pytest -n 2`` on 2 cores, two workers with two
+    OpenMP threads each oversubscribe the machine and spin (measured: 3x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

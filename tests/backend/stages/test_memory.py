@@ -16,6 +16,7 @@ from backend.stages.types import Cameras, GeometryMemory, Views
 
 from ._geometry_data import (LUMA, SILHOUETTE_LUMA, TEMPLE_BOX, TEMPLE_TRIPLE, door_scene, inside_box, load_views,
                              temple_captures, temple_memory)
+from ._geometry_data import one_torch_thread  # noqa: F401  (autouse fixture)
 
 SILHOUETTE_SLACK_PX = 5  # silhouettes dilated by this window (full-size pixels) for depth and calibration error
 # Lund door, three neighbouring photos (COLMAP ground truth), stereo at 320 pixels.
@@ -142,7 +143,7 @@ def test_sfm_recovers_temple_cameras_with_known_K(temple_dir, tmp_path):
             assert d[a, b] == pytest.approx(scale * d_gt[a, b], rel=0.03)
 
 
-def test_sfm_fails_clearly_when_photos_do_not_overlap(temple_dir, door_dir, tmp_path):
-    photos = [temple_captures(temple_dir)[0].image, door_scene(door_dir)[0][0].image]
+def test_sfm_fails_clearly_when_photos_do_not_overlap(temple_dir, fern_dir, tmp_path):
+    photos = [temple_captures(temple_dir)[0].image, sorted((fern_dir / "images_8").iterdir())[0]]
     with pytest.raises(SfMError, match="could be placed"):
         estimate_cameras(photos, work_dir=tmp_path / "sfm", cfg=SfMConfig(num_threads=1, max_image_size=640))

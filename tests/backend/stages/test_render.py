@@ -9,6 +9,8 @@ from backend.stages.render import (POINT_RENDERERS, RenderConfig, backproject, m
                                    render_memory)
 from backend.stages.types import Cameras, GeometryMemory
 
+from ._geometry_data import one_torch_thread  # noqa: F401  (autouse fixture)
+
 W, H = 40, 30
 
 

@@ -9,6 +9,7 @@ from backend.stages.retrieval import RetrievalConfig, coverage_matrix, greedy_se
 from backend.stages.types import Cameras, GeometryMemory
 
 from ._geometry_data import TEMPLE_TRIPLE, temple_captures, temple_memory
+from ._geometry_data import one_torch_thread  # noqa: F401  (autouse fixture)
 
 W, H = 32, 24
 K = torch.tensor([[30.0, 0, 16], [0, 30.0, 12], [0, 0, 1]])

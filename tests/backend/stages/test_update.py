@@ -14,6 +14,7 @@ from backend.stages.update import UpdateConfig, lift_filled, update_memory
 
 from ._geometry_data import (LUMA, SILHOUETTE_LUMA, TEMPLE_BOX, TEST_SIDE, inside_box, load_views,
                              temple_captures, temple_memory)
+from ._geometry_data import one_torch_thread  # noqa: F401  (autouse fixture)
 
 MEMORY_IDS = (6, 7)  # memory from two captures...
 FRAME_IDS = [8, 9]  # ...and two real photos further round the ring play the generated frames

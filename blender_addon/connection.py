@@ -295,6 +295,7 @@ class JobDriver:
         self._have: dict[str, str] = {}  # name -> sha256 downloaded
         self._current: _Download | None = None
         self._last_event = time.monotonic()
+        self._seq = 0  # the newest event (or status) applied
         self._terminal = False
         self.done = False
         self.cancel_requested = False
@@ -363,6 +364,13 @@ class JobDriver:
             self._last_event = time.monotonic()
 
     def _apply(self, msg: dict[str, Any]) -> None:
+        """Take a status reply or an event; older ones (replayed after a watch) only add files."""
+        seq = int(msg.get("seq", 0))
+        if seq and seq <= self._seq:
+            for a in msg.get("artifacts") or []:
+                self._want(a)
+            return
+        self._seq = max(self._seq, seq)
         self._set(state=msg["state"], stage=msg.get("stage", ""), fraction=float(msg.get("fraction", 0.0)),
                   message=msg.get("message", ""))
         for a in msg.get("artifacts") or []:

@@ -31,6 +31,9 @@ ATTR_SOURCE = "source"  # INT: capture id, -1 for generated
 ATTR_SCALE = "scale"  # FLOAT_VECTOR: the Gaussian's axis scales (world units, one sigma)
 ATTR_ROTATION = "rotation"  # QUATERNION w x y z (unit)
 ATTR_OPACITY = "opacity"  # FLOAT in (0, 1)
+# Cycles does not read a point cloud attribute named "color" (it renders black): the points node group
+# stores a copy under this name for the material.
+ATTR_DISPLAY_COLOR = "display_color"
 RGBA = 4
 U8_MAX = 255.0
 
@@ -38,8 +41,12 @@ POINTS_NODES = "ReconLoop Points"
 GAUSSIANS_NODES = "ReconLoop Gaussians"
 POINTS_MATERIAL = "ReconLoop Points"
 GAUSSIANS_MATERIAL = "ReconLoop Gaussians"
-POINT_RADIUS_DEFAULT = 0.002  # world units: a point display size that suits table-top scenes
-SIGMA_DEFAULT = 2.0  # ellipsoid radius in standard deviations
+POINT_RADIUS_DEFAULT = 0.002  # world units, for the node group's default (each object gets its own)
+POINT_RADIUS_FRACTION = 1.0 / 800.0  # a cloud's point radius: this fraction of its robust diagonal
+ROBUST_PERCENTILES = (2.0, 98.0)  # the extent of a cloud, ignoring stray points
+SIGMA_DEFAULT = 1.5  # ellipsoid radius in standard deviations (the material fades it towards the rim)
+FACING_BLEND = 0.5  # Layer Weight blend of the rim fade
+RIM_FALLOFF_POWER = 2.0
 ELLIPSOID_SUBDIVISIONS = 2  # ico sphere of the instanced ellipsoid (42 vertices)
 FRAME_FILE = "frame_{:06d}.png"  # image sequence names: Blender frame number, zero padded
 COLLECTION_KEY = "reconloop_key"
@@ -146,7 +153,25 @@ def import_points(points, name: str, coll: bpy.types.Collection) -> bpy.types.Ob
     obj = bpy.data.objects.new(name, mesh)
     mod = obj.modifiers.new("Points", "NODES")
     mod.node_group = points_node_group()
+    _set_modifier_input(mod, "Point Radius", point_radius(points.xyz))
     return _link(obj, coll, scene_io.KIND_POINTS)
+
+
+def point_radius(xyz: np.ndarray) -> float:
+    """A display radius that suits the cloud's size (a fraction of its robust diagonal). xyz: [N, 3]"""
+    if len(xyz) == 0:
+        return POINT_RADIUS_DEFAULT
+    lo, hi = np.percentile(xyz, ROBUST_PERCENTILES, axis=0)
+    diagonal = float(np.linalg.norm(hi - lo))
+    return diagonal * POINT_RADIUS_FRACTION if diagonal > 0 else POINT_RADIUS_DEFAULT
+
+
+def _set_modifier_input(mod: bpy.types.Modifier, name: str, value: float) -> None:
+    for item in mod.node_group.interface.items_tree:
+        if getattr(item, "in_out", "") == "INPUT" and item.name == name:
+            mod[item.identifier] = value
+            return
+    raise KeyError(f"node group {mod.node_group.name!r} has no input {name!r}")
 
 
 def import_gaussians(g, name: str, coll: bpy.types.Collection) -> bpy.types.Object:
@@ -238,16 +263,31 @@ def _material(name: str, *, use_instancer: bool) -> bpy.types.Material:
     out = nt.nodes.new("ShaderNodeOutputMaterial")
     emit = nt.nodes.new("ShaderNodeEmission")
     color = nt.nodes.new("ShaderNodeAttribute")
-    color.attribute_name = ATTR_COLOR
+    color.attribute_name = ATTR_COLOR if use_instancer else ATTR_DISPLAY_COLOR
     color.attribute_type = "INSTANCER" if use_instancer else "GEOMETRY"
     nt.links.new(color.outputs["Color"], emit.inputs["Color"])
     if use_instancer:
+        # alpha = opacity * (1 - facing)^2: solid in the middle, fading to the rim like a Gaussian
         alpha = nt.nodes.new("ShaderNodeAttribute")
         alpha.attribute_name = ATTR_OPACITY
         alpha.attribute_type = "INSTANCER"
+        facing = nt.nodes.new("ShaderNodeLayerWeight")
+        facing.inputs["Blend"].default_value = FACING_BLEND
+        rim = nt.nodes.new("ShaderNodeMath")
+        rim.operation = "SUBTRACT"
+        rim.inputs[0].default_value = 1.0
+        nt.links.new(facing.outputs["Facing"], rim.inputs[1])
+        falloff = nt.nodes.new("ShaderNodeMath")
+        falloff.operation = "POWER"
+        falloff.inputs[1].default_value = RIM_FALLOFF_POWER
+        nt.links.new(rim.outputs["Value"], falloff.inputs[0])
+        fade = nt.nodes.new("ShaderNodeMath")
+        fade.operation = "MULTIPLY"
+        nt.links.new(alpha.outputs["Fac"], fade.inputs[0])
+        nt.links.new(falloff.outputs["Value"], fade.inputs[1])
         transparent = nt.nodes.new("ShaderNodeBsdfTransparent")
         mix = nt.nodes.new("ShaderNodeMixShader")
-        nt.links.new(alpha.outputs["Fac"], mix.inputs["Fac"])
+        nt.links.new(fade.outputs["Value"], mix.inputs["Fac"])
         nt.links.new(transparent.outputs["BSDF"], mix.inputs[1])
         nt.links.new(emit.outputs["Emission"], mix.inputs[2])
         nt.links.new(mix.outputs["Shader"], out.inputs["Surface"])
@@ -260,7 +300,7 @@ def _material(name: str, *, use_instancer: bool) -> bpy.types.Material:
 
 
 def points_node_group() -> bpy.types.NodeTree:
-    """Mesh vertices -> points of radius ``Point Radius`` with the points material."""
+    """Mesh vertices -> points of radius ``Point Radius`` with the points material (colour from ``color``)."""
     tree = bpy.data.node_groups.get(POINTS_NODES)
     if tree is not None:
         return tree
@@ -271,11 +311,20 @@ def points_node_group() -> bpy.types.NodeTree:
     n = tree.nodes
     gin, gout = n.new("NodeGroupInput"), n.new("NodeGroupOutput")
     to_points = n.new("GeometryNodeMeshToPoints")
+    read = n.new("GeometryNodeInputNamedAttribute")
+    read.data_type = "FLOAT_COLOR"
+    read.inputs["Name"].default_value = ATTR_COLOR
+    store = n.new("GeometryNodeStoreNamedAttribute")
+    store.data_type = "FLOAT_COLOR"
+    store.domain = "POINT"
+    store.inputs["Name"].default_value = ATTR_DISPLAY_COLOR
     set_mat = n.new("GeometryNodeSetMaterial")
     set_mat.inputs["Material"].default_value = _material(POINTS_MATERIAL, use_instancer=False)
     tree.links.new(gin.outputs["Geometry"], to_points.inputs["Mesh"])
     tree.links.new(gin.outputs["Point Radius"], to_points.inputs["Radius"])
-    tree.links.new(to_points.outputs["Points"], set_mat.inputs["Geometry"])
+    tree.links.new(to_points.outputs["Points"], store.inputs["Geometry"])
+    tree.links.new(read.outputs["Attribute"], store.inputs["Value"])
+    tree.links.new(store.outputs["Geometry"], set_mat.inputs["Geometry"])
     tree.links.new(set_mat.outputs["Geometry"], gout.inputs["Geometry"])
     return tree
 

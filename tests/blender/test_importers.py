@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import bpy
@@ -124,3 +126,43 @@ def test_frame_sequence_fills_gaps(tmp_path):
     importers.set_background_sequence(cam, first, 1, 4)
     kinds = [b.image is not None for b in cam.data.background_images]
     assert sorted(kinds) == [False, True]
+
+
+def test_cycles_shows_points_and_gaussians_in_their_colours():
+    """A tiny Cycles render: red points and green Gaussians come out red and green."""
+    from protocol.ply import GaussianArrays, PointArrays
+
+    scene = bpy.context.scene
+    for obj in list(scene.objects):
+        if obj.type != "CAMERA":
+            bpy.data.objects.remove(obj)
+    coll = importers.job_collection(scene, "render", "job")
+    n = 60
+    rng = np.random.default_rng(0)
+    left = np.c_[rng.uniform(-1.6, -0.2, n), rng.uniform(-1, 1, n), np.zeros(n)].astype(np.float32)
+    right = left + np.float32([1.8, 0, 0])
+    pts = importers.import_points(PointArrays(xyz=left, rgb=np.tile(np.uint8([[255, 0, 0]]), (n, 1)),
+                                              confidence=np.ones(n, np.float32), source=np.zeros(n, np.int32)), "P", coll)
+    importers._set_modifier_input(pts.modifiers[0], "Point Radius", 0.08)
+    sh = np.zeros((n, 1, 3), np.float32)
+    sh[:, 0] = (np.float32([0, 1, 0]) - 0.5) / 0.28209479  # base colour pure green
+    importers.import_gaussians(GaussianArrays(means=right, log_scales=np.full((n, 3), np.log(0.06), np.float32),
+                                              quats=np.tile(np.float32([1, 0, 0, 0]), (n, 1)),
+                                              opacity_logits=np.full(n, 6.0, np.float32), sh=sh), "G", coll)
+    cam = scene.camera
+    cam.location, cam.rotation_euler = (0, 0, 5), (0, 0, 0)
+    scene.render.engine = "CYCLES"
+    scene.cycles.samples = 4
+    scene.cycles.device = "CPU"
+    scene.view_settings.view_transform = "Standard"
+    scene.render.resolution_x, scene.render.resolution_y = 96, 72
+    scene.render.filepath = str(Path(bpy.app.tempdir or "/tmp") / "reconloop_colours.png")
+    bpy.ops.render.render(write_still=True)
+    from PIL import Image
+
+    img = np.asarray(Image.open(scene.render.filepath).convert("RGB")).astype(int)
+    half = img.shape[1] // 2
+    red = (img[:, :half, 0] > 150) & (img[:, :half, 1] < 80)
+    green = (img[:, half:, 1] > 150) & (img[:, half:, 0] < 80)
+    assert red.sum() > 20, "points did not render red"
+    assert green.sum() > 20, "Gaussians did not render green"

@@ -21,7 +21,8 @@ demo: setup
 	$(VENV)/bin/reconloop demo --out demo_out
 
 test: setup
-	$(PY) -m pytest -n 2 --dist loadgroup -q
+	# Two workers on two cores: one torch/OpenMP thread each, or they fight over the cores.
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup -q
 
 clean:
 	rm -rf $(VENV) demo_out build dist *.egg-info

@@ -296,6 +296,7 @@ class JobDriver:
         self._current: _Download | None = None
         self._last_event = time.monotonic()
         self._seq = 0  # the newest event (or status) applied
+        self._watching = False
         self._terminal = False
         self.done = False
         self.cancel_requested = False
@@ -309,7 +310,7 @@ class JobDriver:
         if self.hello is None:
             self._connect()
             return False
-        if self.job is None:
+        if not self._watching:
             self._submit()
             return False
         if self._current is not None or self._queue:
@@ -328,6 +329,10 @@ class JobDriver:
             self.client.cancel(self.job)
 
     @property
+    def is_downloading(self) -> bool:
+        return self._current is not None or bool(self._queue)
+
+    @property
     def failed(self) -> bool:
         return self.done and self.progress.state in ("failed", "interrupted")
 
@@ -342,6 +347,7 @@ class JobDriver:
         self.hello = self.client.hello()
 
     def _submit(self) -> None:
+        """Submit the scene (a new job), then subscribe to the job's events."""
         if self.scene is not None:
             self._set(state="uploading", stage="submit", message="sending photos and cameras")
             self.job = self.client.submit(self.scene)
@@ -349,6 +355,7 @@ class JobDriver:
         self.out_dir = os.path.join(self.out_root, self.job)
         os.makedirs(self.out_dir, exist_ok=True)
         reply = self.client.watch(self.job)
+        self._watching = True
         self._apply(reply)
         self._last_event = time.monotonic()
 

@@ -186,7 +186,7 @@ def _tick():
         if message:
             popup_error(message)
         return None
-    return TICK_BUSY_S if driver._current is not None or driver._queue else TICK_S
+    return TICK_BUSY_S if driver.is_downloading else TICK_S
 
 
 def begin_job(context, driver: connection.JobDriver, importer: ResultImporter) -> None:

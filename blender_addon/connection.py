@@ -13,7 +13,6 @@ import os
 import shlex
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -23,7 +22,7 @@ from .errors import ReconLoopError
 
 LOOPBACK = "127.0.0.1"
 SERVICE_START_TIMEOUT_S = 120.0  # a cold start imports torch; a first start on a laptop can be slow
-SERVICE_PROBE_MS = 300  # hello timeout while waiting for a starting service
+SERVICE_PROBE_MS = 100  # hello timeout while waiting for a starting service (short: it runs on a UI tick)
 SERVICE_STOP_TIMEOUT_S = 10.0
 FETCH_CHUNK_BYTES = 4 << 20  # bytes fetched per step: keeps each timer tick short
 IDLE_STATUS_S = 5.0  # ask for the job's status after this long without an event

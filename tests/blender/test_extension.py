@@ -393,3 +393,45 @@ def test_headless_script(installed, probe_service, extension_zip, temple_dir, tm
     bpy.ops.wm.save_as_mainfile(filepath=str(blend))
     run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "out of memory" in run.stderr, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_photo_folder_without_cameras(installed, probe_service, temple_dir, tmp_path):
+    """A folder of photos goes out without cameras; estimated cameras come back as cameras with photos."""
+    import json
+
+    ops = sys.modules[f"{ADDON}.operators"]
+    conn = sys.modules[f"{ADDON}.connection"]
+    _use_remote(probe_service["endpoint"], probe_service["keys"])
+    st = bpy.context.scene.reconloop
+    st.capture_source = "FOLDER"
+    st.photo_folder = str(temple_dir)
+    st.trajectory_camera = None
+    st.prompt = "probe steps=1"
+    try:
+        driver, importer = ops.prepare_job(bpy.context, output_dir=str(tmp_path))
+        assert [c["name"] for c in driver.scene["captures"]][:2] == ["templeSR0001", "templeSR0002"]
+        assert all("camera" not in c for c in driver.scene["captures"])
+        assert importer.photos["templeSR0001"] == str(temple_dir / "templeSR0001.png")
+        conn.run_blocking(driver, 60)
+        assert driver.progress.state == "done"
+    finally:
+        conn.close()
+    # What the loop writes for estimated cameras (backend/outputs.py cameras.json), imported as the
+    # operator does when the file arrives.
+    from backend.formats.middlebury import read_middlebury
+
+    caps = read_middlebury(temple_dir).captures[:3]
+    doc = {"captures": [{"name": c.name, "image": f"images/{c.name}.png", "camera": c.camera.to_json(), "estimated": True}
+                        for c in caps]}
+    path = tmp_path / "cameras.json"
+    path.write_text(json.dumps(doc))
+    importer.job = "job-estimated"
+    importer.on_file("cameras", "cameras.json", str(path))
+    coll = importer.collection()
+    cams = sorted((o for o in coll.objects if o.type == "CAMERA"), key=lambda o: o.name)
+    assert [o.name for o in cams] == [c.name for c in caps]
+    for obj, cap in zip(cams, caps):
+        assert obj.data.background_images[0].image.filepath == str(cap.image)
+        from blender_addon.scene_read import sample_camera
+
+        np.testing.assert_allclose(sample_camera(obj, bpy.context.scene).w2c, cap.camera.w2c, atol=1e-5)

@@ -21,28 +21,31 @@ def _modules():
 
 
 def register() -> None:
+    import atexit
+
     import bpy
+
+    from . import connection, operators, props
 
     for mod in _modules():
         for cls in mod.CLASSES:
             bpy.utils.register_class(cls)
-    import atexit
-
-    from . import connection, operators, props
 
     props.register_properties()
     operators.register_menus()
+    operators.register_handlers()
     atexit.register(connection.close)  # Blender's exit does not unregister add-ons: stop our service
 
 
 def unregister() -> None:
+    import atexit
+
     import bpy
 
     from . import connection, operators, props
 
-    import atexit
-
     operators.stop_timers()
+    operators.unregister_handlers()
     connection.close()  # stops the local service we started
     atexit.unregister(connection.close)
     operators.unregister_menus()

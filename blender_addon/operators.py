@@ -533,6 +533,28 @@ def stop_timers() -> None:
             bpy.app.timers.unregister(fn)
 
 
+@bpy.app.handlers.persistent
+def _on_load_pre(*_args) -> None:
+    """Another .blend is opening: stop importing into the old one (the job stays on the service,
+    listed under Past jobs for re-import)."""
+    s = connection.SESSION
+    if s.driver is not None:
+        print(f"ReconLoop: a file is loading; job {s.driver.job} goes on on the service (re-import it from Past jobs)")
+    s.driver = None
+    s.handlers.pop("importer", None)
+    stop_timers()
+
+
+def register_handlers() -> None:
+    if _on_load_pre not in bpy.app.handlers.load_pre:
+        bpy.app.handlers.load_pre.append(_on_load_pre)
+
+
+def unregister_handlers() -> None:
+    if _on_load_pre in bpy.app.handlers.load_pre:
+        bpy.app.handlers.load_pre.remove(_on_load_pre)
+
+
 CLASSES = (
     RECONLOOP_OT_reconstruct,
     RECONLOOP_OT_cancel,

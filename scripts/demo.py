@@ -39,7 +39,7 @@ JOB_TIMEOUT_S = 600.0
 SHUTDOWN_WAIT_S = 15.0
 # CPU-sized defaults (the whole demo in a few minutes on 2 cores).
 DEMO_SCENE_ARGS = ["--captures", "6", "--frames", "12", "--size", "160x120", "--samples", "8"]
-DEMO_SETTINGS = {"width": 160, "height": 120, "gaussian_iterations": 40, "segment_length": 12, "retrieval_k": 4}
+DEMO_SETTINGS = {"width": 160, "height": 120, "gaussian_iterations": 300, "segment_length": 12, "retrieval_k": 4}
 
 
 def log(msg: str) -> None:

@@ -47,13 +47,32 @@ MISPLACED_MARGIN = 0.1
 
 
 @pytest.fixture(scope="module")
-def extension_zip(tmp_path_factory) -> Path:
+def extension_zips(tmp_path_factory) -> list[Path]:
     out = tmp_path_factory.mktemp("dist")
     try:
-        (path,) = build_extension.build(out, split=False)
+        return build_extension.build(out, split=True)
     except build_extension.BuildError as err:
         pytest.fail(f"cannot build the extension: {err}")
-    return path
+
+
+@pytest.fixture(scope="module")
+def extension_zip(extension_zips) -> Path:
+    return extension_zips[0]  # the all-platform zip
+
+
+def test_per_platform_zips(extension_zips):
+    names = {p.name for p in extension_zips}
+    assert names == {"reconloop-0.1.0.zip", "reconloop-0.1.0-linux_x64.zip", "reconloop-0.1.0-windows_x64.zip",
+                     "reconloop-0.1.0-macos_arm64.zip"}
+    for path in extension_zips[1:]:
+        platform = path.stem.split("-")[-1].replace("_", "-")
+        with zipfile.ZipFile(path) as zf:
+            manifest = zf.read("blender_manifest.toml").decode()
+            wheels = [n for n in zf.namelist() if n.startswith("wheels/")]
+        assert f'platforms = ["{platform}"]' in manifest
+        tags = {"linux-x64": "linux", "windows-x64": "win_amd64", "macos-arm64": "macosx"}
+        binary = [w for w in wheels if not w.endswith("-none-any.whl")]
+        assert len(binary) == 4 and all(tags[platform] in w for w in binary), binary
 
 
 @pytest.fixture(scope="module")

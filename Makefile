@@ -6,19 +6,25 @@ PY := $(VENV)/bin/python
 # On a GPU box, install the torch that matches its CUDA first and run `make setup TORCH=`.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test bench-protocol clean
+.PHONY: setup demo test clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-setup: $(VENV)/.installed
+# Wheels bundled into the Blender extension (pyzmq, msgpack for cp311/cp313; plyfile), fetched once.
+.cache/extension_wheels/.fetched: scripts/build_extension.py | $(VENV)/.installed
+	$(PY) scripts/build_extension.py --fetch-wheels --no-build
+	touch $@
 
+setup: $(VENV)/.installed .cache/extension_wheels/.fetched
+
+# Procedural scene -> reconloop serve -> the extension's Reconstruct in Blender -> demo_out/demo_result.blend
 demo: setup
-	$(VENV)/bin/reconloop demo --out demo_out
+	$(PY) scripts/demo.py --out demo_out
 
 test: setup
 	# Two workers on two cores: one torch/OpenMP thread each, or they fight over the cores.

@@ -450,7 +450,7 @@ def test_photo_folder_without_cameras(installed, probe_service, temple_dir, tmp_
     cams = sorted((o for o in coll.objects if o.type == "CAMERA"), key=lambda o: o.name)
     assert [o.name for o in cams] == [c.name for c in caps]
     for obj, cap in zip(cams, caps):
-        assert obj.data.background_images[0].image.filepath == str(cap.image)
+        assert Path(obj.data.background_images[0].image.filepath).resolve() == Path(cap.image).resolve()
         from blender_addon.scene_read import sample_camera
 
         np.testing.assert_allclose(sample_camera(obj, bpy.context.scene).w2c, cap.camera.w2c, atol=1e-5)

@@ -77,6 +77,9 @@ class LoopConfig:
         default_frames: frames of the path made through the captures when the scene has none.
         overview_rows: rows of overview.png.
         has_fit: step 7 on; off (Settings.gaussian_iterations = 0) writes no gaussians.ply.
+        capture_share: about this fraction of the fit's steps draw a capture (captures are repeated
+            in the fit's frame list): a few captures beside many generated frames would otherwise
+            be seen rarely, and they are the only views known to be right.
     """
 
     width: int = Settings.width
@@ -95,6 +98,11 @@ class LoopConfig:
     default_frames: int = 24
     overview_rows: int = 4
     has_fit: bool = True
+    capture_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.capture_share < 1.0:
+            raise ValueError(f"LoopConfig.capture_share must be in [0, 1); got {self.capture_share}")
 
     @classmethod
     def from_settings(cls, settings: Settings, *, device: torch.device | str = "cpu", **overrides: Any) -> "LoopConfig":
@@ -393,13 +401,41 @@ def default_trajectory(cams: Sequence[Camera], num_frames: int) -> list[Camera]:
 # Generators
 
 
+# Where a learned generator's weights are: a local folder or hub id, and an optional LoRA file
+# (docs/anyrecon.md). Hub downloads happen only when RECONLOOP_ALLOW_DOWNLOAD=1.
+WEIGHTS_ENV = "RECONLOOP_{NAME}_WEIGHTS"
+LORA_ENV = "RECONLOOP_{NAME}_LORA"
+ALLOW_DOWNLOAD_ENV = "RECONLOOP_ALLOW_DOWNLOAD"
+
+_LOADED_GENERATORS: dict[tuple[str, str, str, str], Generator] = {}
+
+
 def make_generator(name: str, device: torch.device) -> Generator:
     """The generator registered under ``name``: built from its defaults, or, for a learned one
-    (it has ``from_pretrained``), loaded from its default local path or hub id."""
+    (it has ``from_pretrained``), loaded from ``RECONLOOP_<NAME>_WEIGHTS`` (a folder or hub id;
+    default the class's hub id) with ``RECONLOOP_<NAME>_LORA``. A learned generator is loaded once
+    per process and reused by later jobs (a 14B model takes minutes to load)."""
     cls = generator_class(name)
-    if hasattr(cls, "from_pretrained"):
-        return cls.from_pretrained(device=device)
-    return cls()
+    if not hasattr(cls, "from_pretrained"):
+        return cls()
+    weights = os.environ.get(WEIGHTS_ENV.format(NAME=name.upper()), "")
+    lora = os.environ.get(LORA_ENV.format(NAME=name.upper()), "")
+    key = (name, weights, lora, str(device))
+    if key not in _LOADED_GENERATORS:
+        kwargs: dict[str, Any] = {"device": device,
+                                  "local_files_only": os.environ.get(ALLOW_DOWNLOAD_ENV) != "1"}
+        if weights:
+            kwargs["path_or_hub_id"] = weights
+        if lora:
+            kwargs["lora_path"] = lora
+        try:
+            _LOADED_GENERATORS.clear()  # one learned model in memory at a time
+            _LOADED_GENERATORS[key] = cls.from_pretrained(**kwargs)
+        except (OSError, ValueError) as err:
+            raise RuntimeError(
+                f"generator {name!r}: cannot load its weights ({err}); set "
+                f"{WEIGHTS_ENV.format(NAME=name.upper())} to a local folder (docs/anyrecon.md)") from err
+    return _LOADED_GENERATORS[key]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,7 +562,7 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
     # 7. Fit Gaussians on captures (confidence 1) and generated frames (their confidence), from M.
     gaussians = None
     if cfg.has_fit:
-        fit_views = FitViews.cat([FitViews.from_views(captures), FitViews(frame_images, targets_all, frame_conf)])
+        fit_views = fit_views_for(captures, FitViews(frame_images, targets_all, frame_conf), cfg.capture_share)
         fit_done = done
 
         def fit_progress(step: int, loss: float) -> None:
@@ -574,6 +610,15 @@ def load_image_array(image: np.ndarray, width: int, height: int) -> np.ndarray:
     if image.shape[:2] == (height, width):
         return image
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+
+
+def fit_views_for(captures: Views, frames: FitViews, capture_share: float) -> FitViews:
+    """Captures (confidence 1), repeated so that about ``capture_share`` of the list are captures,
+    followed by the generated frames."""
+    C, F_ = len(captures), len(frames)
+    repeats = max(1, math.ceil(capture_share / (1.0 - capture_share) * F_ / max(C, 1))) if capture_share > 0 else 1
+    caps = FitViews.from_views(captures)
+    return FitViews.cat([caps] * repeats + [frames])
 
 
 def spread(n: int, count: int) -> list[int]:

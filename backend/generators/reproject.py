@@ -46,6 +46,7 @@ class ReprojectConfig:
     no_evidence_cost: float = 0.6  # cost (1 - ZNCC) where the search has no evidence: ZNCC must beat 0.4
     min_texture_std: float = 0.02  # windows with grey std below this (0..1) are untextured: no evidence
     min_seen_fraction: float = 0.5  # share of a window both capture views must see
+    agreement_std: float = 0.1  # sources whose colours spread by this std (0..1) lower the confidence by e^-0.5
     max_sources: int = 6  # nearest sources (camera centre) used per chunk of frames
     chunk_pixels: int = 1 << 21  # target pixels processed at once (bounds memory at large sizes)
 
@@ -212,7 +213,8 @@ class ReprojectGenerator:
             captures: the views the depth search matches (default: ``sources``).
         Returns:
             (rgb, weight): colour [F, H, W, 3] (0 outside holes) and the best source's angular
-            weight in [0, 1], 0 where no source sees the point [F, H, W].
+            weight times the sources' agreement (exp(-var / (2 agreement_std^2)) of their colours),
+            in [0, 1], 0 where no source sees the point [F, H, W].
         """
         cfg = self.config
         F_, H, W = depth.shape
@@ -252,8 +254,10 @@ class ReprojectGenerator:
             cols, w = self._sample(X.reshape(-1, 3), ray_dir.reshape(-1, 3), src)  # [S, n, 3], [S, n]
             wsum = w.sum(0)
             mean = (cols * w[..., None]).sum(0) / wsum.clamp_min(cfg.min_angle_weight)[:, None]  # [n, 3]
+            var = (w * ((cols - mean[None]) ** 2).mean(-1)).sum(0) / wsum.clamp_min(cfg.min_angle_weight)  # [n]
+            agreement = torch.exp(-0.5 * var / cfg.agreement_std ** 2)  # 1 for one source or full agreement
             rgb[fs] = mean.view(*z.shape, 3)
-            best_w[fs] = w.max(0).values.view(z.shape)
+            best_w[fs] = (w.max(0).values * agreement).view(z.shape)
         rgb = rgb * holes[..., None]
         best_w = best_w * holes
         return rgb, best_w

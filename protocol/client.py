@@ -22,6 +22,7 @@ In Blender, call ``poll_events(0)`` from a timer instead of iterating ``events``
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import time
@@ -37,6 +38,8 @@ from .codec import decode, encode
 from .errors import ProtocolError
 from .schemas import TERMINAL_STATES
 from .version import PROTOCOL_VERSION, SUPPORTED_VERSIONS
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_TIMEOUT_MS = 10_000  # per try; a submit of large images needs the server to write them
@@ -95,6 +98,9 @@ class Client:
     def _open(self) -> None:
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # A DEALER whose only peer is gone (or refused its CURVE handshake) has no pipe, and a plain
+        # send would block for ever: bound it, and treat a send that timed out as a lost request.
+        sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout_ms)))
         sock.setsockopt(zmq.MAXMSGSIZE, limits.MAX_FRAME_BYTES + limits.MAX_HEADER_BYTES)
         if self.server_key is not None:
             from .curve import configure_client_socket
@@ -129,7 +135,10 @@ class Client:
         self._next_id += 1
         frames = encode({"v": PROTOCOL_VERSION, "op": op, "id": rid, **fields}, "request")
         _check_frame_sizes(op, frames, self.server)
-        self._sock.send_multipart(frames, copy=False)
+        try:
+            self._sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            log.info("%s: request %d (%s) could not be sent within %d ms", self.endpoint, rid, op, self.timeout_ms)
         return rid
 
     def _recv(self, timeout_ms: float) -> dict[str, Any] | None:
@@ -163,8 +172,8 @@ class Client:
         timeout_ms = self.timeout_ms if timeout_ms is None else timeout_ms
         retries = self.retries if retries is None else retries
         for _attempt in range(retries + 1):
-            rid = self._send(op, fields)
             deadline = time.monotonic() + timeout_ms / 1000
+            rid = self._send(op, fields)
             while (remaining_ms := (deadline - time.monotonic()) * 1000) > 0:
                 msg = self._recv(remaining_ms)
                 if msg is None:

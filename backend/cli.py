@@ -160,6 +160,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     return run_import(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import run_eval
+
+    return run_eval(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     scene_dir = args.scene
     if scene_dir is None:
@@ -221,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_import_arguments(p)
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("eval", help="score held-out views: point render, captures-only Gaussians, full loop",
+                       description=("Hold out views (scene.heldout, or --protocol llff|ring on imported data) and report "
+                                    "PSNR/SSIM at them for the point render alone, Gaussians fitted on the captures "
+                                    "alone, and the full loop; with time and peak memory per stage (eval.json)."))
+    from .evaluate_args import add_eval_arguments
+
+    add_eval_arguments(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="render the built-in demo scene (or use --scene) and run the loop", description=(
         "Without --scene: render a procedural Blender scene with Cycles on CPU into OUT/scene (bpy needed), "

@@ -40,6 +40,7 @@ from torch import Tensor
 from . import outputs
 from .loop import LoopConfig, load_image, spread, load_image_array, order_around, path_through, run_loop, to_tensor, undistorted
 from .metrics import image_metrics, load_lpips
+from .evaluate_args import DEFAULT_TRAIN_VIEWS, PROTOCOLS, TRAJECTORY_MODES, add_eval_arguments  # noqa: F401
 from .progress import ProgressFn, no_progress
 from .scene import Camera, Capture, Scene, TrajectoryFrame
 from .stages.fit import FitViews, fit_gaussians, render_gaussians
@@ -50,11 +51,8 @@ from .stages.types import Cameras, Views
 EVAL_FILE = "eval.json"
 EVAL_PICTURE = "eval.png"
 LOOP_DIR = "loop"
-TRAJECTORY_MODES = ("auto", "scene", "heldout", "interpolate")
-PROTOCOLS = ("llff", "ring", "ring-arc")
 RING_ARC_STEP = 2  # ring-arc protocol: training views this many ring positions apart
 LLFF_HOLDOUT_EVERY = 8  # LLFF protocol: every 8th image is a test view
-DEFAULT_TRAIN_VIEWS = 3  # AnyRecon/ReconX sparse-view setting
 FRAMES_PER_LEG = 3  # trajectory frames per leg of the path (keys included) in heldout/interpolate modes
 PICTURE_ROWS = 4
 
@@ -246,21 +244,6 @@ def _size(cfg: LoopConfig, traj: Sequence[TrajectoryFrame]) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------------
 # Command line: `reconloop eval` (the parser lives in backend/cli.py)
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the arguments of ``reconloop eval`` to a (sub)parser."""
-    parser.add_argument("scene", type=Path, help="scene folder (scene.json), or with --format a source folder to import")
-    parser.add_argument("--out", type=Path, required=True, help="folder for eval.json, eval.png and the loop's outputs")
-    parser.add_argument("--format", default=None, help="import SCENE from this format first (middlebury, llff, colmap, ...)")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
-                        help="hold out views by a standard protocol (llff: every 8th; ring: all but N spread views)")
-    parser.add_argument("--train-views", type=int, default=DEFAULT_TRAIN_VIEWS, help="training views (default %(default)s)")
-    parser.add_argument("--trajectory-mode", choices=TRAJECTORY_MODES, default="auto", help="the loop's path (default %(default)s)")
-    parser.add_argument("--size", default=None, metavar="WxH", help="working size (default: the scene's settings)")
-    parser.add_argument("--iterations", type=int, default=None, help="Gaussian iterations (default: the scene's settings)")
-    parser.add_argument("--no-update", action="store_true", help="turn the memory update (step 6) off")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
 
 
 def scene_for_eval(src: Path, fmt: str | None, protocol: str | None, train_views: int, work: Path) -> Scene:

@@ -235,6 +235,32 @@ class Scene:
         return all(c.camera is not None for c in self.captures)
 
 
+def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, -1.0, 0.0)) -> np.ndarray:
+    """OpenCV world-to-camera of a camera at ``eye`` looking at ``target``.
+
+    Args:
+        eye, target: world points. [3]
+        up: the world direction that points up in the image (OpenCV y is down, so the default
+            world -y is image up). [3]
+    Returns:
+        w2c: world-to-camera, OpenCV (x right, y down, z forward). float64 [4, 4]
+
+    Example::
+
+        w2c = look_at((0.0, 0.0, -3.0))   # on -z, looking at the origin
+    """
+    eye, target, up = (np.asarray(v, dtype=np.float64) for v in (eye, target, up))
+    z = target - eye
+    z /= np.linalg.norm(z)
+    x = np.cross(up, z)
+    x /= np.linalg.norm(x)
+    R = np.stack([x, np.cross(z, x), z])
+    w2c = np.eye(4)
+    w2c[:3, :3] = R
+    w2c[:3, 3] = -R @ eye
+    return w2c
+
+
 # ----------------------------------------------------------------------------------------------
 # Checking
 

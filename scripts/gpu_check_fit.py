@@ -27,26 +27,14 @@ import torch
 
 from backend.metrics import image_metrics
 from backend.rasterizers import make_rasterizer
+from backend.scene import look_at  # noqa: E402
 from backend.stages.fit import FitConfig, FitViews, fit_gaussians, render_gaussians
 from backend.stages.types import Cameras, GeometryMemory
 
 
-def look_at(center: torch.Tensor) -> torch.Tensor:
-    """OpenCV world-to-camera of a camera at ``center`` looking at the origin (world -y up)."""
-    z = -center / center.norm()
-    x = torch.linalg.cross(torch.tensor([0.0, -1.0, 0.0]), z)
-    x = x / x.norm()
-    y = torch.linalg.cross(z, x)
-    R = torch.stack([x, y, z])
-    w2c = torch.eye(4)
-    w2c[:3, :3] = R
-    w2c[:3, 3] = -R @ center
-    return w2c
-
-
 def arc_cameras(n: int, width: int, height: int, radius: float, spread_rad: float, offset: float = 0.0) -> Cameras:
     angles = [spread_rad * ((i + offset) / max(n - 1, 1) - 0.5) for i in range(n)]
-    w2c = torch.stack([look_at(torch.tensor([radius * math.sin(a), 0.3 * math.sin(3 * a), -radius * math.cos(a)]))
+    w2c = torch.stack([torch.tensor(look_at([radius * math.sin(a), 0.3 * math.sin(3 * a), -radius * math.cos(a)]), dtype=torch.float32)
                        for a in angles])
     f = 0.9 * width
     K = torch.tensor([[f, 0.0, width / 2], [0.0, f, height / 2], [0.0, 0.0, 1.0]]).repeat(n, 1, 1)

@@ -192,3 +192,18 @@ def test_real_scene_loads(temple_dir, tmp_path):
     assert scene.captures[1].name == "templeSR0002"
     np.testing.assert_array_equal(scene.captures[0].camera.K, K)
     assert scene.settings == Settings()
+
+
+def test_look_at_puts_the_target_on_the_optical_axis_with_world_up_on_top():
+    import numpy as np
+
+    from backend.scene import look_at
+
+    w2c = look_at((1.0, -0.5, -3.0), target=(0.2, 0.1, 0.0))
+    R = w2c[:3, :3]
+    np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-12)
+    cam = w2c[:3, :3] @ np.array([0.2, 0.1, 0.0]) + w2c[:3, 3]
+    np.testing.assert_allclose(cam[:2], 0.0, atol=1e-12)
+    assert cam[2] > 0
+    above = w2c[:3, :3] @ np.array([0.2, -0.9, 0.0]) + w2c[:3, 3]  # world -y is image up (smaller y)
+    assert above[1] < 0

@@ -12,6 +12,7 @@ from backend.metrics import psnr
 from backend.progress import Cancelled
 from backend.rasterizers import make_rasterizer
 from backend.rasterizers.sh import sh_to_rgb
+from backend.scene import look_at
 from backend.stages.fit import (
     FitConfig,
     FitViews,
@@ -42,20 +43,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def look_at(center: tuple[float, float, float]) -> torch.Tensor:
-    """OpenCV world-to-camera of a camera at ``center`` looking at the origin, image y down = world -y."""
-    c = torch.tensor(center)
-    z = -c / c.norm()
-    x = torch.linalg.cross(torch.tensor([0.0, -1.0, 0.0]), z)
-    x = x / x.norm()
-    y = torch.linalg.cross(z, x)
-    R = torch.stack([x, y, z])
-    w2c = torch.eye(4)
-    w2c[:3, :3] = R
-    w2c[:3, 3] = -R @ c
-    return w2c
-
-
 def make_scene(seed: int = 0, n: int = 40):
     """Coloured Gaussians seen by 3 cameras 3 units away, 20 degrees apart; images by torch_cpu."""
     gen = torch.Generator().manual_seed(seed)
@@ -65,7 +52,7 @@ def make_scene(seed: int = 0, n: int = 40):
     quats = torch.randn(n, 4, generator=gen)
     opacities = torch.full((n,), 0.9)
     angles = (-0.35, 0.0, 0.35)
-    w2c = torch.stack([look_at((3 * math.sin(a), 0.0, -3 * math.cos(a))) for a in angles])
+    w2c = torch.stack([torch.tensor(look_at((3 * math.sin(a), 0.0, -3 * math.cos(a))), dtype=torch.float32) for a in angles])
     K = torch.tensor([[FOCAL, 0.0, W / 2], [0.0, FOCAL, H / 2], [0.0, 0.0, 1.0]]).repeat(len(angles), 1, 1)
     cams = Cameras(w2c, K, W, H)
     images, _, _ = make_rasterizer("torch_cpu").render(means, quats, scales, opacities, colors, w2c, K, W, H)

@@ -235,13 +235,13 @@ class Scene:
         return all(c.camera is not None for c in self.captures)
 
 
-def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, -1.0, 0.0)) -> np.ndarray:
+def look_at(eye, target=(0.0, 0.0, 0.0), down=(0.0, -1.0, 0.0)) -> np.ndarray:
     """OpenCV world-to-camera of a camera at ``eye`` looking at ``target``.
 
     Args:
         eye, target: world points. [3]
-        up: the world direction that points up in the image (OpenCV y is down, so the default
-            world -y is image up). [3]
+        down: the world direction that points down in the image (OpenCV y); default world -y,
+            so world +y is up in the image. [3]
     Returns:
         w2c: world-to-camera, OpenCV (x right, y down, z forward). float64 [4, 4]
 
@@ -249,10 +249,10 @@ def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, -1.0, 0.0)) -> np.ndarray:
 
         w2c = look_at((0.0, 0.0, -3.0))   # on -z, looking at the origin
     """
-    eye, target, up = (np.asarray(v, dtype=np.float64) for v in (eye, target, up))
+    eye, target, down = (np.asarray(v, dtype=np.float64) for v in (eye, target, down))
     z = target - eye
     z /= np.linalg.norm(z)
-    x = np.cross(up, z)
+    x = np.cross(down, z)
     x /= np.linalg.norm(x)
     R = np.stack([x, np.cross(z, x), z])
     w2c = np.eye(4)

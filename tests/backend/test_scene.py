@@ -194,7 +194,7 @@ def test_real_scene_loads(temple_dir, tmp_path):
     assert scene.settings == Settings()
 
 
-def test_look_at_puts_the_target_on_the_optical_axis_with_world_up_on_top():
+def test_look_at_puts_the_target_on_the_optical_axis_with_world_y_up():
     import numpy as np
 
     from backend.scene import look_at
@@ -205,5 +205,5 @@ def test_look_at_puts_the_target_on_the_optical_axis_with_world_up_on_top():
     cam = w2c[:3, :3] @ np.array([0.2, 0.1, 0.0]) + w2c[:3, 3]
     np.testing.assert_allclose(cam[:2], 0.0, atol=1e-12)
     assert cam[2] > 0
-    above = w2c[:3, :3] @ np.array([0.2, -0.9, 0.0]) + w2c[:3, 3]  # world -y is image up (smaller y)
+    above = w2c[:3, :3] @ np.array([0.2, 1.1, 0.0]) + w2c[:3, 3]  # world +y is image up (smaller y)
     assert above[1] < 0

@@ -47,6 +47,7 @@ from .stages.fit import FitViews, fit_gaussians, render_gaussians
 from .stages.memory import build_memory
 from .stages.render import render_memory
 from .stages.types import Cameras, Views
+from .generators import Generator
 
 EVAL_FILE = "eval.json"
 EVAL_PICTURE = "eval.png"
@@ -149,7 +150,8 @@ def score(pred: Tensor, truth: Tensor) -> dict[str, float]:
 
 
 def evaluate_scene(scene: Scene, out_dir: Path, *, device: torch.device | str, trajectory_mode: str = "auto",
-                   config: EvalConfig | None = None, progress: ProgressFn = no_progress) -> dict[str, Any]:
+                   config: EvalConfig | None = None, progress: ProgressFn = no_progress,
+                   generator: Generator | None = None, baselines: bool = True) -> dict[str, Any]:
     """Score (a) point render, (b) captures-only Gaussians, (c) the full loop at the held-out cameras.
 
     Args:
@@ -160,6 +162,9 @@ def evaluate_scene(scene: Scene, out_dir: Path, *, device: torch.device | str, t
         trajectory_mode: see the module docstring (overrides ``config.trajectory_mode``).
         config: loop config and path settings.
         progress: passed to the loop.
+        generator: a ready generator for the loop (default: built from the loop config's name).
+        baselines: also score (a) and (b); off scores the loop alone (comparing loop variants
+            against baselines computed once).
     Returns:
         the report written to eval.json.
     """
@@ -185,27 +190,6 @@ def evaluate_scene(scene: Scene, out_dir: Path, *, device: torch.device | str, t
     truth = to_tensor(truth_list, device)
     held = Cameras.from_scene(held_cams, W, H, device=device)
 
-    # (a) the point memory alone, and (b) Gaussians on the captures alone
-    with meter.measure("load"):
-        pin = [undistorted(load_image(c.image), c.camera) for c in scene.captures]
-        captures = Views(to_tensor([load_image_array(i, W, H) for i, _ in pin], device),
-                         Cameras.from_scene([c for _, c in pin], W, H, device=device), list(range(len(pin))))
-    with meter.measure("memory"):
-        memory = build_memory(captures, loop_cfg.memory, estimator=loop_cfg.estimator)
-    with meter.measure("points_render"), torch.no_grad():
-        points = render_memory(memory, held, loop_cfg.render).rgb
-    with meter.measure("fit_captures"):
-        g_caps = fit_gaussians(FitViews.from_views(captures), memory, loop_cfg.fit, device=device)
-    caps_render = render_gaussians(g_caps, held, loop_cfg.fit)
-
-    # (c) the full loop along the evaluation trajectory
-    loop_scene = replace(scene, trajectory=traj)
-    t0 = time.perf_counter()
-    result = run_loop(loop_scene, out_dir / LOOP_DIR, device=device, progress=progress,
-                      config=replace(loop_cfg, width=W, height=H))
-    loop_seconds = time.perf_counter() - t0
-    loop_render = render_gaussians(result.gaussians, held, loop_cfg.fit)
-
     report: dict[str, Any] = {
         "scene": str(scene.root),
         "train_views": [c.name for c in scene.captures],
@@ -216,20 +200,42 @@ def evaluate_scene(scene: Scene, out_dir: Path, *, device: torch.device | str, t
         "fit_iterations": loop_cfg.fit.iterations,
         "generator": loop_cfg.generator,
         "update_memory": loop_cfg.update.enabled,
-        "points": score(points, truth),
-        "points_coverage": float((points.sum(-1) > 0).float().mean()),
-        "gaussians_captures": score(caps_render, truth),
-        "gaussians_loop": score(loop_render, truth),
-        "timing": {"baselines": meter.summary(), "loop_seconds": round(loop_seconds, 3),
-                   "loop": result.metrics["timing"]},
     }
+    columns = [truth]
+    # (a) the point memory alone, and (b) Gaussians on the captures alone
+    if baselines:
+        with meter.measure("load"):
+            pin = [undistorted(load_image(c.image), c.camera) for c in scene.captures]
+            captures = Views(to_tensor([load_image_array(i, W, H) for i, _ in pin], device),
+                             Cameras.from_scene([c for _, c in pin], W, H, device=device), list(range(len(pin))))
+        with meter.measure("memory"):
+            memory = build_memory(captures, loop_cfg.memory, estimator=loop_cfg.estimator)
+        with meter.measure("points_render"), torch.no_grad():
+            points = render_memory(memory, held, loop_cfg.render).rgb
+        with meter.measure("fit_captures"):
+            g_caps = fit_gaussians(FitViews.from_views(captures), memory, loop_cfg.fit, device=device)
+        caps_render = render_gaussians(g_caps, held, loop_cfg.fit)
+        report["points"] = score(points, truth)
+        report["points_coverage"] = float((points.sum(-1) > 0).float().mean())
+        report["gaussians_captures"] = score(caps_render, truth)
+        columns += [points, caps_render]
+
+    # (c) the full loop along the evaluation trajectory
+    loop_scene = replace(scene, trajectory=traj)
+    t0 = time.perf_counter()
+    result = run_loop(loop_scene, out_dir / LOOP_DIR, device=device, progress=progress,
+                      config=replace(loop_cfg, width=W, height=H), generator=generator)
+    loop_seconds = time.perf_counter() - t0
+    loop_render = render_gaussians(result.gaussians, held, loop_cfg.fit)
+    report["gaussians_loop"] = score(loop_render, truth)
+    report["timing"] = {"baselines": meter.summary(), "loop_seconds": round(loop_seconds, 3),
+                        "loop": result.metrics["timing"]}
+    columns.append(loop_render)
     if on_heldout:
         hs = sorted(on_heldout)
         report["frames"] = score(result.frames.images[[on_heldout[h] for h in hs]], truth[hs])
         report["frames_views"] = len(hs)
-    rows = []
-    for r in spread(len(held), PICTURE_ROWS):
-        rows.append([outputs.to_u8(t) for t in (truth[r], points[r], caps_render[r], loop_render[r])])
+    rows = [[outputs.to_u8(c[r]) for c in columns] for r in spread(len(held), PICTURE_ROWS)]
     outputs.write_overview_as(out_dir, EVAL_PICTURE, rows)
     outputs.write_json(out_dir / EVAL_FILE, report)
     return report

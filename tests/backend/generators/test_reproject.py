@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -62,7 +64,7 @@ def test_registered_and_protocol() -> None:
     assert isinstance(ReprojectGenerator(), Generator)
 
 
-def test_fills_holes_from_captures_with_confidence_levels() -> None:
+def test_colours_from_captures_with_confidence_levels() -> None:
     cfg = ReprojectConfig()
     mask = torch.zeros(2, H, W, dtype=torch.bool)
     mask[:, :, : W // 2] = True  # the memory covers the left half only
@@ -70,18 +72,33 @@ def test_fills_holes_from_captures_with_confidence_levels() -> None:
     out = ReprojectGenerator(cfg).generate(cond, num_steps=4, seed=0)
     assert out.images.shape == (2, H, W, 3) and out.confidence.shape == (2, H, W)
     assert out.images.dtype == torch.float32 and out.confidence.dtype == torch.float32
-    # rendered pixels are kept exactly, at confidence 1
-    assert torch.equal(out.images[mask], truth[mask])
-    assert torch.all(out.confidence[mask] == cfg.rendered_confidence)
-    # hole pixels the capture sees: the plane's true colour (bilinear sampling error only)
-    conf = out.confidence[~mask]
-    reproj = (conf > cfg.inpainted_confidence) & (conf <= cfg.reprojected_confidence)
-    assert reproj.float().mean() > 0.5
-    err = (out.images[~mask][reproj] - truth[~mask][reproj]).abs()
+    # every pixel the capture sees is its colour through the depth (bilinear sampling error only),
+    # on the memory's depth (left) and on the searched guess (right)
+    seen = out.confidence > cfg.inpainted_confidence
+    assert seen[mask].all() and seen[~mask].float().mean() > 0.5
+    err = (out.images[seen] - truth[seen]).abs()
     assert err.mean() < 0.01, float(err.mean())
+    # one source alone: the ceiling x the angular weight (rays within ~8 degrees: > 0.85) x single_source_factor
+    for pixels, ceiling in ((out.confidence[mask], cfg.rendered_confidence), (out.confidence[~mask & seen], cfg.reprojected_confidence)):
+        top = ceiling * cfg.single_source_factor
+        assert torch.all(pixels <= top + 1e-6) and torch.all(pixels > 0.85 * top), (float(pixels.min()), top)
     # the capture (at x=0) cannot see the far right of the targets: those are inpainted, low
     assert torch.all(out.confidence[:, :, -1] == cfg.inpainted_confidence)
     assert torch.all((out.images >= 0) & (out.images <= 1))
+
+
+def test_confidence_follows_agreement_of_sources() -> None:
+    cfg = ReprojectConfig()
+    mask = torch.ones(1, H, W, dtype=torch.bool)
+    cond, truth = _cond([0.3], [0.2, 0.4], mask)
+    both = (ReprojectGenerator(cfg).generate(cond, num_steps=1, seed=0).confidence > 0.9).float().mean()
+    assert both > 0.8  # two agreeing sources, almost straight on: near the ceiling of 1
+    shifted = Views(cond.memory.images.clone(), cond.memory.cams, cond.memory.ids)
+    shifted.images[1] = (shifted.images[1] + 2 * cfg.agreement_std).clamp(0, 1)  # the sources now disagree
+    out = ReprojectGenerator(cfg).generate(ConditionVideo(cond.targets, cond.renders, shifted, cond.carried),
+                                           num_steps=1, seed=0)
+    core = out.confidence[:, 4:-4, 8:-8]  # both weighted alike: colour std = agreement_std, so e^-0.5
+    torch.testing.assert_close(core, torch.full_like(core, math.exp(-0.5)), atol=0.02, rtol=0)
 
 
 def test_carried_frames_are_sources() -> None:

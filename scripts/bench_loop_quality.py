@@ -1,0 +1,107 @@
+"""Loop quality at held-out views: captures-only Gaussians against the full loop, with variants.
+
+Issue 3's check: on the temple and the fern with 3 captures, the full loop's Gaussians must score a
+higher PSNR at held-out cameras than Gaussians fitted on the captures alone. This script runs
+``backend.evaluate.evaluate_scene`` once per scene with its baselines (point render, captures-only
+Gaussians, the default loop), then the loop alone for each variant (a generator or loop setting
+changed), so that every row of a scene is measured in one process against one baseline.
+
+Usage (GPU machine, scenes copied there and never committed; or on CPU at small sizes)::
+
+    python scripts/bench_loop_quality.py --data .device_data --iterations 3000 --out $OUT/quality.json
+    .venv/bin/python scripts/bench_loop_quality.py --size 160x120 --iterations 150 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from backend.evaluate import EvalConfig, evaluate_scene, scene_for_eval  # noqa: E402
+from backend.generators.reproject import ReprojectConfig, ReprojectGenerator  # noqa: E402
+from backend.loop import LoopConfig  # noqa: E402
+
+# scene folder, format, protocol, default working size (the sizes of the GPU rows in docs/benchmarks.md)
+SCENES = {
+    "temple": ("middlebury_temple", "middlebury", "ring-arc", (512, 384)),
+    "fern": ("llff_fern", "llff", "llff", (504, 378)),
+}
+# name -> (LoopConfig overrides, ReprojectConfig overrides); "default" is scored with the baselines
+VARIANTS: dict[str, tuple[dict, dict]] = {
+    "default": ({}, {}),
+    "agreement 0.02": ({}, {"agreement_std": 0.02}),
+    "agreement 0.06": ({}, {"agreement_std": 0.06}),
+    "no memory update": ({"update": False}, {}),
+    "capture share 0.3": ({"capture_share": 0.3}, {}),
+}
+
+
+def loop_config(base: LoopConfig, overrides: dict) -> LoopConfig:
+    cfg = base
+    if "update" in overrides:
+        cfg = replace(cfg, update=replace(cfg.update, enabled=overrides["update"]))
+    if "capture_share" in overrides:
+        cfg = replace(cfg, capture_share=overrides["capture_share"])
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="folder holding the scenes")
+    p.add_argument("--scenes", default="temple,fern", help="comma-separated: " + ", ".join(SCENES))
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
+    p.add_argument("--size", default=None, metavar="WxH", help="working size for every scene (default: per scene)")
+    p.add_argument("--iterations", type=int, default=3000)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        if v not in VARIANTS:
+            p.error(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    if variants[0] != "default":
+        variants.insert(0, "default")
+    results: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                     "torch": torch.__version__, "iterations": args.iterations, "scenes": {}}
+    for name in (s.strip() for s in args.scenes.split(",")):
+        folder, fmt, protocol, size = SCENES[name]
+        if args.size:
+            size = tuple(int(v) for v in args.size.lower().split("x"))
+        with tempfile.TemporaryDirectory(prefix="reconloop-quality-") as work:
+            scene = scene_for_eval(args.data / folder, fmt, protocol, 3, Path(work) / "scene")
+            base = LoopConfig.from_settings(scene.settings, device=args.device)
+            base = replace(base, width=size[0], height=size[1], fit=replace(base.fit, iterations=args.iterations))
+            rows = {}
+            for v in variants:
+                loop_over, gen_over = VARIANTS[v]
+                t0 = time.perf_counter()
+                report = evaluate_scene(scene, Path(work) / v.replace(" ", "_"), device=args.device,
+                                        trajectory_mode="heldout", config=EvalConfig(loop=loop_config(base, loop_over)),
+                                        generator=ReprojectGenerator(ReprojectConfig(**gen_over)),
+                                        baselines=v == "default")
+                report["seconds"] = round(time.perf_counter() - t0, 1)
+                rows[v] = report
+                keys = [k for k in ("points", "gaussians_captures", "gaussians_loop", "frames") if k in report]
+                print(f"{name} {size[0]}x{size[1]} {args.iterations} it, {v}: " + ", ".join(
+                    f"{k} {report[k]['psnr']:.2f}/{report[k]['ssim']:.3f}" for k in keys) + f" ({report['seconds']} s)",
+                    flush=True)
+            results["scenes"][name] = {"size": list(size), "rows": rows}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,8 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.generators.anyrecon import AnyReconComponents, AnyReconConfig, AnyReconGenerator  # noqa: E402
+from backend.generators import window_attention as wa  # noqa: E402
 from backend.generators.window_attention import (WindowLayout, build_block_mask, window_attention_sdpa,  # noqa: E402
-                                                 window_density)
+                                                 window_attention_split, window_density)
 
 WAN_I2V_14B = dict(  # Wan-AI/Wan2.1-I2V-14B-720P-Diffusers transformer/config.json
     patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
@@ -169,6 +170,7 @@ def bench_attention_kernels(args, res: Results, device: str, layout: WindowLayou
         "flex_full": (lambda: flex(q, k, v), None, 1.0),
         "flex_window": (lambda: flex(q, k, v, block_mask=mask), None, dens),
         "sdpa_window_per_frame": (lambda: window_attention_sdpa(q, k, v, layout), None, dens),
+        "split_window": (lambda: window_attention_split(*(t.transpose(1, 2) for t in (q, k, v)), layout), None, dens),
     }
     out = {}
     for name, (fn, backends, density) in cases.items():
@@ -190,6 +192,15 @@ def bench_attention_kernels(args, res: Results, device: str, layout: WindowLayou
         except Exception as e:  # a kernel this GPU or build lacks: record and go on
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         res.put("attention_kernels", out)
+    try:  # the two exact window kernels must agree (bf16 rounding apart)
+        a = window_attention_sdpa(q, k, v, layout)
+        b = window_attention_split(*(t.transpose(1, 2) for t in (q, k, v)), layout).transpose(1, 2)
+        out["split_vs_per_frame_max_abs"] = round(float((a.float() - b.float()).abs().max()), 5)
+        out["split_vs_per_frame_mean_abs"] = float((a.float() - b.float()).abs().mean())
+        out["split_lse_kernel"] = "cudnn" if wa._CUDNN_LSE[0] else "flash"
+    except Exception as e:
+        out["split_check_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    res.put("attention_kernels", out)
     del q, k, v
 
 
@@ -239,7 +250,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=896)
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--attn-reps", type=int, default=5)
-    ap.add_argument("--modes", default="kernels,stock,window,full,window_sdpa,vae,fp8,group_offload")
+    ap.add_argument("--modes", default="kernels,stock,window,full,window_sdpa,window_split,vae,fp8,group_offload")
     ap.add_argument("--full-backend", default="auto")
     ap.add_argument("--compile-blocks", action="store_true", help="torch.compile each block in our modes")
     args = ap.parse_args()
@@ -289,7 +300,8 @@ def main() -> None:
         reset_peak(device)
     # stock first: our modes may compile the blocks in place (--compile-blocks)
     denoise_modes = {"stock": dict(attention="stock"), "window": dict(attention="window"),
-                     "full": dict(attention="full"), "window_sdpa": dict(attention="window", window_backend="sdpa")}
+                     "full": dict(attention="full"), "window_sdpa": dict(attention="window", window_backend="sdpa"),
+                     "window_split": dict(attention="window", window_backend="split")}
     for mode, over in denoise_modes.items():
         if mode in modes:
             ours = mode != "stock"
@@ -297,7 +309,7 @@ def main() -> None:
             gen = AnyReconGenerator(comps, AnyReconConfig(**over, compile_blocks=compiled, **base), device=device)
             # one full-size step first where something compiles for this shape (FlexAttention, blocks);
             # otherwise the kernels were warmed by the micro-benchmark at the same shapes
-            warm = 1 if (mode == "window" or compiled) else 0
+            warm = 1 if (mode == "window" or compiled) else 0  # "window" alone is FlexAttention
             key = f"denoise_{mode}" + ("_compiled" if compiled else "")
             bench_denoise(args, res, key, gen, inputs, device, flops["full" if over["attention"] != "window" else "window"],
                           warmup_steps=warm)

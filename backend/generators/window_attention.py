@@ -11,9 +11,13 @@ of every ``WanTransformerBlock``:
 
 - ``full``: every token attends to every token (scaled-dot-product attention, cuDNN or flash kernels
   on CUDA), with the rotary embedding applied in float32 rather than float64;
-- ``window``: the mask above as a torch FlexAttention ``BlockMask``. Frames of 1792 tokens (512x896
-  at patch 2x2) are whole multiples of the 128-token blocks, so every block is either fully kept or
-  skipped and the kernel does no per-element masking. Compile it (``compile=True``) for speed.
+- ``window``: the same mask, exactly, by one of three kernels (``window_backend``):
+  ``flex``, a torch FlexAttention ``BlockMask`` (frames of 1792 tokens, 512x896 at patch 2x2, are
+  whole multiples of the 128-token blocks, so no block needs per-element masking; compile it);
+  ``sdpa``, one dense call per sequence frame over memory + window keys (``window_attention_sdpa``);
+  ``split``, the sequence's attention cut into its memory part and its window part, each a dense
+  call (the windows of all interior frames in one batched call over overlapping views of the keys,
+  no copies), merged by their log-sum-exp (``window_attention_split``).
 
 ``dense_window_mask`` gives the same mask as a dense boolean matrix for reference and tests.
 
@@ -31,7 +35,8 @@ from torch import Tensor
 
 ATTENTION_MODES = ("full", "window")
 FULL_BACKENDS = ("auto", "cudnn", "flash", "flex")  # kernels for full attention: torch's choice, or forced
-WINDOW_BACKENDS = ("flex", "sdpa")  # window kernels: FlexAttention block mask, or one SDPA call per frame
+WINDOW_BACKENDS = ("flex", "sdpa", "split")  # window kernels: FlexAttention block mask, one SDPA call per
+# frame on a ring buffer, or memory and window as separate dense calls merged by their log-sum-exp
 DEFAULT_WINDOW_FRAMES = 8  # AnyRecon: a target frame sees its neighbours within +-8 frames
 DEFAULT_BLOCK_SIZE = 128  # FlexAttention's default tile; 1792 tokens per frame = 14 tiles
 
@@ -194,6 +199,144 @@ def window_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout,
     return out
 
 
+def attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense attention that also returns the log-sum-exp of each query's scores.
+
+    CUDA: the cuDNN kernel, or the flash kernel where cuDNN refuses the input; CPU: torch's flash
+    kernel for CPU. The scale is 1/sqrt(D), as in ``F.scaled_dot_product_attention``.
+
+    Args:
+        q: [B, heads, Lq, D]; k, v: [B, heads, Lk, D] (any strides with a unit last stride).
+
+    Returns:
+        (out, lse): attention output [B, heads, Lq, D] in q's dtype, and log(sum_k exp(q.k * scale))
+        float32 [B, heads, Lq].
+    """
+    if q.is_cuda:
+        if _CUDNN_LSE[0]:
+            try:
+                r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)
+                return r[0], r[1].reshape(q.shape[:3]).float()
+            except RuntimeError:  # an input layout or size this cuDNN build does not take
+                _CUDNN_LSE[0] = False
+        r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)
+    else:
+        r = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
+    return r[0], r[1].reshape(q.shape[:3]).float()
+
+
+_CUDNN_LSE = [True]  # cleared after the first input cuDNN refuses; the flash kernel takes over
+
+
+def window_attention_parts(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The window mask's attention as dense parts, before merging (``merge_window_parts``).
+
+    Memory queries attend to the memory (one call). The sequence's queries attend to the memory (one
+    call) and, apart, to their windows of sequence frames: frames whose window is whole (+-w inside
+    the sequence) in one batched call, whose keys are overlapping strided views of the sequence's
+    keys (frame f's window starts one frame after frame f-1's), the frames at either end one call
+    each on a slice. Attention over a union of key sets is the log-sum-exp weighted mean of the
+    attention over each, so nothing is masked and no key is copied.
+
+    Args:
+        q, k, v: queries, keys, values after the rotary embedding, token-major. [B, L, heads, D]
+        layout: frame layout (L = layout.num_tokens).
+
+    Returns:
+        (out_memory, out_a, lse_a, out_b, lse_b): the memory queries' output [B, M*T, heads, D];
+        for the sequence's S*T queries, the memory part and the window part, each an output
+        [B, S*T, heads, D] and a log-sum-exp float32 [B, heads, S*T] (-inf where a part is empty).
+    """
+    T, M, n, w = layout.tokens_per_frame, layout.num_memory, layout.num_frames, layout.window_frames
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, L, Hd, D = q.shape
+    m_tok, seq = M * T, n - M
+    s_tok = seq * T
+
+    def bhld(x: Tensor) -> Tensor:
+        return x.transpose(-3, -2)  # [..., L, heads, D] <-> [..., heads, L, D], a view
+
+    out_mem = bhld(F.scaled_dot_product_attention(*(bhld(x[:, :m_tok]) for x in (q, k, v)))) if M else q.new_empty(B, 0, Hd, D)
+    qs = q[:, m_tok:]
+    if seq == 0:  # memory only
+        def empty() -> tuple[Tensor, Tensor]:
+            return q.new_empty(B, 0, Hd, D), q.new_empty(B, Hd, 0, dtype=torch.float32)
+
+        return out_mem, *empty(), *empty()
+    if M:
+        o, lse = attention_lse(bhld(qs), bhld(k[:, :m_tok]), bhld(v[:, :m_tok]))
+        out_a, lse_a = bhld(o), lse
+    else:
+        out_a = torch.zeros_like(qs)
+        lse_a = torch.full((B, Hd, s_tok), float("-inf"), device=q.device)
+    out_b = torch.empty_like(qs)
+    lse_b = torch.empty(B, Hd, s_tok, device=q.device)
+    whole = range(w, seq - w) if seq >= 2 * w + 1 else range(0)  # frames whose window lies inside
+    for s in [s for s in range(seq) if s not in whole]:
+        lo, hi = max(0, s - w), min(seq, s + w + 1)
+        o, lse = attention_lse(bhld(qs[:, s * T:(s + 1) * T]), bhld(k[:, m_tok + lo * T:m_tok + hi * T]),
+                               bhld(v[:, m_tok + lo * T:m_tok + hi * T]))
+        out_b[:, s * T:(s + 1) * T] = bhld(o)
+        lse_b[:, :, s * T:(s + 1) * T] = lse
+    if len(whole):
+        nw, span = len(whole), (2 * w + 1) * T
+        a, b = whole.start * T, whole.stop * T
+        for i in range(B):
+            def windows(x: Tensor) -> Tensor:  # [nw, span, heads, D]: frame f's window, overlapping views
+                base = x[i, m_tok:]
+                return base.as_strided((nw, span, Hd, D), (T * Hd * D, Hd * D, D, 1), base.storage_offset())
+
+            o, lse = attention_lse(bhld(qs[i, a:b].unflatten(0, (nw, T))), bhld(windows(k)), bhld(windows(v)))
+            out_b[i, a:b] = bhld(o).flatten(0, 1)
+            lse_b[i, :, a:b] = lse.transpose(0, 1).flatten(1)
+    return out_mem, out_a, lse_a, out_b, lse_b
+
+
+def merge_window_parts(out_memory: Tensor, out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
+    """Join ``window_attention_parts``: softmax over the union of both key sets, in float32.
+
+    Returns:
+        attention output, token-major. [B, L, heads, D]
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    wa = torch.exp(lse_a - lse).transpose(1, 2).unsqueeze(-1)  # [B, S*T, heads, 1]
+    wb = torch.exp(lse_b - lse).transpose(1, 2).unsqueeze(-1)
+    seq = out_a.float() * wa + out_b.float() * wb
+    return torch.cat([out_memory, seq.to(out_memory.dtype)], dim=1)
+
+
+@torch.library.custom_op("reconloop::window_attention_parts", mutates_args=())
+def _window_parts_op(q: Tensor, k: Tensor, v: Tensor, num_frames: int, tokens_per_frame: int, num_memory: int,
+                     window_frames: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``window_attention_parts`` as one opaque op, so that compiled blocks keep a single graph."""
+    parts = window_attention_parts(q, k, v, WindowLayout(num_frames, tokens_per_frame, num_memory, window_frames))
+    return tuple(p.contiguous() for p in parts)
+
+
+@_window_parts_op.register_fake
+def _(q, k, v, num_frames, tokens_per_frame, num_memory, window_frames):
+    B, L, Hd, D = q.shape
+    m, s = num_memory * tokens_per_frame, L - num_memory * tokens_per_frame
+    lse = q.new_empty(B, Hd, s, dtype=torch.float32)
+    return q.new_empty(B, m, Hd, D), q.new_empty(B, s, Hd, D), lse, q.new_empty(B, s, Hd, D), torch.empty_like(lse)
+
+
+def window_attention_split(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout) -> Tensor:
+    """The window mask of ``layout``, exactly: dense memory and window parts merged by log-sum-exp.
+
+    Args:
+        q, k, v: queries, keys, values after the rotary embedding, token-major. [B, L, heads, D]
+        layout: frame layout (L = layout.num_tokens).
+
+    Returns:
+        attention output, token-major. [B, L, heads, D]
+    """
+    parts = torch.ops.reconloop.window_attention_parts(q, k, v, layout.num_frames, layout.tokens_per_frame,
+                                                       layout.num_memory, layout.window_frames)
+    return merge_window_parts(*parts)
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate interleaved channel pairs (x[2i], x[2i+1]) by the rotary angles, in float32.
 
@@ -227,8 +370,9 @@ class WanWindowAttnProcessor:
         full_backend: kernel for ``full`` mode on CUDA: ``auto`` (torch's choice), ``cudnn``, ``flash``
             (scaled-dot-product attention backends, others as fallback) or ``flex`` (FlexAttention, no mask).
         kernel_options: passed to ``flex_attention`` (tile sizes, warps, stages).
-        window_backend: ``flex`` (the block mask) or ``sdpa`` (``window_attention_sdpa``: exact, one
-            scaled-dot-product call per sequence frame on a ring buffer of keys).
+        window_backend: ``flex`` (the block mask), ``sdpa`` (``window_attention_sdpa``: one
+            scaled-dot-product call per sequence frame on a ring buffer of keys) or ``split``
+            (``window_attention_split``: memory and window parts merged by log-sum-exp).
     """
 
     def __init__(self, mode: str = "window", window_frames: int = DEFAULT_WINDOW_FRAMES, *,
@@ -284,6 +428,13 @@ class WanWindowAttnProcessor:
         with sdpa_kernel(order, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v)
 
+    def _check_layout(self, num_tokens: int) -> None:
+        if self.layout is None or self.layout.num_tokens != num_tokens:
+            got = None if self.layout is None else self.layout.num_tokens
+            raise ValueError(
+                f"window attention: set_layout must describe the {num_tokens} tokens of this input; layout has {got}"
+            )
+
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, rotary_emb: tuple[Tensor, Tensor] | None = None) -> Tensor:
         if encoder_hidden_states is not None:
@@ -302,15 +453,15 @@ class WanWindowAttnProcessor:
             key = apply_rotary(key, *rotary_emb)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, heads, L, D]
 
+        if self.mode == "window" and self.window_backend == "split":
+            self._check_layout(q.shape[2])
+            out = window_attention_split(query, key, value, self.layout).flatten(2, 3).type_as(query)
+            out = attn.to_out[0](out)
+            return attn.to_out[1](out)
         if self.mode == "full":
             out = self._full_attention(q, k, v)
         else:
-            if self.layout is None or self.layout.num_tokens != q.shape[2]:
-                got = None if self.layout is None else self.layout.num_tokens
-                raise ValueError(
-                    f"window attention: set_layout must describe the {q.shape[2]} tokens of this input; "
-                    f"layout has {got}"
-                )
+            self._check_layout(q.shape[2])
             if self.window_backend == "sdpa":
                 out = window_attention_sdpa(q, k, v, self.layout, self._full_attention)
             else:

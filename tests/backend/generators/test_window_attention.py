@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backend.generators.window_attention import (WanWindowAttnProcessor, WindowLayout, build_block_mask,
-                                                 dense_window_mask, set_window_attention, window_attention_sdpa,
-                                                 window_density)
+from backend.generators.window_attention import (WanWindowAttnProcessor, WindowLayout, attention_lse,
+                                                 build_block_mask, dense_window_mask, set_window_attention,
+                                                 window_attention_sdpa, window_attention_split, window_density)
 
 LAYOUTS = [  # (frames, tokens per frame, memory frames, window, block size)
     (7, 10, 2, 1, 16),  # frames straddle blocks
@@ -71,6 +71,28 @@ def test_per_frame_sdpa_equals_dense_mask_attention(frames: int, tpf: int, mem: 
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("frames,tpf,mem,win,batch", [(7, 10, 2, 1, 1), (6, 4, 0, 2, 2), (30, 2, 3, 3, 1),
+                                                      (5, 3, 5, 1, 1), (4, 3, 1, 0, 2), (12, 5, 2, 2, 2)])
+def test_split_equals_dense_mask_attention(frames: int, tpf: int, mem: int, win: int, batch: int) -> None:
+    lay = WindowLayout(frames, tpf, mem, win)
+    q, k, v = (torch.cat([t] * batch) for t in _qkv(lay.num_tokens, seed=2))
+    q = q + 0.1 * torch.arange(batch).view(-1, 1, 1, 1)  # batch items differ
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_window_mask(lay))
+    out = window_attention_split(*(t.transpose(1, 2) for t in (q, k, v)), lay).transpose(1, 2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    compiled = torch.compile(window_attention_split, backend="eager", fullgraph=True)  # the op traces as one node
+    torch.testing.assert_close(compiled(*(t.transpose(1, 2) for t in (q, k, v)), lay).transpose(1, 2), ref,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_attention_lse_matches_logsumexp() -> None:
+    q, k, v = _qkv(9, seed=4)
+    out, lse = attention_lse(q, k[:, :, :7], v[:, :, :7])
+    scores = q @ k[:, :, :7].transpose(-1, -2) / q.shape[-1] ** 0.5
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1))
+    torch.testing.assert_close(out, torch.softmax(scores, -1) @ v[:, :, :7])
+
+
 def _tiny_transformer_inputs(frames: int = 5):
     from backend.generators.tiny import tiny_anyrecon_components
 
@@ -93,7 +115,7 @@ def test_processor_in_transformer_matches_stock_and_masks() -> None:
         proc = set_window_attention(tr, "window", window_frames=4)  # no memory, window covers all 5 frames
         proc.set_layout(5, 6, 0, "cpu")
         wide = tr(x, **kw)[0]
-        for backend in ("flex", "sdpa"):
+        for backend in ("flex", "sdpa", "split"):
             proc = set_window_attention(tr, "window", window_frames=1, window_backend=backend)
             proc.set_layout(5, 6, 1, "cpu")
             narrow = tr(x, **kw)[0]

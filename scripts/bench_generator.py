@@ -197,7 +197,7 @@ def bench_attention_kernels(args, res: Results, device: str, layout: WindowLayou
         b = window_attention_split(*(t.transpose(1, 2) for t in (q, k, v)), layout).transpose(1, 2)
         out["split_vs_per_frame_max_abs"] = round(float((a.float() - b.float()).abs().max()), 5)
         out["split_vs_per_frame_mean_abs"] = float((a.float() - b.float()).abs().mean())
-        out["split_lse_kernel"] = "cudnn" if wa._CUDNN_LSE[0] else "flash"
+        out["split_lse_kernels"] = dict(wa.LSE_KERNELS)
     except Exception as e:
         out["split_check_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     res.put("attention_kernels", out)

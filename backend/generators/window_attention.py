@@ -26,6 +26,7 @@ Cross-attention (``attn2``) keeps diffusers' own processor.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -202,8 +203,8 @@ def window_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout,
 def attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Dense attention that also returns the log-sum-exp of each query's scores.
 
-    CUDA: the cuDNN kernel, or the flash kernel where cuDNN refuses the input; CPU: torch's flash
-    kernel for CPU. The scale is 1/sqrt(D), as in ``F.scaled_dot_product_attention``.
+    CUDA: the cuDNN kernel (on contiguous copies where it refuses the strides), else the flash
+    kernel; CPU: torch's flash kernel for CPU. The scale is 1/sqrt(D), as in ``F.scaled_dot_product_attention``.
 
     Args:
         q: [B, heads, Lq, D]; k, v: [B, heads, Lk, D] (any strides with a unit last stride).
@@ -213,19 +214,22 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         float32 [B, heads, Lq].
     """
     if q.is_cuda:
-        if _CUDNN_LSE[0]:
+        for copy in (False, True):  # cuDNN may refuse strides (overlapping window views): retry on copies
             try:
-                r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)
+                args = (q.contiguous(), k.contiguous(), v.contiguous()) if copy else (q, k, v)
+                r = torch.ops.aten._scaled_dot_product_cudnn_attention(*args, None, True)
+                LSE_KERNELS["cudnn_copied" if copy else "cudnn"] += 1
                 return r[0], r[1].reshape(q.shape[:3]).float()
-            except RuntimeError:  # an input layout or size this cuDNN build does not take
-                _CUDNN_LSE[0] = False
+            except RuntimeError:
+                pass
         r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)
+        LSE_KERNELS["flash"] += 1
     else:
         r = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
     return r[0], r[1].reshape(q.shape[:3]).float()
 
 
-_CUDNN_LSE = [True]  # cleared after the first input cuDNN refuses; the flash kernel takes over
+LSE_KERNELS: Counter = Counter()  # CUDA calls of attention_lse per kernel (benchmarks report it)
 
 
 def window_attention_parts(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout

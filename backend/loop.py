@@ -80,6 +80,8 @@ class LoopConfig:
         capture_share: about this fraction of the fit's steps draw a capture (captures are repeated
             in the fit's frame list): a few captures beside many generated frames would otherwise
             be seen rarely, and they are the only views known to be right.
+        frame_pool: the fit compares generated frames with the render after average pooling by this
+            factor (``FitViews.pool``); captures always at full resolution.
     """
 
     width: int = Settings.width
@@ -99,10 +101,13 @@ class LoopConfig:
     overview_rows: int = 4
     has_fit: bool = True
     capture_share: float = 0.5
+    frame_pool: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.capture_share < 1.0:
             raise ValueError(f"LoopConfig.capture_share must be in [0, 1); got {self.capture_share}")
+        if self.frame_pool < 1:
+            raise ValueError(f"LoopConfig.frame_pool must be >= 1; got {self.frame_pool}")
 
     @classmethod
     def from_settings(cls, settings: Settings, *, device: torch.device | str = "cpu", **overrides: Any) -> "LoopConfig":
@@ -562,7 +567,8 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
     # 7. Fit Gaussians on captures (confidence 1) and generated frames (their confidence), from M.
     gaussians = None
     if cfg.has_fit:
-        fit_views = fit_views_for(captures, FitViews(frame_images, targets_all, frame_conf), cfg.capture_share)
+        frame_pool = torch.full((F_all,), cfg.frame_pool, dtype=torch.long)
+        fit_views = fit_views_for(captures, FitViews(frame_images, targets_all, frame_conf, frame_pool), cfg.capture_share)
         fit_done = done
 
         def fit_progress(step: int, loss: float) -> None:

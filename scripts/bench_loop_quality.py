@@ -44,15 +44,20 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "agreement 0.06": ({}, {"agreement_std": 0.06}),
     "no memory update": ({"update": False}, {}),
     "capture share 0.3": ({"capture_share": 0.3}, {}),
+    "capture share 0.7": ({"capture_share": 0.7}, {}),
+    "frame pool 1": ({"frame_pool": 1}, {}),
+    "frame pool 2": ({"frame_pool": 2}, {}),
+    "frame pool 4": ({"frame_pool": 4}, {}),
+    "frame pool 2, no update": ({"frame_pool": 2, "update": False}, {}),
+    "frame pool 4, no update": ({"frame_pool": 4, "update": False}, {}),
 }
 
 
 def loop_config(base: LoopConfig, overrides: dict) -> LoopConfig:
-    cfg = base
+    rest = {k: v for k, v in overrides.items() if k != "update"}
+    cfg = replace(base, **rest)
     if "update" in overrides:
         cfg = replace(cfg, update=replace(cfg.update, enabled=overrides["update"]))
-    if "capture_share" in overrides:
-        cfg = replace(cfg, capture_share=overrides["capture_share"])
     return cfg
 
 

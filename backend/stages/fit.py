@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from protocol.ply import MAX_SH_DEGREE, GaussianArrays
@@ -182,11 +183,16 @@ class FitViews:
         images: colours in [0, 1]. float32 [F, H, W, 3]
         cams: their cameras (width, height match the images).
         confidence: per-pixel weight in [0, 1]; 1 for captures. float32 [F, H, W]
+        pool: per frame, the loss compares render and frame after average pooling by this factor
+            (1: every pixel). Generated frames are right in the large (where things are, what colour)
+            before they are right in the detail (reprojection resamples, blurs), so the loop fits
+            them at a coarser scale than the captures. None: 1 for every frame. int [F]
     """
 
     images: Tensor
     cams: Cameras
     confidence: Tensor
+    pool: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -198,10 +204,18 @@ class FitViews:
             confidence = torch.ones(views.images.shape[:3], dtype=views.images.dtype, device=views.images.device)
         return FitViews(views.images, views.cams, confidence)
 
+    @property
+    def pools(self) -> Tensor:
+        """``pool`` with its default filled in. int64 [F]"""
+        if self.pool is None:
+            return torch.ones(len(self), dtype=torch.long)
+        return self.pool.to("cpu", torch.long)
+
     @staticmethod
     def cat(items: Sequence["FitViews"]) -> "FitViews":
+        pool = None if all(v.pool is None for v in items) else torch.cat([v.pools for v in items])
         return FitViews(torch.cat([v.images for v in items]), Cameras.cat([v.cams for v in items]),
-                        torch.cat([v.confidence for v in items]))
+                        torch.cat([v.confidence for v in items]), pool)
 
     def check(self) -> None:
         f = len(self)
@@ -217,6 +231,12 @@ class FitViews:
         lo, hi = float(self.confidence.min()), float(self.confidence.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"fit: views.confidence must be in [0, 1]; got values in [{lo:.3g}, {hi:.3g}]")
+        if self.pool is not None:
+            if tuple(self.pool.shape) != (f,):
+                raise ValueError(f"fit: views.pool must be [{f}] (one factor per frame); got {tuple(self.pool.shape)}")
+            if int(self.pool.min()) < 1 or int(self.pool.max()) > min(h, w):
+                raise ValueError(f"fit: views.pool must be in [1, {min(h, w)}]; got values in "
+                                 f"[{int(self.pool.min())}, {int(self.pool.max())}]")
 
 
 def knn_mean_distance(xyz: Tensor, k: int) -> Tensor:
@@ -350,6 +370,20 @@ def confidence_loss(pred: Tensor, target: Tensor, confidence: Tensor, cfg: FitCo
     return loss
 
 
+def pooled(pred: Tensor, target: Tensor, confidence: Tensor, factor: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Render, frame and confidence average-pooled by ``factor`` (the frame weighted by confidence,
+    so that distrusted pixels do not leak into a pooled pixel). [B, H, W, 3], [B, H, W] -> /factor"""
+    if factor == 1:
+        return pred, target, confidence
+
+    def pool(x: Tensor) -> Tensor:  # [B, H, W, C] -> [B, H/f, W/f, C]
+        return F.avg_pool2d(x.permute(0, 3, 1, 2), factor).permute(0, 2, 3, 1)
+
+    c = pool(confidence.unsqueeze(-1))
+    t = pool(target * confidence.unsqueeze(-1)) / c.clamp_min(1e-8)
+    return pool(pred), t, c.squeeze(-1)
+
+
 def scene_scale(cams: Cameras, points: Tensor) -> float:
     """simple_trainer's scene scale: 1.1 x the largest camera distance from the cameras' centroid;
     with one camera (or all at one place), the points' median distance from their centroid."""
@@ -418,6 +452,7 @@ def fit_gaussians(views: FitViews, init: GeometryMemory, cfg: FitConfig, *, devi
     device = torch.device(device)
     images = views.images.to(device, torch.float32)
     confidence = views.confidence.to(device, torch.float32)
+    pools = views.pools.tolist()
     cams = views.cams.to(device)
     g0 = init_gaussians(init.to(device), cfg)
     rasterizer = make_rasterizer(cfg.rasterizer)
@@ -454,7 +489,12 @@ def fit_gaussians(views: FitViews, init: GeometryMemory, cfg: FitConfig, *, devi
             batch.append(order.pop())
         sh_degree = min(step // cfg.sh_degree_interval, cfg.sh_degree)
         pred, meta = _render(rasterizer, params, cams[batch], sh_degree, background)
-        loss = confidence_loss(pred, images[batch], confidence[batch], cfg, lpips_fn)
+        loss = pred.new_zeros(())
+        for p in sorted({pools[i] for i in batch}):  # frames of one pooling factor at a time
+            rows = [j for j, i in enumerate(batch) if pools[i] == p]
+            idx = [batch[j] for j in rows]
+            part = pooled(pred[rows], images[idx], confidence[idx], p)
+            loss = loss + confidence_loss(*part, cfg, lpips_fn) * (len(rows) / len(batch))
         if strategy is not None:
             strategy.step_pre_backward(params, optimizers, state, step, meta)
         loss.backward()

@@ -24,6 +24,7 @@ from backend.stages.fit import (
     gaussians_to_arrays,
     init_gaussians,
     knn_mean_distance,
+    pooled,
     render_gaussians,
 )
 from backend.stages.types import Cameras, GeometryMemory
@@ -122,6 +123,41 @@ def test_zero_confidence_patch_does_not_pull_the_fit():
     assert (blot_trusted.sh - clean_fit.sh).abs().max() > 0.05
 
 
+def _checker(h: int, w: int) -> torch.Tensor:
+    """+-0.1 in a 2x2-pixel period: averages to zero over every 2x2 block. [h, w, 1]"""
+    ij = torch.arange(h)[:, None] + torch.arange(w)[None, :]
+    return (0.1 * (1 - 2 * (ij % 2))).float().unsqueeze(-1)
+
+
+def test_pooled_target_is_confidence_weighted():
+    target = torch.full((1, 4, 4, 3), 0.5)
+    target[0, 0, 0] = 1.0  # a distrusted outlier
+    conf = torch.ones(1, 4, 4)
+    conf[0, 0, 0] = 0.0
+    pred = torch.rand(1, 4, 4, 3)
+    p, t, c = pooled(pred, target, conf, 2)
+    assert p.shape == (1, 2, 2, 3) and t.shape == (1, 2, 2, 3) and c.shape == (1, 2, 2)
+    torch.testing.assert_close(t, torch.full_like(t, 0.5))  # the outlier is weighted out
+    torch.testing.assert_close(c[0, 0, 0], torch.tensor(0.75))
+    torch.testing.assert_close(p[0, 1, 1], pred[0, 2:, 2:].mean(dim=(0, 1)))
+
+
+def test_pooled_frames_do_not_see_detail_below_their_scale():
+    """Detail that averages out over 2x2 blocks does not move a fit that compares at pool 2."""
+    cams, images, noisy = make_scene(seed=3)
+    images = 0.2 + 0.6 * images  # in [0.2, 0.8]: the +-0.1 checker never clips, so it averages out exactly
+    detailed = images + _checker(H, W)
+    detailed[0] = images[0]  # view 0 stays a clean capture at full resolution
+    cfg = test_config(iterations=20)
+    pool = torch.tensor([1, 2, 2])
+    clean = fit_gaussians(FitViews(images, cams, torch.ones(3, H, W), pool), noisy, cfg, device="cpu")
+    blind = fit_gaussians(FitViews(detailed, cams, torch.ones(3, H, W), pool), noisy, cfg, device="cpu")
+    seen = fit_gaussians(FitViews(detailed, cams, torch.ones(3, H, W)), noisy, cfg, device="cpu")
+    torch.testing.assert_close(blind.sh, clean.sh, rtol=0, atol=1e-5)
+    torch.testing.assert_close(blind.means, clean.means, rtol=0, atol=1e-5)
+    assert (seen.sh - clean.sh).abs().max() > 1e-3
+
+
 def test_default_strategy_densifies_with_the_cpu_rasterizer():
     """gsplat's DefaultStrategy reads only the rasterizer's meta, so it runs on CPU as well."""
     cams, images, noisy = make_scene(seed=2, n=25)
@@ -187,4 +223,8 @@ def test_inputs_are_checked():
         fit_gaussians(FitViews(images, cams, torch.full((3, H, W), 2.0)), noisy, cfg, device="cpu")
     with pytest.raises(ValueError, match=r"images must be \[F, 36, 48, 3\]"):
         fit_gaussians(FitViews(images[:, :-1], cams, torch.ones(3, H, W)), noisy, cfg, device="cpu")
+    with pytest.raises(ValueError, match="views.pool"):
+        fit_gaussians(FitViews(images, cams, torch.ones(3, H, W), torch.tensor([1, 2])), noisy, cfg, device="cpu")
+    with pytest.raises(ValueError, match="views.pool"):
+        fit_gaussians(FitViews(images, cams, torch.ones(3, H, W), torch.tensor([1, 0, 1])), noisy, cfg, device="cpu")
     assert default_rasterizer("cpu") == "torch_cpu" and default_rasterizer("cuda:0") == "gsplat"

@@ -48,8 +48,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "frame pool 1": ({"frame_pool": 1}, {}),
     "frame pool 2": ({"frame_pool": 2}, {}),
     "frame pool 4": ({"frame_pool": 4}, {}),
-    "frame pool 2, no update": ({"frame_pool": 2, "update": False}, {}),
-    "frame pool 4, no update": ({"frame_pool": 4, "update": False}, {}),
+    "frame pool 2 + no update": ({"frame_pool": 2, "update": False}, {}),
+    "frame pool 4 + no update": ({"frame_pool": 4, "update": False}, {}),
 }
 
 

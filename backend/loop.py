@@ -80,8 +80,8 @@ class LoopConfig:
         capture_share: about this fraction of the fit's steps draw a capture (captures are repeated
             in the fit's frame list): a few captures beside many generated frames would otherwise
             be seen rarely, and they are the only views known to be right.
-        frame_pool: the fit compares generated frames with the render after average pooling by this
-            factor (``FitViews.pool``); captures always at full resolution.
+        fit_init: the memory the Gaussians start from: ``final`` (after the updates) or ``initial``
+            (the captures' alone).
     """
 
     width: int = Settings.width
@@ -101,13 +101,13 @@ class LoopConfig:
     overview_rows: int = 4
     has_fit: bool = True
     capture_share: float = 0.5
-    frame_pool: int = 1
+    fit_init: str = "final"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.capture_share < 1.0:
             raise ValueError(f"LoopConfig.capture_share must be in [0, 1); got {self.capture_share}")
-        if self.frame_pool < 1:
-            raise ValueError(f"LoopConfig.frame_pool must be >= 1; got {self.frame_pool}")
+        if self.fit_init not in ("final", "initial"):
+            raise ValueError(f"LoopConfig.fit_init must be 'final' or 'initial'; got {self.fit_init!r}")
 
     @classmethod
     def from_settings(cls, settings: Settings, *, device: torch.device | str = "cpu", **overrides: Any) -> "LoopConfig":
@@ -567,8 +567,8 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
     # 7. Fit Gaussians on captures (confidence 1) and generated frames (their confidence), from M.
     gaussians = None
     if cfg.has_fit:
-        frame_pool = torch.full((F_all,), cfg.frame_pool, dtype=torch.long)
-        fit_views = fit_views_for(captures, FitViews(frame_images, targets_all, frame_conf, frame_pool), cfg.capture_share)
+        generated = torch.ones(F_all, dtype=torch.bool)
+        fit_views = fit_views_for(captures, FitViews(frame_images, targets_all, frame_conf, generated), cfg.capture_share)
         fit_done = done
 
         def fit_progress(step: int, loss: float) -> None:
@@ -577,7 +577,8 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
                                    message=f"Gaussians: step {step}/{cfg.fit.iterations}, loss {loss:.4f}"))
 
         with meter.measure("fit"):
-            gaussians = fit_gaussians(fit_views, memory, cfg.fit, device=device, progress=fit_progress)
+            start = memory if cfg.fit_init == "final" else memory_initial
+            gaussians = fit_gaussians(fit_views, start, cfg.fit, device=device, progress=fit_progress)
         outputs.write_gaussians(out_dir / outputs.GAUSSIANS_FILE, gaussians_to_arrays(gaussians))
         report("fit", PROGRESS_SHARES["fit"], f"{len(gaussians)} Gaussians after {cfg.fit.iterations} steps",
                [outputs.GAUSSIANS_FILE])

@@ -41,23 +41,23 @@ SCENES = {
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "default": ({}, {}),
     "agreement 0.02": ({}, {"agreement_std": 0.02}),
-    "agreement 0.06": ({}, {"agreement_std": 0.06}),
     "no memory update": ({"update": False}, {}),
+    "fit from initial memory": ({"fit_init": "initial"}, {}),
     "capture share 0.3": ({"capture_share": 0.3}, {}),
     "capture share 0.7": ({"capture_share": 0.7}, {}),
-    "frame pool 1": ({"frame_pool": 1}, {}),
-    "frame pool 2": ({"frame_pool": 2}, {}),
-    "frame pool 4": ({"frame_pool": 4}, {}),
-    "frame pool 2 + no update": ({"frame_pool": 2, "update": False}, {}),
-    "frame pool 4 + no update": ({"frame_pool": 4, "update": False}, {}),
+    "frames fade to 0": ({"generated_final_weight": 0.0}, {}),
+    "frames fade to 0.25": ({"generated_final_weight": 0.25}, {}),
+    "frames fade to 0 + no update": ({"generated_final_weight": 0.0, "update": False}, {}),
+    "frames fade to 0 + initial memory": ({"generated_final_weight": 0.0, "fit_init": "initial"}, {}),
 }
 
 
 def loop_config(base: LoopConfig, overrides: dict) -> LoopConfig:
-    rest = {k: v for k, v in overrides.items() if k != "update"}
-    cfg = replace(base, **rest)
+    cfg = replace(base, **{k: v for k, v in overrides.items() if k in ("capture_share", "fit_init")})
     if "update" in overrides:
         cfg = replace(cfg, update=replace(cfg.update, enabled=overrides["update"]))
+    if "generated_final_weight" in overrides:
+        cfg = replace(cfg, fit=replace(cfg.fit, generated_final_weight=overrides["generated_final_weight"]))
     return cfg
 
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from protocol.ply import MAX_SH_DEGREE, GaussianArrays
@@ -75,6 +74,9 @@ class FitConfig:
             defaults are for 30k steps (refine until 15k); ours stop refining at 2000 so that a
             3000-step fit keeps a third of its steps for the final set.
         background: colour behind the Gaussians, RGB in [0, 1].
+        generated_final_weight: the loss weight of generated frames (``FitViews.generated``) falls
+            linearly from 1 at the first step to this at the last; captures keep 1. Below 1, the
+            frames shape the early fit (where things are) and the captures its detail.
         seed: seeds the frame order and DefaultStrategy's splits.
         progress_every: the progress callback is called every this many steps (and at the end).
     """
@@ -108,6 +110,7 @@ class FitConfig:
     prune_opa: float = 0.005
     prune_scale3d: float = 0.1
     background: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    generated_final_weight: float = 1.0
     seed: int = 0
     progress_every: int = 50
 
@@ -183,16 +186,14 @@ class FitViews:
         images: colours in [0, 1]. float32 [F, H, W, 3]
         cams: their cameras (width, height match the images).
         confidence: per-pixel weight in [0, 1]; 1 for captures. float32 [F, H, W]
-        pool: per frame, the loss compares render and frame after average pooling by this factor
-            (1: every pixel). Generated frames are right in the large (where things are, what colour)
-            before they are right in the detail (reprojection resamples, blurs), so the loop fits
-            them at a coarser scale than the captures. None: 1 for every frame. int [F]
+        generated: which frames are generated rather than captured (their loss weight follows
+            ``FitConfig.generated_final_weight``); None: none. bool [F]
     """
 
     images: Tensor
     cams: Cameras
     confidence: Tensor
-    pool: Tensor | None = None
+    generated: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -205,17 +206,17 @@ class FitViews:
         return FitViews(views.images, views.cams, confidence)
 
     @property
-    def pools(self) -> Tensor:
-        """``pool`` with its default filled in. int64 [F]"""
-        if self.pool is None:
-            return torch.ones(len(self), dtype=torch.long)
-        return self.pool.to("cpu", torch.long)
+    def is_generated(self) -> Tensor:
+        """``generated`` with its default filled in. bool [F] (CPU)"""
+        if self.generated is None:
+            return torch.zeros(len(self), dtype=torch.bool)
+        return self.generated.to("cpu", torch.bool)
 
     @staticmethod
     def cat(items: Sequence["FitViews"]) -> "FitViews":
-        pool = None if all(v.pool is None for v in items) else torch.cat([v.pools for v in items])
+        generated = None if all(v.generated is None for v in items) else torch.cat([v.is_generated for v in items])
         return FitViews(torch.cat([v.images for v in items]), Cameras.cat([v.cams for v in items]),
-                        torch.cat([v.confidence for v in items]), pool)
+                        torch.cat([v.confidence for v in items]), generated)
 
     def check(self) -> None:
         f = len(self)
@@ -231,12 +232,8 @@ class FitViews:
         lo, hi = float(self.confidence.min()), float(self.confidence.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"fit: views.confidence must be in [0, 1]; got values in [{lo:.3g}, {hi:.3g}]")
-        if self.pool is not None:
-            if tuple(self.pool.shape) != (f,):
-                raise ValueError(f"fit: views.pool must be [{f}] (one factor per frame); got {tuple(self.pool.shape)}")
-            if int(self.pool.min()) < 1 or int(self.pool.max()) > min(h, w):
-                raise ValueError(f"fit: views.pool must be in [1, {min(h, w)}]; got values in "
-                                 f"[{int(self.pool.min())}, {int(self.pool.max())}]")
+        if self.generated is not None and tuple(self.generated.shape) != (f,):
+            raise ValueError(f"fit: views.generated must be [{f}] (one flag per frame); got {tuple(self.generated.shape)}")
 
 
 def knn_mean_distance(xyz: Tensor, k: int) -> Tensor:
@@ -370,20 +367,6 @@ def confidence_loss(pred: Tensor, target: Tensor, confidence: Tensor, cfg: FitCo
     return loss
 
 
-def pooled(pred: Tensor, target: Tensor, confidence: Tensor, factor: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Render, frame and confidence average-pooled by ``factor`` (the frame weighted by confidence,
-    so that distrusted pixels do not leak into a pooled pixel). [B, H, W, 3], [B, H, W] -> /factor"""
-    if factor == 1:
-        return pred, target, confidence
-
-    def pool(x: Tensor) -> Tensor:  # [B, H, W, C] -> [B, H/f, W/f, C]
-        return F.avg_pool2d(x.permute(0, 3, 1, 2), factor).permute(0, 2, 3, 1)
-
-    c = pool(confidence.unsqueeze(-1))
-    t = pool(target * confidence.unsqueeze(-1)) / c.clamp_min(1e-8)
-    return pool(pred), t, c.squeeze(-1)
-
-
 def scene_scale(cams: Cameras, points: Tensor) -> float:
     """simple_trainer's scene scale: 1.1 x the largest camera distance from the cameras' centroid;
     with one camera (or all at one place), the points' median distance from their centroid."""
@@ -452,7 +435,7 @@ def fit_gaussians(views: FitViews, init: GeometryMemory, cfg: FitConfig, *, devi
     device = torch.device(device)
     images = views.images.to(device, torch.float32)
     confidence = views.confidence.to(device, torch.float32)
-    pools = views.pools.tolist()
+    generated = views.is_generated.to(device)
     cams = views.cams.to(device)
     g0 = init_gaussians(init.to(device), cfg)
     rasterizer = make_rasterizer(cfg.rasterizer)
@@ -489,12 +472,9 @@ def fit_gaussians(views: FitViews, init: GeometryMemory, cfg: FitConfig, *, devi
             batch.append(order.pop())
         sh_degree = min(step // cfg.sh_degree_interval, cfg.sh_degree)
         pred, meta = _render(rasterizer, params, cams[batch], sh_degree, background)
-        loss = pred.new_zeros(())
-        for p in sorted({pools[i] for i in batch}):  # frames of one pooling factor at a time
-            rows = [j for j, i in enumerate(batch) if pools[i] == p]
-            idx = [batch[j] for j in rows]
-            part = pooled(pred[rows], images[idx], confidence[idx], p)
-            loss = loss + confidence_loss(*part, cfg, lpips_fn) * (len(rows) / len(batch))
+        frame_weight = 1.0 + (cfg.generated_final_weight - 1.0) * step / max(cfg.iterations - 1, 1)
+        weight = torch.where(generated[batch], frame_weight, 1.0)[:, None, None]  # [B, 1, 1]
+        loss = confidence_loss(pred, images[batch], confidence[batch] * weight, cfg, lpips_fn)
         if strategy is not None:
             strategy.step_pre_backward(params, optimizers, state, step, meta)
         loss.backward()

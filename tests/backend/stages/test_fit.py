@@ -24,7 +24,6 @@ from backend.stages.fit import (
     gaussians_to_arrays,
     init_gaussians,
     knn_mean_distance,
-    pooled,
     render_gaussians,
 )
 from backend.stages.types import Cameras, GeometryMemory
@@ -123,39 +122,25 @@ def test_zero_confidence_patch_does_not_pull_the_fit():
     assert (blot_trusted.sh - clean_fit.sh).abs().max() > 0.05
 
 
-def _checker(h: int, w: int) -> torch.Tensor:
-    """+-0.1 in a 2x2-pixel period: averages to zero over every 2x2 block. [h, w, 1]"""
-    ij = torch.arange(h)[:, None] + torch.arange(w)[None, :]
-    return (0.1 * (1 - 2 * (ij % 2))).float().unsqueeze(-1)
-
-
-def test_pooled_target_is_confidence_weighted():
-    target = torch.full((1, 4, 4, 3), 0.5)
-    target[0, 0, 0] = 1.0  # a distrusted outlier
-    conf = torch.ones(1, 4, 4)
-    conf[0, 0, 0] = 0.0
-    pred = torch.rand(1, 4, 4, 3)
-    p, t, c = pooled(pred, target, conf, 2)
-    assert p.shape == (1, 2, 2, 3) and t.shape == (1, 2, 2, 3) and c.shape == (1, 2, 2)
-    torch.testing.assert_close(t, torch.full_like(t, 0.5))  # the outlier is weighted out
-    torch.testing.assert_close(c[0, 0, 0], torch.tensor(0.75))
-    torch.testing.assert_close(p[0, 1, 1], pred[0, 2:, 2:].mean(dim=(0, 1)))
-
-
-def test_pooled_frames_do_not_see_detail_below_their_scale():
-    """Detail that averages out over 2x2 blocks does not move a fit that compares at pool 2."""
+def test_generated_frames_fade_out_by_the_last_step():
+    """With generated_final_weight 0 the last step ignores generated frames: with the Gaussians held
+    still (learning rates 0), the last step's loss is the same whatever a generated frame holds, the
+    first step's is not, and the same content as captures counts at every step."""
     cams, images, noisy = make_scene(seed=3)
-    images = 0.2 + 0.6 * images  # in [0.2, 0.8]: the +-0.1 checker never clips, so it averages out exactly
-    detailed = images + _checker(H, W)
-    detailed[0] = images[0]  # view 0 stays a clean capture at full resolution
-    cfg = test_config(iterations=20)
-    pool = torch.tensor([1, 2, 2])
-    clean = fit_gaussians(FitViews(images, cams, torch.ones(3, H, W), pool), noisy, cfg, device="cpu")
-    blind = fit_gaussians(FitViews(detailed, cams, torch.ones(3, H, W), pool), noisy, cfg, device="cpu")
-    seen = fit_gaussians(FitViews(detailed, cams, torch.ones(3, H, W)), noisy, cfg, device="cpu")
-    torch.testing.assert_close(blind.sh, clean.sh, rtol=0, atol=1e-5)
-    torch.testing.assert_close(blind.means, clean.means, rtol=0, atol=1e-5)
-    assert (seen.sh - clean.sh).abs().max() > 1e-3
+    flagged = torch.tensor([False, True, True])
+    junk = images.clone()
+    junk[1:] = 1.0 - junk[1:]
+    still = dict(means_lr=0.0, scales_lr=0.0, quats_lr=0.0, opacities_lr=0.0, sh0_lr=0.0, shN_lr=0.0)
+    cfg = test_config(iterations=2, generated_final_weight=0.0, **still)
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    for name, imgs, gen in (("clean", images, flagged), ("junk", junk, flagged), ("junk as captures", junk, None)):
+        views = FitViews(imgs, cams, torch.ones(3, H, W), gen)  # view 0 is the same clean capture in all three
+        fit_gaussians(views, noisy, replace(cfg, batch_size=3, progress_every=1), device="cpu",
+                      progress=lambda step, loss, name=name: (first if step == 1 else last).__setitem__(name, loss))
+    assert first["junk"] > first["clean"] * 1.5
+    assert last["junk"] == pytest.approx(last["clean"], rel=1e-6)
+    assert last["junk as captures"] > last["clean"] * 1.5
 
 
 def test_default_strategy_densifies_with_the_cpu_rasterizer():
@@ -223,8 +208,6 @@ def test_inputs_are_checked():
         fit_gaussians(FitViews(images, cams, torch.full((3, H, W), 2.0)), noisy, cfg, device="cpu")
     with pytest.raises(ValueError, match=r"images must be \[F, 36, 48, 3\]"):
         fit_gaussians(FitViews(images[:, :-1], cams, torch.ones(3, H, W)), noisy, cfg, device="cpu")
-    with pytest.raises(ValueError, match="views.pool"):
-        fit_gaussians(FitViews(images, cams, torch.ones(3, H, W), torch.tensor([1, 2])), noisy, cfg, device="cpu")
-    with pytest.raises(ValueError, match="views.pool"):
-        fit_gaussians(FitViews(images, cams, torch.ones(3, H, W), torch.tensor([1, 0, 1])), noisy, cfg, device="cpu")
+    with pytest.raises(ValueError, match="views.generated"):
+        fit_gaussians(FitViews(images, cams, torch.ones(3, H, W), torch.tensor([True, False])), noisy, cfg, device="cpu")
     assert default_rasterizer("cpu") == "torch_cpu" and default_rasterizer("cuda:0") == "gsplat"

@@ -161,6 +161,7 @@ def bench_attention_kernels(args, res: Results, device: str, layout: WindowLayou
     q, k, v = (torch.randn(1, heads, L, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
     flex = torch.compile(flex_attention, dynamic=False) if device.startswith("cuda") else flex_attention
     mask = build_block_mask(layout, device)
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # token-major memory, as in the model
     dense = 4 * L * L * heads * head_dim
     dens = window_density(layout)
     cases = {
@@ -170,7 +171,10 @@ def bench_attention_kernels(args, res: Results, device: str, layout: WindowLayou
         "flex_full": (lambda: flex(q, k, v), None, 1.0),
         "flex_window": (lambda: flex(q, k, v, block_mask=mask), None, dens),
         "sdpa_window_per_frame": (lambda: window_attention_sdpa(q, k, v, layout), None, dens),
-        "split_window": (lambda: window_attention_split(*(t.transpose(1, 2) for t in (q, k, v)), layout), None, dens),
+        "split_window": (lambda: window_attention_split(qt, kt, vt, layout), None, dens),
+        "split_window_heads_major": (lambda: window_attention_split(qt, kt, vt, layout, True), None, dens),
+        "sdpa_cudnn_token_major": (lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (qt, kt, vt))),
+                                   [SDPBackend.CUDNN_ATTENTION], 1.0),
     }
     out = {}
     for name, (fn, backends, density) in cases.items():
@@ -194,14 +198,14 @@ def bench_attention_kernels(args, res: Results, device: str, layout: WindowLayou
         res.put("attention_kernels", out)
     try:  # the two exact window kernels must agree (bf16 rounding apart)
         a = window_attention_sdpa(q, k, v, layout)
-        b = window_attention_split(*(t.transpose(1, 2) for t in (q, k, v)), layout).transpose(1, 2)
+        b = window_attention_split(qt, kt, vt, layout).transpose(1, 2)
         out["split_vs_per_frame_max_abs"] = round(float((a.float() - b.float()).abs().max()), 5)
         out["split_vs_per_frame_mean_abs"] = float((a.float() - b.float()).abs().mean())
         out["split_lse_kernels"] = dict(wa.LSE_KERNELS)
     except Exception as e:
         out["split_check_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     res.put("attention_kernels", out)
-    del q, k, v
+    del q, k, v, qt, kt, vt
 
 
 def bench_denoise(args, res: Results, key: str, gen: AnyReconGenerator, inputs: dict, device: str,
@@ -301,12 +305,15 @@ def main() -> None:
     # stock first: our modes may compile the blocks in place (--compile-blocks)
     denoise_modes = {"stock": dict(attention="stock"), "window": dict(attention="window"),
                      "full": dict(attention="full"), "window_sdpa": dict(attention="window", window_backend="sdpa"),
-                     "window_split": dict(attention="window", window_backend="split")}
+                     "window_split": dict(attention="window", window_backend="split"),
+                     "window_split_heads_major": dict(attention="window", window_backend="split")}
     for mode, over in denoise_modes.items():
         if mode in modes:
             ours = mode != "stock"
             compiled = ours and args.compile_blocks
             gen = AnyReconGenerator(comps, AnyReconConfig(**over, compile_blocks=compiled, **base), device=device)
+            if mode.endswith("_heads_major"):
+                gen.processor.heads_major = True
             # one full-size step first where something compiles for this shape (FlexAttention, blocks);
             # otherwise the kernels were warmed by the micro-benchmark at the same shapes
             warm = 1 if (mode == "window" or compiled) else 0  # "window" alone is FlexAttention

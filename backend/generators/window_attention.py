@@ -232,68 +232,81 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 LSE_KERNELS: Counter = Counter()  # CUDA calls of attention_lse per kernel (benchmarks report it)
 
 
-def window_attention_parts(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout
+def window_attention_parts(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout, heads_major: bool = False
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The window mask's attention as dense parts, before merging (``merge_window_parts``).
 
-    Memory queries attend to the memory (one call). The sequence's queries attend to the memory (one
-    call) and, apart, to their windows of sequence frames: frames whose window is whole (+-w inside
-    the sequence) in one batched call, whose keys are overlapping strided views of the sequence's
-    keys (frame f's window starts one frame after frame f-1's), the frames at either end one call
-    each on a slice. Attention over a union of key sets is the log-sum-exp weighted mean of the
-    attention over each, so nothing is masked and no key is copied.
+    One call lets every query attend to the memory: that is the whole answer for memory queries
+    and the memory part for sequence queries. The window part of the sequence's queries follows:
+    frames whose window lies inside the sequence (+-w) in one batched call whose keys are
+    overlapping strided views of the sequence's keys (frame f's window starts one frame after
+    frame f-1's), the frames at either end in pairs of equal window length (frame s and frame
+    S-1-s), again as strided views. Attention over a union of key sets is the log-sum-exp weighted
+    mean of the attention over each, so nothing is masked and no key is copied.
 
     Args:
         q, k, v: queries, keys, values after the rotary embedding, token-major. [B, L, heads, D]
         layout: frame layout (L = layout.num_tokens).
+        heads_major: copy q, k, v to head-major memory ([B, heads, L, D] contiguous) first.
 
     Returns:
-        (out_memory, out_a, lse_a, out_b, lse_b): the memory queries' output [B, M*T, heads, D];
+        (out_memory, out_a, lse_a, out_b, lse_b): the memory queries' output [B, heads, M*T, D];
         for the sequence's S*T queries, the memory part and the window part, each an output
-        [B, S*T, heads, D] and a log-sum-exp float32 [B, heads, S*T] (-inf where a part is empty).
+        [B, heads, S*T, D] and a log-sum-exp float32 [B, heads, S*T] (-inf where a part is empty).
     """
     T, M, n, w = layout.tokens_per_frame, layout.num_memory, layout.num_frames, layout.window_frames
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    B, L, Hd, D = q.shape
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, heads, L, D] views
+    if heads_major:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, Hd, L, D = q.shape
     m_tok, seq = M * T, n - M
     s_tok = seq * T
-
-    def bhld(x: Tensor) -> Tensor:
-        return x.transpose(-3, -2)  # [..., L, heads, D] <-> [..., heads, L, D], a view
-
-    out_mem = bhld(F.scaled_dot_product_attention(*(bhld(x[:, :m_tok]) for x in (q, k, v)))) if M else q.new_empty(B, 0, Hd, D)
-    qs = q[:, m_tok:]
-    if seq == 0:  # memory only
-        def empty() -> tuple[Tensor, Tensor]:
-            return q.new_empty(B, 0, Hd, D), q.new_empty(B, Hd, 0, dtype=torch.float32)
-
-        return out_mem, *empty(), *empty()
     if M:
-        o, lse = attention_lse(bhld(qs), bhld(k[:, :m_tok]), bhld(v[:, :m_tok]))
-        out_a, lse_a = bhld(o), lse
+        o, lse = attention_lse(q, k[:, :, :m_tok], v[:, :, :m_tok])
+        out_mem, out_a, lse_a = o[:, :, :m_tok], o[:, :, m_tok:], lse[:, :, m_tok:]
     else:
-        out_a = torch.zeros_like(qs)
+        out_mem = q.new_empty(B, Hd, 0, D)
+        out_a = torch.zeros_like(q)
         lse_a = torch.full((B, Hd, s_tok), float("-inf"), device=q.device)
-    out_b = torch.empty_like(qs)
+    out_b = torch.empty_like(q[:, :, m_tok:])
     lse_b = torch.empty(B, Hd, s_tok, device=q.device)
-    whole = range(w, seq - w) if seq >= 2 * w + 1 else range(0)  # frames whose window lies inside
-    for s in [s for s in range(seq) if s not in whole]:
-        lo, hi = max(0, s - w), min(seq, s + w + 1)
-        o, lse = attention_lse(bhld(qs[:, s * T:(s + 1) * T]), bhld(k[:, m_tok + lo * T:m_tok + hi * T]),
-                               bhld(v[:, m_tok + lo * T:m_tok + hi * T]))
-        out_b[:, s * T:(s + 1) * T] = bhld(o)
-        lse_b[:, :, s * T:(s + 1) * T] = lse
-    if len(whole):
-        nw, span = len(whole), (2 * w + 1) * T
-        a, b = whole.start * T, whole.stop * T
-        for i in range(B):
-            def windows(x: Tensor) -> Tensor:  # [nw, span, heads, D]: frame f's window, overlapping views
-                base = x[i, m_tok:]
-                return base.as_strided((nw, span, Hd, D), (T * Hd * D, Hd * D, D, 1), base.storage_offset())
+    if seq == 0:
+        return out_mem, out_a, lse_a, out_b, lse_b
 
-            o, lse = attention_lse(bhld(qs[i, a:b].unflatten(0, (nw, T))), bhld(windows(k)), bhld(windows(v)))
-            out_b[i, a:b] = bhld(o).flatten(0, 1)
-            lse_b[i, :, a:b] = lse.transpose(0, 1).flatten(1)
+    def frames(x: Tensor, i: int, first: int, count: int, step: int, length: int) -> Tensor:
+        """``count`` runs of ``length`` sequence frames of x[i], run r starting at frame first + r * step."""
+        base = x[i, :, m_tok + first * T:]
+        sh, sl, sd = base.stride()
+        return base.as_strided((count, Hd, length * T, D), (step * T * sl, sh, sl, sd), base.storage_offset())
+
+    def lse_frames(i: int, first: int, count: int, step: int) -> Tensor:
+        base = lse_b[i, :, first * T:]
+        return base.as_strided((count, Hd, T), (step * T * base.stride(1), base.stride(0), base.stride(1)),
+                               base.storage_offset())
+
+    def window_call(i: int, first: int, count: int, step: int, lo: int, lo_step: int, length: int) -> None:
+        """Frames first + r*step (r < count) attend to their windows lo + r*lo_step, ``length`` frames long."""
+        o, lse = attention_lse(frames(q, i, first, count, step, 1), frames(k, i, lo, count, lo_step, length),
+                               frames(v, i, lo, count, lo_step, length))
+        dst = out_b[i, :, first * T:]
+        sh, sl, sd = dst.stride()
+        dst.as_strided((count, Hd, T, D), (step * T * sl, sh, sl, sd), dst.storage_offset()).copy_(o)
+        lse_frames(i, first, count, step).copy_(lse)
+
+    for i in range(B):
+        if seq >= 2 * w + 1:  # frames w .. seq-w-1 have whole windows, starting at frames 0 .. seq-2w-1
+            window_call(i, w, seq - 2 * w, 1, 0, 1, 2 * w + 1)
+            ends = list(range(w))
+        else:
+            ends = list(range((seq + 1) // 2))
+        for s in ends:  # frame s and its mirror seq-1-s have windows of the same length
+            lo, hi = max(0, s - w), min(seq, s + w + 1)
+            mirror = seq - 1 - s
+            if mirror == s:
+                window_call(i, s, 1, 1, lo, 1, hi - lo)
+            else:
+                m_lo = max(0, mirror - w)
+                window_call(i, s, 2, mirror - s, lo, m_lo - lo, hi - lo)
     return out_mem, out_a, lse_a, out_b, lse_b
 
 
@@ -304,40 +317,54 @@ def merge_window_parts(out_memory: Tensor, out_a: Tensor, lse_a: Tensor, out_b: 
         attention output, token-major. [B, L, heads, D]
     """
     lse = torch.logaddexp(lse_a, lse_b)
-    wa = torch.exp(lse_a - lse).transpose(1, 2).unsqueeze(-1)  # [B, S*T, heads, 1]
-    wb = torch.exp(lse_b - lse).transpose(1, 2).unsqueeze(-1)
+    wa = torch.exp(lse_a - lse).unsqueeze(-1)  # [B, heads, S*T, 1]
+    wb = torch.exp(lse_b - lse).unsqueeze(-1)
     seq = out_a.float() * wa + out_b.float() * wb
-    return torch.cat([out_memory, seq.to(out_memory.dtype)], dim=1)
+    return torch.cat([out_memory, seq.to(out_memory.dtype)], dim=2).transpose(1, 2)
+
+
+def _in_layout(x: Tensor, heads_major: bool) -> Tensor:
+    """x [B, heads, L, D] in head-major memory, or token-major memory ([B, L, heads, D] contiguous)."""
+    return x.contiguous() if heads_major else x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @torch.library.custom_op("reconloop::window_attention_parts", mutates_args=())
 def _window_parts_op(q: Tensor, k: Tensor, v: Tensor, num_frames: int, tokens_per_frame: int, num_memory: int,
-                     window_frames: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     window_frames: int, heads_major: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``window_attention_parts`` as one opaque op, so that compiled blocks keep a single graph."""
-    parts = window_attention_parts(q, k, v, WindowLayout(num_frames, tokens_per_frame, num_memory, window_frames))
-    return tuple(p.contiguous() for p in parts)
+    layout = WindowLayout(num_frames, tokens_per_frame, num_memory, window_frames)
+    om, oa, la, ob, lb = window_attention_parts(q, k, v, layout, heads_major)
+    om = om.clone()  # a view of the same call's output as oa: outputs must not alias (a small copy)
+    return (_in_layout(om, heads_major), _in_layout(oa, heads_major), la.contiguous(), _in_layout(ob, heads_major),
+            lb.contiguous())
 
 
 @_window_parts_op.register_fake
-def _(q, k, v, num_frames, tokens_per_frame, num_memory, window_frames):
+def _(q, k, v, num_frames, tokens_per_frame, num_memory, window_frames, heads_major):
     B, L, Hd, D = q.shape
-    m, s = num_memory * tokens_per_frame, L - num_memory * tokens_per_frame
+    m = num_memory * tokens_per_frame
+    s = L - m
+
+    def out(n: int) -> Tensor:
+        return q.new_empty(B, Hd, n, D) if heads_major else q.new_empty(B, n, Hd, D).transpose(1, 2)
+
     lse = q.new_empty(B, Hd, s, dtype=torch.float32)
-    return q.new_empty(B, m, Hd, D), q.new_empty(B, s, Hd, D), lse, q.new_empty(B, s, Hd, D), torch.empty_like(lse)
+    return out(m), out(s), lse, out(s), torch.empty_like(lse)
 
 
-def window_attention_split(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout) -> Tensor:
+def window_attention_split(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout, heads_major: bool = False) -> Tensor:
     """The window mask of ``layout``, exactly: dense memory and window parts merged by log-sum-exp.
 
     Args:
         q, k, v: queries, keys, values after the rotary embedding, token-major. [B, L, heads, D]
         layout: frame layout (L = layout.num_tokens).
+        heads_major: run the kernels on head-major copies (see ``window_attention_parts``).
 
     Returns:
         attention output, token-major. [B, L, heads, D]
     """
     parts = torch.ops.reconloop.window_attention_parts(q, k, v, layout.num_frames, layout.tokens_per_frame,
-                                                       layout.num_memory, layout.window_frames)
+                                                       layout.num_memory, layout.window_frames, heads_major)
     return merge_window_parts(*parts)
 
 
@@ -377,11 +404,13 @@ class WanWindowAttnProcessor:
         window_backend: ``flex`` (the block mask), ``sdpa`` (``window_attention_sdpa``: one
             scaled-dot-product call per sequence frame on a ring buffer of keys) or ``split``
             (``window_attention_split``: memory and window parts merged by log-sum-exp).
+        heads_major: ``split`` runs its kernels on head-major copies of q, k, v.
     """
 
     def __init__(self, mode: str = "window", window_frames: int = DEFAULT_WINDOW_FRAMES, *,
                  compile: bool = False, block_size: int = DEFAULT_BLOCK_SIZE, full_backend: str = "auto",
-                 kernel_options: dict | None = None, window_backend: str = "flex") -> None:
+                 kernel_options: dict | None = None, window_backend: str = "flex", heads_major: bool = False) -> None:
+        self.heads_major = heads_major
         if window_backend not in WINDOW_BACKENDS:
             raise ValueError(f"window_backend must be one of {WINDOW_BACKENDS}; got {window_backend!r}")
         self.window_backend = window_backend
@@ -459,7 +488,7 @@ class WanWindowAttnProcessor:
 
         if self.mode == "window" and self.window_backend == "split":
             self._check_layout(q.shape[2])
-            out = window_attention_split(query, key, value, self.layout).flatten(2, 3).type_as(query)
+            out = window_attention_split(query, key, value, self.layout, self.heads_major).flatten(2, 3).type_as(query)
             out = attn.to_out[0](out)
             return attn.to_out[1](out)
         if self.mode == "full":

@@ -80,8 +80,10 @@ class LoopConfig:
         capture_share: about this fraction of the fit's steps draw a capture (captures are repeated
             in the fit's frame list): a few captures beside many generated frames would otherwise
             be seen rarely, and they are the only views known to be right.
-        fit_init: the memory the Gaussians start from: ``final`` (after the updates) or ``initial``
-            (the captures' alone).
+        fit_init: the memory the Gaussians start from: ``initial`` (the captures' stereo points) or
+            ``final`` (after the updates, with points lifted from generated frames). The updates still
+            steer later segments either way; starting the fit from the captures' points scored higher
+            at held-out views of the temple and the fern on the H200 (docs/benchmarks.md).
     """
 
     width: int = Settings.width
@@ -101,7 +103,7 @@ class LoopConfig:
     overview_rows: int = 4
     has_fit: bool = True
     capture_share: float = 0.5
-    fit_init: str = "final"
+    fit_init: str = "initial"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.capture_share < 1.0:

@@ -63,7 +63,7 @@ class AnyReconConfig:
     window_frames: int = DEFAULT_WINDOW_FRAMES  # +-8 frames (AnyRecon)
     compile_attention: bool = False  # torch.compile the FlexAttention kernel (GPU: needed for speed)
     full_backend: str = "auto"  # full attention kernel on CUDA: "auto", "cudnn", "flash" or "flex"
-    window_backend: str = "flex"  # "flex" (block mask) or "sdpa" (one dense call per frame, exact)
+    window_backend: str = "split"  # "split" (dense parts merged by log-sum-exp) or "flex" (block mask); both exact
     compile_blocks: bool = False  # torch.compile each transformer block (regional; fuses norms, rotary, gates)
     guidance_scale: float = 1.0  # 1: no classifier-free guidance (AnyRecon's cfg_scale=1.0)
     negative_prompt: str = ""  # used only when guidance_scale > 1
@@ -188,7 +188,7 @@ class AnyReconGenerator:
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str = HUB_ID, lora_path: str | os.PathLike | None = None, *,
                         config: AnyReconConfig = AnyReconConfig(dtype="bfloat16", height=512, width=896,
-                                                                attention="window", window_backend="sdpa",
+                                                                attention="window", window_backend="split",
                                                                 compile_attention=True, compile_blocks=True),
                         device: torch.device | str = "cuda", local_files_only: bool = False) -> "AnyReconGenerator":
         """Load the Wan2.1 I2V diffusers weights from a folder or hub id, merge AnyRecon's LoRA.

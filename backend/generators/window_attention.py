@@ -11,13 +11,13 @@ of every ``WanTransformerBlock``:
 
 - ``full``: every token attends to every token (scaled-dot-product attention, cuDNN or flash kernels
   on CUDA), with the rotary embedding applied in float32 rather than float64;
-- ``window``: the same mask, exactly, by one of three kernels (``window_backend``):
+- ``window``: the same mask, exactly, by one of two kernels (``window_backend``):
   ``flex``, a torch FlexAttention ``BlockMask`` (frames of 1792 tokens, 512x896 at patch 2x2, are
   whole multiples of the 128-token blocks, so no block needs per-element masking; compile it);
-  ``sdpa``, one dense call per sequence frame over memory + window keys (``window_attention_sdpa``);
-  ``split``, the sequence's attention cut into its memory part and its window part, each a dense
-  call (the windows of all interior frames in one batched call over overlapping views of the keys,
-  no copies), merged by their log-sum-exp (``window_attention_split``).
+  ``split`` (faster on an H200: docs/benchmarks.md), the sequence's attention cut into its memory
+  part and its window part, each dense cuDNN calls (the windows of all interior frames in one
+  batched call over overlapping views of the keys, no copies), merged by their log-sum-exp
+  (``window_attention_split``).
 
 ``dense_window_mask`` gives the same mask as a dense boolean matrix for reference and tests.
 
@@ -36,8 +36,8 @@ from torch import Tensor
 
 ATTENTION_MODES = ("full", "window")
 FULL_BACKENDS = ("auto", "cudnn", "flash", "flex")  # kernels for full attention: torch's choice, or forced
-WINDOW_BACKENDS = ("flex", "sdpa", "split")  # window kernels: FlexAttention block mask, one SDPA call per
-# frame on a ring buffer, or memory and window as separate dense calls merged by their log-sum-exp
+WINDOW_BACKENDS = ("flex", "split")  # window kernels: FlexAttention block mask, or memory and window parts
+# as dense calls merged by their log-sum-exp
 DEFAULT_WINDOW_FRAMES = 8  # AnyRecon: a target frame sees its neighbours within +-8 frames
 DEFAULT_BLOCK_SIZE = 128  # FlexAttention's default tile; 1792 tokens per frame = 14 tiles
 
@@ -145,59 +145,6 @@ def build_block_mask(layout: WindowLayout, device: torch.device | str, block_siz
 def window_density(layout: WindowLayout) -> float:
     """Fraction of (query, key) pairs the window keeps (full attention: 1); the same over frames and tokens."""
     return float(frame_mask(layout).float().mean())
-
-
-@torch.compiler.disable
-def window_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout,
-                          sdpa: Callable[[Tensor, Tensor, Tensor], Tensor] = F.scaled_dot_product_attention) -> Tensor:
-    """The window mask of ``layout``, exactly, with dense attention kernels and no mask.
-
-    Memory queries attend to the memory in one call. Each sequence frame then attends, in one call, to
-    the memory plus its window. Attention does not depend on the order of the keys (the rotary
-    embedding is already in them), so the window's keys live in a ring buffer after the memory: moving
-    to the next frame copies one frame of keys and values in, not the whole window. Frames whose window
-    is cut by the end of the sequence gather their keys instead.
-
-    Args:
-        q, k, v: queries, keys, values after the rotary embedding. [B, heads, L, D]
-        layout: frame layout (L = layout.num_tokens).
-        sdpa: the dense attention function (q, k, v) -> out.
-
-    Returns:
-        attention output. [B, heads, L, D]
-    """
-    T, M, n, w = layout.tokens_per_frame, layout.num_memory, layout.num_frames, layout.window_frames
-    out = torch.empty_like(q)
-    m_tok = M * T
-    if M:
-        out[:, :, :m_tok] = sdpa(q[:, :, :m_tok], k[:, :, :m_tok], v[:, :, :m_tok])
-    seq = n - M
-    if seq == 0:
-        return out
-    slots = min(2 * w + 1, seq)
-    kb = k.new_empty(*k.shape[:2], (M + slots) * T, k.shape[-1])
-    vb = v.new_empty(*v.shape[:2], (M + slots) * T, v.shape[-1])
-    kb[:, :, :m_tok] = k[:, :, :m_tok]
-    vb[:, :, :m_tok] = v[:, :, :m_tok]
-    filled = 0  # sequence frames copied into the ring so far
-    for s in range(seq):
-        lo, hi = max(0, s - w), min(seq, s + w + 1)  # the window, in sequence frames
-        while filled < hi:
-            dst = (M + filled % slots) * T
-            src = (M + filled) * T
-            kb[:, :, dst:dst + T] = k[:, :, src:src + T]
-            vb[:, :, dst:dst + T] = v[:, :, src:src + T]
-            filled += 1
-        if max(0, hi - slots) == lo:  # the ring holds exactly the window
-            n_keys = (M + min(filled, slots)) * T
-            kk, vv = kb[:, :, :n_keys], vb[:, :, :n_keys]
-        else:  # window cut by the sequence end: gather memory + window
-            a, b = (M + lo) * T, (M + hi) * T
-            kk = torch.cat([k[:, :, :m_tok], k[:, :, a:b]], dim=2)
-            vv = torch.cat([v[:, :, :m_tok], v[:, :, a:b]], dim=2)
-        q0 = (M + s) * T
-        out[:, :, q0:q0 + T] = sdpa(q[:, :, q0:q0 + T], kk, vv)
-    return out
 
 
 def attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -401,9 +348,8 @@ class WanWindowAttnProcessor:
         full_backend: kernel for ``full`` mode on CUDA: ``auto`` (torch's choice), ``cudnn``, ``flash``
             (scaled-dot-product attention backends, others as fallback) or ``flex`` (FlexAttention, no mask).
         kernel_options: passed to ``flex_attention`` (tile sizes, warps, stages).
-        window_backend: ``flex`` (the block mask), ``sdpa`` (``window_attention_sdpa``: one
-            scaled-dot-product call per sequence frame on a ring buffer of keys) or ``split``
-            (``window_attention_split``: memory and window parts merged by log-sum-exp).
+        window_backend: ``flex`` (the block mask) or ``split`` (``window_attention_split``: memory
+            and window parts as dense calls merged by log-sum-exp).
         heads_major: ``split`` runs its kernels on head-major copies of q, k, v.
     """
 
@@ -495,11 +441,8 @@ class WanWindowAttnProcessor:
             out = self._full_attention(q, k, v)
         else:
             self._check_layout(q.shape[2])
-            if self.window_backend == "sdpa":
-                out = window_attention_sdpa(q, k, v, self.layout, self._full_attention)
-            else:
-                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # 4-D buffers (inductor's flex lowering)
-                out = self._flex_fn()(q, k, v, block_mask=self._block_mask, kernel_options=self.kernel_options)
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # 4-D buffers (inductor's flex lowering)
+            out = self._flex_fn()(q, k, v, block_mask=self._block_mask, kernel_options=self.kernel_options)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)  # [B, L, heads * D]
         out = attn.to_out[0](out)
         return attn.to_out[1](out)

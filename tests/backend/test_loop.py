@@ -185,3 +185,11 @@ def test_working_size_keeps_the_trajectory_aspect(temple_dir: Path, tmp_path: Pa
     assert abs(w / h - 480 / 640) < 0.01 and abs(w * h - 320 * 240) < 320 * 4
     assert "aspect" in note
     assert working_size(LoopConfig(width=320, height=240), [c.camera for c in scene.captures])[:2] == (320, 240)
+
+
+def test_loop_config_rejects_bad_fit_settings() -> None:
+    with pytest.raises(ValueError, match="LoopConfig.fit_init"):
+        LoopConfig(fit_init="latest")
+    with pytest.raises(ValueError, match="LoopConfig.capture_share"):
+        LoopConfig(capture_share=1.0)
+    assert LoopConfig().fit_init == "initial"  # measured best at held-out views (docs/benchmarks.md)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from backend.generators.window_attention import (WanWindowAttnProcessor, WindowLayout, attention_lse,
                                                  build_block_mask, dense_window_mask, set_window_attention,
-                                                 window_attention_sdpa, window_attention_split, window_density)
+                                                 window_attention_split, window_density)
 
 LAYOUTS = [  # (frames, tokens per frame, memory frames, window, block size)
     (7, 10, 2, 1, 16),  # frames straddle blocks
@@ -62,15 +62,6 @@ def test_flex_block_mask_equals_dense_mask_attention(frames: int, tpf: int, mem:
         assert (out - full).abs().max() > 1e-3  # the mask changes the result
 
 
-@pytest.mark.parametrize("frames,tpf,mem,win", [(7, 10, 2, 1), (6, 4, 0, 2), (30, 2, 3, 3), (5, 3, 5, 1), (4, 3, 1, 0)])
-def test_per_frame_sdpa_equals_dense_mask_attention(frames: int, tpf: int, mem: int, win: int) -> None:
-    lay = WindowLayout(frames, tpf, mem, win)
-    q, k, v = _qkv(lay.num_tokens, seed=1)
-    out = window_attention_sdpa(q, k, v, lay)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_window_mask(lay))
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("frames,tpf,mem,win,batch,heads_major", [
     (7, 10, 2, 1, 1, False), (6, 4, 0, 2, 2, True), (30, 2, 3, 3, 1, False), (5, 3, 5, 1, 1, True),
     (4, 3, 1, 0, 2, False), (12, 5, 2, 2, 2, True), (6, 3, 1, 8, 1, False)])  # last: window wider than the sequence
@@ -116,7 +107,7 @@ def test_processor_in_transformer_matches_stock_and_masks() -> None:
         proc = set_window_attention(tr, "window", window_frames=4)  # no memory, window covers all 5 frames
         proc.set_layout(5, 6, 0, "cpu")
         wide = tr(x, **kw)[0]
-        for backend in ("flex", "sdpa", "split"):
+        for backend in ("flex", "split"):
             proc = set_window_attention(tr, "window", window_frames=1, window_backend=backend)
             proc.set_layout(5, 6, 1, "cpu")
             narrow = tr(x, **kw)[0]

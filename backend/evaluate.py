@@ -26,7 +26,6 @@ Command line: ``reconloop eval`` (``add_eval_arguments`` / ``run_eval``, wired i
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -42,7 +41,7 @@ from .loop import LoopConfig, load_image, spread, load_image_array, order_around
 from .metrics import image_metrics, load_lpips
 from .evaluate_args import DEFAULT_TRAIN_VIEWS, PROTOCOLS, TRAJECTORY_MODES, add_eval_arguments  # noqa: F401
 from .progress import ProgressFn, no_progress
-from .scene import Camera, Capture, Scene, TrajectoryFrame
+from .scene import Scene, TrajectoryFrame
 from .stages.fit import FitViews, fit_gaussians, render_gaussians
 from .stages.memory import build_memory
 from .stages.render import render_memory

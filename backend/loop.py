@@ -49,7 +49,7 @@ from .stages.memory import MemoryConfig, build_memory, memory_to_ply_arrays
 from .stages.render import RenderConfig, render_memory
 from .stages.retrieval import RetrievalConfig, retrieve_views
 from .stages.segments import SegmentConfig, split_segments
-from .stages.types import Cameras, ConditionVideo, Frames, GeometryMemory, Renders, Views
+from .stages.types import Cameras, ConditionVideo, Frames, GeometryMemory, Views
 from .stages.update import UpdateConfig, update_memory
 
 log = logging.getLogger(__name__)

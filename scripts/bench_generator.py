@@ -8,8 +8,8 @@ per frame, 89,600 tokens), 4 steps. Measured, each in this one process:
 
 - an attention micro-benchmark (one layer's self-attention at this size) per kernel;
 - the denoising loop with diffusers' stock attention processor, ours ``full`` and ours ``window``
-  (the ``split`` kernel; ``window_flex``: the FlexAttention block mask; ``window_heads_major``: split
-  on head-major copies): seconds per step, 4-step total, peak GPU memory, achieved TFLOP/s;
+  (the ``split`` kernel; ``window_flex``: the FlexAttention block mask): seconds per step, 4-step
+  total, peak GPU memory, achieved TFLOP/s;
 - VAE encode (50 frames, one latent each) and decode (40 frames), CLIP encode of frame 0;
 - memory modes: fp8 weight storage and group offloading (window attention).
 
@@ -172,7 +172,6 @@ def bench_attention_kernels(args, res: Results, device: str, layout: WindowLayou
         "flex_full": (lambda: flex(q, k, v), None, 1.0),
         "flex_window": (lambda: flex(q, k, v, block_mask=mask), None, dens),
         "split_window": (lambda: window_attention_split(qt, kt, vt, layout), None, dens),
-        "split_window_heads_major": (lambda: window_attention_split(qt, kt, vt, layout, True), None, dens),
         "sdpa_cudnn_token_major": (lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (qt, kt, vt))),
                                    [SDPBackend.CUDNN_ATTENTION], 1.0),
     }
@@ -304,15 +303,12 @@ def main() -> None:
         reset_peak(device)
     # stock first: our modes may compile the blocks in place (--compile-blocks)
     denoise_modes = {"stock": dict(attention="stock"), "window": dict(attention="window"),  # window: split kernel
-                     "full": dict(attention="full"), "window_flex": dict(attention="window", window_backend="flex"),
-                     "window_heads_major": dict(attention="window")}
+                     "full": dict(attention="full"), "window_flex": dict(attention="window", window_backend="flex")}
     for mode, over in denoise_modes.items():
         if mode in modes:
             ours = mode != "stock"
             compiled = ours and args.compile_blocks
             gen = AnyReconGenerator(comps, AnyReconConfig(**over, compile_blocks=compiled, **base), device=device)
-            if mode.endswith("_heads_major"):
-                gen.processor.heads_major = True
             # one full-size step first where something compiles for this shape (FlexAttention, blocks);
             # otherwise the kernels were warmed by the micro-benchmark at the same shapes
             warm = 1 if (mode == "window_flex" or compiled) else 0  # FlexAttention compiles for its shape

@@ -363,10 +363,8 @@ class ReprojectGenerator:
         images = torch.where(reprojected[..., None], rgb, r.rgb)  # the point splat where no source sees
         filled = push_pull(images.permute(0, 3, 1, 2), known[:, None].to(images.dtype)).permute(0, 2, 3, 1)
         images = torch.where(known[..., None], images, filled).clamp(0.0, 1.0)
-        ceiling = torch.where(rendered, torch.full_like(depth, cfg.rendered_confidence),
-                              torch.full_like(depth, cfg.reprojected_confidence))
-        confidence = torch.where(reprojected, ceiling * weight,
-                                 torch.full_like(depth, cfg.inpainted_confidence))
+        ceiling = torch.where(rendered, cfg.rendered_confidence, cfg.reprojected_confidence).to(depth)
+        confidence = torch.where(reprojected, ceiling * weight, cfg.inpainted_confidence)
         return Frames(images=images.contiguous(), confidence=confidence.contiguous())
 
 

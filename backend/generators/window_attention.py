@@ -179,7 +179,19 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 LSE_KERNELS: Counter = Counter()  # CUDA calls of attention_lse per kernel (benchmarks report it)
 
 
-def window_attention_parts(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout, heads_major: bool = False
+def _runs(x: Tensor, first: int, count: int, step: int, length: int) -> Tensor:
+    """``count`` runs of ``length`` tokens of ``x`` [heads, N, ...], run r starting at token
+    ``first + r * step``: one strided view, overlapping where step < length (no copy).
+
+    Returns:
+        a view. [count, heads, length, ...]
+    """
+    base = x[:, first:]
+    return base.as_strided((count, x.shape[0], length, *x.shape[2:]), (step * base.stride(1), *base.stride()),
+                           base.storage_offset())
+
+
+def window_attention_parts(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The window mask's attention as dense parts, before merging (``merge_window_parts``).
 
@@ -194,7 +206,6 @@ def window_attention_parts(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout
     Args:
         q, k, v: queries, keys, values after the rotary embedding, token-major. [B, L, heads, D]
         layout: frame layout (L = layout.num_tokens).
-        heads_major: copy q, k, v to head-major memory ([B, heads, L, D] contiguous) first.
 
     Returns:
         (out_memory, out_a, lse_a, out_b, lse_b): the memory queries' output [B, heads, M*T, D];
@@ -203,8 +214,6 @@ def window_attention_parts(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout
     """
     T, M, n, w = layout.tokens_per_frame, layout.num_memory, layout.num_frames, layout.window_frames
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, heads, L, D] views
-    if heads_major:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, Hd, L, D = q.shape
     m_tok, seq = M * T, n - M
     s_tok = seq * T
@@ -217,43 +226,29 @@ def window_attention_parts(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout
         lse_a = torch.full((B, Hd, s_tok), float("-inf"), device=q.device)
     out_b = torch.empty_like(q[:, :, m_tok:])
     lse_b = torch.empty(B, Hd, s_tok, device=q.device)
-    if seq == 0:
-        return out_mem, out_a, lse_a, out_b, lse_b
-
-    def frames(x: Tensor, i: int, first: int, count: int, step: int, length: int) -> Tensor:
-        """``count`` runs of ``length`` sequence frames of x[i], run r starting at frame first + r * step."""
-        base = x[i, :, m_tok + first * T:]
-        sh, sl, sd = base.stride()
-        return base.as_strided((count, Hd, length * T, D), (step * T * sl, sh, sl, sd), base.storage_offset())
-
-    def lse_frames(i: int, first: int, count: int, step: int) -> Tensor:
-        base = lse_b[i, :, first * T:]
-        return base.as_strided((count, Hd, T), (step * T * base.stride(1), base.stride(0), base.stride(1)),
-                               base.storage_offset())
 
     def window_call(i: int, first: int, count: int, step: int, lo: int, lo_step: int, length: int) -> None:
-        """Frames first + r*step (r < count) attend to their windows lo + r*lo_step, ``length`` frames long."""
-        o, lse = attention_lse(frames(q, i, first, count, step, 1), frames(k, i, lo, count, lo_step, length),
-                               frames(v, i, lo, count, lo_step, length))
-        dst = out_b[i, :, first * T:]
-        sh, sl, sd = dst.stride()
-        dst.as_strided((count, Hd, T, D), (step * T * sl, sh, sl, sd), dst.storage_offset()).copy_(o)
-        lse_frames(i, first, count, step).copy_(lse)
+        """Frames first + r*step (r < count) attend to their windows of ``length`` frames from lo + r*lo_step."""
+        qs, ks, vs = (x[i, :, m_tok:] for x in (q, k, v))
+        o, lse = attention_lse(_runs(qs, first * T, count, step * T, T),
+                               _runs(ks, lo * T, count, lo_step * T, length * T),
+                               _runs(vs, lo * T, count, lo_step * T, length * T))
+        _runs(out_b[i], first * T, count, step * T, T).copy_(o)
+        _runs(lse_b[i], first * T, count, step * T, T).copy_(lse)
 
-    for i in range(B):
+    for i in range(B if seq else 0):
         if seq >= 2 * w + 1:  # frames w .. seq-w-1 have whole windows, starting at frames 0 .. seq-2w-1
             window_call(i, w, seq - 2 * w, 1, 0, 1, 2 * w + 1)
-            ends = list(range(w))
+            ends = range(w)
         else:
-            ends = list(range((seq + 1) // 2))
+            ends = range((seq + 1) // 2)
         for s in ends:  # frame s and its mirror seq-1-s have windows of the same length
             lo, hi = max(0, s - w), min(seq, s + w + 1)
             mirror = seq - 1 - s
             if mirror == s:
                 window_call(i, s, 1, 1, lo, 1, hi - lo)
             else:
-                m_lo = max(0, mirror - w)
-                window_call(i, s, 2, mirror - s, lo, m_lo - lo, hi - lo)
+                window_call(i, s, 2, mirror - s, lo, max(0, mirror - w) - lo, hi - lo)
     return out_mem, out_a, lse_a, out_b, lse_b
 
 
@@ -270,48 +265,46 @@ def merge_window_parts(out_memory: Tensor, out_a: Tensor, lse_a: Tensor, out_b: 
     return torch.cat([out_memory, seq.to(out_memory.dtype)], dim=2).transpose(1, 2)
 
 
-def _in_layout(x: Tensor, heads_major: bool) -> Tensor:
-    """x [B, heads, L, D] in head-major memory, or token-major memory ([B, L, heads, D] contiguous)."""
-    return x.contiguous() if heads_major else x.transpose(1, 2).contiguous().transpose(1, 2)
+def _token_major(x: Tensor) -> Tensor:
+    """x [B, heads, L, D] stored token-major ([B, L, heads, D] contiguous; free when it already is)."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @torch.library.custom_op("reconloop::window_attention_parts", mutates_args=())
 def _window_parts_op(q: Tensor, k: Tensor, v: Tensor, num_frames: int, tokens_per_frame: int, num_memory: int,
-                     window_frames: int, heads_major: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     window_frames: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``window_attention_parts`` as one opaque op, so that compiled blocks keep a single graph."""
     layout = WindowLayout(num_frames, tokens_per_frame, num_memory, window_frames)
-    om, oa, la, ob, lb = window_attention_parts(q, k, v, layout, heads_major)
+    om, oa, la, ob, lb = window_attention_parts(q, k, v, layout)
     om = om.clone()  # a view of the same call's output as oa: outputs must not alias (a small copy)
-    return (_in_layout(om, heads_major), _in_layout(oa, heads_major), la.contiguous(), _in_layout(ob, heads_major),
-            lb.contiguous())
+    return _token_major(om), _token_major(oa), la.contiguous(), _token_major(ob), lb.contiguous()
 
 
 @_window_parts_op.register_fake
-def _(q, k, v, num_frames, tokens_per_frame, num_memory, window_frames, heads_major):
+def _(q, k, v, num_frames, tokens_per_frame, num_memory, window_frames):
     B, L, Hd, D = q.shape
     m = num_memory * tokens_per_frame
     s = L - m
 
     def out(n: int) -> Tensor:
-        return q.new_empty(B, Hd, n, D) if heads_major else q.new_empty(B, n, Hd, D).transpose(1, 2)
+        return q.new_empty(B, n, Hd, D).transpose(1, 2)
 
     lse = q.new_empty(B, Hd, s, dtype=torch.float32)
     return out(m), out(s), lse, out(s), torch.empty_like(lse)
 
 
-def window_attention_split(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout, heads_major: bool = False) -> Tensor:
+def window_attention_split(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout) -> Tensor:
     """The window mask of ``layout``, exactly: dense memory and window parts merged by log-sum-exp.
 
     Args:
         q, k, v: queries, keys, values after the rotary embedding, token-major. [B, L, heads, D]
         layout: frame layout (L = layout.num_tokens).
-        heads_major: run the kernels on head-major copies (see ``window_attention_parts``).
 
     Returns:
         attention output, token-major. [B, L, heads, D]
     """
     parts = torch.ops.reconloop.window_attention_parts(q, k, v, layout.num_frames, layout.tokens_per_frame,
-                                                       layout.num_memory, layout.window_frames, heads_major)
+                                                       layout.num_memory, layout.window_frames)
     return merge_window_parts(*parts)
 
 
@@ -350,13 +343,11 @@ class WanWindowAttnProcessor:
         kernel_options: passed to ``flex_attention`` (tile sizes, warps, stages).
         window_backend: ``flex`` (the block mask) or ``split`` (``window_attention_split``: memory
             and window parts as dense calls merged by log-sum-exp).
-        heads_major: ``split`` runs its kernels on head-major copies of q, k, v.
     """
 
     def __init__(self, mode: str = "window", window_frames: int = DEFAULT_WINDOW_FRAMES, *,
                  compile: bool = False, block_size: int = DEFAULT_BLOCK_SIZE, full_backend: str = "auto",
-                 kernel_options: dict | None = None, window_backend: str = "flex", heads_major: bool = False) -> None:
-        self.heads_major = heads_major
+                 kernel_options: dict | None = None, window_backend: str = "flex") -> None:
         if window_backend not in WINDOW_BACKENDS:
             raise ValueError(f"window_backend must be one of {WINDOW_BACKENDS}; got {window_backend!r}")
         self.window_backend = window_backend
@@ -430,20 +421,19 @@ class WanWindowAttnProcessor:
         if rotary_emb is not None:
             query = apply_rotary(query, *rotary_emb)
             key = apply_rotary(key, *rotary_emb)
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, heads, L, D]
-
+        if self.mode == "window":
+            self._check_layout(query.shape[1])
         if self.mode == "window" and self.window_backend == "split":
-            self._check_layout(q.shape[2])
-            out = window_attention_split(query, key, value, self.layout, self.heads_major).flatten(2, 3).type_as(query)
-            out = attn.to_out[0](out)
-            return attn.to_out[1](out)
-        if self.mode == "full":
-            out = self._full_attention(q, k, v)
+            out = window_attention_split(query, key, value, self.layout)  # [B, L, heads, D]
         else:
-            self._check_layout(q.shape[2])
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # 4-D buffers (inductor's flex lowering)
-            out = self._flex_fn()(q, k, v, block_mask=self._block_mask, kernel_options=self.kernel_options)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)  # [B, L, heads * D]
+            q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, heads, L, D]
+            if self.mode == "full":
+                out = self._full_attention(q, k, v)
+            else:
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # 4-D buffers (inductor's flex lowering)
+                out = self._flex_fn()(q, k, v, block_mask=self._block_mask, kernel_options=self.kernel_options)
+            out = out.transpose(1, 2)
+        out = out.flatten(2, 3).type_as(query)  # [B, L, heads * D]
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 

@@ -42,6 +42,18 @@ def stop_service(svc: Service, thread: Any) -> None:
     assert not thread.is_alive(), "the service did not stop"
 
 
+def finished_probe_job(data_dir: Path, plan: str) -> str:
+    """Run one probe job to its end on a service that is then stopped; returns the job id."""
+    svc, thread = start_service(data_dir)
+    try:
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            job = c.submit(probe_scene(plan))
+            wait_state(c, job)
+    finally:
+        stop_service(svc, thread)
+    return job
+
+
 def wait_state(client: Client, job: str, states: tuple[str, ...] = TERMINAL_STATES, timeout_s: float = WAIT_S) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     status = client.status(job)

@@ -28,6 +28,7 @@ from protocol.codec import decode
 from protocol.errors import ProtocolError
 from tests.backend._reliability import (
     TIMEOUT_MS,
+    finished_probe_job,
     free_port,
     probe_scene,
     row,
@@ -283,13 +284,7 @@ def test_kill9_mid_job_then_restart_resubmit_and_resume(tmp_path, record_propert
 
 def test_torn_journal_line_is_ignored_after_restart(tmp_path, record_property):
     """A crash can cut the journal's last line; the job loads from the lines before it."""
-    svc, thread = start_service(tmp_path / "jobs")
-    try:
-        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
-            job = c.submit(probe_scene("steps=2"))
-            wait_state(c, job)
-    finally:
-        stop_service(svc, thread)
+    job = finished_probe_job(tmp_path / "jobs", "steps=2")
     journal = tmp_path / "jobs" / job / "journal.jsonl"
     with open(journal, "ab") as f:
         f.write(b'{"seq": 99, "time": 1.0, "sta')

@@ -18,7 +18,8 @@ from protocol import errors, limits
 from protocol.client import Client
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
-from tests.backend._reliability import TIMEOUT_MS, free_port, probe_scene, row, spawn_serve, start_service, stop_service, wait_state, wait_up
+from tests.backend._reliability import (TIMEOUT_MS, finished_probe_job, free_port, probe_scene, row, spawn_serve, start_service, stop_service,
+                                        wait_state, wait_up)
 from tests.protocol.helpers import camera, png_bytes
 
 SMALL = limits.JobLimits(
@@ -230,13 +231,7 @@ def test_symlinks_out_of_the_job_are_refused(tmp_path):
 
 
 def test_tampered_manifest_entries_are_dropped_at_restart(tmp_path, record_property):
-    svc, thread = start_service(tmp_path / "jobs")
-    try:
-        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
-            job = c.submit(probe_scene("steps=1"))
-            wait_state(c, job)
-    finally:
-        stop_service(svc, thread)
+    job = finished_probe_job(tmp_path / "jobs", "steps=1")
     job_dir = tmp_path / "jobs" / job
     os.symlink("/etc/hostname", job_dir / ARTIFACTS_DIR / "link.txt")
     manifest = json.loads((job_dir / MANIFEST_FILE).read_text())

@@ -62,18 +62,18 @@ def test_flex_block_mask_equals_dense_mask_attention(frames: int, tpf: int, mem:
         assert (out - full).abs().max() > 1e-3  # the mask changes the result
 
 
-@pytest.mark.parametrize("frames,tpf,mem,win,batch,heads_major", [
-    (7, 10, 2, 1, 1, False), (6, 4, 0, 2, 2, True), (30, 2, 3, 3, 1, False), (5, 3, 5, 1, 1, True),
-    (4, 3, 1, 0, 2, False), (12, 5, 2, 2, 2, True), (6, 3, 1, 8, 1, False)])  # last: window wider than the sequence
-def test_split_equals_dense_mask_attention(frames: int, tpf: int, mem: int, win: int, batch: int, heads_major: bool) -> None:
+@pytest.mark.parametrize("frames,tpf,mem,win,batch", [
+    (7, 10, 2, 1, 1), (6, 4, 0, 2, 2), (30, 2, 3, 3, 1), (5, 3, 5, 1, 1),
+    (4, 3, 1, 0, 2), (12, 5, 2, 2, 2), (6, 3, 1, 8, 1)])  # last: window wider than the sequence
+def test_split_equals_dense_mask_attention(frames: int, tpf: int, mem: int, win: int, batch: int) -> None:
     lay = WindowLayout(frames, tpf, mem, win)
     q, k, v = (torch.cat([t] * batch) for t in _qkv(lay.num_tokens, seed=2))
     q = q + 0.1 * torch.arange(batch).view(-1, 1, 1, 1)  # batch items differ
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_window_mask(lay))
-    out = window_attention_split(*(t.transpose(1, 2) for t in (q, k, v)), lay, heads_major).transpose(1, 2)
+    out = window_attention_split(*(t.transpose(1, 2) for t in (q, k, v)), lay).transpose(1, 2)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     compiled = torch.compile(window_attention_split, backend="eager", fullgraph=True)  # the op traces as one node
-    torch.testing.assert_close(compiled(*(t.transpose(1, 2) for t in (q, k, v)), lay, heads_major).transpose(1, 2), ref,
+    torch.testing.assert_close(compiled(*(t.transpose(1, 2) for t in (q, k, v)), lay).transpose(1, 2), ref,
                                atol=1e-5, rtol=1e-5)
 
 

@@ -241,6 +241,68 @@ def bench_denoise(args, res: Results, key: str, gen: AnyReconGenerator, inputs: 
         res.put(key, {"error": f"{type(e).__name__}: {str(e)[:300]}"})
 
 
+def kernel_category(name: str) -> str:
+    """Coarse class of a CUDA kernel by its name: attention, gemm, fused (inductor/Triton) or other."""
+    n = name.lower()
+    if any(k in n for k in ("sdpa", "fmha", "flash", "attn", "attention")):
+        return "attention"
+    if any(k in n for k in ("gemm", "nvjet", "xmma", "cutlass", "matmul", "sm90_")):
+        return "gemm"
+    if n.startswith("triton"):
+        return "fused"
+    return "other"
+
+
+def bench_gemms(res: Results, device: str, tokens: int, cfg: dict, reps: int = 10) -> None:
+    """cuBLAS bf16 rates of the block's big linear layers at this token count (F.linear with bias)."""
+    d, ffn = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"]
+    out = {}
+    for name, (k, n) in {"q|k|v|o (each)": (d, d), "qkv fused": (d, 3 * d), "ffn in": (d, ffn), "ffn out": (ffn, d)}.items():
+        x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+        b = torch.zeros(n, device=device, dtype=torch.bfloat16)
+        times = []
+        for _ in range(reps + 2):
+            sync(device)
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(x, w, b)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        t = sorted(times[2:])[len(times[2:]) // 2]
+        out[name] = {"ms": round(t * 1e3, 2), "tflops": round(2 * tokens * k * n / t / 1e12, 1)}
+        del x, w, b
+    res.put("gemms", out)
+
+
+def profile_denoise(res: Results, key: str, gen: AnyReconGenerator, inputs: dict, device: str) -> None:
+    """One denoising step under the torch profiler: GPU time by kernel class, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    y, pe, ie, num_memory = inputs["y"], inputs["prompt_embeds"], inputs["image_embeds"], inputs["num_memory"]
+    try:
+        gen.denoise(y, pe, ie, num_steps=1, seed=0, num_memory=num_memory)  # compile for this shape
+        sync(device)
+        cuda = device.startswith("cuda")  # on CPU (code-path check) the operators' own CPU time
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            gen.denoise(y, pe, ie, num_steps=1, seed=0, num_memory=num_memory)
+            sync(device)
+        ms = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+        events = [e for e in prof.key_averages() if ms(e) > 0]
+        by_class: dict[str, float] = {}
+        for e in events:
+            c = kernel_category(e.key)
+            by_class[c] = by_class.get(c, 0.0) + ms(e) / 1e6
+        top = sorted(events, key=lambda e: -ms(e))[:25]
+        res.put(key, {
+            "gpu_s_by_class": {k: round(v, 3) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
+            "gpu_s_total": round(sum(by_class.values()), 3),
+            "top_kernels": [{"name": e.key[:120], "class": kernel_category(e.key), "calls": e.count,
+                             "s": round(ms(e) / 1e6, 4)} for e in top],
+        })
+    except Exception as e:
+        res.put(key, {"error": f"{type(e).__name__}: {str(e)[:300]}"})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -253,7 +315,10 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=896)
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--attn-reps", type=int, default=5)
-    ap.add_argument("--modes", default="kernels,stock,window,full,window_flex,vae,fp8,group_offload")
+    ap.add_argument("--modes", default="kernels,stock,window,full,window_flex,vae,fp8,group_offload",
+                    help="also: window_fused (one q|k|v GEMM), gemms (linear-layer rates), profile (one window "
+                         "step under the torch profiler; with --fuse-projections fused)")
+    ap.add_argument("--fuse-projections", action="store_true", help="profile mode: fused q|k|v projections")
     ap.add_argument("--full-backend", default="auto")
     ap.add_argument("--compile-blocks", action="store_true", help="torch.compile each block in our modes")
     args = ap.parse_args()
@@ -301,9 +366,13 @@ def main() -> None:
     if "kernels" in modes:
         bench_attention_kernels(args, res, device, layout, tcfg.num_attention_heads, tcfg.attention_head_dim)
         reset_peak(device)
+    if "gemms" in modes:
+        bench_gemms(res, device, layout.num_tokens, cfg_dict)
+        reset_peak(device)
     # stock first: our modes may compile the blocks in place (--compile-blocks)
     denoise_modes = {"stock": dict(attention="stock"), "window": dict(attention="window"),  # window: split kernel
-                     "full": dict(attention="full"), "window_flex": dict(attention="window", window_backend="flex")}
+                     "full": dict(attention="full"), "window_flex": dict(attention="window", window_backend="flex"),
+                     "window_fused": dict(attention="window", fuse_projections=True)}  # fuses in place: keep last
     for mode, over in denoise_modes.items():
         if mode in modes:
             ours = mode != "stock"
@@ -317,6 +386,14 @@ def main() -> None:
                           warmup_steps=warm)
             del gen
             reset_peak(device)
+
+    if "profile" in modes:
+        gen = AnyReconGenerator(comps, AnyReconConfig(attention="window", compile_blocks=args.compile_blocks,
+                                                      fuse_projections=args.fuse_projections, **base), device=device)
+        fused = getattr(comps.transformer.blocks[0].attn1, "fused_projections", False)  # also after window_fused
+        profile_denoise(res, "profile_window" + ("_fused" if fused else ""), gen, inputs, device)
+        del gen
+        reset_peak(device)
 
     if "vae" in modes:
         gen = AnyReconGenerator(comps, AnyReconConfig(attention="full", vae_slicing=True, **base), device=device)

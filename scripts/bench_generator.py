@@ -8,7 +8,8 @@ per frame, 89,600 tokens), 4 steps. Measured, each in this one process:
 
 - an attention micro-benchmark (one layer's self-attention at this size) per kernel;
 - the denoising loop with diffusers' stock attention processor, ours ``full`` and ours ``window``
-  (the ``split`` kernel; ``window_flex``: the FlexAttention block mask): seconds per step, 4-step
+  (the ``auto`` kernel: paged FlashAttention-4 where installed, else ``split``; ``window_split``,
+  ``window_paged``, ``window_flex`` force one): seconds per step, 4-step
   total, peak GPU memory, achieved TFLOP/s;
 - VAE encode (50 frames, one latent each) and decode (40 frames), CLIP encode of frame 0;
 - memory modes: fp8 weight storage and group offloading (window attention).
@@ -175,8 +176,17 @@ def bench_attention_kernels(args, res: Results, device: str, layout: WindowLayou
         "sdpa_cudnn_token_major": (lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (qt, kt, vt))),
                                    [SDPBackend.CUDNN_ATTENTION], 1.0),
     }
+    if wa.paged_attention_available():
+        from flash_attn.cute import flash_attn_func
+
+        table, used = wa.paged_window_table(layout, device=device)
+        cases["fa4_full"] = (lambda: flash_attn_func(qt, kt, vt), None, 1.0)
+        cases["paged_window"] = (lambda: wa.window_attention_paged(qt, kt, vt, table, used, layout.tokens_per_frame),
+                                 None, dens)
     out = {}
     for name, (fn, backends, density) in cases.items():
+        if args.kernels and name not in args.kernels.split(","):
+            continue
         try:
             ctx = sdpa_kernel(backends) if backends else contextlib.nullcontext()
             with ctx:
@@ -196,6 +206,8 @@ def bench_attention_kernels(args, res: Results, device: str, layout: WindowLayou
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         res.put("attention_kernels", out)
     try:  # the two exact window kernels must agree (bf16 rounding apart)
+        if args.kernels and "flex_window" not in args.kernels.split(","):
+            raise RuntimeError("flex_window not selected")
         a = flex(q, k, v, block_mask=mask)
         b = window_attention_split(qt, kt, vt, layout).transpose(1, 2)
         out["split_vs_flex_max_abs"] = round(float((a.float() - b.float()).abs().max()), 5)
@@ -203,6 +215,14 @@ def bench_attention_kernels(args, res: Results, device: str, layout: WindowLayou
         out["split_lse_kernels"] = dict(wa.LSE_KERNELS)
     except Exception as e:
         out["split_check_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    if "paged_window" in cases:
+        try:  # the paged kernel against split (both exact)
+            a = window_attention_split(qt, kt, vt, layout)
+            b = wa.window_attention_paged(qt, kt, vt, table, used, layout.tokens_per_frame)
+            out["paged_vs_split_max_abs"] = round(float((a.float() - b.float()).abs().max()), 5)
+            out["paged_vs_split_mean_abs"] = float((a.float() - b.float()).abs().mean())
+        except Exception as e:
+            out["paged_check_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     res.put("attention_kernels", out)
     del q, k, v, qt, kt, vt
 
@@ -316,8 +336,10 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--attn-reps", type=int, default=5)
     ap.add_argument("--modes", default="kernels,stock,window,full,window_flex,vae,fp8,group_offload",
-                    help="also: window_fused (one q|k|v GEMM), gemms (linear-layer rates), profile (one window "
+                    help="also: window_split, window_paged (the kernels auto picks from), window_tuned (inductor "
+                         "coordinate-descent tuning), window_fused (one q|k|v GEMM), gemms (linear-layer rates), profile (one window "
                          "step under the torch profiler; with --fuse-projections fused)")
+    ap.add_argument("--kernels", default="", help="kernels mode: only these cases (comma-separated; default all)")
     ap.add_argument("--fuse-projections", action="store_true", help="profile mode: fused q|k|v projections")
     ap.add_argument("--full-backend", default="auto")
     ap.add_argument("--compile-blocks", action="store_true", help="torch.compile each block in our modes")
@@ -370,17 +392,19 @@ def main() -> None:
         bench_gemms(res, device, layout.num_tokens, cfg_dict)
         reset_peak(device)
     # stock first: our modes may compile the blocks in place (--compile-blocks)
-    denoise_modes = {"stock": dict(attention="stock"), "window": dict(attention="window"),  # window: split kernel
+    denoise_modes = {"stock": dict(attention="stock"), "window": dict(attention="window"),  # window: auto kernel
                      "full": dict(attention="full"), "window_flex": dict(attention="window", window_backend="flex"),
+                     "window_split": dict(attention="window", window_backend="split"),
+                     "window_paged": dict(attention="window", window_backend="paged"),
+                     "window_tuned": dict(attention="window", compile_tuning=True),
                      "window_fused": dict(attention="window", fuse_projections=True)}  # fuses in place: keep last
     for mode, over in denoise_modes.items():
         if mode in modes:
             ours = mode != "stock"
             compiled = ours and args.compile_blocks
             gen = AnyReconGenerator(comps, AnyReconConfig(**over, compile_blocks=compiled, **base), device=device)
-            # one full-size step first where something compiles for this shape (FlexAttention, blocks);
-            # otherwise the kernels were warmed by the micro-benchmark at the same shapes
-            warm = 1 if (mode == "window_flex" or compiled) else 0  # FlexAttention compiles for its shape
+            # one full-size step first: compiles what compiles for this shape, builds cuDNN plans
+            warm = 1
             key = f"denoise_{mode}" + ("_compiled" if compiled else "")
             bench_denoise(args, res, key, gen, inputs, device, flops["full" if over["attention"] != "window" else "window"],
                           warmup_steps=warm)

@@ -63,7 +63,9 @@ class AnyReconConfig:
     window_frames: int = DEFAULT_WINDOW_FRAMES  # +-8 frames (AnyRecon)
     compile_attention: bool = False  # torch.compile the FlexAttention kernel (GPU: needed for speed)
     full_backend: str = "auto"  # full attention kernel on CUDA: "auto", "cudnn", "flash" or "flex"
-    window_backend: str = "split"  # "split" (dense parts merged by log-sum-exp) or "flex" (block mask); both exact
+    window_backend: str = "auto"  # "split" (dense parts merged by log-sum-exp), "flex" (block mask), "paged" (one
+    # FlashAttention-4 call, frames as page tables; flash-attn-4 on sm90/sm100), "auto" (paged where it runs); all exact
+    compile_tuning: bool = False  # compiled blocks: inductor's coordinate-descent tuning of the fused kernels
     compile_blocks: bool = False  # torch.compile each transformer block (regional; fuses norms, rotary, gates)
     fuse_projections: bool = False  # one q|k|v GEMM per self-attention (weights moved, not copied)
     guidance_scale: float = 1.0  # 1: no classifier-free guidance (AnyRecon's cfg_scale=1.0)
@@ -208,14 +210,14 @@ class AnyReconGenerator:
         if config.fuse_projections:
             fuse_attention_projections_(tr)
         if config.compile_blocks:
-            tr.compile_repeated_blocks(dynamic=False)
+            tr.compile_repeated_blocks(dynamic=False, options={"coordinate_descent_tuning": True} if config.compile_tuning else None)
         self._apply_memory_mode()
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str = HUB_ID, lora_path: str | os.PathLike | None = None, *,
                         config: AnyReconConfig = AnyReconConfig(dtype="bfloat16", height=512, width=896,
-                                                                attention="window", window_backend="split",
+                                                                attention="window", window_backend="auto",
                                                                 compile_attention=True, compile_blocks=True),
                         device: torch.device | str = "cuda", local_files_only: bool = False) -> "AnyReconGenerator":
         """Load the Wan2.1 I2V diffusers weights from a folder or hub id, merge AnyRecon's LoRA.
@@ -223,7 +225,8 @@ class AnyReconGenerator:
         The VAE and CLIP run in float32 (as diffusers' Wan pipelines advise), the transformer in
         ``config.dtype``. The UMT5 text encoder is loaded only when a prompt is not in the text cache.
         The default config is the fastest measured on an H200 (docs/benchmarks.md, "Generator"): bf16,
-        512x896, +-8-frame window attention with the per-frame SDPA kernel, compiled blocks.
+        512x896, +-8-frame window attention with the paged FlashAttention-4 kernel where installed (else
+        ``split``), compiled blocks.
 
         Args:
             path_or_hub_id: a diffusers-format folder or ``Wan-AI/Wan2.1-I2V-14B-720P-Diffusers``.

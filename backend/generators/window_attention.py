@@ -11,13 +11,16 @@ of every ``WanTransformerBlock``:
 
 - ``full``: every token attends to every token (scaled-dot-product attention, cuDNN or flash kernels
   on CUDA), with the rotary embedding applied in float32 rather than float64;
-- ``window``: the same mask, exactly, by one of two kernels (``window_backend``):
+- ``window``: the same mask, exactly, by one of three kernels (``window_backend``):
   ``flex``, a torch FlexAttention ``BlockMask`` (frames of 1792 tokens, 512x896 at patch 2x2, are
   whole multiples of the 128-token blocks, so no block needs per-element masking; compile it);
-  ``split`` (faster on an H200: docs/benchmarks.md), the sequence's attention cut into its memory
-  part and its window part, each dense cuDNN calls (the windows of all interior frames in one
-  batched call over overlapping views of the keys, no copies), merged by their log-sum-exp
-  (``window_attention_split``).
+  ``split``, the sequence's attention cut into its memory part and its window part, each dense
+  cuDNN calls (the windows of all interior frames in one batched call over overlapping views of the
+  keys, no copies), merged by their log-sum-exp (``window_attention_split``);
+  ``paged`` (fastest on an H200: docs/benchmarks.md), every frame one query sequence whose keys are
+  a page table over the frames it attends, all in one FlashAttention-4 call (``window_attention_paged``:
+  the keys are only viewed as pages, nothing is copied or merged). ``auto`` picks ``paged`` where
+  FlashAttention-4 runs, else ``split``.
 
 ``dense_window_mask`` gives the same mask as a dense boolean matrix for reference and tests.
 
@@ -36,8 +39,9 @@ from torch import Tensor
 
 ATTENTION_MODES = ("full", "window")
 FULL_BACKENDS = ("auto", "cudnn", "flash", "flex")  # kernels for full attention: torch's choice, or forced
-WINDOW_BACKENDS = ("flex", "split")  # window kernels: FlexAttention block mask, or memory and window parts
-# as dense calls merged by their log-sum-exp
+WINDOW_BACKENDS = ("auto", "flex", "split", "paged")  # window kernels: FlexAttention block mask; memory and window
+# parts as dense calls merged by their log-sum-exp; one paged FlashAttention-4 call (frames as page tables);
+# auto: paged where it runs (FlashAttention-4 installed, sm90/sm100 GPU, frames of whole pages), else split
 DEFAULT_WINDOW_FRAMES = 8  # AnyRecon: a target frame sees its neighbours within +-8 frames
 DEFAULT_BLOCK_SIZE = 128  # FlexAttention's default tile; 1792 tokens per frame = 14 tiles
 
@@ -308,6 +312,91 @@ def window_attention_split(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout
     return merge_window_parts(*parts)
 
 
+PAGE_TOKENS = 128  # FlashAttention-4's key tile on sm90/sm100: pages of one tile load by TMA
+
+
+def paged_window_table(layout: WindowLayout, page_tokens: int = PAGE_TOKENS,
+                       device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """The window mask as a page table: each query frame reads the pages of the frames it attends.
+
+    The keys [L, heads, D] are viewed as pages of ``page_tokens`` tokens, [L/page, page, heads, D]
+    (no copy); the queries as one sequence per frame, [F, T, heads, D]. Frame i then attends to
+    exactly the keys of its table row: memory frames first, then its window. (A batch of B videos
+    stacks B tables, item b's pages offset by b * L/page: ``_batched``.)
+
+    Returns:
+        (table, used): page indices int32 [F, P] (P: the most pages any frame reads; the unused
+        tail of a row points at page 0) and the number of keys each frame reads, int32 [F].
+    """
+    T, F = layout.tokens_per_frame, layout.num_frames
+    if T % page_tokens:
+        raise ValueError(f"paged window attention: tokens_per_frame ({T}) must be a multiple of {page_tokens}")
+    per_frame = T // page_tokens
+    fm = frame_mask(layout)  # [F, F]
+    frames = fm.sum(1)  # frames each query frame attends
+    width = int(frames.max())
+    order = torch.argsort(fm.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]  # attended, ascending
+    pages = (order[:, :, None] * per_frame + torch.arange(per_frame)).flatten(1)  # [F, width * per_frame]
+    valid = torch.arange(pages.shape[1]) < (frames * per_frame)[:, None]
+    pages = torch.where(valid, pages, 0)
+    return pages.to(torch.int32).to(device), (frames * T).to(torch.int32).to(device)
+
+
+def _batched(table: Tensor, used: Tensor, batch: int, pages_per_item: int) -> tuple[Tensor, Tensor]:
+    """The page table of ``batch`` videos stacked along the page axis. ([B*F, P], [B*F])"""
+    if batch == 1:
+        return table, used
+    offsets = torch.arange(batch, device=table.device, dtype=table.dtype) * pages_per_item
+    return (table[None] + offsets[:, None, None]).flatten(0, 1), used.repeat(batch)
+
+
+def paged_attention_available(device: torch.device | str | None = None) -> bool:
+    """Whether FlashAttention-4 (package ``flash-attn-4``, module ``flash_attn.cute``) can be imported,
+    and, given a device, whether it is a CUDA GPU the paged kernel supports (sm90, sm100)."""
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception:
+        return False
+    if device is None:
+        return True
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
+@torch.library.custom_op("reconloop::window_attention_paged", mutates_args=())
+def _window_paged_op(q: Tensor, k: Tensor, v: Tensor, table: Tensor, used: Tensor, tokens_per_frame: int) -> Tensor:
+    """One FlashAttention-4 call over frames as paged sequences (CUDA, sm90/sm100)."""
+    from flash_attn.cute import flash_attn_varlen_func
+
+    B, L, Hd, D = q.shape
+    table, used = _batched(table, used, B, L // PAGE_TOKENS)
+    frames = q.reshape(B * L // tokens_per_frame, tokens_per_frame, Hd, D)
+    pages = (t.reshape(B * L // PAGE_TOKENS, PAGE_TOKENS, Hd, D) for t in (k, v))
+    out = flash_attn_varlen_func(frames, *pages, seqused_k=used, page_table=table)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.reshape(B, L, Hd, D)
+
+
+@_window_paged_op.register_fake
+def _(q, k, v, table, used, tokens_per_frame):
+    return torch.empty_like(q)
+
+
+def window_attention_paged(q: Tensor, k: Tensor, v: Tensor, table: Tensor, used: Tensor,
+                           tokens_per_frame: int) -> Tensor:
+    """The window mask exactly, by one paged FlashAttention-4 call (``paged_window_table``).
+
+    Args:
+        q, k, v: queries, keys, values after the rotary embedding, token-major and contiguous. [B, L, heads, D]
+        table, used: ``paged_window_table`` of this layout (one video; batches are offset inside).
+
+    Returns:
+        attention output, token-major. [B, L, heads, D]
+    """
+    q, k, v = (t.contiguous() for t in (q, k, v))  # free after the rotary embedding
+    return torch.ops.reconloop.window_attention_paged(q, k, v, table, used, tokens_per_frame)
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate interleaved channel pairs (x[2i], x[2i+1]) by the rotary angles, in float32.
 
@@ -341,16 +430,21 @@ class WanWindowAttnProcessor:
         full_backend: kernel for ``full`` mode on CUDA: ``auto`` (torch's choice), ``cudnn``, ``flash``
             (scaled-dot-product attention backends, others as fallback) or ``flex`` (FlexAttention, no mask).
         kernel_options: passed to ``flex_attention`` (tile sizes, warps, stages).
-        window_backend: ``flex`` (the block mask) or ``split`` (``window_attention_split``: memory
-            and window parts as dense calls merged by log-sum-exp).
+        window_backend: ``flex`` (the block mask), ``split`` (``window_attention_split``: memory
+            and window parts as dense calls merged by log-sum-exp), ``paged`` (``window_attention_paged``:
+            one FlashAttention-4 call; needs the ``flash-attn-4`` package and an sm90/sm100 GPU) or
+            ``auto`` (``paged`` where it runs, else ``split``; the fastest measured, docs/benchmarks.md).
     """
 
     def __init__(self, mode: str = "window", window_frames: int = DEFAULT_WINDOW_FRAMES, *,
                  compile: bool = False, block_size: int = DEFAULT_BLOCK_SIZE, full_backend: str = "auto",
-                 kernel_options: dict | None = None, window_backend: str = "flex") -> None:
+                 kernel_options: dict | None = None, window_backend: str = "auto") -> None:
         if window_backend not in WINDOW_BACKENDS:
             raise ValueError(f"window_backend must be one of {WINDOW_BACKENDS}; got {window_backend!r}")
+        if window_backend == "paged" and mode == "window" and not paged_attention_available():
+            raise ValueError("window_backend 'paged' needs FlashAttention-4: pip install flash-attn-4 (CUDA sm90/sm100)")
         self.window_backend = window_backend
+        self.backend = window_backend  # the kernel in use: "auto" resolves in set_layout
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention mode must be one of {ATTENTION_MODES}; got {mode!r}")
         if full_backend not in FULL_BACKENDS:
@@ -367,15 +461,22 @@ class WanWindowAttnProcessor:
         self._block_mask = None
         self._mask_key: tuple | None = None
         self._flex = None
+        self._page_table: tuple[Tensor, Tensor] | None = None
 
     def set_layout(self, num_frames: int, tokens_per_frame: int, num_memory: int, device: torch.device | str) -> None:
-        """Describe the next condition video's frames; builds (or reuses) the block mask."""
+        """Describe the next condition video's frames; builds (or reuses) the block mask or page table."""
         self.layout = WindowLayout(num_frames, tokens_per_frame, num_memory, self.window_frames)
-        if self.mode != "window" or self.window_backend != "flex":
+        if self.window_backend == "auto":
+            whole_pages = tokens_per_frame % PAGE_TOKENS == 0
+            self.backend = "paged" if whole_pages and paged_attention_available(device) else "split"
+        if self.mode != "window" or self.backend == "split":
             return
-        key = (self.layout, str(device))
+        key = (self.layout, self.backend, str(device))
         if key != self._mask_key:
-            self._block_mask = build_block_mask(self.layout, device, self.block_size)
+            if self.backend == "paged":
+                self._page_table = paged_window_table(self.layout, device=device)
+            else:
+                self._block_mask = build_block_mask(self.layout, device, self.block_size)
             self._mask_key = key
 
     def _flex_fn(self):
@@ -423,8 +524,10 @@ class WanWindowAttnProcessor:
             key = apply_rotary(key, *rotary_emb)
         if self.mode == "window":
             self._check_layout(query.shape[1])
-        if self.mode == "window" and self.window_backend == "split":
+        if self.mode == "window" and self.backend == "split":
             out = window_attention_split(query, key, value, self.layout)  # [B, L, heads, D]
+        elif self.mode == "window" and self.backend == "paged":
+            out = window_attention_paged(query, key, value, *self._page_table, self.layout.tokens_per_frame)
         else:
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, heads, L, D]
             if self.mode == "full":
@@ -440,7 +543,7 @@ class WanWindowAttnProcessor:
 
 def set_window_attention(transformer, mode: str = "window", window_frames: int = DEFAULT_WINDOW_FRAMES, *,
                          compile: bool = False, block_size: int = DEFAULT_BLOCK_SIZE, full_backend: str = "auto",
-                         kernel_options: dict | None = None, window_backend: str = "flex") -> WanWindowAttnProcessor:
+                         kernel_options: dict | None = None, window_backend: str = "auto") -> WanWindowAttnProcessor:
     """Install one shared ``WanWindowAttnProcessor`` on the self-attention of every block.
 
     Args:

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backend.generators.window_attention import (WanWindowAttnProcessor, WindowLayout, attention_lse,
-                                                 build_block_mask, dense_window_mask, set_window_attention,
-                                                 window_attention_split, window_density)
+from backend.generators.window_attention import (WanWindowAttnProcessor, WindowLayout, _batched, attention_lse,
+                                                 build_block_mask, dense_window_mask, paged_attention_available,
+                                                 paged_window_table, set_window_attention, window_attention_split,
+                                                 window_density)
 
 LAYOUTS = [  # (frames, tokens per frame, memory frames, window, block size)
     (7, 10, 2, 1, 16),  # frames straddle blocks
@@ -75,6 +76,43 @@ def test_split_equals_dense_mask_attention(frames: int, tpf: int, mem: int, win:
     compiled = torch.compile(window_attention_split, backend="eager", fullgraph=True)  # the op traces as one node
     torch.testing.assert_close(compiled(*(t.transpose(1, 2) for t in (q, k, v)), lay).transpose(1, 2), ref,
                                atol=1e-5, rtol=1e-5)
+
+
+def _paged_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, used: torch.Tensor,
+                     tpf: int, page: int) -> torch.Tensor:
+    """What a paged kernel computes: frame r's queries attend to the first used[r] keys of its pages."""
+    B, L, H, D = q.shape
+    frames = q.reshape(B * L // tpf, tpf, H, D)
+    kp, vp = (t.reshape(B * L // page, page, H, D) for t in (k, v))
+    out = []
+    for r in range(frames.shape[0]):
+        keys, vals = (p[table[r].long()].flatten(0, 1)[: int(used[r])] for p in (kp, vp))
+        out.append(F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (frames[r], keys, vals))).transpose(0, 1))
+    return torch.stack(out).reshape(B, L, H, D)
+
+
+@pytest.mark.parametrize("frames,tpf,mem,win,batch,page", [
+    (7, 4, 2, 1, 1, 2), (6, 4, 0, 2, 2, 4), (12, 6, 3, 2, 2, 3), (5, 2, 5, 1, 1, 1), (6, 4, 1, 8, 1, 2)])
+def test_paged_table_equals_dense_mask_attention(frames: int, tpf: int, mem: int, win: int, batch: int, page: int) -> None:
+    lay = WindowLayout(frames, tpf, mem, win)
+    q, k, v = (torch.cat([t] * batch) for t in _qkv(lay.num_tokens, seed=3))
+    q = q + 0.1 * torch.arange(batch).view(-1, 1, 1, 1)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_window_mask(lay)).transpose(1, 2)
+    table, used = paged_window_table(lay, page_tokens=page)
+    assert table.dtype == used.dtype == torch.int32 and table.shape[0] == frames
+    assert torch.equal(used, dense_window_mask(lay)[::tpf].sum(1).to(torch.int32))  # keys per query frame
+    table, used = _batched(table, used, batch, lay.num_tokens // page)
+    out = _paged_reference(*(t.transpose(1, 2) for t in (q, k, v)), table, used, tpf, page)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_paged_needs_whole_pages_and_flash_attention_4() -> None:
+    with pytest.raises(ValueError, match="tokens_per_frame"):
+        paged_window_table(WindowLayout(4, 6, 1, 1), page_tokens=4)
+    if not paged_attention_available():
+        with pytest.raises(ValueError, match="flash-attn-4"):
+            WanWindowAttnProcessor("window", window_backend="paged")
+    WanWindowAttnProcessor("full", window_backend="paged")  # full mode never calls it
 
 
 def test_attention_lse_matches_logsumexp() -> None:

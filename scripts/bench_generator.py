@@ -290,8 +290,61 @@ def bench_gemms(res: Results, device: str, tokens: int, cfg: dict, reps: int = 1
             times.append(time.perf_counter() - t0)
         t = sorted(times[2:])[len(times[2:]) // 2]
         out[name] = {"ms": round(t * 1e3, 2), "tflops": round(2 * tokens * k * n / t / 1e12, 1)}
+        if name == "ffn in":  # the tanh GELU after it: separate, or in cuBLASLt's epilogue
+            for label, fn in {"ffn in + gelu": lambda: torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh"),
+                              "ffn in + gelu epilogue": lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)}.items():
+                fn()
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                sync(device)
+                out[label] = {"ms": round((time.perf_counter() - t0) / reps * 1e3, 2)}
+            ref = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b).float(), approximate="tanh")
+            out["gelu_epilogue_max_abs"] = round(float((torch._addmm_activation(b, x, w.t(), use_gelu=True).float() - ref).abs().max()), 5)
         del x, w, b
     res.put("gemms", out)
+
+
+def bench_fa4_tiles(args, res: Results, device: str, layout: WindowLayout, heads: int, head_dim: int) -> None:
+    """FlashAttention-4 tile shapes for the paged window call (page = key tile) and for full attention."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    L, T = layout.num_tokens, layout.tokens_per_frame
+    q, k, v = (torch.randn(1, L, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
+    dens = window_density(layout)
+    dense = 4 * L * L * heads * head_dim
+    ref = wa.window_attention_split(q, k, v, layout)
+    out = {}
+    for m, n, rs, ol in [(128, 128, True, True), (128, 128, False, True), (128, 112, True, True), (128, 224, True, True),
+                         (128, 256, True, True), (128, 176, True, True), (128, 192, True, True), (192, 128, True, True)]:
+        paged = T % n == 0
+        name = f"{'paged' if paged else 'full'}_{m}x{n}{'_rs' if rs else ''}{'_ol' if ol else ''}"
+        try:
+            if paged:
+                table, used = wa.paged_window_table(layout, page_tokens=n, device=device)
+                qa, ka, va = q.view(L // T, T, heads, head_dim), k.view(L // n, n, heads, head_dim), v.view(L // n, n, heads, head_dim)
+                kw = dict(page_table=table, seqused_k=used)
+            else:
+                qa, ka, va, kw = q, k, v, {}
+
+            def fn():
+                return _flash_attn_fwd(qa, ka, va, tile_mn=(m, n), mma_pv_is_rs=rs, intra_wg_overlap=ol, **kw)[0]
+            o = fn()
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.attn_reps):
+                fn()
+            sync(device)
+            sec = (time.perf_counter() - t0) / args.attn_reps
+            r = {"ms": round(sec * 1e3, 2), "tflops": round(dense * (dens if paged else 1.0) / sec / 1e12, 1)}
+            if paged:
+                r["max_abs_vs_split"] = round(float((o.reshape(ref.shape).float() - ref.float()).abs().max()), 5)
+            out[name] = r
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+        res.put("fa4_tiles", out)
+    del q, k, v, ref
 
 
 def profile_denoise(res: Results, key: str, gen: AnyReconGenerator, inputs: dict, device: str) -> None:
@@ -387,6 +440,9 @@ def main() -> None:
 
     if "kernels" in modes:
         bench_attention_kernels(args, res, device, layout, tcfg.num_attention_heads, tcfg.attention_head_dim)
+        reset_peak(device)
+    if "fa4_tiles" in modes:
+        bench_fa4_tiles(args, res, device, layout, tcfg.num_attention_heads, tcfg.attention_head_dim)
         reset_peak(device)
     if "gemms" in modes:
         bench_gemms(res, device, layout.num_tokens, cfg_dict)

@@ -115,6 +115,21 @@ def test_paged_needs_whole_pages_and_flash_attention_4() -> None:
     WanWindowAttnProcessor("full", window_backend="paged")  # full mode never calls it
 
 
+def test_apply_rotary_rotates_each_pair() -> None:
+    from backend.generators.window_attention import apply_rotary
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, 3, 8, generator=g)
+    angle = torch.rand(1, 7, 1, 4, generator=g) * 6.3
+    cos, sin = (f(angle).repeat_interleave(2, dim=-1) for f in (torch.cos, torch.sin))  # Wan's table layout
+    out = apply_rotary(x, cos, sin)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    c, s_ = torch.cos(angle), torch.sin(angle)
+    torch.testing.assert_close(out[..., 0::2], x1 * c - x2 * s_)
+    torch.testing.assert_close(out[..., 1::2], x1 * s_ + x2 * c)
+    assert apply_rotary(x.bfloat16(), cos, sin).dtype == torch.bfloat16
+
+
 def test_attention_lse_matches_logsumexp() -> None:
     q, k, v = _qkv(9, seed=4)
     out, lse = attention_lse(q, k[:, :, :7], v[:, :, :7])

@@ -389,11 +389,10 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--attn-reps", type=int, default=5)
     ap.add_argument("--modes", default="kernels,stock,window,full,window_flex,vae,fp8,group_offload",
-                    help="also: window_split, window_paged (the kernels auto picks from), window_tuned (inductor "
-                         "coordinate-descent tuning), window_fused (one q|k|v GEMM), gemms (linear-layer rates), profile (one window "
-                         "step under the torch profiler; with --fuse-projections fused)")
+                    help="also: window_split, window_paged (the kernels auto picks from), gemms (linear-layer "
+                         "rates), fa4_tiles (FlashAttention-4 tile shapes), profile (one window step under the "
+                         "torch profiler)")
     ap.add_argument("--kernels", default="", help="kernels mode: only these cases (comma-separated; default all)")
-    ap.add_argument("--fuse-projections", action="store_true", help="profile mode: fused q|k|v projections")
     ap.add_argument("--full-backend", default="auto")
     ap.add_argument("--compile-blocks", action="store_true", help="torch.compile each block in our modes")
     args = ap.parse_args()
@@ -451,9 +450,7 @@ def main() -> None:
     denoise_modes = {"stock": dict(attention="stock"), "window": dict(attention="window"),  # window: auto kernel
                      "full": dict(attention="full"), "window_flex": dict(attention="window", window_backend="flex"),
                      "window_split": dict(attention="window", window_backend="split"),
-                     "window_paged": dict(attention="window", window_backend="paged"),
-                     "window_tuned": dict(attention="window", compile_tuning=True),
-                     "window_fused": dict(attention="window", fuse_projections=True)}  # fuses in place: keep last
+                     "window_paged": dict(attention="window", window_backend="paged")}
     for mode, over in denoise_modes.items():
         if mode in modes:
             ours = mode != "stock"
@@ -468,10 +465,9 @@ def main() -> None:
             reset_peak(device)
 
     if "profile" in modes:
-        gen = AnyReconGenerator(comps, AnyReconConfig(attention="window", compile_blocks=args.compile_blocks,
-                                                      fuse_projections=args.fuse_projections, **base), device=device)
-        fused = getattr(comps.transformer.blocks[0].attn1, "fused_projections", False)  # also after window_fused
-        profile_denoise(res, "profile_window" + ("_fused" if fused else ""), gen, inputs, device)
+        gen = AnyReconGenerator(comps, AnyReconConfig(attention="window", compile_blocks=args.compile_blocks, **base),
+                                device=device)
+        profile_denoise(res, "profile_window", gen, inputs, device)
         del gen
         reset_peak(device)
 

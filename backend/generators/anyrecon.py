@@ -65,9 +65,7 @@ class AnyReconConfig:
     full_backend: str = "auto"  # full attention kernel on CUDA: "auto", "cudnn", "flash" or "flex"
     window_backend: str = "auto"  # "split" (dense parts merged by log-sum-exp), "flex" (block mask), "paged" (one
     # FlashAttention-4 call, frames as page tables; flash-attn-4 on sm90/sm100), "auto" (paged where it runs); all exact
-    compile_tuning: bool = False  # compiled blocks: inductor's coordinate-descent tuning of the fused kernels
     compile_blocks: bool = False  # torch.compile each transformer block (regional; fuses norms, rotary, gates)
-    fuse_projections: bool = False  # one q|k|v GEMM per self-attention (weights moved, not copied)
     guidance_scale: float = 1.0  # 1: no classifier-free guidance (AnyRecon's cfg_scale=1.0)
     negative_prompt: str = ""  # used only when guidance_scale > 1
     default_prompt: str = " "  # AnyRecon prompts with a single space
@@ -135,30 +133,6 @@ class AnyReconComponents:
     name: str = ""
 
 
-@torch.no_grad()
-def fuse_attention_projections_(transformer) -> int:
-    """Fuse every block's self-attention q, k, v projections in place into one ``to_qkv`` [3D, D] GEMM.
-
-    Uses diffusers' ``WanAttention.fuse_projections``, then deletes ``to_q``/``to_k``/``to_v`` so the
-    weights exist once (diffusers keeps both copies: 3 GB more for the 14B model). Cross-attention is
-    left alone: its k, v act on 769 context tokens, and diffusers' processor needs its separate image
-    projections. Merge LoRAs before this.
-
-    Returns:
-        the number of self-attention modules fused.
-    """
-    n = 0
-    for block in transformer.blocks:
-        attn = block.attn1
-        if getattr(attn, "fused_projections", False):
-            continue
-        attn.fuse_projections()
-        for name in ("to_q", "to_k", "to_v"):
-            delattr(attn, name)
-        n += 1
-    return n
-
-
 @GENERATORS.register("anyrecon")
 class AnyReconGenerator:
     """Render-conditioned Wan2.1 I2V generator (AnyRecon). See the module docstring for the steps.
@@ -207,10 +181,8 @@ class AnyReconGenerator:
             self.processor = set_window_attention(tr, config.attention, config.window_frames,
                                                   compile=config.compile_attention, full_backend=config.full_backend,
                                                   window_backend=config.window_backend)
-        if config.fuse_projections:
-            fuse_attention_projections_(tr)
         if config.compile_blocks:
-            tr.compile_repeated_blocks(dynamic=False, options={"coordinate_descent_tuning": True} if config.compile_tuning else None)
+            tr.compile_repeated_blocks(dynamic=False)
         self._apply_memory_mode()
 
     # ------------------------------------------------------------------ loading

@@ -26,6 +26,7 @@ Command line: ``reconloop eval`` (``add_eval_arguments`` / ``run_eval``, wired i
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -41,7 +42,7 @@ from .loop import LoopConfig, load_image, spread, load_image_array, order_around
 from .metrics import image_metrics, load_lpips
 from .evaluate_args import DEFAULT_TRAIN_VIEWS, PROTOCOLS, TRAJECTORY_MODES, add_eval_arguments  # noqa: F401
 from .progress import ProgressFn, no_progress
-from .scene import Scene, TrajectoryFrame
+from .scene import Camera, Scene, TrajectoryFrame
 from .stages.fit import FitViews, fit_gaussians, render_gaussians
 from .stages.memory import build_memory
 from .stages.render import render_memory
@@ -52,6 +53,10 @@ EVAL_FILE = "eval.json"
 EVAL_PICTURE = "eval.png"
 LOOP_DIR = "loop"
 RING_ARC_STEP = 2  # ring-arc protocol: training views this many ring positions apart
+# Two captures whose centres are closer than this fraction of the cameras' mean distance to their centroid,
+# with optical axes within SAME_POSE_DEG, are one ring position (photos taken again from the same pose).
+SAME_POSE_DIST = 0.01
+SAME_POSE_DEG = 1.0
 LLFF_HOLDOUT_EVERY = 8  # LLFF protocol: every 8th image is a test view
 FRAMES_PER_LEG = 3  # trajectory frames per leg of the path (keys included) in heldout/interpolate modes
 PICTURE_ROWS = 4
@@ -76,6 +81,25 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.frames_per_leg must be >= 1; got {self.frames_per_leg}")
 
 
+def distinct_poses(cams: Sequence[Camera]) -> list[int]:
+    """Indices of the cameras to keep when photos repeat a pose: the first of each group of cameras
+    whose centres lie within SAME_POSE_DIST (relative) and whose optical axes within SAME_POSE_DEG.
+
+    (The Middlebury temple ring has one: templeSR0001 and templeSR0011 share a pose, and their
+    photos agree to 41.5 dB.)
+    """
+    centers = np.stack([c.center for c in cams])
+    axes = np.stack([c.c2w[:3, 2] for c in cams])
+    scale = float(np.linalg.norm(centers - centers.mean(0), axis=1).mean()) or 1.0
+    cos_tol = math.cos(math.radians(SAME_POSE_DEG))
+    keep: list[int] = []
+    for i in range(len(cams)):
+        if not any(np.linalg.norm(centers[i] - centers[j]) < SAME_POSE_DIST * scale and axes[i] @ axes[j] > cos_tol
+                   for j in keep):
+            keep.append(i)
+    return keep
+
+
 def split_protocol(scene: Scene, protocol: str, *, train_views: int = DEFAULT_TRAIN_VIEWS,
                    ring_step: int = RING_ARC_STEP, ring_start: int = 0) -> Scene:
     """The scene with captures split into training views and held-out views by a standard protocol.
@@ -86,7 +110,9 @@ def split_protocol(scene: Scene, protocol: str, *, train_views: int = DEFAULT_TR
             (file order). ``ring``: train on ``train_views`` spread around the whole ring, test on
             all others. ``ring-arc``: train on ``train_views`` views ``ring_step`` ring positions
             apart from ``ring_start``, test on the views between them (interpolation; plane-sweep
-            stereo needs neighbours closer than the ~120 degrees of ``ring`` with 3 views).
+            stereo needs neighbours closer than the ~120 degrees of ``ring`` with 3 views). In the
+            ring protocols a pose photographed twice is one ring position (``distinct_poses``): the
+            later photo is dropped, so no held-out view is a copy of a training view.
         train_views: how many captures to train on.
     """
     if protocol not in PROTOCOLS:
@@ -102,7 +128,9 @@ def split_protocol(scene: Scene, protocol: str, *, train_views: int = DEFAULT_TR
         train = [rest[round(j * (len(rest) - 1) / max(train_views - 1, 1))] for j in range(train_views)]
         test = [i for i in range(n) if i % LLFF_HOLDOUT_EVERY == 0]
     else:
-        order = order_around([c.camera for c in caps])
+        distinct = distinct_poses([c.camera for c in caps])
+        n = len(distinct)
+        order = [distinct[i] for i in order_around([caps[i].camera for i in distinct])]
         step = n / train_views if protocol == "ring" else ring_step
         span = round(step * (train_views - 1))
         if not 1 <= train_views <= n or span >= n:
@@ -110,7 +138,7 @@ def split_protocol(scene: Scene, protocol: str, *, train_views: int = DEFAULT_TR
         pos = [(ring_start + round(j * step)) % n for j in range(train_views)]
         train = [order[p] for p in pos]
         if protocol == "ring":
-            test = [i for i in range(n) if i not in train]
+            test = [i for i in distinct if i not in train]
         else:
             test = [order[(ring_start + k) % n] for k in range(1, span) if (ring_start + k) % n not in pos]
     return replace(scene, captures=[caps[i] for i in sorted(train)], heldout=[caps[i] for i in sorted(test)], trajectory=[])

@@ -475,14 +475,16 @@ def fit_gaussians(views: FitViews, init: GeometryMemory, cfg: FitConfig, *, devi
         frame_weight = 1.0 + (cfg.generated_final_weight - 1.0) * step / max(cfg.iterations - 1, 1)
         weight = torch.where(generated[batch], frame_weight, 1.0)[:, None, None]  # [B, 1, 1]
         loss = confidence_loss(pred, images[batch], confidence[batch] * weight, cfg, lpips_fn)
-        if strategy is not None:
-            strategy.step_pre_backward(params, optimizers, state, step, meta)
-        loss.backward()
-        for opt in optimizers.values():
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        learn = loss.requires_grad  # False when no Gaussian is in view of this batch (the CPU rasterizer cuts the graph)
+        if learn:
+            if strategy is not None:
+                strategy.step_pre_backward(params, optimizers, state, step, meta)
+            loss.backward()
+            for opt in optimizers.values():
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         scheduler.step()
-        if strategy is not None:  # after the optimizer step, as simple_trainer
+        if learn and strategy is not None:  # after the optimizer step, as simple_trainer
             strategy.step_post_backward(params, optimizers, state, step, meta, packed=False)
         if progress is not None and ((step + 1) % cfg.progress_every == 0 or step + 1 == cfg.iterations):
             progress(step + 1, float(loss.detach()))

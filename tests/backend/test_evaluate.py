@@ -31,12 +31,17 @@ def test_llff_protocol_on_fern(fern_dir: Path, tmp_path: Path) -> None:
 def test_ring_protocols_on_temple(temple_dir: Path, tmp_path: Path) -> None:
     scene = import_scene("middlebury", temple_dir, tmp_path)
     ring = split_protocol(scene, "ring", train_views=4)
-    assert len(ring.captures) == 4 and len(ring.heldout) == 12
+    assert len(ring.captures) == 4 and len(ring.heldout) == 11  # 16 photos, 15 poses: SR0011 repeats SR0001
+    names = {c.name for c in ring.captures} | {c.name for c in ring.heldout}
+    assert len(names) == 15 and not {"templeSR0001", "templeSR0011"} <= names
     centers = np.stack([c.camera.center for c in ring.captures])
     gaps = sorted(np.linalg.norm(centers[:, None] - centers[None], axis=-1)[np.triu_indices(4, 1)])
     assert gaps[0] > 0.3, "spread around the ring, not bunched"
     arc = split_protocol(scene, "ring-arc", train_views=3, ring_step=2)
     assert len(arc.captures) == 3 and len(arc.heldout) == 2
+    for held in arc.heldout:  # every held-out view is a new pose, not a copy of a training photo
+        gaps = [np.linalg.norm(held.camera.center - c.camera.center) for c in arc.captures]
+        assert min(gaps) > 0.05, (held.name, gaps)
     with pytest.raises(ValueError, match="protocol must be one of"):
         split_protocol(scene, "dtu")
 

@@ -88,6 +88,18 @@ def test_fit_recovers_a_synthetic_scene_from_a_noisy_start():
     assert isinstance(g, Gaussians) and len(g) == len(noisy) and not g.means.requires_grad
 
 
+def test_a_view_that_sees_no_gaussian_is_skipped():
+    """A trajectory frame looking away from every Gaussian gives no gradient; the fit goes on."""
+    cams, images, noisy = make_scene(seed=2)
+    away = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0])) @ cams.w2c[:1]  # turned 180 degrees: all behind it
+    views = FitViews(torch.cat([images, torch.zeros(1, H, W, 3)]),
+                     Cameras(torch.cat([cams.w2c, away]), torch.cat([cams.K, cams.K[:1]]), W, H), torch.ones(4, H, W))
+    cfg = test_config(iterations=40, strategy="default")
+    before = psnr(render_gaussians(init_gaussians(noisy, cfg), cams, cfg), images).mean().item()
+    g = fit_gaussians(views, noisy, cfg, device="cpu")
+    assert psnr(render_gaussians(g, cams, cfg), images).mean().item() > before + 3.0
+
+
 def test_zero_confidence_gets_no_gradient():
     torch.manual_seed(0)
     pred = torch.rand(2, 16, 20, 3, requires_grad=True)

@@ -180,7 +180,7 @@ class AnyReconGenerator:
         else:
             self.processor = set_window_attention(tr, config.attention, config.window_frames,
                                                   compile=config.compile_attention, full_backend=config.full_backend,
-                                                  window_backend=config.window_backend, device=self.device)
+                                                  window_backend=config.window_backend)
         if config.compile_blocks:
             tr.compile_repeated_blocks(dynamic=False)
         self._apply_memory_mode()

@@ -24,8 +24,7 @@ of every ``WanTransformerBlock``:
 
 ``dense_window_mask`` gives the same mask as a dense boolean matrix for reference and tests.
 
-Cross-attention (``attn2``) keeps diffusers' own processor, except where FlashAttention-4 runs: there
-``WanCrossAttnProcessor`` does the same arithmetic on its kernel.
+Cross-attention (``attn2``) keeps diffusers' own processor.
 """
 
 from __future__ import annotations
@@ -398,59 +397,6 @@ def window_attention_paged(q: Tensor, k: Tensor, v: Tensor, table: Tensor, used:
     return torch.ops.reconloop.window_attention_paged(q, k, v, table, used, tokens_per_frame)
 
 
-@torch.library.custom_op("reconloop::flash_attention", mutates_args=())
-def _flash_op(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Dense FlashAttention-4 (CUDA, sm90/sm100), token-major [B, L, heads, D] in and out."""
-    from flash_attn.cute import flash_attn_func
-
-    out = flash_attn_func(q, k, v)
-    return out[0] if isinstance(out, tuple) else out
-
-
-@_flash_op.register_fake
-def _(q, k, v):
-    return torch.empty_like(q)
-
-
-@_flash_op.register_kernel("cpu")
-def _(q, k, v):  # the same attention on CPU (tests; FlashAttention-4 is CUDA only)
-    return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-
-
-TEXT_CONTEXT = 512  # Wan's text tokens; the image context (CLIP tokens) comes before them
-
-
-class WanCrossAttnProcessor:
-    """Cross-attention (``attn2``) of Wan image-to-video blocks on FlashAttention-4.
-
-    The arithmetic of diffusers' ``WanAttnProcessor``: the queries attend to the text context and,
-    separately, to the image context; the two outputs are summed. Only the kernel differs (cuDNN's
-    runs these short contexts at about 380 TFLOP/s on an H200). Installed by ``set_window_attention``
-    where FlashAttention-4 runs.
-    """
-
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None, rotary_emb: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        if encoder_hidden_states is None or attention_mask is not None or rotary_emb is not None:
-            raise ValueError("WanCrossAttnProcessor is for cross-attention (attn2) without mask or rotary embedding")
-        image = None
-        if attn.add_k_proj is not None:
-            n_image = encoder_hidden_states.shape[1] - TEXT_CONTEXT
-            image, encoder_hidden_states = encoder_hidden_states[:, :n_image], encoder_hidden_states[:, n_image:]
-
-        def heads(x: Tensor) -> Tensor:
-            return x.unflatten(2, (attn.heads, -1))  # [B, L, heads, D]
-
-        query = heads(attn.norm_q(attn.to_q(hidden_states)))
-        out = torch.ops.reconloop.flash_attention(query, heads(attn.norm_k(attn.to_k(encoder_hidden_states))),
-                                                  heads(attn.to_v(encoder_hidden_states))).flatten(2, 3).type_as(query)
-        if image is not None:
-            out_image = torch.ops.reconloop.flash_attention(query, heads(attn.norm_added_k(attn.add_k_proj(image))),
-                                                            heads(attn.add_v_proj(image)))
-            out = out + out_image.flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
-
-
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate interleaved channel pairs (x[2i], x[2i+1]) by the rotary angles, in float32.
 
@@ -600,15 +546,11 @@ class WanWindowAttnProcessor:
 
 def set_window_attention(transformer, mode: str = "window", window_frames: int = DEFAULT_WINDOW_FRAMES, *,
                          compile: bool = False, block_size: int = DEFAULT_BLOCK_SIZE, full_backend: str = "auto",
-                         kernel_options: dict | None = None, window_backend: str = "auto",
-                         device: torch.device | str | None = None) -> WanWindowAttnProcessor:
-    """Install one shared ``WanWindowAttnProcessor`` on the self-attention of every block, and
-    ``WanCrossAttnProcessor`` on the cross-attention where FlashAttention-4 runs on ``device``
-    (and ``window_backend`` is ``auto`` or ``paged``).
+                         kernel_options: dict | None = None, window_backend: str = "auto") -> WanWindowAttnProcessor:
+    """Install one shared ``WanWindowAttnProcessor`` on the self-attention of every block.
 
     Args:
         transformer: a diffusers ``WanTransformer3DModel``.
-        device: where the blocks compute (None: no FlashAttention-4 cross-attention).
 
     Returns:
         the processor (call its ``set_layout`` before a forward pass in ``window`` mode).
@@ -620,10 +562,6 @@ def set_window_attention(transformer, mode: str = "window", window_frames: int =
     proc = WanWindowAttnProcessor(mode, window_frames, compile=compile, block_size=block_size,
                                   full_backend=full_backend, kernel_options=kernel_options,
                                   window_backend=window_backend)
-    cross = WanCrossAttnProcessor() if (device is not None and window_backend in ("auto", "paged")
-                                        and paged_attention_available(device)) else None
     for block in transformer.blocks:
         block.attn1.set_processor(proc)
-        if cross is not None:
-            block.attn2.set_processor(cross)
     return proc

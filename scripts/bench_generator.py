@@ -25,9 +25,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import gc
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -127,6 +129,16 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def seconds_per_call(fn, reps: int, device: str) -> float:
+    """Mean wall time of ``fn()`` over ``reps`` back-to-back calls, the device synchronised around them."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / reps
+
+
 def peak_gb(device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
 
@@ -190,16 +202,8 @@ def bench_attention_kernels(args, res: Results, device: str, layout: WindowLayou
         try:
             ctx = sdpa_kernel(backends) if backends else contextlib.nullcontext()
             with ctx:
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                first = time.perf_counter() - t0
-                reps = args.attn_reps
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    fn()
-                sync(device)
-                sec = (time.perf_counter() - t0) / reps
+                first = seconds_per_call(fn, 1, device)  # plans, JIT compiles
+                sec = seconds_per_call(fn, args.attn_reps, device)
             out[name] = {"ms": round(sec * 1e3, 2), "first_call_s": round(first, 2),
                          "tflops": round(dense * density / sec / 1e12, 1)}
         except Exception as e:  # a kernel this GPU or build lacks: record and go on
@@ -281,25 +285,15 @@ def bench_gemms(res: Results, device: str, tokens: int, cfg: dict, reps: int = 1
         x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
         b = torch.zeros(n, device=device, dtype=torch.bfloat16)
-        times = []
-        for _ in range(reps + 2):
-            sync(device)
-            t0 = time.perf_counter()
-            torch.nn.functional.linear(x, w, b)
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        t = sorted(times[2:])[len(times[2:]) // 2]
+        linear = functools.partial(torch.nn.functional.linear, x, w, b)
+        seconds_per_call(linear, 2, device)  # warm-up (cuBLAS heuristics)
+        t = statistics.median(seconds_per_call(linear, 1, device) for _ in range(reps))
         out[name] = {"ms": round(t * 1e3, 2), "tflops": round(2 * tokens * k * n / t / 1e12, 1)}
         if name == "ffn in":  # the tanh GELU after it: separate, or in cuBLASLt's epilogue
             for label, fn in {"ffn in + gelu": lambda: torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh"),
                               "ffn in + gelu epilogue": lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)}.items():
-                fn()
-                sync(device)
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    fn()
-                sync(device)
-                out[label] = {"ms": round((time.perf_counter() - t0) / reps * 1e3, 2)}
+                seconds_per_call(fn, 1, device)
+                out[label] = {"ms": round(seconds_per_call(fn, reps, device) * 1e3, 2)}
             ref = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b).float(), approximate="tanh")
             out["gelu_epilogue_max_abs"] = round(float((torch._addmm_activation(b, x, w.t(), use_gelu=True).float() - ref).abs().max()), 5)
         del x, w, b
@@ -330,13 +324,8 @@ def bench_fa4_tiles(args, res: Results, device: str, layout: WindowLayout, heads
 
             def fn():
                 return _flash_attn_fwd(qa, ka, va, tile_mn=(m, n), mma_pv_is_rs=rs, intra_wg_overlap=ol, **kw)[0]
-            o = fn()
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(args.attn_reps):
-                fn()
-            sync(device)
-            sec = (time.perf_counter() - t0) / args.attn_reps
+            o = fn()  # JIT-compiles this tile shape
+            sec = seconds_per_call(fn, args.attn_reps, device)
             r = {"ms": round(sec * 1e3, 2), "tflops": round(dense * (dens if paged else 1.0) / sec / 1e12, 1)}
             if paged:
                 r["max_abs_vs_split"] = round(float((o.reshape(ref.shape).float() - ref.float()).abs().max()), 5)

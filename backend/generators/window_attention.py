@@ -29,6 +29,7 @@ Cross-attention (``attn2``) keeps diffusers' own processor.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -350,12 +351,19 @@ def _batched(table: Tensor, used: Tensor, batch: int, pages_per_item: int) -> tu
     return (table[None] + offsets[:, None, None]).flatten(0, 1), used.repeat(batch)
 
 
-def paged_attention_available(device: torch.device | str | None = None) -> bool:
-    """Whether FlashAttention-4 (package ``flash-attn-4``, module ``flash_attn.cute``) can be imported,
-    and, given a device, whether it is a CUDA GPU the paged kernel supports (sm90, sm100)."""
+@functools.cache
+def _flash_attention_4_importable() -> bool:
     try:
         import flash_attn.cute  # noqa: F401
     except Exception:
+        return False
+    return True
+
+
+def paged_attention_available(device: torch.device | str | None = None) -> bool:
+    """Whether FlashAttention-4 (package ``flash-attn-4``, module ``flash_attn.cute``) can be imported,
+    and, given a device, whether it is a CUDA GPU the paged kernel supports (sm90, sm100)."""
+    if not _flash_attention_4_importable():
         return False
     if device is None:
         return True
@@ -413,7 +421,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """
     xf = x.float()
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x[2i+1], x[2i])
-    sign = torch.tensor([-1.0, 1.0], device=x.device).repeat(x.shape[-1] // 2)
+    sign = torch.arange(x.shape[-1], device=x.device) % 2 * 2 - 1  # -1, +1, -1, ... (no host copy)
     return (xf * cos.float() + swapped * (sin.float() * sign)).type_as(x)
 
 

@@ -39,6 +39,7 @@ examples:
   reconloop serve                                      serve on tcp://127.0.0.1:5555 (for Blender)
   reconloop submit scene/ --server tcp://gpu:5555 --out result/
   reconloop demo --out demo_out                        render the built-in scene, then run the loop
+  reconloop demo --scene ../data/middlebury_temple     the loop on 3 captures of a dataset
 """
 
 
@@ -94,10 +95,11 @@ def _import_object(spec: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def _run_loop(scene_dir: Path, out: Path, device: str) -> int:
-    from .scene import load_scene
+def _run_loop(scene_dir: Path | Any, out: Path, device: str) -> int:
+    """Run the loop in this process on a scene folder (or a loaded Scene) with a progress bar."""
+    from .scene import Scene, load_scene
 
-    scene = load_scene(scene_dir)
+    scene = scene_dir if isinstance(scene_dir, Scene) else load_scene(scene_dir)
     from .loop import run_loop
     from .service.server import resolve_device
 
@@ -166,8 +168,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+# `reconloop demo --scene DATASET`: the sparse-view split of ../shared/data/README.md per format, and the
+# sizes of `make demo` (scripts/demo.py), so that it runs in minutes on a 2-core CPU.
+DEMO_PROTOCOLS = {"middlebury": "ring-arc", "llff": "llff"}
+DEMO_TRAIN_VIEWS = 3
+DEMO_SETTINGS = {"width": 160, "height": 120, "gaussian_iterations": 300, "segment_length": 12, "retrieval_k": 4}
+
+
+def import_demo_scene(src: Path, dst: Path, fmt: str | None = None) -> Any:
+    """Import a dataset folder (format detected unless given) into ``dst`` for the demo: 3 captures
+    by the format's sparse-view protocol where it has one (the rest held out), CPU-sized settings."""
+    from .evaluate import split_protocol
+    from .formats import detect_format, import_scene
+    from .scene import Settings, save_scene
+
+    fmt = fmt or detect_format(src)
+    scene = import_scene(fmt, src, dst, settings=Settings(**DEMO_SETTINGS))
+    if fmt in DEMO_PROTOCOLS:
+        scene = split_protocol(scene, DEMO_PROTOCOLS[fmt], train_views=DEMO_TRAIN_VIEWS)
+        save_scene(scene, dst)
+    print(f"imported {fmt} {src} into {dst}: {len(scene.captures)} captures ({len(scene.heldout)} held out)")
+    return scene
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     scene_dir = args.scene
+    if scene_dir is not None and not (scene_dir / "scene.json").is_file():
+        return _run_loop(import_demo_scene(scene_dir, args.out / "scene", args.format), args.out / "output", args.device)
     if scene_dir is None:
         scene_dir = args.out / "scene"
         if not (scene_dir / "scene.json").is_file():
@@ -239,8 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="render the built-in demo scene (or use --scene) and run the loop", description=(
         "Without --scene: render a procedural Blender scene with Cycles on CPU into OUT/scene (bpy needed), "
-        "then run the loop into OUT/output. With --scene: run the loop on that scene folder."))
-    p.add_argument("--scene", type=Path, default=None, help="scene folder to use instead of the built-in one")
+        "then run the loop into OUT/output. With --scene: run the loop on that scene folder, or on a dataset "
+        "folder (middlebury, llff, nerf, dtu, colmap; detected) imported into OUT/scene with 3 captures and the "
+        "demo's CPU-sized settings."))
+    p.add_argument("--scene", type=Path, default=None, help="scene folder (scene.json) or dataset folder to use "
+                   "instead of the built-in one")
+    p.add_argument("--format", default=None, help="the dataset's format when --scene has no scene.json "
+                   "(default: detected)")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default %(default)s)")
     p.add_argument("--device", default="auto", help=device_help)
     p.set_defaults(func=cmd_demo)

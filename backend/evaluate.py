@@ -183,8 +183,9 @@ def evaluate_scene(scene: Scene, out_dir: Path, *, device: torch.device | str, t
 
     Args:
         scene: captures to train on and ``heldout`` views (photo + camera) to score against.
-        out_dir: writes ``eval.json``, ``eval.png`` (rows: truth | points | captures-only | loop) and
-            the loop's job folder ``loop/``.
+        out_dir: writes ``eval.json``, ``eval.png`` (rows: truth | points | captures-only | loop, and
+            the generated frames when the trajectory passes every held-out camera) and the loop's
+            job folder ``loop/``.
         device: where everything runs.
         trajectory_mode: see the module docstring (overrides ``config.trajectory_mode``).
         config: loop config and path settings.
@@ -262,6 +263,8 @@ def evaluate_scene(scene: Scene, out_dir: Path, *, device: torch.device | str, t
         hs = sorted(on_heldout)
         report["frames"] = score(result.frames.images[[on_heldout[h] for h in hs]], truth[hs])
         report["frames_views"] = len(hs)
+        if len(hs) == len(held):  # the generated frames at the held-out cameras, last column
+            columns.append(result.frames.images[[on_heldout[h] for h in range(len(held))]])
     rows = [[outputs.to_u8(c[r]) for c in columns] for r in spread(len(held), PICTURE_ROWS)]
     outputs.write_overview_as(out_dir, EVAL_PICTURE, rows)
     outputs.write_json(out_dir / EVAL_FILE, report)

@@ -31,6 +31,8 @@ for p in (str(REPO), str(SCRIPTS)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+from backend.cli import DEMO_SETTINGS  # noqa: E402  (CPU-sized job settings, shared with `reconloop demo --scene`)
+
 LOOPBACK = "127.0.0.1"
 CAPTURES_COLLECTION = "Captures"
 CAPTURE_PREFIX = "capture_"
@@ -39,7 +41,6 @@ JOB_TIMEOUT_S = 600.0
 SHUTDOWN_WAIT_S = 15.0
 # CPU-sized defaults (the whole demo in a few minutes on 2 cores).
 DEMO_SCENE_ARGS = ["--captures", "6", "--frames", "12", "--size", "160x120", "--samples", "8"]
-DEMO_SETTINGS = {"width": 160, "height": 120, "gaussian_iterations": 300, "segment_length": 12, "retrieval_k": 4}
 
 
 def log(msg: str) -> None:

@@ -122,6 +122,33 @@ def import_scene(
     return load_scene(dst)
 
 
+def detect_format(src: Path) -> str:
+    """The importer that reads the dataset folder ``src``, from the files each one looks for:
+    ``middlebury`` (a ``*_par.txt``), ``llff`` (``poses_bounds.npy``), ``nerf`` (``transforms*.json``),
+    ``dtu`` (``cameras*.npz``), ``colmap`` (a model :func:`find_colmap_model` finds).
+
+    Raises:
+        SceneError: ``src`` is not a folder, or none of those files is there (the message lists them).
+    """
+    from .colmap import find_colmap_model
+
+    src = Path(src)
+    if not src.is_dir():
+        raise SceneError(f"scene: {src} is not a folder")
+    for fmt, pattern in (("middlebury", "*_par.txt"), ("llff", "poses_bounds.npy"), ("nerf", "transforms*.json"),
+                         ("dtu", "cameras*.npz")):
+        if any(src.glob(pattern)):
+            return fmt
+    try:
+        find_colmap_model(src)
+    except SceneError:
+        pass
+    else:
+        return "colmap"
+    raise SceneError(f"scene: {src} holds no scene.json and no dataset this can import (a *_par.txt, "
+                     f"poses_bounds.npy, transforms.json, cameras.npz or a COLMAP model); see `reconloop import`")
+
+
 def read_bounds(folder: Path) -> dict[str, tuple[float, float]]:
     """Near/far depth per capture name written by :func:`import_scene` (LLFF); empty when none."""
     path = Path(folder) / BOUNDS_FILE

@@ -7,9 +7,12 @@ For each target frame of a segment:
    (the depth where the two nearest captures agree best);
 2. colour every pixel by reprojecting the retrieved captures (``cond.memory``) and the carried-over
    frames (``cond.carried``) through that depth, blended with weights that fall off with the angle
-   between the target's ray and the source's ray to the same 3D point. Where the memory covers, this
-   is sharper than the point splat (which keeps only pixels no source sees);
-3. inpaint what no source sees with a multi-scale push-pull of the colours around it.
+   between the target's ray and the source's ray to the same 3D point. A source that comes with a
+   depth map (``Views.depth``) does not colour points hidden behind its own surface. Where the
+   render covers, ``render_blend`` of its colour is mixed in: the reprojection is sharp but breaks
+   where the depth is off, a Gaussian render (the loop's guide) is smooth but right there, and their
+   mean beat both at the temple's held-out views; pixels no source sees keep the render;
+3. inpaint what no source and no render covers with a multi-scale push-pull of the colours around it.
 
 Confidence is what the Gaussian fit weights each pixel by, so it follows measured error: at the
 held-out views of the temple and the fern (320x240), reprojected pixels whose sources agree within
@@ -47,6 +50,7 @@ class ReprojectConfig:
     angle_sigma_deg: float = 15.0  # blending weight exp(-angle^2 / (2 sigma^2)) between target and source rays
     min_angle_weight: float = 1e-4  # below this a source counts as not seeing the point (about 65 degrees)
     min_depth: float = 1e-6  # points at or behind a camera's plane (camera z below this) are not visible
+    occlusion_tolerance: float = 0.03  # a source with a depth map does not see points this much (relative) behind it
     # depth search: relative steps in inverse depth around the guess (0 = the guess itself)
     depth_offsets: tuple[float, ...] = tuple(round(-0.4 + i / 10, 4) for i in range(9))
     cost_window_px: int = 5  # colour-variance cost is averaged over this window (odd)
@@ -55,6 +59,7 @@ class ReprojectConfig:
     min_texture_std: float = 0.02  # windows with grey std below this (0..1) are untextured: no evidence
     min_seen_fraction: float = 0.5  # share of a window both capture views must see
     agreement_std: float = 0.03  # sources whose colours spread by this std (0..1) lower the confidence by e^-0.5
+    render_blend: float = 0.5  # where the render covers, this share of its colour is mixed into the reprojection
     max_sources: int = 6  # nearest sources (camera centre) used per chunk of frames
     chunk_pixels: int = 1 << 21  # target pixels processed at once (bounds memory at large sizes)
 
@@ -308,7 +313,8 @@ class ReprojectGenerator:
             return sources
         d = (sources.cams.centers - targets.centers.mean(0)).norm(dim=-1)
         keep = torch.argsort(d)[:count].tolist()
-        return Views(sources.images[keep], sources.cams[keep], [sources.ids[i] for i in keep])
+        return Views(sources.images[keep], sources.cams[keep], [sources.ids[i] for i in keep],
+                     None if sources.depth is None else sources.depth[keep])
 
     def _sample(self, X: Tensor, ray_dir: Tensor, sources: Views) -> tuple[Tensor, Tensor]:
         """Colours of world points in every source and their angular weights.
@@ -330,6 +336,11 @@ class ReprojectGenerator:
         u = uvw[..., 0] / z.clamp_min(cfg.min_depth)
         v = uvw[..., 1] / z.clamp_min(cfg.min_depth)
         inside = (z > cfg.min_depth) & (u >= 0) & (u < W) & (v >= 0) & (v < H)  # [S, n]
+        if sources.depth is not None:  # occlusion test: the source's surface lies in front of the point
+            ui = u.nan_to_num(0.0).long().clamp(0, W - 1)
+            vi = v.nan_to_num(0.0).long().clamp(0, H - 1)
+            surface = sources.depth.reshape(len(sources), -1).gather(1, vi * W + ui)  # [S, n]
+            inside = inside & ~((surface > cfg.min_depth) & (z > surface * (1.0 + cfg.occlusion_tolerance)))
         ray_s = F.normalize(X[None] - sources.cams.centers[:, None], dim=-1)  # [S, n, 3]
         cos = (ray_s * ray_dir[None]).sum(-1).clamp(-1.0, 1.0)
         sigma = math.radians(cfg.angle_sigma_deg)
@@ -360,7 +371,8 @@ class ReprojectGenerator:
         rgb, weight = self.reproject(cond.targets, depth, depth > cfg.min_depth, sources, captures, search=~rendered)
         reprojected = weight > 0
         known = rendered | reprojected
-        images = torch.where(reprojected[..., None], rgb, r.rgb)  # the point splat where no source sees
+        mixed = torch.where(rendered[..., None], torch.lerp(rgb, r.rgb, cfg.render_blend), rgb)
+        images = torch.where(reprojected[..., None], mixed, r.rgb)  # the render alone where no source sees
         filled = push_pull(images.permute(0, 3, 1, 2), known[:, None].to(images.dtype)).permute(0, 2, 3, 1)
         images = torch.where(known[..., None], images, filled).clamp(0.0, 1.0)
         ceiling = torch.where(rendered, cfg.rendered_confidence, cfg.reprojected_confidence).to(depth)
@@ -374,8 +386,13 @@ def _cat_views(items: list[Views], like: Cameras) -> Views:
     if not items:
         empty = Cameras(like.w2c[:0], like.K[:0], like.width, like.height)
         return Views(torch.zeros(0, like.height, like.width, 3, device=dev), empty, [])
+    depth = None
+    if any(v.depth is not None for v in items):  # views without a depth map get 0 (no occlusion test)
+        depth = torch.cat([(v.depth if v.depth is not None else torch.zeros(v.images.shape[:3])).to(dev)
+                           for v in items])
     return Views(
         torch.cat([v.images.to(dev) for v in items]),
         Cameras.cat([v.cams.to(dev) for v in items]),
         [i for v in items for i in v.ids],
+        depth,
     )

@@ -36,7 +36,7 @@ from protocol.ply import MAX_SH_DEGREE, GaussianArrays
 
 from ..metrics import LpipsFn, load_lpips, ssim_map
 from ..rasterizers import Rasterizer, available_rasterizers, make_rasterizer
-from ..rasterizers.sh import num_sh_bases, rgb_to_sh
+from ..rasterizers.sh import num_sh_bases, rgb_to_sh, sh_to_colors
 from .types import Cameras, GeometryMemory, Views
 
 STRATEGIES = ("default", "none")
@@ -335,6 +335,41 @@ def render_gaussians(g: Gaussians, cams: Cameras, cfg: FitConfig) -> Tensor:
                                 g.sh_degree, background)
             out.append(colors.clamp(0.0, 1.0))
     return torch.cat(out)
+
+
+def render_gaussians_geometry(g: Gaussians, cams: Cameras, cfg: FitConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Colour, expected depth and opacity of Gaussians in cameras (no gradients).
+
+    The view-dependent colours (full SH degree) and each Gaussian's camera z are rendered together
+    as four features, so depth is alpha-composited like colour; expected depth = that / alpha.
+
+    Args:
+        g: the Gaussians; rendered on their device (cams are moved there).
+        cams: C cameras.
+        cfg: names the rasterizer and the background.
+
+    Returns:
+        (rgb, depth, alpha): colour in [0, 1] over ``cfg.background`` [C, H, W, 3], expected camera
+        z (0 where alpha is 0) [C, H, W], accumulated opacity in [0, 1] [C, H, W].
+    """
+    rasterizer = make_rasterizer(cfg.rasterizer)
+    background = torch.tensor(cfg.background, dtype=torch.float32, device=g.device)
+    cams = cams.to(g.device)
+    rgb, depth, alpha = [], [], []
+    with torch.no_grad():
+        for start in range(0, len(cams), RENDER_CHUNK):
+            chunk = cams[list(range(start, min(start + RENDER_CHUNK, len(cams))))]
+            colors = sh_to_colors(g.sh_degree, g.means, g.sh, chunk.w2c)  # [c, N, 3]
+            z = torch.einsum("cj,nj->cn", chunk.w2c[:, 2, :3], g.means) + chunk.w2c[:, 2, 3, None]  # [c, N]
+            feats, alphas, _ = rasterizer.render(
+                g.means, g.quats, torch.exp(g.log_scales), torch.sigmoid(g.opacity_logits),
+                torch.cat([colors, z[..., None]], dim=-1), chunk.w2c, chunk.K, chunk.width, chunk.height,
+                backgrounds=torch.zeros(len(chunk), 4, device=g.device))
+            a = alphas[..., 0].clamp(0.0, 1.0)
+            rgb.append((feats[..., :3] + (1.0 - a[..., None]) * background).clamp(0.0, 1.0))
+            depth.append(torch.where(a > 0, feats[..., 3] / a.clamp_min(1e-8), torch.zeros_like(a)))
+            alpha.append(a)
+    return torch.cat(rgb), torch.cat(depth), torch.cat(alpha)
 
 
 def confidence_loss(pred: Tensor, target: Tensor, confidence: Tensor, cfg: FitConfig,

@@ -167,11 +167,14 @@ class Views:
         images: colours in [0, 1]. float32 [F, H, W, 3]
         cams: their cameras (width, height match the images).
         ids: capture ids, or -1 for generated frames. list of F ints
+        depth: optional camera z per pixel (0: unknown), for occlusion tests when sampling these
+            views at 3D points. float32 [F, H, W] or None
     """
 
     images: Tensor
     cams: Cameras
     ids: list[int]
+    depth: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

@@ -89,3 +89,29 @@ def test_submit_to_no_server_times_out(tmp_path, capsys):
     scene = write_scene(tmp_path / "scene")
     assert main(["submit", str(scene), "--server", "tcp://127.0.0.1:9", "--out", str(tmp_path / "o"), "--timeout-ms", "100"]) == 1
     assert "no reply" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder, fmt", [("middlebury_temple", "middlebury"), ("llff_fern", "llff"), ("lund_door", "colmap")])
+def test_demo_scene_from_a_dataset_folder(folder, fmt, tmp_path):
+    """`reconloop demo --scene DATASET`: the format is detected, 3 captures kept by the format's protocol."""
+    from backend.cli import DEMO_SETTINGS, import_demo_scene
+    from backend.formats import detect_format
+    from backend.scene import load_scene
+    from tests.conftest import require_shared_data
+
+    src = require_shared_data(folder)
+    assert detect_format(src) == fmt
+    import_demo_scene(src, tmp_path / "scene")
+    scene = load_scene(tmp_path / "scene")
+    assert scene.settings.width == DEMO_SETTINGS["width"] and scene.settings.gaussian_iterations == 300
+    if fmt == "colmap":  # no sparse-view protocol: every capture
+        assert len(scene.captures) == 12 and not scene.heldout
+    else:
+        assert len(scene.captures) == 3 and scene.heldout
+
+
+def test_demo_scene_names_what_it_looked_for(tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    assert main(["demo", "--scene", str(tmp_path / "photos"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no scene.json" in err and "poses_bounds.npy" in err

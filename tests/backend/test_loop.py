@@ -14,7 +14,10 @@ from plyfile import PlyData
 
 from backend.evaluate import split_protocol
 from backend.formats import import_scene
-from backend.loop import LoopConfig, default_trajectory, order_around, path_through, run_loop, working_size
+from backend.loop import (LoopConfig, default_trajectory, guided_renders, order_around, path_through, run_loop,
+                          working_size)
+from backend.stages.fit import Gaussians
+from backend.stages.types import Cameras, Renders
 from backend.progress import Cancelled, ProgressEvent
 from backend.scene import Scene, Settings, TrajectoryFrame, camera_from_json
 from protocol.ply import gaussian_field_names
@@ -23,7 +26,7 @@ W, H = 96, 72
 FRAMES = 12
 ITERATIONS = 100
 POINT_FIELDS = ("x", "y", "z", "red", "green", "blue", "confidence", "source")
-STAGE_ORDER = ["cameras", "memory", "generate", "update", "fit", "outputs"]
+STAGE_ORDER = ["cameras", "memory", "guide", "generate", "update", "fit", "outputs"]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +93,7 @@ def test_outputs_are_valid(loop_run) -> None:
         camera_from_json(c["camera"], "capture", allow_distortion=True)
 
     metrics = json.loads((out / "metrics.json").read_text())
-    for stage in ("cameras", "memory", "retrieval", "render", "generate", "update", "fit"):
+    for stage in ("cameras", "memory", "guide", "retrieval", "render", "generate", "update", "fit"):
         assert metrics["timing"]["stages"][stage]["seconds"] > 0
         assert metrics["timing"]["stages"][stage]["peak_mib"] > 0
     assert metrics["frames"] == FRAMES and metrics["segments"] == 2
@@ -193,3 +196,24 @@ def test_loop_config_rejects_bad_fit_settings() -> None:
     with pytest.raises(ValueError, match="LoopConfig.capture_share"):
         LoopConfig(capture_share=1.0)
     assert LoopConfig().fit_init == "initial"  # measured best at held-out views (docs/benchmarks.md)
+    with pytest.raises(ValueError, match="LoopConfig.guide_alpha"):
+        LoopConfig(guide_alpha=0.0)
+
+
+def test_guided_renders_take_the_guide_where_it_is_opaque() -> None:
+    """One opaque Gaussian in front of a camera: its pixels take its depth and source -1, the rest keep the memory's."""
+    K = torch.tensor([[[40.0, 0, 16], [0, 40.0, 12], [0, 0, 1]]])
+    cams = Cameras(torch.eye(4)[None], K, 32, 24)
+    guide = Gaussians(torch.tensor([[0.0, 0.0, 2.0]]), torch.log(torch.full((1, 3), 0.2)), torch.tensor([[1.0, 0, 0, 0]]),
+                      torch.tensor([8.0]), torch.zeros(1, 1, 3))
+    memory = Renders(torch.full((1, 24, 32, 3), 0.7), torch.full((1, 24, 32), 5.0), torch.ones(1, 24, 32, dtype=torch.bool),
+                     torch.zeros(1, 24, 32, dtype=torch.int32))
+    cfg = LoopConfig.from_settings(Settings(), device="cpu")
+    out = guided_renders(memory, guide, cams, cfg)
+    opaque = out.source == -1
+    assert opaque[0, 12, 16] and not opaque[0, 0, 0] and 0 < float(opaque.float().mean()) < 0.5
+    assert torch.all((out.depth[opaque] > 1.5) & (out.depth[opaque] < 2.5)) and torch.all(out.depth[~opaque] == 5.0)
+    grey = out.rgb[opaque]  # SH 0: grey 0.5, times alpha (>= guide_alpha) over the black background
+    assert torch.all((grey > 0.5 * cfg.guide_alpha - 1e-3) & (grey < 0.5 + 1e-3))
+    torch.testing.assert_close(out.rgb[0, 12, 16], torch.full((3,), 0.5), atol=1e-2, rtol=0)
+    assert torch.all(out.rgb[~opaque] == 0.7) and torch.all(out.mask)

@@ -101,6 +101,40 @@ def test_confidence_follows_agreement_of_sources() -> None:
     torch.testing.assert_close(core, torch.full_like(core, math.exp(-0.5)), atol=0.02, rtol=0)
 
 
+def test_render_colour_is_blended_where_the_render_covers() -> None:
+    mask = torch.zeros(1, H, W, dtype=torch.bool)
+    mask[:, :, : W // 2] = True
+    cond, truth = _cond([0.3], [0.2, 0.4], mask)
+    dark = Renders(torch.zeros_like(cond.renders.rgb), cond.renders.depth, cond.renders.mask, cond.renders.source)
+    cond = ConditionVideo(cond.targets, dark, cond.memory, cond.carried)
+    for blend in (0.0, 0.5):
+        out = ReprojectGenerator(ReprojectConfig(render_blend=blend)).generate(cond, num_steps=1, seed=0)
+        core = (slice(None), slice(4, -4), slice(4, W // 2 - 4))  # rendered, seen by both captures
+        torch.testing.assert_close(out.images[core], (1 - blend) * truth[core], atol=0.02, rtol=0)
+
+
+def test_sources_do_not_see_points_behind_their_surface() -> None:
+    """A capture whose depth map puts a surface in front of the plane lends no colour to it."""
+    mask = torch.ones(1, H, W, dtype=torch.bool)
+    cond, truth = _cond([0.3], [0.2, 0.4], mask)
+    gen = ReprojectGenerator()
+    depth = torch.full((2, H, W), PLANE_Z)  # consistent with the plane: both captures still see it
+    seen = Views(cond.memory.images, cond.memory.cams, cond.memory.ids, depth)
+    out = gen.generate(ConditionVideo(cond.targets, cond.renders, seen, cond.carried), num_steps=1, seed=0)
+    assert (out.confidence[:, 4:-4, 8:-8] > 0.9).float().mean() > 0.8
+    depth = depth.clone()
+    depth[1] = 0.5 * PLANE_Z  # capture 1 sees an occluder halfway: it is left out, capture 0 alone remains
+    hidden = Views(cond.memory.images, cond.memory.cams, cond.memory.ids, depth)
+    out = gen.generate(ConditionVideo(cond.targets, cond.renders, hidden, cond.carried), num_steps=1, seed=0)
+    core = out.confidence[:, 4:-4, 8:-8]
+    assert torch.all(core <= gen.config.single_source_factor + 1e-6) and torch.all(core > 0.4)
+    depth[0] = 0.5 * PLANE_Z  # both hidden: nothing reprojects, the render's colour at low confidence
+    hidden = Views(cond.memory.images, cond.memory.cams, cond.memory.ids, depth)
+    out = gen.generate(ConditionVideo(cond.targets, cond.renders, hidden, cond.carried), num_steps=1, seed=0)
+    assert torch.all(out.confidence == gen.config.inpainted_confidence)
+    torch.testing.assert_close(out.images, cond.renders.rgb)
+
+
 def test_carried_frames_are_sources() -> None:
     mask = torch.zeros(1, H, W, dtype=torch.bool)
     mask[:, :, :4] = True

@@ -25,6 +25,7 @@ from backend.stages.fit import (
     init_gaussians,
     knn_mean_distance,
     render_gaussians,
+    render_gaussians_geometry,
 )
 from backend.stages.types import Cameras, GeometryMemory
 from protocol.ply import read_gaussians_ply, write_gaussians_ply
@@ -223,3 +224,26 @@ def test_inputs_are_checked():
     with pytest.raises(ValueError, match="views.generated"):
         fit_gaussians(FitViews(images, cams, torch.ones(3, H, W), torch.tensor([True, False])), noisy, cfg, device="cpu")
     assert default_rasterizer("cpu") == "torch_cpu" and default_rasterizer("cuda:0") == "gsplat"
+
+
+def test_geometry_render_gives_the_colour_and_the_depth_of_a_wall():
+    """An opaque wall of flat Gaussians at z = 2 in front of a camera: expected depth 2 where it covers."""
+    xs = torch.linspace(-1.0, 1.0, 21)
+    grid = torch.stack(torch.meshgrid(xs, xs, indexing="ij"), -1).reshape(-1, 2)
+    n = len(grid)
+    means = torch.cat([grid, torch.full((n, 1), 2.0)], 1)
+    g = Gaussians(means, torch.log(torch.tensor([0.08, 0.08, 0.01])).repeat(n, 1), torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1),
+                  torch.full((n,), 6.0), torch.rand(n, 4, 3, generator=torch.Generator().manual_seed(0)) * 0.3)
+    K = torch.tensor([[[FOCAL, 0.0, W / 2], [0.0, FOCAL, H / 2], [0.0, 0.0, 1.0]]])
+    cams = Cameras(torch.eye(4)[None], K, W, H)
+    cfg = test_config(sh_degree=1, background=(0.2, 0.3, 0.4))
+    rgb, depth, alpha = render_gaussians_geometry(g, cams, cfg)
+    assert rgb.shape == (1, H, W, 3) and depth.shape == alpha.shape == (1, H, W)
+    torch.testing.assert_close(rgb, render_gaussians(g, cams, cfg))  # same colours, same background
+    covered = alpha > 0.99
+    assert covered.float().mean() > 0.9
+    torch.testing.assert_close(depth[covered], torch.full_like(depth[covered], 2.0), atol=1e-3, rtol=0)
+    away = Cameras(torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))[None], K, W, H)  # looking away: nothing
+    rgb, depth, alpha = render_gaussians_geometry(g, away, cfg)
+    assert torch.all(alpha == 0) and torch.all(depth == 0)
+    torch.testing.assert_close(rgb, torch.tensor([0.2, 0.3, 0.4]).expand(1, H, W, 3))

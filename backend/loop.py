@@ -143,6 +143,7 @@ class LoopConfig:
             fit=replace(base.fit, iterations=max(settings.gaussian_iterations, 1), seed=settings.seed,
                         rasterizer=default_rasterizer(device)),
             has_fit=settings.gaussian_iterations > 0,
+            guide=settings.guide,
             generator=settings.generator,
             num_steps=settings.num_steps,
             seed=settings.seed,

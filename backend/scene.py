@@ -174,6 +174,7 @@ class Settings:
     num_steps: int = 4  # denoising steps of a diffusion generator (AnyRecon: 4)
     gaussian_iterations: int = 300
     update_memory: bool = True  # AnyRecon's closed loop; off to measure its effect
+    guide: bool = True  # Gaussians on the captures alone guide the generator (LoopConfig.guide); off: faster
     seed: int = 0
     prompt: str = ""
 

@@ -99,6 +99,7 @@ class RECONLOOP_PT_settings(_Panel, bpy.types.Panel):
         layout.prop(st, "retrieval_k")
         layout.prop(st, "num_steps")
         layout.prop(st, "gaussian_iterations")
+        layout.prop(st, "guide")
         layout.prop(st, "seed")
         layout.prop(st, "prompt")
 

@@ -58,6 +58,10 @@ class ReconLoopSceneSettings(bpy.types.PropertyGroup):
     retrieval_k: bpy.props.IntProperty(name="Retrieved views", description="Captures given to the generator per segment",
                                        default=DEFAULT_RETRIEVAL_K, min=0, max=64)
     gaussian_iterations: bpy.props.IntProperty(name="Gaussian iterations", default=DEFAULT_GAUSSIAN_ITERATIONS, min=0)
+    guide: bpy.props.BoolProperty(
+        name="Guide", default=True,
+        description="Fit Gaussians on the captures first and render them for the generator: better frames "
+                    "where the captures are far apart, about twice the fitting time")
     num_steps: bpy.props.IntProperty(name="Denoising steps", default=DEFAULT_NUM_STEPS, min=1, max=1000)
     seed: bpy.props.IntProperty(name="Seed", default=0, min=0)
     prompt: bpy.props.StringProperty(name="Prompt", description="Optional text for the generator")
@@ -75,6 +79,7 @@ class ReconLoopSceneSettings(bpy.types.PropertyGroup):
             "segment_length": self.segment_length,
             "retrieval_k": self.retrieval_k,
             "gaussian_iterations": self.gaussian_iterations,
+            "guide": self.guide,
             "num_steps": self.num_steps,
             "seed": self.seed,
         }

@@ -45,6 +45,7 @@ SETTING_NAMES = (
     "num_steps",
     "gaussian_iterations",
     "update_memory",
+    "guide",
     "seed",
     "prompt",
 )

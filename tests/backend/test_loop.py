@@ -217,3 +217,10 @@ def test_guided_renders_take_the_guide_where_it_is_opaque() -> None:
     assert torch.all((grey > 0.5 * cfg.guide_alpha - 1e-3) & (grey < 0.5 + 1e-3))
     torch.testing.assert_close(out.rgb[0, 12, 16], torch.full((3,), 0.5), atol=1e-2, rtol=0)
     assert torch.all(out.rgb[~opaque] == 0.7) and torch.all(out.mask)
+
+
+def test_guide_is_a_job_setting() -> None:
+    assert LoopConfig.from_settings(Settings()).guide is True
+    assert LoopConfig.from_settings(Settings.from_json({"guide": False})).guide is False
+    with pytest.raises(Exception, match=r"settings\.guide: must be true or false"):
+        Settings.from_json({"guide": 1})

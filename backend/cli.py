@@ -11,7 +11,10 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from .scene import Scene
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SCRIPT = REPO / "scripts" / "make_demo_scene.py"
@@ -95,7 +98,7 @@ def _import_object(spec: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def _run_loop(scene_dir: Path | Any, out: Path, device: str) -> int:
+def _run_loop(scene_dir: Path | Scene, out: Path, device: str) -> int:
     """Run the loop in this process on a scene folder (or a loaded Scene) with a progress bar."""
     from .scene import Scene, load_scene
 

@@ -248,11 +248,12 @@ def evaluate_scene(scene: Scene, out_dir: Path, *, device: torch.device | str, t
         report["gaussians_captures"] = score(caps_render, truth)
         columns += [points, caps_render]
 
-    # (c) the full loop along the evaluation trajectory
+    # (c) the full loop along the evaluation trajectory; its guide is (b) when that was fitted here
     loop_scene = replace(scene, trajectory=traj)
     t0 = time.perf_counter()
     result = run_loop(loop_scene, out_dir / LOOP_DIR, device=device, progress=progress,
-                      config=replace(loop_cfg, width=W, height=H), generator=generator)
+                      config=replace(loop_cfg, width=W, height=H), generator=generator,
+                      guide=g_caps if baselines else None)
     loop_seconds = time.perf_counter() - t0
     loop_render = render_gaussians(result.gaussians, held, loop_cfg.fit)
     report["gaussians_loop"] = score(loop_render, truth)

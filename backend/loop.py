@@ -473,7 +473,8 @@ def _points(memory: GeometryMemory) -> PointArrays:
 
 
 def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progress: ProgressFn = no_progress,
-             config: LoopConfig | None = None, generator: Generator | None = None) -> LoopResult:
+             config: LoopConfig | None = None, generator: Generator | None = None,
+             guide: Gaussians | None = None) -> LoopResult:
     """Run the whole loop on ``scene`` and write the job folder ``out_dir``.
 
     Args:
@@ -484,6 +485,9 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
         config: the loop's config; default ``LoopConfig.from_settings(scene.settings)``.
         generator: a ready generator (e.g. a loaded diffusion model); default: built by
             ``config.generator``'s name.
+        guide: ready guide Gaussians, fitted on these captures at the working size with
+            ``config.fit`` (e.g. the captures-only fit an evaluation made already); default: fitted
+            here when ``config.guide`` is on. Ignored when it is off.
     Returns:
         LoopResult (files written under out_dir, plus in-memory results).
     """
@@ -552,14 +556,15 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
     done += PROGRESS_SHARES["memory"]
 
     # 1b. The guide: Gaussians on the captures alone, rendered for the generator.
-    guide = None
     guide_depth = None  # the guide's depth in the captures where it is opaque, else 0 [N, H, W]
-    if cfg.guide and cfg.has_fit:
+    if not (cfg.guide and cfg.has_fit):
+        guide = None
+    else:
         with meter.measure("guide"):
-            guide = fit_gaussians(FitViews.from_views(captures), memory, cfg.fit, device=device,
-                                  progress=fit_progress("guide", done, "guide Gaussians on the captures"))
-            _, depth, alpha = render_gaussians_geometry(guide, captures.cams, cfg.fit)
-            guide_depth = torch.where(alpha >= cfg.guide_alpha, depth, torch.zeros_like(depth))
+            if guide is None:
+                guide = fit_gaussians(FitViews.from_views(captures), memory, cfg.fit, device=device,
+                                      progress=fit_progress("guide", done, "guide Gaussians on the captures"))
+            guide_depth = render_guide(guide, captures.cams, cfg)[1]
         report("guide", PROGRESS_SHARES["guide"], f"guide: {len(guide)} Gaussians on the captures alone")
     done += PROGRESS_SHARES["guide"]
 
@@ -654,12 +659,19 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
                       captures=captures, gaussians=gaussians, metrics=metrics)
 
 
+def render_guide(guide: Gaussians, cams: Cameras, cfg: LoopConfig) -> tuple[Tensor, Tensor]:
+    """The guide's colour [C, H, W, 3] and expected depth [C, H, W], the depth 0 where it is not
+    opaque (alpha below ``cfg.guide_alpha``)."""
+    rgb, depth, alpha = render_gaussians_geometry(guide, cams, cfg.fit)
+    return rgb, torch.where(alpha >= cfg.guide_alpha, depth.clamp_min(0.0), torch.zeros_like(depth))
+
+
 def guided_renders(renders: Renders, guide: Gaussians, targets: Cameras, cfg: LoopConfig) -> Renders:
     """The memory's renders with the guide Gaussians' colour and expected depth where they are
-    opaque (``cfg.guide_alpha``); those pixels have source -1 (no capture id). Shapes as
+    opaque (:func:`render_guide`); those pixels have source -1 (no capture id). Shapes as
     :class:`Renders` [C, H, W(, 3)]."""
-    rgb, depth, alpha = render_gaussians_geometry(guide, targets, cfg.fit)
-    opaque = (alpha >= cfg.guide_alpha) & (depth > 0)
+    rgb, depth = render_guide(guide, targets, cfg)
+    opaque = depth > 0
     return Renders(
         rgb=torch.where(opaque[..., None], rgb, renders.rgb),
         depth=torch.where(opaque, depth, renders.depth),

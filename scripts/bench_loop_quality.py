@@ -45,7 +45,7 @@ SCENES = {
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "default": ({}, {}),
     "no guide": ({"guide": False}, {"render_blend": 0.0}),  # AnyRecon's loop: the point render alone
-    "guide, no blend": ({}, {"render_blend": 0.0}),
+    "guide without blend": ({}, {"render_blend": 0.0}),
     "no occlusion test": ({"occlusion_test": False}, {}),
     "agreement 0.02": ({}, {"agreement_std": 0.02}),
     "no memory update": ({"update": False}, {}),

@@ -481,11 +481,10 @@ class AnyReconGenerator:
             images at the targets in [0, 1], float32 [F, H, W, 3]; confidence 1 where rendered, else
             ``unseen_confidence``, float32 [F, H, W] (H, W: the cameras' size).
         """
-        cfg, c = self.config, self.components
+        cfg = self.config
         # 1. Check inputs, build the condition video at the working size.
         self.check_inputs(cond, num_steps)
         video, mask, num_memory, num_prefix = self.condition_video(cond)
-        n_frames = video.shape[0]
 
         # 2. Prompt (cached) and, with guidance, the negative prompt.
         prompt_embeds = self.encode_prompt(cond.prompt or cfg.default_prompt).to(self.device, self.dtype)

@@ -388,7 +388,7 @@ def _cat_views(items: list[Views], like: Cameras) -> Views:
         return Views(torch.zeros(0, like.height, like.width, 3, device=dev), empty, [])
     depth = None
     if any(v.depth is not None for v in items):  # views without a depth map get 0 (no occlusion test)
-        depth = torch.cat([(v.depth if v.depth is not None else torch.zeros(v.images.shape[:3])).to(dev)
+        depth = torch.cat([(v.depth if v.depth is not None else torch.zeros(v.images.shape[:3], device=dev)).to(dev)
                            for v in items])
     return Views(
         torch.cat([v.images.to(dev) for v in items]),

@@ -329,7 +329,7 @@ def paged_window_table(layout: WindowLayout, page_tokens: int = PAGE_TOKENS,
         (table, used): page indices int32 [F, P] (P: the most pages any frame reads; the unused
         tail of a row points at page 0) and the number of keys each frame reads, int32 [F].
     """
-    T, F = layout.tokens_per_frame, layout.num_frames
+    T = layout.tokens_per_frame
     if T % page_tokens:
         raise ValueError(f"paged window attention: tokens_per_frame ({T}) must be a multiple of {page_tokens}")
     per_frame = T // page_tokens

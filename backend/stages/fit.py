@@ -321,20 +321,7 @@ def render_gaussians(g: Gaussians, cams: Cameras, cfg: FitConfig) -> Tensor:
     Returns:
         images in [0, 1]. float32 [C, H, W, 3]
     """
-    rasterizer = make_rasterizer(cfg.rasterizer)
-    params = {"means": g.means, "scales": g.log_scales, "quats": g.quats, "opacities": g.opacity_logits,
-              "sh0": g.sh[:, :1]}
-    if g.sh.shape[1] > 1:
-        params["shN"] = g.sh[:, 1:]
-    background = torch.tensor(cfg.background, dtype=torch.float32, device=g.device)
-    cams = cams.to(g.device)
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(cams), RENDER_CHUNK):
-            colors, _ = _render(rasterizer, params, cams[list(range(start, min(start + RENDER_CHUNK, len(cams))))],
-                                g.sh_degree, background)
-            out.append(colors.clamp(0.0, 1.0))
-    return torch.cat(out)
+    return render_gaussians_geometry(g, cams, cfg)[0]
 
 
 def render_gaussians_geometry(g: Gaussians, cams: Cameras, cfg: FitConfig) -> tuple[Tensor, Tensor, Tensor]:

@@ -193,8 +193,8 @@ def bench_attention_kernels(args, res: Results, device: str, layout: WindowLayou
 
         table, used = wa.paged_window_table(layout, device=device)
         cases["fa4_full"] = (lambda: flash_attn_func(qt, kt, vt), None, 1.0)
-        cases["paged_window"] = (lambda: wa.window_attention_paged(qt, kt, vt, table, used, layout.tokens_per_frame),
-                                 None, dens)
+        cases["paged_window"] = (lambda: wa.window_attention_paged(q, k, v, table, used, layout.tokens_per_frame),
+                                 None, dens)  # head-major q, k, v [1, heads, L, D], as the processor passes them
     out = {}
     for name, (fn, backends, density) in cases.items():
         if args.kernels and name not in args.kernels.split(","):
@@ -222,7 +222,7 @@ def bench_attention_kernels(args, res: Results, device: str, layout: WindowLayou
     if "paged_window" in cases:
         try:  # the paged kernel against split (both exact)
             a = window_attention_split(qt, kt, vt, layout)
-            b = wa.window_attention_paged(qt, kt, vt, table, used, layout.tokens_per_frame)
+            b = wa.window_attention_paged(q, k, v, table, used, layout.tokens_per_frame).transpose(1, 2)
             out["paged_vs_split_max_abs"] = round(float((a.float() - b.float()).abs().max()), 5)
             out["paged_vs_split_mean_abs"] = float((a.float() - b.float()).abs().mean())
         except Exception as e:
@@ -336,6 +336,38 @@ def bench_fa4_tiles(args, res: Results, device: str, layout: WindowLayout, heads
     del q, k, v, ref
 
 
+def bench_fa4_paging(args, res: Results, device: str, layout: WindowLayout, heads: int, head_dim: int) -> None:
+    """What paging costs FlashAttention-4: 50 query frames of 1792 tokens each reading 310 key tiles (the
+    window layout's mean), as dense batches, as pages without and with ``seqused_k``; and as tiles read
+    in the window layout's own order."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    F_, T, P = layout.num_frames, layout.tokens_per_frame, 310
+    q = torch.randn(F_, T, heads, head_dim, device=device, dtype=torch.bfloat16)
+    kd, vd = (torch.randn(F_, P * 128, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(2))
+    flops = 4 * F_ * T * P * 128 * heads * head_dim
+    pages = (kd.view(F_ * P, 128, heads, head_dim), vd.view(F_ * P, 128, heads, head_dim))
+    own = torch.arange(F_ * P, device=device, dtype=torch.int32).view(F_, P)  # each frame its own tiles, in order
+    shuffled = own.flatten()[torch.randperm(F_ * P, device=device)].view(F_, P).contiguous()
+    used = torch.full((F_,), P * 128, device=device, dtype=torch.int32)
+    cases = {
+        "dense_batch": lambda: _flash_attn_fwd(q, kd, vd)[0],
+        "paged_own": lambda: _flash_attn_fwd(q, *pages, page_table=own)[0],
+        "paged_own_seqused": lambda: _flash_attn_fwd(q, *pages, page_table=own, seqused_k=used)[0],
+        "paged_shuffled": lambda: _flash_attn_fwd(q, *pages, page_table=shuffled)[0],
+    }
+    out = {}
+    for name, fn in cases.items():
+        try:
+            fn()
+            sec = seconds_per_call(fn, args.attn_reps, device)
+            out[name] = {"ms": round(sec * 1e3, 2), "tflops": round(flops / sec / 1e12, 1)}
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+        res.put("fa4_paging", out)
+    del q, kd, vd, pages
+
+
 def profile_denoise(res: Results, key: str, gen: AnyReconGenerator, inputs: dict, device: str) -> None:
     """One denoising step under the torch profiler: GPU time by kernel class, and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -432,6 +464,9 @@ def main() -> None:
     if "fa4_tiles" in modes:
         bench_fa4_tiles(args, res, device, layout, tcfg.num_attention_heads, tcfg.attention_head_dim)
         reset_peak(device)
+    if "fa4_paging" in modes:
+        bench_fa4_paging(args, res, device, layout, tcfg.num_attention_heads, tcfg.attention_head_dim)
+        reset_peak(device)
     if "gemms" in modes:
         bench_gemms(res, device, layout.num_tokens, cfg_dict)
         reset_peak(device)
@@ -440,14 +475,17 @@ def main() -> None:
                      "full": dict(attention="full"), "window_flex": dict(attention="window", window_backend="flex"),
                      "window_split": dict(attention="window", window_backend="split"),
                      "window_paged": dict(attention="window", window_backend="paged")}
-    for mode, over in denoise_modes.items():
-        if mode in modes:
+    # in the order asked (a mode may repeat, to see order effects), stock first
+    asked = sorted((m for m in modes if m in denoise_modes), key=lambda m: m != "stock")
+    for i, mode in enumerate(asked):
+        over = denoise_modes[mode]
+        if True:
             ours = mode != "stock"
             compiled = ours and args.compile_blocks
             gen = AnyReconGenerator(comps, AnyReconConfig(**over, compile_blocks=compiled, **base), device=device)
             # one full-size step first: compiles what compiles for this shape, builds cuDNN plans
             warm = 1
-            key = f"denoise_{mode}" + ("_compiled" if compiled else "")
+            key = f"denoise_{mode}" + ("_compiled" if compiled else "") + (f"_{i}" if asked.count(mode) > 1 else "")
             bench_denoise(args, res, key, gen, inputs, device, flops["full" if over["attention"] != "window" else "window"],
                           warmup_steps=warm)
             del gen

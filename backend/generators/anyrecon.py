@@ -64,7 +64,8 @@ class AnyReconConfig:
     compile_attention: bool = False  # torch.compile the FlexAttention kernel (GPU: needed for speed)
     full_backend: str = "auto"  # full attention kernel on CUDA: "auto", "cudnn", "flash" or "flex"
     window_backend: str = "auto"  # "split" (dense parts merged by log-sum-exp), "flex" (block mask), "paged" (one
-    # FlashAttention-4 call, frames as page tables; flash-attn-4 on sm90/sm100), "auto" (paged where it runs); all exact
+    # FlashAttention-4 call, (head, frame) pairs as page tables; flash-attn-4 on sm90/sm100), "auto" (paged where
+    # it runs); all exact
     compile_blocks: bool = False  # torch.compile each transformer block (regional; fuses norms, rotary, gates)
     guidance_scale: float = 1.0  # 1: no classifier-free guidance (AnyRecon's cfg_scale=1.0)
     negative_prompt: str = ""  # used only when guidance_scale > 1

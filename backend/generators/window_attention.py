@@ -17,9 +17,10 @@ of every ``WanTransformerBlock``:
   ``split``, the sequence's attention cut into its memory part and its window part, each dense
   cuDNN calls (the windows of all interior frames in one batched call over overlapping views of the
   keys, no copies), merged by their log-sum-exp (``window_attention_split``);
-  ``paged`` (fastest on an H200: docs/benchmarks.md), every frame one query sequence whose keys are
-  a page table over the frames it attends, all in one FlashAttention-4 call (``window_attention_paged``:
-  the keys are only viewed as pages, nothing is copied or merged). ``auto`` picks ``paged`` where
+  ``paged`` (fastest on an H200: docs/benchmarks.md), every (head, frame) pair one query sequence
+  whose keys are a page table over the frames it attends, all in one FlashAttention-4 call
+  (``window_attention_paged``: the keys are only viewed as pages, nothing is masked or merged; q, k, v
+  head-major, so that the tiles in flight share their pages in L2). ``auto`` picks ``paged`` where
   FlashAttention-4 runs, else ``split``.
 
 ``dense_window_mask`` gives the same mask as a dense boolean matrix for reference and tests.
@@ -320,10 +321,10 @@ def paged_window_table(layout: WindowLayout, page_tokens: int = PAGE_TOKENS,
                        device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     """The window mask as a page table: each query frame reads the pages of the frames it attends.
 
-    The keys [L, heads, D] are viewed as pages of ``page_tokens`` tokens, [L/page, page, heads, D]
-    (no copy); the queries as one sequence per frame, [F, T, heads, D]. Frame i then attends to
-    exactly the keys of its table row: memory frames first, then its window. (A batch of B videos
-    stacks B tables, item b's pages offset by b * L/page: ``_batched``.)
+    One head's keys [L, D] are viewed as pages of ``page_tokens`` tokens, [L/page, page, D] (no
+    copy); its queries as one sequence per frame, [F, T, D]. Frame i then attends to exactly the
+    keys of its table row: memory frames first, then its window. (B videos of H heads, head-major,
+    stack B*H tables, sequence s's pages offset by s * L/page: ``_batched``.)
 
     Returns:
         (table, used): page indices int32 [F, P] (P: the most pages any frame reads; the unused
@@ -344,7 +345,8 @@ def paged_window_table(layout: WindowLayout, page_tokens: int = PAGE_TOKENS,
 
 
 def _batched(table: Tensor, used: Tensor, batch: int, pages_per_item: int) -> tuple[Tensor, Tensor]:
-    """The page table of ``batch`` videos stacked along the page axis. ([B*F, P], [B*F])"""
+    """The page table of ``batch`` sequences (videos, or heads of videos) stacked along the page axis.
+    ([batch*F, P], [batch*F])"""
     if batch == 1:
         return table, used
     offsets = torch.arange(batch, device=table.device, dtype=table.dtype) * pages_per_item
@@ -371,18 +373,32 @@ def paged_attention_available(device: torch.device | str | None = None) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
+def paged_sequences(q: Tensor, k: Tensor, v: Tensor, table: Tensor, used: Tensor, tokens_per_frame: int,
+                    page_tokens: int = PAGE_TOKENS) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Head-major q, k, v [B, heads, L, D] as the paged kernel reads them (views, no copies).
+
+    Returns:
+        queries, one sequence per (video, head, frame), frames fastest [B*heads*F, T, 1, D]; key and
+        value pages [B*heads*L/page, page, 1, D]; the page table of every sequence [B*heads*F, P] and
+        the keys each reads [B*heads*F] (``_batched``).
+    """
+    B, Hd, L, D = q.shape
+    seqs = B * Hd
+    table, used = _batched(table, used, seqs, L // page_tokens)
+    frames = q.reshape(seqs * L // tokens_per_frame, tokens_per_frame, 1, D)
+    k_pages, v_pages = (t.reshape(seqs * L // page_tokens, page_tokens, 1, D) for t in (k, v))
+    return frames, k_pages, v_pages, table, used
+
+
 @torch.library.custom_op("reconloop::window_attention_paged", mutates_args=())
 def _window_paged_op(q: Tensor, k: Tensor, v: Tensor, table: Tensor, used: Tensor, tokens_per_frame: int) -> Tensor:
-    """One FlashAttention-4 call over frames as paged sequences (CUDA, sm90/sm100)."""
+    """One FlashAttention-4 call over (head, frame) pairs as paged sequences (CUDA, sm90/sm100)."""
     from flash_attn.cute import flash_attn_varlen_func
 
-    B, L, Hd, D = q.shape
-    table, used = _batched(table, used, B, L // PAGE_TOKENS)
-    frames = q.reshape(B * L // tokens_per_frame, tokens_per_frame, Hd, D)
-    pages = (t.reshape(B * L // PAGE_TOKENS, PAGE_TOKENS, Hd, D) for t in (k, v))
-    out = flash_attn_varlen_func(frames, *pages, seqused_k=used, page_table=table)
+    frames, k_pages, v_pages, table, used = paged_sequences(q, k, v, table, used, tokens_per_frame)
+    out = flash_attn_varlen_func(frames, k_pages, v_pages, seqused_k=used, page_table=table)
     out = out[0] if isinstance(out, tuple) else out
-    return out.reshape(B, L, Hd, D)
+    return out.reshape(q.shape)
 
 
 @_window_paged_op.register_fake
@@ -394,14 +410,22 @@ def window_attention_paged(q: Tensor, k: Tensor, v: Tensor, table: Tensor, used:
                            tokens_per_frame: int) -> Tensor:
     """The window mask exactly, by one paged FlashAttention-4 call (``paged_window_table``).
 
+    Every (head, frame) pair is one query sequence with one head, whose keys are the pages its
+    table row lists. The pairs are ordered head-major, frames fastest, and FlashAttention-4's
+    persistent scheduler runs its tiles in that order: the tiles in flight at once are neighbouring
+    frames of one head, which read the same memory pages and mostly the same window pages, so they
+    share them in L2. (Token-major q, k, v, one sequence per frame with all heads, put the tiles of
+    about nine heads of one frame in flight: 2.6-2.9 % slower, docs/benchmarks.md.)
+
     Args:
-        q, k, v: queries, keys, values after the rotary embedding, token-major and contiguous. [B, L, heads, D]
-        table, used: ``paged_window_table`` of this layout (one video; batches are offset inside).
+        q, k, v: queries, keys, values after the rotary embedding, head-major (made contiguous: free
+            after the rotary embedding, which writes them). [B, heads, L, D]
+        table, used: ``paged_window_table`` of this layout (one video; each sequence is offset inside).
 
     Returns:
-        attention output, token-major. [B, L, heads, D]
+        attention output, head-major. [B, heads, L, D]
     """
-    q, k, v = (t.contiguous() for t in (q, k, v))  # free after the rotary embedding
+    q, k, v = (t.contiguous() for t in (q, k, v))
     return torch.ops.reconloop.window_attention_paged(q, k, v, table, used, tokens_per_frame)
 
 
@@ -538,7 +562,8 @@ class WanWindowAttnProcessor:
         if self.mode == "window" and self.backend == "split":
             out = window_attention_split(query, key, value, self.layout)  # [B, L, heads, D]
         elif self.mode == "window" and self.backend == "paged":
-            out = window_attention_paged(query, key, value, *self._page_table, self.layout.tokens_per_frame)
+            q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, heads, L, D]
+            out = window_attention_paged(q, k, v, *self._page_table, self.layout.tokens_per_frame).transpose(1, 2)
         else:
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, heads, L, D]
             if self.mode == "full":

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backend.generators.window_attention import (WanWindowAttnProcessor, WindowLayout, _batched, attention_lse,
+from backend.generators.window_attention import (WanWindowAttnProcessor, WindowLayout, attention_lse,
                                                  build_block_mask, dense_window_mask, paged_attention_available,
-                                                 paged_window_table, set_window_attention, window_attention_split,
-                                                 window_density)
+                                                 paged_sequences, paged_window_table, set_window_attention,
+                                                 window_attention_split, window_density)
 
 LAYOUTS = [  # (frames, tokens per frame, memory frames, window, block size)
     (7, 10, 2, 1, 16),  # frames straddle blocks
@@ -80,29 +80,27 @@ def test_split_equals_dense_mask_attention(frames: int, tpf: int, mem: int, win:
 
 def _paged_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, used: torch.Tensor,
                      tpf: int, page: int) -> torch.Tensor:
-    """What a paged kernel computes: frame r's queries attend to the first used[r] keys of its pages."""
-    B, L, H, D = q.shape
-    frames = q.reshape(B * L // tpf, tpf, H, D)
-    kp, vp = (t.reshape(B * L // page, page, H, D) for t in (k, v))
+    """What the paged kernel computes on ``paged_sequences``: sequence r's queries attend to the first
+    used[r] keys of its pages. q, k, v head-major [B, heads, L, D]."""
+    frames, kp, vp, table, used = paged_sequences(q, k, v, table, used, tpf, page_tokens=page)
     out = []
     for r in range(frames.shape[0]):
         keys, vals = (p[table[r].long()].flatten(0, 1)[: int(used[r])] for p in (kp, vp))
         out.append(F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (frames[r], keys, vals))).transpose(0, 1))
-    return torch.stack(out).reshape(B, L, H, D)
+    return torch.stack(out).reshape(q.shape)
 
 
 @pytest.mark.parametrize("frames,tpf,mem,win,batch,page", [
     (7, 4, 2, 1, 1, 2), (6, 4, 0, 2, 2, 4), (12, 6, 3, 2, 2, 3), (5, 2, 5, 1, 1, 1), (6, 4, 1, 8, 1, 2)])
 def test_paged_table_equals_dense_mask_attention(frames: int, tpf: int, mem: int, win: int, batch: int, page: int) -> None:
     lay = WindowLayout(frames, tpf, mem, win)
-    q, k, v = (torch.cat([t] * batch) for t in _qkv(lay.num_tokens, seed=3))
+    q, k, v = (torch.cat([t] * batch) for t in _qkv(lay.num_tokens, seed=3))  # [B, heads, L, D]
     q = q + 0.1 * torch.arange(batch).view(-1, 1, 1, 1)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_window_mask(lay)).transpose(1, 2)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_window_mask(lay))
     table, used = paged_window_table(lay, page_tokens=page)
     assert table.dtype == used.dtype == torch.int32 and table.shape[0] == frames
     assert torch.equal(used, dense_window_mask(lay)[::tpf].sum(1).to(torch.int32))  # keys per query frame
-    table, used = _batched(table, used, batch, lay.num_tokens // page)
-    out = _paged_reference(*(t.transpose(1, 2) for t in (q, k, v)), table, used, tpf, page)
+    out = _paged_reference(q, k, v, table, used, tpf, page)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 

@@ -4,6 +4,7 @@ they must move (H200 HBM3e: 4.8 TB/s). Usage: python scripts/bench_elementwise.p
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 
 import torch
@@ -26,7 +27,9 @@ def norm_modulate(x, y, gate, shift, scale):
     return h, n
 
 
-def timed(fn, *args, reps=20):
+def timed(fn, *args, reps: int = 20) -> float:
+    """Median milliseconds of one call by CUDA events (kernels of ~1 ms, where a host-synchronised wall
+    clock as in bench_generator.seconds_per_call adds tens of microseconds), after a compiling call."""
     fn(*args)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -37,7 +40,7 @@ def timed(fn, *args, reps=20):
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def main() -> None:

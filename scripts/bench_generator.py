@@ -344,12 +344,13 @@ def bench_fa4_paging(args, res: Results, device: str, layout: WindowLayout, head
 
     F_, T, P = layout.num_frames, layout.tokens_per_frame, 310
     q = torch.randn(F_, T, heads, head_dim, device=device, dtype=torch.bfloat16)
-    kd, vd = (torch.randn(F_, P * 128, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(2))
-    flops = 4 * F_ * T * P * 128 * heads * head_dim
-    pages = (kd.view(F_ * P, 128, heads, head_dim), vd.view(F_ * P, 128, heads, head_dim))
+    page = wa.PAGE_TOKENS
+    kd, vd = (torch.randn(F_, P * page, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(2))
+    flops = 4 * F_ * T * P * page * heads * head_dim
+    pages = (kd.view(F_ * P, page, heads, head_dim), vd.view(F_ * P, page, heads, head_dim))
     own = torch.arange(F_ * P, device=device, dtype=torch.int32).view(F_, P)  # each frame its own tiles, in order
     shuffled = own.flatten()[torch.randperm(F_ * P, device=device)].view(F_, P).contiguous()
-    used = torch.full((F_,), P * 128, device=device, dtype=torch.int32)
+    used = torch.full((F_,), P * page, device=device, dtype=torch.int32)
     cases = {
         "dense_batch": lambda: _flash_attn_fwd(q, kd, vd)[0],
         "paged_own": lambda: _flash_attn_fwd(q, *pages, page_table=own)[0],
@@ -479,17 +480,14 @@ def main() -> None:
     asked = sorted((m for m in modes if m in denoise_modes), key=lambda m: m != "stock")
     for i, mode in enumerate(asked):
         over = denoise_modes[mode]
-        if True:
-            ours = mode != "stock"
-            compiled = ours and args.compile_blocks
-            gen = AnyReconGenerator(comps, AnyReconConfig(**over, compile_blocks=compiled, **base), device=device)
-            # one full-size step first: compiles what compiles for this shape, builds cuDNN plans
-            warm = 1
-            key = f"denoise_{mode}" + ("_compiled" if compiled else "") + (f"_{i}" if asked.count(mode) > 1 else "")
-            bench_denoise(args, res, key, gen, inputs, device, flops["full" if over["attention"] != "window" else "window"],
-                          warmup_steps=warm)
-            del gen
-            reset_peak(device)
+        compiled = mode != "stock" and args.compile_blocks
+        gen = AnyReconGenerator(comps, AnyReconConfig(**over, compile_blocks=compiled, **base), device=device)
+        # one full-size step first: compiles what compiles for this shape, builds cuDNN plans
+        key = f"denoise_{mode}" + ("_compiled" if compiled else "") + (f"_{i}" if asked.count(mode) > 1 else "")
+        bench_denoise(args, res, key, gen, inputs, device, flops["full" if over["attention"] != "window" else "window"],
+                      warmup_steps=1)
+        del gen
+        reset_peak(device)
 
     if "profile" in modes:
         gen = AnyReconGenerator(comps, AnyReconConfig(attention="window", compile_blocks=args.compile_blocks, **base),

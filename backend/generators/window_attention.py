@@ -562,12 +562,11 @@ class WanWindowAttnProcessor:
             self._check_layout(query.shape[1])
         if self.mode == "window" and self.backend == "split":
             out = window_attention_split(query, key, value, self.layout)  # [B, L, heads, D]
-        elif self.mode == "window" and self.backend == "paged":
-            q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, heads, L, D]
-            out = window_attention_paged(q, k, v, *self._page_table, self.layout.tokens_per_frame).transpose(1, 2)
         else:
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, heads, L, D]
-            if self.mode == "full":
+            if self.mode == "window" and self.backend == "paged":
+                out = window_attention_paged(q, k, v, *self._page_table, self.layout.tokens_per_frame)
+            elif self.mode == "full":
                 out = self._full_attention(q, k, v)
             else:
                 q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # 4-D buffers (inductor's flex lowering)

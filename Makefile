@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # On a GPU box, install the torch that matches its CUDA first and run `make setup TORCH=`.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ setup: $(VENV)/.installed .cache/extension_wheels/.fetched
 demo: setup
 	$(PY) scripts/demo.py --out demo_out
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
 	# Two workers on two cores: one torch/OpenMP thread each, or they fight over the cores.
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup -q
 

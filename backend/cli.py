@@ -10,8 +10,9 @@ import argparse
 import logging
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .scene import Scene
@@ -56,7 +57,9 @@ class ProgressBar:
     def __init__(self, desc: str) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=PERCENT, desc=desc, unit="%", bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
+        self.bar = tqdm(
+            total=PERCENT, desc=desc, unit="%", bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} {postfix}"
+        )
 
     def update(self, stage: str, fraction: float, message: str = "") -> None:
         self.bar.n = round(fraction * PERCENT, 1)
@@ -80,7 +83,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .service.options import serve_security
 
     runner = _import_object(args.runner) if args.runner else None
-    service = Service(ServiceConfig(bind=args.bind, data_dir=args.data_dir, device=args.device, **serve_security(args)), runner=runner)
+    service = Service(
+        ServiceConfig(bind=args.bind, data_dir=args.data_dir, device=args.device, **serve_security(args)), runner=runner
+    )
     try:
         service.serve_forever()
     except KeyboardInterrupt:
@@ -197,12 +202,16 @@ def import_demo_scene(src: Path, dst: Path, fmt: str | None = None) -> Any:
 def cmd_demo(args: argparse.Namespace) -> int:
     scene_dir = args.scene
     if scene_dir is not None and not (scene_dir / "scene.json").is_file():
-        return _run_loop(import_demo_scene(scene_dir, args.out / "scene", args.format), args.out / "output", args.device)
+        return _run_loop(
+            import_demo_scene(scene_dir, args.out / "scene", args.format), args.out / "output", args.device
+        )
     if scene_dir is None:
         scene_dir = args.out / "scene"
         if not (scene_dir / "scene.json").is_file():
             if not DEMO_SCRIPT.is_file():
-                raise FileNotFoundError(f"the demo scene script {DEMO_SCRIPT} is missing (run from a clone of the repository)")
+                raise FileNotFoundError(
+                    f"the demo scene script {DEMO_SCRIPT} is missing (run from a clone of the repository)"
+                )
             print(f"rendering the demo scene into {scene_dir} (Blender, Cycles on CPU) ...")
             subprocess.run([sys.executable, str(DEMO_SCRIPT), "--out", str(scene_dir)], check=True)
     return _run_loop(scene_dir, args.out / "output", args.device)
@@ -220,11 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     device_help = "compute device: auto (a GPU when torch sees one, else cpu), cpu, cuda, cuda:1"
 
-    p = sub.add_parser("serve", help="run the service Blender and `submit` talk to", description=(
-        "Run the ReconLoop service: a ZeroMQ ROUTER answering the protocol of protocol/README.md. Jobs run one "
-        "at a time, in submission order; each is a folder under the data dir and survives restarts."))
-    p.add_argument("--bind", default=DEFAULT_SERVER, help="ZeroMQ endpoint (default %(default)s; loopback only by default)")
-    p.add_argument("--data-dir", type=Path, default=None, help="job store folder (default: the user cache dir, reconloop/jobs)")
+    p = sub.add_parser(
+        "serve",
+        help="run the service Blender and `submit` talk to",
+        description=(
+            "Run the ReconLoop service: a ZeroMQ ROUTER answering the protocol of protocol/README.md. Jobs run one "
+            "at a time, in submission order; each is a folder under the data dir and survives restarts."
+        ),
+    )
+    p.add_argument(
+        "--bind", default=DEFAULT_SERVER, help="ZeroMQ endpoint (default %(default)s; loopback only by default)"
+    )
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="job store folder (default: the user cache dir, reconloop/jobs)"
+    )
     p.add_argument("--device", default="auto", help=device_help)
     p.add_argument("--runner", default=None, metavar="MODULE:FUNC", help="job runner instead of the loop (for tests)")
     from .service.options import add_client_arguments, add_keys_command, add_serve_arguments
@@ -232,50 +250,80 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("run", help="run the loop on a scene folder in this process", description=(
-        "Run the whole loop on SCENE (a folder with scene.json) in this process, no service. Writes the point "
-        "cloud, generated frames and Gaussians into --out."))
+    p = sub.add_parser(
+        "run",
+        help="run the loop on a scene folder in this process",
+        description=(
+            "Run the whole loop on SCENE (a folder with scene.json) in this process, no service. Writes the point "
+            "cloud, generated frames and Gaussians into --out."
+        ),
+    )
     p.add_argument("scene", type=Path, metavar="SCENE", help="scene folder (scene.json + images)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--device", default="auto", help=device_help)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("submit", help="send a scene to a service, show progress, fetch the results", description=(
-        "Submit SCENE to a running service, follow its progress, then download every artifact into --out, "
-        "checking each file's sha256. Ctrl-C cancels the job."))
+    p = sub.add_parser(
+        "submit",
+        help="send a scene to a service, show progress, fetch the results",
+        description=(
+            "Submit SCENE to a running service, follow its progress, then download every artifact into --out, "
+            "checking each file's sha256. Ctrl-C cancels the job."
+        ),
+    )
     p.add_argument("scene", type=Path, metavar="SCENE", help="scene folder (scene.json + images)")
     p.add_argument("--server", default=DEFAULT_SERVER, help="service endpoint (default %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="folder for the downloaded artifacts")
-    p.add_argument("--timeout-ms", type=int, default=30_000, help="per-request timeout before a retry (default %(default)s)")
+    p.add_argument(
+        "--timeout-ms", type=int, default=30_000, help="per-request timeout before a retry (default %(default)s)"
+    )
     add_client_arguments(p)
     p.set_defaults(func=cmd_submit)
     add_keys_command(sub)
 
-    p = sub.add_parser("import", help="make a scene folder from COLMAP, LLFF, Middlebury, NeRF or DTU data",
-                       description="Convert a dataset's cameras and images into a scene folder (scene.json).")
+    p = sub.add_parser(
+        "import",
+        help="make a scene folder from COLMAP, LLFF, Middlebury, NeRF or DTU data",
+        description="Convert a dataset's cameras and images into a scene folder (scene.json).",
+    )
     from .formats import add_import_arguments
 
     add_import_arguments(p)
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("eval", help="score held-out views: point render, captures-only Gaussians, full loop",
-                       description=("Hold out views (scene.heldout, or --protocol llff|ring on imported data) and report "
-                                    "PSNR/SSIM at them for the point render alone, Gaussians fitted on the captures "
-                                    "alone, and the full loop; with time and peak memory per stage (eval.json)."))
+    p = sub.add_parser(
+        "eval",
+        help="score held-out views: point render, captures-only Gaussians, full loop",
+        description=(
+            "Hold out views (scene.heldout, or --protocol llff|ring on imported data) and report "
+            "PSNR/SSIM at them for the point render alone, Gaussians fitted on the captures "
+            "alone, and the full loop; with time and peak memory per stage (eval.json)."
+        ),
+    )
     from .evaluate_args import add_eval_arguments
 
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="render the built-in demo scene (or use --scene) and run the loop", description=(
-        "Without --scene: render a procedural Blender scene with Cycles on CPU into OUT/scene (bpy needed), "
-        "then run the loop into OUT/output. With --scene: run the loop on that scene folder, or on a dataset "
-        "folder (middlebury, llff, nerf, dtu, colmap; detected) imported into OUT/scene with 3 captures and the "
-        "demo's CPU-sized settings."))
-    p.add_argument("--scene", type=Path, default=None, help="scene folder (scene.json) or dataset folder to use "
-                   "instead of the built-in one")
-    p.add_argument("--format", default=None, help="the dataset's format when --scene has no scene.json "
-                   "(default: detected)")
+    p = sub.add_parser(
+        "demo",
+        help="render the built-in demo scene (or use --scene) and run the loop",
+        description=(
+            "Without --scene: render a procedural Blender scene with Cycles on CPU into OUT/scene (bpy needed), "
+            "then run the loop into OUT/output. With --scene: run the loop on that scene folder, or on a dataset "
+            "folder (middlebury, llff, nerf, dtu, colmap; detected) imported into OUT/scene with 3 captures and the "
+            "demo's CPU-sized settings."
+        ),
+    )
+    p.add_argument(
+        "--scene",
+        type=Path,
+        default=None,
+        help="scene folder (scene.json) or dataset folder to use instead of the built-in one",
+    )
+    p.add_argument(
+        "--format", default=None, help="the dataset's format when --scene has no scene.json (default: detected)"
+    )
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default %(default)s)")
     p.add_argument("--device", default="auto", help=device_help)
     p.set_defaults(func=cmd_demo)
@@ -284,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     from protocol.errors import ProtocolError
 
     from .scene import SceneError

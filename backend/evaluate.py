@@ -29,25 +29,36 @@ import argparse
 import math
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from . import outputs
-from .loop import LoopConfig, load_image, spread, load_image_array, order_around, path_through, run_loop, to_tensor, undistorted
-from .metrics import image_metrics, load_lpips
 from .evaluate_args import DEFAULT_TRAIN_VIEWS, PROTOCOLS, TRAJECTORY_MODES, add_eval_arguments  # noqa: F401
+from .generators import Generator
+from .loop import (
+    LoopConfig,
+    load_image,
+    load_image_array,
+    order_around,
+    path_through,
+    run_loop,
+    spread,
+    to_tensor,
+    undistorted,
+)
+from .metrics import image_metrics, load_lpips
 from .progress import ProgressFn, no_progress
 from .scene import Camera, Scene, TrajectoryFrame
 from .stages.fit import FitViews, fit_gaussians, render_gaussians
 from .stages.memory import build_memory
 from .stages.render import render_memory
 from .stages.types import Cameras, Views
-from .generators import Generator
 
 EVAL_FILE = "eval.json"
 EVAL_PICTURE = "eval.png"
@@ -65,9 +76,9 @@ PICTURE_ROWS = 4
 @dataclass(frozen=True)
 class EvalConfig:
     """Attributes:
-        loop: the loop's config (working size, fit iterations, ...); default from the scene's settings.
-        trajectory_mode: one of TRAJECTORY_MODES (module docstring).
-        frames_per_leg: frames per leg of a made path (heldout, interpolate).
+    loop: the loop's config (working size, fit iterations, ...); default from the scene's settings.
+    trajectory_mode: one of TRAJECTORY_MODES (module docstring).
+    frames_per_leg: frames per leg of a made path (heldout, interpolate).
     """
 
     loop: LoopConfig | None = None
@@ -76,7 +87,9 @@ class EvalConfig:
 
     def check(self) -> None:
         if self.trajectory_mode not in TRAJECTORY_MODES:
-            raise ValueError(f"EvalConfig.trajectory_mode must be one of {', '.join(TRAJECTORY_MODES)}; got {self.trajectory_mode!r}")
+            raise ValueError(
+                f"EvalConfig.trajectory_mode must be one of {', '.join(TRAJECTORY_MODES)}; got {self.trajectory_mode!r}"
+            )
         if self.frames_per_leg < 1:
             raise ValueError(f"EvalConfig.frames_per_leg must be >= 1; got {self.frames_per_leg}")
 
@@ -94,14 +107,22 @@ def distinct_poses(cams: Sequence[Camera]) -> list[int]:
     cos_tol = math.cos(math.radians(SAME_POSE_DEG))
     keep: list[int] = []
     for i in range(len(cams)):
-        if not any(np.linalg.norm(centers[i] - centers[j]) < SAME_POSE_DIST * scale and axes[i] @ axes[j] > cos_tol
-                   for j in keep):
+        if not any(
+            np.linalg.norm(centers[i] - centers[j]) < SAME_POSE_DIST * scale and axes[i] @ axes[j] > cos_tol
+            for j in keep
+        ):
             keep.append(i)
     return keep
 
 
-def split_protocol(scene: Scene, protocol: str, *, train_views: int = DEFAULT_TRAIN_VIEWS,
-                   ring_step: int = RING_ARC_STEP, ring_start: int = 0) -> Scene:
+def split_protocol(
+    scene: Scene,
+    protocol: str,
+    *,
+    train_views: int = DEFAULT_TRAIN_VIEWS,
+    ring_step: int = RING_ARC_STEP,
+    ring_start: int = 0,
+) -> Scene:
     """The scene with captures split into training views and held-out views by a standard protocol.
 
     Args:
@@ -141,7 +162,9 @@ def split_protocol(scene: Scene, protocol: str, *, train_views: int = DEFAULT_TR
             test = [i for i in distinct if i not in train]
         else:
             test = [order[(ring_start + k) % n] for k in range(1, span) if (ring_start + k) % n not in pos]
-    return replace(scene, captures=[caps[i] for i in sorted(train)], heldout=[caps[i] for i in sorted(test)], trajectory=[])
+    return replace(
+        scene, captures=[caps[i] for i in sorted(train)], heldout=[caps[i] for i in sorted(test)], trajectory=[]
+    )
 
 
 def eval_trajectory(scene: Scene, mode: str, frames_per_leg: int) -> tuple[list[TrajectoryFrame], dict[int, int]]:
@@ -176,9 +199,17 @@ def score(pred: Tensor, truth: Tensor) -> dict[str, float]:
     return image_metrics(p, t, lpips_fn=load_lpips()).mean()
 
 
-def evaluate_scene(scene: Scene, out_dir: Path, *, device: torch.device | str, trajectory_mode: str = "auto",
-                   config: EvalConfig | None = None, progress: ProgressFn = no_progress,
-                   generator: Generator | None = None, baselines: bool = True) -> dict[str, Any]:
+def evaluate_scene(
+    scene: Scene,
+    out_dir: Path,
+    *,
+    device: torch.device | str,
+    trajectory_mode: str = "auto",
+    config: EvalConfig | None = None,
+    progress: ProgressFn = no_progress,
+    generator: Generator | None = None,
+    baselines: bool = True,
+) -> dict[str, Any]:
     """Score (a) point render, (b) captures-only Gaussians, (c) the full loop at the held-out cameras.
 
     Args:
@@ -201,7 +232,9 @@ def evaluate_scene(scene: Scene, out_dir: Path, *, device: torch.device | str, t
     if not scene.heldout:
         raise ValueError("evaluate: the scene has no held-out views; give scene.heldout or use a protocol (llff, ring)")
     if any(c.camera is None for c in scene.captures):
-        raise ValueError("evaluate: every training capture needs a camera (estimated cameras cannot be scored against held-out poses)")
+        raise ValueError(
+            "evaluate: every training capture needs a camera (estimated cameras cannot be scored against held-out poses)"
+        )
     device = torch.device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -234,8 +267,11 @@ def evaluate_scene(scene: Scene, out_dir: Path, *, device: torch.device | str, t
     if baselines:
         with meter.measure("load"):
             pin = [undistorted(load_image(c.image), c.camera) for c in scene.captures]
-            captures = Views(to_tensor([load_image_array(i, W, H) for i, _ in pin], device),
-                             Cameras.from_scene([c for _, c in pin], W, H, device=device), list(range(len(pin))))
+            captures = Views(
+                to_tensor([load_image_array(i, W, H) for i, _ in pin], device),
+                Cameras.from_scene([c for _, c in pin], W, H, device=device),
+                list(range(len(pin))),
+            )
         with meter.measure("memory"):
             memory = build_memory(captures, loop_cfg.memory, estimator=loop_cfg.estimator)
         with meter.measure("points_render"), torch.no_grad():
@@ -251,14 +287,23 @@ def evaluate_scene(scene: Scene, out_dir: Path, *, device: torch.device | str, t
     # (c) the full loop along the evaluation trajectory; its guide is (b) when that was fitted here
     loop_scene = replace(scene, trajectory=traj)
     t0 = time.perf_counter()
-    result = run_loop(loop_scene, out_dir / LOOP_DIR, device=device, progress=progress,
-                      config=replace(loop_cfg, width=W, height=H), generator=generator,
-                      guide=g_caps if baselines else None)
+    result = run_loop(
+        loop_scene,
+        out_dir / LOOP_DIR,
+        device=device,
+        progress=progress,
+        config=replace(loop_cfg, width=W, height=H),
+        generator=generator,
+        guide=g_caps if baselines else None,
+    )
     loop_seconds = time.perf_counter() - t0
     loop_render = render_gaussians(result.gaussians, held, loop_cfg.fit)
     report["gaussians_loop"] = score(loop_render, truth)
-    report["timing"] = {"baselines": meter.summary(), "loop_seconds": round(loop_seconds, 3),
-                        "loop": result.metrics["timing"]}
+    report["timing"] = {
+        "baselines": meter.summary(),
+        "loop_seconds": round(loop_seconds, 3),
+        "loop": result.metrics["timing"],
+    }
     columns.append(loop_render)
     if on_heldout:
         hs = sorted(on_heldout)
@@ -311,8 +356,9 @@ def run_eval(args: argparse.Namespace) -> int:
             loop_cfg = replace(loop_cfg, fit=replace(loop_cfg.fit, iterations=args.iterations))
         if args.no_update:
             loop_cfg = replace(loop_cfg, update=replace(loop_cfg.update, enabled=False))
-        report = evaluate_scene(scene, args.out, device=device, trajectory_mode=args.trajectory_mode,
-                                config=EvalConfig(loop=loop_cfg))
+        report = evaluate_scene(
+            scene, args.out, device=device, trajectory_mode=args.trajectory_mode, config=EvalConfig(loop=loop_cfg)
+        )
     for key in ("points", "gaussians_captures", "gaussians_loop", "frames"):
         if key in report:
             print(f"{key:20s} " + "  ".join(f"{k} {v:.4f}" for k, v in report[key].items()))

@@ -13,14 +13,28 @@ DEFAULT_TRAIN_VIEWS = 3  # AnyRecon/ReconX sparse-view setting
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``reconloop eval`` to a (sub)parser."""
-    parser.add_argument("scene", type=Path, help="scene folder (scene.json), or with --format a source folder to import")
+    parser.add_argument(
+        "scene", type=Path, help="scene folder (scene.json), or with --format a source folder to import"
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder for eval.json, eval.png and the loop's outputs")
-    parser.add_argument("--format", default=None, help="import SCENE from this format first (middlebury, llff, colmap, ...)")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
-                        help="hold out views by a standard protocol (llff: every 8th; ring: all but N spread views)")
-    parser.add_argument("--train-views", type=int, default=DEFAULT_TRAIN_VIEWS, help="training views (default %(default)s)")
-    parser.add_argument("--trajectory-mode", choices=TRAJECTORY_MODES, default="auto", help="the loop's path (default %(default)s)")
+    parser.add_argument(
+        "--format", default=None, help="import SCENE from this format first (middlebury, llff, colmap, ...)"
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=None,
+        help="hold out views by a standard protocol (llff: every 8th; ring: all but N spread views)",
+    )
+    parser.add_argument(
+        "--train-views", type=int, default=DEFAULT_TRAIN_VIEWS, help="training views (default %(default)s)"
+    )
+    parser.add_argument(
+        "--trajectory-mode", choices=TRAJECTORY_MODES, default="auto", help="the loop's path (default %(default)s)"
+    )
     parser.add_argument("--size", default=None, metavar="WxH", help="working size (default: the scene's settings)")
-    parser.add_argument("--iterations", type=int, default=None, help="Gaussian iterations (default: the scene's settings)")
+    parser.add_argument(
+        "--iterations", type=int, default=None, help="Gaussian iterations (default: the scene's settings)"
+    )
     parser.add_argument("--no-update", action="store_true", help="turn the memory update (step 6) off")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")

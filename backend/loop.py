@@ -28,9 +28,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,8 +45,16 @@ from .formats.undistort import undistort_image
 from .generators import Generator, generator_class
 from .progress import ProgressEvent, ProgressFn, no_progress
 from .scene import Camera, Scene, Settings
-from .stages.fit import (FitConfig, FitViews, Gaussians, default_rasterizer, fit_gaussians, gaussians_to_arrays,
-                         render_gaussians, render_gaussians_geometry)
+from .stages.fit import (
+    FitConfig,
+    FitViews,
+    Gaussians,
+    default_rasterizer,
+    fit_gaussians,
+    gaussians_to_arrays,
+    render_gaussians,
+    render_gaussians_geometry,
+)
 from .stages.memory import MemoryConfig, build_memory, memory_to_ply_arrays
 from .stages.render import RenderConfig, render_memory
 from .stages.retrieval import RetrievalConfig, retrieve_views
@@ -129,7 +138,7 @@ class LoopConfig:
             raise ValueError(f"LoopConfig.fit_init must be 'final' or 'initial'; got {self.fit_init!r}")
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, device: torch.device | str = "cpu", **overrides: Any) -> "LoopConfig":
+    def from_settings(cls, settings: Settings, *, device: torch.device | str = "cpu", **overrides: Any) -> LoopConfig:
         """The loop's config for a job's Settings (scene.json, Blender sidebar, CLI) on ``device``
         (which picks the Gaussian rasterizer: gsplat on CUDA, the torch stand-in elsewhere)."""
         base = cls()
@@ -140,8 +149,12 @@ class LoopConfig:
             segments=replace(base.segments, length=settings.segment_length, overlap=settings.segment_overlap),
             retrieval=replace(base.retrieval, k=settings.retrieval_k),
             update=replace(base.update, enabled=settings.update_memory),
-            fit=replace(base.fit, iterations=max(settings.gaussian_iterations, 1), seed=settings.seed,
-                        rasterizer=default_rasterizer(device)),
+            fit=replace(
+                base.fit,
+                iterations=max(settings.gaussian_iterations, 1),
+                seed=settings.seed,
+                rasterizer=default_rasterizer(device),
+            ),
             has_fit=settings.gaussian_iterations > 0,
             guide=settings.guide,
             generator=settings.generator,
@@ -211,8 +224,10 @@ def working_size(cfg: LoopConfig, trajectory: Sequence[Camera]) -> tuple[int, in
         return cfg.width, cfg.height, ""
     scale = math.sqrt(cfg.width * cfg.height / (tw * th))
     w, h = max(1, round(tw * scale)), max(1, round(th * scale))
-    note = (f"working size {cfg.width}x{cfg.height} has another aspect than the trajectory ({tw}x{th}); "
-            f"using {w}x{h}, the trajectory's aspect at about the same pixel count")
+    note = (
+        f"working size {cfg.width}x{cfg.height} has another aspect than the trajectory ({tw}x{th}); "
+        f"using {w}x{h}, the trajectory's aspect at about the same pixel count"
+    )
     return w, h, note
 
 
@@ -232,8 +247,11 @@ def capture_cameras(scene: Scene, notes: list[str]) -> tuple[list[Camera | None]
 
     known = [c for c in given if c is not None]
     sizes = {(c.width, c.height) for c in known}
-    known_K = known[0].K if known and len(sizes) == 1 and all(
-        image_size_of(c.image) == sizes.copy().pop() for c in scene.captures) else None
+    known_K = (
+        known[0].K
+        if known and len(sizes) == 1 and all(image_size_of(c.image) == sizes.copy().pop() for c in scene.captures)
+        else None
+    )
     with tempfile.TemporaryDirectory(prefix="reconloop-sfm-") as work:
         estimated = estimate_cameras([c.image for c in scene.captures], known_K=known_K, work_dir=work)
     pairs = [(g, e) for g, e in zip(given, estimated) if g is not None and e is not None]
@@ -244,8 +262,10 @@ def capture_cameras(scene: Scene, notes: list[str]) -> tuple[list[Camera | None]
         notes.append(f"estimated {sum(g is None for g in given)} cameras with SfM, aligned to {len(pairs)} given ones")
         return cams, [g is None for g in given]
     if known:
-        notes.append(f"only {len(known)} captures had cameras (fewer than {SIM_MIN_CAMERAS} to align to): "
-                     "SfM cameras used for all")
+        notes.append(
+            f"only {len(known)} captures had cameras (fewer than {SIM_MIN_CAMERAS} to align to): "
+            "SfM cameras used for all"
+        )
     return list(estimated), [True] * len(given)
 
 
@@ -266,7 +286,7 @@ def similarity(src: Sequence[np.ndarray], dst: Sequence[np.ndarray]) -> tuple[fl
     D = np.eye(3)
     D[2, 2] = np.sign(np.linalg.det(U @ Vt)) or 1.0
     R = U @ D @ Vt
-    var = (A ** 2).sum() / len(a)
+    var = (A**2).sum() / len(a)
     s = float(np.trace(np.diag(S) @ D) / var) if var > 0 else 1.0
     return s, R, mb - s * R @ ma
 
@@ -313,11 +333,13 @@ def _rotation_to_quat(R: np.ndarray) -> np.ndarray:
 
 def _quat_to_rotation(q: np.ndarray) -> np.ndarray:
     w, x, y, z = q / np.linalg.norm(q)
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
 
 
 def _slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
@@ -447,8 +469,7 @@ def make_generator(name: str, device: torch.device) -> Generator:
     lora = os.environ.get(LORA_ENV.format(NAME=name.upper()), "")
     key = (name, weights, lora, str(device))
     if key not in _LOADED_GENERATORS:
-        kwargs: dict[str, Any] = {"device": device,
-                                  "local_files_only": os.environ.get(ALLOW_DOWNLOAD_ENV) != "1"}
+        kwargs: dict[str, Any] = {"device": device, "local_files_only": os.environ.get(ALLOW_DOWNLOAD_ENV) != "1"}
         if weights:
             kwargs["path_or_hub_id"] = weights
         if lora:
@@ -459,7 +480,8 @@ def make_generator(name: str, device: torch.device) -> Generator:
         except (OSError, ValueError) as err:
             raise RuntimeError(
                 f"generator {name!r}: cannot load its weights ({err}); set "
-                f"{WEIGHTS_ENV.format(NAME=name.upper())} to a local folder (docs/anyrecon.md)") from err
+                f"{WEIGHTS_ENV.format(NAME=name.upper())} to a local folder (docs/anyrecon.md)"
+            ) from err
     return _LOADED_GENERATORS[key]
 
 
@@ -472,9 +494,16 @@ def _points(memory: GeometryMemory) -> PointArrays:
     return PointArrays(xyz=xyz, rgb=rgb, confidence=conf, source=source)
 
 
-def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progress: ProgressFn = no_progress,
-             config: LoopConfig | None = None, generator: Generator | None = None,
-             guide: Gaussians | None = None) -> LoopResult:
+def run_loop(
+    scene: Scene,
+    out_dir: Path,
+    *,
+    device: torch.device | str,
+    progress: ProgressFn = no_progress,
+    config: LoopConfig | None = None,
+    generator: Generator | None = None,
+    guide: Gaussians | None = None,
+) -> LoopResult:
     """Run the whole loop on ``scene`` and write the job folder ``out_dir``.
 
     Args:
@@ -506,10 +535,17 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
 
     def fit_progress(stage: str, start: float, what: str) -> Callable[[int, float], None]:
         """A fit's progress callback: its steps fill ``PROGRESS_SHARES[stage]`` from ``start``."""
+
         def on_step(step: int, loss: float) -> None:
             fraction = start + PROGRESS_SHARES[stage] * step / max(cfg.fit.iterations, 1)
-            progress(ProgressEvent(stage=stage, fraction=min(fraction, 1.0),
-                                   message=f"{what}: step {step}/{cfg.fit.iterations}, loss {loss:.4f}"))
+            progress(
+                ProgressEvent(
+                    stage=stage,
+                    fraction=min(fraction, 1.0),
+                    message=f"{what}: step {step}/{cfg.fit.iterations}, loss {loss:.4f}",
+                )
+            )
+
         return on_step
 
     # 0. Captures and cameras: photos as stored (sRGB untouched); SfM for captures without a camera.
@@ -527,7 +563,9 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
         if not traj_scene:
             traj_scene = default_trajectory([c for _, c in pinholes], cfg.default_frames)
             frame_numbers = list(range(1, len(traj_scene) + 1))
-            notes.append(f"the scene has no trajectory: made a closed path of {len(traj_scene)} frames through the captures")
+            notes.append(
+                f"the scene has no trajectory: made a closed path of {len(traj_scene)} frames through the captures"
+            )
         W, H, note = working_size(cfg, traj_scene)
         if note:
             notes.append(note)
@@ -542,8 +580,12 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
         outputs.CaptureCamera(name=c.name, image=os.path.relpath(c.image, scene.root), camera=cam, is_estimated=est)
         for c, cam, est in zip(used, cams_full, is_estimated)
     ]
-    report("cameras", PROGRESS_SHARES["cameras"], f"{len(captures)} captures at {W}x{H}; "
-           f"{sum(is_estimated)} cameras estimated; {len(traj_scene)} trajectory frames")
+    report(
+        "cameras",
+        PROGRESS_SHARES["cameras"],
+        f"{len(captures)} captures at {W}x{H}; "
+        f"{sum(is_estimated)} cameras estimated; {len(traj_scene)} trajectory frames",
+    )
     done += PROGRESS_SHARES["cameras"]
 
     # 1. Geometry memory M from the posed captures.
@@ -552,7 +594,9 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
     memory_initial = memory
     outputs.write_points(out_dir / outputs.POINTS_FILE, _points(memory))
     cams_name = outputs.write_cameras(out_dir, capture_records, list(zip(frame_numbers, traj_scene)))
-    report("memory", PROGRESS_SHARES["memory"], f"initial memory: {len(memory)} points", [outputs.POINTS_FILE, cams_name])
+    report(
+        "memory", PROGRESS_SHARES["memory"], f"initial memory: {len(memory)} points", [outputs.POINTS_FILE, cams_name]
+    )
     done += PROGRESS_SHARES["memory"]
 
     # 1b. The guide: Gaussians on the captures alone, rendered for the generator.
@@ -562,8 +606,13 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
     else:
         with meter.measure("guide"):
             if guide is None:
-                guide = fit_gaussians(FitViews.from_views(captures), memory, cfg.fit, device=device,
-                                      progress=fit_progress("guide", done, "guide Gaussians on the captures"))
+                guide = fit_gaussians(
+                    FitViews.from_views(captures),
+                    memory,
+                    cfg.fit,
+                    device=device,
+                    progress=fit_progress("guide", done, "guide Gaussians on the captures"),
+                )
             guide_depth = render_guide(guide, captures.cams, cfg)[1]
         report("guide", PROGRESS_SHARES["guide"], f"guide: {len(guide)} Gaussians on the captures alone")
     done += PROGRESS_SHARES["guide"]
@@ -603,16 +652,32 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
             frames = gen.generate(cond, num_steps=cfg.num_steps, seed=cfg.seed + k)
         frame_images[seg.indices] = frames.images
         frame_conf[seg.indices] = frames.confidence
-        names = outputs.write_frames(out_dir, [frame_numbers[i] for i in seg.indices], frames.images,
-                                     frames.confidence, [traj_cams_scene[i] for i in seg.indices])
+        names = outputs.write_frames(
+            out_dir,
+            [frame_numbers[i] for i in seg.indices],
+            frames.images,
+            frames.confidence,
+            [traj_cams_scene[i] for i in seg.indices],
+        )
         covered = float(renders.mask.float().mean())
         # 6. Update M with the generated frames (the closed loop).
         if cfg.update.enabled:
             with meter.measure("update"):
-                memory = update_memory(memory, Views(frames.images, targets, [-1] * len(targets)), renders,
-                                       frames.confidence, captures, cfg.update)
-        report("generate", seg_share, f"segment {k + 1}/{len(segments)}: frames {seg.start + 1}-{seg.stop}, "
-               f"{len(picked)} captures retrieved, {covered:.0%} of pixels rendered, memory {len(memory)} points", names)
+                memory = update_memory(
+                    memory,
+                    Views(frames.images, targets, [-1] * len(targets)),
+                    renders,
+                    frames.confidence,
+                    captures,
+                    cfg.update,
+                )
+        report(
+            "generate",
+            seg_share,
+            f"segment {k + 1}/{len(segments)}: frames {seg.start + 1}-{seg.stop}, "
+            f"{len(picked)} captures retrieved, {covered:.0%} of pixels rendered, memory {len(memory)} points",
+            names,
+        )
         done += seg_share
     outputs.write_points(out_dir / outputs.POINTS_FINAL_FILE, _points(memory))
     report("update", 0.0, f"final memory: {len(memory)} points", [outputs.POINTS_FINAL_FILE])
@@ -621,14 +686,21 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
     gaussians = None
     if cfg.has_fit:
         generated = torch.ones(F_all, dtype=torch.bool)
-        fit_views = fit_views_for(captures, FitViews(frame_images, targets_all, frame_conf, generated), cfg.capture_share)
+        fit_views = fit_views_for(
+            captures, FitViews(frame_images, targets_all, frame_conf, generated), cfg.capture_share
+        )
         with meter.measure("fit"):
             start = memory if cfg.fit_init == "final" else memory_initial
-            gaussians = fit_gaussians(fit_views, start, cfg.fit, device=device,
-                                      progress=fit_progress("fit", done, "Gaussians"))
+            gaussians = fit_gaussians(
+                fit_views, start, cfg.fit, device=device, progress=fit_progress("fit", done, "Gaussians")
+            )
         outputs.write_gaussians(out_dir / outputs.GAUSSIANS_FILE, gaussians_to_arrays(gaussians))
-        report("fit", PROGRESS_SHARES["fit"], f"{len(gaussians)} Gaussians after {cfg.fit.iterations} steps",
-               [outputs.GAUSSIANS_FILE])
+        report(
+            "fit",
+            PROGRESS_SHARES["fit"],
+            f"{len(gaussians)} Gaussians after {cfg.fit.iterations} steps",
+            [outputs.GAUSSIANS_FILE],
+        )
     done += PROGRESS_SHARES["fit"]
 
     # Outputs: overview.png and metrics.json.
@@ -654,9 +726,18 @@ def run_loop(scene: Scene, out_dir: Path, *, device: torch.device | str, progres
     metrics_name = outputs.write_metrics(out_dir, metrics)
     report("outputs", PROGRESS_SHARES["outputs"], "overview and metrics written", [overview_name, metrics_name])
 
-    return LoopResult(out_dir=out_dir, artifacts=artifacts, memory_initial=memory_initial, memory_final=memory,
-                      frames=Frames(frame_images, frame_conf), trajectory=targets_all, frame_numbers=frame_numbers,
-                      captures=captures, gaussians=gaussians, metrics=metrics)
+    return LoopResult(
+        out_dir=out_dir,
+        artifacts=artifacts,
+        memory_initial=memory_initial,
+        memory_final=memory,
+        frames=Frames(frame_images, frame_conf),
+        trajectory=targets_all,
+        frame_numbers=frame_numbers,
+        captures=captures,
+        gaussians=gaussians,
+        metrics=metrics,
+    )
 
 
 def render_guide(guide: Gaussians, cams: Cameras, cfg: LoopConfig) -> tuple[Tensor, Tensor]:
@@ -702,8 +783,9 @@ def spread(n: int, count: int) -> list[int]:
     return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
 
 
-def overview_rows(captures: Views, renders: Tensor, frames: Tensor, gaussians: Any, targets: Cameras,
-                  cfg: LoopConfig) -> list[list[np.ndarray]]:
+def overview_rows(
+    captures: Views, renders: Tensor, frames: Tensor, gaussians: Any, targets: Cameras, cfg: LoopConfig
+) -> list[list[np.ndarray]]:
     """Rows of [capture | render with holes | generated frame | Gaussian render] at evenly spread frames
     (no Gaussian column when ``gaussians`` is None)."""
     picks = spread(len(targets), cfg.overview_rows)

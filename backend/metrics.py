@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +68,13 @@ def psnr(pred: Tensor, target: Tensor) -> Tensor:
     return 10.0 * torch.log10(DATA_RANGE**2 / mse.clamp_min(MSE_FLOOR))
 
 
-def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, *, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> Tensor:
+def gaussian_window(
+    size: int = SSIM_WINDOW,
+    sigma: float = SSIM_SIGMA,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Tensor:
     """Normalised 1D Gaussian window. [size]"""
     x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2.0
     w = torch.exp(-(x**2) / (2.0 * sigma**2))

@@ -23,10 +23,11 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,8 +85,9 @@ def write_gaussians(path: Path, gaussians: GaussianArrays) -> Path:
     return write_atomic(path, buf.getvalue())
 
 
-def write_frames(out_dir: Path, frame_numbers: Sequence[int], images: Tensor, confidence: Tensor,
-                 cams: Sequence[Camera]) -> list[str]:
+def write_frames(
+    out_dir: Path, frame_numbers: Sequence[int], images: Tensor, confidence: Tensor, cams: Sequence[Camera]
+) -> list[str]:
     """Write generated frames, their confidences and frames/cameras.json (updated with each call).
 
     Args:
@@ -113,8 +115,12 @@ def write_frames(out_dir: Path, frame_numbers: Sequence[int], images: Tensor, co
         image_name, conf_name = FRAME_IMAGE.format(frame), FRAME_CONFIDENCE.format(frame)
         write_atomic(folder / image_name, png_bytes(rgb_u8[i]))
         write_atomic(folder / conf_name, png_bytes(conf_u8[i]))
-        entries[int(frame)] = {"frame": int(frame), "image": image_name, "confidence": conf_name,
-                               "camera": cams[i].to_json()}
+        entries[int(frame)] = {
+            "frame": int(frame),
+            "image": image_name,
+            "confidence": conf_name,
+            "camera": cams[i].to_json(),
+        }
         names += [f"{FRAMES_DIR}/{image_name}", f"{FRAMES_DIR}/{conf_name}"]
     write_atomic(index_path, json_bytes({"frames": [entries[k] for k in sorted(entries)]}))
     return names + [f"{FRAMES_DIR}/{CAMERAS_FILE}"]
@@ -133,8 +139,10 @@ class CaptureCamera:
 def write_cameras(out_dir: Path, captures: Sequence[CaptureCamera], trajectory: Sequence[tuple[int, Camera]]) -> str:
     """Write cameras.json (captures, given or estimated, and the trajectory). Returns its name."""
     data = {
-        "captures": [{"name": c.name, "image": c.image, "camera": c.camera.to_json(), "estimated": c.is_estimated}
-                     for c in captures],
+        "captures": [
+            {"name": c.name, "image": c.image, "camera": c.camera.to_json(), "estimated": c.is_estimated}
+            for c in captures
+        ],
         "trajectory": [{"frame": int(f), "camera": cam.to_json()} for f, cam in trajectory],
     }
     write_atomic(out_dir / CAMERAS_FILE, json_bytes(data))
@@ -244,7 +252,9 @@ class StageMeter:
         return {
             "device": str(self.device),
             "memory": memory_kind,
-            "stages": {k: {"seconds": round(v["seconds"], 4), "peak_mib": round(v["peak_mib"], 1), "calls": int(v["calls"])}
-                       for k, v in self.stages.items()},
+            "stages": {
+                k: {"seconds": round(v["seconds"], 4), "peak_mib": round(v["peak_mib"], 1), "calls": int(v["calls"])}
+                for k, v in self.stages.items()
+            },
             "total_seconds": round(sum(v["seconds"] for v in self.stages.values()), 4),
         }

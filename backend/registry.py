@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -30,7 +31,9 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items)) or 'none'}") from None
+            raise ValueError(
+                f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items)) or 'none'}"
+            ) from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -124,7 +124,7 @@ class Camera:
             uv = uvw[:, :2] / uvw[:, 2:3]
         return uv, z
 
-    def scaled(self, width: int, height: int) -> "Camera":
+    def scaled(self, width: int, height: int) -> Camera:
         """The same camera at another image size (K scaled per axis)."""
         sx, sy = width / self.width, height / self.height
         K = self.K.copy()
@@ -190,7 +190,7 @@ class Settings:
     }
 
     @classmethod
-    def from_json(cls, d: Any, path: str = "settings") -> "Settings":
+    def from_json(cls, d: Any, path: str = "settings") -> Settings:
         if d is None:
             return cls()
         if not isinstance(d, dict):
@@ -394,9 +394,7 @@ def scene_from_json(data: Any, root: Path) -> Scene:
     captures_json = data.get("captures")
     if not isinstance(captures_json, list) or not captures_json:
         raise SceneError("captures: must be a non-empty list")
-    captures = [
-        _capture_from_json(c, root, f"captures[{i}]", need_camera=False) for i, c in enumerate(captures_json)
-    ]
+    captures = [_capture_from_json(c, root, f"captures[{i}]", need_camera=False) for i, c in enumerate(captures_json)]
     names = [c.name for c in captures]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -412,7 +410,11 @@ def scene_from_json(data: Any, root: Path) -> Scene:
         frame = t.get("frame")
         if isinstance(frame, bool) or not isinstance(frame, int):
             raise SceneError(f"{p}.frame: must be an integer; got {frame!r}")
-        trajectory.append(TrajectoryFrame(frame=frame, camera=camera_from_json(t.get("camera"), f"{p}.camera", allow_distortion=False)))
+        trajectory.append(
+            TrajectoryFrame(
+                frame=frame, camera=camera_from_json(t.get("camera"), f"{p}.camera", allow_distortion=False)
+            )
+        )
     frames = [t.frame for t in trajectory]
     if frames != sorted(set(frames)):
         raise SceneError("trajectory: frame numbers must increase strictly")

@@ -14,8 +14,9 @@ import shlex
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from . import scene_io
 from .errors import ReconLoopError
@@ -31,8 +32,13 @@ LOG_TAIL_CHARS = 1500
 IMPORTED_KINDS = (scene_io.KIND_POINTS, scene_io.KIND_CAMERAS, scene_io.KIND_FRAME, scene_io.KIND_GAUSSIANS)
 EXTRA_FILES = ("metrics.json", "overview.png")
 # Download order: the point cloud first, so it shows while the rest is still on its way.
-KIND_PRIORITY = {scene_io.KIND_POINTS: 0, scene_io.KIND_CAMERAS: 1, scene_io.KIND_FRAME: 2,
-                 scene_io.KIND_GAUSSIANS: 3, scene_io.KIND_OTHER: 4}
+KIND_PRIORITY = {
+    scene_io.KIND_POINTS: 0,
+    scene_io.KIND_CAMERAS: 1,
+    scene_io.KIND_FRAME: 2,
+    scene_io.KIND_GAUSSIANS: 3,
+    scene_io.KIND_OTHER: 4,
+}
 GIB = float(1 << 30)
 TERMINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 
@@ -104,10 +110,15 @@ def make_client(endpoint: str, cfg: ConnectionConfig):
 
 def describe_hello(reply: dict[str, Any]) -> str:
     """One line for the user from a ``hello`` reply: version, device, GPU and free memory, generators."""
-    parts = [f"ReconLoop {reply.get('server', '?')} (protocol {reply.get('version', '?')})", f"device {reply.get('device', '?')}"]
+    parts = [
+        f"ReconLoop {reply.get('server', '?')} (protocol {reply.get('version', '?')})",
+        f"device {reply.get('device', '?')}",
+    ]
     gpu = reply.get("gpu")
     if gpu:
-        parts.append(f"{gpu.get('name', 'GPU')}: {gpu.get('free_bytes', 0) / GIB:.1f} of {gpu.get('total_bytes', 0) / GIB:.1f} GiB free")
+        parts.append(
+            f"{gpu.get('name', 'GPU')}: {gpu.get('free_bytes', 0) / GIB:.1f} of {gpu.get('total_bytes', 0) / GIB:.1f} GiB free"
+        )
     gens = reply.get("generators") or []
     parts.append("generators: " + (", ".join(gens) if gens else "none"))
     return "; ".join(parts)
@@ -199,7 +210,11 @@ class LocalService:
 
         try:
             return client.request(
-                "hello", versions=list(SUPPORTED_VERSIONS), client="reconloop-blender", timeout_ms=SERVICE_PROBE_MS, retries=0
+                "hello",
+                versions=list(SUPPORTED_VERSIONS),
+                client="reconloop-blender",
+                timeout_ms=SERVICE_PROBE_MS,
+                retries=0,
             )
         except TimeoutError:
             if time.monotonic() - self.started > SERVICE_START_TIMEOUT_S:
@@ -377,8 +392,12 @@ class JobDriver:
                 self._want(a)
             return
         self._seq = max(self._seq, seq)
-        self._set(state=msg["state"], stage=msg.get("stage", ""), fraction=float(msg.get("fraction", 0.0)),
-                  message=msg.get("message", ""))
+        self._set(
+            state=msg["state"],
+            stage=msg.get("stage", ""),
+            fraction=float(msg.get("fraction", 0.0)),
+            message=msg.get("message", ""),
+        )
         for a in msg.get("artifacts") or []:
             self._want(a)
         if msg["state"] in TERMINAL_STATES:

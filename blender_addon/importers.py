@@ -231,8 +231,13 @@ def mesh_positions(obj: bpy.types.Object) -> np.ndarray:
 def attribute_values(obj: bpy.types.Object, name: str) -> np.ndarray:
     """The values of a point attribute. [N] or [N, D]"""
     attr = obj.data.attributes[name]
-    prop, width = {"FLOAT": ("value", 1), "INT": ("value", 1), "FLOAT_VECTOR": ("vector", 3),
-                   "FLOAT_COLOR": ("color", 4), "QUATERNION": ("value", 4)}[attr.data_type]
+    prop, width = {
+        "FLOAT": ("value", 1),
+        "INT": ("value", 1),
+        "FLOAT_VECTOR": ("vector", 3),
+        "FLOAT_COLOR": ("color", 4),
+        "QUATERNION": ("value", 4),
+    }[attr.data_type]
     dtype = np.int32 if attr.data_type == "INT" else np.float32
     out = np.empty(len(attr.data) * width, dtype=dtype)
     attr.data.foreach_get(prop, out)

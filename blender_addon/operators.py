@@ -46,8 +46,14 @@ class ResultImporter:
         photos: {capture name: photo file} for estimated cameras' backgrounds.
     """
 
-    def __init__(self, scene_name: str, key: str, trajectory_camera: str, frame_range: tuple[int, int],
-                 photos: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        scene_name: str,
+        key: str,
+        trajectory_camera: str,
+        frame_range: tuple[int, int],
+        photos: dict[str, str] | None = None,
+    ) -> None:
         self.scene_name = scene_name
         self.key = key
         self.trajectory_camera = trajectory_camera
@@ -67,8 +73,14 @@ class ResultImporter:
         return scene
 
     def collection(self) -> bpy.types.Collection:
-        coll = next((c for c in bpy.data.collections
-                     if c.get(importers.COLLECTION_KEY) == self.key and c.get(importers.COLLECTION_JOB) == self.job), None)
+        coll = next(
+            (
+                c
+                for c in bpy.data.collections
+                if c.get(importers.COLLECTION_KEY) == self.key and c.get(importers.COLLECTION_JOB) == self.job
+            ),
+            None,
+        )
         if coll is None:
             coll = importers.job_collection(self.scene, self.key, self.job)
         return coll
@@ -254,8 +266,12 @@ def prepare_job(context, *, server: str = "", output_dir: str = "") -> tuple[con
             raise ReconLoopError("pick a folder of photos")
         folder = bpy.path.abspath(st.photo_folder)
         captures = scene_io.captures_from_folder(folder)
-        photos = {c.name: os.path.join(folder, f) for c in captures for f in os.listdir(folder)
-                  if os.path.splitext(f)[0] == c.name}
+        photos = {
+            c.name: os.path.join(folder, f)
+            for c in captures
+            for f in os.listdir(folder)
+            if os.path.splitext(f)[0] == c.name
+        }
         key = os.path.basename(os.path.normpath(folder))
     trajectory = []
     start, end, step = st.frame_range(scene)
@@ -286,10 +302,12 @@ class RECONLOOP_OT_reconstruct(bpy.types.Operator):
     server: bpy.props.StringProperty(
         name="Server", description="Service address; overrides the preferences (e.g. tcp://127.0.0.1:5555)", default=""
     )
-    output_dir: bpy.props.StringProperty(name="Results folder", description="Overrides the preferences", default="",
-                                         subtype="DIR_PATH")
-    timeout_s: bpy.props.FloatProperty(name="Timeout (s)", description="Background mode: cancel after this long",
-                                       default=DEFAULT_TIMEOUT_S, min=1.0)
+    output_dir: bpy.props.StringProperty(
+        name="Results folder", description="Overrides the preferences", default="", subtype="DIR_PATH"
+    )
+    timeout_s: bpy.props.FloatProperty(
+        name="Timeout (s)", description="Background mode: cancel after this long", default=DEFAULT_TIMEOUT_S, min=1.0
+    )
 
     @classmethod
     def poll(cls, context):

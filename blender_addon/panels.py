@@ -42,7 +42,9 @@ class RECONLOOP_PT_main(_Panel, bpy.types.Panel):
             for line in rt.last_error.splitlines()[:6]:
                 box.label(text=line[:160], icon="ERROR")
         row = layout.row(align=True)
-        row.label(text=rt.hello_summary[:80] or "service: not connected", icon="LINKED" if rt.hello_summary else "UNLINKED")
+        row.label(
+            text=rt.hello_summary[:80] or "service: not connected", icon="LINKED" if rt.hello_summary else "UNLINKED"
+        )
         row.operator("reconloop.test_connection", text="", icon="FILE_REFRESH")
 
 
@@ -129,5 +131,11 @@ class RECONLOOP_PT_jobs(_Panel, bpy.types.Panel):
             op.job = item.job
 
 
-CLASSES = (RECONLOOP_PT_main, RECONLOOP_PT_captures, RECONLOOP_PT_trajectory, RECONLOOP_PT_settings,
-           RECONLOOP_UL_jobs, RECONLOOP_PT_jobs)
+CLASSES = (
+    RECONLOOP_PT_main,
+    RECONLOOP_PT_captures,
+    RECONLOOP_PT_trajectory,
+    RECONLOOP_PT_settings,
+    RECONLOOP_UL_jobs,
+    RECONLOOP_PT_jobs,
+)

@@ -47,23 +47,35 @@ class ReconLoopPreferences(bpy.types.AddonPreferences):
     )
     local_device: bpy.props.EnumProperty(
         name="Device",
-        items=[("auto", "Auto", "The GPU when there is one, else the CPU"), ("cuda", "GPU", "CUDA GPU"), ("cpu", "CPU", "CPU (slow)")],
+        items=[
+            ("auto", "Auto", "The GPU when there is one, else the CPU"),
+            ("cuda", "GPU", "CUDA GPU"),
+            ("cpu", "CPU", "CPU (slow)"),
+        ],
         default="auto",
     )
-    remote_address: bpy.props.StringProperty(name="Address", description="ZeroMQ address of the service", default=DEFAULT_REMOTE)
+    remote_address: bpy.props.StringProperty(
+        name="Address", description="ZeroMQ address of the service", default=DEFAULT_REMOTE
+    )
     server_key_file: bpy.props.StringProperty(
-        name="Server public key", description="The server's CurveZMQ public key file (for an authenticated connection)",
+        name="Server public key",
+        description="The server's CurveZMQ public key file (for an authenticated connection)",
         subtype="FILE_PATH",
     )
     client_key_file: bpy.props.StringProperty(
-        name="Your key", description="Your CurveZMQ secret key file (for an authenticated connection)", subtype="FILE_PATH"
+        name="Your key",
+        description="Your CurveZMQ secret key file (for an authenticated connection)",
+        subtype="FILE_PATH",
     )
     timeout_ms: bpy.props.IntProperty(
-        name="Timeout (ms)", description="How long a request waits for an answer before it is retried",
-        default=DEFAULT_TIMEOUT_MS, min=MIN_TIMEOUT_MS,
+        name="Timeout (ms)",
+        description="How long a request waits for an answer before it is retried",
+        default=DEFAULT_TIMEOUT_MS,
+        min=MIN_TIMEOUT_MS,
     )
     output_dir: bpy.props.StringProperty(
-        name="Results folder", description="Where downloaded results are kept (empty: the extension's own folder)",
+        name="Results folder",
+        description="Where downloaded results are kept (empty: the extension's own folder)",
         subtype="DIR_PATH",
     )
 
@@ -102,8 +114,12 @@ def connection_config(context=None, *, server: str = "") -> ConnectionConfig:
     prefs = get_prefs(context)
     data_dir = user_dir("service")
     if prefs is None:  # not registered as an add-on (scripts): defaults
-        return ConnectionConfig(mode="remote" if server else "local", remote_address=server or DEFAULT_REMOTE,
-                                data_dir=os.path.join(data_dir, "jobs"), log_path=os.path.join(data_dir, "service.log"))
+        return ConnectionConfig(
+            mode="remote" if server else "local",
+            remote_address=server or DEFAULT_REMOTE,
+            data_dir=os.path.join(data_dir, "jobs"),
+            log_path=os.path.join(data_dir, "service.log"),
+        )
     return ConnectionConfig(
         mode="remote" if server else prefs.backend_mode,
         remote_address=server or prefs.remote_address,

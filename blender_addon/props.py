@@ -43,25 +43,41 @@ class ReconLoopSceneSettings(bpy.types.PropertyGroup):
     captures: bpy.props.PointerProperty(name="Camera collection", type=bpy.types.Collection)
     photo_folder: bpy.props.StringProperty(name="Photo folder", subtype="DIR_PATH")
     trajectory_camera: bpy.props.PointerProperty(
-        name="Trajectory", description="An animated camera: the views to generate", type=bpy.types.Object, poll=_is_camera
+        name="Trajectory",
+        description="An animated camera: the views to generate",
+        type=bpy.types.Object,
+        poll=_is_camera,
     )
     use_scene_range: bpy.props.BoolProperty(name="Scene frame range", default=True)
     frame_start: bpy.props.IntProperty(name="Start", default=1)
     frame_end: bpy.props.IntProperty(name="End", default=40)
     frame_step: bpy.props.IntProperty(name="Step", default=1, min=1)
     generator: bpy.props.EnumProperty(name="Generator", items=_generators)
-    width: bpy.props.IntProperty(name="Width", description="Working resolution (generated frames, Gaussian fitting)",
-                                 default=DEFAULT_WIDTH, min=16, max=4096)
+    width: bpy.props.IntProperty(
+        name="Width",
+        description="Working resolution (generated frames, Gaussian fitting)",
+        default=DEFAULT_WIDTH,
+        min=16,
+        max=4096,
+    )
     height: bpy.props.IntProperty(name="Height", default=DEFAULT_HEIGHT, min=16, max=4096)
-    segment_length: bpy.props.IntProperty(name="Segment length", description="Frames generated together",
-                                          default=DEFAULT_SEGMENT_LENGTH, min=2, max=512)
-    retrieval_k: bpy.props.IntProperty(name="Retrieved views", description="Captures given to the generator per segment",
-                                       default=DEFAULT_RETRIEVAL_K, min=0, max=64)
+    segment_length: bpy.props.IntProperty(
+        name="Segment length", description="Frames generated together", default=DEFAULT_SEGMENT_LENGTH, min=2, max=512
+    )
+    retrieval_k: bpy.props.IntProperty(
+        name="Retrieved views",
+        description="Captures given to the generator per segment",
+        default=DEFAULT_RETRIEVAL_K,
+        min=0,
+        max=64,
+    )
     gaussian_iterations: bpy.props.IntProperty(name="Gaussian iterations", default=DEFAULT_GAUSSIAN_ITERATIONS, min=0)
     guide: bpy.props.BoolProperty(
-        name="Guide", default=True,
+        name="Guide",
+        default=True,
         description="Fit Gaussians on the captures first and render them for the generator: better frames "
-                    "where the captures are far apart, about twice the fitting time")
+        "where the captures are far apart, about twice the fitting time",
+    )
     num_steps: bpy.props.IntProperty(name="Denoising steps", default=DEFAULT_NUM_STEPS, min=1, max=1000)
     seed: bpy.props.IntProperty(name="Seed", default=0, min=0)
     prompt: bpy.props.StringProperty(name="Prompt", description="Optional text for the generator")

@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
-from .cameras import OpenCVCamera, blender_from_opencv, BlenderCameraParams
+from .cameras import BlenderCameraParams, OpenCVCamera, blender_from_opencv
 from .errors import ReconLoopError
 
 try:  # the protocol package: bundled as a wheel in the extension, importable from the repo in tests
@@ -240,7 +241,9 @@ def parse_cameras_json(data: bytes | str, name: str = "cameras.json") -> list[Es
             image = str(item.get("image") or cap_name)
         except (KeyError, TypeError, ValueError) as err:
             raise ReconLoopError(f"{name}: captures[{i}] has no usable camera ({err})") from None
-        out.append(EstimatedCamera(name=cap_name, image=image, camera=OpenCVCamera(w2c=w2c, K=K, width=width, height=height)))
+        out.append(
+            EstimatedCamera(name=cap_name, image=image, camera=OpenCVCamera(w2c=w2c, K=K, width=width, height=height))
+        )
     return out
 
 

@@ -6,6 +6,7 @@ Only reading and writing Blender data lives here; every formula is in ``cameras.
 from __future__ import annotations
 
 import os
+
 import bpy
 import numpy as np
 
@@ -121,9 +122,7 @@ def read_captures(collection: bpy.types.Collection, scene: bpy.types.Scene) -> l
     for obj in cams:
         bg = _background_image(obj)
         if bg is None:
-            raise ReconLoopError(
-                f"camera {obj.name!r} has no photo: add its photo as the camera's background image"
-            )
+            raise ReconLoopError(f"camera {obj.name!r} has no photo: add its photo as the camera's background image")
         if tuple(bg.offset) != (0.0, 0.0) or bg.rotation != 0.0 or bg.scale != 1.0 or bg.use_flip_x or bg.use_flip_y:
             raise ReconLoopError(
                 f"camera {obj.name!r}: its background photo is moved, scaled, rotated or flipped; "
@@ -134,8 +133,14 @@ def read_captures(collection: bpy.types.Collection, scene: bpy.types.Scene) -> l
         p = camera_params(obj, scene)
         K, W, H = cam_math.intrinsics_from_blender(p)
         K_img = cam_math.image_intrinsics(
-            K, W, H, info.width, info.height,
-            frame_method=bg.frame_method, pixel_aspect_x=p.pixel_aspect_x, pixel_aspect_y=p.pixel_aspect_y,
+            K,
+            W,
+            H,
+            info.width,
+            info.height,
+            frame_method=bg.frame_method,
+            pixel_aspect_x=p.pixel_aspect_x,
+            pixel_aspect_y=p.pixel_aspect_y,
         )
         camera = cam_math.OpenCVCamera(
             w2c=cam_math.w2c_from_matrix_world(p.matrix_world), K=K_img, width=info.width, height=info.height

@@ -27,8 +27,9 @@ import os
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import zmq
@@ -122,7 +123,7 @@ class Client:
             self._sock.close(linger=0)
             self._sock = None
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -161,7 +162,9 @@ class Client:
 
     # -- requests ------------------------------------------------------------------------------------
 
-    def request(self, op: str, *, timeout_ms: int | None = None, retries: int | None = None, **fields: Any) -> dict[str, Any]:
+    def request(
+        self, op: str, *, timeout_ms: int | None = None, retries: int | None = None, **fields: Any
+    ) -> dict[str, Any]:
         """Send one request and return its reply (a dict with the op's reply fields).
 
         Raises ProtocolError for an error reply, TimeoutError when no reply came after all tries.
@@ -290,7 +293,9 @@ class Client:
         tries = 0
         while done < total:
             while len(inflight) < window and next_offset < total:
-                inflight[self._send("fetch", {"job": job, "name": name, "offset": next_offset, "length": chunk_bytes})] = next_offset
+                inflight[
+                    self._send("fetch", {"job": job, "name": name, "offset": next_offset, "length": chunk_bytes})
+                ] = next_offset
                 next_offset += chunk_bytes
             msg = self._recv(self.timeout_ms)
             if msg is None:
@@ -360,4 +365,7 @@ def _check_frame_sizes(op: str, frames: list[Any], server: dict[str, Any] | None
         n = memoryview(frame).nbytes
         if n > most:
             what = "header" if i == 0 else f"array frame {i - 1}"
-            raise ProtocolError(errors.TOO_LARGE, f"{op}: {what} of {n} bytes; the server takes at most {most} bytes a frame (hello limits.max_frame_bytes)")
+            raise ProtocolError(
+                errors.TOO_LARGE,
+                f"{op}: {what} of {n} bytes; the server takes at most {most} bytes a frame (hello limits.max_frame_bytes)",
+            )

@@ -22,7 +22,8 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -103,7 +104,10 @@ def _array(ref: dict[str, Any], frames: Sequence[Buffer], used: list[bool]) -> n
         or len(shape) > limits.MAX_ARRAY_NDIM
         or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= limits.MAX_ARRAY_BYTES for s in shape)
     ):
-        raise ProtocolError(errors.BAD_FRAME, f"array {index}: shape must be a list of at most {limits.MAX_ARRAY_NDIM} sizes >= 0; got {shape!r}")
+        raise ProtocolError(
+            errors.BAD_FRAME,
+            f"array {index}: shape must be a list of at most {limits.MAX_ARRAY_NDIM} sizes >= 0; got {shape!r}",
+        )
     dt = np.dtype(dtype).newbyteorder("<")
     count = 1
     for s in shape:
@@ -113,7 +117,9 @@ def _array(ref: dict[str, Any], frames: Sequence[Buffer], used: list[bool]) -> n
         raise ProtocolError(errors.TOO_LARGE, f"array {index}: {nbytes} bytes; at most {limits.MAX_ARRAY_BYTES}")
     buf = memoryview(frames[index + 1]).cast("B")
     if buf.nbytes != nbytes:
-        raise ProtocolError(errors.BAD_FRAME, f"array {index}: {dtype} {shape} needs {nbytes} bytes; frame has {buf.nbytes}")
+        raise ProtocolError(
+            errors.BAD_FRAME, f"array {index}: {dtype} {shape} needs {nbytes} bytes; frame has {buf.nbytes}"
+        )
     return np.frombuffer(buf, dtype=dt, count=count).reshape(shape)
 
 
@@ -123,7 +129,10 @@ def _in_refs(value: Any, frames: Sequence[Buffer], used: list[bool], depth: int)
     if isinstance(value, dict):
         if ARRAY_KEY in value:
             if set(value) != REF_KEYS:
-                raise ProtocolError(errors.BAD_FRAME, f"an array reference has exactly the keys {sorted(REF_KEYS)}; got {sorted(map(str, value))}")
+                raise ProtocolError(
+                    errors.BAD_FRAME,
+                    f"an array reference has exactly the keys {sorted(REF_KEYS)}; got {sorted(map(str, value))}",
+                )
             return _array(value, frames, used)
         return {k: _in_refs(v, frames, used, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
@@ -146,7 +155,9 @@ def read_header(frames: Sequence[Buffer]) -> dict[str, Any]:
         header = msgpack.unpackb(memoryview(frames[0]), raw=False, strict_map_key=True, **limits.unpack_limits())
     except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as err:
         # ExtraData, FormatError, StackError and UnicodeDecodeError all derive from ValueError.
-        raise ProtocolError(errors.BAD_MSGPACK, f"header frame is not valid msgpack within the limits: {type(err).__name__}: {err}") from None
+        raise ProtocolError(
+            errors.BAD_MSGPACK, f"header frame is not valid msgpack within the limits: {type(err).__name__}: {err}"
+        ) from None
     if not isinstance(header, dict):
         raise ProtocolError(errors.BAD_MSGPACK, f"header frame must hold a msgpack map; got {type(header).__name__}")
     return header

@@ -101,7 +101,9 @@ def load_secret_pair(path: str | os.PathLike) -> tuple[bytes, bytes]:
     return public, secret
 
 
-def configure_client_socket(sock: zmq.Socket, server_key: str | os.PathLike | bytes, client_secret_file: str | os.PathLike) -> None:
+def configure_client_socket(
+    sock: zmq.Socket, server_key: str | os.PathLike | bytes, client_secret_file: str | os.PathLike
+) -> None:
     """Make ``sock`` a CurveZMQ client of a server with public key ``server_key`` (before connect)."""
     public, secret = load_secret_pair(client_secret_file)
     sock.curve_serverkey = load_public_key(server_key)

@@ -58,7 +58,7 @@ class ProtocolError(Exception):
         return out
 
     @classmethod
-    def from_wire(cls, error: dict[str, Any]) -> "ProtocolError":
+    def from_wire(cls, error: dict[str, Any]) -> ProtocolError:
         code = error.get("code")
         message = str(error.get("message", ""))
         if code not in CODES:  # a newer server's code: keep the text, map to internal

@@ -152,7 +152,11 @@ def check_job(scene: dict[str, Any], request_bytes: int, job_limits: JobLimits) 
 
     if request_bytes > job_limits.max_request_bytes:
         raise refuse("scene", f"at most {job_limits.max_request_bytes} bytes in all", request_bytes)
-    counts = (("captures", job_limits.max_captures), ("heldout", job_limits.max_heldout), ("trajectory", job_limits.max_trajectory))
+    counts = (
+        ("captures", job_limits.max_captures),
+        ("heldout", job_limits.max_heldout),
+        ("trajectory", job_limits.max_trajectory),
+    )
     for key, most in counts:
         n = len(scene.get(key) or ())
         if n > most:

@@ -218,9 +218,16 @@ def gaussians_to_table(g: GaussianArrays) -> np.ndarray:
     flat = table.view(GAUSSIAN_DTYPE).reshape(n, len(names))  # [N, P], one column per property
     rest = g.sh[:, 1:, :].transpose(0, 2, 1).reshape(n, num_rest_fields(g.sh_degree))  # [N, 3 * (K - 1)], by channel
     col = 0
-    for block in (g.means, np.zeros((n, len(NORMAL_FIELDS))), g.sh[:, 0, :], rest,
-                  g.opacity_logits[:, None], g.log_scales, g.quats):
-        flat[:, col:col + block.shape[1]] = block
+    for block in (
+        g.means,
+        np.zeros((n, len(NORMAL_FIELDS))),
+        g.sh[:, 0, :],
+        rest,
+        g.opacity_logits[:, None],
+        g.log_scales,
+        g.quats,
+    ):
+        flat[:, col : col + block.shape[1]] = block
         col += block.shape[1]
     return table
 
@@ -331,7 +338,7 @@ def _columns(table: np.ndarray, fields: list[str] | tuple[str, ...], dtype: np.d
         matrix = table.view(dtype).reshape(n, len(names))  # [N, P], no copy
         idx = [names.index(f) for f in fields]
         if idx == list(range(idx[0], idx[0] + len(idx))):
-            return np.array(matrix[:, idx[0]:idx[0] + len(idx)], dtype=dtype)
+            return np.array(matrix[:, idx[0] : idx[0] + len(idx)], dtype=dtype)
         return matrix[:, idx].astype(dtype, copy=False)
     out = np.empty((n, len(fields)), dtype=dtype)
     for i, f in enumerate(fields):
@@ -368,7 +375,9 @@ def read_gaussians_ply(source: PathOrFile, *, name: str | None = None) -> Gaussi
     degrees = {num_rest_fields(d): d for d in range(MAX_SH_DEGREE + 1)}
     if n_rest not in degrees:
         allowed = ", ".join(str(k) for k in degrees)
-        raise PlyFormatError(f"{name} has {n_rest} f_rest properties; a Gaussian file has {allowed} (SH degree 0..{MAX_SH_DEGREE})")
+        raise PlyFormatError(
+            f"{name} has {n_rest} f_rest properties; a Gaussian file has {allowed} (SH degree 0..{MAX_SH_DEGREE})"
+        )
     degree = degrees[n_rest]
     rest_fields = [f"{REST_PREFIX}{i}" for i in range(n_rest)]
     _require(table, rest_fields, name, what)
@@ -384,8 +393,13 @@ def read_gaussians_ply(source: PathOrFile, *, name: str | None = None) -> Gaussi
     opacity = _columns(table, (OPACITY_FIELD,), GAUSSIAN_DTYPE)[:, 0]
     log_scales = _columns(table, SCALE_FIELDS, GAUSSIAN_DTYPE)
     quats = _columns(table, ROT_FIELDS, GAUSSIAN_DTYPE)
-    for field, values in (("position", means), ("SH coefficient", sh),
-                          ("opacity", opacity[:, None]), ("scale", log_scales), ("rotation", quats)):
+    for field, values in (
+        ("position", means),
+        ("SH coefficient", sh),
+        ("opacity", opacity[:, None]),
+        ("scale", log_scales),
+        ("rotation", quats),
+    ):
         _finite_or_raise(values, field, name)
     zero_quats = int(np.count_nonzero(~np.any(quats != 0, axis=1)))
     if zero_quats:

@@ -60,8 +60,8 @@ class Field:
     min_len: int = 0
     max_len: int | None = None
     choices: tuple[str, ...] = ()
-    items: "Field | None" = None
-    fields: tuple["Field", ...] = ()
+    items: Field | None = None
+    fields: tuple[Field, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,12 +91,20 @@ ERROR = Field(
     fields=(
         Field("code", "str", "stable error code (table below)", choices=tuple(errors.CODES)),
         Field("message", "str", "plain text naming the field, the rule and what arrived", max_len=limits.MAX_STR_BYTES),
-        Field("field", "str", "path of the offending field, when there is one", required=False, max_len=limits.MAX_STR_BYTES),
+        Field(
+            "field",
+            "str",
+            "path of the offending field, when there is one",
+            required=False,
+            max_len=limits.MAX_STR_BYTES,
+        ),
     ),
 )
 ENVELOPE_REPLY = (
     Field("v", "int", "protocol version of this message", min=0, max=limits.MAX_ID_INT),
-    Field("op", "str", "the request's op; nil when it could not be read", required=False, max_len=limits.MAX_NAME_CHARS),
+    Field(
+        "op", "str", "the request's op; nil when it could not be read", required=False, max_len=limits.MAX_NAME_CHARS
+    ),
     Field("id", "id", "the request's id; nil when it could not be read", required=False),
     Field("ok", "bool", "true on success; the op's reply fields follow only then"),
     ERROR,
@@ -104,15 +112,25 @@ ENVELOPE_REPLY = (
 
 JOB = Field("job", "str", "job id (32 hex characters)", min_len=1, max_len=limits.MAX_ID_CHARS)
 STATE = Field("state", "str", "job state", choices=JOB_STATES)
-STAGE = Field("stage", "str", "current stage (queued, memory, render, generate, fit, done, ...)", max_len=limits.MAX_NAME_CHARS)
+STAGE = Field(
+    "stage", "str", "current stage (queued, memory, render, generate, fit, done, ...)", max_len=limits.MAX_NAME_CHARS
+)
 FRACTION = Field("fraction", "float", "overall progress", min=0.0, max=1.0)
-MESSAGE = Field("message", "str", "plain-language detail; the reason when failed or interrupted", max_len=limits.MAX_STR_BYTES)
+MESSAGE = Field(
+    "message", "str", "plain-language detail; the reason when failed or interrupted", max_len=limits.MAX_STR_BYTES
+)
 ARTIFACT = Field(
     "artifacts[]",
     "struct",
     "a finished file of the job",
     fields=(
-        Field("name", "str", "relative path inside the job's outputs, '/'-separated", min_len=1, max_len=limits.MAX_NAME_CHARS),
+        Field(
+            "name",
+            "str",
+            "relative path inside the job's outputs, '/'-separated",
+            min_len=1,
+            max_len=limits.MAX_NAME_CHARS,
+        ),
         Field("size", "int", "bytes", min=0, max=limits.MAX_ID_INT),
         Field("sha256", "str", "hex sha256 of the whole file", min_len=SHA256_HEX_CHARS, max_len=SHA256_HEX_CHARS),
     ),
@@ -131,7 +149,13 @@ CAMERA_FIELDS = (
         required=False,
         fields=(
             Field("model", "str", "NONE, SIMPLE_RADIAL, RADIAL, OPENCV or FULL_OPENCV", max_len=MAX_MODEL_CHARS),
-            Field("params", "list", "the model's parameters", items=Field("params[]", "float"), max_len=MAX_DISTORTION_PARAMS),
+            Field(
+                "params",
+                "list",
+                "the model's parameters",
+                items=Field("params[]", "float"),
+                max_len=MAX_DISTORTION_PARAMS,
+            ),
         ),
     ),
 )
@@ -177,8 +201,20 @@ SCENE = Field(
                 ),
             ),
         ),
-        _captures("heldout", "photos kept out of the fit, for evaluation (camera required)", required=False, min_len=0, max_len=limits.MAX_HELDOUT),
-        Field("settings", "map", "job settings (backend.scene.Settings field names)", required=False, max_len=limits.MAX_SETTINGS),
+        _captures(
+            "heldout",
+            "photos kept out of the fit, for evaluation (camera required)",
+            required=False,
+            min_len=0,
+            max_len=limits.MAX_HELDOUT,
+        ),
+        Field(
+            "settings",
+            "map",
+            "job settings (backend.scene.Settings field names)",
+            required=False,
+            max_len=limits.MAX_SETTINGS,
+        ),
     ),
 )
 
@@ -189,14 +225,35 @@ OPS: dict[str, OpSchema] = {
             "hello",
             "Negotiate the version; learn what the server offers. Valid in any `v`.",
             request=(
-                Field("versions", "list", "protocol versions the client speaks", items=Field("versions[]", "int", min=0, max=limits.MAX_ID_INT), min_len=1, max_len=MAX_CLIENT_VERSIONS),
-                Field("client", "str", "client name and version, for logs", required=False, max_len=limits.MAX_NAME_CHARS),
+                Field(
+                    "versions",
+                    "list",
+                    "protocol versions the client speaks",
+                    items=Field("versions[]", "int", min=0, max=limits.MAX_ID_INT),
+                    min_len=1,
+                    max_len=MAX_CLIENT_VERSIONS,
+                ),
+                Field(
+                    "client", "str", "client name and version, for logs", required=False, max_len=limits.MAX_NAME_CHARS
+                ),
             ),
             reply=(
                 Field("version", "int", "the version chosen: the highest both speak", min=0, max=limits.MAX_ID_INT),
-                Field("versions", "list", "versions the server speaks", items=Field("versions[]", "int", min=0, max=limits.MAX_ID_INT), max_len=MAX_CLIENT_VERSIONS),
+                Field(
+                    "versions",
+                    "list",
+                    "versions the server speaks",
+                    items=Field("versions[]", "int", min=0, max=limits.MAX_ID_INT),
+                    max_len=MAX_CLIENT_VERSIONS,
+                ),
                 Field("server", "str", "server software version", max_len=limits.MAX_NAME_CHARS),
-                Field("generators", "list", "generator names a job may ask for", items=Field("generators[]", "str", max_len=limits.MAX_NAME_CHARS), max_len=limits.MAX_MAP_LEN),
+                Field(
+                    "generators",
+                    "list",
+                    "generator names a job may ask for",
+                    items=Field("generators[]", "str", max_len=limits.MAX_NAME_CHARS),
+                    max_len=limits.MAX_MAP_LEN,
+                ),
                 Field("device", "str", "compute device: 'cpu' or 'cuda:0'", max_len=limits.MAX_NAME_CHARS),
                 Field(
                     "gpu",
@@ -217,7 +274,14 @@ OPS: dict[str, OpSchema] = {
             "Queue a job. Jobs run one at a time in submission order.",
             request=(
                 SCENE,
-                Field("key", "str", "idempotency key: a resent submit with the same key returns the same job", required=False, min_len=1, max_len=limits.MAX_ID_CHARS),
+                Field(
+                    "key",
+                    "str",
+                    "idempotency key: a resent submit with the same key returns the same job",
+                    required=False,
+                    min_len=1,
+                    max_len=limits.MAX_ID_CHARS,
+                ),
             ),
             reply=(JOB, STATE),
         ),
@@ -227,7 +291,14 @@ OPS: dict[str, OpSchema] = {
             request=(
                 JOB,
                 Field("watch", "bool", "push this job's events to this connection until it ends", required=False),
-                Field("since", "int", "replay events with seq greater than this (after the reply)", required=False, min=0, max=limits.MAX_ID_INT),
+                Field(
+                    "since",
+                    "int",
+                    "replay events with seq greater than this (after the reply)",
+                    required=False,
+                    min=0,
+                    max=limits.MAX_ID_INT,
+                ),
             ),
             reply=(
                 JOB,
@@ -279,17 +350,38 @@ OPS: dict[str, OpSchema] = {
             "Read a chunk of an artifact. Repeat with offset += length of data until offset = total.",
             request=(
                 JOB,
-                Field("name", "str", "artifact name as listed by status/event", min_len=1, max_len=limits.MAX_NAME_CHARS),
+                Field(
+                    "name", "str", "artifact name as listed by status/event", min_len=1, max_len=limits.MAX_NAME_CHARS
+                ),
                 Field("offset", "int", "first byte (default 0)", required=False, min=0, max=limits.MAX_ID_INT),
-                Field("length", "int", f"bytes wanted (default {limits.FETCH_CHUNK_BYTES})", required=False, min=1, max=limits.MAX_FETCH_CHUNK_BYTES),
+                Field(
+                    "length",
+                    "int",
+                    f"bytes wanted (default {limits.FETCH_CHUNK_BYTES})",
+                    required=False,
+                    min=1,
+                    max=limits.MAX_FETCH_CHUNK_BYTES,
+                ),
             ),
             reply=(
                 JOB,
                 Field("name", "str", "artifact name", min_len=1, max_len=limits.MAX_NAME_CHARS),
                 Field("offset", "int", "first byte of data", min=0, max=limits.MAX_ID_INT),
-                Field("data", "array", "the bytes; shorter than length at the end of the file", dtypes=("uint8",), shape=(None,)),
+                Field(
+                    "data",
+                    "array",
+                    "the bytes; shorter than length at the end of the file",
+                    dtypes=("uint8",),
+                    shape=(None,),
+                ),
                 Field("total", "int", "size of the whole artifact", min=0, max=limits.MAX_ID_INT),
-                Field("sha256", "str", "hex sha256 of the whole artifact", min_len=SHA256_HEX_CHARS, max_len=SHA256_HEX_CHARS),
+                Field(
+                    "sha256",
+                    "str",
+                    "hex sha256 of the whole artifact",
+                    min_len=SHA256_HEX_CHARS,
+                    max_len=SHA256_HEX_CHARS,
+                ),
             ),
         ),
         OpSchema(
@@ -316,7 +408,9 @@ EVENT = OpSchema(
         STAGE,
         FRACTION,
         MESSAGE,
-        Field("artifacts", "list", "files finished since the previous event", items=ARTIFACT, max_len=limits.MAX_LIST_LEN),
+        Field(
+            "artifacts", "list", "files finished since the previous event", items=ARTIFACT, max_len=limits.MAX_LIST_LEN
+        ),
     ),
 )
 
@@ -348,13 +442,19 @@ class _Checker:
         for key in msg:
             if key not in known:
                 where = f"{path}.{key}" if path else str(key)
-                raise ProtocolError(errors.BAD_FIELD, f"{self.op}: {where}: unknown field; known: {', '.join(sorted(known))}", field=where)
+                raise ProtocolError(
+                    errors.BAD_FIELD,
+                    f"{self.op}: {where}: unknown field; known: {', '.join(sorted(known))}",
+                    field=where,
+                )
         for f in fields:
             where = f"{path}.{f.name}" if path else f.name
             value = msg.get(f.name)
             if value is None:
                 if f.required:
-                    raise ProtocolError(errors.BAD_FIELD, f"{self.op}: {where}: missing ({f.type} required)", field=where)
+                    raise ProtocolError(
+                        errors.BAD_FIELD, f"{self.op}: {where}: missing ({f.type} required)", field=where
+                    )
                 continue
             self.value(value, f, where)
 
@@ -447,7 +547,9 @@ class _Checker:
             return
         if isinstance(value, np.ndarray):
             if value.dtype != np.uint8 or value.ndim != 1:
-                raise self.fail(errors.BAD_FIELD, path, "a PNG/JPEG file (bin or uint8 [N]) or uint8 [H, W, 3|4]", value)
+                raise self.fail(
+                    errors.BAD_FIELD, path, "a PNG/JPEG file (bin or uint8 [N]) or uint8 [H, W, 3|4]", value
+                )
         elif not isinstance(value, bytes):
             raise self.fail(errors.BAD_FIELD, path, "a PNG/JPEG file (bin or uint8 [N]) or uint8 [H, W, 3|4]", value)
         if len(value) > limits.MAX_ENCODED_IMAGE_BYTES:
@@ -456,9 +558,13 @@ class _Checker:
         try:
             _fmt, w, h = encoded_image_size(data)
         except ValueError as err:
-            raise ProtocolError(errors.BAD_FIELD, f"{self.op}: {path} must be a PNG or JPEG file; {err}", field=path) from None
+            raise ProtocolError(
+                errors.BAD_FIELD, f"{self.op}: {path} must be a PNG or JPEG file; {err}", field=path
+            ) from None
         if not (1 <= w <= side and 1 <= h <= side):
-            raise ProtocolError(errors.TOO_LARGE, f"{self.op}: {path} must be at most {side} px a side; got {w}x{h}", field=path)
+            raise ProtocolError(
+                errors.TOO_LARGE, f"{self.op}: {path} must be at most {side} px a side; got {w}x{h}", field=path
+            )
 
 
 def check_version(msg: dict) -> int:
@@ -484,7 +590,9 @@ def validate(msg: dict, kind: str) -> dict:
     """
     op = msg.get("op")
     if kind == "request":
-        if not (isinstance(op, str) and op == "hello"):  # hello's fields mean the same in every version: it is how versions are agreed
+        if not (
+            isinstance(op, str) and op == "hello"
+        ):  # hello's fields mean the same in every version: it is how versions are agreed
             check_version(msg)
         if not isinstance(op, str) or op not in OPS:  # a map or list as op is unhashable: check the type first
             raise ProtocolError(errors.UNKNOWN_OP, f"op must be one of {', '.join(OPS)}; got {_got(op)}", field="op")
@@ -506,7 +614,9 @@ def validate(msg: dict, kind: str) -> dict:
     else:
         checker.struct(msg, ENVELOPE_REPLY, "")
         if msg.get("ok") is not False or "error" not in msg:
-            raise ProtocolError(errors.BAD_FIELD, f"{op}: an error reply must have ok false and an error map", field="error")
+            raise ProtocolError(
+                errors.BAD_FIELD, f"{op}: an error reply must have ok false and an error map", field="error"
+            )
     return msg
 
 
@@ -556,9 +666,19 @@ def schema_markdown() -> str:
     """The op tables of protocol/README.md, rendered from OPS and EVENT."""
     out = ["### Field types\n\n| type | on the wire |\n| --- | --- |\n"]
     out += [f"| {t} | {doc.replace('|', PIPE)} |\n" for t, doc in TYPES.items()]
-    out += ["\n### Envelope of every request\n\n", _table(ENVELOPE_REQUEST), "\n### Envelope of every reply\n\n", _table(ENVELOPE_REPLY)]
+    out += [
+        "\n### Envelope of every request\n\n",
+        _table(ENVELOPE_REQUEST),
+        "\n### Envelope of every reply\n\n",
+        _table(ENVELOPE_REPLY),
+    ]
     for s in list(OPS.values()):
-        out += [f"\n### `{s.op}`\n\n{s.doc}\n\nRequest fields:\n\n", _table(s.request), "\nReply fields (when ok):\n\n", _table(s.reply)]
+        out += [
+            f"\n### `{s.op}`\n\n{s.doc}\n\nRequest fields:\n\n",
+            _table(s.request),
+            "\nReply fields (when ok):\n\n",
+            _table(s.reply),
+        ]
     out += [f"\n### `event` (server push)\n\n{EVENT.doc}\n\n", _table(EVENT.reply)]
     out += ["\n### Error codes\n\n| code | meaning |\n| --- | --- |\n"]
     out += [f"| `{code}` | {meaning} |\n" for code, meaning in errors.CODES.items()]
@@ -582,4 +702,3 @@ def update_readme(path: str) -> bool:
         with open(path, "w", encoding="utf-8") as f:
             f.write(new)
     return new != text
-

@@ -87,19 +87,29 @@ def main(argv: list[str] | None = None) -> int:
         write_points_ply(p_path, make_points(args.count, rng))
         rows = []
         for label, path, reader, importer in (
-            (f"{args.count:,} Gaussians (SH degree {SH_DEGREE})", g_path, read_gaussians_ply, importers.import_gaussians),
+            (
+                f"{args.count:,} Gaussians (SH degree {SH_DEGREE})",
+                g_path,
+                read_gaussians_ply,
+                importers.import_gaussians,
+            ),
             (f"{args.count:,}-point cloud", p_path, read_points_ply, importers.import_points),
         ):
             runs = [time_one(path, reader, importer, "bench") for _ in range(args.runs)]
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             rows.append((label, med, [r["total"] for r in runs]))
-    print(f"bpy {bpy.app.version_string}, Python {platform.python_version()}, {platform.machine()}, "
-          f"medians of {args.runs} runs")
+    print(
+        f"bpy {bpy.app.version_string}, Python {platform.python_version()}, {platform.machine()}, "
+        f"medians of {args.runs} runs"
+    )
     print("| import | read .ply (s) | build object (s) | evaluate geometry nodes (s) | total (s) | runs (s) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for label, med, totals in rows:
-        print(f"| {label} | {med['read']:.2f} | {med['build']:.2f} | {med['evaluate']:.2f} | {med['total']:.2f} | "
-              + ", ".join(f"{t:.2f}" for t in totals) + " |")
+        print(
+            f"| {label} | {med['read']:.2f} | {med['build']:.2f} | {med['evaluate']:.2f} | {med['total']:.2f} | "
+            + ", ".join(f"{t:.2f}" for t in totals)
+            + " |"
+        )
     return 0
 
 

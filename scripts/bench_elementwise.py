@@ -55,8 +55,11 @@ def main() -> None:
     for name, fn in {"gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "gelu_sigmoid": gelu_sigmoid}.items():
         c = torch.compile(fn)
         ms = timed(c, u)
-        res[name] = {"ms": round(ms, 3), "gb_s": round(gb / ms * 1e3, 0),
-                     "max_abs_vs_eager_tanh": float((c(u).float() - ref.float()).abs().max())}
+        res[name] = {
+            "ms": round(ms, 3),
+            "gb_s": round(gb / ms * 1e3, 0),
+            "max_abs_vs_eager_tanh": float((c(u).float() - ref.float()).abs().max()),
+        }
     del u, ref
     x, y = (torch.randn(1, L, C, device=dev, dtype=bf) for _ in range(2))
     gate, shift, scale = (torch.randn(1, 1, C, device=dev) for _ in range(3))

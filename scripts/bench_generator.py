@@ -38,18 +38,42 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.generators.anyrecon import AnyReconComponents, AnyReconConfig, AnyReconGenerator  # noqa: E402
 from backend.generators import window_attention as wa  # noqa: E402
-from backend.generators.window_attention import (WindowLayout, build_block_mask, window_attention_split,  # noqa: E402
-                                                 window_density)
+from backend.generators.anyrecon import AnyReconComponents, AnyReconConfig, AnyReconGenerator  # noqa: E402
+from backend.generators.window_attention import (
+    WindowLayout,
+    build_block_mask,
+    window_attention_split,  # noqa: E402
+    window_density,
+)
 
 WAN_I2V_14B = dict(  # Wan-AI/Wan2.1-I2V-14B-720P-Diffusers transformer/config.json
-    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
-    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280, added_kv_proj_dim=5120, rope_max_seq_len=1024,
+    patch_size=(1, 2, 2),
+    num_attention_heads=40,
+    attention_head_dim=128,
+    in_channels=36,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=13824,
+    num_layers=40,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    image_dim=1280,
+    added_kv_proj_dim=5120,
+    rope_max_seq_len=1024,
 )
-CLIP_VIT_H14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                    image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
+CLIP_VIT_H14 = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    projection_dim=1024,
+    hidden_act="gelu",
+)
 TEXT_TOKENS = 512  # Wan's text context
 CLIP_TOKENS = 257  # 16x16 patches + class token
 DESIGN_PFLOP = {"full": 8.8, "window": 5.3}  # DESIGN.md section 5, per step
@@ -185,16 +209,22 @@ def bench_attention_kernels(args, res: Results, device: str, layout: WindowLayou
         "flex_full": (lambda: flex(q, k, v), None, 1.0),
         "flex_window": (lambda: flex(q, k, v, block_mask=mask), None, dens),
         "split_window": (lambda: window_attention_split(qt, kt, vt, layout), None, dens),
-        "sdpa_cudnn_token_major": (lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (qt, kt, vt))),
-                                   [SDPBackend.CUDNN_ATTENTION], 1.0),
+        "sdpa_cudnn_token_major": (
+            lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (qt, kt, vt))),
+            [SDPBackend.CUDNN_ATTENTION],
+            1.0,
+        ),
     }
     if wa.paged_attention_available():
         from flash_attn.cute import flash_attn_func
 
         table, used = wa.paged_window_table(layout, device=device)
         cases["fa4_full"] = (lambda: flash_attn_func(qt, kt, vt), None, 1.0)
-        cases["paged_window"] = (lambda: wa.window_attention_paged(q, k, v, table, used, layout.tokens_per_frame),
-                                 None, dens)  # head-major q, k, v [1, heads, L, D], as the processor passes them
+        cases["paged_window"] = (
+            lambda: wa.window_attention_paged(q, k, v, table, used, layout.tokens_per_frame),
+            None,
+            dens,
+        )  # head-major q, k, v [1, heads, L, D], as the processor passes them
     out = {}
     for name, (fn, backends, density) in cases.items():
         if args.kernels and name not in args.kernels.split(","):
@@ -204,8 +234,11 @@ def bench_attention_kernels(args, res: Results, device: str, layout: WindowLayou
             with ctx:
                 first = seconds_per_call(fn, 1, device)  # plans, JIT compiles
                 sec = seconds_per_call(fn, args.attn_reps, device)
-            out[name] = {"ms": round(sec * 1e3, 2), "first_call_s": round(first, 2),
-                         "tflops": round(dense * density / sec / 1e12, 1)}
+            out[name] = {
+                "ms": round(sec * 1e3, 2),
+                "first_call_s": round(first, 2),
+                "tflops": round(dense * density / sec / 1e12, 1),
+            }
         except Exception as e:  # a kernel this GPU or build lacks: record and go on
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         res.put("attention_kernels", out)
@@ -231,8 +264,9 @@ def bench_attention_kernels(args, res: Results, device: str, layout: WindowLayou
     del q, k, v, qt, kt, vt
 
 
-def bench_denoise(args, res: Results, key: str, gen: AnyReconGenerator, inputs: dict, device: str,
-                  flops: float, warmup_steps: int) -> None:
+def bench_denoise(
+    args, res: Results, key: str, gen: AnyReconGenerator, inputs: dict, device: str, flops: float, warmup_steps: int
+) -> None:
     y, pe, ie, num_memory = inputs["y"], inputs["prompt_embeds"], inputs["image_embeds"], inputs["num_memory"]
     try:
         if warmup_steps:
@@ -255,12 +289,20 @@ def bench_denoise(args, res: Results, key: str, gen: AnyReconGenerator, inputs: 
         sync(device)
         total = time.perf_counter() - t0
         steps = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
-        res.put(key, {
-            "steps": args.steps, "total_s": round(total, 2), "step_s": [round(s, 2) for s in steps],
-            "warmup_s": round(warm, 1), "warmup_steps": warmup_steps, "peak_gb": round(peak_gb(device), 2),
-            "tflops": round(flops / (sum(steps) / len(steps)) / 1e12, 1), "pflop_per_step": round(flops / 1e15, 2),
-            "finite": bool(torch.isfinite(lat).all()),
-        })
+        res.put(
+            key,
+            {
+                "steps": args.steps,
+                "total_s": round(total, 2),
+                "step_s": [round(s, 2) for s in steps],
+                "warmup_s": round(warm, 1),
+                "warmup_steps": warmup_steps,
+                "peak_gb": round(peak_gb(device), 2),
+                "tflops": round(flops / (sum(steps) / len(steps)) / 1e12, 1),
+                "pflop_per_step": round(flops / 1e15, 2),
+                "finite": bool(torch.isfinite(lat).all()),
+            },
+        )
     except Exception as e:
         res.put(key, {"error": f"{type(e).__name__}: {str(e)[:300]}"})
 
@@ -281,7 +323,12 @@ def bench_gemms(res: Results, device: str, tokens: int, cfg: dict, reps: int = 1
     """cuBLAS bf16 rates of the block's big linear layers at this token count (F.linear with bias)."""
     d, ffn = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"]
     out = {}
-    for name, (k, n) in {"q|k|v|o (each)": (d, d), "qkv fused": (d, 3 * d), "ffn in": (d, ffn), "ffn out": (ffn, d)}.items():
+    for name, (k, n) in {
+        "q|k|v|o (each)": (d, d),
+        "qkv fused": (d, 3 * d),
+        "ffn in": (d, ffn),
+        "ffn out": (ffn, d),
+    }.items():
         x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
         b = torch.zeros(n, device=device, dtype=torch.bfloat16)
@@ -290,12 +337,18 @@ def bench_gemms(res: Results, device: str, tokens: int, cfg: dict, reps: int = 1
         t = statistics.median(seconds_per_call(linear, 1, device) for _ in range(reps))
         out[name] = {"ms": round(t * 1e3, 2), "tflops": round(2 * tokens * k * n / t / 1e12, 1)}
         if name == "ffn in":  # the tanh GELU after it: separate, or in cuBLASLt's epilogue
-            for label, fn in {"ffn in + gelu": lambda: torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh"),
-                              "ffn in + gelu epilogue": lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)}.items():
+            for label, fn in {
+                "ffn in + gelu": lambda: torch.nn.functional.gelu(
+                    torch.nn.functional.linear(x, w, b), approximate="tanh"
+                ),
+                "ffn in + gelu epilogue": lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True),
+            }.items():
                 seconds_per_call(fn, 1, device)
                 out[label] = {"ms": round(seconds_per_call(fn, reps, device) * 1e3, 2)}
             ref = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b).float(), approximate="tanh")
-            out["gelu_epilogue_max_abs"] = round(float((torch._addmm_activation(b, x, w.t(), use_gelu=True).float() - ref).abs().max()), 5)
+            out["gelu_epilogue_max_abs"] = round(
+                float((torch._addmm_activation(b, x, w.t(), use_gelu=True).float() - ref).abs().max()), 5
+            )
         del x, w, b
     res.put("gemms", out)
 
@@ -310,20 +363,33 @@ def bench_fa4_tiles(args, res: Results, device: str, layout: WindowLayout, heads
     dense = 4 * L * L * heads * head_dim
     ref = wa.window_attention_split(q, k, v, layout)
     out = {}
-    for m, n, rs, ol in [(128, 128, True, True), (128, 128, False, True), (128, 112, True, True), (128, 224, True, True),
-                         (128, 256, True, True), (128, 176, True, True), (128, 192, True, True), (192, 128, True, True)]:
+    for m, n, rs, ol in [
+        (128, 128, True, True),
+        (128, 128, False, True),
+        (128, 112, True, True),
+        (128, 224, True, True),
+        (128, 256, True, True),
+        (128, 176, True, True),
+        (128, 192, True, True),
+        (192, 128, True, True),
+    ]:
         paged = T % n == 0
         name = f"{'paged' if paged else 'full'}_{m}x{n}{'_rs' if rs else ''}{'_ol' if ol else ''}"
         try:
             if paged:
                 table, used = wa.paged_window_table(layout, page_tokens=n, device=device)
-                qa, ka, va = q.view(L // T, T, heads, head_dim), k.view(L // n, n, heads, head_dim), v.view(L // n, n, heads, head_dim)
+                qa, ka, va = (
+                    q.view(L // T, T, heads, head_dim),
+                    k.view(L // n, n, heads, head_dim),
+                    v.view(L // n, n, heads, head_dim),
+                )
                 kw = dict(page_table=table, seqused_k=used)
             else:
                 qa, ka, va, kw = q, k, v, {}
 
             def fn():
                 return _flash_attn_fwd(qa, ka, va, tile_mn=(m, n), mma_pv_is_rs=rs, intra_wg_overlap=ol, **kw)[0]
+
             o = fn()  # JIT-compiles this tile shape
             sec = seconds_per_call(fn, args.attn_reps, device)
             r = {"ms": round(sec * 1e3, 2), "tflops": round(dense * (dens if paged else 1.0) / sec / 1e12, 1)}
@@ -388,12 +454,17 @@ def profile_denoise(res: Results, key: str, gen: AnyReconGenerator, inputs: dict
             c = kernel_category(e.key)
             by_class[c] = by_class.get(c, 0.0) + ms(e) / 1e6
         top = sorted(events, key=lambda e: -ms(e))[:25]
-        res.put(key, {
-            "gpu_s_by_class": {k: round(v, 3) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
-            "gpu_s_total": round(sum(by_class.values()), 3),
-            "top_kernels": [{"name": e.key[:120], "class": kernel_category(e.key), "calls": e.count,
-                             "s": round(ms(e) / 1e6, 4)} for e in top],
-        })
+        res.put(
+            key,
+            {
+                "gpu_s_by_class": {k: round(v, 3) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
+                "gpu_s_total": round(sum(by_class.values()), 3),
+                "top_kernels": [
+                    {"name": e.key[:120], "class": kernel_category(e.key), "calls": e.count, "s": round(ms(e) / 1e6, 4)}
+                    for e in top
+                ],
+            },
+        )
     except Exception as e:
         res.put(key, {"error": f"{type(e).__name__}: {str(e)[:300]}"})
 
@@ -410,10 +481,13 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=896)
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--attn-reps", type=int, default=5)
-    ap.add_argument("--modes", default="kernels,stock,window,full,window_flex,vae,fp8,group_offload",
-                    help="also: window_split, window_paged (the kernels auto picks from), gemms (linear-layer "
-                         "rates), fa4_tiles (FlashAttention-4 tile shapes), profile (one window step under the "
-                         "torch profiler)")
+    ap.add_argument(
+        "--modes",
+        default="kernels,stock,window,full,window_flex,vae,fp8,group_offload",
+        help="also: window_split, window_paged (the kernels auto picks from), gemms (linear-layer "
+        "rates), fa4_tiles (FlashAttention-4 tile shapes), profile (one window step under the "
+        "torch profiler)",
+    )
     ap.add_argument("--kernels", default="", help="kernels mode: only these cases (comma-separated; default all)")
     ap.add_argument("--full-backend", default="auto")
     ap.add_argument("--compile-blocks", action="store_true", help="torch.compile each block in our modes")
@@ -424,10 +498,16 @@ def main() -> None:
     modes = args.modes.split(",")
     torch.manual_seed(0)
 
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node(), "torch": torch.__version__, "python": platform.python_version(),
-            "frames": {"memory": args.memory, "targets": args.targets}, "size": [args.height, args.width],
-            "steps": args.steps, "window": args.window}
+    meta = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "frames": {"memory": args.memory, "targets": args.targets},
+        "size": [args.height, args.width],
+        "steps": args.steps,
+        "window": args.window,
+    }
     if device.startswith("cuda"):
         meta["gpu"] = torch.cuda.get_device_name()
     import diffusers
@@ -443,21 +523,36 @@ def main() -> None:
     layout = WindowLayout(n, tokens_per_frame, args.memory, args.window)
     dens = window_density(layout)
     cfg_dict = {k: tcfg[k] for k in ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers")}
-    flops = {"full": flops_per_step(cfg_dict, layout.num_tokens, 1.0),
-             "window": flops_per_step(cfg_dict, layout.num_tokens, dens)}
-    res.put("layout", {"tokens": layout.num_tokens, "tokens_per_frame": tokens_per_frame, "window_density": round(dens, 4),
-                       "pflop_per_step": {k: round(v / 1e15, 2) for k, v in flops.items()},
-                       "design_pflop_per_step": DESIGN_PFLOP})
+    flops = {
+        "full": flops_per_step(cfg_dict, layout.num_tokens, 1.0),
+        "window": flops_per_step(cfg_dict, layout.num_tokens, dens),
+    }
+    res.put(
+        "layout",
+        {
+            "tokens": layout.num_tokens,
+            "tokens_per_frame": tokens_per_frame,
+            "window_density": round(dens, 4),
+            "pflop_per_step": {k: round(v / 1e15, 2) for k, v in flops.items()},
+            "design_pflop_per_step": DESIGN_PFLOP,
+        },
+    )
 
     dtype = torch.float32 if args.tiny else torch.bfloat16
     inputs = {
         "y": torch.randn(1, 20, n, h, w, device=device),
         "prompt_embeds": torch.randn(1, TEXT_TOKENS, tcfg.text_dim, device=device, dtype=dtype),
-        "image_embeds": torch.randn(1, CLIP_TOKENS if not args.tiny else 17, tcfg.image_dim, device=device, dtype=dtype),
+        "image_embeds": torch.randn(
+            1, CLIP_TOKENS if not args.tiny else 17, tcfg.image_dim, device=device, dtype=dtype
+        ),
         "num_memory": args.memory,
     }
-    base = dict(dtype="float32" if args.tiny else "bfloat16", window_frames=args.window,
-                compile_attention=device.startswith("cuda"), full_backend=args.full_backend)
+    base = dict(
+        dtype="float32" if args.tiny else "bfloat16",
+        window_frames=args.window,
+        compile_attention=device.startswith("cuda"),
+        full_backend=args.full_backend,
+    )
 
     if "kernels" in modes:
         bench_attention_kernels(args, res, device, layout, tcfg.num_attention_heads, tcfg.attention_head_dim)
@@ -472,10 +567,14 @@ def main() -> None:
         bench_gemms(res, device, layout.num_tokens, cfg_dict)
         reset_peak(device)
     # stock first: our modes may compile the blocks in place (--compile-blocks)
-    denoise_modes = {"stock": dict(attention="stock"), "window": dict(attention="window"),  # window: auto kernel
-                     "full": dict(attention="full"), "window_flex": dict(attention="window", window_backend="flex"),
-                     "window_split": dict(attention="window", window_backend="split"),
-                     "window_paged": dict(attention="window", window_backend="paged")}
+    denoise_modes = {
+        "stock": dict(attention="stock"),
+        "window": dict(attention="window"),  # window: auto kernel
+        "full": dict(attention="full"),
+        "window_flex": dict(attention="window", window_backend="flex"),
+        "window_split": dict(attention="window", window_backend="split"),
+        "window_paged": dict(attention="window", window_backend="paged"),
+    }
     # in the order asked (a mode may repeat, to see order effects), stock first
     asked = sorted((m for m in modes if m in denoise_modes), key=lambda m: m != "stock")
     for i, mode in enumerate(asked):
@@ -484,14 +583,23 @@ def main() -> None:
         gen = AnyReconGenerator(comps, AnyReconConfig(**over, compile_blocks=compiled, **base), device=device)
         # one full-size step first: compiles what compiles for this shape, builds cuDNN plans
         key = f"denoise_{mode}" + ("_compiled" if compiled else "") + (f"_{i}" if asked.count(mode) > 1 else "")
-        bench_denoise(args, res, key, gen, inputs, device, flops["full" if over["attention"] != "window" else "window"],
-                      warmup_steps=1)
+        bench_denoise(
+            args,
+            res,
+            key,
+            gen,
+            inputs,
+            device,
+            flops["full" if over["attention"] != "window" else "window"],
+            warmup_steps=1,
+        )
         del gen
         reset_peak(device)
 
     if "profile" in modes:
-        gen = AnyReconGenerator(comps, AnyReconConfig(attention="window", compile_blocks=args.compile_blocks, **base),
-                                device=device)
+        gen = AnyReconGenerator(
+            comps, AnyReconConfig(attention="window", compile_blocks=args.compile_blocks, **base), device=device
+        )
         profile_denoise(res, "profile_window", gen, inputs, device)
         del gen
         reset_peak(device)
@@ -515,7 +623,7 @@ def main() -> None:
             out["vae_encode_s"] = round(time.perf_counter() - t0, 2)
             out["vae_encode_frames"] = n
             t0 = time.perf_counter()
-            gen.decode(lat[:, :, args.memory:])
+            gen.decode(lat[:, :, args.memory :])
             sync(device)
             out["vae_decode_s"] = round(time.perf_counter() - t0, 2)
             out["vae_decode_frames"] = args.targets
@@ -533,7 +641,9 @@ def main() -> None:
             gen = AnyReconGenerator(comps, AnyReconConfig(attention="window", memory_mode="fp8", **base), device=device)
             reset_peak(device)
             bench_denoise(args, res, "denoise_window_fp8", gen, inputs, device, flops["window"], warmup_steps=0)
-            res.data["denoise_window_fp8"]["weights_gb"] = round(sum(p.numel() * p.element_size() for p in tr.parameters()) / 2**30, 2)
+            res.data["denoise_window_fp8"]["weights_gb"] = round(
+                sum(p.numel() * p.element_size() for p in tr.parameters()) / 2**30, 2
+            )
             res.save()
             del gen
         except Exception as e:
@@ -547,14 +657,21 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache() if device.startswith("cuda") else None
             t0 = time.perf_counter()
-            tr = build_transformer(WAN_I2V_14B, device, torch.bfloat16) if not args.tiny else build_components(args, "cpu").transformer
+            tr = (
+                build_transformer(WAN_I2V_14B, device, torch.bfloat16)
+                if not args.tiny
+                else build_components(args, "cpu").transformer
+            )
             tr.to("cpu")
             comps.transformer = tr
-            gen = AnyReconGenerator(comps, AnyReconConfig(attention="window", memory_mode="group_offload", **base),
-                                    device=device)
+            gen = AnyReconGenerator(
+                comps, AnyReconConfig(attention="window", memory_mode="group_offload", **base), device=device
+            )
             setup = time.perf_counter() - t0
             reset_peak(device)
-            bench_denoise(args, res, "denoise_window_group_offload", gen, inputs, device, flops["window"], warmup_steps=0)
+            bench_denoise(
+                args, res, "denoise_window_group_offload", gen, inputs, device, flops["window"], warmup_steps=0
+            )
             res.data["denoise_window_group_offload"]["setup_s"] = round(setup, 1)
             res.save()
         except Exception as e:

@@ -52,11 +52,16 @@ def warm_up(device: torch.device) -> float:
     """Compile and load the rasterizer's kernels with a tiny fit; returns its seconds."""
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
-    memory = GeometryMemory(torch.randn(WARMUP_POINTS, 3, generator=g) * 0.3 + torch.tensor([0.0, 0.0, 3.0]),
-                            torch.rand(WARMUP_POINTS, 3, generator=g), torch.ones(WARMUP_POINTS),
-                            torch.zeros(WARMUP_POINTS, dtype=torch.int32))
+    memory = GeometryMemory(
+        torch.randn(WARMUP_POINTS, 3, generator=g) * 0.3 + torch.tensor([0.0, 0.0, 3.0]),
+        torch.rand(WARMUP_POINTS, 3, generator=g),
+        torch.ones(WARMUP_POINTS),
+        torch.zeros(WARMUP_POINTS, dtype=torch.int32),
+    )
     K = torch.tensor([[[64.0, 0, 32], [0, 64.0, 32], [0, 0, 1]]])
-    views = FitViews(torch.rand(1, 64, 64, 3, generator=g), Cameras(torch.eye(4)[None], K, 64, 64), torch.ones(1, 64, 64))
+    views = FitViews(
+        torch.rand(1, 64, 64, 3, generator=g), Cameras(torch.eye(4)[None], K, 64, 64), torch.ones(1, 64, 64)
+    )
     cfg = FitConfig(iterations=WARMUP_ITERATIONS, rasterizer=default_rasterizer(device))
     fit_gaussians(views, memory, cfg, device=device)
     if device.type == "cuda":
@@ -84,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         keys = [scene.captures[i].camera for i in order_around([c.camera for c in scene.captures])]
         path = [widen(c, width, height) for c in path_through(keys, a.frames, closed=False)]
         settings = Settings(width=width, height=height, gaussian_iterations=a.iterations, segment_length=a.segment)
-        scene = replace(scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(path)], heldout=[],
-                        settings=settings)
+        scene = replace(
+            scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(path)], heldout=[], settings=settings
+        )
         compile_s = warm_up(device)
         cfg = LoopConfig.from_settings(settings, device=device)
         t0 = time.perf_counter()
@@ -120,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'stage':12s} {'seconds':>8s} {'calls':>6s} {'peak MiB':>9s}")
     for name, v in stages.items():
         print(f"{name:12s} {v['seconds']:8.2f} {v['calls']:6d} {v['peak_mib']:9.0f}")
-    print(f"total {total_s:.1f} s (target {TARGETS_S['total']:.0f}); memory {stages['memory']['seconds']:.2f} s "
-          f"(target {TARGETS_S['memory']:.0f}); render+retrieval {rr:.2f} s per segment (target 1); "
-          f"fit {stages['fit']['seconds']:.1f} s (target {TARGETS_S['fit']:.0f})")
+    print(
+        f"total {total_s:.1f} s (target {TARGETS_S['total']:.0f}); memory {stages['memory']['seconds']:.2f} s "
+        f"(target {TARGETS_S['memory']:.0f}); render+retrieval {rr:.2f} s per segment (target 1); "
+        f"fit {stages['fit']['seconds']:.1f} s (target {TARGETS_S['fit']:.0f})"
+    )
     return 0
 
 

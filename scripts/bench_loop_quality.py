@@ -56,8 +56,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
 
 
 def loop_config(base: LoopConfig, overrides: dict) -> LoopConfig:
-    cfg = replace(base, **{k: v for k, v in overrides.items()
-                           if k in ("capture_share", "fit_init", "guide", "occlusion_test")})
+    cfg = replace(
+        base, **{k: v for k, v in overrides.items() if k in ("capture_share", "fit_init", "guide", "occlusion_test")}
+    )
     if "update" in overrides:
         cfg = replace(cfg, update=replace(cfg.update, enabled=overrides["update"]))
     if "generated_final_weight" in overrides:
@@ -77,7 +78,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
             if vals:
                 row[key] = statistics.fmean(vals)
         row["loop_minus_captures"] = statistics.fmean(
-            r["gaussians_loop"]["psnr"] - base[r["seed"]]["gaussians_captures"]["psnr"] for r in reports)
+            r["gaussians_loop"]["psnr"] - base[r["seed"]]["gaussians_captures"]["psnr"] for r in reports
+        )
         out[v] = row
     return out
 
@@ -90,8 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default=None, metavar="WxH", help="working size for every scene (default: per scene)")
     p.add_argument("--iterations", type=int, default=3000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seeds", default="0", help="comma-separated fit seeds; every row is run once per seed and the "
-                   "summary gives the mean over seeds (one fit differs from another by a few tenths of a dB)")
+    p.add_argument(
+        "--seeds",
+        default="0",
+        help="comma-separated fit seeds; every row is run once per seed and the "
+        "summary gives the mean over seeds (one fit differs from another by a few tenths of a dB)",
+    )
     p.add_argument("--pictures", type=Path, default=None, help="keep each run's eval picture in this folder")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -102,8 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     if variants[0] != "default":
         variants.insert(0, "default")
     seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
-    results: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                     "torch": torch.__version__, "iterations": args.iterations, "scenes": {}}
+    results: dict = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "iterations": args.iterations,
+        "scenes": {},
+    }
     for name in (s.strip() for s in args.scenes.split(",")):
         folder, fmt, protocol, size = SCENES[name]
         if args.size:
@@ -119,24 +129,37 @@ def main(argv: list[str] | None = None) -> int:
                     loop_over, gen_over = VARIANTS[v]
                     t0 = time.perf_counter()
                     folder_name = f"{v.replace(' ', '_').replace('/', '_')}_seed{seed}"
-                    report = evaluate_scene(scene, Path(work) / folder_name, device=args.device,
-                                            trajectory_mode="heldout", config=EvalConfig(loop=loop_config(seeded, loop_over)),
-                                            generator=ReprojectGenerator(ReprojectConfig(**gen_over)),
-                                            baselines=v == "default")
+                    report = evaluate_scene(
+                        scene,
+                        Path(work) / folder_name,
+                        device=args.device,
+                        trajectory_mode="heldout",
+                        config=EvalConfig(loop=loop_config(seeded, loop_over)),
+                        generator=ReprojectGenerator(ReprojectConfig(**gen_over)),
+                        baselines=v == "default",
+                    )
                     report["seconds"] = round(time.perf_counter() - t0, 1)
                     report["seed"] = seed
                     runs[v].append(report)
                     if args.pictures:
                         args.pictures.mkdir(parents=True, exist_ok=True)
-                        shutil.copy(Path(work) / folder_name / EVAL_PICTURE, args.pictures / f"{name}_{folder_name}.png")
+                        shutil.copy(
+                            Path(work) / folder_name / EVAL_PICTURE, args.pictures / f"{name}_{folder_name}.png"
+                        )
                     keys = [k for k in ("points", "gaussians_captures", "gaussians_loop", "frames") if k in report]
-                    print(f"{name} {size[0]}x{size[1]} {args.iterations} it, seed {seed}, {v}: " + ", ".join(
-                        f"{k} {report[k]['psnr']:.2f}/{report[k]['ssim']:.3f}" for k in keys)
-                        + f" ({report['seconds']} s)", flush=True)
+                    print(
+                        f"{name} {size[0]}x{size[1]} {args.iterations} it, seed {seed}, {v}: "
+                        + ", ".join(f"{k} {report[k]['psnr']:.2f}/{report[k]['ssim']:.3f}" for k in keys)
+                        + f" ({report['seconds']} s)",
+                        flush=True,
+                    )
             summary = summarize(runs)
             for v, row in summary.items():
-                print(f"{name}, mean of {len(seeds)} seeds, {v}: " + ", ".join(f"{k} {val:.2f}" for k, val in row.items()),
-                      flush=True)
+                print(
+                    f"{name}, mean of {len(seeds)} seeds, {v}: "
+                    + ", ".join(f"{k} {val:.2f}" for k, val in row.items()),
+                    flush=True,
+                )
             results["scenes"][name] = {"size": list(size), "seeds": seeds, "runs": runs, "summary": summary}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,8 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -154,9 +155,24 @@ def main() -> int:
     data_dir = Path(tempfile.mkdtemp(prefix="bench-protocol-"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "scripts")])}
     service = subprocess.Popen(
-        [sys.executable, "-m", "backend.cli", "serve", "--bind", endpoint, "--data-dir", str(data_dir), "--device", "cpu",
-         "--runner", "bench_protocol:runner"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "backend.cli",
+            "serve",
+            "--bind",
+            endpoint,
+            "--data-dir",
+            str(data_dir),
+            "--device",
+            "cpu",
+            "--runner",
+            "bench_protocol:runner",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     results: dict[str, Any] = {
         "frames": args.frames,
@@ -181,7 +197,9 @@ def main() -> int:
             dst = np.zeros(total, np.uint8)
             copy_gbps = total / statistics.median(timed(lambda: np.copyto(dst, src), args.runs)) / GB
             results.update(bytes=total, copy_gbps=copy_gbps)
-            print(f"{args.frames} frames {FRAME_SHAPE} uint8 = {total / MIB:.1f} MiB; in-process memory copy {copy_gbps:.2f} GB/s")
+            print(
+                f"{args.frames} frames {FRAME_SHAPE} uint8 = {total / MIB:.1f} MiB; in-process memory copy {copy_gbps:.2f} GB/s"
+            )
             print(f"medians of {args.runs} runs; load average before: {results['load_average_before']:.2f}")
             print(f"{'path':<22} {'chunk MiB':>9} {'window':>6} {'GB/s':>6} {'copy GB/s':>9} {'x copy':>7}")
 
@@ -195,8 +213,12 @@ def main() -> int:
                     for window in WINDOWS:
                         chunk = chunk_mib * MIB
                         cases = {
-                            "service fetch": lambda: client.fetch_chunks(job, ARTIFACT, sink, chunk_bytes=chunk, window=window, verify=False),
-                            "service fetch+sha256": lambda: client.fetch_chunks(job, ARTIFACT, sink, chunk_bytes=chunk, window=window),
+                            "service fetch": lambda: client.fetch_chunks(
+                                job, ARTIFACT, sink, chunk_bytes=chunk, window=window, verify=False
+                            ),
+                            "service fetch+sha256": lambda: client.fetch_chunks(
+                                job, ARTIFACT, sink, chunk_bytes=chunk, window=window
+                            ),
                             "bare pyzmq": lambda: bare_fetch(bare_endpoint, total, dst, chunk, window),
                         }
                         for path, fn in cases.items():
@@ -206,9 +228,18 @@ def main() -> int:
                                 raise RuntimeError(f"{path}: the bytes received differ from the artifact")
                             gbps = total / statistics.median(fetch_s) / GB
                             ratio = statistics.median(f / c for f, c in zip(fetch_s, copy_s))
-                            row = {"path": path, "chunk_mib": chunk_mib, "window": window, "gbps": gbps, "copy_gbps": total / statistics.median(copy_s) / GB, "copy_ratio": ratio}
+                            row = {
+                                "path": path,
+                                "chunk_mib": chunk_mib,
+                                "window": window,
+                                "gbps": gbps,
+                                "copy_gbps": total / statistics.median(copy_s) / GB,
+                                "copy_ratio": ratio,
+                            }
                             results["rows"].append(row)
-                            print(f"{path:<22} {chunk_mib:>9} {window:>6} {gbps:>6.2f} {row['copy_gbps']:>9.2f} {ratio:>7.2f}")
+                            print(
+                                f"{path:<22} {chunk_mib:>9} {window:>6} {gbps:>6.2f} {row['copy_gbps']:>9.2f} {ratio:>7.2f}"
+                            )
             finally:
                 import zmq
 

@@ -61,7 +61,13 @@ PLATFORMS = (
     Platform("windows-x64", ("win_amd64",), re.compile(r"win_amd64")),
     Platform(
         "macos-arm64",
-        ("macosx_11_0_arm64", "macosx_12_0_arm64", "macosx_14_0_arm64", "macosx_10_15_universal2", "macosx_10_9_universal2"),
+        (
+            "macosx_11_0_arm64",
+            "macosx_12_0_arm64",
+            "macosx_14_0_arm64",
+            "macosx_10_15_universal2",
+            "macosx_10_9_universal2",
+        ),
         re.compile(r"macosx_[0-9_]+_(arm64|universal2)"),
     ),
 )
@@ -137,8 +143,10 @@ def wheels_for(platform: Platform | None, cache: Path = WHEEL_CACHE) -> list[Pat
         for plat in platforms:
             for py in PYTHON_VERSIONS:
                 match = [
-                    w for w in found
-                    if w.name.lower().startswith(dist_name + "-") and plat.wheel_tag.search(_wheel_tags(w)[2])
+                    w
+                    for w in found
+                    if w.name.lower().startswith(dist_name + "-")
+                    and plat.wheel_tag.search(_wheel_tags(w)[2])
                     and _serves_python(w, py)
                 ]
                 if not match:
@@ -152,7 +160,10 @@ def wheels_for(platform: Platform | None, cache: Path = WHEEL_CACHE) -> list[Pat
         out.extend(match[-1:])
     if missing:
         raise BuildError(
-            "missing extension wheels in " + str(cache) + ": " + "; ".join(missing)
+            "missing extension wheels in "
+            + str(cache)
+            + ": "
+            + "; ".join(missing)
             + ". Run: .venv/bin/python scripts/build_extension.py --fetch-wheels"
         )
     return out
@@ -212,7 +223,11 @@ def render_manifest(text: str, wheels: list[str], platforms: list[str]) -> str:
 
 
 def _zip_name(version: str, platform: Platform | None) -> str:
-    return f"reconloop-{version}.zip" if platform is None else f"reconloop-{version}-{platform.blender.replace('-', '_')}.zip"
+    return (
+        f"reconloop-{version}.zip"
+        if platform is None
+        else f"reconloop-{version}-{platform.blender.replace('-', '_')}.zip"
+    )
 
 
 def write_zip(path: Path, manifest: str, wheels: list[Path]) -> Path:

@@ -67,7 +67,18 @@ def make_scene(out: Path, extra: list[str]) -> Path:
 def start_service(data_dir: Path, device: str, log_path: Path) -> tuple[subprocess.Popen, str]:
     endpoint = f"tcp://{LOOPBACK}:{free_port()}"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
-    cmd = [sys.executable, "-m", "backend.cli", "serve", "--bind", endpoint, "--data-dir", str(data_dir), "--device", device]
+    cmd = [
+        sys.executable,
+        "-m",
+        "backend.cli",
+        "serve",
+        "--bind",
+        endpoint,
+        "--data-dir",
+        str(data_dir),
+        "--device",
+        device,
+    ]
     log(f"starting the service on {endpoint} (log {log_path})")
     logf = open(log_path, "ab")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -84,7 +95,9 @@ def start_service(data_dir: Path, device: str, log_path: Path) -> tuple[subproce
             except TimeoutError:
                 if time.monotonic() > deadline:
                     proc.kill()
-                    raise RuntimeError(f"the service did not answer in {SERVICE_START_TIMEOUT_S:.0f} s; see {log_path}") from None
+                    raise RuntimeError(
+                        f"the service did not answer in {SERVICE_START_TIMEOUT_S:.0f} s; see {log_path}"
+                    ) from None
     log(f"service up: {info['server']} on {info['device']}, generators {info['generators']}")
     return proc, endpoint
 
@@ -113,7 +126,9 @@ def prepare_captures(scene_dir: Path) -> None:
     coll = bpy.data.collections.get(CAPTURES_COLLECTION) or bpy.data.collections.new(CAPTURES_COLLECTION)
     if coll.name not in bpy.context.scene.collection.children:
         bpy.context.scene.collection.children.link(coll)
-    cams = sorted((o for o in bpy.data.objects if o.type == "CAMERA" and o.name.startswith(CAPTURE_PREFIX)), key=lambda o: o.name)
+    cams = sorted(
+        (o for o in bpy.data.objects if o.type == "CAMERA" and o.name.startswith(CAPTURE_PREFIX)), key=lambda o: o.name
+    )
     if not cams:
         raise RuntimeError(f"demo.blend has no {CAPTURE_PREFIX}* cameras")
     for obj in cams:
@@ -173,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         bpy.ops.reconloop.reconstruct(server=endpoint, output_dir=str(out / "results"), timeout_s=JOB_TIMEOUT_S)
         rt = bpy.context.window_manager.reconloop
         coll = next(c for c in bpy.data.collections if c.get("reconloop_job") == rt.job)
-        log(f"job {rt.job} {rt.state} in {time.monotonic() - t_job:.0f} s; imported {sorted(o.name for o in coll.objects)}")
+        log(
+            f"job {rt.job} {rt.state} in {time.monotonic() - t_job:.0f} s; imported {sorted(o.name for o in coll.objects)}"
+        )
         result = out / "demo_result.blend"
         bpy.ops.wm.save_as_mainfile(filepath=str(result))
         log(f"saved {result}")

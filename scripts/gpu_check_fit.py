@@ -34,8 +34,14 @@ from backend.stages.types import Cameras, GeometryMemory
 
 def arc_cameras(n: int, width: int, height: int, radius: float, spread_rad: float, offset: float = 0.0) -> Cameras:
     angles = [spread_rad * ((i + offset) / max(n - 1, 1) - 0.5) for i in range(n)]
-    w2c = torch.stack([torch.tensor(look_at([radius * math.sin(a), 0.3 * math.sin(3 * a), -radius * math.cos(a)]), dtype=torch.float32)
-                       for a in angles])
+    w2c = torch.stack(
+        [
+            torch.tensor(
+                look_at([radius * math.sin(a), 0.3 * math.sin(3 * a), -radius * math.cos(a)]), dtype=torch.float32
+            )
+            for a in angles
+        ]
+    )
     f = 0.9 * width
     K = torch.tensor([[f, 0.0, width / 2], [0.0, f, height / 2], [0.0, 0.0, 1.0]]).repeat(n, 1, 1)
     return Cameras(w2c, K, width, height)
@@ -70,24 +76,38 @@ def compare_rasterizers(gen: torch.Generator) -> dict:
     for name, device in (("torch_cpu", "cpu"), ("gsplat", "cuda")):
         params = {k: g[k].detach().clone().to(device).requires_grad_() for k in names}
         rgb, alpha, meta = make_rasterizer(name).render(
-            *(params[k] for k in names), cams.w2c.to(device), cams.K.to(device), cams.width, cams.height,
-            sh_degree=3, backgrounds=bg.to(device))
+            *(params[k] for k in names),
+            cams.w2c.to(device),
+            cams.K.to(device),
+            cams.width,
+            cams.height,
+            sh_degree=3,
+            backgrounds=bg.to(device),
+        )
         (rgb * weights.to(device)).sum().backward()
-        runs[name] = (rgb.detach().cpu(), alpha.detach().cpu(),
-                      {k: meta[k].detach().cpu() for k in ("means2d", "radii")},
-                      {k: params[k].grad.cpu() for k in names})
+        runs[name] = (
+            rgb.detach().cpu(),
+            alpha.detach().cpu(),
+            {k: meta[k].detach().cpu() for k in ("means2d", "radii")},
+            {k: params[k].grad.cpu() for k in names},
+        )
     (c_rgb, c_a, c_meta, c_grad), (g_rgb, g_a, g_meta, g_grad) = runs["torch_cpu"], runs["gsplat"]
     drawn = (c_meta["radii"] > 0).all(-1) & (g_meta["radii"] > 0).all(-1)
     diff = (c_rgb - g_rgb).abs()
-    out.update({
-        "rgb_max_abs_diff": float(diff.max()), "rgb_mean_abs_diff": float(diff.mean()),
-        "rgb_p999_abs_diff": float(diff.flatten().kthvalue(int(0.999 * diff.numel())).values),
-        "alpha_max_abs_diff": float((c_a - g_a).abs().max()),
-        "means2d_max_abs_diff_px": float((c_meta["means2d"] - g_meta["means2d"])[drawn].abs().max()),
-        "radii_equal_fraction": float((c_meta["radii"] == g_meta["radii"].to(torch.int32))[drawn].float().mean()),
-        "drawn_both": int(drawn.sum()),
-        "grad_relative_error": {k: float((c_grad[k] - g_grad[k]).norm() / g_grad[k].norm().clamp_min(1e-12)) for k in names},
-    })
+    out.update(
+        {
+            "rgb_max_abs_diff": float(diff.max()),
+            "rgb_mean_abs_diff": float(diff.mean()),
+            "rgb_p999_abs_diff": float(diff.flatten().kthvalue(int(0.999 * diff.numel())).values),
+            "alpha_max_abs_diff": float((c_a - g_a).abs().max()),
+            "means2d_max_abs_diff_px": float((c_meta["means2d"] - g_meta["means2d"])[drawn].abs().max()),
+            "radii_equal_fraction": float((c_meta["radii"] == g_meta["radii"].to(torch.int32))[drawn].float().mean()),
+            "drawn_both": int(drawn.sum()),
+            "grad_relative_error": {
+                k: float((c_grad[k] - g_grad[k]).norm() / g_grad[k].norm().clamp_min(1e-12)) for k in names
+            },
+        }
+    )
     return out
 
 
@@ -105,8 +125,17 @@ def fit_check(gen: torch.Generator, iterations: int, width: int, height: int, n_
             for i in range(len(cams)):
                 c = cams[i].to(device)
                 rgb, _, _ = make_rasterizer("gsplat").render(
-                    ref["means"], ref["quats"], ref["scales"], ref["opacities"], ref["sh"], c.w2c, c.K,
-                    c.width, c.height, sh_degree=3)
+                    ref["means"],
+                    ref["quats"],
+                    ref["scales"],
+                    ref["opacities"],
+                    ref["sh"],
+                    c.w2c,
+                    c.K,
+                    c.width,
+                    c.height,
+                    sh_degree=3,
+                )
                 out.append(rgb.clamp(0, 1))
         return torch.cat(out)
 
@@ -114,9 +143,12 @@ def fit_check(gen: torch.Generator, iterations: int, width: int, height: int, n_
     # The memory: a quarter of the centres, jittered, with their base colour plus noise.
     keep = torch.randperm(60_000, generator=gen)[:15_000].to(device)
     rgb = (0.5 + 0.28209479177387814 * ref["sh"][keep, 0]).clamp(0, 1)
-    memory = GeometryMemory(ref["means"][keep] + 0.01 * torch.randn(15_000, 3, device=device),
-                            (rgb + 0.05 * torch.randn_like(rgb)).clamp(0, 1),
-                            torch.ones(15_000, device=device), torch.zeros(15_000, dtype=torch.int32, device=device))
+    memory = GeometryMemory(
+        ref["means"][keep] + 0.01 * torch.randn(15_000, 3, device=device),
+        (rgb + 0.05 * torch.randn_like(rgb)).clamp(0, 1),
+        torch.ones(15_000, device=device),
+        torch.zeros(15_000, dtype=torch.int32, device=device),
+    )
     views = FitViews(train_images, train.to(device), torch.ones(train_images.shape[:3], device=device))
 
     stamps: list[tuple[int, float, float]] = []
@@ -135,13 +167,20 @@ def fit_check(gen: torch.Generator, iterations: int, width: int, height: int, n_
     m_train = image_metrics(render_gaussians(g, train, gt_cfg), train_images).mean()
     m_test = image_metrics(render_gaussians(g, test, gt_cfg), test_images).mean()
     return {
-        "size": [width, height], "train_cameras": n_train, "test_cameras": len(test), "iterations": iterations,
-        "reference_gaussians": 60_000, "initial_gaussians": 15_000, "final_gaussians": len(g),
-        "total_s": total, "first_progress_s": stamps[0][1] - start,
+        "size": [width, height],
+        "train_cameras": n_train,
+        "test_cameras": len(test),
+        "iterations": iterations,
+        "reference_gaussians": 60_000,
+        "initial_gaussians": 15_000,
+        "final_gaussians": len(g),
+        "total_s": total,
+        "first_progress_s": stamps[0][1] - start,
         "ms_per_iteration_by_tenth": [round(x, 2) for x in per_iter],
         "losses_by_tenth": [round(s[2], 4) for s in stamps],
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
-        "train": m_train, "heldout": m_test,
+        "train": m_train,
+        "heldout": m_test,
     }
 
 
@@ -159,12 +198,23 @@ def main() -> None:
 
     t0 = time.perf_counter()
     warm = make_rasterizer("gsplat").render(  # compiles gsplat's kernels on first use
-        torch.zeros(1, 3, device="cuda") + torch.tensor([0, 0, 2.0], device="cuda"), torch.tensor([[1.0, 0, 0, 0]], device="cuda"),
-        torch.full((1, 3), 0.1, device="cuda"), torch.ones(1, device="cuda"), torch.ones(1, 3, device="cuda"),
-        torch.eye(4, device="cuda")[None], torch.tensor([[[10.0, 0, 5], [0, 10, 5], [0, 0, 1]]], device="cuda"), 10, 10)
+        torch.zeros(1, 3, device="cuda") + torch.tensor([0, 0, 2.0], device="cuda"),
+        torch.tensor([[1.0, 0, 0, 0]], device="cuda"),
+        torch.full((1, 3), 0.1, device="cuda"),
+        torch.ones(1, device="cuda"),
+        torch.ones(1, 3, device="cuda"),
+        torch.eye(4, device="cuda")[None],
+        torch.tensor([[[10.0, 0, 5], [0, 10, 5], [0, 0, 1]]], device="cuda"),
+        10,
+        10,
+    )
     sync()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "gsplat_load_or_compile_s": time.perf_counter() - t0, "warm_alpha_max": float(warm[1].max())}
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "gsplat_load_or_compile_s": time.perf_counter() - t0,
+        "warm_alpha_max": float(warm[1].max()),
+    }
     print(json.dumps(results), flush=True)
     results["compare"] = compare_rasterizers(gen)
     print(json.dumps(results["compare"]), flush=True)

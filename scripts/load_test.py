@@ -90,11 +90,16 @@ def _scene(client: int, job: int, plan: str) -> dict[str, Any]:
     rng = np.random.default_rng(client * 1000 + job)
     K = np.array([[FOCAL, 0, IMAGE_SIDE / 2], [0, FOCAL, IMAGE_SIDE / 2], [0, 0, 1]])
     cam = {"w2c": np.eye(4), "K": K, "width": IMAGE_SIDE, "height": IMAGE_SIDE}
-    caps = [{"name": f"c{i}", "image": rng.integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8), "camera": cam} for i in range(2)]
+    caps = [
+        {"name": f"c{i}", "image": rng.integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8), "camera": cam}
+        for i in range(2)
+    ]
     return {"captures": caps, "trajectory": [{"frame": 1, "camera": cam}], "settings": {"prompt": f"probe {plan}"}}
 
 
-def _client_thread(endpoint: str, index: int, jobs: int, cancel_every: int, deadline: float, log: ClientLog, client_kw: dict[str, Any]) -> None:
+def _client_thread(
+    endpoint: str, index: int, jobs: int, cancel_every: int, deadline: float, log: ClientLog, client_kw: dict[str, Any]
+) -> None:
     try:
         with Client(endpoint, timeout_ms=10_000, retries=3, name=f"load-{index}", **client_kw) as c:
             for j in range(jobs):
@@ -126,7 +131,11 @@ def _client_thread(endpoint: str, index: int, jobs: int, cancel_every: int, dead
                     if cancel and not cancelled_sent and status["state"] in ("queued", "running"):
                         c.cancel(job)
                         cancelled_sent = True
-                    if final is None and status["state"] in TERMINAL_STATES and status["seq"] == (seqs[-1] if seqs else 0):
+                    if (
+                        final is None
+                        and status["state"] in TERMINAL_STATES
+                        and status["seq"] == (seqs[-1] if seqs else 0)
+                    ):
                         final = status["state"]
                 if final is None:
                     log.lost.append(f"{job}: no end within the time limit")
@@ -181,8 +190,14 @@ def _curve_keys(folder: Path, clients: int) -> tuple[list[str], list[dict[str, A
     return ["--curve-secret", str(server.secret_file), "--allow-keys", str(allowed)], kws
 
 
-def run_load(clients: int = 20, jobs_per_client: int = 3, cancel_every: int = 4, time_limit_s: float = 120.0, data_dir: Path | None = None,
-             curve: bool = False) -> LoadResult:
+def run_load(
+    clients: int = 20,
+    jobs_per_client: int = 3,
+    cancel_every: int = 4,
+    time_limit_s: float = 120.0,
+    data_dir: Path | None = None,
+    curve: bool = False,
+) -> LoadResult:
     """Start a service, run the clients, check the result against the server's listing.
 
     With ``curve`` every client has its own CurveZMQ key; each must then see exactly its own jobs
@@ -193,8 +208,21 @@ def run_load(clients: int = 20, jobs_per_client: int = 3, cancel_every: int = 4,
     serve_args, client_kws = _curve_keys(Path(tmp.name), clients) if curve else ([], [{} for _ in range(clients)])
     client_kw = client_kws[0]
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
-    cmd = [sys.executable, "-m", "backend.cli", "serve", "--bind", endpoint, "--data-dir", str(data_dir), "--device", "cpu",
-           "--runner", "backend.service.probe:run", *serve_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "backend.cli",
+        "serve",
+        "--bind",
+        endpoint,
+        "--data-dir",
+        str(data_dir),
+        "--device",
+        "cpu",
+        "--runner",
+        "backend.service.probe:run",
+        *serve_args,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     isolation: list[str] = []
@@ -212,8 +240,13 @@ def run_load(clients: int = 20, jobs_per_client: int = 3, cancel_every: int = 4,
         logs = [ClientLog() for _ in range(clients)]
         t0 = time.monotonic()
         deadline = t0 + time_limit_s
-        threads = [threading.Thread(target=_client_thread, args=(endpoint, i, jobs_per_client, cancel_every, deadline, logs[i], client_kws[i]))
-                   for i in range(clients)]
+        threads = [
+            threading.Thread(
+                target=_client_thread,
+                args=(endpoint, i, jobs_per_client, cancel_every, deadline, logs[i], client_kws[i]),
+            )
+            for i in range(clients)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -268,11 +301,22 @@ def run_load(clients: int = 20, jobs_per_client: int = 3, cancel_every: int = 4,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clients", type=int, default=20, help="concurrent clients, one thread and socket each (default %(default)s)")
-    p.add_argument("--jobs-per-client", type=int, default=5, help="jobs each client submits in turn (default %(default)s)")
+    p.add_argument(
+        "--clients", type=int, default=20, help="concurrent clients, one thread and socket each (default %(default)s)"
+    )
+    p.add_argument(
+        "--jobs-per-client", type=int, default=5, help="jobs each client submits in turn (default %(default)s)"
+    )
     p.add_argument("--cancel-every", type=int, default=4, help="cancel every k-th job (0: none; default %(default)s)")
-    p.add_argument("--time-limit-s", type=float, default=120.0, help="stop after this long; unfinished jobs count as lost (default %(default)s)")
-    p.add_argument("--curve", action="store_true", help="CurveZMQ with one key per client; check each sees only its own jobs")
+    p.add_argument(
+        "--time-limit-s",
+        type=float,
+        default=120.0,
+        help="stop after this long; unfinished jobs count as lost (default %(default)s)",
+    )
+    p.add_argument(
+        "--curve", action="store_true", help="CurveZMQ with one key per client; check each sees only its own jobs"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = p.parse_args(argv)
     result = run_load(args.clients, args.jobs_per_client, args.cancel_every, args.time_limit_s, curve=args.curve)

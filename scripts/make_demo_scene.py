@@ -76,7 +76,9 @@ def parse_args(argv: list[str] | None = None) -> DemoArgs:
         ap.error(f"--size must be at least 8x8; got {a.size}")
     if a.captures < 1 or a.frames < 1 or a.samples < 1:
         ap.error("--captures, --frames and --samples must be at least 1")
-    return DemoArgs(out=a.out, captures=a.captures, frames=a.frames, width=w, height=h, samples=a.samples, threads=a.threads)
+    return DemoArgs(
+        out=a.out, captures=a.captures, frames=a.frames, width=w, height=h, samples=a.samples, threads=a.threads
+    )
 
 
 def look_at(eye: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -111,8 +113,15 @@ def _material(bpy, name: str, kind: str, colors: tuple, scale: float):
     mat.use_nodes = True
     nodes, links = mat.node_tree.nodes, mat.node_tree.links
     bsdf = nodes.get("Principled BSDF")
-    tex = nodes.new({"noise": "ShaderNodeTexNoise", "voronoi": "ShaderNodeTexVoronoi", "checker": "ShaderNodeTexChecker",
-                     "wave": "ShaderNodeTexWave", "magic": "ShaderNodeTexMagic"}[kind])
+    tex = nodes.new(
+        {
+            "noise": "ShaderNodeTexNoise",
+            "voronoi": "ShaderNodeTexVoronoi",
+            "checker": "ShaderNodeTexChecker",
+            "wave": "ShaderNodeTexWave",
+            "magic": "ShaderNodeTexMagic",
+        }[kind]
+    )
     tex.inputs["Scale"].default_value = scale
     if kind == "checker":
         tex.inputs["Color1"].default_value = (*colors[0], 1.0)
@@ -163,19 +172,47 @@ def build_scene(bpy, a: DemoArgs):
         obj.data.materials.append(mat)
         return obj
 
-    add(ops.primitive_plane_add, _material(bpy, "ground", "checker", ((0.75, 0.7, 0.6), (0.25, 0.3, 0.35)), 6.0), size=14.0)
-    add(ops.primitive_cylinder_add, _material(bpy, "pedestal", "wave", ((0.8, 0.75, 0.65), (0.35, 0.25, 0.2)), 3.0),
-        radius=0.55, depth=1.6, location=(0.0, 0.0, 0.8))
+    add(
+        ops.primitive_plane_add,
+        _material(bpy, "ground", "checker", ((0.75, 0.7, 0.6), (0.25, 0.3, 0.35)), 6.0),
+        size=14.0,
+    )
+    add(
+        ops.primitive_cylinder_add,
+        _material(bpy, "pedestal", "wave", ((0.8, 0.75, 0.65), (0.35, 0.25, 0.2)), 3.0),
+        radius=0.55,
+        depth=1.6,
+        location=(0.0, 0.0, 0.8),
+    )
     add(ops.primitive_uv_sphere_add, _emissive(bpy, "beacon", BEACON_RGB), radius=BEACON_RADIUS, location=BEACON_CENTER)
-    add(ops.primitive_cube_add, _material(bpy, "cube", "voronoi", ((0.9, 0.85, 0.2), (0.1, 0.35, 0.6)), 4.0),
-        size=1.3, location=(2.1, -1.1, 0.65), rotation=(0.0, 0.0, 0.5))
-    sphere = add(ops.primitive_uv_sphere_add, _material(bpy, "sphere", "noise", ((0.1, 0.5, 0.2), (0.9, 0.9, 0.8)), 5.0),
-                 radius=0.8, location=(-1.9, -1.2, 0.8))
+    add(
+        ops.primitive_cube_add,
+        _material(bpy, "cube", "voronoi", ((0.9, 0.85, 0.2), (0.1, 0.35, 0.6)), 4.0),
+        size=1.3,
+        location=(2.1, -1.1, 0.65),
+        rotation=(0.0, 0.0, 0.5),
+    )
+    sphere = add(
+        ops.primitive_uv_sphere_add,
+        _material(bpy, "sphere", "noise", ((0.1, 0.5, 0.2), (0.9, 0.9, 0.8)), 5.0),
+        radius=0.8,
+        location=(-1.9, -1.2, 0.8),
+    )
     sphere.data.polygons.foreach_set("use_smooth", [True] * len(sphere.data.polygons))
-    add(ops.primitive_torus_add, _material(bpy, "torus", "magic", ((0.6, 0.1, 0.5), (0.95, 0.6, 0.2)), 2.0),
-        major_radius=0.7, minor_radius=0.25, location=(-0.6, 2.1, 0.25))
-    add(ops.primitive_cone_add, _material(bpy, "cone", "checker", ((0.2, 0.2, 0.8), (0.9, 0.9, 0.9)), 8.0),
-        radius1=0.6, depth=1.4, location=(1.7, 1.8, 0.7))
+    add(
+        ops.primitive_torus_add,
+        _material(bpy, "torus", "magic", ((0.6, 0.1, 0.5), (0.95, 0.6, 0.2)), 2.0),
+        major_radius=0.7,
+        minor_radius=0.25,
+        location=(-0.6, 2.1, 0.25),
+    )
+    add(
+        ops.primitive_cone_add,
+        _material(bpy, "cone", "checker", ((0.2, 0.2, 0.8), (0.9, 0.9, 0.9)), 8.0),
+        radius1=0.6,
+        depth=1.4,
+        location=(1.7, 1.8, 0.7),
+    )
 
     bpy.ops.object.light_add(type="SUN", location=(3.0, -4.0, 8.0), rotation=(0.6, 0.2, 0.9))
     sun = bpy.context.active_object
@@ -237,10 +274,17 @@ def opencv_camera(scene, obj) -> Camera:
     r, d = scene.render, obj.data
     p = BlenderCameraParams(
         matrix_world=np.array(obj.matrix_world, dtype=np.float64),
-        lens_mm=d.lens, sensor_width_mm=d.sensor_width, sensor_height_mm=d.sensor_height,
-        sensor_fit=d.sensor_fit, shift_x=d.shift_x, shift_y=d.shift_y,
-        resolution_x=r.resolution_x, resolution_y=r.resolution_y, resolution_percentage=r.resolution_percentage,
-        pixel_aspect_x=r.pixel_aspect_x, pixel_aspect_y=r.pixel_aspect_y,
+        lens_mm=d.lens,
+        sensor_width_mm=d.sensor_width,
+        sensor_height_mm=d.sensor_height,
+        sensor_fit=d.sensor_fit,
+        shift_x=d.shift_x,
+        shift_y=d.shift_y,
+        resolution_x=r.resolution_x,
+        resolution_y=r.resolution_y,
+        resolution_percentage=r.resolution_percentage,
+        pixel_aspect_x=r.pixel_aspect_x,
+        pixel_aspect_y=r.pixel_aspect_y,
     )
     cv = opencv_from_blender(p)
     return Camera(w2c=cv.w2c, K=cv.K, width=cv.width, height=cv.height)
@@ -292,15 +336,19 @@ def make_demo_scene(a: DemoArgs) -> Path:
     bpy.ops.wm.save_as_mainfile(filepath=str(out / "demo.blend"))
 
     settings = Settings(width=a.width, height=a.height)
-    return save_scene(Scene(root=out, captures=captures, trajectory=trajectory, heldout=heldout, settings=settings), out)
+    return save_scene(
+        Scene(root=out, captures=captures, trajectory=trajectory, heldout=heldout, settings=settings), out
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     t0 = time.perf_counter()
     path = make_demo_scene(a)
-    print(f"wrote {path} ({a.captures} captures, {a.frames} frames at {a.width}x{a.height}, "
-          f"{a.samples} samples) in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"wrote {path} ({a.captures} captures, {a.frames} frames at {a.width}x{a.height}, "
+        f"{a.samples} samples) in {time.perf_counter() - t0:.1f} s"
+    )
     return 0
 
 

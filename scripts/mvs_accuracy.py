@@ -67,8 +67,14 @@ def evaluate(scene: Path, side: int, views: int, planes: int, device: str) -> di
         seen += int(ok.sum())
         errors.append(((d[has] - z[ok][has]).abs() / z[ok][has]).cpu().numpy())
     e = np.concatenate(errors)
-    return {"median": float(np.median(e)), "p90": float(np.quantile(e, 0.9)), "under_1pct": float(np.mean(e < 0.01)),
-            "coverage": len(e) / max(seen, 1), "points": len(e), "seconds": seconds}
+    return {
+        "median": float(np.median(e)),
+        "p90": float(np.quantile(e, 0.9)),
+        "under_1pct": float(np.mean(e < 0.01)),
+        "coverage": len(e) / max(seen, 1),
+        "points": len(e),
+        "seconds": seconds,
+    }
 
 
 def main() -> None:
@@ -79,13 +85,17 @@ def main() -> None:
     ap.add_argument("--planes", type=int, default=MVSConfig.num_planes)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    print("| max side | views | planes | median rel. depth error | 90th pct | < 1 % | GT points with depth | time (s) |")
+    print(
+        "| max side | views | planes | median rel. depth error | 90th pct | < 1 % | GT points with depth | time (s) |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for side in args.sides:
         for views in args.views:
             r = evaluate(args.scene, side, views, args.planes, args.device)
-            print(f"| {side} | {views} | {args.planes} | {r['median']:.4f} | {r['p90']:.4f} | {r['under_1pct']:.3f} | "
-                  f"{r['points']} ({r['coverage']:.0%}) | {r['seconds']:.2f} |")
+            print(
+                f"| {side} | {views} | {args.planes} | {r['median']:.4f} | {r['p90']:.4f} | {r['under_1pct']:.3f} | "
+                f"{r['points']} ({r['coverage']:.0%}) | {r['seconds']:.2f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -36,11 +36,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="reconstruct_headless.py", description="Reconstruct a .blend with ReconLoop and save the result."
     )
     ap.add_argument("--blend", type=Path, default=None, help="the .blend to open (bpy wheel; Blender opens its own)")
-    ap.add_argument("--server", default="", help="service address, e.g. tcp://127.0.0.1:5555 (default: the preferences)")
+    ap.add_argument(
+        "--server", default="", help="service address, e.g. tcp://127.0.0.1:5555 (default: the preferences)"
+    )
     ap.add_argument("--server-key", type=Path, default=None, help="the server's CurveZMQ public key file (NAME.key)")
     ap.add_argument("--client-key", type=Path, default=None, help="your CurveZMQ secret key file (NAME.key_secret)")
     ap.add_argument("--out", type=Path, required=True, help="folder for results and the saved .blend")
-    ap.add_argument("--save", type=Path, default=None, help="where to save the .blend (default OUT/<name>_reconstructed.blend)")
+    ap.add_argument(
+        "--save", type=Path, default=None, help="where to save the .blend (default OUT/<name>_reconstructed.blend)"
+    )
     ap.add_argument("--extension", type=Path, default=None, help="extension zip to install first")
     ap.add_argument("--captures", default="", help="name of the collection of capture cameras")
     ap.add_argument("--photos", type=Path, default=None, help="a folder of photos without cameras instead")
@@ -161,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     bpy.ops.wm.save_as_mainfile(filepath=str(save))
     coll = next((c for c in bpy.data.collections if c.get("reconloop_job") == rt.job), None)
     objects = sorted(o.name for o in coll.objects) if coll is not None else []
-    print(f"reconstruct_headless: job {rt.job} {rt.state} in {time.monotonic() - t0:.1f} s with add-on {module}; "
-          f"imported {objects}; saved {save}")
+    print(
+        f"reconstruct_headless: job {rt.job} {rt.state} in {time.monotonic() - t0:.1f} s with add-on {module}; "
+        f"imported {objects}; saved {save}"
+    )
     return EXIT_OK
 
 

@@ -34,13 +34,28 @@ if str(REPO) not in sys.path:
 
 TEST_FILES = ("test_auth.py", "test_limits.py", "test_fuzz.py", "test_faults.py", "test_load.py")
 CATEGORY_ORDER = ("access", "bad input", "fault", "load")
-CATEGORY_TITLES = {"access": "Who may connect", "bad input": "Bad input and limits", "fault": "Faults", "load": "Load (test size)"}
+CATEGORY_TITLES = {
+    "access": "Who may connect",
+    "bad input": "Bad input and limits",
+    "fault": "Faults",
+    "load": "Load (test size)",
+}
 PIPE = "\\|"
 
 
 def run_tests(xml_path: Path) -> int:
-    cmd = [sys.executable, "-m", "pytest", *[f"tests/backend/{f}" for f in TEST_FILES], "-q", "-p", "no:cacheprovider",
-           f"--junitxml={xml_path}", "-o", "junit_family=xunit1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *[f"tests/backend/{f}" for f in TEST_FILES],
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={xml_path}",
+        "-o",
+        "junit_family=xunit1",
+    ]
     print("running:", " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}).returncode
 
@@ -49,7 +64,13 @@ def read_results(xml_path: Path) -> tuple[list[dict], Counter, dict[str, str]]:
     """Rows (with status), per-file outcome counts, and extra figures recorded by the tests."""
     rows, counts, figures = [], Counter(), {}
     for case in ET.parse(xml_path).iter("testcase"):
-        status = "skipped" if case.find("skipped") is not None else "FAILED" if case.find("failure") is not None or case.find("error") is not None else "pass"
+        status = (
+            "skipped"
+            if case.find("skipped") is not None
+            else "FAILED"
+            if case.find("failure") is not None or case.find("error") is not None
+            else "pass"
+        )
         file = case.get("classname", "").rsplit(".", 1)[-1]
         counts[(file, status)] += 1
         props = [(p.get("name"), p.get("value")) for p in case.iter("property")]  # in recording order
@@ -65,7 +86,15 @@ def read_results(xml_path: Path) -> tuple[list[dict], Counter, dict[str, str]]:
                 mine[-1][name] = value
         rows += mine
         if not mine and status != "pass":
-            rows.append({"category": "other", "injected": case.get("name"), "outcome": "", "status": status, "test": f"{file}::{case.get('name')}"})
+            rows.append(
+                {
+                    "category": "other",
+                    "injected": case.get("name"),
+                    "outcome": "",
+                    "status": status,
+                    "test": f"{file}::{case.get('name')}",
+                }
+            )
     return rows, counts, figures
 
 
@@ -73,8 +102,16 @@ def cell(text: str) -> str:
     return text.replace("|", PIPE).replace("\n", " ")
 
 
-def render(rows: list[dict], counts: Counter, figures: dict[str, str], load: dict, keyed: dict, load_args: argparse.Namespace, test_rc: int) -> str:
-    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def render(
+    rows: list[dict],
+    counts: Counter,
+    figures: dict[str, str],
+    load: dict,
+    keyed: dict,
+    load_args: argparse.Namespace,
+    test_rc: int,
+) -> str:
+    today = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     total = sum(counts.values())
     passed = sum(n for (f, s), n in counts.items() if s == "pass")
     out = [
@@ -92,27 +129,39 @@ def render(rows: list[dict], counts: Counter, figures: dict[str, str], load: dic
         mine = [r for r in rows if r["category"] == category]
         if not mine:
             continue
-        out.append(f"## {CATEGORY_TITLES.get(category, 'Other failures')}\n\n| injected | outcome | result | test |\n| --- | --- | --- | --- |\n")
+        out.append(
+            f"## {CATEGORY_TITLES.get(category, 'Other failures')}\n\n| injected | outcome | result | test |\n| --- | --- | --- | --- |\n"
+        )
         for r in mine:
             out.append(f"| {cell(r['injected'])} | {cell(r['outcome'])} | {r['status']} | `{r['test']}` |\n")
         out.append("\n")
     out.append("## Fuzzing totals\n\n")
-    out.append(f"- messages through the service's socket, all fuzz tests: **{figures.get('socket_messages_total', '?')}** "
-               f"(the seeded bulk: {figures.get('bulk_messages', '?')} in {figures.get('bulk_seconds', '?')} s); plus 20,000 "
-               "through the codec alone.\n")
-    out.append("- classes: garbage bytes, truncated frames, too many frames, wrong types in valid envelopes, huge lengths, "
-               "deep nesting, bad arrays, bad images, bad cameras, byte-level mutation of valid messages; hypothesis adds "
-               "wrong values at every field path, array references, cameras, images and raw frames.\n")
-    out.append("- pass criterion: each message gets exactly one reply that itself validates as a protocol reply, with no "
-               "`internal` error (or, over the frame limit, the connection is dropped unanswered); the service stays up; "
-               "a valid job afterwards finishes and its artifacts fetch with matching sha256.\n\n")
+    out.append(
+        f"- messages through the service's socket, all fuzz tests: **{figures.get('socket_messages_total', '?')}** "
+        f"(the seeded bulk: {figures.get('bulk_messages', '?')} in {figures.get('bulk_seconds', '?')} s); plus 20,000 "
+        "through the codec alone.\n"
+    )
+    out.append(
+        "- classes: garbage bytes, truncated frames, too many frames, wrong types in valid envelopes, huge lengths, "
+        "deep nesting, bad arrays, bad images, bad cameras, byte-level mutation of valid messages; hypothesis adds "
+        "wrong values at every field path, array references, cameras, images and raw frames.\n"
+    )
+    out.append(
+        "- pass criterion: each message gets exactly one reply that itself validates as a protocol reply, with no "
+        "`internal` error (or, over the frame limit, the connection is dropped unanswered); the service stays up; "
+        "a valid job afterwards finishes and its artifacts fetch with matching sha256.\n\n"
+    )
     out.append(f"## Load ({load_args.clients} clients x {load_args.jobs_per_client} jobs, `scripts/load_test.py`)\n\n")
-    out.append("| clients | jobs | done | cancelled | failed | lost | duplicated | status p50 | status p99 | status requests | service RSS at start | service peak RSS | wall |\n")
+    out.append(
+        "| clients | jobs | done | cancelled | failed | lost | duplicated | status p50 | status p99 | status requests | service RSS at start | service peak RSS | wall |\n"
+    )
     out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
     for name, r in (("loopback, one local owner", load), ("CurveZMQ, one key per client", keyed)):
-        out.append(f"| {r['clients']} ({name}) | {r['submitted']} | {r['completed']} | {r['cancelled']} | {r['failed']} | **{r['lost']}** | "
-                   f"**{r['duplicated']}** | {r['status_p50_ms']} ms | {r['status_p99_ms']} ms | {r['status_requests']} | "
-                   f"{r['start_rss_mib']} MiB | {r['peak_rss_mib']} MiB | {r['wall_s']} s |\n")
+        out.append(
+            f"| {r['clients']} ({name}) | {r['submitted']} | {r['completed']} | {r['cancelled']} | {r['failed']} | **{r['lost']}** | "
+            f"**{r['duplicated']}** | {r['status_p50_ms']} ms | {r['status_p99_ms']} ms | {r['status_requests']} | "
+            f"{r['start_rss_mib']} MiB | {r['peak_rss_mib']} MiB | {r['wall_s']} s |\n"
+        )
     out.append("\n")
     for r in (load, keyed):
         if r["errors"]:
@@ -148,7 +197,9 @@ def render(rows: list[dict], counts: Counter, figures: dict[str, str], load: dic
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=REPO / "docs" / "reliability.md", help="where to write (default %(default)s)")
+    p.add_argument(
+        "--out", type=Path, default=REPO / "docs" / "reliability.md", help="where to write (default %(default)s)"
+    )
     p.add_argument("--clients", type=int, default=40, help="load test clients (default %(default)s)")
     p.add_argument("--jobs-per-client", type=int, default=5, help="load test jobs per client (default %(default)s)")
     args = p.parse_args(argv)

@@ -114,11 +114,16 @@ PNG_1x1 = bytes.fromhex(
 
 
 def _cam(w=64, h=48):
-    return cam_math.OpenCVCamera(w2c=np.eye(4), K=np.array([[50.0, 0, w / 2], [0, 50, h / 2], [0, 0, 1]]), width=w, height=h)
+    return cam_math.OpenCVCamera(
+        w2c=np.eye(4), K=np.array([[50.0, 0, w / 2], [0, 50, h / 2], [0, 0, 1]]), width=w, height=h
+    )
 
 
 def test_build_scene_payload():
-    caps = [scene_io.CaptureInput("a", PNG_1x1, "png", _cam(1, 1)), scene_io.CaptureInput("b", PNG_1x1, "png", _cam(1, 1))]
+    caps = [
+        scene_io.CaptureInput("a", PNG_1x1, "png", _cam(1, 1)),
+        scene_io.CaptureInput("b", PNG_1x1, "png", _cam(1, 1)),
+    ]
     scene = scene_io.build_scene_payload(caps, [(1, _cam()), (3, _cam())], {"width": 64, "height": 48})
     assert [c["name"] for c in scene["captures"]] == ["a", "b"]
     assert scene["captures"][0]["image"].tobytes() == PNG_1x1
@@ -175,7 +180,15 @@ def test_artifact_kinds_and_frames():
 
 def test_parse_cameras_json_to_blender():
     cam = _cam()
-    doc = {"captures": [{"name": "p0", "image": "images/p0.png", "camera": {"w2c": cam.w2c.tolist(), "K": cam.K.tolist(), "width": 64, "height": 48}}]}
+    doc = {
+        "captures": [
+            {
+                "name": "p0",
+                "image": "images/p0.png",
+                "camera": {"w2c": cam.w2c.tolist(), "K": cam.K.tolist(), "width": 64, "height": 48},
+            }
+        ]
+    }
     import json
 
     (est,) = scene_io.parse_cameras_json(json.dumps(doc))
@@ -196,16 +209,38 @@ def test_service_command_and_hello_text():
 
     cfg = connection.ConnectionConfig(local_python="/opt/py/bin/python", local_device="cpu", data_dir="/tmp/jobs")
     assert connection.service_command(cfg, "tcp://127.0.0.1:5000") == [
-        "/opt/py/bin/python", "-m", "backend.cli", "serve", "--bind", "tcp://127.0.0.1:5000", "--device", "cpu",
-        "--data-dir", "/tmp/jobs",
+        "/opt/py/bin/python",
+        "-m",
+        "backend.cli",
+        "serve",
+        "--bind",
+        "tcp://127.0.0.1:5000",
+        "--device",
+        "cpu",
+        "--data-dir",
+        "/tmp/jobs",
     ]
     cfg = connection.ConnectionConfig(local_command="conda run -n recon reconloop")
     assert connection.service_command(cfg, "tcp://127.0.0.1:5000")[:6] == [
-        "conda", "run", "-n", "recon", "reconloop", "serve"]
-    text = connection.describe_hello({"server": "0.1.0", "version": 1, "device": "cuda:0", "generators": ["reproject", "anyrecon"],
-                                      "gpu": {"name": "H100", "total_bytes": 80 << 30, "free_bytes": 60 << 30}})
-    assert text == ("ReconLoop 0.1.0 (protocol 1); device cuda:0; H100: 60.0 of 80.0 GiB free; "
-                    "generators: reproject, anyrecon")
+        "conda",
+        "run",
+        "-n",
+        "recon",
+        "reconloop",
+        "serve",
+    ]
+    text = connection.describe_hello(
+        {
+            "server": "0.1.0",
+            "version": 1,
+            "device": "cuda:0",
+            "generators": ["reproject", "anyrecon"],
+            "gpu": {"name": "H100", "total_bytes": 80 << 30, "free_bytes": 60 << 30},
+        }
+    )
+    assert text == (
+        "ReconLoop 0.1.0 (protocol 1); device cuda:0; H100: 60.0 of 80.0 GiB free; generators: reproject, anyrecon"
+    )
 
 
 def test_half_set_keys_are_refused(tmp_path):
@@ -216,6 +251,8 @@ def test_half_set_keys_are_refused(tmp_path):
     cfg = connection.ConnectionConfig(mode="remote", remote_address="tcp://127.0.0.1:1", server_key_file=str(key))
     with pytest.raises(ReconLoopError, match="needs both files"):
         connection.make_client(cfg.remote_address, cfg)
-    cfg = connection.ConnectionConfig(mode="remote", server_key_file=str(key), client_key_file=str(tmp_path / "missing"))
+    cfg = connection.ConnectionConfig(
+        mode="remote", server_key_file=str(key), client_key_file=str(tmp_path / "missing")
+    )
     with pytest.raises(ReconLoopError, match="key file not found"):
         connection.make_client(cfg.remote_address, cfg)

@@ -21,8 +21,22 @@ pytest.importorskip("bpy")
 @pytest.fixture(scope="module")
 def tiny_scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--captures", "2", "--frames", "3",
-           "--size", "64x48", "--samples", "1", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--out",
+        str(out),
+        "--captures",
+        "2",
+        "--frames",
+        "3",
+        "--size",
+        "64x48",
+        "--samples",
+        "1",
+        "--threads",
+        "1",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     return out
 

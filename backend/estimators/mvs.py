@@ -111,7 +111,9 @@ class MVSConfig:
             raise ValueError(f"MVSConfig.window_radius must be >= 1; got {self.window_radius}")
         lo, hi = self.depth_percentiles
         if not 0.0 <= lo < hi <= 1.0:
-            raise ValueError(f"MVSConfig.depth_percentiles must satisfy 0 <= lo < hi <= 1; got {self.depth_percentiles}")
+            raise ValueError(
+                f"MVSConfig.depth_percentiles must satisfy 0 <= lo < hi <= 1; got {self.depth_percentiles}"
+            )
         if self.min_consistent < 0:
             raise ValueError(f"MVSConfig.min_consistent must be >= 0; got {self.min_consistent}")
         if self.fallback_depth_factor <= 1.0:
@@ -150,8 +152,13 @@ def resize_views(views: Views, max_side: int) -> Views:
         return views
     scale = max_side / max(H, W)
     h, w = max(1, round(H * scale)), max(1, round(W * scale))
-    imgs = F.interpolate(views.images.permute(0, 3, 1, 2), size=(h, w), mode="bilinear",
-                         antialias=True, align_corners=False).permute(0, 2, 3, 1).clamp(0, 1)
+    imgs = (
+        F.interpolate(
+            views.images.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", antialias=True, align_corners=False
+        )
+        .permute(0, 2, 3, 1)
+        .clamp(0, 1)
+    )
     return Views(imgs.contiguous(), views.cams.resized(w, h), list(views.ids))
 
 
@@ -185,8 +192,15 @@ def plane_depths(depth_min: float, depth_max: float, num_planes: int, device: to
     return 1.0 / inv
 
 
-def plane_sweep(ref_gray: Tensor, ref_cam: Cameras, src_gray: Tensor, src_cams: Cameras,
-                depth_min: float, depth_max: float, cfg: MVSConfig) -> SweepResult:
+def plane_sweep(
+    ref_gray: Tensor,
+    ref_cam: Cameras,
+    src_gray: Tensor,
+    src_cams: Cameras,
+    depth_min: float,
+    depth_max: float,
+    cfg: MVSConfig,
+) -> SweepResult:
     """Fronto-parallel plane sweep with ZNCC, winner-take-all and sub-plane refinement.
 
     Args:
@@ -203,8 +217,10 @@ def plane_sweep(ref_gray: Tensor, ref_cam: Cameras, src_gray: Tensor, src_cams: 
         raise ValueError(f"plane_sweep: need 0 < depth_min < depth_max; got {depth_min}, {depth_max}")
     H, W = ref_gray.shape
     if src_gray.shape[1:] != (H, W) or len(src_cams) != src_gray.shape[0] or len(src_cams) == 0:
-        raise ValueError(f"plane_sweep: src_gray must be [S>=1, {H}, {W}] matching src_cams; "
-                         f"got {tuple(src_gray.shape)} with {len(src_cams)} cameras")
+        raise ValueError(
+            f"plane_sweep: src_gray must be [S>=1, {H}, {W}] matching src_cams; "
+            f"got {tuple(src_gray.shape)} with {len(src_cams)} cameras"
+        )
     dev = ref_gray.device
     r = cfg.window_radius
     S, D = len(src_cams), cfg.num_planes
@@ -228,7 +244,7 @@ def plane_sweep(ref_gray: Tensor, ref_cam: Cameras, src_gray: Tensor, src_cams: 
 
     volume = torch.empty(D, H, W, device=dev)
     for d0 in range(0, D, cfg.plane_chunk):
-        d = depths[d0:d0 + cfg.plane_chunk]  # [Dc]
+        d = depths[d0 : d0 + cfg.plane_chunk]  # [Dc]
         Dc = d.shape[0]
         scores = torch.empty(S, Dc, H, W, device=dev)
         for s in range(S):
@@ -237,15 +253,16 @@ def plane_sweep(ref_gray: Tensor, ref_cam: Cameras, src_gray: Tensor, src_cams: 
             uv = uvw[..., :2] / z.clamp_min(EPS)[..., None]
             inside = (z > EPS) & (uv >= 0).all(-1) & (uv[..., 0] <= W) & (uv[..., 1] <= H)
             grid = (uv * scale - 1.0).reshape(Dc, H, W, 2)
-            y = F.grid_sample(src[s:s + 1].expand(Dc, -1, -1, -1), grid, mode="bilinear",
-                              padding_mode="border", align_corners=False)  # [Dc, 1, H, W]
+            y = F.grid_sample(
+                src[s : s + 1].expand(Dc, -1, -1, -1), grid, mode="bilinear", padding_mode="border", align_corners=False
+            )  # [Dc, 1, H, W]
             my, myy, mxy = _box(torch.cat([y, y * y, x * y]), r, count).split(Dc)
             var_y = (myy - my * my).clamp_min_(EPS)
             ncc = (mxy - mx * my) * inv_std_x * var_y.rsqrt_()
             scores[s] = ncc[:, 0].masked_fill_(~inside.reshape(Dc, H, W), ZNCC_WORST)
         if S > k_views:
             scores = scores.topk(k_views, dim=0).values
-        volume[d0:d0 + Dc] = scores.mean(0)
+        volume[d0 : d0 + Dc] = scores.mean(0)
 
     return _winner_take_all(volume, depths, textured, cfg)
 
@@ -439,8 +456,15 @@ def _project(xyz: Tensor, cam: Cameras) -> tuple[Tensor, Tensor]:
     return uvw[:, :2] / uvw[:, 2:3].clamp_min(EPS), z
 
 
-def fuse_depths(depths: Tensor, conf: Tensor, views: Views, neighbors: list[list[int]], cfg: MVSConfig,
-                *, check_depths: Tensor | None = None) -> GeometryMemory:
+def fuse_depths(
+    depths: Tensor,
+    conf: Tensor,
+    views: Views,
+    neighbors: list[list[int]],
+    cfg: MVSConfig,
+    *,
+    check_depths: Tensor | None = None,
+) -> GeometryMemory:
     """Keep depths that agree with >= min_consistent other views and fuse them into points.
 
     Args:
@@ -482,10 +506,14 @@ def fuse_depths(depths: Tensor, conf: Tensor, views: Views, neighbors: list[list
         if not keep.any():
             continue
         xyz = X_sum[keep] / (1.0 + agree[keep, None])
-        parts.append(GeometryMemory(
-            xyz=xyz, rgb=views.images[i][valid][keep], confidence=conf[i][valid][keep],
-            source=torch.full((int(keep.sum()),), int(views.ids[i]), dtype=torch.int32, device=X.device),
-        ))
+        parts.append(
+            GeometryMemory(
+                xyz=xyz,
+                rgb=views.images[i][valid][keep],
+                confidence=conf[i][valid][keep],
+                source=torch.full((int(keep.sum()),), int(views.ids[i]), dtype=torch.int32, device=X.device),
+            )
+        )
     return GeometryMemory.cat(parts) if parts else GeometryMemory.empty(depths.device)
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -40,12 +40,12 @@ class SfMError(ValueError):
 @dataclass(frozen=True)
 class SfMConfig:
     """Attributes:
-        max_image_size: images are read at most this large for SIFT (COLMAP default 3200).
-        max_num_features: SIFT features per image (COLMAP default 8192).
-        min_registered: fewer registered images than this is an error.
-        unknown_camera_model: COLMAP model estimated when intrinsics are not known.
-        num_threads: worker threads (-1 = all cores).
-        seed: random seed of the mapper (repeatable runs).
+    max_image_size: images are read at most this large for SIFT (COLMAP default 3200).
+    max_num_features: SIFT features per image (COLMAP default 8192).
+    min_registered: fewer registered images than this is an error.
+    unknown_camera_model: COLMAP model estimated when intrinsics are not known.
+    num_threads: worker threads (-1 = all cores).
+    seed: random seed of the mapper (repeatable runs).
     """
 
     max_image_size: int = 1600
@@ -59,8 +59,9 @@ class SfMConfig:
         if self.min_registered < 2:
             raise ValueError(f"SfMConfig.min_registered must be >= 2; got {self.min_registered}")
         if self.unknown_camera_model not in _MODELS:
-            raise ValueError(f"SfMConfig.unknown_camera_model must be one of {', '.join(_MODELS)}; "
-                             f"got {self.unknown_camera_model!r}")
+            raise ValueError(
+                f"SfMConfig.unknown_camera_model must be one of {', '.join(_MODELS)}; got {self.unknown_camera_model!r}"
+            )
 
 
 def _camera_from_colmap(image, camera) -> Camera:
@@ -82,8 +83,13 @@ def _camera_from_colmap(image, camera) -> Camera:
     return Camera(w2c=w2c, K=K, width=int(camera.width), height=int(camera.height), distortion=distortion)
 
 
-def estimate_cameras(image_paths: Sequence[str | os.PathLike], *, known_K: np.ndarray | None = None,
-                     work_dir: str | os.PathLike, cfg: SfMConfig = SfMConfig()) -> list[Camera | None]:
+def estimate_cameras(
+    image_paths: Sequence[str | os.PathLike],
+    *,
+    known_K: np.ndarray | None = None,
+    work_dir: str | os.PathLike,
+    cfg: SfMConfig = SfMConfig(),
+) -> list[Camera | None]:
     """Estimate the cameras of photos by incremental SfM.
 
     Args:
@@ -144,8 +150,15 @@ def estimate_cameras(image_paths: Sequence[str | os.PathLike], *, known_K: np.nd
     extraction.max_image_size = cfg.max_image_size
     extraction.sift.max_num_features = cfg.max_num_features
     extraction.num_threads = cfg.num_threads
-    pycolmap.extract_features(database, image_dir, image_names=names, camera_mode=camera_mode,
-                              reader_options=reader, extraction_options=extraction, device=pycolmap.Device.cpu)
+    pycolmap.extract_features(
+        database,
+        image_dir,
+        image_names=names,
+        camera_mode=camera_mode,
+        reader_options=reader,
+        extraction_options=extraction,
+        device=pycolmap.Device.cpu,
+    )
     pycolmap.match_exhaustive(database)
     options.num_threads = cfg.num_threads
     options.random_seed = cfg.seed

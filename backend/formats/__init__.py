@@ -18,8 +18,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from backend.fileio import write_atomic
 from backend.formats import colmap, dtu, llff, middlebury, nerf  # noqa: F401  (fill the registries)
@@ -135,8 +136,12 @@ def detect_format(src: Path) -> str:
     src = Path(src)
     if not src.is_dir():
         raise SceneError(f"scene: {src} is not a folder")
-    for fmt, pattern in (("middlebury", "*_par.txt"), ("llff", "poses_bounds.npy"), ("nerf", "transforms*.json"),
-                         ("dtu", "cameras*.npz")):
+    for fmt, pattern in (
+        ("middlebury", "*_par.txt"),
+        ("llff", "poses_bounds.npy"),
+        ("nerf", "transforms*.json"),
+        ("dtu", "cameras*.npz"),
+    ):
         if any(src.glob(pattern)):
             return fmt
     try:
@@ -145,8 +150,10 @@ def detect_format(src: Path) -> str:
         pass
     else:
         return "colmap"
-    raise SceneError(f"scene: {src} holds no scene.json and no dataset this can import (a *_par.txt, "
-                     f"poses_bounds.npy, transforms.json, cameras.npz or a COLMAP model); see `reconloop import`")
+    raise SceneError(
+        f"scene: {src} holds no scene.json and no dataset this can import (a *_par.txt, "
+        f"poses_bounds.npy, transforms.json, cameras.npz or a COLMAP model); see `reconloop import`"
+    )
 
 
 def read_bounds(folder: Path) -> dict[str, tuple[float, float]]:
@@ -184,7 +191,10 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--undistort", action="store_true", help="write undistorted images into DST, drop distortion")
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
-        "--holdout-every", type=int, default=0, metavar="N",
+        "--holdout-every",
+        type=int,
+        default=0,
+        metavar="N",
         help=f"hold out captures 0, N, 2N, ... for evaluation (LLFF protocol: {LLFF_HOLDOUT_EVERY})",
     )
     group.add_argument("--train-ids", type=_id_list, metavar="I,J,...", help="keep these captures, hold out the rest")

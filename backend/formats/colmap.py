@@ -105,6 +105,7 @@ def colmap_camera_params(camera: Camera, where: str) -> tuple[str, list[float]]:
 def find_colmap_model(src: Path, cameras: str | None = None) -> Path:
     """The folder holding cameras/images/points3D (.txt or .bin): ``src/cameras`` if given, else
     ``src``, ``src/sparse/0``, ``src/sparse`` or the one sub-folder of ``src`` that holds a model."""
+
     def has_model(folder: Path) -> bool:
         return any((folder / f).is_file() for f in MODEL_FILES)
 
@@ -175,7 +176,11 @@ def read_colmap(src: Path, *, cameras: str | None = None, images: str | None = N
         pose = image.cam_from_world()
         cam = intr[image.camera_id]
         camera = make_camera(
-            w2c_from_rt(_rotation_matrix(pose.rotation), pose.translation), cam.K, cam.width, cam.height, where,
+            w2c_from_rt(_rotation_matrix(pose.rotation), pose.translation),
+            cam.K,
+            cam.width,
+            cam.height,
+            where,
             cam.distortion,
         )
         captures.append(Capture(name=capture_name(image.name), image=path, camera=camera))

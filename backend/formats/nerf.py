@@ -70,7 +70,9 @@ def _frame_camera(frame: dict, top: dict, image: Path, where: str) -> Camera:
     intr.update({key: frame[key] for key in INTRINSIC_KEYS if key in frame})
     model = frame.get("camera_model", top.get("camera_model", "OPENCV"))
     if model not in PERSPECTIVE_MODELS:
-        raise SceneError(f"{where}.camera_model: {model!r} is not supported; supported: {', '.join(PERSPECTIVE_MODELS)}")
+        raise SceneError(
+            f"{where}.camera_model: {model!r} is not supported; supported: {', '.join(PERSPECTIVE_MODELS)}"
+        )
     if "w" in intr and "h" in intr:
         width, height = int(_number(intr, "w", where)), int(_number(intr, "h", where))
     else:
@@ -153,12 +155,21 @@ def _intrinsics_json(cam: Camera, where: str) -> dict[str, Any]:
     K = cam.K
     if K[0, 1] != 0.0:
         raise ValueError(f"{where}.K: transforms.json has no skew; got K[0,1] = {K[0, 1]:g}")
-    out: dict[str, Any] = {"fl_x": K[0, 0], "fl_y": K[1, 1], "cx": K[0, 2], "cy": K[1, 2], "w": cam.width, "h": cam.height}
+    out: dict[str, Any] = {
+        "fl_x": K[0, 0],
+        "fl_y": K[1, 1],
+        "cx": K[0, 2],
+        "cy": K[1, 2],
+        "w": cam.width,
+        "h": cam.height,
+    }
     dist = cam.distortion
     if dist is not None and not dist.is_identity:
         k = dist.to_opencv()
         if np.any(k[5:] != 0.0):
-            raise ValueError(f"{where}.distortion: transforms.json holds k1 k2 k3 p1 p2; got {dist.model} {dist.params}")
+            raise ValueError(
+                f"{where}.distortion: transforms.json holds k1 k2 k3 p1 p2; got {dist.model} {dist.params}"
+            )
         out.update(k1=k[0], k2=k[1], p1=k[2], p2=k[3])
         if len(k) > 4:
             out["k3"] = k[4]

@@ -62,9 +62,7 @@ def undistort_capture(capture: Capture, dst: Path) -> Capture:
     if image is None:
         raise SceneError(f"{capture.name}: cannot read {capture.image}")
     if image.shape[:2] != (cam.height, cam.width):
-        raise SceneError(
-            f"{capture.name}: image is {image.shape[1]}x{image.shape[0]}; camera {cam.width}x{cam.height}"
-        )
+        raise SceneError(f"{capture.name}: image is {image.shape[1]}x{image.shape[0]}; camera {cam.width}x{cam.height}")
     suffix = capture.image.suffix.lower()
     params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if suffix in (".jpg", ".jpeg") else []
     ok, encoded = cv2.imencode(suffix, undistort_image(image, cam), params)

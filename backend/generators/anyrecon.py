@@ -31,9 +31,10 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +89,9 @@ class AnyReconConfig:
             if v is not None and (v <= 0 or v % 16):
                 raise ValueError(f"AnyReconConfig.{name} must be a positive multiple of 16 or None; got {v}")
         if (self.height is None) != (self.width is None):
-            raise ValueError(f"AnyReconConfig.height and width must both be set or both None; got {self.height}, {self.width}")
+            raise ValueError(
+                f"AnyReconConfig.height and width must both be set or both None; got {self.height}, {self.width}"
+            )
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"AnyReconConfig.attention must be one of {ATTENTION_CHOICES}; got {self.attention!r}")
         if self.memory_mode not in MEMORY_MODES:
@@ -149,8 +152,12 @@ class AnyReconGenerator:
         >>> frames = gen.generate(cond, num_steps=2, seed=0)   # cond: a ConditionVideo
     """
 
-    def __init__(self, components: AnyReconComponents, config: AnyReconConfig = AnyReconConfig(),
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        components: AnyReconComponents,
+        config: AnyReconConfig = AnyReconConfig(),
+        device: torch.device | str | None = None,
+    ) -> None:
         self.components = components
         self.config = config
         tr = components.transformer
@@ -179,20 +186,37 @@ class AnyReconGenerator:
             for block in tr.blocks:
                 block.attn1.set_processor(WanAttnProcessor())
         else:
-            self.processor = set_window_attention(tr, config.attention, config.window_frames,
-                                                  compile=config.compile_attention, full_backend=config.full_backend,
-                                                  window_backend=config.window_backend)
+            self.processor = set_window_attention(
+                tr,
+                config.attention,
+                config.window_frames,
+                compile=config.compile_attention,
+                full_backend=config.full_backend,
+                window_backend=config.window_backend,
+            )
         if config.compile_blocks:
             tr.compile_repeated_blocks(dynamic=False)
         self._apply_memory_mode()
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str = HUB_ID, lora_path: str | os.PathLike | None = None, *,
-                        config: AnyReconConfig = AnyReconConfig(dtype="bfloat16", height=512, width=896,
-                                                                attention="window", window_backend="auto",
-                                                                compile_attention=True, compile_blocks=True),
-                        device: torch.device | str = "cuda", local_files_only: bool = False) -> "AnyReconGenerator":
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str = HUB_ID,
+        lora_path: str | os.PathLike | None = None,
+        *,
+        config: AnyReconConfig = AnyReconConfig(
+            dtype="bfloat16",
+            height=512,
+            width=896,
+            attention="window",
+            window_backend="auto",
+            compile_attention=True,
+            compile_blocks=True,
+        ),
+        device: torch.device | str = "cuda",
+        local_files_only: bool = False,
+    ) -> AnyReconGenerator:
         """Load the Wan2.1 I2V diffusers weights from a folder or hub id, merge AnyRecon's LoRA.
 
         The VAE and CLIP run in float32 (as diffusers' Wan pipelines advise), the transformer in
@@ -212,9 +236,12 @@ class AnyReconGenerator:
         kw = {"local_files_only": local_files_only}
         dtype = DTYPES[config.dtype]
         vae = AutoencoderKLWan.from_pretrained(path_or_hub_id, subfolder="vae", torch_dtype=torch.float32, **kw)
-        transformer = WanTransformer3DModel.from_pretrained(path_or_hub_id, subfolder="transformer", torch_dtype=dtype, **kw)
+        transformer = WanTransformer3DModel.from_pretrained(
+            path_or_hub_id, subfolder="transformer", torch_dtype=dtype, **kw
+        )
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-            path_or_hub_id, subfolder="image_encoder", torch_dtype=torch.float32, **kw)
+            path_or_hub_id, subfolder="image_encoder", torch_dtype=torch.float32, **kw
+        )
         image_processor = CLIPImageProcessor.from_pretrained(path_or_hub_id, subfolder="image_processor", **kw)
         scheduler = FlowMatchEulerDiscreteScheduler(shift=config.shift, num_train_timesteps=config.num_train_timesteps)
         if lora_path is not None:
@@ -236,9 +263,15 @@ class AnyReconGenerator:
             transformer.to(device)
         vae.to("cpu" if config.memory_mode == "model_offload" else device)
         image_encoder.to("cpu" if config.memory_mode == "model_offload" else device)
-        components = AnyReconComponents(vae, transformer, image_encoder, image_processor, scheduler,
-                                        text_encoder_loader=load_text_encoder,
-                                        name=str(path_or_hub_id))
+        components = AnyReconComponents(
+            vae,
+            transformer,
+            image_encoder,
+            image_processor,
+            scheduler,
+            text_encoder_loader=load_text_encoder,
+            name=str(path_or_hub_id),
+        )
         return cls(components, config, device=device)
 
     def _apply_memory_mode(self) -> None:
@@ -248,9 +281,13 @@ class AnyReconGenerator:
         if self.config.vae_slicing:
             c.vae.enable_slicing()
         if mode == "group_offload":
-            c.transformer.enable_group_offload(onload_device=self.device, offload_device=torch.device("cpu"),
-                                               offload_type="block_level", num_blocks_per_group=1,
-                                               use_stream=self.device.type == "cuda")
+            c.transformer.enable_group_offload(
+                onload_device=self.device,
+                offload_device=torch.device("cpu"),
+                offload_type="block_level",
+                num_blocks_per_group=1,
+                use_stream=self.device.type == "cuda",
+            )
         elif mode == "fp8":
             c.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=self.dtype)
 
@@ -283,7 +320,9 @@ class AnyReconGenerator:
             raise ValueError(f"anyrecon: num_steps must be >= 1; got {num_steps}")
         r = cond.renders
         if tuple(r.rgb.shape) != (f, h, w, 3):
-            raise ValueError(f"anyrecon: cond.renders.rgb must be [F, H, W, 3] = {(f, h, w, 3)}; got {tuple(r.rgb.shape)}")
+            raise ValueError(
+                f"anyrecon: cond.renders.rgb must be [F, H, W, 3] = {(f, h, w, 3)}; got {tuple(r.rgb.shape)}"
+            )
         if tuple(r.mask.shape) != (f, h, w):
             raise ValueError(f"anyrecon: cond.renders.mask must be [F, H, W] = {(f, h, w)}; got {tuple(r.mask.shape)}")
         for name in ("memory", "carried"):
@@ -337,8 +376,12 @@ class AnyReconGenerator:
             root = os.path.join(platformdirs.user_cache_dir("reconloop"), "text_embeds")
         # the key names the weights (components.name: hub id or folder), not a loaded encoder, so that a
         # run without the text encoder finds what a run with it wrote
-        ident = {"prompt": prompt, "max_len": self.config.max_sequence_length, "model": c.name,
-                 "dim": int(c.transformer.config.text_dim)}
+        ident = {
+            "prompt": prompt,
+            "max_len": self.config.max_sequence_length,
+            "model": c.name,
+            "dim": int(c.transformer.config.text_dim),
+        }
         key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:CACHE_KEY_CHARS]
         return Path(root) / f"{key}.safetensors"
 
@@ -365,8 +408,15 @@ class AnyReconGenerator:
             enc, tok = c.text_encoder_loader()
             loaded = True
         max_len = self.config.max_sequence_length
-        inputs = tok([prompt], padding="max_length", max_length=max_len, truncation=True,
-                     add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        inputs = tok(
+            [prompt],
+            padding="max_length",
+            max_length=max_len,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
         enc_device = next(enc.parameters()).device if not loaded else self.device
         if loaded:
             enc.to(self.device)
@@ -499,8 +549,9 @@ class AnyReconGenerator:
         y = torch.cat([self.mask_latents(mask), self.encode_frames(video)], dim=1)  # [1, 20, N, h, w]
 
         # 5-6. Timesteps, noise, denoising loop.
-        latents = self.denoise(y, prompt_embeds, image_embeds, negative_embeds, num_steps=num_steps, seed=seed,
-                               num_memory=num_memory)
+        latents = self.denoise(
+            y, prompt_embeds, image_embeds, negative_embeds, num_steps=num_steps, seed=seed, num_memory=num_memory
+        )
 
         # 7. Decode the targets, back to the cameras' size; confidence from the render mask.
         images = self.decode(latents[:, :, num_prefix:])  # [F, 3, H, W]
@@ -508,15 +559,24 @@ class AnyReconGenerator:
         if images.shape[-2:] != (h, w):
             images = F.interpolate(images, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
         seen = cond.renders.mask.to(self.device).float() > cfg.mask_threshold
-        confidence = torch.where(seen, torch.ones((), device=self.device),
-                                 torch.full((), cfg.unseen_confidence, device=self.device))
+        confidence = torch.where(
+            seen, torch.ones((), device=self.device), torch.full((), cfg.unseen_confidence, device=self.device)
+        )
         return Frames(images=images.clamp(0, 1).permute(0, 2, 3, 1).contiguous(), confidence=confidence.float())
 
-
     @torch.no_grad()
-    def denoise(self, y: Tensor, prompt_embeds: Tensor, image_embeds: Tensor, negative_embeds: Tensor | None = None,
-                *, num_steps: int, seed: int, num_memory: int,
-                step_callback: Callable[[int], None] | None = None) -> Tensor:
+    def denoise(
+        self,
+        y: Tensor,
+        prompt_embeds: Tensor,
+        image_embeds: Tensor,
+        negative_embeds: Tensor | None = None,
+        *,
+        num_steps: int,
+        seed: int,
+        num_memory: int,
+        step_callback: Callable[[int], None] | None = None,
+    ) -> Tensor:
         """The flow-matching loop: noise -> clean latents of all N frames.
 
         Args:
@@ -543,11 +603,21 @@ class AnyReconGenerator:
             for i, t in enumerate(sched.timesteps):
                 model_input = torch.cat([latents.to(self.dtype), y], dim=1)  # [1, 36, N, h, w]
                 timestep = t.expand(1).to(self.device)
-                pred = tr(hidden_states=model_input, timestep=timestep, encoder_hidden_states=prompt_embeds,
-                          encoder_hidden_states_image=image_embeds, return_dict=False)[0]
+                pred = tr(
+                    hidden_states=model_input,
+                    timestep=timestep,
+                    encoder_hidden_states=prompt_embeds,
+                    encoder_hidden_states_image=image_embeds,
+                    return_dict=False,
+                )[0]
                 if negative_embeds is not None:
-                    uncond = tr(hidden_states=model_input, timestep=timestep, encoder_hidden_states=negative_embeds,
-                                encoder_hidden_states_image=image_embeds, return_dict=False)[0]
+                    uncond = tr(
+                        hidden_states=model_input,
+                        timestep=timestep,
+                        encoder_hidden_states=negative_embeds,
+                        encoder_hidden_states_image=image_embeds,
+                        return_dict=False,
+                    )[0]
                     pred = uncond + cfg.guidance_scale * (pred - uncond)
                 latents = sched.step(pred.float(), t, latents, return_dict=False)[0]
                 if step_callback is not None:
@@ -555,7 +625,8 @@ class AnyReconGenerator:
         return latents
 
 
-def make_anyrecon(config: AnyReconConfig, components: AnyReconComponents,
-                  device: torch.device | str | None = None) -> AnyReconGenerator:
+def make_anyrecon(
+    config: AnyReconConfig, components: AnyReconComponents, device: torch.device | str | None = None
+) -> AnyReconGenerator:
     """Build the ``anyrecon`` generator from its config and loaded components."""
     return AnyReconGenerator(components, config, device=device)

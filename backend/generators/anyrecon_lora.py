@@ -85,7 +85,10 @@ GLOBAL_MODULES = {
     "img_emb.proj.4": "condition_embedder.image_embedder.norm2",
     "head.head": "proj_out",
 }
-GLOBAL_PARAMS = {"head.modulation": "scale_shift_table", "img_emb.emb_pos": "condition_embedder.image_embedder.pos_embed"}
+GLOBAL_PARAMS = {
+    "head.modulation": "scale_shift_table",
+    "img_emb.emb_pos": "condition_embedder.image_embedder.pos_embed",
+}
 # Prefixes DiffSynth and its trainers put in front of module names.
 KNOWN_PREFIXES = ("diffusion_model.", "model.diffusion_model.", "dit.", "pipe.dit.", "transformer.")
 DIFFSYNTH_LORA_ALPHA = 1.0  # run_AnyRecon.py: model_manager.load_lora(path, lora_alpha=1.0)
@@ -97,7 +100,7 @@ _LORA_RE = re.compile(r"^(.+)\.(lora_A|lora_B|lora_down|lora_up)(?:\.[A-Za-z_][\
 def _strip_prefix(key: str) -> str:
     for prefix in KNOWN_PREFIXES:
         if key.startswith(prefix):
-            return key[len(prefix):]
+            return key[len(prefix) :]
     return key
 
 
@@ -178,8 +181,12 @@ def load_lora_file(path: str | Path) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def fuse_lora_(transformer: torch.nn.Module, lora: dict[str, Tensor], full: dict[str, Tensor] | None = None,
-               scale: float = DIFFSYNTH_LORA_ALPHA) -> int:
+def fuse_lora_(
+    transformer: torch.nn.Module,
+    lora: dict[str, Tensor],
+    full: dict[str, Tensor] | None = None,
+    scale: float = DIFFSYNTH_LORA_ALPHA,
+) -> int:
     """Merge converted LoRA pairs into ``transformer`` in place: ``W += scale * B @ A`` (float32 maths).
 
     Conv weights (``patch_embedding``) take the product reshaped to the kernel. ``full`` weights replace

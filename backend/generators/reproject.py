@@ -183,7 +183,9 @@ class ReprojectGenerator:
         for name, shape in want.items():
             got = tuple(getattr(r, name).shape)
             if got != shape:
-                raise ValueError(f"reproject: cond.renders.{name} must be {list(shape)} for {F_} targets at {W}x{H}; got {list(got)}")
+                raise ValueError(
+                    f"reproject: cond.renders.{name} must be {list(shape)} for {F_} targets at {W}x{H}; got {list(got)}"
+                )
         for name in ("memory", "carried"):
             views: Views = getattr(cond, name)
             if len(views) and tuple(views.images.shape[1:]) != (H, W, 3):
@@ -209,8 +211,15 @@ class ReprojectGenerator:
         guess = torch.where(inv_filled > 0, 1.0 / inv_filled.clamp_min(self.config.min_depth), torch.zeros_like(depth))
         return torch.where(valid, depth, guess)
 
-    def reproject(self, targets: Cameras, depth: Tensor, holes: Tensor, sources: Views,
-                  captures: Views | None = None, search: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def reproject(
+        self,
+        targets: Cameras,
+        depth: Tensor,
+        holes: Tensor,
+        sources: Views,
+        captures: Views | None = None,
+        search: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Colour pixels from the source views, refining guessed depths by photo-consistency.
 
         For each pixel, depths around the guess (``depth_offsets``, relative steps in inverse depth)
@@ -274,7 +283,7 @@ class ReprojectGenerator:
             wsum = w.sum(0)
             mean = (cols * w[..., None]).sum(0) / wsum.clamp_min(cfg.min_angle_weight)[:, None]  # [n, 3]
             var = (w * ((cols - mean[None]) ** 2).mean(-1)).sum(0) / wsum.clamp_min(cfg.min_angle_weight)  # [n]
-            agreement = torch.exp(-0.5 * var / cfg.agreement_std ** 2)  # 1 for one source or full agreement
+            agreement = torch.exp(-0.5 * var / cfg.agreement_std**2)  # 1 for one source or full agreement
             agreement = torch.where((w > 0).sum(0) >= 2, agreement, agreement * cfg.single_source_factor)
             rgb[fs] = mean.view(*z.shape, 3)
             best_w[fs] = (w.max(0).values * agreement).view(z.shape)
@@ -295,15 +304,16 @@ class ReprojectGenerator:
         seen = (w > 0).all(0).view(shape).to(X.dtype)
 
         def box(x: Tensor) -> Tensor:
-            return F.avg_pool2d(x[:, None], cfg.cost_window_px, stride=1, padding=cfg.cost_window_px // 2,
-                                count_include_pad=False)[:, 0]
+            return F.avg_pool2d(
+                x[:, None], cfg.cost_window_px, stride=1, padding=cfg.cost_window_px // 2, count_include_pad=False
+            )[:, 0]
 
         m1, m2 = box(g[0]), box(g[1])
         v1 = (box(g[0] * g[0]) - m1 * m1).clamp_min(0)
         v2 = (box(g[1] * g[1]) - m2 * m2).clamp_min(0)
         cov = box(g[0] * g[1]) - m1 * m2
-        ncc = cov / torch.sqrt(v1 * v2 + cfg.min_texture_std ** 4)
-        textured = (v1 > cfg.min_texture_std ** 2) & (v2 > cfg.min_texture_std ** 2) & (box(seen) > cfg.min_seen_fraction)
+        ncc = cov / torch.sqrt(v1 * v2 + cfg.min_texture_std**4)
+        textured = (v1 > cfg.min_texture_std**2) & (v2 > cfg.min_texture_std**2) & (box(seen) > cfg.min_seen_fraction)
         return torch.where(textured, 1.0 - ncc, no_evidence)
 
     @staticmethod
@@ -313,8 +323,12 @@ class ReprojectGenerator:
             return sources
         d = (sources.cams.centers - targets.centers.mean(0)).norm(dim=-1)
         keep = torch.argsort(d)[:count].tolist()
-        return Views(sources.images[keep], sources.cams[keep], [sources.ids[i] for i in keep],
-                     None if sources.depth is None else sources.depth[keep])
+        return Views(
+            sources.images[keep],
+            sources.cams[keep],
+            [sources.ids[i] for i in keep],
+            None if sources.depth is None else sources.depth[keep],
+        )
 
     def _sample(self, X: Tensor, ray_dir: Tensor, sources: Views) -> tuple[Tensor, Tensor]:
         """Colours of world points in every source and their angular weights.
@@ -388,8 +402,9 @@ def _cat_views(items: list[Views], like: Cameras) -> Views:
         return Views(torch.zeros(0, like.height, like.width, 3, device=dev), empty, [])
     depth = None
     if any(v.depth is not None for v in items):  # views without a depth map get 0 (no occlusion test)
-        depth = torch.cat([(v.depth if v.depth is not None else torch.zeros(v.images.shape[:3], device=dev)).to(dev)
-                           for v in items])
+        depth = torch.cat(
+            [(v.depth if v.depth is not None else torch.zeros(v.images.shape[:3], device=dev)).to(dev) for v in items]
+        )
     return Views(
         torch.cat([v.images.to(dev) for v in items]),
         Cameras.cat([v.cams.to(dev) for v in items]),

@@ -50,31 +50,62 @@ def tiny_anyrecon_components(seed: int = 0) -> AnyReconComponents:
         from transformers import CLIPImageProcessor
 
     torch.manual_seed(seed)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=TINY_HEADS, attention_head_dim=TINY_HEAD_DIM, in_channels=36,
+        patch_size=(1, 2, 2),
+        num_attention_heads=TINY_HEADS,
+        attention_head_dim=TINY_HEAD_DIM,
+        in_channels=36,
         out_channels=16,
-        text_dim=TINY_TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=TINY_IMAGE_DIM,
+        text_dim=TINY_TEXT_DIM,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+        image_dim=TINY_IMAGE_DIM,
         added_kv_proj_dim=TINY_HEADS * TINY_HEAD_DIM,  # as Wan2.1 I2V: image tokens get their own k, v
     )
     torch.manual_seed(seed)
-    clip_cfg = CLIPVisionConfig(hidden_size=TINY_IMAGE_DIM, projection_dim=TINY_IMAGE_DIM, num_hidden_layers=2,
-                                num_attention_heads=2, image_size=TINY_CLIP_SIZE, intermediate_size=16,
-                                patch_size=TINY_CLIP_PATCH)
+    clip_cfg = CLIPVisionConfig(
+        hidden_size=TINY_IMAGE_DIM,
+        projection_dim=TINY_IMAGE_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=TINY_CLIP_SIZE,
+        intermediate_size=16,
+        patch_size=TINY_CLIP_PATCH,
+    )
     image_encoder = CLIPVisionModelWithProjection(clip_cfg)
     image_processor = CLIPImageProcessor(crop_size=TINY_CLIP_SIZE, size=TINY_CLIP_SIZE)
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    text_cfg = UMT5Config(vocab_size=len(tokenizer), d_model=TINY_TEXT_DIM, d_kv=8, d_ff=32, num_layers=2,
-                          num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0,
-                          is_encoder_decoder=False)
+    text_cfg = UMT5Config(
+        vocab_size=len(tokenizer),
+        d_model=TINY_TEXT_DIM,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+    )
     text_encoder = UMT5EncoderModel(text_cfg)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
     for m in (vae, transformer, image_encoder, text_encoder):
         m.eval()
-    return AnyReconComponents(vae=vae, transformer=transformer, image_encoder=image_encoder,
-                              image_processor=image_processor, scheduler=scheduler, text_encoder=text_encoder,
-                              tokenizer=tokenizer, name=f"tiny-{seed}")
+    return AnyReconComponents(
+        vae=vae,
+        transformer=transformer,
+        image_encoder=image_encoder,
+        image_processor=image_processor,
+        scheduler=scheduler,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        name=f"tiny-{seed}",
+    )

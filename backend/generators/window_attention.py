@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +133,7 @@ def build_block_mask(layout: WindowLayout, device: torch.device | str, block_siz
     q0, q1, k0, k1 = f0[:, None], f1[:, None] + 1, f0[None, :], f1[None, :] + 1
     kept = prefix[q1, k1] - prefix[q0, k1] - prefix[q1, k0] + prefix[q0, k0]  # [Qb, Kb]
     area = (q1 - q0) * (k1 - k0)
-    is_whole = (start + block_size <= n_tok)  # blocks past the sequence end are padded: never full
+    is_whole = start + block_size <= n_tok  # blocks past the sequence end are padded: never full
     full = (kept == area) & is_whole[:, None] & is_whole[None, :]
     partial = (kept > 0) & ~full
 
@@ -144,8 +144,15 @@ def build_block_mask(layout: WindowLayout, device: torch.device | str, block_siz
 
     kv_num, kv_idx = to_indices(partial)
     full_num, full_idx = to_indices(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
-                                    mask_mod=window_mask_mod(layout), seq_lengths=(n_tok, n_tok))
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=window_mask_mod(layout),
+        seq_lengths=(n_tok, n_tok),
+    )
 
 
 def window_density(layout: WindowLayout) -> float:
@@ -193,12 +200,14 @@ def _runs(x: Tensor, first: int, count: int, step: int, length: int) -> Tensor:
         a view. [count, heads, length, ...]
     """
     base = x[:, first:]
-    return base.as_strided((count, x.shape[0], length, *x.shape[2:]), (step * base.stride(1), *base.stride()),
-                           base.storage_offset())
+    return base.as_strided(
+        (count, x.shape[0], length, *x.shape[2:]), (step * base.stride(1), *base.stride()), base.storage_offset()
+    )
 
 
-def window_attention_parts(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout
-                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def window_attention_parts(
+    q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The window mask's attention as dense parts, before merging (``merge_window_parts``).
 
     One call lets every query attend to the memory: that is the whole answer for memory queries
@@ -236,9 +245,11 @@ def window_attention_parts(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout
     def window_call(i: int, first: int, count: int, step: int, lo: int, lo_step: int, length: int) -> None:
         """Frames first + r*step (r < count) attend to their windows of ``length`` frames from lo + r*lo_step."""
         qs, ks, vs = (x[i, :, m_tok:] for x in (q, k, v))
-        o, lse = attention_lse(_runs(qs, first * T, count, step * T, T),
-                               _runs(ks, lo * T, count, lo_step * T, length * T),
-                               _runs(vs, lo * T, count, lo_step * T, length * T))
+        o, lse = attention_lse(
+            _runs(qs, first * T, count, step * T, T),
+            _runs(ks, lo * T, count, lo_step * T, length * T),
+            _runs(vs, lo * T, count, lo_step * T, length * T),
+        )
         _runs(out_b[i], first * T, count, step * T, T).copy_(o)
         _runs(lse_b[i], first * T, count, step * T, T).copy_(lse)
 
@@ -277,8 +288,9 @@ def _token_major(x: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("reconloop::window_attention_parts", mutates_args=())
-def _window_parts_op(q: Tensor, k: Tensor, v: Tensor, num_frames: int, tokens_per_frame: int, num_memory: int,
-                     window_frames: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _window_parts_op(
+    q: Tensor, k: Tensor, v: Tensor, num_frames: int, tokens_per_frame: int, num_memory: int, window_frames: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``window_attention_parts`` as one opaque op, so that compiled blocks keep a single graph."""
     layout = WindowLayout(num_frames, tokens_per_frame, num_memory, window_frames)
     om, oa, la, ob, lb = window_attention_parts(q, k, v, layout)
@@ -309,16 +321,18 @@ def window_attention_split(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout
     Returns:
         attention output, token-major. [B, L, heads, D]
     """
-    parts = torch.ops.reconloop.window_attention_parts(q, k, v, layout.num_frames, layout.tokens_per_frame,
-                                                       layout.num_memory, layout.window_frames)
+    parts = torch.ops.reconloop.window_attention_parts(
+        q, k, v, layout.num_frames, layout.tokens_per_frame, layout.num_memory, layout.window_frames
+    )
     return merge_window_parts(*parts)
 
 
 PAGE_TOKENS = 128  # FlashAttention-4's key tile on sm90/sm100: pages of one tile load by TMA
 
 
-def paged_window_table(layout: WindowLayout, page_tokens: int = PAGE_TOKENS,
-                       device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+def paged_window_table(
+    layout: WindowLayout, page_tokens: int = PAGE_TOKENS, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
     """The window mask as a page table: each query frame reads the pages of the frames it attends.
 
     One head's keys [L, D] are viewed as pages of ``page_tokens`` tokens, [L/page, page, D] (no
@@ -373,8 +387,9 @@ def paged_attention_available(device: torch.device | str | None = None) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
-def paged_sequences(q: Tensor, k: Tensor, v: Tensor, table: Tensor, used: Tensor, tokens_per_frame: int,
-                    page_tokens: int = PAGE_TOKENS) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def paged_sequences(
+    q: Tensor, k: Tensor, v: Tensor, table: Tensor, used: Tensor, tokens_per_frame: int, page_tokens: int = PAGE_TOKENS
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Head-major q, k, v [B, heads, L, D] as the paged kernel reads them (views, no copies).
 
     Returns:
@@ -406,8 +421,9 @@ def _(q, k, v, table, used, tokens_per_frame):
     return torch.empty_like(q)
 
 
-def window_attention_paged(q: Tensor, k: Tensor, v: Tensor, table: Tensor, used: Tensor,
-                           tokens_per_frame: int) -> Tensor:
+def window_attention_paged(
+    q: Tensor, k: Tensor, v: Tensor, table: Tensor, used: Tensor, tokens_per_frame: int
+) -> Tensor:
     """The window mask exactly, by one paged FlashAttention-4 call (``paged_window_table``).
 
     Every (head, frame) pair is one query sequence with one head, whose keys are the pages its
@@ -472,13 +488,23 @@ class WanWindowAttnProcessor:
             ``auto`` (``paged`` where it runs, else ``split``; the fastest measured, docs/benchmarks.md).
     """
 
-    def __init__(self, mode: str = "window", window_frames: int = DEFAULT_WINDOW_FRAMES, *,
-                 compile: bool = False, block_size: int = DEFAULT_BLOCK_SIZE, full_backend: str = "auto",
-                 kernel_options: dict | None = None, window_backend: str = "auto") -> None:
+    def __init__(
+        self,
+        mode: str = "window",
+        window_frames: int = DEFAULT_WINDOW_FRAMES,
+        *,
+        compile: bool = False,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        full_backend: str = "auto",
+        kernel_options: dict | None = None,
+        window_backend: str = "auto",
+    ) -> None:
         if window_backend not in WINDOW_BACKENDS:
             raise ValueError(f"window_backend must be one of {WINDOW_BACKENDS}; got {window_backend!r}")
         if window_backend == "paged" and mode == "window" and not paged_attention_available():
-            raise ValueError("window_backend 'paged' needs FlashAttention-4: pip install flash-attn-4 (CUDA sm90/sm100)")
+            raise ValueError(
+                "window_backend 'paged' needs FlashAttention-4: pip install flash-attn-4 (CUDA sm90/sm100)"
+            )
         self.window_backend = window_backend
         self.backend = window_backend  # the kernel in use: "auto" resolves in set_layout
         if mode not in ATTENTION_MODES:
@@ -530,8 +556,16 @@ class WanWindowAttnProcessor:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         first = SDPBackend.CUDNN_ATTENTION if self.full_backend == "cudnn" else SDPBackend.FLASH_ATTENTION
-        order = [first] + [b for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                                       SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
+        order = [first] + [
+            b
+            for b in (
+                SDPBackend.CUDNN_ATTENTION,
+                SDPBackend.FLASH_ATTENTION,
+                SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.MATH,
+            )
+            if b != first
+        ]
         with sdpa_kernel(order, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v)
 
@@ -542,8 +576,14 @@ class WanWindowAttnProcessor:
                 f"window attention: set_layout must describe the {num_tokens} tokens of this input; layout has {got}"
             )
 
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None, rotary_emb: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def __call__(
+        self,
+        attn,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        rotary_emb: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
         if encoder_hidden_states is not None:
             raise ValueError("WanWindowAttnProcessor is for self-attention (attn1); got encoder_hidden_states")
         if attention_mask is not None:
@@ -577,9 +617,17 @@ class WanWindowAttnProcessor:
         return attn.to_out[1](out)
 
 
-def set_window_attention(transformer, mode: str = "window", window_frames: int = DEFAULT_WINDOW_FRAMES, *,
-                         compile: bool = False, block_size: int = DEFAULT_BLOCK_SIZE, full_backend: str = "auto",
-                         kernel_options: dict | None = None, window_backend: str = "auto") -> WanWindowAttnProcessor:
+def set_window_attention(
+    transformer,
+    mode: str = "window",
+    window_frames: int = DEFAULT_WINDOW_FRAMES,
+    *,
+    compile: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    full_backend: str = "auto",
+    kernel_options: dict | None = None,
+    window_backend: str = "auto",
+) -> WanWindowAttnProcessor:
     """Install one shared ``WanWindowAttnProcessor`` on the self-attention of every block.
 
     Args:
@@ -592,9 +640,15 @@ def set_window_attention(transformer, mode: str = "window", window_frames: int =
         >>> proc = set_window_attention(transformer, "window", 8)
         >>> proc.set_layout(num_frames=50, tokens_per_frame=1792, num_memory=10, device="cuda")
     """
-    proc = WanWindowAttnProcessor(mode, window_frames, compile=compile, block_size=block_size,
-                                  full_backend=full_backend, kernel_options=kernel_options,
-                                  window_backend=window_backend)
+    proc = WanWindowAttnProcessor(
+        mode,
+        window_frames,
+        compile=compile,
+        block_size=block_size,
+        full_backend=full_backend,
+        kernel_options=kernel_options,
+        window_backend=window_backend,
+    )
     for block in transformer.blocks:
         block.attn1.set_processor(proc)
     return proc

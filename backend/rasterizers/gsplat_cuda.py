@@ -28,8 +28,15 @@ class GsplatRasterizer:
         absgrad: also accumulate absolute 2D gradients (``meta["means2d"].absgrad``; AbsGS).
     """
 
-    def __init__(self, *, near_plane: float = NEAR_PLANE, far_plane: float = FAR_PLANE, eps2d: float = EPS2D,
-                 tile_size: int = TILE_SIZE, absgrad: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        near_plane: float = NEAR_PLANE,
+        far_plane: float = FAR_PLANE,
+        eps2d: float = EPS2D,
+        tile_size: int = TILE_SIZE,
+        absgrad: bool = False,
+    ) -> None:
         self.near_plane = near_plane
         self.far_plane = far_plane
         self.eps2d = eps2d
@@ -53,16 +60,34 @@ class GsplatRasterizer:
     ) -> tuple[Tensor, Tensor, dict[str, Any]]:
         """Render; arguments and returns as :meth:`backend.rasterizers.Rasterizer.render`."""
         if means.device.type != "cuda":
-            raise ValueError(f"the gsplat rasterizer needs CUDA tensors; got means on {means.device} "
-                             "(use the torch_cpu rasterizer on this device)")
+            raise ValueError(
+                f"the gsplat rasterizer needs CUDA tensors; got means on {means.device} "
+                "(use the torch_cpu rasterizer on this device)"
+            )
         try:
             from gsplat import rasterization
         except ImportError as err:
-            raise ImportError(f"the gsplat rasterizer needs the gsplat package ({err}); "
-                              "install reconloop[gpu] or use the torch_cpu rasterizer") from err
+            raise ImportError(
+                f"the gsplat rasterizer needs the gsplat package ({err}); "
+                "install reconloop[gpu] or use the torch_cpu rasterizer"
+            ) from err
         return rasterization(
-            means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-            near_plane=self.near_plane, far_plane=self.far_plane, eps2d=self.eps2d, sh_degree=sh_degree,
-            packed=False, tile_size=self.tile_size, backgrounds=backgrounds, absgrad=self.absgrad,
+            means,
+            quats,
+            scales,
+            opacities,
+            colors,
+            viewmats,
+            Ks,
+            width,
+            height,
+            near_plane=self.near_plane,
+            far_plane=self.far_plane,
+            eps2d=self.eps2d,
+            sh_degree=sh_degree,
+            packed=False,
+            tile_size=self.tile_size,
+            backgrounds=backgrounds,
+            absgrad=self.absgrad,
             rasterize_mode="classic",
         )

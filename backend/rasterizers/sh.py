@@ -58,8 +58,13 @@ def sh_basis(degree: int, dirs: Tensor) -> Tensor:
         out += [-SH_C1 * y, SH_C1 * z, -SH_C1 * x]
     if degree >= 2:
         xx, yy, zz = x * x, y * y, z * z
-        out += [SH_C2[0] * x * y, SH_C2[1] * y * z, SH_C2[2] * (2.0 * zz - xx - yy), SH_C2[3] * x * z,
-                SH_C2[4] * (xx - yy)]
+        out += [
+            SH_C2[0] * x * y,
+            SH_C2[1] * y * z,
+            SH_C2[2] * (2.0 * zz - xx - yy),
+            SH_C2[3] * x * z,
+            SH_C2[4] * (xx - yy),
+        ]
     if degree >= 3:
         out += [
             SH_C3[0] * y * (3.0 * xx - yy),

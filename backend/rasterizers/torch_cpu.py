@@ -53,9 +53,15 @@ def quat_to_rotmat(quats: Tensor) -> Tensor:
     w, x, y, z = F.normalize(quats, dim=-1).unbind(-1)
     return torch.stack(
         [
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+            1 - 2 * (y * y + z * z),
+            2 * (x * y - w * z),
+            2 * (x * z + w * y),
+            2 * (x * y + w * z),
+            1 - 2 * (x * x + z * z),
+            2 * (y * z - w * x),
+            2 * (x * z - w * y),
+            2 * (y * z + w * x),
+            1 - 2 * (x * x + y * y),
         ],
         dim=-1,
     ).reshape(*quats.shape[:-1], 3, 3)
@@ -107,8 +113,12 @@ def project_gaussians(
     fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]  # [C, 1]
     cx, cy = Ks[:, 0, 2, None], Ks[:, 1, 2, None]
     tan_fovx, tan_fovy = 0.5 * width / fx, 0.5 * height / fy
-    u = torch.clamp(tx / z, min=-(cx / fx + FRUSTUM_MARGIN * tan_fovx), max=(width - cx) / fx + FRUSTUM_MARGIN * tan_fovx)
-    v = torch.clamp(ty / z, min=-(cy / fy + FRUSTUM_MARGIN * tan_fovy), max=(height - cy) / fy + FRUSTUM_MARGIN * tan_fovy)
+    u = torch.clamp(
+        tx / z, min=-(cx / fx + FRUSTUM_MARGIN * tan_fovx), max=(width - cx) / fx + FRUSTUM_MARGIN * tan_fovx
+    )
+    v = torch.clamp(
+        ty / z, min=-(cy / fy + FRUSTUM_MARGIN * tan_fovy), max=(height - cy) / fy + FRUSTUM_MARGIN * tan_fovy
+    )
     zeros = torch.zeros_like(z)
     J = torch.stack([fx / z, zeros, -fx * u / z, zeros, fy / z, -fy * v / z], dim=-1).reshape(*z.shape, 2, 3)
     cov2d = J @ covars_c @ J.transpose(-1, -2)  # [C, N, 2, 2]
@@ -130,8 +140,10 @@ def project_gaussians(
             extent = torch.sqrt(2.0 * torch.log(o.clamp_min(ALPHA_MIN) / ALPHA_MIN)).clamp_max(RADIUS_SIGMAS)
         radii = torch.ceil(extent[..., None] * torch.sqrt(torch.stack([a, c], dim=-1).clamp_min(0)))  # [C, N, 2]
         is_inside = (
-            (means2d[..., 0] + radii[..., 0] > 0) & (means2d[..., 0] - radii[..., 0] < width)
-            & (means2d[..., 1] + radii[..., 1] > 0) & (means2d[..., 1] - radii[..., 1] < height)
+            (means2d[..., 0] + radii[..., 0] > 0)
+            & (means2d[..., 0] - radii[..., 0] < width)
+            & (means2d[..., 1] + radii[..., 1] > 0)
+            & (means2d[..., 1] - radii[..., 1] < height)
         )
         is_drawn = is_in_depth & is_proper & is_inside & is_visible & (radii > 0).any(dim=-1)
         radii = torch.where(is_drawn[..., None], radii, torch.zeros_like(radii)).to(torch.int32)
@@ -176,8 +188,17 @@ def composite_pairs(
     return alpha * is_drawn * torch.exp(log_t_before).to(alpha.dtype)
 
 
-def _check_inputs(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor,
-                  viewmats: Tensor, Ks: Tensor, sh_degree: int | None, backgrounds: Tensor | None) -> None:
+def _check_inputs(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    sh_degree: int | None,
+    backgrounds: Tensor | None,
+) -> None:
     if means.ndim != 2 or means.shape[1] != 3:
         raise ValueError(f"render: means must be [N, 3]; got {tuple(means.shape)}")
     n = means.shape[0]
@@ -223,8 +244,14 @@ class TorchCpuRasterizer:
         (torch.Size([1, 48, 64, 3]), torch.Size([1, 48, 64, 1]))
     """
 
-    def __init__(self, *, near_plane: float = NEAR_PLANE, far_plane: float = FAR_PLANE, eps2d: float = EPS2D,
-                 max_pairs: int = MAX_PAIRS) -> None:
+    def __init__(
+        self,
+        *,
+        near_plane: float = NEAR_PLANE,
+        far_plane: float = FAR_PLANE,
+        eps2d: float = EPS2D,
+        max_pairs: int = MAX_PAIRS,
+    ) -> None:
         if max_pairs < 1:
             raise ValueError(f"max_pairs must be >= 1; got {max_pairs}")
         self.near_plane = near_plane
@@ -251,8 +278,17 @@ class TorchCpuRasterizer:
         _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, sh_degree, backgrounds)
         n_cams = viewmats.shape[0]
         means2d, conics, depths, radii = project_gaussians(
-            means, covariances(quats, scales), viewmats, Ks, width, height,
-            near_plane=self.near_plane, far_plane=self.far_plane, eps2d=self.eps2d, opacities=opacities)
+            means,
+            covariances(quats, scales),
+            viewmats,
+            Ks,
+            width,
+            height,
+            near_plane=self.near_plane,
+            far_plane=self.far_plane,
+            eps2d=self.eps2d,
+            opacities=opacities,
+        )
         if sh_degree is not None:
             feats = sh_to_colors(sh_degree, means, colors, viewmats)  # [C, N, 3]
         else:
@@ -261,8 +297,9 @@ class TorchCpuRasterizer:
 
         images, alphas = [], []
         for cam in range(n_cams):
-            image, alpha = self._render_one(means2d[cam], conics[cam], depths[cam], radii[cam], opacities,
-                                            feats[cam], width, height)
+            image, alpha = self._render_one(
+                means2d[cam], conics[cam], depths[cam], radii[cam], opacities, feats[cam], width, height
+            )
             images.append(image)
             alphas.append(alpha)
         render_colors = torch.stack(images)  # [C, H, W, D]
@@ -270,14 +307,30 @@ class TorchCpuRasterizer:
         if backgrounds is not None:
             render_colors = render_colors + backgrounds[:, None, None, :] * (1.0 - render_alphas)
         meta = {
-            "means2d": means2d, "conics": conics, "depths": depths, "radii": radii,
-            "opacities": opacities[None].expand(n_cams, -1), "width": width, "height": height,
-            "n_cameras": n_cams, "gaussian_ids": None, "n_features": n_feat,
+            "means2d": means2d,
+            "conics": conics,
+            "depths": depths,
+            "radii": radii,
+            "opacities": opacities[None].expand(n_cams, -1),
+            "width": width,
+            "height": height,
+            "n_cameras": n_cams,
+            "gaussian_ids": None,
+            "n_features": n_feat,
         }
         return render_colors, render_alphas, meta
 
-    def _render_one(self, means2d: Tensor, conics: Tensor, depths: Tensor, radii: Tensor, opacities: Tensor,
-                    feats: Tensor, width: int, height: int) -> tuple[Tensor, Tensor]:
+    def _render_one(
+        self,
+        means2d: Tensor,
+        conics: Tensor,
+        depths: Tensor,
+        radii: Tensor,
+        opacities: Tensor,
+        feats: Tensor,
+        width: int,
+        height: int,
+    ) -> tuple[Tensor, Tensor]:
         """One camera: [N, 2], [N, 3], [N], [N, 2], [N], [N, D] -> colour [H, W, D], alpha [H, W]."""
         device, dtype = means2d.device, means2d.dtype
         drawn = torch.nonzero((radii > 0).all(dim=-1)).squeeze(-1)

@@ -166,14 +166,20 @@ class ServerAuth:
     socket a CurveZMQ server. ``owner(frame)`` names whose request a frame is.
     """
 
-    def __init__(self, config: AuthConfig | None, authenticator: ThreadAuthenticator | None, public: bytes | None, secret: bytes | None) -> None:
+    def __init__(
+        self,
+        config: AuthConfig | None,
+        authenticator: ThreadAuthenticator | None,
+        public: bytes | None,
+        secret: bytes | None,
+    ) -> None:
         self.config = config
         self.authenticator = authenticator
         self.public_key = public
         self._secret = secret
 
     @classmethod
-    def start(cls, context: zmq.Context, config: AuthConfig | None, bind: str) -> "ServerAuth":
+    def start(cls, context: zmq.Context, config: AuthConfig | None, bind: str) -> ServerAuth:
         check_bind(bind, config)
         if config is None:
             return cls(None, None, None, None)
@@ -182,7 +188,12 @@ class ServerAuth:
         authenticator = ThreadAuthenticator(context, log=logging.getLogger(f"{__name__}.zap"))
         authenticator.start()
         authenticator.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=_Provider(allow))
-        log.info("CurveZMQ on: server key %s, %d allowed client keys in %s", public.decode(), len(allow.keys), config.allow_dir)
+        log.info(
+            "CurveZMQ on: server key %s, %d allowed client keys in %s",
+            public.decode(),
+            len(allow.keys),
+            config.allow_dir,
+        )
         return cls(config, authenticator, public, secret)
 
     @property

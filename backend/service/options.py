@@ -28,10 +28,15 @@ LIMIT_OPTIONS = (
 
 def add_keys_command(sub: Any) -> None:
     """The ``keys`` subcommand."""
-    p = sub.add_parser("keys", help="make a CurveZMQ key pair (for a server or a client)", description=(
-        "Write DIR/NAME.key (the public key: give it away) and DIR/NAME.key_secret (keep it; mode 0600). "
-        "A server uses its NAME.key_secret with `serve --curve-secret`; each client's NAME.key goes into the "
-        "server's --allow-keys folder; a client uses the server's NAME.key and its own NAME.key_secret."))
+    p = sub.add_parser(
+        "keys",
+        help="make a CurveZMQ key pair (for a server or a client)",
+        description=(
+            "Write DIR/NAME.key (the public key: give it away) and DIR/NAME.key_secret (keep it; mode 0600). "
+            "A server uses its NAME.key_secret with `serve --curve-secret`; each client's NAME.key goes into the "
+            "server's --allow-keys folder; a client uses the server's NAME.key and its own NAME.key_secret."
+        ),
+    )
     p.add_argument("dir", type=Path, metavar="DIR", help="folder for the two files (made if missing)")
     p.add_argument("--name", required=True, help="file name stem, e.g. server or alice")
     p.set_defaults(func=cmd_keys)
@@ -47,8 +52,20 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """``serve``'s CurveZMQ and per-job limit options."""
     g = p.add_argument_group("authentication (needed to bind anything but loopback)")
-    g.add_argument("--curve-secret", type=Path, default=None, metavar="FILE", help="the server's NAME.key_secret (from `reconloop keys`)")
-    g.add_argument("--allow-keys", type=Path, default=None, metavar="DIR", help="folder of allowed client public keys (*.key); re-read on change")
+    g.add_argument(
+        "--curve-secret",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the server's NAME.key_secret (from `reconloop keys`)",
+    )
+    g.add_argument(
+        "--allow-keys",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder of allowed client public keys (*.key); re-read on change",
+    )
     g = p.add_argument_group("per-job limits (defaults: the protocol's limits)")
     defaults = limits.JobLimits()
     for option, field, scale, doc in LIMIT_OPTIONS:
@@ -60,13 +77,17 @@ def serve_security(args: argparse.Namespace) -> dict[str, Any]:
     if (args.curve_secret is None) != (args.allow_keys is None):
         raise ValueError("--curve-secret and --allow-keys go together; got one of them")
     auth = AuthConfig(args.curve_secret, args.allow_keys) if args.curve_secret is not None else None
-    values = {field: getattr(args, option[2:].replace("-", "_")) * scale for option, field, scale, _doc in LIMIT_OPTIONS}
+    values = {
+        field: getattr(args, option[2:].replace("-", "_")) * scale for option, field, scale, _doc in LIMIT_OPTIONS
+    }
     return {"auth": auth, "job_limits": limits.JobLimits(**values)}
 
 
 def add_client_arguments(p: argparse.ArgumentParser) -> None:
     """A client command's CurveZMQ options."""
-    p.add_argument("--server-key", type=Path, default=None, metavar="FILE", help="the server's public key file NAME.key")
+    p.add_argument(
+        "--server-key", type=Path, default=None, metavar="FILE", help="the server's public key file NAME.key"
+    )
     p.add_argument("--client-key", type=Path, default=None, metavar="FILE", help="this client's NAME.key_secret")
 
 

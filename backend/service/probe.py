@@ -55,7 +55,7 @@ class ProbePlan:
     bytes: int = 0  # size of the file fault=write writes
 
     @classmethod
-    def parse(cls, prompt: str) -> "ProbePlan":
+    def parse(cls, prompt: str) -> ProbePlan:
         words = prompt.split()
         if not words or words[0] != "probe":
             return cls()
@@ -63,7 +63,9 @@ class ProbePlan:
         for word in words[1:]:
             key, sep, value = word.partition("=")
             if not sep or key not in cls.__dataclass_fields__:
-                raise ValueError(f"probe prompt: words must be key=value with key in {', '.join(cls.__dataclass_fields__)}; got {word!r}")
+                raise ValueError(
+                    f"probe prompt: words must be key=value with key in {', '.join(cls.__dataclass_fields__)}; got {word!r}"
+                )
             values[key] = value if key == "fault" else int(value)
         plan = cls(**values)
         if plan.fault not in FAULTS:
@@ -95,7 +97,9 @@ def _inject(plan: ProbePlan, step: int, out_dir: Path) -> str | None:
     if plan.fault == "cuda_oom":
         import torch
 
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by the probe runner)")
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 20.00 GiB (injected by the probe runner)"
+        )
     if plan.fault == "write":
         with open(out_dir / "big.bin", "wb") as f:
             chunk = bytes(1 << 16)

@@ -21,9 +21,10 @@ import secrets
 import threading
 import traceback
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import zmq
@@ -121,7 +122,13 @@ def peer_address(frame: zmq.Frame) -> str | None:
 class Service:
     """The ReconLoop service. Create, then ``serve_forever()`` (blocks) or ``start_thread()``."""
 
-    def __init__(self, config: ServiceConfig = ServiceConfig(), *, runner: Runner | None = None, context: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        config: ServiceConfig = ServiceConfig(),
+        *,
+        runner: Runner | None = None,
+        context: zmq.Context | None = None,
+    ) -> None:
         self.config = config
         self.runner = runner or default_runner
         # a ZAP handler is one per context: an authenticated service gets a context of its own
@@ -170,7 +177,9 @@ class Service:
     def serve_forever(self) -> None:
         """Bind, recover the store, run the loop until ``stop()`` or a ``shutdown`` request."""
         try:
-            self.auth = ServerAuth.start(self.context, self.config.auth, self.config.bind)  # refuses an open bind without keys
+            self.auth = ServerAuth.start(
+                self.context, self.config.auth, self.config.bind
+            )  # refuses an open bind without keys
             self.device = resolve_device(self.config.device)
             from ..generators import available_generators  # imports torch: here, not in the first hello
 
@@ -231,7 +240,13 @@ class Service:
                 self._on_worker(msgpack.unpackb(self.pair.recv()))
             record = self.store.jobs.get(self.running) if self.running else None
             if record is not None and not record.is_terminal:
-                self._event(record, "interrupted", record.stage, record.fraction, "the service stopped during this job; submit it again to rerun")
+                self._event(
+                    record,
+                    "interrupted",
+                    record.stage,
+                    record.fraction,
+                    "the service stopped during this job; submit it again to rerun",
+                )
         else:
             self.pair.send(msgpack.packb({"cmd": "stop"}))
             self.worker.join(STOP_WAIT_S)
@@ -267,7 +282,15 @@ class Service:
             if self.running == record.job:
                 self.running = None
 
-    def _event(self, record: JobRecord, state: str, stage: str, fraction: float, message: str, artifacts: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
+    def _event(
+        self,
+        record: JobRecord,
+        state: str,
+        stage: str,
+        fraction: float,
+        message: str,
+        artifacts: list[dict[str, Any]] = (),
+    ) -> None:  # type: ignore[assignment]
         event = self.store.append(record, state, stage, fraction, message, artifacts)
         watchers = self.watchers.get(record.job, {})
         if watchers:
@@ -301,7 +324,9 @@ class Service:
             out = self._error_frames(op, rid, err)
         except Exception as err:  # a bug: answer, log, go on
             log.error("request %s %r failed:\n%s", op, rid, traceback.format_exc())
-            out = self._error_frames(op, rid, ProtocolError(errors.INTERNAL, f"{op}: {describe_failure(err, data_dir=self.data_dir)}"))
+            out = self._error_frames(
+                op, rid, ProtocolError(errors.INTERNAL, f"{op}: {describe_failure(err, data_dir=self.data_dir)}")
+            )
         self.router.send_multipart(envelope + out, copy=False)
         for frames_after in req.after:
             self.router.send_multipart(envelope + frames_after, copy=False)
@@ -318,13 +343,13 @@ class Service:
             reply.update(id=None, error={"code": err.code, "message": err.message[: limits.MAX_STR_BYTES]})
             return encode(reply, "reply")
 
-    def _record(self, msg: dict[str, Any], req: "_Request") -> JobRecord:
+    def _record(self, msg: dict[str, Any], req: _Request) -> JobRecord:
         record = self.store.jobs.get(msg["job"])
         if record is None or not may_access(record.owner, req.owner):  # another client's job: as if absent
             raise ProtocolError(errors.NOT_FOUND, f"{msg['op']}: no job {msg['job']!r}", field="job")
         return record
 
-    def _hello(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
+    def _hello(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:
         version = choose_version(msg["versions"])
         if version is None:
             raise ProtocolError(
@@ -341,34 +366,39 @@ class Service:
             "limits": self.config.job_limits.as_dict(),
         }
 
-    def _submit(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
+    def _submit(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:
         key = msg.get("key")
         if key and (req.owner, key) in self.store.keys:
             record = self.store.jobs[self.store.keys[(req.owner, key)]]
             return {"job": record.job, "state": record.state}
         limits.check_job(msg["scene"], sum(memoryview(f).nbytes for f in req.frames), self.config.job_limits)
         if len(self.queue) >= self.config.job_limits.max_queued_jobs:
-            raise ProtocolError(errors.TOO_LARGE, f"submit: the queue is full ({len(self.queue)} jobs waiting); submit again when some have finished")
+            raise ProtocolError(
+                errors.TOO_LARGE,
+                f"submit: the queue is full ({len(self.queue)} jobs waiting); submit again when some have finished",
+            )
         record = self.store.create(req.frames, msg, owner=req.owner)
         self.queue.append(record.job)
         log.info("job %s queued (%d captures)", record.job, len(msg["scene"]["captures"]))
         return {"job": record.job, "state": record.state}
 
-    def _status(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
+    def _status(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:
         record = self._record(msg, req)
         if msg.get("watch") and not record.is_terminal:
             self.watchers.setdefault(record.job, {})[req.envelope[0]] = req.envelope
         since = msg.get("since")
         if since is not None:
             for event in record.events[since:]:
-                req.after.append(encode({"v": PROTOCOL_VERSION, "op": "event", "ok": True, "job": record.job, **event}, "reply"))
+                req.after.append(
+                    encode({"v": PROTOCOL_VERSION, "op": "event", "ok": True, "job": record.job, **event}, "reply")
+                )
         return {
             **record.summary(),
             "seq": record.seq,
             "artifacts": sorted(record.artifacts.values(), key=lambda e: e["name"]),
         }
 
-    def _cancel(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
+    def _cancel(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:
         record = self._record(msg, req)
         if record.job == self.running:  # first: a job handed to the worker is still "queued" until it starts
             self.pair.send(msgpack.packb({"cmd": "cancel", "job": record.job}))
@@ -377,10 +407,10 @@ class Service:
             self._event(record, "cancelled", record.stage, record.fraction, "cancelled by a client before it started")
         return {"job": record.job, "state": record.state}
 
-    def _jobs(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
+    def _jobs(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:
         return {"jobs": [r.summary() for r in self.store.listed() if may_access(r.owner, req.owner)]}
 
-    def _fetch(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
+    def _fetch(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:
         record = self._record(msg, req)
         name = msg["name"]
         entry = record.artifacts.get(name)
@@ -390,10 +420,19 @@ class Service:
         offset = msg.get("offset") or 0
         length = msg.get("length") or limits.FETCH_CHUNK_BYTES
         if offset > total:
-            raise ProtocolError(errors.BAD_FIELD, f"fetch: offset must be at most the size {total}; got {offset}", field="offset")
+            raise ProtocolError(
+                errors.BAD_FIELD, f"fetch: offset must be at most the size {total}; got {offset}", field="offset"
+            )
         n = min(length, total - offset)
         data = self._artifact_map(record, name, entry)[offset : offset + n]
-        return {"job": record.job, "name": name, "offset": offset, "data": data, "total": total, "sha256": entry["sha256"]}
+        return {
+            "job": record.job,
+            "name": name,
+            "offset": offset,
+            "data": data,
+            "total": total,
+            "sha256": entry["sha256"],
+        }
 
     def _artifact_map(self, record: JobRecord, name: str, entry: dict[str, Any]) -> Any:
         """A memory map of an artifact, kept open for the next chunks (the few most recent ones).
@@ -412,9 +451,12 @@ class Service:
             self._maps.move_to_end(key)
         return mapped
 
-    def _shutdown(self, msg: dict[str, Any], req: "_Request") -> dict[str, Any]:
+    def _shutdown(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:
         if not is_loopback(req.peer):
-            raise ProtocolError(errors.FORBIDDEN, f"shutdown: only loopback peers may stop the service; this peer is {req.peer or 'not on TCP'}")
+            raise ProtocolError(
+                errors.FORBIDDEN,
+                f"shutdown: only loopback peers may stop the service; this peer is {req.peer or 'not on TCP'}",
+            )
         req.stop_after = True
         return {}
 

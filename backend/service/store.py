@@ -22,9 +22,10 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -71,7 +72,9 @@ def check_artifact_name(name: str) -> str:
     if not isinstance(name, str) or not name or len(name) > limits.MAX_NAME_CHARS:
         raise ValueError(f"artifact name must be 1..{limits.MAX_NAME_CHARS} characters; got {name!r}")
     if name.startswith("/") or any(ord(c) < 32 or c in WINDOWS_RESERVED for c in name):
-        raise ValueError(f"artifact name must be a relative '/'-separated path without control or <>:\"|?*\\ characters; got {name!r}")
+        raise ValueError(
+            f"artifact name must be a relative '/'-separated path without control or <>:\"|?*\\ characters; got {name!r}"
+        )
     parts = name.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"artifact name must not hold empty, '.' or '..' parts; got {name!r}")
@@ -241,7 +244,13 @@ def read_manifest(job_dir: Path) -> dict[str, dict[str, Any]]:
             log.warning("job %s: manifest entry dropped: %s", job_dir.name, err)
             continue
         if p.stat().st_size != e["size"]:
-            log.warning("job %s: %s has %d bytes, manifest says %d; dropped", job_dir.name, e["name"], p.stat().st_size, e["size"])
+            log.warning(
+                "job %s: %s has %d bytes, manifest says %d; dropped",
+                job_dir.name,
+                e["name"],
+                p.stat().st_size,
+                e["size"],
+            )
             continue
         out[e["name"]] = {"name": e["name"], "size": int(e["size"]), "sha256": e["sha256"]}
     return out
@@ -310,7 +319,9 @@ class JobStore:
             created = time.time()
             meta = {"format": STORE_FORMAT, "job": job, "created": created, "key": msg.get("key"), "owner": owner}
             write_atomic(tmp / META_FILE, json.dumps(meta).encode())
-            record = JobRecord(job=job, dir=self.root / job, created=created, key=msg.get("key"), owner=owner, updated=created)
+            record = JobRecord(
+                job=job, dir=self.root / job, created=created, key=msg.get("key"), owner=owner, updated=created
+            )
             event = self._event(record, "queued", "queued", 0.0, "waiting for the worker", [])
             with open(tmp / JOURNAL_FILE, "a") as f:
                 f.write(json.dumps(event) + "\n")
@@ -327,7 +338,9 @@ class JobStore:
     # -- events -------------------------------------------------------------------------------------
 
     @staticmethod
-    def _event(record: JobRecord, state: str, stage: str, fraction: float, message: str, artifacts: list[dict[str, Any]]) -> dict[str, Any]:
+    def _event(
+        record: JobRecord, state: str, stage: str, fraction: float, message: str, artifacts: list[dict[str, Any]]
+    ) -> dict[str, Any]:
         return {
             "seq": record.seq + 1,
             "time": time.time(),
@@ -346,7 +359,15 @@ class JobStore:
         for a in event["artifacts"]:
             record.artifacts[a["name"]] = a
 
-    def append(self, record: JobRecord, state: str, stage: str, fraction: float, message: str, artifacts: list[dict[str, Any]] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+    def append(
+        self,
+        record: JobRecord,
+        state: str,
+        stage: str,
+        fraction: float,
+        message: str,
+        artifacts: list[dict[str, Any]] = (),
+    ) -> dict[str, Any]:  # type: ignore[assignment]
         """Record a new event in memory and in the journal (fsync on state changes); return it."""
         event = self._event(record, state, stage, fraction, message, list(artifacts))
         is_transition = state != record.state
@@ -384,7 +405,9 @@ class JobStore:
 
     def _load_one(self, job_dir: Path) -> JobRecord:
         meta = json.loads((job_dir / META_FILE).read_text())
-        record = JobRecord(job=job_dir.name, dir=job_dir, created=float(meta["created"]), key=meta.get("key"), owner=meta.get("owner"))
+        record = JobRecord(
+            job=job_dir.name, dir=job_dir, created=float(meta["created"]), key=meta.get("key"), owner=meta.get("owner")
+        )
         with open(job_dir / JOURNAL_FILE) as f:
             for n, line in enumerate(f):
                 try:
@@ -407,7 +430,9 @@ class JobStore:
         """The file of a listed artifact; ProtocolError not_found otherwise."""
         if name not in record.artifacts:
             known = ", ".join(sorted(record.artifacts)[:20]) or "none yet"
-            raise ProtocolError(errors.NOT_FOUND, f"fetch: job {record.job} has no artifact {name!r}; it has: {known}", field="name")
+            raise ProtocolError(
+                errors.NOT_FOUND, f"fetch: job {record.job} has no artifact {name!r}; it has: {known}", field="name"
+            )
         try:
             return resolve_inside(record.dir / ARTIFACTS_DIR, name)
         except ValueError as err:

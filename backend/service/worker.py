@@ -18,8 +18,9 @@ import logging
 import math
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import zmq
@@ -131,7 +132,10 @@ class Worker(threading.Thread):
             state, message = "cancelled", "cancelled by a client"
         except Exception as err:  # a fault in a job fails that job; the worker goes on with the next
             log.error("job %s failed:\n%s", job, traceback.format_exc())
-            state, message = "failed", _clean_text(describe_failure(err, stage=stage[0], data_dir=job_dir.parent), limits.MAX_STR_BYTES)
+            state, message = (
+                "failed",
+                _clean_text(describe_failure(err, stage=stage[0], data_dir=job_dir.parent), limits.MAX_STR_BYTES),
+            )
             del err  # drop the traceback's frames (and the tensors they hold) before freeing memory
             release_memory()
         try:

@@ -26,8 +26,9 @@ gsplat's names (``means scales quats opacities sh0 shN``) and activated before r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -115,16 +116,24 @@ class FitConfig:
     progress_every: int = 50
 
     def __post_init__(self) -> None:
-        positive = ("iterations", "batch_size", "sh_degree_interval", "knn", "refine_every", "reset_every",
-                    "progress_every")
+        positive = (
+            "iterations",
+            "batch_size",
+            "sh_degree_interval",
+            "knn",
+            "refine_every",
+            "reset_every",
+            "progress_every",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"FitConfig.{name} must be >= 1; got {getattr(self, name)}")
         if not 0 <= self.sh_degree <= MAX_SH_DEGREE:
             raise ValueError(f"FitConfig.sh_degree must be in 0..{MAX_SH_DEGREE}; got {self.sh_degree}")
         if self.rasterizer not in available_rasterizers():
-            raise ValueError(f"FitConfig.rasterizer must be one of {', '.join(available_rasterizers())}; "
-                             f"got {self.rasterizer!r}")
+            raise ValueError(
+                f"FitConfig.rasterizer must be one of {', '.join(available_rasterizers())}; got {self.rasterizer!r}"
+            )
         if self.strategy not in STRATEGIES:
             raise ValueError(f"FitConfig.strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
         if not 0.0 < self.init_opacity < 1.0:
@@ -171,10 +180,10 @@ class Gaussians:
     def sh_degree(self) -> int:
         return int(round(math.sqrt(self.sh.shape[1]))) - 1
 
-    def to(self, device: torch.device | str) -> "Gaussians":
+    def to(self, device: torch.device | str) -> Gaussians:
         return Gaussians(*(getattr(self, f.name).to(device) for f in fields(self)))
 
-    def detach(self) -> "Gaussians":
+    def detach(self) -> Gaussians:
         return Gaussians(*(getattr(self, f.name).detach() for f in fields(self)))
 
 
@@ -199,7 +208,7 @@ class FitViews:
         return int(self.images.shape[0])
 
     @staticmethod
-    def from_views(views: Views, confidence: Tensor | None = None) -> "FitViews":
+    def from_views(views: Views, confidence: Tensor | None = None) -> FitViews:
         """Views with a confidence map (default: ones, as for captures)."""
         if confidence is None:
             confidence = torch.ones(views.images.shape[:3], dtype=views.images.dtype, device=views.images.device)
@@ -213,16 +222,22 @@ class FitViews:
         return self.generated.to("cpu", torch.bool)
 
     @staticmethod
-    def cat(items: Sequence["FitViews"]) -> "FitViews":
+    def cat(items: Sequence[FitViews]) -> FitViews:
         generated = None if all(v.generated is None for v in items) else torch.cat([v.is_generated for v in items])
-        return FitViews(torch.cat([v.images for v in items]), Cameras.cat([v.cams for v in items]),
-                        torch.cat([v.confidence for v in items]), generated)
+        return FitViews(
+            torch.cat([v.images for v in items]),
+            Cameras.cat([v.cams for v in items]),
+            torch.cat([v.confidence for v in items]),
+            generated,
+        )
 
     def check(self) -> None:
         f = len(self)
         h, w = self.cams.height, self.cams.width
         if self.images.ndim != 4 or tuple(self.images.shape[1:]) != (h, w, 3):
-            raise ValueError(f"fit: views.images must be [F, {h}, {w}, 3] (the cameras' size); got {tuple(self.images.shape)}")
+            raise ValueError(
+                f"fit: views.images must be [F, {h}, {w}, 3] (the cameras' size); got {tuple(self.images.shape)}"
+            )
         if len(self.cams) != f:
             raise ValueError(f"fit: views has {f} images but {len(self.cams)} cameras")
         if tuple(self.confidence.shape) != (f, h, w):
@@ -233,7 +248,9 @@ class FitViews:
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"fit: views.confidence must be in [0, 1]; got values in [{lo:.3g}, {hi:.3g}]")
         if self.generated is not None and tuple(self.generated.shape) != (f,):
-            raise ValueError(f"fit: views.generated must be [{f}] (one flag per frame); got {tuple(self.generated.shape)}")
+            raise ValueError(
+                f"fit: views.generated must be [{f}] (one flag per frame); got {tuple(self.generated.shape)}"
+            )
 
 
 def knn_mean_distance(xyz: Tensor, k: int) -> Tensor:
@@ -253,7 +270,7 @@ def knn_mean_distance(xyz: Tensor, k: int) -> Tensor:
     chunk = max(1, KNN_MAX_PAIRS // n)
     out = []
     for start in range(0, n, chunk):
-        d = torch.cdist(xyz[start:start + chunk], xyz)  # [Q, N]
+        d = torch.cdist(xyz[start : start + chunk], xyz)  # [Q, N]
         nearest = torch.topk(d, k_eff + 1, dim=1, largest=False).values[:, 1:]  # drop the point itself
         out.append(nearest.mean(dim=1))
     return torch.cat(out).clamp_min(KNN_MIN_DISTANCE)
@@ -284,29 +301,46 @@ def init_gaussians(memory: GeometryMemory, cfg: FitConfig) -> Gaussians:
 
 def gaussians_to_arrays(g: Gaussians) -> GaussianArrays:
     """The .ply arrays of ``g`` (float32 numpy, raw parameters; protocol.ply's layout)."""
+
     def np32(t: Tensor):
         return t.detach().float().cpu().numpy()
 
-    return GaussianArrays(means=np32(g.means), log_scales=np32(g.log_scales), quats=np32(g.quats),
-                          opacity_logits=np32(g.opacity_logits), sh=np32(g.sh))
+    return GaussianArrays(
+        means=np32(g.means),
+        log_scales=np32(g.log_scales),
+        quats=np32(g.quats),
+        opacity_logits=np32(g.opacity_logits),
+        sh=np32(g.sh),
+    )
 
 
 def gaussians_from_arrays(a: GaussianArrays, device: torch.device | str = "cpu") -> Gaussians:
     """Gaussians from .ply arrays (the inverse of :func:`gaussians_to_arrays`)."""
+
     def t(x) -> Tensor:
         return torch.as_tensor(x, dtype=torch.float32, device=device)
 
     return Gaussians(t(a.means), t(a.log_scales), t(a.quats), t(a.opacity_logits), t(a.sh))
 
 
-def _render(rasterizer: Rasterizer, params: dict[str, Tensor], cams: Cameras, sh_degree: int,
-            background: Tensor) -> tuple[Tensor, dict[str, Any]]:
+def _render(
+    rasterizer: Rasterizer, params: dict[str, Tensor], cams: Cameras, sh_degree: int, background: Tensor
+) -> tuple[Tensor, dict[str, Any]]:
     """Activate raw parameters and render. -> colours [C, H, W, 3], meta"""
     sh = torch.cat([params["sh0"], params["shN"]], dim=1) if "shN" in params else params["sh0"]
     colors, _, meta = rasterizer.render(
-        params["means"], params["quats"], torch.exp(params["scales"]), torch.sigmoid(params["opacities"]), sh,
-        cams.w2c, cams.K, cams.width, cams.height, sh_degree=sh_degree,
-        backgrounds=background.expand(len(cams), 3))
+        params["means"],
+        params["quats"],
+        torch.exp(params["scales"]),
+        torch.sigmoid(params["opacities"]),
+        sh,
+        cams.w2c,
+        cams.K,
+        cams.width,
+        cams.height,
+        sh_degree=sh_degree,
+        backgrounds=background.expand(len(cams), 3),
+    )
     return colors, meta
 
 
@@ -349,9 +383,17 @@ def render_gaussians_geometry(g: Gaussians, cams: Cameras, cfg: FitConfig) -> tu
             colors = sh_to_colors(g.sh_degree, g.means, g.sh, chunk.w2c)  # [c, N, 3]
             z = torch.einsum("cj,nj->cn", chunk.w2c[:, 2, :3], g.means) + chunk.w2c[:, 2, 3, None]  # [c, N]
             feats, alphas, _ = rasterizer.render(
-                g.means, g.quats, torch.exp(g.log_scales), torch.sigmoid(g.opacity_logits),
-                torch.cat([colors, z[..., None]], dim=-1), chunk.w2c, chunk.K, chunk.width, chunk.height,
-                backgrounds=torch.zeros(len(chunk), 4, device=g.device))
+                g.means,
+                g.quats,
+                torch.exp(g.log_scales),
+                torch.sigmoid(g.opacity_logits),
+                torch.cat([colors, z[..., None]], dim=-1),
+                chunk.w2c,
+                chunk.K,
+                chunk.width,
+                chunk.height,
+                backgrounds=torch.zeros(len(chunk), 4, device=g.device),
+            )
             a = alphas[..., 0].clamp(0.0, 1.0)
             rgb.append((feats[..., :3] + (1.0 - a[..., None]) * background).clamp(0.0, 1.0))
             depth.append(torch.where(a > 0, feats[..., 3] / a.clamp_min(1e-8), torch.zeros_like(a)))
@@ -359,8 +401,9 @@ def render_gaussians_geometry(g: Gaussians, cams: Cameras, cfg: FitConfig) -> tu
     return torch.cat(rgb), torch.cat(depth), torch.cat(alpha)
 
 
-def confidence_loss(pred: Tensor, target: Tensor, confidence: Tensor, cfg: FitConfig,
-                    lpips_fn: LpipsFn | None = None) -> Tensor:
+def confidence_loss(
+    pred: Tensor, target: Tensor, confidence: Tensor, cfg: FitConfig, lpips_fn: LpipsFn | None = None
+) -> Tensor:
     """ReconX's loss: mean over frames and pixels of C * (0.8 L1 + 0.2 (1 - SSIM)) [+ 0.5 C LPIPS].
 
     Args:
@@ -402,12 +445,19 @@ def scene_scale(cams: Cameras, points: Tensor) -> float:
 def _make_optimizers(params: torch.nn.ParameterDict, cfg: FitConfig, scale: float) -> dict[str, torch.optim.Optimizer]:
     # simple_trainer scales the learning rates by sqrt(batch size) and the Adam moments' decay by it.
     bs = cfg.batch_size
-    lrs = {"means": cfg.means_lr * scale, "scales": cfg.scales_lr, "quats": cfg.quats_lr,
-           "opacities": cfg.opacities_lr, "sh0": cfg.sh0_lr, "shN": cfg.shN_lr}
+    lrs = {
+        "means": cfg.means_lr * scale,
+        "scales": cfg.scales_lr,
+        "quats": cfg.quats_lr,
+        "opacities": cfg.opacities_lr,
+        "sh0": cfg.sh0_lr,
+        "shN": cfg.shN_lr,
+    }
     betas = (1.0 - bs * (1.0 - ADAM_BETAS[0]), 1.0 - bs * (1.0 - ADAM_BETAS[1]))
     return {
-        name: torch.optim.Adam([{"params": p, "lr": lrs[name] * math.sqrt(bs), "name": name}],
-                               eps=ADAM_EPS / math.sqrt(bs), betas=betas)
+        name: torch.optim.Adam(
+            [{"params": p, "lr": lrs[name] * math.sqrt(bs), "name": name}], eps=ADAM_EPS / math.sqrt(bs), betas=betas
+        )
         for name, p in params.items()
     }
 
@@ -418,17 +468,30 @@ def _make_strategy(cfg: FitConfig) -> Any:
     try:
         from gsplat.strategy import DefaultStrategy
     except ImportError as err:
-        raise ImportError(f"FitConfig.strategy 'default' needs the gsplat package ({err}); "
-                          "install reconloop[gpu] or use strategy 'none'") from err
+        raise ImportError(
+            f"FitConfig.strategy 'default' needs the gsplat package ({err}); "
+            "install reconloop[gpu] or use strategy 'none'"
+        ) from err
     return DefaultStrategy(
-        prune_opa=cfg.prune_opa, grow_grad2d=cfg.grow_grad2d, grow_scale3d=cfg.grow_scale3d,
-        prune_scale3d=cfg.prune_scale3d, refine_start_iter=cfg.refine_start_iter,
-        refine_stop_iter=cfg.refine_stop_iter, reset_every=cfg.reset_every, refine_every=cfg.refine_every,
+        prune_opa=cfg.prune_opa,
+        grow_grad2d=cfg.grow_grad2d,
+        grow_scale3d=cfg.grow_scale3d,
+        prune_scale3d=cfg.prune_scale3d,
+        refine_start_iter=cfg.refine_start_iter,
+        refine_stop_iter=cfg.refine_stop_iter,
+        reset_every=cfg.reset_every,
+        refine_every=cfg.refine_every,
     )
 
 
-def fit_gaussians(views: FitViews, init: GeometryMemory, cfg: FitConfig, *, device: torch.device | str,
-                  progress: Callable[[int, float], None] | None = None) -> Gaussians:
+def fit_gaussians(
+    views: FitViews,
+    init: GeometryMemory,
+    cfg: FitConfig,
+    *,
+    device: torch.device | str,
+    progress: Callable[[int, float], None] | None = None,
+) -> Gaussians:
     """Fit Gaussians to views, starting from the geometry memory (module docstring).
 
     Args:
@@ -465,10 +528,15 @@ def fit_gaussians(views: FitViews, init: GeometryMemory, cfg: FitConfig, *, devi
     background = torch.tensor(cfg.background, dtype=torch.float32, device=device)
 
     # 1. Parameters (gsplat's names and raw parameterisation), optimizers, schedule, strategy.
-    params = torch.nn.ParameterDict({
-        "means": g0.means, "scales": g0.log_scales, "quats": g0.quats, "opacities": g0.opacity_logits,
-        "sh0": g0.sh[:, :1].contiguous(),
-    })
+    params = torch.nn.ParameterDict(
+        {
+            "means": g0.means,
+            "scales": g0.log_scales,
+            "quats": g0.quats,
+            "opacities": g0.opacity_logits,
+            "sh0": g0.sh[:, :1].contiguous(),
+        }
+    )
     if cfg.sh_degree > 0:
         params["shN"] = g0.sh[:, 1:].contiguous()
     scale = scene_scale(cams, g0.means)
@@ -497,7 +565,9 @@ def fit_gaussians(views: FitViews, init: GeometryMemory, cfg: FitConfig, *, devi
         frame_weight = 1.0 + (cfg.generated_final_weight - 1.0) * step / max(cfg.iterations - 1, 1)
         weight = torch.where(generated[batch], frame_weight, 1.0)[:, None, None]  # [B, 1, 1]
         loss = confidence_loss(pred, images[batch], confidence[batch] * weight, cfg, lpips_fn)
-        learn = loss.requires_grad  # False when no Gaussian is in view of this batch (the CPU rasterizer cuts the graph)
+        learn = (
+            loss.requires_grad
+        )  # False when no Gaussian is in view of this batch (the CPU rasterizer cuts the graph)
         if learn:
             if strategy is not None:
                 strategy.step_pre_backward(params, optimizers, state, step, meta)

@@ -62,8 +62,10 @@ def check_views(views: Views, where: str) -> None:
         raise ValueError(f"{where}: views.images must be float [C, H, W, 3]; got {imgs.dtype} {tuple(imgs.shape)}")
     C, H, W = imgs.shape[:3]
     if len(views.cams) != C or len(views.ids) != C:
-        raise ValueError(f"{where}: views need one camera and id per image; got {C} images, "
-                         f"{len(views.cams)} cameras, {len(views.ids)} ids")
+        raise ValueError(
+            f"{where}: views need one camera and id per image; got {C} images, "
+            f"{len(views.cams)} cameras, {len(views.ids)} ids"
+        )
     if (views.cams.width, views.cams.height) != (W, H):
         raise ValueError(f"{where}: views.cams are {views.cams.width}x{views.cams.height} but images are {W}x{H}")
 
@@ -152,7 +154,8 @@ def voxel_downsample(memory: GeometryMemory, voxel_size: float) -> GeometryMemor
     is_best = memory.confidence >= conf[inv]
     lowest = torch.iinfo(torch.int32).min
     source = torch.full((G,), lowest, dtype=torch.int32, device=dev).scatter_reduce(
-        0, inv[is_best], memory.source[is_best].to(torch.int32), "amax")
+        0, inv[is_best], memory.source[is_best].to(torch.int32), "amax"
+    )
     return GeometryMemory(xyz=xyz, rgb=rgb.clamp(0, 1), confidence=conf, source=source)
 
 

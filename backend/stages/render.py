@@ -53,7 +53,9 @@ class RenderConfig:
         if self.radius_px < 0:
             raise ValueError(f"RenderConfig.radius_px must be >= 0; got {self.radius_px}")
         if not 0 <= self.max_radius_px <= MAX_FOOTPRINT_RADIUS:
-            raise ValueError(f"RenderConfig.max_radius_px must be in [0, {MAX_FOOTPRINT_RADIUS}]; got {self.max_radius_px}")
+            raise ValueError(
+                f"RenderConfig.max_radius_px must be in [0, {MAX_FOOTPRINT_RADIUS}]; got {self.max_radius_px}"
+            )
         if self.point_size < 0:
             raise ValueError(f"RenderConfig.point_size must be >= 0; got {self.point_size}")
         if self.near <= 0:
@@ -84,8 +86,11 @@ def pixel_rays(cams: Cameras) -> Tensor:
     """Camera-space rays with z = 1 through every pixel centre. [C, H, W, 3]"""
     H, W = cams.height, cams.width
     dev = cams.device
-    v, u = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float32) + PIXEL_CENTER,
-                          torch.arange(W, device=dev, dtype=torch.float32) + PIXEL_CENTER, indexing="ij")
+    v, u = torch.meshgrid(
+        torch.arange(H, device=dev, dtype=torch.float32) + PIXEL_CENTER,
+        torch.arange(W, device=dev, dtype=torch.float32) + PIXEL_CENTER,
+        indexing="ij",
+    )
     pix = torch.stack([u, v, torch.ones_like(u)], -1)  # [H, W, 3]
     Kinv = torch.linalg.inv(cams.K)  # [C, 3, 3]
     return torch.einsum("cij,hwj->chwi", Kinv, pix)
@@ -157,8 +162,11 @@ def render_memory(memory: GeometryMemory, cams: Cameras, cfg: RenderConfig = Ren
     depth = torch.where(has_point, depth_bits.view(torch.float32), torch.zeros((), device=device))
     if n:
         rgb = memory.rgb[index] * has_point[:, None]
-        source = torch.where(has_point, memory.source[index].to(torch.int32),
-                             torch.full((), EMPTY_SOURCE, dtype=torch.int32, device=device))
+        source = torch.where(
+            has_point,
+            memory.source[index].to(torch.int32),
+            torch.full((), EMPTY_SOURCE, dtype=torch.int32, device=device),
+        )
     else:
         rgb = torch.zeros(C * H * W, 3, device=device)
         source = torch.full((C * H * W,), EMPTY_SOURCE, dtype=torch.int32, device=device)
@@ -170,8 +178,9 @@ def render_memory(memory: GeometryMemory, cams: Cameras, cfg: RenderConfig = Ren
     )
 
 
-def _splat_chunk(xyz: Tensor, point_ids: Tensor, cams: Cameras, c0: int, max_r: int,
-                 cfg: RenderConfig, keys: Tensor) -> None:
+def _splat_chunk(
+    xyz: Tensor, point_ids: Tensor, cams: Cameras, c0: int, max_r: int, cfg: RenderConfig, keys: Tensor
+) -> None:
     """Scatter-min packed (depth, index) keys of a camera chunk into ``keys`` [C_all * H * W + 1].
 
     Candidates that miss the image (or lie behind the camera) go to the spare last slot, so every

@@ -9,8 +9,8 @@ shows (almost) nothing of the segment, fall back to the captures whose cameras a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +23,13 @@ from .types import Cameras, GeometryMemory
 @dataclass(frozen=True)
 class RetrievalConfig:
     """Attributes:
-        k: most captures returned (AnyRecon keeps up to 10 per chunk; 3 already gain 0.8 dB, Table 3).
-        max_side: coverage is computed on renders downsized so that max(H, W) <= this.
-        depth_tol_rel: a surface point counts as seen by a capture when its depth there is at most
-            (1 + this) times the capture's z-buffer depth.
-        min_coverage: if M covers less than this fraction of the segment's pixels, use the fallback.
-        angle_weight: fallback score = centre distance / capture spacing + this * (1 - cos angle).
-        render: point footprint used for the coverage renders.
+    k: most captures returned (AnyRecon keeps up to 10 per chunk; 3 already gain 0.8 dB, Table 3).
+    max_side: coverage is computed on renders downsized so that max(H, W) <= this.
+    depth_tol_rel: a surface point counts as seen by a capture when its depth there is at most
+        (1 + this) times the capture's z-buffer depth.
+    min_coverage: if M covers less than this fraction of the segment's pixels, use the fallback.
+    angle_weight: fallback score = centre distance / capture spacing + this * (1 - cos angle).
+    render: point footprint used for the coverage renders.
     """
 
     k: int = 10
@@ -58,8 +58,9 @@ def _downsized(cams: Cameras, max_side: int) -> Cameras:
     return cams.resized(max(1, round(W * s)), max(1, round(H * s)))
 
 
-def coverage_matrix(memory: GeometryMemory, targets: Cameras, capture_cams: Cameras, capture_ids: Sequence[int],
-                    cfg: RetrievalConfig) -> tuple[Tensor, float]:
+def coverage_matrix(
+    memory: GeometryMemory, targets: Cameras, capture_cams: Cameras, capture_ids: Sequence[int], cfg: RetrievalConfig
+) -> tuple[Tensor, float]:
     """Which capture sees which visible target pixel.
 
     Args:
@@ -121,8 +122,14 @@ def nearest_captures(targets: Cameras, capture_cams: Cameras, k: int, angle_weig
     return torch.argsort(score)[:k].tolist()
 
 
-def retrieve_views(memory: GeometryMemory, targets: Cameras, capture_cams: Cameras,
-                   cfg: RetrievalConfig = RetrievalConfig(), *, capture_ids: Sequence[int] | None = None) -> list[int]:
+def retrieve_views(
+    memory: GeometryMemory,
+    targets: Cameras,
+    capture_cams: Cameras,
+    cfg: RetrievalConfig = RetrievalConfig(),
+    *,
+    capture_ids: Sequence[int] | None = None,
+) -> list[int]:
     """Captures that matter for a segment, most useful first.
 
     Args:

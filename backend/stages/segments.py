@@ -14,9 +14,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class SegmentConfig:
     """Attributes:
-        length: new frames per segment (AnyRecon trains on 40-frame clips; its code uses chunks of 35).
-        overlap: frames of the previous segment carried over as context (AnyRecon: 2).
-        min_tail: a last segment shorter than this is merged into the one before (0 keeps it).
+    length: new frames per segment (AnyRecon trains on 40-frame clips; its code uses chunks of 35).
+    overlap: frames of the previous segment carried over as context (AnyRecon: 2).
+    min_tail: a last segment shorter than this is merged into the one before (0 keeps it).
     """
 
     length: int = 40

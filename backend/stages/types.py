@@ -8,8 +8,8 @@ as read from 8-bit files (no colour conversion anywhere in the loop).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -57,21 +57,21 @@ class Cameras:
         R, t = self.w2c[:, :3, :3], self.w2c[:, :3, 3]
         return -(R.transpose(1, 2) @ t.unsqueeze(-1)).squeeze(-1)
 
-    def to(self, device: torch.device | str) -> "Cameras":
+    def to(self, device: torch.device | str) -> Cameras:
         return Cameras(self.w2c.to(device), self.K.to(device), self.width, self.height)
 
-    def __getitem__(self, idx: int | slice | Sequence[int] | Tensor) -> "Cameras":
+    def __getitem__(self, idx: int | slice | Sequence[int] | Tensor) -> Cameras:
         if isinstance(idx, int):
             idx = [idx]
         return Cameras(self.w2c[idx], self.K[idx], self.width, self.height)
 
-    def resized(self, width: int, height: int) -> "Cameras":
+    def resized(self, width: int, height: int) -> Cameras:
         """The same cameras at another image size (K scaled per axis)."""
         scale = torch.tensor([width / self.width, height / self.height, 1.0], dtype=self.K.dtype, device=self.K.device)
         return Cameras(self.w2c, self.K * scale[None, :, None], width, height)
 
     @staticmethod
-    def cat(items: Sequence["Cameras"]) -> "Cameras":
+    def cat(items: Sequence[Cameras]) -> Cameras:
         sizes = {(c.width, c.height) for c in items}
         if len(sizes) != 1:
             raise ValueError(f"Cameras.cat needs one image size; got {sorted(sizes)}")
@@ -79,8 +79,9 @@ class Cameras:
         return Cameras(torch.cat([c.w2c for c in items]), torch.cat([c.K for c in items]), w, h)
 
     @staticmethod
-    def from_scene(cams: Sequence[Camera], width: int | None = None, height: int | None = None,
-                   device: torch.device | str = "cpu") -> "Cameras":
+    def from_scene(
+        cams: Sequence[Camera], width: int | None = None, height: int | None = None, device: torch.device | str = "cpu"
+    ) -> Cameras:
         """Batch scene cameras, scaled to (width, height) (default: the first camera's size)."""
         if not cams:
             raise ValueError("Cameras.from_scene needs at least one camera")
@@ -121,25 +122,31 @@ class GeometryMemory:
         return self.xyz.device
 
     @staticmethod
-    def empty(device: torch.device | str = "cpu") -> "GeometryMemory":
+    def empty(device: torch.device | str = "cpu") -> GeometryMemory:
         return GeometryMemory(
-            torch.zeros(0, 3, device=device), torch.zeros(0, 3, device=device),
-            torch.zeros(0, device=device), torch.zeros(0, dtype=torch.int32, device=device),
+            torch.zeros(0, 3, device=device),
+            torch.zeros(0, 3, device=device),
+            torch.zeros(0, device=device),
+            torch.zeros(0, dtype=torch.int32, device=device),
         )
 
     @staticmethod
-    def cat(items: Sequence["GeometryMemory"]) -> "GeometryMemory":
+    def cat(items: Sequence[GeometryMemory]) -> GeometryMemory:
         return GeometryMemory(
-            torch.cat([m.xyz for m in items]), torch.cat([m.rgb for m in items]),
-            torch.cat([m.confidence for m in items]), torch.cat([m.source for m in items]),
+            torch.cat([m.xyz for m in items]),
+            torch.cat([m.rgb for m in items]),
+            torch.cat([m.confidence for m in items]),
+            torch.cat([m.source for m in items]),
         )
 
-    def select(self, keep: Tensor) -> "GeometryMemory":
+    def select(self, keep: Tensor) -> GeometryMemory:
         """Points where ``keep`` (bool [N] or indices) holds."""
         return GeometryMemory(self.xyz[keep], self.rgb[keep], self.confidence[keep], self.source[keep])
 
-    def to(self, device: torch.device | str) -> "GeometryMemory":
-        return GeometryMemory(self.xyz.to(device), self.rgb.to(device), self.confidence.to(device), self.source.to(device))
+    def to(self, device: torch.device | str) -> GeometryMemory:
+        return GeometryMemory(
+            self.xyz.to(device), self.rgb.to(device), self.confidence.to(device), self.source.to(device)
+        )
 
 
 @dataclass

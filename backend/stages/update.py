@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..estimators.mvs import (MVSConfig, fuse_depths, match_candidates, plane_sweep, select_neighbors,
-                              to_gray)
+from ..estimators.mvs import MVSConfig, fuse_depths, match_candidates, plane_sweep, select_neighbors, to_gray
 from .memory import QUANTILE_SAMPLES, auto_voxel_size, cap_points, check_views, voxel_downsample
 from .render import RenderConfig, backproject, project_points, render_memory
 from .types import Cameras, GeometryMemory, Renders, Views
@@ -43,25 +42,25 @@ def _default_stereo() -> MVSConfig:
 @dataclass(frozen=True)
 class UpdateConfig:
     """Attributes:
-        enabled: off = the memory is returned unchanged (measures the update's effect).
-        voxel_size: voxel edge (world units) of the merge; 0 = automatic: the larger of
-            ``voxel_fraction`` x scene diagonal and ``voxel_px`` frame pixels at the median depth.
-        voxel_fraction: automatic voxel size as a fraction of the memory's diagonal (1/640: about
-            one pixel of a 640-pixel view framing the whole scene).
-        voxel_px: automatic voxel size in frame pixels at the median rendered depth (>= 1 keeps
-            re-lifted points in the voxels they came from, so M stays bounded).
-        max_points: cap on M after the merge (most confident points kept).
-        rendered_weight: confidence scale of points lifted at rendered depth (geometry from M).
-        stereo_weight: confidence scale of points placed by stereo in filled pixels.
-        min_confidence: lifted points below this confidence are dropped.
-        lift_rendered: also lift the pixels holding a projection of M (merges generated colour).
-        stereo: plane-sweep settings for filled pixels (max_side is the stereo resolution).
-        depth_percentiles: band of the frame's rendered depths that sets the stereo range...
-        depth_margin: ...widened by this factor on each side (near / m, far * m).
-        stereo_stride: stereo runs on every this-many-th frame of the segment (neighbouring frames
-            see nearly the same holes; 4 keeps 10 of AnyRecon's 40).
-        consistency_frames: a filled depth is checked against the stereo frames up to this many
-            places before and after it.
+    enabled: off = the memory is returned unchanged (measures the update's effect).
+    voxel_size: voxel edge (world units) of the merge; 0 = automatic: the larger of
+        ``voxel_fraction`` x scene diagonal and ``voxel_px`` frame pixels at the median depth.
+    voxel_fraction: automatic voxel size as a fraction of the memory's diagonal (1/640: about
+        one pixel of a 640-pixel view framing the whole scene).
+    voxel_px: automatic voxel size in frame pixels at the median rendered depth (>= 1 keeps
+        re-lifted points in the voxels they came from, so M stays bounded).
+    max_points: cap on M after the merge (most confident points kept).
+    rendered_weight: confidence scale of points lifted at rendered depth (geometry from M).
+    stereo_weight: confidence scale of points placed by stereo in filled pixels.
+    min_confidence: lifted points below this confidence are dropped.
+    lift_rendered: also lift the pixels holding a projection of M (merges generated colour).
+    stereo: plane-sweep settings for filled pixels (max_side is the stereo resolution).
+    depth_percentiles: band of the frame's rendered depths that sets the stereo range...
+    depth_margin: ...widened by this factor on each side (near / m, far * m).
+    stereo_stride: stereo runs on every this-many-th frame of the segment (neighbouring frames
+        see nearly the same holes; 4 keeps 10 of AnyRecon's 40).
+    consistency_frames: a filled depth is checked against the stereo frames up to this many
+        places before and after it.
     """
 
     enabled: bool = True
@@ -97,18 +96,26 @@ def _resize(images: Tensor, cams: Cameras, width: int, height: int) -> tuple[Ten
     """Images [C, H, W, 3] and cameras at another size (antialiased area-like resize)."""
     if (cams.width, cams.height) == (width, height):
         return images, cams
-    out = F.interpolate(images.permute(0, 3, 1, 2), size=(height, width), mode="bilinear",
-                        antialias=True, align_corners=False).permute(0, 2, 3, 1)
+    out = F.interpolate(
+        images.permute(0, 3, 1, 2), size=(height, width), mode="bilinear", antialias=True, align_corners=False
+    ).permute(0, 2, 3, 1)
     return out.clamp(0, 1).contiguous(), cams.resized(width, height)
 
 
-def _frame_range(depth: Tensor, mask: Tensor, memory: GeometryMemory, cam: Cameras,
-                 cfg: UpdateConfig) -> tuple[float, float] | None:
+def _frame_range(
+    depth: Tensor, mask: Tensor, memory: GeometryMemory, cam: Cameras, cfg: UpdateConfig
+) -> tuple[float, float] | None:
     """Stereo depth range of one frame: from its rendered depths, else from M's points in view."""
     z = depth[mask]
     if z.numel() == 0 and len(memory):
         uv, zz = project_points(memory.xyz, cam)
-        inside = (zz[0] > 0) & (uv[0, :, 0] >= 0) & (uv[0, :, 0] < cam.width) & (uv[0, :, 1] >= 0) & (uv[0, :, 1] < cam.height)
+        inside = (
+            (zz[0] > 0)
+            & (uv[0, :, 0] >= 0)
+            & (uv[0, :, 0] < cam.width)
+            & (uv[0, :, 1] >= 0)
+            & (uv[0, :, 1] < cam.height)
+        )
         z = zz[0][inside]
     if z.numel() == 0:
         return None
@@ -129,13 +136,16 @@ def lift_rendered(memory: GeometryMemory, frames: Views, confidence: Tensor, wei
     world = backproject(centres.depth, frames.cams)  # [F, H, W, 3]
     m = centres.mask
     return GeometryMemory(
-        xyz=world[m], rgb=frames.images[m], confidence=confidence[m] * weight,
+        xyz=world[m],
+        rgb=frames.images[m],
+        confidence=confidence[m] * weight,
         source=torch.full((int(m.sum()),), GENERATED_SOURCE, dtype=torch.int32, device=world.device),
     )
 
 
-def lift_filled(memory: GeometryMemory, frames: Views, renders: Renders, confidence: Tensor, captures: Views,
-                cfg: UpdateConfig) -> GeometryMemory:
+def lift_filled(
+    memory: GeometryMemory, frames: Views, renders: Renders, confidence: Tensor, captures: Views, cfg: UpdateConfig
+) -> GeometryMemory:
     """Points for the pixels the generator filled, by plane sweep against captures and other frames.
 
     Stereo runs at ``cfg.stereo.max_side`` on every ``cfg.stereo_stride``-th frame; a filled depth
@@ -192,8 +202,14 @@ def update_voxel_size(memory: GeometryMemory, cams: Cameras, renders: Renders, c
     return size
 
 
-def update_memory(memory: GeometryMemory, frames: Views, renders: Renders, confidence: Tensor,
-                  captures: Views, cfg: UpdateConfig = UpdateConfig()) -> GeometryMemory:
+def update_memory(
+    memory: GeometryMemory,
+    frames: Views,
+    renders: Renders,
+    confidence: Tensor,
+    captures: Views,
+    cfg: UpdateConfig = UpdateConfig(),
+) -> GeometryMemory:
     """Merge a segment's generated frames into M.
 
     Args:

@@ -11,8 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from backend.service import Service, ServiceConfig
 from backend.service.probe import run as probe_runner
@@ -31,7 +32,9 @@ def probe_scene(plan: str = "", *, captures: int = 2) -> dict[str, Any]:
     return scene_msg(f"probe {plan}".strip() if plan else "", captures=captures)
 
 
-def start_service(data_dir: Path, *, runner: Callable[..., Any] = probe_runner, bind: str = "tcp://127.0.0.1:*", **config: Any) -> tuple[Service, Any]:
+def start_service(
+    data_dir: Path, *, runner: Callable[..., Any] = probe_runner, bind: str = "tcp://127.0.0.1:*", **config: Any
+) -> tuple[Service, Any]:
     svc = Service(ServiceConfig(bind=bind, data_dir=data_dir, device="cpu", **config), runner=runner)
     return svc, svc.start_thread()
 
@@ -54,7 +57,9 @@ def finished_probe_job(data_dir: Path, plan: str) -> str:
     return job
 
 
-def wait_state(client: Client, job: str, states: tuple[str, ...] = TERMINAL_STATES, timeout_s: float = WAIT_S) -> dict[str, Any]:
+def wait_state(
+    client: Client, job: str, states: tuple[str, ...] = TERMINAL_STATES, timeout_s: float = WAIT_S
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     status = client.status(job)
     while status["state"] not in states:
@@ -71,10 +76,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_serve(data_dir: Path, endpoint: str, *extra: str, preexec: Callable[[], None] | None = None) -> subprocess.Popen:
+def spawn_serve(
+    data_dir: Path, endpoint: str, *extra: str, preexec: Callable[[], None] | None = None
+) -> subprocess.Popen:
     """``reconloop serve`` with the probe runner in a subprocess (stderr to ``data_dir``/../serve.log)."""
-    cmd = [sys.executable, "-m", "backend.cli", "serve", "--bind", endpoint, "--data-dir", str(data_dir), "--device", "cpu",
-           "--runner", "backend.service.probe:run", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "backend.cli",
+        "serve",
+        "--bind",
+        endpoint,
+        "--data-dir",
+        str(data_dir),
+        "--device",
+        "cpu",
+        "--runner",
+        "backend.service.probe:run",
+        *extra,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     log = open(data_dir.parent / f"serve-{endpoint.rsplit(':', 1)[1]}.log", "ab")

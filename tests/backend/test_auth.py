@@ -88,29 +88,49 @@ def test_network_bind_without_keys_is_refused(tmp_path, record_property):
         start_service(tmp_path / "jobs", bind="tcp://0.0.0.0:*")
     rc = cli_main(["serve", "--bind", "tcp://*:0", "--data-dir", str(tmp_path / "jobs2"), "--device", "cpu"])
     assert rc == 2
-    row(record_property, "access", "serve --bind tcp://0.0.0.0 / tcp://* without --curve-secret", "refused at start (exit 2, message names the options)")
+    row(
+        record_property,
+        "access",
+        "serve --bind tcp://0.0.0.0 / tcp://* without --curve-secret",
+        "refused at start (exit 2, message names the options)",
+    )
 
 
 def test_network_bind_with_keys_is_served(tmp_path, keys):
     pairs, allowed = keys
-    svc, thread = start_service(tmp_path / "jobs", bind="tcp://0.0.0.0:*", auth=AuthConfig(pairs["server"].secret_file, allowed))
+    svc, thread = start_service(
+        tmp_path / "jobs", bind="tcp://0.0.0.0:*", auth=AuthConfig(pairs["server"].secret_file, allowed)
+    )
     try:
         port = svc.endpoint.rsplit(":", 1)[1]
-        with Client(f"tcp://127.0.0.1:{port}", server_key=pairs["server"].public_file, client_key=pairs["alice"].secret_file, timeout_ms=TIMEOUT_MS) as c:
+        with Client(
+            f"tcp://127.0.0.1:{port}",
+            server_key=pairs["server"].public_file,
+            client_key=pairs["alice"].secret_file,
+            timeout_ms=TIMEOUT_MS,
+        ) as c:
             assert c.jobs() == []
     finally:
         stop_service(svc, thread)
 
 
 def test_clients_see_and_control_only_their_own_jobs(curve_service, keys, record_property):
-    with curve_client(curve_service, keys, "alice", timeout_ms=TIMEOUT_MS) as alice, curve_client(curve_service, keys, "bob", timeout_ms=TIMEOUT_MS) as bob:
+    with (
+        curve_client(curve_service, keys, "alice", timeout_ms=TIMEOUT_MS) as alice,
+        curve_client(curve_service, keys, "bob", timeout_ms=TIMEOUT_MS) as bob,
+    ):
         job = alice.submit(probe_scene("steps=2"))
         assert is_job_id(job)
         done = wait_state(alice, job)
         assert done["state"] == "done"
         assert job in {j["job"] for j in alice.jobs()}
         assert job not in {j["job"] for j in bob.jobs()}
-        for op, fields in (("status", {}), ("cancel", {}), ("fetch", {"name": "summary.json"}), ("status", {"watch": True, "since": 0})):
+        for op, fields in (
+            ("status", {}),
+            ("cancel", {}),
+            ("fetch", {"name": "summary.json"}),
+            ("status", {"watch": True, "since": 0}),
+        ):
             with pytest.raises(ProtocolError) as err:
                 bob.request(op, job=job, **fields)
             assert err.value.code == errors.NOT_FOUND
@@ -123,7 +143,12 @@ def test_clients_see_and_control_only_their_own_jobs(curve_service, keys, record
         assert a2 != b2
         assert alice.request("submit", scene=probe_scene(), key="shared-key")["job"] == a2
         assert wait_state(bob, b2)["state"] == "done"
-    row(record_property, "access", "client B asks status/cancel/fetch/watch of client A's job id", "not_found for each; A's job unaffected; same submit key from A and B gives two jobs")
+    row(
+        record_property,
+        "access",
+        "client B asks status/cancel/fetch/watch of client A's job id",
+        "not_found for each; A's job unaffected; same submit key from A and B gives two jobs",
+    )
 
 
 def test_unknown_key_plain_client_and_wrong_server_key_get_nothing(curve_service, keys, tmp_path, record_property):
@@ -135,7 +160,13 @@ def test_unknown_key_plain_client_and_wrong_server_key_get_nothing(curve_service
         with pytest.raises(TimeoutError):
             plain.hello()
     impostor = generate_keys(tmp_path, "impostor")
-    with Client(curve_service.endpoint, server_key=impostor.public_file, client_key=pairs["alice"].secret_file, timeout_ms=REFUSED_TIMEOUT_MS, retries=0) as c:
+    with Client(
+        curve_service.endpoint,
+        server_key=impostor.public_file,
+        client_key=pairs["alice"].secret_file,
+        timeout_ms=REFUSED_TIMEOUT_MS,
+        retries=0,
+    ) as c:
         with pytest.raises(TimeoutError):
             c.hello()
     # the allow-list is re-read when its folder changes: mallory's key added at run time is let in
@@ -148,8 +179,12 @@ def test_unknown_key_plain_client_and_wrong_server_key_get_nothing(curve_service
     with curve_client(curve_service, keys, "mallory", timeout_ms=REFUSED_TIMEOUT_MS, retries=0) as mallory:
         with pytest.raises(TimeoutError):
             mallory.hello()  # removed again: refused again
-    row(record_property, "access", "key not in the allow-list; no CurveZMQ; wrong server key; key added then removed at run time",
-        "handshake refused, no reply (client times out); added key admitted without restart, removed key refused again")
+    row(
+        record_property,
+        "access",
+        "key not in the allow-list; no CurveZMQ; wrong server key; key added then removed at run time",
+        "handshake refused, no reply (client times out); added key admitted without restart, removed key refused again",
+    )
 
 
 def test_raw_socket_with_curve_and_user_id_owner(curve_service, keys):
@@ -211,7 +246,10 @@ def test_loopback_without_keys_is_one_local_owner_and_owners_survive_restart(tmp
         stop_service(svc, thread)
     svc, thread = start_service(tmp_path / "jobs", auth=auth)
     try:
-        with curve_client(svc, keys, "alice", timeout_ms=TIMEOUT_MS) as alice, curve_client(svc, keys, "bob", timeout_ms=TIMEOUT_MS) as bob:
+        with (
+            curve_client(svc, keys, "alice", timeout_ms=TIMEOUT_MS) as alice,
+            curve_client(svc, keys, "bob", timeout_ms=TIMEOUT_MS) as bob,
+        ):
             assert [j["job"] for j in alice.jobs()] == [mine]
             assert bob.jobs() == []
     finally:
@@ -224,15 +262,36 @@ def test_cli_serve_and_submit_with_keys(tmp_path, keys, capsys):
 
     pairs, allowed = keys
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    proc = spawn_serve(tmp_path / "jobs", endpoint, "--curve-secret", str(pairs["server"].secret_file), "--allow-keys", str(allowed), "--max-captures", "4")
+    proc = spawn_serve(
+        tmp_path / "jobs",
+        endpoint,
+        "--curve-secret",
+        str(pairs["server"].secret_file),
+        "--allow-keys",
+        str(allowed),
+        "--max-captures",
+        "4",
+    )
     try:
         client_kw = {"server_key": pairs["server"].public_file, "client_key": pairs["alice"].secret_file}
         wait_up(endpoint, **client_kw)
         with Client(endpoint, timeout_ms=TIMEOUT_MS, **client_kw) as c:
             assert c.hello()["limits"]["max_captures"] == 4
         write_scene_message(probe_scene("steps=2"), tmp_path / "scene")
-        rc = cli_main(["submit", str(tmp_path / "scene"), "--server", endpoint, "--out", str(tmp_path / "out"),
-                       "--server-key", str(pairs["server"].public_file), "--client-key", str(pairs["alice"].secret_file)])
+        rc = cli_main(
+            [
+                "submit",
+                str(tmp_path / "scene"),
+                "--server",
+                endpoint,
+                "--out",
+                str(tmp_path / "out"),
+                "--server-key",
+                str(pairs["server"].public_file),
+                "--client-key",
+                str(pairs["alice"].secret_file),
+            ]
+        )
         assert rc == 0, capsys.readouterr().err
         assert (tmp_path / "out" / "summary.json").is_file()
     finally:

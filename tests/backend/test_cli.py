@@ -87,11 +87,18 @@ def test_bad_scene_exits_2_with_the_field(tmp_path, capsys):
 
 def test_submit_to_no_server_times_out(tmp_path, capsys):
     scene = write_scene(tmp_path / "scene")
-    assert main(["submit", str(scene), "--server", "tcp://127.0.0.1:9", "--out", str(tmp_path / "o"), "--timeout-ms", "100"]) == 1
+    assert (
+        main(
+            ["submit", str(scene), "--server", "tcp://127.0.0.1:9", "--out", str(tmp_path / "o"), "--timeout-ms", "100"]
+        )
+        == 1
+    )
     assert "no reply" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("folder, fmt", [("middlebury_temple", "middlebury"), ("llff_fern", "llff"), ("lund_door", "colmap")])
+@pytest.mark.parametrize(
+    "folder, fmt", [("middlebury_temple", "middlebury"), ("llff_fern", "llff"), ("lund_door", "colmap")]
+)
 def test_demo_scene_from_a_dataset_folder(folder, fmt, tmp_path):
     """`reconloop demo --scene DATASET`: the format is detected, 3 captures kept by the format's protocol."""
     from backend.cli import DEMO_SETTINGS, import_demo_scene

@@ -47,8 +47,9 @@ def test_ring_protocols_on_temple(temple_dir: Path, tmp_path: Path) -> None:
 
 
 def test_heldout_trajectory_passes_through_heldout_cameras(temple_dir: Path, tmp_path: Path) -> None:
-    scene = split_protocol(import_scene("middlebury", temple_dir, tmp_path), "ring-arc", train_views=3, ring_step=2,
-                           ring_start=11)
+    scene = split_protocol(
+        import_scene("middlebury", temple_dir, tmp_path), "ring-arc", train_views=3, ring_step=2, ring_start=11
+    )
     traj, on_heldout = eval_trajectory(scene, "heldout", frames_per_leg=2)
     assert len(traj) == 2 * (len(scene.captures) + len(scene.heldout))
     assert sorted(on_heldout) == list(range(len(scene.heldout)))
@@ -59,14 +60,20 @@ def test_heldout_trajectory_passes_through_heldout_cameras(temple_dir: Path, tmp
 @pytest.mark.slow
 @pytest.mark.xdist_group("loop")
 def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path) -> None:
-    scene = split_protocol(import_scene("middlebury", temple_dir, tmp_path / "scene"), "ring-arc", train_views=3,
-                           ring_start=11)
+    scene = split_protocol(
+        import_scene("middlebury", temple_dir, tmp_path / "scene"), "ring-arc", train_views=3, ring_start=11
+    )
     scene = replace(scene, settings=Settings(width=64, height=48, gaussian_iterations=30, segment_length=8))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        report = evaluate_scene(scene, tmp_path / "eval", device="cpu", trajectory_mode="heldout",
-                                config=EvalConfig(loop=LoopConfig.from_settings(scene.settings), frames_per_leg=2))
+        report = evaluate_scene(
+            scene,
+            tmp_path / "eval",
+            device="cpu",
+            trajectory_mode="heldout",
+            config=EvalConfig(loop=LoopConfig.from_settings(scene.settings), frames_per_leg=2),
+        )
     finally:
         torch.set_num_threads(threads)
     for key in ("points", "gaussians_captures", "gaussians_loop", "frames"):

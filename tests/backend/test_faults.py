@@ -68,8 +68,12 @@ def test_exception_in_a_stage_fails_the_job_and_the_worker_goes_on(client, recor
     assert status["message"] == "RuntimeError: injected fault in probe step 1 (in stage 'probe')"
     assert [a["name"] for a in status["artifacts"]] == ["step0.json"]  # what finished before the fault stays
     assert wait_state(client, good)["state"] == "done"
-    row(record_property, "fault", "RuntimeError raised inside a stage (step 2 of 3)",
-        f"job failed: \"{status['message']}\"; its finished artifact kept; next job done")
+    row(
+        record_property,
+        "fault",
+        "RuntimeError raised inside a stage (step 2 of 3)",
+        f'job failed: "{status["message"]}"; its finished artifact kept; next job done',
+    )
 
 
 @pytest.mark.parametrize(
@@ -87,8 +91,17 @@ def test_out_of_memory_fails_the_job_plainly_and_the_worker_goes_on(client, reco
     assert status["message"].startswith(expect), status["message"]
     assert "the job was stopped" in status["message"]
     assert wait_state(client, good)["state"] == "done"
-    how = "MemoryError from a real allocation (numpy, 2^60 bytes)" if fault == "memory" else "torch.cuda.OutOfMemoryError raised in a stage (simulated GPU OOM)"
-    row(record_property, "fault", how, f"job failed: \"{status['message'][:90]}...\"; CUDA cache emptied if loaded; next job done")
+    how = (
+        "MemoryError from a real allocation (numpy, 2^60 bytes)"
+        if fault == "memory"
+        else "torch.cuda.OutOfMemoryError raised in a stage (simulated GPU OOM)"
+    )
+    row(
+        record_property,
+        "fault",
+        how,
+        f'job failed: "{status["message"][:90]}..."; CUDA cache emptied if loaded; next job done',
+    )
 
 
 def test_cancel_stops_a_running_job_within_a_bound(client, record_property):
@@ -108,8 +121,12 @@ def test_cancel_stops_a_running_job_within_a_bound(client, record_property):
     assert client.cancel(queued)["state"] == "cancelled"
     assert wait_state(client, blocker)["state"] == "done"
     record_property("cancel_s", round(took_s, 3))
-    row(record_property, "fault", f"cancel of a running job ({STEP_MS} ms steps); cancel of a queued job",
-        f"running job cancelled {took_s * 1000:.0f} ms after the cancel reply (bound {CANCEL_BOUND_S:.0f} s: one step); queued job cancelled at once")
+    row(
+        record_property,
+        "fault",
+        f"cancel of a running job ({STEP_MS} ms steps); cancel of a queued job",
+        f"running job cancelled {took_s * 1000:.0f} ms after the cancel reply (bound {CANCEL_BOUND_S:.0f} s: one step); queued job cancelled at once",
+    )
 
 
 def test_cancel_waits_for_the_step_boundary(client, record_property):
@@ -123,8 +140,12 @@ def test_cancel_waits_for_the_step_boundary(client, record_property):
     took_s = time.monotonic() - t0
     # hang reports no progress: the cancel is seen when the job ends its steps (3 x 0.6 s at most)
     assert status["state"] in ("cancelled", "done") and took_s <= 3 * step_s + CANCEL_BOUND_S
-    row(record_property, "fault", "cancel while a stage runs 1.8 s without reporting progress",
-        f"ended after {took_s:.2f} s as {status['state']}: cancel takes effect at step boundaries only (documented bound: the longest step)")
+    row(
+        record_property,
+        "fault",
+        "cancel while a stage runs 1.8 s without reporting progress",
+        f"ended after {took_s:.2f} s as {status['state']}: cancel takes effect at step boundaries only (documented bound: the longest step)",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,15 +182,21 @@ def test_file_size_limit_gives_clear_errors_and_the_service_goes_on(tmp_path, re
         proc.kill()
         proc.wait()
     assert not list((tmp_path / "jobs").glob(".tmp-*")), "a failed submit left its temporary folder"
-    row(record_property, "fault", "disk limit: service run under RLIMIT_FSIZE 512 KiB; a job writes 2 MiB; a 1.4 MB submit",
-        f"job failed: \"{status['message'][:80]}...\"; submit answered internal \"no space left on the server's disk ...\"; no partial job folder; next job done")
+    row(
+        record_property,
+        "fault",
+        "disk limit: service run under RLIMIT_FSIZE 512 KiB; a job writes 2 MiB; a 1.4 MB submit",
+        f'job failed: "{status["message"][:80]}..."; submit answered internal "no space left on the server\'s disk ..."; no partial job folder; next job done',
+    )
 
 
 def _mount_tmpfs(path: Path) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or not shutil.which("mount"):
         return False
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(path)], capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(path)], capture_output=True
+    )
     return done.returncode == 0
 
 
@@ -208,9 +235,13 @@ def test_full_tmpfs_gives_clear_errors_and_the_service_goes_on(tmp_path, record_
             stop_service(svc, thread)
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
-    row(record_property, "fault", "full disk: data dir on a 2 MiB tmpfs; a job writes 4 MiB; then the disk filled to the last byte",
-        "job failed: \"no space left on the server's disk ... No space left on device\"; submits refused with that text while full; "
-        "status/jobs answered; after freeing space the next job done")
+    row(
+        record_property,
+        "fault",
+        "full disk: data dir on a 2 MiB tmpfs; a job writes 4 MiB; then the disk filled to the last byte",
+        'job failed: "no space left on the server\'s disk ... No space left on device"; submits refused with that text while full; '
+        "status/jobs answered; after freeing space the next job done",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,10 +307,14 @@ def test_kill9_mid_job_then_restart_resubmit_and_resume(tmp_path, record_propert
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
-    row(record_property, "fault", "kill -9 of `reconloop serve` mid-job (2 of 40 steps done, one job queued, a client watching), then restart",
+    row(
+        record_property,
+        "fault",
+        "kill -9 of `reconloop serve` mid-job (2 of 40 steps done, one job queued, a client watching), then restart",
         f"finished job intact ({len(before)} artifacts, sha256 verified on disk); running job 'interrupted' with its reason, "
         f"its {len(partial)} finished artifacts intact, resubmitted from its stored request: done; queued job ran after restart; "
-        f"watching client resumed (status watch+since; {watcher.reconnects} socket reopens) and got events 1..{seqs[-1]} with no gap or duplicate")
+        f"watching client resumed (status watch+since; {watcher.reconnects} socket reopens) and got events 1..{seqs[-1]} with no gap or duplicate",
+    )
 
 
 def test_torn_journal_line_is_ignored_after_restart(tmp_path, record_property):
@@ -297,8 +332,12 @@ def test_torn_journal_line_is_ignored_after_restart(tmp_path, record_property):
             assert wait_state(c, c.submit(probe_scene("steps=1")))["state"] == "done"
     finally:
         stop_service(svc, thread)
-    row(record_property, "fault", "journal's last line torn (as by a crash mid-write), stray folder in the data dir",
-        "torn line ignored, job listed done with its 3 artifacts; stray folder skipped; new jobs run")
+    row(
+        record_property,
+        "fault",
+        "journal's last line torn (as by a crash mid-write), stray folder in the data dir",
+        "torn line ignored, job listed done with its 3 artifacts; stray folder skipped; new jobs run",
+    )
 
 
 def test_runner_outputs_outside_the_job_are_refused(client, record_property):
@@ -313,8 +352,12 @@ def test_runner_outputs_outside_the_job_are_refused(client, record_property):
                 client.fetch_bytes(job, name)
             assert err.value.code == errors.NOT_FOUND
     assert np.all([wait_state(client, client.submit(probe_scene("steps=1")))["state"] == "done"])
-    row(record_property, "fault", "runner announces a symlink to /etc/hostname and the name ../meta.json as artifacts",
-        "job failed naming the symlink / the '..' part; neither listed nor fetchable (not_found)")
+    row(
+        record_property,
+        "fault",
+        "runner announces a symlink to /etc/hostname and the name ../meta.json as artifacts",
+        "job failed naming the symlink / the '..' part; neither listed nor fetchable (not_found)",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,10 +377,14 @@ def test_real_loop_job_and_cancel_through_the_service(temple_dir, tmp_path, reco
     from backend.service.store import scene_message
     from backend.service.worker import default_runner
 
-    scene = split_protocol(import_scene("middlebury", temple_dir, tmp_path / "temple"), "ring-arc", train_views=3, ring_start=11)
+    scene = split_protocol(
+        import_scene("middlebury", temple_dir, tmp_path / "temple"), "ring-arc", train_views=3, ring_start=11
+    )
     orbit = default_trajectory([c.camera for c in scene.captures], 6)
     settings = Settings(width=64, height=48, gaussian_iterations=0, segment_length=6, segment_overlap=2)
-    scene = replace(scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(orbit)], heldout=[], settings=settings)
+    scene = replace(
+        scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(orbit)], heldout=[], settings=settings
+    )
     svc, thread = start_service(tmp_path / "jobs", runner=default_runner)
     try:
         with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
@@ -362,5 +409,9 @@ def test_real_loop_job_and_cancel_through_the_service(temple_dir, tmp_path, reco
     finally:
         stop_service(svc, thread)
     record_property("real_loop_cancel_s", round(took_s, 2))
-    row(record_property, "fault", "the real loop (3 temple captures, 6 frames, 64x48) through the service; a second run cancelled after its memory stage",
-        f"first job done, {len(artifacts)} artifacts fetched with sha256; cancel took effect after {took_s:.1f} s (at the loop's next progress report)")
+    row(
+        record_property,
+        "fault",
+        "the real loop (3 temple captures, 6 frames, 64x48) through the service; a second run cancelled after its memory stage",
+        f"first job done, {len(artifacts)} artifacts fetched with sha256; cancel took effect after {took_s:.1f} s (at the loop's next progress report)",
+    )

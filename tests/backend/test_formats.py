@@ -229,7 +229,9 @@ def test_fern_cameras(fern_dir, fern_scene, tmp_path):
         cam = cap.camera
         assert (cam.width, cam.height) == (504, 378)
         assert cap.image.parent.name == "images_8"
-        np.testing.assert_allclose(cam.K, [[FERN_FULL_FOCAL / 8, 0, 252], [0, FERN_FULL_FOCAL / 8, 189], [0, 0, 1]], rtol=1e-6)
+        np.testing.assert_allclose(
+            cam.K, [[FERN_FULL_FOCAL / 8, 0, 252], [0, FERN_FULL_FOCAL / 8, 189], [0, 0, 1]], rtol=1e-6
+        )
         np.testing.assert_allclose(cam.w2c[:3, :3] @ cam.w2c[:3, :3].T, np.eye(3), atol=1e-9)
         assert np.linalg.det(cam.w2c[:3, :3]) > 0
     bounds = read_bounds(fern_scene.root)
@@ -367,7 +369,9 @@ def test_dtu_decomposition(temple_dir, tmp_path):
 def test_registry_and_errors(temple_dir, tmp_path):
     assert IMPORTERS.names() == ["colmap", "dtu", "llff", "middlebury", "nerf"]
     assert EXPORTERS.names() == ["colmap", "nerf"]
-    with pytest.raises(ValueError, match="unknown scene import format 'blender'; known: colmap, dtu, llff, middlebury, nerf"):
+    with pytest.raises(
+        ValueError, match="unknown scene import format 'blender'; known: colmap, dtu, llff, middlebury, nerf"
+    ):
         import_scene("blender", temple_dir, tmp_path)
     with pytest.raises(ValueError, match="unknown scene export format 'ply'; known: colmap, nerf"):
         export_scene("ply", import_scene("middlebury", temple_dir, tmp_path), tmp_path / "x")

@@ -22,7 +22,8 @@ import hashlib
 import random
 import struct
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -64,7 +65,26 @@ CLASSES = (
 )
 INTERESTING_INTS = (0, -1, 1, 2**7, 2**8, 2**15, 2**16, 2**31 - 1, 2**31, 2**32, 2**63 - 1, -(2**63), 2**64 - 1)
 INTERESTING_FLOATS = (0.0, -0.0, 1e308, -1e308, float("nan"), float("inf"), float("-inf"), 5e-324)
-INTERESTING_BYTES = (0x00, 0xFF, 0x7F, 0x80, 0xC1, 0xDC, 0xDD, 0xDE, 0xDF, 0xC4, 0xC5, 0xC6, 0xD9, 0xDA, 0xDB, 0x90, 0x80, 0xA0)
+INTERESTING_BYTES = (
+    0x00,
+    0xFF,
+    0x7F,
+    0x80,
+    0xC1,
+    0xDC,
+    0xDD,
+    0xDE,
+    0xDF,
+    0xC4,
+    0xC5,
+    0xC6,
+    0xD9,
+    0xDA,
+    0xDB,
+    0x90,
+    0x80,
+    0xA0,
+)
 SMALL_PNG = png_bytes(16, 12)
 SMALL_JPEG = jpeg_bytes(16, 12)
 HUGE_HEADERS = (
@@ -154,7 +174,10 @@ class Mutator:
         if kind == 3:
             return r.choice(INTERESTING_FLOATS) if r.random() < 0.5 else r.uniform(-1e6, 1e6)
         if kind == 4:
-            return "".join(chr(r.choice((r.randint(32, 126), r.randint(0x80, 0xD7FF), r.randint(0xE000, 0x10FFFF)))) for _ in range(r.randint(0, 40)))
+            return "".join(
+                chr(r.choice((r.randint(32, 126), r.randint(0x80, 0xD7FF), r.randint(0xE000, 0x10FFFF))))
+                for _ in range(r.randint(0, 40))
+            )
         if kind == 5:
             return r.randbytes(r.randint(0, 64))
         if kind == 6:
@@ -169,7 +192,11 @@ class Mutator:
             return [self.value(depth + 1) for _ in range(r.randint(0, 4))]
         if kind == 10:
             return {str(self.value(depth + 1))[:20]: self.value(depth + 1) for _ in range(r.randint(0, 4))}
-        return {r.choice((1, 2.5, b"k", None)): 1} if r.random() < 0.5 else {"__array__": r.randint(-2, 3), "dtype": "uint8", "shape": [1]}
+        return (
+            {r.choice((1, 2.5, b"k", None)): 1}
+            if r.random() < 0.5
+            else {"__array__": r.randint(-2, 3), "dtype": "uint8", "shape": [1]}
+        )
 
     # -- classes ------------------------------------------------------------------------------------
 
@@ -202,9 +229,15 @@ class Mutator:
             elif action < 0.85 and path and isinstance(path[-1], str):
                 del_path(msg, path)
             else:
-                set_path(msg, path + ("unknown_field",) if isinstance(self._get(msg, path), dict) else path, {"unknown_field": 1})
+                set_path(
+                    msg,
+                    path + ("unknown_field",) if isinstance(self._get(msg, path), dict) else path,
+                    {"unknown_field": 1},
+                )
         if self.rng.random() < 0.1:
-            msg["op"] = self.rng.choice(["nope", "", "HELLO", "event", 7, None] + [op for op in OPS if op != "shutdown"])
+            msg["op"] = self.rng.choice(
+                ["nope", "", "HELLO", "event", 7, None] + [op for op in OPS if op != "shutdown"]
+            )
         return pack(msg)
 
     @staticmethod
@@ -238,14 +271,18 @@ class Mutator:
             nested = [nested] if self.rng.random() < 0.5 else {"a": nested}
         msg = self.base()
         set_path(msg, self.rng.choice(list(paths(msg))[1:]), nested)
-        return [msgpack.packb({k: v for k, v in msg.items() if not isinstance(v, (np.ndarray, dict))} | {"deep": nested})]
+        return [
+            msgpack.packb({k: v for k, v in msg.items() if not isinstance(v, (np.ndarray, dict))} | {"deep": nested})
+        ]
 
     def bad_arrays(self) -> list[Any]:
         r = self.rng
         msg = self.bases[1] if r.random() < 0.7 else self.bases[0]
         frames = [bytes(memoryview(f)) for f in pack(msg)]
         header = msgpack.unpackb(frames[0])
-        refs = [p for p in paths(header) if isinstance(self._get(header, p), dict) and "__array__" in self._get(header, p)]
+        refs = [
+            p for p in paths(header) if isinstance(self._get(header, p), dict) and "__array__" in self._get(header, p)
+        ]
         if not refs:
             return frames + [b"\x00"]
         ref = self._get(header, r.choice(refs))
@@ -253,7 +290,9 @@ class Mutator:
         if action == 0:
             ref["dtype"] = r.choice(("object", "O", ">f8", "float128", "complex64", "", 5, None, "U10"))
         elif action == 1:
-            ref["shape"] = r.choice(([-1], [2**62, 2**62], [1] * 9, "4,4", None, [4.0, 4.0], [True], [limits.MAX_ARRAY_BYTES + 1]))
+            ref["shape"] = r.choice(
+                ([-1], [2**62, 2**62], [1] * 9, "4,4", None, [4.0, 4.0], [True], [limits.MAX_ARRAY_BYTES + 1])
+            )
         elif action == 2:
             ref["__array__"] = r.choice((-1, len(frames), 2**40, "0", None, True, ref["__array__"] + 1))
         elif action == 3:
@@ -325,7 +364,10 @@ class Mutator:
         elif action == 5:
             cam["width"] = r.choice((0, -1, 1, 10**9, 2.5, "64"))
         elif action == 6:
-            cam["distortion"] = {"model": r.choice(("FISHEYE", "", "OPENCV")), "params": [r.random() for _ in range(r.choice((0, 3, 17)))]}
+            cam["distortion"] = {
+                "model": r.choice(("FISHEYE", "", "OPENCV")),
+                "params": [r.random() for _ in range(r.choice((0, 3, 17)))],
+            }
         elif action == 7:
             w2c = np.eye(4)
             w2c[3] = [0, 0, 1, 1]  # last row not 0 0 0 1
@@ -405,7 +447,9 @@ class Sender:
     def drain(self) -> None:
         while self.pending:
             if not self.sock.poll(REPLY_TIMEOUT_MS):
-                raise AssertionError(f"no reply to a {self.pending[0]!r} message within {REPLY_TIMEOUT_MS} ms ({len(self.pending)} waiting)")
+                raise AssertionError(
+                    f"no reply to a {self.pending[0]!r} message within {REPLY_TIMEOUT_MS} ms ({len(self.pending)} waiting)"
+                )
             frames = self.sock.recv_multipart(copy=False)
             if len(frames) > 1 and len(frames[0]) == 0:
                 frames = frames[1:]  # a message that began with an empty frame is answered as a REQ would be
@@ -440,8 +484,12 @@ def counted(request, record_property):
     sent = sum(TOTAL.values()) - before
     record_property("socket_messages", sent)
     if request.node.name in HYPOTHESIS_ROWS:
-        row(record_property, "bad input", f"{HYPOTHESIS_ROWS[request.node.name]}: {sent} messages",
-            "every one answered with a valid reply and no internal error (checked as the batches drain); service up afterwards")
+        row(
+            record_property,
+            "bad input",
+            f"{HYPOTHESIS_ROWS[request.node.name]}: {sent} messages",
+            "every one answered with a valid reply and no internal error (checked as the batches drain); service up afterwards",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -488,8 +536,12 @@ def test_bulk_mutated_messages(fuzzed, counted, record_property):
     for name in CLASSES:
         codes = sender.codes[name]
         record_property(f"codes[{name}]", dict(codes))
-        row(record_property, "bad input", f"{name}: {sum(codes.values())} mutated messages",
-            "every one answered: " + ", ".join(f"{code} {n}" for code, n in codes.most_common()))
+        row(
+            record_property,
+            "bad input",
+            f"{name}: {sum(codes.values())} mutated messages",
+            "every one answered: " + ", ".join(f"{code} {n}" for code, n in codes.most_common()),
+        )
     record_property("bulk_messages", sum(sum(c.values()) for c in sender.codes.values()))
     assert sum(TOTAL[name] for name in CLASSES) >= BULK_MESSAGES - 10
     record_property("bulk_seconds", round(took_s, 1))
@@ -506,17 +558,33 @@ def test_frames_over_the_socket_limit_are_dropped_cleanly(fuzzed, counted, recor
         sock.close()
         TOTAL["frame over the socket limit"] += 1
     assert_alive_and_working(svc, thread)
-    row(record_property, "bad input", "frames of 1 MiB + 1 and 4 MiB to a 1 MiB socket limit", "connection dropped by libzmq unanswered (a clean drop); service goes on")
+    row(
+        record_property,
+        "bad input",
+        "frames of 1 MiB + 1 and 4 MiB to a 1 MiB socket limit",
+        "connection dropped by libzmq unanswered (a clean drop); service goes on",
+    )
 
 
 # -- hypothesis: structure-guided ------------------------------------------------------------------
 
 msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.floats() | st.text(max_size=30) | st.binary(max_size=30),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats()
+    | st.text(max_size=30)
+    | st.binary(max_size=30),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
-HYP = settings(max_examples=HYPOTHESIS_EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+HYP = settings(
+    max_examples=HYPOTHESIS_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 @pytest.fixture(scope="module")
@@ -545,8 +613,12 @@ def test_hypothesis_wrong_value_at_every_path(hsender, counted, data):
 
 
 @HYP
-@given(index=st.one_of(st.integers(-3, 5), st.text(max_size=3), st.none()), dtype=st.one_of(st.sampled_from(DTYPES), st.text(max_size=8)),
-       shape=st.one_of(st.lists(st.integers(-2, 2**40), max_size=6), st.integers(), st.none()), frame=st.binary(max_size=64))
+@given(
+    index=st.one_of(st.integers(-3, 5), st.text(max_size=3), st.none()),
+    dtype=st.one_of(st.sampled_from(DTYPES), st.text(max_size=8)),
+    shape=st.one_of(st.lists(st.integers(-2, 2**40), max_size=6), st.integers(), st.none()),
+    frame=st.binary(max_size=64),
+)
 def test_hypothesis_array_references(hsender, counted, index, dtype, shape, frame):
     sender, bases = hsender
     ref = {"__array__": index, "dtype": dtype, "shape": shape}
@@ -562,13 +634,23 @@ finite = st.floats(allow_nan=True, allow_infinity=True, width=64)
 
 
 @HYP
-@given(w2c=st.lists(finite, min_size=16, max_size=16), K=st.lists(finite, min_size=9, max_size=9),
-       width=st.integers(-5, 5000), height=st.integers(-5, 5000), dtype=st.sampled_from(("float32", "float64", "float16", "int32")))
+@given(
+    w2c=st.lists(finite, min_size=16, max_size=16),
+    K=st.lists(finite, min_size=9, max_size=9),
+    width=st.integers(-5, 5000),
+    height=st.integers(-5, 5000),
+    dtype=st.sampled_from(("float32", "float64", "float16", "int32")),
+)
 def test_hypothesis_cameras(hsender, counted, w2c, K, width, height, dtype):
     sender, bases = hsender
     msg = copy.deepcopy(bases[1])
     with np.errstate(invalid="ignore", over="ignore"):  # nan and inf cast to int32 or float16 on purpose
-        cam = {"w2c": np.array(w2c).reshape(4, 4).astype(dtype), "K": np.array(K).reshape(3, 3).astype(dtype), "width": width, "height": height}
+        cam = {
+            "w2c": np.array(w2c).reshape(4, 4).astype(dtype),
+            "K": np.array(K).reshape(3, 3).astype(dtype),
+            "width": width,
+            "height": height,
+        }
     msg["scene"]["trajectory"][0]["camera"] = cam
     sender.send("bad cameras", pack(msg))
     msg["scene"]["captures"][1]["camera"] = cam
@@ -576,8 +658,11 @@ def test_hypothesis_cameras(hsender, counted, w2c, K, width, height, dtype):
 
 
 @HYP
-@given(prefix=st.sampled_from((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"")), body=st.binary(max_size=200),
-       raw=st.tuples(st.integers(0, 40), st.integers(0, 40), st.integers(0, 6)))
+@given(
+    prefix=st.sampled_from((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"")),
+    body=st.binary(max_size=200),
+    raw=st.tuples(st.integers(0, 40), st.integers(0, 40), st.integers(0, 6)),
+)
 def test_hypothesis_images(hsender, counted, prefix, body, raw):
     sender, bases = hsender
     msg = copy.deepcopy(bases[1])
@@ -606,5 +691,9 @@ def test_codec_in_process_raises_only_protocol_errors(record_property):
         except ProtocolError as err:
             seen[err.code] += 1
     assert sum(seen.values()) == CODEC_MESSAGES
-    row(record_property, "bad input", f"codec alone (no socket): {CODEC_MESSAGES} mutated messages of all classes",
-        "only ProtocolError raised: " + ", ".join(f"{c} {n}" for c, n in seen.most_common()))
+    row(
+        record_property,
+        "bad input",
+        f"codec alone (no socket): {CODEC_MESSAGES} mutated messages of all classes",
+        "only ProtocolError raised: " + ", ".join(f"{c} {n}" for c, n in seen.most_common()),
+    )

@@ -18,8 +18,18 @@ from protocol import errors, limits
 from protocol.client import Client
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
-from tests.backend._reliability import (TIMEOUT_MS, finished_probe_job, free_port, probe_scene, row, spawn_serve, start_service, stop_service,
-                                        wait_state, wait_up)
+from tests.backend._reliability import (
+    TIMEOUT_MS,
+    finished_probe_job,
+    free_port,
+    probe_scene,
+    row,
+    spawn_serve,
+    start_service,
+    stop_service,
+    wait_state,
+    wait_up,
+)
 from tests.protocol.helpers import camera, png_bytes
 
 SMALL = limits.JobLimits(
@@ -101,9 +111,13 @@ def test_per_job_limits_refuse_with_the_field_and_the_limit(client, record_prope
         err = _refused(client, scene)
         assert err.field == field and text in err.message, (field, err.message)
     assert wait_state(client, client.submit(_small_scene()))["state"] == "done"
-    row(record_property, "bad input", "per-job limits (serve --max-captures 3 --max-trajectory 2 --max-image-side 100 --max-request-mib ...): "
+    row(
+        record_property,
+        "bad input",
+        "per-job limits (serve --max-captures 3 --max-trajectory 2 --max-image-side 100 --max-request-mib ...): "
         "6 captures, 4 trajectory cameras, a 128x128 PNG, a 120x90 raw image, a 400x50 camera, settings width 640, 300 KB in all",
-        "each refused too_large naming the field and the limit, before anything is written; a job within the limits done")
+        "each refused too_large naming the field and the limit, before anything is written; a job within the limits done",
+    )
 
 
 def test_queue_limit(client):
@@ -134,8 +148,12 @@ def test_frame_over_the_socket_limit(service, client, record_property):
     finally:
         sock.close()
     assert client.jobs() is not None  # the service goes on
-    row(record_property, "bad input", "a frame 1 byte over the socket's limit (ZMQ_MAXMSGSIZE, serve --max-frame-mib)",
-        "dropped by libzmq with the connection, unanswered; the Client refuses it locally with too_large; service goes on")
+    row(
+        record_property,
+        "bad input",
+        "a frame 1 byte over the socket's limit (ZMQ_MAXMSGSIZE, serve --max-frame-mib)",
+        "dropped by libzmq with the connection, unanswered; the Client refuses it locally with too_large; service goes on",
+    )
 
 
 def _hwm_bytes(pid: int) -> int:
@@ -178,7 +196,9 @@ def test_oversized_input_costs_no_memory(tmp_path, record_property):
                 sock.send(h)
                 assert sock.poll(TIMEOUT_MS)
                 codes.append(decode(sock.recv_multipart(), "reply")["error"]["code"])
-            sock.send_multipart([encode({"v": 1, "op": "jobs", "id": 1}, "request")[0]] + [b""] * (limits.MAX_FRAMES + 1))
+            sock.send_multipart(
+                [encode({"v": 1, "op": "jobs", "id": 1}, "request")[0]] + [b""] * (limits.MAX_FRAMES + 1)
+            )
             assert sock.poll(TIMEOUT_MS)
             codes.append(decode(sock.recv_multipart(), "reply")["error"]["code"])
             sock.close()
@@ -191,9 +211,13 @@ def test_oversized_input_costs_no_memory(tmp_path, record_property):
         proc.kill()
         proc.wait()
     record_property("peak_growth_mib", round(grew / 2**20, 1))
-    row(record_property, "bad input", "3 frames of 256 MiB to a --max-frame-mib 1 service; msgpack headers claiming 4G items, 4 GiB str, "
+    row(
+        record_property,
+        "bad input",
+        "3 frames of 256 MiB to a --max-frame-mib 1 service; msgpack headers claiming 4G items, 4 GiB str, "
         "2 GiB bin; 100,000 nested arrays; 16,386 frames",
-        f"big frames dropped by libzmq unread; headers refused bad_msgpack, frames too_large; service peak memory grew {grew / 2**20:.1f} MiB; next job done")
+        f"big frames dropped by libzmq unread; headers refused bad_msgpack, frames too_large; service peak memory grew {grew / 2**20:.1f} MiB; next job done",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,8 +273,12 @@ def test_tampered_manifest_entries_are_dropped_at_restart(tmp_path, record_prope
                 assert err.value.code == errors.NOT_FOUND
     finally:
         stop_service(svc, thread)
-    row(record_property, "bad input", "manifest on disk edited to list ../meta.json, /etc/hostname, a symlink, a missing file; fetch of each",
-        "entries dropped at restart (logged); fetch answers not_found; real artifacts still listed")
+    row(
+        record_property,
+        "bad input",
+        "manifest on disk edited to list ../meta.json, /etc/hostname, a symlink, a missing file; fetch of each",
+        "entries dropped at restart (logged); fetch answers not_found; real artifacts still listed",
+    )
 
 
 def test_png_with_lying_header_is_refused_or_fails_plainly(client):

@@ -14,12 +14,19 @@ from plyfile import PlyData
 
 from backend.evaluate import split_protocol
 from backend.formats import import_scene
-from backend.loop import (LoopConfig, default_trajectory, guided_renders, order_around, path_through, run_loop,
-                          working_size)
-from backend.stages.fit import Gaussians
-from backend.stages.types import Cameras, Renders
+from backend.loop import (
+    LoopConfig,
+    default_trajectory,
+    guided_renders,
+    order_around,
+    path_through,
+    run_loop,
+    working_size,
+)
 from backend.progress import Cancelled, ProgressEvent
 from backend.scene import Scene, Settings, TrajectoryFrame, camera_from_json
+from backend.stages.fit import Gaussians
+from backend.stages.types import Cameras, Renders
 from protocol.ply import gaussian_field_names
 
 W, H = 96, 72
@@ -39,8 +46,9 @@ def temple3(tmp_path_factory: pytest.TempPathFactory) -> Scene:
     scene = split_protocol(scene, "ring-arc", train_views=3, ring_start=11)
     orbit = default_trajectory([c.camera for c in scene.captures], FRAMES)
     settings = Settings(width=W, height=H, gaussian_iterations=ITERATIONS, segment_length=6, segment_overlap=2)
-    return replace(scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(orbit)], heldout=[],
-                   settings=settings)
+    return replace(
+        scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(orbit)], heldout=[], settings=settings
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +76,10 @@ def test_outputs_are_valid(loop_run) -> None:
         assert tuple(p.name for p in el.properties) == POINT_FIELDS
         assert el.count > 100
         assert np.all(np.isfinite(el["x"])) and el["red"].dtype == np.uint8
-    initial, final = PlyData.read(str(out / "points.ply"))["vertex"], PlyData.read(str(out / "points_final.ply"))["vertex"]
+    initial, final = (
+        PlyData.read(str(out / "points.ply"))["vertex"],
+        PlyData.read(str(out / "points_final.ply"))["vertex"],
+    )
     assert set(np.unique(initial["source"])) <= {0, 1, 2}
     assert (final["source"] == -1).any(), "the update adds points lifted from generated frames"
 
@@ -204,10 +215,19 @@ def test_guided_renders_take_the_guide_where_it_is_opaque() -> None:
     """One opaque Gaussian in front of a camera: its pixels take its depth and source -1, the rest keep the memory's."""
     K = torch.tensor([[[40.0, 0, 16], [0, 40.0, 12], [0, 0, 1]]])
     cams = Cameras(torch.eye(4)[None], K, 32, 24)
-    guide = Gaussians(torch.tensor([[0.0, 0.0, 2.0]]), torch.log(torch.full((1, 3), 0.2)), torch.tensor([[1.0, 0, 0, 0]]),
-                      torch.tensor([8.0]), torch.zeros(1, 1, 3))
-    memory = Renders(torch.full((1, 24, 32, 3), 0.7), torch.full((1, 24, 32), 5.0), torch.ones(1, 24, 32, dtype=torch.bool),
-                     torch.zeros(1, 24, 32, dtype=torch.int32))
+    guide = Gaussians(
+        torch.tensor([[0.0, 0.0, 2.0]]),
+        torch.log(torch.full((1, 3), 0.2)),
+        torch.tensor([[1.0, 0, 0, 0]]),
+        torch.tensor([8.0]),
+        torch.zeros(1, 1, 3),
+    )
+    memory = Renders(
+        torch.full((1, 24, 32, 3), 0.7),
+        torch.full((1, 24, 32), 5.0),
+        torch.ones(1, 24, 32, dtype=torch.bool),
+        torch.zeros(1, 24, 32, dtype=torch.int32),
+    )
     cfg = LoopConfig.from_settings(Settings(), device="cpu")
     out = guided_renders(memory, guide, cams, cfg)
     opaque = out.source == -1

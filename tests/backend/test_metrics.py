@@ -38,7 +38,7 @@ def reference_ssim(x: np.ndarray, y: np.ndarray) -> float:
     for c in range(3):
         for i in range(h - 10):
             for j in range(wd - 10):
-                px, py = x[i:i + 11, j:j + 11, c], y[i:i + 11, j:j + 11, c]
+                px, py = x[i : i + 11, j : j + 11, c], y[i : i + 11, j : j + 11, c]
                 mx, my = (w * px).sum(), (w * py).sum()
                 vx, vy = (w * px * px).sum() - mx * mx, (w * py * py).sum() - my * my
                 cov = (w * px * py).sum() - mx * my

@@ -45,8 +45,17 @@ def test_registry_and_protocol():
 def test_gsplat_refuses_cpu_tensors():
     r = make_rasterizer("gsplat")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
-        r.render(torch.zeros(1, 3), torch.zeros(1, 4), torch.ones(1, 3), torch.ones(1), torch.ones(1, 3),
-                 torch.eye(4)[None], pinhole(10, 5, 5), 10, 10)
+        r.render(
+            torch.zeros(1, 3),
+            torch.zeros(1, 4),
+            torch.ones(1, 3),
+            torch.ones(1),
+            torch.ones(1, 3),
+            torch.eye(4)[None],
+            pinhole(10, 5, 5),
+            10,
+            10,
+        )
 
 
 def test_single_isotropic_gaussian_is_the_analytic_2d_gaussian():
@@ -54,8 +63,17 @@ def test_single_isotropic_gaussian_is_the_analytic_2d_gaussian():
     f, s, z, o = 50.0, 0.1, 4.0, 0.8
     cx, cy = 20.5, 13.5  # the centre of pixel (20, 13)
     r = TorchCpuRasterizer()
-    img, alpha, meta = r.render(torch.tensor([[0.0, 0.0, z]]), torch.tensor([IDENTITY_QUAT]), torch.full((1, 3), s),
-                                torch.tensor([o]), torch.ones(1, 1), torch.eye(4)[None], pinhole(f, cx, cy), 40, 30)
+    img, alpha, meta = r.render(
+        torch.tensor([[0.0, 0.0, z]]),
+        torch.tensor([IDENTITY_QUAT]),
+        torch.full((1, 3), s),
+        torch.tensor([o]),
+        torch.ones(1, 1),
+        torch.eye(4)[None],
+        pinhole(f, cx, cy),
+        40,
+        30,
+    )
     var = (f * s / z) ** 2 + EPS2D
     xs, ys = pixel_centres(40, 30)
     expected = o * torch.exp(-0.5 * ((xs - cx) ** 2 + (ys - cy) ** 2) / var)
@@ -75,7 +93,9 @@ def test_off_axis_covariance_is_jacobian_projection():
     K = pinhole(f, 30.0, 25.0, torch.float64)
     angle = 0.3
     w2c = torch.eye(4, dtype=torch.float64)
-    w2c[:3, :3] = torch.tensor([[math.cos(angle), 0, math.sin(angle)], [0, 1, 0], [-math.sin(angle), 0, math.cos(angle)]])
+    w2c[:3, :3] = torch.tensor(
+        [[math.cos(angle), 0, math.sin(angle)], [0, 1, 0], [-math.sin(angle), 0, math.cos(angle)]]
+    )
     w2c[:3, 3] = torch.tensor([0.1, -0.2, 3.0])
     means = torch.tensor(rng.normal(size=(5, 3)) * 0.4, dtype=torch.float64)
     quats = torch.tensor(rng.normal(size=(5, 4)), dtype=torch.float64)
@@ -84,9 +104,13 @@ def test_off_axis_covariance_is_jacobian_projection():
     for i in range(5):
         q = quats[i].numpy() / np.linalg.norm(quats[i].numpy())
         qw, qx, qy, qz = q
-        Rq = np.array([[1 - 2 * (qy**2 + qz**2), 2 * (qx * qy - qw * qz), 2 * (qx * qz + qw * qy)],
-                       [2 * (qx * qy + qw * qz), 1 - 2 * (qx**2 + qz**2), 2 * (qy * qz - qw * qx)],
-                       [2 * (qx * qz - qw * qy), 2 * (qy * qz + qw * qx), 1 - 2 * (qx**2 + qy**2)]])
+        Rq = np.array(
+            [
+                [1 - 2 * (qy**2 + qz**2), 2 * (qx * qy - qw * qz), 2 * (qx * qz + qw * qy)],
+                [2 * (qx * qy + qw * qz), 1 - 2 * (qx**2 + qz**2), 2 * (qy * qz - qw * qx)],
+                [2 * (qx * qz - qw * qy), 2 * (qy * qz + qw * qx), 1 - 2 * (qx**2 + qy**2)],
+            ]
+        )
         sigma = Rq @ np.diag(scales[i].numpy() ** 2) @ Rq.T
         Rv, tv = w2c[:3, :3].numpy(), w2c[:3, 3].numpy()
         pc = Rv @ means[i].numpy() + tv
@@ -94,7 +118,9 @@ def test_off_axis_covariance_is_jacobian_projection():
         cov2d = J @ Rv @ sigma @ Rv.T @ J.T + EPS2D * np.eye(2)
         inv = np.linalg.inv(cov2d)
         np.testing.assert_allclose(conics[0, i].numpy(), [inv[0, 0], inv[0, 1], inv[1, 1]], rtol=1e-9)
-        np.testing.assert_allclose(means2d[0, i].numpy(), [f * pc[0] / pc[2] + 30.0, f * pc[1] / pc[2] + 25.0], rtol=1e-12)
+        np.testing.assert_allclose(
+            means2d[0, i].numpy(), [f * pc[0] / pc[2] + 30.0, f * pc[1] / pc[2] + 25.0], rtol=1e-12
+        )
         assert depths[0, i].item() == pytest.approx(pc[2])
 
 
@@ -121,8 +147,16 @@ def test_transmittance_cut_off_like_gsplat():
     """Behind an alpha-0.999 Gaussian, T = 1e-3; the next would take it to 1e-6 < 1e-4: not drawn."""
     means = torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 3.0]])
     img, alpha, _ = TorchCpuRasterizer().render(
-        means, torch.tensor([IDENTITY_QUAT] * 2), torch.full((2, 3), 0.5), torch.tensor([1.0, 1.0]),
-        torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), torch.eye(4)[None], pinhole(10.0, 4.5, 4.5), 9, 9)
+        means,
+        torch.tensor([IDENTITY_QUAT] * 2),
+        torch.full((2, 3), 0.5),
+        torch.tensor([1.0, 1.0]),
+        torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
+        torch.eye(4)[None],
+        pinhole(10.0, 4.5, 4.5),
+        9,
+        9,
+    )
     torch.testing.assert_close(img[0, 4, 4], torch.tensor([0.999, 0.0, 0.0]))
     assert alpha[0, 4, 4, 0].item() == pytest.approx(0.999)
 
@@ -130,8 +164,17 @@ def test_transmittance_cut_off_like_gsplat():
 def test_culling_and_backgrounds():
     means = torch.tensor([[0.0, 0.0, -2.0], [50.0, 0.0, 2.0], [0.0, 0.0, 0.005]])  # behind, outside, before near
     img, alpha, meta = TorchCpuRasterizer().render(
-        means, torch.tensor([IDENTITY_QUAT] * 3), torch.full((3, 3), 0.1), torch.ones(3), torch.ones(3, 3),
-        torch.eye(4)[None], pinhole(10.0, 4.0, 4.0), 8, 8, backgrounds=torch.tensor([[0.2, 0.3, 0.4]]))
+        means,
+        torch.tensor([IDENTITY_QUAT] * 3),
+        torch.full((3, 3), 0.1),
+        torch.ones(3),
+        torch.ones(3, 3),
+        torch.eye(4)[None],
+        pinhole(10.0, 4.0, 4.0),
+        8,
+        8,
+        backgrounds=torch.tensor([[0.2, 0.3, 0.4]]),
+    )
     assert (meta["radii"] == 0).all()
     assert alpha.abs().max() == 0
     torch.testing.assert_close(img[0], torch.tensor([0.2, 0.3, 0.4]).expand(8, 8, 3))
@@ -141,8 +184,17 @@ def test_row_bands_bound_memory_without_changing_the_image():
     torch.manual_seed(0)
     n = 60
     means = torch.randn(n, 3) * 0.3 + torch.tensor([0.0, 0.0, 3.0])
-    args = (means, torch.randn(n, 4), torch.rand(n, 3) * 0.2, torch.rand(n), torch.rand(n, 3),
-            torch.eye(4)[None].repeat(2, 1, 1), pinhole(30.0, 16.0, 12.0).repeat(2, 1, 1), 32, 24)
+    args = (
+        means,
+        torch.randn(n, 4),
+        torch.rand(n, 3) * 0.2,
+        torch.rand(n),
+        torch.rand(n, 3),
+        torch.eye(4)[None].repeat(2, 1, 1),
+        pinhole(30.0, 16.0, 12.0).repeat(2, 1, 1),
+        32,
+        24,
+    )
     full, _, _ = TorchCpuRasterizer().render(*args)
     banded, _, _ = TorchCpuRasterizer(max_pairs=500).render(*args)
     torch.testing.assert_close(full, banded, atol=1e-6, rtol=0)
@@ -174,8 +226,16 @@ def test_meta_means2d_gradient_is_retainable():
     n = 20
     means = (torch.randn(n, 3) * 0.2 + torch.tensor([0.0, 0.0, 2.0])).requires_grad_()
     img, _, meta = TorchCpuRasterizer().render(
-        means, torch.randn(n, 4), torch.rand(n, 3) * 0.1,
-        torch.rand(n), torch.rand(n, 3), torch.eye(4)[None], pinhole(20.0, 8.0, 8.0), 16, 16)
+        means,
+        torch.randn(n, 4),
+        torch.rand(n, 3) * 0.1,
+        torch.rand(n),
+        torch.rand(n, 3),
+        torch.eye(4)[None],
+        pinhole(20.0, 8.0, 8.0),
+        16,
+        16,
+    )
     meta["means2d"].retain_grad()
     img.sum().backward()
     assert meta["means2d"].grad.shape == (1, n, 2) and meta["means2d"].grad.abs().sum() > 0

@@ -120,16 +120,36 @@ def edit(data: dict, dotted: str, value) -> dict:
             [[-30, 0, 16], [0, 31, 12], [0, 0, 1]],
             r"^captures\[1\]\.camera\.K: focal lengths must be positive; got fx=-30",
         ),
-        ("captures.0.camera.width", WIDTH + 1, r"^captures\[0\]\.camera: size 33x24 does not match the image img0\.png"),
+        (
+            "captures.0.camera.width",
+            WIDTH + 1,
+            r"^captures\[0\]\.camera: size 33x24 does not match the image img0\.png",
+        ),
         ("heldout.0.camera.height", HEIGHT * 2, r"^heldout\[0\]\.camera: size 32x48 does not match"),
-        ("captures.0.camera.K", [[30, 0, float("nan")], [0, 31, 12], [0, 0, 1]], r"^captures\[0\]\.camera\.K: holds NaN"),
+        (
+            "captures.0.camera.K",
+            [[30, 0, float("nan")], [0, 31, 12], [0, 0, 1]],
+            r"^captures\[0\]\.camera\.K: holds NaN",
+        ),
         ("trajectory.1.camera.w2c.0.3", float("inf"), r"^trajectory\[1\]\.camera\.w2c: holds NaN or infinity"),
         ("settings.resolution", 512, r"^settings\.resolution: unknown setting; known: "),
         ("settings.width", 8, r"^settings\.width: must be in \[16, 4096\]; got 8"),
         ("version", 2, r"^version: scene format version must be 1; got 2"),
-        ("captures.1.camera.distortion", {"model": "FISHEYE", "params": [0.1]}, r"^captures\[1\]\.camera\.distortion\.model: unknown model 'FISHEYE'"),
-        ("captures.1.camera.distortion", {"model": "RADIAL", "params": [0.1]}, r"^captures\[1\]\.camera\.distortion\.params: RADIAL takes 2"),
-        ("trajectory.0.camera.distortion", {"model": "RADIAL", "params": [0.1, 0.0]}, r"^trajectory\[0\]\.camera\.distortion: only captures"),
+        (
+            "captures.1.camera.distortion",
+            {"model": "FISHEYE", "params": [0.1]},
+            r"^captures\[1\]\.camera\.distortion\.model: unknown model 'FISHEYE'",
+        ),
+        (
+            "captures.1.camera.distortion",
+            {"model": "RADIAL", "params": [0.1]},
+            r"^captures\[1\]\.camera\.distortion\.params: RADIAL takes 2",
+        ),
+        (
+            "trajectory.0.camera.distortion",
+            {"model": "RADIAL", "params": [0.1, 0.0]},
+            r"^trajectory\[0\]\.camera\.distortion: only captures",
+        ),
         ("trajectory.1.frame", 1, r"^trajectory: frame numbers must increase strictly"),
         ("captures.1.name", "img0", r"^captures: names must be unique; 'img0' appears twice"),
         ("heldout.0.camera", None, r"^heldout\[0\]\.camera: missing"),
@@ -176,14 +196,21 @@ def test_unreadable_files(tmp_path):
 def test_real_scene_loads(temple_dir, tmp_path):
     """A hand-written scene.json over the Middlebury temple: the shared images load where they lie."""
     par = (temple_dir / "templeSR_par.txt").read_text().split("\n")[1].split()
-    K, R, t = np.array(par[1:10], float).reshape(3, 3), np.array(par[10:19], float).reshape(3, 3), np.array(par[19:], float)
+    K, R, t = (
+        np.array(par[1:10], float).reshape(3, 3),
+        np.array(par[10:19], float).reshape(3, 3),
+        np.array(par[19:], float),
+    )
     w2c = np.eye(4)
     w2c[:3, :3], w2c[:3, 3] = R, t
     data = {
         "version": 1,
         "captures": [
-            {"name": "t1", "image": str(temple_dir / par[0]),
-             "camera": {"w2c": w2c.tolist(), "K": K.tolist(), "width": 640, "height": 480}},
+            {
+                "name": "t1",
+                "image": str(temple_dir / par[0]),
+                "camera": {"w2c": w2c.tolist(), "K": K.tolist(), "width": 640, "height": 480},
+            },
             {"image": str(temple_dir / "templeSR0002.png")},
         ],
     }

@@ -215,8 +215,18 @@ def test_lazy_pirate_retries_then_succeeds():
 
         def answer():
             frames = router.recv_multipart()
-            reply = {"v": 1, "op": "hello", "id": rid, "ok": True, "version": 1, "versions": [1], "server": "fake",
-                     "generators": [], "device": "cpu", "limits": {}}
+            reply = {
+                "v": 1,
+                "op": "hello",
+                "id": rid,
+                "ok": True,
+                "version": 1,
+                "versions": [1],
+                "server": "fake",
+                "generators": [],
+                "device": "cpu",
+                "limits": {},
+            }
             router.send_multipart([frames[0], *pack(reply)])
 
         t = threading.Thread(target=answer)
@@ -278,8 +288,20 @@ def free_port() -> int:
 def test_restart_after_kill9_marks_interrupted_and_keeps_finished_artifacts(tmp_path):
     data_dir = tmp_path / "jobs"
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "backend.cli", "serve", "--bind", endpoint, "--data-dir", str(data_dir), "--device", "cpu",
-           "--runner", "tests.protocol.helpers:runner"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "backend.cli",
+        "serve",
+        "--bind",
+        endpoint,
+        "--data-dir",
+        str(data_dir),
+        "--device",
+        "cpu",
+        "--runner",
+        "tests.protocol.helpers:runner",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

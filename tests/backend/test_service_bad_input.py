@@ -50,7 +50,22 @@ GARBAGE = [
     ([msgpack.packb({"v": 2, "op": "jobs", "id": 3})], errors.UNSUPPORTED_VERSION, 3),
     ([msgpack.packb({"v": 1, "op": "explode", "id": 3})], errors.UNKNOWN_OP, 3),
     ([msgpack.packb({"v": 1, "op": "jobs", "id": 3}), b"stray frame"], errors.BAD_FRAME, 3),
-    ([msgpack.packb({"v": 1, "op": "fetch", "id": 3, "job": "a" * 32, "name": "x", "length": limits.MAX_FETCH_CHUNK_BYTES + 1})], errors.BAD_FIELD, 3),
+    (
+        [
+            msgpack.packb(
+                {
+                    "v": 1,
+                    "op": "fetch",
+                    "id": 3,
+                    "job": "a" * 32,
+                    "name": "x",
+                    "length": limits.MAX_FETCH_CHUNK_BYTES + 1,
+                }
+            )
+        ],
+        errors.BAD_FIELD,
+        3,
+    ),
     ([msgpack.packb({"v": 1, "op": "hello", "id": 3, "versions": [99]})], errors.UNSUPPORTED_VERSION, 3),
     ([msgpack.packb({"v": 1, "op": "status", "id": 3, "job": "f" * 32})], errors.NOT_FOUND, 3),
 ]

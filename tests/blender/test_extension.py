@@ -62,8 +62,12 @@ def extension_zip(extension_zips) -> Path:
 
 def test_per_platform_zips(extension_zips):
     names = {p.name for p in extension_zips}
-    assert names == {"reconloop-0.1.0.zip", "reconloop-0.1.0-linux_x64.zip", "reconloop-0.1.0-windows_x64.zip",
-                     "reconloop-0.1.0-macos_arm64.zip"}
+    assert names == {
+        "reconloop-0.1.0.zip",
+        "reconloop-0.1.0-linux_x64.zip",
+        "reconloop-0.1.0-windows_x64.zip",
+        "reconloop-0.1.0-macos_arm64.zip",
+    }
     for path in extension_zips[1:]:
         platform = path.stem.split("-")[-1].replace("_", "-")
         with zipfile.ZipFile(path) as zf:
@@ -80,7 +84,9 @@ def installed(extension_zip) -> str:
     user = bpy.utils.user_resource("EXTENSIONS")
     if not user.startswith(os.environ.get("BLENDER_USER_RESOURCES", "/nonexistent")):
         pytest.fail(f"Blender's user folder {user} is not the test's temporary one: bpy was imported too early")
-    result = bpy.ops.extensions.package_install_files(filepath=str(extension_zip), repo=REPO_NAME, enable_on_install=True)
+    result = bpy.ops.extensions.package_install_files(
+        filepath=str(extension_zip), repo=REPO_NAME, enable_on_install=True
+    )
     assert result == {"FINISHED"}
     yield ADDON
     bpy.ops.preferences.addon_disable(module=ADDON)
@@ -175,8 +181,15 @@ def test_points_operator_matches_reader(installed, tmp_path):
 
 def test_non_gaussian_ply_is_a_clear_error(installed, tmp_path):
     path = tmp_path / "points.ply"
-    write_points_ply(path, PointArrays(xyz=np.zeros((4, 3), np.float32), rgb=np.zeros((4, 3), np.uint8),
-                                       confidence=np.ones(4, np.float32), source=np.zeros(4, np.int32)))
+    write_points_ply(
+        path,
+        PointArrays(
+            xyz=np.zeros((4, 3), np.float32),
+            rgb=np.zeros((4, 3), np.uint8),
+            confidence=np.ones(4, np.float32),
+            source=np.zeros(4, np.int32),
+        ),
+    )
     with pytest.raises(PlyFormatError, match="points.ply has no f_dc_0: not a Gaussian file"):
         read_gaussians_ply(path)
     n_objects = len(bpy.data.objects)
@@ -286,21 +299,45 @@ def probe_service(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     keys, allowed = root / "keys", root / "allowed"
     for name in ("server", "alice", "mallory"):
-        subprocess.run([sys.executable, "-m", "backend.cli", "keys", str(keys), "--name", name], check=True, env=env,
-                       cwd=REPO, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "backend.cli", "keys", str(keys), "--name", name],
+            check=True,
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+        )
     allowed.mkdir()
     (allowed / "alice.key").write_bytes((keys / "alice.key").read_bytes())
     endpoint = f"tcp://127.0.0.1:{free_loopback_port()}"
     log = open(root / "service.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "backend.cli", "serve", "--bind", endpoint, "--data-dir", str(root / "jobs"),
-         "--device", "cpu", "--runner", "backend.service.probe:run",
-         "--curve-secret", str(keys / "server.key_secret"), "--allow-keys", str(allowed)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "backend.cli",
+            "serve",
+            "--bind",
+            endpoint,
+            "--data-dir",
+            str(root / "jobs"),
+            "--device",
+            "cpu",
+            "--runner",
+            "backend.service.probe:run",
+            "--curve-secret",
+            str(keys / "server.key_secret"),
+            "--allow-keys",
+            str(allowed),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
-        with Client(endpoint, timeout_ms=1000, retries=30, server_key=keys / "server.key",
-                    client_key=keys / "alice.key_secret") as c:
+        with Client(
+            endpoint, timeout_ms=1000, retries=30, server_key=keys / "server.key", client_key=keys / "alice.key_secret"
+        ) as c:
             c.hello()
         yield {"endpoint": endpoint, "keys": keys}
     finally:
@@ -401,9 +438,22 @@ def test_headless_script(installed, probe_service, extension_zip, temple_dir, tm
     keys = probe_service["keys"]
     env = dict(os.environ, BLENDER_USER_RESOURCES=str(tmp_path / "blender_user"))
     out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "scripts" / "reconstruct_headless.py"), "--blend", str(blend),
-           "--server", probe_service["endpoint"], "--out", str(out), "--extension", str(extension_zip),
-           "--server-key", str(keys / "server.key"), "--client-key", str(keys / "alice.key_secret")]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "reconstruct_headless.py"),
+        "--blend",
+        str(blend),
+        "--server",
+        probe_service["endpoint"],
+        "--out",
+        str(out),
+        "--extension",
+        str(extension_zip),
+        "--server-key",
+        str(keys / "server.key"),
+        "--client-key",
+        str(keys / "alice.key_secret"),
+    ]
     run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "done" in run.stdout and (out / "temple_reconstructed.blend").is_file()
@@ -440,8 +490,12 @@ def test_photo_folder_without_cameras(installed, probe_service, temple_dir, tmp_
     from backend.formats.middlebury import read_middlebury
 
     caps = read_middlebury(temple_dir).captures[:3]
-    doc = {"captures": [{"name": c.name, "image": f"images/{c.name}.png", "camera": c.camera.to_json(), "estimated": True}
-                        for c in caps]}
+    doc = {
+        "captures": [
+            {"name": c.name, "image": f"images/{c.name}.png", "camera": c.camera.to_json(), "estimated": True}
+            for c in caps
+        ]
+    }
     path = tmp_path / "cameras.json"
     path.write_text(json.dumps(doc))
     importer.job = "job-estimated"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import bpy
 import numpy as np
 import pytest
-import bpy
 from bpy_extras.object_utils import world_to_camera_view
 from mathutils import Vector
 
@@ -69,8 +69,14 @@ def test_capture_without_photo_is_a_clear_error():
 
 def test_estimated_cameras_match_their_opencv_values(temple_dir, tmp_path):
     caps, _ = temple_captures(temple_dir, ids=(0, 5))
-    est = [scene_io.EstimatedCamera(name=c.name, image=str(c.image), camera=cam_math.OpenCVCamera(
-        w2c=c.camera.w2c, K=c.camera.K, width=c.camera.width, height=c.camera.height)) for c in caps]
+    est = [
+        scene_io.EstimatedCamera(
+            name=c.name,
+            image=str(c.image),
+            camera=cam_math.OpenCVCamera(w2c=c.camera.w2c, K=c.camera.K, width=c.camera.width, height=c.camera.height),
+        )
+        for c in caps
+    ]
     scene = bpy.context.scene
     coll = importers.job_collection(scene, "estimated", "job0")
     objs = importers.import_estimated_cameras(est, {c.name: str(c.image) for c in caps}, coll, scene)
@@ -91,8 +97,12 @@ def test_rerun_replaces_its_collection():
     scene = bpy.context.scene
     from protocol.ply import PointArrays
 
-    p = PointArrays(xyz=np.zeros((3, 3), np.float32), rgb=np.zeros((3, 3), np.uint8),
-                    confidence=np.ones(3, np.float32), source=np.zeros(3, np.int32))
+    p = PointArrays(
+        xyz=np.zeros((3, 3), np.float32),
+        rgb=np.zeros((3, 3), np.uint8),
+        confidence=np.ones(3, np.float32),
+        source=np.zeros(3, np.int32),
+    )
     first = importers.job_collection(scene, "caps", "job1")
     importers.import_points(p, "caps points", first)
     other = importers.job_collection(scene, "other", "job2")
@@ -141,14 +151,30 @@ def test_cycles_shows_points_and_gaussians_in_their_colours():
     rng = np.random.default_rng(0)
     left = np.c_[rng.uniform(-1.6, -0.2, n), rng.uniform(-1, 1, n), np.zeros(n)].astype(np.float32)
     right = left + np.float32([1.8, 0, 0])
-    pts = importers.import_points(PointArrays(xyz=left, rgb=np.tile(np.uint8([[255, 0, 0]]), (n, 1)),
-                                              confidence=np.ones(n, np.float32), source=np.zeros(n, np.int32)), "P", coll)
+    pts = importers.import_points(
+        PointArrays(
+            xyz=left,
+            rgb=np.tile(np.uint8([[255, 0, 0]]), (n, 1)),
+            confidence=np.ones(n, np.float32),
+            source=np.zeros(n, np.int32),
+        ),
+        "P",
+        coll,
+    )
     importers._set_modifier_input(pts.modifiers[0], "Point Radius", 0.08)
     sh = np.zeros((n, 1, 3), np.float32)
     sh[:, 0] = (np.float32([0, 1, 0]) - 0.5) / 0.28209479  # base colour pure green
-    importers.import_gaussians(GaussianArrays(means=right, log_scales=np.full((n, 3), np.log(0.06), np.float32),
-                                              quats=np.tile(np.float32([1, 0, 0, 0]), (n, 1)),
-                                              opacity_logits=np.full(n, 6.0, np.float32), sh=sh), "G", coll)
+    importers.import_gaussians(
+        GaussianArrays(
+            means=right,
+            log_scales=np.full((n, 3), np.log(0.06), np.float32),
+            quats=np.tile(np.float32([1, 0, 0, 0]), (n, 1)),
+            opacity_logits=np.full(n, 6.0, np.float32),
+            sh=sh,
+        ),
+        "G",
+        coll,
+    )
     cam = scene.camera
     cam.location, cam.rotation_euler = (0, 0, 5), (0, 0, 0)
     scene.render.engine = "CYCLES"

@@ -6,8 +6,9 @@ import contextlib
 import io
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -77,7 +78,9 @@ def runner(scene: Any, out_dir: Path, *, device: str, progress: Any) -> None:
         progress(ProgressEvent("step", (i + 1) / steps, f"step {i + 1} of {steps}", (name,)))
         if prompt == "fail":
             raise RuntimeError("boom in the test runner")
-    (out_dir / "times.json").write_text(json.dumps({"start": start, "end": time.time(), "captures": len(scene.captures)}))
+    (out_dir / "times.json").write_text(
+        json.dumps({"start": start, "end": time.time(), "captures": len(scene.captures)})
+    )
 
 
 SERVICE_STOP_S = 20

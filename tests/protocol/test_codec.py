@@ -26,18 +26,28 @@ scalars = st.one_of(
     st.binary(max_size=20),
 )
 arrays = st.sampled_from(DTYPES).flatmap(
-    lambda dt: hnp.arrays(np.dtype(dt), hnp.array_shapes(min_dims=0, max_dims=limits.MAX_ARRAY_NDIM, min_side=0, max_side=5))
+    lambda dt: hnp.arrays(
+        np.dtype(dt), hnp.array_shapes(min_dims=0, max_dims=limits.MAX_ARRAY_NDIM, min_side=0, max_side=5)
+    )
 )
 values = st.recursive(
     st.one_of(scalars, arrays),
-    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8).filter(lambda k: k != "__array__"), inner, max_size=4)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.text(max_size=8).filter(lambda k: k != "__array__"), inner, max_size=4),
+    ),
     max_leaves=12,
 )
 
 
 def same(a, b) -> bool:
     if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
+        return (
+            isinstance(b, np.ndarray)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and np.array_equal(a, b, equal_nan=True)
+        )
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
@@ -68,8 +78,18 @@ def _arrays(value):
 @settings(max_examples=60, deadline=None)
 @given(st.binary(max_size=4096), st.integers(0, limits.MAX_ID_INT), st.integers(0, 10**9))
 def test_fetch_reply_round_trip(data, rid, offset):
-    reply = {"v": 1, "op": "fetch", "id": rid, "ok": True, "job": JOB, "name": "frames/0001.png", "offset": offset,
-             "data": np.frombuffer(data, np.uint8), "total": offset + len(data), "sha256": "0" * 64}
+    reply = {
+        "v": 1,
+        "op": "fetch",
+        "id": rid,
+        "ok": True,
+        "job": JOB,
+        "name": "frames/0001.png",
+        "offset": offset,
+        "data": np.frombuffer(data, np.uint8),
+        "total": offset + len(data),
+        "sha256": "0" * 64,
+    }
     got = decode(encode(reply, "reply"), "reply")
     assert bytes(got["data"]) == data and got["id"] == rid and got["offset"] == offset
 
@@ -126,7 +146,15 @@ def ref(i=0, dtype="uint8", shape=(4,)):
         ([b"\x92\x01"], errors.BAD_MSGPACK),  # array header with a missing item
         ([msgpack.packb({"v": 1, "op": "jobs", "id": 1}) + b"\x00"], errors.BAD_MSGPACK),  # extra data
         ([msgpack.packb({"v": 1, "op": "jobs", "id": 1, "x": msgpack.ExtType(1, b"ab")})], errors.BAD_MSGPACK),
-        ([msgpack.packb({"v": 1, "op": "jobs", "id": 1, "s": b"\xff\xfe".decode("latin1")}, use_bin_type=False)[:-2] + b"\xff\xfe"], errors.BAD_MSGPACK),
+        (
+            [
+                msgpack.packb({"v": 1, "op": "jobs", "id": 1, "s": b"\xff\xfe".decode("latin1")}, use_bin_type=False)[
+                    :-2
+                ]
+                + b"\xff\xfe"
+            ],
+            errors.BAD_MSGPACK,
+        ),
         ([msgpack.packb({"op": "jobs", "id": 1})], errors.UNSUPPORTED_VERSION),
         ([msgpack.packb({"v": 99, "op": "nope", "id": 1})], errors.UNSUPPORTED_VERSION),  # version before op
         ([msgpack.packb({"v": True, "op": "jobs", "id": 1})], errors.UNSUPPORTED_VERSION),
@@ -171,14 +199,22 @@ def test_unpack_limits_and_depth():
 def test_error_carries_id_and_op_when_readable():
     with pytest.raises(ProtocolError) as err:
         decode([msgpack.packb({"v": 1, "op": "status", "id": "r7", "job": 5})], "request")
-    assert (err.value.code, err.value.request_id, err.value.op, err.value.field) == (errors.BAD_FIELD, "r7", "status", "job")
+    assert (err.value.code, err.value.request_id, err.value.op, err.value.field) == (
+        errors.BAD_FIELD,
+        "r7",
+        "status",
+        "job",
+    )
     assert err.value.message == "status: job must be a string; got 5"
 
 
 def test_hello_is_read_in_any_version():
     msg = decode([msgpack.packb({"v": 7, "op": "hello", "id": 1, "versions": [7, 1]})], "request")
     assert msg["versions"] == [7, 1]
-    assert code_of([msgpack.packb({"v": 7, "op": "hello", "id": 1, "versions": [7]})], "reply") == errors.UNSUPPORTED_VERSION
+    assert (
+        code_of([msgpack.packb({"v": 7, "op": "hello", "id": 1, "versions": [7]})], "reply")
+        == errors.UNSUPPORTED_VERSION
+    )
 
 
 def test_images_checked_by_header():
@@ -198,14 +234,28 @@ def test_images_checked_by_header():
     assert with_image(np.zeros((1, limits.MAX_IMAGE_SIDE + 1, 3), np.uint8)).code == errors.TOO_LARGE
     err = with_image(5)
     assert err.field == "scene.captures[0].image"
-    ok = {**base, "scene": {**base["scene"], "captures": [{"name": "a", "image": np.frombuffer(png_bytes(), np.uint8)}]}}
+    ok = {
+        **base,
+        "scene": {**base["scene"], "captures": [{"name": "a", "image": np.frombuffer(png_bytes(), np.uint8)}]},
+    }
     validate(ok, "request")
 
 
 # ----------------------------------------------------------------------------------------------
 # A wrong type in every field of every op (the same cases run against the live service)
 
-WRONG = {"int": "x", "float": "x", "bool": 1, "str": 5, "id": 1.5, "array": "x", "image": 5, "list": 5, "struct": 5, "map": 5}
+WRONG = {
+    "int": "x",
+    "float": "x",
+    "bool": 1,
+    "str": 5,
+    "id": 1.5,
+    "array": "x",
+    "image": 5,
+    "list": 5,
+    "struct": 5,
+    "map": 5,
+}
 
 
 def valid_requests() -> dict[str, dict]:
@@ -275,7 +325,9 @@ def test_every_op_field_is_covered():
             assert (op, f.name) in covered, (op, f.name)
 
 
-@pytest.mark.parametrize("op, path, field", wrong_type_cases(), ids=lambda x: path_text(x) if isinstance(x, tuple) else str(x)[:20])
+@pytest.mark.parametrize(
+    "op, path, field", wrong_type_cases(), ids=lambda x: path_text(x) if isinstance(x, tuple) else str(x)[:20]
+)
 def test_wrong_type_in_each_field(op, path, field):
     msg = set_path(valid_requests()[op], path, WRONG[field.type])
     with pytest.raises(ProtocolError) as err:

@@ -56,7 +56,7 @@ def test_gaussian_file_layout_is_inria(tmp_path):
     props = data["vertex"].properties
     names = [p.name for p in props]
     assert names[:9] == ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
-    assert names[9:9 + 24] == [f"f_rest_{i}" for i in range(24)]
+    assert names[9 : 9 + 24] == [f"f_rest_{i}" for i in range(24)]
     assert names[-8:] == ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
     assert names == gaussian_field_names(2)
     assert {p.val_dtype for p in props} == {"f4"}
@@ -99,8 +99,15 @@ def test_points_round_trip(tmp_path):
     write_points_ply(path, p)
     data = PlyData.read(str(path))
     assert [(q.name, q.val_dtype) for q in data["vertex"].properties] == [
-        ("x", "f4"), ("y", "f4"), ("z", "f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1"),
-        ("confidence", "f4"), ("source", "i4")]
+        ("x", "f4"),
+        ("y", "f4"),
+        ("z", "f4"),
+        ("red", "u1"),
+        ("green", "u1"),
+        ("blue", "u1"),
+        ("confidence", "f4"),
+        ("source", "i4"),
+    ]
     back = read_points_ply(path)
     for field in ("xyz", "rgb", "confidence", "source"):
         np.testing.assert_array_equal(getattr(back, field), getattr(p, field), err_msg=field)
@@ -116,7 +123,9 @@ def test_foreign_point_cloud_reads_with_defaults(tmp_path):
 
 
 def test_point_cloud_is_not_a_gaussian_file(tmp_path):
-    p = PointArrays(np.zeros((3, 3), np.float32), np.zeros((3, 3), np.uint8), np.ones(3, np.float32), np.zeros(3, np.int32))
+    p = PointArrays(
+        np.zeros((3, 3), np.float32), np.zeros((3, 3), np.uint8), np.ones(3, np.float32), np.zeros(3, np.int32)
+    )
     write_points_ply(tmp_path / "gaussians.ply", p)
     with pytest.raises(PlyFormatError, match=r"^gaussians\.ply has no f_dc_0: not a Gaussian file$"):
         read_gaussians_ply(tmp_path / "gaussians.ply")
@@ -167,7 +176,9 @@ def test_dataclass_shapes_are_checked():
     with pytest.raises(ValueError, match=r"K = \(d\+1\)\^2"):
         GaussianArrays(g.means, g.log_scales, g.quats, g.opacity_logits, np.zeros((3, 5, 3), np.float32))
     with pytest.raises(ValueError, match="rgb must be uint8"):
-        PointArrays(np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32), np.ones(2, np.float32), np.zeros(2, np.int32))
+        PointArrays(
+            np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32), np.ones(2, np.float32), np.zeros(2, np.int32)
+        )
 
 
 def test_large_file_reads_fast(tmp_path):

@@ -38,7 +38,9 @@ class RawClient:
     def send(self, header: dict, arrays=()) -> int:
         header = {"v": 1, "id": self.next_id, **header}
         self.next_id += 1
-        frames = [msgpack.packb(header, use_bin_type=True)] + [np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes() for a in arrays]
+        frames = [msgpack.packb(header, use_bin_type=True)] + [
+            np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes() for a in arrays
+        ]
         self.sock.send_multipart(frames)
         return header["id"]
 
@@ -50,7 +52,9 @@ class RawClient:
     def resolve(self, value, frames):
         if isinstance(value, dict):
             if "__array__" in value:
-                return np.frombuffer(frames[value["__array__"]], dtype=np.dtype(value["dtype"]).newbyteorder("<")).reshape(value["shape"])
+                return np.frombuffer(
+                    frames[value["__array__"]], dtype=np.dtype(value["dtype"]).newbyteorder("<")
+                ).reshape(value["shape"])
             return {k: self.resolve(v, frames) for k, v in value.items()}
         if isinstance(value, list):
             return [self.resolve(v, frames) for v in value]

@@ -42,19 +42,29 @@ def temple_cond(tmp_path_factory: pytest.TempPathFactory) -> ConditionVideo:
     from tests.conftest import require_shared_data
 
     scene = import_scene("middlebury", require_shared_data("middlebury_temple"), tmp_path_factory.mktemp("temple"))
-    caps = scene.captures[:N_MEMORY + N_CARRIED + N_TARGETS]
-    images = torch.tensor(np.stack([np.asarray(Image.open(c.image).convert("RGB").resize((W, H), Image.BILINEAR))
-                                    for c in caps]), dtype=torch.float32) / 255.0
+    caps = scene.captures[: N_MEMORY + N_CARRIED + N_TARGETS]
+    images = (
+        torch.tensor(
+            np.stack([np.asarray(Image.open(c.image).convert("RGB").resize((W, H), Image.BILINEAR)) for c in caps]),
+            dtype=torch.float32,
+        )
+        / 255.0
+    )
     cams = Cameras.from_scene([c.camera for c in caps], W, H)
     m, p = N_MEMORY, N_MEMORY + N_CARRIED
     mask = torch.zeros(N_TARGETS, H, W, dtype=torch.bool)
     for j in range(N_TARGETS):
         mask[j, :, : W // 3 + 8 * j] = True  # a different visible part per target
-    renders = Renders(rgb=images[p:] * mask[..., None], depth=mask.float(), mask=mask,
-                      source=torch.where(mask, 0, -1).to(torch.int32))
-    return ConditionVideo(targets=cams[list(range(p, len(caps)))], renders=renders,
-                          memory=Views(images[:m], cams[list(range(m))], list(range(m))),
-                          carried=Views(images[m:p], cams[list(range(m, p))], [-1] * N_CARRIED), prompt="a temple")
+    renders = Renders(
+        rgb=images[p:] * mask[..., None], depth=mask.float(), mask=mask, source=torch.where(mask, 0, -1).to(torch.int32)
+    )
+    return ConditionVideo(
+        targets=cams[list(range(p, len(caps)))],
+        renders=renders,
+        memory=Views(images[:m], cams[list(range(m))], list(range(m))),
+        carried=Views(images[m:p], cams[list(range(m, p))], [-1] * N_CARRIED),
+        prompt="a temple",
+    )
 
 
 def _gen(components, tmp_path: Path, **kw) -> AnyReconGenerator:
@@ -75,7 +85,8 @@ def test_condition_layout_seen_by_transformer(components, temple_cond: Condition
     seen: list[dict] = []
     hook = components.transformer.register_forward_pre_hook(
         lambda mod, args, kwargs: seen.append({k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v)}),
-        with_kwargs=True)
+        with_kwargs=True,
+    )
     try:
         out = gen.generate(temple_cond, num_steps=2, seed=0)
     finally:
@@ -90,11 +101,11 @@ def test_condition_layout_seen_by_transformer(components, temple_cond: Condition
     assert torch.equal(mask[0], mask[3])
     assert (mask[:, : N_MEMORY + N_CARRIED] == 1).all()
     want = F.interpolate(temple_cond.renders.mask[:, None].float(), size=(H // 8, W // 8), mode="nearest")[:, 0]
-    assert torch.equal(mask[0, N_MEMORY + N_CARRIED:], want)
+    assert torch.equal(mask[0, N_MEMORY + N_CARRIED :], want)
     # one latent per frame, in order: each equals that frame encoded alone
     frames = torch.cat([temple_cond.memory.images, temple_cond.carried.images, temple_cond.renders.rgb])
     for i in range(n):
-        alone = gen.encode_frames(frames[i:i + 1].permute(0, 3, 1, 2) * 2 - 1)[0, :, 0]
+        alone = gen.encode_frames(frames[i : i + 1].permute(0, 3, 1, 2) * 2 - 1)[0, :, 0]
         torch.testing.assert_close(x[0, 20:, i], alone, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(x[0, 20:, 0], x[0, 20:, 1])
     # CLIP feature of frame 0 (the first retrieved capture)
@@ -118,7 +129,9 @@ def test_seed_attention_modes_and_guidance(components, temple_cond: ConditionVid
     calls: list[int] = []
     hook = components.transformer.register_forward_pre_hook(lambda *args: calls.append(1))
     try:
-        _gen(components, tmp_path, guidance_scale=3.0, negative_prompt="blurry").generate(temple_cond, num_steps=2, seed=3)
+        _gen(components, tmp_path, guidance_scale=3.0, negative_prompt="blurry").generate(
+            temple_cond, num_steps=2, seed=3
+        )
     finally:
         hook.remove()
     assert len(calls) == 4  # conditional and unconditional per step
@@ -148,13 +161,18 @@ def test_cache_key_depends_on_prompt_and_model_name(components, tmp_path: Path) 
 
 def test_resize_to_working_size(components, temple_cond: ConditionVideo, tmp_path: Path) -> None:
     small = 40, 30  # not a multiple of 16
-    rs = lambda x: F.interpolate(x.permute(0, 3, 1, 2), size=small[::-1], mode="bilinear").permute(0, 2, 3, 1)
+
+    def rs(x):
+        return F.interpolate(x.permute(0, 3, 1, 2), size=small[::-1], mode="bilinear").permute(0, 2, 3, 1)
+
     mask = F.interpolate(temple_cond.renders.mask[:, None].float(), size=small[::-1], mode="nearest")[:, 0] > 0.5
     cond = ConditionVideo(
         targets=temple_cond.targets.resized(*small),
         renders=Renders(rs(temple_cond.renders.rgb), mask.float(), mask, torch.zeros_like(mask, dtype=torch.int32)),
         memory=Views(rs(temple_cond.memory.images), temple_cond.memory.cams.resized(*small), temple_cond.memory.ids),
-        carried=Views(rs(temple_cond.carried.images), temple_cond.carried.cams.resized(*small), temple_cond.carried.ids),
+        carried=Views(
+            rs(temple_cond.carried.images), temple_cond.carried.cams.resized(*small), temple_cond.carried.ids
+        ),
     )
     with pytest.raises(ValueError, match="multiple of 16"):
         _gen(components, tmp_path).generate(cond, num_steps=1, seed=0)
@@ -171,8 +189,12 @@ def test_bad_inputs_and_config(components, temple_cond: ConditionVideo, tmp_path
         gen.generate(temple_cond, num_steps=0, seed=0)
     with pytest.raises(ValueError, match="AnyReconConfig.dtype"):
         AnyReconGenerator(components, AnyReconConfig(dtype="bfloat16"))
-    for kw, match in [({"height": 50, "width": 64}, "multiple of 16"), ({"attention": "sparse"}, "attention"),
-                      ({"memory_mode": "swap"}, "memory_mode"), ({"guidance_scale": 0.5}, "guidance_scale")]:
+    for kw, match in [
+        ({"height": 50, "width": 64}, "multiple of 16"),
+        ({"attention": "sparse"}, "attention"),
+        ({"memory_mode": "swap"}, "memory_mode"),
+        ({"guidance_scale": 0.5}, "guidance_scale"),
+    ]:
         with pytest.raises(ValueError, match=match):
             AnyReconConfig(**kw)
 
@@ -189,14 +211,24 @@ def test_runs_inside_the_loop_by_name(components, tmp_path: Path) -> None:
     scene = import_scene("middlebury", require_shared_data("middlebury_temple"), tmp_path / "scene")
     scene = split_protocol(scene, "ring-arc", train_views=3, ring_start=11)
     orbit = default_trajectory([c.camera for c in scene.captures], 8)
-    settings = Settings(width=W, height=H, gaussian_iterations=0, segment_length=5, segment_overlap=2,
-                        generator="anyrecon", num_steps=2, update_memory=False)
-    scene = replace(scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(orbit)], heldout=[],
-                    settings=settings)
+    settings = Settings(
+        width=W,
+        height=H,
+        gaussian_iterations=0,
+        segment_length=5,
+        segment_overlap=2,
+        generator="anyrecon",
+        num_steps=2,
+        update_memory=False,
+    )
+    scene = replace(
+        scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(orbit)], heldout=[], settings=settings
+    )
     cfg = LoopConfig.from_settings(settings)
     assert cfg.generator == "anyrecon"
-    gen = generator_class(cfg.generator)(components, AnyReconConfig(attention="window", window_frames=2,
-                                                                    text_cache_dir=str(tmp_path / "text")))
+    gen = generator_class(cfg.generator)(
+        components, AnyReconConfig(attention="window", window_frames=2, text_cache_dir=str(tmp_path / "text"))
+    )
     result = run_loop(scene, tmp_path / "job", device="cpu", config=cfg, generator=gen)
     assert result.frames.images.shape == (8, H, W, 3)
     conf = result.frames.confidence
@@ -218,16 +250,20 @@ def test_from_pretrained_local_folder_with_lora(components, temple_cond: Conditi
                 block.attn1.set_processor(WanAttnProcessor())
         obj.save_pretrained(root / sub)
     cfg = components.transformer.config
-    lora = diffsynth_lora(cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim, cfg.ffn_dim,
-                          prefix="diffusion_model.")
+    lora = diffsynth_lora(
+        cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim, cfg.ffn_dim, prefix="diffusion_model."
+    )
     torch.save(lora, tmp_path / "full_attention.ckpt")
     config = AnyReconConfig(text_cache_dir=str(tmp_path / "text"), attention="window", window_frames=2)
     plain = AnyReconGenerator.from_pretrained(str(root), config=config, device="cpu", local_files_only=True)
-    merged = AnyReconGenerator.from_pretrained(str(root), tmp_path / "full_attention.ckpt", config=config,
-                                               device="cpu", local_files_only=True)
+    merged = AnyReconGenerator.from_pretrained(
+        str(root), tmp_path / "full_attention.ckpt", config=config, device="cpu", local_files_only=True
+    )
     a = plain.generate(temple_cond, num_steps=1, seed=0)  # loads the text encoder on demand, caches the prompt
     assert len(list((tmp_path / "text").glob("*.safetensors"))) == 1
     b = merged.generate(temple_cond, num_steps=1, seed=0)
-    ref = _gen(components, tmp_path / "ref", attention="window", window_frames=2).generate(temple_cond, num_steps=1, seed=0)
+    ref = _gen(components, tmp_path / "ref", attention="window", window_frames=2).generate(
+        temple_cond, num_steps=1, seed=0
+    )
     torch.testing.assert_close(a.images, ref.images, atol=1e-5, rtol=1e-4)
     assert (a.images - b.images).abs().max() > 1e-5  # the LoRA changes the transformer

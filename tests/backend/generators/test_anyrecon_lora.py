@@ -8,20 +8,43 @@ from pathlib import Path
 import pytest
 import torch
 
-from backend.generators.anyrecon_lora import (convert_anyrecon_lora, convert_module_name, fuse_lora_, load_lora_file,
-                                              lora_rank)
+from backend.generators.anyrecon_lora import (
+    convert_anyrecon_lora,
+    convert_module_name,
+    fuse_lora_,
+    load_lora_file,
+    lora_rank,
+)
 
 RANK = 2
 # DiffSynth WanModel (diffsynth/models/wan_video_dit.py) Linear modules per block: (name, out, in) in units of
 # dim / ffn_dim; the I2V model's cross-attention has k_img / v_img.
-BLOCK_LINEARS = [("self_attn.q", "d", "d"), ("self_attn.k", "d", "d"), ("self_attn.v", "d", "d"),
-                 ("self_attn.o", "d", "d"), ("cross_attn.q", "d", "d"), ("cross_attn.k", "d", "d"),
-                 ("cross_attn.v", "d", "d"), ("cross_attn.o", "d", "d"), ("cross_attn.k_img", "d", "d"),
-                 ("cross_attn.v_img", "d", "d"), ("ffn.0", "f", "d"), ("ffn.2", "d", "f")]
+BLOCK_LINEARS = [
+    ("self_attn.q", "d", "d"),
+    ("self_attn.k", "d", "d"),
+    ("self_attn.v", "d", "d"),
+    ("self_attn.o", "d", "d"),
+    ("cross_attn.q", "d", "d"),
+    ("cross_attn.k", "d", "d"),
+    ("cross_attn.v", "d", "d"),
+    ("cross_attn.o", "d", "d"),
+    ("cross_attn.k_img", "d", "d"),
+    ("cross_attn.v_img", "d", "d"),
+    ("ffn.0", "f", "d"),
+    ("ffn.2", "d", "f"),
+]
 
 
-def diffsynth_lora(num_layers: int, dim: int, ffn_dim: int, *, prefix: str = "", device: str = "cpu",
-                   seed: int = 0, adapter: str = ".default") -> dict[str, torch.Tensor]:
+def diffsynth_lora(
+    num_layers: int,
+    dim: int,
+    ffn_dim: int,
+    *,
+    prefix: str = "",
+    device: str = "cpu",
+    seed: int = 0,
+    adapter: str = ".default",
+) -> dict[str, torch.Tensor]:
     """A synthetic LoRA with DiffSynth's key names and shapes (A: [r, in], B: [out, r])."""
     g = torch.Generator().manual_seed(seed)
     size = {"d": dim, "f": ffn_dim}
@@ -63,9 +86,19 @@ def test_real_14b_layout_names_and_shapes() -> None:
     from diffusers import WanTransformer3DModel
 
     with torch.device("meta"):
-        tr = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128,
-                                   in_channels=36, out_channels=16, text_dim=4096, ffn_dim=13824, num_layers=40,
-                                   cross_attn_norm=True, image_dim=1280, added_kv_proj_dim=5120)
+        tr = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=40,
+            attention_head_dim=128,
+            in_channels=36,
+            out_channels=16,
+            text_dim=4096,
+            ffn_dim=13824,
+            num_layers=40,
+            cross_attn_norm=True,
+            image_dim=1280,
+            added_kv_proj_dim=5120,
+        )
     sd = diffsynth_lora(40, 5120, 13824, prefix="diffusion_model.", device="meta")
     lora, full = convert_anyrecon_lora(sd)
     assert not full and len(lora) == len(sd) == 40 * len(BLOCK_LINEARS) * 2
@@ -100,8 +133,12 @@ def test_fused_equals_peft_adapter_and_diffsynth_merge() -> None:
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 36, 3, 4, 4, generator=g)
-    kw = dict(timestep=torch.tensor([750.0]), encoder_hidden_states=torch.randn(1, 512, cfg.text_dim, generator=g),
-              encoder_hidden_states_image=torch.randn(1, 17, cfg.image_dim, generator=g), return_dict=False)
+    kw = dict(
+        timestep=torch.tensor([750.0]),
+        encoder_hidden_states=torch.randn(1, 512, cfg.text_dim, generator=g),
+        encoder_hidden_states_image=torch.randn(1, 17, cfg.image_dim, generator=g),
+        return_dict=False,
+    )
     with torch.no_grad():
         y_base, y_fused, y_adapted = base(x, **kw)[0], fused(x, **kw)[0], adapted(x, **kw)[0]
     torch.testing.assert_close(y_fused, y_adapted, atol=1e-5, rtol=1e-4)
@@ -118,8 +155,11 @@ def test_file_formats_prefixes_and_errors(tmp_path: Path) -> None:
     for name in ("full_attention.ckpt", "lora.safetensors"):
         lora, full = convert_anyrecon_lora(load_lora_file(tmp_path / name))
         assert "blocks.0.attn1.to_q.lora_A.weight" in lora and not full and len(lora) == 2 * len(BLOCK_LINEARS)
-    old = {"blocks.0.ffn.2.lora_down.weight": torch.zeros(RANK, 16), "blocks.0.ffn.2.lora_up.weight": torch.zeros(8, RANK),
-           "blocks.0.norm3.weight": torch.ones(8)}
+    old = {
+        "blocks.0.ffn.2.lora_down.weight": torch.zeros(RANK, 16),
+        "blocks.0.ffn.2.lora_up.weight": torch.zeros(8, RANK),
+        "blocks.0.norm3.weight": torch.ones(8),
+    }
     lora, full = convert_anyrecon_lora(old)
     assert set(lora) == {"blocks.0.ffn.net.2.lora_A.weight", "blocks.0.ffn.net.2.lora_B.weight"}
     assert set(full) == {"blocks.0.norm2.weight"}

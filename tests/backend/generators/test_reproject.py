@@ -26,7 +26,9 @@ def _cams(xs: list[float]) -> Cameras:
 
 def _texture(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """A smooth colour on the plane. [..., 3]"""
-    return torch.stack([0.5 + 0.4 * torch.sin(1.3 * X), 0.5 + 0.4 * torch.cos(1.7 * Y), 0.5 + 0.2 * torch.sin(X + Y)], -1)
+    return torch.stack(
+        [0.5 + 0.4 * torch.sin(1.3 * X), 0.5 + 0.4 * torch.cos(1.7 * Y), 0.5 + 0.2 * torch.sin(X + Y)], -1
+    )
 
 
 def _images(cams: Cameras) -> torch.Tensor:
@@ -79,7 +81,10 @@ def test_colours_from_captures_with_confidence_levels() -> None:
     err = (out.images[seen] - truth[seen]).abs()
     assert err.mean() < 0.01, float(err.mean())
     # one source alone: the ceiling x the angular weight (rays within ~8 degrees: > 0.85) x single_source_factor
-    for pixels, ceiling in ((out.confidence[mask], cfg.rendered_confidence), (out.confidence[~mask & seen], cfg.reprojected_confidence)):
+    for pixels, ceiling in (
+        (out.confidence[mask], cfg.rendered_confidence),
+        (out.confidence[~mask & seen], cfg.reprojected_confidence),
+    ):
         top = ceiling * cfg.single_source_factor
         assert torch.all(pixels <= top + 1e-6) and torch.all(pixels > 0.85 * top), (float(pixels.min()), top)
     # the capture (at x=0) cannot see the far right of the targets: those are inpainted, low
@@ -95,8 +100,9 @@ def test_confidence_follows_agreement_of_sources() -> None:
     assert both > 0.8  # two agreeing sources, almost straight on: near the ceiling of 1
     shifted = Views(cond.memory.images.clone(), cond.memory.cams, cond.memory.ids)
     shifted.images[1] = (shifted.images[1] + 2 * cfg.agreement_std).clamp(0, 1)  # the sources now disagree
-    out = ReprojectGenerator(cfg).generate(ConditionVideo(cond.targets, cond.renders, shifted, cond.carried),
-                                           num_steps=1, seed=0)
+    out = ReprojectGenerator(cfg).generate(
+        ConditionVideo(cond.targets, cond.renders, shifted, cond.carried), num_steps=1, seed=0
+    )
     core = out.confidence[:, 4:-4, 8:-8]  # both weighted alike: colour std = agreement_std, so e^-0.5
     torch.testing.assert_close(core, torch.full_like(core, math.exp(-0.5)), atol=0.02, rtol=0)
 

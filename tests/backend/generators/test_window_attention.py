@@ -6,10 +6,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backend.generators.window_attention import (WanWindowAttnProcessor, WindowLayout, attention_lse,
-                                                 build_block_mask, dense_window_mask, paged_attention_available,
-                                                 paged_sequences, paged_window_table, set_window_attention,
-                                                 window_attention_split, window_density)
+from backend.generators.window_attention import (
+    WanWindowAttnProcessor,
+    WindowLayout,
+    attention_lse,
+    build_block_mask,
+    dense_window_mask,
+    paged_attention_available,
+    paged_sequences,
+    paged_window_table,
+    set_window_attention,
+    window_attention_split,
+    window_density,
+)
 
 LAYOUTS = [  # (frames, tokens per frame, memory frames, window, block size)
     (7, 10, 2, 1, 16),  # frames straddle blocks
@@ -43,7 +52,9 @@ def test_block_mask_matches_create_block_mask(frames: int, tpf: int, mem: int, w
 
     lay = WindowLayout(frames, tpf, mem, win)
     ours = build_block_mask(lay, "cpu", bs)
-    ref = create_block_mask(window_mask_mod(lay), None, None, lay.num_tokens, lay.num_tokens, device="cpu", BLOCK_SIZE=bs)
+    ref = create_block_mask(
+        window_mask_mod(lay), None, None, lay.num_tokens, lay.num_tokens, device="cpu", BLOCK_SIZE=bs
+    )
     assert torch.equal(ours.to_dense(), ref.to_dense())
     assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)
     assert torch.equal(ours.kv_num_blocks, ref.kv_num_blocks)
@@ -63,9 +74,18 @@ def test_flex_block_mask_equals_dense_mask_attention(frames: int, tpf: int, mem:
         assert (out - full).abs().max() > 1e-3  # the mask changes the result
 
 
-@pytest.mark.parametrize("frames,tpf,mem,win,batch", [
-    (7, 10, 2, 1, 1), (6, 4, 0, 2, 2), (30, 2, 3, 3, 1), (5, 3, 5, 1, 1),
-    (4, 3, 1, 0, 2), (12, 5, 2, 2, 2), (6, 3, 1, 8, 1)])  # last: window wider than the sequence
+@pytest.mark.parametrize(
+    "frames,tpf,mem,win,batch",
+    [
+        (7, 10, 2, 1, 1),
+        (6, 4, 0, 2, 2),
+        (30, 2, 3, 3, 1),
+        (5, 3, 5, 1, 1),
+        (4, 3, 1, 0, 2),
+        (12, 5, 2, 2, 2),
+        (6, 3, 1, 8, 1),
+    ],
+)  # last: window wider than the sequence
 def test_split_equals_dense_mask_attention(frames: int, tpf: int, mem: int, win: int, batch: int) -> None:
     lay = WindowLayout(frames, tpf, mem, win)
     q, k, v = (torch.cat([t] * batch) for t in _qkv(lay.num_tokens, seed=2))
@@ -74,25 +94,33 @@ def test_split_equals_dense_mask_attention(frames: int, tpf: int, mem: int, win:
     out = window_attention_split(*(t.transpose(1, 2) for t in (q, k, v)), lay).transpose(1, 2)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     compiled = torch.compile(window_attention_split, backend="eager", fullgraph=True)  # the op traces as one node
-    torch.testing.assert_close(compiled(*(t.transpose(1, 2) for t in (q, k, v)), lay).transpose(1, 2), ref,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        compiled(*(t.transpose(1, 2) for t in (q, k, v)), lay).transpose(1, 2), ref, atol=1e-5, rtol=1e-5
+    )
 
 
-def _paged_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, used: torch.Tensor,
-                     tpf: int, page: int) -> torch.Tensor:
+def _paged_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, used: torch.Tensor, tpf: int, page: int
+) -> torch.Tensor:
     """What the paged kernel computes on ``paged_sequences``: sequence r's queries attend to the first
     used[r] keys of its pages. q, k, v head-major [B, heads, L, D]."""
     frames, kp, vp, table, used = paged_sequences(q, k, v, table, used, tpf, page_tokens=page)
     out = []
     for r in range(frames.shape[0]):
         keys, vals = (p[table[r].long()].flatten(0, 1)[: int(used[r])] for p in (kp, vp))
-        out.append(F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (frames[r], keys, vals))).transpose(0, 1))
+        out.append(
+            F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (frames[r], keys, vals))).transpose(0, 1)
+        )
     return torch.stack(out).reshape(q.shape)
 
 
-@pytest.mark.parametrize("frames,tpf,mem,win,batch,page", [
-    (7, 4, 2, 1, 1, 2), (6, 4, 0, 2, 2, 4), (12, 6, 3, 2, 2, 3), (5, 2, 5, 1, 1, 1), (6, 4, 1, 8, 1, 2)])
-def test_paged_table_equals_dense_mask_attention(frames: int, tpf: int, mem: int, win: int, batch: int, page: int) -> None:
+@pytest.mark.parametrize(
+    "frames,tpf,mem,win,batch,page",
+    [(7, 4, 2, 1, 1, 2), (6, 4, 0, 2, 2, 4), (12, 6, 3, 2, 2, 3), (5, 2, 5, 1, 1, 1), (6, 4, 1, 8, 1, 2)],
+)
+def test_paged_table_equals_dense_mask_attention(
+    frames: int, tpf: int, mem: int, win: int, batch: int, page: int
+) -> None:
     lay = WindowLayout(frames, tpf, mem, win)
     q, k, v = (torch.cat([t] * batch) for t in _qkv(lay.num_tokens, seed=3))  # [B, heads, L, D]
     q = q + 0.1 * torch.arange(batch).view(-1, 1, 1, 1)
@@ -142,8 +170,12 @@ def _tiny_transformer_inputs(frames: int = 5):
     tr = tiny_anyrecon_components(0).transformer
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 36, frames, 4, 6, generator=g)  # 6 tokens per frame after 2x2 patches
-    kw = dict(timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 512, 32, generator=g),
-              encoder_hidden_states_image=torch.randn(1, 17, 4, generator=g), return_dict=False)
+    kw = dict(
+        timestep=torch.tensor([500.0]),
+        encoder_hidden_states=torch.randn(1, 512, 32, generator=g),
+        encoder_hidden_states_image=torch.randn(1, 17, 4, generator=g),
+        return_dict=False,
+    )
     return tr, x, kw
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from backend.estimators.mvs import MVSConfig
 from backend.formats.colmap import ColmapPoints, read_colmap, read_colmap_points
 from backend.formats.middlebury import read_middlebury
 from backend.formats.undistort import undistort_image
-from backend.estimators.mvs import MVSConfig
 from backend.scene import Capture
 from backend.stages.memory import MemoryConfig, build_memory
 from backend.stages.types import Cameras, GeometryMemory, Views

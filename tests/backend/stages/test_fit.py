@@ -53,21 +53,33 @@ def make_scene(seed: int = 0, n: int = 40):
     quats = torch.randn(n, 4, generator=gen)
     opacities = torch.full((n,), 0.9)
     angles = (-0.35, 0.0, 0.35)
-    w2c = torch.stack([torch.tensor(look_at((3 * math.sin(a), 0.0, -3 * math.cos(a))), dtype=torch.float32) for a in angles])
+    w2c = torch.stack(
+        [torch.tensor(look_at((3 * math.sin(a), 0.0, -3 * math.cos(a))), dtype=torch.float32) for a in angles]
+    )
     K = torch.tensor([[FOCAL, 0.0, W / 2], [0.0, FOCAL, H / 2], [0.0, 0.0, 1.0]]).repeat(len(angles), 1, 1)
     cams = Cameras(w2c, K, W, H)
     images, _, _ = make_rasterizer("torch_cpu").render(means, quats, scales, opacities, colors, w2c, K, W, H)
     noisy = GeometryMemory(
         means + 0.04 * torch.randn(n, 3, generator=gen),
         (colors + 0.2 * torch.randn(n, 3, generator=gen)).clamp(0, 1),
-        torch.ones(n), torch.zeros(n, dtype=torch.int32))
+        torch.ones(n),
+        torch.zeros(n, dtype=torch.int32),
+    )
     return cams, images, noisy
 
 
 def test_config(**overrides) -> FitConfig:
     base = FitConfig(
-        iterations=100, rasterizer="torch_cpu", strategy="none", sh_degree=0, progress_every=25,
-        means_lr=1.6e-4 * LR_BOOST, scales_lr=5e-3 * LR_BOOST / 2, quats_lr=1e-3 * LR_BOOST, sh0_lr=2.5e-3 * LR_BOOST)
+        iterations=100,
+        rasterizer="torch_cpu",
+        strategy="none",
+        sh_degree=0,
+        progress_every=25,
+        means_lr=1.6e-4 * LR_BOOST,
+        scales_lr=5e-3 * LR_BOOST / 2,
+        quats_lr=1e-3 * LR_BOOST,
+        sh0_lr=2.5e-3 * LR_BOOST,
+    )
     return replace(base, **overrides)
 
 
@@ -79,8 +91,13 @@ def test_fit_recovers_a_synthetic_scene_from_a_noisy_start():
     cfg = test_config()
     before = psnr(render_gaussians(init_gaussians(noisy, cfg), cams, cfg), images).mean().item()
     losses: list[tuple[int, float]] = []
-    g = fit_gaussians(FitViews(images, cams, torch.ones(3, H, W)), noisy, cfg, device="cpu",
-                      progress=lambda step, loss: losses.append((step, loss)))
+    g = fit_gaussians(
+        FitViews(images, cams, torch.ones(3, H, W)),
+        noisy,
+        cfg,
+        device="cpu",
+        progress=lambda step, loss: losses.append((step, loss)),
+    )
     after = psnr(render_gaussians(g, cams, cfg), images).mean().item()
     assert [s for s, _ in losses] == [25, 50, 75, 100]
     assert losses[-1][1] < 0.5 * losses[0][1]
@@ -93,8 +110,11 @@ def test_a_view_that_sees_no_gaussian_is_skipped():
     """A trajectory frame looking away from every Gaussian gives no gradient; the fit goes on."""
     cams, images, noisy = make_scene(seed=2)
     away = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0])) @ cams.w2c[:1]  # turned 180 degrees: all behind it
-    views = FitViews(torch.cat([images, torch.zeros(1, H, W, 3)]),
-                     Cameras(torch.cat([cams.w2c, away]), torch.cat([cams.K, cams.K[:1]]), W, H), torch.ones(4, H, W))
+    views = FitViews(
+        torch.cat([images, torch.zeros(1, H, W, 3)]),
+        Cameras(torch.cat([cams.w2c, away]), torch.cat([cams.K, cams.K[:1]]), W, H),
+        torch.ones(4, H, W),
+    )
     cfg = test_config(iterations=40, strategy="default")
     before = psnr(render_gaussians(init_gaussians(noisy, cfg), cams, cfg), images).mean().item()
     g = fit_gaussians(views, noisy, cfg, device="cpu")
@@ -149,8 +169,13 @@ def test_generated_frames_fade_out_by_the_last_step():
     last: dict[str, float] = {}
     for name, imgs, gen in (("clean", images, flagged), ("junk", junk, flagged), ("junk as captures", junk, None)):
         views = FitViews(imgs, cams, torch.ones(3, H, W), gen)  # view 0 is the same clean capture in all three
-        fit_gaussians(views, noisy, replace(cfg, batch_size=3, progress_every=1), device="cpu",
-                      progress=lambda step, loss, name=name: (first if step == 1 else last).__setitem__(name, loss))
+        fit_gaussians(
+            views,
+            noisy,
+            replace(cfg, batch_size=3, progress_every=1),
+            device="cpu",
+            progress=lambda step, loss, name=name: (first if step == 1 else last).__setitem__(name, loss),
+        )
     assert first["junk"] > first["clean"] * 1.5
     assert last["junk"] == pytest.approx(last["clean"], rel=1e-6)
     assert last["junk as captures"] > last["clean"] * 1.5
@@ -159,8 +184,16 @@ def test_generated_frames_fade_out_by_the_last_step():
 def test_default_strategy_densifies_with_the_cpu_rasterizer():
     """gsplat's DefaultStrategy reads only the rasterizer's meta, so it runs on CPU as well."""
     cams, images, noisy = make_scene(seed=2, n=25)
-    cfg = test_config(iterations=40, strategy="default", refine_start_iter=5, refine_every=10, refine_stop_iter=35,
-                      grow_grad2d=1e-6, sh_degree=1, sh_degree_interval=20)
+    cfg = test_config(
+        iterations=40,
+        strategy="default",
+        refine_start_iter=5,
+        refine_every=10,
+        refine_stop_iter=35,
+        grow_grad2d=1e-6,
+        sh_degree=1,
+        sh_degree_interval=20,
+    )
     g = fit_gaussians(FitViews(images, cams, torch.ones(3, H, W)), noisy, cfg, device="cpu")
     assert len(g) > len(noisy)
     assert g.sh.shape == (len(g), 4, 3)
@@ -178,8 +211,9 @@ def test_init_gaussians_from_memory():
     assert g.sh.shape == (125, 9, 3) and (g.sh[:, 1:] == 0).all()
     torch.testing.assert_close(torch.sigmoid(g.opacity_logits), torch.full((125,), 0.1))
     assert (g.quats == torch.tensor([1.0, 0, 0, 0])).all()
-    torch.testing.assert_close(knn_mean_distance(torch.tensor([[0.0, 0, 0], [3.0, 0, 0], [0, 4.0, 0]]), 1),
-                               torch.tensor([3.0, 3.0, 4.0]))
+    torch.testing.assert_close(
+        knn_mean_distance(torch.tensor([[0.0, 0, 0], [3.0, 0, 0], [0, 4.0, 0]]), 1), torch.tensor([3.0, 3.0, 4.0])
+    )
     with pytest.raises(ValueError, match="memory is empty"):
         init_gaussians(GeometryMemory.empty(), FitConfig())
 
@@ -203,8 +237,13 @@ def test_progress_may_cancel():
         raise Cancelled("stop")
 
     with pytest.raises(Cancelled):
-        fit_gaussians(FitViews(images, cams, torch.ones(3, H, W)), noisy, test_config(progress_every=3), device="cpu",
-                      progress=cancel)
+        fit_gaussians(
+            FitViews(images, cams, torch.ones(3, H, W)),
+            noisy,
+            test_config(progress_every=3),
+            device="cpu",
+            progress=cancel,
+        )
     assert seen == [3]
 
 
@@ -222,7 +261,9 @@ def test_inputs_are_checked():
     with pytest.raises(ValueError, match=r"images must be \[F, 36, 48, 3\]"):
         fit_gaussians(FitViews(images[:, :-1], cams, torch.ones(3, H, W)), noisy, cfg, device="cpu")
     with pytest.raises(ValueError, match="views.generated"):
-        fit_gaussians(FitViews(images, cams, torch.ones(3, H, W), torch.tensor([True, False])), noisy, cfg, device="cpu")
+        fit_gaussians(
+            FitViews(images, cams, torch.ones(3, H, W), torch.tensor([True, False])), noisy, cfg, device="cpu"
+        )
     assert default_rasterizer("cpu") == "torch_cpu" and default_rasterizer("cuda:0") == "gsplat"
 
 
@@ -232,8 +273,13 @@ def test_geometry_render_gives_the_colour_and_the_depth_of_a_wall():
     grid = torch.stack(torch.meshgrid(xs, xs, indexing="ij"), -1).reshape(-1, 2)
     n = len(grid)
     means = torch.cat([grid, torch.full((n, 1), 2.0)], 1)
-    g = Gaussians(means, torch.log(torch.tensor([0.08, 0.08, 0.01])).repeat(n, 1), torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1),
-                  torch.full((n,), 6.0), torch.rand(n, 4, 3, generator=torch.Generator().manual_seed(0)) * 0.3)
+    g = Gaussians(
+        means,
+        torch.log(torch.tensor([0.08, 0.08, 0.01])).repeat(n, 1),
+        torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1),
+        torch.full((n,), 6.0),
+        torch.rand(n, 4, 3, generator=torch.Generator().manual_seed(0)) * 0.3,
+    )
     K = torch.tensor([[[FOCAL, 0.0, W / 2], [0.0, FOCAL, H / 2], [0.0, 0.0, 1.0]]])
     cams = Cameras(torch.eye(4)[None], K, W, H)
     cfg = test_config(sh_degree=1, background=(0.2, 0.3, 0.4))

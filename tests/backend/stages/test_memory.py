@@ -14,9 +14,18 @@ from backend.stages.memory import MemoryConfig, build_memory, memory_to_ply_arra
 from backend.stages.render import backproject, project_points
 from backend.stages.types import Cameras, GeometryMemory, Views
 
-from ._geometry_data import (LUMA, SILHOUETTE_LUMA, TEMPLE_BOX, TEMPLE_TRIPLE, door_scene, inside_box, load_views,
-                             temple_captures, temple_memory)
-from ._geometry_data import one_torch_thread  # noqa: F401  (autouse fixture)
+from ._geometry_data import (
+    LUMA,
+    SILHOUETTE_LUMA,
+    TEMPLE_BOX,
+    TEMPLE_TRIPLE,
+    door_scene,
+    inside_box,
+    load_views,
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+    temple_captures,
+    temple_memory,
+)
 
 SILHOUETTE_SLACK_PX = 5  # silhouettes dilated by this window (full-size pixels) for depth and calibration error
 # Lund door, three neighbouring photos (COLMAP ground truth), stereo at 320 pixels.
@@ -72,8 +81,10 @@ def _door_depth_errors(door_dir) -> np.ndarray:
 def test_mvs_door_depth_against_colmap_points(door_dir):
     errors = _door_depth_errors(door_dir)
     median = float(np.median(errors))
-    print(f"door MVS median relative depth error {median:.5f} over {len(errors)} points; "
-          f"90th percentile {np.quantile(errors, 0.9):.5f}")
+    print(
+        f"door MVS median relative depth error {median:.5f} over {len(errors)} points; "
+        f"90th percentile {np.quantile(errors, 0.9):.5f}"
+    )
     assert len(errors) > 10000
     assert median < DOOR_MEDIAN_REL_BOUND
     assert np.mean(errors < 0.01) > 0.9
@@ -126,14 +137,21 @@ def _rotation_deg(a: np.ndarray, b: np.ndarray) -> float:
 def test_sfm_recovers_temple_cameras_with_known_K(temple_dir, tmp_path):
     caps = temple_captures(temple_dir)
     ids = [5, 6, 7, 8]
-    cams = estimate_cameras([caps[i].image for i in ids], known_K=caps[ids[0]].camera.K, work_dir=tmp_path / "sfm",
-                            cfg=SfMConfig(num_threads=1))
+    cams = estimate_cameras(
+        [caps[i].image for i in ids],
+        known_K=caps[ids[0]].camera.K,
+        work_dir=tmp_path / "sfm",
+        cfg=SfMConfig(num_threads=1),
+    )
     assert all(c is not None for c in cams)
     np.testing.assert_allclose(cams[0].K, caps[ids[0]].camera.K)  # held fixed
     gt = [caps[i].camera for i in ids]
     centers = np.array([c.center for c in cams])
     gt_centers = np.array([c.center for c in gt])
-    d, d_gt = np.linalg.norm(centers[:, None] - centers[None], axis=-1), np.linalg.norm(gt_centers[:, None] - gt_centers[None], axis=-1)
+    d, d_gt = (
+        np.linalg.norm(centers[:, None] - centers[None], axis=-1),
+        np.linalg.norm(gt_centers[:, None] - gt_centers[None], axis=-1),
+    )
     scale = d[0, 1] / d_gt[0, 1]
     for a in range(len(ids)):
         for b in range(a + 1, len(ids)):
@@ -158,7 +176,7 @@ def _plane_views(depth: float, xs: list[float], size: int = 64) -> tuple[torch.T
     w2c[:, 0, 3] = -torch.tensor(xs)
     cams = Cameras(w2c, K.expand(len(xs), 3, 3).clone(), size, size)
     world = backproject(torch.full((len(xs), size, size), depth), cams)  # [C, H, W, 3]
-    grid = (world[..., :2] / 2.0)  # world xy -> [-1, 1]
+    grid = world[..., :2] / 2.0  # world xy -> [-1, 1]
     imgs = torch.nn.functional.grid_sample(texture.expand(len(xs), -1, -1, -1), grid, align_corners=False)[:, 0]
     return imgs, cams
 

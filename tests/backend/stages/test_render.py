@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend.stages.render import (POINT_RENDERERS, RenderConfig, backproject, make_point_renderer, project_points,
-                                   render_memory)
+from backend.stages.render import (
+    POINT_RENDERERS,
+    RenderConfig,
+    backproject,
+    make_point_renderer,
+    project_points,
+    render_memory,
+)
 from backend.stages.types import Cameras, GeometryMemory
 
 from ._geometry_data import one_torch_thread  # noqa: F401  (autouse fixture)

@@ -8,8 +8,12 @@ import torch
 from backend.stages.retrieval import RetrievalConfig, coverage_matrix, greedy_set_cover, retrieve_views
 from backend.stages.types import Cameras, GeometryMemory
 
-from ._geometry_data import TEMPLE_TRIPLE, temple_captures, temple_memory
-from ._geometry_data import one_torch_thread  # noqa: F401  (autouse fixture)
+from ._geometry_data import (
+    TEMPLE_TRIPLE,
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+    temple_captures,
+    temple_memory,
+)
 
 W, H = 32, 24
 K = torch.tensor([[30.0, 0, 16], [0, 30.0, 12], [0, 0, 1]])

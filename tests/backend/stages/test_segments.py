@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from backend.stages.segments import Segment, SegmentConfig, split_segments
 
@@ -26,7 +27,9 @@ def test_coverage_and_overlap(n, length, overlap, min_tail):
     for prev, seg in zip(segs, segs[1:]):
         assert seg.start == prev.stop
         assert len(seg.carried) == min(overlap, len(prev))
-        assert set(seg.carried) <= set(prev.indices) and list(seg.carried) == prev.indices[len(prev) - len(seg.carried):]
+        assert (
+            set(seg.carried) <= set(prev.indices) and list(seg.carried) == prev.indices[len(prev) - len(seg.carried) :]
+        )
     if segs:
         assert segs[0].carried == ()
         assert all(len(s) <= length for s in segs[:-1] if min_tail == 0)
@@ -40,8 +43,15 @@ def test_short_tail_is_merged():
     assert split_segments(85, SegmentConfig(length=40))[-1] == Segment(80, 85, (78, 79))
 
 
-@pytest.mark.parametrize("kwargs, field", [({"length": 0}, "length"), ({"overlap": 41}, "overlap"),
-                                           ({"overlap": -1}, "overlap"), ({"min_tail": -1}, "min_tail")])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"length": 0}, "length"),
+        ({"overlap": 41}, "overlap"),
+        ({"overlap": -1}, "overlap"),
+        ({"min_tail": -1}, "min_tail"),
+    ],
+)
 def test_bad_config(kwargs, field):
     with pytest.raises(ValueError, match=field):
         split_segments(10, SegmentConfig(**kwargs))

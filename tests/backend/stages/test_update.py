@@ -12,9 +12,17 @@ from backend.stages.render import render_memory
 from backend.stages.types import Renders, Views
 from backend.stages.update import UpdateConfig, lift_filled, update_memory
 
-from ._geometry_data import (LUMA, SILHOUETTE_LUMA, TEMPLE_BOX, TEST_SIDE, inside_box, load_views,
-                             temple_captures, temple_memory)
-from ._geometry_data import one_torch_thread  # noqa: F401  (autouse fixture)
+from ._geometry_data import (
+    LUMA,
+    SILHOUETTE_LUMA,
+    TEMPLE_BOX,
+    TEST_SIDE,
+    inside_box,
+    load_views,
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+    temple_captures,
+    temple_memory,
+)
 
 MEMORY_IDS = (6, 7)  # memory from two captures...
 FRAME_IDS = [8, 9]  # ...and two real photos further round the ring play the generated frames
@@ -59,7 +67,14 @@ def test_memory_stays_bounded(temple_dir):
     assert len(again) <= 1.05 * len(updated)  # the same frames add (almost) nothing the second time
     one = Views(frames.images[:1], frames.cams[0], [-1])  # one frame is enough to overflow the cap
     one_render = Renders(renders.rgb[:1], renders.depth[:1], renders.mask[:1], renders.source[:1])
-    capped = update_memory(memory, one, one_render, confidence[:1], captures, UpdateConfig(stereo=CFG.stereo, stereo_stride=1, max_points=2000))
+    capped = update_memory(
+        memory,
+        one,
+        one_render,
+        confidence[:1],
+        captures,
+        UpdateConfig(stereo=CFG.stereo, stereo_stride=1, max_points=2000),
+    )
     assert len(capped) == 2000
 
 

@@ -1,4 +1,4 @@
-"""Evaluation mode (issue 3, item 8): scores at held-out cameras for three ways to get there.
+"""Evaluation mode: scores at held-out cameras for three ways to get there.
 
     (a) ``points``          the initial memory M splatted into the held-out cameras (holes stay black)
     (b) ``gaussians_captures``  Gaussians fitted on the captures alone, from M
@@ -39,26 +39,18 @@ import torch
 from torch import Tensor
 
 from . import outputs
+from .camera_paths import order_around, path_through
 from .evaluate_args import DEFAULT_TRAIN_VIEWS, PROTOCOLS, TRAJECTORY_MODES, add_eval_arguments  # noqa: F401
 from .generators import Generator
-from .loop import (
-    LoopConfig,
-    load_image,
-    load_image_array,
-    order_around,
-    path_through,
-    run_loop,
-    spread,
-    to_tensor,
-    undistorted,
-)
+from .loop import LoopConfig, run_loop
 from .metrics import image_metrics, load_lpips
 from .progress import ProgressFn, no_progress
 from .scene import Camera, Scene, TrajectoryFrame
+from .stages.cameras import load_image, resize_image, to_tensor, undistorted, working_size
 from .stages.fit import FitViews, fit_gaussians, render_gaussians
 from .stages.memory import build_memory
 from .stages.render import render_memory
-from .stages.types import Cameras, Views
+from .types import Cameras, Views
 
 EVAL_FILE = "eval.json"
 EVAL_PICTURE = "eval.png"
@@ -98,8 +90,7 @@ def distinct_poses(cams: Sequence[Camera]) -> list[int]:
     """Indices of the cameras to keep when photos repeat a pose: the first of each group of cameras
     whose centres lie within SAME_POSE_DIST (relative) and whose optical axes within SAME_POSE_DEG.
 
-    (The Middlebury temple ring has one: templeSR0001 and templeSR0011 share a pose, and their
-    photos agree to 41.5 dB.)
+    (The Middlebury temple ring has one: templeSR0001 and templeSR0011 share a pose.)
     """
     centers = np.stack([c.center for c in cams])
     axes = np.stack([c.c2w[:3, 2] for c in cams])
@@ -246,7 +237,7 @@ def evaluate_scene(
     truth_list, held_cams = [], []
     for c in scene.heldout:
         img, cam = undistorted(load_image(c.image), c.camera)
-        truth_list.append(load_image_array(img, W, H))
+        truth_list.append(resize_image(img, W, H))
         held_cams.append(cam)
     truth = to_tensor(truth_list, device)
     held = Cameras.from_scene(held_cams, W, H, device=device)
@@ -268,7 +259,7 @@ def evaluate_scene(
         with meter.measure("load"):
             pin = [undistorted(load_image(c.image), c.camera) for c in scene.captures]
             captures = Views(
-                to_tensor([load_image_array(i, W, H) for i, _ in pin], device),
+                to_tensor([resize_image(i, W, H) for i, _ in pin], device),
                 Cameras.from_scene([c for _, c in pin], W, H, device=device),
                 list(range(len(pin))),
             )
@@ -311,16 +302,14 @@ def evaluate_scene(
         report["frames_views"] = len(hs)
         if len(hs) == len(held):  # the generated frames at the held-out cameras, last column
             columns.append(result.frames.images[[on_heldout[h] for h in range(len(held))]])
-    rows = [[outputs.to_u8(c[r]) for c in columns] for r in spread(len(held), PICTURE_ROWS)]
+    rows = outputs.overview_rows(columns, outputs.spread(len(held), PICTURE_ROWS))
     outputs.write_overview_as(out_dir, EVAL_PICTURE, rows)
     outputs.write_json(out_dir / EVAL_FILE, report)
     return report
 
 
 def _size(cfg: LoopConfig, traj: Sequence[TrajectoryFrame]) -> tuple[int, int]:
-    from .loop import working_size
-
-    w, h, _ = working_size(cfg, [t.camera for t in traj])
+    w, h, _ = working_size(cfg.width, cfg.height, [t.camera for t in traj])
     return w, h
 
 

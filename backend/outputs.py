@@ -1,4 +1,4 @@
-"""A job's output folder (issue 3, item 7), every file written atomically.
+"""A job's output folder, every file written atomically.
 
 Layout (names relative to the job's output folder, as announced in ProgressEvent.artifacts)::
 
@@ -170,6 +170,22 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, np.integer):
         return int(x)
     return x
+
+
+def spread(n: int, count: int) -> list[int]:
+    """``min(count, n)`` indices spread evenly over range(n), first and last included."""
+    k = min(count, n)
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+
+
+def overview_rows(columns: Sequence[Tensor], rows: Sequence[int]) -> list[list[np.ndarray]]:
+    """Picture rows from image columns: row r holds ``column[rows[r]]`` of every column, as uint8.
+
+    Args:
+        columns: images in [0, 1], each indexable by row. [F, H, W, 3] each
+        rows: which index of the columns each row shows.
+    """
+    return [[to_u8(c[r]) for c in columns] for r in rows]
 
 
 def write_overview(out_dir: Path, rows: Sequence[Sequence[np.ndarray]]) -> str:

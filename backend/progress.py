@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -33,3 +33,47 @@ ProgressFn = Callable[[ProgressEvent], None]
 
 def no_progress(event: ProgressEvent) -> None:
     """A progress callback that ignores everything."""
+
+
+class ProgressTracker:
+    """A job's progress bar cut into stage shares: each finished stage moves it by its share.
+
+    Args:
+        progress: the callback that gets every event (may raise :class:`Cancelled`).
+        shares: stage name -> share of the bar (rough proportions; only the order matters).
+
+    Example::
+
+        >>> events = []
+        >>> track = ProgressTracker(events.append, {"memory": 0.5, "fit": 0.5})
+        >>> track.finish("memory", "100 points", ["points.ply"])
+        >>> track.steps("fit", "Gaussians", 10)(5, 0.1)
+        >>> [round(e.fraction, 2) for e in events], track.artifacts
+        ([0.5, 0.75], ['points.ply'])
+    """
+
+    def __init__(self, progress: ProgressFn, shares: dict[str, float]) -> None:
+        self.progress = progress
+        self.shares = shares
+        self.done = 0.0
+        self.artifacts: list[str] = []
+
+    def finish(self, stage: str, message: str, names: Sequence[str] = (), *, share: float | None = None) -> None:
+        """Announce a finished stage (or ``share`` of one) with the files it wrote, and move the bar on."""
+        self.done += self.shares[stage] if share is None else share
+        self.artifacts.extend(names)
+        self.progress(ProgressEvent(stage, min(self.done, 1.0), message, tuple(names)))
+
+    def skip(self, stage: str) -> None:
+        """Move the bar past a stage that does not run, without an event."""
+        self.done += self.shares[stage]
+
+    def steps(self, stage: str, what: str, total: int) -> Callable[[int, float], None]:
+        """A fit's step callback ``(step, loss)``: its steps fill the stage's share from where the bar is."""
+        start, share = self.done, self.shares[stage]
+
+        def on_step(step: int, loss: float) -> None:
+            fraction = min(start + share * step / max(total, 1), 1.0)
+            self.progress(ProgressEvent(stage, fraction, f"{what}: step {step}/{total}, loss {loss:.4f}"))
+
+        return on_step

@@ -1,18 +1,38 @@
-"""Small registries: implementations register under a lowercase name; configs pick them by name."""
+"""Registries: implementations register under a lowercase name; configs pick them by name.
+
+One class serves the generators, the geometry estimators and the Gaussian rasterizers. Heavy
+implementations (diffusers, gsplat) live in modules named up front and imported only when their name
+is asked for, so listing the names costs nothing.
+
+Example::
+
+    >>> SHAPES: Registry[type] = Registry("shape")
+    >>> @SHAPES.register("disk")
+    ... class Disk: ...
+    >>> SHAPES.get("disk") is Disk, SHAPES.names()
+    (True, ['disk'])
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Generic, TypeVar
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """A name -> class table. ``get`` of an unknown name fails with the list of known names."""
+    """A name -> class table. ``get`` of an unknown name fails with the list of known names.
 
-    def __init__(self, kind: str) -> None:
+    Args:
+        kind: what the entries are, for error messages ("generator").
+        modules: name -> module that registers it when imported (loaded on first ``get``).
+    """
+
+    def __init__(self, kind: str, modules: Mapping[str, str] | None = None) -> None:
         self.kind = kind
+        self._modules = dict(modules or {})
         self._items: dict[str, type[T]] = {}
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
@@ -28,15 +48,21 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> type[T]:
+        """The class registered under ``name``, importing its module first where one is named."""
+        if name not in self._items and name in self._modules:
+            importlib.import_module(self._modules[name])
         try:
             return self._items[name]
         except KeyError:
-            raise ValueError(
-                f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items)) or 'none'}"
-            ) from None
+            raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names()) or 'none'}") from None
+
+    def make(self, name: str, *args: Any, **kwargs: Any) -> T:
+        """An instance of the class registered under ``name`` (arguments go to its constructor)."""
+        return self.get(name)(*args, **kwargs)
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        """Every name a config may ask for, whether or not its module is imported yet."""
+        return sorted(set(self._items) | set(self._modules))
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._items or name in self._modules

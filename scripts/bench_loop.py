@@ -29,12 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from backend.camera_paths import order_around, path_through  # noqa: E402
 from backend.evaluate import split_protocol  # noqa: E402
 from backend.formats import import_scene  # noqa: E402
-from backend.loop import LoopConfig, order_around, path_through, run_loop  # noqa: E402
+from backend.loop import LoopConfig, run_loop  # noqa: E402
 from backend.scene import Camera, Settings, TrajectoryFrame  # noqa: E402
 from backend.stages.fit import FitConfig, FitViews, default_rasterizer, fit_gaussians  # noqa: E402
-from backend.stages.types import Cameras, GeometryMemory  # noqa: E402
+from backend.types import Cameras, GeometryMemory  # noqa: E402
 
 TARGETS_S = {"memory": 3.0, "render_retrieval_per_segment": 1.0, "fit": 45.0, "total": 90.0}
 WARMUP_ITERATIONS = 20

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from backend.metrics import image_metrics
-from backend.rasterizers import make_rasterizer
+from backend.rasterizers import RASTERIZERS
 from backend.scene import look_at  # noqa: E402
 from backend.stages.fit import FitConfig, FitViews, fit_gaussians, render_gaussians
-from backend.stages.types import Cameras, GeometryMemory
+from backend.types import Cameras, GeometryMemory
 
 
 def arc_cameras(n: int, width: int, height: int, radius: float, spread_rad: float, offset: float = 0.0) -> Cameras:
@@ -75,7 +75,7 @@ def compare_rasterizers(gen: torch.Generator) -> dict:
     runs = {}
     for name, device in (("torch_cpu", "cpu"), ("gsplat", "cuda")):
         params = {k: g[k].detach().clone().to(device).requires_grad_() for k in names}
-        rgb, alpha, meta = make_rasterizer(name).render(
+        rgb, alpha, meta = RASTERIZERS.make(name).render(
             *(params[k] for k in names),
             cams.w2c.to(device),
             cams.K.to(device),
@@ -124,7 +124,7 @@ def fit_check(gen: torch.Generator, iterations: int, width: int, height: int, n_
         with torch.no_grad():
             for i in range(len(cams)):
                 c = cams[i].to(device)
-                rgb, _, _ = make_rasterizer("gsplat").render(
+                rgb, _, _ = RASTERIZERS.make("gsplat").render(
                     ref["means"],
                     ref["quats"],
                     ref["scales"],
@@ -197,7 +197,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     t0 = time.perf_counter()
-    warm = make_rasterizer("gsplat").render(  # compiles gsplat's kernels on first use
+    warm = RASTERIZERS.make("gsplat").render(  # compiles gsplat's kernels on first use
         torch.zeros(1, 3, device="cuda") + torch.tensor([0, 0, 2.0], device="cuda"),
         torch.tensor([[1.0, 0, 0, 0]], device="cuda"),
         torch.full((1, 3), 0.1, device="cuda"),

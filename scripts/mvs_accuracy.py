@@ -23,8 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend.estimators.mvs import MVSConfig, estimate_depths  # noqa: E402
 from backend.formats.colmap import read_colmap, read_colmap_points  # noqa: E402
 from backend.formats.undistort import undistort_image  # noqa: E402
-from backend.stages.render import project_points  # noqa: E402
-from backend.stages.types import Cameras, Views  # noqa: E402
+from backend.types import (  # noqa: E402
+    Cameras,
+    Views,
+    project_points,  # noqa: E402
+)
 
 FIRST = 3  # DSC_0004: the door photos 4.. are a sweep of neighbouring views
 

@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..stages.render import PIXEL_CENTER, backproject, pixel_rays
-from ..stages.types import Cameras, GeometryMemory, Views
+from ..types import PIXEL_CENTER, Cameras, GeometryMemory, Views, backproject, pixel_rays
 from . import ESTIMATORS
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for the grey image that stereo matches on

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..fileio import write_atomic
-from ..stages.types import ConditionVideo, Frames
+from ..types import ConditionVideo, Frames
 from . import GENERATORS
 from .window_attention import ATTENTION_MODES, DEFAULT_WINDOW_FRAMES, WanWindowAttnProcessor, set_window_attention
 

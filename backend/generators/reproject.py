@@ -10,14 +10,13 @@ For each target frame of a segment:
    between the target's ray and the source's ray to the same 3D point. A source that comes with a
    depth map (``Views.depth``) does not colour points hidden behind its own surface. Where the
    render covers, ``render_blend`` of its colour is mixed in: the reprojection is sharp but breaks
-   where the depth is off, a Gaussian render (the loop's guide) is smooth but right there, and their
-   mean beat both at the temple's held-out views; pixels no source sees keep the render;
+   where the depth is off, a Gaussian render (the loop's guide) is smooth but right there; pixels no
+   source sees keep the render;
 3. inpaint what no source and no render covers with a multi-scale push-pull of the colours around it.
 
-Confidence is what the Gaussian fit weights each pixel by, so it follows measured error: at the
-held-out views of the temple and the fern (320x240), reprojected pixels whose sources agree within
-0.02 (colour std, 0..1) score 26-33 dB PSNR, those spread by 0.05-0.1 score 15-20 dB, and pixels only
-one source sees 20-28 dB. So a pixel's confidence is its ceiling (``rendered_confidence`` on the
+Confidence is what the Gaussian fit weights each pixel by, so it follows the error measured at
+held-out views (docs/benchmarks.md): reprojected pixels whose sources agree are far more often right
+than those whose sources disagree or that one source alone sees. So a pixel's confidence is its ceiling (``rendered_confidence`` on the
 memory's depth, ``reprojected_confidence`` on a guessed depth) times the best source's angular weight,
 times ``exp(-var / (2 agreement_std^2))`` of the sources' colours, times ``single_source_factor``
 when one source alone sees it; point-splat and inpainted pixels get ``inpainted_confidence``.
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..stages.types import Cameras, ConditionVideo, Frames, Views
+from ..types import Cameras, ConditionVideo, Frames, Views
 from . import GENERATORS
 
 
@@ -158,7 +157,7 @@ class ReprojectGenerator:
     """Colour target frames by reprojecting captures and carried frames through the memory's depth.
 
     Example:
-        >>> from backend.stages.types import Cameras, ConditionVideo, Renders, Views
+        >>> from backend.types import Cameras, ConditionVideo, Renders, Views
         >>> eye = torch.eye(4)[None]; K = torch.tensor([[[8.0, 0, 8], [0, 8, 8], [0, 0, 1]]])
         >>> cams = Cameras(eye, K, 16, 16)
         >>> r = Renders(torch.rand(1, 16, 16, 3), torch.ones(1, 16, 16), torch.rand(1, 16, 16) > 0.5,

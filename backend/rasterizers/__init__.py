@@ -16,7 +16,6 @@ w x y z, colours either per Gaussian [N, D] / [C, N, D] or SH coefficients [N, K
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
@@ -64,26 +63,7 @@ class Rasterizer(Protocol):
         ...
 
 
-RASTERIZERS: Registry[Any] = Registry("rasterizer")
-
-# Modules that register rasterizers; imported when named, so gsplat loads only where it is used.
-_MODULES = {"gsplat": "backend.rasterizers.gsplat_cuda", "torch_cpu": "backend.rasterizers.torch_cpu"}
-
-
-def available_rasterizers() -> list[str]:
-    """Names a config may ask for."""
-    return sorted(_MODULES)
-
-
-def rasterizer_class(name: str) -> type:
-    """The class registered under ``name``; an unknown name fails with the known ones."""
-    if name not in _MODULES and name not in RASTERIZERS:
-        raise ValueError(f"unknown rasterizer {name!r}; known: {', '.join(available_rasterizers())}")
-    if name in _MODULES and name not in RASTERIZERS:
-        importlib.import_module(_MODULES[name])
-    return RASTERIZERS.get(name)
-
-
-def make_rasterizer(name: str, **kwargs: Any) -> Rasterizer:
-    """Build the rasterizer registered under ``name`` (keyword arguments go to its constructor)."""
-    return rasterizer_class(name)(**kwargs)
+# Each implementation registers itself when its module is imported, so gsplat loads only where it is used.
+RASTERIZERS: Registry[Any] = Registry(
+    "rasterizer", {"gsplat": "backend.rasterizers.gsplat_cuda", "torch_cpu": "backend.rasterizers.torch_cpu"}
+)

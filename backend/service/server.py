@@ -181,9 +181,9 @@ class Service:
                 self.context, self.config.auth, self.config.bind
             )  # refuses an open bind without keys
             self.device = resolve_device(self.config.device)
-            from ..generators import available_generators  # imports torch: here, not in the first hello
+            from ..generators import GENERATORS  # imports torch: here, not in the first hello
 
-            self.generators = available_generators()
+            self.generators = GENERATORS.names()
             self.store = JobStore(self.data_dir)
             self._lock = _lock_dir(self.store.root)
             self.queue: deque[str] = deque(r.job for r in self.store.load())
@@ -377,7 +377,7 @@ class Service:
                 errors.TOO_LARGE,
                 f"submit: the queue is full ({len(self.queue)} jobs waiting); submit again when some have finished",
             )
-        record = self.store.create(req.frames, msg, owner=req.owner)
+        record = self.store.create(msg, owner=req.owner)
         self.queue.append(record.job)
         log.info("job %s queued (%d captures)", record.job, len(msg["scene"]["captures"]))
         return {"job": record.job, "state": record.state}

@@ -3,7 +3,6 @@
 Layout of ``<data_dir>/<job>/`` (``job`` = 32 hex characters from ``secrets.token_hex``)::
 
     meta.json        {"job", "created", "key", "format"}; written once, atomically
-    request.msgpack  the submit request as received: a msgpack array of its frames (bin each)
     journal.jsonl    one JSON event per line: {"seq", "time", "state", "stage", "fraction",
                      "message", "artifacts": [{"name", "size", "sha256"}]}; append-only
     scene/           scene.json + images/ (what backend.scene.load_scene reads)
@@ -27,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import msgpack
 import numpy as np
 
 from protocol import errors, limits
@@ -43,7 +41,6 @@ log = logging.getLogger(__name__)
 STORE_FORMAT = 1
 JOB_ID_BYTES = 16  # 32 hex characters, 128 bits: unguessable
 META_FILE = "meta.json"
-REQUEST_FILE = "request.msgpack"
 JOURNAL_FILE = "journal.jsonl"
 MANIFEST_FILE = "manifest.json"
 SCENE_DIR = "scene"
@@ -306,14 +303,12 @@ class JobStore:
 
     # -- creation ---------------------------------------------------------------------------------
 
-    def create(self, frames: Sequence[Any], msg: dict[str, Any], owner: str | None = None) -> JobRecord:
+    def create(self, msg: dict[str, Any], owner: str | None = None) -> JobRecord:
         """Build a job directory from a validated submit request; raises ProtocolError for a bad scene."""
         job = new_job_id()
         tmp = self.root / f"{TMP_PREFIX}{job}"
         try:
             tmp.mkdir()
-            with open(tmp / REQUEST_FILE, "wb") as f:
-                f.write(msgpack.packb([memoryview(fr) for fr in frames], use_bin_type=True))
             write_scene_message(msg["scene"], tmp / SCENE_DIR)
             (tmp / ARTIFACTS_DIR).mkdir()
             created = time.time()

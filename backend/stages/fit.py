@@ -36,9 +36,9 @@ from torch import Tensor
 from protocol.ply import MAX_SH_DEGREE, GaussianArrays
 
 from ..metrics import LpipsFn, load_lpips, ssim_map
-from ..rasterizers import Rasterizer, available_rasterizers, make_rasterizer
+from ..rasterizers import RASTERIZERS, Rasterizer
 from ..rasterizers.sh import num_sh_bases, rgb_to_sh, sh_to_colors
-from .types import Cameras, GeometryMemory, Views
+from ..types import Cameras, GeometryMemory, Views
 
 STRATEGIES = ("default", "none")
 KNN_MIN_DISTANCE = 1e-7  # floor of the neighbour distance (duplicate points), world units
@@ -75,9 +75,10 @@ class FitConfig:
             defaults are for 30k steps (refine until 15k); ours stop refining at 2000 so that a
             3000-step fit keeps a third of its steps for the final set.
         background: colour behind the Gaussians, RGB in [0, 1].
-        generated_final_weight: the loss weight of generated frames (``FitViews.generated``) falls
-            linearly from 1 at the first step to this at the last; captures keep 1. Below 1, the
-            frames shape the early fit (where things are) and the captures its detail.
+        capture_share: when captures are fitted together with generated frames
+            (:func:`captures_and_frames`), about this fraction of the steps draw a capture: a few
+            captures beside many frames would otherwise be seen rarely, and they are the only views
+            known to be right.
         seed: seeds the frame order and DefaultStrategy's splits.
         progress_every: the progress callback is called every this many steps (and at the end).
     """
@@ -111,7 +112,7 @@ class FitConfig:
     prune_opa: float = 0.005
     prune_scale3d: float = 0.1
     background: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    generated_final_weight: float = 1.0
+    capture_share: float = 0.5
     seed: int = 0
     progress_every: int = 50
 
@@ -130,12 +131,14 @@ class FitConfig:
                 raise ValueError(f"FitConfig.{name} must be >= 1; got {getattr(self, name)}")
         if not 0 <= self.sh_degree <= MAX_SH_DEGREE:
             raise ValueError(f"FitConfig.sh_degree must be in 0..{MAX_SH_DEGREE}; got {self.sh_degree}")
-        if self.rasterizer not in available_rasterizers():
+        if self.rasterizer not in RASTERIZERS.names():
             raise ValueError(
-                f"FitConfig.rasterizer must be one of {', '.join(available_rasterizers())}; got {self.rasterizer!r}"
+                f"FitConfig.rasterizer must be one of {', '.join(RASTERIZERS.names())}; got {self.rasterizer!r}"
             )
         if self.strategy not in STRATEGIES:
             raise ValueError(f"FitConfig.strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
+        if not 0.0 <= self.capture_share < 1.0:
+            raise ValueError(f"FitConfig.capture_share must be in [0, 1); got {self.capture_share}")
         if not 0.0 < self.init_opacity < 1.0:
             raise ValueError(f"FitConfig.init_opacity must be in (0, 1); got {self.init_opacity}")
         for f in fields(self):
@@ -195,14 +198,11 @@ class FitViews:
         images: colours in [0, 1]. float32 [F, H, W, 3]
         cams: their cameras (width, height match the images).
         confidence: per-pixel weight in [0, 1]; 1 for captures. float32 [F, H, W]
-        generated: which frames are generated rather than captured (their loss weight follows
-            ``FitConfig.generated_final_weight``); None: none. bool [F]
     """
 
     images: Tensor
     cams: Cameras
     confidence: Tensor
-    generated: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -214,21 +214,12 @@ class FitViews:
             confidence = torch.ones(views.images.shape[:3], dtype=views.images.dtype, device=views.images.device)
         return FitViews(views.images, views.cams, confidence)
 
-    @property
-    def is_generated(self) -> Tensor:
-        """``generated`` with its default filled in. bool [F] (CPU)"""
-        if self.generated is None:
-            return torch.zeros(len(self), dtype=torch.bool)
-        return self.generated.to("cpu", torch.bool)
-
     @staticmethod
     def cat(items: Sequence[FitViews]) -> FitViews:
-        generated = None if all(v.generated is None for v in items) else torch.cat([v.is_generated for v in items])
         return FitViews(
             torch.cat([v.images for v in items]),
             Cameras.cat([v.cams for v in items]),
             torch.cat([v.confidence for v in items]),
-            generated,
         )
 
     def check(self) -> None:
@@ -247,10 +238,16 @@ class FitViews:
         lo, hi = float(self.confidence.min()), float(self.confidence.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"fit: views.confidence must be in [0, 1]; got values in [{lo:.3g}, {hi:.3g}]")
-        if self.generated is not None and tuple(self.generated.shape) != (f,):
-            raise ValueError(
-                f"fit: views.generated must be [{f}] (one flag per frame); got {tuple(self.generated.shape)}"
-            )
+
+
+def captures_and_frames(captures: Views, frames: FitViews, capture_share: float) -> FitViews:
+    """Captures (confidence 1), repeated so that about ``capture_share`` of the list are captures,
+    followed by the generated frames. [C * repeats + F]"""
+    C, F_ = len(captures), len(frames)
+    repeats = 1
+    if capture_share > 0:
+        repeats = max(1, math.ceil(capture_share / (1.0 - capture_share) * F_ / max(C, 1)))
+    return FitViews.cat([FitViews.from_views(captures)] * repeats + [frames])
 
 
 def knn_mean_distance(xyz: Tensor, k: int) -> Tensor:
@@ -373,7 +370,7 @@ def render_gaussians_geometry(g: Gaussians, cams: Cameras, cfg: FitConfig) -> tu
         (rgb, depth, alpha): colour in [0, 1] over ``cfg.background`` [C, H, W, 3], expected camera
         z (0 where alpha is 0) [C, H, W], accumulated opacity in [0, 1] [C, H, W].
     """
-    rasterizer = make_rasterizer(cfg.rasterizer)
+    rasterizer = RASTERIZERS.make(cfg.rasterizer)
     background = torch.tensor(cfg.background, dtype=torch.float32, device=g.device)
     cams = cams.to(g.device)
     rgb, depth, alpha = [], [], []
@@ -507,7 +504,7 @@ def fit_gaussians(
 
     Example::
 
-        >>> from backend.stages.types import Cameras, GeometryMemory
+        >>> from backend.types import Cameras, GeometryMemory
         >>> cams = Cameras(torch.eye(4)[None], torch.tensor([[[20.0, 0, 12], [0, 20, 8], [0, 0, 1]]]), 24, 16)
         >>> memory = GeometryMemory(torch.randn(50, 3) * 0.2 + torch.tensor([0, 0, 2.0]), torch.rand(50, 3),
         ...                         torch.ones(50), torch.zeros(50, dtype=torch.int32))
@@ -520,10 +517,9 @@ def fit_gaussians(
     device = torch.device(device)
     images = views.images.to(device, torch.float32)
     confidence = views.confidence.to(device, torch.float32)
-    generated = views.is_generated.to(device)
     cams = views.cams.to(device)
     g0 = init_gaussians(init.to(device), cfg)
-    rasterizer = make_rasterizer(cfg.rasterizer)
+    rasterizer = RASTERIZERS.make(cfg.rasterizer)
     lpips_fn = load_lpips(cfg.lpips_path, device=device) if cfg.lpips_weight > 0 else None
     background = torch.tensor(cfg.background, dtype=torch.float32, device=device)
 
@@ -562,9 +558,7 @@ def fit_gaussians(
             batch.append(order.pop())
         sh_degree = min(step // cfg.sh_degree_interval, cfg.sh_degree)
         pred, meta = _render(rasterizer, params, cams[batch], sh_degree, background)
-        frame_weight = 1.0 + (cfg.generated_final_weight - 1.0) * step / max(cfg.iterations - 1, 1)
-        weight = torch.where(generated[batch], frame_weight, 1.0)[:, None, None]  # [B, 1, 1]
-        loss = confidence_loss(pred, images[batch], confidence[batch] * weight, cfg, lpips_fn)
+        loss = confidence_loss(pred, images[batch], confidence[batch], cfg, lpips_fn)
         learn = (
             loss.requires_grad
         )  # False when no Gaussian is in view of this batch (the CPU rasterizer cuts the graph)

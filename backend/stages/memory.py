@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..estimators import make_estimator
+from ..estimators import ESTIMATORS
 from ..estimators.mvs import MVSConfig
-from .types import GeometryMemory, Views
+from ..types import GeometryMemory, Views
 
 CONFIDENCE_FLOOR = 1e-6  # weight of a zero-confidence point in voxel averages
 EXTENT_PERCENTILES = (0.01, 0.99)  # robust bounding box used for the automatic voxel size
@@ -89,7 +89,7 @@ def build_memory(views: Views, cfg: MemoryConfig = MemoryConfig(), *, estimator:
     cfg.check()
     check_views(views, "build_memory")
     est_cfgs = {"mvs": cfg.mvs}
-    memory = make_estimator(estimator, est_cfgs.get(estimator)).estimate(views)
+    memory = ESTIMATORS.make(estimator, est_cfgs.get(estimator)).estimate(views)
     if cfg.min_confidence > 0:
         memory = memory.select(memory.confidence >= cfg.min_confidence)
     voxel = cfg.voxel_size or auto_voxel_size(memory, cfg.voxel_fraction)

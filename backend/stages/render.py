@@ -13,17 +13,14 @@ a point projecting to continuous coordinate u lands in pixel floor(u).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from ..registry import Registry
-from .types import Cameras, GeometryMemory, Renders
+from ..types import Cameras, GeometryMemory, Renders, project_points
 
 INDEX_BITS = 32  # low bits of the packed z-buffer key hold the point index
 EMPTY_SOURCE = -1  # source id where nothing was rendered (DESIGN.md section 3: -1 = generated/none)
-PIXEL_CENTER = 0.5  # pixel i spans [i, i+1] (DESIGN.md section 3), so its centre is i + 0.5
 MAX_FOOTPRINT_RADIUS = 64  # largest allowed max_radius_px
 OFF_IMAGE = -(MAX_FOOTPRINT_RADIUS + 1.0)  # a pixel coordinate whose footprint misses the image
 
@@ -62,52 +59,6 @@ class RenderConfig:
             raise ValueError(f"RenderConfig.near must be > 0; got {self.near}")
         if self.max_candidates < 1:
             raise ValueError(f"RenderConfig.max_candidates must be >= 1; got {self.max_candidates}")
-
-
-def project_points(xyz: Tensor, cams: Cameras) -> tuple[Tensor, Tensor]:
-    """Project world points into every camera (no distortion).
-
-    Args:
-        xyz: world points. float32 [N, 3]
-        cams: C cameras.
-    Returns:
-        uv: continuous pixel coordinates (pixel i spans [i, i+1]); meaningless where z <= 0. [C, N, 2]
-        z: camera-space depth. [C, N]
-    """
-    R, t = cams.w2c[:, :3, :3], cams.w2c[:, :3, 3]
-    cam = torch.einsum("cij,nj->cni", R, xyz) + t[:, None, :]  # [C, N, 3]
-    z = cam[..., 2]
-    uvw = torch.einsum("cij,cnj->cni", cams.K, cam)  # [C, N, 3]
-    uv = uvw[..., :2] / uvw[..., 2:3].clamp_min(torch.finfo(xyz.dtype).tiny)
-    return uv, z
-
-
-def pixel_rays(cams: Cameras) -> Tensor:
-    """Camera-space rays with z = 1 through every pixel centre. [C, H, W, 3]"""
-    H, W = cams.height, cams.width
-    dev = cams.device
-    v, u = torch.meshgrid(
-        torch.arange(H, device=dev, dtype=torch.float32) + PIXEL_CENTER,
-        torch.arange(W, device=dev, dtype=torch.float32) + PIXEL_CENTER,
-        indexing="ij",
-    )
-    pix = torch.stack([u, v, torch.ones_like(u)], -1)  # [H, W, 3]
-    Kinv = torch.linalg.inv(cams.K)  # [C, 3, 3]
-    return torch.einsum("cij,hwj->chwi", Kinv, pix)
-
-
-def backproject(depth: Tensor, cams: Cameras) -> Tensor:
-    """World points of every pixel at its depth.
-
-    Args:
-        depth: camera z per pixel. [C, H, W]
-        cams: C cameras matching the depth maps' size.
-    Returns:
-        world points. [C, H, W, 3]
-    """
-    cam_pts = pixel_rays(cams) * depth[..., None]
-    c2w = cams.c2w
-    return torch.einsum("cij,chwj->chwi", c2w[:, :3, :3], cam_pts) + c2w[:, None, None, :3, 3]
 
 
 def _footprint_radius(z: Tensor, fx: Tensor, cfg: RenderConfig) -> Tensor:
@@ -209,30 +160,3 @@ def _splat_chunk(
                 ok &= radius >= max(abs(dx), abs(dy))
             flat = torch.where(ok, centre + (dy * W + dx), spare)
             keys.scatter_reduce_(0, flat.reshape(-1), key, reduce="amin")
-
-
-@runtime_checkable
-class PointRenderer(Protocol):
-    """Renders a point memory into cameras; ``render(memory, cams) -> Renders``."""
-
-    def render(self, memory: GeometryMemory, cams: Cameras) -> Renders: ...
-
-
-POINT_RENDERERS: Registry[PointRenderer] = Registry("point renderer")
-
-
-@POINT_RENDERERS.register("points")
-class SplatRenderer:
-    """The z-buffered splatting of :func:`render_memory` behind the ``PointRenderer`` interface."""
-
-    def __init__(self, cfg: RenderConfig = RenderConfig()) -> None:
-        cfg.check()
-        self.cfg = cfg
-
-    def render(self, memory: GeometryMemory, cams: Cameras) -> Renders:
-        return render_memory(memory, cams, self.cfg)
-
-
-def make_point_renderer(name: str = "points", cfg: RenderConfig = RenderConfig()) -> PointRenderer:
-    """The point renderer registered under ``name``; an unknown name fails with the known ones."""
-    return POINT_RENDERERS.get(name)(cfg)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .render import RenderConfig, backproject, project_points, render_memory
-from .types import Cameras, GeometryMemory
+from ..types import Cameras, GeometryMemory, backproject, project_points
+from .render import RenderConfig, render_memory
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ generated views; without this, segments drift apart). Here, with no learned weig
 - new points get source -1 and confidence = generator confidence x stereo confidence x weight;
 - everything is merged and voxel-downsampled so that M stays bounded.
 
-``UpdateConfig.enabled = False`` returns the memory unchanged, so the update's effect can be measured.
+``UpdateConfig.enabled = False`` (job setting ``update_memory``) returns the memory unchanged.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..estimators.mvs import MVSConfig, fuse_depths, match_candidates, plane_sweep, select_neighbors, to_gray
+from ..types import Cameras, GeometryMemory, Renders, Views, backproject, project_points
 from .memory import QUANTILE_SAMPLES, auto_voxel_size, cap_points, check_views, voxel_downsample
-from .render import RenderConfig, backproject, project_points, render_memory
-from .types import Cameras, GeometryMemory, Renders, Views
+from .render import RenderConfig, render_memory
 
 GENERATED_SOURCE = -1  # source id of points lifted from generated frames (DESIGN.md section 3)
 

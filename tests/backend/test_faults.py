@@ -16,15 +16,14 @@ import subprocess
 import time
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import pytest
 
 from backend.fileio import sha256_file
-from backend.service.store import ARTIFACTS_DIR, INTERRUPTED_REASON, MANIFEST_FILE, REQUEST_FILE
+from backend.scene import load_scene
+from backend.service.store import ARTIFACTS_DIR, INTERRUPTED_REASON, MANIFEST_FILE, SCENE_DIR, scene_message
 from protocol import errors
 from protocol.client import Client
-from protocol.codec import decode
 from protocol.errors import ProtocolError
 from tests.backend._reliability import (
     TIMEOUT_MS,
@@ -44,7 +43,7 @@ CANCEL_BOUND_S = 2.0  # cancel must end a job that reports steps this fast well 
 STEP_MS = 20
 FSIZE_LIMIT_BYTES = 512 * 1024  # RLIMIT_FSIZE of the "small disk" service subprocess
 TMPFS_BYTES = 2 * 1024 * 1024
-BIG_IMAGE_SIDE = 400  # random PNGs this size are ~480 KB each: a submit of three is over FSIZE_LIMIT_BYTES
+BIG_IMAGE_SIDE = 600  # random PNGs this size are ~1.1 MB each: every image is over FSIZE_LIMIT_BYTES
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +184,7 @@ def test_file_size_limit_gives_clear_errors_and_the_service_goes_on(tmp_path, re
     row(
         record_property,
         "fault",
-        "disk limit: service run under RLIMIT_FSIZE 512 KiB; a job writes 2 MiB; a 1.4 MB submit",
+        "disk limit: service run under RLIMIT_FSIZE 512 KiB; a job writes 2 MiB; a submit of three 1.1 MB images",
         f'job failed: "{status["message"][:80]}..."; submit answered internal "no space left on the server\'s disk ..."; no partial job folder; next job done',
     )
 
@@ -295,9 +294,8 @@ def test_kill9_mid_job_then_restart_resubmit_and_resume(tmp_path, record_propert
             partial = _verify_manifest(data_dir / long_job)  # what the interrupted job finished is intact too
             assert len(partial) >= 2
             assert {a["name"]: a["sha256"] for a in c.status(finished)["artifacts"]} == before
-            # resubmittable: the request as received is in the job folder; send its scene again
-            frames = msgpack.unpackb((data_dir / long_job / REQUEST_FILE).read_bytes())
-            scene = decode(frames, "request")["scene"]
+            # resubmittable: the job folder keeps its scene (scene.json and images); send it again
+            scene = scene_message(load_scene(data_dir / long_job / SCENE_DIR))
             scene["settings"]["prompt"] = "probe steps=3"  # same scene, shorter run for the test
             again = c.submit(scene)
             assert again != long_job and wait_state(c, again)["state"] == "done"
@@ -370,9 +368,9 @@ def test_real_loop_job_and_cancel_through_the_service(temple_dir, tmp_path, reco
     """The reconstruction loop (default runner) on 3 temple captures at 64x48, no fit: done, fetched, then cancelled."""
     from dataclasses import replace
 
+    from backend.camera_paths import default_trajectory
     from backend.evaluate import split_protocol
     from backend.formats import import_scene
-    from backend.loop import default_trajectory
     from backend.scene import Settings, TrajectoryFrame
     from backend.service.store import scene_message
     from backend.service.worker import default_runner

@@ -12,21 +12,16 @@ import torch
 from PIL import Image
 from plyfile import PlyData
 
+from backend.camera_paths import default_trajectory, order_around, path_through, scene_center
 from backend.evaluate import split_protocol
 from backend.formats import import_scene
-from backend.loop import (
-    LoopConfig,
-    default_trajectory,
-    guided_renders,
-    order_around,
-    path_through,
-    run_loop,
-    working_size,
-)
+from backend.loop import LoopConfig, run_loop
 from backend.progress import Cancelled, ProgressEvent
 from backend.scene import Scene, Settings, TrajectoryFrame, camera_from_json
-from backend.stages.fit import Gaussians
-from backend.stages.types import Cameras, Renders
+from backend.stages.cameras import working_size
+from backend.stages.fit import FitConfig, Gaussians
+from backend.stages.guide import GuideConfig, guided_renders
+from backend.types import Cameras, Renders
 from protocol.ply import gaussian_field_names
 
 W, H = 96, 72
@@ -187,28 +182,23 @@ def test_path_through_hits_keys_and_orders_the_ring(temple_dir: Path, tmp_path: 
 
 
 def scene_center_of(cams):
-    from backend.loop import scene_center
-
     return scene_center(cams)
 
 
 def test_working_size_keeps_the_trajectory_aspect(temple_dir: Path, tmp_path: Path) -> None:
     scene = import_scene("middlebury", temple_dir, tmp_path)
     portrait = [c.camera.scaled(480, 640) for c in scene.captures[:2]]
-    w, h, note = working_size(LoopConfig(width=320, height=240), portrait)
+    w, h, note = working_size(320, 240, portrait)
     assert abs(w / h - 480 / 640) < 0.01 and abs(w * h - 320 * 240) < 320 * 4
     assert "aspect" in note
-    assert working_size(LoopConfig(width=320, height=240), [c.camera for c in scene.captures])[:2] == (320, 240)
+    assert working_size(320, 240, [c.camera for c in scene.captures])[:2] == (320, 240)
 
 
-def test_loop_config_rejects_bad_fit_settings() -> None:
-    with pytest.raises(ValueError, match="LoopConfig.fit_init"):
-        LoopConfig(fit_init="latest")
-    with pytest.raises(ValueError, match="LoopConfig.capture_share"):
-        LoopConfig(capture_share=1.0)
-    assert LoopConfig().fit_init == "initial"  # measured best at held-out views (docs/benchmarks.md)
-    with pytest.raises(ValueError, match="LoopConfig.guide_alpha"):
-        LoopConfig(guide_alpha=0.0)
+def test_configs_reject_bad_settings() -> None:
+    with pytest.raises(ValueError, match="FitConfig.capture_share"):
+        FitConfig(capture_share=1.0)
+    with pytest.raises(ValueError, match="GuideConfig.alpha"):
+        GuideConfig(alpha=0.0)
 
 
 def test_guided_renders_take_the_guide_where_it_is_opaque() -> None:
@@ -229,18 +219,18 @@ def test_guided_renders_take_the_guide_where_it_is_opaque() -> None:
         torch.zeros(1, 24, 32, dtype=torch.int32),
     )
     cfg = LoopConfig.from_settings(Settings(), device="cpu")
-    out = guided_renders(memory, guide, cams, cfg)
+    out = guided_renders(memory, guide, cams, cfg.fit, cfg.guide)
     opaque = out.source == -1
     assert opaque[0, 12, 16] and not opaque[0, 0, 0] and 0 < float(opaque.float().mean()) < 0.5
     assert torch.all((out.depth[opaque] > 1.5) & (out.depth[opaque] < 2.5)) and torch.all(out.depth[~opaque] == 5.0)
     grey = out.rgb[opaque]  # SH 0: grey 0.5, times alpha (>= guide_alpha) over the black background
-    assert torch.all((grey > 0.5 * cfg.guide_alpha - 1e-3) & (grey < 0.5 + 1e-3))
+    assert torch.all((grey > 0.5 * cfg.guide.alpha - 1e-3) & (grey < 0.5 + 1e-3))
     torch.testing.assert_close(out.rgb[0, 12, 16], torch.full((3,), 0.5), atol=1e-2, rtol=0)
     assert torch.all(out.rgb[~opaque] == 0.7) and torch.all(out.mask)
 
 
 def test_guide_is_a_job_setting() -> None:
-    assert LoopConfig.from_settings(Settings()).guide is True
-    assert LoopConfig.from_settings(Settings.from_json({"guide": False})).guide is False
+    assert LoopConfig.from_settings(Settings()).guide.enabled is True
+    assert LoopConfig.from_settings(Settings.from_json({"guide": False})).guide.enabled is False
     with pytest.raises(Exception, match=r"settings\.guide: must be true or false"):
         Settings.from_json({"guide": 1})

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from backend.generators import make_generator
 from backend.generators.reproject import ReprojectGenerator
-from backend.loop import make_generator
 
 
 def test_weightless_generator_is_built_from_defaults() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend.rasterizers import Rasterizer, available_rasterizers, make_rasterizer, rasterizer_class
+from backend.rasterizers import RASTERIZERS, Rasterizer
 from backend.rasterizers.sh import SH_C0, eval_sh, rgb_to_sh, sh_basis, sh_to_colors, sh_to_rgb
 from backend.rasterizers.torch_cpu import EPS2D, TorchCpuRasterizer, covariances, project_gaussians
 
@@ -34,16 +34,16 @@ def pixel_centres(width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_registry_and_protocol():
-    assert available_rasterizers() == ["gsplat", "torch_cpu"]
-    r = make_rasterizer("torch_cpu")
+    assert RASTERIZERS.names() == ["gsplat", "torch_cpu"]
+    r = RASTERIZERS.make("torch_cpu")
     assert isinstance(r, Rasterizer)
-    assert rasterizer_class("gsplat").__name__ == "GsplatRasterizer"
+    assert RASTERIZERS.get("gsplat").__name__ == "GsplatRasterizer"
     with pytest.raises(ValueError, match=r"unknown rasterizer 'opengl'; known: gsplat, torch_cpu"):
-        make_rasterizer("opengl")
+        RASTERIZERS.make("opengl")
 
 
 def test_gsplat_refuses_cpu_tensors():
-    r = make_rasterizer("gsplat")
+    r = RASTERIZERS.make("gsplat")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         r.render(
             torch.zeros(1, 3),

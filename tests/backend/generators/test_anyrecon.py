@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from backend.generators import Generator, generator_class
+from backend.generators import GENERATORS, Generator
 from backend.generators.anyrecon import AnyReconConfig, AnyReconGenerator, make_anyrecon
 from backend.generators.tiny import tiny_anyrecon_components
-from backend.stages.types import Cameras, ConditionVideo, Renders, Views
+from backend.types import Cameras, ConditionVideo, Renders, Views
 
 W, H = 64, 48  # multiples of 16: no resizing
 N_MEMORY, N_CARRIED, N_TARGETS = 2, 1, 3
@@ -72,7 +72,7 @@ def _gen(components, tmp_path: Path, **kw) -> AnyReconGenerator:
 
 
 def test_registered_by_name(components, tmp_path: Path) -> None:
-    cls = generator_class("anyrecon")
+    cls = GENERATORS.get("anyrecon")
     assert cls is AnyReconGenerator
     gen = make_anyrecon(AnyReconConfig(text_cache_dir=str(tmp_path)), components)
     assert isinstance(gen, Generator)
@@ -202,9 +202,10 @@ def test_bad_inputs_and_config(components, temple_cond: ConditionVideo, tmp_path
 @pytest.mark.xdist_group("loop")
 def test_runs_inside_the_loop_by_name(components, tmp_path: Path) -> None:
     """The real loop on the real temple (3 captures, 8-frame orbit, 2 segments) with the tiny model."""
+    from backend.camera_paths import default_trajectory
     from backend.evaluate import split_protocol
     from backend.formats import import_scene
-    from backend.loop import LoopConfig, default_trajectory, run_loop
+    from backend.loop import LoopConfig, run_loop
     from backend.scene import Settings, TrajectoryFrame
     from tests.conftest import require_shared_data
 
@@ -226,7 +227,7 @@ def test_runs_inside_the_loop_by_name(components, tmp_path: Path) -> None:
     )
     cfg = LoopConfig.from_settings(settings)
     assert cfg.generator == "anyrecon"
-    gen = generator_class(cfg.generator)(
+    gen = GENERATORS.get(cfg.generator)(
         components, AnyReconConfig(attention="window", window_frames=2, text_cache_dir=str(tmp_path / "text"))
     )
     result = run_loop(scene, tmp_path / "job", device="cpu", config=cfg, generator=gen)

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from backend.generators import Generator, generator_class
+from backend.generators import GENERATORS, Generator
 from backend.generators.reproject import ReprojectConfig, ReprojectGenerator, push_pull
-from backend.stages.types import Cameras, ConditionVideo, Renders, Views
+from backend.types import Cameras, ConditionVideo, Renders, Views
 
 W, H = 48, 32
 FOCAL = 40.0
@@ -62,7 +62,7 @@ def _cond(target_xs: list[float], capture_xs: list[float], mask: torch.Tensor) -
 
 
 def test_registered_and_protocol() -> None:
-    assert generator_class("reproject") is ReprojectGenerator
+    assert GENERATORS.get("reproject") is ReprojectGenerator
     assert isinstance(ReprojectGenerator(), Generator)
 
 

@@ -16,7 +16,7 @@ from backend.formats.middlebury import read_middlebury
 from backend.formats.undistort import undistort_image
 from backend.scene import Capture
 from backend.stages.memory import MemoryConfig, build_memory
-from backend.stages.types import Cameras, GeometryMemory, Views
+from backend.types import Cameras, GeometryMemory, Views
 
 # README.txt of templeSparseRing: the tight bounding box of the model.
 TEMPLE_BOX = (np.array([-0.073568, 0.021728, -0.012445]), np.array([0.028855, 0.181892, 0.062736]))

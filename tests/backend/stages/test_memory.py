@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from backend.estimators import ESTIMATORS, GeometryEstimator, available_estimators, make_estimator
+from backend.estimators import ESTIMATORS, GeometryEstimator
 from backend.estimators.mvs import MVSConfig, PlaneSweepMVS, estimate_depths, plane_sweep
 from backend.estimators.sfm import SfMConfig, SfMError, estimate_cameras
 from backend.stages.memory import MemoryConfig, build_memory, memory_to_ply_arrays, voxel_downsample
-from backend.stages.render import backproject, project_points
-from backend.stages.types import Cameras, GeometryMemory, Views
+from backend.types import Cameras, GeometryMemory, Views, backproject, project_points
 
 from ._geometry_data import (
     LUMA,
@@ -115,11 +114,11 @@ def test_ply_arrays_and_caps(temple_dir):
 
 
 def test_estimator_registry_and_input_checks():
-    assert "mvs" in available_estimators()
-    est = make_estimator("mvs", MVSConfig(max_side=64))
+    assert "mvs" in ESTIMATORS.names()
+    est = ESTIMATORS.make("mvs", MVSConfig(max_side=64))
     assert isinstance(est, PlaneSweepMVS) and isinstance(est, GeometryEstimator) and "mvs" in ESTIMATORS
     with pytest.raises(ValueError, match="known: mvs"):
-        make_estimator("vggt")
+        ESTIMATORS.make("vggt")
     cams = Cameras(torch.eye(4)[None], torch.eye(3)[None], 8, 8)
     with pytest.raises(ValueError, match="at least 2 captures"):
         est.estimate(Views(torch.zeros(1, 8, 8, 3), cams, [0]))

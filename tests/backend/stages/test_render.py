@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend.stages.render import (
-    POINT_RENDERERS,
-    RenderConfig,
-    backproject,
-    make_point_renderer,
-    project_points,
-    render_memory,
-)
-from backend.stages.types import Cameras, GeometryMemory
+from backend.stages.render import RenderConfig, render_memory
+from backend.types import Cameras, GeometryMemory, backproject, project_points
 
 from ._geometry_data import one_torch_thread  # noqa: F401  (autouse fixture)
 
@@ -100,14 +93,10 @@ def test_batches_chunks_and_points_behind():
     assert not render_memory(off, cams, RenderConfig(radius_px=2)).mask.any()
 
 
-def test_empty_memory_and_registry():
+def test_empty_memory_and_bad_config():
     out = render_memory(GeometryMemory.empty(), _cams(2))
     assert out.rgb.shape == (2, H, W, 3) and not out.mask.any() and (out.source == -1).all()
-    renderer = make_point_renderer("points", RenderConfig(radius_px=0))
     mem = _memory([[0.0, 0.0, 2.0]])
-    assert renderer.render(mem, _cams()).mask.sum() == 1
-    assert "points" in POINT_RENDERERS.names()
-    with pytest.raises(ValueError, match="known: points"):
-        make_point_renderer("splats")
+    assert render_memory(mem, _cams(), RenderConfig(radius_px=0)).mask.sum() == 1
     with pytest.raises(ValueError, match="radius_px"):
         render_memory(mem, _cams(), RenderConfig(radius_px=-1))

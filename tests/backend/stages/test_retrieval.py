@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from backend.stages.retrieval import RetrievalConfig, coverage_matrix, greedy_set_cover, retrieve_views
-from backend.stages.types import Cameras, GeometryMemory
+from backend.types import Cameras, GeometryMemory
 
 from ._geometry_data import (
     TEMPLE_TRIPLE,

@@ -9,8 +9,8 @@ import torch
 
 from backend.estimators.mvs import MVSConfig
 from backend.stages.render import render_memory
-from backend.stages.types import Renders, Views
 from backend.stages.update import UpdateConfig, lift_filled, update_memory
+from backend.types import Renders, Views
 
 from ._geometry_data import (
     LUMA,

@@ -1,4 +1,5 @@
-"""Typed data passed between the loop's stages (DESIGN.md section 1).
+"""Typed data passed between the loop's stages and the estimators and generators they call
+(DESIGN.md section 1), and the camera projections they share.
 
 Letters in shapes: N points, C cameras, F frames, H, W image size. Cameras are OpenCV/COLMAP
 world-to-camera (x right, y down, z forward); K in pixels, pixel i spans [i, i+1] (the gsplat
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..scene import Camera
+from .scene import Camera
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,56 @@ class Cameras:
         w2c = self.w2c.detach().double().cpu().numpy()
         K = self.K.detach().double().cpu().numpy()
         return [Camera(w2c=w2c[i], K=K[i], width=self.width, height=self.height) for i in range(len(self))]
+
+
+# Camera projections (DESIGN.md section 3): pixel i spans [i, i+1], so its centre is i + 0.5.
+PIXEL_CENTER = 0.5
+
+
+def project_points(xyz: Tensor, cams: Cameras) -> tuple[Tensor, Tensor]:
+    """Project world points into every camera (no distortion).
+
+    Args:
+        xyz: world points. float32 [N, 3]
+        cams: C cameras.
+    Returns:
+        uv: continuous pixel coordinates (pixel i spans [i, i+1]); meaningless where z <= 0. [C, N, 2]
+        z: camera-space depth. [C, N]
+    """
+    R, t = cams.w2c[:, :3, :3], cams.w2c[:, :3, 3]
+    cam = torch.einsum("cij,nj->cni", R, xyz) + t[:, None, :]  # [C, N, 3]
+    z = cam[..., 2]
+    uvw = torch.einsum("cij,cnj->cni", cams.K, cam)  # [C, N, 3]
+    uv = uvw[..., :2] / uvw[..., 2:3].clamp_min(torch.finfo(xyz.dtype).tiny)
+    return uv, z
+
+
+def pixel_rays(cams: Cameras) -> Tensor:
+    """Camera-space rays with z = 1 through every pixel centre. [C, H, W, 3]"""
+    H, W = cams.height, cams.width
+    dev = cams.device
+    v, u = torch.meshgrid(
+        torch.arange(H, device=dev, dtype=torch.float32) + PIXEL_CENTER,
+        torch.arange(W, device=dev, dtype=torch.float32) + PIXEL_CENTER,
+        indexing="ij",
+    )
+    pix = torch.stack([u, v, torch.ones_like(u)], -1)  # [H, W, 3]
+    Kinv = torch.linalg.inv(cams.K)  # [C, 3, 3]
+    return torch.einsum("cij,hwj->chwi", Kinv, pix)
+
+
+def backproject(depth: Tensor, cams: Cameras) -> Tensor:
+    """World points of every pixel at its depth.
+
+    Args:
+        depth: camera z per pixel. [C, H, W]
+        cams: C cameras matching the depth maps' size.
+    Returns:
+        world points. [C, H, W, 3]
+    """
+    cam_pts = pixel_rays(cams) * depth[..., None]
+    c2w = cams.c2w
+    return torch.einsum("cij,chwj->chwi", c2w[:, :3, :3], cam_pts) + c2w[:, None, None, :3, 3]
 
 
 @dataclass

@@ -1,0 +1,196 @@
+"""Step 0 of the loop: captures and cameras (DESIGN.md section 1).
+
+The captures' photos as stored (8-bit sRGB, no colour management), each with its camera: given by
+the scene, or estimated with SfM (pycolmap) when some are missing. Distorted photos are undistorted
+to ideal pinholes. The trajectory is the scene's, or a closed path through the captures when it has
+none. Everything is brought to the working size, at the trajectory's aspect.
+
+Example::
+
+    >>> from backend.scene import load_scene
+    >>> step = prepare_captures(load_scene("scene"), width=320, height=240, default_frames=24,
+    ...                         device="cpu")   # doctest: +SKIP
+    >>> step.captures.images.shape   # [C, H, W, 3]
+    torch.Size([3, 240, 320, 3])
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..camera_paths import SIM_MIN_CAMERAS, default_trajectory, similarity, transform_camera
+from ..formats.undistort import undistort_image
+from ..outputs import CaptureCamera
+from ..scene import Camera, Scene, image_size
+from ..types import Cameras, Views
+
+U8_MAX = 255.0
+
+
+@dataclass
+class CaptureStep:
+    """What step 0 hands to the rest of the loop.
+
+    Attributes:
+        captures: the captures used, at the working size; ``ids`` index them (= memory source ids).
+        targets: the trajectory's cameras at the working size. [F]
+        trajectory: the trajectory's cameras as given (or made), at their own size.
+        frame_numbers: the trajectory's frame numbers.
+        records: each used capture's name, image and full-size camera, for cameras.json.
+        num_estimated: how many of the used cameras came from SfM.
+        notes: plain-language lines for the job's report (what was estimated, dropped or made).
+    """
+
+    captures: Views
+    targets: Cameras
+    trajectory: list[Camera]
+    frame_numbers: list[int]
+    records: list[CaptureCamera]
+    num_estimated: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        return self.targets.width
+
+    @property
+    def height(self) -> int:
+        return self.targets.height
+
+
+def prepare_captures(
+    scene: Scene, *, width: int, height: int, default_frames: int, device: torch.device | str
+) -> CaptureStep:
+    """Step 0: the captures with cameras, the trajectory, both at the working size.
+
+    Args:
+        scene: a loaded scene.
+        width, height: the configured working size; the trajectory's aspect wins (:func:`working_size`).
+        default_frames: frames of the closed path made through the captures when the scene has no
+            trajectory.
+        device: where the image tensors go.
+    """
+    notes: list[str] = []
+    cams_found, is_estimated = capture_cameras(scene, notes)
+    kept = [i for i, c in enumerate(cams_found) if c is not None]
+    if len(kept) < len(cams_found):
+        notes.append(f"SfM could not register {len(cams_found) - len(kept)} captures; they are left out")
+    used = [scene.captures[i] for i in kept]
+    pinholes = [undistorted(load_image(c.image), cams_found[i]) for c, i in zip(used, kept, strict=True)]
+    trajectory = [t.camera for t in scene.trajectory]
+    frame_numbers = [t.frame for t in scene.trajectory]
+    if not trajectory:
+        trajectory = default_trajectory([c for _, c in pinholes], default_frames)
+        frame_numbers = list(range(1, len(trajectory) + 1))
+        notes.append(
+            f"the scene has no trajectory: made a closed path of {len(trajectory)} frames through the captures"
+        )
+    W, H, note = working_size(width, height, trajectory)
+    if note:
+        notes.append(note)
+    captures = Views(
+        images=to_tensor([resize_image(p, W, H) for p, _ in pinholes], device),
+        cams=Cameras.from_scene([c for _, c in pinholes], W, H, device=device),
+        ids=list(range(len(pinholes))),  # = memory.source ids: indices into the captures used
+    )
+    records = [
+        CaptureCamera(
+            name=c.name, image=os.path.relpath(c.image, scene.root), camera=cams_found[i], is_estimated=is_estimated[i]
+        )
+        for c, i in zip(used, kept, strict=True)
+    ]
+    return CaptureStep(
+        captures=captures,
+        targets=Cameras.from_scene(trajectory, W, H, device=device),
+        trajectory=trajectory,
+        frame_numbers=frame_numbers,
+        records=records,
+        num_estimated=sum(is_estimated[i] for i in kept),
+        notes=notes,
+    )
+
+
+def load_image(path: Path, width: int | None = None, height: int | None = None) -> np.ndarray:
+    """An 8-bit sRGB image as stored (no colour management), optionally resized. uint8 [H, W, 3]"""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if width is not None and height is not None and im.size != (width, height):
+            im = im.resize((width, height), Image.BILINEAR)
+        return np.asarray(im).copy()
+
+
+def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize an 8-bit image (bilinear with antialiasing). uint8 [height, width, 3]"""
+    if image.shape[:2] == (height, width):
+        return image
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+
+
+def to_tensor(images: Sequence[np.ndarray], device: torch.device | str) -> Tensor:
+    """uint8 images to floats in [0, 1]. [F, H, W, 3]"""
+    return torch.from_numpy(np.stack(images)).to(device=device, dtype=torch.float32) / U8_MAX
+
+
+def working_size(width: int, height: int, trajectory: Sequence[Camera]) -> tuple[int, int, str]:
+    """(width, height, note): the configured size, or the trajectory's aspect at about its pixel count."""
+    if not trajectory:
+        return width, height, ""
+    tw, th = trajectory[0].width, trajectory[0].height
+    if abs(tw / th - width / height) < 1e-3:
+        return width, height, ""
+    scale = math.sqrt(width * height / (tw * th))
+    w, h = max(1, round(tw * scale)), max(1, round(th * scale))
+    note = (
+        f"working size {width}x{height} has another aspect than the trajectory ({tw}x{th}); "
+        f"using {w}x{h}, the trajectory's aspect at about the same pixel count"
+    )
+    return w, h, note
+
+
+def capture_cameras(scene: Scene, notes: list[str]) -> tuple[list[Camera | None], list[bool]]:
+    """Each capture's camera; when some are missing, all are estimated with SfM (pycolmap).
+
+    With 3 or more given cameras, the SfM frame is aligned to them (similarity on camera centres)
+    and the given cameras are kept; otherwise the SfM cameras are used for all captures. A capture
+    SfM could not register gets None. Returns (cameras, is_estimated).
+    """
+    given = [c.camera for c in scene.captures]
+    if all(c is not None for c in given):
+        return given, [False] * len(given)
+    from ..estimators.sfm import estimate_cameras
+
+    known = [c for c in given if c is not None]
+    sizes = {(c.width, c.height) for c in known}
+    same_size = len(sizes) == 1 and all(image_size(c.image) == next(iter(sizes)) for c in scene.captures)
+    known_K = known[0].K if known and same_size else None
+    with tempfile.TemporaryDirectory(prefix="reconloop-sfm-") as work:
+        estimated = estimate_cameras([c.image for c in scene.captures], known_K=known_K, work_dir=work)
+    pairs = [(g, e) for g, e in zip(given, estimated, strict=True) if g is not None and e is not None]
+    if len(pairs) >= SIM_MIN_CAMERAS:
+        s, R, t = similarity([e.center for _, e in pairs], [g.center for g, _ in pairs])
+        estimated = [None if e is None else transform_camera(e, s, R, t) for e in estimated]
+        cams = [g if g is not None else e for g, e in zip(given, estimated, strict=True)]
+        notes.append(f"estimated {sum(g is None for g in given)} cameras with SfM, aligned to {len(pairs)} given ones")
+        return cams, [g is None for g in given]
+    if known:
+        notes.append(
+            f"only {len(known)} captures had cameras (fewer than {SIM_MIN_CAMERAS} to align to): SfM cameras used for all"
+        )
+    return list(estimated), [True] * len(given)
+
+
+def undistorted(image: np.ndarray, camera: Camera) -> tuple[np.ndarray, Camera]:
+    """The image as an ideal pinhole would see it, and its camera without distortion."""
+    if camera.distortion is None or camera.distortion.is_identity:
+        return image, replace(camera, distortion=None)
+    return undistort_image(image, camera), replace(camera, distortion=None)

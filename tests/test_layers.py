@@ -1,0 +1,54 @@
+"""The layers of DESIGN.md section 2, read from the source: no import runs back up a layer."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# package (folder) -> module prefixes it must never import (absolute names, relative ones resolved)
+FORBIDDEN = {
+    "protocol": ("backend", "blender_addon", "torch", "bpy"),
+    "blender_addon": ("backend", "torch"),
+    "backend": ("bpy", "blender_addon"),
+    "backend/stages": ("backend.loop", "backend.service", "backend.cli", "backend.evaluate"),
+    "backend/estimators": ("backend.stages", "backend.loop", "backend.generators", "backend.service"),
+    "backend/generators": ("backend.loop", "backend.service", "backend.cli"),
+    "backend/rasterizers": ("backend.stages", "backend.loop", "backend.generators", "backend.service"),
+    "backend/types.py": ("backend.stages", "backend.estimators", "backend.generators", "backend.loop"),
+    "backend/camera_paths.py": ("backend.stages", "backend.loop", "torch"),
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports (at any depth of the file), relative imports made absolute."""
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parent = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{parent}.{base}" if base else parent
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)
+    return names
+
+
+@pytest.mark.parametrize("where", sorted(FORBIDDEN))
+def test_no_import_runs_back_up_a_layer(where: str) -> None:
+    root = REPO / where
+    files = [root] if root.suffix == ".py" else sorted(root.rglob("*.py"))
+    assert files, f"{where}: nothing to check"
+    bad = []
+    for f in files:
+        for name in imported_modules(f):
+            if any(name == p or name.startswith(p + ".") for p in FORBIDDEN[where]):
+                bad.append(f"{f.relative_to(REPO)} imports {name}")
+    assert not bad, "\n".join(bad)

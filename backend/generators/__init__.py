@@ -19,10 +19,12 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..registry import Registry
-from ..stages.types import ConditionVideo, Frames
+
+if TYPE_CHECKING:  # torch loads with the first generator, not with the service's options
+    from ..stages.types import ConditionVideo, Frames
 
 logger = logging.getLogger(__name__)
 

@@ -365,7 +365,7 @@ class AnyReconGenerator:
         """
         attention = components.trained_attention if config.attention == "auto" else config.attention
         check_attention(attention, components.trained_attention)
-        dtype = next(iter(components.transformer.parameters())).dtype
+        dtype = components.transformer.dtype  # float8 storage (fp8 mode) computes in bf16
         on_cuda = torch.device(device or next(iter(components.transformer.parameters())).device).type == "cuda"
         anyrecon = AnyReconConfig(
             attention=attention,

@@ -107,3 +107,17 @@ def tiny_anyrecon_components(seed: int = 0) -> AnyReconComponents:
         tokenizer=tokenizer,
         name=f"tiny-{seed}",
     )
+
+
+def save_diffusers_folder(components: AnyReconComponents, root) -> None:
+    """Write ``components`` as a diffusers-layout folder (``vae/``, ``transformer/``, ...), the layout
+    ``load_anyrecon_components`` reads; the transformer is saved with diffusers' own processors."""
+    from pathlib import Path
+
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    root = Path(root)
+    for block in components.transformer.blocks:
+        block.attn1.set_processor(WanAttnProcessor())
+    for sub in ("vae", "transformer", "image_encoder", "image_processor", "text_encoder", "tokenizer"):
+        getattr(components, sub).save_pretrained(root / sub)

@@ -245,17 +245,11 @@ def test_runs_inside_the_loop_by_name(components, tmp_path: Path) -> None:
 
 def test_from_pretrained_local_folder_with_lora(components, temple_cond: ConditionVideo, tmp_path: Path) -> None:
     """The real loading path on a diffusers-layout folder of the tiny models (no hub), LoRA merged."""
+    from backend.generators.tiny import save_diffusers_folder
     from tests.backend.generators.test_anyrecon_lora import diffsynth_lora
 
     root = tmp_path / "wan"
-    for sub in ("vae", "transformer", "image_encoder", "image_processor", "text_encoder", "tokenizer"):
-        obj = getattr(components, sub) if sub != "image_processor" else components.image_processor
-        if sub == "transformer":
-            from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
-            for block in obj.blocks:  # save with diffusers' own processors
-                block.attn1.set_processor(WanAttnProcessor())
-        obj.save_pretrained(root / sub)
+    save_diffusers_folder(components, root)
     cfg = components.transformer.config
     lora = diffsynth_lora(
         cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim, cfg.ffn_dim, prefix="diffusion_model."

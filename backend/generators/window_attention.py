@@ -403,19 +403,19 @@ def _(q, k, v, table, used, tokens_per_frame):
 def window_attention_paged(
     q: Tensor, k: Tensor, v: Tensor, table: Tensor, used: Tensor, tokens_per_frame: int
 ) -> Tensor:
-    """The window mask exactly, by one paged FlashAttention-4 call (``paged_window_table``).
+    """A layout's frame mask exactly, by one paged FlashAttention-4 call (``paged_window_table``).
 
     Every (head, frame) pair is one query sequence with one head, whose keys are the pages its
     table row lists. The pairs are ordered head-major, frames fastest, and FlashAttention-4's
     persistent scheduler runs its tiles in that order: the tiles in flight at once are neighbouring
     frames of one head, which read the same memory pages and mostly the same window pages, so they
-    share them in L2. (Token-major q, k, v, one sequence per frame with all heads, put the tiles of
-    about nine heads of one frame in flight: 2.6-2.9 % slower, docs/benchmarks.md.)
+    share them in L2 (token-major, one sequence per frame with all heads, puts the tiles of several
+    heads of one frame in flight instead; docs/benchmarks.md compares them).
 
     Args:
         q, k, v: queries, keys, values after the rotary embedding, head-major, made contiguous here
             (for q and k compiled blocks fold that into the rotary kernel's stores; v and the output
-            cost one copy each, 0.44 ms per layer at full size). [B, heads, L, D]
+            cost one copy each). [B, heads, L, D]
         table, used: ``paged_window_table`` of this layout (one video; each sequence is offset inside).
 
     Returns:
@@ -505,7 +505,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
     Written as ``x * cos + swap(x) * sign * sin`` (swap exchanges each pair, sign is (-1, +1)), which
     is the same arithmetic as rotating each pair but compiles to one contiguous store per element
-    (an unbind/stack form ran 2.7x slower than the norm fused with it, docs/benchmarks.md).
+    (an unbind/stack form does not; docs/benchmarks.md).
 
     Args:
         x: queries or keys. [B, L, heads, D]

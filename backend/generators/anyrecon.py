@@ -361,7 +361,7 @@ class AnyReconGenerator:
         """The generator a job asked for, on loaded components (``make_generator``).
 
         ``auto`` attention is the weights' trained attention; any other is checked against it
-        (``check_attention``). Blocks are compiled on CUDA.
+        (``check_attention``). Blocks are compiled on CUDA when the weights stay on it (memory ``none``).
         """
         attention = components.trained_attention if config.attention == "auto" else config.attention
         check_attention(attention, components.trained_attention)
@@ -372,7 +372,7 @@ class AnyReconGenerator:
             window_frames=config.window_frames,
             memory_mode=config.memory,
             dtype="float32" if dtype == torch.float32 else "bfloat16",
-            compile_blocks=on_cuda,
+            compile_blocks=on_cuda and config.memory == "none",  # hooks of the other modes stay uncompiled
         )
         return cls(components, anyrecon, device=device)
 

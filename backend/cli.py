@@ -79,10 +79,12 @@ class ProgressBar:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .generators import GeneratorCache
     from .service import Service, ServiceConfig
-    from .service.options import serve_security
+    from .service.options import GeneratorLoopRunner, serve_generator_weights, serve_security
 
-    runner = _import_object(args.runner) if args.runner else None
+    weights = serve_generator_weights(args)
+    runner = _import_object(args.runner) if args.runner else GeneratorLoopRunner(GeneratorCache(weights))
     service = Service(
         ServiceConfig(bind=args.bind, data_dir=args.data_dir, device=args.device, **serve_security(args)), runner=runner
     )
@@ -245,9 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help=device_help)
     p.add_argument("--runner", default=None, metavar="MODULE:FUNC", help="job runner instead of the loop (for tests)")
-    from .service.options import add_client_arguments, add_keys_command, add_serve_arguments
+    from .service.options import add_client_arguments, add_generator_arguments, add_keys_command, add_serve_arguments
 
     add_serve_arguments(p)
+    add_generator_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

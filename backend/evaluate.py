@@ -250,7 +250,7 @@ def evaluate_scene(
         "trajectory_mode": cfg.trajectory_mode,
         "trajectory_frames": len(traj),
         "fit_iterations": loop_cfg.fit.iterations,
-        "generator": loop_cfg.generator,
+        "generator": loop_cfg.generator.name,
         "update_memory": loop_cfg.update.enabled,
     }
     columns = [truth]

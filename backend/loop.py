@@ -36,7 +36,7 @@ import torch
 from protocol.ply import PointArrays
 
 from . import outputs
-from .generators import Generator, make_generator
+from .generators import Generator, GeneratorCache, GeneratorConfig
 from .progress import ProgressFn, ProgressTracker, no_progress
 from .scene import Scene, Settings
 from .stages.cameras import prepare_captures
@@ -79,8 +79,8 @@ class LoopConfig:
         width, height: working resolution of renders, generated frames and Gaussian fitting. When
             the trajectory's aspect differs, the trajectory's aspect wins at about the same pixel count.
         estimator: geometry estimator name for step 1 (``mvs``).
-        generator: generator name for step 5 (``reproject``, ``anyrecon``).
-        num_steps, seed, prompt: passed to the generator.
+        generator: step 5's generator by name with its options (memory mode, attention, steps).
+        seed, prompt: passed to the generator (segment k gets ``seed + k``).
         default_frames: frames of the path made through the captures when the scene has none.
         overview_rows: rows of overview.png.
         has_fit: step 7 on; off (Settings.gaussian_iterations = 0) writes no gaussians.ply (and
@@ -97,8 +97,7 @@ class LoopConfig:
     update: UpdateConfig = field(default_factory=UpdateConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     estimator: str = "mvs"
-    generator: str = Settings.generator
-    num_steps: int = Settings.num_steps
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     seed: int = Settings.seed
     prompt: str = ""
     default_frames: int = 24
@@ -125,8 +124,7 @@ class LoopConfig:
                 rasterizer=default_rasterizer(device),
             ),
             has_fit=settings.gaussian_iterations > 0,
-            generator=settings.generator,
-            num_steps=settings.num_steps,
+            generator=GeneratorConfig.from_settings(settings),
             seed=settings.seed,
             prompt=settings.prompt,
         )
@@ -183,8 +181,8 @@ def run_loop(
         device: where the stages run (``cuda``, ``cpu``); picked once by the caller.
         progress: called between steps with every finished artifact; may raise Cancelled.
         config: the loop's config; default ``LoopConfig.from_settings(scene.settings)``.
-        generator: a ready generator (e.g. a loaded diffusion model); default: built by
-            ``config.generator``'s name.
+        generator: a ready generator (e.g. one a service's ``GeneratorCache`` keeps loaded between
+            jobs); default: built from ``config.generator``, its weights located by the environment.
         guide: ready guide Gaussians, fitted on these captures at the working size with
             ``config.fit`` (e.g. the captures-only fit an evaluation made already); default: fitted
             here when ``config.guide`` is on. Ignored when it is off.
@@ -233,7 +231,7 @@ def run_loop(
 
     # 2. Segments of the trajectory.
     segments = split_segments(len(targets_all), cfg.segments)
-    gen = generator or make_generator(cfg.generator, device)
+    gen = generator or GeneratorCache().get(cfg.generator, device)
     F_all = len(targets_all)
     frame_images = torch.zeros(F_all, H, W, 3, device=device)
     frame_conf = torch.zeros(F_all, H, W, device=device)
@@ -256,7 +254,14 @@ def run_loop(
         carried = Views(frame_images[carried_idx], targets_all[carried_idx], [-1] * len(carried_idx))
         with meter.measure("generate"):
             frames = generate_segment(
-                gen, targets, renders, retrieved, carried, prompt=cfg.prompt, num_steps=cfg.num_steps, seed=cfg.seed + k
+                gen,
+                targets,
+                renders,
+                retrieved,
+                carried,
+                prompt=cfg.prompt,
+                num_steps=cfg.generator.num_steps,
+                seed=cfg.seed + k,
             )
         frame_images[seg.indices] = frames.images
         frame_conf[seg.indices] = frames.confidence
@@ -304,7 +309,7 @@ def run_loop(
         "captures": len(captures),
         "frames": F_all,
         "segments": len(segments),
-        "generator": cfg.generator,
+        "generator": cfg.generator.name,
         "update_memory": cfg.update.enabled,
         "points_initial": len(memory_initial),
         "points_final": len(memory),

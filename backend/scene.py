@@ -172,6 +172,8 @@ class Settings:
     retrieval_k: int = 10  # AnyRecon keeps up to 10 captures per chunk
     generator: str = "reproject"  # registry name; "anyrecon" for the diffusion model
     num_steps: int = 4  # denoising steps of a diffusion generator (AnyRecon: 4)
+    generator_memory: str = "none"  # learned generator weights: none, fp8, group_offload (24 GB cards), model_offload
+    generator_attention: str = "auto"  # auto (what the weights were trained with), full, block (block-trained only)
     gaussian_iterations: int = 300
     update_memory: bool = True  # AnyRecon's closed loop; off to measure its effect
     guide: bool = True  # Gaussians on the captures alone guide the generator (LoopConfig.guide); off: faster
@@ -187,6 +189,10 @@ class Settings:
         "num_steps": (1, 1000),
         "gaussian_iterations": (0, 1_000_000),
         "seed": (0, 2**31 - 1),
+    }
+    CHOICES = {  # backend.generators.MEMORY_MODES; the job-facing part of ATTENTION_SETTINGS
+        "generator_memory": ("none", "fp8", "group_offload", "model_offload"),
+        "generator_attention": ("auto", "full", "block"),
     }
 
     @classmethod
@@ -214,6 +220,8 @@ class Settings:
             elif want is str:
                 if not isinstance(value, str):
                     raise SceneError(f"{path}.{key}: must be a string; got {value!r}")
+                if key in cls.CHOICES and value not in cls.CHOICES[key]:
+                    raise SceneError(f"{path}.{key}: must be one of {', '.join(cls.CHOICES[key])}; got {value!r}")
             kwargs[key] = value
         return cls(**kwargs)
 

@@ -1,19 +1,31 @@
 """Generators: fill what the memory renders miss (DESIGN.md section 1 step 5).
 
 A generator is any object with ``generate(cond, *, num_steps, seed) -> Frames``. Implementations
-register under a lowercase name with ``@GENERATORS.register("name")``; ``make_generator`` builds one
-by name from its config. Each implementation is one self-contained module in this package.
+register under a lowercase name with ``@GENERATORS.register("name")``; each is one self-contained
+module in this package. As diffusers builds a pipeline from its loaded components, a generator is
+built by ``make_generator(config, components)``: ``config`` (``GeneratorConfig``) holds what a job
+chooses, ``components`` the loaded models (None for a generator without learned parts). A learned
+generator's class has ``load_components(weights, config, device)``, and ``GeneratorCache`` (held by
+whoever serves) keeps the loaded models between jobs, located by ``GeneratorWeights`` (the service's
+configuration: ``reconloop serve --weights NAME=PATH --lora NAME=PATH``; environment variables only as
+a fallback).
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
-from typing import Any, Protocol, runtime_checkable
-
-import torch
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..registry import Registry
-from ..types import ConditionVideo, Frames
+
+if TYPE_CHECKING:  # torch loads with the first generator, not with the service's options
+    from ..types import ConditionVideo, Frames
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -26,39 +38,162 @@ GENERATORS: Registry[Any] = Registry(
     "generator", {"reproject": "backend.generators.reproject", "anyrecon": "backend.generators.anyrecon"}
 )
 
+MEMORY_MODES = ("none", "fp8", "group_offload", "model_offload")  # where a learned generator's weights live
+# "auto": the attention the weights were trained with (GeneratorWeights.trained_attention)
+ATTENTION_SETTINGS = ("auto", "full", "block", "window_ours", "stock")
+TRAINED_ATTENTION = ("full", "block")  # what a checkpoint can have been trained with
 
-# Where a learned generator's weights are: a local folder or hub id, and an optional LoRA file
-# (docs/anyrecon.md). Hub downloads happen only when RECONLOOP_ALLOW_DOWNLOAD=1.
+# Fallback locations of a learned generator's weights when the service names none (docs/anyrecon.md).
 WEIGHTS_ENV = "RECONLOOP_{NAME}_WEIGHTS"
 LORA_ENV = "RECONLOOP_{NAME}_LORA"
 ALLOW_DOWNLOAD_ENV = "RECONLOOP_ALLOW_DOWNLOAD"
 
-_LOADED_GENERATORS: dict[tuple[str, str, str, str], Generator] = {}
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """What a job chooses about its generator (the generator's user-facing options).
+
+    Attributes:
+        name: registry name (``GENERATORS.names()``).
+        memory: where a learned generator's weights live: ``none`` (all on the GPU), ``fp8``
+            (transformer stored in float8), ``group_offload`` (transformer blocks streamed from CPU;
+            for 24 GB cards) or ``model_offload`` (each model on the GPU only while it runs).
+        attention: ``auto`` (what the weights were trained with), ``full``, ``block`` (only for
+            weights trained with it), ``window_ours`` (experimental) or ``stock`` (diffusers' own).
+        num_steps: denoising steps (AnyRecon: 4).
+        window_frames: +-frames of ``window_ours``.
+    """
+
+    name: str = "reproject"
+    memory: str = "none"
+    attention: str = "auto"
+    num_steps: int = 4
+    window_frames: int = 8
+
+    def __post_init__(self) -> None:
+        if self.name not in GENERATORS.names():
+            raise ValueError(f"GeneratorConfig.name must be one of {GENERATORS.names()}; got {self.name!r}")
+        if self.memory not in MEMORY_MODES:
+            raise ValueError(f"GeneratorConfig.memory must be one of {MEMORY_MODES}; got {self.memory!r}")
+        if self.attention not in ATTENTION_SETTINGS:
+            raise ValueError(f"GeneratorConfig.attention must be one of {ATTENTION_SETTINGS}; got {self.attention!r}")
+        if not 1 <= self.num_steps <= 1000:
+            raise ValueError(f"GeneratorConfig.num_steps must be in [1, 1000]; got {self.num_steps}")
+        if not 0 <= self.window_frames <= 512:
+            raise ValueError(f"GeneratorConfig.window_frames must be in [0, 512]; got {self.window_frames}")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> GeneratorConfig:
+        """From a job's settings (``generator``, ``generator_memory``, ``generator_attention``, ``num_steps``)."""
+        return cls(
+            name=settings.generator,
+            memory=settings.generator_memory,
+            attention=settings.generator_attention,
+            num_steps=settings.num_steps,
+        )
 
 
-def make_generator(name: str, device: torch.device) -> Generator:
-    """The generator registered under ``name``: built from its defaults, or, for a learned one
-    (it has ``from_pretrained``), loaded from ``RECONLOOP_<NAME>_WEIGHTS`` (a folder or hub id;
-    default the class's hub id) with ``RECONLOOP_<NAME>_LORA``. A learned generator is loaded once
-    per process and reused by later jobs (a 14B model takes minutes to load)."""
-    cls = GENERATORS.get(name)
-    if not hasattr(cls, "from_pretrained"):
+@dataclass(frozen=True)
+class GeneratorWeights:
+    """Where a learned generator's weights are: the service's configuration, not a job's.
+
+    Attributes:
+        path: a local folder or hub id of the base model; None: the class's default hub id.
+        lora: a LoRA / fine-tune checkpoint merged on top (AnyRecon: ``full_attention.ckpt``), or None.
+        trained_attention: the attention the checkpoint was trained with, ``full`` or ``block``;
+            checked at load against what a job asks for.
+        allow_download: may reach the hub (else only local folders and an existing hub cache).
+    """
+
+    path: str | None = None
+    lora: str | None = None
+    trained_attention: str = "full"
+    allow_download: bool = False
+
+    def __post_init__(self) -> None:
+        if self.trained_attention not in TRAINED_ATTENTION:
+            raise ValueError(
+                f"GeneratorWeights.trained_attention must be one of {TRAINED_ATTENTION}; got {self.trained_attention!r}"
+            )
+
+    @classmethod
+    def from_env(cls, name: str, environ: Mapping[str, str] = os.environ) -> GeneratorWeights:
+        """The fallback: ``RECONLOOP_<NAME>_WEIGHTS``, ``RECONLOOP_<NAME>_LORA``, ``RECONLOOP_ALLOW_DOWNLOAD=1``."""
+        return cls(
+            path=environ.get(WEIGHTS_ENV.format(NAME=name.upper())) or None,
+            lora=environ.get(LORA_ENV.format(NAME=name.upper())) or None,
+            allow_download=environ.get(ALLOW_DOWNLOAD_ENV) == "1",
+        )
+
+
+def make_generator(config: GeneratorConfig, components: Any = None, device: Any = None) -> Generator:
+    """Build the generator ``config.name`` from its loaded ``components`` (None where it has none).
+
+    A learned generator checks here that ``config`` suits its weights (e.g. ``block`` attention only
+    for weights trained with it) and raises ``ValueError`` naming the field otherwise.
+    """
+    cls = GENERATORS.get(config.name)
+    if not hasattr(cls, "load_components"):
         return cls()
-    weights = os.environ.get(WEIGHTS_ENV.format(NAME=name.upper()), "")
-    lora = os.environ.get(LORA_ENV.format(NAME=name.upper()), "")
-    key = (name, weights, lora, str(device))
-    if key not in _LOADED_GENERATORS:
-        kwargs: dict[str, Any] = {"device": device, "local_files_only": os.environ.get(ALLOW_DOWNLOAD_ENV) != "1"}
-        if weights:
-            kwargs["path_or_hub_id"] = weights
-        if lora:
-            kwargs["lora_path"] = lora
-        try:
-            _LOADED_GENERATORS.clear()  # one learned model in memory at a time
-            _LOADED_GENERATORS[key] = cls.from_pretrained(**kwargs)
-        except (OSError, ValueError) as err:
-            raise RuntimeError(
-                f"generator {name!r}: cannot load its weights ({err}); set "
-                f"{WEIGHTS_ENV.format(NAME=name.upper())} to a local folder (docs/anyrecon.md)"
-            ) from err
-    return _LOADED_GENERATORS[key]
+    if components is None:
+        raise ValueError(f"generator {config.name!r} needs its loaded components (GeneratorCache.get loads them)")
+    return cls.from_config(config, components, device)
+
+
+class GeneratorCache:
+    """The loaded models of learned generators, held by whoever serves (a service worker, the CLI).
+
+    One learned model is kept at a time, keyed by what changes its weights in memory: the generator's
+    name, its ``GeneratorWeights``, the memory mode and the device. A job's other options (attention,
+    steps) only change how the same models run.
+
+    Args:
+        weights: per generator name, where its weights are; a name missing here falls back to
+            ``GeneratorWeights.from_env``.
+
+    Example:
+        >>> cache = GeneratorCache({"anyrecon": GeneratorWeights("/models/wan-i2v", "/models/full_attention.ckpt")})
+        >>> gen = cache.get(GeneratorConfig("anyrecon", memory="group_offload"), "cuda")
+    """
+
+    def __init__(self, weights: Mapping[str, GeneratorWeights] | None = None) -> None:
+        self.weights = dict(weights or {})
+        self._key: tuple | None = None
+        self._components: Any = None
+
+    def weights_for(self, name: str) -> GeneratorWeights:
+        return self.weights.get(name) or GeneratorWeights.from_env(name)
+
+    @property
+    def loaded(self) -> tuple | None:
+        """The key of the models in memory, or None."""
+        return self._key
+
+    def get(self, config: GeneratorConfig, device: Any) -> Generator:
+        """A generator for ``config`` on ``device``, loading its models unless they are in memory."""
+        cls = GENERATORS.get(config.name)
+        if not hasattr(cls, "load_components"):
+            return make_generator(config)
+        weights = self.weights_for(config.name)
+        key = (config.name, weights, config.memory, str(device))
+        if key != self._key:
+            self.clear()
+            try:
+                self._components = cls.load_components(weights, config, device)
+            except (OSError, ValueError) as err:
+                raise RuntimeError(
+                    f"generator {config.name!r}: cannot load its weights ({err}); give them to the service "
+                    f"(reconloop serve --weights {config.name}=FOLDER) or set "
+                    f"{WEIGHTS_ENV.format(NAME=config.name.upper())} (docs/anyrecon.md)"
+                ) from err
+            self._key = key
+        return make_generator(config, self._components, device)
+
+    def clear(self) -> None:
+        """Drop the loaded models (and the GPU memory they held)."""
+        self._components, self._key = None, None
+        gc.collect()
+        import torch  # loaded with the first generator, not with the service's options
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

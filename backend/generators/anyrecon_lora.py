@@ -16,8 +16,8 @@ DiffSynth modules, in PEFT's A/B form, e.g.
 This module renames those keys to diffusers' module names, keeps the PEFT form
 (``<module>.lora_A.weight`` / ``<module>.lora_B.weight``), and either merges them into the weights
 (``fuse_lora_``) or hands them to diffusers' ``load_lora_adapter`` (with ``lora_alpha`` equal to
-the rank, PEFT's scale is then 1, as DiffSynth's). Keys that are full weights rather than LoRA pairs
-are renamed the same way and returned apart.
+the rank, PEFT's scale is then 1, as DiffSynth's). Keys that are not LoRA pairs (full weights,
+anything else) are skipped with a warning that names them, as DiffSynth's loader ignores them.
 
 Module names, DiffSynth -> diffusers (per block ``blocks.N.``):
 
@@ -42,11 +42,14 @@ and outside the blocks: ``patch_embedding`` (same), ``text_embedding.{0,2}`` ->
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 # Per-block module renames (DiffSynth suffix after ``blocks.N.`` -> diffusers suffix).
 BLOCK_MODULES = {
@@ -132,35 +135,40 @@ def convert_module_name(name: str) -> str:
     raise ValueError(f"AnyRecon LoRA: unknown DiffSynth module {name!r}")
 
 
-def convert_anyrecon_lora(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Rename a DiffSynth-named AnyRecon checkpoint to diffusers names.
+def convert_anyrecon_lora(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename the LoRA pairs of a DiffSynth-named AnyRecon checkpoint to diffusers names.
+
+    Keys that are not LoRA pairs (full weights, ``.alpha`` scalars: DiffSynth merges with one global
+    alpha, ``DIFFSYNTH_LORA_ALPHA``) are skipped, as DiffSynth's loader skips them; a warning names
+    them (``.alpha`` entries excepted).
 
     Args:
-        state_dict: DiffSynth keys -> tensors (LoRA pairs, possibly full weights and ``.alpha`` scalars).
+        state_dict: DiffSynth keys -> tensors.
 
     Returns:
-        lora: ``<diffusers module>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r] (PEFT form,
-            the form ``WanTransformer3DModel.load_lora_adapter`` reads).
-        full: other weights under their diffusers parameter names (to load as they are).
+        ``<diffusers module>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r] (PEFT form, the
+        form ``WanTransformer3DModel.load_lora_adapter`` reads).
     """
     lora: dict[str, Tensor] = {}
-    full: dict[str, Tensor] = {}
+    skipped: list[str] = []
     for key, value in state_dict.items():
         bare = _strip_prefix(key)
-        if bare.endswith(".alpha"):
-            continue  # DiffSynth merges with a global alpha (DIFFSYNTH_LORA_ALPHA), not per-layer alphas
         m = _LORA_RE.match(bare)
         if m:
             module, kind = m.groups()
             ab = "lora_A" if kind in ("lora_A", "lora_down") else "lora_B"
             lora[f"{convert_module_name(module)}.{ab}.weight"] = value
-        else:
-            full[convert_module_name(bare)] = value
+        elif not bare.endswith(".alpha"):
+            skipped.append(key)
+    if skipped:
+        logger.warning(
+            "AnyRecon LoRA: %d keys are not LoRA pairs and are skipped: %s", len(skipped), ", ".join(skipped)
+        )
     for key in lora:
         partner = key.replace(".lora_A.", ".lora_B.") if ".lora_A." in key else key.replace(".lora_B.", ".lora_A.")
         if partner not in lora:
             raise ValueError(f"AnyRecon LoRA: {key} has no partner {partner}")
-    return lora, full
+    return lora
 
 
 def load_lora_file(path: str | Path) -> dict[str, Tensor]:
@@ -184,16 +192,14 @@ def load_lora_file(path: str | Path) -> dict[str, Tensor]:
 def fuse_lora_(
     transformer: torch.nn.Module,
     lora: dict[str, Tensor],
-    full: dict[str, Tensor] | None = None,
     scale: float = DIFFSYNTH_LORA_ALPHA,
 ) -> int:
     """Merge converted LoRA pairs into ``transformer`` in place: ``W += scale * B @ A`` (float32 maths).
 
-    Conv weights (``patch_embedding``) take the product reshaped to the kernel. ``full`` weights replace
-    the module's. Returns the number of weights changed.
+    Conv weights (``patch_embedding``) take the product reshaped to the kernel. Returns the number of
+    weights changed.
     """
     modules = dict(transformer.named_modules())
-    params = dict(transformer.named_parameters())
     changed = 0
     for key, a in lora.items():
         if ".lora_A." not in key:
@@ -211,13 +217,6 @@ def fuse_lora_(
             )
         delta = (b2 @ a2).reshape(weight.shape)
         weight.copy_((weight.float() + scale * delta).to(weight.dtype))
-        changed += 1
-    for name, value in (full or {}).items():
-        if name not in params:
-            raise ValueError(f"AnyRecon LoRA: transformer has no parameter {name!r}")
-        if params[name].shape != value.shape:
-            raise ValueError(f"AnyRecon LoRA: {name} is {tuple(params[name].shape)}; file gives {tuple(value.shape)}")
-        params[name].copy_(value.to(params[name].dtype))
         changed += 1
     return changed
 

@@ -41,7 +41,7 @@ def tiny_anyrecon_components(seed: int = 0) -> AnyReconComponents:
         >>> c.transformer.config.in_channels
         36
     """
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, UMT5Config, UMT5EncoderModel
 
     try:  # transformers 5 without torchvision: the PIL processor (only its mean and std are used)
@@ -96,7 +96,6 @@ def tiny_anyrecon_components(seed: int = 0) -> AnyReconComponents:
         is_encoder_decoder=False,
     )
     text_encoder = UMT5EncoderModel(text_cfg)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
     for m in (vae, transformer, image_encoder, text_encoder):
         m.eval()
     return AnyReconComponents(
@@ -104,8 +103,21 @@ def tiny_anyrecon_components(seed: int = 0) -> AnyReconComponents:
         transformer=transformer,
         image_encoder=image_encoder,
         image_processor=image_processor,
-        scheduler=scheduler,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         name=f"tiny-{seed}",
     )
+
+
+def save_diffusers_folder(components: AnyReconComponents, root) -> None:
+    """Write ``components`` as a diffusers-layout folder (``vae/``, ``transformer/``, ...), the layout
+    ``load_anyrecon_components`` reads; the transformer is saved with diffusers' own processors."""
+    from pathlib import Path
+
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    root = Path(root)
+    for block in components.transformer.blocks:
+        block.attn1.set_processor(WanAttnProcessor())
+    for sub in ("vae", "transformer", "image_encoder", "image_processor", "text_encoder", "tokenizer"):
+        getattr(components, sub).save_pretrained(root / sub)

@@ -1,30 +1,33 @@
-"""Context-window self-attention for Wan transformers (DESIGN.md section 1 step 5).
+"""Sparse and dense self-attention for Wan transformers (DESIGN.md section 1 step 5).
 
-AnyRecon's generator sees one condition video of frames [memory ; sequence], where the memory is the
-retrieved captures and the sequence is the carried-over frames followed by the targets. Its sparse model
-lets every sequence frame attend to all memory frames and to the sequence frames within +-``window``
-frames of it, and lets memory frames attend to the memory only. Tokens are laid out frame-major, as
-Wan's patchifier leaves them: token ``i`` belongs to frame ``i // tokens_per_frame``.
+A diffusers attention processor for the self-attention (``attn1``) of every ``WanTransformerBlock``,
+in one of three modes. Tokens are laid out frame-major, as Wan's patchifier leaves them: token ``i``
+belongs to frame ``i // tokens_per_frame``; each sparse mode is a mask between frames.
 
-This module implements that as a diffusers attention processor for the self-attention (``attn1``)
-of every ``WanTransformerBlock``:
+- ``full``: every token attends to every token. AnyRecon's released ``full_attention.ckpt`` was
+  trained with it. Kernel (``full_kernel``): ``fa4``, one FlashAttention-4 call on the dense
+  token-major sequence (package ``flash-attn-4``, sm90/sm100), or ``sdpa`` (torch's
+  scaled-dot-product attention); ``auto`` picks ``fa4`` where it runs.
+- ``block``: AnyRecon's sparse attention (``--is_block`` in its ``run_AnyRecon.py``), for weights
+  trained with it. AnyRecon cuts the tokens into blocks of 8 frames x 4x4 tokens and keeps a block
+  pair by ``build_local_block_mask_3d`` with the arguments its ``SelfAttention`` passes (context 6
+  frames, temporal window 5 frames, time stride 8). Its spatial window is computed and then replaced
+  by all-ones, so the kept pairs depend on time blocks only: a query frame in time block ``b`` sees
+  every frame of time block 0 (the context) and of blocks ``b-1 .. b+1`` (``block_frame_mask``).
+  Attention is invariant under AnyRecon's reordering of the tokens into blocks, so the frame mask on
+  frame-major tokens gives the same output. AnyRecon cuts a video to a multiple of 8 frames; here a
+  last partial block follows the same rule (ours).
+- ``window_ours``: experimental, ours (no released weights use it): a sequence frame sees all memory
+  frames and the sequence frames within +-``window_frames``; memory frames see the memory only.
 
-- ``full``: every token attends to every token (scaled-dot-product attention, cuDNN or flash kernels
-  on CUDA), with the rotary embedding applied in float32 rather than float64;
-- ``window``: the same mask, exactly, by one of three kernels (``window_backend``):
-  ``flex``, a torch FlexAttention ``BlockMask`` (frames of 1792 tokens, 512x896 at patch 2x2, are
-  whole multiples of the 128-token blocks, so no block needs per-element masking; compile it);
-  ``split``, the sequence's attention cut into its memory part and its window part, each dense
-  cuDNN calls (the windows of all interior frames in one batched call over overlapping views of the
-  keys, no copies), merged by their log-sum-exp (``window_attention_split``);
-  ``paged`` (fastest on an H200: docs/benchmarks.md), every (head, frame) pair one query sequence
-  whose keys are a page table over the frames it attends, all in one FlashAttention-4 call
-  (``window_attention_paged``: the keys are only viewed as pages, nothing is masked or merged; q, k, v
-  head-major, so that the tiles in flight share their pages in L2). ``auto`` picks ``paged`` where
-  FlashAttention-4 runs, else ``split``.
+The sparse modes run on one of two exact kernels (``sparse_kernel``): ``paged``, every (head,
+frame) pair one query sequence whose keys are a page table over the frames it attends, all in one
+FlashAttention-4 call (``window_attention_paged``; q, k, v head-major, so that the tiles in flight
+share their pages in L2), or ``split``, dense calls over contiguous runs of key frames merged by
+their log-sum-exp (``window_attention_split`` for ``window_ours``, ``mask_attention_split`` for any
+frame mask). ``auto`` picks ``paged`` where FlashAttention-4 runs, else ``split``.
 
-``dense_window_mask`` gives the same mask as a dense boolean matrix for reference and tests.
-
+``dense_window_mask`` gives a layout's mask as a dense boolean matrix for reference and tests.
 Cross-attention (``attn2``) keeps diffusers' own processor.
 """
 
@@ -32,37 +35,41 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ATTENTION_MODES = ("full", "window")
-FULL_BACKENDS = ("auto", "cudnn", "flash", "flex")  # kernels for full attention: torch's choice, or forced
-WINDOW_BACKENDS = ("auto", "flex", "split", "paged")  # window kernels: FlexAttention block mask; memory and window
-# parts as dense calls merged by their log-sum-exp; one paged FlashAttention-4 call (frames as page tables);
-# auto: paged where it runs (FlashAttention-4 installed, sm90/sm100 GPU, frames of whole pages), else split
-DEFAULT_WINDOW_FRAMES = 8  # AnyRecon: a target frame sees its neighbours within +-8 frames
-DEFAULT_BLOCK_SIZE = 128  # FlexAttention's default tile; 1792 tokens per frame = 14 tiles
+ATTENTION_MODES = ("full", "block", "window_ours")
+SPARSE_MODES = ("block", "window_ours")
+FULL_KERNELS = ("auto", "fa4", "sdpa")  # auto: fa4 where FlashAttention-4 runs, else sdpa
+SPARSE_KERNELS = ("auto", "split", "paged")  # auto: paged where FlashAttention-4 runs, else split
+DEFAULT_WINDOW_FRAMES = 8  # window_ours: a sequence frame sees its neighbours within +-8 frames (ours)
+# AnyRecon's block attention (diffsynth/models/wan_video_dit.py, SelfAttention with is_block): blocks of
+# 8 frames (x 4x4 tokens), build_local_block_mask_3d(context_frames=6, temp_window_frames=5, block_time_stride=8)
+BLOCK_FRAMES = 8
+BLOCK_CONTEXT_FRAMES = 6
+BLOCK_TEMPORAL_WINDOW_FRAMES = 5
 
 
 @dataclass(frozen=True)
 class WindowLayout:
-    """Where frames lie in the token sequence of one condition video.
+    """Where frames lie in the token sequence of one condition video, and which frames see which.
 
     Attributes:
         num_frames: frames in the condition video (memory + sequence), F.
         tokens_per_frame: tokens per frame after patchifying (latent h/2 * w/2), T.
-        num_memory: leading frames that are memory (retrieved captures), M <= F.
-        window_frames: a sequence frame attends to sequence frames within +-window_frames.
+        num_memory: leading frames that are memory (retrieved captures), M <= F (``window_ours``).
+        window_frames: ``window_ours``: a sequence frame attends to sequence frames within +-window_frames.
+        pattern: ``window_ours`` or ``block`` (AnyRecon's, ``block_frame_mask``).
     """
 
     num_frames: int
     tokens_per_frame: int
     num_memory: int
     window_frames: int = DEFAULT_WINDOW_FRAMES
+    pattern: str = "window_ours"
 
     def __post_init__(self) -> None:
         if self.num_frames < 1:
@@ -75,88 +82,60 @@ class WindowLayout:
             )
         if self.window_frames < 0:
             raise ValueError(f"WindowLayout.window_frames must be >= 0; got {self.window_frames}")
+        if self.pattern not in SPARSE_MODES:
+            raise ValueError(f"WindowLayout.pattern must be one of {SPARSE_MODES}; got {self.pattern!r}")
 
     @property
     def num_tokens(self) -> int:
         return self.num_frames * self.tokens_per_frame
 
 
-def window_mask_mod(layout: WindowLayout) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
-    """The FlexAttention ``mask_mod`` of ``layout``: True where query token q may attend to key token k."""
-    tpf, mem, win = layout.tokens_per_frame, layout.num_memory, layout.window_frames
+def block_frame_mask(
+    num_frames: int,
+    block_frames: int = BLOCK_FRAMES,
+    context_frames: int = BLOCK_CONTEXT_FRAMES,
+    temporal_window_frames: int = BLOCK_TEMPORAL_WINDOW_FRAMES,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """AnyRecon's block attention between frames (its ``build_local_block_mask_3d``, time part).
 
-    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        q_frame = q_idx // tpf
-        k_frame = kv_idx // tpf
-        k_is_memory = k_frame < mem
-        q_in_sequence = q_frame >= mem
-        near = (q_frame - k_frame).abs() <= win
-        return k_is_memory | (q_in_sequence & near)
-
-    return mask_mod
-
-
-def dense_window_mask(layout: WindowLayout, device: torch.device | str = "cpu") -> Tensor:
-    """The mask of ``layout`` as a dense matrix (reference for tests; L = F * T tokens).
+    Frame f lies in time block f // block_frames. Blocks 0 .. ceil(context_frames / block_frames) - 1
+    are context, seen by every query; besides, a query in block b sees blocks within
+    ceil(temporal_window_frames / block_frames) of b. With AnyRecon's arguments (8, 6, 5): block 0 is the
+    context and the radius is 1 block.
 
     Returns:
-        keep: True where query token (row) may attend to key token (column). bool [L, L]
+        keep: True where query frame (row) attends to key frame (column). bool [F, F]
     """
-    idx = torch.arange(layout.num_tokens, device=device)
-    zero = torch.zeros((), dtype=torch.long, device=device)
-    return window_mask_mod(layout)(zero, zero, idx[:, None], idx[None, :])
+    blocks = torch.arange(num_frames, device=device) // block_frames
+    last_context = -(-context_frames // block_frames) - 1
+    radius = -(-temporal_window_frames // block_frames)
+    return (blocks[None, :] <= last_context) | ((blocks[:, None] - blocks[None, :]).abs() <= radius)
 
 
 def frame_mask(layout: WindowLayout, device: torch.device | str = "cpu") -> Tensor:
     """The mask between frames (the token mask is constant over each frame pair). bool [F, F]"""
-    frames = WindowLayout(layout.num_frames, 1, layout.num_memory, layout.window_frames)
-    return dense_window_mask(frames, device)
+    if layout.pattern == "block":
+        return block_frame_mask(layout.num_frames, device=device)
+    f = torch.arange(layout.num_frames, device=device)
+    k_is_memory = f[None, :] < layout.num_memory
+    q_in_sequence = f[:, None] >= layout.num_memory
+    near = (f[:, None] - f[None, :]).abs() <= layout.window_frames
+    return k_is_memory | (q_in_sequence & near)
 
 
-def build_block_mask(layout: WindowLayout, device: torch.device | str, block_size: int = DEFAULT_BLOCK_SIZE):
-    """The FlexAttention ``BlockMask`` of ``layout`` (one mask shared by batch and heads).
+def dense_window_mask(layout: WindowLayout, device: torch.device | str = "cpu") -> Tensor:
+    """The mask of ``layout`` between tokens (reference for tests; L = F * T tokens).
 
-    Built from the frame mask, never from the dense [L, L] token mask (8e9 entries at 89,600 tokens):
-    a (query block, key block) pair is *full* when every frame pair it covers is kept, *partial*
-    (masked element-wise by the mask_mod) when some are, and skipped when none are.
+    Returns:
+        keep: True where query token (row) may attend to key token (column). bool [L, L]
     """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    tpf, n_tok = layout.tokens_per_frame, layout.num_tokens
-    n_blk = -(-n_tok // block_size)
-    fm = frame_mask(layout, device).long()
-    prefix = torch.zeros(layout.num_frames + 1, layout.num_frames + 1, dtype=torch.long, device=device)
-    prefix[1:, 1:] = fm.cumsum(0).cumsum(1)  # 2-D prefix sums: kept frame pairs in any rectangle
-    start = torch.arange(n_blk, device=device) * block_size
-    end = torch.clamp(start + block_size, max=n_tok) - 1  # last token of each block
-    f0, f1 = start // tpf, end // tpf  # first and last frame each block touches
-    q0, q1, k0, k1 = f0[:, None], f1[:, None] + 1, f0[None, :], f1[None, :] + 1
-    kept = prefix[q1, k1] - prefix[q0, k1] - prefix[q1, k0] + prefix[q0, k0]  # [Qb, Kb]
-    area = (q1 - q0) * (k1 - k0)
-    is_whole = start + block_size <= n_tok  # blocks past the sequence end are padded: never full
-    full = (kept == area) & is_whole[:, None] & is_whole[None, :]
-    partial = (kept > 0) & ~full
-
-    def to_indices(sel: Tensor) -> tuple[Tensor, Tensor]:
-        counts = sel.sum(-1).to(torch.int32)
-        order = torch.argsort(sel.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-        return counts[None, None], order[None, None]
-
-    kv_num, kv_idx = to_indices(partial)
-    full_num, full_idx = to_indices(full)
-    return BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
-        BLOCK_SIZE=block_size,
-        mask_mod=window_mask_mod(layout),
-        seq_lengths=(n_tok, n_tok),
-    )
+    t = layout.tokens_per_frame
+    return frame_mask(layout, device).repeat_interleave(t, 0).repeat_interleave(t, 1)
 
 
 def window_density(layout: WindowLayout) -> float:
-    """Fraction of (query, key) pairs the window keeps (full attention: 1); the same over frames and tokens."""
+    """Fraction of (query, key) pairs the mask keeps (full attention: 1); the same over frames and tokens."""
     return float(frame_mask(layout).float().mean())
 
 
@@ -424,19 +403,19 @@ def _(q, k, v, table, used, tokens_per_frame):
 def window_attention_paged(
     q: Tensor, k: Tensor, v: Tensor, table: Tensor, used: Tensor, tokens_per_frame: int
 ) -> Tensor:
-    """The window mask exactly, by one paged FlashAttention-4 call (``paged_window_table``).
+    """A layout's frame mask exactly, by one paged FlashAttention-4 call (``paged_window_table``).
 
     Every (head, frame) pair is one query sequence with one head, whose keys are the pages its
     table row lists. The pairs are ordered head-major, frames fastest, and FlashAttention-4's
     persistent scheduler runs its tiles in that order: the tiles in flight at once are neighbouring
     frames of one head, which read the same memory pages and mostly the same window pages, so they
-    share them in L2. (Token-major q, k, v, one sequence per frame with all heads, put the tiles of
-    about nine heads of one frame in flight: 2.6-2.9 % slower, docs/benchmarks.md.)
+    share them in L2 (token-major, one sequence per frame with all heads, puts the tiles of several
+    heads of one frame in flight instead; docs/benchmarks.md compares them).
 
     Args:
         q, k, v: queries, keys, values after the rotary embedding, head-major, made contiguous here
             (for q and k compiled blocks fold that into the rotary kernel's stores; v and the output
-            cost one copy each, 0.44 ms per layer at full size). [B, heads, L, D]
+            cost one copy each). [B, heads, L, D]
         table, used: ``paged_window_table`` of this layout (one video; each sequence is offset inside).
 
     Returns:
@@ -446,12 +425,87 @@ def window_attention_paged(
     return torch.ops.reconloop.window_attention_paged(q, k, v, table, used, tokens_per_frame)
 
 
+def key_runs(keep: Tensor) -> list[tuple[int, int]]:
+    """The kept entries of one mask row as maximal runs [start, end). bool [F] -> list of (start, end)"""
+    idx = torch.nonzero(keep).flatten().tolist()
+    runs: list[tuple[int, int]] = []
+    for i in idx:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def mask_attention_split(q: Tensor, k: Tensor, v: Tensor, layout: WindowLayout) -> Tensor:
+    """Any frame mask exactly (``block`` on CPU or without FlashAttention-4): consecutive query frames
+    with the same mask row form one group; each group attends to each contiguous run of its key frames
+    in one dense call on views (no copies), the runs merged by their log-sum-exp.
+
+    Args:
+        q, k, v: queries, keys, values after the rotary embedding, token-major. [B, L, heads, D]
+        layout: frame layout (L = layout.num_tokens).
+
+    Returns:
+        attention output, token-major. [B, L, heads, D]
+    """
+    T = layout.tokens_per_frame
+    fm = frame_mask(layout).cpu()
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, heads, L, D] views
+    out = torch.empty_like(qh)
+    start = 0
+    while start < layout.num_frames:
+        end = start + 1
+        while end < layout.num_frames and torch.equal(fm[end], fm[start]):
+            end += 1
+        qs = qh[:, :, start * T : end * T]
+        acc, lse = None, None
+        for k0, k1 in key_runs(fm[start]):
+            o, l_run = attention_lse(qs, kh[:, :, k0 * T : k1 * T], vh[:, :, k0 * T : k1 * T])
+            if acc is None:
+                acc, lse = o.float(), l_run
+            else:
+                total = torch.logaddexp(lse, l_run)
+                acc = acc * torch.exp(lse - total)[..., None] + o.float() * torch.exp(l_run - total)[..., None]
+                lse = total
+        out[:, :, start * T : end * T] = acc.to(out.dtype)
+        start = end
+    return out.transpose(1, 2)
+
+
+@torch.library.custom_op("reconloop::full_attention_fa4", mutates_args=())
+def _full_fa4_op(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """One FlashAttention-4 call over the dense sequence (CUDA, sm90/sm100). Token-major [B, L, heads, D]."""
+    from flash_attn.cute import flash_attn_func
+
+    out = flash_attn_func(q, k, v)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@_full_fa4_op.register_fake
+def _(q, k, v):
+    return torch.empty_like(q)
+
+
+def full_attention_fa4(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Full attention by FlashAttention-4 on token-major q, k, v (no head-major transpose needed).
+
+    Args:
+        q, k, v: after the rotary embedding, token-major, unit last stride. [B, L, heads, D]
+
+    Returns:
+        attention output, token-major. [B, L, heads, D]
+    """
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    return torch.ops.reconloop.full_attention_fa4(q, k, v)
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate interleaved channel pairs (x[2i], x[2i+1]) by the rotary angles, in float32.
 
     Written as ``x * cos + swap(x) * sign * sin`` (swap exchanges each pair, sign is (-1, +1)), which
     is the same arithmetic as rotating each pair but compiles to one contiguous store per element
-    (an unbind/stack form ran 2.7x slower than the norm fused with it, docs/benchmarks.md).
+    (an unbind/stack form does not; docs/benchmarks.md).
 
     Args:
         x: queries or keys. [B, L, heads, D]
@@ -467,113 +521,71 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class WanWindowAttnProcessor:
-    """Self-attention processor for ``WanAttention`` (``attn1``): ``full`` or ``window`` attention.
+    """Self-attention processor for ``WanAttention`` (``attn1``): ``full``, ``block`` or ``window_ours``.
 
     One instance is shared by all blocks. Before each forward pass over a new condition video call
-    ``set_layout`` (the window mode needs it; the full mode ignores it). The block mask is built once
-    per layout and reused by every layer and step.
+    ``set_layout`` (the sparse modes need it; ``full`` ignores it). The page table is built once per
+    layout and reused by every layer and step.
 
     Args:
-        mode: ``full`` or ``window``.
-        window_frames: +-frames a sequence frame sees (``window`` mode).
-        compile: wrap ``flex_attention`` in ``torch.compile`` (needed for speed on GPU; on CPU the
-            uncompiled version runs the dense reference math).
-        block_size: FlexAttention tile size in tokens.
-        full_backend: kernel for ``full`` mode on CUDA: ``auto`` (torch's choice), ``cudnn``, ``flash``
-            (scaled-dot-product attention backends, others as fallback) or ``flex`` (FlexAttention, no mask).
-        kernel_options: passed to ``flex_attention`` (tile sizes, warps, stages).
-        window_backend: ``flex`` (the block mask), ``split`` (``window_attention_split``: memory
-            and window parts as dense calls merged by log-sum-exp), ``paged`` (``window_attention_paged``:
-            one FlashAttention-4 call; needs the ``flash-attn-4`` package and an sm90/sm100 GPU) or
-            ``auto`` (``paged`` where it runs, else ``split``; the fastest measured, docs/benchmarks.md).
+        mode: one of ``ATTENTION_MODES``.
+        window_frames: +-frames a sequence frame sees (``window_ours`` only).
+        full_kernel: ``fa4``, ``sdpa`` or ``auto`` (``FULL_KERNELS``).
+        sparse_kernel: ``paged``, ``split`` or ``auto`` (``SPARSE_KERNELS``).
     """
 
     def __init__(
         self,
-        mode: str = "window",
+        mode: str = "full",
         window_frames: int = DEFAULT_WINDOW_FRAMES,
         *,
-        compile: bool = False,
-        block_size: int = DEFAULT_BLOCK_SIZE,
-        full_backend: str = "auto",
-        kernel_options: dict | None = None,
-        window_backend: str = "auto",
+        full_kernel: str = "auto",
+        sparse_kernel: str = "auto",
     ) -> None:
-        if window_backend not in WINDOW_BACKENDS:
-            raise ValueError(f"window_backend must be one of {WINDOW_BACKENDS}; got {window_backend!r}")
-        if window_backend == "paged" and mode == "window" and not paged_attention_available():
-            raise ValueError(
-                "window_backend 'paged' needs FlashAttention-4: pip install flash-attn-4 (CUDA sm90/sm100)"
-            )
-        self.window_backend = window_backend
-        self.backend = window_backend  # the kernel in use: "auto" resolves in set_layout
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention mode must be one of {ATTENTION_MODES}; got {mode!r}")
-        if full_backend not in FULL_BACKENDS:
-            raise ValueError(f"full_backend must be one of {FULL_BACKENDS}; got {full_backend!r}")
-        self.full_backend = full_backend
-        self.kernel_options = kernel_options
+        if full_kernel not in FULL_KERNELS:
+            raise ValueError(f"full_kernel must be one of {FULL_KERNELS}; got {full_kernel!r}")
+        if sparse_kernel not in SPARSE_KERNELS:
+            raise ValueError(f"sparse_kernel must be one of {SPARSE_KERNELS}; got {sparse_kernel!r}")
         if window_frames < 0:
             raise ValueError(f"window_frames must be >= 0; got {window_frames}")
+        needs_fa4 = (mode in SPARSE_MODES and sparse_kernel == "paged") or (mode == "full" and full_kernel == "fa4")
+        if needs_fa4 and not paged_attention_available():
+            raise ValueError(
+                f"attention {mode!r} with kernel 'paged'/'fa4' needs FlashAttention-4: pip install flash-attn-4 "
+                f"(CUDA sm90/sm100)"
+            )
         self.mode = mode
         self.window_frames = window_frames
-        self.block_size = block_size
-        self.is_compiled = compile
+        self.full_kernel = full_kernel
+        self.sparse_kernel = sparse_kernel
+        self.backend = sparse_kernel if mode in SPARSE_MODES else full_kernel  # the kernel in use; auto resolves
         self.layout: WindowLayout | None = None
-        self._block_mask = None
         self._mask_key: tuple | None = None
-        self._flex = None
         self._page_table: tuple[Tensor, Tensor] | None = None
 
     def set_layout(self, num_frames: int, tokens_per_frame: int, num_memory: int, device: torch.device | str) -> None:
-        """Describe the next condition video's frames; builds (or reuses) the block mask or page table."""
-        self.layout = WindowLayout(num_frames, tokens_per_frame, num_memory, self.window_frames)
-        if self.window_backend == "auto":
+        """Describe the next condition video's frames; resolves ``auto`` and builds (or reuses) the page table."""
+        if self.mode == "full":
+            if self.full_kernel == "auto":
+                self.backend = "fa4" if paged_attention_available(device) else "sdpa"
+            return
+        self.layout = WindowLayout(num_frames, tokens_per_frame, num_memory, self.window_frames, self.mode)
+        if self.sparse_kernel == "auto":
             whole_pages = tokens_per_frame % PAGE_TOKENS == 0
             self.backend = "paged" if whole_pages and paged_attention_available(device) else "split"
-        if self.mode != "window" or self.backend == "split":
-            return
-        key = (self.layout, self.backend, str(device))
-        if key != self._mask_key:
-            if self.backend == "paged":
+        if self.backend == "paged":
+            key = (self.layout, str(device))
+            if key != self._mask_key:
                 self._page_table = paged_window_table(self.layout, device=device)
-            else:
-                self._block_mask = build_block_mask(self.layout, device, self.block_size)
-            self._mask_key = key
-
-    def _flex_fn(self):
-        if self._flex is None:
-            from torch.nn.attention.flex_attention import flex_attention
-
-            self._flex = torch.compile(flex_attention, dynamic=False) if self.is_compiled else flex_attention
-        return self._flex
-
-    def _full_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if self.full_backend == "flex":
-            return self._flex_fn()(q.contiguous(), k.contiguous(), v.contiguous(), kernel_options=self.kernel_options)
-        if self.full_backend == "auto" or not q.is_cuda:
-            return F.scaled_dot_product_attention(q, k, v)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        first = SDPBackend.CUDNN_ATTENTION if self.full_backend == "cudnn" else SDPBackend.FLASH_ATTENTION
-        order = [first] + [
-            b
-            for b in (
-                SDPBackend.CUDNN_ATTENTION,
-                SDPBackend.FLASH_ATTENTION,
-                SDPBackend.EFFICIENT_ATTENTION,
-                SDPBackend.MATH,
-            )
-            if b != first
-        ]
-        with sdpa_kernel(order, set_priority=True):
-            return F.scaled_dot_product_attention(q, k, v)
+                self._mask_key = key
 
     def _check_layout(self, num_tokens: int) -> None:
         if self.layout is None or self.layout.num_tokens != num_tokens:
             got = None if self.layout is None else self.layout.num_tokens
             raise ValueError(
-                f"window attention: set_layout must describe the {num_tokens} tokens of this input; layout has {got}"
+                f"{self.mode} attention: set_layout must describe the {num_tokens} tokens of this input; layout has {got}"
             )
 
     def __call__(
@@ -598,20 +610,20 @@ class WanWindowAttnProcessor:
         if rotary_emb is not None:
             query = apply_rotary(query, *rotary_emb)
             key = apply_rotary(key, *rotary_emb)
-        if self.mode == "window":
-            self._check_layout(query.shape[1])
-        if self.mode == "window" and self.backend == "split":
-            out = window_attention_split(query, key, value, self.layout)  # [B, L, heads, D]
-        else:
+        if self.mode == "full" and self.backend == "fa4":
+            out = full_attention_fa4(query, key, value)  # token-major in and out
+        elif self.mode == "full":
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, heads, L, D]
-            if self.mode == "window" and self.backend == "paged":
-                out = window_attention_paged(q, k, v, *self._page_table, self.layout.tokens_per_frame)
-            elif self.mode == "full":
-                out = self._full_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        else:
+            self._check_layout(query.shape[1])
+            if self.backend == "paged":
+                q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+                out = window_attention_paged(q, k, v, *self._page_table, self.layout.tokens_per_frame).transpose(1, 2)
+            elif self.mode == "window_ours":
+                out = window_attention_split(query, key, value, self.layout)
             else:
-                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # 4-D buffers (inductor's flex lowering)
-                out = self._flex_fn()(q, k, v, block_mask=self._block_mask, kernel_options=self.kernel_options)
-            out = out.transpose(1, 2)
+                out = mask_attention_split(query, key, value, self.layout)
         out = out.flatten(2, 3).type_as(query)  # [B, L, heads * D]
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -619,14 +631,11 @@ class WanWindowAttnProcessor:
 
 def set_window_attention(
     transformer,
-    mode: str = "window",
+    mode: str = "full",
     window_frames: int = DEFAULT_WINDOW_FRAMES,
     *,
-    compile: bool = False,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    full_backend: str = "auto",
-    kernel_options: dict | None = None,
-    window_backend: str = "auto",
+    full_kernel: str = "auto",
+    sparse_kernel: str = "auto",
 ) -> WanWindowAttnProcessor:
     """Install one shared ``WanWindowAttnProcessor`` on the self-attention of every block.
 
@@ -634,21 +643,13 @@ def set_window_attention(
         transformer: a diffusers ``WanTransformer3DModel``.
 
     Returns:
-        the processor (call its ``set_layout`` before a forward pass in ``window`` mode).
+        the processor (call its ``set_layout`` before a forward pass).
 
     Example:
-        >>> proc = set_window_attention(transformer, "window", 8)
-        >>> proc.set_layout(num_frames=50, tokens_per_frame=1792, num_memory=10, device="cuda")
+        >>> proc = set_window_attention(transformer, "block")
+        >>> proc.set_layout(num_frames=48, tokens_per_frame=1792, num_memory=10, device="cuda")
     """
-    proc = WanWindowAttnProcessor(
-        mode,
-        window_frames,
-        compile=compile,
-        block_size=block_size,
-        full_backend=full_backend,
-        kernel_options=kernel_options,
-        window_backend=window_backend,
-    )
+    proc = WanWindowAttnProcessor(mode, window_frames, full_kernel=full_kernel, sparse_kernel=sparse_kernel)
     for block in transformer.blocks:
         block.attn1.set_processor(proc)
     return proc

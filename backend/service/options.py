@@ -94,3 +94,67 @@ def add_client_arguments(p: argparse.ArgumentParser) -> None:
 def client_keys(args: argparse.Namespace) -> dict[str, Any]:
     """``Client`` keyword arguments from the client options."""
     return {"server_key": args.server_key, "client_key": args.client_key}
+
+
+def add_generator_arguments(p: argparse.ArgumentParser) -> None:
+    """``serve``'s options locating learned generators' weights (``backend.generators.GeneratorWeights``)."""
+    g = p.add_argument_group("generator weights (else RECONLOOP_<NAME>_WEIGHTS / _LORA; docs/anyrecon.md)")
+    g.add_argument("--weights", action="append", default=[], metavar="NAME=PATH", help="base model folder or hub id")
+    g.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="checkpoint merged on top")
+    g.add_argument(
+        "--trained-attention",
+        action="append",
+        default=[],
+        metavar="NAME=MODE",
+        help="attention the checkpoint was trained with: full (AnyRecon's release, default) or block",
+    )
+    g.add_argument("--allow-download", action="store_true", help="let a missing model download from the hub")
+
+
+def _name_values(option: str, items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"{option} must be NAME=VALUE (e.g. anyrecon=/models/x); got {item!r}")
+        out[name] = value
+    return out
+
+
+def serve_generator_weights(args: argparse.Namespace) -> dict[str, Any]:
+    """Per generator name, its ``GeneratorWeights`` from ``serve``'s options (names checked)."""
+    from ..generators import GENERATORS, GeneratorWeights
+
+    given = {
+        "path": _name_values("--weights", args.weights),
+        "lora": _name_values("--lora", args.lora),
+        "trained_attention": _name_values("--trained-attention", args.trained_attention),
+    }
+    names = set().union(*given.values())
+    unknown = sorted(names - set(GENERATORS.names()))
+    if unknown:
+        raise ValueError(f"generator weights for unknown generator(s) {unknown}; known: {GENERATORS.names()}")
+    return {
+        name: GeneratorWeights(
+            path=given["path"].get(name),
+            lora=given["lora"].get(name),
+            trained_attention=given["trained_attention"].get(name, "full"),
+            allow_download=args.allow_download,
+        )
+        for name in sorted(names)
+    }
+
+
+class GeneratorLoopRunner:
+    """The service's runner holding the loaded generator between jobs: each job's generator is built
+    from its settings (``GeneratorConfig.from_settings``) on the models of ``cache``."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def __call__(self, scene: Any, out_dir: Path, *, device: str, progress: Any) -> Any:
+        from ..generators import GeneratorConfig
+        from ..loop import run_loop
+
+        generator = self.cache.get(GeneratorConfig.from_settings(scene.settings), device)
+        return run_loop(scene, out_dir, device=device, progress=progress, generator=generator)

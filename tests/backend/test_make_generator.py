@@ -1,27 +1,123 @@
-"""Loading a generator by name inside the loop: weights from the environment, clear errors, no hub."""
+"""Building generators from a job's GeneratorConfig and the service's weights: make_generator, the
+GeneratorCache a server holds, serve's weight options and the job settings; clear errors, no hub."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
+import torch
 
-from backend.generators import make_generator
+from backend.generators import (
+    ATTENTION_SETTINGS,
+    MEMORY_MODES,
+    GeneratorCache,
+    GeneratorConfig,
+    GeneratorWeights,
+    make_generator,
+)
 from backend.generators.reproject import ReprojectGenerator
+from backend.scene import SceneError, Settings
 
 
-def test_weightless_generator_is_built_from_defaults() -> None:
-    assert isinstance(make_generator("reproject", "cpu"), ReprojectGenerator)
+def test_weightless_generator_is_built_from_its_config() -> None:
+    assert isinstance(make_generator(GeneratorConfig("reproject")), ReprojectGenerator)
+    assert isinstance(GeneratorCache().get(GeneratorConfig("reproject"), "cpu"), ReprojectGenerator)
 
 
-def test_unknown_generator_lists_known_names() -> None:
-    with pytest.raises(ValueError, match="known: anyrecon, reproject"):
-        make_generator("nope", "cpu")
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"name": "nope"}, r"GeneratorConfig.name must be one of \['anyrecon', 'reproject'\]; got 'nope'"),
+        ({"memory": "swap"}, "GeneratorConfig.memory must be one of"),
+        ({"attention": "window"}, "GeneratorConfig.attention must be one of"),
+        ({"num_steps": 0}, r"GeneratorConfig.num_steps must be in \[1, 1000\]; got 0"),
+        ({"window_frames": -1}, "GeneratorConfig.window_frames"),
+    ],
+)
+def test_config_errors_name_the_field(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        GeneratorConfig(**kw)
+    with pytest.raises(ValueError, match="trained_attention"):
+        GeneratorWeights(trained_attention="window")
 
 
-def test_missing_weights_name_the_variable_and_never_download(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("RECONLOOP_ANYRECON_WEIGHTS", str(tmp_path / "no_such_folder"))
+def test_learned_generator_needs_components() -> None:
+    with pytest.raises(ValueError, match="needs its loaded components"):
+        make_generator(GeneratorConfig("anyrecon"))
+
+
+def test_missing_weights_name_the_option_and_never_download(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.delenv("RECONLOOP_ALLOW_DOWNLOAD", raising=False)
+    cache = GeneratorCache({"anyrecon": GeneratorWeights(str(tmp_path / "no_such_folder"))})
+    with pytest.raises(RuntimeError, match="--weights anyrecon=FOLDER") as info:
+        cache.get(GeneratorConfig("anyrecon"), "cpu")
+    assert "no_such_folder" in str(info.value) and cache.loaded is None
+    monkeypatch.setenv("RECONLOOP_ANYRECON_WEIGHTS", str(tmp_path / "from_env"))  # the fallback
+    assert GeneratorCache().weights_for("anyrecon") == GeneratorWeights(str(tmp_path / "from_env"))
     with pytest.raises(RuntimeError, match="RECONLOOP_ANYRECON_WEIGHTS") as info:
-        make_generator("anyrecon", "cpu")
-    assert "no_such_folder" in str(info.value)
+        GeneratorCache().get(GeneratorConfig("anyrecon"), "cpu")
+    assert "from_env" in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from backend.generators.tiny import save_diffusers_folder, tiny_anyrecon_components
+
+    root = tmp_path_factory.mktemp("wan")
+    save_diffusers_folder(tiny_anyrecon_components(0), root)
+    return root
+
+
+def test_cache_loads_once_per_weights_and_memory_mode(tiny_folder: Path) -> None:
+    cache = GeneratorCache({"anyrecon": GeneratorWeights(str(tiny_folder))})
+    a = cache.get(GeneratorConfig("anyrecon"), "cpu")
+    b = cache.get(GeneratorConfig("anyrecon", attention="full", num_steps=2), "cpu")
+    assert a.components is b.components  # attention and steps do not reload the models
+    assert a.config.attention == "full" and a.config.height == 512 and a.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="attention 'block' needs weights trained with block"):
+        cache.get(GeneratorConfig("anyrecon", attention="block"), "cpu")
+    c = cache.get(GeneratorConfig("anyrecon", memory="model_offload"), "cpu")
+    assert c.components is not a.components and cache.loaded[2] == "model_offload"
+    assert c.config.memory_mode == "model_offload"
+    with pytest.raises(ValueError, match="set up for memory_mode 'model_offload'"):
+        make_generator(GeneratorConfig("anyrecon", memory="none"), c.components, "cpu")
+
+    block = GeneratorCache({"anyrecon": GeneratorWeights(str(tiny_folder), trained_attention="block")})
+    assert block.get(GeneratorConfig("anyrecon"), "cpu").config.attention == "block"  # auto follows the weights
+
+
+def _serve_args(*argv: str) -> argparse.Namespace:
+    from backend.service.options import add_generator_arguments
+
+    p = argparse.ArgumentParser()
+    add_generator_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_serve_weight_options() -> None:
+    from backend.service.options import serve_generator_weights
+
+    args = _serve_args("--weights", "anyrecon=/m/wan", "--lora", "anyrecon=/m/full_attention.ckpt")
+    assert serve_generator_weights(args) == {
+        "anyrecon": GeneratorWeights("/m/wan", "/m/full_attention.ckpt", "full", allow_download=False)
+    }
+    args = _serve_args("--weights", "anyrecon=/m/wan", "--trained-attention", "anyrecon=block", "--allow-download")
+    assert serve_generator_weights(args)["anyrecon"] == GeneratorWeights("/m/wan", None, "block", allow_download=True)
+    with pytest.raises(ValueError, match="--lora must be NAME=VALUE"):
+        serve_generator_weights(_serve_args("--lora", "/m/x.ckpt"))
+    with pytest.raises(ValueError, match=r"unknown generator\(s\) \['wan'\]"):
+        serve_generator_weights(_serve_args("--weights", "wan=/m"))
+
+
+def test_job_settings_reach_the_generator_config() -> None:
+    assert set(Settings.CHOICES["generator_memory"]) == set(MEMORY_MODES)
+    assert set(Settings.CHOICES["generator_attention"]) <= set(ATTENTION_SETTINGS)
+    s = Settings.from_json({"generator": "anyrecon", "generator_memory": "group_offload", "num_steps": 3})
+    cfg = GeneratorConfig.from_settings(s)
+    assert cfg == GeneratorConfig("anyrecon", memory="group_offload", attention="auto", num_steps=3)
+    with pytest.raises(SceneError, match="settings.generator_memory: must be one of none, fp8, group_offload"):
+        Settings.from_json({"generator_memory": "swap"})
+    with pytest.raises(SceneError, match="settings.generator_attention: must be one of auto, full, block"):
+        Settings.from_json({"generator_attention": "window_ours"})

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from backend.generators import GENERATORS, Generator
-from backend.generators.anyrecon import AnyReconConfig, AnyReconGenerator, make_anyrecon
+from backend.generators import GENERATORS, Generator, GeneratorConfig, make_generator
+from backend.generators.anyrecon import AnyReconConfig, AnyReconGenerator
 from backend.generators.tiny import tiny_anyrecon_components
 from backend.types import Cameras, ConditionVideo, Renders, Views
 
@@ -68,20 +68,22 @@ def temple_cond(tmp_path_factory: pytest.TempPathFactory) -> ConditionVideo:
 
 
 def _gen(components, tmp_path: Path, **kw) -> AnyReconGenerator:
+    kw = {"height": None, "width": None, **kw}  # the cameras' size: no resizing
     return AnyReconGenerator(components, AnyReconConfig(text_cache_dir=str(tmp_path / "text"), **kw))
 
 
 def test_registered_by_name(components, tmp_path: Path) -> None:
     cls = GENERATORS.get("anyrecon")
     assert cls is AnyReconGenerator
-    gen = make_anyrecon(AnyReconConfig(text_cache_dir=str(tmp_path)), components)
-    assert isinstance(gen, Generator)
+    gen = make_generator(GeneratorConfig("anyrecon"), components, "cpu")
+    assert isinstance(gen, AnyReconGenerator) and isinstance(gen, Generator)
+    assert gen.config.attention == "full"  # auto: the weights' trained attention
 
 
 def test_condition_layout_seen_by_transformer(components, temple_cond: ConditionVideo, tmp_path: Path) -> None:
     """36 channels = [noise 16 ; mask 4 ; latents 16]; frames [memory ; carried ; targets]; one latent per
     frame; mask nearest-downsampled, ones for memory and carried; CLIP of frame 0; shifted timesteps."""
-    gen = _gen(components, tmp_path, attention="window", window_frames=1)
+    gen = _gen(components, tmp_path, attention="window_ours", window_frames=1)
     seen: list[dict] = []
     hook = components.transformer.register_forward_pre_hook(
         lambda mod, args, kwargs: seen.append({k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v)}),
@@ -121,10 +123,12 @@ def test_condition_layout_seen_by_transformer(components, temple_cond: Condition
 def test_seed_attention_modes_and_guidance(components, temple_cond: ConditionVideo, tmp_path: Path) -> None:
     a = _gen(components, tmp_path, attention="full").generate(temple_cond, num_steps=2, seed=3)
     b = _gen(components, tmp_path, attention="stock").generate(temple_cond, num_steps=2, seed=3)
-    c = _gen(components, tmp_path, attention="window", window_frames=8).generate(temple_cond, num_steps=2, seed=3)
+    c = _gen(components, tmp_path, attention="window_ours", window_frames=8).generate(temple_cond, num_steps=2, seed=3)
+    e = _gen(components, tmp_path, attention="block").generate(temple_cond, num_steps=2, seed=3)
     d = _gen(components, tmp_path, attention="full").generate(temple_cond, num_steps=2, seed=4)
     torch.testing.assert_close(a.images, b.images, atol=1e-5, rtol=1e-4)  # ours == diffusers' processor
-    assert (a.images - c.images).abs().max() > 1e-6  # memory frames see only memory in window mode
+    assert (a.images - c.images).abs().max() > 1e-6  # memory frames see only memory in window_ours
+    torch.testing.assert_close(a.images, e.images, atol=1e-5, rtol=1e-4)  # 6 frames: one 8-frame block sees all
     assert (a.images - d.images).abs().max() > 1e-4  # the seed matters
     calls: list[int] = []
     hook = components.transformer.register_forward_pre_hook(lambda *args: calls.append(1))
@@ -143,7 +147,7 @@ def test_text_embedding_cached_and_reused(components, temple_cond: ConditionVide
     files = list((tmp_path / "text").glob("*.safetensors"))
     assert len(files) == 1
     without_encoder = dataclasses.replace(components, text_encoder=None, tokenizer=None)
-    gen2 = AnyReconGenerator(without_encoder, AnyReconConfig(text_cache_dir=str(tmp_path / "text")))
+    gen2 = _gen(without_encoder, tmp_path)
     second = gen2.generate(temple_cond, num_steps=1, seed=0)
     torch.testing.assert_close(first.images, second.images)
     emb = gen.encode_prompt("a temple")
@@ -226,9 +230,12 @@ def test_runs_inside_the_loop_by_name(components, tmp_path: Path) -> None:
         scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(orbit)], heldout=[], settings=settings
     )
     cfg = LoopConfig.from_settings(settings)
-    assert cfg.generator == "anyrecon"
-    gen = GENERATORS.get(cfg.generator)(
-        components, AnyReconConfig(attention="window", window_frames=2, text_cache_dir=str(tmp_path / "text"))
+    assert cfg.generator.name == "anyrecon" and cfg.generator.num_steps == 2
+    gen = GENERATORS.get(cfg.generator.name)(
+        components,
+        AnyReconConfig(
+            attention="window_ours", window_frames=2, height=None, width=None, text_cache_dir=str(tmp_path / "text")
+        ),
     )
     result = run_loop(scene, tmp_path / "job", device="cpu", config=cfg, generator=gen)
     assert result.frames.images.shape == (8, H, W, 3)
@@ -239,23 +246,17 @@ def test_runs_inside_the_loop_by_name(components, tmp_path: Path) -> None:
 
 def test_from_pretrained_local_folder_with_lora(components, temple_cond: ConditionVideo, tmp_path: Path) -> None:
     """The real loading path on a diffusers-layout folder of the tiny models (no hub), LoRA merged."""
+    from backend.generators.tiny import save_diffusers_folder
     from tests.backend.generators.test_anyrecon_lora import diffsynth_lora
 
     root = tmp_path / "wan"
-    for sub in ("vae", "transformer", "image_encoder", "image_processor", "text_encoder", "tokenizer"):
-        obj = getattr(components, sub) if sub != "image_processor" else components.image_processor
-        if sub == "transformer":
-            from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
-            for block in obj.blocks:  # save with diffusers' own processors
-                block.attn1.set_processor(WanAttnProcessor())
-        obj.save_pretrained(root / sub)
+    save_diffusers_folder(components, root)
     cfg = components.transformer.config
     lora = diffsynth_lora(
         cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim, cfg.ffn_dim, prefix="diffusion_model."
     )
     torch.save(lora, tmp_path / "full_attention.ckpt")
-    config = AnyReconConfig(text_cache_dir=str(tmp_path / "text"), attention="window", window_frames=2)
+    config = AnyReconConfig(text_cache_dir=str(tmp_path / "text"), height=None, width=None)
     plain = AnyReconGenerator.from_pretrained(str(root), config=config, device="cpu", local_files_only=True)
     merged = AnyReconGenerator.from_pretrained(
         str(root), tmp_path / "full_attention.ckpt", config=config, device="cpu", local_files_only=True
@@ -263,8 +264,12 @@ def test_from_pretrained_local_folder_with_lora(components, temple_cond: Conditi
     a = plain.generate(temple_cond, num_steps=1, seed=0)  # loads the text encoder on demand, caches the prompt
     assert len(list((tmp_path / "text").glob("*.safetensors"))) == 1
     b = merged.generate(temple_cond, num_steps=1, seed=0)
-    ref = _gen(components, tmp_path / "ref", attention="window", window_frames=2).generate(
-        temple_cond, num_steps=1, seed=0
-    )
+    ref = _gen(components, tmp_path / "ref").generate(temple_cond, num_steps=1, seed=0)
     torch.testing.assert_close(a.images, ref.images, atol=1e-5, rtol=1e-4)
     assert (a.images - b.images).abs().max() > 1e-5  # the LoRA changes the transformer
+    with pytest.raises(ValueError, match="trained_attention must be 'full'"):
+        AnyReconGenerator.from_pretrained(
+            str(root), tmp_path / "full_attention.ckpt", trained_attention="block", config=config, device="cpu"
+        )
+    with pytest.raises(ValueError, match="attention 'block' needs weights trained with block"):
+        AnyReconGenerator.from_pretrained(str(root), config=replace(config, attention="block"), device="cpu")

@@ -100,8 +100,8 @@ def test_real_14b_layout_names_and_shapes() -> None:
             added_kv_proj_dim=5120,
         )
     sd = diffsynth_lora(40, 5120, 13824, prefix="diffusion_model.", device="meta")
-    lora, full = convert_anyrecon_lora(sd)
-    assert not full and len(lora) == len(sd) == 40 * len(BLOCK_LINEARS) * 2
+    lora = convert_anyrecon_lora(sd)
+    assert len(lora) == len(sd) == 40 * len(BLOCK_LINEARS) * 2
     modules = dict(tr.named_modules())
     for key, t in lora.items():
         name, ab = key.rsplit(".lora_", 1)
@@ -121,7 +121,7 @@ def test_fused_equals_peft_adapter_and_diffsynth_merge() -> None:
     cfg = base.config
     dim = cfg.num_attention_heads * cfg.attention_head_dim
     sd = diffsynth_lora(cfg.num_layers, dim, cfg.ffn_dim, adapter="")
-    lora, _ = convert_anyrecon_lora(sd)
+    lora = convert_anyrecon_lora(sd)
     fused = copy.deepcopy(base)
     assert fuse_lora_(fused, lora) == len(lora) // 2
     w0 = base.blocks[1].ffn.net[0].proj.weight
@@ -145,7 +145,7 @@ def test_fused_equals_peft_adapter_and_diffsynth_merge() -> None:
     assert (y_fused - y_base).abs().max() > 1e-4
 
 
-def test_file_formats_prefixes_and_errors(tmp_path: Path) -> None:
+def test_file_formats_prefixes_and_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from safetensors.torch import save_file
 
     sd = diffsynth_lora(1, 8, 16, prefix="dit.")
@@ -153,16 +153,26 @@ def test_file_formats_prefixes_and_errors(tmp_path: Path) -> None:
     torch.save(sd, tmp_path / "full_attention.ckpt")
     save_file(sd, str(tmp_path / "lora.safetensors"))
     for name in ("full_attention.ckpt", "lora.safetensors"):
-        lora, full = convert_anyrecon_lora(load_lora_file(tmp_path / name))
-        assert "blocks.0.attn1.to_q.lora_A.weight" in lora and not full and len(lora) == 2 * len(BLOCK_LINEARS)
+        lora = convert_anyrecon_lora(load_lora_file(tmp_path / name))
+        assert "blocks.0.attn1.to_q.lora_A.weight" in lora and len(lora) == 2 * len(BLOCK_LINEARS)
     old = {
         "blocks.0.ffn.2.lora_down.weight": torch.zeros(RANK, 16),
         "blocks.0.ffn.2.lora_up.weight": torch.zeros(8, RANK),
         "blocks.0.norm3.weight": torch.ones(8),
     }
-    lora, full = convert_anyrecon_lora(old)
+    old["diffusion_model.some_new_head.bias"] = torch.zeros(3)  # not a DiffSynth name at all
+    with caplog.at_level("WARNING", logger="backend.generators.anyrecon_lora"):
+        lora = convert_anyrecon_lora(old)
+    # AnyRecon's loader merges LoRA pairs only: a full weight (or anything else) is skipped, by name
     assert set(lora) == {"blocks.0.ffn.net.2.lora_A.weight", "blocks.0.ffn.net.2.lora_B.weight"}
-    assert set(full) == {"blocks.0.norm2.weight"}
+    assert "2 keys are not LoRA pairs" in caplog.text
+    assert "blocks.0.norm3.weight" in caplog.text and "diffusion_model.some_new_head.bias" in caplog.text
+    from backend.generators.tiny import tiny_anyrecon_components
+
+    tr = tiny_anyrecon_components(0).transformer
+    norm_before = tr.blocks[0].norm2.weight.clone()
+    fuse_lora_(tr, convert_anyrecon_lora({**diffsynth_lora(2, 24, 32), "blocks.0.norm3.weight": torch.zeros(24)}))
+    torch.testing.assert_close(tr.blocks[0].norm2.weight, norm_before)  # the full weight did not overwrite
     with pytest.raises(ValueError, match="no partner"):
         convert_anyrecon_lora({"blocks.0.self_attn.q.lora_A.weight": torch.zeros(RANK, 8)})
     with pytest.raises(ValueError, match="not found"):

@@ -1,4 +1,5 @@
-"""Context-window attention: block mask == dense boolean mask; the processor inside a Wan transformer."""
+"""Sparse attention: AnyRecon's block pattern against a reference built from its token partition, the
+window_ours mask, their exact kernels against dense masked attention; the processor inside a Wan transformer."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from backend.generators.window_attention import (
     WanWindowAttnProcessor,
     WindowLayout,
     attention_lse,
-    build_block_mask,
+    block_frame_mask,
     dense_window_mask,
+    mask_attention_split,
     paged_attention_available,
     paged_sequences,
     paged_window_table,
@@ -19,14 +21,6 @@ from backend.generators.window_attention import (
     window_attention_split,
     window_density,
 )
-
-LAYOUTS = [  # (frames, tokens per frame, memory frames, window, block size)
-    (7, 10, 2, 1, 16),  # frames straddle blocks
-    (6, 32, 0, 2, 16),  # no memory
-    (9, 16, 3, 2, 16),  # frames are whole blocks (as at 512x896: 1792 = 14 x 128)
-    (5, 13, 5, 1, 8),  # memory only
-    (12, 24, 3, 8, 32),  # window wider than the sequence
-]
 
 
 def _qkv(n_tokens: int, heads: int = 2, dim: int = 8, seed: int = 0) -> list[torch.Tensor]:
@@ -44,34 +38,57 @@ def test_dense_mask_semantics() -> None:
     assert window_density(lay) == pytest.approx(float(m.float().mean()))
 
 
-@pytest.mark.parametrize("frames,tpf,mem,win,bs", LAYOUTS)
-def test_block_mask_matches_create_block_mask(frames: int, tpf: int, mem: int, win: int, bs: int) -> None:
-    from torch.nn.attention.flex_attention import create_block_mask
+def anyrecon_block_token_mask(f: int, h: int, w: int) -> torch.Tensor:
+    """Reference: AnyRecon's block attention between tokens, built as its SelfAttention does it.
 
-    from backend.generators.window_attention import window_mask_mod
+    Tokens of an f x h x w grid are cut into windows of 8 frames x 4 x 4 tokens, each one 128-token
+    block of the sparse kernel; block (bt, bh, bw) attends to block (ct, ch, cw) when the temporal
+    mask of build_local_block_mask_3d(f/8, h/4, w/4, win 18, context_frames=6, temp_window_frames=5,
+    block_time_stride=8) keeps (bt, ct) and the spatial mask (all ones there) keeps the rest. Returned
+    over the frame-major token order. bool [f*h*w, f*h*w]
+    """
+    nb = f // 8
+    ctx_last = (6 + 8 - 1) // 8 - 1  # the equations of build_local_block_mask_3d, in block units
+    radius = (5 + 8 - 1) // 8
+    keep_t = [[ct <= ctx_last or abs(bt - ct) <= radius for ct in range(nb)] for bt in range(nb)]
+    ti, yi, xi = torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij")
+    block_t = (ti // 8).flatten()  # the window each frame-major token falls in
+    block_id = ((ti // 8) * (h // 4) * (w // 4) + (yi // 4) * (w // 4) + xi // 4).flatten()
+    keep_block = torch.zeros(block_id.max() + 1, block_id.max() + 1, dtype=torch.bool)
+    bt_of = torch.zeros(block_id.max() + 1, dtype=torch.long)
+    bt_of[block_id] = block_t
+    for a in range(keep_block.shape[0]):
+        for c in range(keep_block.shape[1]):
+            keep_block[a, c] = keep_t[int(bt_of[a])][int(bt_of[c])]
+    return keep_block[block_id][:, block_id]
 
-    lay = WindowLayout(frames, tpf, mem, win)
-    ours = build_block_mask(lay, "cpu", bs)
-    ref = create_block_mask(
-        window_mask_mod(lay), None, None, lay.num_tokens, lay.num_tokens, device="cpu", BLOCK_SIZE=bs
-    )
-    assert torch.equal(ours.to_dense(), ref.to_dense())
-    assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)
-    assert torch.equal(ours.kv_num_blocks, ref.kv_num_blocks)
+
+@pytest.mark.parametrize("frames", [8, 16, 24, 40])
+def test_block_pattern_equals_anyrecons_block_mask(frames: int) -> None:
+    h, w = 4, 8
+    ref = anyrecon_block_token_mask(frames, h, w)
+    lay = WindowLayout(frames, h * w, num_memory=0, pattern="block")
+    assert torch.equal(dense_window_mask(lay), ref)
+    fm = block_frame_mask(frames)
+    assert fm[:8, :16].all() and not fm[:8, 16:].any()  # block 0 (context) sees blocks 0 and 1
+    if frames >= 32:
+        assert fm[24, :8].all() and fm[24, 16:32].all() and not fm[24, 8:16].any()  # context + blocks 2..4
+    assert window_density(lay) == pytest.approx(float(ref.float().mean()))
 
 
-@pytest.mark.parametrize("frames,tpf,mem,win,bs", LAYOUTS)
-def test_flex_block_mask_equals_dense_mask_attention(frames: int, tpf: int, mem: int, win: int, bs: int) -> None:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    lay = WindowLayout(frames, tpf, mem, win)
-    q, k, v = _qkv(lay.num_tokens)
-    out = flex_attention(q, k, v, block_mask=build_block_mask(lay, "cpu", bs))
+@pytest.mark.parametrize("frames,tpf,batch", [(24, 3, 1), (33, 2, 2), (6, 4, 1)])
+def test_block_split_and_paged_equal_dense_mask_attention(frames: int, tpf: int, batch: int) -> None:
+    """The block pattern on both kernels; 33 frames: a last partial block (ours), 6: one block (= full)."""
+    lay = WindowLayout(frames, tpf, 0, pattern="block")
+    q, k, v = (torch.cat([t] * batch) for t in _qkv(lay.num_tokens, seed=6))
+    q = q + 0.1 * torch.arange(batch).view(-1, 1, 1, 1)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_window_mask(lay))
+    out = mask_attention_split(*(t.transpose(1, 2) for t in (q, k, v)), lay).transpose(1, 2)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    full = F.scaled_dot_product_attention(q, k, v)
-    if not dense_window_mask(lay).all():
-        assert (out - full).abs().max() > 1e-3  # the mask changes the result
+    table, used = paged_window_table(lay, page_tokens=1)
+    torch.testing.assert_close(_paged_reference(q, k, v, table, used, tpf, 1), ref, atol=1e-5, rtol=1e-5)
+    if frames > 16:
+        assert (ref - F.scaled_dot_product_attention(q, k, v)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize(
@@ -137,8 +154,10 @@ def test_paged_needs_whole_pages_and_flash_attention_4() -> None:
         paged_window_table(WindowLayout(4, 6, 1, 1), page_tokens=4)
     if not paged_attention_available():
         with pytest.raises(ValueError, match="flash-attn-4"):
-            WanWindowAttnProcessor("window", window_backend="paged")
-    WanWindowAttnProcessor("full", window_backend="paged")  # full mode never calls it
+            WanWindowAttnProcessor("block", sparse_kernel="paged")
+        with pytest.raises(ValueError, match="flash-attn-4"):
+            WanWindowAttnProcessor("full", full_kernel="fa4")
+    WanWindowAttnProcessor("full", sparse_kernel="paged")  # full mode never calls it
 
 
 def test_apply_rotary_rotates_each_pair() -> None:
@@ -187,33 +206,37 @@ def test_processor_in_transformer_matches_stock_and_masks() -> None:
         stock = tr(x, **kw)[0]
         set_window_attention(tr, "full")
         full = tr(x, **kw)[0]
-        proc = set_window_attention(tr, "window", window_frames=4)  # no memory, window covers all 5 frames
+        proc = set_window_attention(tr, "window_ours", window_frames=4)  # no memory, window covers all 5 frames
         proc.set_layout(5, 6, 0, "cpu")
         wide = tr(x, **kw)[0]
-        for backend in ("flex", "split"):
-            proc = set_window_attention(tr, "window", window_frames=1, window_backend=backend)
-            proc.set_layout(5, 6, 1, "cpu")
-            narrow = tr(x, **kw)[0]
-            assert (narrow - full).abs().max() > 1e-4, backend
-            if backend == "flex":
-                narrow_flex = narrow
-        for block in tr.blocks:
-            block.attn1.set_processor(WanAttnProcessor())
+        proc = set_window_attention(tr, "window_ours", window_frames=1, sparse_kernel="split")
+        proc.set_layout(5, 6, 1, "cpu")
+        narrow = tr(x, **kw)[0]
+        assert (narrow - full).abs().max() > 1e-4
+        proc = set_window_attention(tr, "block")
+        proc.set_layout(5, 6, 1, "cpu")
+        block = tr(x, **kw)[0]  # 5 frames: one block, every frame sees every frame
+        for block_ in tr.blocks:
+            block_.attn1.set_processor(WanAttnProcessor())
     torch.testing.assert_close(full, stock, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(wide, stock, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(narrow, narrow_flex, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(block, stock, atol=1e-5, rtol=1e-4)
     assert all(b.attn2.processor.__class__.__name__ == "WanAttnProcessor" for b in tr.blocks)  # cross-attn untouched
 
 
 def test_processor_rejects_bad_use() -> None:
     with pytest.raises(ValueError, match="mode"):
         WanWindowAttnProcessor("sparse")
-    with pytest.raises(ValueError, match="window_backend"):
-        WanWindowAttnProcessor("window", window_backend="xformers")
+    with pytest.raises(ValueError, match="sparse_kernel"):
+        WanWindowAttnProcessor("block", sparse_kernel="flex")
+    with pytest.raises(ValueError, match="full_kernel"):
+        WanWindowAttnProcessor("full", full_kernel="cudnn")
+    with pytest.raises(ValueError, match="pattern"):
+        WindowLayout(8, 4, 0, pattern="window")
     with pytest.raises(ValueError, match="num_memory"):
         WindowLayout(num_frames=3, tokens_per_frame=4, num_memory=4)
     tr, x, kw = _tiny_transformer_inputs()
-    proc = set_window_attention(tr, "window", window_frames=1)
+    proc = set_window_attention(tr, "window_ours", window_frames=1)
     proc.set_layout(4, 6, 1, "cpu")  # 24 tokens, the input has 30
     with torch.no_grad(), pytest.raises(ValueError, match="set_layout"):
         tr(x, **kw)

@@ -91,6 +91,18 @@ class PoolWorker:
             context.term()
 
 
+def checkout_runtime_env() -> dict[str, Any] | None:
+    """Ray's ``runtime_env`` that lets workers import this package from a source checkout (None when installed).
+
+    Given to ``ray.init`` (the job's environment, so actors start in Ray's pre-started worker processes);
+    the path must hold the same checkout on every node, else install the package on each node.
+    """
+    if not (REPO_ROOT / "pyproject.toml").is_file():
+        return None
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
+
+
 def _cause(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     first = text[0] if text else ""
@@ -131,7 +143,7 @@ class RayPool:
                 kwargs["num_cpus"] = self.config.workers or os.cpu_count() or 1
             else:
                 kwargs["address"] = address
-            ray.init(**kwargs)
+            ray.init(**kwargs, runtime_env=checkout_runtime_env())
             self.started_ray = True
         local = address in (None, "local")
         self._host = self.config.host or ("127.0.0.1" if local else ray.util.get_node_ip_address())
@@ -173,9 +185,6 @@ class RayPool:
         port = pair.bind_to_random_port(f"tcp://{self._host}")
         endpoint = f"tcp://{self._host}:{port}"
         options: dict[str, Any] = {"num_cpus": 1 if not self._gpus else 0, "num_gpus": self._gpus, "max_restarts": 0}
-        if (REPO_ROOT / "pyproject.toml").is_file():  # a source checkout: let the actor import it from here
-            path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-            options["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
         actor = ray.remote(PoolWorker).options(**options).remote(name)
         info_ref = actor.info.remote()
         serve_ref = actor.serve.remote(endpoint, self.runner, self.device)

@@ -455,7 +455,7 @@ class Service:
                     encode({"v": PROTOCOL_VERSION, "op": "event", "ok": True, "job": record.job, **event}, "reply")
                 )
         return {
-            **record.summary(),
+            **self._summary(record, self.queue.positions() if record.state == "queued" else {}),
             "seq": record.seq,
             "artifacts": sorted(record.artifacts.values(), key=lambda e: e["name"]),
         }
@@ -471,7 +471,23 @@ class Service:
         return {"job": record.job, "state": record.state}
 
     def _jobs(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:
-        return {"jobs": [r.summary() for r in self.store.listed() if may_access(r.owner, req.owner)]}
+        positions = self.queue.positions()
+        return {"jobs": [self._summary(r, positions) for r in self.store.listed() if may_access(r.owner, req.owner)]}
+
+    def _summary(self, record: JobRecord, positions: dict[str, int]) -> dict[str, Any]:
+        """A job's summary; its message tells a waiting job's place in the queue and a running job's worker.
+
+        Only the reply says so (the journal keeps the events' own messages): ``queued: 3rd of 5 waiting``,
+        ``step 2 of 9 (on worker ray-1 (pid 4242 on 10.0.0.7, GPU 3))``.
+        """
+        out = record.summary()
+        if record.job in positions:
+            out["message"] = f"queued: {_ordinal(positions[record.job])} of {len(self.queue)} waiting"
+        elif self.config.ray is not None and record.state == "running":
+            slot = self._slot_of(record.job)
+            if slot is not None:
+                out["message"] = _clip(f"{record.message} (on {slot.describe})")
+        return out
 
     def _fetch(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:
         record = self._record(msg, req)
@@ -535,6 +551,15 @@ class _Request:
 
     def __post_init__(self) -> None:
         self.after = []
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= limits.MAX_STR_BYTES else text[: limits.MAX_STR_BYTES - 3] + "..."
 
 
 def _map_file(path: Path, total: int) -> Any:

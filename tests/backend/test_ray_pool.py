@@ -33,7 +33,7 @@ if os.environ.get("CI", "").lower() == "true":
 else:
     ray = pytest.importorskip("ray")
 
-from backend.service.ray_pool import RayConfig  # noqa: E402
+from backend.service.ray_pool import RayConfig, checkout_runtime_env  # noqa: E402
 
 WORKERS = 2
 CANCEL_BOUND_S = 2.0
@@ -43,19 +43,20 @@ DEATH_BOUND_S = 10.0
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray.init(
-        num_cpus=WORKERS,
+        num_cpus=2 * WORKERS,  # logical CPUs: the module's shared service and the restart test's own, at once
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=False,
         object_store_memory=80 * 1024 * 1024,
+        runtime_env=checkout_runtime_env(),
     )
     yield
     ray.shutdown()
 
 
-@pytest.fixture
-def service(ray_cluster, tmp_path):
-    svc, thread = start_ray_service(tmp_path / "jobs")
+@pytest.fixture(scope="module")
+def service(ray_cluster, tmp_path_factory):
+    svc, thread = start_ray_service(tmp_path_factory.mktemp("ray") / "jobs")
     yield svc
     stop_service(svc, thread)
 
@@ -94,6 +95,11 @@ def test_three_clients_six_jobs_run_once_each_on_both_workers(service, tmp_path)
     assert len(set(jobs.values())) == 6
     workers = set()
     with Client(service.endpoint, timeout_ms=TIMEOUT_MS) as c:
+        listed = {j["job"]: j for j in c.jobs()}
+        queued = sorted(j["message"] for j in listed.values() if j["state"] == "queued")
+        assert len(queued) >= 2 and queued[0].startswith("queued: 1st of "), listed  # 6 jobs, 2 workers
+        running = [j["message"] for j in listed.values() if j["state"] == "running"]
+        assert all(" (on worker ray-" in m for m in running), running
         for i, job in sorted(jobs.items()):
             status = wait_state(c, job)
             assert status["state"] == "done", status["message"]

@@ -212,3 +212,15 @@ def test_per_client_cap_refuses_the_extra_submit(tmp_path):
             c.cancel(first)
     finally:
         stop_service(svc, thread)
+
+
+def test_bench_cluster_throughput_runs_at_a_tiny_size(ray_cluster, tmp_path):
+    from scripts.bench_cluster import main
+
+    assert (
+        main(["throughput", "--workers", "1", "--jobs", "2", "--steps", "2", "--work-ms", "5", "--out", str(tmp_path)])
+        == 0
+    )
+    result = json.loads((tmp_path / "bench_cluster_throughput.json").read_text())
+    row = result["rows"][0]
+    assert row["workers"] == 1 and row["events"] == 4 and row["jobs_per_min"] > 0 and result["ratio"] == [1.0]

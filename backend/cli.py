@@ -41,6 +41,7 @@ examples:
   reconloop import colmap ../data/door scene/          make a scene folder from a COLMAP model
   reconloop run scene/ --out result/                   run the loop here, no service
   reconloop serve                                      serve on tcp://127.0.0.1:5555 (for Blender)
+  reconloop serve --ray auto --data-dir /shared/jobs   jobs on the Ray cluster, one per GPU (docs/cluster.md)
   reconloop submit scene/ --server tcp://gpu:5555 --out result/
   reconloop demo --out demo_out                        render the built-in scene, then run the loop
   reconloop demo --scene ../data/middlebury_temple     the loop on 3 captures of a dataset
@@ -85,14 +86,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     weights = serve_generator_weights(args)
     runner = _import_object(args.runner) if args.runner else GeneratorLoopRunner(GeneratorCache(weights))
-    service = Service(
-        ServiceConfig(bind=args.bind, data_dir=args.data_dir, device=args.device, **serve_security(args)), runner=runner
+    config = ServiceConfig(
+        bind=args.bind, data_dir=args.data_dir, device=args.device, ray=_ray_config(args), **serve_security(args)
     )
+    service = Service(config, runner=runner)
     try:
         service.serve_forever()
     except KeyboardInterrupt:
         log.info("stopped by Ctrl-C")
     return 0
+
+
+def _ray_config(args: argparse.Namespace) -> Any:
+    """``--ray [ADDRESS]`` / ``--workers N`` as a RayConfig, or None (one worker thread, no Ray)."""
+    if args.ray is None and args.workers is None:
+        if args.ray_host is not None:
+            raise ValueError("--ray-host needs --ray or --workers")
+        return None
+    try:
+        import ray  # noqa: F401
+
+        from .service.ray_pool import RayConfig
+    except ImportError:
+        raise ValueError("--ray and --workers need Ray: pip install 'reconloop[cluster]'") from None
+    return RayConfig(address=args.ray, workers=args.workers, host=args.ray_host)
 
 
 def _import_object(spec: str) -> Any:
@@ -236,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the service Blender and `submit` talk to",
         description=(
             "Run the ReconLoop service: a ZeroMQ ROUTER answering the protocol of protocol/README.md. Jobs run one "
-            "at a time, in submission order; each is a folder under the data dir and survives restarts."
+            "at a time, in submission order (with --ray or --workers: one per Ray worker at once, FIFO per client, "
+            "clients in turn); each is a folder under the data dir and survives restarts."
         ),
     )
     p.add_argument(
@@ -247,6 +265,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help=device_help)
     p.add_argument("--runner", default=None, metavar="MODULE:FUNC", help="job runner instead of the loop (for tests)")
+    g = p.add_argument_group("Ray cluster (pip install 'reconloop[cluster]'; see docs/cluster.md)")
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="ADDRESS",
+        help="run jobs on Ray actors, one per GPU: 'auto' (the cluster this node joined with `ray start`; the "
+        "default when the option has no value), 'local' (start Ray here), or the head's HOST:PORT",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="number of Ray workers (default: one per GPU of the cluster, or one per CPU without GPUs); "
+        "alone, without --ray: N workers on a Ray started on this machine",
+    )
+    g.add_argument(
+        "--ray-host",
+        default=None,
+        metavar="IP",
+        help="this machine's private address that workers connect back to (default: Ray's node IP; "
+        "127.0.0.1 for a local Ray)",
+    )
     from .service.options import add_client_arguments, add_generator_arguments, add_keys_command, add_serve_arguments
 
     add_serve_arguments(p)

@@ -95,6 +95,7 @@ class JobLimits:
             inside libzmq before it is allocated.
         max_request_bytes: all frames of one submit request together.
         max_queued_jobs: jobs waiting at once; a submit beyond it is refused until some finish.
+        max_queued_per_client: jobs one client (one CurveZMQ key, or ``local``) may have waiting at once.
     """
 
     max_captures: int = MAX_CAPTURES
@@ -104,6 +105,7 @@ class JobLimits:
     max_frame_bytes: int = MAX_FRAME_BYTES
     max_request_bytes: int = MAX_MESSAGE_BYTES
     max_queued_jobs: int = MAX_JOBS_LISTED
+    max_queued_per_client: int = MAX_JOBS_LISTED
 
     def __post_init__(self) -> None:
         ceilings = {
@@ -114,6 +116,7 @@ class JobLimits:
             "max_frame_bytes": MAX_FRAME_BYTES,
             "max_request_bytes": MAX_MESSAGE_BYTES,
             "max_queued_jobs": MAX_ID_INT,
+            "max_queued_per_client": MAX_ID_INT,
         }
         for name, ceiling in ceilings.items():
             value = getattr(self, name)
@@ -131,6 +134,7 @@ class JobLimits:
             max_frame_bytes=self.max_frame_bytes,
             max_message_bytes=self.max_request_bytes,
             max_queued_jobs=self.max_queued_jobs,
+            max_queued_per_client=self.max_queued_per_client,
         )
         return out
 

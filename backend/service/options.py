@@ -23,6 +23,7 @@ LIMIT_OPTIONS = (
     ("--max-frame-mib", "max_frame_bytes", MIB, "MiB in one frame at the socket; bigger frames drop the connection"),
     ("--max-request-mib", "max_request_bytes", MIB, "MiB in one submit request"),
     ("--max-queued", "max_queued_jobs", 1, "jobs waiting at once"),
+    ("--max-queued-per-client", "max_queued_per_client", 1, "jobs one client may have waiting at once"),
 )
 
 

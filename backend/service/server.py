@@ -1,7 +1,9 @@
-"""The service: one ROUTER socket, one Poller loop, one worker thread, one job store.
+"""The service: one ROUTER socket, one Poller loop, its workers, one job store.
 
-The main thread owns the ROUTER (clients) and a PAIR (the worker, on ``inproc://``) and answers every
-request at once; the worker runs the jobs in submission order (see ``worker.py``). Every request and
+The main thread owns the ROUTER (clients) and one PAIR per worker and answers every request at once.
+Without Ray there is one worker, a thread on ``inproc://`` (see ``worker.py``); with ``ServiceConfig.ray``
+the workers are Ray actors on a cluster, each behind a PAIR over TCP (``ray_pool.py``). Waiting jobs
+start FIFO per client, clients in turn (``fairqueue.py``). Every request and
 reply goes through ``protocol.codec``; a request that cannot be decoded gets an error reply with a
 stable code and the loop goes on.
 
@@ -17,14 +19,13 @@ from __future__ import annotations
 
 import logging
 import mmap
-import secrets
 import threading
 import traceback
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
@@ -36,10 +37,14 @@ from protocol.schemas import OPS
 from protocol.version import PROTOCOL_VERSION, SUPPORTED_VERSIONS, choose_version
 
 from .. import __version__
-from .auth import AuthConfig, ServerAuth, may_access
+from .auth import LOCAL_OWNER, AuthConfig, ServerAuth, may_access
+from .fairqueue import FairQueue
 from .faults import describe_failure
 from .store import JobRecord, JobStore
-from .worker import Runner, Worker, default_runner
+from .worker import Runner, Slot, ThreadPool, default_runner
+
+if TYPE_CHECKING:
+    from .ray_pool import RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,7 @@ class ServiceConfig:
         device: what the runner gets: ``cpu``, ``cuda``, ``cuda:1``; ``auto`` picks cuda:0 when torch sees a GPU.
         auth: CurveZMQ keys and allow-list (``auth.py``); required to bind a non-loopback address.
         job_limits: what one job may ask (captures, trajectory, resolution, request and frame bytes, queue).
+        ray: run jobs on a pool of Ray actors (``ray_pool.RayConfig``); None: one worker thread here.
     """
 
     bind: str = DEFAULT_BIND
@@ -74,6 +80,7 @@ class ServiceConfig:
     device: str = "auto"
     auth: AuthConfig | None = None
     job_limits: limits.JobLimits = limits.JobLimits()
+    ray: RayConfig | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -186,7 +193,9 @@ class Service:
             self.generators = GENERATORS.names()
             self.store = JobStore(self.data_dir)
             self._lock = _lock_dir(self.store.root)
-            self.queue: deque[str] = deque(r.job for r in self.store.load())
+            self.queue = FairQueue()
+            for record in self.store.load():
+                self.queue.append(record.owner or LOCAL_OWNER, record.job)
             self.router = self.context.socket(zmq.ROUTER)
             self.router.setsockopt(zmq.LINGER, 0)
             self.router.setsockopt(zmq.MAXMSGSIZE, self.config.job_limits.max_frame_bytes)
@@ -194,19 +203,21 @@ class Service:
             self.auth.apply(self.router)
             self.router.bind(self.config.bind)
             self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
-            worker_endpoint = f"inproc://reconloop-worker-{secrets.token_hex(8)}"
-            self.pair = self.context.socket(zmq.PAIR)
-            self.pair.setsockopt(zmq.LINGER, 0)
-            self.pair.bind(worker_endpoint)
-            self.worker = Worker(self.context, worker_endpoint, self.runner, self.device)
-            self.worker.start()
+            if self.config.ray is None:
+                self.pool: Any = ThreadPool(self.context, self.runner, self.device)
+            else:
+                from .ray_pool import RayPool
+
+                self.pool = RayPool(self.context, self.config.ray, self.runner, self.config.device)
+            self.slots: list[Slot] = self.pool.start()
+            if self.config.ray is not None:
+                self.device = f"ray: {len(self.slots)} workers, {self.pool.device_kind()}"
         except BaseException as err:
             self._startup_error = err
             if self.auth is not None:
                 self.auth.stop()
             self._ready.set()
             raise
-        self.running: str | None = None
         self._maps: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
         self.watchers: dict[str, dict[bytes, list[bytes]]] = {}
         log.info("reconloop service on %s, data in %s, device %s", self.endpoint, self.data_dir, self.device)
@@ -216,16 +227,23 @@ class Service:
         finally:
             self._close()
 
-    def _loop(self) -> None:
+    def _poller(self) -> zmq.Poller:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
-        poller.register(self.pair, zmq.POLLIN)
+        for slot in self.slots:
+            poller.register(slot.pair, zmq.POLLIN)
+        return poller
+
+    def _loop(self) -> None:
+        poller = self._poller()
         while not self._stop.is_set():
+            if self._reap():
+                poller = self._poller()
             self._dispatch()
             ready = dict(poller.poll(POLL_MS))
-            if self.pair in ready:
-                while self.pair.poll(0):
-                    self._on_worker(msgpack.unpackb(self.pair.recv()))
+            for slot in self.slots:
+                if slot.pair in ready:
+                    self._drain(slot)
             if self.router in ready:
                 for _ in range(MAX_BATCH):
                     if not self.router.poll(0):
@@ -233,12 +251,12 @@ class Service:
                     self._on_request(self.router.recv_multipart(copy=False))
 
     def _close(self) -> None:
-        if self.running is not None:
-            self.pair.send(msgpack.packb({"cmd": "stop"}))
-            self.worker.join(STOP_WAIT_S)
-            while self.pair.poll(0):
-                self._on_worker(msgpack.unpackb(self.pair.recv()))
-            record = self.store.jobs.get(self.running) if self.running else None
+        for slot in self.slots:
+            self._send(slot, {"cmd": "stop"})
+        self.pool.join(STOP_WAIT_S)
+        for slot in self.slots:
+            self._drain(slot)
+            record = self.store.jobs.get(slot.running) if slot.running else None
             if record is not None and not record.is_terminal:
                 self._event(
                     record,
@@ -247,40 +265,77 @@ class Service:
                     record.fraction,
                     "the service stopped during this job; submit it again to rerun",
                 )
-        else:
-            self.pair.send(msgpack.packb({"cmd": "stop"}))
-            self.worker.join(STOP_WAIT_S)
+        self.pool.close()
         self.router.close(linger=0)
-        self.pair.close(linger=0)
         self.auth.stop()
         self._lock.close()
         log.info("reconloop service stopped")
 
     # -- jobs and the worker -------------------------------------------------------------------------
 
-    def _dispatch(self) -> None:
-        if self.running is not None or not self.queue:
-            return
-        job = self.queue.popleft()
-        record = self.store.jobs[job]
-        self.running = job
-        self.pair.send(msgpack.packb({"cmd": "run", "job": job, "dir": str(record.dir)}))
+    @staticmethod
+    def _send(slot: Slot, body: dict[str, Any]) -> None:
+        """A message to a worker; never blocks (a dead actor's socket would): a lost one is logged."""
+        try:
+            slot.pair.send(msgpack.packb(body), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("%s: %s not delivered (the worker is not connected)", slot.describe, body["cmd"])
 
-    def _on_worker(self, msg: dict[str, Any]) -> None:
+    def _drain(self, slot: Slot) -> None:
+        while slot.pair.poll(0):
+            self._on_worker(slot, msgpack.unpackb(slot.pair.recv()))
+
+    def _reap(self) -> bool:
+        """Fail the job of every worker that died, start one in its place; returns True when slots changed."""
+        changed = False
+        for slot, reason in self.pool.dead():
+            self._drain(slot)  # what it sent before it died comes first
+            record = self.store.jobs.get(slot.running) if slot.running else None
+            if record is not None and not record.is_terminal:
+                message = (
+                    f"{slot.describe} died during this job ({reason}); "
+                    "the job was not run again: submit it again to rerun"
+                )
+                log.error("job %s failed: %s", record.job, message)
+                self._event(record, "failed", record.stage, record.fraction, message)
+            log.warning("%s died (%s); starting a new worker in its place", slot.describe, reason)
+            self.pool.replace(slot)  # in place: self.slots is the pool's list
+            changed = True
+        return changed
+
+    def _dispatch(self) -> None:
+        for slot in self.slots:
+            if not self.queue:
+                return
+            if slot.running is None and self.pool.check_ready(slot):
+                job = self.queue.pop()
+                slot.running = job
+                self._send(slot, {"cmd": "run", "job": job, "dir": str(self.store.jobs[job].dir)})
+
+    def _slot_of(self, job: str) -> Slot | None:
+        return next((s for s in self.slots if s.running == job), None)
+
+    def _on_worker(self, slot: Slot, msg: dict[str, Any]) -> None:
         record = self.store.jobs.get(msg["job"])
         if record is None:
             return
         kind = msg["kind"]
         if kind == "started":
-            self._event(record, "running", "starting", 0.0, "started")
+            self._event(
+                record,
+                "running",
+                "starting",
+                0.0,
+                "started" if self.config.ray is None else f"started on {slot.describe}",
+            )
         elif kind == "progress":
             self._event(record, "running", msg["stage"], msg["fraction"], msg["message"], msg["artifacts"])
         elif kind == "finished":
             fraction = 1.0 if msg["state"] == "done" else record.fraction
             stage = "done" if msg["state"] == "done" else record.stage
             self._event(record, msg["state"], stage, fraction, msg["message"], msg["artifacts"])
-            if self.running == record.job:
-                self.running = None
+            if slot.running == record.job:
+                slot.running = None
 
     def _event(
         self,
@@ -377,8 +432,15 @@ class Service:
                 errors.TOO_LARGE,
                 f"submit: the queue is full ({len(self.queue)} jobs waiting); submit again when some have finished",
             )
+        mine, cap = self.queue.count(req.owner), self.config.job_limits.max_queued_per_client
+        if mine >= cap:
+            raise ProtocolError(
+                errors.TOO_LARGE,
+                f"submit: this client has {mine} jobs waiting, the most one client may queue on this server "
+                f"is {cap}; submit again when some have started",
+            )
         record = self.store.create(msg, owner=req.owner)
-        self.queue.append(record.job)
+        self.queue.append(req.owner, record.job)
         log.info("job %s queued (%d captures)", record.job, len(msg["scene"]["captures"]))
         return {"job": record.job, "state": record.state}
 
@@ -393,22 +455,39 @@ class Service:
                     encode({"v": PROTOCOL_VERSION, "op": "event", "ok": True, "job": record.job, **event}, "reply")
                 )
         return {
-            **record.summary(),
+            **self._summary(record, self.queue.positions() if record.state == "queued" else {}),
             "seq": record.seq,
             "artifacts": sorted(record.artifacts.values(), key=lambda e: e["name"]),
         }
 
     def _cancel(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:
         record = self._record(msg, req)
-        if record.job == self.running:  # first: a job handed to the worker is still "queued" until it starts
-            self.pair.send(msgpack.packb({"cmd": "cancel", "job": record.job}))
+        slot = self._slot_of(record.job)
+        if slot is not None:  # first: a job handed to a worker is still "queued" until it starts
+            self._send(slot, {"cmd": "cancel", "job": record.job})
         elif record.state == "queued":
             self.queue.remove(record.job)
             self._event(record, "cancelled", record.stage, record.fraction, "cancelled by a client before it started")
         return {"job": record.job, "state": record.state}
 
     def _jobs(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:
-        return {"jobs": [r.summary() for r in self.store.listed() if may_access(r.owner, req.owner)]}
+        positions = self.queue.positions()
+        return {"jobs": [self._summary(r, positions) for r in self.store.listed() if may_access(r.owner, req.owner)]}
+
+    def _summary(self, record: JobRecord, positions: dict[str, int]) -> dict[str, Any]:
+        """A job's summary; its message tells a waiting job's place in the queue and a running job's worker.
+
+        Only the reply says so (the journal keeps the events' own messages): ``queued: 3rd of 5 waiting``,
+        ``step 2 of 9 (on worker ray-1 (pid 4242 on 10.0.0.7, GPU 3))``.
+        """
+        out = record.summary()
+        if record.job in positions:
+            out["message"] = f"queued: {_ordinal(positions[record.job])} of {len(self.queue)} waiting"
+        elif self.config.ray is not None and record.state == "running":
+            slot = self._slot_of(record.job)
+            if slot is not None:
+                out["message"] = _clip(f"{record.message} (on {slot.describe})")
+        return out
 
     def _fetch(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:
         record = self._record(msg, req)
@@ -472,6 +551,15 @@ class _Request:
 
     def __post_init__(self) -> None:
         self.after = []
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= limits.MAX_STR_BYTES else text[: limits.MAX_STR_BYTES - 3] + "..."
 
 
 def _map_file(path: Path, total: int) -> Any:

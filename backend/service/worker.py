@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import threading
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +149,60 @@ class Worker(threading.Thread):
                 state, message = "failed", f"cannot record the outputs: {err}"
         send({"kind": "finished", "job": job, "state": state, "message": message, "artifacts": entries})
         return flags["stop"]
+
+
+@dataclass
+class Slot:
+    """The front end's handle on one worker (the local thread, or a Ray actor) and the job it runs."""
+
+    name: str
+    pair: zmq.Socket  # the front end's end of the worker's PAIR socket
+    running: str | None = None  # the job handed to it, until its "finished" message
+    describe: str = ""  # "worker ray-1 (pid 4242 on 10.0.0.7, GPU 3)", for messages and status
+    ready: bool = False  # the worker is connected: jobs may be sent
+    serve_ref: Any = None  # Ray: the actor's running ``serve`` call
+    actor: Any = None  # Ray: the actor handle
+    info: dict[str, Any] = field(default_factory=dict)  # Ray: pid, node, gpus
+    info_ref: Any = None
+
+
+class ThreadPool:
+    """One worker thread on ``inproc://``: the service on one device (no Ray). The pool interface:
+
+    ``start() -> slots``, ``check_ready(slot)``, ``dead() -> [(slot, reason)]``, ``replace(slot)``,
+    ``join(wait_s)`` after stop was sent, ``close()``.
+    """
+
+    def __init__(self, context: zmq.Context, runner: Runner, device: str) -> None:
+        self.context = context
+        self.runner = runner
+        self.device = device
+        self.slots: list[Slot] = []
+
+    def start(self) -> list[Slot]:
+        endpoint = f"inproc://reconloop-worker-{secrets.token_hex(8)}"
+        pair = self.context.socket(zmq.PAIR)
+        pair.setsockopt(zmq.LINGER, 0)
+        pair.bind(endpoint)
+        self.worker = Worker(self.context, endpoint, self.runner, self.device)
+        self.worker.start()
+        self.slots = [
+            Slot(name="local", pair=pair, describe=f"the service's worker thread on {self.device}", ready=True)
+        ]
+        return self.slots
+
+    def check_ready(self, slot: Slot) -> bool:
+        return True
+
+    def dead(self) -> list[tuple[Slot, str]]:
+        return []  # a thread that raised would have failed its job already: run() catches job faults
+
+    def replace(self, slot: Slot) -> Slot:
+        raise RuntimeError("the worker thread is never replaced")
+
+    def join(self, wait_s: float) -> None:
+        self.worker.join(wait_s)
+
+    def close(self) -> None:
+        for slot in self.slots:
+            slot.pair.close(linger=0)

@@ -1,0 +1,208 @@
+"""Benchmark the service on a Ray pool: throughput with 1 and 2 workers, event latency, and the Ray path's overhead.
+
+``throughput`` (CPU, any machine): a local Ray; the same batch of jobs through ``reconloop serve`` with 1
+worker, then with 2, in one run; reports jobs finished per minute for each and their ratio, and the
+latency of progress events (the worker's clock when it reports, against the front end's journal time;
+one machine, one clock). Each job burns ``--work-ms`` of CPU per step in a worker process.
+
+``overhead`` (one GPU): the real loop on a scene folder in this process, then through the service on a
+one-worker Ray pool (a GPU actor); each twice, the second (warm: generators loaded, kernels compiled) is
+compared. Reports the overhead of the Ray path as a share of the job.
+
+Usage::
+
+    python scripts/bench_cluster.py throughput --workers 0 1 2 --out out/cluster  # CPU: jobs/min, 1 vs 2 workers
+    python -m backend.cli import middlebury .device_data/middlebury_temple $OUT/scene
+    python scripts/bench_cluster.py overhead --scene $OUT/scene --out $OUT   # GPU: the Ray path vs in-process
+
+Writes ``bench_cluster_<mode>.json`` into ``--out`` and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from backend.progress import ProgressEvent  # noqa: E402
+from backend.service import Service, ServiceConfig  # noqa: E402
+from backend.service.ray_pool import RayConfig, checkout_runtime_env  # noqa: E402
+from protocol.client import Client  # noqa: E402
+from tests.protocol.helpers import scene_msg  # noqa: E402
+
+TIMEOUT_MS = 30_000
+MS = 1e-3
+
+
+def cpu_job(scene: Any, out_dir: Path, *, device: str, progress: Any) -> None:
+    """A job for the throughput run: ``settings.seed`` steps of ``settings.prompt`` ms of CPU work each.
+
+    Each progress message is the worker's ``time.time()`` when it reports (for the event latency).
+    """
+    steps, work_s = scene.settings.seed, float(scene.settings.prompt) * MS
+    total = 0
+    for i in range(steps):
+        end = time.perf_counter() + work_s
+        while time.perf_counter() < end:
+            total += sum(range(1000))
+        (out_dir / f"step{i}.txt").write_text(str(total))
+        progress(ProgressEvent("work", (i + 1) / steps, f"{time.time():.6f}", (f"step{i}.txt",)))
+
+
+def _start(data_dir: Path, workers: int, device: str, runner: Any = None) -> tuple[Service, Any]:
+    ray = RayConfig(workers=workers, host="127.0.0.1") if workers else None  # 0: the worker thread, no Ray
+    svc = Service(ServiceConfig(bind="tcp://127.0.0.1:*", data_dir=data_dir, device=device, ray=ray), runner=runner)
+    return svc, svc.start_thread(timeout_s=300)
+
+
+def _wait_done(c: Client, job: str) -> list[dict[str, Any]]:
+    c.watch(job, since=0)
+    events = list(c.events(job))
+    if events[-1]["state"] != "done":
+        raise RuntimeError(f"job {job} ended {events[-1]['state']}: {events[-1]['message']}")
+    return events
+
+
+def throughput(a: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    ours = not ray.is_initialized()  # a test may have started Ray already
+    if ours:
+        ray.init(
+            num_cpus=max(max(a.workers), 1),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            runtime_env=checkout_runtime_env(),
+        )
+    rows = []
+    try:
+        for workers in a.workers:
+            with tempfile.TemporaryDirectory() as tmp:
+                svc, thread = _start(Path(tmp) / "jobs", workers, "cpu", runner=cpu_job)
+                try:
+                    with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+                        scene = scene_msg(str(a.work_ms), delay_ms=a.steps, captures=1)  # prompt: ms, seed: steps
+                        t0 = time.perf_counter()
+                        jobs = [c.submit(scene) for _ in range(a.jobs)]
+                        latencies = []
+                        for job in jobs:
+                            for e in _wait_done(c, job):
+                                if e["stage"] == "work":
+                                    latencies.append(e["time"] - float(e["message"].split()[0]))
+                        wall_s = time.perf_counter() - t0
+                finally:
+                    svc.stop()
+                    thread.join(60)
+            latencies.sort()
+            rows.append(
+                {
+                    "workers": workers,
+                    "jobs": a.jobs,
+                    "wall_s": round(wall_s, 3),
+                    "jobs_per_min": round(60 * a.jobs / wall_s, 2),
+                    "event_latency_ms_median": round(1000 * latencies[len(latencies) // 2], 3),
+                    "event_latency_ms_p95": round(1000 * latencies[int(0.95 * (len(latencies) - 1))], 3),
+                    "events": len(latencies),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        if ours:
+            ray.shutdown()
+    base = next(r["jobs_per_min"] for r in rows if r["workers"] == 1)
+    return {
+        "job": f"{a.steps} steps x {a.work_ms} ms CPU",
+        "rows": rows,
+        "ratio": [r["jobs_per_min"] / base for r in rows],
+    }
+
+
+def overhead(a: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    import torch
+
+    from backend.loop import run_loop
+    from backend.scene import load_scene
+    from backend.service.store import scene_message
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    scene = load_scene(a.scene)
+    inproc = []
+    for i in range(a.repeats):
+        t0 = time.perf_counter()
+        run_loop(scene, a.out / f"inproc{i}", device=device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        inproc.append(time.perf_counter() - t0)
+        print(f"in-process run {i}: {inproc[-1]:.2f} s", flush=True)
+    ray.init(
+        include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, runtime_env=checkout_runtime_env()
+    )
+    served, started_to_done = [], []
+    try:
+        svc, thread = _start(a.out / "jobs", 1, device)
+        try:
+            with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+                info = c.hello()
+                msg = scene_message(scene)
+                for i in range(a.repeats):
+                    t0 = time.perf_counter()
+                    events = _wait_done(c, c.submit(msg))
+                    served.append(time.perf_counter() - t0)
+                    started = next(e["time"] for e in events if e["stage"] == "starting")
+                    started_to_done.append(events[-1]["time"] - started)
+                    print(f"Ray run {i}: {served[-1]:.2f} s (worker: {started_to_done[-1]:.2f} s)", flush=True)
+        finally:
+            svc.stop()
+            thread.join(60)
+    finally:
+        ray.shutdown()
+    warm_in, warm_ray = min(inproc[1:] or inproc), min(served[1:] or served)
+    return {
+        "scene": str(a.scene),
+        "device": device,
+        "service_device": info["device"],
+        "in_process_s": [round(t, 3) for t in inproc],
+        "ray_submit_to_done_s": [round(t, 3) for t in served],
+        "ray_started_to_done_s": [round(t, 3) for t in started_to_done],
+        "overhead_pct_warm": round(100 * (warm_ray - warm_in) / warm_in, 2),
+        "target_pct": 5.0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="mode", required=True)
+    p = sub.add_parser("throughput", help="CPU: jobs per minute with 1 and 2 workers")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="pool sizes; 0: the service without Ray")
+    p.add_argument("--jobs", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--work-ms", type=int, default=200, help="CPU milliseconds per step")
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("overhead", help="one GPU: the loop through the Ray pool against in-process")
+    p.add_argument("--scene", type=Path, required=True, help="scene folder (scene.json)")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each; the warm ones (all but the first) compare")
+    p.add_argument("--device", default=None, help="default: cuda when torch sees a GPU, else cpu")
+    p.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    result = throughput(a) if a.mode == "throughput" else overhead(a)
+    result.update(machine=f"{platform.node()} {platform.processor() or platform.machine()}", date=time.strftime("%F"))
+    (a.out / f"bench_cluster_{a.mode}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

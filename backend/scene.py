@@ -29,11 +29,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from protocol.settings import SETTINGS, SettingError, check_settings
 
 SCENE_FORMAT_VERSION = 1
 SCENE_FILE = "scene.json"
@@ -161,72 +163,30 @@ class TrajectoryFrame:
     camera: Camera
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Per-job settings a user picks (Blender sidebar, CLI or scene.json). Defaults favour CPU."""
+def _settings_from_json(cls, d: Any, path: str = "settings") -> Settings:
+    """Settings from a scene.json/wire map (missing names take defaults). Raises SceneError naming the field."""
+    try:
+        return cls(**check_settings(d, path))
+    except SettingError as err:
+        raise SceneError(str(err)) from None
 
-    width: int = 320  # working resolution of renders, generated frames and Gaussian fitting
-    height: int = 240
-    segment_length: int = 40  # AnyRecon trains on 40-frame clips
-    segment_overlap: int = 2  # carried-over frames (AnyRecon: last 2 frames of the previous segment)
-    retrieval_k: int = 10  # AnyRecon keeps up to 10 captures per chunk
-    generator: str = "reproject"  # registry name; "anyrecon" for the diffusion model
-    num_steps: int = 4  # denoising steps of a diffusion generator (AnyRecon: 4)
-    generator_memory: str = "none"  # learned generator weights: none, fp8, group_offload (24 GB cards), model_offload
-    generator_attention: str = "auto"  # auto (what the weights were trained with), full, block (block-trained only)
-    gaussian_iterations: int = 300
-    update_memory: bool = True  # AnyRecon's closed loop; off to measure its effect
-    guide: bool = True  # Gaussians on the captures alone guide the generator (LoopConfig.guide); off: faster
-    seed: int = 0
-    prompt: str = ""
 
-    LIMITS = {
-        "width": (16, 4096),
-        "height": (16, 4096),
-        "segment_length": (2, 512),
-        "segment_overlap": (0, 16),
-        "retrieval_k": (0, 64),
-        "num_steps": (1, 1000),
-        "gaussian_iterations": (0, 1_000_000),
-        "seed": (0, 2**31 - 1),
-    }
-    CHOICES = {  # backend.generators.MEMORY_MODES; the job-facing part of ATTENTION_SETTINGS
-        "generator_memory": ("none", "fp8", "group_offload", "model_offload"),
-        "generator_attention": ("auto", "full", "block"),
-    }
+def _settings_to_json(self) -> dict[str, Any]:
+    return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    @classmethod
-    def from_json(cls, d: Any, path: str = "settings") -> Settings:
-        if d is None:
-            return cls()
-        if not isinstance(d, dict):
-            raise SceneError(f"{path}: must be an object; got {type(d).__name__}")
-        known = {f.name: f for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in d.items():
-            if key not in known:
-                raise SceneError(f"{path}.{key}: unknown setting; known: {', '.join(sorted(known))}")
-            default = getattr(cls, key)
-            want = type(default)
-            if want is bool:
-                if not isinstance(value, bool):
-                    raise SceneError(f"{path}.{key}: must be true or false; got {value!r}")
-            elif want is int:
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise SceneError(f"{path}.{key}: must be an integer; got {value!r}")
-                lo, hi = cls.LIMITS[key]
-                if not lo <= value <= hi:
-                    raise SceneError(f"{path}.{key}: must be in [{lo}, {hi}]; got {value}")
-            elif want is str:
-                if not isinstance(value, str):
-                    raise SceneError(f"{path}.{key}: must be a string; got {value!r}")
-                if key in cls.CHOICES and value not in cls.CHOICES[key]:
-                    raise SceneError(f"{path}.{key}: must be one of {', '.join(cls.CHOICES[key])}; got {value!r}")
-            kwargs[key] = value
-        return cls(**kwargs)
 
-    def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+_PY_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "enum": str}
+
+# Per-job settings a user picks (Blender sidebar, CLI or scene.json): one field per row of
+# protocol.settings.SETTINGS (name, default and rule live there). Defaults favour CPU.
+Settings = make_dataclass(
+    "Settings",
+    [(s.name, _PY_TYPES[s.kind], field(default=s.default)) for s in SETTINGS],
+    frozen=True,
+    namespace={"from_json": classmethod(_settings_from_json), "to_json": _settings_to_json},
+)
+Settings.__module__ = __name__  # make_dataclass takes module= only from Python 3.12
+Settings.__doc__ = "Per-job settings, one field per row of ``protocol.settings.SETTINGS``."
 
 
 @dataclass(frozen=True)

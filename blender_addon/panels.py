@@ -6,6 +6,8 @@ import time
 
 import bpy
 
+from protocol.settings import SECTION_ADVANCED, SECTION_MAIN, in_section
+
 from . import connection
 
 CATEGORY = "ReconLoop"
@@ -85,25 +87,34 @@ class RECONLOOP_PT_trajectory(_Panel, bpy.types.Panel):
 
 
 class RECONLOOP_PT_settings(_Panel, bpy.types.Panel):
+    """The job settings of protocol.settings.SETTINGS whose section is "main", in table order."""
+
     bl_label = "Settings"
     bl_parent_id = "RECONLOOP_PT_main"
     bl_options = {"DEFAULT_CLOSED"}
+    section = SECTION_MAIN
 
     def draw(self, context):
-        st = context.scene.reconloop
-        layout = self.layout
-        layout.use_property_split = True
-        layout.prop(st, "generator")
-        col = layout.column(align=True)
-        col.prop(st, "width")
-        col.prop(st, "height")
-        layout.prop(st, "segment_length")
-        layout.prop(st, "retrieval_k")
-        layout.prop(st, "num_steps")
-        layout.prop(st, "gaussian_iterations")
-        layout.prop(st, "guide")
-        layout.prop(st, "seed")
-        layout.prop(st, "prompt")
+        draw_settings(self.layout, context.scene.reconloop, self.section)
+
+
+class RECONLOOP_PT_settings_advanced(_Panel, bpy.types.Panel):
+    bl_label = "Advanced"
+    bl_parent_id = "RECONLOOP_PT_settings"
+    bl_options = {"DEFAULT_CLOSED"}
+    section = SECTION_ADVANCED
+
+    def draw(self, context):
+        draw_settings(self.layout, context.scene.reconloop, self.section)
+
+
+def draw_settings(layout, st, section: str) -> None:
+    """One row per setting of ``section``; label and value share the width, so labels are not cut."""
+    layout.use_property_split = True
+    layout.use_property_decorate = False
+    col = layout.column(align=False)
+    for row in in_section(section):
+        col.prop(st, row.name)
 
 
 class RECONLOOP_UL_jobs(bpy.types.UIList):
@@ -136,6 +147,7 @@ CLASSES = (
     RECONLOOP_PT_captures,
     RECONLOOP_PT_trajectory,
     RECONLOOP_PT_settings,
+    RECONLOOP_PT_settings_advanced,
     RECONLOOP_UL_jobs,
     RECONLOOP_PT_jobs,
 )

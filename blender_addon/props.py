@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import bpy
 
-# Defaults follow backend.scene.Settings (CPU-friendly); the server checks every value.
-DEFAULT_WIDTH = 320
-DEFAULT_HEIGHT = 240
-DEFAULT_SEGMENT_LENGTH = 40  # AnyRecon trains on 40-frame clips
-DEFAULT_RETRIEVAL_K = 10  # AnyRecon keeps up to 10 captures per chunk
-DEFAULT_GAUSSIAN_ITERATIONS = 300
-DEFAULT_NUM_STEPS = 4  # AnyRecon's distilled generator
-FALLBACK_GENERATORS = ("reproject", "anyrecon")
+from protocol.settings import BY_NAME, SETTINGS, Setting
 
 # EnumProperty item callbacks must keep their strings alive (a Blender requirement): module level.
-_generator_items: list[tuple[str, str, str]] = [(g, g, f"generator {g}") for g in FALLBACK_GENERATORS]
+_generator_items: list[tuple[str, str, str]] = [(g, g, f"generator {g}") for g in BY_NAME["generator"].choices]
 
 
 def set_generators(names: list[str]) -> None:
@@ -25,6 +18,25 @@ def set_generators(names: list[str]) -> None:
 
 def _generators(self, context):
     return _generator_items
+
+
+def setting_property(row: Setting):
+    """The Blender property for one row of protocol.settings.SETTINGS (default, range, label, help)."""
+    common = {"name": row.label, "description": row.help}
+    if row.kind == "int":
+        lo, hi = row.range
+        return bpy.props.IntProperty(default=row.default, min=int(lo), max=int(hi), **common)
+    if row.kind == "float":
+        lo, hi = row.range
+        return bpy.props.FloatProperty(default=row.default, min=lo, max=hi, **common)
+    if row.kind == "bool":
+        return bpy.props.BoolProperty(default=row.default, **common)
+    if row.kind == "str":
+        return bpy.props.StringProperty(default=row.default, **common)
+    if row.open_choices:  # the service's list replaces the table's; the generator is the only such row
+        return bpy.props.EnumProperty(items=_generators, **common)
+    items = [(c, c, f"{row.label}: {c}") for c in row.choices]
+    return bpy.props.EnumProperty(items=items, default=row.default, **common)
 
 
 def _is_camera(self, obj) -> bool:
@@ -52,35 +64,6 @@ class ReconLoopSceneSettings(bpy.types.PropertyGroup):
     frame_start: bpy.props.IntProperty(name="Start", default=1)
     frame_end: bpy.props.IntProperty(name="End", default=40)
     frame_step: bpy.props.IntProperty(name="Step", default=1, min=1)
-    generator: bpy.props.EnumProperty(name="Generator", items=_generators)
-    width: bpy.props.IntProperty(
-        name="Width",
-        description="Working resolution (generated frames, Gaussian fitting)",
-        default=DEFAULT_WIDTH,
-        min=16,
-        max=4096,
-    )
-    height: bpy.props.IntProperty(name="Height", default=DEFAULT_HEIGHT, min=16, max=4096)
-    segment_length: bpy.props.IntProperty(
-        name="Segment length", description="Frames generated together", default=DEFAULT_SEGMENT_LENGTH, min=2, max=512
-    )
-    retrieval_k: bpy.props.IntProperty(
-        name="Retrieved views",
-        description="Captures given to the generator per segment",
-        default=DEFAULT_RETRIEVAL_K,
-        min=0,
-        max=64,
-    )
-    gaussian_iterations: bpy.props.IntProperty(name="Gaussian iterations", default=DEFAULT_GAUSSIAN_ITERATIONS, min=0)
-    guide: bpy.props.BoolProperty(
-        name="Guide",
-        default=True,
-        description="Fit Gaussians on the captures first and render them for the generator: better frames "
-        "where the captures are far apart, about twice the fitting time",
-    )
-    num_steps: bpy.props.IntProperty(name="Denoising steps", default=DEFAULT_NUM_STEPS, min=1, max=1000)
-    seed: bpy.props.IntProperty(name="Seed", default=0, min=0)
-    prompt: bpy.props.StringProperty(name="Prompt", description="Optional text for the generator")
 
     def frame_range(self, scene) -> tuple[int, int, int]:
         if self.use_scene_range:
@@ -88,20 +71,19 @@ class ReconLoopSceneSettings(bpy.types.PropertyGroup):
         return self.frame_start, self.frame_end, self.frame_step
 
     def job_settings(self) -> dict:
-        out = {
-            "generator": self.generator,
-            "width": self.width,
-            "height": self.height,
-            "segment_length": self.segment_length,
-            "retrieval_k": self.retrieval_k,
-            "gaussian_iterations": self.gaussian_iterations,
-            "guide": self.guide,
-            "num_steps": self.num_steps,
-            "seed": self.seed,
-        }
-        if self.prompt:
-            out["prompt"] = self.prompt
+        """Every job setting by name (protocol.settings.SETTINGS); an empty string is left out."""
+        out = {}
+        for row in SETTINGS:
+            value = getattr(self, row.name)
+            if row.kind in ("str", "enum") and not value:
+                continue
+            out[row.name] = value
         return out
+
+
+# One property per job setting, from the table (Blender reads the annotations when it registers the class).
+for _row in SETTINGS:
+    ReconLoopSceneSettings.__annotations__[_row.name] = setting_property(_row)
 
 
 class ReconLoopJobItem(bpy.types.PropertyGroup):

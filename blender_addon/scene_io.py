@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from protocol.settings import NAMES
+
 from .cameras import BlenderCameraParams, OpenCVCamera, blender_from_opencv
 from .errors import ReconLoopError
 
@@ -35,21 +37,8 @@ except ImportError:  # pragma: no cover - only when the extension was built with
     encoded_image_size = None
 
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg")
-# Job settings the sidebar offers (names of backend.scene.Settings fields; the server checks values).
-SETTING_NAMES = (
-    "width",
-    "height",
-    "segment_length",
-    "segment_overlap",
-    "retrieval_k",
-    "generator",
-    "num_steps",
-    "gaussian_iterations",
-    "update_memory",
-    "guide",
-    "seed",
-    "prompt",
-)
+# Job settings a submit may carry: the names of protocol.settings.SETTINGS (the server checks values).
+SETTING_NAMES = NAMES
 
 # What each finished file of a job is, by name (the backend's job outputs).
 KIND_POINTS = "points"

@@ -211,7 +211,7 @@ SCENE = Field(
         Field(
             "settings",
             "map",
-            "job settings (backend.scene.Settings field names)",
+            "job settings (protocol.settings.SETTINGS names)",
             required=False,
             max_len=limits.MAX_SETTINGS,
         ),

@@ -19,6 +19,7 @@ from backend.generators import (
 )
 from backend.generators.reproject import ReprojectGenerator
 from backend.scene import SceneError, Settings
+from protocol.settings import BY_NAME as SETTING_ROWS
 
 
 def test_weightless_generator_is_built_from_its_config() -> None:
@@ -112,8 +113,8 @@ def test_serve_weight_options() -> None:
 
 
 def test_job_settings_reach_the_generator_config() -> None:
-    assert set(Settings.CHOICES["generator_memory"]) == set(MEMORY_MODES)
-    assert set(Settings.CHOICES["generator_attention"]) <= set(ATTENTION_SETTINGS)
+    assert set(SETTING_ROWS["generator_memory"].choices) == set(MEMORY_MODES)
+    assert set(SETTING_ROWS["generator_attention"].choices) <= set(ATTENTION_SETTINGS)
     s = Settings.from_json({"generator": "anyrecon", "generator_memory": "group_offload", "num_steps": 3})
     cfg = GeneratorConfig.from_settings(s)
     assert cfg == GeneratorConfig("anyrecon", memory="group_offload", attention="auto", num_steps=3)

@@ -1,0 +1,240 @@
+"""Job settings, declared once: name, type, default, range, label, help, and where the sidebar shows them.
+
+This table is part of the wire format: a submit's ``scene.settings`` map and scene.json's
+``settings`` object hold these names. Everything else reads it: ``backend.scene.Settings`` (the frozen
+dataclass the loop uses) builds its fields and checks from it, the Blender add-on builds its scene
+properties and the sidebar's Settings panel from it, and the add-on sends exactly these names.
+Stdlib only (runs inside Blender and on the service).
+
+Adding a setting is one :class:`Setting` row appended to :data:`SETTINGS`, plus the code that uses it.
+
+Example::
+
+    >>> from protocol.settings import SETTINGS, check_settings
+    >>> check_settings({"width": 64, "guide": False})
+    {'width': 64, 'guide': False}
+    >>> check_settings({"width": 8})
+    Traceback (most recent call last):
+    ...
+    protocol.settings.SettingError: settings.width: must be in [16, 4096]; got 8
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+KINDS = ("int", "float", "bool", "str", "enum")
+# Where a setting appears in the Blender sidebar's Settings panel (None in a row: not shown).
+SECTION_MAIN = "main"
+SECTION_ADVANCED = "advanced"
+SECTIONS = (SECTION_MAIN, SECTION_ADVANCED)
+MAX_STR_CHARS = 4096  # a string setting (the prompt); the codec bounds any string at 64 KiB anyway
+
+
+class SettingError(ValueError):
+    """A setting value that breaks its row's rule; the message starts with ``settings.<name>``."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One job setting.
+
+    Attributes:
+        name: the key on the wire and in scene.json; a Python identifier.
+        kind: "int", "float", "bool", "str" or "enum".
+        default: the value when a job does not give one (favours CPU).
+        label: short name in the sidebar (fits a narrow sidebar: about 16 characters).
+        help: one or two sentences: what it changes and what it costs.
+        range: (min, max), inclusive, for "int" and "float"; None for the others.
+        choices: for "enum", the values accepted; with ``open_choices`` they are only the values offered
+            until the service lists its own (generator names come from the service's registry).
+        open_choices: "enum" only: any non-empty string is accepted here and the service checks it.
+        section: where the sidebar shows it (SECTIONS), or None for not at all.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    label: str
+    help: str
+    range: tuple[float, float] | None = None
+    choices: tuple[str, ...] = ()
+    open_choices: bool = False
+    section: str | None = SECTION_MAIN
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"Setting.name: must be an identifier; got {self.name!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"Setting {self.name}.kind: must be one of {KINDS}; got {self.kind!r}")
+        if (self.range is not None) != (self.kind in ("int", "float")):
+            raise ValueError(f"Setting {self.name}.range: int and float settings need one, others none")
+        if (self.kind == "enum") != bool(self.choices):
+            raise ValueError(f"Setting {self.name}.choices: enum settings need choices, others none")
+        if self.section is not None and self.section not in SECTIONS:
+            raise ValueError(f"Setting {self.name}.section: must be one of {SECTIONS} or None; got {self.section!r}")
+        self.check(self.default, path=f"Setting {self.name}.default")
+
+    def check(self, value: Any, path: str | None = None) -> Any:
+        """Return ``value`` if it obeys this row (ints accepted for floats, as float); else SettingError."""
+        path = path or f"settings.{self.name}"
+        kind = self.kind
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise SettingError(f"{path}: must be true or false; got {value!r}")
+            return value
+        if kind in ("int", "float"):
+            number_ok = isinstance(value, int) or (kind == "float" and isinstance(value, float))
+            if isinstance(value, bool) or not number_ok:
+                raise SettingError(f"{path}: must be {'an integer' if kind == 'int' else 'a number'}; got {value!r}")
+            if kind == "float":
+                value = float(value)
+                if not math.isfinite(value):
+                    raise SettingError(f"{path}: must be a finite number; got {value!r}")
+            lo, hi = self.range
+            if not lo <= value <= hi:
+                raise SettingError(f"{path}: must be in [{lo}, {hi}]; got {value}")
+            return value
+        if not isinstance(value, str):
+            raise SettingError(f"{path}: must be a string; got {value!r}")
+        if len(value) > MAX_STR_CHARS:
+            raise SettingError(f"{path}: at most {MAX_STR_CHARS} characters; got {len(value)}")
+        if kind == "enum":
+            if self.open_choices:
+                if not value:
+                    raise SettingError(f"{path}: must be a non-empty name; got ''")
+            elif value not in self.choices:
+                raise SettingError(f"{path}: must be one of {', '.join(self.choices)}; got {value!r}")
+        return value
+
+
+# The table. Append rows here; keep labels short enough for the sidebar.
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "generator",
+        "enum",
+        "reproject",
+        "Generator",
+        "How new views are made: 'reproject' warps the captures (fast, CPU); 'anyrecon' is the video "
+        "diffusion model (GPU). The service lists the generators it has",
+        choices=("reproject", "anyrecon"),
+        open_choices=True,
+    ),
+    Setting(
+        "width",
+        "int",
+        320,
+        "Width",
+        "Working resolution: generated frames and Gaussian fitting",
+        range=(16, 4096),
+    ),
+    Setting(
+        "height", "int", 240, "Height", "Working resolution: generated frames and Gaussian fitting", range=(16, 4096)
+    ),
+    Setting(
+        "segment_length",
+        "int",
+        40,
+        "Segment",
+        "Trajectory frames generated together (AnyRecon is trained on 40-frame clips)",
+        range=(2, 512),
+    ),
+    Setting(
+        "segment_overlap",
+        "int",
+        2,
+        "Overlap",
+        "Frames of the previous segment carried into the next, for continuity",
+        range=(0, 16),
+        section=SECTION_ADVANCED,
+    ),
+    Setting(
+        "retrieval_k",
+        "int",
+        10,
+        "Views",
+        "Captures given to the generator for each segment, the nearest to its cameras",
+        range=(0, 64),
+    ),
+    Setting("num_steps", "int", 4, "Steps", "Denoising steps of a diffusion generator", range=(1, 1000)),
+    Setting(
+        "generator_memory",
+        "enum",
+        "none",
+        "GPU memory",
+        "Where a diffusion generator's weights live: 'none' all on the GPU (about 40 GB), 'fp8' stored in "
+        "8 bits, 'group_offload' streamed from CPU memory (for 24 GB cards, slower), 'model_offload' each "
+        "model on the GPU only while it runs",
+        choices=("none", "fp8", "group_offload", "model_offload"),
+        section=SECTION_ADVANCED,
+    ),
+    Setting(
+        "generator_attention",
+        "enum",
+        "auto",
+        "Attention",
+        "A diffusion generator's attention: 'auto' what its weights were trained with (full for AnyRecon's "
+        "released weights), 'full', or 'block' (AnyRecon's sparse pattern, for weights trained with it)",
+        choices=("auto", "full", "block"),
+        section=SECTION_ADVANCED,
+    ),
+    Setting(
+        "gaussian_iterations",
+        "int",
+        300,
+        "Iterations",
+        "Optimisation steps of the final Gaussian fit; more is sharper and slower",
+        range=(0, 1_000_000),
+    ),
+    Setting(
+        "guide",
+        "bool",
+        True,
+        "Guide",
+        "Fit Gaussians on the captures first and render them for the generator: better frames where the "
+        "captures are far apart, about twice the fitting time",
+    ),
+    Setting(
+        "update_memory",
+        "bool",
+        True,
+        "Update memory",
+        "Add each generated segment's geometry to the point memory before the next (the closed loop)",
+        section=SECTION_ADVANCED,
+    ),
+    Setting("seed", "int", 0, "Seed", "Random seed of generation and fitting", range=(0, 2**31 - 1)),
+    Setting("prompt", "str", "", "Prompt", "Optional text for the generator"),
+)
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+NAMES: tuple[str, ...] = tuple(BY_NAME)
+if len(NAMES) != len(SETTINGS):  # pragma: no cover - a table edit that repeats a name
+    raise ValueError("protocol.settings.SETTINGS: two rows share a name")
+
+
+def defaults() -> dict[str, Any]:
+    """Every setting's default, by name."""
+    return {s.name: s.default for s in SETTINGS}
+
+
+def in_section(section: str) -> tuple[Setting, ...]:
+    """The rows the sidebar shows in ``section``, in table order."""
+    return tuple(s for s in SETTINGS if s.section == section)
+
+
+def check_settings(d: Any, path: str = "settings") -> dict[str, Any]:
+    """Check a settings map (wire or scene.json); returns the given values, checked. Raises SettingError."""
+    if d is None:
+        return {}
+    if not isinstance(d, Mapping):
+        raise SettingError(f"{path}: must be an object; got {type(d).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        row = BY_NAME.get(key)
+        if row is None:
+            raise SettingError(f"{path}.{key}: unknown setting; known: {', '.join(sorted(NAMES))}")
+        out[key] = row.check(value, f"{path}.{key}")
+    return out

@@ -1,0 +1,86 @@
+"""Every row of protocol.settings.SETTINGS reaches backend.scene.Settings, the Blender properties,
+the sidebar's Settings panels and the submit payload, with the row's default, range and label."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from types import SimpleNamespace
+
+import bpy
+import pytest
+
+import blender_addon
+from backend.scene import SceneError, Settings
+from blender_addon import panels, scene_io
+from protocol.settings import SECTIONS, SETTINGS
+
+
+@pytest.fixture
+def registered():
+    blender_addon.register()
+    yield
+    blender_addon.unregister()
+
+
+class _RecordingLayout:
+    """Stands in for a panel's UILayout: records which properties the panel draws."""
+
+    def __init__(self, drawn: list[str]):
+        self.drawn = drawn
+
+    def column(self, **_):
+        return self
+
+    def row(self, **_):
+        return self
+
+    def prop(self, data, name, **_):
+        assert hasattr(data, name), name
+        self.drawn.append(name)
+
+
+def test_every_row_reaches_settings():
+    names = [f.name for f in fields(Settings)]
+    assert names == [row.name for row in SETTINGS]
+    s = Settings()
+    for row in SETTINGS:
+        assert getattr(s, row.name) == row.default
+        if row.range is not None:
+            lo, hi = row.range
+            Settings.from_json({row.name: type(row.default)(hi)})
+            with pytest.raises(SceneError, match=rf"^settings\.{row.name}: must be in"):
+                Settings.from_json({row.name: type(row.default)(hi + 1)})
+        with pytest.raises(SceneError, match=rf"^settings\.{row.name}: "):
+            Settings.from_json({row.name: None})
+    assert Settings.from_json(s.to_json()) == s
+
+
+def test_every_row_reaches_the_property_group_and_the_panel(registered):
+    st = bpy.context.scene.reconloop
+    props = st.bl_rna.properties
+    for row in SETTINGS:
+        assert row.name in props, f"{row.name}: no Blender property"
+        p = props[row.name]
+        assert p.name == row.label and p.description == row.help
+        if row.kind in ("int", "float"):
+            assert (p.hard_min, p.hard_max) == pytest.approx(row.range)
+            assert getattr(st, row.name) == row.default
+        elif row.kind in ("bool", "str"):
+            assert getattr(st, row.name) == row.default
+        else:
+            assert getattr(st, row.name) == row.default  # first offered item is the table's default
+
+    drawn: dict[str, list[str]] = {}
+    for panel in (panels.RECONLOOP_PT_settings, panels.RECONLOOP_PT_settings_advanced):
+        out: list[str] = []
+        panel.draw(SimpleNamespace(layout=_RecordingLayout(out), section=panel.section), bpy.context)
+        drawn[panel.section] = out
+    assert set(drawn) == set(SECTIONS)
+    for section in SECTIONS:
+        assert drawn[section] == [row.name for row in SETTINGS if row.section == section]
+    assert all(len(row.label) <= 16 for row in SETTINGS), "labels must fit the sidebar"
+
+    # what the sidebar sends is what Settings accepts, and the default job is the default Settings
+    sent = st.job_settings()
+    assert set(sent) <= set(scene_io.SETTING_NAMES)
+    assert Settings.from_json(sent) == Settings()

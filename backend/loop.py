@@ -42,13 +42,16 @@ from protocol.ply import PointArrays
 
 from . import outputs
 from .formats.undistort import undistort_image
+from .estimators.patchmatch import default_estimator
 from .generators import Generator, generator_class
+from .masks import stack_masks
 from .progress import ProgressEvent, ProgressFn, no_progress
 from .scene import Camera, Scene, Settings
 from .stages.fit import (
     FitConfig,
     FitViews,
     Gaussians,
+    crop_to_masks,
     default_rasterizer,
     fit_gaussians,
     gaussians_to_arrays,
@@ -105,6 +108,8 @@ class LoopConfig:
         occlusion_test: the retrieved captures go to the generator with a depth map (the guide's
             where it is opaque, else the memory rendered into them), so that a capture does not
             lend its colour to points hidden behind its own surface.
+        has_crop_to_masks: when the captures have masks, gaussians.ply keeps only the Gaussians
+            inside their visual hull (``backend.stages.fit.crop_to_masks``).
     """
 
     width: int = Settings.width
@@ -128,6 +133,7 @@ class LoopConfig:
     guide: bool = True
     guide_alpha: float = 0.5
     occlusion_test: bool = True
+    has_crop_to_masks: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.guide_alpha <= 1.0:
@@ -156,6 +162,7 @@ class LoopConfig:
                 rasterizer=default_rasterizer(device),
             ),
             has_fit=settings.gaussian_iterations > 0,
+            estimator=default_estimator(device),
             guide=settings.guide,
             generator=settings.generator,
             num_steps=settings.num_steps,
@@ -574,6 +581,7 @@ def run_loop(
             images=to_tensor([load_image_array(p, W, H) for p, _ in pinholes], device),
             cams=Cameras.from_scene([c for _, c in pinholes], W, H, device=device),
             ids=list(range(len(pinholes))),  # = memory.source ids: indices into the captures used
+            masks=stack_masks(used, cams_full, W, H, device),
         )
         targets_all = Cameras.from_scene(traj_scene, W, H, device=device)
     capture_records = [
@@ -590,7 +598,7 @@ def run_loop(
 
     # 1. Geometry memory M from the posed captures.
     with meter.measure("memory"):
-        memory = build_memory(captures, cfg.memory, estimator=cfg.estimator)
+        memory = build_memory(captures, cfg.memory, estimator=cfg.estimator, notes=notes)
     memory_initial = memory
     outputs.write_points(out_dir / outputs.POINTS_FILE, _points(memory))
     cams_name = outputs.write_cameras(out_dir, capture_records, list(zip(frame_numbers, traj_scene)))
@@ -694,6 +702,8 @@ def run_loop(
             gaussians = fit_gaussians(
                 fit_views, start, cfg.fit, device=device, progress=fit_progress("fit", done, "Gaussians")
             )
+            if cfg.has_crop_to_masks and captures.masks is not None:
+                gaussians = crop_to_masks(gaussians, captures.cams, captures.masks)
         outputs.write_gaussians(out_dir / outputs.GAUSSIANS_FILE, gaussians_to_arrays(gaussians))
         report(
             "fit",

@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .scene import Camera, Capture
@@ -96,3 +97,13 @@ def threshold_silhouette(image: np.ndarray, *, threshold: float, dilate_px: int,
     if erode_px > 0:
         mask = cv2.erode(mask, np.ones((2 * erode_px + 1, 2 * erode_px + 1), np.uint8))
     return mask > 0
+
+
+def stack_masks(captures: list[Capture], cameras: list[Camera], width: int, height: int, device) -> torch.Tensor | None:
+    """The captures' masks at the working size, or None when none of them has one (a capture
+    without a mask keeps every pixel). bool [C, height, width]"""
+    found = [capture_mask(c, cam) for c, cam in zip(captures, cameras)]
+    if all(m is None for m in found):
+        return None
+    full = [np.ones((height, width), bool) if m is None else resize_mask(m, width, height) for m in found]
+    return torch.from_numpy(np.stack(full)).to(device)

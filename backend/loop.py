@@ -41,8 +41,8 @@ from torch import Tensor
 from protocol.ply import PointArrays
 
 from . import outputs
-from .formats.undistort import undistort_image
 from .estimators.patchmatch import default_estimator
+from .formats.undistort import undistort_image
 from .generators import Generator, generator_class
 from .masks import stack_masks
 from .progress import ProgressEvent, ProgressFn, no_progress

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..stages.render import project_points
 from ..stages.types import Cameras, GeometryMemory, Views
-from . import ESTIMATORS
+from . import ESTIMATORS, GeometryError
 
 COND_MAX = 1e6  # the axes are treated as parallel when their normal equations are this ill-conditioned
 CARVE_CHUNK = 1 << 20  # voxels projected at once
@@ -82,7 +82,9 @@ def auto_box(cams: Cameras, box_scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """A box every camera frames: (min corner [3], max corner [3]), world units."""
     center = axes_center(cams)
     if center is None:
-        raise ValueError("hull: the captures' optical axes are near parallel; a visual hull needs views around the object")
+        raise GeometryError(
+            "hull: the captures' optical axes are near parallel; a visual hull needs views around the object"
+        )
     dist = (cams.centers - center).norm(dim=1)  # [C]
     half_fov = torch.atan(torch.maximum(cams.width / (2 * cams.K[:, 0, 0]), cams.height / (2 * cams.K[:, 1, 1])))
     half = float((dist * torch.tan(half_fov)).median()) * box_scale
@@ -197,7 +199,7 @@ class VisualHull:
     def estimate(self, views: Views) -> GeometryMemory:
         """Captures (images [C, H, W, 3], cameras, ids, masks [C, H, W]) -> surface points of the hull."""
         if views.masks is None:
-            raise ValueError("hull: the captures have no masks; a visual hull needs each capture's object mask")
+            raise GeometryError("hull: the captures have no masks; a visual hull needs each capture's object mask")
         if tuple(views.masks.shape) != tuple(views.images.shape[:3]):
             raise ValueError(
                 f"hull: views.masks must be {tuple(views.images.shape[:3])} (one per image); got {tuple(views.masks.shape)}"

@@ -234,4 +234,3 @@ class PatchMatchMVS:
 def default_estimator(device: torch.device | str) -> str:
     """``patchmatch`` on a CUDA device where pycolmap has CUDA, else ``mvs`` (plane sweep)."""
     return "patchmatch" if torch.device(device).type == "cuda" and has_cuda_patchmatch() else "mvs"
-

@@ -260,7 +260,9 @@ class FitViews:
         if any(v.masks is not None for v in items):
             masks = torch.cat(
                 [
-                    torch.ones(v.images.shape[:3], dtype=torch.bool, device=v.images.device) if v.masks is None else v.masks
+                    torch.ones(v.images.shape[:3], dtype=torch.bool, device=v.images.device)
+                    if v.masks is None
+                    else v.masks
                     for v in items
                 ]
             )

@@ -156,7 +156,10 @@ def estimate_with_fallback(views: Views, cfg: MemoryConfig, estimator: str, note
             return memory
         why += f"; the visual hull gave {len(memory)} points"
     memory, depth_note = bounded_depth_points(views, cfg)
-    _note(notes, f"geometry: {why}; used bounded depth ({depth_note}, {len(memory)} points, confidence {cfg.fallback_confidence:g})")
+    _note(
+        notes,
+        f"geometry: {why}; used bounded depth ({depth_note}, {len(memory)} points, confidence {cfg.fallback_confidence:g})",
+    )
     return memory
 
 

@@ -44,7 +44,9 @@ def test_colmap_array_layout(tmp_path):
 def test_workspace_is_a_colmap_model_of_our_cameras(temple_dir, tmp_path):
     scene = split_protocol(import_scene("middlebury", temple_dir, tmp_path / "s"), "ring-arc")
     cams = Cameras.from_scene([c.camera for c in scene.captures], W, H)
-    views = Views(to_tensor([load_image_array(load_image(c.image), W, H) for c in scene.captures], "cpu"), cams, [4, 5, 6])
+    views = Views(
+        to_tensor([load_image_array(load_image(c.image), W, H) for c in scene.captures], "cpu"), cams, [4, 5, 6]
+    )
     names = write_workspace(views, tmp_path / "ws", [[1, 2], [0, 2], [0, 1]])
     rec = pycolmap.Reconstruction(str(tmp_path / "ws" / "sparse"))
     assert rec.num_reg_images() == 3
@@ -94,4 +96,10 @@ def test_patchmatch_is_picked_only_with_cuda():
     assert default_estimator("cpu") == "mvs"
     if not has_cuda_patchmatch():
         with pytest.raises(GeometryError, match="pycolmap has no CUDA"):
-            PatchMatchMVS().estimate(Views(torch.rand(2, H, W, 3), Cameras(torch.eye(4).repeat(2, 1, 1), torch.eye(3).repeat(2, 1, 1), W, H), [0, 1]))
+            PatchMatchMVS().estimate(
+                Views(
+                    torch.rand(2, H, W, 3),
+                    Cameras(torch.eye(4).repeat(2, 1, 1), torch.eye(3).repeat(2, 1, 1), W, H),
+                    [0, 1],
+                )
+            )

@@ -89,7 +89,11 @@ def test_ring_protocol_runs_end_to_end(dino_dir, tmp_path):
     cfg = cfg.__class__(**{**cfg.__dict__, "has_crop_to_masks": silhouettes})
     scene = scene.__class__(**{**scene.__dict__, "heldout": scene.heldout[:3]})
     report = evaluate_scene(
-        scene, tmp_path / "out", device="cpu", trajectory_mode="interpolate", config=EvalConfig(loop=cfg, frames_per_leg=2)
+        scene,
+        tmp_path / "out",
+        device="cpu",
+        trajectory_mode="interpolate",
+        config=EvalConfig(loop=cfg, frames_per_leg=2),
     )
     assert report["gaussians_loop"]["psnr"] > 5
     assert "visual hull" in " ".join(report["loop_notes"]) and "visual hull" in " ".join(report["memory_notes"])

@@ -52,7 +52,10 @@ def test_dropout_keeps_the_expected_opacity_and_render():
     rast = make_rasterizer("torch_cpu")
     full = rast.render(means, quats, scales, opacities, colors, w2c, K, W, H)[0]
     mean = torch.stack(
-        [rast.render(means, quats, scales, dropout_opacities(opacities, 0.4, gen), colors, w2c, K, W, H)[0] for _ in range(600)]
+        [
+            rast.render(means, quats, scales, dropout_opacities(opacities, 0.4, gen), colors, w2c, K, W, H)[0]
+            for _ in range(600)
+        ]
     ).mean(0)
     assert float((mean - full).abs().max()) < 0.03
 
@@ -103,12 +106,16 @@ def test_random_background_makes_the_fit_blind_to_masked_out_pixels():
     for rb in (True, False):
         cfg = replace(BASE, has_random_background=rb)
         for name, imgs in (("scene", images), ("white", other)):
-            fits[rb, name] = fit_gaussians(FitViews(imgs, cams, torch.ones(imgs.shape[:3]), masks=masks), memory, cfg, device="cpu")
+            fits[rb, name] = fit_gaussians(
+                FitViews(imgs, cams, torch.ones(imgs.shape[:3]), masks=masks), memory, cfg, device="cpu"
+            )
     torch.testing.assert_close(fits[True, "scene"].sh, fits[True, "white"].sh)
     torch.testing.assert_close(fits[True, "scene"].means, fits[True, "white"].means)
     assert not torch.allclose(fits[False, "scene"].sh, fits[False, "white"].sh)
     with pytest.raises(ValueError, match="views.masks must be bool"):
-        fit_gaussians(FitViews(images, cams, torch.ones(images.shape[:3]), masks=masks.float()), memory, BASE, device="cpu")
+        fit_gaussians(
+            FitViews(images, cams, torch.ones(images.shape[:3]), masks=masks.float()), memory, BASE, device="cpu"
+        )
 
 
 def test_crop_to_masks_keeps_gaussians_inside_the_hull():
@@ -122,6 +129,8 @@ def test_crop_to_masks_keeps_gaussians_inside_the_hull():
     masks[:, H // 2 - 6 : H // 2 + 6, W // 2 - 6 : W // 2 + 6] = True  # the middle of every view
     means = torch.tensor([[0.0, 0.0, 0.0], [0.05, -0.05, 0.02], [0.0, 1.2, 0.0], [1.5, 0.0, 0.0]])
     n = len(means)
-    g = Gaussians(means, torch.zeros(n, 3), torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1), torch.zeros(n), torch.zeros(n, 1, 3))
+    g = Gaussians(
+        means, torch.zeros(n, 3), torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1), torch.zeros(n), torch.zeros(n, 1, 3)
+    )
     kept = crop_to_masks(g, cams, masks)
     torch.testing.assert_close(kept.means, means[:2])

@@ -20,7 +20,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .scene import Camera, Capture
@@ -99,9 +98,11 @@ def threshold_silhouette(image: np.ndarray, *, threshold: float, dilate_px: int,
     return mask > 0
 
 
-def stack_masks(captures: list[Capture], cameras: list[Camera], width: int, height: int, device) -> torch.Tensor | None:
+def stack_masks(captures: list[Capture], cameras: list[Camera], width: int, height: int, device):
     """The captures' masks at the working size, or None when none of them has one (a capture
     without a mask keeps every pixel). bool [C, height, width]"""
+    import torch  # kept out of the module's imports: the CLI's parser imports the importers, not torch
+
     found = [capture_mask(c, cam) for c, cam in zip(captures, cameras)]
     if all(m is None for m in found):
         return None

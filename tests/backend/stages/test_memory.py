@@ -118,7 +118,7 @@ def test_estimator_registry_and_input_checks():
     assert "mvs" in available_estimators()
     est = make_estimator("mvs", MVSConfig(max_side=64))
     assert isinstance(est, PlaneSweepMVS) and isinstance(est, GeometryEstimator) and "mvs" in ESTIMATORS
-    with pytest.raises(ValueError, match="known: mvs"):
+    with pytest.raises(ValueError, match="known: hull, mvs, patchmatch"):
         make_estimator("vggt")
     cams = Cameras(torch.eye(4)[None], torch.eye(3)[None], 8, 8)
     with pytest.raises(ValueError, match="at least 2 captures"):

@@ -7,7 +7,10 @@
                             through held-out cameras
 
 Each reports PSNR and SSIM (and LPIPS when its weights are present) against the held-out photos at
-the working size, plus time and peak memory per stage. (b) and (c) fit with the same settings, so
+the working size, plus time and peak memory per stage. When the held-out views have masks (a
+``mask`` per view in scene.json, an alpha channel, DTU's ``mask/``, Middlebury silhouettes), each
+also gets ``<key>_masked``: PSNR over the object's pixels and SSIM averaged over them, both images
+black outside the mask (the DTU sparse-view protocol scores the object only). (b) and (c) fit with the same settings, so
 the difference is what the generated frames bring.
 
 Held-out views come from ``scene.heldout`` or from a protocol of ``../shared/data/README.md``
@@ -43,7 +46,8 @@ from .camera_paths import order_around, path_through
 from .evaluate_args import DEFAULT_TRAIN_VIEWS, PROTOCOLS, TRAJECTORY_MODES, add_eval_arguments  # noqa: F401
 from .generators import Generator
 from .loop import LoopConfig, run_loop
-from .metrics import image_metrics, load_lpips
+from .masks import stack_masks
+from .metrics import DATA_RANGE, MSE_FLOOR, image_metrics, load_lpips, ssim_map
 from .progress import ProgressFn, no_progress
 from .scene import Camera, Scene, TrajectoryFrame
 from .stages.cameras import load_image, resize_image, to_tensor, undistorted, working_size
@@ -190,6 +194,18 @@ def score(pred: Tensor, truth: Tensor) -> dict[str, float]:
     return image_metrics(p, t, lpips_fn=load_lpips()).mean()
 
 
+def masked_score(pred: Tensor, truth: Tensor, masks: Tensor) -> dict[str, float]:
+    """Mean PSNR over each view's masked pixels and SSIM averaged over them, with both images black
+    outside the mask. pred, truth: [C, H, W, 3] in [0, 1]; masks: bool [C, H, W]"""
+    m = masks.float().cpu()
+    p, t = pred.clamp(0, 1).float().cpu() * m[..., None], truth.float().cpu() * m[..., None]
+    count = m.flatten(1).sum(1).clamp_min(1.0)  # [C]
+    mse = ((p - t) ** 2).flatten(1).sum(1) / (3.0 * count)
+    psnr = 10.0 * torch.log10(DATA_RANGE**2 / mse.clamp_min(MSE_FLOOR))
+    ssim = (ssim_map(p, t) * m).flatten(1).sum(1) / count
+    return {"psnr": float(psnr.mean()), "ssim": float(ssim.mean())}
+
+
 def evaluate_scene(
     scene: Scene,
     out_dir: Path,
@@ -241,6 +257,13 @@ def evaluate_scene(
         held_cams.append(cam)
     truth = to_tensor(truth_list, device)
     held = Cameras.from_scene(held_cams, W, H, device=device)
+    held_masks = stack_masks(scene.heldout, [c.camera for c in scene.heldout], W, H, "cpu")
+
+    def add_scores(key: str, pred: Tensor, views: Sequence[int] | None = None) -> None:
+        picked = list(range(len(held))) if views is None else list(views)
+        report[key] = score(pred, truth[picked])
+        if held_masks is not None:
+            report[f"{key}_masked"] = masked_score(pred, truth[picked], held_masks[picked])
 
     report: dict[str, Any] = {
         "scene": str(scene.root),
@@ -262,17 +285,20 @@ def evaluate_scene(
                 to_tensor([resize_image(i, W, H) for i, _ in pin], device),
                 Cameras.from_scene([c for _, c in pin], W, H, device=device),
                 list(range(len(pin))),
+                masks=stack_masks(scene.captures, [c.camera for c in scene.captures], W, H, device),
             )
         with meter.measure("memory"):
-            memory = build_memory(captures, loop_cfg.memory, estimator=loop_cfg.estimator)
+            notes: list[str] = []
+            memory = build_memory(captures, loop_cfg.memory, estimator=loop_cfg.estimator, notes=notes)
+            report["memory_notes"] = notes
         with meter.measure("points_render"), torch.no_grad():
             points = render_memory(memory, held, loop_cfg.render).rgb
         with meter.measure("fit_captures"):
             g_caps = fit_gaussians(FitViews.from_views(captures), memory, loop_cfg.fit, device=device)
         caps_render = render_gaussians(g_caps, held, loop_cfg.fit)
-        report["points"] = score(points, truth)
+        add_scores("points", points)
         report["points_coverage"] = float((points.sum(-1) > 0).float().mean())
-        report["gaussians_captures"] = score(caps_render, truth)
+        add_scores("gaussians_captures", caps_render)
         columns += [points, caps_render]
 
     # (c) the full loop along the evaluation trajectory; its guide is (b) when that was fitted here
@@ -289,7 +315,8 @@ def evaluate_scene(
     )
     loop_seconds = time.perf_counter() - t0
     loop_render = render_gaussians(result.gaussians, held, loop_cfg.fit)
-    report["gaussians_loop"] = score(loop_render, truth)
+    add_scores("gaussians_loop", loop_render)
+    report["loop_notes"] = result.metrics["notes"]
     report["timing"] = {
         "baselines": meter.summary(),
         "loop_seconds": round(loop_seconds, 3),
@@ -298,7 +325,7 @@ def evaluate_scene(
     columns.append(loop_render)
     if on_heldout:
         hs = sorted(on_heldout)
-        report["frames"] = score(result.frames.images[[on_heldout[h] for h in hs]], truth[hs])
+        add_scores("frames", result.frames.images[[on_heldout[h] for h in hs]], hs)
         report["frames_views"] = len(hs)
         if len(hs) == len(held):  # the generated frames at the held-out cameras, last column
             columns.append(result.frames.images[[on_heldout[h] for h in range(len(held))]])
@@ -317,14 +344,17 @@ def _size(cfg: LoopConfig, traj: Sequence[TrajectoryFrame]) -> tuple[int, int]:
 # Command line: `reconloop eval` (the parser lives in backend/cli.py)
 
 
-def scene_for_eval(src: Path, fmt: str | None, protocol: str | None, train_views: int, work: Path) -> Scene:
-    """Load (or import into ``work``) a scene and apply a protocol when asked."""
+def scene_for_eval(
+    src: Path, fmt: str | None, protocol: str | None, train_views: int, work: Path, **import_options: Any
+) -> Scene:
+    """Load (or import into ``work``, with the importer's ``import_options``) a scene and apply a
+    protocol when asked."""
     from .scene import load_scene
 
     if fmt:
         from .formats import import_scene
 
-        scene = import_scene(fmt, src, work)
+        scene = import_scene(fmt, src, work, **import_options)
     else:
         scene = load_scene(src)
     if protocol:
@@ -336,7 +366,8 @@ def run_eval(args: argparse.Namespace) -> int:
     """Run ``reconloop eval`` from parsed arguments; prints the scores, returns 0."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="reconloop-eval-") as work:
-        scene = scene_for_eval(args.scene, args.format, args.protocol, args.train_views, Path(work))
+        options = {"silhouettes": True} if getattr(args, "silhouettes", False) else {}
+        scene = scene_for_eval(args.scene, args.format, args.protocol, args.train_views, Path(work), **options)
         loop_cfg = LoopConfig.from_settings(scene.settings, device=device)
         if args.size:
             w, h = (int(v) for v in args.size.lower().split("x"))
@@ -348,7 +379,8 @@ def run_eval(args: argparse.Namespace) -> int:
         report = evaluate_scene(
             scene, args.out, device=device, trajectory_mode=args.trajectory_mode, config=EvalConfig(loop=loop_cfg)
         )
-    for key in ("points", "gaussians_captures", "gaussians_loop", "frames"):
+    keys = ("points", "gaussians_captures", "gaussians_loop", "frames")
+    for key in [k for base in keys for k in (base, f"{base}_masked")]:
         if key in report:
             print(f"{key:20s} " + "  ".join(f"{k} {v:.4f}" for k, v in report[key].items()))
     print(f"wrote {Path(args.out) / EVAL_FILE}")

@@ -37,4 +37,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--iterations", type=int, default=None, help="Gaussian iterations (default: the scene's settings)"
     )
     parser.add_argument("--no-update", action="store_true", help="turn the memory update (step 6) off")
+    parser.add_argument(
+        "--silhouettes",
+        action="store_true",
+        help="with --format middlebury: object masks by the dataset's recipe (masked scores, visual hull)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")

@@ -36,6 +36,7 @@ import torch
 from protocol.ply import PointArrays
 
 from . import outputs
+from .estimators.patchmatch import default_estimator
 from .generators import Generator, GeneratorCache, GeneratorConfig
 from .progress import ProgressFn, ProgressTracker, no_progress
 from .scene import Scene, Settings
@@ -45,6 +46,7 @@ from .stages.fit import (
     FitViews,
     Gaussians,
     captures_and_frames,
+    crop_to_masks,
     default_rasterizer,
     fit_gaussians,
     gaussians_to_arrays,
@@ -85,6 +87,8 @@ class LoopConfig:
         overview_rows: rows of overview.png.
         has_fit: step 7 on; off (Settings.gaussian_iterations = 0) writes no gaussians.ply (and
             fits no guide).
+        has_crop_to_masks: when the captures have masks, gaussians.ply keeps only the Gaussians
+            inside their visual hull (``backend.stages.fit.crop_to_masks``).
     """
 
     width: int = Settings.width
@@ -103,6 +107,7 @@ class LoopConfig:
     default_frames: int = 24
     overview_rows: int = 4
     has_fit: bool = True
+    has_crop_to_masks: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings, *, device: torch.device | str = "cpu", **overrides: Any) -> LoopConfig:
@@ -124,6 +129,7 @@ class LoopConfig:
                 rasterizer=default_rasterizer(device),
             ),
             has_fit=settings.gaussian_iterations > 0,
+            estimator=default_estimator(device),
             generator=GeneratorConfig.from_settings(settings),
             seed=settings.seed,
             prompt=settings.prompt,
@@ -209,7 +215,7 @@ def run_loop(
 
     # 1. Geometry memory M from the posed captures.
     with meter.measure("memory"):
-        memory = memory_initial = build_memory(captures, cfg.memory, estimator=cfg.estimator)
+        memory = memory_initial = build_memory(captures, cfg.memory, estimator=cfg.estimator, notes=step0.notes)
     outputs.write_points(out_dir / outputs.POINTS_FILE, _points(memory))
     cams_name = outputs.write_cameras(
         out_dir, step0.records, list(zip(step0.frame_numbers, step0.trajectory, strict=True))
@@ -295,6 +301,8 @@ def run_loop(
         with meter.measure("fit"):
             on_step = track.steps("fit", "Gaussians", cfg.fit.iterations)
             gaussians = fit_gaussians(views, memory_initial, cfg.fit, device=device, progress=on_step)
+            if cfg.has_crop_to_masks and captures.masks is not None:
+                gaussians = crop_to_masks(gaussians, captures.cams, captures.masks)
         outputs.write_gaussians(out_dir / outputs.GAUSSIANS_FILE, gaussians_to_arrays(gaussians))
         track.finish("fit", f"{len(gaussians)} Gaussians after {cfg.fit.iterations} steps", [outputs.GAUSSIANS_FILE])
     else:

@@ -9,7 +9,7 @@ world-to-camera 4x4 (x right, y down, z forward) and K in pixels (pixel i spans 
     {
       "version": 1,
       "captures": [
-        {"name": "img0", "image": "images/img0.png",
+        {"name": "img0", "image": "images/img0.png", "mask": "masks/img0.png",   # mask optional
          "camera": {"w2c": [[...4x4...]], "K": [[...3x3...]], "width": 640, "height": 480,
                     "distortion": {"model": "SIMPLE_RADIAL", "params": [0.01]}}},   # camera optional
         ...
@@ -148,11 +148,17 @@ class Camera:
 
 @dataclass(frozen=True)
 class Capture:
-    """A photo with its camera (None: to be estimated). ``image`` is an absolute path once loaded."""
+    """A photo with its camera (None: to be estimated). ``image`` is an absolute path once loaded.
+
+    ``mask`` (optional) is a greyscale or RGBA image of the photo's size whose non-zero pixels (alpha
+    for RGBA) are the object, or what to keep; without one, a photo with an alpha channel is masked
+    by its alpha (``backend.masks.capture_mask``).
+    """
 
     name: str
     image: Path
     camera: Camera | None = None
+    mask: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -346,7 +352,26 @@ def _capture_from_json(d: Any, root: Path, path: str, *, need_camera: bool) -> C
             )
     elif need_camera:
         raise SceneError(f"{path}.camera: missing")
-    return Capture(name=name, image=image_path, camera=camera)
+    mask_path = None
+    if d.get("mask") is not None:
+        mask = d["mask"]
+        if not isinstance(mask, str) or not mask:
+            raise SceneError(f"{path}.mask: must be a path string; got {mask!r}")
+        mask_path = (root / mask).resolve()
+        if mask_path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise SceneError(f"{path}.mask: must be a PNG or JPEG file; got {mask!r}")
+        if not mask_path.is_file():
+            raise SceneError(f"{path}.mask: file not found: {mask_path}")
+        try:
+            mask_size, image_wh = image_size(mask_path), image_size(image_path)
+        except Exception as err:  # PIL raises several types for unreadable files
+            raise SceneError(f"{path}.mask: cannot read {mask_path.name}: {err}") from None
+        if mask_size != image_wh:
+            raise SceneError(
+                f"{path}.mask: {mask_path.name} is {mask_size[0]}x{mask_size[1]}; "
+                f"the image is {image_wh[0]}x{image_wh[1]}"
+            )
+    return Capture(name=name, image=image_path, camera=camera, mask=mask_path)
 
 
 def scene_from_json(data: Any, root: Path) -> Scene:
@@ -414,6 +439,8 @@ def scene_to_json(scene: Scene, root: Path | None = None) -> dict[str, Any]:
 
     def cap(c: Capture) -> dict[str, Any]:
         out: dict[str, Any] = {"name": c.name, "image": os.path.relpath(c.image, root)}
+        if c.mask is not None:
+            out["mask"] = os.path.relpath(c.mask, root)
         if c.camera is not None:
             out["camera"] = c.camera.to_json()
         return out

@@ -227,12 +227,14 @@ class Views:
         ids: capture ids, or -1 for generated frames. list of F ints
         depth: optional camera z per pixel (0: unknown), for occlusion tests when sampling these
             views at 3D points. float32 [F, H, W] or None
+        masks: optional object masks (True: the object, or what to keep). bool [F, H, W] or None
     """
 
     images: Tensor
     cams: Cameras
     ids: list[int]
     depth: Tensor | None = None
+    masks: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

@@ -1,17 +1,23 @@
 """Loop quality at held-out views: captures-only Gaussians against the full loop, with variants.
 
-On the temple and the fern with 3 captures, the full loop's Gaussians should score a higher PSNR at
-held-out cameras than Gaussians fitted on the captures alone. This script runs
+Issue 3's check: on the temple and the fern with 3 captures, the full loop's Gaussians must score a
+higher PSNR at held-out cameras than Gaussians fitted on the captures alone. This script runs
 ``backend.evaluate.evaluate_scene`` once per scene with its baselines (point render, captures-only
 Gaussians, the default loop), then the loop alone for each variant (a generator or loop setting
 changed), so that every row of a scene is measured in one process against one baseline. With
-``--seeds 0,1,2`` every row is run once per fit seed and a summary gives the means and the loop's
-gain over the captures-only fit of the same seed: one fit differs from another by 0.1-0.3 dB.
+``--seeds 0 1 2`` every row is run once per fit seed and a summary gives the means, the spread and
+the loop's gain over the captures-only fit of the same seed: one fit differs from another by
+0.1-0.3 dB.
+
+Fit variants (dropout, SH degree, opacity decay, random background) patch the fit settings of the
+baselines too: their row's captures-only fit is scored again with the same settings, so the loop's
+gain is measured against a captures-only fit with the same regularisers. Scenes with masks
+(``temple-ring`` and ``dino-ring``, Middlebury silhouettes) get masked scores beside full-image ones.
 
 Usage (GPU machine, scenes copied there and never committed; or on CPU at small sizes)::
 
-    python scripts/bench_loop_quality.py --data .device_data --iterations 3000 --seeds 0,1,2 --out $OUT/quality.json
-    .venv/bin/python scripts/bench_loop_quality.py --size 160x120 --iterations 150 --device cpu
+    python scripts/bench_loop_quality.py --data .device_data --iterations 3000 --seeds 0 1 2 --out $OUT/quality.json
+    .venv/bin/python scripts/bench_loop_quality.py --size 64x48 --iterations 20 --device cpu --scenes dino-ring
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -37,52 +42,99 @@ from backend.evaluate import EVAL_PICTURE, EvalConfig, evaluate_scene, scene_for
 from backend.generators.reproject import ReprojectConfig, ReprojectGenerator  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
 
-# scene folder, format, protocol, default working size (the sizes of the GPU rows in docs/benchmarks.md)
+# scene -> (folder, format, protocol, default working size, import options)
 SCENES = {
-    "temple": ("middlebury_temple", "middlebury", "ring-arc", (512, 384)),
-    "fern": ("llff_fern", "llff", "llff", (504, 378)),
+    "temple": ("middlebury_temple", "middlebury", "ring-arc", (512, 384), {}),
+    "fern": ("llff_fern", "llff", "llff", (504, 378), {}),
+    "temple-ring": ("middlebury_temple", "middlebury", "ring", (512, 384), {"silhouettes": True}),
+    "dino-ring": ("middlebury_dino", "middlebury", "ring", (512, 384), {"silhouettes": True}),
 }
-# name -> (config patches, ReprojectConfig overrides); "default" is scored with the baselines. A patch is a
-# dotted path into LoopConfig ("guide.enabled", "fit.capture_share") and its value: the script patches
-# configs, product code keeps no switch for a variant.
-VARIANTS: dict[str, tuple[dict, dict]] = {
-    "default": ({}, {}),
-    "no guide": ({"guide.enabled": False}, {"render_blend": 0.0}),  # AnyRecon's loop: the point render alone
-    "guide without blend": ({}, {"render_blend": 0.0}),
-    "agreement 0.02": ({}, {"agreement_std": 0.02}),
-    "no memory update": ({"update.enabled": False}, {}),
-    "capture share 0.7": ({"fit.capture_share": 0.7}, {}),
+# name -> (LoopConfig overrides, FitConfig overrides, ReprojectConfig overrides); "default" is scored
+# with the baselines, and so is every variant that changes the fit (the captures-only fit changes too).
+VARIANTS: dict[str, tuple[dict, dict, dict]] = {
+    "default": ({}, {}, {}),
+    "no guide": ({"guide": False}, {}, {"render_blend": 0.0}),  # AnyRecon's loop: the point render alone
+    "guide without blend": ({}, {}, {"render_blend": 0.0}),
+    "agreement 0.02": ({}, {}, {"agreement_std": 0.02}),
+    "no memory update": ({"update": False}, {}, {}),
+    "capture share 0.7": ({}, {"capture_share": 0.7}, {}),
+    # weight-free regularisers of the sparse-view Gaussian literature
+    "dropout 0.1": ({}, {"dropout_rate": 0.1}, {}),  # DropGaussian's rate
+    "dropout 0.2": ({}, {"dropout_rate": 0.2}, {}),
+    "sh degree 1": ({}, {"sh_degree": 1}, {}),
+    "sh degree 0": ({}, {"sh_degree": 0}, {}),
+    "opacity decay 0.9995": ({}, {"opacity_decay": 0.9995}, {}),
+    "dropout 0.1 + sh 1": ({}, {"dropout_rate": 0.1, "sh_degree": 1}, {}),
+    "dropout 0.1 + sh 1 + decay": ({}, {"dropout_rate": 0.1, "sh_degree": 1, "opacity_decay": 0.9995}, {}),
+    "no random background": ({}, {"has_random_background": False}, {}),
+    "hull geometry": ({"estimator": "hull"}, {}, {}),
+    "plane sweep geometry": ({"estimator": "mvs"}, {}, {}),  # the CPU path, where patchmatch is the default
+    "patchmatch geometry": ({"estimator": "patchmatch"}, {}, {}),
+    "crop to masks": ({"has_crop_to_masks": True}, {}, {}),
 }
+LOOP_FIELDS = ("estimator", "has_crop_to_masks")
+SCORE_KEYS = ("points", "gaussians_captures", "gaussians_loop", "frames")
 
 
-def patched(cfg: Any, path: str, value: Any) -> Any:
-    """``cfg`` with the field at dotted ``path`` replaced (frozen dataclasses all the way down)."""
-    head, _, rest = path.partition(".")
-    return replace(cfg, **{head: patched(getattr(cfg, head), rest, value) if rest else value})
+def loop_config(base: LoopConfig, overrides: dict, fit_overrides: dict) -> LoopConfig:
+    cfg = replace(base, **{k: v for k, v in overrides.items() if k in LOOP_FIELDS})
+    if "update" in overrides:
+        cfg = replace(cfg, update=replace(cfg.update, enabled=overrides["update"]))
+    if "guide" in overrides:
+        cfg = replace(cfg, guide=replace(cfg.guide, enabled=overrides["guide"]))
+    return replace(cfg, fit=replace(cfg.fit, **fit_overrides))
 
 
-def loop_config(base: LoopConfig, patches: dict) -> LoopConfig:
-    for path, value in patches.items():
-        base = patched(base, path, value)
-    return base
+def has_baselines(variant: str) -> bool:
+    """Variants that change the fit or the geometry score their own captures-only fit."""
+    loop_over, fit_over, _ = VARIANTS[variant]
+    return variant == "default" or bool(fit_over) or "estimator" in loop_over
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
-    """Mean PSNR per variant over seeds: the loop's Gaussians and frames, the baselines (default
-    row), and the loop's gain over the captures-only Gaussians of the same seed."""
-    base = {r["seed"]: r for r in runs["default"]}
+    """Mean PSNR per variant over seeds (and its standard deviation, ``<key>_std``): the loop's
+    Gaussians and frames, the baselines (the variant's own when it scored them, else the default
+    row's), masked where the scene has masks, and the loop's gain over the captures-only Gaussians of
+    the same seed and settings."""
+    default = {r["seed"]: r for r in runs["default"]}
     out: dict[str, dict[str, float]] = {}
     for v, reports in runs.items():
         row: dict[str, float] = {}
-        for key in ("points", "gaussians_captures", "gaussians_loop", "frames"):
-            vals = [r[key]["psnr"] for r in reports if key in r]
+        base = {r["seed"]: r for r in reports} if "gaussians_captures" in reports[0] else default
+        for key in [k for s in SCORE_KEYS for k in (s, f"{s}_masked")]:
+            vals = [
+                (r if key in r else base[r["seed"]])[key]["psnr"] for r in reports if key in r or key in base[r["seed"]]
+            ]
             if vals:
                 row[key] = statistics.fmean(vals)
-        row["loop_minus_captures"] = statistics.fmean(
-            r["gaussians_loop"]["psnr"] - base[r["seed"]]["gaussians_captures"]["psnr"] for r in reports
-        )
+                row[f"{key}_std"] = statistics.pstdev(vals)
+        for suffix in ("", "_masked"):
+            if f"gaussians_loop{suffix}" in reports[0]:
+                row[f"loop_minus_captures{suffix}"] = statistics.fmean(
+                    r[f"gaussians_loop{suffix}"]["psnr"] - base[r["seed"]][f"gaussians_captures{suffix}"]["psnr"]
+                    for r in reports
+                )
         out[v] = row
     return out
+
+
+def markdown(results: dict) -> str:
+    """One table per scene: mean PSNR (+- std over seeds) per variant."""
+    lines = [f"device {results['device']}, torch {results['torch']}, {results['iterations']} iterations"]
+    for name, scene in results["scenes"].items():
+        summary = scene["summary"]
+        masked = any("gaussians_loop_masked" in row for row in summary.values())
+        cols = [k for k in SCORE_KEYS if any(k in row for row in summary.values())]
+        cols += [f"{k}_masked" for k in cols if masked]
+        gains = ["loop_minus_captures"] + (["loop_minus_captures_masked"] if masked else [])
+        lines += ["", f"### {name} ({scene['size'][0]}x{scene['size'][1]}, seeds {scene['seeds']})", ""]
+        lines.append("| variant | " + " | ".join(cols + gains) + " |")
+        lines.append("| --- " * (1 + len(cols) + len(gains)) + "|")
+        for v, row in summary.items():
+            cells = [f"{row[k]:.2f} +- {row[k + '_std']:.2f}" if k in row else "" for k in cols]
+            cells += [f"{row[g]:+.2f}" if g in row else "" for g in gains]
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--seeds",
-        default="0",
-        help="comma-separated fit seeds; every row is run once per seed and the "
+        nargs="+",
+        default=["0"],
+        help="fit seeds (space- or comma-separated); every row is run once per seed and the "
         "summary gives the mean over seeds (one fit differs from another by a few tenths of a dB)",
     )
     p.add_argument("--pictures", type=Path, default=None, help="keep each run's eval picture in this folder")
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here (and a .md table beside)")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
@@ -108,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     if variants[0] != "default":
         variants.insert(0, "default")
-    seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    seeds = [int(v) for arg in args.seeds for v in arg.split(",") if v.strip()]
     results: dict = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -116,18 +169,20 @@ def main(argv: list[str] | None = None) -> int:
         "scenes": {},
     }
     for name in (s.strip() for s in args.scenes.split(",")):
-        folder, fmt, protocol, size = SCENES[name]
+        if name not in SCENES:
+            p.error(f"--scenes: unknown scene {name!r}; choose from {', '.join(SCENES)}")
+        folder, fmt, protocol, size, import_options = SCENES[name]
         if args.size:
             size = tuple(int(v) for v in args.size.lower().split("x"))
         with tempfile.TemporaryDirectory(prefix="reconloop-quality-") as work:
-            scene = scene_for_eval(args.data / folder, fmt, protocol, 3, Path(work) / "scene")
+            scene = scene_for_eval(args.data / folder, fmt, protocol, 3, Path(work) / "scene", **import_options)
             base = LoopConfig.from_settings(scene.settings, device=args.device)
             base = replace(base, width=size[0], height=size[1], fit=replace(base.fit, iterations=args.iterations))
             runs: dict[str, list[dict]] = {v: [] for v in variants}
             for seed in seeds:
                 seeded = replace(base, seed=seed, fit=replace(base.fit, seed=seed))
                 for v in variants:
-                    loop_over, gen_over = VARIANTS[v]
+                    loop_over, fit_over, gen_over = VARIANTS[v]
                     t0 = time.perf_counter()
                     folder_name = f"{v.replace(' ', '_').replace('/', '_')}_seed{seed}"
                     report = evaluate_scene(
@@ -135,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                         Path(work) / folder_name,
                         device=args.device,
                         trajectory_mode="heldout",
-                        config=EvalConfig(loop=loop_config(seeded, loop_over)),
+                        config=EvalConfig(loop=loop_config(seeded, loop_over, fit_over)),
                         generator=ReprojectGenerator(ReprojectConfig(**gen_over)),
-                        baselines=v == "default",
+                        baselines=has_baselines(v),
                     )
                     report["seconds"] = round(time.perf_counter() - t0, 1)
                     report["seed"] = seed
@@ -147,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                         shutil.copy(
                             Path(work) / folder_name / EVAL_PICTURE, args.pictures / f"{name}_{folder_name}.png"
                         )
-                    keys = [k for k in ("points", "gaussians_captures", "gaussians_loop", "frames") if k in report]
+                    keys = [k for s in SCORE_KEYS for k in (s, f"{s}_masked") if k in report]
                     print(
                         f"{name} {size[0]}x{size[1]} {args.iterations} it, seed {seed}, {v}: "
                         + ", ".join(f"{k} {report[k]['psnr']:.2f}/{report[k]['ssim']:.3f}" for k in keys)
@@ -158,13 +213,15 @@ def main(argv: list[str] | None = None) -> int:
             for v, row in summary.items():
                 print(
                     f"{name}, mean of {len(seeds)} seeds, {v}: "
-                    + ", ".join(f"{k} {val:.2f}" for k, val in row.items()),
+                    + ", ".join(f"{k} {val:.2f}" for k, val in row.items() if not k.endswith("_std")),
                     flush=True,
                 )
             results["scenes"][name] = {"size": list(size), "seeds": seeds, "runs": runs, "summary": summary}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1, default=str))
+        args.out.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
     return 0
 
 

@@ -47,6 +47,30 @@ def load(captures, ids: list[int], max_side: int, device: str) -> Views:
     return Views(torch.stack(imgs).to(device), Cameras.from_scene(cams, w, h, device=device), ids)
 
 
+def score_depths(depth: torch.Tensor, cams: Cameras, captures, points, ids: list[int]) -> dict[str, float]:
+    """Relative depth error of depth maps [V, H, W] (0 = none) at the COLMAP points each photo observes."""
+    errors, seen = [], 0
+    for k, i in enumerate(ids):
+        idx, _ = points.observations[captures[i].name]
+        xyz = torch.tensor(points.xyz[idx], dtype=torch.float32, device=depth.device)
+        uv, z = project_points(xyz, cams[k])
+        px, z = torch.floor(uv[0]).long(), z[0]
+        H, W = depth.shape[1:]
+        ok = (px[:, 0] >= 0) & (px[:, 0] < W) & (px[:, 1] >= 0) & (px[:, 1] < H) & (z > 0)
+        d = depth[k][px[ok, 1], px[ok, 0]]
+        has = d > 0
+        seen += int(ok.sum())
+        errors.append(((d[has] - z[ok][has]).abs() / z[ok][has]).cpu().numpy())
+    e = np.concatenate(errors)
+    return {
+        "median": float(np.median(e)) if len(e) else float("nan"),
+        "p90": float(np.quantile(e, 0.9)) if len(e) else float("nan"),
+        "under_1pct": float(np.mean(e < 0.01)) if len(e) else 0.0,
+        "coverage": len(e) / max(seen, 1),
+        "points": len(e),
+    }
+
+
 def evaluate(scene: Path, side: int, views: int, planes: int, device: str) -> dict[str, float]:
     captures = read_colmap(scene).captures
     points = read_colmap_points(scene)
@@ -57,27 +81,7 @@ def evaluate(scene: Path, side: int, views: int, planes: int, device: str) -> di
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t
-    errors, seen = [], 0
-    for k, i in enumerate(ids):
-        idx, _ = points.observations[captures[i].name]
-        xyz = torch.tensor(points.xyz[idx], dtype=torch.float32, device=device)
-        uv, z = project_points(xyz, maps.views.cams[k])
-        px, z = torch.floor(uv[0]).long(), z[0]
-        H, W = maps.depth.shape[1:]
-        ok = (px[:, 0] >= 0) & (px[:, 0] < W) & (px[:, 1] >= 0) & (px[:, 1] < H) & (z > 0)
-        d = maps.depth[k][px[ok, 1], px[ok, 0]]
-        has = d > 0
-        seen += int(ok.sum())
-        errors.append(((d[has] - z[ok][has]).abs() / z[ok][has]).cpu().numpy())
-    e = np.concatenate(errors)
-    return {
-        "median": float(np.median(e)),
-        "p90": float(np.quantile(e, 0.9)),
-        "under_1pct": float(np.mean(e < 0.01)),
-        "coverage": len(e) / max(seen, 1),
-        "points": len(e),
-        "seconds": seconds,
-    }
+    return {**score_depths(maps.depth, maps.views.cams, captures, points, ids), "seconds": seconds}
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 An estimator is any object with ``estimate(views) -> GeometryMemory``. Implementations register
 under a lowercase name with ``@ESTIMATORS.register("name")`` and take their config in the
 constructor; ``ESTIMATORS.make(name, cfg)`` builds one by name. ``mvs`` (plane-sweep multi-view stereo,
-no learned weights) is the default; a feed-forward point-map model (pi3, VGGT) plugs in the same way.
+no learned weights) is the CPU default; ``patchmatch`` (COLMAP's PatchMatch stereo through pycolmap's
+CUDA build) the default where it can run (:func:`default_estimator`); ``hull`` (space carving from the
+captures' masks) holds at wide baselines. A feed-forward point-map model (pi3, VGGT) plugs in the same way.
 Captures without cameras go through :mod:`backend.estimators.sfm` first.
 """
 
@@ -15,10 +17,18 @@ from ..registry import Registry
 from ..types import GeometryMemory, Views
 
 
+class GeometryError(ValueError):
+    """An estimator cannot make geometry from these views (e.g. no neighbour with a baseline at wide
+    baselines); the memory stage then falls back to another source (backend.stages.memory)."""
+
+
 @runtime_checkable
 class GeometryEstimator(Protocol):
     def estimate(self, views: Views) -> GeometryMemory: ...
 
 
 # Each implementation registers itself when its module is imported (on first use of its name).
-ESTIMATORS: Registry[Any] = Registry("geometry estimator", {"mvs": "backend.estimators.mvs"})
+ESTIMATORS: Registry[Any] = Registry(
+    "geometry estimator",
+    {"mvs": "backend.estimators.mvs", "hull": "backend.estimators.hull", "patchmatch": "backend.estimators.patchmatch"},
+)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..types import PIXEL_CENTER, Cameras, GeometryMemory, Views, backproject, pixel_rays
-from . import ESTIMATORS
+from . import ESTIMATORS, GeometryError
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for the grey image that stereo matches on
 EPS = 1e-6
@@ -417,7 +417,10 @@ def depth_range(cams: Cameras, i: int, points: np.ndarray, others: list[int], cf
         centers = cams.centers.double().cpu()
         base = [float((centers[i] - centers[j]).norm()) for j in others]
         if not base or max(base) <= 0:
-            raise ValueError(f"mvs: capture {i} has no neighbour with a baseline; cannot set a depth range")
+            raise GeometryError(
+                f"mvs: capture {i} has no neighbour within {cfg.max_view_angle_deg:g} degrees of viewing direction "
+                "(no neighbour with a baseline); cannot set a depth range"
+            )
         d = float(np.median(base)) / math.tan(math.radians(cfg.preferred_tri_angle_deg))
     return d / cfg.fallback_depth_factor, d * cfg.fallback_depth_factor
 
@@ -543,7 +546,7 @@ def estimate_depths(views: Views, cfg: MVSConfig) -> DepthMaps:
     """Depth maps of every capture by plane sweep against its neighbours (steps 1 to 4)."""
     cfg.check()
     if len(views) < 2:
-        raise ValueError(f"mvs: needs at least 2 captures with cameras; got {len(views)}")
+        raise GeometryError(f"mvs: needs at least 2 captures with cameras; got {len(views)}")
     views = resize_views(views, cfg.max_side)
     cams = views.cams
     gray = to_gray(views.images)  # [C, H, W]

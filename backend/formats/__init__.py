@@ -19,16 +19,21 @@ import argparse
 import inspect
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from backend.fileio import write_atomic
 from backend.formats import colmap, dtu, llff, middlebury, nerf  # noqa: F401  (fill the registries)
 from backend.formats.base import EXPORTERS, IMPORTERS, ImportedScene
 from backend.formats.colmap import ColmapPoints, read_colmap_points
 from backend.formats.undistort import undistort_capture
+from backend.masks import write_mask
 from backend.scene import Capture, Scene, SceneError, Settings, load_scene, save_scene
 
+MASKS_DIR = "masks"  # masks a reader made (silhouettes) are written here, one PNG per capture
 BOUNDS_FILE = "bounds.json"  # near/far depth per capture name, when the format has them (LLFF)
 LLFF_HOLDOUT_EVERY = 8  # the LLFF protocol holds out every 8th image (NeRF, AnyRecon, ReconX)
 
@@ -98,7 +103,8 @@ def import_scene(
             any test views the format itself names.
         settings: job settings to store (default: defaults).
         options: passed to the reader: ``cameras`` (camera file or model folder inside ``src``),
-            ``images`` (image folder inside ``src``), ``use_scale_mat`` (dtu).
+            ``images`` (image folder inside ``src``), ``use_scale_mat`` (dtu), ``silhouettes``
+            (middlebury: masks by the dataset's recipe, written under ``dst/masks``).
     Returns:
         The scene as loaded back from ``dst`` (image paths absolute).
     """
@@ -111,6 +117,8 @@ def import_scene(
     if not src.exists():
         raise SceneError(f"src: {src} not found")
     found: ImportedScene = reader(src, **options)
+    if found.masks:
+        found = replace(found, captures=_with_masks(found.captures, found.masks, dst))
     captures, heldout = split_holdout(found.captures, holdout_every=holdout_every, train_ids=train_ids)
     heldout = heldout + found.heldout
     if undistort:
@@ -121,6 +129,16 @@ def import_scene(
         write_atomic(dst / BOUNDS_FILE, json.dumps(found.bounds, indent=1).encode())
     save_scene(scene, dst)
     return load_scene(dst)
+
+
+def _with_masks(captures: list[Capture], masks: dict[str, np.ndarray], dst: Path) -> list[Capture]:
+    """Captures with the reader's masks written to ``dst/masks/<name>.png`` and referenced."""
+    out = []
+    for c in captures:
+        if c.name in masks:
+            c = replace(c, mask=write_mask(masks[c.name], dst / MASKS_DIR / f"{c.name}.png").resolve())
+        out.append(c)
+    return out
 
 
 def detect_format(src: Path) -> str:
@@ -199,6 +217,11 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--train-ids", type=_id_list, metavar="I,J,...", help="keep these captures, hold out the rest")
     parser.add_argument("--no-scale-mat", action="store_true", help="dtu: cameras in P's world, not the unit sphere")
+    parser.add_argument(
+        "--silhouettes",
+        action="store_true",
+        help="middlebury: write object masks by the dataset's recipe (threshold 0.19, dilate 10, erode 7)",
+    )
 
 
 def run_import(args: argparse.Namespace) -> int:
@@ -212,6 +235,8 @@ def run_import(args: argparse.Namespace) -> int:
             options[key] = getattr(args, key)
     if getattr(args, "no_scale_mat", False):
         options["use_scale_mat"] = False
+    if getattr(args, "silhouettes", False):
+        options["silhouettes"] = True
     scene = import_scene(
         args.format,
         args.src,

@@ -30,11 +30,14 @@ class ImportedScene:
         captures: photos with their cameras, in the format's order.
         heldout: views the format itself marks for testing (a NeRF ``test`` split), else empty.
         bounds: near and far scene depth per capture name (LLFF), else empty.
+        masks: masks a reader made (not files of the source) per capture name, bool [H, W]; the
+            import writes them as ``DST/masks/<name>.png`` and sets each capture's ``mask``.
     """
 
     captures: list[Capture]
     heldout: list[Capture] = field(default_factory=list)
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 Importer = Callable[..., ImportedScene]

@@ -7,10 +7,17 @@ sphere; else the world frame of P. P is split with ``cv2.decomposeProjectionMatr
 is chosen so that det P[:, :3] > 0 and K's diagonal is made positive (K D, D R with D = diag(+-1)),
 which leaves R a proper rotation. K is taken as given: IDR, like most MVS code, puts pixel centres
 at integer coordinates, half a pixel from ours.
+
+NeuS's ``cameras_sphere.npz`` also holds ``world_mat_inv_i``, ``scale_mat_inv_i`` and ``camera_mat_i``
+(and their inverses) per image; only ``world_mat_i`` and ``scale_mat_i`` are read, and the cameras
+are counted by the keys that match ``world_mat_<digits>`` exactly. The object masks of a ``mask/``
+folder beside the images (IDR, NeuS: one PNG per image, in the same order, white on the object) become
+the captures' masks.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +27,8 @@ from backend.scene import Capture, SceneError, image_size
 
 CAMERA_FILES = ("cameras.npz", "cameras_sphere.npz", "cameras_large.npz")
 IMAGE_CANDIDATES = ("image", "images")
+MASK_CANDIDATES = ("mask", "masks")
+WORLD_MAT_KEY = re.compile(r"world_mat_(\d+)")
 WORLD_MAT = "world_mat_{}"
 SCALE_MAT = "scale_mat_{}"
 
@@ -47,7 +56,12 @@ def decompose_projection(P: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def read_dtu(
-    src: Path, *, cameras: str | None = None, images: str | None = None, use_scale_mat: bool = True
+    src: Path,
+    *,
+    cameras: str | None = None,
+    images: str | None = None,
+    masks: str | None = None,
+    use_scale_mat: bool = True,
 ) -> ImportedScene:
     """Read an IDR/NeuS DTU scene folder.
 
@@ -57,6 +71,8 @@ def read_dtu(
             cameras_large.npz).
         images: the image folder, relative to ``src`` (default ``image`` or ``images``); image i is the
             i-th file by name.
+        masks: the mask folder, relative to ``src`` (default ``mask`` or ``masks`` when present); mask
+            i is the i-th file by name.
         use_scale_mat: cameras in the normalised frame (P @ scale_mat_i) instead of P's world.
     """
     src = Path(src)
@@ -67,9 +83,10 @@ def read_dtu(
     files = list_images(image_dir)
     with np.load(npz_path, allow_pickle=False) as npz:
         mats = dict(npz)
-    count = sum(1 for key in mats if key.startswith(WORLD_MAT.format("")))
+    count = sum(1 for key in mats if WORLD_MAT_KEY.fullmatch(key))
     if count != len(files):
         raise SceneError(f"images: {image_dir} holds {len(files)} images; {npz_path.name} has {count} cameras")
+    mask_files = _mask_files(src, masks, len(files))
     captures = []
     for i, path in enumerate(files):
         where = f"{npz_path.name}[{WORLD_MAT.format(i)}]"
@@ -85,8 +102,27 @@ def read_dtu(
         K, R, t = decompose_projection(P[:3, :4])
         width, height = image_size(path)
         camera = make_camera(w2c_from_rt(R, t), K, width, height, where)
-        captures.append(Capture(name=path.stem, image=path.resolve(), camera=camera))
+        mask = mask_files[i].resolve() if mask_files else None
+        if mask is not None and image_size(mask) != (width, height):
+            w, h = image_size(mask)
+            raise SceneError(f"masks: {mask.name} is {w}x{h}; its image {path.name} is {width}x{height}")
+        captures.append(Capture(name=path.stem, image=path.resolve(), camera=camera, mask=mask))
     return ImportedScene(captures=captures)
+
+
+def _mask_files(src: Path, masks: str | None, count: int) -> list[Path]:
+    """The mask files, one per image in name order; empty when the scene has no mask folder."""
+    if masks:
+        folder = resolve_in(src, masks)
+    else:
+        found = [src / name for name in MASK_CANDIDATES if (src / name).is_dir()]
+        if not found:
+            return []
+        folder = found[0]
+    files = list_images(folder)
+    if len(files) != count:
+        raise SceneError(f"masks: {folder} holds {len(files)} masks for {count} images")
+    return files
 
 
 IMPORTERS.register("dtu")(read_dtu)

@@ -2,6 +2,9 @@
 
 The first line is the number of images. The pose is world-to-camera with x right, y down (image
 origin top-left), so it is ours as written; K is taken as given.
+
+With ``silhouettes`` the reader also makes a mask per image by the recipe of the datasets' README
+(objects on a black backdrop: threshold at 0.19, dilate by 10 pixels, erode by 7).
 """
 
 from __future__ import annotations
@@ -9,22 +12,31 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from backend.formats.base import IMPORTERS, ImportedScene, make_camera, resolve_in, w2c_from_rt
+from backend.masks import threshold_silhouette
 from backend.scene import Capture, SceneError, image_size
 
 PAR_SUFFIX = "_par.txt"
+# The Middlebury README's silhouette recipe (dinoSparseRing, templeSparseRing).
+SILHOUETTE_THRESHOLD = 0.19
+SILHOUETTE_DILATE_PX = 10
+SILHOUETTE_ERODE_PX = 7
 PAR_FIELDS = 22  # name + 9 (K) + 9 (R) + 3 (t)
 K_VALUES, R_VALUES = slice(0, 9), slice(9, 18)  # of the 21 numbers after the name; t is the rest
 
 
-def read_middlebury(src: Path, *, cameras: str | None = None, images: str | None = None) -> ImportedScene:
+def read_middlebury(
+    src: Path, *, cameras: str | None = None, images: str | None = None, silhouettes: bool = False
+) -> ImportedScene:
     """Read a Middlebury multi-view folder.
 
     Args:
         src: folder holding ``*_par.txt`` and the images.
         cameras: the ``*_par.txt`` file, relative to ``src``; the only one in ``src`` when None.
         images: the image folder, relative to ``src`` (default ``src``).
+        silhouettes: also make each image's object mask (module docstring).
     """
     src = Path(src)
     if cameras is None:
@@ -59,7 +71,17 @@ def read_middlebury(src: Path, *, cameras: str | None = None, images: str | None
         width, height = image_size(path)
         camera = make_camera(w2c_from_rt(R, t), K, width, height, where)
         captures.append(Capture(name=path.stem, image=path, camera=camera))
-    return ImportedScene(captures=captures)
+    masks = {c.name: silhouette(c.image) for c in captures} if silhouettes else {}
+    return ImportedScene(captures=captures, masks=masks)
+
+
+def silhouette(path: Path) -> np.ndarray:
+    """The object's mask in one photo by the README's recipe. bool [H, W]"""
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    return threshold_silhouette(
+        rgb, threshold=SILHOUETTE_THRESHOLD, dilate_px=SILHOUETTE_DILATE_PX, erode_px=SILHOUETTE_ERODE_PX
+    )
 
 
 IMPORTERS.register("middlebury")(read_middlebury)

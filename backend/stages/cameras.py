@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..camera_paths import SIM_MIN_CAMERAS, default_trajectory, similarity, transform_camera
 from ..formats.undistort import undistort_image
+from ..masks import stack_masks
 from ..outputs import CaptureCamera
 from ..scene import Camera, Scene, image_size
 from ..types import Cameras, Views
@@ -102,6 +103,7 @@ def prepare_captures(
         images=to_tensor([resize_image(p, W, H) for p, _ in pinholes], device),
         cams=Cameras.from_scene([c for _, c in pinholes], W, H, device=device),
         ids=list(range(len(pinholes))),  # = memory.source ids: indices into the captures used
+        masks=stack_masks(used, [cams_found[i] for i in kept], W, H, device),
     )
     records = [
         CaptureCamera(

@@ -15,6 +15,21 @@ ReconX's confidence-aware fitting on gsplat's training recipe (``examples/simple
    fixed (``strategy="none"``). The strategy only needs ``meta`` from the rasterizer, which both
    rasterizers give, so it runs on CPU as well.
 
+Regularisers for few views that need no learned weights (each a FitConfig field):
+
+- **Gaussian dropout** (DropGaussian, Park et al. 2025): each training step drops every Gaussian
+  with probability r and divides the kept ones' opacities by 1 - r (capped at 1), so the expected
+  opacity of each is unchanged; r rises linearly from 0 to ``dropout_rate`` over the run. Renders
+  outside training use every Gaussian.
+- **SH degree**: ``sh_degree`` caps view-dependent colour (3 views cannot pin it down) and
+  ``sh_degree_interval`` schedules its rise.
+- **Opacity decay**: after each step every opacity is multiplied by ``opacity_decay``, so Gaussians
+  that the views do not keep asking for fade and DefaultStrategy prunes them.
+- **Random background behind masks**: when the views carry masks (``FitViews.masks``) and
+  ``has_random_background`` is on, each step draws one random colour per frame, composites the
+  render over it and puts it into the target's masked-out pixels: no Gaussian can explain the
+  backdrop, so none learns it.
+
 Pixels of zero confidence do not pull the fit: they are out of the L1 term, and inside the SSIM
 (and LPIPS) windows both the prediction and the target there are replaced by the current render,
 without gradient, so the loss does not depend on their target at all.
@@ -79,6 +94,9 @@ class FitConfig:
             (:func:`captures_and_frames`), about this fraction of the steps draw a capture: a few
             captures beside many frames would otherwise be seen rarely, and they are the only views
             known to be right.
+        dropout_rate: Gaussian dropout's final rate (module docstring); 0 = off.
+        opacity_decay: opacities are multiplied by this after every step; 1 = off.
+        has_random_background: with masks, masked-out pixels see a random colour (module docstring).
         seed: seeds the frame order and DefaultStrategy's splits.
         progress_every: the progress callback is called every this many steps (and at the end).
     """
@@ -113,6 +131,9 @@ class FitConfig:
     prune_scale3d: float = 0.1
     background: tuple[float, float, float] = (0.0, 0.0, 0.0)
     capture_share: float = 0.5
+    dropout_rate: float = 0.0
+    opacity_decay: float = 1.0
+    has_random_background: bool = True
     seed: int = 0
     progress_every: int = 50
 
@@ -145,6 +166,10 @@ class FitConfig:
             if f.name.endswith("_lr") or f.name.endswith("_weight") or f.name == "init_scale":
                 if getattr(self, f.name) < 0:
                     raise ValueError(f"FitConfig.{f.name} must be >= 0; got {getattr(self, f.name)}")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"FitConfig.dropout_rate must be in [0, 1); got {self.dropout_rate}")
+        if not 0.0 < self.opacity_decay <= 1.0:
+            raise ValueError(f"FitConfig.opacity_decay must be in (0, 1]; got {self.opacity_decay}")
         if len(self.background) != 3:
             raise ValueError(f"FitConfig.background must be 3 floats; got {self.background!r}")
 
@@ -189,6 +214,10 @@ class Gaussians:
     def detach(self) -> Gaussians:
         return Gaussians(*(getattr(self, f.name).detach() for f in fields(self)))
 
+    def select(self, keep: Tensor) -> Gaussians:
+        """The Gaussians where ``keep`` (bool [N] or indices) holds."""
+        return Gaussians(*(getattr(self, f.name)[keep] for f in fields(self)))
+
 
 @dataclass
 class FitViews:
@@ -198,11 +227,14 @@ class FitViews:
         images: colours in [0, 1]. float32 [F, H, W, 3]
         cams: their cameras (width, height match the images).
         confidence: per-pixel weight in [0, 1]; 1 for captures. float32 [F, H, W]
+        masks: True where a pixel is the object (or what to keep); masked-out pixels see a random
+            background (``FitConfig.has_random_background``); None: every pixel. bool [F, H, W]
     """
 
     images: Tensor
     cams: Cameras
     confidence: Tensor
+    masks: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -212,14 +244,25 @@ class FitViews:
         """Views with a confidence map (default: ones, as for captures)."""
         if confidence is None:
             confidence = torch.ones(views.images.shape[:3], dtype=views.images.dtype, device=views.images.device)
-        return FitViews(views.images, views.cams, confidence)
+        return FitViews(views.images, views.cams, confidence, masks=views.masks)
 
     @staticmethod
     def cat(items: Sequence[FitViews]) -> FitViews:
+        masks = None
+        if any(v.masks is not None for v in items):
+            masks = torch.cat(
+                [
+                    torch.ones(v.images.shape[:3], dtype=torch.bool, device=v.images.device)
+                    if v.masks is None
+                    else v.masks
+                    for v in items
+                ]
+            )
         return FitViews(
             torch.cat([v.images for v in items]),
             Cameras.cat([v.cams for v in items]),
             torch.cat([v.confidence for v in items]),
+            masks,
         )
 
     def check(self) -> None:
@@ -238,6 +281,10 @@ class FitViews:
         lo, hi = float(self.confidence.min()), float(self.confidence.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"fit: views.confidence must be in [0, 1]; got values in [{lo:.3g}, {hi:.3g}]")
+        if self.masks is not None and (self.masks.dtype != torch.bool or tuple(self.masks.shape) != (f, h, w)):
+            raise ValueError(
+                f"fit: views.masks must be bool [{f}, {h}, {w}]; got {self.masks.dtype} {tuple(self.masks.shape)}"
+            )
 
 
 def captures_and_frames(captures: Views, frames: FitViews, capture_share: float) -> FitViews:
@@ -321,24 +368,64 @@ def gaussians_from_arrays(a: GaussianArrays, device: torch.device | str = "cpu")
 
 
 def _render(
-    rasterizer: Rasterizer, params: dict[str, Tensor], cams: Cameras, sh_degree: int, background: Tensor
+    rasterizer: Rasterizer,
+    params: dict[str, Tensor],
+    cams: Cameras,
+    sh_degree: int,
+    background: Tensor,
+    opacities: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
-    """Activate raw parameters and render. -> colours [C, H, W, 3], meta"""
+    """Activate raw parameters and render over ``background`` ([3] or one per camera [C, 3]), with
+    ``opacities`` [N] in place of the parameters' when given. -> colours [C, H, W, 3], meta"""
     sh = torch.cat([params["sh0"], params["shN"]], dim=1) if "shN" in params else params["sh0"]
     colors, _, meta = rasterizer.render(
         params["means"],
         params["quats"],
         torch.exp(params["scales"]),
-        torch.sigmoid(params["opacities"]),
+        torch.sigmoid(params["opacities"]) if opacities is None else opacities,
         sh,
         cams.w2c,
         cams.K,
         cams.width,
         cams.height,
         sh_degree=sh_degree,
-        backgrounds=background.expand(len(cams), 3),
+        backgrounds=background.expand(len(cams), 3).contiguous(),
     )
     return colors, meta
+
+
+def dropout_opacities(opacities: Tensor, rate: float, generator: torch.Generator | None = None) -> Tensor:
+    """DropGaussian: each opacity is 0 with probability ``rate``, else divided by 1 - rate (at most 1),
+    so that its expectation is unchanged wherever opacity / (1 - rate) <= 1.
+
+    Args:
+        opacities: activated opacities in [0, 1]. [N]
+        rate: drop probability in [0, 1).
+        generator: random source on the opacities' device (None: torch's global one).
+    Returns:
+        opacities for one training step, differentiable in the kept ones. [N]
+    """
+    if rate <= 0.0:
+        return opacities
+    keep = torch.rand(opacities.shape, device=opacities.device, generator=generator) >= rate
+    return torch.where(keep, (opacities / (1.0 - rate)).clamp(max=1.0), torch.zeros_like(opacities))
+
+
+def decay_opacities(logits: Tensor, factor: float) -> None:
+    """Multiply the opacities behind ``logits`` by ``factor`` in place (no gradient). [N]"""
+    if factor >= 1.0:
+        return
+    with torch.no_grad():
+        p = torch.sigmoid(logits) * factor
+        logits.copy_(torch.logit(p.clamp(1e-6, 1.0 - 1e-6)))
+
+
+def crop_to_masks(g: Gaussians, cams: Cameras, masks: Tensor) -> Gaussians:
+    """The Gaussians whose centres every camera that sees them sees inside its mask (the visual hull
+    of the masks). cams: C cameras at the masks' size; masks: bool [C, H, W]."""
+    from ..estimators.hull import inside_masks
+
+    return g.select(inside_masks(g.means, cams.to(g.device), masks.to(g.device)))
 
 
 def render_gaussians(g: Gaussians, cams: Cameras, cfg: FitConfig) -> Tensor:
@@ -516,6 +603,7 @@ def fit_gaussians(
     views.check()
     device = torch.device(device)
     images = views.images.to(device, torch.float32)
+    masks = views.masks.to(device) if views.masks is not None and cfg.has_random_background else None
     confidence = views.confidence.to(device, torch.float32)
     cams = views.cams.to(device)
     g0 = init_gaussians(init.to(device), cfg)
@@ -547,6 +635,7 @@ def fit_gaussians(
 
     # 2. The loop: a shuffled pass over the frames per epoch, batch_size frames per step.
     gen = torch.Generator().manual_seed(cfg.seed)
+    gen_device = torch.Generator(device=device).manual_seed(cfg.seed)  # dropout and random backgrounds
     torch.manual_seed(cfg.seed)  # DefaultStrategy's splits sample from the global generator
     order: list[int] = []
     n_frames = len(views)
@@ -557,8 +646,14 @@ def fit_gaussians(
                 order = torch.randperm(n_frames, generator=gen).tolist()
             batch.append(order.pop())
         sh_degree = min(step // cfg.sh_degree_interval, cfg.sh_degree)
-        pred, meta = _render(rasterizer, params, cams[batch], sh_degree, background)
-        loss = confidence_loss(pred, images[batch], confidence[batch], cfg, lpips_fn)
+        progress_frac = step / max(cfg.iterations - 1, 1)
+        opacities = dropout_opacities(torch.sigmoid(params["opacities"]), cfg.dropout_rate * progress_frac, gen_device)
+        target, bg = images[batch], background
+        if masks is not None:  # one random colour per frame, behind the render and in the masked-out target
+            bg = torch.rand(len(batch), 3, device=device, generator=gen_device)
+            target = torch.where(masks[batch][..., None], target, bg[:, None, None, :])
+        pred, meta = _render(rasterizer, params, cams[batch], sh_degree, bg, opacities)
+        loss = confidence_loss(pred, target, confidence[batch], cfg, lpips_fn)
         learn = (
             loss.requires_grad
         )  # False when no Gaussian is in view of this batch (the CPU rasterizer cuts the graph)
@@ -569,6 +664,7 @@ def fit_gaussians(
             for opt in optimizers.values():
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+            decay_opacities(params["opacities"], cfg.opacity_decay)
         scheduler.step()
         if learn and strategy is not None:  # after the optimizer step, as simple_trainer
             strategy.step_post_backward(params, optimizers, state, step, meta, packed=False)

@@ -2,28 +2,40 @@
 
 ``build_memory`` runs a registered :class:`~backend.estimators.GeometryEstimator` (default ``mvs``,
 plane-sweep stereo without learned weights), drops weak points, voxel-downsamples and caps the
-count so that M stays bounded. ``memory_to_ply_arrays`` gives the arrays of the point-cloud .ply
+count so that M stays bounded. When the estimator cannot work on the views (a
+:class:`~backend.estimators.GeometryError`: wide baselines, one view) or gives fewer than
+``min_points`` points, the memory falls back, never failing the job: to the visual hull of the
+captures' masks (estimator ``hull``) when they have masks, else to bounded depth (every capture's
+pixels at the depth where the optical axes meet; a coarse start the Gaussian fit refines). The
+fallback and its reason go to the job's notes. With masks, points outside them are dropped. ``memory_to_ply_arrays`` gives the arrays of the point-cloud .ply
 (DESIGN.md section 3: ``x y z`` float32, ``red green blue`` uchar, ``confidence`` float32,
 ``source`` int32).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..estimators import ESTIMATORS
+from ..estimators import ESTIMATORS, GeometryError
+from ..estimators.hull import HullConfig, axes_center, inside_masks
 from ..estimators.mvs import MVSConfig
-from ..types import GeometryMemory, Views
+from ..estimators.patchmatch import PatchMatchConfig
+from ..types import GeometryMemory, Views, backproject
+
+log = logging.getLogger(__name__)
 
 CONFIDENCE_FLOOR = 1e-6  # weight of a zero-confidence point in voxel averages
 EXTENT_PERCENTILES = (0.01, 0.99)  # robust bounding box used for the automatic voxel size
 MAX_PACKED_CELLS = 1 << 62  # voxel grids with more cells than this are keyed by rows, not one int64
 COLOR_LEVELS = 255  # uchar colours in the .ply
 QUANTILE_SAMPLES = 1 << 20  # points used to estimate the scene's extent
+FALLBACK_TRI_ANGLE_DEG = 15.0  # bounded depth without meeting axes: the depth at which the baseline subtends this
 
 
 @dataclass(frozen=True)
@@ -38,9 +50,20 @@ class MemoryConfig:
         voxel_fraction: automatic voxel size as a fraction of the scene diagonal (1/640: about one
             pixel of a 640-pixel view framing the whole scene).
         max_points: hard cap; the most confident points are kept (bounds render and fit cost).
+        hull, patchmatch: settings of the ``hull`` and ``patchmatch`` estimators.
+        min_points: an estimator giving fewer points than this is replaced by the fallback.
+        has_mask_points: with masks, drop points that a capture sees outside its mask.
+        fallback_points: about this many points from bounded depth (all captures together).
+        fallback_confidence: their confidence.
     """
 
     mvs: MVSConfig = field(default_factory=MVSConfig)
+    hull: HullConfig = field(default_factory=HullConfig)
+    patchmatch: PatchMatchConfig = field(default_factory=PatchMatchConfig)
+    min_points: int = 100
+    has_mask_points: bool = True
+    fallback_points: int = 20_000
+    fallback_confidence: float = 0.1
     min_confidence: float = 0.0
     voxel_size: float = 0.0
     voxel_fraction: float = 1.0 / 640.0
@@ -53,6 +76,12 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig.voxel_fraction must be in (0, 1); got {self.voxel_fraction}")
         if self.max_points < 1:
             raise ValueError(f"MemoryConfig.max_points must be >= 1; got {self.max_points}")
+        if self.min_points < 0 or self.fallback_points < 1:
+            raise ValueError(
+                f"MemoryConfig.min_points must be >= 0 and fallback_points >= 1; got {self.min_points}, {self.fallback_points}"
+            )
+        if not 0.0 < self.fallback_confidence <= 1.0:
+            raise ValueError(f"MemoryConfig.fallback_confidence must be in (0, 1]; got {self.fallback_confidence}")
 
 
 def check_views(views: Views, where: str) -> None:
@@ -68,15 +97,23 @@ def check_views(views: Views, where: str) -> None:
         )
     if (views.cams.width, views.cams.height) != (W, H):
         raise ValueError(f"{where}: views.cams are {views.cams.width}x{views.cams.height} but images are {W}x{H}")
+    if views.masks is not None and (views.masks.dtype != torch.bool or tuple(views.masks.shape) != (C, H, W)):
+        raise ValueError(
+            f"{where}: views.masks must be bool [{C}, {H}, {W}]; got {views.masks.dtype} {tuple(views.masks.shape)}"
+        )
 
 
-def build_memory(views: Views, cfg: MemoryConfig = MemoryConfig(), *, estimator: str = "mvs") -> GeometryMemory:
+def build_memory(
+    views: Views, cfg: MemoryConfig = MemoryConfig(), *, estimator: str = "mvs", notes: list[str] | None = None
+) -> GeometryMemory:
     """The initial memory M from posed captures.
 
     Args:
-        views: captures: images in [0, 1] [C, H, W, 3], their cameras (OpenCV w2c, K), capture ids.
+        views: captures: images in [0, 1] [C, H, W, 3], their cameras (OpenCV w2c, K), capture ids,
+            optional masks [C, H, W].
         cfg: estimator settings, confidence floor, voxel size, point cap.
-        estimator: registered geometry estimator name (``mvs``).
+        estimator: registered geometry estimator name (``mvs``, ``hull``, ``patchmatch``).
+        notes: the job's notes; a line saying which fallback was used and why is appended.
     Returns:
         GeometryMemory with xyz [N, 3], rgb [N, 3], confidence [N], source [N] (capture ids), on
         the device of ``views.images``.
@@ -88,14 +125,81 @@ def build_memory(views: Views, cfg: MemoryConfig = MemoryConfig(), *, estimator:
     """
     cfg.check()
     check_views(views, "build_memory")
-    est_cfgs = {"mvs": cfg.mvs}
-    memory = ESTIMATORS.make(estimator, est_cfgs.get(estimator)).estimate(views)
+    memory = estimate_with_fallback(views, cfg, estimator, notes if notes is not None else [])
+    if cfg.has_mask_points and views.masks is not None and len(memory):
+        memory = memory.select(inside_masks(memory.xyz, views.cams, views.masks))
     if cfg.min_confidence > 0:
         memory = memory.select(memory.confidence >= cfg.min_confidence)
     voxel = cfg.voxel_size or auto_voxel_size(memory, cfg.voxel_fraction)
     if voxel > 0:
         memory = voxel_downsample(memory, voxel)
     return cap_points(memory, cfg.max_points)
+
+
+def estimate_with_fallback(views: Views, cfg: MemoryConfig, estimator: str, notes: list[str]) -> GeometryMemory:
+    """The named estimator's points; on a GeometryError or fewer than ``cfg.min_points`` points, the
+    visual hull (masks) or bounded depth, with a line in ``notes`` (module docstring)."""
+    est_cfgs = {"mvs": cfg.mvs, "hull": cfg.hull, "patchmatch": cfg.patchmatch}
+    try:
+        memory = ESTIMATORS.make(estimator, est_cfgs.get(estimator)).estimate(views)
+    except GeometryError as err:
+        why = str(err)
+    else:
+        if len(memory) >= cfg.min_points:
+            return memory
+        why = f"{estimator} gave {len(memory)} points (fewer than {cfg.min_points})"
+    if views.masks is not None and estimator != "hull":
+        memory = ESTIMATORS.make("hull", cfg.hull).estimate(views)
+        if len(memory) >= cfg.min_points:
+            _note(notes, f"geometry: {why}; used the visual hull of the captures' masks ({len(memory)} points)")
+            return memory
+        why += f"; the visual hull gave {len(memory)} points"
+    memory, depth_note = bounded_depth_points(views, cfg)
+    _note(
+        notes,
+        f"geometry: {why}; used bounded depth ({depth_note}, {len(memory)} points, confidence {cfg.fallback_confidence:g})",
+    )
+    return memory
+
+
+def _note(notes: list[str], line: str) -> None:
+    log.warning(line)
+    notes.append(line)
+
+
+def bounded_depth_points(views: Views, cfg: MemoryConfig) -> tuple[GeometryMemory, str]:
+    """Every capture's pixels (a regular subsample, masked pixels only when there are masks) at one
+    depth per capture: where its optical axis passes nearest the others' (the axes' meeting point),
+    else where the captures' median baseline subtends FALLBACK_TRI_ANGLE_DEG. Returns the points and
+    a phrase naming the depth used."""
+    cams = views.cams
+    C, H, W = views.images.shape[:3]
+    center = axes_center(cams) if C > 1 else None
+    if center is not None:
+        z = cams.w2c[:, 2, :3] @ center + cams.w2c[:, 2, 3]  # [C] the centre's depth in each camera
+    if center is None or bool((z <= 0).any()):
+        c = cams.centers
+        base = (c[:, None] - c[None]).norm(dim=-1)
+        median = float(base[base > 0].median()) if bool((base > 0).any()) else 1.0
+        z = torch.full((C,), median / math.tan(math.radians(FALLBACK_TRI_ANGLE_DEG)), device=c.device)
+        what = "depth from the captures' baseline"
+    else:
+        what = "depth of the point the optical axes meet"
+    stride = max(1, round(math.sqrt(C * H * W / max(cfg.fallback_points, 1))))
+    depth = torch.zeros(C, H, W, device=views.images.device)
+    depth[:, stride // 2 :: stride, stride // 2 :: stride] = z[:, None, None]
+    if views.masks is not None:
+        depth = torch.where(views.masks, depth, torch.zeros_like(depth))
+    valid = depth > 0
+    world = backproject(depth, cams)  # [C, H, W, 3]
+    source = torch.tensor(views.ids, dtype=torch.int32, device=depth.device)[:, None, None].expand(C, H, W)
+    memory = GeometryMemory(
+        xyz=world[valid],
+        rgb=views.images[valid],
+        confidence=torch.full((int(valid.sum()),), cfg.fallback_confidence, device=depth.device),
+        source=source[valid].contiguous(),
+    )
+    return memory, what
 
 
 def auto_voxel_size(memory: GeometryMemory, fraction: float) -> float:

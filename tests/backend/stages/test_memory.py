@@ -117,7 +117,7 @@ def test_estimator_registry_and_input_checks():
     assert "mvs" in ESTIMATORS.names()
     est = ESTIMATORS.make("mvs", MVSConfig(max_side=64))
     assert isinstance(est, PlaneSweepMVS) and isinstance(est, GeometryEstimator) and "mvs" in ESTIMATORS
-    with pytest.raises(ValueError, match="known: mvs"):
+    with pytest.raises(ValueError, match="known: hull, mvs, patchmatch"):
         ESTIMATORS.make("vggt")
     cams = Cameras(torch.eye(4)[None], torch.eye(3)[None], 8, 8)
     with pytest.raises(ValueError, match="at least 2 captures"):

@@ -1,0 +1,236 @@
+"""COLMAP PatchMatch stereo on the GPU with our known cameras (estimator ``patchmatch``).
+
+Dense geometry through pycolmap's CUDA build (``pycolmap-cuda12`` on PyPI; the CPU wheel has no
+PatchMatch). No learned weights. Steps:
+
+1. **Workspace** (:func:`write_workspace`), the layout COLMAP's image undistorter writes: ``images/``
+   (the captures at the processing size, PNG), ``sparse/`` (a COLMAP text model of our cameras: one
+   PINHOLE camera per capture, poses as given, no points), ``stereo/`` with empty ``depth_maps``,
+   ``normal_maps``, ``consistency_graphs`` and the ``patch-match.cfg`` / ``fusion.cfg`` lists. Each
+   reference's source images are the plane sweep's candidates (nearest captures whose optical axes
+   turn by at most ``MVSConfig.max_view_angle_deg``), and the depth range is the plane sweep's
+   (sparse SIFT triangulation), since a model without points gives COLMAP none.
+2. **PatchMatch** (``pycolmap.patch_match_stereo``, photometric then geometric consistency).
+3. **Read back** the geometric depth maps (:func:`read_colmap_array`, COLMAP's ``.bin`` layout) and
+   fuse them with the plane sweep's consistency check (:func:`backend.estimators.mvs.fuse_depths`).
+
+Only step 2 needs CUDA; :func:`has_cuda_patchmatch` says whether this machine can run it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..types import GeometryMemory, Views
+from . import ESTIMATORS, GeometryError
+
+U8_MAX = 255.0
+STEREO_DIR = "stereo"
+DEPTH_SUFFIX = ".geometric.bin"  # PatchMatch's depth maps after geometric consistency
+
+
+@dataclass(frozen=True)
+class PatchMatchConfig:
+    """PatchMatch settings (COLMAP's defaults unless noted).
+
+    Attributes:
+        max_side: images are downsized so that max(H, W) <= this before matching; 0 = as given.
+        window_radius: matching window half-size (COLMAP: 5).
+        num_iterations: propagation iterations (COLMAP: 5).
+        geom_consistency: COLMAP's geometric consistency pass (its depth maps are the ones read).
+        filter_min_num_consistent: COLMAP keeps a depth seen consistently by at least this many sources.
+        min_consistent: our fusion's agreement count (``MVSConfig.min_consistent``).
+        gpu_index: CUDA device(s) for COLMAP, ``-1`` all.
+        work_dir: folder for the workspace (default a temporary folder, removed afterwards).
+    """
+
+    max_side: int = 1024
+    window_radius: int = 5
+    num_iterations: int = 5
+    geom_consistency: bool = True
+    filter_min_num_consistent: int = 2
+    min_consistent: int = 1
+    gpu_index: str = "-1"
+    work_dir: str | None = None
+
+    def check(self) -> None:
+        if self.window_radius < 1 or self.num_iterations < 1:
+            raise ValueError(
+                f"PatchMatchConfig.window_radius and num_iterations must be >= 1; got {self.window_radius}, {self.num_iterations}"
+            )
+        if self.min_consistent < 0:
+            raise ValueError(f"PatchMatchConfig.min_consistent must be >= 0; got {self.min_consistent}")
+
+
+def has_cuda_patchmatch() -> bool:
+    """pycolmap is installed with CUDA (its PatchMatch can run)."""
+    try:
+        import pycolmap
+    except ImportError:
+        return False
+    return bool(getattr(pycolmap, "has_cuda", False))
+
+
+# ----------------------------------------------------------------------------------------------
+# COLMAP's dense arrays (src/colmap/mvs/mat.h): a text header "width&height&channels&", then the
+# float32 values with x fastest, then y, then the channel (COLMAP's read_write_dense.py reads them as
+# a (width, height, channels) array in Fortran order).
+
+
+def read_colmap_array(path: Path) -> np.ndarray:
+    """A COLMAP depth or normal map. float32 [H, W] (one channel) or [H, W, D]"""
+    data = Path(path).read_bytes()
+    header_end = 0
+    for _ in range(3):
+        header_end = data.index(b"&", header_end) + 1
+    width, height, channels = (int(v) for v in data[: header_end - 1].split(b"&"))
+    values = np.frombuffer(data[header_end:], dtype=np.float32)
+    if values.size != width * height * channels:
+        raise ValueError(f"{Path(path).name}: header says {width}x{height}x{channels}; holds {values.size} values")
+    array = values.reshape((width, height, channels), order="F").transpose(1, 0, 2)
+    return array[..., 0] if channels == 1 else array
+
+
+def write_colmap_array(array: np.ndarray, path: Path) -> Path:
+    """Write a [H, W] or [H, W, D] float32 array in COLMAP's layout (the inverse of read_colmap_array)."""
+    a = np.asarray(array, dtype=np.float32)
+    if a.ndim == 2:
+        a = a[..., None]
+    height, width, channels = a.shape
+    Path(path).write_bytes(
+        f"{width}&{height}&{channels}&".encode() + np.asfortranarray(a.transpose(1, 0, 2)).tobytes(order="F")
+    )
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Workspace
+
+
+def image_names(views: Views) -> list[str]:
+    """The workspace's image file names, one per capture."""
+    return [f"{i:05d}_{int(cid)}.png" for i, cid in enumerate(views.ids)]
+
+
+def write_workspace(views: Views, work: Path, sources: list[list[int]]) -> list[str]:
+    """Write COLMAP's dense workspace for ``views`` (module docstring, step 1).
+
+    Args:
+        views: captures at the processing size: images [C, H, W, 3] in [0, 1], cameras, ids.
+        work: the workspace folder (created; must be empty or absent).
+        sources: per capture, the indices of its source captures.
+    Returns:
+        the image names, in capture order.
+    """
+    from ..formats.colmap import export_colmap
+    from ..scene import Capture, Scene, Settings
+
+    names = image_names(views)
+    (work / "images").mkdir(parents=True, exist_ok=True)
+    for name, img in zip(names, views.images):
+        Image.fromarray((img.clamp(0, 1) * U8_MAX).round().byte().cpu().numpy()).save(work / "images" / name)
+    captures = [
+        Capture(name=Path(n).stem, image=(work / "images" / n).resolve(), camera=c)
+        for n, c in zip(names, views.cams.to_scene())
+    ]
+    export_colmap(
+        Scene(root=work.resolve(), captures=captures, heldout=[], settings=Settings()),
+        work / "sparse",
+        image_root=(work / "images").resolve(),
+    )
+    stereo = work / STEREO_DIR
+    for sub in ("depth_maps", "normal_maps", "consistency_graphs"):
+        (stereo / sub).mkdir(parents=True, exist_ok=True)
+    lines = []
+    for name, src in zip(names, sources):
+        lines += [name, ", ".join(names[j] for j in src)]
+    (stereo / "patch-match.cfg").write_text("\n".join(lines) + "\n")
+    (stereo / "fusion.cfg").write_text("\n".join(names) + "\n")
+    return names
+
+
+def read_depth_maps(work: Path, names: list[str], height: int, width: int, device: torch.device) -> Tensor:
+    """The geometric depth maps PatchMatch wrote, resized (nearest) to height x width; 0 where missing
+    or invalid. float32 [C, H, W]"""
+    out = torch.zeros(len(names), height, width, device=device)
+    for i, name in enumerate(names):
+        path = work / STEREO_DIR / "depth_maps" / f"{name}{DEPTH_SUFFIX}"
+        if not path.is_file():
+            continue
+        d = torch.from_numpy(read_colmap_array(path).copy()).to(device)
+        if tuple(d.shape) != (height, width):
+            d = torch.nn.functional.interpolate(d[None, None], size=(height, width), mode="nearest")[0, 0]
+        out[i] = torch.where(torch.isfinite(d) & (d > 0), d, torch.zeros_like(d))
+    return out
+
+
+def run_patchmatch(work: Path, depth_range: tuple[float, float], cfg: PatchMatchConfig) -> None:
+    """Step 2: COLMAP's PatchMatch stereo on the workspace (CUDA)."""
+    import pycolmap
+
+    options = pycolmap.PatchMatchOptions()
+    options.max_image_size = -1  # the workspace's images are already at the processing size
+    options.window_radius = cfg.window_radius
+    options.num_iterations = cfg.num_iterations
+    options.geom_consistency = cfg.geom_consistency
+    options.filter_min_num_consistent = cfg.filter_min_num_consistent
+    options.depth_min, options.depth_max = depth_range
+    options.gpu_index = cfg.gpu_index
+    pycolmap.patch_match_stereo(work, workspace_format="COLMAP", options=options)
+
+
+@ESTIMATORS.register("patchmatch")
+class PatchMatchMVS:
+    """COLMAP PatchMatch stereo with the captures' known cameras (module docstring). Needs pycolmap
+    with CUDA; :func:`has_cuda_patchmatch` tells.
+
+    Example::
+
+        >>> est = PatchMatchMVS(PatchMatchConfig(max_side=640))   # doctest: +SKIP
+        >>> memory = est.estimate(views)   # views: Views of >= 2 posed captures
+    """
+
+    def __init__(self, cfg: PatchMatchConfig = PatchMatchConfig()) -> None:
+        cfg.check()
+        self.cfg = cfg
+
+    def estimate(self, views: Views) -> GeometryMemory:
+        """Captures (images [C, H, W, 3] in [0, 1], cameras, ids) -> fused points with source ids."""
+        from .mvs import MVSConfig, depth_range, fuse_depths, match_candidates, resize_views, sparse_points, to_gray
+
+        if not has_cuda_patchmatch():
+            raise GeometryError("patchmatch: pycolmap has no CUDA here (install pycolmap-cuda12 on a CUDA machine)")
+        if len(views) < 2:
+            raise GeometryError(f"patchmatch: needs at least 2 captures with cameras; got {len(views)}")
+        mvs_cfg = replace(MVSConfig(), max_side=self.cfg.max_side, min_consistent=self.cfg.min_consistent)
+        small = resize_views(views, self.cfg.max_side)
+        cams = small.cams
+        gray = to_gray(small.images)
+        sources = match_candidates(cams, mvs_cfg)
+        pairs = sorted({(min(i, j), max(i, j)) for i in range(len(cams)) for j in sources[i]})
+        sparse = sparse_points(gray, cams, pairs, mvs_cfg)
+        ranges = [depth_range(cams, i, sparse[i], sources[i], mvs_cfg) for i in range(len(cams))]
+        near, far = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        work = Path(self.cfg.work_dir) if self.cfg.work_dir else Path(tempfile.mkdtemp(prefix="reconloop-pm-"))
+        try:
+            names = write_workspace(small, work, sources)
+            run_patchmatch(work, (near, far), self.cfg)
+            depth = read_depth_maps(work, names, cams.height, cams.width, small.images.device)
+        finally:
+            if self.cfg.work_dir is None:
+                shutil.rmtree(work, ignore_errors=True)
+        conf = (depth > 0).float()
+        return fuse_depths(depth, conf, small, sources, mvs_cfg)
+
+
+def default_estimator(device: torch.device | str) -> str:
+    """``patchmatch`` on a CUDA device where pycolmap has CUDA, else ``mvs`` (plane sweep)."""
+    return "patchmatch" if torch.device(device).type == "cuda" and has_cuda_patchmatch() else "mvs"

@@ -1,0 +1,110 @@
+"""Capture masks: which pixels of a photo are the object (or what to keep).
+
+A capture's mask comes from, in this order: its ``mask`` file in scene.json (greyscale, or RGBA whose
+alpha is the mask; non-zero is kept), the photo's own alpha channel, or nowhere (None: every pixel
+counts). Importers make mask files from a dataset's ``mask/`` folder (IDR/NeuS DTU) or from
+silhouettes (:func:`threshold_silhouette`, the Middlebury recipe).
+
+Masks are boolean [H, W] arrays at the photo's size, undistorted with the photo and resized to the
+working size by nearest neighbour (a mask pixel is never half object).
+
+Example::
+
+    >>> m = threshold_silhouette(np.zeros((8, 8, 3), np.uint8), threshold=0.19, dilate_px=1, erode_px=1)
+    >>> m.shape, bool(m.any())
+    ((8, 8), False)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .scene import Camera, Capture
+
+U8_MAX = 255.0
+MASK_LEVEL = 127  # a mask or alpha pixel above this (of 255) is kept
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask file: alpha when the image has one, else its grey level; above half is kept. bool [H, W]"""
+    with Image.open(path) as im:
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            grey = np.asarray(im.convert("RGBA"))[..., 3]
+        else:
+            grey = np.asarray(im.convert("L"))
+    return grey > MASK_LEVEL
+
+
+def image_alpha(path: Path) -> np.ndarray | None:
+    """The photo's alpha channel as a mask (above half kept), or None when it has none. bool [H, W]"""
+    with Image.open(path) as im:
+        if im.mode not in ("RGBA", "LA", "PA") and not (im.mode == "P" and "transparency" in im.info):
+            return None
+        alpha = np.asarray(im.convert("RGBA"))[..., 3]
+    return alpha > MASK_LEVEL
+
+
+def capture_mask(capture: Capture, camera: Camera | None = None) -> np.ndarray | None:
+    """A capture's mask at its photo's size (the ``mask`` file, else the photo's alpha), undistorted
+    like the photo when ``camera`` has distortion; None when it has neither. bool [H, W]"""
+    mask = read_mask(capture.mask) if capture.mask is not None else image_alpha(capture.image)
+    if mask is None:
+        return None
+    if camera is not None and camera.distortion is not None and not camera.distortion.is_identity:
+        from .formats.undistort import undistort_image
+
+        mask = undistort_image(mask.astype(np.uint8) * 255, camera) > MASK_LEVEL
+    return mask
+
+
+def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A mask at another size, nearest neighbour. bool [height, width]"""
+    if mask.shape == (height, width):
+        return mask
+    im = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
+    return np.asarray(im) > MASK_LEVEL
+
+
+def write_mask(mask: np.ndarray, path: Path) -> Path:
+    """Write a mask as an 8-bit greyscale PNG (255 kept, 0 masked out). Returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+    return path
+
+
+def threshold_silhouette(image: np.ndarray, *, threshold: float, dilate_px: int, erode_px: int) -> np.ndarray:
+    """An object's silhouette on a dark backdrop: any channel above ``threshold`` (0..1), then a
+    dilation by ``dilate_px`` and an erosion by ``erode_px`` (square structuring elements), which
+    closes dark shadows on the object and leaves the silhouette a few pixels generous.
+
+    Args:
+        image: the photo, 8-bit sRGB. uint8 [H, W, 3]
+        threshold: brightness (max over channels, 0..1) above which a pixel is the object.
+        dilate_px, erode_px: radii in pixels.
+    Returns:
+        the silhouette. bool [H, W]
+    """
+    import cv2
+
+    bright = (image.max(axis=-1).astype(np.float32) / U8_MAX) > threshold
+    mask = bright.astype(np.uint8)
+    if dilate_px > 0:
+        mask = cv2.dilate(mask, np.ones((2 * dilate_px + 1, 2 * dilate_px + 1), np.uint8))
+    if erode_px > 0:
+        mask = cv2.erode(mask, np.ones((2 * erode_px + 1, 2 * erode_px + 1), np.uint8))
+    return mask > 0
+
+
+def stack_masks(captures: list[Capture], cameras: list[Camera], width: int, height: int, device):
+    """The captures' masks at the working size, or None when none of them has one (a capture
+    without a mask keeps every pixel). bool [C, height, width]"""
+    import torch  # kept out of the module's imports: the CLI's parser imports the importers, not torch
+
+    found = [capture_mask(c, cam) for c, cam in zip(captures, cameras)]
+    if all(m is None for m in found):
+        return None
+    full = [np.ones((height, width), bool) if m is None else resize_mask(m, width, height) for m in found]
+    return torch.from_numpy(np.stack(full)).to(device)

@@ -1,0 +1,104 @@
+"""COLMAP PatchMatch (estimator ``patchmatch``) on the Lund door against its COLMAP points, beside
+plane sweep: median and 90th-percentile relative depth error, share under 1 %, coverage (the share
+of observed COLMAP points that get a depth) and time, as scripts/mvs_accuracy.py measures plane sweep.
+
+Needs pycolmap with CUDA (``pycolmap-cuda12``); without it the PatchMatch rows say why and the plane
+sweep rows still run (``--tiny`` for a quick CPU check). Writes JSON with ``--out``.
+
+    python scripts/gpu_check_patchmatch.py --sides 640 1024 --views 3 5 --out $OUT/patchmatch.json
+    .venv/bin/python scripts/gpu_check_patchmatch.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mvs_accuracy import FIRST, load, score_depths  # noqa: E402
+
+from backend.estimators.mvs import MVSConfig, estimate_depths  # noqa: E402
+from backend.estimators.patchmatch import PatchMatchConfig, PatchMatchMVS, has_cuda_patchmatch, read_depth_maps  # noqa: E402
+from backend.formats.colmap import read_colmap, read_colmap_points  # noqa: E402
+
+
+def patchmatch_depths(views, side: int, device: str) -> tuple:
+    """PatchMatch depth maps of ``views`` at ``side`` (its geometric maps, read back), cameras, seconds."""
+    with tempfile.TemporaryDirectory(prefix="reconloop-pm-check-") as work:
+        est = PatchMatchMVS(PatchMatchConfig(max_side=side, work_dir=work))
+        t = time.perf_counter()
+        memory = est.estimate(views)
+        seconds = time.perf_counter() - t
+        from backend.estimators.mvs import resize_views
+        from backend.estimators.patchmatch import image_names
+
+        small = resize_views(views, side)
+        depth = read_depth_maps(
+            Path(work), image_names(small), small.cams.height, small.cams.width, torch.device(device)
+        )
+    return depth, small.cams, seconds, len(memory)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scene", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared/data/lund_door")
+    ap.add_argument("--sides", type=int, nargs="+", default=[640, 1024])
+    ap.add_argument("--views", type=int, nargs="+", default=[3, 5])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="one small CPU-sized setting (160 px, 3 views, 32 planes)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.sides, args.views = [160], [3]
+    captures = read_colmap(args.scene).captures
+    points = read_colmap_points(args.scene)
+    rows = []
+    print(f"pycolmap with CUDA: {has_cuda_patchmatch()}")
+    print(
+        "| method | max side | views | median rel. depth error | 90th pct | < 1 % | coverage | points fused | time (s) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for side in args.sides:
+        for n in args.views:
+            ids = list(range(FIRST, FIRST + n))
+            views = load(captures, ids, side, args.device)
+            t = time.perf_counter()
+            maps = estimate_depths(
+                views, MVSConfig(max_side=side, num_planes=32 if args.tiny else MVSConfig.num_planes)
+            )
+            sweep = {"method": "plane sweep", "side": side, "views": n, "seconds": time.perf_counter() - t}
+            sweep.update(score_depths(maps.depth, maps.views.cams, captures, points, ids))
+            rows.append(sweep)
+            pm = {"method": "patchmatch", "side": side, "views": n}
+            try:
+                depth, cams, seconds, fused = patchmatch_depths(views, side, args.device)
+                pm.update(score_depths(depth, cams, captures, points, ids), seconds=seconds, fused=fused)
+            except Exception as err:  # report why (no CUDA build, COLMAP error) and keep measuring
+                pm["error"] = f"{type(err).__name__}: {err}"
+            rows.append(pm)
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['method']} | {r['side']} | {r['views']} | {r['error']} | | | | | |")
+        else:
+            print(
+                f"| {r['method']} | {r['side']} | {r['views']} | {r['median']:.4f} | {r['p90']:.4f} | "
+                f"{r['under_1pct']:.3f} | {r['coverage']:.0%} ({r['points']}) | {r.get('fused', '')} | {r['seconds']:.2f} |"
+            )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            json.dumps({"device": args.device, "has_cuda_patchmatch": has_cuda_patchmatch(), "rows": rows}, indent=1)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Capture masks: scene.json ``mask``, alpha channels, DTU ``mask/`` folders and Middlebury silhouettes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.formats import import_scene
+from backend.masks import capture_mask, read_mask, resize_mask, threshold_silhouette
+from backend.scene import SceneError, load_scene, save_scene
+
+DINO_BOX = (np.array([-0.061897, -0.018874, -0.057845]), np.array([0.010897, 0.068227, 0.015495]))
+
+
+def test_scene_json_mask_round_trip_and_errors(temple_dir, tmp_path):
+    scene = import_scene("middlebury", temple_dir, tmp_path / "s")
+    mask = np.zeros((scene.captures[0].camera.height, scene.captures[0].camera.width), bool)
+    mask[100:200, 150:300] = True
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "s" / "m0.png")
+    data = json.loads((tmp_path / "s" / "scene.json").read_text())
+    data["captures"][0]["mask"] = "m0.png"
+    (tmp_path / "s" / "scene.json").write_text(json.dumps(data))
+    loaded = load_scene(tmp_path / "s")
+    assert loaded.captures[0].mask == (tmp_path / "s" / "m0.png").resolve()
+    assert loaded.captures[1].mask is None
+    np.testing.assert_array_equal(capture_mask(loaded.captures[0], loaded.captures[0].camera), mask)
+    assert capture_mask(loaded.captures[1]) is None  # an RGB photo without a mask file
+    save_scene(loaded, tmp_path / "s")
+    assert json.loads((tmp_path / "s" / "scene.json").read_text())["captures"][0]["mask"] == "m0.png"
+    # a mask of another size, and a missing one, are refused naming the field
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "s" / "small.png")
+    for bad, match in (("small.png", r"captures\[0\]\.mask: small.png is 10x10"), ("nope.png", "file not found")):
+        data["captures"][0]["mask"] = bad
+        (tmp_path / "s" / "scene.json").write_text(json.dumps(data))
+        with pytest.raises(SceneError, match=match):
+            load_scene(tmp_path / "s")
+
+
+def test_alpha_channel_is_the_mask(temple_dir, tmp_path):
+    scene = import_scene("middlebury", temple_dir, tmp_path / "s")
+    cap = scene.captures[0]
+    rgb = np.asarray(Image.open(cap.image).convert("RGB"))
+    alpha = np.zeros(rgb.shape[:2], np.uint8)
+    alpha[50:120, 60:200] = 255
+    Image.fromarray(np.dstack([rgb, alpha])).save(tmp_path / "rgba.png")
+    from dataclasses import replace
+
+    masked = replace(cap, image=tmp_path / "rgba.png")
+    np.testing.assert_array_equal(capture_mask(masked), alpha > 0)
+    small = resize_mask(alpha > 0, 64, 48)
+    assert small.shape == (48, 64) and small.dtype == bool
+    assert read_mask(tmp_path / "rgba.png").sum() == (alpha > 0).sum()
+
+
+def test_middlebury_silhouettes_cover_the_dino(dino_dir, tmp_path):
+    """The README's recipe (0.19, dilate 10, erode 7): every corner of the dino's bounding box that
+    projects into a photo lands near or on the silhouette's bounding box, and the backdrop is out."""
+    scene = import_scene("middlebury", dino_dir, tmp_path / "dino", silhouettes=True)
+    assert all(c.mask is not None and c.mask.parent.name == "masks" for c in scene.captures)
+    centre = (DINO_BOX[0] + DINO_BOX[1]) / 2
+    for cap in scene.captures[:4]:
+        m = capture_mask(cap, cap.camera)
+        assert m.shape == (cap.camera.height, cap.camera.width)
+        assert 0.02 < m.mean() < 0.5  # the object, not the black backdrop
+        uv, _ = cap.camera.project(centre[None])
+        u, v = np.floor(uv[0]).astype(int)
+        assert m[v, u]  # the box centre is on the object
+        assert not m[0, 0] and not m[-1, -1]
+    loaded = load_scene(tmp_path / "dino")
+    assert loaded.captures[3].mask == scene.captures[3].mask
+    plain = threshold_silhouette(np.zeros((20, 20, 3), np.uint8), threshold=0.19, dilate_px=10, erode_px=7)
+    assert not plain.any()
+
+
+def _dtu_folder(temple_dir, root, count: int, *, with_masks: bool):
+    """A folder in the real IDR/NeuS layout made from the first temple photos: image/000000.png...,
+    mask/000.png..., cameras_sphere.npz with world_mat_i, world_mat_inv_i, scale_mat_i,
+    scale_mat_inv_i, camera_mat_i, camera_mat_inv_i."""
+    temple = import_scene("middlebury", temple_dir, root / "temple", silhouettes=with_masks)
+    (root / "dtu" / "image").mkdir(parents=True)
+    if with_masks:
+        (root / "dtu" / "mask").mkdir()
+    mats = {}
+    scale_mat = np.diag([0.1, 0.1, 0.1, 1.0])
+    scale_mat[:3, 3] = [-0.02, 0.1, 0.025]
+    for i, cap in enumerate(temple.captures[:count]):
+        (root / "dtu" / "image" / f"{i:06d}.png").symlink_to(cap.image)
+        if with_masks:
+            (root / "dtu" / "mask" / f"{i:03d}.png").symlink_to(cap.mask)
+        K4 = np.eye(4)
+        K4[:3, :3] = cap.camera.K
+        world_mat = K4 @ cap.camera.w2c
+        mats[f"world_mat_{i}"] = world_mat
+        mats[f"world_mat_inv_{i}"] = np.linalg.inv(world_mat)
+        mats[f"scale_mat_{i}"] = scale_mat
+        mats[f"scale_mat_inv_{i}"] = np.linalg.inv(scale_mat)
+        mats[f"camera_mat_{i}"] = K4
+        mats[f"camera_mat_inv_{i}"] = np.linalg.inv(K4)
+    np.savez(root / "dtu" / "cameras_sphere.npz", **mats)
+    return temple
+
+
+def test_dtu_real_layout_with_masks(temple_dir, tmp_path):
+    temple = _dtu_folder(temple_dir, tmp_path, 5, with_masks=True)
+    scene = import_scene("dtu", tmp_path / "dtu", tmp_path / "out", use_scale_mat=False)
+    assert len(scene.captures) == 5
+    for a, b in zip(scene.captures, temple.captures):
+        np.testing.assert_allclose(a.camera.w2c, b.camera.w2c, atol=1e-7)
+        np.testing.assert_allclose(a.camera.K, b.camera.K, atol=1e-7)
+        assert a.mask is not None and a.mask.name.endswith(".png")
+        np.testing.assert_array_equal(capture_mask(a), capture_mask(b))
+    unit = import_scene("dtu", tmp_path / "dtu", tmp_path / "unit")  # scale_mat_i applied
+    for a, b in zip(unit.captures, scene.captures):  # x_unit = (x_world - t) / s
+        np.testing.assert_allclose(a.camera.center, (b.camera.center - [-0.02, 0.1, 0.025]) / 0.1, atol=1e-6)
+
+
+def test_dtu_counts_cameras_by_world_mat_keys_only(temple_dir, tmp_path):
+    _dtu_folder(temple_dir, tmp_path, 3, with_masks=False)
+    (tmp_path / "dtu" / "image" / "000002.png").unlink()
+    with pytest.raises(SceneError, match="holds 2 images; cameras_sphere.npz has 3 cameras"):
+        import_scene("dtu", tmp_path / "dtu", tmp_path / "out")

@@ -524,6 +524,10 @@ class WanWindowAttnProcessor:
         self._mask_key: tuple | None = None
         self._flex = None
         self._page_table: tuple[Tensor, Tensor] | None = None
+        # sequence parallelism (``sequence_parallel.enable_sequence_parallel`` sets it): an exchange whose
+        # ``to_heads`` turns this rank's token shard of q, k, v into this rank's heads over all tokens and whose
+        # ``to_tokens`` turns the attention output back; None: one process
+        self.sequence_parallel = None
 
     def set_layout(self, num_frames: int, tokens_per_frame: int, num_memory: int, device: torch.device | str) -> None:
         """Describe the next condition video's frames; builds (or reuses) the block mask or page table."""
@@ -598,6 +602,8 @@ class WanWindowAttnProcessor:
         if rotary_emb is not None:
             query = apply_rotary(query, *rotary_emb)
             key = apply_rotary(key, *rotary_emb)
+        if self.sequence_parallel is not None:  # [B, L/N, heads, D] -> [B, L, heads/N, D]
+            query, key, value = self.sequence_parallel.to_heads(query, key, value)
         if self.mode == "window":
             self._check_layout(query.shape[1])
         if self.mode == "window" and self.backend == "split":
@@ -612,6 +618,8 @@ class WanWindowAttnProcessor:
                 q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # 4-D buffers (inductor's flex lowering)
                 out = self._flex_fn()(q, k, v, block_mask=self._block_mask, kernel_options=self.kernel_options)
             out = out.transpose(1, 2)
+        if self.sequence_parallel is not None:  # [B, L, heads/N, D] -> [B, L/N, heads, D]
+            out = self.sequence_parallel.to_tokens(out)
         out = out.flatten(2, 3).type_as(query)  # [B, L, heads * D]
         out = attn.to_out[0](out)
         return attn.to_out[1](out)

@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -43,6 +44,7 @@ from protocol.ply import PointArrays
 from . import outputs
 from .formats.undistort import undistort_image
 from .generators import Generator, generator_class
+from .generators.sequence_parallel import close_shared_group, resolve_gpus, shared_group
 from .progress import ProgressEvent, ProgressFn, no_progress
 from .scene import Camera, Scene, Settings
 from .stages.fit import (
@@ -118,6 +120,7 @@ class LoopConfig:
     estimator: str = "mvs"
     generator: str = Settings.generator
     num_steps: int = Settings.num_steps
+    gpus: int = Settings.gpus  # GPUs the learned generator spans (sequence parallel); 0: all of the box
     seed: int = Settings.seed
     prompt: str = ""
     default_frames: int = 24
@@ -159,6 +162,7 @@ class LoopConfig:
             guide=settings.guide,
             generator=settings.generator,
             num_steps=settings.num_steps,
+            gpus=settings.gpus,
             seed=settings.seed,
             prompt=settings.prompt,
         )
@@ -454,20 +458,22 @@ WEIGHTS_ENV = "RECONLOOP_{NAME}_WEIGHTS"
 LORA_ENV = "RECONLOOP_{NAME}_LORA"
 ALLOW_DOWNLOAD_ENV = "RECONLOOP_ALLOW_DOWNLOAD"
 
-_LOADED_GENERATORS: dict[tuple[str, str, str, str], Generator] = {}
+_LOADED_GENERATORS: dict[tuple, Generator] = {}  # (name, weights, lora, device, gpus)
 
 
-def make_generator(name: str, device: torch.device) -> Generator:
+def make_generator(name: str, device: torch.device, gpus: int = 1) -> Generator:
     """The generator registered under ``name``: built from its defaults, or, for a learned one
     (it has ``from_pretrained``), loaded from ``RECONLOOP_<NAME>_WEIGHTS`` (a folder or hub id;
     default the class's hub id) with ``RECONLOOP_<NAME>_LORA``. A learned generator is loaded once
-    per process and reused by later jobs (a 14B model takes minutes to load)."""
+    per process and reused by later jobs (a 14B model takes minutes to load). On CUDA it spans
+    ``gpus`` GPUs (0: all; ``sequence_parallel.resolve_gpus``), its process group kept between jobs."""
     cls = generator_class(name)
     if not hasattr(cls, "from_pretrained"):
         return cls()
     weights = os.environ.get(WEIGHTS_ENV.format(NAME=name.upper()), "")
     lora = os.environ.get(LORA_ENV.format(NAME=name.upper()), "")
-    key = (name, weights, lora, str(device))
+    world = resolve_gpus(gpus, device)
+    key = (name, weights, lora, str(device), world)
     if key not in _LOADED_GENERATORS:
         kwargs: dict[str, Any] = {"device": device, "local_files_only": os.environ.get(ALLOW_DOWNLOAD_ENV) != "1"}
         if weights:
@@ -476,8 +482,13 @@ def make_generator(name: str, device: torch.device) -> Generator:
             kwargs["lora_path"] = lora
         try:
             _LOADED_GENERATORS.clear()  # one learned model in memory at a time
-            _LOADED_GENERATORS[key] = cls.from_pretrained(**kwargs)
-        except (OSError, ValueError) as err:
+            close_shared_group()
+            if world > 1:  # sequence parallel: this process is rank 0 of a group kept between jobs
+                build = functools.partial(cls.from_pretrained, **{k: v for k, v in kwargs.items() if k != "device"})
+                _LOADED_GENERATORS[key] = shared_group(key, build, [f"cuda:{r}" for r in range(world)]).generator
+            else:
+                _LOADED_GENERATORS[key] = cls.from_pretrained(**kwargs)
+        except (OSError, ValueError, RuntimeError) as err:
             raise RuntimeError(
                 f"generator {name!r}: cannot load its weights ({err}); set "
                 f"{WEIGHTS_ENV.format(NAME=name.upper())} to a local folder (docs/anyrecon.md)"
@@ -619,7 +630,7 @@ def run_loop(
 
     # 2. Segments of the trajectory.
     segments = split_segments(len(targets_all), cfg.segments)
-    gen = generator or make_generator(cfg.generator, device)
+    gen = generator or make_generator(cfg.generator, device, cfg.gpus)
     F_all = len(targets_all)
     frame_images = torch.zeros(F_all, H, W, 3, device=device)
     frame_conf = torch.zeros(F_all, H, W, device=device)

@@ -172,6 +172,7 @@ class Settings:
     retrieval_k: int = 10  # AnyRecon keeps up to 10 captures per chunk
     generator: str = "reproject"  # registry name; "anyrecon" for the diffusion model
     num_steps: int = 4  # denoising steps of a diffusion generator (AnyRecon: 4)
+    gpus: int = 0  # GPUs one job's diffusion generator spans (sequence parallel); 0: all of the worker's box
     gaussian_iterations: int = 300
     update_memory: bool = True  # AnyRecon's closed loop; off to measure its effect
     guide: bool = True  # Gaussians on the captures alone guide the generator (LoopConfig.guide); off: faster
@@ -185,6 +186,7 @@ class Settings:
         "segment_overlap": (0, 16),
         "retrieval_k": (0, 64),
         "num_steps": (1, 1000),
+        "gpus": (0, 64),
         "gaussian_iterations": (0, 1_000_000),
         "seed": (0, 2**31 - 1),
     }

@@ -122,7 +122,19 @@ def test_bad_setups_fail_clearly() -> None:
 def test_bench_gpus_smoke(tmp_path: Path) -> None:
     """``bench_generator.py --gpus`` on CPU at the tiny size: every world size's time, memory and agreement."""
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "scripts/bench_generator.py", "--tiny", "--device", "cpu", "--gpus", "1,2", "--sp-modes", "window", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "scripts/bench_generator.py",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--gpus",
+        "1,2",
+        "--sp-modes",
+        "window",
+        "--out",
+        str(out),
+    ]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -131,3 +143,13 @@ def test_bench_gpus_smoke(tmp_path: Path) -> None:
     assert two["peak_gb_per_gpu"] == [0.0, 0.0]
     assert two["max_abs_vs_gpus1"] < FP32_ATOL
     assert two["scaling_efficiency"] == pytest.approx(one["total_s"] / (2 * two["total_s"]), rel=0.05)
+
+
+def test_gpus_is_a_job_setting() -> None:
+    from backend.loop import LoopConfig
+    from backend.scene import SceneError, Settings
+
+    assert Settings().gpus == 0  # all of the worker's GPUs
+    assert LoopConfig.from_settings(Settings.from_json({"gpus": 4})).gpus == 4
+    with pytest.raises(SceneError, match=r"settings.gpus: must be in \[0, 64\]; got -1"):
+        Settings.from_json({"gpus": -1})

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import queue
 import socket
 from collections.abc import Callable, Sequence
@@ -371,8 +370,8 @@ def _follower_main(
 ) -> None:
     """Entry of follower process ``rank``: join the group, build the replica, report, serve forwards."""
     dev = torch.device(device)
-    if dev.type == "cpu":  # the ranks share the CPU's cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    if dev.type == "cpu":  # CPU ranks (tests, smoke runs): one thread each, so that a forked rank never starts
+        torch.set_num_threads(1)  # an OpenMP team its parent's pool may have left in a bad state
     _init_group(rank, world_size, port, dev, timeout_s)
     try:
         generator = build(device=dev)

@@ -480,9 +480,12 @@ def profile_denoise(res: Results, key: str, gen: AnyReconGenerator, inputs: dict
 SP_TINY_HEADS = 8  # the tiny model's heads under --gpus: divisible by 1, 2, 4, 8 ranks
 
 
-def build_sp_generator(args, attention: str, *, device: torch.device) -> AnyReconGenerator:
-    """One rank's generator for --gpus: the same random weights in every rank (seeded), on ``device``."""
+def build_sp_generator(args, mode: str, *, device: torch.device) -> AnyReconGenerator:
+    """One rank's generator for --gpus (``mode``: full, window, or window_<kernel>): the same random weights
+    in every rank (seeded), on ``device``."""
+    attention, _, kernel = mode.partition("_")
     base = dict(
+        window_backend=kernel or "auto",
         window_frames=args.window,
         full_backend=args.full_backend,
         compile_attention=device.type == "cuda",
@@ -550,7 +553,7 @@ def bench_sequence_parallel(args, res: Results, device: str) -> None:
                 tokens = n * (h // tc.patch_size[1]) * (w // tc.patch_size[2])
                 layout = WindowLayout(n, tokens // n, args.memory, args.window)
                 cfg_dict = {k: tc[k] for k in ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers")}
-                density = window_density(layout) if mode == "window" else 1.0
+                density = window_density(layout) if mode.startswith("window") else 1.0
                 flops = flops_per_step(cfg_dict, tokens, density) * args.steps
                 out = {
                     "gpus": world,
@@ -602,7 +605,9 @@ def main() -> None:
     ap.add_argument("--full-backend", default="auto")
     ap.add_argument("--compile-blocks", action="store_true", help="torch.compile each block in our modes")
     ap.add_argument("--gpus", default="", help="sequence parallel: GPU counts to measure in turn, e.g. 1,2,4,8")
-    ap.add_argument("--sp-modes", default="full,window", help="--gpus: attention modes (full, window)")
+    ap.add_argument(
+        "--sp-modes", default="full,window", help="--gpus: full, window (auto kernel), window_paged/_split/_flex"
+    )
     args = ap.parse_args()
     if args.tiny:
         args.height, args.width, args.targets, args.memory, args.window = 32, 48, 4, 2, 1

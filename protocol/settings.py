@@ -172,6 +172,16 @@ SETTINGS: tuple[Setting, ...] = (
         section=SECTION_ADVANCED,
     ),
     Setting(
+        "gpus",
+        "int",
+        0,
+        "GPUs",
+        "GPUs one job's diffusion generator spans on its worker's box (sequence parallel); 0: all the GPUs "
+        "the worker has",
+        range=(0, 64),
+        section=SECTION_ADVANCED,
+    ),
+    Setting(
         "generator_attention",
         "enum",
         "auto",

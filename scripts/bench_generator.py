@@ -17,8 +17,15 @@ per frame, 89,600 tokens), 4 steps. Measured, each in this one process:
 
 Results go to a JSON file as they come (a run cut short keeps what it measured).
 
+``--gpus 1,2,4,8`` measures instead the sequence-parallel denoise (``backend.generators.sequence_parallel``)
+for each GPU count in turn: 4-step time, peak memory per GPU, scaling efficiency against one GPU and the
+largest difference from the one-GPU latents, for ``--sp-modes`` (full, window). Every rank builds the same
+random weights (one seed).
+
     python scripts/bench_generator.py --out $OUT/generator.json --compile-blocks
     python scripts/bench_generator.py --tiny --device cpu --out /tmp/bench.json   # code-path check on CPU
+    python scripts/bench_generator.py --gpus 1,2,4,8 --sp-modes full --out $OUT/sp_full.json
+    python scripts/bench_generator.py --tiny --device cpu --gpus 1,2 --out /tmp/sp.json   # gloo on CPU
 """
 
 from __future__ import annotations
@@ -459,6 +466,106 @@ def profile_denoise(res: Results, key: str, gen: AnyReconGenerator, inputs: dict
         res.put(key, {"error": f"{type(e).__name__}: {str(e)[:300]}"})
 
 
+# ---------------------------------------------------------------------------------------------- --gpus
+SP_TINY_HEADS = 8  # the tiny model's heads under --gpus: divisible by 1, 2, 4, 8 ranks
+
+
+def build_sp_generator(args, mode: str, *, device: torch.device) -> AnyReconGenerator:
+    """One rank's generator for --gpus (``mode``: full, block, or block_<kernel>): the same random weights
+    in every rank (seeded), on ``device``."""
+    attention, _, kernel = mode.partition("_")
+    base = dict(sparse_kernel=kernel or "auto", compile_blocks=args.compile_blocks, height=None, width=None)
+    if args.tiny:
+        from backend.generators.tiny import tiny_anyrecon_generator
+
+        cfg = AnyReconConfig(attention=attention, **base)
+        return tiny_anyrecon_generator(cfg, device=device, num_heads=SP_TINY_HEADS)
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    tr = build_transformer(WAN_I2V_14B, str(device), torch.bfloat16)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16)  # the denoise loop reads only the VAE's config
+
+    class _Proc:
+        image_mean = image_std = [0.5, 0.5, 0.5]
+
+    comps = AnyReconComponents(vae, tr, None, _Proc(), name="bench-sp")
+    return AnyReconGenerator(comps, AnyReconConfig(attention=attention, dtype="bfloat16", **base), device=device)
+
+
+def bench_sequence_parallel(args, res: Results, device: str) -> None:
+    """The 4-step denoise on 1, 2, 4, 8 ... GPUs (``--gpus``), each count a fresh group; see the module docstring."""
+    from backend.generators.sequence_parallel import SequenceParallelGroup, peak_memory_bytes
+
+    counts = [int(n) for n in args.gpus.split(",")]
+    n = args.memory + args.targets
+    h, w = args.height // 8, args.width // 8
+    for mode in args.sp_modes.split(","):
+        build = functools.partial(build_sp_generator, args, mode)
+        ref = None
+        for world in counts:
+            key = f"sp_{mode}_gpus{world}"
+            devices = [torch.device(device if device == "cpu" else f"cuda:{r}") for r in range(world)]
+            group = None
+            try:
+                if world == 1:
+                    gen = build(device=devices[0])
+                else:  # CPU ranks fork (seconds); CUDA needs fresh interpreters
+                    start = "fork" if device == "cpu" else "spawn"
+                    group = SequenceParallelGroup(build, devices, start_method=start)
+                    gen = group.generator
+                tc = gen.components.transformer.config
+                g = torch.Generator().manual_seed(0)
+                dt = gen.dtype
+                y = torch.randn(1, 20, n, h, w, generator=g).to(devices[0])
+                pe = torch.randn(1, TEXT_TOKENS, tc.text_dim, generator=g).to(devices[0], dt)
+                ie = torch.randn(1, CLIP_TOKENS if not args.tiny else 17, tc.image_dim, generator=g).to(devices[0], dt)
+                t0 = time.perf_counter()
+                gen.denoise(y, pe, ie, num_steps=1, seed=0, num_memory=args.memory)  # compiles, plans
+                sync(device)
+                warm = time.perf_counter() - t0
+                reset_peak(device)
+                if group is not None:
+                    group.peak_memory_bytes(reset=True)
+                sync(device)
+                t0 = time.perf_counter()
+                lat = gen.denoise(y, pe, ie, num_steps=args.steps, seed=0, num_memory=args.memory)
+                sync(device)
+                total = time.perf_counter() - t0
+                peaks = group.peak_memory_bytes() if group is not None else [peak_memory_bytes(devices[0])]
+                lat = lat.float().cpu()
+                tokens = n * (h // tc.patch_size[1]) * (w // tc.patch_size[2])
+                layout = WindowLayout(n, tokens // n, args.memory, pattern="block")
+                cfg_dict = {k: tc[k] for k in ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers")}
+                density = window_density(layout) if not mode.startswith("full") else 1.0
+                flops = flops_per_step(cfg_dict, tokens, density) * args.steps
+                out = {
+                    "gpus": world,
+                    "steps": args.steps,
+                    "total_s": round(total, 4),
+                    "warmup_s": round(warm, 1),
+                    "peak_gb_per_gpu": [round(p / 2**30, 2) for p in peaks],
+                    "tflops_per_gpu": round(flops / total / world / 1e12, 1),
+                    "finite": bool(torch.isfinite(lat).all()),
+                }
+                if ref is None:
+                    ref = (world, total, lat)
+                else:
+                    out["scaling_efficiency"] = round(ref[1] * ref[0] / (total * world), 3)
+                    out[f"max_abs_vs_gpus{ref[0]}"] = float((lat - ref[2]).abs().max())
+                    out[f"mean_abs_vs_gpus{ref[0]}"] = float((lat - ref[2]).abs().mean())
+                    out["latent_mean_abs"] = float(lat.abs().mean())
+                res.put(key, out)
+            except Exception as e:  # one count failing (memory, a lost rank) must not lose the others
+                res.put(key, {"error": f"{type(e).__name__}: {str(e)[:300]}"})
+            finally:
+                if group is not None:
+                    group.close()
+                gen = group = None
+                gc.collect()
+                reset_peak(device)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -480,6 +587,10 @@ def main() -> None:
     )
     ap.add_argument("--kernels", default="", help="kernels mode: only these cases (comma-separated; default all)")
     ap.add_argument("--compile-blocks", action="store_true", help="torch.compile each block in our modes")
+    ap.add_argument("--gpus", default="", help="sequence parallel: GPU counts to measure in turn, e.g. 1,2,4,8")
+    ap.add_argument(
+        "--sp-modes", default="full,block", help="--gpus: full, block (auto kernel), block_paged, block_split"
+    )
     args = ap.parse_args()
     if args.tiny:
         args.height, args.width, args.targets, args.memory, args.window = 32, 48, 22, 2, 1  # 3 blocks of 8
@@ -503,6 +614,10 @@ def main() -> None:
 
     meta["diffusers"] = diffusers.__version__
     res = Results(args.out, meta)
+    if args.gpus:
+        bench_sequence_parallel(args, res, device)
+        print("done", flush=True)
+        return
 
     comps = build_components(args, device)
     tcfg = comps.transformer.config

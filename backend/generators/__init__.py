@@ -13,6 +13,7 @@ a fallback).
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -62,6 +63,7 @@ class GeneratorConfig:
             weights trained with it), ``window_ours`` (experimental) or ``stock`` (diffusers' own).
         num_steps: denoising steps (AnyRecon: 4).
         window_frames: +-frames of ``window_ours``.
+        gpus: GPUs of one box a learned generator spans (sequence parallel); 0: all the worker has.
     """
 
     name: str = "reproject"
@@ -69,6 +71,7 @@ class GeneratorConfig:
     attention: str = "auto"
     num_steps: int = 4
     window_frames: int = 8
+    gpus: int = 1
 
     def __post_init__(self) -> None:
         if self.name not in GENERATORS.names():
@@ -81,15 +84,19 @@ class GeneratorConfig:
             raise ValueError(f"GeneratorConfig.num_steps must be in [1, 1000]; got {self.num_steps}")
         if not 0 <= self.window_frames <= 512:
             raise ValueError(f"GeneratorConfig.window_frames must be in [0, 512]; got {self.window_frames}")
+        if not 0 <= self.gpus <= 64:
+            raise ValueError(f"GeneratorConfig.gpus must be in [0, 64]; got {self.gpus}")
 
     @classmethod
     def from_settings(cls, settings: Any) -> GeneratorConfig:
-        """From a job's settings (``generator``, ``generator_memory``, ``generator_attention``, ``num_steps``)."""
+        """From a job's settings (``generator``, ``generator_memory``, ``generator_attention``, ``num_steps``,
+        ``gpus``)."""
         return cls(
             name=settings.generator,
             memory=settings.generator_memory,
             attention=settings.generator_attention,
             num_steps=settings.num_steps,
+            gpus=settings.gpus,
         )
 
 
@@ -140,12 +147,20 @@ def make_generator(config: GeneratorConfig, components: Any = None, device: Any 
     return cls.from_config(config, components, device)
 
 
+def build_generator(name: str, weights: GeneratorWeights, config: GeneratorConfig, device: Any) -> Generator:
+    """Load a learned generator's models and build it: what every rank of a sequence-parallel group runs."""
+    cls = GENERATORS.get(name)
+    return cls.from_config(config, cls.load_components(weights, config, device), device)
+
+
 class GeneratorCache:
     """The loaded models of learned generators, held by whoever serves (a service worker, the CLI).
 
     One learned model is kept at a time, keyed by what changes its weights in memory: the generator's
-    name, its ``GeneratorWeights``, the memory mode and the device. A job's other options (attention,
-    steps) only change how the same models run.
+    name, its ``GeneratorWeights``, the memory mode, the device and the number of GPUs. A job's other
+    options (attention, steps) only change how the same models run. A generator spanning several GPUs
+    (``config.gpus``) is a sequence-parallel group of processes, one per GPU, kept for later jobs with
+    the same config.
 
     Args:
         weights: per generator name, where its weights are; a name missing here falls back to
@@ -160,6 +175,7 @@ class GeneratorCache:
         self.weights = dict(weights or {})
         self._key: tuple | None = None
         self._components: Any = None
+        self._group: Any = None  # a SequenceParallelGroup when the loaded generator spans several GPUs
 
     def weights_for(self, name: str) -> GeneratorWeights:
         return self.weights.get(name) or GeneratorWeights.from_env(name)
@@ -174,24 +190,39 @@ class GeneratorCache:
         cls = GENERATORS.get(config.name)
         if not hasattr(cls, "load_components"):
             return make_generator(config)
+        from .sequence_parallel import resolve_gpus
+
         weights = self.weights_for(config.name)
-        key = (config.name, weights, config.memory, str(device))
+        world = resolve_gpus(config.gpus, device)
+        # a group's followers were built for one config: any change starts a new group
+        key = (config.name, weights, config.memory, str(device), world) + ((config,) if world > 1 else ())
         if key != self._key:
             self.clear()
             try:
-                self._components = cls.load_components(weights, config, device)
-            except (OSError, ValueError) as err:
+                if world > 1:
+                    from .sequence_parallel import SequenceParallelGroup
+
+                    build = functools.partial(build_generator, config.name, weights, config)
+                    self._group = SequenceParallelGroup(build, [f"cuda:{r}" for r in range(world)])
+                else:
+                    self._components = cls.load_components(weights, config, device)
+            except (OSError, ValueError, RuntimeError) as err:
                 raise RuntimeError(
                     f"generator {config.name!r}: cannot load its weights ({err}); give them to the service "
                     f"(reconloop serve --weights {config.name}=FOLDER) or set "
                     f"{WEIGHTS_ENV.format(NAME=config.name.upper())} (docs/anyrecon.md)"
                 ) from err
             self._key = key
+        if self._group is not None:
+            self._group.check_alive()
+            return self._group.generator
         return make_generator(config, self._components, device)
 
     def clear(self) -> None:
-        """Drop the loaded models (and the GPU memory they held)."""
-        self._components, self._key = None, None
+        """Drop the loaded models (and the GPU memory they held), stopping a sequence-parallel group."""
+        if self._group is not None:
+            self._group.close()
+        self._components, self._group, self._key = None, None, None
         gc.collect()
         import torch  # loaded with the first generator, not with the service's options
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .anyrecon import AnyReconComponents
+from .anyrecon import AnyReconComponents, AnyReconConfig, AnyReconGenerator
 
 TINY_WORDS = ("a", "scene", "photo", "of", "the", "temple", "room", "outdoor")  # tokenizer vocabulary
 TINY_TEXT_DIM = 32  # UMT5 d_model == transformer text_dim
@@ -33,8 +33,10 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def tiny_anyrecon_components(seed: int = 0) -> AnyReconComponents:
+def tiny_anyrecon_components(seed: int = 0, num_heads: int = TINY_HEADS) -> AnyReconComponents:
     """Random tiny components (float32, CPU), each built after ``torch.manual_seed(seed)``.
+
+    ``num_heads``: the transformer's attention heads (sequence-parallel tests need as many as ranks).
 
     Example:
         >>> c = tiny_anyrecon_components(0)
@@ -56,7 +58,7 @@ def tiny_anyrecon_components(seed: int = 0) -> AnyReconComponents:
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2),
-        num_attention_heads=TINY_HEADS,
+        num_attention_heads=num_heads,
         attention_head_dim=TINY_HEAD_DIM,
         in_channels=36,
         out_channels=16,
@@ -68,7 +70,7 @@ def tiny_anyrecon_components(seed: int = 0) -> AnyReconComponents:
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
         image_dim=TINY_IMAGE_DIM,
-        added_kv_proj_dim=TINY_HEADS * TINY_HEAD_DIM,  # as Wan2.1 I2V: image tokens get their own k, v
+        added_kv_proj_dim=num_heads * TINY_HEAD_DIM,  # as Wan2.1 I2V: image tokens get their own k, v
     )
     torch.manual_seed(seed)
     clip_cfg = CLIPVisionConfig(
@@ -121,3 +123,18 @@ def save_diffusers_folder(components: AnyReconComponents, root) -> None:
         block.attn1.set_processor(WanAttnProcessor())
     for sub in ("vae", "transformer", "image_encoder", "image_processor", "text_encoder", "tokenizer"):
         getattr(components, sub).save_pretrained(root / sub)
+
+
+def tiny_anyrecon_generator(
+    config: AnyReconConfig = AnyReconConfig(), *, device: torch.device | str = "cpu", seed: int = 0, num_heads: int = 4
+) -> AnyReconGenerator:
+    """A tiny AnyRecon generator without a text encoder, built the same way in every process that calls it
+    (``sequence_parallel.SequenceParallelGroup`` builds one per rank from this function).
+
+    Example:
+        >>> gen = tiny_anyrecon_generator(AnyReconConfig(attention="window_ours"))
+    """
+    components = tiny_anyrecon_components(seed, num_heads)
+    components.text_encoder = components.tokenizer = None
+    components.transformer.to(device)
+    return AnyReconGenerator(components, config, device=device)

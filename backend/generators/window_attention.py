@@ -564,6 +564,10 @@ class WanWindowAttnProcessor:
         self.layout: WindowLayout | None = None
         self._mask_key: tuple | None = None
         self._page_table: tuple[Tensor, Tensor] | None = None
+        # sequence parallelism (``sequence_parallel.enable_sequence_parallel`` sets it): an exchange whose
+        # ``to_heads`` turns this rank's token shard of q, k, v into this rank's heads over all tokens and whose
+        # ``to_tokens`` turns the attention output back; None: one process
+        self.sequence_parallel = None
 
     def set_layout(self, num_frames: int, tokens_per_frame: int, num_memory: int, device: torch.device | str) -> None:
         """Describe the next condition video's frames; resolves ``auto`` and builds (or reuses) the page table."""
@@ -610,6 +614,8 @@ class WanWindowAttnProcessor:
         if rotary_emb is not None:
             query = apply_rotary(query, *rotary_emb)
             key = apply_rotary(key, *rotary_emb)
+        if self.sequence_parallel is not None:  # [B, L/N, heads, D] -> [B, L, heads/N, D]
+            query, key, value = self.sequence_parallel.to_heads(query, key, value)
         if self.mode == "full" and self.backend == "fa4":
             out = full_attention_fa4(query, key, value)  # token-major in and out
         elif self.mode == "full":
@@ -624,6 +630,8 @@ class WanWindowAttnProcessor:
                 out = window_attention_split(query, key, value, self.layout)
             else:
                 out = mask_attention_split(query, key, value, self.layout)
+        if self.sequence_parallel is not None:  # [B, L, heads/N, D] -> [B, L/N, heads, D]
+            out = self.sequence_parallel.to_tokens(out)
         out = out.flatten(2, 3).type_as(query)  # [B, L, heads * D]
         out = attn.to_out[0](out)
         return attn.to_out[1](out)

@@ -117,7 +117,7 @@ def test_job_settings_reach_the_generator_config() -> None:
     assert set(SETTING_ROWS["generator_attention"].choices) <= set(ATTENTION_SETTINGS)
     s = Settings.from_json({"generator": "anyrecon", "generator_memory": "group_offload", "num_steps": 3})
     cfg = GeneratorConfig.from_settings(s)
-    assert cfg == GeneratorConfig("anyrecon", memory="group_offload", attention="auto", num_steps=3)
+    assert cfg == GeneratorConfig("anyrecon", memory="group_offload", attention="auto", num_steps=3, gpus=0)
     with pytest.raises(SceneError, match="settings.generator_memory: must be one of none, fp8, group_offload"):
         Settings.from_json({"generator_memory": "swap"})
     with pytest.raises(SceneError, match="settings.generator_attention: must be one of auto, full, block"):

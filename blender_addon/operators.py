@@ -291,6 +291,11 @@ def prepare_job(context, *, server: str = "", output_dir: str = "") -> tuple[con
 # ---------------------------------------------------------------------------------------------
 # Operators
 
+NO_TRAJECTORY_WARNING = (
+    "no trajectory camera: the service invents a path around the captures; pick an animated camera "
+    "under Trajectory to choose the views"
+)
+
 
 class RECONLOOP_OT_reconstruct(bpy.types.Operator):
     """Send the captures and the trajectory to the ReconLoop service and import what comes back"""
@@ -323,6 +328,8 @@ class RECONLOOP_OT_reconstruct(bpy.types.Operator):
             self.report({"ERROR"}, error)
             popup_error(error)
             return {"CANCELLED"}
+        if context.scene.reconloop.trajectory_camera is None:
+            self.report({"WARNING"}, NO_TRAJECTORY_WARNING)
         if bpy.app.background:
             self.report({"INFO"}, f"ReconLoop job {context.window_manager.reconloop.job} finished")
         return {"FINISHED"}
@@ -468,6 +475,9 @@ class RECONLOOP_OT_import_job(bpy.types.Operator):
         try:
             if not job:
                 raise ReconLoopError("pick a job in the list first")
+            state = next((j.state for j in rt.jobs if j.job == job), "done")
+            if state != "done":
+                raise ReconLoopError(f"job {job[:8]} is {state}: its results can be imported when it is done")
             cfg = preferences.connection_config(context)
             client, service = connection.connect(cfg)
             st = context.scene.reconloop

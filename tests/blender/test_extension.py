@@ -436,7 +436,10 @@ def test_headless_script(installed, probe_service, extension_zip, temple_dir, tm
     blend = tmp_path / "temple.blend"
     bpy.ops.wm.save_as_mainfile(filepath=str(blend))
     keys = probe_service["keys"]
-    env = dict(os.environ, BLENDER_USER_RESOURCES=str(tmp_path / "blender_user"))
+    # No BLENDER_USER_RESOURCES: the script itself must keep the install out of the user's Blender folders.
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k != "BLENDER_USER_RESOURCES"}
+    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"))
     out = tmp_path / "out"
     cmd = [
         sys.executable,
@@ -457,6 +460,7 @@ def test_headless_script(installed, probe_service, extension_zip, temple_dir, tm
     run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "done" in run.stdout and (out / "temple_reconstructed.blend").is_file()
+    assert not [p for p in home.rglob("*reconloop*") if "extensions" in str(p)], "installed into the user's Blender"
     # A job that fails: exit code 1 and the plain reason on stderr.
     st.prompt = "probe fault=cuda_oom"
     bpy.ops.wm.save_as_mainfile(filepath=str(blend))

@@ -13,9 +13,9 @@ import re
 import time
 
 import bpy
-from bpy_extras.io_utils import ImportHelper
+from bpy_extras.io_utils import ExportHelper, ImportHelper
 
-from . import connection, importers, preferences, props, scene_io
+from . import connection, datasets, importers, preferences, props, scene_io
 from .errors import ReconLoopError
 from .scene_read import read_captures, sample_trajectory
 
@@ -542,16 +542,84 @@ class RECONLOOP_OT_import_points(bpy.types.Operator, _ImportPly):
     importer = staticmethod(importers.import_points_ply)
 
 
+class RECONLOOP_OT_import_dataset(bpy.types.Operator, ImportHelper):
+    """Import a dataset's cameras with their photos (scene.json, COLMAP, LLFF, NeRF, DTU, Middlebury)"""
+
+    bl_idname = "reconloop.import_dataset"
+    bl_label = "Import ReconLoop scene"
+    bl_options = {"REGISTER", "UNDO"}
+
+    filename_ext = ""
+    filter_glob: bpy.props.StringProperty(default="*.json;*.txt;*.bin;*.npy;*.npz", options={"HIDDEN"})
+    directory: bpy.props.StringProperty(subtype="DIR_PATH", options={"HIDDEN"})
+    format: bpy.props.EnumProperty(
+        name="Format",
+        items=[(f, f.capitalize() if f != "colmap" else "COLMAP", f"read as {f}") for f in datasets.IMPORT_FORMATS],
+        default=datasets.FORMAT_AUTO,
+    )
+    heldout: bpy.props.BoolProperty(name="Held-out views", description="Also import the held-out views", default=False)
+
+    def execute(self, context):
+        path = self.filepath if os.path.isfile(self.filepath) else (self.directory or self.filepath)
+        try:
+            coll = datasets.import_dataset(context.scene, path, self.format, heldout=self.heldout)
+        except ReconLoopError as err:
+            self.report({"ERROR"}, str(err))
+            return {"CANCELLED"}
+        n = sum(1 for o in coll.objects if o.type == "CAMERA")
+        self.report({"INFO"}, f"imported {n} cameras with photos into {coll.name!r}")
+        return {"FINISHED"}
+
+
+class RECONLOOP_OT_export_dataset(bpy.types.Operator, ExportHelper):
+    """Export the captures (and the trajectory) as scene.json, a COLMAP text model or transforms.json"""
+
+    bl_idname = "reconloop.export_dataset"
+    bl_label = "Export ReconLoop scene"
+
+    filename_ext = ""
+    use_filter_folder = True
+    format: bpy.props.EnumProperty(
+        name="Format",
+        items=[
+            ("scene", "scene.json", "ReconLoop scene folder (captures and trajectory)"),
+            ("colmap", "COLMAP text", "cameras.txt, images.txt, points3D.txt"),
+            ("nerf", "transforms.json", "NeRF / instant-ngp cameras"),
+        ],
+        default="scene",
+    )
+
+    def execute(self, context):
+        st = context.scene.reconloop
+        try:
+            if st.captures is None:
+                raise ReconLoopError("pick the captures' collection in the ReconLoop sidebar first")
+            dst = os.path.splitext(self.filepath)[0] if not os.path.isdir(self.filepath) else self.filepath
+            path = datasets.export_dataset(context.scene, st.captures, dst, self.format, st.trajectory_camera)
+        except ReconLoopError as err:
+            self.report({"ERROR"}, str(err))
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"wrote {path}")
+        return {"FINISHED"}
+
+
 def _menu_import(self, context):
+    self.layout.operator(RECONLOOP_OT_import_dataset.bl_idname, text="ReconLoop scene (cameras + photos)")
     self.layout.operator(RECONLOOP_OT_import_gaussians.bl_idname, text="ReconLoop Gaussians (.ply)")
     self.layout.operator(RECONLOOP_OT_import_points.bl_idname, text="ReconLoop point cloud (.ply)")
 
 
+def _menu_export(self, context):
+    self.layout.operator(RECONLOOP_OT_export_dataset.bl_idname, text="ReconLoop scene (cameras + photos)")
+
+
 def register_menus() -> None:
     bpy.types.TOPBAR_MT_file_import.append(_menu_import)
+    bpy.types.TOPBAR_MT_file_export.append(_menu_export)
 
 
 def unregister_menus() -> None:
+    bpy.types.TOPBAR_MT_file_export.remove(_menu_export)
     bpy.types.TOPBAR_MT_file_import.remove(_menu_import)
 
 
@@ -592,4 +660,6 @@ CLASSES = (
     RECONLOOP_OT_import_job,
     RECONLOOP_OT_import_gaussians,
     RECONLOOP_OT_import_points,
+    RECONLOOP_OT_import_dataset,
+    RECONLOOP_OT_export_dataset,
 )

@@ -442,7 +442,8 @@ def gaussians_node_group() -> bpy.types.NodeTree:
 def prepare_render_for_gaussians(scene: bpy.types.Scene, *, as_fitted: bool = True) -> None:
     """Scene settings under which Gaussians render as the service renders them.
 
-    Cycles may pass through TRANSPARENT_BOUNCES splats per path. With ``as_fitted`` the splats blend
+    Cycles may pass through TRANSPARENT_BOUNCES splats per path, without ending paths at random on the
+    way (which would make the splats noisy). With ``as_fitted`` the splats blend
     as they were fitted, on the photos' sRGB-encoded values: the material emits ``color_srgb`` and the
     scene's view transform is "Raw" (the render holds those values unchanged); other objects then look
     darker than usual. Without it, the splats emit linear colours and blend in Blender's linear space
@@ -451,6 +452,8 @@ def prepare_render_for_gaussians(scene: bpy.types.Scene, *, as_fitted: bool = Tr
     cycles = getattr(scene, "cycles", None)
     if cycles is not None:
         cycles.transparent_max_bounces = max(cycles.transparent_max_bounces, TRANSPARENT_BOUNCES)
+        # no Russian roulette on the way through the splats: it would turn their soft edges to noise
+        cycles.min_transparent_bounces = max(cycles.min_transparent_bounces, TRANSPARENT_BOUNCES)
     scene.view_settings.view_transform = "Raw" if as_fitted else "Standard"
     scene.view_settings.look = "None"
     scene.view_settings.exposure, scene.view_settings.gamma = 0.0, 1.0

@@ -15,8 +15,7 @@ from blender_addon import cameras as cam_math
 from blender_addon import importers
 from blender_addon.scene_read import apply_camera_params
 
-CYCLES_SAMPLES = int(__import__("os").environ.get("CS", 16))
-AS_FITTED = __import__("os").environ.get("FIT", "1") == "1"
+CYCLES_SAMPLES = 1  # enough: splats are emission only and paths through them are not cut at random
 PIXEL_FILTER_PX = 0.01  # sample pixel centres, as a rasterizer does
 
 
@@ -32,7 +31,9 @@ def service_render(g, w2c: np.ndarray, K: np.ndarray, width: int, height: int) -
     return render_gaussians(gaussians_from_arrays(g), cams, cfg)[0].numpy()
 
 
-def cycles_render(g, w2c: np.ndarray, K: np.ndarray, width: int, height: int, out: Path) -> np.ndarray:
+def cycles_render(
+    g, w2c: np.ndarray, K: np.ndarray, width: int, height: int, out: Path, *, as_fitted: bool = True
+) -> np.ndarray:
     """Cycles' render of the imported Gaussians over black (a fresh scene). float32 [H, W, 3] in [0, 1]"""
     from PIL import Image
 
@@ -46,7 +47,7 @@ def cycles_render(g, w2c: np.ndarray, K: np.ndarray, width: int, height: int, ou
     apply_camera_params(cam, scene, cam_math.blender_from_opencv(w2c, K, width, height))
     cam.data.clip_start = 0.01
     scene.camera = cam
-    importers.prepare_render_for_gaussians(scene, as_fitted=AS_FITTED)
+    importers.prepare_render_for_gaussians(scene, as_fitted=as_fitted)
     scene.render.engine = "CYCLES"
     scene.cycles.device = "CPU"
     scene.cycles.samples = CYCLES_SAMPLES
@@ -74,7 +75,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 TEMPLE_BOX = ((-0.073568, 0.021728, -0.012445), (0.028855, 0.181892, 0.062736))  # README.txt of the data
 
 
-def fit_temple(temple_dir: Path, *, ids=(0, 4, 8, 12), size=(80, 60), iterations=150, points=1500):
+def fit_temple(temple_dir: Path, *, ids=(0, 4, 8, 12), size=(80, 60), iterations=60, points=1500):
     """A small Gaussian fit of the real temple on the CPU: (GaussianArrays, the captures' cameras at ``size``).
 
     Starts from points spread through the temple's bounding box (the data's README gives it).

@@ -14,6 +14,7 @@ import bpy
 import numpy as np
 
 from . import scene_io
+from .cameras import blender_from_opencv
 from .errors import ReconLoopError
 from .scene_read import apply_camera_params
 
@@ -58,6 +59,7 @@ FRAME_FILE = "frame_{:06d}.png"  # image sequence names: Blender frame number, z
 COLLECTION_KEY = "reconloop_key"
 COLLECTION_JOB = "reconloop_job"
 OBJECT_KIND = "reconloop_kind"
+KIND_TRAJECTORY = "trajectory"  # an animated camera on the path the service chose
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,6 +516,31 @@ def set_background_sequence(camera_obj: bpy.types.Object, first_file: str, frame
     user.use_cyclic = False
     cam.show_background_images = True
     return bg
+
+
+def import_trajectory_camera(
+    frames: list, name: str, coll: bpy.types.Collection, scene: bpy.types.Scene
+) -> bpy.types.Object:
+    """An animated camera on a trajectory the service chose: pose, lens and shift keyed at each frame.
+
+    Args:
+        frames: (Blender frame, ``cameras.OpenCVCamera``) pairs, frames increasing.
+    """
+    data = bpy.data.cameras.new(name)
+    obj = bpy.data.objects.new(name, data)
+    _link(obj, coll, KIND_TRAJECTORY)
+    previous = None
+    for i, (frame, cam) in enumerate(frames):
+        params = blender_from_opencv(cam.w2c, cam.K, cam.width, cam.height)
+        apply_camera_params(obj, scene, params, set_render=(i == 0))
+        if previous is not None:  # the Euler angles nearest the last key: no spin at +-180 degrees
+            obj.rotation_euler = obj.matrix_world.to_euler("XYZ", previous)
+        previous = obj.rotation_euler.copy()
+        obj.keyframe_insert("location", frame=frame)
+        obj.keyframe_insert("rotation_euler", frame=frame)
+        for prop in ("lens", "shift_x", "shift_y"):
+            data.keyframe_insert(prop, frame=frame)
+    return obj
 
 
 def import_estimated_cameras(

@@ -64,6 +64,7 @@ class ResultImporter:
         self._frames_dirty = False
         self._job_dir = ""
         self.objects: dict[str, str] = {}  # kind -> object name
+        self.unregistered = ""  # photo-folder mode: the photos that got no camera, in one line
 
     @property
     def scene(self) -> bpy.types.Scene:
@@ -103,10 +104,22 @@ class ResultImporter:
         elif kind == scene_io.KIND_CAMERAS:
             with open(path, "rb") as f:
                 cams = scene_io.parse_cameras_json(f.read(), name)
+            coll = self.collection()
             if cams:
-                coll = self.collection()
                 importers.remove_kind(coll, kind)
                 importers.import_estimated_cameras(cams, self.photos, coll, self.scene)
+            if self.photos:  # photo-folder mode: say which photos SfM could not place
+                missing = scene_io.unregistered_photos(self.photos, cams)
+                self.unregistered = scene_io.unregistered_note(missing, len(self.photos))
+                _runtime().unregistered = self.unregistered
+            if not self.trajectory_camera:  # the service invented the path: give it a camera
+                with open(path, "rb") as f:
+                    path_cams = scene_io.parse_trajectory_json(f.read(), name)
+                if path_cams:
+                    obj = importers.import_trajectory_camera(path_cams, f"{self.key} path", coll, self.scene)
+                    self.trajectory_camera = obj.name
+                    self.frame_range = (path_cams[0][0], path_cams[-1][0])
+                    self._frames_dirty = bool(self.frames)
 
     def flush(self) -> None:
         """Show newly arrived generated frames as the trajectory camera's background sequence."""
@@ -170,6 +183,8 @@ def _finish(driver: connection.JobDriver, importer: ResultImporter) -> str | Non
     if driver.progress.state in ("failed", "interrupted"):
         rt.last_error = driver.progress.message or f"the job {driver.progress.state}"
         return f"the reconstruction {driver.progress.state}: {driver.progress.message}"
+    if importer.unregistered:
+        print(f"ReconLoop: {importer.unregistered}")
     return None
 
 
@@ -284,6 +299,7 @@ def prepare_job(context, *, server: str = "", output_dir: str = "") -> tuple[con
     out_root = os.path.join(preferences.results_dir(context, output_dir), _safe_name(key))
     driver = connection.JobDriver(client, out_root, scene=payload, service=service)
     importer = ResultImporter(scene.name, key, cam.name if cam is not None else "", (start, end), photos)
+    context.window_manager.reconloop.unregistered = ""
     _driver_hooks(driver, importer)
     return driver, importer
 

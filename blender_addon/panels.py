@@ -66,6 +66,11 @@ class RECONLOOP_PT_captures(_Panel, bpy.types.Panel):
                 layout.label(text=f"{len(cams)} cameras, {with_photo} with photos")
         else:
             layout.prop(st, "photo_folder", text="")
+            unregistered = context.window_manager.reconloop.unregistered
+            if unregistered:
+                box = layout.box()
+                box.label(text=unregistered.split(":")[0], icon="ERROR")
+                box.label(text=unregistered.split(": ", 1)[-1][:200])
 
 
 class RECONLOOP_PT_trajectory(_Panel, bpy.types.Panel):

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import bpy
+import numpy as np
 import pytest
 
 import blender_addon
@@ -64,3 +65,37 @@ def test_readme_names_the_blender_version():
     manifest = (REPO / "blender_addon" / "blender_manifest.toml").read_text()
     version = re.search(r'blender_version_min = "(\d+\.\d+)', manifest).group(1)
     assert f"Blender {version} or newer" in (REPO / "README.md").read_text()
+
+
+def test_photo_folder_results_say_which_photos_got_no_camera_and_animate_the_path(registered, temple_dir, tmp_path):
+    """A photo-folder job's cameras.json (as backend.outputs writes it) with 2 of 3 photos placed and an
+    invented path: the sidebar lists the third photo; an animated camera follows the path."""
+    from backend.formats.middlebury import read_middlebury
+    from backend.outputs import CaptureCamera, write_cameras
+    from blender_addon import operators
+    from blender_addon.scene_read import sample_camera
+
+    caps = read_middlebury(temple_dir).captures
+    placed = [CaptureCamera(c.name, c.name + ".png", c.camera, True) for c in caps[:2]]
+    path = [(f, caps[i].camera.scaled(320, 240)) for f, i in ((1, 3), (5, 4), (9, 5))]
+    write_cameras(tmp_path, placed, path)
+    photos = {c.name: str(c.image) for c in caps[:3]}
+    importer = operators.ResultImporter(bpy.context.scene.name, "folder", "", (1, 40), photos)
+    importer.job = "job1"
+    importer.on_file("cameras", "cameras.json", str(tmp_path / "cameras.json"))
+
+    note = bpy.context.window_manager.reconloop.unregistered
+    assert note.startswith("1 of 3 photos could not be placed") and caps[2].name in note
+    st = bpy.context.scene.reconloop
+    st.capture_source = "FOLDER"
+    log = _draw(panels.RECONLOOP_PT_captures).log
+    assert any(e[0] == "label" and caps[2].name in e[1] for e in log)
+
+    cam = bpy.data.objects[importer.trajectory_camera]
+    assert importer.frame_range == (1, 9)
+    scene = bpy.context.scene
+    for frame, want in path:
+        scene.frame_set(frame)
+        got = sample_camera(cam, scene)
+        np.testing.assert_allclose(got.w2c, want.w2c, atol=1e-5)
+        np.testing.assert_allclose(got.K, want.K, atol=1e-3)

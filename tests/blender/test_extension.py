@@ -116,7 +116,11 @@ def test_install_register_unregister(installed):
     assert hasattr(bpy.types.Scene, "reconloop")
     site = Path(bpy.utils.user_resource("EXTENSIONS")) / ".local" / "lib"
     found = {p.name for p in site.glob("python*/site-packages/*")}
-    assert {"zmq", "msgpack", "protocol", "plyfile.py"} <= found, found
+    assert {"zmq", "msgpack", "protocol", "plyfile.py", "backend"} <= found, found
+    # the dataset readers travel with the protocol wheel, and only the torch-free part of backend
+    backend = next(site.glob("python*/site-packages/backend"))
+    assert (backend / "formats" / "colmap.py").is_file() and (backend / "scene.py").is_file()
+    assert not (backend / "stages").exists() and not (backend / "loop.py").exists()
     bpy.ops.preferences.addon_disable(module=installed)
     assert not hasattr(bpy.types.Scene, "reconloop")
     bpy.ops.preferences.addon_enable(module=installed)

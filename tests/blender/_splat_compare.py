@@ -32,7 +32,15 @@ def service_render(g, w2c: np.ndarray, K: np.ndarray, width: int, height: int) -
 
 
 def cycles_render(
-    g, w2c: np.ndarray, K: np.ndarray, width: int, height: int, out: Path, *, as_fitted: bool = True
+    g,
+    w2c: np.ndarray,
+    K: np.ndarray,
+    width: int,
+    height: int,
+    out: Path,
+    *,
+    as_fitted: bool = True,
+    engine: str = "CYCLES",
 ) -> np.ndarray:
     """Cycles' render of the imported Gaussians over black (a fresh scene). float32 [H, W, 3] in [0, 1]"""
     from PIL import Image
@@ -61,6 +69,7 @@ def cycles_render(
         bg = world.node_tree.nodes.get("Background")
         if bg is not None:
             bg.inputs["Strength"].default_value = 0.0
+    scene.render.engine = engine
     scene.render.image_settings.file_format = "PNG"
     scene.render.filepath = str(out)
     bpy.ops.render.render(write_still=True)

@@ -98,6 +98,7 @@ class ResultImporter:
             importers.remove_kind(coll, kind)
             obj = importers.import_gaussians_ply(path, f"{self.key} gaussians", coll)
             self.objects[kind] = obj.name
+            importers.prepare_render_for_gaussians(self.scene)
         elif kind == scene_io.KIND_FRAME:
             self.frames[scene_io.frame_number(name)] = path
             self._frames_dirty = True
@@ -534,6 +535,8 @@ class _ImportPly(ImportHelper):
         except ReconLoopError as err:
             self.report({"ERROR"}, str(err))
             return {"CANCELLED"}
+        if getattr(self, "as_fitted", None) is not None:
+            importers.prepare_render_for_gaussians(context.scene, as_fitted=self.as_fitted)
         self.report({"INFO"}, f"imported {len(obj.data.vertices):,} {self.what} as {obj.name!r}")
         return {"FINISHED"}
 
@@ -546,6 +549,12 @@ class RECONLOOP_OT_import_gaussians(bpy.types.Operator, _ImportPly):
     bl_options = {"REGISTER", "UNDO"}
     what = "Gaussians"
     importer = staticmethod(importers.import_gaussians_ply)
+    as_fitted: bpy.props.BoolProperty(
+        name="Colours as fitted",
+        description="Blend the splats on their fitted sRGB values and show the scene with the Raw view "
+        "transform, as the service renders them (other objects look darker); off: linear blending, Standard view",
+        default=True,
+    )
 
 
 class RECONLOOP_OT_import_points(bpy.types.Operator, _ImportPly):

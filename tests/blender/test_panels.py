@@ -99,3 +99,22 @@ def test_photo_folder_results_say_which_photos_got_no_camera_and_animate_the_pat
         got = sample_camera(cam, scene)
         np.testing.assert_allclose(got.w2c, want.w2c, atol=1e-5)
         np.testing.assert_allclose(got.K, want.K, atol=1e-3)
+
+
+def test_gaussian_import_sets_the_scene_to_render_them_as_fitted(registered, tmp_path):
+    from protocol.ply import SH_C0, GaussianArrays, write_gaussians_ply
+
+    n = 10
+    g = GaussianArrays(
+        means=np.zeros((n, 3), np.float32),
+        log_scales=np.full((n, 3), -2.0, np.float32),
+        quats=np.tile(np.float32([1, 0, 0, 0]), (n, 1)),
+        opacity_logits=np.zeros(n, np.float32),
+        sh=np.full((n, 1, 3), 0.3 / SH_C0, np.float32),
+    )
+    write_gaussians_ply(tmp_path / "g.ply", g)
+    scene = bpy.context.scene
+    assert bpy.ops.reconloop.import_gaussians(filepath=str(tmp_path / "g.ply")) == {"FINISHED"}
+    assert scene.view_settings.view_transform == "Raw" and scene.cycles.min_transparent_bounces >= 256
+    assert bpy.ops.reconloop.import_gaussians(filepath=str(tmp_path / "g.ply"), as_fitted=False) == {"FINISHED"}
+    assert scene.view_settings.view_transform == "Standard"

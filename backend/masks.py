@@ -20,7 +20,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .scene import Camera, Capture
 
@@ -30,6 +29,8 @@ MASK_LEVEL = 127  # a mask or alpha pixel above this (of 255) is kept
 
 def read_mask(path: Path) -> np.ndarray:
     """A mask file: alpha when the image has one, else its grey level; above half is kept. bool [H, W]"""
+    from PIL import Image  # not in Blender's Python: only where a mask is read or written
+
     with Image.open(path) as im:
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             grey = np.asarray(im.convert("RGBA"))[..., 3]
@@ -40,6 +41,8 @@ def read_mask(path: Path) -> np.ndarray:
 
 def image_alpha(path: Path) -> np.ndarray | None:
     """The photo's alpha channel as a mask (above half kept), or None when it has none. bool [H, W]"""
+    from PIL import Image  # not in Blender's Python: only where a mask is read or written
+
     with Image.open(path) as im:
         if im.mode not in ("RGBA", "LA", "PA") and not (im.mode == "P" and "transparency" in im.info):
             return None
@@ -62,6 +65,8 @@ def capture_mask(capture: Capture, camera: Camera | None = None) -> np.ndarray |
 
 def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
     """A mask at another size, nearest neighbour. bool [height, width]"""
+    from PIL import Image  # not in Blender's Python: only where a mask is read or written
+
     if mask.shape == (height, width):
         return mask
     im = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
@@ -70,6 +75,8 @@ def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def write_mask(mask: np.ndarray, path: Path) -> Path:
     """Write a mask as an 8-bit greyscale PNG (255 kept, 0 masked out). Returns ``path``."""
+    from PIL import Image  # not in Blender's Python: only where a mask is read or written
+
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(mask.astype(np.uint8) * 255).save(path)
     return path

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from protocol.images import encoded_image_size
 from protocol.settings import SETTINGS, SettingError, check_settings
 
 SCENE_FORMAT_VERSION = 1
@@ -317,11 +318,14 @@ def distortion_from_json(d: Any, path: str) -> Distortion:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of a PNG or JPEG, read from its header only."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.size
+    """(width, height) of a PNG or JPEG, read from its header (protocol.images: no PIL, so it runs in Blender)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        _, width, height = encoded_image_size(data)
+    except ValueError as err:
+        raise SceneError(f"{Path(path).name}: {err}") from None
+    return width, height
 
 
 def _capture_from_json(d: Any, root: Path, path: str, *, need_camera: bool) -> Capture:

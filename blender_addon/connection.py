@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -131,10 +132,83 @@ def plain_error(err: BaseException, endpoint: str = "") -> str:
         return str(err)
     if isinstance(err, TimeoutError):
         where = f" at {endpoint}" if endpoint else ""
-        return f"the ReconLoop service{where} does not answer: is it running? ({err})"
+        hint = f" Start it with `{start_hint(endpoint)}`." if endpoint else ""
+        return f"the ReconLoop service{where} does not answer: is it running?{hint} ({err})"
     if isinstance(err, ProtocolError):
         return f"the service refused the request: {err}"
     return f"{type(err).__name__}: {err}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a remote address before ZeroMQ sees it
+
+ADDRESS_EXAMPLE = "tcp://gpu-box:5555"
+PREFLIGHT_TIMEOUT_S = 4.0  # a TCP connect to a remote service: refused or silent, we know within this
+_TCP_ADDRESS = re.compile(r"^tcp://(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})$")
+
+
+def check_address(text: str) -> str | None:
+    """Why ``text`` is not a ZeroMQ address a client can connect to, or None when it is.
+
+    Accepted: ``tcp://host:port`` (a name, an IPv4 address or a bracketed IPv6 one; port 1-65535) and
+    ``ipc://path``. The message says what to write instead.
+    """
+    text = text.strip()
+    if not text:
+        return f"enter the service's address, e.g. {ADDRESS_EXAMPLE}"
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        host_port = text if ":" in text else f"{text}:5555"
+        return f"an address starts with tcp:// or ipc://: write tcp://{host_port}"
+    if scheme in ("http", "https", "ws", "wss"):
+        return f"the service speaks ZeroMQ, not {scheme.upper()}: write tcp://{rest.rstrip('/')}"
+    if scheme == "ipc":
+        return None if rest else "ipc:// needs the path of the service's socket file, e.g. ipc:///tmp/reconloop"
+    if scheme != "tcp":
+        return f"unknown transport {scheme!r}: use tcp://host:port or ipc://path"
+    m = _TCP_ADDRESS.match(text)
+    if m is None:
+        return f"write the address as tcp://host:port, e.g. {ADDRESS_EXAMPLE}; got {text!r}"
+    if not 1 <= int(m.group("port")) <= 65535:
+        return f"the port must be in 1-65535; got {m.group('port')}"
+    return None
+
+
+def start_hint(endpoint: str) -> str:
+    """The command that starts a service answering at ``endpoint`` (run on the machine it names)."""
+    if endpoint.startswith("tcp://"):
+        port = endpoint.rsplit(":", 1)[-1]
+        return f"reconloop serve --bind tcp://0.0.0.0:{port}"
+    return f"reconloop serve --bind {endpoint}"
+
+
+def preflight(endpoint: str, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> None:
+    """Fail at once, in plain words, where ZeroMQ would retry silently: a malformed address, an unknown
+    host, a port where nothing listens (refused, or silent for ``timeout_s``), a missing ipc socket."""
+    problem = check_address(endpoint)
+    if problem:
+        raise ReconLoopError(problem)
+    if endpoint.startswith("ipc://"):
+        if not os.path.exists(endpoint[len("ipc://") :]):
+            raise ReconLoopError(f"no ReconLoop service at {endpoint}: start one with `{start_hint(endpoint)}`")
+        return
+    m = _TCP_ADDRESS.match(endpoint)
+    host, port = m.group("host").strip("[]"), int(m.group("port"))
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise ReconLoopError(f"unknown host {host!r} in {endpoint}: check the name in the add-on preferences") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(addr)
+        except (ConnectionRefusedError, TimeoutError, OSError) as err:
+            why = "refused the connection" if isinstance(err, ConnectionRefusedError) else f"did not answer ({err})"
+            raise ReconLoopError(
+                f"no ReconLoop service at {endpoint}: {host}:{port} {why}. "
+                f"Start it on {host} with `{start_hint(endpoint)}`"
+            ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,8 +578,7 @@ def connect(cfg: ConnectionConfig, *, start_service: bool = True) -> tuple[Any, 
         endpoint = s.service.endpoint
     elif cfg.mode == "remote":
         endpoint = cfg.remote_address.strip()
-        if not endpoint:
-            raise ReconLoopError("set the address of the remote ReconLoop service in the add-on preferences")
+        preflight(endpoint)  # milliseconds when the service is there; a plain error at once when not
     else:
         raise ReconLoopError(f"backend mode must be local or remote; got {cfg.mode!r}")
     if s.client is None or s.endpoint != endpoint:

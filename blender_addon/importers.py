@@ -14,6 +14,7 @@ import bpy
 import numpy as np
 
 from . import scene_io
+from .cameras import blender_from_opencv
 from .errors import ReconLoopError
 from .scene_read import apply_camera_params
 
@@ -31,6 +32,9 @@ ATTR_SOURCE = "source"  # INT: capture id, -1 for generated
 ATTR_SCALE = "scale"  # FLOAT_VECTOR: the Gaussian's axis scales (world units, one sigma)
 ATTR_ROTATION = "rotation"  # QUATERNION w x y z (unit)
 ATTR_OPACITY = "opacity"  # FLOAT in (0, 1)
+ATTR_COLOR_SRGB = "color_srgb"  # FLOAT_COLOR: the Gaussians' base colour as stored (sRGB-encoded values)
+# The Value node in the Gaussians material that picks ``color_srgb`` (1) or ``color`` (0).
+SRGB_SWITCH = "sRGB blending"
 # Cycles does not read a point cloud attribute named "color" (it renders black): the points node group
 # stores a copy under this name for the material.
 ATTR_DISPLAY_COLOR = "display_color"
@@ -44,14 +48,18 @@ GAUSSIANS_MATERIAL = "ReconLoop Gaussians"
 POINT_RADIUS_DEFAULT = 0.002  # world units, for the node group's default (each object gets its own)
 POINT_RADIUS_FRACTION = 1.0 / 800.0  # a cloud's point radius: this fraction of its robust diagonal
 ROBUST_PERCENTILES = (2.0, 98.0)  # the extent of a cloud, ignoring stray points
-SIGMA_DEFAULT = 1.5  # ellipsoid radius in standard deviations (the material fades it towards the rim)
-FACING_BLEND = 0.5  # Layer Weight blend of the rim fade
-RIM_FALLOFF_POWER = 2.0
-ELLIPSOID_SUBDIVISIONS = 2  # ico sphere of the instanced ellipsoid (42 vertices)
+CUTOFF_SIGMA = 3.0  # a Gaussian's footprint ends here, in standard deviations (as 3DGS rasterizers cut it)
+# The instanced shell is an icosahedron (Blender's ico sphere of 1 subdivision: 12 vertices, 20 faces); its
+# circumradius is set so its faces (inradius = ICOSAHEDRON_INRADIUS x circumradius) enclose the cutoff sphere.
+ICOSAHEDRON_INRADIUS = 0.7947
+ALPHA_MAX = 0.99  # the highest opacity one Gaussian reaches (3DGS clamps alike)
+# Cycles gives up on a path after this many transparent surfaces (default 8, too few for overlapping splats).
+TRANSPARENT_BOUNCES = 256
 FRAME_FILE = "frame_{:06d}.png"  # image sequence names: Blender frame number, zero padded
 COLLECTION_KEY = "reconloop_key"
 COLLECTION_JOB = "reconloop_job"
 OBJECT_KIND = "reconloop_kind"
+KIND_TRAJECTORY = "trajectory"  # an animated camera on the path the service chose
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,8 +184,9 @@ def _set_modifier_input(mod: bpy.types.Modifier, name: str, value: float) -> Non
 
 def import_gaussians(g, name: str, coll: bpy.types.Collection) -> bpy.types.Object:
     """A Gaussians object: vertices at the means with ``scale``, ``rotation``, ``opacity`` and ``color``
-    attributes; geometry nodes instance an ellipsoid per Gaussian (radius ``Sigma`` standard deviations),
-    and a material shows colour and opacity in EEVEE and Cycles.
+    attributes; geometry nodes instance a shell per Gaussian and :func:`gaussian_material` draws it as
+    3DGS does (opacity x exp(-r^2/2) out to CUTOFF_SIGMA, alpha-blended) in EEVEE and Cycles. The object
+    casts no shadows and is invisible to indirect rays: it shows the reconstruction, it does not light it.
 
     Args:
         g: ``protocol.ply.GaussianArrays`` (means [N, 3], log_scales [N, 3], quats wxyz [N, 4],
@@ -189,11 +198,14 @@ def import_gaussians(g, name: str, coll: bpy.types.Collection) -> bpy.types.Obje
     _set_attribute(mesh, ATTR_SCALE, "FLOAT_VECTOR", "vector", g.scales)
     _set_attribute(mesh, ATTR_ROTATION, "QUATERNION", "value", quats)
     _set_attribute(mesh, ATTR_OPACITY, "FLOAT", "value", g.opacities)
-    _set_attribute(mesh, ATTR_COLOR, "FLOAT_COLOR", "color", _rgba_linear(g.rgb))
+    rgb = g.rgb
+    _set_attribute(mesh, ATTR_COLOR, "FLOAT_COLOR", "color", _rgba_linear(rgb))
+    _set_attribute(mesh, ATTR_COLOR_SRGB, "FLOAT_COLOR", "color", np.c_[rgb, np.ones(len(rgb), np.float32)])
     obj = bpy.data.objects.new(name, mesh)
     obj["sh_degree"] = g.sh_degree
     mod = obj.modifiers.new("Gaussians", "NODES")
     mod.node_group = gaussians_node_group()
+    obj.visible_shadow = obj.visible_diffuse = obj.visible_glossy = obj.visible_volume_scatter = False
     return _link(obj, coll, scene_io.KIND_GAUSSIANS)
 
 
@@ -255,8 +267,8 @@ def _new_tree(name: str) -> bpy.types.NodeTree:
     return tree
 
 
-def _material(name: str, *, use_instancer: bool) -> bpy.types.Material:
-    """Emission coloured by the ``color`` attribute, mixed with transparency by ``opacity`` (Gaussians)."""
+def _material(name: str) -> bpy.types.Material:
+    """Points: emission coloured by the ``display_color`` attribute."""
     mat = bpy.data.materials.get(name)
     if mat is not None:
         return mat
@@ -268,38 +280,99 @@ def _material(name: str, *, use_instancer: bool) -> bpy.types.Material:
     out = nt.nodes.new("ShaderNodeOutputMaterial")
     emit = nt.nodes.new("ShaderNodeEmission")
     color = nt.nodes.new("ShaderNodeAttribute")
-    color.attribute_name = ATTR_COLOR if use_instancer else ATTR_DISPLAY_COLOR
-    color.attribute_type = "INSTANCER" if use_instancer else "GEOMETRY"
+    color.attribute_name = ATTR_DISPLAY_COLOR
+    color.attribute_type = "GEOMETRY"
     nt.links.new(color.outputs["Color"], emit.inputs["Color"])
-    if use_instancer:
-        # alpha = opacity * (1 - facing)^2: solid in the middle, fading to the rim like a Gaussian
-        alpha = nt.nodes.new("ShaderNodeAttribute")
-        alpha.attribute_name = ATTR_OPACITY
-        alpha.attribute_type = "INSTANCER"
-        facing = nt.nodes.new("ShaderNodeLayerWeight")
-        facing.inputs["Blend"].default_value = FACING_BLEND
-        rim = nt.nodes.new("ShaderNodeMath")
-        rim.operation = "SUBTRACT"
-        rim.inputs[0].default_value = 1.0
-        nt.links.new(facing.outputs["Facing"], rim.inputs[1])
-        falloff = nt.nodes.new("ShaderNodeMath")
-        falloff.operation = "POWER"
-        falloff.inputs[1].default_value = RIM_FALLOFF_POWER
-        nt.links.new(rim.outputs["Value"], falloff.inputs[0])
-        fade = nt.nodes.new("ShaderNodeMath")
-        fade.operation = "MULTIPLY"
-        nt.links.new(alpha.outputs["Fac"], fade.inputs[0])
-        nt.links.new(falloff.outputs["Value"], fade.inputs[1])
-        transparent = nt.nodes.new("ShaderNodeBsdfTransparent")
-        mix = nt.nodes.new("ShaderNodeMixShader")
-        nt.links.new(fade.outputs["Value"], mix.inputs["Fac"])
-        nt.links.new(transparent.outputs["BSDF"], mix.inputs[1])
-        nt.links.new(emit.outputs["Emission"], mix.inputs[2])
-        nt.links.new(mix.outputs["Shader"], out.inputs["Surface"])
-        if hasattr(mat, "surface_render_method"):  # EEVEE Next (4.2+): sorted transparency
-            mat.surface_render_method = "BLENDED"
-    else:
-        nt.links.new(emit.outputs["Emission"], out.inputs["Surface"])
+    nt.links.new(emit.outputs["Emission"], out.inputs["Surface"])
+    mat.diffuse_color = (0.8, 0.8, 0.8, 1.0)
+    return mat
+
+
+def _math(nt, op: str, a, b=None):
+    """A Math node ``op`` over sockets or numbers; returns its output socket."""
+    node = nt.nodes.new("ShaderNodeMath")
+    node.operation = op
+    for i, v in enumerate((a, b)):
+        if v is None:
+            continue
+        if isinstance(v, (int, float)):
+            node.inputs[i].default_value = float(v)
+        else:
+            nt.links.new(v, node.inputs[i])
+    return node.outputs["Value"]
+
+
+def _vmath(nt, op: str, a, b=None):
+    """A Vector Math node ``op``; returns its "Value" output for DOT_PRODUCT, else "Vector"."""
+    node = nt.nodes.new("ShaderNodeVectorMath")
+    node.operation = op
+    nt.links.new(a, node.inputs[0])
+    if b is not None:
+        nt.links.new(b, node.inputs[1])
+    return node.outputs["Value" if op == "DOT_PRODUCT" else "Vector"]
+
+
+def gaussian_material() -> bpy.types.Material:
+    """The splat shader: each ray sees a Gaussian as 3DGS rasterizers draw it.
+
+    The instance's object space is the Gaussian's own frame in standard deviations (instance rotation
+    = the Gaussian's, scale = its sigmas), where the Gaussian is isotropic. A ray through it reaches its
+    highest density where it passes closest to the centre: at squared distance
+    r2 = |p|^2 - (p . d)^2 (p: the hit point, d: the unit ray direction, both in object space), which is
+    the squared Mahalanobis distance of the projected 2D Gaussian that 3DGS rasterizes. The ray takes
+    alpha = min(opacity exp(-r2 / 2), ALPHA_MAX) for r2 < CUTOFF_SIGMA^2, once (back faces are clear),
+    over an emission of the SH DC colour (linear, from the ``color`` attribute).
+    """
+    mat = bpy.data.materials.get(GAUSSIANS_MATERIAL)
+    if mat is not None:
+        return mat
+    mat = bpy.data.materials.new(GAUSSIANS_MATERIAL)
+    if mat.node_tree is None:  # Blender before 5.0: node trees are opt-in
+        mat.use_nodes = True
+    nt = mat.node_tree
+    nt.nodes.clear()
+    out = nt.nodes.new("ShaderNodeOutputMaterial")
+    emit = nt.nodes.new("ShaderNodeEmission")
+    color = nt.nodes.new("ShaderNodeAttribute")
+    color.attribute_name, color.attribute_type = ATTR_COLOR, "INSTANCER"
+    color_srgb = nt.nodes.new("ShaderNodeAttribute")
+    color_srgb.attribute_name, color_srgb.attribute_type = ATTR_COLOR_SRGB, "INSTANCER"
+    pick = nt.nodes.new("ShaderNodeMix")
+    pick.data_type = "RGBA"
+    switch = nt.nodes.new("ShaderNodeValue")
+    switch.name = switch.label = SRGB_SWITCH
+    switch.outputs[0].default_value = 0.0
+    nt.links.new(switch.outputs[0], pick.inputs["Factor"])
+    nt.links.new(color.outputs["Color"], pick.inputs["A"])
+    nt.links.new(color_srgb.outputs["Color"], pick.inputs["B"])
+    nt.links.new(pick.outputs["Result"], emit.inputs["Color"])
+    opacity = nt.nodes.new("ShaderNodeAttribute")
+    opacity.attribute_name, opacity.attribute_type = ATTR_OPACITY, "INSTANCER"
+    coords = nt.nodes.new("ShaderNodeTexCoord")
+    geometry = nt.nodes.new("ShaderNodeNewGeometry")
+    to_object = nt.nodes.new("ShaderNodeVectorTransform")
+    to_object.vector_type, to_object.convert_from, to_object.convert_to = "VECTOR", "WORLD", "OBJECT"
+    nt.links.new(geometry.outputs["Incoming"], to_object.inputs["Vector"])
+    p = coords.outputs["Object"]
+    d = _vmath(nt, "NORMALIZE", to_object.outputs["Vector"])
+    along = _vmath(nt, "DOT_PRODUCT", p, d)
+    r2 = _math(nt, "SUBTRACT", _vmath(nt, "DOT_PRODUCT", p, p), _math(nt, "MULTIPLY", along, along))
+    density = _math(nt, "EXPONENT", _math(nt, "MULTIPLY", r2, -0.5))
+    alpha = _math(nt, "MINIMUM", _math(nt, "MULTIPLY", opacity.outputs["Fac"], density), ALPHA_MAX)
+    inside = _math(nt, "LESS_THAN", r2, CUTOFF_SIGMA * CUTOFF_SIGMA)
+    front = _math(nt, "SUBTRACT", 1.0, geometry.outputs["Backfacing"])
+    alpha = _math(nt, "MULTIPLY", _math(nt, "MULTIPLY", alpha, inside), front)
+    transparent = nt.nodes.new("ShaderNodeBsdfTransparent")
+    mix = nt.nodes.new("ShaderNodeMixShader")
+    nt.links.new(alpha, mix.inputs["Fac"])
+    nt.links.new(transparent.outputs["BSDF"], mix.inputs[1])
+    nt.links.new(emit.outputs["Emission"], mix.inputs[2])
+    nt.links.new(mix.outputs["Shader"], out.inputs["Surface"])
+    if hasattr(mat, "surface_render_method"):  # EEVEE (4.2+): sorted, blended transparency
+        mat.surface_render_method = "BLENDED"
+    mat.use_backface_culling = True  # EEVEE: one surface per splat, as in Cycles
+    if hasattr(mat, "use_transparency_overlap"):
+        mat.use_transparency_overlap = True
     mat.diffuse_color = (0.8, 0.8, 0.8, 1.0)
     return mat
 
@@ -324,7 +397,7 @@ def points_node_group() -> bpy.types.NodeTree:
     store.domain = "POINT"
     store.inputs["Name"].default_value = ATTR_DISPLAY_COLOR
     set_mat = n.new("GeometryNodeSetMaterial")
-    set_mat.inputs["Material"].default_value = _material(POINTS_MATERIAL, use_instancer=False)
+    set_mat.inputs["Material"].default_value = _material(POINTS_MATERIAL)
     tree.links.new(gin.outputs["Geometry"], to_points.inputs["Mesh"])
     tree.links.new(gin.outputs["Point Radius"], to_points.inputs["Radius"])
     tree.links.new(to_points.outputs["Points"], store.inputs["Geometry"])
@@ -335,45 +408,58 @@ def points_node_group() -> bpy.types.NodeTree:
 
 
 def gaussians_node_group() -> bpy.types.NodeTree:
-    """Mesh vertices -> an ellipsoid instance per Gaussian: rotation from ``rotation``, scale from
-    ``scale`` times ``Sigma``; instances keep the point attributes for the material."""
+    """Mesh vertices -> one icosahedron instance per Gaussian, rotated by ``rotation`` and scaled by
+    ``scale`` (so the instance's object space counts standard deviations), large enough to hold the
+    CUTOFF_SIGMA ellipsoid; :func:`gaussian_material` draws the Gaussian inside it."""
     tree = bpy.data.node_groups.get(GAUSSIANS_NODES)
     if tree is not None:
         return tree
     tree = _new_tree(GAUSSIANS_NODES)
-    sigma = tree.interface.new_socket("Sigma", in_out="INPUT", socket_type="NodeSocketFloat")
-    sigma.default_value = SIGMA_DEFAULT
-    sigma.min_value = 0.0
     n = tree.nodes
     gin, gout = n.new("NodeGroupInput"), n.new("NodeGroupOutput")
     to_points = n.new("GeometryNodeMeshToPoints")
-    sphere = n.new("GeometryNodeMeshIcoSphere")
-    sphere.inputs["Subdivisions"].default_value = ELLIPSOID_SUBDIVISIONS
-    sphere.inputs["Radius"].default_value = 1.0
+    shell = n.new("GeometryNodeMeshIcoSphere")
+    shell.inputs["Subdivisions"].default_value = 1
+    shell.inputs["Radius"].default_value = CUTOFF_SIGMA / ICOSAHEDRON_INRADIUS
     set_mat = n.new("GeometryNodeSetMaterial")
-    set_mat.inputs["Material"].default_value = _material(GAUSSIANS_MATERIAL, use_instancer=True)
-    smooth = n.new("GeometryNodeSetShadeSmooth")
+    set_mat.inputs["Material"].default_value = gaussian_material()
     rot = n.new("GeometryNodeInputNamedAttribute")
     rot.data_type = "QUATERNION"
     rot.inputs["Name"].default_value = ATTR_ROTATION
     scale = n.new("GeometryNodeInputNamedAttribute")
     scale.data_type = "FLOAT_VECTOR"
     scale.inputs["Name"].default_value = ATTR_SCALE
-    times = n.new("ShaderNodeVectorMath")
-    times.operation = "SCALE"
     inst = n.new("GeometryNodeInstanceOnPoints")
     links = tree.links
     links.new(gin.outputs["Geometry"], to_points.inputs["Mesh"])
-    links.new(sphere.outputs["Mesh"], smooth.inputs["Geometry"])
-    links.new(smooth.outputs["Geometry"], set_mat.inputs["Geometry"])
+    links.new(shell.outputs["Mesh"], set_mat.inputs["Geometry"])
     links.new(to_points.outputs["Points"], inst.inputs["Points"])
     links.new(set_mat.outputs["Geometry"], inst.inputs["Instance"])
     links.new(rot.outputs["Attribute"], inst.inputs["Rotation"])
-    links.new(scale.outputs["Attribute"], times.inputs[0])
-    links.new(gin.outputs["Sigma"], times.inputs["Scale"])
-    links.new(times.outputs["Vector"], inst.inputs["Scale"])
+    links.new(scale.outputs["Attribute"], inst.inputs["Scale"])
     links.new(inst.outputs["Instances"], gout.inputs["Geometry"])
     return tree
+
+
+def prepare_render_for_gaussians(scene: bpy.types.Scene, *, as_fitted: bool = True) -> None:
+    """Scene settings under which Gaussians render as the service renders them.
+
+    Cycles may pass through TRANSPARENT_BOUNCES splats per path, without ending paths at random on the
+    way (which would make the splats noisy). With ``as_fitted`` the splats blend
+    as they were fitted, on the photos' sRGB-encoded values: the material emits ``color_srgb`` and the
+    scene's view transform is "Raw" (the render holds those values unchanged); other objects then look
+    darker than usual. Without it, the splats emit linear colours and blend in Blender's linear space
+    under the "Standard" view: right for opaque splats, brighter where they are see-through.
+    """
+    cycles = getattr(scene, "cycles", None)
+    if cycles is not None:
+        cycles.transparent_max_bounces = max(cycles.transparent_max_bounces, TRANSPARENT_BOUNCES)
+        # no Russian roulette on the way through the splats: it would turn their soft edges to noise
+        cycles.min_transparent_bounces = max(cycles.min_transparent_bounces, TRANSPARENT_BOUNCES)
+    scene.view_settings.view_transform = "Raw" if as_fitted else "Standard"
+    scene.view_settings.look = "None"
+    scene.view_settings.exposure, scene.view_settings.gamma = 0.0, 1.0
+    gaussian_material().node_tree.nodes[SRGB_SWITCH].outputs[0].default_value = 1.0 if as_fitted else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,6 +516,31 @@ def set_background_sequence(camera_obj: bpy.types.Object, first_file: str, frame
     user.use_cyclic = False
     cam.show_background_images = True
     return bg
+
+
+def import_trajectory_camera(
+    frames: list, name: str, coll: bpy.types.Collection, scene: bpy.types.Scene
+) -> bpy.types.Object:
+    """An animated camera on a trajectory the service chose: pose, lens and shift keyed at each frame.
+
+    Args:
+        frames: (Blender frame, ``cameras.OpenCVCamera``) pairs, frames increasing.
+    """
+    data = bpy.data.cameras.new(name)
+    obj = bpy.data.objects.new(name, data)
+    _link(obj, coll, KIND_TRAJECTORY)
+    previous = None
+    for i, (frame, cam) in enumerate(frames):
+        params = blender_from_opencv(cam.w2c, cam.K, cam.width, cam.height)
+        apply_camera_params(obj, scene, params, set_render=(i == 0))
+        if previous is not None:  # the Euler angles nearest the last key: no spin at +-180 degrees
+            obj.rotation_euler = obj.matrix_world.to_euler("XYZ", previous)
+        previous = obj.rotation_euler.copy()
+        obj.keyframe_insert("location", frame=frame)
+        obj.keyframe_insert("rotation_euler", frame=frame)
+        for prop in ("lens", "shift_x", "shift_y"):
+            data.keyframe_insert(prop, frame=frame)
+    return obj
 
 
 def import_estimated_cameras(

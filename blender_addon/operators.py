@@ -13,9 +13,9 @@ import re
 import time
 
 import bpy
-from bpy_extras.io_utils import ImportHelper
+from bpy_extras.io_utils import ExportHelper, ImportHelper
 
-from . import connection, importers, preferences, props, scene_io
+from . import connection, datasets, importers, preferences, props, scene_io
 from .errors import ReconLoopError
 from .scene_read import read_captures, sample_trajectory
 
@@ -64,6 +64,7 @@ class ResultImporter:
         self._frames_dirty = False
         self._job_dir = ""
         self.objects: dict[str, str] = {}  # kind -> object name
+        self.unregistered = ""  # photo-folder mode: the photos that got no camera, in one line
 
     @property
     def scene(self) -> bpy.types.Scene:
@@ -97,16 +98,29 @@ class ResultImporter:
             importers.remove_kind(coll, kind)
             obj = importers.import_gaussians_ply(path, f"{self.key} gaussians", coll)
             self.objects[kind] = obj.name
+            importers.prepare_render_for_gaussians(self.scene)
         elif kind == scene_io.KIND_FRAME:
             self.frames[scene_io.frame_number(name)] = path
             self._frames_dirty = True
         elif kind == scene_io.KIND_CAMERAS:
             with open(path, "rb") as f:
                 cams = scene_io.parse_cameras_json(f.read(), name)
+            coll = self.collection()
             if cams:
-                coll = self.collection()
                 importers.remove_kind(coll, kind)
                 importers.import_estimated_cameras(cams, self.photos, coll, self.scene)
+            if self.photos:  # photo-folder mode: say which photos SfM could not place
+                missing = scene_io.unregistered_photos(self.photos, cams)
+                self.unregistered = scene_io.unregistered_note(missing, len(self.photos))
+                _runtime().unregistered = self.unregistered
+            if not self.trajectory_camera:  # the service invented the path: give it a camera
+                with open(path, "rb") as f:
+                    path_cams = scene_io.parse_trajectory_json(f.read(), name)
+                if path_cams:
+                    obj = importers.import_trajectory_camera(path_cams, f"{self.key} path", coll, self.scene)
+                    self.trajectory_camera = obj.name
+                    self.frame_range = (path_cams[0][0], path_cams[-1][0])
+                    self._frames_dirty = bool(self.frames)
 
     def flush(self) -> None:
         """Show newly arrived generated frames as the trajectory camera's background sequence."""
@@ -170,6 +184,8 @@ def _finish(driver: connection.JobDriver, importer: ResultImporter) -> str | Non
     if driver.progress.state in ("failed", "interrupted"):
         rt.last_error = driver.progress.message or f"the job {driver.progress.state}"
         return f"the reconstruction {driver.progress.state}: {driver.progress.message}"
+    if importer.unregistered:
+        print(f"ReconLoop: {importer.unregistered}")
     return None
 
 
@@ -284,12 +300,18 @@ def prepare_job(context, *, server: str = "", output_dir: str = "") -> tuple[con
     out_root = os.path.join(preferences.results_dir(context, output_dir), _safe_name(key))
     driver = connection.JobDriver(client, out_root, scene=payload, service=service)
     importer = ResultImporter(scene.name, key, cam.name if cam is not None else "", (start, end), photos)
+    context.window_manager.reconloop.unregistered = ""
     _driver_hooks(driver, importer)
     return driver, importer
 
 
 # ---------------------------------------------------------------------------------------------
 # Operators
+
+NO_TRAJECTORY_WARNING = (
+    "no trajectory camera: the service invents a path around the captures; pick an animated camera "
+    "under Trajectory to choose the views"
+)
 
 
 class RECONLOOP_OT_reconstruct(bpy.types.Operator):
@@ -323,6 +345,8 @@ class RECONLOOP_OT_reconstruct(bpy.types.Operator):
             self.report({"ERROR"}, error)
             popup_error(error)
             return {"CANCELLED"}
+        if context.scene.reconloop.trajectory_camera is None:
+            self.report({"WARNING"}, NO_TRAJECTORY_WARNING)
         if bpy.app.background:
             self.report({"INFO"}, f"ReconLoop job {context.window_manager.reconloop.job} finished")
         return {"FINISHED"}
@@ -468,6 +492,9 @@ class RECONLOOP_OT_import_job(bpy.types.Operator):
         try:
             if not job:
                 raise ReconLoopError("pick a job in the list first")
+            state = next((j.state for j in rt.jobs if j.job == job), "done")
+            if state != "done":
+                raise ReconLoopError(f"job {job[:8]} is {state}: its results can be imported when it is done")
             cfg = preferences.connection_config(context)
             client, service = connection.connect(cfg)
             st = context.scene.reconloop
@@ -508,6 +535,8 @@ class _ImportPly(ImportHelper):
         except ReconLoopError as err:
             self.report({"ERROR"}, str(err))
             return {"CANCELLED"}
+        if getattr(self, "as_fitted", None) is not None:
+            importers.prepare_render_for_gaussians(context.scene, as_fitted=self.as_fitted)
         self.report({"INFO"}, f"imported {len(obj.data.vertices):,} {self.what} as {obj.name!r}")
         return {"FINISHED"}
 
@@ -520,6 +549,12 @@ class RECONLOOP_OT_import_gaussians(bpy.types.Operator, _ImportPly):
     bl_options = {"REGISTER", "UNDO"}
     what = "Gaussians"
     importer = staticmethod(importers.import_gaussians_ply)
+    as_fitted: bpy.props.BoolProperty(
+        name="Colours as fitted",
+        description="Blend the splats on their fitted sRGB values and show the scene with the Raw view "
+        "transform, as the service renders them (other objects look darker); off: linear blending, Standard view",
+        default=True,
+    )
 
 
 class RECONLOOP_OT_import_points(bpy.types.Operator, _ImportPly):
@@ -532,16 +567,84 @@ class RECONLOOP_OT_import_points(bpy.types.Operator, _ImportPly):
     importer = staticmethod(importers.import_points_ply)
 
 
+class RECONLOOP_OT_import_dataset(bpy.types.Operator, ImportHelper):
+    """Import a dataset's cameras with their photos (scene.json, COLMAP, LLFF, NeRF, DTU, Middlebury)"""
+
+    bl_idname = "reconloop.import_dataset"
+    bl_label = "Import ReconLoop scene"
+    bl_options = {"REGISTER", "UNDO"}
+
+    filename_ext = ""
+    filter_glob: bpy.props.StringProperty(default="*.json;*.txt;*.bin;*.npy;*.npz", options={"HIDDEN"})
+    directory: bpy.props.StringProperty(subtype="DIR_PATH", options={"HIDDEN"})
+    format: bpy.props.EnumProperty(
+        name="Format",
+        items=[(f, f.capitalize() if f != "colmap" else "COLMAP", f"read as {f}") for f in datasets.IMPORT_FORMATS],
+        default=datasets.FORMAT_AUTO,
+    )
+    heldout: bpy.props.BoolProperty(name="Held-out views", description="Also import the held-out views", default=False)
+
+    def execute(self, context):
+        path = self.filepath if os.path.isfile(self.filepath) else (self.directory or self.filepath)
+        try:
+            coll = datasets.import_dataset(context.scene, path, self.format, heldout=self.heldout)
+        except ReconLoopError as err:
+            self.report({"ERROR"}, str(err))
+            return {"CANCELLED"}
+        n = sum(1 for o in coll.objects if o.type == "CAMERA")
+        self.report({"INFO"}, f"imported {n} cameras with photos into {coll.name!r}")
+        return {"FINISHED"}
+
+
+class RECONLOOP_OT_export_dataset(bpy.types.Operator, ExportHelper):
+    """Export the captures (and the trajectory) as scene.json, a COLMAP text model or transforms.json"""
+
+    bl_idname = "reconloop.export_dataset"
+    bl_label = "Export ReconLoop scene"
+
+    filename_ext = ""
+    use_filter_folder = True
+    format: bpy.props.EnumProperty(
+        name="Format",
+        items=[
+            ("scene", "scene.json", "ReconLoop scene folder (captures and trajectory)"),
+            ("colmap", "COLMAP text", "cameras.txt, images.txt, points3D.txt"),
+            ("nerf", "transforms.json", "NeRF / instant-ngp cameras"),
+        ],
+        default="scene",
+    )
+
+    def execute(self, context):
+        st = context.scene.reconloop
+        try:
+            if st.captures is None:
+                raise ReconLoopError("pick the captures' collection in the ReconLoop sidebar first")
+            dst = os.path.splitext(self.filepath)[0] if not os.path.isdir(self.filepath) else self.filepath
+            path = datasets.export_dataset(context.scene, st.captures, dst, self.format, st.trajectory_camera)
+        except ReconLoopError as err:
+            self.report({"ERROR"}, str(err))
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"wrote {path}")
+        return {"FINISHED"}
+
+
 def _menu_import(self, context):
+    self.layout.operator(RECONLOOP_OT_import_dataset.bl_idname, text="ReconLoop scene (cameras + photos)")
     self.layout.operator(RECONLOOP_OT_import_gaussians.bl_idname, text="ReconLoop Gaussians (.ply)")
     self.layout.operator(RECONLOOP_OT_import_points.bl_idname, text="ReconLoop point cloud (.ply)")
 
 
+def _menu_export(self, context):
+    self.layout.operator(RECONLOOP_OT_export_dataset.bl_idname, text="ReconLoop scene (cameras + photos)")
+
+
 def register_menus() -> None:
     bpy.types.TOPBAR_MT_file_import.append(_menu_import)
+    bpy.types.TOPBAR_MT_file_export.append(_menu_export)
 
 
 def unregister_menus() -> None:
+    bpy.types.TOPBAR_MT_file_export.remove(_menu_export)
     bpy.types.TOPBAR_MT_file_import.remove(_menu_import)
 
 
@@ -582,4 +685,6 @@ CLASSES = (
     RECONLOOP_OT_import_job,
     RECONLOOP_OT_import_gaussians,
     RECONLOOP_OT_import_points,
+    RECONLOOP_OT_import_dataset,
+    RECONLOOP_OT_export_dataset,
 )

@@ -66,6 +66,11 @@ class RECONLOOP_PT_captures(_Panel, bpy.types.Panel):
                 layout.label(text=f"{len(cams)} cameras, {with_photo} with photos")
         else:
             layout.prop(st, "photo_folder", text="")
+            unregistered = context.window_manager.reconloop.unregistered
+            if unregistered:
+                box = layout.box()
+                box.label(text=unregistered.split(":")[0], icon="ERROR")
+                box.label(text=unregistered.split(": ", 1)[-1][:200])
 
 
 class RECONLOOP_PT_trajectory(_Panel, bpy.types.Panel):
@@ -78,12 +83,17 @@ class RECONLOOP_PT_trajectory(_Panel, bpy.types.Panel):
         layout.prop(st, "trajectory_camera", text="Camera")
         layout.prop(st, "use_scene_range")
         col = layout.column(align=True)
+        # With the scene's range, show the scene's own numbers (greyed), not the unused custom ones.
+        source = context.scene if st.use_scene_range else st
         col.enabled = not st.use_scene_range
-        col.prop(st, "frame_start")
-        col.prop(st, "frame_end")
-        col.prop(st, "frame_step")
+        col.prop(source, "frame_start", text="Start")
+        col.prop(source, "frame_end", text="End")
+        col.prop(source, "frame_step", text="Step")
         start, end, step = st.frame_range(context.scene)
-        layout.label(text=f"{len(range(start, end + 1, step))} frames")
+        if st.trajectory_camera is None:
+            layout.label(text="No camera: the service invents a path", icon="INFO")
+        else:
+            layout.label(text=f"{len(range(start, end + 1, step))} frames")
 
 
 class RECONLOOP_PT_settings(_Panel, bpy.types.Panel):
@@ -138,8 +148,11 @@ class RECONLOOP_PT_jobs(_Panel, bpy.types.Panel):
             item = rt.jobs[rt.jobs_index]
             if item.message:
                 layout.label(text=item.message[:120])
-            op = layout.operator("reconloop.import_job", icon="IMPORT")
-            op.job = item.job
+            if item.state == "done":  # only a finished job has results to import
+                op = layout.operator("reconloop.import_job", icon="IMPORT")
+                op.job = item.job
+            else:
+                layout.label(text=f"results when the job is done ({item.state})", icon="TIME")
 
 
 CLASSES = (

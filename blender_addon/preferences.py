@@ -6,6 +6,7 @@ import os
 
 import bpy
 
+from . import connection
 from .connection import ConnectionConfig
 
 ADDON_ID = __package__  # "bl_ext.<repo>.reconloop" when installed as an extension
@@ -23,6 +24,11 @@ def user_dir(*parts: str) -> str:
     path = os.path.join(base, *parts)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def _check_remote_address(self, context) -> None:
+    """Checked when the field is edited: the panel shows the problem under it until it is fixed."""
+    self.address_problem = connection.check_address(self.remote_address) or ""
 
 
 class ReconLoopPreferences(bpy.types.AddonPreferences):
@@ -55,8 +61,12 @@ class ReconLoopPreferences(bpy.types.AddonPreferences):
         default="auto",
     )
     remote_address: bpy.props.StringProperty(
-        name="Address", description="ZeroMQ address of the service", default=DEFAULT_REMOTE
+        name="Address",
+        description="ZeroMQ address of the service: tcp://host:port or ipc://path",
+        default=DEFAULT_REMOTE,
+        update=_check_remote_address,
     )
+    address_problem: bpy.props.StringProperty(name="Address problem", options={"SKIP_SAVE"})
     server_key_file: bpy.props.StringProperty(
         name="Server public key",
         description="The server's CurveZMQ public key file (for an authenticated connection)",
@@ -91,6 +101,9 @@ class ReconLoopPreferences(bpy.types.AddonPreferences):
             box.prop(self, "local_device")
         else:
             box.prop(self, "remote_address")
+            problem = connection.check_address(self.remote_address)
+            if problem:
+                box.label(text=problem, icon="ERROR")
             box.prop(self, "server_key_file")
             box.prop(self, "client_key_file")
         layout.prop(self, "timeout_ms")

@@ -106,6 +106,7 @@ class ReconLoopRuntime(bpy.types.PropertyGroup):
     started: bpy.props.FloatProperty(name="Started")
     last_error: bpy.props.StringProperty(name="Last error")
     hello_summary: bpy.props.StringProperty(name="Service")
+    unregistered: bpy.props.StringProperty(name="Photos without camera")
     jobs: bpy.props.CollectionProperty(type=ReconLoopJobItem)
     jobs_index: bpy.props.IntProperty()
 

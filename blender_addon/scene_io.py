@@ -236,6 +236,44 @@ def parse_cameras_json(data: bytes | str, name: str = "cameras.json") -> list[Es
     return out
 
 
+def parse_trajectory_json(data: bytes | str, name: str = "cameras.json") -> list[tuple[int, OpenCVCamera]]:
+    """The trajectory of a job's ``cameras.json`` ({"trajectory": [{frame, camera}]}): (frame, camera) pairs,
+    frames increasing; empty when the file has none."""
+    try:
+        doc = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ReconLoopError(f"{name} is not valid JSON: {err}") from None
+    items = doc.get("trajectory") if isinstance(doc, dict) else None
+    out = []
+    for i, item in enumerate(items or []):
+        try:
+            cam = item["camera"]
+            camera = OpenCVCamera(
+                w2c=np.asarray(cam["w2c"], dtype=np.float64).reshape(4, 4),
+                K=np.asarray(cam["K"], dtype=np.float64).reshape(3, 3),
+                width=int(cam["width"]),
+                height=int(cam["height"]),
+            )
+            out.append((int(item["frame"]), camera))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ReconLoopError(f"{name}: trajectory[{i}] has no usable camera ({err})") from None
+    return sorted(out, key=lambda fc: fc[0])
+
+
+def unregistered_photos(sent: Iterable[str], cams: list[EstimatedCamera]) -> list[str]:
+    """Names of photos sent without cameras that came back without one (SfM could not place them)."""
+    placed = {c.name for c in cams}
+    return sorted(n for n in sent if n not in placed)
+
+
+def unregistered_note(names: list[str], total: int) -> str:
+    """One line for the sidebar and the report: which photos got no camera."""
+    if not names:
+        return ""
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return f"{len(names)} of {total} photos could not be placed (no camera found): {shown}"
+
+
 def job_collection_name(job_id: str, label: str = "") -> str:
     """Name of the collection holding one job's results."""
     short = job_id[:8]

@@ -35,6 +35,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ADDON_DIR = REPO / "blender_addon"
 PROTOCOL_DIR = REPO / "protocol"
+# backend modules the dataset importers need (numpy + protocol only; tests/test_addon_pure.py checks that)
+FORMAT_FILES = (
+    "backend/__init__.py",
+    "backend/scene.py",
+    "backend/registry.py",
+    "backend/fileio.py",
+    "backend/masks.py",
+)
 WHEEL_CACHE = REPO / ".cache" / "extension_wheels"
 DIST = REPO / "dist"
 MANIFEST = "blender_manifest.toml"
@@ -175,13 +183,17 @@ def _record_line(name: str, data: bytes) -> str:
 
 
 def build_protocol_wheel(out_dir: Path, version: str) -> Path:
-    """A pure-Python wheel of the ``protocol`` package (imports numpy, msgpack, zmq, plyfile)."""
+    """A pure-Python wheel of the ``protocol`` package (imports numpy, msgpack, zmq, plyfile), with the
+    torch-free part of ``backend`` that reads and writes scene folders and datasets (FORMAT_FILES and
+    ``backend/formats``), so the add-on imports datasets through the same code as ``reconloop import``."""
     dist = "reconloop_protocol"
     info = f"{dist}-{version}.dist-info"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{dist}-{version}-py3-none-any.whl"
     files: list[tuple[str, bytes]] = []
-    for src in sorted(PROTOCOL_DIR.rglob("*")):
+    sources = sorted(PROTOCOL_DIR.rglob("*")) + [REPO / f for f in FORMAT_FILES]
+    sources += sorted((REPO / "backend" / "formats").glob("*.py"))
+    for src in sources:
         rel = src.relative_to(REPO).as_posix()
         if src.is_file() and not EXCLUDE.search(rel) and src.suffix in (".py", ".md"):
             files.append((rel, src.read_bytes()))
@@ -193,7 +205,11 @@ def build_protocol_wheel(out_dir: Path, version: str) -> Path:
         "Requires-Dist: numpy\nRequires-Dist: msgpack\nRequires-Dist: pyzmq\nRequires-Dist: plyfile\n"
     ).encode()
     wheel = b"Wheel-Version: 1.0\nGenerator: reconloop build_extension\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-    files += [(f"{info}/METADATA", metadata), (f"{info}/WHEEL", wheel), (f"{info}/top_level.txt", b"protocol\n")]
+    files += [
+        (f"{info}/METADATA", metadata),
+        (f"{info}/WHEEL", wheel),
+        (f"{info}/top_level.txt", b"protocol\nbackend\n"),
+    ]
     record = "\n".join(_record_line(n, d) for n, d in files) + f"\n{info}/RECORD,,\n"
     files.append((f"{info}/RECORD", record.encode()))
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:

@@ -7,7 +7,8 @@ loop's output can be scored. Everything is made here, so the project ships no th
 
 Writes ``OUT/scene.json`` (``backend.scene.save_scene``), ``OUT/captures/*.png``,
 ``OUT/heldout/*.png`` (ground truth at the trajectory cameras, listed as held-out views) and
-``OUT/demo.blend`` (the scene with the animated trajectory camera active, for the Blender demo).
+``OUT/demo.blend`` (the scene ready to reconstruct: a *Captures* collection of cameras with their photos
+and the animated trajectory camera, both picked in the ReconLoop sidebar).
 Cameras go from Blender to OpenCV with ``blender_addon.cameras`` (DESIGN.md section 3).
 
 Usage::
@@ -45,6 +46,7 @@ SENSOR_WIDTH_MM = 36.0
 SUN_STRENGTH = 3.0
 SKY_RGB = (0.55, 0.62, 0.72)
 SKY_STRENGTH = 0.6
+CAPTURES_COLLECTION = "Captures"
 MAX_BOUNCES = 2  # enough for soft colour bleeding, cheap on CPU
 
 
@@ -296,6 +298,33 @@ def render_to(bpy, scene, cam_obj, path: Path) -> None:
     bpy.ops.render.render(write_still=True)
 
 
+def ready_to_reconstruct(bpy, scene, capture_objs, traj_obj, a: DemoArgs) -> None:
+    """Wire the scene as the add-on's sidebar wants it, so opening demo.blend and clicking Reconstruct
+    works: the capture cameras in a *Captures* collection, each with its rendered photo as background
+    (relative to the .blend), and the sidebar pointed at them and at the animated trajectory camera."""
+    coll = bpy.data.collections.new(CAPTURES_COLLECTION)
+    scene.collection.children.link(coll)
+    for obj in capture_objs:
+        scene.collection.objects.unlink(obj)
+        coll.objects.link(obj)
+        bg = obj.data.background_images.new()
+        bg.image = bpy.data.images.load(str(a.out.resolve() / "captures" / f"{obj.name}.png"))
+        bg.frame_method = "STRETCH"
+        obj.data.show_background_images = True
+    import blender_addon  # this repository's add-on: its properties are saved with the .blend
+
+    blender_addon.register()
+    try:
+        st = scene.reconloop
+        st.capture_source = "COLLECTION"
+        st.captures = coll
+        st.trajectory_camera = traj_obj
+        st.use_scene_range = True
+        st.width, st.height = a.width, a.height
+    finally:
+        blender_addon.unregister()
+
+
 def make_demo_scene(a: DemoArgs) -> Path:
     """Render the demo scene into ``a.out``. Returns the path of scene.json."""
     import bpy
@@ -333,7 +362,8 @@ def make_demo_scene(a: DemoArgs) -> Path:
     scene.frame_set(1)
     scene.camera = traj_obj
     scene.render.filepath = "//render/"
-    bpy.ops.wm.save_as_mainfile(filepath=str(out / "demo.blend"))
+    ready_to_reconstruct(bpy, scene, [bpy.data.objects[c.name] for c in captures], traj_obj, a)
+    bpy.ops.wm.save_as_mainfile(filepath=str(out / "demo.blend"), relative_remap=True)
 
     settings = Settings(width=a.width, height=a.height)
     return save_scene(

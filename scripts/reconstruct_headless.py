@@ -20,7 +20,9 @@ objects is saved as ``DIR/<name>_reconstructed.blend`` (or ``--save PATH``). Exi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXTENSION_REPO = "user_default"
+TEMP_REPO = "reconloop_headless"  # a throw-away repository when run inside a Blender with real user folders
 DEFAULT_TIMEOUT_S = 3600.0
 
 
@@ -73,12 +76,21 @@ def ensure_addon(extension: Path | None) -> str:
 
     enabled = [m for m in bpy.context.preferences.addons.keys() if m.split(".")[-1] in ("reconloop", "blender_addon")]
     if extension is not None:
+        repo = EXTENSION_REPO
+        if not os.environ.get("BLENDER_USER_RESOURCES", "").startswith(tempfile.gettempdir()):
+            # Inside a Blender started with the user's own folders: install into a repository in a
+            # temporary folder, and do not save preferences, so later Blender sessions never see it.
+            bpy.context.preferences.use_preferences_save = False
+            bpy.ops.preferences.extension_repo_add(
+                name=TEMP_REPO, type="LOCAL", use_custom_directory=True, custom_directory=tempfile.mkdtemp()
+            )
+            repo = bpy.context.preferences.extensions.repos[-1].module
         result = bpy.ops.extensions.package_install_files(
-            filepath=str(extension.resolve()), repo=EXTENSION_REPO, enable_on_install=True
+            filepath=str(extension.resolve()), repo=repo, enable_on_install=True
         )
         if result != {"FINISHED"}:
             raise RuntimeError(f"could not install {extension}")
-        return f"bl_ext.{EXTENSION_REPO}.reconloop"
+        return f"bl_ext.{repo}.reconloop"
     if enabled:
         return enabled[0]
     for mod in addon_utils.modules(refresh=False):
@@ -141,6 +153,10 @@ def configure(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(script_argv() if argv is None else argv)
+    if args.extension is not None and "bpy" not in sys.modules:
+        # bpy as a module reads this when imported: the extension goes to a temporary user folder,
+        # never into the user's own Blender configuration.
+        os.environ["BLENDER_USER_RESOURCES"] = tempfile.mkdtemp(prefix="reconloop_blender_user_")
     import bpy
 
     if args.blend is not None:

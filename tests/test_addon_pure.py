@@ -256,3 +256,48 @@ def test_half_set_keys_are_refused(tmp_path):
     )
     with pytest.raises(ReconLoopError, match="key file not found"):
         connection.make_client(cfg.remote_address, cfg)
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("tcp://127.0.0.1:5555", None),
+        ("tcp://gpu-box.lan:6000", None),
+        ("tcp://[::1]:5555", None),
+        ("ipc:///tmp/reconloop", None),
+        ("127.0.0.1:5555", "write tcp://127.0.0.1:5555"),
+        ("gpu-box", "write tcp://gpu-box:5555"),
+        ("http://gpu-box:5555/", "not HTTP: write tcp://gpu-box:5555"),
+        ("tcp://gpu-box", "tcp://host:port"),
+        ("tcp://gpu-box:70000", "port must be in 1-65535"),
+        ("udp://x:1", "unknown transport 'udp'"),
+        ("", "enter the service's address"),
+    ],
+)
+def test_check_address(text, problem):
+    from blender_addon.connection import check_address
+
+    got = check_address(text)
+    assert got is None if problem is None else problem in got
+
+
+def test_preflight_unknown_host_and_no_service_fail_fast():
+    import socket
+    import time
+
+    from blender_addon.connection import free_loopback_port, preflight
+    from blender_addon.errors import ReconLoopError
+
+    t0 = time.monotonic()
+    with pytest.raises(ReconLoopError, match="unknown host 'no-such-host.invalid'"):
+        preflight("tcp://no-such-host.invalid:5555")
+    port = free_loopback_port()
+    with pytest.raises(ReconLoopError, match=rf"reconloop serve --bind tcp://0\.0\.0\.0:{port}"):
+        preflight(f"tcp://127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 5.0
+    with pytest.raises(ReconLoopError, match="not HTTP"):
+        preflight("http://127.0.0.1:5555")
+    with socket.socket() as listening:  # something listens: the address passes
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        preflight(f"tcp://127.0.0.1:{listening.getsockname()[1]}")

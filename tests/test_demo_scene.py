@@ -74,3 +74,38 @@ def test_cameras_project_the_beacon_onto_its_pixels(tiny_scene: Path) -> None:
     # the trajectory's cameras are the held-out ones
     for t, h in zip(scene.trajectory, scene.heldout):
         np.testing.assert_allclose(t.camera.w2c, h.camera.w2c)
+
+
+READ_BLEND = """
+import json, sys
+import bpy
+sys.path.insert(0, {repo!r})
+bpy.ops.wm.open_mainfile(filepath={blend!r})
+import blender_addon
+blender_addon.register()
+from blender_addon.scene_read import read_captures, sample_trajectory
+scene = bpy.context.scene
+st = scene.reconloop
+caps = read_captures(st.captures, scene)
+traj = sample_trajectory(st.trajectory_camera, scene, *st.frame_range(scene))
+print(json.dumps({{"captures": {{c.name: [c.camera.K.tolist(), c.camera.w2c.tolist()] for c in caps}},
+                  "frames": [f for f, _ in traj]}}))
+"""
+
+
+def test_demo_blend_is_ready_to_reconstruct(tiny_scene: Path) -> None:
+    """demo.blend opens with the sidebar pointing at a Captures collection of cameras with their photos
+    and at the animated trajectory camera: what the Reconstruct button reads equals scene.json."""
+    import json
+
+    code = READ_BLEND.format(repo=str(REPO), blend=str(tiny_scene / "demo.blend"))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tiny_scene)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    scene = load_scene(tiny_scene)
+    assert got["frames"] == [t.frame for t in scene.trajectory]
+    assert sorted(got["captures"]) == sorted(c.name for c in scene.captures)
+    for c in scene.captures:
+        K, w2c = got["captures"][c.name]
+        np.testing.assert_allclose(K, c.camera.K, atol=1e-4)
+        np.testing.assert_allclose(w2c, c.camera.w2c, atol=1e-5)

@@ -3,7 +3,7 @@
 For image i the file holds ``world_mat_i``, the 3x4 projection P = s K [R | t] (in a 4x4), and
 ``scale_mat_i``, which maps the unit sphere around the object to the world. With ``use_scale_mat``
 (default, as IDR and NeuS do) the cameras are those of P @ scale_mat, so the object sits in the unit
-sphere; else the world frame of P. P is split with ``cv2.decomposeProjectionMatrix``; the sign of P
+sphere; else the world frame of P. P is split by an RQ decomposition (numpy); the sign of P
 is chosen so that det P[:, :3] > 0 and K's diagonal is made positive (K D, D R with D = diag(+-1)),
 which leaves R a proper rotation. K is taken as given: IDR, like most MVS code, puts pixel centres
 at integer coordinates, half a pixel from ours.
@@ -42,16 +42,18 @@ def decompose_projection(P: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
         (K, R, t): K upper triangular with positive focals and K[2,2] = 1 [3, 3]; R a rotation
         (det +1), world to camera, OpenCV axes [3, 3]; t [3].
     """
-    import cv2
-
     P = np.asarray(P, dtype=np.float64)
     if np.linalg.det(P[:, :3]) < 0:
         P = -P
-    K, R, center_h = cv2.decomposeProjectionMatrix(P)[:3]
+    M = P[:, :3]
+    # RQ decomposition M = K R from numpy's QR of the row-reversed transpose (numpy only: runs in Blender).
+    flip = np.eye(3)[::-1]
+    Q, U = np.linalg.qr((flip @ M).T)
+    K, R = flip @ U.T @ flip, flip @ Q.T
     D = np.diag(np.sign(np.diag(K)))
     K, R = K @ D, D @ R
     K = np.triu(K / K[2, 2])
-    center = center_h[:3, 0] / center_h[3, 0]
+    center = -np.linalg.solve(M, P[:, 3])
     return K, R, -R @ center
 
 

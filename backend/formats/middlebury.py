@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from backend.formats.base import IMPORTERS, ImportedScene, make_camera, resolve_in, w2c_from_rt
 from backend.masks import threshold_silhouette
@@ -77,6 +76,8 @@ def read_middlebury(
 
 def silhouette(path: Path) -> np.ndarray:
     """The object's mask in one photo by the README's recipe. bool [H, W]"""
+    from PIL import Image  # only for silhouettes; the add-on imports this module without PIL
+
     with Image.open(path) as im:
         rgb = np.asarray(im.convert("RGB"))
     return threshold_silhouette(

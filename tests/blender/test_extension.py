@@ -116,7 +116,11 @@ def test_install_register_unregister(installed):
     assert hasattr(bpy.types.Scene, "reconloop")
     site = Path(bpy.utils.user_resource("EXTENSIONS")) / ".local" / "lib"
     found = {p.name for p in site.glob("python*/site-packages/*")}
-    assert {"zmq", "msgpack", "protocol", "plyfile.py"} <= found, found
+    assert {"zmq", "msgpack", "protocol", "plyfile.py", "backend"} <= found, found
+    # the dataset readers travel with the protocol wheel, and only the torch-free part of backend
+    backend = next(site.glob("python*/site-packages/backend"))
+    assert (backend / "formats" / "colmap.py").is_file() and (backend / "scene.py").is_file()
+    assert not (backend / "stages").exists() and not (backend / "loop.py").exists()
     bpy.ops.preferences.addon_disable(module=installed)
     assert not hasattr(bpy.types.Scene, "reconloop")
     bpy.ops.preferences.addon_enable(module=installed)
@@ -436,7 +440,10 @@ def test_headless_script(installed, probe_service, extension_zip, temple_dir, tm
     blend = tmp_path / "temple.blend"
     bpy.ops.wm.save_as_mainfile(filepath=str(blend))
     keys = probe_service["keys"]
-    env = dict(os.environ, BLENDER_USER_RESOURCES=str(tmp_path / "blender_user"))
+    # No BLENDER_USER_RESOURCES: the script itself must keep the install out of the user's Blender folders.
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k != "BLENDER_USER_RESOURCES"}
+    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"))
     out = tmp_path / "out"
     cmd = [
         sys.executable,
@@ -457,6 +464,7 @@ def test_headless_script(installed, probe_service, extension_zip, temple_dir, tm
     run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "done" in run.stdout and (out / "temple_reconstructed.blend").is_file()
+    assert not [p for p in home.rglob("*reconloop*") if "extensions" in str(p)], "installed into the user's Blender"
     # A job that fails: exit code 1 and the plain reason on stderr.
     st.prompt = "probe fault=cuda_oom"
     bpy.ops.wm.save_as_mainfile(filepath=str(blend))

@@ -14,29 +14,14 @@ from backend.scene import SceneError, Settings
 from blender_addon import panels, scene_io
 from protocol.settings import SECTIONS, SETTINGS
 
+from ._layout import RecordingLayout
+
 
 @pytest.fixture
 def registered():
     blender_addon.register()
     yield
     blender_addon.unregister()
-
-
-class _RecordingLayout:
-    """Stands in for a panel's UILayout: records which properties the panel draws."""
-
-    def __init__(self, drawn: list[str]):
-        self.drawn = drawn
-
-    def column(self, **_):
-        return self
-
-    def row(self, **_):
-        return self
-
-    def prop(self, data, name, **_):
-        assert hasattr(data, name), name
-        self.drawn.append(name)
 
 
 def test_every_row_reaches_settings():
@@ -72,9 +57,9 @@ def test_every_row_reaches_the_property_group_and_the_panel(registered):
 
     drawn: dict[str, list[str]] = {}
     for panel in (panels.RECONLOOP_PT_settings, panels.RECONLOOP_PT_settings_advanced):
-        out: list[str] = []
-        panel.draw(SimpleNamespace(layout=_RecordingLayout(out), section=panel.section), bpy.context)
-        drawn[panel.section] = out
+        layout = RecordingLayout()
+        panel.draw(SimpleNamespace(layout=layout, section=panel.section), bpy.context)
+        drawn[panel.section] = layout.props()
     assert set(drawn) == set(SECTIONS)
     for section in SECTIONS:
         assert drawn[section] == [row.name for row in SETTINGS if row.section == section]

@@ -269,3 +269,25 @@ def test_sh_colours():
     torch.testing.assert_close(sh_to_colors(2, torch.zeros(1, 3), sh, w2c), rgb.expand(2, 1, 3))
     with pytest.raises(ValueError, match="at least 16"):
         eval_sh(3, torch.ones(1, 3), sh)
+
+
+def test_bench_rasterizer_runs_tiny(tmp_path):
+    """scripts/bench_rasterizer.py --tiny: every case timed and written; its scene draws and has gradients."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_rasterizer.py"
+    spec = importlib.util.spec_from_file_location("bench_rasterizer", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    report = bench.main(["--tiny", "--threads", "1", "--repeats", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == report
+    assert len(report["cases"]) == len(bench.TINY_CASES)
+    for case in report["cases"]:
+        assert case["current"]["seconds"] > 0 and case["current"]["gaussian_pixels_per_s"] > 0
+    scene = bench.make_scene(300, 32, 24, 1)
+    _, _, img, grads = bench.step(TorchCpuRasterizer(), scene)
+    assert img.shape == (1, 24, 32, 3) and img.abs().sum() > 0
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -41,6 +41,7 @@ from torch import Tensor
 from protocol.ply import PointArrays
 
 from . import outputs
+from .budget import BudgetPlan, measure_step_costs, plan_budget, thin_memory
 from .formats.undistort import undistort_image
 from .generators import Generator, generator_class
 from .progress import ProgressEvent, ProgressFn, no_progress
@@ -105,6 +106,8 @@ class LoopConfig:
         occlusion_test: the retrieved captures go to the generator with a depth map (the guide's
             where it is opaque, else the memory rendered into them), so that a capture does not
             lend its colour to points hidden behind its own surface.
+        budget: the time budget's plan (backend.budget) that set the working size, the fit's steps
+            and its Gaussian cap; None without a budget.
     """
 
     width: int = Settings.width
@@ -128,6 +131,7 @@ class LoopConfig:
     guide: bool = True
     guide_alpha: float = 0.5
     occlusion_test: bool = True
+    budget: BudgetPlan | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.guide_alpha <= 1.0:
@@ -162,6 +166,16 @@ class LoopConfig:
             seed=settings.seed,
             prompt=settings.prompt,
         )
+        if settings.time_budget_min and cfg.has_fit:  # backend.budget: size the work to the time
+            plan = plan_budget(
+                settings.time_budget_min,
+                measure_step_costs(cfg.fit.rasterizer, device),
+                max_iterations=cfg.fit.iterations,
+                max_size=(cfg.width, cfg.height),
+                fits=2 if cfg.guide else 1,
+            )
+            fit = replace(cfg.fit, iterations=plan.iterations, max_gaussians=plan.max_gaussians)
+            cfg = replace(cfg, width=plan.width, height=plan.height, fit=fit, budget=plan)
         return replace(cfg, **overrides)
 
 
@@ -548,6 +562,11 @@ def run_loop(
 
         return on_step
 
+    if cfg.budget is not None:  # backend.budget: what the time budget chose
+        log.info(cfg.budget.sentence)
+        notes.append(cfg.budget.sentence)
+        report("cameras", 0.0, cfg.budget.sentence)
+
     # 0. Captures and cameras: photos as stored (sRGB untouched); SfM for captures without a camera.
     with meter.measure("cameras"):
         cams_found, is_estimated = capture_cameras(scene, notes)
@@ -592,6 +611,8 @@ def run_loop(
     with meter.measure("memory"):
         memory = build_memory(captures, cfg.memory, estimator=cfg.estimator)
     memory_initial = memory
+    if cfg.has_fit and cfg.fit.max_gaussians and len(memory) > cfg.fit.max_gaussians:  # thinned in the fits
+        notes.append(thin_memory(memory, cfg.fit.max_gaussians).note)
     outputs.write_points(out_dir / outputs.POINTS_FILE, _points(memory))
     cams_name = outputs.write_cameras(out_dir, capture_records, list(zip(frame_numbers, traj_scene)))
     report(

@@ -177,6 +177,7 @@ class Settings:
     guide: bool = True  # Gaussians on the captures alone guide the generator (LoopConfig.guide); off: faster
     seed: int = 0
     prompt: str = ""
+    time_budget_min: int = 0  # about this many minutes: the loop sizes its work to it (backend.budget); 0: none
 
     LIMITS = {
         "width": (16, 4096),
@@ -187,6 +188,7 @@ class Settings:
         "num_steps": (1, 1000),
         "gaussian_iterations": (0, 1_000_000),
         "seed": (0, 2**31 - 1),
+        "time_budget_min": (0, 24 * 60),
     }
 
     @classmethod

@@ -1,7 +1,7 @@
 """Time the ``torch_cpu`` rasterizer's forward + backward at the loop's sizes; Gaussians x pixels per second.
 
-The Gaussians sit on a surface in front of the cameras, as a stereo memory does (a depth map lifted
-to 3D), with scales of the mean point spacing as ``init_gaussians`` gives them. Each case renders C
+The Gaussians are ``backend.budget.probe_scene``'s: on a surface in front of the cameras, as a stereo
+memory (a depth map lifted to 3D), with scales of the point spacing as ``init_gaussians`` gives them. Each case renders C
 cameras of W x H and back-propagates an L1 loss; the figure is N x W x H x C / seconds.
 
 ``--against REV`` also times the rasterizer of a git revision (its ``torch_cpu.py`` loaded from
@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from backend.budget import probe_scene  # noqa: E402
 from backend.rasterizers.torch_cpu import TorchCpuRasterizer  # noqa: E402
 
 # (Gaussians, width, height, cameras): the guide and final fit at the CPU working sizes.
@@ -41,40 +42,6 @@ CASES = [
     (60_000, 192, 144, 4),
 ]
 TINY_CASES = [(2_000, 64, 48, 1), (2_000, 48, 32, 2)]
-FOCAL_FACTOR = 1.0  # focal length in units of the image width (about 53 degrees horizontal field of view)
-
-
-def make_scene(n: int, width: int, height: int, n_cams: int, seed: int = 0) -> dict:
-    """N Gaussians on a wavy surface 2-4 units in front of C cameras a little apart."""
-    gen = torch.Generator().manual_seed(seed)
-    f = FOCAL_FACTOR * width
-    u = torch.rand(n, generator=gen) * 1.2 - 0.1  # a little beyond the image
-    v = torch.rand(n, generator=gen) * 1.2 - 0.1
-    depth = 3.0 + 0.6 * torch.sin(6.0 * u) * torch.cos(5.0 * v) + 0.02 * torch.randn(n, generator=gen)
-    x = (u * width - width / 2) / f * depth
-    y = (v * height - height / 2) / f * depth
-    means = torch.stack([x, y, depth], dim=-1)
-    area = (1.2 * width / f * 3.0) * (1.2 * height / f * 3.0)
-    spacing = math.sqrt(area / n)
-    scales = torch.full((n, 3), spacing) * (0.7 + 0.6 * torch.rand(n, 3, generator=gen))
-    quats = torch.randn(n, 4, generator=gen)
-    opacities = 0.05 + 0.9 * torch.rand(n, generator=gen)
-    colors = torch.rand(n, 3, generator=gen)
-    viewmats = torch.eye(4).repeat(n_cams, 1, 1)
-    for c in range(n_cams):
-        viewmats[c, 0, 3] = 0.1 * c
-    K = torch.tensor([[f, 0.0, width / 2], [0.0, f, height / 2], [0.0, 0.0, 1.0]])
-    return {
-        "means": means,
-        "quats": quats,
-        "scales": scales,
-        "opacities": opacities,
-        "colors": colors,
-        "viewmats": viewmats,
-        "Ks": K.repeat(n_cams, 1, 1),
-        "width": width,
-        "height": height,
-    }
 
 
 def step(rasterizer, scene: dict) -> tuple[float, float, torch.Tensor, list[torch.Tensor]]:
@@ -137,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         rasterizers[args.against] = load_revision(args.against)()
     results = []
     for n, width, height, n_cams in TINY_CASES if args.tiny else CASES:
-        scene = make_scene(n, width, height, n_cams)
+        scene = probe_scene(n, width, height, n_cams)
         row: dict = {"gaussians": n, "width": width, "height": height, "cameras": n_cams}
         outputs = {}
         for name, rasterizer in rasterizers.items():

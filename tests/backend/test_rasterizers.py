@@ -287,7 +287,7 @@ def test_bench_rasterizer_runs_tiny(tmp_path):
     assert len(report["cases"]) == len(bench.TINY_CASES)
     for case in report["cases"]:
         assert case["current"]["seconds"] > 0 and case["current"]["gaussian_pixels_per_s"] > 0
-    scene = bench.make_scene(300, 32, 24, 1)
+    scene = bench.probe_scene(300, 32, 24, 1)
     _, _, img, grads = bench.step(TorchCpuRasterizer(), scene)
     assert img.shape == (1, 24, 32, 3) and img.abs().sum() > 0
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.estimators.sfm import import_pycolmap
 from backend.fileio import write_atomic
 from backend.formats.base import (
     EXPORTERS,
@@ -129,6 +128,8 @@ def find_colmap_model(src: Path, cameras: str | None = None) -> Path:
 def _rotation_matrix(rotation) -> np.ndarray:
     """Rotation matrix of a pycolmap Rotation3d after normalising its quaternion (text models store
     quaternions rounded to 6 digits, which pycolmap keeps as they are). float64 [3, 3]"""
+    from backend.estimators.sfm import import_pycolmap  # the package imports torch; --help must not
+
     pycolmap = import_pycolmap()
 
     quat_xyzw = np.asarray(rotation.quat, dtype=np.float64)
@@ -136,6 +137,8 @@ def _rotation_matrix(rotation) -> np.ndarray:
 
 
 def _read_reconstruction(model_dir: Path):
+    from backend.estimators.sfm import import_pycolmap  # the package imports torch; --help must not
+
     pycolmap = import_pycolmap()
 
     try:

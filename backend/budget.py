@@ -184,22 +184,39 @@ def measure_step_seconds(rasterizer_name: str, device: torch.device | str, n: in
 
 @dataclass(frozen=True)
 class StepCosts:
-    """Seconds per fitting step: ``per_pixel x W x H + per_gaussian x N`` (both >= 0)."""
+    """Seconds per fitting step: ``per_pixel x W x H + per_gaussian x N`` (both >= 0), with
+    ``threads`` torch threads (the faster of torch's default and one thread, as measured)."""
 
     per_pixel: float
     per_gaussian: float
+    threads: int = 0  # 0: leave torch's thread count alone
 
     def seconds(self, n: int, width: int, height: int) -> float:
         return self.per_pixel * width * height + self.per_gaussian * n
 
 
 def measure_step_costs(rasterizer_name: str, device: torch.device | str) -> StepCosts:
-    """:class:`StepCosts` fitted to two measured steps (:data:`PROBE_GAUSSIANS` at :data:`PROBE_SIZE`)."""
+    """:class:`StepCosts` fitted to two measured steps (:data:`PROBE_GAUSSIANS` at :data:`PROBE_SIZE`).
+
+    On the CPU, the first step is also timed with one torch thread: where other processes load the
+    cores, threads that wait on each other are slower than one, and the faster count is kept (set
+    with ``torch.set_num_threads``; the plan's ``threads`` says which).
+    """
     (n1, n2), (w, h) = PROBE_GAUSSIANS, PROBE_SIZE
-    t1, t2 = (measure_step_seconds(rasterizer_name, device, n, PROBE_SIZE) for n in (n1, n2))
+    t1 = measure_step_seconds(rasterizer_name, device, n1, PROBE_SIZE)
+    threads = 0
+    default_threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu" and default_threads > 1:
+        torch.set_num_threads(1)
+        t1_single = measure_step_seconds(rasterizer_name, device, n1, PROBE_SIZE)
+        if t1_single < t1:
+            t1, threads = t1_single, 1
+        else:
+            torch.set_num_threads(default_threads)
+    t2 = measure_step_seconds(rasterizer_name, device, n2, PROBE_SIZE)
     per_gaussian = max(t2 - t1, 0.0) / (n2 - n1)
     per_pixel = max(t1 - per_gaussian * n1, 0.1 * t1) / (w * h)
-    return StepCosts(per_pixel, per_gaussian)
+    return StepCosts(per_pixel, per_gaussian, threads)
 
 
 @dataclass(frozen=True)
@@ -283,7 +300,7 @@ def plan_budget(
     sentence = (
         f"time budget {budget_min:g} min: working size {w}x{h}, at most {cap} Gaussians, "
         f"{iterations} steps per fit ({fits} fit{'s' if fits > 1 else ''}, about {step:.2f} s a step as "
-        f"measured here)"
+        f"measured here{', on one thread' if costs.threads == 1 else ''})"
     )
     if is_short:
         sentence += f"; the budget is too short for {MIN_ITERATIONS} steps per fit even at the smallest size"

@@ -12,7 +12,7 @@ conventions, so that fitting runs and is tested where no CUDA exists. Steps, per
    (gsplat's opacity-aware box);
 3. per pair, alpha = min(0.999, opacity * exp(-d^T conic d / 2)), dropped below 1/255; per pixel,
    composite front to back: T_i = prod_{j<i} (1 - alpha_j) (a segmented cumulative sum of
-   log(1 - alpha) in float64), colour = sum_i alpha_i T_i c_i. A pixel stops once T would fall
+   log(1 - alpha) in float64, float32 on ``mps``), colour = sum_i alpha_i T_i c_i. A pixel stops once T would fall
    below 1e-4 (gsplat's rule), so the Gaussian that would cross it is not drawn.
 
 The work is proportional to the pairs, not to Gaussians x pixels. Memory is bounded by drawing a
@@ -395,11 +395,23 @@ def _segment_starts(pixel_ids: Tensor) -> tuple[Tensor, Tensor]:
     return is_first, torch.cumsum(is_first, dim=0) - 1
 
 
+def _accumulation_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the long running sums, float32 where the device has no float64 (Apple ``mps``)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _exclusive_segment_cumsum(values: Tensor, is_first: Tensor, segment: Tensor) -> Tensor:
-    """Per run of equal pixels, the sum of the values before each pair (float64 for long runs). [P]"""
-    running = torch.cumsum(values.double(), dim=0)
-    before = running - values
-    return before - before[is_first][segment]
+    """Per run of equal pixels, the sum of the values before each pair. [P]
+
+    One cumulative sum over all pairs, in :func:`_accumulation_dtype`; a run's first value has the
+    previous run's total subtracted, so the running sum restarts near 0 at every pixel and its
+    rounding stays that of one pixel's sum (what makes float32 usable on ``mps``).
+    """
+    acc = values.to(_accumulation_dtype(values.device))
+    totals = acc.new_zeros(int(segment[-1]) + 1 if segment.numel() else 0).index_add_(0, segment, acc)
+    restarted = acc.clone()
+    restarted[is_first] -= torch.cat([totals.new_zeros(1), totals[:-1]])[segment[is_first]]
+    return torch.cumsum(restarted, dim=0) - acc
 
 
 class _Composite(torch.autograd.Function):
@@ -418,7 +430,7 @@ class _Composite(torch.autograd.Function):
         :func:`_list_pairs` -> colour [H W, D] and alpha [H W]."""
         alpha = torch.clamp_max(alpha_raw, ALPHA_MAX)
         is_first, segment = _segment_starts(pixel_ids)
-        log_keep = torch.log1p(-alpha.double())
+        log_keep = torch.log1p(-alpha.to(_accumulation_dtype(alpha.device)))
         log_t_before = _exclusive_segment_cumsum(log_keep, is_first, segment)
         # A pixel is finished before the Gaussian that would take T below TRANSMITTANCE_MIN; the kept
         # pairs are a prefix of each pixel's list, so their T is unchanged by the cut.
@@ -444,7 +456,7 @@ class _Composite(torch.autograd.Function):
         is_first, segment = _segment_starts(pixel_ids)
         wq = weights * q
         before = _exclusive_segment_cumsum(wq, is_first, segment)
-        totals = before.new_zeros(int(segment[-1]) + 1 if segment.numel() else 0).index_add_(0, segment, wq.double())
+        totals = before.new_zeros(int(segment[-1]) + 1 if segment.numel() else 0).index_add_(0, segment, wq.to(before))
         after = (totals[segment] - before - wq).to(wq.dtype)  # S_i: what the pixel draws behind pair i
         grad_alpha_pair = transmittance * q - after / (1.0 - alpha)
         grad_raw = torch.where(alpha_raw <= ALPHA_MAX, grad_alpha_pair, torch.zeros_like(grad_alpha_pair))

@@ -17,6 +17,7 @@ N), the two rates fitted to two measured steps with different N (:func:`measure_
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -196,12 +197,18 @@ class StepCosts:
 
 
 def measure_step_costs(rasterizer_name: str, device: torch.device | str) -> StepCosts:
-    """:class:`StepCosts` fitted to two measured steps (:data:`PROBE_GAUSSIANS` at :data:`PROBE_SIZE`).
+    """:class:`StepCosts` fitted to two measured steps (:data:`PROBE_GAUSSIANS` at :data:`PROBE_SIZE`),
+    measured once per process, rasterizer and device (a service's later jobs reuse them).
 
     On the CPU, the first step is also timed with one torch thread: where other processes load the
     cores, threads that wait on each other are slower than one, and the faster count is kept (set
     with ``torch.set_num_threads``; the plan's ``threads`` says which).
     """
+    return _measure_step_costs(rasterizer_name, str(torch.device(device)))
+
+
+@functools.cache
+def _measure_step_costs(rasterizer_name: str, device: str) -> StepCosts:
     (n1, n2), (w, h) = PROBE_GAUSSIANS, PROBE_SIZE
     t1 = measure_step_seconds(rasterizer_name, device, n1, PROBE_SIZE)
     threads = 0

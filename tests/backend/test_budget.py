@@ -131,3 +131,15 @@ def test_budget_setting_and_option(tmp_path):
     own = Scene(tmp_path, [], settings=Settings(time_budget_min=9))
     assert with_budget(own, 3).settings.time_budget_min == 9
     assert with_budget(scene, 0) is scene
+
+
+def test_loop_config_follows_the_budget_plan():
+    from backend.loop import LoopConfig
+
+    settings = Settings(width=64, height=48, gaussian_iterations=20, time_budget_min=60)
+    cfg = LoopConfig.from_settings(settings, device="cpu")
+    plan = cfg.budget
+    assert plan is not None and plan.budget_min == 60
+    assert (cfg.width, cfg.height) == (plan.width, plan.height) == (64, 48)  # never larger than the job's
+    assert cfg.fit.iterations == plan.iterations <= 20 and cfg.fit.max_gaussians == plan.max_gaussians
+    assert LoopConfig.from_settings(Settings(width=64, height=48), device="cpu").budget is None

@@ -27,9 +27,6 @@ from torch import Tensor
 
 from .stages.types import GeometryMemory
 
-# Default budgets per device kind, minutes; None: no budget (the settings as given). On CUDA the
-# budget only applies when the user sets one.
-DEFAULT_BUDGET_MIN = {"cuda": None, "mps": 5.0, "cpu": 4.0}
 # Working sizes tried from the largest down (4:3; the trajectory's aspect is applied afterwards).
 WORKING_SIZES = ((320, 240), (256, 192), (192, 144), (160, 120))
 GAUSSIAN_CAPS = (120_000, 80_000, 60_000, 40_000, 30_000, 20_000, 15_000, 10_000)
@@ -40,11 +37,6 @@ PROBE_SIZE = (128, 96)
 PROBE_STEPS = 2  # timed steps per measurement (after one warm-up); the fastest counts
 VOXEL_SEARCH_STEPS = 24  # bisection steps on the voxel size (log scale)
 GRID_MAX_CELLS = 1 << 20  # finest voxel grid per axis tried (keys stay within int64)
-
-
-def default_budget_min(device: torch.device | str) -> float | None:
-    """The budget a job gets when it sets none: minutes, or None (no budget; CUDA)."""
-    return DEFAULT_BUDGET_MIN.get(torch.device(device).type)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def budget_for(option: float | None, device: str) -> int:
     """Minutes of the ``--budget`` option, or the device's default (backend.budget); 0: none."""
-    from .budget import default_budget_min
+    from .devices import default_budget_min
 
     minutes = option if option is not None else default_budget_min(device)
     return max(0, round(minutes or 0))

@@ -9,14 +9,13 @@ from backend.budget import (
     GAUSSIAN_CAPS,
     MIN_ITERATIONS,
     StepCosts,
-    default_budget_min,
     measure_step_seconds,
     plan_budget,
     probe_scene,
     thin_memory,
 )
 from backend.cli import budget_for, build_parser, with_budget
-from backend.devices import pick_device
+from backend.devices import default_budget_min, pick_device
 from backend.scene import Capture, Scene, SceneError, Settings
 from backend.stages.fit import FitConfig, FitViews, fit_gaussians
 from backend.stages.types import Cameras, GeometryMemory

@@ -80,14 +80,19 @@ class ProgressBar:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .devices import pick_device
     from .generators import GeneratorCache
     from .service import Service, ServiceConfig
     from .service.options import GeneratorLoopRunner, serve_generator_weights, serve_security
 
     weights = serve_generator_weights(args)
     runner = _import_object(args.runner) if args.runner else GeneratorLoopRunner(GeneratorCache(weights))
+    device = pick_device(args.device)
+    budget_min = budget_for(args.budget, device)
+    if budget_min:
+        runner = _budget_runner(runner, budget_min)
     config = ServiceConfig(
-        bind=args.bind, data_dir=args.data_dir, device=args.device, ray=_ray_config(args), **serve_security(args)
+        bind=args.bind, data_dir=args.data_dir, device=device, ray=_ray_config(args), **serve_security(args)
     )
     service = Service(config, runner=runner)
     try:
@@ -112,6 +117,32 @@ def _ray_config(args: argparse.Namespace) -> Any:
     return RayConfig(address=args.ray, workers=args.workers, host=args.ray_host)
 
 
+def budget_for(option: float | None, device: str) -> int:
+    """Minutes of the ``--budget`` option, or the device's default (backend.budget); 0: none."""
+    from .devices import default_budget_min
+
+    minutes = option if option is not None else default_budget_min(device)
+    return max(0, round(minutes or 0))
+
+
+def with_budget(scene: Scene, budget_min: int) -> Scene:
+    """The scene with ``settings.time_budget_min`` set to ``budget_min`` unless it sets its own."""
+    from dataclasses import replace
+
+    if scene.settings.time_budget_min or not budget_min:
+        return scene
+    return replace(scene, settings=replace(scene.settings, time_budget_min=budget_min))
+
+
+def _budget_runner(runner: Any, budget_min: int) -> Any:
+    """A job runner that gives every job without a budget of its own ``budget_min`` minutes."""
+
+    def run(scene: Scene, out_dir: Path, **kwargs: Any) -> Any:
+        return runner(with_budget(scene, budget_min), out_dir, **kwargs)
+
+    return run
+
+
 def _import_object(spec: str) -> Any:
     """``package.module:function`` -> the function."""
     import importlib
@@ -122,15 +153,17 @@ def _import_object(spec: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def _run_loop(scene_dir: Path | Scene, out: Path, device: str) -> int:
-    """Run the loop in this process on a scene folder (or a loaded Scene) with a progress bar."""
+def _run_loop(scene_dir: Path | Scene, out: Path, device: str, budget: float | None = None) -> int:
+    """Run the loop in this process on a scene folder (or a loaded Scene) with a progress bar;
+    ``budget``: minutes (None: the device's default, backend.budget)."""
     from .scene import Scene, load_scene
 
     scene = scene_dir if isinstance(scene_dir, Scene) else load_scene(scene_dir)
+    from .devices import pick_device
     from .loop import run_loop
-    from .service.server import resolve_device
 
-    device = resolve_device(device)
+    device = pick_device(device)
+    scene = with_budget(scene, budget_for(budget, device))
     out.mkdir(parents=True, exist_ok=True)
     bar = ProgressBar("loop")
     try:
@@ -143,7 +176,7 @@ def _run_loop(scene_dir: Path | Scene, out: Path, device: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return _run_loop(args.scene, args.out, args.device)
+    return _run_loop(args.scene, args.out, args.device, args.budget)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -246,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    device_help = "compute device: auto (a GPU when torch sees one, else cpu), cpu, cuda, cuda:1"
+    device_help = "compute device: auto (cuda, else Apple mps, else cpu), cpu, mps, cuda, cuda:1"
+    budget_help = (
+        "about this many minutes per job: the working size, Gaussians and steps are sized to it from measured "
+        "step costs (default: 4 on cpu, 5 on mps, none on cuda; 0: none; a scene's own time_budget_min wins)"
+    )
 
     p = sub.add_parser(
         "serve",
@@ -264,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, default=None, help="job store folder (default: the user cache dir, reconloop/jobs)"
     )
     p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--budget", type=float, default=None, metavar="MINUTES", help=budget_help)
     p.add_argument("--runner", default=None, metavar="MODULE:FUNC", help="job runner instead of the loop (for tests)")
     g = p.add_argument_group("Ray cluster (pip install 'reconloop[cluster]'; see docs/cluster.md)")
     g.add_argument(
@@ -307,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scene", type=Path, metavar="SCENE", help="scene folder (scene.json + images)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--budget", type=float, default=None, metavar="MINUTES", help=budget_help)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(

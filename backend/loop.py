@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import torch
 from protocol.ply import PointArrays
 
 from . import outputs
+from .budget import BudgetPlan, measure_step_costs, plan_budget, thin_memory
 from .estimators.patchmatch import default_estimator
 from .generators import Generator, GeneratorCache, GeneratorConfig
 from .progress import ProgressFn, ProgressTracker, no_progress
@@ -60,6 +62,8 @@ from .stages.retrieval import RetrievalConfig, retrieve_views
 from .stages.segments import SegmentConfig, split_segments
 from .stages.update import UpdateConfig, update_memory
 from .types import Cameras, Frames, GeometryMemory, Views
+
+log = logging.getLogger(__name__)
 
 # Share of the job's progress bar per step (rough CPU proportions; only the order matters).
 PROGRESS_SHARES = {
@@ -89,6 +93,8 @@ class LoopConfig:
             fits no guide).
         has_crop_to_masks: when the captures have masks, gaussians.ply keeps only the Gaussians
             inside their visual hull (``backend.stages.fit.crop_to_masks``).
+        budget: the time budget's plan (backend.budget) that set the working size, the fit's steps
+            and its Gaussian cap; None without a budget.
     """
 
     width: int = Settings.width
@@ -108,6 +114,7 @@ class LoopConfig:
     overview_rows: int = 4
     has_fit: bool = True
     has_crop_to_masks: bool = False
+    budget: BudgetPlan | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, device: torch.device | str = "cpu", **overrides: Any) -> LoopConfig:
@@ -134,6 +141,16 @@ class LoopConfig:
             seed=settings.seed,
             prompt=settings.prompt,
         )
+        if settings.time_budget_min and cfg.has_fit:  # backend.budget: size the work to the time
+            plan = plan_budget(
+                settings.time_budget_min,
+                measure_step_costs(cfg.fit.rasterizer, device),
+                max_iterations=cfg.fit.iterations,
+                max_size=(cfg.width, cfg.height),
+                fits=2 if cfg.guide.enabled else 1,
+            )
+            fit = replace(cfg.fit, iterations=plan.iterations, max_gaussians=plan.max_gaussians)
+            cfg = replace(cfg, width=plan.width, height=plan.height, fit=fit, budget=plan)
         return replace(cfg, **overrides)
 
 
@@ -201,6 +218,9 @@ def run_loop(
     out_dir.mkdir(parents=True, exist_ok=True)
     meter = outputs.StageMeter(device)
     track = ProgressTracker(progress, PROGRESS_SHARES)
+    if cfg.budget is not None:  # what the time budget chose, first in the log, the report and Blender
+        log.info(cfg.budget.sentence)
+        track.finish("cameras", cfg.budget.sentence, share=0.0)
 
     # 0. Captures and cameras: photos as stored (sRGB untouched); SfM for captures without a camera.
     with meter.measure("cameras"):
@@ -208,6 +228,8 @@ def run_loop(
             scene, width=cfg.width, height=cfg.height, default_frames=cfg.default_frames, device=device
         )
     captures, targets_all, W, H = step0.captures, step0.targets, step0.width, step0.height
+    if cfg.budget is not None:
+        step0.notes.insert(0, cfg.budget.sentence)
     track.finish(
         "cameras",
         f"{len(captures)} captures at {W}x{H}; {step0.num_estimated} cameras estimated; {len(targets_all)} trajectory frames",
@@ -216,6 +238,8 @@ def run_loop(
     # 1. Geometry memory M from the posed captures.
     with meter.measure("memory"):
         memory = memory_initial = build_memory(captures, cfg.memory, estimator=cfg.estimator, notes=step0.notes)
+    if cfg.has_fit and cfg.fit.max_gaussians and len(memory) > cfg.fit.max_gaussians:  # thinned in the fits
+        step0.notes.append(thin_memory(memory, cfg.fit.max_gaussians).note)
     outputs.write_points(out_dir / outputs.POINTS_FILE, _points(memory))
     cams_name = outputs.write_cameras(
         out_dir, step0.records, list(zip(step0.frame_numbers, step0.trajectory, strict=True))

@@ -94,8 +94,8 @@ class Cameras:
         return Cameras(w2c, K, width, height)
 
     def to_scene(self) -> list[Camera]:
-        w2c = self.w2c.detach().double().cpu().numpy()
-        K = self.K.detach().double().cpu().numpy()
+        w2c = self.w2c.detach().cpu().double().numpy()
+        K = self.K.detach().cpu().double().numpy()
         return [Camera(w2c=w2c[i], K=K[i], width=self.width, height=self.height) for i in range(len(self))]
 
 

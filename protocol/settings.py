@@ -215,6 +215,15 @@ SETTINGS: tuple[Setting, ...] = (
         "Add each generated segment's geometry to the point memory before the next (the closed loop)",
         section=SECTION_ADVANCED,
     ),
+    Setting(
+        "time_budget_min",
+        "int",
+        0,
+        "Minutes",
+        "About how long the job may take: the service sizes the working resolution, the Gaussians and the "
+        "fitting steps to it from measured step costs (0: no budget; CPU services default to a few minutes)",
+        range=(0, 24 * 60),
+    ),
     Setting("seed", "int", 0, "Seed", "Random seed of generation and fitting", range=(0, 2**31 - 1)),
     Setting("prompt", "str", "", "Prompt", "Optional text for the generator"),
 )

@@ -310,7 +310,7 @@ def _angle_deg(a: Tensor, b: Tensor) -> Tensor:
 
 def match_candidates(cams: Cameras, cfg: MVSConfig) -> list[list[int]]:
     """For each camera, up to ``match_candidates`` others by centre distance within the view angle."""
-    centers, axes = cams.centers.double().cpu(), _axes(cams).double().cpu()
+    centers, axes = cams.centers.cpu().double(), _axes(cams).cpu().double()
     dist = torch.cdist(centers, centers)
     view_angle = _angle_deg(axes[:, None], axes[None, :])
     out = []
@@ -331,10 +331,10 @@ def _sift(gray_u8: np.ndarray, cfg: MVSConfig) -> tuple[np.ndarray, np.ndarray |
 
 def _fundamental(cam_a: Cameras, cam_b: Cameras) -> np.ndarray:
     """F with x_b^T F x_a = 0 for pixel coordinates of a and b. float64 [3, 3]"""
-    rel = (cam_b.w2c[0].double() @ torch.linalg.inv(cam_a.w2c[0].double())).cpu().numpy()
+    rel = (cam_b.w2c[0].cpu().double() @ torch.linalg.inv(cam_a.w2c[0].cpu().double())).numpy()
     R, t = rel[:3, :3], rel[:3, 3]
     tx = np.array([[0, -t[2], t[1]], [t[2], 0, -t[0]], [-t[1], t[0], 0]])
-    Ka, Kb = cam_a.K[0].double().cpu().numpy(), cam_b.K[0].double().cpu().numpy()
+    Ka, Kb = cam_a.K[0].cpu().double().numpy(), cam_b.K[0].cpu().double().numpy()
     return np.linalg.inv(Kb).T @ tx @ R @ np.linalg.inv(Ka)
 
 
@@ -351,7 +351,7 @@ def sparse_points(gray: Tensor, cams: Cameras, pairs: list[tuple[int, int]], cfg
     """
     gray_u8 = (gray.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     feats = [_sift(g, cfg) for g in gray_u8]
-    P = (cams.K.double() @ cams.w2c[:, :3, :].double()).cpu().numpy()  # [C, 3, 4]
+    P = (cams.K.cpu().double() @ cams.w2c[:, :3, :].cpu().double()).numpy()  # [C, 3, 4]
     matcher = cv2.BFMatcher(cv2.NORM_L2)
     found: list[list[np.ndarray]] = [[] for _ in range(len(cams))]
     for a, b in pairs:
@@ -387,7 +387,7 @@ def sparse_points(gray: Tensor, cams: Cameras, pairs: list[tuple[int, int]], cfg
 
 def _axes_meeting_depth(cams: Cameras, i: int, others: list[int]) -> float | None:
     """Median depth along camera i's axis of its closest approach to the others' axes."""
-    c, a = cams.centers.double().cpu(), _axes(cams).double().cpu()
+    c, a = cams.centers.cpu().double(), _axes(cams).cpu().double()
     depths = []
     for j in others:
         w = c[i] - c[j]
@@ -403,7 +403,7 @@ def _axes_meeting_depth(cams: Cameras, i: int, others: list[int]) -> float | Non
 
 def depth_range(cams: Cameras, i: int, points: np.ndarray, others: list[int], cfg: MVSConfig) -> tuple[float, float]:
     """Depth range of view i: sparse-point percentiles, else around the axes' meeting depth."""
-    w2c = cams.w2c[i].double().cpu().numpy()
+    w2c = cams.w2c[i].cpu().double().numpy()
     z = points @ w2c[2, :3] + w2c[2, 3] if len(points) else np.zeros(0)
     z = z[z > 0]
     if len(z) >= cfg.min_sparse_points:
@@ -414,7 +414,7 @@ def depth_range(cams: Cameras, i: int, points: np.ndarray, others: list[int], cf
         return 1.0 / (inv_near + pad), 1.0 / inv_far
     d = _axes_meeting_depth(cams, i, others)
     if d is None:
-        centers = cams.centers.double().cpu()
+        centers = cams.centers.cpu().double()
         base = [float((centers[i] - centers[j]).norm()) for j in others]
         if not base or max(base) <= 0:
             raise GeometryError(
@@ -427,8 +427,8 @@ def depth_range(cams: Cameras, i: int, points: np.ndarray, others: list[int], cf
 
 def select_neighbors(cams: Cameras, i: int, candidates: list[int], scene_depth: float, cfg: MVSConfig) -> list[int]:
     """Up to ``num_neighbors`` candidates whose triangulation angle is nearest the preferred one."""
-    c = cams.centers.double().cpu()
-    p = c[i] + _axes(cams).double().cpu()[i] * scene_depth
+    c = cams.centers.cpu().double()
+    p = c[i] + _axes(cams).cpu().double()[i] * scene_depth
     scored = []
     for j in candidates:
         tri = float(_angle_deg(c[i] - p, c[j] - p))

@@ -12,11 +12,17 @@ section 3: OpenCV w2c; COLMAP's pixel centres are at i + 0.5 like ours, so K nee
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import logging
 import os
 import shutil
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -31,6 +37,15 @@ _MODELS = {
     "OPENCV": ((0, 1, 2, 3), "OPENCV", slice(4, 8)),
     "FULL_OPENCV": ((0, 1, 2, 3), "FULL_OPENCV", slice(4, 12)),
 }
+
+
+# COLMAP logs through glog: its lines go to a file in the work folder, then into our log at these levels.
+COLMAP_LOG_PREFIX = "colmap."
+GLOG_LEVELS = {"I": logging.DEBUG, "W": logging.INFO, "E": logging.WARNING, "F": logging.ERROR}
+GLOG_FATAL = 3  # glog severity numbers: INFO 0, WARNING 1, ERROR 2, FATAL 3
+
+log = logging.getLogger(__name__)
+colmap_log = logging.getLogger(__name__ + ".colmap")
 
 
 class SfMError(ValueError):
@@ -83,6 +98,57 @@ def _camera_from_colmap(image, camera) -> Camera:
     return Camera(w2c=w2c, K=K, width=int(camera.width), height=int(camera.height), distortion=distortion)
 
 
+def import_pycolmap() -> ModuleType:
+    """pycolmap, imported without taking over SIGTERM.
+
+    pycolmap installs glog's failure signal handler on import, which prints a C++ stack trace on
+    SIGTERM, the normal way to stop the service. SIGTERM gets back what it had before the import:
+    in the main thread through ``signal``; in another thread (the service's job thread), where only
+    the default action can be restored, through libc.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+    import pycolmap  # heavy; only jobs with captures lacking cameras need it
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
+    elif previous == signal.SIG_DFL and os.name == "posix":
+        ctypes.CDLL(None).signal(signal.SIGTERM, ctypes.c_void_p(0))  # SIG_DFL
+    return pycolmap
+
+
+@contextlib.contextmanager
+def colmap_logging(pycolmap: ModuleType, work_dir: Path) -> Iterator[None]:
+    """Send COLMAP's glog output to ``work_dir/colmap.*`` instead of the console, then into our log
+    (``backend.estimators.sfm.colmap``: glog INFO as debug, WARNING as info, ERROR as warning)."""
+    glog = pycolmap.logging
+    glog.logtostderr = False
+    glog.alsologtostderr = False
+    glog.stderrthreshold = GLOG_FATAL
+    prefix = str(work_dir / COLMAP_LOG_PREFIX)
+    glog.set_log_destination(glog.Level.INFO, prefix)
+    for level in (glog.Level.WARNING, glog.Level.ERROR):
+        glog.set_log_destination(level, "")  # each line is in the INFO file already
+    try:
+        yield
+    finally:
+        glog.set_log_destination(glog.Level.INFO, "")  # closes (flushes) the file
+        for path in sorted(work_dir.glob(COLMAP_LOG_PREFIX + "*")):
+            forward_glog_lines(path.read_text(errors="replace").splitlines())
+
+
+def forward_glog_lines(lines: Sequence[str]) -> int:
+    """Log glog lines (``I20261201 23:28:20.169 tid file:line] msg``) at their level; the file's
+    header lines are skipped. Returns the number of lines logged."""
+    count = 0
+    for line in lines:
+        level = GLOG_LEVELS.get(line[:1])
+        if level is None or not line[1:2].isdigit() or "] " not in line:
+            continue
+        colmap_log.log(level, "%s", line.split("] ", 1)[1])
+        count += 1
+    return count
+
+
 def estimate_cameras(
     image_paths: Sequence[str | os.PathLike],
     *,
@@ -108,8 +174,7 @@ def estimate_cameras(
 
         >>> cams = estimate_cameras(["a.jpg", "b.jpg", "c.jpg"], known_K=K, work_dir="/tmp/sfm")
     """
-    import pycolmap  # heavy; only jobs with captures lacking cameras need it
-
+    pycolmap = import_pycolmap()
     cfg.check()
     paths = [Path(p).resolve() for p in image_paths]
     if len(paths) < cfg.min_registered:
@@ -150,20 +215,22 @@ def estimate_cameras(
     extraction.max_image_size = cfg.max_image_size
     extraction.sift.max_num_features = cfg.max_num_features
     extraction.num_threads = cfg.num_threads
-    pycolmap.extract_features(
-        database,
-        image_dir,
-        image_names=names,
-        camera_mode=camera_mode,
-        reader_options=reader,
-        extraction_options=extraction,
-        device=pycolmap.Device.cpu,
-    )
-    pycolmap.match_exhaustive(database)
-    options.num_threads = cfg.num_threads
-    options.random_seed = cfg.seed
-    recs = pycolmap.incremental_mapping(database, image_dir, model_dir, options)
+    with colmap_logging(pycolmap, work):
+        pycolmap.extract_features(
+            database,
+            image_dir,
+            image_names=names,
+            camera_mode=camera_mode,
+            reader_options=reader,
+            extraction_options=extraction,
+            device=pycolmap.Device.cpu,
+        )
+        pycolmap.match_exhaustive(database)
+        options.num_threads = cfg.num_threads
+        options.random_seed = cfg.seed
+        recs = pycolmap.incremental_mapping(database, image_dir, model_dir, options)
     rec = max(recs.values(), key=lambda r: r.num_reg_images(), default=None)
+    log.info("sfm: %d of %d photos placed", 0 if rec is None else rec.num_reg_images(), len(paths))
 
     out: list[Camera | None] = [None] * len(paths)
     if rec is not None:

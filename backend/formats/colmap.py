@@ -128,14 +128,18 @@ def find_colmap_model(src: Path, cameras: str | None = None) -> Path:
 def _rotation_matrix(rotation) -> np.ndarray:
     """Rotation matrix of a pycolmap Rotation3d after normalising its quaternion (text models store
     quaternions rounded to 6 digits, which pycolmap keeps as they are). float64 [3, 3]"""
-    import pycolmap
+    from backend.estimators.sfm import import_pycolmap  # the package imports torch; --help must not
+
+    pycolmap = import_pycolmap()
 
     quat_xyzw = np.asarray(rotation.quat, dtype=np.float64)
     return np.asarray(pycolmap.Rotation3d(quat_xyzw / np.linalg.norm(quat_xyzw)).matrix())
 
 
 def _read_reconstruction(model_dir: Path):
-    import pycolmap
+    from backend.estimators.sfm import import_pycolmap  # the package imports torch; --help must not
+
+    pycolmap = import_pycolmap()
 
     try:
         return pycolmap.Reconstruction(str(model_dir))

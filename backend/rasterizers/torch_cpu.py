@@ -12,7 +12,7 @@ conventions, so that fitting runs and is tested where no CUDA exists. Steps, per
    (gsplat's opacity-aware box);
 3. per pair, alpha = min(0.999, opacity * exp(-d^T conic d / 2)), dropped below 1/255; per pixel,
    composite front to back: T_i = prod_{j<i} (1 - alpha_j) (a segmented cumulative sum of
-   log(1 - alpha) in float64), colour = sum_i alpha_i T_i c_i. A pixel stops once T would fall
+   log(1 - alpha) in float64, float32 on ``mps``), colour = sum_i alpha_i T_i c_i. A pixel stops once T would fall
    below 1e-4 (gsplat's rule), so the Gaussian that would cross it is not drawn.
 
 The work is proportional to the pairs, not to Gaussians x pixels. Memory is bounded by drawing a
@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,6 +44,7 @@ FRUSTUM_MARGIN = 0.3  # Jacobian uses x/z, y/z clamped to the frustum widened by
 # Box half-size in standard deviations: alpha = o exp(-m^2 / 2) falls below ALPHA_MIN beyond
 # m = sqrt(2 ln(o / ALPHA_MIN)), at most sqrt(2 ln 255) = 3.33 (gsplat's opacity-aware box).
 RADIUS_SIGMAS = math.sqrt(2.0 * math.log(1.0 / ALPHA_MIN))
+SMALL_BOX = 8  # boxes up to this many pixels wide get a width class each; wider ones share classes
 DET_MIN = 1e-10  # smallest 2D covariance determinant treated as a proper ellipse
 
 
@@ -148,44 +148,6 @@ def project_gaussians(
         is_drawn = is_in_depth & is_proper & is_inside & is_visible & (radii > 0).any(dim=-1)
         radii = torch.where(is_drawn[..., None], radii, torch.zeros_like(radii)).to(torch.int32)
     return means2d, conics, tz, radii
-
-
-def composite_pairs(
-    pix: Tensor,  # [P, 2]
-    pixel_ids: Tensor,  # [P]
-    means2d: Tensor,  # [P, 2]
-    conics: Tensor,  # [P, 3]
-    opacities: Tensor,  # [P]
-) -> Tensor:
-    """Blending weights alpha_i T_i of (Gaussian, pixel) pairs, composited front to back per pixel.
-
-    Args:
-        pix: pixel centres (i + 0.5, j + 0.5) of the pairs, pixels. [P, 2]
-        pixel_ids: pixel of each pair, pairs grouped by pixel, nearest Gaussian first. int64 [P]
-        means2d, conics, opacities: the pairs' Gaussians. [P, 2], [P, 3], [P]
-
-    Returns:
-        weights alpha_i T_i, zero for alpha < 1/255 and past the transmittance cut-off. [P]
-    """
-    d = pix - means2d  # [P, 2]
-    dx, dy = d[:, 0], d[:, 1]
-    sigma = 0.5 * (conics[:, 0] * dx * dx + conics[:, 2] * dy * dy) + conics[:, 1] * dx * dy  # [P]
-    alpha = torch.clamp_max(opacities * torch.exp(-sigma), ALPHA_MAX)
-    alpha = torch.where((sigma >= 0) & (alpha >= ALPHA_MIN), alpha, torch.zeros_like(alpha))
-    # Segmented exclusive cumulative sum of log(1 - alpha) per pixel; float64 keeps the
-    # differences of long running sums exact enough.
-    log_keep = torch.log1p(-alpha.double())  # [P]
-    running = torch.cumsum(log_keep, dim=0)
-    is_first = torch.ones_like(pixel_ids, dtype=torch.bool)
-    is_first[1:] = pixel_ids[1:] != pixel_ids[:-1]
-    segment = torch.cumsum(is_first.long(), dim=0) - 1  # [P]
-    base = (running - log_keep)[is_first][segment]  # running sum before each pixel's first pair
-    log_t_before = running - log_keep - base
-    with torch.no_grad():
-        # A pixel is finished before the Gaussian that would take T below TRANSMITTANCE_MIN; the
-        # kept pairs are a prefix of each pixel's list, so their T is unchanged by the cut.
-        is_drawn = (running - base) > math.log(TRANSMITTANCE_MIN)
-    return alpha * is_drawn * torch.exp(log_t_before).to(alpha.dtype)
 
 
 def _check_inputs(
@@ -335,10 +297,11 @@ class TorchCpuRasterizer:
         device, dtype = means2d.device, means2d.dtype
         drawn = torch.nonzero((radii > 0).all(dim=-1)).squeeze(-1)
         ids = drawn[torch.argsort(depths[drawn].detach(), stable=True)]  # nearest first
-        m2d, con, opa, col = means2d[ids], conics[ids], opacities[ids], feats[ids]
+        # One gather of all a pair reads: centre 2, conic 3, opacity 1, features D.
+        packed = torch.cat([means2d, conics, opacities[:, None], feats], dim=-1)[ids]  # [M, 6 + D]
         with torch.no_grad():
             # Pixels whose centre (i + 0.5) lies in the box [mean - radius, mean + radius].
-            centre, box = m2d.detach(), radii[ids].to(dtype)
+            centre, box = packed[:, :2], radii[ids].to(dtype)
             lo = torch.ceil(centre - box - 0.5).long()  # [M, 2]
             hi = torch.floor(centre + box - 0.5).long()
             lo[:, 0].clamp_(0, width - 1), lo[:, 1].clamp_(0, height - 1)
@@ -357,28 +320,167 @@ class TorchCpuRasterizer:
                 sel = torch.nonzero(has_rows & (n_x > 0) & (hi[:, 1] >= y0) & (lo[:, 1] < y1)).squeeze(-1)
                 if sel.numel() == 0:
                     continue
-                row_lo, row_hi = lo[sel, 1].clamp_min(y0), hi[sel, 1].clamp_max(y1 - 1)
-                width_x = n_x[sel]
-                counts = width_x * (row_hi - row_lo + 1)  # pixels per Gaussian in this band
-                owner = torch.repeat_interleave(torch.arange(sel.numel(), device=device), counts)  # [P]
-                local = torch.arange(owner.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[owner]
-                px = lo[sel, 0][owner] + local % width_x[owner]
-                py = row_lo[owner] + local // width_x[owner]
-                order = _stable_argsort(py * width + px)  # by pixel, depth order kept within a pixel
-                pixel_ids = (py * width + px)[order]
-                gauss = sel[owner[order]]  # [P] indices into the sorted Gaussians
-                pix = torch.stack([px[order], py[order]], dim=-1).to(dtype) + 0.5
-            weights = composite_pairs(pix, pixel_ids, m2d[gauss], con[gauss], opa[gauss])  # [P]
-            image = image.index_add(0, pixel_ids, weights[:, None] * col[gauss])
-            alpha = alpha.index_add(0, pixel_ids, weights)
+                pixel_ids, gauss, alpha_raw = _list_pairs(
+                    packed.detach(), sel, lo, n_x, lo[sel, 1].clamp_min(y0), hi[sel, 1].clamp_max(y1 - 1), width
+                )
+            band_image, band_alpha = _Composite.apply(packed, pixel_ids, gauss, alpha_raw, width, height)
+            image = image + band_image
+            alpha = alpha + band_alpha
         return image.reshape(height, width, -1), alpha.reshape(height, width)
 
 
-def _stable_argsort(keys: Tensor) -> Tensor:
-    """Stable argsort of int64 keys; on CPU through numpy's radix sort (several times torch's speed)."""
-    if keys.device.type == "cpu":
-        return torch.from_numpy(np.argsort(keys.numpy(), kind="stable"))
-    return torch.sort(keys, stable=True).indices
+def _list_pairs(
+    packed: Tensor, sel: Tensor, lo: Tensor, n_x: Tensor, row_lo: Tensor, row_hi: Tensor, width: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The (Gaussian, pixel) pairs of some Gaussians' boxes where alpha reaches 1/255, by pixel then depth.
+
+    Each (Gaussian, row) of the boxes is a unit; units of similar box width are laid out as one
+    [units, width class] grid, so that alpha is computed by broadcasting instead of per-pair gathers.
+
+    Args:
+        packed: Gaussians by depth, nearest first: centre 2, conic 3, opacity 1, features. [M, 6 + D]
+        sel: the Gaussians drawn in these rows. int64 [S]
+        lo: boxes' first pixel column and row. int64 [M, 2]
+        n_x: boxes' widths in pixels. int64 [M]
+        row_lo, row_hi: first and last row drawn of each selected Gaussian. int64 [S]
+        width: image width.
+
+    Returns:
+        pixel_ids (row * width + column) [P], Gaussian indices into ``packed`` [P] and alpha before the
+        0.999 clamp [P], sorted by pixel and, within a pixel, nearest Gaussian first.
+    """
+    device = packed.device
+    n_rows = row_hi - row_lo + 1  # [S]
+    unit_gauss = torch.repeat_interleave(sel, n_rows)  # [U]
+    unit_first = torch.repeat_interleave(torch.cumsum(n_rows, 0) - n_rows, n_rows)
+    unit_row = torch.repeat_interleave(row_lo, n_rows) + torch.arange(unit_gauss.numel(), device=device) - unit_first
+    unit_width = n_x[unit_gauss]
+    pieces = []
+    lower = 0
+    for upper in _width_classes(int(unit_width.max())):
+        is_in = torch.nonzero((unit_width > lower) & (unit_width <= upper)).squeeze(-1)
+        lower = upper
+        if is_in.numel() == 0:
+            continue
+        g, row = unit_gauss[is_in], unit_row[is_in]
+        rows = packed[g]  # [U', 6 + D]
+        cols = lo[g, 0][:, None] + torch.arange(upper, device=device)  # [U', upper]
+        dx = cols.to(packed.dtype) + 0.5 - rows[:, :1]
+        dy = (row.to(packed.dtype) + 0.5 - rows[:, 1])[:, None]
+        sigma = 0.5 * (rows[:, 2:3] * dx * dx + rows[:, 4:5] * dy * dy) + rows[:, 3:4] * dx * dy
+        alpha = rows[:, 5:6] * torch.exp(-sigma)
+        is_pair = (
+            (cols < (lo[g, 0] + n_x[g])[:, None]) & (sigma >= 0) & (torch.clamp_max(alpha, ALPHA_MAX) >= ALPHA_MIN)
+        )
+        unit, _ = torch.nonzero(is_pair, as_tuple=True)
+        pieces.append((row[unit] * width + cols[is_pair], g[unit], alpha[is_pair]))
+    pixel_ids, gauss, alpha_raw = (torch.cat(parts) for parts in zip(*pieces))
+    # Gaussians are numbered nearest first, so one sort by (pixel, Gaussian) gives the drawing order.
+    order = _argsort(pixel_ids * packed.shape[0] + gauss)
+    return pixel_ids[order], gauss[order], alpha_raw[order]
+
+
+def _width_classes(widest: int) -> list[int]:
+    """Box-width classes 1..8, then steps of a quarter, up to ``widest`` (little padding per class)."""
+    classes = list(range(1, min(widest, SMALL_BOX) + 1))
+    while classes[-1] < widest:
+        classes.append(min(widest, classes[-1] + max(1, classes[-1] // 4)))
+    return classes
+
+
+def _segment_starts(pixel_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """For pairs grouped by pixel: whether each opens its pixel's run, and the run index. bool [P], int64 [P]"""
+    is_first = torch.ones_like(pixel_ids, dtype=torch.bool)
+    is_first[1:] = pixel_ids[1:] != pixel_ids[:-1]
+    return is_first, torch.cumsum(is_first, dim=0) - 1
+
+
+def _accumulation_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the long running sums, float32 where the device has no float64 (Apple ``mps``)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _exclusive_segment_cumsum(values: Tensor, is_first: Tensor, segment: Tensor) -> Tensor:
+    """Per run of equal pixels, the sum of the values before each pair. [P]
+
+    One cumulative sum over all pairs, in :func:`_accumulation_dtype`; a run's first value has the
+    previous run's total subtracted, so the running sum restarts near 0 at every pixel and its
+    rounding stays that of one pixel's sum (what makes float32 usable on ``mps``).
+    """
+    acc = values.to(_accumulation_dtype(values.device))
+    totals = acc.new_zeros(int(segment[-1]) + 1 if segment.numel() else 0).index_add_(0, segment, acc)
+    restarted = acc.clone()
+    restarted[is_first] -= torch.cat([totals.new_zeros(1), totals[:-1]])[segment[is_first]]
+    return torch.cumsum(restarted, dim=0) - acc
+
+
+class _Composite(torch.autograd.Function):
+    """Front-to-back compositing of sorted (Gaussian, pixel) pairs with a hand-written backward.
+
+    Forward: per pair, alpha_i = min(0.999, o exp(-sigma_i)); T_i = prod_{j<i} (1 - alpha_j) over the
+    pixel's earlier pairs; the pixel stops before T would fall below 1e-4; colour = sum_i alpha_i T_i c_i
+    and alpha = sum_i alpha_i T_i. Backward (3DGS's, vectorised): with q_i = c_i . dL/dC + dL/dA and
+    S_i = sum_{k>i} alpha_k T_k q_k, dL/dalpha_i = T_i q_i - S_i / (1 - alpha_i); S is a reversed
+    segmented cumulative sum. Only the drawn pairs are kept for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, packed: Tensor, pixel_ids: Tensor, gauss: Tensor, alpha_raw: Tensor, width: int, height: int):
+        """packed [M, 6 + D] (see _render_one); pixel_ids, gauss int64 [P] and alpha_raw [P] from
+        :func:`_list_pairs` -> colour [H W, D] and alpha [H W]."""
+        alpha = torch.clamp_max(alpha_raw, ALPHA_MAX)
+        is_first, segment = _segment_starts(pixel_ids)
+        log_keep = torch.log1p(-alpha.to(_accumulation_dtype(alpha.device)))
+        log_t_before = _exclusive_segment_cumsum(log_keep, is_first, segment)
+        # A pixel is finished before the Gaussian that would take T below TRANSMITTANCE_MIN; the kept
+        # pairs are a prefix of each pixel's list, so their T is unchanged by the cut.
+        kept = torch.nonzero(log_t_before + log_keep > math.log(TRANSMITTANCE_MIN)).squeeze(-1)
+        pixel_ids, gauss, alpha, alpha_raw = pixel_ids[kept], gauss[kept], alpha[kept], alpha_raw[kept]
+        transmittance = torch.exp(log_t_before[kept]).to(packed.dtype)
+        weights = alpha * transmittance  # [K]
+        n_pixels = width * height
+        colors = packed[:, 6:].index_select(0, gauss)
+        image = packed.new_zeros(n_pixels, packed.shape[1] - 6).index_add_(0, pixel_ids, weights[:, None] * colors)
+        alphas = packed.new_zeros(n_pixels).index_add_(0, pixel_ids, weights)
+        ctx.save_for_backward(packed, pixel_ids, gauss, alpha, alpha_raw, transmittance)
+        ctx.width = width
+        return image, alphas
+
+    @staticmethod
+    def backward(ctx, grad_image: Tensor, grad_alpha: Tensor):
+        packed, pixel_ids, gauss, alpha, alpha_raw, transmittance = ctx.saved_tensors
+        rows = packed.index_select(0, gauss)
+        g_img = grad_image.index_select(0, pixel_ids)  # [K, D]
+        weights = alpha * transmittance
+        q = (rows[:, 6:] * g_img).sum(-1) + grad_alpha.index_select(0, pixel_ids)  # dL/dweight [K]
+        is_first, segment = _segment_starts(pixel_ids)
+        wq = weights * q
+        before = _exclusive_segment_cumsum(wq, is_first, segment)
+        totals = before.new_zeros(int(segment[-1]) + 1 if segment.numel() else 0).index_add_(0, segment, wq.to(before))
+        after = (totals[segment] - before - wq).to(wq.dtype)  # S_i: what the pixel draws behind pair i
+        grad_alpha_pair = transmittance * q - after / (1.0 - alpha)
+        grad_raw = torch.where(alpha_raw <= ALPHA_MAX, grad_alpha_pair, torch.zeros_like(grad_alpha_pair))
+        grad_sigma = -alpha_raw * grad_raw  # alpha_raw = o exp(-sigma)
+        grad_opacity = alpha_raw / rows[:, 5] * grad_raw
+        dx = (pixel_ids % ctx.width).to(rows.dtype) + 0.5 - rows[:, 0]
+        dy = torch.div(pixel_ids, ctx.width, rounding_mode="floor").to(rows.dtype) + 0.5 - rows[:, 1]
+        ca, cb, cc = rows[:, 2], rows[:, 3], rows[:, 4]
+        grad_rows = torch.empty_like(rows)  # [K, 6 + D], written column by column (no stacking copies)
+        sigma_dx, sigma_dy = dx * grad_sigma, dy * grad_sigma
+        torch.mul(ca, sigma_dx, out=grad_rows[:, 0]).addcmul_(cb, sigma_dy).neg_()  # d sigma / d mean = -(conic d)
+        torch.mul(cb, sigma_dx, out=grad_rows[:, 1]).addcmul_(cc, sigma_dy).neg_()
+        torch.mul(dx, sigma_dx, out=grad_rows[:, 2]).mul_(0.5)
+        torch.mul(dx, sigma_dy, out=grad_rows[:, 3])
+        torch.mul(dy, sigma_dy, out=grad_rows[:, 4]).mul_(0.5)
+        grad_rows[:, 5] = grad_opacity
+        torch.mul(weights[:, None], g_img, out=grad_rows[:, 6:])
+        grad_packed = torch.zeros_like(packed).index_add_(0, gauss, grad_rows)
+        return grad_packed, None, None, None, None, None
+
+
+def _argsort(keys: Tensor) -> Tensor:
+    """Argsort of distinct int64 keys."""
+    return torch.sort(keys).indices
 
 
 def _row_bands(pairs_per_row: list[int], max_pairs: int) -> list[tuple[int, int]]:

@@ -84,11 +84,10 @@ class ServiceConfig:
 
 
 def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
+    """``--device`` to a torch device name (backend.devices: auto = cuda, then mps, then cpu)."""
+    from ..devices import pick_device
 
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return pick_device(device)
 
 
 def device_info(device: str) -> dict[str, Any]:

@@ -40,6 +40,7 @@ gsplat's names (``means scales quats opacities sh0 shN``) and activated before r
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -50,10 +51,13 @@ from torch import Tensor
 
 from protocol.ply import MAX_SH_DEGREE, GaussianArrays
 
+from ..budget import thin_memory
 from ..metrics import LpipsFn, load_lpips, ssim_map
 from ..rasterizers import RASTERIZERS, Rasterizer
 from ..rasterizers.sh import num_sh_bases, rgb_to_sh, sh_to_colors
 from ..types import Cameras, GeometryMemory, Views
+
+log = logging.getLogger(__name__)
 
 STRATEGIES = ("default", "none")
 KNN_MIN_DISTANCE = 1e-7  # floor of the neighbour distance (duplicate points), world units
@@ -97,6 +101,9 @@ class FitConfig:
         dropout_rate: Gaussian dropout's final rate (module docstring); 0 = off.
         opacity_decay: opacities are multiplied by this after every step; 1 = off.
         has_random_background: with masks, masked-out pixels see a random colour (module docstring).
+        max_gaussians: cap on the Gaussians, 0 for none: the memory is thinned to it on a voxel grid
+            before the fit (backend.budget.thin_memory) and densification prunes the least opaque
+            beyond it. Set from the time budget (backend.budget.plan_budget).
         seed: seeds the frame order and DefaultStrategy's splits.
         progress_every: the progress callback is called every this many steps (and at the end).
     """
@@ -134,6 +141,7 @@ class FitConfig:
     dropout_rate: float = 0.0
     opacity_decay: float = 1.0
     has_random_background: bool = True
+    max_gaussians: int = 0
     seed: int = 0
     progress_every: int = 50
 
@@ -160,6 +168,8 @@ class FitConfig:
             raise ValueError(f"FitConfig.strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
         if not 0.0 <= self.capture_share < 1.0:
             raise ValueError(f"FitConfig.capture_share must be in [0, 1); got {self.capture_share}")
+        if self.max_gaussians < 0:
+            raise ValueError(f"FitConfig.max_gaussians must be >= 0 (0: no cap); got {self.max_gaussians}")
         if not 0.0 < self.init_opacity < 1.0:
             raise ValueError(f"FitConfig.init_opacity must be in (0, 1); got {self.init_opacity}")
         for f in fields(self):
@@ -546,6 +556,17 @@ def _make_optimizers(params: torch.nn.ParameterDict, cfg: FitConfig, scale: floa
     }
 
 
+def _prune_to_cap(params: torch.nn.ParameterDict, optimizers: dict, state: dict[str, Any], cap: int) -> None:
+    """Remove the least opaque Gaussians beyond ``cap`` (after densification), with their optimizer
+    moments and strategy state (gsplat's ``remove`` op)."""
+    from gsplat.strategy.ops import remove
+
+    excess = len(params["means"]) - cap
+    drop = torch.zeros(len(params["means"]), dtype=torch.bool, device=params["means"].device)
+    drop[torch.topk(params["opacities"].detach(), excess, largest=False).indices] = True
+    remove(params=params, optimizers=optimizers, state=state, mask=drop)
+
+
 def _make_strategy(cfg: FitConfig) -> Any:
     if cfg.strategy == "none":
         return None
@@ -606,6 +627,11 @@ def fit_gaussians(
     masks = views.masks.to(device) if views.masks is not None and cfg.has_random_background else None
     confidence = views.confidence.to(device, torch.float32)
     cams = views.cams.to(device)
+    if cfg.max_gaussians:
+        thinned = thin_memory(init, cfg.max_gaussians)
+        if thinned.dropped:
+            log.info(thinned.note)
+        init = thinned.memory
     g0 = init_gaussians(init.to(device), cfg)
     rasterizer = RASTERIZERS.make(cfg.rasterizer)
     lpips_fn = load_lpips(cfg.lpips_path, device=device) if cfg.lpips_weight > 0 else None
@@ -668,6 +694,8 @@ def fit_gaussians(
         scheduler.step()
         if learn and strategy is not None:  # after the optimizer step, as simple_trainer
             strategy.step_post_backward(params, optimizers, state, step, meta, packed=False)
+            if cfg.max_gaussians and len(params["means"]) > cfg.max_gaussians:
+                _prune_to_cap(params, optimizers, state, cfg.max_gaussians)
         if progress is not None and ((step + 1) % cfg.progress_every == 0 or step + 1 == cfg.iterations):
             progress(step + 1, float(loss.detach()))
 

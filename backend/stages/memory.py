@@ -225,7 +225,7 @@ def voxel_keys(xyz: Tensor, voxel_size: float) -> Tensor:
     q = torch.floor(xyz / voxel_size).to(torch.int64)
     q = q - q.min(0).values
     dims = q.max(0).values + 1
-    if float(dims.double().prod()) < MAX_PACKED_CELLS:
+    if float(dims.cpu().double().prod()) < MAX_PACKED_CELLS:
         key = (q[:, 0] * dims[1] + q[:, 1]) * dims[2] + q[:, 2]
         return torch.unique(key, return_inverse=True)[1]
     return torch.unique(q, dim=0, return_inverse=True)[1]

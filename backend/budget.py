@@ -1,0 +1,306 @@
+"""Sizing the loop to a device: a time budget, and the memory thinned to what the fit can move.
+
+Two pieces, used by ``backend.loop`` and ``backend.stages.fit``:
+
+- :func:`thin_memory` keeps at most ``max_points`` points of the geometry memory by a voxel grid
+  (the coarsest grid whose occupied voxels fit under the cap; the most confident point of each
+  voxel stays), so that every point the fit starts a Gaussian from is one it can afford to move;
+- :func:`plan_budget` turns "about N minutes" into a working size, a Gaussian cap and a number of
+  fitting steps, from the measured cost of a few rasterizer steps on this device
+  (:func:`measure_step_seconds`), and says what it chose in one sentence for the log, the job's
+  metrics notes and the progress message.
+
+The fit's cost model: a step costs ``per_pixel x W x H + per_gaussian x N`` seconds (the pairs a
+rasterizer composites grow with the pixels times the surface's depth complexity, the projection with
+N), the two rates fitted to two measured steps with different N (:func:`measure_step_costs`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .types import GeometryMemory
+
+# Working sizes tried from the largest down (4:3; the trajectory's aspect is applied afterwards).
+WORKING_SIZES = ((320, 240), (256, 192), (192, 144), (160, 120))
+GAUSSIAN_CAPS = (120_000, 80_000, 60_000, 40_000, 30_000, 20_000, 15_000, 10_000)
+MIN_ITERATIONS = 200  # fewer steps than this per fit leave the Gaussians where they started
+FIT_SHARE = 0.6  # share of the budget for the two Gaussian fits (guide and final); the rest: SfM, stereo, frames
+PROBE_GAUSSIANS = (2_000, 8_000)  # the two measured steps: Gaussians, at PROBE_SIZE
+PROBE_SIZE = (128, 96)
+PROBE_STEPS = 2  # timed steps per measurement (after one warm-up); the fastest counts
+VOXEL_SEARCH_STEPS = 24  # bisection steps on the voxel size (log scale)
+GRID_MAX_CELLS = 1 << 20  # finest voxel grid per axis tried (keys stay within int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Thinning the memory
+
+
+@dataclass(frozen=True)
+class Thinned:
+    """The memory after :func:`thin_memory`.
+
+    Attributes:
+        memory: the points kept.
+        dropped: how many points were left out.
+        voxel: the voxel edge used, world units (0: nothing dropped).
+        note: one sentence for the log and the metrics notes ("" when nothing was dropped).
+    """
+
+    memory: GeometryMemory
+    dropped: int
+    voxel: float
+    note: str
+
+
+def _voxel_keys(xyz: Tensor, voxel: float) -> Tensor:
+    """One int64 key per point: its cell in a grid of edge ``voxel`` from the points' minimum. [N]"""
+    cells = torch.floor((xyz - xyz.min(dim=0).values) / voxel).long()  # [N, 3]
+    dims = cells.max(dim=0).values + 1
+    return (cells[:, 0] * dims[1] + cells[:, 1]) * dims[2] + cells[:, 2]
+
+
+def thin_memory(memory: GeometryMemory, max_points: int) -> Thinned:
+    """At most ``max_points`` points of ``memory``: one per cell of the coarsest-fitting voxel grid.
+
+    The voxel edge is bisected (log scale) between the cloud's extent / 2^20 and its extent, so
+    that the occupied cells are as many as possible but no more than ``max_points``; in each cell
+    the most confident point stays (colour, confidence and source id as they were).
+
+    Args:
+        memory: the geometry memory (any device).
+        max_points: the cap, >= 1.
+
+    Returns:
+        :class:`Thinned` (the memory itself when it is within the cap).
+
+    Example::
+
+        >>> m = GeometryMemory(torch.rand(1000, 3), torch.rand(1000, 3), torch.rand(1000),
+        ...                    torch.zeros(1000, dtype=torch.int32))
+        >>> len(thin_memory(m, 100).memory) <= 100
+        True
+    """
+    if max_points < 1:
+        raise ValueError(f"thin_memory: max_points must be >= 1; got {max_points}")
+    n = len(memory)
+    if n <= max_points:
+        return Thinned(memory, 0, 0.0, "")
+    xyz = memory.xyz.detach()
+    extent = float((xyz.max(dim=0).values - xyz.min(dim=0).values).max())
+    if extent <= 0:  # all points in one place
+        keep = torch.argsort(memory.confidence, descending=True)[:max_points]
+        return Thinned(memory.select(keep), n - max_points, 0.0, _thin_note(n, max_points, max_points, 0.0))
+    lo, hi = math.log(extent / GRID_MAX_CELLS), math.log(extent)  # fine (too many cells) .. coarse
+    for _ in range(VOXEL_SEARCH_STEPS):
+        mid = 0.5 * (lo + hi)
+        if torch.unique(_voxel_keys(xyz, math.exp(mid))).numel() > max_points:
+            lo = mid
+        else:
+            hi = mid
+    voxel = math.exp(hi)
+    keys = _voxel_keys(xyz, voxel)
+    # Most confident first, then a stable sort by cell: the first point of each cell is its best.
+    by_conf = torch.argsort(memory.confidence, descending=True, stable=True)
+    order = by_conf[torch.sort(keys[by_conf], stable=True).indices]
+    sorted_keys = keys[order]
+    is_first = torch.ones_like(sorted_keys, dtype=torch.bool)
+    is_first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    keep = torch.sort(order[is_first]).values  # the memory's own order
+    kept = memory.select(keep)
+    return Thinned(kept, n - len(kept), voxel, _thin_note(n, len(kept), max_points, voxel))
+
+
+def _thin_note(before: int, after: int, cap: int, voxel: float) -> str:
+    grid = f", one per {voxel:.3g}-unit voxel" if voxel > 0 else ""
+    return f"Gaussians start from {after} of the memory's {before} points (cap {cap}{grid}; {before - after} dropped)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring and planning
+
+
+def probe_scene(n: int, width: int, height: int, n_cams: int = 1, *, device: torch.device | str = "cpu") -> dict:
+    """N Gaussians on a wavy surface 2-4 units in front of C cameras, sized as ``init_gaussians``
+    sizes a stereo memory (scale = point spacing): the reference scene of the step measurements and
+    of ``scripts/bench_rasterizer.py``. Keys are the rasterizer's ``render`` arguments."""
+    gen = torch.Generator().manual_seed(0)
+    f = float(width)  # about 53 degrees horizontal field of view
+    u = torch.rand(n, generator=gen) * 1.2 - 0.1  # a little beyond the image
+    v = torch.rand(n, generator=gen) * 1.2 - 0.1
+    depth = 3.0 + 0.6 * torch.sin(6.0 * u) * torch.cos(5.0 * v) + 0.02 * torch.randn(n, generator=gen)
+    means = torch.stack([(u * width - width / 2) / f * depth, (v * height - height / 2) / f * depth, depth], dim=-1)
+    spacing = math.sqrt((1.2 * width / f * 3.0) * (1.2 * height / f * 3.0) / n)
+    scales = torch.full((n, 3), spacing) * (0.7 + 0.6 * torch.rand(n, 3, generator=gen))
+    viewmats = torch.eye(4).repeat(n_cams, 1, 1)
+    viewmats[:, 0, 3] = 0.1 * torch.arange(n_cams)
+    K = torch.tensor([[f, 0.0, width / 2], [0.0, f, height / 2], [0.0, 0.0, 1.0]])
+    scene = {
+        "means": means,
+        "quats": torch.randn(n, 4, generator=gen),
+        "scales": scales,
+        "opacities": 0.05 + 0.9 * torch.rand(n, generator=gen),
+        "colors": torch.rand(n, 3, generator=gen),
+        "viewmats": viewmats,
+        "Ks": K.repeat(n_cams, 1, 1),
+    }
+    scene = {k: t.to(device) for k, t in scene.items()}
+    return scene | {"width": width, "height": height}
+
+
+def measure_step_seconds(rasterizer_name: str, device: torch.device | str, n: int, size: tuple[int, int]) -> float:
+    """Seconds of one fitting step's render + backward (the fastest of :data:`PROBE_STEPS` after a
+    warm-up) with ``rasterizer_name`` on ``device``, on :func:`probe_scene` with ``n`` Gaussians at ``size``."""
+    from .rasterizers import RASTERIZERS
+
+    rasterizer = RASTERIZERS.make(rasterizer_name)
+    scene = probe_scene(n, *size, device=device)
+    names = ("means", "quats", "scales", "opacities", "colors")
+    best = math.inf
+    for i in range(PROBE_STEPS + 1):
+        leaves = [scene[k].clone().requires_grad_(True) for k in names]
+        t0 = time.perf_counter()
+        img, _, _ = rasterizer.render(*leaves, scene["viewmats"], scene["Ks"], scene["width"], scene["height"])
+        img.sum().backward()
+        float(img.detach().sum())  # waits for the device
+        if i > 0:
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Seconds per fitting step: ``per_pixel x W x H + per_gaussian x N`` (both >= 0), with
+    ``threads`` torch threads (the faster of torch's default and one thread, as measured)."""
+
+    per_pixel: float
+    per_gaussian: float
+    threads: int = 0  # 0: leave torch's thread count alone
+
+    def seconds(self, n: int, width: int, height: int) -> float:
+        return self.per_pixel * width * height + self.per_gaussian * n
+
+
+def measure_step_costs(rasterizer_name: str, device: torch.device | str) -> StepCosts:
+    """:class:`StepCosts` fitted to two measured steps (:data:`PROBE_GAUSSIANS` at :data:`PROBE_SIZE`),
+    measured once per process, rasterizer and device (a service's later jobs reuse them).
+
+    On the CPU, the first step is also timed with one torch thread: where other processes load the
+    cores, threads that wait on each other are slower than one, and the faster count is kept (set
+    with ``torch.set_num_threads``; the plan's ``threads`` says which).
+    """
+    return _measure_step_costs(rasterizer_name, str(torch.device(device)))
+
+
+@functools.cache
+def _measure_step_costs(rasterizer_name: str, device: str) -> StepCosts:
+    (n1, n2), (w, h) = PROBE_GAUSSIANS, PROBE_SIZE
+    t1 = measure_step_seconds(rasterizer_name, device, n1, PROBE_SIZE)
+    threads = 0
+    default_threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu" and default_threads > 1:
+        torch.set_num_threads(1)
+        t1_single = measure_step_seconds(rasterizer_name, device, n1, PROBE_SIZE)
+        if t1_single < t1:
+            t1, threads = t1_single, 1
+        else:
+            torch.set_num_threads(default_threads)
+    t2 = measure_step_seconds(rasterizer_name, device, n2, PROBE_SIZE)
+    per_gaussian = max(t2 - t1, 0.0) / (n2 - n1)
+    per_pixel = max(t1 - per_gaussian * n1, 0.1 * t1) / (w * h)
+    return StepCosts(per_pixel, per_gaussian, threads)
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """What a time budget buys on this device.
+
+    Attributes:
+        budget_min: the budget, minutes.
+        width, height: working size (4:3; the loop keeps the trajectory's aspect at this pixel count).
+        max_gaussians: cap on the Gaussians (the memory is thinned to it; densification stays under it).
+        iterations: steps per Gaussian fit.
+        step_seconds: predicted seconds per fitting step at this size and cap.
+        costs: the measured step costs the plan used.
+        fits: Gaussian fits the loop runs (2 with the guide, else 1).
+        sentence: what was chosen and why, for people.
+    """
+
+    budget_min: float
+    width: int
+    height: int
+    max_gaussians: int
+    iterations: int
+    step_seconds: float
+    costs: StepCosts
+    fits: int
+    sentence: str
+
+
+def plan_budget(
+    budget_min: float,
+    costs: StepCosts,
+    *,
+    max_iterations: int,
+    max_size: tuple[int, int],
+    fits: int = 2,
+) -> BudgetPlan:
+    """Choose working size, Gaussian cap and fitting steps so that the fits take about
+    :data:`FIT_SHARE` of ``budget_min``.
+
+    The largest size (up to ``max_size``) and cap that still allow :data:`MIN_ITERATIONS` steps per
+    fit win, size before cap; steps then fill the fits' share, up to ``max_iterations``. A step costs
+    ``costs.seconds(cap, W, H)``. When even the
+    smallest choice cannot reach the minimum, it is taken with what steps the budget allows (at
+    least 1 per fit) and the sentence says so.
+
+    Args:
+        budget_min: minutes for the whole job, > 0.
+        costs: :func:`measure_step_costs` on this device.
+        max_iterations: the job's own step count (the budget never adds steps).
+        max_size: the job's working size (the budget never enlarges it).
+        fits: Gaussian fits the loop runs.
+
+    Example::
+
+        >>> plan = plan_budget(4.0, StepCosts(1e-5, 1e-5), max_iterations=300, max_size=(320, 240))
+        >>> plan.iterations <= 300 and plan.width <= 320
+        True
+    """
+    if budget_min <= 0:
+        raise ValueError(f"plan_budget: budget_min must be > 0; got {budget_min}")
+    if costs.per_pixel <= 0 or costs.per_gaussian < 0:
+        raise ValueError(f"plan_budget: costs must be positive; got {costs}")
+    fit_seconds = budget_min * 60.0 * FIT_SHARE
+    sizes = [s for s in WORKING_SIZES if s[0] * s[1] <= max_size[0] * max_size[1]] or [max_size]
+    choice = None
+    for w, h in sizes:
+        for cap in GAUSSIAN_CAPS:
+            step = costs.seconds(cap, w, h)
+            if fit_seconds / (fits * step) >= MIN_ITERATIONS:
+                choice = (w, h, cap, step)
+                break
+        if choice is not None:
+            break
+    is_short = choice is None
+    if choice is None:
+        w, h = sizes[-1]
+        cap = GAUSSIAN_CAPS[-1]
+        choice = (w, h, cap, costs.seconds(cap, w, h))
+    w, h, cap, step = choice
+    iterations = max(1, min(max_iterations, int(fit_seconds / (fits * step))))
+    sentence = (
+        f"time budget {budget_min:g} min: working size {w}x{h}, at most {cap} Gaussians, "
+        f"{iterations} steps per fit ({fits} fit{'s' if fits > 1 else ''}, about {step:.2f} s a step as "
+        f"measured here{', on one thread' if costs.threads == 1 else ''})"
+    )
+    if is_short:
+        sentence += f"; the budget is too short for {MIN_ITERATIONS} steps per fit even at the smallest size"
+    return BudgetPlan(budget_min, w, h, cap, iterations, step, costs, fits, sentence)

@@ -1,0 +1,144 @@
+"""The time budget's plan, the memory's thinning, the device choice and the --budget option."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backend.budget import (
+    GAUSSIAN_CAPS,
+    MIN_ITERATIONS,
+    StepCosts,
+    measure_step_seconds,
+    plan_budget,
+    probe_scene,
+    thin_memory,
+)
+from backend.cli import budget_for, build_parser, with_budget
+from backend.devices import default_budget_min, pick_device
+from backend.scene import Capture, Scene, SceneError, Settings
+from backend.stages.fit import FitConfig, FitViews, fit_gaussians
+from backend.types import Cameras, GeometryMemory
+
+
+def cloud(n: int, seed: int = 0) -> GeometryMemory:
+    gen = torch.Generator().manual_seed(seed)
+    return GeometryMemory(
+        torch.rand(n, 3, generator=gen),
+        torch.rand(n, 3, generator=gen),
+        torch.rand(n, generator=gen),
+        torch.arange(n, dtype=torch.int32) % 5,
+    )
+
+
+def test_thin_memory_keeps_the_most_confident_point_per_voxel_under_the_cap():
+    memory = cloud(5000)
+    thinned = thin_memory(memory, 600)
+    kept = len(thinned.memory)
+    assert 0.5 * 600 < kept <= 600 and thinned.dropped == 5000 - kept
+    assert "5000" in thinned.note and str(kept) in thinned.note and "cap 600" in thinned.note
+    # Every kept point is the most confident of its voxel, and no voxel holds two kept points.
+    origin, v = memory.xyz.min(dim=0).values, thinned.voxel
+    cells = lambda xyz: [tuple(c) for c in torch.floor((xyz - origin) / v).long().tolist()]  # noqa: E731
+    kept_cells = cells(thinned.memory.xyz)
+    assert len(set(kept_cells)) == kept
+    best: dict = {}
+    for cell, conf in zip(cells(memory.xyz), memory.confidence.tolist()):
+        best[cell] = max(best.get(cell, 0.0), conf)
+    assert all(best[c] == conf for c, conf in zip(kept_cells, thinned.memory.confidence.tolist()))
+    # Points keep their colour and source (rows of the original memory, in its order).
+    rows = {tuple(p): i for i, p in enumerate(memory.xyz.tolist())}
+    idx = [rows[tuple(p)] for p in thinned.memory.xyz.tolist()]
+    assert idx == sorted(idx)
+    torch.testing.assert_close(thinned.memory.rgb, memory.rgb[idx])
+    torch.testing.assert_close(thinned.memory.source, memory.source[idx])
+
+
+def test_thin_memory_within_the_cap_is_the_memory_itself():
+    memory = cloud(100)
+    thinned = thin_memory(memory, 100)
+    assert thinned.memory is memory and thinned.dropped == 0 and thinned.note == ""
+    with pytest.raises(ValueError, match="max_points must be >= 1; got 0"):
+        thin_memory(memory, 0)
+
+
+def test_fit_starts_from_at_most_max_gaussians():
+    cams = Cameras(torch.eye(4)[None], torch.tensor([[[20.0, 0, 12], [0, 20, 8], [0, 0, 1]]]), 24, 16)
+    memory = GeometryMemory(
+        torch.randn(500, 3) * 0.2 + torch.tensor([0, 0, 2.0]),
+        torch.rand(500, 3),
+        torch.ones(500),
+        torch.zeros(500, dtype=torch.int32),
+    )
+    views = FitViews(torch.rand(1, 16, 24, 3), cams, torch.ones(1, 16, 24))
+    cfg = FitConfig(iterations=2, rasterizer="torch_cpu", strategy="none", sh_degree=0, max_gaussians=50)
+    assert 0 < len(fit_gaussians(views, memory, cfg, device="cpu")) <= 50
+    with pytest.raises(ValueError, match="max_gaussians must be >= 0"):
+        FitConfig(max_gaussians=-1)
+
+
+def test_plan_fits_the_budget_and_never_exceeds_the_job():
+    costs = StepCosts(per_pixel=2e-6, per_gaussian=2e-6)
+    plan = plan_budget(4.0, costs, max_iterations=3000, max_size=(320, 240))
+    assert (plan.width, plan.height) == (320, 240)
+    assert plan.max_gaussians in GAUSSIAN_CAPS and plan.iterations >= MIN_ITERATIONS
+    fit_seconds = plan.fits * plan.iterations * costs.seconds(plan.max_gaussians, plan.width, plan.height)
+    assert fit_seconds <= 4.0 * 60
+    assert "4 min" in plan.sentence and "320x240" in plan.sentence and str(plan.iterations) in plan.sentence
+    # The job's own size and steps are upper bounds.
+    small = plan_budget(60.0, costs, max_iterations=300, max_size=(192, 144))
+    assert (small.width, small.height) == (192, 144) and small.iterations == 300
+    # A slower device gets a smaller problem; one too slow for anything is told so.
+    slow = plan_budget(4.0, StepCosts(per_pixel=2e-5, per_gaussian=2e-6), max_iterations=3000, max_size=(320, 240))
+    assert slow.width * slow.height * slow.max_gaussians < plan.width * plan.height * plan.max_gaussians
+    hopeless = plan_budget(0.5, StepCosts(per_pixel=1e-3, per_gaussian=1e-4), max_iterations=300, max_size=(320, 240))
+    assert hopeless.iterations >= 1 and "too short" in hopeless.sentence
+    with pytest.raises(ValueError, match="budget_min must be > 0"):
+        plan_budget(0, costs, max_iterations=300, max_size=(320, 240))
+
+
+def test_measured_step_is_positive_and_grows_with_gaussians():
+    small = measure_step_seconds("torch_cpu", "cpu", 200, (32, 24))
+    assert 0 < small < 10
+    scene = probe_scene(200, 32, 24, 2)
+    assert scene["means"].shape == (200, 3) and scene["viewmats"].shape == (2, 4, 4)
+    assert (scene["means"][:, 2] > 1.5).all()
+
+
+def test_devices_auto_and_checked_names():
+    assert pick_device("auto") == (
+        "cuda:0" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    )
+    assert pick_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="--device must be auto, cuda, mps, cpu or cuda:N; got 'tpu'"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no cuda device"):
+            pick_device("cuda:1")
+    assert default_budget_min("cpu") == 4.0 and default_budget_min("cuda:0") is None
+
+
+def test_budget_setting_and_option(tmp_path):
+    assert Settings.from_json({"time_budget_min": 5}).time_budget_min == 5
+    with pytest.raises(SceneError, match=r"settings\.time_budget_min: must be in \[0, 1440\]; got -1"):
+        Settings.from_json({"time_budget_min": -1})
+    args = build_parser().parse_args(["run", "scene", "--out", "o", "--budget", "2.5"])
+    assert args.budget == 2.5
+    assert budget_for(None, "cpu") == 4 and budget_for(None, "cuda:0") == 0 and budget_for(7, "cuda:0") == 7
+    scene = Scene(tmp_path, [Capture("a", tmp_path / "a.png")])
+    assert with_budget(scene, 3).settings.time_budget_min == 3
+    own = Scene(tmp_path, [], settings=Settings(time_budget_min=9))
+    assert with_budget(own, 3).settings.time_budget_min == 9
+    assert with_budget(scene, 0) is scene
+
+
+def test_loop_config_follows_the_budget_plan():
+    from backend.loop import LoopConfig
+
+    settings = Settings(width=64, height=48, gaussian_iterations=20, time_budget_min=60)
+    cfg = LoopConfig.from_settings(settings, device="cpu")
+    plan = cfg.budget
+    assert plan is not None and plan.budget_min == 60
+    assert (cfg.width, cfg.height) == (plan.width, plan.height) == (64, 48)  # never larger than the job's
+    assert cfg.fit.iterations == plan.iterations <= 20 and cfg.fit.max_gaussians == plan.max_gaussians
+    assert LoopConfig.from_settings(Settings(width=64, height=48), device="cpu").budget is None

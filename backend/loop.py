@@ -457,12 +457,15 @@ ALLOW_DOWNLOAD_ENV = "RECONLOOP_ALLOW_DOWNLOAD"
 _LOADED_GENERATORS: dict[tuple[str, str, str, str], Generator] = {}
 
 
-def make_generator(name: str, device: torch.device) -> Generator:
-    """The generator registered under ``name``: built from its defaults, or, for a learned one
+def make_generator(name: str, device: torch.device, settings: Settings | None = None) -> Generator:
+    """The generator registered under ``name``: built from its defaults (or from the job's
+    ``settings`` when it has ``from_settings``), or, for a learned one
     (it has ``from_pretrained``), loaded from ``RECONLOOP_<NAME>_WEIGHTS`` (a folder or hub id;
     default the class's hub id) with ``RECONLOOP_<NAME>_LORA``. A learned generator is loaded once
     per process and reused by later jobs (a 14B model takes minutes to load)."""
     cls = generator_class(name)
+    if settings is not None and hasattr(cls, "from_settings"):
+        return cls.from_settings(settings)
     if not hasattr(cls, "from_pretrained"):
         return cls()
     weights = os.environ.get(WEIGHTS_ENV.format(NAME=name.upper()), "")
@@ -619,7 +622,16 @@ def run_loop(
 
     # 2. Segments of the trajectory.
     segments = split_segments(len(targets_all), cfg.segments)
-    gen = generator or make_generator(cfg.generator, device)
+    gen = generator or make_generator(cfg.generator, device, scene.settings)
+    if hasattr(gen, "prepare"):  # a generator that learns from the captures first (``refine``)
+        with meter.measure("prepare"):
+            gen.prepare(
+                captures,
+                memory,
+                cfg,
+                device=device,
+                progress=lambda f, msg: progress(ProgressEvent(stage="prepare", fraction=done, message=msg)),
+            )
     F_all = len(targets_all)
     frame_images = torch.zeros(F_all, H, W, 3, device=device)
     frame_conf = torch.zeros(F_all, H, W, device=device)

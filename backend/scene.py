@@ -175,6 +175,7 @@ class Settings:
     gaussian_iterations: int = 300
     update_memory: bool = True  # AnyRecon's closed loop; off to measure its effect
     guide: bool = True  # Gaussians on the captures alone guide the generator (LoopConfig.guide); off: faster
+    refine_seconds: int = 10  # training time of the "refine" generator's per-scene network (RefineConfig.seconds)
     seed: int = 0
     prompt: str = ""
 
@@ -186,6 +187,7 @@ class Settings:
         "retrieval_k": (0, 64),
         "num_steps": (1, 1000),
         "gaussian_iterations": (0, 1_000_000),
+        "refine_seconds": (1, 3600),
         "seed": (0, 2**31 - 1),
     }
 

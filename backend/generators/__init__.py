@@ -22,7 +22,11 @@ class Generator(Protocol):
 GENERATORS: Registry[Any] = Registry("generator")
 
 # Modules that register generators; imported lazily so that heavy ones (diffusers) load only when named.
-_MODULES = {"reproject": "backend.generators.reproject", "anyrecon": "backend.generators.anyrecon"}
+_MODULES = {
+    "reproject": "backend.generators.reproject",
+    "anyrecon": "backend.generators.anyrecon",
+    "refine": "backend.generators.refine",
+}
 
 
 def available_generators() -> list[str]:

@@ -71,6 +71,7 @@ REFINE_VARIANTS: dict[str, dict] = {
     "refine": {},
     "refine 30 s": {"seconds": 30.0},
     "refine full fits": {"fit_share": 1.0},
+    "refine small": {"widths": (16, 32, 64), "crop_px": 64, "batch_size": 4},  # 0.12M parameters
 }
 REFINE_PICTURE = "{run}_refine.png"  # rows: reprojection | guide render | refined | truth
 
@@ -111,12 +112,13 @@ def refine_report(gen: RecordingRefiner, scene, report: dict, picture: Path | No
         write_overview_as(picture.parent, picture.name, rows)
 
 
-def variant_generator(v: str, gen_over: dict, refine_seconds: float | None):
+def variant_generator(v: str, gen_over: dict, refine_seconds: float | None, refine_steps: int):
     """The generator of a variant row: reproject with overrides, or a recording refiner."""
     if v in REFINE_VARIANTS:
         over = dict(REFINE_VARIANTS[v])
         if refine_seconds is not None and "seconds" not in over:
             over["seconds"] = refine_seconds
+        over["max_steps"] = refine_steps
         return RecordingRefiner(RefineConfig(**over))
     return ReprojectGenerator(ReprojectConfig(**gen_over))
 
@@ -163,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--refine-seconds", type=float, default=None, help="training time of the refiner rows (default RefineConfig's)"
     )
+    p.add_argument(
+        "--refine-steps",
+        type=int,
+        default=0,
+        help="also stop the refiner's training after this many steps (0: the clock alone); with a large "
+        "--refine-seconds, a budget that does not depend on the machine's load",
+    )
     p.add_argument("--size", default=None, metavar="WxH", help="working size for every scene (default: per scene)")
     p.add_argument("--iterations", type=int, default=3000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                     loop_over, gen_over = VARIANTS.get(v, ({}, {}))
                     t0 = time.perf_counter()
                     folder_name = f"{v.replace(' ', '_').replace('/', '_')}_seed{seed}"
-                    generator = variant_generator(v, gen_over, args.refine_seconds)
+                    generator = variant_generator(v, gen_over, args.refine_seconds, args.refine_steps)
                     report = evaluate_scene(
                         scene,
                         Path(work) / folder_name,

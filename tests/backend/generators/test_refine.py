@@ -187,3 +187,29 @@ def test_refine_job_through_the_service(temple3: Scene, tmp_path: Path) -> None:
     finally:
         svc.stop()
         thread.join(20)
+
+
+@pytest.mark.slow
+def test_bench_refine_variant_runs_at_a_tiny_size(single_thread, tmp_path: Path) -> None:
+    import json
+    import sys
+
+    from tests.conftest import require_shared_data
+
+    data = require_shared_data("middlebury_temple").parent
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
+    try:
+        import bench_loop_quality
+    finally:
+        sys.path.pop(0)
+    args = ["--data", str(data), "--scenes", "temple", "--size", "48x36", "--iterations", "5"]
+    args += ["--variants", "default,refine small", "--refine-steps", "2", "--refine-seconds", "600"]
+    assert (
+        bench_loop_quality.main(
+            [*args, "--device", "cpu", "--pictures", str(tmp_path), "--out", str(tmp_path / "q.json")]
+        )
+        == 0
+    )
+    summary = json.loads((tmp_path / "q.json").read_text())["scenes"]["temple"]["summary"]
+    assert {"frames", "refine_input_frames", "gaussians_loop"} <= set(summary["refine small"])
+    assert (tmp_path / "temple_refine_small_seed0_refine.png").is_file()

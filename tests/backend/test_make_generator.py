@@ -15,7 +15,7 @@ def test_weightless_generator_is_built_from_defaults() -> None:
 
 
 def test_unknown_generator_lists_known_names() -> None:
-    with pytest.raises(ValueError, match="known: anyrecon, reproject"):
+    with pytest.raises(ValueError, match="known: anyrecon, refine, reproject"):
         make_generator("nope", "cpu")
 
 

@@ -91,6 +91,15 @@ def test_refine_is_listed_and_settings_check_the_budget() -> None:
         RefineConfig(fit_share=0.0)
 
 
+def test_the_loop_builds_it_from_the_job_settings() -> None:
+    from backend.loop import make_generator
+
+    gen = make_generator("refine", "cpu", Settings(generator="refine", refine_seconds=7, seed=3))
+    assert isinstance(gen, RefineGenerator) and gen.config.seconds == 7.0 and gen.config.seed == 3
+    with pytest.raises(RuntimeError, match="call prepare"):
+        gen.refine(None, None)
+
+
 def test_leave_out_subsets() -> None:
     assert leave_out_subsets(2, 6) == [(0,), (1,)]
     assert leave_out_subsets(3, 6) == [(0,), (1,), (2,)]

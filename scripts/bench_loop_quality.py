@@ -72,6 +72,8 @@ REFINE_VARIANTS: dict[str, dict] = {
     "refine 30 s": {"seconds": 30.0},
     "refine full fits": {"fit_share": 1.0},
     "refine small": {"widths": (16, 32, 64), "crop_px": 64, "batch_size": 4},  # 0.12M parameters
+    "refine confidence 0.1": {"confidence_error": 0.1},
+    "refine with reproject confidence": {"keep_input_confidence": True},  # the script's switch, not RefineConfig's
 }
 REFINE_PICTURE = "{run}_refine.png"  # rows: reprojection | guide render | refined | truth
 
@@ -79,13 +81,16 @@ REFINE_PICTURE = "{run}_refine.png"  # rows: reprojection | guide render | refin
 class RecordingRefiner(RefineGenerator):
     """The refine generator, keeping its inputs and outputs of every segment for the picture."""
 
-    def __init__(self, config: RefineConfig) -> None:
+    def __init__(self, config: RefineConfig, keep_input_confidence: bool = False) -> None:
         super().__init__(config)
+        self.keep_input_confidence = keep_input_confidence
         self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def refine(self, frames, renders):
         out = super().refine(frames, renders)
         self.seen.append((frames.images.cpu(), renders.rgb.cpu(), out.images.cpu()))
+        if self.keep_input_confidence:
+            out = replace(out, confidence=frames.confidence)
         return out
 
 
@@ -119,7 +124,8 @@ def variant_generator(v: str, gen_over: dict, refine_seconds: float | None, refi
         if refine_seconds is not None and "seconds" not in over:
             over["seconds"] = refine_seconds
         over["max_steps"] = refine_steps
-        return RecordingRefiner(RefineConfig(**over))
+        keep = over.pop("keep_input_confidence", False)
+        return RecordingRefiner(RefineConfig(**over), keep_input_confidence=keep)
     return ReprojectGenerator(ReprojectConfig(**gen_over))
 
 

@@ -261,6 +261,7 @@ def degraded_inputs(
     reproject: ReprojectGenerator,
     *,
     device: torch.device | str,
+    on_fit_step: Callable[[int, float], None] | None = None,
 ) -> tuple[Frames, Renders, list[int]]:
     """What the loop would give the generator at the ``left_out`` captures' cameras had they not
     been taken: guide (when ``cfg.guide``), memory render, retrieval and reprojection from the rest.
@@ -273,6 +274,7 @@ def degraded_inputs(
         fit_iterations: steps of the guide fit on the kept captures.
         reproject: the weight-free generator.
         device: where the guide is fitted.
+        on_fit_step: the guide fit's progress callback (``fit_gaussians``'s ``progress``).
     Returns:
         (frames, renders, kept): the reprojection [L, H, W(, 3)], the guided renders at the
         left-out cameras [L, H, W(, 3)] and the kept captures' indices.
@@ -295,7 +297,7 @@ def degraded_inputs(
     guide = None
     if cfg.guide and cfg.has_fit:
         fit_cfg = replace(cfg.fit, iterations=fit_iterations)
-        guide = fit_gaussians(FitViews.from_views(kept_views), sub_memory, fit_cfg, device=device)
+        guide = fit_gaussians(FitViews.from_views(kept_views), sub_memory, fit_cfg, device=device, progress=on_fit_step)
     picked = retrieve_views(sub_memory, targets, kept_views.cams, cfg.retrieval, capture_ids=kept_views.ids)
     depth = None
     if cfg.occlusion_test and picked:
@@ -329,8 +331,19 @@ def make_pairs(
     parts: list[tuple[Frames, Renders]] = []
     target_ids: list[int] = []
     kept_ids: list[tuple[int, ...]] = []
+
+    def fit_progress(k: int, left_out: tuple[int, ...]) -> Callable[[int, float], None] | None:
+        if progress is None:
+            return None
+        return lambda step, loss: progress(
+            (k + step / iterations) / len(subsets),
+            f"refiner: guide without capture(s) {list(left_out)} ({k + 1}/{len(subsets)}), step {step}/{iterations}",
+        )
+
     for k, left_out in enumerate(subsets):
-        frames, renders, kept = degraded_inputs(captures, memory, left_out, cfg, iterations, reproject, device=device)
+        frames, renders, kept = degraded_inputs(
+            captures, memory, left_out, cfg, iterations, reproject, device=device, on_fit_step=fit_progress(k, left_out)
+        )
         parts.append((frames, renders))
         target_ids += list(left_out)
         kept_ids += [tuple(kept)] * len(left_out)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..loop import LoopConfig, guided_renders, render_guide
 from ..stages.fit import FitViews, fit_gaussians
 from ..stages.render import render_memory
 from ..stages.retrieval import retrieve_views
@@ -42,7 +43,6 @@ from . import GENERATORS
 from .reproject import ReprojectConfig, ReprojectGenerator
 
 if TYPE_CHECKING:
-    from ..loop import LoopConfig
     from ..scene import Settings
 
 IN_CHANNELS = 8  # reprojection rgb, render rgb, reprojection confidence, render coverage
@@ -279,8 +279,6 @@ def degraded_inputs(
         (frames, renders, kept): the reprojection [L, H, W(, 3)], the guided renders at the
         left-out cameras [L, H, W(, 3)] and the kept captures' indices.
     """
-    from ..loop import guided_renders, render_guide
-
     gone = set(left_out)
     kept = [i for i in range(len(captures)) if i not in gone]
     if not kept or not gone:

@@ -222,3 +222,34 @@ def test_bench_refine_variant_runs_at_a_tiny_size(single_thread, tmp_path: Path)
     summary = json.loads((tmp_path / "q.json").read_text())["scenes"]["temple"]["summary"]
     assert {"frames", "refine_input_frames", "gaussians_loop"} <= set(summary["refine small"])
     assert (tmp_path / "temple_refine_small_seed0_refine.png").is_file()
+
+
+@pytest.mark.slow
+def test_cli_run_saves_the_refiner_weights_when_asked(temple3: Scene, single_thread, tmp_path: Path) -> None:
+    from backend.cli import main
+    from backend.scene import save_scene
+
+    folder = tmp_path / "scene"
+    save_scene(temple3, folder)
+    weights = tmp_path / "refiner.pt"
+    assert (
+        main(["run", str(folder), "--out", str(tmp_path / "out"), "--device", "cpu", "--refiner-out", str(weights)])
+        == 0
+    )
+    saved = torch.load(weights)
+    assert saved["config"]["seconds"] == 1.0 and "head.weight" in saved["state_dict"]
+    assert (tmp_path / "out" / "gaussians.ply").is_file()
+    save_scene(replace(temple3, settings=replace(temple3.settings, generator="reproject")), tmp_path / "plain")
+    with pytest.raises(SystemExit, match="trains no weights"):
+        main(
+            [
+                "run",
+                str(tmp_path / "plain"),
+                "--out",
+                str(tmp_path / "o2"),
+                "--device",
+                "cpu",
+                "--refiner-out",
+                str(weights),
+            ]
+        )

@@ -153,30 +153,45 @@ def _import_object(spec: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def _run_loop(scene_dir: Path | Scene, out: Path, device: str, budget: float | None = None) -> int:
+def _run_loop(
+    scene_dir: Path | Scene, out: Path, device: str, budget: float | None = None, refiner_out: Path | None = None
+) -> int:
     """Run the loop in this process on a scene folder (or a loaded Scene) with a progress bar;
-    ``budget``: minutes (None: the device's default, backend.budget)."""
+    ``budget``: minutes (None: the device's default, backend.budget); ``refiner_out``: also save the
+    ``refine`` generator's trained weights there."""
     from .scene import Scene, load_scene
 
     scene = scene_dir if isinstance(scene_dir, Scene) else load_scene(scene_dir)
     from .devices import pick_device
+    from .generators import GeneratorCache, GeneratorConfig
     from .loop import run_loop
 
     device = pick_device(device)
     scene = with_budget(scene, budget_for(budget, device))
+    generator = None
+    if refiner_out is not None:
+        generator = GeneratorCache().get(GeneratorConfig.from_settings(scene.settings), device)
+        if not hasattr(generator, "save"):
+            raise SystemExit(
+                f"--refiner-out: generator {scene.settings.generator!r} trains no weights to save; "
+                "set the scene's generator to 'refine'"
+            )
     out.mkdir(parents=True, exist_ok=True)
     bar = ProgressBar("loop")
     try:
-        run_loop(scene, out, device=device, progress=bar)
+        run_loop(scene, out, device=device, progress=bar, generator=generator)
     finally:
         bar.close()
+    if generator is not None:
+        generator.save(refiner_out)
+        print(f"refiner weights written to {refiner_out}")
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     print(f"{len(files)} files in {out}: {', '.join(files[:12])}{' ...' if len(files) > 12 else ''}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return _run_loop(args.scene, args.out, args.device, args.budget)
+    return _run_loop(args.scene, args.out, args.device, args.budget, args.refiner_out)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -346,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--device", default="auto", help=device_help)
     p.add_argument("--budget", type=float, default=None, metavar="MINUTES", help=budget_help)
+    p.add_argument(
+        "--refiner-out",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="with generator 'refine': save its network's weights (trained on this scene's captures) here",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(

@@ -262,6 +262,9 @@ def run_loop(
     # 2. Segments of the trajectory.
     segments = split_segments(len(targets_all), cfg.segments)
     gen = generator or GeneratorCache().get(cfg.generator, device)
+    if hasattr(gen, "prepare"):  # a generator that learns from the captures first (``refine``)
+        with meter.measure("prepare"):
+            gen.prepare(captures, memory_initial, cfg, device=device, progress=track.within("prepare"))
     F_all = len(targets_all)
     frame_images = torch.zeros(F_all, H, W, 3, device=device)
     frame_conf = torch.zeros(F_all, H, W, device=device)

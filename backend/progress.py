@@ -77,3 +77,12 @@ class ProgressTracker:
             self.progress(ProgressEvent(stage, fraction, f"{what}: step {step}/{total}, loss {loss:.4f}"))
 
         return on_step
+
+    def within(self, stage: str) -> Callable[[float, str], None]:
+        """A ``(fraction, message)`` callback for work that has no share of the bar (a generator's
+        preparation): its messages go out where the bar is, so a UI shows them and a cancel stops it."""
+
+        def on_progress(fraction: float, message: str) -> None:
+            self.progress(ProgressEvent(stage, min(self.done, 1.0), message))
+
+        return on_progress

@@ -192,6 +192,16 @@ SETTINGS: tuple[Setting, ...] = (
         section=SECTION_ADVANCED,
     ),
     Setting(
+        "refine_seconds",
+        "int",
+        10,
+        "Refiner time",
+        "Generator 'refine': seconds its small network trains on the job's own captures (leave one out, "
+        "learn to correct the reprojection) before it corrects the frames",
+        range=(1, 3600),
+        section=SECTION_ADVANCED,
+    ),
+    Setting(
         "gaussian_iterations",
         "int",
         300,

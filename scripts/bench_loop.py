@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=3000)
     ap.add_argument("--segment", type=int, default=40)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--generator", default=Settings.generator, help="generator name (e.g. refine)")
+    ap.add_argument(
+        "--refine-seconds", type=int, default=Settings.refine_seconds, help="the refine generator's training"
+    )
     a = ap.parse_args(argv)
     width, height = (int(v) for v in a.size.lower().split("x"))
     device = torch.device(a.device)
@@ -89,7 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         scene = split_protocol(scene, "ring-arc", train_views=3, ring_start=11)
         keys = [scene.captures[i].camera for i in order_around([c.camera for c in scene.captures])]
         path = [widen(c, width, height) for c in path_through(keys, a.frames, closed=False)]
-        settings = Settings(width=width, height=height, gaussian_iterations=a.iterations, segment_length=a.segment)
+        settings = Settings(
+            width=width,
+            height=height,
+            gaussian_iterations=a.iterations,
+            segment_length=a.segment,
+            generator=a.generator,
+            refine_seconds=a.refine_seconds,
+        )
         scene = replace(
             scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(path)], heldout=[], settings=settings
         )
@@ -111,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "frames": a.frames,
         "segments": segments,
         "fit_iterations": a.iterations,
+        "generator": a.generator,
         "rasterizer": cfg.fit.rasterizer,
         "compile_warmup_s": round(compile_s, 2),
         "total_s": round(total_s, 2),

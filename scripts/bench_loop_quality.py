@@ -38,9 +38,20 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from backend.evaluate import EVAL_PICTURE, EvalConfig, evaluate_scene, scene_for_eval  # noqa: E402
+from backend.evaluate import (  # noqa: E402
+    EVAL_PICTURE,
+    FRAMES_PER_LEG,
+    EvalConfig,
+    eval_trajectory,
+    evaluate_scene,
+    scene_for_eval,
+    score,
+)
+from backend.generators.refine import LOSS_SYNC_EVERY, RefineConfig, RefineGenerator  # noqa: E402
 from backend.generators.reproject import ReprojectConfig, ReprojectGenerator  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
+from backend.outputs import to_u8, write_overview_as  # noqa: E402
+from backend.stages.cameras import load_image, resize_image, to_tensor, undistorted  # noqa: E402
 
 # scene -> (folder, format, protocol, default working size, import options)
 SCENES = {
@@ -73,7 +84,7 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "crop to masks": ({"has_crop_to_masks": True}, {}, {}),
 }
 LOOP_FIELDS = ("estimator", "has_crop_to_masks")
-SCORE_KEYS = ("points", "gaussians_captures", "gaussians_loop", "frames")
+SCORE_KEYS = ("points", "gaussians_captures", "gaussians_loop", "frames", "refine_input_frames")
 
 
 def loop_config(base: LoopConfig, overrides: dict, fit_overrides: dict) -> LoopConfig:
@@ -87,8 +98,72 @@ def loop_config(base: LoopConfig, overrides: dict, fit_overrides: dict) -> LoopC
 
 def has_baselines(variant: str) -> bool:
     """Variants that change the fit or the geometry score their own captures-only fit."""
-    loop_over, fit_over, _ = VARIANTS[variant]
+    loop_over, fit_over, _ = VARIANTS.get(variant, ({}, {}, {}))
     return variant == "default" or bool(fit_over) or "estimator" in loop_over
+
+
+# ---- refiner variants: the "refine" generator (reproject + a U-Net trained on the scene's
+# captures) in the default loop, against the default row (reproject alone). name -> RefineConfig overrides.
+REFINE_VARIANTS: dict[str, dict] = {
+    "refine": {},
+    "refine 30 s": {"seconds": 30.0},
+    "refine full fits": {"fit_share": 1.0},
+    "refine small": {"widths": (16, 32, 64), "crop_px": 64, "batch_size": 4},  # 0.12M parameters
+    "refine confidence 0.1": {"confidence_error": 0.1},
+    "refine with reproject confidence": {"keep_input_confidence": True},  # the script's switch, not RefineConfig's
+}
+REFINE_PICTURE = "{run}_refine.png"  # rows: reprojection | guide render | refined | truth
+
+
+class RecordingRefiner(RefineGenerator):
+    """The refine generator, keeping its inputs and outputs of every segment for the picture."""
+
+    def __init__(self, config: RefineConfig, keep_input_confidence: bool = False) -> None:
+        super().__init__(config)
+        self.keep_input_confidence = keep_input_confidence
+        self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def refine(self, frames, renders):
+        out = super().refine(frames, renders)
+        self.seen.append((frames.images.cpu(), renders.rgb.cpu(), out.images.cpu()))
+        if self.keep_input_confidence:
+            out = replace(out, confidence=frames.confidence)
+        return out
+
+
+def refine_report(gen: RecordingRefiner, scene, report: dict, picture: Path | None) -> None:
+    """Score the refiner's input (the reprojection) at the held-out views beside its output, in the
+    same run, and draw reprojection | guide render | refined | truth per held-out view."""
+    W, H = report["working_size"]
+    _, on_heldout = eval_trajectory(scene, "heldout", FRAMES_PER_LEG)
+    frames, renders, refined = (torch.cat([s[k] for s in gen.seen]) for k in range(3))
+    hs = sorted(on_heldout)
+    truth = to_tensor(
+        [resize_image(undistorted(load_image(scene.heldout[h].image), scene.heldout[h].camera)[0], W, H) for h in hs],
+        torch.device("cpu"),
+    )
+    idx = [on_heldout[h] for h in hs]
+    report["refine_input_frames"] = score(frames[idx], truth)
+    report["refine_train_loss"] = gen.losses[-1] if gen.losses else None
+    report["refine_train_steps"] = len(gen.losses) * LOSS_SYNC_EVERY
+    if picture is not None and idx:
+        rows = [[to_u8(t[i]) for t in (frames, renders, refined)] + [to_u8(truth[r])] for r, i in enumerate(idx)]
+        write_overview_as(picture.parent, picture.name, rows)
+
+
+def variant_generator(v: str, gen_over: dict, refine_seconds: float | None, refine_steps: int):
+    """The generator of a variant row: reproject with overrides, or a recording refiner."""
+    if v in REFINE_VARIANTS:
+        over = dict(REFINE_VARIANTS[v])
+        if refine_seconds is not None and "seconds" not in over:
+            over["seconds"] = refine_seconds
+        over["max_steps"] = refine_steps
+        keep = over.pop("keep_input_confidence", False)
+        return RecordingRefiner(RefineConfig(**over), keep_input_confidence=keep)
+    return ReprojectGenerator(ReprojectConfig(**gen_over))
+
+
+# ---- end of the refiner variants
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
@@ -141,7 +216,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="folder holding the scenes")
     p.add_argument("--scenes", default="temple,fern", help="comma-separated: " + ", ".join(SCENES))
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
+    p.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join([*VARIANTS, *REFINE_VARIANTS])
+    )
+    p.add_argument(
+        "--refine-seconds", type=float, default=None, help="training time of the refiner rows (default RefineConfig's)"
+    )
+    p.add_argument(
+        "--refine-steps",
+        type=int,
+        default=0,
+        help="also stop the refiner's training after this many steps (0: the clock alone); with a large "
+        "--refine-seconds, a budget that does not depend on the machine's load",
+    )
     p.add_argument("--size", default=None, metavar="WxH", help="working size for every scene (default: per scene)")
     p.add_argument("--iterations", type=int, default=3000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -157,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
-        if v not in VARIANTS:
-            p.error(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+        if v not in VARIANTS and v not in REFINE_VARIANTS:
+            p.error(f"--variants: unknown variant {v!r}; choose from {', '.join([*VARIANTS, *REFINE_VARIANTS])}")
     if variants[0] != "default":
         variants.insert(0, "default")
     seeds = [int(v) for arg in args.seeds for v in arg.split(",") if v.strip()]
@@ -182,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             for seed in seeds:
                 seeded = replace(base, seed=seed, fit=replace(base.fit, seed=seed))
                 for v in variants:
-                    loop_over, fit_over, gen_over = VARIANTS[v]
+                    loop_over, fit_over, gen_over = VARIANTS.get(v, ({}, {}, {}))
+                    generator = variant_generator(v, gen_over, args.refine_seconds, args.refine_steps)
                     t0 = time.perf_counter()
                     folder_name = f"{v.replace(' ', '_').replace('/', '_')}_seed{seed}"
                     report = evaluate_scene(
@@ -191,11 +279,20 @@ def main(argv: list[str] | None = None) -> int:
                         device=args.device,
                         trajectory_mode="heldout",
                         config=EvalConfig(loop=loop_config(seeded, loop_over, fit_over)),
-                        generator=ReprojectGenerator(ReprojectConfig(**gen_over)),
+                        generator=generator,
                         baselines=has_baselines(v),
                     )
                     report["seconds"] = round(time.perf_counter() - t0, 1)
                     report["seed"] = seed
+                    if isinstance(generator, RecordingRefiner):
+                        picture = (
+                            args.pictures / REFINE_PICTURE.format(run=f"{name}_{folder_name}")
+                            if args.pictures
+                            else None
+                        )
+                        if picture is not None:
+                            args.pictures.mkdir(parents=True, exist_ok=True)
+                        refine_report(generator, scene, report, picture)
                     runs[v].append(report)
                     if args.pictures:
                         args.pictures.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@
 #   .fa4a/.fa4b for FlashAttention-4 (generator stages only).
 # Usage: bash scripts/gpu_runs.sh STAGE [ARGS...]; results and logs go to $OUT.
 #   probe                      what the machine has (torch, CUDA, cv2, pycolmap, gsplat), gsplat's kernel build
-#   loop                       scripts/bench_loop.py: the whole job on the temple, 120 frames at 896x512
+#   loop [ARGS]                scripts/bench_loop.py: the whole job on the temple, 120 frames at 896x512
 #   quality SCENES VARIANTS SEEDS [ITER]   scripts/bench_loop_quality.py (comma-separated lists)
 #   generator MODES            scripts/bench_generator.py --compile-blocks --modes MODES
 #   unpack_fa4                 unpack .fa4a/cu13.tar.xz into /tmp/cu13 (kept while the machine is warm)
@@ -30,7 +30,7 @@ for m in ("cv2", "pycolmap", "gsplat", "diffusers", "peft", "plyfile", "ray", "f
 PY
     ;;
   loop)
-    python3 scripts/bench_loop.py --data .device_data/middlebury_temple --out "$OUT" 2>&1 | tee "$OUT/loop.log"
+    python3 scripts/bench_loop.py --data .device_data/middlebury_temple --out "$OUT" "$@" 2>&1 | tee -a "$OUT/loop.log"
     ;;
   quality)
     python3 scripts/bench_loop_quality.py --data .device_data --scenes "$1" --variants "$2" --seeds "$3" \

@@ -27,10 +27,14 @@ ALLOWED = {"blender_addon": ("backend.formats", "backend.scene")}
 
 
 def imported_modules(path: Path) -> set[str]:
-    """Every module a file imports (at any depth of the file), relative imports made absolute."""
+    """Every module a file imports at run time (at any depth of the file), relative imports made absolute."""
     package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    for block in ast.walk(tree):  # imports for type checkers only do not run
+        if isinstance(block, ast.If) and getattr(block.test, "id", "") == "TYPE_CHECKING":
+            block.body = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):

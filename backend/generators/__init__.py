@@ -36,7 +36,12 @@ class Generator(Protocol):
 
 # Each implementation registers itself when its module is imported; heavy ones (diffusers) load only when named.
 GENERATORS: Registry[Any] = Registry(
-    "generator", {"reproject": "backend.generators.reproject", "anyrecon": "backend.generators.anyrecon"}
+    "generator",
+    {
+        "reproject": "backend.generators.reproject",
+        "anyrecon": "backend.generators.anyrecon",
+        "refine": "backend.generators.refine",
+    },
 )
 
 MEMORY_MODES = ("none", "fp8", "group_offload", "model_offload")  # where a learned generator's weights live
@@ -64,6 +69,7 @@ class GeneratorConfig:
         num_steps: denoising steps (AnyRecon: 4).
         window_frames: +-frames of ``window_ours``.
         gpus: GPUs of one box a learned generator spans (sequence parallel); 0: all the worker has.
+        refine_seconds: training time of ``refine``'s per-scene network.
     """
 
     name: str = "reproject"
@@ -72,6 +78,7 @@ class GeneratorConfig:
     num_steps: int = 4
     window_frames: int = 8
     gpus: int = 1
+    refine_seconds: int = 10
 
     def __post_init__(self) -> None:
         if self.name not in GENERATORS.names():
@@ -86,17 +93,20 @@ class GeneratorConfig:
             raise ValueError(f"GeneratorConfig.window_frames must be in [0, 512]; got {self.window_frames}")
         if not 0 <= self.gpus <= 64:
             raise ValueError(f"GeneratorConfig.gpus must be in [0, 64]; got {self.gpus}")
+        if not 1 <= self.refine_seconds <= 3600:
+            raise ValueError(f"GeneratorConfig.refine_seconds must be in [1, 3600]; got {self.refine_seconds}")
 
     @classmethod
     def from_settings(cls, settings: Any) -> GeneratorConfig:
         """From a job's settings (``generator``, ``generator_memory``, ``generator_attention``, ``num_steps``,
-        ``gpus``)."""
+        ``gpus``, ``refine_seconds``)."""
         return cls(
             name=settings.generator,
             memory=settings.generator_memory,
             attention=settings.generator_attention,
             num_steps=settings.num_steps,
             gpus=settings.gpus,
+            refine_seconds=settings.refine_seconds,
         )
 
 
@@ -140,8 +150,8 @@ def make_generator(config: GeneratorConfig, components: Any = None, device: Any 
     for weights trained with it) and raises ``ValueError`` naming the field otherwise.
     """
     cls = GENERATORS.get(config.name)
-    if not hasattr(cls, "load_components"):
-        return cls()
+    if not hasattr(cls, "load_components"):  # weight-free: built from the config alone
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls()
     if components is None:
         raise ValueError(f"generator {config.name!r} needs its loaded components (GeneratorCache.get loads them)")
     return cls.from_config(config, components, device)

@@ -30,11 +30,12 @@ def test_weightless_generator_is_built_from_its_config() -> None:
 @pytest.mark.parametrize(
     "kw,match",
     [
-        ({"name": "nope"}, r"GeneratorConfig.name must be one of \['anyrecon', 'reproject'\]; got 'nope'"),
+        ({"name": "nope"}, r"GeneratorConfig.name must be one of \['anyrecon', 'refine', 'reproject'\]; got 'nope'"),
         ({"memory": "swap"}, "GeneratorConfig.memory must be one of"),
         ({"attention": "window"}, "GeneratorConfig.attention must be one of"),
         ({"num_steps": 0}, r"GeneratorConfig.num_steps must be in \[1, 1000\]; got 0"),
         ({"window_frames": -1}, "GeneratorConfig.window_frames"),
+        ({"refine_seconds": 0}, r"GeneratorConfig.refine_seconds must be in \[1, 3600\]; got 0"),
     ],
 )
 def test_config_errors_name_the_field(kw: dict, match: str) -> None:
@@ -117,7 +118,9 @@ def test_job_settings_reach_the_generator_config() -> None:
     assert set(SETTING_ROWS["generator_attention"].choices) <= set(ATTENTION_SETTINGS)
     s = Settings.from_json({"generator": "anyrecon", "generator_memory": "group_offload", "num_steps": 3})
     cfg = GeneratorConfig.from_settings(s)
-    assert cfg == GeneratorConfig("anyrecon", memory="group_offload", attention="auto", num_steps=3, gpus=0)
+    assert cfg == GeneratorConfig(
+        "anyrecon", memory="group_offload", attention="auto", num_steps=3, gpus=0, refine_seconds=10
+    )
     with pytest.raises(SceneError, match="settings.generator_memory: must be one of none, fp8, group_offload"):
         Settings.from_json({"generator_memory": "swap"})
     with pytest.raises(SceneError, match="settings.generator_attention: must be one of auto, full, block"):

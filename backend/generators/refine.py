@@ -1,0 +1,548 @@
+"""The refine generator: the weight-free reprojection, corrected by a small U-Net that the job trains
+on the scene's own captures (DESIGN.md section 1 step 5). Nothing is downloaded or kept between jobs.
+
+Before the segments, the loop calls :meth:`RefineGenerator.prepare` once:
+
+1. leave-out subsets: every capture left out once; with more than 3 captures, also pairs of captures
+   left out together (wider gaps, as the trajectory has), at most ``max_fits`` subsets;
+2. for each subset, the loop's own steps with the left-out captures gone: a short guide fit on the
+   kept captures (``fit_share`` of the job's fit steps) from the memory points they made, the memory
+   and guide rendered at the left-out cameras, retrieval among the kept captures, and the
+   ``reproject`` generator. Each left-out capture gives one training pair: the degraded inputs at
+   its camera (reprojection, its confidence, the guide's render, its coverage) and its photo, the truth;
+3. the U-Net learns the residual from the reprojection to the photo (L1) and, on a second output,
+   the L1 error it still makes, for ``seconds`` of wall time, on random crops with flips and
+   photometric jitter (one random gain, gamma and offset per channel for inputs and truth alike).
+
+Then ``generate`` runs ``reproject`` on the segment and the network on its output and the guided
+render; the refined frame's confidence is ``exp(-predicted error / confidence_error)``.
+
+Channels of the network's input (:func:`network_inputs`), [B, 8, H, W]: reprojection rgb - 0.5,
+render rgb - 0.5, reprojection confidence, render coverage.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..stages.fit import FitViews, fit_gaussians
+from ..stages.guide import guided_renders, render_guide
+from ..stages.render import render_memory
+from ..stages.retrieval import retrieve_views
+from ..types import ConditionVideo, Frames, GeometryMemory, Renders, Views
+from . import GENERATORS
+from .reproject import ReprojectConfig, ReprojectGenerator
+
+if TYPE_CHECKING:
+    from ..loop import LoopConfig
+    from . import GeneratorConfig
+
+IN_CHANNELS = 8  # reprojection rgb, render rgb, reprojection confidence, render coverage
+OUT_CHANNELS = 4  # rgb residual, L1 error
+COLOR_CENTER = 0.5  # colours enter the network centred
+GROUPS = 8  # GroupNorm groups (fewer when a block is narrower)
+INFERENCE_CHUNK = 4  # frames refined at once
+LOSS_SYNC_EVERY = 10  # training steps between reading the loss on the host (and checking the clock)
+
+ProgressCallback = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Hyper-parameters of the refiner (ours; no seed paper trains per scene).
+
+    Attributes:
+        seconds: wall-clock training budget (``Settings.refine_seconds``).
+        max_steps: stop after this many steps even within ``seconds`` (0: the clock alone). A fixed
+            count makes a run repeatable.
+        fit_share: the leave-out guide fits run this share of the job's fit steps (at least 1).
+        max_fits: leave-out subsets (one guide fit each) at most.
+        widths: channels per U-Net level; 2 convolutions per level, (32, 64, 128, 256) is 1.9M
+            parameters.
+        crop_px: side of the random training crops (smaller images: their shorter side).
+        batch_size: crops per step.
+        lr, lr_final_factor, weight_decay: AdamW, cosine decay to ``lr * lr_final_factor`` over
+            the budget.
+        gain_jitter, gamma_jitter, offset_jitter: photometric augmentation per channel: gain in
+            [1 - g, 1 + g], gamma exp(U(-g, g)), offset in [-o, o].
+        confidence_error: a predicted mean absolute error of this much gives confidence e^-1.
+        seed: crops, flips, jitter and the network's initial weights.
+    """
+
+    seconds: float = 10.0
+    max_steps: int = 0
+    fit_share: float = 0.2
+    max_fits: int = 6
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    crop_px: int = 128
+    batch_size: int = 8
+    lr: float = 1e-3
+    lr_final_factor: float = 0.05
+    weight_decay: float = 1e-4
+    gain_jitter: float = 0.15
+    gamma_jitter: float = 0.2
+    offset_jitter: float = 0.05
+    confidence_error: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.seconds <= 0:
+            raise ValueError(f"RefineConfig.seconds must be > 0; got {self.seconds}")
+        for name in ("max_steps",):
+            if getattr(self, name) < 0:
+                raise ValueError(f"RefineConfig.{name} must be >= 0; got {getattr(self, name)}")
+        for name in ("max_fits", "crop_px", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RefineConfig.{name} must be >= 1; got {getattr(self, name)}")
+        if not 0.0 < self.fit_share <= 1.0:
+            raise ValueError(f"RefineConfig.fit_share must be in (0, 1]; got {self.fit_share}")
+        if not self.widths or min(self.widths) < 1:
+            raise ValueError(f"RefineConfig.widths must be non-empty and positive; got {self.widths}")
+        for name in ("lr", "confidence_error"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RefineConfig.{name} must be > 0; got {getattr(self, name)}")
+        for name in ("lr_final_factor", "weight_decay", "gain_jitter", "gamma_jitter", "offset_jitter"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"RefineConfig.{name} must be >= 0; got {getattr(self, name)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The network
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 convolutions, each followed by GroupNorm and SiLU."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        groups = math.gcd(GROUPS, c_out)
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, padding=1),
+            nn.GroupNorm(groups, c_out),
+            nn.SiLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1),
+            nn.GroupNorm(groups, c_out),
+            nn.SiLU(),
+        )
+
+
+class UNet(nn.Module):
+    """A plain U-Net: ``len(widths)`` levels, average-pool down, bilinear up, skip concatenation.
+
+    Any input size works: the input is padded (replicate) to a multiple of 2^(levels-1) and the
+    output cropped back. The 1x1 head starts at zero.
+
+    Example:
+        >>> net = UNet(8, 4, (8, 16))
+        >>> net(torch.rand(2, 8, 15, 21)).shape
+        torch.Size([2, 4, 15, 21])
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, widths: Sequence[int]) -> None:
+        super().__init__()
+        widths = list(widths)
+        self.down = nn.ModuleList(
+            [ConvBlock(in_channels, widths[0])] + [ConvBlock(a, b) for a, b in zip(widths[:-1], widths[1:])]
+        )
+        self.up = nn.ModuleList([ConvBlock(b + a, a) for a, b in zip(widths[:-1], widths[1:])])
+        self.head = nn.Conv2d(widths[0], out_channels, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, in_channels, H, W] -> [B, out_channels, H, W]"""
+        H, W = x.shape[-2:]
+        m = 1 << (len(self.down) - 1)
+        x = F.pad(x, (0, -W % m, 0, -H % m), mode="replicate")
+        skips = []
+        for k, block in enumerate(self.down):
+            x = block(x if k == 0 else F.avg_pool2d(x, 2))
+            skips.append(x)
+        for block, skip in zip(reversed(self.up), reversed(skips[:-1])):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], dim=1))
+        return self.head(x)[..., :H, :W]
+
+
+def network_inputs(frames: Tensor, confidence: Tensor, render_rgb: Tensor, coverage: Tensor) -> Tensor:
+    """The refiner's input channels.
+
+    Args:
+        frames: the reprojection's colours in [0, 1]. [B, H, W, 3]
+        confidence: its confidence in [0, 1]. [B, H, W]
+        render_rgb: the (guided) render's colours in [0, 1]. [B, H, W, 3]
+        coverage: pixels the render covers. bool or float [B, H, W]
+    Returns:
+        float32 [B, 8, H, W]
+    """
+    return torch.cat(
+        [
+            frames.permute(0, 3, 1, 2) - COLOR_CENTER,
+            render_rgb.permute(0, 3, 1, 2) - COLOR_CENTER,
+            confidence[:, None],
+            coverage[:, None].to(frames.dtype),
+        ],
+        dim=1,
+    )
+
+
+def apply_network(net: UNet, inputs: Tensor, frames: Tensor) -> tuple[Tensor, Tensor]:
+    """(refined colours in [0, 1] [B, H, W, 3], predicted mean absolute error >= 0 [B, H, W]) for
+    inputs [B, 8, H, W] and the reprojection ``frames`` [B, H, W, 3] they were made from."""
+    out = net(inputs)
+    refined = (frames + out[:, :3].permute(0, 2, 3, 1)).clamp(0.0, 1.0)
+    return refined, F.softplus(out[:, 3])
+
+
+# ----------------------------------------------------------------------------------------------
+# Training pairs from the captures
+
+
+@dataclass
+class TrainingPairs:
+    """Degraded inputs at left-out capture cameras and the photos taken there.
+
+    Attributes:
+        target_ids: the capture each pair shows (index into the captures). list of P ints
+        kept_ids: the captures each pair's inputs were made from (never its target). list of P tuples
+        frames: the reprojection's colours. float32 [P, H, W, 3]
+        confidence: its confidence. float32 [P, H, W]
+        render_rgb: the guided render's colours. float32 [P, H, W, 3]
+        coverage: pixels the render covers. bool [P, H, W]
+        truth: the left-out photos. float32 [P, H, W, 3]
+    """
+
+    target_ids: list[int]
+    kept_ids: list[tuple[int, ...]]
+    frames: Tensor
+    confidence: Tensor
+    render_rgb: Tensor
+    coverage: Tensor
+    truth: Tensor
+
+    def __len__(self) -> int:
+        return len(self.target_ids)
+
+
+def leave_out_subsets(num_captures: int, max_fits: int) -> list[tuple[int, ...]]:
+    """Captures to leave out per guide fit: each capture alone, and with more than 3 captures also
+    pairs half the set apart, interleaved, at most ``max_fits`` subsets.
+
+    Example:
+        >>> leave_out_subsets(3, 6)
+        [(0,), (1,), (2,)]
+        >>> leave_out_subsets(6, 4)
+        [(0,), (0, 3), (1,), (1, 4)]
+    """
+    if num_captures < 2:
+        raise ValueError(f"refine: needs at least 2 captures to leave one out; got {num_captures}")
+    singles = [(i,) for i in range(num_captures)]
+    if num_captures <= 3:
+        return singles[:max_fits]
+    half = num_captures // 2
+    pairs = [(i, i + half) for i in range(half)]
+    order = [s for k in range(num_captures) for s in ([singles[k]] + ([pairs[k]] if k < len(pairs) else []))]
+    return order[:max_fits]
+
+
+def degraded_inputs(
+    captures: Views,
+    memory: GeometryMemory,
+    left_out: Sequence[int],
+    cfg: LoopConfig,
+    fit_iterations: int,
+    reproject: ReprojectGenerator,
+    *,
+    device: torch.device | str,
+    on_fit_step: Callable[[int, float], None] | None = None,
+) -> tuple[Frames, Renders, list[int]]:
+    """What the loop would give the generator at the ``left_out`` captures' cameras had they not
+    been taken: guide (when ``cfg.guide``), memory render, retrieval and reprojection from the rest.
+
+    Args:
+        captures: all captures (images [C, H, W, 3], cameras, ids = 0..C-1).
+        memory: M built from the captures; points whose source is left out are dropped.
+        left_out: indices of the captures to leave out (at least one kept).
+        cfg: the loop's config (guide, fit, render, retrieval, occlusion test).
+        fit_iterations: steps of the guide fit on the kept captures.
+        reproject: the weight-free generator.
+        device: where the guide is fitted.
+        on_fit_step: the guide fit's progress callback (``fit_gaussians``'s ``progress``).
+    Returns:
+        (frames, renders, kept): the reprojection [L, H, W(, 3)], the guided renders at the
+        left-out cameras [L, H, W(, 3)] and the kept captures' indices.
+    """
+    gone = set(left_out)
+    kept = [i for i in range(len(captures)) if i not in gone]
+    if not kept or not gone:
+        raise ValueError(
+            f"refine: left_out must leave out some and keep some of {len(captures)} captures; got {left_out}"
+        )
+    kept_views = Views(captures.images[kept], captures.cams[kept], [captures.ids[i] for i in kept])
+    kept_ids = torch.tensor([captures.ids[i] for i in kept], device=memory.source.device, dtype=memory.source.dtype)
+    sub_memory = memory.select(torch.isin(memory.source, kept_ids))
+    if len(sub_memory) == 0:
+        raise ValueError(f"refine: the memory has no point from the captures kept when leaving out {list(left_out)}")
+    targets = captures.cams[list(left_out)]
+    renders = render_memory(sub_memory, targets, cfg.render)
+    guide = None
+    if cfg.guide.enabled and cfg.has_fit:
+        fit_cfg = replace(cfg.fit, iterations=fit_iterations)
+        guide = fit_gaussians(FitViews.from_views(kept_views), sub_memory, fit_cfg, device=device, progress=on_fit_step)
+    picked = retrieve_views(sub_memory, targets, kept_views.cams, cfg.retrieval, capture_ids=kept_views.ids)
+    depth = None
+    if picked:
+        depth = render_memory(sub_memory, kept_views.cams[picked], cfg.render).depth
+        if guide is not None:
+            guide_depth = render_guide(guide, kept_views.cams[picked], cfg.fit, cfg.guide)[1]
+            depth = torch.where(guide_depth > 0, guide_depth, depth)
+    retrieved = Views(kept_views.images[picked], kept_views.cams[picked], [kept_views.ids[i] for i in picked], depth)
+    if guide is not None:
+        renders = guided_renders(renders, guide, targets, cfg.fit, cfg.guide)
+    none = Views(captures.images[:0], captures.cams[[]], [])
+    cond = ConditionVideo(targets=targets, renders=renders, memory=retrieved, carried=none, prompt=cfg.prompt)
+    return reproject.generate(cond), renders, kept
+
+
+def make_pairs(
+    captures: Views,
+    memory: GeometryMemory,
+    cfg: LoopConfig,
+    refine_cfg: RefineConfig,
+    reproject: ReprojectGenerator,
+    *,
+    device: torch.device | str,
+    progress: ProgressCallback | None = None,
+) -> TrainingPairs:
+    """One training pair per left-out capture of every subset of :func:`leave_out_subsets`.
+
+    ``progress(fraction, message)`` is called after each subset (it may raise to cancel)."""
+    subsets = leave_out_subsets(len(captures), refine_cfg.max_fits)
+    iterations = max(1, round(cfg.fit.iterations * refine_cfg.fit_share))
+    parts: list[tuple[Frames, Renders]] = []
+    target_ids: list[int] = []
+    kept_ids: list[tuple[int, ...]] = []
+
+    def fit_progress(k: int, left_out: tuple[int, ...]) -> Callable[[int, float], None] | None:
+        if progress is None:
+            return None
+        return lambda step, loss: progress(
+            (k + step / iterations) / len(subsets),
+            f"refiner: guide without capture(s) {list(left_out)} ({k + 1}/{len(subsets)}), step {step}/{iterations}",
+        )
+
+    for k, left_out in enumerate(subsets):
+        frames, renders, kept = degraded_inputs(
+            captures, memory, left_out, cfg, iterations, reproject, device=device, on_fit_step=fit_progress(k, left_out)
+        )
+        parts.append((frames, renders))
+        target_ids += list(left_out)
+        kept_ids += [tuple(kept)] * len(left_out)
+        if progress is not None:
+            progress(
+                (k + 1) / len(subsets), f"refiner: inputs without capture(s) {list(left_out)} ({k + 1}/{len(subsets)})"
+            )
+    return TrainingPairs(
+        target_ids=target_ids,
+        kept_ids=kept_ids,
+        frames=torch.cat([f.images for f, _ in parts]),
+        confidence=torch.cat([f.confidence for f, _ in parts]),
+        render_rgb=torch.cat([r.rgb for _, r in parts]),
+        coverage=torch.cat([r.mask for _, r in parts]),
+        truth=captures.images[target_ids],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def augmented_batch(pairs: TrainingPairs, cfg: RefineConfig, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """A batch of random crops with flips and photometric jitter.
+
+    Returns:
+        (inputs [B, 8, h, w], reprojection [B, h, w, 3], truth [B, h, w, 3]), on the pairs' device.
+    """
+    P, H, W = pairs.confidence.shape
+    ch, cw = min(cfg.crop_px, H), min(cfg.crop_px, W)
+    dev = pairs.frames.device
+    B = cfg.batch_size
+    idx = torch.randint(P, (B,), generator=gen).tolist()
+    ys = torch.randint(H - ch + 1, (B,), generator=gen).tolist()
+    xs = torch.randint(W - cw + 1, (B,), generator=gen).tolist()
+
+    def crop(t: Tensor) -> Tensor:
+        return torch.stack([t[p, y : y + ch, x : x + cw] for p, y, x in zip(idx, ys, xs)])
+
+    frames, conf, rgb, cover, truth = (
+        crop(t) for t in (pairs.frames, pairs.confidence, pairs.render_rgb, pairs.coverage, pairs.truth)
+    )
+    # one colour transform per crop, the same for inputs and truth (a different exposure of the scene)
+    gain = 1.0 + cfg.gain_jitter * (2.0 * torch.rand(B, 1, 1, 3, generator=gen) - 1.0)
+    gamma = torch.exp(cfg.gamma_jitter * (2.0 * torch.rand(B, 1, 1, 3, generator=gen) - 1.0))
+    offset = cfg.offset_jitter * (2.0 * torch.rand(B, 1, 1, 3, generator=gen) - 1.0)
+    gain, gamma, offset = gain.to(dev), gamma.to(dev), offset.to(dev)
+
+    def jitter(x: Tensor) -> Tensor:
+        return (gain * x.clamp_min(0.0) ** gamma + offset).clamp(0.0, 1.0)
+
+    frames, truth = jitter(frames), jitter(truth)
+    rgb = torch.where(cover[..., None], jitter(rgb), rgb)  # uncovered render pixels stay black
+    flips = torch.rand(B, 2, generator=gen) < 0.5
+    out = []
+    for t in (frames, conf, rgb, cover, truth):
+        t = torch.stack([x.flip(1) if fx else x for x, fx in zip(t, flips[:, 0].tolist())])  # horizontal
+        t = torch.stack([x.flip(0) if fy else x for x, fy in zip(t, flips[:, 1].tolist())])  # vertical
+        out.append(t)
+    frames, conf, rgb, cover, truth = out
+    return network_inputs(frames, conf, rgb, cover), frames, truth
+
+
+def train_refiner(
+    net: UNet,
+    pairs: TrainingPairs,
+    cfg: RefineConfig,
+    *,
+    progress: ProgressCallback | None = None,
+) -> list[float]:
+    """Train ``net`` on augmented crops of ``pairs`` until ``cfg.seconds`` (or ``cfg.max_steps``).
+
+    Loss: mean L1 of the refined colours against the truth, plus the L1 between the predicted
+    error and the (detached) error made. ``progress(fraction, message)`` is called about every
+    ``LOSS_SYNC_EVERY`` steps.
+
+    Returns:
+        the loss every ``LOSS_SYNC_EVERY`` steps (and the last step's).
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    step, done = 0, 0.0
+    while done < 1.0:
+        lr = cfg.lr * (cfg.lr_final_factor + (1.0 - cfg.lr_final_factor) * 0.5 * (1.0 + math.cos(math.pi * done)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        inputs, frames, truth = augmented_batch(pairs, cfg, gen)
+        refined, error = apply_network(net, inputs, frames)
+        made = (refined - truth).abs().mean(-1)  # [B, h, w]
+        loss = made.mean() + (error - made.detach()).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        by_steps = step / cfg.max_steps if cfg.max_steps else 0.0
+        if step % LOSS_SYNC_EVERY == 0 or by_steps >= 1.0:
+            losses.append(float(loss.detach()))  # waits for the device: the clock below is honest
+            if progress is not None:
+                progress(done, f"refiner: step {step}, loss {losses[-1]:.4f}")
+        done = max((time.perf_counter() - start) / cfg.seconds, by_steps)
+    if step % LOSS_SYNC_EVERY != 0 and not (cfg.max_steps and step >= cfg.max_steps):
+        losses.append(float(loss.detach()))
+    net.eval()
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------
+# The generator
+
+
+@GENERATORS.register("refine")
+class RefineGenerator:
+    """``reproject``'s frames refined by a U-Net trained on the scene's captures (module docstring).
+
+    :meth:`prepare` must run before :meth:`generate` (``run_loop`` calls it once, before the
+    segments).
+
+    Example::
+
+        >>> gen = RefineGenerator(RefineConfig(seconds=5))
+        >>> gen.prepare(captures, memory, loop_cfg, device="cpu")   # doctest: +SKIP
+        >>> frames = gen.generate(cond, num_steps=1, seed=0)          # doctest: +SKIP
+    """
+
+    def __init__(self, config: RefineConfig | None = None, reproject: ReprojectConfig | None = None) -> None:
+        self.config = config or RefineConfig()
+        self.reproject = ReprojectGenerator(reproject)
+        self.net: UNet | None = None
+        self.losses: list[float] = []
+
+    @classmethod
+    def from_config(cls, config: GeneratorConfig) -> RefineGenerator:
+        """The refiner a job's generator config asks for (``refine_seconds``; the seed comes with ``prepare``)."""
+        return cls(RefineConfig(seconds=float(config.refine_seconds)))
+
+    def prepare(
+        self,
+        captures: Views,
+        memory: GeometryMemory,
+        cfg: LoopConfig,
+        *,
+        device: torch.device | str,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """Build the leave-out pairs and train a fresh network on them.
+
+        Args:
+            captures: the captures at the working size (images [C, H, W, 3], cameras, ids 0..C-1).
+            memory: the initial memory M (``memory.source``: capture ids).
+            cfg: the loop's config (its guide, fit, render and retrieval settings are mirrored).
+            device: where the fits and the network run.
+            progress: ``progress(fraction, message)``, fraction of this preparation in [0, 1]; it
+                may raise (e.g. ``backend.progress.Cancelled``) to stop.
+        """
+        device = torch.device(device)
+
+        def part(lo: float, hi: float) -> ProgressCallback | None:
+            if progress is None:
+                return None
+            return lambda f, msg: progress(lo + (hi - lo) * f, msg)
+
+        self.config = replace(self.config, seed=cfg.seed)
+        pairs = make_pairs(captures, memory, cfg, self.config, self.reproject, device=device, progress=part(0.0, 0.5))
+        torch.manual_seed(self.config.seed)
+        self.net = UNet(IN_CHANNELS, OUT_CHANNELS, self.config.widths).to(device)
+        with torch.no_grad():  # the error output starts at confidence_error (confidence e^-1)
+            self.net.head.bias[3] = math.log(math.expm1(self.config.confidence_error))
+        self.losses = train_refiner(self.net, pairs, self.config, progress=part(0.5, 1.0))
+
+    def refine(self, frames: Frames, renders: Renders) -> Frames:
+        """The network on the reprojection and the (guided) render.
+
+        Args:
+            frames: the reprojection: images [F, H, W, 3], confidence [F, H, W].
+            renders: the render it was made from (rgb [F, H, W, 3], mask [F, H, W]).
+        Returns:
+            Frames: refined images float32 [F, H, W, 3] in [0, 1], confidence float32 [F, H, W].
+        """
+        if self.net is None:
+            raise RuntimeError("refine: the network is not trained; call prepare(captures, memory, cfg) first")
+        images, confidence = [], []
+        with torch.no_grad():
+            for s in range(0, len(frames.images), INFERENCE_CHUNK):
+                sl = slice(s, s + INFERENCE_CHUNK)
+                inputs = network_inputs(frames.images[sl], frames.confidence[sl], renders.rgb[sl], renders.mask[sl])
+                refined, error = apply_network(self.net, inputs, frames.images[sl])
+                images.append(refined)
+                confidence.append(torch.exp(-error / self.config.confidence_error))
+        return Frames(images=torch.cat(images).contiguous(), confidence=torch.cat(confidence).contiguous())
+
+    def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:
+        """Reproject, then refine (``num_steps`` and ``seed`` are unused: deterministic)."""
+        return self.refine(self.reproject.generate(cond), cond.renders)
+
+    def save(self, path: Path) -> None:
+        """Write the trained network's weights and config (a torch state dict) to ``path``."""
+        if self.net is None:
+            raise RuntimeError("refine: nothing to save; the network is not trained")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"config": self.config.__dict__, "state_dict": self.net.state_dict()}, path)

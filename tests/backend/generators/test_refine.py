@@ -1,0 +1,257 @@
+"""The refine generator on CPU at tiny sizes: leave-out pairs, training, the loop and the service."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from backend.camera_paths import default_trajectory
+from backend.evaluate import split_protocol
+from backend.formats import import_scene
+from backend.generators import GENERATORS
+from backend.generators.refine import (
+    RefineConfig,
+    RefineGenerator,
+    TrainingPairs,
+    UNet,
+    degraded_inputs,
+    leave_out_subsets,
+    make_pairs,
+    train_refiner,
+)
+from backend.generators.reproject import ReprojectGenerator
+from backend.loop import LoopConfig, run_loop
+from backend.scene import Scene, SceneError, Settings, TrajectoryFrame
+from backend.stages.memory import build_memory
+from backend.types import Cameras, Views
+
+W, H = 64, 48
+FIT_ITERATIONS = 20
+TINY = RefineConfig(seconds=60.0, max_steps=6, widths=(8, 16), crop_px=32, batch_size=2, fit_share=0.25)
+
+
+def tiny_refiner(seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(8, 4, TINY.widths)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two pytest workers share two cores
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def temple3(tmp_path_factory: pytest.TempPathFactory) -> Scene:
+    from tests.conftest import require_shared_data
+
+    src = require_shared_data("middlebury_temple")
+    scene = import_scene("middlebury", src, tmp_path_factory.mktemp("temple"))
+    scene = split_protocol(scene, "ring-arc", train_views=3, ring_start=11)
+    orbit = default_trajectory([c.camera for c in scene.captures], 6)
+    settings = Settings(
+        width=W,
+        height=H,
+        gaussian_iterations=FIT_ITERATIONS,
+        segment_length=6,
+        segment_overlap=2,
+        generator="refine",
+        refine_seconds=1,
+    )
+    return replace(
+        scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(orbit)], heldout=[], settings=settings
+    )
+
+
+@pytest.fixture(scope="module")
+def captures_memory(temple3: Scene, single_thread):
+    from backend.stages.cameras import load_image, resize_image, to_tensor
+
+    images = [resize_image(load_image(c.image), W, H) for c in temple3.captures]
+    captures = Views(
+        to_tensor(images, torch.device("cpu")),
+        Cameras.from_scene([c.camera for c in temple3.captures], W, H),
+        list(range(len(images))),
+    )
+    cfg = LoopConfig.from_settings(temple3.settings)
+    return captures, build_memory(captures, cfg.memory), cfg
+
+
+def test_refine_is_listed_and_settings_check_the_budget() -> None:
+    assert "refine" in GENERATORS.names()
+    assert Settings.from_json({"refine_seconds": 30}).refine_seconds == 30
+    with pytest.raises(SceneError, match=r"settings.refine_seconds: must be in \[1, 3600\]; got 0"):
+        Settings.from_json({"refine_seconds": 0})
+    with pytest.raises(ValueError, match="RefineConfig.fit_share must be in"):
+        RefineConfig(fit_share=0.0)
+
+
+def test_the_loop_builds_it_from_the_job_settings() -> None:
+    from backend.generators import GeneratorCache, GeneratorConfig
+
+    config = GeneratorConfig.from_settings(Settings(generator="refine", refine_seconds=7, seed=3))
+    gen = GeneratorCache().get(config, "cpu")
+    assert isinstance(gen, RefineGenerator) and gen.config.seconds == 7.0
+    with pytest.raises(RuntimeError, match="call prepare"):
+        gen.refine(None, None)
+
+
+def test_leave_out_subsets() -> None:
+    assert leave_out_subsets(2, 6) == [(0,), (1,)]
+    assert leave_out_subsets(3, 6) == [(0,), (1,), (2,)]
+    five = leave_out_subsets(5, 6)
+    assert len(five) == 6 and any(len(s) == 2 for s in five) and any(len(s) == 1 for s in five)
+    assert all(len(set(s)) == len(s) and max(s) < 5 for s in five)
+    with pytest.raises(ValueError, match="needs at least 2 captures"):
+        leave_out_subsets(1, 6)
+
+
+def test_pairs_never_see_their_target(captures_memory) -> None:
+    captures, memory, cfg = captures_memory
+    pairs = make_pairs(captures, memory, cfg, TINY, ReprojectGenerator(), device="cpu")
+    assert pairs.target_ids == [0, 1, 2]
+    for target, kept in zip(pairs.target_ids, pairs.kept_ids):
+        assert target not in kept and len(kept) == 2
+    assert torch.equal(pairs.truth, captures.images[[0, 1, 2]])
+    assert pairs.frames.shape == (3, H, W, 3) and pairs.coverage.dtype == torch.bool
+    # the inputs at camera 1 do not change when the photo taken there does: capture 1 is never read
+    frames, renders, _ = degraded_inputs(captures, memory, [1], cfg, 5, ReprojectGenerator(), device="cpu")
+    scrambled = Views(captures.images.clone(), captures.cams, captures.ids)
+    scrambled.images[1] = torch.rand(H, W, 3, generator=torch.Generator().manual_seed(0))
+    frames2, renders2, _ = degraded_inputs(scrambled, memory, [1], cfg, 5, ReprojectGenerator(), device="cpu")
+    assert torch.equal(frames.images, frames2.images) and torch.equal(renders.rgb, renders2.rgb)
+    # ... while leaving out another capture does read it
+    other, _, _ = degraded_inputs(scrambled, memory, [0], cfg, 5, ReprojectGenerator(), device="cpu")
+    reference, _, _ = degraded_inputs(captures, memory, [0], cfg, 5, ReprojectGenerator(), device="cpu")
+    assert not torch.equal(other.images, reference.images)
+
+
+def test_network_trains_on_a_fixed_pair(single_thread) -> None:
+    g = torch.Generator().manual_seed(0)
+    truth = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 24, 32, generator=g), 3, 1, 1).permute(0, 2, 3, 1)
+    degraded = (0.7 * truth + 0.1).clamp(0, 1)  # a darker, flatter copy: learnable
+    pairs = TrainingPairs(
+        target_ids=[0],
+        kept_ids=[(1,)],
+        frames=degraded,
+        confidence=torch.full((1, 24, 32), 0.5),
+        render_rgb=degraded,
+        coverage=torch.ones(1, 24, 32, dtype=torch.bool),
+        truth=truth,
+    )
+    cfg = replace(TINY, max_steps=150, crop_px=16, batch_size=4, lr=3e-3, gain_jitter=0.0, gamma_jitter=0.0)
+    net = tiny_refiner()
+    losses = train_refiner(net, pairs, replace(cfg, offset_jitter=0.0))
+    assert len(losses) == 15
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert sum(p.numel() for p in UNet(8, 4, RefineConfig().widths).parameters()) < 3_000_000
+
+
+@pytest.mark.slow
+def test_refine_runs_in_the_loop(temple3: Scene, single_thread, tmp_path: Path) -> None:
+    events = []
+    gen = RefineGenerator(TINY)
+    result = run_loop(temple3, tmp_path / "job", device="cpu", progress=events.append, generator=gen)
+    assert result.metrics["generator"] == "refine"
+    assert "prepare" in result.metrics["timing"]["stages"]
+    assert sum(e.stage == "prepare" for e in events) >= 3  # one per leave-out fit at least
+    assert result.frames.images.shape == (6, H, W, 3)
+    assert torch.isfinite(result.frames.images).all()
+    conf = result.frames.confidence
+    assert float(conf.min()) >= 0.0 and float(conf.max()) <= 1.0 and float(conf.mean()) > 0.0
+    assert len(gen.losses) >= 1
+    gen.save(tmp_path / "refiner.pt")
+    saved = torch.load(tmp_path / "refiner.pt")
+    assert saved["config"]["widths"] == TINY.widths and "head.weight" in saved["state_dict"]
+
+
+@pytest.mark.slow
+def test_refine_job_through_the_service(temple3: Scene, tmp_path: Path) -> None:
+    from backend.service import Service, ServiceConfig
+    from backend.service.store import scene_message
+    from backend.service.worker import default_runner
+    from protocol.client import Client
+
+    svc = Service(
+        ServiceConfig(bind="tcp://127.0.0.1:*", data_dir=tmp_path / "jobs", device="cpu"), runner=default_runner
+    )
+    thread = svc.start_thread()
+    try:
+        with Client(svc.endpoint, timeout_ms=5000) as c:
+            assert "refine" in c.hello()["generators"]
+            job = c.submit(scene_message(temple3))
+            c.watch(job, since=0)
+            events = list(c.events(job, idle_ms=120_000))
+            assert events[-1]["state"] == "done", events[-1]
+            assert any(e.get("stage") == "prepare" for e in events)
+            artifacts = {a["name"]: a for a in c.status(job)["artifacts"]}
+            assert {"gaussians.ply", "frames/frame_0001.png", "metrics.json"} <= set(artifacts)
+            metrics = c.fetch_bytes(job, "metrics.json")
+            assert hashlib.sha256(metrics).hexdigest() == artifacts["metrics.json"]["sha256"]
+            assert b'"generator": "refine"' in metrics
+    finally:
+        svc.stop()
+        thread.join(20)
+
+
+@pytest.mark.slow
+def test_bench_refine_variant_runs_at_a_tiny_size(single_thread, tmp_path: Path) -> None:
+    import json
+    import sys
+
+    from tests.conftest import require_shared_data
+
+    data = require_shared_data("middlebury_temple").parent
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
+    try:
+        import bench_loop_quality
+    finally:
+        sys.path.pop(0)
+    args = ["--data", str(data), "--scenes", "temple", "--size", "48x36", "--iterations", "5"]
+    args += ["--variants", "default,refine small", "--refine-steps", "2", "--refine-seconds", "600"]
+    assert (
+        bench_loop_quality.main(
+            [*args, "--device", "cpu", "--pictures", str(tmp_path), "--out", str(tmp_path / "q.json")]
+        )
+        == 0
+    )
+    summary = json.loads((tmp_path / "q.json").read_text())["scenes"]["temple"]["summary"]
+    assert {"frames", "refine_input_frames", "gaussians_loop"} <= set(summary["refine small"])
+    assert (tmp_path / "temple_refine_small_seed0_refine.png").is_file()
+
+
+@pytest.mark.slow
+def test_cli_run_saves_the_refiner_weights_when_asked(temple3: Scene, single_thread, tmp_path: Path) -> None:
+    from backend.cli import main
+    from backend.scene import save_scene
+
+    folder = tmp_path / "scene"
+    save_scene(temple3, folder)
+    weights = tmp_path / "refiner.pt"
+    assert (
+        main(["run", str(folder), "--out", str(tmp_path / "out"), "--device", "cpu", "--refiner-out", str(weights)])
+        == 0
+    )
+    saved = torch.load(weights)
+    assert saved["config"]["seconds"] == 1.0 and "head.weight" in saved["state_dict"]
+    assert (tmp_path / "out" / "gaussians.ply").is_file()
+    save_scene(replace(temple3, settings=replace(temple3.settings, generator="reproject")), tmp_path / "plain")
+    with pytest.raises(SystemExit, match="trains no weights"):
+        main(
+            [
+                "run",
+                str(tmp_path / "plain"),
+                "--out",
+                str(tmp_path / "o2"),
+                "--device",
+                "cpu",
+                "--refiner-out",
+                str(weights),
+            ]
+        )

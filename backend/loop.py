@@ -230,9 +230,11 @@ def run_loop(
     captures, targets_all, W, H = step0.captures, step0.targets, step0.width, step0.height
     if cfg.budget is not None:
         step0.notes.insert(0, cfg.budget.sentence)
+    placed = [n for n in step0.notes if n.startswith("SfM could not place")]  # named to the user, not dropped
     track.finish(
         "cameras",
-        f"{len(captures)} captures at {W}x{H}; {step0.num_estimated} cameras estimated; {len(targets_all)} trajectory frames",
+        f"{len(captures)} captures at {W}x{H}; {step0.num_estimated} cameras estimated; {len(targets_all)} "
+        f"trajectory frames" + "".join(f"; {n}" for n in placed),
     )
 
     # 1. Geometry memory M from the posed captures.

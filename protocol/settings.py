@@ -234,6 +234,16 @@ SETTINGS: tuple[Setting, ...] = (
         "fitting steps to it from measured step costs (0: no budget; CPU services default to a few minutes)",
         range=(0, 24 * 60),
     ),
+    Setting(
+        "photo_cameras",
+        "enum",
+        "auto",
+        "Photo cameras",
+        "Photos without cameras: which share one lens when SfM estimates them. 'auto': photos of one size "
+        "with the same EXIF camera and focal length; 'one': all photos; 'each': every photo its own",
+        choices=("auto", "one", "each"),
+        section=SECTION_ADVANCED,
+    ),
     Setting("seed", "int", 0, "Seed", "Random seed of generation and fitting", range=(0, 2**31 - 1)),
     Setting("prompt", "str", "", "Prompt", "Optional text for the generator"),
 )

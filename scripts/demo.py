@@ -145,6 +145,28 @@ def prepare_captures(scene_dir: Path) -> None:
     log(f"{len(cams)} capture cameras with photos in collection {coll.name!r}")
 
 
+def score_gaussians(scene_dir: Path, gaussians_ply: Path) -> str:
+    """The job's Gaussians at the demo scene's ground-truth views (the trajectory's own frames, rendered
+    by Cycles when the scene was made): mean PSNR / SSIM, as ``reconloop eval`` scores held-out views."""
+    from dataclasses import replace
+
+    from backend.metrics import image_metrics
+    from backend.scene import load_scene
+    from backend.stages.cameras import load_image, resize_image, to_tensor
+    from backend.stages.fit import FitConfig, gaussians_from_arrays, render_gaussians
+    from backend.types import Cameras
+    from protocol.ply import read_gaussians_ply
+
+    scene = load_scene(scene_dir)
+    W, H = scene.settings.width, scene.settings.height
+    truth = to_tensor([resize_image(load_image(c.image), W, H) for c in scene.heldout], "cpu")
+    cams = Cameras.from_scene([c.camera for c in scene.heldout], W, H, device="cpu")
+    gaussians = gaussians_from_arrays(read_gaussians_ply(gaussians_ply))
+    cfg = replace(FitConfig(), rasterizer="torch_cpu")
+    scores = image_metrics(render_gaussians(gaussians, cams, cfg), truth).mean()
+    return f"{scores['psnr']:.2f} dB PSNR, SSIM {scores['ssim']:.3f} at {len(truth)} ground-truth views"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run the ReconLoop demo through the Blender add-on and the service.")
     ap.add_argument("--out", type=Path, default=REPO / "demo_out")
@@ -194,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         result = out / "demo_result.blend"
         bpy.ops.wm.save_as_mainfile(filepath=str(result))
         log(f"saved {result}")
+        ply = next((out / "results").rglob("gaussians.ply"), None)
+        if ply is not None:
+            log(f"the Gaussians: {score_gaussians(scene_dir, ply)}")
     finally:
         stop_service(proc, endpoint)
         shutil.rmtree(work, ignore_errors=True)

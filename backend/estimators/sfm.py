@@ -52,6 +52,34 @@ class SfMError(ValueError):
     """Structure from motion could not give cameras for enough images (plain-language message)."""
 
 
+CAMERA_GROUPINGS = ("auto", "one", "each")
+# EXIF tags that tell one physical camera from another: Make, Model (IFD0), FocalLength (Exif IFD)
+EXIF_MAKE, EXIF_MODEL, EXIF_IFD, EXIF_FOCAL = 0x010F, 0x0110, 0x8769, 0x920A
+
+
+def camera_groups(paths: Sequence[Path], grouping: str = "auto") -> list[int]:
+    """Which photos share intrinsics: a group index per photo (``SfMConfig.camera_grouping``).
+
+    ``auto`` groups photos of one size whose EXIF make, model and focal length agree (photos without
+    EXIF group by size alone); ``one`` puts every photo of one size together; ``each`` none.
+    """
+    from PIL import Image
+
+    keys: list[tuple] = []
+    for i, p in enumerate(paths):
+        with Image.open(p) as im:
+            key: tuple = (im.size,)
+            if grouping == "each":
+                key += (i,)
+            elif grouping == "auto":
+                exif = im.getexif()
+                focal = exif.get_ifd(EXIF_IFD).get(EXIF_FOCAL)
+                key += (exif.get(EXIF_MAKE), exif.get(EXIF_MODEL), None if focal is None else float(focal))
+        keys.append(key)
+    first = {k: n for n, k in enumerate(dict.fromkeys(keys))}
+    return [first[k] for k in keys]
+
+
 @dataclass(frozen=True)
 class SfMConfig:
     """Attributes:
@@ -61,6 +89,9 @@ class SfMConfig:
     unknown_camera_model: COLMAP model estimated when intrinsics are not known.
     num_threads: worker threads (-1 = all cores).
     seed: random seed of the mapper (repeatable runs).
+    camera_grouping: which photos share one set of intrinsics when they are estimated: ``auto``
+        (photos of one size with the same EXIF make, model and focal length: one physical camera),
+        ``one`` (all photos) or ``each`` (every photo its own).
     """
 
     max_image_size: int = 1600
@@ -69,8 +100,13 @@ class SfMConfig:
     unknown_camera_model: str = "SIMPLE_RADIAL"
     num_threads: int = -1
     seed: int = 0
+    camera_grouping: str = "auto"
 
     def check(self) -> None:
+        if self.camera_grouping not in CAMERA_GROUPINGS:
+            raise ValueError(
+                f"SfMConfig.camera_grouping must be one of {', '.join(CAMERA_GROUPINGS)}; got {self.camera_grouping!r}"
+            )
         if self.min_registered < 2:
             raise ValueError(f"SfMConfig.min_registered must be >= 2; got {self.min_registered}")
         if self.unknown_camera_model not in _MODELS:
@@ -189,8 +225,11 @@ def estimate_cameras(
     image_dir, model_dir = work / "images", work / "sparse"
     image_dir.mkdir(parents=True)
     model_dir.mkdir()
-    names = [f"{i:05d}{p.suffix.lower()}" for i, p in enumerate(paths)]
-    for name, p in zip(names, paths):
+    # one folder per group of photos that share intrinsics (COLMAP's PER_FOLDER camera mode)
+    groups = [0] * len(paths) if known_K is not None else camera_groups(paths, cfg.camera_grouping)
+    names = [f"g{g:03d}/{i:05d}{p.suffix.lower()}" for i, (g, p) in enumerate(zip(groups, paths, strict=True))]
+    for name, p in zip(names, paths, strict=True):
+        (image_dir / name).parent.mkdir(exist_ok=True)
         (image_dir / name).symlink_to(p)
     database = work / "database.db"
 
@@ -210,7 +249,8 @@ def estimate_cameras(
         options.ba_refine_extra_params = False
     else:
         reader.camera_model = cfg.unknown_camera_model
-        camera_mode = pycolmap.CameraMode.AUTO
+        camera_mode = pycolmap.CameraMode.PER_FOLDER
+        log.info("sfm: %d photos, %d cameras (intrinsics shared per camera)", len(paths), len(set(groups)))
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.max_image_size = cfg.max_image_size
     extraction.sift.max_num_features = cfg.max_num_features

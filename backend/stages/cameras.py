@@ -85,7 +85,8 @@ def prepare_captures(
     cams_found, is_estimated = capture_cameras(scene, notes)
     kept = [i for i, c in enumerate(cams_found) if c is not None]
     if len(kept) < len(cams_found):
-        notes.append(f"SfM could not register {len(cams_found) - len(kept)} captures; they are left out")
+        missing = [c.name for c, cam in zip(scene.captures, cams_found, strict=True) if cam is None]
+        notes.append(f"SfM could not place {len(missing)} of {len(cams_found)} photos; left out: {', '.join(missing)}")
     used = [scene.captures[i] for i in kept]
     pinholes = [undistorted(load_image(c.image), cams_found[i]) for c, i in zip(used, kept, strict=True)]
     trajectory = [t.camera for t in scene.trajectory]
@@ -169,14 +170,15 @@ def capture_cameras(scene: Scene, notes: list[str]) -> tuple[list[Camera | None]
     given = [c.camera for c in scene.captures]
     if all(c is not None for c in given):
         return given, [False] * len(given)
-    from ..estimators.sfm import estimate_cameras
+    from ..estimators.sfm import SfMConfig, estimate_cameras
 
     known = [c for c in given if c is not None]
     sizes = {(c.width, c.height) for c in known}
     same_size = len(sizes) == 1 and all(image_size(c.image) == next(iter(sizes)) for c in scene.captures)
     known_K = known[0].K if known and same_size else None
     with tempfile.TemporaryDirectory(prefix="reconloop-sfm-") as work:
-        estimated = estimate_cameras([c.image for c in scene.captures], known_K=known_K, work_dir=work)
+        sfm = SfMConfig(camera_grouping=scene.settings.photo_cameras)
+        estimated = estimate_cameras([c.image for c in scene.captures], known_K=known_K, work_dir=work, cfg=sfm)
     pairs = [(g, e) for g, e in zip(given, estimated, strict=True) if g is not None and e is not None]
     if len(pairs) >= SIM_MIN_CAMERAS:
         s, R, t = similarity([e.center for _, e in pairs], [g.center for g, _ in pairs])

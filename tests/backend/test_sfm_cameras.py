@@ -1,0 +1,58 @@
+"""SfM's intrinsics: photos of one physical camera share one (issue: the temple's 3 photos got 3 focal lengths)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.estimators.sfm import EXIF_FOCAL, EXIF_IFD, EXIF_MAKE, EXIF_MODEL, SfMConfig, camera_groups
+
+
+def _photo(path: Path, size: tuple[int, int], make: str | None = None, focal: float | None = None) -> Path:
+    exif = Image.Exif()
+    if make is not None:
+        exif[EXIF_MAKE], exif[EXIF_MODEL] = make, "M1"
+    if focal is not None:
+        exif.get_ifd(EXIF_IFD)[EXIF_FOCAL] = focal
+    Image.fromarray(np.zeros((size[1], size[0], 3), np.uint8)).save(path, exif=exif)
+    return path
+
+
+def test_photos_of_one_camera_share_intrinsics(tmp_path: Path) -> None:
+    photos = [
+        _photo(tmp_path / "a.jpg", (64, 48), "Canon", 35.0),
+        _photo(tmp_path / "b.jpg", (64, 48), "Canon", 35.0),
+        _photo(tmp_path / "c.jpg", (64, 48), "Canon", 50.0),  # zoomed: another intrinsic
+        _photo(tmp_path / "d.jpg", (48, 64), "Canon", 35.0),  # portrait: another size
+        _photo(tmp_path / "e.jpg", (64, 48)),  # no EXIF
+        _photo(tmp_path / "f.jpg", (64, 48)),
+    ]
+    assert camera_groups(photos, "auto") == [0, 0, 1, 2, 3, 3]
+    assert camera_groups(photos, "one") == [0, 0, 0, 1, 0, 0]  # one lens, but a size is a size
+    assert camera_groups(photos, "each") == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="SfMConfig.camera_grouping must be one of auto, one, each"):
+        SfMConfig(camera_grouping="two").check()
+
+
+def test_the_job_setting_reaches_sfm() -> None:
+    from backend.scene import SceneError, Settings
+
+    assert Settings().photo_cameras == "auto"
+    assert Settings.from_json({"photo_cameras": "one"}).photo_cameras == "one"
+    with pytest.raises(SceneError, match="settings.photo_cameras: must be one of auto, one, each"):
+        Settings.from_json({"photo_cameras": "many"})
+
+
+def test_sfm_gives_one_focal_length_for_one_camera(temple_dir: Path, tmp_path: Path) -> None:
+    """The temple's photos come from one camera: every photo SfM places gets the same intrinsics."""
+    from backend.estimators.sfm import estimate_cameras
+
+    photos = sorted(temple_dir.glob("templeSR000[1-6].png"))
+    cams = estimate_cameras(photos, work_dir=tmp_path / "sfm", cfg=SfMConfig(num_threads=1, max_image_size=640))
+    placed = [c for c in cams if c is not None]
+    assert len(placed) >= 2
+    for c in placed[1:]:
+        np.testing.assert_array_equal(c.K, placed[0].K)

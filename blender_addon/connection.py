@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocol.schemas import TERMINAL_STATES
+
 from . import scene_io
 from .errors import ReconLoopError
 
@@ -41,7 +43,6 @@ KIND_PRIORITY = {
     scene_io.KIND_OTHER: 4,
 }
 GIB = float(1 << 30)
-TERMINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 
 
 def _protocol():

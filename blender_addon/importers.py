@@ -267,18 +267,22 @@ def _new_tree(name: str) -> bpy.types.NodeTree:
     return tree
 
 
-def _material(name: str) -> bpy.types.Material:
-    """Points: emission coloured by the ``display_color`` attribute."""
-    mat = bpy.data.materials.get(name)
-    if mat is not None:
-        return mat
+def _emission_material(name: str):
+    """A new material of an empty node tree holding an output and an emission node: (mat, tree, out, emit)."""
     mat = bpy.data.materials.new(name)
     if mat.node_tree is None:  # Blender before 5.0: node trees are opt-in
         mat.use_nodes = True
     nt = mat.node_tree
     nt.nodes.clear()
-    out = nt.nodes.new("ShaderNodeOutputMaterial")
-    emit = nt.nodes.new("ShaderNodeEmission")
+    return mat, nt, nt.nodes.new("ShaderNodeOutputMaterial"), nt.nodes.new("ShaderNodeEmission")
+
+
+def _material(name: str) -> bpy.types.Material:
+    """Points: emission coloured by the ``display_color`` attribute."""
+    mat = bpy.data.materials.get(name)
+    if mat is not None:
+        return mat
+    mat, nt, out, emit = _emission_material(name)
     color = nt.nodes.new("ShaderNodeAttribute")
     color.attribute_name = ATTR_DISPLAY_COLOR
     color.attribute_type = "GEOMETRY"
@@ -326,13 +330,7 @@ def gaussian_material() -> bpy.types.Material:
     mat = bpy.data.materials.get(GAUSSIANS_MATERIAL)
     if mat is not None:
         return mat
-    mat = bpy.data.materials.new(GAUSSIANS_MATERIAL)
-    if mat.node_tree is None:  # Blender before 5.0: node trees are opt-in
-        mat.use_nodes = True
-    nt = mat.node_tree
-    nt.nodes.clear()
-    out = nt.nodes.new("ShaderNodeOutputMaterial")
-    emit = nt.nodes.new("ShaderNodeEmission")
+    mat, nt, out, emit = _emission_material(GAUSSIANS_MATERIAL)
     color = nt.nodes.new("ShaderNodeAttribute")
     color.attribute_name, color.attribute_type = ATTR_COLOR, "INSTANCER"
     color_srgb = nt.nodes.new("ShaderNodeAttribute")

@@ -45,3 +45,14 @@ def fern_dir() -> Path:
 @pytest.fixture
 def door_dir() -> Path:
     return require_shared_data("lund_door")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module's tests."""
+    import torch  # not at the top: most tests never load torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two pytest workers share two cores
+    yield
+    torch.set_num_threads(threads)

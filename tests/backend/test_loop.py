@@ -47,14 +47,6 @@ def temple3(tmp_path_factory: pytest.TempPathFactory) -> Scene:
 
 
 @pytest.fixture(scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two pytest workers share two cores
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def loop_run(temple3: Scene, single_thread, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("job")
     events: list[ProgressEvent] = []

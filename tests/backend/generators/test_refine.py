@@ -40,14 +40,6 @@ def tiny_refiner(seed: int = 0) -> UNet:
 
 
 @pytest.fixture(scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two pytest workers share two cores
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def temple3(tmp_path_factory: pytest.TempPathFactory) -> Scene:
     from tests.conftest import require_shared_data
 

@@ -1,0 +1,51 @@
+"""A job's Gaussians rendered by Blender (Cycles, through the add-on's importer) against the service's own
+render, from the scene's capture cameras: PSNR per camera (docs/benchmarks.md, "Gaussians in Blender").
+
+    .venv/bin/python scripts/compare_blender_splats.py demo_out/scene demo_out/results --size 96x72
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from backend.metrics import MSE_FLOOR  # noqa: E402
+from backend.scene import load_scene  # noqa: E402
+from protocol.ply import read_gaussians_ply  # noqa: E402
+from tests.blender._splat_compare import cycles_render, service_render  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("scene", type=Path, help="scene folder (its captures' cameras are the views)")
+    ap.add_argument("results", type=Path, help="a job's output folder (gaussians.ply found below it)")
+    ap.add_argument("--size", default="96x72", metavar="WxH")
+    ap.add_argument("--cameras", type=int, default=3, help="the first N captures")
+    args = ap.parse_args(argv)
+    W, H = (int(v) for v in args.size.lower().split("x"))
+    ply = next(args.results.rglob("gaussians.ply"))
+    g = read_gaussians_ply(ply)
+    scene = load_scene(args.scene)
+    scores = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for c in scene.captures[: args.cameras]:
+            cam = c.camera.scaled(W, H)
+            want = service_render(g, cam.w2c, cam.K, W, H)
+            got = cycles_render(g, cam.w2c, cam.K, W, H, Path(tmp) / f"{c.name}.png")
+            psnr = 10 * np.log10(1.0 / max(float(np.mean((want - got) ** 2)), MSE_FLOOR))
+            scores.append(psnr)
+            print(f"{c.name}: {psnr:.2f} dB (Cycles against the service, {W}x{H})", flush=True)
+    print(f"{ply}: mean {np.mean(scores):.2f} dB over {len(scores)} cameras")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

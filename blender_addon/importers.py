@@ -358,8 +358,22 @@ def gaussian_material() -> bpy.types.Material:
     density = _math(nt, "EXPONENT", _math(nt, "MULTIPLY", r2, -0.5))
     alpha = _math(nt, "MINIMUM", _math(nt, "MULTIPLY", opacity.outputs["Fac"], density), ALPHA_MAX)
     inside = _math(nt, "LESS_THAN", r2, CUTOFF_SIGMA * CUTOFF_SIGMA)
+    # Each splat counts once: at its front face, or, when the camera sits inside its cutoff sphere (a large
+    # Gaussian around the viewer; its rays meet only back faces), at the back face.
+    camera = nt.nodes.new("ShaderNodeCameraData")
+    back = nt.nodes.new("ShaderNodeVectorMath")  # the camera, world: the shading point + incoming x distance
+    back.operation = "SCALE"
+    nt.links.new(geometry.outputs["Incoming"], back.inputs[0])
+    nt.links.new(camera.outputs["View Distance"], back.inputs["Scale"])
+    cam_world = _vmath(nt, "ADD", geometry.outputs["Position"], back.outputs["Vector"])
+    cam_to_object = nt.nodes.new("ShaderNodeVectorTransform")
+    cam_to_object.vector_type, cam_to_object.convert_from, cam_to_object.convert_to = "POINT", "WORLD", "OBJECT"
+    nt.links.new(cam_world, cam_to_object.inputs["Vector"])
+    cam_obj = cam_to_object.outputs["Vector"]
+    cam_inside = _math(nt, "LESS_THAN", _vmath(nt, "DOT_PRODUCT", cam_obj, cam_obj), CUTOFF_SIGMA * CUTOFF_SIGMA)
     front = _math(nt, "SUBTRACT", 1.0, geometry.outputs["Backfacing"])
-    alpha = _math(nt, "MULTIPLY", _math(nt, "MULTIPLY", alpha, inside), front)
+    counted = _math(nt, "ADD", front, _math(nt, "MULTIPLY", geometry.outputs["Backfacing"], cam_inside))
+    alpha = _math(nt, "MULTIPLY", _math(nt, "MULTIPLY", alpha, inside), counted)
     transparent = nt.nodes.new("ShaderNodeBsdfTransparent")
     mix = nt.nodes.new("ShaderNodeMixShader")
     nt.links.new(alpha, mix.inputs["Fac"])

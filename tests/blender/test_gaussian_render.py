@@ -65,3 +65,22 @@ def test_one_gaussian_profile(opacity_logit, tmp_path):
     got = cycles_render(g, w2c, K, W, H, tmp_path / "one.png")
     assert abs(got.max() - want.max()) < 0.02
     assert abs((got[..., 0] > 0.02).sum() - (want[..., 0] > 0.02).sum()) <= 0.1 * (want[..., 0] > 0.02).sum()
+
+
+def test_a_gaussian_around_the_camera_is_drawn(tmp_path):
+    """The camera inside a Gaussian's cutoff sphere (a large one around the viewer): its rays meet only back
+    faces, which then count, so Cycles draws it as the rasterizer does instead of leaving it out."""
+    g = GaussianArrays(
+        means=np.zeros((1, 3), np.float32),
+        log_scales=np.log(np.float32([[1.5, 1.2, 1.0]])),
+        quats=np.float32([[1.0, 0.0, 0.0, 0.0]]),
+        opacity_logits=np.float32([0.0]),
+        sh=np.full((1, 1, 3), (0.8 - 0.5) / SH_C0, np.float32),
+    )
+    W, H = 48, 36
+    K = np.array([[40.0, 0, W / 2], [0, 40.0, H / 2], [0, 0, 1]])
+    w2c = look_at((0.2, 0.3, -2.0))  # 2 m from the centre: well inside 3 sigma
+    want = service_render(g, w2c, K, W, H)
+    got = cycles_render(g, w2c, K, W, H, tmp_path / "inside.png")
+    assert want.mean() > 0.2
+    assert psnr(want, got) >= MIN_PSNR_DB

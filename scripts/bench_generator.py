@@ -35,6 +35,7 @@ import datetime
 import functools
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -617,7 +618,9 @@ def main() -> None:
     if args.gpus:
         bench_sequence_parallel(args, res, device)
         print("done", flush=True)
-        return
+        # leave without running the closed process groups' C++ destructors, which the collector may run
+        # at exit and which can block on gloo's worker threads once the followers are gone
+        os._exit(0)
 
     comps = build_components(args, device)
     tcfg = comps.transformer.config

@@ -65,6 +65,37 @@ def test_token_shard_sizes() -> None:
     ],
 )
 def test_ranks_match_single_process(world: int, attention: str, backend: str, guidance: float) -> None:
+    got = _isolated("ranks_match", world, attention, backend, guidance)
+    assert got["world_size"] == world and got["peaks"] == [0] * world  # CPU: no accelerator memory to report
+    assert got["shape"] == [1, 16, N_FRAMES, LATENT_H, LATENT_W] and got["ref_mean_abs"] > 0.1
+    assert got["max_abs"] <= FP32_ATOL and not got["initialized_after"]
+
+
+def test_spawned_group_is_kept_for_the_next_job() -> None:
+    """The launch the service uses (spawned interpreters, as CUDA needs): two jobs on one group."""
+    got = _isolated("kept_for_next_job")
+    assert got["first_vs_ref"] <= FP32_ATOL and got["again_vs_first"] == 0.0 and not got["initialized_after"]
+
+
+# Each multi-rank case runs in a process of its own, which leaves by os._exit once it has printed its
+# result: a gloo process group's C++ destructor, run later by Python's garbage collector, can block on
+# its worker threads after the followers are gone, and must not run inside the test process.
+CASE_TIMEOUT_S = 240
+
+
+def _isolated(case: str, *args) -> dict:
+    code = (
+        "import json, os, sys; from tests.backend.generators.test_sequence_parallel import _CASES; "
+        f"out = _CASES[{case!r}](*{args!r}); print('RESULT ' + json.dumps(out), flush=True); os._exit(0)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=CASE_TIMEOUT_S)
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def _case_ranks_match(world: int, attention: str, backend: str, guidance: float) -> dict:
+    torch.set_num_threads(1)
     cfg = AnyReconConfig(attention=attention, window_frames=1, sparse_kernel=backend, guidance_scale=guidance)
     build = functools.partial(tiny_anyrecon_generator, cfg, num_heads=4)
     ref_gen = build(device="cpu")
@@ -72,17 +103,19 @@ def test_ranks_match_single_process(world: int, attention: str, backend: str, gu
     negative = torch.randn_like(inputs["prompt_embeds"]) if guidance > 1 else None
     ref = ref_gen.denoise(**inputs, negative_embeds=negative, num_steps=STEPS, seed=0)
     with SequenceParallelGroup(build, ["cpu"] * world, start_method="fork") as group:
-        assert group.world_size == world
         got = group.generator.denoise(**inputs, negative_embeds=negative, num_steps=STEPS, seed=0)
-        assert group.peak_memory_bytes() == [0] * world  # CPU: no accelerator memory to report
-    assert not dist.is_initialized()
-    assert got.shape == ref.shape == (1, 16, N_FRAMES, LATENT_H, LATENT_W)
-    assert ref.abs().mean() > 0.1
-    torch.testing.assert_close(got, ref, atol=FP32_ATOL, rtol=0)
+        out = {"world_size": group.world_size, "peaks": group.peak_memory_bytes()}
+    _KEEP.append(group)  # its process group is freed by os._exit, not by the collector
+    return out | {
+        "shape": list(got.shape),
+        "ref_mean_abs": float(ref.abs().mean()),
+        "max_abs": float((got - ref).abs().max()),
+        "initialized_after": dist.is_initialized(),
+    }
 
 
-def test_spawned_group_is_kept_for_the_next_job() -> None:
-    """The launch the service uses (spawned interpreters, as CUDA needs): two jobs on one group."""
+def _case_kept_for_next_job() -> dict:
+    torch.set_num_threads(1)
     cfg = AnyReconConfig(attention="block", sparse_kernel="split")
     build = functools.partial(tiny_anyrecon_generator, cfg, num_heads=2)
     ref_gen = build(device="cpu")
@@ -92,9 +125,16 @@ def test_spawned_group_is_kept_for_the_next_job() -> None:
         first = group.generator.denoise(**inputs, num_steps=1, seed=0)
         group.check_alive()
         again = group.generator.denoise(**inputs, num_steps=1, seed=0)
-    assert not dist.is_initialized()
-    torch.testing.assert_close(first, ref, atol=FP32_ATOL, rtol=0)
-    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    _KEEP.append(group)
+    return {
+        "first_vs_ref": float((first - ref).abs().max()),
+        "again_vs_first": float((again - first).abs().max()),
+        "initialized_after": dist.is_initialized(),
+    }
+
+
+_KEEP: list = []
+_CASES = {"ranks_match": _case_ranks_match, "kept_for_next_job": _case_kept_for_next_job}
 
 
 def test_bad_setups_fail_clearly() -> None:

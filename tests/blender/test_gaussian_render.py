@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -82,5 +84,37 @@ def test_a_gaussian_around_the_camera_is_drawn(tmp_path):
     w2c = look_at((0.2, 0.3, -2.0))  # 2 m from the centre: well inside 3 sigma
     want = service_render(g, w2c, K, W, H)
     got = cycles_render(g, w2c, K, W, H, tmp_path / "inside.png")
+    assert want.mean() > 0.2
+    assert psnr(want, got) >= MIN_PSNR_DB
+
+
+def test_demo_scene_gaussians_render_as_the_service_renders_them(tmp_path):
+    """The demo scene (made by scripts/make_demo_scene.py, 4 captures at 80x60): Gaussians fitted on its
+    captures, from the geometry memory the loop builds, render in Cycles as the service renders them."""
+    import subprocess
+    import sys
+
+    from backend.scene import load_scene
+    from backend.stages.cameras import load_image, resize_image, to_tensor
+    from backend.stages.fit import FitConfig, FitViews, fit_gaussians, gaussians_to_arrays
+    from backend.stages.memory import build_memory
+    from backend.types import Cameras, Views
+
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(repo / "scripts" / "make_demo_scene.py"), "--out", str(tmp_path / "demo")]
+    cmd += ["--captures", "4", "--frames", "2", "--size", "80x60", "--samples", "1", "--threads", "1"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    scene = load_scene(tmp_path / "demo")
+    W, H = 80, 60
+    views = Views(
+        to_tensor([resize_image(load_image(c.image), W, H) for c in scene.captures], "cpu"),
+        Cameras.from_scene([c.camera for c in scene.captures], W, H),
+        list(range(len(scene.captures))),
+    )
+    cfg = FitConfig(iterations=200, rasterizer="torch_cpu", sh_degree=0)
+    g = gaussians_to_arrays(fit_gaussians(FitViews.from_views(views), build_memory(views), cfg, device="cpu"))
+    cam = scene.captures[1].camera.scaled(W, H)
+    want = service_render(g, cam.w2c, cam.K, W, H)
+    got = cycles_render(g, cam.w2c, cam.K, W, H, tmp_path / "demo.png")
     assert want.mean() > 0.2
     assert psnr(want, got) >= MIN_PSNR_DB

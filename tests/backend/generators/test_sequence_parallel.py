@@ -25,15 +25,8 @@ N_FRAMES, N_MEMORY, LATENT_H, LATENT_W = 5, 2, 4, 6  # 2x3 tokens per frame, 30 
 STEPS = 2
 FP32_ATOL = 1e-5  # float32 on CPU: the shards' matmuls differ from the whole sequence's only in rounding
 
-pytestmark = pytest.mark.xdist_group("sequence_parallel")  # processes of their own: one worker runs them
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# processes of their own: one worker runs them; one torch thread (tests/conftest.py)
+pytestmark = [pytest.mark.xdist_group("sequence_parallel"), pytest.mark.usefixtures("single_thread")]
 
 
 def denoise_inputs(gen) -> dict:

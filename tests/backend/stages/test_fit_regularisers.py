@@ -24,12 +24,7 @@ from tests.backend.stages.test_fit import H, W, make_scene
 BASE = FitConfig(iterations=6, rasterizer="torch_cpu", strategy="none", sh_degree=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def test_dropout_keeps_the_expected_opacity_and_render():

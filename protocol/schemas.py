@@ -119,6 +119,24 @@ FRACTION = Field("fraction", "float", "overall progress", min=0.0, max=1.0)
 MESSAGE = Field(
     "message", "str", "plain-language detail; the reason when failed or interrupted", max_len=limits.MAX_STR_BYTES
 )
+QUEUE_POSITION = Field(
+    "queue_position",
+    "int",
+    "a waiting job's place in the queue, 1 = next (queued jobs only)",
+    required=False,
+    min=1,
+    max=limits.MAX_ID_INT,
+)
+QUEUE_LENGTH = Field(
+    "queue_length", "int", "jobs waiting in the queue (queued jobs only)", required=False, min=1, max=limits.MAX_ID_INT
+)
+WORKER = Field(
+    "worker",
+    "str",
+    "the worker running the job, e.g. 'worker ray-1 (pid 4242 on 10.0.0.7, GPU 3)' (running jobs only)",
+    required=False,
+    max_len=limits.MAX_STR_BYTES,
+)
 ARTIFACT = Field(
     "artifacts[]",
     "struct",
@@ -306,6 +324,9 @@ OPS: dict[str, OpSchema] = {
                 STAGE,
                 FRACTION,
                 MESSAGE,
+                QUEUE_POSITION,
+                QUEUE_LENGTH,
+                WORKER,
                 Field("seq", "int", "seq of the job's latest event", min=0, max=limits.MAX_ID_INT),
                 Field("created", "float", "unix time of submission", min=0.0),
                 Field("updated", "float", "unix time of the latest event", min=0.0),
@@ -338,6 +359,9 @@ OPS: dict[str, OpSchema] = {
                             STAGE,
                             FRACTION,
                             MESSAGE,
+                            QUEUE_POSITION,
+                            QUEUE_LENGTH,
+                            WORKER,
                             Field("created", "float", "unix time of submission", min=0.0),
                             Field("updated", "float", "unix time of the latest event", min=0.0),
                         ),

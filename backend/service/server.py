@@ -474,18 +474,22 @@ class Service:
         return {"jobs": [self._summary(r, positions) for r in self.store.listed() if may_access(r.owner, req.owner)]}
 
     def _summary(self, record: JobRecord, positions: dict[str, int]) -> dict[str, Any]:
-        """A job's summary; its message tells a waiting job's place in the queue and a running job's worker.
+        """A job's summary, with a waiting job's place in the queue (``queue_position``, 1 = next, and
+        ``queue_length``) and a running job's ``worker``; its message says the same in words.
 
         Only the reply says so (the journal keeps the events' own messages): ``queued: 3rd of 5 waiting``,
         ``step 2 of 9 (on worker ray-1 (pid 4242 on 10.0.0.7, GPU 3))``.
         """
         out = record.summary()
         if record.job in positions:
+            out["queue_position"], out["queue_length"] = positions[record.job], len(self.queue)
             out["message"] = f"queued: {_ordinal(positions[record.job])} of {len(self.queue)} waiting"
-        elif self.config.ray is not None and record.state == "running":
+        elif record.state == "running":
             slot = self._slot_of(record.job)
             if slot is not None:
-                out["message"] = _clip(f"{record.message} (on {slot.describe})")
+                out["worker"] = _clip(slot.describe)
+                if self.config.ray is not None:
+                    out["message"] = _clip(f"{record.message} (on {slot.describe})")
         return out
 
     def _fetch(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:

@@ -96,10 +96,17 @@ def test_three_clients_six_jobs_run_once_each_on_both_workers(service, tmp_path)
     workers = set()
     with Client(service.endpoint, timeout_ms=TIMEOUT_MS) as c:
         listed = {j["job"]: j for j in c.jobs()}
-        queued = sorted(j["message"] for j in listed.values() if j["state"] == "queued")
-        assert len(queued) >= 2 and queued[0].startswith("queued: 1st of "), listed  # 6 jobs, 2 workers
-        running = [j["message"] for j in listed.values() if j["state"] == "running"]
-        assert all(" (on worker ray-" in m for m in running), running
+        # queued and not yet handed to a worker (a handed-over job stays "queued" until it starts)
+        waiting = sorted((j for j in listed.values() if "queue_position" in j), key=lambda j: j["queue_position"])
+        assert all(j["state"] == "queued" for j in waiting), waiting
+        assert len(waiting) >= 2 and waiting[0]["message"].startswith("queued: 1st of "), listed  # 6 jobs, 2 workers
+        assert [j["queue_position"] for j in waiting] == list(range(1, len(waiting) + 1)), waiting
+        assert all(j["queue_length"] == len(waiting) and "worker" not in j for j in waiting), waiting
+        running = [j for j in listed.values() if j["state"] == "running"]
+        assert all(" (on worker ray-" in j["message"] and j["worker"].startswith("worker ray-") for j in running), (
+            running
+        )
+        assert all("queue_position" not in j for j in running), running
         for i, job in sorted(jobs.items()):
             status = wait_state(c, job)
             assert status["state"] == "done", status["message"]

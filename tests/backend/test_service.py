@@ -164,7 +164,11 @@ def test_cancel_between_steps_and_while_queued(client, service):
     for event in client.events(running):
         if event["stage"] == "step":
             break
+    waiting, busy = client.status(queued), client.status(running)  # typed place in the queue and worker
+    assert (waiting["queue_position"], waiting["queue_length"], "worker" in waiting) == (1, 1, False), waiting
+    assert busy["worker"].startswith("the service's worker thread") and "queue_position" not in busy, busy
     assert client.cancel(queued)["state"] == "cancelled"
+    assert "queue_position" not in client.status(queued)
     client.cancel(running)
     status = wait_state(client, running)
     assert status["state"] == "cancelled"

@@ -59,6 +59,7 @@ SCENES = {
     "fern": ("llff_fern", "llff", "llff", (504, 378), {}),
     "temple-ring": ("middlebury_temple", "middlebury", "ring", (512, 384), {"silhouettes": True}),
     "dino-ring": ("middlebury_dino", "middlebury", "ring", (512, 384), {"silhouettes": True}),
+    "door": ("lund_door", "colmap", "ring-arc", (384, 576), {}),  # portrait photos, lens distortion undone
 }
 # name -> (LoopConfig overrides, FitConfig overrides, ReprojectConfig overrides); "default" is scored
 # with the baselines, and so is every variant that changes the fit (the captures-only fit changes too).

@@ -7,6 +7,8 @@
 #   probe                      what the machine has (torch, CUDA, cv2, pycolmap, gsplat), gsplat's kernel build
 #   loop [ARGS]                scripts/bench_loop.py: the whole job on the temple, 120 frames at 896x512
 #   quality SCENES VARIANTS SEEDS [ITER]   scripts/bench_loop_quality.py (comma-separated lists)
+#   quality_parallel SCENES VARIANTS SEEDS [ITER]   one process per scene at once (quality figures only:
+#                              the timings of concurrent processes are not the job's)
 #   generator MODES            scripts/bench_generator.py --compile-blocks --modes MODES
 #   unpack_fa4                 unpack .fa4a/cu13.tar.xz into /tmp/cu13 (kept while the machine is warm)
 set -uo pipefail
@@ -35,6 +37,17 @@ PY
   quality)
     python3 scripts/bench_loop_quality.py --data .device_data --scenes "$1" --variants "$2" --seeds "$3" \
       --iterations "${4:-3000}" --out "$OUT/quality_${1//,/_}.json" 2>&1 | tee "$OUT/quality_${1//,/_}.log"
+    ;;
+  quality_parallel)
+    # build gsplat's kernels once, before the processes would all wait on its build lock
+    python3 -c "import torch, gsplat; from gsplat.cuda._backend import _C; print('gsplat', gsplat.__version__, _C is not None)"
+    IFS=, read -ra scenes <<< "$1"
+    for s in "${scenes[@]}"; do
+      python3 scripts/bench_loop_quality.py --data .device_data --scenes "$s" --variants "$2" --seeds "$3" \
+        --iterations "${4:-3000}" --out "$OUT/quality_$s.json" > "$OUT/quality_$s.log" 2>&1 &
+    done
+    wait
+    tail -n 30 "$OUT"/quality_*.log
     ;;
   generator)
     python3 scripts/bench_generator.py --out "$OUT/generator.json" --compile-blocks --modes "$1" 2>&1 \

@@ -27,9 +27,9 @@ Before the segments, the loop calls :meth:`RefineGenerator.prepare` once:
 Then ``generate`` runs ``reproject`` on the segment and, unless the gate chose strength 0, the
 network on its output and the guided render, and returns the reprojection moved ``alpha`` of the
 way to the refined frame. Its confidence is ``exp(-predicted error / confidence_error)``, the
-network's prediction for the fully refined frame, also when ``alpha < 1``: the error of the blend
-is not predicted (it is at most ``(1 - alpha)`` times the reprojection's plus ``alpha`` times the
-refined frame's), and the loop's confidence weights only need an order among the frames' pixels.
+network's prediction for the fully refined frame, also when ``alpha < 1`` (a choice: the blend's
+error is not predicted; it is at most ``(1 - alpha)`` times the reprojection's plus ``alpha`` times
+the refined frame's, and the reprojection's own confidence is no error estimate).
 At strength 0 the refiner declines: the reprojection and its own confidence pass through unchanged.
 
 Channels of the network's input (:func:`network_inputs`), [B, 8, H, W]: reprojection rgb - 0.5,

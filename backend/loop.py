@@ -266,7 +266,9 @@ def run_loop(
     gen = generator or GeneratorCache().get(cfg.generator, device)
     if hasattr(gen, "prepare"):  # a generator that learns from the captures first (``refine``)
         with meter.measure("prepare"):
-            gen.prepare(captures, memory_initial, cfg, device=device, progress=track.within("prepare"))
+            gen.prepare(
+                captures, memory_initial, cfg, device=device, progress=track.within("prepare"), notes=step0.notes
+            )
     F_all = len(targets_all)
     frame_images = torch.zeros(F_all, H, W, 3, device=device)
     frame_conf = torch.zeros(F_all, H, W, device=device)

@@ -112,6 +112,7 @@ REFINE_VARIANTS: dict[str, dict] = {
     "refine small": {"widths": (16, 32, 64), "crop_px": 64, "batch_size": 4},  # 0.12M parameters
     "refine confidence 0.1": {"confidence_error": 0.1},
     "refine with reproject confidence": {"keep_input_confidence": True},  # the script's switch, not RefineConfig's
+    "refine ungated": {"strengths": (1.0,)},  # the network at full strength whatever the validation says
 }
 REFINE_PICTURE = "{run}_refine.png"  # rows: reprojection | guide render | refined | truth
 
@@ -147,6 +148,17 @@ def refine_report(gen: RecordingRefiner, scene, report: dict, picture: Path | No
     report["refine_input_frames"] = score(frames[idx], truth)
     report["refine_train_loss"] = gen.losses[-1] if gen.losses else None
     report["refine_train_steps"] = len(gen.losses) * LOSS_SYNC_EVERY
+    report["refine_strength"] = gen.strength
+    if gen.validation is not None:  # the gate: mean L1 at the validation capture per strength tried
+        v = gen.validation
+        report["refine_validation"] = {
+            "captures": v.target_ids,
+            "held_out": v.held_out,
+            "train_pairs": v.train_pairs,
+            "l1_input": v.l1_input,
+            "l1": dict(zip([f"{a:g}" for a in v.strengths], v.l1)),
+            "note": v.note,
+        }
     if picture is not None and idx:
         rows = [[to_u8(t[i]) for t in (frames, renders, refined)] + [to_u8(truth[r])] for r, i in enumerate(idx)]
         write_overview_as(picture.parent, picture.name, rows)
@@ -190,6 +202,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
                     r[f"gaussians_loop{suffix}"]["psnr"] - base[r["seed"]][f"gaussians_captures{suffix}"]["psnr"]
                     for r in reports
                 )
+        if "refine_strength" in reports[0]:  # the refiner's gate, mean over seeds
+            row["refine_strength"] = statistics.fmean(r["refine_strength"] for r in reports)
         out[v] = row
     return out
 
@@ -203,12 +217,15 @@ def markdown(results: dict) -> str:
         cols = [k for k in SCORE_KEYS if any(k in row for row in summary.values())]
         cols += [f"{k}_masked" for k in cols if masked]
         gains = ["loop_minus_captures"] + (["loop_minus_captures_masked"] if masked else [])
+        gains += ["refine_strength"] if any("refine_strength" in row for row in summary.values()) else []
         lines += ["", f"### {name} ({scene['size'][0]}x{scene['size'][1]}, seeds {scene['seeds']})", ""]
         lines.append("| variant | " + " | ".join(cols + gains) + " |")
         lines.append("| --- " * (1 + len(cols) + len(gains)) + "|")
         for v, row in summary.items():
             cells = [f"{row[k]:.2f} +- {row[k + '_std']:.2f}" if k in row else "" for k in cols]
-            cells += [f"{row[g]:+.2f}" if g in row else "" for g in gains]
+            cells += [
+                (f"{row[g]:.2f}" if g == "refine_strength" else f"{row[g]:+.2f}") if g in row else "" for g in gains
+            ]
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

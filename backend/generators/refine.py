@@ -10,12 +10,27 @@ Before the segments, the loop calls :meth:`RefineGenerator.prepare` once:
    and guide rendered at the left-out cameras, retrieval among the kept captures, and the
    ``reproject`` generator. Each left-out capture gives one training pair: the degraded inputs at
    its camera (reprojection, its confidence, the guide's render, its coverage) and its photo, the truth;
-3. the U-Net learns the residual from the reprojection to the photo (L1) and, on a second output,
+3. one capture's pairs are set aside for validation (:func:`split_validation`: the capture is
+   picked from the seed; they are never trained on). When every pair shows the same capture
+   (``max_fits`` 1) there is nothing else to train on: it trains on them and validates on them too,
+   and the job's note says so (a gate that then only catches a network worse on its own data);
+4. the U-Net learns the residual from the reprojection to the photo (L1) and, on a second output,
    the L1 error it still makes, for ``seconds`` of wall time, on random crops with flips and
-   photometric jitter (one random gain, gamma and offset per channel for inputs and truth alike).
+   photometric jitter (one random gain, gamma and offset per channel for inputs and truth alike);
+5. the gate (:func:`choose_strength`): on the validation pairs' full images (the photo is the truth
+   at every pixel), the strength ``alpha`` among ``strengths`` whose frames
+   ``reprojection + alpha * (refined - reprojection)`` have the least mean L1 error against the
+   photo; ties go to the smaller strength, so a network that changes nothing is declined. The
+   choice and its figures go to the job's notes (``refiner: validation L1 ...``) and stay on the
+   generator (``strength``, ``validation``).
 
-Then ``generate`` runs ``reproject`` on the segment and the network on its output and the guided
-render; the refined frame's confidence is ``exp(-predicted error / confidence_error)``.
+Then ``generate`` runs ``reproject`` on the segment and, unless the gate chose strength 0, the
+network on its output and the guided render, and returns the reprojection moved ``alpha`` of the
+way to the refined frame. Its confidence is ``exp(-predicted error / confidence_error)``, the
+network's prediction for the fully refined frame, also when ``alpha < 1`` (a choice: the blend's
+error is not predicted; it is at most ``(1 - alpha)`` times the reprojection's plus ``alpha`` times
+the refined frame's, and the reprojection's own confidence is no error estimate).
+At strength 0 the refiner declines: the reprojection and its own confidence pass through unchanged.
 
 Channels of the network's input (:func:`network_inputs`), [B, 8, H, W]: reprojection rgb - 0.5,
 render rgb - 0.5, reprojection confidence, render coverage.
@@ -23,6 +38,7 @@ render rgb - 0.5, reprojection confidence, render coverage.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +71,8 @@ LOSS_SYNC_EVERY = 10  # training steps between reading the loss on the host (and
 
 ProgressCallback = Callable[[float, str], None]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class RefineConfig:
@@ -75,7 +93,9 @@ class RefineConfig:
         gain_jitter, gamma_jitter, offset_jitter: photometric augmentation per channel: gain in
             [1 - g, 1 + g], gamma exp(U(-g, g)), offset in [-o, o].
         confidence_error: a predicted mean absolute error of this much gives confidence e^-1.
-        seed: crops, flips, jitter and the network's initial weights.
+        strengths: the gate's choices of ``alpha`` (module docstring, step 5), each in [0, 1]; with
+            0 among them the refiner can decline, ``(1.0,)`` applies the network ungated.
+        seed: crops, flips, jitter, the network's initial weights and the validation capture.
     """
 
     seconds: float = 10.0
@@ -92,6 +112,7 @@ class RefineConfig:
     gamma_jitter: float = 0.2
     offset_jitter: float = 0.05
     confidence_error: float = 0.05
+    strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -113,6 +134,8 @@ class RefineConfig:
         for name in ("lr_final_factor", "weight_decay", "gain_jitter", "gamma_jitter", "offset_jitter"):
             if getattr(self, name) < 0:
                 raise ValueError(f"RefineConfig.{name} must be >= 0; got {getattr(self, name)}")
+        if not self.strengths or not all(0.0 <= a <= 1.0 for a in self.strengths):
+            raise ValueError(f"RefineConfig.strengths must be non-empty, each in [0, 1]; got {self.strengths}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,6 +253,39 @@ class TrainingPairs:
 
     def __len__(self) -> int:
         return len(self.target_ids)
+
+    def select(self, idx: Sequence[int]) -> TrainingPairs:
+        """The pairs at positions ``idx``."""
+        idx = list(idx)
+        return TrainingPairs(
+            target_ids=[self.target_ids[i] for i in idx],
+            kept_ids=[self.kept_ids[i] for i in idx],
+            frames=self.frames[idx],
+            confidence=self.confidence[idx],
+            render_rgb=self.render_rgb[idx],
+            coverage=self.coverage[idx],
+            truth=self.truth[idx],
+        )
+
+
+def split_validation(pairs: TrainingPairs, seed: int) -> tuple[TrainingPairs, TrainingPairs, bool]:
+    """Set one capture's pairs aside for validation.
+
+    The capture is the ``seed % n``-th of the n captures the pairs show (sorted), and all its pairs
+    (with more than 3 captures it can be left out alone and with another) go to validation, so that
+    no training pair has its photo as the truth.
+
+    Returns:
+        (training, validation, held_out): ``held_out`` is False when every pair shows that capture;
+        then training is all the pairs and validation is those same pairs.
+    """
+    shown = sorted(set(pairs.target_ids))
+    target = shown[seed % len(shown)]
+    val = [i for i, t in enumerate(pairs.target_ids) if t == target]
+    train = [i for i, t in enumerate(pairs.target_ids) if t != target]
+    if not train:
+        return pairs, pairs.select(val), False
+    return pairs.select(train), pairs.select(val), True
 
 
 def leave_out_subsets(num_captures: int, max_fits: int) -> list[tuple[int, ...]]:
@@ -453,6 +509,117 @@ def train_refiner(
 
 
 # ----------------------------------------------------------------------------------------------
+# The gate
+
+
+def predict(
+    net: nn.Module, frames: Tensor, confidence: Tensor, render_rgb: Tensor, coverage: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The network on whole frames, ``INFERENCE_CHUNK`` at a time, without gradients.
+
+    Args:
+        frames: the reprojection's colours. [F, H, W, 3]
+        confidence: its confidence. [F, H, W]
+        render_rgb: the (guided) render's colours. [F, H, W, 3]
+        coverage: pixels the render covers. [F, H, W]
+    Returns:
+        (refined colours [F, H, W, 3], predicted mean absolute error [F, H, W])
+    """
+    refined, error = [], []
+    with torch.no_grad():
+        for s in range(0, len(frames), INFERENCE_CHUNK):
+            sl = slice(s, s + INFERENCE_CHUNK)
+            inputs = network_inputs(frames[sl], confidence[sl], render_rgb[sl], coverage[sl])
+            out = apply_network(net, inputs, frames[sl])
+            refined.append(out[0])
+            error.append(out[1])
+    return torch.cat(refined), torch.cat(error)
+
+
+def blend(frames: Tensor, refined: Tensor, strength: float) -> Tensor:
+    """``frames + strength * (refined - frames)``: exactly ``frames`` at 0 and ``refined`` at 1."""
+    return torch.lerp(frames, refined, strength)
+
+
+def choose_strength(
+    frames: Tensor, refined: Tensor, truth: Tensor, strengths: Sequence[float]
+) -> tuple[float, list[float]]:
+    """The strength whose blend (:func:`blend`) has the least mean L1 error against ``truth``.
+
+    Args:
+        frames: the reprojection. [P, H, W, 3]
+        refined: the network's frames. [P, H, W, 3]
+        truth: the photos, valid at every pixel. [P, H, W, 3]
+        strengths: the choices, in [0, 1].
+    Returns:
+        (strength, mean L1 error per strength in the order given). Ties go to the smaller strength.
+
+    Example:
+        >>> x, y = torch.zeros(1, 2, 2, 3), torch.ones(1, 2, 2, 3)
+        >>> choose_strength(x, y, y, (0.0, 0.5, 1.0))
+        (1.0, [1.0, 0.5, 0.0])
+    """
+    l1 = [float((blend(frames, refined, a) - truth).abs().mean()) for a in strengths]
+    best = min(range(len(strengths)), key=lambda i: (l1[i], strengths[i]))
+    return float(strengths[best]), l1
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What the gate measured and chose.
+
+    Attributes:
+        target_ids: the capture the validation pairs show (one capture, one or more pairs).
+        held_out: whether those pairs were kept out of training (False: too few pairs, module
+            docstring step 3).
+        train_pairs: how many pairs the network trained on.
+        l1_input: mean absolute error of the reprojection against the photos (strength 0).
+        strengths: the strengths tried.
+        l1: the mean absolute error at each of ``strengths``.
+        strength: the chosen strength (0: the refiner declines).
+    """
+
+    target_ids: list[int]
+    held_out: bool
+    train_pairs: int
+    l1_input: float
+    strengths: tuple[float, ...]
+    l1: tuple[float, ...]
+    strength: float
+
+    @property
+    def l1_chosen(self) -> float:
+        """The validation error of the frames ``refine`` returns."""
+        return self.l1[self.strengths.index(self.strength)]
+
+    @property
+    def note(self) -> str:
+        """One line for the job's notes."""
+        where = f"capture {self.target_ids[0]}"
+        if self.held_out:
+            where += f", held out of training ({self.train_pairs} training pairs)"
+        else:
+            where += f", also trained on (only {self.train_pairs} pair(s) of one capture: an optimistic check)"
+        if self.strength == 0.0:
+            top = self.strengths.index(max(self.strengths))
+            return (
+                f"refiner declined: validation L1 {self.l1_input:.4f}, refined {self.l1[top]:.4f} at strength "
+                f"{self.strengths[top]:g}; the reprojection passes through (validated on {where})"
+            )
+        return (
+            f"refiner: validation L1 {self.l1_input:.4f} -> {self.l1_chosen:.4f}, strength {self.strength:g} "
+            f"(validated on {where})"
+        )
+
+
+def validate(net: nn.Module, pairs: TrainingPairs, strengths: Sequence[float]) -> tuple[float, float, list[float]]:
+    """The gate on validation ``pairs``: (chosen strength, L1 of the reprojection, L1 per strength)."""
+    refined, _ = predict(net, pairs.frames, pairs.confidence, pairs.render_rgb, pairs.coverage)
+    strength, l1 = choose_strength(pairs.frames, refined, pairs.truth, strengths)
+    return strength, float((pairs.frames - pairs.truth).abs().mean()), l1
+
+
+# ----------------------------------------------------------------------------------------------
 # The generator
 
 
@@ -475,6 +642,8 @@ class RefineGenerator:
         self.reproject = ReprojectGenerator(reproject)
         self.net: UNet | None = None
         self.losses: list[float] = []
+        self.strength = 1.0  # the gate's choice, set by prepare (0: the reprojection passes through)
+        self.validation: Validation | None = None
 
     @classmethod
     def from_config(cls, config: GeneratorConfig) -> RefineGenerator:
@@ -489,8 +658,9 @@ class RefineGenerator:
         *,
         device: torch.device | str,
         progress: ProgressCallback | None = None,
+        notes: list[str] | None = None,
     ) -> None:
-        """Build the leave-out pairs and train a fresh network on them.
+        """Build the leave-out pairs, train a fresh network on them and choose its strength.
 
         Args:
             captures: the captures at the working size (images [C, H, W, 3], cameras, ids 0..C-1).
@@ -499,6 +669,7 @@ class RefineGenerator:
             device: where the fits and the network run.
             progress: ``progress(fraction, message)``, fraction of this preparation in [0, 1]; it
                 may raise (e.g. ``backend.progress.Cancelled``) to stop.
+            notes: the job's notes; the gate's line (:attr:`Validation.note`) is appended.
         """
         device = torch.device(device)
 
@@ -508,41 +679,61 @@ class RefineGenerator:
             return lambda f, msg: progress(lo + (hi - lo) * f, msg)
 
         self.config = replace(self.config, seed=cfg.seed)
+        self.net, self.strength, self.validation, self.losses = None, 1.0, None, []
         pairs = make_pairs(captures, memory, cfg, self.config, self.reproject, device=device, progress=part(0.0, 0.5))
+        training, validation, held_out = split_validation(pairs, self.config.seed)
         torch.manual_seed(self.config.seed)
-        self.net = UNet(IN_CHANNELS, OUT_CHANNELS, self.config.widths).to(device)
+        net = UNet(IN_CHANNELS, OUT_CHANNELS, self.config.widths).to(device)
         with torch.no_grad():  # the error output starts at confidence_error (confidence e^-1)
-            self.net.head.bias[3] = math.log(math.expm1(self.config.confidence_error))
-        self.losses = train_refiner(self.net, pairs, self.config, progress=part(0.5, 1.0))
+            net.head.bias[3] = math.log(math.expm1(self.config.confidence_error))
+        self.losses = train_refiner(net, training, self.config, progress=part(0.5, 1.0))
+        strength, l1_input, l1 = validate(net, validation, self.config.strengths)
+        self.net, self.strength = net, strength
+        self.validation = Validation(
+            target_ids=sorted(set(validation.target_ids)),
+            held_out=held_out,
+            train_pairs=len(training),
+            l1_input=l1_input,
+            strengths=tuple(float(a) for a in self.config.strengths),
+            l1=tuple(l1),
+            strength=strength,
+        )
+        note = self.validation.note
+        log.info(note)
+        if notes is not None:
+            notes.append(note)
+        if progress is not None:
+            progress(1.0, note)
 
     def refine(self, frames: Frames, renders: Renders) -> Frames:
-        """The network on the reprojection and the (guided) render.
+        """The network on the reprojection and the (guided) render, at the gate's ``strength``.
 
         Args:
             frames: the reprojection: images [F, H, W, 3], confidence [F, H, W].
             renders: the render it was made from (rgb [F, H, W, 3], mask [F, H, W]).
         Returns:
-            Frames: refined images float32 [F, H, W, 3] in [0, 1], confidence float32 [F, H, W].
+            Frames: images float32 [F, H, W, 3] in [0, 1], ``frames.images + strength * (refined -
+            frames.images)``, with the network's confidence float32 [F, H, W]; at strength 0 the
+            reprojection's own tensors (module docstring).
         """
         if self.net is None:
             raise RuntimeError("refine: the network is not trained; call prepare(captures, memory, cfg) first")
-        images, confidence = [], []
-        with torch.no_grad():
-            for s in range(0, len(frames.images), INFERENCE_CHUNK):
-                sl = slice(s, s + INFERENCE_CHUNK)
-                inputs = network_inputs(frames.images[sl], frames.confidence[sl], renders.rgb[sl], renders.mask[sl])
-                refined, error = apply_network(self.net, inputs, frames.images[sl])
-                images.append(refined)
-                confidence.append(torch.exp(-error / self.config.confidence_error))
-        return Frames(images=torch.cat(images).contiguous(), confidence=torch.cat(confidence).contiguous())
+        if self.strength == 0.0:
+            return Frames(images=frames.images, confidence=frames.confidence)
+        refined, error = predict(self.net, frames.images, frames.confidence, renders.rgb, renders.mask)
+        images = blend(frames.images, refined, self.strength)
+        confidence = torch.exp(-error / self.config.confidence_error)
+        return Frames(images=images.contiguous(), confidence=confidence.contiguous())
 
     def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:
         """Reproject, then refine (``num_steps`` and ``seed`` are unused: deterministic)."""
         return self.refine(self.reproject.generate(cond), cond.renders)
 
     def save(self, path: Path) -> None:
-        """Write the trained network's weights and config (a torch state dict) to ``path``."""
+        """Write the trained network's weights, config and gate strength (a torch dict) to ``path``."""
         if self.net is None:
             raise RuntimeError("refine: nothing to save; the network is not trained")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"config": self.config.__dict__, "state_dict": self.net.state_dict()}, path)
+        torch.save(
+            {"config": self.config.__dict__, "strength": self.strength, "state_dict": self.net.state_dict()}, path
+        )

@@ -18,16 +18,19 @@ from backend.generators.refine import (
     RefineGenerator,
     TrainingPairs,
     UNet,
+    choose_strength,
     degraded_inputs,
     leave_out_subsets,
     make_pairs,
+    split_validation,
     train_refiner,
+    validate,
 )
 from backend.generators.reproject import ReprojectGenerator
 from backend.loop import LoopConfig, run_loop
 from backend.scene import Scene, SceneError, Settings, TrajectoryFrame
 from backend.stages.memory import build_memory
-from backend.types import Cameras, Views
+from backend.types import Cameras, Frames, Renders, Views
 
 W, H = 64, 48
 FIT_ITERATIONS = 20
@@ -145,6 +148,103 @@ def test_network_trains_on_a_fixed_pair(single_thread) -> None:
     assert sum(p.numel() for p in UNet(8, 4, RefineConfig().widths).parameters()) < 3_000_000
 
 
+def synthetic_pairs(target_ids: list[int], size: tuple[int, int] = (12, 16), noise: float = 0.02) -> TrainingPairs:
+    """Pairs whose reprojection is the truth plus a little noise (a good input, hard to improve)."""
+    g = torch.Generator().manual_seed(1)
+    P, (h, w) = len(target_ids), size
+    truth = torch.rand(P, h, w, 3, generator=g)
+    frames = (truth + noise * torch.randn(P, h, w, 3, generator=g)).clamp(0, 1)
+    return TrainingPairs(
+        target_ids=list(target_ids),
+        kept_ids=[tuple(c for c in range(max(target_ids) + 1) if c != t) for t in target_ids],
+        frames=frames,
+        confidence=torch.full((P, h, w), 0.5),
+        render_rgb=frames.clone(),
+        coverage=torch.ones(P, h, w, dtype=torch.bool),
+        truth=truth,
+    )
+
+
+class Oracle(torch.nn.Module):
+    """A "network" whose residual takes the reprojection exactly to the given truth."""
+
+    def __init__(self, truth: torch.Tensor) -> None:
+        super().__init__()
+        self.truth = truth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frames = x[:, :3] + 0.5  # network_inputs centres the colours
+        residual = self.truth.permute(0, 3, 1, 2) - frames
+        return torch.cat([residual, torch.zeros_like(residual[:, :1])], dim=1)
+
+
+def noise_refiner() -> UNet:
+    """A tiny U-Net whose head adds large noise to every pixel: a useless refiner."""
+    net = tiny_refiner()
+    with torch.no_grad():
+        net.head.weight.normal_(0.0, 20.0, generator=torch.Generator().manual_seed(2))
+        net.head.bias.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(3))
+    return net
+
+
+def test_validation_capture_is_never_trained_on() -> None:
+    # five captures: singles and pairs left out together, as leave_out_subsets(5, 6) makes them
+    pairs = synthetic_pairs([0, 0, 2, 1, 1, 3, 2])
+    seen = set()
+    for seed in range(8):
+        training, validation, held_out = split_validation(pairs, seed)
+        (target,) = set(validation.target_ids)
+        assert held_out and target not in training.target_ids
+        assert len(training) + len(validation) == len(pairs)
+        assert torch.equal(validation.truth, pairs.truth[[i for i, t in enumerate(pairs.target_ids) if t == target]])
+        again = split_validation(pairs, seed)[1]
+        assert again.target_ids == validation.target_ids  # the seed decides
+        seen.add(target)
+    assert seen == {0, 1, 2, 3}  # every capture gets its turn over the seeds
+    # one capture's pairs only (max_fits 1): validated on the training pair, and said so
+    training, validation, held_out = split_validation(synthetic_pairs([1]), 5)
+    assert not held_out and training.target_ids == validation.target_ids == [1]
+
+
+def test_gate_declines_a_useless_network_and_takes_a_perfect_one(single_thread) -> None:
+    pairs = synthetic_pairs([0, 1])
+    strengths = RefineConfig().strengths
+    strength, l1_input, l1 = validate(noise_refiner(), pairs, strengths)
+    assert strength == 0.0 and l1[0] == pytest.approx(l1_input) and min(l1[1:]) > 2 * l1_input, l1
+    strength, l1_input, l1 = validate(Oracle(pairs.truth), pairs, strengths)
+    assert strength == 1.0 and l1[-1] < 1e-6 < l1_input
+    # a refiner that overshoots by as much again: half way is right
+    zero, half, one = torch.zeros(1, 4, 4, 3), torch.full((1, 4, 4, 3), 0.5), torch.ones(1, 4, 4, 3)
+    assert choose_strength(zero, one, half, strengths) == (0.5, [0.5, 0.25, 0.0, 0.25, 0.5])
+    # a network that changes nothing ties at every strength: declined
+    assert choose_strength(half, half, one, strengths)[0] == 0.0
+    with pytest.raises(ValueError, match=r"RefineConfig.strengths must be non-empty, each in \[0, 1\]; got \(1.5,\)"):
+        RefineConfig(strengths=(1.5,))
+
+
+def test_strength_zero_passes_the_reprojection_through(single_thread) -> None:
+    pairs = synthetic_pairs([0, 1])
+    frames = Frames(pairs.frames, pairs.confidence)
+    renders = Renders(
+        pairs.render_rgb,
+        torch.ones_like(pairs.confidence),
+        pairs.coverage,
+        torch.zeros_like(pairs.confidence, dtype=torch.int32),
+    )
+    gen = RefineGenerator(TINY)
+    gen.net = noise_refiner()
+    gen.strength = 0.0
+    out = gen.refine(frames, renders)
+    assert torch.equal(out.images, frames.images) and torch.equal(out.confidence, frames.confidence)
+    gen.strength = 1.0
+    full = gen.refine(frames, renders)
+    assert (full.images - frames.images).abs().mean() > 0.1 and not torch.equal(full.confidence, frames.confidence)
+    gen.strength = 0.25
+    quarter = gen.refine(frames, renders)
+    torch.testing.assert_close(quarter.images, frames.images + 0.25 * (full.images - frames.images))
+    torch.testing.assert_close(quarter.confidence, full.confidence)  # the network's, kept (module docstring)
+
+
 @pytest.mark.slow
 def test_refine_runs_in_the_loop(temple3: Scene, single_thread, tmp_path: Path) -> None:
     events = []
@@ -158,6 +258,13 @@ def test_refine_runs_in_the_loop(temple3: Scene, single_thread, tmp_path: Path) 
     conf = result.frames.confidence
     assert float(conf.min()) >= 0.0 and float(conf.max()) <= 1.0 and float(conf.mean()) > 0.0
     assert len(gen.losses) >= 1
+    # the gate: capture seed % 3 validated, held out of the 2 training pairs, its line in the notes
+    v = gen.validation
+    assert v.target_ids == [temple3.settings.seed % 3] and v.held_out and v.train_pairs == 2
+    assert v.strength == gen.strength and v.strength in TINY.strengths and len(v.l1) == len(TINY.strengths)
+    assert v.l1_chosen <= v.l1_input
+    assert v.note in result.metrics["notes"] and v.note.startswith(("refiner: validation L1", "refiner declined"))
+    assert any(e.stage == "prepare" and e.message == v.note for e in events)
     gen.save(tmp_path / "refiner.pt")
     saved = torch.load(tmp_path / "refiner.pt")
     assert saved["config"]["widths"] == TINY.widths and "head.weight" in saved["state_dict"]
@@ -214,7 +321,11 @@ def test_bench_refine_variant_runs_at_a_tiny_size(single_thread, tmp_path: Path)
         == 0
     )
     summary = json.loads((tmp_path / "q.json").read_text())["scenes"]["temple"]["summary"]
-    assert {"frames", "refine_input_frames", "gaussians_loop"} <= set(summary["refine small"])
+    assert {"frames", "refine_input_frames", "gaussians_loop", "refine_strength"} <= set(summary["refine small"])
+    (run,) = json.loads((tmp_path / "q.json").read_text())["scenes"]["temple"]["runs"]["refine small"]
+    gate = run["refine_validation"]
+    assert run["refine_strength"] in (0.0, 0.25, 0.5, 0.75, 1.0) and gate["held_out"] and gate["train_pairs"] == 2
+    assert set(gate["l1"]) == {"0", "0.25", "0.5", "0.75", "1"} and gate["l1"]["0"] == pytest.approx(gate["l1_input"])
     assert (tmp_path / "temple_refine_small_seed0_refine.png").is_file()
 
 

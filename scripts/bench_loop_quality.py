@@ -208,6 +208,36 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def merge_results(parts: list[dict]) -> dict:
+    """Results of several runs (same device and iterations; seeds split between them) as one: each
+    scene's runs joined per variant, sorted by seed, and summarised again."""
+    if not parts:
+        raise ValueError("merge: no results given")
+    iterations = {r["iterations"] for r in parts}
+    if len(iterations) != 1:
+        raise ValueError(f"merge: the runs used different iterations {sorted(iterations)}")
+    merged: dict = {k: parts[0][k] for k in ("device", "torch", "iterations")}
+    merged["scenes"] = {}
+    for part in parts:
+        for name, scene in part["scenes"].items():
+            into = merged["scenes"].setdefault(name, {"size": scene["size"], "seeds": [], "runs": {}})
+            if scene["size"] != into["size"]:
+                raise ValueError(f"merge: scene {name} ran at {scene['size']} and {into['size']}")
+            for v, reports in scene["runs"].items():
+                into["runs"].setdefault(v, []).extend(reports)
+    for name, scene in merged["scenes"].items():
+        for v, reports in scene["runs"].items():
+            seeds = [r["seed"] for r in reports]
+            if len(set(seeds)) != len(seeds):
+                raise ValueError(f"merge: scene {name}, variant {v!r} has seed(s) twice: {sorted(seeds)}")
+            reports.sort(key=lambda r: r["seed"])
+        if "default" not in scene["runs"]:
+            raise ValueError(f"merge: scene {name} has no default row")
+        scene["seeds"] = sorted({r["seed"] for reports in scene["runs"].values() for r in reports})
+        scene["summary"] = summarize(scene["runs"])
+    return merged
+
+
 def markdown(results: dict) -> str:
     """One table per scene: mean PSNR (+- std over seeds) per variant."""
     lines = [f"device {results['device']}, torch {results['torch']}, {results['iterations']} iterations"]
@@ -259,7 +289,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--pictures", type=Path, default=None, help="keep each run's eval picture in this folder")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here (and a .md table beside)")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="instead of running: merge the --out files of runs with one seed each (e.g. concurrent "
+        "processes) into one summary per scene, written to --out",
+    )
     args = p.parse_args(argv)
+    if args.merge:
+        results = merge_results([json.loads(f.read_text()) for f in args.merge])
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1, default=str))
+            args.out.with_suffix(".md").write_text(markdown(results))
+        print(markdown(results))
+        return 0
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
         if v not in VARIANTS and v not in REFINE_VARIANTS:

@@ -7,8 +7,10 @@
 #   probe                      what the machine has (torch, CUDA, cv2, pycolmap, gsplat), gsplat's kernel build
 #   loop [ARGS]                scripts/bench_loop.py: the whole job on the temple, 120 frames at 896x512
 #   quality SCENES VARIANTS SEEDS [ITER]   scripts/bench_loop_quality.py (comma-separated lists)
-#   quality_parallel SCENES VARIANTS SEEDS [ITER]   one process per scene at once (quality figures only:
-#                              the timings of concurrent processes are not the job's)
+#   quality_parallel SCENES VARIANTS SEEDS [ITER]   one process per scene and seed at once, merged
+#                              (quality figures only: concurrent processes' timings, and the refiner's
+#                              training steps in its time budget, are not a lone job's: fix them with
+#                              QUALITY_ARGS="--refine-steps 700 --refine-seconds 600", about 10 s alone)
 #   generator MODES            scripts/bench_generator.py --compile-blocks --modes MODES
 #   unpack_fa4                 unpack .fa4a/cu13.tar.xz into /tmp/cu13 (kept while the machine is warm)
 set -uo pipefail
@@ -42,12 +44,16 @@ PY
     # build gsplat's kernels once, before the processes would all wait on its build lock
     python3 -c "import torch, gsplat; from gsplat.cuda._backend import _C; print('gsplat', gsplat.__version__, _C is not None)"
     IFS=, read -ra scenes <<< "$1"
+    IFS=, read -ra seeds <<< "$3"
     for s in "${scenes[@]}"; do
-      python3 scripts/bench_loop_quality.py --data .device_data --scenes "$s" --variants "$2" --seeds "$3" \
-        --iterations "${4:-3000}" --out "$OUT/quality_$s.json" > "$OUT/quality_$s.log" 2>&1 &
+      for seed in "${seeds[@]}"; do
+        timeout "${QUALITY_TIMEOUT_S:-540}" python3 scripts/bench_loop_quality.py --data .device_data --scenes "$s" \
+          --variants "$2" --seeds "$seed" --iterations "${4:-3000}" --out "$OUT/quality_${s}_seed$seed.json" ${QUALITY_ARGS:-} \
+          > "$OUT/quality_${s}_seed$seed.log" 2>&1 &
+      done
     done
     wait
-    tail -n 30 "$OUT"/quality_*.log
+    python3 scripts/bench_loop_quality.py --merge "$OUT"/quality_*_seed*.json --out "$OUT/quality_merged.json"
     ;;
   generator)
     python3 scripts/bench_generator.py --out "$OUT/generator.json" --compile-blocks --modes "$1" 2>&1 \

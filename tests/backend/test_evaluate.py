@@ -92,3 +92,30 @@ def test_evaluate_needs_heldout(temple_dir: Path, tmp_path: Path) -> None:
     scene = import_scene("middlebury", temple_dir, tmp_path)
     with pytest.raises(ValueError, match="no held-out views"):
         evaluate_scene(scene, tmp_path / "eval", device="cpu")
+
+
+def test_bench_quality_merges_runs_of_one_seed_each() -> None:
+    """scripts/bench_loop_quality.py --merge: concurrent one-seed runs give one summary per scene."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    try:
+        import bench_loop_quality as bq
+    finally:
+        sys.path.pop(0)
+
+    def part(seed: int, caps: float, loop: float) -> dict:
+        run = {"seed": seed, "gaussians_captures": {"psnr": caps}, "gaussians_loop": {"psnr": loop}}
+        scene = {"size": [64, 48], "seeds": [seed], "runs": {"default": [run]}}
+        return {"device": "cpu", "torch": "x", "iterations": 10, "scenes": {"temple": scene}}
+
+    merged = bq.merge_results([part(2, 20.0, 21.0), part(0, 21.0, 21.5), part(1, 19.0, 21.5)])
+    scene = merged["scenes"]["temple"]
+    assert scene["seeds"] == [0, 1, 2] and [r["seed"] for r in scene["runs"]["default"]] == [0, 1, 2]
+    row = scene["summary"]["default"]
+    assert row["gaussians_loop"] == pytest.approx(64.0 / 3) and row["gaussians_captures"] == pytest.approx(20.0)
+    assert row["loop_minus_captures"] == pytest.approx(4.0 / 3)  # gains paired seed by seed
+    with pytest.raises(ValueError, match="seed"):
+        bq.merge_results([part(0, 20.0, 21.0), part(0, 20.0, 21.0)])
+    with pytest.raises(ValueError, match="iterations"):
+        bq.merge_results([part(0, 20.0, 21.0), {**part(1, 20.0, 21.0), "iterations": 20}])

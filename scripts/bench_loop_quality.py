@@ -61,6 +61,9 @@ SCENES = {
     "dino-ring": ("middlebury_dino", "middlebury", "ring", (512, 384), {"silhouettes": True}),
     "door": ("lund_door", "colmap", "ring-arc", (384, 576), {}),  # portrait photos, lens distortion undone
 }
+# A scene already imported into `<data>/<folder>_imported/` (`reconloop import`) is read from there: the
+# GPU machine has no pycolmap to read the door's COLMAP model.
+IMPORTED_SUFFIX = "_imported"
 # name -> (LoopConfig overrides, FitConfig overrides, ReprojectConfig overrides); "default" is scored
 # with the baselines, and so is every variant that changes the fit (the captures-only fit changes too).
 VARIANTS: dict[str, tuple[dict, dict, dict]] = {
@@ -327,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.size:
             size = tuple(int(v) for v in args.size.lower().split("x"))
         with tempfile.TemporaryDirectory(prefix="reconloop-quality-") as work:
-            scene = scene_for_eval(args.data / folder, fmt, protocol, 3, Path(work) / "scene", **import_options)
+            src = args.data / folder
+            if (args.data / f"{folder}{IMPORTED_SUFFIX}" / "scene.json").is_file():  # imported where pycolmap is
+                src, fmt, import_options = args.data / f"{folder}{IMPORTED_SUFFIX}", None, {}
+            scene = scene_for_eval(src, fmt, protocol, 3, Path(work) / "scene", **import_options)
             base = LoopConfig.from_settings(scene.settings, device=args.device)
             base = replace(base, width=size[0], height=size[1], fit=replace(base.fit, iterations=args.iterations))
             runs: dict[str, list[dict]] = {v: [] for v in variants}

@@ -88,6 +88,15 @@ def test_plan_fits_the_budget_and_never_exceeds_the_job():
     # The job's own size and steps are upper bounds.
     small = plan_budget(60.0, costs, max_iterations=300, max_size=(192, 144))
     assert (small.width, small.height) == (192, 144) and small.iterations == 300
+    # The job's own short step count wins over a larger cap: 300 steps at 20,000 Gaussians, not ~240 at
+    # 30,000 (72 s per fit at 1e-5 s per Gaussian).
+    steps_first = plan_budget(
+        4.0, StepCosts(per_pixel=1e-9, per_gaussian=1e-5), max_iterations=300, max_size=(320, 240)
+    )
+    assert (steps_first.iterations, steps_first.max_gaussians) == (300, 20_000)
+    # ... and when no cap affords it, the largest cap that affords MIN_ITERATIONS does.
+    many = plan_budget(4.0, StepCosts(per_pixel=1e-9, per_gaussian=1e-5), max_iterations=3000, max_size=(320, 240))
+    assert many.max_gaussians == 30_000 and MIN_ITERATIONS <= many.iterations < 300
     # A slower device gets a smaller problem; one too slow for anything is told so.
     slow = plan_budget(4.0, StepCosts(per_pixel=2e-5, per_gaussian=2e-6), max_iterations=3000, max_size=(320, 240))
     assert slow.width * slow.height * slow.max_gaussians < plan.width * plan.height * plan.max_gaussians

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,15 +81,36 @@ class PoolWorker:
 
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
-    def serve(self, endpoint: str, runner: Runner, device: str) -> None:
-        """Run jobs sent on ``endpoint`` until the front end sends stop (the single-worker loop)."""
+    def serve(self, endpoint: str, runner: Runner, device: str, threads: int = 0) -> None:
+        """Run jobs sent on ``endpoint`` until the front end sends stop (the single-worker loop), with
+        ``threads`` CPU threads for torch and OpenMP (0: as Ray started the process)."""
         from .server import resolve_device
+
+        if threads:  # Ray starts an actor that reserves no CPU (a GPU worker) with OMP_NUM_THREADS=1
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            if "torch" in sys.modules:
+                sys.modules["torch"].set_num_threads(threads)
 
         context = zmq.Context()
         try:
             Worker(context, endpoint, runner, resolve_device(device)).run()
         finally:
             context.term()
+
+
+def worker_cpus(cluster_cpus: float, workers: int, gpus_per_worker: float) -> tuple[int, int]:
+    """CPUs each actor reserves from Ray and the threads it runs with.
+
+    A CPU worker reserves one CPU (the unit Ray places it by; other pools may share the cluster), a GPU
+    worker none (its GPUs place it). Either runs with the cluster's CPUs shared out among the workers
+    (at least 1 thread): Ray would otherwise start it with OMP_NUM_THREADS set to its reservation, one
+    thread for a GPU worker's CPU stages and for a lone CPU worker on a many-core machine.
+
+    Returns:
+        (num_cpus for the actor's options, threads)
+    """
+    threads = max(1, int(cluster_cpus // max(workers, 1)))
+    return (0 if gpus_per_worker else 1), threads
 
 
 def checkout_runtime_env() -> dict[str, Any] | None:
@@ -124,6 +146,7 @@ class RayPool:
         self._count = 0
         self._host = "127.0.0.1"
         self._gpus = 0.0
+        self._num_cpus, self._threads = 1, 0  # set by start() from the cluster's CPUs and the worker count
 
     # -- start and stop -----------------------------------------------------------------------------
 
@@ -140,7 +163,7 @@ class RayPool:
                 "configure_logging": True,
             }
             if address in (None, "local"):
-                kwargs["num_cpus"] = self.config.workers or os.cpu_count() or 1
+                kwargs["num_cpus"] = max(self.config.workers or 0, os.cpu_count() or 1)
             else:
                 kwargs["address"] = address
             ray.init(**kwargs, runtime_env=checkout_runtime_env())
@@ -157,6 +180,7 @@ class RayPool:
         if workers is None:
             workers = int(gpus // self._gpus) if self._gpus else int(resources.get("CPU", 1))
         workers = max(1, workers)
+        self._num_cpus, self._threads = worker_cpus(float(resources.get("CPU", 1)), workers, self._gpus)
         self.slots = [self._new_slot() for _ in range(workers)]
         deadline = time.monotonic() + START_TIMEOUT_S
         while not all(s.ready for s in self.slots):
@@ -184,10 +208,10 @@ class RayPool:
         pair.setsockopt(zmq.SNDHWM, SNDHWM)
         port = pair.bind_to_random_port(f"tcp://{self._host}")
         endpoint = f"tcp://{self._host}:{port}"
-        options: dict[str, Any] = {"num_cpus": 1 if not self._gpus else 0, "num_gpus": self._gpus, "max_restarts": 0}
+        options: dict[str, Any] = {"num_cpus": self._num_cpus, "num_gpus": self._gpus, "max_restarts": 0}
         actor = ray.remote(PoolWorker).options(**options).remote(name)
         info_ref = actor.info.remote()
-        serve_ref = actor.serve.remote(endpoint, self.runner, self.device)
+        serve_ref = actor.serve.remote(endpoint, self.runner, self.device, self._threads)
         return Slot(
             name=name, pair=pair, describe=f"worker {name}", serve_ref=serve_ref, actor=actor, info_ref=info_ref
         )

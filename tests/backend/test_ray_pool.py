@@ -231,3 +231,12 @@ def test_bench_cluster_throughput_runs_at_a_tiny_size(ray_cluster, tmp_path):
     result = json.loads((tmp_path / "bench_cluster_throughput.json").read_text())
     row = result["rows"][0]
     assert row["workers"] == 1 and row["events"] == 4 and row["jobs_per_min"] > 0 and result["ratio"] == [1.0]
+
+
+def test_workers_share_the_cluster_cpus_as_threads() -> None:
+    from backend.service.ray_pool import worker_cpus
+
+    assert worker_cpus(2.0, 2, 0.0) == (1, 1)  # the CI pool: a core each
+    assert worker_cpus(16.0, 1, 0.0) == (1, 16)  # one CPU worker runs on the machine's 16 cores
+    assert worker_cpus(64.0, 8, 1.0) == (0, 8)  # GPU workers reserve no CPU but run 8 threads each
+    assert worker_cpus(2.0, 4, 0.0) == (1, 1)  # never fewer than one

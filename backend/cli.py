@@ -291,6 +291,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 )
             print(f"rendering the demo scene into {scene_dir} (Blender, Cycles on CPU) ...")
             subprocess.run([sys.executable, str(DEMO_SCRIPT), "--out", str(scene_dir)], check=True)
+        from dataclasses import replace
+
+        from .scene import load_scene
+
+        scene = load_scene(scene_dir)  # the procedural scene with the settings `make demo` gives it
+        return _run_loop(
+            replace(scene, settings=replace(scene.settings, **DEMO_SETTINGS)), args.out / "output", args.device
+        )
     return _run_loop(scene_dir, args.out / "output", args.device)
 
 

@@ -13,7 +13,7 @@ Cameras go from Blender to OpenCV with ``blender_addon.cameras`` (DESIGN.md sect
 
 Usage::
 
-    python scripts/make_demo_scene.py --out demo_scene --captures 6 --frames 24 --size 320x240 --samples 12
+    python scripts/make_demo_scene.py --out demo_scene --captures 12 --frames 24 --size 320x240 --samples 16
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ MAX_BOUNCES = 2  # enough for soft colour bleeding, cheap on CPU
 @dataclass(frozen=True)
 class DemoArgs:
     out: Path
-    captures: int = 6
-    frames: int = 24
-    width: int = 320
-    height: int = 240
-    samples: int = 12
+    captures: int = 12  # 30 degrees apart: what plane sweep matches (docs/benchmarks.md, "make demo")
+    frames: int = 12
+    width: int = 160
+    height: int = 120
+    samples: int = 16
     denoise: bool = True  # OpenImageDenoise on every render: clean photos, as a camera gives
     threads: int = 0  # 0: Blender picks (all cores)
 
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> DemoArgs:
     try:
         w, h = (int(v) for v in a.size.lower().split("x"))
     except ValueError:
-        ap.error(f"--size must be WxH, e.g. 320x240; got {a.size!r}")
+        ap.error(f"--size must be WxH, e.g. 160x120; got {a.size!r}")
     if w < 8 or h < 8:
         ap.error(f"--size must be at least 8x8; got {a.size}")
     if a.captures < 1 or a.frames < 1 or a.samples < 1:

@@ -110,7 +110,10 @@ def test_demo_scene_from_a_dataset_folder(folder, fmt, tmp_path):
     assert detect_format(src) == fmt
     import_demo_scene(src, tmp_path / "scene")
     scene = load_scene(tmp_path / "scene")
-    assert scene.settings.width == DEMO_SETTINGS["width"] and scene.settings.gaussian_iterations == 300
+    assert (
+        scene.settings.width == DEMO_SETTINGS["width"]
+        and scene.settings.gaussian_iterations == DEMO_SETTINGS["gaussian_iterations"]
+    )
     if fmt == "colmap":  # no sparse-view protocol: every capture
         assert len(scene.captures) == 12 and not scene.heldout
     else:

@@ -263,6 +263,16 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(results: dict, out: Path | None) -> int:
+    """Print the tables and, with ``out``, write the results as JSON there and the tables beside (.md)."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1, default=str))
+        out.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="folder holding the scenes")
@@ -304,12 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.merge:
         results = merge_results([json.loads(f.read_text()) for f in args.merge])
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=1, default=str))
-            args.out.with_suffix(".md").write_text(markdown(results))
-        print(markdown(results))
-        return 0
+        return write_report(results, args.out)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
         if v not in VARIANTS and v not in REFINE_VARIANTS:
@@ -385,12 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
             results["scenes"][name] = {"size": list(size), "seeds": seeds, "runs": runs, "summary": summary}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1, default=str))
-        args.out.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
-    return 0
+    return write_report(results, args.out)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from backend.camera_paths import order_around, path_through  # noqa: E402
 from backend.evaluate import split_protocol  # noqa: E402
 from backend.formats import import_scene  # noqa: E402
 from backend.loop import LoopConfig, run_loop  # noqa: E402
-from backend.scene import Camera, Settings, TrajectoryFrame  # noqa: E402
+from backend.scene import Camera, Scene, Settings, TrajectoryFrame, save_scene  # noqa: E402
 from backend.stages.fit import FitConfig, FitViews, default_rasterizer, fit_gaussians  # noqa: E402
 from backend.types import Cameras, GeometryMemory  # noqa: E402
 
@@ -70,6 +70,18 @@ def warm_up(device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def bench_scene(data: Path, folder: Path, frames: int, settings: Settings) -> Scene:
+    """The benchmark's job: the temple's ring-arc captures (3 views) and an open path of ``frames``
+    through them at the settings' working size, no held-out views."""
+    scene = import_scene("middlebury", data, folder)
+    scene = split_protocol(scene, "ring-arc", train_views=3, ring_start=11)
+    keys = [scene.captures[i].camera for i in order_around([c.camera for c in scene.captures])]
+    path = [widen(c, settings.width, settings.height) for c in path_through(keys, frames, closed=False)]
+    return replace(
+        scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(path)], heldout=[], settings=settings
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "middlebury_temple")
@@ -83,27 +95,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--refine-seconds", type=int, default=Settings.refine_seconds, help="the refine generator's training"
     )
+    ap.add_argument("--save-scene", type=Path, default=None, help="write the job's scene folder there and stop")
     a = ap.parse_args(argv)
     width, height = (int(v) for v in a.size.lower().split("x"))
     device = torch.device(a.device)
     a.out.mkdir(parents=True, exist_ok=True)
 
+    settings = Settings(
+        width=width,
+        height=height,
+        gaussian_iterations=a.iterations,
+        segment_length=a.segment,
+        generator=a.generator,
+        refine_seconds=a.refine_seconds,
+    )
+    if a.save_scene:
+        path = save_scene(bench_scene(a.data, a.save_scene, a.frames, settings), a.save_scene)
+        print(f"wrote {path}")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
-        scene = import_scene("middlebury", a.data, Path(tmp) / "scene")
-        scene = split_protocol(scene, "ring-arc", train_views=3, ring_start=11)
-        keys = [scene.captures[i].camera for i in order_around([c.camera for c in scene.captures])]
-        path = [widen(c, width, height) for c in path_through(keys, a.frames, closed=False)]
-        settings = Settings(
-            width=width,
-            height=height,
-            gaussian_iterations=a.iterations,
-            segment_length=a.segment,
-            generator=a.generator,
-            refine_seconds=a.refine_seconds,
-        )
-        scene = replace(
-            scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(path)], heldout=[], settings=settings
-        )
+        scene = bench_scene(a.data, Path(tmp) / "scene", a.frames, settings)
         compile_s = warm_up(device)
         cfg = LoopConfig.from_settings(settings, device=device)
         t0 = time.perf_counter()

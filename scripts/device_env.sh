@@ -12,6 +12,14 @@
 #   tar cf - -C folder . | xz -9e > .fa4a/cu13.tar.xz   (63 MB)
 # First device call: mkdir -p /tmp/cu13 && tar xJf .fa4a/cu13.tar.xz -C /tmp/cu13   (carry .fa4a)
 # Next call, within the machine's idle time: source scripts/device_env.sh; python scripts/...  (carry .whl .fa4b)
+# Ray (issue 17's overhead run) and pycolmap with CUDA (PatchMatch) travel the same way, unpacked by
+# `bash scripts/gpu_runs.sh unpack_ray` / `unpack_pycolmap` into /tmp/raysite and /tmp/pcmsite:
+#   .rayx/ray.tar.xz      the ray 2.60 cp312 wheel unzipped without its Java jars and libraries we do not
+#                         import (rllib, tune, train, serve, data, llm), plus its dependencies' wheels
+#   .pcmx/pcm_cuda.tar.xz pycolmap-cuda12 and nvidia-cuda-runtime-cu12 unzipped (libcudart.so.12;
+#                         libcurand.so.10 comes from torch's CUDA libraries)
+#   .pcmx/xlibs.tar.xz    the X11 client libraries pycolmap links (libSM, libICE, libX11, libXext, ...),
+#                         taken from a Debian 12 machine, searched after the system's
 SITE=/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl 2>&1 | grep -v WARNING || true
 if compgen -G ".fa4b/*.whl" > /dev/null; then
@@ -20,4 +28,12 @@ fi
 if [ -d /tmp/cu13 ]; then cp -a --update=none /tmp/cu13/. "$SITE"/; fi
 # the CuTe DSL's packages are found through a .pth file, which PYTHONPATH folders do not read
 export PYTHONPATH="$SITE:$SITE/nvidia_cutlass_dsl/python_packages:$SITE/nvidia_cutlass_dsl/dsl_packages:$PWD"
+if [ -d /tmp/raysite ]; then PYTHONPATH="/tmp/raysite:$PYTHONPATH"; fi
+if [ -d /tmp/pcmsite ]; then
+  SP=$(python3 -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")
+  CURAND=$(find "$SP" -name 'libcurand.so.10*' 2>/dev/null | head -1)
+  export LD_LIBRARY_PATH="/tmp/pcmsite/nvidia/cuda_runtime/lib${CURAND:+:$(dirname "$CURAND")}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}:/tmp/xlibs"
+  PYTHONPATH="/tmp/pcmsite:$PYTHONPATH"
+fi
+export PYTHONPATH
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,26 +24,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mvs_accuracy import FIRST, load, score_depths  # noqa: E402
 
-from backend.estimators.mvs import MVSConfig, estimate_depths  # noqa: E402
-from backend.estimators.patchmatch import PatchMatchConfig, PatchMatchMVS, has_cuda_patchmatch, read_depth_maps  # noqa: E402
+from backend.estimators.mvs import MVSConfig, estimate_depths, fuse_depths  # noqa: E402
+from backend.estimators.patchmatch import PatchMatchConfig, has_cuda_patchmatch, patchmatch_depths  # noqa: E402
 from backend.formats.colmap import read_colmap, read_colmap_points  # noqa: E402
 
 
-def patchmatch_depths(views, side: int, device: str) -> tuple:
-    """PatchMatch depth maps of ``views`` at ``side`` (its geometric maps, read back), cameras, seconds."""
-    with tempfile.TemporaryDirectory(prefix="reconloop-pm-check-") as work:
-        est = PatchMatchMVS(PatchMatchConfig(max_side=side, work_dir=work))
-        t = time.perf_counter()
-        memory = est.estimate(views)
-        seconds = time.perf_counter() - t
-        from backend.estimators.mvs import resize_views
-        from backend.estimators.patchmatch import image_names
-
-        small = resize_views(views, side)
-        depth = read_depth_maps(
-            Path(work), image_names(small), small.cams.height, small.cams.width, torch.device(device)
-        )
-    return depth, small.cams, seconds, len(memory)
+def patchmatch_run(views, side: int) -> tuple:
+    """PatchMatch's geometric depth maps of ``views`` at ``side``, their cameras, seconds, points fused."""
+    cfg = PatchMatchConfig(max_side=side)
+    t = time.perf_counter()
+    maps = patchmatch_depths(views, cfg)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    fused = fuse_depths(
+        maps.depth,
+        maps.confidence,
+        maps.views,
+        maps.neighbors,
+        MVSConfig(max_side=side, min_consistent=cfg.min_consistent),
+    )
+    return maps.depth, maps.views.cams, seconds, len(fused)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(sweep)
             pm = {"method": "patchmatch", "side": side, "views": n}
             try:
-                depth, cams, seconds, fused = patchmatch_depths(views, side, args.device)
+                depth, cams, seconds, fused = patchmatch_run(views, side)
                 pm.update(score_depths(depth, cams, captures, points, ids), seconds=seconds, fused=fused)
             except Exception as err:  # report why (no CUDA build, COLMAP error) and keep measuring
                 pm["error"] = f"{type(err).__name__}: {err}"

@@ -13,6 +13,10 @@
 #                              QUALITY_ARGS="--refine-steps 700 --refine-seconds 600", about 10 s alone)
 #   generator MODES            scripts/bench_generator.py --compile-blocks --modes MODES
 #   unpack_fa4                 unpack .fa4a/cu13.tar.xz into /tmp/cu13 (kept while the machine is warm)
+#   unpack_ray                 unpack .rayx/ray.tar.xz into /tmp/raysite (scripts/device_env.sh says what it is)
+#   unpack_pycolmap            unpack .pcmx/*.tar.xz into /tmp/pcmsite and /tmp/xlibs
+#   overhead [REPEATS]         issue 17: the bench_loop job in this process and through a one-GPU Ray pool
+#   patchmatch                 PatchMatch against plane sweep on the door (scripts/gpu_check_patchmatch.py)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -20,6 +24,12 @@ export PYTHONUNBUFFERED=1
 source scripts/device_env.sh
 stage=${1:-probe}
 shift || true
+unpack_wheels() {  # unpack_wheels TARBALL DEST: a tarball of unzipped packages and wheels, wheels installed
+  mkdir -p "$2" && tar xJf "$1" -C "$2" && if compgen -G "$2/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$2" "$2"/*.whl 2>&1 | grep -v WARNING
+    rm -f "$2"/*.whl
+  fi
+}
 case "$stage" in
   probe)
     python3 - <<'PY' 2>&1 | tee "$OUT/probe.log"
@@ -58,6 +68,22 @@ PY
   generator)
     python3 scripts/bench_generator.py --out "$OUT/generator.json" --compile-blocks --modes "$1" 2>&1 \
       | tee "$OUT/generator.log"
+    ;;
+  unpack_ray)
+    unpack_wheels .rayx/ray.tar.xz /tmp/raysite && echo unpacked ray
+    ;;
+  unpack_pycolmap)
+    unpack_wheels .pcmx/pcm_cuda.tar.xz /tmp/pcmsite && mkdir -p /tmp/xlibs && tar xJf .pcmx/xlibs.tar.xz -C /tmp/xlibs \
+      && echo unpacked pycolmap
+    ;;
+  overhead)
+    python3 scripts/bench_loop.py --data .device_data/middlebury_temple --out "$OUT" --save-scene /tmp/bench_scene
+    python3 scripts/bench_cluster.py overhead --scene /tmp/bench_scene --repeats "${1:-3}" --out "$OUT" 2>&1 \
+      | tee "$OUT/overhead.log"
+    ;;
+  patchmatch)
+    python3 scripts/gpu_check_patchmatch.py --scene .device_data/lund_door --sides 640 1024 --views 3 5 \
+      --out "$OUT/patchmatch.json" 2>&1 | tee "$OUT/patchmatch.log"
     ;;
   unpack_fa4)
     mkdir -p /tmp/cu13 && tar xJf .fa4a/cu13.tar.xz -C /tmp/cu13 && echo unpacked

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..types import GeometryMemory, Views
 from . import ESTIMATORS, GeometryError
+from .mvs import DepthMaps, MVSConfig, depth_range, fuse_depths, match_candidates, resize_views, sparse_points, to_gray
 
 U8_MAX = 255.0
 STEREO_DIR = "stereo"
@@ -204,31 +205,54 @@ class PatchMatchMVS:
 
     def estimate(self, views: Views) -> GeometryMemory:
         """Captures (images [C, H, W, 3] in [0, 1], cameras, ids) -> fused points with source ids."""
-        from .mvs import MVSConfig, depth_range, fuse_depths, match_candidates, resize_views, sparse_points, to_gray
-
-        if not has_cuda_patchmatch():
-            raise GeometryError("patchmatch: pycolmap has no CUDA here (install pycolmap-cuda12 on a CUDA machine)")
-        if len(views) < 2:
-            raise GeometryError(f"patchmatch: needs at least 2 captures with cameras; got {len(views)}")
+        maps = patchmatch_depths(views, self.cfg)
         mvs_cfg = replace(MVSConfig(), max_side=self.cfg.max_side, min_consistent=self.cfg.min_consistent)
-        small = resize_views(views, self.cfg.max_side)
-        cams = small.cams
-        gray = to_gray(small.images)
-        sources = match_candidates(cams, mvs_cfg)
-        pairs = sorted({(min(i, j), max(i, j)) for i in range(len(cams)) for j in sources[i]})
-        sparse = sparse_points(gray, cams, pairs, mvs_cfg)
-        ranges = [depth_range(cams, i, sparse[i], sources[i], mvs_cfg) for i in range(len(cams))]
-        near, far = min(r[0] for r in ranges), max(r[1] for r in ranges)
-        work = Path(self.cfg.work_dir) if self.cfg.work_dir else Path(tempfile.mkdtemp(prefix="reconloop-pm-"))
+        return fuse_depths(maps.depth, maps.confidence, maps.views, maps.neighbors, mvs_cfg)
+
+
+def patchmatch_depths(views: Views, cfg: PatchMatchConfig = PatchMatchConfig()) -> DepthMaps:
+    """Every capture's geometric depth map by COLMAP PatchMatch (module docstring, steps 1 and 2).
+
+    Args:
+        views: >= 2 posed captures, images [C, H, W, 3] in [0, 1].
+        cfg: PatchMatch settings.
+    Returns:
+        the depth maps at the processing size (``views`` downsized to ``cfg.max_side``): depth [C, h, w]
+        (camera z, 0 where PatchMatch kept none), confidence 1 where there is a depth, the source views
+        and the depth range given to COLMAP.
+    Raises:
+        GeometryError: no CUDA pycolmap, fewer than 2 captures, or COLMAP failed (its message quoted).
+    """
+    if not has_cuda_patchmatch():
+        raise GeometryError("patchmatch: pycolmap has no CUDA here (install pycolmap-cuda12 on a CUDA machine)")
+    if len(views) < 2:
+        raise GeometryError(f"patchmatch: needs at least 2 captures with cameras; got {len(views)}")
+    mvs_cfg = replace(MVSConfig(), max_side=cfg.max_side, min_consistent=cfg.min_consistent)
+    small = resize_views(views, cfg.max_side)
+    cams = small.cams
+    sources = match_candidates(cams, mvs_cfg)
+    if not any(sources):
+        raise GeometryError(
+            f"patchmatch: no capture has a neighbour within {mvs_cfg.max_view_angle_deg:g} degrees of view angle"
+        )
+    pairs = sorted({(min(i, j), max(i, j)) for i in range(len(cams)) for j in sources[i]})
+    sparse = sparse_points(to_gray(small.images), cams, pairs, mvs_cfg)
+    ranges = [depth_range(cams, i, sparse[i], sources[i], mvs_cfg) for i in range(len(cams))]
+    near, far = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="reconloop-pm-"))
+    try:
+        names = write_workspace(small, work, sources)
         try:
-            names = write_workspace(small, work, sources)
-            run_patchmatch(work, (near, far), self.cfg)
-            depth = read_depth_maps(work, names, cams.height, cams.width, small.images.device)
-        finally:
-            if self.cfg.work_dir is None:
-                shutil.rmtree(work, ignore_errors=True)
-        conf = (depth > 0).float()
-        return fuse_depths(depth, conf, small, sources, mvs_cfg)
+            run_patchmatch(work, (near, far), cfg)
+        except Exception as err:  # pycolmap raises RuntimeError variants (CUDA, workspace)
+            raise GeometryError(f"patchmatch: COLMAP failed: {type(err).__name__}: {err}") from err
+        depth = read_depth_maps(work, names, cams.height, cams.width, small.images.device)
+    finally:
+        if cfg.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return DepthMaps(
+        views=small, depth=depth, confidence=(depth > 0).float(), neighbors=sources, ranges=[(near, far)] * len(cams)
+    )
 
 
 def default_estimator(device: torch.device | str) -> str:

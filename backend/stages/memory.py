@@ -4,11 +4,11 @@
 plane-sweep stereo without learned weights), drops weak points, voxel-downsamples and caps the
 count so that M stays bounded. When the estimator cannot work on the views (a
 :class:`~backend.estimators.GeometryError`: wide baselines, one view) or gives fewer than
-``min_points`` points, the memory falls back, never failing the job: to the visual hull of the
-captures' masks (estimator ``hull``) when they have masks, else to bounded depth (every capture's
+``min_points`` points, the memory falls back, never failing the job: from ``patchmatch`` (COLMAP on
+CUDA) to plane sweep first, then to the visual hull of the captures' masks (estimator ``hull``) when they have masks, else to bounded depth (every capture's
 pixels at the depth where the optical axes meet; a coarse start the Gaussian fit refines). The
-fallback and its reason go to the job's notes. With masks, points outside them are dropped. ``memory_to_ply_arrays`` gives the arrays of the point-cloud .ply
-(DESIGN.md section 3: ``x y z`` float32, ``red green blue`` uchar, ``confidence`` float32,
+fallback and its reason go to the job's notes. With masks, points outside them are dropped.
+``memory_to_ply_arrays`` gives the arrays of the point-cloud .ply (DESIGN.md section 3: ``x y z`` float32, ``red green blue`` uchar, ``confidence`` float32,
 ``source`` int32).
 """
 
@@ -148,6 +148,16 @@ def estimate_with_fallback(views: Views, cfg: MemoryConfig, estimator: str, note
         if len(memory) >= cfg.min_points:
             return memory
         why = f"{estimator} gave {len(memory)} points (fewer than {cfg.min_points})"
+    if estimator == "patchmatch":  # COLMAP failed or found little: the CPU path's plane sweep next
+        try:
+            memory = ESTIMATORS.make("mvs", cfg.mvs).estimate(views)
+        except GeometryError as err:
+            why += f"; {err}"
+        else:
+            if len(memory) >= cfg.min_points:
+                _note(notes, f"geometry: {why}; used plane sweep ({len(memory)} points)")
+                return memory
+            why += f"; plane sweep gave {len(memory)} points"
     if views.masks is not None and estimator != "hull":
         memory = ESTIMATORS.make("hull", cfg.hull).estimate(views)
         if len(memory) >= cfg.min_points:

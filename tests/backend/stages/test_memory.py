@@ -188,3 +188,19 @@ def test_plane_sweep_recovers_a_textured_plane():
     rel = (res.depth[valid] - 2.0).abs() / 2.0
     assert float(rel.median()) < 0.005 and float((rel < 0.02).float().mean()) > 0.95
     assert float(res.confidence[valid].min()) > 0 and float(res.confidence.max()) <= 1
+
+
+def test_patchmatch_falls_back_to_plane_sweep(temple_dir):
+    """Where COLMAP's PatchMatch cannot run (no CUDA pycolmap here), the memory is plane sweep's, and
+    the job's notes say why."""
+    from backend.estimators.patchmatch import has_cuda_patchmatch
+
+    if has_cuda_patchmatch():
+        pytest.skip("pycolmap has CUDA here: PatchMatch runs")
+    views, _ = temple_memory(str(temple_dir))
+    cfg = MemoryConfig(mvs=MVSConfig(max_side=160, num_planes=32))
+    notes: list[str] = []
+    memory = build_memory(views, cfg, estimator="patchmatch", notes=notes)
+    sweep = build_memory(views, cfg, estimator="mvs")
+    assert len(memory) == len(sweep) > cfg.min_points
+    assert len(notes) == 1 and "pycolmap has no CUDA" in notes[0] and "used plane sweep" in notes[0]

@@ -5,9 +5,11 @@ worker, then with 2, in one run; reports jobs finished per minute for each and t
 latency of progress events (the worker's clock when it reports, against the front end's journal time;
 one machine, one clock). Each job burns ``--work-ms`` of CPU per step in a worker process.
 
-``overhead`` (one GPU): the real loop on a scene folder in this process, then through the service on a
-one-worker Ray pool (a GPU actor); each ``--repeats`` times, the medians of the warm runs (all but the
-first: generators loaded, kernels compiled) compared. Reports the overhead of the Ray path as a share of the job.
+``overhead`` (one GPU): the real loop on a scene folder three ways, ``--repeats`` times each after a
+warm-up: ``run_loop`` in this process, the service with its worker thread (submit to done), the service
+on a one-worker Ray pool (a GPU actor; one run more, its first not counted: the actor starts CUDA and
+loads the kernels). Reports the medians, the Ray path's overhead against the worker thread (the same
+service, jobs stored and loaded the same way) and against ``run_loop``, and every job's stage seconds. Reports the overhead of the Ray path as a share of the job.
 
 Usage::
 
@@ -129,57 +131,97 @@ def throughput(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _stage_seconds(out_dir: Path) -> dict[str, float]:
+    """The loop's seconds per stage in a job's output folder (its metrics.json), {} when absent."""
+    path = out_dir / "metrics.json"
+    if not path.is_file():
+        return {}
+    stages = json.loads(path.read_text())["timing"]["stages"]
+    return {name: round(v["seconds"], 2) for name, v in stages.items()}
+
+
+def _served(scene: Any, data_dir: Path, workers: int, device: str, runs: int, label: str) -> dict[str, Any]:
+    """``runs`` submissions of ``scene`` to a service (``workers`` 0: its worker thread, else a Ray pool),
+    one after the other: submit-to-done and the worker's starting-to-done seconds, each job's stages."""
+    from backend.service.store import scene_message
+
+    served, started_to_done, stages = [], [], []
+    svc, thread = _start(data_dir, workers, device)
+    try:
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            info = c.hello()
+            msg = scene_message(scene)
+            for i in range(runs):
+                t0 = time.perf_counter()
+                job = c.submit(msg)
+                events = _wait_done(c, job)
+                served.append(time.perf_counter() - t0)
+                started = next(e["time"] for e in events if e["stage"] == "starting")
+                started_to_done.append(events[-1]["time"] - started)
+                stages.append(_stage_seconds(data_dir / job / "artifacts"))
+                print(f"{label} run {i}: {served[-1]:.2f} s (worker: {started_to_done[-1]:.2f} s)", flush=True)
+    finally:
+        svc.stop()
+        thread.join(60)
+    return {
+        "service_device": info["device"],
+        "submit_to_done_s": [round(t, 3) for t in served],
+        "started_to_done_s": [round(t, 3) for t in started_to_done],
+        "stages_s": stages,
+    }
+
+
 def overhead(a: argparse.Namespace) -> dict[str, Any]:
+    """The same job three ways, warm: ``run_loop`` in this process (after a warm-up that builds the
+    rasterizer's kernels), through the service's worker thread, and through a one-worker Ray pool (its
+    first job, which starts CUDA and loads the kernels in the actor, not counted)."""
     import ray
     import torch
 
     from backend.loop import run_loop
     from backend.scene import load_scene
-    from backend.service.store import scene_message
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_loop import warm_up
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     scene = load_scene(a.scene)
-    inproc = []
-    for i in range(a.repeats):
+    warm_up(torch.device(device))
+    direct, direct_stages = [], []
+    for i in range(a.repeats if "direct" in a.paths else 0):
         t0 = time.perf_counter()
-        run_loop(scene, a.out / f"inproc{i}", device=device)
+        run_loop(scene, a.out / f"direct{i}", device=device)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        inproc.append(time.perf_counter() - t0)
-        print(f"in-process run {i}: {inproc[-1]:.2f} s", flush=True)
+        direct.append(time.perf_counter() - t0)
+        direct_stages.append(_stage_seconds(a.out / f"direct{i}"))
+        print(f"direct run {i}: {direct[-1]:.2f} s", flush=True)
+    threaded = (
+        _served(scene, a.out / "jobs_thread", 0, device, a.repeats, "worker thread") if "thread" in a.paths else {}
+    )
     ray.init(
         include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, runtime_env=checkout_runtime_env()
     )
-    served, started_to_done = [], []
     try:
-        svc, thread = _start(a.out / "jobs", 1, device)
-        try:
-            with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
-                info = c.hello()
-                msg = scene_message(scene)
-                for i in range(a.repeats):
-                    t0 = time.perf_counter()
-                    events = _wait_done(c, c.submit(msg))
-                    served.append(time.perf_counter() - t0)
-                    started = next(e["time"] for e in events if e["stage"] == "starting")
-                    started_to_done.append(events[-1]["time"] - started)
-                    print(f"Ray run {i}: {served[-1]:.2f} s (worker: {started_to_done[-1]:.2f} s)", flush=True)
-        finally:
-            svc.stop()
-            thread.join(60)
+        pooled = _served(scene, a.out / "jobs_ray", 1, device, a.repeats + 1, "Ray")
     finally:
         ray.shutdown()
-    warm_in, warm_ray = statistics.median(inproc[1:] or inproc), statistics.median(served[1:] or served)
+    thread_s = statistics.median(threaded["submit_to_done_s"]) if threaded else float("nan")
+    ray_s = statistics.median(pooled["submit_to_done_s"][1:])
+    direct_s = statistics.median(direct) if direct else float("nan")
     return {
         "scene": str(a.scene),
         "device": device,
-        "service_device": info["device"],
-        "in_process_s": [round(t, 3) for t in inproc],
-        "ray_submit_to_done_s": [round(t, 3) for t in served],
-        "ray_started_to_done_s": [round(t, 3) for t in started_to_done],
-        "in_process_warm_median_s": round(warm_in, 3),
-        "ray_warm_median_s": round(warm_ray, 3),
-        "overhead_pct_warm": round(100 * (warm_ray - warm_in) / warm_in, 2),
+        "repeats": a.repeats,
+        "direct_s": [round(t, 3) for t in direct],
+        "direct_stages_s": direct_stages,
+        "thread": threaded,
+        "ray": pooled,
+        "direct_median_s": round(direct_s, 3),
+        "thread_median_s": round(thread_s, 3),
+        "ray_warm_median_s": round(ray_s, 3),
+        "ray_over_thread_pct": round(100 * (ray_s - thread_s) / thread_s, 2),
+        "ray_over_direct_pct": round(100 * (ray_s - direct_s) / direct_s, 2),
         "target_pct": 5.0,
     }
 
@@ -195,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("overhead", help="one GPU: the loop through the Ray pool against in-process")
     p.add_argument("--scene", type=Path, required=True, help="scene folder (scene.json)")
-    p.add_argument("--repeats", type=int, default=2, help="runs of each; the warm ones (all but the first) compare")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each path (Ray: one more, not counted)")
+    p.add_argument("--paths", default="direct,thread,ray", help="which of direct, thread (Ray always runs)")
     p.add_argument("--device", default=None, help="default: cuda when torch sees a GPU, else cpu")
     p.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)

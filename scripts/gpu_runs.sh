@@ -15,7 +15,7 @@
 #   unpack_fa4                 unpack .fa4a/cu13.tar.xz into /tmp/cu13 (kept while the machine is warm)
 #   unpack_ray                 unpack .rayx/ray.tar.xz into /tmp/raysite (scripts/device_env.sh says what it is)
 #   unpack_pycolmap            unpack .pcmx/*.tar.xz into /tmp/pcmsite and /tmp/xlibs
-#   overhead [REPEATS]         issue 17: the bench_loop job in this process and through a one-GPU Ray pool
+#   overhead [REPEATS] [PATHS] issue 17: the bench_loop job by run_loop, the service's worker thread, a one-GPU Ray pool
 #   patchmatch                 PatchMatch against plane sweep on the door (scripts/gpu_check_patchmatch.py)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -78,7 +78,8 @@ PY
     ;;
   overhead)
     python3 scripts/bench_loop.py --data .device_data/middlebury_temple --out "$OUT" --save-scene /tmp/bench_scene
-    python3 scripts/bench_cluster.py overhead --scene /tmp/bench_scene --repeats "${1:-3}" --out "$OUT" 2>&1 \
+    python3 scripts/bench_cluster.py overhead --scene /tmp/bench_scene --repeats "${1:-2}" --paths "${2:-direct,thread}" \
+      --out "$OUT" 2>&1 \
       | tee "$OUT/overhead.log"
     ;;
   patchmatch)

@@ -242,10 +242,11 @@ def run_loop(
         memory = memory_initial = build_memory(captures, cfg.memory, estimator=cfg.estimator, notes=step0.notes)
     if cfg.has_fit and cfg.fit.max_gaussians and len(memory) > cfg.fit.max_gaussians:  # thinned in the fits
         step0.notes.append(thin_memory(memory, cfg.fit.max_gaussians).note)
-    outputs.write_points(out_dir / outputs.POINTS_FILE, _points(memory))
-    cams_name = outputs.write_cameras(
-        out_dir, step0.records, list(zip(step0.frame_numbers, step0.trajectory, strict=True))
-    )
+    with meter.measure("outputs"):  # every file the job writes is timed as outputs
+        outputs.write_points(out_dir / outputs.POINTS_FILE, _points(memory))
+        cams_name = outputs.write_cameras(
+            out_dir, step0.records, list(zip(step0.frame_numbers, step0.trajectory, strict=True))
+        )
     track.finish("memory", f"initial memory: {len(memory)} points", [outputs.POINTS_FILE, cams_name])
 
     # 1b. The guide: Gaussians on the captures alone, rendered for the generator.
@@ -302,13 +303,14 @@ def run_loop(
             )
         frame_images[seg.indices] = frames.images
         frame_conf[seg.indices] = frames.confidence
-        names = outputs.write_frames(
-            out_dir,
-            [step0.frame_numbers[i] for i in seg.indices],
-            frames.images,
-            frames.confidence,
-            [frame_cams[i] for i in seg.indices],
-        )
+        with meter.measure("outputs"):
+            names = outputs.write_frames(
+                out_dir,
+                [step0.frame_numbers[i] for i in seg.indices],
+                frames.images,
+                frames.confidence,
+                [frame_cams[i] for i in seg.indices],
+            )
         # 6. Update M with the generated frames (the closed loop).
         if cfg.update.enabled:
             with meter.measure("update"):
@@ -321,7 +323,8 @@ def run_loop(
             names,
             share=PROGRESS_SHARES["generate"] / len(segments),
         )
-    outputs.write_points(out_dir / outputs.POINTS_FINAL_FILE, _points(memory))
+    with meter.measure("outputs"):
+        outputs.write_points(out_dir / outputs.POINTS_FINAL_FILE, _points(memory))
     track.finish("update", f"final memory: {len(memory)} points", [outputs.POINTS_FINAL_FILE])
 
     # 7. Fit Gaussians on captures (confidence 1) and generated frames (their confidence), from the

@@ -226,3 +226,25 @@ def test_guide_is_a_job_setting() -> None:
     assert LoopConfig.from_settings(Settings.from_json({"guide": False})).guide.enabled is False
     with pytest.raises(Exception, match=r"settings\.guide: must be true or false"):
         Settings.from_json({"guide": 1})
+
+
+def test_write_frames_threads_round_trip(tmp_path):
+    """Frames written by the thread pool read back bit for bit (PNG is lossless at any zlib level), the
+    names come in frame order with cameras.json last, and a failed write raises to the caller."""
+    from backend.outputs import FRAMES_DIR, to_u8, write_frames
+    from backend.scene import Camera
+
+    g = torch.Generator().manual_seed(0)
+    images, conf = torch.rand(5, 12, 16, 3, generator=g), torch.rand(5, 12, 16, generator=g)
+    cam = Camera(w2c=np.eye(4), K=np.array([[10.0, 0, 8], [0, 10.0, 6], [0, 0, 1]]), width=16, height=12)
+    names = write_frames(tmp_path, [3, 4, 5, 6, 7], images, conf, [cam] * 5)
+    assert names[:2] == [f"{FRAMES_DIR}/frame_0003.png", f"{FRAMES_DIR}/confidence_0003.png"]
+    assert names[-1] == f"{FRAMES_DIR}/cameras.json" and len(names) == 11
+    for i, frame in enumerate(range(3, 8)):
+        back = np.asarray(Image.open(tmp_path / FRAMES_DIR / f"frame_{frame:04d}.png"))
+        np.testing.assert_array_equal(back, to_u8(images[i]))
+        back = np.asarray(Image.open(tmp_path / FRAMES_DIR / f"confidence_{frame:04d}.png"))
+        np.testing.assert_array_equal(back, to_u8(conf[i]))
+    (tmp_path / "blocked").write_text("a file where the frames folder would go")
+    with pytest.raises(OSError):
+        write_frames(tmp_path / "blocked", [1], images[:1], conf[:1], [cam])

@@ -4,6 +4,8 @@
 #   .whl (gsplat, diffusers, peft, plyfile, ...), .device_data (the shared scenes, never committed),
 #   .fa4a/.fa4b for FlashAttention-4 (generator stages only).
 # Usage: bash scripts/gpu_runs.sh STAGE [ARGS...]; results and logs go to $OUT.
+# Carry what a stage reads in its own call: a warm machine keeps /tmp (unpacked archives, gsplat's
+# build), but a .device_data scene carried by an earlier call was gone when the next call carried others.
 #   probe                      what the machine has (torch, CUDA, cv2, pycolmap, gsplat), gsplat's kernel build
 #   loop [ARGS]                scripts/bench_loop.py: the whole job on the temple, 120 frames at 896x512
 #   quality SCENES VARIANTS SEEDS [ITER]   scripts/bench_loop_quality.py (comma-separated lists)

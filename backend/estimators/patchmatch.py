@@ -32,6 +32,7 @@ from torch import Tensor
 from ..types import GeometryMemory, Views
 from . import ESTIMATORS, GeometryError
 from .mvs import DepthMaps, MVSConfig, depth_range, fuse_depths, match_candidates, resize_views, sparse_points, to_gray
+from .sfm import colmap_logging, import_pycolmap
 
 U8_MAX = 255.0
 STEREO_DIR = "stereo"
@@ -74,7 +75,7 @@ class PatchMatchConfig:
 def has_cuda_patchmatch() -> bool:
     """pycolmap is installed with CUDA (its PatchMatch can run)."""
     try:
-        import pycolmap
+        pycolmap = import_pycolmap()
     except ImportError:
         return False
     return bool(getattr(pycolmap, "has_cuda", False))
@@ -174,9 +175,9 @@ def read_depth_maps(work: Path, names: list[str], height: int, width: int, devic
 
 
 def run_patchmatch(work: Path, depth_range: tuple[float, float], cfg: PatchMatchConfig) -> None:
-    """Step 2: COLMAP's PatchMatch stereo on the workspace (CUDA)."""
-    import pycolmap
-
+    """Step 2: COLMAP's PatchMatch stereo on the workspace (CUDA); COLMAP's log lines go to our log
+    (``backend.estimators.sfm.colmap``), not the console."""
+    pycolmap = import_pycolmap()
     options = pycolmap.PatchMatchOptions()
     options.max_image_size = -1  # the workspace's images are already at the processing size
     options.window_radius = cfg.window_radius
@@ -185,7 +186,8 @@ def run_patchmatch(work: Path, depth_range: tuple[float, float], cfg: PatchMatch
     options.filter_min_num_consistent = cfg.filter_min_num_consistent
     options.depth_min, options.depth_max = depth_range
     options.gpu_index = cfg.gpu_index
-    pycolmap.patch_match_stereo(work, workspace_format="COLMAP", options=options)
+    with colmap_logging(pycolmap, work):
+        pycolmap.patch_match_stereo(work, workspace_format="COLMAP", options=options)
 
 
 @ESTIMATORS.register("patchmatch")

@@ -17,23 +17,29 @@ REPO = Path(__file__).resolve().parents[2]
 # pycolmap's glog failure handler prints "*** SIGTERM (@0x...) received by PID ...; stack trace: ***".
 SIGTERM_CHILD = """
 import os, signal, threading, time
-from backend.estimators.sfm import import_pycolmap
+from {module} import {importer}
 if {in_thread}:
-    t = threading.Thread(target=import_pycolmap)
+    t = threading.Thread(target={importer})
     t.start()
     t.join()
 else:
-    import_pycolmap()
+    {importer}()
 os.kill(os.getpid(), signal.SIGTERM)
 time.sleep(5)
 """
 
 
+@pytest.mark.parametrize(
+    "module, importer",
+    [("backend.estimators.sfm", "import_pycolmap"), ("backend.estimators.patchmatch", "has_cuda_patchmatch")],
+    ids=["sfm", "patchmatch"],
+)
 @pytest.mark.parametrize("in_thread", [False, True], ids=["main-thread", "job-thread"])
-def test_sigterm_after_pycolmap_import_prints_no_stack_trace(in_thread):
+def test_sigterm_after_pycolmap_import_prints_no_stack_trace(in_thread, module, importer):
+    """SfM and PatchMatch (which first asks whether pycolmap has CUDA) import pycolmap the same way."""
     pytest.importorskip("pycolmap")
     child = subprocess.run(
-        [sys.executable, "-c", SIGTERM_CHILD.format(in_thread=in_thread)],
+        [sys.executable, "-c", SIGTERM_CHILD.format(in_thread=in_thread, module=module, importer=importer)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -56,7 +56,7 @@ RSS_UNIT_BYTES = 1 if sys.platform == "darwin" else 1024
 MIB = 1 << 20
 OVERVIEW_GAP_PX = 2  # white gap between tiles of overview.png
 # zlib level of the PNGs written: a 896x512 frame and its confidence take 32 ms at level 1 against
-# 128 ms at Pillow's default 6, for 19 % more bytes (394 against 331 kB; docs/benchmarks.md "Loop")
+# 128 ms at Pillow's default 6, for 19 % more bytes (394 against 331 kB; docs/benchmarks.md "Loop on the GPU")
 PNG_LEVEL = 1
 # frames are encoded and written by this many threads (Pillow's encoder and fsync release the GIL)
 WRITE_THREADS = min(8, os.cpu_count() or 1)

@@ -116,7 +116,6 @@ REFINE_VARIANTS: dict[str, dict] = {
     "refine confidence 0.1": {"confidence_error": 0.1},
     "refine with reproject confidence": {"keep_input_confidence": True},  # the script's switch, not RefineConfig's
     "refine ungated": {"strengths": (1.0,)},  # the network at full strength whatever the validation says
-    "refine mixed": {"mixed_inputs": 0.5},  # half the crops' inputs moved part way back to the photo
 }
 REFINE_PICTURE = "{run}_refine.png"  # rows: reprojection | guide render | refined | truth
 

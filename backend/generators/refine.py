@@ -95,12 +95,6 @@ class RefineConfig:
         confidence_error: a predicted mean absolute error of this much gives confidence e^-1.
         strengths: the gate's choices of ``alpha`` (module docstring, step 5), each in [0, 1]; with
             0 among them the refiner can decline, ``(1.0,)`` applies the network ungated.
-        mixed_inputs: the share of training crops whose colour inputs (reprojection, covered render
-            pixels) are moved a random part ``t ~ U(0, 1)`` of the way back to the photo,
-            ``photo + t * (input - photo)``: leave-out inputs are more degraded than the trajectory's
-            frames (a guide on fewer captures), so the network also sees cleaner inputs it must
-            leave alone. With it on, the gate also scores the validation pairs halfway clean
-            (``t = 0.5``) and picks the strength with the least mean L1 over both. 0: off.
         seed: crops, flips, jitter, the network's initial weights and the validation capture.
     """
 
@@ -119,7 +113,6 @@ class RefineConfig:
     offset_jitter: float = 0.05
     confidence_error: float = 0.05
     strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    mixed_inputs: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -141,8 +134,6 @@ class RefineConfig:
         for name in ("lr_final_factor", "weight_decay", "gain_jitter", "gamma_jitter", "offset_jitter"):
             if getattr(self, name) < 0:
                 raise ValueError(f"RefineConfig.{name} must be >= 0; got {getattr(self, name)}")
-        if not 0.0 <= self.mixed_inputs <= 1.0:
-            raise ValueError(f"RefineConfig.mixed_inputs must be in [0, 1]; got {self.mixed_inputs}")
         if not self.strengths or not all(0.0 <= a <= 1.0 for a in self.strengths):
             raise ValueError(f"RefineConfig.strengths must be non-empty, each in [0, 1]; got {self.strengths}")
 
@@ -430,21 +421,6 @@ def make_pairs(
 # Training
 
 
-def toward(inputs: Tensor, truth: Tensor, t: Tensor | float) -> Tensor:
-    """``truth + t * (inputs - truth)``: the inputs at ``t`` = 1, the truth at 0."""
-    return torch.lerp(truth, inputs, t)
-
-
-def halfway(pairs: TrainingPairs) -> TrainingPairs:
-    """The pairs with their colour inputs moved half way back to the photo (covered render pixels only)."""
-    cover = pairs.coverage[..., None]
-    return replace(
-        pairs,
-        frames=toward(pairs.frames, pairs.truth, 0.5),
-        render_rgb=torch.where(cover, toward(pairs.render_rgb, pairs.truth, 0.5), pairs.render_rgb),
-    )
-
-
 def augmented_batch(pairs: TrainingPairs, cfg: RefineConfig, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """A batch of random crops with flips and photometric jitter.
 
@@ -483,10 +459,6 @@ def augmented_batch(pairs: TrainingPairs, cfg: RefineConfig, gen: torch.Generato
         t = torch.stack([x.flip(0) if fy else x for x, fy in zip(t, flips[:, 1].tolist())])  # vertical
         out.append(t)
     frames, conf, rgb, cover, truth = out
-    if cfg.mixed_inputs > 0:  # some crops' inputs moved part of the way back to the photo
-        mixed = torch.rand(B, generator=gen) < cfg.mixed_inputs
-        t = torch.where(mixed, torch.rand(B, generator=gen), torch.ones(B)).to(dev)[:, None, None, None]
-        frames, rgb = toward(frames, truth, t), torch.where(cover[..., None], toward(rgb, truth, t), rgb)
     return network_inputs(frames, conf, rgb, cover), frames, truth
 
 
@@ -640,19 +612,11 @@ class Validation:
         )
 
 
-def validate(
-    net: nn.Module, pairs: TrainingPairs, strengths: Sequence[float], *, with_halfway: bool = False
-) -> tuple[float, float, list[float]]:
-    """The gate on validation ``pairs`` (and, ``with_halfway``, the same pairs :func:`halfway` clean,
-    each set half the weight): (chosen strength, L1 of the reprojection, L1 per strength)."""
-    sets = [pairs, halfway(pairs)] if with_halfway else [pairs]
-    frames = torch.cat([p.frames for p in sets])
-    refined, _ = predict(
-        net, frames, *(torch.cat([getattr(p, k) for p in sets]) for k in ("confidence", "render_rgb", "coverage"))
-    )
-    truth = torch.cat([p.truth for p in sets])
-    strength, l1 = choose_strength(frames, refined, truth, strengths)
-    return strength, float((frames - truth).abs().mean()), l1
+def validate(net: nn.Module, pairs: TrainingPairs, strengths: Sequence[float]) -> tuple[float, float, list[float]]:
+    """The gate on validation ``pairs``: (chosen strength, L1 of the reprojection, L1 per strength)."""
+    refined, _ = predict(net, pairs.frames, pairs.confidence, pairs.render_rgb, pairs.coverage)
+    strength, l1 = choose_strength(pairs.frames, refined, pairs.truth, strengths)
+    return strength, float((pairs.frames - pairs.truth).abs().mean()), l1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -723,9 +687,7 @@ class RefineGenerator:
         with torch.no_grad():  # the error output starts at confidence_error (confidence e^-1)
             net.head.bias[3] = math.log(math.expm1(self.config.confidence_error))
         self.losses = train_refiner(net, training, self.config, progress=part(0.5, 1.0))
-        strength, l1_input, l1 = validate(
-            net, validation, self.config.strengths, with_halfway=self.config.mixed_inputs > 0
-        )
+        strength, l1_input, l1 = validate(net, validation, self.config.strengths)
         self.net, self.strength = net, strength
         self.validation = Validation(
             target_ids=sorted(set(validation.target_ids)),

@@ -18,10 +18,8 @@ from backend.generators.refine import (
     RefineGenerator,
     TrainingPairs,
     UNet,
-    augmented_batch,
     choose_strength,
     degraded_inputs,
-    halfway,
     leave_out_subsets,
     make_pairs,
     split_validation,
@@ -222,40 +220,6 @@ def test_gate_declines_a_useless_network_and_takes_a_perfect_one(single_thread) 
     assert choose_strength(half, half, one, strengths)[0] == 0.0
     with pytest.raises(ValueError, match=r"RefineConfig.strengths must be non-empty, each in \[0, 1\]; got \(1.5,\)"):
         RefineConfig(strengths=(1.5,))
-
-
-def test_mixed_inputs_lie_between_the_input_and_the_photo() -> None:
-    """``mixed_inputs``: crops' colour inputs move part of the way back to the photo (uncovered render
-    pixels stay black); off, the batch is bit for bit what it was; the gate's halfway pairs are the
-    midpoints, and with them the gate also sees how much a network spoils cleaner inputs."""
-    pairs = synthetic_pairs([0, 1], size=(20, 24), noise=0.3)
-    pairs.coverage[:, :, :6] = False
-    pairs.render_rgb[:, :, :6] = 0.0
-    plain = RefineConfig(crop_px=20, batch_size=6, gain_jitter=0.0, gamma_jitter=0.0, offset_jitter=0.0)
-    before = augmented_batch(pairs, plain, torch.Generator().manual_seed(4))
-    again = augmented_batch(pairs, replace(plain, mixed_inputs=0.0), torch.Generator().manual_seed(4))
-    assert all(torch.equal(a, b) for a, b in zip(before, again))
-    inputs, frames, truth = augmented_batch(pairs, replace(plain, mixed_inputs=1.0), torch.Generator().manual_seed(4))
-    _, raw, raw_truth = before
-    assert torch.equal(truth, raw_truth)  # same crops and flips: the mix draws after them
-    # every crop's input sits on the segment from its raw input to the photo, some strictly inside
-    t = ((frames - truth) * (raw - truth)).sum((1, 2, 3)) / ((raw - truth) ** 2).sum((1, 2, 3))
-    assert bool(((t >= 0) & (t <= 1)).all()) and bool((t < 0.99).any())
-    torch.testing.assert_close(frames, truth + t[:, None, None, None] * (raw - truth))
-    render = inputs[:, 3:6] + 0.5  # network_inputs centres the colours; [B, 3, h, w]
-    cover = inputs[:, 7] > 0.5
-    assert float(render.permute(0, 2, 3, 1)[~cover].abs().max()) == 0.0
-    half = halfway(pairs)
-    torch.testing.assert_close(half.frames, (pairs.frames + pairs.truth) / 2)
-    assert torch.equal(half.render_rgb[:, :, :6], pairs.render_rgb[:, :, :6])
-    # a network that moves every input to 0.5 grey helps noisy inputs less than it spoils cleaner ones
-    grey = Oracle(torch.full((4, *pairs.truth.shape[1:]), 0.5))  # 4: the pairs and their halfway copies
-    _, l1_raw, l1 = validate(Oracle(torch.full_like(pairs.truth, 0.5)), pairs, (0.0, 1.0))
-    _, l1_both, l1_mixed = validate(grey, pairs, (0.0, 1.0), with_halfway=True)
-    assert l1_both == pytest.approx(0.75 * l1_raw, rel=1e-5)  # the halfway set's input error is half
-    assert l1_mixed[1] - l1_mixed[0] > l1[1] - l1[0]
-    with pytest.raises(ValueError, match="mixed_inputs must be in"):
-        RefineConfig(mixed_inputs=1.5)
 
 
 def test_strength_zero_passes_the_reprojection_through(single_thread) -> None:

@@ -9,7 +9,7 @@ one machine, one clock). Each job burns ``--work-ms`` of CPU per step in a worke
 warm-up: ``run_loop`` in this process, the service with its worker thread (submit to done), the service
 on a one-worker Ray pool (a GPU actor; one run more, its first not counted: the actor starts CUDA and
 loads the kernels). Reports the medians, the Ray path's overhead against the worker thread (the same
-service, jobs stored and loaded the same way) and against ``run_loop``, and every job's stage seconds. Reports the overhead of the Ray path as a share of the job.
+service, jobs stored and loaded the same way) and against ``run_loop``, each as a share of the job, and every job's stage seconds.
 
 Usage::
 
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("overhead", help="one GPU: the loop through the Ray pool against in-process")
     p.add_argument("--scene", type=Path, required=True, help="scene folder (scene.json)")
     p.add_argument("--repeats", type=int, default=2, help="runs of each path (Ray: one more, not counted)")
-    p.add_argument("--paths", default="direct,thread,ray", help="which of direct, thread (Ray always runs)")
+    p.add_argument("--paths", default="direct,thread", help="which of direct, thread run beside Ray (always run)")
     p.add_argument("--device", default=None, help="default: cuda when torch sees a GPU, else cpu")
     p.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)

@@ -25,7 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mvs_accuracy import FIRST, load, score_depths  # noqa: E402
 
 from backend.estimators.mvs import MVSConfig, estimate_depths, fuse_depths  # noqa: E402
-from backend.estimators.patchmatch import PatchMatchConfig, has_cuda_patchmatch, patchmatch_depths  # noqa: E402
+from backend.estimators.patchmatch import (  # noqa: E402
+    PatchMatchConfig,
+    fusion_config,
+    has_cuda_patchmatch,
+    patchmatch_depths,
+)
 from backend.formats.colmap import read_colmap, read_colmap_points  # noqa: E402
 
 
@@ -37,13 +42,7 @@ def patchmatch_run(views, side: int) -> tuple:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t
-    fused = fuse_depths(
-        maps.depth,
-        maps.confidence,
-        maps.views,
-        maps.neighbors,
-        MVSConfig(max_side=side, min_consistent=cfg.min_consistent),
-    )
+    fused = fuse_depths(maps.depth, maps.confidence, maps.views, maps.neighbors, fusion_config(cfg))
     return maps.depth, maps.views.cams, seconds, len(fused)
 
 

@@ -208,8 +208,12 @@ class PatchMatchMVS:
     def estimate(self, views: Views) -> GeometryMemory:
         """Captures (images [C, H, W, 3] in [0, 1], cameras, ids) -> fused points with source ids."""
         maps = patchmatch_depths(views, self.cfg)
-        mvs_cfg = replace(MVSConfig(), max_side=self.cfg.max_side, min_consistent=self.cfg.min_consistent)
-        return fuse_depths(maps.depth, maps.confidence, maps.views, maps.neighbors, mvs_cfg)
+        return fuse_depths(maps.depth, maps.confidence, maps.views, maps.neighbors, fusion_config(self.cfg))
+
+
+def fusion_config(cfg: PatchMatchConfig) -> MVSConfig:
+    """The plane sweep's settings PatchMatch shares: neighbour choice, depth range and fusion."""
+    return replace(MVSConfig(), max_side=cfg.max_side, min_consistent=cfg.min_consistent)
 
 
 def patchmatch_depths(views: Views, cfg: PatchMatchConfig = PatchMatchConfig()) -> DepthMaps:
@@ -229,7 +233,7 @@ def patchmatch_depths(views: Views, cfg: PatchMatchConfig = PatchMatchConfig()) 
         raise GeometryError("patchmatch: pycolmap has no CUDA here (install pycolmap-cuda12 on a CUDA machine)")
     if len(views) < 2:
         raise GeometryError(f"patchmatch: needs at least 2 captures with cameras; got {len(views)}")
-    mvs_cfg = replace(MVSConfig(), max_side=cfg.max_side, min_consistent=cfg.min_consistent)
+    mvs_cfg = fusion_config(cfg)
     small = resize_views(views, cfg.max_side)
     cams = small.cams
     sources = match_candidates(cams, mvs_cfg)

@@ -5,10 +5,11 @@ plane-sweep stereo without learned weights), drops weak points, voxel-downsample
 count so that M stays bounded. When the estimator cannot work on the views (a
 :class:`~backend.estimators.GeometryError`: wide baselines, one view) or gives fewer than
 ``min_points`` points, the memory falls back, never failing the job: from ``patchmatch`` (COLMAP on
-CUDA) to plane sweep first, then to the visual hull of the captures' masks (estimator ``hull``) when they have masks, else to bounded depth (every capture's
-pixels at the depth where the optical axes meet; a coarse start the Gaussian fit refines). The
-fallback and its reason go to the job's notes. With masks, points outside them are dropped.
-``memory_to_ply_arrays`` gives the arrays of the point-cloud .ply (DESIGN.md section 3: ``x y z`` float32, ``red green blue`` uchar, ``confidence`` float32,
+CUDA) to plane sweep, then to the visual hull of the captures' masks (estimator ``hull``) when they
+have masks, else to bounded depth (every capture's pixels at the depth where the optical axes meet;
+a coarse start the Gaussian fit refines). The fallback and its reason go to the job's notes. With
+masks, points outside them are dropped. ``memory_to_ply_arrays`` gives the arrays of the point-cloud
+.ply (DESIGN.md section 3: ``x y z`` float32, ``red green blue`` uchar, ``confidence`` float32,
 ``source`` int32).
 """
 
@@ -136,34 +137,30 @@ def build_memory(
     return cap_points(memory, cfg.max_points)
 
 
+# what the memory tries after each estimator, before bounded depth (the hull only with masks)
+FALLBACKS = {"patchmatch": ("mvs", "hull"), "mvs": ("hull",), "hull": ()}
+USED = {"mvs": "plane sweep", "hull": "the visual hull of the captures' masks"}
+
+
 def estimate_with_fallback(views: Views, cfg: MemoryConfig, estimator: str, notes: list[str]) -> GeometryMemory:
     """The named estimator's points; on a GeometryError or fewer than ``cfg.min_points`` points, the
-    visual hull (masks) or bounded depth, with a line in ``notes`` (module docstring)."""
+    next of :data:`FALLBACKS` (plane sweep after PatchMatch, the visual hull where there are masks),
+    at last bounded depth, with a line in ``notes`` (module docstring)."""
     est_cfgs = {"mvs": cfg.mvs, "hull": cfg.hull, "patchmatch": cfg.patchmatch}
-    try:
-        memory = ESTIMATORS.make(estimator, est_cfgs.get(estimator)).estimate(views)
-    except GeometryError as err:
-        why = str(err)
-    else:
-        if len(memory) >= cfg.min_points:
-            return memory
-        why = f"{estimator} gave {len(memory)} points (fewer than {cfg.min_points})"
-    if estimator == "patchmatch":  # COLMAP failed or found little: the CPU path's plane sweep next
+    chain = [estimator, *(e for e in FALLBACKS.get(estimator, ("hull",)) if e != "hull" or views.masks is not None)]
+    why = ""
+    for name in chain:
         try:
-            memory = ESTIMATORS.make("mvs", cfg.mvs).estimate(views)
+            memory = ESTIMATORS.make(name, est_cfgs.get(name)).estimate(views)
         except GeometryError as err:
-            why += f"; {err}"
-        else:
-            if len(memory) >= cfg.min_points:
-                _note(notes, f"geometry: {why}; used plane sweep ({len(memory)} points)")
-                return memory
-            why += f"; plane sweep gave {len(memory)} points"
-    if views.masks is not None and estimator != "hull":
-        memory = ESTIMATORS.make("hull", cfg.hull).estimate(views)
+            why += f"; {err}" if why else str(err)
+            continue
         if len(memory) >= cfg.min_points:
-            _note(notes, f"geometry: {why}; used the visual hull of the captures' masks ({len(memory)} points)")
+            if name != estimator:
+                _note(notes, f"geometry: {why}; used {USED[name]} ({len(memory)} points)")
             return memory
-        why += f"; the visual hull gave {len(memory)} points"
+        gave = f"{name if name == estimator else USED[name]} gave {len(memory)} points"
+        why += f"; {gave}" if why else f"{gave} (fewer than {cfg.min_points})"
     memory, depth_note = bounded_depth_points(views, cfg)
     _note(
         notes,

@@ -7,6 +7,10 @@ sweep rows still run (``--tiny`` for a quick CPU check). Writes JSON with ``--ou
 
     python scripts/gpu_check_patchmatch.py --sides 640 1024 --views 3 5 --out $OUT/patchmatch.json
     .venv/bin/python scripts/gpu_check_patchmatch.py --tiny
+
+``--llff DIR`` instead measures coverage alone on an LLFF scene's 3 training views (the quality
+benchmark's protocol and size; there are no reference points): the share of pixels each method gives
+a depth, and for PatchMatch per ``--angles`` (COLMAP's minimum triangulation angle, degrees).
 """
 
 from __future__ import annotations
@@ -46,6 +50,51 @@ def patchmatch_run(views, side: int) -> tuple:
     return maps.depth, maps.views.cams, seconds, len(fused)
 
 
+def llff_coverage(scene_dir: Path, angles: list[float], device: str) -> list[dict]:
+    """Depth coverage of plane sweep and of PatchMatch per minimum triangulation angle on an LLFF
+    scene's 3 training views (bench_loop_quality's fern: llff protocol, 504x378)."""
+    import tempfile
+
+    from backend.evaluate import scene_for_eval
+    from backend.stages.cameras import load_image, resize_image, to_tensor, undistorted
+    from backend.types import Cameras, Views
+
+    with tempfile.TemporaryDirectory() as work:
+        scene = scene_for_eval(scene_dir, "llff", "llff", 3, Path(work) / "scene")
+        pin = [undistorted(load_image(c.image), c.camera) for c in scene.captures]
+        W, H = 504, 378
+        views = Views(
+            to_tensor([resize_image(i, W, H) for i, _ in pin], device),
+            Cameras.from_scene([c for _, c in pin], W, H, device=device),
+            list(range(len(pin))),
+        )
+        rows = []
+        t = time.perf_counter()
+        maps = estimate_depths(views, MVSConfig(max_side=W))
+        rows.append(
+            {
+                "method": "plane sweep",
+                "coverage": float((maps.depth > 0).float().mean()),
+                "seconds": time.perf_counter() - t,
+            }
+        )
+        for a in angles:
+            t = time.perf_counter()
+            try:
+                pm = patchmatch_depths(views, PatchMatchConfig(max_side=W, min_triangulation_angle_deg=a))
+                rows.append(
+                    {
+                        "method": f"patchmatch, min angle {a:g}",
+                        "coverage": float((pm.depth > 0).float().mean()),
+                        "seconds": time.perf_counter() - t,
+                    }
+                )
+            except Exception as err:
+                rows.append({"method": f"patchmatch, min angle {a:g}", "error": f"{type(err).__name__}: {err}"})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scene", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared/data/lund_door")
@@ -54,7 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="one small CPU-sized setting (160 px, 3 views, 32 planes)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--llff", type=Path, default=None, help="coverage on this LLFF scene instead (docstring)")
+    ap.add_argument("--angles", type=float, nargs="+", default=[3.0, 1.0, 0.5])
     args = ap.parse_args(argv)
+    if args.llff:
+        rows = llff_coverage(args.llff, args.angles, args.device)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"device": args.device, "rows": rows}, indent=1))
+        return 0
     if args.tiny:
         args.sides, args.views = [160], [3]
     captures = read_colmap(args.scene).captures

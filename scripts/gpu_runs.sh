@@ -19,6 +19,7 @@
 #   unpack_pycolmap            unpack .pcmx/*.tar.xz into /tmp/pcmsite and /tmp/xlibs
 #   overhead [REPEATS] [PATHS] issue 17: the bench_loop job by run_loop, the service's worker thread, a one-GPU Ray pool
 #   patchmatch                 PatchMatch against plane sweep on the door (scripts/gpu_check_patchmatch.py)
+#   patchmatch_llff [ANGLES]   depth coverage on the fern's 3 views: plane sweep, PatchMatch per minimum angle
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -87,6 +88,10 @@ PY
   patchmatch)
     python3 scripts/gpu_check_patchmatch.py --scene .device_data/lund_door --sides 640 1024 --views 3 5 \
       --out "$OUT/patchmatch.json" 2>&1 | tee "$OUT/patchmatch.log"
+    ;;
+  patchmatch_llff)
+    python3 scripts/gpu_check_patchmatch.py --llff .device_data/llff_fern --angles ${1:-3 1 0.5} \
+      --out "$OUT/patchmatch_llff.json" 2>&1 | tee "$OUT/patchmatch_llff.log"
     ;;
   unpack_fa4)
     mkdir -p /tmp/cu13 && tar xJf .fa4a/cu13.tar.xz -C /tmp/cu13 && echo unpacked

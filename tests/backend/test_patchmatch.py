@@ -3,15 +3,19 @@ depth maps read back into the memory (PatchMatch itself needs CUDA: scripts/gpu_
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pycolmap
 import pytest
 import torch
 
-from backend.estimators import ESTIMATORS, GeometryError
-from backend.estimators.mvs import MVSConfig, fuse_depths
+from backend.estimators import ESTIMATORS, GeometryError, patchmatch
+from backend.estimators.mvs import MVSConfig, estimate_depths, fuse_depths
 from backend.estimators.patchmatch import (
+    PatchMatchConfig,
     PatchMatchMVS,
+    check_coverage,
     default_estimator,
     has_cuda_patchmatch,
     read_colmap_array,
@@ -22,6 +26,7 @@ from backend.estimators.patchmatch import (
 from backend.evaluate import split_protocol
 from backend.formats import import_scene
 from backend.stages.cameras import load_image, resize_image, to_tensor
+from backend.stages.memory import MemoryConfig, build_memory
 from backend.types import Cameras, Views, backproject
 
 W, H = 80, 60
@@ -100,3 +105,34 @@ def test_patchmatch_is_picked_only_with_cuda():
                     [0, 1],
                 )
             )
+
+
+def test_patchmatch_covering_much_less_than_plane_sweep_gives_way_to_it(temple_dir, tmp_path, monkeypatch):
+    """The coverage guard: depth maps standing in for PatchMatch's (plane sweep's own, then with most
+    pixels emptied, as COLMAP's triangulation filter did on the fern) keep the estimator's points in
+    the first case and send the memory to plane sweep, with both shares in the notes, in the second."""
+    scene = split_protocol(import_scene("middlebury", temple_dir, tmp_path / "s"), "ring-arc")
+    cams = Cameras.from_scene([c.camera for c in scene.captures], W * 2, H * 2)
+    views = Views(
+        to_tensor([resize_image(load_image(c.image), W * 2, H * 2) for c in scene.captures], "cpu"), cams, [0, 1, 2]
+    )
+    cfg = MemoryConfig(mvs=MVSConfig(max_side=W * 2, num_planes=32))
+    cfg = replace(cfg, patchmatch=PatchMatchConfig(max_side=W * 2))
+    sweep = estimate_depths(views, patchmatch.fusion_config(cfg.patchmatch))
+    assert float((sweep.depth > 0).float().mean()) > 0.1
+    sparse = sweep.depth.clone()
+    sparse[:, : sparse.shape[1] * 3 // 4] = 0  # three quarters of every map emptied
+    for maps, falls_back in ((sweep, False), (replace(sweep, depth=sparse), True)):
+        monkeypatch.setattr(patchmatch, "patchmatch_depths", lambda v, c, m=maps: m)
+        notes: list[str] = []
+        memory = build_memory(views, cfg, estimator="patchmatch", notes=notes)
+        assert len(memory) > 100
+        if falls_back:
+            assert len(notes) == 1 and "patchmatch: depth on" in notes[0] and "used plane sweep" in notes[0], notes
+        else:
+            assert notes == []
+    with pytest.raises(GeometryError, match=r"depth on 10% of the pixels, plane sweep on 50%"):
+        check_coverage(torch.tensor([1.0] + [0.0] * 9), torch.tensor([1.0] * 5 + [0.0] * 5), 0.8)
+    check_coverage(torch.tensor([1.0] * 4 + [0.0] * 6), torch.tensor([1.0] * 5 + [0.0] * 5), 0.8)  # 40 >= 0.8 x 50
+    with pytest.raises(ValueError, match="min_coverage_share must be >= 0"):
+        PatchMatchConfig(min_coverage_share=-1).check()

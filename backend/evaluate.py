@@ -301,7 +301,8 @@ def evaluate_scene(
         add_scores("gaussians_captures", caps_render)
         columns += [points, caps_render]
 
-    # (c) the full loop along the evaluation trajectory; its guide is (b) when that was fitted here
+    # (c) the full loop along the evaluation trajectory; its memory and guide are (a)'s and (b)'s when
+    # those were made here (the same captures, size and settings)
     loop_scene = replace(scene, trajectory=traj)
     t0 = time.perf_counter()
     result = run_loop(
@@ -312,6 +313,8 @@ def evaluate_scene(
         config=replace(loop_cfg, width=W, height=H),
         generator=generator,
         guide=g_caps if baselines else None,
+        memory=memory if baselines else None,
+        memory_notes=notes if baselines else (),
     )
     loop_seconds = time.perf_counter() - t0
     loop_render = render_gaussians(result.gaussians, held, loop_cfg.fit)

@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,8 @@ def run_loop(
     config: LoopConfig | None = None,
     generator: Generator | None = None,
     guide: Gaussians | None = None,
+    memory: GeometryMemory | None = None,
+    memory_notes: Sequence[str] = (),
 ) -> LoopResult:
     """Run the whole loop on ``scene`` and write the job folder ``out_dir``.
 
@@ -209,6 +212,10 @@ def run_loop(
         guide: ready guide Gaussians, fitted on these captures at the working size with
             ``config.fit`` (e.g. the captures-only fit an evaluation made already); default: fitted
             here when ``config.guide`` is on. Ignored when it is off.
+        memory: a ready initial memory M, built by ``build_memory`` from these captures at the
+            working size with ``config.memory`` and ``config.estimator`` (e.g. the one an evaluation
+            built for its baselines: PatchMatch takes 15-85 s); default: built here.
+        memory_notes: the notes building ``memory`` gave (fallbacks), added to the job's notes.
     Returns:
         LoopResult (files written under out_dir, plus in-memory results).
     """
@@ -239,7 +246,12 @@ def run_loop(
 
     # 1. Geometry memory M from the posed captures.
     with meter.measure("memory"):
-        memory = memory_initial = build_memory(captures, cfg.memory, estimator=cfg.estimator, notes=step0.notes)
+        if memory is None:
+            memory = build_memory(captures, cfg.memory, estimator=cfg.estimator, notes=step0.notes)
+        else:
+            step0.notes.extend(memory_notes)
+            memory = memory.to(device)
+        memory_initial = memory
     if cfg.has_fit and cfg.fit.max_gaussians and len(memory) > cfg.fit.max_gaussians:  # thinned in the fits
         step0.notes.append(thin_memory(memory, cfg.fit.max_gaussians).note)
     with meter.measure("outputs"):  # every file the job writes is timed as outputs

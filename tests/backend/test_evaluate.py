@@ -59,7 +59,11 @@ def test_heldout_trajectory_passes_through_heldout_cameras(temple_dir: Path, tmp
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("loop")
-def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path) -> None:
+def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_second_memory(*args, **kwargs):
+        raise AssertionError("the loop built the memory again; the evaluation's should be handed over")
+
+    monkeypatch.setattr("backend.loop.build_memory", no_second_memory)
     scene = split_protocol(
         import_scene("middlebury", temple_dir, tmp_path / "scene"), "ring-arc", train_views=3, ring_start=11
     )

@@ -115,7 +115,10 @@ REFINE_VARIANTS: dict[str, dict] = {
     "refine small": {"widths": (16, 32, 64), "crop_px": 64, "batch_size": 4},  # 0.12M parameters
     "refine confidence 0.1": {"confidence_error": 0.1},
     "refine with reproject confidence": {"keep_input_confidence": True},  # the script's switch, not RefineConfig's
-    "refine ungated": {"strengths": (1.0,)},  # the network at full strength whatever the validation says
+    "refine ungated": {"strengths": (1.0,)},
+    "refine where unsure": {
+        "where_unsure": True
+    },  # pixels move by (1 - reprojection confidence)  # the network at full strength whatever the validation says
 }
 REFINE_PICTURE = "{run}_refine.png"  # rows: reprojection | guide render | refined | truth
 

@@ -95,6 +95,8 @@ class RefineConfig:
         confidence_error: a predicted mean absolute error of this much gives confidence e^-1.
         strengths: the gate's choices of ``alpha`` (module docstring, step 5), each in [0, 1]; with
             0 among them the refiner can decline, ``(1.0,)`` applies the network ungated.
+        where_unsure: each pixel moves ``alpha x (1 - c)`` of the way to the refined frame, c the
+            reprojection's confidence there, in the gate and in the frames (experimental).
         seed: crops, flips, jitter, the network's initial weights and the validation capture.
     """
 
@@ -113,6 +115,7 @@ class RefineConfig:
     offset_jitter: float = 0.05
     confidence_error: float = 0.05
     strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    where_unsure: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -536,13 +539,16 @@ def predict(
     return torch.cat(refined), torch.cat(error)
 
 
-def blend(frames: Tensor, refined: Tensor, strength: float) -> Tensor:
-    """``frames + strength * (refined - frames)``: exactly ``frames`` at 0 and ``refined`` at 1."""
-    return torch.lerp(frames, refined, strength)
+def blend(frames: Tensor, refined: Tensor, strength: float, confidence: Tensor | None = None) -> Tensor:
+    """``frames + strength * (refined - frames)``: exactly ``frames`` at 0 and ``refined`` at 1; with
+    ``confidence`` [P, H, W] each pixel's strength is ``strength * (1 - confidence)``."""
+    if confidence is None:
+        return torch.lerp(frames, refined, strength)
+    return frames + (strength * (1.0 - confidence))[..., None] * (refined - frames)
 
 
 def choose_strength(
-    frames: Tensor, refined: Tensor, truth: Tensor, strengths: Sequence[float]
+    frames: Tensor, refined: Tensor, truth: Tensor, strengths: Sequence[float], confidence: Tensor | None = None
 ) -> tuple[float, list[float]]:
     """The strength whose blend (:func:`blend`) has the least mean L1 error against ``truth``.
 
@@ -551,6 +557,7 @@ def choose_strength(
         refined: the network's frames. [P, H, W, 3]
         truth: the photos, valid at every pixel. [P, H, W, 3]
         strengths: the choices, in [0, 1].
+        confidence: the reprojection's, for :func:`blend` per pixel (``RefineConfig.where_unsure``). [P, H, W]
     Returns:
         (strength, mean L1 error per strength in the order given). Ties go to the smaller strength.
 
@@ -559,7 +566,7 @@ def choose_strength(
         >>> choose_strength(x, y, y, (0.0, 0.5, 1.0))
         (1.0, [1.0, 0.5, 0.0])
     """
-    l1 = [float((blend(frames, refined, a) - truth).abs().mean()) for a in strengths]
+    l1 = [float((blend(frames, refined, a, confidence) - truth).abs().mean()) for a in strengths]
     best = min(range(len(strengths)), key=lambda i: (l1[i], strengths[i]))
     return float(strengths[best]), l1
 
@@ -612,10 +619,13 @@ class Validation:
         )
 
 
-def validate(net: nn.Module, pairs: TrainingPairs, strengths: Sequence[float]) -> tuple[float, float, list[float]]:
+def validate(
+    net: nn.Module, pairs: TrainingPairs, strengths: Sequence[float], where_unsure: bool = False
+) -> tuple[float, float, list[float]]:
     """The gate on validation ``pairs``: (chosen strength, L1 of the reprojection, L1 per strength)."""
     refined, _ = predict(net, pairs.frames, pairs.confidence, pairs.render_rgb, pairs.coverage)
-    strength, l1 = choose_strength(pairs.frames, refined, pairs.truth, strengths)
+    confidence = pairs.confidence if where_unsure else None
+    strength, l1 = choose_strength(pairs.frames, refined, pairs.truth, strengths, confidence)
     return strength, float((pairs.frames - pairs.truth).abs().mean()), l1
 
 
@@ -687,7 +697,7 @@ class RefineGenerator:
         with torch.no_grad():  # the error output starts at confidence_error (confidence e^-1)
             net.head.bias[3] = math.log(math.expm1(self.config.confidence_error))
         self.losses = train_refiner(net, training, self.config, progress=part(0.5, 1.0))
-        strength, l1_input, l1 = validate(net, validation, self.config.strengths)
+        strength, l1_input, l1 = validate(net, validation, self.config.strengths, self.config.where_unsure)
         self.net, self.strength = net, strength
         self.validation = Validation(
             target_ids=sorted(set(validation.target_ids)),
@@ -721,8 +731,12 @@ class RefineGenerator:
         if self.strength == 0.0:
             return Frames(images=frames.images, confidence=frames.confidence)
         refined, error = predict(self.net, frames.images, frames.confidence, renders.rgb, renders.mask)
-        images = blend(frames.images, refined, self.strength)
         confidence = torch.exp(-error / self.config.confidence_error)
+        if self.config.where_unsure:  # a pixel the reprojection was sure of keeps its colour and confidence
+            images = blend(frames.images, refined, self.strength, frames.confidence)
+            confidence = torch.lerp(confidence, torch.ones_like(confidence), frames.confidence)
+        else:
+            images = blend(frames.images, refined, self.strength)
         return Frames(images=images.contiguous(), confidence=confidence.contiguous())
 
     def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:

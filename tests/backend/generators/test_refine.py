@@ -245,6 +245,27 @@ def test_strength_zero_passes_the_reprojection_through(single_thread) -> None:
     torch.testing.assert_close(quarter.confidence, full.confidence)  # the network's, kept (module docstring)
 
 
+def test_where_unsure_moves_only_the_pixels_the_reprojection_doubts(single_thread) -> None:
+    pairs = synthetic_pairs([0, 1])
+    confidence = torch.zeros_like(pairs.confidence)
+    confidence[..., : confidence.shape[-1] // 2] = 1.0  # sure of the left half, not of the right
+    frames = Frames(pairs.frames, confidence)
+    renders = Renders(pairs.render_rgb, torch.ones_like(confidence), pairs.coverage, torch.zeros_like(confidence).int())
+    gen = RefineGenerator(replace(TINY, where_unsure=True))
+    gen.net, gen.strength = noise_refiner(), 1.0
+    out = gen.refine(frames, renders)
+    left, right = slice(None, confidence.shape[-1] // 2), slice(confidence.shape[-1] // 2, None)
+    assert torch.equal(out.images[:, :, left], frames.images[:, :, left])
+    assert torch.equal(out.confidence[:, :, left], torch.ones_like(out.confidence[:, :, left]))
+    full = RefineGenerator(TINY)
+    full.net, full.strength = gen.net, 1.0
+    torch.testing.assert_close(out.images[:, :, right], full.refine(frames, renders).images[:, :, right])
+    # the gate weighs the same way: an oracle is only half used when half the pixels are sure
+    zero, one = torch.zeros(1, 2, 2, 3), torch.ones(1, 2, 2, 3)
+    sure = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    assert choose_strength(zero, one, one, (0.0, 1.0), sure) == (1.0, [1.0, 0.5])
+
+
 @pytest.mark.slow
 def test_refine_runs_in_the_loop(temple3: Scene, single_thread, tmp_path: Path) -> None:
     events = []

@@ -81,6 +81,13 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "opacity decay 0.9995": ({}, {"opacity_decay": 0.9995}, {}),
     "dropout 0.1 + sh 1": ({}, {"dropout_rate": 0.1, "sh_degree": 1}, {}),
     "dropout 0.1 + sh 1 + decay": ({}, {"dropout_rate": 0.1, "sh_degree": 1, "opacity_decay": 0.9995}, {}),
+    # the reprojection's own confidence raised about as far as the refiner's "where unsure" raises it
+    "confidence raised": ({}, {}, {"inpainted_confidence": 0.6, "reprojected_confidence": 0.8}),
+    "confidence raised and one source trusted": (
+        {},
+        {},
+        {"inpainted_confidence": 0.6, "reprojected_confidence": 0.8, "single_source_factor": 1.0},
+    ),
     "no random background": ({}, {"has_random_background": False}, {}),
     "hull geometry": ({"estimator": "hull"}, {}, {}),
     "plane sweep geometry": ({"estimator": "mvs"}, {}, {}),  # the CPU path, where patchmatch is the default
@@ -115,10 +122,10 @@ REFINE_VARIANTS: dict[str, dict] = {
     "refine small": {"widths": (16, 32, 64), "crop_px": 64, "batch_size": 4},  # 0.12M parameters
     "refine confidence 0.1": {"confidence_error": 0.1},
     "refine with reproject confidence": {"keep_input_confidence": True},  # the script's switch, not RefineConfig's
-    "refine ungated": {"strengths": (1.0,)},
-    "refine where unsure": {
-        "where_unsure": True
-    },  # pixels move by (1 - reprojection confidence)  # the network at full strength whatever the validation says
+    "refine ungated": {"strengths": (1.0,)},  # the network at full strength whatever the validation says
+    # pixels move by alpha x (1 - the reprojection's confidence); the second keeps the reprojection's confidence
+    "refine where unsure": {"where_unsure": True},
+    "refine where unsure with reproject confidence": {"where_unsure": True, "keep_input_confidence": True},
 }
 REFINE_PICTURE = "{run}_refine.png"  # rows: reprojection | guide render | refined | truth
 

@@ -31,6 +31,10 @@ network's prediction for the fully refined frame, also when ``alpha < 1`` (a cho
 error is not predicted; it is at most ``(1 - alpha)`` times the reprojection's plus ``alpha`` times
 the refined frame's, and the reprojection's own confidence is no error estimate).
 At strength 0 the refiner declines: the reprojection and its own confidence pass through unchanged.
+With ``where_unsure`` each pixel moves ``alpha x (1 - c)`` of the way, c the reprojection's
+confidence (in the gate too), and its confidence is ``c + (1 - c) x`` the network's: a pixel at
+c = 1 keeps its colour and confidence 1; the less sure the reprojection, the more the network's
+colour and its error estimate count.
 
 Channels of the network's input (:func:`network_inputs`), [B, 8, H, W]: reprojection rgb - 0.5,
 render rgb - 0.5, reprojection confidence, render coverage.

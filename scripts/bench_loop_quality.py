@@ -81,7 +81,7 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "opacity decay 0.9995": ({}, {"opacity_decay": 0.9995}, {}),
     "dropout 0.1 + sh 1": ({}, {"dropout_rate": 0.1, "sh_degree": 1}, {}),
     "dropout 0.1 + sh 1 + decay": ({}, {"dropout_rate": 0.1, "sh_degree": 1, "opacity_decay": 0.9995}, {}),
-    # the reprojection's own confidence raised about as far as the refiner's "where unsure" raises it
+    # the reprojection's own confidence raised about as far as the refiner (where_unsure) raises it
     "confidence raised": ({}, {}, {"inpainted_confidence": 0.6, "reprojected_confidence": 0.8}),
     "confidence raised and one source trusted": (
         {},
@@ -123,9 +123,8 @@ REFINE_VARIANTS: dict[str, dict] = {
     "refine confidence 0.1": {"confidence_error": 0.1},
     "refine with reproject confidence": {"keep_input_confidence": True},  # the script's switch, not RefineConfig's
     "refine ungated": {"strengths": (1.0,)},  # the network at full strength whatever the validation says
-    # pixels move by alpha x (1 - the reprojection's confidence); the second keeps the reprojection's confidence
-    "refine where unsure": {"where_unsure": True},
-    "refine where unsure with reproject confidence": {"where_unsure": True, "keep_input_confidence": True},
+    # "refine" moves a pixel by alpha x (1 - the reprojection's confidence); this one every pixel by alpha
+    "refine everywhere": {"where_unsure": False},
 }
 REFINE_PICTURE = "{run}_refine.png"  # rows: reprojection | guide render | refined | truth
 

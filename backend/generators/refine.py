@@ -100,7 +100,9 @@ class RefineConfig:
         strengths: the gate's choices of ``alpha`` (module docstring, step 5), each in [0, 1]; with
             0 among them the refiner can decline, ``(1.0,)`` applies the network ungated.
         where_unsure: each pixel moves ``alpha x (1 - c)`` of the way to the refined frame, c the
-            reprojection's confidence there, in the gate and in the frames (experimental).
+            reprojection's confidence there, in the gate and in the frames; False moves every pixel
+            by ``alpha`` and takes the network's confidence (docs/benchmarks.md, Refiner: on the
+            temple at CPU size the loop's Gaussians 21.72 against 21.31 dB, mean of 3 seeds).
         seed: crops, flips, jitter, the network's initial weights and the validation capture.
     """
 
@@ -119,7 +121,7 @@ class RefineConfig:
     offset_jitter: float = 0.05
     confidence_error: float = 0.05
     strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    where_unsure: bool = False
+    where_unsure: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -231,7 +231,7 @@ def test_strength_zero_passes_the_reprojection_through(single_thread) -> None:
         pairs.coverage,
         torch.zeros_like(pairs.confidence, dtype=torch.int32),
     )
-    gen = RefineGenerator(TINY)
+    gen = RefineGenerator(replace(TINY, where_unsure=False))  # every pixel by the strength
     gen.net = noise_refiner()
     gen.strength = 0.0
     out = gen.refine(frames, renders)
@@ -257,7 +257,7 @@ def test_where_unsure_moves_only_the_pixels_the_reprojection_doubts(single_threa
     left, right = slice(None, confidence.shape[-1] // 2), slice(confidence.shape[-1] // 2, None)
     assert torch.equal(out.images[:, :, left], frames.images[:, :, left])
     assert torch.equal(out.confidence[:, :, left], torch.ones_like(out.confidence[:, :, left]))
-    full = RefineGenerator(TINY)
+    full = RefineGenerator(replace(TINY, where_unsure=False))
     full.net, full.strength = gen.net, 1.0
     torch.testing.assert_close(out.images[:, :, right], full.refine(frames, renders).images[:, :, right])
     # the gate weighs the same way: an oracle is only half used when half the pixels are sure

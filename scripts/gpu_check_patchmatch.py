@@ -56,18 +56,12 @@ def llff_coverage(scene_dir: Path, angles: list[float], device: str) -> list[dic
     import tempfile
 
     from backend.evaluate import scene_for_eval
-    from backend.stages.cameras import load_image, resize_image, to_tensor, undistorted
-    from backend.types import Cameras, Views
+    from backend.stages.cameras import prepare_captures
 
+    W, H = 504, 378
     with tempfile.TemporaryDirectory() as work:
         scene = scene_for_eval(scene_dir, "llff", "llff", 3, Path(work) / "scene")
-        pin = [undistorted(load_image(c.image), c.camera) for c in scene.captures]
-        W, H = 504, 378
-        views = Views(
-            to_tensor([resize_image(i, W, H) for i, _ in pin], device),
-            Cameras.from_scene([c for _, c in pin], W, H, device=device),
-            list(range(len(pin))),
-        )
+        views = prepare_captures(scene, width=W, height=H, default_frames=len(scene.captures), device=device).captures
         rows = []
         t = time.perf_counter()
         maps = estimate_depths(views, MVSConfig(max_side=W))

@@ -39,7 +39,6 @@ from protocol.ply import PointArrays
 
 from . import outputs
 from .budget import BudgetPlan, measure_step_costs, plan_budget, thin_memory
-from .estimators.patchmatch import default_estimator
 from .generators import Generator, GeneratorCache, GeneratorConfig
 from .progress import ProgressFn, ProgressTracker, no_progress
 from .scene import Scene, Settings
@@ -85,7 +84,7 @@ class LoopConfig:
     Attributes:
         width, height: working resolution of renders, generated frames and Gaussian fitting. When
             the trajectory's aspect differs, the trajectory's aspect wins at about the same pixel count.
-        estimator: geometry estimator name for step 1 (``mvs``).
+        estimator: geometry estimator name for step 1 (``mvs``; the job's ``geometry`` setting).
         generator: step 5's generator by name with its options (memory mode, attention, steps).
         seed, prompt: passed to the generator (segment k gets ``seed + k``).
         default_frames: frames of the path made through the captures when the scene has none.
@@ -137,7 +136,7 @@ class LoopConfig:
                 rasterizer=default_rasterizer(device),
             ),
             has_fit=settings.gaussian_iterations > 0,
-            estimator=default_estimator(device),
+            estimator=settings.geometry,
             generator=GeneratorConfig.from_settings(settings),
             seed=settings.seed,
             prompt=settings.prompt,

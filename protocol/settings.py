@@ -235,6 +235,17 @@ SETTINGS: tuple[Setting, ...] = (
         range=(0, 24 * 60),
     ),
     Setting(
+        "geometry",
+        "enum",
+        "mvs",
+        "Geometry",
+        "How the captures' depth is found: 'mvs' plane-sweep stereo (CPU or GPU); 'patchmatch' COLMAP's "
+        "PatchMatch (needs pycolmap's CUDA build; better on wide-baseline photos, worse on close forward-facing "
+        "ones, 15-120 s more); 'hull' the visual hull of the captures' masks. Falls back when it finds too little",
+        choices=("mvs", "patchmatch", "hull"),
+        section=SECTION_ADVANCED,
+    ),
+    Setting(
         "photo_cameras",
         "enum",
         "auto",

@@ -81,6 +81,13 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "opacity decay 0.9995": ({}, {"opacity_decay": 0.9995}, {}),
     "dropout 0.1 + sh 1": ({}, {"dropout_rate": 0.1, "sh_degree": 1}, {}),
     "dropout 0.1 + sh 1 + decay": ({}, {"dropout_rate": 0.1, "sh_degree": 1, "opacity_decay": 0.9995}, {}),
+    "dropout 0.2 + sh 1": ({}, {"dropout_rate": 0.2, "sh_degree": 1}, {}),
+    # the fit's own settings: how far the centres move, how much DefaultStrategy densifies
+    "means lr x4": ({}, {"means_lr": 6.4e-4}, {}),
+    "no densification": ({}, {"strategy": "none"}, {}),
+    "grow grad 0.0005": ({}, {"grow_grad2d": 0.0005}, {}),
+    "grow grad 0.001": ({}, {"grow_grad2d": 0.001}, {}),
+    "grow grad 0.0001": ({}, {"grow_grad2d": 0.0001}, {}),
     # the reprojection's own confidence raised about as far as the refiner (where_unsure) raises it
     "confidence raised": ({}, {}, {"inpainted_confidence": 0.6, "reprojected_confidence": 0.8}),
     "confidence raised and one source trusted": (
@@ -161,6 +168,8 @@ def refine_report(gen: RecordingRefiner, scene, report: dict, picture: Path | No
     report["refine_train_loss"] = gen.losses[-1] if gen.losses else None
     report["refine_train_steps"] = len(gen.losses) * LOSS_SYNC_EVERY
     report["refine_strength"] = gen.strength
+    # how far the network moved the trajectory's frames, beside how far it moved the validation frames
+    report["refine_change"] = float((refined - frames).abs().mean())
     if gen.validation is not None:  # the gate: mean L1 at the validation capture per strength tried
         v = gen.validation
         report["refine_validation"] = {
@@ -168,6 +177,7 @@ def refine_report(gen: RecordingRefiner, scene, report: dict, picture: Path | No
             "held_out": v.held_out,
             "train_pairs": v.train_pairs,
             "l1_input": v.l1_input,
+            "change": v.change,
             "l1": dict(zip([f"{a:g}" for a in v.strengths], v.l1)),
             "note": v.note,
         }
@@ -220,6 +230,19 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def mean_reports(reports: list[dict]) -> dict:
+    """One report for rows of the same seed and settings run in several processes: the first, with
+    every score (PSNR, SSIM, ...) the mean over the rows and ``rows`` saying how many there were (GPU fits
+    are not bit-reproducible: such rows differ by up to 0.2 dB)."""
+    out = dict(reports[0])
+    if len(reports) > 1:
+        for key in (k for s in SCORE_KEYS for k in (s, f"{s}_masked")):
+            if all(isinstance(r.get(key), dict) for r in reports):
+                out[key] = {m: statistics.fmean(r[key][m] for r in reports) for m in reports[0][key]}
+        out["rows"] = len(reports)
+    return out
+
+
 def merge_results(parts: list[dict]) -> dict:
     """Results of several runs (same device and iterations; seeds split between them) as one: each
     scene's runs joined per variant, sorted by seed, and summarised again."""
@@ -240,6 +263,9 @@ def merge_results(parts: list[dict]) -> dict:
     for name, scene in merged["scenes"].items():
         for v, reports in scene["runs"].items():
             seeds = [r["seed"] for r in reports]
+            if v == "default":  # concurrent processes of one seed each score the default row: their mean
+                reports[:] = [mean_reports([r for r in reports if r["seed"] == seed]) for seed in dict.fromkeys(seeds)]
+                seeds = [r["seed"] for r in reports]
             if len(set(seeds)) != len(seeds):
                 raise ValueError(f"merge: scene {name}, variant {v!r} has seed(s) twice: {sorted(seeds)}")
             reports.sort(key=lambda r: r["seed"])
@@ -272,13 +298,17 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(results: dict, out: Path | None) -> int:
-    """Print the tables and, with ``out``, write the results as JSON there and the tables beside (.md)."""
+def write_report(results: dict, out: Path | None, quiet: bool = False) -> int:
+    """Print the tables (unless ``quiet``) and, with ``out``, write the results as JSON there and the
+    tables beside (.md)."""
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1, default=str))
+        tmp = out.with_suffix(".tmp")  # replaced in one step: a process killed mid-write leaves the last whole file
+        tmp.write_text(json.dumps(results, indent=1, default=str))
+        tmp.replace(out)
         out.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    if not quiet:
+        print(markdown(results))
     return 0
 
 
@@ -379,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
                             args.pictures.mkdir(parents=True, exist_ok=True)
                         refine_report(generator, scene, report, picture)
                     runs[v].append(report)
+                    if args.out:  # what a process killed by its time limit leaves behind: the rows done so far
+                        done = {k: r for k, r in runs.items() if r}
+                        partial = {"size": list(size), "seeds": seeds, "runs": done, "summary": summarize(done)}
+                        write_report({**results, "scenes": {**results["scenes"], name: partial}}, args.out, quiet=True)
                     if args.pictures:
                         args.pictures.mkdir(parents=True, exist_ok=True)
                         shutil.copy(

@@ -13,6 +13,9 @@
 #                              (quality figures only: concurrent processes' timings, and the refiner's
 #                              training steps in its time budget, are not a lone job's: fix them with
 #                              QUALITY_ARGS="--refine-steps 700 --refine-seconds 600", about 10 s alone)
+#   jobs SPEC [ITER]           one bench_loop_quality process per line of SPEC, all at once, merged:
+#                              lines `SCENE|VARIANTS|SEED[|EXTRA ARGS]` (a sweep: seeds and variant groups
+#                              split between processes; each scores its own default row, the merge keeps one)
 #   generator MODES            scripts/bench_generator.py --compile-blocks --modes MODES
 #   unpack_fa4                 unpack .fa4a/cu13.tar.xz into /tmp/cu13 (kept while the machine is warm)
 #   unpack_ray                 unpack .rayx/ray.tar.xz into /tmp/raysite (scripts/device_env.sh says what it is)
@@ -67,6 +70,25 @@ PY
     done
     wait
     python3 scripts/bench_loop_quality.py --merge "$OUT"/quality_*_seed*.json --out "$OUT/quality_merged.json"
+    ;;
+  jobs)
+    python3 -c "import torch, gsplat; from gsplat.cuda._backend import _C; print('gsplat', gsplat.__version__, _C is not None)"
+    # the machine's cores shared between the processes (torch's CPU threads would oversubscribe them)
+    jobs=$(grep -cv '^\s*\(#\|$\)' "$1")
+    export OMP_NUM_THREADS=$(( $(nproc) / jobs > 0 ? $(nproc) / jobs : 1 ))
+    n=0
+    while IFS='|' read -r scene variants seed extra; do
+      [[ -z "$scene" || "$scene" == \#* ]] && continue
+      n=$((n + 1))
+      # shellcheck disable=SC2086
+      timeout "${QUALITY_TIMEOUT_S:-540}" python3 scripts/bench_loop_quality.py --data .device_data --scenes "$scene" \
+        --variants "$variants" --seeds "$seed" --iterations "${2:-3000}" --out "$OUT/job${n}_${scene}_seed$seed.json" \
+        $extra > "$OUT/job${n}_${scene}_seed$seed.log" 2>&1 &
+    done < "$1"
+    wait
+    python3 scripts/bench_loop_quality.py --merge "$OUT"/job*_seed*.json --out "$OUT/jobs_merged.json"
+    # the device tool brings back a few files per call: the processes' files travel as one archive
+    tar czf "$OUT/jobs.tar.gz" -C "$OUT" $(cd "$OUT" && ls job*_seed*.*) && rm -f "$OUT"/job*_seed*.*
     ;;
   generator)
     python3 scripts/bench_generator.py --out "$OUT/generator.json" --compile-blocks --modes "$1" 2>&1 \

@@ -3,8 +3,9 @@
 An estimator is any object with ``estimate(views) -> GeometryMemory``. Implementations register
 under a lowercase name with ``@ESTIMATORS.register("name")`` and take their config in the
 constructor; ``ESTIMATORS.make(name, cfg)`` builds one by name. ``mvs`` (plane-sweep multi-view stereo,
-no learned weights) is the CPU default; ``patchmatch`` (COLMAP's PatchMatch stereo through pycolmap's
-CUDA build) the default where it can run (:func:`default_estimator`); ``hull`` (space carving from the
+no learned weights) is the default; ``patchmatch`` (COLMAP's PatchMatch stereo through pycolmap's
+CUDA build) is the job's ``geometry`` setting's other choice (docs/benchmarks.md: +1.3 dB on the door,
+-1.7 dB on the fern); ``hull`` (space carving from the
 captures' masks) holds at wide baselines. A feed-forward point-map model (pi3, VGGT) plugs in the same way.
 Captures without cameras go through :mod:`backend.estimators.sfm` first.
 """

@@ -304,8 +304,3 @@ def patchmatch_depths(views: Views, cfg: PatchMatchConfig = PatchMatchConfig()) 
     return DepthMaps(
         views=small, depth=depth, confidence=(depth > 0).float(), neighbors=sources, ranges=[(near, far)] * len(cams)
     )
-
-
-def default_estimator(device: torch.device | str) -> str:
-    """``patchmatch`` on a CUDA device where pycolmap has CUDA, else ``mvs`` (plane sweep)."""
-    return "patchmatch" if torch.device(device).type == "cuda" and has_cuda_patchmatch() else "mvs"

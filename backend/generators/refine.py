@@ -590,6 +590,8 @@ class Validation:
         strengths: the strengths tried.
         l1: the mean absolute error at each of ``strengths``.
         strength: the chosen strength (0: the refiner declines).
+        change: mean absolute change the chosen strength makes to the validation frames (colour
+            units per channel and pixel): how far the network was seen to help.
     """
 
     target_ids: list[int]
@@ -599,6 +601,7 @@ class Validation:
     strengths: tuple[float, ...]
     l1: tuple[float, ...]
     strength: float
+    change: float = 0.0
 
     @property
     def l1_chosen(self) -> float:
@@ -627,12 +630,14 @@ class Validation:
 
 def validate(
     net: nn.Module, pairs: TrainingPairs, strengths: Sequence[float], where_unsure: bool = False
-) -> tuple[float, float, list[float]]:
-    """The gate on validation ``pairs``: (chosen strength, L1 of the reprojection, L1 per strength)."""
+) -> tuple[float, float, list[float], float]:
+    """The gate on validation ``pairs``: (chosen strength, L1 of the reprojection, L1 per strength,
+    mean absolute change of the frames at the chosen strength)."""
     refined, _ = predict(net, pairs.frames, pairs.confidence, pairs.render_rgb, pairs.coverage)
     confidence = pairs.confidence if where_unsure else None
     strength, l1 = choose_strength(pairs.frames, refined, pairs.truth, strengths, confidence)
-    return strength, float((pairs.frames - pairs.truth).abs().mean()), l1
+    change = float((blend(pairs.frames, refined, strength, confidence) - pairs.frames).abs().mean())
+    return strength, float((pairs.frames - pairs.truth).abs().mean()), l1, change
 
 
 # ----------------------------------------------------------------------------------------------
@@ -703,7 +708,7 @@ class RefineGenerator:
         with torch.no_grad():  # the error output starts at confidence_error (confidence e^-1)
             net.head.bias[3] = math.log(math.expm1(self.config.confidence_error))
         self.losses = train_refiner(net, training, self.config, progress=part(0.5, 1.0))
-        strength, l1_input, l1 = validate(net, validation, self.config.strengths, self.config.where_unsure)
+        strength, l1_input, l1, change = validate(net, validation, self.config.strengths, self.config.where_unsure)
         self.net, self.strength = net, strength
         self.validation = Validation(
             target_ids=sorted(set(validation.target_ids)),
@@ -713,6 +718,7 @@ class RefineGenerator:
             strengths=tuple(float(a) for a in self.config.strengths),
             l1=tuple(l1),
             strength=strength,
+            change=change,
         )
         note = self.validation.note
         log.info(note)

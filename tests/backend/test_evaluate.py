@@ -108,9 +108,11 @@ def test_bench_quality_merges_runs_of_one_seed_each() -> None:
     finally:
         sys.path.pop(0)
 
-    def part(seed: int, caps: float, loop: float) -> dict:
+    def part(seed: int, caps: float, loop: float, variant: float | None = None) -> dict:
         run = {"seed": seed, "gaussians_captures": {"psnr": caps}, "gaussians_loop": {"psnr": loop}}
         scene = {"size": [64, 48], "seeds": [seed], "runs": {"default": [run]}}
+        if variant is not None:  # a loop variant scored against this process's default row
+            scene["runs"]["no guide"] = [{"seed": seed, "gaussians_loop": {"psnr": variant}}]
         return {"device": "cpu", "torch": "x", "iterations": 10, "scenes": {"temple": scene}}
 
     merged = bq.merge_results([part(2, 20.0, 21.0), part(0, 21.0, 21.5), part(1, 19.0, 21.5)])
@@ -119,7 +121,14 @@ def test_bench_quality_merges_runs_of_one_seed_each() -> None:
     row = scene["summary"]["default"]
     assert row["gaussians_loop"] == pytest.approx(64.0 / 3) and row["gaussians_captures"] == pytest.approx(20.0)
     assert row["loop_minus_captures"] == pytest.approx(4.0 / 3)  # gains paired seed by seed
-    with pytest.raises(ValueError, match="seed"):
-        bq.merge_results([part(0, 20.0, 21.0), part(0, 20.0, 21.0)])
+    # processes of one seed, each with the default row and its own variant: the default rows' mean
+    merged = bq.merge_results([part(0, 20.0, 21.0), part(0, 20.2, 21.2, variant=22.0)])
+    scene = merged["scenes"]["temple"]
+    [default] = scene["runs"]["default"]
+    assert default["gaussians_loop"]["psnr"] == pytest.approx(21.1) and default["rows"] == 2
+    assert scene["summary"]["default"]["loop_minus_captures"] == pytest.approx(1.0)
+    assert scene["summary"]["no guide"]["gaussians_loop"] == pytest.approx(22.0)
+    with pytest.raises(ValueError, match="seed"):  # a variant's row twice for one seed is a mistake
+        bq.merge_results([part(0, 20.0, 21.0, variant=22.0), part(0, 20.0, 21.0, variant=22.0)])
     with pytest.raises(ValueError, match="iterations"):
         bq.merge_results([part(0, 20.0, 21.0), {**part(1, 20.0, 21.0), "iterations": 20}])

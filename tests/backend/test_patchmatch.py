@@ -16,7 +16,6 @@ from backend.estimators.patchmatch import (
     PatchMatchConfig,
     PatchMatchMVS,
     check_coverage,
-    default_estimator,
     has_cuda_patchmatch,
     read_colmap_array,
     read_depth_maps,
@@ -25,6 +24,8 @@ from backend.estimators.patchmatch import (
 )
 from backend.evaluate import split_protocol
 from backend.formats import import_scene
+from backend.loop import LoopConfig
+from backend.scene import SceneError, Settings
 from backend.stages.cameras import load_image, resize_image, to_tensor
 from backend.stages.memory import MemoryConfig, build_memory
 from backend.types import Cameras, Views, backproject
@@ -93,9 +94,13 @@ def test_depth_maps_read_back_into_memory(temple_dir, tmp_path):
     assert float(back[2].abs().max()) == 0.0
 
 
-def test_patchmatch_is_picked_only_with_cuda():
+def test_patchmatch_is_picked_by_the_geometry_setting():
     assert "patchmatch" in ESTIMATORS.names() and "hull" in ESTIMATORS.names()
-    assert default_estimator("cpu") == "mvs"
+    settings = Settings.from_json({"geometry": "patchmatch"})
+    assert LoopConfig.from_settings(settings, device="cpu").estimator == "patchmatch"
+    assert LoopConfig.from_settings(Settings(), device="cuda").estimator == "mvs"  # plane sweep by default
+    with pytest.raises(SceneError, match="settings.geometry: must be one of mvs, patchmatch, hull; got 'colmap'"):
+        Settings.from_json({"geometry": "colmap"})
     if not has_cuda_patchmatch():
         with pytest.raises(GeometryError, match="pycolmap has no CUDA"):
             PatchMatchMVS().estimate(

@@ -209,10 +209,12 @@ def test_validation_capture_is_never_trained_on() -> None:
 def test_gate_declines_a_useless_network_and_takes_a_perfect_one(single_thread) -> None:
     pairs = synthetic_pairs([0, 1])
     strengths = RefineConfig().strengths
-    strength, l1_input, l1 = validate(noise_refiner(), pairs, strengths)
+    strength, l1_input, l1, change = validate(noise_refiner(), pairs, strengths)
     assert strength == 0.0 and l1[0] == pytest.approx(l1_input) and min(l1[1:]) > 2 * l1_input, l1
-    strength, l1_input, l1 = validate(Oracle(pairs.truth), pairs, strengths)
+    assert change == 0.0  # declined: the frames pass through
+    strength, l1_input, l1, change = validate(Oracle(pairs.truth), pairs, strengths)
     assert strength == 1.0 and l1[-1] < 1e-6 < l1_input
+    assert change == pytest.approx(l1_input)  # all the way to the photos
     # a refiner that overshoots by as much again: half way is right
     zero, half, one = torch.zeros(1, 4, 4, 3), torch.full((1, 4, 4, 3), 0.5), torch.ones(1, 4, 4, 3)
     assert choose_strength(zero, one, half, strengths) == (0.5, [0.5, 0.25, 0.0, 0.25, 0.5])

@@ -5,9 +5,9 @@ Before the segments, the loop calls :meth:`RefineGenerator.prepare` once:
 
 1. leave-out subsets: every capture left out once; with more than 3 captures, also pairs of captures
    left out together (wider gaps, as the trajectory has), at most ``max_fits`` subsets;
-2. for each subset, the loop's own steps with the left-out captures gone: a short guide fit on the
-   kept captures (``fit_share`` of the job's fit steps) from the memory points they made, the memory
-   and guide rendered at the left-out cameras, retrieval among the kept captures, and the
+2. for each subset, the loop's own steps with the left-out captures gone: a guide fit on the kept
+   captures (``fit_share`` of the job's fit steps, all of them by default) from the memory points
+   they made, the memory and guide rendered at the left-out cameras, retrieval among the kept captures, and the
    ``reproject`` generator. Each left-out capture gives one training pair: the degraded inputs at
    its camera (reprojection, its confidence, the guide's render, its coverage) and its photo, the truth;
 3. one capture's pairs are set aside for validation (:func:`split_validation`: the capture is
@@ -86,7 +86,11 @@ class RefineConfig:
         seconds: wall-clock training budget (``Settings.refine_seconds``).
         max_steps: stop after this many steps even within ``seconds`` (0: the clock alone). A fixed
             count makes a run repeatable.
-        fit_share: the leave-out guide fits run this share of the job's fit steps (at least 1).
+        fit_share: the leave-out guide fits run this share of the job's fit steps (at least 1). At
+            1 the training pairs' guides are as sharp as the trajectory's guide: with 0.2 the network
+            learned corrections for blurrier inputs than it was then given (docs/benchmarks.md,
+            Refiner: on the temple at CPU size seeds 1 and 2 lost 4.0 and 2.3 dB on the frames, none
+            with 1). Costs a job's fit time once per capture.
         max_fits: leave-out subsets (one guide fit each) at most.
         widths: channels per U-Net level; 2 convolutions per level, (32, 64, 128, 256) is 1.9M
             parameters.
@@ -108,7 +112,7 @@ class RefineConfig:
 
     seconds: float = 10.0
     max_steps: int = 0
-    fit_share: float = 0.2
+    fit_share: float = 1.0
     max_fits: int = 6
     widths: tuple[int, ...] = (32, 64, 128, 256)
     crop_px: int = 128

@@ -15,7 +15,7 @@
 #                              QUALITY_ARGS="--refine-steps 700 --refine-seconds 600", about 10 s alone)
 #   jobs SPEC [ITER]           one bench_loop_quality process per line of SPEC, all at once, merged:
 #                              lines `SCENE|VARIANTS|SEED[|EXTRA ARGS]` (a sweep: seeds and variant groups
-#                              split between processes; each scores its own default row, the merge keeps one)
+#                              split between processes; each scores its own default row, the merge averages a seed's)
 #   generator MODES            scripts/bench_generator.py --compile-blocks --modes MODES
 #   unpack_fa4                 unpack .fa4a/cu13.tar.xz into /tmp/cu13 (kept while the machine is warm)
 #   unpack_ray                 unpack .rayx/ray.tar.xz into /tmp/raysite (scripts/device_env.sh says what it is)

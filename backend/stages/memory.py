@@ -6,7 +6,8 @@ count so that M stays bounded. When the estimator cannot work on the views (a
 :class:`~backend.estimators.GeometryError`: wide baselines, one view) or gives fewer than
 ``min_points`` points, the memory falls back, never failing the job: from ``patchmatch`` (COLMAP on
 CUDA) to plane sweep, then to the visual hull of the captures' masks (estimator ``hull``) when they
-have masks, else to bounded depth (every capture's pixels at the depth where the optical axes meet;
+have masks (from ``hull`` asked for on captures without masks, to plane sweep), else to bounded
+depth (every capture's pixels at the depth where the optical axes meet;
 a coarse start the Gaussian fit refines). The fallback and its reason go to the job's notes. With
 masks, points outside them are dropped. ``memory_to_ply_arrays`` gives the arrays of the point-cloud
 .ply (DESIGN.md section 3: ``x y z`` float32, ``red green blue`` uchar, ``confidence`` float32,
@@ -137,8 +138,9 @@ def build_memory(
     return cap_points(memory, cfg.max_points)
 
 
-# what the memory tries after each estimator, before bounded depth (the hull only with masks)
-FALLBACKS = {"patchmatch": ("mvs", "hull"), "mvs": ("hull",), "hull": ()}
+# what the memory tries after each estimator, before bounded depth (the hull only with masks; plane
+# sweep after a hull asked for on captures without masks)
+FALLBACKS = {"patchmatch": ("mvs", "hull"), "mvs": ("hull",), "hull": ("mvs",)}
 USED = {"mvs": "plane sweep", "hull": "the visual hull of the captures' masks"}
 
 

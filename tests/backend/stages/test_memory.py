@@ -204,3 +204,15 @@ def test_patchmatch_falls_back_to_plane_sweep(temple_dir):
     sweep = build_memory(views, cfg, estimator="mvs")
     assert len(memory) == len(sweep) > cfg.min_points
     assert len(notes) == 1 and "pycolmap has no CUDA" in notes[0] and "used plane sweep" in notes[0]
+
+
+def test_hull_without_masks_falls_back_to_plane_sweep(temple_dir):
+    """The ``geometry`` setting can ask for the visual hull on captures without masks: the memory is
+    then plane sweep's, and the job's notes say why."""
+    views, _ = temple_memory(str(temple_dir))
+    assert views.masks is None
+    cfg = MemoryConfig(mvs=MVSConfig(max_side=160, num_planes=32))
+    notes: list[str] = []
+    memory = build_memory(views, cfg, estimator="hull", notes=notes)
+    assert len(memory) == len(build_memory(views, cfg, estimator="mvs")) > cfg.min_points
+    assert len(notes) == 1 and "captures have no masks" in notes[0] and "used plane sweep" in notes[0]

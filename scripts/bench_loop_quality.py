@@ -85,9 +85,13 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     # the fit's own settings: how far the centres move, how much DefaultStrategy densifies
     "means lr x4": ({}, {"means_lr": 6.4e-4}, {}),
     "no densification": ({}, {"strategy": "none"}, {}),
+    "grow grad 0.0002": ({}, {"grow_grad2d": 0.0002}, {}),  # gsplat's threshold, our default until run 19
     "grow grad 0.0005": ({}, {"grow_grad2d": 0.0005}, {}),
-    "grow grad 0.001": ({}, {"grow_grad2d": 0.001}, {}),
     "grow grad 0.0001": ({}, {"grow_grad2d": 0.0001}, {}),
+    "grow grad 0.002": ({}, {"grow_grad2d": 0.002}, {}),
+    # gsplat's MCMCStrategy (CUDA only): relocation and noise instead of gradient-driven densification
+    "mcmc": ({}, {"strategy": "mcmc"}, {}),
+    "mcmc cap 30k": ({}, {"strategy": "mcmc", "mcmc_cap": 30_000}, {}),
     # the reprojection's own confidence raised about as far as the refiner (where_unsure) raises it
     "confidence raised": ({}, {}, {"inpainted_confidence": 0.6, "reprojected_confidence": 0.8}),
     "confidence raised and one source trusted": (

@@ -15,7 +15,8 @@
 #                              QUALITY_ARGS="--refine-steps 700 --refine-seconds 600", about 10 s alone)
 #   jobs SPEC [ITER]           one bench_loop_quality process per line of SPEC, all at once, merged:
 #                              lines `SCENE|VARIANTS|SEED[|EXTRA ARGS]` (a sweep: seeds and variant groups
-#                              split between processes; each scores its own default row, the merge averages a seed's)
+#                              split between processes; each scores its own default row, the merge averages a seed's);
+#                              JOBS_MATCH=PATTERN runs only the lines grep matches
 #   generator MODES            scripts/bench_generator.py --compile-blocks --modes MODES
 #   unpack_fa4                 unpack .fa4a/cu13.tar.xz into /tmp/cu13 (kept while the machine is warm)
 #   unpack_ray                 unpack .rayx/ray.tar.xz into /tmp/raysite (scripts/device_env.sh says what it is)
@@ -74,7 +75,9 @@ PY
   jobs)
     python3 -c "import torch, gsplat; from gsplat.cuda._backend import _C; print('gsplat', gsplat.__version__, _C is not None)"
     # the machine's cores shared between the processes (torch's CPU threads would oversubscribe them)
-    jobs=$(grep -cv '^\s*\(#\|$\)' "$1")
+    # JOBS_MATCH (a grep pattern) runs only the spec lines it matches: a spec too long for one call, split
+    spec=$(grep -v '^\s*\(#\|$\)' "$1" | grep -e "${JOBS_MATCH:-.}")
+    jobs=$(wc -l <<< "$spec")
     export OMP_NUM_THREADS=$(( $(nproc) / jobs > 0 ? $(nproc) / jobs : 1 ))
     n=0
     while IFS='|' read -r scene variants seed extra; do
@@ -84,7 +87,7 @@ PY
       timeout "${QUALITY_TIMEOUT_S:-540}" python3 scripts/bench_loop_quality.py --data .device_data --scenes "$scene" \
         --variants "$variants" --seeds "$seed" --iterations "${2:-3000}" --out "$OUT/job${n}_${scene}_seed$seed.json" \
         $extra > "$OUT/job${n}_${scene}_seed$seed.log" 2>&1 &
-    done < "$1"
+    done <<< "$spec"
     wait
     python3 scripts/bench_loop_quality.py --merge "$OUT"/job*_seed*.json --out "$OUT/jobs_merged.json"
     # the device tool brings back a few files per call: the processes' files travel as one archive

@@ -17,6 +17,7 @@ from backend.stages.fit import (
     FitConfig,
     FitViews,
     Gaussians,
+    _make_strategy,
     confidence_loss,
     default_rasterizer,
     fit_gaussians,
@@ -24,6 +25,7 @@ from backend.stages.fit import (
     gaussians_to_arrays,
     init_gaussians,
     knn_mean_distance,
+    mcmc_regularisers,
     render_gaussians,
     render_gaussians_geometry,
 )
@@ -235,6 +237,35 @@ def test_inputs_are_checked():
     with pytest.raises(ValueError, match=r"images must be \[F, 36, 48, 3\]"):
         fit_gaussians(FitViews(images[:, :-1], cams, torch.ones(3, H, W)), noisy, cfg, device="cpu")
     assert default_rasterizer("cpu") == "torch_cpu" and default_rasterizer("cuda:0") == "gsplat"
+    with pytest.raises(
+        ValueError, match=r"FitConfig.strategy 'mcmc' needs the gsplat rasterizer .* got rasterizer 'torch_cpu'"
+    ):
+        FitConfig(strategy="mcmc", rasterizer="torch_cpu")
+    with pytest.raises(ValueError, match=r"FitConfig.mcmc_scale_reg must be >= 0; got -1"):
+        FitConfig(mcmc_scale_reg=-1)
+
+
+def test_mcmc_strategy_is_gsplats_with_the_cap_and_its_regularisers():
+    """The fit's ``mcmc`` branch runs on CUDA only (scripts/bench_loop_quality.py's ``mcmc`` variant checks
+    it on the GPU machine: its noise and relocation are gsplat CUDA kernels); here: the strategy it builds
+    and the loss terms it adds."""
+    from gsplat.strategy import MCMCStrategy
+
+    cfg = FitConfig(strategy="mcmc", mcmc_cap=5000, prune_opa=0.01, refine_stop_iter=1500)
+    strategy = _make_strategy(cfg)
+    assert isinstance(strategy, MCMCStrategy)
+    assert (strategy.cap_max, strategy.min_opacity, strategy.refine_stop_iter) == (5000, 0.01, 1500)
+    assert _make_strategy(replace(cfg, max_gaussians=3000)).cap_max == 3000  # the job's cap wins when smaller
+    params = torch.nn.ParameterDict(
+        {
+            "opacities": torch.nn.Parameter(torch.zeros(4)),
+            "scales": torch.nn.Parameter(torch.log(torch.full((4, 3), 2.0))),
+        }
+    )
+    reg = mcmc_regularisers(params, cfg)
+    assert math.isclose(float(reg.detach()), 0.01 * 0.5 + 0.01 * 2.0, rel_tol=1e-6)
+    reg.backward()  # both terms pull: opacities down, scales down
+    assert (params["opacities"].grad > 0).all() and (params["scales"].grad > 0).all()
 
 
 def test_geometry_render_gives_the_colour_and_the_depth_of_a_wall():

@@ -249,11 +249,11 @@ DEMO_PROTOCOLS = {"middlebury": "ring-arc", "llff": "llff"}
 DEMO_TRAIN_VIEWS = 3
 # The demo's CPU-sized job: no guide fit (on 2 cores it is half the fitting; on the demo scene the guided
 # loop needed a 6-minute budget for what the unguided one scores with 4) and a 3-minute budget that
-# affords its 250 steps: 22.1-22.7 dB in under 3 minutes (docs/benchmarks.md, "make demo").
+# affords its 400 steps: 24.0 dB in under 2 minutes (250 steps gave 21.2-22.7; docs/benchmarks.md, "make demo").
 DEMO_SETTINGS = {
     "width": 160,
     "height": 120,
-    "gaussian_iterations": 250,
+    "gaussian_iterations": 400,
     "segment_length": 12,
     "retrieval_k": 4,
     "time_budget_min": 3,

@@ -92,6 +92,7 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     # gsplat's MCMCStrategy (CUDA only): relocation and noise instead of gradient-driven densification
     "mcmc": ({}, {"strategy": "mcmc"}, {}),
     "mcmc cap 30k": ({}, {"strategy": "mcmc", "mcmc_cap": 30_000}, {}),
+    "refine until 1500": ({}, {"refine_stop_iter": 1500}, {}),  # densification stops earlier: more steps for the set
     # the reprojection's own confidence raised about as far as the refiner (where_unsure) raises it
     "confidence raised": ({}, {}, {"inpainted_confidence": 0.6, "reprojected_confidence": 0.8}),
     "confidence raised and one source trusted": (

@@ -104,6 +104,8 @@ class FitConfig:
             3000-step fit keeps a third of its steps for the final set. ``grow_grad2d`` is 5x
             gsplat's 0.0002: with 3 captures fewer clones and splits fit better on every scene
             but the door, which stays level (docs/benchmarks.md, run 19: the loop +0.18 to +0.40 dB).
+            ``reset_every`` (opacity reset) lies past ``refine_stop_iter``, so it never fires (nor
+            would it in gsplat 1.5.3 at all: a bitwise ``&`` in its condition, fixed upstream by PR 776).
         background: colour behind the Gaussians, RGB in [0, 1].
         capture_share: when captures are fitted together with generated frames
             (:func:`captures_and_frames`), about this fraction of the steps draw a capture: a few

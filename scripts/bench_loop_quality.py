@@ -130,7 +130,7 @@ def has_baselines(variant: str) -> bool:
 REFINE_VARIANTS: dict[str, dict] = {
     "refine": {},
     "refine 30 s": {"seconds": 30.0},
-    "refine short fits": {"fit_share": 0.2},  # the leave-out guides at a fifth of the steps (the old default)
+    "refine full fits": {"fit_share": 1.0},  # the leave-out guides as long as the job's fit (default: a fifth)
     "refine small": {"widths": (16, 32, 64), "crop_px": 64, "batch_size": 4},  # 0.12M parameters
     "refine confidence 0.1": {"confidence_error": 0.1},
     "refine with reproject confidence": {"keep_input_confidence": True},  # the script's switch, not RefineConfig's

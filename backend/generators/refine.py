@@ -6,7 +6,7 @@ Before the segments, the loop calls :meth:`RefineGenerator.prepare` once:
 1. leave-out subsets: every capture left out once; with more than 3 captures, also pairs of captures
    left out together (wider gaps, as the trajectory has), at most ``max_fits`` subsets;
 2. for each subset, the loop's own steps with the left-out captures gone: a guide fit on the kept
-   captures (``fit_share`` of the job's fit steps, all of them by default) from the memory points
+   captures (``fit_share`` of the job's fit steps, a fifth by default) from the memory points
    they made, the memory and guide rendered at the left-out cameras, retrieval among the kept captures, and the
    ``reproject`` generator. Each left-out capture gives one training pair: the degraded inputs at
    its camera (reprojection, its confidence, the guide's render, its coverage) and its photo, the truth;
@@ -87,10 +87,10 @@ class RefineConfig:
         max_steps: stop after this many steps even within ``seconds`` (0: the clock alone). A fixed
             count makes a run repeatable.
         fit_share: the leave-out guide fits run this share of the job's fit steps (at least 1). At
-            1 the training pairs' guides are as sharp as the trajectory's guide: with 0.2 the network
-            learned corrections for blurrier inputs than it was then given (docs/benchmarks.md,
-            Refiner: on the temple at CPU size seeds 1 and 2 lost 4.0 and 2.3 dB on the frames, none
-            with 1). Costs a job's fit time once per capture.
+            1 the training pairs' guides are as sharp as the trajectory's guide, and at CPU size on
+            the temple no seed lost any more (docs/benchmarks.md, Refiner); on the H200 it did not
+            help (temple, 3 seeds: the loop's Gaussians -1.58 dB against -0.17 with 0.2) and cost
+            48 s of a 130-s job (82 s with 0.2, issue 15's target 90 s), so 0.2 it is.
         max_fits: leave-out subsets (one guide fit each) at most.
         widths: channels per U-Net level; 2 convolutions per level, (32, 64, 128, 256) is 1.9M
             parameters.
@@ -112,7 +112,7 @@ class RefineConfig:
 
     seconds: float = 10.0
     max_steps: int = 0
-    fit_share: float = 1.0
+    fit_share: float = 0.2
     max_fits: int = 6
     widths: tuple[int, ...] = (32, 64, 128, 256)
     crop_px: int = 128

@@ -53,6 +53,10 @@ CUTOFF_SIGMA = 3.0  # a Gaussian's footprint ends here, in standard deviations (
 # circumradius is set so its faces (inradius = ICOSAHEDRON_INRADIUS x circumradius) enclose the cutoff sphere.
 ICOSAHEDRON_INRADIUS = 0.7947
 ALPHA_MAX = 0.99  # the highest opacity one Gaussian reaches (3DGS clamps alike)
+# Renders draw each Gaussian on one card through its centre facing the scene camera (gaussians_node_group):
+# the card's half size in standard deviations, and its cap when the camera is inside the cutoff sphere.
+ATTR_CARD = "splat_card"  # FLOAT on instances: how many standard deviations one unit of the instance spans
+CARD_MAX_SIGMA = 1000.0
 # Cycles gives up on a path after this many transparent surfaces (default 8, too few for overlapping splats).
 TRANSPARENT_BOUNCES = 256
 FRAME_FILE = "frame_{:06d}.png"  # image sequence names: Blender frame number, zero padded
@@ -184,7 +188,8 @@ def _set_modifier_input(mod: bpy.types.Modifier, name: str, value: float) -> Non
 
 def import_gaussians(g, name: str, coll: bpy.types.Collection) -> bpy.types.Object:
     """A Gaussians object: vertices at the means with ``scale``, ``rotation``, ``opacity`` and ``color``
-    attributes; geometry nodes instance a shell per Gaussian and :func:`gaussian_material` draws it as
+    attributes; geometry nodes instance a shell per Gaussian in the viewport and a card facing the camera in
+    renders (:func:`gaussians_node_group`), and :func:`gaussian_material` draws it as
     3DGS does (opacity x exp(-r^2/2) out to CUTOFF_SIGMA, alpha-blended) in EEVEE and Cycles. The object
     casts no shadows and is invisible to indirect rays: it shows the reconstruction, it does not light it.
 
@@ -351,10 +356,15 @@ def gaussian_material() -> bpy.types.Material:
     to_object = nt.nodes.new("ShaderNodeVectorTransform")
     to_object.vector_type, to_object.convert_from, to_object.convert_to = "VECTOR", "WORLD", "OBJECT"
     nt.links.new(geometry.outputs["Incoming"], to_object.inputs["Vector"])
+    # object space is the Gaussian's frame in standard deviations, or a card's, uniformly scaled by ATTR_CARD
+    card = nt.nodes.new("ShaderNodeAttribute")
+    card.attribute_name, card.attribute_type = ATTR_CARD, "INSTANCER"
+    card2 = _math(nt, "MULTIPLY", card.outputs["Fac"], card.outputs["Fac"])
     p = coords.outputs["Object"]
     d = _vmath(nt, "NORMALIZE", to_object.outputs["Vector"])
     along = _vmath(nt, "DOT_PRODUCT", p, d)
     r2 = _math(nt, "SUBTRACT", _vmath(nt, "DOT_PRODUCT", p, p), _math(nt, "MULTIPLY", along, along))
+    r2 = _math(nt, "MULTIPLY", r2, card2)
     density = _math(nt, "EXPONENT", _math(nt, "MULTIPLY", r2, -0.5))
     alpha = _math(nt, "MINIMUM", _math(nt, "MULTIPLY", opacity.outputs["Fac"], density), ALPHA_MAX)
     inside = _math(nt, "LESS_THAN", r2, CUTOFF_SIGMA * CUTOFF_SIGMA)
@@ -370,7 +380,8 @@ def gaussian_material() -> bpy.types.Material:
     cam_to_object.vector_type, cam_to_object.convert_from, cam_to_object.convert_to = "POINT", "WORLD", "OBJECT"
     nt.links.new(cam_world, cam_to_object.inputs["Vector"])
     cam_obj = cam_to_object.outputs["Vector"]
-    cam_inside = _math(nt, "LESS_THAN", _vmath(nt, "DOT_PRODUCT", cam_obj, cam_obj), CUTOFF_SIGMA * CUTOFF_SIGMA)
+    cam_r2 = _math(nt, "MULTIPLY", _vmath(nt, "DOT_PRODUCT", cam_obj, cam_obj), card2)
+    cam_inside = _math(nt, "LESS_THAN", cam_r2, CUTOFF_SIGMA * CUTOFF_SIGMA)
     front = _math(nt, "SUBTRACT", 1.0, geometry.outputs["Backfacing"])
     counted = _math(nt, "ADD", front, _math(nt, "MULTIPLY", geometry.outputs["Backfacing"], cam_inside))
     alpha = _math(nt, "MULTIPLY", _math(nt, "MULTIPLY", alpha, inside), counted)
@@ -419,37 +430,130 @@ def points_node_group() -> bpy.types.NodeTree:
     return tree
 
 
+def _store_card(tree: bpy.types.NodeTree, instances, value):
+    """Instances with ATTR_CARD set to ``value`` (a float or a float field socket)."""
+    store = tree.nodes.new("GeometryNodeStoreNamedAttribute")
+    store.data_type, store.domain = "FLOAT", "INSTANCE"
+    store.inputs["Name"].default_value = ATTR_CARD
+    tree.links.new(instances, store.inputs["Geometry"])
+    if isinstance(value, float):
+        store.inputs["Value"].default_value = value
+    else:
+        tree.links.new(value, store.inputs["Value"])
+    return store.outputs["Geometry"]
+
+
+def _geo_math(tree: bpy.types.NodeTree, op: str, a, b=None, vector: bool = False):
+    node = tree.nodes.new("ShaderNodeVectorMath" if vector else "ShaderNodeMath")
+    node.operation = op
+    for i, v in enumerate((a, b)):
+        if v is None:
+            continue
+        if isinstance(v, float):
+            node.inputs[i].default_value = v
+        else:
+            tree.links.new(v, node.inputs[i])
+    return node.outputs["Value" if op in ("LENGTH", "DOT_PRODUCT") or not vector else "Vector"]
+
+
 def gaussians_node_group() -> bpy.types.NodeTree:
-    """Mesh vertices -> one icosahedron instance per Gaussian, rotated by ``rotation`` and scaled by
-    ``scale`` (so the instance's object space counts standard deviations), large enough to hold the
-    CUTOFF_SIGMA ellipsoid; :func:`gaussian_material` draws the Gaussian inside it."""
+    """Mesh vertices -> one instance per Gaussian, rotated by ``rotation`` and scaled by ``scale`` (so the
+    instance's object space counts standard deviations); :func:`gaussian_material` draws the Gaussian on it.
+
+    In the viewport the instance is an icosahedron that holds the CUTOFF_SIGMA ellipsoid, drawn once at its
+    front face: it looks right from anywhere the user orbits. A render draws it instead on one card through
+    the Gaussian's centre facing the scene camera, so that a ray meets it at about the centre's depth,
+    where the service's rasterizer composites it (it sorts by the centres' depth). Shells are met where
+    the ray enters them: a wide Gaussian behind an object (a backdrop of the demo scene, sigmas of
+    metres) was drawn in front of it (docs/benchmarks.md, "Gaussians in Blender"). In the Gaussian's frame
+    the card is perpendicular to the camera's direction, D standard deviations away, and spans the cutoff
+    sphere's silhouette there, 3 D / sqrt(D^2 - 9) (CARD_MAX_SIGMA with the camera inside the sphere); it
+    is scaled uniformly, and ATTR_CARD tells the material by how much."""
     tree = bpy.data.node_groups.get(GAUSSIANS_NODES)
     if tree is not None:
         return tree
     tree = _new_tree(GAUSSIANS_NODES)
     n = tree.nodes
+    links = tree.links
     gin, gout = n.new("NodeGroupInput"), n.new("NodeGroupOutput")
     to_points = n.new("GeometryNodeMeshToPoints")
-    shell = n.new("GeometryNodeMeshIcoSphere")
-    shell.inputs["Subdivisions"].default_value = 1
-    shell.inputs["Radius"].default_value = CUTOFF_SIGMA / ICOSAHEDRON_INRADIUS
-    set_mat = n.new("GeometryNodeSetMaterial")
-    set_mat.inputs["Material"].default_value = gaussian_material()
+    links.new(gin.outputs["Geometry"], to_points.inputs["Mesh"])
+    material = gaussian_material()
     rot = n.new("GeometryNodeInputNamedAttribute")
     rot.data_type = "QUATERNION"
     rot.inputs["Name"].default_value = ATTR_ROTATION
     scale = n.new("GeometryNodeInputNamedAttribute")
     scale.data_type = "FLOAT_VECTOR"
     scale.inputs["Name"].default_value = ATTR_SCALE
-    inst = n.new("GeometryNodeInstanceOnPoints")
-    links = tree.links
-    links.new(gin.outputs["Geometry"], to_points.inputs["Mesh"])
-    links.new(shell.outputs["Mesh"], set_mat.inputs["Geometry"])
-    links.new(to_points.outputs["Points"], inst.inputs["Points"])
-    links.new(set_mat.outputs["Geometry"], inst.inputs["Instance"])
-    links.new(rot.outputs["Attribute"], inst.inputs["Rotation"])
-    links.new(scale.outputs["Attribute"], inst.inputs["Scale"])
-    links.new(inst.outputs["Instances"], gout.inputs["Geometry"])
+
+    def instanced(mesh_node) -> bpy.types.NodeSocket:
+        set_mat = n.new("GeometryNodeSetMaterial")
+        set_mat.inputs["Material"].default_value = material
+        links.new(mesh_node.outputs["Mesh"], set_mat.inputs["Geometry"])
+        inst = n.new("GeometryNodeInstanceOnPoints")
+        links.new(to_points.outputs["Points"], inst.inputs["Points"])
+        links.new(set_mat.outputs["Geometry"], inst.inputs["Instance"])
+        links.new(rot.outputs["Attribute"], inst.inputs["Rotation"])
+        links.new(scale.outputs["Attribute"], inst.inputs["Scale"])
+        return inst.outputs["Instances"]
+
+    # viewport: shells
+    shell = n.new("GeometryNodeMeshIcoSphere")
+    shell.inputs["Subdivisions"].default_value = 1
+    shell.inputs["Radius"].default_value = CUTOFF_SIGMA / ICOSAHEDRON_INRADIUS
+    shells = _store_card(tree, instanced(shell), 1.0)
+
+    # render: cards facing the camera. The camera in the object's space, then in each Gaussian's frame.
+    camera = n.new("GeometryNodeInputActiveCamera")
+    info = n.new("GeometryNodeObjectInfo")
+    info.transform_space = "RELATIVE"
+    links.new(camera.outputs["Active Camera"], info.inputs["Object"])
+    position = n.new("GeometryNodeInputPosition")
+    to_camera = _geo_math(tree, "SUBTRACT", info.outputs["Location"], position.outputs["Position"], vector=True)
+    unrotate = n.new("FunctionNodeInvertRotation")
+    links.new(rot.outputs["Attribute"], unrotate.inputs["Rotation"])
+    turn = n.new("FunctionNodeRotateVector")
+    links.new(to_camera, turn.inputs["Vector"])
+    links.new(unrotate.outputs["Rotation"], turn.inputs["Rotation"])
+    local = _geo_math(tree, "DIVIDE", turn.outputs["Vector"], scale.outputs["Attribute"], vector=True)
+    dist = _geo_math(tree, "LENGTH", local, vector=True)
+    beyond = _geo_math(tree, "SUBTRACT", _geo_math(tree, "MULTIPLY", dist, dist), CUTOFF_SIGMA * CUTOFF_SIGMA)
+    span = _geo_math(tree, "DIVIDE", _geo_math(tree, "MULTIPLY", dist, CUTOFF_SIGMA), _geo_math(tree, "SQRT", beyond))
+    inside = _geo_math(tree, "LESS_THAN", beyond, 1e-6)
+    span = _geo_math(
+        tree,
+        "MINIMUM",
+        _geo_math(tree, "MAXIMUM", span, _geo_math(tree, "MULTIPLY", inside, CARD_MAX_SIGMA)),
+        CARD_MAX_SIGMA,
+    )
+    face = n.new("FunctionNodeAlignRotationToVector")
+    face.axis = "Z"
+    links.new(local, face.inputs["Vector"])
+    card = n.new("GeometryNodeMeshGrid")  # a 2 x 2 quad in the xy plane, facing +z
+    card.inputs["Size X"].default_value = card.inputs["Size Y"].default_value = 2.0
+    card.inputs["Vertices X"].default_value = card.inputs["Vertices Y"].default_value = 2
+    # the card's own turn and size come after the Gaussian's (rotation x sigmas): a matrix product, since
+    # Rotate Instances in local space turns about the instance's axes, skewed by unequal sigmas
+    own = n.new("FunctionNodeCombineTransform")
+    own.inputs["Translation"].default_value = (0.0, 0.0, 0.0)
+    links.new(face.outputs["Rotation"], own.inputs["Rotation"])
+    links.new(span, own.inputs["Scale"])
+    current = n.new("GeometryNodeInstanceTransform")
+    product = n.new("FunctionNodeMatrixMultiply")
+    links.new(current.outputs["Transform"], product.inputs[0])
+    links.new(own.outputs["Transform"], product.inputs[1])
+    placed = n.new("GeometryNodeSetInstanceTransform")
+    links.new(instanced(card), placed.inputs["Instances"])
+    links.new(product.outputs["Matrix"], placed.inputs["Transform"])
+    cards = _store_card(tree, placed.outputs["Instances"], span)
+
+    viewport = n.new("GeometryNodeIsViewport")
+    pick = n.new("GeometryNodeSwitch")
+    pick.input_type = "GEOMETRY"
+    links.new(viewport.outputs["Is Viewport"], pick.inputs["Switch"])
+    links.new(cards, pick.inputs["False"])
+    links.new(shells, pick.inputs["True"])
+    links.new(pick.outputs["Output"], gout.inputs["Geometry"])
     return tree
 
 

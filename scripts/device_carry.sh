@@ -3,17 +3,19 @@
 # scripts/device_env.sh say what reads them). Run on the dev machine from the repository root, after
 # `make setup`; a new checkout has none of them. Each carry is at most 64 MiB: carry what a stage reads.
 #   .whl/            gsplat, diffusers, peft, plyfile, pyzmq, msgpack, ... as cp312 wheels (about 15 MB)
+#   .whlq/           .whl without diffusers and peft (about 8.6 MB): .whlq + .pcmx + the door's images fit
+#                    one 64-MiB carry (scripts/jobs/door_patchmatch.txt)
 #   .pcmx/           pycolmap-cuda12 + libcudart (pcm_cuda.tar.xz, about 47 MB) and the X11 client
 #                    libraries it links (xlibs.tar.xz, from this Debian 12 machine); `gpu_runs.sh unpack_pycolmap`
 #   .device_data/    the shared scenes (never committed): the fern's images_8, the door, its COLMAP model
 #                    imported into a scene.json (the GPU machine reads it without pycolmap), temple, dino
 # FlashAttention-4 (.fa4a/.fa4b) and Ray (.rayx) are filled as scripts/device_env.sh says.
-# Usage: bash scripts/device_carry.sh [whl] [pcmx] [data]    (all three when none is named)
+# Usage: bash scripts/device_carry.sh [whl] [whlq] [pcmx] [data]    (all four when none is named)
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 PY=${PY:-.venv/bin/python}
 what=("$@")
-[ ${#what[@]} -eq 0 ] && what=(whl pcmx data)
+[ ${#what[@]} -eq 0 ] && what=(whl whlq pcmx data)
 download() {  # download DEST PACKAGE...: cp312 manylinux wheels, no dependencies resolved here
   local dest=$1
   shift
@@ -24,6 +26,9 @@ for w in "${what[@]}"; do
   case "$w" in
     whl)
       download .whl gsplat plyfile jaxtyping wadler-lindig ninja msgpack pyzmq platformdirs tqdm diffusers peft
+      ;;
+    whlq)
+      download .whlq gsplat plyfile jaxtyping wadler-lindig ninja msgpack pyzmq platformdirs tqdm
       ;;
     pcmx)
       tmp=$(mktemp -d)
@@ -45,9 +50,9 @@ for w in "${what[@]}"; do
       "$PY" -m backend.cli import colmap .device_data/lund_door .device_data/lund_door_imported
       ;;
     *)
-      echo "unknown folder $w (whl, pcmx, data)" >&2
+      echo "unknown folder $w (whl, whlq, pcmx, data)" >&2
       exit 2
       ;;
   esac
 done
-du -sh .whl .pcmx .device_data 2>/dev/null || true
+du -sh .whl .whlq .pcmx .device_data 2>/dev/null || true

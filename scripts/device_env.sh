@@ -1,5 +1,6 @@
 # Source on the GPU machine (scripts/bench_*.py runs): installs the carried wheels, sets the paths.
-#   .whl/   gsplat, diffusers, plyfile (cp312 / pure-Python wheels)
+#   .whl/   gsplat, diffusers, plyfile (cp312 / pure-Python wheels); .whlq/ the same without diffusers and
+#           peft (the quality runs import neither), for a carry with .pcmx and the door
 #   .fa4b/  FlashAttention-4 and its CuTe DSL stack, except the CUDA 13 DSL libraries, which are
 #           too big to travel with the rest: a first call unpacks .fa4a/cu13.tar.xz into /tmp/cu13
 #           (the machine keeps it while warm), this merges it.
@@ -21,7 +22,11 @@
 #   .pcmx/xlibs.tar.xz    the X11 client libraries pycolmap links (libSM, libICE, libX11, libXext, ...),
 #                         taken from a Debian 12 machine, searched after the system's
 SITE=/tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl 2>&1 | grep -v WARNING || true
+for wheels in .whl .whlq; do  # .whlq: .whl without diffusers and peft, where a carry has no room for them
+  if compgen -G "$wheels/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$wheels"/*.whl 2>&1 | grep -v WARNING || true
+  fi
+done
 if compgen -G ".fa4b/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .fa4b/*.whl 2>&1 | grep -v WARNING || true
 fi

@@ -55,7 +55,9 @@ ICOSAHEDRON_INRADIUS = 0.7947
 ALPHA_MAX = 0.99  # the highest opacity one Gaussian reaches (3DGS clamps alike)
 # Renders draw each Gaussian on one card through its centre facing the scene camera (gaussians_node_group):
 # the card's half size in standard deviations, and its cap when the camera is inside the cutoff sphere.
-ATTR_CARD = "splat_card"  # FLOAT on instances: how many standard deviations one unit of the instance spans
+# FLOAT_VECTOR on instances: the rows of the matrix from the instance's space to the Gaussian's frame in
+# standard deviations (the identity for shells)
+ATTR_FRAME = ("splat_frame_x", "splat_frame_y", "splat_frame_z")
 CARD_MAX_SIGMA = 1000.0
 # Cycles gives up on a path after this many transparent surfaces (default 8, too few for overlapping splats).
 TRANSPARENT_BOUNCES = 256
@@ -356,15 +358,23 @@ def gaussian_material() -> bpy.types.Material:
     to_object = nt.nodes.new("ShaderNodeVectorTransform")
     to_object.vector_type, to_object.convert_from, to_object.convert_to = "VECTOR", "WORLD", "OBJECT"
     nt.links.new(geometry.outputs["Incoming"], to_object.inputs["Vector"])
-    # object space is the Gaussian's frame in standard deviations, or a card's, uniformly scaled by ATTR_CARD
-    card = nt.nodes.new("ShaderNodeAttribute")
-    card.attribute_name, card.attribute_type = ATTR_CARD, "INSTANCER"
-    card2 = _math(nt, "MULTIPLY", card.outputs["Fac"], card.outputs["Fac"])
-    p = coords.outputs["Object"]
-    d = _vmath(nt, "NORMALIZE", to_object.outputs["Vector"])
+    # the instance's space (a shell's or a card's) -> the Gaussian's frame in standard deviations
+    rows = []
+    for name in ATTR_FRAME:
+        row = nt.nodes.new("ShaderNodeAttribute")
+        row.attribute_name, row.attribute_type = name, "INSTANCER"
+        rows.append(row.outputs["Vector"])
+
+    def to_frame(v):
+        xyz = nt.nodes.new("ShaderNodeCombineXYZ")
+        for k, row in enumerate(rows):
+            nt.links.new(_vmath(nt, "DOT_PRODUCT", row, v), xyz.inputs[k])
+        return xyz.outputs["Vector"]
+
+    p = to_frame(coords.outputs["Object"])
+    d = _vmath(nt, "NORMALIZE", to_frame(to_object.outputs["Vector"]))
     along = _vmath(nt, "DOT_PRODUCT", p, d)
     r2 = _math(nt, "SUBTRACT", _vmath(nt, "DOT_PRODUCT", p, p), _math(nt, "MULTIPLY", along, along))
-    r2 = _math(nt, "MULTIPLY", r2, card2)
     density = _math(nt, "EXPONENT", _math(nt, "MULTIPLY", r2, -0.5))
     alpha = _math(nt, "MINIMUM", _math(nt, "MULTIPLY", opacity.outputs["Fac"], density), ALPHA_MAX)
     inside = _math(nt, "LESS_THAN", r2, CUTOFF_SIGMA * CUTOFF_SIGMA)
@@ -379,8 +389,8 @@ def gaussian_material() -> bpy.types.Material:
     cam_to_object = nt.nodes.new("ShaderNodeVectorTransform")
     cam_to_object.vector_type, cam_to_object.convert_from, cam_to_object.convert_to = "POINT", "WORLD", "OBJECT"
     nt.links.new(cam_world, cam_to_object.inputs["Vector"])
-    cam_obj = cam_to_object.outputs["Vector"]
-    cam_r2 = _math(nt, "MULTIPLY", _vmath(nt, "DOT_PRODUCT", cam_obj, cam_obj), card2)
+    cam_obj = to_frame(cam_to_object.outputs["Vector"])
+    cam_r2 = _vmath(nt, "DOT_PRODUCT", cam_obj, cam_obj)
     cam_inside = _math(nt, "LESS_THAN", cam_r2, CUTOFF_SIGMA * CUTOFF_SIGMA)
     front = _math(nt, "SUBTRACT", 1.0, geometry.outputs["Backfacing"])
     counted = _math(nt, "ADD", front, _math(nt, "MULTIPLY", geometry.outputs["Backfacing"], cam_inside))
@@ -430,45 +440,51 @@ def points_node_group() -> bpy.types.NodeTree:
     return tree
 
 
-def _store_card(tree: bpy.types.NodeTree, instances, value):
-    """Instances with ATTR_CARD set to ``value`` (a float or a float field socket)."""
-    store = tree.nodes.new("GeometryNodeStoreNamedAttribute")
-    store.data_type, store.domain = "FLOAT", "INSTANCE"
-    store.inputs["Name"].default_value = ATTR_CARD
-    tree.links.new(instances, store.inputs["Geometry"])
-    if isinstance(value, float):
-        store.inputs["Value"].default_value = value
-    else:
-        tree.links.new(value, store.inputs["Value"])
-    return store.outputs["Geometry"]
+def _store_frame(tree: bpy.types.NodeTree, instances, rows):
+    """Instances with the ATTR_FRAME rows set (three vectors, or vector field sockets)."""
+    for name, row in zip(ATTR_FRAME, rows, strict=True):
+        store = tree.nodes.new("GeometryNodeStoreNamedAttribute")
+        store.data_type, store.domain = "FLOAT_VECTOR", "INSTANCE"
+        store.inputs["Name"].default_value = name
+        tree.links.new(instances, store.inputs["Geometry"])
+        if isinstance(row, tuple):
+            store.inputs["Value"].default_value = row
+        else:
+            tree.links.new(row, store.inputs["Value"])
+        instances = store.outputs["Geometry"]
+    return instances
 
 
 def _geo_math(tree: bpy.types.NodeTree, op: str, a, b=None, vector: bool = False):
     node = tree.nodes.new("ShaderNodeVectorMath" if vector else "ShaderNodeMath")
     node.operation = op
-    for i, v in enumerate((a, b)):
+    sockets = (node.inputs[0], node.inputs["Scale"] if op == "SCALE" else node.inputs[1])
+    for socket, v in zip(sockets, (a, b), strict=True):
         if v is None:
             continue
         if isinstance(v, float):
-            node.inputs[i].default_value = v
+            socket.default_value = v
         else:
-            tree.links.new(v, node.inputs[i])
+            tree.links.new(v, socket)
     return node.outputs["Value" if op in ("LENGTH", "DOT_PRODUCT") or not vector else "Vector"]
 
 
 def gaussians_node_group() -> bpy.types.NodeTree:
-    """Mesh vertices -> one instance per Gaussian, rotated by ``rotation`` and scaled by ``scale`` (so the
-    instance's object space counts standard deviations); :func:`gaussian_material` draws the Gaussian on it.
+    """Mesh vertices -> one instance per Gaussian; :func:`gaussian_material` draws the Gaussian on it.
 
-    In the viewport the instance is an icosahedron that holds the CUTOFF_SIGMA ellipsoid, drawn once at its
-    front face: it looks right from anywhere the user orbits. A render draws it instead on one card through
-    the Gaussian's centre facing the scene camera, so that a ray meets it at about the centre's depth,
-    where the service's rasterizer composites it (it sorts by the centres' depth). Shells are met where
-    the ray enters them: a wide Gaussian behind an object (a backdrop of the demo scene, sigmas of
-    metres) was drawn in front of it (docs/benchmarks.md, "Gaussians in Blender"). In the Gaussian's frame
-    the card is perpendicular to the camera's direction, D standard deviations away, and spans the cutoff
-    sphere's silhouette there, 3 D / sqrt(D^2 - 9) (CARD_MAX_SIGMA with the camera inside the sphere); it
-    is scaled uniformly, and ATTR_CARD tells the material by how much."""
+    In the viewport the instance is an icosahedron, rotated by ``rotation`` and scaled by ``scale`` (its
+    space counts standard deviations), that holds the CUTOFF_SIGMA ellipsoid, drawn once at its front
+    face: it looks right from anywhere the user orbits. A render draws it instead on one card through the
+    Gaussian's centre, parallel to the scene camera's image plane: every ray meets the cards in the order
+    of their centres' depth, the order in which the service's rasterizer composites them. (Shells are met
+    where the ray enters them: a wide Gaussian behind an object, a backdrop of the demo scene with sigmas
+    of metres, was drawn in front of it; docs/benchmarks.md, "Gaussians in Blender".) The card is the
+    bounding box of the 3-sigma ellipse the rasterizer splats, carried along the ray through the centre
+    onto the card's plane: each Gaussian axis a (camera axes, one sigma) gives (a_x - a_z x / z,
+    a_y - a_z y / z) for the centre at (x, y, z), and the card's half sizes are CUTOFF_SIGMA x the root
+    sums of their squares (at most CARD_MAX_SIGMA sigmas). Either instance stores the rows of the matrix
+    from its space to the Gaussian's frame (ATTR_FRAME) for the material: where a ray meets the geometry
+    does not change the Gaussian it sees there."""
     tree = bpy.data.node_groups.get(GAUSSIANS_NODES)
     if tree is not None:
         return tree
@@ -486,66 +502,85 @@ def gaussians_node_group() -> bpy.types.NodeTree:
     scale.data_type = "FLOAT_VECTOR"
     scale.inputs["Name"].default_value = ATTR_SCALE
 
-    def instanced(mesh_node) -> bpy.types.NodeSocket:
+    def instanced(mesh_node, rotation, size) -> bpy.types.NodeSocket:
         set_mat = n.new("GeometryNodeSetMaterial")
         set_mat.inputs["Material"].default_value = material
         links.new(mesh_node.outputs["Mesh"], set_mat.inputs["Geometry"])
         inst = n.new("GeometryNodeInstanceOnPoints")
         links.new(to_points.outputs["Points"], inst.inputs["Points"])
         links.new(set_mat.outputs["Geometry"], inst.inputs["Instance"])
-        links.new(rot.outputs["Attribute"], inst.inputs["Rotation"])
-        links.new(scale.outputs["Attribute"], inst.inputs["Scale"])
+        links.new(rotation, inst.inputs["Rotation"])
+        links.new(size, inst.inputs["Scale"])
         return inst.outputs["Instances"]
 
-    # viewport: shells
+    def math(op: str, a, b=None, vector: bool = False):
+        return _geo_math(tree, op, a, b, vector)
+
+    # viewport: shells in the Gaussian's frame
     shell = n.new("GeometryNodeMeshIcoSphere")
     shell.inputs["Subdivisions"].default_value = 1
     shell.inputs["Radius"].default_value = CUTOFF_SIGMA / ICOSAHEDRON_INRADIUS
-    shells = _store_card(tree, instanced(shell), 1.0)
+    identity = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+    shells = _store_frame(tree, instanced(shell, rot.outputs["Attribute"], scale.outputs["Attribute"]), identity)
 
-    # render: cards facing the camera. The camera in the object's space, then in each Gaussian's frame.
+    # render: cards parallel to the camera's image plane through each centre (the camera in the object's
+    # space), as wide and tall as the 3-sigma ellipse the rasterizer splats, carried onto the card's plane
     camera = n.new("GeometryNodeInputActiveCamera")
     info = n.new("GeometryNodeObjectInfo")
     info.transform_space = "RELATIVE"
     links.new(camera.outputs["Active Camera"], info.inputs["Object"])
+    uncam = n.new("FunctionNodeInvertRotation")
+    links.new(info.outputs["Rotation"], uncam.inputs["Rotation"])
+
+    def in_camera(vector) -> bpy.types.NodeSocket:  # object-space direction -> the camera's axes
+        node = n.new("FunctionNodeRotateVector")
+        links.new(vector, node.inputs["Vector"])
+        links.new(uncam.outputs["Rotation"], node.inputs["Rotation"])
+        return node.outputs["Vector"]
+
     position = n.new("GeometryNodeInputPosition")
-    to_camera = _geo_math(tree, "SUBTRACT", info.outputs["Location"], position.outputs["Position"], vector=True)
-    unrotate = n.new("FunctionNodeInvertRotation")
-    links.new(rot.outputs["Attribute"], unrotate.inputs["Rotation"])
-    turn = n.new("FunctionNodeRotateVector")
-    links.new(to_camera, turn.inputs["Vector"])
-    links.new(unrotate.outputs["Rotation"], turn.inputs["Rotation"])
-    local = _geo_math(tree, "DIVIDE", turn.outputs["Vector"], scale.outputs["Attribute"], vector=True)
-    dist = _geo_math(tree, "LENGTH", local, vector=True)
-    beyond = _geo_math(tree, "SUBTRACT", _geo_math(tree, "MULTIPLY", dist, dist), CUTOFF_SIGMA * CUTOFF_SIGMA)
-    span = _geo_math(tree, "DIVIDE", _geo_math(tree, "MULTIPLY", dist, CUTOFF_SIGMA), _geo_math(tree, "SQRT", beyond))
-    inside = _geo_math(tree, "LESS_THAN", beyond, 1e-6)
-    span = _geo_math(
-        tree,
-        "MINIMUM",
-        _geo_math(tree, "MAXIMUM", span, _geo_math(tree, "MULTIPLY", inside, CARD_MAX_SIGMA)),
-        CARD_MAX_SIGMA,
+    centre = n.new("ShaderNodeSeparateXYZ")  # the centre in the camera's axes (in front: z < 0)
+    links.new(
+        in_camera(math("SUBTRACT", position.outputs["Position"], info.outputs["Location"], vector=True)),
+        centre.inputs[0],
     )
-    face = n.new("FunctionNodeAlignRotationToVector")
-    face.axis = "Z"
-    links.new(local, face.inputs["Vector"])
-    card = n.new("GeometryNodeMeshGrid")  # a 2 x 2 quad in the xy plane, facing +z
+    depth = math("MINIMUM", centre.outputs["Z"], -1e-9)
+    slope_x, slope_y = math("DIVIDE", centre.outputs["X"], depth), math("DIVIDE", centre.outputs["Y"], depth)
+    sigmas = n.new("ShaderNodeSeparateXYZ")
+    links.new(scale.outputs["Attribute"], sigmas.inputs["Vector"])
+    largest = math("MAXIMUM", math("MAXIMUM", sigmas.outputs[0], sigmas.outputs[1]), sigmas.outputs[2])
+    widest = math("MULTIPLY", largest, CARD_MAX_SIGMA)
+    var_x, var_y, axes = None, None, []
+    for k, unit in enumerate(identity):
+        turn = n.new("FunctionNodeRotateVector")  # the Gaussian's axis k, one sigma long, in the camera's axes
+        turn.inputs["Vector"].default_value = unit
+        links.new(rot.outputs["Attribute"], turn.inputs["Rotation"])
+        a = in_camera(turn.outputs["Vector"])
+        axes.append(a)
+        parts = n.new("ShaderNodeSeparateXYZ")
+        links.new(math("SCALE", a, sigmas.outputs[k], vector=True), parts.inputs[0])
+        # carried along the ray through the centre onto the card's plane: (a_x - a_z x / z, a_y - a_z y / z)
+        u_x = math("SUBTRACT", parts.outputs["X"], math("MULTIPLY", parts.outputs["Z"], slope_x))
+        u_y = math("SUBTRACT", parts.outputs["Y"], math("MULTIPLY", parts.outputs["Z"], slope_y))
+        sq_x, sq_y = math("MULTIPLY", u_x, u_x), math("MULTIPLY", u_y, u_y)
+        var_x = sq_x if var_x is None else math("ADD", var_x, sq_x)
+        var_y = sq_y if var_y is None else math("ADD", var_y, sq_y)
+    half_x = math("MINIMUM", math("MULTIPLY", math("SQRT", var_x), CUTOFF_SIGMA), widest)
+    half_y = math("MINIMUM", math("MULTIPLY", math("SQRT", var_y), CUTOFF_SIGMA), widest)
+    size = n.new("ShaderNodeCombineXYZ")
+    links.new(half_x, size.inputs["X"])
+    links.new(half_y, size.inputs["Y"])
+    size.inputs["Z"].default_value = 1.0
+    card = n.new("GeometryNodeMeshGrid")  # a 2 x 2 quad in the xy plane, facing +z (the camera's back)
     card.inputs["Size X"].default_value = card.inputs["Size Y"].default_value = 2.0
     card.inputs["Vertices X"].default_value = card.inputs["Vertices Y"].default_value = 2
-    # the card's own turn and size come after the Gaussian's (rotation x sigmas): a matrix product, since
-    # Rotate Instances in local space turns about the instance's axes, skewed by unequal sigmas
-    own = n.new("FunctionNodeCombineTransform")
-    own.inputs["Translation"].default_value = (0.0, 0.0, 0.0)
-    links.new(face.outputs["Rotation"], own.inputs["Rotation"])
-    links.new(span, own.inputs["Scale"])
-    current = n.new("GeometryNodeInstanceTransform")
-    product = n.new("FunctionNodeMatrixMultiply")
-    links.new(current.outputs["Transform"], product.inputs[0])
-    links.new(own.outputs["Transform"], product.inputs[1])
-    placed = n.new("GeometryNodeSetInstanceTransform")
-    links.new(instanced(card), placed.inputs["Instances"])
-    links.new(product.outputs["Matrix"], placed.inputs["Transform"])
-    cards = _store_card(tree, placed.outputs["Instances"], span)
+    cards = instanced(card, info.outputs["Rotation"], size.outputs["Vector"])
+    # frame row k = (the Gaussian's axis k in the camera's axes, times the card's size) / sigma_k
+    rows = [
+        math("DIVIDE", math("MULTIPLY", a, size.outputs["Vector"], vector=True), sigmas.outputs[k], vector=True)
+        for k, a in enumerate(axes)
+    ]
+    cards = _store_frame(tree, cards, rows)
 
     viewport = n.new("GeometryNodeIsViewport")
     pick = n.new("GeometryNodeSwitch")

@@ -192,9 +192,10 @@ def measure_step_costs(rasterizer_name: str, device: torch.device | str) -> Step
     """:class:`StepCosts` fitted to two measured steps (:data:`PROBE_GAUSSIANS` at :data:`PROBE_SIZE`),
     measured once per process, rasterizer and device (a service's later jobs reuse them).
 
-    On the CPU, the first step is also timed with one torch thread: where other processes load the
-    cores, threads that wait on each other are slower than one, and the faster count is kept (set
-    with ``torch.set_num_threads``; the plan's ``threads`` says which).
+    On the CPU, the first step is also timed with one torch thread, between two timings with torch's
+    own count (the faster of those counts): where other processes load the cores, threads that wait on
+    each other are slower than one, and the faster count is kept (set with ``torch.set_num_threads``;
+    the plan's ``threads`` says which).
     """
     return _measure_step_costs(rasterizer_name, str(torch.device(device)))
 
@@ -208,10 +209,14 @@ def _measure_step_costs(rasterizer_name: str, device: str) -> StepCosts:
     if torch.device(device).type == "cpu" and default_threads > 1:
         torch.set_num_threads(1)
         t1_single = measure_step_seconds(rasterizer_name, device, n1, PROBE_SIZE)
+        torch.set_num_threads(default_threads)
+        # torch's threads measured again after the single thread: the process's first measurement runs
+        # cold (on the idle 2-core dev machine 0.095 s against 0.056 s warm, while one thread took 0.089 s),
+        # and one thread then won and slowed the whole job by half (docs/benchmarks.md, "make demo")
+        t1 = min(t1, measure_step_seconds(rasterizer_name, device, n1, PROBE_SIZE))
         if t1_single < t1:
             t1, threads = t1_single, 1
-        else:
-            torch.set_num_threads(default_threads)
+            torch.set_num_threads(1)
     t2 = measure_step_seconds(rasterizer_name, device, n2, PROBE_SIZE)
     per_gaussian = max(t2 - t1, 0.0) / (n2 - n1)
     per_pixel = max(t1 - per_gaussian * n1, 0.1 * t1) / (w * h)

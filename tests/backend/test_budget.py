@@ -114,6 +114,41 @@ def test_measured_step_is_positive_and_grows_with_gaussians():
     assert (scene["means"][:, 2] > 1.5).all()
 
 
+def test_probe_keeps_torchs_threads_unless_one_thread_beats_them_warm(monkeypatch):
+    """The process's first timing runs cold: torch's threads are timed again after the single thread, and
+    one thread wins only against the faster of the two."""
+    import backend.budget as budget
+
+    def probe(timings):
+        calls = []
+
+        def fake(rasterizer, device, n, size):
+            calls.append((n, torch.get_num_threads()))
+            return timings[len(calls) - 1]
+
+        monkeypatch.setattr(budget, "measure_step_seconds", fake)
+        budget._measure_step_costs.cache_clear()
+        try:
+            costs = budget._measure_step_costs("torch_cpu", "cpu")
+        finally:
+            budget._measure_step_costs.cache_clear()
+        return costs, calls, torch.get_num_threads()
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        # cold first timing 0.095, one thread 0.089, warm again 0.056: torch's threads stay
+        costs, calls, now = probe([0.095, 0.089, 0.056, 0.07])
+        assert costs.threads == 0 and now == 2
+        assert [c[1] for c in calls] == [2, 1, 2, 2]
+        assert costs.per_gaussian > 0
+        # one thread faster than both timings: it is kept, for the probe's last step and after
+        costs, calls, now = probe([0.095, 0.05, 0.09, 0.07])
+        assert costs.threads == 1 and now == 1 and calls[-1][1] == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_devices_auto_and_checked_names():
     assert pick_device("auto") == (
         "cuda:0" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"

@@ -53,12 +53,11 @@ CUTOFF_SIGMA = 3.0  # a Gaussian's footprint ends here, in standard deviations (
 # circumradius is set so its faces (inradius = ICOSAHEDRON_INRADIUS x circumradius) enclose the cutoff sphere.
 ICOSAHEDRON_INRADIUS = 0.7947
 ALPHA_MAX = 0.99  # the highest opacity one Gaussian reaches (3DGS clamps alike)
-# Renders draw each Gaussian on one card through its centre facing the scene camera (gaussians_node_group):
-# the card's half size in standard deviations, and its cap when the camera is inside the cutoff sphere.
-# FLOAT_VECTOR on instances: the rows of the matrix from the instance's space to the Gaussian's frame in
-# standard deviations (the identity for shells)
+# Renders draw each Gaussian on a card parallel to the camera's image plane (gaussians_node_group). FLOAT_VECTOR
+# on instances: the rows of the matrix from the instance's space to the Gaussian's frame in standard deviations
+# (the identity for the viewport's shells)
 ATTR_FRAME = ("splat_frame_x", "splat_frame_y", "splat_frame_z")
-CARD_MAX_SIGMA = 1000.0
+CARD_MAX_SIGMA = 1000.0  # a card's half size at most, in the Gaussian's largest sigmas
 # Cycles gives up on a path after this many transparent surfaces (default 8, too few for overlapping splats).
 TRANSPARENT_BOUNCES = 256
 FRAME_FILE = "frame_{:06d}.png"  # image sequence names: Blender frame number, zero padded
@@ -190,8 +189,8 @@ def _set_modifier_input(mod: bpy.types.Modifier, name: str, value: float) -> Non
 
 def import_gaussians(g, name: str, coll: bpy.types.Collection) -> bpy.types.Object:
     """A Gaussians object: vertices at the means with ``scale``, ``rotation``, ``opacity`` and ``color``
-    attributes; geometry nodes instance a shell per Gaussian in the viewport and a card facing the camera in
-    renders (:func:`gaussians_node_group`), and :func:`gaussian_material` draws it as
+    attributes; geometry nodes instance a shell per Gaussian in the viewport and a card parallel to the
+    camera's image plane in renders (:func:`gaussians_node_group`), and :func:`gaussian_material` draws it as
     3DGS does (opacity x exp(-r^2/2) out to CUTOFF_SIGMA, alpha-blended) in EEVEE and Cycles. The object
     casts no shadows and is invisible to indirect rays: it shows the reconstruction, it does not light it.
 
@@ -300,7 +299,8 @@ def _material(name: str) -> bpy.types.Material:
 
 
 def _math(nt, op: str, a, b=None):
-    """A Math node ``op`` over sockets or numbers; returns its output socket."""
+    """A Math node ``op`` over sockets or numbers; returns its output socket. Shader and geometry node
+    trees alike."""
     node = nt.nodes.new("ShaderNodeMath")
     node.operation = op
     for i, v in enumerate((a, b)):
@@ -314,13 +314,14 @@ def _math(nt, op: str, a, b=None):
 
 
 def _vmath(nt, op: str, a, b=None):
-    """A Vector Math node ``op``; returns its "Value" output for DOT_PRODUCT, else "Vector"."""
+    """A Vector Math node ``op`` over sockets (``b`` is the factor of SCALE); returns its "Value" output
+    for DOT_PRODUCT and LENGTH, else "Vector". Shader and geometry node trees alike."""
     node = nt.nodes.new("ShaderNodeVectorMath")
     node.operation = op
     nt.links.new(a, node.inputs[0])
     if b is not None:
-        nt.links.new(b, node.inputs[1])
-    return node.outputs["Value" if op == "DOT_PRODUCT" else "Vector"]
+        nt.links.new(b, node.inputs["Scale"] if op == "SCALE" else node.inputs[1])
+    return node.outputs["Value" if op in ("DOT_PRODUCT", "LENGTH") else "Vector"]
 
 
 def gaussian_material() -> bpy.types.Material:
@@ -455,20 +456,6 @@ def _store_frame(tree: bpy.types.NodeTree, instances, rows):
     return instances
 
 
-def _geo_math(tree: bpy.types.NodeTree, op: str, a, b=None, vector: bool = False):
-    node = tree.nodes.new("ShaderNodeVectorMath" if vector else "ShaderNodeMath")
-    node.operation = op
-    sockets = (node.inputs[0], node.inputs["Scale"] if op == "SCALE" else node.inputs[1])
-    for socket, v in zip(sockets, (a, b), strict=True):
-        if v is None:
-            continue
-        if isinstance(v, float):
-            socket.default_value = v
-        else:
-            tree.links.new(v, socket)
-    return node.outputs["Value" if op in ("LENGTH", "DOT_PRODUCT") or not vector else "Vector"]
-
-
 def gaussians_node_group() -> bpy.types.NodeTree:
     """Mesh vertices -> one instance per Gaussian; :func:`gaussian_material` draws the Gaussian on it.
 
@@ -514,7 +501,7 @@ def gaussians_node_group() -> bpy.types.NodeTree:
         return inst.outputs["Instances"]
 
     def math(op: str, a, b=None, vector: bool = False):
-        return _geo_math(tree, op, a, b, vector)
+        return (_vmath if vector else _math)(tree, op, a, b)
 
     # viewport: shells in the Gaussian's frame
     shell = n.new("GeometryNodeMeshIcoSphere")

@@ -16,6 +16,7 @@ DATA=${DATA:-../shared/data}
 PY=${PY:-.venv/bin/python}
 what=("$@")
 [ ${#what[@]} -eq 0 ] && what=(whl whlq pcmx data)
+QUALITY_WHEELS=(gsplat plyfile jaxtyping wadler-lindig ninja msgpack pyzmq platformdirs tqdm)  # what the quality runs import
 download() {  # download DEST PACKAGE...: cp312 manylinux wheels, no dependencies resolved here
   local dest=$1
   shift
@@ -25,10 +26,10 @@ download() {  # download DEST PACKAGE...: cp312 manylinux wheels, no dependencie
 for w in "${what[@]}"; do
   case "$w" in
     whl)
-      download .whl gsplat plyfile jaxtyping wadler-lindig ninja msgpack pyzmq platformdirs tqdm diffusers peft
+      download .whl "${QUALITY_WHEELS[@]}" diffusers peft
       ;;
     whlq)
-      download .whlq gsplat plyfile jaxtyping wadler-lindig ninja msgpack pyzmq platformdirs tqdm
+      download .whlq "${QUALITY_WHEELS[@]}"
       ;;
     pcmx)
       tmp=$(mktemp -d)

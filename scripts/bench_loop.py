@@ -19,7 +19,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +70,19 @@ def warm_up(device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def fit_overrides(pairs: list[str]) -> dict:
+    """``["strategy=mcmc", "dropout_rate=0.1"]`` -> FitConfig keyword arguments, typed as the field's default."""
+    defaults = {f.name: f.default for f in fields(FitConfig)}
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in defaults:
+            raise SystemExit(f"--fit-set {pair!r}: expected FIELD=VALUE with FIELD one of FitConfig's fields")
+        kind = type(defaults[name])
+        out[name] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    return out
+
+
 def bench_scene(data: Path, folder: Path, frames: int, settings: Settings) -> Scene:
     """The benchmark's job: the temple's ring-arc captures (3 views) and an open path of ``frames``
     through them at the settings' working size, no held-out views."""
@@ -96,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         "--refine-seconds", type=int, default=Settings.refine_seconds, help="the refine generator's training"
     )
     ap.add_argument("--save-scene", type=Path, default=None, help="write the job's scene folder there and stop")
+    ap.add_argument(
+        "--fit-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a FitConfig field for this run (a candidate default timed before it lands), e.g. strategy=mcmc",
+    )
     a = ap.parse_args(argv)
     width, height = (int(v) for v in a.size.lower().split("x"))
     device = torch.device(a.device)
@@ -117,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         scene = bench_scene(a.data, Path(tmp) / "scene", a.frames, settings)
         compile_s = warm_up(device)
         cfg = LoopConfig.from_settings(settings, device=device)
+        if a.fit_set:
+            cfg = replace(cfg, fit=replace(cfg.fit, **fit_overrides(a.fit_set)))
         t0 = time.perf_counter()
         result = run_loop(scene, a.out / "job", device=device, config=cfg)
         if device.type == "cuda":

@@ -73,25 +73,24 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "agreement 0.02": ({}, {}, {"agreement_std": 0.02}),
     "no memory update": ({"update": False}, {}, {}),
     "capture share 0.7": ({}, {"capture_share": 0.7}, {}),
-    # weight-free regularisers of the sparse-view Gaussian literature
-    "dropout 0.1": ({}, {"dropout_rate": 0.1}, {}),  # DropGaussian's rate
+    # weight-free regularisers of the sparse-view Gaussian literature (Gaussian dropout 0.1 is the default)
+    "no dropout": ({}, {"dropout_rate": 0.0}, {}),
     "dropout 0.2": ({}, {"dropout_rate": 0.2}, {}),
     "sh degree 1": ({}, {"sh_degree": 1}, {}),
     "sh degree 0": ({}, {"sh_degree": 0}, {}),
     "opacity decay 0.9995": ({}, {"opacity_decay": 0.9995}, {}),
-    "dropout 0.1 + sh 1": ({}, {"dropout_rate": 0.1, "sh_degree": 1}, {}),
-    "dropout 0.1 + sh 1 + decay": ({}, {"dropout_rate": 0.1, "sh_degree": 1, "opacity_decay": 0.9995}, {}),
+    "sh 1 + decay": ({}, {"sh_degree": 1, "opacity_decay": 0.9995}, {}),
     "dropout 0.2 + sh 1": ({}, {"dropout_rate": 0.2, "sh_degree": 1}, {}),
-    # the fit's own settings: how far the centres move, how much DefaultStrategy densifies
+    # the fit's own settings: how far the centres move, how the Gaussians are densified. On CUDA the
+    # strategy is gsplat's MCMC (``auto``); the DefaultStrategy rows name it, as do its thresholds'
     "means lr x4": ({}, {"means_lr": 6.4e-4}, {}),
     "no densification": ({}, {"strategy": "none"}, {}),
-    "grow grad 0.0002": ({}, {"grow_grad2d": 0.0002}, {}),  # gsplat's threshold, our default until run 19
-    "grow grad 0.0005": ({}, {"grow_grad2d": 0.0005}, {}),
-    "grow grad 0.0001": ({}, {"grow_grad2d": 0.0001}, {}),
-    "grow grad 0.002": ({}, {"grow_grad2d": 0.002}, {}),
-    # gsplat's MCMCStrategy (CUDA only): relocation and noise instead of gradient-driven densification
-    "mcmc": ({}, {"strategy": "mcmc"}, {}),
-    "mcmc cap 30k": ({}, {"strategy": "mcmc", "mcmc_cap": 30_000}, {}),
+    "default strategy": ({}, {"strategy": "default"}, {}),  # DefaultStrategy with dropout
+    "run 20 default": ({}, {"strategy": "default", "dropout_rate": 0.0}, {}),  # the fit's defaults until run 21
+    "grow grad 0.0002": ({}, {"strategy": "default", "grow_grad2d": 0.0002}, {}),  # gsplat's; ours until run 19
+    "grow grad 0.0005": ({}, {"strategy": "default", "grow_grad2d": 0.0005}, {}),
+    "grow grad 0.002": ({}, {"strategy": "default", "grow_grad2d": 0.002}, {}),
+    "mcmc cap 30k": ({}, {"mcmc_cap": 30_000}, {}),
     "refine until 1500": ({}, {"refine_stop_iter": 1500}, {}),  # densification stops earlier: more steps for the set
     # the reprojection's own confidence raised about as far as the refiner (where_unsure) raises it
     "confidence raised": ({}, {}, {"inpainted_confidence": 0.6, "reprojected_confidence": 0.8}),

@@ -132,3 +132,29 @@ def test_bench_quality_merges_runs_of_one_seed_each() -> None:
         bq.merge_results([part(0, 20.0, 21.0, variant=22.0), part(0, 20.0, 21.0, variant=22.0)])
     with pytest.raises(ValueError, match="iterations"):
         bq.merge_results([part(0, 20.0, 21.0), {**part(1, 20.0, 21.0), "iterations": 20}])
+
+
+def test_gpu_job_specs_name_known_scenes_and_variants() -> None:
+    """scripts/jobs/*.txt (``gpu_runs.sh jobs``): every line's scene and variants are the bench's, so a
+    renamed variant fails here and not after a device machine's start-up."""
+    import sys
+
+    scripts = Path(__file__).resolve().parents[2] / "scripts"
+    sys.path.insert(0, str(scripts))
+    try:
+        import bench_loop_quality as bq
+    finally:
+        sys.path.pop(0)
+    known = {*bq.VARIANTS, *bq.REFINE_VARIANTS}
+    lines = [
+        (spec.name, line)
+        for spec in sorted((scripts / "jobs").glob("*.txt"))
+        for line in spec.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert lines
+    for name, line in lines:
+        scene, variants, seed, *_ = line.split("|")
+        assert scene in bq.SCENES, f"{name}: {line}"
+        assert set(variants.split(",")) <= known, f"{name}: {line}"
+        assert seed.isdigit(), f"{name}: {line}"

@@ -246,10 +246,14 @@ def test_inputs_are_checked():
 
 
 def test_mcmc_strategy_is_gsplats_with_the_cap_and_its_regularisers():
-    """The fit's ``mcmc`` branch runs on CUDA only (scripts/bench_loop_quality.py's ``mcmc`` variant checks
-    it on the GPU machine: its noise and relocation are gsplat CUDA kernels); here: the strategy it builds
-    and the loss terms it adds."""
-    from gsplat.strategy import MCMCStrategy
+    """The fit's ``mcmc`` branch runs on CUDA only (every scripts/bench_loop_quality.py run on the GPU
+    machine checks it: ``auto`` picks it there; its noise and relocation are gsplat CUDA kernels); here:
+    the strategy ``auto`` resolves to on each rasterizer, the one it builds and the loss terms it adds."""
+    from gsplat.strategy import DefaultStrategy, MCMCStrategy
+
+    assert FitConfig().active_strategy == "mcmc" and FitConfig(strategy="default").active_strategy == "default"
+    cpu = replace(FitConfig(), rasterizer="torch_cpu")  # the loop's replace of a default config off CUDA
+    assert cpu.active_strategy == "default" and isinstance(_make_strategy(cpu), DefaultStrategy)
 
     cfg = FitConfig(strategy="mcmc", mcmc_cap=5000, prune_opa=0.01, refine_stop_iter=1500)
     strategy = _make_strategy(cfg)

@@ -76,6 +76,9 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "blend 0.75": ({}, {}, {"render_blend": 0.75}),
     "blend 0.9": ({}, {}, {"render_blend": 0.9}),
     "no memory update": ({"update": False}, {}, {}),
+    # the loop's fit goes on from the guide (the captures-only fit) instead of starting from the memory
+    "fit from guide": ({"fit_start": "guide"}, {}, {}),
+    "fit from guide 1/3": ({"fit_start": "guide", "resumed_fit_share": 1 / 3}, {}, {}),
     "capture share 0.7": ({}, {"capture_share": 0.7}, {}),
     # weight-free regularisers of the sparse-view Gaussian literature (Gaussian dropout 0.1 is the default)
     "no dropout": ({}, {"dropout_rate": 0.0}, {}),
@@ -111,7 +114,7 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "patchmatch geometry": ({"estimator": "patchmatch"}, {}, {}),
     "crop to masks": ({"has_crop_to_masks": True}, {}, {}),
 }
-LOOP_FIELDS = ("estimator", "has_crop_to_masks")
+LOOP_FIELDS = ("estimator", "has_crop_to_masks", "fit_start", "resumed_fit_share")
 SCORE_KEYS = ("points", "gaussians_captures", "gaussians_loop", "frames", "refine_input_frames")
 
 

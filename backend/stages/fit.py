@@ -389,6 +389,24 @@ def init_gaussians(memory: GeometryMemory, cfg: FitConfig) -> Gaussians:
     return Gaussians(xyz.clone(), log_scales, quats, opacity_logits, sh)
 
 
+def resumed_gaussians(g: Gaussians, cfg: FitConfig) -> Gaussians:
+    """A copy of fitted Gaussians to go on fitting: SH bands cut or zero-padded to ``cfg.sh_degree``.
+
+    Args:
+        g: fitted Gaussians (sh [N, K, 3]); left unchanged.
+        cfg: fitting settings (``sh_degree``).
+    Returns:
+        new tensors on ``g``'s device, sh [N, (sh_degree + 1)^2, 3].
+    """
+    if len(g) == 0:
+        raise ValueError("fit: the Gaussians to resume from are empty")
+    bases = num_sh_bases(cfg.sh_degree)
+    sh = torch.zeros(len(g), bases, 3, device=g.device)
+    keep = min(bases, g.sh.shape[1])
+    sh[:, :keep] = g.sh[:, :keep]
+    return Gaussians(g.means.clone(), g.log_scales.clone(), g.quats.clone(), g.opacity_logits.clone(), sh)
+
+
 def gaussians_to_arrays(g: Gaussians) -> GaussianArrays:
     """The .ply arrays of ``g`` (float32 numpy, raw parameters; protocol.ply's layout)."""
 
@@ -644,17 +662,19 @@ def _make_strategy(cfg: FitConfig) -> Any:
 
 def fit_gaussians(
     views: FitViews,
-    init: GeometryMemory,
+    init: GeometryMemory | Gaussians,
     cfg: FitConfig,
     *,
     device: torch.device | str,
     progress: Callable[[int, float], None] | None = None,
 ) -> Gaussians:
-    """Fit Gaussians to views, starting from the geometry memory (module docstring).
+    """Fit Gaussians to views, starting from the geometry memory or from fitted Gaussians (module docstring).
 
     Args:
         views: images [F, H, W, 3], cameras, confidence [F, H, W] (moved to ``device``).
-        init: the geometry memory the Gaussians start from (moved to ``device``).
+        init: the geometry memory the Gaussians start from, or Gaussians to go on fitting (the loop's
+            ``fit_start="guide"``: the captures-only fit, resumed on captures and frames; their SH bands
+            cut or padded to ``cfg.sh_degree``, every band fitted from the first step). Moved to ``device``.
         cfg: fitting settings; ``cfg.rasterizer`` must suit ``device`` (gsplat: CUDA).
         device: where to fit.
         progress: called as ``progress(step, loss)`` every ``cfg.progress_every`` steps and after the
@@ -680,12 +700,16 @@ def fit_gaussians(
     masks = views.masks.to(device) if views.masks is not None and cfg.has_random_background else None
     confidence = views.confidence.to(device, torch.float32)
     cams = views.cams.to(device)
-    if cfg.max_gaussians:
-        thinned = thin_memory(init, cfg.max_gaussians)
-        if thinned.dropped:
-            log.info(thinned.note)
-        init = thinned.memory
-    g0 = init_gaussians(init.to(device), cfg)
+    if isinstance(init, Gaussians):
+        g0 = resumed_gaussians(init.to(device), cfg)
+    else:
+        if cfg.max_gaussians:
+            thinned = thin_memory(init, cfg.max_gaussians)
+            if thinned.dropped:
+                log.info(thinned.note)
+            init = thinned.memory
+        g0 = init_gaussians(init.to(device), cfg)
+    first_degree = cfg.sh_degree if isinstance(init, Gaussians) else 0  # resumed colours keep their bands
     rasterizer = RASTERIZERS.make(cfg.rasterizer)
     lpips_fn = load_lpips(cfg.lpips_path, device=device) if cfg.lpips_weight > 0 else None
     background = torch.tensor(cfg.background, dtype=torch.float32, device=device)
@@ -724,7 +748,7 @@ def fit_gaussians(
             if not order:
                 order = torch.randperm(n_frames, generator=gen).tolist()
             batch.append(order.pop())
-        sh_degree = min(step // cfg.sh_degree_interval, cfg.sh_degree)
+        sh_degree = min(first_degree + step // cfg.sh_degree_interval, cfg.sh_degree)
         progress_frac = step / max(cfg.iterations - 1, 1)
         opacities = dropout_opacities(torch.sigmoid(params["opacities"]), cfg.dropout_rate * progress_frac, gen_device)
         target, bg = images[batch], background

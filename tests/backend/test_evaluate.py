@@ -146,6 +146,7 @@ def test_gpu_job_specs_name_known_scenes_and_variants() -> None:
     finally:
         sys.path.pop(0)
     known = {*bq.VARIANTS, *bq.REFINE_VARIANTS}
+    assert not [v for v in known if "," in v]  # --variants and the specs split names on commas
     lines = [
         (spec.name, line)
         for spec in sorted((scripts / "jobs").glob("*.txt"))

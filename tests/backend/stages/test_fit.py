@@ -118,11 +118,19 @@ def test_fit_resumes_from_fitted_gaussians():
     first = fit_gaussians(views, noisy, cfg, device="cpu")
     losses: list[float] = []
     resumed = fit_gaussians(
-        views, first, replace(cfg, progress_every=1, iterations=5), device="cpu", progress=lambda _, loss: losses.append(loss)
+        views,
+        first,
+        replace(cfg, progress_every=1, iterations=5),
+        device="cpu",
+        progress=lambda _, loss: losses.append(loss),
     )
     fresh: list[float] = []
     fit_gaussians(
-        views, noisy, replace(cfg, progress_every=1, iterations=5), device="cpu", progress=lambda _, loss: fresh.append(loss)
+        views,
+        noisy,
+        replace(cfg, progress_every=1, iterations=5),
+        device="cpu",
+        progress=lambda _, loss: fresh.append(loss),
     )
     assert len(resumed) == len(first) and losses[0] < 0.5 * fresh[0]
     wider = resumed_gaussians(first, replace(cfg, sh_degree=2))

@@ -8,6 +8,7 @@
 # build), but a .device_data scene carried by an earlier call was gone when the next call carried others.
 #   probe                      what the machine has (torch, CUDA, cv2, pycolmap, gsplat), gsplat's kernel build
 #   loop [ARGS]                scripts/bench_loop.py: the whole job on the temple, 120 frames at 896x512
+#                              (--fit-set FIELD=VALUE times a candidate FitConfig default; --generator refine)
 #   quality SCENES VARIANTS SEEDS [ITER]   scripts/bench_loop_quality.py (comma-separated lists)
 #   quality_parallel SCENES VARIANTS SEEDS [ITER]   one process per scene and seed at once, merged
 #                              (quality figures only: concurrent processes' timings, and the refiner's

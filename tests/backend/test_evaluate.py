@@ -159,3 +159,18 @@ def test_gpu_job_specs_name_known_scenes_and_variants() -> None:
         assert scene in bq.SCENES, f"{name}: {line}"
         assert set(variants.split(",")) <= known, f"{name}: {line}"
         assert seed.isdigit(), f"{name}: {line}"
+
+
+def test_bench_loop_fit_set_types_values_and_names_a_bad_field() -> None:
+    """scripts/bench_loop.py --fit-set FIELD=VALUE: a candidate FitConfig default timed before it lands."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    try:
+        import bench_loop
+    finally:
+        sys.path.pop(0)
+    got = bench_loop.fit_overrides(["strategy=mcmc", "dropout_rate=0.1", "mcmc_cap=30000", "has_random_background=no"])
+    assert got == {"strategy": "mcmc", "dropout_rate": 0.1, "mcmc_cap": 30000, "has_random_background": False}
+    with pytest.raises(SystemExit, match="--fit-set 'droput=0.1': expected FIELD=VALUE"):
+        bench_loop.fit_overrides(["droput=0.1"])

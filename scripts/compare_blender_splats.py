@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("results", type=Path, help="a job's output folder (gaussians.ply found below it)")
     ap.add_argument("--size", default="96x72", metavar="WxH")
     ap.add_argument("--cameras", type=int, default=3, help="the first N captures")
+    ap.add_argument("--engine", default="CYCLES", help="Blender's render engine (CYCLES, BLENDER_EEVEE)")
     args = ap.parse_args(argv)
     W, H = (int(v) for v in args.size.lower().split("x"))
     ply = next(args.results.rglob("gaussians.ply"))
@@ -39,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         for c in scene.captures[: args.cameras]:
             cam = c.camera.scaled(W, H)
             want = service_render(g, cam.w2c, cam.K, W, H)
-            got = cycles_render(g, cam.w2c, cam.K, W, H, Path(tmp) / f"{c.name}.png")
+            got = cycles_render(g, cam.w2c, cam.K, W, H, Path(tmp) / f"{c.name}.png", engine=args.engine)
             psnr = 10 * np.log10(1.0 / max(float(np.mean((want - got) ** 2)), MSE_FLOOR))
             scores.append(psnr)
-            print(f"{c.name}: {psnr:.2f} dB (Cycles against the service, {W}x{H})", flush=True)
+            print(f"{c.name}: {psnr:.2f} dB ({args.engine} against the service, {W}x{H})", flush=True)
     print(f"{ply}: mean {np.mean(scores):.2f} dB over {len(scores)} cameras")
     return 0
 

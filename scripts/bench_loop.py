@@ -34,6 +34,7 @@ from backend.evaluate import split_protocol  # noqa: E402
 from backend.formats import import_scene  # noqa: E402
 from backend.loop import LoopConfig, run_loop  # noqa: E402
 from backend.scene import Camera, Scene, Settings, TrajectoryFrame, save_scene  # noqa: E402
+from backend.service.options import _name_values  # noqa: E402
 from backend.stages.fit import FitConfig, FitViews, default_rasterizer, fit_gaussians  # noqa: E402
 from backend.types import Cameras, GeometryMemory  # noqa: E402
 
@@ -71,15 +72,18 @@ def warm_up(device: torch.device) -> float:
 
 
 def fit_overrides(pairs: list[str]) -> dict:
-    """``["strategy=mcmc", "dropout_rate=0.1"]`` -> FitConfig keyword arguments, typed as the field's default."""
+    """``["strategy=mcmc", "dropout_rate=0.1"]`` -> FitConfig keyword arguments, typed as the field's default
+    (bool, int, float or str fields)."""
     defaults = {f.name: f.default for f in fields(FitConfig)}
     out = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or name not in defaults:
-            raise SystemExit(f"--fit-set {pair!r}: expected FIELD=VALUE with FIELD one of FitConfig's fields")
-        kind = type(defaults[name])
-        out[name] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    for name, value in _name_values("--fit-set", pairs).items():
+        kind = type(defaults.get(name))
+        if kind not in (bool, int, float, str):
+            raise SystemExit(f"--fit-set {name}: not a bool, int, float or str field of FitConfig")
+        try:
+            out[name] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+        except ValueError as err:
+            raise SystemExit(f"--fit-set {name}={value}: {err}") from err
     return out
 
 

@@ -700,8 +700,10 @@ def fit_gaussians(
     masks = views.masks.to(device) if views.masks is not None and cfg.has_random_background else None
     confidence = views.confidence.to(device, torch.float32)
     cams = views.cams.to(device)
+    first_degree = 0  # the SH degree of the first step; it rises every ``sh_degree_interval`` steps
     if isinstance(init, Gaussians):
         g0 = resumed_gaussians(init.to(device), cfg)
+        first_degree = cfg.sh_degree  # resumed colours keep their bands
     else:
         if cfg.max_gaussians:
             thinned = thin_memory(init, cfg.max_gaussians)
@@ -709,7 +711,6 @@ def fit_gaussians(
                 log.info(thinned.note)
             init = thinned.memory
         g0 = init_gaussians(init.to(device), cfg)
-    first_degree = cfg.sh_degree if isinstance(init, Gaussians) else 0  # resumed colours keep their bands
     rasterizer = RASTERIZERS.make(cfg.rasterizer)
     lpips_fn = load_lpips(cfg.lpips_path, device=device) if cfg.lpips_weight > 0 else None
     background = torch.tensor(cfg.background, dtype=torch.float32, device=device)

@@ -172,5 +172,9 @@ def test_bench_loop_fit_set_types_values_and_names_a_bad_field() -> None:
         sys.path.pop(0)
     got = bench_loop.fit_overrides(["strategy=mcmc", "dropout_rate=0.1", "mcmc_cap=30000", "has_random_background=no"])
     assert got == {"strategy": "mcmc", "dropout_rate": 0.1, "mcmc_cap": 30000, "has_random_background": False}
-    with pytest.raises(SystemExit, match="--fit-set 'droput=0.1': expected FIELD=VALUE"):
+    with pytest.raises(SystemExit, match="--fit-set droput: not a bool, int, float or str field of FitConfig"):
         bench_loop.fit_overrides(["droput=0.1"])
+    with pytest.raises(SystemExit, match="--fit-set mcmc_cap=lots: invalid literal"):
+        bench_loop.fit_overrides(["mcmc_cap=lots"])
+    with pytest.raises(ValueError, match="--fit-set must be NAME=VALUE"):
+        bench_loop.fit_overrides(["strategy"])

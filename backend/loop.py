@@ -77,9 +77,6 @@ PROGRESS_SHARES = {
 }
 
 
-FIT_STARTS = ("memory", "guide")
-
-
 @dataclass(frozen=True)
 class LoopConfig:
     """Everything the loop needs besides the scene: one frozen config per step.
@@ -96,10 +93,6 @@ class LoopConfig:
             fits no guide).
         has_crop_to_masks: when the captures have masks, gaussians.ply keeps only the Gaussians
             inside their visual hull (``backend.stages.fit.crop_to_masks``).
-        fit_start: what step 7's Gaussians start from: ``memory`` (the captures' initial memory, as
-            the guide does) or ``guide`` (the guide's Gaussians, fitted on the captures alone, go on
-            fitting on captures and frames; needs the guide on).
-        resumed_fit_share: with ``fit_start="guide"``, step 7 runs this share of ``fit.iterations``.
         budget: the time budget's plan (backend.budget) that set the working size, the fit's steps
             and its Gaussian cap; None without a budget.
     """
@@ -121,17 +114,7 @@ class LoopConfig:
     overview_rows: int = 4
     has_fit: bool = True
     has_crop_to_masks: bool = False
-    fit_start: str = "memory"
-    resumed_fit_share: float = 1.0
     budget: BudgetPlan | None = None
-
-    def __post_init__(self) -> None:
-        if self.fit_start not in FIT_STARTS:
-            raise ValueError(f"LoopConfig.fit_start must be one of {', '.join(FIT_STARTS)}; got {self.fit_start!r}")
-        if self.fit_start == "guide" and not self.guide.enabled:
-            raise ValueError("LoopConfig.fit_start 'guide' needs the guide on (the guide's Gaussians are its start)")
-        if not 0.0 < self.resumed_fit_share <= 1.0:
-            raise ValueError(f"LoopConfig.resumed_fit_share must be in (0, 1]; got {self.resumed_fit_share}")
 
     @classmethod
     def from_settings(cls, settings: Settings, *, device: torch.device | str = "cpu", **overrides: Any) -> LoopConfig:
@@ -356,23 +339,18 @@ def run_loop(
     track.finish("update", f"final memory: {len(memory)} points", [outputs.POINTS_FINAL_FILE])
 
     # 7. Fit Gaussians on captures (confidence 1) and generated frames (their confidence), from the
-    #    captures' memory (the updates steer later segments; the fit starts from what was measured)
-    #    or from the guide's Gaussians (``fit_start``).
+    #    captures' memory (the updates steer later segments; the fit starts from what was measured).
+    #    Resuming the guide's Gaussians instead lost on the H200 (docs/benchmarks.md, run 22).
     gaussians = None
-    fit_cfg = cfg.fit
     if cfg.has_fit:
         views = captures_and_frames(captures, FitViews(frame_images, targets_all, frame_conf), cfg.fit.capture_share)
-        start: GeometryMemory | Gaussians = memory_initial
-        if cfg.fit_start == "guide" and guide is not None:
-            start = guide
-            fit_cfg = replace(cfg.fit, iterations=max(1, round(cfg.fit.iterations * cfg.resumed_fit_share)))
         with meter.measure("fit"):
-            on_step = track.steps("fit", "Gaussians", fit_cfg.iterations)
-            gaussians = fit_gaussians(views, start, fit_cfg, device=device, progress=on_step)
+            on_step = track.steps("fit", "Gaussians", cfg.fit.iterations)
+            gaussians = fit_gaussians(views, memory_initial, cfg.fit, device=device, progress=on_step)
             if cfg.has_crop_to_masks and captures.masks is not None:
                 gaussians = crop_to_masks(gaussians, captures.cams, captures.masks)
         outputs.write_gaussians(out_dir / outputs.GAUSSIANS_FILE, gaussians_to_arrays(gaussians))
-        track.finish("fit", f"{len(gaussians)} Gaussians after {fit_cfg.iterations} steps", [outputs.GAUSSIANS_FILE])
+        track.finish("fit", f"{len(gaussians)} Gaussians after {cfg.fit.iterations} steps", [outputs.GAUSSIANS_FILE])
     else:
         track.skip("fit")
 
@@ -390,7 +368,7 @@ def run_loop(
         "points_initial": len(memory_initial),
         "points_final": len(memory),
         "gaussians": len(gaussians) if gaussians is not None else 0,
-        "fit_iterations": fit_cfg.iterations if cfg.has_fit else 0,
+        "fit_iterations": cfg.fit.iterations if cfg.has_fit else 0,
         "mean_confidence": float(frame_conf.mean()),
         "notes": step0.notes,
         "timing": meter.summary(),

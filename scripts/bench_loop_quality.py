@@ -77,12 +77,12 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "blend 0.9": ({}, {}, {"render_blend": 0.9}),
     "no memory update": ({"update": False}, {}, {}),
     # the loop's fit goes on from the guide (the captures-only fit) instead of starting from the memory
-    "fit from guide": ({"fit_start": "guide"}, {}, {}),
-    "fit from guide 1/3": ({"fit_start": "guide", "resumed_fit_share": 1 / 3}, {}, {}),
     "capture share 0.7": ({}, {"capture_share": 0.7}, {}),
-    # weight-free regularisers of the sparse-view Gaussian literature (Gaussian dropout 0.1 is the default)
+    # weight-free regularisers of the sparse-view Gaussian literature (Gaussian dropout 0.2 is the default)
     "no dropout": ({}, {"dropout_rate": 0.0}, {}),
-    "dropout 0.2": ({}, {"dropout_rate": 0.2}, {}),
+    "dropout 0.1": ({}, {"dropout_rate": 0.1}, {}),  # the default of run 21
+    "dropout 0.2": ({}, {"dropout_rate": 0.2}, {}),  # the default since run 22 (named in its spec files)
+    "dropout 0.3": ({}, {"dropout_rate": 0.3}, {}),
     "sh degree 1": ({}, {"sh_degree": 1}, {}),
     "sh degree 0": ({}, {"sh_degree": 0}, {}),
     "opacity decay 0.9995": ({}, {"opacity_decay": 0.9995}, {}),
@@ -114,7 +114,7 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "patchmatch geometry": ({"estimator": "patchmatch"}, {}, {}),
     "crop to masks": ({"has_crop_to_masks": True}, {}, {}),
 }
-LOOP_FIELDS = ("estimator", "has_crop_to_masks", "fit_start", "resumed_fit_share")
+LOOP_FIELDS = ("estimator", "has_crop_to_masks")
 SCORE_KEYS = ("points", "gaussians_captures", "gaussians_loop", "frames", "refine_input_frames")
 
 

@@ -191,35 +191,6 @@ def test_configs_reject_bad_settings() -> None:
         FitConfig(capture_share=1.0)
     with pytest.raises(ValueError, match="GuideConfig.alpha"):
         GuideConfig(alpha=0.0)
-    with pytest.raises(ValueError, match="LoopConfig.fit_start must be one of memory, guide; got 'frames'"):
-        LoopConfig(fit_start="frames")
-    with pytest.raises(ValueError, match="LoopConfig.fit_start 'guide' needs the guide on"):
-        LoopConfig(fit_start="guide", guide=GuideConfig(enabled=False))
-    with pytest.raises(ValueError, match=r"LoopConfig.resumed_fit_share must be in \(0, 1\]; got 0"):
-        LoopConfig(resumed_fit_share=0)
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("loop")
-def test_fit_from_the_guide_goes_on_from_its_gaussians(temple3: Scene, single_thread, tmp_path: Path) -> None:
-    """``fit_start="guide"``: step 7 resumes the guide's Gaussians for a share of the steps: it starts where
-    the guide ended (no densification or SH warm-up from scratch) and the job says how many steps it ran."""
-    settings = replace(temple3.settings, gaussian_iterations=60, update_memory=False)
-    base = LoopConfig.from_settings(settings)
-    centre = torch.as_tensor(scene_center([c.camera for c in temple3.captures]), dtype=torch.float32)
-    guide = Gaussians(
-        means=torch.stack([centre, centre + torch.tensor([0.01, 0.0, 0.0])]),  # where every capture looks
-        log_scales=torch.full((2, 3), -3.0),
-        quats=torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 2),
-        opacity_logits=torch.zeros(2),
-        sh=torch.zeros(2, 16, 3),
-    )
-    cfg = replace(base, fit_start="guide", resumed_fit_share=0.5, fit=replace(base.fit, strategy="none"))
-    result = run_loop(temple3, tmp_path, device="cpu", config=cfg, guide=guide)
-    assert len(result.gaussians) == 2  # the guide's two, fitted on (no strategy: none added)
-    assert not torch.equal(result.gaussians.means, guide.means)  # ... and moved, the guide left as it was
-    assert torch.equal(guide.means[0], centre)
-    assert json.loads((tmp_path / "metrics.json").read_text())["fit_iterations"] == 30
 
 
 def test_guided_renders_take_the_guide_where_it_is_opaque() -> None:

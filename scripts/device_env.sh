@@ -42,3 +42,15 @@ if [ -d /tmp/pcmsite ]; then
 fi
 export PYTHONPATH
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+# gsplat's CUDA kernels built by an earlier machine of this session (`gpu_runs.sh` saves them to $OUT as
+# gsplat_cuda.so.xz, `device_carry.sh gsplat_so /work/.device/N` puts them in .gsplat_so): a module
+# gsplat.csrc, which gsplat imports before it compiles, loads them, saving the 60-70 s build of every
+# fresh machine. Used only where they were built for this torch, gsplat and CUDA architecture.
+if [ -f .gsplat_so/gsplat_cuda.so.xz ] && [ -f .gsplat_so/gsplat_cuda.stamp ] && [ ! -f "$SITE/gsplat/csrc.py" ]; then
+  if [ "$(cat .gsplat_so/gsplat_cuda.stamp)" == "$(python3 scripts/gsplat_prebuilt.py stamp)" ]; then
+    mkdir -p /tmp/gsplat_prebuilt && xz -dc .gsplat_so/gsplat_cuda.so.xz > /tmp/gsplat_prebuilt/gsplat_cuda.so \
+      && python3 scripts/gsplat_prebuilt.py shim /tmp/gsplat_prebuilt/gsplat_cuda.so > "$SITE/gsplat/csrc.py"
+  else
+    echo "device_env: .gsplat_so was built for $(cat .gsplat_so/gsplat_cuda.stamp), not this machine: gsplat compiles" >&2
+  fi
+fi

@@ -6,6 +6,9 @@
 # Usage: bash scripts/gpu_runs.sh STAGE [ARGS...]; results and logs go to $OUT.
 # Carry what a stage reads in its own call: a warm machine keeps /tmp (unpacked archives, gsplat's
 # build), but a .device_data scene carried by an earlier call was gone when the next call carried others.
+# A fresh machine compiles gsplat's kernels (60-70 s) unless .gsplat_so is carried: the stages that import
+# gsplat leave gsplat_cuda.so.xz and gsplat_cuda.stamp in $OUT after a build; on the dev machine
+#   mkdir -p .gsplat_so && cp /work/.device/N/gsplat_cuda.* .gsplat_so/   (then carry .gsplat_so too)
 #   probe                      what the machine has (torch, CUDA, cv2, pycolmap, gsplat), gsplat's kernel build
 #   loop [ARGS]                scripts/bench_loop.py: the whole job on the temple, 120 frames at 896x512
 #                              (--fit-set FIELD=VALUE times a candidate FitConfig default; --generator refine)
@@ -38,6 +41,17 @@ unpack_wheels() {  # unpack_wheels TARBALL DEST: a tarball of unzipped packages 
     rm -f "$2"/*.whl
   fi
 }
+save_gsplat() {  # gsplat's kernels, if this machine compiled them, back in $OUT for the next machine's carry
+  local lib
+  lib=$(python3 scripts/gsplat_prebuilt.py built)
+  if [ -n "$lib" ] && [ ! -f "$SITE/gsplat/csrc.py" ] && [ ! -f "$OUT/gsplat_cuda.so.xz" ]; then
+    xz -T0 -6 -c "$lib" > "$OUT/gsplat_cuda.so.xz" && python3 scripts/gsplat_prebuilt.py stamp > "$OUT/gsplat_cuda.stamp"
+  fi
+}
+gsplat_ready() {  # build gsplat's kernels once (or load the carried ones), before processes wait on its build lock
+  python3 -c "import torch, gsplat; from gsplat.cuda._backend import _C; print('gsplat', gsplat.__version__, _C is not None)"
+  save_gsplat
+}
 case "$stage" in
   probe)
     python3 - <<'PY' 2>&1 | tee "$OUT/probe.log"
@@ -50,8 +64,10 @@ for m in ("cv2", "pycolmap", "gsplat", "diffusers", "peft", "plyfile", "ray", "f
     except Exception as e:
         print(m, "MISSING", type(e).__name__, str(e)[:120])
 PY
+    gsplat_ready
     ;;
   loop)
+    gsplat_ready
     python3 scripts/bench_loop.py --data .device_data/middlebury_temple --out "$OUT" "$@" 2>&1 | tee -a "$OUT/loop.log"
     ;;
   quality)
@@ -59,8 +75,7 @@ PY
       --iterations "${4:-3000}" --out "$OUT/quality_${1//,/_}.json" 2>&1 | tee "$OUT/quality_${1//,/_}.log"
     ;;
   quality_parallel)
-    # build gsplat's kernels once, before the processes would all wait on its build lock
-    python3 -c "import torch, gsplat; from gsplat.cuda._backend import _C; print('gsplat', gsplat.__version__, _C is not None)"
+    gsplat_ready
     IFS=, read -ra scenes <<< "$1"
     IFS=, read -ra seeds <<< "$3"
     for s in "${scenes[@]}"; do
@@ -74,7 +89,7 @@ PY
     python3 scripts/bench_loop_quality.py --merge "$OUT"/quality_*_seed*.json --out "$OUT/quality_merged.json"
     ;;
   jobs)
-    python3 -c "import torch, gsplat; from gsplat.cuda._backend import _C; print('gsplat', gsplat.__version__, _C is not None)"
+    gsplat_ready
     # the machine's cores shared between the processes (torch's CPU threads would oversubscribe them)
     # JOBS_MATCH (a grep pattern) runs only the spec lines it matches: a spec too long for one call, split
     spec=$(grep -v '^\s*\(#\|$\)' "$1" | grep -e "${JOBS_MATCH:-.}")

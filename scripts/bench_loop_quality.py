@@ -76,7 +76,6 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "blend 0.75": ({}, {}, {"render_blend": 0.75}),
     "blend 0.9": ({}, {}, {"render_blend": 0.9}),
     "no memory update": ({"update": False}, {}, {}),
-    # the loop's fit goes on from the guide (the captures-only fit) instead of starting from the memory
     "capture share 0.7": ({}, {"capture_share": 0.7}, {}),
     # weight-free regularisers of the sparse-view Gaussian literature (Gaussian dropout 0.2 is the default)
     "no dropout": ({}, {"dropout_rate": 0.0}, {}),

@@ -43,7 +43,7 @@ fi
 export PYTHONPATH
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
 # gsplat's CUDA kernels built by an earlier machine of this session (`gpu_runs.sh` saves them to $OUT as
-# gsplat_cuda.so.xz, `device_carry.sh gsplat_so /work/.device/N` puts them in .gsplat_so): a module
+# gsplat_cuda.so.xz; `mkdir -p .gsplat_so && cp /work/.device/N/gsplat_cuda.* .gsplat_so/` here): a module
 # gsplat.csrc, which gsplat imports before it compiles, loads them, saving the 60-70 s build of every
 # fresh machine. Used only where they were built for this torch, gsplat and CUDA architecture.
 if [ -f .gsplat_so/gsplat_cuda.so.xz ] && [ -f .gsplat_so/gsplat_cuda.stamp ] && [ ! -f "$SITE/gsplat/csrc.py" ]; then

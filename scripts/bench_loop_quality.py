@@ -87,7 +87,6 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "opacity decay 0.9995": ({}, {"opacity_decay": 0.9995}, {}),
     "sh 1 + decay": ({}, {"sh_degree": 1, "opacity_decay": 0.9995}, {}),
     "dropout 0.2 + sh 1": ({}, {"dropout_rate": 0.2, "sh_degree": 1}, {}),
-    "coreg": ({}, {"coreg_weight": 1.0}, {}),  # CoR-GS: two fits pulled together at pseudo views
     # the fit's own settings: how far the centres move, how the Gaussians are densified. On CUDA the
     # strategy is gsplat's MCMC (``auto``); the DefaultStrategy rows name it, as do its thresholds'
     "means lr x4": ({}, {"means_lr": 6.4e-4}, {}),

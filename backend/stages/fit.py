@@ -36,12 +36,6 @@ Regularisers for few views that need no learned weights (each a FitConfig field)
   ``has_random_background`` is on, each step draws one random colour per frame, composites the
   render over it and puts it into the target's masked-out pixels: no Gaussian can explain the
   backdrop, so none learns it.
-- **Co-regularisation** (CoR-GS, Zhang et al. 2024): with ``coreg_weight`` > 0 a second set of
-  Gaussians is fitted beside the first, from the same start but its own dropout draws and MCMC
-  noise; each step both render one pseudo view (a camera between two of the views, the pool made by
-  :func:`pseudo_cameras`) and the loss adds ``coreg_weight x (0.8 L1 + 0.2 (1 - SSIM))`` between the
-  two renders, so what the views do not pin down, where two fits disagree, is pulled to agree. The
-  first set is returned. Twice the fit's work and then some (a pseudo render each per step).
 
 Pixels of zero confidence do not pull the fit: they are out of the L1 term, and inside the SSIM
 (and LPIPS) windows both the prediction and the target there are replaced by the current render,
@@ -65,7 +59,6 @@ from torch import Tensor
 from protocol.ply import MAX_SH_DEGREE, GaussianArrays
 
 from ..budget import thin_memory
-from ..camera_paths import path_through
 from ..metrics import LpipsFn, load_lpips, ssim_map
 from ..rasterizers import RASTERIZERS, Rasterizer
 from ..rasterizers.sh import num_sh_bases, rgb_to_sh, sh_to_colors
@@ -126,9 +119,6 @@ class FitConfig:
             scene's loop with either strategy (run 21; DropGaussian's own rate for LLFF), 0.2 beat
             0.1 on the fern (+0.16 dB) and temple (+0.24) in every seed, 0.3 no further (run 22).
         opacity_decay: opacities are multiplied by this after every step; 1 = off.
-        coreg_weight: CoR-GS co-regularisation between two fits at pseudo views (module docstring);
-            0 = one fit.
-        coreg_views: pseudo cameras in the pool the co-regularisation draws from.
         has_random_background: with masks, masked-out pixels see a random colour (module docstring).
         max_gaussians: cap on the Gaussians, 0 for none: the memory is thinned to it on a voxel grid
             before the fit (backend.budget.thin_memory) and densification prunes the least opaque
@@ -173,8 +163,6 @@ class FitConfig:
     capture_share: float = 0.5
     dropout_rate: float = 0.2
     opacity_decay: float = 1.0
-    coreg_weight: float = 0.0
-    coreg_views: int = 64
     has_random_background: bool = True
     max_gaussians: int = 0
     seed: int = 0
@@ -189,7 +177,6 @@ class FitConfig:
             "refine_every",
             "reset_every",
             "progress_every",
-            "coreg_views",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -425,25 +412,6 @@ def gaussians_from_arrays(a: GaussianArrays, device: torch.device | str = "cpu")
         return torch.as_tensor(x, dtype=torch.float32, device=device)
 
     return Gaussians(t(a.means), t(a.log_scales), t(a.quats), t(a.opacity_logits), t(a.sh))
-
-
-def pseudo_cameras(cams: Cameras, count: int, generator: torch.Generator) -> Cameras:
-    """CoR-GS's pseudo views: ``count`` cameras each between two random cameras of ``cams`` (a quarter,
-    half or three quarters of the way along :func:`backend.camera_paths.path_through`'s path from one
-    to the other: rotations slerped, positions orbiting where the two look at a common centre).
-
-    Args:
-        cams: the fit's cameras, C >= 1 (with one, every pseudo view is that camera).
-        count: cameras made.
-        generator: draws the pairs and the steps along them.
-    Returns:
-        Cameras [count], on ``cams``' device.
-    """
-    scene_cams = cams.to("cpu").to_scene()
-    picks = torch.randint(len(cams), (count, 2), generator=generator).tolist()
-    steps = torch.randint(1, 4, (count,), generator=generator).tolist()
-    made = [path_through([scene_cams[i], scene_cams[j]], 5, closed=False)[k] for (i, j), k in zip(picks, steps)]
-    return Cameras.from_scene(made, device=cams.device)
 
 
 def _render(
@@ -737,12 +705,6 @@ class _Run:
         return Gaussians(p["means"], p["scales"], p["quats"], p["opacities"], sh).detach()
 
 
-def agreement_loss(a: Tensor, b: Tensor, cfg: FitConfig) -> Tensor:
-    """CoR-GS's co-regularisation term between two renders of one view: ``0.8 L1 + 0.2 (1 - SSIM)``
-    (the fit's colour weights), gradient to both. [B, H, W, 3] each -> scalar."""
-    return cfg.l1_weight * (a - b).abs().mean() + cfg.ssim_weight * (1.0 - ssim_map(a, b)).mean()
-
-
 def fit_gaussians(
     views: FitViews,
     init: GeometryMemory,
@@ -791,15 +753,13 @@ def fit_gaussians(
     lpips_fn = load_lpips(cfg.lpips_path, device=device) if cfg.lpips_weight > 0 else None
     background = torch.tensor(cfg.background, dtype=torch.float32, device=device)
 
-    # 1. Parameters, optimizers, schedule, strategy: one run, or two with co-regularisation.
-    scale = scene_scale(cams, g0.means)
-    runs = [_Run.start(g0, cfg, scale) for _ in range(2 if cfg.coreg_weight > 0 else 1)]
+    # 1. Parameters, optimizers, schedule, strategy.
+    run = _Run.start(g0, cfg, scene_scale(cams, g0.means))
 
     # 2. The loop: a shuffled pass over the frames per epoch, batch_size frames per step.
     gen = torch.Generator().manual_seed(cfg.seed)
     gen_device = torch.Generator(device=device).manual_seed(cfg.seed)  # dropout and random backgrounds
     torch.manual_seed(cfg.seed)  # DefaultStrategy's splits sample from the global generator
-    pseudo = pseudo_cameras(cams, cfg.coreg_views, gen) if len(runs) > 1 else None
     order: list[int] = []
     n_frames = len(views)
     for step in range(cfg.iterations):
@@ -814,32 +774,21 @@ def fit_gaussians(
         if masks is not None:  # one random colour per frame, behind the render and in the masked-out target
             bg = torch.rand(len(batch), 3, device=device, generator=gen_device)
             target = torch.where(masks[batch][..., None], target, bg[:, None, None, :])
-        losses, metas = [], []
-        for run in runs:
-            opacities = dropout_opacities(
-                torch.sigmoid(run.params["opacities"]), cfg.dropout_rate * progress_frac, gen_device
-            )
-            pred, meta = _render(rasterizer, run.params, cams[batch], sh_degree, bg, opacities)
-            run_loss = confidence_loss(pred, target, confidence[batch], cfg, lpips_fn)
-            if cfg.active_strategy == "mcmc":
-                run_loss = run_loss + mcmc_regularisers(run.params, cfg)
-            losses.append(run_loss)
-            metas.append(meta)
-        # False when no Gaussian is in view of this batch (the CPU rasterizer cuts the graph)
-        learns = [run_loss.requires_grad for run_loss in losses]
-        loss = sum(run_loss for run_loss in losses)
-        if pseudo is not None and all(learns):
-            k = int(torch.randint(len(pseudo), (1,), generator=gen))
-            a, b = (_render(rasterizer, run.params, pseudo[k], sh_degree, background)[0] for run in runs)
-            loss = loss + cfg.coreg_weight * agreement_loss(a, b, cfg)
-        if any(learns):
-            for run, meta, learn in zip(runs, metas, learns):
-                if learn:
-                    run.before_backward(cfg, step, meta)
+        opacities = dropout_opacities(
+            torch.sigmoid(run.params["opacities"]), cfg.dropout_rate * progress_frac, gen_device
+        )
+        pred, meta = _render(rasterizer, run.params, cams[batch], sh_degree, bg, opacities)
+        loss = confidence_loss(pred, target, confidence[batch], cfg, lpips_fn)
+        if cfg.active_strategy == "mcmc":
+            loss = loss + mcmc_regularisers(run.params, cfg)
+        learn = (
+            loss.requires_grad
+        )  # False when no Gaussian is in view of this batch (the CPU rasterizer cuts the graph)
+        if learn:
+            run.before_backward(cfg, step, meta)
             loss.backward()
-        for run, meta, learn in zip(runs, metas, learns):
-            run.after_backward(cfg, step, meta, learn)
+        run.after_backward(cfg, step, meta, learn)
         if progress is not None and ((step + 1) % cfg.progress_every == 0 or step + 1 == cfg.iterations):
-            progress(step + 1, float(losses[0].detach()))
+            progress(step + 1, float(loss.detach()))
 
-    return runs[0].gaussians()
+    return run.gaussians()

@@ -14,11 +14,9 @@ from backend.stages.fit import (
     FitConfig,
     FitViews,
     Gaussians,
-    agreement_loss,
     crop_to_masks,
     dropout_opacities,
     fit_gaussians,
-    pseudo_cameras,
 )
 from backend.types import Cameras
 from tests.backend.stages.test_fit import H, W, make_scene
@@ -131,50 +129,3 @@ def test_crop_to_masks_keeps_gaussians_inside_the_hull():
     )
     kept = crop_to_masks(g, cams, masks)
     torch.testing.assert_close(kept.means, means[:2])
-
-
-def test_pseudo_cameras_lie_between_two_of_the_views():
-    """CoR-GS's pseudo views: forward-facing cameras (parallel axes) give centres a quarter, half or
-    three quarters of the way from one camera to another, with their rotation."""
-    K = torch.tensor([[40.0, 0, W / 2], [0, 40.0, H / 2], [0, 0, 1]])
-    w2c = torch.eye(4).repeat(3, 1, 1)
-    w2c[:, 0, 3] = torch.tensor([0.0, -1.0, -3.0])  # centres at x = 0, 1, 3
-    cams = Cameras(w2c, K.repeat(3, 1, 1), W, H)
-    pseudo = pseudo_cameras(cams, 40, torch.Generator().manual_seed(0))
-    assert len(pseudo) == 40 and (pseudo.width, pseudo.height) == (W, H)
-    torch.testing.assert_close(pseudo.w2c[:, :3, :3], torch.eye(3).repeat(40, 1, 1))
-    xs = pseudo.centers[:, 0]
-    torch.testing.assert_close(pseudo.centers[:, 1:], torch.zeros(40, 2))
-    allowed = {round(a + t * (b - a), 4) for a in (0, 1, 3) for b in (0, 1, 3) for t in (0.25, 0.5, 0.75)}
-    assert {round(float(x), 4) for x in xs} <= allowed
-    assert len({round(float(x), 4) for x in xs}) > 3  # more than the cameras themselves
-
-
-def test_agreement_loss_is_zero_for_equal_renders_and_pulls_both():
-    a = torch.rand(1, H, W, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    b = torch.rand(1, H, W, 3, generator=torch.Generator().manual_seed(2), requires_grad=True)
-    assert float(agreement_loss(a.detach(), a.detach(), BASE)) == pytest.approx(0.0, abs=1e-6)
-    agreement_loss(a, b, BASE).backward()
-    assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
-
-
-def test_coregularised_fit_runs_two_fits_and_returns_the_first():
-    """``coreg_weight`` > 0: a second fit beside the first changes the first's result (the pseudo-view
-    term) and keeps its count; the loss still falls."""
-    cams, images, memory = make_scene()
-    views = FitViews(images, cams, torch.ones(images.shape[:3]))
-    cfg = replace(BASE, iterations=30, progress_every=10, dropout_rate=0.2)
-    plain = fit_gaussians(views, memory, cfg, device="cpu")
-    losses: list[float] = []
-    co = fit_gaussians(
-        views,
-        memory,
-        replace(cfg, coreg_weight=1.0, coreg_views=8),
-        device="cpu",
-        progress=lambda _, loss: losses.append(loss),
-    )
-    assert len(co) == len(plain) == len(memory)
-    assert not torch.allclose(co.means, plain.means)
-    assert losses[-1] < losses[0]
-    with pytest.raises(ValueError, match="FitConfig.coreg_weight must be >= 0"):
-        FitConfig(coreg_weight=-1.0)

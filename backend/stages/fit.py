@@ -781,9 +781,8 @@ def fit_gaussians(
         loss = confidence_loss(pred, target, confidence[batch], cfg, lpips_fn)
         if cfg.active_strategy == "mcmc":
             loss = loss + mcmc_regularisers(run.params, cfg)
-        learn = (
-            loss.requires_grad
-        )  # False when no Gaussian is in view of this batch (the CPU rasterizer cuts the graph)
+        # False when no Gaussian is in view of this batch (the CPU rasterizer cuts the graph)
+        learn = loss.requires_grad
         if learn:
             run.before_backward(cfg, step, meta)
             loss.backward()

@@ -144,6 +144,8 @@ REFINE_VARIANTS: dict[str, dict] = {
     "refine ungated": {"strengths": (1.0,)},  # the network at full strength whatever the validation says
     # "refine" moves a pixel by alpha x (1 - the reprojection's confidence); this one every pixel by alpha
     "refine everywhere": {"where_unsure": False},
+    # the residual on the guide's render (the reprojection where the render does not cover)
+    "refine on render": {"base": "render", "where_unsure": False},
 }
 REFINE_PICTURE = "{run}_refine.png"  # rows: reprojection | guide render | refined | truth
 

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from . import GeneratorConfig
 
 IN_CHANNELS = 8  # reprojection rgb, render rgb, reprojection confidence, render coverage
+BASES = ("reprojection", "render")  # what the network's residual is added to (RefineConfig.base)
 OUT_CHANNELS = 4  # rgb residual, L1 error
 COLOR_CENTER = 0.5  # colours enter the network centred
 GROUPS = 8  # GroupNorm groups (fewer when a block is narrower)
@@ -103,10 +104,15 @@ class RefineConfig:
         confidence_error: a predicted mean absolute error of this much gives confidence e^-1.
         strengths: the gate's choices of ``alpha`` (module docstring, step 5), each in [0, 1]; with
             0 among them the refiner can decline, ``(1.0,)`` applies the network ungated.
+        base: what the network's residual is added to and the gate blends from (:func:`base_frames`):
+            ``"reprojection"``, or ``"render"``: the guided render where it covers (the reprojection
+            elsewhere), which scores 0.4-0.7 dB above the reprojection at held-out views on the H200,
+            so that the network has to learn only where the captures' pixels beat it.
         where_unsure: each pixel moves ``alpha x (1 - c)`` of the way to the refined frame, c the
             reprojection's confidence there, in the gate and in the frames; False moves every pixel
             by ``alpha`` and takes the network's confidence (docs/benchmarks.md, Refiner: on the
-            temple at CPU size the loop's Gaussians 21.72 against 21.31 dB, mean of 3 seeds).
+            temple at CPU size the loop's Gaussians 21.72 against 21.31 dB, mean of 3 seeds). Only
+            with the reprojection as ``base`` (c is the reprojection's confidence, not the render's).
         seed: crops, flips, jitter, the network's initial weights and the validation capture.
     """
 
@@ -125,6 +131,7 @@ class RefineConfig:
     offset_jitter: float = 0.05
     confidence_error: float = 0.05
     strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    base: str = "reprojection"
     where_unsure: bool = True
     seed: int = 0
 
@@ -149,6 +156,17 @@ class RefineConfig:
                 raise ValueError(f"RefineConfig.{name} must be >= 0; got {getattr(self, name)}")
         if not self.strengths or not all(0.0 <= a <= 1.0 for a in self.strengths):
             raise ValueError(f"RefineConfig.strengths must be non-empty, each in [0, 1]; got {self.strengths}")
+        if self.base not in BASES:
+            raise ValueError(f"RefineConfig.base must be one of {BASES}; got {self.base!r}")
+        if self.base == "render" and self.where_unsure:
+            raise ValueError(
+                "RefineConfig.where_unsure needs base 'reprojection' (its confidence is the reprojection's)"
+            )
+
+    @property
+    def unsure_weighted(self) -> bool:
+        """Whether a pixel's move is weighted by ``1 - c``, c the reprojection's confidence."""
+        return self.where_unsure and self.base == "reprojection"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,11 +248,28 @@ def network_inputs(frames: Tensor, confidence: Tensor, render_rgb: Tensor, cover
     )
 
 
-def apply_network(net: UNet, inputs: Tensor, frames: Tensor) -> tuple[Tensor, Tensor]:
+def base_frames(frames: Tensor, render_rgb: Tensor, coverage: Tensor, base: str) -> Tensor:
+    """The colours the network's residual is added to (``RefineConfig.base``).
+
+    Args:
+        frames: the reprojection's colours. [B, H, W, 3]
+        render_rgb: the (guided) render's colours. [B, H, W, 3]
+        coverage: pixels the render covers. bool or float [B, H, W]
+        base: ``"reprojection"`` (``frames`` itself) or ``"render"`` (the render where it covers,
+            ``frames`` elsewhere).
+    Returns:
+        [B, H, W, 3]
+    """
+    if base == "reprojection":
+        return frames
+    return torch.where(coverage[..., None].bool(), render_rgb, frames)
+
+
+def apply_network(net: UNet, inputs: Tensor, base: Tensor) -> tuple[Tensor, Tensor]:
     """(refined colours in [0, 1] [B, H, W, 3], predicted mean absolute error >= 0 [B, H, W]) for
-    inputs [B, 8, H, W] and the reprojection ``frames`` [B, H, W, 3] they were made from."""
+    inputs [B, 8, H, W] and the ``base`` colours [B, H, W, 3] (:func:`base_frames`) of the same frames."""
     out = net(inputs)
-    refined = (frames + out[:, :3].permute(0, 2, 3, 1)).clamp(0.0, 1.0)
+    refined = (base + out[:, :3].permute(0, 2, 3, 1)).clamp(0.0, 1.0)
     return refined, F.softplus(out[:, 3])
 
 
@@ -438,7 +473,8 @@ def augmented_batch(pairs: TrainingPairs, cfg: RefineConfig, gen: torch.Generato
     """A batch of random crops with flips and photometric jitter.
 
     Returns:
-        (inputs [B, 8, h, w], reprojection [B, h, w, 3], truth [B, h, w, 3]), on the pairs' device.
+        (inputs [B, 8, h, w], base [B, h, w, 3] (:func:`base_frames`), truth [B, h, w, 3]), on the
+        pairs' device.
     """
     P, H, W = pairs.confidence.shape
     ch, cw = min(cfg.crop_px, H), min(cfg.crop_px, W)
@@ -472,7 +508,7 @@ def augmented_batch(pairs: TrainingPairs, cfg: RefineConfig, gen: torch.Generato
         t = torch.stack([x.flip(0) if fy else x for x, fy in zip(t, flips[:, 1].tolist())])  # vertical
         out.append(t)
     frames, conf, rgb, cover, truth = out
-    return network_inputs(frames, conf, rgb, cover), frames, truth
+    return network_inputs(frames, conf, rgb, cover), base_frames(frames, rgb, cover, cfg.base), truth
 
 
 def train_refiner(
@@ -501,8 +537,8 @@ def train_refiner(
         lr = cfg.lr * (cfg.lr_final_factor + (1.0 - cfg.lr_final_factor) * 0.5 * (1.0 + math.cos(math.pi * done)))
         for group in opt.param_groups:
             group["lr"] = lr
-        inputs, frames, truth = augmented_batch(pairs, cfg, gen)
-        refined, error = apply_network(net, inputs, frames)
+        inputs, base, truth = augmented_batch(pairs, cfg, gen)
+        refined, error = apply_network(net, inputs, base)
         made = (refined - truth).abs().mean(-1)  # [B, h, w]
         loss = made.mean() + (error - made.detach()).abs().mean()
         opt.zero_grad(set_to_none=True)
@@ -526,7 +562,7 @@ def train_refiner(
 
 
 def predict(
-    net: nn.Module, frames: Tensor, confidence: Tensor, render_rgb: Tensor, coverage: Tensor
+    net: nn.Module, frames: Tensor, confidence: Tensor, render_rgb: Tensor, coverage: Tensor, base: str
 ) -> tuple[Tensor, Tensor]:
     """The network on whole frames, ``INFERENCE_CHUNK`` at a time, without gradients.
 
@@ -535,6 +571,7 @@ def predict(
         confidence: its confidence. [F, H, W]
         render_rgb: the (guided) render's colours. [F, H, W, 3]
         coverage: pixels the render covers. [F, H, W]
+        base: ``RefineConfig.base``.
     Returns:
         (refined colours [F, H, W, 3], predicted mean absolute error [F, H, W])
     """
@@ -543,15 +580,16 @@ def predict(
         for s in range(0, len(frames), INFERENCE_CHUNK):
             sl = slice(s, s + INFERENCE_CHUNK)
             inputs = network_inputs(frames[sl], confidence[sl], render_rgb[sl], coverage[sl])
-            out = apply_network(net, inputs, frames[sl])
+            out = apply_network(net, inputs, base_frames(frames[sl], render_rgb[sl], coverage[sl], base))
             refined.append(out[0])
             error.append(out[1])
     return torch.cat(refined), torch.cat(error)
 
 
 def blend(frames: Tensor, refined: Tensor, strength: float, confidence: Tensor | None = None) -> Tensor:
-    """``frames + strength * (refined - frames)``: exactly ``frames`` at 0 and ``refined`` at 1; with
-    ``confidence`` [P, H, W] each pixel's strength is ``strength * (1 - confidence)``."""
+    """``frames + strength * (refined - frames)``, ``frames`` the base (:func:`base_frames`): exactly
+    ``frames`` at 0 and ``refined`` at 1; with ``confidence`` [P, H, W] each pixel's strength is
+    ``strength * (1 - confidence)``."""
     if confidence is None:
         return torch.lerp(frames, refined, strength)
     return frames + (strength * (1.0 - confidence))[..., None] * (refined - frames)
@@ -563,7 +601,7 @@ def choose_strength(
     """The strength whose blend (:func:`blend`) has the least mean L1 error against ``truth``.
 
     Args:
-        frames: the reprojection. [P, H, W, 3]
+        frames: the base (:func:`base_frames`). [P, H, W, 3]
         refined: the network's frames. [P, H, W, 3]
         truth: the photos, valid at every pixel. [P, H, W, 3]
         strengths: the choices, in [0, 1].
@@ -590,10 +628,11 @@ class Validation:
         held_out: whether those pairs were kept out of training (False: too few pairs, module
             docstring step 3).
         train_pairs: how many pairs the network trained on.
-        l1_input: mean absolute error of the reprojection against the photos (strength 0).
+        l1_input: mean absolute error of the reprojection against the photos.
         strengths: the strengths tried.
         l1: the mean absolute error at each of ``strengths``.
         strength: the chosen strength (0: the refiner declines).
+        base: ``RefineConfig.base``, what strength 0 passes through.
         change: mean absolute change the chosen strength makes to the validation frames (colour
             units per channel and pixel): how far the network was seen to help.
     """
@@ -606,6 +645,7 @@ class Validation:
     l1: tuple[float, ...]
     strength: float
     change: float = 0.0
+    base: str = "reprojection"
 
     @property
     def l1_chosen(self) -> float:
@@ -620,27 +660,29 @@ class Validation:
             where += f", held out of training ({self.train_pairs} training pairs)"
         else:
             where += f", also trained on (only {self.train_pairs} pair(s) of one capture: an optimistic check)"
+        on = "" if self.base == "reprojection" else f" on the {self.base}"
         if self.strength == 0.0:
             top = self.strengths.index(max(self.strengths))
+            passes = "the reprojection" if self.base == "reprojection" else f"the {self.base} (L1 {self.l1_chosen:.4f})"
             return (
-                f"refiner declined: validation L1 {self.l1_input:.4f}, refined {self.l1[top]:.4f} at strength "
-                f"{self.strengths[top]:g}; the reprojection passes through (validated on {where})"
+                f"refiner declined: validation L1 {self.l1_input:.4f}, refined{on} {self.l1[top]:.4f} at strength "
+                f"{self.strengths[top]:g}; {passes} passes through (validated on {where})"
             )
         return (
-            f"refiner: validation L1 {self.l1_input:.4f} -> {self.l1_chosen:.4f}, strength {self.strength:g} "
+            f"refiner{on}: validation L1 {self.l1_input:.4f} -> {self.l1_chosen:.4f}, strength {self.strength:g} "
             f"(validated on {where})"
         )
 
 
-def validate(
-    net: nn.Module, pairs: TrainingPairs, strengths: Sequence[float], where_unsure: bool = False
-) -> tuple[float, float, list[float], float]:
-    """The gate on validation ``pairs``: (chosen strength, L1 of the reprojection, L1 per strength,
-    mean absolute change of the frames at the chosen strength)."""
-    refined, _ = predict(net, pairs.frames, pairs.confidence, pairs.render_rgb, pairs.coverage)
-    confidence = pairs.confidence if where_unsure else None
-    strength, l1 = choose_strength(pairs.frames, refined, pairs.truth, strengths, confidence)
-    change = float((blend(pairs.frames, refined, strength, confidence) - pairs.frames).abs().mean())
+def validate(net: nn.Module, pairs: TrainingPairs, cfg: RefineConfig) -> tuple[float, float, list[float], float]:
+    """The gate on validation ``pairs`` with ``cfg``'s strengths, base and weighting: (chosen
+    strength, L1 of the reprojection, L1 per strength, mean absolute change of the reprojection
+    that the frames at the chosen strength make)."""
+    refined, _ = predict(net, pairs.frames, pairs.confidence, pairs.render_rgb, pairs.coverage, cfg.base)
+    base = base_frames(pairs.frames, pairs.render_rgb, pairs.coverage, cfg.base)
+    confidence = pairs.confidence if cfg.unsure_weighted else None
+    strength, l1 = choose_strength(base, refined, pairs.truth, cfg.strengths, confidence)
+    change = float((blend(base, refined, strength, confidence) - pairs.frames).abs().mean())
     return strength, float((pairs.frames - pairs.truth).abs().mean()), l1, change
 
 
@@ -712,7 +754,7 @@ class RefineGenerator:
         with torch.no_grad():  # the error output starts at confidence_error (confidence e^-1)
             net.head.bias[3] = math.log(math.expm1(self.config.confidence_error))
         self.losses = train_refiner(net, training, self.config, progress=part(0.5, 1.0))
-        strength, l1_input, l1, change = validate(net, validation, self.config.strengths, self.config.where_unsure)
+        strength, l1_input, l1, change = validate(net, validation, self.config)
         self.net, self.strength = net, strength
         self.validation = Validation(
             target_ids=sorted(set(validation.target_ids)),
@@ -723,6 +765,7 @@ class RefineGenerator:
             l1=tuple(l1),
             strength=strength,
             change=change,
+            base=self.config.base,
         )
         note = self.validation.note
         log.info(note)
@@ -738,21 +781,23 @@ class RefineGenerator:
             frames: the reprojection: images [F, H, W, 3], confidence [F, H, W].
             renders: the render it was made from (rgb [F, H, W, 3], mask [F, H, W]).
         Returns:
-            Frames: images float32 [F, H, W, 3] in [0, 1], ``frames.images + strength * (refined -
-            frames.images)``, with the network's confidence float32 [F, H, W]; at strength 0 the
-            reprojection's own tensors (module docstring).
+            Frames: images float32 [F, H, W, 3] in [0, 1], ``base + strength * (refined - base)``
+            (:func:`base_frames`), with the network's confidence float32 [F, H, W]; with the
+            reprojection as base, at strength 0 the reprojection's own tensors (module docstring).
         """
         if self.net is None:
             raise RuntimeError("refine: the network is not trained; call prepare(captures, memory, cfg) first")
-        if self.strength == 0.0:
+        cfg = self.config
+        if self.strength == 0.0 and cfg.base == "reprojection":
             return Frames(images=frames.images, confidence=frames.confidence)
-        refined, error = predict(self.net, frames.images, frames.confidence, renders.rgb, renders.mask)
-        confidence = torch.exp(-error / self.config.confidence_error)
-        if self.config.where_unsure:  # a pixel the reprojection was sure of keeps its colour and confidence
-            images = blend(frames.images, refined, self.strength, frames.confidence)
+        refined, error = predict(self.net, frames.images, frames.confidence, renders.rgb, renders.mask, cfg.base)
+        base = base_frames(frames.images, renders.rgb, renders.mask, cfg.base)
+        confidence = torch.exp(-error / cfg.confidence_error)
+        if cfg.unsure_weighted:  # a pixel the reprojection was sure of keeps its colour and confidence
+            images = blend(base, refined, self.strength, frames.confidence)
             confidence = torch.lerp(confidence, torch.ones_like(confidence), frames.confidence)
         else:
-            images = blend(frames.images, refined, self.strength)
+            images = blend(base, refined, self.strength)
         return Frames(images=images.contiguous(), confidence=confidence.contiguous())
 
     def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -208,11 +209,12 @@ def test_validation_capture_is_never_trained_on() -> None:
 
 def test_gate_declines_a_useless_network_and_takes_a_perfect_one(single_thread) -> None:
     pairs = synthetic_pairs([0, 1])
-    strengths = RefineConfig().strengths
-    strength, l1_input, l1, change = validate(noise_refiner(), pairs, strengths)
+    cfg = RefineConfig(where_unsure=False)
+    strengths = cfg.strengths
+    strength, l1_input, l1, change = validate(noise_refiner(), pairs, cfg)
     assert strength == 0.0 and l1[0] == pytest.approx(l1_input) and min(l1[1:]) > 2 * l1_input, l1
     assert change == 0.0  # declined: the frames pass through
-    strength, l1_input, l1, change = validate(Oracle(pairs.truth), pairs, strengths)
+    strength, l1_input, l1, change = validate(Oracle(pairs.truth), pairs, cfg)
     assert strength == 1.0 and l1[-1] < 1e-6 < l1_input
     assert change == pytest.approx(l1_input)  # all the way to the photos
     # a refiner that overshoots by as much again: half way is right
@@ -266,6 +268,42 @@ def test_where_unsure_moves_only_the_pixels_the_reprojection_doubts(single_threa
     zero, one = torch.zeros(1, 2, 2, 3), torch.ones(1, 2, 2, 3)
     sure = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
     assert choose_strength(zero, one, one, (0.0, 1.0), sure) == (1.0, [1.0, 0.5])
+
+
+def zero_refiner() -> UNet:
+    """A tiny U-Net that changes nothing (zero residual, predicted error softplus(0))."""
+    net = tiny_refiner()
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.zero_()
+    return net
+
+
+def test_render_base_starts_from_the_render_where_it_covers(single_thread) -> None:
+    pairs = synthetic_pairs([0, 1])
+    pairs.render_rgb = pairs.truth.clone()  # a render better than the reprojection ...
+    pairs.coverage[..., pairs.coverage.shape[-1] // 2 :] = False  # ... over the left half only
+    cfg = replace(TINY, base="render", where_unsure=False)
+    strength, l1_input, l1, change = validate(zero_refiner(), pairs, cfg)
+    left = (pairs.frames - pairs.truth)[:, :, : pairs.truth.shape[2] // 2].abs().sum()
+    assert l1 == pytest.approx([l1_input - float(left) / pairs.truth.numel()] * len(cfg.strengths))
+    assert strength == 0.0 and change > 0.0  # a network that changes nothing: the base passes through
+    frames = Frames(pairs.frames, pairs.confidence)
+    renders = Renders(
+        pairs.render_rgb, torch.ones_like(pairs.confidence), pairs.coverage, torch.zeros_like(pairs.confidence).int()
+    )
+    gen = RefineGenerator(cfg)
+    gen.net, gen.strength = zero_refiner(), 0.0
+    out = gen.refine(frames, renders)
+    cover = pairs.coverage[..., None]
+    assert torch.equal(out.images, torch.where(cover, pairs.truth, pairs.frames))
+    torch.testing.assert_close(
+        out.confidence, torch.full_like(out.confidence, math.exp(-math.log(2) / cfg.confidence_error))
+    )
+    with pytest.raises(ValueError, match="RefineConfig.where_unsure needs base 'reprojection'"):
+        RefineConfig(base="render")
+    with pytest.raises(ValueError, match=r"RefineConfig.base must be one of \('reprojection', 'render'\); got 'guide'"):
+        RefineConfig(base="guide")
 
 
 @pytest.mark.slow

@@ -100,7 +100,8 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "mcmc cap 300k": ({}, {"mcmc_cap": 300_000}, {}),
     "mcmc regs 0.001": ({}, {"mcmc_opacity_reg": 0.001, "mcmc_scale_reg": 0.001}, {}),  # a tenth of simple_trainer's
     "refine until 1500": ({}, {"refine_stop_iter": 1500}, {}),  # densification stops earlier: more steps for the set
-    # the reprojection's own confidence raised about as far as the refiner (where_unsure) raises it
+    # the reprojection's own confidence raised about as far as the refiner's "where unsure" blend (since
+    # removed) raised it
     "confidence raised": ({}, {}, {"inpainted_confidence": 0.6, "reprojected_confidence": 0.8}),
     "confidence raised and one source trusted": (
         {},
@@ -142,10 +143,6 @@ REFINE_VARIANTS: dict[str, dict] = {
     "refine confidence 0.1": {"confidence_error": 0.1},
     "refine with reproject confidence": {"keep_input_confidence": True},  # the script's switch, not RefineConfig's
     "refine ungated": {"strengths": (1.0,)},  # the network at full strength whatever the validation says
-    # "refine" moves a pixel by alpha x (1 - the reprojection's confidence); this one every pixel by alpha
-    "refine everywhere": {"where_unsure": False},
-    # the residual on the guide's render (the reprojection where the render does not cover)
-    "refine on render": {"base": "render", "where_unsure": False},
 }
 REFINE_PICTURE = "{run}_refine.png"  # rows: reprojection | guide render | refined | truth
 
@@ -182,6 +179,7 @@ def refine_report(gen: RecordingRefiner, scene, report: dict, picture: Path | No
     report["refine_train_loss"] = gen.losses[-1] if gen.losses else None
     report["refine_train_steps"] = len(gen.losses) * LOSS_SYNC_EVERY
     report["refine_strength"] = gen.strength
+    report["refine_declined"] = gen.declined
     # how far the network moved the trajectory's frames, beside how far it moved the validation frames
     report["refine_change"] = float((refined - frames).abs().mean())
     if gen.validation is not None:  # the gate: mean L1 at the validation capture per strength tried
@@ -192,6 +190,7 @@ def refine_report(gen: RecordingRefiner, scene, report: dict, picture: Path | No
             "train_pairs": v.train_pairs,
             "l1_input": v.l1_input,
             "change": v.change,
+            "declined": v.declined,
             "l1": dict(zip([f"{a:g}" for a in v.strengths], v.l1)),
             "note": v.note,
         }

@@ -14,27 +14,29 @@ Before the segments, the loop calls :meth:`RefineGenerator.prepare` once:
    picked from the seed; they are never trained on). When every pair shows the same capture
    (``max_fits`` 1) there is nothing else to train on: it trains on them and validates on them too,
    and the job's note says so (a gate that then only catches a network worse on its own data);
-4. the U-Net learns the residual from the reprojection to the photo (L1) and, on a second output,
-   the L1 error it still makes, for ``seconds`` of wall time, on random crops with flips and
-   photometric jitter (one random gain, gamma and offset per channel for inputs and truth alike);
+4. the U-Net learns the residual from the base to the photo (L1) and, on a second output, the L1
+   error it still makes, for ``seconds`` of wall time, on random crops with flips and photometric
+   jitter (one random gain, gamma and offset per channel for inputs and truth alike). The base
+   (:func:`base_frames`) is the guided render where it covers and the reprojection elsewhere: the
+   render scores 0.4-0.7 dB above the reprojection at held-out views on the H200, so the network
+   has to learn where the captures' reprojected pixels beat it (docs/benchmarks.md, Refiner: on
+   the render against on the reprojection, 3 seeds, the loop's Gaussians +0.06 / -0.03 / +0.63 dB
+   on temple / fern / door);
 5. the gate (:func:`choose_strength`): on the validation pairs' full images (the photo is the truth
    at every pixel), the strength ``alpha`` among ``strengths`` whose frames
-   ``reprojection + alpha * (refined - reprojection)`` have the least mean L1 error against the
-   photo; ties go to the smaller strength, so a network that changes nothing is declined. The
-   choice and its figures go to the job's notes (``refiner: validation L1 ...``) and stay on the
-   generator (``strength``, ``validation``).
+   ``base + alpha * (refined - base)`` have the least mean L1 error against the photo; ties go to
+   the smaller strength, so a network that changes nothing leaves the base. Where the reprojection
+   itself (the weight-free frames) scores below every blend, the refiner declines
+   (``declined``): the reprojection and its confidence pass through, so the gate never picks
+   frames worse than the weight-free generator's on its validation pairs. The choice and its
+   figures go to the job's notes (``refiner: validation L1 ...``) and stay on the generator
+   (``strength``, ``declined``, ``validation``).
 
-Then ``generate`` runs ``reproject`` on the segment and, unless the gate chose strength 0, the
-network on its output and the guided render, and returns the reprojection moved ``alpha`` of the
-way to the refined frame. Its confidence is ``exp(-predicted error / confidence_error)``, the
-network's prediction for the fully refined frame, also when ``alpha < 1`` (a choice: the blend's
-error is not predicted; it is at most ``(1 - alpha)`` times the reprojection's plus ``alpha`` times
-the refined frame's, and the reprojection's own confidence is no error estimate).
-At strength 0 the refiner declines: the reprojection and its own confidence pass through unchanged.
-With ``where_unsure`` each pixel moves ``alpha x (1 - c)`` of the way, c the reprojection's
-confidence (in the gate too), and its confidence is ``c + (1 - c) x`` the network's: a pixel at
-c = 1 keeps its colour and confidence 1; the less sure the reprojection, the more the network's
-colour and its error estimate count.
+Then ``generate`` runs ``reproject`` on the segment and, unless the refiner declined, the network
+on its output and the guided render, and returns the base moved ``alpha`` of the way to the
+refined frame. Its confidence is ``exp(-predicted error / confidence_error)``, the network's
+prediction for the fully refined frame, also when ``alpha < 1`` (a choice: the blend's error is not
+predicted; it is at most ``(1 - alpha)`` times the base's plus ``alpha`` times the refined frame's).
 
 Channels of the network's input (:func:`network_inputs`), [B, 8, H, W]: reprojection rgb - 0.5,
 render rgb - 0.5, reprojection confidence, render coverage.
@@ -67,7 +69,6 @@ if TYPE_CHECKING:
     from . import GeneratorConfig
 
 IN_CHANNELS = 8  # reprojection rgb, render rgb, reprojection confidence, render coverage
-BASES = ("reprojection", "render")  # what the network's residual is added to (RefineConfig.base)
 OUT_CHANNELS = 4  # rgb residual, L1 error
 COLOR_CENTER = 0.5  # colours enter the network centred
 GROUPS = 8  # GroupNorm groups (fewer when a block is narrower)
@@ -104,15 +105,6 @@ class RefineConfig:
         confidence_error: a predicted mean absolute error of this much gives confidence e^-1.
         strengths: the gate's choices of ``alpha`` (module docstring, step 5), each in [0, 1]; with
             0 among them the refiner can decline, ``(1.0,)`` applies the network ungated.
-        base: what the network's residual is added to and the gate blends from (:func:`base_frames`):
-            ``"reprojection"``, or ``"render"``: the guided render where it covers (the reprojection
-            elsewhere), which scores 0.4-0.7 dB above the reprojection at held-out views on the H200,
-            so that the network has to learn only where the captures' pixels beat it.
-        where_unsure: each pixel moves ``alpha x (1 - c)`` of the way to the refined frame, c the
-            reprojection's confidence there, in the gate and in the frames; False moves every pixel
-            by ``alpha`` and takes the network's confidence (docs/benchmarks.md, Refiner: on the
-            temple at CPU size the loop's Gaussians 21.72 against 21.31 dB, mean of 3 seeds). Only
-            with the reprojection as ``base`` (c is the reprojection's confidence, not the render's).
         seed: crops, flips, jitter, the network's initial weights and the validation capture.
     """
 
@@ -131,8 +123,6 @@ class RefineConfig:
     offset_jitter: float = 0.05
     confidence_error: float = 0.05
     strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    base: str = "reprojection"
-    where_unsure: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -156,17 +146,6 @@ class RefineConfig:
                 raise ValueError(f"RefineConfig.{name} must be >= 0; got {getattr(self, name)}")
         if not self.strengths or not all(0.0 <= a <= 1.0 for a in self.strengths):
             raise ValueError(f"RefineConfig.strengths must be non-empty, each in [0, 1]; got {self.strengths}")
-        if self.base not in BASES:
-            raise ValueError(f"RefineConfig.base must be one of {BASES}; got {self.base!r}")
-        if self.base == "render" and self.where_unsure:
-            raise ValueError(
-                "RefineConfig.where_unsure needs base 'reprojection' (its confidence is the reprojection's)"
-            )
-
-    @property
-    def unsure_weighted(self) -> bool:
-        """Whether a pixel's move is weighted by ``1 - c``, c the reprojection's confidence."""
-        return self.where_unsure and self.base == "reprojection"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,20 +227,17 @@ def network_inputs(frames: Tensor, confidence: Tensor, render_rgb: Tensor, cover
     )
 
 
-def base_frames(frames: Tensor, render_rgb: Tensor, coverage: Tensor, base: str) -> Tensor:
-    """The colours the network's residual is added to (``RefineConfig.base``).
+def base_frames(frames: Tensor, render_rgb: Tensor, coverage: Tensor) -> Tensor:
+    """The colours the network's residual is added to: the render where it covers, the
+    reprojection elsewhere.
 
     Args:
         frames: the reprojection's colours. [B, H, W, 3]
         render_rgb: the (guided) render's colours. [B, H, W, 3]
         coverage: pixels the render covers. bool or float [B, H, W]
-        base: ``"reprojection"`` (``frames`` itself) or ``"render"`` (the render where it covers,
-            ``frames`` elsewhere).
     Returns:
         [B, H, W, 3]
     """
-    if base == "reprojection":
-        return frames
     return torch.where(coverage[..., None].bool(), render_rgb, frames)
 
 
@@ -508,7 +484,7 @@ def augmented_batch(pairs: TrainingPairs, cfg: RefineConfig, gen: torch.Generato
         t = torch.stack([x.flip(0) if fy else x for x, fy in zip(t, flips[:, 1].tolist())])  # vertical
         out.append(t)
     frames, conf, rgb, cover, truth = out
-    return network_inputs(frames, conf, rgb, cover), base_frames(frames, rgb, cover, cfg.base), truth
+    return network_inputs(frames, conf, rgb, cover), base_frames(frames, rgb, cover), truth
 
 
 def train_refiner(
@@ -562,7 +538,7 @@ def train_refiner(
 
 
 def predict(
-    net: nn.Module, frames: Tensor, confidence: Tensor, render_rgb: Tensor, coverage: Tensor, base: str
+    net: nn.Module, frames: Tensor, confidence: Tensor, render_rgb: Tensor, coverage: Tensor
 ) -> tuple[Tensor, Tensor]:
     """The network on whole frames, ``INFERENCE_CHUNK`` at a time, without gradients.
 
@@ -571,7 +547,6 @@ def predict(
         confidence: its confidence. [F, H, W]
         render_rgb: the (guided) render's colours. [F, H, W, 3]
         coverage: pixels the render covers. [F, H, W]
-        base: ``RefineConfig.base``.
     Returns:
         (refined colours [F, H, W, 3], predicted mean absolute error [F, H, W])
     """
@@ -580,32 +555,23 @@ def predict(
         for s in range(0, len(frames), INFERENCE_CHUNK):
             sl = slice(s, s + INFERENCE_CHUNK)
             inputs = network_inputs(frames[sl], confidence[sl], render_rgb[sl], coverage[sl])
-            out = apply_network(net, inputs, base_frames(frames[sl], render_rgb[sl], coverage[sl], base))
+            out = apply_network(net, inputs, base_frames(frames[sl], render_rgb[sl], coverage[sl]))
             refined.append(out[0])
             error.append(out[1])
     return torch.cat(refined), torch.cat(error)
 
 
-def blend(frames: Tensor, refined: Tensor, strength: float, confidence: Tensor | None = None) -> Tensor:
-    """``frames + strength * (refined - frames)``, ``frames`` the base (:func:`base_frames`): exactly
-    ``frames`` at 0 and ``refined`` at 1; with ``confidence`` [P, H, W] each pixel's strength is
-    ``strength * (1 - confidence)``."""
-    if confidence is None:
-        return torch.lerp(frames, refined, strength)
-    return frames + (strength * (1.0 - confidence))[..., None] * (refined - frames)
-
-
 def choose_strength(
-    frames: Tensor, refined: Tensor, truth: Tensor, strengths: Sequence[float], confidence: Tensor | None = None
+    frames: Tensor, refined: Tensor, truth: Tensor, strengths: Sequence[float]
 ) -> tuple[float, list[float]]:
-    """The strength whose blend (:func:`blend`) has the least mean L1 error against ``truth``.
+    """The strength whose blend ``frames + strength * (refined - frames)`` has the least mean L1
+    error against ``truth``.
 
     Args:
         frames: the base (:func:`base_frames`). [P, H, W, 3]
         refined: the network's frames. [P, H, W, 3]
         truth: the photos, valid at every pixel. [P, H, W, 3]
         strengths: the choices, in [0, 1].
-        confidence: the reprojection's, for :func:`blend` per pixel (``RefineConfig.where_unsure``). [P, H, W]
     Returns:
         (strength, mean L1 error per strength in the order given). Ties go to the smaller strength.
 
@@ -614,7 +580,7 @@ def choose_strength(
         >>> choose_strength(x, y, y, (0.0, 0.5, 1.0))
         (1.0, [1.0, 0.5, 0.0])
     """
-    l1 = [float((blend(frames, refined, a, confidence) - truth).abs().mean()) for a in strengths]
+    l1 = [float((torch.lerp(frames, refined, a) - truth).abs().mean()) for a in strengths]
     best = min(range(len(strengths)), key=lambda i: (l1[i], strengths[i]))
     return float(strengths[best]), l1
 
@@ -628,13 +594,14 @@ class Validation:
         held_out: whether those pairs were kept out of training (False: too few pairs, module
             docstring step 3).
         train_pairs: how many pairs the network trained on.
-        l1_input: mean absolute error of the reprojection against the photos.
+        l1_input: mean absolute error of the reprojection (the weight-free frames) against the photos.
         strengths: the strengths tried.
         l1: the mean absolute error at each of ``strengths``.
-        strength: the chosen strength (0: the refiner declines).
-        base: ``RefineConfig.base``, what strength 0 passes through.
-        change: mean absolute change the chosen strength makes to the validation frames (colour
-            units per channel and pixel): how far the network was seen to help.
+        strength: the chosen strength (0: the base passes through).
+        change: mean absolute change the frames ``refine`` returns make to the reprojection on the
+            validation pairs (colour units per channel and pixel): how far the gate was seen to move them.
+        declined: the reprojection scored below every blend: the refiner declines and the
+            reprojection passes through (``strength`` is then unused).
     """
 
     target_ids: list[int]
@@ -645,12 +612,12 @@ class Validation:
     l1: tuple[float, ...]
     strength: float
     change: float = 0.0
-    base: str = "reprojection"
+    declined: bool = False
 
     @property
     def l1_chosen(self) -> float:
         """The validation error of the frames ``refine`` returns."""
-        return self.l1[self.strengths.index(self.strength)]
+        return self.l1_input if self.declined else self.l1[self.strengths.index(self.strength)]
 
     @property
     def note(self) -> str:
@@ -660,30 +627,34 @@ class Validation:
             where += f", held out of training ({self.train_pairs} training pairs)"
         else:
             where += f", also trained on (only {self.train_pairs} pair(s) of one capture: an optimistic check)"
-        on = "" if self.base == "reprojection" else f" on the {self.base}"
-        if self.strength == 0.0:
+        if self.declined:
             top = self.strengths.index(max(self.strengths))
-            passes = "the reprojection" if self.base == "reprojection" else f"the {self.base} (L1 {self.l1_chosen:.4f})"
             return (
-                f"refiner declined: validation L1 {self.l1_input:.4f}, refined{on} {self.l1[top]:.4f} at strength "
-                f"{self.strengths[top]:g}; {passes} passes through (validated on {where})"
+                f"refiner declined: validation L1 {self.l1_input:.4f} reprojected, best blend "
+                f"{min(self.l1):.4f}, refined {self.l1[top]:.4f} at strength {self.strengths[top]:g}; the "
+                f"reprojection passes through (validated on {where})"
             )
+        base = " (the guide's render passes through)" if self.strength == 0.0 else ""
         return (
-            f"refiner{on}: validation L1 {self.l1_input:.4f} -> {self.l1_chosen:.4f}, strength {self.strength:g} "
-            f"(validated on {where})"
+            f"refiner: validation L1 {self.l1_input:.4f} reprojected -> {self.l1_chosen:.4f}, strength "
+            f"{self.strength:g}{base} (validated on {where})"
         )
 
 
-def validate(net: nn.Module, pairs: TrainingPairs, cfg: RefineConfig) -> tuple[float, float, list[float], float]:
-    """The gate on validation ``pairs`` with ``cfg``'s strengths, base and weighting: (chosen
-    strength, L1 of the reprojection, L1 per strength, mean absolute change of the reprojection
-    that the frames at the chosen strength make)."""
-    refined, _ = predict(net, pairs.frames, pairs.confidence, pairs.render_rgb, pairs.coverage, cfg.base)
-    base = base_frames(pairs.frames, pairs.render_rgb, pairs.coverage, cfg.base)
-    confidence = pairs.confidence if cfg.unsure_weighted else None
-    strength, l1 = choose_strength(base, refined, pairs.truth, cfg.strengths, confidence)
-    change = float((blend(base, refined, strength, confidence) - pairs.frames).abs().mean())
-    return strength, float((pairs.frames - pairs.truth).abs().mean()), l1, change
+def validate(net: nn.Module, pairs: TrainingPairs, cfg: RefineConfig) -> tuple[float, bool, float, list[float], float]:
+    """The gate on validation ``pairs`` with ``cfg.strengths``.
+
+    Returns:
+        (chosen strength, declined (the reprojection beats every blend), L1 of the reprojection,
+        L1 per strength, mean absolute change the returned frames make to the reprojection).
+    """
+    refined, _ = predict(net, pairs.frames, pairs.confidence, pairs.render_rgb, pairs.coverage)
+    base = base_frames(pairs.frames, pairs.render_rgb, pairs.coverage)
+    strength, l1 = choose_strength(base, refined, pairs.truth, cfg.strengths)
+    l1_input = float((pairs.frames - pairs.truth).abs().mean())
+    declined = l1_input < min(l1)
+    change = 0.0 if declined else float((torch.lerp(base, refined, strength) - pairs.frames).abs().mean())
+    return strength, declined, l1_input, l1, change
 
 
 # ----------------------------------------------------------------------------------------------
@@ -709,7 +680,8 @@ class RefineGenerator:
         self.reproject = ReprojectGenerator(reproject)
         self.net: UNet | None = None
         self.losses: list[float] = []
-        self.strength = 1.0  # the gate's choice, set by prepare (0: the reprojection passes through)
+        self.strength = 1.0  # the gate's choice, set by prepare (0: the base passes through)
+        self.declined = False  # set by prepare: the reprojection passes through
         self.validation: Validation | None = None
 
     @classmethod
@@ -746,7 +718,7 @@ class RefineGenerator:
             return lambda f, msg: progress(lo + (hi - lo) * f, msg)
 
         self.config = replace(self.config, seed=cfg.seed)
-        self.net, self.strength, self.validation, self.losses = None, 1.0, None, []
+        self.net, self.strength, self.declined, self.validation, self.losses = None, 1.0, False, None, []
         pairs = make_pairs(captures, memory, cfg, self.config, self.reproject, device=device, progress=part(0.0, 0.5))
         training, validation, held_out = split_validation(pairs, self.config.seed)
         torch.manual_seed(self.config.seed)
@@ -754,8 +726,8 @@ class RefineGenerator:
         with torch.no_grad():  # the error output starts at confidence_error (confidence e^-1)
             net.head.bias[3] = math.log(math.expm1(self.config.confidence_error))
         self.losses = train_refiner(net, training, self.config, progress=part(0.5, 1.0))
-        strength, l1_input, l1, change = validate(net, validation, self.config)
-        self.net, self.strength = net, strength
+        strength, declined, l1_input, l1, change = validate(net, validation, self.config)
+        self.net, self.strength, self.declined = net, strength, declined
         self.validation = Validation(
             target_ids=sorted(set(validation.target_ids)),
             held_out=held_out,
@@ -765,7 +737,7 @@ class RefineGenerator:
             l1=tuple(l1),
             strength=strength,
             change=change,
-            base=self.config.base,
+            declined=declined,
         )
         note = self.validation.note
         log.info(note)
@@ -782,22 +754,16 @@ class RefineGenerator:
             renders: the render it was made from (rgb [F, H, W, 3], mask [F, H, W]).
         Returns:
             Frames: images float32 [F, H, W, 3] in [0, 1], ``base + strength * (refined - base)``
-            (:func:`base_frames`), with the network's confidence float32 [F, H, W]; with the
-            reprojection as base, at strength 0 the reprojection's own tensors (module docstring).
+            (:func:`base_frames`), with the network's confidence float32 [F, H, W] (module docstring).
         """
         if self.net is None:
             raise RuntimeError("refine: the network is not trained; call prepare(captures, memory, cfg) first")
-        cfg = self.config
-        if self.strength == 0.0 and cfg.base == "reprojection":
+        if self.declined:
             return Frames(images=frames.images, confidence=frames.confidence)
-        refined, error = predict(self.net, frames.images, frames.confidence, renders.rgb, renders.mask, cfg.base)
-        base = base_frames(frames.images, renders.rgb, renders.mask, cfg.base)
-        confidence = torch.exp(-error / cfg.confidence_error)
-        if cfg.unsure_weighted:  # a pixel the reprojection was sure of keeps its colour and confidence
-            images = blend(base, refined, self.strength, frames.confidence)
-            confidence = torch.lerp(confidence, torch.ones_like(confidence), frames.confidence)
-        else:
-            images = blend(base, refined, self.strength)
+        refined, error = predict(self.net, frames.images, frames.confidence, renders.rgb, renders.mask)
+        base = base_frames(frames.images, renders.rgb, renders.mask)
+        images = torch.lerp(base, refined, self.strength)
+        confidence = torch.exp(-error / self.config.confidence_error)
         return Frames(images=images.contiguous(), confidence=confidence.contiguous())
 
     def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:
@@ -810,5 +776,11 @@ class RefineGenerator:
             raise RuntimeError("refine: nothing to save; the network is not trained")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         torch.save(
-            {"config": self.config.__dict__, "strength": self.strength, "state_dict": self.net.state_dict()}, path
+            {
+                "config": self.config.__dict__,
+                "strength": self.strength,
+                "declined": self.declined,
+                "state_dict": self.net.state_dict(),
+            },
+            path,
         )

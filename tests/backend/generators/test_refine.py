@@ -209,13 +209,13 @@ def test_validation_capture_is_never_trained_on() -> None:
 
 def test_gate_declines_a_useless_network_and_takes_a_perfect_one(single_thread) -> None:
     pairs = synthetic_pairs([0, 1])
-    cfg = RefineConfig(where_unsure=False)
+    cfg = RefineConfig()
     strengths = cfg.strengths
-    strength, l1_input, l1, change = validate(noise_refiner(), pairs, cfg)
+    strength, declined, l1_input, l1, change = validate(noise_refiner(), pairs, cfg)
     assert strength == 0.0 and l1[0] == pytest.approx(l1_input) and min(l1[1:]) > 2 * l1_input, l1
-    assert change == 0.0  # declined: the frames pass through
-    strength, l1_input, l1, change = validate(Oracle(pairs.truth), pairs, cfg)
-    assert strength == 1.0 and l1[-1] < 1e-6 < l1_input
+    assert change == 0.0 and not declined  # the base (here the reprojection itself) passes through
+    strength, declined, l1_input, l1, change = validate(Oracle(pairs.truth), pairs, cfg)
+    assert strength == 1.0 and l1[-1] < 1e-6 < l1_input and not declined
     assert change == pytest.approx(l1_input)  # all the way to the photos
     # a refiner that overshoots by as much again: half way is right
     zero, half, one = torch.zeros(1, 4, 4, 3), torch.full((1, 4, 4, 3), 0.5), torch.ones(1, 4, 4, 3)
@@ -224,50 +224,6 @@ def test_gate_declines_a_useless_network_and_takes_a_perfect_one(single_thread) 
     assert choose_strength(half, half, one, strengths)[0] == 0.0
     with pytest.raises(ValueError, match=r"RefineConfig.strengths must be non-empty, each in \[0, 1\]; got \(1.5,\)"):
         RefineConfig(strengths=(1.5,))
-
-
-def test_strength_zero_passes_the_reprojection_through(single_thread) -> None:
-    pairs = synthetic_pairs([0, 1])
-    frames = Frames(pairs.frames, pairs.confidence)
-    renders = Renders(
-        pairs.render_rgb,
-        torch.ones_like(pairs.confidence),
-        pairs.coverage,
-        torch.zeros_like(pairs.confidence, dtype=torch.int32),
-    )
-    gen = RefineGenerator(replace(TINY, where_unsure=False))  # every pixel by the strength
-    gen.net = noise_refiner()
-    gen.strength = 0.0
-    out = gen.refine(frames, renders)
-    assert torch.equal(out.images, frames.images) and torch.equal(out.confidence, frames.confidence)
-    gen.strength = 1.0
-    full = gen.refine(frames, renders)
-    assert (full.images - frames.images).abs().mean() > 0.1 and not torch.equal(full.confidence, frames.confidence)
-    gen.strength = 0.25
-    quarter = gen.refine(frames, renders)
-    torch.testing.assert_close(quarter.images, frames.images + 0.25 * (full.images - frames.images))
-    torch.testing.assert_close(quarter.confidence, full.confidence)  # the network's, kept (module docstring)
-
-
-def test_where_unsure_moves_only_the_pixels_the_reprojection_doubts(single_thread) -> None:
-    pairs = synthetic_pairs([0, 1])
-    confidence = torch.zeros_like(pairs.confidence)
-    confidence[..., : confidence.shape[-1] // 2] = 1.0  # sure of the left half, not of the right
-    frames = Frames(pairs.frames, confidence)
-    renders = Renders(pairs.render_rgb, torch.ones_like(confidence), pairs.coverage, torch.zeros_like(confidence).int())
-    gen = RefineGenerator(replace(TINY, where_unsure=True))
-    gen.net, gen.strength = noise_refiner(), 1.0
-    out = gen.refine(frames, renders)
-    left, right = slice(None, confidence.shape[-1] // 2), slice(confidence.shape[-1] // 2, None)
-    assert torch.equal(out.images[:, :, left], frames.images[:, :, left])
-    assert torch.equal(out.confidence[:, :, left], torch.ones_like(out.confidence[:, :, left]))
-    full = RefineGenerator(replace(TINY, where_unsure=False))
-    full.net, full.strength = gen.net, 1.0
-    torch.testing.assert_close(out.images[:, :, right], full.refine(frames, renders).images[:, :, right])
-    # the gate weighs the same way: an oracle is only half used when half the pixels are sure
-    zero, one = torch.zeros(1, 2, 2, 3), torch.ones(1, 2, 2, 3)
-    sure = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
-    assert choose_strength(zero, one, one, (0.0, 1.0), sure) == (1.0, [1.0, 0.5])
 
 
 def zero_refiner() -> UNet:
@@ -279,15 +235,23 @@ def zero_refiner() -> UNet:
     return net
 
 
-def test_render_base_starts_from_the_render_where_it_covers(single_thread) -> None:
+def test_refined_frames_start_from_the_render_where_it_covers(single_thread) -> None:
     pairs = synthetic_pairs([0, 1])
     pairs.render_rgb = pairs.truth.clone()  # a render better than the reprojection ...
     pairs.coverage[..., pairs.coverage.shape[-1] // 2 :] = False  # ... over the left half only
-    cfg = replace(TINY, base="render", where_unsure=False)
-    strength, l1_input, l1, change = validate(zero_refiner(), pairs, cfg)
-    left = (pairs.frames - pairs.truth)[:, :, : pairs.truth.shape[2] // 2].abs().sum()
-    assert l1 == pytest.approx([l1_input - float(left) / pairs.truth.numel()] * len(cfg.strengths))
-    assert strength == 0.0 and change > 0.0  # a network that changes nothing: the base passes through
+    cover = pairs.coverage[..., None]
+    cfg = TINY
+    # the gate scores blends of the base (render | reprojection), not of the reprojection
+    strength, declined, l1_input, l1, change = validate(zero_refiner(), pairs, cfg)
+    base_l1 = float((torch.where(cover, pairs.truth, pairs.frames) - pairs.truth).abs().mean())
+    assert 0.0 < base_l1 < l1_input
+    assert l1 == pytest.approx([base_l1] * len(cfg.strengths))
+    assert strength == 0.0 and not declined  # a network that changes nothing: the base passes through
+    assert change == pytest.approx(l1_input - base_l1)
+    # a render worse than the reprojection: the gate declines and the reprojection passes through
+    worse = replace(pairs, render_rgb=(1.0 - pairs.truth))
+    strength, declined, l1_input, l1, change = validate(zero_refiner(), worse, cfg)
+    assert declined and l1_input < min(l1) and change == 0.0
     frames = Frames(pairs.frames, pairs.confidence)
     renders = Renders(
         pairs.render_rgb, torch.ones_like(pairs.confidence), pairs.coverage, torch.zeros_like(pairs.confidence).int()
@@ -295,15 +259,19 @@ def test_render_base_starts_from_the_render_where_it_covers(single_thread) -> No
     gen = RefineGenerator(cfg)
     gen.net, gen.strength = zero_refiner(), 0.0
     out = gen.refine(frames, renders)
-    cover = pairs.coverage[..., None]
     assert torch.equal(out.images, torch.where(cover, pairs.truth, pairs.frames))
-    torch.testing.assert_close(
-        out.confidence, torch.full_like(out.confidence, math.exp(-math.log(2) / cfg.confidence_error))
-    )
-    with pytest.raises(ValueError, match="RefineConfig.where_unsure needs base 'reprojection'"):
-        RefineConfig(base="render")
-    with pytest.raises(ValueError, match=r"RefineConfig.base must be one of \('reprojection', 'render'\); got 'guide'"):
-        RefineConfig(base="guide")
+    expected = math.exp(-math.log(2) / cfg.confidence_error)  # softplus(0) = log 2 predicted
+    torch.testing.assert_close(out.confidence, torch.full_like(out.confidence, expected))
+    # a noisy network: strength 1 is its frame, 0.25 a quarter of the way there, the confidence the network's
+    gen.net = noise_refiner()
+    base = torch.where(cover, pairs.render_rgb, pairs.frames)
+    gen.strength = 1.0
+    full = gen.refine(frames, renders)
+    assert (full.images - base).abs().mean() > 0.1
+    gen.strength = 0.25
+    quarter = gen.refine(frames, renders)
+    torch.testing.assert_close(quarter.images, base + 0.25 * (full.images - base))
+    torch.testing.assert_close(quarter.confidence, full.confidence)
 
 
 @pytest.mark.slow
@@ -323,7 +291,7 @@ def test_refine_runs_in_the_loop(temple3: Scene, single_thread, tmp_path: Path) 
     v = gen.validation
     assert v.target_ids == [temple3.settings.seed % 3] and v.held_out and v.train_pairs == 2
     assert v.strength == gen.strength and v.strength in TINY.strengths and len(v.l1) == len(TINY.strengths)
-    assert v.l1_chosen <= v.l1_input
+    assert v.declined == gen.declined and v.l1_chosen == min(v.l1_input, *v.l1)  # never above the reprojection
     assert v.note in result.metrics["notes"] and v.note.startswith(("refiner: validation L1", "refiner declined"))
     assert any(e.stage == "prepare" and e.message == v.note for e in events)
     gen.save(tmp_path / "refiner.pt")
@@ -386,7 +354,10 @@ def test_bench_refine_variant_runs_at_a_tiny_size(single_thread, tmp_path: Path)
     (run,) = json.loads((tmp_path / "q.json").read_text())["scenes"]["temple"]["runs"]["refine small"]
     gate = run["refine_validation"]
     assert run["refine_strength"] in (0.0, 0.25, 0.5, 0.75, 1.0) and gate["held_out"] and gate["train_pairs"] == 2
-    assert set(gate["l1"]) == {"0", "0.25", "0.5", "0.75", "1"} and gate["l1"]["0"] == pytest.approx(gate["l1_input"])
+    assert set(gate["l1"]) == {"0", "0.25", "0.5", "0.75", "1"}
+    assert gate["declined"] == run["refine_declined"] == (gate["l1_input"] < min(gate["l1"].values()))
+    if run["refine_declined"]:  # the reprojection passed through: the frames scored what it scored
+        assert run["frames"]["psnr"] == pytest.approx(run["refine_input_frames"]["psnr"])
     assert (tmp_path / "temple_refine_small_seed0_refine.png").is_file()
 
 

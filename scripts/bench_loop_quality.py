@@ -143,6 +143,7 @@ REFINE_VARIANTS: dict[str, dict] = {
     "refine confidence 0.1": {"confidence_error": 0.1},
     "refine with reproject confidence": {"keep_input_confidence": True},  # the script's switch, not RefineConfig's
     "refine ungated": {"strengths": (1.0,)},  # the network at full strength whatever the validation says
+    "refine without trust region": {"max_change_ratio": 0.0},  # the gate's strength in every segment
 }
 REFINE_PICTURE = "{run}_refine.png"  # rows: reprojection | guide render | refined | truth
 
@@ -180,6 +181,7 @@ def refine_report(gen: RecordingRefiner, scene, report: dict, picture: Path | No
     report["refine_train_steps"] = len(gen.losses) * LOSS_SYNC_EVERY
     report["refine_strength"] = gen.strength
     report["refine_declined"] = gen.declined
+    report["refine_segment_strengths"] = gen.segment_strengths  # the trust region's, per segment
     # how far the network moved the trajectory's frames, beside how far it moved the validation frames
     report["refine_change"] = float((refined - frames).abs().mean())
     if gen.validation is not None:  # the gate: mean L1 at the validation capture per strength tried

@@ -34,7 +34,9 @@ Before the segments, the loop calls :meth:`RefineGenerator.prepare` once:
 
 Then ``generate`` runs ``reproject`` on the segment and, unless the refiner declined, the network
 on its output and the guided render, and returns the base moved ``alpha`` of the way to the
-refined frame. Its confidence is ``exp(-predicted error / confidence_error)``, the network's
+refined frame; per segment the strength drops where the frames would move further than the
+validation frames did (the trust region, :meth:`RefineGenerator.trusted_strength`). Its confidence
+is ``exp(-predicted error / confidence_error)``, the network's
 prediction for the fully refined frame, also when ``alpha < 1`` (a choice: the blend's error is not
 predicted; it is at most ``(1 - alpha)`` times the base's plus ``alpha`` times the refined frame's).
 
@@ -104,7 +106,11 @@ class RefineConfig:
             [1 - g, 1 + g], gamma exp(U(-g, g)), offset in [-o, o].
         confidence_error: a predicted mean absolute error of this much gives confidence e^-1.
         strengths: the gate's choices of ``alpha`` (module docstring, step 5), each in [0, 1]; with
-            0 among them the refiner can decline, ``(1.0,)`` applies the network ungated.
+            0 among them the gate can keep the base, ``(1.0,)`` applies the network ungated.
+        max_change_ratio: the trust region (:meth:`RefineGenerator.refine`): a segment's frames may
+            move from the reprojection at most this many times as far (mean absolute change) as the
+            validation frames did at the gate's strength; beyond it the strength drops to the
+            largest that stays within, or the reprojection passes through. 0 switches it off.
         seed: crops, flips, jitter, the network's initial weights and the validation capture.
     """
 
@@ -123,6 +129,7 @@ class RefineConfig:
     offset_jitter: float = 0.05
     confidence_error: float = 0.05
     strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    max_change_ratio: float = 1.5
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -141,7 +148,14 @@ class RefineConfig:
         for name in ("lr", "confidence_error"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RefineConfig.{name} must be > 0; got {getattr(self, name)}")
-        for name in ("lr_final_factor", "weight_decay", "gain_jitter", "gamma_jitter", "offset_jitter"):
+        for name in (
+            "lr_final_factor",
+            "weight_decay",
+            "gain_jitter",
+            "gamma_jitter",
+            "offset_jitter",
+            "max_change_ratio",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"RefineConfig.{name} must be >= 0; got {getattr(self, name)}")
         if not self.strengths or not all(0.0 <= a <= 1.0 for a in self.strengths):
@@ -682,6 +696,7 @@ class RefineGenerator:
         self.losses: list[float] = []
         self.strength = 1.0  # the gate's choice, set by prepare (0: the base passes through)
         self.declined = False  # set by prepare: the reprojection passes through
+        self.segment_strengths: list[float | None] = []  # per refine call: the trusted strength (None: reprojection)
         self.validation: Validation | None = None
 
     @classmethod
@@ -719,6 +734,7 @@ class RefineGenerator:
 
         self.config = replace(self.config, seed=cfg.seed)
         self.net, self.strength, self.declined, self.validation, self.losses = None, 1.0, False, None, []
+        self.segment_strengths = []
         pairs = make_pairs(captures, memory, cfg, self.config, self.reproject, device=device, progress=part(0.0, 0.5))
         training, validation, held_out = split_validation(pairs, self.config.seed)
         torch.manual_seed(self.config.seed)
@@ -759,12 +775,54 @@ class RefineGenerator:
         if self.net is None:
             raise RuntimeError("refine: the network is not trained; call prepare(captures, memory, cfg) first")
         if self.declined:
+            self.segment_strengths.append(None)
             return Frames(images=frames.images, confidence=frames.confidence)
         refined, error = predict(self.net, frames.images, frames.confidence, renders.rgb, renders.mask)
         base = base_frames(frames.images, renders.rgb, renders.mask)
-        images = torch.lerp(base, refined, self.strength)
+        strength = self.trusted_strength(frames.images, base, refined)
+        self.segment_strengths.append(strength)
+        if strength is None:
+            return Frames(images=frames.images, confidence=frames.confidence)
+        images = torch.lerp(base, refined, strength)
         confidence = torch.exp(-error / self.config.confidence_error)
         return Frames(images=images.contiguous(), confidence=confidence.contiguous())
+
+    def trusted_strength(self, frames: Tensor, base: Tensor, refined: Tensor) -> float | None:
+        """The gate's strength, or less where the segment's frames would move further from the
+        reprojection than the validation frames did (``RefineConfig.max_change_ratio``).
+
+        The validation pair is made from fewer captures and a shorter guide than the trajectory's
+        frames, so it vouches only for corrections of the size it saw: on the H200 (run 24) the
+        temple's trajectory frames moved 2.0-2.4 times as far as their validation frames and lost
+        3.7-4.4 dB, where the fern's and the door's moved 0.7-1.0 times as far and gained. Without a
+        validation (a network set by hand) or with the ratio 0, the gate's strength stands.
+
+        Args:
+            frames: the reprojection. [F, H, W, 3]
+            base: :func:`base_frames`. [F, H, W, 3]
+            refined: the network's frames. [F, H, W, 3]
+        Returns:
+            the largest of ``strengths`` up to the gate's whose blend stays within the trust region,
+            or None: even the base leaves it, and the reprojection passes through.
+        """
+        cfg, v = self.config, self.validation
+        if v is None or cfg.max_change_ratio == 0.0:
+            return self.strength
+        limit = cfg.max_change_ratio * v.change
+        for a in sorted((a for a in cfg.strengths if a <= self.strength), reverse=True):
+            change = float((torch.lerp(base, refined, a) - frames).abs().mean())
+            if change <= limit:
+                if a < self.strength:
+                    log.info(
+                        "refiner: strength %g -> %g in a segment (change %.4f, validated %.4f)",
+                        self.strength,
+                        a,
+                        change,
+                        v.change,
+                    )
+                return float(a)
+        log.info("refiner: the reprojection passes through a segment (the base changes it beyond %.4f)", limit)
+        return None
 
     def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:
         """Reproject, then refine (``num_steps`` and ``seed`` are unused: deterministic)."""

@@ -19,6 +19,7 @@ from backend.generators.refine import (
     RefineGenerator,
     TrainingPairs,
     UNet,
+    Validation,
     choose_strength,
     degraded_inputs,
     leave_out_subsets,
@@ -274,6 +275,32 @@ def test_refined_frames_start_from_the_render_where_it_covers(single_thread) -> 
     torch.testing.assert_close(quarter.confidence, full.confidence)
 
 
+def test_trust_region_lowers_the_strength_where_frames_move_further_than_validated() -> None:
+    frames = torch.zeros(2, 4, 4, 3)
+    refined = torch.full_like(frames, 0.4)  # strength a moves the frames 0.4 a
+    gen = RefineGenerator(TINY)
+    gen.strength = 1.0
+    assert gen.trusted_strength(frames, frames, refined) == 1.0  # no validation: the gate's strength stands
+    gen.validation = Validation([0], True, 2, 0.2, TINY.strengths, (0.2,) * 5, strength=1.0, change=0.1)
+    # limit 1.5 x 0.1: 0.25 moves 0.1, 0.5 would move 0.2
+    assert gen.trusted_strength(frames, frames, refined) == 0.25
+    gen.strength = 0.25
+    assert gen.trusted_strength(frames, frames, refined) == 0.25
+    # a base that alone moves the frames beyond the limit: the reprojection passes through
+    assert gen.trusted_strength(frames, frames + 0.2, refined) is None
+    off = RefineGenerator(replace(TINY, max_change_ratio=0.0))
+    off.strength, off.validation = 1.0, gen.validation
+    assert off.trusted_strength(frames, frames, refined) == 1.0
+    # refine() records each segment's strength and passes the reprojection through at None
+    gen.net, gen.strength = zero_refiner(), 1.0
+    conf = torch.full(frames.shape[:3], 0.3)
+    renders = Renders(frames + 0.2, torch.ones_like(conf), torch.ones_like(conf, dtype=torch.bool), conf.int())
+    out = gen.refine(Frames(frames, conf), renders)
+    assert gen.segment_strengths == [None] and torch.equal(out.images, frames) and torch.equal(out.confidence, conf)
+    with pytest.raises(ValueError, match="RefineConfig.max_change_ratio must be >= 0; got -1"):
+        RefineConfig(max_change_ratio=-1)
+
+
 @pytest.mark.slow
 def test_refine_runs_in_the_loop(temple3: Scene, single_thread, tmp_path: Path) -> None:
     events = []
@@ -292,6 +319,7 @@ def test_refine_runs_in_the_loop(temple3: Scene, single_thread, tmp_path: Path) 
     assert v.target_ids == [temple3.settings.seed % 3] and v.held_out and v.train_pairs == 2
     assert v.strength == gen.strength and v.strength in TINY.strengths and len(v.l1) == len(TINY.strengths)
     assert v.declined == gen.declined and v.l1_chosen == min(v.l1_input, *v.l1)  # never above the reprojection
+    assert len(gen.segment_strengths) >= 1 and (not gen.declined or set(gen.segment_strengths) == {None})
     assert v.note in result.metrics["notes"] and v.note.startswith(("refiner: validation L1", "refiner declined"))
     assert any(e.stage == "prepare" and e.message == v.note for e in events)
     gen.save(tmp_path / "refiner.pt")

@@ -1,5 +1,6 @@
-"""The refine generator: the weight-free reprojection, corrected by a small U-Net that the job trains
-on the scene's own captures (DESIGN.md section 1 step 5). Nothing is downloaded or kept between jobs.
+"""The refine generator: the guide's render corrected with the weight-free reprojection by a small
+U-Net that the job trains on the scene's own captures (DESIGN.md section 1 step 5). Nothing is
+downloaded or kept between jobs.
 
 Before the segments, the loop calls :meth:`RefineGenerator.prepare` once:
 
@@ -107,7 +108,7 @@ class RefineConfig:
         confidence_error: a predicted mean absolute error of this much gives confidence e^-1.
         strengths: the gate's choices of ``alpha`` (module docstring, step 5), each in [0, 1]; with
             0 among them the gate can keep the base, ``(1.0,)`` applies the network ungated.
-        max_change_ratio: the trust region (:meth:`RefineGenerator.refine`): a segment's frames may
+        max_change_ratio: the trust region (:meth:`RefineGenerator.trusted_strength`): a segment's frames may
             move from the reprojection at most this many times as far (mean absolute change) as the
             validation frames did at the gate's strength; beyond it the strength drops to the
             largest that stays within, or the reprojection passes through. 0 switches it off.
@@ -677,7 +678,8 @@ def validate(net: nn.Module, pairs: TrainingPairs, cfg: RefineConfig) -> tuple[f
 
 @GENERATORS.register("refine")
 class RefineGenerator:
-    """``reproject``'s frames refined by a U-Net trained on the scene's captures (module docstring).
+    """The guide's render and ``reproject``'s frames, refined by a U-Net trained on the scene's
+    captures (module docstring).
 
     :meth:`prepare` must run before :meth:`generate` (``run_loop`` calls it once, before the
     segments).

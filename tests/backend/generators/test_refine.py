@@ -208,7 +208,7 @@ def test_validation_capture_is_never_trained_on() -> None:
     assert not held_out and training.target_ids == validation.target_ids == [1]
 
 
-def test_gate_declines_a_useless_network_and_takes_a_perfect_one(single_thread) -> None:
+def test_gate_keeps_the_base_for_a_useless_network_and_takes_a_perfect_one(single_thread) -> None:
     pairs = synthetic_pairs([0, 1])
     cfg = RefineConfig()
     strengths = cfg.strengths

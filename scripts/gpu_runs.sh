@@ -92,6 +92,7 @@ PY
     gsplat_ready
     # the machine's cores shared between the processes (torch's CPU threads would oversubscribe them)
     # JOBS_MATCH (a grep pattern) runs only the spec lines it matches: a spec too long for one call, split
+    # JOBS_PICTURES=1 keeps each run's pictures (--pictures), in the archive under pictures/
     spec=$(grep -v '^\s*\(#\|$\)' "$1" | grep -e "${JOBS_MATCH:-.}")
     jobs=$(wc -l <<< "$spec")
     export OMP_NUM_THREADS=$(( $(nproc) / jobs > 0 ? $(nproc) / jobs : 1 ))
@@ -102,12 +103,20 @@ PY
       # shellcheck disable=SC2086
       timeout "${QUALITY_TIMEOUT_S:-540}" python3 scripts/bench_loop_quality.py --data .device_data --scenes "$scene" \
         --variants "$variants" --seeds "$seed" --iterations "${2:-3000}" --out "$OUT/job${n}_${scene}_seed$seed.json" \
-        $extra > "$OUT/job${n}_${scene}_seed$seed.log" 2>&1 &
+        ${JOBS_PICTURES:+--pictures "$OUT/pictures"} $extra > "$OUT/job${n}_${scene}_seed$seed.log" 2>&1 &
     done <<< "$spec"
     wait
     python3 scripts/bench_loop_quality.py --merge "$OUT"/job*_seed*.json --out "$OUT/jobs_merged.json"
-    # the device tool brings back a few files per call: the processes' files travel as one archive
-    tar czf "$OUT/jobs.tar.gz" -C "$OUT" $(cd "$OUT" && ls job*_seed*.*) && rm -f "$OUT"/job*_seed*.*
+    # the device tool brings back a few files per call: the processes' files travel as one archive, the
+    # pictures as JPEG (a PNG per run would pass its size limit)
+    [ -d "$OUT/pictures" ] && python3 -c '
+import pathlib, sys
+from PIL import Image
+for p in pathlib.Path(sys.argv[1]).glob("*.png"):
+    Image.open(p).convert("RGB").save(p.with_suffix(".jpg"), quality=88)
+    p.unlink()' "$OUT/pictures"
+    tar czf "$OUT/jobs.tar.gz" -C "$OUT" $(cd "$OUT" && ls -d job*_seed*.* pictures 2>/dev/null) \
+      && rm -rf "$OUT"/job*_seed*.* "$OUT/pictures"
     ;;
   generator)
     python3 scripts/bench_generator.py --out "$OUT/generator.json" --compile-blocks --modes "$1" 2>&1 \

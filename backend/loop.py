@@ -334,6 +334,8 @@ def run_loop(
             names,
             share=PROGRESS_SHARES["generate"] / len(segments),
         )
+    if note := getattr(gen, "segments_note", None):  # what a learning generator did per segment (``refine``)
+        step0.notes.append(note)
     with meter.measure("outputs"):
         outputs.write_points(out_dir / outputs.POINTS_FINAL_FILE, _points(memory))
     track.finish("update", f"final memory: {len(memory)} points", [outputs.POINTS_FINAL_FILE])

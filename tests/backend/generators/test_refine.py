@@ -297,6 +297,12 @@ def test_trust_region_lowers_the_strength_where_frames_move_further_than_validat
     renders = Renders(frames + 0.2, torch.ones_like(conf), torch.ones_like(conf, dtype=torch.bool), conf.int())
     out = gen.refine(Frames(frames, conf), renders)
     assert gen.segment_strengths == [None] and torch.equal(out.images, frames) and torch.equal(out.confidence, conf)
+    # the job's note names the lowered segments, and is silent where every segment kept the gate's strength
+    gen.segment_strengths = [1.0, 0.25, None]
+    assert gen.segments_note.startswith("refiner: the trust region lowered strength 1 in 2 of 3 segments")
+    assert "(0.25, the reprojection passed through)" in gen.segments_note
+    gen.segment_strengths = [1.0, 1.0]
+    assert gen.segments_note is None
     with pytest.raises(ValueError, match="RefineConfig.max_change_ratio must be >= 0; got -1"):
         RefineConfig(max_change_ratio=-1)
 
@@ -320,6 +326,7 @@ def test_refine_runs_in_the_loop(temple3: Scene, single_thread, tmp_path: Path) 
     assert v.strength == gen.strength and v.strength in TINY.strengths and len(v.l1) == len(TINY.strengths)
     assert v.declined == gen.declined and v.l1_chosen == min(v.l1_input, *v.l1)  # never above the reprojection
     assert len(gen.segment_strengths) >= 1 and (not gen.declined or set(gen.segment_strengths) == {None})
+    assert (gen.segments_note in result.metrics["notes"]) == (gen.segments_note is not None)
     assert v.note in result.metrics["notes"] and v.note.startswith(("refiner: validation L1", "refiner declined"))
     assert any(e.stage == "prepare" and e.message == v.note for e in events)
     gen.save(tmp_path / "refiner.pt")

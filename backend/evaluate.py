@@ -330,6 +330,8 @@ def evaluate_scene(
         hs = sorted(on_heldout)
         add_scores("frames", result.frames.images[[on_heldout[h] for h in hs]], hs)
         report["frames_views"] = len(hs)
+        # the weight the fit gave those frames (mean confidence), beside what they scored
+        report["frames_confidence"] = float(result.frames.confidence[[on_heldout[h] for h in hs]].mean())
         if len(hs) == len(held):  # the generated frames at the held-out cameras, last column
             columns.append(result.frames.images[[on_heldout[h] for h in range(len(held))]])
     rows = outputs.overview_rows(columns, outputs.spread(len(held), PICTURE_ROWS))

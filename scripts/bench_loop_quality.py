@@ -144,7 +144,9 @@ REFINE_VARIANTS: dict[str, dict] = {
     "refine with reproject confidence": {"keep_input_confidence": True},  # the script's switch, not RefineConfig's
     "refine ungated": {"strengths": (1.0,)},  # the network at full strength whatever the validation says
     "refine without trust region": {"max_change_ratio": 0.0},  # the gate's strength in every segment
+    "refine blend confidence": {"blend_confidence": True},  # the confidence of the blend returned
 }
+PLAIN_COLUMNS = ("frames_confidence", "refine_strength")  # means over seeds in the table, not gains
 REFINE_PICTURE = "{run}_refine.png"  # rows: reprojection | guide render | refined | truth
 
 
@@ -241,6 +243,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
                 )
         if "refine_strength" in reports[0]:  # the refiner's gate, mean over seeds
             row["refine_strength"] = statistics.fmean(r["refine_strength"] for r in reports)
+        if all("frames_confidence" in r for r in reports):  # the fit's weight on the frames scored
+            row["frames_confidence"] = statistics.fmean(r["frames_confidence"] for r in reports)
         out[v] = row
     return out
 
@@ -300,15 +304,13 @@ def markdown(results: dict) -> str:
         cols = [k for k in SCORE_KEYS if any(k in row for row in summary.values())]
         cols += [f"{k}_masked" for k in cols if masked]
         gains = ["loop_minus_captures"] + (["loop_minus_captures_masked"] if masked else [])
-        gains += ["refine_strength"] if any("refine_strength" in row for row in summary.values()) else []
+        gains += [g for g in PLAIN_COLUMNS if any(g in row for row in summary.values())]
         lines += ["", f"### {name} ({scene['size'][0]}x{scene['size'][1]}, seeds {scene['seeds']})", ""]
         lines.append("| variant | " + " | ".join(cols + gains) + " |")
         lines.append("| --- " * (1 + len(cols) + len(gains)) + "|")
         for v, row in summary.items():
             cells = [f"{row[k]:.2f} +- {row[k + '_std']:.2f}" if k in row else "" for k in cols]
-            cells += [
-                (f"{row[g]:.2f}" if g == "refine_strength" else f"{row[g]:+.2f}") if g in row else "" for g in gains
-            ]
+            cells += [(f"{row[g]:.2f}" if g in PLAIN_COLUMNS else f"{row[g]:+.2f}") if g in row else "" for g in gains]
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

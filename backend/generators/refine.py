@@ -39,7 +39,8 @@ refined frame; per segment the strength drops where the frames would move furthe
 validation frames did (the trust region, :meth:`RefineGenerator.trusted_strength`). Its confidence
 is ``exp(-predicted error / confidence_error)``, the network's
 prediction for the fully refined frame, also when ``alpha < 1`` (a choice: the blend's error is not
-predicted; it is at most ``(1 - alpha)`` times the base's plus ``alpha`` times the refined frame's).
+predicted). ``RefineConfig.blend_confidence`` bounds it instead: the blend is ``(1 - alpha)
+|refined - base|`` from the refined frame, so its error is at most that plus the refined frame's.
 
 Channels of the network's input (:func:`network_inputs`), [B, 8, H, W]: reprojection rgb - 0.5,
 render rgb - 0.5, reprojection confidence, render coverage.
@@ -108,6 +109,12 @@ class RefineConfig:
         confidence_error: a predicted mean absolute error of this much gives confidence e^-1.
         strengths: the gate's choices of ``alpha`` (module docstring, step 5), each in [0, 1]; with
             0 among them the gate can keep the base, ``(1.0,)`` applies the network ungated.
+        blend_confidence: where the strength is below 1, the confidence describes the blend the
+            frames are: the predicted error of the refined frame plus ``1 - strength`` times how far
+            the blend stops short of it (per pixel, the triangle inequality's bound on the blend's
+            error). Off: the refined frame's predicted error alone, also at strength 0 (the render
+            passes through with a confidence made for frames it is not). Off by default until the
+            H200 measures it (``scripts/jobs/refine_blend_confidence.txt``).
         max_change_ratio: the trust region (:meth:`RefineGenerator.trusted_strength`): a segment's frames may
             move from the reprojection at most this many times as far (mean absolute change) as the
             validation frames did at the gate's strength; beyond it the strength drops to the
@@ -131,6 +138,7 @@ class RefineConfig:
     confidence_error: float = 0.05
     strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     max_change_ratio: float = 1.5
+    blend_confidence: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -786,6 +794,8 @@ class RefineGenerator:
         if strength is None:
             return Frames(images=frames.images, confidence=frames.confidence)
         images = torch.lerp(base, refined, strength)
+        if self.config.blend_confidence and strength < 1.0:
+            error = error + (1.0 - strength) * (refined - base).abs().mean(-1)
         confidence = torch.exp(-error / self.config.confidence_error)
         return Frames(images=images.contiguous(), confidence=confidence.contiguous())
 

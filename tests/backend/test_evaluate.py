@@ -84,6 +84,7 @@ def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pyt
         assert 5.0 < report[key]["psnr"] < 60.0, (key, report[key])
         assert -1.0 <= report[key]["ssim"] <= 1.0
     assert report["frames_views"] == len(scene.heldout) == 2
+    assert 0.0 < report["frames_confidence"] <= 1.0
     assert 0.0 < report["points_coverage"] < 1.0
     on_disk = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert on_disk["gaussians_loop"]["psnr"] == pytest.approx(report["gaussians_loop"]["psnr"])

@@ -273,6 +273,18 @@ def test_refined_frames_start_from_the_render_where_it_covers(single_thread) -> 
     quarter = gen.refine(frames, renders)
     torch.testing.assert_close(quarter.images, base + 0.25 * (full.images - base))
     torch.testing.assert_close(quarter.confidence, full.confidence)
+    # blend_confidence: below strength 1 the confidence describes the blend returned, with the error
+    # bound (predicted error + (1 - strength) x |refined - base|); at strength 1 nothing changes
+    blend = RefineGenerator(replace(cfg, blend_confidence=True))
+    blend.net, blend.strength = gen.net, 0.25
+    out = blend.refine(frames, renders)
+    torch.testing.assert_close(out.images, quarter.images)
+    predicted = -cfg.confidence_error * full.confidence.log()
+    bound = predicted + 0.75 * (full.images - base).abs().mean(-1)
+    torch.testing.assert_close(out.confidence, torch.exp(-bound / cfg.confidence_error))
+    assert float(out.confidence.mean()) < float(quarter.confidence.mean())
+    blend.strength = 1.0
+    torch.testing.assert_close(blend.refine(frames, renders).confidence, full.confidence)
 
 
 def test_trust_region_lowers_the_strength_where_frames_move_further_than_validated() -> None:
@@ -386,6 +398,8 @@ def test_bench_refine_variant_runs_at_a_tiny_size(single_thread, tmp_path: Path)
     )
     summary = json.loads((tmp_path / "q.json").read_text())["scenes"]["temple"]["summary"]
     assert {"frames", "refine_input_frames", "gaussians_loop", "refine_strength"} <= set(summary["refine small"])
+    assert 0.0 < summary["default"]["frames_confidence"] <= 1.0  # the fit's weight on the frames scored
+    assert "frames_confidence" in bench_loop_quality.markdown(json.loads((tmp_path / "q.json").read_text()))
     (run,) = json.loads((tmp_path / "q.json").read_text())["scenes"]["temple"]["runs"]["refine small"]
     gate = run["refine_validation"]
     assert run["refine_strength"] in (0.0, 0.25, 0.5, 0.75, 1.0) and gate["held_out"] and gate["train_pairs"] == 2

@@ -77,6 +77,7 @@ OUT_CHANNELS = 4  # rgb residual, L1 error
 COLOR_CENTER = 0.5  # colours enter the network centred
 GROUPS = 8  # GroupNorm groups (fewer when a block is narrower)
 INFERENCE_CHUNK = 4  # frames refined at once
+HEADS = ("residual", "fusion")  # what the network's colour output means (apply_network)
 LOSS_SYNC_EVERY = 10  # training steps between reading the loss on the host (and checking the clock)
 
 ProgressCallback = Callable[[float, str], None]
@@ -115,6 +116,8 @@ class RefineConfig:
             error). Off: the refined frame's predicted error alone, also at strength 0 (the render
             passes through with a confidence made for frames it is not). Off by default until the
             H200 measures it (``scripts/jobs/refine_blend_confidence.txt``).
+        head: ``residual`` (the network adds colour to the base) or ``fusion`` (it only weighs the
+            base against the reprojection per pixel: :func:`apply_network`).
         max_change_ratio: the trust region (:meth:`RefineGenerator.trusted_strength`): a segment's frames may
             move from the reprojection at most this many times as far (mean absolute change) as the
             validation frames did at the gate's strength; beyond it the strength drops to the
@@ -139,6 +142,7 @@ class RefineConfig:
     strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     max_change_ratio: float = 1.5
     blend_confidence: bool = False
+    head: str = "residual"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -167,6 +171,8 @@ class RefineConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"RefineConfig.{name} must be >= 0; got {getattr(self, name)}")
+        if self.head not in HEADS:
+            raise ValueError(f"RefineConfig.head must be one of {', '.join(HEADS)}; got {self.head!r}")
         if not self.strengths or not all(0.0 <= a <= 1.0 for a in self.strengths):
             raise ValueError(f"RefineConfig.strengths must be non-empty, each in [0, 1]; got {self.strengths}")
 
@@ -264,11 +270,19 @@ def base_frames(frames: Tensor, render_rgb: Tensor, coverage: Tensor) -> Tensor:
     return torch.where(coverage[..., None].bool(), render_rgb, frames)
 
 
-def apply_network(net: UNet, inputs: Tensor, base: Tensor) -> tuple[Tensor, Tensor]:
+def apply_network(net: UNet, inputs: Tensor, base: Tensor, head: str = "residual") -> tuple[Tensor, Tensor]:
     """(refined colours in [0, 1] [B, H, W, 3], predicted mean absolute error >= 0 [B, H, W]) for
-    inputs [B, 8, H, W] and the ``base`` colours [B, H, W, 3] (:func:`base_frames`) of the same frames."""
+    inputs [B, 8, H, W] and the ``base`` colours [B, H, W, 3] (:func:`base_frames`) of the same frames.
+
+    ``head`` (``RefineConfig.head``): ``residual`` adds the network's rgb (channels 0-2) to the base;
+    ``fusion`` moves each pixel of the base towards the reprojection by a weight in [0, 1]
+    (sigmoid of channel 0), so the refined frame never leaves the colours its two sources show."""
     out = net(inputs)
-    refined = (base + out[:, :3].permute(0, 2, 3, 1)).clamp(0.0, 1.0)
+    if head == "fusion":
+        reprojection = inputs[:, :3].permute(0, 2, 3, 1) + COLOR_CENTER
+        refined = torch.lerp(base, reprojection, torch.sigmoid(out[:, :1]).permute(0, 2, 3, 1))
+    else:
+        refined = (base + out[:, :3].permute(0, 2, 3, 1)).clamp(0.0, 1.0)
     return refined, F.softplus(out[:, 3])
 
 
@@ -537,7 +551,7 @@ def train_refiner(
         for group in opt.param_groups:
             group["lr"] = lr
         inputs, base, truth = augmented_batch(pairs, cfg, gen)
-        refined, error = apply_network(net, inputs, base)
+        refined, error = apply_network(net, inputs, base, cfg.head)
         made = (refined - truth).abs().mean(-1)  # [B, h, w]
         loss = made.mean() + (error - made.detach()).abs().mean()
         opt.zero_grad(set_to_none=True)
@@ -561,7 +575,7 @@ def train_refiner(
 
 
 def predict(
-    net: nn.Module, frames: Tensor, confidence: Tensor, render_rgb: Tensor, coverage: Tensor
+    net: nn.Module, frames: Tensor, confidence: Tensor, render_rgb: Tensor, coverage: Tensor, head: str = "residual"
 ) -> tuple[Tensor, Tensor]:
     """The network on whole frames, ``INFERENCE_CHUNK`` at a time, without gradients.
 
@@ -578,7 +592,7 @@ def predict(
         for s in range(0, len(frames), INFERENCE_CHUNK):
             sl = slice(s, s + INFERENCE_CHUNK)
             inputs = network_inputs(frames[sl], confidence[sl], render_rgb[sl], coverage[sl])
-            out = apply_network(net, inputs, base_frames(frames[sl], render_rgb[sl], coverage[sl]))
+            out = apply_network(net, inputs, base_frames(frames[sl], render_rgb[sl], coverage[sl]), head)
             refined.append(out[0])
             error.append(out[1])
     return torch.cat(refined), torch.cat(error)
@@ -671,7 +685,7 @@ def validate(net: nn.Module, pairs: TrainingPairs, cfg: RefineConfig) -> tuple[f
         (chosen strength, declined (the reprojection beats every blend), L1 of the reprojection,
         L1 per strength, mean absolute change the returned frames make to the reprojection).
     """
-    refined, _ = predict(net, pairs.frames, pairs.confidence, pairs.render_rgb, pairs.coverage)
+    refined, _ = predict(net, pairs.frames, pairs.confidence, pairs.render_rgb, pairs.coverage, cfg.head)
     base = base_frames(pairs.frames, pairs.render_rgb, pairs.coverage)
     strength, l1 = choose_strength(base, refined, pairs.truth, cfg.strengths)
     l1_input = float((pairs.frames - pairs.truth).abs().mean())
@@ -787,7 +801,9 @@ class RefineGenerator:
         if self.declined:
             self.segment_strengths.append(None)
             return Frames(images=frames.images, confidence=frames.confidence)
-        refined, error = predict(self.net, frames.images, frames.confidence, renders.rgb, renders.mask)
+        refined, error = predict(
+            self.net, frames.images, frames.confidence, renders.rgb, renders.mask, self.config.head
+        )
         base = base_frames(frames.images, renders.rgb, renders.mask)
         strength = self.trusted_strength(frames.images, base, refined)
         self.segment_strengths.append(strength)

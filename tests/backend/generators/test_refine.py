@@ -24,6 +24,7 @@ from backend.generators.refine import (
     degraded_inputs,
     leave_out_subsets,
     make_pairs,
+    predict,
     split_validation,
     train_refiner,
     validate,
@@ -148,6 +149,36 @@ def test_network_trains_on_a_fixed_pair(single_thread) -> None:
     assert len(losses) == 15
     assert losses[-1] < 0.5 * losses[0], losses
     assert sum(p.numel() for p in UNet(8, 4, RefineConfig().widths).parameters()) < 3_000_000
+
+
+def test_fusion_head_stays_between_its_sources_and_learns_which_to_take(single_thread) -> None:
+    """RefineConfig.head "fusion": each refined pixel lies between the render and the reprojection;
+    trained where the reprojection is right on the left half and the render on the right, it learns
+    to take each from its side."""
+    g = torch.Generator().manual_seed(0)
+    truth = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 24, 32, generator=g), 3, 1, 1).permute(0, 2, 3, 1)
+    left = torch.arange(32) < 16
+    wrong = (1.0 - truth).clamp(0, 1)
+    frames = torch.where(left[None, None, :, None], truth, wrong)  # the reprojection: right on the left
+    render = torch.where(left[None, None, :, None], wrong, truth)  # the render: right on the right
+    pairs = TrainingPairs(
+        [0], [(1,)], frames, torch.full((1, 24, 32), 0.5), render, torch.ones(1, 24, 32).bool(), truth
+    )
+    cfg = replace(TINY, head="fusion", max_steps=200, crop_px=24, batch_size=4, lr=3e-3)
+    cfg = replace(cfg, gain_jitter=0.0, gamma_jitter=0.0, offset_jitter=0.0)
+    net = tiny_refiner()
+    with torch.no_grad():  # an untrained head that already weighs: the check below is not trivial
+        net.head.weight.normal_(0.0, 5.0, generator=torch.Generator().manual_seed(4))
+    refined, _ = predict(net, frames, pairs.confidence, render, pairs.coverage, "fusion")
+    lo, hi = torch.minimum(frames, render), torch.maximum(frames, render)
+    assert bool(((refined >= lo - 1e-6) & (refined <= hi + 1e-6)).all())
+    assert not torch.allclose(refined, render)
+    losses = train_refiner(net, pairs, cfg)
+    assert losses[-1] < 0.5 * losses[0], losses
+    refined, _ = predict(net, frames, pairs.confidence, render, pairs.coverage, "fusion")
+    assert float((refined - truth).abs().mean()) < 0.5 * float((render - truth).abs().mean())
+    with pytest.raises(ValueError, match="RefineConfig.head must be one of residual, fusion; got 'blend'"):
+        RefineConfig(head="blend")
 
 
 def synthetic_pairs(target_ids: list[int], size: tuple[int, int] = (12, 16), noise: float = 0.02) -> TrainingPairs:

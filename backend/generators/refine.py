@@ -15,7 +15,8 @@ Before the segments, the loop calls :meth:`RefineGenerator.prepare` once:
    picked from the seed; they are never trained on). When every pair shows the same capture
    (``max_fits`` 1) there is nothing else to train on: it trains on them and validates on them too,
    and the job's note says so (a gate that then only catches a network worse on its own data);
-4. the U-Net learns the residual from the base to the photo (L1) and, on a second output, the L1
+4. the U-Net learns the residual from the base to the photo (L1; with ``RefineConfig.head``
+   "fusion", per-pixel weights between the base and the reprojection instead) and, on a second output, the L1
    error it still makes, for ``seconds`` of wall time, on random crops with flips and photometric
    jitter (one random gain, gamma and offset per channel for inputs and truth alike). The base
    (:func:`base_frames`) is the guided render where it covers and the reprojection elsewhere: the

@@ -144,8 +144,7 @@ REFINE_VARIANTS: dict[str, dict] = {
     "refine with reproject confidence": {"keep_input_confidence": True},  # the script's switch, not RefineConfig's
     "refine ungated": {"strengths": (1.0,)},  # the network at full strength whatever the validation says
     "refine without trust region": {"max_change_ratio": 0.0},  # the gate's strength in every segment
-    "refine blend confidence": {"blend_confidence": True},  # the confidence of the blend returned
-    "refine fusion": {"head": "fusion"},  # per-pixel weights between render and reprojection, no new colour
+    "refine confidence 0.025": {"confidence_error": 0.025},  # the refined frames weighed less in the fit
 }
 PLAIN_COLUMNS = ("frames_confidence", "refine_strength")  # means over seeds in the table, not gains
 REFINE_PICTURE = "{run}_refine.png"  # rows: reprojection | guide render | refined | truth

@@ -15,9 +15,10 @@ Before the segments, the loop calls :meth:`RefineGenerator.prepare` once:
    picked from the seed; they are never trained on). When every pair shows the same capture
    (``max_fits`` 1) there is nothing else to train on: it trains on them and validates on them too,
    and the job's note says so (a gate that then only catches a network worse on its own data);
-4. the U-Net learns the residual from the base to the photo (L1; with ``RefineConfig.head``
-   "fusion", per-pixel weights between the base and the reprojection instead) and, on a second output, the L1
-   error it still makes, for ``seconds`` of wall time, on random crops with flips and photometric
+4. the U-Net learns, per pixel, a weight in [0, 1] that moves the base towards the reprojection
+   (:func:`apply_network`: every refined pixel lies between its two sources, so the network can
+   choose between what the guide and the captures show but cannot paint new colour; L1 against the
+   photo) and, on a second output, the L1 error it still makes, for ``seconds`` of wall time, on random crops with flips and photometric
    jitter (one random gain, gamma and offset per channel for inputs and truth alike). The base
    (:func:`base_frames`) is the guided render where it covers and the reprojection elsewhere: the
    render scores 0.4-0.7 dB above the reprojection at held-out views on the H200, so the network
@@ -40,8 +41,7 @@ refined frame; per segment the strength drops where the frames would move furthe
 validation frames did (the trust region, :meth:`RefineGenerator.trusted_strength`). Its confidence
 is ``exp(-predicted error / confidence_error)``, the network's
 prediction for the fully refined frame, also when ``alpha < 1`` (a choice: the blend's error is not
-predicted). ``RefineConfig.blend_confidence`` bounds it instead: the blend is ``(1 - alpha)
-|refined - base|`` from the refined frame, so its error is at most that plus the refined frame's.
+predicted; on the H200 the gate kept 1 or declined in 7 of 9 runs, run 26).
 
 Channels of the network's input (:func:`network_inputs`), [B, 8, H, W]: reprojection rgb - 0.5,
 render rgb - 0.5, reprojection confidence, render coverage.
@@ -74,11 +74,10 @@ if TYPE_CHECKING:
     from . import GeneratorConfig
 
 IN_CHANNELS = 8  # reprojection rgb, render rgb, reprojection confidence, render coverage
-OUT_CHANNELS = 4  # rgb residual, L1 error
+OUT_CHANNELS = 2  # the reprojection's weight (a logit), L1 error
 COLOR_CENTER = 0.5  # colours enter the network centred
 GROUPS = 8  # GroupNorm groups (fewer when a block is narrower)
 INFERENCE_CHUNK = 4  # frames refined at once
-HEADS = ("residual", "fusion")  # what the network's colour output means (apply_network)
 LOSS_SYNC_EVERY = 10  # training steps between reading the loss on the host (and checking the clock)
 
 ProgressCallback = Callable[[float, str], None]
@@ -111,14 +110,6 @@ class RefineConfig:
         confidence_error: a predicted mean absolute error of this much gives confidence e^-1.
         strengths: the gate's choices of ``alpha`` (module docstring, step 5), each in [0, 1]; with
             0 among them the gate can keep the base, ``(1.0,)`` applies the network ungated.
-        blend_confidence: where the strength is below 1, the confidence describes the blend the
-            frames are: the predicted error of the refined frame plus ``1 - strength`` times how far
-            the blend stops short of it (per pixel, the triangle inequality's bound on the blend's
-            error). Off: the refined frame's predicted error alone, also at strength 0 (the render
-            passes through with a confidence made for frames it is not). Off by default until the
-            H200 measures it (``scripts/jobs/refine_blend_confidence.txt``).
-        head: ``residual`` (the network adds colour to the base) or ``fusion`` (it only weighs the
-            base against the reprojection per pixel: :func:`apply_network`).
         max_change_ratio: the trust region (:meth:`RefineGenerator.trusted_strength`): a segment's frames may
             move from the reprojection at most this many times as far (mean absolute change) as the
             validation frames did at the gate's strength; beyond it the strength drops to the
@@ -142,8 +133,6 @@ class RefineConfig:
     confidence_error: float = 0.05
     strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     max_change_ratio: float = 1.5
-    blend_confidence: bool = False
-    head: str = "residual"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -172,8 +161,6 @@ class RefineConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"RefineConfig.{name} must be >= 0; got {getattr(self, name)}")
-        if self.head not in HEADS:
-            raise ValueError(f"RefineConfig.head must be one of {', '.join(HEADS)}; got {self.head!r}")
         if not self.strengths or not all(0.0 <= a <= 1.0 for a in self.strengths):
             raise ValueError(f"RefineConfig.strengths must be non-empty, each in [0, 1]; got {self.strengths}")
 
@@ -204,9 +191,9 @@ class UNet(nn.Module):
     output cropped back. The 1x1 head starts at zero.
 
     Example:
-        >>> net = UNet(8, 4, (8, 16))
+        >>> net = UNet(8, 2, (8, 16))
         >>> net(torch.rand(2, 8, 15, 21)).shape
-        torch.Size([2, 4, 15, 21])
+        torch.Size([2, 2, 15, 21])
     """
 
     def __init__(self, in_channels: int, out_channels: int, widths: Sequence[int]) -> None:
@@ -271,20 +258,18 @@ def base_frames(frames: Tensor, render_rgb: Tensor, coverage: Tensor) -> Tensor:
     return torch.where(coverage[..., None].bool(), render_rgb, frames)
 
 
-def apply_network(net: UNet, inputs: Tensor, base: Tensor, head: str = "residual") -> tuple[Tensor, Tensor]:
+def apply_network(net: UNet, inputs: Tensor, base: Tensor) -> tuple[Tensor, Tensor]:
     """(refined colours in [0, 1] [B, H, W, 3], predicted mean absolute error >= 0 [B, H, W]) for
     inputs [B, 8, H, W] and the ``base`` colours [B, H, W, 3] (:func:`base_frames`) of the same frames.
 
-    ``head`` (``RefineConfig.head``): ``residual`` adds the network's rgb (channels 0-2) to the base;
-    ``fusion`` moves each pixel of the base towards the reprojection by a weight in [0, 1]
-    (sigmoid of channel 0), so the refined frame never leaves the colours its two sources show."""
+    Each pixel of the base moves towards the reprojection by a weight in [0, 1] (sigmoid of channel
+    0), so the refined frame never leaves the colours its two sources show. A head that added free
+    colour to the base (until run 26) painted the temple's far side and lost 2.1 dB there on the
+    H200; this one gained on every scene (docs/benchmarks.md, Refiner, run 26)."""
     out = net(inputs)
-    if head == "fusion":
-        reprojection = inputs[:, :3].permute(0, 2, 3, 1) + COLOR_CENTER
-        refined = torch.lerp(base, reprojection, torch.sigmoid(out[:, :1]).permute(0, 2, 3, 1))
-    else:
-        refined = (base + out[:, :3].permute(0, 2, 3, 1)).clamp(0.0, 1.0)
-    return refined, F.softplus(out[:, 3])
+    reprojection = inputs[:, :3].permute(0, 2, 3, 1) + COLOR_CENTER
+    refined = torch.lerp(base, reprojection, torch.sigmoid(out[:, :1]).permute(0, 2, 3, 1))
+    return refined, F.softplus(out[:, 1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,7 +537,7 @@ def train_refiner(
         for group in opt.param_groups:
             group["lr"] = lr
         inputs, base, truth = augmented_batch(pairs, cfg, gen)
-        refined, error = apply_network(net, inputs, base, cfg.head)
+        refined, error = apply_network(net, inputs, base)
         made = (refined - truth).abs().mean(-1)  # [B, h, w]
         loss = made.mean() + (error - made.detach()).abs().mean()
         opt.zero_grad(set_to_none=True)
@@ -576,7 +561,7 @@ def train_refiner(
 
 
 def predict(
-    net: nn.Module, frames: Tensor, confidence: Tensor, render_rgb: Tensor, coverage: Tensor, head: str = "residual"
+    net: nn.Module, frames: Tensor, confidence: Tensor, render_rgb: Tensor, coverage: Tensor
 ) -> tuple[Tensor, Tensor]:
     """The network on whole frames, ``INFERENCE_CHUNK`` at a time, without gradients.
 
@@ -593,7 +578,7 @@ def predict(
         for s in range(0, len(frames), INFERENCE_CHUNK):
             sl = slice(s, s + INFERENCE_CHUNK)
             inputs = network_inputs(frames[sl], confidence[sl], render_rgb[sl], coverage[sl])
-            out = apply_network(net, inputs, base_frames(frames[sl], render_rgb[sl], coverage[sl]), head)
+            out = apply_network(net, inputs, base_frames(frames[sl], render_rgb[sl], coverage[sl]))
             refined.append(out[0])
             error.append(out[1])
     return torch.cat(refined), torch.cat(error)
@@ -686,7 +671,7 @@ def validate(net: nn.Module, pairs: TrainingPairs, cfg: RefineConfig) -> tuple[f
         (chosen strength, declined (the reprojection beats every blend), L1 of the reprojection,
         L1 per strength, mean absolute change the returned frames make to the reprojection).
     """
-    refined, _ = predict(net, pairs.frames, pairs.confidence, pairs.render_rgb, pairs.coverage, cfg.head)
+    refined, _ = predict(net, pairs.frames, pairs.confidence, pairs.render_rgb, pairs.coverage)
     base = base_frames(pairs.frames, pairs.render_rgb, pairs.coverage)
     strength, l1 = choose_strength(base, refined, pairs.truth, cfg.strengths)
     l1_input = float((pairs.frames - pairs.truth).abs().mean())
@@ -765,7 +750,7 @@ class RefineGenerator:
         torch.manual_seed(self.config.seed)
         net = UNet(IN_CHANNELS, OUT_CHANNELS, self.config.widths).to(device)
         with torch.no_grad():  # the error output starts at confidence_error (confidence e^-1)
-            net.head.bias[3] = math.log(math.expm1(self.config.confidence_error))
+            net.head.bias[1] = math.log(math.expm1(self.config.confidence_error))
         self.losses = train_refiner(net, training, self.config, progress=part(0.5, 1.0))
         strength, declined, l1_input, l1, change = validate(net, validation, self.config)
         self.net, self.strength, self.declined = net, strength, declined
@@ -802,17 +787,13 @@ class RefineGenerator:
         if self.declined:
             self.segment_strengths.append(None)
             return Frames(images=frames.images, confidence=frames.confidence)
-        refined, error = predict(
-            self.net, frames.images, frames.confidence, renders.rgb, renders.mask, self.config.head
-        )
+        refined, error = predict(self.net, frames.images, frames.confidence, renders.rgb, renders.mask)
         base = base_frames(frames.images, renders.rgb, renders.mask)
         strength = self.trusted_strength(frames.images, base, refined)
         self.segment_strengths.append(strength)
         if strength is None:
             return Frames(images=frames.images, confidence=frames.confidence)
         images = torch.lerp(base, refined, strength)
-        if self.config.blend_confidence and strength < 1.0:
-            error = error + (1.0 - strength) * (refined - base).abs().mean(-1)
         confidence = torch.exp(-error / self.config.confidence_error)
         return Frames(images=images.contiguous(), confidence=confidence.contiguous())
 

@@ -245,7 +245,7 @@ def network_inputs(frames: Tensor, confidence: Tensor, render_rgb: Tensor, cover
 
 
 def base_frames(frames: Tensor, render_rgb: Tensor, coverage: Tensor) -> Tensor:
-    """The colours the network's residual is added to: the render where it covers, the
+    """The colours the network weighs against the reprojection: the render where it covers, the
     reprojection elsewhere.
 
     Args:

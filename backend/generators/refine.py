@@ -18,8 +18,9 @@ Before the segments, the loop calls :meth:`RefineGenerator.prepare` once:
 4. the U-Net learns, per pixel, a weight in [0, 1] that moves the base towards the reprojection
    (:func:`apply_network`: every refined pixel lies between its two sources, so the network can
    choose between what the guide and the captures show but cannot paint new colour; L1 against the
-   photo) and, on a second output, the L1 error it still makes, for ``seconds`` of wall time, on random crops with flips and photometric
-   jitter (one random gain, gamma and offset per channel for inputs and truth alike). The base
+   photo) and, on a second output, the L1 error it still makes, for ``seconds`` of wall time, on
+   random crops with flips and photometric jitter (one random gain, gamma and offset per channel for
+   inputs and truth alike). The base
    (:func:`base_frames`) is the guided render where it covers and the reprojection elsewhere: the
    render scores 0.4-0.7 dB above the reprojection at held-out views on the H200, so the network
    has to learn where the captures' reprojected pixels beat it (docs/benchmarks.md, Refiner: on

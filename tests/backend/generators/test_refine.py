@@ -209,7 +209,7 @@ def two_source_pairs() -> TrainingPairs:
 
 
 def noise_refiner() -> UNet:
-    """A tiny U-Net whose head adds large noise to every pixel: a useless refiner."""
+    """A tiny U-Net whose head weighs every pixel at random (large random logits): a useless refiner."""
     net = tiny_refiner()
     with torch.no_grad():
         net.head.weight.normal_(0.0, 20.0, generator=torch.Generator().manual_seed(2))

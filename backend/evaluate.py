@@ -47,7 +47,7 @@ from .evaluate_args import DEFAULT_TRAIN_VIEWS, PROTOCOLS, TRAJECTORY_MODES, add
 from .generators import Generator
 from .loop import LoopConfig, run_loop
 from .masks import stack_masks
-from .metrics import DATA_RANGE, MSE_FLOOR, image_metrics, load_lpips, ssim_map
+from .metrics import DATA_RANGE, MSE_FLOOR, image_metrics, load_lpips, ssim_map, weighted_l1
 from .progress import ProgressFn, no_progress
 from .scene import Camera, Scene, TrajectoryFrame
 from .stages.cameras import load_image, resize_image, to_tensor, undistorted, working_size
@@ -330,8 +330,14 @@ def evaluate_scene(
         hs = sorted(on_heldout)
         add_scores("frames", result.frames.images[[on_heldout[h] for h in hs]], hs)
         report["frames_views"] = len(hs)
-        # the weight the fit gave those frames (mean confidence), beside what they scored
-        report["frames_confidence"] = float(result.frames.confidence[[on_heldout[h] for h in hs]].mean())
+        # the weight the fit gave those frames (mean confidence), beside what they scored, and their
+        # mean absolute error per unit of that weight: below the plain mean where the confidence ranks
+        # the frames' errors (the fit leans on their right pixels), above it where it does not
+        picked = [on_heldout[h] for h in hs]
+        images, conf = result.frames.images[picked].to(truth), result.frames.confidence[picked].to(truth)
+        report["frames_confidence"] = float(conf.mean())
+        report["frames_l1"] = float((images - truth[hs]).abs().mean())
+        report["frames_weighted_l1"] = float(weighted_l1(images, truth[hs], conf)) if conf.sum() > 0 else None
         if len(hs) == len(held):  # the generated frames at the held-out cameras, last column
             columns.append(result.frames.images[[on_heldout[h] for h in range(len(held))]])
     rows = outputs.overview_rows(columns, outputs.spread(len(held), PICTURE_ROWS))

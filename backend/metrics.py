@@ -68,6 +68,29 @@ def psnr(pred: Tensor, target: Tensor) -> Tensor:
     return 10.0 * torch.log10(DATA_RANGE**2 / mse.clamp_min(MSE_FLOOR))
 
 
+def weighted_l1(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    """Mean absolute error per unit of a per-pixel weight (the fit's confidence), over all images.
+
+    Below the plain mean absolute error where the weight ranks the errors (heavy where they are
+    small), above it where it does not.
+
+    Args:
+        pred, target: images in [0, 1]. [F, H, W, 3] or [H, W, 3]
+        weight: per-pixel weights >= 0, not all zero. [F, H, W] or [H, W]
+
+    Returns:
+        sum(weight x |pred - target| averaged over colour) / sum(weight), a scalar.
+    """
+    pred, target = _check_pair(pred, target)
+    weight = weight[None] if weight.ndim == 2 else weight
+    if tuple(weight.shape) != tuple(pred.shape[:3]):
+        raise ValueError(f"weight must be {list(pred.shape[:3])}; got {list(weight.shape)}")
+    if float(weight.sum()) <= 0.0 or float(weight.min()) < 0.0:
+        raise ValueError("weight must be >= 0 and not all zero")
+    err = (pred - target).abs().mean(-1)
+    return (weight * err).sum() / weight.sum()
+
+
 def gaussian_window(
     size: int = SSIM_WINDOW,
     sigma: float = SSIM_SIGMA,

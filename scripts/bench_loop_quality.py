@@ -146,7 +146,11 @@ REFINE_VARIANTS: dict[str, dict] = {
     "refine without trust region": {"max_change_ratio": 0.0},  # the gate's strength in every segment
     "refine confidence 0.025": {"confidence_error": 0.025},  # the refined frames weighed less in the fit
 }
-PLAIN_COLUMNS = ("frames_confidence", "refine_strength")  # means over seeds in the table, not gains
+# the frames' weight in the fit (mean confidence), their mean absolute error and that error per unit of
+# weight at the held-out views (backend.evaluate): means over seeds
+FRAME_WEIGHT_KEYS = ("frames_confidence", "frames_l1", "frames_weighted_l1")
+# columns shown as means over seeds, not gains, with their format
+PLAIN_COLUMNS = {"frames_confidence": ".2f", "frames_l1": ".4f", "frames_weighted_l1": ".4f", "refine_strength": ".2f"}
 REFINE_PICTURE = "{run}_refine.png"  # rows: reprojection | guide render | refined | truth
 
 
@@ -243,8 +247,9 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
                 )
         if "refine_strength" in reports[0]:  # the refiner's gate, mean over seeds
             row["refine_strength"] = statistics.fmean(r["refine_strength"] for r in reports)
-        if all("frames_confidence" in r for r in reports):  # the fit's weight on the frames scored
-            row["frames_confidence"] = statistics.fmean(r["frames_confidence"] for r in reports)
+        for key in FRAME_WEIGHT_KEYS:
+            if all(r.get(key) is not None for r in reports):
+                row[key] = statistics.fmean(r[key] for r in reports)
         out[v] = row
     return out
 
@@ -310,7 +315,7 @@ def markdown(results: dict) -> str:
         lines.append("| --- " * (1 + len(cols) + len(gains)) + "|")
         for v, row in summary.items():
             cells = [f"{row[k]:.2f} +- {row[k + '_std']:.2f}" if k in row else "" for k in cols]
-            cells += [(f"{row[g]:.2f}" if g in PLAIN_COLUMNS else f"{row[g]:+.2f}") if g in row else "" for g in gains]
+            cells += [format(row[g], PLAIN_COLUMNS.get(g, "+.2f")) if g in row else "" for g in gains]
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

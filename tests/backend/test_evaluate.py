@@ -85,6 +85,8 @@ def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pyt
         assert -1.0 <= report[key]["ssim"] <= 1.0
     assert report["frames_views"] == len(scene.heldout) == 2
     assert 0.0 < report["frames_confidence"] <= 1.0
+    # the frames' error per unit of the fit's weight, beside their plain mean absolute error
+    assert 0.0 < report["frames_l1"] < 0.5 and 0.0 < report["frames_weighted_l1"] < 0.5
     assert 0.0 < report["points_coverage"] < 1.0
     on_disk = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert on_disk["gaussians_loop"]["psnr"] == pytest.approx(report["gaussians_loop"]["psnr"])

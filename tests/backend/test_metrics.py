@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend.metrics import ImageMetrics, image_metrics, load_lpips, psnr, ssim, ssim_map
+from backend.metrics import ImageMetrics, image_metrics, load_lpips, psnr, ssim, ssim_map, weighted_l1
 
 
 def test_psnr_known_values():
@@ -16,6 +16,23 @@ def test_psnr_known_values():
     pred = torch.stack([torch.full((8, 8, 3), 0.1), torch.full((8, 8, 3), 0.01)])
     torch.testing.assert_close(psnr(pred, target), torch.tensor([20.0, 40.0]))
     assert psnr(target[0], target[0]).item() == pytest.approx(100.0)  # floored, not inf
+
+
+def test_weighted_l1_is_the_error_per_unit_of_weight():
+    target = torch.zeros(2, 2, 3, 3)
+    pred = target.clone()
+    pred[:, 0] = 0.4  # the top row of each image is wrong by 0.4, the bottom row right
+    flat = torch.ones(2, 2, 3)
+    assert float(weighted_l1(pred, target, flat)) == pytest.approx(0.2)  # the plain mean
+    ranks = flat.clone()
+    ranks[:, 0] = 0.25  # less weight where the error is: below the plain mean
+    assert float(weighted_l1(pred, target, ranks)) == pytest.approx(0.4 * 0.25 / 1.25)
+    assert float(weighted_l1(pred, target, 1.0 - ranks + 0.25)) > 0.2  # weight on the wrong pixels: above
+    assert float(weighted_l1(pred[0], target[0], ranks[0])) == pytest.approx(0.08)  # one image [H, W, 3]
+    with pytest.raises(ValueError, match=r"weight must be \[2, 2, 3\]; got \[2, 2, 2\]"):
+        weighted_l1(pred, target, ranks[..., :2])
+    with pytest.raises(ValueError, match="weight must be >= 0 and not all zero"):
+        weighted_l1(pred, target, torch.zeros(2, 2, 3))
 
 
 def test_ssim_of_constant_images_is_the_luminance_term():

@@ -419,7 +419,11 @@ def test_bench_refine_variant_runs_at_a_tiny_size(single_thread, tmp_path: Path)
     summary = json.loads((tmp_path / "q.json").read_text())["scenes"]["temple"]["summary"]
     assert {"frames", "refine_input_frames", "gaussians_loop", "refine_strength"} <= set(summary["refine small"])
     assert 0.0 < summary["default"]["frames_confidence"] <= 1.0  # the fit's weight on the frames scored
-    assert "frames_confidence" in bench_loop_quality.markdown(json.loads((tmp_path / "q.json").read_text()))
+    for row in (summary["default"], summary["refine small"]):  # and the frames' error per unit of it
+        assert 0.0 < row["frames_l1"] < 0.5 and 0.0 < row["frames_weighted_l1"] < 0.5
+    table = bench_loop_quality.markdown(json.loads((tmp_path / "q.json").read_text()))
+    assert "| frames_confidence | frames_l1 | frames_weighted_l1 |" in table
+    assert f"{summary['default']['frames_weighted_l1']:.4f}" in table
     (run,) = json.loads((tmp_path / "q.json").read_text())["scenes"]["temple"]["runs"]["refine small"]
     gate = run["refine_validation"]
     assert run["refine_strength"] in (0.0, 0.25, 0.5, 0.75, 1.0) and gate["held_out"] and gate["train_pairs"] == 2

@@ -328,12 +328,12 @@ def evaluate_scene(
     columns.append(loop_render)
     if on_heldout:
         hs = sorted(on_heldout)
-        add_scores("frames", result.frames.images[[on_heldout[h] for h in hs]], hs)
+        picked = [on_heldout[h] for h in hs]  # the trajectory frames at those views
+        add_scores("frames", result.frames.images[picked], hs)
         report["frames_views"] = len(hs)
         # the weight the fit gave those frames (mean confidence), beside what they scored, and their
         # mean absolute error per unit of that weight: below the plain mean where the confidence ranks
         # the frames' errors (the fit leans on their right pixels), above it where it does not
-        picked = [on_heldout[h] for h in hs]
         images, conf = result.frames.images[picked].to(truth), result.frames.confidence[picked].to(truth)
         report["frames_confidence"] = float(conf.mean())
         report["frames_l1"] = float((images - truth[hs]).abs().mean())

@@ -339,7 +339,7 @@ def evaluate_scene(
         report["frames_l1"] = float((images - truth[hs]).abs().mean())
         report["frames_weighted_l1"] = float(weighted_l1(images, truth[hs], conf)) if conf.sum() > 0 else None
         if len(hs) == len(held):  # the generated frames at the held-out cameras, last column
-            columns.append(result.frames.images[[on_heldout[h] for h in range(len(held))]])
+            columns.append(result.frames.images[picked])  # hs is then every held-out view, in order
     rows = outputs.overview_rows(columns, outputs.spread(len(held), PICTURE_ROWS))
     outputs.write_overview_as(out_dir, EVAL_PICTURE, rows)
     outputs.write_json(out_dir / EVAL_FILE, report)

@@ -112,6 +112,8 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "hull geometry": ({"estimator": "hull"}, {}, {}),
     "plane sweep geometry": ({"estimator": "mvs"}, {}, {}),  # the CPU path, where patchmatch is the default
     "patchmatch geometry": ({"estimator": "patchmatch"}, {}, {}),
+    # COLMAP's own triangulation filter (PatchMatchConfig: 1 degree since the fern's collapse at 3)
+    "patchmatch 3 degrees": ({"estimator": "patchmatch", "patchmatch": {"min_triangulation_angle_deg": 3.0}}, {}, {}),
     "crop to masks": ({"has_crop_to_masks": True}, {}, {}),
 }
 LOOP_FIELDS = ("estimator", "has_crop_to_masks")
@@ -124,6 +126,9 @@ def loop_config(base: LoopConfig, overrides: dict, fit_overrides: dict) -> LoopC
         cfg = replace(cfg, update=replace(cfg.update, enabled=overrides["update"]))
     if "guide" in overrides:
         cfg = replace(cfg, guide=replace(cfg.guide, enabled=overrides["guide"]))
+    if "patchmatch" in overrides:
+        memory = cfg.memory
+        cfg = replace(cfg, memory=replace(memory, patchmatch=replace(memory.patchmatch, **overrides["patchmatch"])))
     return replace(cfg, fit=replace(cfg.fit, **fit_overrides))
 
 
@@ -141,7 +146,6 @@ REFINE_VARIANTS: dict[str, dict] = {
     "refine full fits": {"fit_share": 1.0},  # the leave-out guides as long as the job's fit (default: a fifth)
     "refine small": {"widths": (16, 32, 64), "crop_px": 64, "batch_size": 4},  # 0.12M parameters
     "refine confidence 0.1": {"confidence_error": 0.1},
-    "refine with reproject confidence": {"keep_input_confidence": True},  # the script's switch, not RefineConfig's
     "refine ungated": {"strengths": (1.0,)},  # the network at full strength whatever the validation says
     "refine without trust region": {"max_change_ratio": 0.0},  # the gate's strength in every segment
     "refine confidence 0.025": {"confidence_error": 0.025},  # the refined frames weighed less in the fit
@@ -157,16 +161,13 @@ REFINE_PICTURE = "{run}_refine.png"  # rows: reprojection | guide render | refin
 class RecordingRefiner(RefineGenerator):
     """The refine generator, keeping its inputs and outputs of every segment for the picture."""
 
-    def __init__(self, config: RefineConfig, keep_input_confidence: bool = False) -> None:
+    def __init__(self, config: RefineConfig) -> None:
         super().__init__(config)
-        self.keep_input_confidence = keep_input_confidence
         self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def refine(self, frames, renders):
         out = super().refine(frames, renders)
         self.seen.append((frames.images.cpu(), renders.rgb.cpu(), out.images.cpu()))
-        if self.keep_input_confidence:
-            out = replace(out, confidence=frames.confidence)
         return out
 
 
@@ -214,12 +215,23 @@ def variant_generator(v: str, gen_over: dict, refine_seconds: float | None, refi
         if refine_seconds is not None and "seconds" not in over:
             over["seconds"] = refine_seconds
         over["max_steps"] = refine_steps
-        keep = over.pop("keep_input_confidence", False)
-        return RecordingRefiner(RefineConfig(**over), keep_input_confidence=keep)
+        return RecordingRefiner(RefineConfig(**over))
     return ReprojectGenerator(ReprojectConfig(**gen_over))
 
 
 # ---- end of the refiner variants
+
+
+def baselines(runs: dict[str, list[dict]], variant: str) -> dict[int, dict]:
+    """Seed -> the report holding a variant's baselines: its own where it scored them, else the default
+    row's of the same seed."""
+    reports = runs[variant] if "gaussians_captures" in runs[variant][0] else runs["default"]
+    return {r["seed"]: r for r in reports}
+
+
+def seed_scores(reports: list[dict], base: dict[int, dict], key: str) -> list[float]:
+    """PSNR of ``key`` per seed of a variant's reports (from ``base`` where the row has no score of its own)."""
+    return [(r if key in r else base[r["seed"]])[key]["psnr"] for r in reports if key in r or key in base[r["seed"]]]
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
@@ -227,15 +239,12 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     Gaussians and frames, the baselines (the variant's own when it scored them, else the default
     row's), masked where the scene has masks, and the loop's gain over the captures-only Gaussians of
     the same seed and settings."""
-    default = {r["seed"]: r for r in runs["default"]}
     out: dict[str, dict[str, float]] = {}
     for v, reports in runs.items():
         row: dict[str, float] = {}
-        base = {r["seed"]: r for r in reports} if "gaussians_captures" in reports[0] else default
+        base = baselines(runs, v)
         for key in [k for s in SCORE_KEYS for k in (s, f"{s}_masked")]:
-            vals = [
-                (r if key in r else base[r["seed"]])[key]["psnr"] for r in reports if key in r or key in base[r["seed"]]
-            ]
+            vals = seed_scores(reports, base, key)
             if vals:
                 row[key] = statistics.fmean(vals)
                 row[f"{key}_std"] = statistics.pstdev(vals)
@@ -317,6 +326,15 @@ def markdown(results: dict) -> str:
             cells = [f"{row[k]:.2f} +- {row[k + '_std']:.2f}" if k in row else "" for k in cols]
             cells += [format(row[g], PLAIN_COLUMNS.get(g, "+.2f")) if g in row else "" for g in gains]
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        if len(scene["seeds"]) > 1:  # the figures behind the means, seed by seed
+            lines += ["", f"per seed ({' / '.join(map(str, scene['seeds']))}):", ""]
+            lines.append("| variant | " + " | ".join(cols) + " |")
+            lines.append("| --- " * (1 + len(cols)) + "|")
+            for v, reports in scene["runs"].items():
+                base = baselines(scene["runs"], v)
+                in_order = sorted(reports, key=lambda r: r["seed"])
+                cells = [" / ".join(f"{x:.2f}" for x in seed_scores(in_order, base, k)) for k in cols]
+                lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

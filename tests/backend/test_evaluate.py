@@ -124,6 +124,8 @@ def test_bench_quality_merges_runs_of_one_seed_each() -> None:
     row = scene["summary"]["default"]
     assert row["gaussians_loop"] == pytest.approx(64.0 / 3) and row["gaussians_captures"] == pytest.approx(20.0)
     assert row["loop_minus_captures"] == pytest.approx(4.0 / 3)  # gains paired seed by seed
+    table = bq.markdown(merged)  # the means, then the figures behind them seed by seed
+    assert "| default | 21.00 / 19.00 / 20.00 | 21.50 / 21.50 / 21.00 |" in table.split("per seed (0 / 1 / 2):")[1]
     # processes of one seed, each with the default row and its own variant: the default rows' mean
     merged = bq.merge_results([part(0, 20.0, 21.0), part(0, 20.2, 21.2, variant=22.0)])
     scene = merged["scenes"]["temple"]
@@ -131,10 +133,36 @@ def test_bench_quality_merges_runs_of_one_seed_each() -> None:
     assert default["gaussians_loop"]["psnr"] == pytest.approx(21.1) and default["rows"] == 2
     assert scene["summary"]["default"]["loop_minus_captures"] == pytest.approx(1.0)
     assert scene["summary"]["no guide"]["gaussians_loop"] == pytest.approx(22.0)
+    assert "per seed" not in bq.markdown(merged)  # one seed: the means are the figures
     with pytest.raises(ValueError, match="seed"):  # a variant's row twice for one seed is a mistake
         bq.merge_results([part(0, 20.0, 21.0, variant=22.0), part(0, 20.0, 21.0, variant=22.0)])
     with pytest.raises(ValueError, match="iterations"):
         bq.merge_results([part(0, 20.0, 21.0), {**part(1, 20.0, 21.0), "iterations": 20}])
+
+
+def test_bench_quality_variants_reach_the_loop_config() -> None:
+    """A variant's overrides land in the LoopConfig the bench runs, the rest of it the default's."""
+    import sys
+
+    from backend.loop import LoopConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    try:
+        import bench_loop_quality as bq
+    finally:
+        sys.path.pop(0)
+    base = LoopConfig()
+
+    def config(variant: str) -> LoopConfig:
+        loop_over, fit_over, _ = bq.VARIANTS[variant]
+        return bq.loop_config(base, loop_over, fit_over)
+
+    pm3 = config("patchmatch 3 degrees")
+    assert pm3.estimator == "patchmatch" and pm3.memory.patchmatch.min_triangulation_angle_deg == 3.0
+    assert base.memory.patchmatch.min_triangulation_angle_deg == 1.0  # the default itself untouched
+    assert config("patchmatch geometry").memory == base.memory
+    assert not config("no memory update").update.enabled and not config("no guide").guide.enabled
+    assert config("capture share 0.7").fit.capture_share == 0.7 and config("capture share 0.7").memory == base.memory
 
 
 def test_gpu_job_specs_name_known_scenes_and_variants() -> None:

@@ -240,8 +240,8 @@ SETTINGS: tuple[Setting, ...] = (
         "mvs",
         "Geometry",
         "How the captures' depth is found: 'mvs' plane-sweep stereo (CPU or GPU); 'patchmatch' COLMAP's "
-        "PatchMatch (needs pycolmap's CUDA build; better on wide-baseline photos, worse on close forward-facing "
-        "ones, 15-50 s more on an H200); 'hull' the visual hull of the captures' masks. Falls back when it finds too little",
+        "PatchMatch (needs pycolmap's CUDA build; a little better on the door's textured photos, worse on close "
+        "forward-facing ones, 15-50 s more on an H200); 'hull' the visual hull of the captures' masks. Falls back when it finds too little",
         choices=("mvs", "patchmatch", "hull"),
         section=SECTION_ADVANCED,
     ),

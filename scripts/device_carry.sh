@@ -4,8 +4,8 @@
 # `make setup`; a new checkout has none of them. Each carry is at most 64 MiB: carry what a stage reads.
 #   .whl/            gsplat, diffusers, peft, plyfile, pyzmq, msgpack, ... as cp312 wheels (about 15 MB)
 #   .whlq/           .whl without diffusers and peft (about 8.6 MB): .whlq + .pcmx + the door's images fit
-#                    one 64-MiB carry (scripts/jobs/door_patchmatch.txt)
-#   .pcmx/           pycolmap-cuda12 + libcudart (pcm_cuda.tar.xz, about 47 MB) and the X11 client
+#                    one 64-MiB carry with the tracked files, which count too (4.1 MB; door_patchmatch.txt)
+#   .pcmx/           pycolmap-cuda12 + libcudart (pcm_cuda.tar.xz, about 44 MB) and the X11 client
 #                    libraries it links (xlibs.tar.xz, from this Debian 12 machine); `gpu_runs.sh unpack_pycolmap`
 #   .device_data/    the shared scenes (never committed): the fern's images_8, the door, its COLMAP model
 #                    imported into a scene.json (the GPU machine reads it without pycolmap), temple, dino
@@ -36,7 +36,9 @@ for w in "${what[@]}"; do
       download "$tmp" pycolmap-cuda12 nvidia-cuda-runtime-cu12
       mkdir -p "$tmp/site" "$tmp/xlibs" .pcmx
       for f in "$tmp"/*.whl; do python3 -m zipfile -e "$f" "$tmp/site/"; done
-      tar cf - -C "$tmp/site" . | xz -T2 -6 > .pcmx/pcm_cuda.tar.xz
+      # pycolmap loads libcudart.so.12 alone: the runtime wheel's headers and static libraries stay behind
+      rm -rf "$tmp/site/nvidia/cuda_runtime/include" "$tmp"/site/nvidia/cuda_runtime/lib/*.a
+      tar cf - -C "$tmp/site" . | xz -T2 -9e > .pcmx/pcm_cuda.tar.xz  # -9e: 1.3 MB under -6, 3 minutes
       for lib in libSM.so.6 libICE.so.6 libX11.so.6 libXext.so.6 libxcb.so.1 libXau.so.6 libXdmcp.so.6 \
         libuuid.so.1 libbsd.so.0 libmd.so.0; do
         cp -L "/usr/lib/x86_64-linux-gnu/$lib" "$tmp/xlibs/"

@@ -132,10 +132,15 @@ def loop_config(base: LoopConfig, overrides: dict, fit_overrides: dict) -> LoopC
     return replace(cfg, fit=replace(cfg.fit, **fit_overrides))
 
 
+# FitConfig fields that only weigh the generated frames: a captures-only fit is the same with or without them
+FRAME_ONLY_FIT_FIELDS = {"capture_share"}
+
+
 def has_baselines(variant: str) -> bool:
-    """Variants that change the fit or the geometry score their own captures-only fit."""
+    """Variants that change the fit (beyond how it weighs the frames) or the geometry score their own
+    captures-only fit; the others are paired with the default row's of the same seed."""
     loop_over, fit_over, _ = VARIANTS.get(variant, ({}, {}, {}))
-    return variant == "default" or bool(fit_over) or "estimator" in loop_over
+    return variant == "default" or bool(set(fit_over) - FRAME_ONLY_FIT_FIELDS) or "estimator" in loop_over
 
 
 # ---- refiner variants: the "refine" generator (reproject + a U-Net trained on the scene's

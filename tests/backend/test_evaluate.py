@@ -163,6 +163,9 @@ def test_bench_quality_variants_reach_the_loop_config() -> None:
     assert config("patchmatch geometry").memory == base.memory
     assert not config("no memory update").update.enabled and not config("no guide").guide.enabled
     assert config("capture share 0.7").fit.capture_share == 0.7 and config("capture share 0.7").memory == base.memory
+    # which rows fit their own captures-only baseline: the frames' share of the fit does not change it
+    assert [bq.has_baselines(v) for v in ("default", "dropout 0.3", "patchmatch 3 degrees")] == [True] * 3
+    assert [bq.has_baselines(v) for v in ("capture share 0.7", "blend 0.9", "no guide")] == [False] * 3
 
 
 def test_gpu_job_specs_name_known_scenes_and_variants() -> None:

@@ -58,6 +58,8 @@ SCENES = {
     "temple": ("middlebury_temple", "middlebury", "ring-arc", (512, 384), {}),
     "fern": ("llff_fern", "llff", "llff", (504, 378), {}),
     "temple-ring": ("middlebury_temple", "middlebury", "ring", (512, 384), {"silhouettes": True}),
+    # the ring-arc with the silhouettes: masked scores, and the visual hull as a geometry to compare
+    "temple-masked": ("middlebury_temple", "middlebury", "ring-arc", (512, 384), {"silhouettes": True}),
     "dino-ring": ("middlebury_dino", "middlebury", "ring", (512, 384), {"silhouettes": True}),
     "door": ("lund_door", "colmap", "ring-arc", (384, 576), {}),  # portrait photos, lens distortion undone
 }

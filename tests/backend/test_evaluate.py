@@ -101,15 +101,28 @@ def test_evaluate_needs_heldout(temple_dir: Path, tmp_path: Path) -> None:
         evaluate_scene(scene, tmp_path / "eval", device="cpu")
 
 
-def test_bench_quality_merges_runs_of_one_seed_each() -> None:
-    """scripts/bench_loop_quality.py --merge: concurrent one-seed runs give one summary per scene."""
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def script_module(name: str):
+    """``scripts/<name>.py`` imported as a module."""
+    import importlib
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    sys.path.insert(0, str(SCRIPTS))
     try:
-        import bench_loop_quality as bq
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+def bench_quality():
+    return script_module("bench_loop_quality")
+
+
+def test_bench_quality_merges_runs_of_one_seed_each() -> None:
+    """scripts/bench_loop_quality.py --merge: concurrent one-seed runs give one summary per scene."""
+    bq = bench_quality()
 
     def part(seed: int, caps: float, loop: float, variant: float | None = None) -> dict:
         run = {"seed": seed, "gaussians_captures": {"psnr": caps}, "gaussians_loop": {"psnr": loop}}
@@ -142,15 +155,7 @@ def test_bench_quality_merges_runs_of_one_seed_each() -> None:
 
 def test_bench_quality_variants_reach_the_loop_config() -> None:
     """A variant's overrides land in the LoopConfig the bench runs, the rest of it the default's."""
-    import sys
-
-    from backend.loop import LoopConfig
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-    try:
-        import bench_loop_quality as bq
-    finally:
-        sys.path.pop(0)
+    bq = bench_quality()
     base = LoopConfig()
 
     def config(variant: str) -> LoopConfig:
@@ -171,19 +176,12 @@ def test_bench_quality_variants_reach_the_loop_config() -> None:
 def test_gpu_job_specs_name_known_scenes_and_variants() -> None:
     """scripts/jobs/*.txt (``gpu_runs.sh jobs``): every line's scene and variants are the bench's, so a
     renamed variant fails here and not after a device machine's start-up."""
-    import sys
-
-    scripts = Path(__file__).resolve().parents[2] / "scripts"
-    sys.path.insert(0, str(scripts))
-    try:
-        import bench_loop_quality as bq
-    finally:
-        sys.path.pop(0)
+    bq = bench_quality()
     known = {*bq.VARIANTS, *bq.REFINE_VARIANTS}
     assert not [v for v in known if "," in v]  # --variants and the specs split names on commas
     lines = [
         (spec.name, line)
-        for spec in sorted((scripts / "jobs").glob("*.txt"))
+        for spec in sorted((SCRIPTS / "jobs").glob("*.txt"))
         for line in spec.read_text().splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
@@ -197,13 +195,7 @@ def test_gpu_job_specs_name_known_scenes_and_variants() -> None:
 
 def test_bench_loop_fit_set_types_values_and_names_a_bad_field() -> None:
     """scripts/bench_loop.py --fit-set FIELD=VALUE: a candidate FitConfig default timed before it lands."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-    try:
-        import bench_loop
-    finally:
-        sys.path.pop(0)
+    bench_loop = script_module("bench_loop")
     got = bench_loop.fit_overrides(["strategy=mcmc", "dropout_rate=0.1", "mcmc_cap=30000", "has_random_background=no"])
     assert got == {"strategy": "mcmc", "dropout_rate": 0.1, "mcmc_cap": 30000, "has_random_background": False}
     with pytest.raises(SystemExit, match="--fit-set droput: not a bool, int, float or str field of FitConfig"):

@@ -47,7 +47,7 @@ from .evaluate_args import DEFAULT_TRAIN_VIEWS, PROTOCOLS, TRAJECTORY_MODES, add
 from .generators import Generator
 from .loop import LoopConfig, run_loop
 from .masks import stack_masks
-from .metrics import DATA_RANGE, MSE_FLOOR, image_metrics, load_lpips, ssim_map, weighted_l1
+from .metrics import DATA_RANGE, MSE_FLOOR, best_of_blocks, image_metrics, load_lpips, ssim_map, weighted_l1
 from .progress import ProgressFn, no_progress
 from .scene import Camera, Scene, TrajectoryFrame
 from .stages.cameras import load_image, resize_image, to_tensor, undistorted, working_size
@@ -67,6 +67,9 @@ SAME_POSE_DEG = 1.0
 LLFF_HOLDOUT_EVERY = 8  # LLFF protocol: every 8th image is a test view
 FRAMES_PER_LEG = 3  # trajectory frames per leg of the path (keys included) in heldout/interpolate modes
 PICTURE_ROWS = 4
+# frames_guide_oracle: per tile of this side, the frame or the captures-only render, whichever is closer to
+# the held-out photo: the ceiling of any region-wise fusion of the two (the refiner's fusion head's space)
+ORACLE_BLOCK_PX = 16
 
 
 @dataclass(frozen=True)
@@ -338,6 +341,10 @@ def evaluate_scene(
         report["frames_confidence"] = float(conf.mean())
         report["frames_l1"] = float((images - truth[hs]).abs().mean())
         report["frames_weighted_l1"] = float(weighted_l1(images, truth[hs], conf)) if conf.sum() > 0 else None
+        if baselines:
+            guide_at = caps_render[hs].to(truth).clamp(0, 1)  # tiles chosen on what score() sees
+            oracle = best_of_blocks(images.clamp(0, 1), guide_at, truth[hs], ORACLE_BLOCK_PX)
+            report["frames_guide_oracle"] = score(oracle, truth[hs])
         if len(hs) == len(held):  # the generated frames at the held-out cameras, last column
             columns.append(result.frames.images[picked])  # hs is then every held-out view, in order
     rows = outputs.overview_rows(columns, outputs.spread(len(held), PICTURE_ROWS))
@@ -390,7 +397,7 @@ def run_eval(args: argparse.Namespace) -> int:
         report = evaluate_scene(
             scene, args.out, device=device, trajectory_mode=args.trajectory_mode, config=EvalConfig(loop=loop_cfg)
         )
-    keys = ("points", "gaussians_captures", "gaussians_loop", "frames")
+    keys = ("points", "gaussians_captures", "gaussians_loop", "frames", "frames_guide_oracle")
     for key in [k for base in keys for k in (base, f"{base}_masked")]:
         if key in report:
             print(f"{key:20s} " + "  ".join(f"{k} {v:.4f}" for k, v in report[key].items()))

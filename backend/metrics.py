@@ -91,6 +91,36 @@ def weighted_l1(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
     return (weight * err).sum() / weight.sum()
 
 
+def best_of_blocks(a: Tensor, b: Tensor, target: Tensor, block: int) -> Tensor:
+    """Per ``block`` x ``block`` tile, whichever of two images is closer to the target (mean squared
+    error; edge tiles are smaller): what the best per-tile choice between them scores, an upper bound for
+    anything that fuses the two by regions (the refiner's fusion head weighs the guide's render against
+    the reprojection per pixel). Ties keep ``a``.
+
+    Args:
+        a, b, target: images in [0, 1]. [F, H, W, 3] or [H, W, 3]
+        block: tile side in pixels, >= 1.
+
+    Returns:
+        the composite. [F, H, W, 3]
+    """
+    a, target = _check_pair(a, target)
+    b, _ = _check_pair(b, target)
+    if block < 1:
+        raise ValueError(f"block must be >= 1; got {block}")
+    H, W = target.shape[1:3]
+
+    def tile_mse(x: Tensor) -> Tensor:  # [F, ceil(H / block), ceil(W / block)]
+        err = ((x - target) ** 2).mean(-1, keepdim=True).permute(0, 3, 1, 2)
+        ones = torch.ones_like(err)
+        total = F.avg_pool2d(err, block, ceil_mode=True, divisor_override=1)
+        return (total / F.avg_pool2d(ones, block, ceil_mode=True, divisor_override=1))[:, 0]
+
+    take_b = tile_mse(b) < tile_mse(a)
+    take_b = take_b.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :H, :W, None]
+    return torch.where(take_b, b, a)
+
+
 def gaussian_window(
     size: int = SSIM_WINDOW,
     sigma: float = SSIM_SIGMA,

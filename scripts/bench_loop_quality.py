@@ -119,7 +119,7 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "crop to masks": ({"has_crop_to_masks": True}, {}, {}),
 }
 LOOP_FIELDS = ("estimator", "has_crop_to_masks")
-SCORE_KEYS = ("points", "gaussians_captures", "gaussians_loop", "frames", "refine_input_frames")
+SCORE_KEYS = ("points", "gaussians_captures", "gaussians_loop", "frames", "frames_guide_oracle", "refine_input_frames")
 
 
 def loop_config(base: LoopConfig, overrides: dict, fit_overrides: dict) -> LoopConfig:

@@ -87,6 +87,9 @@ def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pyt
     assert 0.0 < report["frames_confidence"] <= 1.0
     # the frames' error per unit of the fit's weight, beside their plain mean absolute error
     assert 0.0 < report["frames_l1"] < 0.5 and 0.0 < report["frames_weighted_l1"] < 0.5
+    # the best tile-wise choice between the frames and the captures-only render beats both, view by view
+    oracle = report["frames_guide_oracle"]["psnr"]
+    assert oracle >= max(report["frames"]["psnr"], report["gaussians_captures"]["psnr"]) - 1e-6
     assert 0.0 < report["points_coverage"] < 1.0
     on_disk = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert on_disk["gaussians_loop"]["psnr"] == pytest.approx(report["gaussians_loop"]["psnr"])

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from backend.metrics import ImageMetrics, image_metrics, load_lpips, psnr, ssim, ssim_map, weighted_l1
+from backend.metrics import (
+    ImageMetrics,
+    best_of_blocks,
+    image_metrics,
+    load_lpips,
+    psnr,
+    ssim,
+    ssim_map,
+    weighted_l1,
+)
 
 
 def test_psnr_known_values():
@@ -16,6 +25,27 @@ def test_psnr_known_values():
     pred = torch.stack([torch.full((8, 8, 3), 0.1), torch.full((8, 8, 3), 0.01)])
     torch.testing.assert_close(psnr(pred, target), torch.tensor([20.0, 40.0]))
     assert psnr(target[0], target[0]).item() == pytest.approx(100.0)  # floored, not inf
+
+
+def test_best_of_blocks_takes_the_closer_image_per_tile() -> None:
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 21, 35, 3, generator=g)  # tiles of 8: the last row and column of tiles are partial
+    a, b = target.clone(), target.clone()
+    a[:, :8, :8] += 0.3  # a is wrong in the first tile, b in the last (partial) one
+    b[:, 16:, 32:] -= 0.3
+    both = best_of_blocks(a, b, target, 8)
+    assert torch.equal(both[:, :8, :8], b[:, :8, :8]) and torch.equal(both[:, 16:, 32:], a[:, 16:, 32:])
+    assert torch.equal(both, target)  # each tile from the image that is right there
+    noisy = (target + 0.05 * torch.randn(target.shape, generator=g)).clamp(0, 1)
+    other = (target + 0.05 * torch.randn(target.shape, generator=g)).clamp(0, 1)
+    best = psnr(best_of_blocks(noisy, other, target, 4), target)
+    assert (best >= torch.maximum(psnr(noisy, target), psnr(other, target))).all()
+    assert torch.equal(best_of_blocks(a, a.clone(), target, 8), a)  # ties keep the first
+    assert best_of_blocks(a[0], b[0], target[0], 8).shape == (1, 21, 35, 3)
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        best_of_blocks(a, b, target, 0)
+    with pytest.raises(ValueError, match="one shape"):
+        best_of_blocks(a, b[:, :20], target, 8)
 
 
 def test_weighted_l1_is_the_error_per_unit_of_weight():

@@ -219,6 +219,7 @@ def evaluate_scene(
     progress: ProgressFn = no_progress,
     generator: Generator | None = None,
     baselines: bool = True,
+    keep: dict[str, Tensor] | None = None,
 ) -> dict[str, Any]:
     """Score (a) point render, (b) captures-only Gaussians, (c) the full loop at the held-out cameras.
 
@@ -234,6 +235,9 @@ def evaluate_scene(
         generator: a ready generator for the loop (default: built from the loop config's name).
         baselines: also score (a) and (b); off scores the loop alone (comparing loop variants
             against baselines computed once).
+        keep: filled, for analysis, with the tensors at the held-out views the trajectory passes:
+            ``truth``, ``frames`` [V, H, W, 3], ``confidence`` [V, H, W], and ``guide`` (the captures-only
+            render) when ``baselines``.
     Returns:
         the report written to eval.json.
     """
@@ -341,10 +345,14 @@ def evaluate_scene(
         report["frames_confidence"] = float(conf.mean())
         report["frames_l1"] = float((images - truth[hs]).abs().mean())
         report["frames_weighted_l1"] = float(weighted_l1(images, truth[hs], conf)) if conf.sum() > 0 else None
+        if keep is not None:
+            keep.update(truth=truth[hs], frames=images, confidence=conf)
         if baselines:
             guide_at = caps_render[hs].to(truth).clamp(0, 1)  # tiles chosen on what score() sees
             oracle = best_of_blocks(images.clamp(0, 1), guide_at, truth[hs], ORACLE_BLOCK_PX)
             report["frames_guide_oracle"] = score(oracle, truth[hs])
+            if keep is not None:
+                keep["guide"] = guide_at
         if len(hs) == len(held):  # the generated frames at the held-out cameras, last column
             columns.append(result.frames.images[picked])  # hs is then every held-out view, in order
     rows = outputs.overview_rows(columns, outputs.spread(len(held), PICTURE_ROWS))

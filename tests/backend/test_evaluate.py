@@ -70,6 +70,7 @@ def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pyt
     scene = replace(scene, settings=Settings(width=64, height=48, gaussian_iterations=30, segment_length=8))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    kept: dict[str, torch.Tensor] = {}
     try:
         report = evaluate_scene(
             scene,
@@ -77,6 +78,7 @@ def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pyt
             device="cpu",
             trajectory_mode="heldout",
             config=EvalConfig(loop=LoopConfig.from_settings(scene.settings), frames_per_leg=2),
+            keep=kept,
         )
     finally:
         torch.set_num_threads(threads)
@@ -90,6 +92,12 @@ def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pyt
     # the best tile-wise choice between the frames and the captures-only render beats both, view by view
     oracle = report["frames_guide_oracle"]["psnr"]
     assert oracle >= max(report["frames"]["psnr"], report["gaussians_captures"]["psnr"]) - 1e-6
+    assert {k: tuple(v.shape) for k, v in kept.items()} == {  # the tensors behind those figures, when asked
+        "truth": (2, 48, 64, 3),
+        "frames": (2, 48, 64, 3),
+        "guide": (2, 48, 64, 3),
+        "confidence": (2, 48, 64),
+    }
     assert 0.0 < report["points_coverage"] < 1.0
     on_disk = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert on_disk["gaussians_loop"]["psnr"] == pytest.approx(report["gaussians_loop"]["psnr"])
@@ -174,6 +182,27 @@ def test_bench_quality_variants_reach_the_loop_config() -> None:
     # which rows fit their own captures-only baseline: the frames' share of the fit does not change it
     assert [bq.has_baselines(v) for v in ("default", "dropout 0.3", "patchmatch 3 degrees")] == [True] * 3
     assert [bq.has_baselines(v) for v in ("capture share 0.7", "blend 0.9", "no guide")] == [False] * 3
+
+
+def test_frames_chooser_scores_signals_against_the_truths_choice() -> None:
+    """scripts/frames_chooser.py: a signal that marks the tiles where the frames win exactly reaches the
+    oracle's gain with AUC 1; one that marks the wrong tiles loses to the guide."""
+    chooser = script_module("frames_chooser")
+    g = torch.Generator().manual_seed(0)
+    truth = torch.rand(1, 32, 64, 3, generator=g)
+    noise = 0.2 * torch.randn(truth.shape, generator=g)
+    guide, frames = truth.clone(), truth.clone()
+    guide[:, :, 32:] += noise[:, :, 32:]  # the guide is wrong on the right half, the frames on the left
+    frames[:, :, :32] += noise[:, :, :32]
+    conf = torch.zeros(1, 32, 64)
+    conf[:, :, 32:] = 1.0  # the frames' confidence marks where they are right
+    share, rows = chooser.chooser_table(truth, guide, frames, conf, 16)
+    by_name = {name: (a, gain) for name, a, gain in rows}
+    assert share == 0.5 and by_name["confidence"][0] == 1.0
+    assert by_name["confidence"][1] == pytest.approx(by_name["the truth (oracle)"][1]) and by_name["confidence"][1] > 10
+    _, rows = chooser.chooser_table(truth, guide, frames, 1.0 - conf, 16)
+    a, gain = {name: (a, gain) for name, a, gain in rows}["confidence"]
+    assert a == 0.0 and gain < 0
 
 
 def test_gpu_job_specs_name_known_scenes_and_variants() -> None:

@@ -68,7 +68,7 @@ LLFF_HOLDOUT_EVERY = 8  # LLFF protocol: every 8th image is a test view
 FRAMES_PER_LEG = 3  # trajectory frames per leg of the path (keys included) in heldout/interpolate modes
 PICTURE_ROWS = 4
 # frames_guide_oracle: per tile of this side, the frame or the captures-only render, whichever is closer to
-# the held-out photo: the ceiling of any region-wise fusion of the two (the refiner's fusion head's space)
+# the held-out photo: how much the frames hold that the guide lacks, for a chooser that knew where
 ORACLE_BLOCK_PX = 16
 
 

@@ -93,9 +93,9 @@ def weighted_l1(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
 
 def best_of_blocks(a: Tensor, b: Tensor, target: Tensor, block: int) -> Tensor:
     """Per ``block`` x ``block`` tile, whichever of two images is closer to the target (mean squared
-    error; edge tiles are smaller): what the best per-tile choice between them scores, an upper bound for
-    anything that fuses the two by regions (the refiner's fusion head weighs the guide's render against
-    the reprojection per pixel). Ties keep ``a``.
+    error; edge tiles are smaller): what the best choice of one source per tile scores, the ceiling of
+    region-wise choices between them (a per-pixel blend, such as the refiner's fusion head, may do better
+    where both sources are partly right). Ties keep ``a``.
 
     Args:
         a, b, target: images in [0, 1]. [F, H, W, 3] or [H, W, 3]

@@ -91,6 +91,23 @@ def weighted_l1(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
     return (weight * err).sum() / weight.sum()
 
 
+def tile_means(x: Tensor, block: int) -> Tensor:
+    """Mean of a per-pixel map per ``block`` x ``block`` tile (edge tiles are smaller).
+
+    Args:
+        x: per-pixel values. [F, H, W]
+        block: tile side in pixels, >= 1.
+
+    Returns:
+        [F, ceil(H / block), ceil(W / block)]
+    """
+    if block < 1:
+        raise ValueError(f"block must be >= 1; got {block}")
+    x = x[:, None]
+    total = F.avg_pool2d(x, block, ceil_mode=True, divisor_override=1)
+    return (total / F.avg_pool2d(torch.ones_like(x), block, ceil_mode=True, divisor_override=1))[:, 0]
+
+
 def best_of_blocks(a: Tensor, b: Tensor, target: Tensor, block: int) -> Tensor:
     """Per ``block`` x ``block`` tile, whichever of two images is closer to the target (mean squared
     error; edge tiles are smaller): what the best choice of one source per tile scores, the ceiling of
@@ -106,17 +123,8 @@ def best_of_blocks(a: Tensor, b: Tensor, target: Tensor, block: int) -> Tensor:
     """
     a, target = _check_pair(a, target)
     b, _ = _check_pair(b, target)
-    if block < 1:
-        raise ValueError(f"block must be >= 1; got {block}")
     H, W = target.shape[1:3]
-
-    def tile_mse(x: Tensor) -> Tensor:  # [F, ceil(H / block), ceil(W / block)]
-        err = ((x - target) ** 2).mean(-1, keepdim=True).permute(0, 3, 1, 2)
-        ones = torch.ones_like(err)
-        total = F.avg_pool2d(err, block, ceil_mode=True, divisor_override=1)
-        return (total / F.avg_pool2d(ones, block, ceil_mode=True, divisor_override=1))[:, 0]
-
-    take_b = tile_mse(b) < tile_mse(a)
+    take_b = tile_means(((b - target) ** 2).mean(-1), block) < tile_means(((a - target) ** 2).mean(-1), block)
     take_b = take_b.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :H, :W, None]
     return torch.where(take_b, b, a)
 

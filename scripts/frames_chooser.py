@@ -29,11 +29,12 @@ from bench_loop_quality import SCENES  # noqa: E402
 
 from backend.evaluate import ORACLE_BLOCK_PX, EvalConfig, evaluate_scene, scene_for_eval  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
+from backend.metrics import tile_means  # noqa: E402
 
 
 def tile_mean(x: Tensor, block: int) -> Tensor:
-    """Mean per block x block tile of a per-pixel map. [F, H, W] -> [F * tiles]"""
-    return F.avg_pool2d(x[:, None], block).flatten()
+    """Mean per tile of a per-pixel map, as frames_guide_oracle tiles it. [F, H, W] -> [F * tiles]"""
+    return tile_means(x, block).flatten()
 
 
 def detail(x: Tensor) -> Tensor:
@@ -82,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="256x192", help="working size WxH")
     p.add_argument("--iterations", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--block", type=int, default=ORACLE_BLOCK_PX, help="tile side in pixels")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    W, H = (int(v) for v in args.size.lower().split("x"))
+    try:
+        W, H = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        p.error(f"--size: expected WIDTHxHEIGHT such as 256x192; got {args.size!r}")
     folder, fmt, protocol, _, options = SCENES[args.scene]
     with tempfile.TemporaryDirectory(prefix="reconloop-chooser-") as work:
         scene = scene_for_eval(args.data / folder, fmt, protocol, 3, Path(work) / "scene", **options)
@@ -106,13 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.scene} {w}x{h}, {args.iterations} steps, seed {args.seed}: captures only "
         f"{report['gaussians_captures']['psnr']:.2f}, loop {report['gaussians_loop']['psnr']:.2f}, "
-        f"frames {report['frames']['psnr']:.2f}, best {args.block}-px tiles {report['frames_guide_oracle']['psnr']:.2f}"
+        f"frames {report['frames']['psnr']:.2f}, best {ORACLE_BLOCK_PX}-px tiles {report['frames_guide_oracle']['psnr']:.2f}"
     )
     print(
-        f"\n| signal ({args.block}-px tiles) | AUC for 'the frame wins' | frames where it is highest: dB over the guide |"
+        f"\n| signal ({ORACLE_BLOCK_PX}-px tiles) | AUC for 'the frame wins' | frames where it is highest: dB over the guide |"
     )
     print("| --- | ---: | ---: |")
-    share, rows = chooser_table(truth, guide, frames.clamp(0, 1), conf, args.block)
+    share, rows = chooser_table(truth, guide, frames.clamp(0, 1), conf, ORACLE_BLOCK_PX)
     for name, a, gain in rows:
         print(f"| {name} | {a:.3f} | {gain:+.2f} |")
     print(f"\nthe frames win {share:.0%} of the tiles; the gains pool the tiles' squared error (all views together)")

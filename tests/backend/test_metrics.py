@@ -16,6 +16,7 @@ from backend.metrics import (
     psnr,
     ssim,
     ssim_map,
+    tile_means,
     weighted_l1,
 )
 
@@ -25,6 +26,16 @@ def test_psnr_known_values():
     pred = torch.stack([torch.full((8, 8, 3), 0.1), torch.full((8, 8, 3), 0.01)])
     torch.testing.assert_close(psnr(pred, target), torch.tensor([20.0, 40.0]))
     assert psnr(target[0], target[0]).item() == pytest.approx(100.0)  # floored, not inf
+
+
+def test_tile_means_average_whole_and_partial_tiles() -> None:
+    x = torch.arange(5 * 3, dtype=torch.float32).reshape(1, 5, 3)  # 2x2 tiles: the last row and column partial
+    expected = torch.tensor(
+        [[[(0 + 1 + 3 + 4) / 4, (2 + 5) / 2], [(6 + 7 + 9 + 10) / 4, (8 + 11) / 2], [(12 + 13) / 2, 14]]]
+    )
+    assert torch.allclose(tile_means(x, 2), expected)
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        tile_means(x, 0)
 
 
 def test_best_of_blocks_takes_the_closer_image_per_tile() -> None:

@@ -52,7 +52,6 @@ from .progress import ProgressFn, no_progress
 from .scene import Camera, Scene, TrajectoryFrame
 from .stages.cameras import load_image, resize_image, to_tensor, undistorted, working_size
 from .stages.fit import FitViews, fit_gaussians, render_gaussians
-from .stages.guide import guide_fit_config
 from .stages.memory import build_memory
 from .stages.render import render_memory
 from .types import Cameras, Views
@@ -320,7 +319,7 @@ def evaluate_scene(
         progress=progress,
         config=replace(loop_cfg, width=W, height=H),
         generator=generator,
-        guide=g_caps if baselines and guide_fit_config(loop_cfg.fit, loop_cfg.guide) == loop_cfg.fit else None,
+        guide=g_caps if baselines else None,
         memory=memory if baselines else None,
         memory_notes=notes if baselines else (),
     )

@@ -266,7 +266,7 @@ def run_loop(
         with meter.measure("guide"):
             if guide is None:
                 on_step = track.steps("guide", "guide Gaussians on the captures", cfg.fit.iterations)
-                guide = fit_guide(captures, memory, cfg.fit, cfg.guide, device=device, progress=on_step)
+                guide = fit_guide(captures, memory, cfg.fit, device=device, progress=on_step)
             guide_depth = render_guide(guide, captures.cams, cfg.fit, cfg.guide)[1]
         track.finish("guide", f"guide: {len(guide)} Gaussians on the captures alone")
     else:

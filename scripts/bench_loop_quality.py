@@ -101,13 +101,7 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "mcmc cap 30k": ({}, {"mcmc_cap": 30_000}, {}),
     "mcmc cap 300k": ({}, {"mcmc_cap": 300_000}, {}),
     "mcmc regs 0.001": ({}, {"mcmc_opacity_reg": 0.001, "mcmc_scale_reg": 0.001}, {}),  # a tenth of simple_trainer's
-    "refine until 1500": ({}, {"refine_stop_iter": 1500}, {}),
-    "multiview 0.1": ({}, {"multiview_weight": 0.1}, {}),  # the captures' photometric consistency through the depth
-    "multiview 1": ({}, {"multiview_weight": 1.0}, {}),
-    "stereo 0.1": ({}, {"stereo_weight": 0.1}, {}),  # Binocular3DGS: a virtual camera beside each capture
-    "stereo 0.5": ({}, {"stereo_weight": 0.5}, {}),
-    "guide multiview 1": ({"guide_multiview": 1.0}, {}, {}),  # the same in the guide's fit alone
-    "guide multiview 3": ({"guide_multiview": 3.0}, {}, {}),  # densification stops earlier: more steps for the set
+    "refine until 1500": ({}, {"refine_stop_iter": 1500}, {}),  # densification stops earlier: more steps for the set
     # the reprojection's own confidence raised about as far as the refiner's "where unsure" blend (since
     # removed) raised it
     "confidence raised": ({}, {}, {"inpainted_confidence": 0.6, "reprojected_confidence": 0.8}),
@@ -134,8 +128,6 @@ def loop_config(base: LoopConfig, overrides: dict, fit_overrides: dict) -> LoopC
         cfg = replace(cfg, update=replace(cfg.update, enabled=overrides["update"]))
     if "guide" in overrides:
         cfg = replace(cfg, guide=replace(cfg.guide, enabled=overrides["guide"]))
-    if "guide_multiview" in overrides:
-        cfg = replace(cfg, guide=replace(cfg.guide, multiview_weight=overrides["guide_multiview"]))
     if "patchmatch" in overrides:
         memory = cfg.memory
         cfg = replace(cfg, memory=replace(memory, patchmatch=replace(memory.patchmatch, **overrides["patchmatch"])))

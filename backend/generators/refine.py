@@ -62,7 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..stages.guide import fit_guide, guided_renders, render_guide
+from ..stages.fit import FitViews, fit_gaussians
+from ..stages.guide import guided_renders, render_guide
 from ..stages.render import render_memory
 from ..stages.retrieval import retrieve_views
 from ..types import ConditionVideo, Frames, GeometryMemory, Renders, Views
@@ -399,7 +400,7 @@ def degraded_inputs(
     guide = None
     if cfg.guide.enabled and cfg.has_fit:
         fit_cfg = replace(cfg.fit, iterations=fit_iterations)
-        guide = fit_guide(kept_views, sub_memory, fit_cfg, cfg.guide, device=device, progress=on_fit_step)
+        guide = fit_gaussians(FitViews.from_views(kept_views), sub_memory, fit_cfg, device=device, progress=on_fit_step)
     picked = retrieve_views(sub_memory, targets, kept_views.cams, cfg.retrieval, capture_ids=kept_views.ids)
     depth = None
     if picked:

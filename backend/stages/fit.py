@@ -36,17 +36,6 @@ Regularisers for few views that need no learned weights (each a FitConfig field)
   ``has_random_background`` is on, each step draws one random colour per frame, composites the
   render over it and puts it into the target's masked-out pixels: no Gaussian can explain the
   backdrop, so none learns it.
-- **Multi-view photometric consistency** (``multiview_weight``; the self-supervision of
-  Binocular3DGS, Han et al. 2024, and of self-supervised depth, with the other captures in place of
-  a virtual stereo view): at a step that draws a capture, its render's expected depth carries every
-  pixel into the other captures, their photos are sampled there, and the loss adds the weight x
-  the photometric error (0.85 (1 - SSIM) / 2 + 0.15 L1) of the best-matching other capture (the
-  minimum over them stands in for an occlusion test), over pixels at least half opaque. The colour
-  loss cannot see a floater that paints the capture's own colour at a wrong depth; this term can.
-- **Binocular consistency** (``stereo_weight``; Binocular3DGS's own form): the same error against
-  the render at a virtual camera moved sideways from the capture by ``stereo_baseline`` x its
-  mean rendered depth (random side and length), so the views next to each capture must agree with
-  its photo through the Gaussians' depth; it needs no second capture nearby.
 
 Pixels of zero confidence do not pull the fit: they are out of the L1 term, and inside the SSIM
 (and LPIPS) windows both the prediction and the target there are replaced by the current render,
@@ -65,7 +54,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from protocol.ply import MAX_SH_DEGREE, GaussianArrays
@@ -74,7 +62,7 @@ from ..budget import thin_memory
 from ..metrics import LpipsFn, load_lpips, ssim_map
 from ..rasterizers import RASTERIZERS, Rasterizer
 from ..rasterizers.sh import num_sh_bases, rgb_to_sh, sh_to_colors
-from ..types import Cameras, GeometryMemory, Views, backproject, project_points
+from ..types import Cameras, GeometryMemory, Views
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +120,6 @@ class FitConfig:
             0.1 on the fern (+0.16 dB) and temple (+0.24) in every seed, 0.3 no further (run 22).
         opacity_decay: opacities are multiplied by this after every step; 1 = off.
         has_random_background: with masks, masked-out pixels see a random colour (module docstring).
-        multiview_weight: weight of the captures' multi-view photometric consistency through the
-            rendered depth (module docstring; :func:`multiview_loss`); 0 = off. Needs the views'
-            ``source`` and at least two captures.
-        stereo_weight, stereo_baseline: weight of the binocular consistency (module docstring) and
-            its virtual camera's largest sideways move, a fraction of the capture's mean rendered
-            depth; 0 = off. Needs the views' ``source``.
         max_gaussians: cap on the Gaussians, 0 for none: the memory is thinned to it on a voxel grid
             before the fit (backend.budget.thin_memory) and densification prunes the least opaque
             beyond it. Set from the time budget (backend.budget.plan_budget).
@@ -182,9 +164,6 @@ class FitConfig:
     dropout_rate: float = 0.2
     opacity_decay: float = 1.0
     has_random_background: bool = True
-    multiview_weight: float = 0.0
-    stereo_weight: float = 0.0
-    stereo_baseline: float = 0.05
     max_gaussians: int = 0
     seed: int = 0
     progress_every: int = 50
@@ -297,26 +276,22 @@ class FitViews:
         confidence: per-pixel weight in [0, 1]; 1 for captures. float32 [F, H, W]
         masks: True where a pixel is the object (or what to keep); masked-out pixels see a random
             background (``FitConfig.has_random_background``); None: every pixel. bool [F, H, W]
-        source: which capture each view is (its id, ``Views.ids``), -1 for a generated frame; a
-            capture repeated in the list keeps its id. None: no view is known to be a capture. int64 [F]
     """
 
     images: Tensor
     cams: Cameras
     confidence: Tensor
     masks: Tensor | None = None
-    source: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     @staticmethod
     def from_views(views: Views, confidence: Tensor | None = None) -> FitViews:
-        """Views with a confidence map (default: ones, as for captures); ``source`` from their ids."""
+        """Views with a confidence map (default: ones, as for captures)."""
         if confidence is None:
             confidence = torch.ones(views.images.shape[:3], dtype=views.images.dtype, device=views.images.device)
-        source = torch.tensor(views.ids, dtype=torch.long, device=views.images.device)
-        return FitViews(views.images, views.cams, confidence, masks=views.masks, source=source)
+        return FitViews(views.images, views.cams, confidence, masks=views.masks)
 
     @staticmethod
     def cat(items: Sequence[FitViews]) -> FitViews:
@@ -330,22 +305,11 @@ class FitViews:
                     for v in items
                 ]
             )
-        source = None
-        if any(v.source is not None for v in items):
-            source = torch.cat(
-                [
-                    torch.full((len(v),), -1, dtype=torch.long, device=v.images.device)
-                    if v.source is None
-                    else v.source
-                    for v in items
-                ]
-            )
         return FitViews(
             torch.cat([v.images for v in items]),
             Cameras.cat([v.cams for v in items]),
             torch.cat([v.confidence for v in items]),
             masks,
-            source,
         )
 
     def check(self) -> None:
@@ -367,10 +331,6 @@ class FitViews:
         if self.masks is not None and (self.masks.dtype != torch.bool or tuple(self.masks.shape) != (f, h, w)):
             raise ValueError(
                 f"fit: views.masks must be bool [{f}, {h}, {w}]; got {self.masks.dtype} {tuple(self.masks.shape)}"
-            )
-        if self.source is not None and (self.source.dtype != torch.long or tuple(self.source.shape) != (f,)):
-            raise ValueError(
-                f"fit: views.source must be int64 [{f}]; got {self.source.dtype} {tuple(self.source.shape)}"
             )
 
 
@@ -461,46 +421,24 @@ def _render(
     sh_degree: int,
     background: Tensor,
     opacities: Tensor | None = None,
-    *,
-    with_depth: bool = False,
-) -> tuple[Tensor, dict[str, Any], Tensor | None, Tensor]:
+) -> tuple[Tensor, dict[str, Any]]:
     """Activate raw parameters and render over ``background`` ([3] or one per camera [C, 3]), with
-    ``opacities`` [N] in place of the parameters' when given.
-
-    With ``with_depth`` the colours are evaluated here (:func:`sh_to_colors`, gsplat's formula) and
-    each Gaussian's camera z is composited beside them as a fourth feature.
-
-    Returns:
-        (colours [C, H, W, 3], meta, expected camera z [C, H, W] (None without ``with_depth``; 0 where
-        nothing is drawn), accumulated opacity [C, H, W])
-    """
+    ``opacities`` [N] in place of the parameters' when given. -> colours [C, H, W, 3], meta"""
     sh = torch.cat([params["sh0"], params["shN"]], dim=1) if "shN" in params else params["sh0"]
-    means = params["means"]
-    background = background.expand(len(cams), 3)
-    colors_in, degree = sh, sh_degree
-    if with_depth:
-        z = torch.einsum("cj,nj->cn", cams.w2c[:, 2, :3], means) + cams.w2c[:, 2, 3, None]  # [C, N]
-        colors_in = torch.cat([sh_to_colors(sh_degree, means, sh, cams.w2c), z[..., None]], dim=-1)  # [C, N, 4]
-        degree = None
-        background = torch.cat([background, background.new_zeros(len(cams), 1)], dim=-1)
-    feats, alphas, meta = rasterizer.render(
-        means,
+    colors, _, meta = rasterizer.render(
+        params["means"],
         params["quats"],
         torch.exp(params["scales"]),
         torch.sigmoid(params["opacities"]) if opacities is None else opacities,
-        colors_in,
+        sh,
         cams.w2c,
         cams.K,
         cams.width,
         cams.height,
-        sh_degree=degree,
-        backgrounds=background.contiguous(),
+        sh_degree=sh_degree,
+        backgrounds=background.expand(len(cams), 3).contiguous(),
     )
-    alpha = alphas[..., 0]
-    if not with_depth:
-        return feats, meta, None, alpha
-    depth = feats[..., 3] / alpha.clamp_min(1e-6)
-    return feats[..., :3], meta, depth, alpha
+    return colors, meta
 
 
 def dropout_opacities(opacities: Tensor, rate: float, generator: torch.Generator | None = None) -> Tensor:
@@ -625,104 +563,6 @@ def confidence_loss(
     return loss
 
 
-MULTIVIEW_MIN_ALPHA = 0.5  # pixels less opaque than this have no depth to check
-MULTIVIEW_SSIM_SHARE = 0.85  # the photometric error's SSIM share (monodepth's 0.85 / 0.15)
-
-
-def multiview_loss(
-    depth: Tensor,
-    alpha: Tensor,
-    target: Tensor,
-    cam: Cameras,
-    others: Tensor,
-    other_cams: Cameras,
-    mask: Tensor | None = None,
-) -> Tensor:
-    """Photometric consistency of one capture with the others through its rendered depth.
-
-    Every pixel of the capture is lifted to the world at ``depth`` and projected into each other
-    capture; their photos are sampled there (differentiably in the depth) and compared with the
-    capture's own photo: 0.85 (1 - SSIM) / 2 + 0.15 L1 per pixel. The best-matching other capture
-    counts (where the point is hidden in one, another usually sees it), over pixels at least half
-    opaque that some other capture sees (and inside ``mask``).
-
-    Args:
-        depth: the render's expected camera z at the capture. [H, W]
-        alpha: the render's accumulated opacity there. [H, W]
-        target: the capture's photo, colours in [0, 1]. [H, W, 3]
-        cam: its camera (one).
-        others: the other captures' photos. [S, H, W, 3]
-        other_cams: their cameras (S, same size).
-        mask: pixels to check (the object's), or None for all. bool [H, W]
-
-    Returns:
-        the mean error over the checked pixels, a scalar (0 when none is checked).
-    """
-    H, W = cam.height, cam.width
-    points = backproject(depth[None], cam)[0].reshape(-1, 3)  # [HW, 3]
-    uv, z = project_points(points, other_cams)  # [S, HW, 2], [S, HW]
-    seen = (z > 1e-6) & (uv[..., 0] >= 0) & (uv[..., 0] < W) & (uv[..., 1] >= 0) & (uv[..., 1] < H)
-    grid = torch.stack([2.0 * uv[..., 0] / W - 1.0, 2.0 * uv[..., 1] / H - 1.0], dim=-1)
-    grid = torch.nan_to_num(grid, nan=2.0, posinf=2.0, neginf=-2.0).reshape(len(other_cams), H, W, 2)
-    warped = F.grid_sample(
-        others.permute(0, 3, 1, 2), grid, mode="bilinear", padding_mode="border", align_corners=False
-    )
-    warped = warped.permute(0, 2, 3, 1)  # [S, H, W, 3]
-    own = target.expand_as(warped)
-    error = MULTIVIEW_SSIM_SHARE * (1.0 - ssim_map(warped, own)) / 2.0 + (1.0 - MULTIVIEW_SSIM_SHARE) * (
-        warped - own
-    ).abs().mean(-1)  # [S, H, W]
-    error = torch.where(seen.reshape(-1, H, W), error, torch.full_like(error, float("inf")))
-    best = error.min(dim=0).values  # [H, W]
-    checked = torch.isfinite(best) & (alpha > MULTIVIEW_MIN_ALPHA)
-    if mask is not None:
-        checked = checked & mask
-    # no .any() test: it would wait for the GPU at every step
-    return torch.where(checked, best, torch.zeros_like(best)).sum() / checked.sum().clamp_min(1)
-
-
-def shifted_sideways(cams: Cameras, offsets: Tensor) -> Cameras:
-    """Cameras moved along their own x axis by ``offsets`` (world units, [C]); same orientation."""
-    w2c = cams.w2c.clone()
-    w2c[:, 0, 3] = w2c[:, 0, 3] - offsets
-    return Cameras(w2c, cams.K, cams.width, cams.height)
-
-
-def stereo_loss(
-    rasterizer: Rasterizer,
-    params: dict[str, Tensor],
-    cams: Cameras,
-    sh_degree: int,
-    background: Tensor,
-    opacities: Tensor,
-    photos: Tensor,
-    depth: Tensor,
-    alpha: Tensor,
-    shifts: Tensor,
-) -> Tensor:
-    """Binocular consistency at captures (module docstring): each capture's photo against the render
-    at a virtual camera beside it, seen through the capture's rendered depth (:func:`multiview_loss`).
-
-    Args:
-        cams: the captures' cameras (B).
-        background: colour behind the renders, [3] or [B, 3].
-        opacities: the step's opacities (after dropout). [N]
-        photos: the captures' targets. [B, H, W, 3]
-        depth, alpha: the captures' rendered expected depth and opacity. [B, H, W]
-        shifts: each virtual camera's sideways move as a fraction of the capture's mean depth. [B]
-    Returns:
-        the mean over the captures, a scalar.
-    """
-    mean_depth = ((depth * alpha).flatten(1).sum(1) / alpha.flatten(1).sum(1).clamp_min(1e-6)).detach()  # [B]
-    virtual = shifted_sideways(cams, shifts * mean_depth)
-    side, _, _, _ = _render(rasterizer, params, virtual, sh_degree, background, opacities)
-    terms = [
-        multiview_loss(depth[i], alpha[i], photos[i], cams[[i]], side[i : i + 1], virtual[[i]])
-        for i in range(len(cams))
-    ]
-    return torch.stack(terms).mean()
-
-
 def scene_scale(cams: Cameras, points: Tensor) -> float:
     """simple_trainer's scene scale: 1.1 x the largest camera distance from the cameras' centroid;
     with one camera (or all at one place), the points' median distance from their centroid."""
@@ -801,49 +641,6 @@ def _make_strategy(cfg: FitConfig) -> Any:
         reset_every=cfg.reset_every,
         refine_every=cfg.refine_every,
     )
-
-
-@dataclass
-class _Captures:
-    """The distinct captures among the fitted views, for :func:`multiview_loss`.
-
-    Attributes:
-        images: one photo per capture. [K, H, W, 3]
-        cams: their cameras (K).
-        masks: their masks, or None. bool [K, H, W]
-        of_view: which of the K captures each fitted view is, -1 for a generated frame (F entries).
-    """
-
-    images: Tensor
-    cams: Cameras
-    masks: Tensor | None
-    of_view: list[int]
-
-    @classmethod
-    def of(cls, views: FitViews, images: Tensor, cams: Cameras, masks: Tensor | None) -> _Captures | None:
-        """The first view of each capture number in ``views.source`` (images [F, H, W, 3] and cams,
-        masks [F, H, W] on the fit's device); None with fewer than two captures."""
-        source = [] if views.source is None else views.source.tolist()
-        ids = sorted({i for i in source if i >= 0})
-        if len(ids) < 2:
-            return None
-        rows = [source.index(i) for i in ids]
-        k_of = {i: k for k, i in enumerate(ids)}
-        return cls(images[rows], cams[rows], None if masks is None else masks[rows], [k_of.get(i, -1) for i in source])
-
-    def loss(self, captures: list[int], depth: Tensor, alpha: Tensor) -> Tensor:
-        """Mean :func:`multiview_loss` of renders at the given captures (numbers 0..K-1).
-        depth, alpha: the renders', one per entry of ``captures``. [B, H, W]"""
-        terms = []
-        for i, k in enumerate(captures):
-            others = [j for j in range(len(self.cams)) if j != k]
-            mask = None if self.masks is None else self.masks[k]
-            terms.append(
-                multiview_loss(
-                    depth[i], alpha[i], self.images[k], self.cams[[k]], self.images[others], self.cams[others], mask
-                )
-            )
-        return torch.stack(terms).mean()
 
 
 @dataclass
@@ -956,14 +753,6 @@ def fit_gaussians(
     lpips_fn = load_lpips(cfg.lpips_path, device=device) if cfg.lpips_weight > 0 else None
     background = torch.tensor(cfg.background, dtype=torch.float32, device=device)
 
-    multiview = None
-    if cfg.multiview_weight > 0:
-        multiview = _Captures.of(views, images, cams, views.masks.to(device) if views.masks is not None else None)
-
-    is_capture = []
-    if cfg.stereo_weight > 0 and views.source is not None:
-        is_capture = [i >= 0 for i in views.source.tolist()]
-
     # 1. Parameters, optimizers, schedule, strategy.
     run = _Run.start(g0, cfg, scene_scale(cams, g0.means))
 
@@ -988,28 +777,8 @@ def fit_gaussians(
         opacities = dropout_opacities(
             torch.sigmoid(run.params["opacities"]), cfg.dropout_rate * progress_frac, gen_device
         )
-        checked = [] if multiview is None else [i for i, b in enumerate(batch) if multiview.of_view[b] >= 0]
-        stereo = [] if not is_capture else [i for i, b in enumerate(batch) if is_capture[b]]
-        pred, meta, depth, alpha = _render(
-            rasterizer, run.params, cams[batch], sh_degree, bg, opacities, with_depth=bool(checked or stereo)
-        )
+        pred, meta = _render(rasterizer, run.params, cams[batch], sh_degree, bg, opacities)
         loss = confidence_loss(pred, target, confidence[batch], cfg, lpips_fn)
-        if checked:
-            at = [multiview.of_view[batch[i]] for i in checked]
-            loss = loss + cfg.multiview_weight * multiview.loss(at, depth[checked], alpha[checked])
-        if stereo:
-            loss = loss + cfg.stereo_weight * stereo_loss(
-                rasterizer,
-                run.params,
-                cams[batch][stereo],
-                sh_degree,
-                bg if bg.ndim == 1 else bg[stereo],
-                opacities,
-                target[stereo],
-                depth[stereo],
-                alpha[stereo],
-                torch.rand(len(stereo), generator=gen).mul(2).sub(1).to(device) * cfg.stereo_baseline,
-            )
         if cfg.active_strategy == "mcmc":
             loss = loss + mcmc_regularisers(run.params, cfg)
         # False when no Gaussian is in view of this batch (the CPU rasterizer cuts the graph)

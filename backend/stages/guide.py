@@ -9,7 +9,7 @@ retrieval, the memory update and overview.png.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -25,43 +25,26 @@ class GuideConfig:
     Attributes:
         enabled: fit the guide (job setting ``guide``); off: the point render alone, as AnyRecon.
         alpha: Gaussian opacity from which a guide pixel counts as covered.
-        multiview_weight: the guide fit's multi-view photometric consistency
-            (``FitConfig.multiview_weight``; None: the fit's own). The guide's depth carries the
-            captures into the generator's frames, so it can weigh geometry more than the Gaussians
-            the job returns.
     """
 
     enabled: bool = True
     alpha: float = 0.5
-    multiview_weight: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"GuideConfig.alpha must be in (0, 1]; got {self.alpha}")
-        if self.multiview_weight is not None and self.multiview_weight < 0:
-            raise ValueError(f"GuideConfig.multiview_weight must be >= 0 (or None); got {self.multiview_weight}")
-
-
-def guide_fit_config(fit_cfg: FitConfig, cfg: GuideConfig) -> FitConfig:
-    """The fit settings of a guide: the loop's, with the guide's own ``multiview_weight`` if set."""
-    if cfg.multiview_weight is None:
-        return fit_cfg
-    return replace(fit_cfg, multiview_weight=cfg.multiview_weight)
 
 
 def fit_guide(
     captures: Views,
     memory: GeometryMemory,
     fit_cfg: FitConfig,
-    cfg: GuideConfig,
     *,
     device: torch.device | str,
     progress: Callable[[int, float], None] | None = None,
 ) -> Gaussians:
-    """Gaussians fitted on the captures alone (confidence 1), starting from the memory M, with the
-    fit settings :func:`guide_fit_config` gives."""
-    views = FitViews.from_views(captures)
-    return fit_gaussians(views, memory, guide_fit_config(fit_cfg, cfg), device=device, progress=progress)
+    """Gaussians fitted on the captures alone (confidence 1), starting from the memory M."""
+    return fit_gaussians(FitViews.from_views(captures), memory, fit_cfg, device=device, progress=progress)
 
 
 def render_guide(guide: Gaussians, cams: Cameras, fit_cfg: FitConfig, cfg: GuideConfig) -> tuple[Tensor, Tensor]:

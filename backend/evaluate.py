@@ -49,7 +49,7 @@ from .loop import LoopConfig, run_loop
 from .masks import stack_masks
 from .metrics import DATA_RANGE, MSE_FLOOR, best_of_blocks, image_metrics, load_lpips, ssim_map, weighted_l1
 from .progress import ProgressFn, no_progress
-from .scene import Camera, Scene, TrajectoryFrame
+from .scene import Camera, Capture, Scene, TrajectoryFrame
 from .stages.cameras import load_image, resize_image, to_tensor, undistorted, working_size
 from .stages.fit import FitViews, fit_gaussians, render_gaussians
 from .stages.memory import build_memory
@@ -209,6 +209,18 @@ def masked_score(pred: Tensor, truth: Tensor, masks: Tensor) -> dict[str, float]
     return {"psnr": float(psnr.mean()), "ssim": float(ssim.mean())}
 
 
+def load_views(captures: Sequence[Capture], width: int, height: int, device: torch.device | str) -> Views:
+    """Photos with known cameras as views at a working size: undistorted, resized, with their masks
+    where they have them; ids 0..n-1 in the given order."""
+    pin = [undistorted(load_image(c.image), c.camera) for c in captures]
+    return Views(
+        to_tensor([resize_image(i, width, height) for i, _ in pin], device),
+        Cameras.from_scene([c for _, c in pin], width, height, device=device),
+        list(range(len(pin))),
+        masks=stack_masks(captures, [c.camera for c in captures], width, height, device),
+    )
+
+
 def evaluate_scene(
     scene: Scene,
     out_dir: Path,
@@ -287,13 +299,7 @@ def evaluate_scene(
     # (a) the point memory alone, and (b) Gaussians on the captures alone
     if baselines:
         with meter.measure("load"):
-            pin = [undistorted(load_image(c.image), c.camera) for c in scene.captures]
-            captures = Views(
-                to_tensor([resize_image(i, W, H) for i, _ in pin], device),
-                Cameras.from_scene([c for _, c in pin], W, H, device=device),
-                list(range(len(pin))),
-                masks=stack_masks(scene.captures, [c.camera for c in scene.captures], W, H, device),
-            )
+            captures = load_views(scene.captures, W, H, device)
         with meter.measure("memory"):
             notes: list[str] = []
             memory = build_memory(captures, loop_cfg.memory, estimator=loop_cfg.estimator, notes=notes)
@@ -396,7 +402,7 @@ def run_eval(args: argparse.Namespace) -> int:
         scene = scene_for_eval(args.scene, args.format, args.protocol, args.train_views, Path(work), **options)
         loop_cfg = LoopConfig.from_settings(scene.settings, device=device)
         if args.size:
-            w, h = (int(v) for v in args.size.lower().split("x"))
+            w, h = args.size
             loop_cfg = replace(loop_cfg, width=w, height=h)
         if args.iterations is not None:
             loop_cfg = replace(loop_cfg, fit=replace(loop_cfg.fit, iterations=args.iterations))

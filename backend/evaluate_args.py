@@ -11,6 +11,17 @@ PROTOCOLS = ("llff", "ring", "ring-arc")
 DEFAULT_TRAIN_VIEWS = 3  # AnyRecon/ReconX sparse-view setting
 
 
+def size_wxh(text: str) -> tuple[int, int]:
+    """An argparse ``type`` for sizes written WIDTHxHEIGHT (``640x480``): (width, height), both >= 1."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 640x480; got {text!r}") from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"width and height must be >= 1; got {text!r}")
+    return width, height
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``reconloop eval`` to a (sub)parser."""
     parser.add_argument(
@@ -32,7 +43,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trajectory-mode", choices=TRAJECTORY_MODES, default="auto", help="the loop's path (default %(default)s)"
     )
-    parser.add_argument("--size", default=None, metavar="WxH", help="working size (default: the scene's settings)")
+    parser.add_argument(
+        "--size", type=size_wxh, default=None, metavar="WxH", help="working size (default: the scene's settings)"
+    )
     parser.add_argument(
         "--iterations", type=int, default=None, help="Gaussian iterations (default: the scene's settings)"
     )

@@ -31,6 +31,7 @@ if str(REPO) not in sys.path:
 
 from backend.camera_paths import order_around, path_through  # noqa: E402
 from backend.evaluate import split_protocol  # noqa: E402
+from backend.evaluate_args import size_wxh  # noqa: E402
 from backend.formats import import_scene  # noqa: E402
 from backend.loop import LoopConfig, run_loop  # noqa: E402
 from backend.scene import Camera, Scene, Settings, TrajectoryFrame, save_scene  # noqa: E402
@@ -104,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "middlebury_temple")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--frames", type=int, default=120)
-    ap.add_argument("--size", default="896x512", help="working size WxH (AnyRecon: 512x896, H x W)")
+    ap.add_argument(
+        "--size", type=size_wxh, default="896x512", metavar="WxH", help="working size (AnyRecon: 512x896, H x W)"
+    )
     ap.add_argument("--iterations", type=int, default=3000)
     ap.add_argument("--segment", type=int, default=40)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a FitConfig field for this run (a candidate default timed before it lands), e.g. strategy=mcmc",
     )
     a = ap.parse_args(argv)
-    width, height = (int(v) for v in a.size.lower().split("x"))
+    width, height = a.size
     device = torch.device(a.device)
     a.out.mkdir(parents=True, exist_ok=True)
 

@@ -47,6 +47,7 @@ from backend.evaluate import (  # noqa: E402
     scene_for_eval,
     score,
 )
+from backend.evaluate_args import size_wxh  # noqa: E402
 from backend.generators.refine import LOSS_SYNC_EVERY, RefineConfig, RefineGenerator  # noqa: E402
 from backend.generators.reproject import ReprojectConfig, ReprojectGenerator  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
@@ -376,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         help="also stop the refiner's training after this many steps (0: the clock alone); with a large "
         "--refine-seconds, a budget that does not depend on the machine's load",
     )
-    p.add_argument("--size", default=None, metavar="WxH", help="working size for every scene (default: per scene)")
+    p.add_argument(
+        "--size", type=size_wxh, default=None, metavar="WxH", help="working size for every scene (default: per scene)"
+    )
     p.add_argument("--iterations", type=int, default=3000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -419,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--scenes: unknown scene {name!r}; choose from {', '.join(SCENES)}")
         folder, fmt, protocol, size, import_options = SCENES[name]
         if args.size:
-            size = tuple(int(v) for v in args.size.lower().split("x"))
+            size = args.size
         with tempfile.TemporaryDirectory(prefix="reconloop-quality-") as work:
             src = args.data / folder
             if (args.data / f"{folder}{IMPORTED_SUFFIX}" / "scene.json").is_file():  # imported where pycolmap is

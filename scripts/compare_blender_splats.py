@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from backend.evaluate_args import size_wxh  # noqa: E402
 from backend.metrics import MSE_FLOOR  # noqa: E402
 from backend.scene import load_scene  # noqa: E402
 from protocol.ply import read_gaussians_ply  # noqa: E402
@@ -27,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("scene", type=Path, help="scene folder (its captures' cameras are the views)")
     ap.add_argument("results", type=Path, help="a job's output folder (gaussians.ply found below it)")
-    ap.add_argument("--size", default="96x72", metavar="WxH")
+    ap.add_argument("--size", type=size_wxh, default="96x72", metavar="WxH")
     ap.add_argument("--cameras", type=int, default=3, help="the first N captures")
     ap.add_argument("--engine", default="CYCLES", help="Blender's render engine (CYCLES, BLENDER_EEVEE)")
     args = ap.parse_args(argv)
-    W, H = (int(v) for v in args.size.lower().split("x"))
+    W, H = args.size
     ply = next(args.results.rglob("gaussians.ply"))
     g = read_gaussians_ply(ply)
     scene = load_scene(args.scene)

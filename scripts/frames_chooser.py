@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench_loop_quality import SCENES  # noqa: E402
 
 from backend.evaluate import ORACLE_BLOCK_PX, EvalConfig, evaluate_scene, scene_for_eval  # noqa: E402
+from backend.evaluate_args import size_wxh  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
 from backend.metrics import tile_means  # noqa: E402
 
@@ -80,15 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--scene", default="temple", choices=sorted(SCENES))
-    p.add_argument("--size", default="256x192", help="working size WxH")
+    p.add_argument("--size", type=size_wxh, default="256x192", metavar="WxH", help="working size")
     p.add_argument("--iterations", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    try:
-        W, H = (int(v) for v in args.size.lower().split("x"))
-    except ValueError:
-        p.error(f"--size: expected WIDTHxHEIGHT such as 256x192; got {args.size!r}")
+    W, H = args.size
     folder, fmt, protocol, _, options = SCENES[args.scene]
     with tempfile.TemporaryDirectory(prefix="reconloop-chooser-") as work:
         scene = scene_for_eval(args.data / folder, fmt, protocol, 3, Path(work) / "scene", **options)

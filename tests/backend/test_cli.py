@@ -54,6 +54,16 @@ def service(tmp_path):
         yield svc
 
 
+def test_eval_size_is_parsed_or_named_in_the_error(capsys):
+    """``--size WxH`` (``evaluate_args.size_wxh``, shared by the eval CLI and the bench scripts)."""
+    args = build_parser().parse_args(["eval", "scene", "--out", "o", "--size", "640X480"])
+    assert args.size == (640, 480)
+    for bad in ("640", "0x480", "axb"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["eval", "scene", "--out", "o", "--size", bad])
+        assert "--size" in capsys.readouterr().err
+
+
 def test_submit_fetches_every_artifact(service, tmp_path, capsys):
     scene = write_scene(tmp_path / "scene", prompt="steps:4")
     out = tmp_path / "out"

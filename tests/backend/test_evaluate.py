@@ -205,6 +205,37 @@ def test_frames_chooser_scores_signals_against_the_truths_choice() -> None:
     assert a == 0.0 and gain < 0
 
 
+def test_frames_ceiling_fits_no_heldout_photo_and_renders_at_the_targets(temple_dir: Path, tmp_path: Path) -> None:
+    """scripts/frames_ceiling.py: the dense fit's photos are every one but the held-out ones (the
+    training captures among them), loaded at the working size; its generator renders the segment's
+    cameras with confidence 1."""
+    from backend.evaluate import load_views
+    from backend.stages.fit import FitConfig, Gaussians
+    from backend.types import ConditionVideo
+
+    ceiling = script_module("frames_ceiling")
+    full = import_scene("middlebury", temple_dir, tmp_path)
+    split = split_protocol(full, "ring-arc", train_views=3, ring_step=2)
+    dense = ceiling.dense_captures(full, split)
+    names = {c.name for c in dense}
+    assert len(dense) == len(full.captures) - len(split.heldout)
+    assert not names & {c.name for c in split.heldout} and {c.name for c in split.captures} <= names
+    views = load_views(dense[:2], 32, 24, "cpu")
+    assert views.images.shape == (2, 24, 32, 3) and views.ids == [0, 1] and views.cams.width == 32
+
+    g = Gaussians(
+        torch.tensor([[0.0, 0.0, 0.0]]),
+        torch.full((1, 3), -2.0),
+        torch.tensor([[1.0, 0, 0, 0]]),
+        torch.tensor([4.0]),
+        torch.ones(1, 1, 3),
+    )
+    frames = ceiling.DenseFrames(g, FitConfig(rasterizer="torch_cpu")).generate(
+        ConditionVideo(views.cams, None, views, views)  # only the targets are read
+    )
+    assert frames.images.shape == (2, 24, 32, 3) and bool((frames.confidence == 1).all())
+
+
 def test_gpu_job_specs_name_known_scenes_and_variants() -> None:
     """scripts/jobs/*.txt (``gpu_runs.sh jobs``): every line's scene and variants are the bench's, so a
     renamed variant fails here and not after a device machine's start-up."""

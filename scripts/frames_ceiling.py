@@ -1,0 +1,109 @@
+"""What would better frames be worth to the loop? Its Gaussians with the weight-free generator's frames
+against the same loop fed near-perfect frames: the render of Gaussians fitted on every photo of the scene
+but the held-out ones (a stand-in for a generator that knew the scene, as a learned prior would come
+closer to), both with the same captures, fit settings and seed.
+
+The dense fit never sees a held-out photo; its render at a held-out camera is the best any generator
+could be expected to paint there from the scene's other photos, and how much of it reaches the loop's
+Gaussians says whether the fit would pass a better generator's gain on. It is analysis, not a job
+setting: a user has three photos, not seventeen.
+
+    python scripts/frames_ceiling.py --scene fern --size 168x126 --iterations 400 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_loop_quality import SCENES  # noqa: E402
+
+from backend.evaluate import EvalConfig, evaluate_scene, load_views, scene_for_eval, split_protocol  # noqa: E402
+from backend.evaluate_args import size_wxh  # noqa: E402
+from backend.loop import LoopConfig  # noqa: E402
+from backend.scene import Scene  # noqa: E402
+from backend.stages.fit import FitConfig, FitViews, Gaussians, fit_gaussians, render_gaussians  # noqa: E402
+from backend.stages.memory import build_memory  # noqa: E402
+from backend.types import ConditionVideo, Frames  # noqa: E402
+
+TRAIN_VIEWS = 3
+
+
+class DenseFrames:
+    """A generator that renders fixed Gaussians at the segment's cameras, confidence 1 everywhere."""
+
+    def __init__(self, gaussians: Gaussians, fit_cfg: FitConfig) -> None:
+        self.gaussians, self.fit_cfg = gaussians, fit_cfg
+
+    def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:
+        images = render_gaussians(self.gaussians, cond.targets, self.fit_cfg)  # [F, H, W, 3]
+        return Frames(images, torch.ones(images.shape[:3], device=images.device))
+
+
+def dense_captures(full: Scene, split: Scene) -> list:
+    """Every photo of the scene but the held-out ones (the training captures among them)."""
+    held = {c.name for c in split.heldout}
+    return [c for c in full.captures if c.name not in held]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    p.add_argument("--scene", default="fern", choices=sorted(SCENES))
+    p.add_argument("--size", type=size_wxh, default="168x126", metavar="WxH", help="working size")
+    p.add_argument("--iterations", type=int, default=400, help="the loop's and the captures-only fit's steps")
+    p.add_argument(
+        "--dense-iterations", type=int, default=None, help="the dense fit's steps (default: twice --iterations)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    W, H = args.size
+    folder, fmt, protocol, _, options = SCENES[args.scene]
+    with tempfile.TemporaryDirectory(prefix="reconloop-ceiling-") as work:
+        full = scene_for_eval(args.data / folder, fmt, None, TRAIN_VIEWS, Path(work) / "scene", **options)
+        scene = split_protocol(full, protocol, train_views=TRAIN_VIEWS)
+        base = LoopConfig.from_settings(scene.settings, device=args.device)
+        cfg = replace(base, width=W, height=H, seed=args.seed)
+        cfg = replace(cfg, fit=replace(cfg.fit, iterations=args.iterations, seed=args.seed))
+
+        dense = load_views(dense_captures(full, scene), W, H, args.device)
+        dense_fit = replace(cfg.fit, iterations=args.dense_iterations or 2 * args.iterations)
+        memory = build_memory(dense, cfg.memory, estimator=cfg.estimator)
+        g = fit_gaussians(FitViews.from_views(dense), memory, dense_fit, device=args.device)
+
+        reports = {}
+        for name, generator, baselines in (("reproject", None, True), ("dense frames", DenseFrames(g, cfg.fit), False)):
+            reports[name] = evaluate_scene(
+                scene,
+                Path(work) / name.replace(" ", "_"),
+                device=args.device,
+                config=EvalConfig(loop=cfg),
+                generator=generator,
+                baselines=baselines,
+            )
+    caps = reports["reproject"]["gaussians_captures"]["psnr"]
+    print(
+        f"{args.scene} {W}x{H}, {args.iterations} steps (dense fit: {len(dense)} photos, {dense_fit.iterations} steps), "
+        f"seed {args.seed}; PSNR at the {len(scene.heldout)} held-out views"
+    )
+    print("\n| frames | frames | the loop's Gaussians | loop - captures only |")
+    print("| --- | --- | --- | ---: |")
+    for name, r in reports.items():
+        loop = r["gaussians_loop"]["psnr"]
+        print(f"| {name} | {r['frames']['psnr']:.2f} | {loop:.2f} | {loop - caps:+.2f} |")
+    print(f"\ncaptures only: {caps:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -52,6 +52,7 @@ from backend.generators.refine import LOSS_SYNC_EVERY, RefineConfig, RefineGener
 from backend.generators.reproject import ReprojectConfig, ReprojectGenerator  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
 from backend.outputs import to_u8, write_overview_as  # noqa: E402
+from backend.scene import Scene  # noqa: E402
 from backend.stages.cameras import load_image, resize_image, to_tensor, undistorted  # noqa: E402
 
 # scene -> (folder, format, protocol, default working size, import options)
@@ -121,6 +122,16 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
 }
 LOOP_FIELDS = ("estimator", "has_crop_to_masks")
 SCORE_KEYS = ("points", "gaussians_captures", "gaussians_loop", "frames", "frames_guide_oracle", "refine_input_frames")
+
+
+def load_bench_scene(data: Path, name: str, work: Path, *, split: bool = True) -> Scene:
+    """One of SCENES from ``data``, imported into ``work`` and split by its protocol (``split``); a
+    ``<folder>_imported`` copy (a scene.json made where pycolmap is) is used when ``data`` has one."""
+    folder, fmt, protocol, _, options = SCENES[name]
+    src = data / folder
+    if (data / f"{folder}{IMPORTED_SUFFIX}" / "scene.json").is_file():
+        src, fmt, options = data / f"{folder}{IMPORTED_SUFFIX}", None, {}
+    return scene_for_eval(src, fmt, protocol if split else None, 3, work, **options)
 
 
 def loop_config(base: LoopConfig, overrides: dict, fit_overrides: dict) -> LoopConfig:
@@ -420,14 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in (s.strip() for s in args.scenes.split(",")):
         if name not in SCENES:
             p.error(f"--scenes: unknown scene {name!r}; choose from {', '.join(SCENES)}")
-        folder, fmt, protocol, size, import_options = SCENES[name]
+        size = SCENES[name][3]
         if args.size:
             size = args.size
         with tempfile.TemporaryDirectory(prefix="reconloop-quality-") as work:
-            src = args.data / folder
-            if (args.data / f"{folder}{IMPORTED_SUFFIX}" / "scene.json").is_file():  # imported where pycolmap is
-                src, fmt, import_options = args.data / f"{folder}{IMPORTED_SUFFIX}", None, {}
-            scene = scene_for_eval(src, fmt, protocol, 3, Path(work) / "scene", **import_options)
+            scene = load_bench_scene(args.data, name, Path(work) / "scene")
             base = LoopConfig.from_settings(scene.settings, device=args.device)
             base = replace(base, width=size[0], height=size[1], fit=replace(base.fit, iterations=args.iterations))
             runs: dict[str, list[dict]] = {v: [] for v in variants}

@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_loop_quality import SCENES  # noqa: E402
+from bench_loop_quality import SCENES, load_bench_scene  # noqa: E402
 
-from backend.evaluate import EvalConfig, evaluate_scene, load_views, scene_for_eval, split_protocol  # noqa: E402
+from backend.evaluate import EvalConfig, evaluate_scene, load_views, split_protocol  # noqa: E402
 from backend.evaluate_args import size_wxh  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
 from backend.scene import Scene  # noqa: E402
@@ -35,7 +35,7 @@ from backend.stages.fit import FitConfig, FitViews, Gaussians, fit_gaussians, re
 from backend.stages.memory import build_memory  # noqa: E402
 from backend.types import ConditionVideo, Frames  # noqa: E402
 
-TRAIN_VIEWS = 3
+TRAIN_VIEWS = 3  # as the bench's scenes (load_bench_scene)
 
 
 class DenseFrames:
@@ -68,10 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     W, H = args.size
-    folder, fmt, protocol, _, options = SCENES[args.scene]
     with tempfile.TemporaryDirectory(prefix="reconloop-ceiling-") as work:
-        full = scene_for_eval(args.data / folder, fmt, None, TRAIN_VIEWS, Path(work) / "scene", **options)
-        scene = split_protocol(full, protocol, train_views=TRAIN_VIEWS)
+        full = load_bench_scene(args.data, args.scene, Path(work) / "scene", split=False)
+        scene = split_protocol(full, SCENES[args.scene][2], train_views=TRAIN_VIEWS)
         base = LoopConfig.from_settings(scene.settings, device=args.device)
         cfg = replace(base, width=W, height=H, seed=args.seed)
         cfg = replace(cfg, fit=replace(cfg.fit, iterations=args.iterations, seed=args.seed))
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.scene} {W}x{H}, {args.iterations} steps (dense fit: {len(dense)} photos, {dense_fit.iterations} steps), "
         f"seed {args.seed}; PSNR at the {len(scene.heldout)} held-out views"
     )
-    print("\n| frames | frames | the loop's Gaussians | loop - captures only |")
+    print("\n| generator | frames | the loop's Gaussians | loop - captures only |")
     print("| --- | --- | --- | ---: |")
     for name, r in reports.items():
         loop = r["gaussians_loop"]["psnr"]

@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_loop_quality import SCENES  # noqa: E402
+from bench_loop_quality import SCENES, load_bench_scene  # noqa: E402
 
-from backend.evaluate import ORACLE_BLOCK_PX, EvalConfig, evaluate_scene, scene_for_eval  # noqa: E402
+from backend.evaluate import ORACLE_BLOCK_PX, EvalConfig, evaluate_scene  # noqa: E402
 from backend.evaluate_args import size_wxh  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
 from backend.metrics import tile_means  # noqa: E402
@@ -87,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     W, H = args.size
-    folder, fmt, protocol, _, options = SCENES[args.scene]
     with tempfile.TemporaryDirectory(prefix="reconloop-chooser-") as work:
-        scene = scene_for_eval(args.data / folder, fmt, protocol, 3, Path(work) / "scene", **options)
+        scene = load_bench_scene(args.data, args.scene, Path(work) / "scene")
         base = LoopConfig.from_settings(scene.settings, device=args.device)
         cfg = replace(base, width=W, height=H, seed=args.seed)
         cfg = replace(cfg, fit=replace(cfg.fit, iterations=args.iterations, seed=args.seed))

@@ -214,8 +214,10 @@ def test_frames_ceiling_fits_no_heldout_photo_and_renders_at_the_targets(temple_
     from backend.types import ConditionVideo
 
     ceiling = script_module("frames_ceiling")
-    full = import_scene("middlebury", temple_dir, tmp_path)
-    split = split_protocol(full, "ring-arc", train_views=3, ring_step=2)
+    load = bench_quality().load_bench_scene
+    full = load(temple_dir.parent, "temple", tmp_path / "full", split=False)
+    split = load(temple_dir.parent, "temple", tmp_path / "split")
+    assert len(split.captures) == 3 and len(split.heldout) == 2  # the bench's ring-arc split
     dense = ceiling.dense_captures(full, split)
     names = {c.name for c in dense}
     assert len(dense) == len(full.captures) - len(split.heldout)

@@ -8,7 +8,9 @@ could be expected to paint there from the scene's other photos, and how much of 
 Gaussians says whether the fit would pass a better generator's gain on. It is analysis, not a job
 setting: a user has three photos, not seventeen.
 
-    python scripts/frames_ceiling.py --scene fern --size 168x126 --iterations 400 --seed 0
+    python scripts/frames_ceiling.py --scene fern --size 168x126 --iterations 400 --seed 0   # CPU, a floor
+    bash scripts/gpu_runs.sh ceiling fern,temple 0,1,2   # H200, the bench's sizes, 3000 steps; carry .whlq
+        .gsplat_so .device_data/llff_fern .device_data/middlebury_temple (the door: its images and _imported copy)
 """
 
 from __future__ import annotations
@@ -59,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--scene", default="fern", choices=sorted(SCENES))
-    p.add_argument("--size", type=size_wxh, default="168x126", metavar="WxH", help="working size")
+    p.add_argument(
+        "--size",
+        type=size_wxh,
+        default=None,
+        metavar="WxH",
+        help="working size (default: the quality bench's for the scene)",
+    )
     p.add_argument("--iterations", type=int, default=400, help="the loop's and the captures-only fit's steps")
     p.add_argument(
         "--dense-iterations", type=int, default=None, help="the dense fit's steps (default: twice --iterations)"
@@ -67,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    W, H = args.size
+    W, H = args.size or SCENES[args.scene][3]
     with tempfile.TemporaryDirectory(prefix="reconloop-ceiling-") as work:
         full = load_bench_scene(args.data, args.scene, Path(work) / "scene", split=False)
         scene = split_protocol(full, SCENES[args.scene][2], train_views=TRAIN_VIEWS)

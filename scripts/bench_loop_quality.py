@@ -431,9 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in (s.strip() for s in args.scenes.split(",")):
         if name not in SCENES:
             p.error(f"--scenes: unknown scene {name!r}; choose from {', '.join(SCENES)}")
-        size = SCENES[name][3]
-        if args.size:
-            size = args.size
+        size = args.size or SCENES[name][3]
         with tempfile.TemporaryDirectory(prefix="reconloop-quality-") as work:
             scene = load_bench_scene(args.data, name, Path(work) / "scene")
             base = LoopConfig.from_settings(scene.settings, device=args.device)

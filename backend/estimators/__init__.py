@@ -4,8 +4,8 @@ An estimator is any object with ``estimate(views) -> GeometryMemory``. Implement
 under a lowercase name with ``@ESTIMATORS.register("name")`` and take their config in the
 constructor; ``ESTIMATORS.make(name, cfg)`` builds one by name. ``mvs`` (plane-sweep multi-view stereo,
 no learned weights) is the default; ``patchmatch`` (COLMAP's PatchMatch stereo through pycolmap's
-CUDA build) is the job's ``geometry`` setting's other choice (docs/benchmarks.md, runs 29 and
-earlier: +0.1 to +0.3 dB on the door, -1.7 dB on the fern, the temple falls back to plane sweep); ``hull`` (space carving from the
+CUDA build) is the job's ``geometry`` setting's other choice (docs/benchmarks.md, runs 29, 34 and
+earlier: +0.1 to +0.5 dB on the door, -1.7 dB on the fern, the temple falls back to plane sweep); ``hull`` (space carving from the
 captures' masks) holds at wide baselines. A feed-forward point-map model (pi3, VGGT) plugs in the same way.
 Captures without cameras go through :mod:`backend.estimators.sfm` first.
 """

@@ -236,6 +236,7 @@ def test_frames_ceiling_fits_no_heldout_photo_and_renders_at_the_targets(temple_
         ConditionVideo(views.cams, None, views, views)  # only the targets are read
     )
     assert frames.images.shape == (2, 24, 32, 3) and bool((frames.confidence == 1).all())
+    assert float(frames.images.amax()) > 0.5  # the Gaussian (colour 0.78) drawn over the black background
 
 
 def test_gpu_job_specs_name_known_scenes_and_variants() -> None:

@@ -8,8 +8,12 @@ could be expected to paint there from the scene's other photos, and how much of 
 Gaussians says whether the fit would pass a better generator's gain on. It is analysis, not a job
 setting: a user has three photos, not seventeen.
 
+``--mixes 0.25,0.5`` adds rows between the two: frames that are that share of the dense render and the
+rest of the weight-free generator's (colour and confidence alike), how good frames must be before the
+loop gains a given amount.
+
     python scripts/frames_ceiling.py --scene fern --size 168x126 --iterations 400 --seed 0   # CPU, a floor
-    bash scripts/gpu_runs.sh ceiling fern,temple 0,1,2   # H200, the bench's sizes, 3000 steps; carry .whlq
+    bash scripts/gpu_runs.sh ceiling fern,temple 0,1,2 [0.25,0.5,0.75]   # H200, the bench's sizes, 3000 steps; carry .whlq
         .gsplat_so .device_data/llff_fern .device_data/middlebury_temple (the door: its images and _imported copy)
 """
 
@@ -31,6 +35,7 @@ from bench_loop_quality import SCENES, load_bench_scene  # noqa: E402
 
 from backend.evaluate import EvalConfig, evaluate_scene, load_views, split_protocol  # noqa: E402
 from backend.evaluate_args import size_wxh  # noqa: E402
+from backend.generators import Generator, GeneratorCache  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
 from backend.scene import Scene  # noqa: E402
 from backend.stages.fit import FitConfig, FitViews, Gaussians, fit_gaussians, render_gaussians  # noqa: E402
@@ -49,6 +54,33 @@ class DenseFrames:
     def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:
         images = render_gaussians(self.gaussians, cond.targets, self.fit_cfg)  # [F, H, W, 3]
         return Frames(images, torch.ones(images.shape[:3], device=images.device))
+
+
+class MixedFrames:
+    """A generator whose frames are ``share`` of ``dense``'s and the rest of ``base``'s: colours and
+    confidences mixed per pixel."""
+
+    def __init__(self, base: Generator, dense: DenseFrames, share: float) -> None:
+        self.base, self.dense, self.share = base, dense, share
+
+    def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:
+        a = self.base.generate(cond, num_steps=num_steps, seed=seed)
+        b = self.dense.generate(cond)
+        s = self.share
+        return Frames(
+            (1.0 - s) * a.images + s * b.images.to(a.images), (1.0 - s) * a.confidence + s * b.confidence.to(a.images)
+        )
+
+
+def mixes(text: str) -> list[float]:
+    """``--mixes``: comma-separated shares of the dense frames, each in (0, 1)."""
+    try:
+        shares = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated numbers in (0, 1); got {text!r}") from None
+    if bad := [x for x in shares if not 0.0 < x < 1.0]:
+        raise argparse.ArgumentTypeError(f"each share in (0, 1); got {bad}")
+    return shares
 
 
 def dense_captures(full: Scene, split: Scene) -> list:
@@ -72,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dense-iterations", type=int, default=None, help="the dense fit's steps (default: twice --iterations)"
     )
+    p.add_argument(
+        "--mixes",
+        type=mixes,
+        default=[],
+        metavar="S,S",
+        help="rows between the two generators: frames with this share of the dense render (e.g. 0.25,0.5,0.75)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -88,9 +127,21 @@ def main(argv: list[str] | None = None) -> int:
         memory = build_memory(dense, cfg.memory, estimator=cfg.estimator)
         g = fit_gaussians(FitViews.from_views(dense), memory, dense_fit, device=args.device)
 
-        reports = {}
-        for name, generator, baselines in (("reproject", None, True), ("dense frames", DenseFrames(g, cfg.fit), False)):
-            reports[name] = evaluate_scene(
+        dense_gen = DenseFrames(g, cfg.fit)
+        rows: list[tuple[str, Generator | None, bool]] = [(cfg.generator.name, None, True)]
+        rows += [
+            (f"mix {s:g}", MixedFrames(GeneratorCache().get(cfg.generator, args.device), dense_gen, s), False)
+            for s in args.mixes
+        ]
+        rows.append(("dense frames", dense_gen, False))
+        print(
+            f"{args.scene} {W}x{H}, {args.iterations} steps (dense fit: {len(dense)} photos, "
+            f"{dense_fit.iterations} steps), seed {args.seed}; PSNR at the {len(scene.heldout)} held-out views",
+            flush=True,
+        )
+        caps = None
+        for name, generator, baselines in rows:
+            r = evaluate_scene(
                 scene,
                 Path(work) / name.replace(" ", "_"),
                 device=args.device,
@@ -98,17 +149,14 @@ def main(argv: list[str] | None = None) -> int:
                 generator=generator,
                 baselines=baselines,
             )
-    caps = reports["reproject"]["gaussians_captures"]["psnr"]
-    print(
-        f"{args.scene} {W}x{H}, {args.iterations} steps (dense fit: {len(dense)} photos, {dense_fit.iterations} steps), "
-        f"seed {args.seed}; PSNR at the {len(scene.heldout)} held-out views"
-    )
-    print("\n| generator | frames | the loop's Gaussians | loop - captures only |")
-    print("| --- | --- | --- | ---: |")
-    for name, r in reports.items():
-        loop = r["gaussians_loop"]["psnr"]
-        print(f"| {name} | {r['frames']['psnr']:.2f} | {loop:.2f} | {loop - caps:+.2f} |")
-    print(f"\ncaptures only: {caps:.2f}")
+            if caps is None:  # the first row scores the captures-only fit
+                caps = r["gaussians_captures"]["psnr"]
+                print(
+                    f"captures only: {caps:.2f}\n\n| generator | frames | the loop's Gaussians | loop - captures only |"
+                )
+                print("| --- | --- | --- | ---: |")
+            loop = r["gaussians_loop"]["psnr"]
+            print(f"| {name} | {r['frames']['psnr']:.2f} | {loop:.2f} | {loop - caps:+.2f} |", flush=True)
     return 0
 
 

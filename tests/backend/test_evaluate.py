@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -237,6 +239,34 @@ def test_frames_ceiling_fits_no_heldout_photo_and_renders_at_the_targets(temple_
     )
     assert frames.images.shape == (2, 24, 32, 3) and bool((frames.confidence == 1).all())
     assert float(frames.images.amax()) > 0.5  # the Gaussian (colour 0.78) drawn over the black background
+
+
+def test_frames_ceiling_mixes_its_two_generators_per_pixel() -> None:
+    """frames_ceiling's ``--mixes`` rows: colour and confidence are the share of the dense frames and
+    the rest of the base generator's; a share outside (0, 1) is refused naming the flag."""
+    import argparse
+
+    from backend.types import Frames
+
+    ceiling = script_module("frames_ceiling")
+
+    class Fixed:
+        def __init__(self, value: float, conf: float) -> None:
+            self.value, self.conf = value, conf
+
+        def generate(self, cond, *, num_steps: int = 1, seed: int = 0) -> Frames:
+            return Frames(torch.full((2, 4, 5, 3), self.value), torch.full((2, 4, 5), self.conf))
+
+    frames = ceiling.MixedFrames(Fixed(0.2, 0.3), Fixed(1.0, 1.0), 0.25).generate(None, num_steps=1, seed=0)
+    assert torch.allclose(frames.images, torch.full((2, 4, 5, 3), 0.4))
+    assert torch.allclose(frames.confidence, torch.full((2, 4, 5), 0.475))
+    assert ceiling.mixes("0.25, 0.5,0.75") == [0.25, 0.5, 0.75] and ceiling.mixes("") == []
+    for bad in ("0.5,1", "0", "half"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            ceiling.mixes(bad)
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+        ceiling.main(["--mixes", "0.5,2"])
+    assert "--mixes" in err.getvalue() and "(0, 1)" in err.getvalue()
 
 
 def test_gpu_job_specs_name_known_scenes_and_variants() -> None:

@@ -10,7 +10,9 @@ setting: a user has three photos, not seventeen.
 
 ``--mixes 0.25,0.5`` adds rows between the two: frames that are that share of the dense render and the
 rest of the weight-free generator's (colour and confidence alike), how good frames must be before the
-loop gains a given amount.
+loop gains a given amount. ``--capture-share 0.3`` fits those rows (not the first, the weight-free
+generator's, which stays the reference) with less of the fit's steps on the captures: whether better
+frames deserve more of the fit.
 
     python scripts/frames_ceiling.py --scene fern --size 168x126 --iterations 400 --seed 0   # CPU, a floor
     bash scripts/gpu_runs.sh ceiling fern,temple 0,1,2 [0.25,0.5,0.75]   # H200, the bench's sizes, 3000 steps; carry .whlq
@@ -83,6 +85,17 @@ def mixes(text: str) -> list[float]:
     return shares
 
 
+def capture_share(text: str) -> float:
+    """``--capture-share``: a number in [0, 1), as ``FitConfig.capture_share``."""
+    try:
+        share = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number in [0, 1); got {text!r}") from None
+    if not 0.0 <= share < 1.0:
+        raise argparse.ArgumentTypeError(f"a number in [0, 1); got {share}")
+    return share
+
+
 def dense_captures(full: Scene, split: Scene) -> list:
     """Every photo of the scene but the held-out ones (the training captures among them)."""
     held = {c.name for c in split.heldout}
@@ -111,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="S,S",
         help="rows between the two generators: frames with this share of the dense render (e.g. 0.25,0.5,0.75)",
     )
+    p.add_argument(
+        "--capture-share",
+        type=capture_share,
+        default=None,
+        help="the fit's share of steps on the captures in the rows after the first (default: the fit's own)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -128,12 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         g = fit_gaussians(FitViews.from_views(dense), memory, dense_fit, device=args.device)
 
         dense_gen = DenseFrames(g, cfg.fit)
-        rows: list[tuple[str, Generator | None, bool]] = [(cfg.generator.name, None, True)]
-        rows += [
+        rows: list[tuple[str, Generator | None, bool]] = [
             (f"mix {s:g}", MixedFrames(GeneratorCache().get(cfg.generator, args.device), dense_gen, s), False)
             for s in args.mixes
         ]
         rows.append(("dense frames", dense_gen, False))
+        share = cfg.fit.capture_share if args.capture_share is None else args.capture_share
+        better = replace(cfg, fit=replace(cfg.fit, capture_share=share))  # the rows after the first
+        if args.capture_share is not None:
+            rows = [(f"{name}, capture share {share:g}", gen, b) for name, gen, b in rows]
+        rows.insert(0, (cfg.generator.name, None, True))
         print(
             f"{args.scene} {W}x{H}, {args.iterations} steps (dense fit: {len(dense)} photos, "
             f"{dense_fit.iterations} steps), seed {args.seed}; PSNR at the {len(scene.heldout)} held-out views",
@@ -143,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, generator, baselines in rows:
             r = evaluate_scene(
                 scene,
-                Path(work) / name.replace(" ", "_"),
+                Path(work) / name.replace(" ", "_").replace(",", ""),
                 device=args.device,
-                config=EvalConfig(loop=cfg),
+                config=EvalConfig(loop=cfg if baselines else better),
                 generator=generator,
                 baselines=baselines,
             )

@@ -21,9 +21,10 @@
 #                              lines `SCENE|VARIANTS|SEED[|EXTRA ARGS]` (a sweep: seeds and variant groups
 #                              split between processes; each scores its own default row, the merge averages a seed's);
 #                              JOBS_MATCH=PATTERN runs only the lines grep matches
-#   ceiling SCENES SEEDS [MIXES] scripts/frames_ceiling.py at each scene's bench size, 3000 steps, one process per
-#                              scene and seed at once (the loop fed a dense fit's renders against reproject's frames,
-#                              and MIXES of the two: shares of the dense render, e.g. 0.25,0.5,0.75)
+#   ceiling SCENES SEEDS [MIXES [ARGS]] scripts/frames_ceiling.py at each scene's bench size, 3000 steps, one process
+#                              per scene and seed at once (the loop fed a dense fit's renders against reproject's
+#                              frames, and MIXES of the two: shares of the dense render, e.g. 0.25,0.5,0.75; ARGS
+#                              passed on, e.g. --capture-share 0.3)
 #   generator MODES            scripts/bench_generator.py --compile-blocks --modes MODES
 #   unpack_fa4                 unpack .fa4a/cu13.tar.xz into /tmp/cu13 (kept while the machine is warm)
 #   unpack_ray                 unpack .rayx/ray.tar.xz into /tmp/raysite (scripts/device_env.sh says what it is)
@@ -130,12 +131,12 @@ for p in pathlib.Path(sys.argv[1]).glob("*.png"):
     for s in "${scenes[@]}"; do
       for seed in "${seeds[@]}"; do
         timeout "${QUALITY_TIMEOUT_S:-540}" python3 scripts/frames_ceiling.py --data .device_data --scene "$s" \
-          --iterations 3000 --dense-iterations 3000 --seed "$seed" --mixes "${3:-}" --device cuda \
+          --iterations 3000 --dense-iterations 3000 --seed "$seed" --mixes "${3:-}" --device cuda "${@:4}" \
           > "$OUT/ceiling_${s}_seed$seed.log" 2>&1 &
       done
     done
     wait
-    tail -n $(( 7 + $(tr , '\n' <<< "${3:-}" | grep -c .) )) "$OUT"/ceiling_*.log
+    tail -n $(( 7 + $(tr , '\n' <<< "${3:-}" | grep -c .) )) "$OUT"/ceiling_*.log  # the header, the table
     ;;
   generator)
     python3 scripts/bench_generator.py --out "$OUT/generator.json" --compile-blocks --modes "$1" 2>&1 \

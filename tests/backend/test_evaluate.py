@@ -243,7 +243,8 @@ def test_frames_ceiling_fits_no_heldout_photo_and_renders_at_the_targets(temple_
 
 def test_frames_ceiling_mixes_its_two_generators_per_pixel() -> None:
     """frames_ceiling's ``--mixes`` rows: colour and confidence are the share of the dense frames and
-    the rest of the base generator's; a share outside (0, 1) is refused naming the flag."""
+    the rest of the base generator's; a share outside (0, 1), or a capture share outside [0, 1), is
+    refused naming the flag."""
     import argparse
 
     from backend.types import Frames
@@ -264,9 +265,10 @@ def test_frames_ceiling_mixes_its_two_generators_per_pixel() -> None:
     for bad in ("0.5,1", "0", "half"):
         with pytest.raises(argparse.ArgumentTypeError):
             ceiling.mixes(bad)
-    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
-        ceiling.main(["--mixes", "0.5,2"])
-    assert "--mixes" in err.getvalue() and "(0, 1)" in err.getvalue()
+    for flag, value, says in (("--mixes", "0.5,2", "(0, 1)"), ("--capture-share", "1", "[0, 1)")):
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+            ceiling.main([flag, value])
+        assert flag in err.getvalue() and says in err.getvalue()
 
 
 def test_gpu_job_specs_name_known_scenes_and_variants() -> None:

@@ -15,8 +15,9 @@ generator's, which stays the reference) with less of the fit's steps on the capt
 frames deserve more of the fit.
 
     python scripts/frames_ceiling.py --scene fern --size 168x126 --iterations 400 --seed 0   # CPU, a floor
-    bash scripts/gpu_runs.sh ceiling fern,temple 0,1,2 [0.25,0.5,0.75]   # H200, the bench's sizes, 3000 steps; carry .whlq
-        .gsplat_so .device_data/llff_fern .device_data/middlebury_temple (the door: its images and _imported copy)
+    bash scripts/gpu_runs.sh ceiling fern,temple 0,1,2 0.25,0.5 [--capture-share 0.3]   # H200, the bench's
+        sizes, 3000 steps; carry .whlq .gsplat_so .device_data/llff_fern .device_data/middlebury_temple (the
+        door: its images and _imported copy); docs/benchmarks.md run 35
 """
 
 from __future__ import annotations

@@ -49,12 +49,12 @@ from .loop import LoopConfig, run_loop
 from .masks import stack_masks
 from .metrics import DATA_RANGE, MSE_FLOOR, best_of_blocks, image_metrics, load_lpips, ssim_map, weighted_l1
 from .progress import ProgressFn, no_progress
-from .scene import Camera, Capture, Scene, TrajectoryFrame
-from .stages.cameras import load_image, resize_image, to_tensor, undistorted, working_size
+from .scene import Camera, Scene, TrajectoryFrame
+from .stages.cameras import load_image, load_views, resize_image, to_tensor, undistorted, working_size
 from .stages.fit import FitViews, fit_gaussians, render_gaussians
 from .stages.memory import build_memory
 from .stages.render import render_memory
-from .types import Cameras, Views
+from .types import Cameras
 
 EVAL_FILE = "eval.json"
 EVAL_PICTURE = "eval.png"
@@ -207,18 +207,6 @@ def masked_score(pred: Tensor, truth: Tensor, masks: Tensor) -> dict[str, float]
     psnr = 10.0 * torch.log10(DATA_RANGE**2 / mse.clamp_min(MSE_FLOOR))
     ssim = (ssim_map(p, t) * m).flatten(1).sum(1) / count
     return {"psnr": float(psnr.mean()), "ssim": float(ssim.mean())}
-
-
-def load_views(captures: Sequence[Capture], width: int, height: int, device: torch.device | str) -> Views:
-    """Photos with known cameras as views at a working size: undistorted, resized, with their masks
-    where they have them; ids 0..n-1 in the given order."""
-    pin = [undistorted(load_image(c.image), c.camera) for c in captures]
-    return Views(
-        to_tensor([resize_image(i, width, height) for i, _ in pin], device),
-        Cameras.from_scene([c for _, c in pin], width, height, device=device),
-        list(range(len(pin))),
-        masks=stack_masks(captures, [c.camera for c in captures], width, height, device),
-    )
 
 
 def evaluate_scene(

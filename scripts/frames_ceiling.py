@@ -36,11 +36,12 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_loop_quality import SCENES, load_bench_scene  # noqa: E402
 
-from backend.evaluate import EvalConfig, evaluate_scene, load_views, split_protocol  # noqa: E402
+from backend.evaluate import EvalConfig, evaluate_scene, split_protocol  # noqa: E402
 from backend.evaluate_args import size_wxh  # noqa: E402
 from backend.generators import Generator, GeneratorCache  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
 from backend.scene import Scene  # noqa: E402
+from backend.stages.cameras import load_views  # noqa: E402
 from backend.stages.fit import FitConfig, FitViews, Gaussians, fit_gaussians, render_gaussians  # noqa: E402
 from backend.stages.memory import build_memory  # noqa: E402
 from backend.types import ConditionVideo, Frames  # noqa: E402

@@ -32,7 +32,7 @@ from ..camera_paths import SIM_MIN_CAMERAS, default_trajectory, similarity, tran
 from ..formats.undistort import undistort_image
 from ..masks import stack_masks
 from ..outputs import CaptureCamera
-from ..scene import Camera, Scene, image_size
+from ..scene import Camera, Capture, Scene, image_size
 from ..types import Cameras, Views
 
 U8_MAX = 255.0
@@ -69,6 +69,37 @@ class CaptureStep:
         return self.targets.height
 
 
+def load_views(
+    captures: Sequence[Capture],
+    width: int,
+    height: int,
+    device: torch.device | str,
+    *,
+    cameras: Sequence[Camera] | None = None,
+    pinholes: Sequence[tuple[np.ndarray, Camera]] | None = None,
+) -> Views:
+    """Photos as views at a working size: undistorted, resized, with their masks where they have
+    them; ids 0..n-1 in the given order.
+
+    Args:
+        captures: the photos (and their masks).
+        width, height: the working size.
+        device: where the tensors go.
+        cameras: each photo's camera as stored (default: the capture's own ``camera``).
+        pinholes: the photos already undistorted with their pinhole cameras (:func:`undistorted`),
+            when the caller has them; default: made here.
+    """
+    cameras = [c.camera for c in captures] if cameras is None else list(cameras)
+    if pinholes is None:
+        pinholes = [undistorted(load_image(c.image), cam) for c, cam in zip(captures, cameras, strict=True)]
+    return Views(
+        to_tensor([resize_image(img, width, height) for img, _ in pinholes], device),
+        Cameras.from_scene([cam for _, cam in pinholes], width, height, device=device),
+        list(range(len(pinholes))),
+        masks=stack_masks(captures, cameras, width, height, device),
+    )
+
+
 def prepare_captures(
     scene: Scene, *, width: int, height: int, default_frames: int, device: torch.device | str
 ) -> CaptureStep:
@@ -100,12 +131,8 @@ def prepare_captures(
     W, H, note = working_size(width, height, trajectory)
     if note:
         notes.append(note)
-    captures = Views(
-        images=to_tensor([resize_image(p, W, H) for p, _ in pinholes], device),
-        cams=Cameras.from_scene([c for _, c in pinholes], W, H, device=device),
-        ids=list(range(len(pinholes))),  # = memory.source ids: indices into the captures used
-        masks=stack_masks(used, [cams_found[i] for i in kept], W, H, device),
-    )
+    # ids = memory.source ids: indices into the captures used
+    captures = load_views(used, W, H, device, cameras=[cams_found[i] for i in kept], pinholes=pinholes)
     records = [
         CaptureCamera(
             name=c.name, image=os.path.relpath(c.image, scene.root), camera=cams_found[i], is_estimated=is_estimated[i]

@@ -211,7 +211,7 @@ def test_frames_ceiling_fits_no_heldout_photo_and_renders_at_the_targets(temple_
     """scripts/frames_ceiling.py: the dense fit's photos are every one but the held-out ones (the
     training captures among them), loaded at the working size; its generator renders the segment's
     cameras with confidence 1."""
-    from backend.evaluate import load_views
+    from backend.stages.cameras import load_views
     from backend.stages.fit import FitConfig, Gaussians
     from backend.types import ConditionVideo
 

@@ -8,6 +8,9 @@ could be expected to paint there from the scene's other photos, and how much of 
 Gaussians says whether the fit would pass a better generator's gain on. It is analysis, not a job
 setting: a user has three photos, not seventeen.
 
+``--choices 1,9`` adds rows where an oracle that knows the dense render picks, per pixel (judged over a
+box of that many pixels), the captures' reprojection or the guide's render, the two colours the
+weight-free generator blends half and half: what a per-pixel selector could be worth.
 ``--mixes 0.25,0.5`` adds rows between the two: frames that are that share of the dense render and the
 rest of the weight-free generator's (colour and confidence alike), how good frames must be before the
 loop gains a given amount. ``--capture-share 0.3`` fits those rows (not the first, the weight-free
@@ -39,6 +42,7 @@ from bench_loop_quality import SCENES, load_bench_scene  # noqa: E402
 from backend.evaluate import EvalConfig, evaluate_scene, split_protocol  # noqa: E402
 from backend.evaluate_args import size_wxh  # noqa: E402
 from backend.generators import Generator, GeneratorCache  # noqa: E402
+from backend.generators.reproject import ReprojectConfig, ReprojectGenerator  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
 from backend.scene import Scene  # noqa: E402
 from backend.stages.cameras import load_views  # noqa: E402
@@ -74,6 +78,42 @@ class MixedFrames:
         return Frames(
             (1.0 - s) * a.images + s * b.images.to(a.images), (1.0 - s) * a.confidence + s * b.confidence.to(a.images)
         )
+
+
+class ChosenFrames:
+    """Frames an oracle picks per pixel from the two things the weight-free generator blends: the captures
+    reprojected (``reproject`` without the render's colour) and the guide's render (where it covers),
+    whichever is nearer the dense render in mean absolute error over a ``window`` x ``window`` box. The
+    confidence is the reprojection's, as the default generator's (its ``render_blend`` leaves confidence
+    alone), so the row differs from the weight-free one only in how the two colours are combined: the
+    limit of a per-pixel selector (what a refiner that only chose could reach)."""
+
+    def __init__(self, dense: DenseFrames, window: int) -> None:
+        self.reproject = ReprojectGenerator(ReprojectConfig(render_blend=0.0))
+        self.dense, self.window = dense, window
+
+    def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:
+        a = self.reproject.generate(cond)
+        truth = self.dense.generate(cond).images.to(a.images)
+        guide = cond.renders.rgb.to(a.images)  # [F, H, W, 3]
+
+        def error(x: torch.Tensor) -> torch.Tensor:  # [F, H, W]
+            e = (x - truth).abs().mean(-1, keepdim=True).permute(0, 3, 1, 2)
+            return torch.nn.functional.avg_pool2d(e, self.window, 1, self.window // 2, count_include_pad=False)[:, 0]
+
+        pick = cond.renders.mask.to(a.images.device) & (error(guide) < error(a.images))
+        return Frames(torch.where(pick[..., None], guide, a.images), a.confidence)
+
+
+def windows(text: str) -> list[int]:
+    """``--choices``: comma-separated odd box sizes in pixels."""
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated odd whole numbers; got {text!r}") from None
+    if bad := [x for x in sizes if x < 1 or x % 2 == 0]:
+        raise argparse.ArgumentTypeError(f"each box size odd and >= 1; got {bad}")
+    return sizes
 
 
 def mixes(text: str) -> list[float]:
@@ -127,6 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         help="rows between the two generators: frames with this share of the dense render (e.g. 0.25,0.5,0.75)",
     )
     p.add_argument(
+        "--choices",
+        type=windows,
+        default=[],
+        metavar="N,N",
+        help="rows where an oracle picks the reprojection or the guide's render per pixel, judged by the dense "
+        "render over an N x N box (e.g. 1,9)",
+    )
+    p.add_argument("--no-dense", action="store_true", help="leave out the dense frames' own row")
+    p.add_argument(
         "--capture-share",
         type=capture_share,
         default=None,
@@ -153,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
             (f"mix {s:g}", MixedFrames(GeneratorCache().get(cfg.generator, args.device), dense_gen, s), False)
             for s in args.mixes
         ]
-        rows.append(("dense frames", dense_gen, False))
+        rows += [(f"oracle choice {n} px", ChosenFrames(dense_gen, n), False) for n in args.choices]
+        if not args.no_dense:
+            rows.append(("dense frames", dense_gen, False))
         share = cfg.fit.capture_share if args.capture_share is None else args.capture_share
         better = replace(cfg, fit=replace(cfg.fit, capture_share=share))  # the rows after the first
         if args.capture_share is not None:

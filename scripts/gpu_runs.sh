@@ -24,7 +24,7 @@
 #   ceiling SCENES SEEDS [MIXES [ARGS]] scripts/frames_ceiling.py at each scene's bench size, 3000 steps, one process
 #                              per scene and seed at once (the loop fed a dense fit's renders against reproject's
 #                              frames, and MIXES of the two: shares of the dense render, e.g. 0.25,0.5,0.75; ARGS
-#                              passed on, e.g. --capture-share 0.3)
+#                              passed on, e.g. --capture-share 0.3, --choices 9 --no-dense)
 #   generator MODES            scripts/bench_generator.py --compile-blocks --modes MODES
 #   unpack_fa4                 unpack .fa4a/cu13.tar.xz into /tmp/cu13 (kept while the machine is warm)
 #   unpack_ray                 unpack .rayx/ray.tar.xz into /tmp/raysite (scripts/device_env.sh says what it is)
@@ -136,7 +136,7 @@ for p in pathlib.Path(sys.argv[1]).glob("*.png"):
       done
     done
     wait
-    tail -n $(( 7 + $(tr , '\n' <<< "${3:-}" | grep -c .) )) "$OUT"/ceiling_*.log  # the header, the table
+    for f in "$OUT"/ceiling_*.log; do echo "== $f"; awk '/ steps \(dense fit/ {p = 1} p' "$f"; done  # header, table
     ;;
   generator)
     python3 scripts/bench_generator.py --out "$OUT/generator.json" --compile-blocks --modes "$1" 2>&1 \

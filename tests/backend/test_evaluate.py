@@ -271,6 +271,38 @@ def test_frames_ceiling_mixes_its_two_generators_per_pixel() -> None:
         assert flag in err.getvalue() and says in err.getvalue()
 
 
+def test_frames_ceiling_oracle_picks_the_colour_nearer_the_dense_render() -> None:
+    """frames_ceiling's ``--choices`` rows: per pixel, the guide's render where it covers and is nearer the
+    dense render than the reprojection, the reprojection elsewhere; the confidence is the reprojection's.
+    An even or non-numeric box size is refused."""
+    import argparse
+    from types import SimpleNamespace
+
+    from backend.types import Frames
+
+    ceiling = script_module("frames_ceiling")
+
+    class Fixed:
+        def __init__(self, images: torch.Tensor) -> None:
+            self.images = images
+
+        def generate(self, cond, *, num_steps: int = 1, seed: int = 0) -> Frames:
+            return Frames(self.images, torch.full(self.images.shape[:3], 0.3))
+
+    truth = torch.ones(1, 2, 4, 3)
+    guide = torch.tensor([0.9, 0.9, 0.0, 0.9]).view(1, 1, 4, 1).expand(1, 2, 4, 3)
+    mask = torch.tensor([[[True, False, True, True], [True, True, True, True]]])
+    chooser = ceiling.ChosenFrames(Fixed(truth), 1)
+    chooser.reproject = Fixed(torch.full((1, 2, 4, 3), 0.5))
+    frames = chooser.generate(SimpleNamespace(renders=SimpleNamespace(rgb=guide, mask=mask)))
+    expect = torch.tensor([[0.9, 0.5, 0.5, 0.9], [0.9, 0.9, 0.5, 0.9]])
+    assert torch.allclose(frames.images[0, ..., 0], expect) and bool((frames.confidence == 0.3).all())
+    assert ceiling.windows("1, 9") == [1, 9] and ceiling.windows("") == []
+    for bad in ("4", "0", "nine"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            ceiling.windows(bad)
+
+
 def test_gpu_job_specs_name_known_scenes_and_variants() -> None:
     """scripts/jobs/*.txt (``gpu_runs.sh jobs``): every line's scene and variants are the bench's, so a
     renamed variant fails here and not after a device machine's start-up."""

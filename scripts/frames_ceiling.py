@@ -11,6 +11,7 @@ setting: a user has three photos, not seventeen.
 ``--choices 1,9`` adds rows where an oracle that knows the dense render picks, per pixel (judged over a
 box of that many pixels), the captures' reprojection or the guide's render, the two colours the
 weight-free generator blends half and half: what a per-pixel selector could be worth.
+``--no-dense`` leaves out the dense frames' own row.
 ``--mixes 0.25,0.5`` adds rows between the two: frames that are that share of the dense render and the
 rest of the weight-free generator's (colour and confidence alike), how good frames must be before the
 loop gains a given amount. ``--capture-share 0.3`` fits those rows (not the first, the weight-free
@@ -21,6 +22,7 @@ frames deserve more of the fit.
     bash scripts/gpu_runs.sh ceiling fern,temple 0,1,2 0.25,0.5 [--capture-share 0.3]   # H200, the bench's
         sizes, 3000 steps; carry .whlq .gsplat_so .device_data/llff_fern .device_data/middlebury_temple (the
         door: its images and _imported copy); docs/benchmarks.md run 35
+    bash scripts/gpu_runs.sh ceiling temple 0,1,2 "" --choices 1,9 --no-dense   # the oracle's rows, run 37
 """
 
 from __future__ import annotations

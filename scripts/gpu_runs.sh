@@ -25,6 +25,8 @@
 #                              per scene and seed at once (the loop fed a dense fit's renders against reproject's
 #                              frames, and MIXES of the two: shares of the dense render, e.g. 0.25,0.5,0.75; ARGS
 #                              passed on, e.g. --capture-share 0.3, --choices 9 --no-dense)
+#   leave_out [ARGS]           scripts/bench_leave_out_fits.py: the refiner's leave-out guides one after another
+#                              against all at once in lockstep (temple, fern, door at their bench sizes)
 #   generator MODES            scripts/bench_generator.py --compile-blocks --modes MODES
 #   unpack_fa4                 unpack .fa4a/cu13.tar.xz into /tmp/cu13 (kept while the machine is warm)
 #   unpack_ray                 unpack .rayx/ray.tar.xz into /tmp/raysite (scripts/device_env.sh says what it is)
@@ -73,6 +75,10 @@ PY
   loop)
     gsplat_ready
     python3 scripts/bench_loop.py --data .device_data/middlebury_temple --out "$OUT" "$@" 2>&1 | tee -a "$OUT/loop.log"
+    ;;
+  leave_out)
+    gsplat_ready
+    python3 scripts/bench_leave_out_fits.py --data .device_data --out "$OUT" "$@" 2>&1 | tee -a "$OUT/leave_out.log"
     ;;
   quality)
     python3 scripts/bench_loop_quality.py --data .device_data --scenes "$1" --variants "$2" --seeds "$3" \

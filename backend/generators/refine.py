@@ -8,7 +8,8 @@ Before the segments, the loop calls :meth:`RefineGenerator.prepare` once:
    left out together (wider gaps, as the trajectory has), at most ``max_fits`` subsets;
 2. for each subset, the loop's own steps with the left-out captures gone: a guide fit on the kept
    captures (``fit_share`` of the job's fit steps, a fifth by default) from the memory points
-   they made, the memory and guide rendered at the left-out cameras, retrieval among the kept captures, and the
+   they made (every subset's guide fitted at once, in lockstep: :func:`leave_out_guides`, one
+   rasterizer call per step for all of them), the memory and guide rendered at the left-out cameras, retrieval among the kept captures, and the
    ``reproject`` generator. Each left-out capture gives one training pair: the degraded inputs at
    its camera (reprojection, its confidence, the guide's render, its coverage) and its photo, the truth;
 3. one capture's pairs are set aside for validation (:func:`split_validation`: the capture is
@@ -62,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..stages.fit import FitViews, fit_gaussians
+from ..stages.fit import FitViews, Gaussians, fit_gaussians_many
 from ..stages.guide import guided_renders, render_guide
 from ..stages.render import render_memory
 from ..stages.retrieval import retrieve_views
@@ -357,50 +358,82 @@ def leave_out_subsets(num_captures: int, max_fits: int) -> list[tuple[int, ...]]
     return order[:max_fits]
 
 
-def degraded_inputs(
-    captures: Views,
-    memory: GeometryMemory,
-    left_out: Sequence[int],
+@dataclass(frozen=True)
+class LeaveOut:
+    """The captures a leave-out subset keeps and the memory they made.
+
+    Attributes:
+        left_out: indices of the captures left out.
+        kept: indices of the captures kept (at least one).
+        views: the kept captures (images [K, H, W, 3], cameras, ids).
+        memory: the memory's points whose source is a kept capture.
+    """
+
+    left_out: tuple[int, ...]
+    kept: list[int]
+    views: Views
+    memory: GeometryMemory
+
+    @classmethod
+    def of(cls, captures: Views, memory: GeometryMemory, left_out: Sequence[int]) -> LeaveOut:
+        gone = set(left_out)
+        kept = [i for i in range(len(captures)) if i not in gone]
+        if not kept or not gone:
+            raise ValueError(
+                f"refine: left_out must leave out some and keep some of {len(captures)} captures; got {left_out}"
+            )
+        views = Views(captures.images[kept], captures.cams[kept], [captures.ids[i] for i in kept])
+        kept_ids = torch.tensor(views.ids, device=memory.source.device, dtype=memory.source.dtype)
+        sub_memory = memory.select(torch.isin(memory.source, kept_ids))
+        if len(sub_memory) == 0:
+            raise ValueError(
+                f"refine: the memory has no point from the captures kept when leaving out {list(left_out)}"
+            )
+        return cls(tuple(left_out), kept, views, sub_memory)
+
+
+def leave_out_guides(
+    subsets: Sequence[LeaveOut],
     cfg: LoopConfig,
     fit_iterations: int,
-    reproject: ReprojectGenerator,
     *,
     device: torch.device | str,
-    on_fit_step: Callable[[int, float], None] | None = None,
-) -> tuple[Frames, Renders, list[int]]:
-    """What the loop would give the generator at the ``left_out`` captures' cameras had they not
-    been taken: guide (when ``cfg.guide``), memory render, retrieval and reprojection from the rest.
+    progress: Callable[[int, float], None] | None = None,
+) -> list[Gaussians | None]:
+    """The subsets' guides (when ``cfg.guide`` is on): ``fit_iterations`` steps on each subset's kept
+    captures from its memory, all subsets fitted in lockstep (:func:`fit_gaussians_many`: one
+    rasterizer call per step for all of them). None per subset when the loop has no guide."""
+    if not (cfg.guide.enabled and cfg.has_fit):
+        return [None] * len(subsets)
+    fit_cfg = replace(cfg.fit, iterations=fit_iterations)
+    views = [FitViews.from_views(s.views) for s in subsets]
+    return list(fit_gaussians_many(views, [s.memory for s in subsets], fit_cfg, device=device, progress=progress))
+
+
+def degraded_inputs(
+    captures: Views,
+    subset: LeaveOut,
+    guide: Gaussians | None,
+    cfg: LoopConfig,
+    reproject: ReprojectGenerator,
+) -> tuple[Frames, Renders]:
+    """What the loop would give the generator at the left-out captures' cameras had they not been
+    taken: guide (fitted on the kept captures, :func:`leave_out_guides`), memory render, retrieval and
+    reprojection from the rest.
 
     Args:
         captures: all captures (images [C, H, W, 3], cameras, ids = 0..C-1).
-        memory: M built from the captures; points whose source is left out are dropped.
-        left_out: indices of the captures to leave out (at least one kept).
+        subset: the captures left out and kept, and the memory the kept ones made.
+        guide: Gaussians fitted on the kept captures only, or None (no guide).
         cfg: the loop's config (guide, fit, render, retrieval, occlusion test).
-        fit_iterations: steps of the guide fit on the kept captures.
         reproject: the weight-free generator.
-        device: where the guide is fitted.
-        on_fit_step: the guide fit's progress callback (``fit_gaussians``'s ``progress``).
     Returns:
-        (frames, renders, kept): the reprojection [L, H, W(, 3)], the guided renders at the
-        left-out cameras [L, H, W(, 3)] and the kept captures' indices.
+        (frames, renders): the reprojection [L, H, W(, 3)] and the guided renders at the left-out
+        cameras [L, H, W(, 3)].
     """
-    gone = set(left_out)
-    kept = [i for i in range(len(captures)) if i not in gone]
-    if not kept or not gone:
-        raise ValueError(
-            f"refine: left_out must leave out some and keep some of {len(captures)} captures; got {left_out}"
-        )
-    kept_views = Views(captures.images[kept], captures.cams[kept], [captures.ids[i] for i in kept])
-    kept_ids = torch.tensor([captures.ids[i] for i in kept], device=memory.source.device, dtype=memory.source.dtype)
-    sub_memory = memory.select(torch.isin(memory.source, kept_ids))
-    if len(sub_memory) == 0:
-        raise ValueError(f"refine: the memory has no point from the captures kept when leaving out {list(left_out)}")
-    targets = captures.cams[list(left_out)]
+    kept_views, sub_memory = subset.views, subset.memory
+    targets = captures.cams[list(subset.left_out)]
     renders = render_memory(sub_memory, targets, cfg.render)
-    guide = None
-    if cfg.guide.enabled and cfg.has_fit:
-        fit_cfg = replace(cfg.fit, iterations=fit_iterations)
-        guide = fit_gaussians(FitViews.from_views(kept_views), sub_memory, fit_cfg, device=device, progress=on_fit_step)
     picked = retrieve_views(sub_memory, targets, kept_views.cams, cfg.retrieval, capture_ids=kept_views.ids)
     depth = None
     if picked:
@@ -413,7 +446,7 @@ def degraded_inputs(
         renders = guided_renders(renders, guide, targets, cfg.fit, cfg.guide)
     none = Views(captures.images[:0], captures.cams[[]], [])
     cond = ConditionVideo(targets=targets, renders=renders, memory=retrieved, carried=none, prompt=cfg.prompt)
-    return reproject.generate(cond), renders, kept
+    return reproject.generate(cond), renders
 
 
 def make_pairs(
@@ -428,35 +461,30 @@ def make_pairs(
 ) -> TrainingPairs:
     """One training pair per left-out capture of every subset of :func:`leave_out_subsets`.
 
-    ``progress(fraction, message)`` is called after each subset (it may raise to cancel)."""
-    subsets = leave_out_subsets(len(captures), refine_cfg.max_fits)
+    ``progress(fraction, message)`` is called as the subsets' guides fit (they take the time) and
+    after each subset's inputs (it may raise to cancel)."""
+    subsets = [LeaveOut.of(captures, memory, s) for s in leave_out_subsets(len(captures), refine_cfg.max_fits)]
     iterations = max(1, round(cfg.fit.iterations * refine_cfg.fit_share))
+    on_fit_step = None
+    if progress is not None:
+        gone = ", ".join(str(list(s.left_out)) for s in subsets)
+        on_fit_step = lambda step, loss: progress(  # noqa: E731
+            0.9 * step / iterations,
+            f"refiner: {len(subsets)} guides without capture(s) {gone}, step {step}/{iterations}",
+        )
+    guides = leave_out_guides(subsets, cfg, iterations, device=device, progress=on_fit_step)
     parts: list[tuple[Frames, Renders]] = []
-    target_ids: list[int] = []
-    kept_ids: list[tuple[int, ...]] = []
-
-    def fit_progress(k: int, left_out: tuple[int, ...]) -> Callable[[int, float], None] | None:
-        if progress is None:
-            return None
-        return lambda step, loss: progress(
-            (k + step / iterations) / len(subsets),
-            f"refiner: guide without capture(s) {list(left_out)} ({k + 1}/{len(subsets)}), step {step}/{iterations}",
-        )
-
-    for k, left_out in enumerate(subsets):
-        frames, renders, kept = degraded_inputs(
-            captures, memory, left_out, cfg, iterations, reproject, device=device, on_fit_step=fit_progress(k, left_out)
-        )
-        parts.append((frames, renders))
-        target_ids += list(left_out)
-        kept_ids += [tuple(kept)] * len(left_out)
+    for k, (subset, guide) in enumerate(zip(subsets, guides)):
+        parts.append(degraded_inputs(captures, subset, guide, cfg, reproject))
         if progress is not None:
             progress(
-                (k + 1) / len(subsets), f"refiner: inputs without capture(s) {list(left_out)} ({k + 1}/{len(subsets)})"
+                0.9 + 0.1 * (k + 1) / len(subsets),
+                f"refiner: inputs without capture(s) {list(subset.left_out)} ({k + 1}/{len(subsets)})",
             )
+    target_ids = [i for s in subsets for i in s.left_out]
     return TrainingPairs(
         target_ids=target_ids,
-        kept_ids=kept_ids,
+        kept_ids=[tuple(s.kept) for s in subsets for _ in s.left_out],
         frames=torch.cat([f.images for f, _ in parts]),
         confidence=torch.cat([f.confidence for f, _ in parts]),
         render_rgb=torch.cat([r.rgb for _, r in parts]),

@@ -55,6 +55,10 @@ class Rasterizer(Protocol):
             sh_degree: SH degree to evaluate (0..3), or None for plain features.
             backgrounds: colour behind the Gaussians per camera. [C, D]
 
+        Every argument may carry the same leading batch dimensions (``means`` [..., N, 3],
+        ``viewmats`` [..., C, 4, 4], ``backgrounds`` [..., C, D]): one Gaussian set and its cameras
+        per element, as ``gsplat.rasterization`` takes them; the returns then carry them too.
+
         Returns:
             colors [C, H, W, D], alphas [C, H, W, 1] and ``meta`` with at least ``means2d``
             [C, N, 2] (gradients retainable), ``radii`` [C, N, 2] int (0: not drawn), ``depths``

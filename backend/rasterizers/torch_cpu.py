@@ -236,9 +236,32 @@ class TorchCpuRasterizer:
         sh_degree: int | None = None,
         backgrounds: Tensor | None = None,  # [C, D]
     ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        """Render; arguments and returns as :meth:`backend.rasterizers.Rasterizer.render`."""
+        """Render; arguments and returns as :meth:`backend.rasterizers.Rasterizer.render`. Leading
+        batch dimensions (``means`` [..., N, 3], ``viewmats`` [..., C, 4, 4], and so on: one Gaussian
+        set and its cameras per batch element) are drawn one element after another and stacked."""
+        if means.ndim > 2:
+            return self._render_batch(
+                means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds
+            )
         _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, sh_degree, backgrounds)
-        n_cams = viewmats.shape[0]
+        means2d, rest = self._project(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree)
+        return self._draw(means2d, *rest, opacities, width, height, backgrounds)
+
+    def _project(
+        self,
+        means: Tensor,
+        quats: Tensor,
+        scales: Tensor,
+        opacities: Tensor,
+        colors: Tensor,
+        viewmats: Tensor,
+        Ks: Tensor,
+        width: int,
+        height: int,
+        sh_degree: int | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Step 1 for C cameras: 2D centres [C, N, 2] and (conics [C, N, 3], depths [C, N], radii
+        [C, N, 2], features [C, N, D])."""
         means2d, conics, depths, radii = project_gaussians(
             means,
             covariances(quats, scales),
@@ -254,9 +277,24 @@ class TorchCpuRasterizer:
         if sh_degree is not None:
             feats = sh_to_colors(sh_degree, means, colors, viewmats)  # [C, N, 3]
         else:
+            n_cams = viewmats.shape[0]
             feats = colors if colors.ndim == 3 else colors[None].expand(n_cams, *colors.shape)  # [C, N, D]
-        n_feat = feats.shape[-1]
+        return means2d, (conics, depths, radii, feats)
 
+    def _draw(
+        self,
+        means2d: Tensor,
+        conics: Tensor,
+        depths: Tensor,
+        radii: Tensor,
+        feats: Tensor,
+        opacities: Tensor,
+        width: int,
+        height: int,
+        backgrounds: Tensor | None,
+    ) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """Steps 2-3 for the C cameras of :meth:`_project`: colours, alphas and ``meta``."""
+        n_cams = means2d.shape[0]
         images, alphas = [], []
         for cam in range(n_cams):
             image, alpha = self._render_one(
@@ -278,9 +316,60 @@ class TorchCpuRasterizer:
             "height": height,
             "n_cameras": n_cams,
             "gaussian_ids": None,
-            "n_features": n_feat,
+            "n_features": feats.shape[-1],
         }
         return render_colors, render_alphas, meta
+
+    def _render_batch(
+        self,
+        means: Tensor,  # [..., N, 3]
+        quats: Tensor,  # [..., N, 4]
+        scales: Tensor,  # [..., N, 3]
+        opacities: Tensor,  # [..., N]
+        colors: Tensor,  # [..., (C,) N, D] or [..., (C,) N, K, 3]
+        viewmats: Tensor,  # [..., C, 4, 4]
+        Ks: Tensor,  # [..., C, 3, 3]
+        width: int,
+        height: int,
+        sh_degree: int | None,
+        backgrounds: Tensor | None,  # [..., C, D]
+    ) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """:meth:`render` per element of the leading batch dimensions, outputs and ``meta``'s tensors
+        stacked like the images ([..., C, N, 2] and so on). The elements are drawn from the stacked 2D
+        centres, so ``meta["means2d"]``'s gradient (DefaultStrategy's) is every element's."""
+        batch = means.shape[:-2]
+        for name, value in (("quats", quats), ("scales", scales), ("opacities", opacities), ("viewmats", viewmats)):
+            if value.shape[: len(batch)] != batch:
+                raise ValueError(
+                    f"render: {name} must share means' batch dimensions {list(batch)}; got {tuple(value.shape)}"
+                )
+        flat = [
+            None if t is None else t.reshape(-1, *t.shape[len(batch) :])
+            for t in (means, quats, scales, opacities, colors, viewmats, Ks, backgrounds)
+        ]
+        n_elements = flat[0].shape[0]
+        projected = []
+        for b in range(n_elements):
+            args = [t[b] for t in flat[:7]]
+            background = None if flat[7] is None else flat[7][b]
+            _check_inputs(*args, sh_degree, background)
+            projected.append(self._project(*args, width, height, sh_degree))
+        means2d = torch.stack([m for m, _ in projected]).reshape(*batch, *projected[0][0].shape)  # [..., C, N, 2]
+        flat_means2d = means2d.reshape(n_elements, *means2d.shape[len(batch) :])  # drawn from: on the gradient path
+        outs = [
+            self._draw(flat_means2d[b], *rest, flat[3][b], width, height, None if flat[7] is None else flat[7][b])
+            for b, (_, rest) in enumerate(projected)
+        ]
+
+        def stacked(items: list[Tensor]) -> Tensor:
+            return torch.stack(items).reshape(*batch, *items[0].shape)
+
+        meta = {
+            key: stacked([o[2][key] for o in outs]) if isinstance(value, Tensor) else value
+            for key, value in outs[0][2].items()
+        }
+        meta["means2d"] = means2d
+        return stacked([o[0] for o in outs]), stacked([o[1] for o in outs]), meta
 
     def _render_one(
         self,

@@ -705,6 +705,131 @@ class _Run:
         return Gaussians(p["means"], p["scales"], p["quats"], p["opacities"], sh).detach()
 
 
+@dataclass
+class _Fit:
+    """One set of a lockstep fit: its views on the device, its run, its frame order and its random
+    sources (frame order on the host, dropout and backgrounds on the device; both seeded ``cfg.seed``)."""
+
+    images: Tensor  # [F, H, W, 3]
+    masks: Tensor | None  # [F, H, W], None: no random background
+    confidence: Tensor  # [F, H, W]
+    cams: Cameras
+    run: _Run
+    gen: torch.Generator
+    gen_device: torch.Generator
+    order: list[int]
+
+    @classmethod
+    def start(cls, views: FitViews, init: GeometryMemory, cfg: FitConfig, device: torch.device) -> _Fit:
+        views.check()
+        cams = views.cams.to(device)
+        if cfg.max_gaussians:
+            thinned = thin_memory(init, cfg.max_gaussians)
+            if thinned.dropped:
+                log.info(thinned.note)
+            init = thinned.memory
+        g0 = init_gaussians(init.to(device), cfg)
+        return cls(
+            images=views.images.to(device, torch.float32),
+            masks=views.masks.to(device) if views.masks is not None and cfg.has_random_background else None,
+            confidence=views.confidence.to(device, torch.float32),
+            cams=cams,
+            run=_Run.start(g0, cfg, scene_scale(cams, g0.means)),
+            gen=torch.Generator().manual_seed(cfg.seed),
+            gen_device=torch.Generator(device=device).manual_seed(cfg.seed),
+            order=[],
+        )
+
+    def next_batch(self, size: int) -> list[int]:
+        """The next ``size`` frames (at most all of them) of the shuffled passes."""
+        batch: list[int] = []
+        while len(batch) < min(size, len(self.images)):
+            if not self.order:
+                self.order = torch.randperm(len(self.images), generator=self.gen).tolist()
+            batch.append(self.order.pop())
+        return batch
+
+
+PAD_SCALE = 1e-6  # axis scale of the stand-ins that pad a set to the largest (opacity 0: never drawn)
+
+
+@dataclass
+class _SetsRender:
+    """One rasterizer call for every set of a lockstep fit and what each set's strategy reads of it.
+
+    One set renders as it is. Several are padded to the largest with stand-ins of opacity 0 (culled
+    before they reach a pixel) and stacked on a leading batch dimension: ``preds[k]`` [b, H, W, 3]
+    and, after the backward pass, ``meta(k)`` cut back to set k's Gaussians."""
+
+    preds: list[Tensor]
+    raw_meta: dict[str, Any]
+    sizes: list[int]
+
+    @classmethod
+    def draw(
+        cls,
+        rasterizer: Rasterizer,
+        params: Sequence[torch.nn.ParameterDict],
+        cams: Sequence[Cameras],
+        sh_degree: int,
+        backgrounds: Sequence[Tensor],
+        opacities: Sequence[Tensor],
+    ) -> _SetsRender:
+        sizes = [len(p["means"]) for p in params]
+        if len(params) == 1:
+            pred, meta = _render(rasterizer, params[0], cams[0], sh_degree, backgrounds[0], opacities[0])
+            return cls([pred], meta, sizes)
+        n = max(sizes)
+
+        def stacked(items: Sequence[Tensor], fill: Sequence[float] | float) -> Tensor:
+            pads = [
+                torch.as_tensor(fill, dtype=t.dtype, device=t.device).expand(n - len(t), *t.shape[1:]) for t in items
+            ]
+            return torch.stack([torch.cat([t, pad]) for t, pad in zip(items, pads)])
+
+        sh = [torch.cat([p["sh0"], p["shN"]], dim=1) if "shN" in p else p["sh0"] for p in params]
+        colors, alphas, meta = rasterizer.render(
+            stacked([p["means"] for p in params], 0.0),
+            stacked([p["quats"] for p in params], IDENTITY_QUAT),
+            stacked([torch.exp(p["scales"]) for p in params], PAD_SCALE),
+            stacked(opacities, 0.0),
+            stacked(sh, 0.0),
+            torch.stack([c.w2c for c in cams]),
+            torch.stack([c.K for c in cams]),
+            cams[0].width,
+            cams[0].height,
+            sh_degree=sh_degree,
+            backgrounds=torch.stack(list(backgrounds)),
+        )
+        return cls(list(colors.unbind(0)), meta, sizes)
+
+    def before_backward(self, runs: Sequence[_Run], cfg: FitConfig, step: int) -> None:
+        """DefaultStrategy's hook (it keeps the 2D centres' gradient); for several sets, on the stack."""
+        if len(runs) == 1:
+            runs[0].before_backward(cfg, step, self.raw_meta)
+        elif cfg.active_strategy == "default":
+            self.raw_meta["means2d"].retain_grad()
+
+    def meta(self, k: int) -> dict[str, Any]:
+        """What set k's strategy reads: the 2D centres (with their gradient) and radii of its
+        Gaussians, the image size and its cameras."""
+        if len(self.sizes) == 1:
+            return self.raw_meta
+        n = self.sizes[k]
+        means2d = self.raw_meta["means2d"][k, :, :n].detach()
+        grad = self.raw_meta["means2d"].grad if self.raw_meta["means2d"].retains_grad else None
+        if grad is not None:
+            means2d.grad = grad[k, :, :n]
+        return {
+            "means2d": means2d,
+            "radii": self.raw_meta["radii"][k, :, :n],
+            "width": self.raw_meta["width"],
+            "height": self.raw_meta["height"],
+            "n_cameras": means2d.shape[0],
+            "gaussian_ids": None,
+        }
+
+
 def fit_gaussians(
     views: FitViews,
     init: GeometryMemory,
@@ -737,57 +862,82 @@ def fit_gaussians(
         >>> len(fit_gaussians(views, memory, cfg, device="cpu"))
         50
     """
-    views.check()
+    return fit_gaussians_many([views], [init], cfg, device=device, progress=progress)[0]
+
+
+def fit_gaussians_many(
+    views: Sequence[FitViews],
+    inits: Sequence[GeometryMemory],
+    cfg: FitConfig,
+    *,
+    device: torch.device | str,
+    progress: Callable[[int, float], None] | None = None,
+) -> list[Gaussians]:
+    """Fit K independent sets of Gaussians in lockstep, set k to ``views[k]`` from ``inits[k]``, with
+    the same settings: each step renders every set's batch in one rasterizer call (the sets padded to
+    one size and stacked on a leading batch dimension, which gsplat rasterizes in one launch), and each
+    set keeps its own parameters, optimizers, strategy state, frame order and random sources (seeded
+    alike, so set k draws what a lone :func:`fit_gaussians` on it would). Short fits of small sets
+    leave the GPU mostly idle one at a time; K of them at once take little longer than one.
+
+    Args:
+        views: K sets of views, all at one image size.
+        inits: K geometry memories, one per set.
+        cfg: fitting settings shared by every set (``batch_size`` frames per set and step).
+        device: where to fit.
+        progress: as :func:`fit_gaussians`'s, with the sets' mean loss.
+
+    Returns:
+        K fitted Gaussian sets (detached, on ``device``), in the order of ``views``.
+    """
+    if len(views) != len(inits) or not views:
+        raise ValueError(
+            f"fit: needs one memory per set of views and at least one set; got {len(views)} and {len(inits)}"
+        )
+    sizes = {(v.cams.width, v.cams.height) for v in views}
+    if len(sizes) > 1:
+        raise ValueError(f"fit: the sets of a lockstep fit must share one image size; got {sorted(sizes)}")
     device = torch.device(device)
-    images = views.images.to(device, torch.float32)
-    masks = views.masks.to(device) if views.masks is not None and cfg.has_random_background else None
-    confidence = views.confidence.to(device, torch.float32)
-    cams = views.cams.to(device)
-    if cfg.max_gaussians:
-        thinned = thin_memory(init, cfg.max_gaussians)
-        if thinned.dropped:
-            log.info(thinned.note)
-        init = thinned.memory
-    g0 = init_gaussians(init.to(device), cfg)
+    fits = [_Fit.start(v, m, cfg, device) for v, m in zip(views, inits)]
     rasterizer = RASTERIZERS.make(cfg.rasterizer)
     lpips_fn = load_lpips(cfg.lpips_path, device=device) if cfg.lpips_weight > 0 else None
     background = torch.tensor(cfg.background, dtype=torch.float32, device=device)
+    torch.manual_seed(cfg.seed)  # DefaultStrategy's splits and MCMC's relocation sample from the global generator
 
-    # 1. Parameters, optimizers, schedule, strategy.
-    run = _Run.start(g0, cfg, scene_scale(cams, g0.means))
-
-    # 2. The loop: a shuffled pass over the frames per epoch, batch_size frames per step.
-    gen = torch.Generator().manual_seed(cfg.seed)
-    gen_device = torch.Generator(device=device).manual_seed(cfg.seed)  # dropout and random backgrounds
-    torch.manual_seed(cfg.seed)  # DefaultStrategy's splits sample from the global generator
-    order: list[int] = []
-    n_frames = len(views)
+    # The loop: per set, a shuffled pass over its frames per epoch, batch_size frames per step.
     for step in range(cfg.iterations):
-        batch = []
-        while len(batch) < min(cfg.batch_size, n_frames):
-            if not order:
-                order = torch.randperm(n_frames, generator=gen).tolist()
-            batch.append(order.pop())
         sh_degree = min(step // cfg.sh_degree_interval, cfg.sh_degree)
-        progress_frac = step / max(cfg.iterations - 1, 1)
-        target, bg = images[batch], background
-        if masks is not None:  # one random colour per frame, behind the render and in the masked-out target
-            bg = torch.rand(len(batch), 3, device=device, generator=gen_device)
-            target = torch.where(masks[batch][..., None], target, bg[:, None, None, :])
-        opacities = dropout_opacities(
-            torch.sigmoid(run.params["opacities"]), cfg.dropout_rate * progress_frac, gen_device
-        )
-        pred, meta = _render(rasterizer, run.params, cams[batch], sh_degree, bg, opacities)
-        loss = confidence_loss(pred, target, confidence[batch], cfg, lpips_fn)
+        rate = cfg.dropout_rate * step / max(cfg.iterations - 1, 1)
+        batches = [f.next_batch(cfg.batch_size) for f in fits]
+        targets, backgrounds, opacities = [], [], []
+        for f, batch in zip(fits, batches):
+            target, bg = f.images[batch], background
+            if f.masks is not None:  # one random colour per frame, behind the render and in the masked-out target
+                bg = torch.rand(len(batch), 3, device=device, generator=f.gen_device)
+                target = torch.where(f.masks[batch][..., None], target, bg[:, None, None, :])
+            targets.append(target)
+            backgrounds.append(bg.expand(len(batch), 3))
+            opacities.append(dropout_opacities(torch.sigmoid(f.run.params["opacities"]), rate, f.gen_device))
+        cams = [f.cams[b] for f, b in zip(fits, batches)]
+        drawn = _SetsRender.draw(rasterizer, [f.run.params for f in fits], cams, sh_degree, backgrounds, opacities)
+        confidences = [f.confidence[batch] for f, batch in zip(fits, batches)]
+        # False where no Gaussian of a set is in view of its batch (the CPU rasterizer cuts the graph)
+        learns = [pred.requires_grad for pred in drawn.preds]
+        if len(fits) == 1:
+            loss = confidence_loss(drawn.preds[0], targets[0], confidences[0], cfg, lpips_fn)
+        elif len({len(batch) for batch in batches}) == 1:  # the sets' mean losses, summed, in one call
+            cat = torch.cat
+            loss = len(fits) * confidence_loss(cat(drawn.preds), cat(targets), cat(confidences), cfg, lpips_fn)
+        else:
+            loss = sum(confidence_loss(*parts, cfg, lpips_fn) for parts in zip(drawn.preds, targets, confidences))
         if cfg.active_strategy == "mcmc":
-            loss = loss + mcmc_regularisers(run.params, cfg)
-        # False when no Gaussian is in view of this batch (the CPU rasterizer cuts the graph)
-        learn = loss.requires_grad
-        if learn:
-            run.before_backward(cfg, step, meta)
+            loss = loss + sum(mcmc_regularisers(f.run.params, cfg) for f in fits)
+        if loss.requires_grad:
+            drawn.before_backward([f.run for f in fits], cfg, step)
             loss.backward()
-        run.after_backward(cfg, step, meta, learn)
+        for k, (f, learn) in enumerate(zip(fits, learns)):
+            f.run.after_backward(cfg, step, drawn.meta(k), learn)
         if progress is not None and ((step + 1) % cfg.progress_every == 0 or step + 1 == cfg.iterations):
-            progress(step + 1, float(loss.detach()))
+            progress(step + 1, float(loss.detach()) / len(fits))
 
-    return run.gaussians()
+    return [f.run.gaussians() for f in fits]

@@ -15,6 +15,7 @@ from backend.evaluate import split_protocol
 from backend.formats import import_scene
 from backend.generators import GENERATORS
 from backend.generators.refine import (
+    LeaveOut,
     RefineConfig,
     RefineGenerator,
     TrainingPairs,
@@ -22,6 +23,7 @@ from backend.generators.refine import (
     Validation,
     choose_strength,
     degraded_inputs,
+    leave_out_guides,
     leave_out_subsets,
     make_pairs,
     predict,
@@ -119,15 +121,22 @@ def test_pairs_never_see_their_target(captures_memory) -> None:
     assert torch.equal(pairs.truth, captures.images[[0, 1, 2]])
     assert pairs.frames.shape == (3, H, W, 3) and pairs.coverage.dtype == torch.bool
     # the inputs at camera 1 do not change when the photo taken there does: capture 1 is never read
-    frames, renders, _ = degraded_inputs(captures, memory, [1], cfg, 5, ReprojectGenerator(), device="cpu")
     scrambled = Views(captures.images.clone(), captures.cams, captures.ids)
     scrambled.images[1] = torch.rand(H, W, 3, generator=torch.Generator().manual_seed(0))
-    frames2, renders2, _ = degraded_inputs(scrambled, memory, [1], cfg, 5, ReprojectGenerator(), device="cpu")
+
+    def inputs(views: Views, left_out: list[int]) -> tuple[Frames, Renders]:
+        subset = LeaveOut.of(views, memory, left_out)
+        assert subset.kept == [i for i in range(3) if i not in left_out]
+        (guide,) = leave_out_guides([subset], cfg, 5, device="cpu")
+        return degraded_inputs(views, subset, guide, cfg, ReprojectGenerator())
+
+    frames, renders = inputs(captures, [1])
+    frames2, renders2 = inputs(scrambled, [1])
     assert torch.equal(frames.images, frames2.images) and torch.equal(renders.rgb, renders2.rgb)
     # ... while leaving out another capture does read it
-    other, _, _ = degraded_inputs(scrambled, memory, [0], cfg, 5, ReprojectGenerator(), device="cpu")
-    reference, _, _ = degraded_inputs(captures, memory, [0], cfg, 5, ReprojectGenerator(), device="cpu")
-    assert not torch.equal(other.images, reference.images)
+    assert not torch.equal(inputs(scrambled, [0])[0].images, inputs(captures, [0])[0].images)
+    with pytest.raises(ValueError, match=r"left_out must leave out some and keep some of 3 captures; got \[0, 1, 2\]"):
+        LeaveOut.of(captures, memory, [0, 1, 2])
 
 
 def test_network_stays_between_its_sources_and_learns_which_to_take(single_thread) -> None:

@@ -21,6 +21,7 @@ from backend.stages.fit import (
     confidence_loss,
     default_rasterizer,
     fit_gaussians,
+    fit_gaussians_many,
     gaussians_from_arrays,
     gaussians_to_arrays,
     init_gaussians,
@@ -175,6 +176,84 @@ def test_default_strategy_densifies_with_the_cpu_rasterizer():
     assert len(g) > len(noisy)
     assert g.sh.shape == (len(g), 4, 3)
     assert torch.isfinite(g.means).all() and torch.isfinite(g.sh).all()
+
+
+def test_sets_fitted_in_lockstep_end_where_their_lone_fits_end():
+    """fit_gaussians_many draws every set's batch in one rasterizer call (padded to the largest set,
+    stacked on a batch dimension) and each set still ends where a lone fit on it ends: with
+    densification (DefaultStrategy's clones read each set's own 2D gradients from the stack), dropout
+    (each set's own random source) and sets of different sizes and frame counts."""
+    scenes = [make_scene(seed=s, n=n) for s, n in ((3, 30), (4, 22), (5, 26))]
+    views = [
+        FitViews(images[:f], cams[list(range(f))], torch.ones(f, H, W))
+        for (cams, images, _), f in zip(scenes, (3, 2, 3))
+    ]
+    memories = [noisy for _, _, noisy in scenes]
+    cfg = test_config(
+        iterations=24,
+        strategy="default",
+        refine_start_iter=5,
+        refine_every=8,
+        refine_stop_iter=20,
+        grow_grad2d=0.01,  # about half of them clone: which ones, each set's own gradients decide
+        grow_scale3d=10.0,  # every Gaussian is small: DefaultStrategy clones (no random splits)
+        dropout_rate=0.2,
+        sh_degree=1,
+        sh_degree_interval=12,
+    )
+    lone = [fit_gaussians(v, m, cfg, device="cpu") for v, m in zip(views, memories)]
+    steps: list[int] = []
+    together = fit_gaussians_many(views, memories, cfg, device="cpu", progress=lambda step, loss: steps.append(step))
+    assert steps == [24]
+    for g, alone, memory in zip(together, lone, memories):
+        assert len(g) == len(alone) > len(memory)
+        for field in ("means", "log_scales", "quats", "opacity_logits", "sh"):
+            torch.testing.assert_close(getattr(g, field), getattr(alone, field), rtol=0, atol=1e-5)
+    assert len({len(g) for g in together}) > 1  # the sets were padded to one size
+    cams, images, _ = scenes[0]
+    small = replace(cams, width=W // 2, height=H // 2)
+    with pytest.raises(ValueError, match=r"must share one image size; got \[\(24, 18\), \(48, 36\)\]"):
+        fit_gaussians_many(
+            [views[0], FitViews(images[:1, ::2, ::2], small[[0]], torch.ones(1, H // 2, W // 2))],
+            memories[:2],
+            cfg,
+            device="cpu",
+        )
+    with pytest.raises(ValueError, match="one memory per set of views"):
+        fit_gaussians_many(views, memories[:2], cfg, device="cpu")
+
+
+def test_torch_cpu_rasterizer_draws_leading_batch_dimensions_one_element_at_a_time():
+    """``means`` [B, N, 3] with ``viewmats`` [B, C, 4, 4]: each element drawn as on its own."""
+    cams, _, noisy = make_scene(seed=6, n=12)
+    g = init_gaussians(noisy, test_config())
+    rast = RASTERIZERS.make("torch_cpu")
+    args = [g.means, g.quats, torch.exp(g.log_scales), torch.sigmoid(g.opacity_logits), sh_to_rgb(g.sh[:, 0])]
+    one = [
+        rast.render(*(a * (1 + b * 0.1) if i == 2 else a for i, a in enumerate(args)), cams.w2c[:2], cams.K[:2], W, H)
+        for b in range(2)
+    ]
+    batched = rast.render(
+        *(torch.stack([a * (1 + b * 0.1) if i == 2 else a for b in range(2)]) for i, a in enumerate(args)),
+        torch.stack([cams.w2c[:2]] * 2),
+        torch.stack([cams.K[:2]] * 2),
+        W,
+        H,
+    )
+    assert batched[0].shape == (2, 2, H, W, 3) and batched[2]["means2d"].shape == (2, 2, 12, 2)
+    for b in range(2):
+        torch.testing.assert_close(batched[0][b], one[b][0])
+        torch.testing.assert_close(batched[2]["radii"][b], one[b][2]["radii"])
+    with pytest.raises(ValueError, match=r"quats must share means' batch dimensions \[2\]"):
+        rast.render(
+            torch.stack([g.means] * 2),
+            g.quats,
+            *(torch.stack([a] * 2) for a in args[2:]),
+            torch.stack([cams.w2c[:2]] * 2),
+            torch.stack([cams.K[:2]] * 2),
+            W,
+            H,
+        )
 
 
 def test_init_gaussians_from_memory():

@@ -9,9 +9,10 @@ Before the segments, the loop calls :meth:`RefineGenerator.prepare` once:
 2. for each subset, the loop's own steps with the left-out captures gone: a guide fit on the kept
    captures (``fit_share`` of the job's fit steps, a fifth by default) from the memory points
    they made (every subset's guide fitted at once, in lockstep: :func:`leave_out_guides`, one
-   rasterizer call per step for all of them), the memory and guide rendered at the left-out cameras, retrieval among the kept captures, and the
-   ``reproject`` generator. Each left-out capture gives one training pair: the degraded inputs at
-   its camera (reprojection, its confidence, the guide's render, its coverage) and its photo, the truth;
+   rasterizer call per step for all of them), the memory and guide rendered at the left-out
+   cameras, retrieval among the kept captures, and the ``reproject`` generator. Each left-out
+   capture gives one training pair: the degraded inputs at its camera (reprojection, its
+   confidence, the guide's render, its coverage) and its photo, the truth;
 3. one capture's pairs are set aside for validation (:func:`split_validation`: the capture is
    picked from the seed; they are never trained on). When every pair shows the same capture
    (``max_fits`` 1) there is nothing else to train on: it trains on them and validates on them too,

@@ -43,6 +43,11 @@ without gradient, so the loss does not depend on their target at all.
 
 Parameters are stored raw (log scales, opacity logits, unnormalised quaternions, SH) under
 gsplat's names (``means scales quats opacities sh0 shN``) and activated before rendering.
+
+:func:`fit_gaussians_many` fits several independent sets at once, in lockstep (the refiner's
+leave-out guides): one rasterizer call per step draws every set's batch (padded, stacked on a leading
+batch dimension), one loss call scores them, and each set keeps its own parameters, optimizers,
+strategy state and random sources. :func:`fit_gaussians` is its one-set case.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ RENDER_CHUNK = 8  # cameras rendered at once by render_gaussians
 IDENTITY_QUAT = (1.0, 0.0, 0.0, 0.0)  # w x y z
 ADAM_BETAS = (0.9, 0.999)  # torch defaults, as simple_trainer
 ADAM_EPS = 1e-15  # simple_trainer
+PAD_SCALE = 1e-6  # axis scale of the stand-ins that pad a lockstep fit's sets to one size (opacity 0: never drawn)
 
 
 @dataclass(frozen=True)
@@ -748,9 +754,6 @@ class _Fit:
                 self.order = torch.randperm(len(self.images), generator=self.gen).tolist()
             batch.append(self.order.pop())
         return batch
-
-
-PAD_SCALE = 1e-6  # axis scale of the stand-ins that pad a set to the largest (opacity 0: never drawn)
 
 
 @dataclass

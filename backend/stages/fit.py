@@ -760,13 +760,16 @@ class _Fit:
 class _SetsRender:
     """One rasterizer call for every set of a lockstep fit and what each set's strategy reads of it.
 
-    One set renders as it is. Several are padded to the largest with stand-ins of opacity 0 (culled
-    before they reach a pixel) and stacked on a leading batch dimension: ``preds[k]`` [b, H, W, 3]
-    and, after the backward pass, ``meta(k)`` cut back to set k's Gaussians."""
+    Several sets are padded to the largest with stand-ins of opacity 0 (culled before they reach a
+    pixel) and stacked on a leading batch dimension: ``preds[k]`` [b, H, W, 3] and, after the backward
+    pass, ``meta(k)`` cut back to set k's Gaussians from ``stacked_meta``. One set, or sets whose
+    batches differ in length (a set with fewer frames than ``batch_size``), are drawn each on its own
+    (``own_metas``)."""
 
     preds: list[Tensor]
-    raw_meta: dict[str, Any]
     sizes: list[int]
+    stacked_meta: dict[str, Any] | None = None
+    own_metas: list[dict[str, Any]] | None = None
 
     @classmethod
     def draw(
@@ -779,9 +782,11 @@ class _SetsRender:
         opacities: Sequence[Tensor],
     ) -> _SetsRender:
         sizes = [len(p["means"]) for p in params]
-        if len(params) == 1:
-            pred, meta = _render(rasterizer, params[0], cams[0], sh_degree, backgrounds[0], opacities[0])
-            return cls([pred], meta, sizes)
+        if len(params) == 1 or len({len(c) for c in cams}) > 1:
+            drawn = [
+                _render(rasterizer, p, c, sh_degree, bg, o) for p, c, bg, o in zip(params, cams, backgrounds, opacities)
+            ]
+            return cls([pred for pred, _ in drawn], sizes, own_metas=[meta for _, meta in drawn])
         n = max(sizes)
 
         def stacked(items: Sequence[Tensor], fill: Sequence[float] | float) -> Tensor:
@@ -791,7 +796,7 @@ class _SetsRender:
             return torch.stack([torch.cat([t, pad]) for t, pad in zip(items, pads)])
 
         sh = [torch.cat([p["sh0"], p["shN"]], dim=1) if "shN" in p else p["sh0"] for p in params]
-        colors, alphas, meta = rasterizer.render(
+        colors, _, meta = rasterizer.render(
             stacked([p["means"] for p in params], 0.0),
             stacked([p["quats"] for p in params], IDENTITY_QUAT),
             stacked([torch.exp(p["scales"]) for p in params], PAD_SCALE),
@@ -804,30 +809,31 @@ class _SetsRender:
             sh_degree=sh_degree,
             backgrounds=torch.stack(list(backgrounds)),
         )
-        return cls(list(colors.unbind(0)), meta, sizes)
+        return cls(list(colors.unbind(0)), sizes, stacked_meta=meta)
 
     def before_backward(self, runs: Sequence[_Run], cfg: FitConfig, step: int) -> None:
-        """DefaultStrategy's hook (it keeps the 2D centres' gradient); for several sets, on the stack."""
-        if len(runs) == 1:
-            runs[0].before_backward(cfg, step, self.raw_meta)
+        """DefaultStrategy's hook (it keeps the 2D centres' gradient); for stacked sets, on the stack."""
+        if self.own_metas is not None:
+            for run, meta in zip(runs, self.own_metas):
+                run.before_backward(cfg, step, meta)
         elif cfg.active_strategy == "default":
-            self.raw_meta["means2d"].retain_grad()
+            self.stacked_meta["means2d"].retain_grad()
 
     def meta(self, k: int) -> dict[str, Any]:
         """What set k's strategy reads: the 2D centres (with their gradient) and radii of its
         Gaussians, the image size and its cameras."""
-        if len(self.sizes) == 1:
-            return self.raw_meta
-        n = self.sizes[k]
-        means2d = self.raw_meta["means2d"][k, :, :n].detach()
-        grad = self.raw_meta["means2d"].grad if self.raw_meta["means2d"].retains_grad else None
+        if self.own_metas is not None:
+            return self.own_metas[k]
+        stack, n = self.stacked_meta, self.sizes[k]
+        means2d = stack["means2d"][k, :, :n].detach()
+        grad = stack["means2d"].grad if stack["means2d"].retains_grad else None
         if grad is not None:
             means2d.grad = grad[k, :, :n]
         return {
             "means2d": means2d,
-            "radii": self.raw_meta["radii"][k, :, :n],
-            "width": self.raw_meta["width"],
-            "height": self.raw_meta["height"],
+            "radii": stack["radii"][k, :, :n],
+            "width": stack["width"],
+            "height": stack["height"],
             "n_cameras": means2d.shape[0],
             "gaussian_ids": None,
         }

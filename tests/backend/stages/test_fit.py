@@ -182,7 +182,8 @@ def test_sets_fitted_in_lockstep_end_where_their_lone_fits_end():
     """fit_gaussians_many draws every set's batch in one rasterizer call (padded to the largest set,
     stacked on a batch dimension) and each set still ends where a lone fit on it ends: with
     densification (DefaultStrategy's clones read each set's own 2D gradients from the stack), dropout
-    (each set's own random source) and sets of different sizes and frame counts."""
+    (each set's own random source) and sets of different sizes and frame counts, also where their
+    batches differ in length."""
     scenes = [make_scene(seed=s, n=n) for s, n in ((3, 30), (4, 22), (5, 26))]
     views = [
         FitViews(images[:f], cams[list(range(f))], torch.ones(f, H, W))
@@ -201,15 +202,18 @@ def test_sets_fitted_in_lockstep_end_where_their_lone_fits_end():
         sh_degree=1,
         sh_degree_interval=12,
     )
-    lone = [fit_gaussians(v, m, cfg, device="cpu") for v, m in zip(views, memories)]
-    steps: list[int] = []
-    together = fit_gaussians_many(views, memories, cfg, device="cpu", progress=lambda step, loss: steps.append(step))
-    assert steps == [24]
-    for g, alone, memory in zip(together, lone, memories):
-        assert len(g) == len(alone) > len(memory)
-        for field in ("means", "log_scales", "quats", "opacity_logits", "sh"):
-            torch.testing.assert_close(getattr(g, field), getattr(alone, field), rtol=0, atol=1e-5)
-    assert len({len(g) for g in together}) > 1  # the sets were padded to one size
+    # batch_size 3: the set with 2 frames fills shorter batches, so the sets are drawn each on its own
+    for batch_size in (1, 3):
+        cfg = replace(cfg, batch_size=batch_size)
+        lone = [fit_gaussians(v, m, cfg, device="cpu") for v, m in zip(views, memories)]
+        steps: list[int] = []
+        together = fit_gaussians_many(views, memories, cfg, device="cpu", progress=lambda step, _: steps.append(step))
+        assert steps == [24]
+        for g, alone, memory in zip(together, lone, memories):
+            assert len(g) == len(alone) > len(memory)
+            for field in ("means", "log_scales", "quats", "opacity_logits", "sh"):
+                torch.testing.assert_close(getattr(g, field), getattr(alone, field), rtol=0, atol=1e-5)
+        assert len({len(g) for g in together}) > 1  # sets of different sizes
     cams, images, _ = scenes[0]
     small = replace(cams, width=W // 2, height=H // 2)
     with pytest.raises(ValueError, match=r"must share one image size; got \[\(24, 18\), \(48, 36\)\]"):

@@ -234,7 +234,9 @@ class BudgetPlan:
         iterations: steps per Gaussian fit.
         step_seconds: predicted seconds per fitting step at this size and cap.
         costs: the measured step costs the plan used.
-        fits: Gaussian fits the loop runs (2 with the guide, else 1).
+        fits: Gaussian fits the loop runs, in lengths of one fit (2 with the guide, else 1, plus what
+            the generator's preparation fits: the refiner's leave-out guides, a fifth each).
+        reserved_s: seconds of the fits' share kept for other work on the device (the refiner's training).
         sentence: what was chosen and why, for people.
     """
 
@@ -245,7 +247,8 @@ class BudgetPlan:
     iterations: int
     step_seconds: float
     costs: StepCosts
-    fits: int
+    fits: float
+    reserved_s: float
     sentence: str
 
 
@@ -255,10 +258,12 @@ def plan_budget(
     *,
     max_iterations: int,
     max_size: tuple[int, int],
-    fits: int = 2,
+    fits: float = 2,
+    reserved_s: float = 0.0,
+    reserved_for: str = "",
 ) -> BudgetPlan:
     """Choose working size, Gaussian cap and fitting steps so that the fits take about
-    :data:`FIT_SHARE` of ``budget_min``.
+    :data:`FIT_SHARE` of ``budget_min`` (less ``reserved_s``).
 
     The largest size (up to ``max_size``) and cap that still allow the job's own ``max_iterations``
     steps per fit win, size before cap: a short fit the job asked for is not cut for more Gaussians
@@ -274,7 +279,9 @@ def plan_budget(
         costs: :func:`measure_step_costs` on this device.
         max_iterations: the job's own step count (the budget never adds steps).
         max_size: the job's working size (the budget never enlarges it).
-        fits: Gaussian fits the loop runs.
+        fits: Gaussian fits the loop runs, in lengths of one fit (fractions for shorter fits).
+        reserved_s: seconds of the fits' share kept for other device work (``reserved_for`` says
+            what, in the sentence).
 
     Example::
 
@@ -286,7 +293,9 @@ def plan_budget(
         raise ValueError(f"plan_budget: budget_min must be > 0; got {budget_min}")
     if costs.per_pixel <= 0 or costs.per_gaussian < 0:
         raise ValueError(f"plan_budget: costs must be positive; got {costs}")
-    fit_seconds = budget_min * 60.0 * FIT_SHARE
+    if fits <= 0 or reserved_s < 0:
+        raise ValueError(f"plan_budget: fits must be > 0 and reserved_s >= 0; got {fits}, {reserved_s}")
+    fit_seconds = max(budget_min * 60.0 * FIT_SHARE - reserved_s, 0.0)
     sizes = [s for s in WORKING_SIZES if s[0] * s[1] <= max_size[0] * max_size[1]] or [max_size]
     choice = None
     for min_steps in (max_iterations, MIN_ITERATIONS):  # the job's own step count first, if affordable
@@ -307,11 +316,12 @@ def plan_budget(
         choice = (w, h, cap, costs.seconds(cap, w, h))
     w, h, cap, step = choice
     iterations = max(1, min(max_iterations, int(fit_seconds / (fits * step))))
+    reserved = f"; {reserved_s:g} s kept for {reserved_for or 'other work'}" if reserved_s else ""
     sentence = (
         f"time budget {budget_min:g} min: working size {w}x{h}, at most {cap} Gaussians, "
-        f"{iterations} steps per fit ({fits} fit{'s' if fits > 1 else ''}, about {step:.2f} s a step as "
-        f"measured here{', on one thread' if costs.threads == 1 else ''})"
+        f"{iterations} steps per fit ({fits:g} fit{'s' if fits != 1 else ''}, about {step:.2f} s a step as "
+        f"measured here{', on one thread' if costs.threads == 1 else ''}{reserved})"
     )
     if is_short:
         sentence += f"; the budget is too short for {MIN_ITERATIONS} steps per fit even at the smallest size"
-    return BudgetPlan(budget_min, w, h, cap, iterations, step, costs, fits, sentence)
+    return BudgetPlan(budget_min, w, h, cap, iterations, step, costs, fits, reserved_s, sentence)

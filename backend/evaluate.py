@@ -252,7 +252,7 @@ def evaluate_scene(
     device = torch.device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loop_cfg = cfg.loop or LoopConfig.from_settings(scene.settings, device=device)
+    loop_cfg = cfg.loop or LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
     traj, on_heldout = eval_trajectory(scene, cfg.trajectory_mode, cfg.frames_per_leg)
     W, H = _size(loop_cfg, traj)
     meter = outputs.StageMeter(device)
@@ -388,7 +388,7 @@ def run_eval(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="reconloop-eval-") as work:
         options = {"silhouettes": True} if getattr(args, "silhouettes", False) else {}
         scene = scene_for_eval(args.scene, args.format, args.protocol, args.train_views, Path(work), **options)
-        loop_cfg = LoopConfig.from_settings(scene.settings, device=device)
+        loop_cfg = LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
         if args.size:
             w, h = args.size
             loop_cfg = replace(loop_cfg, width=w, height=h)

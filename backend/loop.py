@@ -39,7 +39,7 @@ from protocol.ply import PointArrays
 
 from . import outputs
 from .budget import BudgetPlan, measure_step_costs, plan_budget, thin_memory
-from .generators import Generator, GeneratorCache, GeneratorConfig
+from .generators import GENERATORS, Generator, GeneratorCache, GeneratorConfig
 from .progress import ProgressFn, ProgressTracker, no_progress
 from .scene import Scene, Settings
 from .stages.cameras import prepare_captures
@@ -117,9 +117,18 @@ class LoopConfig:
     budget: BudgetPlan | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, device: torch.device | str = "cpu", **overrides: Any) -> LoopConfig:
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        device: torch.device | str = "cpu",
+        num_captures: int | None = None,
+        **overrides: Any,
+    ) -> LoopConfig:
         """The loop's config for a job's Settings (scene.json, Blender sidebar, CLI) on ``device``
-        (which picks the Gaussian rasterizer: gsplat on CUDA, the torch stand-in elsewhere)."""
+        (which picks the Gaussian rasterizer: gsplat on CUDA, the torch stand-in elsewhere).
+        ``num_captures`` sizes what a generator's preparation adds to the time budget (the refiner's
+        leave-out fits; None: the most it could be)."""
         base = cls()
         cfg = replace(
             base,
@@ -142,12 +151,19 @@ class LoopConfig:
             prompt=settings.prompt,
         )
         if settings.time_budget_min and cfg.has_fit:  # backend.budget: size the work to the time
+            fits, reserved_s = (2 if cfg.guide.enabled else 1), 0.0
+            cost = getattr(GENERATORS.get(cfg.generator.name), "preparation_cost", None)
+            if cost is not None:  # a generator that fits and trains before the segments (``refine``)
+                extra_fits, reserved_s = cost(cfg.generator, num_captures, has_guide=cfg.guide.enabled)
+                fits += extra_fits
             plan = plan_budget(
                 settings.time_budget_min,
                 measure_step_costs(cfg.fit.rasterizer, device),
                 max_iterations=cfg.fit.iterations,
                 max_size=(cfg.width, cfg.height),
-                fits=2 if cfg.guide.enabled else 1,
+                fits=fits,
+                reserved_s=reserved_s,
+                reserved_for=f"the {cfg.generator.name} generator's training",
             )
             fit = replace(cfg.fit, iterations=plan.iterations, max_gaussians=plan.max_gaussians)
             cfg = replace(cfg, width=plan.width, height=plan.height, fit=fit, budget=plan)
@@ -219,7 +235,7 @@ def run_loop(
         LoopResult (files written under out_dir, plus in-memory results).
     """
     device = torch.device(device)
-    cfg = config or LoopConfig.from_settings(scene.settings, device=device)
+    cfg = config or LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meter = outputs.StageMeter(device)

@@ -744,6 +744,25 @@ class RefineGenerator:
         """The refiner a job's generator config asks for (``refine_seconds``; the seed comes with ``prepare``)."""
         return cls(RefineConfig(seconds=float(config.refine_seconds)))
 
+    @classmethod
+    def preparation_cost(
+        cls, config: GeneratorConfig, num_captures: int | None, *, has_guide: bool
+    ) -> tuple[float, float]:
+        """What :meth:`prepare` adds to a job, for the time budget (``backend.budget``): the leave-out
+        guides in lengths of the job's fit (``fit_share`` each; every set's steps counted, as a CPU
+        spends them even in lockstep; none without a guide) and the training's seconds.
+        ``num_captures`` None: as many subsets as ``max_fits`` allows.
+
+        Example:
+            >>> from backend.generators import GeneratorConfig
+            >>> fits, seconds = RefineGenerator.preparation_cost(GeneratorConfig("refine"), 3, has_guide=True)
+            >>> round(fits, 3), seconds  # 3 leave-out guides of a fifth of the fit, 10 s of training
+            (0.6, 10.0)
+        """
+        rc = cls.from_config(config).config
+        subsets = rc.max_fits if num_captures is None else len(leave_out_subsets(max(num_captures, 2), rc.max_fits))
+        return (subsets * rc.fit_share if has_guide else 0.0), rc.seconds
+
     def prepare(
         self,
         captures: Views,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from backend.budget import (
+    FIT_SHARE,
     GAUSSIAN_CAPS,
     MIN_ITERATIONS,
     StepCosts,
@@ -102,6 +105,16 @@ def test_plan_fits_the_budget_and_never_exceeds_the_job():
     assert slow.width * slow.height * slow.max_gaussians < plan.width * plan.height * plan.max_gaussians
     hopeless = plan_budget(0.5, StepCosts(per_pixel=1e-3, per_gaussian=1e-4), max_iterations=300, max_size=(320, 240))
     assert hopeless.iterations >= 1 and "too short" in hopeless.sentence
+    # More fits (the refiner's leave-out guides, fractions of a fit) and seconds kept for its training
+    # leave fewer steps per fit, and the sentence says why.
+    refine = plan_budget(
+        4.0, costs, max_iterations=3000, max_size=(320, 240), fits=2.6, reserved_s=10, reserved_for="training"
+    )
+    step = costs.seconds(refine.max_gaussians, refine.width, refine.height)
+    assert refine.iterations < plan.iterations and refine.fits * refine.iterations * step <= 4.0 * 60 * FIT_SHARE - 10
+    assert "2.6 fits" in refine.sentence and "10 s kept for training" in refine.sentence
+    with pytest.raises(ValueError, match=r"fits must be > 0 and reserved_s >= 0; got 2, -1"):
+        plan_budget(4.0, costs, max_iterations=300, max_size=(320, 240), reserved_s=-1)
     with pytest.raises(ValueError, match="budget_min must be > 0"):
         plan_budget(0, costs, max_iterations=300, max_size=(320, 240))
 
@@ -186,3 +199,11 @@ def test_loop_config_follows_the_budget_plan():
     assert (cfg.width, cfg.height) == (plan.width, plan.height) == (64, 48)  # never larger than the job's
     assert cfg.fit.iterations == plan.iterations <= 20 and cfg.fit.max_gaussians == plan.max_gaussians
     assert LoopConfig.from_settings(Settings(width=64, height=48), device="cpu").budget is None
+    # the refiner's preparation counts: 3 captures give 3 leave-out guides of a fifth of the fit and
+    # its training's seconds; without the count, the most it could be (max_fits 6)
+    refine = replace(settings, generator="refine", refine_seconds=12)
+    for captures, fits in ((3, 2.6), (None, 3.2)):
+        plan = LoopConfig.from_settings(refine, device="cpu", num_captures=captures).budget
+        assert plan.fits == pytest.approx(fits) and plan.reserved_s == 12
+        assert "12 s kept for the refine generator's training" in plan.sentence
+    assert cfg.budget.fits == 2 and cfg.budget.reserved_s == 0

@@ -45,7 +45,6 @@ from backend.stages.cameras import load_views  # noqa: E402
 from backend.stages.fit import (  # noqa: E402
     FitViews,
     Gaussians,
-    default_rasterizer,
     fit_gaussians,
     fit_gaussians_many,
     render_gaussians,
@@ -70,8 +69,7 @@ def held_out_psnr(guides: list[Gaussians], subsets: list[LeaveOut], captures, cf
 def bench_scene(name: str, args: argparse.Namespace, device: torch.device, work: Path) -> dict:
     scene = load_bench_scene(args.data, name, work)
     W, H = args.size or SCENES[name][3]
-    base = LoopConfig.from_settings(scene.settings, device=device)
-    cfg = replace(base, fit=replace(base.fit, rasterizer=default_rasterizer(device)))
+    cfg = LoopConfig.from_settings(scene.settings, device=device)  # picks the device's rasterizer
     captures = load_views(scene.captures, W, H, device)
     memory = build_memory(captures, cfg.memory, estimator=cfg.estimator)
     refine = RefineConfig()

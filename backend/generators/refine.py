@@ -408,7 +408,7 @@ def leave_out_guides(
         return [None] * len(subsets)
     fit_cfg = replace(cfg.fit, iterations=fit_iterations)
     views = [FitViews.from_views(s.views) for s in subsets]
-    return list(fit_gaussians_many(views, [s.memory for s in subsets], fit_cfg, device=device, progress=progress))
+    return fit_gaussians_many(views, [s.memory for s in subsets], fit_cfg, device=device, progress=progress)
 
 
 def degraded_inputs(
@@ -466,13 +466,15 @@ def make_pairs(
     after each subset's inputs (it may raise to cancel)."""
     subsets = [LeaveOut.of(captures, memory, s) for s in leave_out_subsets(len(captures), refine_cfg.max_fits)]
     iterations = max(1, round(cfg.fit.iterations * refine_cfg.fit_share))
-    on_fit_step = None
-    if progress is not None:
-        gone = ", ".join(str(list(s.left_out)) for s in subsets)
-        on_fit_step = lambda step, loss: progress(  # noqa: E731
-            0.9 * step / iterations,
-            f"refiner: {len(subsets)} guides without capture(s) {gone}, step {step}/{iterations}",
-        )
+    gone = ", ".join(str(list(s.left_out)) for s in subsets)
+
+    def on_fit_step(step: int, loss: float) -> None:
+        if progress is not None:
+            progress(
+                0.9 * step / iterations,
+                f"refiner: {len(subsets)} guides without capture(s) {gone}, step {step}/{iterations}",
+            )
+
     guides = leave_out_guides(subsets, cfg, iterations, device=device, progress=on_fit_step)
     parts: list[tuple[Frames, Renders]] = []
     for k, (subset, guide) in enumerate(zip(subsets, guides)):

@@ -55,7 +55,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -723,7 +723,7 @@ class _Fit:
     run: _Run
     gen: torch.Generator
     gen_device: torch.Generator
-    order: list[int]
+    order: list[int] = field(default_factory=list)  # frames left in this pass
 
     @classmethod
     def start(cls, views: FitViews, init: GeometryMemory, cfg: FitConfig, device: torch.device) -> _Fit:
@@ -743,7 +743,6 @@ class _Fit:
             run=_Run.start(g0, cfg, scene_scale(cams, g0.means)),
             gen=torch.Generator().manual_seed(cfg.seed),
             gen_device=torch.Generator(device=device).manual_seed(cfg.seed),
-            order=[],
         )
 
     def next_batch(self, size: int) -> list[int]:

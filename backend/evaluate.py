@@ -51,7 +51,8 @@ from .metrics import DATA_RANGE, MSE_FLOOR, best_of_blocks, image_metrics, load_
 from .progress import ProgressFn, no_progress
 from .scene import Camera, Scene, TrajectoryFrame
 from .stages.cameras import load_image, load_views, resize_image, to_tensor, undistorted, working_size
-from .stages.fit import FitViews, fit_gaussians, render_gaussians
+from .stages.fit import FitViews, Gaussians, fit_gaussians, render_gaussians
+from .stages.guide import fit_guide, render_guide
 from .stages.memory import build_memory
 from .stages.render import render_memory
 from .types import Cameras
@@ -284,6 +285,7 @@ def evaluate_scene(
         "update_memory": loop_cfg.update.enabled,
     }
     columns = [truth]
+    guide: list[Gaussians] = []  # the loop's guide, (b) its first member, when made here
     # (a) the point memory alone, and (b) Gaussians on the captures alone
     if baselines:
         with meter.measure("load"):
@@ -301,6 +303,11 @@ def evaluate_scene(
         report["points_coverage"] = float((points.sum(-1) > 0).float().mean())
         add_scores("gaussians_captures", caps_render)
         columns += [points, caps_render]
+        guide = [g_caps]
+        if loop_cfg.guide.enabled and loop_cfg.guide.members > 1:  # the rest of a self-ensemble, and its render
+            with meter.measure("fit_guide"):
+                guide = fit_guide(captures, memory, loop_cfg.fit, loop_cfg.guide, device=device, ready=guide)
+            add_scores("guide", render_guide(guide, held, loop_cfg.fit, loop_cfg.guide)[0])
 
     # (c) the full loop along the evaluation trajectory; its memory and guide are (a)'s and (b)'s when
     # those were made here (the same captures, size and settings)
@@ -313,7 +320,7 @@ def evaluate_scene(
         progress=progress,
         config=replace(loop_cfg, width=W, height=H),
         generator=generator,
-        guide=g_caps if baselines else None,
+        guide=guide,
         memory=memory if baselines else None,
         memory_notes=notes if baselines else (),
     )
@@ -399,7 +406,7 @@ def run_eval(args: argparse.Namespace) -> int:
         report = evaluate_scene(
             scene, args.out, device=device, trajectory_mode=args.trajectory_mode, config=EvalConfig(loop=loop_cfg)
         )
-    keys = ("points", "gaussians_captures", "gaussians_loop", "frames", "frames_guide_oracle")
+    keys = ("points", "gaussians_captures", "guide", "gaussians_loop", "frames", "frames_guide_oracle")
     for key in [k for base in keys for k in (base, f"{base}_masked")]:
         if key in report:
             print(f"{key:20s} " + "  ".join(f"{k} {v:.4f}" for k, v in report[key].items()))

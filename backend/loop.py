@@ -151,7 +151,7 @@ class LoopConfig:
             prompt=settings.prompt,
         )
         if settings.time_budget_min and cfg.has_fit:  # backend.budget: size the work to the time
-            fits, reserved_s = (2 if cfg.guide.enabled else 1), 0.0
+            fits, reserved_s = (1 + cfg.guide.members if cfg.guide.enabled else 1), 0.0
             cost = getattr(GENERATORS.get(cfg.generator.name), "preparation_cost", None)
             if cost is not None:  # a generator that fits and trains before the segments (``refine``)
                 extra_fits, reserved_s = cost(cfg.generator, num_captures, has_guide=cfg.guide.enabled)
@@ -210,7 +210,7 @@ def run_loop(
     progress: ProgressFn = no_progress,
     config: LoopConfig | None = None,
     generator: Generator | None = None,
-    guide: Gaussians | None = None,
+    guide: Sequence[Gaussians] = (),
     memory: GeometryMemory | None = None,
     memory_notes: Sequence[str] = (),
 ) -> LoopResult:
@@ -224,9 +224,10 @@ def run_loop(
         config: the loop's config; default ``LoopConfig.from_settings(scene.settings)``.
         generator: a ready generator (e.g. one a service's ``GeneratorCache`` keeps loaded between
             jobs); default: built from ``config.generator``, its weights located by the environment.
-        guide: ready guide Gaussians, fitted on these captures at the working size with
-            ``config.fit`` (e.g. the captures-only fit an evaluation made already); default: fitted
-            here when ``config.guide`` is on. Ignored when it is off.
+        guide: the guide's members fitted already on these captures at the working size with
+            ``config.fit`` and seeds ``config.fit.seed``, ``+ 1``, ... (e.g. the captures-only fit an
+            evaluation made); the rest of ``config.guide.members`` are fitted here. Ignored when the
+            guide is off.
         memory: a ready initial memory M, built by ``build_memory`` from these captures at the
             working size with ``config.memory`` and ``config.estimator`` (e.g. the one an evaluation
             built for its baselines: PatchMatch takes 15-85 s); default: built here.
@@ -280,13 +281,13 @@ def run_loop(
     guide_depth = None  # the guide's depth in the captures where it is opaque, else 0 [C, H, W]
     if cfg.guide.enabled and cfg.has_fit:
         with meter.measure("guide"):
-            if guide is None:
-                on_step = track.steps("guide", "guide Gaussians on the captures", cfg.fit.iterations)
-                guide = fit_guide(captures, memory, cfg.fit, device=device, progress=on_step)
+            on_step = track.steps("guide", "guide Gaussians on the captures", cfg.fit.iterations)
+            guide = fit_guide(captures, memory, cfg.fit, cfg.guide, device=device, ready=guide, progress=on_step)
             guide_depth = render_guide(guide, captures.cams, cfg.fit, cfg.guide)[1]
-        track.finish("guide", f"guide: {len(guide)} Gaussians on the captures alone")
+        sets = f" in {len(guide)} sets" if len(guide) > 1 else ""
+        track.finish("guide", f"guide: {sum(map(len, guide))} Gaussians{sets} on the captures alone")
     else:
-        guide = None
+        guide = []
         track.skip("guide")
 
     # 2. Segments of the trajectory.
@@ -311,7 +312,7 @@ def run_loop(
         with meter.measure("render"):
             renders = render_memory(memory, targets, cfg.render)
             point_rgb[seg.indices] = renders.rgb
-            if guide is not None:
+            if guide:
                 renders = guided_renders(renders, guide, targets, cfg.fit, cfg.guide)
             retrieved = retrieved_views(captures, picked, memory, cfg.render, guide_depth)
         # 5. Generate the frames from [retrieved captures ; carried frames ; renders].

@@ -80,6 +80,10 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "blend 0.75": ({}, {}, {"render_blend": 0.75}),
     "blend 0.9": ({}, {}, {"render_blend": 0.9}),
     "no memory update": ({"update": False}, {}, {}),
+    # the guide a self-ensemble of captures-only fits (GuideConfig.members), rendered as their mean
+    "guide ensemble 3": ({"guide_members": 3}, {}, {}),
+    "guide ensemble 5": ({"guide_members": 5}, {}, {}),
+    "guide ensemble 3 + blend 0.75": ({"guide_members": 3}, {}, {"render_blend": 0.75}),
     "capture share 0.7": ({}, {"capture_share": 0.7}, {}),
     "capture share 0.3": ({}, {"capture_share": 0.3}, {}),  # more of the fit on the frames (run 36's mixes: +0.04)
     # weight-free regularisers of the sparse-view Gaussian literature (Gaussian dropout 0.2 is the default)
@@ -122,7 +126,15 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "crop to masks": ({"has_crop_to_masks": True}, {}, {}),
 }
 LOOP_FIELDS = ("estimator", "has_crop_to_masks")
-SCORE_KEYS = ("points", "gaussians_captures", "gaussians_loop", "frames", "frames_guide_oracle", "refine_input_frames")
+SCORE_KEYS = (
+    "points",
+    "gaussians_captures",
+    "guide",
+    "gaussians_loop",
+    "frames",
+    "frames_guide_oracle",
+    "refine_input_frames",
+)
 
 
 def load_bench_scene(data: Path, name: str, work: Path, *, split: bool = True) -> Scene:
@@ -141,6 +153,8 @@ def loop_config(base: LoopConfig, overrides: dict, fit_overrides: dict) -> LoopC
         cfg = replace(cfg, update=replace(cfg.update, enabled=overrides["update"]))
     if "guide" in overrides:
         cfg = replace(cfg, guide=replace(cfg.guide, enabled=overrides["guide"]))
+    if "guide_members" in overrides:
+        cfg = replace(cfg, guide=replace(cfg.guide, members=overrides["guide_members"]))
     if "patchmatch" in overrides:
         memory = cfg.memory
         cfg = replace(cfg, memory=replace(memory, patchmatch=replace(memory.patchmatch, **overrides["patchmatch"])))
@@ -153,9 +167,11 @@ FRAME_ONLY_FIT_FIELDS = {"capture_share"}
 
 def has_baselines(variant: str) -> bool:
     """Variants that change the fit (beyond how it weighs the frames) or the geometry score their own
-    captures-only fit; the others are paired with the default row's of the same seed."""
+    captures-only fit, and so do a guide ensemble's (its members fitted beside that fit, their render
+    scored); the others are paired with the default row's of the same seed."""
     loop_over, fit_over, _ = VARIANTS.get(variant, ({}, {}, {}))
-    return variant == "default" or bool(set(fit_over) - FRAME_ONLY_FIT_FIELDS) or "estimator" in loop_over
+    own = variant == "default" or bool(set(fit_over) - FRAME_ONLY_FIT_FIELDS) or "estimator" in loop_over
+    return own or "guide_members" in loop_over  # an ensemble's rows score its render, made beside the baselines
 
 
 # ---- refiner variants: the "refine" generator (reproject + a U-Net trained on the scene's

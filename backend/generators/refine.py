@@ -440,11 +440,11 @@ def degraded_inputs(
     if picked:
         depth = render_memory(sub_memory, kept_views.cams[picked], cfg.render).depth
         if guide is not None:
-            guide_depth = render_guide(guide, kept_views.cams[picked], cfg.fit, cfg.guide)[1]
+            guide_depth = render_guide([guide], kept_views.cams[picked], cfg.fit, cfg.guide)[1]
             depth = torch.where(guide_depth > 0, guide_depth, depth)
     retrieved = Views(kept_views.images[picked], kept_views.cams[picked], [kept_views.ids[i] for i in picked], depth)
     if guide is not None:
-        renders = guided_renders(renders, guide, targets, cfg.fit, cfg.guide)
+        renders = guided_renders(renders, [guide], targets, cfg.fit, cfg.guide)
     none = Views(captures.images[:0], captures.cams[[]], [])
     cond = ConditionVideo(targets=targets, renders=renders, memory=retrieved, carried=none, prompt=cfg.prompt)
     return reproject.generate(cond), renders

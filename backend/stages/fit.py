@@ -714,7 +714,7 @@ class _Run:
 @dataclass
 class _Fit:
     """One set of a lockstep fit: its views on the device, its run, its frame order and its random
-    sources (frame order on the host, dropout and backgrounds on the device; both seeded ``cfg.seed``)."""
+    sources (frame order on the host, dropout and backgrounds on the device; both seeded ``seed``)."""
 
     images: Tensor  # [F, H, W, 3]
     masks: Tensor | None  # [F, H, W], None: no random background
@@ -726,7 +726,7 @@ class _Fit:
     order: list[int] = field(default_factory=list)  # frames left in this pass
 
     @classmethod
-    def start(cls, views: FitViews, init: GeometryMemory, cfg: FitConfig, device: torch.device) -> _Fit:
+    def start(cls, views: FitViews, init: GeometryMemory, cfg: FitConfig, device: torch.device, seed: int) -> _Fit:
         views.check()
         cams = views.cams.to(device)
         if cfg.max_gaussians:
@@ -741,8 +741,8 @@ class _Fit:
             confidence=views.confidence.to(device, torch.float32),
             cams=cams,
             run=_Run.start(g0, cfg, scene_scale(cams, g0.means)),
-            gen=torch.Generator().manual_seed(cfg.seed),
-            gen_device=torch.Generator(device=device).manual_seed(cfg.seed),
+            gen=torch.Generator().manual_seed(seed),
+            gen_device=torch.Generator(device=device).manual_seed(seed),
         )
 
     def next_batch(self, size: int) -> list[int]:
@@ -880,12 +880,13 @@ def fit_gaussians_many(
     *,
     device: torch.device | str,
     progress: Callable[[int, float], None] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[Gaussians]:
     """Fit K independent sets of Gaussians in lockstep, set k to ``views[k]`` from ``inits[k]``, with
     the same settings: each step renders every set's batch in one rasterizer call (the sets padded to
     one size and stacked on a leading batch dimension, which gsplat rasterizes in one launch), and each
     set keeps its own parameters, optimizers, strategy state, frame order and random sources (seeded
-    alike, so set k draws what a lone :func:`fit_gaussians` on it would). Short fits of small sets
+    ``seeds[k]``, so set k draws what a lone :func:`fit_gaussians` with that seed would). Short fits of small sets
     leave the GPU mostly idle one at a time; K of them at once take little longer than one.
 
     Args:
@@ -894,6 +895,9 @@ def fit_gaussians_many(
         cfg: fitting settings shared by every set (``batch_size`` frames per set and step).
         device: where to fit.
         progress: as :func:`fit_gaussians`'s, with the sets' mean loss.
+        seeds: set k's frame order, dropout and backgrounds (default ``cfg.seed`` for every set);
+            DefaultStrategy's splits and MCMC's relocation draw from the global generator, seeded
+            ``cfg.seed`` once for all sets.
 
     Returns:
         K fitted Gaussian sets (detached, on ``device``), in the order of ``views``.
@@ -905,8 +909,11 @@ def fit_gaussians_many(
     sizes = {(v.cams.width, v.cams.height) for v in views}
     if len(sizes) > 1:
         raise ValueError(f"fit: the sets of a lockstep fit must share one image size; got {sorted(sizes)}")
+    seeds = [cfg.seed] * len(views) if seeds is None else list(seeds)
+    if len(seeds) != len(views):
+        raise ValueError(f"fit: needs one seed per set of views; got {len(seeds)} for {len(views)}")
     device = torch.device(device)
-    fits = [_Fit.start(v, m, cfg, device) for v, m in zip(views, inits)]
+    fits = [_Fit.start(v, m, cfg, device, seed) for v, m, seed in zip(views, inits, seeds)]
     rasterizer = RASTERIZERS.make(cfg.rasterizer)
     lpips_fn = load_lpips(cfg.lpips_path, device=device) if cfg.lpips_weight > 0 else None
     background = torch.tensor(cfg.background, dtype=torch.float32, device=device)

@@ -4,18 +4,24 @@ The point memory is thin where the captures are far apart; Gaussians fitted on t
 the generator dense colour and expected depth there. Wherever the guide is opaque its render
 replaces the memory's; elsewhere the memory's render stays. The memory's own render still feeds
 retrieval, the memory update and overview.png.
+
+With ``members`` above 1 the guide is a self-ensemble: that many Gaussian sets fitted on the captures
+in lockstep with seeds ``seed, seed + 1, ...`` (their frame order and Gaussian dropout differ), rendered
+as their mean. Where 3 captures pin the Gaussians down the members agree; where they leave them free
+each member errs its own way, and their mean errs less than any one of them: colour a single
+captures-only fit does not have, which the loop's fit then takes in through the frames.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..types import Cameras, GeometryMemory, Renders, Views
-from .fit import FitConfig, FitViews, Gaussians, fit_gaussians, render_gaussians_geometry
+from .fit import FitConfig, FitViews, Gaussians, fit_gaussians_many, render_gaussians_geometry
 
 
 @dataclass(frozen=True)
@@ -25,37 +31,63 @@ class GuideConfig:
     Attributes:
         enabled: fit the guide (job setting ``guide``); off: the point render alone, as AnyRecon.
         alpha: Gaussian opacity from which a guide pixel counts as covered.
+        members: Gaussian sets in the guide (module docstring); 1: one captures-only fit.
     """
 
     enabled: bool = True
     alpha: float = 0.5
+    members: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"GuideConfig.alpha must be in (0, 1]; got {self.alpha}")
+        if self.members < 1:
+            raise ValueError(f"GuideConfig.members must be at least 1; got {self.members}")
 
 
 def fit_guide(
     captures: Views,
     memory: GeometryMemory,
     fit_cfg: FitConfig,
+    cfg: GuideConfig,
     *,
     device: torch.device | str,
+    ready: Sequence[Gaussians] = (),
     progress: Callable[[int, float], None] | None = None,
-) -> Gaussians:
-    """Gaussians fitted on the captures alone (confidence 1), starting from the memory M."""
-    return fit_gaussians(FitViews.from_views(captures), memory, fit_cfg, device=device, progress=progress)
+) -> list[Gaussians]:
+    """The guide's ``cfg.members`` Gaussian sets, fitted on the captures alone (confidence 1) from the
+    memory M, in lockstep; member k seeded ``fit_cfg.seed + k``. The ``ready`` ones (members 0, 1, ...
+    fitted so already, e.g. an evaluation's captures-only fit) are kept and not fitted again."""
+    todo = list(range(len(ready), cfg.members))
+    if not todo:
+        return list(ready[: cfg.members])
+    fitted = fit_gaussians_many(
+        [FitViews.from_views(captures)] * len(todo),
+        [memory] * len(todo),
+        fit_cfg,
+        device=device,
+        progress=progress,
+        seeds=[fit_cfg.seed + k for k in todo],
+    )
+    return [*ready, *fitted]
 
 
-def render_guide(guide: Gaussians, cams: Cameras, fit_cfg: FitConfig, cfg: GuideConfig) -> tuple[Tensor, Tensor]:
-    """The guide's colour [C, H, W, 3] and expected depth [C, H, W], the depth 0 where it is not
-    opaque (alpha below ``cfg.alpha``)."""
-    rgb, depth, alpha = render_gaussians_geometry(guide, cams, fit_cfg)
-    return rgb, torch.where(alpha >= cfg.alpha, depth.clamp_min(0.0), torch.zeros_like(depth))
+def render_guide(
+    guide: Sequence[Gaussians], cams: Cameras, fit_cfg: FitConfig, cfg: GuideConfig
+) -> tuple[Tensor, Tensor]:
+    """The guide's colour [C, H, W, 3] (its members' mean) and expected depth [C, H, W] (theirs,
+    weighted by their opacity), the depth 0 where it is not opaque (the members' mean opacity below
+    ``cfg.alpha``)."""
+    rgb, depth, alpha = (
+        torch.stack(parts) for parts in zip(*(render_gaussians_geometry(g, cams, fit_cfg) for g in guide))
+    )
+    mean_alpha = alpha.mean(0)
+    depth = (alpha * depth).sum(0) / alpha.sum(0).clamp_min(1e-6)
+    return rgb.mean(0), torch.where(mean_alpha >= cfg.alpha, depth.clamp_min(0.0), torch.zeros_like(depth))
 
 
 def guided_renders(
-    renders: Renders, guide: Gaussians, targets: Cameras, fit_cfg: FitConfig, cfg: GuideConfig
+    renders: Renders, guide: Sequence[Gaussians], targets: Cameras, fit_cfg: FitConfig, cfg: GuideConfig
 ) -> Renders:
     """The memory's renders with the guide's colour and expected depth where it is opaque
     (:func:`render_guide`); those pixels have source -1 (no capture id). Shapes as

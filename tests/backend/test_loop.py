@@ -211,7 +211,7 @@ def test_guided_renders_take_the_guide_where_it_is_opaque() -> None:
         torch.zeros(1, 24, 32, dtype=torch.int32),
     )
     cfg = LoopConfig.from_settings(Settings(), device="cpu")
-    out = guided_renders(memory, guide, cams, cfg.fit, cfg.guide)
+    out = guided_renders(memory, [guide], cams, cfg.fit, cfg.guide)
     opaque = out.source == -1
     assert opaque[0, 12, 16] and not opaque[0, 0, 0] and 0 < float(opaque.float().mean()) < 0.5
     assert torch.all((out.depth[opaque] > 1.5) & (out.depth[opaque] < 2.5)) and torch.all(out.depth[~opaque] == 5.0)

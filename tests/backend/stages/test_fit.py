@@ -30,7 +30,8 @@ from backend.stages.fit import (
     render_gaussians,
     render_gaussians_geometry,
 )
-from backend.types import Cameras, GeometryMemory
+from backend.stages.guide import GuideConfig, fit_guide, render_guide
+from backend.types import Cameras, GeometryMemory, Views
 from protocol.ply import read_gaussians_ply, write_gaussians_ply
 
 W, H = 48, 36
@@ -214,6 +215,13 @@ def test_sets_fitted_in_lockstep_end_where_their_lone_fits_end():
             for field in ("means", "log_scales", "quats", "opacity_logits", "sh"):
                 torch.testing.assert_close(getattr(g, field), getattr(alone, field), rtol=0, atol=1e-5)
         assert len({len(g) for g in together}) > 1  # sets of different sizes
+    # each set its own seed (frame order, dropout): set k ends where a lone fit with seed k ends
+    seeds = [7, 8, 9]
+    lone = [fit_gaussians(v, m, replace(cfg, seed=s), device="cpu") for v, m, s in zip(views, memories, seeds)]
+    for g, alone in zip(fit_gaussians_many(views, memories, cfg, device="cpu", seeds=seeds), lone):
+        torch.testing.assert_close(g.sh, alone.sh, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="one seed per set of views; got 2 for 3"):
+        fit_gaussians_many(views, memories, cfg, device="cpu", seeds=seeds[:2])
     cams, images, _ = scenes[0]
     small = replace(cams, width=W // 2, height=H // 2)
     with pytest.raises(ValueError, match=r"must share one image size; got \[\(24, 18\), \(48, 36\)\]"):
@@ -382,3 +390,35 @@ def test_geometry_render_gives_the_colour_and_the_depth_of_a_wall():
     rgb, depth, alpha = render_gaussians_geometry(g, away, cfg)
     assert torch.all(alpha == 0) and torch.all(depth == 0)
     torch.testing.assert_close(rgb, torch.tensor([0.2, 0.3, 0.4]).expand(1, H, W, 3))
+
+
+def test_guide_members_are_fits_with_the_following_seeds_and_render_as_their_mean():
+    """fit_guide keeps the members it is given and fits the rest in lockstep, member k seeded seed + k
+    (with dropout, each draws its own); render_guide is their mean colour and opacity-weighted depth."""
+    cams, images, noisy = make_scene(seed=3, n=30)
+    captures = Views(images, cams, [0, 1, 2])
+    cfg = test_config(iterations=20, dropout_rate=0.3, sh_degree=1, seed=4)
+    guide_cfg = GuideConfig(members=3)
+    first = fit_gaussians(FitViews.from_views(captures), noisy, cfg, device="cpu")
+    members = fit_guide(captures, noisy, cfg, guide_cfg, device="cpu", ready=[first])
+    assert len(members) == 3 and members[0] is first
+    second = fit_gaussians(FitViews.from_views(captures), noisy, replace(cfg, seed=5), device="cpu")
+    torch.testing.assert_close(members[1].sh, second.sh, rtol=0, atol=1e-5)
+    assert not torch.allclose(members[1].sh, members[2].sh)  # another seed, another fit
+    assert fit_guide(captures, noisy, cfg, GuideConfig(members=2), device="cpu", ready=members) == members[:2]
+
+    rgb, depth = render_guide(members, cams, cfg, guide_cfg)
+    parts = [render_gaussians_geometry(g, cams, cfg) for g in members]
+    torch.testing.assert_close(rgb, torch.stack([p[0] for p in parts]).mean(0))
+    alpha = torch.stack([p[2] for p in parts])
+    weighted = (alpha * torch.stack([p[1] for p in parts])).sum(0) / alpha.sum(0)
+    opaque = alpha.mean(0) >= guide_cfg.alpha
+    assert opaque.any() and (~opaque).any()
+    torch.testing.assert_close(depth[opaque], weighted[opaque])
+    assert torch.all(depth[~opaque] == 0)
+    one_rgb, one_depth = render_guide(members[:1], cams, cfg, guide_cfg)  # one member: its own render
+    torch.testing.assert_close(one_rgb, parts[0][0])
+    torch.testing.assert_close(one_depth, torch.where(parts[0][2] >= guide_cfg.alpha, parts[0][1], 0.0))
+    with pytest.raises(ValueError, match="GuideConfig.members must be at least 1; got 0"):
+        GuideConfig(members=0)
+

@@ -55,7 +55,7 @@ from .stages.fit import (
     render_gaussians,
 )
 from .stages.generate import generate_segment, retrieved_views
-from .stages.guide import GuideConfig, fit_guide, guided_renders, render_guide
+from .stages.guide import GuideConfig, fit_guide, guide_members, guided_renders, render_guide
 from .stages.memory import MemoryConfig, build_memory, memory_to_ply_arrays
 from .stages.render import RenderConfig, render_memory
 from .stages.retrieval import RetrievalConfig, retrieve_views
@@ -130,11 +130,12 @@ class LoopConfig:
         ``num_captures`` sizes what a generator's preparation adds to the time budget (the refiner's
         leave-out fits; None: the most it could be)."""
         base = cls()
+        rasterizer = default_rasterizer(device)
         cfg = replace(
             base,
             width=settings.width,
             height=settings.height,
-            guide=replace(base.guide, enabled=settings.guide),
+            guide=replace(base.guide, enabled=settings.guide, members=guide_members(rasterizer)),
             segments=replace(base.segments, length=settings.segment_length, overlap=settings.segment_overlap),
             retrieval=replace(base.retrieval, k=settings.retrieval_k),
             update=replace(base.update, enabled=settings.update_memory),
@@ -142,7 +143,7 @@ class LoopConfig:
                 base.fit,
                 iterations=max(settings.gaussian_iterations, 1),
                 seed=settings.seed,
-                rasterizer=default_rasterizer(device),
+                rasterizer=rasterizer,
             ),
             has_fit=settings.gaussian_iterations > 0,
             estimator=settings.geometry,

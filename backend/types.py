@@ -200,6 +200,9 @@ class GeometryMemory:
         )
 
 
+GUIDE_SOURCE = -2  # Renders.source of the pixels the guide's render took over (backend.stages.guide)
+
+
 @dataclass
 class Renders:
     """The memory rendered into a batch of cameras.
@@ -208,7 +211,8 @@ class Renders:
         rgb: colour in [0, 1], zero where nothing was rendered. float32 [C, H, W, 3]
         depth: camera z of the nearest point, 0 where empty. float32 [C, H, W]
         mask: pixels the memory covers. bool [C, H, W]
-        source: capture id of the nearest point, -1 where empty or generated. int32 [C, H, W]
+        source: capture id of the nearest point, -1 where empty or generated, ``GUIDE_SOURCE`` where
+            the loop's guide (Gaussians on the captures) coloured the pixel. int32 [C, H, W]
     """
 
     rgb: Tensor

@@ -73,17 +73,18 @@ IMPORTED_SUFFIX = "_imported"
 VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "default": ({}, {}, {}),
     "no guide": ({"guide": False}, {}, {"render_blend": 0.0}),  # AnyRecon's loop: the point render alone
-    "guide without blend": ({}, {}, {"render_blend": 0.0}),
+    "guide without blend": ({}, {}, {"render_blend": 0.0, "guide_blend": 0.0}),
     "agreement 0.02": ({}, {}, {"agreement_std": 0.02}),
-    # more of the guide's colour in the frames: with run 21's fit the guide (a captures-only fit) renders the
-    # held-out views 0.4-0.7 dB better than the frames that mix it half and half with the reprojection
-    "blend 0.75": ({}, {}, {"render_blend": 0.75}),
-    "blend 0.9": ({}, {}, {"render_blend": 0.9}),
+    # how much of the guide's colour goes into the frames (ReprojectConfig.guide_blend, 0.75 since run 39)
+    "blend 0.5": ({}, {}, {"guide_blend": 0.5}),  # the default until run 39
+    "blend 0.9": ({}, {}, {"guide_blend": 0.9}),
     "no memory update": ({"update": False}, {}, {}),
-    # the guide a self-ensemble of captures-only fits (GuideConfig.members), rendered as their mean
-    "guide ensemble 3": ({"guide_members": 3}, {}, {}),
+    # the guide: a self-ensemble of 3 captures-only fits on CUDA, rendered as their mean, 0.75 of its colour in
+    # the frames (GuideConfig.members, ReprojectConfig.guide_blend; run 39)
+    "one guide": ({"guide_members": 1}, {}, {}),
+    "run 38 default": ({"guide_members": 1}, {}, {"guide_blend": 0.5}),  # one fit, half its colour
+    "guide ensemble 3 blend 0.5": ({"guide_members": 3}, {}, {"guide_blend": 0.5}),  # run 39's first rows
     "guide ensemble 5": ({"guide_members": 5}, {}, {}),
-    "guide ensemble 3 + blend 0.75": ({"guide_members": 3}, {}, {"render_blend": 0.75}),
     "capture share 0.7": ({}, {"capture_share": 0.7}, {}),
     "capture share 0.3": ({}, {"capture_share": 0.3}, {}),  # more of the fit on the frames (run 36's mixes: +0.04)
     # weight-free regularisers of the sparse-view Gaussian literature (Gaussian dropout 0.2 is the default)

@@ -86,12 +86,12 @@ class ChosenFrames:
     """Frames an oracle picks per pixel from the two things the weight-free generator blends: the captures
     reprojected (``reproject`` without the render's colour) and the guide's render (where it covers),
     whichever is nearer the dense render in mean absolute error over a ``window`` x ``window`` box. The
-    confidence is the reprojection's, as the default generator's (its ``render_blend`` leaves confidence
+    confidence is the reprojection's, as the default generator's (its blends leave confidence
     alone), so the row differs from the weight-free one only in how the two colours are combined: the
     limit of a per-pixel selector (what a refiner that only chose could reach)."""
 
     def __init__(self, dense: DenseFrames, window: int) -> None:
-        self.reproject = ReprojectGenerator(ReprojectConfig(render_blend=0.0))
+        self.reproject = ReprojectGenerator(ReprojectConfig(render_blend=0.0, guide_blend=0.0))
         self.dense, self.window = dense, window
 
     def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:

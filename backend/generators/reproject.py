@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..types import Cameras, ConditionVideo, Frames, Views
+from ..types import GUIDE_SOURCE, Cameras, ConditionVideo, Frames, Views
 from . import GENERATORS
 
 
@@ -58,12 +58,22 @@ class ReprojectConfig:
     min_texture_std: float = 0.02  # windows with grey std below this (0..1) are untextured: no evidence
     min_seen_fraction: float = 0.5  # share of a window both capture views must see
     agreement_std: float = 0.03  # sources whose colours spread by this std (0..1) lower the confidence by e^-0.5
-    render_blend: float = 0.5  # where the render covers, this share of its colour is mixed into the reprojection
+    render_blend: float = (
+        0.5  # where the memory's render covers, this share of its colour is mixed into the reprojection
+    )
+    guide_blend: float = 0.75  # the same where the guide's render covers (Renders.source GUIDE_SOURCE; run 39)
     max_sources: int = 6  # nearest sources (camera centre) used per chunk of frames
     chunk_pixels: int = 1 << 21  # target pixels processed at once (bounds memory at large sizes)
 
     def __post_init__(self) -> None:
-        for name in ("rendered_confidence", "reprojected_confidence", "inpainted_confidence", "single_source_factor"):
+        for name in (
+            "rendered_confidence",
+            "reprojected_confidence",
+            "inpainted_confidence",
+            "single_source_factor",
+            "render_blend",
+            "guide_blend",
+        ):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"ReprojectConfig.{name} must be in [0, 1]; got {v}")
@@ -384,7 +394,8 @@ class ReprojectGenerator:
         rgb, weight = self.reproject(cond.targets, depth, depth > cfg.min_depth, sources, captures, search=~rendered)
         reprojected = weight > 0
         known = rendered | reprojected
-        mixed = torch.where(rendered[..., None], torch.lerp(rgb, r.rgb, cfg.render_blend), rgb)
+        blend = torch.where(r.source == GUIDE_SOURCE, cfg.guide_blend, cfg.render_blend).to(rgb)[..., None]
+        mixed = torch.where(rendered[..., None], torch.lerp(rgb, r.rgb, blend), rgb)
         images = torch.where(reprojected[..., None], mixed, r.rgb)  # the render alone where no source sees
         filled = push_pull(images.permute(0, 3, 1, 2), known[:, None].to(images.dtype)).permute(0, 2, 3, 1)
         images = torch.where(known[..., None], images, filled).clamp(0.0, 1.0)

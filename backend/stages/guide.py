@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..types import Cameras, GeometryMemory, Renders, Views
+from ..types import GUIDE_SOURCE, Cameras, GeometryMemory, Renders, Views
 from .fit import FitConfig, FitViews, Gaussians, fit_gaussians_many, render_gaussians_geometry
 
 
@@ -31,7 +31,8 @@ class GuideConfig:
     Attributes:
         enabled: fit the guide (job setting ``guide``); off: the point render alone, as AnyRecon.
         alpha: Gaussian opacity from which a guide pixel counts as covered.
-        members: Gaussian sets in the guide (module docstring); 1: one captures-only fit.
+        members: Gaussian sets in the guide (module docstring); 1: one captures-only fit. A job
+            takes :func:`guide_members` of its rasterizer (``LoopConfig.from_settings``).
     """
 
     enabled: bool = True
@@ -43,6 +44,17 @@ class GuideConfig:
             raise ValueError(f"GuideConfig.alpha must be in (0, 1]; got {self.alpha}")
         if self.members < 1:
             raise ValueError(f"GuideConfig.members must be at least 1; got {self.members}")
+
+
+ENSEMBLE_MEMBERS = 3  # the guide's sets where the fit runs on gsplat (CUDA): run 39, docs/benchmarks.md
+
+
+def guide_members(rasterizer: str) -> int:
+    """The guide's sets for a job fitted with ``rasterizer``: ``ENSEMBLE_MEMBERS`` on gsplat, where
+    they are fitted in one rasterizer call per step (3 sets of leave-out guides took 1.4-1.8x one set's
+    time on the H200, run 38) and measured (run 39: the loop's Gaussians +0.10 fern, +0.41 temple,
+    +0.59 door); 1 on the CPU rasterizer, where each set costs a whole fit and none was measured."""
+    return ENSEMBLE_MEMBERS if rasterizer == "gsplat" else 1
 
 
 def fit_guide(
@@ -90,7 +102,7 @@ def guided_renders(
     renders: Renders, guide: Sequence[Gaussians], targets: Cameras, fit_cfg: FitConfig, cfg: GuideConfig
 ) -> Renders:
     """The memory's renders with the guide's colour and expected depth where it is opaque
-    (:func:`render_guide`); those pixels have source -1 (no capture id). Shapes as
+    (:func:`render_guide`); those pixels have source ``GUIDE_SOURCE``. Shapes as
     :class:`Renders` [C, H, W(, 3)]."""
     rgb, depth = render_guide(guide, targets, fit_cfg, cfg)
     opaque = depth > 0
@@ -98,5 +110,5 @@ def guided_renders(
         rgb=torch.where(opaque[..., None], rgb, renders.rgb),
         depth=torch.where(opaque, depth, renders.depth),
         mask=renders.mask | opaque,
-        source=torch.where(opaque, torch.full_like(renders.source, -1), renders.source),
+        source=torch.where(opaque, torch.full_like(renders.source, GUIDE_SOURCE), renders.source),
     )

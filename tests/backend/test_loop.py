@@ -21,7 +21,7 @@ from backend.scene import Scene, Settings, TrajectoryFrame, camera_from_json
 from backend.stages.cameras import working_size
 from backend.stages.fit import FitConfig, Gaussians
 from backend.stages.guide import GuideConfig, guided_renders
-from backend.types import Cameras, Renders
+from backend.types import GUIDE_SOURCE, Cameras, Renders
 from protocol.ply import gaussian_field_names
 
 W, H = 96, 72
@@ -157,6 +157,21 @@ def test_no_trajectory_no_fit_no_update(temple3: Scene, single_thread, tmp_path:
     assert min(np.linalg.norm(c0 - c) for c in centers) < 1e-6
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("loop")
+def test_a_guide_of_two_fits_runs_in_the_loop(temple3: Scene, single_thread, tmp_path: Path) -> None:
+    """A self-ensemble guide (GuideConfig.members 2; a CUDA job's is 3): its sets fitted together, with
+    steps reported once for all of them, and the job goes on to its frames and Gaussians."""
+    settings = replace(temple3.settings, gaussian_iterations=30, update_memory=False)
+    cfg = LoopConfig.from_settings(settings)
+    cfg = replace(cfg, guide=replace(cfg.guide, members=2))
+    events: list[ProgressEvent] = []
+    result = run_loop(replace(temple3, settings=settings), tmp_path, device="cpu", config=cfg, progress=events.append)
+    guide = [e.message for e in events if e.stage == "guide"]
+    assert any("step 30/30" in m for m in guide) and "in 2 sets on the captures alone" in guide[-1]
+    assert result.gaussians is not None and result.frames.images.shape[0] == FRAMES
+
+
 def test_path_through_hits_keys_and_orders_the_ring(temple_dir: Path, tmp_path: Path) -> None:
     scene = import_scene("middlebury", temple_dir, tmp_path)
     cams = [c.camera for c in scene.captures]
@@ -194,7 +209,7 @@ def test_configs_reject_bad_settings() -> None:
 
 
 def test_guided_renders_take_the_guide_where_it_is_opaque() -> None:
-    """One opaque Gaussian in front of a camera: its pixels take its depth and source -1, the rest keep the memory's."""
+    """One opaque Gaussian in front of a camera: its pixels take its depth and source GUIDE_SOURCE, the rest keep the memory's."""
     K = torch.tensor([[[40.0, 0, 16], [0, 40.0, 12], [0, 0, 1]]])
     cams = Cameras(torch.eye(4)[None], K, 32, 24)
     guide = Gaussians(
@@ -212,7 +227,7 @@ def test_guided_renders_take_the_guide_where_it_is_opaque() -> None:
     )
     cfg = LoopConfig.from_settings(Settings(), device="cpu")
     out = guided_renders(memory, [guide], cams, cfg.fit, cfg.guide)
-    opaque = out.source == -1
+    opaque = out.source == GUIDE_SOURCE
     assert opaque[0, 12, 16] and not opaque[0, 0, 0] and 0 < float(opaque.float().mean()) < 0.5
     assert torch.all((out.depth[opaque] > 1.5) & (out.depth[opaque] < 2.5)) and torch.all(out.depth[~opaque] == 5.0)
     grey = out.rgb[opaque]  # SH 0: grey 0.5, times alpha (>= guide_alpha) over the black background
@@ -223,6 +238,9 @@ def test_guided_renders_take_the_guide_where_it_is_opaque() -> None:
 
 def test_guide_is_a_job_setting() -> None:
     assert LoopConfig.from_settings(Settings()).guide.enabled is True
+    # a self-ensemble of 3 fits where gsplat fits them in lockstep (run 39), one fit on the CPU rasterizer
+    assert LoopConfig.from_settings(Settings(), device="cuda").guide.members == 3
+    assert LoopConfig.from_settings(Settings(), device="cpu").guide.members == 1
     assert LoopConfig.from_settings(Settings.from_json({"guide": False})).guide.enabled is False
     with pytest.raises(Exception, match=r"settings\.guide: must be true or false"):
         Settings.from_json({"guide": 1})

@@ -9,7 +9,7 @@ import torch
 
 from backend.generators import GENERATORS, Generator
 from backend.generators.reproject import ReprojectConfig, ReprojectGenerator, push_pull
-from backend.types import Cameras, ConditionVideo, Renders, Views
+from backend.types import GUIDE_SOURCE, Cameras, ConditionVideo, Renders, Views
 
 W, H = 48, 32
 FOCAL = 40.0
@@ -108,15 +108,22 @@ def test_confidence_follows_agreement_of_sources() -> None:
 
 
 def test_render_colour_is_blended_where_the_render_covers() -> None:
+    """The memory's render takes ``render_blend`` of a pixel, the guide's (source GUIDE_SOURCE) ``guide_blend``."""
     mask = torch.zeros(1, H, W, dtype=torch.bool)
     mask[:, :, : W // 2] = True
     cond, truth = _cond([0.3], [0.2, 0.4], mask)
-    dark = Renders(torch.zeros_like(cond.renders.rgb), cond.renders.depth, cond.renders.mask, cond.renders.source)
+    source = cond.renders.source.clone()
+    source[:, :, : W // 4] = GUIDE_SOURCE  # the left quarter the guide's, the next the memory's
+    dark = Renders(torch.zeros_like(cond.renders.rgb), cond.renders.depth, cond.renders.mask, source)
     cond = ConditionVideo(cond.targets, dark, cond.memory, cond.carried)
-    for blend in (0.0, 0.5):
-        out = ReprojectGenerator(ReprojectConfig(render_blend=blend)).generate(cond, num_steps=1, seed=0)
-        core = (slice(None), slice(4, -4), slice(4, W // 2 - 4))  # rendered, seen by both captures
-        torch.testing.assert_close(out.images[core], (1 - blend) * truth[core], atol=0.02, rtol=0)
+    for render_blend, guide_blend in ((0.0, 0.5), (0.5, 0.75)):
+        cfg = ReprojectConfig(render_blend=render_blend, guide_blend=guide_blend)
+        out = ReprojectGenerator(cfg).generate(cond, num_steps=1, seed=0)
+        for blend, cols in ((guide_blend, slice(4, W // 4 - 2)), (render_blend, slice(W // 4 + 2, W // 2 - 4))):
+            core = (slice(None), slice(4, -4), cols)  # rendered, seen by both captures
+            torch.testing.assert_close(out.images[core], (1 - blend) * truth[core], atol=0.02, rtol=0)
+    with pytest.raises(ValueError, match=r"ReprojectConfig.guide_blend must be in \[0, 1\]; got 1.5"):
+        ReprojectConfig(guide_blend=1.5)
 
 
 def test_sources_do_not_see_points_behind_their_surface() -> None:

@@ -421,4 +421,3 @@ def test_guide_members_are_fits_with_the_following_seeds_and_render_as_their_mea
     torch.testing.assert_close(one_depth, torch.where(parts[0][2] >= guide_cfg.alpha, parts[0][1], 0.0))
     with pytest.raises(ValueError, match="GuideConfig.members must be at least 1; got 0"):
         GuideConfig(members=0)
-

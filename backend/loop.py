@@ -5,7 +5,7 @@ Captures (photos with cameras) and a camera trajectory go in; a job folder comes
 
     0 cameras    captures with cameras (SfM where missing), the trajectory, the working size
     1 memory     the point memory M from the posed captures (plane-sweep MVS)
-    1b guide     Gaussians on the captures alone, rendered for the generator (ours)
+    1b guide     Gaussians on the captures alone (on CUDA a mean of 3 fits), rendered for the generator (ours)
     2 segments   cut the trajectory into segments
     per segment:
       3 retrieval  pick the captures that cover the segment

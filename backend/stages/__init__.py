@@ -2,7 +2,7 @@
 
     cameras    0   captures with cameras (SfM where missing), trajectory, working size
     memory     1   the point memory M from the posed captures (a geometry estimator by name)
-    guide      1b  Gaussians on the captures alone, rendered for the generator (ours)
+    guide      1b  Gaussians on the captures alone (on CUDA a mean of 3 fits), rendered for the generator (ours)
     segments   2   the trajectory cut into segments
     retrieval  3   the captures that cover a segment
     render     4   M splatted into cameras: colour, depth, mask, source

@@ -58,9 +58,7 @@ class ReprojectConfig:
     min_texture_std: float = 0.02  # windows with grey std below this (0..1) are untextured: no evidence
     min_seen_fraction: float = 0.5  # share of a window both capture views must see
     agreement_std: float = 0.03  # sources whose colours spread by this std (0..1) lower the confidence by e^-0.5
-    render_blend: float = (
-        0.5  # where the memory's render covers, this share of its colour is mixed into the reprojection
-    )
+    render_blend: float = 0.5  # where the memory's render covers, this share of its colour is mixed in
     guide_blend: float = 0.75  # the same where the guide's render covers (Renders.source GUIDE_SOURCE; run 39)
     max_sources: int = 6  # nearest sources (camera centre) used per chunk of frames
     chunk_pixels: int = 1 << 21  # target pixels processed at once (bounds memory at large sizes)

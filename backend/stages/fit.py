@@ -886,8 +886,8 @@ def fit_gaussians_many(
     the same settings: each step renders every set's batch in one rasterizer call (the sets padded to
     one size and stacked on a leading batch dimension, which gsplat rasterizes in one launch), and each
     set keeps its own parameters, optimizers, strategy state, frame order and random sources (seeded
-    ``seeds[k]``, so set k draws what a lone :func:`fit_gaussians` with that seed would). Short fits of small sets
-    leave the GPU mostly idle one at a time; K of them at once take little longer than one.
+    ``seeds[k]``, so set k draws what a lone :func:`fit_gaussians` with that seed would). Short fits of
+    small sets leave the GPU mostly idle one at a time; K of them at once take little longer than one.
 
     Args:
         views: K sets of views, all at one image size.
@@ -896,8 +896,8 @@ def fit_gaussians_many(
         device: where to fit.
         progress: as :func:`fit_gaussians`'s, with the sets' mean loss.
         seeds: set k's frame order, dropout and backgrounds (default ``cfg.seed`` for every set);
-            DefaultStrategy's splits and MCMC's relocation draw from the global generator, seeded
-            ``cfg.seed`` once for all sets.
+            DefaultStrategy's splits and MCMC's relocation and noise draw from the global generator,
+            seeded ``seeds[0]`` once for all sets (one after another they draw different numbers).
 
     Returns:
         K fitted Gaussian sets (detached, on ``device``), in the order of ``views``.
@@ -917,7 +917,7 @@ def fit_gaussians_many(
     rasterizer = RASTERIZERS.make(cfg.rasterizer)
     lpips_fn = load_lpips(cfg.lpips_path, device=device) if cfg.lpips_weight > 0 else None
     background = torch.tensor(cfg.background, dtype=torch.float32, device=device)
-    torch.manual_seed(cfg.seed)  # DefaultStrategy's splits and MCMC's relocation sample from the global generator
+    torch.manual_seed(seeds[0])  # DefaultStrategy's splits and MCMC's relocation sample from the global generator
 
     # The loop: per set, a shuffled pass over its frames per epoch, batch_size frames per step.
     for step in range(cfg.iterations):

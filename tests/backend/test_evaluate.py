@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import backend.loop
 from backend.evaluate import EvalConfig, eval_trajectory, evaluate_scene, split_protocol
 from backend.formats import import_scene
 from backend.loop import LoopConfig
@@ -66,10 +67,20 @@ def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pyt
         raise AssertionError("the loop built the memory again; the evaluation's should be handed over")
 
     monkeypatch.setattr("backend.loop.build_memory", no_second_memory)
+    ready_in_loop: list[int] = []  # the guide's members the loop was handed
+    fit_guide = backend.loop.fit_guide
+
+    def counted_fit_guide(*args, ready=(), **kwargs):
+        ready_in_loop.append(len(ready))
+        return fit_guide(*args, ready=ready, **kwargs)
+
+    monkeypatch.setattr("backend.loop.fit_guide", counted_fit_guide)
     scene = split_protocol(
         import_scene("middlebury", temple_dir, tmp_path / "scene"), "ring-arc", train_views=3, ring_start=11
     )
     scene = replace(scene, settings=Settings(width=64, height=48, gaussian_iterations=30, segment_length=8))
+    loop_cfg = LoopConfig.from_settings(scene.settings)
+    two_member_guide = replace(loop_cfg, guide=replace(loop_cfg.guide, members=2))  # a CUDA job's has 3
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     kept: dict[str, torch.Tensor] = {}
@@ -79,12 +90,12 @@ def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pyt
             tmp_path / "eval",
             device="cpu",
             trajectory_mode="heldout",
-            config=EvalConfig(loop=LoopConfig.from_settings(scene.settings), frames_per_leg=2),
+            config=EvalConfig(loop=two_member_guide, frames_per_leg=2),
             keep=kept,
         )
     finally:
         torch.set_num_threads(threads)
-    for key in ("points", "gaussians_captures", "gaussians_loop", "frames"):
+    for key in ("points", "gaussians_captures", "guide", "gaussians_loop", "frames"):
         assert 5.0 < report[key]["psnr"] < 60.0, (key, report[key])
         assert -1.0 <= report[key]["ssim"] <= 1.0
     assert report["frames_views"] == len(scene.heldout) == 2
@@ -103,7 +114,8 @@ def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pyt
     assert 0.0 < report["points_coverage"] < 1.0
     on_disk = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert on_disk["gaussians_loop"]["psnr"] == pytest.approx(report["gaussians_loop"]["psnr"])
-    assert "fit_captures" in on_disk["timing"]["baselines"]["stages"]
+    assert {"fit_captures", "fit_guide"} <= set(on_disk["timing"]["baselines"]["stages"])
+    assert ready_in_loop == [2]  # the captures-only fit and the guide's second member, fitted once, handed over
     assert (tmp_path / "eval" / "loop" / "gaussians.ply").is_file()
     assert Image.open(tmp_path / "eval" / "eval.png").height >= 2 * 48
 
@@ -184,6 +196,9 @@ def test_bench_quality_variants_reach_the_loop_config() -> None:
     # which rows fit their own captures-only baseline: the frames' share of the fit does not change it
     assert [bq.has_baselines(v) for v in ("default", "dropout 0.3", "patchmatch 3 degrees")] == [True] * 3
     assert [bq.has_baselines(v) for v in ("capture share 0.7", "blend 0.9", "no guide")] == [False] * 3
+    # the guide's members: rows that change them score their own captures-only fit beside the ensemble's render
+    assert config("one guide").guide.members == 1 and config("guide ensemble 3 blend 0.5").guide.members == 3
+    assert bq.has_baselines("run 38 default") and bq.has_baselines("one guide")
 
 
 def test_frames_chooser_scores_signals_against_the_truths_choice() -> None:

@@ -591,9 +591,14 @@ def _make_optimizers(params: torch.nn.ParameterDict, cfg: FitConfig, scale: floa
         "shN": cfg.shN_lr,
     }
     betas = (1.0 - bs * (1.0 - ADAM_BETAS[0]), 1.0 - bs * (1.0 - ADAM_BETAS[1]))
+    # On CUDA one fused kernel per step and parameter: a fit of a few thousand Gaussians is bound by the
+    # host launching kernels, and the unfused Adam launches about ten per parameter (run 40)
     return {
         name: torch.optim.Adam(
-            [{"params": p, "lr": lrs[name] * math.sqrt(bs), "name": name}], eps=ADAM_EPS / math.sqrt(bs), betas=betas
+            [{"params": p, "lr": lrs[name] * math.sqrt(bs), "name": name}],
+            eps=ADAM_EPS / math.sqrt(bs),
+            betas=betas,
+            fused=p.is_cuda,
         )
         for name, p in params.items()
     }
@@ -754,6 +759,23 @@ class _Fit:
             batch.append(self.order.pop())
         return batch
 
+    def take(self, batch: list[int]) -> tuple[Tensor, Tensor | None, Tensor, Cameras]:
+        """The batch's images [b, H, W, 3], masks [b, H, W] (or None), confidence [b, H, W] and cameras,
+        cut by :func:`take_rows`."""
+        cams = Cameras(
+            take_rows(self.cams.w2c, batch), take_rows(self.cams.K, batch), self.cams.width, self.cams.height
+        )
+        masks = None if self.masks is None else take_rows(self.masks, batch)
+        return take_rows(self.images, batch), masks, take_rows(self.confidence, batch), cams
+
+
+def take_rows(t: Tensor, rows: Sequence[int]) -> Tensor:
+    """``t[rows]`` [len(rows), ...] as slices: indexing a CUDA tensor with a list of ints copies the list
+    to the device and waits for the GPU to finish its queue, several times a step in a fit of a few
+    thousand Gaussians, whose speed is the host's running ahead of the GPU (run 40)."""
+    parts = [t[i : i + 1] for i in rows]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
 
 @dataclass
 class _SetsRender:
@@ -789,10 +811,15 @@ class _SetsRender:
         n = max(sizes)
 
         def stacked(items: Sequence[Tensor], fill: Sequence[float] | float) -> Tensor:
-            pads = [
-                torch.as_tensor(fill, dtype=t.dtype, device=t.device).expand(n - len(t), *t.shape[1:]) for t in items
-            ]
-            return torch.stack([torch.cat([t, pad]) for t, pad in zip(items, pads)])
+            # the pads filled on the device: a fill made on the host and copied would wait for the GPU
+            rows = [t.new_empty(n - len(t), *t.shape[1:]) for t in items]
+            for pad in rows:
+                if isinstance(fill, float):
+                    pad.fill_(fill)
+                else:
+                    for j, value in enumerate(fill):
+                        pad[:, j] = value
+            return torch.stack([torch.cat([t, pad]) for t, pad in zip(items, rows)])
 
         sh = [torch.cat([p["sh0"], p["shN"]], dim=1) if "shN" in p else p["sh0"] for p in params]
         colors, _, meta = rasterizer.render(
@@ -925,17 +952,19 @@ def fit_gaussians_many(
         rate = cfg.dropout_rate * step / max(cfg.iterations - 1, 1)
         batches = [f.next_batch(cfg.batch_size) for f in fits]
         targets, backgrounds, opacities = [], [], []
+        cams, confidences = [], []
         for f, batch in zip(fits, batches):
-            target, bg = f.images[batch], background
-            if f.masks is not None:  # one random colour per frame, behind the render and in the masked-out target
+            target, masks, confidence, batch_cams = f.take(batch)
+            bg = background
+            if masks is not None:  # one random colour per frame, behind the render and in the masked-out target
                 bg = torch.rand(len(batch), 3, device=device, generator=f.gen_device)
-                target = torch.where(f.masks[batch][..., None], target, bg[:, None, None, :])
+                target = torch.where(masks[..., None], target, bg[:, None, None, :])
             targets.append(target)
             backgrounds.append(bg.expand(len(batch), 3))
             opacities.append(dropout_opacities(torch.sigmoid(f.run.params["opacities"]), rate, f.gen_device))
-        cams = [f.cams[b] for f, b in zip(fits, batches)]
+            cams.append(batch_cams)
+            confidences.append(confidence)
         drawn = _SetsRender.draw(rasterizer, [f.run.params for f in fits], cams, sh_degree, backgrounds, opacities)
-        confidences = [f.confidence[batch] for f, batch in zip(fits, batches)]
         # False where no Gaussian of a set is in view of its batch (the CPU rasterizer cuts the graph)
         learns = [pred.requires_grad for pred in drawn.preds]
         if len(fits) == 1:

@@ -29,6 +29,7 @@ from backend.stages.fit import (
     mcmc_regularisers,
     render_gaussians,
     render_gaussians_geometry,
+    take_rows,
 )
 from backend.stages.guide import GuideConfig, fit_guide, render_guide
 from backend.types import Cameras, GeometryMemory, Views
@@ -421,3 +422,11 @@ def test_guide_members_are_fits_with_the_following_seeds_and_render_as_their_mea
     torch.testing.assert_close(one_depth, torch.where(parts[0][2] >= guide_cfg.alpha, parts[0][1], 0.0))
     with pytest.raises(ValueError, match="GuideConfig.members must be at least 1; got 0"):
         GuideConfig(members=0)
+
+
+def test_take_rows_is_indexing_by_slices():
+    t = torch.arange(24.0).reshape(6, 2, 2)
+    for rows in ([4], [5, 0, 5], [1, 2]):
+        got = take_rows(t, rows)
+        assert torch.equal(got, t[rows]), rows
+    assert take_rows(t, [3]).data_ptr() == t[3].data_ptr()  # one row: a view, nothing copied

@@ -1,0 +1,150 @@
+"""Benchmark the Gaussian fit's steps: one set alone against K sets in lockstep, and the host's waits.
+
+A fit of a few thousand Gaussians on a GPU is bound by the host: each step launches a few hundred small
+kernels (the rasterizer, the loss, six Adam optimizers and MCMC's noise per set), and the GPU keeps up
+only while the host runs ahead of it. Anything in a step that copies from the host to the device or
+reads a device value back makes the host wait until the GPU has drained its queue. This script fits the
+bench job's guide (``scripts/bench_loop.py``'s scene: 3 temple captures at 896x512, the job's fit
+settings and steps) as 1 set and as K sets in lockstep (``fit_gaussians_many``, the guide's
+``members``), medians over ``--repeats`` with the order alternated, and counts the synchronisations of a
+few steps with ``torch.cuda.set_sync_debug_mode`` (each one a warning).
+
+Usage (GPU machine; the temple folder copied there, never committed)::
+
+    python scripts/bench_fit_steps.py --data .device_data/middlebury_temple --sets 1,3 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_loop import bench_scene, warm_up  # noqa: E402
+
+from backend.loop import LoopConfig  # noqa: E402
+from backend.scene import Settings  # noqa: E402
+from backend.stages.cameras import prepare_captures  # noqa: E402
+from backend.stages.fit import FitConfig, FitViews, fit_gaussians_many  # noqa: E402
+from backend.stages.memory import build_memory  # noqa: E402
+from backend.types import GeometryMemory, Views  # noqa: E402
+
+
+def fit_sets(views: Views, memory: GeometryMemory, cfg: FitConfig, sets: int, device: torch.device) -> float:
+    """Seconds for ``sets`` Gaussian sets fitted on ``views`` in lockstep (seeds 0, 1, ...)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fit_gaussians_many(
+        [FitViews.from_views(views)] * sets, [memory] * sets, cfg, device=device, seeds=list(range(sets))
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def syncs_per_step(views: Views, memory: GeometryMemory, cfg: FitConfig, sets: int, device: torch.device) -> float:
+    """Synchronisations of the host with the GPU per step of ``sets`` sets, over ``cfg.iterations``
+    steps (at least 2): a fit of 1 step is subtracted, which holds the set-up's (copying the views in,
+    reading the results out) and one step's."""
+    setup = replace(cfg, iterations=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fit_gaussians_many([FitViews.from_views(views)] * sets, [memory] * sets, setup, device=device)
+            base = len(caught)
+            fit_gaussians_many([FitViews.from_views(views)] * sets, [memory] * sets, cfg, device=device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return (len(caught) - 2 * base) / (cfg.iterations - 1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "middlebury_temple")
+    ap.add_argument("--sets", default="1,3", help="comma-separated set counts to time (1: the job's fit)")
+    ap.add_argument("--iterations", type=int, default=0, help="steps per fit (0: the job's, 3000)")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument(
+        "--sync-steps", type=int, default=50, help="steps whose synchronisations are counted (CUDA; 0: none)"
+    )
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--label", default="", help="a name for this code in the report (e.g. the commit)")
+    ap.add_argument("--out", type=Path, default=None, help="folder for fit_steps.json")
+    args = ap.parse_args()
+    try:
+        sets = [int(s) for s in args.sets.split(",") if s]
+    except ValueError:
+        ap.error(f"--sets: comma-separated integers; got {args.sets!r}")
+    if (
+        not sets
+        or min(sets) < 1
+        or args.repeats < 1
+        or args.iterations < 0
+        or args.sync_steps == 1
+        or args.sync_steps < 0
+    ):
+        ap.error("--sets >= 1 each, --repeats >= 1, --iterations >= 0, --sync-steps 0 or >= 2")
+    device = torch.device(args.device)
+    settings = Settings(width=896, height=512, gaussian_iterations=3000)  # scripts/bench_loop.py's job
+    cfg = LoopConfig.from_settings(settings, device=device)
+    fit_cfg = replace(cfg.fit, iterations=args.iterations) if args.iterations else cfg.fit
+    with tempfile.TemporaryDirectory(prefix="reconloop-fit-steps-") as work:
+        scene = bench_scene(args.data, Path(work), frames=3, settings=settings)
+        views = prepare_captures(scene, width=cfg.width, height=cfg.height, default_frames=3, device=device).captures
+    memory = build_memory(views, cfg.memory, estimator=cfg.estimator)
+    warm = warm_up(device)
+    seconds: dict[int, list[float]] = {k: [] for k in sets}
+    for r in range(args.repeats):
+        for k in sets if r % 2 == 0 else sets[::-1]:
+            seconds[k].append(fit_sets(views, memory, fit_cfg, k, device))
+            print(f"repeat {r}: {k} set(s), {fit_cfg.iterations} steps: {seconds[k][-1]:.2f} s", flush=True)
+    syncs = {}
+    if device.type == "cuda" and args.sync_steps:
+        for k in sets:
+            syncs[k] = syncs_per_step(views, memory, replace(fit_cfg, iterations=args.sync_steps), k, device)
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"\n{name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')} {args.label}".rstrip())
+    print(f"{cfg.width}x{cfg.height}, {len(views)} captures, {len(memory)} points, {fit_cfg.iterations} steps")
+    print("| sets | seconds (median) | ms per step | x one set | host waits per step |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    one = med.get(1)
+    for k in sets:
+        ratio = f"{med[k] / one:.2f}" if one else ""
+        wait = f"{syncs[k]:.1f}" if k in syncs else ""
+        print(f"| {k} | {med[k]:.2f} | {1e3 * med[k] / fit_cfg.iterations:.2f} | {ratio} | {wait} |")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        report = {
+            "device": name,
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+            "label": args.label,
+            "size": [cfg.width, cfg.height],
+            "iterations": fit_cfg.iterations,
+            "warm_up_s": warm,
+            "seconds": {str(k): v for k, v in seconds.items()},
+            "median_s": {str(k): v for k, v in med.items()},
+            "syncs_per_step": {str(k): v for k, v in syncs.items()},
+        }
+        suffix = f"_{args.label}" if args.label else ""
+        (args.out / f"fit_steps{suffix}.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -51,9 +51,10 @@ ENSEMBLE_MEMBERS = 3  # the guide's sets where the fit runs on gsplat (CUDA): ru
 
 def guide_members(rasterizer: str) -> int:
     """The guide's sets for a job fitted with ``rasterizer``: ``ENSEMBLE_MEMBERS`` on gsplat, where
-    they are fitted in one rasterizer call per step (3 sets of leave-out guides took 1.4-1.8x one set's
-    time on the H200, run 38) and measured (run 39: the loop's Gaussians +0.10 fern, +0.41 temple,
-    +0.59 door); 1 on the CPU rasterizer, where each set costs a whole fit and none was measured."""
+    they are fitted in one rasterizer call per step (3 sets took 1.9x one set's time at the bench job's
+    896x512 on the H200, the job 54.5 s; run 40) and measured (runs 39-40, 3 seeds: the loop's Gaussians
+    +0.12 fern, +0.30 temple, +0.49 door over one set); 1 on the CPU rasterizer, where each set costs a
+    whole fit and none was measured."""
     return ENSEMBLE_MEMBERS if rasterizer == "gsplat" else 1
 
 

@@ -938,7 +938,7 @@ def fit_gaussians_many(
         raise ValueError(f"fit: the sets of a lockstep fit must share one image size; got {sorted(sizes)}")
     seeds = [cfg.seed] * len(views) if seeds is None else list(seeds)
     if len(seeds) != len(views):
-        raise ValueError(f"fit: needs one seed per set of views; got {len(seeds)} for {len(views)}")
+        raise ValueError(f"fit: seeds needs one seed per set of views; got {len(seeds)} for {len(views)}")
     device = torch.device(device)
     fits = [_Fit.start(v, m, cfg, device, seed) for v, m, seed in zip(views, inits, seeds)]
     rasterizer = RASTERIZERS.make(cfg.rasterizer)

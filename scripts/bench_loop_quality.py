@@ -78,6 +78,9 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     # how much of the guide's colour goes into the frames (ReprojectConfig.guide_blend, 0.75 since run 39)
     "blend 0.5": ({}, {}, {"guide_blend": 0.5}),  # the default until run 39
     "blend 0.9": ({}, {}, {"guide_blend": 0.9}),
+    "blend 1.0": ({}, {}, {"guide_blend": 1.0}),  # the ensemble's colour alone where it covers (run 41)
+    # ... and it covers wherever its members' mean opacity reaches 0.1 (GuideConfig.alpha; 0.5 the default)
+    "guide alpha 0.1 + blend 1.0": ({"guide_alpha": 0.1}, {}, {"guide_blend": 1.0}),
     "no memory update": ({"update": False}, {}, {}),
     # the guide: a self-ensemble of 3 captures-only fits on CUDA, rendered as their mean, 0.75 of its colour in
     # the frames (GuideConfig.members, ReprojectConfig.guide_blend; run 39)
@@ -155,6 +158,8 @@ def loop_config(base: LoopConfig, overrides: dict, fit_overrides: dict) -> LoopC
         cfg = replace(cfg, guide=replace(cfg.guide, enabled=overrides["guide"]))
     if "guide_members" in overrides:
         cfg = replace(cfg, guide=replace(cfg.guide, members=overrides["guide_members"]))
+    if "guide_alpha" in overrides:
+        cfg = replace(cfg, guide=replace(cfg.guide, alpha=overrides["guide_alpha"]))
     if "patchmatch" in overrides:
         memory = cfg.memory
         cfg = replace(cfg, memory=replace(memory, patchmatch=replace(memory.patchmatch, **overrides["patchmatch"])))

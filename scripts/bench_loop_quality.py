@@ -81,10 +81,14 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "blend 1.0": ({}, {}, {"guide_blend": 1.0}),  # the ensemble's colour alone where it covers (run 41)
     # ... and it covers wherever its members' mean opacity reaches 0.1 (GuideConfig.alpha; 0.5 the default)
     "guide alpha 0.1 + blend 1.0": ({"guide_alpha": 0.1}, {}, {"guide_blend": 1.0}),
-    # ... and trusted there as a capture (ReprojectConfig.guide_confidence 1: the sources' agreement ignored)
-    "guide trusted": ({"guide_alpha": 0.1}, {}, {"guide_blend": 1.0, "guide_confidence": 1.0}),
     # ... with more of the fit's steps on the frames (FitConfig.capture_share 0.5 the default)
-    "guide alpha 0.1 + blend 1.0 + capture share 0.3": ({"guide_alpha": 0.1}, {"capture_share": 0.3}, {"guide_blend": 1.0}),
+    "guide alpha 0.1 + blend 1.0 + capture share 0.3": (
+        {"guide_alpha": 0.1},
+        {"capture_share": 0.3},
+        {"guide_blend": 1.0},
+    ),
+    # the ensemble's colour where its opacity reaches 0.1, trusted there as a capture (ReprojectConfig.guide_confidence 1: the sources' agreement ignored)
+    "guide trusted": ({"guide_alpha": 0.1}, {}, {"guide_blend": 1.0, "guide_confidence": 1.0}),
     "no memory update": ({"update": False}, {}, {}),
     # the guide: a self-ensemble of 3 captures-only fits on CUDA, rendered as their mean, 0.75 of its colour in
     # the frames (GuideConfig.members, ReprojectConfig.guide_blend; run 39)

@@ -87,7 +87,8 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
         {"capture_share": 0.3},
         {"guide_blend": 1.0},
     ),
-    # the ensemble's colour where its opacity reaches 0.1, trusted there as a capture (ReprojectConfig.guide_confidence 1: the sources' agreement ignored)
+    # the ensemble's colour where its opacity reaches 0.1, trusted there as a capture
+    # (ReprojectConfig.guide_confidence 1: the sources' agreement ignored)
     "guide trusted": ({"guide_alpha": 0.1}, {}, {"guide_blend": 1.0, "guide_confidence": 1.0}),
     "no memory update": ({"update": False}, {}, {}),
     # the guide: a self-ensemble of 3 captures-only fits on CUDA, rendered as their mean, 0.75 of its colour in

@@ -349,24 +349,3 @@ def test_bench_loop_fit_set_types_values_and_names_a_bad_field() -> None:
         bench_loop.fit_overrides(["mcmc_cap=lots"])
     with pytest.raises(ValueError, match="--fit-set must be NAME=VALUE"):
         bench_loop.fit_overrides(["strategy"])
-
-
-def test_every_job_spec_names_known_scenes_variants_and_seeds() -> None:
-    """scripts/jobs/*.txt (``gpu_runs.sh jobs``): a misspelt variant would cost a device call, so every
-    line names a bench scene, known variants and integer seeds; and a misspelt name is caught here."""
-    bq = bench_quality()
-
-    def problems(line: str) -> list[str]:
-        scene, variants, seed, *_ = [*line.split("|"), "", ""]
-        bad = [v for v in variants.split(",") if v not in bq.VARIANTS and v not in bq.REFINE_VARIANTS]
-        wrong_seed = [] if seed.strip().replace(",", "").isdigit() else [f"seed {seed!r}"]
-        return ([] if scene in bq.SCENES else [f"scene {scene!r}"]) + [f"variant {v!r}" for v in bad] + wrong_seed
-
-    specs = sorted((SCRIPTS / "jobs").glob("*.txt"))
-    assert specs
-    for spec in specs:
-        for n, line in enumerate(spec.read_text().splitlines(), 1):
-            if line.strip() and not line.lstrip().startswith("#"):
-                assert not problems(line), f"{spec.name}:{n}: {problems(line)}"
-    assert problems("fern|default,blend 1.00|0") == ["variant 'blend 1.00'"]
-    assert problems("ferns|default|x") == ["scene 'ferns'", "seed 'x'"]

@@ -155,9 +155,7 @@ class LoopConfig:
             fits, reserved_s = (1 + cfg.guide.members if cfg.guide.enabled else 1), 0.0
             cost = getattr(GENERATORS.get(cfg.generator.name), "preparation_cost", None)
             if cost is not None:  # a generator that fits and trains before the segments (``refine``)
-                extra_fits, reserved_s = cost(
-                    cfg.generator, num_captures, guide_members=cfg.guide.members if cfg.guide.enabled else 0
-                )
+                extra_fits, reserved_s = cost(cfg.generator, num_captures, has_guide=cfg.guide.enabled)
                 fits += extra_fits
             plan = plan_budget(
                 settings.time_budget_min,

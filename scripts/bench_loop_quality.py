@@ -206,7 +206,6 @@ REFINE_VARIANTS: dict[str, dict] = {
     "refine ungated": {"strengths": (1.0,)},  # the network at full strength whatever the validation says
     "refine without trust region": {"max_change_ratio": 0.0},  # the gate's strength in every segment
     "refine confidence 0.025": {"confidence_error": 0.025},  # the refined frames weighed less in the fit
-    "refine one-fit guides": {"guide_members": 1},  # the leave-out guides one set each (until run 42)
 }
 # the frames' weight in the fit (mean confidence), their mean absolute error and that error per unit of
 # weight at the held-out views (backend.evaluate): means over seeds

@@ -6,11 +6,10 @@ Before the segments, the loop calls :meth:`RefineGenerator.prepare` once:
 
 1. leave-out subsets: every capture left out once; with more than 3 captures, also pairs of captures
    left out together (wider gaps, as the trajectory has), at most ``max_fits`` subsets;
-2. for each subset, the loop's own steps with the left-out captures gone: a guide on the kept
-   captures, as many Gaussian sets as the loop's guide has (``fit_share`` of the job's fit steps
-   each, a fifth by default), from the memory points they made (every subset's sets fitted at
-   once, in lockstep: :func:`leave_out_guides`, one rasterizer call per step for all of them), so
-   the network trains on guide renders like those it refines; the memory and guide rendered at the left-out
+2. for each subset, the loop's own steps with the left-out captures gone: a guide fit on the kept
+   captures (``fit_share`` of the job's fit steps, a fifth by default) from the memory points
+   they made (every subset's guide fitted at once, in lockstep: :func:`leave_out_guides`, one
+   rasterizer call per step for all of them), the memory and guide rendered at the left-out
    cameras, retrieval among the kept captures, and the ``reproject`` generator. Each left-out
    capture gives one training pair: the degraded inputs at its camera (reprojection, its
    confidence, the guide's render, its coverage) and its photo, the truth;
@@ -102,10 +101,7 @@ class RefineConfig:
             the temple no seed lost any more (docs/benchmarks.md, Refiner); on the H200 it did not
             help (temple, 3 seeds: the loop's Gaussians -1.58 dB against -0.17 with 0.2) and cost
             48 s of a 130-s job (82 s with 0.2, issue 15's target 90 s), so 0.2 it is.
-        max_fits: leave-out subsets (one guide each) at most.
-        guide_members: Gaussian sets in each leave-out guide (:func:`leave_out_guides`); 0: as many
-            as the loop's own guide has (``GuideConfig.members``), so the network trains on renders
-            like those it refines (an ensemble's mean where the job's guide is one).
+        max_fits: leave-out subsets (one guide fit each) at most.
         widths: channels per U-Net level; 2 convolutions per level, (32, 64, 128, 256) is 1.9M
             parameters.
         crop_px: side of the random training crops (smaller images: their shorter side).
@@ -128,7 +124,6 @@ class RefineConfig:
     max_steps: int = 0
     fit_share: float = 0.2
     max_fits: int = 6
-    guide_members: int = 0
     widths: tuple[int, ...] = (32, 64, 128, 256)
     crop_px: int = 128
     batch_size: int = 8
@@ -146,7 +141,7 @@ class RefineConfig:
     def __post_init__(self) -> None:
         if self.seconds <= 0:
             raise ValueError(f"RefineConfig.seconds must be > 0; got {self.seconds}")
-        for name in ("max_steps", "guide_members"):
+        for name in ("max_steps",):
             if getattr(self, name) < 0:
                 raise ValueError(f"RefineConfig.{name} must be >= 0; got {getattr(self, name)}")
         for name in ("max_fits", "crop_px", "batch_size"):
@@ -403,34 +398,23 @@ def leave_out_guides(
     cfg: LoopConfig,
     fit_iterations: int,
     *,
-    members: int = 0,
     device: torch.device | str,
     progress: Callable[[int, float], None] | None = None,
-) -> list[list[Gaussians]]:
-    """The subsets' guides (when ``cfg.guide`` is on), each made as the loop makes its own
-    (:func:`~backend.stages.guide.fit_guide`): ``members`` Gaussian sets (0: ``cfg.guide.members``),
-    member k seeded ``cfg.fit.seed + k``, ``fit_iterations`` steps on the subset's kept captures from
-    its memory. Every subset's members are fitted in lockstep (:func:`fit_gaussians_many`: one
-    rasterizer call per step for all of them). An empty list per subset when the loop has no guide."""
+) -> list[Gaussians | None]:
+    """The subsets' guides (when ``cfg.guide`` is on): ``fit_iterations`` steps on each subset's kept
+    captures from its memory, all subsets fitted in lockstep (:func:`fit_gaussians_many`: one
+    rasterizer call per step for all of them). None per subset when the loop has no guide."""
     if not (cfg.guide.enabled and cfg.has_fit):
-        return [[] for _ in subsets]
-    members = members or cfg.guide.members
+        return [None] * len(subsets)
     fit_cfg = replace(cfg.fit, iterations=fit_iterations)
-    fitted = fit_gaussians_many(
-        [FitViews.from_views(s.views) for s in subsets for _ in range(members)],
-        [s.memory for s in subsets for _ in range(members)],
-        fit_cfg,
-        device=device,
-        progress=progress,
-        seeds=[fit_cfg.seed + k for _ in subsets for k in range(members)],
-    )
-    return [fitted[i * members : (i + 1) * members] for i in range(len(subsets))]
+    views = [FitViews.from_views(s.views) for s in subsets]
+    return fit_gaussians_many(views, [s.memory for s in subsets], fit_cfg, device=device, progress=progress)
 
 
 def degraded_inputs(
     captures: Views,
     subset: LeaveOut,
-    guide: Sequence[Gaussians],
+    guide: Gaussians | None,
     cfg: LoopConfig,
     reproject: ReprojectGenerator,
 ) -> tuple[Frames, Renders]:
@@ -441,7 +425,7 @@ def degraded_inputs(
     Args:
         captures: all captures (images [C, H, W, 3], cameras, ids = 0..C-1).
         subset: the captures left out and kept, and the memory the kept ones made.
-        guide: the Gaussian sets fitted on the kept captures only (their mean render), or none (no guide).
+        guide: Gaussians fitted on the kept captures only, or None (no guide).
         cfg: the loop's config (guide, fit, render, retrieval, occlusion test).
         reproject: the weight-free generator.
     Returns:
@@ -455,12 +439,12 @@ def degraded_inputs(
     depth = None
     if picked:
         depth = render_memory(sub_memory, kept_views.cams[picked], cfg.render).depth
-        if guide:
-            guide_depth = render_guide(guide, kept_views.cams[picked], cfg.fit, cfg.guide)[1]
+        if guide is not None:
+            guide_depth = render_guide([guide], kept_views.cams[picked], cfg.fit, cfg.guide)[1]
             depth = torch.where(guide_depth > 0, guide_depth, depth)
     retrieved = Views(kept_views.images[picked], kept_views.cams[picked], [kept_views.ids[i] for i in picked], depth)
-    if guide:
-        renders = guided_renders(renders, guide, targets, cfg.fit, cfg.guide)
+    if guide is not None:
+        renders = guided_renders(renders, [guide], targets, cfg.fit, cfg.guide)
     none = Views(captures.images[:0], captures.cams[[]], [])
     cond = ConditionVideo(targets=targets, renders=renders, memory=retrieved, carried=none, prompt=cfg.prompt)
     return reproject.generate(cond), renders
@@ -491,9 +475,7 @@ def make_pairs(
                 f"refiner: {len(subsets)} guides without capture(s) {gone}, step {step}/{iterations}",
             )
 
-    guides = leave_out_guides(
-        subsets, cfg, iterations, members=refine_cfg.guide_members, device=device, progress=on_fit_step
-    )
+    guides = leave_out_guides(subsets, cfg, iterations, device=device, progress=on_fit_step)
     parts: list[tuple[Frames, Renders]] = []
     for k, (subset, guide) in enumerate(zip(subsets, guides)):
         parts.append(degraded_inputs(captures, subset, guide, cfg, reproject))
@@ -766,24 +748,22 @@ class RefineGenerator:
 
     @classmethod
     def preparation_cost(
-        cls, config: GeneratorConfig, num_captures: int | None, *, guide_members: int
+        cls, config: GeneratorConfig, num_captures: int | None, *, has_guide: bool
     ) -> tuple[float, float]:
         """What :meth:`prepare` adds to a job, for the time budget (``backend.budget``): the leave-out
-        guides in lengths of the job's fit (``fit_share`` each for every set of every subset; counted
-        as a CPU spends them, even in lockstep) and the training's seconds. ``num_captures`` None: as
-        many subsets as ``max_fits`` allows; ``guide_members``: the loop guide's sets (0: no guide,
-        so no leave-out guides either).
+        guides in lengths of the job's fit (``fit_share`` each; every set's steps counted, as a CPU
+        spends them even in lockstep; none without a guide) and the training's seconds.
+        ``num_captures`` None: as many subsets as ``max_fits`` allows.
 
         Example:
             >>> from backend.generators import GeneratorConfig
-            >>> fits, seconds = RefineGenerator.preparation_cost(GeneratorConfig("refine"), 3, guide_members=1)
+            >>> fits, seconds = RefineGenerator.preparation_cost(GeneratorConfig("refine"), 3, has_guide=True)
             >>> round(fits, 3), seconds  # 3 leave-out guides of a fifth of the fit, 10 s of training
             (0.6, 10.0)
         """
         rc = cls.from_config(config).config
         subsets = rc.max_fits if num_captures is None else len(leave_out_subsets(max(num_captures, 2), rc.max_fits))
-        members = (rc.guide_members or guide_members) if guide_members else 0
-        return subsets * members * rc.fit_share, rc.seconds
+        return (subsets * rc.fit_share if has_guide else 0.0), rc.seconds
 
     def prepare(
         self,

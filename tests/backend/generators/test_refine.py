@@ -139,27 +139,6 @@ def test_pairs_never_see_their_target(captures_memory) -> None:
         LeaveOut.of(captures, memory, [0, 1, 2])
 
 
-def test_leave_out_guides_are_made_as_the_loops_guide(captures_memory) -> None:
-    """Each subset's guide has as many sets as the loop's guide (member k seeded like the loop's
-    member k), or ``members`` where the refiner asks; member 0 is the one-set guide itself."""
-    captures, memory, cfg = captures_memory
-    subsets = [LeaveOut.of(captures, memory, [i]) for i in (0, 2)]
-    ensemble = replace(cfg, guide=replace(cfg.guide, members=2))
-    guides = leave_out_guides(subsets, ensemble, 4, device="cpu")
-    assert [len(g) for g in guides] == [2, 2]
-    assert not torch.allclose(guides[0][0].means, guides[0][1].means)  # members draw their own
-    single = leave_out_guides(subsets, ensemble, 4, members=1, device="cpu")
-    assert [len(g) for g in single] == [1, 1]
-    for one, many in zip(single, guides):
-        torch.testing.assert_close(one[0].means, many[0].means, atol=1e-5, rtol=0)
-    no_guide = replace(cfg, guide=replace(cfg.guide, enabled=False))
-    assert leave_out_guides(subsets, no_guide, 4, device="cpu") == [[], []]
-    # the budget counts every set of every subset: 3 subsets x 2 members x a fifth of the fit
-    cost = RefineGenerator.preparation_cost
-    assert cost(ensemble.generator, 3, guide_members=2)[0] == pytest.approx(1.2)
-    assert cost(ensemble.generator, 3, guide_members=0)[0] == 0.0
-
-
 def test_network_stays_between_its_sources_and_learns_which_to_take(single_thread) -> None:
     """Each refined pixel lies between the render and the reprojection; trained on a fixed pair
     where the reprojection is right on the left half and the render on the right, the loss falls

@@ -87,16 +87,8 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
         {"capture_share": 0.3},
         {"guide_blend": 1.0},
     ),
-    # the ensemble's colour where its opacity reaches 0.1, trusted there as a capture
-    # (ReprojectConfig.guide_confidence 1: the sources' agreement ignored)
-    "guide trusted": ({"guide_alpha": 0.1}, {}, {"guide_blend": 1.0, "guide_confidence": 1.0}),
-    # the same two rows with the CPU's guide made an ensemble of 3 as on CUDA (a CPU screen)
+    # the CPU's guide made an ensemble of 3 as on CUDA (a CPU screen, run 41)
     "guide ensemble 3": ({"guide_members": 3}, {}, {}),
-    "guide ensemble 3 trusted": (
-        {"guide_members": 3, "guide_alpha": 0.1},
-        {},
-        {"guide_blend": 1.0, "guide_confidence": 1.0},
-    ),
     "no memory update": ({"update": False}, {}, {}),
     # the guide: a self-ensemble of 3 captures-only fits on CUDA, rendered as their mean, 0.75 of its colour in
     # the frames (GuideConfig.members, ReprojectConfig.guide_blend; run 39)

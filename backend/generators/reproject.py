@@ -60,7 +60,6 @@ class ReprojectConfig:
     agreement_std: float = 0.03  # sources whose colours spread by this std (0..1) lower the confidence by e^-0.5
     render_blend: float = 0.5  # where the memory's render covers, this share of its colour is mixed in
     guide_blend: float = 0.75  # the same where the guide's render covers (Renders.source GUIDE_SOURCE; run 39)
-    guide_confidence: float = 0.0  # above 0: the confidence where the guide covers, whatever the sources say
     max_sources: int = 6  # nearest sources (camera centre) used per chunk of frames
     chunk_pixels: int = 1 << 21  # target pixels processed at once (bounds memory at large sizes)
 
@@ -72,7 +71,6 @@ class ReprojectConfig:
             "single_source_factor",
             "render_blend",
             "guide_blend",
-            "guide_confidence",
         ):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -401,8 +399,6 @@ class ReprojectGenerator:
         images = torch.where(known[..., None], images, filled).clamp(0.0, 1.0)
         ceiling = torch.where(rendered, cfg.rendered_confidence, cfg.reprojected_confidence).to(depth)
         confidence = torch.where(reprojected, ceiling * weight, cfg.inpainted_confidence)
-        if cfg.guide_confidence > 0.0:
-            confidence = torch.where(r.source == GUIDE_SOURCE, cfg.guide_confidence, confidence)
         return Frames(images=images.contiguous(), confidence=confidence.contiguous())
 
 

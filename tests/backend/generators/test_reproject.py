@@ -124,17 +124,6 @@ def test_render_colour_is_blended_where_the_render_covers() -> None:
             torch.testing.assert_close(out.images[core], (1 - blend) * truth[core], atol=0.02, rtol=0)
     with pytest.raises(ValueError, match=r"ReprojectConfig.guide_blend must be in \[0, 1\]; got 1.5"):
         ReprojectConfig(guide_blend=1.5)
-    # guide_confidence: the guide's pixels get that confidence whatever the sources say; the others keep theirs
-    shifted = Views(cond.memory.images.clone(), cond.memory.cams, cond.memory.ids)
-    shifted.images[1] = (shifted.images[1] + 2 * ReprojectConfig().agreement_std).clamp(0, 1)  # sources disagree
-    cond = ConditionVideo(cond.targets, dark, shifted, cond.carried)
-    plain, trusted = (
-        ReprojectGenerator(ReprojectConfig(guide_confidence=c)).generate(cond, num_steps=1, seed=0).confidence
-        for c in (0.0, 0.9)
-    )
-    assert torch.all(trusted[source == GUIDE_SOURCE] == 0.9)
-    assert float(plain[:, 4:-4, 4 : W // 4 - 2].max()) < 0.7  # what the disagreeing sources gave there
-    torch.testing.assert_close(trusted[source != GUIDE_SOURCE], plain[source != GUIDE_SOURCE])
 
 
 def test_sources_do_not_see_points_behind_their_surface() -> None:

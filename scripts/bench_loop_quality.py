@@ -89,6 +89,11 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     ),
     # the CPU's guide made an ensemble of 3 as on CUDA (a CPU screen, run 41)
     "guide ensemble 3": ({"guide_members": 3}, {}, {}),
+    # the bench's path through the captures and held-out views with more or fewer frames between its keys
+    # (EvalConfig.frames_per_leg; FRAMES_PER_LEG 3, a job's path is the user's animation, 120 frames in
+    # scripts/bench_loop.py): more views of the guide's colour for the fit, or the keys' frames alone
+    "path 1 per leg": ({"frames_per_leg": 1}, {}, {}),
+    "path 8 per leg": ({"frames_per_leg": 8}, {}, {}),
     "no memory update": ({"update": False}, {}, {}),
     # the guide: a self-ensemble of 3 captures-only fits on CUDA, rendered as their mean, 0.75 of its colour in
     # the frames (GuideConfig.members, ReprojectConfig.guide_blend; run 39)
@@ -479,7 +484,10 @@ def main(argv: list[str] | None = None) -> int:
                         Path(work) / folder_name,
                         device=args.device,
                         trajectory_mode="heldout",
-                        config=EvalConfig(loop=loop_config(seeded, loop_over, fit_over)),
+                        config=EvalConfig(
+                            loop=loop_config(seeded, loop_over, fit_over),
+                            frames_per_leg=loop_over.get("frames_per_leg", FRAMES_PER_LEG),
+                        ),
                         generator=generator,
                         baselines=has_baselines(v),
                     )

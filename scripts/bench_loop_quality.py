@@ -89,6 +89,7 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     ),
     # the CPU's guide made an ensemble of 3 as on CUDA (a CPU screen, run 41)
     "guide ensemble 3": ({"guide_members": 3}, {}, {}),
+    "guide ensemble 5": ({"guide_members": 5}, {}, {}),  # two more sets than CUDA's default (run 43's screen)
     # the bench's path through the captures and held-out views with more or fewer frames between its keys
     # (EvalConfig.frames_per_leg; FRAMES_PER_LEG 3, a job's path is the user's animation, 120 frames in
     # scripts/bench_loop.py): more views of the guide's colour for the fit, or the keys' frames alone

@@ -164,7 +164,15 @@ def load_bench_scene(data: Path, name: str, work: Path, *, split: bool = True) -
     return scene_for_eval(src, fmt, protocol if split else None, 3, work, **options)
 
 
+# a variant's loop overrides beyond LOOP_FIELDS: the nested configs' fields loop_config sets, and the path's
+# density (EvalConfig.frames_per_leg, read by main)
+NESTED_LOOP_KEYS = ("update", "guide", "guide_members", "guide_alpha", "patchmatch", "frames_per_leg")
+
+
 def loop_config(base: LoopConfig, overrides: dict, fit_overrides: dict) -> LoopConfig:
+    unknown = set(overrides) - {*LOOP_FIELDS, *NESTED_LOOP_KEYS}
+    if unknown:
+        raise ValueError(f"bench variant: unknown loop override(s) {sorted(unknown)}")
     cfg = replace(base, **{k: v for k, v in overrides.items() if k in LOOP_FIELDS})
     if "update" in overrides:
         cfg = replace(cfg, update=replace(cfg.update, enabled=overrides["update"]))

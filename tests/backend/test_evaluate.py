@@ -338,6 +338,25 @@ def test_gpu_job_specs_name_known_scenes_and_variants() -> None:
         assert seed.isdigit(), f"{name}: {line}"
 
 
+def test_every_bench_variant_builds_its_configs() -> None:
+    """Each row of scripts/bench_loop_quality.py makes its loop, fit, reproject or refiner config, so a
+    removed or renamed setting fails here and not in a GPU call; a misspelt override is named."""
+    from backend.generators.refine import RefineConfig
+    from backend.generators.reproject import ReprojectConfig
+    from backend.loop import LoopConfig
+
+    bq = bench_quality()
+    base = LoopConfig()
+    for name, (loop_over, fit_over, gen_over) in bq.VARIANTS.items():
+        cfg = bq.loop_config(base, loop_over, fit_over)
+        assert all(getattr(cfg.fit, k) == v for k, v in fit_over.items()), name
+        ReprojectConfig(**gen_over)
+    for name, over in bq.REFINE_VARIANTS.items():
+        RefineConfig(**over)
+    with pytest.raises(ValueError, match=r"unknown loop override\(s\) \['guide_member'\]"):
+        bq.loop_config(base, {"guide_member": 5}, {})
+
+
 def test_bench_loop_fit_set_types_values_and_names_a_bad_field() -> None:
     """scripts/bench_loop.py --fit-set FIELD=VALUE: a candidate FitConfig default timed before it lands."""
     bench_loop = script_module("bench_loop")

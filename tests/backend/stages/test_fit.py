@@ -286,6 +286,10 @@ def test_init_gaussians_from_memory():
     )
     with pytest.raises(ValueError, match="memory is empty"):
         init_gaussians(GeometryMemory.empty(), FitConfig())
+    broken = GeometryMemory(grid.clone(), rgb, torch.ones(len(grid)), torch.zeros(len(grid), dtype=torch.int32))
+    broken.xyz[7, 1] = float("nan")
+    with pytest.raises(ValueError, match="memory.xyz holds 1 of 125 points with a non-finite coordinate"):
+        init_gaussians(broken, FitConfig())
 
 
 @pytest.mark.parametrize("n, k", [(2, 3), (3, 3), (500, 3), (4000, 8)])

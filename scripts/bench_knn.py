@@ -21,7 +21,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,12 +31,10 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_loop_quality import SCENES, load_bench_scene  # noqa: E402
 
-from backend.evaluate import undistorted  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
-from backend.stages.cameras import load_image, resize_image, to_tensor  # noqa: E402
+from backend.stages.cameras import load_views  # noqa: E402
 from backend.stages.fit import FitConfig, knn_mean_distance  # noqa: E402
 from backend.stages.memory import build_memory  # noqa: E402
-from backend.types import Cameras, Views  # noqa: E402
 
 PAIRS_PER_CHUNK = 1 << 24  # the exhaustive search's query x reference distances at once
 
@@ -64,11 +61,9 @@ def scene_points(data: Path, name: str, work: Path) -> torch.Tensor:
     """The memory's points of a bench scene's 3 captures at its bench size. [N, 3]"""
     scene = load_bench_scene(data, name, work)
     w, h = SCENES[name][3]
-    cfg = replace(LoopConfig.from_settings(scene.settings, device="cpu"), width=w, height=h)
-    images = [resize_image(undistorted(load_image(c.image), c.camera)[0], w, h) for c in scene.captures]
-    cams = Cameras.from_scene([c.camera for c in scene.captures], w, h)
-    captures = Views(to_tensor(images, torch.device("cpu")), cams, list(range(len(images))))
-    return build_memory(captures, cfg.memory).xyz
+    cfg = LoopConfig.from_settings(scene.settings, device="cpu")
+    captures = load_views(scene.captures, w, h, "cpu")
+    return build_memory(captures, cfg.memory, estimator=cfg.estimator).xyz
 
 
 def sync(device: torch.device) -> None:

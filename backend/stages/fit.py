@@ -356,7 +356,7 @@ def knn_mean_distance(xyz: Tensor, k: int) -> Tensor:
     """Mean distance of each point to its k nearest other points: an exact k-d tree search on the host
     (OpenCV's FLANN, a single k-d tree searched without a limit on the leaves checked). The fern's 65k
     memory points take 0.04 s on 2 CPU cores, where the exhaustive float32 ``torch.cdist`` search before
-    it took 10.7 s and erred by up to 12 % (``scripts/bench_knn.py``; docs/benchmarks.md).
+    it took 8-11 s and erred by up to 12 % (``scripts/bench_knn.py``; docs/benchmarks.md).
 
     Args:
         xyz: points, world. [N, 3]

@@ -365,13 +365,22 @@ def test_mcmc_strategy_is_gsplats_with_the_cap_and_its_regularisers():
 
     assert FitConfig().active_strategy == "mcmc" and FitConfig(strategy="default").active_strategy == "default"
     cpu = replace(FitConfig(), rasterizer="torch_cpu")  # the loop's replace of a default config off CUDA
-    assert cpu.active_strategy == "default" and isinstance(_make_strategy(cpu), DefaultStrategy)
+    assert cpu.active_strategy == "default" and isinstance(_make_strategy(cpu, 100), DefaultStrategy)
 
     cfg = FitConfig(strategy="mcmc", mcmc_cap=5000, prune_opa=0.01, refine_stop_iter=1500)
-    strategy = _make_strategy(cfg)
+    strategy = _make_strategy(cfg, 1000)
     assert isinstance(strategy, MCMCStrategy)
     assert (strategy.cap_max, strategy.min_opacity, strategy.refine_stop_iter) == (5000, 0.01, 1500)
-    assert _make_strategy(replace(cfg, max_gaussians=3000)).cap_max == 3000  # the job's cap wins when smaller
+    assert _make_strategy(replace(cfg, max_gaussians=3000), 1000).cap_max == 3000  # the job's cap wins when smaller
+    # a memory above the cap can still grow by mcmc_growth (MCMC adds nothing at or above its cap) ...
+    assert _make_strategy(cfg, 241_000).cap_max == 301_250
+    assert _make_strategy(replace(cfg, mcmc_growth=1.0), 241_000).cap_max == 241_000  # relocation only, as before
+    # ... and the job's cap still wins
+    assert _make_strategy(replace(cfg, max_gaussians=250_000), 241_000).cap_max == 250_000
+    with pytest.raises(
+        ValueError, match=r"FitConfig.mcmc_growth must be >= 1 \(1: a memory above the cap never grows\); got 0.5"
+    ):
+        FitConfig(mcmc_growth=0.5)
     params = torch.nn.ParameterDict(
         {
             "opacities": torch.nn.Parameter(torch.zeros(4)),

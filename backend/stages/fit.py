@@ -661,8 +661,14 @@ def _make_strategy(cfg: FitConfig, initial: int) -> Any:
             "install reconloop[gpu] or use strategy 'none'"
         ) from err
     if cfg.active_strategy == "mcmc":
+        cap = mcmc_cap_for(cfg, initial)
+        if cap > cfg.mcmc_cap:
+            log.info(
+                f"MCMC's Gaussian cap is {cap} ({cfg.mcmc_growth} x the {initial} initial Gaussians, "
+                f"above FitConfig.mcmc_cap {cfg.mcmc_cap})"
+            )
         return MCMCStrategy(
-            cap_max=mcmc_cap_for(cfg, initial),
+            cap_max=cap,
             noise_lr=cfg.mcmc_noise_lr,
             refine_start_iter=cfg.refine_start_iter,
             refine_stop_iter=cfg.refine_stop_iter,

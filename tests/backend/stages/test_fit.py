@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 
@@ -357,7 +358,7 @@ def test_inputs_are_checked():
         FitConfig(mcmc_scale_reg=-1)
 
 
-def test_mcmc_strategy_is_gsplats_with_the_cap_and_its_regularisers():
+def test_mcmc_strategy_is_gsplats_with_the_cap_and_its_regularisers(caplog):
     """The fit's ``mcmc`` branch runs on CUDA only (every scripts/bench_loop_quality.py run on the GPU
     machine checks it: ``auto`` picks it there; its noise and relocation are gsplat CUDA kernels); here:
     the strategy ``auto`` resolves to on each rasterizer, the one it builds and the loss terms it adds."""
@@ -373,7 +374,9 @@ def test_mcmc_strategy_is_gsplats_with_the_cap_and_its_regularisers():
     assert (strategy.cap_max, strategy.min_opacity, strategy.refine_stop_iter) == (5000, 0.01, 1500)
     assert _make_strategy(replace(cfg, max_gaussians=3000), 1000).cap_max == 3000  # the job's cap wins when smaller
     # a memory above the cap can still grow by mcmc_growth (MCMC adds nothing at or above its cap) ...
-    assert _make_strategy(cfg, 241_000).cap_max == 301_250
+    with caplog.at_level(logging.INFO, logger="backend.stages.fit"):
+        assert _make_strategy(cfg, 241_000).cap_max == 301_250
+    assert "MCMC's Gaussian cap is 301250 (1.25 x the 241000 initial Gaussians" in caplog.text
     assert _make_strategy(replace(cfg, mcmc_growth=1.0), 241_000).cap_max == 241_000  # relocation only, as before
     # ... and the job's cap still wins
     assert _make_strategy(replace(cfg, max_gaussians=250_000), 241_000).cap_max == 250_000

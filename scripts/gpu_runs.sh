@@ -29,6 +29,7 @@
 #   knn [ARGS]                 scripts/bench_knn.py: the fit's initial k-NN, k-d tree against the exhaustive search
 #   leave_out [ARGS]           scripts/bench_leave_out_fits.py: the refiner's leave-out guides one after another
 #                              against all at once in lockstep (temple, fern, door at their bench sizes)
+#   union SCENES SEEDS [ARGS]  scripts/guide_union.py: the guide's mean of renders against the union of its sets
 #   generator MODES            scripts/bench_generator.py --compile-blocks --modes MODES
 #   unpack_fa4                 unpack .fa4a/cu13.tar.xz into /tmp/cu13 (kept while the machine is warm)
 #   unpack_ray                 unpack .rayx/ray.tar.xz into /tmp/raysite (scripts/device_env.sh says what it is)
@@ -153,6 +154,22 @@ for p in pathlib.Path(sys.argv[1]).glob("*.png"):
     done
     wait
     for f in "$OUT"/ceiling_*.log; do echo "== $f"; awk '/ steps \(dense fit/ {p = 1} p' "$f"; done  # header, table
+    ;;
+  union)
+    gsplat_ready
+    # scripts/guide_union.py, one process per scene and seed at once: the guide's mean of renders against
+    # the one set that is its members' union
+    IFS=, read -ra scenes <<< "$1"
+    IFS=, read -ra seeds <<< "$2"
+    for s in "${scenes[@]}"; do
+      for seed in "${seeds[@]}"; do
+        timeout "${QUALITY_TIMEOUT_S:-540}" python3 scripts/guide_union.py --data .device_data --scenes "$s" \
+          --seeds "$seed" --device cuda --out "$OUT/union_${s}_seed$seed.json" "${@:3}" \
+          > "$OUT/union_${s}_seed$seed.log" 2>&1 &
+      done
+    done
+    wait
+    grep -h " it seed " "$OUT"/union_*.log || tail -20 "$OUT"/union_*.log
     ;;
   generator)
     python3 scripts/bench_generator.py --out "$OUT/generator.json" --compile-blocks --modes "$1" 2>&1 \

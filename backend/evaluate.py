@@ -210,6 +210,17 @@ def masked_score(pred: Tensor, truth: Tensor, masks: Tensor) -> dict[str, float]
     return {"psnr": float(psnr.mean()), "ssim": float(ssim.mean())}
 
 
+def heldout_views(scene: Scene, width: int, height: int, device: torch.device | str) -> tuple[Tensor, Cameras]:
+    """The scene's held-out photos undistorted and at ``width`` x ``height`` [C, H, W, 3], and their
+    pinhole cameras at that size: what every held-out score is taken against."""
+    photos, cams = [], []
+    for c in scene.heldout:
+        img, cam = undistorted(load_image(c.image), c.camera)
+        photos.append(resize_image(img, width, height))
+        cams.append(cam)
+    return to_tensor(photos, device), Cameras.from_scene(cams, width, height, device=device)
+
+
 def evaluate_scene(
     scene: Scene,
     out_dir: Path,
@@ -258,13 +269,7 @@ def evaluate_scene(
     W, H = _size(loop_cfg, traj)
     meter = outputs.StageMeter(device)
 
-    truth_list, held_cams = [], []
-    for c in scene.heldout:
-        img, cam = undistorted(load_image(c.image), c.camera)
-        truth_list.append(resize_image(img, W, H))
-        held_cams.append(cam)
-    truth = to_tensor(truth_list, device)
-    held = Cameras.from_scene(held_cams, W, H, device=device)
+    truth, held = heldout_views(scene, W, H, device)
     held_masks = stack_masks(scene.heldout, [c.camera for c in scene.heldout], W, H, "cpu")
 
     def add_scores(key: str, pred: Tensor, views: Sequence[int] | None = None) -> None:

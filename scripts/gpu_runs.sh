@@ -61,6 +61,20 @@ gsplat_ready() {  # build gsplat's kernels once (or load the carried ones), befo
   python3 -c "import torch, gsplat; from gsplat.cuda._backend import _C; print('gsplat', gsplat.__version__, _C is not None)"
   save_gsplat
 }
+each_scene_seed() {  # each_scene_seed SCENES SEEDS FN [ARGS...]: FN SCENE SEED ARGS... for every pair at once,
+  # the machine's cores shared between them (torch's CPU threads would oversubscribe them); waits for all
+  local scenes seeds s seed
+  IFS=, read -ra scenes <<< "$1"
+  IFS=, read -ra seeds <<< "$2"
+  local pairs=$(( ${#scenes[@]} * ${#seeds[@]} ))
+  export OMP_NUM_THREADS=$(( $(nproc) / pairs > 0 ? $(nproc) / pairs : 1 ))
+  for s in "${scenes[@]}"; do
+    for seed in "${seeds[@]}"; do
+      "$3" "$s" "$seed" "${@:4}" &
+    done
+  done
+  wait
+}
 case "$stage" in
   probe)
     python3 - <<'PY' 2>&1 | tee "$OUT/probe.log"
@@ -97,16 +111,13 @@ PY
     ;;
   quality_parallel)
     gsplat_ready
-    IFS=, read -ra scenes <<< "$1"
-    IFS=, read -ra seeds <<< "$3"
-    for s in "${scenes[@]}"; do
-      for seed in "${seeds[@]}"; do
-        timeout "${QUALITY_TIMEOUT_S:-540}" python3 scripts/bench_loop_quality.py --data .device_data --scenes "$s" \
-          --variants "$2" --seeds "$seed" --iterations "${4:-3000}" --out "$OUT/quality_${s}_seed$seed.json" ${QUALITY_ARGS:-} \
-          > "$OUT/quality_${s}_seed$seed.log" 2>&1 &
-      done
-    done
-    wait
+    quality_one() {  # SCENE SEED VARIANTS ITERATIONS
+      # shellcheck disable=SC2086
+      timeout "${QUALITY_TIMEOUT_S:-540}" python3 scripts/bench_loop_quality.py --data .device_data --scenes "$1" \
+        --variants "$3" --seeds "$2" --iterations "$4" --out "$OUT/quality_$1_seed$2.json" ${QUALITY_ARGS:-} \
+        > "$OUT/quality_$1_seed$2.log" 2>&1
+    }
+    each_scene_seed "$1" "$3" quality_one "$2" "${4:-3000}"
     python3 scripts/bench_loop_quality.py --merge "$OUT"/quality_*_seed*.json --out "$OUT/quality_merged.json"
     ;;
   jobs)
@@ -142,33 +153,23 @@ for p in pathlib.Path(sys.argv[1]).glob("*.png"):
   ceiling)
     gsplat_ready
     # scripts/frames_ceiling.py, one process per scene and seed at once (their tables in ceiling_*.log)
-    IFS=, read -ra scenes <<< "$1"
-    IFS=, read -ra seeds <<< "$2"
-    export OMP_NUM_THREADS=$(( $(nproc) / (${#scenes[@]} * ${#seeds[@]}) > 0 ? $(nproc) / (${#scenes[@]} * ${#seeds[@]}) : 1 ))
-    for s in "${scenes[@]}"; do
-      for seed in "${seeds[@]}"; do
-        timeout "${QUALITY_TIMEOUT_S:-540}" python3 scripts/frames_ceiling.py --data .device_data --scene "$s" \
-          --iterations 3000 --dense-iterations 3000 --seed "$seed" --mixes "${3:-}" --device cuda "${@:4}" \
-          > "$OUT/ceiling_${s}_seed$seed.log" 2>&1 &
-      done
-    done
-    wait
+    ceiling_one() {  # SCENE SEED MIXES [ARGS...]
+      timeout "${QUALITY_TIMEOUT_S:-540}" python3 scripts/frames_ceiling.py --data .device_data --scene "$1" \
+        --iterations 3000 --dense-iterations 3000 --seed "$2" --mixes "$3" --device cuda "${@:4}" \
+        > "$OUT/ceiling_$1_seed$2.log" 2>&1
+    }
+    each_scene_seed "$1" "$2" ceiling_one "${3:-}" "${@:4}"
     for f in "$OUT"/ceiling_*.log; do echo "== $f"; awk '/ steps \(dense fit/ {p = 1} p' "$f"; done  # header, table
     ;;
   union)
     gsplat_ready
     # scripts/guide_union.py, one process per scene and seed at once: the guide's mean of renders against
     # the one set that is its members' union
-    IFS=, read -ra scenes <<< "$1"
-    IFS=, read -ra seeds <<< "$2"
-    for s in "${scenes[@]}"; do
-      for seed in "${seeds[@]}"; do
-        timeout "${QUALITY_TIMEOUT_S:-540}" python3 scripts/guide_union.py --data .device_data --scenes "$s" \
-          --seeds "$seed" --device cuda --out "$OUT/union_${s}_seed$seed.json" "${@:3}" \
-          > "$OUT/union_${s}_seed$seed.log" 2>&1 &
-      done
-    done
-    wait
+    union_one() {  # SCENE SEED [ARGS...]
+      timeout "${QUALITY_TIMEOUT_S:-540}" python3 scripts/guide_union.py --data .device_data --scenes "$1" \
+        --seeds "$2" --device cuda --out "$OUT/union_$1_seed$2.json" "${@:3}" > "$OUT/union_$1_seed$2.log" 2>&1
+    }
+    each_scene_seed "$1" "$2" union_one "${@:3}"
     grep -h " it seed " "$OUT"/union_*.log || tail -20 "$OUT"/union_*.log
     ;;
   generator)

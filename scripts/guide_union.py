@@ -34,14 +34,13 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench_loop_quality import SCENES, load_bench_scene  # noqa: E402
 
 from backend.devices import pick_device  # noqa: E402
-from backend.evaluate import score  # noqa: E402
+from backend.evaluate import heldout_views, score  # noqa: E402
 from backend.evaluate_args import size_wxh  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
-from backend.stages.cameras import load_image, load_views, resize_image, to_tensor, undistorted  # noqa: E402
+from backend.stages.cameras import load_views  # noqa: E402
 from backend.stages.fit import Gaussians, default_rasterizer, render_gaussians  # noqa: E402
 from backend.stages.guide import fit_guide, render_guide  # noqa: E402
 from backend.stages.memory import build_memory  # noqa: E402
-from backend.types import Cameras  # noqa: E402
 
 
 def union(sets: list[Gaussians], *, thin_opacity: bool = True) -> Gaussians:
@@ -61,13 +60,7 @@ def run_scene(
     W, H = size
     cfg = LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
     fit = replace(cfg.fit, iterations=iterations, seed=seed, rasterizer=default_rasterizer(device))
-    truth, cams = [], []
-    for c in scene.heldout:
-        img, cam = undistorted(load_image(c.image), c.camera)
-        truth.append(resize_image(img, W, H))
-        cams.append(cam)
-    truth = to_tensor(truth, device)
-    held = Cameras.from_scene(cams, W, H, device=device)
+    truth, held = heldout_views(scene, W, H, device)
     captures = load_views(scene.captures, W, H, device)
     memory = build_memory(captures, cfg.memory, estimator=cfg.estimator, notes=[])
     t0 = time.perf_counter()

@@ -3,24 +3,11 @@ Gaussian let through the light the one did (docs/benchmarks.md, run 44)."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import torch
 
 from backend.stages.fit import init_gaussians, render_gaussians
 from tests.backend.stages.test_fit import make_scene, test_config
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _guide_union():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        return importlib.import_module("guide_union")
-    finally:
-        sys.path.pop(0)
+from tests.backend.test_evaluate import script_module
 
 
 def test_union_of_copies_lets_through_the_sets_light_at_the_centres_and_draws_near_it() -> None:
@@ -31,7 +18,7 @@ def test_union_of_copies_lets_through_the_sets_light_at_the_centres_and_draws_ne
     cfg = test_config()
     g = init_gaussians(memory, cfg)
     g.opacity_logits[:] = torch.linspace(-2.0, 2.0, len(g))  # opacities 0.12-0.88
-    union = _guide_union().union
+    union = script_module("guide_union").union
     three = union([g, g, g])
     assert len(three) == 3 * len(g)
     a, thinned = torch.sigmoid(g.opacity_logits), torch.sigmoid(three.opacity_logits[: len(g)])

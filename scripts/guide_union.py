@@ -38,7 +38,7 @@ from backend.evaluate import heldout_views, score  # noqa: E402
 from backend.evaluate_args import size_wxh  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
 from backend.stages.cameras import load_views  # noqa: E402
-from backend.stages.fit import Gaussians, default_rasterizer, render_gaussians  # noqa: E402
+from backend.stages.fit import Gaussians, render_gaussians  # noqa: E402
 from backend.stages.guide import fit_guide, render_guide  # noqa: E402
 from backend.stages.memory import build_memory  # noqa: E402
 
@@ -59,7 +59,7 @@ def run_scene(
     scene = load_bench_scene(data, name, work / f"{name}_seed{seed}")
     W, H = size
     cfg = LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
-    fit = replace(cfg.fit, iterations=iterations, seed=seed, rasterizer=default_rasterizer(device))
+    fit = replace(cfg.fit, iterations=iterations, seed=seed)  # the device's rasterizer, from from_settings
     truth, held = heldout_views(scene, W, H, device)
     captures = load_views(scene.captures, W, H, device)
     memory = build_memory(captures, cfg.memory, estimator=cfg.estimator, notes=[])
@@ -89,9 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/guide_union"))
     p.add_argument("--out", type=Path, default=None, help="write the reports here as JSON")
     args = p.parse_args(argv)
+    names = args.scenes.split(",")
+    unknown = [n for n in names if n not in SCENES]
+    if unknown:
+        p.error(f"--scenes: unknown scene(s) {unknown}; known: {', '.join(sorted(SCENES))}")
     device = pick_device(args.device)
     reports = []
-    for name in args.scenes.split(","):
+    for name in names:
         size = args.size or SCENES[name][3]
         for seed in (int(s) for s in args.seeds.split(",")):
             r = run_scene(args.data, name, args.work, size, args.iterations, seed, args.members, device)

@@ -30,6 +30,7 @@
 #   leave_out [ARGS]           scripts/bench_leave_out_fits.py: the refiner's leave-out guides one after another
 #                              against all at once in lockstep (temple, fern, door at their bench sizes)
 #   union SCENES SEEDS [ARGS]  scripts/guide_union.py: the guide's mean of renders against the union of its sets
+#   rounds SCENES SEEDS [ARGS] scripts/ensemble_rounds.py: rounds of the loop, each guide an ensemble of the last round's fits
 #   generator MODES            scripts/bench_generator.py --compile-blocks --modes MODES
 #   unpack_fa4                 unpack .fa4a/cu13.tar.xz into /tmp/cu13 (kept while the machine is warm)
 #   unpack_ray                 unpack .rayx/ray.tar.xz into /tmp/raysite (scripts/device_env.sh says what it is)
@@ -171,6 +172,18 @@ for p in pathlib.Path(sys.argv[1]).glob("*.png"):
     }
     each_scene_seed "$1" "$2" union_one "${@:3}"
     grep -h " it seed " "$OUT"/union_*.log || tail -20 "$OUT"/union_*.log
+    ;;
+  rounds)
+    gsplat_ready
+    # scripts/ensemble_rounds.py, one process per scene and seed at once: the loop's rounds with an ensemble
+    # of the last round's fits as the next guide, mean and median of the sets' renders
+    rounds_one() {  # SCENE SEED [ARGS...]
+      timeout "${QUALITY_TIMEOUT_S:-540}" python3 scripts/ensemble_rounds.py --data .device_data --scenes "$1" \
+        --seeds "$2" --device cuda --work "/tmp/rounds_$1_$2" --out "$OUT/rounds_$1_seed$2.json" "${@:3}" \
+        > "$OUT/rounds_$1_seed$2.log" 2>&1
+    }
+    each_scene_seed "$1" "$2" rounds_one "${@:3}"
+    grep -h " it seed " "$OUT"/rounds_*.log || tail -20 "$OUT"/rounds_*.log
     ;;
   generator)
     python3 scripts/bench_generator.py --out "$OUT/generator.json" --compile-blocks --modes "$1" 2>&1 \

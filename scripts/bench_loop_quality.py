@@ -128,6 +128,10 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "mcmc no growth": ({}, {"mcmc_growth": 1.0}, {}),
     "mcmc regs 0.001": ({}, {"mcmc_opacity_reg": 0.001, "mcmc_scale_reg": 0.001}, {}),  # a tenth of simple_trainer's
     "refine until 1500": ({}, {"refine_stop_iter": 1500}, {}),  # densification stops earlier: more steps for the set
+    # MCMC's noise on the centres a tenth of simple_trainer's (FitConfig.mcmc_noise_lr 5e5): the sets' spread
+    # between seeds is what the guide ensemble averages away; and 3 views a step instead of 1 (batch_size)
+    "mcmc noise 5e4": ({}, {"mcmc_noise_lr": 5e4}, {}),
+    "batch 3": ({}, {"batch_size": 3}, {}),
     # the reprojection's own confidence raised about as far as the refiner's "where unsure" blend (since
     # removed) raised it
     "confidence raised": ({}, {}, {"inpainted_confidence": 0.6, "reprojected_confidence": 0.8}),

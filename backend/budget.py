@@ -261,6 +261,7 @@ def plan_budget(
     fits: float = 2,
     reserved_s: float = 0.0,
     reserved_for: str = "",
+    views_per_step: int = 1,
 ) -> BudgetPlan:
     """Choose working size, Gaussian cap and fitting steps so that the fits take about
     :data:`FIT_SHARE` of ``budget_min`` (less ``reserved_s``).
@@ -270,7 +271,7 @@ def plan_budget(
     (200 steps instead of 300 cost the demo's Gaussians more than a smaller cap does). When no choice
     allows that many, the largest that allows :data:`MIN_ITERATIONS` wins, and steps then fill the
     fits' share, up to ``max_iterations``. A step costs
-    ``costs.seconds(cap, W, H)``. When even the
+    ``views_per_step x costs.seconds(cap, W, H)``. When even the
     smallest choice cannot reach the minimum, it is taken with what steps the budget allows (at
     least 1 per fit) and the sentence says so.
 
@@ -282,6 +283,7 @@ def plan_budget(
         fits: Gaussian fits the loop runs, in lengths of one fit (fractions for shorter fits).
         reserved_s: seconds of the fits' share kept for other device work (``reserved_for`` says
             what, in the sentence).
+        views_per_step: frames each fitting step renders (``FitConfig.batch_size``), >= 1.
 
     Example::
 
@@ -295,13 +297,15 @@ def plan_budget(
         raise ValueError(f"plan_budget: costs must be positive; got {costs}")
     if fits <= 0 or reserved_s < 0:
         raise ValueError(f"plan_budget: fits must be > 0 and reserved_s >= 0; got {fits}, {reserved_s}")
+    if views_per_step < 1:
+        raise ValueError(f"plan_budget: views_per_step must be >= 1; got {views_per_step}")
     fit_seconds = max(budget_min * 60.0 * FIT_SHARE - reserved_s, 0.0)
     sizes = [s for s in WORKING_SIZES if s[0] * s[1] <= max_size[0] * max_size[1]] or [max_size]
     choice = None
     for min_steps in (max_iterations, MIN_ITERATIONS):  # the job's own step count first, if affordable
         for w, h in sizes:
             for cap in GAUSSIAN_CAPS:
-                step = costs.seconds(cap, w, h)
+                step = views_per_step * costs.seconds(cap, w, h)
                 if fit_seconds / (fits * step) >= min(min_steps, max_iterations):
                     choice = (w, h, cap, step)
                     break
@@ -313,13 +317,14 @@ def plan_budget(
     if choice is None:
         w, h = sizes[-1]
         cap = GAUSSIAN_CAPS[-1]
-        choice = (w, h, cap, costs.seconds(cap, w, h))
+        choice = (w, h, cap, views_per_step * costs.seconds(cap, w, h))
     w, h, cap, step = choice
     iterations = max(1, min(max_iterations, int(fit_seconds / (fits * step))))
     reserved = f"; {reserved_s:g} s kept for {reserved_for or 'other work'}" if reserved_s else ""
     sentence = (
         f"time budget {budget_min:g} min: working size {w}x{h}, at most {cap} Gaussians, "
-        f"{iterations} steps per fit ({fits:g} fit{'s' if fits != 1 else ''}, about {step:.2f} s a step as "
+        f"{iterations} steps per fit ({fits:g} fit{'s' if fits != 1 else ''}, about {step:.2f} s a step"
+        f"{f' of {views_per_step} frames' if views_per_step > 1 else ''} as "
         f"measured here{', on one thread' if costs.threads == 1 else ''}{reserved})"
     )
     if is_short:

@@ -50,6 +50,7 @@ from .stages.fit import (
     captures_and_frames,
     crop_to_masks,
     default_rasterizer,
+    fit_batch_size,
     fit_gaussians,
     gaussians_to_arrays,
     render_gaussians,
@@ -144,6 +145,7 @@ class LoopConfig:
                 iterations=max(settings.gaussian_iterations, 1),
                 seed=settings.seed,
                 rasterizer=rasterizer,
+                batch_size=fit_batch_size(rasterizer),
             ),
             has_fit=settings.gaussian_iterations > 0,
             estimator=settings.geometry,
@@ -165,6 +167,7 @@ class LoopConfig:
                 fits=fits,
                 reserved_s=reserved_s,
                 reserved_for=f"the {cfg.generator.name} generator's training",
+                views_per_step=cfg.fit.batch_size,
             )
             fit = replace(cfg.fit, iterations=plan.iterations, max_gaussians=plan.max_gaussians)
             cfg = replace(cfg, width=plan.width, height=plan.height, fit=fit, budget=plan)

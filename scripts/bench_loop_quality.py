@@ -129,9 +129,12 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "mcmc regs 0.001": ({}, {"mcmc_opacity_reg": 0.001, "mcmc_scale_reg": 0.001}, {}),  # a tenth of simple_trainer's
     "refine until 1500": ({}, {"refine_stop_iter": 1500}, {}),  # densification stops earlier: more steps for the set
     # MCMC's noise on the centres a tenth of simple_trainer's (FitConfig.mcmc_noise_lr 5e5): the sets' spread
-    # between seeds is what the guide ensemble averages away; and 3 views a step instead of 1 (batch_size)
+    # between seeds is what the guide ensemble averages away (run 46: level)
     "mcmc noise 5e4": ({}, {"mcmc_noise_lr": 5e4}, {}),
+    # frames per fitting step (FitConfig.batch_size, learning rates x sqrt): 3 on gsplat since run 46
+    # (fit_batch_size), where "batch 3" is the default; "batch 1" the default before
     "batch 3": ({}, {"batch_size": 3}, {}),
+    "batch 1": ({}, {"batch_size": 1}, {}),
     # the reprojection's own confidence raised about as far as the refiner's "where unsure" blend (since
     # removed) raised it
     "confidence raised": ({}, {}, {"inpainted_confidence": 0.6, "reprojected_confidence": 0.8}),

@@ -91,7 +91,8 @@ class FitConfig:
 
     Attributes:
         iterations: optimisation steps (the issue's GPU target: 3000 in under 45 s).
-        batch_size: frames per step (learning rates scale with its square root, as simple_trainer).
+        batch_size: frames per step (learning rates scale with its square root and Adam's moments
+            decay faster, as simple_trainer). A job takes :func:`fit_batch_size` of its rasterizer.
         sh_degree: highest SH degree fitted, 0..3.
         sh_degree_interval: the SH degree used rises by one every this many steps.
         rasterizer: ``gsplat`` (CUDA) or ``torch_cpu`` (see backend.rasterizers).
@@ -243,6 +244,17 @@ class FitConfig:
 def default_rasterizer(device: torch.device | str) -> str:
     """The rasterizer name for a device, for entry points that pick the device: gsplat on CUDA."""
     return "gsplat" if torch.device(device).type == "cuda" else "torch_cpu"
+
+
+GSPLAT_BATCH_SIZE = 3  # frames per step where the fit runs on gsplat: docs/benchmarks.md, run 46
+
+
+def fit_batch_size(rasterizer: str) -> int:
+    """Frames per fitting step for a job fitted with ``rasterizer``: :data:`GSPLAT_BATCH_SIZE` on gsplat,
+    which draws them in one call (run 46, 3 seeds: the loop's Gaussians +0.63 dB on the temple and +0.19
+    on the fern over one frame a step, the bench job 57.5 s against 54.4 s); 1 on the CPU rasterizer,
+    where each frame costs a whole render and none was measured."""
+    return GSPLAT_BATCH_SIZE if rasterizer == "gsplat" else 1
 
 
 @dataclass

@@ -113,6 +113,19 @@ def test_plan_fits_the_budget_and_never_exceeds_the_job():
     step = costs.seconds(refine.max_gaussians, refine.width, refine.height)
     assert refine.iterations < plan.iterations and refine.fits * refine.iterations * step <= 4.0 * 60 * FIT_SHARE - 10
     assert "2.6 fits" in refine.sentence and "10 s kept for training" in refine.sentence
+    # A step of 3 frames (FitConfig.batch_size on gsplat) costs 3 frames' renders: fewer steps or a smaller
+    # problem for the same minutes, and the sentence says a step's frames.
+    batched = plan_budget(4.0, costs, max_iterations=3000, max_size=(320, 240), views_per_step=3)
+    assert batched.step_seconds == pytest.approx(
+        3 * costs.seconds(batched.max_gaussians, batched.width, batched.height)
+    )
+    assert batched.fits * batched.iterations * batched.step_seconds <= 4.0 * 60 * FIT_SHARE
+    assert (
+        batched.iterations * batched.max_gaussians * batched.width < plan.iterations * plan.max_gaussians * plan.width
+    )
+    assert "s a step of 3 frames as measured here" in batched.sentence and "frames" not in plan.sentence
+    with pytest.raises(ValueError, match="views_per_step must be >= 1; got 0"):
+        plan_budget(4.0, costs, max_iterations=300, max_size=(320, 240), views_per_step=0)
     with pytest.raises(ValueError, match=r"fits must be > 0 and reserved_s >= 0; got 2, -1"):
         plan_budget(4.0, costs, max_iterations=300, max_size=(320, 240), reserved_s=-1)
     with pytest.raises(ValueError, match="budget_min must be > 0"):
@@ -199,6 +212,7 @@ def test_loop_config_follows_the_budget_plan():
     assert (cfg.width, cfg.height) == (plan.width, plan.height) == (64, 48)  # never larger than the job's
     assert cfg.fit.iterations == plan.iterations <= 20 and cfg.fit.max_gaussians == plan.max_gaussians
     assert LoopConfig.from_settings(Settings(width=64, height=48), device="cpu").budget is None
+    assert cfg.fit.batch_size == 1  # one frame a step on the CPU rasterizer (fit_batch_size)
     # the refiner's preparation counts: 3 captures give 3 leave-out guides of a fifth of the fit and
     # its training's seconds; without the count, the most it could be (max_fits 6)
     refine = replace(settings, generator="refine", refine_seconds=12)

@@ -178,6 +178,36 @@ def load_bench_scene(data: Path, name: str, work: Path, *, split: bool = True) -
 NESTED_LOOP_KEYS = ("update", "guide", "guide_members", "guide_alpha", "patchmatch", "frames_per_leg")
 
 
+def add_scene_seed_args(p: argparse.ArgumentParser, work: Path) -> None:
+    """The options of an analysis script that runs per bench scene and seed (``guide_union.py``,
+    ``ensemble_rounds.py``): data, scenes, size, steps, seeds, device, work folder, JSON output."""
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    p.add_argument("--scenes", default="temple", help="comma-separated, of " + ", ".join(sorted(SCENES)))
+    p.add_argument("--size", type=size_wxh, default=None, metavar="WxH", help="default: the quality bench's")
+    p.add_argument("--iterations", type=int, default=3000)
+    p.add_argument("--seeds", default="0", help="comma-separated")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--work", type=Path, default=work)
+    p.add_argument("--out", type=Path, default=None, help="write the reports here as JSON")
+
+
+def scene_seeds(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str, tuple[int, int], int]]:
+    """(scene, working size, seed) for every scene and seed of :func:`add_scene_seed_args`' options, in
+    order; an unknown scene is the parser's error, naming the known ones."""
+    names = args.scenes.split(",")
+    unknown = [n for n in names if n not in SCENES]
+    if unknown:
+        p.error(f"--scenes: unknown scene(s) {unknown}; known: {', '.join(sorted(SCENES))}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    return [(name, args.size or SCENES[name][3], seed) for name in names for seed in seeds]
+
+
+def write_scene_reports(out: Path | None, device: str, reports: list[dict]) -> None:
+    """The reports of a per-scene-and-seed script as JSON at ``out`` (nothing when None)."""
+    if out:
+        out.write_text(json.dumps({"device": device, "torch": torch.__version__, "reports": reports}, indent=1))
+
+
 def loop_config(base: LoopConfig, overrides: dict, fit_overrides: dict) -> LoopConfig:
     unknown = set(overrides) - {*LOOP_FIELDS, *NESTED_LOOP_KEYS}
     if unknown:

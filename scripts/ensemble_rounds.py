@@ -22,7 +22,6 @@ Analysis, not a job setting: a round costs a loop fit and K lockstep fits.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -34,11 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_loop_quality import SCENES, load_bench_scene  # noqa: E402
+from bench_loop_quality import add_scene_seed_args, load_bench_scene, scene_seeds, write_scene_reports  # noqa: E402
 
 from backend.devices import pick_device  # noqa: E402
 from backend.evaluate import FRAMES_PER_LEG, eval_trajectory, heldout_views, score  # noqa: E402
-from backend.evaluate_args import size_wxh  # noqa: E402
 from backend.loop import LoopConfig, run_loop  # noqa: E402
 from backend.stages.cameras import load_views, working_size  # noqa: E402
 from backend.stages.fit import FitViews, Gaussians, captures_and_frames, fit_gaussians_many, render_gaussians  # noqa: E402
@@ -126,33 +124,20 @@ def summary_line(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    p.add_argument("--scenes", default="temple", help="comma-separated, of " + ", ".join(sorted(SCENES)))
-    p.add_argument("--size", type=size_wxh, default=None, metavar="WxH", help="default: the quality bench's")
-    p.add_argument("--iterations", type=int, default=3000)
-    p.add_argument("--seeds", default="0", help="comma-separated")
+    add_scene_seed_args(p, Path("/tmp/ensemble_rounds"))
     p.add_argument("--members", type=int, default=3, help="sets per ensemble (the guide's and each round's)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of the loop")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--work", type=Path, default=Path("/tmp/ensemble_rounds"))
-    p.add_argument("--out", type=Path, default=None, help="write the reports here as JSON")
     args = p.parse_args(argv)
-    names = args.scenes.split(",")
-    unknown = [n for n in names if n not in SCENES]
-    if unknown:
-        p.error(f"--scenes: unknown scene(s) {unknown}; known: {', '.join(sorted(SCENES))}")
+    runs = scene_seeds(p, args)
     if args.members < 1 or args.rounds < 1:
         p.error(f"--members and --rounds must be at least 1; got {args.members}, {args.rounds}")
     device = pick_device(args.device)
     reports = []
-    for name in names:
-        size = args.size or SCENES[name][3]
-        for seed in (int(s) for s in args.seeds.split(",")):
-            r = run_scene(args.data, name, args.work, size, args.iterations, seed, args.members, args.rounds, device)
-            reports.append(r)
-            print(summary_line(r), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps({"device": device, "torch": torch.__version__, "reports": reports}, indent=1))
+    for name, size, seed in runs:
+        r = run_scene(args.data, name, args.work, size, args.iterations, seed, args.members, args.rounds, device)
+        reports.append(r)
+        print(summary_line(r), flush=True)
+    write_scene_reports(args.out, device, reports)
     return 0
 
 

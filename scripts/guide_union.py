@@ -19,7 +19,6 @@ keeps about half of the mean's gain on the temple and the fern and loses 0.5 dB 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import fields, replace
@@ -31,11 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_loop_quality import SCENES, load_bench_scene  # noqa: E402
+from bench_loop_quality import add_scene_seed_args, load_bench_scene, scene_seeds, write_scene_reports  # noqa: E402
 
 from backend.devices import pick_device  # noqa: E402
 from backend.evaluate import heldout_views, score  # noqa: E402
-from backend.evaluate_args import size_wxh  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
 from backend.stages.cameras import load_views  # noqa: E402
 from backend.stages.fit import Gaussians, render_gaussians  # noqa: E402
@@ -79,36 +77,23 @@ def run_scene(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    p.add_argument("--scenes", default="temple", help="comma-separated, of " + ", ".join(sorted(SCENES)))
-    p.add_argument("--size", type=size_wxh, default=None, metavar="WxH", help="default: the quality bench's")
-    p.add_argument("--iterations", type=int, default=3000)
-    p.add_argument("--seeds", default="0", help="comma-separated")
+    add_scene_seed_args(p, Path("/tmp/guide_union"))
     p.add_argument("--members", type=int, default=3)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--work", type=Path, default=Path("/tmp/guide_union"))
-    p.add_argument("--out", type=Path, default=None, help="write the reports here as JSON")
     args = p.parse_args(argv)
-    names = args.scenes.split(",")
-    unknown = [n for n in names if n not in SCENES]
-    if unknown:
-        p.error(f"--scenes: unknown scene(s) {unknown}; known: {', '.join(sorted(SCENES))}")
+    runs = scene_seeds(p, args)
     device = pick_device(args.device)
     reports = []
-    for name in names:
-        size = args.size or SCENES[name][3]
-        for seed in (int(s) for s in args.seeds.split(",")):
-            r = run_scene(args.data, name, args.work, size, args.iterations, seed, args.members, device)
-            reports.append(r)
-            members = " / ".join(f"{v:.2f}" for v in r["member_psnr"])
-            print(
-                f"{name} {size[0]}x{size[1]} {args.iterations} it seed {seed} ({r['fit_seconds']} s, "
-                f"{r['gaussians']} Gaussians): members {members}, mean of renders {r['mean_of_renders']['psnr']:.2f}, "
-                f"union {r['union']['psnr']:.2f}, union with opacity kept {r['union_opacity_kept']['psnr']:.2f}",
-                flush=True,
-            )
-    if args.out:
-        args.out.write_text(json.dumps({"device": device, "torch": torch.__version__, "reports": reports}, indent=1))
+    for name, size, seed in runs:
+        r = run_scene(args.data, name, args.work, size, args.iterations, seed, args.members, device)
+        reports.append(r)
+        members = " / ".join(f"{v:.2f}" for v in r["member_psnr"])
+        print(
+            f"{name} {size[0]}x{size[1]} {args.iterations} it seed {seed} ({r['fit_seconds']} s, "
+            f"{r['gaussians']} Gaussians): members {members}, mean of renders {r['mean_of_renders']['psnr']:.2f}, "
+            f"union {r['union']['psnr']:.2f}, union with opacity kept {r['union_opacity_kept']['psnr']:.2f}",
+            flush=True,
+        )
+    write_scene_reports(args.out, device, reports)
     return 0
 
 

@@ -155,13 +155,16 @@ def probe_scene(n: int, width: int, height: int, n_cams: int = 1, *, device: tor
     return scene | {"width": width, "height": height}
 
 
-def measure_step_seconds(rasterizer_name: str, device: torch.device | str, n: int, size: tuple[int, int]) -> float:
+def measure_step_seconds(
+    rasterizer_name: str, device: torch.device | str, n: int, size: tuple[int, int], views: int = 1
+) -> float:
     """Seconds of one fitting step's render + backward (the fastest of :data:`PROBE_STEPS` after a
-    warm-up) with ``rasterizer_name`` on ``device``, on :func:`probe_scene` with ``n`` Gaussians at ``size``."""
+    warm-up) with ``rasterizer_name`` on ``device``, on :func:`probe_scene` with ``n`` Gaussians at ``size``
+    and ``views`` frames drawn in the step's one render call (``FitConfig.batch_size``)."""
     from .rasterizers import RASTERIZERS
 
     rasterizer = RASTERIZERS.make(rasterizer_name)
-    scene = probe_scene(n, *size, device=device)
+    scene = probe_scene(n, *size, views, device=device)
     names = ("means", "quats", "scales", "opacities", "colors")
     best = math.inf
     for i in range(PROBE_STEPS + 1):
@@ -177,50 +180,55 @@ def measure_step_seconds(rasterizer_name: str, device: torch.device | str, n: in
 
 @dataclass(frozen=True)
 class StepCosts:
-    """Seconds per fitting step: ``per_pixel x W x H + per_gaussian x N`` (both >= 0), with
-    ``threads`` torch threads (the faster of torch's default and one thread, as measured)."""
+    """Seconds per fitting step of ``views`` frames: ``per_pixel x W x H + per_gaussian x N`` (both >= 0),
+    with ``threads`` torch threads (the faster of torch's default and one thread, as measured)."""
 
     per_pixel: float
     per_gaussian: float
     threads: int = 0  # 0: leave torch's thread count alone
+    views: int = 1  # frames a step draws (FitConfig.batch_size), all in the measured steps
 
     def seconds(self, n: int, width: int, height: int) -> float:
         return self.per_pixel * width * height + self.per_gaussian * n
 
 
-def measure_step_costs(rasterizer_name: str, device: torch.device | str) -> StepCosts:
-    """:class:`StepCosts` fitted to two measured steps (:data:`PROBE_GAUSSIANS` at :data:`PROBE_SIZE`),
-    measured once per process, rasterizer and device (a service's later jobs reuse them).
+def measure_step_costs(rasterizer_name: str, device: torch.device | str, views: int = 1) -> StepCosts:
+    """:class:`StepCosts` fitted to two measured steps of ``views`` frames (:data:`PROBE_GAUSSIANS` at
+    :data:`PROBE_SIZE`), measured once per process, rasterizer, device and frame count (a service's later
+    jobs reuse them). The frames are measured, not counted: on the CPU rasterizer a 3-frame step's render
+    costs 2.8-3.1 single ones (160x120, 2k-20k Gaussians, 2 cores), where gsplat draws them in one launch.
 
     On the CPU, the first step is also timed with one torch thread, between two timings with torch's
     own count (the faster of those counts): where other processes load the cores, threads that wait on
     each other are slower than one, and the faster count is kept (set with ``torch.set_num_threads``;
     the plan's ``threads`` says which).
     """
-    return _measure_step_costs(rasterizer_name, str(torch.device(device)))
+    if views < 1:
+        raise ValueError(f"measure_step_costs: views must be >= 1; got {views}")
+    return _measure_step_costs(rasterizer_name, str(torch.device(device)), views)
 
 
 @functools.cache
-def _measure_step_costs(rasterizer_name: str, device: str) -> StepCosts:
+def _measure_step_costs(rasterizer_name: str, device: str, views: int = 1) -> StepCosts:
     (n1, n2), (w, h) = PROBE_GAUSSIANS, PROBE_SIZE
-    t1 = measure_step_seconds(rasterizer_name, device, n1, PROBE_SIZE)
+    t1 = measure_step_seconds(rasterizer_name, device, n1, PROBE_SIZE, views)
     threads = 0
     default_threads = torch.get_num_threads()
     if torch.device(device).type == "cpu" and default_threads > 1:
         torch.set_num_threads(1)
-        t1_single = measure_step_seconds(rasterizer_name, device, n1, PROBE_SIZE)
+        t1_single = measure_step_seconds(rasterizer_name, device, n1, PROBE_SIZE, views)
         torch.set_num_threads(default_threads)
         # torch's threads measured again after the single thread: the process's first measurement runs
         # cold (on the idle 2-core dev machine 0.095 s against 0.056 s warm, while one thread took 0.089 s),
         # and one thread then won and slowed the whole job by half (docs/benchmarks.md, "make demo")
-        t1 = min(t1, measure_step_seconds(rasterizer_name, device, n1, PROBE_SIZE))
+        t1 = min(t1, measure_step_seconds(rasterizer_name, device, n1, PROBE_SIZE, views))
         if t1_single < t1:
             t1, threads = t1_single, 1
             torch.set_num_threads(1)
-    t2 = measure_step_seconds(rasterizer_name, device, n2, PROBE_SIZE)
+    t2 = measure_step_seconds(rasterizer_name, device, n2, PROBE_SIZE, views)
     per_gaussian = max(t2 - t1, 0.0) / (n2 - n1)
     per_pixel = max(t1 - per_gaussian * n1, 0.1 * t1) / (w * h)
-    return StepCosts(per_pixel, per_gaussian, threads)
+    return StepCosts(per_pixel, per_gaussian, threads, views)
 
 
 @dataclass(frozen=True)
@@ -261,7 +269,6 @@ def plan_budget(
     fits: float = 2,
     reserved_s: float = 0.0,
     reserved_for: str = "",
-    views_per_step: int = 1,
 ) -> BudgetPlan:
     """Choose working size, Gaussian cap and fitting steps so that the fits take about
     :data:`FIT_SHARE` of ``budget_min`` (less ``reserved_s``).
@@ -271,7 +278,7 @@ def plan_budget(
     (200 steps instead of 300 cost the demo's Gaussians more than a smaller cap does). When no choice
     allows that many, the largest that allows :data:`MIN_ITERATIONS` wins, and steps then fill the
     fits' share, up to ``max_iterations``. A step costs
-    ``views_per_step x costs.seconds(cap, W, H)``. When even the
+    ``costs.seconds(cap, W, H)``. When even the
     smallest choice cannot reach the minimum, it is taken with what steps the budget allows (at
     least 1 per fit) and the sentence says so.
 
@@ -283,7 +290,6 @@ def plan_budget(
         fits: Gaussian fits the loop runs, in lengths of one fit (fractions for shorter fits).
         reserved_s: seconds of the fits' share kept for other device work (``reserved_for`` says
             what, in the sentence).
-        views_per_step: frames each fitting step renders (``FitConfig.batch_size``), >= 1.
 
     Example::
 
@@ -297,15 +303,13 @@ def plan_budget(
         raise ValueError(f"plan_budget: costs must be positive; got {costs}")
     if fits <= 0 or reserved_s < 0:
         raise ValueError(f"plan_budget: fits must be > 0 and reserved_s >= 0; got {fits}, {reserved_s}")
-    if views_per_step < 1:
-        raise ValueError(f"plan_budget: views_per_step must be >= 1; got {views_per_step}")
     fit_seconds = max(budget_min * 60.0 * FIT_SHARE - reserved_s, 0.0)
     sizes = [s for s in WORKING_SIZES if s[0] * s[1] <= max_size[0] * max_size[1]] or [max_size]
     choice = None
     for min_steps in (max_iterations, MIN_ITERATIONS):  # the job's own step count first, if affordable
         for w, h in sizes:
             for cap in GAUSSIAN_CAPS:
-                step = views_per_step * costs.seconds(cap, w, h)
+                step = costs.seconds(cap, w, h)
                 if fit_seconds / (fits * step) >= min(min_steps, max_iterations):
                     choice = (w, h, cap, step)
                     break
@@ -317,14 +321,14 @@ def plan_budget(
     if choice is None:
         w, h = sizes[-1]
         cap = GAUSSIAN_CAPS[-1]
-        choice = (w, h, cap, views_per_step * costs.seconds(cap, w, h))
+        choice = (w, h, cap, costs.seconds(cap, w, h))
     w, h, cap, step = choice
     iterations = max(1, min(max_iterations, int(fit_seconds / (fits * step))))
     reserved = f"; {reserved_s:g} s kept for {reserved_for or 'other work'}" if reserved_s else ""
     sentence = (
         f"time budget {budget_min:g} min: working size {w}x{h}, at most {cap} Gaussians, "
         f"{iterations} steps per fit ({fits:g} fit{'s' if fits != 1 else ''}, about {step:.2f} s a step"
-        f"{f' of {views_per_step} frames' if views_per_step > 1 else ''} as "
+        f"{f' of {costs.views} frames' if costs.views > 1 else ''} as "
         f"measured here{', on one thread' if costs.threads == 1 else ''}{reserved})"
     )
     if is_short:

@@ -161,13 +161,12 @@ class LoopConfig:
                 fits += extra_fits
             plan = plan_budget(
                 settings.time_budget_min,
-                measure_step_costs(cfg.fit.rasterizer, device),
+                measure_step_costs(cfg.fit.rasterizer, device, cfg.fit.batch_size),
                 max_iterations=cfg.fit.iterations,
                 max_size=(cfg.width, cfg.height),
                 fits=fits,
                 reserved_s=reserved_s,
                 reserved_for=f"the {cfg.generator.name} generator's training",
-                views_per_step=cfg.fit.batch_size,
             )
             fit = replace(cfg.fit, iterations=plan.iterations, max_gaussians=plan.max_gaussians)
             cfg = replace(cfg, width=plan.width, height=plan.height, fit=fit, budget=plan)

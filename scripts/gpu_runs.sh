@@ -179,7 +179,7 @@ for p in pathlib.Path(sys.argv[1]).glob("*.png"):
     # of the last round's fits as the next guide, mean and median of the sets' renders
     rounds_one() {  # SCENE SEED [ARGS...]
       timeout "${QUALITY_TIMEOUT_S:-540}" python3 scripts/ensemble_rounds.py --data .device_data --scenes "$1" \
-        --seeds "$2" --device cuda --work "/tmp/rounds_$1_$2" --out "$OUT/rounds_$1_seed$2.json" "${@:3}" \
+        --seeds "$2" --device cuda --out "$OUT/rounds_$1_seed$2.json" "${@:3}" \
         > "$OUT/rounds_$1_seed$2.log" 2>&1
     }
     each_scene_seed "$1" "$2" rounds_one "${@:3}"

@@ -12,6 +12,7 @@ from backend.budget import (
     GAUSSIAN_CAPS,
     MIN_ITERATIONS,
     StepCosts,
+    measure_step_costs,
     measure_step_seconds,
     plan_budget,
     probe_scene,
@@ -113,19 +114,10 @@ def test_plan_fits_the_budget_and_never_exceeds_the_job():
     step = costs.seconds(refine.max_gaussians, refine.width, refine.height)
     assert refine.iterations < plan.iterations and refine.fits * refine.iterations * step <= 4.0 * 60 * FIT_SHARE - 10
     assert "2.6 fits" in refine.sentence and "10 s kept for training" in refine.sentence
-    # A step of 3 frames (FitConfig.batch_size on gsplat) costs 3 frames' renders: fewer steps or a smaller
-    # problem for the same minutes, and the sentence says a step's frames.
-    batched = plan_budget(4.0, costs, max_iterations=3000, max_size=(320, 240), views_per_step=3)
-    assert batched.step_seconds == pytest.approx(
-        3 * costs.seconds(batched.max_gaussians, batched.width, batched.height)
-    )
-    assert batched.fits * batched.iterations * batched.step_seconds <= 4.0 * 60 * FIT_SHARE
-    assert (
-        batched.iterations * batched.max_gaussians * batched.width < plan.iterations * plan.max_gaussians * plan.width
-    )
+    # Costs measured on steps of 3 frames (FitConfig.batch_size on gsplat) are what a step costs; the
+    # sentence says a step's frames.
+    batched = plan_budget(4.0, replace(costs, views=3), max_iterations=3000, max_size=(320, 240))
     assert "s a step of 3 frames as measured here" in batched.sentence and "frames" not in plan.sentence
-    with pytest.raises(ValueError, match="views_per_step must be >= 1; got 0"):
-        plan_budget(4.0, costs, max_iterations=300, max_size=(320, 240), views_per_step=0)
     with pytest.raises(ValueError, match=r"fits must be > 0 and reserved_s >= 0; got 2, -1"):
         plan_budget(4.0, costs, max_iterations=300, max_size=(320, 240), reserved_s=-1)
     with pytest.raises(ValueError, match="budget_min must be > 0"):
@@ -135,6 +127,12 @@ def test_plan_fits_the_budget_and_never_exceeds_the_job():
 def test_measured_step_is_positive_and_grows_with_gaussians():
     small = measure_step_seconds("torch_cpu", "cpu", 200, (32, 24))
     assert 0 < small < 10
+    # a step of 3 frames renders 3 cameras in its one call: the CPU rasterizer draws them one by one
+    assert measure_step_seconds("torch_cpu", "cpu", 2000, (64, 48), views=3) > 1.5 * measure_step_seconds(
+        "torch_cpu", "cpu", 2000, (64, 48)
+    )
+    with pytest.raises(ValueError, match="measure_step_costs: views must be >= 1; got 0"):
+        measure_step_costs("torch_cpu", "cpu", views=0)
     scene = probe_scene(200, 32, 24, 2)
     assert scene["means"].shape == (200, 3) and scene["viewmats"].shape == (2, 4, 4)
     assert (scene["means"][:, 2] > 1.5).all()
@@ -148,7 +146,7 @@ def test_probe_keeps_torchs_threads_unless_one_thread_beats_them_warm(monkeypatc
     def probe(timings):
         calls = []
 
-        def fake(rasterizer, device, n, size):
+        def fake(rasterizer, device, n, size, views=1):
             calls.append((n, torch.get_num_threads()))
             return timings[len(calls) - 1]
 
@@ -212,7 +210,7 @@ def test_loop_config_follows_the_budget_plan():
     assert (cfg.width, cfg.height) == (plan.width, plan.height) == (64, 48)  # never larger than the job's
     assert cfg.fit.iterations == plan.iterations <= 20 and cfg.fit.max_gaussians == plan.max_gaussians
     assert LoopConfig.from_settings(Settings(width=64, height=48), device="cpu").budget is None
-    assert cfg.fit.batch_size == 1  # one frame a step on the CPU rasterizer (fit_batch_size)
+    assert cfg.fit.batch_size == plan.costs.views == 1  # one frame a step on the CPU, measured so
     # the refiner's preparation counts: 3 captures give 3 leave-out guides of a fifth of the fit and
     # its training's seconds; without the count, the most it could be (max_fits 6)
     refine = replace(settings, generator="refine", refine_seconds=12)

@@ -135,6 +135,9 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     # (fit_batch_size), where "batch 3" is the default; "batch 1" the default before
     "batch 3": ({}, {"batch_size": 3}, {}),
     "batch 1": ({}, {"batch_size": 1}, {}),
+    # 6 frames a step: the loop's fit draws more of its 123 frames; a fit of the 3 captures still draws 3,
+    # with the learning rates and betas of 6 (simple_trainer scales by the setting, not the frames drawn)
+    "batch 6": ({}, {"batch_size": 6}, {}),
     # the reprojection's own confidence raised about as far as the refiner's "where unsure" blend (since
     # removed) raised it
     "confidence raised": ({}, {}, {"inpainted_confidence": 0.6, "reprojected_confidence": 0.8}),
@@ -495,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         "processes) into one summary per scene, written to --out",
     )
     args = p.parse_args(argv)
+    if args.out is not None and args.out.is_dir():
+        p.error(f"--out: {args.out} is a folder; name the JSON file to write (its .md table goes beside it)")
     if args.merge:
         results = merge_results([json.loads(f.read_text()) for f in args.merge])
         return write_report(results, args.out)

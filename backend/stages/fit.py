@@ -81,6 +81,7 @@ SCENE_SCALE_MARGIN = 1.1  # simple_trainer: scene scale = 1.1 x largest camera d
 RENDER_CHUNK = 8  # cameras rendered at once by render_gaussians
 IDENTITY_QUAT = (1.0, 0.0, 0.0, 0.0)  # w x y z
 ADAM_BETAS = (0.9, 0.999)  # torch defaults, as simple_trainer
+MAX_BATCH_SIZE = 10  # frames per step where simple_trainer's scaling of the betas leaves beta1 at 0
 ADAM_EPS = 1e-15  # simple_trainer
 PAD_SCALE = 1e-6  # axis scale of the stand-ins that pad a lockstep fit's sets to one size (opacity 0: never drawn)
 
@@ -91,8 +92,9 @@ class FitConfig:
 
     Attributes:
         iterations: optimisation steps (the issue's GPU target: 3000 in under 45 s).
-        batch_size: frames per step (learning rates scale with its square root and Adam's moments
-            decay faster, as simple_trainer). A job takes :func:`fit_batch_size` of its rasterizer.
+        batch_size: frames per step, 1..:data:`MAX_BATCH_SIZE` (learning rates scale with its square
+            root and Adam's moments decay faster, as simple_trainer: beta1 = 1 - batch_size x 0.1, so
+            the rule stops at 10). A job takes :func:`fit_batch_size` of its rasterizer.
         sh_degree: highest SH degree fitted, 0..3.
         sh_degree_interval: the SH degree used rises by one every this many steps.
         rasterizer: ``gsplat`` (CUDA) or ``torch_cpu`` (see backend.rasterizers).
@@ -197,6 +199,12 @@ class FitConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"FitConfig.{name} must be >= 1; got {getattr(self, name)}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise ValueError(
+                f"FitConfig.batch_size must be at most {MAX_BATCH_SIZE} (Adam's first beta, "
+                f"1 - batch_size x {1 - ADAM_BETAS[0]:.1f} as simple_trainer scales it, would be negative); "
+                f"got {self.batch_size}"
+            )
         if not 0 <= self.sh_degree <= MAX_SH_DEGREE:
             raise ValueError(f"FitConfig.sh_degree must be in 0..{MAX_SH_DEGREE}; got {self.sh_degree}")
         if self.rasterizer not in RASTERIZERS.names():
@@ -251,9 +259,10 @@ GSPLAT_BATCH_SIZE = 3  # frames per step where the fit runs on gsplat: docs/benc
 
 def fit_batch_size(rasterizer: str) -> int:
     """Frames per fitting step for a job fitted with ``rasterizer``: :data:`GSPLAT_BATCH_SIZE` on gsplat,
-    which draws them in one call (run 46, 3 seeds: the loop's Gaussians +0.63 dB on the temple and +0.19
-    on the fern over one frame a step, the bench job 57.5 s against 54.4 s); 1 on the CPU rasterizer,
-    where each frame costs a whole render and none was measured."""
+    which draws them in one call (runs 46-47, 3 seeds: the loop's Gaussians +0.63 dB on the temple, +0.47
+    on the door and +0.19 on the fern over one frame a step; the bench job 52.5 s, median of 3); 1 on the
+    CPU rasterizer, where each frame of a step costs a whole render and the gain is only the frames drawn,
+    which a time budget sets (run 46's CPU rows)."""
     return GSPLAT_BATCH_SIZE if rasterizer == "gsplat" else 1
 
 

@@ -338,6 +338,14 @@ def test_gpu_job_specs_name_known_scenes_and_variants() -> None:
         assert seed.isdigit(), f"{name}: {line}"
 
 
+def test_bench_quality_refuses_a_folder_for_out(tmp_path) -> None:
+    """--out names the JSON file the partial reports go to after each scene: a folder is refused before
+    any fit, not after the first scene's minutes."""
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+        bench_quality().main(["--out", str(tmp_path)])
+    assert "--out" in err.getvalue() and "is a folder" in err.getvalue()
+
+
 def test_every_bench_variant_builds_its_configs() -> None:
     """Each row of scripts/bench_loop_quality.py makes its loop, fit, reproject or refiner config, so a
     removed or renamed setting fails here and not in a GPU call; a misspelt override is named."""

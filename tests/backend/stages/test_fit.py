@@ -356,6 +356,9 @@ def test_inputs_are_checked():
         FitConfig(strategy="mcmc", rasterizer="torch_cpu")
     with pytest.raises(ValueError, match=r"FitConfig.mcmc_scale_reg must be >= 0; got -1"):
         FitConfig(mcmc_scale_reg=-1)
+    with pytest.raises(ValueError, match=r"FitConfig.batch_size must be at most 10 .*; got 11"):
+        FitConfig(batch_size=11)
+    FitConfig(batch_size=10)  # beta1 0: Adam without momentum, still valid
 
 
 def test_mcmc_strategy_is_gsplats_with_the_cap_and_its_regularisers(caplog):

@@ -135,8 +135,8 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     # (fit_batch_size), where "batch 3" is the default; "batch 1" the default before
     "batch 3": ({}, {"batch_size": 3}, {}),
     "batch 1": ({}, {"batch_size": 1}, {}),
-    # 6 frames a step: the loop's fit draws more of its 123 frames; a fit of the 3 captures still draws 3,
-    # with the learning rates and betas of 6 (simple_trainer scales by the setting, not the frames drawn)
+    # 6 frames a step: the loop's fit draws twice as many of its 123 frames; a fit of the 3 captures (the
+    # captures-only row, the guide's members) still draws 3 and fits as at 3 (scaled by the frames drawn)
     "batch 6": ({}, {"batch_size": 6}, {}),
     # the reprojection's own confidence raised about as far as the refiner's "where unsure" blend (since
     # removed) raised it

@@ -92,9 +92,10 @@ class FitConfig:
 
     Attributes:
         iterations: optimisation steps (the issue's GPU target: 3000 in under 45 s).
-        batch_size: frames per step, 1..:data:`MAX_BATCH_SIZE` (learning rates scale with its square
-            root and Adam's moments decay faster, as simple_trainer: beta1 = 1 - batch_size x 0.1, so
-            the rule stops at 10). A job takes :func:`fit_batch_size` of its rasterizer.
+        batch_size: frames per step, 1..:data:`MAX_BATCH_SIZE`, or all of a set's frames where it has
+            fewer. Learning rates scale with the square root of the frames a step draws and Adam's moments
+            decay faster, as simple_trainer (beta1 = 1 - frames x 0.1, so the rule stops at 10). A job
+            takes :func:`fit_batch_size` of its rasterizer.
         sh_degree: highest SH degree fitted, 0..3.
         sh_degree_interval: the SH degree used rises by one every this many steps.
         rasterizer: ``gsplat`` (CUDA) or ``torch_cpu`` (see backend.rasterizers).
@@ -620,9 +621,13 @@ def scene_scale(cams: Cameras, points: Tensor) -> float:
     return SCENE_SCALE_MARGIN * max(spread, KNN_MIN_DISTANCE)
 
 
-def _make_optimizers(params: torch.nn.ParameterDict, cfg: FitConfig, scale: float) -> dict[str, torch.optim.Optimizer]:
-    # simple_trainer scales the learning rates by sqrt(batch size) and the Adam moments' decay by it.
-    bs = cfg.batch_size
+def _make_optimizers(
+    params: torch.nn.ParameterDict, cfg: FitConfig, scale: float, frames: int
+) -> dict[str, torch.optim.Optimizer]:
+    # simple_trainer scales the learning rates by sqrt(batch size) and the Adam moments' decay by it; by the
+    # frames a step draws (a set of 3 captures draws 3 at any batch_size above), so that a larger batch_size
+    # changes only the fits with more frames than that
+    bs = min(cfg.batch_size, frames)
     lrs = {
         "means": cfg.means_lr * scale,
         "scales": cfg.scales_lr,
@@ -720,8 +725,9 @@ class _Run:
     state: dict[str, Any]
 
     @classmethod
-    def start(cls, g0: Gaussians, cfg: FitConfig, scale: float) -> _Run:
-        """Parameters copied from ``g0``; optimizers, schedule and strategy from ``cfg``."""
+    def start(cls, g0: Gaussians, cfg: FitConfig, scale: float, frames: int) -> _Run:
+        """Parameters copied from ``g0``; optimizers, schedule and strategy from ``cfg``, the optimizers'
+        scaling by the frames a step draws from a set of ``frames``."""
         params = torch.nn.ParameterDict(
             {
                 "means": g0.means.clone(),
@@ -733,7 +739,7 @@ class _Run:
         )
         if cfg.sh_degree > 0:
             params["shN"] = g0.sh[:, 1:].contiguous().clone()
-        optimizers = _make_optimizers(params, cfg, scale)
+        optimizers = _make_optimizers(params, cfg, scale, frames)
         means_decay = cfg.means_lr_final_factor ** (1.0 / cfg.iterations)
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizers["means"], gamma=means_decay)
         strategy = _make_strategy(cfg, len(g0.means))
@@ -799,7 +805,7 @@ class _Fit:
             masks=views.masks.to(device) if views.masks is not None and cfg.has_random_background else None,
             confidence=views.confidence.to(device, torch.float32),
             cams=cams,
-            run=_Run.start(g0, cfg, scene_scale(cams, g0.means)),
+            run=_Run.start(g0, cfg, scene_scale(cams, g0.means), len(views.images)),
             gen=torch.Generator().manual_seed(seed),
             gen_device=torch.Generator(device=device).manual_seed(seed),
         )

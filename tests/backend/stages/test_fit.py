@@ -114,6 +114,19 @@ def test_fit_recovers_a_synthetic_scene_from_a_noisy_start():
     assert isinstance(g, Gaussians) and len(g) == len(noisy) and not g.means.requires_grad
 
 
+def test_learning_rates_scale_with_the_frames_a_step_draws():
+    """simple_trainer's scaling (learning rates x sqrt, Adam's betas) follows the frames a step draws: a
+    set of 3 frames fits the same at batch_size 3 and 6 (every step draws all 3), unlike batch_size 2."""
+    cams, images, noisy = make_scene(seed=2, n=24)
+    views = FitViews(images, cams, torch.ones(3, H, W))
+    fits = {
+        bs: fit_gaussians(views, noisy, test_config(iterations=12, batch_size=bs), device="cpu") for bs in (2, 3, 6)
+    }
+    torch.testing.assert_close(fits[6].means, fits[3].means, rtol=0, atol=0)
+    torch.testing.assert_close(fits[6].sh, fits[3].sh, rtol=0, atol=0)
+    assert not torch.allclose(fits[2].means, fits[3].means)
+
+
 def test_a_view_that_sees_no_gaussian_is_skipped():
     """A trajectory frame looking away from every Gaussian gives no gradient; the fit goes on."""
     cams, images, noisy = make_scene(seed=2)

@@ -122,6 +122,20 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "grow grad 0.0002": ({}, {"strategy": "default", "grow_grad2d": 0.0002}, {}),  # gsplat's; ours until run 19
     "grow grad 0.0005": ({}, {"strategy": "default", "grow_grad2d": 0.0005}, {}),
     "grow grad 0.002": ({}, {"strategy": "default", "grow_grad2d": 0.002}, {}),
+    # gsplat's MCMC on the CPU rasterizer too (its two CUDA kernels in torch: backend.stages.mcmc_torch); at a
+    # CPU screen's 600 steps the refinement window (steps 500-2000) is reached by neither strategy, so the
+    # "refine 100-400" rows put it where a 3000-step fit has it (a sixth to two thirds, every 1/30 of the run)
+    "mcmc": ({}, {"strategy": "mcmc"}, {}),
+    "mcmc refine 100-400": (
+        {},
+        {"strategy": "mcmc", "refine_start_iter": 100, "refine_stop_iter": 400, "refine_every": 20},
+        {},
+    ),
+    "default strategy refine 100-400": (
+        {},
+        {"strategy": "default", "refine_start_iter": 100, "refine_stop_iter": 400, "refine_every": 20},
+        {},
+    ),
     "mcmc cap 30k": ({}, {"mcmc_cap": 30_000}, {}),
     "mcmc cap 300k": ({}, {"mcmc_cap": 300_000}, {}),
     # the defaults until run 43: a memory above the cap (the door's 241k) relocates but never grows

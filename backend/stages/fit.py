@@ -21,7 +21,7 @@ ReconX's confidence-aware fitting on gsplat's training recipe (``examples/simple
    steps up to a cap (``mcmc_cap``, or ``mcmc_growth`` x the initial count when that is more), every
    centre gets noise scaled by its transparency and the centres' learning rate, and the loss adds
    ``mcmc_opacity_reg x mean opacity + mcmc_scale_reg x mean scale`` (simple_trainer's recipe). Its
-   relocation is a CUDA kernel: the gsplat rasterizer only.
+   two CUDA kernels have torch versions for sets off CUDA (:mod:`backend.stages.mcmc_torch`).
 
 Regularisers for few views that need no learned weights (each a FitConfig field):
 
@@ -100,7 +100,7 @@ class FitConfig:
         sh_degree_interval: the SH degree used rises by one every this many steps.
         rasterizer: ``gsplat`` (CUDA) or ``torch_cpu`` (see backend.rasterizers).
         strategy: ``default`` (gsplat's DefaultStrategy: clone, split, prune), ``mcmc`` (gsplat's
-            MCMCStrategy; CUDA only, module docstring), ``none``, or ``auto``: ``mcmc`` with the
+            MCMCStrategy, module docstring), ``none``, or ``auto``: ``mcmc`` with the
             gsplat rasterizer, ``default`` otherwise. With Gaussian dropout 0.1, ``mcmc`` beat
             ``default`` on every scene's loop by +0.42 to +0.70 dB (docs/benchmarks.md, run 21).
         mcmc_cap, mcmc_noise_lr, mcmc_opacity_reg, mcmc_scale_reg: ``mcmc``'s Gaussian count at most
@@ -214,11 +214,6 @@ class FitConfig:
             )
         if self.strategy not in STRATEGIES:
             raise ValueError(f"FitConfig.strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
-        if self.strategy == "mcmc" and self.rasterizer != "gsplat":  # "auto" picks "default" there
-            raise ValueError(
-                f"FitConfig.strategy 'mcmc' needs the gsplat rasterizer (its relocation is a CUDA kernel); "
-                f"got rasterizer {self.rasterizer!r}: use strategy 'default' off CUDA"
-            )
         if self.mcmc_cap < 1:
             raise ValueError(f"FitConfig.mcmc_cap must be >= 1; got {self.mcmc_cap}")
         if not self.mcmc_growth >= 1.0:
@@ -687,6 +682,9 @@ def _make_strategy(cfg: FitConfig, initial: int) -> Any:
             "install reconloop[gpu] or use strategy 'none'"
         ) from err
     if cfg.active_strategy == "mcmc":
+        from . import mcmc_torch
+
+        mcmc_torch.install()  # its two CUDA kernels in torch for sets off CUDA
         cap = mcmc_cap_for(cfg, initial)
         if cap > cfg.mcmc_cap:
             log.info(

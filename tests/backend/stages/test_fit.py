@@ -195,6 +195,55 @@ def test_default_strategy_densifies_with_the_cpu_rasterizer():
     assert torch.isfinite(g.means).all() and torch.isfinite(g.sh).all()
 
 
+def test_mcmc_strategy_runs_with_the_cpu_rasterizer():
+    """gsplat's MCMCStrategy off CUDA (its two kernels in torch, backend.stages.mcmc_torch): dead
+    Gaussians are moved onto live ones, 5 % more are added at each refinement up to the cap, the
+    centres get noise, and the set still fits its views."""
+    cams, images, noisy = make_scene(seed=2, n=25)
+    cfg = test_config(iterations=60, strategy="mcmc", refine_start_iter=5, refine_every=10, refine_stop_iter=45)
+    views = FitViews(images, cams, torch.ones(3, H, W))
+    before = psnr(render_gaussians(init_gaussians(noisy, cfg), cams, cfg), images).mean().item()
+    g = fit_gaussians(views, noisy, cfg, device="cpu")
+    n = 25
+    for _ in range(4):  # refinements at steps 10, 20, 30 and 40, each to int(1.05 n)
+        n = int(1.05 * n)
+    assert len(g) == n == 29
+    assert torch.isfinite(g.means).all() and torch.isfinite(g.log_scales).all()
+    assert psnr(render_gaussians(g, cams, cfg), images).mean().item() > before + 3.0
+    capped = fit_gaussians(views, noisy, replace(cfg, mcmc_cap=27, mcmc_growth=1.0), device="cpu")
+    assert len(capped) == 27
+
+
+def test_mcmc_relocation_in_torch_is_the_papers_equation():
+    """Eq. 9 of 3DGS as MCMC as the paper writes it (a double sum per Gaussian, here in float64 loops)
+    against the vectorised torch version; n copies of the new opacity let through the light one did."""
+    from gsplat.strategy import MCMCStrategy
+
+    from backend.stages.mcmc_torch import relocation
+
+    binoms = MCMCStrategy().initialize_state()["binoms"]
+    gen = torch.Generator().manual_seed(0)
+    opacities = torch.rand(200, generator=gen) * 0.99
+    scales = torch.rand(200, 3, generator=gen) + 0.01
+    ratios = torch.randint(1, 60, (200,), generator=gen)  # above n_max (51): clamped as gsplat clamps
+    new_o, new_s = relocation(opacities, scales, ratios, binoms)
+    for o, s, r, o2, s2 in zip(opacities.tolist(), scales.tolist(), ratios.tolist(), new_o.tolist(), new_s.tolist()):
+        n = min(max(r, 1), 51)
+        want_o = 1.0 - (1.0 - o) ** (1.0 / n)
+        denom = sum(
+            math.comb(i - 1, k) * (-1) ** k / math.sqrt(k + 1) * want_o ** (k + 1)
+            for i in range(1, n + 1)
+            for k in range(i)
+        )
+        assert math.isclose(o2, want_o, rel_tol=1e-5, abs_tol=1e-7)
+        assert math.isclose(1.0 - (1.0 - o2) ** n, o, rel_tol=1e-4, abs_tol=1e-6)
+        for a, b in zip(s2, s):
+            assert math.isclose(a, o / denom * b, rel_tol=1e-4)
+    one = relocation(opacities, scales, torch.ones(200, dtype=torch.int64), binoms)  # one copy: unchanged
+    torch.testing.assert_close(one[0], opacities)
+    torch.testing.assert_close(one[1], scales)
+
+
 def test_sets_fitted_in_lockstep_end_where_their_lone_fits_end():
     """fit_gaussians_many draws every set's batch in one rasterizer call (padded to the largest set,
     stacked on a batch dimension) and each set still ends where a lone fit on it ends: with
@@ -363,10 +412,6 @@ def test_inputs_are_checked():
     with pytest.raises(ValueError, match=r"images must be \[F, 36, 48, 3\]"):
         fit_gaussians(FitViews(images[:, :-1], cams, torch.ones(3, H, W)), noisy, cfg, device="cpu")
     assert default_rasterizer("cpu") == "torch_cpu" and default_rasterizer("cuda:0") == "gsplat"
-    with pytest.raises(
-        ValueError, match=r"FitConfig.strategy 'mcmc' needs the gsplat rasterizer .* got rasterizer 'torch_cpu'"
-    ):
-        FitConfig(strategy="mcmc", rasterizer="torch_cpu")
     with pytest.raises(ValueError, match=r"FitConfig.mcmc_scale_reg must be >= 0; got -1"):
         FitConfig(mcmc_scale_reg=-1)
     with pytest.raises(ValueError, match=r"FitConfig.batch_size must be at most 10 .*; got 11"):
@@ -375,9 +420,8 @@ def test_inputs_are_checked():
 
 
 def test_mcmc_strategy_is_gsplats_with_the_cap_and_its_regularisers(caplog):
-    """The fit's ``mcmc`` branch runs on CUDA only (every scripts/bench_loop_quality.py run on the GPU
-    machine checks it: ``auto`` picks it there; its noise and relocation are gsplat CUDA kernels); here:
-    the strategy ``auto`` resolves to on each rasterizer, the one it builds and the loss terms it adds."""
+    """The strategy ``auto`` resolves to on each rasterizer, the one it builds and the loss terms it adds
+    (its CPU fit: test_mcmc_strategy_runs_with_the_cpu_rasterizer)."""
     from gsplat.strategy import DefaultStrategy, MCMCStrategy
 
     assert FitConfig().active_strategy == "mcmc" and FitConfig(strategy="default").active_strategy == "default"

@@ -119,7 +119,7 @@ def bench_scene(name: str, args: argparse.Namespace, device: torch.device, work:
         "subsets": [list(s.left_out) for s in subsets],
         "gaussians_at_start": [len(m) for m in memories],
         "iterations": iterations,
-        "strategy": fit_cfg.active_strategy,
+        "strategy": fit_cfg.strategy,
         "seconds": seconds,
         "median_s": med,
         "speedup": med["one after another"] / med["lockstep"],

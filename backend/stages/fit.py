@@ -10,15 +10,14 @@ ReconX's confidence-aware fitting on gsplat's training recipe (``examples/simple
    weighted by the frame's mean confidence when LPIPS weights exist on this machine;
 3. Adam per parameter group with simple_trainer's learning rates (centres scaled by the scene
    size and decayed to 1 %), the SH degree raised every ``sh_degree_interval`` steps;
-4. densify and prune by the strategy ``strategy`` names; ``auto`` (the default) is ``mcmc`` with the
-   gsplat rasterizer and ``default`` off CUDA (:attr:`FitConfig.active_strategy`). With
+4. densify and prune by the strategy ``strategy`` names, ``mcmc`` by default on either rasterizer, or
    ``gsplat.strategy.DefaultStrategy`` (``strategy="default"``; its
    running state from ``initialize_state``, hooks around the backward pass) or keep the set
    fixed (``strategy="none"``). The strategy only needs ``meta`` from the rasterizer, which both
    rasterizers give, so it runs on CPU as well. ``strategy="mcmc"`` is gsplat's ``MCMCStrategy``
    (3DGS as MCMC, Kheradmand et al. 2024): no splits or clones by gradient; Gaussians whose opacity
-   falls below ``prune_opa`` are moved onto live ones, 5 % more are added every ``refine_every``
-   steps up to a cap (``mcmc_cap``, or ``mcmc_growth`` x the initial count when that is more), every
+   falls below ``prune_opa`` are moved onto live ones, 5 % more are added at every refinement
+   (:meth:`FitConfig.refine_steps`) up to a cap (``mcmc_cap``, or ``mcmc_growth`` x the initial count when that is more), every
    centre gets noise scaled by its transparency and the centres' learning rate, and the loss adds
    ``mcmc_opacity_reg x mean opacity + mcmc_scale_reg x mean scale`` (simple_trainer's recipe). Its
    two CUDA kernels have torch versions for sets off CUDA (:mod:`backend.stages.mcmc_torch`).
@@ -73,7 +72,7 @@ from ..types import Cameras, GeometryMemory, Views
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("auto", "default", "mcmc", "none")
+STRATEGIES = ("default", "mcmc", "none")
 KNN_MIN_DISTANCE = 1e-7  # floor of the neighbour distance (duplicate points), world units
 FLANN_KDTREE_SINGLE_INDEX = 4  # cv2.flann's FLANN_INDEX_KDTREE_SINGLE: one k-d tree, exact for low dimensions
 FLANN_CHECKS_UNLIMITED = -1  # search every leaf the bounds cannot rule out: exact neighbours
@@ -100,9 +99,9 @@ class FitConfig:
         sh_degree_interval: the SH degree used rises by one every this many steps.
         rasterizer: ``gsplat`` (CUDA) or ``torch_cpu`` (see backend.rasterizers).
         strategy: ``default`` (gsplat's DefaultStrategy: clone, split, prune), ``mcmc`` (gsplat's
-            MCMCStrategy, module docstring), ``none``, or ``auto``: ``mcmc`` with the
-            gsplat rasterizer, ``default`` otherwise. With Gaussian dropout 0.1, ``mcmc`` beat
-            ``default`` on every scene's loop by +0.42 to +0.70 dB (docs/benchmarks.md, run 21).
+            MCMCStrategy, module docstring; the default) or ``none``. With Gaussian dropout 0.1, ``mcmc``
+            beat ``default`` on every scene's loop by +0.42 to +0.70 dB on the H200 (docs/benchmarks.md,
+            run 21), and on the CPU rasterizer too ("MCMC on the CPU"), where it was ``default`` before.
         mcmc_cap, mcmc_noise_lr, mcmc_opacity_reg, mcmc_scale_reg: ``mcmc``'s Gaussian count at most
             (also at most ``max_gaussians`` when that is set), its noise scale and its two
             regularisers' weights (simple_trainer's values but the cap).
@@ -120,13 +119,18 @@ class FitConfig:
         l1_weight, ssim_weight, lpips_weight: ReconX's loss weights 0.8 / 0.2 / 0.5; LPIPS only
             when :func:`backend.metrics.load_lpips` finds weights (``lpips_path`` or the
             ``RECONLOOP_LPIPS`` environment variable).
-        refine_start_iter, refine_stop_iter, refine_every, reset_every, grow_grad2d, grow_scale3d,
-            prune_opa, prune_scale3d: DefaultStrategy's schedule and thresholds. gsplat's
-            defaults are for 30k steps (refine until 15k); ours stop refining at 2000 so that a
-            3000-step fit keeps a third of its steps for the final set. ``grow_grad2d`` is 5x
+        refine_start, refine_stop, refine_every: the densification schedule (both strategies) as shares
+            of the run's ``iterations`` (:meth:`refine_steps`): from step 500 to 2000 every 100 in a
+            3000-step fit, and the same shares in a shorter one (a CPU job's 400 steps: 67 to 267
+            every 13; steps counted from a fixed 500 never densified a fit under 600 steps, where on
+            the CPU MCMC on the shares gave the loop +0.7 dB: docs/benchmarks.md, "MCMC on the CPU").
+            gsplat's defaults are for 30k steps (refine until 15k); ours stop at two thirds so that the
+            fit keeps a third of its steps for the final set.
+        reset_every, grow_grad2d, grow_scale3d, prune_opa, prune_scale3d: DefaultStrategy's opacity
+            reset (in steps) and thresholds. ``grow_grad2d`` is 5x
             gsplat's 0.0002: with 3 captures fewer clones and splits fit better on every scene
             but the door, which stays level (docs/benchmarks.md, run 19: the loop +0.18 to +0.40 dB).
-            ``reset_every`` (opacity reset) lies past ``refine_stop_iter``, so it never fires (nor
+            ``reset_every`` (opacity reset) lies past the refinement's stop, so it never fires (nor
             would it in gsplat 1.5.3 at all: a bitwise ``&`` in its condition, fixed upstream by PR 776).
         background: colour behind the Gaussians, RGB in [0, 1].
         capture_share: when captures are fitted together with generated frames
@@ -150,7 +154,7 @@ class FitConfig:
     sh_degree: int = 3
     sh_degree_interval: int = 1000
     rasterizer: str = "gsplat"
-    strategy: str = "auto"
+    strategy: str = "mcmc"
     mcmc_cap: int = 100_000
     mcmc_growth: float = 1.25
     mcmc_noise_lr: float = 5e5
@@ -170,9 +174,9 @@ class FitConfig:
     ssim_weight: float = 0.2  # ReconX; simple_trainer's ssim_lambda is 0.2 too
     lpips_weight: float = 0.5  # ReconX
     lpips_path: str | None = None
-    refine_start_iter: int = 500
-    refine_stop_iter: int = 2000
-    refine_every: int = 100
+    refine_start: float = 500 / 3000
+    refine_stop: float = 2000 / 3000
+    refine_every: float = 100 / 3000
     reset_every: int = 3000
     grow_grad2d: float = 0.001
     grow_scale3d: float = 0.01
@@ -193,7 +197,6 @@ class FitConfig:
             "batch_size",
             "sh_degree_interval",
             "knn",
-            "refine_every",
             "reset_every",
             "progress_every",
         )
@@ -214,6 +217,13 @@ class FitConfig:
             )
         if self.strategy not in STRATEGIES:
             raise ValueError(f"FitConfig.strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
+        if not 0.0 <= self.refine_start <= self.refine_stop <= 1.0:
+            raise ValueError(
+                "FitConfig.refine_start and refine_stop are shares of the run, 0 <= start <= stop <= 1; "
+                f"got {self.refine_start} and {self.refine_stop}"
+            )
+        if not 0.0 < self.refine_every <= 1.0:
+            raise ValueError(f"FitConfig.refine_every is a share of the run in (0, 1]; got {self.refine_every}")
         if self.mcmc_cap < 1:
             raise ValueError(f"FitConfig.mcmc_cap must be >= 1; got {self.mcmc_cap}")
         if not self.mcmc_growth >= 1.0:
@@ -237,12 +247,10 @@ class FitConfig:
         if len(self.background) != 3:
             raise ValueError(f"FitConfig.background must be 3 floats; got {self.background!r}")
 
-    @property
-    def active_strategy(self) -> str:
-        """The strategy the fit runs: ``strategy``, with ``auto`` resolved by the rasterizer."""
-        if self.strategy != "auto":
-            return self.strategy
-        return "mcmc" if self.rasterizer == "gsplat" else "default"
+    def refine_steps(self) -> tuple[int, int, int]:
+        """The densification schedule in steps of this run: (start, stop, every), every >= 1."""
+        n = self.iterations
+        return round(self.refine_start * n), round(self.refine_stop * n), max(1, round(self.refine_every * n))
 
 
 def default_rasterizer(device: torch.device | str) -> str:
@@ -672,16 +680,17 @@ def mcmc_cap_for(cfg: FitConfig, initial: int) -> int:
 
 
 def _make_strategy(cfg: FitConfig, initial: int) -> Any:
-    if cfg.active_strategy == "none":
+    if cfg.strategy == "none":
         return None
     try:
         from gsplat.strategy import DefaultStrategy, MCMCStrategy
     except ImportError as err:
         raise ImportError(
-            f"FitConfig.strategy {cfg.active_strategy!r} needs the gsplat package ({err}); "
+            f"FitConfig.strategy {cfg.strategy!r} needs the gsplat package ({err}); "
             "install reconloop[gpu] or use strategy 'none'"
         ) from err
-    if cfg.active_strategy == "mcmc":
+    start, stop, every = cfg.refine_steps()
+    if cfg.strategy == "mcmc":
         from . import mcmc_torch
 
         mcmc_torch.install()  # its two CUDA kernels in torch for sets off CUDA
@@ -694,9 +703,9 @@ def _make_strategy(cfg: FitConfig, initial: int) -> Any:
         return MCMCStrategy(
             cap_max=cap,
             noise_lr=cfg.mcmc_noise_lr,
-            refine_start_iter=cfg.refine_start_iter,
-            refine_stop_iter=cfg.refine_stop_iter,
-            refine_every=cfg.refine_every,
+            refine_start_iter=start,
+            refine_stop_iter=stop,
+            refine_every=every,
             min_opacity=cfg.prune_opa,
         )
     return DefaultStrategy(
@@ -704,10 +713,10 @@ def _make_strategy(cfg: FitConfig, initial: int) -> Any:
         grow_grad2d=cfg.grow_grad2d,
         grow_scale3d=cfg.grow_scale3d,
         prune_scale3d=cfg.prune_scale3d,
-        refine_start_iter=cfg.refine_start_iter,
-        refine_stop_iter=cfg.refine_stop_iter,
+        refine_start_iter=start,
+        refine_stop_iter=stop,
         reset_every=cfg.reset_every,
-        refine_every=cfg.refine_every,
+        refine_every=every,
     )
 
 
@@ -744,11 +753,11 @@ class _Run:
         state: dict[str, Any] = {}
         if strategy is not None:
             strategy.check_sanity(params, optimizers)
-            state = strategy.initialize_state(**({} if cfg.active_strategy == "mcmc" else {"scene_scale": scale}))
+            state = strategy.initialize_state(**({} if cfg.strategy == "mcmc" else {"scene_scale": scale}))
         return cls(params, optimizers, scheduler, strategy, state)
 
     def before_backward(self, cfg: FitConfig, step: int, meta: dict[str, Any]) -> None:
-        if self.strategy is not None and cfg.active_strategy == "default":
+        if self.strategy is not None and cfg.strategy == "default":
             self.strategy.step_pre_backward(self.params, self.optimizers, self.state, step, meta)
 
     def after_backward(self, cfg: FitConfig, step: int, meta: dict[str, Any], learn: bool) -> None:
@@ -760,7 +769,7 @@ class _Run:
             decay_opacities(self.params["opacities"], cfg.opacity_decay)
         self.scheduler.step()
         if learn and self.strategy is not None:
-            if cfg.active_strategy == "mcmc":  # noise scaled by the centres' learning rate of this step
+            if cfg.strategy == "mcmc":  # noise scaled by the centres' learning rate of this step
                 lr = self.optimizers["means"].param_groups[0]["lr"]
                 self.strategy.step_post_backward(self.params, self.optimizers, self.state, step, meta, lr=lr)
             else:
@@ -900,7 +909,7 @@ class _SetsRender:
         if self.own_metas is not None:
             for run, meta in zip(runs, self.own_metas):
                 run.before_backward(cfg, step, meta)
-        elif cfg.active_strategy == "default":
+        elif cfg.strategy == "default":
             self.stacked_meta["means2d"].retain_grad()
 
     def meta(self, k: int) -> dict[str, Any]:
@@ -958,6 +967,35 @@ def fit_gaussians(
     return fit_gaussians_many([views], [init], cfg, device=device, progress=progress)[0]
 
 
+class _GlobalStream:
+    """A random stream of torch's global generators (the CPU's and, for a CUDA fit, the device's) that a
+    ``with`` block draws from and advances, the global state around it left as it was."""
+
+    def __init__(self, cpu: Tensor, cuda: Tensor | None, device: torch.device) -> None:
+        self.cpu, self.cuda, self.device = cpu, cuda, device
+
+    @classmethod
+    def seeded(cls, seed: int, device: torch.device) -> _GlobalStream:
+        """The stream :func:`torch.manual_seed` (``seed``) starts."""
+        on_cuda = device.type == "cuda"
+        with torch.random.fork_rng(devices=[device] if on_cuda else []):
+            torch.manual_seed(seed)
+            return cls(torch.get_rng_state(), torch.cuda.get_rng_state(device) if on_cuda else None, device)
+
+    def __enter__(self) -> None:
+        self._fork = torch.random.fork_rng(devices=[self.device] if self.cuda is not None else [])
+        self._fork.__enter__()
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+    def __exit__(self, *exc: object) -> None:
+        self.cpu = torch.get_rng_state()
+        if self.cuda is not None:
+            self.cuda = torch.cuda.get_rng_state(self.device)
+        self._fork.__exit__(*exc)
+
+
 def fit_gaussians_many(
     views: Sequence[FitViews],
     inits: Sequence[GeometryMemory],
@@ -980,9 +1018,10 @@ def fit_gaussians_many(
         cfg: fitting settings shared by every set (``batch_size`` frames per set and step).
         device: where to fit.
         progress: as :func:`fit_gaussians`'s, with the sets' mean loss.
-        seeds: set k's frame order, dropout and backgrounds (default ``cfg.seed`` for every set);
-            DefaultStrategy's splits and MCMC's relocation and noise draw from the global generator,
-            seeded ``seeds[0]`` once for all sets (one after another they draw different numbers).
+        seeds: set k's frame order, dropout and backgrounds (default ``cfg.seed`` for every set), and
+            the global generators' stream that set k's strategy draws from (DefaultStrategy's splits,
+            MCMC's relocation and noise: gsplat draws from torch's global generators, so each set's
+            strategy step runs on its own stream, :class:`_GlobalStream`).
 
     Returns:
         K fitted Gaussian sets (detached, on ``device``), in the order of ``views``.
@@ -1002,7 +1041,10 @@ def fit_gaussians_many(
     rasterizer = RASTERIZERS.make(cfg.rasterizer)
     lpips_fn = load_lpips(cfg.lpips_path, device=device) if cfg.lpips_weight > 0 else None
     background = torch.tensor(cfg.background, dtype=torch.float32, device=device)
-    torch.manual_seed(seeds[0])  # DefaultStrategy's splits and MCMC's relocation sample from the global generator
+    # gsplat's strategies draw from torch's global generators: one set draws from them as seeded; several
+    # each from its own stream, swapped in around its strategy's step
+    torch.manual_seed(seeds[0])
+    streams = [_GlobalStream.seeded(seed, device) for seed in seeds] if len(fits) > 1 else None
 
     # The loop: per set, a shuffled pass over its frames per epoch, batch_size frames per step.
     for step in range(cfg.iterations):
@@ -1032,13 +1074,17 @@ def fit_gaussians_many(
             loss = len(fits) * confidence_loss(cat(drawn.preds), cat(targets), cat(confidences), cfg, lpips_fn)
         else:
             loss = sum(confidence_loss(*parts, cfg, lpips_fn) for parts in zip(drawn.preds, targets, confidences))
-        if cfg.active_strategy == "mcmc":
+        if cfg.strategy == "mcmc":
             loss = loss + sum(mcmc_regularisers(f.run.params, cfg) for f in fits)
         if loss.requires_grad:
             drawn.before_backward([f.run for f in fits], cfg, step)
             loss.backward()
         for k, (f, learn) in enumerate(zip(fits, learns)):
-            f.run.after_backward(cfg, step, drawn.meta(k), learn)
+            if streams is None:
+                f.run.after_backward(cfg, step, drawn.meta(k), learn)
+            else:
+                with streams[k]:
+                    f.run.after_backward(cfg, step, drawn.meta(k), learn)
         if progress is not None and ((step + 1) % cfg.progress_every == 0 or step + 1 == cfg.iterations):
             progress(step + 1, float(loss.detach()) / len(fits))
 

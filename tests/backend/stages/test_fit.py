@@ -136,7 +136,7 @@ def test_a_view_that_sees_no_gaussian_is_skipped():
         Cameras(torch.cat([cams.w2c, away]), torch.cat([cams.K, cams.K[:1]]), W, H),
         torch.ones(4, H, W),
     )
-    cfg = test_config(iterations=40, strategy="default")
+    cfg = test_config(iterations=40, strategy="default", refine_every=0.25)  # densifies at steps 10 and 20
     before = psnr(render_gaussians(init_gaussians(noisy, cfg), cams, cfg), images).mean().item()
     g = fit_gaussians(views, noisy, cfg, device="cpu")
     assert psnr(render_gaussians(g, cams, cfg), images).mean().item() > before + 3.0
@@ -182,9 +182,9 @@ def test_default_strategy_densifies_with_the_cpu_rasterizer():
     cfg = test_config(
         iterations=40,
         strategy="default",
-        refine_start_iter=5,
-        refine_every=10,
-        refine_stop_iter=35,
+        refine_start=0.125,  # steps 5 to 35, every 10
+        refine_every=0.25,
+        refine_stop=0.875,
         grow_grad2d=1e-6,
         sh_degree=1,
         sh_degree_interval=20,
@@ -200,7 +200,8 @@ def test_mcmc_strategy_runs_with_the_cpu_rasterizer():
     Gaussians are moved onto live ones, 5 % more are added at each refinement up to the cap, the
     centres get noise, and the set still fits its views."""
     cams, images, noisy = make_scene(seed=2, n=25)
-    cfg = test_config(iterations=60, strategy="mcmc", refine_start_iter=5, refine_every=10, refine_stop_iter=45)
+    cfg = test_config(iterations=60, strategy="mcmc", refine_start=0.1, refine_every=1 / 6, refine_stop=0.75)
+    assert cfg.refine_steps() == (6, 45, 10)
     views = FitViews(images, cams, torch.ones(3, H, W))
     before = psnr(render_gaussians(init_gaussians(noisy, cfg), cams, cfg), images).mean().item()
     g = fit_gaussians(views, noisy, cfg, device="cpu")
@@ -212,6 +213,19 @@ def test_mcmc_strategy_runs_with_the_cpu_rasterizer():
     assert psnr(render_gaussians(g, cams, cfg), images).mean().item() > before + 3.0
     capped = fit_gaussians(views, noisy, replace(cfg, mcmc_cap=27, mcmc_growth=1.0), device="cpu")
     assert len(capped) == 27
+
+
+def test_refinement_schedule_is_a_share_of_the_run():
+    """The schedule scales with the run: gsplat's steps 500-2000 every 100 at 3000 steps, the same shares
+    in a CPU job's 400 (a fixed start at step 500 never densified a fit that short)."""
+    assert FitConfig().refine_steps() == (500, 2000, 100)
+    assert FitConfig(iterations=600).refine_steps() == (100, 400, 20)
+    assert FitConfig(iterations=400).refine_steps() == (67, 267, 13)
+    assert FitConfig(iterations=10, refine_every=0.01).refine_steps() == (2, 7, 1)  # at least every step
+    with pytest.raises(ValueError, match=r"refine_start and refine_stop are shares of the run, .* got 0.8 and 0.5"):
+        FitConfig(refine_start=0.8, refine_stop=0.5)
+    with pytest.raises(ValueError, match=r"FitConfig.refine_every is a share of the run in \(0, 1\]; got 0"):
+        FitConfig(refine_every=0)
 
 
 def test_mcmc_relocation_in_torch_is_the_papers_equation():
@@ -259,9 +273,9 @@ def test_sets_fitted_in_lockstep_end_where_their_lone_fits_end():
     cfg = test_config(
         iterations=24,
         strategy="default",
-        refine_start_iter=5,
-        refine_every=8,
-        refine_stop_iter=20,
+        refine_start=5 / 24,
+        refine_every=8 / 24,
+        refine_stop=20 / 24,
         grow_grad2d=0.01,  # about half of them clone: which ones, each set's own gradients decide
         grow_scale3d=10.0,  # every Gaussian is small: DefaultStrategy clones (no random splits)
         dropout_rate=0.2,
@@ -280,11 +294,15 @@ def test_sets_fitted_in_lockstep_end_where_their_lone_fits_end():
             for field in ("means", "log_scales", "quats", "opacity_logits", "sh"):
                 torch.testing.assert_close(getattr(g, field), getattr(alone, field), rtol=0, atol=1e-5)
         assert len({len(g) for g in together}) > 1  # sets of different sizes
-    # each set its own seed (frame order, dropout): set k ends where a lone fit with seed k ends
+    # each set its own seed (frame order, dropout, and the global stream its strategy draws from: MCMC's
+    # noise every step and its relocation): set k ends where a lone fit with seed k ends
     seeds = [7, 8, 9]
-    lone = [fit_gaussians(v, m, replace(cfg, seed=s), device="cpu") for v, m, s in zip(views, memories, seeds)]
-    for g, alone in zip(fit_gaussians_many(views, memories, cfg, device="cpu", seeds=seeds), lone):
-        torch.testing.assert_close(g.sh, alone.sh, rtol=0, atol=1e-5)
+    for strategy in ("default", "mcmc"):
+        cfg = replace(cfg, strategy=strategy)
+        lone = [fit_gaussians(v, m, replace(cfg, seed=s), device="cpu") for v, m, s in zip(views, memories, seeds)]
+        for g, alone in zip(fit_gaussians_many(views, memories, cfg, device="cpu", seeds=seeds), lone):
+            torch.testing.assert_close(g.sh, alone.sh, rtol=0, atol=1e-5)
+            torch.testing.assert_close(g.means, alone.means, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="one seed per set of views; got 2 for 3"):
         fit_gaussians_many(views, memories, cfg, device="cpu", seeds=seeds[:2])
     cams, images, _ = scenes[0]
@@ -424,11 +442,12 @@ def test_mcmc_strategy_is_gsplats_with_the_cap_and_its_regularisers(caplog):
     (its CPU fit: test_mcmc_strategy_runs_with_the_cpu_rasterizer)."""
     from gsplat.strategy import DefaultStrategy, MCMCStrategy
 
-    assert FitConfig().active_strategy == "mcmc" and FitConfig(strategy="default").active_strategy == "default"
-    cpu = replace(FitConfig(), rasterizer="torch_cpu")  # the loop's replace of a default config off CUDA
-    assert cpu.active_strategy == "default" and isinstance(_make_strategy(cpu, 100), DefaultStrategy)
+    assert isinstance(_make_strategy(FitConfig(rasterizer="torch_cpu"), 100), MCMCStrategy)  # the default on either
+    assert isinstance(_make_strategy(FitConfig(strategy="default"), 100), DefaultStrategy)
+    with pytest.raises(ValueError, match=r"FitConfig.strategy must be one of default, mcmc, none; got 'auto'"):
+        FitConfig(strategy="auto")
 
-    cfg = FitConfig(strategy="mcmc", mcmc_cap=5000, prune_opa=0.01, refine_stop_iter=1500)
+    cfg = FitConfig(strategy="mcmc", mcmc_cap=5000, prune_opa=0.01, refine_stop=0.5)
     strategy = _make_strategy(cfg, 1000)
     assert isinstance(strategy, MCMCStrategy)
     assert (strategy.cap_max, strategy.min_opacity, strategy.refine_stop_iter) == (5000, 0.01, 1500)

@@ -122,8 +122,9 @@ class FitConfig:
         refine_start, refine_stop, refine_every: the densification schedule (both strategies) as shares
             of the run's ``iterations`` (:meth:`refine_steps`): from step 500 to 2000 every 100 in a
             3000-step fit, and the same shares in a shorter one (a CPU job's 400 steps: 67 to 267
-            every 13; steps counted from a fixed 500 never densified a fit under 600 steps, where on
-            the CPU MCMC on the shares gave the loop +0.7 dB: docs/benchmarks.md, "MCMC on the CPU").
+            every 13; counted from a fixed step 500 a fit under 600 steps never densified, and on the
+            CPU MCMC on these shares gave the loop +0.65 dB (temple) and +1.17 (fern) over that:
+            docs/benchmarks.md, "MCMC on the CPU").
             gsplat's defaults are for 30k steps (refine until 15k); ours stop at two thirds so that the
             fit keeps a third of its steps for the final set.
         reset_every, grow_grad2d, grow_scale3d, prune_opa, prune_scale3d: DefaultStrategy's opacity

@@ -233,7 +233,7 @@ def test_mcmc_relocation_in_torch_is_the_papers_equation():
     against the vectorised torch version; n copies of the new opacity let through the light one did."""
     from gsplat.strategy import MCMCStrategy
 
-    from backend.stages.mcmc_torch import relocation
+    from backend.stages.mcmc_torch import covariance, relocation
 
     binoms = MCMCStrategy().initialize_state()["binoms"]
     gen = torch.Generator().manual_seed(0)
@@ -256,6 +256,11 @@ def test_mcmc_relocation_in_torch_is_the_papers_equation():
     one = relocation(opacities, scales, torch.ones(200, dtype=torch.int64), binoms)  # one copy: unchanged
     torch.testing.assert_close(one[0], opacities)
     torch.testing.assert_close(one[1], scales)
+    # the noise's covariances, as gsplat.quat_scale_to_covar_preci returns them (quaternions unnormalised)
+    quats = torch.tensor([[2.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 1.0]])  # identity; 90 degrees about z
+    covars, precis = covariance(quats, torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]), triu=True)
+    torch.testing.assert_close(covars, torch.tensor([[1.0, 0.0, 0.0, 4.0, 0.0, 9.0], [4.0, 0.0, 0.0, 1.0, 0.0, 9.0]]))
+    torch.testing.assert_close(precis[0], torch.tensor([1.0, 0.0, 0.0, 0.25, 0.0, 1 / 9]))
 
 
 def test_sets_fitted_in_lockstep_end_where_their_lone_fits_end():

@@ -17,8 +17,9 @@ ReconX's confidence-aware fitting on gsplat's training recipe (``examples/simple
    rasterizers give, so it runs on CPU as well. ``strategy="mcmc"`` is gsplat's ``MCMCStrategy``
    (3DGS as MCMC, Kheradmand et al. 2024): no splits or clones by gradient; Gaussians whose opacity
    falls below ``prune_opa`` are moved onto live ones, 5 % more are added at every refinement
-   (:meth:`FitConfig.refine_steps`) up to a cap (``mcmc_cap``, or ``mcmc_growth`` x the initial count when that is more), every
-   centre gets noise scaled by its transparency and the centres' learning rate, and the loss adds
+   (:meth:`FitConfig.refine_steps`) up to a cap (``mcmc_cap``, or ``mcmc_growth`` x the initial count
+   when that is more), every centre gets noise scaled by its transparency and the centres' learning
+   rate, and the loss adds
    ``mcmc_opacity_reg x mean opacity + mcmc_scale_reg x mean scale`` (simple_trainer's recipe). Its
    two CUDA kernels have torch versions for sets off CUDA (:mod:`backend.stages.mcmc_torch`).
 

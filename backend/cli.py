@@ -249,7 +249,8 @@ DEMO_PROTOCOLS = {"middlebury": "ring-arc", "llff": "llff"}
 DEMO_TRAIN_VIEWS = 3
 # The demo's CPU-sized job: no guide fit (on 2 cores it is half the fitting; on the demo scene the guided
 # loop needed a 6-minute budget for what the unguided one scores with 4) and a 3-minute budget that
-# affords its 400 steps: 24.0 dB in under 2 minutes (250 steps gave 21.2-22.7; docs/benchmarks.md, "make demo").
+# affords its 400 steps: 24.0 dB in under 2 minutes (250 steps gave 21.2-22.7; docs/benchmarks.md, "make demo"),
+# 25.7 dB in about 3 minutes since the CPU fit runs MCMC ("MCMC on the CPU").
 DEMO_SETTINGS = {
     "width": 160,
     "height": 120,

@@ -4,10 +4,12 @@ The Gaussians are ``backend.budget.probe_scene``'s: on a surface in front of the
 memory (a depth map lifted to 3D), with scales of the point spacing as ``init_gaussians`` gives them. Each case renders C
 cameras of W x H and back-propagates an L1 loss; the figure is N x W x H x C / seconds.
 
-``--against REV`` also times the rasterizer of a git revision (its ``torch_cpu.py`` loaded from
-``git show``) on the same inputs, checks that both agree, and prints the speed-up.
+``--kernels`` times the current rasterizer with each compositing kernel (numba's rows, torch's pairs);
+``--against REV`` also times the rasterizer of a git revision (its ``torch_cpu.py`` loaded from ``git
+show``). The first is checked against the last (images and gradients) and its speed-up printed.
 
-    python scripts/bench_rasterizer.py --threads 2 --against HEAD~1 --json out.json
+    python scripts/bench_rasterizer.py --threads 2 --kernels numba,torch --json out.json
+    python scripts/bench_rasterizer.py --threads 2 --kernels numba --against HEAD~1
     python scripts/bench_rasterizer.py --tiny          # seconds; what the test runs
 """
 
@@ -30,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backend.budget import probe_scene  # noqa: E402
-from backend.rasterizers.torch_cpu import TorchCpuRasterizer  # noqa: E402
+from backend.rasterizers.torch_cpu import KERNELS, TorchCpuRasterizer  # noqa: E402
 
 # (Gaussians, width, height, cameras): the guide and final fit at the CPU working sizes.
 CASES = [
@@ -78,6 +80,7 @@ def load_revision(rev: str):
     source = subprocess.run(
         ["git", "show", f"{rev}:backend/rasterizers/torch_cpu.py"], cwd=ROOT, check=True, capture_output=True, text=True
     ).stdout
+    source = source.replace("from . import RASTERIZERS, cpu_kernel\n", "from backend.rasterizers import cpu_kernel\n")
     source = source.replace("from . import RASTERIZERS\n", "")
     source = source.replace('@RASTERIZERS.register("torch_cpu")\n', "")
     source = source.replace("from .sh import", "from backend.rasterizers.sh import")
@@ -93,15 +96,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per case (best is kept)")
+    parser.add_argument(
+        "--kernels", default="numba,torch", help="comma-separated compositing kernels of the current rasterizer"
+    )
     parser.add_argument("--against", default=None, help="git revision whose rasterizer is timed alongside")
     parser.add_argument("--tiny", action="store_true", help="tiny cases only (seconds)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    rasterizers = {"current": TorchCpuRasterizer()}
+    kernels = [k for k in args.kernels.split(",") if k]
+    if not kernels or set(kernels) - set(KERNELS):
+        parser.error(f"--kernels: comma-separated, of {', '.join(KERNELS)}; got {args.kernels!r}")
+    rasterizers = {f"current/{k}": TorchCpuRasterizer(kernel=k) for k in kernels}
     if args.against:
         rasterizers[args.against] = load_revision(args.against)()
+    first, base = next(iter(rasterizers)), list(rasterizers)[-1]
     results = []
     for n, width, height, n_cams in TINY_CASES if args.tiny else CASES:
         scene = probe_scene(n, width, height, n_cams)
@@ -115,25 +125,27 @@ def main(argv: list[str] | None = None) -> dict:
                 "cpu_seconds": cpu_seconds,
                 "gaussian_pixels_per_s": n * width * height * n_cams / seconds,
             }
-        if args.against:
-            (img_a, grads_a), (img_b, grads_b) = outputs["current"], outputs[args.against]
+        if base != first:
+            (img_a, grads_a), (img_b, grads_b) = outputs[first], outputs[base]
             row["max_image_diff"] = float((img_a - img_b).abs().max())
             row["max_grad_rel_diff"] = max(
                 float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(grads_a, grads_b)
             )
-            row["speedup"] = row[args.against]["seconds"] / row["current"]["seconds"]
+            row["speedup"] = row[base]["seconds"] / row[first]["seconds"]
         results.append(row)
         line = f"N={n:>7} {width}x{height} C={n_cams}: " + ", ".join(
             f"{name} {row[name]['seconds']:.3f} s, CPU {row[name]['cpu_seconds']:.3f} s "
             f"({row[name]['gaussian_pixels_per_s']:.3g} G.px/s)"
             for name in rasterizers
         )
-        if args.against:
-            line += f", x{row['speedup']:.2f}, image diff {row['max_image_diff']:.1e}"
+        if base != first:
+            line += f", {first} x{row['speedup']:.2f} over {base}, image diff {row['max_image_diff']:.1e}"
             line += f", grad rel diff {row['max_grad_rel_diff']:.1e}"
         print(line, flush=True)
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "speedup_of": first,
+        "speedup_over": base,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "cases": results,

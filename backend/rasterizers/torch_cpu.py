@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import RASTERIZERS
+from . import RASTERIZERS, cpu_kernel
 from .sh import sh_to_colors
 
 NEAR_PLANE = 0.01  # gsplat.rasterization default
@@ -46,6 +46,7 @@ FRUSTUM_MARGIN = 0.3  # Jacobian uses x/z, y/z clamped to the frustum widened by
 RADIUS_SIGMAS = math.sqrt(2.0 * math.log(1.0 / ALPHA_MIN))
 SMALL_BOX = 8  # boxes up to this many pixels wide get a width class each; wider ones share classes
 DET_MIN = 1e-10  # smallest 2D covariance determinant treated as a proper ellipse
+KERNELS = ("auto", "numba", "torch")  # steps 2-3: numba's rows on CPU tensors (``auto``), or torch's pairs
 
 
 def quat_to_rotmat(quats: Tensor) -> Tensor:
@@ -192,7 +193,10 @@ class TorchCpuRasterizer:
     Args:
         near_plane, far_plane: depth range drawn, camera units.
         eps2d: blur added to the 2D covariances, px^2.
-        max_pairs: (Gaussian, pixel) pairs drawn at once; bounds memory.
+        max_pairs: (Gaussian, pixel) pairs drawn at once by the torch path; bounds its memory.
+        kernel: steps 2-3 by ``numba`` (:mod:`backend.rasterizers.cpu_kernel`: rows of pixels in
+            parallel, no pair stored; CPU tensors only) or ``torch`` (the pairs listed and composited
+            as tensors, any device); ``auto``: numba for CPU tensors where it imports, else torch.
 
     Example::
 
@@ -213,9 +217,15 @@ class TorchCpuRasterizer:
         far_plane: float = FAR_PLANE,
         eps2d: float = EPS2D,
         max_pairs: int = MAX_PAIRS,
+        kernel: str = "auto",
     ) -> None:
         if max_pairs < 1:
             raise ValueError(f"max_pairs must be >= 1; got {max_pairs}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
+        if kernel == "numba" and not cpu_kernel.AVAILABLE:
+            raise ValueError("kernel 'numba' needs the numba package (pip install numba)")
+        self.kernel = kernel
         self.near_plane = near_plane
         self.far_plane = far_plane
         self.eps2d = eps2d
@@ -371,6 +381,14 @@ class TorchCpuRasterizer:
         meta["means2d"] = means2d
         return stacked([o[0] for o in outs]), stacked([o[1] for o in outs]), meta
 
+    def _uses_numba(self, device: torch.device) -> bool:
+        """Whether steps 2-3 run in :mod:`backend.rasterizers.cpu_kernel` for tensors on ``device``."""
+        if self.kernel == "auto":
+            return device.type == "cpu" and cpu_kernel.AVAILABLE
+        if self.kernel == "numba" and device.type != "cpu":
+            raise ValueError(f"kernel 'numba' draws CPU tensors only; got tensors on {device}")
+        return self.kernel == "numba"
+
     def _render_one(
         self,
         means2d: Tensor,
@@ -395,6 +413,11 @@ class TorchCpuRasterizer:
             hi = torch.floor(centre + box - 0.5).long()
             lo[:, 0].clamp_(0, width - 1), lo[:, 1].clamp_(0, height - 1)
             hi[:, 0].clamp_(-1, width - 1), hi[:, 1].clamp_(-1, height - 1)
+        if self._uses_numba(device):
+            boxes = torch.stack([lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]], dim=-1)  # [M, 4]
+            image, alpha = cpu_kernel.RowComposite.apply(packed, boxes, width, height)
+            return image.reshape(height, width, -1), alpha.reshape(height, width)
+        with torch.no_grad():
             n_x = (hi[:, 0] - lo[:, 0] + 1).clamp_min(0)  # [M]
             has_rows = hi[:, 1] >= lo[:, 1]
             rows_diff = torch.zeros(height + 1, dtype=torch.long, device=device)

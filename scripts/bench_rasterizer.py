@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backend.budget import probe_scene  # noqa: E402
+from backend.budget import probe_loss_weights, probe_scene  # noqa: E402
 from backend.rasterizers.torch_cpu import KERNELS, TorchCpuRasterizer  # noqa: E402
 
 # (Gaussians, width, height, cameras): the guide and final fit at the CPU working sizes.
@@ -47,8 +47,10 @@ TINY_CASES = [(2_000, 64, 48, 1), (2_000, 48, 32, 2)]
 
 
 def step(rasterizer, scene: dict) -> tuple[float, float, torch.Tensor, list[torch.Tensor]]:
-    """One forward + backward; returns wall and process CPU seconds, the image and the gradients."""
+    """One forward + backward of the budget probe's loss (``probe_loss_weights``: a dense image gradient,
+    as a fit's); returns wall and process CPU seconds, the image and the gradients."""
     leaves = {k: scene[k].clone().requires_grad_(True) for k in ("means", "quats", "scales", "opacities", "colors")}
+    weights = probe_loss_weights((scene["viewmats"].shape[0], scene["height"], scene["width"], 3))
     t0, c0 = time.perf_counter(), time.process_time()
     img, _, meta = rasterizer.render(
         leaves["means"],
@@ -61,7 +63,7 @@ def step(rasterizer, scene: dict) -> tuple[float, float, torch.Tensor, list[torc
         scene["width"],
         scene["height"],
     )
-    img.sum().backward()
+    (img * weights).sum().backward()
     return time.perf_counter() - t0, time.process_time() - c0, img.detach(), [leaves[k].grad for k in leaves]
 
 

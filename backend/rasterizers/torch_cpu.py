@@ -15,9 +15,11 @@ conventions, so that fitting runs and is tested where no CUDA exists. Steps, per
    log(1 - alpha) in float64, float32 on ``mps``), colour = sum_i alpha_i T_i c_i. A pixel stops once T would fall
    below 1e-4 (gsplat's rule), so the Gaussian that would cross it is not drawn.
 
-The work is proportional to the pairs, not to Gaussians x pixels. Memory is bounded by drawing a
-camera in bands of rows holding at most ``max_pairs`` pairs each. Meant for small sizes: a few
-thousand Gaussians at 64x48 take a fraction of a second per camera on one CPU core.
+Steps 2-3 have two kernels (``kernel``). On CPU tensors, :mod:`backend.rasterizers.cpu_kernel`
+(numba) draws rows of pixels in parallel and stores no pair: 4-11x the torch kernel's step
+(docs/benchmarks.md, "CPU rasterizer"). The torch kernel, below, runs on any device (Apple ``mps``)
+and is the tests' reference: its work is proportional to the pairs, not to Gaussians x pixels, and
+its memory is bounded by drawing a camera in bands of rows holding at most ``max_pairs`` pairs each.
 """
 
 from __future__ import annotations

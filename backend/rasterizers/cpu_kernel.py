@@ -17,7 +17,8 @@ do per tile but per row of pixels:
   write one Gaussian's gradient.
 
 No pair is stored, so memory is the image's and the Gaussians' only, and nothing is sorted per pair.
-Sums run in float64 whatever the input's dtype. ``torch_cpu`` uses this kernel for CPU tensors when
+A pixel's sums run in float64 whatever the input's dtype; the gradients are summed per thread in the
+input's dtype (as the torch kernel's ``index_add_`` and gsplat's atomics sum them). ``torch_cpu`` uses this kernel for CPU tensors when
 numba imports, its torch path otherwise (Apple ``mps``, or ``kernel="torch"``);
 ``tests/backend/test_rasterizers.py`` holds the two to each other, images and gradients.
 """
@@ -117,7 +118,7 @@ if AVAILABLE:
     def _backward(
         packed, boxes, offsets, ids, width, height, t_final, n_drawn, grad_image, grad_alpha, grads
     ):  # pragma: no cover
-        """Adds dL/dpacked into grads (float64 [chunks, M, 6 + D]): chunk c takes rows c, c + chunks, ..."""
+        """Adds dL/dpacked into grads ([chunks, M, 6 + D], packed's dtype): chunk c takes rows c, c + chunks, ..."""
         n_feats = packed.shape[1] - 6
         n_chunks = grads.shape[0]
         for c in prange(n_chunks):
@@ -205,6 +206,6 @@ class RowComposite(torch.autograd.Function):
         width, height = ctx.size
         grad_image, grad_alpha = grad_image.contiguous().numpy(), grad_alpha.contiguous().numpy()
         with _LAUNCH:
-            grads = np.zeros((min(_threads(), height), *p.shape))
+            grads = np.zeros((min(_threads(), height), *p.shape), p.dtype)
             _backward(p, b, offsets, ids, width, height, t_final, n_drawn, grad_image, grad_alpha, grads)
-        return torch.from_numpy(grads.sum(0).astype(p.dtype)), None, None, None
+        return torch.from_numpy(grads.sum(0)), None, None, None

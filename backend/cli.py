@@ -247,10 +247,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # sizes of `make demo` (scripts/demo.py), so that it runs in minutes on a 2-core CPU.
 DEMO_PROTOCOLS = {"middlebury": "ring-arc", "llff": "llff"}
 DEMO_TRAIN_VIEWS = 3
-# The demo's CPU-sized job: no guide fit (on 2 cores it is half the fitting; on the demo scene the guided
-# loop needed a 6-minute budget for what the unguided one scores with 4) and a 3-minute budget that
-# affords its 400 steps: 24.0 dB in under 2 minutes (250 steps gave 21.2-22.7; docs/benchmarks.md, "make demo"),
-# 25.7 dB in about 3 minutes since the CPU fit runs MCMC ("MCMC on the CPU").
+# The demo's CPU-sized job: a 3-minute budget that affords its 400 steps with the guide, 3 frames a step:
+# 29.5 dB in 2-2.5 minutes (seeds 0-2; 28.8 dB without the guide; one frame a step 26.1 dB in 1 minute;
+# docs/benchmarks.md, "3 frames a step on the CPU"). Before the CPU compositing ran in numba the guide did
+# not fit in the budget (on the demo scene the guided loop needed 6 minutes for what the unguided one
+# scored in 4).
 DEMO_SETTINGS = {
     "width": 160,
     "height": 120,
@@ -258,7 +259,7 @@ DEMO_SETTINGS = {
     "segment_length": 12,
     "retrieval_k": 4,
     "time_budget_min": 3,
-    "guide": False,
+    "guide": True,
 }
 
 

@@ -131,8 +131,8 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     # MCMC's noise on the centres a tenth of simple_trainer's (FitConfig.mcmc_noise_lr 5e5): the sets' spread
     # between seeds is what the guide ensemble averages away (run 46: level)
     "mcmc noise 5e4": ({}, {"mcmc_noise_lr": 5e4}, {}),
-    # frames per fitting step (FitConfig.batch_size, learning rates x sqrt): 3 on gsplat since run 46
-    # (fit_batch_size), where "batch 3" is the default; "batch 1" the default before
+    # frames per fitting step (FitConfig.batch_size, learning rates x sqrt): 3 on gsplat since run 46, on the
+    # CPU since its compositing runs in numba; "batch 3" is the default, "batch 1" the default before
     "batch 3": ({}, {"batch_size": 3}, {}),
     "batch 1": ({}, {"batch_size": 1}, {}),
     # 6 frames a step: the loop's fit draws twice as many of its 123 frames; a fit of the 3 captures (the

@@ -94,8 +94,12 @@ class FitConfig:
         iterations: optimisation steps (the issue's GPU target: 3000 in under 45 s).
         batch_size: frames per step, 1..:data:`MAX_BATCH_SIZE`, or all of a set's frames where it has
             fewer. Learning rates scale with the square root of the frames a step draws and Adam's moments
-            decay faster, as simple_trainer (beta1 = 1 - frames x 0.1, so the rule stops at 10). A job
-            takes :func:`fit_batch_size` of its rasterizer.
+            decay faster, as simple_trainer (beta1 = 1 - frames x 0.1, so the rule stops at 10). 3 on
+            every rasterizer: on gsplat, which draws them in one call, the loop's Gaussians +0.63 dB on the
+            temple, +0.47 on the door and +0.19 on the fern over one frame a step (runs 46-47, 3 seeds);
+            on the CPU, with its compositing in numba, +2.39 (temple) and +0.92 dB (fern) at 2.3-2.9 times
+            a row's time, and ``make demo`` 29.5 dB against 26.1 in its 3-minute budget
+            (docs/benchmarks.md, "3 frames a step on the CPU").
         sh_degree: highest SH degree fitted, 0..3.
         sh_degree_interval: the SH degree used rises by one every this many steps.
         rasterizer: ``gsplat`` (CUDA) or ``torch_cpu`` (see backend.rasterizers).
@@ -152,7 +156,7 @@ class FitConfig:
     """
 
     iterations: int = 3000
-    batch_size: int = 1
+    batch_size: int = 3
     sh_degree: int = 3
     sh_degree_interval: int = 1000
     rasterizer: str = "gsplat"
@@ -258,18 +262,6 @@ class FitConfig:
 def default_rasterizer(device: torch.device | str) -> str:
     """The rasterizer name for a device, for entry points that pick the device: gsplat on CUDA."""
     return "gsplat" if torch.device(device).type == "cuda" else "torch_cpu"
-
-
-GSPLAT_BATCH_SIZE = 3  # frames per step where the fit runs on gsplat: docs/benchmarks.md, run 46
-
-
-def fit_batch_size(rasterizer: str) -> int:
-    """Frames per fitting step for a job fitted with ``rasterizer``: :data:`GSPLAT_BATCH_SIZE` on gsplat,
-    which draws them in one call (runs 46-47, 3 seeds: the loop's Gaussians +0.63 dB on the temple, +0.47
-    on the door and +0.19 on the fern over one frame a step; the bench job 52.5 s, median of 3); 1 on the
-    CPU rasterizer, where each frame of a step costs a whole render and the gain is only the frames drawn,
-    which a time budget sets (run 46's CPU rows)."""
-    return GSPLAT_BATCH_SIZE if rasterizer == "gsplat" else 1
 
 
 @dataclass

@@ -210,7 +210,7 @@ def test_loop_config_follows_the_budget_plan():
     assert (cfg.width, cfg.height) == (plan.width, plan.height) == (64, 48)  # never larger than the job's
     assert cfg.fit.iterations == plan.iterations <= 20 and cfg.fit.max_gaussians == plan.max_gaussians
     assert LoopConfig.from_settings(Settings(width=64, height=48), device="cpu").budget is None
-    assert cfg.fit.batch_size == plan.costs.views == 1  # one frame a step on the CPU, measured so
+    assert cfg.fit.batch_size == plan.costs.views == 3  # 3 frames a step, measured so
     # the refiner's preparation counts: 3 captures give 3 leave-out guides of a fifth of the fit and
     # its training's seconds; without the count, the most it could be (max_fits 6)
     refine = replace(settings, generator="refine", refine_seconds=12)

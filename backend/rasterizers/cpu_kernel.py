@@ -48,9 +48,23 @@ TRANSMITTANCE_MIN = 1e-4
 _LAUNCH = threading.Lock()
 
 
+def _compiled(**options):
+    """numba's ``njit`` with its on-disk cache (beside this file, else the user's cache folder), or without
+    it where no folder is writable (a read-only install and home: numba refuses such a function at
+    import), so that every process compiles again (3 s) instead of the CPU path failing."""
+
+    def decorate(fn):
+        try:
+            return njit(cache=True, **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available for file ..."
+            return njit(**options)(fn)
+
+    return decorate
+
+
 if AVAILABLE:
 
-    @njit(cache=True)
+    @_compiled()
     def _row_lists(boxes: np.ndarray, height: int) -> tuple[np.ndarray, np.ndarray]:
         """Per row, the Gaussians whose box spans it, nearest first. boxes int64 [M, 4] (x0, x1, y0, y1,
         inclusive) -> offsets int64 [H + 1] and Gaussian indices int32 [sum of the boxes' heights]."""
@@ -69,7 +83,7 @@ if AVAILABLE:
                     fill[y] += 1
         return offsets, ids
 
-    @njit(parallel=True, cache=True)
+    @_compiled(parallel=True)
     def _forward(packed, boxes, offsets, ids, width, height, image, alphas, t_final, n_drawn):  # pragma: no cover
         """Fills image [H W, D], alphas [H W], t_final (float64 [H W]) and n_drawn (int32 [H W]: the row
         position + 1 of each pixel's last drawn Gaussian, 0 where none)."""
@@ -114,7 +128,7 @@ if AVAILABLE:
                 t_final[row + x] = trans[x]
                 n_drawn[row + x] = last[x]
 
-    @njit(parallel=True, cache=True)
+    @_compiled(parallel=True)
     def _backward(
         packed, boxes, offsets, ids, width, height, t_final, n_drawn, grad_image, grad_alpha, grads
     ):  # pragma: no cover

@@ -278,6 +278,31 @@ def test_numba_kernel_takes_turns_across_threads():
         torch.testing.assert_close(img, alone, atol=0, rtol=0)
 
 
+def test_numba_kernel_compiles_where_no_cache_folder_is_writable():
+    """A read-only install and home leave numba no cache folder, and it refuses a cached function at import;
+    the kernel then compiles uncached and draws the same image (a fresh process: the import is the test)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import numba.core.caching as c; c.CacheImpl._locator_classes = []\n"
+        "import torch\n"
+        "from backend.rasterizers import cpu_kernel\n"
+        "from backend.rasterizers.torch_cpu import TorchCpuRasterizer\n"
+        "from tests.backend.test_rasterizers import dense_scene\n"
+        "assert cpu_kernel._forward._cache.__class__.__name__ == 'NullCache'\n"
+        "leaves, cams = dense_scene(50, 1, 3)\n"
+        "a = TorchCpuRasterizer(kernel='numba').render(*leaves, *cams)[0]\n"
+        "b = TorchCpuRasterizer(kernel='torch').render(*leaves, *cams)[0]\n"
+        "torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)\n"
+        "print('uncached ok')\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "uncached ok" in out.stdout, out.stderr[-2000:]
+
+
 def test_kernel_is_checked():
     with pytest.raises(ValueError, match="kernel must be one of auto, numba, torch; got 'cuda'"):
         TorchCpuRasterizer(kernel="cuda")

@@ -4,9 +4,9 @@ A rasterizer is any object with ``render(...)`` mirroring ``gsplat.rasterization
 parameters in, ``(colors, alphas, meta)`` out). Two are registered by name:
 
 - ``gsplat``: ``gsplat.rasterization`` (CUDA kernels, compiled on first use; CUDA tensors only);
-- ``torch_cpu``: a small EWA splatting rasterizer in plain torch (any device, meant for CPU at small
-  sizes: tests, CI, machines without CUDA). Same conventions, same ``meta`` keys that gsplat's
-  densification strategies read.
+- ``torch_cpu``: a small EWA splatting rasterizer, projection in torch and compositing in numba on the
+  CPU (torch on other devices: Apple ``mps``), for machines without CUDA, tests and CI. Same
+  conventions, same ``meta`` keys that gsplat's densification strategies read.
 
 Conventions (gsplat's, DESIGN.md section 3): ``viewmats`` world-to-camera OpenCV (x right, y down,
 z forward), ``Ks`` in pixels with pixel i spanning [i, i+1] (its centre at i + 0.5), quaternions
@@ -21,6 +21,11 @@ from typing import Any, Protocol, runtime_checkable
 from torch import Tensor
 
 from ..registry import Registry
+
+# Compositing rules of 3DGS and gsplat, shared by torch_cpu's two kernels (torch's pairs, numba's rows).
+ALPHA_MIN = 1.0 / 255.0  # a Gaussian contributes to a pixel only from this alpha up
+ALPHA_MAX = 0.999  # alpha is clamped below 1 so that transmittance stays positive
+TRANSMITTANCE_MIN = 1e-4  # a pixel is done once its transmittance would drop below this
 
 
 @runtime_checkable

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import RASTERIZERS, cpu_kernel
+from . import ALPHA_MAX, ALPHA_MIN, RASTERIZERS, TRANSMITTANCE_MIN, cpu_kernel
 from .sh import sh_to_colors
 
 NEAR_PLANE = 0.01  # gsplat.rasterization default
@@ -39,9 +39,6 @@ FAR_PLANE = 1e10  # gsplat.rasterization default
 EPS2D = 0.3  # px^2 added to every 2D covariance (gsplat's eps2d: minimum footprint, anti-aliasing)
 TILE_SIZE = 16  # pixels per tile side (gsplat's default tile size; used by the gsplat rasterizer)
 MAX_PAIRS = 1 << 22  # (Gaussian, pixel) pairs drawn at once: bounds memory (about 0.5 GB with gradients)
-ALPHA_MIN = 1.0 / 255.0  # a Gaussian contributes to a pixel only from this alpha up (3DGS/gsplat)
-ALPHA_MAX = 0.999  # alpha is clamped below 1 so that transmittance stays positive (3DGS/gsplat)
-TRANSMITTANCE_MIN = 1e-4  # a pixel is done once its transmittance would drop below this (3DGS/gsplat)
 FRUSTUM_MARGIN = 0.3  # Jacobian uses x/z, y/z clamped to the frustum widened by this times tan(fov)
 # Box half-size in standard deviations: alpha = o exp(-m^2 / 2) falls below ALPHA_MIN beyond
 # m = sqrt(2 ln(o / ALPHA_MIN)), at most sqrt(2 ln 255) = 3.33 (gsplat's opacity-aware box).

@@ -126,7 +126,7 @@ class LoopConfig:
         **overrides: Any,
     ) -> LoopConfig:
         """The loop's config for a job's Settings (scene.json, Blender sidebar, CLI) on ``device``
-        (which picks the Gaussian rasterizer: gsplat on CUDA, the torch stand-in elsewhere).
+        (which picks the Gaussian rasterizer: gsplat on CUDA, ``torch_cpu`` elsewhere).
         ``num_captures`` sizes what a generator's preparation adds to the time budget (the refiner's
         leave-out fits; None: the most it could be)."""
         base = cls()

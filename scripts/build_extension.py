@@ -28,6 +28,7 @@ import hashlib
 import re
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,14 +270,17 @@ def build(out_dir: Path = DIST, cache: Path = WHEEL_CACHE, *, split: bool = True
     project = _project_version()
     if version != project:
         raise BuildError(f"{MANIFEST} version {version} differs from pyproject.toml version {project}")
-    proto = build_protocol_wheel(cache.parent / "protocol_wheel", version)
     outputs = []
-    for platform in (None, *PLATFORMS) if split else (None,):
-        wheels = wheels_for(platform, cache) + [proto]
-        manifest = render_manifest(
-            source, [f"./wheels/{w.name}" for w in wheels], [] if platform is None else [platform.blender]
-        )
-        outputs.append(write_zip(out_dir / _zip_name(version, platform), manifest, wheels))
+    # The protocol wheel is made afresh in a folder of this build's own: two builds at once (pytest-xdist
+    # workers, a test run beside `make demo`) once shared one, and a zip took the other's half-written wheel.
+    with tempfile.TemporaryDirectory(prefix="reconloop-protocol-wheel-") as tmp:
+        proto = build_protocol_wheel(Path(tmp), version)
+        for platform in (None, *PLATFORMS) if split else (None,):
+            wheels = wheels_for(platform, cache) + [proto]
+            manifest = render_manifest(
+                source, [f"./wheels/{w.name}" for w in wheels], [] if platform is None else [platform.blender]
+            )
+            outputs.append(write_zip(out_dir / _zip_name(version, platform), manifest, wheels))
     return outputs
 
 

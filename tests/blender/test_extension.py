@@ -79,6 +79,25 @@ def test_per_platform_zips(extension_zips):
         assert len(binary) == 4 and all(tags[platform] in w for w in binary), binary
 
 
+def test_builds_at_once_each_bundle_a_whole_protocol_wheel(tmp_path):
+    """Builds running at the same time (pytest-xdist workers, tests beside `make demo`) each zip a whole
+    protocol wheel: they once shared the folder it is made in, and Blender's installer then met a zip
+    holding another build's half-written wheel (BadZipFile)."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    def build(i: int) -> Path:
+        return build_extension.build(tmp_path / f"dist{i}", split=False)[0]
+
+    with ThreadPoolExecutor(4) as pool:
+        zips = list(pool.map(build, range(12)))
+    for path in zips:
+        with zipfile.ZipFile(path) as zf:
+            (name,) = [n for n in zf.namelist() if n.startswith("wheels/reconloop_protocol-")]
+            with zipfile.ZipFile(io.BytesIO(zf.read(name))) as wheel:
+                assert wheel.testzip() is None and "protocol/__init__.py" in wheel.namelist(), path
+
+
 @pytest.fixture(scope="module")
 def installed(extension_zip) -> str:
     user = bpy.utils.user_resource("EXTENSIONS")

@@ -259,7 +259,13 @@ REFINE_VARIANTS: dict[str, dict] = {
 # weight at the held-out views (backend.evaluate): means over seeds
 FRAME_WEIGHT_KEYS = ("frames_confidence", "frames_l1", "frames_weighted_l1")
 # columns shown as means over seeds, not gains, with their format
-PLAIN_COLUMNS = {"frames_confidence": ".2f", "frames_l1": ".4f", "frames_weighted_l1": ".4f", "refine_strength": ".2f"}
+PLAIN_COLUMNS = {
+    "frames_confidence": ".2f",
+    "frames_l1": ".4f",
+    "frames_weighted_l1": ".4f",
+    "refine_strength": ".2f",
+    "refine_declined": ".2f",
+}
 REFINE_PICTURE = "{run}_refine.png"  # rows: reprojection | guide render | refined | truth
 
 
@@ -359,8 +365,13 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
                     r[f"gaussians_loop{suffix}"]["psnr"] - base[r["seed"]][f"gaussians_captures{suffix}"]["psnr"]
                     for r in reports
                 )
-        if "refine_strength" in reports[0]:  # the refiner's gate, mean over seeds
-            row["refine_strength"] = statistics.fmean(r["refine_strength"] for r in reports)
+        if "refine_strength" in reports[0]:  # the refiner's gate: its mean strength where it applied the
+            # network (a declined run passes the reprojection through; its strength says nothing), and the
+            # share of runs that declined
+            applied = [r["refine_strength"] for r in reports if not r.get("refine_declined")]
+            row["refine_declined"] = 1.0 - len(applied) / len(reports)
+            if applied:
+                row["refine_strength"] = statistics.fmean(applied)
         for key in FRAME_WEIGHT_KEYS:
             if all(r.get(key) is not None for r in reports):
                 row[key] = statistics.fmean(r[key] for r in reports)

@@ -426,7 +426,7 @@ def test_bench_refine_variant_runs_at_a_tiny_size(single_thread, tmp_path: Path)
         == 0
     )
     summary = json.loads((tmp_path / "q.json").read_text())["scenes"]["temple"]["summary"]
-    assert {"frames", "refine_input_frames", "gaussians_loop", "refine_strength"} <= set(summary["refine small"])
+    assert {"frames", "refine_input_frames", "gaussians_loop", "refine_declined"} <= set(summary["refine small"])
     assert 0.0 < summary["default"]["frames_confidence"] <= 1.0  # the fit's weight on the frames scored
     for row in (summary["default"], summary["refine small"]):  # and the frames' error per unit of it
         assert 0.0 < row["frames_l1"] < 0.5 and 0.0 < row["frames_weighted_l1"] < 0.5
@@ -438,6 +438,9 @@ def test_bench_refine_variant_runs_at_a_tiny_size(single_thread, tmp_path: Path)
     assert run["refine_strength"] in (0.0, 0.25, 0.5, 0.75, 1.0) and gate["held_out"] and gate["train_pairs"] == 2
     assert set(gate["l1"]) == {"0", "0.25", "0.5", "0.75", "1"}
     assert gate["declined"] == run["refine_declined"] == (gate["l1_input"] < min(gate["l1"].values()))
+    # the summary's strength is the mean where the network was applied; a declined run counts as declined
+    assert summary["refine small"]["refine_declined"] == float(run["refine_declined"])
+    assert ("refine_strength" in summary["refine small"]) == (not run["refine_declined"])
     if run["refine_declined"]:  # the reprojection passed through: the frames scored what it scored
         assert run["frames"]["psnr"] == pytest.approx(run["refine_input_frames"]["psnr"])
     assert (tmp_path / "temple_refine_small_seed0_refine.png").is_file()

@@ -54,8 +54,9 @@ def guide_members(rasterizer: str) -> int:
     they are fitted in one rasterizer call per step (3 sets took 1.9x one set's time at the bench job's
     896x512 on the H200, the job 54.5 s; run 40) and measured (runs 39-40, 3 seeds: the loop's Gaussians
     +0.12 fern, +0.30 temple, +0.49 door over one set); 1 on the CPU rasterizer, where each set costs a
-    whole fit: at the same steps 3 sets gave the fern's CPU loop +0.17 dB for twice a row's time
-    (docs/benchmarks.md, "MCMC on the CPU"), and a CPU job's time budget would pay for them with steps."""
+    whole fit: with 3 frames a step, 3 sets gave the CPU loop +0.27 dB on the fern and -0.26 on the temple
+    for twice a row's time (docs/benchmarks.md, "3 frames a step on the CPU"), and a CPU job's time budget
+    would pay for them with steps."""
     return ENSEMBLE_MEMBERS if rasterizer == "gsplat" else 1
 
 

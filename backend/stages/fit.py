@@ -97,7 +97,7 @@ class FitConfig:
             decay faster, as simple_trainer (beta1 = 1 - frames x 0.1, so the rule stops at 10). 3 on
             every rasterizer: on gsplat, which draws them in one call, the loop's Gaussians +0.63 dB on the
             temple, +0.47 on the door and +0.19 on the fern over one frame a step (runs 46-47, 3 seeds);
-            on the CPU, with its compositing in numba, +2.39 (temple) and +0.92 dB (fern) at 2.3-2.9 times
+            on the CPU, with its compositing in numba, +1.77 (temple) and +1.05 dB (fern), 3 seeds, at 2.3-2.9 times
             a row's time, and ``make demo`` 29.5 dB against 26.1 in its 3-minute budget
             (docs/benchmarks.md, "3 frames a step on the CPU").
         sh_degree: highest SH degree fitted, 0..3.

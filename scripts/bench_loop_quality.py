@@ -253,6 +253,7 @@ REFINE_VARIANTS: dict[str, dict] = {
     "refine confidence 0.1": {"confidence_error": 0.1},
     "refine ungated": {"strengths": (1.0,)},  # the network at full strength whatever the validation says
     "refine without trust region": {"max_change_ratio": 0.0},  # the gate's strength in every segment
+    "refine without noise floor": {"gate_z": 0.0},  # the gate takes any gain, however small (until stop 49)
     "refine confidence 0.025": {"confidence_error": 0.025},  # the refined frames weighed less in the fit
 }
 # the frames' weight in the fit (mean confidence), their mean absolute error and that error per unit of
@@ -310,6 +311,7 @@ def refine_report(gen: RecordingRefiner, scene, report: dict, picture: Path | No
             "train_pairs": v.train_pairs,
             "l1_input": v.l1_input,
             "change": v.change,
+            "noise": v.noise,
             "declined": v.declined,
             "l1": dict(zip([f"{a:g}" for a in v.strengths], v.l1)),
             "note": v.note,

@@ -32,9 +32,11 @@ Before the segments, the loop calls :meth:`RefineGenerator.prepare` once:
    at every pixel), the strength ``alpha`` among ``strengths`` whose frames
    ``base + alpha * (refined - base)`` have the least mean L1 error against the photo; ties go to
    the smaller strength, so a network that changes nothing leaves the base. Where the reprojection
-   itself (the weight-free frames) scores below every blend, the refiner declines
-   (``declined``): the reprojection and its confidence pass through, so the gate never picks
-   frames worse than the weight-free generator's on its validation pairs. The choice and its
+   itself (the weight-free frames) scores below every blend, or the best blend's gain over it is
+   inside the validation's noise (``gate_z`` standard errors over 16-px tiles, :func:`gain_standard_error`),
+   the refiner declines (``declined``): the reprojection and its confidence pass through, so the
+   gate never picks frames worse than the weight-free generator's on its validation pairs, nor
+   frames whose gain it could not tell from chance. The choice and its
    figures go to the job's notes (``refiner: validation L1 ...``) and stay on the generator
    (``strength``, ``declined``, ``validation``).
 
@@ -64,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..metrics import tile_means
 from ..stages.fit import FitViews, Gaussians, fit_gaussians_many
 from ..stages.guide import guided_renders, render_guide
 from ..stages.render import render_memory
@@ -113,6 +116,11 @@ class RefineConfig:
         confidence_error: a predicted mean absolute error of this much gives confidence e^-1.
         strengths: the gate's choices of ``alpha`` (module docstring, step 5), each in [0, 1]; with
             0 among them the gate can keep the base, ``(1.0,)`` applies the network ungated.
+        gate_z: the gate's noise floor: the chosen blend must beat the reprojection on the validation
+            pairs by at least this many standard errors of its gain, taken over 16-px tiles
+            (:func:`gain_standard_error`), or the refiner declines. A gain inside the validation's noise is
+            no evidence: on the CPU's temple (docs/benchmarks.md, Refiner) a gate that passed the
+            network on 0.0002 of L1 (0.2 %) cost the loop 1.05 dB. 0 keeps any gain.
         max_change_ratio: the trust region (:meth:`RefineGenerator.trusted_strength`): a segment's frames may
             move from the reprojection at most this many times as far (mean absolute change) as the
             validation frames did at the gate's strength; beyond it the strength drops to the
@@ -135,6 +143,7 @@ class RefineConfig:
     offset_jitter: float = 0.05
     confidence_error: float = 0.05
     strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    gate_z: float = 2.0
     max_change_ratio: float = 1.5
     seed: int = 0
 
@@ -160,6 +169,7 @@ class RefineConfig:
             "gain_jitter",
             "gamma_jitter",
             "offset_jitter",
+            "gate_z",
             "max_change_ratio",
         ):
             if getattr(self, name) < 0:
@@ -640,6 +650,33 @@ def choose_strength(
     return float(strengths[best]), l1
 
 
+GATE_TILE_PX = 16  # the gate's noise is taken over tiles of this side (gain_standard_error)
+
+
+def gain_standard_error(frames: Tensor, chosen: Tensor, truth: Tensor, block: int = GATE_TILE_PX) -> float:
+    """The standard error of the drop in mean absolute error against ``truth`` from ``frames`` to
+    ``chosen``, over ``block`` x ``block`` tiles (neighbouring pixels' errors are correlated, tiles
+    less so: a tile is the unit of evidence).
+
+    Args:
+        frames: the reprojection. [P, H, W, 3]
+        chosen: the frames the gate would return. [P, H, W, 3]
+        truth: the photos. [P, H, W, 3]
+        block: tile side in pixels.
+    Returns:
+        the per-tile drops' standard deviation over the square root of their count (0 with a single
+        tile, or where every tile gains the same).
+
+    Example:
+        >>> truth = torch.zeros(1, 32, 32, 3)
+        >>> gain_standard_error(torch.full_like(truth, 0.2), torch.full_like(truth, 0.1), truth)
+        0.0
+    """
+    drop = tile_means((frames - truth).abs().mean(-1), block) - tile_means((chosen - truth).abs().mean(-1), block)
+    drop = drop.flatten().double()
+    return round(float(drop.std() / math.sqrt(drop.numel())), 12) if drop.numel() > 1 else 0.0
+
+
 @dataclass(frozen=True)
 class Validation:
     """What the gate measured and chose.
@@ -655,7 +692,10 @@ class Validation:
         strength: the chosen strength (0: the base passes through).
         change: mean absolute change the frames ``refine`` returns make to the reprojection on the
             validation pairs (colour units per channel and pixel): how far the gate was seen to move them.
-        declined: the reprojection scored below every blend: the refiner declines and the
+        noise: the least gain over the reprojection the gate accepted: ``RefineConfig.gate_z``
+            standard errors of the best blend's gain (:func:`gain_standard_error`).
+        declined: the best blend's gain over the reprojection was less than ``noise`` (or
+            negative: the reprojection scored below every blend): the refiner declines and the
             reprojection passes through (``strength`` is then unused).
     """
 
@@ -667,6 +707,7 @@ class Validation:
     l1: tuple[float, ...]
     strength: float
     change: float = 0.0
+    noise: float = 0.0
     declined: bool = False
 
     @property
@@ -686,7 +727,8 @@ class Validation:
             top = self.strengths.index(max(self.strengths))
             return (
                 f"refiner declined: validation L1 {self.l1_input:.4f} reprojected, best blend "
-                f"{min(self.l1):.4f}, refined {self.l1[top]:.4f} at strength {self.strengths[top]:g}; the "
+                f"{min(self.l1):.4f} (a gain of at least {self.noise:.4f} needed: the validation's noise), "
+                f"refined {self.l1[top]:.4f} at strength {self.strengths[top]:g}; the "
                 f"reprojection passes through (validated on {where})"
             )
         base = " (the guide's render passes through)" if self.strength == 0.0 else ""
@@ -696,20 +738,25 @@ class Validation:
         )
 
 
-def validate(net: nn.Module, pairs: TrainingPairs, cfg: RefineConfig) -> tuple[float, bool, float, list[float], float]:
+def validate(
+    net: nn.Module, pairs: TrainingPairs, cfg: RefineConfig
+) -> tuple[float, bool, float, list[float], float, float]:
     """The gate on validation ``pairs`` with ``cfg.strengths``.
 
     Returns:
-        (chosen strength, declined (the reprojection beats every blend), L1 of the reprojection,
-        L1 per strength, mean absolute change the returned frames make to the reprojection).
+        (chosen strength, declined (the best blend beats the reprojection by less than the noise,
+        or loses to it), L1 of the reprojection, L1 per strength, mean absolute change the returned frames
+        make to the reprojection, the noise: ``cfg.gate_z`` standard errors of the gain).
     """
     refined, _ = predict(net, pairs.frames, pairs.confidence, pairs.render_rgb, pairs.coverage)
     base = base_frames(pairs.frames, pairs.render_rgb, pairs.coverage)
     strength, l1 = choose_strength(base, refined, pairs.truth, cfg.strengths)
     l1_input = float((pairs.frames - pairs.truth).abs().mean())
-    declined = l1_input < min(l1)
-    change = 0.0 if declined else float((torch.lerp(base, refined, strength) - pairs.frames).abs().mean())
-    return strength, declined, l1_input, l1, change
+    chosen = torch.lerp(base, refined, strength)
+    noise = cfg.gate_z * gain_standard_error(pairs.frames, chosen, pairs.truth)
+    declined = l1_input - min(l1) < noise if noise > 0 else l1_input < min(l1)
+    change = 0.0 if declined else float((chosen - pairs.frames).abs().mean())
+    return strength, declined, l1_input, l1, change, noise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -803,7 +850,7 @@ class RefineGenerator:
         with torch.no_grad():  # the error output starts at confidence_error (confidence e^-1)
             net.head.bias[1] = math.log(math.expm1(self.config.confidence_error))
         self.losses = train_refiner(net, training, self.config, progress=part(0.5, 1.0))
-        strength, declined, l1_input, l1, change = validate(net, validation, self.config)
+        strength, declined, l1_input, l1, change, noise = validate(net, validation, self.config)
         self.net, self.strength, self.declined = net, strength, declined
         self.validation = Validation(
             target_ids=sorted(set(validation.target_ids)),
@@ -814,6 +861,7 @@ class RefineGenerator:
             l1=tuple(l1),
             strength=strength,
             change=change,
+            noise=noise,
             declined=declined,
         )
         note = self.validation.note

@@ -23,6 +23,7 @@ from backend.generators.refine import (
     Validation,
     choose_strength,
     degraded_inputs,
+    gain_standard_error,
     leave_out_guides,
     leave_out_subsets,
     make_pairs,
@@ -251,12 +252,12 @@ def test_gate_keeps_the_base_for_a_useless_network_and_takes_a_perfect_one(singl
     strengths = cfg.strengths
     base_l1 = float((pairs.render_rgb - pairs.truth).abs().mean())
     # a network that takes each pixel from the wrong source: the base (here the render) passes through
-    strength, declined, l1_input, l1, change = validate(Oracle(pairs.truth, wrong=True), pairs, cfg)
+    strength, declined, l1_input, l1, change, noise = validate(Oracle(pairs.truth, wrong=True), pairs, cfg)
     assert strength == 0.0 and not declined and l1[0] == pytest.approx(base_l1) and base_l1 < l1_input, l1
     assert l1 == sorted(l1) and l1[-1] > l1_input  # every step towards its frames costs
     assert change == pytest.approx(float((pairs.render_rgb - pairs.frames).abs().mean()))
     # one that takes each from the right source: all the way to the photos
-    strength, declined, l1_input, l1, change = validate(Oracle(pairs.truth), pairs, cfg)
+    strength, declined, l1_input, l1, change, noise = validate(Oracle(pairs.truth), pairs, cfg)
     assert strength == 1.0 and l1[-1] < 1e-6 < l1_input and not declined
     assert change == pytest.approx(l1_input)
     # a refiner that overshoots by as much again: half way is right
@@ -266,6 +267,33 @@ def test_gate_keeps_the_base_for_a_useless_network_and_takes_a_perfect_one(singl
     assert choose_strength(half, half, one, strengths)[0] == 0.0
     with pytest.raises(ValueError, match=r"RefineConfig.strengths must be non-empty, each in \[0, 1\]; got \(1.5,\)"):
         RefineConfig(strengths=(1.5,))
+
+
+def test_gate_declines_a_gain_inside_the_validations_noise(single_thread) -> None:
+    # 64 tiles of 16 px; the chosen frames beat the reprojection by 0.1 on half the tiles and lose 0.1 - d
+    # on the others: a mean gain of d / 2 whose tiles disagree
+    truth = torch.zeros(1, 128, 128, 3)
+    frames = torch.full_like(truth, 0.3)
+    checker = ((torch.arange(128)[:, None] // 16 + torch.arange(128)[None, :] // 16) % 2 == 0)[None, ..., None]
+    for d, passes in ((0.002, False), (0.2, True)):
+        chosen = torch.where(checker, 0.2, 0.4 - d).expand_as(truth)
+        gain = float((frames - truth).abs().mean() - (chosen - truth).abs().mean())
+        se = gain_standard_error(frames, chosen, truth)
+        assert gain == pytest.approx(d / 2, rel=1e-3) and se == pytest.approx((0.2 - d) / 2 / math.sqrt(63), abs=1e-7)
+        assert (gain > 2.0 * se) == passes
+    # the same gain on every tile has no spread
+    assert gain_standard_error(frames, torch.full_like(truth, 0.299), truth) == pytest.approx(0.0, abs=1e-7)
+    # validate declines what gate_z says is noise, and says how much it needed
+    pairs = two_source_pairs()
+    strength, declined, l1_input, l1, change, noise = validate(Oracle(pairs.truth), pairs, RefineConfig())
+    assert strength == 1.0 and not declined and 0.0 <= noise < l1_input - l1[-1]
+    strict = RefineConfig(gate_z=1e9)
+    strength, declined, l1_input, l1, change, noise = validate(Oracle(pairs.truth), pairs, strict)
+    assert declined and change == 0.0 and noise > l1_input
+    v = Validation([0], True, 1, l1_input, strict.strengths, tuple(l1), strength, change, noise, declined)
+    assert v.l1_chosen == l1_input and "the validation's noise" in v.note and v.note.startswith("refiner declined")
+    with pytest.raises(ValueError, match=r"RefineConfig.gate_z must be >= 0; got -1"):
+        RefineConfig(gate_z=-1)
 
 
 def zero_refiner() -> UNet:
@@ -284,7 +312,7 @@ def test_refined_frames_start_from_the_render_where_it_covers(single_thread) -> 
     cover = pairs.coverage[..., None]
     cfg = TINY
     # the gate scores blends of the base (render | reprojection), not of the reprojection
-    strength, declined, l1_input, l1, change = validate(zero_refiner(), pairs, cfg)
+    strength, declined, l1_input, l1, change, noise = validate(zero_refiner(), pairs, cfg)
     base_l1 = float((torch.where(cover, pairs.truth, pairs.frames) - pairs.truth).abs().mean())
     assert 0.0 < base_l1 < l1_input
     assert l1 == pytest.approx([base_l1] * len(cfg.strengths))
@@ -292,7 +320,7 @@ def test_refined_frames_start_from_the_render_where_it_covers(single_thread) -> 
     assert change == pytest.approx(l1_input - base_l1)
     # a render worse than the reprojection: the gate declines and the reprojection passes through
     worse = replace(pairs, render_rgb=(1.0 - pairs.truth))
-    strength, declined, l1_input, l1, change = validate(zero_refiner(), worse, cfg)
+    strength, declined, l1_input, l1, change, noise = validate(zero_refiner(), worse, cfg)
     assert declined and l1_input < min(l1) and change == 0.0
     frames = Frames(pairs.frames, pairs.confidence)
     renders = Renders(
@@ -437,7 +465,9 @@ def test_bench_refine_variant_runs_at_a_tiny_size(single_thread, tmp_path: Path)
     gate = run["refine_validation"]
     assert run["refine_strength"] in (0.0, 0.25, 0.5, 0.75, 1.0) and gate["held_out"] and gate["train_pairs"] == 2
     assert set(gate["l1"]) == {"0", "0.25", "0.5", "0.75", "1"}
-    assert gate["declined"] == run["refine_declined"] == (gate["l1_input"] < min(gate["l1"].values()))
+    best = min(gate["l1"].values())
+    gain = gate["l1_input"] - best  # declined: below the validation's noise, or a loss
+    assert gate["declined"] == run["refine_declined"] == (gain < gate["noise"] if gate["noise"] > 0 else gain < 0)
     # the summary's strength is the mean where the network was applied; a declined run counts as declined
     assert summary["refine small"]["refine_declined"] == float(run["refine_declined"])
     assert ("refine_strength" in summary["refine small"]) == (not run["refine_declined"])

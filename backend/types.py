@@ -213,16 +213,12 @@ class Renders:
         mask: pixels the memory covers. bool [C, H, W]
         source: capture id of the nearest point, -1 where empty or generated, ``GUIDE_SOURCE`` where
             the loop's guide (Gaussians on the captures) coloured the pixel. int32 [C, H, W]
-        spread: where the guide coloured the pixel, how far its sets' colours spread there (their
-            standard deviation, mean over channels; 0 elsewhere, and everywhere with one set); None
-            without a guide. float32 [C, H, W]
     """
 
     rgb: Tensor
     depth: Tensor
     mask: Tensor
     source: Tensor
-    spread: Tensor | None = None
 
 
 @dataclass

@@ -101,9 +101,6 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "one guide": ({"guide_members": 1}, {}, {}),
     "run 38 default": ({"guide_members": 1}, {}, {"guide_blend": 0.5}),  # one fit, half its colour
     "guide ensemble 3 blend 0.5": ({"guide_members": 3}, {}, {"guide_blend": 0.5}),  # run 39's first rows
-    # the frames' confidence lowered where the guide's 3 sets disagree (ReprojectConfig.guide_spread_std)
-    "guide ensemble 3 spread 0.03": ({"guide_members": 3}, {}, {"guide_spread_std": 0.03}),
-    "spread 0.03": ({}, {}, {"guide_spread_std": 0.03}),
     "capture share 0.7": ({}, {"capture_share": 0.7}, {}),
     "capture share 0.3": ({}, {"capture_share": 0.3}, {}),  # more of the fit on the frames (run 36's mixes: +0.04)
     # weight-free regularisers of the sparse-view Gaussian literature (Gaussian dropout 0.2 is the default)

@@ -60,9 +60,6 @@ class ReprojectConfig:
     agreement_std: float = 0.03  # sources whose colours spread by this std (0..1) lower the confidence by e^-0.5
     render_blend: float = 0.5  # where the memory's render covers, this share of its colour is mixed in
     guide_blend: float = 0.75  # the same where the guide's render covers (Renders.source GUIDE_SOURCE; run 39)
-    # where the guide's sets disagree (Renders.spread) by this std (0..1), its pixels' confidence falls by e^-0.5
-    # (0: not used)
-    guide_spread_std: float = 0.0
     max_sources: int = 6  # nearest sources (camera centre) used per chunk of frames
     chunk_pixels: int = 1 << 21  # target pixels processed at once (bounds memory at large sizes)
 
@@ -82,8 +79,6 @@ class ReprojectConfig:
             raise ValueError(f"ReprojectConfig.angle_sigma_deg must be > 0; got {self.angle_sigma_deg}")
         if self.agreement_std <= 0:
             raise ValueError(f"ReprojectConfig.agreement_std must be > 0; got {self.agreement_std}")
-        if self.guide_spread_std < 0:
-            raise ValueError(f"ReprojectConfig.guide_spread_std must be >= 0; got {self.guide_spread_std}")
         if self.chunk_pixels < 1:
             raise ValueError(f"ReprojectConfig.chunk_pixels must be >= 1; got {self.chunk_pixels}")
         if self.cost_window_px < 1 or self.cost_window_px % 2 == 0:
@@ -404,11 +399,6 @@ class ReprojectGenerator:
         images = torch.where(known[..., None], images, filled).clamp(0.0, 1.0)
         ceiling = torch.where(rendered, cfg.rendered_confidence, cfg.reprojected_confidence).to(depth)
         confidence = torch.where(reprojected, ceiling * weight, cfg.inpainted_confidence)
-        if cfg.guide_spread_std > 0 and r.spread is not None:  # where the guide's sets disagree
-            guided = r.source == GUIDE_SOURCE
-            confidence = torch.where(
-                guided, confidence * torch.exp(-0.5 * (r.spread / cfg.guide_spread_std) ** 2), confidence
-            )
         return Frames(images=images.contiguous(), confidence=confidence.contiguous())
 
 

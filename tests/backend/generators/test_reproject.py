@@ -126,28 +126,6 @@ def test_render_colour_is_blended_where_the_render_covers() -> None:
         ReprojectConfig(guide_blend=1.5)
 
 
-def test_confidence_falls_where_the_guides_sets_disagree() -> None:
-    """With ``guide_spread_std`` the guide's pixels (source GUIDE_SOURCE) lose confidence by
-    exp(-spread^2 / (2 std^2)); the memory's pixels and a guide without ``spread`` keep theirs."""
-    mask = torch.ones(1, H, W, dtype=torch.bool)
-    cond, _ = _cond([0.3], [0.2, 0.4], mask)
-    source = cond.renders.source.clone()
-    source[:, :, : W // 2] = GUIDE_SOURCE  # the left half the guide's
-    spread = torch.full((1, H, W), 0.03)
-    r = cond.renders
-    guided = ConditionVideo(cond.targets, Renders(r.rgb, r.depth, r.mask, source, spread), cond.memory, cond.carried)
-    plain = ReprojectGenerator().generate(guided).confidence
-    assert plain.mean() > 0.3
-    cfg = ReprojectConfig(guide_spread_std=0.03)
-    lowered = ReprojectGenerator(cfg).generate(guided).confidence
-    torch.testing.assert_close(lowered[..., : W // 2], plain[..., : W // 2] * math.exp(-0.5))
-    torch.testing.assert_close(lowered[..., W // 2 :], plain[..., W // 2 :])
-    no_spread = ConditionVideo(cond.targets, Renders(r.rgb, r.depth, r.mask, source), cond.memory, cond.carried)
-    torch.testing.assert_close(ReprojectGenerator(cfg).generate(no_spread).confidence, plain)
-    with pytest.raises(ValueError, match=r"ReprojectConfig.guide_spread_std must be >= 0; got -0.1"):
-        ReprojectConfig(guide_spread_std=-0.1)
-
-
 def test_sources_do_not_see_points_behind_their_surface() -> None:
     """A capture whose depth map puts a surface in front of the plane lends no colour to it."""
     mask = torch.ones(1, H, W, dtype=torch.bool)

@@ -251,7 +251,7 @@ REFINE_VARIANTS: dict[str, dict] = {
     "refine full fits": {"fit_share": 1.0},  # the leave-out guides as long as the job's fit (default: a fifth)
     "refine small": {"widths": (16, 32, 64), "crop_px": 64, "batch_size": 4},  # 0.12M parameters
     "refine confidence 0.1": {"confidence_error": 0.1},
-    "refine ungated": {"strengths": (1.0,)},  # the network at full strength whatever the validation says
+    "refine ungated": {"strengths": (1.0,)},  # the network at full strength, or declined: no blend in between
     "refine without trust region": {"max_change_ratio": 0.0},  # the gate's strength in every segment
     "refine without noise floor": {"gate_z": 0.0},  # the gate takes any gain, however small (until stop 49)
     "refine confidence 0.025": {"confidence_error": 0.025},  # the refined frames weighed less in the fit

@@ -115,7 +115,8 @@ class RefineConfig:
             [1 - g, 1 + g], gamma exp(U(-g, g)), offset in [-o, o].
         confidence_error: a predicted mean absolute error of this much gives confidence e^-1.
         strengths: the gate's choices of ``alpha`` (module docstring, step 5), each in [0, 1]; with
-            0 among them the gate can keep the base, ``(1.0,)`` applies the network ungated.
+            0 among them the gate can keep the base; with ``(1.0,)`` it can only apply the network at
+            full strength or decline.
         gate_z: the gate's noise floor: the chosen blend must beat the reprojection on the validation
             pairs by at least this many standard errors of its gain, taken over 16-px tiles
             (:func:`gain_standard_error`), or the refiner declines. A gain inside the validation's noise is

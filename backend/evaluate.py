@@ -249,7 +249,8 @@ def evaluate_scene(
             against baselines computed once).
         keep: filled, for analysis, with the tensors at the held-out views the trajectory passes:
             ``truth``, ``frames`` [V, H, W, 3], ``confidence`` [V, H, W], and ``guide`` (the captures-only
-            render) when ``baselines``.
+            render) when ``baselines``, with ``guide_spread`` [V, H, W] (its sets' colour spread,
+            :func:`backend.stages.guide.render_guide`) when the guide has several sets.
     Returns:
         the report written to eval.json.
     """
@@ -312,7 +313,8 @@ def evaluate_scene(
         if loop_cfg.guide.enabled and loop_cfg.guide.members > 1:  # the rest of a self-ensemble, and its render
             with meter.measure("fit_guide"):
                 guide = fit_guide(captures, memory, loop_cfg.fit, loop_cfg.guide, device=device, ready=guide)
-            add_scores("guide", render_guide(guide, held, loop_cfg.fit, loop_cfg.guide)[0])
+            guide_rgb, _, guide_spread = render_guide(guide, held, loop_cfg.fit, loop_cfg.guide)
+            add_scores("guide", guide_rgb)
 
     # (c) the full loop along the evaluation trajectory; its memory and guide are (a)'s and (b)'s when
     # those were made here (the same captures, size and settings)
@@ -359,6 +361,8 @@ def evaluate_scene(
             report["frames_guide_oracle"] = score(oracle, truth[hs])
             if keep is not None:
                 keep["guide"] = guide_at
+                if len(guide) > 1:
+                    keep["guide_spread"] = guide_spread[hs].to(truth)
         if len(hs) == len(held):  # the generated frames at the held-out cameras, last column
             columns.append(result.frames.images[picked])  # hs is then every held-out view, in order
     rows = outputs.overview_rows(columns, outputs.spread(len(held), PICTURE_ROWS))

@@ -3,10 +3,11 @@ default loop), then, at the held-out views, per tile: does the frame or the capt
 guide) come closer to the photo, and how well does each candidate signal, computed without the photo,
 rank those tiles (ROC AUC; 0.5 is chance) and what choosing by it would score.
 
-Signals: the frames' confidence (what the fit weighs them by), the frame-guide difference, and the guide's and the
-frame's detail (mean absolute Laplacian). ``frames_guide_oracle`` (the truth choosing) is the ceiling.
+Signals: the frames' confidence (what the fit weighs them by), the frame-guide difference, the guide's and the
+frame's detail (mean absolute Laplacian), and with ``--members`` 2 or more the spread of the guide's sets' colours
+(where the captures pin none of them down). ``frames_guide_oracle`` (the truth choosing) is the ceiling.
 
-    python scripts/frames_chooser.py --scene temple --size 256x192 --iterations 600 --seed 0
+    python scripts/frames_chooser.py --scene temple --size 256x192 --iterations 600 --seed 0 [--members 3]
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ def auc(score: Tensor, positive: Tensor) -> float:
     return float((ranks[positive].sum() - pos * (pos - 1) / 2) / (pos * neg))
 
 
-def chooser_table(truth: Tensor, guide: Tensor, frames: Tensor, conf: Tensor, block: int) -> tuple[float, list]:
+def chooser_table(
+    truth: Tensor, guide: Tensor, frames: Tensor, conf: Tensor, block: int, spread: Tensor | None = None
+) -> tuple[float, list]:
     """The share of tiles where the frame beats the guide, and per signal (name, AUC, gain in dB over the
     guide when the frames are taken in that signal's top tiles, as many as the frames win), the truth's
-    choice (the oracle) last. Images [F, H, W, 3], conf [F, H, W]."""
+    choice (the oracle) last. Images [F, H, W, 3], conf and the guide's sets' spread [F, H, W]."""
     err_g, err_f = tile_mean(((guide - truth) ** 2).mean(-1), block), tile_mean(((frames - truth) ** 2).mean(-1), block)
     wins = err_f < err_g
     share = float(wins.float().mean())
@@ -68,6 +71,8 @@ def chooser_table(truth: Tensor, guide: Tensor, frames: Tensor, conf: Tensor, bl
         "guide's detail": tile_mean(detail(guide), block),
         "frame's detail - guide's": tile_mean(detail(frames) - detail(guide), block),
     }
+    if spread is not None:
+        signals["the guide's sets' spread"] = tile_mean(spread, block)
     rows = []
     for name, s in signals.items():
         picked = s > torch.quantile(s, 1.0 - share) if share > 0 else torch.zeros_like(wins)
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--members", type=int, default=None, help="the guide's sets (default: the device's)")
     args = p.parse_args(argv)
     W, H = args.size
     with tempfile.TemporaryDirectory(prefix="reconloop-chooser-") as work:
@@ -92,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         base = LoopConfig.from_settings(scene.settings, device=args.device)
         cfg = replace(base, width=W, height=H, seed=args.seed)
         cfg = replace(cfg, fit=replace(cfg.fit, iterations=args.iterations, seed=args.seed))
+        if args.members is not None:
+            cfg = replace(cfg, guide=replace(cfg.guide, members=args.members))
         captured: dict[str, Tensor] = {}
         report = evaluate_scene(
             scene,
@@ -112,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         f"\n| signal ({ORACLE_BLOCK_PX}-px tiles) | AUC for 'the frame wins' | frames where it is highest: dB over the guide |"
     )
     print("| --- | ---: | ---: |")
-    share, rows = chooser_table(truth, guide, frames.clamp(0, 1), conf, ORACLE_BLOCK_PX)
+    spread = captured["guide_spread"].cpu().float() if "guide_spread" in captured else None
+    share, rows = chooser_table(truth, guide, frames.clamp(0, 1), conf, ORACLE_BLOCK_PX, spread)
     for name, a, gain in rows:
         print(f"| {name} | {a:.3f} | {gain:+.2f} |")
     print(f"\nthe frames win {share:.0%} of the tiles; the gains pool the tiles' squared error (all views together)")

@@ -89,16 +89,23 @@ def fit_guide(
 
 def render_guide(
     guide: Sequence[Gaussians], cams: Cameras, fit_cfg: FitConfig, cfg: GuideConfig
-) -> tuple[Tensor, Tensor]:
-    """The guide's colour [C, H, W, 3] (its members' mean) and expected depth [C, H, W] (theirs,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The guide's colour [C, H, W, 3] (its members' mean), expected depth [C, H, W] (theirs,
     weighted by their opacity), the depth 0 where it is not opaque (the members' mean opacity below
-    ``cfg.alpha``)."""
+    ``cfg.alpha``), and its members' spread [C, H, W]: the standard deviation of their colours, mean
+    over channels (0 with one member). Where 3 captures-only fits disagree, none of them is pinned down
+    by the captures: on the CPU's temple and fern (160x120, 2 seeds) the spread's correlation with the
+    mean colour's error at held-out views is 0.50-0.65, the error 10-400 times larger in the top
+    tenth of the spread than in its lowest quarter (docs/benchmarks.md, run 49; as a weight on the
+    frames it did not pay, and ``scripts/frames_chooser.py`` asks whether it tells where they beat
+    the guide)."""
     rgb, depth, alpha = (
         torch.stack(parts) for parts in zip(*(render_gaussians_geometry(g, cams, fit_cfg) for g in guide))
     )
     mean_alpha = alpha.mean(0)
     depth = (alpha * depth).sum(0) / alpha.sum(0).clamp_min(1e-6)
-    return rgb.mean(0), torch.where(mean_alpha >= cfg.alpha, depth.clamp_min(0.0), torch.zeros_like(depth))
+    spread = rgb.std(0, correction=0).mean(-1)
+    return rgb.mean(0), torch.where(mean_alpha >= cfg.alpha, depth.clamp_min(0.0), torch.zeros_like(depth)), spread
 
 
 def guided_renders(
@@ -107,7 +114,7 @@ def guided_renders(
     """The memory's renders with the guide's colour and expected depth where it is opaque
     (:func:`render_guide`); those pixels have source ``GUIDE_SOURCE``. Shapes as
     :class:`Renders` [C, H, W(, 3)]."""
-    rgb, depth = render_guide(guide, targets, fit_cfg, cfg)
+    rgb, depth, _ = render_guide(guide, targets, fit_cfg, cfg)
     opaque = depth > 0
     return Renders(
         rgb=torch.where(opaque[..., None], rgb, renders.rgb),

@@ -110,7 +110,9 @@ def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pyt
         "frames": (2, 48, 64, 3),
         "guide": (2, 48, 64, 3),
         "confidence": (2, 48, 64),
+        "guide_spread": (2, 48, 64),  # the guide here has several sets
     }
+    assert kept["guide_spread"].max() > 0 and kept["guide_spread"].min() >= 0
     assert 0.0 < report["points_coverage"] < 1.0
     on_disk = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert on_disk["gaussians_loop"]["psnr"] == pytest.approx(report["gaussians_loop"]["psnr"])
@@ -220,6 +222,9 @@ def test_frames_chooser_scores_signals_against_the_truths_choice() -> None:
     _, rows = chooser.chooser_table(truth, guide, frames, 1.0 - conf, 16)
     a, gain = {name: (a, gain) for name, a, gain in rows}["confidence"]
     assert a == 0.0 and gain < 0
+    # the guide's sets' spread is a signal when given: high where the guide is wrong
+    _, rows = chooser.chooser_table(truth, guide, frames, conf, 16, spread=conf.clone())
+    assert {name: a for name, a, _ in rows}["the guide's sets' spread"] == 1.0
 
 
 def test_frames_ceiling_fits_no_heldout_photo_and_renders_at_the_targets(temple_dir: Path, tmp_path: Path) -> None:

@@ -510,7 +510,8 @@ def test_geometry_render_gives_the_colour_and_the_depth_of_a_wall():
 
 def test_guide_members_are_fits_with_the_following_seeds_and_render_as_their_mean():
     """fit_guide keeps the members it is given and fits the rest in lockstep, member k seeded seed + k
-    (with dropout, each draws its own); render_guide is their mean colour and opacity-weighted depth."""
+    (with dropout, each draws its own); render_guide is their mean colour and opacity-weighted depth,
+    and their colours' spread."""
     cams, images, noisy = make_scene(seed=3, n=30)
     captures = Views(images, cams, [0, 1, 2])
     cfg = test_config(iterations=20, dropout_rate=0.3, sh_degree=1, seed=4)
@@ -523,16 +524,19 @@ def test_guide_members_are_fits_with_the_following_seeds_and_render_as_their_mea
     assert not torch.allclose(members[1].sh, members[2].sh)  # another seed, another fit
     assert fit_guide(captures, noisy, cfg, GuideConfig(members=2), device="cpu", ready=members) == members[:2]
 
-    rgb, depth = render_guide(members, cams, cfg, guide_cfg)
+    rgb, depth, spread = render_guide(members, cams, cfg, guide_cfg)
     parts = [render_gaussians_geometry(g, cams, cfg) for g in members]
     torch.testing.assert_close(rgb, torch.stack([p[0] for p in parts]).mean(0))
+    torch.testing.assert_close(spread, torch.stack([p[0] for p in parts]).std(0, correction=0).mean(-1))
+    assert spread.shape == depth.shape and spread.max() > 0  # the members differ
     alpha = torch.stack([p[2] for p in parts])
     weighted = (alpha * torch.stack([p[1] for p in parts])).sum(0) / alpha.sum(0)
     opaque = alpha.mean(0) >= guide_cfg.alpha
     assert opaque.any() and (~opaque).any()
     torch.testing.assert_close(depth[opaque], weighted[opaque])
     assert torch.all(depth[~opaque] == 0)
-    one_rgb, one_depth = render_guide(members[:1], cams, cfg, guide_cfg)  # one member: its own render
+    one_rgb, one_depth, one_spread = render_guide(members[:1], cams, cfg, guide_cfg)  # one member: its own render
+    assert torch.all(one_spread == 0)
     torch.testing.assert_close(one_rgb, parts[0][0])
     torch.testing.assert_close(one_depth, torch.where(parts[0][2] >= guide_cfg.alpha, parts[0][1], 0.0))
     with pytest.raises(ValueError, match="GuideConfig.members must be at least 1; got 0"):

@@ -96,9 +96,9 @@ def render_guide(
     over channels (0 with one member). Where 3 captures-only fits disagree, none of them is pinned down
     by the captures: on the CPU's temple and fern (160x120, 2 seeds) the spread's correlation with the
     mean colour's error at held-out views is 0.50-0.65, the error 10-400 times larger in the top
-    tenth of the spread than in its lowest quarter (docs/benchmarks.md, run 49; as a weight on the
-    frames it did not pay, and ``scripts/frames_chooser.py`` asks whether it tells where they beat
-    the guide)."""
+    tenth of the spread than in its lowest quarter. Yet neither as a weight on the frames (run 49) nor
+    as a chooser of where the frames beat the guide (``scripts/frames_chooser.py``) did it pay
+    (docs/benchmarks.md); the loop takes the colour and the depth."""
     rgb, depth, alpha = (
         torch.stack(parts) for parts in zip(*(render_gaussians_geometry(g, cams, fit_cfg) for g in guide))
     )

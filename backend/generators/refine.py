@@ -675,6 +675,7 @@ def gain_standard_error(frames: Tensor, chosen: Tensor, truth: Tensor, block: in
     """
     drop = tile_means((frames - truth).abs().mean(-1), block) - tile_means((chosen - truth).abs().mean(-1), block)
     drop = drop.flatten().double()
+    # rounded so that tiles that all gain the same give 0 exactly, not float32 noise from the tile means
     return round(float(drop.std() / math.sqrt(drop.numel())), 12) if drop.numel() > 1 else 0.0
 
 

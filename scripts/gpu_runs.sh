@@ -31,6 +31,7 @@
 #                              against all at once in lockstep (temple, fern, door at their bench sizes)
 #   union SCENES SEEDS [ARGS]  scripts/guide_union.py: the guide's mean of renders against the union of its sets
 #   rounds SCENES SEEDS [ARGS] scripts/ensemble_rounds.py: rounds of the loop, each guide an ensemble of the last round's fits
+#   diversity SCENES SEEDS [ARGS] scripts/guide_diversity.py: the guide's members bagged, a render over moved cameras
 #   generator MODES            scripts/bench_generator.py --compile-blocks --modes MODES
 #   unpack_fa4                 unpack .fa4a/cu13.tar.xz into /tmp/cu13 (kept while the machine is warm)
 #   unpack_ray                 unpack .rayx/ray.tar.xz into /tmp/raysite (scripts/device_env.sh says what it is)
@@ -162,28 +163,19 @@ for p in pathlib.Path(sys.argv[1]).glob("*.png"):
     each_scene_seed "$1" "$2" ceiling_one "${3:-}" "${@:4}"
     for f in "$OUT"/ceiling_*.log; do echo "== $f"; awk '/ steps \(dense fit/ {p = 1} p' "$f"; done  # header, table
     ;;
-  union)
+  union|rounds|diversity)
     gsplat_ready
-    # scripts/guide_union.py, one process per scene and seed at once: the guide's mean of renders against
-    # the one set that is its members' union
-    union_one() {  # SCENE SEED [ARGS...]
-      timeout "${QUALITY_TIMEOUT_S:-540}" python3 scripts/guide_union.py --data .device_data --scenes "$1" \
-        --seeds "$2" --device cuda --out "$OUT/union_$1_seed$2.json" "${@:3}" > "$OUT/union_$1_seed$2.log" 2>&1
+    # an analysis script of scripts/ run per bench scene (add_scene_seed_args), one process per scene and seed
+    # at once: guide_union.py (the guide's mean of renders against the union of its sets), ensemble_rounds.py
+    # (the loop's rounds, each guide an ensemble of the last round's fits) or guide_diversity.py (members
+    # made different by more than their seeds)
+    script=$(case $stage in union) echo guide_union ;; rounds) echo ensemble_rounds ;; *) echo guide_diversity ;; esac)
+    analysis_one() {  # SCENE SEED [ARGS...]
+      timeout "${QUALITY_TIMEOUT_S:-540}" python3 "scripts/$script.py" --data .device_data --scenes "$1" \
+        --seeds "$2" --device cuda --out "$OUT/${stage}_$1_seed$2.json" "${@:3}" > "$OUT/${stage}_$1_seed$2.log" 2>&1
     }
-    each_scene_seed "$1" "$2" union_one "${@:3}"
-    grep -h " it seed " "$OUT"/union_*.log || tail -20 "$OUT"/union_*.log
-    ;;
-  rounds)
-    gsplat_ready
-    # scripts/ensemble_rounds.py, one process per scene and seed at once: the loop's rounds with an ensemble
-    # of the last round's fits as the next guide, mean and median of the sets' renders
-    rounds_one() {  # SCENE SEED [ARGS...]
-      timeout "${QUALITY_TIMEOUT_S:-540}" python3 scripts/ensemble_rounds.py --data .device_data --scenes "$1" \
-        --seeds "$2" --device cuda --out "$OUT/rounds_$1_seed$2.json" "${@:3}" \
-        > "$OUT/rounds_$1_seed$2.log" 2>&1
-    }
-    each_scene_seed "$1" "$2" rounds_one "${@:3}"
-    grep -h " it seed " "$OUT"/rounds_*.log || tail -20 "$OUT"/rounds_*.log
+    each_scene_seed "$1" "$2" analysis_one "${@:3}"
+    grep -h " it seed " "$OUT"/"${stage}"_*.log || tail -20 "$OUT"/"${stage}"_*.log
     ;;
   generator)
     python3 scripts/bench_generator.py --out "$OUT/generator.json" --compile-blocks --modes "$1" 2>&1 \

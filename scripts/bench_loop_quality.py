@@ -44,6 +44,7 @@ from backend.evaluate import (  # noqa: E402
     EvalConfig,
     eval_trajectory,
     evaluate_scene,
+    heldout_views,
     scene_for_eval,
     score,
 )
@@ -53,7 +54,8 @@ from backend.generators.reproject import ReprojectConfig, ReprojectGenerator  # 
 from backend.loop import LoopConfig  # noqa: E402
 from backend.outputs import to_u8, write_overview_as  # noqa: E402
 from backend.scene import Scene  # noqa: E402
-from backend.stages.cameras import load_image, resize_image, to_tensor, undistorted  # noqa: E402
+from backend.stages.cameras import load_image, load_views, resize_image, to_tensor, undistorted  # noqa: E402
+from backend.stages.memory import build_memory  # noqa: E402
 
 # scene -> (folder, format, protocol, default working size, import options)
 SCENES = {
@@ -203,6 +205,15 @@ def scene_seeds(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[tu
         p.error(f"--scenes: unknown scene(s) {unknown}; known: {', '.join(sorted(SCENES))}")
     seeds = [int(s) for s in args.seeds.split(",")]
     return [(name, args.size or SCENES[name][3], seed) for name in names for seed in seeds]
+
+
+def heldout_and_memory(scene: Scene, cfg: LoopConfig, size: tuple[int, int], device: str):
+    """What a per-scene analysis script scores against and fits from, at ``size`` (W, H): the held-out
+    photos [V, H, W, 3] and their cameras, the captures, and the memory they make."""
+    W, H = size
+    truth, held = heldout_views(scene, W, H, device)
+    captures = load_views(scene.captures, W, H, device)
+    return truth, held, captures, build_memory(captures, cfg.memory, estimator=cfg.estimator, notes=[])
 
 
 def write_scene_reports(out: Path | None, device: str, reports: list[dict]) -> None:

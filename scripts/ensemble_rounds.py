@@ -33,15 +33,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_loop_quality import add_scene_seed_args, load_bench_scene, scene_seeds, write_scene_reports  # noqa: E402
+from bench_loop_quality import (  # noqa: E402
+    add_scene_seed_args,
+    heldout_and_memory,
+    load_bench_scene,
+    scene_seeds,
+    write_scene_reports,
+)
 
 from backend.devices import pick_device  # noqa: E402
-from backend.evaluate import FRAMES_PER_LEG, eval_trajectory, heldout_views, score  # noqa: E402
+from backend.evaluate import FRAMES_PER_LEG, eval_trajectory, score  # noqa: E402
 from backend.loop import LoopConfig, run_loop  # noqa: E402
-from backend.stages.cameras import load_views, working_size  # noqa: E402
+from backend.stages.cameras import working_size  # noqa: E402
 from backend.stages.fit import FitViews, Gaussians, captures_and_frames, fit_gaussians_many, render_gaussians  # noqa: E402
 from backend.stages.guide import fit_guide  # noqa: E402
-from backend.stages.memory import build_memory  # noqa: E402
 from backend.types import Cameras  # noqa: E402
 
 
@@ -80,9 +85,7 @@ def run_scene(
         guide=replace(cfg.guide, members=members),
     )
     loop_scene = replace(scene, trajectory=traj)
-    truth, held = heldout_views(scene, W, H, device)
-    captures = load_views(scene.captures, W, H, device)
-    memory = build_memory(captures, cfg.memory, estimator=cfg.estimator, notes=[])
+    truth, held, captures, memory = heldout_and_memory(scene, cfg, (W, H), device)
     report: dict = {"scene": name, "size": [W, H], "iterations": iterations, "seed": seed, "members": members}
     t0 = time.perf_counter()
     sets = fit_guide(captures, memory, cfg.fit, cfg.guide, device=device)

@@ -33,15 +33,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_loop_quality import add_scene_seed_args, load_bench_scene, scene_seeds, write_scene_reports  # noqa: E402
+from bench_loop_quality import (  # noqa: E402
+    add_scene_seed_args,
+    heldout_and_memory,
+    load_bench_scene,
+    scene_seeds,
+    write_scene_reports,
+)
 
 from backend.devices import pick_device  # noqa: E402
-from backend.evaluate import heldout_views, score  # noqa: E402
+from backend.evaluate import score  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
-from backend.stages.cameras import load_views  # noqa: E402
 from backend.stages.fit import FitViews, fit_gaussians_many, render_gaussians, scene_scale  # noqa: E402
 from backend.stages.guide import render_guide  # noqa: E402
-from backend.stages.memory import build_memory  # noqa: E402
 from backend.types import Cameras, GeometryMemory  # noqa: E402
 
 TILE_PX = 16
@@ -104,9 +108,7 @@ def run_scene(data: Path, name: str, work: Path, size, iterations: int, seed: in
     device = pick_device(args.device)
     cfg = LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
     fit = replace(cfg.fit, iterations=iterations, seed=seed)
-    truth, held = heldout_views(scene, W, H, device)
-    captures = load_views(scene.captures, W, H, device)
-    memory = build_memory(captures, cfg.memory, estimator=cfg.estimator, notes=[])
+    truth, held, captures, memory = heldout_and_memory(scene, cfg, (W, H), device)
     report: dict = {"scene": name, "size": [W, H], "iterations": iterations, "seed": seed, "variants": {}}
     for text in args.variants.split(","):
         kind, share = parse_variant(text)

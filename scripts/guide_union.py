@@ -30,15 +30,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_loop_quality import add_scene_seed_args, load_bench_scene, scene_seeds, write_scene_reports  # noqa: E402
+from bench_loop_quality import (  # noqa: E402
+    add_scene_seed_args,
+    heldout_and_memory,
+    load_bench_scene,
+    scene_seeds,
+    write_scene_reports,
+)
 
 from backend.devices import pick_device  # noqa: E402
-from backend.evaluate import heldout_views, score  # noqa: E402
+from backend.evaluate import score  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
-from backend.stages.cameras import load_views  # noqa: E402
 from backend.stages.fit import Gaussians, render_gaussians  # noqa: E402
 from backend.stages.guide import fit_guide, render_guide  # noqa: E402
-from backend.stages.memory import build_memory  # noqa: E402
 
 
 def union(sets: list[Gaussians], *, thin_opacity: bool = True) -> Gaussians:
@@ -58,9 +62,7 @@ def run_scene(
     W, H = size
     cfg = LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
     fit = replace(cfg.fit, iterations=iterations, seed=seed)  # the device's rasterizer, from from_settings
-    truth, held = heldout_views(scene, W, H, device)
-    captures = load_views(scene.captures, W, H, device)
-    memory = build_memory(captures, cfg.memory, estimator=cfg.estimator, notes=[])
+    truth, held, captures, memory = heldout_and_memory(scene, cfg, (W, H), device)
     t0 = time.perf_counter()
     sets = fit_guide(captures, memory, fit, replace(cfg.guide, members=members), device=device)
     report: dict = {"scene": name, "size": [W, H], "iterations": iterations, "seed": seed, "members": members}

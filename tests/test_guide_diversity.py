@@ -3,6 +3,9 @@ averaged over moved cameras (docs/benchmarks.md, "Guide members that differ by m
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -62,3 +65,23 @@ def test_jittered_cameras_move_every_centre_the_distance_and_keep_the_orientatio
     torch.testing.assert_close((moved.centers - cams.centers).norm(dim=1), torch.full((len(cams),), 0.25))
     torch.testing.assert_close(moved.w2c[:, :3, :3], cams.w2c[:, :3, :3])
     torch.testing.assert_close(moved.K, cams.K)
+
+
+def test_the_script_scores_each_variant_on_the_real_temple(shared_data: Path, tmp_path: Path, capsys) -> None:
+    """End to end at a tiny size: every variant's members and mean are scored, the default's members are
+    the guide's (seeds only) and a bagged variant's differ from them; a bad variant is the parser's error."""
+    module = script_module("guide_diversity")
+    out = tmp_path / "diversity.json"
+    args = ["--data", str(shared_data), "--scenes", "temple", "--size", "48x36", "--iterations", "12"]
+    args += ["--device", "cpu", "--members", "2", "--variants", "default,points 0.5", "--jitter", "0.01"]
+    assert module.main([*args, "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    (report,) = json.loads(out.read_text())["reports"]
+    default, bagged = report["variants"]["default"], report["variants"]["points 0.5"]
+    for row in (default, bagged):
+        assert len(row["member_psnr"]) == 2 and 5.0 < row["mean"]["psnr"] < 40.0
+        assert 5.0 < row["member 0 jittered 0.01"]["psnr"] < 40.0
+    assert bagged["member_psnr"] != default["member_psnr"]
+    assert "'points 0.5'" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        module.main([*args, "--variants", "tiles 2"])
+    assert "share must be in (0, 1]" in capsys.readouterr().err

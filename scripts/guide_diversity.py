@@ -9,6 +9,7 @@ independently at the price of each set seeing less:
 
 - ``tiles P``: member k sees a random share P of each capture's 16-px tiles (confidence 0 elsewhere);
 - ``points P``: member k starts from a random share P of the memory's points;
+- ``shared-points P``: every member starts from one random share P of them (a sparser start, no bagging);
 - ``capture-weight W``: member k weighs capture k (mod the captures) by W.
 
 ``--jitter F,...``: member 0's render averaged over ``--jitter-renders`` cameras, each centre moved by F x
@@ -49,7 +50,7 @@ from backend.stages.guide import render_guide  # noqa: E402
 from backend.types import Cameras, GeometryMemory  # noqa: E402
 
 TILE_PX = 16
-KINDS = ("default", "tiles", "points", "capture-weight")
+KINDS = ("default", "tiles", "points", "shared-points", "capture-weight")
 
 
 def parse_variant(text: str) -> tuple[str, float]:
@@ -74,6 +75,7 @@ def member_inputs(
 ) -> tuple[list[FitViews], list[GeometryMemory]]:
     """The views and start of each of ``members`` sets for a variant of :func:`parse_variant`."""
     views, inits = [], []
+    shared = torch.rand(len(memory), generator=gen) < share if kind == "shared-points" else None
     for k in range(members):
         v, m = captures, memory
         if kind == "tiles":
@@ -81,8 +83,8 @@ def member_inputs(
             keep = torch.rand(f, -(-h // TILE_PX), -(-w // TILE_PX), generator=gen) < share
             keep = keep.repeat_interleave(TILE_PX, 1).repeat_interleave(TILE_PX, 2)[:, :h, :w]
             v = replace(captures, confidence=captures.confidence * keep.to(captures.confidence))
-        elif kind == "points":
-            keep = torch.rand(len(memory), generator=gen) < share
+        elif kind in ("points", "shared-points"):
+            keep = torch.rand(len(memory), generator=gen) < share if shared is None else shared
             m = GeometryMemory(memory.xyz[keep], memory.rgb[keep], memory.confidence[keep], memory.source[keep])
         elif kind == "capture-weight":
             confidence = captures.confidence.clone()

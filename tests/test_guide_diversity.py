@@ -56,6 +56,9 @@ def test_each_member_loses_what_its_variant_takes_and_nothing_else() -> None:
     for m in inits:
         assert 100 < len(m) < 180
         assert torch.isin(m.xyz[:, 0], memory.xyz[:, 0]).all()  # a subset of the memory's points
+    assert not torch.equal(inits[0].xyz, inits[1].xyz)  # each member its own subset
+    _, inits = module.member_inputs(captures, memory, "shared-points", 0.7, 2, gen)
+    assert 100 < len(inits[0]) < 180 and torch.equal(inits[0].xyz, inits[1].xyz)  # one subset for all
 
 
 def test_jittered_cameras_move_every_centre_the_distance_and_keep_the_orientation() -> None:

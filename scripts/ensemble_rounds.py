@@ -33,13 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_loop_quality import (  # noqa: E402
-    add_scene_seed_args,
-    heldout_and_memory,
-    load_bench_scene,
-    scene_seeds,
-    write_scene_reports,
-)
+import bench_loop_quality as bench  # noqa: E402
 
 from backend.devices import pick_device  # noqa: E402
 from backend.evaluate import FRAMES_PER_LEG, eval_trajectory, score  # noqa: E402
@@ -72,7 +66,7 @@ def run_scene(
     rounds: int,
     device: str,
 ) -> dict:
-    scene = load_bench_scene(data, name, work / f"{name}_seed{seed}")
+    scene = bench.load_bench_scene(data, name, work / f"{name}_seed{seed}")
     traj, on_heldout = eval_trajectory(scene, "heldout", FRAMES_PER_LEG)
     W, H, _ = working_size(*size, [t.camera for t in traj])  # as evaluate_scene sizes its loop
     cfg = LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
@@ -85,7 +79,7 @@ def run_scene(
         guide=replace(cfg.guide, members=members),
     )
     loop_scene = replace(scene, trajectory=traj)
-    truth, held, captures, memory = heldout_and_memory(scene, cfg, (W, H), device)
+    truth, held, captures, memory = bench.heldout_and_memory(scene, cfg, (W, H), device)
     report: dict = {"scene": name, "size": [W, H], "iterations": iterations, "seed": seed, "members": members}
     t0 = time.perf_counter()
     sets = fit_guide(captures, memory, cfg.fit, cfg.guide, device=device)
@@ -127,11 +121,11 @@ def summary_line(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_scene_seed_args(p, Path("/tmp/ensemble_rounds"))
+    bench.add_scene_seed_args(p, Path("/tmp/ensemble_rounds"))
     p.add_argument("--members", type=int, default=3, help="sets per ensemble (the guide's and each round's)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of the loop")
     args = p.parse_args(argv)
-    runs = scene_seeds(p, args)
+    runs = bench.scene_seeds(p, args)
     if args.members < 1 or args.rounds < 1:
         p.error(f"--members and --rounds must be at least 1; got {args.members}, {args.rounds}")
     device = pick_device(args.device)
@@ -140,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         r = run_scene(args.data, name, args.work, size, args.iterations, seed, args.members, args.rounds, device)
         reports.append(r)
         print(summary_line(r), flush=True)
-    write_scene_reports(args.out, device, reports)
+    bench.write_scene_reports(args.out, device, reports)
     return 0
 
 

@@ -34,13 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_loop_quality import (  # noqa: E402
-    add_scene_seed_args,
-    heldout_and_memory,
-    load_bench_scene,
-    scene_seeds,
-    write_scene_reports,
-)
+import bench_loop_quality as bench  # noqa: E402
 
 from backend.devices import pick_device  # noqa: E402
 from backend.evaluate import score  # noqa: E402
@@ -105,12 +99,12 @@ def jittered(cams: Cameras, distance: float, gen: torch.Generator) -> Cameras:
 
 
 def run_scene(data: Path, name: str, work: Path, size, iterations: int, seed: int, args) -> dict:
-    scene = load_bench_scene(data, name, work / f"{name}_seed{seed}")
+    scene = bench.load_bench_scene(data, name, work / f"{name}_seed{seed}")
     W, H = size
     device = pick_device(args.device)
     cfg = LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
     fit = replace(cfg.fit, iterations=iterations, seed=seed)
-    truth, held, captures, memory = heldout_and_memory(scene, cfg, (W, H), device)
+    truth, held, captures, memory = bench.heldout_and_memory(scene, cfg, (W, H), device)
     report: dict = {"scene": name, "size": [W, H], "iterations": iterations, "seed": seed, "variants": {}}
     for text in args.variants.split(","):
         kind, share = parse_variant(text)
@@ -140,7 +134,7 @@ def run_scene(data: Path, name: str, work: Path, size, iterations: int, seed: in
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_scene_seed_args(p, Path("/tmp/guide_diversity"))
+    bench.add_scene_seed_args(p, Path("/tmp/guide_diversity"))
     p.add_argument("--members", type=int, default=3)
     p.add_argument("--variants", default="default", help="comma-separated: " + ", ".join(KINDS) + " (with a share)")
     p.add_argument("--jitter", default="", help="comma-separated shares of the scene scale (member 0's render)")
@@ -152,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e))
     reports = [
-        run_scene(args.data, n, args.work, size, args.iterations, s, args) for n, size, s in scene_seeds(p, args)
+        run_scene(args.data, n, args.work, size, args.iterations, s, args) for n, size, s in bench.scene_seeds(p, args)
     ]
-    write_scene_reports(args.out, pick_device(args.device), reports)
+    bench.write_scene_reports(args.out, pick_device(args.device), reports)
     return 0
 
 

@@ -30,13 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_loop_quality import (  # noqa: E402
-    add_scene_seed_args,
-    heldout_and_memory,
-    load_bench_scene,
-    scene_seeds,
-    write_scene_reports,
-)
+import bench_loop_quality as bench  # noqa: E402
 
 from backend.devices import pick_device  # noqa: E402
 from backend.evaluate import score  # noqa: E402
@@ -58,11 +52,11 @@ def union(sets: list[Gaussians], *, thin_opacity: bool = True) -> Gaussians:
 def run_scene(
     data: Path, name: str, work: Path, size: tuple[int, int], iterations: int, seed: int, members: int, device: str
 ) -> dict:
-    scene = load_bench_scene(data, name, work / f"{name}_seed{seed}")
+    scene = bench.load_bench_scene(data, name, work / f"{name}_seed{seed}")
     W, H = size
     cfg = LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
     fit = replace(cfg.fit, iterations=iterations, seed=seed)  # the device's rasterizer, from from_settings
-    truth, held, captures, memory = heldout_and_memory(scene, cfg, (W, H), device)
+    truth, held, captures, memory = bench.heldout_and_memory(scene, cfg, (W, H), device)
     t0 = time.perf_counter()
     sets = fit_guide(captures, memory, fit, replace(cfg.guide, members=members), device=device)
     report: dict = {"scene": name, "size": [W, H], "iterations": iterations, "seed": seed, "members": members}
@@ -79,10 +73,10 @@ def run_scene(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_scene_seed_args(p, Path("/tmp/guide_union"))
+    bench.add_scene_seed_args(p, Path("/tmp/guide_union"))
     p.add_argument("--members", type=int, default=3)
     args = p.parse_args(argv)
-    runs = scene_seeds(p, args)
+    runs = bench.scene_seeds(p, args)
     device = pick_device(args.device)
     reports = []
     for name, size, seed in runs:
@@ -95,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             f"union {r['union']['psnr']:.2f}, union with opacity kept {r['union_opacity_kept']['psnr']:.2f}",
             flush=True,
         )
-    write_scene_reports(args.out, device, reports)
+    bench.write_scene_reports(args.out, device, reports)
     return 0
 
 

@@ -128,6 +128,9 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "mcmc cap 300k": ({}, {"mcmc_cap": 300_000}, {}),
     # the defaults until run 43: a memory above the cap (the door's 241k) relocates but never grows
     "mcmc no growth": ({}, {"mcmc_growth": 1.0}, {}),
+    # MCMC adds at most 5 % a refinement (gsplat), 15 refinements: a start grows at most 2.1x (the temple's
+    # 1.3k memory points at 160x120, 6.9k at 512x384); twice the refinements let it grow 4.3x
+    "refine every 50": ({}, {"refine_every": 50 / 3000}, {}),
     "mcmc regs 0.001": ({}, {"mcmc_opacity_reg": 0.001, "mcmc_scale_reg": 0.001}, {}),  # a tenth of simple_trainer's
     "refine until 1500": ({}, {"refine_stop": 0.5}, {}),  # densification stops earlier (1500 of 3000 steps)
     # MCMC's noise on the centres a tenth of simple_trainer's (FitConfig.mcmc_noise_lr 5e5): the sets' spread

@@ -98,16 +98,23 @@ def jittered(cams: Cameras, distance: float, gen: torch.Generator) -> Cameras:
     return Cameras(w2c, cams.K, cams.width, cams.height)
 
 
-def run_scene(data: Path, name: str, work: Path, size, iterations: int, seed: int, args) -> dict:
-    scene = bench.load_bench_scene(data, name, work / f"{name}_seed{seed}")
+def run_scene(
+    name: str,
+    size: tuple[int, int],
+    seed: int,
+    args,
+    variants: list[tuple[str, str, float]],
+    jitter: list[float],
+    device: str,
+) -> dict:
+    scene = bench.load_bench_scene(args.data, name, args.work / f"{name}_seed{seed}")
     W, H = size
-    device = pick_device(args.device)
     cfg = LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
-    fit = replace(cfg.fit, iterations=iterations, seed=seed)
+    fit = replace(cfg.fit, iterations=args.iterations, seed=seed)
     truth, held, captures, memory = bench.heldout_and_memory(scene, cfg, (W, H), device)
-    report: dict = {"scene": name, "size": [W, H], "iterations": iterations, "seed": seed, "variants": {}}
-    for text in args.variants.split(","):
-        kind, share = parse_variant(text)
+    scale = scene_scale(captures.cams, memory.xyz)
+    report: dict = {"scene": name, "size": [W, H], "iterations": args.iterations, "seed": seed, "variants": {}}
+    for text, kind, share in variants:
         gen = torch.Generator().manual_seed(1000 + seed)
         views, inits = member_inputs(FitViews.from_views(captures), memory, kind, share, args.members, gen)
         t0 = time.perf_counter()
@@ -116,16 +123,16 @@ def run_scene(data: Path, name: str, work: Path, size, iterations: int, seed: in
         with torch.no_grad():
             row["member_psnr"] = [score(render_gaussians(g, held, fit), truth)["psnr"] for g in sets]
             row["mean"] = score(render_guide(sets, held, fit, cfg.guide)[0], truth)
-            scale = scene_scale(captures.cams, memory.xyz)
-            for f in [float(x) for x in args.jitter.split(",") if x]:
-                cams = [jittered(held, f * scale, gen) for _ in range(args.jitter_renders)]
+            moves = torch.Generator().manual_seed(1000 + seed)  # the same moved cameras for every variant
+            for f in jitter:
+                cams = [jittered(held, f * scale, moves) for _ in range(args.jitter_renders)]
                 renders = torch.stack([render_gaussians(sets[0], c, fit) for c in cams])
                 row[f"member 0 jittered {f:g}"] = score(renders.mean(0), truth)
-        report["variants"][text.strip()] = row
+        report["variants"][text] = row
         members = " / ".join(f"{p:.2f}" for p in row["member_psnr"])
         jit = ", ".join(f"{k} {v['psnr']:.2f}" for k, v in row.items() if k.startswith("member 0 jittered"))
         print(
-            f"{name} {W}x{H} {iterations} it seed {seed} {text.strip()!r} ({row['fit_seconds']} s): members {members}, "
+            f"{name} {W}x{H} {args.iterations} it seed {seed} {text!r} ({row['fit_seconds']} s): members {members}, "
             f"mean of renders {row['mean']['psnr']:.2f}" + (f"; {jit}" if jit else ""),
             flush=True,
         )
@@ -140,15 +147,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jitter", default="", help="comma-separated shares of the scene scale (member 0's render)")
     p.add_argument("--jitter-renders", type=int, default=8)
     args = p.parse_args(argv)
+    if args.members < 1 or args.jitter_renders < 1:
+        p.error(f"--members and --jitter-renders must be at least 1; got {args.members} and {args.jitter_renders}")
     try:
-        for text in args.variants.split(","):
-            parse_variant(text)
+        variants = [(t.strip(), *parse_variant(t)) for t in args.variants.split(",")]
     except ValueError as e:
         p.error(str(e))
-    reports = [
-        run_scene(args.data, n, args.work, size, args.iterations, s, args) for n, size, s in bench.scene_seeds(p, args)
-    ]
-    bench.write_scene_reports(args.out, pick_device(args.device), reports)
+    try:
+        jitter = [float(x) for x in args.jitter.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--jitter: {args.jitter!r} is not a comma-separated list of numbers")
+    device = pick_device(args.device)
+    runs = bench.scene_seeds(p, args)
+    reports = [run_scene(name, size, seed, args, variants, jitter, device) for name, size, seed in runs]
+    bench.write_scene_reports(args.out, device, reports)
     return 0
 
 

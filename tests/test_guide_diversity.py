@@ -85,6 +85,11 @@ def test_the_script_scores_each_variant_on_the_real_temple(shared_data: Path, tm
         assert 5.0 < row["member 0 jittered 0.01"]["psnr"] < 40.0
     assert bagged["member_psnr"] != default["member_psnr"]
     assert "'points 0.5'" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        module.main([*args, "--variants", "tiles 2"])
-    assert "share must be in (0, 1]" in capsys.readouterr().err
+    for bad, reason in (
+        (["--variants", "tiles 2"], "share must be in (0, 1]"),
+        (["--jitter", "0.01,x"], "--jitter: '0.01,x' is not a comma-separated list of numbers"),
+        (["--members", "0"], "--members and --jitter-renders must be at least 1; got 0"),
+    ):
+        with pytest.raises(SystemExit):
+            module.main([*args, *bad])
+        assert reason in capsys.readouterr().err

@@ -756,7 +756,7 @@ def validate(
     l1_input = float((pairs.frames - pairs.truth).abs().mean())
     chosen = torch.lerp(base, refined, strength)
     noise = cfg.gate_z * gain_standard_error(pairs.frames, chosen, pairs.truth)
-    declined = l1_input - min(l1) < noise if noise > 0 else l1_input < min(l1)
+    declined = l1_input - min(l1) < noise  # with no noise floor: a loss to the reprojection
     change = 0.0 if declined else float((chosen - pairs.frames).abs().mean())
     return strength, declined, l1_input, l1, change, noise
 

@@ -467,7 +467,7 @@ def test_bench_refine_variant_runs_at_a_tiny_size(single_thread, tmp_path: Path)
     assert set(gate["l1"]) == {"0", "0.25", "0.5", "0.75", "1"}
     best = min(gate["l1"].values())
     gain = gate["l1_input"] - best  # declined: below the validation's noise, or a loss
-    assert gate["declined"] == run["refine_declined"] == (gain < gate["noise"] if gate["noise"] > 0 else gain < 0)
+    assert gate["declined"] == run["refine_declined"] == (gain < gate["noise"])
     # the summary's strength is the mean where the network was applied; a declined run counts as declined
     assert summary["refine small"]["refine_declined"] == float(run["refine_declined"])
     assert ("refine_strength" in summary["refine small"]) == (not run["refine_declined"])

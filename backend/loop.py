@@ -53,7 +53,6 @@ from .stages.fit import (
     fit_gaussians,
     gaussians_to_arrays,
     render_gaussians,
-    thin_refine_every,
 )
 from .stages.generate import generate_segment, retrieved_views
 from .stages.guide import GuideConfig, fit_guide, guide_members, guided_renders, render_guide
@@ -145,7 +144,6 @@ class LoopConfig:
                 iterations=max(settings.gaussian_iterations, 1),
                 seed=settings.seed,
                 rasterizer=rasterizer,
-                mcmc_thin_refine_every=thin_refine_every(rasterizer),
             ),
             has_fit=settings.gaussian_iterations > 0,
             estimator=settings.geometry,

@@ -91,7 +91,10 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     ),
     # the CPU's guide made an ensemble of 3 as on CUDA (a CPU screen, run 41)
     "guide ensemble 3": ({"guide_members": 3}, {}, {}),
-    "guide ensemble 5": ({"guide_members": 5}, {}, {}),  # two more sets than CUDA's default (run 43's screen)
+    "guide ensemble 5": ({"guide_members": 5}, {}, {}),
+    # the guide's members bagged: each from its own half of the memory's points (GuideConfig.member_points;
+    # scripts/guide_diversity.py's `points 0.5` on an H100: the guide +0.22 temple, +0.18 fern)
+    "guide points 0.5": ({"guide_points": 0.5}, {}, {}),  # two more sets than CUDA's default (run 43's screen)
     # the bench's path through the captures and held-out views with more or fewer frames between its keys
     # (EvalConfig.frames_per_leg; FRAMES_PER_LEG 3, a job's path is the user's animation, 120 frames in
     # scripts/bench_loop.py): more views of the guide's colour for the fit, or the keys' frames alone
@@ -132,10 +135,8 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     # 1.3k memory points at 160x120, 6.9k at 512x384); twice the refinements let it grow 4.3x
     "refine every 50": ({}, {"refine_every": 50 / 3000}, {}),
     # FitConfig.mcmc_thin_refine_every: a start its 14 refinements cannot grow to the cap refines as often as
-    # that needs, at most every 50 of 3000 steps; the CPU rasterizer's default, off on gsplat (`thin refine 50`
-    # asks the H200), `thin refine off` is the CPU's default before
+    # that needs, at most every 50 of 3000 steps (off by default; scripts/jobs/refine_every.txt asks the H200)
     "thin refine 50": ({}, {"mcmc_thin_refine_every": 50 / 3000}, {}),
-    "thin refine off": ({}, {"mcmc_thin_refine_every": 0.0}, {}),
     "mcmc regs 0.001": ({}, {"mcmc_opacity_reg": 0.001, "mcmc_scale_reg": 0.001}, {}),  # a tenth of simple_trainer's
     "refine until 1500": ({}, {"refine_stop": 0.5}, {}),  # densification stops earlier (1500 of 3000 steps)
     # MCMC's noise on the centres a tenth of simple_trainer's (FitConfig.mcmc_noise_lr 5e5): the sets' spread
@@ -176,6 +177,20 @@ SCORE_KEYS = (
 )
 
 
+def bench_config(
+    scene: Scene, size: tuple[int, int], iterations: int, budget_min: float | None, device: str
+) -> LoopConfig:
+    """Every row's base config: the scene's settings at ``size`` and ``iterations``; with ``budget_min``,
+    the plan a job with that time budget would make (size and steps at most these, a Gaussian cap)."""
+    if budget_min is None:
+        base = LoopConfig.from_settings(scene.settings, device=device)
+        return replace(base, width=size[0], height=size[1], fit=replace(base.fit, iterations=iterations))
+    settings = replace(
+        scene.settings, width=size[0], height=size[1], gaussian_iterations=iterations, time_budget_min=budget_min
+    )
+    return LoopConfig.from_settings(settings, device=device, num_captures=len(scene.captures))
+
+
 def load_bench_scene(data: Path, name: str, work: Path, *, split: bool = True) -> Scene:
     """One of SCENES from ``data``, imported into ``work`` and split by its protocol (``split``); a
     ``<folder>_imported`` copy (a scene.json made where pycolmap is) is used when ``data`` has one."""
@@ -188,7 +203,7 @@ def load_bench_scene(data: Path, name: str, work: Path, *, split: bool = True) -
 
 # a variant's loop overrides beyond LOOP_FIELDS: the nested configs' fields loop_config sets, and the path's
 # density (EvalConfig.frames_per_leg, read by main)
-NESTED_LOOP_KEYS = ("update", "guide", "guide_members", "guide_alpha", "patchmatch", "frames_per_leg")
+NESTED_LOOP_KEYS = ("update", "guide", "guide_members", "guide_alpha", "guide_points", "patchmatch", "frames_per_leg")
 
 
 def add_scene_seed_args(p: argparse.ArgumentParser, work: Path) -> None:
@@ -243,6 +258,8 @@ def loop_config(base: LoopConfig, overrides: dict, fit_overrides: dict) -> LoopC
         cfg = replace(cfg, guide=replace(cfg.guide, members=overrides["guide_members"]))
     if "guide_alpha" in overrides:
         cfg = replace(cfg, guide=replace(cfg.guide, alpha=overrides["guide_alpha"]))
+    if "guide_points" in overrides:
+        cfg = replace(cfg, guide=replace(cfg.guide, member_points=overrides["guide_points"]))
     if "patchmatch" in overrides:
         memory = cfg.memory
         cfg = replace(cfg, memory=replace(memory, patchmatch=replace(memory.patchmatch, **overrides["patchmatch"])))
@@ -259,7 +276,8 @@ def has_baselines(variant: str) -> bool:
     scored); the others are paired with the default row's of the same seed."""
     loop_over, fit_over, _ = VARIANTS.get(variant, ({}, {}, {}))
     own = variant == "default" or bool(set(fit_over) - FRAME_ONLY_FIT_FIELDS) or "estimator" in loop_over
-    return own or "guide_members" in loop_over  # an ensemble's rows score its render, made beside the baselines
+    # an ensemble's rows score its render, made beside the baselines
+    return own or "guide_members" in loop_over or "guide_points" in loop_over
 
 
 # ---- refiner variants: the "refine" generator (reproject + a U-Net trained on the scene's
@@ -510,6 +528,15 @@ def main(argv: list[str] | None = None) -> int:
         "--size", type=size_wxh, default=None, metavar="WxH", help="working size for every scene (default: per scene)"
     )
     p.add_argument("--iterations", type=int, default=3000)
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="MIN",
+        help="plan the rows as a job with this time budget would (backend.budget; one plan a scene, shared by "
+        "every row): --size and --iterations become the most it may choose, and it sets the Gaussian cap; "
+        "--budget 3 --iterations 400 --size 160x120 is the CPU job of `reconloop demo --scene`",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--seeds",
@@ -554,8 +581,10 @@ def main(argv: list[str] | None = None) -> int:
         size = args.size or SCENES[name][3]
         with tempfile.TemporaryDirectory(prefix="reconloop-quality-") as work:
             scene = load_bench_scene(args.data, name, Path(work) / "scene")
-            base = LoopConfig.from_settings(scene.settings, device=args.device)
-            base = replace(base, width=size[0], height=size[1], fit=replace(base.fit, iterations=args.iterations))
+            base = bench_config(scene, size, args.iterations, args.budget, args.device)
+            size, plan = (base.width, base.height), base.budget.sentence if base.budget else None
+            if plan:
+                print(f"{name}: {plan}")
             runs: dict[str, list[dict]] = {v: [] for v in variants}
             for seed in seeds:
                 seeded = replace(base, seed=seed, fit=replace(base.fit, seed=seed))
@@ -590,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
                     runs[v].append(report)
                     if args.out:  # what a process killed by its time limit leaves behind: the rows done so far
                         done = {k: r for k, r in runs.items() if r}
-                        partial = {"size": list(size), "seeds": seeds, "runs": done, "summary": summarize(done)}
+                        partial = {"size": list(size), "plan": plan, "seeds": seeds, "runs": done}
+                        partial["summary"] = summarize(done)
                         write_report({**results, "scenes": {**results["scenes"], name: partial}}, args.out, quiet=True)
                     if args.pictures:
                         args.pictures.mkdir(parents=True, exist_ok=True)
@@ -599,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     keys = [k for s in SCORE_KEYS for k in (s, f"{s}_masked") if k in report]
                     print(
-                        f"{name} {size[0]}x{size[1]} {args.iterations} it, seed {seed}, {v}: "
+                        f"{name} {size[0]}x{size[1]} {base.fit.iterations} it, seed {seed}, {v}: "
                         + ", ".join(f"{k} {report[k]['psnr']:.2f}/{report[k]['ssim']:.3f}" for k in keys)
                         + f" ({report['seconds']} s)",
                         flush=True,
@@ -611,7 +641,13 @@ def main(argv: list[str] | None = None) -> int:
                     + ", ".join(f"{k} {val:.2f}" for k, val in row.items() if not k.endswith("_std")),
                     flush=True,
                 )
-            results["scenes"][name] = {"size": list(size), "seeds": seeds, "runs": runs, "summary": summary}
+            results["scenes"][name] = {
+                "size": list(size),
+                "plan": plan,
+                "seeds": seeds,
+                "runs": runs,
+                "summary": summary,
+            }
     return write_report(results, args.out)
 
 

@@ -17,7 +17,8 @@ ReconX's confidence-aware fitting on gsplat's training recipe (``examples/simple
    rasterizers give, so it runs on CPU as well. ``strategy="mcmc"`` is gsplat's ``MCMCStrategy``
    (3DGS as MCMC, Kheradmand et al. 2024): no splits or clones by gradient; Gaussians whose opacity
    falls below ``prune_opa`` are moved onto live ones, 5 % more are added at every refinement
-   (:meth:`FitConfig.refine_steps`; more often for a start far under the cap, :func:`mcmc_refine_every`) up to a cap (``mcmc_cap``, or ``mcmc_growth`` x the initial count
+   (:meth:`FitConfig.refine_steps`; an option refines a start far under the cap more often,
+   :func:`mcmc_refine_every`) up to a cap (``mcmc_cap``, or ``mcmc_growth`` x the initial count
    when that is more), every centre gets noise scaled by its transparency and the centres' learning
    rate, and the loss adds
    ``mcmc_opacity_reg x mean opacity + mcmc_scale_reg x mean scale`` (simple_trainer's recipe). Its
@@ -133,15 +134,12 @@ class FitConfig:
             gsplat's defaults are for 30k steps (refine until 15k); ours stop at two thirds so that the
             fit keeps a third of its steps for the final set.
         mcmc_thin_refine_every: ``mcmc`` adds at most 5 % a refinement (gsplat), so a start far under its
-            cap cannot reach it in ``refine_every``'s 14 refinements; such a fit refines as often as
-            reaching the cap needs, but not more often than this share of the run
-            (:func:`mcmc_refine_every`). 0: off (the schedule's own interval), the default here and on
-            gsplat until the H200 measures it. ``LoopConfig.from_settings`` sets 50/3000 on the CPU rasterizer
-            (:func:`thin_refine_every`), where the screens' and CPU jobs' memories are thin (the temple's
-            1.3k points at 160x120): loop +0.22 dB on the temple (5 seeds), +0.47 on the fern (3 seeds),
-            -0.17 and -0.11 on the rings (visual hulls); at the cap (``make demo``'s) refining twice as
-            often cost 0.26 dB, and this leaves it alone (docs/benchmarks.md, "MCMC's growth on a thin
-            memory").
+            cap cannot reach it in ``refine_every``'s 14 refinements; with this set, such a fit refines as
+            often as reaching the cap needs, but not more often than this share of the run
+            (:func:`mcmc_refine_every`). 0: off (the schedule's own interval), the default: at 50/3000 on
+            the CPU the temple's loop gained +0.22 dB at 600 steps (5 seeds) but lost 0.74 in the CPU job's
+            400 (every seed; refining every 7 steps), the fern's +0.47, the rings' -0.17 and -0.11
+            (docs/benchmarks.md, "MCMC's growth on a thin memory"); the H200 is asked about 3000 steps.
         reset_every, grow_grad2d, grow_scale3d, prune_opa, prune_scale3d: DefaultStrategy's opacity
             reset (in steps) and thresholds. ``grow_grad2d`` is 5x
             gsplat's 0.0002: with 3 captures fewer clones and splits fit better on every scene
@@ -690,13 +688,6 @@ def mcmc_cap_for(cfg: FitConfig, initial: int) -> int:
 
 
 MCMC_GROWTH_PER_REFINEMENT = 1.05  # gsplat's MCMCStrategy: at most 5 % more Gaussians a refinement
-THIN_REFINE_EVERY_CPU = 50 / 3000  # the CPU rasterizer's mcmc_thin_refine_every (FitConfig)
-
-
-def thin_refine_every(rasterizer: str) -> float:
-    """``FitConfig.mcmc_thin_refine_every`` for a job fitted with ``rasterizer``: 50/3000 on the CPU
-    rasterizer, measured there (FitConfig); on gsplat 0 (off) until the H200 measures it."""
-    return 0.0 if rasterizer == "gsplat" else THIN_REFINE_EVERY_CPU
 
 
 def mcmc_refine_every(cfg: FitConfig, initial: int, cap: int) -> int:

@@ -201,6 +201,26 @@ def test_bench_quality_variants_reach_the_loop_config() -> None:
     # the guide's members: rows that change them score their own captures-only fit beside the ensemble's render
     assert config("one guide").guide.members == 1 and config("guide ensemble 3 blend 0.5").guide.members == 3
     assert bq.has_baselines("run 38 default") and bq.has_baselines("one guide")
+    bagged = config("guide points 0.5")  # the guide's members bagged: scored beside the baselines
+    assert bagged.guide.member_points == 0.5 and bagged.guide.members == base.guide.members
+    assert bq.has_baselines("guide points 0.5")
+
+
+def test_bench_quality_plans_its_rows_as_a_budgeted_job(shared_data: Path, tmp_path: Path) -> None:
+    """--budget: the rows run at what a job with that time budget plans (size and steps at most the bench's,
+    a Gaussian cap), one plan shared by every row; without it, the bench's size and steps as given."""
+    bq = bench_quality()
+    scene = bq.load_bench_scene(shared_data, "temple", tmp_path / "scene")
+    fixed = bq.bench_config(scene, (160, 120), 600, None, "cpu")
+    assert (fixed.width, fixed.height, fixed.fit.iterations, fixed.fit.max_gaussians) == (160, 120, 600, 0)
+    assert fixed.budget is None
+    planned = bq.bench_config(scene, (160, 120), 400, 3.0, "cpu")
+    assert planned.budget is not None and planned.budget.budget_min == 3.0
+    assert planned.width <= 160 and planned.fit.iterations <= 400 and planned.fit.max_gaussians > 0
+    assert (planned.fit.iterations, planned.fit.max_gaussians) == (
+        planned.budget.iterations,
+        planned.budget.max_gaussians,
+    )
 
 
 def test_frames_chooser_scores_signals_against_the_truths_choice() -> None:

@@ -243,16 +243,6 @@ def test_guide_is_a_job_setting() -> None:
     assert LoopConfig.from_settings(Settings(), device="cpu").guide.members == 1
 
 
-def test_thin_memories_refine_faster_on_the_cpu_rasterizer_only() -> None:
-    """Measured on the CPU (docs/benchmarks.md, "MCMC's growth on a thin memory"); gsplat keeps its
-    schedule until the H200 measures it."""
-    assert LoopConfig.from_settings(Settings(), device="cpu").fit.mcmc_thin_refine_every == 50 / 3000
-    assert LoopConfig.from_settings(Settings(), device="cuda").fit.mcmc_thin_refine_every == 0.0  # off
-    assert LoopConfig.from_settings(Settings.from_json({"guide": False})).guide.enabled is False
-    with pytest.raises(Exception, match=r"settings\.guide: must be true or false"):
-        Settings.from_json({"guide": 1})
-
-
 def test_the_fit_draws_3_frames_a_step_on_every_rasterizer() -> None:
     """FitConfig.batch_size 3 on gsplat (run 46) and on the CPU (its numba compositing), the budget's step
     cost counting them (test_budget)."""

@@ -34,7 +34,7 @@ from backend.stages.fit import (
     render_gaussians_geometry,
     take_rows,
 )
-from backend.stages.guide import GuideConfig, fit_guide, render_guide
+from backend.stages.guide import GuideConfig, fit_guide, member_memory, render_guide
 from backend.types import Cameras, GeometryMemory, Views
 from protocol.ply import read_gaussians_ply, write_gaussians_ply
 
@@ -572,6 +572,26 @@ def test_guide_members_are_fits_with_the_following_seeds_and_render_as_their_mea
     torch.testing.assert_close(one_depth, torch.where(parts[0][2] >= guide_cfg.alpha, parts[0][1], 0.0))
     with pytest.raises(ValueError, match="GuideConfig.members must be at least 1; got 0"):
         GuideConfig(members=0)
+
+
+def test_bagged_guide_members_start_from_their_own_share_of_the_memory():
+    """member_points < 1: member k starts from its own random subset of M (drawn from seed + k, the same on
+    a second call), every member is fitted here (a ready fit started from all of M), and the members'
+    Gaussians are their subsets' points (no densification here)."""
+    cams, images, noisy = make_scene(seed=3, n=200)
+    captures = Views(images, cams, [0, 1, 2])
+    cfg = test_config(iterations=5, seed=4)
+    assert member_memory(noisy, 1.0, 7) is noisy
+    half = member_memory(noisy, 0.5, 7)
+    assert 60 < len(half) < 140 and torch.equal(member_memory(noisy, 0.5, 7).xyz, half.xyz)
+    assert not torch.equal(member_memory(noisy, 0.5, 8).xyz[:50], half.xyz[:50])  # another member, another share
+    assert all(any(torch.equal(p, q) for q in noisy.xyz) for p in half.xyz[:10])  # M's own points
+    first = fit_gaussians(FitViews.from_views(captures), noisy, cfg, device="cpu")
+    bagged = fit_guide(captures, noisy, cfg, GuideConfig(members=3, member_points=0.5), device="cpu", ready=[first])
+    assert all(g is not first for g in bagged)
+    assert [len(g) for g in bagged] == [len(member_memory(noisy, 0.5, 4 + k)) for k in range(3)]
+    with pytest.raises(ValueError, match=r"GuideConfig.member_points is a share .* in \(0, 1\]; got 0"):
+        GuideConfig(member_points=0)
 
 
 def test_take_rows_is_indexing_by_slices():

@@ -134,9 +134,6 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     # MCMC adds at most 5 % a refinement (gsplat), 15 refinements: a start grows at most 2.1x (the temple's
     # 1.3k memory points at 160x120, 6.9k at 512x384); twice the refinements let it grow 4.3x
     "refine every 50": ({}, {"refine_every": 50 / 3000}, {}),
-    # FitConfig.mcmc_thin_refine_every: a start its 14 refinements cannot grow to the cap refines as often as
-    # that needs, at most every 50 of 3000 steps (off by default; scripts/jobs/refine_every.txt asks the H200)
-    "thin refine 50": ({}, {"mcmc_thin_refine_every": 50 / 3000}, {}),
     "mcmc regs 0.001": ({}, {"mcmc_opacity_reg": 0.001, "mcmc_scale_reg": 0.001}, {}),  # a tenth of simple_trainer's
     "refine until 1500": ({}, {"refine_stop": 0.5}, {}),  # densification stops earlier (1500 of 3000 steps)
     # MCMC's noise on the centres a tenth of simple_trainer's (FitConfig.mcmc_noise_lr 5e5): the sets' spread

@@ -17,8 +17,7 @@ ReconX's confidence-aware fitting on gsplat's training recipe (``examples/simple
    rasterizers give, so it runs on CPU as well. ``strategy="mcmc"`` is gsplat's ``MCMCStrategy``
    (3DGS as MCMC, Kheradmand et al. 2024): no splits or clones by gradient; Gaussians whose opacity
    falls below ``prune_opa`` are moved onto live ones, 5 % more are added at every refinement
-   (:meth:`FitConfig.refine_steps`; an option refines a start far under the cap more often,
-   :func:`mcmc_refine_every`) up to a cap (``mcmc_cap``, or ``mcmc_growth`` x the initial count
+   (:meth:`FitConfig.refine_steps`) up to a cap (``mcmc_cap``, or ``mcmc_growth`` x the initial count
    when that is more), every centre gets noise scaled by its transparency and the centres' learning
    rate, and the loss adds
    ``mcmc_opacity_reg x mean opacity + mcmc_scale_reg x mean scale`` (simple_trainer's recipe). Its
@@ -133,13 +132,6 @@ class FitConfig:
             docs/benchmarks.md, "MCMC on the CPU").
             gsplat's defaults are for 30k steps (refine until 15k); ours stop at two thirds so that the
             fit keeps a third of its steps for the final set.
-        mcmc_thin_refine_every: ``mcmc`` adds at most 5 % a refinement (gsplat), so a start far under its
-            cap cannot reach it in ``refine_every``'s 14 refinements; with this set, such a fit refines as
-            often as reaching the cap needs, but not more often than this share of the run
-            (:func:`mcmc_refine_every`). 0: off (the schedule's own interval), the default: at 50/3000 on
-            the CPU the temple's loop gained +0.22 dB at 600 steps (5 seeds) but lost 0.74 in the CPU job's
-            400 (every seed; refining every 7 steps), the fern's +0.47, the rings' -0.17 and -0.11
-            (docs/benchmarks.md, "MCMC's growth on a thin memory"); the H200 is asked about 3000 steps.
         reset_every, grow_grad2d, grow_scale3d, prune_opa, prune_scale3d: DefaultStrategy's opacity
             reset (in steps) and thresholds. ``grow_grad2d`` is 5x
             gsplat's 0.0002: with 3 captures fewer clones and splits fit better on every scene
@@ -191,7 +183,6 @@ class FitConfig:
     refine_start: float = 500 / 3000
     refine_stop: float = 2000 / 3000
     refine_every: float = 100 / 3000
-    mcmc_thin_refine_every: float = 0.0
     reset_every: int = 3000
     grow_grad2d: float = 0.001
     grow_scale3d: float = 0.01
@@ -239,11 +230,6 @@ class FitConfig:
             )
         if not 0.0 < self.refine_every <= 1.0:
             raise ValueError(f"FitConfig.refine_every is a share of the run in (0, 1]; got {self.refine_every}")
-        if not 0.0 <= self.mcmc_thin_refine_every <= self.refine_every:
-            raise ValueError(
-                "FitConfig.mcmc_thin_refine_every is a share of the run in [0, refine_every "
-                f"{self.refine_every}] (0: off); got {self.mcmc_thin_refine_every}"
-            )
         if self.mcmc_cap < 1:
             raise ValueError(f"FitConfig.mcmc_cap must be >= 1; got {self.mcmc_cap}")
         if not self.mcmc_growth >= 1.0:
@@ -687,31 +673,6 @@ def mcmc_cap_for(cfg: FitConfig, initial: int) -> int:
     return min(cap, cfg.max_gaussians) if cfg.max_gaussians else cap
 
 
-MCMC_GROWTH_PER_REFINEMENT = 1.05  # gsplat's MCMCStrategy: at most 5 % more Gaussians a refinement
-
-
-def mcmc_refine_every(cfg: FitConfig, initial: int, cap: int) -> int:
-    """``mcmc``'s refinement interval in steps for a fit from ``initial`` Gaussians up to ``cap``: the
-    schedule's own (``refine_every``) when its refinements can grow the start to the cap, else the
-    longest interval whose refinements can, and never shorter than ``mcmc_thin_refine_every`` (0: the
-    schedule's own, always).
-
-    Examples:
-        >>> cfg = FitConfig(iterations=3000, mcmc_thin_refine_every=50 / 3000)
-        >>> mcmc_refine_every(cfg, 65_000, 100_000), mcmc_refine_every(cfg, 1_300, 100_000)
-        (100, 50)
-    """
-    start, stop, every = cfg.refine_steps()
-    if cfg.mcmc_thin_refine_every == 0.0:
-        return every
-    shortest = min(every, max(1, round(cfg.mcmc_thin_refine_every * cfg.iterations)))
-    needed = math.log(max(cap, 1) / max(initial, 1)) / math.log(MCMC_GROWTH_PER_REFINEMENT)
-    for interval in range(every, shortest - 1, -1):
-        if (stop - 1) // interval - start // interval >= needed:  # refinements: steps in (start, stop)
-            return interval
-    return shortest
-
-
 def _make_strategy(cfg: FitConfig, initial: int) -> Any:
     if cfg.strategy == "none":
         return None
@@ -733,13 +694,6 @@ def _make_strategy(cfg: FitConfig, initial: int) -> Any:
                 f"MCMC's Gaussian cap is {cap} ({cfg.mcmc_growth} x the {initial} initial Gaussians, "
                 f"above FitConfig.mcmc_cap {cfg.mcmc_cap})"
             )
-        interval = mcmc_refine_every(cfg, initial, cap)
-        if interval < every:
-            log.info(
-                f"MCMC refines every {interval} steps, not {every}: {initial} initial Gaussians grow at most "
-                f"5 % a refinement towards the cap of {cap} (FitConfig.mcmc_thin_refine_every)"
-            )
-            every = interval
         return MCMCStrategy(
             cap_max=cap,
             noise_lr=cfg.mcmc_noise_lr,

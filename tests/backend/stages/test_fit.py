@@ -28,7 +28,6 @@ from backend.stages.fit import (
     gaussians_to_arrays,
     init_gaussians,
     knn_mean_distance,
-    mcmc_refine_every,
     mcmc_regularisers,
     render_gaussians,
     render_gaussians_geometry,
@@ -214,36 +213,6 @@ def test_mcmc_strategy_runs_with_the_cpu_rasterizer():
     assert psnr(render_gaussians(g, cams, cfg), images).mean().item() > before + 3.0
     capped = fit_gaussians(views, noisy, replace(cfg, mcmc_cap=27, mcmc_growth=1.0), device="cpu")
     assert len(capped) == 27
-
-
-def test_a_thin_start_refines_as_often_as_reaching_its_cap_needs():
-    """MCMC grows at most 5 % a refinement: a start its 14 refinements of 3000 steps can grow to the cap
-    keeps them; a thinner one refines more often, just often enough, but never past the thin share;
-    at the cap (make demo's memory) nothing changes."""
-    cfg = FitConfig(iterations=3000, mcmc_thin_refine_every=50 / 3000)
-    assert mcmc_refine_every(cfg, 100_000, 100_000) == 100  # at the cap
-    assert mcmc_refine_every(cfg, 65_000, 100_000) == 100  # 9 refinements reach it (the H200's fern)
-    interval = mcmc_refine_every(cfg, 40_000, 100_000)  # 19 needed
-    assert 50 < interval < 100
-    refinements = lambda k: 1999 // k - 500 // k  # noqa: E731  (multiples of k in (500, 2000))
-    assert 40_000 * 1.05 ** refinements(interval) >= 100_000 > 40_000 * 1.05 ** refinements(interval + 1)
-    assert mcmc_refine_every(cfg, 1_300, 100_000) == 50  # the temple's thin memory: as often as allowed
-    assert mcmc_refine_every(FitConfig(iterations=3000), 1_300, 100_000) == 100  # off (the default)
-    with pytest.raises(ValueError, match=r"mcmc_thin_refine_every is a share of the run in \[0, refine_every"):
-        FitConfig(mcmc_thin_refine_every=0.05)
-
-
-def test_a_thin_start_grows_further_on_the_cpu_rasterizer():
-    """The same fit from 25 Gaussians: 4 refinements of 5 % at the schedule's interval of 10 steps, 7 at the
-    thin share's 5 (the cap out of reach of either)."""
-    cams, images, noisy = make_scene(seed=2, n=25)
-    cfg = test_config(iterations=60, strategy="mcmc", refine_start=0.1, refine_every=1 / 6, refine_stop=0.75)
-    views = FitViews(images, cams, torch.ones(3, H, W))
-    thin = fit_gaussians(views, noisy, replace(cfg, mcmc_thin_refine_every=1 / 12), device="cpu")
-    n = 25
-    for _ in range(7):  # refinements at steps 10, 15, ..., 40: every 5 steps in (6, 45)
-        n = int(1.05 * n)
-    assert len(thin) == n > len(fit_gaussians(views, noisy, cfg, device="cpu")) == 29
 
 
 def test_refinement_schedule_is_a_share_of_the_run():

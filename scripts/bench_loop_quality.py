@@ -532,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MIN",
         help="plan the rows as a job with this time budget would (backend.budget; one plan a scene, shared by "
         "every row): --size and --iterations become the most it may choose, and it sets the Gaussian cap; "
-        "--budget 3 --iterations 400 --size 160x120 is the CPU job of `reconloop demo --scene`",
+        "--budget 3 --iterations 400 --size 160x120 is the CPU job of `reconloop demo --scene`. The plan is the "
+        "scene's own generator's (reproject): a refiner row's training is not reserved in it",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -556,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.out is not None and args.out.is_dir():
         p.error(f"--out: {args.out} is a folder; name the JSON file to write (its .md table goes beside it)")
+    if args.budget is not None and not args.budget > 0:
+        p.error(f"--budget: a time budget in minutes above 0; got {args.budget}")
     if args.merge:
         results = merge_results([json.loads(f.read_text()) for f in args.merge])
         return write_report(results, args.out)

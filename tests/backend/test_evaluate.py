@@ -369,6 +369,9 @@ def test_bench_quality_refuses_a_folder_for_out(tmp_path) -> None:
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
         bench_quality().main(["--out", str(tmp_path)])
     assert "--out" in err.getvalue() and "is a folder" in err.getvalue()
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+        bench_quality().main(["--budget", "0"])
+    assert "--budget: a time budget in minutes above 0; got 0.0" in err.getvalue()
 
 
 def test_every_bench_variant_builds_its_configs() -> None:

@@ -241,6 +241,9 @@ def test_guide_is_a_job_setting() -> None:
     # a self-ensemble of 3 fits where gsplat fits them in lockstep (run 39), one fit on the CPU rasterizer
     assert LoopConfig.from_settings(Settings(), device="cuda").guide.members == 3
     assert LoopConfig.from_settings(Settings(), device="cpu").guide.members == 1
+    assert LoopConfig.from_settings(Settings.from_json({"guide": False})).guide.enabled is False
+    with pytest.raises(Exception, match=r"settings\.guide: must be true or false"):
+        Settings.from_json({"guide": 1})
 
 
 def test_the_fit_draws_3_frames_a_step_on_every_rasterizer() -> None:

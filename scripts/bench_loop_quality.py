@@ -91,10 +91,10 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     ),
     # the CPU's guide made an ensemble of 3 as on CUDA (a CPU screen, run 41)
     "guide ensemble 3": ({"guide_members": 3}, {}, {}),
-    "guide ensemble 5": ({"guide_members": 5}, {}, {}),
+    "guide ensemble 5": ({"guide_members": 5}, {}, {}),  # two more sets than CUDA's default (run 43's screen)
     # the guide's members bagged: each from its own half of the memory's points (GuideConfig.member_points;
     # scripts/guide_diversity.py's `points 0.5` on an H100: the guide +0.22 temple, +0.18 fern)
-    "guide points 0.5": ({"guide_points": 0.5}, {}, {}),  # two more sets than CUDA's default (run 43's screen)
+    "guide points 0.5": ({"guide_points": 0.5}, {}, {}),
     # the bench's path through the captures and held-out views with more or fewer frames between its keys
     # (EvalConfig.frames_per_leg; FRAMES_PER_LEG 3, a job's path is the user's animation, 120 frames in
     # scripts/bench_loop.py): more views of the guide's colour for the fit, or the keys' frames alone
@@ -440,7 +440,9 @@ def merge_results(parts: list[dict]) -> dict:
     merged["scenes"] = {}
     for part in parts:
         for name, scene in part["scenes"].items():
-            into = merged["scenes"].setdefault(name, {"size": scene["size"], "seeds": [], "runs": {}})
+            into = merged["scenes"].setdefault(
+                name, {"size": scene["size"], "plan": scene.get("plan"), "seeds": [], "runs": {}}
+            )
             if scene["size"] != into["size"]:
                 raise ValueError(f"merge: scene {name} ran at {scene['size']} and {into['size']}")
             for v, reports in scene["runs"].items():

@@ -535,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         help="plan the rows as a job with this time budget would (backend.budget; one plan a scene, shared by "
         "every row): --size and --iterations become the most it may choose, and it sets the Gaussian cap; "
         "--budget 3 --iterations 400 --size 160x120 is the CPU job of `reconloop demo --scene`. The plan is the "
-        "scene's own generator's (reproject): a refiner row's training is not reserved in it",
+        "scene's own settings' (reproject, the device's guide members): a refiner row's training or a row with "
+        "more guide members is not re-planned, so compare only rows that fit as many sets",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(

@@ -622,8 +622,13 @@ def main(argv: list[str] | None = None) -> int:
                     runs[v].append(report)
                     if args.out:  # what a process killed by its time limit leaves behind: the rows done so far
                         done = {k: r for k, r in runs.items() if r}
-                        partial = {"size": list(size), "plan": plan, "seeds": seeds, "runs": done}
-                        partial["summary"] = summarize(done)
+                        partial = {
+                            "size": list(size),
+                            "plan": plan,
+                            "seeds": seeds,
+                            "runs": done,
+                            "summary": summarize(done),
+                        }
                         write_report({**results, "scenes": {**results["scenes"], name: partial}}, args.out, quiet=True)
                     if args.pictures:
                         args.pictures.mkdir(parents=True, exist_ok=True)

@@ -79,7 +79,7 @@ def member_inputs(
             v = replace(captures, confidence=captures.confidence * keep.to(captures.confidence))
         elif kind in ("points", "shared-points"):
             keep = torch.rand(len(memory), generator=gen) < share if shared is None else shared
-            m = GeometryMemory(memory.xyz[keep], memory.rgb[keep], memory.confidence[keep], memory.source[keep])
+            m = memory.select(keep)
         elif kind == "capture-weight":
             confidence = captures.confidence.clone()
             confidence[k % len(captures)] *= share

@@ -55,7 +55,7 @@ from .stages.fit import (
     render_gaussians,
 )
 from .stages.generate import generate_segment, retrieved_views
-from .stages.guide import GuideConfig, fit_guide, guide_members, guided_renders, render_guide
+from .stages.guide import GuideConfig, fit_guide, guided_renders, rasterizer_guide, render_guide
 from .stages.memory import MemoryConfig, build_memory, memory_to_ply_arrays
 from .stages.render import RenderConfig, render_memory
 from .stages.retrieval import RetrievalConfig, retrieve_views
@@ -135,7 +135,7 @@ class LoopConfig:
             base,
             width=settings.width,
             height=settings.height,
-            guide=replace(base.guide, enabled=settings.guide, members=guide_members(rasterizer)),
+            guide=rasterizer_guide(replace(base.guide, enabled=settings.guide), rasterizer),
             segments=replace(base.segments, length=settings.segment_length, overlap=settings.segment_overlap),
             retrieval=replace(base.retrieval, k=settings.retrieval_k),
             update=replace(base.update, enabled=settings.update_memory),

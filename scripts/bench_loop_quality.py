@@ -92,9 +92,11 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     # the CPU's guide made an ensemble of 3 as on CUDA (a CPU screen, run 41)
     "guide ensemble 3": ({"guide_members": 3}, {}, {}),
     "guide ensemble 5": ({"guide_members": 5}, {}, {}),  # two more sets than CUDA's default (run 43's screen)
-    # the guide's members bagged: each from its own half of the memory's points (GuideConfig.member_points;
-    # scripts/guide_diversity.py's `points 0.5` on an H100: the guide +0.22 temple, +0.18 fern)
-    "guide points 0.5": ({"guide_points": 0.5}, {}, {}),
+    # gsplat's guide members each from all of the memory's points, the default until run 52 (its members
+    # bagged since, each from its own half: GuideConfig.member_points; the row was `guide points 0.5` then)
+    "guide all points": ({"guide_points": 1.0}, {}, {}),
+    # the CPU rasterizer's guide (one fit) made gsplat's: 3 members, each from its own half of the points
+    "guide ensemble 3 points 0.5": ({"guide_members": 3, "guide_points": 0.5}, {}, {}),
     # the bench's path through the captures and held-out views with more or fewer frames between its keys
     # (EvalConfig.frames_per_leg; FRAMES_PER_LEG 3, a job's path is the user's animation, 120 frames in
     # scripts/bench_loop.py): more views of the guide's colour for the fit, or the keys' frames alone
@@ -103,8 +105,8 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "no memory update": ({"update": False}, {}, {}),
     # the guide: a self-ensemble of 3 captures-only fits on CUDA, rendered as their mean, 0.75 of its colour in
     # the frames (GuideConfig.members, ReprojectConfig.guide_blend; run 39)
-    "one guide": ({"guide_members": 1}, {}, {}),
-    "run 38 default": ({"guide_members": 1}, {}, {"guide_blend": 0.5}),  # one fit, half its colour
+    "one guide": ({"guide_members": 1, "guide_points": 1.0}, {}, {}),
+    "run 38 default": ({"guide_members": 1, "guide_points": 1.0}, {}, {"guide_blend": 0.5}),  # one fit, half its colour
     "guide ensemble 3 blend 0.5": ({"guide_members": 3}, {}, {"guide_blend": 0.5}),  # run 39's first rows
     "capture share 0.7": ({}, {"capture_share": 0.7}, {}),
     "capture share 0.3": ({}, {"capture_share": 0.3}, {}),  # more of the fit on the frames (run 36's mixes: +0.04)

@@ -17,7 +17,7 @@ points, so they differ by more than their seeds.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -33,14 +33,11 @@ class GuideConfig:
     Attributes:
         enabled: fit the guide (job setting ``guide``); off: the point render alone, as AnyRecon.
         alpha: Gaussian opacity from which a guide pixel counts as covered.
-        members: Gaussian sets in the guide (module docstring); 1: one captures-only fit. A job
-            takes :func:`guide_members` of its rasterizer (``LoopConfig.from_settings``).
+        members: Gaussian sets in the guide (module docstring); 1: one captures-only fit.
         member_points: the share of M's points each member starts from, its own random subset
-            (:func:`member_memory`); 1: all of them. On an H100 at 3000 steps a guide of 3 members from
-            half the points each rendered the held-out views +0.22 dB (temple) and +0.18 (fern, every
-            seed) above the default's, in less time (``scripts/guide_diversity.py``, variant ``points
-            0.5``; docs/benchmarks.md, "Guide members that differ by more than their seeds"); the loop
-            with it is the H200's next question, so 1 stays the default.
+            (:func:`member_memory`); 1: all of them.
+
+    A job takes both from its rasterizer (:func:`rasterizer_guide`, ``LoopConfig.from_settings``).
     """
 
     enabled: bool = True
@@ -60,17 +57,24 @@ class GuideConfig:
 
 
 ENSEMBLE_MEMBERS = 3  # the guide's sets where the fit runs on gsplat (CUDA): run 39, docs/benchmarks.md
+MEMBER_POINTS = 0.5  # the share of M each of them starts from there: run 52, docs/benchmarks.md
 
 
-def guide_members(rasterizer: str) -> int:
-    """The guide's sets for a job fitted with ``rasterizer``: ``ENSEMBLE_MEMBERS`` on gsplat, where
-    they are fitted in one rasterizer call per step (3 sets took 1.9x one set's time at the bench job's
-    896x512 on the H200, the job 54.5 s; run 40) and measured (runs 39-40, 3 seeds: the loop's Gaussians
-    +0.12 fern, +0.30 temple, +0.49 door over one set); 1 on the CPU rasterizer, where each set costs a
-    whole fit: with 3 frames a step, 3 sets gave the CPU loop +0.27 dB on the fern and -0.26 on the temple
-    for twice a row's time (docs/benchmarks.md, "3 frames a step on the CPU"), and a CPU job's time budget
-    would pay for them with steps."""
-    return ENSEMBLE_MEMBERS if rasterizer == "gsplat" else 1
+def rasterizer_guide(guide: GuideConfig, rasterizer: str) -> GuideConfig:
+    """``guide`` with the members a job fitted with ``rasterizer`` takes.
+
+    On gsplat: ``ENSEMBLE_MEMBERS`` sets, fitted in one rasterizer call per step (3 sets took 1.9x one
+    set's time at the bench job's 896x512 on the H200, the job 54.5 s; run 40; the loop's Gaussians +0.12
+    fern, +0.30 temple, +0.49 door over one set, runs 39-40), each from its own ``MEMBER_POINTS`` of M
+    (the loop's Gaussians +0.19 temple, +0.22 fern, every seed, over members from all of M; run 52 on an
+    H100, 3000 steps; the members fit faster from half the points, run 50).
+    On the CPU rasterizer: one set from all of M. There each set costs a whole fit: with 3 frames a step,
+    3 sets gave the CPU loop +0.27 dB on the fern and -0.26 on the temple for twice a row's time
+    (docs/benchmarks.md, "3 frames a step on the CPU"), and a CPU job's time budget would pay for them
+    with steps; one set from half of M loses (temple seed 0: -0.36)."""
+    if rasterizer == "gsplat":
+        return replace(guide, members=ENSEMBLE_MEMBERS, member_points=MEMBER_POINTS)
+    return replace(guide, members=1, member_points=1.0)
 
 
 def member_memory(memory: GeometryMemory, share: float, seed: int) -> GeometryMemory:

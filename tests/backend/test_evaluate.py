@@ -201,9 +201,10 @@ def test_bench_quality_variants_reach_the_loop_config() -> None:
     # the guide's members: rows that change them score their own captures-only fit beside the ensemble's render
     assert config("one guide").guide.members == 1 and config("guide ensemble 3 blend 0.5").guide.members == 3
     assert bq.has_baselines("run 38 default") and bq.has_baselines("one guide")
-    bagged = config("guide points 0.5")  # the guide's members bagged: scored beside the baselines
-    assert bagged.guide.member_points == 0.5 and bagged.guide.members == base.guide.members
-    assert bq.has_baselines("guide points 0.5")
+    bagged = config("guide ensemble 3 points 0.5")  # the guide's members bagged: scored beside the baselines
+    assert bagged.guide.member_points == 0.5 and bagged.guide.members == 3
+    assert config("guide all points").guide.member_points == 1.0 and config("one guide").guide.member_points == 1.0
+    assert bq.has_baselines("guide ensemble 3 points 0.5") and bq.has_baselines("guide all points")
 
 
 def test_bench_quality_plans_its_rows_as_a_budgeted_job(shared_data: Path, tmp_path: Path) -> None:

@@ -309,8 +309,9 @@ def evaluate_scene(
         report["points_coverage"] = float((points.sum(-1) > 0).float().mean())
         add_scores("gaussians_captures", caps_render)
         columns += [points, caps_render]
-        guide = [g_caps]
-        if loop_cfg.guide.enabled and loop_cfg.guide.members > 1:  # the rest of a self-ensemble, and its render
+        # the captures-only fit is the guide's first member where the members start from all of M
+        guide = [g_caps] if loop_cfg.guide.member_points >= 1.0 else []
+        if loop_cfg.guide.enabled and (loop_cfg.guide.members > 1 or not guide):  # the rest, and their render
             with meter.measure("fit_guide"):
                 guide = fit_guide(captures, memory, loop_cfg.fit, loop_cfg.guide, device=device, ready=guide)
             guide_rgb, _, guide_spread = render_guide(guide, held, loop_cfg.fit, loop_cfg.guide)

@@ -225,9 +225,9 @@ def run_loop(
         config: the loop's config; default ``LoopConfig.from_settings(scene.settings)``.
         generator: a ready generator (e.g. one a service's ``GeneratorCache`` keeps loaded between
             jobs); default: built from ``config.generator``, its weights located by the environment.
-        guide: the guide's members fitted already on these captures at the working size with
-            ``config.fit`` and seeds ``config.fit.seed``, ``+ 1``, ... (e.g. the captures-only fit an
-            evaluation made); the rest of ``config.guide.members`` are fitted here. Ignored when the
+        guide: the guide's members fitted already on these captures at the working size as
+            ``fit_guide`` fits them with ``config.fit`` and ``config.guide`` (e.g. the guide an evaluation
+            fitted and scored); the rest of ``config.guide.members`` are fitted here. Ignored when the
             guide is off.
         memory: a ready initial memory M, built by ``build_memory`` from these captures at the
             working size with ``config.memory`` and ``config.estimator`` (e.g. the one an evaluation

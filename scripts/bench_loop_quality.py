@@ -89,7 +89,8 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
         {"capture_share": 0.3},
         {"guide_blend": 1.0},
     ),
-    # the CPU's guide made an ensemble of 3 as on CUDA (a CPU screen, run 41)
+    # the CPU's guide made an ensemble of 3 from all points, as on CUDA until run 52 (a CPU screen, run 41); on
+    # gsplat the default's members (bagged since run 52)
     "guide ensemble 3": ({"guide_members": 3}, {}, {}),
     "guide ensemble 5": ({"guide_members": 5}, {}, {}),  # two more sets than CUDA's default (run 43's screen)
     # gsplat's guide members each from all of the memory's points, the default until run 52 (its members
@@ -97,6 +98,9 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "guide all points": ({"guide_points": 1.0}, {}, {}),
     # the CPU rasterizer's guide (one fit) made gsplat's: 3 members, each from its own half of the points
     "guide ensemble 3 points 0.5": ({"guide_members": 3, "guide_points": 0.5}, {}, {}),
+    # other shares for the bagged members (gsplat's default 0.5; rows of either rasterizer)
+    "guide ensemble 3 points 0.3": ({"guide_members": 3, "guide_points": 0.3}, {}, {}),
+    "guide ensemble 3 points 0.7": ({"guide_members": 3, "guide_points": 0.7}, {}, {}),
     # the bench's path through the captures and held-out views with more or fewer frames between its keys
     # (EvalConfig.frames_per_leg; FRAMES_PER_LEG 3, a job's path is the user's animation, 120 frames in
     # scripts/bench_loop.py): more views of the guide's colour for the fit, or the keys' frames alone
@@ -107,7 +111,7 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     # the frames (GuideConfig.members, ReprojectConfig.guide_blend; run 39)
     "one guide": ({"guide_members": 1, "guide_points": 1.0}, {}, {}),
     "run 38 default": ({"guide_members": 1, "guide_points": 1.0}, {}, {"guide_blend": 0.5}),  # one fit, half its colour
-    "guide ensemble 3 blend 0.5": ({"guide_members": 3}, {}, {"guide_blend": 0.5}),  # run 39's first rows
+    "guide ensemble 3 blend 0.5": ({"guide_members": 3, "guide_points": 1.0}, {}, {"guide_blend": 0.5}),  # run 39's
     "capture share 0.7": ({}, {"capture_share": 0.7}, {}),
     "capture share 0.3": ({}, {"capture_share": 0.3}, {}),  # more of the fit on the frames (run 36's mixes: +0.04)
     # weight-free regularisers of the sparse-view Gaussian literature (Gaussian dropout 0.2 is the default)

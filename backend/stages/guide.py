@@ -98,10 +98,9 @@ def fit_guide(
 ) -> list[Gaussians]:
     """The guide's ``cfg.members`` Gaussian sets, fitted on the captures alone (confidence 1) from the
     memory M, in lockstep; member k seeded ``fit_cfg.seed + k`` and started from
-    :func:`member_memory` with that seed. The ``ready`` ones (members 0, 1, ... fitted so already from
-    all of M, e.g. an evaluation's captures-only fit) are kept and not fitted again, unless the members
-    start from shares of M (``member_points`` < 1): then every member is fitted here."""
-    ready = ready if cfg.member_points >= 1.0 else ()
+    :func:`member_memory` with that seed. The ``ready`` ones (members 0, 1, ... fitted so already, e.g.
+    an evaluation's captures-only fit where the members start from all of M, or a guide fitted here
+    before) are kept and not fitted again."""
     todo = list(range(len(ready), cfg.members))
     if not todo:
         return list(ready[: cfg.members])

@@ -72,7 +72,9 @@ def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pyt
 
     def counted_fit_guide(*args, ready=(), **kwargs):
         ready_in_loop.append(len(ready))
-        return fit_guide(*args, ready=ready, **kwargs)
+        out = fit_guide(*args, ready=ready, **kwargs)
+        assert all(a is b for a, b in zip(out[: len(ready)], ready, strict=True)), "a handed-over member fitted again"
+        return out
 
     monkeypatch.setattr("backend.loop.fit_guide", counted_fit_guide)
     scene = split_protocol(
@@ -80,7 +82,8 @@ def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pyt
     )
     scene = replace(scene, settings=Settings(width=64, height=48, gaussian_iterations=30, segment_length=8))
     loop_cfg = LoopConfig.from_settings(scene.settings)
-    two_member_guide = replace(loop_cfg, guide=replace(loop_cfg.guide, members=2))  # a CUDA job's has 3
+    # a CUDA job's guide has 3 members, each from its own half of M (rasterizer_guide)
+    two_member_guide = replace(loop_cfg, guide=replace(loop_cfg.guide, members=2, member_points=0.5))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     kept: dict[str, torch.Tensor] = {}
@@ -117,7 +120,7 @@ def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pyt
     on_disk = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert on_disk["gaussians_loop"]["psnr"] == pytest.approx(report["gaussians_loop"]["psnr"])
     assert {"fit_captures", "fit_guide"} <= set(on_disk["timing"]["baselines"]["stages"])
-    assert ready_in_loop == [2]  # the captures-only fit and the guide's second member, fitted once, handed over
+    assert ready_in_loop == [2]  # the guide's bagged members, fitted once and scored, handed over
     assert (tmp_path / "eval" / "loop" / "gaussians.ply").is_file()
     assert Image.open(tmp_path / "eval" / "eval.png").height >= 2 * 48
 

@@ -545,8 +545,8 @@ def test_guide_members_are_fits_with_the_following_seeds_and_render_as_their_mea
 
 def test_bagged_guide_members_start_from_their_own_share_of_the_memory():
     """member_points < 1: member k starts from its own random subset of M (drawn from seed + k, the same on
-    a second call), every member is fitted here (a ready fit started from all of M), and the members'
-    Gaussians are their subsets' points (no densification here)."""
+    a second call), the members' Gaussians are their subsets' points (no densification here), and bagged
+    members fitted before are kept."""
     cams, images, noisy = make_scene(seed=3, n=200)
     captures = Views(images, cams, [0, 1, 2])
     cfg = test_config(iterations=5, seed=4)
@@ -555,10 +555,10 @@ def test_bagged_guide_members_start_from_their_own_share_of_the_memory():
     assert 60 < len(half) < 140 and torch.equal(member_memory(noisy, 0.5, 7).xyz, half.xyz)
     assert not torch.equal(member_memory(noisy, 0.5, 8).xyz[:50], half.xyz[:50])  # another member, another share
     assert torch.isin(half.xyz[:, 0], noisy.xyz[:, 0]).all()  # M's own points
-    first = fit_gaussians(FitViews.from_views(captures), noisy, cfg, device="cpu")
-    bagged = fit_guide(captures, noisy, cfg, GuideConfig(members=3, member_points=0.5), device="cpu", ready=[first])
-    assert all(g is not first for g in bagged)
+    guide_cfg = GuideConfig(members=3, member_points=0.5)
+    bagged = fit_guide(captures, noisy, cfg, guide_cfg, device="cpu")
     assert [len(g) for g in bagged] == [len(member_memory(noisy, 0.5, 4 + k)) for k in range(3)]
+    assert all(a is b for a, b in zip(fit_guide(captures, noisy, cfg, guide_cfg, device="cpu", ready=bagged), bagged))
     with pytest.raises(ValueError, match=r"GuideConfig.member_points is a share .* in \(0, 1\]; got 0"):
         GuideConfig(member_points=0)
 

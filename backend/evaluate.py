@@ -291,7 +291,7 @@ def evaluate_scene(
         "update_memory": loop_cfg.update.enabled,
     }
     columns = [truth]
-    guide: list[Gaussians] = []  # the loop's guide, (b) its first member, when made here
+    guide: list[Gaussians] = []  # the loop's guide, when made here
     # (a) the point memory alone, and (b) Gaussians on the captures alone
     if baselines:
         with meter.measure("load"):

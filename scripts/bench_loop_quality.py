@@ -387,6 +387,12 @@ def seed_scores(reports: list[dict], base: dict[int, dict], key: str) -> list[fl
     return [(r if key in r else base[r["seed"]])[key]["psnr"] for r in reports if key in r or key in base[r["seed"]]]
 
 
+def scene_result(size: tuple[int, int], plan: str | None, seeds: list[int], runs: dict[str, list[dict]]) -> dict:
+    """A scene's entry in the report: its working size, the budget's plan (None: the bench's size and steps),
+    seeds, every row's reports and their summary (:func:`summarize`)."""
+    return {"size": list(size), "plan": plan, "seeds": seeds, "runs": runs, "summary": summarize(runs)}
+
+
 def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     """Mean PSNR per variant over seeds (and its standard deviation, ``<key>_std``): the loop's
     Gaussians and frames, the baselines (the variant's own when it scored them, else the default
@@ -451,6 +457,8 @@ def merge_results(parts: list[dict]) -> dict:
             )
             if scene["size"] != into["size"]:
                 raise ValueError(f"merge: scene {name} ran at {scene['size']} and {into['size']}")
+            if scene.get("plan") != into["plan"]:
+                raise ValueError(f"merge: scene {name} was planned as {scene.get('plan')!r} and {into['plan']!r}")
             for v, reports in scene["runs"].items():
                 into["runs"].setdefault(v, []).extend(reports)
     for name, scene in merged["scenes"].items():
@@ -627,14 +635,7 @@ def main(argv: list[str] | None = None) -> int:
                         refine_report(generator, scene, report, picture)
                     runs[v].append(report)
                     if args.out:  # what a process killed by its time limit leaves behind: the rows done so far
-                        done = {k: r for k, r in runs.items() if r}
-                        partial = {
-                            "size": list(size),
-                            "plan": plan,
-                            "seeds": seeds,
-                            "runs": done,
-                            "summary": summarize(done),
-                        }
+                        partial = scene_result(size, plan, seeds, {k: r for k, r in runs.items() if r})
                         write_report({**results, "scenes": {**results["scenes"], name: partial}}, args.out, quiet=True)
                     if args.pictures:
                         args.pictures.mkdir(parents=True, exist_ok=True)
@@ -648,20 +649,13 @@ def main(argv: list[str] | None = None) -> int:
                         + f" ({report['seconds']} s)",
                         flush=True,
                     )
-            summary = summarize(runs)
-            for v, row in summary.items():
+            results["scenes"][name] = scene_result(size, plan, seeds, runs)
+            for v, row in results["scenes"][name]["summary"].items():
                 print(
                     f"{name}, mean of {len(seeds)} seeds, {v}: "
                     + ", ".join(f"{k} {val:.2f}" for k, val in row.items() if not k.endswith("_std")),
                     flush=True,
                 )
-            results["scenes"][name] = {
-                "size": list(size),
-                "plan": plan,
-                "seeds": seeds,
-                "runs": runs,
-                "summary": summary,
-            }
     return write_report(results, args.out)
 
 

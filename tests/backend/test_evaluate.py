@@ -181,6 +181,11 @@ def test_bench_quality_merges_runs_of_one_seed_each() -> None:
         bq.merge_results([part(0, 20.0, 21.0, variant=22.0), part(0, 20.0, 21.0, variant=22.0)])
     with pytest.raises(ValueError, match="iterations"):
         bq.merge_results([part(0, 20.0, 21.0), {**part(1, 20.0, 21.0), "iterations": 20}])
+    planned = part(1, 20.0, 21.0)
+    planned["scenes"]["temple"]["plan"] = "budget 3 min: 160x120, 400 steps"
+    assert bq.merge_results([planned])["scenes"]["temple"]["plan"] == "budget 3 min: 160x120, 400 steps"  # kept
+    with pytest.raises(ValueError, match="planned as"):  # rows of a budget's plan and of fixed steps
+        bq.merge_results([part(0, 20.0, 21.0), planned])
 
 
 def test_bench_quality_variants_reach_the_loop_config() -> None:

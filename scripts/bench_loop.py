@@ -38,6 +38,7 @@ from backend.loop import LoopConfig, run_loop  # noqa: E402
 from backend.scene import Camera, Scene, Settings, TrajectoryFrame, save_scene  # noqa: E402
 from backend.service.options import _name_values  # noqa: E402
 from backend.stages.fit import FitConfig, FitViews, default_rasterizer, fit_gaussians  # noqa: E402
+from backend.stages.guide import GuideConfig  # noqa: E402
 from backend.types import Cameras, GeometryMemory  # noqa: E402
 
 TARGETS_S = {"memory": 3.0, "render_retrieval_per_segment": 1.0, "fit": 45.0, "total": 90.0}
@@ -75,19 +76,19 @@ def warm_up(device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def fit_overrides(pairs: list[str]) -> dict:
-    """``["strategy=mcmc", "dropout_rate=0.1"]`` -> FitConfig keyword arguments, typed as the field's default
-    (bool, int, float or str fields)."""
-    defaults = {f.name: f.default for f in fields(FitConfig)}
+def config_overrides(pairs: list[str], config: type = FitConfig, option: str = "--fit-set") -> dict:
+    """``["strategy=mcmc", "dropout_rate=0.1"]`` -> ``config``'s keyword arguments, typed as the field's
+    default (bool, int, float or str fields)."""
+    defaults = {f.name: f.default for f in fields(config)}
     out = {}
-    for name, value in _name_values("--fit-set", pairs).items():
+    for name, value in _name_values(option, pairs).items():
         kind = type(defaults.get(name))
         if kind not in (bool, int, float, str):
-            raise SystemExit(f"--fit-set {name}: not a bool, int, float or str field of FitConfig")
+            raise SystemExit(f"{option} {name}: not a bool, int, float or str field of {config.__name__}")
         try:
             out[name] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
         except ValueError as err:
-            raise SystemExit(f"--fit-set {name}={value}: {err}") from err
+            raise SystemExit(f"{option} {name}={value}: {err}") from err
     return out
 
 
@@ -126,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FIELD=VALUE",
         help="a FitConfig field for this run (a candidate default timed before it lands), e.g. strategy=mcmc",
     )
+    ap.add_argument(
+        "--guide-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a GuideConfig field for this run (after the rasterizer's guide), e.g. member_points=1.0",
+    )
     a = ap.parse_args(argv)
     width, height = a.size
     device = torch.device(a.device)
@@ -148,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         compile_s = warm_up(device)
         cfg = LoopConfig.from_settings(settings, device=device)
         if a.fit_set:
-            cfg = replace(cfg, fit=replace(cfg.fit, **fit_overrides(a.fit_set)))
+            cfg = replace(cfg, fit=replace(cfg.fit, **config_overrides(a.fit_set)))
+        if a.guide_set:
+            cfg = replace(cfg, guide=replace(cfg.guide, **config_overrides(a.guide_set, GuideConfig, "--guide-set")))
         t0 = time.perf_counter()
         result = run_loop(scene, a.out / "job", device=device, config=cfg)
         if device.type == "cuda":

@@ -403,13 +403,23 @@ def test_every_bench_variant_builds_its_configs() -> None:
 
 
 def test_bench_loop_fit_set_types_values_and_names_a_bad_field() -> None:
-    """scripts/bench_loop.py --fit-set FIELD=VALUE: a candidate FitConfig default timed before it lands."""
+    """scripts/bench_loop.py --fit-set / --guide-set FIELD=VALUE: a candidate FitConfig or GuideConfig default
+    timed before it lands."""
     bench_loop = script_module("bench_loop")
-    got = bench_loop.fit_overrides(["strategy=mcmc", "dropout_rate=0.1", "mcmc_cap=30000", "has_random_background=no"])
+    got = bench_loop.config_overrides(
+        ["strategy=mcmc", "dropout_rate=0.1", "mcmc_cap=30000", "has_random_background=no"]
+    )
     assert got == {"strategy": "mcmc", "dropout_rate": 0.1, "mcmc_cap": 30000, "has_random_background": False}
     with pytest.raises(SystemExit, match="--fit-set droput: not a bool, int, float or str field of FitConfig"):
-        bench_loop.fit_overrides(["droput=0.1"])
+        bench_loop.config_overrides(["droput=0.1"])
     with pytest.raises(SystemExit, match="--fit-set mcmc_cap=lots: invalid literal"):
-        bench_loop.fit_overrides(["mcmc_cap=lots"])
+        bench_loop.config_overrides(["mcmc_cap=lots"])
     with pytest.raises(ValueError, match="--fit-set must be NAME=VALUE"):
-        bench_loop.fit_overrides(["strategy"])
+        bench_loop.config_overrides(["strategy"])
+    guide = bench_loop.GuideConfig
+    assert bench_loop.config_overrides(["member_points=1", "members=5"], guide, "--guide-set") == {
+        "member_points": 1.0,
+        "members": 5,
+    }
+    with pytest.raises(SystemExit, match="--guide-set member: not a bool, int, float or str field of GuideConfig"):
+        bench_loop.config_overrides(["member=5"], guide, "--guide-set")

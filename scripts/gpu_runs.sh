@@ -11,7 +11,8 @@
 #   mkdir -p .gsplat_so && cp /work/.device/N/gsplat_cuda.* .gsplat_so/   (then carry .gsplat_so too)
 #   probe                      what the machine has (torch, CUDA, cv2, pycolmap, gsplat), gsplat's kernel build
 #   loop [ARGS]                scripts/bench_loop.py: the whole job on the temple, 120 frames at 896x512
-#                              (--fit-set FIELD=VALUE times a candidate FitConfig default; --generator refine)
+#                              (--fit-set / --guide-set FIELD=VALUE time a candidate FitConfig / GuideConfig
+#                              default; --generator refine)
 #   quality SCENES VARIANTS SEEDS [ITER]   scripts/bench_loop_quality.py (comma-separated lists)
 #   quality_parallel SCENES VARIANTS SEEDS [ITER]   one process per scene and seed at once, merged
 #                              (quality figures only: concurrent processes' timings, and the refiner's

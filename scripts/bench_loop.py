@@ -151,14 +151,15 @@ def main(argv: list[str] | None = None) -> int:
         path = save_scene(bench_scene(a.data, a.save_scene, a.frames, settings), a.save_scene)
         print(f"wrote {path}")
         return 0
+    cfg = LoopConfig.from_settings(settings, device=device)
+    try:  # a value its config refuses (e.g. member_points=2) is named by the config's own check, before any work
+        cfg = replace(cfg, fit=replace(cfg.fit, **config_overrides(a.fit_set)))
+        cfg = replace(cfg, guide=replace(cfg.guide, **config_overrides(a.guide_set, GuideConfig, "--guide-set")))
+    except ValueError as err:
+        raise SystemExit(f"--fit-set / --guide-set: {err}") from err
     with tempfile.TemporaryDirectory() as tmp:
         scene = bench_scene(a.data, Path(tmp) / "scene", a.frames, settings)
         compile_s = warm_up(device)
-        cfg = LoopConfig.from_settings(settings, device=device)
-        if a.fit_set:
-            cfg = replace(cfg, fit=replace(cfg.fit, **config_overrides(a.fit_set)))
-        if a.guide_set:
-            cfg = replace(cfg, guide=replace(cfg.guide, **config_overrides(a.guide_set, GuideConfig, "--guide-set")))
         t0 = time.perf_counter()
         result = run_loop(scene, a.out / "job", device=device, config=cfg)
         if device.type == "cuda":

@@ -402,7 +402,7 @@ def test_every_bench_variant_builds_its_configs() -> None:
         bq.loop_config(base, {"guide_member": 5}, {})
 
 
-def test_bench_loop_fit_set_types_values_and_names_a_bad_field() -> None:
+def test_bench_loop_fit_set_types_values_and_names_a_bad_field(tmp_path: Path) -> None:
     """scripts/bench_loop.py --fit-set / --guide-set FIELD=VALUE: a candidate FitConfig or GuideConfig default
     timed before it lands."""
     bench_loop = script_module("bench_loop")
@@ -423,3 +423,8 @@ def test_bench_loop_fit_set_types_values_and_names_a_bad_field() -> None:
     }
     with pytest.raises(SystemExit, match="--guide-set member: not a bool, int, float or str field of GuideConfig"):
         bench_loop.config_overrides(["member=5"], guide, "--guide-set")
+    # a value of the right type that the config refuses stops the run with the config's reason, before any work
+    # (the scene folder is not there: reading it first would fail with another message)
+    args = ["--data", str(tmp_path / "no_scene"), "--out", str(tmp_path), "--device", "cpu", "--frames", "4"]
+    with pytest.raises(SystemExit, match=r"--guide-set: GuideConfig.member_points .* in \(0, 1\]; got 2.0"):
+        bench_loop.main([*args, "--guide-set", "member_points=2"])

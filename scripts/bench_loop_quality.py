@@ -101,6 +101,9 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     # other shares for the bagged members (gsplat's default 0.5; rows of either rasterizer)
     "guide ensemble 3 points 0.3": ({"guide_members": 3, "guide_points": 0.3}, {}, {}),
     "guide ensemble 3 points 0.7": ({"guide_members": 3, "guide_points": 0.7}, {}, {}),
+    # the bagged guide's colour alone where it covers (the frames 0.9-1.1 dB below the guide's render on the
+    # temple and the door in runs 52-53; run 41's `blend 1.0` had members from all points)
+    "guide ensemble 3 points 0.5 blend 1.0": ({"guide_members": 3, "guide_points": 0.5}, {}, {"guide_blend": 1.0}),
     # the bench's path through the captures and held-out views with more or fewer frames between its keys
     # (EvalConfig.frames_per_leg; FRAMES_PER_LEG 3, a job's path is the user's animation, 120 frames in
     # scripts/bench_loop.py): more views of the guide's colour for the fit, or the keys' frames alone

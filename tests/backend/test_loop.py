@@ -240,7 +240,8 @@ def test_guide_is_a_job_setting() -> None:
     assert LoopConfig.from_settings(Settings()).guide.enabled is True
     # a self-ensemble of 3 fits where gsplat fits them in lockstep (run 39), each from its own half of the
     # memory (run 52); one fit from all of it on the CPU rasterizer
-    cuda, cpu = LoopConfig.from_settings(Settings(), device="cuda").guide, LoopConfig.from_settings(Settings()).guide
+    cuda = LoopConfig.from_settings(Settings(), device="cuda").guide
+    cpu = LoopConfig.from_settings(Settings(), device="cpu").guide
     assert (cuda.members, cuda.member_points) == (3, 0.5) and (cpu.members, cpu.member_points) == (1, 1.0)
     assert LoopConfig.from_settings(Settings.from_json({"guide": False})).guide.enabled is False
     with pytest.raises(Exception, match=r"settings\.guide: must be true or false"):

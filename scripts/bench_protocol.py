@@ -25,7 +25,6 @@ import json
 import mmap
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from backend.service.spawn import free_port, serve_command, serve_env  # noqa: E402
 from protocol.client import Client  # noqa: E402
 
 FRAME_SHAPE = (512, 896, 3)  # AnyRecon's working resolution, RGB
@@ -124,12 +124,6 @@ def paired(fn: Callable[[], Any], copy: Callable[[], Any], runs: int) -> tuple[l
     return fn_s, copy_s
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tiny_png() -> bytes:
     import io
 
@@ -153,22 +147,9 @@ def main() -> int:
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     data_dir = Path(tempfile.mkdtemp(prefix="bench-protocol-"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "scripts")])}
+    env = serve_env(REPO / "scripts")
     service = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "backend.cli",
-            "serve",
-            "--bind",
-            endpoint,
-            "--data-dir",
-            str(data_dir),
-            "--device",
-            "cpu",
-            "--runner",
-            "bench_protocol:runner",
-        ],
+        serve_command(endpoint, data_dir, runner="bench_protocol:runner"),
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,

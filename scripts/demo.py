@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ for p in (str(REPO), str(SCRIPTS)):
         sys.path.insert(0, p)
 
 from backend.cli import DEMO_SETTINGS  # noqa: E402  (CPU-sized job settings, shared with `reconloop demo --scene`)
+from backend.service.spawn import free_port, serve_command, serve_env  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 CAPTURES_COLLECTION = "Captures"
@@ -50,12 +50,6 @@ def log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
 def make_scene(out: Path, extra: list[str]) -> Path:
     scene_dir = out / "scene"
     if (scene_dir / "demo.blend").is_file():
@@ -68,20 +62,9 @@ def make_scene(out: Path, extra: list[str]) -> Path:
 
 
 def start_service(data_dir: Path, device: str, log_path: Path) -> tuple[subprocess.Popen, str]:
-    endpoint = f"tcp://{LOOPBACK}:{free_port()}"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
-    cmd = [
-        sys.executable,
-        "-m",
-        "backend.cli",
-        "serve",
-        "--bind",
-        endpoint,
-        "--data-dir",
-        str(data_dir),
-        "--device",
-        device,
-    ]
+    endpoint = f"tcp://{LOOPBACK}:{free_port(LOOPBACK)}"
+    env = serve_env()
+    cmd = serve_command(endpoint, data_dir, device=device)
     log(f"starting the service on {endpoint} (log {log_path})")
     logf = open(log_path, "ab")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

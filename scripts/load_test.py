@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +39,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from backend.service.spawn import free_port, serve_command, serve_env  # noqa: E402
 from protocol.client import Client  # noqa: E402
 from protocol.schemas import TERMINAL_STATES  # noqa: E402
 
@@ -155,12 +154,6 @@ def _client_thread(
         log.errors.append(f"client {index}: {type(err).__name__}: {err}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _peak_rss_bytes(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -207,24 +200,9 @@ def run_load(
     data_dir = Path(tmp.name) / "jobs" if data_dir is None else Path(data_dir)
     serve_args, client_kws = _curve_keys(Path(tmp.name), clients) if curve else ([], [{} for _ in range(clients)])
     client_kw = client_kws[0]
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "backend.cli",
-        "serve",
-        "--bind",
-        endpoint,
-        "--data-dir",
-        str(data_dir),
-        "--device",
-        "cpu",
-        "--runner",
-        "backend.service.probe:run",
-        *serve_args,
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cmd = serve_command(endpoint, data_dir, runner="backend.service.probe:run", extra=serve_args)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=serve_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     isolation: list[str] = []
     try:
         up_by = time.monotonic() + STARTUP_S

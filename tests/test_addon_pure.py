@@ -205,21 +205,13 @@ def test_srgb_to_linear():
 
 
 def test_service_command_and_hello_text():
+    from backend.service.spawn import serve_command
     from blender_addon import connection
 
     cfg = connection.ConnectionConfig(local_python="/opt/py/bin/python", local_device="cpu", data_dir="/tmp/jobs")
-    assert connection.service_command(cfg, "tcp://127.0.0.1:5000") == [
-        "/opt/py/bin/python",
-        "-m",
-        "backend.cli",
-        "serve",
-        "--bind",
-        "tcp://127.0.0.1:5000",
-        "--device",
-        "cpu",
-        "--data-dir",
-        "/tmp/jobs",
-    ]
+    # the add-on cannot import backend: its command is the one the backend's own helper makes, in another Python
+    expected = ["/opt/py/bin/python", *serve_command("tcp://127.0.0.1:5000", "/tmp/jobs", device="cpu")[1:]]
+    assert connection.service_command(cfg, "tcp://127.0.0.1:5000") == expected
     cfg = connection.ConnectionConfig(local_command="conda run -n recon reconloop")
     assert connection.service_command(cfg, "tcp://127.0.0.1:5000")[:6] == [
         "conda",

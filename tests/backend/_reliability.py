@@ -6,10 +6,7 @@ land in pytest's junit XML, which ``scripts/reliability_report.py`` turns into `
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +14,7 @@ from typing import Any
 
 from backend.service import Service, ServiceConfig
 from backend.service.probe import run as probe_runner
+from backend.service.spawn import serve_command, serve_env
 from protocol.client import Client
 from protocol.schemas import TERMINAL_STATES
 from tests.protocol.helpers import scene_msg
@@ -70,35 +68,14 @@ def wait_state(
     return status
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn_serve(
     data_dir: Path, endpoint: str, *extra: str, preexec: Callable[[], None] | None = None
 ) -> subprocess.Popen:
     """``reconloop serve`` with the probe runner in a subprocess (stderr to ``data_dir``/../serve.log)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "backend.cli",
-        "serve",
-        "--bind",
-        endpoint,
-        "--data-dir",
-        str(data_dir),
-        "--device",
-        "cpu",
-        "--runner",
-        "backend.service.probe:run",
-        *extra,
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = serve_command(endpoint, data_dir, runner="backend.service.probe:run", extra=extra)
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     log = open(data_dir.parent / f"serve-{endpoint.rsplit(':', 1)[1]}.log", "ab")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log, preexec_fn=preexec)
+    return subprocess.Popen(cmd, cwd=REPO, env=serve_env(), stdout=log, stderr=log, preexec_fn=preexec)
 
 
 def wait_up(endpoint: str, timeout_s: float = WAIT_S, **client_kw: Any) -> None:

@@ -258,7 +258,8 @@ def test_loopback_without_keys_is_one_local_owner_and_owners_survive_restart(tmp
 
 def test_cli_serve_and_submit_with_keys(tmp_path, keys, capsys):
     """`reconloop serve --curve-secret --allow-keys` in a thread-free subprocess and `submit --server-key --client-key`."""
-    from tests.backend._reliability import free_port, spawn_serve, wait_up
+    from backend.service.spawn import free_port
+    from tests.backend._reliability import spawn_serve, wait_up
 
     pairs, allowed = keys
     endpoint = f"tcp://127.0.0.1:{free_port()}"

@@ -21,6 +21,7 @@ import pytest
 
 from backend.fileio import sha256_file
 from backend.scene import load_scene
+from backend.service.spawn import free_port
 from backend.service.store import ARTIFACTS_DIR, INTERRUPTED_REASON, MANIFEST_FILE, SCENE_DIR, scene_message
 from protocol import errors
 from protocol.client import Client
@@ -28,7 +29,6 @@ from protocol.errors import ProtocolError
 from tests.backend._reliability import (
     TIMEOUT_MS,
     finished_probe_job,
-    free_port,
     probe_scene,
     row,
     spawn_serve,

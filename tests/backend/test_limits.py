@@ -13,6 +13,7 @@ import pytest
 import zmq
 from PIL import Image
 
+from backend.service.spawn import free_port
 from backend.service.store import ARTIFACTS_DIR, MANIFEST_FILE, check_artifact_name, resolve_inside
 from protocol import errors, limits
 from protocol.client import Client
@@ -21,7 +22,6 @@ from protocol.errors import ProtocolError
 from tests.backend._reliability import (
     TIMEOUT_MS,
     finished_probe_job,
-    free_port,
     probe_scene,
     row,
     spawn_serve,

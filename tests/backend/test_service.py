@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import zmq
 from backend.fileio import sha256_file
 from backend.service import Service, ServiceConfig
 from backend.service.server import is_loopback
+from backend.service.spawn import free_port, serve_command, serve_env
 from backend.service.store import ARTIFACTS_DIR, INTERRUPTED_REASON, check_artifact_name, resolve_inside
 from protocol import errors
 from protocol.client import Client
@@ -280,32 +278,12 @@ def test_artifact_names_are_checked(tmp_path):
             resolve_inside(tmp_path / "out", name)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.xdist_group("service-subprocess")
 def test_restart_after_kill9_marks_interrupted_and_keeps_finished_artifacts(tmp_path):
     data_dir = tmp_path / "jobs"
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "backend.cli",
-        "serve",
-        "--bind",
-        endpoint,
-        "--data-dir",
-        str(data_dir),
-        "--device",
-        "cpu",
-        "--runner",
-        "tests.protocol.helpers:runner",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = serve_command(endpoint, data_dir, runner="tests.protocol.helpers:runner")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=serve_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         with Client(endpoint, timeout_ms=TIMEOUT_MS, retries=3) as c:
             c.hello()

@@ -315,11 +315,11 @@ def probe_service(tmp_path_factory):
     """A real `reconloop serve` on loopback with CurveZMQ keys and the quick probe runner."""
     import subprocess
 
-    from blender_addon.connection import free_loopback_port
+    from backend.service.spawn import free_port, serve_command, serve_env
     from protocol.client import Client
 
     root = tmp_path_factory.mktemp("probe_service")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = serve_env()
     keys, allowed = root / "keys", root / "allowed"
     for name in ("server", "alice", "mallory"):
         subprocess.run(
@@ -331,27 +331,15 @@ def probe_service(tmp_path_factory):
         )
     allowed.mkdir()
     (allowed / "alice.key").write_bytes((keys / "alice.key").read_bytes())
-    endpoint = f"tcp://127.0.0.1:{free_loopback_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     log = open(root / "service.log", "wb")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "backend.cli",
-            "serve",
-            "--bind",
+        serve_command(
             endpoint,
-            "--data-dir",
-            str(root / "jobs"),
-            "--device",
-            "cpu",
-            "--runner",
-            "backend.service.probe:run",
-            "--curve-secret",
-            str(keys / "server.key_secret"),
-            "--allow-keys",
-            str(allowed),
-        ],
+            root / "jobs",
+            runner="backend.service.probe:run",
+            extra=["--curve-secret", str(keys / "server.key_secret"), "--allow-keys", str(allowed)],
+        ),
         cwd=REPO,
         env=env,
         stdout=log,

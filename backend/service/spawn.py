@@ -1,0 +1,48 @@
+"""``reconloop serve`` in a subprocess of this interpreter: a free loopback port, the command line, the environment.
+
+For the scripts and tests that run the real service in its own process (benchmarks, the load test, the demo,
+the restart and fault tests). The Blender add-on has its own (``blender_addon/connection.py``): it cannot
+import ``backend``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that was free a moment ago (another process may take it before the service binds it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def serve_command(
+    endpoint: str, data_dir: str | Path, *, device: str = "cpu", runner: str | None = None, extra: Sequence[str] = ()
+) -> list[str]:
+    """``python -m backend.cli serve`` with this interpreter, bound to ``endpoint``, its job store in ``data_dir``.
+
+    Args:
+        endpoint: the ZeroMQ endpoint it binds (``--bind``), e.g. ``tcp://127.0.0.1:5555``.
+        data_dir: its job store folder (``--data-dir``).
+        device: its compute device (``--device``).
+        runner: a job runner ``MODULE:FUNC`` instead of the loop (``--runner``), e.g. ``backend.service.probe:run``.
+        extra: more ``serve`` arguments, appended as given (``--curve-secret``, ``--max-frame-mib``, ...).
+    """
+    cmd = [sys.executable, "-m", "backend.cli", "serve", "--bind", endpoint, "--device", device]
+    cmd += ["--data-dir", str(data_dir)]
+    if runner:
+        cmd += ["--runner", runner]
+    return [*cmd, *extra]
+
+
+def serve_env(*paths: str | Path) -> dict[str, str]:
+    """This process's environment with ``PYTHONPATH`` = the repository root, then ``paths``, then its old value."""
+    old = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), *map(str, paths), old]))}

@@ -201,6 +201,7 @@ class GeometryMemory:
 
 
 GUIDE_SOURCE = -2  # Renders.source of the pixels the guide's render took over (backend.stages.guide)
+ENSEMBLE_SOURCE = -3  # the same where the guide is a self-ensemble: its members' mean colour
 
 
 @dataclass
@@ -212,7 +213,8 @@ class Renders:
         depth: camera z of the nearest point, 0 where empty. float32 [C, H, W]
         mask: pixels the memory covers. bool [C, H, W]
         source: capture id of the nearest point, -1 where empty or generated, ``GUIDE_SOURCE`` where
-            the loop's guide (Gaussians on the captures) coloured the pixel. int32 [C, H, W]
+            the loop's guide (Gaussians on the captures) coloured the pixel, ``ENSEMBLE_SOURCE`` where
+            a guide of several Gaussian sets did. int32 [C, H, W]
     """
 
     rgb: Tensor

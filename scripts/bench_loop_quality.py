@@ -70,24 +70,37 @@ SCENES = {
 # A scene already imported into `<data>/<folder>_imported/` (`reconloop import`) is read from there: the
 # GPU machine has no pycolmap to read the door's COLMAP model.
 IMPORTED_SUFFIX = "_imported"
+
+
+def _blend(share: float) -> dict[str, float]:
+    """ReprojectConfig overrides: ``share`` of the guide's colour in the frames, a one-fit guide's or an ensemble's."""
+    return {"guide_blend": share, "ensemble_blend": share}
+
+
 # name -> (LoopConfig overrides, FitConfig overrides, ReprojectConfig overrides); "default" is scored
 # with the baselines, and so is every variant that changes the fit (the captures-only fit changes too).
 VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "default": ({}, {}, {}),
     "no guide": ({"guide": False}, {}, {"render_blend": 0.0}),  # AnyRecon's loop: the point render alone
-    "guide without blend": ({}, {}, {"render_blend": 0.0, "guide_blend": 0.0}),
+    "guide without blend": ({}, {}, {"render_blend": 0.0, **_blend(0.0)}),
     "agreement 0.02": ({}, {}, {"agreement_std": 0.02}),
-    # how much of the guide's colour goes into the frames (ReprojectConfig.guide_blend, 0.75 since run 39)
-    "blend 0.5": ({}, {}, {"guide_blend": 0.5}),  # the default until run 39
-    "blend 0.9": ({}, {}, {"guide_blend": 0.9}),
-    "blend 1.0": ({}, {}, {"guide_blend": 1.0}),  # the ensemble's colour alone where it covers (run 41)
+    # how much of the guide's colour goes into the frames, one fit's or an ensemble's (ReprojectConfig.guide_blend
+    # 0.75 since run 39, ensemble_blend 1.0 since run 54: gsplat's guide of 3 fits)
+    "blend 0.5": ({}, {}, _blend(0.5)),  # the default until run 39
+    "blend 0.75": ({}, {}, _blend(0.75)),  # the ensemble's until run 54 (the one fit's default)
+    "blend 0.9": ({}, {}, _blend(0.9)),
+    "blend 1.0": (
+        {},
+        {},
+        _blend(1.0),
+    ),  # the guide's colour alone where it covers (runs 41, 54; the ensemble's default)
     # ... and it covers wherever its members' mean opacity reaches 0.1 (GuideConfig.alpha; 0.5 the default)
-    "guide alpha 0.1 + blend 1.0": ({"guide_alpha": 0.1}, {}, {"guide_blend": 1.0}),
+    "guide alpha 0.1 + blend 1.0": ({"guide_alpha": 0.1}, {}, _blend(1.0)),
     # ... with more of the fit's steps on the frames (FitConfig.capture_share 0.5 the default)
     "guide alpha 0.1 + blend 1.0 + capture share 0.3": (
         {"guide_alpha": 0.1},
         {"capture_share": 0.3},
-        {"guide_blend": 1.0},
+        _blend(1.0),
     ),
     # the CPU's guide made an ensemble of 3 from all points, as on CUDA until run 52 (a CPU screen, run 41); on
     # gsplat the default's members (bagged since run 52)
@@ -101,9 +114,6 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     # other shares for the bagged members (gsplat's default 0.5; rows of either rasterizer)
     "guide ensemble 3 points 0.3": ({"guide_members": 3, "guide_points": 0.3}, {}, {}),
     "guide ensemble 3 points 0.7": ({"guide_members": 3, "guide_points": 0.7}, {}, {}),
-    # the bagged guide's colour alone where it covers (the frames 0.9-1.1 dB below the guide's render on the
-    # temple and the door in runs 52-53; run 41's `blend 1.0` had members from all points)
-    "guide ensemble 3 points 0.5 blend 1.0": ({"guide_members": 3, "guide_points": 0.5}, {}, {"guide_blend": 1.0}),
     # the bench's path through the captures and held-out views with more or fewer frames between its keys
     # (EvalConfig.frames_per_leg; FRAMES_PER_LEG 3, a job's path is the user's animation, 120 frames in
     # scripts/bench_loop.py): more views of the guide's colour for the fit, or the keys' frames alone
@@ -111,10 +121,10 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "path 8 per leg": ({"frames_per_leg": 8}, {}, {}),
     "no memory update": ({"update": False}, {}, {}),
     # the guide: a self-ensemble of 3 captures-only fits on CUDA, rendered as their mean, 0.75 of its colour in
-    # the frames (GuideConfig.members, ReprojectConfig.guide_blend; run 39)
+    # the frames until run 54, all of it since (GuideConfig.members, ReprojectConfig.ensemble_blend; run 39)
     "one guide": ({"guide_members": 1, "guide_points": 1.0}, {}, {}),
     "run 38 default": ({"guide_members": 1, "guide_points": 1.0}, {}, {"guide_blend": 0.5}),  # one fit, half its colour
-    "guide ensemble 3 blend 0.5": ({"guide_members": 3, "guide_points": 1.0}, {}, {"guide_blend": 0.5}),  # run 39's
+    "guide ensemble 3 blend 0.5": ({"guide_members": 3, "guide_points": 1.0}, {}, {"ensemble_blend": 0.5}),  # run 39's
     "capture share 0.7": ({}, {"capture_share": 0.7}, {}),
     "capture share 0.3": ({}, {"capture_share": 0.3}, {}),  # more of the fit on the frames (run 36's mixes: +0.04)
     # weight-free regularisers of the sparse-view Gaussian literature (Gaussian dropout 0.2 is the default)

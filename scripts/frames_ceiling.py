@@ -91,7 +91,7 @@ class ChosenFrames:
     limit of a per-pixel selector (what a refiner that only chose could reach)."""
 
     def __init__(self, dense: DenseFrames, window: int) -> None:
-        self.reproject = ReprojectGenerator(ReprojectConfig(render_blend=0.0, guide_blend=0.0))
+        self.reproject = ReprojectGenerator(ReprojectConfig(render_blend=0.0, guide_blend=0.0, ensemble_blend=0.0))
         self.dense, self.window = dense, window
 
     def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:

@@ -10,16 +10,18 @@ For each target frame of a segment:
    between the target's ray and the source's ray to the same 3D point. A source that comes with a
    depth map (``Views.depth``) does not colour points hidden behind its own surface. Where the
    render covers, ``render_blend`` of its colour is mixed in: the reprojection is sharp but breaks
-   where the depth is off, a Gaussian render (the loop's guide) is smooth but right there; pixels no
-   source sees keep the render;
+   where the depth is off, a Gaussian render (the loop's guide) is smooth but right there
+   (``guide_blend`` of a one-fit guide's colour, ``ensemble_blend`` of the mean of several fits'); pixels
+   no source sees keep the render;
 3. inpaint what no source and no render covers with a multi-scale push-pull of the colours around it.
 
 Confidence is what the Gaussian fit weights each pixel by, so it follows the error measured at
 held-out views (docs/benchmarks.md): reprojected pixels whose sources agree are far more often right
-than those whose sources disagree or that one source alone sees. So a pixel's confidence is its ceiling (``rendered_confidence`` on the
-memory's depth, ``reprojected_confidence`` on a guessed depth) times the best source's angular weight,
-times ``exp(-var / (2 agreement_std^2))`` of the sources' colours, times ``single_source_factor``
-when one source alone sees it; point-splat and inpainted pixels get ``inpainted_confidence``.
+than those whose sources disagree or that one source alone sees. So a pixel's confidence is its
+ceiling (``rendered_confidence`` on the memory's depth, ``reprojected_confidence`` on a guessed depth)
+times the best source's angular weight, times ``exp(-var / (2 agreement_std^2))`` of the sources'
+colours, times ``single_source_factor`` when one source alone sees it; point-splat and inpainted
+pixels get ``inpainted_confidence``.
 
 Everything is batched torch on the device of the condition tensors; the seed and step count of the
 ``Generator`` protocol are accepted and unused (the result is deterministic).
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..types import GUIDE_SOURCE, Cameras, ConditionVideo, Frames, Views
+from ..types import ENSEMBLE_SOURCE, GUIDE_SOURCE, Cameras, ConditionVideo, Frames, Views
 from . import GENERATORS
 
 
@@ -59,7 +61,11 @@ class ReprojectConfig:
     min_seen_fraction: float = 0.5  # share of a window both capture views must see
     agreement_std: float = 0.03  # sources whose colours spread by this std (0..1) lower the confidence by e^-0.5
     render_blend: float = 0.5  # where the memory's render covers, this share of its colour is mixed in
-    guide_blend: float = 0.75  # the same where the guide's render covers (Renders.source GUIDE_SOURCE; run 39)
+    guide_blend: float = 0.75  # the same where a one-fit guide's render covers (Renders.source GUIDE_SOURCE; run 39)
+    # ... and where a guide of several fits covers (ENSEMBLE_SOURCE): their mean colour alone. Run 54 (an H100,
+    # 3 seeds, gsplat's bagged guide): the loop +0.16 temple, +0.23 door, -0.06 fern over 0.75; a one-fit guide's
+    # colour alone lost on the CPU (temple -0.16, fern -0.13; docs/benchmarks.md, "The guide ensemble's colour alone")
+    ensemble_blend: float = 1.0
     max_sources: int = 6  # nearest sources (camera centre) used per chunk of frames
     chunk_pixels: int = 1 << 21  # target pixels processed at once (bounds memory at large sizes)
 
@@ -71,6 +77,7 @@ class ReprojectConfig:
             "single_source_factor",
             "render_blend",
             "guide_blend",
+            "ensemble_blend",
         ):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -392,7 +399,8 @@ class ReprojectGenerator:
         rgb, weight = self.reproject(cond.targets, depth, depth > cfg.min_depth, sources, captures, search=~rendered)
         reprojected = weight > 0
         known = rendered | reprojected
-        blend = torch.where(r.source == GUIDE_SOURCE, cfg.guide_blend, cfg.render_blend).to(rgb)[..., None]
+        blend = torch.where(r.source == GUIDE_SOURCE, cfg.guide_blend, cfg.render_blend)
+        blend = torch.where(r.source == ENSEMBLE_SOURCE, cfg.ensemble_blend, blend).to(rgb)[..., None]
         mixed = torch.where(rendered[..., None], torch.lerp(rgb, r.rgb, blend), rgb)
         images = torch.where(reprojected[..., None], mixed, r.rgb)  # the render alone where no source sees
         filled = push_pull(images.permute(0, 3, 1, 2), known[:, None].to(images.dtype)).permute(0, 2, 3, 1)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ..types import GUIDE_SOURCE, Cameras, GeometryMemory, Renders, Views
+from ..types import ENSEMBLE_SOURCE, GUIDE_SOURCE, Cameras, GeometryMemory, Renders, Views
 from .fit import FitConfig, FitViews, Gaussians, fit_gaussians_many, render_gaussians_geometry
 
 
@@ -140,13 +140,15 @@ def guided_renders(
     renders: Renders, guide: Sequence[Gaussians], targets: Cameras, fit_cfg: FitConfig, cfg: GuideConfig
 ) -> Renders:
     """The memory's renders with the guide's colour and expected depth where it is opaque
-    (:func:`render_guide`); those pixels have source ``GUIDE_SOURCE``. Shapes as
-    :class:`Renders` [C, H, W(, 3)]."""
+    (:func:`render_guide`); those pixels have source ``GUIDE_SOURCE``, or ``ENSEMBLE_SOURCE`` where the
+    guide has several members (the generator trusts their mean colour more). Shapes as :class:`Renders`
+    [C, H, W(, 3)]."""
     rgb, depth, _ = render_guide(guide, targets, fit_cfg, cfg)
     opaque = depth > 0
+    code = ENSEMBLE_SOURCE if len(guide) > 1 else GUIDE_SOURCE
     return Renders(
         rgb=torch.where(opaque[..., None], rgb, renders.rgb),
         depth=torch.where(opaque, depth, renders.depth),
         mask=renders.mask | opaque,
-        source=torch.where(opaque, torch.full_like(renders.source, GUIDE_SOURCE), renders.source),
+        source=torch.where(opaque, torch.full_like(renders.source, code), renders.source),
     )

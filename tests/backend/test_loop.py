@@ -21,7 +21,7 @@ from backend.scene import Scene, Settings, TrajectoryFrame, camera_from_json
 from backend.stages.cameras import working_size
 from backend.stages.fit import FitConfig, Gaussians
 from backend.stages.guide import GuideConfig, guided_renders
-from backend.types import GUIDE_SOURCE, Cameras, Renders
+from backend.types import ENSEMBLE_SOURCE, GUIDE_SOURCE, Cameras, Renders
 from protocol.ply import gaussian_field_names
 
 W, H = 96, 72
@@ -209,7 +209,8 @@ def test_configs_reject_bad_settings() -> None:
 
 
 def test_guided_renders_take_the_guide_where_it_is_opaque() -> None:
-    """One opaque Gaussian in front of a camera: its pixels take its depth and source GUIDE_SOURCE, the rest keep the memory's."""
+    """One opaque Gaussian in front of a camera: its pixels take its depth and source GUIDE_SOURCE (ENSEMBLE_SOURCE
+    from a guide of two), the rest keep the memory's."""
     K = torch.tensor([[[40.0, 0, 16], [0, 40.0, 12], [0, 0, 1]]])
     cams = Cameras(torch.eye(4)[None], K, 32, 24)
     guide = Gaussians(
@@ -234,6 +235,8 @@ def test_guided_renders_take_the_guide_where_it_is_opaque() -> None:
     assert torch.all((grey > 0.5 * cfg.guide.alpha - 1e-3) & (grey < 0.5 + 1e-3))
     torch.testing.assert_close(out.rgb[0, 12, 16], torch.full((3,), 0.5), atol=1e-2, rtol=0)
     assert torch.all(out.rgb[~opaque] == 0.7) and torch.all(out.mask)
+    pair = guided_renders(memory, [guide, guide], cams, cfg.fit, cfg.guide)
+    assert torch.equal(pair.source == ENSEMBLE_SOURCE, opaque) and torch.equal(pair.rgb, out.rgb)
 
 
 def test_guide_is_a_job_setting() -> None:

@@ -9,7 +9,7 @@ import torch
 
 from backend.generators import GENERATORS, Generator
 from backend.generators.reproject import ReprojectConfig, ReprojectGenerator, push_pull
-from backend.types import GUIDE_SOURCE, Cameras, ConditionVideo, Renders, Views
+from backend.types import ENSEMBLE_SOURCE, GUIDE_SOURCE, Cameras, ConditionVideo, Renders, Views
 
 W, H = 48, 32
 FOCAL = 40.0
@@ -108,22 +108,32 @@ def test_confidence_follows_agreement_of_sources() -> None:
 
 
 def test_render_colour_is_blended_where_the_render_covers() -> None:
-    """The memory's render takes ``render_blend`` of a pixel, the guide's (source GUIDE_SOURCE) ``guide_blend``."""
+    """The memory's render takes ``render_blend`` of a pixel, a one-fit guide's (source GUIDE_SOURCE)
+    ``guide_blend``, an ensemble guide's (ENSEMBLE_SOURCE) ``ensemble_blend``."""
     mask = torch.zeros(1, H, W, dtype=torch.bool)
     mask[:, :, : W // 2] = True
     cond, truth = _cond([0.3], [0.2, 0.4], mask)
     source = cond.renders.source.clone()
-    source[:, :, : W // 4] = GUIDE_SOURCE  # the left quarter the guide's, the next the memory's
+    source[:, :, : W // 4] = (
+        GUIDE_SOURCE  # the left quarter the guides' (its lower half the ensemble's), the next the memory's
+    )
+    source[:, H // 2 :, : W // 4] = ENSEMBLE_SOURCE
     dark = Renders(torch.zeros_like(cond.renders.rgb), cond.renders.depth, cond.renders.mask, source)
     cond = ConditionVideo(cond.targets, dark, cond.memory, cond.carried)
-    for render_blend, guide_blend in ((0.0, 0.5), (0.5, 0.75)):
-        cfg = ReprojectConfig(render_blend=render_blend, guide_blend=guide_blend)
+    for render_blend, guide_blend, ensemble_blend in ((0.0, 0.5, 1.0), (0.5, 0.75, 0.25)):
+        cfg = ReprojectConfig(render_blend=render_blend, guide_blend=guide_blend, ensemble_blend=ensemble_blend)
         out = ReprojectGenerator(cfg).generate(cond, num_steps=1, seed=0)
-        for blend, cols in ((guide_blend, slice(4, W // 4 - 2)), (render_blend, slice(W // 4 + 2, W // 2 - 4))):
-            core = (slice(None), slice(4, -4), cols)  # rendered, seen by both captures
+        for blend, rows, cols in (
+            (guide_blend, slice(4, H // 2 - 2), slice(4, W // 4 - 2)),
+            (ensemble_blend, slice(H // 2 + 2, -4), slice(4, W // 4 - 2)),
+            (render_blend, slice(4, -4), slice(W // 4 + 2, W // 2 - 4)),
+        ):
+            core = (slice(None), rows, cols)  # rendered, seen by both captures
             torch.testing.assert_close(out.images[core], (1 - blend) * truth[core], atol=0.02, rtol=0)
     with pytest.raises(ValueError, match=r"ReprojectConfig.guide_blend must be in \[0, 1\]; got 1.5"):
         ReprojectConfig(guide_blend=1.5)
+    with pytest.raises(ValueError, match=r"ReprojectConfig.ensemble_blend must be in \[0, 1\]; got -0.1"):
+        ReprojectConfig(ensemble_blend=-0.1)
 
 
 def test_sources_do_not_see_points_behind_their_surface() -> None:

@@ -31,7 +31,7 @@ for p in (str(REPO), str(SCRIPTS)):
         sys.path.insert(0, p)
 
 from backend.cli import DEMO_SETTINGS  # noqa: E402  (CPU-sized job settings, shared with `reconloop demo --scene`)
-from backend.service.spawn import free_port, serve_command, serve_env  # noqa: E402
+from backend.service.spawn import free_port, serve_command, serve_env, wait_answering  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 CAPTURES_COLLECTION = "Captures"
@@ -70,20 +70,13 @@ def start_service(data_dir: Path, device: str, log_path: Path) -> tuple[subproce
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     from protocol.client import Client
 
-    deadline = time.monotonic() + SERVICE_START_TIMEOUT_S
-    with Client(endpoint, timeout_ms=500, retries=0) as c:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the service exited with {proc.returncode}; see {log_path}")
-            try:
-                info = c.hello()
-                break
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    raise RuntimeError(
-                        f"the service did not answer in {SERVICE_START_TIMEOUT_S:.0f} s; see {log_path}"
-                    ) from None
+    try:
+        wait_answering(endpoint, SERVICE_START_TIMEOUT_S, proc=proc)
+    except RuntimeError as err:
+        proc.kill()
+        raise RuntimeError(f"{err}; see {log_path}") from None
+    with Client(endpoint, timeout_ms=60_000, retries=0) as c:
+        info = c.hello()
     log(f"service up: {info['server']} on {info['device']}, generators {info['generators']}")
     return proc, endpoint
 

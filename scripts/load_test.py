@@ -39,7 +39,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from backend.service.spawn import free_port, serve_command, serve_env  # noqa: E402
+from backend.service.spawn import free_port, serve_command, serve_env, wait_answering  # noqa: E402
 from protocol.client import Client  # noqa: E402
 from protocol.schemas import TERMINAL_STATES  # noqa: E402
 
@@ -205,15 +205,7 @@ def run_load(
     proc = subprocess.Popen(cmd, cwd=REPO, env=serve_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     isolation: list[str] = []
     try:
-        up_by = time.monotonic() + STARTUP_S
-        while True:
-            try:
-                with Client(endpoint, timeout_ms=500, retries=0, **client_kw) as c:
-                    c.jobs()
-                break
-            except TimeoutError:
-                if time.monotonic() > up_by or proc.poll() is not None:
-                    raise RuntimeError(f"the service did not start (exit {proc.poll()})") from None
+        wait_answering(endpoint, STARTUP_S, proc=proc, **client_kw)
         start_rss = _peak_rss_bytes(proc.pid)
         logs = [ClientLog() for _ in range(clients)]
         t0 = time.monotonic()

@@ -78,19 +78,6 @@ def spawn_serve(
     return subprocess.Popen(cmd, cwd=REPO, env=serve_env(), stdout=log, stderr=log, preexec_fn=preexec)
 
 
-def wait_up(endpoint: str, timeout_s: float = WAIT_S, **client_kw: Any) -> None:
-    """Wait until a service answers (``jobs``: hello's first call imports the generators, which is slow)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with Client(endpoint, timeout_ms=500, retries=0, **client_kw) as c:
-                c.jobs()
-                return
-        except TimeoutError:
-            if time.monotonic() > deadline:
-                raise
-
-
 def row(record_property: Callable[[str, Any], None], category: str, injected: str, outcome: str) -> None:
     """One row of docs/reliability.md: what was injected and what happened (measured)."""
     record_property("category", category)

@@ -258,8 +258,8 @@ def test_loopback_without_keys_is_one_local_owner_and_owners_survive_restart(tmp
 
 def test_cli_serve_and_submit_with_keys(tmp_path, keys, capsys):
     """`reconloop serve --curve-secret --allow-keys` in a thread-free subprocess and `submit --server-key --client-key`."""
-    from backend.service.spawn import free_port
-    from tests.backend._reliability import spawn_serve, wait_up
+    from backend.service.spawn import free_port, wait_answering
+    from tests.backend._reliability import WAIT_S, spawn_serve
 
     pairs, allowed = keys
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -275,7 +275,7 @@ def test_cli_serve_and_submit_with_keys(tmp_path, keys, capsys):
     )
     try:
         client_kw = {"server_key": pairs["server"].public_file, "client_key": pairs["alice"].secret_file}
-        wait_up(endpoint, **client_kw)
+        wait_answering(endpoint, WAIT_S, **client_kw)
         with Client(endpoint, timeout_ms=TIMEOUT_MS, **client_kw) as c:
             assert c.hello()["limits"]["max_captures"] == 4
         write_scene_message(probe_scene("steps=2"), tmp_path / "scene")

@@ -21,13 +21,14 @@ import pytest
 
 from backend.fileio import sha256_file
 from backend.scene import load_scene
-from backend.service.spawn import free_port
+from backend.service.spawn import free_port, wait_answering
 from backend.service.store import ARTIFACTS_DIR, INTERRUPTED_REASON, MANIFEST_FILE, SCENE_DIR, scene_message
 from protocol import errors
 from protocol.client import Client
 from protocol.errors import ProtocolError
 from tests.backend._reliability import (
     TIMEOUT_MS,
+    WAIT_S,
     finished_probe_job,
     probe_scene,
     row,
@@ -35,7 +36,6 @@ from tests.backend._reliability import (
     start_service,
     stop_service,
     wait_state,
-    wait_up,
 )
 from tests.protocol.helpers import png_bytes
 
@@ -161,7 +161,7 @@ def test_file_size_limit_gives_clear_errors_and_the_service_goes_on(tmp_path, re
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = spawn_serve(tmp_path / "jobs", endpoint, preexec=_limit_file_size)
     try:
-        wait_up(endpoint)
+        wait_answering(endpoint, WAIT_S)
         with Client(endpoint, timeout_ms=TIMEOUT_MS) as c:
             big = c.submit(probe_scene(f"steps=2 fault=write bytes={4 * FSIZE_LIMIT_BYTES} at=0"))
             status = wait_state(c, big)
@@ -266,7 +266,7 @@ def test_kill9_mid_job_then_restart_resubmit_and_resume(tmp_path, record_propert
     proc = spawn_serve(data_dir, endpoint)
     restarted = None
     try:
-        wait_up(endpoint)
+        wait_answering(endpoint, WAIT_S)
         with Client(endpoint, timeout_ms=TIMEOUT_MS) as c:
             finished = c.submit(probe_scene("steps=3"))
             before = {a["name"]: a["sha256"] for a in wait_state(c, finished)["artifacts"]}

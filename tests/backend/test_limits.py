@@ -13,7 +13,7 @@ import pytest
 import zmq
 from PIL import Image
 
-from backend.service.spawn import free_port
+from backend.service.spawn import free_port, wait_answering
 from backend.service.store import ARTIFACTS_DIR, MANIFEST_FILE, check_artifact_name, resolve_inside
 from protocol import errors, limits
 from protocol.client import Client
@@ -21,6 +21,7 @@ from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
 from tests.backend._reliability import (
     TIMEOUT_MS,
+    WAIT_S,
     finished_probe_job,
     probe_scene,
     row,
@@ -28,7 +29,6 @@ from tests.backend._reliability import (
     start_service,
     stop_service,
     wait_state,
-    wait_up,
 )
 from tests.protocol.helpers import camera, png_bytes
 
@@ -169,7 +169,7 @@ def test_oversized_input_costs_no_memory(tmp_path, record_property):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = spawn_serve(tmp_path / "jobs", endpoint, "--max-frame-mib", "1")
     try:
-        wait_up(endpoint)
+        wait_answering(endpoint, WAIT_S)
         with Client(endpoint, timeout_ms=TIMEOUT_MS) as c:
             c.jobs()
             before = _hwm_bytes(proc.pid)

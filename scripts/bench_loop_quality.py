@@ -330,9 +330,10 @@ class RecordingRefiner(RefineGenerator):
         super().__init__(config)
         self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def refine(self, frames, renders):
-        out = super().refine(frames, renders)
-        self.seen.append((frames.images.cpu(), renders.rgb.cpu(), out.images.cpu()))
+    def generate(self, cond, *, num_steps=1, seed=0):
+        out = super().generate(cond, num_steps=num_steps, seed=seed)
+        # the network's input: the reprojection made again (the bench's cost, not a job's)
+        self.seen.append((self.reproject.generate(cond).images.cpu(), cond.renders.rgb.cpu(), out.images.cpu()))
         return out
 
 

@@ -42,8 +42,11 @@ Before the segments, the loop calls :meth:`RefineGenerator.prepare` once:
 
 Then ``generate`` runs ``reproject`` on the segment and, unless the refiner declined, the network
 on its output and the guided render, and returns the base moved ``alpha`` of the way to the
-refined frame; per segment the strength drops where the frames would move further than the
-validation frames did (the trust region, :meth:`RefineGenerator.trusted_strength`). Its confidence
+refined frame (the network's reprojection mixes a one-fit guide's share of the guide's colour also
+where the job's guide is an ensemble, as in its training pairs; where the refiner does not act, the
+frames are the ``reproject`` generator's own, with an ensemble's share); per segment the strength
+drops where the frames would move further than the validation frames did (the trust region,
+:meth:`RefineGenerator.trusted_strength`). Its confidence
 is ``exp(-predicted error / confidence_error)``, the network's
 prediction for the fully refined frame, also when ``alpha < 1`` (a choice: the blend's error is not
 predicted; on the H200 the gate kept 1 or declined in 7 of 9 runs, run 26).
@@ -782,7 +785,13 @@ class RefineGenerator:
 
     def __init__(self, config: RefineConfig | None = None, reproject: ReprojectConfig | None = None) -> None:
         self.config = config or RefineConfig()
-        self.reproject = ReprojectGenerator(reproject)
+        reproject = reproject or ReprojectConfig()
+        # The network weighs the render against a reprojection that mixed in a one-fit guide's share of its colour,
+        # as in its training pairs (each leave-out guide is one fit): an ensemble's share (``ensemble_blend`` 1.0)
+        # would leave the two the same where the guide covers. Where the refiner does not act, the frames are the
+        # weight-free generator's own (``weight_free``).
+        self.reproject = ReprojectGenerator(replace(reproject, ensemble_blend=reproject.guide_blend))
+        self.weight_free = ReprojectGenerator(reproject)
         self.net: UNet | None = None
         self.losses: list[float] = []
         self.strength = 1.0  # the gate's choice, set by prepare (0: the base passes through)
@@ -955,8 +964,14 @@ class RefineGenerator:
         )
 
     def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:
-        """Reproject, then refine (``num_steps`` and ``seed`` are unused: deterministic)."""
-        return self.refine(self.reproject.generate(cond), cond.renders)
+        """Reproject, then refine; where the refiner does not act (it declined, or the trust region passes
+        the segment through) the weight-free generator's frames (``num_steps`` and ``seed`` are unused:
+        deterministic)."""
+        if self.declined:
+            self.segment_strengths.append(None)
+            return self.weight_free.generate(cond)
+        out = self.refine(self.reproject.generate(cond), cond.renders)
+        return self.weight_free.generate(cond) if self.segment_strengths[-1] is None else out
 
     def save(self, path: Path) -> None:
         """Write the trained network's weights, config and gate strength (a torch dict) to ``path``."""

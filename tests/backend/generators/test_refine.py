@@ -6,6 +6,7 @@ import hashlib
 import math
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ from backend.generators.refine import (
     train_refiner,
     validate,
 )
-from backend.generators.reproject import ReprojectGenerator
+from backend.generators.reproject import ReprojectConfig, ReprojectGenerator
 from backend.loop import LoopConfig, run_loop
 from backend.scene import Scene, SceneError, Settings, TrajectoryFrame
 from backend.stages.memory import build_memory
@@ -99,6 +100,11 @@ def test_the_loop_builds_it_from_the_job_settings() -> None:
     config = GeneratorConfig.from_settings(Settings(generator="refine", refine_seconds=7, seed=3))
     gen = GeneratorCache().get(config, "cpu")
     assert isinstance(gen, RefineGenerator) and gen.config.seconds == 7.0
+    # the network's reprojection mixes a one-fit guide's share of the colour of any guide; its fallback is reproject's
+    assert (
+        gen.weight_free.config == ReprojectConfig()
+        and gen.reproject.config.ensemble_blend == ReprojectConfig().guide_blend
+    )
     with pytest.raises(RuntimeError, match="call prepare"):
         gen.refine(None, None)
 
@@ -366,6 +372,15 @@ def test_trust_region_lowers_the_strength_where_frames_move_further_than_validat
     renders = Renders(frames + 0.2, torch.ones_like(conf), torch.ones_like(conf, dtype=torch.bool), conf.int())
     out = gen.refine(Frames(frames, conf), renders)
     assert gen.segment_strengths == [None] and torch.equal(out.images, frames) and torch.equal(out.confidence, conf)
+    # ... and generate() gives the weight-free generator's own frames there (an ensemble guide's share of its colour,
+    # not the network's input), as where the refiner declined
+    own = Frames(frames + 0.1, conf)
+    gen.reproject = SimpleNamespace(generate=lambda cond: Frames(frames, conf))
+    gen.weight_free = SimpleNamespace(generate=lambda cond: own)
+    assert gen.generate(SimpleNamespace(renders=renders)) is own and gen.segment_strengths == [None, None]
+    gen.declined = True
+    assert gen.generate(SimpleNamespace(renders=renders)) is own and gen.segment_strengths == [None] * 3
+    gen.declined = False
     # the job's note names the lowered segments, and is silent where every segment kept the gate's strength
     gen.segment_strengths = [1.0, 0.25, None]
     assert gen.segments_note.startswith("refiner: the trust region lowered strength 1 in 2 of 3 segments")

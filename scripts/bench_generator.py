@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.generators import window_attention as wa  # noqa: E402
 from backend.generators.anyrecon import AnyReconComponents, AnyReconConfig, AnyReconGenerator  # noqa: E402
+from backend.generators.anyrecon_lora import WAN_I2V_14B  # noqa: E402
 from backend.generators.window_attention import (  # noqa: E402
     WindowLayout,
     mask_attention_split,
@@ -55,23 +56,6 @@ from backend.generators.window_attention import (  # noqa: E402
     window_density,
 )
 
-WAN_I2V_14B = dict(  # Wan-AI/Wan2.1-I2V-14B-720P-Diffusers transformer/config.json
-    patch_size=(1, 2, 2),
-    num_attention_heads=40,
-    attention_head_dim=128,
-    in_channels=36,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=13824,
-    num_layers=40,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    image_dim=1280,
-    added_kv_proj_dim=5120,
-    rope_max_seq_len=1024,
-)
 CLIP_VIT_H14 = dict(
     hidden_size=1280,
     intermediate_size=5120,

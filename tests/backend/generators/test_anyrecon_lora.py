@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from backend.generators.anyrecon_lora import (
+    WAN_I2V_14B,
     convert_anyrecon_lora,
     convert_module_name,
     fuse_lora_,
@@ -86,19 +87,7 @@ def test_real_14b_layout_names_and_shapes() -> None:
     from diffusers import WanTransformer3DModel
 
     with torch.device("meta"):
-        tr = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=40,
-            attention_head_dim=128,
-            in_channels=36,
-            out_channels=16,
-            text_dim=4096,
-            ffn_dim=13824,
-            num_layers=40,
-            cross_attn_norm=True,
-            image_dim=1280,
-            added_kv_proj_dim=5120,
-        )
+        tr = WanTransformer3DModel(**WAN_I2V_14B)
     sd = diffsynth_lora(40, 5120, 13824, prefix="diffusion_model.", device="meta")
     lora = convert_anyrecon_lora(sd)
     assert len(lora) == len(sd) == 40 * len(BLOCK_LINEARS) * 2

@@ -89,11 +89,7 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "blend 0.5": ({}, {}, _blend(0.5)),  # the default until run 39
     "blend 0.75": ({}, {}, _blend(0.75)),  # the ensemble's until run 54 (the one fit's default)
     "blend 0.9": ({}, {}, _blend(0.9)),
-    "blend 1.0": (
-        {},
-        {},
-        _blend(1.0),
-    ),  # the guide's colour alone where it covers (runs 41, 54; the ensemble's default)
+    "blend 1.0": ({}, {}, _blend(1.0)),  # the guide's colour alone where it covers (runs 41, 54; an ensemble's default)
     # ... and it covers wherever its members' mean opacity reaches 0.1 (GuideConfig.alpha; 0.5 the default)
     "guide alpha 0.1 + blend 1.0": ({"guide_alpha": 0.1}, {}, _blend(1.0)),
     # ... with more of the fit's steps on the frames (FitConfig.capture_share 0.5 the default)
@@ -329,11 +325,17 @@ class RecordingRefiner(RefineGenerator):
     def __init__(self, config: RefineConfig) -> None:
         super().__init__(config)
         self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.network_input: torch.Tensor | None = None
+
+    def refine(self, frames, renders):
+        self.network_input = frames.images
+        return super().refine(frames, renders)
 
     def generate(self, cond, *, num_steps=1, seed=0):
+        self.network_input = None  # stays None where the refiner declined: its frames are its input
         out = super().generate(cond, num_steps=num_steps, seed=seed)
-        # the network's input: the reprojection made again (the bench's cost, not a job's)
-        self.seen.append((self.reproject.generate(cond).images.cpu(), cond.renders.rgb.cpu(), out.images.cpu()))
+        seen = out.images if self.network_input is None else self.network_input
+        self.seen.append((seen.cpu(), cond.renders.rgb.cpu(), out.images.cpu()))
         return out
 
 

@@ -110,6 +110,14 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     # other shares for the bagged members (gsplat's default 0.5; rows of either rasterizer)
     "guide ensemble 3 points 0.3": ({"guide_members": 3, "guide_points": 0.3}, {}, {}),
     "guide ensemble 3 points 0.7": ({"guide_members": 3, "guide_points": 0.7}, {}, {}),
+    # where the guide is transparent and M empty: its colour, checked against the captures at 10x the
+    # frame's farthest guided depth (GuideConfig.empty_far); the CPU's screen with the bagged ensemble
+    "guide empty far": ({"guide_empty_far": 10.0}, {}, {}),
+    "guide ensemble 3 points 0.5 empty far": (
+        {"guide_members": 3, "guide_points": 0.5, "guide_empty_far": 10.0},
+        {},
+        {},
+    ),
     # the bench's path through the captures and held-out views with more or fewer frames between its keys
     # (EvalConfig.frames_per_leg; FRAMES_PER_LEG 3, a job's path is the user's animation, 120 frames in
     # scripts/bench_loop.py): more views of the guide's colour for the fit, or the keys' frames alone
@@ -215,7 +223,16 @@ def load_bench_scene(data: Path, name: str, work: Path, *, split: bool = True) -
 
 # a variant's loop overrides beyond LOOP_FIELDS: the nested configs' fields loop_config sets, and the path's
 # density (EvalConfig.frames_per_leg, read by main)
-NESTED_LOOP_KEYS = ("update", "guide", "guide_members", "guide_alpha", "guide_points", "patchmatch", "frames_per_leg")
+NESTED_LOOP_KEYS = (
+    "update",
+    "guide",
+    "guide_members",
+    "guide_alpha",
+    "guide_points",
+    "guide_empty_far",
+    "patchmatch",
+    "frames_per_leg",
+)
 
 
 def add_scene_seed_args(p: argparse.ArgumentParser, work: Path) -> None:
@@ -272,6 +289,8 @@ def loop_config(base: LoopConfig, overrides: dict, fit_overrides: dict) -> LoopC
         cfg = replace(cfg, guide=replace(cfg.guide, alpha=overrides["guide_alpha"]))
     if "guide_points" in overrides:
         cfg = replace(cfg, guide=replace(cfg.guide, member_points=overrides["guide_points"]))
+    if "guide_empty_far" in overrides:
+        cfg = replace(cfg, guide=replace(cfg.guide, empty_far=overrides["guide_empty_far"]))
     if "patchmatch" in overrides:
         memory = cfg.memory
         cfg = replace(cfg, memory=replace(memory, patchmatch=replace(memory.patchmatch, **overrides["patchmatch"])))

@@ -60,7 +60,9 @@ class GuideConfig:
                 f"GuideConfig.member_points is a share of the memory's points in (0, 1]; got {self.member_points}"
             )
         if self.empty_far != 0.0 and self.empty_far <= 1.0:
-            raise ValueError(f"GuideConfig.empty_far must be 0 (off) or above 1 (beyond the guide); got {self.empty_far}")
+            raise ValueError(
+                f"GuideConfig.empty_far must be 0 (off) or above 1 (beyond the guide); got {self.empty_far}"
+            )
 
 
 ENSEMBLE_MEMBERS = 3  # the guide's sets where the fit runs on gsplat (CUDA): run 39, docs/benchmarks.md

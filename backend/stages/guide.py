@@ -66,6 +66,8 @@ class GuideConfig:
             raise ValueError(
                 f"GuideConfig.empty_far must be 0 (off) or above 1 (beyond the guide); got {self.empty_far}"
             )
+        if self.empty_colour not in ("guide", "captures"):
+            raise ValueError(f"GuideConfig.empty_colour must be 'guide' or 'captures'; got {self.empty_colour!r}")
 
 
 ENSEMBLE_MEMBERS = 3  # the guide's sets where the fit runs on gsplat (CUDA): run 39, docs/benchmarks.md
@@ -154,7 +156,8 @@ def guided_renders(
     """The memory's renders with the guide's colour and expected depth where it is opaque
     (:func:`render_guide`), and with ``cfg.empty_far`` its colour at a far depth where it is
     transparent and the memory empty; those pixels have source ``GUIDE_SOURCE``, or ``ENSEMBLE_SOURCE``
-    where the guide has several members (the generator trusts their mean colour more). Shapes as
+    where the guide has several members (the generator trusts their mean colour more), the empty ones
+    ``EMPTY_SOURCE`` with ``cfg.empty_colour`` "captures". Shapes as
     :class:`Renders` [C, H, W(, 3)]."""
     rgb, depth, _ = render_guide(guide, targets, fit_cfg, cfg)
     opaque = depth > 0

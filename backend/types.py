@@ -202,7 +202,6 @@ class GeometryMemory:
 
 GUIDE_SOURCE = -2  # Renders.source of the pixels the guide's render took over (backend.stages.guide)
 ENSEMBLE_SOURCE = -3  # the same where the guide is a self-ensemble: its members' mean colour
-EMPTY_SOURCE = -4  # where the guide is transparent and the memory empty: far away, coloured by the captures
 
 
 @dataclass
@@ -215,8 +214,7 @@ class Renders:
         mask: pixels the memory covers. bool [C, H, W]
         source: capture id of the nearest point, -1 where empty or generated, ``GUIDE_SOURCE`` where
             the loop's guide (Gaussians on the captures) coloured the pixel, ``ENSEMBLE_SOURCE`` where
-            a guide of several Gaussian sets did, ``EMPTY_SOURCE`` where the guide saw nothing near
-            (``GuideConfig.empty_far``: the depth is far away, the colour left to the captures). int32 [C, H, W]
+            a guide of several Gaussian sets did. int32 [C, H, W]
     """
 
     rgb: Tensor

@@ -113,15 +113,8 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     # where the guide is transparent and M empty: its colour, checked against the captures at 10x the
     # frame's farthest guided depth (GuideConfig.empty_far); the CPU's screen with the bagged ensemble
     "guide empty far": ({"guide_empty_far": 10.0}, {}, {}),
-    # ... the captures' colours from that far away (GuideConfig.empty_colour "captures")
-    "guide empty far captures": ({"guide_empty_far": 10.0, "guide_empty_colour": "captures"}, {}, {}),
     "guide ensemble 3 points 0.5 empty far": (
         {"guide_members": 3, "guide_points": 0.5, "guide_empty_far": 10.0},
-        {},
-        {},
-    ),
-    "guide ensemble 3 points 0.5 empty far captures": (
-        {"guide_members": 3, "guide_points": 0.5, "guide_empty_far": 10.0, "guide_empty_colour": "captures"},
         {},
         {},
     ),
@@ -237,7 +230,6 @@ NESTED_LOOP_KEYS = (
     "guide_alpha",
     "guide_points",
     "guide_empty_far",
-    "guide_empty_colour",
     "patchmatch",
     "frames_per_leg",
 )
@@ -299,8 +291,6 @@ def loop_config(base: LoopConfig, overrides: dict, fit_overrides: dict) -> LoopC
         cfg = replace(cfg, guide=replace(cfg.guide, member_points=overrides["guide_points"]))
     if "guide_empty_far" in overrides:
         cfg = replace(cfg, guide=replace(cfg.guide, empty_far=overrides["guide_empty_far"]))
-    if "guide_empty_colour" in overrides:
-        cfg = replace(cfg, guide=replace(cfg.guide, empty_colour=overrides["guide_empty_colour"]))
     if "patchmatch" in overrides:
         memory = cfg.memory
         cfg = replace(cfg, memory=replace(memory, patchmatch=replace(memory.patchmatch, **overrides["patchmatch"])))

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..types import EMPTY_SOURCE, ENSEMBLE_SOURCE, GUIDE_SOURCE, Cameras, ConditionVideo, Frames, Views
+from ..types import ENSEMBLE_SOURCE, GUIDE_SOURCE, Cameras, ConditionVideo, Frames, Views
 from . import GENERATORS
 
 
@@ -398,16 +398,14 @@ class ReprojectGenerator:
         captures = cond.memory if len(cond.memory) else None
         rgb, weight = self.reproject(cond.targets, depth, depth > cfg.min_depth, sources, captures, search=~rendered)
         reprojected = weight > 0
-        empty = r.source == EMPTY_SOURCE  # a far depth the guide assumed, no colour of its own
-        known = (rendered & ~empty) | reprojected
+        known = rendered | reprojected
         blend = torch.where(r.source == GUIDE_SOURCE, cfg.guide_blend, cfg.render_blend)
-        blend = torch.where(r.source == ENSEMBLE_SOURCE, cfg.ensemble_blend, blend)
-        blend = torch.where(empty, 0.0, blend).to(rgb)[..., None]
+        blend = torch.where(r.source == ENSEMBLE_SOURCE, cfg.ensemble_blend, blend).to(rgb)[..., None]
         mixed = torch.where(rendered[..., None], torch.lerp(rgb, r.rgb, blend), rgb)
         images = torch.where(reprojected[..., None], mixed, r.rgb)  # the render alone where no source sees
         filled = push_pull(images.permute(0, 3, 1, 2), known[:, None].to(images.dtype)).permute(0, 2, 3, 1)
         images = torch.where(known[..., None], images, filled).clamp(0.0, 1.0)
-        ceiling = torch.where(rendered & ~empty, cfg.rendered_confidence, cfg.reprojected_confidence).to(depth)
+        ceiling = torch.where(rendered, cfg.rendered_confidence, cfg.reprojected_confidence).to(depth)
         confidence = torch.where(reprojected, ceiling * weight, cfg.inpainted_confidence)
         return Frames(images=images.contiguous(), confidence=confidence.contiguous())
 

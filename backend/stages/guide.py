@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ..types import EMPTY_SOURCE, ENSEMBLE_SOURCE, GUIDE_SOURCE, Cameras, GeometryMemory, Renders, Views
+from ..types import ENSEMBLE_SOURCE, GUIDE_SOURCE, Cameras, GeometryMemory, Renders, Views
 from .fit import FitConfig, FitViews, Gaussians, fit_gaussians_many, render_gaussians_geometry
 
 
@@ -37,11 +37,9 @@ class GuideConfig:
         member_points: the share of M's points each member starts from, its own random subset
             (:func:`member_memory`); 1: all of them.
         empty_far: where the guide stays transparent and M has no point, the captures saw nothing near:
-            those pixels get this many times the frame's farthest guided depth (:func:`guided_renders`);
-            0: left to the generator's depth guess.
-        empty_colour: there, ``"guide"``: the guide's colour (its background), checked against what the
-            captures show that far away; ``"captures"``: the captures' colours from that far away
-            (source ``EMPTY_SOURCE``), filled from around where none sees it.
+            those pixels take the guide's colour (its background) and this many times the frame's
+            farthest guided depth, so the generator checks that colour against what the captures show
+            far away (:func:`guided_renders`); 0: left to the generator's depth guess and reprojection.
 
     A job takes both from its rasterizer (:func:`rasterizer_guide`, ``LoopConfig.from_settings``).
     """
@@ -51,7 +49,6 @@ class GuideConfig:
     members: int = 1
     member_points: float = 1.0
     empty_far: float = 0.0
-    empty_colour: str = "guide"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
@@ -66,8 +63,6 @@ class GuideConfig:
             raise ValueError(
                 f"GuideConfig.empty_far must be 0 (off) or above 1 (beyond the guide); got {self.empty_far}"
             )
-        if self.empty_colour not in ("guide", "captures"):
-            raise ValueError(f"GuideConfig.empty_colour must be 'guide' or 'captures'; got {self.empty_colour!r}")
 
 
 ENSEMBLE_MEMBERS = 3  # the guide's sets where the fit runs on gsplat (CUDA): run 39, docs/benchmarks.md
@@ -156,22 +151,19 @@ def guided_renders(
     """The memory's renders with the guide's colour and expected depth where it is opaque
     (:func:`render_guide`), and with ``cfg.empty_far`` its colour at a far depth where it is
     transparent and the memory empty; those pixels have source ``GUIDE_SOURCE``, or ``ENSEMBLE_SOURCE``
-    where the guide has several members (the generator trusts their mean colour more), the empty ones
-    ``EMPTY_SOURCE`` with ``cfg.empty_colour`` "captures". Shapes as
+    where the guide has several members (the generator trusts their mean colour more). Shapes as
     :class:`Renders` [C, H, W(, 3)]."""
     rgb, depth, _ = render_guide(guide, targets, fit_cfg, cfg)
     opaque = depth > 0
-    code = torch.full_like(renders.source, ENSEMBLE_SOURCE if len(guide) > 1 else GUIDE_SOURCE)
-    if cfg.empty_far > 0:  # ... and where it saw nothing near, far away
+    if cfg.empty_far > 0:  # ... and, seen empty, the guide's background far away
         far = cfg.empty_far * torch.where(opaque, depth, renders.depth).flatten(1).amax(1)  # [C]; 0: nothing to scale
         empty = ~opaque & ~renders.mask & (far > 0)[:, None, None]
         depth = torch.where(empty, far[:, None, None].expand_as(depth), depth)
-        if cfg.empty_colour == "captures":
-            code = torch.where(empty, EMPTY_SOURCE, code)
         opaque = opaque | empty
+    code = ENSEMBLE_SOURCE if len(guide) > 1 else GUIDE_SOURCE
     return Renders(
         rgb=torch.where(opaque[..., None], rgb, renders.rgb),
         depth=torch.where(opaque, depth, renders.depth),
         mask=renders.mask | opaque,
-        source=torch.where(opaque, code, renders.source),
+        source=torch.where(opaque, torch.full_like(renders.source, code), renders.source),
     )

@@ -21,7 +21,7 @@ from backend.scene import Scene, Settings, TrajectoryFrame, camera_from_json
 from backend.stages.cameras import working_size
 from backend.stages.fit import FitConfig, Gaussians
 from backend.stages.guide import GuideConfig, guided_renders
-from backend.types import EMPTY_SOURCE, ENSEMBLE_SOURCE, GUIDE_SOURCE, Cameras, Renders
+from backend.types import ENSEMBLE_SOURCE, GUIDE_SOURCE, Cameras, Renders
 from protocol.ply import gaussian_field_names
 
 W, H = 96, 72
@@ -249,13 +249,8 @@ def test_guided_renders_take_the_guide_where_it_is_opaque() -> None:
     assert torch.equal(far.depth[half.mask & ~opaque], half.depth[half.mask & ~opaque])
     off = guided_renders(half, [guide], cams, cfg.fit, cfg.guide)
     assert torch.equal(off.mask, half.mask | opaque) and torch.all(off.depth[empty] == 0)
-    captures = guided_renders(half, [guide], cams, cfg.fit, replace(cfg.guide, empty_far=10.0, empty_colour="captures"))
-    assert torch.all(captures.source[empty] == EMPTY_SOURCE) and torch.equal(captures.depth, far.depth)
-    assert torch.equal(captures.source[~empty], far.source[~empty])
     with pytest.raises(ValueError, match="GuideConfig.empty_far"):
         GuideConfig(empty_far=0.5)
-    with pytest.raises(ValueError, match="GuideConfig.empty_colour"):
-        GuideConfig(empty_colour="black")
 
 
 def test_guide_is_a_job_setting() -> None:

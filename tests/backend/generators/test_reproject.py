@@ -9,7 +9,7 @@ import torch
 
 from backend.generators import GENERATORS, Generator
 from backend.generators.reproject import ReprojectConfig, ReprojectGenerator, push_pull
-from backend.types import EMPTY_SOURCE, ENSEMBLE_SOURCE, GUIDE_SOURCE, Cameras, ConditionVideo, Renders, Views
+from backend.types import ENSEMBLE_SOURCE, GUIDE_SOURCE, Cameras, ConditionVideo, Renders, Views
 
 W, H = 48, 32
 FOCAL = 40.0
@@ -134,29 +134,6 @@ def test_render_colour_is_blended_where_the_render_covers() -> None:
         ReprojectConfig(guide_blend=1.5)
     with pytest.raises(ValueError, match=r"ReprojectConfig.ensemble_blend must be in \[0, 1\]; got -0.1"):
         ReprojectConfig(ensemble_blend=-0.1)
-
-
-def test_empty_pixels_take_the_captures_colour_below_the_rendered_ceiling() -> None:
-    """Where the guide saw nothing near (EMPTY_SOURCE) the render's colour is not mixed in: the captures'
-    colour at the given depth, at most ``reprojected_confidence``; the memory's pixels keep theirs."""
-    cfg = ReprojectConfig()
-    mask = torch.ones(1, H, W, dtype=torch.bool)
-    cond, truth = _cond([0.3], [0.2, 0.4], mask)
-    source = cond.renders.source.clone()
-    source[:, :, : W // 2] = EMPTY_SOURCE
-    dark = Renders(torch.zeros_like(cond.renders.rgb), cond.renders.depth, cond.renders.mask, source)
-    out = ReprojectGenerator(cfg).generate(
-        ConditionVideo(cond.targets, dark, cond.memory, cond.carried), num_steps=1, seed=0
-    )
-    empty, memory = (
-        (slice(None), slice(4, -4), slice(8, W // 2 - 4)),
-        (slice(None), slice(4, -4), slice(W // 2 + 4, -8)),
-    )
-    torch.testing.assert_close(out.images[empty], truth[empty], atol=0.02, rtol=0)
-    torch.testing.assert_close(out.images[memory], (1 - cfg.render_blend) * truth[memory], atol=0.02, rtol=0)
-    assert torch.all(out.confidence[empty] <= cfg.reprojected_confidence + 1e-6)
-    assert float(out.confidence[empty].mean()) > 0.8 * cfg.reprojected_confidence
-    assert float(out.confidence[memory].mean()) > 0.8
 
 
 def test_sources_do_not_see_points_behind_their_surface() -> None:

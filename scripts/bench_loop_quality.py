@@ -221,18 +221,16 @@ def load_bench_scene(data: Path, name: str, work: Path, *, split: bool = True) -
     return scene_for_eval(src, fmt, protocol if split else None, 3, work, **options)
 
 
-# a variant's loop overrides beyond LOOP_FIELDS: the nested configs' fields loop_config sets, and the path's
-# density (EvalConfig.frames_per_leg, read by main)
-NESTED_LOOP_KEYS = (
-    "update",
-    "guide",
-    "guide_members",
-    "guide_alpha",
-    "guide_points",
-    "guide_empty_far",
-    "patchmatch",
-    "frames_per_leg",
-)
+# a variant's loop overrides beyond LOOP_FIELDS: the guide's fields (bench key -> GuideConfig field), the other
+# nested configs' fields loop_config sets, and the path's density (EvalConfig.frames_per_leg, read by main)
+GUIDE_KEYS = {
+    "guide": "enabled",
+    "guide_members": "members",
+    "guide_alpha": "alpha",
+    "guide_points": "member_points",
+    "guide_empty_far": "empty_far",
+}
+NESTED_LOOP_KEYS = ("update", *GUIDE_KEYS, "patchmatch", "frames_per_leg")
 
 
 def add_scene_seed_args(p: argparse.ArgumentParser, work: Path) -> None:
@@ -281,16 +279,9 @@ def loop_config(base: LoopConfig, overrides: dict, fit_overrides: dict) -> LoopC
     cfg = replace(base, **{k: v for k, v in overrides.items() if k in LOOP_FIELDS})
     if "update" in overrides:
         cfg = replace(cfg, update=replace(cfg.update, enabled=overrides["update"]))
-    if "guide" in overrides:
-        cfg = replace(cfg, guide=replace(cfg.guide, enabled=overrides["guide"]))
-    if "guide_members" in overrides:
-        cfg = replace(cfg, guide=replace(cfg.guide, members=overrides["guide_members"]))
-    if "guide_alpha" in overrides:
-        cfg = replace(cfg, guide=replace(cfg.guide, alpha=overrides["guide_alpha"]))
-    if "guide_points" in overrides:
-        cfg = replace(cfg, guide=replace(cfg.guide, member_points=overrides["guide_points"]))
-    if "guide_empty_far" in overrides:
-        cfg = replace(cfg, guide=replace(cfg.guide, empty_far=overrides["guide_empty_far"]))
+    guide = {field: overrides[key] for key, field in GUIDE_KEYS.items() if key in overrides}
+    if guide:
+        cfg = replace(cfg, guide=replace(cfg.guide, **guide))
     if "patchmatch" in overrides:
         memory = cfg.memory
         cfg = replace(cfg, memory=replace(memory, patchmatch=replace(memory.patchmatch, **overrides["patchmatch"])))

@@ -41,7 +41,8 @@ class GuideConfig:
             farthest guided depth, so the generator checks that colour against what the captures show
             far away (:func:`guided_renders`); 0: left to the generator's depth guess and reprojection.
 
-    A job takes both from its rasterizer (:func:`rasterizer_guide`, ``LoopConfig.from_settings``).
+    A job takes ``members`` and ``member_points`` from its rasterizer (:func:`rasterizer_guide`,
+    ``LoopConfig.from_settings``).
     """
 
     enabled: bool = True

@@ -110,14 +110,6 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     # other shares for the bagged members (gsplat's default 0.5; rows of either rasterizer)
     "guide ensemble 3 points 0.3": ({"guide_members": 3, "guide_points": 0.3}, {}, {}),
     "guide ensemble 3 points 0.7": ({"guide_members": 3, "guide_points": 0.7}, {}, {}),
-    # where the guide is transparent and M empty: its colour, checked against the captures at 10x the
-    # frame's farthest guided depth (GuideConfig.empty_far); the CPU's screen with the bagged ensemble
-    "guide empty far": ({"guide_empty_far": 10.0}, {}, {}),
-    "guide ensemble 3 points 0.5 empty far": (
-        {"guide_members": 3, "guide_points": 0.5, "guide_empty_far": 10.0},
-        {},
-        {},
-    ),
     # the bench's path through the captures and held-out views with more or fewer frames between its keys
     # (EvalConfig.frames_per_leg; FRAMES_PER_LEG 3, a job's path is the user's animation, 120 frames in
     # scripts/bench_loop.py): more views of the guide's colour for the fit, or the keys' frames alone
@@ -228,7 +220,6 @@ GUIDE_KEYS = {
     "guide_members": "members",
     "guide_alpha": "alpha",
     "guide_points": "member_points",
-    "guide_empty_far": "empty_far",
 }
 NESTED_LOOP_KEYS = ("update", *GUIDE_KEYS, "patchmatch", "frames_per_leg")
 

@@ -36,10 +36,6 @@ class GuideConfig:
         members: Gaussian sets in the guide (module docstring); 1: one captures-only fit.
         member_points: the share of M's points each member starts from, its own random subset
             (:func:`member_memory`); 1: all of them.
-        empty_far: where the guide stays transparent and M has no point, the captures saw nothing near:
-            those pixels take the guide's colour (its background) and this many times the frame's
-            farthest guided depth, so the generator checks that colour against what the captures show
-            far away (:func:`guided_renders`); 0: left to the generator's depth guess and reprojection.
 
     A job takes ``members`` and ``member_points`` from its rasterizer (:func:`rasterizer_guide`,
     ``LoopConfig.from_settings``).
@@ -49,7 +45,6 @@ class GuideConfig:
     alpha: float = 0.5
     members: int = 1
     member_points: float = 1.0
-    empty_far: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
@@ -59,10 +54,6 @@ class GuideConfig:
         if not 0.0 < self.member_points <= 1.0:
             raise ValueError(
                 f"GuideConfig.member_points is a share of the memory's points in (0, 1]; got {self.member_points}"
-            )
-        if self.empty_far != 0.0 and self.empty_far <= 1.0:
-            raise ValueError(
-                f"GuideConfig.empty_far must be 0 (off) or above 1 (beyond the guide); got {self.empty_far}"
             )
 
 
@@ -150,17 +141,13 @@ def guided_renders(
     renders: Renders, guide: Sequence[Gaussians], targets: Cameras, fit_cfg: FitConfig, cfg: GuideConfig
 ) -> Renders:
     """The memory's renders with the guide's colour and expected depth where it is opaque
-    (:func:`render_guide`), and with ``cfg.empty_far`` its colour at a far depth where it is
-    transparent and the memory empty; those pixels have source ``GUIDE_SOURCE``, or ``ENSEMBLE_SOURCE``
-    where the guide has several members (the generator trusts their mean colour more). Shapes as
-    :class:`Renders` [C, H, W(, 3)]."""
+    (:func:`render_guide`); those pixels have source ``GUIDE_SOURCE``, or ``ENSEMBLE_SOURCE`` where the
+    guide has several members (the generator trusts their mean colour more). Where it is transparent and
+    the memory empty, the generator's depth guess and reprojection stay: the guide's own colour and a far
+    depth there (``empty_far``, docs/benchmarks.md "Where the guide is transparent") lost on the CPU.
+    Shapes as :class:`Renders` [C, H, W(, 3)]."""
     rgb, depth, _ = render_guide(guide, targets, fit_cfg, cfg)
     opaque = depth > 0
-    if cfg.empty_far > 0:  # ... and, seen empty, the guide's background far away
-        far = cfg.empty_far * torch.where(opaque, depth, renders.depth).flatten(1).amax(1)  # [C]; 0: nothing to scale
-        empty = ~opaque & ~renders.mask & (far > 0)[:, None, None]
-        depth = torch.where(empty, far[:, None, None].expand_as(depth), depth)
-        opaque = opaque | empty
     code = ENSEMBLE_SOURCE if len(guide) > 1 else GUIDE_SOURCE
     return Renders(
         rgb=torch.where(opaque[..., None], rgb, renders.rgb),

@@ -213,9 +213,8 @@ def test_bench_quality_variants_reach_the_loop_config() -> None:
     assert bagged.guide.member_points == 0.5 and bagged.guide.members == 3
     assert config("guide all points").guide.member_points == 1.0 and config("one guide").guide.member_points == 1.0
     assert bq.has_baselines("guide ensemble 3 points 0.5") and bq.has_baselines("guide all points")
-    far = config("guide ensemble 3 points 0.5 empty far").guide  # several of the guide's fields in one row
-    assert (far.members, far.member_points, far.empty_far, far.alpha) == (3, 0.5, 10.0, base.guide.alpha)
-    assert config("guide empty far").guide == replace(base.guide, empty_far=10.0)
+    wide = config("guide alpha 0.1 + blend 1.0").guide  # the guide's fields a row sets, the rest the default's
+    assert wide == replace(base.guide, alpha=0.1) and config("no guide").guide == replace(base.guide, enabled=False)
 
 
 def test_bench_quality_plans_its_rows_as_a_budgeted_job(shared_data: Path, tmp_path: Path) -> None:

@@ -237,20 +237,6 @@ def test_guided_renders_take_the_guide_where_it_is_opaque() -> None:
     assert torch.all(out.rgb[~opaque] == 0.7) and torch.all(out.mask)
     pair = guided_renders(memory, [guide, guide], cams, cfg.fit, cfg.guide)
     assert torch.equal(pair.source == ENSEMBLE_SOURCE, opaque) and torch.equal(pair.rgb, out.rgb)
-    # the memory empty on the left half: with empty_far, the guide's transparent pixels there take its
-    # colour (grey below the alpha threshold over the black background) at 10x the frame's farthest guided depth; the right half keeps the memory's
-    half = replace(memory, mask=memory.mask.clone(), depth=memory.depth.clone(), rgb=memory.rgb.clone())
-    half.mask[..., :16], half.depth[..., :16], half.rgb[..., :16, :] = False, 0.0, 0.0
-    far = guided_renders(half, [guide], cams, cfg.fit, replace(cfg.guide, empty_far=10.0))
-    empty = ~opaque & ~half.mask
-    assert bool(empty.any()) and torch.all(far.source[empty] == GUIDE_SOURCE) and torch.all(far.mask)
-    torch.testing.assert_close(far.depth[empty], torch.full_like(far.depth[empty], 50.0))
-    assert float(far.rgb[empty].max()) < 0.5 * cfg.guide.alpha and float(far.rgb[empty].max()) > 0
-    assert torch.equal(far.depth[half.mask & ~opaque], half.depth[half.mask & ~opaque])
-    off = guided_renders(half, [guide], cams, cfg.fit, cfg.guide)
-    assert torch.equal(off.mask, half.mask | opaque) and torch.all(off.depth[empty] == 0)
-    with pytest.raises(ValueError, match="GuideConfig.empty_far"):
-        GuideConfig(empty_far=0.5)
 
 
 def test_guide_is_a_job_setting() -> None:

@@ -74,7 +74,7 @@ from ..stages.fit import FitViews, Gaussians, fit_gaussians_many
 from ..stages.guide import guided_renders, render_guide
 from ..stages.render import render_memory
 from ..stages.retrieval import retrieve_views
-from ..types import ConditionVideo, Frames, GeometryMemory, Renders, Views
+from ..types import ENSEMBLE_SOURCE, ConditionVideo, Frames, GeometryMemory, Renders, Views
 from . import GENERATORS
 from .reproject import ReprojectConfig, ReprojectGenerator
 
@@ -971,7 +971,10 @@ class RefineGenerator:
             self.segment_strengths.append(None)
             return self.weight_free.generate(cond)
         out = self.refine(self.reproject.generate(cond), cond.renders)
-        return self.weight_free.generate(cond) if self.segment_strengths[-1] is None else out
+        # passed through: the two reprojections differ only where an ensemble guide covers
+        if self.segment_strengths[-1] is None and bool((cond.renders.source == ENSEMBLE_SOURCE).any()):
+            return self.weight_free.generate(cond)
+        return out
 
     def save(self, path: Path) -> None:
         """Write the trained network's weights, config and gate strength (a torch dict) to ``path``."""

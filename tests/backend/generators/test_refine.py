@@ -37,7 +37,7 @@ from backend.generators.reproject import ReprojectConfig, ReprojectGenerator
 from backend.loop import LoopConfig, run_loop
 from backend.scene import Scene, SceneError, Settings, TrajectoryFrame
 from backend.stages.memory import build_memory
-from backend.types import Cameras, Frames, Renders, Views
+from backend.types import ENSEMBLE_SOURCE, Cameras, Frames, Renders, Views
 
 W, H = 64, 48
 FIT_ITERATIONS = 20
@@ -373,13 +373,16 @@ def test_trust_region_lowers_the_strength_where_frames_move_further_than_validat
     out = gen.refine(Frames(frames, conf), renders)
     assert gen.segment_strengths == [None] and torch.equal(out.images, frames) and torch.equal(out.confidence, conf)
     # ... and generate() gives the weight-free generator's own frames there (an ensemble guide's share of its colour,
-    # not the network's input), as where the refiner declined
+    # not the network's input), as where the refiner declined; with no ensemble pixel the two are the same, and the
+    # network's input passes through without a second reprojection
     own = Frames(frames + 0.1, conf)
     gen.reproject = SimpleNamespace(generate=lambda cond: Frames(frames, conf))
     gen.weight_free = SimpleNamespace(generate=lambda cond: own)
-    assert gen.generate(SimpleNamespace(renders=renders)) is own and gen.segment_strengths == [None, None]
+    assert torch.equal(gen.generate(SimpleNamespace(renders=renders)).images, frames)
+    ensemble = replace(renders, source=torch.full_like(renders.source, ENSEMBLE_SOURCE))
+    assert gen.generate(SimpleNamespace(renders=ensemble)) is own and gen.segment_strengths == [None] * 3
     gen.declined = True
-    assert gen.generate(SimpleNamespace(renders=renders)) is own and gen.segment_strengths == [None] * 3
+    assert gen.generate(SimpleNamespace(renders=renders)) is own and gen.segment_strengths == [None] * 4
     gen.declined = False
     # the job's note names the lowered segments, and is silent where every segment kept the gate's strength
     gen.segment_strengths = [1.0, 0.25, None]

@@ -33,7 +33,7 @@ import math
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ from .scene import Camera, Scene, TrajectoryFrame
 from .stages.cameras import load_image, load_views, resize_image, to_tensor, undistorted, working_size
 from .stages.fit import FitViews, Gaussians, fit_gaussians, render_gaussians
 from .stages.guide import fit_guide, render_guide
-from .stages.memory import build_memory
+from .stages.memory import GeometryMemory, build_memory
 from .stages.render import render_memory
 from .types import Cameras
 
@@ -92,6 +92,26 @@ class EvalConfig:
             )
         if self.frames_per_leg < 1:
             raise ValueError(f"EvalConfig.frames_per_leg must be >= 1; got {self.frames_per_leg}")
+
+
+@dataclass
+class LoopStart:
+    """What an evaluation with baselines made before its loop, for another evaluation of the same scene,
+    working size, memory and guide settings to start its loop from (:func:`evaluate_scene`'s ``start``).
+    Two rows of a comparison that differ in the generator or in how the fit weighs the frames then
+    differ by that alone, not by a second guide fit as well (on CUDA gsplat's backward is not
+    deterministic, so a second fit of the same seed is another guide), and the second row skips the
+    guide's fit and the memory's build.
+
+    Attributes:
+        memory: the initial memory M, built from the captures.
+        notes: the memory's notes (the job log's lines about the geometry).
+        guide: the guide's Gaussian sets on the captures alone (empty when the guide is off).
+    """
+
+    memory: GeometryMemory | None = None
+    notes: list[str] = field(default_factory=list)
+    guide: list[Gaussians] = field(default_factory=list)
 
 
 def distinct_poses(cams: Sequence[Camera]) -> list[int]:
@@ -232,6 +252,7 @@ def evaluate_scene(
     generator: Generator | None = None,
     baselines: bool = True,
     keep: dict[str, Tensor] | None = None,
+    start: LoopStart | None = None,
 ) -> dict[str, Any]:
     """Score (a) point render, (b) captures-only Gaussians, (c) the full loop at the held-out cameras.
 
@@ -251,6 +272,9 @@ def evaluate_scene(
             ``truth``, ``frames`` [V, H, W, 3], ``confidence`` [V, H, W], and ``guide`` (the captures-only
             render) when ``baselines``, with ``guide_spread`` [V, H, W] (its sets' colour spread,
             :func:`backend.stages.guide.render_guide`) when the guide has several sets.
+        start: with ``baselines``, filled with the memory and guide made here (:class:`LoopStart`);
+            without, the loop starts from a start so filled (same scene, size and memory and guide
+            settings; checked no further) instead of building its memory and fitting its guide.
     Returns:
         the report written to eval.json.
     """
@@ -316,6 +340,12 @@ def evaluate_scene(
                 guide = fit_guide(captures, memory, loop_cfg.fit, loop_cfg.guide, device=device, ready=guide)
             guide_rgb, _, guide_spread = render_guide(guide, held, loop_cfg.fit, loop_cfg.guide)
             add_scores("guide", guide_rgb)
+        if start is not None:
+            start.memory, start.notes, start.guide = memory, notes, guide
+    elif start is not None:
+        if start.memory is None:
+            raise ValueError("evaluate: start holds no memory; fill it by an evaluation with baselines first")
+        memory, notes, guide = start.memory, start.notes, start.guide
 
     # (c) the full loop along the evaluation trajectory; its memory and guide are (a)'s and (b)'s when
     # those were made here (the same captures, size and settings)
@@ -329,8 +359,8 @@ def evaluate_scene(
         config=replace(loop_cfg, width=W, height=H),
         generator=generator,
         guide=guide,
-        memory=memory if baselines else None,
-        memory_notes=notes if baselines else (),
+        memory=memory if baselines or start is not None else None,
+        memory_notes=notes if baselines or start is not None else (),
     )
     loop_seconds = time.perf_counter() - t0
     loop_render = render_gaussians(result.gaussians, held, loop_cfg.fit)

@@ -42,6 +42,7 @@ from backend.evaluate import (  # noqa: E402
     EVAL_PICTURE,
     FRAMES_PER_LEG,
     EvalConfig,
+    LoopStart,
     eval_trajectory,
     evaluate_scene,
     heldout_views,
@@ -286,7 +287,8 @@ FRAME_ONLY_FIT_FIELDS = {"capture_share"}
 def has_baselines(variant: str) -> bool:
     """Variants that change the fit (beyond how it weighs the frames) or the geometry score their own
     captures-only fit, and so do a guide ensemble's (its members fitted beside that fit, their render
-    scored); the others are paired with the default row's of the same seed."""
+    scored); the others are paired with the default row's of the same seed, and their loop starts from its
+    memory and guide (:class:`backend.evaluate.LoopStart`)."""
     loop_over, fit_over, _ = VARIANTS.get(variant, ({}, {}, {}))
     own = variant == "default" or bool(set(fit_over) - FRAME_ONLY_FIT_FIELDS) or "estimator" in loop_over
     # an ensemble's rows score its render, made beside the baselines
@@ -622,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[dict]] = {v: [] for v in variants}
             for seed in seeds:
                 seeded = replace(base, seed=seed, fit=replace(base.fit, seed=seed))
+                start = LoopStart()  # the default row's memory and guide, the loop's start in the rows paired with it
                 for v in variants:
                     loop_over, fit_over, gen_over = VARIANTS.get(v, ({}, {}, {}))
                     generator = variant_generator(v, gen_over, args.refine_seconds, args.refine_steps)
@@ -638,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
                         ),
                         generator=generator,
                         baselines=has_baselines(v),
+                        start=start if v == "default" or not has_baselines(v) else None,
                     )
                     report["seconds"] = round(time.perf_counter() - t0, 1)
                     report["seed"] = seed

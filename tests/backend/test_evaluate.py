@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import backend.loop
-from backend.evaluate import EvalConfig, eval_trajectory, evaluate_scene, split_protocol
+from backend.evaluate import EvalConfig, LoopStart, eval_trajectory, evaluate_scene, split_protocol
 from backend.formats import import_scene
 from backend.loop import LoopConfig
 from backend.scene import Settings
@@ -87,14 +87,24 @@ def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pyt
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     kept: dict[str, torch.Tensor] = {}
+    start = LoopStart()
+    config = EvalConfig(loop=two_member_guide, frames_per_leg=2)
     try:
         report = evaluate_scene(
+            scene, tmp_path / "eval", device="cpu", trajectory_mode="heldout", config=config, keep=kept, start=start
+        )
+        with pytest.raises(ValueError, match="start holds no memory"):
+            evaluate_scene(scene, tmp_path / "e", device="cpu", config=config, baselines=False, start=LoopStart())
+        # a row paired with this one: its loop starts from the same memory and guide (nothing fitted again)
+        # and, on the CPU, where the fits are deterministic, lands where this one did
+        paired = evaluate_scene(
             scene,
-            tmp_path / "eval",
+            tmp_path / "paired",
             device="cpu",
             trajectory_mode="heldout",
-            config=EvalConfig(loop=two_member_guide, frames_per_leg=2),
-            keep=kept,
+            config=config,
+            baselines=False,
+            start=start,
         )
     finally:
         torch.set_num_threads(threads)
@@ -120,7 +130,11 @@ def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pyt
     on_disk = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert on_disk["gaussians_loop"]["psnr"] == pytest.approx(report["gaussians_loop"]["psnr"])
     assert {"fit_captures", "fit_guide"} <= set(on_disk["timing"]["baselines"]["stages"])
-    assert ready_in_loop == [2]  # the guide's bagged members, fitted once and scored, handed over
+    assert ready_in_loop == [2, 2]  # the guide's bagged members, fitted once and scored, handed over twice
+    assert len(start.guide) == 2 and start.memory is not None and start.notes == report["memory_notes"]
+    assert "gaussians_captures" not in paired
+    for key in ("gaussians_loop", "frames"):
+        assert paired[key]["psnr"] == report[key]["psnr"], key
     assert (tmp_path / "eval" / "loop" / "gaussians.ply").is_file()
     assert Image.open(tmp_path / "eval" / "eval.png").height >= 2 * 48
 

@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_loop_quality import SCENES, load_bench_scene  # noqa: E402
 
-from backend.evaluate import EvalConfig, evaluate_scene, split_protocol  # noqa: E402
+from backend.evaluate import EvalConfig, LoopStart, evaluate_scene, split_protocol  # noqa: E402
 from backend.evaluate_args import size_wxh  # noqa: E402
 from backend.generators import Generator, GeneratorCache  # noqa: E402
 from backend.generators.reproject import ReprojectConfig, ReprojectGenerator  # noqa: E402
@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         caps = None
+        start = LoopStart()  # the first row's memory and guide: every row's loop starts from them
         for name, generator, baselines in rows:
             r = evaluate_scene(
                 scene,
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 config=EvalConfig(loop=cfg if baselines else better),
                 generator=generator,
                 baselines=baselines,
+                start=start,
             )
             if caps is None:  # the first row scores the captures-only fit
                 caps = r["gaussians_captures"]["psnr"]

@@ -154,6 +154,10 @@ ARTIFACT = Field(
     ),
 )
 ARTIFACTS = Field("artifacts", "list", "finished files", items=ARTIFACT, max_len=limits.MAX_LIST_LEN)
+CREATED = Field("created", "float", "unix time of submission", min=0.0)
+UPDATED = Field("updated", "float", "unix time of the latest event", min=0.0)
+# where a job stands, as `status` replies and `jobs` lists it
+JOB_STANDING = (JOB, STATE, STAGE, FRACTION, MESSAGE, QUEUE_POSITION, QUEUE_LENGTH, WORKER)
 
 CAMERA_FIELDS = (
     Field("w2c", "array", "world-to-camera, OpenCV (x right, y down, z forward)", dtypes=FLOAT_DTYPES, shape=(4, 4)),
@@ -319,17 +323,10 @@ OPS: dict[str, OpSchema] = {
                 ),
             ),
             reply=(
-                JOB,
-                STATE,
-                STAGE,
-                FRACTION,
-                MESSAGE,
-                QUEUE_POSITION,
-                QUEUE_LENGTH,
-                WORKER,
+                *JOB_STANDING,
                 Field("seq", "int", "seq of the job's latest event", min=0, max=limits.MAX_ID_INT),
-                Field("created", "float", "unix time of submission", min=0.0),
-                Field("updated", "float", "unix time of the latest event", min=0.0),
+                CREATED,
+                UPDATED,
                 ARTIFACTS,
             ),
         ),
@@ -353,18 +350,7 @@ OPS: dict[str, OpSchema] = {
                         "jobs[]",
                         "struct",
                         "one job",
-                        fields=(
-                            JOB,
-                            STATE,
-                            STAGE,
-                            FRACTION,
-                            MESSAGE,
-                            QUEUE_POSITION,
-                            QUEUE_LENGTH,
-                            WORKER,
-                            Field("created", "float", "unix time of submission", min=0.0),
-                            Field("updated", "float", "unix time of the latest event", min=0.0),
-                        ),
+                        fields=(*JOB_STANDING, CREATED, UPDATED),
                     ),
                 ),
             ),

@@ -313,6 +313,7 @@ REFINE_VARIANTS: dict[str, dict] = {
 FRAME_WEIGHT_KEYS = ("frames_confidence", "frames_l1", "frames_weighted_l1")
 # columns shown as means over seeds, not gains, with their format
 PLAIN_COLUMNS = {
+    "seeds_above_default": ".0f",  # beside loop_minus_default, the gain column before these
     "frames_confidence": ".2f",
     "frames_l1": ".4f",
     "frames_weighted_l1": ".4f",
@@ -415,8 +416,10 @@ def scene_result(size: tuple[int, int], plan: str | None, seeds: list[int], runs
 def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     """Mean PSNR per variant over seeds (and its standard deviation, ``<key>_std``): the loop's
     Gaussians and frames, the baselines (the variant's own when it scored them, else the default
-    row's), masked where the scene has masks, and the loop's gain over the captures-only Gaussians of
-    the same seed and settings."""
+    row's), masked where the scene has masks, the loop's gain over the captures-only Gaussians of
+    the same seed and settings, and a variant's loop against the default row's, seed by seed: the mean
+    difference (``loop_minus_default``) and on how many seeds it is above (``seeds_above_default``; one
+    seed's loop moves by up to 0.4 dB between two GPU runs, docs/benchmarks.md run 55)."""
     out: dict[str, dict[str, float]] = {}
     for v, reports in runs.items():
         row: dict[str, float] = {}
@@ -432,6 +435,15 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
                     r[f"gaussians_loop{suffix}"]["psnr"] - base[r["seed"]][f"gaussians_captures{suffix}"]["psnr"]
                     for r in reports
                 )
+        default = {r["seed"]: r for r in runs.get("default", [])}
+        paired = [
+            r["gaussians_loop"]["psnr"] - default[r["seed"]]["gaussians_loop"]["psnr"]
+            for r in reports
+            if "gaussians_loop" in r and "gaussians_loop" in default.get(r["seed"], {})
+        ]
+        if v != "default" and paired:
+            row["loop_minus_default"] = statistics.fmean(paired)
+            row["seeds_above_default"] = float(sum(d > 0 for d in paired))
         if "refine_strength" in reports[0]:  # the refiner's gate: its mean strength where it applied the
             # network (a declined run passes the reprojection through; its strength says nothing), and the
             # share of runs that declined
@@ -505,6 +517,7 @@ def markdown(results: dict) -> str:
         cols = [k for k in SCORE_KEYS if any(k in row for row in summary.values())]
         cols += [f"{k}_masked" for k in cols if masked]
         gains = ["loop_minus_captures"] + (["loop_minus_captures_masked"] if masked else [])
+        gains += [g for g in ("loop_minus_default",) if any(g in row for row in summary.values())]
         gains += [g for g in PLAIN_COLUMNS if any(g in row for row in summary.values())]
         lines += ["", f"### {name} ({scene['size'][0]}x{scene['size'][1]}, seeds {scene['seeds']})", ""]
         lines.append("| variant | " + " | ".join(cols + gains) + " |")

@@ -190,6 +190,11 @@ def test_bench_quality_merges_runs_of_one_seed_each() -> None:
     assert default["gaussians_loop"]["psnr"] == pytest.approx(21.1) and default["rows"] == 2
     assert scene["summary"]["default"]["loop_minus_captures"] == pytest.approx(1.0)
     assert scene["summary"]["no guide"]["gaussians_loop"] == pytest.approx(22.0)
+    # a variant against the default row, seed by seed: the mean difference and the seeds above
+    assert scene["summary"]["no guide"]["loop_minus_default"] == pytest.approx(0.9)
+    assert scene["summary"]["no guide"]["seeds_above_default"] == 1
+    assert "loop_minus_default" not in scene["summary"]["default"]
+    assert "| no guide |" in bq.markdown(merged) and "| +0.90 | 1 |" in bq.markdown(merged)
     assert "per seed" not in bq.markdown(merged)  # one seed: the means are the figures
     with pytest.raises(ValueError, match="seed"):  # a variant's row twice for one seed is a mistake
         bq.merge_results([part(0, 20.0, 21.0, variant=22.0), part(0, 20.0, 21.0, variant=22.0)])

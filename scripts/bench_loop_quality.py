@@ -421,6 +421,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     difference (``loop_minus_default``) and on how many seeds it is above (``seeds_above_default``; one
     seed's loop moves by up to 0.4 dB between two GPU runs, docs/benchmarks.md run 55)."""
     out: dict[str, dict[str, float]] = {}
+    default = {r["seed"]: r for r in runs.get("default", [])}
     for v, reports in runs.items():
         row: dict[str, float] = {}
         base = baselines(runs, v)
@@ -435,13 +436,12 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
                     r[f"gaussians_loop{suffix}"]["psnr"] - base[r["seed"]][f"gaussians_captures{suffix}"]["psnr"]
                     for r in reports
                 )
-        default = {r["seed"]: r for r in runs.get("default", [])}
         paired = [
             r["gaussians_loop"]["psnr"] - default[r["seed"]]["gaussians_loop"]["psnr"]
             for r in reports
-            if "gaussians_loop" in r and "gaussians_loop" in default.get(r["seed"], {})
+            if v != "default" and "gaussians_loop" in r and "gaussians_loop" in default.get(r["seed"], {})
         ]
-        if v != "default" and paired:
+        if paired:
             row["loop_minus_default"] = statistics.fmean(paired)
             row["seeds_above_default"] = float(sum(d > 0 for d in paired))
         if "refine_strength" in reports[0]:  # the refiner's gate: its mean strength where it applied the
@@ -641,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
                 for v in variants:
                     loop_over, fit_over, gen_over = VARIANTS.get(v, ({}, {}, {}))
                     generator = variant_generator(v, gen_over, args.refine_seconds, args.refine_steps)
+                    own = has_baselines(v)  # else paired with the default row: its loop starts from the default's
                     t0 = time.perf_counter()
                     folder_name = f"{v.replace(' ', '_').replace('/', '_')}_seed{seed}"
                     report = evaluate_scene(
@@ -653,8 +654,8 @@ def main(argv: list[str] | None = None) -> int:
                             frames_per_leg=loop_over.get("frames_per_leg", FRAMES_PER_LEG),
                         ),
                         generator=generator,
-                        baselines=has_baselines(v),
-                        start=start if v == "default" or not has_baselines(v) else None,
+                        baselines=own,
+                        start=start if v == "default" or not own else None,
                     )
                     report["seconds"] = round(time.perf_counter() - t0, 1)
                     report["seed"] = seed

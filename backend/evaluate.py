@@ -315,13 +315,15 @@ def evaluate_scene(
         "update_memory": loop_cfg.update.enabled,
     }
     columns = [truth]
-    guide: list[Gaussians] = []  # the loop's guide, when made here
+    # the loop's memory, its notes and its guide, when made here or handed over in ``start``
+    memory: GeometryMemory | None = None
+    notes: list[str] = []
+    guide: list[Gaussians] = []
     # (a) the point memory alone, and (b) Gaussians on the captures alone
     if baselines:
         with meter.measure("load"):
             captures = load_views(scene.captures, W, H, device)
         with meter.measure("memory"):
-            notes: list[str] = []
             memory = build_memory(captures, loop_cfg.memory, estimator=loop_cfg.estimator, notes=notes)
             report["memory_notes"] = notes
         with meter.measure("points_render"), torch.no_grad():
@@ -359,8 +361,8 @@ def evaluate_scene(
         config=replace(loop_cfg, width=W, height=H),
         generator=generator,
         guide=guide,
-        memory=memory if baselines or start is not None else None,
-        memory_notes=notes if baselines or start is not None else (),
+        memory=memory,
+        memory_notes=notes,
     )
     loop_seconds = time.perf_counter() - t0
     loop_render = render_gaussians(result.gaussians, held, loop_cfg.fit)

@@ -251,8 +251,8 @@ class BudgetPlan:
         iterations: steps per Gaussian fit.
         step_seconds: predicted seconds per fitting step at this size and cap.
         costs: the measured step costs the plan used.
-        fits: Gaussian fits the loop runs, in lengths of one fit (1, plus the guide's members times
-            their share of the steps, plus what the generator's preparation fits: the refiner's leave-out guides, a fifth each).
+        fits: Gaussian fits the loop runs, in lengths of one fit (2 with the guide, else 1, plus what
+            the generator's preparation fits: the refiner's leave-out guides, a fifth each).
         reserved_s: seconds of the fits' share kept for other work on the device (the refiner's training).
         sentence: what was chosen and why, for people.
     """

@@ -335,9 +335,8 @@ def evaluate_scene(
         report["points_coverage"] = float((points.sum(-1) > 0).float().mean())
         add_scores("gaussians_captures", caps_render)
         columns += [points, caps_render]
-        # the captures-only fit is the guide's first member where the members start from all of M and fit
-        # as long as it
-        guide = [g_caps] if loop_cfg.guide.member_points >= 1.0 and loop_cfg.guide.fit_share >= 1.0 else []
+        # the captures-only fit is the guide's first member where the members start from all of M
+        guide = [g_caps] if loop_cfg.guide.member_points >= 1.0 else []
         if loop_cfg.guide.enabled and (loop_cfg.guide.members > 1 or not guide):  # the rest, and their render
             with meter.measure("fit_guide"):
                 guide = fit_guide(captures, memory, loop_cfg.fit, loop_cfg.guide, device=device, ready=guide)

@@ -152,7 +152,7 @@ class LoopConfig:
             prompt=settings.prompt,
         )
         if settings.time_budget_min and cfg.has_fit:  # backend.budget: size the work to the time
-            fits, reserved_s = 1 + (cfg.guide.members * cfg.guide.fit_share if cfg.guide.enabled else 0), 0.0
+            fits, reserved_s = (1 + cfg.guide.members if cfg.guide.enabled else 1), 0.0
             cost = getattr(GENERATORS.get(cfg.generator.name), "preparation_cost", None)
             if cost is not None:  # a generator that fits and trains before the segments (``refine``)
                 extra_fits, reserved_s = cost(cfg.generator, num_captures, has_guide=cfg.guide.enabled)
@@ -282,7 +282,7 @@ def run_loop(
     guide_depth = None  # the guide's depth in the captures where it is opaque, else 0 [C, H, W]
     if cfg.guide.enabled and cfg.has_fit:
         with meter.measure("guide"):
-            on_step = track.steps("guide", "guide Gaussians on the captures", cfg.guide.steps(cfg.fit.iterations))
+            on_step = track.steps("guide", "guide Gaussians on the captures", cfg.fit.iterations)
             guide = fit_guide(captures, memory, cfg.fit, cfg.guide, device=device, ready=guide, progress=on_step)
             guide_depth = render_guide(guide, captures.cams, cfg.fit, cfg.guide)[1]
         sets = f" in {len(guide)} sets" if len(guide) > 1 else ""

@@ -111,10 +111,6 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     # other shares for the bagged members (gsplat's default 0.5; rows of either rasterizer)
     "guide ensemble 3 points 0.3": ({"guide_members": 3, "guide_points": 0.3}, {}, {}),
     "guide ensemble 3 points 0.7": ({"guide_members": 3, "guide_points": 0.7}, {}, {}),
-    # gsplat's guide members fitted for a share of the fit's steps (the job's time: its guide stage is about
-    # half of it, run 56); the SH degree still rises every sh_degree_interval steps
-    "guide steps 0.5": ({"guide_steps": 0.5}, {}, {}),
-    "guide steps 0.67": ({"guide_steps": 0.67}, {}, {}),
     # the bench's path through the captures and held-out views with more or fewer frames between its keys
     # (EvalConfig.frames_per_leg; FRAMES_PER_LEG 3, a job's path is the user's animation, 120 frames in
     # scripts/bench_loop.py): more views of the guide's colour for the fit, or the keys' frames alone
@@ -225,7 +221,6 @@ GUIDE_KEYS = {
     "guide_members": "members",
     "guide_alpha": "alpha",
     "guide_points": "member_points",
-    "guide_steps": "fit_share",
 }
 NESTED_LOOP_KEYS = ("update", *GUIDE_KEYS, "patchmatch", "frames_per_leg")
 
@@ -291,13 +286,13 @@ FRAME_ONLY_FIT_FIELDS = {"capture_share"}
 
 def has_baselines(variant: str) -> bool:
     """Variants that change the fit (beyond how it weighs the frames) or the geometry score their own
-    captures-only fit, and so do those that change the guide's members (fitted beside that fit, their render
+    captures-only fit, and so do a guide ensemble's (its members fitted beside that fit, their render
     scored); the others are paired with the default row's of the same seed, and their loop starts from its
     memory and guide (:class:`backend.evaluate.LoopStart`)."""
     loop_over, fit_over, _ = VARIANTS.get(variant, ({}, {}, {}))
     own = variant == "default" or bool(set(fit_over) - FRAME_ONLY_FIT_FIELDS) or "estimator" in loop_over
-    # rows that change the guide's members score their render, made beside the baselines
-    return own or bool({"guide_members", "guide_points", "guide_steps"} & set(loop_over))
+    # an ensemble's rows score its render, made beside the baselines
+    return own or "guide_members" in loop_over or "guide_points" in loop_over
 
 
 # ---- refiner variants: the "refine" generator (reproject + a U-Net trained on the scene's

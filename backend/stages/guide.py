@@ -36,8 +36,6 @@ class GuideConfig:
         members: Gaussian sets in the guide (module docstring); 1: one captures-only fit.
         member_points: the share of M's points each member starts from, its own random subset
             (:func:`member_memory`); 1: all of them.
-        fit_share: the members' fit runs this share of the job's fit steps (:meth:`steps`), its
-            densification on the same shares of its own steps; 1: as many as the loop's fit.
 
     A job takes ``members`` and ``member_points`` from its rasterizer (:func:`rasterizer_guide`,
     ``LoopConfig.from_settings``).
@@ -47,7 +45,6 @@ class GuideConfig:
     alpha: float = 0.5
     members: int = 1
     member_points: float = 1.0
-    fit_share: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
@@ -58,12 +55,6 @@ class GuideConfig:
             raise ValueError(
                 f"GuideConfig.member_points is a share of the memory's points in (0, 1]; got {self.member_points}"
             )
-        if not 0.0 < self.fit_share <= 1.0:
-            raise ValueError(f"GuideConfig.fit_share is a share of the fit's steps in (0, 1]; got {self.fit_share}")
-
-    def steps(self, fit_iterations: int) -> int:
-        """The members' fit steps for a job whose fit runs ``fit_iterations`` (at least 1)."""
-        return max(1, round(fit_iterations * self.fit_share))
 
 
 ENSEMBLE_MEMBERS = 3  # the guide's sets where the fit runs on gsplat (CUDA): run 39, docs/benchmarks.md
@@ -107,7 +98,7 @@ def fit_guide(
     progress: Callable[[int, float], None] | None = None,
 ) -> list[Gaussians]:
     """The guide's ``cfg.members`` Gaussian sets, fitted on the captures alone (confidence 1) from the
-    memory M, in lockstep for ``cfg.steps(fit_cfg.iterations)`` steps; member k seeded ``fit_cfg.seed + k`` and started from
+    memory M, in lockstep; member k seeded ``fit_cfg.seed + k`` and started from
     :func:`member_memory` with that seed. The ``ready`` ones (members 0, 1, ... fitted so already, e.g.
     an evaluation's captures-only fit where the members start from all of M, or a guide fitted here
     before) are kept and not fitted again."""
@@ -117,7 +108,7 @@ def fit_guide(
     fitted = fit_gaussians_many(
         [FitViews.from_views(captures)] * len(todo),
         [member_memory(memory, cfg.member_points, fit_cfg.seed + k) for k in todo],
-        replace(fit_cfg, iterations=cfg.steps(fit_cfg.iterations)),
+        fit_cfg,
         device=device,
         progress=progress,
         seeds=[fit_cfg.seed + k for k in todo],

@@ -232,7 +232,6 @@ def test_bench_quality_variants_reach_the_loop_config() -> None:
     assert bagged.guide.member_points == 0.5 and bagged.guide.members == 3
     assert config("guide all points").guide.member_points == 1.0 and config("one guide").guide.member_points == 1.0
     assert bq.has_baselines("guide ensemble 3 points 0.5") and bq.has_baselines("guide all points")
-    assert config("guide steps 0.5").guide == replace(base.guide, fit_share=0.5) and bq.has_baselines("guide steps 0.5")
     wide = config("guide alpha 0.1 + blend 1.0").guide  # the guide's fields a row sets, the rest the default's
     assert wide == replace(base.guide, alpha=0.1) and config("no guide").guide == replace(base.guide, enabled=False)
 

@@ -563,21 +563,6 @@ def test_bagged_guide_members_start_from_their_own_share_of_the_memory():
         GuideConfig(member_points=0)
 
 
-def test_guide_members_fit_their_share_of_the_steps():
-    """fit_share < 1: the members' lockstep fit runs that share of the job's steps (rounded, at least 1),
-    and reports them to the progress callback; the share is checked."""
-    cams, images, noisy = make_scene(seed=3, n=100)
-    captures = Views(images, cams, [0, 1, 2])
-    cfg = test_config(iterations=10, seed=4, progress_every=1)
-    steps: list[int] = []
-    guide_cfg = GuideConfig(members=2, fit_share=0.4)
-    assert guide_cfg.steps(10) == 4 and guide_cfg.steps(1) == 1 and GuideConfig().steps(3000) == 3000
-    members = fit_guide(captures, noisy, cfg, guide_cfg, device="cpu", progress=lambda step, loss: steps.append(step))
-    assert len(members) == 2 and max(steps) == 4
-    with pytest.raises(ValueError, match=r"GuideConfig.fit_share is a share of the fit's steps in \(0, 1\]; got 1.5"):
-        GuideConfig(fit_share=1.5)
-
-
 def test_take_rows_is_indexing_by_slices():
     t = torch.arange(24.0).reshape(6, 2, 2)
     for rows in ([4], [5, 0, 5], [1, 2]):

@@ -126,7 +126,9 @@ PY
   jobs)
     gsplat_ready
     # the machine's cores shared between the processes (torch's CPU threads would oversubscribe them)
-    # JOBS_MATCH (a grep pattern) runs only the spec lines it matches: a spec too long for one call, split
+    # JOBS_MATCH (a grep pattern) runs only the spec lines it matches: a spec too long for one call, split.
+    # It is a basic pattern: '^door|' matches lines starting "door|", while '\|' means "or" and an empty
+    # alternative matches every line (run 57 lost a call to that)
     # JOBS_PICTURES=1 keeps each run's pictures (--pictures), in the archive under pictures/
     spec=$(grep -v '^\s*\(#\|$\)' "$1" | grep -e "${JOBS_MATCH:-.}")
     jobs=$(wc -l <<< "$spec")

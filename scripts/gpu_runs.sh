@@ -21,7 +21,7 @@
 #   jobs SPEC [ITER]           one bench_loop_quality process per line of SPEC, all at once, merged:
 #                              lines `SCENE|VARIANTS|SEED[|EXTRA ARGS]` (a sweep: seeds and variant groups
 #                              split between processes; each scores its own default row, the merge averages a seed's);
-#                              JOBS_MATCH=PATTERN runs only the lines grep matches
+#                              JOBS_MATCH=PATTERN runs only the lines grep matches; JOBS_DRY=1 lists them and stops
 #   ceiling SCENES SEEDS [MIXES [ARGS]] scripts/frames_ceiling.py at each scene's bench size, 3000 steps, one process
 #                              per scene and seed at once (the loop fed a dense fit's renders against reproject's
 #                              frames, and MIXES of the two: shares of the dense render, e.g. 0.25,0.5,0.75; ARGS
@@ -41,6 +41,19 @@
 #   patchmatch                 PatchMatch against plane sweep on the door (scripts/gpu_check_patchmatch.py)
 #   patchmatch_llff [ANGLES]   depth coverage on the fern's 3 views: plane sweep, PatchMatch per minimum angle
 set -uo pipefail
+jobs_spec() {  # jobs_spec SPEC: the lines of a job spec that JOBS_MATCH selects, or an error
+  grep -v '^\s*\(#\|$\)' "$1" | grep -e "${JOBS_MATCH:-.}" || { echo "jobs: no line of $1 matches" >&2; return 1; }
+}
+if [ "${1:-}" = jobs ] && [ -n "${JOBS_DRY:-}" ]; then  # JOBS_DRY=1: which processes a call would start and the
+  # rows each scores ("default" first, named or not), then stop; no set-up, so it runs on the dev machine too
+  spec=$(jobs_spec "$2") || exit 1
+  echo "$(wc -l <<< "$spec") processes at once:"
+  while IFS='|' read -r scene variants seed extra; do
+    [[ ",$variants," == *",default,"* ]] || variants="default,$variants"
+    echo "  $scene seed $seed: ${variants//,/, }${extra:+ ($extra)}"
+  done <<< "$spec"
+  exit 0
+fi
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -124,14 +137,14 @@ PY
     python3 scripts/bench_loop_quality.py --merge "$OUT"/quality_*_seed*.json --out "$OUT/quality_merged.json"
     ;;
   jobs)
-    gsplat_ready
-    # the machine's cores shared between the processes (torch's CPU threads would oversubscribe them)
     # JOBS_MATCH (a grep pattern) runs only the spec lines it matches: a spec too long for one call, split.
     # It is a basic pattern: '^door|' matches lines starting "door|", while '\|' means "or" and an empty
-    # alternative matches every line (run 57 lost a call to that)
+    # alternative matches every line (run 57 lost a call to that). JOBS_DRY=1: see jobs_spec.
     # JOBS_PICTURES=1 keeps each run's pictures (--pictures), in the archive under pictures/
-    spec=$(grep -v '^\s*\(#\|$\)' "$1" | grep -e "${JOBS_MATCH:-.}")
+    spec=$(jobs_spec "$1") || exit 1
     jobs=$(wc -l <<< "$spec")
+    gsplat_ready
+    # the machine's cores shared between the processes (torch's CPU threads would oversubscribe them)
     export OMP_NUM_THREADS=$(( $(nproc) / jobs > 0 ? $(nproc) / jobs : 1 ))
     n=0
     while IFS='|' read -r scene variants seed extra; do

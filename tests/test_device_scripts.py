@@ -48,3 +48,27 @@ def test_stamp_names_torch_gsplat_and_the_architectures(monkeypatch) -> None:
     )
     built = out.stdout.strip()  # '' where this machine never compiled gsplat (no CUDA here)
     assert built == "" or (built.endswith("/gsplat_cuda.so") and Path(built).is_file()), built
+
+
+def test_jobs_dry_run_lists_the_processes_a_pattern_selects(tmp_path: Path) -> None:
+    """``JOBS_DRY=1 gpu_runs.sh jobs SPEC`` names each process a call would start, with "default" first
+    whether the line names it or not, and sets nothing up; a pattern that matches no line is an error.
+    In grep's basic patterns ``|`` is a plain character and ``\\|`` is "or" (run 57 lost a call to it)."""
+    spec = tmp_path / "spec.txt"
+    spec.write_text("# a comment\ntemple|default,one guide|0\n\nfern|one guide|1|--size 64x48\n")
+
+    def dry(pattern: str) -> subprocess.CompletedProcess:
+        env = {"PATH": "/usr/bin:/bin", "JOBS_DRY": "1", "JOBS_MATCH": pattern, "OUT": str(tmp_path / "out")}
+        cmd = ["bash", str(SCRIPTS / "gpu_runs.sh"), "jobs", str(spec)]
+        return subprocess.run(cmd, cwd=SCRIPTS.parent, env=env, capture_output=True, text=True)
+
+    fern = dry("^fern|")
+    assert fern.returncode == 0 and fern.stdout.splitlines() == [
+        "1 processes at once:",
+        "  fern seed 1: default, one guide (--size 64x48)",
+    ]
+    assert dry("^temple\\|^fern").stdout.startswith("2 processes at once:\n  temple seed 0: default, one guide\n")
+    assert dry("^fern\\|").stdout.startswith("2 processes")  # the empty alternative matches every line
+    missing = dry("^door|")
+    assert missing.returncode == 1 and f"jobs: no line of {spec} matches" in missing.stderr
+    assert not (tmp_path / "out").exists()  # no set-up ran

@@ -519,8 +519,7 @@ def markdown(results: dict) -> str:
         cols = [k for k in SCORE_KEYS if any(k in row for row in summary.values())]
         cols += [f"{k}_masked" for k in cols if masked]
         gains = ["loop_minus_captures"] + (["loop_minus_captures_masked"] if masked else [])
-        gains += [g for g in ("loop_minus_default",) if any(g in row for row in summary.values())]
-        gains += [g for g in PLAIN_COLUMNS if any(g in row for row in summary.values())]
+        gains += [g for g in ("loop_minus_default", *PLAIN_COLUMNS) if any(g in row for row in summary.values())]
         lines += ["", f"### {name} ({scene['size'][0]}x{scene['size'][1]}, seeds {scene['seeds']})", ""]
         lines.append("| variant | " + " | ".join(cols + gains) + " |")
         lines.append("| --- " * (1 + len(cols) + len(gains)) + "|")

@@ -42,11 +42,12 @@
 #   patchmatch_llff [ANGLES]   depth coverage on the fern's 3 views: plane sweep, PatchMatch per minimum angle
 set -uo pipefail
 jobs_spec() {  # jobs_spec SPEC: the lines of a job spec that JOBS_MATCH selects, or an error
+  [ -f "${1:-}" ] || { echo "jobs: the spec file '${1:-}' does not exist (usage: jobs SPEC [ITER])" >&2; return 1; }
   grep -v '^\s*\(#\|$\)' "$1" | grep -e "${JOBS_MATCH:-.}" || { echo "jobs: no line of $1 matches" >&2; return 1; }
 }
 if [ "${1:-}" = jobs ] && [ -n "${JOBS_DRY:-}" ]; then  # JOBS_DRY=1: which processes a call would start and the
   # rows each scores ("default" first, named or not), then stop; no set-up, so it runs on the dev machine too
-  spec=$(jobs_spec "$2") || exit 1
+  spec=$(jobs_spec "${2:-}") || exit 1
   echo "$(wc -l <<< "$spec") processes at once:"
   while IFS='|' read -r scene variants seed extra; do
     [[ ",$variants," == *",default,"* ]] || variants="default,$variants"
@@ -141,7 +142,7 @@ PY
     # It is a basic pattern: '^door|' matches lines starting "door|", while '\|' means "or" and an empty
     # alternative matches every line (run 57 lost a call to that). JOBS_DRY=1: see jobs_spec.
     # JOBS_PICTURES=1 keeps each run's pictures (--pictures), in the archive under pictures/
-    spec=$(jobs_spec "$1") || exit 1
+    spec=$(jobs_spec "${1:-}") || exit 1
     jobs=$(wc -l <<< "$spec")
     gsplat_ready
     # the machine's cores shared between the processes (torch's CPU threads would oversubscribe them)

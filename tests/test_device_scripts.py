@@ -71,4 +71,6 @@ def test_jobs_dry_run_lists_the_processes_a_pattern_selects(tmp_path: Path) -> N
     assert dry("^fern\\|").stdout.startswith("2 processes")  # the empty alternative matches every line
     missing = dry("^door|")
     assert missing.returncode == 1 and f"jobs: no line of {spec} matches" in missing.stderr
+    spec.unlink()
+    assert f"jobs: the spec file '{spec}' does not exist" in dry("^fern|").stderr
     assert not (tmp_path / "out").exists()  # no set-up ran

@@ -104,17 +104,16 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "guide ensemble 3": ({"guide_members": 3}, {}, {}),
     "guide ensemble 5": ({"guide_members": 5}, {}, {}),  # two more sets than CUDA's default (run 43's screen)
     # gsplat's guide members each from all of the memory's points, the default until run 52 (its members
-    # bagged since, each from its own half: GuideConfig.member_points; the row was `guide points 0.5` then)
+    # bagged since, each from its own share: GuideConfig.member_points; the row was `guide points 0.5` then)
     "guide all points": ({"guide_points": 1.0}, {}, {}),
-    # the CPU rasterizer's guide (one fit) made gsplat's: 3 members, each from its own half of the points
+    # 3 members, each from its own half of the points: gsplat's default from run 52 to run 59 (0.4 since; the
+    # row `guide ensemble 3 points 0.4` then); on the CPU rasterizer its one fit made gsplat's bagged three
     "guide ensemble 3 points 0.5": ({"guide_members": 3, "guide_points": 0.5}, {}, {}),
-    # other shares for the bagged members (gsplat's default 0.5; rows of either rasterizer)
+    # other shares for the bagged members (rows of either rasterizer): 0.3 splits the scenes (the door -0.16,
+    # run 58), 0.7 and 0.2 lose on the temple (runs 53, 58)
     "guide ensemble 3 points 0.3": ({"guide_members": 3, "guide_points": 0.3}, {}, {}),
     "guide ensemble 3 points 0.7": ({"guide_members": 3, "guide_points": 0.7}, {}, {}),
-    # below 0.3, where the temple (run 53) and the fern (run 57) gained on every seed (the temple -0.24, run 58)
     "guide ensemble 3 points 0.2": ({"guide_members": 3, "guide_points": 0.2}, {}, {}),
-    # between the door's best (0.5; 0.3 -0.16, run 58) and the temple's and the fern's (0.3)
-    "guide ensemble 3 points 0.4": ({"guide_members": 3, "guide_points": 0.4}, {}, {}),
     # the bench's path through the captures and held-out views with more or fewer frames between its keys
     # (EvalConfig.frames_per_leg; FRAMES_PER_LEG 3, a job's path is the user's animation, 120 frames in
     # scripts/bench_loop.py): more views of the guide's colour for the fit, or the keys' frames alone

@@ -58,7 +58,7 @@ class GuideConfig:
 
 
 ENSEMBLE_MEMBERS = 3  # the guide's sets where the fit runs on gsplat (CUDA): run 39, docs/benchmarks.md
-MEMBER_POINTS = 0.5  # the share of M each of them starts from there: run 52, docs/benchmarks.md
+MEMBER_POINTS = 0.4  # the share of M each of them starts from there: runs 52 and 59, docs/benchmarks.md
 
 
 def rasterizer_guide(guide: GuideConfig, rasterizer: str) -> GuideConfig:
@@ -67,9 +67,10 @@ def rasterizer_guide(guide: GuideConfig, rasterizer: str) -> GuideConfig:
     On gsplat: ``ENSEMBLE_MEMBERS`` sets, fitted in one rasterizer call per step (3 sets took 1.9x one
     set's time at the bench job's 896x512 on the H200, the job 54.5 s; run 40; the loop's Gaussians +0.12
     fern, +0.30 temple, +0.49 door over one set, runs 39-40), each from its own ``MEMBER_POINTS`` of M
-    (the loop's Gaussians +0.19 temple, +0.22 fern, every seed, over members from all of M; run 52 on an
-    H100, 3000 steps; the members fit faster from half the points, run 50). 0.3 of M splits the scenes
-    (temple +0.12 to +0.15, fern +0.13, door -0.16, every seed; runs 53, 57, 58) and 0.2 loses (temple -0.24).
+    (half of M: the loop's Gaussians +0.19 temple, +0.22 fern, every seed, over members from all of M; run 52
+    on an H100, 3000 steps; the members fit faster from fewer points, run 50). 0.4 over 0.5: temple +0.20, fern
+    +0.10, door +0.05, every seed of each (run 59). 0.3 splits the scenes (temple +0.12 to +0.15, fern +0.13,
+    door -0.16, every seed; runs 53, 57, 58), 0.2 loses (temple -0.24) and 0.7 too (temple -0.03, run 53).
     On the CPU rasterizer: one set from all of M. There each set costs a whole fit: with 3 frames a step,
     3 sets gave the CPU loop +0.27 dB on the fern and -0.26 on the temple for twice a row's time
     (docs/benchmarks.md, "3 frames a step on the CPU"), and a CPU job's time budget would pay for them

@@ -82,7 +82,7 @@ def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pyt
     )
     scene = replace(scene, settings=Settings(width=64, height=48, gaussian_iterations=30, segment_length=8))
     loop_cfg = LoopConfig.from_settings(scene.settings)
-    # a CUDA job's guide has 3 members, each from its own half of M (rasterizer_guide)
+    # a CUDA job's guide has 3 members, each from its own share of M (rasterizer_guide)
     two_member_guide = replace(loop_cfg, guide=replace(loop_cfg.guide, members=2, member_points=0.5))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

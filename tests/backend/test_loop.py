@@ -241,11 +241,11 @@ def test_guided_renders_take_the_guide_where_it_is_opaque() -> None:
 
 def test_guide_is_a_job_setting() -> None:
     assert LoopConfig.from_settings(Settings()).guide.enabled is True
-    # a self-ensemble of 3 fits where gsplat fits them in lockstep (run 39), each from its own half of the
-    # memory (run 52); one fit from all of it on the CPU rasterizer
+    # a self-ensemble of 3 fits where gsplat fits them in lockstep (run 39), each from its own 0.4 of the
+    # memory (runs 52 and 59); one fit from all of it on the CPU rasterizer
     cuda = LoopConfig.from_settings(Settings(), device="cuda").guide
     cpu = LoopConfig.from_settings(Settings(), device="cpu").guide
-    assert (cuda.members, cuda.member_points) == (3, 0.5) and (cpu.members, cpu.member_points) == (1, 1.0)
+    assert (cuda.members, cuda.member_points) == (3, 0.4) and (cpu.members, cpu.member_points) == (1, 1.0)
     assert LoopConfig.from_settings(Settings.from_json({"guide": False})).guide.enabled is False
     with pytest.raises(Exception, match=r"settings\.guide: must be true or false"):
         Settings.from_json({"guide": 1})

@@ -48,7 +48,8 @@ jobs_spec() {  # jobs_spec SPEC: the lines of a job spec that JOBS_MATCH selects
 if [ "${1:-}" = jobs ] && [ -n "${JOBS_DRY:-}" ]; then  # JOBS_DRY=1: which processes a call would start and the
   # rows each scores ("default" first, named or not), then stop; no set-up, so it runs on the dev machine too
   spec=$(jobs_spec "${2:-}") || exit 1
-  echo "$(wc -l <<< "$spec") processes at once:"
+  n=$(wc -l <<< "$spec")
+  if [ "$n" = 1 ]; then echo "1 process:"; else echo "$n processes at once:"; fi
   while IFS='|' read -r scene variants seed extra; do
     [[ ",$variants," == *",default,"* ]] || variants="default,$variants"
     echo "  $scene seed $seed: ${variants//,/, }${extra:+ ($extra)}"

@@ -64,7 +64,7 @@ def test_jobs_dry_run_lists_the_processes_a_pattern_selects(tmp_path: Path) -> N
 
     fern = dry("^fern|")
     assert fern.returncode == 0 and fern.stdout.splitlines() == [
-        "1 processes at once:",
+        "1 process:",
         "  fern seed 1: default, one guide (--size 64x48)",
     ]
     assert dry("^temple\\|^fern").stdout.startswith("2 processes at once:\n  temple seed 0: default, one guide\n")

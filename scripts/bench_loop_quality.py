@@ -125,6 +125,15 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "one guide": ({"guide_members": 1, "guide_points": 1.0}, {}, {}),
     "run 38 default": ({"guide_members": 1, "guide_points": 1.0}, {}, {"guide_blend": 0.5}),  # one fit, half its colour
     "guide ensemble 3 blend 0.5": ({"guide_members": 3, "guide_points": 1.0}, {}, {"ensemble_blend": 0.5}),  # run 39's
+    # where the frames take the ensemble's colour alone, their confidence without the reprojection's angular
+    # weight (ReprojectConfig.ensemble_angle_free): on the rings every frame is tens of degrees from a capture
+    "ensemble angle free": ({}, {}, {"ensemble_angle_free": True}),
+    # ... beside the CPU's own guide made gsplat's kind (3 members from half of the points): the CPU screen
+    "guide ensemble 3 points 0.5 angle free": (
+        {"guide_members": 3, "guide_points": 0.5},
+        {},
+        {"ensemble_angle_free": True},
+    ),
     "capture share 0.7": ({}, {"capture_share": 0.7}, {}),
     "capture share 0.3": ({}, {"capture_share": 0.3}, {}),  # more of the fit on the frames (run 36's mixes: +0.04)
     # weight-free regularisers of the sparse-view Gaussian literature (Gaussian dropout 0.2 is the default)

@@ -21,7 +21,11 @@ than those whose sources disagree or that one source alone sees. So a pixel's co
 ceiling (``rendered_confidence`` on the memory's depth, ``reprojected_confidence`` on a guessed depth)
 times the best source's angular weight, times ``exp(-var / (2 agreement_std^2))`` of the sources'
 colours, times ``single_source_factor`` when one source alone sees it; point-splat and inpainted
-pixels get ``inpainted_confidence``.
+pixels get ``inpainted_confidence``. With ``ensemble_angle_free``, a pixel that takes a guide ensemble's
+colour alone keeps the agreement and drops the angular weight: the angle says how far a reprojected
+colour can be trusted, and that pixel's colour is not reprojected (3 views 120 degrees apart leave
+every trajectory frame tens of degrees from its nearest capture, and its guide pixels at a tenth of
+their weight; docs/benchmarks.md, "The ensemble's pixels without the angle").
 
 Everything is batched torch on the device of the condition tensors; the seed and step count of the
 ``Generator`` protocol are accepted and unused (the result is deterministic).
@@ -66,6 +70,10 @@ class ReprojectConfig:
     # 3 seeds, gsplat's bagged guide): the loop +0.16 temple, +0.23 door, -0.06 fern over 0.75; a one-fit guide's
     # colour alone lost on the CPU (temple -0.16, fern -0.13; docs/benchmarks.md, "The guide ensemble's colour alone")
     ensemble_blend: float = 1.0
+    # where the pixel takes the ensemble's colour alone (ensemble_blend 1): confidence without the angular weight
+    # (module docstring). A CPU screen: the loop +0.20 temple-ring, +0.55 temple, +0.43 door, +0.01 fern. Off
+    # until a GPU run decides (bench row `ensemble angle free`, scripts/jobs/ensemble_angle_free.txt)
+    ensemble_angle_free: bool = False
     max_sources: int = 6  # nearest sources (camera centre) used per chunk of frames
     chunk_pixels: int = 1 << 21  # target pixels processed at once (bounds memory at large sizes)
 
@@ -233,7 +241,7 @@ class ReprojectGenerator:
         sources: Views,
         captures: Views | None = None,
         search: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Colour pixels from the source views, refining guessed depths by photo-consistency.
 
         For each pixel, depths around the guess (``depth_offsets``, relative steps in inverse depth)
@@ -252,18 +260,20 @@ class ReprojectGenerator:
             search: pixels whose depth is searched (default: all of ``holes``); the others keep
                 ``depth`` as it is (the memory's rendered depth). bool [F, H, W]
         Returns:
-            (rgb, weight): colour [F, H, W, 3] (0 outside holes) and the best source's angular
-            weight times the sources' agreement (exp(-var / (2 agreement_std^2)) of their colours),
-            times ``single_source_factor`` where one source alone sees the point; in [0, 1], 0 where
-            no source sees the point [F, H, W].
+            (rgb, weight, agreement): colour [F, H, W, 3] (0 outside holes); the best source's
+            angular weight times the agreement, in [0, 1], 0 where no source sees the point
+            [F, H, W]; and the agreement alone: exp(-var / (2 agreement_std^2)) of the sources'
+            colours, times ``single_source_factor`` where fewer than two sources see the point
+            (none included), 0 outside holes [F, H, W].
         """
         cfg = self.config
         F_, H, W = depth.shape
         rgb = torch.zeros(F_, H, W, 3, dtype=depth.dtype, device=depth.device)
         best_w = torch.zeros_like(depth)
+        agree = torch.zeros_like(depth)
         holes = holes & (depth > cfg.min_depth)
         if len(sources) == 0 or not bool(holes.any()):
-            return rgb, best_w
+            return rgb, best_w, agree
         captures = sources if captures is None else captures
         search = holes if search is None else search & holes
         rays = _pixel_rays(targets)  # [F, H, W, 3]
@@ -301,9 +311,9 @@ class ReprojectGenerator:
             agreement = torch.where((w > 0).sum(0) >= 2, agreement, agreement * cfg.single_source_factor)
             rgb[fs] = mean.view(*z.shape, 3)
             best_w[fs] = (w.max(0).values * agreement).view(z.shape)
+            agree[fs] = agreement.view(z.shape)
         rgb = rgb * holes[..., None]
-        best_w = best_w * holes
-        return rgb, best_w
+        return rgb, best_w * holes, agree * holes
 
     def _pair_cost(self, X: Tensor, ray_dir: Tensor, pair: Views | None, shape: torch.Size) -> Tensor:
         """1 - ZNCC of the two capture views over windows at the points X; ``no_evidence_cost``
@@ -396,7 +406,9 @@ class ReprojectGenerator:
         depth = self.guess_depth(r.depth, rendered)
         sources = _cat_views([v for v in (cond.memory, cond.carried) if len(v)], cond.targets)
         captures = cond.memory if len(cond.memory) else None
-        rgb, weight = self.reproject(cond.targets, depth, depth > cfg.min_depth, sources, captures, search=~rendered)
+        rgb, weight, agreement = self.reproject(
+            cond.targets, depth, depth > cfg.min_depth, sources, captures, search=~rendered
+        )
         reprojected = weight > 0
         known = rendered | reprojected
         blend = torch.where(r.source == GUIDE_SOURCE, cfg.guide_blend, cfg.render_blend)
@@ -407,6 +419,9 @@ class ReprojectGenerator:
         images = torch.where(known[..., None], images, filled).clamp(0.0, 1.0)
         ceiling = torch.where(rendered, cfg.rendered_confidence, cfg.reprojected_confidence).to(depth)
         confidence = torch.where(reprojected, ceiling * weight, cfg.inpainted_confidence)
+        if cfg.ensemble_angle_free and cfg.ensemble_blend >= 1.0:
+            alone = rendered & (r.source == ENSEMBLE_SOURCE) & (agreement > 0)
+            confidence = torch.where(alone, ceiling * agreement, confidence)
         return Frames(images=images.contiguous(), confidence=confidence.contiguous())
 
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from backend.generators import GENERATORS, Generator
 from backend.generators.reproject import ReprojectConfig, ReprojectGenerator, push_pull
@@ -134,6 +135,36 @@ def test_render_colour_is_blended_where_the_render_covers() -> None:
         ReprojectConfig(guide_blend=1.5)
     with pytest.raises(ValueError, match=r"ReprojectConfig.ensemble_blend must be in \[0, 1\]; got -0.1"):
         ReprojectConfig(ensemble_blend=-0.1)
+
+
+def test_ensemble_angle_free_drops_the_angle_from_the_ensembles_confidence() -> None:
+    """``ensemble_angle_free``: where a pixel takes an ensemble's colour alone, its confidence is the
+    sources' agreement without the angular weight; a one-fit guide's pixels, and an ensemble's whose
+    colour mixes in the reprojection (``ensemble_blend`` below 1), keep the angle."""
+    mask = torch.ones(1, H, W, dtype=torch.bool)
+    cond, _ = _cond([0.0], [-1.5, 1.5], mask)  # both captures about 17 degrees off the target's rays at its centre
+    source = torch.full_like(cond.renders.source, ENSEMBLE_SOURCE)
+    source[:, : H // 2] = GUIDE_SOURCE
+    r = cond.renders
+    cond = ConditionVideo(cond.targets, Renders(r.rgb, r.depth, r.mask, source), cond.memory, cond.carried)
+    core = (slice(None), slice(H // 2 + 2, -4), slice(W // 2 - 3, W // 2 + 3))  # the ensemble's, seen by both
+    guide_core = (slice(None), slice(4, H // 2 - 2), slice(W // 2 - 6, W // 2 + 6))
+    angled = ReprojectGenerator(ReprojectConfig()).generate(cond, num_steps=1, seed=0).confidence
+    free = ReprojectGenerator(ReprojectConfig(ensemble_angle_free=True)).generate(cond, num_steps=1, seed=0).confidence
+    v, u = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    point = torch.stack([(u - W / 2) / FOCAL, (v - H / 2) / FOCAL, torch.ones_like(u)], -1) * PLANE_Z  # [H, W, 3]
+    angles = [
+        torch.arccos((F.normalize(point, dim=-1) * F.normalize(point - torch.tensor([x, 0.0, 0.0]), dim=-1)).sum(-1))
+        for x in (-1.5, 1.5)
+    ]
+    sigma = math.radians(ReprojectConfig().angle_sigma_deg)
+    weight = torch.exp(-0.5 * (torch.minimum(*angles) / sigma) ** 2)[None]  # the best source's angular weight
+    assert 0.5 < float(weight[core].mean()) < 0.65
+    torch.testing.assert_close(angled[core], weight[core], atol=0.02, rtol=0)
+    torch.testing.assert_close(free[core], torch.ones_like(free[core]), atol=0.01, rtol=0)  # the captures agree
+    torch.testing.assert_close(free[guide_core], angled[guide_core])
+    mixed = ReprojectConfig(ensemble_angle_free=True, ensemble_blend=0.75)
+    torch.testing.assert_close(ReprojectGenerator(mixed).generate(cond, num_steps=1, seed=0).confidence, angled)
 
 
 def test_sources_do_not_see_points_behind_their_surface() -> None:

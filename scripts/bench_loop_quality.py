@@ -125,14 +125,14 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "one guide": ({"guide_members": 1, "guide_points": 1.0}, {}, {}),
     "run 38 default": ({"guide_members": 1, "guide_points": 1.0}, {}, {"guide_blend": 0.5}),  # one fit, half its colour
     "guide ensemble 3 blend 0.5": ({"guide_members": 3, "guide_points": 1.0}, {}, {"ensemble_blend": 0.5}),  # run 39's
-    # where the frames take the ensemble's colour alone, their confidence without the reprojection's angular
-    # weight (ReprojectConfig.ensemble_angle_free): on the rings every frame is tens of degrees from a capture
-    "ensemble angle free": ({}, {}, {"ensemble_angle_free": True}),
+    # where the frames take the ensemble's colour alone, their confidence with the reprojection's angular weight
+    # as well: the default until run 61 (ReprojectConfig.ensemble_angle_free since; the rings +0.37 and +0.16)
+    "ensemble angle weighted": ({}, {}, {"ensemble_angle_free": False}),
     # ... beside the CPU's own guide made gsplat's kind (3 members from half of the points): the CPU screen
-    "guide ensemble 3 points 0.5 angle free": (
+    "guide ensemble 3 points 0.5 angle weighted": (
         {"guide_members": 3, "guide_points": 0.5},
         {},
-        {"ensemble_angle_free": True},
+        {"ensemble_angle_free": False},
     ),
     "capture share 0.7": ({}, {"capture_share": 0.7}, {}),
     "capture share 0.3": ({}, {"capture_share": 0.3}, {}),  # more of the fit on the frames (run 36's mixes: +0.04)

@@ -21,7 +21,7 @@ than those whose sources disagree or that one source alone sees. So a pixel's co
 ceiling (``rendered_confidence`` on the memory's depth, ``reprojected_confidence`` on a guessed depth)
 times the best source's angular weight, times ``exp(-var / (2 agreement_std^2))`` of the sources'
 colours, times ``single_source_factor`` when one source alone sees it; point-splat and inpainted
-pixels get ``inpainted_confidence``. With ``ensemble_angle_free``, a pixel that takes a guide ensemble's
+pixels get ``inpainted_confidence``. With ``ensemble_angle_free`` (on), a pixel that takes a guide ensemble's
 colour alone keeps the agreement and drops the angular weight: the angle says how far a reprojected
 colour can be trusted, and that pixel's colour is not reprojected (3 views 120 degrees apart leave
 every trajectory frame tens of degrees from its nearest capture, and its guide pixels at a tenth of
@@ -71,9 +71,10 @@ class ReprojectConfig:
     # colour alone lost on the CPU (temple -0.16, fern -0.13; docs/benchmarks.md, "The guide ensemble's colour alone")
     ensemble_blend: float = 1.0
     # where the pixel takes the ensemble's colour alone (ensemble_blend 1): confidence without the angular weight
-    # (module docstring). A CPU screen: the loop +0.20 temple-ring, +0.55 temple, +0.43 door, +0.01 fern. Off
-    # until a GPU run decides (bench row `ensemble angle free`, scripts/jobs/ensemble_angle_free.txt)
-    ensemble_angle_free: bool = False
+    # (module docstring). Run 61 (an H100, 3 seeds, gsplat's guide): the loop +0.37 temple-ring and +0.16
+    # dino-ring over the angle's weight (every seed), +0.01 temple, +0.03 fern, -0.01 door (bench row
+    # `ensemble angle weighted`, the default until then)
+    ensemble_angle_free: bool = True
     max_sources: int = 6  # nearest sources (camera centre) used per chunk of frames
     chunk_pixels: int = 1 << 21  # target pixels processed at once (bounds memory at large sizes)
 

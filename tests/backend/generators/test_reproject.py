@@ -149,11 +149,9 @@ def test_ensemble_angle_free_drops_the_angle_from_the_ensembles_confidence() -> 
     cond = ConditionVideo(cond.targets, Renders(r.rgb, r.depth, r.mask, source), cond.memory, cond.carried)
     core = (slice(None), slice(H // 2 + 2, -4), slice(W // 2 - 3, W // 2 + 3))  # the ensemble's, seen by both
     guide_core = (slice(None), slice(4, H // 2 - 2), slice(W // 2 - 6, W // 2 + 6))
-    angled = ReprojectGenerator(ReprojectConfig(ensemble_angle_free=False)).generate(cond, num_steps=1, seed=0)
-    angled = angled.confidence
-    free = (
-        ReprojectGenerator(ReprojectConfig()).generate(cond, num_steps=1, seed=0).confidence
-    )  # the default since run 61
+    weighted, default = ReprojectConfig(ensemble_angle_free=False), ReprojectConfig()  # the rule on since run 61
+    angled = ReprojectGenerator(weighted).generate(cond, num_steps=1, seed=0).confidence
+    free = ReprojectGenerator(default).generate(cond, num_steps=1, seed=0).confidence
     v, u = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
     point = torch.stack([(u - W / 2) / FOCAL, (v - H / 2) / FOCAL, torch.ones_like(u)], -1) * PLANE_Z  # [H, W, 3]
     angles = [

@@ -7,8 +7,8 @@ Two pieces, used by ``backend.loop`` and ``backend.stages.fit``:
   voxel stays), so that every point the fit starts a Gaussian from is one it can afford to move;
 - :func:`plan_budget` turns "about N minutes" into a working size, a Gaussian cap and a number of
   fitting steps, from the measured cost of a few rasterizer steps on this device
-  (:func:`measure_step_seconds`), and says what it chose in one sentence for the log, the job's
-  metrics notes and the progress message.
+  (:func:`measure_step_seconds`), checks the chosen step by measuring it where it is given the means,
+  and says what it chose in one sentence for the log, the job's metrics notes and the progress message.
 
 The fit's cost model: a step costs ``per_pixel x W x H + per_gaussian x N`` seconds (the pairs a
 rasterizer composites grow with the pixels times the surface's depth complexity, the projection with
@@ -20,7 +20,8 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -35,6 +36,11 @@ FIT_SHARE = 0.6  # share of the budget for the two Gaussian fits (guide and fina
 PROBE_GAUSSIANS = (2_000, 8_000)  # the two measured steps: Gaussians, at PROBE_SIZE
 PROBE_SIZE = (128, 96)
 PROBE_STEPS = 2  # timed steps per measurement (after one warm-up); the fastest counts
+# A chosen step measured this many times slower than the probes predicted is planned again from the
+# measurement. The probes' two steps (2k and 8k Gaussians) are extrapolated to caps up to 120k: a noisy
+# pair once planned 60k Gaussians at 0.13 s a step that took about 0.22 s, and `make demo` ran 236 s
+# of its 180 (docs/benchmarks.md, "Where `make demo`'s spread starts").
+PLAN_CHECK_RATIO = 1.25
 VOXEL_SEARCH_STEPS = 24  # bisection steps on the voxel size (log scale)
 GRID_MAX_CELLS = 1 << 20  # finest voxel grid per axis tried (keys stay within int64)
 
@@ -278,6 +284,7 @@ def plan_budget(
     fits: float = 2,
     reserved_s: float = 0.0,
     reserved_for: str = "",
+    measure: Callable[[int, int, int], float] | None = None,
 ) -> BudgetPlan:
     """Choose working size, Gaussian cap and fitting steps so that the fits take about
     :data:`FIT_SHARE` of ``budget_min`` (less ``reserved_s``).
@@ -299,6 +306,10 @@ def plan_budget(
         fits: Gaussian fits the loop runs, in lengths of one fit (fractions for shorter fits).
         reserved_s: seconds of the fits' share kept for other device work (``reserved_for`` says
             what, in the sentence).
+        measure: ``measure(n, W, H)``, the seconds of one real step with n Gaussians at W x H
+            (:func:`measure_step_seconds` on this device). Given, the chosen step is measured once;
+            slower than :data:`PLAN_CHECK_RATIO` times the prediction, the costs' ``per_gaussian`` is
+            refitted through the measurement and the plan made again (once), and the sentence says so.
 
     Example::
 
@@ -342,4 +353,21 @@ def plan_budget(
     )
     if is_short:
         sentence += f"; the budget is too short for {MIN_ITERATIONS} steps per fit even at the smallest size"
-    return BudgetPlan(budget_min, w, h, cap, iterations, step, costs, fits, reserved_s, sentence)
+    plan = BudgetPlan(budget_min, w, h, cap, iterations, step, costs, fits, reserved_s, sentence)
+    if measure is None:
+        return plan
+    measured = measure(cap, w, h)
+    if measured <= PLAN_CHECK_RATIO * step:
+        return plan
+    per_gaussian = max((measured - costs.per_pixel * w * h) / cap, costs.per_gaussian)
+    again = plan_budget(
+        budget_min,
+        replace(costs, per_gaussian=per_gaussian),
+        max_iterations=max_iterations,
+        max_size=max_size,
+        fits=fits,
+        reserved_s=reserved_s,
+        reserved_for=reserved_for,
+    )
+    note = f"; a step at {cap} Gaussians took {measured:.2f} s, not the probes' {step:.2f} s: planned again"
+    return replace(again, sentence=again.sentence + note)

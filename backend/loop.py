@@ -38,7 +38,7 @@ import torch
 from protocol.ply import PointArrays
 
 from . import outputs
-from .budget import BudgetPlan, measure_step_costs, plan_budget, thin_memory
+from .budget import BudgetPlan, measure_step_costs, measure_step_seconds, plan_budget, thin_memory
 from .generators import GENERATORS, Generator, GeneratorCache, GeneratorConfig
 from .progress import ProgressFn, ProgressTracker, no_progress
 from .scene import Scene, Settings
@@ -157,14 +157,16 @@ class LoopConfig:
             if cost is not None:  # a generator that fits and trains before the segments (``refine``)
                 extra_fits, reserved_s = cost(cfg.generator, num_captures, has_guide=cfg.guide.enabled)
                 fits += extra_fits
+            views = cfg.fit.batch_size
             plan = plan_budget(
                 settings.time_budget_min,
-                measure_step_costs(cfg.fit.rasterizer, device, cfg.fit.batch_size),
+                measure_step_costs(rasterizer, device, views),
                 max_iterations=cfg.fit.iterations,
                 max_size=(cfg.width, cfg.height),
                 fits=fits,
                 reserved_s=reserved_s,
                 reserved_for=f"the {cfg.generator.name} generator's training",
+                measure=lambda n, w, h: measure_step_seconds(rasterizer, device, n, (w, h), views),
             )
             fit = replace(cfg.fit, iterations=plan.iterations, max_gaussians=plan.max_gaussians)
             cfg = replace(cfg, width=plan.width, height=plan.height, fit=fit, budget=plan)

@@ -11,6 +11,7 @@ from backend.budget import (
     FIT_SHARE,
     GAUSSIAN_CAPS,
     MIN_ITERATIONS,
+    PLAN_CHECK_RATIO,
     StepCosts,
     measure_step_costs,
     measure_step_seconds,
@@ -122,6 +123,33 @@ def test_plan_fits_the_budget_and_never_exceeds_the_job():
         plan_budget(4.0, costs, max_iterations=300, max_size=(320, 240), reserved_s=-1)
     with pytest.raises(ValueError, match="budget_min must be > 0"):
         plan_budget(0, costs, max_iterations=300, max_size=(320, 240))
+
+
+def test_plan_measures_its_chosen_step_and_plans_again_when_it_is_slower():
+    """A probe pair that saw Gaussians as nearly free plans a cap the device cannot afford; the chosen
+    step, measured, is planned again from the measurement, and the sentence says so."""
+    probed = StepCosts(per_pixel=1e-6, per_gaussian=1e-7)
+    true = StepCosts(per_pixel=1e-6, per_gaussian=2e-6)  # what a step really costs on this "device"
+    measured: list[tuple[int, int, int]] = []
+
+    def measure(n: int, w: int, h: int) -> float:
+        measured.append((n, w, h))
+        return true.seconds(n, w, h)
+
+    kw = {"max_iterations": 400, "max_size": (160, 120)}
+    blind = plan_budget(3.0, probed, **kw)
+    checked = plan_budget(3.0, probed, **kw, measure=measure)
+    assert measured == [(blind.max_gaussians, 160, 120)]  # one measurement, of the chosen step
+    assert blind.max_gaussians == GAUSSIAN_CAPS[0]  # 120k: predicted 0.03 s a step, really 0.26 s
+    assert checked.max_gaussians == 40_000 and checked.iterations == 400
+    spent = checked.fits * checked.iterations * true.seconds(checked.max_gaussians, 160, 120)
+    assert spent <= 3.0 * 60 * FIT_SHARE  # within the fits' share, as measured
+    assert checked.costs.per_gaussian == pytest.approx(true.per_gaussian)
+    assert "a step at 120000 Gaussians took 0.26 s, not the probes' 0.03 s: planned again" in checked.sentence
+    # A step that measures as predicted, or faster, or within PLAN_CHECK_RATIO of it, keeps the plan.
+    for factor in (0.5, 1.0, PLAN_CHECK_RATIO):
+        kept = plan_budget(3.0, probed, **kw, measure=lambda n, w, h, f=factor: f * probed.seconds(n, w, h))
+        assert kept == blind
 
 
 def test_measured_step_is_positive_and_grows_with_gaussians():

@@ -135,9 +135,10 @@ class RefineConfig:
             guide nor the memory): "reprojection", or "render", its black, so that the network moves
             such a pixel towards the reprojection only where the captures taught it that something is
             there. The reprojection paints a backdrop the memory has no point of with the object's
-            colours (docs/benchmarks.md, "Where the guide is transparent"); on the CPU's temple
-            "render" passed the gate on 2 seeds of 3 and the loop gained +0.27 dB (docs/benchmarks.md,
-            Refiner, "The base where nothing covers").
+            colours (docs/benchmarks.md, "Where the guide is transparent"). CPU screens: on the temple
+            "render" passed the gate on 2 seeds of 3 and the loop gained +0.27 dB, the fern declined as
+            before, the temple-ring lost 0.09 (one seed; docs/benchmarks.md, Refiner, "The base where
+            nothing covers"). Off until a GPU run decides (scripts/jobs/refine_render_base.txt).
         seed: crops, flips, jitter, the network's initial weights and the validation capture.
     """
 

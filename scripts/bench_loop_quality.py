@@ -319,7 +319,6 @@ REFINE_VARIANTS: dict[str, dict] = {
     "refine without trust region": {"max_change_ratio": 0.0},  # the gate's strength in every segment
     "refine without noise floor": {"gate_z": 0.0},  # the gate takes any gain, however small (until stop 49)
     "refine confidence 0.025": {"confidence_error": 0.025},  # the refined frames weighed less in the fit
-    "refine render base": {"base_empty": "render"},
 }
 # the frames' weight in the fit (mean confidence), their mean absolute error and that error per unit of
 # weight at the held-out views (backend.evaluate): means over seeds

@@ -23,8 +23,7 @@ Before the segments, the loop calls :meth:`RefineGenerator.prepare` once:
    photo) and, on a second output, the L1 error it still makes, for ``seconds`` of wall time, on
    random crops with flips and photometric jitter (one random gain, gamma and offset per channel for
    inputs and truth alike). The base
-   (:func:`base_frames`) is the guided render where it covers and the reprojection elsewhere
-   (``base_empty`` "render": black elsewhere, for a backdrop nothing covers): the
+   (:func:`base_frames`) is the guided render where it covers and the reprojection elsewhere: the
    render scores 0.4-0.7 dB above the reprojection at held-out views on the H200, so the network
    has to learn where the captures' reprojected pixels beat it (docs/benchmarks.md, Refiner: on
    the render against on the reprojection, 3 seeds, the loop's Gaussians +0.06 / -0.03 / +0.63 dB
@@ -64,7 +63,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +90,6 @@ INFERENCE_CHUNK = 4  # frames refined at once
 LOSS_SYNC_EVERY = 10  # training steps between reading the loss on the host (and checking the clock)
 
 ProgressCallback = Callable[[float, str], None]
-BaseEmpty = Literal["reprojection", "render"]  # RefineConfig.base_empty
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +129,6 @@ class RefineConfig:
             move from the reprojection at most this many times as far (mean absolute change) as the
             validation frames did at the gate's strength; beyond it the strength drops to the
             largest that stays within, or the reprojection passes through. 0 switches it off.
-        base_empty: the base (:func:`base_frames`) where the guided render covers nothing (neither the
-            guide nor the memory): "reprojection", or "render", its black, so that the network moves
-            such a pixel towards the reprojection only where the captures taught it that something is
-            there. The reprojection paints a backdrop the memory has no point of with the object's
-            colours (docs/benchmarks.md, "Where the guide is transparent"). CPU screens: on the temple
-            "render" passed the gate on 2 seeds of 3 and the loop gained +0.27 dB, the fern declined as
-            before, the temple-ring lost 0.09 (one seed; docs/benchmarks.md, Refiner, "The base where
-            nothing covers"). Off until a GPU run decides (scripts/jobs/refine_render_base.txt).
         seed: crops, flips, jitter, the network's initial weights and the validation capture.
     """
 
@@ -159,7 +149,6 @@ class RefineConfig:
     strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     gate_z: float = 2.0
     max_change_ratio: float = 1.5
-    base_empty: BaseEmpty = "reprojection"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -189,10 +178,6 @@ class RefineConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"RefineConfig.{name} must be >= 0; got {getattr(self, name)}")
-        if self.base_empty not in get_args(BaseEmpty):
-            raise ValueError(
-                f"RefineConfig.base_empty must be one of {', '.join(get_args(BaseEmpty))}; got {self.base_empty!r}"
-            )
         if not self.strengths or not all(0.0 <= a <= 1.0 for a in self.strengths):
             raise ValueError(f"RefineConfig.strengths must be non-empty, each in [0, 1]; got {self.strengths}")
 
@@ -276,20 +261,17 @@ def network_inputs(frames: Tensor, confidence: Tensor, render_rgb: Tensor, cover
     )
 
 
-def base_frames(frames: Tensor, render_rgb: Tensor, coverage: Tensor, empty: BaseEmpty = "reprojection") -> Tensor:
-    """The colours the network weighs against the reprojection: the render where it covers, and
-    where it does not, the reprojection (``empty`` "reprojection") or the render's black ("render").
+def base_frames(frames: Tensor, render_rgb: Tensor, coverage: Tensor) -> Tensor:
+    """The colours the network weighs against the reprojection: the render where it covers, the
+    reprojection elsewhere.
 
     Args:
         frames: the reprojection's colours. [B, H, W, 3]
-        render_rgb: the (guided) render's colours, 0 where it covers nothing. [B, H, W, 3]
+        render_rgb: the (guided) render's colours. [B, H, W, 3]
         coverage: pixels the render covers. bool or float [B, H, W]
-        empty: :attr:`RefineConfig.base_empty`.
     Returns:
         [B, H, W, 3]
     """
-    if empty == "render":
-        return render_rgb * coverage[..., None].to(render_rgb.dtype)
     return torch.where(coverage[..., None].bool(), render_rgb, frames)
 
 
@@ -571,7 +553,7 @@ def augmented_batch(pairs: TrainingPairs, cfg: RefineConfig, gen: torch.Generato
         t = torch.stack([x.flip(0) if fy else x for x, fy in zip(t, flips[:, 1].tolist())])  # vertical
         out.append(t)
     frames, conf, rgb, cover, truth = out
-    return network_inputs(frames, conf, rgb, cover), base_frames(frames, rgb, cover, cfg.base_empty), truth
+    return network_inputs(frames, conf, rgb, cover), base_frames(frames, rgb, cover), truth
 
 
 def train_refiner(
@@ -625,12 +607,7 @@ def train_refiner(
 
 
 def predict(
-    net: nn.Module,
-    frames: Tensor,
-    confidence: Tensor,
-    render_rgb: Tensor,
-    coverage: Tensor,
-    empty: BaseEmpty = "reprojection",
+    net: nn.Module, frames: Tensor, confidence: Tensor, render_rgb: Tensor, coverage: Tensor
 ) -> tuple[Tensor, Tensor]:
     """The network on whole frames, ``INFERENCE_CHUNK`` at a time, without gradients.
 
@@ -639,7 +616,6 @@ def predict(
         confidence: its confidence. [F, H, W]
         render_rgb: the (guided) render's colours. [F, H, W, 3]
         coverage: pixels the render covers. [F, H, W]
-        empty: the base where the render covers nothing (:func:`base_frames`).
     Returns:
         (refined colours [F, H, W, 3], predicted mean absolute error [F, H, W])
     """
@@ -648,7 +624,7 @@ def predict(
         for s in range(0, len(frames), INFERENCE_CHUNK):
             sl = slice(s, s + INFERENCE_CHUNK)
             inputs = network_inputs(frames[sl], confidence[sl], render_rgb[sl], coverage[sl])
-            out = apply_network(net, inputs, base_frames(frames[sl], render_rgb[sl], coverage[sl], empty))
+            out = apply_network(net, inputs, base_frames(frames[sl], render_rgb[sl], coverage[sl]))
             refined.append(out[0])
             error.append(out[1])
     return torch.cat(refined), torch.cat(error)
@@ -777,8 +753,8 @@ def validate(
         or loses to it), L1 of the reprojection, L1 per strength, mean absolute change the returned frames
         make to the reprojection, the noise: ``cfg.gate_z`` standard errors of the gain).
     """
-    refined, _ = predict(net, pairs.frames, pairs.confidence, pairs.render_rgb, pairs.coverage, cfg.base_empty)
-    base = base_frames(pairs.frames, pairs.render_rgb, pairs.coverage, cfg.base_empty)
+    refined, _ = predict(net, pairs.frames, pairs.confidence, pairs.render_rgb, pairs.coverage)
+    base = base_frames(pairs.frames, pairs.render_rgb, pairs.coverage)
     strength, l1 = choose_strength(base, refined, pairs.truth, cfg.strengths)
     l1_input = float((pairs.frames - pairs.truth).abs().mean())
     chosen = torch.lerp(base, refined, strength)
@@ -921,9 +897,8 @@ class RefineGenerator:
         if self.declined:
             self.segment_strengths.append(None)
             return Frames(images=frames.images, confidence=frames.confidence)
-        empty = self.config.base_empty
-        refined, error = predict(self.net, frames.images, frames.confidence, renders.rgb, renders.mask, empty)
-        base = base_frames(frames.images, renders.rgb, renders.mask, empty)
+        refined, error = predict(self.net, frames.images, frames.confidence, renders.rgb, renders.mask)
+        base = base_frames(frames.images, renders.rgb, renders.mask)
         strength = self.trusted_strength(frames.images, base, refined)
         self.segment_strengths.append(strength)
         if strength is None:

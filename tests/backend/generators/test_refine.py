@@ -22,7 +22,6 @@ from backend.generators.refine import (
     TrainingPairs,
     UNet,
     Validation,
-    base_frames,
     choose_strength,
     degraded_inputs,
     gain_standard_error,
@@ -349,35 +348,6 @@ def test_refined_frames_start_from_the_render_where_it_covers(single_thread) -> 
     quarter = gen.refine(frames, renders)
     torch.testing.assert_close(quarter.images, base + 0.25 * (full.images - base))
     torch.testing.assert_close(quarter.confidence, full.confidence)
-
-
-def test_base_where_nothing_covers_is_the_reprojection_or_black(single_thread) -> None:
-    """``base_empty``: where the render covers nothing the base is the reprojection, or black with
-    "render"; on pairs whose truth is a black backdrop there, which the reprojection paints with the
-    object's colours, the black base passes the gate where the default's declines."""
-    pairs = synthetic_pairs([0, 1])
-    pairs.render_rgb = pairs.truth.clone()
-    backdrop = torch.zeros_like(pairs.coverage)
-    backdrop[..., : pairs.coverage.shape[-1] // 2] = True
-    pairs.coverage = ~backdrop
-    pairs.truth = torch.where(backdrop[..., None], 0.0, pairs.truth)
-    pairs.render_rgb = torch.where(backdrop[..., None], 0.7, pairs.render_rgb)  # not 0: the base masks it
-    cover = pairs.coverage[..., None]
-    black = RefineConfig(base_empty="render")
-    assert black.base_empty == "render" and RefineConfig().base_empty == "reprojection"
-    assert torch.equal(
-        base_frames(pairs.frames, pairs.render_rgb, pairs.coverage), torch.where(cover, pairs.truth, pairs.frames)
-    )
-    assert torch.equal(base_frames(pairs.frames, pairs.render_rgb, pairs.coverage, "render"), pairs.truth)
-    strength, declined, l1_input, l1, change, noise = validate(
-        zero_refiner(), pairs, replace(TINY, base_empty="render")
-    )
-    assert strength == 0.0 and not declined and min(l1) < 1e-6 < l1_input
-    # the same pairs with the reprojection where nothing covers: its error stays, and no blend beats it by the noise
-    strength, declined, l1_input, l1, change, noise = validate(zero_refiner(), pairs, TINY)
-    assert min(l1) > 0.5 * l1_input
-    with pytest.raises(ValueError, match="RefineConfig.base_empty must be one of reprojection, render; got 'guide'"):
-        RefineConfig(base_empty="guide")  # type: ignore[arg-type]
 
 
 def test_trust_region_lowers_the_strength_where_frames_move_further_than_validated() -> None:

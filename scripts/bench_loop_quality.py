@@ -171,9 +171,6 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     # CPU since its compositing runs in numba; "batch 3" is the default, "batch 1" the default before
     "batch 3": ({}, {"batch_size": 3}, {}),
     "batch 1": ({}, {"batch_size": 1}, {}),
-    # 6 frames a step: the loop's fit draws twice as many of its 123 frames; a fit of the 3 captures (the
-    # captures-only row, the guide's members) still draws 3 and fits as at 3 (scaled by the frames drawn)
-    "batch 6": ({}, {"batch_size": 6}, {}),
     # the reprojection's own confidence raised about as far as the refiner's "where unsure" blend (since
     # removed) raised it
     "confidence raised": ({}, {}, {"inpainted_confidence": 0.6, "reprojected_confidence": 0.8}),

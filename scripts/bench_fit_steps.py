@@ -72,6 +72,56 @@ def syncs_per_step(views: Views, memory: GeometryMemory, cfg: FitConfig, sets: i
     return (len(caught) - 2 * base) / (cfg.iterations - 1)
 
 
+def profile_sets(
+    views: Views, memory: GeometryMemory, cfg: FitConfig, sets: int, device: torch.device, out: Path
+) -> dict[str, float]:
+    """Where ``cfg.iterations`` steps of ``sets`` sets spend the host's time: the Python functions
+    (cProfile, their own time and their callees'), then the operators and the GPU's busy time
+    (torch.profiler), written to ``out/profile_sets{sets}.txt``. Returns the GPU's busy and the
+    wall-clock milliseconds per step of the torch.profiler run (both inflated by the profilers)."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    def run() -> None:
+        fit_gaussians_many(
+            [FitViews.from_views(views)] * sets, [memory] * sets, cfg, device=device, seeds=list(range(sets))
+        )
+
+    prof = cProfile.Profile()
+    prof.enable()
+    run()
+    prof.disable()
+    text = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(45)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as tprof:
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - t0
+    averages = tprof.key_averages()
+    text.write(averages.table(sort_by="self_cpu_time_total", row_limit=45))
+    busy = 0.0
+    if device.type == "cuda":
+        text.write(averages.table(sort_by="self_device_time_total", row_limit=25))
+        busy = sum(getattr(e, "self_device_time_total", 0.0) for e in averages) / 1e3  # us -> ms
+    launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    per_step = {
+        "gpu_busy_ms": busy / cfg.iterations,
+        "wall_ms": 1e3 * wall / cfg.iterations,
+        "kernel_launches": launches / cfg.iterations,
+    }
+    text.write(f"\nper step: {json.dumps(per_step)}\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"profile_sets{sets}.txt").write_text(text.getvalue())
+    return per_step
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "middlebury_temple")
@@ -80,6 +130,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument(
         "--sync-steps", type=int, default=50, help="steps whose synchronisations are counted (CUDA; 0: none)"
+    )
+    ap.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="also profile this many steps per set count (cProfile and torch.profiler; needs --out)",
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--label", default="", help="a name for this code in the report (e.g. the commit)")
@@ -96,8 +152,12 @@ def main() -> int:
         or args.iterations < 0
         or args.sync_steps == 1
         or args.sync_steps < 0
+        or args.profile_steps < 0
+        or (args.profile_steps and args.out is None)
     ):
-        ap.error("--sets >= 1 each, --repeats >= 1, --iterations >= 0, --sync-steps 0 or >= 2")
+        ap.error(
+            "--sets >= 1 each, --repeats >= 1, --iterations >= 0, --sync-steps 0 or >= 2, --profile-steps with --out"
+        )
     device = torch.device(args.device)
     settings = Settings(width=896, height=512, gaussian_iterations=3000)  # scripts/bench_loop.py's job
     cfg = LoopConfig.from_settings(settings, device=device)
@@ -116,6 +176,13 @@ def main() -> int:
     if device.type == "cuda" and args.sync_steps:
         for k in sets:
             syncs[k] = syncs_per_step(views, memory, replace(fit_cfg, iterations=args.sync_steps), k, device)
+    profiled = {}
+    if args.profile_steps:
+        for k in sets:
+            profiled[k] = profile_sets(
+                views, memory, replace(fit_cfg, iterations=args.profile_steps), k, device, args.out
+            )
+            print(f"profiled {k} set(s), {args.profile_steps} steps: {profiled[k]}", flush=True)
     med = {k: statistics.median(v) for k, v in seconds.items()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\n{name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')} {args.label}".rstrip())
@@ -140,6 +207,7 @@ def main() -> int:
             "seconds": {str(k): v for k, v in seconds.items()},
             "median_s": {str(k): v for k, v in med.items()},
             "syncs_per_step": {str(k): v for k, v in syncs.items()},
+            "profiled_per_step": {str(k): v for k, v in profiled.items()},
         }
         suffix = f"_{args.label}" if args.label else ""
         (args.out / f"fit_steps{suffix}.json").write_text(json.dumps(report, indent=2))

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import ssim_triton
+
 SSIM_WINDOW = 11  # Wang et al. 2004
 SSIM_SIGMA = 1.5  # Wang et al. 2004
 SSIM_K1 = 0.01  # C1 = (K1 L)^2
@@ -167,6 +169,26 @@ def ssim_map(pred: Tensor, target: Tensor, *, padding: str = "reflect") -> Tenso
     if padding == "reflect":
         x = F.pad(x, (half, half, half, half), mode="reflect")
         y = F.pad(y, (half, half, half, half), mode="reflect")
+    return windowed_ssim(x, y).mean(dim=1)
+
+
+def windowed_ssim(x: Tensor, y: Tensor) -> Tensor:
+    """SSIM per channel and pixel over the valid 11x11 Gaussian windows of two image batches: on CUDA
+    with Triton, :mod:`backend.ssim_triton`'s kernels (a gradient for ``x`` only, which the fit's target
+    never needs); elsewhere :func:`windowed_ssim_conv`. x, y: [F, C, H, W] -> [F, C, H - 10, W - 10]"""
+    if y.requires_grad or not ssim_triton.available(x):
+        return windowed_ssim_conv(x, y)
+    f, channels, hp, wp = x.shape
+    c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
+    g = gaussian_window(dtype=x.dtype, device=x.device)
+    planes = ssim_triton.ssim_planes(x.reshape(-1, hp, wp), y.reshape(-1, hp, wp), g, c1, c2)
+    return planes.view(f, channels, hp - SSIM_WINDOW + 1, wp - SSIM_WINDOW + 1)
+
+
+def windowed_ssim_conv(x: Tensor, y: Tensor) -> Tensor:
+    """:func:`windowed_ssim` in torch operations: the five statistics blurred by a separable depthwise
+    convolution each, differentiable in both. x, y: [F, C, H, W] -> [F, C, H - 10, W - 10]"""
+    c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
     g = gaussian_window(dtype=x.dtype, device=x.device)
     channels = x.shape[1]
     kx = g.view(1, 1, 1, -1).expand(channels, 1, 1, SSIM_WINDOW)
@@ -179,9 +201,7 @@ def ssim_map(pred: Tensor, target: Tensor, *, padding: str = "reflect") -> Tenso
     var_x = blur(x * x) - mu_x**2
     var_y = blur(y * y) - mu_y**2
     cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return s.mean(dim=1)
+    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
 
 
 def ssim(pred: Tensor, target: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,6 +35,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_loop import bench_scene, warm_up  # noqa: E402
 
+from backend import ssim_triton  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
 from backend.scene import Settings  # noqa: E402
 from backend.stages.cameras import prepare_captures  # noqa: E402
@@ -55,10 +57,13 @@ def fit_sets(views: Views, memory: GeometryMemory, cfg: FitConfig, sets: int, de
     return time.perf_counter() - t0
 
 
-def syncs_per_step(views: Views, memory: GeometryMemory, cfg: FitConfig, sets: int, device: torch.device) -> float:
+def syncs_per_step(
+    views: Views, memory: GeometryMemory, cfg: FitConfig, sets: int, device: torch.device
+) -> tuple[float, dict[str, float]]:
     """Synchronisations of the host with the GPU per step of ``sets`` sets, over ``cfg.iterations``
     steps (at least 2): a fit of 1 step is subtracted, which holds the set-up's (copying the views in,
-    reading the results out) and one step's."""
+    reading the results out) and one step's. Also where the longer fit's came from: the Python line
+    that called the synchronising operation, with its count per step (set-up included)."""
     setup = replace(cfg, iterations=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -69,7 +74,9 @@ def syncs_per_step(views: Views, memory: GeometryMemory, cfg: FitConfig, sets: i
             fit_gaussians_many([FitViews.from_views(views)] * sets, [memory] * sets, cfg, device=device)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return (len(caught) - 2 * base) / (cfg.iterations - 1)
+    steps = cfg.iterations - 1
+    where = Counter(f"{w.filename}:{w.lineno}" for w in caught[base:])
+    return (len(caught) - 2 * base) / steps, {k: n / steps for k, n in where.most_common(12)}
 
 
 def profile_sets(
@@ -83,6 +90,7 @@ def profile_sets(
     import io
     import pstats
 
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     def run() -> None:
@@ -109,7 +117,8 @@ def profile_sets(
     busy = 0.0
     if device.type == "cuda":
         text.write(averages.table(sort_by="self_device_time_total", row_limit=25))
-        busy = sum(getattr(e, "self_device_time_total", 0.0) for e in averages) / 1e3  # us -> ms
+        # the kernels' own events (an operator's row repeats its kernels' time), us -> ms
+        busy = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1e3
     launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     per_step = {
         "gpu_busy_ms": busy / cfg.iterations,
@@ -137,6 +146,11 @@ def main() -> int:
         default=0,
         help="also profile this many steps per set count (cProfile and torch.profiler; needs --out)",
     )
+    ap.add_argument(
+        "--ssim-conv",
+        action="store_true",
+        help="the loss's SSIM on depthwise convolutions, not backend.ssim_triton's kernels (the code before them)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--label", default="", help="a name for this code in the report (e.g. the commit)")
     ap.add_argument("--out", type=Path, default=None, help="folder for fit_steps.json")
@@ -159,6 +173,8 @@ def main() -> int:
             "--sets >= 1 each, --repeats >= 1, --iterations >= 0, --sync-steps 0 or >= 2, --profile-steps with --out"
         )
     device = torch.device(args.device)
+    if args.ssim_conv:
+        ssim_triton.available = lambda x: False
     settings = Settings(width=896, height=512, gaussian_iterations=3000)  # scripts/bench_loop.py's job
     cfg = LoopConfig.from_settings(settings, device=device)
     fit_cfg = replace(cfg.fit, iterations=args.iterations) if args.iterations else cfg.fit
@@ -175,7 +191,10 @@ def main() -> int:
     syncs = {}
     if device.type == "cuda" and args.sync_steps:
         for k in sets:
-            syncs[k] = syncs_per_step(views, memory, replace(fit_cfg, iterations=args.sync_steps), k, device)
+            syncs[k], where = syncs_per_step(views, memory, replace(fit_cfg, iterations=args.sync_steps), k, device)
+            print(f"{k} set(s), host waits per step by the line that asked:", flush=True)
+            for line, n in where.items():
+                print(f"  {n:6.2f}  {line}", flush=True)
     profiled = {}
     if args.profile_steps:
         for k in sets:

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from backend import ssim_triton  # noqa: E402
 from backend.camera_paths import order_around, path_through  # noqa: E402
 from backend.evaluate import split_protocol  # noqa: E402
 from backend.evaluate_args import size_wxh  # noqa: E402
@@ -134,7 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FIELD=VALUE",
         help="a GuideConfig field for this run (after the rasterizer's guide), e.g. member_points=1.0",
     )
+    ap.add_argument(
+        "--ssim-conv",
+        action="store_true",
+        help="the fit's SSIM on depthwise convolutions, not backend.ssim_triton's kernels (the code before them)",
+    )
     a = ap.parse_args(argv)
+    if a.ssim_conv:
+        ssim_triton.available = lambda x: False
     width, height = a.size
     device = torch.device(a.device)
     a.out.mkdir(parents=True, exist_ok=True)

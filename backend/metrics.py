@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ssim_triton
+from . import ssim_kernels
 
 SSIM_WINDOW = 11  # Wang et al. 2004
 SSIM_SIGMA = 1.5  # Wang et al. 2004
@@ -173,15 +173,18 @@ def ssim_map(pred: Tensor, target: Tensor, *, padding: str = "reflect") -> Tenso
 
 
 def windowed_ssim(x: Tensor, y: Tensor) -> Tensor:
-    """SSIM per channel and pixel over the valid 11x11 Gaussian windows of two image batches: on CUDA
-    with Triton, :mod:`backend.ssim_triton`'s kernels (a gradient for ``x`` only, which the fit's target
-    never needs); elsewhere :func:`windowed_ssim_conv`. x, y: [F, C, H, W] -> [F, C, H - 10, W - 10]"""
-    if y.requires_grad or not ssim_triton.available(x):
+    """SSIM per channel and pixel over the valid 11x11 Gaussian windows of two image batches. A loss (``x``
+    with a gradient, ``y`` without: the fit's) runs in :mod:`backend.ssim_kernels`' kernels where they run
+    (Triton on CUDA, numba on the CPU); a metric, or a pair the kernels cannot take, in
+    :func:`windowed_ssim_conv`, whose float32 sums sit closer to the exact figure (constant images: 1e-5
+    against the kernels' 1e-4), so that reported SSIM stays what it was. x, y: [F, C, H, W] -> [F, C, H - 10, W - 10]"""
+    kernels = ssim_kernels.kernels_for(x) if x.requires_grad and not y.requires_grad else None
+    if kernels is None:
         return windowed_ssim_conv(x, y)
     f, channels, hp, wp = x.shape
     c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
     g = gaussian_window(dtype=x.dtype, device=x.device)
-    planes = ssim_triton.ssim_planes(x.reshape(-1, hp, wp), y.reshape(-1, hp, wp), g, c1, c2)
+    planes = ssim_kernels.ssim_planes(x.reshape(-1, hp, wp), y.reshape(-1, hp, wp), g, c1, c2, kernels)
     return planes.view(f, channels, hp - SSIM_WINDOW + 1, wp - SSIM_WINDOW + 1)
 
 

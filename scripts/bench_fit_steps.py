@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_loop import bench_scene, warm_up  # noqa: E402
 
-from backend import ssim_triton  # noqa: E402
+from backend import ssim_kernels  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
 from backend.scene import Settings  # noqa: E402
 from backend.stages.cameras import prepare_captures  # noqa: E402
@@ -149,7 +149,7 @@ def main() -> int:
     ap.add_argument(
         "--ssim-conv",
         action="store_true",
-        help="the loss's SSIM on depthwise convolutions, not backend.ssim_triton's kernels (the code before them)",
+        help="the loss's SSIM on depthwise convolutions, not backend.ssim_kernels' (the code before them)",
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--label", default="", help="a name for this code in the report (e.g. the commit)")
@@ -174,7 +174,7 @@ def main() -> int:
         )
     device = torch.device(args.device)
     if args.ssim_conv:
-        ssim_triton.available = lambda x: False
+        ssim_kernels.kernels_for = lambda x: None
     settings = Settings(width=896, height=512, gaussian_iterations=3000)  # scripts/bench_loop.py's job
     cfg = LoopConfig.from_settings(settings, device=device)
     fit_cfg = replace(cfg.fit, iterations=args.iterations) if args.iterations else cfg.fit

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from backend import ssim_triton  # noqa: E402
+from backend import ssim_kernels  # noqa: E402
 from backend.camera_paths import order_around, path_through  # noqa: E402
 from backend.evaluate import split_protocol  # noqa: E402
 from backend.evaluate_args import size_wxh  # noqa: E402
@@ -138,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--ssim-conv",
         action="store_true",
-        help="the fit's SSIM on depthwise convolutions, not backend.ssim_triton's kernels (the code before them)",
+        help="the fit's SSIM on depthwise convolutions, not backend.ssim_kernels' (the code before them)",
     )
     a = ap.parse_args(argv)
     if a.ssim_conv:
-        ssim_triton.available = lambda x: False
+        ssim_kernels.kernels_for = lambda x: None
     width, height = a.size
     device = torch.device(a.device)
     a.out.mkdir(parents=True, exist_ok=True)

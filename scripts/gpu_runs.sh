@@ -27,7 +27,7 @@
 #                              frames, and MIXES of the two: shares of the dense render, e.g. 0.25,0.5,0.75; ARGS
 #                              passed on, e.g. --capture-share 0.3, --choices 9 --no-dense)
 #   fit_steps [ARGS]           scripts/bench_fit_steps.py: the job's guide as 1 set and as 3 in lockstep, host waits per step
-#   ssim [ARGS]                scripts/bench_ssim.py: the fit's SSIM, Triton kernels against depthwise convolutions
+#   ssim [ARGS]                scripts/bench_ssim.py: the fit's SSIM, the Triton kernels against depthwise convolutions
 #   knn [ARGS]                 scripts/bench_knn.py: the fit's initial k-NN, k-d tree against the exhaustive search
 #   leave_out [ARGS]           scripts/bench_leave_out_fits.py: the refiner's leave-out guides one after another
 #                              against all at once in lockstep (temple, fern, door at their bench sizes)

@@ -28,44 +28,18 @@ forward's rows dealt to threads interleaved (the bench 3-10 % slower, a fit leve
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..numba_jit import AVAILABLE, LAUNCH, compiled, threads
 from . import ALPHA_MAX, ALPHA_MIN, TRANSMITTANCE_MIN
 
-try:  # numba is a dependency; the torch path stands in where it cannot load
-    import numba
-    from numba import njit, prange
-
-    AVAILABLE = True
-except ImportError:  # pragma: no cover - exercised only without numba
-    AVAILABLE = False
-
-# numba's workqueue threading layer (where neither OpenMP nor TBB loads) aborts on parallel kernels launched
-# from two threads at once; the service's worker thread and a caller's could, so launches take turns.
-_LAUNCH = threading.Lock()
-
-
-def _compiled(**options):
-    """numba's ``njit`` with its on-disk cache (beside this file, else the user's cache folder), or without
-    it where no folder is writable (a read-only install and home: numba refuses such a function at
-    import), so that every process compiles again (3 s) instead of the CPU path failing."""
-
-    def decorate(fn):
-        try:
-            return njit(cache=True, **options)(fn)
-        except RuntimeError:  # "cannot cache function ...: no locator available for file ..."
-            return njit(**options)(fn)
-
-    return decorate
-
-
 if AVAILABLE:
+    from numba import prange
 
-    @_compiled()
+    @compiled()
     def _row_lists(boxes: np.ndarray, height: int) -> tuple[np.ndarray, np.ndarray]:
         """Per row, the Gaussians whose box spans it, nearest first. boxes int64 [M, 4] (x0, x1, y0, y1,
         inclusive) -> offsets int64 [H + 1] and Gaussian indices int32 [sum of the boxes' heights]."""
@@ -84,7 +58,7 @@ if AVAILABLE:
                     fill[y] += 1
         return offsets, ids
 
-    @_compiled(parallel=True)
+    @compiled(parallel=True)
     def _forward(packed, boxes, offsets, ids, width, height, image, alphas, t_final, n_drawn):
         """Fills image [H W, D], alphas [H W], t_final (float64 [H W]) and n_drawn (int32 [H W]: the row
         position + 1 of each pixel's last drawn Gaussian, 0 where none)."""
@@ -129,7 +103,7 @@ if AVAILABLE:
                 t_final[row + x] = trans[x]
                 n_drawn[row + x] = last[x]
 
-    @_compiled(parallel=True)
+    @compiled(parallel=True)
     def _backward(packed, boxes, offsets, ids, width, height, t_final, n_drawn, grad_image, grad_alpha, grads):
         """Adds dL/dpacked into grads ([chunks, M, 6 + D], packed's dtype): chunk c takes rows c, c + chunks, ..."""
         n_feats = packed.shape[1] - 6
@@ -181,13 +155,6 @@ if AVAILABLE:
                         buf[g, 5] += falloff * grad_a
 
 
-def _threads() -> int:
-    """numba's threads for a call: torch's setting (what the fit's budget probe chose), within numba's pool."""
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
-    return n
-
-
 class RowComposite(torch.autograd.Function):
     """Pairs listed and composited by rows in numba (module docstring), differentiable in ``packed``.
 
@@ -206,8 +173,8 @@ class RowComposite(torch.autograd.Function):
         alphas = np.empty(n_pixels, p.dtype)
         t_final = np.empty(n_pixels)
         n_drawn = np.empty(n_pixels, np.int32)
-        with _LAUNCH:
-            _threads()
+        with LAUNCH:
+            threads()
             _forward(p, b, offsets, ids, width, height, image, alphas, t_final, n_drawn)
         ctx.arrays = (p, b, offsets, ids, t_final, n_drawn)
         ctx.size = (width, height)
@@ -218,7 +185,7 @@ class RowComposite(torch.autograd.Function):
         p, b, offsets, ids, t_final, n_drawn = ctx.arrays
         width, height = ctx.size
         grad_image, grad_alpha = grad_image.contiguous().numpy(), grad_alpha.contiguous().numpy()
-        with _LAUNCH:
-            grads = np.zeros((min(_threads(), height), *p.shape), p.dtype)
+        with LAUNCH:
+            grads = np.zeros((min(threads(), height), *p.shape), p.dtype)
             _backward(p, b, offsets, ids, width, height, t_final, n_drawn, grad_image, grad_alpha, grads)
         return torch.from_numpy(grads.sum(0)), None, None, None

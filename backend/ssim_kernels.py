@@ -1,0 +1,344 @@
+"""SSIM's windowed statistics in kernels: the fit's loss, forward and backward, in Triton on CUDA and numba on the CPU.
+
+:func:`backend.metrics.windowed_ssim_conv` blurs five images (x, y, x², y², xy) with an 11-tap separable
+Gaussian through ten depthwise convolutions and differentiates them with autograd. At the guide's batch (9
+frames of 896x512) that forward and backward took 6.6 ms on an H100, more than half of a lockstep step's GPU
+time; on the 2-core CPU, at 3 frames of 160x120, a fifth of a fitting step (docs/benchmarks.md, "The fit's
+SSIM in kernels"). Here the five statistics are blurred along rows, then along columns, where the SSIM map and
+its derivatives by the three statistics that depend on x are formed too; the backward pass blurs the upstream
+gradient times those derivatives back (the transposed filter, columns then rows). The maps are those of the
+convolutions to float rounding; x gets a gradient, y none (the fit's target carries none).
+
+- **triton** (CUDA, compute capability 7.0 on): four kernels, each program a block of one row's columns;
+  Triton compiles them on first use (seconds, cached on disk). With ``TRITON_INTERPRET=1`` set before
+  Triton is imported they run on CPU tensors (the tests' path; slow, for tiny sizes).
+- **numba** (CPU float32): one forward and one backward kernel, the planes split between threads, each
+  plane's row pass kept in the thread's own buffer; compiled on first use, cached beside this file.
+
+Planes are single-channel images, ``[P, H + 10, W + 10]`` for the 11-tap window, padded by the caller
+(``"valid"`` windows); :func:`ssim_planes` returns ``[P, H, W]``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .numba_jit import AVAILABLE as NUMBA
+from .numba_jit import LAUNCH, compiled, threads
+
+BLOCK = 256  # output columns per program
+
+
+def kernels_for(x: Tensor) -> str | None:
+    """The kernels :func:`ssim_planes` runs on ``x``: ``"triton"`` for float32 on a CUDA GPU that Triton
+    compiles for (compute capability 7.0 or later) with Triton importable, ``"numba"`` for float32 on
+    the CPU with numba, else None (the convolutions: Apple's ``mps``, float64)."""
+    if x.dtype != torch.float32:
+        return None
+    if x.is_cuda:
+        return (
+            "triton" if _triton_on(torch.cuda.current_device() if x.device.index is None else x.device.index) else None
+        )
+    return "numba" if x.device.type == "cpu" and NUMBA else None
+
+
+@functools.cache
+def _triton_on(device_index: int) -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device_index) >= (7, 0)
+
+
+@functools.cache
+def _kernels() -> dict[str, Any]:
+    """The four kernels, defined (and ``triton.jit``-wrapped) at first use, so that importing this module
+    needs no Triton and ``TRITON_INTERPRET`` is read when they are made."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rows_fwd(x_ptr, y_ptr, g_ptr, h_ptr, rows, wp, w, BLOCK: tl.constexpr, TAPS: tl.constexpr):
+        # h[q, row, j] = sum_k g[k] * s_q[row, j + k] for the statistics s = (x, y, x², y², xy)
+        row = tl.program_id(0)
+        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = j < w
+        src = row.to(tl.int64) * wp + j
+        ax = tl.zeros([BLOCK], tl.float32)
+        ay = tl.zeros([BLOCK], tl.float32)
+        axx = tl.zeros([BLOCK], tl.float32)
+        ayy = tl.zeros([BLOCK], tl.float32)
+        axy = tl.zeros([BLOCK], tl.float32)
+        for k in tl.static_range(TAPS):
+            gk = tl.load(g_ptr + k)
+            xv = tl.load(x_ptr + src + k, mask=m, other=0.0)
+            yv = tl.load(y_ptr + src + k, mask=m, other=0.0)
+            ax += gk * xv
+            ay += gk * yv
+            axx += gk * xv * xv
+            ayy += gk * yv * yv
+            axy += gk * xv * yv
+        dst = row.to(tl.int64) * w + j
+        plane = rows.to(tl.int64) * w
+        tl.store(h_ptr + dst, ax, mask=m)
+        tl.store(h_ptr + plane + dst, ay, mask=m)
+        tl.store(h_ptr + 2 * plane + dst, axx, mask=m)
+        tl.store(h_ptr + 3 * plane + dst, ayy, mask=m)
+        tl.store(h_ptr + 4 * plane + dst, axy, mask=m)
+
+    @triton.jit
+    def cols_fwd(
+        h_ptr, g_ptr, s_ptr, d_ptr, rows, hp, h, w, c1, c2, BLOCK: tl.constexpr, TAPS: tl.constexpr, GRAD: tl.constexpr
+    ):
+        # the column pass at output row (p, i), then SSIM and, for the backward pass, dS/d(mu_x, E[x²], E[xy])
+        out = tl.program_id(0)
+        p = out // h
+        i = out % h
+        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = j < w
+        plane = rows.to(tl.int64) * w
+        mx = tl.zeros([BLOCK], tl.float32)
+        my = tl.zeros([BLOCK], tl.float32)
+        sxx = tl.zeros([BLOCK], tl.float32)
+        syy = tl.zeros([BLOCK], tl.float32)
+        sxy = tl.zeros([BLOCK], tl.float32)
+        for k in tl.static_range(TAPS):
+            gk = tl.load(g_ptr + k)
+            src = (p.to(tl.int64) * hp + i + k) * w + j
+            mx += gk * tl.load(h_ptr + src, mask=m, other=0.0)
+            my += gk * tl.load(h_ptr + plane + src, mask=m, other=0.0)
+            sxx += gk * tl.load(h_ptr + 2 * plane + src, mask=m, other=0.0)
+            syy += gk * tl.load(h_ptr + 3 * plane + src, mask=m, other=0.0)
+            sxy += gk * tl.load(h_ptr + 4 * plane + src, mask=m, other=0.0)
+        a1 = 2.0 * mx * my + c1
+        a2 = 2.0 * (sxy - mx * my) + c2
+        b1 = mx * mx + my * my + c1
+        b2 = (sxx - mx * mx) + (syy - my * my) + c2
+        s = (a1 * a2) / (b1 * b2)
+        dst = out.to(tl.int64) * w + j
+        tl.store(s_ptr + dst, s, mask=m)
+        if GRAD:
+            n = tl.num_programs(0).to(tl.int64) * w
+            # dS/dmu_x, dS/dE[x²], dS/dE[xy] with mu_y, E[y²] held (S = a1 a2 / (b1 b2))
+            d_mx = (2.0 * my * a2 - 2.0 * my * a1) / (b1 * b2) - s * (2.0 * mx / b1 - 2.0 * mx / b2)
+            tl.store(d_ptr + dst, d_mx, mask=m)
+            tl.store(d_ptr + n + dst, -s / b2, mask=m)
+            tl.store(d_ptr + 2 * n + dst, 2.0 * a1 / (b1 * b2), mask=m)
+
+    @triton.jit
+    def cols_bwd(gs_ptr, d_ptr, g_ptr, v_ptr, hp, h, w, BLOCK: tl.constexpr, TAPS: tl.constexpr):
+        # v[q, (p, r), j] = sum_k g[k] * (gs * d_q)[(p, r - k), j] over 0 <= r - k < h: the column pass's transpose
+        row = tl.program_id(0)
+        p = row // hp
+        r = row % hp
+        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = j < w
+        n = tl.num_programs(0).to(tl.int64) * w  # a map of [P, hp, w]
+        nd = (tl.num_programs(0) // hp).to(tl.int64) * h * w  # a map of [P, h, w]
+        va = tl.zeros([BLOCK], tl.float32)
+        vb = tl.zeros([BLOCK], tl.float32)
+        vc = tl.zeros([BLOCK], tl.float32)
+        for k in tl.static_range(TAPS):
+            i = r - k + tl.zeros([BLOCK], tl.int32)  # the row, as a block (the mask's shape)
+            mk = m & (i >= 0) & (i < h)
+            gk = tl.load(g_ptr + k)
+            src = (p.to(tl.int64) * h + i) * w + j
+            up = tl.load(gs_ptr + src, mask=mk, other=0.0)
+            va += gk * up * tl.load(d_ptr + src, mask=mk, other=0.0)
+            vb += gk * up * tl.load(d_ptr + nd + src, mask=mk, other=0.0)
+            vc += gk * up * tl.load(d_ptr + 2 * nd + src, mask=mk, other=0.0)
+        dst = row.to(tl.int64) * w + j
+        tl.store(v_ptr + dst, va, mask=m)
+        tl.store(v_ptr + n + dst, vb, mask=m)
+        tl.store(v_ptr + 2 * n + dst, vc, mask=m)
+
+    @triton.jit
+    def rows_bwd(v_ptr, x_ptr, y_ptr, g_ptr, gx_ptr, rows, wp, w, BLOCK: tl.constexpr, TAPS: tl.constexpr):
+        # the row pass's transpose, then dx = A + 2 x B + y C (the statistics x, x², xy)
+        row = tl.program_id(0)
+        s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = s < wp
+        plane = rows.to(tl.int64) * w
+        a = tl.zeros([BLOCK], tl.float32)
+        b = tl.zeros([BLOCK], tl.float32)
+        c = tl.zeros([BLOCK], tl.float32)
+        for k in tl.static_range(TAPS):
+            j = s - k
+            mk = m & (j >= 0) & (j < w)
+            gk = tl.load(g_ptr + k)
+            src = row.to(tl.int64) * w + j
+            a += gk * tl.load(v_ptr + src, mask=mk, other=0.0)
+            b += gk * tl.load(v_ptr + plane + src, mask=mk, other=0.0)
+            c += gk * tl.load(v_ptr + 2 * plane + src, mask=mk, other=0.0)
+        at = row.to(tl.int64) * wp + s
+        xv = tl.load(x_ptr + at, mask=m, other=0.0)
+        yv = tl.load(y_ptr + at, mask=m, other=0.0)
+        tl.store(gx_ptr + at, a + 2.0 * xv * b + yv * c, mask=m)
+
+    return {"rows_fwd": rows_fwd, "cols_fwd": cols_fwd, "cols_bwd": cols_bwd, "rows_bwd": rows_bwd, "cdiv": triton.cdiv}
+
+
+def _triton_forward(x: Tensor, y: Tensor, g: Tensor, c1: float, c2: float, grad: bool) -> tuple[Tensor, Tensor]:
+    k = _kernels()
+    n_planes, hp, wp = x.shape
+    taps = len(g)
+    h, w = hp - taps + 1, wp - taps + 1
+    rows = n_planes * hp
+    hbuf = x.new_empty(5, rows, w)
+    s = x.new_empty(n_planes, h, w)
+    d = x.new_empty(3, n_planes, h, w) if grad else s  # unused when not GRAD
+    k["rows_fwd"][(rows, k["cdiv"](w, BLOCK))](x, y, g, hbuf, rows, wp, w, BLOCK=BLOCK, TAPS=taps)
+    k["cols_fwd"][(n_planes * h, k["cdiv"](w, BLOCK))](
+        hbuf, g, s, d, rows, hp, h, w, c1, c2, BLOCK=BLOCK, TAPS=taps, GRAD=grad
+    )
+    return s, d
+
+
+def _triton_backward(grad_s: Tensor, d: Tensor, x: Tensor, y: Tensor, g: Tensor) -> Tensor:
+    k = _kernels()
+    n_planes, hp, wp = x.shape
+    taps = len(g)
+    h, w = hp - taps + 1, wp - taps + 1
+    rows = n_planes * hp
+    v = x.new_empty(3, rows, w)
+    gx = torch.empty_like(x)
+    k["cols_bwd"][(rows, k["cdiv"](w, BLOCK))](grad_s, d, g, v, hp, h, w, BLOCK=BLOCK, TAPS=taps)
+    k["rows_bwd"][(rows, k["cdiv"](wp, BLOCK))](v, x, y, g, gx, rows, wp, w, BLOCK=BLOCK, TAPS=taps)
+    return gx
+
+
+if NUMBA:
+    from numba import prange
+
+    @compiled(parallel=True)
+    def _numba_fwd(x, y, g, c1, c2, s, d, grad):  # pragma: no cover - compiled; run by the tests
+        # per plane: the row pass into the thread's buffer, then the column pass, SSIM and its derivatives
+        n_planes, hp, wp = x.shape
+        taps = g.shape[0]
+        h, w = hp - taps + 1, wp - taps + 1
+        for p in prange(n_planes):
+            rows = np.zeros((5, hp, w), np.float32)
+            for r in range(hp):
+                for k in range(taps):
+                    gk = g[k]
+                    for j in range(w):
+                        xv, yv = x[p, r, j + k], y[p, r, j + k]
+                        rows[0, r, j] += gk * xv
+                        rows[1, r, j] += gk * yv
+                        rows[2, r, j] += gk * xv * xv
+                        rows[3, r, j] += gk * yv * yv
+                        rows[4, r, j] += gk * xv * yv
+            acc = np.empty((5, w), np.float32)
+            for i in range(h):
+                acc[:] = 0.0
+                for k in range(taps):
+                    for q in range(5):
+                        for j in range(w):
+                            acc[q, j] += g[k] * rows[q, i + k, j]
+                for j in range(w):
+                    mx, my = acc[0, j], acc[1, j]
+                    a1 = 2.0 * mx * my + c1
+                    a2 = 2.0 * (acc[4, j] - mx * my) + c2
+                    b1 = mx * mx + my * my + c1
+                    b2 = (acc[2, j] - mx * mx) + (acc[3, j] - my * my) + c2
+                    sv = (a1 * a2) / (b1 * b2)
+                    s[p, i, j] = sv
+                    if grad:  # dS/dmu_x, dS/dE[x²], dS/dE[xy] with mu_y, E[y²] held
+                        d[0, p, i, j] = (2.0 * my * a2 - 2.0 * my * a1) / (b1 * b2) - sv * (
+                            2.0 * mx / b1 - 2.0 * mx / b2
+                        )
+                        d[1, p, i, j] = -sv / b2
+                        d[2, p, i, j] = 2.0 * a1 / (b1 * b2)
+
+    @compiled(parallel=True)
+    def _numba_bwd(grad_s, d, x, y, g, gx):  # pragma: no cover - compiled; run by the tests
+        # per plane: the column pass's transpose into the thread's buffer, then the row pass's and dx
+        n_planes, hp, wp = x.shape
+        taps = g.shape[0]
+        h, w = hp - taps + 1, wp - taps + 1
+        for p in prange(n_planes):
+            cols = np.zeros((3, hp, w), np.float32)
+            for i in range(h):
+                for k in range(taps):
+                    for q in range(3):
+                        for j in range(w):
+                            cols[q, i + k, j] += g[k] * grad_s[p, i, j] * d[q, p, i, j]
+            acc = np.empty((3, wp), np.float32)
+            for r in range(hp):
+                acc[:] = 0.0
+                for k in range(taps):
+                    for q in range(3):
+                        for j in range(w):
+                            acc[q, j + k] += g[k] * cols[q, r, j]
+                for t in range(wp):
+                    gx[p, r, t] = acc[0, t] + 2.0 * x[p, r, t] * acc[1, t] + y[p, r, t] * acc[2, t]
+
+
+def _numba_forward(x: Tensor, y: Tensor, g: Tensor, c1: float, c2: float, grad: bool) -> tuple[Tensor, Tensor]:
+    n_planes, hp, wp = x.shape
+    h, w = hp - len(g) + 1, wp - len(g) + 1
+    s = np.empty((n_planes, h, w), np.float32)
+    d = np.empty((3, n_planes, h, w) if grad else (3, 0, 0, 0), np.float32)
+    with LAUNCH:
+        threads()
+        _numba_fwd(x.detach().numpy(), y.detach().numpy(), g.numpy(), np.float32(c1), np.float32(c2), s, d, grad)
+    return torch.from_numpy(s), torch.from_numpy(d)
+
+
+def _numba_backward(grad_s: Tensor, d: Tensor, x: Tensor, y: Tensor, g: Tensor) -> Tensor:
+    gx = np.empty(tuple(x.shape), np.float32)
+    with LAUNCH:
+        threads()
+        _numba_bwd(grad_s.numpy(), d.numpy(), x.detach().numpy(), y.numpy(), g.numpy(), gx)
+    return torch.from_numpy(gx)
+
+
+_FORWARD = {"triton": _triton_forward, "numba": _numba_forward}
+_BACKWARD = {"triton": _triton_backward, "numba": _numba_backward}
+
+
+class _SsimPlanes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, y: Tensor, g: Tensor, c1: float, c2: float, kernels: str) -> Tensor:
+        s, d = _FORWARD[kernels](x, y, g, c1, c2, x.requires_grad)
+        if x.requires_grad:
+            ctx.save_for_backward(x, y, g, d)
+            ctx.kernels = kernels
+        return s
+
+    @staticmethod
+    def backward(ctx: Any, grad_s: Tensor) -> tuple[Tensor | None, ...]:
+        x, y, g, d = ctx.saved_tensors
+        return _BACKWARD[ctx.kernels](grad_s.contiguous(), d, x, y, g), None, None, None, None, None
+
+
+def ssim_planes(x: Tensor, y: Tensor, window: Tensor, c1: float, c2: float, kernels: str | None = None) -> Tensor:
+    """SSIM over valid K x K Gaussian windows, per plane and pixel; differentiable in ``x`` only.
+
+    Args:
+        x, y: padded single-channel planes (e.g. images' channels), float32. [P, H + K - 1, W + K - 1]
+        window: the normalised 1D Gaussian, float32, on their device. [K]
+        c1, c2: SSIM's stabilising constants.
+        kernels: ``"triton"`` or ``"numba"``; None: :func:`kernels_for` (x).
+
+    Returns:
+        the SSIM map. [P, H, W]
+    """
+    if x.shape != y.shape or x.dim() != 3 or min(x.shape[1:]) < len(window):
+        raise ValueError(
+            f"ssim_planes: x and y must be one shape [P, H + {len(window) - 1}, W + {len(window) - 1}]; "
+            f"got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
+    if y.requires_grad:
+        raise ValueError("ssim_planes differentiates x only; y must not require a gradient")
+    kernels = kernels or kernels_for(x)
+    if kernels not in _FORWARD:
+        raise ValueError(f"ssim_planes: no kernels {kernels!r} for {x.dtype} on {x.device} (triton, numba)")
+    args = (t.contiguous() for t in (x, y, window))
+    return _SsimPlanes.apply(*args, float(c1), float(c2), kernels)

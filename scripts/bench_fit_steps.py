@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench_loop import bench_scene, warm_up  # noqa: E402
 
 from backend import ssim_kernels  # noqa: E402
+from backend.evaluate_args import size_wxh  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
 from backend.scene import Settings  # noqa: E402
 from backend.stages.cameras import prepare_captures  # noqa: E402
@@ -134,6 +135,13 @@ def profile_sets(
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "middlebury_temple")
+    ap.add_argument(
+        "--size",
+        type=size_wxh,
+        default="896x512",
+        metavar="WxH",
+        help="working size (default: scripts/bench_loop.py's job)",
+    )
     ap.add_argument("--sets", default="1,3", help="comma-separated set counts to time (1: the job's fit)")
     ap.add_argument("--iterations", type=int, default=0, help="steps per fit (0: the job's, 3000)")
     ap.add_argument("--repeats", type=int, default=1)
@@ -175,7 +183,8 @@ def main() -> int:
     device = torch.device(args.device)
     if args.ssim_conv:
         ssim_kernels.kernels_for = lambda x: None
-    settings = Settings(width=896, height=512, gaussian_iterations=3000)  # scripts/bench_loop.py's job
+    width, height = args.size
+    settings = Settings(width=width, height=height, gaussian_iterations=3000)
     cfg = LoopConfig.from_settings(settings, device=device)
     fit_cfg = replace(cfg.fit, iterations=args.iterations) if args.iterations else cfg.fit
     with tempfile.TemporaryDirectory(prefix="reconloop-fit-steps-") as work:

@@ -15,6 +15,10 @@ convolutions to float rounding; x gets a gradient, y none (the fit's target carr
 - **numba** (CPU float32): one forward and one backward kernel, the planes split between threads, each
   plane's row pass kept in the thread's own buffer; compiled on first use, cached beside this file.
 
+Each kernel set is checked against the convolutions (map and gradient, two small planes) at its first use in
+a process and on a device (:func:`kernels_for`); where it fails to compile or to agree, the fit runs on the
+convolutions and the log says why.
+
 Planes are single-channel images, ``[P, H + 10, W + 10]`` for the 11-tap window, padded by the caller
 (``"valid"`` windows); :func:`ssim_planes` returns ``[P, H, W]``.
 """
@@ -22,6 +26,7 @@ Planes are single-channel images, ``[P, H + 10, W + 10]`` for the 11-tap window,
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import numpy as np
@@ -33,18 +38,20 @@ from .numba_jit import LAUNCH, compiled, threads
 
 BLOCK = 256  # output columns per program
 
+log = logging.getLogger(__name__)
+
 
 def kernels_for(x: Tensor) -> str | None:
     """The kernels :func:`ssim_planes` runs on ``x``: ``"triton"`` for float32 on a CUDA GPU that Triton
     compiles for (compute capability 7.0 or later) with Triton importable, ``"numba"`` for float32 on
-    the CPU with numba, else None (the convolutions: Apple's ``mps``, float64)."""
+    the CPU with numba, else None (the convolutions: Apple's ``mps``, float64). Either only once
+    :func:`_checked` has passed them on ``x``'s device in this process."""
     if x.dtype != torch.float32:
         return None
     if x.is_cuda:
-        return (
-            "triton" if _triton_on(torch.cuda.current_device() if x.device.index is None else x.device.index) else None
-        )
-    return "numba" if x.device.type == "cpu" and NUMBA else None
+        index = torch.cuda.current_device() if x.device.index is None else x.device.index
+        return "triton" if _triton_on(index) and _checked("triton", f"cuda:{index}") else None
+    return "numba" if x.device.type == "cpu" and NUMBA and _checked("numba", "cpu") else None
 
 
 @functools.cache
@@ -54,6 +61,35 @@ def _triton_on(device_index: int) -> bool:
     except ImportError:
         return False
     return torch.cuda.get_device_capability(device_index) >= (7, 0)
+
+
+@functools.cache
+def _checked(kernels: str, device: str) -> bool:
+    """Whether ``kernels`` compile on ``device`` and agree with the convolutions there, map and gradient, on
+    two small planes: checked at their first use in a process, so that a GPU, driver or Triton release the
+    tests never met costs the fit the kernels' speed (a warning in the log) rather than the job."""
+    from .metrics import SSIM_K1, SSIM_K2, gaussian_window, windowed_ssim_conv
+
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, y = (torch.rand(1, 2, 26, 300, generator=gen).to(device) for _ in range(2))
+        up = torch.rand(1, 2, 16, 290, generator=gen).to(device)
+        xr, xk = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ref = windowed_ssim_conv(xr, y)
+        (ref * up).sum().backward()
+        g = gaussian_window(device=device)
+        got = ssim_planes(xk[0], y[0], g, SSIM_K1**2, SSIM_K2**2, kernels)
+        (got * up[0]).sum().backward()
+        err = max(
+            float((got.detach() - ref[0].detach()).abs().max()),
+            float((xk.grad - xr.grad).abs().max() / xr.grad.abs().max()),
+        )
+        if not err <= 1e-4:
+            raise ValueError(f"they differ from the convolutions by {err:.2e}")
+    except Exception as err:  # a compiler's or a driver's error, or a wrong result: the convolutions stand in
+        log.warning(f"the fit's SSIM kernels ({kernels}) fail their check on {device} ({err}); using the convolutions")
+        return False
+    return True
 
 
 @functools.cache

@@ -88,3 +88,21 @@ def test_a_loss_takes_the_kernels_and_a_metric_the_convolutions():
     torch.testing.assert_close(loss.detach(), ref.detach(), atol=2e-6, rtol=0)
     torch.testing.assert_close(xk.grad, xc.grad, atol=1e-5, rtol=0)
     assert yc.grad is not None and yc.grad.abs().max() > 0
+
+
+def test_kernels_that_fail_their_check_leave_the_fit_to_the_convolutions(monkeypatch, caplog):
+    def wrong(x, y, g, c1, c2, grad):  # kernels that compile on a new GPU but compute something else
+        s, d = forward(x, y, g, c1, c2, grad)
+        return s + 1e-3, d
+
+    forward = ssim_kernels._FORWARD["numba"]
+    monkeypatch.setitem(ssim_kernels._FORWARD, "numba", wrong)
+    ssim_kernels._checked.cache_clear()
+    try:
+        assert ssim_kernels.kernels_for(torch.zeros(3)) is None
+        assert "fail their check on cpu (they differ from the convolutions by 1.00e-03)" in caplog.text
+        x, y = padded(1, 3, 12, 16, seed=4)
+        xk = x.clone().requires_grad_()
+        torch.testing.assert_close(windowed_ssim(xk, y), windowed_ssim_conv(x, y), atol=0, rtol=0)
+    finally:
+        ssim_kernels._checked.cache_clear()

@@ -25,6 +25,7 @@ Planes are single-channel images, ``[P, H + 10, W + 10]`` for the 11-tap window,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Any
@@ -220,6 +221,12 @@ def _kernels() -> dict[str, Any]:
     return {"rows_fwd": rows_fwd, "cols_fwd": cols_fwd, "cols_bwd": cols_bwd, "rows_bwd": rows_bwd, "cdiv": triton.cdiv}
 
 
+def _on_device(x: Tensor) -> contextlib.AbstractContextManager:
+    """x's CUDA device made current: Triton launches on the current device, which may not be x's (a CPU
+    tensor: Triton's interpreter, nothing to make current)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _triton_forward(x: Tensor, y: Tensor, g: Tensor, c1: float, c2: float, grad: bool) -> tuple[Tensor, Tensor]:
     k = _kernels()
     n_planes, hp, wp = x.shape
@@ -229,10 +236,11 @@ def _triton_forward(x: Tensor, y: Tensor, g: Tensor, c1: float, c2: float, grad:
     hbuf = x.new_empty(5, rows, w)
     s = x.new_empty(n_planes, h, w)
     d = x.new_empty(3, n_planes, h, w) if grad else s  # unused when not GRAD
-    k["rows_fwd"][(rows, k["cdiv"](w, BLOCK))](x, y, g, hbuf, rows, wp, w, BLOCK=BLOCK, TAPS=taps)
-    k["cols_fwd"][(n_planes * h, k["cdiv"](w, BLOCK))](
-        hbuf, g, s, d, rows, hp, h, w, c1, c2, BLOCK=BLOCK, TAPS=taps, GRAD=grad
-    )
+    with _on_device(x):
+        k["rows_fwd"][(rows, k["cdiv"](w, BLOCK))](x, y, g, hbuf, rows, wp, w, BLOCK=BLOCK, TAPS=taps)
+        k["cols_fwd"][(n_planes * h, k["cdiv"](w, BLOCK))](
+            hbuf, g, s, d, rows, hp, h, w, c1, c2, BLOCK=BLOCK, TAPS=taps, GRAD=grad
+        )
     return s, d
 
 
@@ -244,8 +252,9 @@ def _triton_backward(grad_s: Tensor, d: Tensor, x: Tensor, y: Tensor, g: Tensor)
     rows = n_planes * hp
     v = x.new_empty(3, rows, w)
     gx = torch.empty_like(x)
-    k["cols_bwd"][(rows, k["cdiv"](w, BLOCK))](grad_s, d, g, v, hp, h, w, BLOCK=BLOCK, TAPS=taps)
-    k["rows_bwd"][(rows, k["cdiv"](wp, BLOCK))](v, x, y, g, gx, rows, wp, w, BLOCK=BLOCK, TAPS=taps)
+    with _on_device(x):
+        k["cols_bwd"][(rows, k["cdiv"](w, BLOCK))](grad_s, d, g, v, hp, h, w, BLOCK=BLOCK, TAPS=taps)
+        k["rows_bwd"][(rows, k["cdiv"](wp, BLOCK))](v, x, y, g, gx, rows, wp, w, BLOCK=BLOCK, TAPS=taps)
     return gx
 
 

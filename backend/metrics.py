@@ -31,6 +31,8 @@ SSIM_SIGMA = 1.5  # Wang et al. 2004
 SSIM_K1 = 0.01  # C1 = (K1 L)^2
 SSIM_K2 = 0.03  # C2 = (K2 L)^2
 DATA_RANGE = 1.0  # L: images are in [0, 1]
+SSIM_C1 = (SSIM_K1 * DATA_RANGE) ** 2
+SSIM_C2 = (SSIM_K2 * DATA_RANGE) ** 2
 MSE_FLOOR = 1e-10  # identical images score 10 log10(1 / 1e-10) = 100 dB instead of inf
 
 # Where LPIPS weights may be found without downloading anything.
@@ -173,25 +175,26 @@ def ssim_map(pred: Tensor, target: Tensor, *, padding: str = "reflect") -> Tenso
 
 
 def windowed_ssim(x: Tensor, y: Tensor) -> Tensor:
-    """SSIM per channel and pixel over the valid 11x11 Gaussian windows of two image batches. A loss (``x``
-    with a gradient, ``y`` without: the fit's) runs in :mod:`backend.ssim_kernels`' kernels where they run
-    (Triton on CUDA, numba on the CPU); a metric, or a pair the kernels cannot take, in
+    """SSIM per channel and pixel over the valid 11x11 Gaussian windows of two image batches.
+
+    A loss (``x`` with a gradient, ``y`` without: the fit's) runs in :mod:`backend.ssim_kernels`' kernels
+    where they run (Triton on CUDA, numba on the CPU); a metric, or a pair the kernels cannot take, in
     :func:`windowed_ssim_conv`, whose float32 sums sit closer to the exact figure (constant images: 1e-5
-    against the kernels' 1e-4), so that reported SSIM stays what it was. x, y: [F, C, H, W] -> [F, C, H - 10, W - 10]"""
+    against the kernels' 1e-4), so that reported SSIM stays what it was.
+    x, y: [F, C, H, W] -> [F, C, H - 10, W - 10]"""
     kernels = ssim_kernels.kernels_for(x) if x.requires_grad and not y.requires_grad else None
     if kernels is None:
         return windowed_ssim_conv(x, y)
     f, channels, hp, wp = x.shape
-    c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
     g = gaussian_window(dtype=x.dtype, device=x.device)
-    planes = ssim_kernels.ssim_planes(x.reshape(-1, hp, wp), y.reshape(-1, hp, wp), g, c1, c2, kernels)
+    planes = ssim_kernels.ssim_planes(x.reshape(-1, hp, wp), y.reshape(-1, hp, wp), g, SSIM_C1, SSIM_C2, kernels)
     return planes.view(f, channels, hp - SSIM_WINDOW + 1, wp - SSIM_WINDOW + 1)
 
 
 def windowed_ssim_conv(x: Tensor, y: Tensor) -> Tensor:
     """:func:`windowed_ssim` in torch operations: the five statistics blurred by a separable depthwise
     convolution each, differentiable in both. x, y: [F, C, H, W] -> [F, C, H - 10, W - 10]"""
-    c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
+    c1, c2 = SSIM_C1, SSIM_C2
     g = gaussian_window(dtype=x.dtype, device=x.device)
     channels = x.shape[1]
     kx = g.view(1, 1, 1, -1).expand(channels, 1, 1, SSIM_WINDOW)

@@ -12,8 +12,8 @@ convolutions to float rounding; x gets a gradient, y none (the fit's target carr
 - **triton** (CUDA, compute capability 7.0 on): four kernels, each program a block of one row's columns;
   Triton compiles them on first use (seconds, cached on disk). With ``TRITON_INTERPRET=1`` set before
   Triton is imported they run on CPU tensors (the tests' path; slow, for tiny sizes).
-- **numba** (CPU float32): one forward and one backward kernel, the planes split between threads, each
-  plane's row pass kept in the thread's own buffer; compiled on first use, cached beside this file.
+- **numba** (CPU float32): one forward and one backward kernel in :mod:`backend.ssim_numba`, imported at a CPU
+  fit's first SSIM.
 
 Each kernel set is checked against the convolutions (map and gradient, two small planes) at its first use in
 a process and on a device (:func:`kernels_for`); where it fails to compile or to agree, the fit runs on the
@@ -27,15 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import logging
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
-
-from .numba_jit import AVAILABLE as NUMBA
-from .numba_jit import LAUNCH, compiled, threads
 
 BLOCK = 256  # output columns per program
 
@@ -52,7 +49,7 @@ def kernels_for(x: Tensor) -> str | None:
     if x.is_cuda:
         index = torch.cuda.current_device() if x.device.index is None else x.device.index
         return "triton" if _triton_on(index) and _checked("triton", f"cuda:{index}") else None
-    return "numba" if x.device.type == "cpu" and NUMBA and _checked("numba", "cpu") else None
+    return "numba" if x.device.type == "cpu" and _numba_on() and _checked("numba", "cpu") else None
 
 
 @functools.cache
@@ -65,11 +62,16 @@ def _triton_on(device_index: int) -> bool:
 
 
 @functools.cache
+def _numba_on() -> bool:
+    return importlib.util.find_spec("numba") is not None  # without importing it (backend.ssim_numba does)
+
+
+@functools.cache
 def _checked(kernels: str, device: str) -> bool:
     """Whether ``kernels`` compile on ``device`` and agree with the convolutions there, map and gradient, on
     two small planes: checked at their first use in a process, so that a GPU, driver or Triton release the
     tests never met costs the fit the kernels' speed (a warning in the log) rather than the job."""
-    from .metrics import SSIM_K1, SSIM_K2, gaussian_window, windowed_ssim_conv
+    from .metrics import SSIM_C1, SSIM_C2, gaussian_window, windowed_ssim_conv
 
     try:
         gen = torch.Generator().manual_seed(0)
@@ -79,7 +81,7 @@ def _checked(kernels: str, device: str) -> bool:
         ref = windowed_ssim_conv(xr, y)
         (ref * up).sum().backward()
         g = gaussian_window(device=device)
-        got = ssim_planes(xk[0], y[0], g, SSIM_K1**2, SSIM_K2**2, kernels)
+        got = ssim_planes(xk[0], y[0], g, SSIM_C1, SSIM_C2, kernels)
         (got * up[0]).sum().backward()
         err = max(
             float((got.detach() - ref[0].detach()).abs().max()),
@@ -258,90 +260,16 @@ def _triton_backward(grad_s: Tensor, d: Tensor, x: Tensor, y: Tensor, g: Tensor)
     return gx
 
 
-if NUMBA:
-    from numba import prange
-
-    @compiled(parallel=True)
-    def _numba_fwd(x, y, g, c1, c2, s, d, grad):  # pragma: no cover - compiled; run by the tests
-        # per plane: the row pass into the thread's buffer, then the column pass, SSIM and its derivatives
-        n_planes, hp, wp = x.shape
-        taps = g.shape[0]
-        h, w = hp - taps + 1, wp - taps + 1
-        for p in prange(n_planes):
-            rows = np.zeros((5, hp, w), np.float32)
-            for r in range(hp):
-                for k in range(taps):
-                    gk = g[k]
-                    for j in range(w):
-                        xv, yv = x[p, r, j + k], y[p, r, j + k]
-                        rows[0, r, j] += gk * xv
-                        rows[1, r, j] += gk * yv
-                        rows[2, r, j] += gk * xv * xv
-                        rows[3, r, j] += gk * yv * yv
-                        rows[4, r, j] += gk * xv * yv
-            acc = np.empty((5, w), np.float32)
-            for i in range(h):
-                acc[:] = 0.0
-                for k in range(taps):
-                    for q in range(5):
-                        for j in range(w):
-                            acc[q, j] += g[k] * rows[q, i + k, j]
-                for j in range(w):
-                    mx, my = acc[0, j], acc[1, j]
-                    a1 = 2.0 * mx * my + c1
-                    a2 = 2.0 * (acc[4, j] - mx * my) + c2
-                    b1 = mx * mx + my * my + c1
-                    b2 = (acc[2, j] - mx * mx) + (acc[3, j] - my * my) + c2
-                    sv = (a1 * a2) / (b1 * b2)
-                    s[p, i, j] = sv
-                    if grad:  # dS/dmu_x, dS/dE[x²], dS/dE[xy] with mu_y, E[y²] held
-                        d[0, p, i, j] = (2.0 * my * a2 - 2.0 * my * a1) / (b1 * b2) - sv * (
-                            2.0 * mx / b1 - 2.0 * mx / b2
-                        )
-                        d[1, p, i, j] = -sv / b2
-                        d[2, p, i, j] = 2.0 * a1 / (b1 * b2)
-
-    @compiled(parallel=True)
-    def _numba_bwd(grad_s, d, x, y, g, gx):  # pragma: no cover - compiled; run by the tests
-        # per plane: the column pass's transpose into the thread's buffer, then the row pass's and dx
-        n_planes, hp, wp = x.shape
-        taps = g.shape[0]
-        h, w = hp - taps + 1, wp - taps + 1
-        for p in prange(n_planes):
-            cols = np.zeros((3, hp, w), np.float32)
-            for i in range(h):
-                for k in range(taps):
-                    for q in range(3):
-                        for j in range(w):
-                            cols[q, i + k, j] += g[k] * grad_s[p, i, j] * d[q, p, i, j]
-            acc = np.empty((3, wp), np.float32)
-            for r in range(hp):
-                acc[:] = 0.0
-                for k in range(taps):
-                    for q in range(3):
-                        for j in range(w):
-                            acc[q, j + k] += g[k] * cols[q, r, j]
-                for t in range(wp):
-                    gx[p, r, t] = acc[0, t] + 2.0 * x[p, r, t] * acc[1, t] + y[p, r, t] * acc[2, t]
-
-
 def _numba_forward(x: Tensor, y: Tensor, g: Tensor, c1: float, c2: float, grad: bool) -> tuple[Tensor, Tensor]:
-    n_planes, hp, wp = x.shape
-    h, w = hp - len(g) + 1, wp - len(g) + 1
-    s = np.empty((n_planes, h, w), np.float32)
-    d = np.empty((3, n_planes, h, w) if grad else (3, 0, 0, 0), np.float32)
-    with LAUNCH:
-        threads()
-        _numba_fwd(x.detach().numpy(), y.detach().numpy(), g.numpy(), np.float32(c1), np.float32(c2), s, d, grad)
-    return torch.from_numpy(s), torch.from_numpy(d)
+    from . import ssim_numba  # numba imported at a CPU fit's first SSIM, not with the metrics
+
+    return ssim_numba.forward(x, y, g, c1, c2, grad)
 
 
 def _numba_backward(grad_s: Tensor, d: Tensor, x: Tensor, y: Tensor, g: Tensor) -> Tensor:
-    gx = np.empty(tuple(x.shape), np.float32)
-    with LAUNCH:
-        threads()
-        _numba_bwd(grad_s.numpy(), d.numpy(), x.detach().numpy(), y.numpy(), g.numpy(), gx)
-    return torch.from_numpy(gx)
+    from . import ssim_numba
+
+    return ssim_numba.backward(grad_s, d, x, y, g)
 
 
 _FORWARD = {"triton": _triton_forward, "numba": _numba_forward}
@@ -363,14 +291,14 @@ class _SsimPlanes(torch.autograd.Function):
         return _BACKWARD[ctx.kernels](grad_s.contiguous(), d, x, y, g), None, None, None, None, None
 
 
-def ssim_planes(x: Tensor, y: Tensor, window: Tensor, c1: float, c2: float, kernels: str | None = None) -> Tensor:
+def ssim_planes(x: Tensor, y: Tensor, window: Tensor, c1: float, c2: float, kernels: str) -> Tensor:
     """SSIM over valid K x K Gaussian windows, per plane and pixel; differentiable in ``x`` only.
 
     Args:
         x, y: padded single-channel planes (e.g. images' channels), float32. [P, H + K - 1, W + K - 1]
         window: the normalised 1D Gaussian, float32, on their device. [K]
         c1, c2: SSIM's stabilising constants.
-        kernels: ``"triton"`` or ``"numba"``; None: :func:`kernels_for` (x).
+        kernels: ``"triton"`` or ``"numba"`` (what :func:`kernels_for` gives ``x``).
 
     Returns:
         the SSIM map. [P, H, W]
@@ -382,7 +310,6 @@ def ssim_planes(x: Tensor, y: Tensor, window: Tensor, c1: float, c2: float, kern
         )
     if y.requires_grad:
         raise ValueError("ssim_planes differentiates x only; y must not require a gradient")
-    kernels = kernels or kernels_for(x)
     if kernels not in _FORWARD:
         raise ValueError(f"ssim_planes: no kernels {kernels!r} for {x.dtype} on {x.device} (triton, numba)")
     args = (t.contiguous() for t in (x, y, window))

@@ -33,9 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_loop import bench_scene, warm_up  # noqa: E402
+from bench_loop import add_ssim_conv, bench_scene, ssim_on_convolutions, warm_up  # noqa: E402
 
-from backend import ssim_kernels  # noqa: E402
 from backend.evaluate_args import size_wxh  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
 from backend.scene import Settings  # noqa: E402
@@ -94,14 +93,9 @@ def profile_sets(
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    def run() -> None:
-        fit_gaussians_many(
-            [FitViews.from_views(views)] * sets, [memory] * sets, cfg, device=device, seeds=list(range(sets))
-        )
-
     prof = cProfile.Profile()
     prof.enable()
-    run()
+    fit_sets(views, memory, cfg, sets, device)
     prof.disable()
     text = io.StringIO()
     for key in ("tottime", "cumulative"):
@@ -109,7 +103,7 @@ def profile_sets(
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     t0 = time.perf_counter()
     with profile(activities=activities) as tprof:
-        run()
+        fit_sets(views, memory, cfg, sets, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
@@ -154,11 +148,7 @@ def main() -> int:
         default=0,
         help="also profile this many steps per set count (cProfile and torch.profiler; needs --out)",
     )
-    ap.add_argument(
-        "--ssim-conv",
-        action="store_true",
-        help="the loss's SSIM on depthwise convolutions, not backend.ssim_kernels' (the code before them)",
-    )
+    add_ssim_conv(ap)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--label", default="", help="a name for this code in the report (e.g. the commit)")
     ap.add_argument("--out", type=Path, default=None, help="folder for fit_steps.json")
@@ -182,7 +172,7 @@ def main() -> int:
         )
     device = torch.device(args.device)
     if args.ssim_conv:
-        ssim_kernels.kernels_for = lambda x: None
+        ssim_on_convolutions()
     width, height = args.size
     settings = Settings(width=width, height=height, gaussian_iterations=3000)
     cfg = LoopConfig.from_settings(settings, device=device)

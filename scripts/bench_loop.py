@@ -105,6 +105,20 @@ def bench_scene(data: Path, folder: Path, frames: int, settings: Settings) -> Sc
     )
 
 
+def add_ssim_conv(ap: argparse.ArgumentParser) -> None:
+    """``--ssim-conv``: time the code before the fit's SSIM kernels (:func:`ssim_on_convolutions`)."""
+    ap.add_argument(
+        "--ssim-conv",
+        action="store_true",
+        help="the fit's SSIM on depthwise convolutions, not backend.ssim_kernels' (the code before them)",
+    )
+
+
+def ssim_on_convolutions() -> None:
+    """The fit's SSIM on the depthwise convolutions for the rest of this process (the kernels never chosen)."""
+    ssim_kernels.kernels_for = lambda x: None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "middlebury_temple")
@@ -135,14 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FIELD=VALUE",
         help="a GuideConfig field for this run (after the rasterizer's guide), e.g. member_points=1.0",
     )
-    ap.add_argument(
-        "--ssim-conv",
-        action="store_true",
-        help="the fit's SSIM on depthwise convolutions, not backend.ssim_kernels' (the code before them)",
-    )
+    add_ssim_conv(ap)
     a = ap.parse_args(argv)
     if a.ssim_conv:
-        ssim_kernels.kernels_for = lambda x: None
+        ssim_on_convolutions()
     width, height = a.size
     device = torch.device(a.device)
     a.out.mkdir(parents=True, exist_ok=True)

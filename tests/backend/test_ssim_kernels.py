@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from backend import ssim_kernels
-from backend.metrics import SSIM_K1, SSIM_K2, gaussian_window, windowed_ssim, windowed_ssim_conv
+from backend.metrics import SSIM_C1 as C1
+from backend.metrics import SSIM_C2 as C2
+from backend.metrics import gaussian_window, windowed_ssim, windowed_ssim_conv
 
 REPO = Path(__file__).resolve().parents[2]
-C1, C2 = SSIM_K1**2, SSIM_K2**2
 
 
 def padded(f: int, c: int, h: int, w: int, seed: int) -> list[torch.Tensor]:

@@ -47,7 +47,7 @@ def kernels_for(x: Tensor) -> str | None:
     if x.dtype != torch.float32:
         return None
     if x.is_cuda:
-        index = torch.cuda.current_device() if x.device.index is None else x.device.index
+        index = x.device.index  # a CUDA tensor's device always has one
         return "triton" if _triton_on(index) and _checked("triton", f"cuda:{index}") else None
     return "numba" if x.device.type == "cpu" and _numba_on() and _checked("numba", "cpu") else None
 
@@ -279,8 +279,9 @@ _BACKWARD = {"triton": _triton_backward, "numba": _numba_backward}
 class _SsimPlanes(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, y: Tensor, g: Tensor, c1: float, c2: float, kernels: str) -> Tensor:
-        s, d = _FORWARD[kernels](x, y, g, c1, c2, x.requires_grad)
-        if x.requires_grad:
+        grad = ctx.needs_input_grad[0]
+        s, d = _FORWARD[kernels](x, y, g, c1, c2, grad)
+        if grad:
             ctx.save_for_backward(x, y, g, d)
             ctx.kernels = kernels
         return s

@@ -66,6 +66,11 @@ RING_ARC_STEP = 2  # ring-arc protocol: training views this many ring positions 
 SAME_POSE_DIST = 0.01
 SAME_POSE_DEG = 1.0
 LLFF_HOLDOUT_EVERY = 8  # LLFF protocol: every 8th image is a test view
+# DTU sparse-view protocol (pixelNeRF, RegNeRF; a scan's 49 views in order): the first N of the training
+# ids train, the test ids are scored, and the 15 views left (the object barely in frame) are neither
+DTU_VIEWS = 49
+DTU_TRAIN_IDS = (25, 22, 28, 40, 44, 48, 0, 8, 13)
+DTU_TEST_IDS = (1, 2, 9, 10, 11, 12, 14, 15, 23, 24, 26, 27, 29, 30, 31, 32, 33, 34, 35, 41, 42, 43, 45, 46, 47)
 FRAMES_PER_LEG = 3  # trajectory frames per leg of the path (keys included) in heldout/interpolate modes
 PICTURE_ROWS = 4
 # frames_guide_oracle: per tile of this side, the frame or the captures-only render, whichever is closer to
@@ -152,7 +157,10 @@ def split_protocol(
             apart from ``ring_start``, test on the views between them (interpolation; plane-sweep
             stereo needs neighbours closer than the ~120 degrees of ``ring`` with 3 views). In the
             ring protocols a pose photographed twice is one ring position (``distinct_poses``): the
-            later photo is dropped, so no held-out view is a copy of a training view.
+            later photo is dropped, so no held-out view is a copy of a training view. ``dtu``: the
+            sparse-view split of pixelNeRF and RegNeRF on a DTU scan's 49 views (IDR's order): train on
+            the first ``train_views`` of :data:`DTU_TRAIN_IDS` (25, 22, 28 for 3), test on
+            :data:`DTU_TEST_IDS`; scored on the object alone where the scene has masks.
         train_views: how many captures to train on.
     """
     if protocol not in PROTOCOLS:
@@ -161,7 +169,13 @@ def split_protocol(
     if any(c.camera is None for c in caps):
         raise ValueError("split_protocol: every capture needs a camera to be scored")
     n = len(caps)
-    if protocol == "llff":
+    if protocol == "dtu":
+        if n != DTU_VIEWS:
+            raise ValueError(f"dtu: the protocol's view ids index a DTU scan's {DTU_VIEWS} views; the scene has {n}")
+        if not 1 <= train_views <= len(DTU_TRAIN_IDS):
+            raise ValueError(f"dtu: train_views must be in [1, {len(DTU_TRAIN_IDS)}]; got {train_views}")
+        train, test = list(DTU_TRAIN_IDS[:train_views]), list(DTU_TEST_IDS)
+    elif protocol == "llff":
         rest = [i for i in range(n) if i % LLFF_HOLDOUT_EVERY]
         if not 1 <= train_views <= len(rest):
             raise ValueError(f"train_views must be in [1, {len(rest)}] for {n} captures; got {train_views}")
@@ -220,10 +234,17 @@ def score(pred: Tensor, truth: Tensor) -> dict[str, float]:
 
 def masked_score(pred: Tensor, truth: Tensor, masks: Tensor) -> dict[str, float]:
     """Mean PSNR over each view's masked pixels and SSIM averaged over them, with both images black
-    outside the mask. pred, truth: [C, H, W, 3] in [0, 1]; masks: bool [C, H, W]"""
-    m = masks.float().cpu()
-    p, t = pred.clamp(0, 1).float().cpu() * m[..., None], truth.float().cpu() * m[..., None]
-    count = m.flatten(1).sum(1).clamp_min(1.0)  # [C]
+    outside the mask. pred, truth: [C, H, W, 3] in [0, 1]; masks: bool [C, H, W]
+
+    A view whose mask keeps no pixel (the object outside it, or gone at a small size) has nothing
+    to score and is left out of the means; ValueError when every view's is empty."""
+    keep = masks.flatten(1).any(1).cpu()  # [C]
+    if not keep.any():
+        raise ValueError("masked_score: every view's mask is empty; there is no object pixel to score")
+    masks, pred, truth = masks.cpu()[keep], pred.cpu()[keep], truth.cpu()[keep]
+    m = masks.float()
+    p, t = pred.clamp(0, 1).float() * m[..., None], truth.float() * m[..., None]
+    count = m.flatten(1).sum(1)  # [C]
     mse = ((p - t) ** 2).flatten(1).sum(1) / (3.0 * count)
     psnr = 10.0 * torch.log10(DATA_RANGE**2 / mse.clamp_min(MSE_FLOOR))
     ssim = (ssim_map(p, t) * m).flatten(1).sum(1) / count

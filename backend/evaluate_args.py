@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 TRAJECTORY_MODES = ("auto", "scene", "heldout", "interpolate")
-PROTOCOLS = ("llff", "ring", "ring-arc")
+PROTOCOLS = ("llff", "ring", "ring-arc", "dtu")
 DEFAULT_TRAIN_VIEWS = 3  # AnyRecon/ReconX sparse-view setting
 
 
@@ -35,7 +35,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--protocol",
         choices=PROTOCOLS,
         default=None,
-        help="hold out views by a standard protocol (llff: every 8th; ring: all but N spread views)",
+        help="hold out views by a standard protocol (llff: every 8th; ring: all but N spread views; "
+        "dtu: pixelNeRF's split of a 49-view DTU scan)",
     )
     parser.add_argument(
         "--train-views", type=int, default=DEFAULT_TRAIN_VIEWS, help="training views (default %(default)s)"

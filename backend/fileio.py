@@ -10,11 +10,23 @@ from pathlib import Path
 CHUNK_BYTES = 1 << 20
 
 
+def _process_umask() -> int:
+    """The process's umask, read once at import (setting it is the only way to read it portably)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# a new file's mode, as open() would give it: mkstemp makes its temporary file 0600 whatever the umask
+FILE_MODE = 0o666 & ~_process_umask()
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
 
-    A reader sees the old file or the whole new one, never a part. Raises OSError (a full disk
-    included) with the file untouched.
+    A reader sees the old file or the whole new one, never a part; the file gets the mode open()
+    would give a new one (:data:`FILE_MODE`). Raises OSError (a full disk included) with the file
+    untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,6 +36,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -1,7 +1,7 @@
 """Capture masks: which pixels of a photo are the object (or what to keep).
 
 A capture's mask comes from, in this order: its ``mask`` file in scene.json (greyscale, or RGBA whose
-alpha is the mask; non-zero is kept), the photo's own alpha channel, or nowhere (None: every pixel
+alpha is the mask; a pixel above half, 127 of 255, is kept), the photo's own alpha channel, or nowhere (None: every pixel
 counts). Importers make mask files from a dataset's ``mask/`` folder (IDR/NeuS DTU) or from
 silhouettes (:func:`threshold_silhouette`, the Middlebury recipe).
 
@@ -21,14 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .scene import Camera, Capture
+from .scene import Camera, Capture, SceneError
 
 U8_MAX = 255.0
 MASK_LEVEL = 127  # a mask or alpha pixel above this (of 255) is kept
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """A mask file: alpha when the image has one, else its grey level; above half is kept. bool [H, W]"""
+    """A mask file: alpha when the image has one, else its grey level; above half is kept. bool [H, W]
+
+    Raises SceneError naming the file when it keeps no pixel (a 0/1 label image, say): an empty mask
+    would leave the fit nothing to learn from that photo and its masked score no pixel to count."""
     from PIL import Image  # not in Blender's Python: only where a mask is read or written
 
     with Image.open(path) as im:
@@ -36,7 +39,14 @@ def read_mask(path: Path) -> np.ndarray:
             grey = np.asarray(im.convert("RGBA"))[..., 3]
         else:
             grey = np.asarray(im.convert("L"))
-    return grey > MASK_LEVEL
+    mask = grey > MASK_LEVEL
+    if not mask.any():
+        peak = int(grey.max())
+        raise SceneError(
+            f"mask: {path} keeps no pixel (its highest value {peak} is not above {MASK_LEVEL} of 255); "
+            "a mask is white (255) where the object is"
+        )
+    return mask
 
 
 def image_alpha(path: Path) -> np.ndarray | None:

@@ -151,7 +151,7 @@ class Camera:
 class Capture:
     """A photo with its camera (None: to be estimated). ``image`` is an absolute path once loaded.
 
-    ``mask`` (optional) is a greyscale or RGBA image of the photo's size whose non-zero pixels (alpha
+    ``mask`` (optional) is a greyscale or RGBA image of the photo's size whose pixels above half (alpha
     for RGBA) are the object, or what to keep; without one, a photo with an alpha channel is masked
     by its alpha (``backend.masks.capture_mask``).
     """

@@ -29,7 +29,7 @@ from backend.fileio import write_atomic
 from backend.formats import colmap, dtu, llff, middlebury, nerf  # noqa: F401  (fill the registries)
 from backend.formats.base import EXPORTERS, IMPORTERS, ImportedScene
 from backend.formats.colmap import ColmapPoints, read_colmap_points
-from backend.formats.undistort import undistort_capture
+from backend.formats.undistort import UNDISTORTED_HELDOUT_DIR, undistort_capture
 from backend.masks import write_mask
 from backend.scene import Capture, Scene, SceneError, Settings, load_scene, save_scene
 
@@ -123,7 +123,7 @@ def import_scene(
     heldout = heldout + found.heldout
     if undistort:
         captures = [undistort_capture(c, dst) for c in captures]
-        heldout = [undistort_capture(c, dst) for c in heldout]
+        heldout = [undistort_capture(c, dst, UNDISTORTED_HELDOUT_DIR) for c in heldout]
     scene = Scene(root=dst.resolve(), captures=captures, heldout=heldout, settings=settings or Settings())
     if found.bounds:
         write_atomic(dst / BOUNDS_FILE, json.dumps(found.bounds, indent=1).encode())

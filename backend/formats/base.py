@@ -62,6 +62,14 @@ def w2c_from_rt(R: np.ndarray, t: np.ndarray) -> np.ndarray:
     return w2c
 
 
+def w2c_from_c2w(c2w: np.ndarray) -> np.ndarray:
+    """World-to-camera 4x4 of a rigid camera-to-world 4x4, by its rotation's transpose: no matrix
+    inverse, so a degenerate pose reaches :func:`make_camera`'s check (which names the entry) instead
+    of raising numpy's LinAlgError. float64 [4, 4]"""
+    R, t = c2w[:3, :3], c2w[:3, 3]
+    return w2c_from_rt(R.T, -R.T @ t)
+
+
 def intrinsics(fx: float, fy: float, cx: float, cy: float) -> np.ndarray:
     """K in pixels, no skew. float64 [3, 3]"""
     return np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])

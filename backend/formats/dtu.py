@@ -5,8 +5,9 @@ For image i the file holds ``world_mat_i``, the 3x4 projection P = s K [R | t] (
 (default, as IDR and NeuS do) the cameras are those of P @ scale_mat, so the object sits in the unit
 sphere; else the world frame of P. P is split by an RQ decomposition (numpy); the sign of P
 is chosen so that det P[:, :3] > 0 and K's diagonal is made positive (K D, D R with D = diag(+-1)),
-which leaves R a proper rotation. K is taken as given: IDR, like most MVS code, puts pixel centres
-at integer coordinates, half a pixel from ours.
+which leaves R a proper rotation. IDR and NeuS cast the ray of pixel (row, column) through the
+integer point (column, row), so their K puts pixel centres at integer coordinates; ours spans pixel i
+over [i, i+1], so the principal point moves by half a pixel (:data:`PIXEL_CENTRE_SHIFT`).
 
 NeuS's ``cameras_sphere.npz`` also holds ``world_mat_inv_i``, ``scale_mat_inv_i`` and ``camera_mat_i``
 (and their inverses) per image; only ``world_mat_i`` and ``scale_mat_i`` are read, and the cameras
@@ -31,6 +32,7 @@ MASK_CANDIDATES = ("mask", "masks")
 WORLD_MAT_KEY = re.compile(r"world_mat_(\d+)")
 WORLD_MAT = "world_mat_{}"
 SCALE_MAT = "scale_mat_{}"
+PIXEL_CENTRE_SHIFT = 0.5  # IDR's pixel centres at integers, ours at i + 0.5
 
 
 def decompose_projection(P: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,14 +96,15 @@ def read_dtu(
         where = f"{npz_path.name}[{WORLD_MAT.format(i)}]"
         if WORLD_MAT.format(i) not in mats:
             raise SceneError(f"{where}: missing")
-        P = np.asarray(mats[WORLD_MAT.format(i)], dtype=np.float64)
+        P = _matrix(mats[WORLD_MAT.format(i)], where, ((4, 4), (3, 4)))
         if use_scale_mat:
             if SCALE_MAT.format(i) not in mats:
                 raise SceneError(f"{npz_path.name}[{SCALE_MAT.format(i)}]: missing (or read with use_scale_mat=False)")
-            P = P @ np.asarray(mats[SCALE_MAT.format(i)], dtype=np.float64)
-        if P.shape not in ((4, 4), (3, 4)) or not np.all(np.isfinite(P)):
-            raise SceneError(f"{where}: must be a finite 3x4 or 4x4 matrix; got shape {P.shape}")
+            P = P @ _matrix(mats[SCALE_MAT.format(i)], f"{npz_path.name}[{SCALE_MAT.format(i)}]", ((4, 4),))
+        if np.linalg.matrix_rank(P[:3, :3]) < 3:
+            raise SceneError(f"{where}: the projection's left 3x3 block is singular; no camera has it")
         K, R, t = decompose_projection(P[:3, :4])
+        K[:2, 2] += PIXEL_CENTRE_SHIFT
         width, height = image_size(path)
         camera = make_camera(w2c_from_rt(R, t), K, width, height, where)
         mask = mask_files[i].resolve() if mask_files else None
@@ -110,6 +113,15 @@ def read_dtu(
             raise SceneError(f"masks: {mask.name} is {w}x{h}; its image {path.name} is {width}x{height}")
         captures.append(Capture(name=path.stem, image=path.resolve(), camera=camera, mask=mask))
     return ImportedScene(captures=captures)
+
+
+def _matrix(value: np.ndarray, where: str, shapes: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """A finite float64 matrix of one of ``shapes``; else SceneError naming ``where``."""
+    m = np.asarray(value, dtype=np.float64)
+    if m.shape not in shapes or not np.all(np.isfinite(m)):
+        want = " or ".join(f"{r}x{c}" for r, c in shapes)
+        raise SceneError(f"{where}: must be a finite {want} matrix; got shape {m.shape}")
+    return m
 
 
 def _mask_files(src: Path, masks: str | None, count: int) -> list[Path]:

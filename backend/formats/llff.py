@@ -10,11 +10,21 @@ scaled to the image folder chosen (``images_8`` holds the images at 1/8).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
-from backend.formats.base import IMPORTERS, ImportedScene, find_first, intrinsics, list_images, make_camera, resolve_in
+from backend.formats.base import (
+    IMPORTERS,
+    ImportedScene,
+    find_first,
+    intrinsics,
+    list_images,
+    make_camera,
+    resolve_in,
+    w2c_from_c2w,
+)
 from backend.scene import Capture, SceneError, image_size
 
 POSES_FILE = "poses_bounds.npy"
@@ -41,7 +51,10 @@ def read_llff(src: Path, *, cameras: str | None = None, images: str | None = Non
     poses_path = resolve_in(src, cameras or POSES_FILE)
     if not poses_path.is_file():
         raise SceneError(f"cameras: {poses_path} not found")
-    data = np.load(poses_path, allow_pickle=False)
+    try:
+        data = np.load(poses_path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise SceneError(f"cameras: {poses_path} is not a numpy array file: {err}") from None
     if data.ndim != 2 or data.shape[1] != POSE_COLUMNS:
         raise SceneError(f"{poses_path.name}: must be [N, {POSE_COLUMNS}]; got shape {data.shape}")
     image_dir = resolve_in(src, images) if images else find_first(src, IMAGE_CANDIDATES, "images", is_dir=True)
@@ -63,9 +76,12 @@ def read_llff(src: Path, *, cameras: str | None = None, images: str | None = Non
         K = K_full * np.array([[width / full_w], [height / full_h], [1.0]])
         if image_size(path) != (width, height):
             raise SceneError(f"images: {path.name} is {image_size(path)}, the first image {width}x{height}")
-        camera = make_camera(np.linalg.inv(c2w), K, width, height, where)
+        camera = make_camera(w2c_from_c2w(c2w), K, width, height, where)
+        near, far = float(row[NEAR]), float(row[FAR])
+        if not 0.0 < near < far < math.inf:
+            raise SceneError(f"{where}: bounds must be finite with 0 < near < far; got near {near!r}, far {far!r}")
         captures.append(Capture(name=path.stem, image=path.resolve(), camera=camera))
-        bounds[path.stem] = (float(row[NEAR]), float(row[FAR]))
+        bounds[path.stem] = (near, far)
     return ImportedScene(captures=captures, bounds=bounds)
 
 

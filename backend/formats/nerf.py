@@ -22,7 +22,16 @@ from typing import Any
 import numpy as np
 
 from backend.fileio import write_atomic
-from backend.formats.base import EXPORTERS, IMPORTERS, ImportedScene, capture_name, intrinsics, make_camera, resolve_in
+from backend.formats.base import (
+    EXPORTERS,
+    IMPORTERS,
+    ImportedScene,
+    capture_name,
+    intrinsics,
+    make_camera,
+    resolve_in,
+    w2c_from_c2w,
+)
 from backend.scene import IMAGE_SUFFIXES, Camera, Capture, Distortion, Scene, SceneError, image_size
 
 TRANSFORMS_FILES = ("transforms.json", "transforms_train.json")
@@ -32,6 +41,7 @@ GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])  # flips y and z: OpenGL camera axes 
 PERSPECTIVE_MODELS = ("OPENCV", "PINHOLE", "SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL")
 DIST_KEYS = ("k1", "k2", "p1", "p2", "k3", "k4")
 INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h", "camera_angle_x", "camera_angle_y", *DIST_KEYS)
+FOCAL_KEYS = (("fl_x", "camera_angle_x"), ("fl_y", "camera_angle_y"))  # each axis's focal, in pixels or as an angle
 
 
 def _number(d: dict, key: str, where: str) -> float:
@@ -39,6 +49,14 @@ def _number(d: dict, key: str, where: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise SceneError(f"{where}.{key}: must be a finite number; got {v!r}")
     return float(v)
+
+
+def _field_of_view(intr: dict, key: str, where: str) -> float:
+    """A field of view in radians, strictly between 0 and pi (a pinhole camera sees less than half the sphere)."""
+    angle = _number(intr, key, where)
+    if not 0.0 < angle < math.pi:
+        raise SceneError(f"{where}.{key}: must be between 0 and pi radians; got {angle!r}")
+    return angle
 
 
 def _image_path(folder: Path, file_path: Any, where: str) -> Path:
@@ -67,6 +85,10 @@ def _distortion(intr: dict, where: str) -> Distortion | None:
 
 def _frame_camera(frame: dict, top: dict, image: Path, where: str) -> Camera:
     intr = {key: top[key] for key in INTRINSIC_KEYS if key in top}
+    for keys in FOCAL_KEYS:  # a frame's focal replaces the top level's, given either way
+        if any(key in frame for key in keys):
+            for key in keys:
+                intr.pop(key, None)
     intr.update({key: frame[key] for key in INTRINSIC_KEYS if key in frame})
     model = frame.get("camera_model", top.get("camera_model", "OPENCV"))
     if model not in PERSPECTIVE_MODELS:
@@ -80,13 +102,13 @@ def _frame_camera(frame: dict, top: dict, image: Path, where: str) -> Camera:
     if "fl_x" in intr:
         fx = _number(intr, "fl_x", where)
     elif "camera_angle_x" in intr:
-        fx = 0.5 * width / math.tan(0.5 * _number(intr, "camera_angle_x", where))
+        fx = 0.5 * width / math.tan(0.5 * _field_of_view(intr, "camera_angle_x", where))
     else:
         raise SceneError(f"{where}: needs fl_x or camera_angle_x, at the top level or in the frame")
     if "fl_y" in intr:
         fy = _number(intr, "fl_y", where)
     elif "camera_angle_y" in intr:
-        fy = 0.5 * height / math.tan(0.5 * _number(intr, "camera_angle_y", where))
+        fy = 0.5 * height / math.tan(0.5 * _field_of_view(intr, "camera_angle_y", where))
     else:
         fy = fx
     cx = _number(intr, "cx", where) if "cx" in intr else width / 2
@@ -99,7 +121,7 @@ def _frame_camera(frame: dict, top: dict, image: Path, where: str) -> Camera:
         c2w_gl = np.vstack([c2w_gl, [0.0, 0.0, 0.0, 1.0]])
     if c2w_gl.shape != (4, 4) or not np.all(np.isfinite(c2w_gl)):
         raise SceneError(f"{where}.transform_matrix: must be a finite 4x4 or 3x4 matrix; got shape {c2w_gl.shape}")
-    w2c = np.linalg.inv(c2w_gl @ GL_TO_CV)
+    w2c = w2c_from_c2w(c2w_gl @ GL_TO_CV)
     return make_camera(w2c, intrinsics(fx, fy, cx, cy), width, height, where, _distortion(intr, where))
 
 

@@ -16,6 +16,7 @@ from backend.fileio import write_atomic
 from backend.scene import Camera, Capture, SceneError
 
 UNDISTORTED_DIR = "undistorted"
+UNDISTORTED_HELDOUT_DIR = "undistorted/heldout"
 JPEG_QUALITY = 95  # undistorted JPEGs are re-encoded; PNGs stay lossless
 HALF_PIXEL = 0.5
 
@@ -48,9 +49,13 @@ def undistort_image(image: np.ndarray, camera: Camera) -> np.ndarray:
     return cv2.remap(image, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
 
 
-def undistort_capture(capture: Capture, dst: Path) -> Capture:
-    """Write the undistorted photo to ``dst/undistorted/<name><suffix>``; return the capture with that
-    image and the camera without distortion. Captures without distortion come back as they are."""
+def undistort_capture(capture: Capture, dst: Path, folder: str = UNDISTORTED_DIR) -> Capture:
+    """Write the undistorted photo to ``dst/<folder>/<name><suffix>``; return the capture with that
+    image and the camera without distortion. Captures without distortion come back as they are.
+
+    Names are unique among a scene's captures, not between captures and held-out views (NeRF's
+    ``train/r_0`` and ``test/r_0``), so held-out views go to a folder of their own
+    (:data:`UNDISTORTED_HELDOUT_DIR`): one must never overwrite a capture's photo."""
     import cv2
 
     cam = capture.camera
@@ -68,5 +73,5 @@ def undistort_capture(capture: Capture, dst: Path) -> Capture:
     ok, encoded = cv2.imencode(suffix, undistort_image(image, cam), params)
     if not ok:
         raise SceneError(f"{capture.name}: cannot encode the undistorted image as {suffix}")
-    out = write_atomic(Path(dst) / UNDISTORTED_DIR / f"{capture.name}{capture.image.suffix}", encoded.tobytes())
+    out = write_atomic(Path(dst) / folder / f"{capture.name}{capture.image.suffix}", encoded.tobytes())
     return replace(capture, image=out.resolve(), camera=replace(cam, distortion=None))

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import backend.loop
-from backend.evaluate import EvalConfig, LoopStart, eval_trajectory, evaluate_scene, split_protocol
+from backend.evaluate import EvalConfig, LoopStart, eval_trajectory, evaluate_scene, masked_score, split_protocol
 from backend.formats import import_scene
 from backend.loop import LoopConfig
 from backend.scene import Settings
@@ -46,7 +46,21 @@ def test_ring_protocols_on_temple(temple_dir: Path, tmp_path: Path) -> None:
         gaps = [np.linalg.norm(held.camera.center - c.camera.center) for c in arc.captures]
         assert min(gaps) > 0.05, (held.name, gaps)
     with pytest.raises(ValueError, match="protocol must be one of"):
-        split_protocol(scene, "dtu")
+        split_protocol(scene, "blender")
+
+
+def test_dtu_protocol_is_pixelnerfs_split_of_49_views(temple_dir: Path, tmp_path: Path) -> None:
+    """Train on views 25, 22, 28; score the 25 test views; the 15 others are neither."""
+    temple = import_scene("middlebury", temple_dir, tmp_path)
+    views = [replace(temple.captures[i % len(temple.captures)], name=f"{i:03d}") for i in range(49)]
+    split = split_protocol(replace(temple, captures=views), "dtu", train_views=3)
+    assert [c.name for c in split.captures] == ["022", "025", "028"]
+    held = [int(c.name) for c in split.heldout]
+    assert len(held) == 25 and held[:4] == [1, 2, 9, 10] and not {3, 7, 16, 21, 36, 39} & set(held)
+    with pytest.raises(ValueError, match="dtu: the protocol's view ids index a DTU scan's 49 views; the scene has 16"):
+        split_protocol(temple, "dtu")
+    with pytest.raises(ValueError, match=r"dtu: train_views must be in \[1, 9\]; got 10"):
+        split_protocol(replace(temple, captures=views), "dtu", train_views=10)
 
 
 def test_heldout_trajectory_passes_through_heldout_cameras(temple_dir: Path, tmp_path: Path) -> None:
@@ -162,6 +176,19 @@ def script_module(name: str):
 
 def bench_quality():
     return script_module("bench_loop_quality")
+
+
+def test_masked_score_leaves_out_views_whose_mask_is_empty() -> None:
+    """A view with no object pixel has nothing to score (not 100 dB); every view empty is an error."""
+    g = torch.Generator().manual_seed(0)
+    truth = torch.rand(2, 16, 16, 3, generator=g)
+    pred = (truth + 0.1 * torch.randn(2, 16, 16, 3, generator=g)).clamp(0, 1)
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[0, 4:12, 4:12] = True
+    both = masked_score(pred, truth, masks)
+    assert both == masked_score(pred[:1], truth[:1], masks[:1]) and 15 < both["psnr"] < 30
+    with pytest.raises(ValueError, match="every view's mask is empty"):
+        masked_score(pred, truth, torch.zeros_like(masks))
 
 
 def test_bench_quality_merges_runs_of_one_seed_each() -> None:

@@ -24,9 +24,9 @@ from backend.formats import (
     run_import,
 )
 from backend.formats.colmap import camera_from_colmap, colmap_camera_params
-from backend.formats.dtu import decompose_projection
-from backend.formats.undistort import UNDISTORTED_DIR, undistort_image
-from backend.scene import Camera, Scene, SceneError, load_scene
+from backend.formats.dtu import PIXEL_CENTRE_SHIFT, decompose_projection
+from backend.formats.undistort import UNDISTORTED_DIR, UNDISTORTED_HELDOUT_DIR, undistort_image
+from backend.scene import Camera, Distortion, Scene, SceneError, load_scene
 from tests.conftest import require_shared_data
 
 # Bounding boxes from the READMEs of the Middlebury sets (min corner, max corner).
@@ -163,9 +163,10 @@ def test_door_binary_model_equals_text(door_dir, door_scene, tmp_path):
 def test_door_undistort(door_dir, door_scene, door_points, tmp_path):
     scene = import_scene("colmap", door_dir, tmp_path, undistort=True, train_ids=[0, 1], cameras="colmap_ground_truth")
     assert len(scene.captures) == 2 and len(scene.heldout) == 10
-    for cap, orig in zip(scene.captures + scene.heldout, door_scene.captures):
+    for i, (cap, orig) in enumerate(zip(scene.captures + scene.heldout, door_scene.captures)):
         assert cap.camera.distortion is None
-        assert cap.image == (tmp_path / UNDISTORTED_DIR / f"{orig.name}.JPG").resolve()
+        folder = UNDISTORTED_DIR if i < 2 else UNDISTORTED_HELDOUT_DIR  # held-out views in a folder of their own
+        assert cap.image == (tmp_path / folder / f"{orig.name}.JPG").resolve()
         np.testing.assert_array_equal(cap.camera.K, orig.camera.K)
         np.testing.assert_array_equal(cap.camera.w2c, orig.camera.w2c)
     # A 3D point through the pinhole = its distorted projection mapped through undistortPoints.
@@ -326,12 +327,95 @@ def test_nerf_distortion_and_per_frame_intrinsics(door_scene, temple_dir, tmp_pa
     np.testing.assert_allclose(back.captures[0].camera.distortion.to_opencv(), [-0.0336422, 0, 0, 0])
 
 
+def _nerf_split(root: Path, split: str, photo: Path, **top) -> None:
+    """transforms_<split>.json with one frame, ``<split>/r_0`` (NeRF's names repeat across splits)."""
+    (root / split).mkdir(parents=True)
+    (root / split / "r_0.png").symlink_to(photo)
+    frame = {"file_path": f"./{split}/r_0", "transform_matrix": np.eye(4).tolist()}
+    (root / f"transforms_{split}.json").write_text(json.dumps({**top, "frames": [frame]}))
+
+
+def test_undistorted_heldout_view_never_overwrites_a_capture_of_its_name(temple_dir, tmp_path):
+    """NeRF's train/r_0 and test/r_0: both undistorted, each into its own file."""
+    photos = sorted(temple_dir.glob("*.png"))
+    for split, photo in (("train", photos[0]), ("test", photos[4])):
+        _nerf_split(tmp_path / "src", split, photo, camera_angle_x=0.69, k1=0.05)
+    scene = import_scene("nerf", tmp_path / "src", tmp_path / "scene", undistort=True)
+    (cap,), (held,) = scene.captures, scene.heldout
+    assert cap.name == held.name == "r_0" and cap.image != held.image
+    expected = {cap.image: photos[0], held.image: photos[4]}
+    for written, photo in expected.items():
+        undistorted = undistort_image(
+            cv2.imread(str(photo)), replace(cap.camera, distortion=Distortion("OPENCV", (0.05, 0, 0, 0)))
+        )
+        np.testing.assert_array_equal(cv2.imread(str(written)), undistorted)
+
+
+def test_written_files_get_the_mode_a_new_file_would(temple_dir, tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); the file in place has open()'s mode under the umask."""
+    scene = import_scene("middlebury", temple_dir, tmp_path / "scene")
+    path = export_scene("nerf", scene, tmp_path / "out.json")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for written in (path, tmp_path / "scene" / "scene.json"):
+        assert written.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_nerf_frame_focal_wins_over_the_top_level_given_either_way(temple_dir, tmp_path):
+    photo = sorted(temple_dir.glob("*.png"))[0]
+    width = cv2.imread(str(photo)).shape[1]
+    _nerf_split(tmp_path / "src", "train", photo, fl_x=1000.0)
+    data = json.loads((tmp_path / "src" / "transforms_train.json").read_text())
+    data["frames"][0]["camera_angle_x"] = 0.69
+    (tmp_path / "src" / "transforms_train.json").write_text(json.dumps(data))
+    K = import_scene("nerf", tmp_path / "src", tmp_path / "scene").captures[0].camera.K
+    np.testing.assert_allclose(K[0, 0], 0.5 * width / np.tan(0.345))
+    np.testing.assert_allclose(K[1, 1], K[0, 0])  # fy follows the frame's fx when nothing gives it
+
+
+@pytest.mark.parametrize(
+    "top, matrix, match",
+    [
+        ({"camera_angle_x": 0}, np.eye(4), r"camera_angle_x: must be between 0 and pi radians; got 0"),
+        ({"camera_angle_x": 4.0}, np.eye(4), r"camera_angle_x: must be between 0 and pi radians; got 4.0"),
+        ({"camera_angle_x": 0.69}, np.diag([1.0, 1.0, 0.0, 1.0]), r"transforms_train.json.*rotation"),
+    ],
+)
+def test_nerf_bad_camera_names_the_field(temple_dir, tmp_path, top, matrix, match):
+    _nerf_split(tmp_path / "src", "train", sorted(temple_dir.glob("*.png"))[0], **top)
+    data = json.loads((tmp_path / "src" / "transforms_train.json").read_text())
+    data["frames"][0]["transform_matrix"] = matrix.tolist()
+    (tmp_path / "src" / "transforms_train.json").write_text(json.dumps(data))
+    with pytest.raises(SceneError, match=match):
+        import_scene("nerf", tmp_path / "src", tmp_path / "scene")
+
+
+@pytest.mark.parametrize(
+    "column, value, match",
+    [
+        (slice(0, 3), 0.0, r"poses_bounds.npy\[2\].*rotation"),  # the rotation's first column zeroed
+        (15, np.nan, r"poses_bounds.npy\[2\]: bounds must be finite with 0 < near < far; got near nan"),
+        (16, 0.0, r"poses_bounds.npy\[2\]: bounds must be finite with 0 < near < far"),
+    ],
+)
+def test_llff_bad_pose_or_bounds_names_the_row(fern_dir, tmp_path, column, value, match):
+    raw = np.load(fern_dir / "poses_bounds.npy")
+    raw[2, [0, 5, 10] if column == slice(0, 3) else column] = value
+    np.save(tmp_path / "poses_bounds.npy", raw)
+    with pytest.raises(SceneError, match=match):
+        import_scene("llff", tmp_path, tmp_path / "scene", images=str(fern_dir / "images_8"))
+    (tmp_path / "poses_bounds.npy").write_bytes(b"not numpy")
+    with pytest.raises(SceneError, match=r"cameras: .*poses_bounds.npy is not a numpy array file"):
+        import_scene("llff", tmp_path, tmp_path / "scene", images=str(fern_dir / "images_8"))
+
+
 # ----------------------------------------------------------------------------------------------
 # DTU / IDR
 
 
 def test_dtu_decomposition(temple_dir, tmp_path):
-    """cameras.npz built from the temple: P scaled by a negative number, a scale_mat to the unit sphere."""
+    """cameras.npz built from the temple: P scaled by a negative number, a scale_mat to the unit sphere,
+    K with IDR's pixel centres at integers (the importer moves them to ours, half a pixel on)."""
     temple = import_scene("middlebury", temple_dir, tmp_path / "temple")
     centre = (TEMPLE_BOX[0] + TEMPLE_BOX[1]) / 2
     radius = float(np.linalg.norm(TEMPLE_BOX[1] - TEMPLE_BOX[0])) / 2
@@ -340,7 +424,8 @@ def test_dtu_decomposition(temple_dir, tmp_path):
     mats = {}
     for i, cap in enumerate(temple.captures):
         world_mat = np.eye(4)
-        world_mat[:3] = -3.7 * (cap.camera.K @ cap.camera.w2c[:3])
+        K_idr = cap.camera.K - np.array([[0, 0, PIXEL_CENTRE_SHIFT], [0, 0, PIXEL_CENTRE_SHIFT], [0, 0, 0]])
+        world_mat[:3] = -3.7 * (K_idr @ cap.camera.w2c[:3])
         mats[f"world_mat_{i}"], mats[f"scale_mat_{i}"] = world_mat, scale_mat
     np.savez(tmp_path / "cameras.npz", **mats)
     world = import_scene("dtu", tmp_path, tmp_path / "world", images=str(temple_dir), use_scale_mat=False)

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from backend.formats import import_scene
+from backend.formats.dtu import PIXEL_CENTRE_SHIFT
 from backend.masks import capture_mask, read_mask, resize_mask, threshold_silhouette
 from backend.scene import SceneError, load_scene, save_scene
 
@@ -92,6 +93,7 @@ def _dtu_folder(temple_dir, root, count: int, *, with_masks: bool):
             (root / "dtu" / "mask" / f"{i:03d}.png").symlink_to(cap.mask)
         K4 = np.eye(4)
         K4[:3, :3] = cap.camera.K
+        K4[:2, 2] -= PIXEL_CENTRE_SHIFT  # IDR's K: pixel centres at integers
         world_mat = K4 @ cap.camera.w2c
         mats[f"world_mat_{i}"] = world_mat
         mats[f"world_mat_inv_{i}"] = np.linalg.inv(world_mat)
@@ -121,4 +123,41 @@ def test_dtu_counts_cameras_by_world_mat_keys_only(temple_dir, tmp_path):
     _dtu_folder(temple_dir, tmp_path, 3, with_masks=False)
     (tmp_path / "dtu" / "image" / "000002.png").unlink()
     with pytest.raises(SceneError, match="holds 2 images; cameras_sphere.npz has 3 cameras"):
+        import_scene("dtu", tmp_path / "dtu", tmp_path / "out")
+
+
+def test_a_mask_that_keeps_no_pixel_is_refused_naming_the_file(tmp_path):
+    """A 0/1 label image keeps nothing above half: refused, not read as an empty object."""
+    labels = np.zeros((8, 8), np.uint8)
+    labels[2:6, 2:6] = 1
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    with pytest.raises(SceneError, match=r"labels.png keeps no pixel \(its highest value 1 is not above 127"):
+        read_mask(tmp_path / "labels.png")
+    Image.fromarray(labels * 255).save(tmp_path / "white.png")
+    assert read_mask(tmp_path / "white.png").sum() == 16
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        (
+            "world_mat_1",
+            np.eye(3),
+            r"cameras_sphere.npz\[world_mat_1\]: must be a finite 4x4 or 3x4 matrix; got shape \(3, 3\)",
+        ),
+        (
+            "scale_mat_1",
+            np.eye(3),
+            r"cameras_sphere.npz\[scale_mat_1\]: must be a finite 4x4 matrix; got shape \(3, 3\)",
+        ),
+        ("world_mat_1", np.diag([1.0, 1.0, 0.0, 1.0]), r"world_mat_1\]: the projection's left 3x3 block is singular"),
+    ],
+)
+def test_dtu_bad_matrix_names_the_key(temple_dir, tmp_path, key, value, match):
+    _dtu_folder(temple_dir, tmp_path, 2, with_masks=False)
+    npz = tmp_path / "dtu" / "cameras_sphere.npz"
+    mats = dict(np.load(npz))
+    mats[key] = value
+    np.savez(npz, **mats)
+    with pytest.raises(SceneError, match=match):
         import_scene("dtu", tmp_path / "dtu", tmp_path / "out")

@@ -198,7 +198,7 @@ def read_depth_maps(work: Path, names: list[str], height: int, width: int, devic
             continue
         d = torch.from_numpy(read_colmap_array(path).copy()).to(device)
         if tuple(d.shape) != (height, width):
-            d = torch.nn.functional.interpolate(d[None, None], size=(height, width), mode="nearest")[0, 0]
+            d = torch.nn.functional.interpolate(d[None, None], size=(height, width), mode="nearest-exact")[0, 0]
         out[i] = torch.where(torch.isfinite(d) & (d > 0), d, torch.zeros_like(d))
     return out
 

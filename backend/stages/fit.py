@@ -649,13 +649,17 @@ def _make_optimizers(
 
 def _prune_to_cap(params: torch.nn.ParameterDict, optimizers: dict, state: dict[str, Any], cap: int) -> None:
     """Remove the least opaque Gaussians beyond ``cap`` (after densification), with their optimizer
-    moments and strategy state (gsplat's ``remove`` op)."""
+    moments and per-Gaussian strategy state (gsplat's ``remove`` op). gsplat's ``remove`` cuts every
+    tensor of the state it is given, so only the per-Gaussian ones go to it: MCMC's state is its
+    binomial table (``binoms`` [n_max, n_max]), which no Gaussian owns."""
     from gsplat.strategy.ops import remove
 
-    excess = len(params["means"]) - cap
-    drop = torch.zeros(len(params["means"]), dtype=torch.bool, device=params["means"].device)
-    drop[torch.topk(params["opacities"].detach(), excess, largest=False).indices] = True
-    remove(params=params, optimizers=optimizers, state=state, mask=drop)
+    n = len(params["means"])
+    drop = torch.zeros(n, dtype=torch.bool, device=params["means"].device)
+    drop[torch.topk(params["opacities"].detach(), n - cap, largest=False).indices] = True
+    per_gaussian = {k: v for k, v in state.items() if isinstance(v, Tensor) and k != "binoms" and len(v) == n}
+    remove(params=params, optimizers=optimizers, state=per_gaussian, mask=drop)
+    state.update(per_gaussian)
 
 
 def mcmc_regularisers(params: torch.nn.ParameterDict, cfg: FitConfig) -> Tensor:
@@ -756,10 +760,13 @@ class _Run:
 
     def after_backward(self, cfg: FitConfig, step: int, meta: dict[str, Any], learn: bool) -> None:
         """Optimizer step (when this step had a gradient), schedule, then densification (as simple_trainer)."""
-        if learn:
-            for opt in self.optimizers.values():
+        for opt in self.optimizers.values():
+            if learn:
                 opt.step()
-                opt.zero_grad(set_to_none=True)
+            # also without a step: MCMC's regularisers give a gradient where no Gaussian is seen,
+            # which must not pile up into the next step that learns
+            opt.zero_grad(set_to_none=True)
+        if learn:
             decay_opacities(self.params["opacities"], cfg.opacity_decay)
         self.scheduler.step()
         if learn and self.strategy is not None:

@@ -156,7 +156,8 @@ def lift_filled(
     scale = min(1.0, s.max_side / max(H, W)) if s.max_side > 0 else 1.0
     w, h = max(1, round(W * scale)), max(1, round(H * scale))
     f_imgs, f_cams = _resize(frames.images, frames.cams, w, h)
-    r_depth = F.interpolate(renders.depth[:, None], size=(h, w), mode="nearest")[:, 0]
+    # nearest-exact: the source pixel holding each target pixel's centre, aligned with f_imgs and conf
+    r_depth = F.interpolate(renders.depth[:, None], size=(h, w), mode="nearest-exact")[:, 0]
     r_mask = r_depth > 0
     conf = F.interpolate(confidence[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)[:, 0]
     if len(captures):

@@ -20,6 +20,8 @@ from backend.stages.fit import (
     FitViews,
     Gaussians,
     _make_strategy,
+    _prune_to_cap,
+    _Run,
     confidence_loss,
     default_rasterizer,
     fit_gaussians,
@@ -478,6 +480,22 @@ def test_mcmc_strategy_is_gsplats_with_the_cap_and_its_regularisers(caplog):
     assert math.isclose(float(reg.detach()), 0.01 * 0.5 + 0.01 * 2.0, rel_tol=1e-6)
     reg.backward()  # both terms pull: opacities down, scales down
     assert (params["opacities"].grad > 0).all() and (params["scales"].grad > 0).all()
+
+
+def test_a_step_that_learns_nothing_keeps_no_gradient_and_the_cap_spares_mcmcs_table():
+    """MCMC's regularisers give a gradient even where no Gaussian is seen: a step that does not learn
+    drops it (else it piles into the next step that does). The cap cuts per-Gaussian state only, not
+    MCMC's binomial table."""
+    _, _, noisy = make_scene()
+    cfg = test_config(strategy="mcmc")
+    run = _Run.start(init_gaussians(noisy, cfg), cfg, scale=1.0, frames=3)
+    mcmc_regularisers(run.params, cfg).backward()
+    assert run.params["opacities"].grad is not None
+    run.after_backward(cfg, 0, {}, learn=False)
+    assert all(p.grad is None for p in run.params.values())
+    table = run.state["binoms"].clone()
+    _prune_to_cap(run.params, run.optimizers, run.state, 5)
+    assert len(run.params["means"]) == 5 and torch.equal(run.state["binoms"], table)
 
 
 def test_geometry_render_gives_the_colour_and_the_depth_of_a_wall():

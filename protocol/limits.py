@@ -32,10 +32,18 @@ MAX_HELDOUT = 256
 MAX_TRAJECTORY = 4096
 MAX_SETTINGS = 64
 
-# Strings and containers inside a header.
-MAX_NAME_CHARS = 255  # capture names, artifact names
+# A job's outputs: every artifact stays listed in ``status``, so the list has a bound a legal job never
+# reaches: two files per trajectory frame (a generated frame and its confidence, backend/outputs.py)
+# plus the rest (point clouds, cameras, metrics, overview, a generator's extras). 9216 entries of at most
+# ~350 bytes (a 255-byte name, a sha256, a size) are ~3 MiB: a status reply stays within MAX_HEADER_BYTES.
+MAX_FILES_PER_FRAME = 2
+MAX_OTHER_ARTIFACTS = 1024
+MAX_ARTIFACTS = MAX_FILES_PER_FRAME * MAX_TRAJECTORY + MAX_OTHER_ARTIFACTS
+
+# Strings and containers inside a header. String lengths are UTF-8 bytes, the unit of msgpack's limit.
+MAX_NAME_CHARS = 255  # capture names, artifact names (UTF-8 bytes, as file systems count a name)
 MAX_STR_BYTES = 64 * 1024  # any single string (messages, prompts)
-MAX_LIST_LEN = MAX_TRAJECTORY  # any msgpack array
+MAX_LIST_LEN = MAX_ARTIFACTS  # any msgpack array: the longest list a field allows (a job's artifacts)
 MAX_MAP_LEN = 256  # any msgpack map
 MAX_DEPTH = 16  # nesting of maps and lists
 MAX_ID_CHARS = 64  # request ids and submit keys given as strings
@@ -45,6 +53,25 @@ MAX_ID_INT = 2**63 - 1
 FETCH_CHUNK_BYTES = 4 * MIB  # the default chunk (scripts/bench_protocol.py: 4 MiB, 2 in flight is best on loopback)
 MAX_FETCH_CHUNK_BYTES = MAX_ARRAY_BYTES
 MAX_JOBS_LISTED = 1000
+
+
+def utf8_len(text: str) -> int:
+    """``text``'s length in UTF-8 bytes: what msgpack's ``max_str_len`` counts (a lone surrogate counts 3)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def clip_utf8(text: str, max_bytes: int, tail: str = "...") -> str:
+    """``text`` if it fits in ``max_bytes`` UTF-8 bytes, else cut to fit with ``tail`` (ASCII) at the end.
+
+    Cut at a character boundary: a character cut in half would be invalid UTF-8 on the wire.
+    """
+    if utf8_len(text) <= max_bytes:
+        return text
+    data = text.encode("utf-8", "surrogatepass")
+    cut = max(0, max_bytes - len(tail))
+    while cut > 0 and data[cut] & 0xC0 == 0x80:  # a continuation byte: back up to the character's start
+        cut -= 1
+    return data[:cut].decode("utf-8", "surrogatepass") + tail
 
 
 def unpack_limits() -> dict[str, Any]:

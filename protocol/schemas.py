@@ -26,7 +26,7 @@ TYPES = {
     "int": "msgpack integer (not bool), within the limits",
     "float": "msgpack float or integer, finite, within the limits",
     "bool": "true or false",
-    "str": "UTF-8 string (msgpack str); length in characters",
+    "str": "UTF-8 string (msgpack str); length in UTF-8 bytes (msgpack's unit)",
     "id": "an integer 0..2^63-1 or a string of 1..64 characters",
     "array": "an array reference (see Arrays) with the dtype and shape given; N: any length",
     "image": "a PNG/JPEG file (bin, or uint8 array [N]) or raw pixels uint8 [H, W, 3|4]",
@@ -153,7 +153,7 @@ ARTIFACT = Field(
         Field("sha256", "str", "hex sha256 of the whole file", min_len=SHA256_HEX_CHARS, max_len=SHA256_HEX_CHARS),
     ),
 )
-ARTIFACTS = Field("artifacts", "list", "finished files", items=ARTIFACT, max_len=limits.MAX_LIST_LEN)
+ARTIFACTS = Field("artifacts", "list", "finished files", items=ARTIFACT, max_len=limits.MAX_ARTIFACTS)
 CREATED = Field("created", "float", "unix time of submission", min=0.0)
 UPDATED = Field("updated", "float", "unix time of the latest event", min=0.0)
 # where a job stands, as `status` replies and `jobs` lists it
@@ -419,7 +419,7 @@ EVENT = OpSchema(
         FRACTION,
         MESSAGE,
         Field(
-            "artifacts", "list", "files finished since the previous event", items=ARTIFACT, max_len=limits.MAX_LIST_LEN
+            "artifacts", "list", "files finished since the previous event", items=ARTIFACT, max_len=limits.MAX_ARTIFACTS
         ),
     ),
 )
@@ -484,7 +484,7 @@ class _Checker:
         elif t == "str":
             if not isinstance(value, str):
                 raise self.fail(errors.BAD_FIELD, path, "a string", value)
-            self.length(value, f, path, "characters")
+            self.length(value, f, path, "UTF-8 bytes", limits.utf8_len(value))  # msgpack limits bytes
             if f.choices and value not in f.choices:
                 raise self.fail(errors.BAD_FIELD, path, f"one of {', '.join(f.choices)}", value)
         elif t == "id":
@@ -529,10 +529,11 @@ class _Checker:
         if f.min is not None and value < f.min or f.max is not None and value > f.max:
             raise self.fail(errors.BAD_FIELD, path, f"in [{f.min}, {f.max}]", value)
 
-    def length(self, value: Any, f: Field, path: str, unit: str) -> None:
-        if f.max_len is not None and len(value) > f.max_len:
+    def length(self, value: Any, f: Field, path: str, unit: str, size: int | None = None) -> None:
+        size = len(value) if size is None else size
+        if f.max_len is not None and size > f.max_len:
             raise self.fail(errors.TOO_LARGE, path, f"at most {f.max_len} {unit}", value)
-        if len(value) < f.min_len:
+        if size < f.min_len:
             raise self.fail(errors.BAD_FIELD, path, f"at least {f.min_len} {unit}", value)
 
     def array(self, value: Any, f: Field, path: str) -> None:

@@ -63,6 +63,12 @@ class FairQueue:
             del self._by_owner[owner]
         return job
 
+    def push_front(self, owner: str, job: str) -> None:
+        """Put back a popped job that could not be handed to a worker: it is the next to run again."""
+        self._by_owner.setdefault(owner, deque()).appendleft(job)
+        self._by_owner.move_to_end(owner, last=False)
+        self._owner[job] = owner
+
     def order(self) -> list[str]:
         """Every waiting job in the order they would start if nothing else arrived."""
         queues = [list(jobs) for jobs in self._by_owner.values()]

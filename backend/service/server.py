@@ -17,6 +17,7 @@ Example (a service on a random loopback port, in a thread)::
 
 from __future__ import annotations
 
+import bisect
 import logging
 import mmap
 import threading
@@ -147,6 +148,9 @@ class Service:
         self._startup_error: BaseException | None = None
         self.device = config.device
         self.store: JobStore | None = None
+        self._lock: _DirLock | None = None  # what start-up creates: a failed start-up closes what exists
+        self.router: zmq.Socket | None = None
+        self.pool: Any = None
         self.handlers: dict[str, Callable[[dict[str, Any], _Request], dict[str, Any]]] = {
             "hello": self._hello,
             "submit": self._submit,
@@ -203,7 +207,7 @@ class Service:
             self.router.bind(self.config.bind)
             self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
             if self.config.ray is None:
-                self.pool: Any = ThreadPool(self.context, self.runner, self.device)
+                self.pool = ThreadPool(self.context, self.runner, self.device)
             else:
                 from .ray_pool import RayPool
 
@@ -213,8 +217,7 @@ class Service:
                 self.device = f"ray: {len(self.slots)} workers, {self.pool.device_kind()}"
         except BaseException as err:
             self._startup_error = err
-            if self.auth is not None:
-                self.auth.stop()
+            self._release()  # a retry in this process finds the store unlocked and the port free
             self._ready.set()
             raise
         self._maps: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
@@ -264,21 +267,32 @@ class Service:
                     record.fraction,
                     "the service stopped during this job; submit it again to rerun",
                 )
-        self.pool.close()
-        self.router.close(linger=0)
-        self.auth.stop()
-        self._lock.close()
+        self._release()
         log.info("reconloop service stopped")
+
+    def _release(self) -> None:
+        """Close the pool, the ROUTER, auth and the store's lock: each one that start-up got to."""
+        if self.pool is not None:
+            self.pool.close()
+        if self.router is not None:
+            self.router.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
+        if self._lock is not None:
+            self._lock.close()
 
     # -- jobs and the worker -------------------------------------------------------------------------
 
     @staticmethod
-    def _send(slot: Slot, body: dict[str, Any]) -> None:
-        """A message to a worker; never blocks (a dead actor's socket would): a lost one is logged."""
+    def _send(slot: Slot, body: dict[str, Any]) -> bool:
+        """A message to a worker; never blocks (a dead actor's socket would): a lost one is logged.
+        Returns whether it was sent."""
         try:
             slot.pair.send(msgpack.packb(body), zmq.NOBLOCK)
         except zmq.Again:
             log.warning("%s: %s not delivered (the worker is not connected)", slot.describe, body["cmd"])
+            return False
+        return True
 
     def _drain(self, slot: Slot) -> None:
         while slot.pair.poll(0):
@@ -307,9 +321,12 @@ class Service:
             if not self.queue:
                 return
             if slot.running is None and self.pool.check_ready(slot):
-                job = self.queue.pop()
-                slot.running = job
-                self._send(slot, {"cmd": "run", "job": job, "dir": str(self.store.jobs[job].dir)})
+                record = self.store.jobs[self.queue.pop()]
+                if self._send(slot, {"cmd": "run", "job": record.job, "dir": str(record.dir)}):
+                    slot.running = record.job
+                else:  # the worker is not connected (yet): the job stays next in line, the slot waits for it
+                    self.queue.push_front(record.owner or LOCAL_OWNER, record.job)
+                    slot.ready = False
 
     def _slot_of(self, job: str) -> Slot | None:
         return next((s for s in self.slots if s.running == job), None)
@@ -347,12 +364,22 @@ class Service:
     ) -> None:  # type: ignore[assignment]
         event = self.store.append(record, state, stage, fraction, message, artifacts)
         watchers = self.watchers.get(record.job, {})
-        if watchers:
-            frames = encode({"v": PROTOCOL_VERSION, "op": "event", "ok": True, "job": record.job, **event}, "reply")
+        frames = self._event_frames(record, event) if watchers else None
+        if frames is not None:
             for envelope in watchers.values():
                 self.router.send_multipart(envelope + frames, copy=False)
         if record.is_terminal:
             self.watchers.pop(record.job, None)
+
+    @staticmethod
+    def _event_frames(record: JobRecord, event: dict[str, Any]) -> list[Any] | None:
+        """An event as frames to push; None (logged) when it breaks the protocol's limits: one event
+        that cannot be sent must not stop the service (the job and its other events go on)."""
+        try:
+            return encode({"v": PROTOCOL_VERSION, "op": "event", "ok": True, "job": record.job, **event}, "reply")
+        except ProtocolError as err:
+            log.error("job %s: event %d not sent to watchers: %s", record.job, event["seq"], err)
+            return None
 
     # -- requests ------------------------------------------------------------------------------------
 
@@ -390,11 +417,12 @@ class Service:
     @staticmethod
     def _error_frames(op: str | None, rid: Any, err: ProtocolError) -> list[Any]:
         op = op if isinstance(op, str) and op in OPS else None
-        reply = {"v": PROTOCOL_VERSION, "op": op, "id": rid, "ok": False, "error": err.to_wire()}
+        error = {key: _clip(text) for key, text in err.to_wire().items()}  # they may echo a client's long text
+        reply = {"v": PROTOCOL_VERSION, "op": op, "id": rid, "ok": False, "error": error}
         try:
             return encode(reply, "reply")
-        except ProtocolError:  # the id or text itself is unfit to echo
-            reply.update(id=None, error={"code": err.code, "message": err.message[: limits.MAX_STR_BYTES]})
+        except ProtocolError:  # the id itself is unfit to echo
+            reply.update(id=None, error={"code": err.code, "message": error["message"]})
             return encode(reply, "reply")
 
     def _record(self, msg: dict[str, Any], req: _Request) -> JobRecord:
@@ -448,11 +476,11 @@ class Service:
         if msg.get("watch") and not record.is_terminal:
             self.watchers.setdefault(record.job, {})[req.envelope[0]] = req.envelope
         since = msg.get("since")
-        if since is not None:
-            for event in record.events[since:]:
-                req.after.append(
-                    encode({"v": PROTOCOL_VERSION, "op": "event", "ok": True, "job": record.job, **event}, "reply")
-                )
+        if since is not None:  # events are in seq order; seqs may skip one lost to a cut journal line
+            for event in record.events[bisect.bisect_right(record.events, since, key=lambda e: e["seq"]) :]:
+                frames = self._event_frames(record, event)
+                if frames is not None:
+                    req.after.append(frames)
         return {
             **self._summary(record, self.queue.positions() if record.state == "queued" else {}),
             "seq": record.seq,
@@ -562,7 +590,8 @@ def _ordinal(n: int) -> str:
 
 
 def _clip(text: str) -> str:
-    return text if len(text) <= limits.MAX_STR_BYTES else text[: limits.MAX_STR_BYTES - 3] + "..."
+    """Text within the protocol's string limit, in UTF-8 bytes (the unit of the client's decoder)."""
+    return limits.clip_utf8(text, limits.MAX_STR_BYTES)
 
 
 def _map_file(path: Path, total: int) -> Any:

@@ -4,7 +4,8 @@ Layout of ``<data_dir>/<job>/`` (``job`` = 32 hex characters from ``secrets.toke
 
     meta.json        {"job", "created", "key", "format"}; written once, atomically
     journal.jsonl    one JSON event per line: {"seq", "time", "state", "stage", "fraction",
-                     "message", "artifacts": [{"name", "size", "sha256"}]}; append-only
+                     "message", "artifacts": [{"name", "size", "sha256"}]}; append-only. A line cut by a
+                     crash is skipped at load; its seq is never given to another event
     scene/           scene.json + images/ (what backend.scene.load_scene reads)
     artifacts/       the runner's output folder; what clients fetch
     manifest.json    {"format": 1, "artifacts": [{"name", "size", "sha256"}]}; rewritten atomically
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -50,6 +52,7 @@ TMP_PREFIX = ".tmp-"
 PNG_FAST_COMPRESSION = 1  # raw pixels from the wire become PNGs; speed over size
 INTERRUPTED_REASON = "the service stopped while this job was running; submit it again to rerun"
 WINDOWS_RESERVED = frozenset('<>:"|?*\\')
+CUT_LINE_SEQ = re.compile(rb'^\{"seq": (\d+)')  # the seq of a journal line cut short (json.dumps writes it first)
 
 
 def new_job_id() -> str:
@@ -64,10 +67,10 @@ def check_artifact_name(name: str) -> str:
     """Return ``name`` if it is a safe relative '/'-separated path, else raise ValueError.
 
     Refused: empty, absolute, ``..`` or ``.`` parts, empty parts, backslashes and other characters
-    Windows forbids, control characters, more than MAX_NAME_CHARS characters.
+    Windows forbids, control characters, more than MAX_NAME_CHARS UTF-8 bytes (the protocol's unit).
     """
-    if not isinstance(name, str) or not name or len(name) > limits.MAX_NAME_CHARS:
-        raise ValueError(f"artifact name must be 1..{limits.MAX_NAME_CHARS} characters; got {name!r}")
+    if not isinstance(name, str) or not name or limits.utf8_len(name) > limits.MAX_NAME_CHARS:
+        raise ValueError(f"artifact name must be 1..{limits.MAX_NAME_CHARS} UTF-8 bytes; got {name!r}")
     if name.startswith("/") or any(ord(c) < 32 or c in WINDOWS_RESERVED for c in name):
         raise ValueError(
             f"artifact name must be a relative '/'-separated path without control or <>:\"|?*\\ characters; got {name!r}"
@@ -206,6 +209,10 @@ class JobRecord:
     updated: float = 0.0
     events: list[dict[str, Any]] = field(default_factory=list)
     artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the highest seq given out, a cut journal line's included (a client may have seen that event before
+    # the crash): the next event gets one more, never a seq a client would drop as already seen
+    max_seq: int = 0
+    journal_cut: bool = False  # the journal may end in a cut line: the next append starts a new line first
 
     @property
     def is_terminal(self) -> bool:
@@ -213,7 +220,8 @@ class JobRecord:
 
     @property
     def seq(self) -> int:
-        return len(self.events)
+        """The latest event's seq (0 before the first)."""
+        return self.events[-1]["seq"] if self.events else 0
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -262,14 +270,25 @@ class Manifest:
         self.entries = read_manifest(job_dir)
 
     def add(self, names: Sequence[str]) -> list[dict[str, Any]]:
-        """Hash and record the named files of the output folder; returns their new entries."""
-        new = []
+        """Hash and record the named files of the output folder; returns their new entries.
+
+        Raises ValueError for a bad name, or when the job would list more than MAX_ARTIFACTS files
+        (``status`` lists them all in one reply); nothing is recorded then.
+        """
+        changed: dict[str, dict[str, Any]] = {}
         for name in names:
             path = resolve_inside(self.out_dir, name)
             entry = {"name": name, "size": path.stat().st_size, "sha256": sha256_file(path)}
             if self.entries.get(name) != entry:
-                self.entries[name] = entry
-                new.append(entry)
+                changed[name] = entry
+        total = len(self.entries.keys() | changed.keys())
+        if total > limits.MAX_ARTIFACTS:
+            raise ValueError(
+                f"a job may list at most {limits.MAX_ARTIFACTS} output files ({limits.MAX_FILES_PER_FRAME} per "
+                f"trajectory frame and {limits.MAX_OTHER_ARTIFACTS} more); this one has {total}"
+            )
+        self.entries.update(changed)
+        new = list(changed.values())
         if new:
             body = {"format": STORE_FORMAT, "artifacts": sorted(self.entries.values(), key=lambda e: e["name"])}
             write_atomic(self.job_dir / MANIFEST_FILE, json.dumps(body, indent=1).encode())
@@ -337,7 +356,7 @@ class JobStore:
         record: JobRecord, state: str, stage: str, fraction: float, message: str, artifacts: list[dict[str, Any]]
     ) -> dict[str, Any]:
         return {
-            "seq": record.seq + 1,
+            "seq": record.max_seq + 1,
             "time": time.time(),
             "state": state,
             "stage": stage,
@@ -349,6 +368,7 @@ class JobStore:
     @staticmethod
     def _apply(record: JobRecord, event: dict[str, Any]) -> None:
         record.events.append(event)
+        record.max_seq = max(record.max_seq, event["seq"])
         record.state, record.stage = event["state"], event["stage"]
         record.fraction, record.message, record.updated = event["fraction"], event["message"], event["time"]
         for a in event["artifacts"]:
@@ -368,12 +388,14 @@ class JobStore:
         is_transition = state != record.state
         try:
             with open(record.dir / JOURNAL_FILE, "a") as f:
-                f.write(json.dumps(event) + "\n")
+                f.write(("\n" if record.journal_cut else "") + json.dumps(event) + "\n")
                 if is_transition:
                     f.flush()
                     os.fsync(f.fileno())
+            record.journal_cut = False
         except OSError as err:  # a full disk must not stop the service: the event lives in memory
             log.error("job %s: journal not written, event %d kept in memory only: %s", record.job, event["seq"], err)
+            record.journal_cut = True  # part of the line may be written: the next one must not join it
         self._apply(record, event)
         return event
 
@@ -403,14 +425,20 @@ class JobStore:
         record = JobRecord(
             job=job_dir.name, dir=job_dir, created=float(meta["created"]), key=meta.get("key"), owner=meta.get("owner")
         )
-        with open(job_dir / JOURNAL_FILE) as f:
-            for n, line in enumerate(f):
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    log.warning("job %s: journal line %d unreadable (cut by a crash?); ignored", job_dir.name, n + 1)
-                    continue
-                self._apply(record, event)
+        data = (job_dir / JOURNAL_FILE).read_bytes()
+        record.journal_cut = bool(data) and not data.endswith(b"\n")
+        for n, line in enumerate(data.split(b"\n")):
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:  # JSONDecodeError, UnicodeDecodeError
+                cut = CUT_LINE_SEQ.match(line)
+                if cut:  # its event may have reached a client: its seq stays used
+                    record.max_seq = max(record.max_seq, int(cut.group(1)))
+                log.warning("job %s: journal line %d unreadable (cut by a crash?); ignored", job_dir.name, n + 1)
+                continue
+            self._apply(record, event)
         if not record.events:
             raise ValueError("empty journal")
         record.artifacts = read_manifest(job_dir)  # the manifest, not the journal, is the truth about files

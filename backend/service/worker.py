@@ -9,7 +9,7 @@ worker -> main: ``{"kind": "started", "job"}``,
 ``{"kind": "finished", "job", "state", "message", "artifacts": [entries]}``
 
 Cancel and stop are read in the progress callback, which raises ``Cancelled``: a job stops at the
-next step boundary the runner reports.
+next step boundary the runner reports. Texts are clipped to the protocol's limits in UTF-8 bytes.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 Runner = Callable[..., Any]  # runner(scene, out_dir, *, device, progress) -> Any
 POLL_MS = 200  # how often an idle worker looks at its socket
+CONNECT_TIMEOUT_S = 10.0  # how long start() waits for the worker thread to connect its PAIR
 
 
 def default_runner(scene: Scene, out_dir: Path, *, device: str, progress: ProgressFn) -> Any:
@@ -47,9 +48,9 @@ def default_runner(scene: Scene, out_dir: Path, *, device: str, progress: Progre
     return run_loop(scene, out_dir, device=device, progress=progress)
 
 
-def _clean_text(value: Any, max_chars: int) -> str:
-    text = str(value)
-    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+def _clean_text(value: Any, max_bytes: int) -> str:
+    """A runner's text within a protocol limit, in UTF-8 bytes (what the client's decoder counts)."""
+    return limits.clip_utf8(str(value), max_bytes)
 
 
 def _clean_fraction(value: Any) -> float:
@@ -73,6 +74,7 @@ class Worker(threading.Thread):
         self.endpoint = endpoint
         self.runner = runner
         self.device = device
+        self.exit_reason: str | None = None  # why run() ended other than by a stop, for ThreadPool.dead
 
     def run(self) -> None:
         sock = self.context.socket(zmq.PAIR)
@@ -89,6 +91,9 @@ class Worker(threading.Thread):
                     if self._run_job(sock, msg["job"], Path(msg["dir"])):
                         break
                 # a cancel for a job that already ended needs nothing
+        except BaseException as err:  # recorded before the thread ends: the front end fails the job and replaces us
+            self.exit_reason = describe_failure(err)
+            raise
         finally:
             sock.close()
 
@@ -125,6 +130,7 @@ class Worker(threading.Thread):
 
         send({"kind": "started", "job": job})
         state, message = "done", "finished"
+        failed = False
         try:
             scene = load_scene(job_dir / SCENE_DIR)
             self.runner(scene, job_dir / ARTIFACTS_DIR, device=self.device, progress=progress)
@@ -132,13 +138,16 @@ class Worker(threading.Thread):
             state, message = "interrupted", "the service stopped during this job; submit it again to rerun"
         except Cancelled:
             state, message = "cancelled", "cancelled by a client"
-        except Exception as err:  # a fault in a job fails that job; the worker goes on with the next
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # a fault in a job (even SystemExit from a library) fails that job only
             log.error("job %s failed:\n%s", job, traceback.format_exc())
             state, message = (
                 "failed",
                 _clean_text(describe_failure(err, stage=stage[0], data_dir=job_dir.parent), limits.MAX_STR_BYTES),
             )
-            del err  # drop the traceback's frames (and the tensors they hold) before freeing memory
+            failed = True
+        if failed:  # out of the except block: the exception being handled no longer holds the frames' tensors
             release_memory()
         try:
             entries = manifest.add(manifest.unlisted())
@@ -161,7 +170,7 @@ class Slot:
     describe: str = ""  # "worker ray-1 (pid 4242 on 10.0.0.7, GPU 3)", for messages and status
     ready: bool = False  # the worker is connected: jobs may be sent
     serve_ref: Any = None  # Ray: the actor's running ``serve`` call
-    actor: Any = None  # Ray: the actor handle
+    actor: Any = None  # Ray: the actor handle; ThreadPool: the Worker thread
     info: dict[str, Any] = field(default_factory=dict)  # Ray: pid, node, gpus
     info_ref: Any = None
 
@@ -180,28 +189,47 @@ class ThreadPool:
         self.slots: list[Slot] = []
 
     def start(self) -> list[Slot]:
+        """Start the worker thread and wait until it has connected: a message sent before is lost."""
+        self.slots = [self._new_slot()]  # listed first: close() closes its socket when the wait fails
+        if not self.check_ready(self.slots[0], CONNECT_TIMEOUT_S):
+            raise TimeoutError(f"the worker thread did not connect within {CONNECT_TIMEOUT_S:.0f} s")
+        return self.slots
+
+    def _new_slot(self) -> Slot:
         endpoint = f"inproc://reconloop-worker-{secrets.token_hex(8)}"
         pair = self.context.socket(zmq.PAIR)
         pair.setsockopt(zmq.LINGER, 0)
         pair.bind(endpoint)
-        self.worker = Worker(self.context, endpoint, self.runner, self.device)
-        self.worker.start()
-        self.slots = [
-            Slot(name="local", pair=pair, describe=f"the service's worker thread on {self.device}", ready=True)
-        ]
-        return self.slots
+        worker = Worker(self.context, endpoint, self.runner, self.device)
+        worker.start()
+        return Slot(name="local", pair=pair, describe=f"the service's worker thread on {self.device}", actor=worker)
 
-    def check_ready(self, slot: Slot) -> bool:
-        return True
+    def check_ready(self, slot: Slot, wait_s: float = 0.0) -> bool:
+        """Whether the slot's thread has connected (its PAIR can send), waiting up to ``wait_s``."""
+        if not slot.ready:
+            slot.ready = bool(slot.pair.poll(int(wait_s * 1000), zmq.POLLOUT))
+        return slot.ready
 
     def dead(self) -> list[tuple[Slot, str]]:
-        return []  # a thread that raised would have failed its job already: run() catches job faults
+        """Slots whose thread ended without a stop (a fault outside a job's runner), with the reason."""
+        out = []
+        for slot in self.slots:
+            if slot.actor is not None and not slot.actor.is_alive():
+                out.append((slot, slot.actor.exit_reason or "its thread ended without being asked to stop"))
+                slot.actor = None  # reported once
+        return out
 
     def replace(self, slot: Slot) -> Slot:
-        raise RuntimeError("the worker thread is never replaced")
+        """A new thread in place of a dead one (same position in ``slots``); it becomes ready once connected."""
+        slot.pair.close(linger=0)
+        new = self._new_slot()
+        self.slots[self.slots.index(slot)] = new
+        return new
 
     def join(self, wait_s: float) -> None:
-        self.worker.join(wait_s)
+        for slot in self.slots:
+            if slot.actor is not None:
+                slot.actor.join(wait_s)
 
     def close(self) -> None:
         for slot in self.slots:

@@ -6,6 +6,7 @@ steered by the scene's settings. Each test records its row of ``docs/reliability
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -13,16 +14,30 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
+import weakref
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
+import zmq
 
 from backend.fileio import sha256_file
 from backend.scene import load_scene
+from backend.service import worker as worker_module
+from backend.service.probe import run as probe_runner
 from backend.service.spawn import free_port, wait_answering
-from backend.service.store import ARTIFACTS_DIR, INTERRUPTED_REASON, MANIFEST_FILE, SCENE_DIR, scene_message
+from backend.service.store import (
+    ARTIFACTS_DIR,
+    INTERRUPTED_REASON,
+    JOURNAL_FILE,
+    MANIFEST_FILE,
+    SCENE_DIR,
+    JobStore,
+    scene_message,
+)
 from protocol import errors
 from protocol.client import Client
 from protocol.errors import ProtocolError
@@ -37,7 +52,7 @@ from tests.backend._reliability import (
     stop_service,
     wait_state,
 )
-from tests.protocol.helpers import png_bytes
+from tests.protocol.helpers import png_bytes, scene_msg
 
 CANCEL_BOUND_S = 2.0  # cancel must end a job that reports steps this fast well within this
 STEP_MS = 20
@@ -412,4 +427,130 @@ def test_real_loop_job_and_cancel_through_the_service(temple_dir, tmp_path, reco
         "fault",
         "the real loop (3 temple captures, 6 frames, 64x48) through the service; a second run cancelled after its memory stage",
         f"first job done, {len(artifacts)} artifacts fetched with sha256; cancel took effect after {took_s:.1f} s (at the loop's next progress report)",
+    )
+
+
+def exiting_runner(scene, out_dir, *, device, progress):
+    """The probe runner, but the prompts ``exit`` and ``interrupt`` raise SystemExit and KeyboardInterrupt."""
+    if scene.settings.prompt == "exit":
+        sys.exit(3)  # as some libraries do on a fatal error
+    if scene.settings.prompt == "interrupt":
+        raise KeyboardInterrupt  # not a job's fault: it ends the worker thread
+    return probe_runner(scene, out_dir, device=device, progress=progress)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_base_exceptions_fail_the_job_and_a_dead_worker_thread_is_replaced(tmp_path, record_property):
+    svc, thread = start_service(tmp_path / "jobs", runner=exiting_runner)
+    try:
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            exited, interrupted, good = (c.submit(scene_msg(p)) for p in ("exit", "interrupt", ""))
+            status = wait_state(c, exited)
+            assert (status["state"], status["message"]) == ("failed", "SystemExit: 3")
+            status = wait_state(c, interrupted)
+            assert status["state"] == "failed", status
+            assert "worker thread on cpu died during this job (KeyboardInterrupt" in status["message"]
+            assert wait_state(c, good)["state"] == "done"  # on the thread started in place of the dead one
+    finally:
+        stop_service(svc, thread)
+    row(
+        record_property,
+        "fault",
+        "SystemExit raised in a job; then KeyboardInterrupt, which ends the worker thread",
+        f'first job failed: "SystemExit: 3"; second failed: "{status["message"][:70]}..."; '
+        "a new worker thread ran the next job",
+    )
+
+
+def test_memory_is_released_once_the_failed_jobs_frames_are_gone(tmp_path, monkeypatch, record_property):
+    """release_memory runs after the except block: the exception's traceback no longer holds the tensors."""
+    held, seen = [], []
+
+    class Tensor:  # stands in for a CUDA tensor a runner's frame holds
+        pass
+
+    def oom_runner(scene, out_dir, *, device, progress):
+        tensor = Tensor()
+        held.append(weakref.ref(tensor))
+        raise MemoryError("CUDA out of memory (simulated)")
+
+    def spy():
+        gc.collect()
+        seen.append((held[0]() is None, sys.exc_info()[0]))
+
+    monkeypatch.setattr(worker_module, "release_memory", spy)
+    monkeypatch.setattr(worker_module, "load_scene", lambda folder: None)
+    ctx = zmq.Context.instance()
+    main, end = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    endpoint = f"inproc://test-release-{os.getpid()}"
+    main.bind(endpoint)
+    end.connect(endpoint)
+    (tmp_path / ARTIFACTS_DIR).mkdir()
+    try:
+        worker_module.Worker(ctx, endpoint, oom_runner, "cpu")._run_job(end, "j", tmp_path)
+        finished = msgpack.unpackb([main.recv() for _ in range(2)][-1])
+    finally:
+        main.close(linger=0)
+        end.close(linger=0)
+    assert finished["state"] == "failed" and finished["message"].startswith("out of memory")
+    assert seen == [(True, None)]
+    row(
+        record_property,
+        "fault",
+        "MemoryError in a runner whose frame holds a (stand-in) tensor",
+        "gc and the CUDA cache emptied after the except block: the tensor was already freed",
+    )
+
+
+def test_torn_journal_line_keeps_its_seq_and_the_next_event_starts_a_new_line(tmp_path, record_property):
+    """A cut last line: the next event (interrupted) goes on a line of its own with a seq never given out."""
+    store = JobStore(tmp_path / "jobs")
+    record = store.create({"scene": scene_msg(), "key": None})
+    store.append(record, "running", "starting", 0.0, "started")
+    store.append(record, "running", "fit", 0.5, "half")  # seq 3: a watching client has seen it
+    journal = record.dir / JOURNAL_FILE
+    journal.write_bytes(journal.read_bytes()[:-20])  # seq 3's line cut, as by a crash mid-write
+    svc, thread = start_service(tmp_path / "jobs")
+    try:
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            status = c.status(record.job)
+            assert (status["state"], status["seq"]) == ("interrupted", 4)
+            c.watch(record.job, since=3)  # a client that saw seq 3 gets the new event
+            assert [(e["seq"], e["state"]) for e in c.poll_events(TIMEOUT_MS)] == [(4, "interrupted")]
+    finally:
+        stop_service(svc, thread)
+    again = JobStore(tmp_path / "jobs")
+    again.load()
+    assert [e["seq"] for e in again.jobs[record.job].events] == [1, 2, 4]  # only the cut line is lost
+    assert again.jobs[record.job].state == "interrupted"
+    row(
+        record_property,
+        "fault",
+        "journal's last line (an event a client saw) cut, then restart",
+        "the next event starts a new line, with seq one past the cut line's: the client does not drop it; "
+        "readable at the next restart",
+    )
+
+
+def test_failed_start_up_releases_the_store_lock_and_the_port(tmp_path, monkeypatch, record_property):
+    bind = f"tcp://127.0.0.1:{free_port()}"
+
+    def broken(self):
+        raise RuntimeError("the worker pool cannot start")
+
+    with monkeypatch.context() as m:
+        m.setattr(worker_module.ThreadPool, "start", broken)
+        with pytest.raises(RuntimeError, match="the worker pool cannot start"):
+            start_service(tmp_path / "jobs", bind=bind)
+    svc, thread = start_service(tmp_path / "jobs", bind=bind)  # same store, same port, same process
+    try:
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            assert c.jobs() == []
+    finally:
+        stop_service(svc, thread)
+    row(
+        record_property,
+        "fault",
+        "the worker pool fails to start (after the store is locked and the port bound)",
+        "start-up error raised; lock, port and auth released: a second start in the same process works",
     )

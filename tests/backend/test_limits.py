@@ -14,7 +14,8 @@ import zmq
 from PIL import Image
 
 from backend.service.spawn import free_port, wait_answering
-from backend.service.store import ARTIFACTS_DIR, MANIFEST_FILE, check_artifact_name, resolve_inside
+from backend.service.store import ARTIFACTS_DIR, MANIFEST_FILE, Manifest, check_artifact_name, resolve_inside
+from backend.service.worker import _clean_text
 from protocol import errors, limits
 from protocol.client import Client
 from protocol.codec import decode, encode
@@ -226,7 +227,8 @@ def test_oversized_input_costs_no_memory(tmp_path, record_property):
 
 @pytest.mark.parametrize(
     "name",
-    ["../x", "a/../../x", "/etc/passwd", "a//b", "./a", "a/.", "", "a\\b", "C:x", "a\x00b", "a\nb", "x" * 256, ".."],
+    ["../x", "a/../../x", "/etc/passwd", "a//b", "./a", "a/.", "", "a\\b", "C:x", "a\x00b", "a\nb", "x" * 256, ".."]
+    + ["é" * 128],  # 128 characters, 256 UTF-8 bytes: over the limit in the protocol's unit
 )
 def test_bad_artifact_names_are_refused(name):
     with pytest.raises(ValueError):
@@ -239,6 +241,32 @@ def test_good_artifact_names(tmp_path):
     (tmp_path / "frames").mkdir()
     (tmp_path / "frames" / "0001.png").write_bytes(b"x")
     assert resolve_inside(tmp_path, "frames/0001.png") == (tmp_path / "frames" / "0001.png").resolve()
+
+
+def test_a_job_lists_at_most_max_artifacts_files(tmp_path, monkeypatch):
+    """Past the cap nothing of the batch is recorded, and the error names the limit and the count."""
+    monkeypatch.setattr(limits, "MAX_ARTIFACTS", 3)
+    (tmp_path / ARTIFACTS_DIR).mkdir()
+    for i in range(5):
+        (tmp_path / ARTIFACTS_DIR / f"f{i}").write_bytes(b"x")
+    manifest = Manifest(tmp_path)
+    assert len(manifest.add(["f0", "f1"])) == 2
+    assert manifest.add(["f0", "f1"]) == []  # unchanged files are not counted twice
+    with pytest.raises(ValueError, match="at most 3 output files .* this one has 4"):
+        manifest.add(["f2", "f3"])
+    assert sorted(manifest.entries) == ["f0", "f1"] == [a["name"] for a in read_json(tmp_path / MANIFEST_FILE)]
+    assert [e["name"] for e in manifest.add(["f2"])] == ["f2"]
+
+
+def read_json(path: Path) -> list:
+    return json.loads(path.read_text())["artifacts"]
+
+
+def test_worker_texts_are_clipped_in_utf8_bytes():
+    text = "€" * 100  # 300 bytes
+    out = _clean_text(text, limits.MAX_NAME_CHARS)
+    assert out.endswith("...") and len(out.encode()) <= limits.MAX_NAME_CHARS and text.startswith(out[:-3])
+    assert _clean_text("fit", limits.MAX_NAME_CHARS) == "fit"
 
 
 def test_symlinks_out_of_the_job_are_refused(tmp_path):

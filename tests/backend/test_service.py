@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import signal
 import subprocess
 import time
@@ -14,11 +15,13 @@ import pytest
 import zmq
 
 from backend.fileio import sha256_file
+from backend.progress import ProgressEvent
 from backend.service import Service, ServiceConfig
+from backend.service import worker as worker_module
 from backend.service.server import is_loopback
 from backend.service.spawn import free_port, serve_command, serve_env
-from backend.service.store import ARTIFACTS_DIR, INTERRUPTED_REASON, check_artifact_name, resolve_inside
-from protocol import errors
+from backend.service.store import ARTIFACTS_DIR, INTERRUPTED_REASON, JobStore, check_artifact_name, resolve_inside
+from protocol import errors, limits
 from protocol.client import Client
 from protocol.codec import pack
 from protocol.errors import ProtocolError
@@ -29,8 +32,8 @@ TIMEOUT_MS = 5000
 WAIT_S = 20
 
 
-def start(data_dir: Path, bind: str = "tcp://127.0.0.1:*") -> tuple[Service, object]:
-    svc = Service(ServiceConfig(bind=bind, data_dir=data_dir, device="cpu"), runner=runner)
+def start(data_dir: Path, bind: str = "tcp://127.0.0.1:*", run=runner) -> tuple[Service, object]:
+    svc = Service(ServiceConfig(bind=bind, data_dir=data_dir, device="cpu"), runner=run)
     return svc, svc.start_thread()
 
 
@@ -322,3 +325,107 @@ def test_submit_with_same_key_is_one_job(client):
     b = client.request("submit", scene=scene, key="k1")["job"]
     assert a == b and len(client.jobs()) == 1
     assert png_bytes()  # helper sanity: a real PNG
+
+
+# ----------------------------------------------------------------------------------------------
+# Handing jobs to the worker
+
+
+def test_job_queued_before_a_restart_runs_when_the_worker_connects_late(tmp_path, monkeypatch):
+    """After a restart the first loop pass hands the queued job over: the worker must be connected by then."""
+    job = JobStore(tmp_path / "jobs").create({"scene": scene_msg(), "key": None}).job  # queued when it stopped
+    run = worker_module.Worker.run
+
+    def late(self):
+        time.sleep(0.05)  # a loaded machine: the thread connects after the loop's first pass
+        run(self)
+
+    monkeypatch.setattr(worker_module.Worker, "run", late)
+    svc, thread = start(tmp_path / "jobs")
+    try:
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            assert wait_state(c, job)["state"] == "done"
+    finally:
+        svc.stop()
+        thread.join(WAIT_S)
+
+
+def test_run_not_delivered_keeps_the_job_first_in_line(service, client, monkeypatch):
+    """A run message the worker's socket refused (zmq.Again) leaves the job queued, first, and the slot free."""
+    send, refused = Service._send, []
+
+    def refuse_first_run(slot, body):
+        if body["cmd"] == "run" and not refused:
+            refused.append(body["job"])
+            return False
+        return send(slot, body)
+
+    monkeypatch.setattr(Service, "_send", staticmethod(refuse_first_run))
+    first, second = client.submit(scene_msg()), client.submit(scene_msg())
+    assert wait_state(client, first)["state"] == wait_state(client, second)["state"] == "done"
+    assert refused == [first]
+    times = [json.loads(client.fetch_bytes(job, "times.json")) for job in (first, second)]
+    assert times[0]["end"] <= times[1]["start"]  # put back first in line: it still ran first
+
+
+# ----------------------------------------------------------------------------------------------
+# Jobs with many artifacts
+
+
+def frames_runner(scene, out_dir, *, device, progress):
+    """The most files a legal job lists: MAX_OTHER_ARTIFACTS announced in batches, then two per frame of
+    the longest trajectory left for the worker to find (its "finished" message carries them all)."""
+    batch = []
+    for i in range(limits.MAX_OTHER_ARTIFACTS):
+        (out_dir / f"other_{i:04d}.bin").write_bytes(b"o")
+        batch.append(f"other_{i:04d}.bin")
+        if len(batch) == 256:
+            progress(ProgressEvent("other", (i + 1) / limits.MAX_ARTIFACTS, f"{i + 1} files", tuple(batch)))
+            batch = []
+    (out_dir / "frames").mkdir()
+    for f in range(limits.MAX_TRAJECTORY):
+        (out_dir / "frames" / f"frame_{f:04d}.png").write_bytes(b"f")
+        (out_dir / "frames" / f"confidence_{f:04d}.png").write_bytes(f"{f}".encode())
+
+
+def test_job_with_the_most_artifacts_can_be_watched_queried_and_fetched(tmp_path):
+    svc, thread = start(tmp_path / "jobs", run=frames_runner)
+    try:
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            job = c.submit(scene_msg())
+            c.watch(job, since=0)
+            events = list(c.events(job))
+            assert events[-1]["state"] == "done"
+            assert len(events[-1]["artifacts"]) == limits.MAX_FILES_PER_FRAME * limits.MAX_TRAJECTORY
+            status = c.status(job)
+            assert len(status["artifacts"]) == limits.MAX_ARTIFACTS
+            last = limits.MAX_TRAJECTORY - 1
+            assert c.fetch_bytes(job, f"frames/confidence_{last:04d}.png") == f"{last}".encode()
+    finally:
+        svc.stop()
+        thread.join(WAIT_S)
+    assert not thread.is_alive()
+
+
+def test_event_over_the_protocol_limits_is_logged_and_the_service_goes_on(tmp_path, monkeypatch, caplog):
+    """An event the codec refuses is not pushed (logged); the loop, the job and its later events go on."""
+    monkeypatch.setattr(worker_module, "_clean_text", lambda value, max_bytes: str(value))  # no clipping
+
+    def long_message_runner(scene, out_dir, *, device, progress):
+        progress(ProgressEvent("step", 0.5, "€" * (limits.MAX_STR_BYTES // 3 + 1)))  # over the limit in bytes
+        progress(ProgressEvent("step", 0.9, "a plain message"))
+
+    svc, thread = start(tmp_path / "jobs", run=long_message_runner)
+    try:
+        with caplog.at_level(logging.ERROR, logger="backend.service.server"):
+            with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+                job = c.submit(scene_msg())
+                c.watch(job, since=0)
+                events = list(c.events(job))
+                assert [e["message"] for e in events[-2:]] == ["a plain message", "finished"]
+                assert [e["seq"] for e in events] == [1, 2, 4, 5]  # seq 3 could not be sent
+                assert c.jobs()[0]["state"] == "done"
+        assert "event 3 not sent to watchers" in caplog.text
+    finally:
+        svc.stop()
+        thread.join(WAIT_S)

@@ -117,3 +117,15 @@ def test_req_socket_with_delimiter_frame_is_answered(endpoint):
     assert req.poll(TIMEOUT_MS)
     assert decode(req.recv_multipart(), "reply")["id"] == 9
     req.close()
+
+
+def test_echoed_non_ascii_text_stays_within_the_decoders_byte_limit(sock):
+    """An unknown field whose name is 21840 characters but 65520 UTF-8 bytes: the error reply echoing it
+    is clipped in bytes, so the client can read it, and it keeps the request's id."""
+    key = "€" * 21840
+    reply = ask(sock, list(pack({"v": 1, "op": "status", "id": 7, "job": "0" * 32, key: 1})))
+    assert reply["ok"] is False and reply["id"] == 7 and reply["error"]["code"] == errors.BAD_FIELD
+    assert reply["error"]["field"] == key  # 65520 bytes: fits
+    message = reply["error"]["message"]
+    assert len(message.encode()) <= limits.MAX_STR_BYTES and message.endswith("...") and key[:100] in message
+    jobs_ok(sock)

@@ -343,3 +343,48 @@ def encode_unchecked(msg):
 def test_valid_requests_pass():
     for msg in valid_requests().values():
         decode(encode(msg, "request"), "request")
+
+
+def test_string_limits_count_utf8_bytes_as_msgpack_does():
+    """A field's max_len is in UTF-8 bytes: a string within it is within the decoder's max_str_len."""
+    msg = {"v": 1, "op": "fetch", "id": 1, "job": JOB, "name": "é" * limits.MAX_NAME_CHARS}  # 255 characters
+    with pytest.raises(ProtocolError) as err:
+        encode(msg, "request")
+    assert err.value.code == errors.TOO_LARGE and err.value.field == "name"
+    assert f"at most {limits.MAX_NAME_CHARS} UTF-8 bytes" in err.value.message
+    msg["name"] = "é" * (limits.MAX_NAME_CHARS // 2)  # 254 bytes
+    assert decode(encode(msg, "request"), "request")["name"] == msg["name"]
+    reply = {"v": 1, "op": None, "id": None, "ok": False, "error": {"code": errors.BAD_FIELD, "message": "€" * 21846}}
+    with pytest.raises(ProtocolError, match="UTF-8 bytes"):  # 21846 characters, 65538 bytes
+        encode(reply, "reply")
+
+
+@pytest.mark.parametrize(
+    "text", ["a" * 70, "é" * 7, "€" * 30, "😀" * 20, "a€" * 20], ids=["ascii", "2-byte", "3-byte", "4-byte", "mixed"]
+)
+@pytest.mark.parametrize("max_bytes", [10, 11, 12, 13, 20])
+def test_clip_utf8_fits_and_never_splits_a_character(text, max_bytes):
+    out = limits.clip_utf8(text, max_bytes)
+    assert limits.utf8_len(out) <= max_bytes
+    if limits.utf8_len(text) <= max_bytes:
+        assert out == text
+    else:
+        assert out.endswith("...") and text.startswith(out[:-3])
+        assert limits.utf8_len(out) > max_bytes - 4 - 3  # at most one character (<= 4 bytes) given up
+
+
+def test_status_reply_with_the_most_artifacts_a_job_may_list_fits():
+    """2 files per frame of the longest trajectory and the rest, with the longest names: one status reply."""
+    assert limits.MAX_ARTIFACTS >= limits.MAX_FILES_PER_FRAME * limits.MAX_TRAJECTORY
+    name = "é" * (limits.MAX_NAME_CHARS // 2 - 3)  # + "/NNNN": at most 255 UTF-8 bytes
+    artifacts = [{"name": f"{name}/{i:04d}", "size": 2**40, "sha256": "f" * 64} for i in range(limits.MAX_ARTIFACTS)]
+    standing = {"job": JOB, "state": "done", "stage": "done", "fraction": 1.0, "message": "finished"}
+    reply = {"v": 1, "op": "status", "id": 1, "ok": True, **standing, "created": 1.0, "updated": 2.0, "seq": 9}
+    frames = encode({**reply, "artifacts": artifacts}, "reply")
+    assert len(frames[0]) <= limits.MAX_HEADER_BYTES
+    assert len(decode(frames, "reply")["artifacts"]) == limits.MAX_ARTIFACTS
+    event = {"v": 1, "op": "event", "ok": True, "seq": 9, "time": 2.0, **standing, "artifacts": artifacts}
+    assert len(decode(encode(event, "reply"), "reply")["artifacts"]) == limits.MAX_ARTIFACTS
+    with pytest.raises(ProtocolError) as err:
+        encode({**reply, "artifacts": artifacts + artifacts[:1]}, "reply")
+    assert err.value.code == errors.TOO_LARGE and err.value.field == "artifacts"

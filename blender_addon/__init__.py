@@ -34,7 +34,7 @@ def register() -> None:
     props.register_properties()
     operators.register_menus()
     operators.register_handlers()
-    atexit.register(connection.close)  # Blender's exit does not unregister add-ons: stop our service
+    atexit.register(connection.close_at_exit)  # Blender's exit does not unregister add-ons: stop our service
 
 
 def unregister() -> None:
@@ -47,7 +47,7 @@ def unregister() -> None:
     operators.stop_timers()
     operators.unregister_handlers()
     connection.close()  # stops the local service we started
-    atexit.unregister(connection.close)
+    atexit.unregister(connection.close_at_exit)
     operators.unregister_menus()
     props.unregister_properties()
     for mod in reversed(_modules()):

@@ -320,3 +320,42 @@ def image_intrinsics(
         ]
     )
     return out
+
+
+# Blender has one render size and one pixel aspect per scene: what cameras sharing a scene must agree on.
+PIXEL_ASPECT_TOL_PX = 0.01  # largest shift (pixels, at the image border) from sharing another camera's fx/fy
+STRETCH_TOL_PX = 1.0  # a photo stretched into the camera frame may differ in shape by this much (render px)
+
+
+def render_conflicts(cams) -> str | None:
+    """Why cameras cannot share one scene's render size and pixel aspect, or None when they can.
+
+    Args:
+        cams: (name, K [3, 3], width, height) of each camera, the first one setting the render.
+    Returns:
+        A sentence naming the cameras whose (width, height, fx/fy) differ from the first one's.
+    """
+    first, bad = None, []
+    for name, K, width, height in cams:
+        ratio = float(K[0, 0]) / float(K[1, 1])
+        if first is None:
+            first = (name, int(width), int(height), ratio)
+            continue
+        drift_px = abs(ratio / first[3] - 1.0) * max(int(width), int(height)) / 2.0
+        if (int(width), int(height)) != first[1:3] or drift_px > PIXEL_ASPECT_TOL_PX:
+            bad.append(f"{name!r} ({int(width)}x{int(height)}, fx/fy {ratio:.6g})")
+    if not bad:
+        return None
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return (
+        f"{len(bad)} camera(s) differ in image size or fx/fy from the first, {first[0]!r} "
+        f"({first[1]}x{first[2]}, fx/fy {first[3]:.6g}): {', '.join(bad[:5])}{more}. A Blender scene has "
+        "one render size and one pixel aspect, so these cameras would get wrong intrinsics; import cameras "
+        "of one image size and fx/fy at a time (e.g. into separate scenes), or resize the photos to one size"
+    )
+
+
+def stretch_mismatch_px(render_w: int, render_h: int, image_w: int, image_h: int) -> float:
+    """How far (render pixels, along the side that fits best) a photo's shape is from the render's:
+    0 when the photo has the render's width:height, so that 'STRETCH' scales it evenly."""
+    return abs(render_w * image_h - render_h * image_w) / max(image_w, image_h)

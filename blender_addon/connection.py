@@ -1,19 +1,24 @@
 """The add-on's side of the service: start/stop a local ``reconloop serve``, drive one job in small steps.
 
-No bpy at import time and no threads: Blender's main thread owns the socket and calls
-:meth:`JobDriver.step` from a ``bpy.app.timers`` callback (``wait_ms=0``, bounded work per call); in
-background mode the operator calls ``step(wait_ms=...)`` in a loop instead (timers never fire there).
+No bpy at import time. Blender's main thread owns the socket and calls :meth:`JobDriver.step` from a
+``bpy.app.timers`` callback (``wait_ms=0``); in background mode the operator calls ``step(wait_ms=...)``
+in a loop instead (timers never fire there). No step waits for the service: a request goes out in one
+step (:class:`PendingRequest`) and its reply is picked up by a later one, so a service that does not
+answer never freezes Blender's UI. The only thread waits for a stopped local service's process to exit.
 The protocol itself is ``protocol.client.Client`` (Lazy Pirate retries, event replay, sha256 checks).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
+import secrets
 import shlex
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +31,10 @@ from .errors import ReconLoopError
 
 LOOPBACK = "127.0.0.1"
 SERVICE_START_TIMEOUT_S = 120.0  # a cold start imports torch; a first start on a laptop can be slow
-SERVICE_PROBE_MS = 100  # hello timeout while waiting for a starting service (short: it runs on a UI tick)
-SERVICE_STOP_TIMEOUT_S = 10.0
+SERVICE_PROBE_MS = 100  # blocking callers (background mode) wait this long per look for a reply
+SERVICE_STOP_TIMEOUT_S = 10.0  # a stopping service gets this long to exit, then is terminated, then killed
+SHUTDOWN_REPLY_MS = 100  # Stop service waits this long for the shutdown reply (on the UI's thread)
+WAITING_NOTE_S = 2.0  # a request unanswered this long shows "waiting for the service" in the progress
 FETCH_CHUNK_BYTES = 4 << 20  # bytes fetched per step: keeps each timer tick short
 IDLE_STATUS_S = 5.0  # ask for the job's status after this long without an event
 LOG_TAIL_CHARS = 1500
@@ -138,6 +145,155 @@ def plain_error(err: BaseException, endpoint: str = "") -> str:
     if isinstance(err, ProtocolError):
         return f"the service refused the request: {err}"
     return f"{type(err).__name__}: {err}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests that never block (Blender's UI timers)
+#
+# ``Client.request`` waits for its reply (timeout_ms per try, retries more tries): 30 s of a frozen
+# UI when the service does not answer. These send now and pick the reply up on later ticks. The
+# client has no public non-blocking request, so they use its socket layer (_send, _recv, _reopen,
+# _events, _seen, _watched), with the same Lazy Pirate rules as ``Client.request``.
+
+
+class PendingRequest:
+    """One request in flight: sent at once, its reply taken by a later :meth:`poll`.
+
+    ``poll(wait_ms)`` waits at most ``wait_ms`` (0: not at all) and returns the reply, or None while
+    there is none; events that arrive meanwhile stay queued on the client (:func:`take_events`). After
+    ``timeout_ms`` without a reply the request goes again on a fresh socket, ``retries`` times, then
+    ``poll`` raises TimeoutError; an error reply raises ProtocolError.
+    """
+
+    def __init__(
+        self,
+        client,
+        op: str,
+        fields: dict[str, Any] | None = None,
+        *,
+        timeout_ms: int | None = None,
+        retries: int | None = None,
+    ) -> None:
+        fields = dict(fields or {})
+        if op == "submit" and not fields.get("key"):  # the same key on every try: a resent submit is not doubled
+            fields["key"] = secrets.token_hex(16)
+        self.client, self.op, self.fields = client, op, fields
+        self.timeout_ms = client.timeout_ms if timeout_ms is None else int(timeout_ms)
+        self.retries = client.retries if retries is None else int(retries)
+        self.tries = 0
+        self.started = time.monotonic()
+        self._send()
+
+    def _send(self) -> None:
+        self.rid = self.client._send(self.op, self.fields)
+        self.tries += 1
+        self.deadline = time.monotonic() + self.timeout_ms / 1000
+
+    @property
+    def waited_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def waiting_text(self) -> str:
+        return f"waiting for the service at {self.client.endpoint} to answer ({self.op}, {self.waited_s:.0f} s)"
+
+    def poll(self, wait_ms: float = 0) -> dict[str, Any] | None:
+        until = time.monotonic() + max(0.0, wait_ms) / 1000
+        while True:
+            reply = self._read()
+            if reply is not None:
+                return reply
+            now = time.monotonic()
+            if now >= self.deadline:
+                if self.tries > self.retries:
+                    raise TimeoutError(
+                        f"{self.op}: no reply from {self.client.endpoint} after {self.tries} tries of {self.timeout_ms} ms"
+                    )
+                self.client._reopen()  # Lazy Pirate: a fresh socket (re-subscribed), the request again
+                self._send()
+                continue
+            left_ms = (min(until, self.deadline) - now) * 1000
+            if left_ms <= 0:
+                return None
+            sock = self.client._sock
+            if sock is None:
+                raise ReconLoopError("the connection to the service was closed")
+            sock.poll(math.ceil(left_ms))
+
+    def _read(self) -> dict[str, Any] | None:
+        """Everything already received, without waiting: events queued, this request's reply returned."""
+        _, ProtocolError = _protocol()
+        client = self.client
+        while client._sock is not None and client._sock.poll(0):
+            msg = client._recv(0)  # queues an event and returns None; returns a reply
+            if msg is None or msg.get("op") == "event" or msg.get("id") != self.rid:
+                continue  # stale replies of earlier tries (and re-subscriptions) are dropped
+            if not msg["ok"]:
+                raise ProtocolError.from_wire(msg["error"])
+            return msg
+        return None
+
+
+def take_events(client) -> list[dict[str, Any]]:
+    """The events the client has queued, without reading its socket (``Client.poll_events`` would
+    read it too, and drop the reply a PendingRequest waits for)."""
+    out = list(client._events)
+    client._events.clear()
+    return out
+
+
+def watch_request(client, job: str) -> PendingRequest:
+    """``Client.watch`` without waiting: subscribe to ``job``, replaying the events after the last seen."""
+    return PendingRequest(client, "status", {"job": job, "watch": True, "since": client._seen.get(job, 0)})
+
+
+def mark_watched(client, job: str, reply: dict[str, Any]) -> None:
+    """What ``Client.watch`` does with its reply: a reconnect re-subscribes a job that goes on."""
+    if reply["state"] not in TERMINAL_STATES:
+        client._watched.add(job)
+
+
+class HelloProbe:
+    """``Client.hello`` without waiting: :meth:`poll` returns the reply once it came, else None.
+
+    For a local service being started, the hello waits for it (ZeroMQ delivers it once the service
+    listens) up to SERVICE_START_TIMEOUT_S, and a service that exits is reported with its log's end.
+    """
+
+    def __init__(self, client, service: LocalService | None = None) -> None:
+        from protocol.version import SUPPORTED_VERSIONS
+
+        self.client, self.service = client, service
+        retries = None
+        if service is not None and not service.answered:
+            retries = max(client.retries, math.ceil(SERVICE_START_TIMEOUT_S * 1000 / max(1, client.timeout_ms)))
+        self.request = PendingRequest(
+            client, "hello", {"versions": list(SUPPORTED_VERSIONS), "client": client.name}, retries=retries
+        )
+        self.op = "hello"
+
+    @property
+    def waited_s(self) -> float:
+        return self.request.waited_s
+
+    def waiting_text(self) -> str:
+        if self.service is not None and not self.service.answered:
+            return f"starting the local ReconLoop service ({self.waited_s:.0f} s)"
+        return self.request.waiting_text()
+
+    def poll(self, wait_ms: float = 0) -> dict[str, Any] | None:
+        if self.service is not None:
+            self.service.check_alive()
+        try:
+            reply = self.request.poll(wait_ms)
+        except TimeoutError:
+            if self.service is not None:
+                raise self.service.start_timeout() from None
+            raise
+        if reply is not None:
+            self.client.server = reply  # as Client.hello does: its limits bound later requests
+            if self.service is not None:
+                self.service.answered = True
+        return reply
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +414,8 @@ class LocalService:
                 "Set its Python or command in the add-on preferences"
             ) from None
         self.started = time.monotonic()
+        self.answered = False  # it answered hello: it can be asked to shut down
+        self._stopper: threading.Thread | None = None
 
     def is_running(self) -> bool:
         return self.proc.poll() is None
@@ -278,44 +436,50 @@ class LocalService:
                 f"Its log ({self.log_path}) ends with:\n{self.log_tail()}"
             )
 
-    def probe(self, client) -> dict[str, Any] | None:
-        """One short hello; None while the service is still starting."""
-        self.check_alive()
-        from protocol.version import SUPPORTED_VERSIONS
+    def start_timeout(self) -> ReconLoopError:
+        return ReconLoopError(
+            f"the local ReconLoop service did not answer within {SERVICE_START_TIMEOUT_S:.0f} s. "
+            f"Its log ({self.log_path}) ends with:\n{self.log_tail()}"
+        )
 
-        try:
-            return client.request(
-                "hello",
-                versions=list(SUPPORTED_VERSIONS),
-                client="reconloop-blender",
-                timeout_ms=SERVICE_PROBE_MS,
-                retries=0,
-            )
-        except TimeoutError:
-            if time.monotonic() - self.started > SERVICE_START_TIMEOUT_S:
-                raise ReconLoopError(
-                    f"the local ReconLoop service did not answer within {SERVICE_START_TIMEOUT_S:.0f} s. "
-                    f"Its log ({self.log_path}) ends with:\n{self.log_tail()}"
-                ) from None
-            return None
+    def stop(self, client=None, *, wait: bool = False) -> None:
+        """Stop the service, blocking the caller at most SHUTDOWN_REPLY_MS (unless ``wait``).
 
-    def stop(self, client=None) -> None:
-        """Ask the service to shut down (loopback), then wait, terminate, kill."""
-        if self.is_running() and client is not None:
-            try:
-                client.request("shutdown", retries=0, timeout_ms=int(SERVICE_STOP_TIMEOUT_S * 1000 / 2))
-            except Exception:  # noqa: BLE001 - it may be gone already; terminate below
-                pass
+        A service that answered hello is asked to shut down (loopback); one that did not, or does not
+        reply at once, is terminated. Its exit is then awaited here (``wait``) or on a small thread,
+        which terminates, then kills, a service still running after SERVICE_STOP_TIMEOUT_S each.
+        """
         if self.is_running():
+            asked = False
+            if client is not None and self.answered:
+                try:
+                    asked = PendingRequest(client, "shutdown", retries=0).poll(SHUTDOWN_REPLY_MS) is not None
+                except Exception:  # noqa: BLE001 - a closed client, a refusal: terminate below
+                    asked = False
+            if not asked:
+                self.proc.terminate()
+        if wait:
+            self._reap()
+        elif self._stopper is None:
+            self._stopper = threading.Thread(target=self._reap, name="reconloop-service-stop", daemon=True)
+            self._stopper.start()
+
+    def wait_stopped(self, timeout_s: float) -> bool:
+        """After ``stop``: wait up to ``timeout_s`` for the process to be gone; True when it is."""
+        if self._stopper is not None:
+            self._stopper.join(timeout_s)
+        return not self.is_running()
+
+    def _reap(self) -> None:
+        """Wait for the process to exit (terminate, then kill, one that will not); close the log."""
+        for escalate in (self.proc.terminate, self.proc.kill):
             try:
                 self.proc.wait(timeout=SERVICE_STOP_TIMEOUT_S)
+                break
             except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=SERVICE_STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+                escalate()
+        else:
+            self.proc.wait()
         self._log.close()
 
 
@@ -346,9 +510,11 @@ class JobProgress:
 class JobDriver:
     """Submit a scene (or follow an existing job), watch its events, download its files.
 
-    Each :meth:`step` does a bounded amount of work: probe a starting service, send the submit, read
-    the events that arrived, or fetch one chunk of one file. Finished files go to ``on_file(kind,
-    name, path)`` as they complete (the point cloud first); ``on_progress(progress)`` follows events.
+    Each :meth:`step` does a bounded amount of work and never waits for the service longer than its
+    ``wait_ms``: it takes the reply to the request in flight if it came (hello, submit, watch, a
+    status, a chunk of a file), reads the events that arrived, and sends the next request. Finished
+    files go to ``on_file(kind, name, path)`` as they complete (the point cloud first);
+    ``on_progress(progress)`` follows events, and says so while the service keeps a reply waiting.
 
     Args:
         client: a ``protocol.client.Client``.
@@ -387,8 +553,13 @@ class JobDriver:
         self._seq = 0  # the newest event (or status) applied
         self._watching = False
         self._terminal = False
+        self._pending: PendingRequest | HelloProbe | None = None
+        self._on_reply: Callable[[dict[str, Any]], None] | None = None
+        self._noted_s = -1  # the last "waiting for the service" second shown
+        self.submitted = job is not None  # a submit went out (or the job exists): cancel must reach it
         self.done = False
         self.cancel_requested = False
+        self._cancel_sent = False
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -396,26 +567,25 @@ class JobDriver:
         """Do one bounded piece of work; True once the job ended and every wanted file is here."""
         if self.done:
             return True
-        if self.hello is None:
-            self._connect()
-            return False
-        if not self._watching:
-            self._submit()
-            return False
-        if self._current is not None or self._queue:
-            self._fetch_chunk()
-            self._read_events(0)
-        else:
-            self._read_events(wait_ms)
-        if self._terminal and self._current is None and not self._queue:
+        if self._pending is not None:
+            reply = self._pending.poll(wait_ms)
+            self._apply_events(take_events(self.client))
+            if reply is None:
+                self._note_waiting()
+                return False
+            on_reply, self._pending, self._on_reply = self._on_reply, None, None
+            on_reply(reply)
+            wait_ms = 0
+        if not self._send_next():
+            self._apply_events(self.client.poll_events(wait_ms))  # nothing in flight: read events
+            self._check_idle()
+        if self._terminal and self._pending is None and self._current is None and not self._queue:
             self.done = True
         return self.done
 
     def cancel(self) -> None:
-        """Ask the service to cancel the job (it stops at the next step boundary)."""
+        """Ask the service to cancel the job (sent by the next step; it stops at a step boundary)."""
         self.cancel_requested = True
-        if self.job is not None:
-            self.client.cancel(self.job)
 
     @property
     def is_downloading(self) -> bool:
@@ -425,38 +595,69 @@ class JobDriver:
     def failed(self) -> bool:
         return self.done and self.progress.state in ("failed", "interrupted")
 
-    # -- steps ----------------------------------------------------------------------------------
+    # -- requests -------------------------------------------------------------------------------
 
-    def _connect(self) -> None:
-        if self.service is not None:
-            reply = self.service.probe(self.client)
-            if reply is None:
+    def _send(self, request, on_reply: Callable[[dict[str, Any]], None]) -> bool:
+        self._pending, self._on_reply, self._noted_s = request, on_reply, -1
+        return True
+
+    def _send_next(self) -> bool:
+        """Send the next request the job needs; False when there is none now."""
+        if self.hello is None:
+            if self.service is not None and not self.service.answered:
                 self._set(state="starting service", message="starting the local ReconLoop service")
-                return
-        self.hello = self.client.hello()
-
-    def _submit(self) -> None:
-        """Submit the scene (a new job), then subscribe to the job's events."""
+            return self._send(HelloProbe(self.client, self.service), self._on_hello)
         if self.scene is not None:
             self._set(state="uploading", stage="submit", message="sending photos and cameras")
-            self.job = self.client.submit(self.scene)
-            self.scene = None  # free the photos
-        self.out_dir = os.path.join(self.out_root, self.job)
-        os.makedirs(self.out_dir, exist_ok=True)
-        reply = self.client.watch(self.job)
+            self.submitted = True
+            return self._send(PendingRequest(self.client, "submit", {"scene": self.scene}), self._on_submit)
+        if not self._watching:
+            self.out_dir = os.path.join(self.out_root, self.job)
+            os.makedirs(self.out_dir, exist_ok=True)
+            return self._send(watch_request(self.client, self.job), self._on_watch)
+        if self.cancel_requested and not self._cancel_sent:
+            self._cancel_sent = True
+            return self._send(PendingRequest(self.client, "cancel", {"job": self.job}), lambda reply: None)
+        if self._current is not None or self._queue:
+            return self._send(self._fetch_request(), self._on_chunk)
+        return False
+
+    def _check_idle(self) -> None:
+        if self._pending is None and not self._terminal and time.monotonic() - self._last_event > IDLE_STATUS_S:
+            # Silence: ask (also finds a lost server, re-subscribes and replays missed events).
+            self._send(watch_request(self.client, self.job), self._on_status)
+
+    def _note_waiting(self) -> None:
+        waited = self._pending.waited_s
+        if waited >= WAITING_NOTE_S and int(waited) != self._noted_s:
+            self._noted_s = int(waited)
+            self._set(message=self._pending.waiting_text())
+
+    # -- replies --------------------------------------------------------------------------------
+
+    def _on_hello(self, reply: dict[str, Any]) -> None:
+        self.hello = reply
+
+    def _on_submit(self, reply: dict[str, Any]) -> None:
+        self.job = reply["job"]
+        self.scene = None  # free the photos
+
+    def _on_watch(self, reply: dict[str, Any]) -> None:
+        mark_watched(self.client, self.job, reply)
         self._watching = True
         self._apply(reply)
         self._last_event = time.monotonic()
 
-    def _read_events(self, wait_ms: int) -> None:
-        events = [e for e in self.client.poll_events(wait_ms) if e.get("job") == self.job]
+    def _on_status(self, reply: dict[str, Any]) -> None:
+        mark_watched(self.client, self.job, reply)
+        self._apply(reply)
+        self._last_event = time.monotonic()
+
+    def _apply_events(self, events: list[dict[str, Any]]) -> None:
+        events = [e for e in events if e.get("job") == self.job]
         for e in events:
             self._apply(e)
         if events:
-            self._last_event = time.monotonic()
-        elif not self._terminal and time.monotonic() - self._last_event > IDLE_STATUS_S:
-            # Silence: ask (also finds a lost server, re-subscribes and replays missed events).
-            self._apply(self.client.watch(self.job))
             self._last_event = time.monotonic()
 
     def _apply(self, msg: dict[str, Any]) -> None:
@@ -491,7 +692,7 @@ class JobDriver:
         self._queue.append(_Download(name=name, sha256=sha, size=int(a["size"]), kind=kind))
         self._queue.sort(key=lambda d: (KIND_PRIORITY.get(d.kind, len(KIND_PRIORITY)), d.name))
 
-    def _fetch_chunk(self) -> None:
+    def _fetch_request(self) -> PendingRequest:
         if self._current is None:
             d = self._queue.pop(0)
             d.tmp = os.path.join(self.out_dir, *d.name.split("/")) + ".part"
@@ -500,7 +701,11 @@ class JobDriver:
             d.hasher = hashlib.sha256()
             self._current = d
         d = self._current
-        reply = self.client.request("fetch", job=self.job, name=d.name, offset=d.offset, length=FETCH_CHUNK_BYTES)
+        fields = {"job": self.job, "name": d.name, "offset": d.offset, "length": FETCH_CHUNK_BYTES}
+        return PendingRequest(self.client, "fetch", fields)
+
+    def _on_chunk(self, reply: dict[str, Any]) -> None:
+        d = self._current
         if reply["sha256"] != d.sha256:
             # The file was rewritten on the server since it was announced: start over with the new one.
             d.sha256, d.size, d.offset, d.hasher = reply["sha256"], int(reply["total"]), 0, hashlib.sha256()
@@ -535,12 +740,10 @@ def run_blocking(driver: JobDriver, timeout_s: float, *, wait_ms: int = 200) -> 
         if time.monotonic() > deadline:
             if driver.job is not None:
                 try:
-                    driver.cancel()
+                    driver.client.cancel(driver.job)
                 except Exception:  # noqa: BLE001 - report the timeout, not the cancel
                     pass
             raise ReconLoopError(f"the job did not finish within {timeout_s:.0f} s; it was cancelled")
-        if driver.hello is None and driver.service is not None:
-            time.sleep(SERVICE_PROBE_MS / 1000)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,7 +770,7 @@ def connect(cfg: ConnectionConfig, *, start_service: bool = True) -> tuple[Any, 
         close()
     if cfg.mode == "local":
         if s.service is not None and not s.service.is_running():
-            s.service.stop()
+            s.service.stop(wait=True)  # it has exited: nothing to wait for
             s.service = None
             if s.client is not None:
                 s.client.close()
@@ -594,23 +797,30 @@ def connect(cfg: ConnectionConfig, *, start_service: bool = True) -> tuple[Any, 
 def wait_until_up(client, service: LocalService | None, timeout_s: float = SERVICE_START_TIMEOUT_S) -> dict[str, Any]:
     """Block until the service answers hello (Test connection, background mode); returns the reply."""
     deadline = time.monotonic() + timeout_s
-    if service is not None:
-        while service.probe(client) is None:
-            if time.monotonic() > deadline:
-                raise ReconLoopError(f"the local ReconLoop service did not start within {timeout_s:.0f} s")
-            time.sleep(SERVICE_PROBE_MS / 1000)
-    return client.hello()
+    probe = HelloProbe(client, service)
+    while (reply := probe.poll(SERVICE_PROBE_MS)) is None:
+        if time.monotonic() > deadline:
+            raise ReconLoopError(f"the ReconLoop service did not answer within {timeout_s:.0f} s")
+    return reply
 
 
-def close() -> None:
-    """Stop the local service (if we started it) and close the socket. Safe to call twice."""
+def close(*, wait: bool = False) -> None:
+    """Stop the local service (if we started it) and close the socket. Safe to call twice.
+
+    Blocks at most SHUTDOWN_REPLY_MS, unless ``wait``: then until the service has exited (at exit)."""
     s = SESSION
     if s.service is not None:
-        s.service.stop(s.client)
+        s.service.stop(s.client, wait=wait)
         s.service = None
     if s.client is not None:
         s.client.close()
         s.client = None
     s.driver = None
+    s.handlers.clear()
     s.config = None
     s.endpoint = ""
+
+
+def close_at_exit() -> None:
+    """``close`` for Blender's exit: wait for the service to be gone (no thread outlives the process)."""
+    close(wait=True)

@@ -17,6 +17,7 @@ Example (Blender's Python console)::
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import bpy
@@ -24,7 +25,7 @@ import numpy as np
 
 from . import cameras as cam_math
 from .errors import ReconLoopError
-from .scene_read import apply_camera_params, read_captures, sample_trajectory
+from .scene_read import apply_camera_params, background_image, read_captures, sample_trajectory
 
 FORMAT_AUTO = "auto"
 FORMAT_SCENE = "scene"
@@ -33,7 +34,6 @@ EXPORT_FORMATS = (FORMAT_SCENE, "colmap", "nerf")
 CAPTURES_COLLECTION = "Captures"
 HELDOUT_COLLECTION = "Held-out views"
 PROP_DISTORTION = "reconloop_distortion"  # JSON {"model": ..., "params": [...]} (COLMAP's names)
-PROP_IMAGE = "reconloop_image"  # the photo's absolute path
 
 
 def read_dataset(path: str, fmt: str = FORMAT_AUTO):
@@ -82,7 +82,6 @@ def add_capture_camera(scene: bpy.types.Scene, capture, coll: bpy.types.Collecti
     bg.image = bpy.data.images.load(str(capture.image), check_existing=True)
     bg.frame_method = "STRETCH"  # the photo fills the camera frame, as K maps it (also when fx != fy)
     obj.data.show_background_images = True
-    obj[PROP_IMAGE] = str(capture.image)
     if cam.distortion is not None and not cam.distortion.is_identity:
         obj[PROP_DISTORTION] = json.dumps({"model": cam.distortion.model, "params": list(cam.distortion.params)})
     return obj
@@ -98,10 +97,15 @@ def import_dataset(
     scene: bpy.types.Scene, path: str, fmt: str = FORMAT_AUTO, *, heldout: bool = False
 ) -> bpy.types.Collection:
     """Cameras with photos for every capture of a dataset, in a new *Captures* collection that the
-    sidebar then uses; the render size becomes the first capture's. With ``heldout``, the held-out
-    views go into their own collection (not sent as captures). Returns the captures' collection."""
+    sidebar then uses; the render size and pixel aspect become the first capture's. With ``heldout``,
+    the held-out views go into their own collection (not sent as captures). Returns the captures'
+    collection. Captures whose image size or fx/fy differ from the first one's are refused (a scene
+    has one render size and pixel aspect), before anything is added."""
     captures, held, _trajectory = read_dataset(path, fmt)
-    sizes = {(c.camera.width, c.camera.height) for c in captures}
+    every = captures + (held if heldout else [])
+    problem = cam_math.render_conflicts((c.name, c.camera.K, c.camera.width, c.camera.height) for c in every)
+    if problem:
+        raise ReconLoopError(f"cannot import {path}: {problem}")
     coll = _new_collection(scene, CAPTURES_COLLECTION)
     for i, cap in enumerate(captures):
         add_capture_camera(scene, cap, coll, set_render=(i == 0))
@@ -113,8 +117,19 @@ def import_dataset(
     if st is not None:
         st.capture_source = "COLLECTION"
         st.captures = coll
-    coll["reconloop_sizes"] = len(sizes)
     return coll
+
+
+def photo_file(obj: bpy.types.Object) -> Path:
+    """The file on disk of a camera's photo (the background image that ``read_captures`` reads)."""
+    bg = background_image(obj)
+    image = bg.image if bg is not None else None
+    path = bpy.path.abspath(image.filepath, library=image.library) if image is not None and image.filepath else ""
+    if not path or not os.path.isfile(path):
+        raise ReconLoopError(
+            f"camera {obj.name!r}: photo is packed or not on disk; unpack it before exporting (file: {path or 'none'})"
+        )
+    return Path(path).resolve()
 
 
 def scene_from_blender(scene: bpy.types.Scene, coll: bpy.types.Collection, root: Path, trajectory_camera=None):
@@ -124,8 +139,7 @@ def scene_from_blender(scene: bpy.types.Scene, coll: bpy.types.Collection, root:
     out = []
     for c in read_captures(coll, scene):
         obj = bpy.data.objects[c.name]
-        bg_image = next(bg.image for bg in obj.data.background_images if bg.image is not None)
-        image = Path(obj.get(PROP_IMAGE) or bpy.path.abspath(bg_image.filepath)).resolve()
+        image = photo_file(obj)
         distortion = None
         if PROP_DISTORTION in obj:
             d = json.loads(obj[PROP_DISTORTION])

@@ -14,7 +14,7 @@ import bpy
 import numpy as np
 
 from . import scene_io
-from .cameras import blender_from_opencv
+from .cameras import blender_from_opencv, render_conflicts
 from .errors import ReconLoopError
 from .scene_read import apply_camera_params
 
@@ -661,6 +661,9 @@ def import_trajectory_camera(
 ) -> bpy.types.Object:
     """An animated camera on a trajectory the service chose: pose, lens and shift keyed at each frame.
 
+    The scene's render settings stay as they are (the next job's cameras are read at them): the camera
+    matches the path's views wherever the render has their shape.
+
     Args:
         frames: (Blender frame, ``cameras.OpenCVCamera``) pairs, frames increasing.
     """
@@ -668,9 +671,9 @@ def import_trajectory_camera(
     obj = bpy.data.objects.new(name, data)
     _link(obj, coll, KIND_TRAJECTORY)
     previous = None
-    for i, (frame, cam) in enumerate(frames):
+    for frame, cam in frames:
         params = blender_from_opencv(cam.w2c, cam.K, cam.width, cam.height)
-        apply_camera_params(obj, scene, params, set_render=(i == 0))
+        apply_camera_params(obj, scene, params, set_render=False)
         if previous is not None:  # the Euler angles nearest the last key: no spin at +-180 degrees
             obj.rotation_euler = obj.matrix_world.to_euler("XYZ", previous)
         previous = obj.rotation_euler.copy()
@@ -686,10 +689,18 @@ def import_estimated_cameras(
 ) -> list[bpy.types.Object]:
     """Blender cameras for cameras the service estimated, each with its photo as background.
 
+    They are the cameras of the job's photos (a photo folder sent without cameras), so the scene's
+    render size and pixel aspect become theirs, as when importing a dataset: the next job reads them
+    back at those settings. Cameras whose image size or fx/fy differ from the first one's are refused
+    before anything is added (a scene has one render size and pixel aspect).
+
     Args:
         cams: ``scene_io.EstimatedCamera`` list.
         photos: {capture name: photo path on disk} (missing names get no background).
     """
+    problem = render_conflicts((e.name, e.camera.K, e.camera.width, e.camera.height) for e in cams)
+    if problem:
+        raise ReconLoopError(f"estimated cameras: {problem}")
     out = []
     for i, est in enumerate(cams):
         params = est.blender_params()

@@ -193,7 +193,7 @@ def _tick():
     """The timer: one bounded step of the running job; returns the next interval, or None to stop."""
     s = connection.SESSION
     driver, importer = s.driver, s.handlers.get("importer")
-    if driver is None or importer is None:
+    if driver is None or importer is None or s.client is None:  # stopped meanwhile
         return None
     try:
         done = driver.step(0)
@@ -368,36 +368,38 @@ class RECONLOOP_OT_cancel(bpy.types.Operator):
 
     def execute(self, context):
         driver = connection.SESSION.driver
-        try:
-            if driver.job is None:  # not submitted yet: just stop
-                connection.SESSION.driver = None
-                context.window_manager.reconloop.is_running = False
-            else:
-                driver.cancel()
-        except Exception as err:  # noqa: BLE001
-            self.report({"ERROR"}, connection.plain_error(err, connection.SESSION.endpoint))
-            return {"CANCELLED"}
+        if not driver.submitted:  # nothing sent yet: just stop
+            connection.SESSION.driver = None
+            context.window_manager.reconloop.is_running = False
+        else:
+            driver.cancel()  # the running timer sends it (never waiting here for the service)
         self.report({"INFO"}, "cancelling the job")
         return {"FINISHED"}
 
 
 def _probe_tick():
-    """Timer for Test connection in the UI: wait for a starting local service without blocking."""
+    """Timer for Test connection in the UI: one look for the hello reply per tick, never waiting."""
     s = connection.SESSION
+    probe = s.handlers.get("probe")
+    if probe is None or s.client is None or probe.client is not s.client:  # stopped or reconnected meanwhile
+        s.handlers.pop("probe", None)
+        return None
     rt = _runtime()
     try:
-        if s.service is not None and s.service.probe(s.client) is None:
-            rt.hello_summary = "starting the local service..."
+        reply = probe.poll(0)
+        if reply is None:
+            rt.hello_summary = probe.waiting_text() if probe.waited_s >= 1.0 else "connecting..."
             _redraw()
-            return TICK_S * 5
-        reply = s.client.hello()
+            return TICK_S
     except Exception as err:  # noqa: BLE001
+        s.handlers.pop("probe", None)
         rt.hello_summary = ""
         message = connection.plain_error(err, s.endpoint)
         rt.last_error = message
         popup_error(message)
         _redraw()
         return None
+    s.handlers.pop("probe", None)
     props.set_generators(reply.get("generators") or [])
     rt.hello_summary = connection.describe_hello(reply)
     _redraw()
@@ -423,6 +425,7 @@ class RECONLOOP_OT_test_connection(bpy.types.Operator):
                 rt.hello_summary = connection.describe_hello(reply)
                 self.report({"INFO"}, rt.hello_summary)
                 return {"FINISHED"}
+            connection.SESSION.handlers["probe"] = connection.HelloProbe(client, service)
         except Exception as err:  # noqa: BLE001
             message = connection.plain_error(err, connection.SESSION.endpoint)
             self.report({"ERROR"}, message)
@@ -441,7 +444,8 @@ class RECONLOOP_OT_stop_service(bpy.types.Operator):
     bl_label = "Stop service"
 
     def execute(self, context):
-        connection.close()
+        stop_timers()
+        connection.close()  # asks (or terminates) and returns; the process's exit is awaited off this thread
         rt = context.window_manager.reconloop
         rt.hello_summary, rt.is_running = "", False
         return {"FINISHED"}

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import zlib
+
 import bpy
 
 from protocol.settings import BY_NAME, SETTINGS, Setting
 
+
+def enum_value(name: str) -> int:
+    """The number a dynamic enum item is stored as, fixed by its name (31 bits: Blender's int).
+
+    Blender saves an enum's number, not its name; numbered by position, the chosen generator would
+    become another one when a service lists them in another order, and so would a saved .blend's.
+    """
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def _items(names) -> list[tuple[str, str, str, int]]:
+    return [(g, g, f"generator {g}", enum_value(g)) for g in dict.fromkeys(names)]
+
+
 # EnumProperty item callbacks must keep their strings alive (a Blender requirement): module level.
-_generator_items: list[tuple[str, str, str]] = [(g, g, f"generator {g}") for g in BY_NAME["generator"].choices]
+_generator_items: list[tuple[str, str, str, int]] = _items(BY_NAME["generator"].choices)
 
 
 def set_generators(names: list[str]) -> None:
-    """Offer the generators a service reported in hello."""
+    """Offer the generators a service reported in hello (the choice made stays, by name)."""
     if names:
-        _generator_items[:] = [(g, g, f"generator {g}") for g in names]
+        _generator_items[:] = _items(names)
 
 
 def _generators(self, context):
@@ -34,7 +50,7 @@ def setting_property(row: Setting):
     if row.kind == "str":
         return bpy.props.StringProperty(default=row.default, **common)
     if row.open_choices:  # the service's list replaces the table's; the generator is the only such row
-        return bpy.props.EnumProperty(items=_generators, **common)
+        return bpy.props.EnumProperty(items=_generators, default=enum_value(row.default), **common)
     items = [(c, c, f"{row.label}: {c}") for c in row.choices]
     return bpy.props.EnumProperty(items=items, default=row.default, **common)
 

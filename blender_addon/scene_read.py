@@ -101,7 +101,8 @@ def image_bytes(image: bpy.types.Image) -> bytes:
         return f.read()
 
 
-def _background_image(obj: bpy.types.Object):
+def background_image(obj: bpy.types.Object):
+    """The camera's photo: its first background of source Image that has an image, or None."""
     for bg in obj.data.background_images:
         if bg.source == "IMAGE" and bg.image is not None:
             return bg
@@ -113,14 +114,14 @@ def read_captures(collection: bpy.types.Collection, scene: bpy.types.Scene) -> l
 
     Each camera's first background image is its photo; its K is the camera's K at the render size
     mapped onto the photo's pixels the way Blender draws it (frame method; offset, scale, rotation
-    and flips must be at their defaults).
+    and flips must be at their defaults). A photo stretched into the frame must have the render's shape.
     """
     cams = sorted((o for o in collection.all_objects if o.type == "CAMERA"), key=lambda o: o.name)
     if not cams:
         raise ReconLoopError(f"collection {collection.name!r} holds no cameras")
     out = []
     for obj in cams:
-        bg = _background_image(obj)
+        bg = background_image(obj)
         if bg is None:
             raise ReconLoopError(f"camera {obj.name!r} has no photo: add its photo as the camera's background image")
         if tuple(bg.offset) != (0.0, 0.0) or bg.rotation != 0.0 or bg.scale != 1.0 or bg.use_flip_x or bg.use_flip_y:
@@ -132,6 +133,14 @@ def read_captures(collection: bpy.types.Collection, scene: bpy.types.Scene) -> l
         info = image_info(data, bg.image.name)
         p = camera_params(obj, scene)
         K, W, H = cam_math.intrinsics_from_blender(p)
+        stretched = bg.frame_method == "STRETCH"
+        if stretched and cam_math.stretch_mismatch_px(W, H, info.width, info.height) > cam_math.STRETCH_TOL_PX:
+            raise ReconLoopError(
+                f"camera {obj.name!r}: its photo is {info.width}x{info.height} pixels and the render {W}x{H}, "
+                "another shape, so the background's frame method Stretch distorts the photo to fill the frame; "
+                f"set the render resolution (Output properties) to {info.width}x{info.height} (or that shape), "
+                "or the background's Frame Method to Fit or Crop if the camera frame is meant to differ from it"
+            )
         K_img = cam_math.image_intrinsics(
             K,
             W,

@@ -293,3 +293,175 @@ def test_preflight_unknown_host_and_no_service_fail_fast():
         listening.bind(("127.0.0.1", 0))
         listening.listen(1)
         preflight(f"tcp://127.0.0.1:{listening.getsockname()[1]}")
+
+
+def test_render_conflicts_name_the_cameras_that_cannot_share_a_scene():
+    K = np.array([[500.0, 0, 330], [0, 500.0, 233], [0, 0, 1]])
+    K_tall = np.array([[500.0, 0, 330], [0, 520.0, 233], [0, 0, 1]])
+    assert cam_math.render_conflicts([("a", K, 640, 480), ("b", K.copy(), 640, 480)]) is None
+    assert cam_math.render_conflicts([]) is None
+    # fx/fy off by far less than a pixel at the border: one pixel aspect fits both
+    K_near = K.copy()
+    K_near[1, 1] *= 1 + 1e-7
+    assert cam_math.render_conflicts([("a", K, 640, 480), ("b", K_near, 640, 480)]) is None
+    msg = cam_math.render_conflicts(
+        [("a", K, 640, 480), ("b", K, 480, 640), ("c", K_tall, 640, 480), ("d", K, 640, 480)]
+    )
+    assert "2 camera(s)" in msg and "'a' (640x480, fx/fy 1)" in msg
+    assert "'b' (480x640, fx/fy 1)" in msg and "'c' (640x480, fx/fy 0.961538)" in msg and "'d'" not in msg
+    assert "one render size and one pixel aspect" in msg
+
+
+def test_stretch_mismatch_is_in_render_pixels():
+    assert cam_math.stretch_mismatch_px(640, 480, 1280, 960) == 0
+    assert cam_math.stretch_mismatch_px(960, 540, 1921, 1081) < cam_math.STRETCH_TOL_PX  # 50 % of an odd size
+    assert cam_math.stretch_mismatch_px(640, 480, 480, 640) > 100
+    assert cam_math.stretch_mismatch_px(1920, 1080, 640, 480) > 100
+
+
+# -- requests from Blender's UI timers never wait for the service --------------------------------
+
+STEP_BOUND_S = 0.1  # what one timer tick may take
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A socket that accepts connections and never answers (a hung service, a wrong CurveZMQ key)."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    yield f"tcp://127.0.0.1:{port}"
+    sock.close()
+
+
+def _timed(fn, *args):
+    import time
+
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def test_steps_never_wait_for_a_silent_service(silent_endpoint, tmp_path, monkeypatch):
+    import time
+
+    from blender_addon import connection
+    from protocol.client import Client
+
+    monkeypatch.setattr(connection, "WAITING_NOTE_S", 0.2)
+    with Client(silent_endpoint) as client:  # 10 s a try, 3 tries: 30 s in one blocking request
+        driver = connection.JobDriver(client, str(tmp_path), scene={"captures": []})
+        messages = []
+        driver.on_progress = lambda p: messages.append(p.message)
+        longest = 0.0
+        for _ in range(30):
+            done, took = _timed(driver.step, 0)
+            longest = max(longest, took)
+            assert not done
+            time.sleep(0.01)
+        assert longest < STEP_BOUND_S, f"a step took {longest:.3f} s"
+        assert driver.hello is None and any("waiting for the service at" in m and "(hello," in m for m in messages)
+        probe = connection.HelloProbe(client)
+        reply, took = _timed(probe.poll, 0)
+        assert reply is None and took < STEP_BOUND_S
+    # Without an answer for all its tries, a step raises (the tick shows it), still without waiting.
+    with Client(silent_endpoint, timeout_ms=100, retries=1) as client:
+        driver = connection.JobDriver(client, str(tmp_path), job="deadbeef")
+        deadline = time.monotonic() + 5
+        with pytest.raises(TimeoutError, match="hello: no reply .* after 2 tries of 100 ms"):
+            while time.monotonic() < deadline:
+                _, took = _timed(driver.step, 0)
+                assert took < STEP_BOUND_S
+                time.sleep(0.01)
+
+
+POINTS_BYTES = 2500  # three chunks of FETCH_CHUNK_BYTES below
+
+
+def _points_runner(scene, out_dir, *, device, progress):
+    """Writes and announces points.ply; with prompt "slow", reports for 10 s (a job to cancel)."""
+    import time
+
+    from backend.progress import ProgressEvent
+
+    (out_dir / "points.ply").write_bytes(np.random.default_rng(0).bytes(POINTS_BYTES))
+    progress(ProgressEvent("memory", 0.5, "points", ("points.ply",)))
+    for _ in range(500 if scene.settings.prompt == "slow" else 0):
+        time.sleep(0.02)
+        progress(ProgressEvent("memory", 0.5, "working"))
+
+
+def _drive(driver, timeout_s: float = 60.0, *, cancel_after: int = -1) -> tuple[int, float]:
+    """Step ``driver`` as Blender's timer does until it is done; (steps, longest step in s)."""
+    import time
+
+    steps, longest, deadline = 0, 0.0, time.monotonic() + timeout_s
+    while True:
+        if steps == cancel_after:
+            driver.cancel()
+        done, took = _timed(driver.step, 0)
+        longest, steps = max(longest, took), steps + 1
+        if done:
+            return steps, longest
+        assert time.monotonic() < deadline, f"the job did not end: {driver.progress}"
+        time.sleep(0.005)
+
+
+def test_driver_runs_a_job_in_steps_that_never_wait(tmp_path, monkeypatch):
+    """Submit, watch, events and a download in three chunks, each request sent in one step and its
+    reply taken in a later one."""
+
+    from backend.service import Service, ServiceConfig
+    from blender_addon import connection
+    from protocol.client import Client
+
+    from .protocol.helpers import scene_msg
+
+    monkeypatch.setattr(connection, "FETCH_CHUNK_BYTES", 1000)
+    svc = Service(
+        ServiceConfig(bind="tcp://127.0.0.1:*", data_dir=tmp_path / "jobs", device="cpu"), runner=_points_runner
+    )
+    thread = svc.start_thread()
+    files = []
+    try:
+        with Client(svc.endpoint) as client:
+            driver = connection.JobDriver(
+                client, str(tmp_path / "out"), scene=scene_msg(), on_file=lambda *a: files.append(a)
+            )
+            steps, longest = _drive(driver)
+            # Cancel (the operator only asks; the next step sends it): the job ends cancelled.
+            slow = connection.JobDriver(client, str(tmp_path / "out"), scene=scene_msg("slow"))
+            _drive(slow, cancel_after=20)
+    finally:
+        svc.stop()
+        thread.join(20)
+    assert driver.progress.state == "done" and driver.hello["version"] == 1
+    ((kind, name, path),) = files
+    assert (kind, name) == ("points", "points.ply")
+    assert Path(path).read_bytes() == np.random.default_rng(0).bytes(POINTS_BYTES)
+    assert steps > 6 and longest < 0.5, (steps, longest)  # hello, submit, watch, 3 chunks: 6 replies at least
+    assert slow.progress.state == "cancelled"
+
+
+def test_stopping_a_service_does_not_wait_for_it(silent_endpoint, tmp_path):
+    import shlex
+
+    from blender_addon import connection
+    from protocol.client import Client
+
+    cfg = connection.ConnectionConfig(
+        local_command=f"{shlex.quote(sys.executable)} -c 'import time; time.sleep(60)'", data_dir=str(tmp_path)
+    )
+    # Still starting (never answered hello): terminated at once, its exit awaited off the caller's thread.
+    svc = connection.LocalService(cfg)
+    _, took = _timed(svc.stop)
+    assert took < STEP_BOUND_S and svc.wait_stopped(10) and svc.proc.returncode is not None
+    # It answered once but does not answer the shutdown now: asked for SHUTDOWN_REPLY_MS, then terminated.
+    svc = connection.LocalService(cfg)
+    svc.answered = True
+    with Client(silent_endpoint) as client:
+        _, took = _timed(svc.stop, client)
+    assert took < connection.SHUTDOWN_REPLY_MS / 1000 + STEP_BOUND_S
+    assert svc.wait_stopped(10) and svc.proc.returncode is not None

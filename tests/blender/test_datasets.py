@@ -93,3 +93,75 @@ def test_dataset_import_stays_torch_free():
         "assert not {'torch', 'cv2', 'PIL'} & set(sys.modules), sorted({'torch', 'cv2', 'PIL'} & set(sys.modules))"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def _write_scene(root: Path, cams: dict[str, tuple[int, int, float, float]]) -> Path:
+    """A scene.json of one camera per (width, height, fx, fy), each with a black photo of its size."""
+    import json
+
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    caps = []
+    for name, (w, h, fx, fy) in cams.items():
+        Image.new("RGB", (w, h)).save(root / "images" / f"{name}.png")
+        w2c = np.eye(4)
+        w2c[2, 3] = 3.0
+        K = [[fx, 0, w / 2 + 10], [0, fy, h / 2 - 7], [0, 0, 1]]
+        camera = {"w2c": w2c.tolist(), "K": K, "width": w, "height": h}
+        caps.append({"name": name, "image": f"images/{name}.png", "camera": camera})
+    (root / "scene.json").write_text(json.dumps({"version": 1, "captures": caps}))
+    return root
+
+
+@pytest.mark.parametrize(
+    "second, shown",
+    [((480, 640, 500.0, 500.0), "'b' (480x640, fx/fy 1)"), ((640, 480, 500.0, 520.0), "'b' (640x480, fx/fy 0.961538)")],
+)
+def test_cameras_of_another_size_or_pixel_aspect_are_refused(registered, tmp_path, second, shown):
+    """A scene has one render size and pixel aspect: every camera after the first would get wrong
+    intrinsics, so the import refuses them, naming them, and adds nothing."""
+    from blender_addon.errors import ReconLoopError
+
+    root = _write_scene(tmp_path / "s", {"a": (640, 480, 500.0, 500.0), "b": second, "c": (640, 480, 500.0, 500.0)})
+    scene = bpy.context.scene
+    render = (scene.render.resolution_x, scene.render.resolution_y)
+    n_objects = len(bpy.data.objects)
+    with pytest.raises(ReconLoopError, match="1 camera") as err:
+        datasets.import_dataset(scene, str(root))
+    assert shown in str(err.value) and "'a' (640x480, fx/fy 1)" in str(err.value) and "'c'" not in str(err.value)
+    assert len(bpy.data.objects) == n_objects and (scene.render.resolution_x, scene.render.resolution_y) == render
+    # One size and aspect: imported, read back as written.
+    ok = _write_scene(tmp_path / "ok", {"a": (640, 480, 500.0, 520.0), "b": (640, 480, 510.0, 530.4)})
+    coll = datasets.import_dataset(scene, str(ok))
+    assert "reconloop_sizes" not in coll
+    from blender_addon.scene_read import read_captures
+
+    got = {c.name: c.camera for c in read_captures(coll, scene)}
+    np.testing.assert_allclose(got["b"].K, [[510.0, 0, 330], [0, 530.4, 233], [0, 0, 1]], atol=1e-3)
+
+
+def test_export_writes_the_photo_in_use_and_refuses_a_packed_one(registered, tmp_path):
+    import json
+
+    from blender_addon.errors import ReconLoopError
+
+    root = _write_scene(tmp_path / "s", {"a": (64, 48, 50.0, 50.0)})
+    scene = bpy.context.scene
+    coll = datasets.import_dataset(scene, str(root))
+    cam = bpy.data.objects["a"]
+    # The user swaps the photo (a stale path kept on the object must not win).
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (255, 0, 0)).save(tmp_path / "other.png")
+    cam["reconloop_image"] = str(root / "images" / "a.png")
+    cam.data.background_images[0].image = bpy.data.images.load(str(tmp_path / "other.png"))
+    out = datasets.export_dataset(scene, coll, str(tmp_path / "out"), "scene")
+    image = json.loads(out.read_text())["captures"][0]["image"]
+    assert (out.parent / image).resolve() == (tmp_path / "other.png").resolve()
+    # A packed photo with no file on disk: said plainly, not written as "..".
+    img = cam.data.background_images[0].image
+    img.pack()
+    img.filepath = ""
+    with pytest.raises(ReconLoopError, match="camera 'a': photo is packed or not on disk; unpack it before exporting"):
+        datasets.export_dataset(scene, coll, str(tmp_path / "out2"), "scene")

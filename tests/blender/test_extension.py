@@ -252,8 +252,8 @@ def test_reconstruct_temple_against_local_service(installed, temple_dir, tmp_pat
         again = bpy.data.collections[f"ReconLoop job {job[:8]}"]
         assert {o.get("reconloop_kind") for o in again.objects} >= {"points", "gaussians"}
     finally:
-        bpy.ops.reconloop.stop_service()
-    assert service.proc.returncode is not None, "the local service was not stopped"
+        bpy.ops.reconloop.stop_service()  # returns at once; the service's exit is awaited off the main thread
+    assert service.wait_stopped(30) and service.proc.returncode is not None, "the local service was not stopped"
     assert scene.frame_current == 2 and made["trajectory"].data.lens == lens_before
 
     rt = bpy.context.window_manager.reconloop

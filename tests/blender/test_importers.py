@@ -78,6 +78,15 @@ def test_estimated_cameras_match_their_opencv_values(temple_dir, tmp_path):
         for c in caps
     ]
     scene = bpy.context.scene
+    # Results leave the render settings alone: the scene's are the photos' (as after importing them).
+    first = cam_math.blender_from_opencv(caps[0].camera.w2c, caps[0].camera.K, 640, 480)
+    r = scene.render
+    r.resolution_x, r.resolution_y, r.pixel_aspect_x, r.pixel_aspect_y = (
+        640,
+        480,
+        first.pixel_aspect_x,
+        first.pixel_aspect_y,
+    )
     coll = importers.job_collection(scene, "estimated", "job0")
     objs = importers.import_estimated_cameras(est, {c.name: str(c.image) for c in caps}, coll, scene)
     bpy.context.view_layer.update()
@@ -192,3 +201,70 @@ def test_cycles_shows_points_and_gaussians_in_their_colours():
     green = (img[:, half:, 1] > 150) & (img[:, half:, 0] < 80)
     assert red.sum() > 20, "points did not render red"
     assert green.sum() > 20, "Gaussians did not render green"
+
+
+def _photo_camera(coll, name: str, photo: Path, frame_method: str = "STRETCH"):
+    obj = bpy.data.objects.new(name, bpy.data.cameras.new(name))
+    coll.objects.link(obj)
+    bg = obj.data.background_images.new()
+    bg.image = bpy.data.images.load(str(photo))
+    bg.frame_method = frame_method
+    return obj
+
+
+def test_a_stretched_photo_of_another_shape_is_refused(tmp_path):
+    from PIL import Image
+
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 640, 480, 100
+    Image.new("RGB", (480, 640)).save(tmp_path / "tall.png")
+    Image.new("RGB", (1280, 960)).save(tmp_path / "big.png")
+    coll = bpy.data.collections.new("caps")
+    scene.collection.children.link(coll)
+    _photo_camera(coll, "a", tmp_path / "big.png")  # the render's shape at another size: fine
+    _photo_camera(coll, "b", tmp_path / "tall.png")
+    with pytest.raises(ReconLoopError, match=r"camera 'b': its photo is 480x640 pixels and the render 640x480") as err:
+        read_captures(coll, scene)
+    assert "set the render resolution (Output properties) to 480x640" in str(err.value)
+    bpy.data.objects["b"].data.background_images[0].frame_method = "FIT"  # drawn as it is: accepted
+    assert [c.name for c in read_captures(coll, scene)] == ["a", "b"]
+
+
+def _estimated(name: str, w: int, h: int, fx: float, fy: float) -> scene_io.EstimatedCamera:
+    w2c = np.eye(4)
+    w2c[2, 3] = 5.0
+    K = np.array([[fx, 0, w / 2], [0, fy, h / 2], [0, 0, 1]])
+    return scene_io.EstimatedCamera(name=name, image=name, camera=cam_math.OpenCVCamera(w2c, K, w, h))
+
+
+def _render_settings(scene) -> tuple:
+    r = scene.render
+    return r.resolution_x, r.resolution_y, r.resolution_percentage, r.pixel_aspect_x, r.pixel_aspect_y
+
+
+def test_a_jobs_path_leaves_the_render_settings_and_estimated_cameras_set_them(tmp_path):
+    """The path a job invented (at its working size) never changes the render settings: the next run
+    reads the same cameras at the same render size. Estimated cameras are the photos' cameras: the
+    render takes their size and pixel aspect, so they read back as estimated."""
+    from PIL import Image
+
+    scene = bpy.context.scene
+    Image.new("RGB", (1920, 1080)).save(tmp_path / "a.png")
+    coll = bpy.data.collections.new("caps")
+    scene.collection.children.link(coll)
+    _photo_camera(coll, "a", tmp_path / "a.png").location = (0, -5, 0)
+    before, K_before = _render_settings(scene), read_captures(coll, scene)[0].camera.K
+    results = importers.job_collection(scene, "caps", "job1")
+    path = [(f, _estimated("p", 320, 240, 300.0, 280.0).camera) for f in (1, 2)]
+    importers.import_trajectory_camera(path, "caps path", results, scene)
+    assert _render_settings(scene) == before
+    np.testing.assert_array_equal(read_captures(coll, scene)[0].camera.K, K_before)
+    importers.import_estimated_cameras([_estimated("e", 320, 240, 300.0, 280.0)], {}, results, scene)
+    want = _estimated("e", 320, 240, 300.0, 280.0).blender_params()
+    assert _render_settings(scene) == pytest.approx((320, 240, 100, want.pixel_aspect_x, want.pixel_aspect_y))
+    # Estimated cameras of different sizes or fx/fy cannot share the scene: refused, naming them.
+    mixed = [_estimated("e1", 320, 240, 300.0, 300.0), _estimated("e2", 240, 320, 300.0, 300.0)]
+    n_objects = len(bpy.data.objects)
+    with pytest.raises(ReconLoopError, match=r"estimated cameras: 1 camera.*'e2' \(240x320, fx/fy 1\)"):
+        importers.import_estimated_cameras(mixed, {}, results, scene)
+    assert len(bpy.data.objects) == n_objects

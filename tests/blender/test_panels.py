@@ -80,6 +80,17 @@ def test_photo_folder_results_say_which_photos_got_no_camera_and_animate_the_pat
     path = [(f, caps[i].camera.scaled(320, 240)) for f, i in ((1, 3), (5, 4), (9, 5))]
     write_cameras(tmp_path, placed, path)
     photos = {c.name: str(c.image) for c in caps[:3]}
+    # The photos' size and pixel aspect (the estimated cameras set them too); the path's 320x240 does not.
+    from blender_addon.cameras import blender_from_opencv
+
+    r = bpy.context.scene.render
+    aspect = blender_from_opencv(caps[0].camera.w2c, caps[0].camera.K, 640, 480)
+    r.resolution_x, r.resolution_y, r.pixel_aspect_x, r.pixel_aspect_y = (
+        640,
+        480,
+        aspect.pixel_aspect_x,
+        aspect.pixel_aspect_y,
+    )
     importer = operators.ResultImporter(bpy.context.scene.name, "folder", "", (1, 40), photos)
     importer.job = "job1"
     importer.on_file("cameras", "cameras.json", str(tmp_path / "cameras.json"))
@@ -94,11 +105,12 @@ def test_photo_folder_results_say_which_photos_got_no_camera_and_animate_the_pat
     cam = bpy.data.objects[importer.trajectory_camera]
     assert importer.frame_range == (1, 9)
     scene = bpy.context.scene
-    for frame, want in path:
+    assert (r.resolution_x, r.resolution_y) == (640, 480)
+    for frame, want in path:  # the path's views at the render's size (the same shape)
         scene.frame_set(frame)
         got = sample_camera(cam, scene)
         np.testing.assert_allclose(got.w2c, want.w2c, atol=1e-5)
-        np.testing.assert_allclose(got.K, want.K, atol=1e-3)
+        np.testing.assert_allclose(got.K, want.scaled(640, 480).K, atol=1e-3)
 
 
 def test_gaussian_import_sets_the_scene_to_render_them_as_fitted(registered, tmp_path):

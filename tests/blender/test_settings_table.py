@@ -69,3 +69,27 @@ def test_every_row_reaches_the_property_group_and_the_panel(registered):
     sent = st.job_settings()
     assert set(sent) <= set(scene_io.SETTING_NAMES)
     assert Settings.from_json(sent) == Settings()
+
+
+def test_generator_choice_survives_the_services_list(registered, tmp_path):
+    """Blender stores an enum's number: numbered by name, the choice stays the same generator when a
+    service lists them in another order (backend lists them sorted), also in a saved .blend."""
+    from blender_addon import props
+
+    default = props.BY_NAME["generator"].default
+    st = bpy.context.scene.reconloop
+    try:
+        assert st.generator == default
+        props.set_generators(["anyrecon", "refine", "reproject"])
+        assert st.generator == default and st.job_settings()["generator"] == default
+        props.set_generators(["reproject", "anyrecon"])
+        st.generator = "anyrecon"
+        props.set_generators(["anyrecon", "refine", "reproject"])
+        assert st.generator == "anyrecon"
+        path = tmp_path / "gen.blend"
+        bpy.ops.wm.save_as_mainfile(filepath=str(path))
+        props.set_generators(["refine", "reproject", "anyrecon", "zzz"])
+        bpy.ops.wm.open_mainfile(filepath=str(path))
+        assert bpy.context.scene.reconloop.generator == "anyrecon"
+    finally:
+        props.set_generators(list(props.BY_NAME["generator"].choices))

@@ -1,0 +1,99 @@
+"""The sidebar's timers never wait for the service, and Stop service neither waits nor leaves a timer behind."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+
+import bpy
+import pytest
+import zmq
+
+import blender_addon
+from blender_addon import connection, operators
+
+TICK_BOUND_S = 0.2  # a timer tick may take about 0.1 s: Blender's UI waits for it
+
+
+@pytest.fixture
+def registered():
+    blender_addon.register()
+    yield
+    operators.stop_timers()
+    connection.close()
+    blender_addon.unregister()
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A socket that accepts connections and never answers (a hung service, a wrong CurveZMQ key)."""
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    yield f"tcp://127.0.0.1:{port}"
+    sock.close()
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def test_ticks_return_at_once_when_the_service_never_answers(registered, silent_endpoint):
+    rt = bpy.context.window_manager.reconloop
+    cfg = connection.ConnectionConfig(mode="remote", remote_address=silent_endpoint, timeout_ms=300)
+    client, service = connection.connect(cfg)
+    # Test connection (UI): its timer looks for the hello reply once a tick.
+    connection.SESSION.handlers["probe"] = connection.HelloProbe(client, service)
+    intervals, longest = [], 0.0
+    deadline = time.monotonic() + 10
+    while not intervals or intervals[-1] is not None:
+        interval, took = _timed(operators._probe_tick)
+        intervals.append(interval)
+        longest = max(longest, took)
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert longest < TICK_BOUND_S, f"a Test connection tick took {longest:.3f} s"
+    assert len(intervals) > 5 and intervals[0] == operators.TICK_S
+    assert "does not answer" in rt.last_error and rt.hello_summary == ""
+
+    # A running job whose service went silent: each tick returns, then the job ends in a plain error.
+    rt.last_error = ""
+    driver = connection.JobDriver(client, bpy.app.tempdir, job="deadbeef")
+    importer = operators.ResultImporter(bpy.context.scene.name, "k", "", (1, 2))
+    operators.begin_job(bpy.context, driver, importer)
+    interval, longest = 0.0, 0.0
+    while interval is not None:
+        interval, took = _timed(operators._tick)
+        longest = max(longest, took)
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert longest < TICK_BOUND_S, f"a job tick took {longest:.3f} s"
+    assert "does not answer" in rt.last_error and not rt.is_running and connection.SESSION.driver is None
+
+    # With the default 10 s a try (30 s in a blocking request), a tick still returns at once.
+    connection.close()
+    client, service = connection.connect(connection.ConnectionConfig(mode="remote", remote_address=silent_endpoint))
+    connection.SESSION.handlers["probe"] = connection.HelloProbe(client, service)
+    for _ in range(3):
+        interval, took = _timed(operators._probe_tick)
+        assert interval == operators.TICK_S and took < TICK_BOUND_S
+
+
+def test_stop_service_stops_the_timers_without_waiting(registered, tmp_path):
+    cfg = connection.ConnectionConfig(
+        local_command=f"{shlex.quote(sys.executable)} -c 'import time; time.sleep(60)'", data_dir=str(tmp_path)
+    )
+    client, service = connection.connect(cfg)  # a service still starting, as Test connection leaves it
+    connection.SESSION.handlers["probe"] = connection.HelloProbe(client, service)
+    bpy.app.timers.register(operators._probe_tick, first_interval=1.0)
+    assert operators._probe_tick() == operators.TICK_S
+    result, took = _timed(bpy.ops.reconloop.stop_service)
+    assert result == {"FINISHED"} and took < 1.0, f"Stop service took {took:.1f} s"
+    assert not bpy.app.timers.is_registered(operators._probe_tick)
+    # A tick that fires anyway (queued before the stop) finds no client and ends quietly.
+    assert operators._probe_tick() is None and operators._tick() is None
+    assert bpy.context.window_manager.reconloop.last_error == ""
+    assert service.wait_stopped(10) and service.proc.returncode is not None

@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="score held-out views: point render, captures-only Gaussians, full loop",
         description=(
-            "Hold out views (scene.heldout, or --protocol llff|ring on imported data) and report "
+            "Hold out views (scene.heldout, or --protocol llff|ring|ring-arc|dtu on imported data) and report "
             "PSNR/SSIM at them for the point render alone, Gaussians fitted on the captures "
             "alone, and the full loop; with time and peak memory per stage (eval.json)."
         ),

@@ -3,8 +3,9 @@
 No bpy at import time. Blender's main thread owns the socket and calls :meth:`JobDriver.step` from a
 ``bpy.app.timers`` callback (``wait_ms=0``); in background mode the operator calls ``step(wait_ms=...)``
 in a loop instead (timers never fire there). No step waits for the service: a request goes out in one
-step (:class:`PendingRequest`) and its reply is picked up by a later one, so a service that does not
-answer never freezes Blender's UI. The only thread waits for a stopped local service's process to exit.
+step (``Client.begin``: a ``protocol.client.PendingRequest``) and its reply is picked up by a later
+one, so a service that does not answer never freezes Blender's UI. The only thread waits for a stopped
+local service's process to exit.
 The protocol itself is ``protocol.client.Client`` (Lazy Pirate retries, event replay, sha256 checks).
 """
 
@@ -14,7 +15,6 @@ import hashlib
 import math
 import os
 import re
-import secrets
 import shlex
 import socket
 import subprocess
@@ -22,12 +22,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocol.schemas import TERMINAL_STATES
 
 from . import scene_io
 from .errors import ReconLoopError
+
+if TYPE_CHECKING:
+    from protocol.client import PendingRequest
 
 LOOPBACK = "127.0.0.1"
 SERVICE_START_TIMEOUT_S = 120.0  # a cold start imports torch; a first start on a laptop can be slow
@@ -135,9 +138,11 @@ def describe_hello(reply: dict[str, Any]) -> str:
 
 def plain_error(err: BaseException, endpoint: str = "") -> str:
     """A user-facing sentence for an error from the client or the service."""
-    _, ProtocolError = _protocol()
+    client_mod, ProtocolError = _protocol()
     if isinstance(err, ReconLoopError):
         return str(err)
+    if isinstance(err, client_mod.ClientClosedError):
+        return "the connection to the service was closed"
     if isinstance(err, TimeoutError):
         where = f" at {endpoint}" if endpoint else ""
         hint = f" Start it with `{start_hint(endpoint)}`." if endpoint else ""
@@ -151,105 +156,14 @@ def plain_error(err: BaseException, endpoint: str = "") -> str:
 # Requests that never block (Blender's UI timers)
 #
 # ``Client.request`` waits for its reply (timeout_ms per try, retries more tries): 30 s of a frozen
-# UI when the service does not answer. These send now and pick the reply up on later ticks. The
-# client has no public non-blocking request, so they use its socket layer (_send, _recv, _reopen,
-# _events, _seen, _watched), with the same Lazy Pirate rules as ``Client.request``.
+# UI when the service does not answer. The add-on sends with ``Client.begin`` (``begin_hello``,
+# ``begin_watch``) and picks the reply up on later ticks with ``PendingRequest.poll``, with the same
+# Lazy Pirate retries; ``Client.take_events`` gives the events that came meanwhile.
 
 
-class PendingRequest:
-    """One request in flight: sent at once, its reply taken by a later :meth:`poll`.
-
-    ``poll(wait_ms)`` waits at most ``wait_ms`` (0: not at all) and returns the reply, or None while
-    there is none; events that arrive meanwhile stay queued on the client (:func:`take_events`). After
-    ``timeout_ms`` without a reply the request goes again on a fresh socket, ``retries`` times, then
-    ``poll`` raises TimeoutError; an error reply raises ProtocolError.
-    """
-
-    def __init__(
-        self,
-        client,
-        op: str,
-        fields: dict[str, Any] | None = None,
-        *,
-        timeout_ms: int | None = None,
-        retries: int | None = None,
-    ) -> None:
-        fields = dict(fields or {})
-        if op == "submit" and not fields.get("key"):  # the same key on every try: a resent submit is not doubled
-            fields["key"] = secrets.token_hex(16)
-        self.client, self.op, self.fields = client, op, fields
-        self.timeout_ms = client.timeout_ms if timeout_ms is None else int(timeout_ms)
-        self.retries = client.retries if retries is None else int(retries)
-        self.tries = 0
-        self.started = time.monotonic()
-        self._send()
-
-    def _send(self) -> None:
-        self.rid = self.client._send(self.op, self.fields)
-        self.tries += 1
-        self.deadline = time.monotonic() + self.timeout_ms / 1000
-
-    @property
-    def waited_s(self) -> float:
-        return time.monotonic() - self.started
-
-    def waiting_text(self) -> str:
-        return f"waiting for the service at {self.client.endpoint} to answer ({self.op}, {self.waited_s:.0f} s)"
-
-    def poll(self, wait_ms: float = 0) -> dict[str, Any] | None:
-        until = time.monotonic() + max(0.0, wait_ms) / 1000
-        while True:
-            reply = self._read()
-            if reply is not None:
-                return reply
-            now = time.monotonic()
-            if now >= self.deadline:
-                if self.tries > self.retries:
-                    raise TimeoutError(
-                        f"{self.op}: no reply from {self.client.endpoint} after {self.tries} tries of {self.timeout_ms} ms"
-                    )
-                self.client._reopen()  # Lazy Pirate: a fresh socket (re-subscribed), the request again
-                self._send()
-                continue
-            left_ms = (min(until, self.deadline) - now) * 1000
-            if left_ms <= 0:
-                return None
-            sock = self.client._sock
-            if sock is None:
-                raise ReconLoopError("the connection to the service was closed")
-            sock.poll(math.ceil(left_ms))
-
-    def _read(self) -> dict[str, Any] | None:
-        """Everything already received, without waiting: events queued, this request's reply returned."""
-        _, ProtocolError = _protocol()
-        client = self.client
-        while client._sock is not None and client._sock.poll(0):
-            msg = client._recv(0)  # queues an event and returns None; returns a reply
-            if msg is None or msg.get("op") == "event" or msg.get("id") != self.rid:
-                continue  # stale replies of earlier tries (and re-subscriptions) are dropped
-            if not msg["ok"]:
-                raise ProtocolError.from_wire(msg["error"])
-            return msg
-        return None
-
-
-def take_events(client) -> list[dict[str, Any]]:
-    """The events the client has queued, without reading its socket (``Client.poll_events`` would
-    read it too, and drop the reply a PendingRequest waits for)."""
-    out = list(client._events)
-    client._events.clear()
-    return out
-
-
-def watch_request(client, job: str) -> PendingRequest:
-    """``Client.watch`` without waiting: subscribe to ``job``, replaying the events after the last seen."""
-    return PendingRequest(client, "status", {"job": job, "watch": True, "since": client._seen.get(job, 0)})
-
-
-def mark_watched(client, job: str, reply: dict[str, Any]) -> None:
-    """What ``Client.watch`` does with its reply: a reconnect re-subscribes a job that goes on."""
-    if reply["state"] not in TERMINAL_STATES:
-        client._watched.add(job)
+def waiting_text(request: PendingRequest) -> str:
+    """What the progress shows while ``request`` (a PendingRequest) has no reply yet."""
+    return f"waiting for the service at {request.client.endpoint} to answer ({request.op}, {request.waited_s:.0f} s)"
 
 
 class HelloProbe:
@@ -260,15 +174,11 @@ class HelloProbe:
     """
 
     def __init__(self, client, service: LocalService | None = None) -> None:
-        from protocol.version import SUPPORTED_VERSIONS
-
         self.client, self.service = client, service
         retries = None
         if service is not None and not service.answered:
             retries = max(client.retries, math.ceil(SERVICE_START_TIMEOUT_S * 1000 / max(1, client.timeout_ms)))
-        self.request = PendingRequest(
-            client, "hello", {"versions": list(SUPPORTED_VERSIONS), "client": client.name}, retries=retries
-        )
+        self.request = client.begin_hello(retries=retries)  # its reply is stored as client.server
         self.op = "hello"
 
     @property
@@ -278,7 +188,7 @@ class HelloProbe:
     def waiting_text(self) -> str:
         if self.service is not None and not self.service.answered:
             return f"starting the local ReconLoop service ({self.waited_s:.0f} s)"
-        return self.request.waiting_text()
+        return waiting_text(self.request)
 
     def poll(self, wait_ms: float = 0) -> dict[str, Any] | None:
         if self.service is not None:
@@ -289,10 +199,8 @@ class HelloProbe:
             if self.service is not None:
                 raise self.service.start_timeout() from None
             raise
-        if reply is not None:
-            self.client.server = reply  # as Client.hello does: its limits bound later requests
-            if self.service is not None:
-                self.service.answered = True
+        if reply is not None and self.service is not None:
+            self.service.answered = True
         return reply
 
 
@@ -453,7 +361,7 @@ class LocalService:
             asked = False
             if client is not None and self.answered:
                 try:
-                    asked = PendingRequest(client, "shutdown", retries=0).poll(SHUTDOWN_REPLY_MS) is not None
+                    asked = client.begin("shutdown", retries=0).poll(SHUTDOWN_REPLY_MS) is not None
                 except Exception:  # noqa: BLE001 - a closed client, a refusal: terminate below
                     asked = False
             if not asked:
@@ -569,7 +477,7 @@ class JobDriver:
             return True
         if self._pending is not None:
             reply = self._pending.poll(wait_ms)
-            self._apply_events(take_events(self.client))
+            self._apply_events(self.client.take_events())
             if reply is None:
                 self._note_waiting()
                 return False
@@ -610,14 +518,14 @@ class JobDriver:
         if self.scene is not None:
             self._set(state="uploading", stage="submit", message="sending photos and cameras")
             self.submitted = True
-            return self._send(PendingRequest(self.client, "submit", {"scene": self.scene}), self._on_submit)
+            return self._send(self.client.begin("submit", scene=self.scene), self._on_submit)
         if not self._watching:
             self.out_dir = os.path.join(self.out_root, self.job)
             os.makedirs(self.out_dir, exist_ok=True)
-            return self._send(watch_request(self.client, self.job), self._on_watch)
+            return self._send(self.client.begin_watch(self.job), self._on_watch)
         if self.cancel_requested and not self._cancel_sent:
             self._cancel_sent = True
-            return self._send(PendingRequest(self.client, "cancel", {"job": self.job}), lambda reply: None)
+            return self._send(self.client.begin("cancel", job=self.job), lambda reply: None)
         if self._current is not None or self._queue:
             return self._send(self._fetch_request(), self._on_chunk)
         return False
@@ -625,13 +533,14 @@ class JobDriver:
     def _check_idle(self) -> None:
         if self._pending is None and not self._terminal and time.monotonic() - self._last_event > IDLE_STATUS_S:
             # Silence: ask (also finds a lost server, re-subscribes and replays missed events).
-            self._send(watch_request(self.client, self.job), self._on_status)
+            self._send(self.client.begin_watch(self.job), self._on_status)
 
     def _note_waiting(self) -> None:
-        waited = self._pending.waited_s
+        pending = self._pending
+        waited = pending.waited_s
         if waited >= WAITING_NOTE_S and int(waited) != self._noted_s:
             self._noted_s = int(waited)
-            self._set(message=self._pending.waiting_text())
+            self._set(message=pending.waiting_text() if isinstance(pending, HelloProbe) else waiting_text(pending))
 
     # -- replies --------------------------------------------------------------------------------
 
@@ -643,13 +552,10 @@ class JobDriver:
         self.scene = None  # free the photos
 
     def _on_watch(self, reply: dict[str, Any]) -> None:
-        mark_watched(self.client, self.job, reply)
         self._watching = True
-        self._apply(reply)
-        self._last_event = time.monotonic()
+        self._on_status(reply)
 
-    def _on_status(self, reply: dict[str, Any]) -> None:
-        mark_watched(self.client, self.job, reply)
+    def _on_status(self, reply: dict[str, Any]) -> None:  # begin_watch has marked a job that goes on watched
         self._apply(reply)
         self._last_event = time.monotonic()
 
@@ -701,8 +607,7 @@ class JobDriver:
             d.hasher = hashlib.sha256()
             self._current = d
         d = self._current
-        fields = {"job": self.job, "name": d.name, "offset": d.offset, "length": FETCH_CHUNK_BYTES}
-        return PendingRequest(self.client, "fetch", fields)
+        return self.client.begin("fetch", job=self.job, name=d.name, offset=d.offset, length=FETCH_CHUNK_BYTES)
 
     def _on_chunk(self, reply: dict[str, Any]) -> None:
         d = self._current

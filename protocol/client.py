@@ -16,13 +16,22 @@ Example::
             print(event["stage"], event["fraction"])
         c.fetch_to(job, "points.ply", "out/points.ply")
 
-In Blender, call ``poll_events(0)`` from a timer instead of iterating ``events``.
+A caller that must never block (Blender's UI thread) sends with ``begin`` and picks the reply up
+later, one ``poll(0)`` a timer tick; events received meanwhile wait in ``take_events``::
+
+    pending = c.begin("status", job=job)      # sent now
+    ...                                       # on each later tick:
+    reply = pending.poll(0)                   # None until the reply came; retries as request does
+    for event in c.take_events(): ...
+
+``request`` is ``begin(...).wait()``: one Lazy Pirate loop serves both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import secrets
 import time
@@ -47,6 +56,10 @@ DEFAULT_TIMEOUT_MS = 10_000  # per try; a submit of large images needs the serve
 DEFAULT_RETRIES = 2  # tries after the first
 FETCH_WINDOW = 2  # fetch requests in flight at once (scripts/bench_protocol.py)
 IDEMPOTENT_KEY_BYTES = 16
+
+
+class ClientClosedError(RuntimeError):
+    """A request on a client that was closed (``Client.close``): nothing can be sent or received."""
 
 
 class Client:
@@ -131,7 +144,7 @@ class Client:
 
     def _send(self, op: str, fields: dict[str, Any]) -> int:
         if self._sock is None:
-            raise RuntimeError("the client is closed")
+            raise ClientClosedError("the client is closed")
         rid = self._next_id
         self._next_id += 1
         frames = encode({"v": PROTOCOL_VERSION, "op": op, "id": rid, **fields}, "request")
@@ -162,6 +175,18 @@ class Client:
 
     # -- requests ------------------------------------------------------------------------------------
 
+    def begin(
+        self, op: str, *, timeout_ms: int | None = None, retries: int | None = None, **fields: Any
+    ) -> PendingRequest:
+        """Send one request now; its reply is taken later with ``poll`` or ``wait`` (PendingRequest).
+
+        ``timeout_ms`` and ``retries`` default to the client's. A submit gets an idempotency ``key``
+        if it has none, the same on every try, so that a resent submit is not doubled.
+        """
+        if op == "submit" and not fields.get("key"):
+            fields["key"] = secrets.token_hex(IDEMPOTENT_KEY_BYTES)
+        return PendingRequest(self, op, fields, timeout_ms=timeout_ms, retries=retries)
+
     def request(
         self, op: str, *, timeout_ms: int | None = None, retries: int | None = None, **fields: Any
     ) -> dict[str, Any]:
@@ -170,29 +195,24 @@ class Client:
         Raises ProtocolError for an error reply, TimeoutError when no reply came after all tries.
         A submit gets an idempotency ``key`` if it has none, so that a resent submit is not doubled.
         """
-        if op == "submit" and not fields.get("key"):
-            fields["key"] = secrets.token_hex(IDEMPOTENT_KEY_BYTES)
-        timeout_ms = self.timeout_ms if timeout_ms is None else timeout_ms
-        retries = self.retries if retries is None else retries
-        for _attempt in range(retries + 1):
-            deadline = time.monotonic() + timeout_ms / 1000
-            rid = self._send(op, fields)
-            while (remaining_ms := (deadline - time.monotonic()) * 1000) > 0:
-                msg = self._recv(remaining_ms)
-                if msg is None:
-                    break
-                if msg.get("op") == "event" or msg.get("id") != rid:
-                    continue  # events are queued; stale replies of earlier tries are dropped
-                if not msg["ok"]:
-                    raise ProtocolError.from_wire(msg["error"])
-                return msg
-            self._reopen()
-        raise TimeoutError(f"{op}: no reply from {self.endpoint} after {retries + 1} tries of {timeout_ms} ms")
+        return self.begin(op, timeout_ms=timeout_ms, retries=retries, **fields).wait()
+
+    def begin_hello(self, *, retries: int | None = None) -> PendingRequest:
+        """``hello`` without waiting: once its reply is polled, it is stored as ``server``."""
+        return PendingRequest(
+            self,
+            "hello",
+            {"versions": list(SUPPORTED_VERSIONS), "client": self.name},
+            retries=retries,
+            on_reply=self._set_server,
+        )
+
+    def _set_server(self, reply: dict[str, Any]) -> None:
+        self.server = reply  # its limits bound later requests (_check_frame_sizes)
 
     def hello(self) -> dict[str, Any]:
         """Negotiate the version and learn the server's generators, device and limits."""
-        self.server = self.request("hello", versions=list(SUPPORTED_VERSIONS), client=self.name)
-        return self.server
+        return self.begin_hello().wait()
 
     def submit(self, scene: dict[str, Any], *, key: str | None = None) -> str:
         """Queue a job; returns its id. ``scene``: captures, trajectory, heldout, settings (README)."""
@@ -212,13 +232,29 @@ class Client:
 
     # -- events ----------------------------------------------------------------------------------------
 
+    def begin_watch(self, job: str, *, since: int | None = None) -> PendingRequest:
+        """``watch`` without waiting: once its reply is polled, a job that goes on counts as watched
+        (a reconnect re-subscribes it)."""
+        since = self._seen.get(job, 0) if since is None else since
+
+        def watched(reply: dict[str, Any]) -> None:
+            if reply["state"] not in TERMINAL_STATES:
+                self._watched.add(job)
+
+        return PendingRequest(self, "status", {"job": job, "watch": True, "since": since}, on_reply=watched)
+
     def watch(self, job: str, *, since: int | None = None) -> dict[str, Any]:
         """Subscribe to a job's events; events after ``since`` (default: the last seen) are replayed."""
-        since = self._seen.get(job, 0) if since is None else since
-        reply = self.request("status", job=job, watch=True, since=since)
-        if reply["state"] not in TERMINAL_STATES:
-            self._watched.add(job)
-        return reply
+        return self.begin_watch(job, since=since).wait()
+
+    def take_events(self) -> list[dict[str, Any]]:
+        """The events received so far (while waiting for replies), without reading the socket.
+
+        Unlike ``poll_events``, it never reads a reply that a PendingRequest waits for.
+        """
+        out = list(self._events)
+        self._events.clear()
+        return out
 
     def poll_events(self, timeout_ms: int = 0) -> list[dict[str, Any]]:
         """Events received so far, waiting at most ``timeout_ms`` for the first (0: never blocks)."""
@@ -227,9 +263,7 @@ class Client:
             del first  # queued by _recv when it was an event
         while self._sock is not None and self._sock.poll(0):
             self._recv(0)
-        out = list(self._events)
-        self._events.clear()
-        return out
+        return self.take_events()
 
     def events(self, job: str, *, idle_ms: int | None = None) -> Iterator[dict[str, Any]]:
         """Yield the job's events until its final one. Call ``watch(job)`` first.
@@ -355,6 +389,120 @@ class Client:
             if tmp.exists():
                 tmp.unlink()
         return result
+
+
+class PendingRequest:
+    """One request in flight (made by :meth:`Client.begin`): sent at once, its reply taken by :meth:`poll`.
+
+    The Lazy Pirate pattern of the ZeroMQ guide, in steps that never wait longer than asked: the
+    request goes out when made; ``poll(wait_ms)`` reads what has arrived, waiting at most ``wait_ms``
+    (0: not at all), and returns the reply, or None while there is none. Events that arrive meanwhile
+    are queued on the client (:meth:`Client.take_events`). When ``timeout_ms`` passes without the
+    reply, the client closes its socket (``LINGER`` 0), opens a fresh one (re-subscribing the jobs it
+    watches) and sends the request again with the same fields (a submit keeps its idempotency ``key``);
+    replies to earlier tries are dropped. After ``retries`` resends without a reply, ``poll``
+    raises TimeoutError. An error reply raises ProtocolError; a closed client raises
+    ClientClosedError. Once the reply came, ``poll`` returns it again (or raises the same error).
+
+    Attributes:
+        client: the Client that sent it.
+        op: the request's op.
+        fields: the request's fields (without ``v``, ``op`` and ``id``).
+        timeout_ms: how long one try waits for the reply.
+        retries: how many times it is resent before TimeoutError.
+        tries: how many times it was sent so far.
+        rid: the request id of the latest try (a reply with another id is not this one's).
+        started: ``time.monotonic()`` when it was first sent.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        op: str,
+        fields: dict[str, Any],
+        *,
+        timeout_ms: int | None = None,
+        retries: int | None = None,
+        on_reply: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.client, self.op, self.fields = client, op, fields
+        self.timeout_ms = client.timeout_ms if timeout_ms is None else int(timeout_ms)
+        self.retries = client.retries if retries is None else int(retries)
+        self.tries = 0
+        self.started = time.monotonic()
+        self._on_reply = on_reply  # the client's own bookkeeping for this op (hello, watch)
+        self._reply: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+        self._send()
+
+    def _send(self) -> None:
+        self.rid = self.client._send(self.op, self.fields)
+        self.tries += 1
+        self.deadline = time.monotonic() + self.timeout_ms / 1000
+
+    @property
+    def waited_s(self) -> float:
+        """Seconds since the request was first sent."""
+        return time.monotonic() - self.started
+
+    def poll(self, wait_ms: float = 0) -> dict[str, Any] | None:
+        """The reply, or None when it has not come within ``wait_ms`` (0: look without waiting)."""
+        return self._poll(time.monotonic() + max(0.0, wait_ms) / 1000)
+
+    def wait(self) -> dict[str, Any]:
+        """Block until the reply (after all tries: TimeoutError)."""
+        reply = self._poll(math.inf)
+        assert reply is not None  # with no time bound, _poll ends with the reply or an error
+        return reply
+
+    def _poll(self, until: float) -> dict[str, Any] | None:
+        if self._reply is not None:
+            return self._reply
+        if self._error is not None:
+            raise self._error
+        try:
+            reply = self._wait_reply(until)
+            if reply is not None and self._on_reply is not None:
+                self._on_reply(reply)
+        except (ProtocolError, TimeoutError, ClientClosedError) as err:
+            self._error = err
+            raise
+        self._reply = reply
+        return reply
+
+    def _wait_reply(self, until: float) -> dict[str, Any] | None:
+        client = self.client
+        while True:
+            if client._sock is None:
+                raise ClientClosedError("the client is closed")
+            reply = self._read()
+            if reply is not None:
+                return reply
+            now = time.monotonic()
+            if now >= self.deadline:
+                client._reopen()  # Lazy Pirate: a fresh socket (re-subscribed) ...
+                if self.tries > self.retries:
+                    raise TimeoutError(
+                        f"{self.op}: no reply from {client.endpoint} after {self.tries} tries of {self.timeout_ms} ms"
+                    )
+                self._send()  # ... and the request again
+                continue
+            left_ms = (min(until, self.deadline) - now) * 1000
+            if left_ms <= 0:
+                return None
+            client._sock.poll(math.ceil(left_ms))
+
+    def _read(self) -> dict[str, Any] | None:
+        """Everything already received, without waiting: events queued, this request's reply returned."""
+        client = self.client
+        while client._sock.poll(0):
+            msg = client._recv(0)  # queues an event and returns None; returns a reply
+            if msg is None or msg.get("op") == "event" or msg.get("id") != self.rid:
+                continue  # stale replies of earlier tries (and of re-subscriptions) are dropped
+            if not msg["ok"]:
+                raise ProtocolError.from_wire(msg["error"])
+            return msg
+        return None
 
 
 def _check_frame_sizes(op: str, frames: list[Any], server: dict[str, Any] | None) -> None:

@@ -56,3 +56,24 @@ def single_thread():
     torch.set_num_threads(1)  # two pytest workers share two cores
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def loopback_router():
+    """A ZeroMQ ROUTER bound to a free loopback port: a test that plays the service reads the requests
+    and sends the replies, or none (a hung service, a wrong CurveZMQ key)."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind_to_random_port("tcp://127.0.0.1")
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def silent_endpoint(loopback_router) -> str:
+    """The address of a socket that accepts connections and never answers."""
+    import zmq
+
+    return loopback_router.getsockopt_string(zmq.LAST_ENDPOINT)

@@ -324,18 +324,6 @@ def test_stretch_mismatch_is_in_render_pixels():
 STEP_BOUND_S = 0.1  # what one timer tick may take
 
 
-@pytest.fixture
-def silent_endpoint():
-    """A socket that accepts connections and never answers (a hung service, a wrong CurveZMQ key)."""
-    import zmq
-
-    sock = zmq.Context.instance().socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    yield f"tcp://127.0.0.1:{port}"
-    sock.close()
-
-
 def _timed(fn, *args):
     import time
 

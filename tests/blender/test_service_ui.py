@@ -8,7 +8,6 @@ import time
 
 import bpy
 import pytest
-import zmq
 
 import blender_addon
 from blender_addon import connection, operators
@@ -23,16 +22,6 @@ def registered():
     operators.stop_timers()
     connection.close()
     blender_addon.unregister()
-
-
-@pytest.fixture
-def silent_endpoint():
-    """A socket that accepts connections and never answers (a hung service, a wrong CurveZMQ key)."""
-    sock = zmq.Context.instance().socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    yield f"tcp://127.0.0.1:{port}"
-    sock.close()
 
 
 def _timed(fn):

@@ -22,13 +22,9 @@ WAIT_S = 20
 
 
 @pytest.fixture
-def router():
-    """A ROUTER on a loopback port: the test reads the requests and sends the replies (or none)."""
-    sock = zmq.Context.instance().socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.bind_to_random_port("tcp://127.0.0.1")
-    yield sock
-    sock.close()
+def router(loopback_router):
+    """The test reads the requests and sends the replies (or none)."""
+    return loopback_router
 
 
 def _endpoint(router) -> str:

@@ -221,7 +221,9 @@ def run_loop(
 
     Args:
         scene: a loaded scene (captures, optional trajectory, settings).
-        out_dir: the job folder (created).
+        out_dir: the job folder (created). An earlier run's outputs there are replaced: the files the
+            loop writes (``outputs.clear_outputs``) are removed first, so that none of them passes for
+            this run's (fewer frames, no gaussians.ply); other files in the folder stay.
         device: where the stages run (``cuda``, ``cpu``); picked once by the caller.
         progress: called between steps with every finished artifact; may raise Cancelled.
         config: the loop's config; default ``LoopConfig.from_settings(scene.settings)``.
@@ -243,6 +245,8 @@ def run_loop(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meter = outputs.StageMeter(device)
+    with meter.measure("outputs"):
+        outputs.clear_outputs(out_dir)
     track = ProgressTracker(progress, PROGRESS_SHARES)
     if cfg.budget is not None:  # what the time budget chose, first in the log, the report and Blender
         log.info(cfg.budget.sentence)
@@ -298,14 +302,13 @@ def run_loop(
     gen = generator or GeneratorCache().get(cfg.generator, device)
     if hasattr(gen, "prepare"):  # a generator that learns from the captures first (``refine``)
         with meter.measure("prepare"):
-            gen.prepare(
-                captures, memory_initial, cfg, device=device, progress=track.within("prepare"), notes=step0.notes
-            )
+            gen.prepare(captures, cfg, device=device, progress=track.within("prepare"), notes=step0.notes)
     F_all = len(targets_all)
     frame_images = torch.zeros(F_all, H, W, 3, device=device)
     frame_conf = torch.zeros(F_all, H, W, device=device)
     point_rgb = torch.zeros(F_all, H, W, 3, device=device)  # M's render, for overview.png
     frame_cams = targets_all.to_scene()
+    frame_index: dict[int, dict[str, Any]] = {}  # frames/cameras.json: this run's frames, kept here
     for k, seg in enumerate(segments):
         targets = targets_all[seg.indices]
         # 3. Retrieval: captures that cover this segment's views of M.
@@ -341,6 +344,7 @@ def run_loop(
                 frames.images,
                 frames.confidence,
                 [frame_cams[i] for i in seg.indices],
+                index=frame_index,
             )
         # 6. Update M with the generated frames (the closed loop).
         if cfg.update.enabled:
@@ -371,7 +375,8 @@ def run_loop(
             gaussians = fit_gaussians(views, memory_initial, cfg.fit, device=device, progress=on_step)
             if cfg.has_crop_to_masks and captures.masks is not None:
                 gaussians = crop_to_masks(gaussians, captures.cams, captures.masks)
-        outputs.write_gaussians(out_dir / outputs.GAUSSIANS_FILE, gaussians_to_arrays(gaussians))
+        with meter.measure("outputs"):
+            outputs.write_gaussians(out_dir / outputs.GAUSSIANS_FILE, gaussians_to_arrays(gaussians))
         track.finish("fit", f"{len(gaussians)} Gaussians after {cfg.fit.iterations} steps", [outputs.GAUSSIANS_FILE])
     else:
         track.skip("fit")

@@ -49,7 +49,6 @@ from backend.stages.fit import (  # noqa: E402
     fit_gaussians_many,
     render_gaussians,
 )
-from backend.stages.memory import build_memory  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -71,9 +70,8 @@ def bench_scene(name: str, args: argparse.Namespace, device: torch.device, work:
     W, H = args.size or SCENES[name][3]
     cfg = LoopConfig.from_settings(scene.settings, device=device)  # picks the device's rasterizer
     captures = load_views(scene.captures, W, H, device)
-    memory = build_memory(captures, cfg.memory, estimator=cfg.estimator)
     refine = RefineConfig()
-    subsets = [LeaveOut.of(captures, memory, s) for s in leave_out_subsets(len(captures), refine.max_fits)]
+    subsets = [LeaveOut.of(captures, s, cfg) for s in leave_out_subsets(len(captures), refine.max_fits)]
     iterations = args.iterations or max(1, round(args.fit_iterations * refine.fit_share))
     fit_cfg = replace(cfg.fit, iterations=iterations)
     views = [FitViews.from_views(s.views) for s in subsets]

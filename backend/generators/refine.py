@@ -6,9 +6,11 @@ Before the segments, the loop calls :meth:`RefineGenerator.prepare` once:
 
 1. leave-out subsets: every capture left out once; with more than 3 captures, also pairs of captures
    left out together (wider gaps, as the trajectory has), at most ``max_fits`` subsets;
-2. for each subset, the loop's own steps with the left-out captures gone: a guide fit on the kept
-   captures (``fit_share`` of the job's fit steps, a fifth by default) from the memory points
-   they made (every subset's guide fitted at once, in lockstep: :func:`leave_out_guides`, one
+2. for each subset, the loop's own steps with the left-out captures gone: a memory built from the
+   kept captures alone (the job's estimator: a left-out photo must not shape or colour a single
+   point, as the memory's points of kept captures would have done through matching, fusion or
+   carving), a guide fit on the kept captures (``fit_share`` of the job's fit steps, a fifth by
+   default) from those points (every subset's guide fitted at once, in lockstep: :func:`leave_out_guides`, one
    rasterizer call per step for all of them), the memory and guide rendered at the left-out
    cameras, retrieval among the kept captures, and the ``reproject`` generator. Each left-out
    capture gives one training pair: the degraded inputs at its camera (reprojection, its
@@ -72,6 +74,7 @@ from torch import Tensor, nn
 from ..metrics import tile_means
 from ..stages.fit import FitViews, Gaussians, fit_gaussians_many
 from ..stages.guide import guided_renders, render_guide
+from ..stages.memory import build_memory
 from ..stages.render import render_memory
 from ..stages.retrieval import retrieve_views
 from ..types import ENSEMBLE_SOURCE, ConditionVideo, Frames, GeometryMemory, Renders, Views
@@ -375,13 +378,15 @@ def leave_out_subsets(num_captures: int, max_fits: int) -> list[tuple[int, ...]]
 
 @dataclass(frozen=True)
 class LeaveOut:
-    """The captures a leave-out subset keeps and the memory they made.
+    """The captures a leave-out subset keeps and the memory they make.
 
     Attributes:
         left_out: indices of the captures left out.
         kept: indices of the captures kept (at least one).
-        views: the kept captures (images [K, H, W, 3], cameras, ids).
-        memory: the memory's points whose source is a kept capture.
+        views: the kept captures (images [K, H, W, 3], cameras, ids, masks when the captures have them).
+        memory: a memory built from the kept captures alone, by the job's estimator: the job's memory
+            cannot be cut to the kept captures' points, which were matched against, fused with or
+            carved by the left-out ones (and coloured by them, on the visual hull).
     """
 
     left_out: tuple[int, ...]
@@ -390,21 +395,20 @@ class LeaveOut:
     memory: GeometryMemory
 
     @classmethod
-    def of(cls, captures: Views, memory: GeometryMemory, left_out: Sequence[int]) -> LeaveOut:
+    def of(cls, captures: Views, left_out: Sequence[int], cfg: LoopConfig) -> LeaveOut:
+        """The subset of ``captures`` without ``left_out``, its memory built by ``cfg``'s estimator."""
         gone = set(left_out)
         kept = [i for i in range(len(captures)) if i not in gone]
         if not kept or not gone:
             raise ValueError(
                 f"refine: left_out must leave out some and keep some of {len(captures)} captures; got {left_out}"
             )
-        views = Views(captures.images[kept], captures.cams[kept], [captures.ids[i] for i in kept])
-        kept_ids = torch.tensor(views.ids, device=memory.source.device, dtype=memory.source.dtype)
-        sub_memory = memory.select(torch.isin(memory.source, kept_ids))
-        if len(sub_memory) == 0:
-            raise ValueError(
-                f"refine: the memory has no point from the captures kept when leaving out {list(left_out)}"
-            )
-        return cls(tuple(left_out), kept, views, sub_memory)
+        masks = captures.masks[kept] if captures.masks is not None else None
+        views = Views(captures.images[kept], captures.cams[kept], [captures.ids[i] for i in kept], masks=masks)
+        memory = build_memory(views, cfg.memory, estimator=cfg.estimator, notes=[])  # its fallbacks are logged
+        if len(memory) == 0:
+            raise ValueError(f"refine: the captures kept when leaving out {list(left_out)} make no memory point")
+        return cls(tuple(left_out), kept, views, memory)
 
 
 def leave_out_guides(
@@ -466,7 +470,6 @@ def degraded_inputs(
 
 def make_pairs(
     captures: Views,
-    memory: GeometryMemory,
     cfg: LoopConfig,
     refine_cfg: RefineConfig,
     reproject: ReprojectGenerator,
@@ -478,7 +481,7 @@ def make_pairs(
 
     ``progress(fraction, message)`` is called as the subsets' guides fit (they take the time) and
     after each subset's inputs (it may raise to cancel)."""
-    subsets = [LeaveOut.of(captures, memory, s) for s in leave_out_subsets(len(captures), refine_cfg.max_fits)]
+    subsets = [LeaveOut.of(captures, s, cfg) for s in leave_out_subsets(len(captures), refine_cfg.max_fits)]
     iterations = max(1, round(cfg.fit.iterations * refine_cfg.fit_share))
     gone = ", ".join(str(list(s.left_out)) for s in subsets)
 
@@ -779,7 +782,7 @@ class RefineGenerator:
     Example::
 
         >>> gen = RefineGenerator(RefineConfig(seconds=5))
-        >>> gen.prepare(captures, memory, loop_cfg, device="cpu")   # doctest: +SKIP
+        >>> gen.prepare(captures, loop_cfg, device="cpu")   # doctest: +SKIP
         >>> frames = gen.generate(cond, num_steps=1, seed=0)          # doctest: +SKIP
     """
 
@@ -826,7 +829,6 @@ class RefineGenerator:
     def prepare(
         self,
         captures: Views,
-        memory: GeometryMemory,
         cfg: LoopConfig,
         *,
         device: torch.device | str,
@@ -836,9 +838,10 @@ class RefineGenerator:
         """Build the leave-out pairs, train a fresh network on them and choose its strength.
 
         Args:
-            captures: the captures at the working size (images [C, H, W, 3], cameras, ids 0..C-1).
-            memory: the initial memory M (``memory.source``: capture ids).
-            cfg: the loop's config (its guide, fit, render and retrieval settings are mirrored).
+            captures: the captures at the working size (images [C, H, W, 3], cameras, ids 0..C-1,
+                masks when they have them).
+            cfg: the loop's config (its estimator, memory, guide, fit, render and retrieval settings
+                are mirrored; each subset builds its own memory, so the job's is not needed).
             device: where the fits and the network run.
             progress: ``progress(fraction, message)``, fraction of this preparation in [0, 1]; it
                 may raise (e.g. ``backend.progress.Cancelled``) to stop.
@@ -854,7 +857,7 @@ class RefineGenerator:
         self.config = replace(self.config, seed=cfg.seed)
         self.net, self.strength, self.declined, self.validation, self.losses = None, 1.0, False, None, []
         self.segment_strengths = []
-        pairs = make_pairs(captures, memory, cfg, self.config, self.reproject, device=device, progress=part(0.0, 0.5))
+        pairs = make_pairs(captures, cfg, self.config, self.reproject, device=device, progress=part(0.0, 0.5))
         training, validation, held_out = split_validation(pairs, self.config.seed)
         torch.manual_seed(self.config.seed)
         net = UNet(IN_CHANNELS, OUT_CHANNELS, self.config.widths).to(device)
@@ -893,7 +896,7 @@ class RefineGenerator:
             (:func:`base_frames`), with the network's confidence float32 [F, H, W] (module docstring).
         """
         if self.net is None:
-            raise RuntimeError("refine: the network is not trained; call prepare(captures, memory, cfg) first")
+            raise RuntimeError("refine: the network is not trained; call prepare(captures, cfg) first")
         if self.declined:
             self.segment_strengths.append(None)
             return Frames(images=frames.images, confidence=frames.confidence)

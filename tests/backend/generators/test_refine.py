@@ -36,7 +36,6 @@ from backend.generators.refine import (
 from backend.generators.reproject import ReprojectConfig, ReprojectGenerator
 from backend.loop import LoopConfig, run_loop
 from backend.scene import Scene, SceneError, Settings, TrajectoryFrame
-from backend.stages.memory import build_memory
 from backend.types import ENSEMBLE_SOURCE, Cameras, Frames, Renders, Views
 
 W, H = 64, 48
@@ -72,7 +71,7 @@ def temple3(tmp_path_factory: pytest.TempPathFactory) -> Scene:
 
 
 @pytest.fixture(scope="module")
-def captures_memory(temple3: Scene, single_thread):
+def captures_cfg(temple3: Scene, single_thread):
     from backend.stages.cameras import load_image, resize_image, to_tensor
 
     images = [resize_image(load_image(c.image), W, H) for c in temple3.captures]
@@ -81,8 +80,7 @@ def captures_memory(temple3: Scene, single_thread):
         Cameras.from_scene([c.camera for c in temple3.captures], W, H),
         list(range(len(images))),
     )
-    cfg = LoopConfig.from_settings(temple3.settings)
-    return captures, build_memory(captures, cfg.memory), cfg
+    return captures, LoopConfig.from_settings(temple3.settings)
 
 
 def test_refine_is_listed_and_settings_check_the_budget() -> None:
@@ -119,31 +117,34 @@ def test_leave_out_subsets() -> None:
         leave_out_subsets(1, 6)
 
 
-def test_pairs_never_see_their_target(captures_memory) -> None:
-    captures, memory, cfg = captures_memory
-    pairs = make_pairs(captures, memory, cfg, TINY, ReprojectGenerator(), device="cpu")
+def test_pairs_never_see_their_target(captures_cfg) -> None:
+    captures, cfg = captures_cfg
+    pairs = make_pairs(captures, cfg, TINY, ReprojectGenerator(), device="cpu")
     assert pairs.target_ids == [0, 1, 2]
     for target, kept in zip(pairs.target_ids, pairs.kept_ids):
         assert target not in kept and len(kept) == 2
     assert torch.equal(pairs.truth, captures.images[[0, 1, 2]])
     assert pairs.frames.shape == (3, H, W, 3) and pairs.coverage.dtype == torch.bool
-    # the inputs at camera 1 do not change when the photo taken there does: capture 1 is never read
+    # the inputs at camera 1 do not change when the photo taken there does: capture 1 is never read,
+    # not even by the memory (built from the kept captures: the job's would hold points matched with it)
     scrambled = Views(captures.images.clone(), captures.cams, captures.ids)
     scrambled.images[1] = torch.rand(H, W, 3, generator=torch.Generator().manual_seed(0))
 
     def inputs(views: Views, left_out: list[int]) -> tuple[Frames, Renders]:
-        subset = LeaveOut.of(views, memory, left_out)
+        subset = LeaveOut.of(views, left_out, cfg)
         assert subset.kept == [i for i in range(3) if i not in left_out]
         (guide,) = leave_out_guides([subset], cfg, 5, device="cpu")
         return degraded_inputs(views, subset, guide, cfg, ReprojectGenerator())
 
+    a, b = LeaveOut.of(captures, [1], cfg).memory, LeaveOut.of(scrambled, [1], cfg).memory
+    assert torch.equal(a.xyz, b.xyz) and torch.equal(a.rgb, b.rgb) and not bool((a.source == 1).any())
     frames, renders = inputs(captures, [1])
     frames2, renders2 = inputs(scrambled, [1])
     assert torch.equal(frames.images, frames2.images) and torch.equal(renders.rgb, renders2.rgb)
     # ... while leaving out another capture does read it
     assert not torch.equal(inputs(scrambled, [0])[0].images, inputs(captures, [0])[0].images)
     with pytest.raises(ValueError, match=r"left_out must leave out some and keep some of 3 captures; got \[0, 1, 2\]"):
-        LeaveOut.of(captures, memory, [0, 1, 2])
+        LeaveOut.of(captures, [0, 1, 2], cfg)
 
 
 def test_network_stays_between_its_sources_and_learns_which_to_take(single_thread) -> None:

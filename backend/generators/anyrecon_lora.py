@@ -231,7 +231,7 @@ def fuse_lora_(
         weight = modules[name].weight
         a2 = a.reshape(a.shape[0], -1).float().to(weight.device)
         b2 = b.reshape(b.shape[0], -1).float().to(weight.device)
-        if a2.shape[1] * b2.shape[0] != weight.numel():
+        if b2.shape[0] != weight.shape[0] or a2.shape[1] != weight[0].numel():  # [out, in], not only its size
             raise ValueError(
                 f"AnyRecon LoRA: {name} weight is {tuple(weight.shape)}; LoRA gives ({b2.shape[0]}, {a2.shape[1]})"
             )

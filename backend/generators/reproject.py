@@ -136,7 +136,12 @@ def push_pull(values: Tensor, weights: Tensor, *, eps: float = 1e-8) -> Tensor:
         wsums.append(_reduce(wsums[-1]))
     filled = sums[-1] / wsums[-1].clamp_min(eps)
     for s, w in zip(reversed(sums[:-1]), reversed(wsums[:-1])):
-        up = F.interpolate(filled, size=s.shape[-2:], mode="bilinear", align_corners=False)
+        # coarse pixel j covers fine pixels 2j and 2j+1 (an odd size padded on the far side): upsample by
+        # exactly 2 and crop, so that each coarse centre lands between its two fine pixels (resizing to the
+        # odd size would stretch the grid by W / ceil(W / 2) and move the filled values by up to half a pixel)
+        up = F.interpolate(filled, scale_factor=2.0, mode="bilinear", align_corners=False)[
+            ..., : s.shape[-2], : s.shape[-1]
+        ]
         alpha = w.clamp(0.0, 1.0)
         own = s / w.clamp_min(eps)
         filled = alpha * own + (1.0 - alpha) * up
@@ -202,7 +207,7 @@ class ReprojectGenerator:
     def check_inputs(cond: ConditionVideo) -> None:
         t, r = cond.targets, cond.renders
         F_, H, W = len(t), t.height, t.width
-        want = {"rgb": (F_, H, W, 3), "depth": (F_, H, W), "mask": (F_, H, W)}
+        want = {"rgb": (F_, H, W, 3), "depth": (F_, H, W), "mask": (F_, H, W), "source": (F_, H, W)}
         for name, shape in want.items():
             got = tuple(getattr(r, name).shape)
             if got != shape:
@@ -215,6 +220,11 @@ class ReprojectGenerator:
                 raise ValueError(
                     f"reproject: cond.{name}.images must be [*, {H}, {W}, 3] (the target size); "
                     f"got {list(views.images.shape)}"
+                )
+            if views.depth is not None and tuple(views.depth.shape) != (len(views), H, W):
+                raise ValueError(
+                    f"reproject: cond.{name}.depth must be {[len(views), H, W]} (a depth per pixel of each view); "
+                    f"got {list(views.depth.shape)}"
                 )
 
     # -- steps --------------------------------------------------------------------------------

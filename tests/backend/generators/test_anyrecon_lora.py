@@ -162,6 +162,14 @@ def test_file_formats_prefixes_and_errors(tmp_path: Path, caplog: pytest.LogCapt
     norm_before = tr.blocks[0].norm2.weight.clone()
     fuse_lora_(tr, convert_anyrecon_lora({**diffsynth_lora(2, 24, 32), "blocks.0.norm3.weight": torch.zeros(24)}))
     torch.testing.assert_close(tr.blocks[0].norm2.weight, norm_before)  # the full weight did not overwrite
+    # a pair of the transposed shape holds as many numbers as the weight: refused, not reshaped onto it
+    w = tr.blocks[0].ffn.net[0].proj.weight
+    transposed = {
+        "blocks.0.ffn.net.0.proj.lora_A.weight": torch.zeros(RANK, w.shape[0]),
+        "blocks.0.ffn.net.0.proj.lora_B.weight": torch.zeros(w.shape[1], RANK),
+    }
+    with pytest.raises(ValueError, match=r"blocks.0.ffn.net.0.proj weight is"):
+        fuse_lora_(tr, transposed)
     with pytest.raises(ValueError, match="no partner"):
         convert_anyrecon_lora({"blocks.0.self_attn.q.lora_A.weight": torch.zeros(RANK, 8)})
     with pytest.raises(ValueError, match="not found"):

@@ -224,11 +224,37 @@ def test_push_pull_keeps_known_and_fills_constant() -> None:
     torch.testing.assert_close(out, values)
 
 
+@pytest.mark.parametrize("width", [15, 16, 17, 33])
+def test_push_pull_fills_a_ramp_in_place_at_odd_and_even_sizes(width: int) -> None:
+    """A linear ramp known in every other column is filled in between by its neighbours' mean: the
+    coarse levels' centres sit where they belong at odd sizes too (resized to an odd size they moved
+    the fill by up to half a pixel). The last unknown column is next to the padded border."""
+    ramp = (torch.arange(width) + 0.5).expand(8, width)[None, None].clone()
+    known = torch.zeros(1, 1, 8, width)
+    known[..., ::2] = 1.0
+    between = slice(1, width - 1, 2)  # the unknown columns with a known one on each side
+    error = (push_pull(ramp * known, known) - ramp)[0, 0, :, between]
+    assert float(error[:, :-1].abs().max()) < 1e-4
+    assert float(error[:, -1].abs().max()) <= 0.2
+
+
 def test_bad_shapes_name_the_field() -> None:
     mask = torch.ones(1, H, W, dtype=torch.bool)
     cond, _ = _cond([0.0], [0.0], mask)
     bad = Renders(cond.renders.rgb[:, :-1], cond.renders.depth, cond.renders.mask, cond.renders.source)
     with pytest.raises(ValueError, match="cond.renders.rgb"):
         ReprojectGenerator().generate(ConditionVideo(cond.targets, bad, cond.memory, cond.carried), num_steps=1, seed=0)
+    source = Renders(cond.renders.rgb, cond.renders.depth, cond.renders.mask, cond.renders.source[:, :4])
+    with pytest.raises(ValueError, match=r"cond.renders.source must be \[1, "):
+        ReprojectGenerator().generate(
+            ConditionVideo(cond.targets, source, cond.memory, cond.carried), num_steps=1, seed=0
+        )
+    if len(cond.memory):
+        m = cond.memory
+        deep = Views(m.images, m.cams, m.ids, depth=torch.ones(len(m), 2 * H, 2 * W))
+        with pytest.raises(ValueError, match=r"cond.memory.depth must be \["):
+            ReprojectGenerator().generate(
+                ConditionVideo(cond.targets, cond.renders, deep, cond.carried), num_steps=1, seed=0
+            )
     with pytest.raises(ValueError, match="inpainted_confidence"):
         ReprojectConfig(inpainted_confidence=2.0)

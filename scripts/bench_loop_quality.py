@@ -344,7 +344,7 @@ class RecordingRefiner(RefineGenerator):
         self.network_input = frames.images
         return super().refine(frames, renders)
 
-    def generate(self, cond, *, num_steps=1, seed=0):
+    def generate(self, cond, *, num_steps=1, seed=0, progress=None):
         self.network_input = None  # stays None where the refiner declined: its frames are its input
         out = super().generate(cond, num_steps=num_steps, seed=seed)
         seen = out.images if self.network_input is None else self.network_input

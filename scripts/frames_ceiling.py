@@ -61,7 +61,7 @@ class DenseFrames:
     def __init__(self, gaussians: Gaussians, fit_cfg: FitConfig) -> None:
         self.gaussians, self.fit_cfg = gaussians, fit_cfg
 
-    def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:
+    def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0, progress=None) -> Frames:
         images = render_gaussians(self.gaussians, cond.targets, self.fit_cfg)  # [F, H, W, 3]
         return Frames(images, torch.ones(images.shape[:3], device=images.device))
 
@@ -73,7 +73,7 @@ class MixedFrames:
     def __init__(self, base: Generator, dense: DenseFrames, share: float) -> None:
         self.base, self.dense, self.share = base, dense, share
 
-    def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:
+    def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0, progress=None) -> Frames:
         a = self.base.generate(cond, num_steps=num_steps, seed=seed)
         b = self.dense.generate(cond)
         s = self.share
@@ -94,7 +94,7 @@ class ChosenFrames:
         self.reproject = ReprojectGenerator(ReprojectConfig(render_blend=0.0, guide_blend=0.0, ensemble_blend=0.0))
         self.dense, self.window = dense, window
 
-    def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:
+    def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0, progress=None) -> Frames:
         a = self.reproject.generate(cond)
         truth = self.dense.generate(cond).images.to(a.images)
         guide = cond.renders.rgb.to(a.images)  # [F, H, W, 3]

@@ -17,7 +17,7 @@ import functools
 import gc
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -29,9 +29,16 @@ if TYPE_CHECKING:  # torch loads with the first generator, not with the service'
 logger = logging.getLogger(__name__)
 
 
+# ``progress(fraction, message)`` of one segment's generation, fraction in [0, 1]; it may raise
+# (``backend.progress.Cancelled``) to stop: a learned generator calls it after each denoising step
+GenerateProgress = Callable[[float, str], None]
+
+
 @runtime_checkable
 class Generator(Protocol):
-    def generate(self, cond: ConditionVideo, *, num_steps: int, seed: int) -> Frames: ...
+    def generate(
+        self, cond: ConditionVideo, *, num_steps: int, seed: int, progress: GenerateProgress | None = None
+    ) -> Frames: ...
 
 
 # Each implementation registers itself when its module is imported; heavy ones (diffusers) load only when named.

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from ..fileio import write_atomic
 from ..types import ConditionVideo, Frames
-from . import GENERATORS, MEMORY_MODES, TRAINED_ATTENTION, GeneratorConfig, GeneratorWeights
+from . import GENERATORS, MEMORY_MODES, TRAINED_ATTENTION, GenerateProgress, GeneratorConfig, GeneratorWeights
 from .window_attention import (
     ATTENTION_MODES,
     DEFAULT_WINDOW_FRAMES,
@@ -681,13 +681,16 @@ class AnyReconGenerator:
 
     # ------------------------------------------------------------------ the call
     @torch.no_grad()
-    def generate(self, cond: ConditionVideo, *, num_steps: int, seed: int) -> Frames:
+    def generate(
+        self, cond: ConditionVideo, *, num_steps: int, seed: int, progress: GenerateProgress | None = None
+    ) -> Frames:
         """Generate the target frames of one segment.
 
         Args:
             cond: [memory ; carried ; renders] and the target cameras (``ConditionVideo``).
             num_steps: denoising steps (AnyRecon: 4).
             seed: noise seed.
+            progress: called after each denoising step (it may raise to cancel the segment).
 
         Returns:
             images at the targets in [0, 1], float32 [F, H, W, 3]; confidence 1 where rendered, else
@@ -711,7 +714,14 @@ class AnyReconGenerator:
 
         # 5-6. Timesteps, noise, denoising loop.
         latents = self.denoise(
-            y, prompt_embeds, image_embeds, negative_embeds, num_steps=num_steps, seed=seed, num_memory=num_memory
+            y,
+            prompt_embeds,
+            image_embeds,
+            negative_embeds,
+            num_steps=num_steps,
+            seed=seed,
+            num_memory=num_memory,
+            progress=progress,
         )
 
         # 7. Decode the targets, back to the cameras' size; confidence from the render mask.
@@ -736,6 +746,7 @@ class AnyReconGenerator:
         num_steps: int,
         seed: int,
         num_memory: int,
+        progress: GenerateProgress | None = None,
     ) -> Tensor:
         """The flow-matching loop: noise -> clean latents of all N frames, in the compute dtype.
 
@@ -748,6 +759,7 @@ class AnyReconGenerator:
             prompt_embeds, negative_embeds: text embeddings. [1, 512, text_dim]
             image_embeds: CLIP feature of frame 0. [1, tokens, image_dim]
             num_memory: leading memory frames (for ``window_ours``).
+            progress: ``progress(fraction, message)`` after each step; it may raise to stop.
 
         Returns:
             latents. ``self.dtype`` [1, z_dim, N, h, w]
@@ -782,4 +794,6 @@ class AnyReconGenerator:
                     )[0]
                     pred = uncond + cfg.guidance_scale * (pred - uncond)
                 latents = latents + pred.to(self.dtype) * (sigmas[i + 1] - sigmas[i])
+                if progress is not None:
+                    progress((i + 1) / num_steps, f"denoising step {i + 1}/{num_steps}")
         return latents

@@ -78,7 +78,7 @@ from ..stages.memory import build_memory
 from ..stages.render import render_memory
 from ..stages.retrieval import retrieve_views
 from ..types import ENSEMBLE_SOURCE, ConditionVideo, Frames, GeometryMemory, Renders, Views
-from . import GENERATORS
+from . import GENERATORS, GenerateProgress
 from .reproject import ReprojectConfig, ReprojectGenerator
 
 if TYPE_CHECKING:
@@ -966,7 +966,9 @@ class RefineGenerator:
             f"reprojection than {self.config.max_change_ratio:g} times the validation frames did"
         )
 
-    def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:
+    def generate(
+        self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0, progress: GenerateProgress | None = None
+    ) -> Frames:
         """Reproject, then refine; where the refiner does not act (it declined, or the trust region passes
         the segment through) the weight-free generator's frames (``num_steps`` and ``seed`` are unused:
         deterministic)."""

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..types import ENSEMBLE_SOURCE, GUIDE_SOURCE, Cameras, ConditionVideo, Frames, Views
-from . import GENERATORS
+from . import GENERATORS, GenerateProgress
 
 
 @dataclass(frozen=True)
@@ -401,7 +401,9 @@ class ReprojectGenerator:
         cols = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return cols[:, :, 0].permute(0, 2, 1), w
 
-    def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0) -> Frames:
+    def generate(
+        self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0, progress: GenerateProgress | None = None
+    ) -> Frames:
         """Frames at the target cameras with per-pixel confidence.
 
         Args:

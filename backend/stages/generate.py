@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..generators import Generator
+from ..generators import GenerateProgress, Generator
 from ..types import Cameras, ConditionVideo, Frames, GeometryMemory, Renders, Views
 from .render import RenderConfig, render_memory
 
@@ -56,6 +56,7 @@ def generate_segment(
     prompt: str,
     num_steps: int,
     seed: int,
+    progress: GenerateProgress | None = None,
 ) -> Frames:
     """The segment's frames from its condition video.
 
@@ -65,9 +66,9 @@ def generate_segment(
         renders: M (or the guide) rendered into ``targets``; shapes [F, H, W(, 3)].
         retrieved: the retrieved captures (:func:`retrieved_views`).
         carried: the last frames of the previous segment, ids -1 (empty for the first).
-        prompt, num_steps, seed: passed to the generator.
+        prompt, num_steps, seed, progress: passed to the generator (``progress`` may raise to cancel).
     Returns:
         Frames: images [F, H, W, 3] and confidence [F, H, W].
     """
     cond = ConditionVideo(targets=targets, renders=renders, memory=retrieved, carried=carried, prompt=prompt)
-    return generator.generate(cond, num_steps=num_steps, seed=seed)
+    return generator.generate(cond, num_steps=num_steps, seed=seed, progress=progress)

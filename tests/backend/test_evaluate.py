@@ -352,7 +352,7 @@ def test_frames_ceiling_mixes_its_two_generators_per_pixel() -> None:
         def __init__(self, value: float, conf: float) -> None:
             self.value, self.conf = value, conf
 
-        def generate(self, cond, *, num_steps: int = 1, seed: int = 0) -> Frames:
+        def generate(self, cond, *, num_steps: int = 1, seed: int = 0, progress=None) -> Frames:
             return Frames(torch.full((2, 4, 5, 3), self.value), torch.full((2, 4, 5), self.conf))
 
     frames = ceiling.MixedFrames(Fixed(0.2, 0.3), Fixed(1.0, 1.0), 0.25).generate(None, num_steps=1, seed=0)
@@ -383,7 +383,7 @@ def test_frames_ceiling_oracle_picks_the_colour_nearer_the_dense_render() -> Non
         def __init__(self, images: torch.Tensor) -> None:
             self.images = images
 
-        def generate(self, cond, *, num_steps: int = 1, seed: int = 0) -> Frames:
+        def generate(self, cond, *, num_steps: int = 1, seed: int = 0, progress=None) -> Frames:
             return Frames(self.images, torch.full(self.images.shape[:3], 0.3))
 
     truth = torch.ones(1, 2, 4, 3)

@@ -141,6 +141,27 @@ def test_seed_attention_modes_and_guidance(components, temple_cond: ConditionVid
     assert len(calls) == 4  # conditional and unconditional per step
 
 
+def test_each_denoising_step_reports_and_a_cancel_stops_the_segment(
+    components, temple_cond: ConditionVideo, tmp_path: Path
+) -> None:
+    """A segment may take many steps of a large transformer: each step reports, and the callback
+    raising (the service's cancel) stops it there."""
+    from backend.progress import Cancelled
+
+    seen: list[tuple[float, str]] = []
+    _gen(components, tmp_path).generate(temple_cond, num_steps=3, seed=0, progress=lambda f, m: seen.append((f, m)))
+    assert [f for f, _ in seen] == pytest.approx([1 / 3, 2 / 3, 1.0]) and seen[-1][1] == "denoising step 3/3"
+
+    def cancel(fraction: float, message: str) -> None:
+        seen.append((fraction, message))
+        raise Cancelled("cancelled by a client")
+
+    seen.clear()
+    with pytest.raises(Cancelled):
+        _gen(components, tmp_path).generate(temple_cond, num_steps=3, seed=0, progress=cancel)
+    assert len(seen) == 1
+
+
 def test_text_embedding_cached_and_reused(components, temple_cond: ConditionVideo, tmp_path: Path) -> None:
     gen = _gen(components, tmp_path)
     first = gen.generate(temple_cond, num_steps=1, seed=0)

@@ -28,7 +28,8 @@ from torch import Tensor
 
 from .types import GeometryMemory
 
-# Working sizes tried from the largest down (4:3; the trajectory's aspect is applied afterwards).
+# Working sizes tried from the largest down (4:3; the trajectory's aspect is applied afterwards), below
+# the job's own size, which is tried first (``plan_budget``).
 WORKING_SIZES = ((320, 240), (256, 192), (192, 144), (160, 120))
 GAUSSIAN_CAPS = (120_000, 80_000, 60_000, 40_000, 30_000, 20_000, 15_000, 10_000)
 MIN_ITERATIONS = 200  # fewer steps than this per fit leave the Gaussians where they started
@@ -252,7 +253,8 @@ class BudgetPlan:
 
     Attributes:
         budget_min: the budget, minutes.
-        width, height: working size (4:3; the loop keeps the trajectory's aspect at this pixel count).
+        width, height: working size: the job's own, or one of :data:`WORKING_SIZES` (4:3) below it (the
+            loop keeps the trajectory's aspect at this pixel count).
         max_gaussians: cap on the Gaussians (the memory is thinned to it; densification stays under it).
         iterations: steps per Gaussian fit.
         step_seconds: predicted seconds per fitting step at this size and cap.
@@ -273,6 +275,15 @@ class BudgetPlan:
     fits: float
     reserved_s: float
     sentence: str
+
+
+def _plan_sizes(max_size: tuple[int, int]) -> list[tuple[int, int]]:
+    """The working sizes a plan tries, largest first: the job's own ``max_size``, then the
+    :data:`WORKING_SIZES` with fewer pixels. The job's size comes first so that a budget that affords
+    it keeps it (a 640x480 job is not cut to 320x240 while the budget has time for its own size).
+    """
+    pixels = max_size[0] * max_size[1]
+    return [tuple(max_size)] + [s for s in WORKING_SIZES if s[0] * s[1] < pixels]
 
 
 def plan_budget(
@@ -324,7 +335,7 @@ def plan_budget(
     if fits <= 0 or reserved_s < 0:
         raise ValueError(f"plan_budget: fits must be > 0 and reserved_s >= 0; got {fits}, {reserved_s}")
     fit_seconds = max(budget_min * 60.0 * FIT_SHARE - reserved_s, 0.0)
-    sizes = [s for s in WORKING_SIZES if s[0] * s[1] <= max_size[0] * max_size[1]] or [max_size]
+    sizes = _plan_sizes(max_size)
     choice = None
     for min_steps in (max_iterations, MIN_ITERATIONS):  # the job's own step count first, if affordable
         for w, h in sizes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -117,6 +118,22 @@ def _ray_config(args: argparse.Namespace) -> Any:
     return RayConfig(address=args.ray, workers=args.workers, host=args.ray_host)
 
 
+def budget_minutes(text: str) -> float:
+    """argparse type of ``--budget``: minutes, a finite number within the range of the job setting it
+    becomes (``time_budget_min`` in protocol.settings), so that a bad value is named here and not as a
+    traceback (inf) or a setting's error later (5000)."""
+    from protocol.settings import BY_NAME
+
+    lo, hi = BY_NAME["time_budget_min"].range
+    try:
+        minutes = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of minutes in [{lo}, {hi}]; got {text!r}") from None
+    if not math.isfinite(minutes) or not lo <= minutes <= hi:
+        raise argparse.ArgumentTypeError(f"must be a number of minutes in [{lo}, {hi}]; got {text!r}")
+    return minutes
+
+
 def budget_for(option: float | None, device: str) -> int:
     """Minutes of the ``--budget`` option, or the device's default (backend.budget); 0: none."""
     from .devices import default_budget_min
@@ -158,9 +175,12 @@ def _run_loop(
 ) -> int:
     """Run the loop in this process on a scene folder (or a loaded Scene) with a progress bar;
     ``budget``: minutes (None: the device's default, backend.budget); ``refiner_out``: also save the
-    ``refine`` generator's trained weights there."""
+    ``refine`` generator's trained weights there. A previous run's outputs in ``out`` are replaced
+    (``run_loop``); other files there stay."""
     from .scene import Scene, load_scene
 
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
     scene = scene_dir if isinstance(scene_dir, Scene) else load_scene(scene_dir)
     from .devices import pick_device
     from .generators import GeneratorCache, GeneratorConfig
@@ -337,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, default=None, help="job store folder (default: the user cache dir, reconloop/jobs)"
     )
     p.add_argument("--device", default="auto", help=device_help)
-    p.add_argument("--budget", type=float, default=None, metavar="MINUTES", help=budget_help)
+    p.add_argument("--budget", type=budget_minutes, default=None, metavar="MINUTES", help=budget_help)
     p.add_argument("--runner", default=None, metavar="MODULE:FUNC", help="job runner instead of the loop (for tests)")
     g = p.add_argument_group("Ray cluster (pip install 'reconloop[cluster]'; see docs/cluster.md)")
     g.add_argument(
@@ -381,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scene", type=Path, metavar="SCENE", help="scene folder (scene.json + images)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--device", default="auto", help=device_help)
-    p.add_argument("--budget", type=float, default=None, metavar="MINUTES", help=budget_help)
+    p.add_argument("--budget", type=budget_minutes, default=None, metavar="MINUTES", help=budget_help)
     p.add_argument(
         "--refiner-out",
         type=Path,
@@ -477,6 +497,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_JOB_FAILED
     except subprocess.CalledProcessError as err:
         print(f"reconloop {args.command}: {err}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    except OSError as err:  # after TimeoutError, one of its kind: a file not read or written (full disk, no permission)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"reconloop {args.command}: {where}{err.strerror or err}", file=sys.stderr)
         return EXIT_JOB_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -94,7 +94,8 @@ class LoopConfig:
         has_crop_to_masks: when the captures have masks, gaussians.ply keeps only the Gaussians
             inside their visual hull (``backend.stages.fit.crop_to_masks``).
         budget: the time budget's plan (backend.budget) that set the working size, the fit's steps
-            and its Gaussian cap; None without a budget.
+            and its Gaussian cap; None without a budget, and without a fit (``has_fit`` off: the plan
+            is sized by the fit's measured step cost, so a job with no fit runs at its own size).
     """
 
     width: int = Settings.width
@@ -151,7 +152,9 @@ class LoopConfig:
             seed=settings.seed,
             prompt=settings.prompt,
         )
-        if settings.time_budget_min and cfg.has_fit:  # backend.budget: size the work to the time
+        # backend.budget: size the work to the time, from the fit's step cost (no fit: no plan; the
+        # setting's help says so)
+        if settings.time_budget_min and cfg.has_fit:
             fits, reserved_s = (1 + cfg.guide.members if cfg.guide.enabled else 1), 0.0
             cost = getattr(GENERATORS.get(cfg.generator.name), "preparation_cost", None)
             if cost is not None:  # a generator that fits and trains before the segments (``refine``)
@@ -334,6 +337,7 @@ def run_loop(
                 prompt=cfg.prompt,
                 num_steps=cfg.generator.num_steps,
                 seed=cfg.seed + k,
+                progress=track.within("generate"),
             )
         frame_images[seg.indices] = frames.images
         frame_conf[seg.indices] = frames.confidence

@@ -13,6 +13,11 @@ Layout (names relative to the job's output folder, as announced in ProgressEvent
     overview.png            rows of [capture | render with holes | generated | Gaussian render]
 
 Cameras use scene.json's JSON layout (``Camera.to_json``): OpenCV w2c 4x4, K, width, height.
+
+A run into a folder that holds an earlier run's outputs replaces them: :func:`clear_outputs` removes
+exactly the files above (the frames by their name pattern) before the run writes its own, so that
+none of the earlier run's frames, index or Gaussians pass for this run's; anything else in the
+folder stays.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import io
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -50,6 +56,10 @@ OVERVIEW_FILE = "overview.png"
 FRAMES_DIR = "frames"
 FRAME_IMAGE = "frame_{:04d}.png"
 FRAME_CONFIDENCE = "confidence_{:04d}.png"
+# the files of FRAME_IMAGE and FRAME_CONFIDENCE, any frame number (more than 4 digits too)
+FRAME_FILE_PATTERN = re.compile(r"(frame|confidence)_\d{4,}\.png")
+# every file the loop writes at the folder's top (the frames folder aside): what clear_outputs removes
+JOB_FILES = (POINTS_FILE, POINTS_FINAL_FILE, GAUSSIANS_FILE, CAMERAS_FILE, METRICS_FILE, OVERVIEW_FILE)
 U8_MAX = 255
 # ru_maxrss is in KiB on Linux and in bytes on macOS
 RSS_UNIT_BYTES = 1 if sys.platform == "darwin" else 1024
@@ -92,10 +102,44 @@ def write_gaussians(path: Path, gaussians: GaussianArrays) -> Path:
     return write_atomic(path, buf.getvalue())
 
 
+def clear_outputs(out_dir: Path) -> list[str]:
+    """Remove what an earlier run of the loop left in ``out_dir``: the files of :data:`JOB_FILES`, and in
+    ``frames/`` the frames, confidences and cameras.json (the folder too when that leaves it empty).
+    Everything else in the folder stays (a user's own files, say).
+
+    The loop writes its files one by one as it goes; without this, a second run into the same folder
+    that generates fewer frames, or fits no Gaussians, would leave the first run's there as its own.
+    Returns the names removed, relative to ``out_dir``.
+    """
+    removed = []
+    for name in JOB_FILES:
+        path = out_dir / name
+        if path.is_file():
+            path.unlink()
+            removed.append(name)
+    folder = out_dir / FRAMES_DIR
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and (path.name == CAMERAS_FILE or FRAME_FILE_PATTERN.fullmatch(path.name)):
+                path.unlink()
+                removed.append(f"{FRAMES_DIR}/{path.name}")
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
+
+
 def write_frames(
-    out_dir: Path, frame_numbers: Sequence[int], images: Tensor, confidence: Tensor, cams: Sequence[Camera]
+    out_dir: Path,
+    frame_numbers: Sequence[int],
+    images: Tensor,
+    confidence: Tensor,
+    cams: Sequence[Camera],
+    index: dict[int, dict[str, Any]] | None = None,
 ) -> list[str]:
-    """Write generated frames, their confidences and frames/cameras.json (updated with each call).
+    """Write generated frames, their confidences and frames/cameras.json.
+
+    cameras.json lists the frames of ``index``, the run's own frame index kept in memory (never what
+    the folder's cameras.json held before: an earlier run's frames are not this run's).
 
     Args:
         out_dir: the job's output folder.
@@ -103,6 +147,8 @@ def write_frames(
         images: frames, sRGB values in [0, 1]. float32 [F, H, W, 3]
         confidence: per-pixel confidence in [0, 1]. float32 [F, H, W]
         cams: the frames' cameras (at the frames' size), F of them.
+        index: the entries this run wrote before, by frame number; these frames are added to it in
+            place (the loop passes one for all its segments). None: cameras.json lists these frames only.
     Returns:
         names written, relative to ``out_dir``, cameras.json last.
     """
@@ -113,10 +159,7 @@ def write_frames(
         )
     folder = out_dir / FRAMES_DIR
     rgb_u8, conf_u8 = to_u8(images), to_u8(confidence)
-    index_path = folder / CAMERAS_FILE
-    entries: dict[int, dict[str, Any]] = {}
-    if index_path.is_file():
-        entries = {e["frame"]: e for e in json.loads(index_path.read_text())["frames"]}
+    entries = {} if index is None else index
     jobs = []
     for i, frame in enumerate(frame_numbers):
         jobs += [(folder / FRAME_IMAGE.format(frame), rgb_u8[i]), (folder / FRAME_CONFIDENCE.format(frame), conf_u8[i])]
@@ -132,7 +175,7 @@ def write_frames(
             "camera": cams[i].to_json(),
         }
         names += [f"{FRAMES_DIR}/{image_name}", f"{FRAMES_DIR}/{conf_name}"]
-    write_atomic(index_path, json_bytes({"frames": [entries[k] for k in sorted(entries)]}))
+    write_atomic(folder / CAMERAS_FILE, json_bytes({"frames": [entries[k] for k in sorted(entries)]}))
     return names + [f"{FRAMES_DIR}/{CAMERAS_FILE}"]
 
 

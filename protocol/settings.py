@@ -147,7 +147,7 @@ SETTINGS: tuple[Setting, ...] = (
         "int",
         2,
         "Overlap",
-        "Frames of the previous segment carried into the next, for continuity",
+        "Frames of the previous segment carried into the next, for continuity (at most the whole previous segment)",
         range=(0, 16),
         section=SECTION_ADVANCED,
     ),
@@ -232,7 +232,8 @@ SETTINGS: tuple[Setting, ...] = (
         0,
         "Minutes",
         "About how long the job may take: the service sizes the working resolution, the Gaussians and the "
-        "fitting steps to it from measured step costs (0: no budget; CPU services default to a few minutes)",
+        "fitting steps to it from measured step costs (0: no budget; CPU services default to a few minutes). "
+        "The plan is sized by the Gaussian fit's cost: with 0 Iterations (no fit) it has no effect",
         range=(0, 24 * 60),
     ),
     Setting(

@@ -5,7 +5,7 @@ Two steps:
 1. ``--fetch-wheels`` (a set-up step, run by ``make setup``) downloads the binary wheels the extension
    bundles, pyzmq and msgpack for CPython 3.11 (Blender 4.2 to 5.0) and 3.13 (5.1 and later) on
    Linux x86_64, Windows amd64 and macOS arm64, plus plyfile (pure Python), into the ignored folder
-   ``.cache/extension_wheels``.
+   ``.cache/extension_wheels``; cached wheels of other versions (an older pin's) are removed first.
 2. The build (default) makes a pure-Python wheel of the ``protocol`` package and writes, from
    ``blender_addon/`` and the cached wheels:
 
@@ -14,7 +14,8 @@ Two steps:
    * ``dist/reconloop-<version>-<platform>.zip``: one zip per platform (``platforms`` set in its
      manifest), as ``blender --command extension build --split-platforms`` would.
 
-The build never downloads: a missing wheel stops it with the command to run.
+The build never downloads, and bundles only the pinned versions: a missing wheel stops it with the pin
+and the command to run.
 
     .venv/bin/python scripts/build_extension.py --fetch-wheels
     .venv/bin/python scripts/build_extension.py            # -> dist/reconloop-0.1.0*.zip
@@ -107,9 +108,37 @@ def manifest_version(manifest_text: str) -> str:
 # Wheels
 
 
+def _pin(req: str) -> tuple[str, str]:
+    """(distribution as in wheel file names, version) of a pinned requirement ``name==version``."""
+    name, sep, version = req.partition("==")
+    if not sep or not version:
+        raise BuildError(f"requirement {req!r} must pin a version (name==version)")
+    return re.sub(r"[-_.]+", "_", name).lower(), version
+
+
+def _is_pinned(path: Path, req: str) -> bool:
+    """Whether a wheel file is the pinned release of ``req``: its name starts ``{dist}-{version}-``
+    (a cached wheel of another version, one an older pin fetched, must never be bundled)."""
+    dist, version = _pin(req)
+    return path.name.lower().startswith(f"{dist}-{version.lower()}-")
+
+
+def prune_wheels(cache: Path = WHEEL_CACHE) -> list[Path]:
+    """Remove the cached wheels that match no pin of BINARY_REQUIREMENTS and PURE_REQUIREMENTS (left by
+    an older pin), so the cache holds only what a build may bundle. Returns the files removed."""
+    pins = BINARY_REQUIREMENTS + PURE_REQUIREMENTS
+    stale = [w for w in sorted(cache.glob("*.whl")) if not any(_is_pinned(w, req) for req in pins)]
+    for w in stale:
+        w.unlink()
+    return stale
+
+
 def fetch_wheels(cache: Path = WHEEL_CACHE) -> list[Path]:
-    """Download the bundled wheels (all platforms, both Python versions) into ``cache``."""
+    """Download the bundled wheels (all platforms, both Python versions) into ``cache``, after removing
+    the cached ones that match no pin (:func:`prune_wheels`)."""
     cache.mkdir(parents=True, exist_ok=True)
+    for w in prune_wheels(cache):
+        print(f"fetch: removed {w.name} (no pin matches it)", flush=True)
     base = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(cache)]
     for py in PYTHON_VERSIONS:
         for plat in PLATFORMS:
@@ -142,28 +171,25 @@ def _serves_python(path: Path, py: str) -> bool:
 
 
 def wheels_for(platform: Platform | None, cache: Path = WHEEL_CACHE) -> list[Path]:
-    """The cached wheels a zip for ``platform`` (None: all) needs; raises BuildError naming what is missing."""
+    """The cached wheels a zip for ``platform`` (None: all) needs: for each pin, the wheel of exactly its
+    version (``{dist}-{version}-`` in the file name). Raises BuildError naming each pin with no wheel."""
     found = sorted(cache.glob("*.whl")) if cache.is_dir() else []
     out: list[Path] = []
     missing: list[str] = []
     platforms = PLATFORMS if platform is None else (platform,)
     for req in BINARY_REQUIREMENTS:
-        dist_name = req.split("==")[0].replace("-", "_")
         for plat in platforms:
             for py in PYTHON_VERSIONS:
                 match = [
                     w
                     for w in found
-                    if w.name.lower().startswith(dist_name + "-")
-                    and plat.wheel_tag.search(_wheel_tags(w)[2])
-                    and _serves_python(w, py)
+                    if _is_pinned(w, req) and plat.wheel_tag.search(_wheel_tags(w)[2]) and _serves_python(w, py)
                 ]
                 if not match:
                     missing.append(f"{req} for Python {py} on {plat.blender}")
                 out.extend(m for m in match[-1:] if m not in out)
     for req in PURE_REQUIREMENTS:
-        dist_name = req.split("==")[0].replace("-", "_")
-        match = [w for w in found if w.name.lower().startswith(dist_name + "-") and _wheel_tags(w)[2] == "any"]
+        match = [w for w in found if _is_pinned(w, req) and _wheel_tags(w)[2] == "any"]
         if not match:
             missing.append(f"{req} (pure Python)")
         out.extend(match[-1:])

@@ -32,7 +32,7 @@ from ..camera_paths import SIM_MIN_CAMERAS, default_trajectory, similarity, tran
 from ..formats.undistort import undistort_image
 from ..masks import stack_masks
 from ..outputs import CaptureCamera
-from ..scene import Camera, Capture, Scene, image_size
+from ..scene import Camera, Capture, Scene, SceneError, image_size
 from ..types import Cameras, Views
 
 U8_MAX = 255.0
@@ -91,7 +91,9 @@ def load_views(
     """
     cameras = [c.camera for c in captures] if cameras is None else list(cameras)
     if pinholes is None:
-        pinholes = [undistorted(load_image(c.image), cam) for c, cam in zip(captures, cameras, strict=True)]
+        pinholes = [
+            undistorted(load_image(c.image, capture=c.name), cam) for c, cam in zip(captures, cameras, strict=True)
+        ]
     return Views(
         to_tensor([resize_image(img, width, height) for img, _ in pinholes], device),
         Cameras.from_scene([cam for _, cam in pinholes], width, height, device=device),
@@ -119,7 +121,9 @@ def prepare_captures(
         missing = [c.name for c, cam in zip(scene.captures, cams_found, strict=True) if cam is None]
         notes.append(f"SfM could not place {len(missing)} of {len(cams_found)} photos; left out: {', '.join(missing)}")
     used = [scene.captures[i] for i in kept]
-    pinholes = [undistorted(load_image(c.image), cams_found[i]) for c, i in zip(used, kept, strict=True)]
+    pinholes = [
+        undistorted(load_image(c.image, capture=c.name), cams_found[i]) for c, i in zip(used, kept, strict=True)
+    ]
     trajectory = [t.camera for t in scene.trajectory]
     frame_numbers = [t.frame for t in scene.trajectory]
     if not trajectory:
@@ -150,13 +154,24 @@ def prepare_captures(
     )
 
 
-def load_image(path: Path, width: int | None = None, height: int | None = None) -> np.ndarray:
-    """An 8-bit sRGB image as stored (no colour management), optionally resized. uint8 [H, W, 3]"""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if width is not None and height is not None and im.size != (width, height):
-            im = im.resize((width, height), Image.BILINEAR)
-        return np.asarray(im).copy()
+def load_image(
+    path: Path, width: int | None = None, height: int | None = None, *, capture: str | None = None
+) -> np.ndarray:
+    """An 8-bit sRGB image as stored (no colour management), optionally resized. uint8 [H, W, 3]
+
+    A file that cannot be read or decoded (truncated, not an image) raises SceneError naming the
+    capture (``capture``, when the caller knows it) and the file: the scene's check reads only the
+    header, so a broken photo is found here, and Pillow's own error names neither.
+    """
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if width is not None and height is not None and im.size != (width, height):
+                im = im.resize((width, height), Image.BILINEAR)
+            return np.asarray(im).copy()
+    except (OSError, SyntaxError, ValueError) as err:  # Pillow: OSError (truncated), SyntaxError (bad chunks)
+        who = f"capture {capture!r}: " if capture is not None else ""
+        raise SceneError(f"{who}cannot read the image {path}: {err}") from err
 
 
 def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -93,6 +93,14 @@ def test_plan_fits_the_budget_and_never_exceeds_the_job():
     # The job's own size and steps are upper bounds.
     small = plan_budget(60.0, costs, max_iterations=300, max_size=(192, 144))
     assert (small.width, small.height) == (192, 144) and small.iterations == 300
+    # A job larger than WORKING_SIZES keeps its own size when the budget affords it (it was cut to
+    # 320x240 whatever the budget), and one between two of them too; a short budget still shrinks it.
+    large = plan_budget(60.0, costs, max_iterations=300, max_size=(640, 480))
+    assert (large.width, large.height) == (640, 480) and large.iterations == 300 and "640x480" in large.sentence
+    between = plan_budget(60.0, costs, max_iterations=300, max_size=(200, 150))
+    assert (between.width, between.height) == (200, 150)
+    short = plan_budget(1.0, costs, max_iterations=300, max_size=(640, 480))
+    assert short.width * short.height < 640 * 480
     # The job's own short step count wins over a larger cap: 300 steps at 20,000 Gaussians, not ~240 at
     # 30,000 (72 s per fit at 1e-5 s per Gaussian).
     steps_first = plan_budget(
@@ -238,6 +246,11 @@ def test_loop_config_follows_the_budget_plan():
     assert (cfg.width, cfg.height) == (plan.width, plan.height) == (64, 48)  # never larger than the job's
     assert cfg.fit.iterations == plan.iterations <= 20 and cfg.fit.max_gaussians == plan.max_gaussians
     assert LoopConfig.from_settings(Settings(width=64, height=48), device="cpu").budget is None
+    # the plan is sized by the fit's cost: a job without a fit gets none, and the setting's help says so
+    assert LoopConfig.from_settings(replace(settings, gaussian_iterations=0), device="cpu").budget is None
+    from protocol.settings import BY_NAME
+
+    assert "with 0 Iterations (no fit) it has no effect" in BY_NAME["time_budget_min"].help
     assert cfg.fit.batch_size == plan.costs.views == 3  # 3 frames a step, measured so
     # the refiner's preparation counts: 3 captures give 3 leave-out guides of a fifth of the fit and
     # its training's seconds; without the count, the most it could be (max_fits 6)

@@ -95,6 +95,66 @@ def test_bad_scene_exits_2_with_the_field(tmp_path, capsys):
     assert main(["run", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
 
 
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_budget_is_a_finite_number_of_minutes_in_the_settings_range(command, capsys):
+    """``--budget`` takes what ``time_budget_min`` takes (its range from protocol.settings), named in the
+    error, not an OverflowError (inf), an unclear error (nan) or a job setting past its range (5000)."""
+    from protocol.settings import BY_NAME
+
+    lo, hi = BY_NAME["time_budget_min"].range
+    given = ["scene", "--out", "o"] if command == "run" else []
+    assert build_parser().parse_args([command, *given, "--budget", "2.5"]).budget == 2.5
+    assert build_parser().parse_args([command, *given, "--budget", str(hi)]).budget == hi
+    for bad in ("inf", "nan", "-inf", str(hi + 1), "5000", "-1", "soon"):
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args([command, *given, f"--budget={bad}"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--budget: must be a number of minutes in [{lo}, {hi}]; got '{bad}'" in err, err
+
+
+def write_posed_scene(folder: Path, image: bytes) -> Path:
+    """A scene of one capture with its camera (no SfM) and one trajectory frame."""
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "a.png").write_bytes(image)
+    cam = {"w2c": [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], "width": 64, "height": 48}
+    cam["K"] = [[50.0, 0, 32], [0, 50, 24], [0, 0, 1]]
+    scene = {
+        "version": 1,
+        "captures": [{"name": "a", "image": "images/a.png", "camera": cam}],
+        "trajectory": [{"frame": 1, "camera": cam}],
+    }
+    (folder / "scene.json").write_text(json.dumps(scene))
+    return folder
+
+
+def test_run_names_a_bad_out_or_a_broken_photo(tmp_path, capsys):
+    """``--out`` on a file and a truncated capture PNG: exit 2 with the option or the capture and its file
+    named, not a FileExistsError or Pillow's "image file is truncated" traceback."""
+    image = png_bytes()
+    scene = write_posed_scene(tmp_path / "scene", image[: len(image) // 2])
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    assert main(["run", str(scene), "--out", str(afile), "--device", "cpu", "--budget", "0"]) == 2
+    assert f"reconloop run: --out {afile}: exists and is not a folder" in capsys.readouterr().err
+    assert main(["run", str(scene), "--out", str(tmp_path / "o"), "--device", "cpu", "--budget", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"reconloop run: capture 'a': cannot read the image {scene / 'images' / 'a.png'}: " in err, err
+    assert "truncated" in err and "Traceback" not in err
+
+
+def test_an_os_error_is_named_without_a_traceback(monkeypatch, capsys):
+    """A file the command cannot write (a full disk, no permission): its name and the reason, exit 1."""
+    import backend.cli as cli
+
+    def no_space(args):
+        raise OSError(28, "No space left on device", "/full/disk/points.ply")
+
+    monkeypatch.setattr(cli, "cmd_run", no_space)
+    assert main(["run", "scene", "--out", "o"]) == 1
+    assert "reconloop run: /full/disk/points.ply: No space left on device" in capsys.readouterr().err
+
+
 def test_submit_to_no_server_times_out(tmp_path, capsys):
     scene = write_scene(tmp_path / "scene")
     assert (

@@ -172,6 +172,45 @@ def test_a_guide_of_two_fits_runs_in_the_loop(temple3: Scene, single_thread, tmp
     assert result.gaussians is not None and result.frames.images.shape[0] == FRAMES
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("loop")
+def test_a_second_run_into_the_folder_replaces_the_first(
+    temple3: Scene, single_thread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun into the same folder with fewer frames and no fit leaves none of the first run's frames,
+    index entries or gaussians.ply (a user's own file stays); writing gaussians.ply is timed as outputs;
+    an overlap longer than the segments carries the whole previous segment."""
+    from backend import outputs
+
+    slow_write = 0.3  # seconds: writing gaussians.ply, made slow to see where it is timed
+    write_gaussians = outputs.write_gaussians
+
+    def slow_write_gaussians(path, gaussians):
+        import time
+
+        time.sleep(slow_write)
+        return write_gaussians(path, gaussians)
+
+    monkeypatch.setattr(outputs, "write_gaussians", slow_write_gaussians)
+    small = replace(temple3.settings, width=64, height=48, gaussian_iterations=3, update_memory=False)
+    first = run_loop(replace(temple3, settings=small), tmp_path, device="cpu")
+    assert first.metrics["timing"]["stages"]["outputs"]["seconds"] >= slow_write
+    assert (tmp_path / "gaussians.ply").is_file() and (tmp_path / "frames" / f"frame_{FRAMES:04d}.png").is_file()
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    (tmp_path / "frames" / "mine.png").write_bytes(b"not the loop's")
+
+    again = replace(small, gaussian_iterations=0, segment_length=2, segment_overlap=16)
+    run_loop(replace(temple3, trajectory=temple3.trajectory[:4], settings=again), tmp_path, device="cpu")
+    index = json.loads((tmp_path / "frames" / "cameras.json").read_text())["frames"]
+    assert [e["frame"] for e in index] == [1, 2, 3, 4]
+    frames = sorted(p.name for p in (tmp_path / "frames").glob("*_*.png"))
+    assert frames == [f"{kind}_{i:04d}.png" for kind in ("confidence", "frame") for i in range(1, 5)]
+    assert not (tmp_path / "gaussians.ply").exists()
+    assert (tmp_path / "notes.txt").is_file() and (tmp_path / "frames" / "mine.png").is_file()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["frames"] == 4 and metrics["segments"] == 2 and metrics["gaussians"] == 0
+
+
 def test_path_through_hits_keys_and_orders_the_ring(temple_dir: Path, tmp_path: Path) -> None:
     scene = import_scene("middlebury", temple_dir, tmp_path)
     cams = [c.camera for c in scene.captures]
@@ -275,6 +314,30 @@ def test_write_frames_threads_round_trip(tmp_path):
         np.testing.assert_array_equal(back, to_u8(images[i]))
         back = np.asarray(Image.open(tmp_path / FRAMES_DIR / f"confidence_{frame:04d}.png"))
         np.testing.assert_array_equal(back, to_u8(conf[i]))
+    # cameras.json lists the frames of the index it is given, never what the folder held before
+    index: dict = {}
+    write_frames(tmp_path, [1], images[:1], conf[:1], [cam], index=index)
+    write_frames(tmp_path, [2], images[1:2], conf[1:2], [cam], index=index)
+    listed = json.loads((tmp_path / FRAMES_DIR / "cameras.json").read_text())["frames"]
+    assert [e["frame"] for e in listed] == [1, 2] and sorted(index) == [1, 2]
     (tmp_path / "blocked").write_text("a file where the frames folder would go")
     with pytest.raises(OSError):
         write_frames(tmp_path / "blocked", [1], images[:1], conf[:1], [cam])
+
+
+def test_clear_outputs_removes_only_the_loops_files(tmp_path):
+    """What an earlier run wrote goes (frames by name, numbers past 9999 too); a user's files stay."""
+    from backend.outputs import FRAMES_DIR, JOB_FILES, clear_outputs
+
+    frames = tmp_path / FRAMES_DIR
+    frames.mkdir()
+    loop_files = [*JOB_FILES, f"{FRAMES_DIR}/cameras.json", f"{FRAMES_DIR}/frame_0001.png"]
+    loop_files += [f"{FRAMES_DIR}/confidence_0001.png", f"{FRAMES_DIR}/frame_12345.png"]
+    own = ["notes.txt", "scene.json", f"{FRAMES_DIR}/frame_1.png", f"{FRAMES_DIR}/frame_0001.jpg"]
+    for name in loop_files + own:
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(clear_outputs(tmp_path)) == sorted(loop_files)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted(own)
+    for name in own[2:]:
+        (tmp_path / name).unlink()
+    assert clear_outputs(tmp_path) == [] and not frames.exists(), "an emptied frames folder goes too"

@@ -20,7 +20,7 @@ def test_defaults_follow_anyrecon():
 
 @given(n=st.integers(0, 300), length=st.integers(1, 50), overlap=st.integers(0, 50), min_tail=st.integers(0, 20))
 def test_coverage_and_overlap(n, length, overlap, min_tail):
-    overlap = min(overlap, length)
+    """Any overlap, longer than the segments too (the job's settings allow 16 with a length of 2)."""
     segs = split_segments(n, SegmentConfig(length=length, overlap=overlap, min_tail=min_tail))
     covered = [i for s in segs for i in s.indices]
     assert covered == list(range(n))  # each frame once, in order
@@ -43,11 +43,15 @@ def test_short_tail_is_merged():
     assert split_segments(85, SegmentConfig(length=40))[-1] == Segment(80, 85, (78, 79))
 
 
+def test_an_overlap_longer_than_the_segments_carries_the_whole_previous_one():
+    segs = split_segments(5, SegmentConfig(length=2, overlap=16))
+    assert [(s.start, s.stop, s.carried) for s in segs] == [(0, 2, ()), (2, 4, (0, 1)), (4, 5, (2, 3))]
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
         ({"length": 0}, "length"),
-        ({"overlap": 41}, "overlap"),
         ({"overlap": -1}, "overlap"),
         ({"min_tail": -1}, "min_tail"),
     ],

@@ -403,6 +403,8 @@ class PendingRequest:
     replies to earlier tries are dropped. After ``retries`` resends without a reply, ``poll``
     raises TimeoutError. An error reply raises ProtocolError; a closed client raises
     ClientClosedError. Once the reply came, ``poll`` returns it again (or raises the same error).
+    One request is in flight per client at a time: a reply to another is dropped as stale (its
+    request is resent after its timeout), as with ``request``.
 
     Attributes:
         client: the Client that sent it.

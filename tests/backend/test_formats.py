@@ -24,7 +24,7 @@ from backend.formats import (
     run_import,
 )
 from backend.formats.colmap import camera_from_colmap, colmap_camera_params
-from backend.formats.dtu import PIXEL_CENTRE_SHIFT, decompose_projection
+from backend.formats.dtu import decompose_projection
 from backend.formats.undistort import UNDISTORTED_DIR, UNDISTORTED_HELDOUT_DIR, undistort_image
 from backend.scene import Camera, Distortion, Scene, SceneError, load_scene
 from tests.conftest import require_shared_data
@@ -424,7 +424,7 @@ def test_dtu_decomposition(temple_dir, tmp_path):
     mats = {}
     for i, cap in enumerate(temple.captures):
         world_mat = np.eye(4)
-        K_idr = cap.camera.K - np.array([[0, 0, PIXEL_CENTRE_SHIFT], [0, 0, PIXEL_CENTRE_SHIFT], [0, 0, 0]])
+        K_idr = cap.camera.K - np.array([[0, 0, 0.5], [0, 0, 0.5], [0, 0, 0]])  # IDR: pixel centres at integers
         world_mat[:3] = -3.7 * (K_idr @ cap.camera.w2c[:3])
         mats[f"world_mat_{i}"], mats[f"scale_mat_{i}"] = world_mat, scale_mat
     np.savez(tmp_path / "cameras.npz", **mats)

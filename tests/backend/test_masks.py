@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from backend.formats import import_scene
-from backend.formats.dtu import PIXEL_CENTRE_SHIFT
 from backend.masks import capture_mask, read_mask, resize_mask, threshold_silhouette
 from backend.scene import SceneError, load_scene, save_scene
 
@@ -93,7 +92,7 @@ def _dtu_folder(temple_dir, root, count: int, *, with_masks: bool):
             (root / "dtu" / "mask" / f"{i:03d}.png").symlink_to(cap.mask)
         K4 = np.eye(4)
         K4[:3, :3] = cap.camera.K
-        K4[:2, 2] -= PIXEL_CENTRE_SHIFT  # IDR's K: pixel centres at integers
+        K4[:2, 2] -= 0.5  # IDR's K: pixel centres at integers (ours at i + 0.5)
         world_mat = K4 @ cap.camera.w2c
         mats[f"world_mat_{i}"] = world_mat
         mats[f"world_mat_inv_{i}"] = np.linalg.inv(world_mat)

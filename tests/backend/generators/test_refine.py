@@ -396,7 +396,17 @@ def test_trust_region_lowers_the_strength_where_frames_move_further_than_validat
 
 
 @pytest.mark.slow
-def test_refine_runs_in_the_loop(temple3: Scene, single_thread, tmp_path: Path) -> None:
+def test_refine_runs_in_the_loop(temple3: Scene, single_thread, tmp_path: Path, monkeypatch) -> None:
+    import backend.generators.refine as refine_module
+
+    trained_on: list[list[int]] = []  # the captures whose photos the network was trained against
+    train = refine_module.train_refiner
+
+    def recording_train(net, pairs, *args, **kwargs):
+        trained_on.append(list(pairs.target_ids))
+        return train(net, pairs, *args, **kwargs)
+
+    monkeypatch.setattr(refine_module, "train_refiner", recording_train)
     events = []
     gen = RefineGenerator(TINY)
     result = run_loop(temple3, tmp_path / "job", device="cpu", progress=events.append, generator=gen)
@@ -411,6 +421,7 @@ def test_refine_runs_in_the_loop(temple3: Scene, single_thread, tmp_path: Path) 
     # the gate: capture seed % 3 validated, held out of the 2 training pairs, its line in the notes
     v = gen.validation
     assert v.target_ids == [temple3.settings.seed % 3] and v.held_out and v.train_pairs == 2
+    assert len(trained_on) == 1 and len(trained_on[0]) == 2 and not set(v.target_ids) & set(trained_on[0])
     assert v.strength == gen.strength and v.strength in TINY.strengths and len(v.l1) == len(TINY.strengths)
     assert v.declined == gen.declined and v.l1_chosen == min(v.l1_input, *v.l1)  # never above the reprojection
     assert len(gen.segment_strengths) >= 1 and (not gen.declined or set(gen.segment_strengths) == {None})

@@ -96,6 +96,42 @@ def test_image_intrinsics_fit_crop_stretch():
     Kc = cam_math.image_intrinsics(K, 64, 48, 480, 480, frame_method="CROP")
     np.testing.assert_allclose(Kc, [[750, 0, 240], [0, 750, 240], [0, 0, 1]])
 
+    # By hand, from how Blender draws the photo into the frame (render pixel u -> photo pixel x).
+    # A 2:1 photo (960x480) in the 64x48 frame, principal point off centre (30, 20).
+    K = np.array([[100.0, 0, 30], [0, 100.0, 20], [0, 0, 1]])
+    # STRETCH: x = 15 u, y = 10 v.
+    Ks = cam_math.image_intrinsics(K, 64, 48, 960, 480, frame_method="STRETCH")
+    np.testing.assert_allclose(Ks, [[1500, 0, 450], [0, 1000, 200], [0, 0, 1]])
+    # FIT: the photo spans the frame's width (15 px a render pixel), 32 render px high from v = 8:
+    # x = 15 u, y = 15 (v - 8).
+    Kf = cam_math.image_intrinsics(K, 64, 48, 960, 480, frame_method="FIT")
+    np.testing.assert_allclose(Kf, [[1500, 0, 450], [0, 1500, 180], [0, 0, 1]])
+    # CROP: the photo spans the frame's height (10 px a render pixel), 96 render px wide from u = -16:
+    # x = 10 (u + 16), y = 10 v.
+    Kc = cam_math.image_intrinsics(K, 64, 48, 960, 480, frame_method="CROP")
+    np.testing.assert_allclose(Kc, [[1000, 0, 460], [0, 1000, 200], [0, 0, 1]])
+
+    # Pixels twice as wide as high (pixel_aspect_x 2): the frame shows as 128x48, and K at the render
+    # size has fx = fy / 2 (DESIGN.md: fy = fx / ycor, ycor = 1/2). The photo has square pixels.
+    K = np.array([[50.0, 0, 30], [0, 100.0, 20], [0, 0, 1]])
+    aspect = {"pixel_aspect_x": 2.0, "pixel_aspect_y": 1.0}
+    # An 8:3 photo (1280x480) fills the shown frame exactly, whatever the method: 10 px a shown unit,
+    # x = 10 * 2 u, y = 10 v; its own fx = fy, as square pixels must have.
+    for method in cam_math.FRAME_METHODS:
+        Km = cam_math.image_intrinsics(K, 64, 48, 1280, 480, frame_method=method, **aspect)
+        np.testing.assert_allclose(Km, [[1000, 0, 600], [0, 1000, 200], [0, 0, 1]], err_msg=method)
+    # A square photo (480x480), FIT: 10 px a shown unit, 48 units wide from 40 of the frame's 128:
+    # x = 10 (2 u - 40), y = 10 v.
+    Kf = cam_math.image_intrinsics(K, 64, 48, 480, 480, frame_method="FIT", **aspect)
+    np.testing.assert_allclose(Kf, [[1000, 0, 200], [0, 1000, 200], [0, 0, 1]])
+    # CROP: 480 px over the 128 shown units (3.75 px a unit), 128 units high from -40:
+    # x = 3.75 * 2 u, y = 3.75 (v + 40).
+    Kc = cam_math.image_intrinsics(K, 64, 48, 480, 480, frame_method="CROP", **aspect)
+    np.testing.assert_allclose(Kc, [[375, 0, 225], [0, 375, 225], [0, 0, 1]])
+    # Only the ratio of the two aspects matters.
+    Kc2 = cam_math.image_intrinsics(K, 64, 48, 480, 480, frame_method="CROP", pixel_aspect_x=4.0, pixel_aspect_y=2.0)
+    np.testing.assert_allclose(Kc2, Kc)
+
 
 def test_bad_values_name_the_field():
     with pytest.raises(cam_math.CameraConversionError, match="sensor_fit must be one of"):
@@ -397,17 +433,102 @@ def _drive(driver, timeout_s: float = 60.0, *, cancel_after: int = -1) -> tuple[
         time.sleep(0.005)
 
 
-def test_driver_runs_a_job_in_steps_that_never_wait(tmp_path, monkeypatch):
-    """Submit, watch, events and a download in three chunks, each request sent in one step and its
-    reply taken in a later one."""
+SILENCE_S = 0.25  # how long the scripted service keeps each reply
+
+
+def _bounded_step(driver) -> bool:
+    """One timer step of ``driver``, which must return within STEP_BOUND_S (and not wait out a try)."""
+    import time
+
+    t0 = time.perf_counter()
+    try:
+        done = driver.step(0)
+    except TimeoutError as err:
+        raise AssertionError(f"a step waited {time.perf_counter() - t0:.1f} s for the service: {err}") from err
+    took = time.perf_counter() - t0
+    assert took < STEP_BOUND_S, f"a step took {took:.3f} s while the service was silent"
+    return done
+
+
+def _steps_while_silent(driver, svc, seconds: float = SILENCE_S) -> int:
+    """Step ``driver`` as the timer does while the service keeps its reply: each step returns within
+    STEP_BOUND_S, none ends the job, and no other request goes out meanwhile. Returns the steps."""
+    import time
+
+    steps, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert not _bounded_step(driver)
+        steps += 1
+        time.sleep(0.01)
+    assert not svc.pending(), "a request went out while the previous one was unanswered"
+    return steps
+
+
+def _step_until_request(driver, svc) -> dict:
+    """Step ``driver`` (each within STEP_BOUND_S) until its next request reaches the scripted service."""
+    import time
+
+    deadline = time.monotonic() + 5
+    while not svc.pending():
+        assert not _bounded_step(driver)
+        assert time.monotonic() < deadline, f"no request came: {driver.progress}"
+        time.sleep(0.005)
+    return svc.request()
+
+
+def test_driver_runs_a_job_in_steps_that_never_wait(tmp_path, monkeypatch, loopback_router):
+    """Submit, watch, events, a download in three chunks and a status, each request sent in one step
+    and its reply taken in a later one: against a service that keeps every reply a while (no step
+    waits for it), then against the real service."""
+    import zmq
 
     from backend.service import Service, ServiceConfig
     from blender_addon import connection
     from protocol.client import Client
 
-    from .protocol.helpers import scene_msg
+    from .protocol.helpers import HELLO_REPLY, ScriptedService, artifact, fetch_reply, scene_msg, status_reply
 
     monkeypatch.setattr(connection, "FETCH_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(connection, "IDLE_STATUS_S", 0.2)
+    data = np.random.default_rng(0).bytes(POINTS_BYTES)
+    job = "0123456789abcdef0123456789abcdef"
+    svc = ScriptedService(loopback_router)
+    files = []
+    # One try of 3 s: longer than each silence (no resend), and a step that waited for a reply would
+    # wait the whole try, then raise TimeoutError.
+    with Client(loopback_router.getsockopt_string(zmq.LAST_ENDPOINT), timeout_ms=3000, retries=0) as client:
+        driver = connection.JobDriver(
+            client, str(tmp_path / "scripted"), scene=scene_msg(), on_file=lambda *a: files.append(a)
+        )
+        hello = _step_until_request(driver, svc)
+        assert hello["op"] == "hello"
+        _steps_while_silent(driver, svc)
+        svc.answer(hello, **HELLO_REPLY)
+        submit = _step_until_request(driver, svc)
+        assert submit["op"] == "submit" and driver.progress.state == "uploading"
+        _steps_while_silent(driver, svc)
+        svc.answer(submit, job=job, state="queued")
+        watch = _step_until_request(driver, svc)
+        assert (watch["op"], watch["job"], watch["watch"]) == ("status", job, True)
+        _steps_while_silent(driver, svc)
+        svc.answer(watch, **status_reply(job, "running", 1, [artifact("points.ply", data)]))
+        for offset in range(0, POINTS_BYTES, 1000):
+            fetch = _step_until_request(driver, svc)
+            assert (fetch["op"], fetch["name"], fetch["offset"]) == ("fetch", "points.ply", offset)
+            _steps_while_silent(driver, svc)
+            svc.event(job, offset // 1000 + 2, "running", fraction=0.5 + offset / 10000)  # comes meanwhile
+            _steps_while_silent(driver, svc, 0.05)
+            assert driver.progress.fraction == 0.5 + offset / 10000  # taken while the fetch waits
+            svc.answer(fetch, **fetch_reply(job, "points.ply", data, offset, fetch["length"]))
+        # No event for IDLE_STATUS_S: the driver asks for the status, and no step waits for it either.
+        status = _step_until_request(driver, svc)
+        assert (status["op"], status["job"]) == ("status", job)
+        assert files and Path(files[0][2]).read_bytes() == data  # the download ended before
+        _steps_while_silent(driver, svc)
+        svc.answer(status, **status_reply(job, "done", 5))
+        _drive(driver, 5)
+    assert driver.progress.state == "done" and len(files) == 1
+
     svc = Service(
         ServiceConfig(bind="tcp://127.0.0.1:*", data_dir=tmp_path / "jobs", device="cpu"), runner=_points_runner
     )
@@ -428,7 +549,7 @@ def test_driver_runs_a_job_in_steps_that_never_wait(tmp_path, monkeypatch):
     assert driver.progress.state == "done" and driver.hello["version"] == 1
     ((kind, name, path),) = files
     assert (kind, name) == ("points", "points.ply")
-    assert Path(path).read_bytes() == np.random.default_rng(0).bytes(POINTS_BYTES)
+    assert Path(path).read_bytes() == data
     assert steps > 6 and longest < 0.5, (steps, longest)  # hello, submit, watch, 3 chunks: 6 replies at least
     assert slow.progress.state == "cancelled"
 

@@ -170,7 +170,7 @@ def test_cancel_between_steps_and_while_queued(client, service):
     assert busy["worker"].startswith("the service's worker thread") and "queue_position" not in busy, busy
     assert client.cancel(queued)["state"] == "cancelled"
     assert "queue_position" not in client.status(queued)
-    client.cancel(running)
+    assert client.cancel(running)["state"] == "running"  # it stops at its next step boundary (an event says so)
     status = wait_state(client, running)
     assert status["state"] == "cancelled"
     steps = sorted((service.data_dir / running / ARTIFACTS_DIR).glob("step*.bin"))
@@ -192,15 +192,21 @@ def test_two_watchers_get_the_same_events(client, service):
 
 
 def test_events_resume_after_reconnect(client):
+    """The reopened socket is subscribed again at once: the missed events and the rest come without
+    waiting for ``events``' idle status poll (which would also replay them, ``idle_ms`` later)."""
+    idle_ms = 5000
     job = client.submit(scene_msg("steps:6", delay_ms=40))
     client.watch(job, since=0)
-    seqs = []
-    for event in client.events(job):
+    seqs, reopened = [], None
+    for event in client.events(job, idle_ms=idle_ms):
         seqs.append(event["seq"])
         if event["seq"] == 3:
             client._reopen()  # a lost connection: new socket, new identity
+            reopened = time.monotonic()
             time.sleep(0.1)  # events pushed meanwhile go to the old, closed identity
+    took_s = time.monotonic() - reopened
     assert seqs == list(range(1, 10)) and client.reconnects == 1
+    assert took_s < idle_ms / 1000 / 2, f"the rest took {took_s:.1f} s: replayed by the idle poll, not the reconnect"
 
 
 def test_lazy_pirate_retries_then_succeeds():
@@ -334,13 +340,27 @@ def test_submit_with_same_key_is_one_job(client):
 def test_job_queued_before_a_restart_runs_when_the_worker_connects_late(tmp_path, monkeypatch):
     """After a restart the first loop pass hands the queued job over: the worker must be connected by then."""
     job = JobStore(tmp_path / "jobs").create({"scene": scene_msg(), "key": None}).job  # queued when it stopped
-    run = worker_module.Worker.run
+    run, pool_start, send = worker_module.Worker.run, worker_module.ThreadPool.start, Service._send
+    connected, sent = [], []
 
     def late(self):
         time.sleep(0.05)  # a loaded machine: the thread connects after the loop's first pass
         run(self)
 
+    def start_pool(self):
+        slots = pool_start(self)
+        # start() returns once the worker connected: ready, and its PAIR takes a message now
+        connected.extend((s.ready, bool(s.pair.poll(0, zmq.POLLOUT))) for s in slots)
+        return slots
+
+    def spy_send(slot, body):
+        delivered = send(slot, body)
+        sent.append((body["cmd"], body.get("job"), delivered))
+        return delivered
+
     monkeypatch.setattr(worker_module.Worker, "run", late)
+    monkeypatch.setattr(worker_module.ThreadPool, "start", start_pool)
+    monkeypatch.setattr(Service, "_send", staticmethod(spy_send))
     svc, thread = start(tmp_path / "jobs")
     try:
         with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
@@ -348,6 +368,8 @@ def test_job_queued_before_a_restart_runs_when_the_worker_connects_late(tmp_path
     finally:
         svc.stop()
         thread.join(WAIT_S)
+    assert connected == [(True, True)]
+    assert sent[0] == ("run", job, True)  # the first run went out, to a connected worker
 
 
 def test_run_not_delivered_keeps_the_job_first_in_line(service, client, monkeypatch):

@@ -14,6 +14,7 @@ import blender_addon
 from backend.formats import IMPORTERS, detect_format
 from backend.scene import load_scene
 from blender_addon import datasets
+from tests.conftest import require_shared_data
 
 MAX_ERROR_PX = 0.01
 DATASETS = ("middlebury_temple", "middlebury_dino", "llff_fern", "lund_door")
@@ -60,9 +61,7 @@ def _check_same(original, back, what: str) -> None:
 
 @pytest.mark.parametrize("name", DATASETS)
 def test_import_export_round_trip(registered, name, tmp_path):
-    src = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / name
-    if not src.is_dir():
-        pytest.fail(f"real scene {src} missing") if "CI" in __import__("os").environ else pytest.skip(f"{src} missing")
+    src = require_shared_data(name)  # RECONLOOP_SHARED_DATA, else ../shared/data; missing: skip, or fail under CI
     original = IMPORTERS.get(detect_format(src))(src).captures
     assert bpy.ops.reconloop.import_dataset(directory=str(src), filepath=str(src)) == {"FINISHED"}
     scene = bpy.context.scene

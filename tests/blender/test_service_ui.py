@@ -11,6 +11,7 @@ import pytest
 
 import blender_addon
 from blender_addon import connection, operators
+from tests.protocol.helpers import HELLO_REPLY, ScriptedService, artifact, status_reply
 
 TICK_BOUND_S = 0.2  # a timer tick may take about 0.1 s: Blender's UI waits for it
 
@@ -30,7 +31,7 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def test_ticks_return_at_once_when_the_service_never_answers(registered, silent_endpoint):
+def test_ticks_return_at_once_when_the_service_never_answers(registered, silent_endpoint, loopback_router):
     rt = bpy.context.window_manager.reconloop
     cfg = connection.ConnectionConfig(mode="remote", remote_address=silent_endpoint, timeout_ms=300)
     client, service = connection.connect(cfg)
@@ -48,19 +49,34 @@ def test_ticks_return_at_once_when_the_service_never_answers(registered, silent_
     assert len(intervals) > 5 and intervals[0] == operators.TICK_S
     assert "does not answer" in rt.last_error and rt.hello_summary == ""
 
-    # A running job whose service went silent: each tick returns, then the job ends in a plain error.
+    # A running job whose service answers hello and watch, then goes silent at the download: each
+    # tick returns (the fetch is only sent), then the job ends in a plain error.
     rt.last_error = ""
-    driver = connection.JobDriver(client, bpy.app.tempdir, job="deadbeef")
+    svc = ScriptedService(loopback_router)
+    svc.drain()  # the probe's unanswered hellos
+    job = "0123456789abcdef0123456789abcdef"
+    driver = connection.JobDriver(client, bpy.app.tempdir, job=job)
     importer = operators.ResultImporter(bpy.context.scene.name, "k", "", (1, 2))
     operators.begin_job(bpy.context, driver, importer)
-    interval, longest = 0.0, 0.0
+    interval, longest, ops = 0.0, 0.0, []
     while interval is not None:
         interval, took = _timed(operators._tick)
         longest = max(longest, took)
+        while svc.pending():  # answer hello and watch at once; from the first fetch on, nothing
+            request = svc.request()
+            ops.append(request["op"])
+            if "fetch" in ops:
+                continue
+            if request["op"] == "hello":
+                svc.answer(request, **HELLO_REPLY)
+            elif request["op"] == "status":
+                svc.answer(request, **status_reply(job, "running", 1, [artifact("points.ply", b"ply" * 100)]))
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert longest < TICK_BOUND_S, f"a job tick took {longest:.3f} s"
-    assert "does not answer" in rt.last_error and not rt.is_running and connection.SESSION.driver is None
+    assert ops[:3] == ["hello", "status", "fetch"] and ops.count("fetch") == 3, ops  # 3 tries of the fetch
+    assert "does not answer" in rt.last_error and "fetch" in rt.last_error
+    assert not rt.is_running and connection.SESSION.driver is None
 
     # With the default 10 s a try (30 s in a blocking request), a tick still returns at once.
     connection.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import time
@@ -10,10 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 from PIL import Image
 
 from backend.progress import ProgressEvent
+from protocol.codec import encode
 
 WIDTH, HEIGHT = 64, 48
 FOCAL = 50.0
@@ -84,6 +87,71 @@ def runner(scene: Any, out_dir: Path, *, device: str, progress: Any) -> None:
 
 
 SERVICE_STOP_S = 20
+
+HELLO_REPLY = {"version": 1, "versions": [1], "server": "scripted", "generators": [], "device": "cpu", "limits": {}}
+
+
+def artifact(name: str, data: bytes) -> dict[str, Any]:
+    return {"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def status_reply(job: str, state: str, seq: int, artifacts: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    now = time.time()
+    return {
+        "job": job,
+        "state": state,
+        "stage": "",
+        "fraction": 0.0,
+        "message": "",
+        "seq": seq,
+        "created": now,
+        "updated": now,
+        "artifacts": list(artifacts),
+    }
+
+
+def fetch_reply(job: str, name: str, data: bytes, offset: int, length: int) -> dict[str, Any]:
+    chunk = np.frombuffer(data[offset : offset + length], np.uint8)
+    return {
+        "job": job,
+        "name": name,
+        "offset": offset,
+        "data": chunk,
+        "total": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+class ScriptedService:
+    """The test plays the service on a loopback ROUTER (conftest's ``loopback_router``): it reads each
+    request and answers it when it chooses, or never (a service gone silent in the middle of a job)."""
+
+    def __init__(self, router: Any) -> None:
+        self.router = router
+        self.ident = b""  # the identity of the client's latest request (events go there)
+
+    def request(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """The next request's header (its array frames are dropped)."""
+        assert self.router.poll(int(timeout_s * 1000)), f"no request came within {timeout_s} s"
+        self.ident, header, *_ = self.router.recv_multipart()
+        return msgpack.unpackb(header, raw=False)
+
+    def pending(self) -> bool:
+        """Whether a request came that was not read yet."""
+        return bool(self.router.poll(0))
+
+    def drain(self) -> None:
+        while self.router.poll(0):
+            self.router.recv_multipart()
+
+    def answer(self, request: dict[str, Any], **fields: Any) -> None:
+        msg = {"v": 1, "ok": True, "op": request["op"], "id": request["id"], **fields}
+        self.router.send_multipart([self.ident, *encode(msg, "reply")])
+
+    def event(self, job: str, seq: int, state: str, fraction: float = 0.0, message: str = "") -> None:
+        msg = {"v": 1, "ok": True, "op": "event", "job": job, "seq": seq, "time": time.time(), "state": state}
+        msg.update(stage="", fraction=fraction, message=message, artifacts=[])
+        self.router.send_multipart([self.ident, *encode(msg, "reply")])
 
 
 @contextlib.contextmanager

@@ -16,7 +16,8 @@ the difference is what the generated frames bring.
 Held-out views come from ``scene.heldout`` or from a protocol of ``../shared/data/README.md``
 (:func:`split_protocol`): ``llff`` holds out every 8th capture and trains on 3 of the rest,
 ``ring`` keeps 3 (or N) views spread around the ring and holds out the others; ``ring-arc`` keeps
-3 views 2 ring positions apart and holds out the views between them.
+3 views 2 ring positions apart and holds out the views between them; ``dtu`` is pixelNeRF's split of
+a DTU scan's 49 views (train on 25, 22, 28; score 25 fixed views).
 
 The loop's trajectory (``trajectory_mode``): ``scene`` uses the scene's own trajectory; ``heldout``
 makes a closed path through the training and held-out cameras (so it passes through the held-out

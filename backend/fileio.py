@@ -11,7 +11,14 @@ CHUNK_BYTES = 1 << 20
 
 
 def _process_umask() -> int:
-    """The process's umask, read once at import (setting it is the only way to read it portably)."""
+    """The process's umask, read once at import: from /proc on Linux (reading it does not change it);
+    elsewhere by setting it and back, the only portable way (at import, before the service's threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -30,8 +30,9 @@ MASK_LEVEL = 127  # a mask or alpha pixel above this (of 255) is kept
 def read_mask(path: Path) -> np.ndarray:
     """A mask file: alpha when the image has one, else its grey level; above half is kept. bool [H, W]
 
-    Raises SceneError naming the file when it keeps no pixel (a 0/1 label image, say): an empty mask
-    would leave the fit nothing to learn from that photo and its masked score no pixel to count."""
+    An all-black mask is a view without the object (its masked score is left out: ``masked_score``);
+    one whose marks all sit at or below half (a 0/1 label image) raises SceneError naming the file,
+    rather than being read as empty."""
     from PIL import Image  # not in Blender's Python: only where a mask is read or written
 
     with Image.open(path) as im:
@@ -40,8 +41,8 @@ def read_mask(path: Path) -> np.ndarray:
         else:
             grey = np.asarray(im.convert("L"))
     mask = grey > MASK_LEVEL
-    if not mask.any():
-        peak = int(grey.max())
+    peak = int(grey.max())
+    if 0 < peak <= MASK_LEVEL:  # marks, none above half: a label image (0/1), not an empty view
         raise SceneError(
             f"mask: {path} keeps no pixel (its highest value {peak} is not above {MASK_LEVEL} of 255); "
             "a mask is white (255) where the object is"

@@ -57,7 +57,9 @@ FRAMES_DIR = "frames"
 FRAME_IMAGE = "frame_{:04d}.png"
 FRAME_CONFIDENCE = "confidence_{:04d}.png"
 # the files of FRAME_IMAGE and FRAME_CONFIDENCE, any frame number (more than 4 digits too)
-FRAME_FILE_PATTERN = re.compile(r"(frame|confidence)_\d{4,}\.png")
+FRAME_FILE_PATTERN = re.compile(
+    "|".join(re.escape(name).replace(re.escape("{:04d}"), r"\d{4,}") for name in (FRAME_IMAGE, FRAME_CONFIDENCE))
+)
 # every file the loop writes at the folder's top (the frames folder aside): what clear_outputs removes
 JOB_FILES = (POINTS_FILE, POINTS_FINAL_FILE, GAUSSIANS_FILE, CAMERAS_FILE, METRICS_FILE, OVERVIEW_FILE)
 U8_MAX = 255

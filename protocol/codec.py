@@ -200,7 +200,7 @@ def decode(frames: Sequence[Buffer], kind: str) -> dict[str, Any]:
             rid = header.get("id")
             op = header.get("op")
             err.request_id = rid if _is_id(rid) else None
-            err.op = op if isinstance(op, str) and len(op) <= limits.MAX_NAME_CHARS else None
+            err.op = op if isinstance(op, str) and limits.utf8_len(op) <= limits.MAX_NAME_BYTES else None
         raise
 
 

@@ -41,7 +41,7 @@ MAX_OTHER_ARTIFACTS = 1024
 MAX_ARTIFACTS = MAX_FILES_PER_FRAME * MAX_TRAJECTORY + MAX_OTHER_ARTIFACTS
 
 # Strings and containers inside a header. String lengths are UTF-8 bytes, the unit of msgpack's limit.
-MAX_NAME_CHARS = 255  # capture names, artifact names (UTF-8 bytes, as file systems count a name)
+MAX_NAME_BYTES = 255  # capture names, artifact names (UTF-8 bytes, as file systems count a name)
 MAX_STR_BYTES = 64 * 1024  # any single string (messages, prompts)
 MAX_LIST_LEN = MAX_ARTIFACTS  # any msgpack array: the longest list a field allows (a job's artifacts)
 MAX_MAP_LEN = 256  # any msgpack map

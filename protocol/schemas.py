@@ -80,7 +80,7 @@ class OpSchema:
 FLOAT_DTYPES = ("float32", "float64")
 ENVELOPE_REQUEST = (
     Field("v", "int", "protocol version of this message (checked first)", min=0, max=limits.MAX_ID_INT),
-    Field("op", "str", "operation name", max_len=limits.MAX_NAME_CHARS),
+    Field("op", "str", "operation name", max_len=limits.MAX_NAME_BYTES),
     Field("id", "id", "request id chosen by the client; echoed in the reply"),
 )
 ERROR = Field(
@@ -103,7 +103,7 @@ ERROR = Field(
 ENVELOPE_REPLY = (
     Field("v", "int", "protocol version of this message", min=0, max=limits.MAX_ID_INT),
     Field(
-        "op", "str", "the request's op; nil when it could not be read", required=False, max_len=limits.MAX_NAME_CHARS
+        "op", "str", "the request's op; nil when it could not be read", required=False, max_len=limits.MAX_NAME_BYTES
     ),
     Field("id", "id", "the request's id; nil when it could not be read", required=False),
     Field("ok", "bool", "true on success; the op's reply fields follow only then"),
@@ -113,7 +113,7 @@ ENVELOPE_REPLY = (
 JOB = Field("job", "str", "job id (32 hex characters)", min_len=1, max_len=limits.MAX_ID_CHARS)
 STATE = Field("state", "str", "job state", choices=JOB_STATES)
 STAGE = Field(
-    "stage", "str", "current stage (queued, memory, render, generate, fit, done, ...)", max_len=limits.MAX_NAME_CHARS
+    "stage", "str", "current stage (queued, memory, render, generate, fit, done, ...)", max_len=limits.MAX_NAME_BYTES
 )
 FRACTION = Field("fraction", "float", "overall progress", min=0.0, max=1.0)
 MESSAGE = Field(
@@ -147,7 +147,7 @@ ARTIFACT = Field(
             "str",
             "relative path inside the job's outputs, '/'-separated",
             min_len=1,
-            max_len=limits.MAX_NAME_CHARS,
+            max_len=limits.MAX_NAME_BYTES,
         ),
         Field("size", "int", "bytes", min=0, max=limits.MAX_ID_INT),
         Field("sha256", "str", "hex sha256 of the whole file", min_len=SHA256_HEX_CHARS, max_len=SHA256_HEX_CHARS),
@@ -193,7 +193,7 @@ def _captures(name: str, doc: str, *, required: bool, min_len: int, max_len: int
         "struct",
         "one photo",
         fields=(
-            Field("name", "str", "unique capture name", min_len=1, max_len=limits.MAX_NAME_CHARS),
+            Field("name", "str", "unique capture name", min_len=1, max_len=limits.MAX_NAME_BYTES),
             Field("image", "image", "PNG/JPEG file, or raw pixels uint8 [H, W, 3|4]"),
             _camera(required=False),
         ),
@@ -256,7 +256,7 @@ OPS: dict[str, OpSchema] = {
                     max_len=MAX_CLIENT_VERSIONS,
                 ),
                 Field(
-                    "client", "str", "client name and version, for logs", required=False, max_len=limits.MAX_NAME_CHARS
+                    "client", "str", "client name and version, for logs", required=False, max_len=limits.MAX_NAME_BYTES
                 ),
             ),
             reply=(
@@ -268,22 +268,22 @@ OPS: dict[str, OpSchema] = {
                     items=Field("versions[]", "int", min=0, max=limits.MAX_ID_INT),
                     max_len=MAX_CLIENT_VERSIONS,
                 ),
-                Field("server", "str", "server software version", max_len=limits.MAX_NAME_CHARS),
+                Field("server", "str", "server software version", max_len=limits.MAX_NAME_BYTES),
                 Field(
                     "generators",
                     "list",
                     "generator names a job may ask for",
-                    items=Field("generators[]", "str", max_len=limits.MAX_NAME_CHARS),
+                    items=Field("generators[]", "str", max_len=limits.MAX_NAME_BYTES),
                     max_len=limits.MAX_MAP_LEN,
                 ),
-                Field("device", "str", "compute device: 'cpu' or 'cuda:0'", max_len=limits.MAX_NAME_CHARS),
+                Field("device", "str", "compute device: 'cpu' or 'cuda:0'", max_len=limits.MAX_NAME_BYTES),
                 Field(
                     "gpu",
                     "struct",
                     "present when the device is a GPU",
                     required=False,
                     fields=(
-                        Field("name", "str", "GPU name", max_len=limits.MAX_NAME_CHARS),
+                        Field("name", "str", "GPU name", max_len=limits.MAX_NAME_BYTES),
                         Field("total_bytes", "int", "GPU memory", min=0, max=limits.MAX_ID_INT),
                         Field("free_bytes", "int", "GPU memory free now", min=0, max=limits.MAX_ID_INT),
                     ),
@@ -361,7 +361,7 @@ OPS: dict[str, OpSchema] = {
             request=(
                 JOB,
                 Field(
-                    "name", "str", "artifact name as listed by status/event", min_len=1, max_len=limits.MAX_NAME_CHARS
+                    "name", "str", "artifact name as listed by status/event", min_len=1, max_len=limits.MAX_NAME_BYTES
                 ),
                 Field("offset", "int", "first byte (default 0)", required=False, min=0, max=limits.MAX_ID_INT),
                 Field(
@@ -375,7 +375,7 @@ OPS: dict[str, OpSchema] = {
             ),
             reply=(
                 JOB,
-                Field("name", "str", "artifact name", min_len=1, max_len=limits.MAX_NAME_CHARS),
+                Field("name", "str", "artifact name", min_len=1, max_len=limits.MAX_NAME_BYTES),
                 Field("offset", "int", "first byte of data", min=0, max=limits.MAX_ID_INT),
                 Field(
                     "data",

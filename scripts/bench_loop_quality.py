@@ -346,7 +346,7 @@ class RecordingRefiner(RefineGenerator):
 
     def generate(self, cond, *, num_steps=1, seed=0, progress=None):
         self.network_input = None  # stays None where the refiner declined: its frames are its input
-        out = super().generate(cond, num_steps=num_steps, seed=seed)
+        out = super().generate(cond, num_steps=num_steps, seed=seed, progress=progress)
         seen = out.images if self.network_input is None else self.network_input
         self.seen.append((seen.cpu(), cond.renders.rgb.cpu(), out.images.cpu()))
         return out

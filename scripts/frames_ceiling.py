@@ -74,7 +74,7 @@ class MixedFrames:
         self.base, self.dense, self.share = base, dense, share
 
     def generate(self, cond: ConditionVideo, *, num_steps: int = 1, seed: int = 0, progress=None) -> Frames:
-        a = self.base.generate(cond, num_steps=num_steps, seed=seed)
+        a = self.base.generate(cond, num_steps=num_steps, seed=seed, progress=progress)
         b = self.dense.generate(cond)
         s = self.share
         return Frames(

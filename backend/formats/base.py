@@ -65,9 +65,12 @@ def w2c_from_rt(R: np.ndarray, t: np.ndarray) -> np.ndarray:
 def w2c_from_c2w(c2w: np.ndarray) -> np.ndarray:
     """World-to-camera 4x4 of a rigid camera-to-world 4x4, by its rotation's transpose: no matrix
     inverse, so a degenerate pose reaches :func:`make_camera`'s check (which names the entry) instead
-    of raising numpy's LinAlgError. float64 [4, 4]"""
+    of raising numpy's LinAlgError. A bottom row other than [0, 0, 0, 1] is carried into the result,
+    where that check refuses it. float64 [4, 4]"""
     R, t = c2w[:3, :3], c2w[:3, 3]
-    return w2c_from_rt(R.T, -R.T @ t)
+    w2c = w2c_from_rt(R.T, -R.T @ t)
+    w2c[3] = c2w[3]
+    return w2c
 
 
 def intrinsics(fx: float, fy: float, cx: float, cy: float) -> np.ndarray:

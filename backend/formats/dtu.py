@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from backend.formats.base import IMPORTERS, ImportedScene, find_first, list_images, make_camera, resolve_in, w2c_from_rt
+from backend.formats.undistort import HALF_PIXEL
 from backend.scene import Capture, SceneError, image_size
 
 CAMERA_FILES = ("cameras.npz", "cameras_sphere.npz", "cameras_large.npz")
@@ -32,7 +33,7 @@ MASK_CANDIDATES = ("mask", "masks")
 WORLD_MAT_KEY = re.compile(r"world_mat_(\d+)")
 WORLD_MAT = "world_mat_{}"
 SCALE_MAT = "scale_mat_{}"
-PIXEL_CENTRE_SHIFT = 0.5  # IDR's pixel centres at integers, ours at i + 0.5
+PIXEL_CENTRE_SHIFT = HALF_PIXEL  # IDR's pixel centres at integers, ours at i + 0.5
 
 
 def decompose_projection(P: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ from backend.fileio import write_atomic
 from backend.scene import Camera, Capture, SceneError
 
 UNDISTORTED_DIR = "undistorted"
-UNDISTORTED_HELDOUT_DIR = "undistorted/heldout"
+UNDISTORTED_HELDOUT_DIR = f"{UNDISTORTED_DIR}/heldout"
 JPEG_QUALITY = 95  # undistorted JPEGs are re-encoded; PNGs stay lossless
 HALF_PIXEL = 0.5
 

@@ -395,8 +395,9 @@ class LeaveOut:
     memory: GeometryMemory
 
     @classmethod
-    def of(cls, captures: Views, left_out: Sequence[int], cfg: LoopConfig) -> LeaveOut:
-        """The subset of ``captures`` without ``left_out``, its memory built by ``cfg``'s estimator."""
+    def of(cls, captures: Views, left_out: Sequence[int], cfg: LoopConfig, notes: list[str] | None = None) -> LeaveOut:
+        """The subset of ``captures`` without ``left_out``, its memory built by ``cfg``'s estimator; a
+        fallback of that build (fewer captures find less) is said in ``notes``, naming the subset."""
         gone = set(left_out)
         kept = [i for i in range(len(captures)) if i not in gone]
         if not kept or not gone:
@@ -405,7 +406,10 @@ class LeaveOut:
             )
         masks = captures.masks[kept] if captures.masks is not None else None
         views = Views(captures.images[kept], captures.cams[kept], [captures.ids[i] for i in kept], masks=masks)
-        memory = build_memory(views, cfg.memory, estimator=cfg.estimator, notes=[])  # its fallbacks are logged
+        built: list[str] = []
+        memory = build_memory(views, cfg.memory, estimator=cfg.estimator, notes=built)
+        if notes is not None:
+            notes.extend(f"refiner, without capture(s) {list(left_out)}: {line}" for line in built)
         if len(memory) == 0:
             raise ValueError(f"refine: the captures kept when leaving out {list(left_out)} make no memory point")
         return cls(tuple(left_out), kept, views, memory)
@@ -476,19 +480,26 @@ def make_pairs(
     *,
     device: torch.device | str,
     progress: ProgressCallback | None = None,
+    notes: list[str] | None = None,
 ) -> TrainingPairs:
     """One training pair per left-out capture of every subset of :func:`leave_out_subsets`.
 
-    ``progress(fraction, message)`` is called as the subsets' guides fit (they take the time) and
-    after each subset's inputs (it may raise to cancel)."""
-    subsets = [LeaveOut.of(captures, s, cfg) for s in leave_out_subsets(len(captures), refine_cfg.max_fits)]
+    ``progress(fraction, message)`` is called after each subset's memory, as the subsets' guides fit
+    (they take the time) and after each subset's inputs (it may raise to cancel). A subset's memory
+    that fell back is said in ``notes``."""
+    left_outs = leave_out_subsets(len(captures), refine_cfg.max_fits)
+    subsets = []
+    for k, left_out in enumerate(left_outs):
+        subsets.append(LeaveOut.of(captures, left_out, cfg, notes))
+        if progress is not None:
+            progress(0.1 * (k + 1) / len(left_outs), f"refiner: memory without capture(s) {list(left_out)}")
     iterations = max(1, round(cfg.fit.iterations * refine_cfg.fit_share))
     gone = ", ".join(str(list(s.left_out)) for s in subsets)
 
     def on_fit_step(step: int, loss: float) -> None:
         if progress is not None:
             progress(
-                0.9 * step / iterations,
+                0.1 + 0.8 * step / iterations,
                 f"refiner: {len(subsets)} guides without capture(s) {gone}, step {step}/{iterations}",
             )
 
@@ -814,7 +825,8 @@ class RefineGenerator:
         """What :meth:`prepare` adds to a job, for the time budget (``backend.budget``): the leave-out
         guides in lengths of the job's fit (``fit_share`` each; every set's steps counted, as a CPU
         spends them even in lockstep; none without a guide) and the training's seconds.
-        ``num_captures`` None: as many subsets as ``max_fits`` allows.
+        ``num_captures`` None: as many subsets as ``max_fits`` allows. The subsets' memories, like the
+        job's own, fall in the budget's share outside the fits (with ``patchmatch``, one COLMAP run each).
 
         Example:
             >>> from backend.generators import GeneratorConfig
@@ -845,7 +857,8 @@ class RefineGenerator:
             device: where the fits and the network run.
             progress: ``progress(fraction, message)``, fraction of this preparation in [0, 1]; it
                 may raise (e.g. ``backend.progress.Cancelled``) to stop.
-            notes: the job's notes; the gate's line (:attr:`Validation.note`) is appended.
+            notes: the job's notes; the gate's line (:attr:`Validation.note`) is appended, and a line for
+                a leave-out subset whose memory fell back.
         """
         device = torch.device(device)
 
@@ -857,7 +870,9 @@ class RefineGenerator:
         self.config = replace(self.config, seed=cfg.seed)
         self.net, self.strength, self.declined, self.validation, self.losses = None, 1.0, False, None, []
         self.segment_strengths = []
-        pairs = make_pairs(captures, cfg, self.config, self.reproject, device=device, progress=part(0.0, 0.5))
+        pairs = make_pairs(
+            captures, cfg, self.config, self.reproject, device=device, progress=part(0.0, 0.5), notes=notes
+        )
         training, validation, held_out = split_validation(pairs, self.config.seed)
         torch.manual_seed(self.config.seed)
         net = UNet(IN_CHANNELS, OUT_CHANNELS, self.config.widths).to(device)

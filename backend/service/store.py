@@ -67,10 +67,10 @@ def check_artifact_name(name: str) -> str:
     """Return ``name`` if it is a safe relative '/'-separated path, else raise ValueError.
 
     Refused: empty, absolute, ``..`` or ``.`` parts, empty parts, backslashes and other characters
-    Windows forbids, control characters, more than MAX_NAME_CHARS UTF-8 bytes (the protocol's unit).
+    Windows forbids, control characters, more than MAX_NAME_BYTES UTF-8 bytes (the protocol's unit).
     """
-    if not isinstance(name, str) or not name or limits.utf8_len(name) > limits.MAX_NAME_CHARS:
-        raise ValueError(f"artifact name must be 1..{limits.MAX_NAME_CHARS} UTF-8 bytes; got {name!r}")
+    if not isinstance(name, str) or not name or limits.utf8_len(name) > limits.MAX_NAME_BYTES:
+        raise ValueError(f"artifact name must be 1..{limits.MAX_NAME_BYTES} UTF-8 bytes; got {name!r}")
     if name.startswith("/") or any(ord(c) < 32 or c in WINDOWS_RESERVED for c in name):
         raise ValueError(
             f"artifact name must be a relative '/'-separated path without control or <>:\"|?*\\ characters; got {name!r}"

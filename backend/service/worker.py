@@ -105,7 +105,7 @@ class Worker(threading.Thread):
         stage: list[str | None] = [None]  # the stage last reported, for failure messages
 
         def progress(event: ProgressEvent) -> None:
-            stage[0] = _clean_text(event.stage, limits.MAX_NAME_CHARS)
+            stage[0] = _clean_text(event.stage, limits.MAX_NAME_BYTES)
             while sock.poll(0):
                 msg = msgpack.unpackb(sock.recv())
                 if msg["cmd"] == "stop":
@@ -117,7 +117,7 @@ class Worker(threading.Thread):
                 {
                     "kind": "progress",
                     "job": job,
-                    "stage": _clean_text(event.stage, limits.MAX_NAME_CHARS),
+                    "stage": _clean_text(event.stage, limits.MAX_NAME_BYTES),
                     "fraction": _clean_fraction(event.fraction),
                     "message": _clean_text(event.message, limits.MAX_STR_BYTES),
                     "artifacts": entries,
@@ -130,7 +130,6 @@ class Worker(threading.Thread):
 
         send({"kind": "started", "job": job})
         state, message = "done", "finished"
-        failed = False
         try:
             scene = load_scene(job_dir / SCENE_DIR)
             self.runner(scene, job_dir / ARTIFACTS_DIR, device=self.device, progress=progress)
@@ -146,8 +145,9 @@ class Worker(threading.Thread):
                 "failed",
                 _clean_text(describe_failure(err, stage=stage[0], data_dir=job_dir.parent), limits.MAX_STR_BYTES),
             )
-            failed = True
-        if failed:  # out of the except block: the exception being handled no longer holds the frames' tensors
+        if (
+            state == "failed"
+        ):  # out of the except block: the exception being handled no longer holds the frames' tensors
             release_memory()
         try:
             entries = manifest.add(manifest.unlisted())

@@ -181,7 +181,7 @@ class Mutator:
         if kind == 5:
             return r.randbytes(r.randint(0, 64))
         if kind == 6:
-            return "x" * r.choice((limits.MAX_NAME_CHARS + 1, limits.MAX_STR_BYTES + 1, 100))
+            return "x" * r.choice((limits.MAX_NAME_BYTES + 1, limits.MAX_STR_BYTES + 1, 100))
         if kind == 7:
             dtype = r.choice(DTYPES)
             shape = tuple(r.randint(0, 5) for _ in range(r.randint(0, 4)))

@@ -264,9 +264,9 @@ def read_json(path: Path) -> list:
 
 def test_worker_texts_are_clipped_in_utf8_bytes():
     text = "€" * 100  # 300 bytes
-    out = _clean_text(text, limits.MAX_NAME_CHARS)
-    assert out.endswith("...") and len(out.encode()) <= limits.MAX_NAME_CHARS and text.startswith(out[:-3])
-    assert _clean_text("fit", limits.MAX_NAME_CHARS) == "fit"
+    out = _clean_text(text, limits.MAX_NAME_BYTES)
+    assert out.endswith("...") and len(out.encode()) <= limits.MAX_NAME_BYTES and text.startswith(out[:-3])
+    assert _clean_text("fit", limits.MAX_NAME_BYTES) == "fit"
 
 
 def test_symlinks_out_of_the_job_are_refused(tmp_path):

@@ -126,7 +126,8 @@ def test_dtu_counts_cameras_by_world_mat_keys_only(temple_dir, tmp_path):
 
 
 def test_a_mask_that_keeps_no_pixel_is_refused_naming_the_file(tmp_path):
-    """A 0/1 label image keeps nothing above half: refused, not read as an empty object."""
+    """A 0/1 label image keeps nothing above half: refused, not read as an empty object; an all-black
+    mask is a view without the object."""
     labels = np.zeros((8, 8), np.uint8)
     labels[2:6, 2:6] = 1
     Image.fromarray(labels).save(tmp_path / "labels.png")
@@ -134,6 +135,8 @@ def test_a_mask_that_keeps_no_pixel_is_refused_naming_the_file(tmp_path):
         read_mask(tmp_path / "labels.png")
     Image.fromarray(labels * 255).save(tmp_path / "white.png")
     assert read_mask(tmp_path / "white.png").sum() == 16
+    Image.fromarray(labels * 0).save(tmp_path / "black.png")  # a view without the object: empty, not an error
+    assert not read_mask(tmp_path / "black.png").any()
 
 
 @pytest.mark.parametrize(

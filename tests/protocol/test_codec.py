@@ -347,12 +347,12 @@ def test_valid_requests_pass():
 
 def test_string_limits_count_utf8_bytes_as_msgpack_does():
     """A field's max_len is in UTF-8 bytes: a string within it is within the decoder's max_str_len."""
-    msg = {"v": 1, "op": "fetch", "id": 1, "job": JOB, "name": "é" * limits.MAX_NAME_CHARS}  # 255 characters
+    msg = {"v": 1, "op": "fetch", "id": 1, "job": JOB, "name": "é" * limits.MAX_NAME_BYTES}  # 255 characters
     with pytest.raises(ProtocolError) as err:
         encode(msg, "request")
     assert err.value.code == errors.TOO_LARGE and err.value.field == "name"
-    assert f"at most {limits.MAX_NAME_CHARS} UTF-8 bytes" in err.value.message
-    msg["name"] = "é" * (limits.MAX_NAME_CHARS // 2)  # 254 bytes
+    assert f"at most {limits.MAX_NAME_BYTES} UTF-8 bytes" in err.value.message
+    msg["name"] = "é" * (limits.MAX_NAME_BYTES // 2)  # 254 bytes
     assert decode(encode(msg, "request"), "request")["name"] == msg["name"]
     reply = {"v": 1, "op": None, "id": None, "ok": False, "error": {"code": errors.BAD_FIELD, "message": "€" * 21846}}
     with pytest.raises(ProtocolError, match="UTF-8 bytes"):  # 21846 characters, 65538 bytes
@@ -376,7 +376,7 @@ def test_clip_utf8_fits_and_never_splits_a_character(text, max_bytes):
 def test_status_reply_with_the_most_artifacts_a_job_may_list_fits():
     """2 files per frame of the longest trajectory and the rest, with the longest names: one status reply."""
     assert limits.MAX_ARTIFACTS >= limits.MAX_FILES_PER_FRAME * limits.MAX_TRAJECTORY
-    name = "é" * (limits.MAX_NAME_CHARS // 2 - 3)  # + "/NNNN": at most 255 UTF-8 bytes
+    name = "é" * (limits.MAX_NAME_BYTES // 2 - 3)  # + "/NNNN": at most 255 UTF-8 bytes
     artifacts = [{"name": f"{name}/{i:04d}", "size": 2**40, "sha256": "f" * 64} for i in range(limits.MAX_ARTIFACTS)]
     standing = {"job": JOB, "state": "done", "stage": "done", "fraction": 1.0, "message": "finished"}
     reply = {"v": 1, "op": "status", "id": 1, "ok": True, **standing, "created": 1.0, "updated": 2.0, "seq": 9}

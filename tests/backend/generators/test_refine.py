@@ -143,6 +143,10 @@ def test_pairs_never_see_their_target(captures_cfg) -> None:
     assert torch.equal(frames.images, frames2.images) and torch.equal(renders.rgb, renders2.rgb)
     # ... while leaving out another capture does read it
     assert not torch.equal(inputs(scrambled, [0])[0].images, inputs(captures, [0])[0].images)
+    # a subset's memory that falls back (the hull asked for, no masks) is said in the notes, naming the subset
+    notes: list[str] = []
+    LeaveOut.of(captures, [2], replace(cfg, estimator="hull"), notes)
+    assert len(notes) == 1 and notes[0].startswith("refiner, without capture(s) [2]: geometry: ")
     with pytest.raises(ValueError, match=r"left_out must leave out some and keep some of 3 captures; got \[0, 1, 2\]"):
         LeaveOut.of(captures, [0, 1, 2], cfg)
 

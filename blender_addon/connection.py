@@ -158,7 +158,9 @@ def plain_error(err: BaseException, endpoint: str = "") -> str:
 # ``Client.request`` waits for its reply (timeout_ms per try, retries more tries): 30 s of a frozen
 # UI when the service does not answer. The add-on sends with ``Client.begin`` (``begin_hello``,
 # ``begin_watch``) and picks the reply up on later ticks with ``PendingRequest.poll``, with the same
-# Lazy Pirate retries; ``Client.take_events`` gives the events that came meanwhile.
+# Lazy Pirate retries; ``Client.take_events`` gives the events that came meanwhile. A client has one
+# request in flight at a time (a reply to another is dropped as stale): while a job's JobDriver uses
+# the session's client, the sidebar sends nothing else on it.
 
 
 def waiting_text(request: PendingRequest) -> str:
@@ -166,11 +168,12 @@ def waiting_text(request: PendingRequest) -> str:
     return f"waiting for the service at {request.client.endpoint} to answer ({request.op}, {request.waited_s:.0f} s)"
 
 
-class HelloProbe:
-    """``Client.hello`` without waiting: :meth:`poll` returns the reply once it came, else None.
+class ServiceRequest:
+    """A request sent without waiting: :meth:`poll` returns the reply once it came, else None.
 
-    For a local service being started, the hello waits for it (ZeroMQ delivers it once the service
+    For a local service being started, the request waits for it (ZeroMQ delivers it once the service
     listens) up to SERVICE_START_TIMEOUT_S, and a service that exits is reported with its log's end.
+    Subclasses say what :meth:`_begin` sends.
     """
 
     def __init__(self, client, service: LocalService | None = None) -> None:
@@ -178,8 +181,10 @@ class HelloProbe:
         retries = None
         if service is not None and not service.answered:
             retries = max(client.retries, math.ceil(SERVICE_START_TIMEOUT_S * 1000 / max(1, client.timeout_ms)))
-        self.request = client.begin_hello(retries=retries)  # its reply is stored as client.server
-        self.op = "hello"
+        self.request = self._begin(retries)
+
+    def _begin(self, retries: int | None) -> PendingRequest:
+        raise NotImplementedError
 
     @property
     def waited_s(self) -> float:
@@ -202,6 +207,21 @@ class HelloProbe:
         if reply is not None and self.service is not None:
             self.service.answered = True
         return reply
+
+
+class HelloProbe(ServiceRequest):
+    """``Client.hello`` without waiting (Test connection, a job's first step); its reply is stored as
+    ``client.server``."""
+
+    def _begin(self, retries: int | None) -> PendingRequest:
+        return self.client.begin_hello(retries=retries)
+
+
+class JobsRequest(ServiceRequest):
+    """``Client.jobs`` without waiting (Refresh jobs): the reply's ``jobs`` lists the jobs, oldest first."""
+
+    def _begin(self, retries: int | None) -> PendingRequest:
+        return self.client.begin("jobs", retries=retries)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +341,6 @@ class LocalService:
                 f"could not start the ReconLoop service ({' '.join(self.command)}): {err.strerror}. "
                 "Set its Python or command in the add-on preferences"
             ) from None
-        self.started = time.monotonic()
         self.answered = False  # it answered hello: it can be asked to shut down
         self._stopper: threading.Thread | None = None
 
@@ -461,7 +480,7 @@ class JobDriver:
         self._seq = 0  # the newest event (or status) applied
         self._watching = False
         self._terminal = False
-        self._pending: PendingRequest | HelloProbe | None = None
+        self._pending: PendingRequest | ServiceRequest | None = None
         self._on_reply: Callable[[dict[str, Any]], None] | None = None
         self._noted_s = -1  # the last "waiting for the service" second shown
         self.submitted = job is not None  # a submit went out (or the job exists): cancel must reach it
@@ -484,7 +503,10 @@ class JobDriver:
             on_reply, self._pending, self._on_reply = self._on_reply, None, None
             on_reply(reply)
             wait_ms = 0
-        if not self._send_next():
+        request = self._next_request()
+        if request is not None:
+            self._send(*request)
+        else:
             self._apply_events(self.client.poll_events(wait_ms))  # nothing in flight: read events
             self._check_idle()
         if self._terminal and self._pending is None and self._current is None and not self._queue:
@@ -505,30 +527,29 @@ class JobDriver:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def _send(self, request, on_reply: Callable[[dict[str, Any]], None]) -> bool:
+    def _send(self, request: PendingRequest | ServiceRequest, on_reply: Callable[[dict[str, Any]], None]) -> None:
         self._pending, self._on_reply, self._noted_s = request, on_reply, -1
-        return True
 
-    def _send_next(self) -> bool:
-        """Send the next request the job needs; False when there is none now."""
+    def _next_request(self) -> tuple[PendingRequest | ServiceRequest, Callable[[dict[str, Any]], None]] | None:
+        """The next request the job needs, sent now, with what takes its reply; None when there is none."""
         if self.hello is None:
             if self.service is not None and not self.service.answered:
                 self._set(state="starting service", message="starting the local ReconLoop service")
-            return self._send(HelloProbe(self.client, self.service), self._on_hello)
+            return HelloProbe(self.client, self.service), self._on_hello
         if self.scene is not None:
             self._set(state="uploading", stage="submit", message="sending photos and cameras")
             self.submitted = True
-            return self._send(self.client.begin("submit", scene=self.scene), self._on_submit)
+            return self.client.begin("submit", scene=self.scene), self._on_submit
         if not self._watching:
             self.out_dir = os.path.join(self.out_root, self.job)
             os.makedirs(self.out_dir, exist_ok=True)
-            return self._send(self.client.begin_watch(self.job), self._on_watch)
+            return self.client.begin_watch(self.job), self._on_watch
         if self.cancel_requested and not self._cancel_sent:
             self._cancel_sent = True
-            return self._send(self.client.begin("cancel", job=self.job), lambda reply: None)
+            return self.client.begin("cancel", job=self.job), lambda reply: None
         if self._current is not None or self._queue:
-            return self._send(self._fetch_request(), self._on_chunk)
-        return False
+            return self._fetch_request(), self._on_chunk
+        return None
 
     def _check_idle(self) -> None:
         if self._pending is None and not self._terminal and time.monotonic() - self._last_event > IDLE_STATUS_S:
@@ -540,7 +561,7 @@ class JobDriver:
         waited = pending.waited_s
         if waited >= WAITING_NOTE_S and int(waited) != self._noted_s:
             self._noted_s = int(waited)
-            self._set(message=pending.waiting_text() if isinstance(pending, HelloProbe) else waiting_text(pending))
+            self._set(message=pending.waiting_text() if isinstance(pending, ServiceRequest) else waiting_text(pending))
 
     # -- replies --------------------------------------------------------------------------------
 
@@ -699,14 +720,18 @@ def connect(cfg: ConnectionConfig, *, start_service: bool = True) -> tuple[Any, 
     return s.client, (s.service if cfg.mode == "local" else None)
 
 
-def wait_until_up(client, service: LocalService | None, timeout_s: float = SERVICE_START_TIMEOUT_S) -> dict[str, Any]:
-    """Block until the service answers hello (Test connection, background mode); returns the reply."""
+def wait_for(request: ServiceRequest, timeout_s: float = SERVICE_START_TIMEOUT_S) -> dict[str, Any]:
+    """Block until ``request`` is answered (background mode: Test connection, Refresh jobs); the reply."""
     deadline = time.monotonic() + timeout_s
-    probe = HelloProbe(client, service)
-    while (reply := probe.poll(SERVICE_PROBE_MS)) is None:
+    while (reply := request.poll(SERVICE_PROBE_MS)) is None:
         if time.monotonic() > deadline:
             raise ReconLoopError(f"the ReconLoop service did not answer within {timeout_s:.0f} s")
     return reply
+
+
+def wait_until_up(client, service: LocalService | None, timeout_s: float = SERVICE_START_TIMEOUT_S) -> dict[str, Any]:
+    """Block until the service answers hello (Test connection, background mode); returns the reply."""
+    return wait_for(HelloProbe(client, service), timeout_s)
 
 
 def close(*, wait: bool = False) -> None:

@@ -17,7 +17,6 @@ Example (Blender's Python console)::
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import bpy
@@ -25,7 +24,7 @@ import numpy as np
 
 from . import cameras as cam_math
 from .errors import ReconLoopError
-from .scene_read import apply_camera_params, background_image, read_captures, sample_trajectory
+from .scene_read import apply_camera_params, background_image, image_file, read_captures, sample_trajectory
 
 FORMAT_AUTO = "auto"
 FORMAT_SCENE = "scene"
@@ -124,10 +123,11 @@ def photo_file(obj: bpy.types.Object) -> Path:
     """The file on disk of a camera's photo (the background image that ``read_captures`` reads)."""
     bg = background_image(obj)
     image = bg.image if bg is not None else None
-    path = bpy.path.abspath(image.filepath, library=image.library) if image is not None and image.filepath else ""
-    if not path or not os.path.isfile(path):
+    path = image_file(image) if image is not None else None
+    if path is None:
+        shown = image.filepath if image is not None and image.filepath else "none"
         raise ReconLoopError(
-            f"camera {obj.name!r}: photo is packed or not on disk; unpack it before exporting (file: {path or 'none'})"
+            f"camera {obj.name!r}: photo is packed or not on disk; unpack it before exporting (file: {shown})"
         )
     return Path(path).resolve()
 

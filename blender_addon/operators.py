@@ -31,6 +31,11 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "job"
 
 
+def _background() -> bool:
+    """Background mode (no UI, timers never fire): operators wait for their replies themselves."""
+    return bpy.app.background
+
+
 # ---------------------------------------------------------------------------------------------
 # Results into the scene
 
@@ -221,6 +226,7 @@ def begin_job(context, driver: connection.JobDriver, importer: ResultImporter) -
     """Make ``driver`` the session's running job (what ``_tick`` steps and the panel shows)."""
     s = connection.SESSION
     rt = context.window_manager.reconloop
+    _drop_side_requests(rt)  # the job takes the client: one request in flight per client
     rt.is_running, rt.last_error, rt.started, rt.fraction, rt.job = True, "", time.time(), 0.0, ""
     s.driver = driver
     s.handlers["importer"] = importer
@@ -231,7 +237,7 @@ def _start_job(context, driver: connection.JobDriver, importer: ResultImporter, 
     s = connection.SESSION
     rt = context.window_manager.reconloop
     begin_job(context, driver, importer)
-    if bpy.app.background:
+    if _background():
         try:
             connection.run_blocking(driver, timeout_s)
         except BaseException:
@@ -347,7 +353,7 @@ class RECONLOOP_OT_reconstruct(bpy.types.Operator):
             return {"CANCELLED"}
         if context.scene.reconloop.trajectory_camera is None:
             self.report({"WARNING"}, NO_TRAJECTORY_WARNING)
-        if bpy.app.background:
+        if _background():
             self.report({"INFO"}, f"ReconLoop job {context.window_manager.reconloop.job} finished")
         return {"FINISHED"}
 
@@ -377,33 +383,92 @@ class RECONLOOP_OT_cancel(bpy.types.Operator):
         return {"FINISHED"}
 
 
-def _probe_tick():
-    """Timer for Test connection in the UI: one look for the hello reply per tick, never waiting."""
+# Test connection and Refresh jobs: requests of the sidebar's own ("side requests"), in the UI sent at
+# once and answered on a timer. The session's client has one request in flight at a time (a reply to
+# another is dropped as stale, and its request waits out its timeout), so a side request is refused
+# while a job runs or while the other side request waits, and a job that starts drops them.
+SIDE_REQUESTS = {"probe": "Test connection", "jobs": "Refresh jobs"}  # SESSION.handlers key -> operator
+SIDE_NOTES = {"probe": "hello_summary", "jobs": "jobs_note"}  # where each shows its progress
+
+
+def client_busy(key: str, then: str) -> str | None:
+    """Why the side request ``key`` cannot be sent now (``then``: what to do later), or None."""
     s = connection.SESSION
-    probe = s.handlers.get("probe")
-    if probe is None or s.client is None or probe.client is not s.client:  # stopped or reconnected meanwhile
-        s.handlers.pop("probe", None)
+    if s.driver is not None:
+        return f"a job is running: its status is shown in the panel; {then} once it has ended"
+    for other, label in SIDE_REQUESTS.items():
+        request = s.handlers.get(other)
+        if other != key and request is not None and request.client is s.client:
+            return f"{label} is waiting for the service: {then} once it has answered"
+    return None
+
+
+def _drop_side_requests(rt) -> None:
+    s = connection.SESSION
+    for key, note in SIDE_NOTES.items():
+        if s.handlers.pop(key, None) is not None:
+            setattr(rt, note, "")
+
+
+def _show_hello(rt, reply: dict) -> None:
+    props.set_generators(reply.get("generators") or [])
+    rt.hello_summary = connection.describe_hello(reply)
+
+
+def _show_jobs(rt, reply: dict) -> None:
+    rt.jobs.clear()
+    for j in reversed(reply["jobs"]):  # newest first
+        item = rt.jobs.add()
+        item.job, item.state, item.stage = j["job"], j["state"], j["stage"]
+        item.message, item.created = j["message"][:500], j["created"]
+
+
+def _side_tick(key: str, waiting: str, show) -> float | None:
+    """One look for the reply of the side request ``key``, never waiting: the timer's next interval,
+    or None once it has ended (``show(rt, reply)`` takes the reply; an error goes to a popup)."""
+    s = connection.SESSION
+    request = s.handlers.get(key)
+    if request is None or s.client is None or request.client is not s.client:  # stopped or reconnected meanwhile
+        s.handlers.pop(key, None)
         return None
     rt = _runtime()
+    note = SIDE_NOTES[key]
     try:
-        reply = probe.poll(0)
-        if reply is None:
-            rt.hello_summary = probe.waiting_text() if probe.waited_s >= 1.0 else "connecting..."
-            _redraw()
-            return TICK_S
+        reply = request.poll(0)
     except Exception as err:  # noqa: BLE001
-        s.handlers.pop("probe", None)
-        rt.hello_summary = ""
+        s.handlers.pop(key, None)
+        setattr(rt, note, "")
         message = connection.plain_error(err, s.endpoint)
         rt.last_error = message
         popup_error(message)
         _redraw()
         return None
-    s.handlers.pop("probe", None)
-    props.set_generators(reply.get("generators") or [])
-    rt.hello_summary = connection.describe_hello(reply)
+    if reply is None:
+        setattr(rt, note, request.waiting_text() if request.waited_s >= 1.0 else waiting)
+        _redraw()
+        return TICK_S
+    s.handlers.pop(key, None)
+    setattr(rt, note, "")
+    show(rt, reply)
     _redraw()
     return None
+
+
+def _probe_tick():
+    """Timer for Test connection in the UI: one look for the hello reply per tick, never waiting."""
+    return _side_tick("probe", "connecting...", _show_hello)
+
+
+def _jobs_tick():
+    """Timer for Refresh jobs in the UI: one look for the jobs reply per tick, never waiting."""
+    return _side_tick("jobs", "listing the jobs...", _show_jobs)
+
+
+def _start_side_request(key: str, request: connection.ServiceRequest, tick, waiting: str) -> None:
+    connection.SESSION.handlers[key] = request
+    setattr(_runtime(), SIDE_NOTES[key], waiting)
+    if not bpy.app.timers.is_registered(tick):
+        bpy.app.timers.register(tick, first_interval=0.0)
 
 
 class RECONLOOP_OT_test_connection(bpy.types.Operator):
@@ -415,25 +480,25 @@ class RECONLOOP_OT_test_connection(bpy.types.Operator):
     server: bpy.props.StringProperty(name="Server", default="")
 
     def execute(self, context):
+        busy = client_busy("probe", "test the connection")
+        if busy:
+            self.report({"WARNING"}, busy)
+            return {"CANCELLED"}
         rt = context.window_manager.reconloop
         try:
             cfg = preferences.connection_config(context, server=self.server)
             client, service = connection.connect(cfg)
-            if bpy.app.background:
-                reply = connection.wait_until_up(client, service)
-                props.set_generators(reply.get("generators") or [])
-                rt.hello_summary = connection.describe_hello(reply)
+            probe = connection.HelloProbe(client, service)
+            if _background():
+                _show_hello(rt, connection.wait_for(probe))
                 self.report({"INFO"}, rt.hello_summary)
                 return {"FINISHED"}
-            connection.SESSION.handlers["probe"] = connection.HelloProbe(client, service)
         except Exception as err:  # noqa: BLE001
             message = connection.plain_error(err, connection.SESSION.endpoint)
             self.report({"ERROR"}, message)
             popup_error(message)
             return {"CANCELLED"}
-        rt.hello_summary = "connecting..."
-        if not bpy.app.timers.is_registered(_probe_tick):
-            bpy.app.timers.register(_probe_tick, first_interval=0.0)
+        _start_side_request("probe", probe, _probe_tick, "connecting...")
         return {"FINISHED"}
 
 
@@ -447,7 +512,7 @@ class RECONLOOP_OT_stop_service(bpy.types.Operator):
         stop_timers()
         connection.close()  # asks (or terminates) and returns; the process's exit is awaited off this thread
         rt = context.window_manager.reconloop
-        rt.hello_summary, rt.is_running = "", False
+        rt.hello_summary, rt.jobs_note, rt.is_running = "", "", False
         return {"FINISHED"}
 
 
@@ -457,23 +522,28 @@ class RECONLOOP_OT_refresh_jobs(bpy.types.Operator):
     bl_idname = "reconloop.refresh_jobs"
     bl_label = "Refresh jobs"
 
+    server: bpy.props.StringProperty(
+        name="Server", description="Service address; overrides the preferences (e.g. tcp://127.0.0.1:5555)", default=""
+    )
+
     def execute(self, context):
+        busy = client_busy("jobs", "refresh the jobs")
+        if busy:
+            self.report({"WARNING"}, busy)
+            return {"CANCELLED"}
         rt = context.window_manager.reconloop
         try:
-            cfg = preferences.connection_config(context)
+            cfg = preferences.connection_config(context, server=self.server)
             client, service = connection.connect(cfg)
-            if service is not None:
-                service.check_alive()
-            jobs = client.jobs()
+            request = connection.JobsRequest(client, service)
+            if _background():
+                _show_jobs(rt, connection.wait_for(request))
+                return {"FINISHED"}
         except Exception as err:  # noqa: BLE001
             message = connection.plain_error(err, connection.SESSION.endpoint)
             self.report({"ERROR"}, message)
             return {"CANCELLED"}
-        rt.jobs.clear()
-        for j in reversed(jobs):  # newest first
-            item = rt.jobs.add()
-            item.job, item.state, item.stage = j["job"], j["state"], j["stage"]
-            item.message, item.created = j["message"][:500], j["created"]
+        _start_side_request("jobs", request, _jobs_tick, "listing the jobs...")
         return {"FINISHED"}
 
 
@@ -653,7 +723,7 @@ def unregister_menus() -> None:
 
 
 def stop_timers() -> None:
-    for fn in (_tick, _probe_tick):
+    for fn in (_tick, _probe_tick, _jobs_tick):
         if bpy.app.timers.is_registered(fn):
             bpy.app.timers.unregister(fn)
 
@@ -666,7 +736,8 @@ def _on_load_pre(*_args) -> None:
     if s.driver is not None:
         print(f"ReconLoop: a file is loading; job {s.driver.job} goes on on the service (re-import it from Past jobs)")
     s.driver = None
-    s.handlers.pop("importer", None)
+    for key in ("importer", *SIDE_REQUESTS):
+        s.handlers.pop(key, None)
     stop_timers()
 
 

@@ -143,6 +143,8 @@ class RECONLOOP_PT_jobs(_Panel, bpy.types.Panel):
         rt = context.window_manager.reconloop
         layout = self.layout
         layout.operator("reconloop.refresh_jobs", icon="FILE_REFRESH")
+        if rt.jobs_note:
+            layout.label(text=rt.jobs_note[:120], icon="TIME")
         layout.template_list("RECONLOOP_UL_jobs", "", rt, "jobs", rt, "jobs_index", rows=3)
         if 0 <= rt.jobs_index < len(rt.jobs):
             item = rt.jobs[rt.jobs_index]

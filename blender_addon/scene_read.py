@@ -90,13 +90,20 @@ def sample_trajectory(
     return out
 
 
+def image_file(image: bpy.types.Image) -> str | None:
+    """The absolute path of an image datablock's file on disk, or None when it has none there (no file
+    path, or no file at it). Packed data is not looked at."""
+    path = bpy.path.abspath(image.filepath, library=image.library) if image.filepath else ""
+    return path if path and os.path.isfile(path) else None
+
+
 def image_bytes(image: bpy.types.Image) -> bytes:
     """The encoded file bytes of an image datablock (packed data or the file on disk), untouched."""
     if image.packed_file is not None:
         return bytes(image.packed_file.data)
-    path = bpy.path.abspath(image.filepath, library=image.library)
-    if not path or not os.path.isfile(path):
-        raise ReconLoopError(f"photo {image.name!r}: file not found: {path or '(no file path)'}")
+    path = image_file(image)
+    if path is None:
+        raise ReconLoopError(f"photo {image.name!r}: file not found: {image.filepath or '(no file path)'}")
     with open(path, "rb") as f:
         return f.read()
 

@@ -102,3 +102,73 @@ def test_stop_service_stops_the_timers_without_waiting(registered, tmp_path):
     assert operators._probe_tick() is None and operators._tick() is None
     assert bpy.context.window_manager.reconloop.last_error == ""
     assert service.wait_stopped(10) and service.proc.returncode is not None
+
+
+def _listed(job: str, state: str) -> dict:
+    """A job as the ``jobs`` reply lists it."""
+    return {k: v for k, v in status_reply(job, state, 1).items() if k not in ("seq", "artifacts")}
+
+
+def test_refresh_jobs_never_waits_and_never_takes_a_running_jobs_reply(
+    registered, silent_endpoint, loopback_router, monkeypatch
+):
+    """Refresh jobs sends its request and returns; a timer takes the reply. The client has one request in
+    flight at a time, so while a job runs, Refresh jobs and Test connection are refused (the job's reply
+    is never read, and dropped, by theirs), and a job that starts drops a refresh still waiting."""
+    monkeypatch.setattr(operators, "_background", lambda: False)  # the UI's path: replies come on timer ticks
+    rt = bpy.context.window_manager.reconloop
+    svc = ScriptedService(loopback_router)  # silent until the test answers
+    done_job, running_job = "a" * 32, "b" * 32
+
+    # A silent service: the operator returns at once, and so does each tick.
+    result, took = _timed(lambda: bpy.ops.reconloop.refresh_jobs(server=silent_endpoint))
+    assert result == {"FINISHED"} and took < TICK_BOUND_S, f"Refresh jobs took {took:.3f} s"
+    assert bpy.app.timers.is_registered(operators._jobs_tick)
+    for _ in range(3):
+        interval, took = _timed(operators._jobs_tick)
+        assert interval == operators.TICK_S and took < TICK_BOUND_S
+    assert rt.jobs_note == "listing the jobs..."
+    assert "Refresh jobs is waiting for the service" in operators.client_busy("probe", "test the connection")
+    assert bpy.ops.reconloop.test_connection(server=silent_endpoint) == {"CANCELLED"}
+    # The reply, once it comes, fills the list (newest first) on the next tick.
+    request = svc.request()
+    assert request["op"] == "jobs" and not svc.pending()
+    svc.answer(request, jobs=[_listed(done_job, "done"), _listed(running_job, "running")])
+    deadline = time.monotonic() + 5
+    while (interval := operators._jobs_tick()) is not None:
+        assert interval == operators.TICK_S and time.monotonic() < deadline
+        time.sleep(0.01)
+    assert [(j.job, j.state) for j in rt.jobs] == [(running_job, "running"), (done_job, "done")]
+    assert rt.jobs_note == "" and "jobs" not in connection.SESSION.handlers
+
+    # A refresh still waiting when a job starts is dropped: the job's requests alone use the client.
+    assert bpy.ops.reconloop.refresh_jobs(server=silent_endpoint) == {"FINISHED"}
+    jobs_request = svc.request()
+    driver = connection.JobDriver(connection.SESSION.client, bpy.app.tempdir, job=running_job)
+    importer = operators.ResultImporter(bpy.context.scene.name, "k", "", (1, 2))
+    operators.begin_job(bpy.context, driver, importer)
+    assert "jobs" not in connection.SESSION.handlers and rt.jobs_note == "" and operators._jobs_tick() is None
+    assert operators._tick() == operators.TICK_S  # the job's hello is in flight
+    hello = svc.request()
+    assert hello["op"] == "hello"
+
+    # With the job's request in flight, Refresh jobs and Test connection send nothing.
+    assert operators.client_busy("jobs", "refresh the jobs").startswith(
+        "a job is running: its status is shown in the panel"
+    )
+    assert bpy.ops.reconloop.refresh_jobs(server=silent_endpoint) == {"CANCELLED"}
+    assert bpy.ops.reconloop.test_connection(server=silent_endpoint) == {"CANCELLED"}
+    assert not svc.pending() and connection.SESSION.driver is driver
+    assert not {"jobs", "probe"} & set(connection.SESSION.handlers)
+
+    # The job's reply is taken at once (a lost one would wait out the 10 s try and be resent), also
+    # after the dropped refresh's reply.
+    svc.answer(jobs_request, jobs=[])
+    svc.answer(hello, **HELLO_REPLY)
+    deadline = time.monotonic() + 2
+    while driver.hello is None:  # every timer of the add-on fires, as in the UI
+        operators._jobs_tick(), operators._probe_tick()
+        assert operators._tick() is not None and time.monotonic() < deadline
+        time.sleep(0.01)
+    assert svc.request()["op"] == "status"  # the watch follows; the hello was not resent
+    assert driver.progress.message == "" and rt.last_error == ""

@@ -59,6 +59,18 @@ def test_thin_memory_keeps_the_most_confident_point_per_voxel_under_the_cap():
     torch.testing.assert_close(thinned.memory.source, memory.source[idx])
 
 
+def test_thin_memory_of_points_in_one_place_keeps_the_most_confident():
+    n = 10
+    memory = GeometryMemory(
+        torch.full((n, 3), 0.25),
+        torch.rand(n, 3),
+        torch.arange(n, dtype=torch.float32),
+        torch.zeros(n, dtype=torch.int32),
+    )
+    thinned = thin_memory(memory, 3)
+    assert sorted(thinned.memory.confidence.tolist()) == [7.0, 8.0, 9.0] and thinned.dropped == 7
+
+
 def test_thin_memory_within_the_cap_is_the_memory_itself():
     memory = cloud(100)
     thinned = thin_memory(memory, 100)

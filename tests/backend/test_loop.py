@@ -227,6 +227,28 @@ def test_path_through_hits_keys_and_orders_the_ring(temple_dir: Path, tmp_path: 
     assert max(radii) / min(radii) < 1.1
 
 
+def test_path_through_slerps_rotations_the_short_way() -> None:
+    """Keys rotated +-100 degrees about z (canonical quaternions with a negative dot): the midpoint is
+    the rotation by 180 degrees, 80 degrees from each key, not the identity 100 degrees the long way."""
+    from backend.scene import Camera
+
+    def key(deg: float) -> Camera:
+        a = np.radians(deg)
+        w2c = np.eye(4)
+        w2c[:3, :3] = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]]).T
+        return Camera(w2c=w2c, K=np.array([[50.0, 0, 32], [0, 50.0, 24], [0, 0, 1]]), width=64, height=48)
+
+    keys = [key(100.0), key(-100.0)]
+    mid = path_through(keys, 3, closed=False)[1]
+
+    def angle(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.degrees(np.arccos(np.clip((np.trace(a.T @ b) - 1) / 2, -1, 1))))
+
+    for k in keys:
+        assert angle(mid.w2c[:3, :3], k.w2c[:3, :3]) == pytest.approx(80.0, abs=1e-6)
+    np.testing.assert_allclose(mid.w2c[:3, :3], np.diag([-1.0, -1.0, 1.0]), atol=1e-9)
+
+
 def scene_center_of(cams):
     return scene_center(cams)
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from backend.formats import import_scene
-from backend.masks import capture_mask, read_mask, resize_mask, threshold_silhouette
+from backend.masks import capture_mask, image_alpha, read_mask, resize_mask, threshold_silhouette
 from backend.scene import SceneError, load_scene, save_scene
 
 DINO_BOX = (np.array([-0.061897, -0.018874, -0.057845]), np.array([0.010897, 0.068227, 0.015495]))
@@ -137,6 +137,16 @@ def test_a_mask_that_keeps_no_pixel_is_refused_naming_the_file(tmp_path):
     assert read_mask(tmp_path / "white.png").sum() == 16
     Image.fromarray(labels * 0).save(tmp_path / "black.png")  # a view without the object: empty, not an error
     assert not read_mask(tmp_path / "black.png").any()
+
+
+def test_mask_and_alpha_keep_values_above_127_only(tmp_path):
+    values = np.array([[127, 128, 255]], np.uint8)
+    Image.fromarray(values).save(tmp_path / "grey.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "grey.png"), [[False, True, True]])
+    rgba = np.dstack([np.full((1, 3, 3), 90, np.uint8), values])
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "rgba.png"), [[False, True, True]])
+    np.testing.assert_array_equal(image_alpha(tmp_path / "rgba.png"), [[False, True, True]])
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,12 @@ def test_best_of_blocks_takes_the_closer_image_per_tile() -> None:
         best_of_blocks(a, b[:, :20], target, 8)
 
 
+def test_best_of_blocks_ties_in_error_keep_a_even_where_the_pixels_differ() -> None:
+    target = torch.full((1, 8, 8, 3), 0.5)
+    a, b = target + 0.25, target - 0.25  # equal squared error (exact in float32), different pixels
+    assert torch.equal(best_of_blocks(a, b, target, 4), a)
+
+
 def test_weighted_l1_is_the_error_per_unit_of_weight():
     target = torch.zeros(2, 2, 3, 3)
     pred = target.clone()

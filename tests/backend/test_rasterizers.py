@@ -350,6 +350,53 @@ def test_sh_basis_is_orthonormal_and_in_gsplat_sign_convention():
     torch.testing.assert_close(y1, torch.tensor([SH_C0, 0.0, 0.8 * c1, -0.6 * c1], dtype=torch.float64))
 
 
+def _sloan_sh_basis(d: torch.Tensor) -> torch.Tensor:
+    """Degree-3 real SH written out independently (Sloan 2013 constants, as in gsplat's torch reference)."""
+    x, y, z = d.unbind(-1)
+    z2, c1, s1 = z * z, x * x - y * y, 2 * x * y
+    c2, s2 = x * c1 - y * s1, x * s1 + y * c1
+    tc = -2.285228997322329 * z2 + 0.4570457994644658
+    return torch.stack(
+        [
+            torch.full_like(x, 0.2820947917738781),
+            -0.48860251190292 * y,
+            0.48860251190292 * z,
+            -0.48860251190292 * x,
+            0.5462742152960395 * s1,
+            -1.092548430592079 * z * y,
+            0.9461746957575601 * z2 - 0.3153915652525201,
+            -1.092548430592079 * z * x,
+            0.5462742152960395 * c1,
+            -0.5900435899266435 * s2,
+            1.445305721320277 * z * s1,
+            tc * y,
+            z * (1.865881662950577 * z2 - 1.119528997770346),
+            tc * x,
+            1.445305721320277 * z * c1,
+            -0.5900435899266435 * c2,
+        ],
+        dim=-1,
+    )
+
+
+def test_sh_basis_matches_written_out_values_at_fixed_directions():
+    d = torch.nn.functional.normalize(
+        torch.tensor([[0.6, -0.3, 0.74], [-0.5, 0.7, -0.2], [0.1, 0.2, -0.97]], dtype=torch.float64), dim=-1
+    )
+    torch.testing.assert_close(sh_basis(3, d), _sloan_sh_basis(d), atol=1e-10, rtol=1e-9)
+
+
+def test_sh_view_direction_runs_from_the_camera_to_the_gaussian():
+    sh = torch.zeros(1, 4, 3)
+    sh[0, 1] = 0.5  # degree-1 y coefficient: Y = -C1 * dir_y
+    w2c = torch.eye(4)[None].repeat(2, 1, 1)
+    w2c[1, :3, 3] = torch.tensor([0.0, -2.0, 0.0])  # second camera centred at (0, 2, 0), beyond the Gaussian
+    c1 = math.sqrt(3 / (4 * math.pi))
+    colours = sh_to_colors(1, torch.tensor([[0.0, 1.0, 0.0]]), sh, w2c)
+    torch.testing.assert_close(colours[0, 0], torch.full((3,), 0.5 - 0.5 * c1))  # dir +y
+    torch.testing.assert_close(colours[1, 0], torch.full((3,), 0.5 + 0.5 * c1))  # dir -y
+
+
 def test_sh_colours():
     rgb = torch.tensor([[0.2, 0.5, 0.9]])
     torch.testing.assert_close(sh_to_rgb(rgb_to_sh(rgb)), rgb)

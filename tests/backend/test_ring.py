@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from backend.estimators import ESTIMATORS, GeometryError
-from backend.estimators.hull import HullConfig, VisualHull, inside_masks
+from backend.estimators.hull import HullConfig, VisualHull, colour_points, inside_masks
 from backend.evaluate import EvalConfig, evaluate_scene, split_protocol
 from backend.formats import import_scene
 from backend.loop import LoopConfig
@@ -100,3 +100,27 @@ def test_ring_protocol_runs_end_to_end(dino_dir, tmp_path):
     assert "visual hull" in " ".join(report["loop_notes"]) and "visual hull" in " ".join(report["memory_notes"])
     for key in ("points", "gaussians_captures", "gaussians_loop"):
         assert 5 < report[f"{key}_masked"]["psnr"] < 60 and 0 < report[f"{key}_masked"]["ssim"] <= 1
+
+
+def test_hull_colours_a_point_only_from_the_views_that_see_it():
+    """A box's front face (z = -0.5) and back face (z = +0.5); the front view (red) sees only the front,
+    the back view (blue) only the back: no face is purple."""
+    g = torch.arange(-0.4, 0.41, 0.05)
+    X, Y = torch.meshgrid(g, g, indexing="ij")
+    face = torch.stack([X.reshape(-1), Y.reshape(-1)], -1)
+    n = len(face)
+    xyz = torch.cat([torch.cat([face, torch.full((n, 1), -0.5)], 1), torch.cat([face, torch.full((n, 1), 0.5)], 1)])
+    w2c = torch.eye(4).repeat(2, 1, 1)
+    w2c[0, 2, 3] = 3.0  # front camera at z = -3 looking down +z
+    w2c[1, :3, :3] = torch.diag(torch.tensor([-1.0, 1.0, -1.0]))  # back camera at z = +3 looking down -z
+    w2c[1, 2, 3] = 3.0
+    K = torch.tensor([[16.0, 0, 8], [0, 16.0, 8], [0, 0, 1]]).repeat(2, 1, 1)
+    images = torch.zeros(2, 16, 16, 3)
+    images[0, ..., 0] = 1.0
+    images[1, ..., 2] = 1.0
+    memory = colour_points(xyz, Views(images, Cameras(w2c, K, 16, 16), [0, 1]), 0.05, HullConfig())
+    assert len(memory) == 2 * n
+    front = memory.xyz[:, 2] < 0
+    torch.testing.assert_close(memory.rgb[front], torch.tensor([1.0, 0.0, 0.0]).expand(n, 3))
+    torch.testing.assert_close(memory.rgb[~front], torch.tensor([0.0, 0.0, 1.0]).expand(n, 3))
+    assert memory.source[front].eq(0).all() and memory.source[~front].eq(1).all()

@@ -195,3 +195,10 @@ def test_large_file_reads_fast(tmp_path):
     elapsed = time.process_time() - start
     np.testing.assert_array_equal(back.sh[-1], g.sh[-1])
     assert elapsed < 1.0, f"reading 200k Gaussians took {elapsed:.2f} CPU s"
+
+
+def test_opacities_are_the_sigmoid_and_scales_the_exp():
+    g = random_gaussians(3, 0)
+    g = GaussianArrays(g.means, g.log_scales, g.quats, np.array([-2.0, 0.0, 2.0], np.float32), g.sh)
+    np.testing.assert_allclose(g.opacities, [0.1192029, 0.5, 0.8807971], rtol=1e-5)
+    np.testing.assert_allclose(g.scales, np.exp(g.log_scales.astype(np.float64)), rtol=1e-6)

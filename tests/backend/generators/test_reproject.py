@@ -203,6 +203,14 @@ def test_carried_frames_are_sources() -> None:
     assert (out.images[inner] - truth[inner]).abs().mean() < 0.01
 
 
+def test_nearest_sources_keeps_the_views_nearest_the_targets() -> None:
+    caps = _cams([3.0, 0.5, -2.0, -0.2])  # distances from the targets' mean centre 0: 3, 0.5, 2, 0.2
+    sources = Views(_images(caps), caps, [10, 11, 12, 13])
+    kept = ReprojectGenerator._nearest_sources(sources, _cams([-0.4, 0.4]), 2)
+    assert sorted(kept.ids) == [11, 13]
+    assert sorted(kept.cams.centers[:, 0].tolist()) == pytest.approx([-0.2, 0.5])
+
+
 def test_no_sources_inpaints_everything_low() -> None:
     cfg = ReprojectConfig(inpainted_confidence=0.05)
     mask = torch.zeros(1, H, W, dtype=torch.bool)

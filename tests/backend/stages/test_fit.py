@@ -116,6 +116,19 @@ def test_fit_recovers_a_synthetic_scene_from_a_noisy_start():
     assert isinstance(g, Gaussians) and len(g) == len(noisy) and not g.means.requires_grad
 
 
+def test_seed_sets_dropout_and_random_backgrounds():
+    """One frame (its order cannot differ): only the device stream (dropout, backgrounds) follows the seed."""
+    cams, images, noisy = make_scene(n=12)
+    masks = torch.zeros(1, H, W, dtype=torch.bool)
+    masks[:, :, : W // 2] = True
+    views = FitViews(images[:1], cams[[0]], torch.ones(1, H, W), masks)
+    cfg = test_config(iterations=6, dropout_rate=0.5, has_random_background=True)
+    fits = [fit_gaussians(views, noisy, replace(cfg, seed=s), device="cpu") for s in (0, 1, 1)]
+    assert not torch.equal(fits[0].means, fits[1].means)
+    for field in ("means", "log_scales", "quats", "opacity_logits", "sh"):
+        assert torch.equal(getattr(fits[1], field), getattr(fits[2], field))
+
+
 def test_learning_rates_scale_with_the_frames_a_step_draws():
     """simple_trainer's scaling (learning rates x sqrt, Adam's betas) follows the frames a step draws: a
     set of 3 frames fits the same at batch_size 3 and 6 (every step draws all 3), unlike batch_size 2."""

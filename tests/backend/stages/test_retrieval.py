@@ -61,6 +61,15 @@ def test_depth_test_rejects_an_occluded_capture():
     assert retrieve_views(memory, target, captures) == [0]
 
 
+def test_the_capture_a_point_came_from_always_sees_it():
+    # Capture 0's far wall (z = 6) sits just beyond the depth tolerance behind capture 1's wall (z = 5.5, 6 > 5.5 * 1.05)
+    # in capture 0's own z-buffer; the target, between the walls, sees only the far wall.
+    memory = GeometryMemory.cat([_wall(-1.0, 1.0, 6.0, 0), _wall(-1.0, 1.0, 5.5, 1)])
+    captures = _cams([0.0, 5.0], z=0.0)  # capture 1 looks past the far wall's pixels
+    covers, fraction = coverage_matrix(memory, _cams([0.0], z=5.6), captures, [0, 1], RetrievalConfig())
+    assert fraction > 0.5 and covers[0].all()
+
+
 def test_greedy_set_cover_order_and_stop():
     covers = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [0, 0, 0, 0, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
     assert greedy_set_cover(covers, 10) == [1, 2]

@@ -43,6 +43,11 @@ def test_short_tail_is_merged():
     assert split_segments(85, SegmentConfig(length=40))[-1] == Segment(80, 85, (78, 79))
 
 
+def test_a_tail_exactly_min_tail_long_is_kept():
+    segs = split_segments(85, SegmentConfig(length=40, min_tail=5))
+    assert [(s.start, s.stop) for s in segs] == [(0, 40), (40, 80), (80, 85)]
+
+
 def test_an_overlap_longer_than_the_segments_carries_the_whole_previous_one():
     segs = split_segments(5, SegmentConfig(length=2, overlap=16))
     assert [(s.start, s.stop, s.carried) for s in segs] == [(0, 2, ()), (2, 4, (0, 1)), (4, 5, (2, 3))]

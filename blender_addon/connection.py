@@ -297,7 +297,7 @@ def preflight(endpoint: str, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# A local service (a subprocess; no threads)
+# A local service (a subprocess; one short-lived thread awaits its exit after a stop)
 
 
 def free_loopback_port() -> int:

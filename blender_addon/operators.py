@@ -31,6 +31,14 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "job"
 
 
+def _server_property():
+    """The ``server`` option of the operators that talk to the service (Reconstruct, Test connection,
+    Refresh jobs): an address that overrides the preferences, for scripts and tests."""
+    return bpy.props.StringProperty(
+        name="Server", description="Service address; overrides the preferences (e.g. tcp://127.0.0.1:5555)", default=""
+    )
+
+
 def _background() -> bool:
     """Background mode (no UI, timers never fire): operators wait for their replies themselves."""
     return bpy.app.background
@@ -327,9 +335,7 @@ class RECONLOOP_OT_reconstruct(bpy.types.Operator):
     bl_label = "Reconstruct"
     bl_options = {"REGISTER"}
 
-    server: bpy.props.StringProperty(
-        name="Server", description="Service address; overrides the preferences (e.g. tcp://127.0.0.1:5555)", default=""
-    )
+    server: _server_property()
     output_dir: bpy.props.StringProperty(
         name="Results folder", description="Overrides the preferences", default="", subtype="DIR_PATH"
     )
@@ -477,7 +483,7 @@ class RECONLOOP_OT_test_connection(bpy.types.Operator):
     bl_idname = "reconloop.test_connection"
     bl_label = "Test connection"
 
-    server: bpy.props.StringProperty(name="Server", default="")
+    server: _server_property()
 
     def execute(self, context):
         busy = client_busy("probe", "test the connection")
@@ -522,9 +528,7 @@ class RECONLOOP_OT_refresh_jobs(bpy.types.Operator):
     bl_idname = "reconloop.refresh_jobs"
     bl_label = "Refresh jobs"
 
-    server: bpy.props.StringProperty(
-        name="Server", description="Service address; overrides the preferences (e.g. tcp://127.0.0.1:5555)", default=""
-    )
+    server: _server_property()
 
     def execute(self, context):
         busy = client_busy("jobs", "refresh the jobs")

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from . import outputs
 from .camera_paths import order_around, path_through
+from .devices import pick_device
 from .evaluate_args import DEFAULT_TRAIN_VIEWS, PROTOCOLS, TRAJECTORY_MODES, add_eval_arguments  # noqa: F401
 from .generators import Generator
 from .loop import LoopConfig, run_loop
@@ -162,10 +163,15 @@ def split_protocol(
             sparse-view split of pixelNeRF and RegNeRF on a DTU scan's 49 views (IDR's order): train on
             the first ``train_views`` of :data:`DTU_TRAIN_IDS` (25, 22, 28 for 3), test on
             :data:`DTU_TEST_IDS`; scored on the object alone where the scene has masks.
-        train_views: how many captures to train on.
+        train_views: how many captures to train on (>= 1).
+    Raises:
+        ValueError: naming the field: an unknown protocol, train_views out of the protocol's range, or a
+            split that holds no view out.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+    if train_views < 1:
+        raise ValueError(f"{protocol}: train_views must be >= 1; got {train_views}")
     caps = list(scene.captures)
     if any(c.camera is None for c in caps):
         raise ValueError("split_protocol: every capture needs a camera to be scored")
@@ -196,6 +202,11 @@ def split_protocol(
             test = [i for i in distinct if i not in train]
         else:
             test = [order[(ring_start + k) % n] for k in range(1, span) if (ring_start + k) % n not in pos]
+    if not test:
+        raise ValueError(
+            f"--protocol {protocol} with {train_views} training views leaves no held-out view of "
+            f"{len(caps)} captures; pick another --train-views"
+        )
     return replace(
         scene, captures=[caps[i] for i in sorted(train)], heldout=[caps[i] for i in sorted(test)], trajectory=[]
     )
@@ -303,7 +314,10 @@ def evaluate_scene(
     cfg = replace(config or EvalConfig(), trajectory_mode=trajectory_mode)
     cfg.check()
     if not scene.heldout:
-        raise ValueError("evaluate: the scene has no held-out views; give scene.heldout or use a protocol (llff, ring)")
+        raise ValueError(
+            "evaluate: the scene has no held-out views; give scene.heldout or use a protocol "
+            f"(--protocol {'|'.join(PROTOCOLS)})"
+        )
     if any(c.camera is None for c in scene.captures):
         raise ValueError(
             "evaluate: every training capture needs a camera (estimated cameras cannot be scored against held-out poses)"
@@ -454,8 +468,11 @@ def scene_for_eval(
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Run ``reconloop eval`` from parsed arguments; prints the scores, returns 0."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """Run ``reconloop eval`` from parsed arguments; prints the scores, returns 0.
+
+    ``args.device`` is resolved as ``run`` and ``serve`` resolve theirs (``devices.pick_device``: ``auto``
+    is cuda, then mps, then cpu; a bad name is a ValueError naming ``--device``)."""
+    device = pick_device(args.device)
     with tempfile.TemporaryDirectory(prefix="reconloop-eval-") as work:
         options = {"silhouettes": True} if getattr(args, "silhouettes", False) else {}
         scene = scene_for_eval(args.scene, args.format, args.protocol, args.train_views, Path(work), **options)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .devices import DEVICE_KINDS
+
 TRAJECTORY_MODES = ("auto", "scene", "heldout", "interpolate")
 PROTOCOLS = ("llff", "ring", "ring-arc", "dtu")
 DEFAULT_TRAIN_VIEWS = 3  # AnyRecon/ReconX sparse-view setting
@@ -20,6 +22,17 @@ def size_wxh(text: str) -> tuple[int, int]:
     if width < 1 or height < 1:
         raise argparse.ArgumentTypeError(f"width and height must be >= 1; got {text!r}")
     return width, height
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for a whole number >= 1 (a count such as ``--train-views``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1; got {text!r}")
+    return value
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +52,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "dtu: pixelNeRF's split of a 49-view DTU scan)",
     )
     parser.add_argument(
-        "--train-views", type=int, default=DEFAULT_TRAIN_VIEWS, help="training views (default %(default)s)"
+        "--train-views", type=positive_int, default=DEFAULT_TRAIN_VIEWS, help="training views (default %(default)s)"
     )
     parser.add_argument(
         "--trajectory-mode", choices=TRAJECTORY_MODES, default="auto", help="the loop's path (default %(default)s)"
@@ -56,4 +69,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --format middlebury: object masks by the dataset's recipe (masked scores, visual hull)",
     )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help=f"compute device: auto ({', else '.join(DEVICE_KINDS)}), {', '.join(DEVICE_KINDS)} or cuda:N "
+        "(default %(default)s)",
+    )

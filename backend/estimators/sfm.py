@@ -191,6 +191,7 @@ def estimate_cameras(
     known_K: np.ndarray | None = None,
     work_dir: str | os.PathLike,
     cfg: SfMConfig = SfMConfig(),
+    photo_names: Sequence[str] | None = None,
 ) -> list[Camera | None]:
     """Estimate the cameras of photos by incremental SfM.
 
@@ -200,6 +201,8 @@ def estimate_cameras(
             float [3, 3]
         work_dir: folder for COLMAP's database, image links and model (created; old content replaced).
         cfg: feature, threshold and seed settings.
+        photo_names: what the user calls each photo, for messages (the captures' names: a service's
+            job store keeps the photos under its own file names); None: the photos' file names.
     Returns:
         per photo, its Camera (OpenCV w2c, K, size, distortion when estimated) or None if it did not
         register. All cameras share COLMAP's world frame and scale.
@@ -213,6 +216,9 @@ def estimate_cameras(
     pycolmap = import_pycolmap()
     cfg.check()
     paths = [Path(p).resolve() for p in image_paths]
+    labels = list(photo_names) if photo_names is not None else [p.name for p in paths]
+    if len(labels) != len(paths):
+        raise ValueError(f"estimate_cameras: {len(labels)} photo_names for {len(paths)} photos")
     if len(paths) < cfg.min_registered:
         raise SfMError(f"sfm: needs at least {cfg.min_registered} photos to estimate cameras; got {len(paths)}")
     for p in paths:
@@ -280,7 +286,7 @@ def estimate_cameras(
                 out[i] = _camera_from_colmap(image, rec.cameras[image.camera_id])
     registered = sum(c is not None for c in out)
     if registered < cfg.min_registered:
-        missing = [str(paths[i].name) for i, c in enumerate(out) if c is None]
+        missing = [labels[i] for i, c in enumerate(out) if c is None]
         raise SfMError(
             f"sfm: only {registered} of {len(paths)} photos could be placed (need {cfg.min_registered}); "
             f"not placed: {', '.join(missing)}. Photos need overlapping, textured content; "

@@ -62,6 +62,12 @@ LORA_ENV = "RECONLOOP_{NAME}_LORA"
 ALLOW_DOWNLOAD_ENV = "RECONLOOP_ALLOW_DOWNLOAD"
 
 
+class GeneratorWeightsError(ValueError):
+    """A learned generator's weights could not be loaded (plain-language message naming where to give them).
+
+    A ValueError, so the CLI reports it in one line as bad input, and a service job fails with it."""
+
+
 @dataclass(frozen=True)
 class GeneratorConfig:
     """What a job chooses about its generator (the generator's user-facing options).
@@ -122,8 +128,10 @@ class GeneratorWeights:
     """Where a learned generator's weights are: the service's configuration, not a job's.
 
     Attributes:
-        path: a local folder or hub id of the base model; None: the class's default hub id.
-        lora: a LoRA / fine-tune checkpoint merged on top (AnyRecon: ``full_attention.ckpt``), or None.
+        path: a local folder or hub id of the base model; None: the class's default hub id. A leading
+            ``~`` is expanded (zsh and ``sh`` leave ``--weights NAME=~/...`` and the environment as typed).
+        lora: a LoRA / fine-tune checkpoint merged on top (AnyRecon: ``full_attention.ckpt``), or None;
+            ``~`` expanded as in ``path``.
         trained_attention: the attention the checkpoint was trained with, ``full`` or ``block``;
             checked at load against what a job asks for.
         allow_download: may reach the hub (else only local folders and an existing hub cache).
@@ -135,6 +143,10 @@ class GeneratorWeights:
     allow_download: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("path", "lora"):  # frozen: set through object.__setattr__
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                object.__setattr__(self, name, os.path.expanduser(value))
         if self.trained_attention not in TRAINED_ATTENTION:
             raise ValueError(
                 f"GeneratorWeights.trained_attention must be one of {TRAINED_ATTENTION}; got {self.trained_attention!r}"
@@ -148,6 +160,19 @@ class GeneratorWeights:
             lora=environ.get(LORA_ENV.format(NAME=name.upper())) or None,
             allow_download=environ.get(ALLOW_DOWNLOAD_ENV) == "1",
         )
+
+
+def weights_advice(name: str, weights: GeneratorWeights, err: BaseException) -> str:
+    """The message for generator ``name`` whose ``weights`` failed to load with ``err``, on one line: where
+    to give the weights (``run``: the variable; ``serve``: ``--weights``), then the loader's reason, last
+    because a service job's message keeps only the first MAX_DETAIL_CHARS of a failure."""
+    where = f" from {weights.path}" if weights.path else ""
+    detail = " ".join(str(err).split()) or type(err).__name__
+    return (
+        f"generator {name!r}: cannot load its weights{where}; point {WEIGHTS_ENV.format(NAME=name.upper())} at "
+        f"the weights folder (reconloop run), or give it to the service with reconloop serve --weights "
+        f"{name}=FOLDER (docs/anyrecon.md). The loader said: {detail}"
+    )
 
 
 def make_generator(config: GeneratorConfig, components: Any = None, device: Any = None) -> Generator:
@@ -203,7 +228,12 @@ class GeneratorCache:
         return self._key
 
     def get(self, config: GeneratorConfig, device: Any) -> Generator:
-        """A generator for ``config`` on ``device``, loading its models unless they are in memory."""
+        """A generator for ``config`` on ``device``, loading its models unless they are in memory.
+
+        Raises:
+            GeneratorWeightsError: the models could not be loaded (a missing folder, a bad checkpoint,
+                weights that do not suit ``config``); the message says where to give the weights.
+        """
         cls = GENERATORS.get(config.name)
         if not hasattr(cls, "load_components"):
             return make_generator(config)
@@ -224,11 +254,7 @@ class GeneratorCache:
                 else:
                     self._components = cls.load_components(weights, config, device)
             except (OSError, ValueError, RuntimeError) as err:
-                raise RuntimeError(
-                    f"generator {config.name!r}: cannot load its weights ({err}); give them to the service "
-                    f"(reconloop serve --weights {config.name}=FOLDER) or set "
-                    f"{WEIGHTS_ENV.format(NAME=config.name.upper())} (docs/anyrecon.md)"
-                ) from err
+                raise GeneratorWeightsError(weights_advice(config.name, weights, err)) from err
             self._key = key
         if self._group is not None:
             self._group.check_alive()

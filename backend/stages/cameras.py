@@ -220,7 +220,13 @@ def capture_cameras(scene: Scene, notes: list[str]) -> tuple[list[Camera | None]
     known_K = known[0].K if known and same_size else None
     with tempfile.TemporaryDirectory(prefix="reconloop-sfm-") as work:
         sfm = SfMConfig(camera_grouping=scene.settings.photo_cameras)
-        estimated = estimate_cameras([c.image for c in scene.captures], known_K=known_K, work_dir=work, cfg=sfm)
+        estimated = estimate_cameras(
+            [c.image for c in scene.captures],
+            known_K=known_K,
+            work_dir=work,
+            cfg=sfm,
+            photo_names=[c.name for c in scene.captures],  # the user's names, not a job store's files
+        )
     pairs = [(g, e) for g, e in zip(given, estimated, strict=True) if g is not None and e is not None]
     if len(pairs) >= SIM_MIN_CAMERAS:
         s, R, t = similarity([e.center for _, e in pairs], [g.center for g, _ in pairs])

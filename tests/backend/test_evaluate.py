@@ -14,7 +14,15 @@ import torch
 from PIL import Image
 
 import backend.loop
-from backend.evaluate import EvalConfig, LoopStart, eval_trajectory, evaluate_scene, masked_score, split_protocol
+from backend.evaluate import (
+    PROTOCOLS,
+    EvalConfig,
+    LoopStart,
+    eval_trajectory,
+    evaluate_scene,
+    masked_score,
+    split_protocol,
+)
 from backend.formats import import_scene
 from backend.loop import LoopConfig
 from backend.scene import Settings
@@ -155,8 +163,86 @@ def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pyt
 
 def test_evaluate_needs_heldout(temple_dir: Path, tmp_path: Path) -> None:
     scene = import_scene("middlebury", temple_dir, tmp_path)
-    with pytest.raises(ValueError, match="no held-out views"):
+    with pytest.raises(ValueError, match="no held-out views; give scene.heldout or use a protocol") as info:
         evaluate_scene(scene, tmp_path / "eval", device="cpu")
+    assert f"--protocol {'|'.join(PROTOCOLS)}" in str(info.value)  # every protocol, from the table
+
+
+def ring_scene(folder: Path, n: int, heldout: int = 0) -> Path:
+    """A scene folder of ``n`` captures (and ``heldout`` held-out views) with cameras on a ring around
+    the origin, 64x48 noise photos."""
+    from backend.scene import Camera, Capture, Scene, look_at, save_scene
+    from tests.protocol.helpers import png_bytes
+
+    (folder / "images").mkdir(parents=True)
+    K = np.array([[50.0, 0, 32], [0, 50, 24], [0, 0, 1]])
+    views = []
+    for i in range(n + heldout):
+        a = 2 * np.pi * i / (n + heldout)
+        image = folder / "images" / f"v{i}.png"
+        image.write_bytes(png_bytes(seed=i))
+        views.append(Capture(f"v{i}", image, Camera(look_at((3 * np.cos(a), 0.0, 3 * np.sin(a))), K, 64, 48)))
+    save_scene(Scene(root=folder, captures=views[:n], heldout=views[n:]), folder)
+    return folder
+
+
+def test_a_protocol_that_holds_nothing_out_says_which_and_why(tmp_path: Path) -> None:
+    """``--protocol ring`` on 3 captures trains on all 3: the message names the protocol and the counts
+    (not "use a protocol", which was given); ring-arc with one view holds out nothing either."""
+    from backend.scene import load_scene
+
+    scene = load_scene(ring_scene(tmp_path / "s", 3))
+    with pytest.raises(ValueError, match="--protocol ring with 3 training views leaves no held-out view of 3 captures"):
+        split_protocol(scene, "ring", train_views=3)
+    with pytest.raises(ValueError, match="--protocol ring-arc with 1 training views leaves no held-out view"):
+        split_protocol(scene, "ring-arc", train_views=1)
+    assert len(split_protocol(scene, "ring", train_views=2).heldout) == 1
+
+
+def test_train_views_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--train-views 0`` is refused by the parser (not a ZeroDivisionError), and split_protocol names the
+    field for callers that skip the parser."""
+    from backend.cli import build_parser
+    from backend.scene import load_scene
+
+    parse = ["eval", "scene", "--out", "o", "--protocol", "ring"]
+    assert build_parser().parse_args([*parse, "--train-views", "2"]).train_views == 2
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*parse, "--train-views", bad])
+        assert f"--train-views: must be a whole number >= 1; got '{bad}'" in capsys.readouterr().err
+    scene = load_scene(ring_scene(tmp_path / "s", 4))
+    for protocol in PROTOCOLS:
+        with pytest.raises(ValueError, match=f"{protocol}: train_views must be >= 1; got 0"):
+            split_protocol(scene, protocol, train_views=0)
+
+
+def test_eval_device_is_picked_as_run_and_serve_pick_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``reconloop eval --device``: ``auto`` (the default) is cuda, then mps, then cpu, as for run/serve
+    (backend.devices.pick_device); a name it does not know is one line naming --device, exit 2."""
+    import backend.devices
+    import backend.evaluate
+    from backend.cli import main
+
+    scene = ring_scene(tmp_path / "s", 2, heldout=1)
+    got: dict[str, object] = {}
+
+    def record(scene, out, *, device, **kw):  # the evaluation itself is tested above
+        got["device"] = device
+        return {}
+
+    monkeypatch.setattr(backend.evaluate, "evaluate_scene", record)
+    monkeypatch.setattr(backend.devices, "is_available", lambda kind: kind in ("mps", "cpu"))  # a Mac
+    for device in ([], ["--device", "auto"]):
+        assert main(["eval", str(scene), "--out", str(tmp_path / "e"), *device]) == 0
+        assert got.pop("device") == "mps"
+    for bad in ("gpu", "cuda:x"):
+        assert main(["eval", str(scene), "--out", str(tmp_path / "e"), "--device", bad]) == 2
+        err = capsys.readouterr().err
+        assert f"reconloop eval: --device must be auto, cuda, mps, cpu or cuda:N; got '{bad}'" in err, err
+        assert "Traceback" not in err and not got
 
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"

@@ -15,6 +15,7 @@ from backend.generators import (
     GeneratorCache,
     GeneratorConfig,
     GeneratorWeights,
+    GeneratorWeightsError,
     make_generator,
 )
 from backend.generators.reproject import ReprojectGenerator
@@ -51,16 +52,101 @@ def test_learned_generator_needs_components() -> None:
 
 
 def test_missing_weights_name_the_option_and_never_download(monkeypatch, tmp_path: Path) -> None:
+    """A user error (a ValueError: the CLI prints one line) on one line (a job's message keeps its first),
+    with the advice for ``run`` (the variable) and for ``serve`` (--weights)."""
     monkeypatch.delenv("RECONLOOP_ALLOW_DOWNLOAD", raising=False)
     cache = GeneratorCache({"anyrecon": GeneratorWeights(str(tmp_path / "no_such_folder"))})
-    with pytest.raises(RuntimeError, match="--weights anyrecon=FOLDER") as info:
+    with pytest.raises(GeneratorWeightsError, match="--weights anyrecon=FOLDER") as info:
         cache.get(GeneratorConfig("anyrecon"), "cpu")
+    assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
     assert "no_such_folder" in str(info.value) and cache.loaded is None
+    assert "point RECONLOOP_ANYRECON_WEIGHTS at the weights folder (reconloop run)" in str(info.value)
     monkeypatch.setenv("RECONLOOP_ANYRECON_WEIGHTS", str(tmp_path / "from_env"))  # the fallback
     assert GeneratorCache().weights_for("anyrecon") == GeneratorWeights(str(tmp_path / "from_env"))
-    with pytest.raises(RuntimeError, match="RECONLOOP_ANYRECON_WEIGHTS") as info:
+    with pytest.raises(GeneratorWeightsError, match="RECONLOOP_ANYRECON_WEIGHTS") as info:
         GeneratorCache().get(GeneratorConfig("anyrecon"), "cpu")
     assert "from_env" in str(info.value)
+
+
+def anyrecon_scene(folder: Path) -> Path:
+    """A scene folder of two posed 64x48 captures whose job asks for anyrecon, small enough that the
+    loop reaches the generator in seconds."""
+    import numpy as np
+
+    from backend.scene import Camera, Capture, Scene, look_at, save_scene
+    from tests.protocol.helpers import png_bytes
+
+    (folder / "images").mkdir(parents=True)
+    K = np.array([[50.0, 0, 32], [0, 50, 24], [0, 0, 1]])
+    caps = []
+    for i, x in enumerate((-0.2, 0.2)):
+        (folder / "images" / f"p{i}.png").write_bytes(png_bytes(seed=i))
+        caps.append(Capture(f"p{i}", folder / "images" / f"p{i}.png", Camera(look_at((x, 0.0, -3.0)), K, 64, 48)))
+    settings = Settings.from_json(
+        {"generator": "anyrecon", "width": 32, "height": 24, "guide": False, "gaussian_iterations": 1}
+    )
+    save_scene(Scene(root=folder, captures=caps, settings=settings), folder)
+    return folder
+
+
+def test_run_without_weights_is_one_line(monkeypatch, tmp_path: Path, capsys) -> None:
+    """``reconloop run`` of an anyrecon job without usable weights: exit 2 and one line saying what to set,
+    not the loader's chained tracebacks."""
+    from backend.cli import main
+
+    monkeypatch.delenv("RECONLOOP_ALLOW_DOWNLOAD", raising=False)
+    monkeypatch.setenv("RECONLOOP_ANYRECON_WEIGHTS", str(tmp_path / "nonexistent"))
+    scene = anyrecon_scene(tmp_path / "scene")
+    assert main(["run", str(scene), "--out", str(tmp_path / "o"), "--device", "cpu", "--budget", "0"]) == 2
+    err = capsys.readouterr().err
+    line = err.rstrip("\n").rsplit("\n", 1)[-1]  # after the progress bar's lines
+    assert (
+        line.startswith("reconloop run: generator 'anyrecon': cannot load its weights from ") and "nonexistent" in line
+    )
+    assert "RECONLOOP_ANYRECON_WEIGHTS" in line and "Traceback" not in err, err
+
+
+def test_a_job_without_weights_fails_with_the_advice(tmp_path: Path, monkeypatch) -> None:
+    """Through the service (its runner holds the GeneratorCache): the job fails, its message is the advice."""
+    from backend.scene import load_scene
+    from backend.service import Service, ServiceConfig
+    from backend.service.options import GeneratorLoopRunner
+    from backend.service.store import scene_message
+    from protocol.client import Client
+
+    monkeypatch.delenv("RECONLOOP_ALLOW_DOWNLOAD", raising=False)
+    runner = GeneratorLoopRunner(GeneratorCache({"anyrecon": GeneratorWeights(str(tmp_path / "no_such_folder"))}))
+    svc = Service(ServiceConfig(bind="tcp://127.0.0.1:*", data_dir=tmp_path / "jobs", device="cpu"), runner=runner)
+    thread = svc.start_thread()
+    try:
+        with Client(svc.endpoint, timeout_ms=5000, retries=1) as client:
+            job = client.submit(scene_message(load_scene(anyrecon_scene(tmp_path / "scene"))))
+            client.watch(job, since=0)
+            events = list(client.events(job))
+    finally:
+        svc.stop()
+        thread.join(20)
+    assert events[-1]["state"] == "failed"
+    message = events[-1]["message"]
+    assert message.startswith("GeneratorWeightsError: generator 'anyrecon': cannot load its weights from ")
+    assert "no_such_folder" in message and "reconloop serve --weights anyrecon=FOLDER" in message, message
+
+
+def test_a_leading_tilde_is_expanded(monkeypatch, tmp_path: Path) -> None:
+    """``~`` in a weights path or LoRA path (from serve's options, the environment or Python) is the home
+    folder: zsh and sh leave ``--weights anyrecon=~/m`` as typed, and nothing expands the variables."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    w = GeneratorWeights("~/models/wan", "~/models/anyrecon/full_attention.ckpt")
+    assert (w.path, w.lora) == (str(tmp_path / "models/wan"), str(tmp_path / "models/anyrecon/full_attention.ckpt"))
+    assert GeneratorWeights("Wan-AI/Wan2.1-I2V-14B-720P-Diffusers").path == "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers"
+    assert GeneratorWeights().path is None and GeneratorWeights().lora is None
+    monkeypatch.setenv("RECONLOOP_ANYRECON_WEIGHTS", "~/m")
+    monkeypatch.setenv("RECONLOOP_ANYRECON_LORA", "~/l.ckpt")
+    assert GeneratorCache().weights_for("anyrecon") == GeneratorWeights(str(tmp_path / "m"), str(tmp_path / "l.ckpt"))
+    from backend.service.options import serve_generator_weights
+
+    args = _serve_args("--weights", "anyrecon=~/m", "--lora", "anyrecon=~/l.ckpt")
+    assert serve_generator_weights(args)["anyrecon"] == GeneratorWeights(str(tmp_path / "m"), str(tmp_path / "l.ckpt"))
 
 
 @pytest.fixture(scope="module")

@@ -56,3 +56,61 @@ def test_sfm_gives_one_focal_length_for_one_camera(temple_dir: Path, tmp_path: P
     assert len(placed) >= 2
     for c in placed[1:]:
         np.testing.assert_array_equal(c.K, placed[0].K)
+
+
+def _flat_photos(folder: Path, names: list[str]) -> list[Path]:
+    """Grey photos without texture: SfM places none of them (a real failure, in a fraction of a second)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.png" for name in names]
+    for p in paths:
+        Image.fromarray(np.full((48, 64, 3), 128, np.uint8)).save(p)
+    return paths
+
+
+def test_sfm_failure_names_the_photos_as_the_user_does(tmp_path: Path) -> None:
+    """The message names ``photo_names`` (the captures' names) when given, not the files it read: a job
+    store keeps the photos as c0000.png ... (issue: the service named those to the user)."""
+    pytest.importorskip("pycolmap")
+    from backend.estimators.sfm import SfMError, estimate_cameras
+
+    cfg = SfMConfig(num_threads=1)
+    photos = _flat_photos(tmp_path / "images", ["c0000", "c0001"])
+    with pytest.raises(
+        SfMError, match=r"only 0 of 2 photos could be placed .*; not placed: templeSR0001, templeSR0002\."
+    ):
+        estimate_cameras(photos, work_dir=tmp_path / "sfm", cfg=cfg, photo_names=["templeSR0001", "templeSR0002"])
+    with pytest.raises(SfMError, match=r"not placed: c0000.png, c0001.png\."):  # no names: the files'
+        estimate_cameras(photos, work_dir=tmp_path / "sfm", cfg=cfg)
+    with pytest.raises(ValueError, match="estimate_cameras: 1 photo_names for 2 photos"):
+        estimate_cameras(photos, work_dir=tmp_path / "sfm", cfg=cfg, photo_names=["a"])
+
+
+def test_a_service_job_names_the_photos_sfm_could_not_place(tmp_path: Path) -> None:
+    """Through the service (the job store renames the photos c0000.png ...), the loop's SfM failure
+    names the user's photos, as ``reconloop run`` does."""
+    pytest.importorskip("pycolmap")
+    import json
+
+    from backend.loop import run_loop
+    from backend.scene import load_scene
+    from backend.service import Service, ServiceConfig
+    from backend.service.store import scene_message
+    from protocol.client import Client
+
+    names = ["templeSR0001", "templeSR0002"]
+    _flat_photos(tmp_path / "scene" / "images", names)
+    scene = {"version": 1, "captures": [{"name": n, "image": f"images/{n}.png"} for n in names]}  # no cameras
+    (tmp_path / "scene" / "scene.json").write_text(json.dumps(scene))
+    svc = Service(ServiceConfig(bind="tcp://127.0.0.1:*", data_dir=tmp_path / "jobs", device="cpu"), runner=run_loop)
+    thread = svc.start_thread()
+    try:
+        with Client(svc.endpoint, timeout_ms=5000, retries=1) as client:
+            job = client.submit(scene_message(load_scene(tmp_path / "scene")))
+            client.watch(job, since=0)
+            final = list(client.events(job))[-1]
+    finally:
+        svc.stop()
+        thread.join(20)
+    assert final["state"] == "failed"
+    assert "not placed: templeSR0001, templeSR0002." in final["message"], final["message"]
+    assert "c0000" not in final["message"]

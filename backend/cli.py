@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import zmq
+
     from .scene import Scene
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,13 +41,13 @@ from COLMAP, LLFF, Middlebury, NeRF/nerfstudio or DTU data.
 
 EPILOG = """\
 examples:
-  reconloop import colmap ../data/door scene/          make a scene folder from a COLMAP model
-  reconloop run scene/ --out result/                   run the loop here, no service
-  reconloop serve                                      serve on tcp://127.0.0.1:5555 (for Blender)
-  reconloop serve --ray auto --data-dir /shared/jobs   jobs on the Ray cluster, one per GPU (docs/cluster.md)
+  reconloop import colmap ../shared/data/lund_door scene/   make a scene folder from a COLMAP model
+  reconloop run scene/ --out result/                        run the loop here, no service
+  reconloop serve                                           serve on tcp://127.0.0.1:5555 (for Blender)
+  reconloop serve --ray auto --data-dir /shared/jobs        jobs on the Ray cluster, one per GPU (docs/cluster.md)
   reconloop submit scene/ --server tcp://gpu:5555 --out result/
-  reconloop demo --out demo_out                        render the built-in scene, then run the loop
-  reconloop demo --scene ../data/middlebury_temple     the loop on 3 captures of a dataset
+  reconloop demo --out demo_out                             render the built-in scene, then run the loop
+  reconloop demo --scene ../shared/data/middlebury_temple   the loop on 3 captures of a dataset
 """
 
 
@@ -81,10 +83,13 @@ class ProgressBar:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import zmq
+
     from .devices import pick_device
     from .generators import GeneratorCache
     from .service import Service, ServiceConfig
     from .service.options import GeneratorLoopRunner, serve_generator_weights, serve_security
+    from .service.server import StoreInUseError
 
     weights = serve_generator_weights(args)
     runner = _import_object(args.runner) if args.runner else GeneratorLoopRunner(GeneratorCache(weights))
@@ -100,7 +105,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
         service.serve_forever()
     except KeyboardInterrupt:
         log.info("stopped by Ctrl-C")
+    except StoreInUseError as err:
+        raise ValueError(f"{err}: stop that service, or pass --data-dir DIR to give this one its own store") from None
+    except zmq.ZMQError as err:
+        if service.endpoint is not None:  # bound: a later socket's error, not --bind's
+            raise
+        raise endpoint_error("--bind", args.bind, err) from None
     return 0
+
+
+def zmq_endpoint(text: str) -> str:
+    """argparse type of ``serve --bind`` and ``submit --server``: a ZeroMQ endpoint (``tcp://HOST:PORT``,
+    ``ipc://PATH``), by the check the service makes of its bind (``auth.endpoint_is_local``), so that
+    ``127.0.0.1:5555`` is named here and not as ZeroMQ's "Invalid argument" traceback."""
+    from .service.auth import AuthError, endpoint_is_local
+
+    try:
+        endpoint_is_local(text)
+    except AuthError:
+        raise argparse.ArgumentTypeError(
+            f"must be a ZeroMQ endpoint like {DEFAULT_SERVER} (tcp://HOST:PORT or ipc://PATH); got {text!r}"
+        ) from None
+    return text
+
+
+def endpoint_error(option: str, endpoint: str, err: zmq.ZMQError) -> ValueError:
+    """ZeroMQ's error binding or connecting ``endpoint`` as one line naming ``option``, the reason and
+    what to do (a port in use, an address not of this machine, a malformed endpoint)."""
+    import zmq
+
+    hints = {
+        zmq.EADDRINUSE: "another service on this port? stop it, or pick another port",
+        zmq.EADDRNOTAVAIL: "not an address of this machine",
+        zmq.EINVAL: "write tcp://HOST:PORT or ipc://PATH",
+        zmq.EPROTONOSUPPORT: "write tcp://HOST:PORT or ipc://PATH",
+    }
+    hint = hints.get(err.errno)
+    return ValueError(f"{option} {endpoint}: {zmq.strerror(err.errno).lower()}" + (f" ({hint})" if hint else ""))
 
 
 def _ray_config(args: argparse.Namespace) -> Any:
@@ -170,6 +211,12 @@ def _import_object(spec: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+def check_out_folder(out: Path) -> None:
+    """Refuse an ``--out`` that exists and is not a folder, before any work whose results it would lose."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+
+
 def _run_loop(
     scene_dir: Path | Scene, out: Path, device: str, budget: float | None = None, refiner_out: Path | None = None
 ) -> int:
@@ -179,8 +226,7 @@ def _run_loop(
     (``run_loop``); other files there stay."""
     from .scene import Scene, load_scene
 
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
+    check_out_folder(out)
     scene = scene_dir if isinstance(scene_dir, Scene) else load_scene(scene_dir)
     from .devices import pick_device
     from .generators import GeneratorCache, GeneratorConfig
@@ -215,15 +261,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    import zmq
+
     from protocol.client import Client
 
     from .scene import load_scene
+    from .service.options import client_keys
     from .service.store import check_artifact_name, scene_message
 
+    check_out_folder(args.out)  # before the job runs: its results would have nowhere to go
     scene = load_scene(args.scene)
-    from .service.options import client_keys
-
-    with Client(args.server, timeout_ms=args.timeout_ms, name="reconloop-cli", **client_keys(args)) as client:
+    try:
+        client = Client(args.server, timeout_ms=args.timeout_ms, name="reconloop-cli", **client_keys(args))
+    except zmq.ZMQError as err:
+        raise endpoint_error("--server", args.server, err) from None
+    with client:
         info = client.hello()
         log.info("server %s on %s, device %s", info["server"], args.server, info["device"])
         job = client.submit(scene_message(scene))
@@ -263,9 +315,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
-# `reconloop demo --scene DATASET`: the sparse-view split of ../shared/data/README.md per format, and the
-# sizes of `make demo` (scripts/demo.py), so that it runs in minutes on a 2-core CPU.
-DEMO_PROTOCOLS = {"middlebury": "ring-arc", "llff": "llff"}
+# `reconloop demo --scene DATASET`: the sparse-view split of ../shared/data/README.md per format (a COLMAP
+# model's photos as the benchmarks split the door's, scripts/bench_loop_quality.py), and the sizes of
+# `make demo` (scripts/demo.py), so that it runs in minutes on a 2-core CPU.
+DEMO_PROTOCOLS = {"middlebury": "ring-arc", "llff": "llff", "colmap": "ring-arc"}
 DEMO_TRAIN_VIEWS = 3
 # The demo's CPU-sized job: a 3-minute budget that affords its 400 steps with the guide, 3 frames a step:
 # 29.5 dB in 2-2.5 minutes (seeds 0-2; 28.8 dB without the guide; one frame a step 26.1 dB in 1 minute;
@@ -285,7 +338,8 @@ DEMO_SETTINGS = {
 
 def import_demo_scene(src: Path, dst: Path, fmt: str | None = None) -> Any:
     """Import a dataset folder (format detected unless given) into ``dst`` for the demo: 3 captures
-    by the format's sparse-view protocol where it has one (the rest held out), CPU-sized settings."""
+    by the format's sparse-view protocol where it has one and the captures fit it (the rest held out),
+    CPU-sized settings."""
     from .evaluate import split_protocol
     from .formats import detect_format, import_scene
     from .scene import Settings, save_scene
@@ -293,10 +347,26 @@ def import_demo_scene(src: Path, dst: Path, fmt: str | None = None) -> Any:
     fmt = fmt or detect_format(src)
     scene = import_scene(fmt, src, dst, settings=Settings(**DEMO_SETTINGS))
     if fmt in DEMO_PROTOCOLS:
-        scene = split_protocol(scene, DEMO_PROTOCOLS[fmt], train_views=DEMO_TRAIN_VIEWS)
-        save_scene(scene, dst)
+        try:
+            scene = split_protocol(scene, DEMO_PROTOCOLS[fmt], train_views=DEMO_TRAIN_VIEWS)
+        except ValueError as err:  # too few photos for the split (a small COLMAP model): the loop on them all
+            print(f"{err}: the demo keeps every capture")
+        else:
+            save_scene(scene, dst)
     print(f"imported {fmt} {src} into {dst}: {len(scene.captures)} captures ({len(scene.heldout)} held out)")
     return scene
+
+
+def require_bpy() -> None:
+    """Refuse to render the built-in demo scene without Blender's ``bpy`` module (the script's child
+    process would end in an ImportError traceback), saying how to get it or what to pass instead."""
+    import importlib.util
+
+    if importlib.util.find_spec("bpy") is None:
+        raise ValueError(
+            "the built-in demo scene is rendered with Blender's bpy module, which is not installed: "
+            "pip install -e '.[dev]' (the bpy wheel, Python 3.11), or pass --scene DIR (a scene or dataset folder)"
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -312,6 +382,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 raise FileNotFoundError(
                     f"the demo scene script {DEMO_SCRIPT} is missing (run from a clone of the repository)"
                 )
+            require_bpy()
             print(f"rendering the demo scene into {scene_dir} (Blender, Cycles on CPU) ...")
             subprocess.run([sys.executable, str(DEMO_SCRIPT), "--out", str(scene_dir)], check=True)
         from dataclasses import replace
@@ -351,7 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument(
-        "--bind", default=DEFAULT_SERVER, help="ZeroMQ endpoint (default %(default)s; loopback only by default)"
+        "--bind",
+        type=zmq_endpoint,
+        default=DEFAULT_SERVER,
+        help="ZeroMQ endpoint (default %(default)s; loopback only by default)",
     )
     p.add_argument(
         "--data-dir", type=Path, default=None, help="job store folder (default: the user cache dir, reconloop/jobs)"
@@ -420,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("scene", type=Path, metavar="SCENE", help="scene folder (scene.json + images)")
-    p.add_argument("--server", default=DEFAULT_SERVER, help="service endpoint (default %(default)s)")
+    p.add_argument("--server", type=zmq_endpoint, default=DEFAULT_SERVER, help="service endpoint (default %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="folder for the downloaded artifacts")
     p.add_argument(
         "--timeout-ms", type=int, default=30_000, help="per-request timeout before a retry (default %(default)s)"
@@ -459,8 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Without --scene: render a procedural Blender scene with Cycles on CPU into OUT/scene (bpy needed), "
             "then run the loop into OUT/output. With --scene: run the loop on that scene folder, or on a dataset "
-            "folder (middlebury, llff, nerf, dtu, colmap; detected) imported into OUT/scene with 3 captures and the "
-            "demo's CPU-sized settings."
+            "folder (middlebury, llff, nerf, dtu, colmap; detected) imported into OUT/scene with the demo's "
+            "CPU-sized settings: 3 captures for middlebury and colmap (ring-arc split) and llff (LLFF split), "
+            "the rest held out; every capture for nerf and dtu, and for a COLMAP model of too few photos to split."
         ),
     )
     p.add_argument(

@@ -125,6 +125,20 @@ def checkout_runtime_env() -> dict[str, Any] | None:
     return {"env_vars": {"PYTHONPATH": path}}
 
 
+def no_cluster_message(address: str | None, err: BaseException) -> str:
+    """What to do when ``ray.init(address=...)`` found no cluster (Ray's ConnectionError ``err``), in the
+    service's options: ``auto`` needs a ``ray start`` on this node; a HOST:PORT keeps Ray's reason."""
+    if address == "auto":
+        return (
+            "--ray auto: no Ray cluster on this node: start one with `ray start --head`, "
+            "or use --ray local / --ray HOST:PORT"
+        )
+    return (
+        f"--ray {address}: no Ray cluster there ({_cause(err)}): start its head with `ray start --head`, "
+        "or use --ray local"
+    )
+
+
 def _cause(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     first = text[0] if text else ""
@@ -166,7 +180,10 @@ class RayPool:
                 kwargs["num_cpus"] = max(self.config.workers or 0, os.cpu_count() or 1)
             else:
                 kwargs["address"] = address
-            ray.init(**kwargs, runtime_env=checkout_runtime_env())
+            try:
+                ray.init(**kwargs, runtime_env=checkout_runtime_env())
+            except ConnectionError as err:  # Ray's text points at a `--address` flag reconloop does not have
+                raise ConnectionError(no_cluster_message(address, err)) from None
             self.started_ray = True
         local = address in (None, "local")
         self._host = self.config.host or ("127.0.0.1" if local else ray.util.get_node_ip_address())

@@ -607,6 +607,10 @@ def _map_file(path: Path, total: int) -> Any:
     return np.frombuffer(mm, dtype=np.uint8)
 
 
+class StoreInUseError(RuntimeError):
+    """The job store is locked by another service (``_lock_dir``)."""
+
+
 class _DirLock:
     def __init__(self, f: Any) -> None:
         self.f = f
@@ -626,5 +630,5 @@ def _lock_dir(folder: Path) -> _DirLock:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        raise RuntimeError(f"the job store {folder} is in use by another reconloop service") from None
+        raise StoreInUseError(f"the job store {folder} is in use by another reconloop service") from None
     return _DirLock(f)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .devices import DEVICE_HELP
+
 if TYPE_CHECKING:
     import zmq
 
@@ -406,7 +408,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    device_help = "compute device: auto (cuda, else Apple mps, else cpu), cpu, mps, cuda, cuda:1"
     budget_help = (
         "about this many minutes per job: the working size, Gaussians and steps are sized to it from measured "
         "step costs (default: 4 on cpu, 5 on mps, none on cuda; 0: none; a scene's own time_budget_min wins)"
@@ -430,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data-dir", type=Path, default=None, help="job store folder (default: the user cache dir, reconloop/jobs)"
     )
-    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--budget", type=budget_minutes, default=None, metavar="MINUTES", help=budget_help)
     p.add_argument("--runner", default=None, metavar="MODULE:FUNC", help="job runner instead of the loop (for tests)")
     g = p.add_argument_group("Ray cluster (pip install 'reconloop[cluster]'; see docs/cluster.md)")
@@ -474,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("scene", type=Path, metavar="SCENE", help="scene folder (scene.json + images)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--budget", type=budget_minutes, default=None, metavar="MINUTES", help=budget_help)
     p.add_argument(
         "--refiner-out",
@@ -548,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default=None, help="the dataset's format when --scene has no scene.json (default: detected)"
     )
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default %(default)s)")
-    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -10,6 +10,7 @@ the CPU) and the default time budget (:data:`DEFAULT_BUDGET_MIN`).
 from __future__ import annotations
 
 DEVICE_KINDS = ("cuda", "mps", "cpu")  # the order ``auto`` tries them in
+DEVICE_HELP = f"compute device: auto ({', else '.join(DEVICE_KINDS)}), {', '.join(DEVICE_KINDS)} or cuda:N"
 # Time budget a job gets when it sets none, minutes, per device kind (backend.budget); None: no
 # budget, the settings as given (on CUDA the budget only applies when the user sets one).
 DEFAULT_BUDGET_MIN = {"cuda": None, "mps": 5.0, "cpu": 4.0}

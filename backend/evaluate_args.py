@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .devices import DEVICE_KINDS
+from .devices import DEVICE_HELP
 
 TRAJECTORY_MODES = ("auto", "scene", "heldout", "interpolate")
 PROTOCOLS = ("llff", "ring", "ring-arc", "dtu")
@@ -72,6 +72,5 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
         default="auto",
-        help=f"compute device: auto ({', else '.join(DEVICE_KINDS)}), {', '.join(DEVICE_KINDS)} or cuda:N "
-        "(default %(default)s)",
+        help=f"{DEVICE_HELP} (default %(default)s)",
     )

@@ -2,16 +2,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU build of torch for dev and CI machines (an unpinned torch pulls a multi-GB CUDA build).
-# On a GPU box, install the torch that matches its CUDA first and run `make setup TORCH=`.
+# torch for dev and CI machines, pinned to the tested version. Our machines' pip index holds its CPU build; on
+# Linux, pypi.org's torch is the multi-GB CUDA build: TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the
+# CPU one there. On a GPU box, install the torch that matches its CUDA first and run `make setup TORCH=`.
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: setup demo test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
+	$(if $(TORCH),$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)")
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 

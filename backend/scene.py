@@ -170,10 +170,23 @@ class TrajectoryFrame:
     camera: Camera
 
 
+def _registered_names() -> dict[str, list[str]]:
+    """The values the open-choices settings may take in this backend: ``generator``, the generator registry's
+    names. Empty where the generators are not installed: the Blender extension bundles only the scene
+    readers (scripts/build_extension.py), and the service that takes the job checks the name."""
+    try:
+        from backend.generators import GENERATORS
+    except ModuleNotFoundError as err:
+        if err.name != "backend.generators":
+            raise
+        return {}
+    return {"generator": GENERATORS.names()}
+
+
 def _settings_from_json(cls, d: Any, path: str = "settings") -> Settings:
     """Settings from a scene.json/wire map (missing names take defaults). Raises SceneError naming the field."""
     try:
-        return cls(**check_settings(d, path))
+        return cls(**check_settings(d, path, _registered_names()))
     except SettingError as err:
         raise SceneError(str(err)) from None
 
@@ -240,6 +253,22 @@ def look_at(eye, target=(0.0, 0.0, 0.0), down=(0.0, -1.0, 0.0)) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Checking
 
+# The keys each object of scene.json may hold (what the readers below read, and scene_to_json writes).
+SCENE_KEYS = ("version", "captures", "trajectory", "heldout", "settings")
+CAPTURE_KEYS = ("name", "image", "mask", "camera")  # captures and heldout entries
+TRAJECTORY_KEYS = ("frame", "camera")
+CAMERA_KEYS = ("w2c", "K", "width", "height", "distortion")
+DISTORTION_KEYS = ("model", "params")
+
+
+def _refuse_unknown(d: dict[str, Any], known: tuple[str, ...], path: str) -> None:
+    """Raise SceneError for a key of ``d`` not in ``known`` (a typo would otherwise be silently ignored):
+    ``captures[0].camrea: unknown field; known: name, image, mask, camera``."""
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise SceneError(f"{where}: unknown field; known: {', '.join(known)}")
+
 
 def _matrix(value: Any, shape: tuple[int, int], path: str) -> np.ndarray:
     try:
@@ -285,9 +314,7 @@ def camera_from_json(d: Any, path: str, *, allow_distortion: bool) -> Camera:
     for key in ("w2c", "K", "width", "height"):
         if key not in d:
             raise SceneError(f"{path}.{key}: missing")
-    unknown = set(d) - {"w2c", "K", "width", "height", "distortion"}
-    if unknown:
-        raise SceneError(f"{path}.{sorted(unknown)[0]}: unknown field")
+    _refuse_unknown(d, CAMERA_KEYS, path)
     w2c = _matrix(d["w2c"], (4, 4), f"{path}.w2c")
     K = _matrix(d["K"], (3, 3), f"{path}.K")
     width, height = d["width"], d["height"]
@@ -303,6 +330,7 @@ def camera_from_json(d: Any, path: str, *, allow_distortion: bool) -> Camera:
 def distortion_from_json(d: Any, path: str) -> Distortion:
     if not isinstance(d, dict) or "model" not in d:
         raise SceneError(f"{path}: must be an object with model and params")
+    _refuse_unknown(d, DISTORTION_KEYS, path)
     model = d["model"]
     if model not in DISTORTION_PARAMS:
         raise SceneError(f"{path}.model: unknown model {model!r}; known: {', '.join(DISTORTION_PARAMS)}")
@@ -331,6 +359,7 @@ def image_size(path: Path) -> tuple[int, int]:
 def _capture_from_json(d: Any, root: Path, path: str, *, need_camera: bool) -> Capture:
     if not isinstance(d, dict):
         raise SceneError(f"{path}: must be an object with name and image; got {type(d).__name__}")
+    _refuse_unknown(d, CAPTURE_KEYS, path)
     image = d.get("image")
     if not isinstance(image, str) or not image:
         raise SceneError(f"{path}.image: missing or not a string")
@@ -385,9 +414,7 @@ def scene_from_json(data: Any, root: Path) -> Scene:
     version = data.get("version")
     if version != SCENE_FORMAT_VERSION:
         raise SceneError(f"version: scene format version must be {SCENE_FORMAT_VERSION}; got {version!r}")
-    unknown = set(data) - {"version", "captures", "trajectory", "heldout", "settings"}
-    if unknown:
-        raise SceneError(f"{sorted(unknown)[0]}: unknown field")
+    _refuse_unknown(data, SCENE_KEYS, "")
     captures_json = data.get("captures")
     if not isinstance(captures_json, list) or not captures_json:
         raise SceneError("captures: must be a non-empty list")
@@ -404,6 +431,7 @@ def scene_from_json(data: Any, root: Path) -> Scene:
         p = f"trajectory[{i}]"
         if not isinstance(t, dict):
             raise SceneError(f"{p}: must be an object with frame and camera")
+        _refuse_unknown(t, TRAJECTORY_KEYS, p)
         frame = t.get("frame")
         if isinstance(frame, bool) or not isinstance(frame, int):
             raise SceneError(f"{p}.frame: must be an integer; got {frame!r}")
@@ -424,17 +452,45 @@ def scene_from_json(data: Any, root: Path) -> Scene:
 
 
 def load_scene(folder: str | os.PathLike) -> Scene:
-    """Load and check ``folder/scene.json``. Raises SceneError (field path + reason)."""
-    root = Path(folder)
-    path = root / SCENE_FILE if root.is_dir() else root
+    """Load and check ``folder/scene.json`` (or the scene.json file given). Raises SceneError (field path
+    + reason); a folder without scene.json gets told how to make one (:func:`_no_scene_json`)."""
+    given = Path(folder)
+    if not given.exists():
+        raise SceneError(f"{given}: no such {'file' if given.name == SCENE_FILE else 'folder'}")
+    path = given / SCENE_FILE if given.is_dir() else given
     root = path.parent
     if not path.is_file():
-        raise SceneError(f"scene.json: not found in {root}")
+        raise SceneError(_no_scene_json(root))
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SceneError(f"scene.json: not valid JSON: {err}") from None
     return scene_from_json(data, root)
+
+
+def _no_scene_json(folder: Path) -> str:
+    """What to say of a folder without scene.json: how to import the dataset it holds, or how to list its
+    photos so that the loop estimates their cameras."""
+    from backend.formats import detect_format  # backend.formats imports this module
+
+    problem = f"scene.json: not found in {folder}"
+    try:
+        fmt = detect_format(folder)
+    except SceneError:
+        pass
+    else:
+        return (
+            f"{problem}; it holds a dataset in the {fmt} format: make a scene of it with "
+            f"reconloop import {fmt} {folder} DST"
+        )
+    photos = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not photos:
+        return problem
+    listed = ", ".join(json.dumps({"image": name}) for name in photos[:2]) + (", ..." if len(photos) > 2 else "")
+    return (
+        f"{problem}; for its {len(photos)} photos, write one that lists them without a camera "
+        f'({{"version": 1, "captures": [{listed}]}}) and the loop estimates their cameras (SfM)'
+    )
 
 
 def scene_to_json(scene: Scene, root: Path | None = None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,8 @@ class Setting:
         range: (min, max), inclusive, for "int" and "float"; None for the others.
         choices: for "enum", the values accepted; with ``open_choices`` they are only the values offered
             until the service lists its own (generator names come from the service's registry).
-        open_choices: "enum" only: any non-empty string is accepted here and the service checks it.
+        open_choices: "enum" only: any non-empty string is accepted here, and the backend checks it against
+            its registry (``check_settings``'s ``names``).
         section: where the sidebar shows it (SECTIONS), or None for not at all.
     """
 
@@ -78,8 +79,12 @@ class Setting:
             raise ValueError(f"Setting {self.name}.section: must be one of {SECTIONS} or None; got {self.section!r}")
         self.check(self.default, path=f"Setting {self.name}.default")
 
-    def check(self, value: Any, path: str | None = None) -> Any:
-        """Return ``value`` if it obeys this row (ints accepted for floats, as float); else SettingError."""
+    def check(self, value: Any, path: str | None = None, names: Collection[str] | None = None) -> Any:
+        """Return ``value`` if it obeys this row (ints accepted for floats, as float); else SettingError.
+
+        ``names``: for an ``open_choices`` row, the values this side has (the backend's registry); None:
+        any non-empty name.
+        """
         path = path or f"settings.{self.name}"
         kind = self.kind
         if kind == "bool":
@@ -103,11 +108,11 @@ class Setting:
         if len(value) > MAX_STR_CHARS:
             raise SettingError(f"{path}: at most {MAX_STR_CHARS} characters; got {len(value)}")
         if kind == "enum":
-            if self.open_choices:
-                if not value:
-                    raise SettingError(f"{path}: must be a non-empty name; got ''")
-            elif value not in self.choices:
-                raise SettingError(f"{path}: must be one of {', '.join(self.choices)}; got {value!r}")
+            if self.open_choices and not value:
+                raise SettingError(f"{path}: must be a non-empty name; got ''")
+            choices = names if self.open_choices else self.choices
+            if choices is not None and value not in choices:
+                raise SettingError(f"{path}: must be one of {', '.join(choices)}; got {value!r}")
         return value
 
 
@@ -118,9 +123,10 @@ SETTINGS: tuple[Setting, ...] = (
         "enum",
         "reproject",
         "Generator",
-        "How new views are made: 'reproject' warps the captures (fast, CPU); 'anyrecon' is the video "
-        "diffusion model (GPU). The service lists the generators it has",
-        choices=("reproject", "anyrecon"),
+        "How new views are made: 'reproject' warps the captures (fast, CPU); 'refine' corrects reproject's "
+        "frames with a small network trained on the job's captures (no weights; Refiner time); 'anyrecon' "
+        "is the video diffusion model (GPU). The service lists the generators it has",
+        choices=("reproject", "refine", "anyrecon"),
         open_choices=True,
     ),
     Setting(
@@ -277,8 +283,14 @@ def in_section(section: str) -> tuple[Setting, ...]:
     return tuple(s for s in SETTINGS if s.section == section)
 
 
-def check_settings(d: Any, path: str = "settings") -> dict[str, Any]:
-    """Check a settings map (wire or scene.json); returns the given values, checked. Raises SettingError."""
+def check_settings(
+    d: Any, path: str = "settings", names: Mapping[str, Collection[str]] | None = None
+) -> dict[str, Any]:
+    """Check a settings map (wire or scene.json); returns the given values, checked. Raises SettingError.
+
+    ``names``: per ``open_choices`` row, the values this side has (the backend passes its generator
+    registry's names); a row missing here takes any non-empty name.
+    """
     if d is None:
         return {}
     if not isinstance(d, Mapping):
@@ -288,5 +300,5 @@ def check_settings(d: Any, path: str = "settings") -> dict[str, Any]:
         row = BY_NAME.get(key)
         if row is None:
             raise SettingError(f"{path}.{key}: unknown setting; known: {', '.join(sorted(NAMES))}")
-        out[key] = row.check(value, f"{path}.{key}")
+        out[key] = row.check(value, f"{path}.{key}", (names or {}).get(key))
     return out

@@ -34,11 +34,41 @@ TEMP_REPO = "reconloop_headless"  # a throw-away repository when run inside a Bl
 DEFAULT_TIMEOUT_S = 3600.0
 
 
+def existing_file(text: str) -> Path:
+    """argparse type: a file that exists (``--blend``), so a wrong path is one line, not Blender's traceback."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return path
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """argparse type: ``WxH`` (``320x240``) as (width, height)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"must be WIDTHxHEIGHT in pixels, e.g. 320x240; got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def frame_range(text: str) -> tuple[int, int, int]:
+    """argparse type: ``START:END[:STEP]`` (step 1 when left out; at least 1)."""
+    parts = text.split(":")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (2, 3) or (len(numbers) == 3 and numbers[2] < 1):
+        raise argparse.ArgumentTypeError(f"must be START:END[:STEP] in frames, STEP at least 1; got {text!r}")
+    return numbers[0], numbers[1], numbers[2] if len(numbers) == 3 else 1
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="reconstruct_headless.py", description="Reconstruct a .blend with ReconLoop and save the result."
     )
-    ap.add_argument("--blend", type=Path, default=None, help="the .blend to open (bpy wheel; Blender opens its own)")
+    ap.add_argument(
+        "--blend", type=existing_file, default=None, help="the .blend to open (bpy wheel; Blender opens its own)"
+    )
     ap.add_argument(
         "--server", default="", help="service address, e.g. tcp://127.0.0.1:5555 (default: the preferences)"
     )
@@ -52,9 +82,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--captures", default="", help="name of the collection of capture cameras")
     ap.add_argument("--photos", type=Path, default=None, help="a folder of photos without cameras instead")
     ap.add_argument("--trajectory", default="", help="name of the animated trajectory camera")
-    ap.add_argument("--frames", default="", help="START:END[:STEP] (default: the scene's frame range)")
-    ap.add_argument("--generator", default="", help="generator name (e.g. reproject, anyrecon)")
-    ap.add_argument("--size", default="", help="working resolution WxH, e.g. 320x240")
+    ap.add_argument(
+        "--frames", type=frame_range, default=None, help="START:END[:STEP] (default: the scene's frame range)"
+    )
+    ap.add_argument("--generator", default="", help="generator name (e.g. reproject, refine, anyrecon)")
+    ap.add_argument("--size", type=image_size, default=None, help="working resolution WxH, e.g. 320x240")
     ap.add_argument("--gaussian-iterations", type=int, default=None)
     ap.add_argument("--segment-length", type=int, default=None)
     ap.add_argument("--retrieval-k", type=int, default=None)
@@ -135,20 +167,32 @@ def configure(args: argparse.Namespace) -> None:
         if obj is None or obj.type != "CAMERA":
             raise SystemExit(f"no camera named {args.trajectory!r}")
         st.trajectory_camera = obj
-    if args.frames:
-        parts = [int(x) for x in args.frames.split(":")]
+    if args.frames is not None:
         st.use_scene_range = False
-        st.frame_start, st.frame_end = parts[0], parts[1]
-        st.frame_step = parts[2] if len(parts) > 2 else 1
+        st.frame_start, st.frame_end, st.frame_step = args.frames
     if args.generator:
-        st.generator = args.generator
-    if args.size:
-        w, h = (int(x) for x in args.size.lower().split("x"))
-        st.width, st.height = w, h
+        set_setting(st, "generator", args.generator, "--generator")
+    if args.size is not None:
+        set_setting(st, "width", args.size[0], "--size")
+        set_setting(st, "height", args.size[1], "--size")
     for name in ("gaussian_iterations", "segment_length", "retrieval_k"):
         value = getattr(args, name)
         if value is not None:
-            setattr(st, name, value)
+            set_setting(st, name, value, f"--{name.replace('_', '-')}")
+
+
+def set_setting(st, name: str, value: object, flag: str) -> None:
+    """Set one job setting of the sidebar from ``flag``; SystemExit with one line where the add-on would not
+    take the value (Blender clamps an int out of range silently and raises TypeError for an enum value)."""
+    from protocol.settings import BY_NAME
+
+    prop = st.bl_rna.properties[name]
+    if prop.type == "INT" and not prop.hard_min <= value <= prop.hard_max:
+        raise SystemExit(f"{flag}: {name} must be in [{prop.hard_min}, {prop.hard_max}]; got {value}")
+    try:
+        setattr(st, name, value)
+    except TypeError:  # before it asks a service, the add-on offers the table's choices (protocol/settings.py)
+        raise SystemExit(f"{flag} {value!r}: not offered; choose one of {', '.join(BY_NAME[name].choices)}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     import bpy
 
     if args.blend is not None:
-        bpy.ops.wm.open_mainfile(filepath=str(args.blend.resolve()))
+        try:
+            bpy.ops.wm.open_mainfile(filepath=str(args.blend.resolve()))
+        except RuntimeError as err:  # a file Blender cannot read ("Error: File format is not supported ...")
+            raise SystemExit(f"--blend {args.blend}: {str(err).strip().removeprefix('Error: ')}") from None
     module = ensure_addon(args.extension)
     set_keys(module, args.server_key, args.client_key)
     configure(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,28 @@ def edit(data: dict, dotted: str, value) -> dict:
         ("captures.1.name", "img0", r"^captures: names must be unique; 'img0' appears twice"),
         ("heldout.0.camera", None, r"^heldout\[0\]\.camera: missing"),
         ("captures.0.camera.focal", 3, r"^captures\[0\]\.camera\.focal: unknown field"),
+        # a typo'd key inside an entry is refused like one at the top, never silently dropped
+        (
+            "captures.0.camrea",
+            {},
+            r"^captures\[0\]\.camrea: unknown field; known: name, image, mask, camera$",
+        ),
+        ("captures.2.maks", "../photos/img0.png", r"^captures\[2\]\.maks: unknown field; known: "),
+        ("captures.1.distortion", {"model": "NONE"}, r"^captures\[1\]\.distortion: unknown field"),
+        ("heldout.0.imgae", "x.png", r"^heldout\[0\]\.imgae: unknown field; known: name, image, mask, camera$"),
+        ("trajectory.1.camrea", {}, r"^trajectory\[1\]\.camrea: unknown field; known: frame, camera$"),
+        (
+            "captures.1.camera.distortion.parms",
+            [0.1],
+            r"^captures\[1\]\.camera\.distortion\.parms: unknown field; known: model, params$",
+        ),
+        ("setings", {}, r"^setings: unknown field; known: version, captures, trajectory, heldout, settings$"),
+        # the generator is checked against the backend's registry when the scene loads, named like any setting
+        (
+            "settings.generator",
+            "anyrecn",
+            r"^settings\.generator: must be one of anyrecon, refine, reproject; got 'anyrecn'$",
+        ),
         ("captures", [], r"^captures: must be a non-empty list"),
     ],
 )
@@ -191,6 +214,87 @@ def test_unreadable_files(tmp_path):
     (tmp_path / SCENE_FILE).write_text('{"captures": []}')
     with pytest.raises(SceneError, match="^version: scene format version must be 1; got None"):
         load_scene(tmp_path)
+
+
+def test_a_missing_scene_folder_is_named(tmp_path, monkeypatch):
+    """The folder asked for, not its parent: a typo'd ``scnee/`` is said to be missing."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SceneError, match=r"^scnee: no such folder$"):
+        load_scene("scnee/")
+    with pytest.raises(SceneError, match=rf"^{tmp_path / 'nope' / SCENE_FILE}: no such file$"):
+        load_scene(tmp_path / "nope" / SCENE_FILE)
+
+
+def test_a_dataset_folder_without_scene_json_names_its_import(temple_dir):
+    with pytest.raises(SceneError) as err:
+        load_scene(temple_dir)
+    assert str(err.value) == (
+        f"scene.json: not found in {temple_dir}; it holds a dataset in the middlebury format: make a scene of it "
+        f"with reconloop import middlebury {temple_dir} DST"
+    )
+
+
+def test_a_photo_folder_without_scene_json_says_how_to_list_the_photos(tmp_path):
+    """The scene.json the message shows loads: its photos without cameras, which the loop estimates."""
+    for name in ("b.jpg", "a.png"):
+        Image.new("RGB", (WIDTH, HEIGHT)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not a photo")
+    with pytest.raises(
+        SceneError, match=r"^scene\.json: not found in .*; for its 2 photos, .*estimates their cameras"
+    ) as err:
+        load_scene(tmp_path)
+    shown = str(err.value)
+    write_json(tmp_path, json.JSONDecoder().raw_decode(shown, shown.index("{"))[0])
+    scene = load_scene(tmp_path)
+    assert [c.name for c in scene.captures] == ["a", "b"] and not any(c.camera for c in scene.captures)
+
+
+def test_every_generator_the_table_offers_is_registered():
+    """The sidebar and the headless script choose from the generator row's choices before a service lists
+    its own: each is a registered generator, and both weight-free ones (reproject, refine) are there."""
+    from backend.generators import GENERATORS
+    from protocol.settings import BY_NAME
+
+    offered = BY_NAME["generator"].choices
+    assert set(offered) <= set(GENERATORS.names()) and {"reproject", "refine"} <= set(offered)
+    assert offered[0] == BY_NAME["generator"].default  # the sidebar's first item
+    assert Settings.from_json({"generator": "refine"}).generator == "refine"
+
+
+def test_without_the_generators_any_generator_name_loads(monkeypatch):
+    """The Blender extension bundles the scene readers but not backend.generators: a scene still loads there,
+    and the service that takes the job checks the name."""
+    monkeypatch.setitem(sys.modules, "backend.generators", None)
+    assert Settings.from_json({"generator": "anyrecn"}).generator == "anyrecn"
+
+
+def test_the_service_refuses_a_submit_with_an_unknown_generator(tmp_path):
+    """The generator typo is refused when the job is submitted (the service loads the scene then), with the
+    field named; no job is made."""
+    import zmq
+
+    from protocol import errors
+    from protocol.codec import decode, pack
+    from tests.protocol.helpers import running_service, scene_msg
+
+    msg = {"v": 1, "op": "submit", "id": 1, "scene": scene_msg()}
+    msg["scene"]["settings"]["generator"] = "anyrecn"
+    with running_service(tmp_path / "jobs") as svc:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(svc.endpoint)
+        try:
+            sock.send_multipart(list(pack(msg)))
+            assert sock.poll(5000), "no reply"
+            reply = decode(sock.recv_multipart(), "reply")
+        finally:
+            sock.close()
+        assert svc.store.jobs == {}
+    assert reply["ok"] is False and reply["error"]["code"] == errors.BAD_FIELD
+    assert reply["error"]["field"] == "scene.settings.generator"
+    assert reply["error"]["message"].endswith(
+        "scene.settings.generator: must be one of anyrecon, refine, reproject; got 'anyrecn'"
+    )
 
 
 def test_real_scene_loads(temple_dir, tmp_path):

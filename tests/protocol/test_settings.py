@@ -44,3 +44,20 @@ def test_float_and_closed_enum_rows():
     with pytest.raises(SettingError, match=r"Setting bad\.default: must be in"):
         Setting("bad", "int", 99, "Bad", "out of range", range=(0, 1))
     assert check_settings(None) == {} and defaults()["width"] == 320
+
+
+def test_open_choices_are_checked_against_the_names_given():
+    """An open row takes any non-empty name until the backend gives its registry's names; then a typo is
+    refused like a closed row's, naming the field."""
+    assert check_settings({"generator": "anyrecn"}) == {"generator": "anyrecn"}
+    names = {"generator": ["anyrecon", "refine", "reproject"]}
+    assert check_settings({"generator": "refine"}, names=names) == {"generator": "refine"}
+    with pytest.raises(
+        SettingError, match=r"^settings\.generator: must be one of anyrecon, refine, reproject; got 'anyrecn'$"
+    ):
+        check_settings({"generator": "anyrecn"}, names=names)
+    with pytest.raises(SettingError, match=r"^settings\.generator: must be a non-empty name"):
+        check_settings({"generator": ""}, names=names)
+    # names for a closed row change nothing: its own choices rule
+    with pytest.raises(SettingError, match=r"^settings\.geometry: must be one of mvs, patchmatch, hull"):
+        check_settings({"geometry": "stereo"}, names={"geometry": ["stereo"]})

@@ -13,6 +13,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -548,8 +549,24 @@ def test_torn_journal_line_keeps_its_seq_and_the_next_event_starts_a_new_line(tm
     )
 
 
+def _port_bindable(port: int, within_s: float) -> bool:
+    """Whether a plain socket can bind ``port`` on loopback within ``within_s`` seconds. ZeroMQ closes a
+    listening socket in its I/O thread, so a closed ROUTER gives its port back a moment later, not at once."""
+    deadline = time.monotonic() + within_s
+    while True:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return True
+            except OSError:
+                if time.monotonic() > deadline:
+                    return False
+        time.sleep(0.02)
+
+
 def test_failed_start_up_releases_the_store_lock_and_the_port(tmp_path, monkeypatch, record_property):
-    bind = f"tcp://127.0.0.1:{free_port()}"
+    port = free_port()
+    bind = f"tcp://127.0.0.1:{port}"
 
     def broken(self):
         raise RuntimeError("the worker pool cannot start")
@@ -558,6 +575,7 @@ def test_failed_start_up_releases_the_store_lock_and_the_port(tmp_path, monkeypa
         m.setattr(worker_module.ThreadPool, "start", broken)
         with pytest.raises(RuntimeError, match="the worker pool cannot start"):
             start_service(tmp_path / "jobs", bind=bind)
+    assert _port_bindable(port, within_s=5.0), "the failed start-up kept its port"
     svc, thread = start_service(tmp_path / "jobs", bind=bind)  # same store, same port, same process
     try:
         with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:

@@ -148,6 +148,12 @@ def plain_error(err: BaseException, endpoint: str = "") -> str:
         hint = f" Start it with `{start_hint(endpoint)}`." if endpoint else ""
         return f"the ReconLoop service{where} does not answer: is it running?{hint} ({err})"
     if isinstance(err, ProtocolError):
+        if err.code == "unsupported_version":  # protocol.errors.UNSUPPORTED_VERSION
+            where = f" at {endpoint}" if endpoint else ""
+            return (
+                f"the ReconLoop service{where} speaks another protocol version than this add-on "
+                f"({err.message}): update the older of the two so that both speak the same version"
+            )
         return f"the service refused the request: {err}"
     return f"{type(err).__name__}: {err}"
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import errors, limits
 from .errors import ProtocolError
-from .schemas import check_version, validate
+from .schemas import check_version, reads_in_every_version, validate
 
 ARRAY_KEY = "__array__"
 REF_KEYS = frozenset({ARRAY_KEY, "dtype", "shape"})
@@ -188,7 +188,7 @@ def decode(frames: Sequence[Buffer], kind: str) -> dict[str, Any]:
     header: dict[str, Any] | None = None
     try:
         header = read_header(frames)
-        if kind == "reply" or header.get("op") != "hello":
+        if not reads_in_every_version(header, kind):
             check_version(header)
         used = [False] * (len(frames) - 1)
         msg = _in_refs(header, frames, used, 0)

@@ -590,6 +590,15 @@ def check_version(msg: dict) -> int:
     return v
 
 
+def reads_in_every_version(msg: dict, kind: str) -> bool:
+    """Whether ``msg`` is read whatever its ``v``: a ``hello`` request or reply (how versions are agreed,
+    protocol.version) and an error reply (how a client learns that the service speaks another version:
+    ``hello: no common version; client speaks [1], server speaks [2]``)."""
+    if msg.get("op") == "hello":
+        return True
+    return kind == "reply" and msg.get("ok") is False
+
+
 def validate(msg: dict, kind: str) -> dict:
     """Check a decoded header against the tables; return it (optional fields may stay absent).
 
@@ -600,18 +609,15 @@ def validate(msg: dict, kind: str) -> dict:
         ProtocolError: ``unsupported_version`` first, then ``unknown_op``, ``bad_field``, ``too_large``.
     """
     op = msg.get("op")
+    if kind not in ("request", "reply"):
+        raise ValueError(f"kind must be 'request' or 'reply'; got {kind!r}")
+    if not reads_in_every_version(msg, kind):
+        check_version(msg)
     if kind == "request":
-        if not (
-            isinstance(op, str) and op == "hello"
-        ):  # hello's fields mean the same in every version: it is how versions are agreed
-            check_version(msg)
         if not isinstance(op, str) or op not in OPS:  # a map or list as op is unhashable: check the type first
             raise ProtocolError(errors.UNKNOWN_OP, f"op must be one of {', '.join(OPS)}; got {_got(op)}", field="op")
         _Checker(op).struct(msg, ENVELOPE_REQUEST + OPS[op].request, "")
         return msg
-    if kind != "reply":
-        raise ValueError(f"kind must be 'request' or 'reply'; got {kind!r}")
-    check_version(msg)
     if op is not None and not isinstance(op, str):  # an array or map as op: compare nothing with it
         raise ProtocolError(errors.UNKNOWN_OP, f"op must be a string; got {_got(op)}", field="op")
     if op == "event":

@@ -554,6 +554,35 @@ def test_driver_runs_a_job_in_steps_that_never_wait(tmp_path, monkeypatch, loopb
     assert slow.progress.state == "cancelled"
 
 
+def test_a_service_of_another_version_is_named_with_both_versions(loopback_router):
+    """A service that speaks protocol 2 refuses the add-on's hello in its own version: the add-on reads that
+    refusal (it used to refuse the reply's v itself and blame the service) and says what to update."""
+    import msgpack
+    import zmq
+
+    from blender_addon import connection
+    from protocol.client import Client
+    from protocol.errors import ProtocolError
+
+    from .protocol.helpers import ScriptedService
+
+    svc = ScriptedService(loopback_router)
+    endpoint = loopback_router.getsockopt_string(zmq.LAST_ENDPOINT)
+    with Client(endpoint, timeout_ms=3000, retries=0) as client:
+        pending = client.begin_hello()
+        hello = svc.request()
+        assert hello["versions"] == [1]
+        message = f"hello: no common version; client speaks {hello['versions']}, server speaks [2]"
+        error = {"code": "unsupported_version", "message": message}
+        reply = {"v": 2, "op": "hello", "id": hello["id"], "ok": False, "error": error}
+        svc.router.send_multipart([svc.ident, msgpack.packb(reply)])
+        with pytest.raises(ProtocolError) as err:
+            pending.wait()
+    assert err.value.message == message
+    text = connection.plain_error(err.value, endpoint)
+    assert "server speaks [2]" in text and "another protocol version" in text and endpoint in text
+
+
 def test_stopping_a_service_does_not_wait_for_it(silent_endpoint, tmp_path):
     import shlex
 

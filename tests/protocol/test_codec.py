@@ -211,10 +211,21 @@ def test_error_carries_id_and_op_when_readable():
 def test_hello_is_read_in_any_version():
     msg = decode([msgpack.packb({"v": 7, "op": "hello", "id": 1, "versions": [7, 1]})], "request")
     assert msg["versions"] == [7, 1]
+    # a service of version 7 saying so: its hello and error replies are read whatever their v
+    refusal = {
+        "code": errors.UNSUPPORTED_VERSION,
+        "message": "hello: no common version; client speaks [1], server speaks [7]",
+    }
+    reply = decode([msgpack.packb({"v": 7, "op": "hello", "id": 1, "ok": False, "error": refusal})], "reply")
+    assert reply["error"]["message"].endswith("server speaks [7]")
     assert (
-        code_of([msgpack.packb({"v": 7, "op": "hello", "id": 1, "versions": [7]})], "reply")
-        == errors.UNSUPPORTED_VERSION
+        decode([msgpack.packb({"v": 7, "op": "jobs", "id": 2, "ok": False, "error": refusal})], "reply")["ok"] is False
     )
+    # any other reply of a version this code does not speak is refused
+    assert code_of([msgpack.packb({"v": 7, "op": "jobs", "id": 2, "ok": True, "jobs": []})], "reply") == (
+        errors.UNSUPPORTED_VERSION
+    )
+    assert code_of([msgpack.packb({"v": 7, "op": "event", "ok": True})], "reply") == errors.UNSUPPORTED_VERSION
 
 
 def test_images_checked_by_header():

@@ -91,6 +91,15 @@ def job_collection(scene: bpy.types.Scene, key: str, job_id: str) -> bpy.types.C
     return coll
 
 
+def existing_job_collection(scene: bpy.types.Scene, job_id: str) -> bpy.types.Collection | None:
+    """The collection already holding ``job_id``'s results, whatever its key (linked into ``scene`` if it
+    was not), or None. A job imported again goes there instead of into a second, overlapping copy."""
+    coll = next((c for c in bpy.data.collections if c.get(COLLECTION_JOB) == job_id), None)
+    if coll is not None and coll.name not in scene.collection.children and coll not in _all_children(scene.collection):
+        scene.collection.children.link(coll)
+    return coll
+
+
 def _all_children(root: bpy.types.Collection) -> list:
     out = []
     for c in root.children:

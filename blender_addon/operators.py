@@ -8,6 +8,7 @@ the job (no thread touches bpy or the socket); in background mode the operator d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -33,9 +34,16 @@ def _safe_name(text: str) -> str:
 
 def _server_property():
     """The ``server`` option of the operators that talk to the service (Reconstruct, Test connection,
-    Refresh jobs): an address that overrides the preferences, for scripts and tests."""
+    Refresh jobs, Import job): an address that overrides the preferences, for scripts and tests."""
     return bpy.props.StringProperty(
         name="Server", description="Service address; overrides the preferences (e.g. tcp://127.0.0.1:5555)", default=""
+    )
+
+
+def _output_dir_property():
+    """The ``output_dir`` option of the operators that download results (Reconstruct, Import job)."""
+    return bpy.props.StringProperty(
+        name="Results folder", description="Overrides the preferences", default="", subtype="DIR_PATH"
     )
 
 
@@ -57,6 +65,7 @@ class ResultImporter:
         trajectory_camera: name of the camera whose background shows the generated frames ("" none).
         frame_range: (start, end) of the trajectory in Blender frames.
         photos: {capture name: photo file} for estimated cameras' backgrounds.
+        reimport: a past job downloaded again (Import job), not a job this file submitted.
     """
 
     def __init__(
@@ -66,6 +75,8 @@ class ResultImporter:
         trajectory_camera: str,
         frame_range: tuple[int, int],
         photos: dict[str, str] | None = None,
+        *,
+        reimport: bool = False,
     ) -> None:
         self.scene_name = scene_name
         self.key = key
@@ -78,6 +89,8 @@ class ResultImporter:
         self._job_dir = ""
         self.objects: dict[str, str] = {}  # kind -> object name
         self.unregistered = ""  # photo-folder mode: the photos that got no camera, in one line
+        self.reimport = reimport
+        self.imported = False  # whether anything reached the scene (an undo step is pushed after the job)
 
     @property
     def scene(self) -> bpy.types.Scene:
@@ -87,15 +100,13 @@ class ResultImporter:
         return scene
 
     def collection(self) -> bpy.types.Collection:
-        coll = next(
-            (
-                c
-                for c in bpy.data.collections
-                if c.get(importers.COLLECTION_KEY) == self.key and c.get(importers.COLLECTION_JOB) == self.job
-            ),
-            None,
-        )
-        if coll is None:
+        """The job's collection: the one already holding this job's results, whatever its key (a past
+        job imported again, also after reopening the file, refreshes them there), else a new one (or
+        the one of an earlier run with the same key, emptied)."""
+        coll = importers.existing_job_collection(self.scene, self.job) if self.job else None
+        if coll is not None:
+            self.key = coll.get(importers.COLLECTION_KEY, self.key)  # object names follow the collection's
+        else:
             coll = importers.job_collection(self.scene, self.key, self.job)
         return coll
 
@@ -106,11 +117,13 @@ class ResultImporter:
             importers.remove_kind(coll, kind)
             obj = importers.import_points_ply(path, f"{self.key} points", coll)
             self.objects[kind] = obj.name
+            self.imported = True
         elif kind == scene_io.KIND_GAUSSIANS:
             coll = self.collection()
             importers.remove_kind(coll, kind)
             obj = importers.import_gaussians_ply(path, f"{self.key} gaussians", coll)
             self.objects[kind] = obj.name
+            self.imported = True
             importers.prepare_render_for_gaussians(self.scene)
         elif kind == scene_io.KIND_FRAME:
             self.frames[scene_io.frame_number(name)] = path
@@ -122,6 +135,7 @@ class ResultImporter:
             if cams:
                 importers.remove_kind(coll, kind)
                 importers.import_estimated_cameras(cams, self.photos, coll, self.scene)
+                self.imported = True
             if self.photos:  # photo-folder mode: say which photos SfM could not place
                 missing = scene_io.unregistered_photos(self.photos, cams)
                 self.unregistered = scene_io.unregistered_note(missing, len(self.photos))
@@ -130,7 +144,9 @@ class ResultImporter:
                 with open(path, "rb") as f:
                     path_cams = scene_io.parse_trajectory_json(f.read(), name)
                 if path_cams:
+                    importers.remove_kind(coll, importers.KIND_TRAJECTORY)  # a re-import: one path camera
                     obj = importers.import_trajectory_camera(path_cams, f"{self.key} path", coll, self.scene)
+                    self.imported = True
                     self.trajectory_camera = obj.name
                     self.frame_range = (path_cams[0][0], path_cams[-1][0])
                     self._frames_dirty = bool(self.frames)
@@ -148,6 +164,7 @@ class ResultImporter:
         first_file = importers.write_frame_sequence(self.frames, folder, start, end)
         first = min(self.frames)
         importers.set_background_sequence(cam, first_file, first, max(end, max(self.frames)) - first + 1)
+        self.imported = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,11 +204,31 @@ def popup_error(message: str) -> None:
         wm.popup_menu(draw, title=POPUP_TITLE, icon="ERROR")
 
 
+UNDO_MESSAGE = "ReconLoop results"
+
+
+def push_undo(message: str = UNDO_MESSAGE) -> bool:
+    """Make what the add-on just put in the scene one undo step of its own (whether a step was pushed).
+
+    Results arrive on a timer, after the operator has returned, so Blender pushes no step for them:
+    without this, Ctrl-Z would take them away together with the user's edit before, and Redo would
+    bring back only that edit. A timer has no window in its context: one is given, as the UI needs.
+    """
+    wm = bpy.context.window_manager
+    with bpy.context.temp_override(window=wm.windows[0]) if wm.windows else contextlib.nullcontext():
+        if not bpy.ops.ed.undo_push.poll():  # no undo stack (e.g. undo steps set to 0)
+            return False
+        bpy.ops.ed.undo_push(message=message)
+    return True
+
+
 def _finish(driver: connection.JobDriver, importer: ResultImporter) -> str | None:
     """After the last step: the error message of a failed job, or None."""
     rt = _runtime()
     rt.is_running = False
     importer.flush()
+    if importer.imported:
+        push_undo()
     connection.SESSION.driver = None
     connection.SESSION.handlers.pop("importer", None)
     if driver.progress.state in ("failed", "interrupted"):
@@ -218,6 +255,8 @@ def _tick():
         rt.last_error = message
         s.driver = None
         print(f"ReconLoop: {message}")
+        if importer.imported:  # what arrived stays: an undo step of its own
+            push_undo()
         popup_error(message)
         _redraw()
         return None
@@ -259,13 +298,16 @@ def _start_job(context, driver: connection.JobDriver, importer: ResultImporter, 
 
 
 def _driver_hooks(driver: connection.JobDriver, importer: ResultImporter) -> None:
-    printed = {"line": ""}
+    printed = {"line": "", "hello": False}
 
     def on_progress(p):
         if driver.job and not importer.job:
             importer.job = driver.job
         if driver.job:
             _runtime().job = driver.job
+        if driver.hello is not None and not printed["hello"]:  # the job's service, as Test connection shows it
+            printed["hello"] = True
+            _show_hello(_runtime(), driver.hello)
         _show_progress(p)
         if bpy.app.background:  # headless: a line per stage and per tenth of the way
             line = f"ReconLoop: {p.stage or p.state} {int(p.fraction * PROGRESS_LINES) * 100 // PROGRESS_LINES}%"
@@ -308,6 +350,7 @@ def prepare_job(context, *, server: str = "", output_dir: str = "") -> tuple[con
     cam = st.trajectory_camera
     if cam is not None:
         trajectory = sample_trajectory(cam, scene, start, end, step)
+        scene_io.check_trajectory_moves(trajectory, cam.name)
     payload = scene_io.build_scene_payload(captures, trajectory, st.job_settings())
     cfg = preferences.connection_config(context, server=server)
     client, service = connection.connect(cfg)
@@ -336,9 +379,7 @@ class RECONLOOP_OT_reconstruct(bpy.types.Operator):
     bl_options = {"REGISTER"}
 
     server: _server_property()
-    output_dir: bpy.props.StringProperty(
-        name="Results folder", description="Overrides the preferences", default="", subtype="DIR_PATH"
-    )
+    output_dir: _output_dir_property()
     timeout_s: bpy.props.FloatProperty(
         name="Timeout (s)", description="Background mode: cancel after this long", default=DEFAULT_TIMEOUT_S, min=1.0
     )
@@ -515,10 +556,22 @@ class RECONLOOP_OT_stop_service(bpy.types.Operator):
     bl_label = "Stop service"
 
     def execute(self, context):
+        s = connection.SESSION
+        # A running job is left on the service, never cancelled: a remote one goes on and is imported from
+        # Past jobs; a local one ends with the service (its process is stopped). Either way the user is told.
+        local = s.service is not None
+        why = "Stop service stopped the local service" if local else "Stop service closed the connection"
+        importer = s.handlers.get("importer")
+        note = abandoned_job_note(s.driver, importer, why, service_stopped=local)
+        if s.driver is not None and importer is not None and importer.imported:
+            push_undo()  # what arrived stays: an undo step of its own
         stop_timers()
         connection.close()  # asks (or terminates) and returns; the process's exit is awaited off this thread
         rt = context.window_manager.reconloop
         rt.hello_summary, rt.jobs_note, rt.is_running = "", "", False
+        if note:
+            rt.last_error = note
+            self.report({"WARNING"}, note)
         return {"FINISHED"}
 
 
@@ -558,7 +611,11 @@ class RECONLOOP_OT_import_job(bpy.types.Operator):
     bl_label = "Import job"
 
     job: bpy.props.StringProperty(name="Job")
-    timeout_s: bpy.props.FloatProperty(name="Timeout (s)", default=DEFAULT_TIMEOUT_S, min=1.0)
+    server: _server_property()
+    output_dir: _output_dir_property()
+    timeout_s: bpy.props.FloatProperty(
+        name="Timeout (s)", description="Background mode: give up after this long", default=DEFAULT_TIMEOUT_S, min=1.0
+    )
 
     @classmethod
     def poll(cls, context):
@@ -573,15 +630,15 @@ class RECONLOOP_OT_import_job(bpy.types.Operator):
             state = next((j.state for j in rt.jobs if j.job == job), "done")
             if state != "done":
                 raise ReconLoopError(f"job {job[:8]} is {state}: its results can be imported when it is done")
-            cfg = preferences.connection_config(context)
+            cfg = preferences.connection_config(context, server=self.server)
             client, service = connection.connect(cfg)
-            st = context.scene.reconloop
-            cam = st.trajectory_camera
-            start, end, _ = st.frame_range(context.scene)
             key = f"job {job[:8]}"
-            out_root = os.path.join(preferences.results_dir(context), "jobs")
+            out_root = os.path.join(preferences.results_dir(context, self.output_dir), "jobs")
             driver = connection.JobDriver(client, out_root, job=job, service=service)
-            importer = ResultImporter(context.scene.name, key, cam.name if cam is not None else "", (start, end))
+            # The job's own path, not the sidebar's Trajectory of today: its cameras.json makes a camera
+            # on the path the frames were generated from, and sets their frame range.
+            scene = context.scene
+            importer = ResultImporter(scene.name, key, "", (scene.frame_start, scene.frame_end), reimport=True)
             importer.job = job
             _driver_hooks(driver, importer)
             error = _start_job(context, driver, importer, self.timeout_s)
@@ -732,27 +789,70 @@ def stop_timers() -> None:
             bpy.app.timers.unregister(fn)
 
 
+def abandoned_job_note(driver, importer, why: str, *, service_stopped: bool = False) -> str:
+    """What the sidebar says about a job it stops following (Stop service, another file opened), or "".
+
+    Args:
+        why: what happened, as the sentence's start ("Stop service closed the connection").
+        service_stopped: the job's service itself was stopped (the local one), so the job ends with it.
+    """
+    if driver is None or not driver.submitted:
+        return ""  # nothing reached the service
+    job = driver.job[:8] if driver.job else ""
+    if getattr(importer, "reimport", False) or driver.progress.state == "done":
+        return f"{why} before the results of job {job} were all downloaded: import it again from Past jobs"
+    if service_stopped:
+        what = f"job {job} was interrupted" if job else "the job being sent was stopped"
+        return f"{why}: {what}; click Reconstruct to run it again"
+    if not job:
+        return (
+            f"{why} while the job was being sent: if the service got it, it goes on there; "
+            "Refresh jobs under Past jobs to find it and import it once it is done"
+        )
+    return f"{why}: job {job} goes on on the service; import it from Past jobs (Refresh jobs) once it is done"
+
+
+_CARRIED = {"note": ""}  # what load_pre said about an abandoned job, for the newly opened file's sidebar
+
+
 @bpy.app.handlers.persistent
 def _on_load_pre(*_args) -> None:
     """Another .blend is opening: stop importing into the old one (the job stays on the service,
-    listed under Past jobs for re-import)."""
+    listed under Past jobs for re-import); the sidebar of the new file says so (``_on_load_post``)."""
     s = connection.SESSION
-    if s.driver is not None:
-        print(f"ReconLoop: a file is loading; job {s.driver.job} goes on on the service (re-import it from Past jobs)")
+    note = abandoned_job_note(s.driver, s.handlers.get("importer"), "Another file was opened")
+    if note:
+        print(f"ReconLoop: {note}")
+    _CARRIED["note"] = note
     s.driver = None
     for key in ("importer", *SIDE_REQUESTS):
         s.handlers.pop(key, None)
     stop_timers()
 
 
+@bpy.app.handlers.persistent
+def _on_load_post(*_args) -> None:
+    """The file is open (with a fresh sidebar state): show what load_pre said about the job left behind."""
+    note, _CARRIED["note"] = _CARRIED["note"], ""
+    if note:
+        bpy.context.window_manager.reconloop.last_error = note
+
+
+_HANDLERS = (("load_pre", _on_load_pre), ("load_post", _on_load_post))
+
+
 def register_handlers() -> None:
-    if _on_load_pre not in bpy.app.handlers.load_pre:
-        bpy.app.handlers.load_pre.append(_on_load_pre)
+    for name, fn in _HANDLERS:
+        handlers = getattr(bpy.app.handlers, name)
+        if fn not in handlers:
+            handlers.append(fn)
 
 
 def unregister_handlers() -> None:
-    if _on_load_pre in bpy.app.handlers.load_pre:
-        bpy.app.handlers.load_pre.remove(_on_load_pre)
+    for name, fn in _HANDLERS:
+        handlers = getattr(bpy.app.handlers, name)
+        if fn in handlers:
+            handlers.remove(fn)
 
 
 CLASSES = (

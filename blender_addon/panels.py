@@ -90,10 +90,25 @@ class RECONLOOP_PT_trajectory(_Panel, bpy.types.Panel):
         col.prop(source, "frame_end", text="End")
         col.prop(source, "frame_step", text="Step")
         start, end, step = st.frame_range(context.scene)
-        if st.trajectory_camera is None:
+        cam = st.trajectory_camera
+        if cam is None:
             layout.label(text="No camera: the service invents a path", icon="INFO")
         else:
-            layout.label(text=f"{len(range(start, end + 1, step))} frames")
+            frames = len(range(start, end + 1, step))
+            layout.label(text=f"{frames} frames")
+            if frames > 1 and not may_move(cam):
+                layout.label(text="Camera is not animated: every frame would be the same view", icon="ERROR")
+
+
+def _animated(id_data) -> bool:
+    ad = id_data.animation_data
+    return ad is not None and (ad.action is not None or len(ad.drivers) > 0 or len(ad.nla_tracks) > 0)
+
+
+def may_move(obj) -> bool:
+    """Whether the camera can change over the frames: keyframes, drivers or NLA on it or its camera data,
+    a parent or constraints (cheap enough for draw(); Reconstruct samples the frames to be sure)."""
+    return _animated(obj) or _animated(obj.data) or obj.parent is not None or len(obj.constraints) > 0
 
 
 class RECONLOOP_PT_settings(_Panel, bpy.types.Panel):

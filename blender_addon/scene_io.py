@@ -164,6 +164,30 @@ def artifact_kind(name: str) -> str:
     return KIND_OTHER
 
 
+def check_trajectory_moves(samples: list[tuple[int, OpenCVCamera]], camera_name: str) -> None:
+    """Refuse a trajectory whose every sampled view is the same (a camera that is not animated).
+
+    One sample is a one-frame trajectory and is fine; two or more with equal pose, K and size would
+    make the service generate the same frame again and again.
+    """
+    if len(samples) < 2:
+        return
+    first = samples[0][1]
+    for _, cam in samples[1:]:
+        if (
+            (cam.width, cam.height) != (first.width, first.height)
+            or not np.array_equal(cam.w2c, first.w2c)
+            or not np.array_equal(cam.K, first.K)
+        ):
+            return
+    start, end = samples[0][0], samples[-1][0]
+    raise ReconLoopError(
+        f"Trajectory: the camera {camera_name!r} does not move over frames {start}-{end} (all {len(samples)} "
+        "views would be the same): animate it (keyframes on its location, rotation or lens), or clear "
+        "Trajectory to let the service choose a path"
+    )
+
+
 def frame_number(name: str) -> int:
     """The frame number at the end of a generated frame's file name (``frames/000012.png`` -> 12)."""
     m = _FRAME_NUMBER.search(name)

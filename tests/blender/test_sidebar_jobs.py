@@ -1,0 +1,396 @@
+"""A job's results in the scene as a user meets them: undo after they arrive, Import job of a past job
+(its own path, no second copy, from the server a script names), a trajectory camera that does not move,
+a job left running by Stop service or by opening another file, and the service shown after a job.
+
+A real service runs in this process on loopback with a small runner that writes what the loop writes
+(a point cloud, Gaussians, one frame per trajectory frame, cameras.json), in milliseconds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import bpy
+import numpy as np
+import pytest
+
+import blender_addon
+from blender_addon import connection, importers, operators, panels, preferences
+from protocol.ply import GaussianArrays, PointArrays, write_gaussians_ply, write_points_ply
+
+from ._layout import RecordingLayout
+from ._temple import COLLECTION, build_temple_scene
+
+HOLD = "hold"  # the prompt of a job that waits for RELEASE before its last files (a job still running)
+RELEASE = threading.Event()
+HOLD_S = 60.0
+JOB_TIMEOUT_S = 60.0
+
+
+def _png(seed: int) -> bytes:
+    from PIL import Image
+
+    rgb = np.random.default_rng(seed).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def results_runner(scene, out_dir: Path, *, device, progress):
+    """Writes and announces the files of a loop job: points, frames, Gaussians, cameras.json (the
+    trajectory sent, or the capture cameras as frames 1..n when none was sent: an invented path)."""
+    from backend.progress import ProgressEvent
+
+    rng = np.random.default_rng(0)
+    n = 50
+    write_points_ply(
+        out_dir / "points.ply",
+        PointArrays(
+            xyz=rng.normal(scale=0.05, size=(n, 3)).astype(np.float32),
+            rgb=rng.integers(0, 256, (n, 3), dtype=np.uint8),
+            confidence=rng.uniform(size=n).astype(np.float32),
+            source=np.zeros(n, np.int32),
+        ),
+    )
+    progress(ProgressEvent("memory", 0.2, "points", ("points.ply",)))
+    if scene.settings.prompt == HOLD:
+        deadline = time.monotonic() + HOLD_S
+        while not RELEASE.wait(0.05) and time.monotonic() < deadline:
+            progress(ProgressEvent("generate", 0.3, "holding"))
+    path = [(t.frame, t.camera) for t in scene.trajectory] or [(i + 1, c.camera) for i, c in enumerate(scene.captures)]
+    (out_dir / "frames").mkdir()
+    names = []
+    for frame, _ in path:
+        names.append(f"frames/frame_{frame:06d}.png")
+        (out_dir / names[-1]).write_bytes(_png(frame))
+    progress(ProgressEvent("generate", 0.6, "frames", tuple(names)))
+    write_gaussians_ply(
+        out_dir / "gaussians.ply",
+        GaussianArrays(
+            means=rng.normal(scale=0.05, size=(n, 3)).astype(np.float32),
+            log_scales=np.full((n, 3), -5.0, np.float32),
+            quats=np.tile(np.array([1, 0, 0, 0], np.float32), (n, 1)),
+            opacity_logits=np.zeros(n, np.float32),
+            sh=rng.normal(scale=0.3, size=(n, 16, 3)).astype(np.float32),
+        ),
+    )
+    doc = {
+        "captures": [
+            {"name": c.name, "image": c.image.name, "camera": c.camera.to_json(), "estimated": False}
+            for c in scene.captures
+        ],
+        "trajectory": [{"frame": f, "camera": cam.to_json()} for f, cam in path],
+    }
+    (out_dir / "cameras.json").write_text(json.dumps(doc))
+    progress(ProgressEvent("fit", 0.9, "gaussians", ("gaussians.ply", "cameras.json")))
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory):
+    from backend.service import Service, ServiceConfig
+
+    svc = Service(
+        ServiceConfig(bind="tcp://127.0.0.1:*", data_dir=tmp_path_factory.mktemp("jobs"), device="cpu"),
+        runner=results_runner,
+    )
+    thread = svc.start_thread()
+    yield svc.endpoint
+    RELEASE.set()
+    svc.stop()
+    thread.join(20)
+
+
+@pytest.fixture
+def registered():
+    blender_addon.register()
+    RELEASE.clear()
+    yield
+    RELEASE.set()
+    operators.stop_timers()
+    connection.close()
+    blender_addon.unregister()
+
+
+@pytest.fixture
+def ui(monkeypatch):
+    """The UI's path: operators return at once and the timer callbacks (called here) drive the job."""
+    monkeypatch.setattr(operators, "_background", lambda: False)
+
+
+def _tick_until(done, timeout_s: float = JOB_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if operators._tick() is None:
+            return
+        assert time.monotonic() < deadline, bpy.context.window_manager.reconloop.message
+        time.sleep(0.01)
+
+
+def _draw(panel_cls) -> RecordingLayout:
+    layout = RecordingLayout()
+    panel_cls.draw(SimpleNamespace(layout=layout), bpy.context)
+    return layout
+
+
+def _labels(panel_cls) -> list[str]:
+    return [e[1] for e in _draw(panel_cls).log if e[0] == "label"]
+
+
+def _names() -> list[str]:
+    return sorted(o.name for o in bpy.data.objects)
+
+
+def _results() -> list[str]:
+    return [n for n in _names() if n.startswith(COLLECTION)]
+
+
+def _job_collections(job: str) -> list[bpy.types.Collection]:
+    return [c for c in bpy.data.collections if c.get(importers.COLLECTION_JOB) == job]
+
+
+def _frame_backgrounds(obj) -> list[tuple[int, int]]:
+    return [
+        (bg.image_user.frame_start, bg.image_user.frame_duration)
+        for bg in obj.data.background_images
+        if bg.image is not None and bg.image.source == "SEQUENCE"
+    ]
+
+
+def _user_edit() -> None:
+    bpy.ops.ed.undo_push(message="scene built")
+    bpy.ops.mesh.primitive_cube_add(location=(3, 0, 0))
+    bpy.context.active_object.name = "UserEdit"
+    bpy.ops.ed.undo_push(message="user adds a cube")
+
+
+# -- 1: undo ------------------------------------------------------------------------------------
+
+
+def test_undo_after_the_results_arrive_takes_only_the_results(registered, endpoint, temple_dir, tmp_path):
+    """Results come after the operator returned (on a timer in the UI): an undo step of their own, so
+    Ctrl-Z takes away the results and keeps the edit before them, and Redo brings them back."""
+    build_temple_scene(temple_dir, ids=(0, 8))
+    _user_edit()
+    assert bpy.ops.reconloop.reconstruct(server=endpoint, output_dir=str(tmp_path)) == {"FINISHED"}
+    assert _results() == [f"{COLLECTION} gaussians", f"{COLLECTION} points"]
+    bpy.ops.ed.undo()
+    assert "UserEdit" in _names() and _results() == []
+    bpy.ops.ed.redo()
+    assert "UserEdit" in _names() and len(_results()) == 2
+
+
+def test_undo_after_results_that_came_on_the_timer(registered, ui, endpoint, temple_dir, tmp_path):
+    build_temple_scene(temple_dir, ids=(0, 8))
+    _user_edit()
+    assert bpy.ops.reconloop.reconstruct(server=endpoint, output_dir=str(tmp_path)) == {"FINISHED"}
+    assert bpy.context.window_manager.reconloop.is_running
+    _tick_until(lambda: False)
+    assert len(_results()) == 2 and bpy.context.scene.view_settings.view_transform == "Raw"
+    bpy.ops.ed.undo()
+    assert "UserEdit" in _names() and _results() == []
+    bpy.ops.ed.redo()
+    assert "UserEdit" in _names() and len(_results()) == 2
+    assert bpy.context.scene.view_settings.view_transform == "Raw"
+
+
+# -- 2, 4, 5: Import job ------------------------------------------------------------------------
+
+
+def test_import_job_uses_the_jobs_own_path_and_no_second_copy(registered, endpoint, temple_dir, tmp_path):
+    """A past job's frames go behind a camera on the job's own path (cameras.json), whatever the sidebar's
+    Trajectory is now; a job already in the scene (also after reopening the file) is refreshed where it is."""
+    made = build_temple_scene(temple_dir, ids=(0, 8))  # Trajectory keyed at frames 1 and 3
+    scene = bpy.context.scene
+    assert bpy.ops.reconloop.reconstruct(server=endpoint, output_dir=str(tmp_path)) == {"FINISHED"}
+    job = bpy.context.window_manager.reconloop.job
+    assert _frame_backgrounds(made["trajectory"]) == [(1, 3)]
+    # The user moves on: another camera under Trajectory, the scene's range 1-250, and reopens the file.
+    still = bpy.data.objects.new("Still", bpy.data.cameras.new("Still"))
+    scene.collection.objects.link(still)
+    scene.reconloop.trajectory_camera = still
+    scene.frame_start, scene.frame_end = 1, 250
+    blend = tmp_path / "scene.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(blend))
+    bpy.ops.wm.open_mainfile(filepath=str(blend))
+    for _ in range(2):  # twice: the second import refreshes the first
+        assert bpy.ops.reconloop.import_job(job=job, server=endpoint, output_dir=str(tmp_path)) == {"FINISHED"}
+        assert _frame_backgrounds(bpy.data.objects["Still"]) == []
+        (coll,) = _job_collections(job)
+        assert coll.name == f"ReconLoop {COLLECTION}" and f"ReconLoop job {job[:8]}" not in bpy.data.collections
+        kinds = sorted(o.get(importers.OBJECT_KIND) for o in coll.objects)
+        assert kinds == ["gaussians", "points", importers.KIND_TRAJECTORY], kinds
+        (path,) = [o for o in coll.objects if o.get(importers.OBJECT_KIND) == importers.KIND_TRAJECTORY]
+        assert _frame_backgrounds(path) == [(1, 3)]
+        assert _results() == [f"{COLLECTION} gaussians", f"{COLLECTION} path", f"{COLLECTION} points"]
+
+
+def test_import_job_takes_the_server_and_results_folder_a_script_gives(registered, endpoint, temple_dir, tmp_path):
+    """As reconstruct and refresh_jobs do: the preferences' local backend (which cannot start a service
+    here) is not used when a script names the server."""
+    build_temple_scene(temple_dir, ids=(0, 8))
+    assert bpy.ops.reconloop.reconstruct(server=endpoint, output_dir=str(tmp_path / "a")) == {"FINISHED"}
+    job = bpy.context.window_manager.reconloop.job
+    assert preferences.connection_config(bpy.context).mode == "local"  # what import_job used to connect to
+    connection.close()
+    bpy.ops.wm.read_homefile(app_template="")
+    out = tmp_path / "b"
+    assert bpy.ops.reconloop.import_job(job=job, server=endpoint, output_dir=str(out)) == {"FINISHED"}
+    assert connection.SESSION.endpoint == endpoint
+    assert (out / "jobs" / job / "gaussians.ply").is_file()
+    (coll,) = _job_collections(job)
+    assert coll.name == f"ReconLoop job {job[:8]}"
+    assert {o.get(importers.OBJECT_KIND) for o in coll.objects} == {"points", "gaussians", importers.KIND_TRAJECTORY}
+
+
+# -- 3: a trajectory camera that does not move --------------------------------------------------
+
+
+def test_a_trajectory_camera_that_does_not_move_is_refused(registered, temple_dir):
+    made = build_temple_scene(temple_dir, ids=(0, 8))
+    scene = bpy.context.scene
+    assert not any("not animated" in t for t in _labels(panels.RECONLOOP_PT_trajectory))
+    still = bpy.data.objects.new("Still", bpy.data.cameras.new("Still"))
+    scene.collection.objects.link(still)
+    still.matrix_world = made["trajectory"].matrix_world.copy()
+    scene.reconloop.trajectory_camera = still
+    scene.frame_start, scene.frame_end = 1, 250
+    labels = _labels(panels.RECONLOOP_PT_trajectory)
+    assert "250 frames" in labels and "Camera is not animated: every frame would be the same view" in labels
+    rt = bpy.context.window_manager.reconloop
+    with pytest.raises(RuntimeError, match=r"Trajectory: the camera 'Still' does not move over frames 1-250"):
+        bpy.ops.reconloop.reconstruct(server="tcp://127.0.0.1:9")  # refused before connecting
+    assert "animate it" in rt.last_error and "clear Trajectory" in rt.last_error
+    assert connection.SESSION.client is None and not rt.is_running
+    # One frame of a still camera is a one-view trajectory: allowed, and not flagged.
+    scene.frame_end = 1
+    assert not any("not animated" in t for t in _labels(panels.RECONLOOP_PT_trajectory))
+    from blender_addon.scene_io import check_trajectory_moves
+    from blender_addon.scene_read import sample_trajectory
+
+    check_trajectory_moves(sample_trajectory(still, scene, 1, 1, 1), "Still")
+    # A camera that moves only through its lens moves.
+    still.data.keyframe_insert("lens", frame=1)
+    still.data.lens = 35.0
+    still.data.keyframe_insert("lens", frame=250)
+    check_trajectory_moves(sample_trajectory(still, scene, 1, 250, 50), "Still")
+    scene.frame_end = 250
+    assert not any("not animated" in t for t in _labels(panels.RECONLOOP_PT_trajectory))
+
+
+# -- 7: a job left running ------------------------------------------------------------------------
+
+
+def _start_held_job(endpoint: str, temple_dir: Path, out: Path) -> str:
+    build_temple_scene(temple_dir, ids=(0, 8))
+    bpy.context.scene.reconloop.prompt = HOLD
+    assert bpy.ops.reconloop.reconstruct(server=endpoint, output_dir=str(out)) == {"FINISHED"}
+    rt = bpy.context.window_manager.reconloop
+    _tick_until(lambda: rt.job and rt.stage == "generate")
+    assert rt.is_running
+    return rt.job
+
+
+def _listed_state(endpoint: str, job: str) -> str:
+    assert bpy.ops.reconloop.refresh_jobs(server=endpoint) == {"FINISHED"}
+    return next(j.state for j in bpy.context.window_manager.reconloop.jobs if j.job == job)
+
+
+def test_stop_service_says_the_remote_job_goes_on_and_it_can_be_imported(
+    registered, endpoint, temple_dir, tmp_path, monkeypatch
+):
+    """Stop service with a remote job running leaves the job on the service (nothing is lost) and says so;
+    once done it imports from Past jobs."""
+    monkeypatch.setattr(operators, "_background", lambda: False)
+    job = _start_held_job(endpoint, temple_dir, tmp_path)
+    rt = bpy.context.window_manager.reconloop
+    assert bpy.ops.reconloop.stop_service() == {"FINISHED"}
+    assert rt.last_error == (
+        f"Stop service closed the connection: job {job[:8]} goes on on the service; "
+        "import it from Past jobs (Refresh jobs) once it is done"
+    )
+    assert not rt.is_running and connection.SESSION.driver is None
+    assert any(t == rt.last_error for t in _labels(panels.RECONLOOP_PT_main))
+    monkeypatch.setattr(operators, "_background", lambda: True)  # a script's turn: replies awaited
+    assert _listed_state(endpoint, job) == "running"
+    RELEASE.set()
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while _listed_state(endpoint, job) != "done":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert bpy.ops.reconloop.import_job(job=job, server=endpoint, output_dir=str(tmp_path)) == {"FINISHED"}
+    assert _results() == [f"{COLLECTION} gaussians", f"{COLLECTION} path", f"{COLLECTION} points"]
+
+
+def test_opening_another_file_says_the_job_goes_on(registered, ui, endpoint, temple_dir, tmp_path):
+    """The job is no longer followed once another .blend opens; that file's sidebar says where it is."""
+    blend = tmp_path / "other.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(blend))
+    job = _start_held_job(endpoint, temple_dir, tmp_path)
+    bpy.ops.wm.open_mainfile(filepath=str(blend))
+    rt = bpy.context.window_manager.reconloop
+    assert rt.last_error == (
+        f"Another file was opened: job {job[:8]} goes on on the service; "
+        "import it from Past jobs (Refresh jobs) once it is done"
+    )
+    assert connection.SESSION.driver is None and not rt.is_running
+    assert any(t == rt.last_error for t in _labels(panels.RECONLOOP_PT_main))
+    # Said once: the file after that has nothing to carry.
+    bpy.ops.wm.open_mainfile(filepath=str(blend))
+    assert bpy.context.window_manager.reconloop.last_error == ""
+
+
+# -- 8: the service a job ran on ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["background", "ui"])
+def test_the_status_row_shows_the_service_the_job_ran_on(registered, endpoint, temple_dir, tmp_path, monkeypatch, mode):
+    """Without Test connection first, the job's own hello fills the status row."""
+    monkeypatch.setattr(operators, "_background", lambda: mode == "background")
+    build_temple_scene(temple_dir, ids=(0, 8))
+    rt = bpy.context.window_manager.reconloop
+    assert rt.hello_summary == "" and "service: not connected" in _labels(panels.RECONLOOP_PT_main)
+    assert bpy.ops.reconloop.reconstruct(server=endpoint, output_dir=str(tmp_path)) == {"FINISHED"}
+    if mode == "ui":
+        _tick_until(lambda: rt.stage not in ("", "submit"))
+        assert rt.is_running and "ReconLoop" in rt.hello_summary  # shown while the job runs
+        _tick_until(lambda: False)
+    assert rt.state == "done" and "ReconLoop" in rt.hello_summary and "device cpu" in rt.hello_summary
+    assert rt.hello_summary[:80] in _labels(panels.RECONLOOP_PT_main)
+    assert "service: not connected" not in _labels(panels.RECONLOOP_PT_main)
+
+
+def _driver(job=None, submitted=True, state="running"):
+    return SimpleNamespace(job=job, submitted=submitted, progress=SimpleNamespace(state=state))
+
+
+@pytest.mark.parametrize(
+    ("driver", "importer", "service_stopped", "said"),
+    [
+        (None, None, False, ""),
+        (_driver(submitted=False), None, False, ""),  # nothing reached the service
+        (_driver("a" * 32), None, False, "S: job aaaaaaaa goes on on the service; import it from Past jobs"),
+        (_driver("a" * 32), None, True, "S: job aaaaaaaa was interrupted; click Reconstruct to run it again"),
+        (_driver(), None, False, "S while the job was being sent: if the service got it, it goes on there"),
+        (_driver(), None, True, "S: the job being sent was stopped; click Reconstruct to run it again"),
+        (
+            _driver("a" * 32, state="done"),
+            None,
+            True,
+            "S before the results of job aaaaaaaa were all downloaded: import it again from Past jobs",
+        ),
+        (
+            _driver("a" * 32, state=""),
+            SimpleNamespace(reimport=True),
+            False,
+            "S before the results of job aaaaaaaa were all downloaded",
+        ),
+    ],
+)
+def test_what_is_said_of_a_job_left_behind(driver, importer, service_stopped, said):
+    note = operators.abandoned_job_note(driver, importer, "S", service_stopped=service_stopped)
+    assert note.startswith(said) and bool(note) == bool(said), note

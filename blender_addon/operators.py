@@ -806,10 +806,10 @@ def abandoned_job_note(driver, importer, why: str, *, service_stopped: bool = Fa
         return f"{why}: {what}; click Reconstruct to run it again"
     if not job:
         return (
-            f"{why} while the job was being sent: if the service got it, it goes on there; "
+            f"{why} while the job was being sent: if the service got it, it keeps running there; "
             "Refresh jobs under Past jobs to find it and import it once it is done"
         )
-    return f"{why}: job {job} goes on on the service; import it from Past jobs (Refresh jobs) once it is done"
+    return f"{why}: job {job} keeps running on the service; import it from Past jobs (Refresh jobs) once it is done"
 
 
 _CARRIED = {"note": ""}  # what load_pre said about an abandoned job, for the newly opened file's sidebar

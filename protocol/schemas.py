@@ -594,7 +594,8 @@ def reads_in_every_version(msg: dict, kind: str) -> bool:
     """Whether ``msg`` is read whatever its ``v``: a ``hello`` request or reply (how versions are agreed,
     protocol.version) and an error reply (how a client learns that the service speaks another version:
     ``hello: no common version; client speaks [1], server speaks [2]``)."""
-    if msg.get("op") == "hello":
+    op = msg.get("op")
+    if isinstance(op, str) and op == "hello":  # op may be anything that arrived: an array compares elementwise
         return True
     return kind == "reply" and msg.get("ok") is False
 

@@ -310,7 +310,7 @@ def test_stop_service_says_the_remote_job_goes_on_and_it_can_be_imported(
     rt = bpy.context.window_manager.reconloop
     assert bpy.ops.reconloop.stop_service() == {"FINISHED"}
     assert rt.last_error == (
-        f"Stop service closed the connection: job {job[:8]} goes on on the service; "
+        f"Stop service closed the connection: job {job[:8]} keeps running on the service; "
         "import it from Past jobs (Refresh jobs) once it is done"
     )
     assert not rt.is_running and connection.SESSION.driver is None
@@ -334,7 +334,7 @@ def test_opening_another_file_says_the_job_goes_on(registered, ui, endpoint, tem
     bpy.ops.wm.open_mainfile(filepath=str(blend))
     rt = bpy.context.window_manager.reconloop
     assert rt.last_error == (
-        f"Another file was opened: job {job[:8]} goes on on the service; "
+        f"Another file was opened: job {job[:8]} keeps running on the service; "
         "import it from Past jobs (Refresh jobs) once it is done"
     )
     assert connection.SESSION.driver is None and not rt.is_running
@@ -373,9 +373,9 @@ def _driver(job=None, submitted=True, state="running"):
     [
         (None, None, False, ""),
         (_driver(submitted=False), None, False, ""),  # nothing reached the service
-        (_driver("a" * 32), None, False, "S: job aaaaaaaa goes on on the service; import it from Past jobs"),
+        (_driver("a" * 32), None, False, "S: job aaaaaaaa keeps running on the service; import it from Past jobs"),
         (_driver("a" * 32), None, True, "S: job aaaaaaaa was interrupted; click Reconstruct to run it again"),
-        (_driver(), None, False, "S while the job was being sent: if the service got it, it goes on there"),
+        (_driver(), None, False, "S while the job was being sent: if the service got it, it keeps running there"),
         (_driver(), None, True, "S: the job being sent was stopped; click Reconstruct to run it again"),
         (
             _driver("a" * 32, state="done"),

@@ -591,9 +591,12 @@ def check_version(msg: dict) -> int:
 
 
 def reads_in_every_version(msg: dict, kind: str) -> bool:
-    """Whether ``msg`` is read whatever its ``v``: a ``hello`` request or reply (how versions are agreed,
+    """Whether ``msg`` is read whatever its (integer) ``v``: a ``hello`` request or reply (how versions are agreed,
     protocol.version) and an error reply (how a client learns that the service speaks another version:
     ``hello: no common version; client speaks [1], server speaks [2]``)."""
+    v = msg.get("v")
+    if isinstance(v, bool) or not isinstance(v, int):  # a missing or non-integer v is never a version
+        return False
     op = msg.get("op")
     if isinstance(op, str) and op == "hello":  # op may be anything that arrived: an array compares elementwise
         return True

@@ -67,6 +67,8 @@ GARBAGE = [
         3,
     ),
     ([msgpack.packb({"v": 1, "op": "hello", "id": 3, "versions": [99]})], errors.UNSUPPORTED_VERSION, 3),
+    ([msgpack.packb({"op": "hello", "id": 3, "versions": [1]})], errors.UNSUPPORTED_VERSION, 3),  # as the table says
+    ([msgpack.packb({"v": "1", "op": "hello", "id": 3, "versions": [1]})], errors.UNSUPPORTED_VERSION, 3),
     ([msgpack.packb({"v": 1, "op": "status", "id": 3, "job": "f" * 32})], errors.NOT_FOUND, 3),
 ]
 

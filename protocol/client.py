@@ -499,7 +499,12 @@ class PendingRequest:
         client = self.client
         while client._sock.poll(0):
             msg = client._recv(0)  # queues an event and returns None; returns a reply
-            if msg is None or msg.get("op") == "event" or msg.get("id") != self.rid:
+            if msg is None or msg.get("op") == "event":
+                continue
+            # An error reply with a nil id answers a request whose id the server could not read (a header
+            # over its limits, say); replies keep request order, and this socket carries this request alone.
+            unread = msg.get("id") is None and not msg["ok"]
+            if msg.get("id") != self.rid and not unread:
                 continue  # stale replies of earlier tries (and of re-subscriptions) are dropped
             if not msg["ok"]:
                 raise ProtocolError.from_wire(msg["error"])
@@ -508,9 +513,19 @@ class PendingRequest:
 
 
 def _check_frame_sizes(op: str, frames: list[Any], server: dict[str, Any] | None) -> None:
-    """Refuse locally what the server's socket would drop unanswered (a frame over its max_frame_bytes)."""
+    """Refuse locally what the server would refuse: a frame over its max_frame_bytes (its socket drops the
+    message unanswered) and a header over its max_header_bytes (images as msgpack bin in the header count
+    there: send large ones as uint8 arrays)."""
     server_limits = (server or {}).get("limits") or {}
     most = server_limits.get("max_frame_bytes", limits.MAX_FRAME_BYTES)
+    header_most = server_limits.get("max_header_bytes", limits.MAX_HEADER_BYTES)
+    header = memoryview(frames[0]).nbytes
+    if header > header_most:
+        raise ProtocolError(
+            errors.TOO_LARGE,
+            f"{op}: header of {header} bytes; the server takes at most {header_most} (hello limits.max_header_bytes): "
+            "send images as uint8 array frames rather than bin in the header",
+        )
     for i, frame in enumerate(frames):
         n = memoryview(frame).nbytes
         if n > most:

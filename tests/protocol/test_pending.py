@@ -148,3 +148,26 @@ def test_begin_hello_and_begin_watch_against_the_service(tmp_path):
             assert time.monotonic() < deadline, f"events so far: {seqs}"
             seqs += [e["state"] for e in client.poll_events(50) if e["job"] == job]
         assert seqs[-1] == "done" and client.begin("status", job=job).wait()["state"] == "done"
+
+
+def test_an_error_reply_without_an_id_is_this_requests_error(router):
+    """A server that cannot read a request's id answers with id nil (its header over the limits, say): the
+    client takes that error as its request's, rather than dropping it as stale and timing out."""
+    with Client(_endpoint(router), timeout_ms=2000, retries=0) as client:
+        pending = client.begin("jobs")
+        ident, _ = _receive(router)
+        error = {"code": errors.TOO_LARGE, "message": "header frame of 9860594 bytes; at most 8388608"}
+        router.send_multipart([ident, *encode({"v": 1, "op": None, "id": None, "ok": False, "error": error}, "reply")])
+        with pytest.raises(ProtocolError) as err:
+            pending.wait()
+    assert err.value.code == errors.TOO_LARGE and "9860594" in err.value.message
+
+
+def test_a_header_over_the_servers_limit_is_refused_before_sending(router):
+    """Images as msgpack bin in the header count against max_header_bytes: refused here, naming the limit."""
+    with Client(_endpoint(router), timeout_ms=2000, retries=0) as client:
+        client.server = {"limits": {"max_header_bytes": 200}}
+        with pytest.raises(ProtocolError) as err:
+            client.begin("submit", key="k", scene=scene_msg(captures=1))  # a PNG as bin in the header
+        assert not router.poll(200), "the oversized request was sent"
+    assert err.value.code == errors.TOO_LARGE and "max_header_bytes" in err.value.message

@@ -11,7 +11,7 @@ UNKNOWN_OP = "unknown_op"
 BAD_FIELD = "bad_field"  # a field is missing, unknown, of the wrong type or out of range
 TOO_LARGE = "too_large"  # a message, frame, array, list or image over a limit in protocol/limits.py
 NOT_FOUND = "not_found"  # no such job or artifact
-CANCELLED = "cancelled"
+CANCELLED = "cancelled"  # reserved: no op returns it (a cancelled job is a state, not an error)
 INTERNAL = "internal"  # a bug or a fault on the server; the request may be retried
 FORBIDDEN = "forbidden"  # not allowed from this peer (shutdown from a non-loopback address)
 
@@ -23,7 +23,8 @@ CODES: dict[str, str] = {
     BAD_FIELD: "a field is missing, unknown, of the wrong type or out of range; `field` names it",
     TOO_LARGE: "a message, frame, array, list, string or image is over a limit",
     NOT_FOUND: "no such job or artifact",
-    CANCELLED: "the job was cancelled",
+    CANCELLED: "reserved: no op of version 1 returns it (a cancelled job's `status`, `fetch` and `cancel` "
+    "succeed; its `state` says `cancelled`)",
     INTERNAL: "a fault on the server; the request may be retried",
     FORBIDDEN: "not allowed from this peer",
 }

@@ -212,3 +212,75 @@ def check_job(scene: dict[str, Any], request_bytes: int, job_limits: JobLimits) 
         value = settings.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > side:
             raise refuse(f"scene.settings.{key}", f"at most {side}", value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Documentation of the ``hello`` reply's ``limits`` (protocol/README.md, ``python -m protocol``)
+
+# key -> (unit, meaning, the ``reconloop serve`` option that lowers it or ""); one entry per key of
+# ``JobLimits().as_dict()`` (tests/protocol check that they agree)
+LIMIT_DOCS: dict[str, tuple[str, str, str]] = {
+    "max_message_bytes": (
+        "bytes",
+        "all frames of one submit request together; more is refused `too_large`",
+        "--max-request-mib",
+    ),
+    "max_frame_bytes": (
+        "bytes",
+        "one frame; a bigger frame makes the server drop the connection unread (no reply)",
+        "--max-frame-mib",
+    ),
+    "max_header_bytes": (
+        "bytes",
+        "frame 0, the msgpack header, images sent as bin included; more is refused `too_large` (op and id nil)",
+        "",
+    ),
+    "max_frames": (
+        "frames",
+        "frames of one message, the header included; more is refused `too_large` (op and id nil)",
+        "",
+    ),
+    "max_array_bytes": ("bytes", "one array (its frame)", ""),
+    "max_captures": ("items", "`scene.captures` of one job", "--max-captures"),
+    "max_heldout": ("items", "`scene.heldout` of one job", "--max-heldout"),
+    "max_trajectory": ("items", "`scene.trajectory` of one job", "--max-trajectory"),
+    "max_image_side": (
+        "pixels",
+        "a side of a capture image, of a camera's width/height and of the `width`/`height` settings",
+        "--max-image-side",
+    ),
+    "fetch_chunk_bytes": ("bytes", "a `fetch` without `length` returns this many bytes", ""),
+    "max_fetch_chunk_bytes": ("bytes", "the largest `length` a `fetch` may ask for", ""),
+    "max_queued_jobs": (
+        "jobs",
+        "jobs waiting on the server at once; a submit beyond it is refused `too_large` until some have left the queue",
+        "--max-queued",
+    ),
+    "max_queued_per_client": (
+        "jobs",
+        "jobs one client may have waiting at once (a client is a CurveZMQ key; a service without keys has one client)",
+        "--max-queued-per-client",
+    ),
+}
+
+
+def _amount(value: int, unit: str) -> str:
+    if unit == "bytes" and value >= MIB and value % MIB == 0:
+        return f"{value} ({value // MIB} MiB)"
+    return str(value)
+
+
+def limits_markdown() -> str:
+    """The table of the ``hello`` reply's ``limits`` for protocol/README.md: key, unit, default, meaning."""
+    head = [
+        "| key | unit | default | meaning | lowered by `reconloop serve` |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    defaults = JobLimits().as_dict()
+    if set(defaults) != set(LIMIT_DOCS):  # pragma: no cover - a key added to as_dict without its doc
+        raise ValueError(f"LIMIT_DOCS and as_dict() differ in {sorted(set(defaults) ^ set(LIMIT_DOCS))}")
+    rows = []
+    for key, (unit, meaning, option) in LIMIT_DOCS.items():
+        value = defaults[key]
+        rows.append(f"| `{key}` | {unit} | {_amount(value, unit)} | {meaning} | {f'`{option}`' if option else ''} |")
+    return "\n".join(head + rows) + "\n"

@@ -20,6 +20,8 @@ import numpy as np
 from . import errors, limits
 from .errors import ProtocolError
 from .images import encoded_image_size
+from .limits import limits_markdown
+from .settings import settings_markdown
 from .version import SUPPORTED_VERSIONS
 
 TYPES = {
@@ -103,9 +105,19 @@ ERROR = Field(
 ENVELOPE_REPLY = (
     Field("v", "int", "protocol version of this message", min=0, max=limits.MAX_ID_INT),
     Field(
-        "op", "str", "the request's op; nil when it could not be read", required=False, max_len=limits.MAX_NAME_BYTES
+        "op",
+        "str",
+        "the request's op; nil when it could not be read or is not a known op",
+        required=False,
+        max_len=limits.MAX_NAME_BYTES,
     ),
-    Field("id", "id", "the request's id; nil when it could not be read", required=False),
+    Field(
+        "id",
+        "id",
+        "the request's id; nil when it could not be read or is not a valid id (see Transport: the reply then "
+        "answers the oldest request still waiting)",
+        required=False,
+    ),
     Field("ok", "bool", "true on success; the op's reply fields follow only then"),
     ERROR,
 )
@@ -184,7 +196,7 @@ CAMERA_FIELDS = (
 
 
 def _camera(required: bool) -> Field:
-    return Field("camera", "struct", "OpenCV camera (DESIGN.md section 3)", required=required, fields=CAMERA_FIELDS)
+    return Field("camera", "struct", "OpenCV camera (see Cameras)", required=required, fields=CAMERA_FIELDS)
 
 
 def _captures(name: str, doc: str, *, required: bool, min_len: int, max_len: int) -> Field:
@@ -210,7 +222,7 @@ SCENE = Field(
         Field(
             "trajectory",
             "list",
-            "cameras to generate, by frame number (increasing)",
+            "cameras to generate, by frame number (increasing); absent or empty: the service's own path (see Jobs)",
             required=False,
             max_len=limits.MAX_TRAJECTORY,
             items=Field(
@@ -233,7 +245,7 @@ SCENE = Field(
         Field(
             "settings",
             "map",
-            "job settings (protocol.settings.SETTINGS names)",
+            "job settings by name (table Job settings below); a name left out takes its default",
             required=False,
             max_len=limits.MAX_SETTINGS,
         ),
@@ -293,13 +305,14 @@ OPS: dict[str, OpSchema] = {
         ),
         OpSchema(
             "submit",
-            "Queue a job. Jobs run one at a time in submission order.",
+            "Queue a job. A submit with a `key` the service knows returns that job (see Jobs, Submit keys).",
             request=(
                 SCENE,
                 Field(
                     "key",
                     "str",
-                    "idempotency key: a resent submit with the same key returns the same job",
+                    "idempotency key, matched alone (not the scene) among this client's stored jobs: a submit "
+                    "with a known key returns that job and queues nothing",
                     required=False,
                     min_len=1,
                     max_len=limits.MAX_ID_CHARS,
@@ -332,7 +345,8 @@ OPS: dict[str, OpSchema] = {
         ),
         OpSchema(
             "cancel",
-            "Cancel a job. Queued: at once. Running: at the next step boundary (an `event` reports it).",
+            "Cancel a job (whatever its state: not an error). The reply's `state` is its state when the request was\n"
+            "handled; unless that is final, an `event` reports how the job ends (see Jobs, Cancel).",
             request=(JOB,),
             reply=(JOB, STATE),
         ),
@@ -396,7 +410,7 @@ OPS: dict[str, OpSchema] = {
         ),
         OpSchema(
             "shutdown",
-            "Stop the service (loopback peers only); a running job becomes interrupted.",
+            "Stop the service (loopback peers only); a running job becomes interrupted (see Events).",
             request=(),
             reply=(),
         ),
@@ -684,7 +698,8 @@ def _table(fields: tuple[Field, ...]) -> str:
 
 
 def schema_markdown() -> str:
-    """The op tables of protocol/README.md, rendered from OPS and EVENT."""
+    """The generated tables of protocol/README.md: OPS, EVENT, the error codes, the job settings
+    (``settings.settings_markdown``) and the ``hello`` reply's limits (``limits.limits_markdown``)."""
     out = ["### Field types\n\n| type | on the wire |\n| --- | --- |\n"]
     out += [f"| {t} | {doc.replace('|', PIPE)} |\n" for t, doc in TYPES.items()]
     out += [
@@ -703,6 +718,14 @@ def schema_markdown() -> str:
     out += [f"\n### `event` (server push)\n\n{EVENT.doc}\n\n", _table(EVENT.reply)]
     out += ["\n### Error codes\n\n| code | meaning |\n| --- | --- |\n"]
     out += [f"| `{code}` | {meaning} |\n" for code, meaning in errors.CODES.items()]
+    out += [
+        "\n### Job settings\n\nThe names a submit's `scene.settings` map may hold (protocol/settings.py); "
+        "a name left out takes\nits default. The label is the Blender sidebar's; help texts use it.\n\n",
+        settings_markdown(),
+        "\n### Limits\n\nThe keys of the `hello` reply's `limits` (protocol/limits.py), with the protocol's "
+        "values; a server\nstarted with the option named may report lower ones.\n\n",
+        limits_markdown(),
+    ]
     return "".join(out)
 
 

@@ -302,3 +302,48 @@ def check_settings(
             raise SettingError(f"{path}.{key}: unknown setting; known: {', '.join(sorted(NAMES))}")
         out[key] = row.check(value, f"{path}.{key}", (names or {}).get(key))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Documentation from the table (protocol/README.md, ``python -m protocol``)
+
+_PIPE = "\\|"  # a "|" inside a markdown table cell
+
+
+def _wire_value(value: Any) -> str:
+    """A default as it reads on the wire: JSON-like (true, "reproject", 320)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _allowed(s: Setting) -> str:
+    if s.kind in ("int", "float"):
+        lo, hi = s.range
+        return f"{_wire_value(lo)}..{_wire_value(hi)}"
+    if s.kind == "enum":
+        choices = ", ".join(s.choices)
+        return f"a name in hello's `generators` (offered: {choices})" if s.open_choices else choices
+    if s.kind == "str":
+        return f"at most {MAX_STR_CHARS} characters"
+    return ""
+
+
+def settings_markdown() -> str:
+    """The table of job settings (``scene.settings``) for protocol/README.md, rendered from SETTINGS.
+
+    Each name is followed by its sidebar label, which the help texts use to name other settings.
+    """
+    head = [
+        "| name (label) | type | range or choices | default | meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    wire_type = {"enum": "str"}  # an enum travels as a string
+    rows = [
+        f"| `{s.name}` ({s.label}) | {wire_type.get(s.kind, s.kind)} | {_allowed(s)} | {_wire_value(s.default)} "
+        f"| {s.help.replace('|', _PIPE)} |"
+        for s in SETTINGS
+    ]
+    return "\n".join(head + rows) + "\n"

@@ -13,6 +13,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import zmq
 from PIL import Image
 
 from backend.progress import ProgressEvent
@@ -21,6 +22,14 @@ from protocol.codec import encode
 WIDTH, HEIGHT = 64, 48
 FOCAL = 50.0
 MS = 1e-3
+
+
+def dealer(endpoint: str) -> Any:
+    """A DEALER connected to ``endpoint`` with LINGER 0, as the README's clients use (closed by the caller)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
 
 
 def png_bytes(width: int = WIDTH, height: int = HEIGHT, seed: int = 0) -> bytes:

@@ -10,10 +10,9 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-import zmq
 
 from protocol.schemas import BEGIN_MARK, END_MARK, schema_markdown
-from tests.protocol.helpers import png_bytes, running_service
+from tests.protocol.helpers import dealer, png_bytes, running_service
 
 README = Path(__file__).resolve().parents[2] / "protocol" / "README.md"
 TIMEOUT_MS = 20_000
@@ -29,9 +28,7 @@ class RawClient:
     """Follows the README: DEALER, header map + one frame per array, poll before every receive."""
 
     def __init__(self, endpoint: str) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
+        self.sock = dealer(endpoint)
         self.next_id = 1
         self.events: list[dict] = []
 

@@ -8,11 +8,10 @@ import time
 
 import msgpack
 import pytest
-import zmq
 
 from protocol import limits, settings
 from protocol.codec import decode, encode
-from tests.protocol.helpers import running_service, scene_msg
+from tests.protocol.helpers import dealer, running_service, scene_msg
 
 TIMEOUT_MS = 20_000
 WAIT_S = 20.0
@@ -34,9 +33,7 @@ class Conn:
     """One DEALER connection; replies in request order, events kept aside."""
 
     def __init__(self, endpoint: str) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
+        self.sock = dealer(endpoint)
         self.next_id = 1
         self.events: list[dict] = []
 

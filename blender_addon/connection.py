@@ -735,11 +735,6 @@ def wait_for(request: ServiceRequest, timeout_s: float = SERVICE_START_TIMEOUT_S
     return reply
 
 
-def wait_until_up(client, service: LocalService | None, timeout_s: float = SERVICE_START_TIMEOUT_S) -> dict[str, Any]:
-    """Block until the service answers hello (Test connection, background mode); returns the reply."""
-    return wait_for(HelloProbe(client, service), timeout_s)
-
-
 def close(*, wait: bool = False) -> None:
     """Stop the local service (if we started it) and close the socket. Safe to call twice.
 

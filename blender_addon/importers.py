@@ -85,8 +85,7 @@ def job_collection(scene: bpy.types.Scene, key: str, job_id: str) -> bpy.types.C
         coll[COLLECTION_KEY] = key
     else:
         clear_collection(coll)
-        if coll.name not in scene.collection.children and coll not in _all_children(scene.collection):
-            scene.collection.children.link(coll)
+        _ensure_linked(scene, coll)
     coll[COLLECTION_JOB] = job_id
     return coll
 
@@ -95,17 +94,15 @@ def existing_job_collection(scene: bpy.types.Scene, job_id: str) -> bpy.types.Co
     """The collection already holding ``job_id``'s results, whatever its key (linked into ``scene`` if it
     was not), or None. A job imported again goes there instead of into a second, overlapping copy."""
     coll = next((c for c in bpy.data.collections if c.get(COLLECTION_JOB) == job_id), None)
-    if coll is not None and coll.name not in scene.collection.children and coll not in _all_children(scene.collection):
-        scene.collection.children.link(coll)
+    if coll is not None:
+        _ensure_linked(scene, coll)
     return coll
 
 
-def _all_children(root: bpy.types.Collection) -> list:
-    out = []
-    for c in root.children:
-        out.append(c)
-        out.extend(_all_children(c))
-    return out
+def _ensure_linked(scene: bpy.types.Scene, coll: bpy.types.Collection) -> None:
+    """Link ``coll`` under the scene's collection unless it is already in the scene's tree."""
+    if coll not in scene.collection.children_recursive:
+        scene.collection.children.link(coll)
 
 
 def clear_collection(coll: bpy.types.Collection) -> None:

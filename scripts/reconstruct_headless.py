@@ -184,11 +184,12 @@ def configure(args: argparse.Namespace) -> None:
 def set_setting(st, name: str, value: object, flag: str) -> None:
     """Set one job setting of the sidebar from ``flag``; SystemExit with one line where the add-on would not
     take the value (Blender clamps an int out of range silently and raises TypeError for an enum value)."""
-    from protocol.settings import BY_NAME
+    from protocol.settings import BY_NAME, SettingError
 
-    prop = st.bl_rna.properties[name]
-    if prop.type == "INT" and not prop.hard_min <= value <= prop.hard_max:
-        raise SystemExit(f"{flag}: {name} must be in [{prop.hard_min}, {prop.hard_max}]; got {value}")
+    try:
+        BY_NAME[name].check(value, f"{flag}: {name}")  # the table the sidebar's properties are built from
+    except SettingError as err:
+        raise SystemExit(str(err)) from None
     try:
         setattr(st, name, value)
     except TypeError:  # before it asks a service, the add-on offers the table's choices (protocol/settings.py)

@@ -44,3 +44,12 @@ class RecordingLayout:
 
 class _OperatorProps:
     """What ``layout.operator`` returns: the operator's properties, set by the panel."""
+
+
+def draw(panel_cls, context) -> RecordingLayout:
+    """What ``panel_cls.draw`` puts in a layout, for ``context`` (``bpy.context``)."""
+    from types import SimpleNamespace
+
+    layout = RecordingLayout()
+    panel_cls.draw(SimpleNamespace(layout=layout), context)
+    return layout

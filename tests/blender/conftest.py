@@ -30,3 +30,13 @@ def fresh_scene():
     bpy.ops.wm.read_homefile(app_template="")
     yield
     bpy.ops.wm.read_homefile(app_template="")
+
+
+@pytest.fixture
+def registered():
+    """The add-on registered for the test (``unregister`` stops its timers and closes its connection)."""
+    import blender_addon
+
+    blender_addon.register()
+    yield
+    blender_addon.unregister()

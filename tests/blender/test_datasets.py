@@ -10,7 +10,6 @@ import bpy
 import numpy as np
 import pytest
 
-import blender_addon
 from backend.formats import IMPORTERS, detect_format
 from backend.scene import load_scene
 from blender_addon import datasets
@@ -18,13 +17,6 @@ from tests.conftest import require_shared_data
 
 MAX_ERROR_PX = 0.01
 DATASETS = ("middlebury_temple", "middlebury_dino", "llff_fern", "lund_door")
-
-
-@pytest.fixture
-def registered():
-    blender_addon.register()
-    yield
-    blender_addon.unregister()
 
 
 def _reprojection_px(a, b, points: np.ndarray) -> float:

@@ -9,19 +9,10 @@ from pathlib import Path
 import bpy
 import pytest
 
-import blender_addon
-
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
 import reconstruct_headless  # noqa: E402
-
-
-@pytest.fixture
-def registered():
-    blender_addon.register()
-    yield
-    blender_addon.unregister()
 
 
 def configure(tmp_path: Path, *flags: str) -> None:
@@ -45,8 +36,8 @@ def test_settings_reach_the_sidebar(registered, tmp_path):
     "flags, message",
     [
         (("--generator", "anyrecn"), "--generator 'anyrecn': not offered; choose one of reproject, refine, anyrecon"),
-        (("--size", "8x8"), "--size: width must be in [16, 4096]; got 8"),  # Blender would clamp it silently
-        (("--segment-length", "1"), "--segment-length: segment_length must be in [2, 512]; got 1"),
+        (("--size", "8x8"), "--size: width: must be in [16, 4096]; got 8"),  # Blender would clamp it silently
+        (("--segment-length", "1"), "--segment-length: segment_length: must be in [2, 512]; got 1"),
     ],
 )
 def test_a_value_the_add_on_would_not_take_is_one_line(registered, tmp_path, flags, message):

@@ -4,31 +4,20 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import bpy
 import numpy as np
 import pytest
 
-import blender_addon
 from blender_addon import panels
 
-from ._layout import RecordingLayout
+from ._layout import RecordingLayout, draw
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def registered():
-    blender_addon.register()
-    yield
-    blender_addon.unregister()
-
-
 def _draw(panel_cls) -> RecordingLayout:
-    layout = RecordingLayout()
-    panel_cls.draw(SimpleNamespace(layout=layout), bpy.context)
-    return layout
+    return draw(panel_cls, bpy.context)
 
 
 def test_trajectory_range_shows_the_scene_range(registered):

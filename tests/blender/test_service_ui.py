@@ -7,22 +7,11 @@ import sys
 import time
 
 import bpy
-import pytest
 
-import blender_addon
 from blender_addon import connection, operators
 from tests.protocol.helpers import HELLO_REPLY, ScriptedService, artifact, status_reply
 
 TICK_BOUND_S = 0.2  # a timer tick may take about 0.1 s: Blender's UI waits for it
-
-
-@pytest.fixture
-def registered():
-    blender_addon.register()
-    yield
-    operators.stop_timers()
-    connection.close()
-    blender_addon.unregister()
 
 
 def _timed(fn):

@@ -9,19 +9,11 @@ from types import SimpleNamespace
 import bpy
 import pytest
 
-import blender_addon
 from backend.scene import SceneError, Settings
 from blender_addon import panels, scene_io
 from protocol.settings import SECTIONS, SETTINGS
 
 from ._layout import RecordingLayout
-
-
-@pytest.fixture
-def registered():
-    blender_addon.register()
-    yield
-    blender_addon.unregister()
 
 
 def test_every_row_reaches_settings():

@@ -19,11 +19,10 @@ import bpy
 import numpy as np
 import pytest
 
-import blender_addon
 from blender_addon import connection, importers, operators, panels, preferences
 from protocol.ply import GaussianArrays, PointArrays, write_gaussians_ply, write_points_ply
 
-from ._layout import RecordingLayout
+from ._layout import RecordingLayout, draw
 from ._temple import COLLECTION, build_temple_scene
 
 HOLD = "hold"  # the prompt of a job that waits for RELEASE before its last files (a job still running)
@@ -106,14 +105,11 @@ def endpoint(tmp_path_factory):
 
 
 @pytest.fixture
-def registered():
-    blender_addon.register()
+def registered(registered):
+    """conftest's, with the runner held until the test releases it (and released before unregistering)."""
     RELEASE.clear()
     yield
     RELEASE.set()
-    operators.stop_timers()
-    connection.close()
-    blender_addon.unregister()
 
 
 @pytest.fixture
@@ -132,9 +128,7 @@ def _tick_until(done, timeout_s: float = JOB_TIMEOUT_S) -> None:
 
 
 def _draw(panel_cls) -> RecordingLayout:
-    layout = RecordingLayout()
-    panel_cls.draw(SimpleNamespace(layout=layout), bpy.context)
-    return layout
+    return draw(panel_cls, bpy.context)
 
 
 def _labels(panel_cls) -> list[str]:

@@ -355,13 +355,15 @@ class JobStore:
     def _event(
         record: JobRecord, state: str, stage: str, fraction: float, message: str, artifacts: list[dict[str, Any]]
     ) -> dict[str, Any]:
+        """The job's next event. Every event is made here, so its texts are clipped here to the protocol's
+        limits (UTF-8 bytes): the push to watchers, ``status`` and replays all carry them."""
         return {
             "seq": record.max_seq + 1,
             "time": time.time(),
             "state": state,
-            "stage": stage,
+            "stage": limits.clip_utf8(str(stage), limits.MAX_NAME_BYTES),
             "fraction": fraction,
-            "message": message,
+            "message": limits.clip_utf8(str(message), limits.MAX_STR_BYTES),
             "artifacts": artifacts,
         }
 

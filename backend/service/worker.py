@@ -27,8 +27,6 @@ from typing import Any
 import msgpack
 import zmq
 
-from protocol import limits
-
 from ..progress import Cancelled, ProgressEvent, ProgressFn
 from ..scene import Scene, load_scene
 from .faults import describe_failure, release_memory
@@ -46,11 +44,6 @@ def default_runner(scene: Scene, out_dir: Path, *, device: str, progress: Progre
     from ..loop import run_loop
 
     return run_loop(scene, out_dir, device=device, progress=progress)
-
-
-def _clean_text(value: Any, max_bytes: int) -> str:
-    """A runner's text within a protocol limit, in UTF-8 bytes (what the client's decoder counts)."""
-    return limits.clip_utf8(str(value), max_bytes)
 
 
 def _clean_fraction(value: Any) -> float:
@@ -105,7 +98,7 @@ class Worker(threading.Thread):
         stage: list[str | None] = [None]  # the stage last reported, for failure messages
 
         def progress(event: ProgressEvent) -> None:
-            stage[0] = _clean_text(event.stage, limits.MAX_NAME_BYTES)
+            stage[0] = str(event.stage)
             while sock.poll(0):
                 msg = msgpack.unpackb(sock.recv())
                 if msg["cmd"] == "stop":
@@ -117,9 +110,9 @@ class Worker(threading.Thread):
                 {
                     "kind": "progress",
                     "job": job,
-                    "stage": _clean_text(event.stage, limits.MAX_NAME_BYTES),
+                    "stage": str(event.stage),  # clipped where the store makes the event
                     "fraction": _clean_fraction(event.fraction),
-                    "message": _clean_text(event.message, limits.MAX_STR_BYTES),
+                    "message": str(event.message),
                     "artifacts": entries,
                 }
             )
@@ -143,7 +136,7 @@ class Worker(threading.Thread):
             log.error("job %s failed:\n%s", job, traceback.format_exc())
             state, message = (
                 "failed",
-                _clean_text(describe_failure(err, stage=stage[0], data_dir=job_dir.parent), limits.MAX_STR_BYTES),
+                describe_failure(err, stage=stage[0], data_dir=job_dir.parent),
             )
         if (
             state == "failed"

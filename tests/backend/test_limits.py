@@ -15,7 +15,6 @@ from PIL import Image
 
 from backend.service.spawn import free_port, wait_answering
 from backend.service.store import ARTIFACTS_DIR, MANIFEST_FILE, Manifest, check_artifact_name, resolve_inside
-from backend.service.worker import _clean_text
 from protocol import errors, limits
 from protocol.client import Client
 from protocol.codec import decode, encode
@@ -260,13 +259,6 @@ def test_a_job_lists_at_most_max_artifacts_files(tmp_path, monkeypatch):
 
 def read_json(path: Path) -> list:
     return json.loads(path.read_text())["artifacts"]
-
-
-def test_worker_texts_are_clipped_in_utf8_bytes():
-    text = "€" * 100  # 300 bytes
-    out = _clean_text(text, limits.MAX_NAME_BYTES)
-    assert out.endswith("...") and len(out.encode()) <= limits.MAX_NAME_BYTES and text.startswith(out[:-3])
-    assert _clean_text("fit", limits.MAX_NAME_BYTES) == "fit"
 
 
 def test_symlinks_out_of_the_job_are_refused(tmp_path):

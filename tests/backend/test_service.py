@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import signal
 import subprocess
 import time
@@ -429,25 +428,28 @@ def test_job_with_the_most_artifacts_can_be_watched_queried_and_fetched(tmp_path
     assert not thread.is_alive()
 
 
-def test_event_over_the_protocol_limits_is_logged_and_the_service_goes_on(tmp_path, monkeypatch, caplog):
-    """An event the codec refuses is not pushed (logged); the loop, the job and its later events go on."""
-    monkeypatch.setattr(worker_module, "_clean_text", lambda value, max_bytes: str(value))  # no clipping
+def test_a_runners_long_texts_are_clipped_where_events_are_made(tmp_path):
+    """A runner's stage and message over the protocol's limits (in UTF-8 bytes) are clipped by the store,
+    so the push to watchers, status and replays all carry them; the job and its later events go on."""
 
     def long_message_runner(scene, out_dir, *, device, progress):
-        progress(ProgressEvent("step", 0.5, "€" * (limits.MAX_STR_BYTES // 3 + 1)))  # over the limit in bytes
+        progress(ProgressEvent("s" * (limits.MAX_NAME_BYTES + 10), 0.5, "€" * (limits.MAX_STR_BYTES // 3 + 1)))
         progress(ProgressEvent("step", 0.9, "a plain message"))
 
     svc, thread = start(tmp_path / "jobs", run=long_message_runner)
     try:
-        with caplog.at_level(logging.ERROR, logger="backend.service.server"):
-            with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
-                job = c.submit(scene_msg())
-                c.watch(job, since=0)
-                events = list(c.events(job))
-                assert [e["message"] for e in events[-2:]] == ["a plain message", "finished"]
-                assert [e["seq"] for e in events] == [1, 2, 4, 5]  # seq 3 could not be sent
-                assert c.jobs()[0]["state"] == "done"
-        assert "event 3 not sent to watchers" in caplog.text
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            job = c.submit(scene_msg())
+            c.watch(job, since=0)
+            events = list(c.events(job))
+            assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
+            long = events[2]
+            assert long["message"].endswith("...") and limits.utf8_len(long["message"]) <= limits.MAX_STR_BYTES
+            assert long["stage"].endswith("...") and limits.utf8_len(long["stage"]) <= limits.MAX_NAME_BYTES
+            assert [e["message"] for e in events[-2:]] == ["a plain message", "finished"]
+            assert c.status(job)["state"] == "done"
+            replayed = c.request("status", job=job, since=0)  # the replay carries the clipped event too
+            assert replayed["ok"]
     finally:
         svc.stop()
         thread.join(WAIT_S)

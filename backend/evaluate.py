@@ -268,7 +268,7 @@ def heldout_views(scene: Scene, width: int, height: int, device: torch.device | 
     pinhole cameras at that size: what every held-out score is taken against."""
     photos, cams = [], []
     for c in scene.heldout:
-        img, cam = undistorted(load_image(c.image), c.camera)
+        img, cam = undistorted(load_image(c.image, capture=c.name), c.camera)
         photos.append(resize_image(img, width, height))
         cams.append(cam)
     return to_tensor(photos, device), Cameras.from_scene(cams, width, height, device=device)

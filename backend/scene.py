@@ -472,6 +472,7 @@ def _no_scene_json(folder: Path) -> str:
     """What to say of a folder without scene.json: how to import the dataset it holds, or how to list its
     photos so that the loop estimates their cameras."""
     from backend.formats import detect_format  # backend.formats imports this module
+    from backend.formats.base import list_images
 
     problem = f"scene.json: not found in {folder}"
     try:
@@ -483,7 +484,7 @@ def _no_scene_json(folder: Path) -> str:
             f"{problem}; it holds a dataset in the {fmt} format: make a scene of it with "
             f"reconloop import {fmt} {folder} DST"
         )
-    photos = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    photos = [p.name for p in list_images(folder)]
     if not photos:
         return problem
     listed = ", ".join(json.dumps({"image": name}) for name in photos[:2]) + (", ..." if len(photos) > 2 else "")

@@ -562,3 +562,15 @@ def test_bench_loop_fit_set_types_values_and_names_a_bad_field(tmp_path: Path) -
     args = ["--data", str(tmp_path / "no_scene"), "--out", str(tmp_path), "--device", "cpu", "--frames", "4"]
     with pytest.raises(SystemExit, match=r"--guide-set: GuideConfig.member_points .* in \(0, 1\]; got 2.0"):
         bench_loop.main([*args, "--guide-set", "member_points=2"])
+
+
+def test_a_broken_heldout_photo_names_its_capture(temple_dir: Path, tmp_path: Path) -> None:
+    from backend.evaluate import heldout_views
+    from backend.scene import SceneError
+
+    scene = split_protocol(import_scene("middlebury", temple_dir, tmp_path / "s"), "ring-arc", train_views=3)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(scene.heldout[0].image.read_bytes()[:200])  # a header, then nothing
+    first = replace(scene.heldout[0], image=broken)
+    with pytest.raises(SceneError, match=rf"capture '{first.name}': cannot read the image"):
+        heldout_views(replace(scene, heldout=[first]), 32, 24, "cpu")

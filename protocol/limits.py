@@ -106,6 +106,20 @@ def as_dict() -> dict[str, int]:
 # what the codec accepts at all; these bound what one job may ask of this server, and travel in the
 # ``hello`` reply's ``limits`` so a client can check a scene before sending it.
 
+# ``reconloop serve``'s options that lower a JobLimits field (backend/service/options.py adds them; the
+# README's limits table names them): (option, JobLimits field, scale of the option's unit, help)
+LIMIT_OPTIONS = (
+    ("--max-captures", "max_captures", 1, "photos per job"),
+    ("--max-heldout", "max_heldout", 1, "held-out photos per job"),
+    ("--max-trajectory", "max_trajectory", 1, "trajectory cameras per job"),
+    ("--max-image-side", "max_image_side", 1, "pixels on a side (captures, cameras, settings width/height)"),
+    ("--max-frame-mib", "max_frame_bytes", MIB, "MiB in one frame at the socket; bigger frames drop the connection"),
+    ("--max-request-mib", "max_request_bytes", MIB, "MiB in one submit request"),
+    ("--max-queued", "max_queued_jobs", 1, "jobs waiting at once"),
+    ("--max-queued-per-client", "max_queued_per_client", 1, "jobs one client may have waiting at once"),
+)
+HELLO_KEY = {"max_request_bytes": "max_message_bytes"}  # a JobLimits field sent under another key in hello
+
 SETTING_SIDES = ("width", "height")  # the job's working resolution in ``scene.settings``
 
 
@@ -153,16 +167,7 @@ class JobLimits:
     def as_dict(self) -> dict[str, int]:
         """The ``hello`` reply's ``limits``: the wire limits with this server's per-job limits."""
         out = as_dict()
-        out.update(
-            max_captures=self.max_captures,
-            max_heldout=self.max_heldout,
-            max_trajectory=self.max_trajectory,
-            max_image_side=self.max_image_side,
-            max_frame_bytes=self.max_frame_bytes,
-            max_message_bytes=self.max_request_bytes,
-            max_queued_jobs=self.max_queued_jobs,
-            max_queued_per_client=self.max_queued_per_client,
-        )
+        out.update({HELLO_KEY.get(field, field): getattr(self, field) for _opt, field, _scale, _help in LIMIT_OPTIONS})
         return out
 
 
@@ -217,49 +222,33 @@ def check_job(scene: dict[str, Any], request_bytes: int, job_limits: JobLimits) 
 # ----------------------------------------------------------------------------------------------
 # Documentation of the ``hello`` reply's ``limits`` (protocol/README.md, ``python -m protocol``)
 
-# key -> (unit, meaning, the ``reconloop serve`` option that lowers it or ""); one entry per key of
-# ``JobLimits().as_dict()`` (tests/protocol check that they agree)
-LIMIT_DOCS: dict[str, tuple[str, str, str]] = {
-    "max_message_bytes": (
-        "bytes",
-        "all frames of one submit request together; more is refused `too_large`",
-        "--max-request-mib",
-    ),
-    "max_frame_bytes": (
-        "bytes",
-        "one frame; a bigger frame makes the server drop the connection unread (no reply)",
-        "--max-frame-mib",
-    ),
+# key -> (unit, meaning); one entry per key of ``JobLimits().as_dict()`` (tests/protocol check that they
+# agree); the option that lowers a key comes from LIMIT_OPTIONS
+LIMIT_DOCS: dict[str, tuple[str, str]] = {
+    "max_message_bytes": ("bytes", "all frames of one submit request together; more is refused `too_large`"),
+    "max_frame_bytes": ("bytes", "one frame; a bigger frame makes the server drop the connection unread (no reply)"),
     "max_header_bytes": (
         "bytes",
         "frame 0, the msgpack header, images sent as bin included; more is refused `too_large` (op and id nil)",
-        "",
     ),
-    "max_frames": (
-        "frames",
-        "frames of one message, the header included; more is refused `too_large` (op and id nil)",
-        "",
-    ),
-    "max_array_bytes": ("bytes", "one array (its frame)", ""),
-    "max_captures": ("items", "`scene.captures` of one job", "--max-captures"),
-    "max_heldout": ("items", "`scene.heldout` of one job", "--max-heldout"),
-    "max_trajectory": ("items", "`scene.trajectory` of one job", "--max-trajectory"),
+    "max_frames": ("frames", "frames of one message, the header included; more is refused `too_large` (op and id nil)"),
+    "max_array_bytes": ("bytes", "one array (its frame)"),
+    "max_captures": ("items", "`scene.captures` of one job"),
+    "max_heldout": ("items", "`scene.heldout` of one job"),
+    "max_trajectory": ("items", "`scene.trajectory` of one job"),
     "max_image_side": (
         "pixels",
         "a side of a capture image, of a camera's width/height and of the `width`/`height` settings",
-        "--max-image-side",
     ),
-    "fetch_chunk_bytes": ("bytes", "a `fetch` without `length` returns this many bytes", ""),
-    "max_fetch_chunk_bytes": ("bytes", "the largest `length` a `fetch` may ask for", ""),
+    "fetch_chunk_bytes": ("bytes", "a `fetch` without `length` returns this many bytes"),
+    "max_fetch_chunk_bytes": ("bytes", "the largest `length` a `fetch` may ask for"),
     "max_queued_jobs": (
         "jobs",
         "jobs waiting on the server at once; a submit beyond it is refused `too_large` until some have left the queue",
-        "--max-queued",
     ),
     "max_queued_per_client": (
         "jobs",
         "jobs one client may have waiting at once (a client is a CurveZMQ key; a service without keys has one client)",
-        "--max-queued-per-client",
     ),
 }
 
@@ -277,10 +266,10 @@ def limits_markdown() -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     defaults = JobLimits().as_dict()
-    if set(defaults) != set(LIMIT_DOCS):  # pragma: no cover - a key added to as_dict without its doc
-        raise ValueError(f"LIMIT_DOCS and as_dict() differ in {sorted(set(defaults) ^ set(LIMIT_DOCS))}")
+    options = {HELLO_KEY.get(field, field): option for option, field, _scale, _help in LIMIT_OPTIONS}
     rows = []
-    for key, (unit, meaning, option) in LIMIT_DOCS.items():
+    for key, (unit, meaning) in LIMIT_DOCS.items():
+        option = options.get(key, "")
         value = defaults[key]
         rows.append(f"| `{key}` | {unit} | {_amount(value, unit)} | {meaning} | {f'`{option}`' if option else ''} |")
     return "\n".join(head + rows) + "\n"

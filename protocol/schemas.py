@@ -21,7 +21,7 @@ from . import errors, limits
 from .errors import ProtocolError
 from .images import encoded_image_size
 from .limits import limits_markdown
-from .settings import settings_markdown
+from .settings import PIPE, settings_markdown
 from .version import SUPPORTED_VERSIONS
 
 TYPES = {
@@ -44,7 +44,6 @@ MAX_DISTORTION_PARAMS = 16
 MAX_MODEL_CHARS = 32
 FRAME_NUMBER_MAX = 2**31 - 1
 SCALAR_TYPES = (type(None), bool, int, float, str)
-PIPE = "\\|"  # a "|" inside a markdown table cell
 
 
 @dataclass(frozen=True)

@@ -307,7 +307,7 @@ def check_settings(
 # ----------------------------------------------------------------------------------------------
 # Documentation from the table (protocol/README.md, ``python -m protocol``)
 
-_PIPE = "\\|"  # a "|" inside a markdown table cell
+PIPE = "\\|"  # a "|" inside a markdown table cell (protocol.schemas's tables too)
 
 
 def _wire_value(value: Any) -> str:
@@ -343,7 +343,7 @@ def settings_markdown() -> str:
     wire_type = {"enum": "str"}  # an enum travels as a string
     rows = [
         f"| `{s.name}` ({s.label}) | {wire_type.get(s.kind, s.kind)} | {_allowed(s)} | {_wire_value(s.default)} "
-        f"| {s.help.replace('|', _PIPE)} |"
+        f"| {s.help.replace('|', PIPE)} |"
         for s in SETTINGS
     ]
     return "\n".join(head + rows) + "\n"

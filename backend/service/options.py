@@ -13,18 +13,7 @@ from protocol import limits
 
 from .auth import AuthConfig, generate_keys
 
-MIB = 1 << 20
-LIMIT_OPTIONS = (
-    # (option, JobLimits field, scale, help)
-    ("--max-captures", "max_captures", 1, "photos per job"),
-    ("--max-heldout", "max_heldout", 1, "held-out photos per job"),
-    ("--max-trajectory", "max_trajectory", 1, "trajectory cameras per job"),
-    ("--max-image-side", "max_image_side", 1, "pixels on a side (captures, cameras, settings width/height)"),
-    ("--max-frame-mib", "max_frame_bytes", MIB, "MiB in one frame at the socket; bigger frames drop the connection"),
-    ("--max-request-mib", "max_request_bytes", MIB, "MiB in one submit request"),
-    ("--max-queued", "max_queued_jobs", 1, "jobs waiting at once"),
-    ("--max-queued-per-client", "max_queued_per_client", 1, "jobs one client may have waiting at once"),
-)
+LIMIT_OPTIONS = limits.LIMIT_OPTIONS  # `serve`'s options that lower a JobLimits field
 
 
 def add_keys_command(sub: Any) -> None:

@@ -109,23 +109,18 @@ def test_run_without_weights_is_one_line(monkeypatch, tmp_path: Path, capsys) ->
 def test_a_job_without_weights_fails_with_the_advice(tmp_path: Path, monkeypatch) -> None:
     """Through the service (its runner holds the GeneratorCache): the job fails, its message is the advice."""
     from backend.scene import load_scene
-    from backend.service import Service, ServiceConfig
     from backend.service.options import GeneratorLoopRunner
     from backend.service.store import scene_message
     from protocol.client import Client
+    from tests.protocol.helpers import running_service
 
     monkeypatch.delenv("RECONLOOP_ALLOW_DOWNLOAD", raising=False)
     runner = GeneratorLoopRunner(GeneratorCache({"anyrecon": GeneratorWeights(str(tmp_path / "no_such_folder"))}))
-    svc = Service(ServiceConfig(bind="tcp://127.0.0.1:*", data_dir=tmp_path / "jobs", device="cpu"), runner=runner)
-    thread = svc.start_thread()
-    try:
+    with running_service(tmp_path / "jobs", runner=runner) as svc:
         with Client(svc.endpoint, timeout_ms=5000, retries=1) as client:
             job = client.submit(scene_message(load_scene(anyrecon_scene(tmp_path / "scene"))))
             client.watch(job, since=0)
             events = list(client.events(job))
-    finally:
-        svc.stop()
-        thread.join(20)
     assert events[-1]["state"] == "failed"
     message = events[-1]["message"]
     assert message.startswith("GeneratorWeightsError: generator 'anyrecon': cannot load its weights from ")

@@ -271,22 +271,17 @@ def test_without_the_generators_any_generator_name_loads(monkeypatch):
 def test_the_service_refuses_a_submit_with_an_unknown_generator(tmp_path):
     """The generator typo is refused when the job is submitted (the service loads the scene then), with the
     field named; no job is made."""
-    import zmq
 
     from protocol import errors
-    from protocol.codec import decode, pack
-    from tests.protocol.helpers import running_service, scene_msg
+    from protocol.codec import pack
+    from tests.protocol.helpers import ask, dealer, running_service, scene_msg
 
     msg = {"v": 1, "op": "submit", "id": 1, "scene": scene_msg()}
     msg["scene"]["settings"]["generator"] = "anyrecn"
     with running_service(tmp_path / "jobs") as svc:
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(svc.endpoint)
+        sock = dealer(svc.endpoint)
         try:
-            sock.send_multipart(list(pack(msg)))
-            assert sock.poll(5000), "no reply"
-            reply = decode(sock.recv_multipart(), "reply")
+            reply = ask(sock, list(pack(msg)))
         finally:
             sock.close()
         assert svc.store.jobs == {}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,24 +26,33 @@ from protocol import errors, limits
 from protocol.client import Client
 from protocol.codec import pack
 from protocol.errors import ProtocolError
-from tests.protocol.helpers import camera, png_bytes, runner, scene_msg
+from tests.backend._reliability import start_service, stop_service
+from tests.protocol.helpers import camera, png_bytes, runner, running_service, scene_msg
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_MS = 5000
 WAIT_S = 20
 
 
-def start(data_dir: Path, bind: str = "tcp://127.0.0.1:*", run=runner) -> tuple[Service, object]:
-    svc = Service(ServiceConfig(bind=bind, data_dir=data_dir, device="cpu"), runner=run)
-    return svc, svc.start_thread()
+def start(data_dir: Path, **kwargs) -> tuple[Service, object]:
+    """_reliability's service with this file's runner (tests.protocol.helpers) unless given."""
+    return start_service(data_dir, **{"runner": runner, **kwargs})
+
+
+@contextlib.contextmanager
+def finished_job(data_dir: Path, run) -> Iterator[tuple[Client, str, list[dict]]]:
+    """A job of ``scene_msg()`` run to its end by ``run`` on a service of its own: (client, job, its events)."""
+    with running_service(data_dir, runner=run) as svc, Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+        job = c.submit(scene_msg())
+        c.watch(job, since=0)
+        yield c, job, list(c.events(job))
 
 
 @pytest.fixture
 def service(tmp_path):
     svc, thread = start(tmp_path / "jobs")
     yield svc
-    svc.stop()
-    thread.join(WAIT_S)
+    stop_service(svc, thread)
 
 
 @pytest.fixture
@@ -257,8 +268,7 @@ def test_shutdown_only_from_loopback(tmp_path):
         with pytest.raises(ProtocolError) as err:
             c.shutdown()
         assert err.value.code == errors.FORBIDDEN
-    svc.stop()
-    thread.join(WAIT_S)
+    stop_service(svc, thread)
     svc, thread = start(tmp_path / "tcp-jobs")
     with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
         c.shutdown()
@@ -320,8 +330,7 @@ def test_restart_after_kill9_marks_interrupted_and_keeps_finished_artifacts(tmp_
             replay = list(c.events(blocked))
             assert [e["state"] for e in replay] == ["queued", "running", "running", "interrupted"]
     finally:
-        svc.stop()
-        thread.join(WAIT_S)
+        stop_service(svc, thread)
 
 
 def test_submit_with_same_key_is_one_job(client):
@@ -365,8 +374,7 @@ def test_job_queued_before_a_restart_runs_when_the_worker_connects_late(tmp_path
         with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
             assert wait_state(c, job)["state"] == "done"
     finally:
-        svc.stop()
-        thread.join(WAIT_S)
+        stop_service(svc, thread)
     assert connected == [(True, True)]
     assert sent[0] == ("run", job, True)  # the first run went out, to a connected worker
 
@@ -410,22 +418,13 @@ def frames_runner(scene, out_dir, *, device, progress):
 
 
 def test_job_with_the_most_artifacts_can_be_watched_queried_and_fetched(tmp_path):
-    svc, thread = start(tmp_path / "jobs", run=frames_runner)
-    try:
-        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
-            job = c.submit(scene_msg())
-            c.watch(job, since=0)
-            events = list(c.events(job))
-            assert events[-1]["state"] == "done"
-            assert len(events[-1]["artifacts"]) == limits.MAX_FILES_PER_FRAME * limits.MAX_TRAJECTORY
-            status = c.status(job)
-            assert len(status["artifacts"]) == limits.MAX_ARTIFACTS
-            last = limits.MAX_TRAJECTORY - 1
-            assert c.fetch_bytes(job, f"frames/confidence_{last:04d}.png") == f"{last}".encode()
-    finally:
-        svc.stop()
-        thread.join(WAIT_S)
-    assert not thread.is_alive()
+    with finished_job(tmp_path / "jobs", frames_runner) as (c, job, events):
+        assert events[-1]["state"] == "done"
+        assert len(events[-1]["artifacts"]) == limits.MAX_FILES_PER_FRAME * limits.MAX_TRAJECTORY
+        status = c.status(job)
+        assert len(status["artifacts"]) == limits.MAX_ARTIFACTS
+        last = limits.MAX_TRAJECTORY - 1
+        assert c.fetch_bytes(job, f"frames/confidence_{last:04d}.png") == f"{last}".encode()
 
 
 def test_a_runners_long_texts_are_clipped_where_events_are_made(tmp_path):
@@ -436,20 +435,11 @@ def test_a_runners_long_texts_are_clipped_where_events_are_made(tmp_path):
         progress(ProgressEvent("s" * (limits.MAX_NAME_BYTES + 10), 0.5, "€" * (limits.MAX_STR_BYTES // 3 + 1)))
         progress(ProgressEvent("step", 0.9, "a plain message"))
 
-    svc, thread = start(tmp_path / "jobs", run=long_message_runner)
-    try:
-        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
-            job = c.submit(scene_msg())
-            c.watch(job, since=0)
-            events = list(c.events(job))
-            assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
-            long = events[2]
-            assert long["message"].endswith("...") and limits.utf8_len(long["message"]) <= limits.MAX_STR_BYTES
-            assert long["stage"].endswith("...") and limits.utf8_len(long["stage"]) <= limits.MAX_NAME_BYTES
-            assert [e["message"] for e in events[-2:]] == ["a plain message", "finished"]
-            assert c.status(job)["state"] == "done"
-            replayed = c.request("status", job=job, since=0)  # the replay carries the clipped event too
-            assert replayed["ok"]
-    finally:
-        svc.stop()
-        thread.join(WAIT_S)
+    with finished_job(tmp_path / "jobs", long_message_runner) as (c, job, events):
+        assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
+        long = events[2]
+        assert long["message"].endswith("...") and limits.utf8_len(long["message"]) <= limits.MAX_STR_BYTES
+        assert long["stage"].endswith("...") and limits.utf8_len(long["stage"]) <= limits.MAX_NAME_BYTES
+        assert [e["message"] for e in events[-2:]] == ["a plain message", "finished"]
+        assert c.status(job)["state"] == "done"
+        assert c.request("status", job=job, since=0)["ok"]  # the replay carries the clipped event too

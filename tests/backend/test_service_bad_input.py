@@ -10,7 +10,7 @@ import zmq
 
 from protocol import errors, limits
 from protocol.codec import decode, pack
-from tests.protocol.helpers import running_service
+from tests.protocol.helpers import ask, dealer, running_service
 from tests.protocol.test_codec import WRONG, path_text, set_path, valid_requests, wrong_type_cases
 
 TIMEOUT_MS = 5000
@@ -24,17 +24,9 @@ def endpoint(tmp_path_factory):
 
 @pytest.fixture
 def sock(endpoint):
-    s = zmq.Context.instance().socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(endpoint)
+    s = dealer(endpoint)
     yield s
     s.close()
-
-
-def ask(sock, frames) -> dict:
-    sock.send_multipart(frames)
-    assert sock.poll(TIMEOUT_MS), "no reply"
-    return decode(sock.recv_multipart(), "reply")
 
 
 def jobs_ok(sock) -> None:

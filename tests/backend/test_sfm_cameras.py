@@ -93,24 +93,19 @@ def test_a_service_job_names_the_photos_sfm_could_not_place(tmp_path: Path) -> N
 
     from backend.loop import run_loop
     from backend.scene import load_scene
-    from backend.service import Service, ServiceConfig
     from backend.service.store import scene_message
     from protocol.client import Client
+    from tests.protocol.helpers import running_service
 
     names = ["templeSR0001", "templeSR0002"]
     _flat_photos(tmp_path / "scene" / "images", names)
     scene = {"version": 1, "captures": [{"name": n, "image": f"images/{n}.png"} for n in names]}  # no cameras
     (tmp_path / "scene" / "scene.json").write_text(json.dumps(scene))
-    svc = Service(ServiceConfig(bind="tcp://127.0.0.1:*", data_dir=tmp_path / "jobs", device="cpu"), runner=run_loop)
-    thread = svc.start_thread()
-    try:
+    with running_service(tmp_path / "jobs", runner=run_loop) as svc:
         with Client(svc.endpoint, timeout_ms=5000, retries=1) as client:
             job = client.submit(scene_message(load_scene(tmp_path / "scene")))
             client.watch(job, since=0)
             final = list(client.events(job))[-1]
-    finally:
-        svc.stop()
-        thread.join(20)
     assert final["state"] == "failed"
     assert "not placed: templeSR0001, templeSR0002." in final["message"], final["message"]
     assert "c0000" not in final["message"]

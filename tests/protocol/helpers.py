@@ -17,7 +17,7 @@ import zmq
 from PIL import Image
 
 from backend.progress import ProgressEvent
-from protocol.codec import encode
+from protocol.codec import decode, encode
 
 WIDTH, HEIGHT = 64, 48
 FOCAL = 50.0
@@ -30,6 +30,13 @@ def dealer(endpoint: str) -> Any:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     return sock
+
+
+def ask(sock: Any, frames: list[Any], timeout_ms: int = 5000) -> dict[str, Any]:
+    """Send ``frames`` on ``sock`` (a DEALER) and return the decoded reply."""
+    sock.send_multipart(frames)
+    assert sock.poll(timeout_ms), "no reply"
+    return decode(sock.recv_multipart(), "reply")
 
 
 def png_bytes(width: int = WIDTH, height: int = HEIGHT, seed: int = 0) -> bytes:
@@ -153,19 +160,34 @@ class ScriptedService:
         while self.router.poll(0):
             self.router.recv_multipart()
 
-    def answer(self, request: dict[str, Any], **fields: Any) -> None:
-        msg = {"v": 1, "ok": True, "op": request["op"], "id": request["id"], **fields}
+    @property
+    def endpoint(self) -> str:
+        """Where the client connects."""
+        return self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        """A reply or event to the latest request's client."""
         self.router.send_multipart([self.ident, *encode(msg, "reply")])
+
+    def answer(self, request: dict[str, Any], **fields: Any) -> None:
+        """``request``'s reply (ok) with ``fields``; a field given overrides the echoed op or id."""
+        self.send({"v": 1, "ok": True, "op": request["op"], "id": request["id"], **fields})
+
+    def fail(self, request: dict[str, Any], code: str, message: str, **fields: Any) -> None:
+        """``request``'s error reply (``id``/``op`` may be overridden, e.g. nil)."""
+        error = {"code": code, "message": message}
+        self.send({"v": 1, "ok": False, "op": request["op"], "id": request["id"], "error": error, **fields})
 
     def event(self, job: str, seq: int, state: str, fraction: float = 0.0, message: str = "") -> None:
         msg = {"v": 1, "ok": True, "op": "event", "job": job, "seq": seq, "time": time.time(), "state": state}
         msg.update(stage="", fraction=fraction, message=message, artifacts=[])
-        self.router.send_multipart([self.ident, *encode(msg, "reply")])
+        self.send(msg)
 
 
 @contextlib.contextmanager
-def running_service(data_dir: Path, bind: str = "tcp://127.0.0.1:*") -> Iterator[Any]:
-    """The real service with ``runner``, in a thread on a random loopback port; stopped on exit."""
+def running_service(data_dir: Path, bind: str = "tcp://127.0.0.1:*", runner: Any = runner) -> Iterator[Any]:
+    """The real service with ``runner`` (this module's, unless given), in a thread on a random loopback
+    port; stopped on exit."""
     from backend.service import Service, ServiceConfig
 
     svc = Service(ServiceConfig(bind=bind, data_dir=data_dir, device="cpu"), runner=runner)

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import time
 
-import msgpack
 import pytest
-import zmq
 
 from protocol import errors
 from protocol.client import Client, ClientClosedError, PendingRequest
-from protocol.codec import encode
 from protocol.errors import ProtocolError
-from tests.protocol.helpers import running_service, scene_msg
+from tests.protocol.helpers import ScriptedService, running_service, scene_msg
 
 JOB = "0123456789abcdef0123456789abcdef"
 POLL_BOUND_S = 0.05  # poll(0) reads what is there and returns
@@ -22,24 +19,9 @@ WAIT_S = 20
 
 
 @pytest.fixture
-def router(loopback_router):
-    """The test reads the requests and sends the replies (or none)."""
-    return loopback_router
-
-
-def _endpoint(router) -> str:
-    return router.getsockopt_string(zmq.LAST_ENDPOINT)
-
-
-def _receive(router) -> tuple[bytes, dict]:
-    """The next request: (the client socket's identity, its header)."""
-    assert router.poll(WAIT_S * 1000), "no request came"
-    ident, header, *_ = router.recv_multipart()
-    return ident, msgpack.unpackb(header, raw=False)
-
-
-def _answer(router, ident: bytes, msg: dict) -> None:
-    router.send_multipart([ident, *encode({"v": 1, "ok": True, **msg}, "reply")])
+def svc(loopback_router) -> ScriptedService:
+    """The test plays the service: it reads the requests and sends the replies (or none)."""
+    return ScriptedService(loopback_router)
 
 
 def _timed_poll(pending: PendingRequest):
@@ -60,19 +42,16 @@ def _poll_until_reply(pending: PendingRequest) -> tuple[dict, int]:
     return reply, empty
 
 
-def test_poll_returns_at_once_and_a_later_poll_takes_the_reply(router):
-    with Client(_endpoint(router), timeout_ms=WAIT_S * 1000, retries=0) as client:
+def test_poll_returns_at_once_and_a_later_poll_takes_the_reply(svc):
+    with Client(svc.endpoint, timeout_ms=WAIT_S * 1000, retries=0) as client:
         pending = client.begin("cancel", job=JOB)
         assert _timed_poll(pending) is None  # nothing was answered yet
-        ident, header = _receive(router)
+        header = svc.request(WAIT_S)
         assert header["op"] == "cancel" and header["job"] == JOB and header["id"] == pending.rid
-        _answer(
-            router, ident, {"op": "cancel", "id": pending.rid + 100, "job": JOB, "state": "cancelled"}
-        )  # not this request's: dropped
-        event = {"op": "event", "job": JOB, "seq": 1, "time": time.time(), "state": "running"}
-        _answer(router, ident, {**event, "stage": "fit", "fraction": 0.5, "message": "", "artifacts": []})
+        svc.answer(header, id=pending.rid + 100, job=JOB, state="cancelled")  # not this request's: dropped
+        svc.event(JOB, 1, "running", fraction=0.5)
         assert _timed_poll(pending) is None  # a stale reply and an event: still no reply
-        _answer(router, ident, {"op": "cancel", "id": pending.rid, "job": JOB, "state": "cancelled"})
+        svc.answer(header, job=JOB, state="cancelled")
         reply, _ = _poll_until_reply(pending)
         assert reply["id"] == pending.rid and reply["ok"]
         assert pending.poll(0) is reply  # the reply stays taken
@@ -83,19 +62,15 @@ def test_poll_returns_at_once_and_a_later_poll_takes_the_reply(router):
 
         # An error reply raises ProtocolError from the poll that takes it (and from any later poll).
         pending = client.begin("status", job=JOB)
-        ident, _ = _receive(router)
-        wire = ProtocolError(errors.NOT_FOUND, f"no job {JOB}").to_wire()
-        router.send_multipart(
-            [ident, *encode({"v": 1, "op": "status", "id": pending.rid, "ok": False, "error": wire}, "reply")]
-        )
+        svc.fail(svc.request(WAIT_S), errors.NOT_FOUND, f"no job {JOB}")
         with pytest.raises(ProtocolError, match="no job"):
             _poll_until_reply(pending)
         with pytest.raises(ProtocolError, match="no job"):
             pending.poll(0)
 
 
-def test_resent_on_a_fresh_socket_with_the_same_key_then_timeout(router):
-    with Client(_endpoint(router), timeout_ms=150, retries=2) as client:
+def test_resent_on_a_fresh_socket_with_the_same_key_then_timeout(svc):
+    with Client(svc.endpoint, timeout_ms=150, retries=2) as client:
         pending = client.begin("submit", scene=scene_msg())
         t0 = time.monotonic()
         with pytest.raises(TimeoutError, match=r"submit: no reply from .* after 3 tries of 150 ms"):
@@ -104,8 +79,11 @@ def test_resent_on_a_fresh_socket_with_the_same_key_then_timeout(router):
         assert pending.tries == 3 and client.reconnects == 3  # a fresh socket after each try, as request()
         with pytest.raises(TimeoutError):  # a later poll raises the same, sending nothing more
             pending.poll(0)
-        got = [_receive(router) for _ in range(3)]
-        assert not router.poll(100), "a fourth try went out"
+        got = []  # (the sending socket's identity, the request) per try
+        for _ in range(3):
+            header = svc.request(WAIT_S)
+            got.append((svc.ident, header))
+        assert not svc.router.poll(100), "a fourth try went out"
     idents = {ident for ident, _ in got}
     keys = {header["key"] for _, header in got}
     ids = [header["id"] for _, header in got]
@@ -113,17 +91,17 @@ def test_resent_on_a_fresh_socket_with_the_same_key_then_timeout(router):
     assert len(keys) == 1 and len(set(ids)) == 3, "the same submit key on every try, a new id each"
 
 
-def test_request_waits_through_begin_and_retries(router):
+def test_request_waits_through_begin_and_retries(svc):
     """request() is begin().wait(): the same Lazy Pirate loop, blocking."""
-    with Client(_endpoint(router), timeout_ms=100, retries=1) as client:
+    with Client(svc.endpoint, timeout_ms=100, retries=1) as client:
         t0 = time.monotonic()
         with pytest.raises(TimeoutError, match=r"jobs: no reply from .* after 2 tries of 100 ms"):
             client.request("jobs")
         assert 0.15 < time.monotonic() - t0 < 5 and client.reconnects == 2
 
 
-def test_closed_client_raises_client_closed(router):
-    client = Client(_endpoint(router), timeout_ms=WAIT_S * 1000)
+def test_closed_client_raises_client_closed(svc):
+    client = Client(svc.endpoint, timeout_ms=WAIT_S * 1000)
     pending = client.begin("jobs")
     client.close()
     with pytest.raises(ClientClosedError):
@@ -150,24 +128,23 @@ def test_begin_hello_and_begin_watch_against_the_service(tmp_path):
         assert seqs[-1] == "done" and client.begin("status", job=job).wait()["state"] == "done"
 
 
-def test_an_error_reply_without_an_id_is_this_requests_error(router):
+def test_an_error_reply_without_an_id_is_this_requests_error(svc):
     """A server that cannot read a request's id answers with id nil (its header over the limits, say): the
     client takes that error as its request's, rather than dropping it as stale and timing out."""
-    with Client(_endpoint(router), timeout_ms=2000, retries=0) as client:
+    with Client(svc.endpoint, timeout_ms=2000, retries=0) as client:
         pending = client.begin("jobs")
-        ident, _ = _receive(router)
-        error = {"code": errors.TOO_LARGE, "message": "header frame of 9860594 bytes; at most 8388608"}
-        router.send_multipart([ident, *encode({"v": 1, "op": None, "id": None, "ok": False, "error": error}, "reply")])
+        message = "header frame of 9860594 bytes; at most 8388608"
+        svc.fail(svc.request(WAIT_S), errors.TOO_LARGE, message, op=None, id=None)
         with pytest.raises(ProtocolError) as err:
             pending.wait()
     assert err.value.code == errors.TOO_LARGE and "9860594" in err.value.message
 
 
-def test_a_header_over_the_servers_limit_is_refused_before_sending(router):
+def test_a_header_over_the_servers_limit_is_refused_before_sending(svc):
     """Images as msgpack bin in the header count against max_header_bytes: refused here, naming the limit."""
-    with Client(_endpoint(router), timeout_ms=2000, retries=0) as client:
+    with Client(svc.endpoint, timeout_ms=2000, retries=0) as client:
         client.server = {"limits": {"max_header_bytes": 200}}
         with pytest.raises(ProtocolError) as err:
             client.begin("submit", key="k", scene=scene_msg(captures=1))  # a PNG as bin in the header
-        assert not router.poll(200), "the oversized request was sent"
+        assert not svc.router.poll(200), "the oversized request was sent"
     assert err.value.code == errors.TOO_LARGE and "max_header_bytes" in err.value.message

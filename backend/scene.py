@@ -484,12 +484,17 @@ def _no_scene_json(folder: Path) -> str:
             f"{problem}; it holds a dataset in the {fmt} format: make a scene of it with "
             f"reconloop import {fmt} {folder} DST"
         )
-    photos = [p.name for p in list_images(folder)]
-    if not photos:
+    # the photos in the folder, else in its first subfolder that holds any (a camera's DCIM/, images/)
+    for where in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
+        photos = [p.relative_to(folder).as_posix() for p in list_images(where)]
+        if photos:
+            break
+    else:
         return problem
+    inside = "" if where == folder else f" (in {where.name}/)"
     listed = ", ".join(json.dumps({"image": name}) for name in photos[:2]) + (", ..." if len(photos) > 2 else "")
     return (
-        f"{problem}; for its {len(photos)} photos, write one that lists them without a camera "
+        f"{problem}; for its {len(photos)} photos{inside}, write one that lists them without a camera "
         f'({{"version": 1, "captures": [{listed}]}}) and the loop estimates their cameras (SfM)'
     )
 

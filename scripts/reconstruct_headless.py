@@ -35,7 +35,8 @@ DEFAULT_TIMEOUT_S = 3600.0
 
 
 def existing_file(text: str) -> Path:
-    """argparse type: a file that exists (``--blend``), so a wrong path is one line, not Blender's traceback."""
+    """argparse type: a file that exists (``--blend``, ``--extension``, the key files), so a wrong path is one
+    line, not Blender's traceback."""
     path = Path(text)
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"{text}: no such file")
@@ -72,13 +73,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument(
         "--server", default="", help="service address, e.g. tcp://127.0.0.1:5555 (default: the preferences)"
     )
-    ap.add_argument("--server-key", type=Path, default=None, help="the server's CurveZMQ public key file (NAME.key)")
-    ap.add_argument("--client-key", type=Path, default=None, help="your CurveZMQ secret key file (NAME.key_secret)")
+    ap.add_argument(
+        "--server-key", type=existing_file, default=None, help="the server's CurveZMQ public key file (NAME.key)"
+    )
+    ap.add_argument(
+        "--client-key", type=existing_file, default=None, help="your CurveZMQ secret key file (NAME.key_secret)"
+    )
     ap.add_argument("--out", type=Path, required=True, help="folder for results and the saved .blend")
     ap.add_argument(
         "--save", type=Path, default=None, help="where to save the .blend (default OUT/<name>_reconstructed.blend)"
     )
-    ap.add_argument("--extension", type=Path, default=None, help="extension zip to install first")
+    ap.add_argument("--extension", type=existing_file, default=None, help="extension zip to install first")
     ap.add_argument("--captures", default="", help="name of the collection of capture cameras")
     ap.add_argument("--photos", type=Path, default=None, help="a folder of photos without cameras instead")
     ap.add_argument("--trajectory", default="", help="name of the animated trajectory camera")

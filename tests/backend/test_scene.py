@@ -234,13 +234,18 @@ def test_a_dataset_folder_without_scene_json_names_its_import(temple_dir):
     )
 
 
-def test_a_photo_folder_without_scene_json_says_how_to_list_the_photos(tmp_path):
-    """The scene.json the message shows loads: its photos without cameras, which the loop estimates."""
+@pytest.mark.parametrize("subfolder", ["", "DCIM"])
+def test_a_photo_folder_without_scene_json_says_how_to_list_the_photos(tmp_path, subfolder):
+    """The scene.json the message shows loads: its photos without cameras, which the loop estimates; photos
+    one folder down (a camera card's DCIM/) are listed with that folder in their paths."""
+    (tmp_path / "CACHE").mkdir()  # sorted before DCIM: a subfolder without photos is passed over
+    (tmp_path / subfolder).mkdir(exist_ok=True)
     for name in ("b.jpg", "a.png"):
-        Image.new("RGB", (WIDTH, HEIGHT)).save(tmp_path / name)
+        Image.new("RGB", (WIDTH, HEIGHT)).save(tmp_path / subfolder / name)
     (tmp_path / "notes.txt").write_text("not a photo")
+    inside = r" \(in DCIM/\)" if subfolder else ""
     with pytest.raises(
-        SceneError, match=r"^scene\.json: not found in .*; for its 2 photos, .*estimates their cameras"
+        SceneError, match=rf"^scene\.json: not found in .*; for its 2 photos{inside}, .*estimates their cameras"
     ) as err:
         load_scene(tmp_path)
     shown = str(err.value)

@@ -53,6 +53,8 @@ def test_a_value_the_add_on_would_not_take_is_one_line(registered, tmp_path, fla
         (("--frames", "1-40"), "argument --frames: must be START:END[:STEP] in frames, STEP at least 1; got '1-40'"),
         (("--frames", "1:40:0"), "argument --frames: must be START:END[:STEP]"),
         (("--blend", "missing.blend"), "argument --blend: missing.blend: no such file"),
+        (("--extension", "reconloop.zip"), "argument --extension: reconloop.zip: no such file"),
+        (("--server-key", "server.key"), "argument --server-key: server.key: no such file"),
     ],
 )
 def test_a_malformed_argument_is_a_usage_error(tmp_path, capsys, flags, message):

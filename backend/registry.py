@@ -27,13 +27,16 @@ class Registry(Generic[T]):
 
     Args:
         kind: what the entries are, for error messages ("generator").
-        modules: name -> module that registers it when imported (loaded on first ``get``).
+        modules: name -> module that registers it when imported (loaded on first ``get``). A module
+            of the package that is not named here is never imported, so its name is unknown.
+        install_hint: what to install when a module's own imports are missing (``pip install ...``).
     """
 
-    def __init__(self, kind: str, modules: Mapping[str, str] | None = None) -> None:
+    def __init__(self, kind: str, modules: Mapping[str, str] | None = None, install_hint: str = "") -> None:
         self.kind = kind
         self._modules = dict(modules or {})
         self._items: dict[str, type[T]] = {}
+        self.install_hint = install_hint
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
         if name != name.lower() or not name:
@@ -50,7 +53,16 @@ class Registry(Generic[T]):
     def get(self, name: str) -> type[T]:
         """The class registered under ``name``, importing its module first where one is named."""
         if name not in self._items and name in self._modules:
-            importlib.import_module(self._modules[name])
+            module = self._modules[name]
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as err:
+                if err.name is None or module == err.name or module.startswith(f"{err.name}."):
+                    raise
+                hint = f" ({self.install_hint})" if self.install_hint else ""
+                raise ValueError(f"{self.kind} {name!r} needs {err.name}, which is not installed here{hint}") from err
+            if name not in self._items:
+                raise ValueError(f"{self.kind} {name!r}: its module {module} registers no {self.kind} of that name")
         try:
             return self._items[name]
         except KeyError:

@@ -268,6 +268,9 @@ class ConditionVideo:
     prompt: str = ""
 
 
+IMAGE_SLACK = 1e-3  # generated colours may pass [0, 1] by this much (a blend's or a decoder's rounding)
+
+
 @dataclass
 class Frames:
     """A generator's output at the target cameras.
@@ -279,3 +282,23 @@ class Frames:
 
     images: Tensor
     confidence: Tensor
+
+    def check(self, targets: Cameras, who: str) -> None:
+        """Raise ValueError, naming ``who`` (the generator), unless these are frames for ``targets``: images
+        [F, H, W, 3], finite, in [0, 1] to rounding (IMAGE_SLACK), confidence [F, H, W] in [0, 1] (the fit's
+        rule), F, H, W the cameras'. One host sync."""
+        f, h, w = len(targets), targets.height, targets.width
+        if tuple(self.images.shape) != (f, h, w, 3):
+            raise ValueError(f"{who}: Frames.images must be [{f}, {h}, {w}, 3]; got {tuple(self.images.shape)}")
+        if tuple(self.confidence.shape) != (f, h, w):
+            raise ValueError(f"{who}: Frames.confidence must be [{f}, {h}, {w}]; got {tuple(self.confidence.shape)}")
+        if f == 0:
+            return
+        bounds = torch.stack([*self.images.aminmax(), *self.confidence.aminmax()]).float().tolist()
+        lo, hi, lo_conf, hi_conf = bounds  # a NaN anywhere makes its tensor's min and max NaN
+        if not (-IMAGE_SLACK <= lo and hi <= 1.0 + IMAGE_SLACK):  # False for NaN
+            raise ValueError(f"{who}: Frames.images must be finite in [0, 1]; got values in [{lo:.3g}, {hi:.3g}]")
+        if not (0.0 <= lo_conf and hi_conf <= 1.0):
+            raise ValueError(
+                f"{who}: Frames.confidence must be finite in [0, 1]; got values in [{lo_conf:.3g}, {hi_conf:.3g}]"
+            )

@@ -6,7 +6,10 @@ dataclass the loop uses) builds its fields and checks from it, the Blender add-o
 properties and the sidebar's Settings panel from it, and the add-on sends exactly these names.
 Stdlib only (runs inside Blender and on the service).
 
-Adding a setting is one :class:`Setting` row appended to :data:`SETTINGS`, plus the code that uses it.
+Adding a setting is one :class:`Setting` row appended to :data:`SETTINGS`, plus the code that uses it:
+the loop's configs read ``Settings`` in their ``from_settings`` (``backend.loop.LoopConfig``; a
+generator sees only ``GeneratorConfig``, so a setting it reads is a field there too), and
+``python -m protocol`` regenerates the settings table in ``protocol/README.md`` (a test compares them).
 
 Example::
 

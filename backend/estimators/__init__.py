@@ -6,7 +6,12 @@ constructor; ``ESTIMATORS.make(name, cfg)`` builds one by name. ``mvs`` (plane-s
 no learned weights) is the default; ``patchmatch`` (COLMAP's PatchMatch stereo through pycolmap's
 CUDA build) is the job's ``geometry`` setting's other choice (docs/benchmarks.md, runs 29, 34 and
 earlier: +0.1 to +0.5 dB on the door, -1.7 dB on the fern, the temple falls back to plane sweep); ``hull`` (space carving from the
-captures' masks) holds at wide baselines. A feed-forward point-map model (pi3, VGGT) plugs in the same way.
+captures' masks) holds at wide baselines. A feed-forward point-map model (pi3, VGGT) plugs in the same way:
+its module named in the ``ESTIMATORS`` map below (only named modules are imported), its name among the
+``geometry`` setting's choices (``protocol/settings.py``; ``python -m protocol`` regenerates the table in
+``protocol/README.md``), its config in ``MemoryConfig`` if it has one (else it is built with none), and
+what follows it when it fails in ``backend.stages.memory.FALLBACKS`` (plane sweep, then the hull, unless
+named there).
 Captures without cameras go through :mod:`backend.estimators.sfm` first.
 """
 

@@ -1,8 +1,14 @@
 """Generators: fill what the memory renders miss (DESIGN.md section 1 step 5).
 
-A generator is any object with ``generate(cond, *, num_steps, seed) -> Frames``. Implementations
-register under a lowercase name with ``@GENERATORS.register("name")``; each is one self-contained
-module in this package. As diffusers builds a pipeline from its loaded components, a generator is
+A generator is any object with ``generate(cond, *, num_steps, seed, progress=None) -> Frames``
+(``progress``: :data:`GenerateProgress`); the loop checks the frames' shapes and ranges
+(``Frames.check``). Optional: ``prepare(captures, ...)`` learns from the captures before the first
+segment (``refine``), ``segments_note`` says what it did. Implementations register under a lowercase
+name with ``@GENERATORS.register("name")``; each is one self-contained module in this package, named
+in the ``GENERATORS`` map below, which imports it when its name is asked for (a module not named there
+is never imported). The job's ``generator`` setting takes any registered name; what a generator reads
+from the job's settings comes through ``GeneratorConfig`` (a new setting it needs: a field there and a
+line in ``GeneratorConfig.from_settings``). As diffusers builds a pipeline from its loaded components, a generator is
 built by ``make_generator(config, components)``: ``config`` (``GeneratorConfig``) holds what a job
 chooses, ``components`` the loaded models (None for a generator without learned parts). A learned
 generator's class has ``load_components(weights, config, device)``, and ``GeneratorCache`` (held by
@@ -49,6 +55,7 @@ GENERATORS: Registry[Any] = Registry(
         "anyrecon": "backend.generators.anyrecon",
         "refine": "backend.generators.refine",
     },
+    install_hint="pip install 'reconloop[gpu]'",  # anyrecon's diffusers
 )
 
 MEMORY_MODES = ("none", "fp8", "group_offload", "model_offload")  # where a learned generator's weights live

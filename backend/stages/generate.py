@@ -71,4 +71,6 @@ def generate_segment(
         Frames: images [F, H, W, 3] and confidence [F, H, W].
     """
     cond = ConditionVideo(targets=targets, renders=renders, memory=retrieved, carried=carried, prompt=prompt)
-    return generator.generate(cond, num_steps=num_steps, seed=seed, progress=progress)
+    frames = generator.generate(cond, num_steps=num_steps, seed=seed, progress=progress)
+    frames.check(targets, f"generator {type(generator).__name__}")  # a wrong frame fails here, not in the fit
+    return frames

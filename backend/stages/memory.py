@@ -139,7 +139,7 @@ def build_memory(
 
 
 # what the memory tries after each estimator, before bounded depth (the hull only with masks; plane
-# sweep after a hull asked for on captures without masks)
+# sweep after a hull asked for on captures without masks); an estimator not named: plane sweep, the hull
 FALLBACKS = {"patchmatch": ("mvs", "hull"), "mvs": ("hull",), "hull": ("mvs",)}
 USED = {"mvs": "plane sweep", "hull": "the visual hull of the captures' masks"}
 
@@ -149,11 +149,13 @@ def estimate_with_fallback(views: Views, cfg: MemoryConfig, estimator: str, note
     next of :data:`FALLBACKS` (plane sweep after PatchMatch, the visual hull where there are masks),
     at last bounded depth, with a line in ``notes`` (module docstring)."""
     est_cfgs = {"mvs": cfg.mvs, "hull": cfg.hull, "patchmatch": cfg.patchmatch}
-    chain = [estimator, *(e for e in FALLBACKS.get(estimator, ("hull",)) if e != "hull" or views.masks is not None)]
+    fallbacks = FALLBACKS.get(estimator, ("mvs", "hull"))
+    chain = [estimator, *(e for e in fallbacks if e != "hull" or views.masks is not None)]
     why = ""
     for name in chain:
         try:
-            memory = ESTIMATORS.make(name, est_cfgs.get(name)).estimate(views)
+            est = ESTIMATORS.make(name, est_cfgs[name]) if name in est_cfgs else ESTIMATORS.make(name)
+            memory = est.estimate(views)
         except GeometryError as err:
             why += f"; {err}" if why else str(err)
             continue

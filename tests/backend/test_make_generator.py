@@ -11,6 +11,7 @@ import torch
 
 from backend.generators import (
     ATTENTION_SETTINGS,
+    GENERATORS,
     MEMORY_MODES,
     GeneratorCache,
     GeneratorConfig,
@@ -31,7 +32,10 @@ def test_weightless_generator_is_built_from_its_config() -> None:
 @pytest.mark.parametrize(
     "kw,match",
     [
-        ({"name": "nope"}, r"GeneratorConfig.name must be one of \['anyrecon', 'refine', 'reproject'\]; got 'nope'"),
+        (
+            {"name": "nope"},
+            rf"GeneratorConfig.name must be one of \[{', '.join(map(repr, GENERATORS.names()))}\]; got 'nope'",
+        ),
         ({"memory": "swap"}, "GeneratorConfig.memory must be one of"),
         ({"attention": "window"}, "GeneratorConfig.attention must be one of"),
         ({"num_steps": 0}, r"GeneratorConfig.num_steps must be in \[1, 1000\]; got 0"),

@@ -29,6 +29,7 @@ from backend.scene import SceneError, Settings
 from backend.stages.cameras import load_image, resize_image, to_tensor
 from backend.stages.memory import MemoryConfig, build_memory
 from backend.types import Cameras, Views, backproject
+from protocol.settings import BY_NAME
 
 W, H = 80, 60
 
@@ -99,7 +100,8 @@ def test_patchmatch_is_picked_by_the_geometry_setting():
     settings = Settings.from_json({"geometry": "patchmatch"})
     assert LoopConfig.from_settings(settings, device="cpu").estimator == "patchmatch"
     assert LoopConfig.from_settings(Settings(), device="cuda").estimator == "mvs"  # plane sweep by default
-    with pytest.raises(SceneError, match="settings.geometry: must be one of mvs, patchmatch, hull; got 'colmap'"):
+    offered = ", ".join(BY_NAME["geometry"].choices)
+    with pytest.raises(SceneError, match=f"settings.geometry: must be one of {offered}; got 'colmap'"):
         Settings.from_json({"geometry": "colmap"})
     if not has_cuda_patchmatch():
         with pytest.raises(GeometryError, match="pycolmap has no CUDA"):

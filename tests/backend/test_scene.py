@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from backend.generators import GENERATORS
 from backend.scene import (
     SCENE_FILE,
     Camera,
@@ -175,7 +176,7 @@ def edit(data: dict, dotted: str, value) -> dict:
         (
             "settings.generator",
             "anyrecn",
-            r"^settings\.generator: must be one of anyrecon, refine, reproject; got 'anyrecn'$",
+            rf"^settings\.generator: must be one of {', '.join(GENERATORS.names())}; got 'anyrecn'$",
         ),
         ("captures", [], r"^captures: must be a non-empty list"),
     ],
@@ -257,7 +258,6 @@ def test_a_photo_folder_without_scene_json_says_how_to_list_the_photos(tmp_path,
 def test_every_generator_the_table_offers_is_registered():
     """The sidebar and the headless script choose from the generator row's choices before a service lists
     its own: each is a registered generator, and both weight-free ones (reproject, refine) are there."""
-    from backend.generators import GENERATORS
     from protocol.settings import BY_NAME
 
     offered = BY_NAME["generator"].choices
@@ -293,7 +293,7 @@ def test_the_service_refuses_a_submit_with_an_unknown_generator(tmp_path):
     assert reply["ok"] is False and reply["error"]["code"] == errors.BAD_FIELD
     assert reply["error"]["field"] == "scene.settings.generator"
     assert reply["error"]["message"].endswith(
-        "scene.settings.generator: must be one of anyrecon, refine, reproject; got 'anyrecn'"
+        f"scene.settings.generator: must be one of {', '.join(GENERATORS.names())}; got 'anyrecn'"
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import cv2
 import numpy as np
 import pytest
@@ -117,7 +119,7 @@ def test_estimator_registry_and_input_checks():
     assert "mvs" in ESTIMATORS.names()
     est = ESTIMATORS.make("mvs", MVSConfig(max_side=64))
     assert isinstance(est, PlaneSweepMVS) and isinstance(est, GeometryEstimator) and "mvs" in ESTIMATORS
-    with pytest.raises(ValueError, match="known: hull, mvs, patchmatch"):
+    with pytest.raises(ValueError, match=f"known: {', '.join(ESTIMATORS.names())}$"):
         ESTIMATORS.make("vggt")
     cams = Cameras(torch.eye(4)[None], torch.eye(3)[None], 8, 8)
     with pytest.raises(ValueError, match="at least 2 captures"):
@@ -216,3 +218,37 @@ def test_hull_without_masks_falls_back_to_plane_sweep(temple_dir):
     memory = build_memory(views, cfg, estimator="hull", notes=notes)
     assert len(memory) == len(build_memory(views, cfg, estimator="mvs")) > cfg.min_points
     assert len(notes) == 1 and "captures have no masks" in notes[0] and "used plane sweep" in notes[0]
+
+
+def test_the_geometry_setting_offers_every_estimator():
+    """A contributor's new estimator is named in the ``geometry`` row too (backend.estimators' docstring), so
+    scene.json, the wire and the sidebar accept it."""
+    from protocol.settings import BY_NAME
+
+    assert sorted(BY_NAME["geometry"].choices) == ESTIMATORS.names()
+
+
+def test_an_estimator_without_a_config_is_built_with_its_own_and_falls_back_to_plane_sweep(temple_dir):
+    """An estimator that MemoryConfig does not know is built with no argument (its constructor's default),
+    and when it fails the memory is plane sweep's, as after PatchMatch, with the reason in the notes."""
+    from backend.estimators import GeometryError
+
+    class Refusing:
+        def __init__(self, cfg: str = "its own default") -> None:
+            self.cfg = cfg
+
+        def estimate(self, views: Views) -> GeometryMemory:
+            raise GeometryError(f"refused with {self.cfg}")
+
+    ESTIMATORS.register("refusing_for_test")(Refusing)
+    try:
+        views, _ = temple_memory(str(temple_dir))
+        cfg = MemoryConfig(mvs=MVSConfig(max_side=160, num_planes=32))
+        notes: list[str] = []
+        memory = build_memory(views, cfg, estimator="refusing_for_test", notes=notes)
+    finally:
+        ESTIMATORS._items.pop("refusing_for_test")
+    assert len(memory) == len(build_memory(views, cfg, estimator="mvs")) > cfg.min_points
+    assert len(notes) == 1 and re.fullmatch(
+        r"geometry: refused with its own default; used plane sweep \(\d+ points\)", notes[0]
+    )

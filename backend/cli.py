@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,6 +105,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         bind=args.bind, data_dir=args.data_dir, device=device, ray=_ray_config(args), **serve_security(args)
     )
     service = Service(config, runner=runner)
+    terminated = []
+
+    def on_sigterm(signum: int, frame: Any) -> None:  # systemd, docker stop, kill: stop as Ctrl-C does
+        terminated.append(signum)
+        service.stop()
+
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers are set there only
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
     try:
         service.serve_forever()
     except KeyboardInterrupt:
@@ -112,6 +123,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if service.endpoint is not None:  # bound: a later socket's error, not --bind's
             raise
         raise endpoint_error("--bind", args.bind, err) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if terminated:
+        log.info("stopped by SIGTERM")
+    if service.worker_still_running():
+        # a job step past the stop's wait, in native code (torch, numba): its job is marked interrupted; the
+        # interpreter's exit would abort on the thread (exit 134), so leave without waiting for it
+        log.info("a job step was still running; exiting without waiting for it")
+        sys.stdout.flush()
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from .worker import Runner, Slot, Worker
 
 log = logging.getLogger(__name__)
 
+HEAD_CONNECT_TIMEOUT_S = 5.0  # a --ray HOST:PORT that does not answer in this time has no head there
 START_TIMEOUT_S = 120.0  # how long the front end waits for the first actors (imports, scheduling)
 STOP_WAIT_S = 10.0
 SNDHWM = 1000
@@ -139,6 +141,21 @@ def no_cluster_message(address: str | None, err: BaseException) -> str:
     )
 
 
+def check_head_answers(address: str | None) -> None:
+    """Raise ConnectionError (:func:`no_cluster_message`) unless a ``--ray HOST:PORT`` (or ``ray://HOST:PORT``)
+    accepts a TCP connection within HEAD_CONNECT_TIMEOUT_S: ``ray.init`` would retry such an address for
+    minutes, printing only Ray's own warnings. ``auto`` and ``local`` are Ray's to check."""
+    if address in (None, "auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"--ray {address}: must be auto, local or HOST:PORT of a Ray head")
+    try:
+        socket.create_connection((host, int(port)), timeout=HEAD_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise ConnectionError(no_cluster_message(address, err)) from None
+
+
 def _cause(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     first = text[0] if text else ""
@@ -179,6 +196,7 @@ class RayPool:
             if address in (None, "local"):
                 kwargs["num_cpus"] = max(self.config.workers or 0, os.cpu_count() or 1)
             else:
+                check_head_answers(address)
                 kwargs["address"] = address
             try:
                 ray.init(**kwargs, runtime_env=checkout_runtime_env())

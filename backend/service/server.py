@@ -167,6 +167,12 @@ class Service:
         """Ask the loop to end (any thread). A running job becomes interrupted."""
         self._stop.set()
 
+    def worker_still_running(self) -> bool:
+        """After ``serve_forever``: whether a worker thread is still inside a job step (one longer than the
+        stop's wait, STOP_WAIT_S). Ray's workers are processes, stopped with the pool: never."""
+        slots = self.pool.slots if isinstance(self.pool, ThreadPool) else []
+        return any(slot.actor is not None and slot.actor.is_alive() for slot in slots)
+
     def start_thread(self, timeout_s: float = 30.0) -> threading.Thread:
         """Run ``serve_forever`` in a thread; return once bound (``self.endpoint`` set)."""
         thread = threading.Thread(target=self._serve_in_thread, name="reconloop-service", daemon=True)
@@ -516,7 +522,7 @@ class Service:
             slot = self._slot_of(record.job)
             if slot is not None:
                 out["worker"] = _clip(slot.describe)
-                if self.config.ray is not None:
+                if self.config.ray is not None and slot.describe not in record.message:  # "started on ..." names it
                     out["message"] = _clip(f"{record.message} (on {slot.describe})")
         return out
 

@@ -87,6 +87,25 @@ def test_ray_auto_without_a_cluster_names_the_options_to_use(monkeypatch, tmp_pa
     ), err
 
 
+def test_ray_at_an_address_without_a_head_is_one_line_at_once(monkeypatch, tmp_path, capsys):
+    """``--ray HOST:PORT`` where nothing listens: ``ray.init`` would retry for minutes with only Ray's warnings;
+    the service refuses before calling it, naming the option."""
+    from backend.service.spawn import free_port
+
+    ray = pytest.importorskip("ray")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail(f"ray.init called with {kwargs}"))
+    address = f"127.0.0.1:{free_port()}"
+    argv = [*SERVE, "--ray", address, "--bind", "tcp://127.0.0.1:*", "--data-dir", str(tmp_path / "jobs")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(
+        rf"reconloop serve: --ray {address}: no Ray cluster there \(ConnectionRefusedError: .*\): start its head "
+        r"with `ray start --head`, or use --ray local",
+        err,
+    ), err
+
+
 def test_submit_refuses_an_out_file_before_submitting(tmp_path, silent_endpoint, capsys):
     """``--out`` on a file is refused before the job is sent (the service never answers here: without the
     check the command would wait for it, then lose the results)."""

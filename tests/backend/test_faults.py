@@ -347,6 +347,35 @@ def test_kill9_mid_job_then_restart_resubmit_and_resume(tmp_path, record_propert
     )
 
 
+def test_sigterm_mid_step_stops_like_ctrl_c_and_exits_0(tmp_path):
+    """SIGTERM (systemd, docker stop, kill) stops the service as Ctrl-C does, also while a step runs past the
+    stop's 10 s wait: the job is marked interrupted with the stop's reason and the process exits 0 at once
+    (it used to die by the signal, the job left "running", or abort with 134 at the interpreter's exit)."""
+    data_dir = tmp_path / "jobs"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = spawn_serve(data_dir, endpoint)
+    restarted = None
+    try:
+        wait_answering(endpoint, WAIT_S)
+        with Client(endpoint, timeout_ms=TIMEOUT_MS) as c:
+            job = c.submit(probe_scene("steps=2 delay_ms=60000"))  # one step sleeps a minute
+            wait_state(c, job, ("running",))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT_S) == 0
+        log = (tmp_path / f"serve-{endpoint.rsplit(':', 1)[1]}.log").read_text()
+        assert "stopped by SIGTERM" in log and "a job step was still running; exiting without waiting" in log, log
+        restarted = spawn_serve(data_dir, endpoint)
+        wait_answering(endpoint, WAIT_S)
+        with Client(endpoint, timeout_ms=TIMEOUT_MS) as c:
+            status = c.status(job)
+        assert status["state"] == "interrupted" and "the service stopped during this job" in status["message"]
+    finally:
+        for p in (proc, restarted):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def test_torn_journal_line_is_ignored_after_restart(tmp_path, record_property):
     """A crash can cut the journal's last line; the job loads from the lines before it."""
     job = finished_probe_job(tmp_path / "jobs", "steps=2")

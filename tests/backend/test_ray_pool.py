@@ -103,7 +103,8 @@ def test_three_clients_six_jobs_run_once_each_on_both_workers(service, tmp_path)
         assert [j["queue_position"] for j in waiting] == list(range(1, len(waiting) + 1)), waiting
         assert all(j["queue_length"] == len(waiting) and "worker" not in j for j in waiting), waiting
         running = [j for j in listed.values() if j["state"] == "running"]
-        assert all(" (on worker ray-" in j["message"] and j["worker"].startswith("worker ray-") for j in running), (
+        # the message names the job's worker once ("started on worker ray-0 (...)" or "step 2 of 9 (on worker ...)")
+        assert all(j["worker"].startswith("worker ray-") and j["message"].count(j["worker"]) == 1 for j in running), (
             running
         )
         assert all("queue_position" not in j for j in running), running

@@ -294,8 +294,8 @@ class Frames:
             raise ValueError(f"{who}: Frames.confidence must be [{f}, {h}, {w}]; got {tuple(self.confidence.shape)}")
         if f == 0:
             return
-        bounds = torch.stack([*self.images.aminmax(), *self.confidence.aminmax()]).float().tolist()
-        lo, hi, lo_conf, hi_conf = bounds  # a NaN anywhere makes its tensor's min and max NaN
+        bounds = [t.float().to(self.images.device) for t in (*self.images.aminmax(), *self.confidence.aminmax())]
+        lo, hi, lo_conf, hi_conf = torch.stack(bounds).tolist()  # a NaN anywhere makes its tensor's min and max NaN
         if not (-IMAGE_SLACK <= lo and hi <= 1.0 + IMAGE_SLACK):  # False for NaN
             raise ValueError(f"{who}: Frames.images must be finite in [0, 1]; got values in [{lo:.3g}, {hi:.3g}]")
         if not (0.0 <= lo_conf and hi_conf <= 1.0):

@@ -6,15 +6,16 @@ land in pytest's junit XML, which ``scripts/reliability_report.py`` turns into `
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from backend.service import Service, ServiceConfig
 from backend.service.probe import run as probe_runner
-from backend.service.spawn import serve_command, serve_env
+from backend.service.spawn import free_port, serve_command, serve_env
 from protocol.client import Client
 from protocol.schemas import TERMINAL_STATES
 from tests.protocol.helpers import scene_msg
@@ -76,6 +77,26 @@ def spawn_serve(
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     log = open(data_dir.parent / f"serve-{endpoint.rsplit(':', 1)[1]}.log", "ab")
     return subprocess.Popen(cmd, cwd=REPO, env=serve_env(), stdout=log, stderr=log, preexec_fn=preexec)
+
+
+@contextlib.contextmanager
+def serve_processes(data_dir: Path) -> Iterator[tuple[str, Callable[[], subprocess.Popen]]]:
+    """An endpoint on a free port, and ``spawn()`` starting ``reconloop serve`` there on ``data_dir`` (a first
+    start, a restart); every process spawned is killed at the end if still running."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    procs: list[subprocess.Popen] = []
+
+    def spawn() -> subprocess.Popen:
+        procs.append(spawn_serve(data_dir, endpoint))
+        return procs[-1]
+
+    try:
+        yield endpoint, spawn
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def row(record_property: Callable[[str, Any], None], category: str, injected: str, outcome: str) -> None:

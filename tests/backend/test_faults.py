@@ -48,6 +48,7 @@ from tests.backend._reliability import (
     finished_probe_job,
     probe_scene,
     row,
+    serve_processes,
     spawn_serve,
     start_service,
     stop_service,
@@ -294,10 +295,8 @@ def _verify_manifest(job_dir: Path) -> dict[str, str]:
 @pytest.mark.xdist_group("service-subprocess")
 def test_kill9_mid_job_then_restart_resubmit_and_resume(tmp_path, record_property):
     data_dir = tmp_path / "jobs"
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    proc = spawn_serve(data_dir, endpoint)
-    restarted = None
-    try:
+    with serve_processes(data_dir) as (endpoint, spawn):
+        proc = spawn()
         wait_answering(endpoint, WAIT_S)
         with Client(endpoint, timeout_ms=TIMEOUT_MS) as c:
             finished = c.submit(probe_scene("steps=3"))
@@ -311,7 +310,7 @@ def test_kill9_mid_job_then_restart_resubmit_and_resume(tmp_path, record_propert
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         time.sleep(0.3)
-        restarted = spawn_serve(data_dir, endpoint)
+        spawn()
         events = list(watcher.events(waiting))  # reconnects (Lazy Pirate) and resumes with since
         watcher.close()
         seqs = [e["seq"] for e in events]
@@ -332,11 +331,6 @@ def test_kill9_mid_job_then_restart_resubmit_and_resume(tmp_path, record_propert
             again = c.submit(scene)
             assert again != long_job and wait_state(c, again)["state"] == "done"
             assert sorted(c.status(again)["artifacts"], key=lambda a: a["name"])[0]["name"] == "step0.json"
-    finally:
-        for p in (proc, restarted):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
     row(
         record_property,
         "fault",
@@ -347,15 +341,14 @@ def test_kill9_mid_job_then_restart_resubmit_and_resume(tmp_path, record_propert
     )
 
 
+@pytest.mark.xdist_group("service-subprocess")
 def test_sigterm_mid_step_stops_like_ctrl_c_and_exits_0(tmp_path):
     """SIGTERM (systemd, docker stop, kill) stops the service as Ctrl-C does, also while a step runs past the
     stop's 10 s wait: the job is marked interrupted with the stop's reason and the process exits 0 at once
     (it used to die by the signal, the job left "running", or abort with 134 at the interpreter's exit)."""
     data_dir = tmp_path / "jobs"
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    proc = spawn_serve(data_dir, endpoint)
-    restarted = None
-    try:
+    with serve_processes(data_dir) as (endpoint, spawn):
+        proc = spawn()
         wait_answering(endpoint, WAIT_S)
         with Client(endpoint, timeout_ms=TIMEOUT_MS) as c:
             job = c.submit(probe_scene("steps=2 delay_ms=60000"))  # one step sleeps a minute
@@ -364,16 +357,11 @@ def test_sigterm_mid_step_stops_like_ctrl_c_and_exits_0(tmp_path):
         assert proc.wait(WAIT_S) == 0
         log = (tmp_path / f"serve-{endpoint.rsplit(':', 1)[1]}.log").read_text()
         assert "stopped by SIGTERM" in log and "a job step was still running; exiting without waiting" in log, log
-        restarted = spawn_serve(data_dir, endpoint)
+        spawn()
         wait_answering(endpoint, WAIT_S)
         with Client(endpoint, timeout_ms=TIMEOUT_MS) as c:
             status = c.status(job)
         assert status["state"] == "interrupted" and "the service stopped during this job" in status["message"]
-    finally:
-        for p in (proc, restarted):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
 
 
 def test_torn_journal_line_is_ignored_after_restart(tmp_path, record_property):

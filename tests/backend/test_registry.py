@@ -87,6 +87,9 @@ def test_wrong_frames_are_refused_naming_the_generator(images, confidence, messa
         generate_segment(
             _Scripted(Frames(images, confidence)), TARGETS, None, None, None, prompt="", num_steps=1, seed=0
         )
-    # frames a rounding past 1 are taken
-    ok = Frames(torch.rand(F, H, W, 3).clamp(max=1.0) + 1e-5, torch.rand(F, H, W))
-    assert generate_segment(_Scripted(ok), TARGETS, None, None, None, prompt="", num_steps=1, seed=0) is ok
+    # frames a rounding past 1 are taken, and colours in another float type than the confidence's
+    for ok in (
+        Frames(torch.rand(F, H, W, 3).clamp(max=1.0) + 1e-5, torch.rand(F, H, W)),
+        Frames(torch.rand(F, H, W, 3).bfloat16(), torch.rand(F, H, W)),
+    ):
+        assert generate_segment(_Scripted(ok), TARGETS, None, None, None, prompt="", num_steps=1, seed=0) is ok

@@ -32,6 +32,12 @@ def set_generators(names: list[str]) -> None:
         _generator_items[:] = _items(names)
 
 
+def offer_generator(name: str) -> None:
+    """Add one generator to the offer (a script's choice of a name the service lists and the table does not)."""
+    if name not in [item[0] for item in _generator_items]:
+        _generator_items.append(_items([name])[0])
+
+
 def _generators(self, context):
     return _generator_items
 

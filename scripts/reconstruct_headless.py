@@ -187,8 +187,10 @@ def configure(args: argparse.Namespace) -> None:
 
 
 def set_setting(st, name: str, value: object, flag: str) -> None:
-    """Set one job setting of the sidebar from ``flag``; SystemExit with one line where the add-on would not
-    take the value (Blender clamps an int out of range silently and raises TypeError for an enum value)."""
+    """Set one job setting of the sidebar from ``flag``; SystemExit with one line where the table refuses the
+    value (Blender would clamp an int out of range silently). The generator is an open row: a name the sidebar
+    does not offer yet (the service's hello lists its own) is added to the offer, and the service that takes
+    the job checks it against its registry (a typo is refused at submit, naming ``settings.generator``)."""
     from protocol.settings import BY_NAME, SettingError
 
     try:
@@ -197,8 +199,9 @@ def set_setting(st, name: str, value: object, flag: str) -> None:
         raise SystemExit(str(err)) from None
     try:
         setattr(st, name, value)
-    except TypeError:  # before it asks a service, the add-on offers the table's choices (protocol/settings.py)
-        raise SystemExit(f"{flag} {value!r}: not offered; choose one of {', '.join(BY_NAME[name].choices)}") from None
+    except TypeError:  # an open row's name beyond the offer (Blender refuses an enum value it does not list)
+        sys.modules[type(st).__module__].offer_generator(value)  # the add-on's props module
+        setattr(st, name, value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,8 @@ from pathlib import Path
 import bpy
 import pytest
 
+from protocol.settings import BY_NAME
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
@@ -25,6 +27,23 @@ def test_every_offered_generator_can_be_chosen(registered, tmp_path):
         assert bpy.context.scene.reconloop.generator == name
 
 
+def test_a_generator_the_sidebar_does_not_offer_goes_to_the_service(registered, tmp_path):
+    """A service may list generators the table does not (a plugin's): the script adds the name to the offer and
+    the service checks it at submit, as the sidebar does after a hello."""
+    st = bpy.context.scene.reconloop
+    props = sys.modules[type(st).__module__]
+    try:
+        configure(tmp_path, "--generator", "passthrough")
+        assert st.generator == "passthrough"
+        assert [item[0] for item in props._generators(st, bpy.context)] == [
+            *BY_NAME["generator"].choices,
+            "passthrough",
+        ]
+    finally:
+        props.set_generators(list(BY_NAME["generator"].choices))
+        st.generator = BY_NAME["generator"].default
+
+
 def test_settings_reach_the_sidebar(registered, tmp_path):
     configure(tmp_path, "--size", "64x48", "--frames", "2:30:4", "--retrieval-k", "3")
     st = bpy.context.scene.reconloop
@@ -35,7 +54,6 @@ def test_settings_reach_the_sidebar(registered, tmp_path):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (("--generator", "anyrecn"), "--generator 'anyrecn': not offered; choose one of reproject, refine, anyrecon"),
         (("--size", "8x8"), "--size: width: must be in [16, 4096]; got 8"),  # Blender would clamp it silently
         (("--segment-length", "1"), "--segment-length: segment_length: must be in [2, 512]; got 1"),
     ],

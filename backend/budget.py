@@ -17,7 +17,6 @@ N), the two rates fitted to two measured steps with different N (:func:`measure_
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable
@@ -210,23 +209,36 @@ class StepCosts:
 
 def measure_step_costs(rasterizer_name: str, device: torch.device | str, views: int = 1) -> StepCosts:
     """:class:`StepCosts` fitted to two measured steps of ``views`` frames (:data:`PROBE_GAUSSIANS` at
-    :data:`PROBE_SIZE`), measured once per process, rasterizer, device and frame count (a service's later
-    jobs reuse them). The frames are measured, not counted: on the CPU rasterizer a 3-frame step's render
-    costs 2.8-3.1 single ones (160x120, 2k-20k Gaussians, 2 cores), where gsplat draws them in one launch.
+    :data:`PROBE_SIZE`), measured once per rasterizer, device and frame count and reused for
+    :data:`PROBE_MAX_AGE_S` (a service's later jobs reuse them, then measure again: the load of one moment,
+    a render beside the service's first job, does not set every later job's plan). The frames are measured,
+    not counted: on the CPU rasterizer a 3-frame step's render costs 2.8-3.1 single ones (160x120, 2k-20k
+    Gaussians, 2 cores), where gsplat draws them in one launch.
 
     On the CPU, the first step is also timed with one torch thread, between two timings with torch's
     own count (the faster of those counts): where other processes load the cores, threads that wait on
     each other are slower than one, and the faster count is kept (set with ``torch.set_num_threads``;
-    the plan's ``threads`` says which).
+    the plan's ``threads`` says which). A later measurement starts again from the count one thread beat.
     """
     if views < 1:
         raise ValueError(f"measure_step_costs: views must be >= 1; got {views}")
-    return _measure_step_costs(rasterizer_name, str(torch.device(device)), views)
+    key = (rasterizer_name, str(torch.device(device)), views)
+    now = time.monotonic()
+    measured = _probes.get(key)
+    if measured is None or now - measured[0] > PROBE_MAX_AGE_S:
+        measured = _probes[key] = (now, _measure_step_costs(*key))
+    return measured[1]
 
 
-@functools.cache
+PROBE_MAX_AGE_S = 600.0
+_probes: dict[tuple[str, str, int], tuple[float, StepCosts]] = {}  # key -> (time.monotonic() measured, costs)
+_threads_one_beat: list[int] = []  # torch's thread count before a probe chose one thread (at most one entry)
+
+
 def _measure_step_costs(rasterizer_name: str, device: str, views: int = 1) -> StepCosts:
     (n1, n2), (w, h) = PROBE_GAUSSIANS, PROBE_SIZE
+    if _threads_one_beat:  # an earlier probe chose one thread: its load may have passed
+        torch.set_num_threads(_threads_one_beat.pop())
     t1 = measure_step_seconds(rasterizer_name, device, n1, PROBE_SIZE, views)
     threads = 0
     default_threads = torch.get_num_threads()
@@ -241,6 +253,7 @@ def _measure_step_costs(rasterizer_name: str, device: str, views: int = 1) -> St
         if t1_single < t1:
             t1, threads = t1_single, 1
             torch.set_num_threads(1)
+            _threads_one_beat.append(default_threads)
     t2 = measure_step_seconds(rasterizer_name, device, n2, PROBE_SIZE, views)
     per_gaussian = max(t2 - t1, 0.0) / (n2 - n1)
     per_pixel = max(t1 - per_gaussian * n1, 0.1 * t1) / (w * h)

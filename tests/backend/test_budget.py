@@ -199,12 +199,8 @@ def test_probe_keeps_torchs_threads_unless_one_thread_beats_them_warm(monkeypatc
             return timings[len(calls) - 1]
 
         monkeypatch.setattr(budget, "measure_step_seconds", fake)
-        budget._measure_step_costs.cache_clear()
-        try:
-            costs = budget._measure_step_costs("torch_cpu", "cpu")
-        finally:
-            budget._measure_step_costs.cache_clear()
-        return costs, calls, torch.get_num_threads()
+        monkeypatch.setattr(budget, "_threads_one_beat", [])
+        return budget._measure_step_costs("torch_cpu", "cpu"), calls, torch.get_num_threads()
 
     threads = torch.get_num_threads()
     try:
@@ -217,6 +213,38 @@ def test_probe_keeps_torchs_threads_unless_one_thread_beats_them_warm(monkeypatc
         # one thread faster than both timings: it is kept, for the probe's last step and after
         costs, calls, now = probe([0.095, 0.05, 0.09, 0.07])
         assert costs.threads == 1 and now == 1 and calls[-1][1] == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_long_lived_process_measures_again_and_tries_its_threads_again(monkeypatch):
+    """A service reuses its step costs for PROBE_MAX_AGE_S, then measures again; where one thread won under
+    a moment's load, the next measurement starts from the thread count one thread beat."""
+    import backend.budget as budget
+
+    timings = iter([0.095, 0.05, 0.09, 0.07, 0.06, 0.09, 0.05, 0.07])  # one thread wins, then loses
+    calls = []
+
+    def fake(rasterizer, device, n, size, views=1):
+        calls.append(torch.get_num_threads())
+        return next(timings)
+
+    clock = [1000.0]
+    monkeypatch.setattr(budget, "measure_step_seconds", fake)
+    monkeypatch.setattr(budget, "_probes", {})
+    monkeypatch.setattr(budget, "_threads_one_beat", [])
+    monkeypatch.setattr(budget.time, "monotonic", lambda: clock[0])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first = measure_step_costs("torch_cpu", "cpu")
+        assert first.threads == 1 and torch.get_num_threads() == 1 and len(calls) == 4
+        clock[0] += budget.PROBE_MAX_AGE_S - 1
+        assert measure_step_costs("torch_cpu", "cpu") is first and len(calls) == 4  # reused
+        clock[0] += 2
+        again = measure_step_costs("torch_cpu", "cpu")
+        assert calls[4:] == [2, 1, 2, 2]  # from torch's count again, not from the one thread left behind
+        assert again.threads == 0 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
 

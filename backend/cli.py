@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -102,7 +103,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if budget_min:
         runner = _budget_runner(runner, budget_min)
     config = ServiceConfig(
-        bind=args.bind, data_dir=args.data_dir, device=device, ray=_ray_config(args), **serve_security(args)
+        bind=args.bind,
+        data_dir=args.data_dir,
+        device=device,
+        ray=_ray_config(args),
+        keep_days=args.keep_days,
+        **serve_security(args),
     )
     service = Service(config, runner=runner)
     terminated = []
@@ -181,6 +187,17 @@ def _ray_config(args: argparse.Namespace) -> Any:
     except ImportError:
         raise ValueError("--ray and --workers need Ray: pip install 'reconloop[cluster]'") from None
     return RayConfig(address=args.ray, workers=args.workers, host=args.ray_host)
+
+
+def positive_days(text: str) -> float:
+    """argparse type of ``serve --keep-days``: a finite number of days above 0."""
+    try:
+        days = float(text)
+    except ValueError:
+        days = math.nan
+    if not 0 < days < math.inf:  # nan fails it too
+        raise argparse.ArgumentTypeError(f"must be a number of days above 0; got {text!r}")
+    return days
 
 
 def budget_minutes(text: str) -> float:
@@ -455,6 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--budget", type=budget_minutes, default=None, metavar="MINUTES", help=budget_help)
+    p.add_argument(
+        "--keep-days",
+        type=positive_days,
+        default=None,
+        metavar="DAYS",
+        help="delete an ended job's folder from the store DAYS after its last event (default: keep every job)",
+    )
     p.add_argument("--runner", default=None, metavar="MODULE:FUNC", help="job runner instead of the loop (for tests)")
     g = p.add_argument_group("Ray cluster (pip install 'reconloop[cluster]'; see docs/cluster.md)")
     g.add_argument(

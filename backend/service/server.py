@@ -21,6 +21,7 @@ import bisect
 import logging
 import mmap
 import threading
+import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
@@ -53,6 +54,8 @@ DEFAULT_BIND = "tcp://127.0.0.1:5555"
 POLL_MS = 100  # the loop wakes at least this often to notice stop()
 MAX_BATCH = 64  # requests handled per wake-up before the worker's messages get a turn
 STOP_WAIT_S = 10.0  # how long shutdown waits for a running job to reach a step boundary
+PRUNE_EVERY_S = 600.0  # how often a service with keep_days looks for ended jobs to delete
+DAY_S = 86_400.0
 OPEN_ARTIFACTS = 8  # memory maps kept open between fetch chunks
 SNDHWM = 10000  # replies and events queued per client before the socket drops them
 
@@ -74,6 +77,8 @@ class ServiceConfig:
         auth: CurveZMQ keys and allow-list (``auth.py``); required to bind a non-loopback address.
         job_limits: what one job may ask (captures, trajectory, resolution, request and frame bytes, queue).
         ray: run jobs on a pool of Ray actors (``ray_pool.RayConfig``); None: one worker thread here.
+        keep_days: delete an ended job's folder this many days after its last event (at start, then every
+            PRUNE_EVERY_S); None: keep every job.
     """
 
     bind: str = DEFAULT_BIND
@@ -82,6 +87,7 @@ class ServiceConfig:
     auth: AuthConfig | None = None
     job_limits: limits.JobLimits = limits.JobLimits()
     ray: RayConfig | None = None
+    keep_days: float | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -244,7 +250,11 @@ class Service:
 
     def _loop(self) -> None:
         poller = self._poller()
+        next_prune = 0.0  # time.monotonic() of the next look for old jobs (keep_days)
         while not self._stop.is_set():
+            if self.config.keep_days is not None and time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + PRUNE_EVERY_S
+                self._prune()
             if self._reap():
                 poller = self._poller()
             self._dispatch()
@@ -303,6 +313,14 @@ class Service:
     def _drain(self, slot: Slot) -> None:
         while slot.pair.poll(0):
             self._on_worker(slot, msgpack.unpackb(slot.pair.recv()))
+
+    def _prune(self) -> None:
+        """Delete ended jobs older than ``keep_days`` (their watchers go with them)."""
+        gone = self.store.prune(self.config.keep_days * DAY_S)
+        for job in gone:
+            self.watchers.pop(job, None)
+        if gone:
+            log.info("deleted %d ended job(s) older than %g days (--keep-days)", len(gone), self.config.keep_days)
 
     def _reap(self) -> bool:
         """Fail the job of every worker that died, start one in its place; returns True when slots changed."""

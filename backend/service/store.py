@@ -446,6 +446,18 @@ class JobStore:
         record.artifacts = read_manifest(job_dir)  # the manifest, not the journal, is the truth about files
         return record
 
+    def prune(self, max_age_s: float, now: float | None = None) -> list[str]:
+        """Delete the folders of ended jobs (done, failed, cancelled, interrupted) whose last event is older than
+        ``max_age_s``; returns their ids. Queued and running jobs are never touched."""
+        cutoff = (time.time() if now is None else now) - max_age_s
+        old = [r for r in self.jobs.values() if r.is_terminal and r.updated < cutoff]
+        for record in old:
+            shutil.rmtree(record.dir, ignore_errors=True)
+            del self.jobs[record.job]
+            if record.key:
+                self.keys.pop((record.owner, record.key), None)
+        return [r.job for r in old]
+
     def listed(self) -> list[JobRecord]:
         """Jobs oldest first, at most MAX_JOBS_LISTED (the newest)."""
         jobs = sorted(self.jobs.values(), key=lambda r: r.created)

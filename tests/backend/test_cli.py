@@ -193,3 +193,12 @@ def test_demo_scene_names_what_it_looked_for(tmp_path, capsys):
     assert main(["demo", "--scene", str(tmp_path / "photos"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "holds no scene.json" in err and "poses_bounds.npy" in err
+
+
+def test_keep_days_is_a_positive_number_of_days(capsys):
+    assert build_parser().parse_args(["serve", "--keep-days", "30"]).keep_days == 30.0
+    assert build_parser().parse_args(["serve"]).keep_days is None
+    for bad in ("0", "-1", "nan", "inf", "month"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", f"--keep-days={bad}"])
+        assert f"argument --keep-days: must be a number of days above 0; got '{bad}'" in capsys.readouterr().err

@@ -443,3 +443,41 @@ def test_a_runners_long_texts_are_clipped_where_events_are_made(tmp_path):
         assert [e["message"] for e in events[-2:]] == ["a plain message", "finished"]
         assert c.status(job)["state"] == "done"
         assert c.request("status", job=job, since=0)["ok"]  # the replay carries the clipped event too
+
+
+# ----------------------------------------------------------------------------------------------
+# Keeping the store small (--keep-days)
+
+
+def test_prune_deletes_only_ended_jobs_older_than_the_age(tmp_path):
+    store = JobStore(tmp_path / "jobs")
+    old_done = store.create({"scene": scene_msg(), "key": "k-old"})
+    store.append(old_done, "done", "done", 1.0, "finished")
+    old_queued = store.create({"scene": scene_msg(), "key": None})
+    old_running = store.create({"scene": scene_msg(), "key": None})
+    store.append(old_running, "running", "fit", 0.5, "fitting")
+    new_failed = store.create({"scene": scene_msg(), "key": None})
+    store.append(new_failed, "failed", "fit", 0.5, "boom")
+    assert store.keys[(None, "k-old")] == old_done.job
+    now = time.time()
+    for record in (old_done, old_queued, old_running):
+        record.updated -= 3 * 86_400  # their last events three days ago
+    assert store.prune(2 * 86_400, now) == [old_done.job]
+    assert not old_done.dir.exists() and (None, "k-old") not in store.keys and old_done.job not in store.jobs
+    assert all(r.dir.exists() for r in (old_queued, old_running, new_failed))  # waiting, running, recent: kept
+    assert set(store.jobs) == {old_queued.job, old_running.job, new_failed.job}
+
+
+def test_a_service_with_keep_days_deletes_old_ended_jobs_at_start(tmp_path):
+    """A job that ended before the service started, older than --keep-days, is gone from the store and the list."""
+    data_dir = tmp_path / "jobs"
+    with finished_job(data_dir, runner) as (_, job, events):
+        assert events[-1]["state"] == "done"
+    time.sleep(0.01)
+    svc, thread = start(data_dir, keep_days=1e-7)  # 8.6 ms
+    try:
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            assert c.jobs() == []
+        assert not (data_dir / job).exists()
+    finally:
+        stop_service(svc, thread)

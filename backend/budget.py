@@ -223,22 +223,28 @@ def measure_step_costs(rasterizer_name: str, device: torch.device | str, views: 
     if views < 1:
         raise ValueError(f"measure_step_costs: views must be >= 1; got {views}")
     key = (rasterizer_name, str(torch.device(device)), views)
-    now = time.monotonic()
+    now = _clock()
     measured = _probes.get(key)
     if measured is None or now - measured[0] > PROBE_MAX_AGE_S:
         measured = _probes[key] = (now, _measure_step_costs(*key))
-    return measured[1]
+    costs = measured[1]
+    if costs.threads == 1:  # the costs were measured on one thread: so the job runs (another probe may have reset it)
+        torch.set_num_threads(1)
+    return costs
 
 
 PROBE_MAX_AGE_S = 600.0
-_probes: dict[tuple[str, str, int], tuple[float, StepCosts]] = {}  # key -> (time.monotonic() measured, costs)
-_threads_one_beat: list[int] = []  # torch's thread count before a probe chose one thread (at most one entry)
+_clock = time.monotonic  # what the probes' age is measured by (tests move it)
+_probes: dict[tuple[str, str, int], tuple[float, StepCosts]] = {}  # key -> (_clock() when measured, costs)
+_before_one_thread: int | None = None  # torch's thread count when a probe last chose one thread
 
 
 def _measure_step_costs(rasterizer_name: str, device: str, views: int = 1) -> StepCosts:
+    global _before_one_thread
     (n1, n2), (w, h) = PROBE_GAUSSIANS, PROBE_SIZE
-    if _threads_one_beat:  # an earlier probe chose one thread: its load may have passed
-        torch.set_num_threads(_threads_one_beat.pop())
+    if _before_one_thread is not None and torch.get_num_threads() == 1:  # still that choice: its load may be gone
+        torch.set_num_threads(_before_one_thread)
+    _before_one_thread = None
     t1 = measure_step_seconds(rasterizer_name, device, n1, PROBE_SIZE, views)
     threads = 0
     default_threads = torch.get_num_threads()
@@ -253,7 +259,7 @@ def _measure_step_costs(rasterizer_name: str, device: str, views: int = 1) -> St
         if t1_single < t1:
             t1, threads = t1_single, 1
             torch.set_num_threads(1)
-            _threads_one_beat.append(default_threads)
+            _before_one_thread = default_threads
     t2 = measure_step_seconds(rasterizer_name, device, n2, PROBE_SIZE, views)
     per_gaussian = max(t2 - t1, 0.0) / (n2 - n1)
     per_pixel = max(t1 - per_gaussian * n1, 0.1 * t1) / (w * h)

@@ -115,14 +115,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def on_sigterm(signum: int, frame: Any) -> None:  # systemd, docker stop, kill: stop as Ctrl-C does
         terminated.append(signum)
-        service.stop()
+        raise KeyboardInterrupt  # what Ctrl-C raises; service.stop() here could wait on a lock the loop holds
 
     in_main = threading.current_thread() is threading.main_thread()  # signal handlers are set there only
     previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
     try:
         service.serve_forever()
     except KeyboardInterrupt:
-        log.info("stopped by Ctrl-C")
+        log.info("stopped by %s", "SIGTERM" if terminated else "Ctrl-C")
     except StoreInUseError as err:
         raise ValueError(f"{err}: stop that service, or pass --data-dir DIR to give this one its own store") from None
     except zmq.ZMQError as err:
@@ -132,8 +132,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if terminated:
-        log.info("stopped by SIGTERM")
     if service.worker_still_running():
         # a job step past the stop's wait, in native code (torch, numba): its job is marked interrupted; the
         # interpreter's exit would abort on the thread (exit 134), so leave without waiting for it
@@ -311,7 +309,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from .service.store import check_artifact_name, scene_message
 
     check_out_folder(args.out)  # before the job runs: its results would have nowhere to go
-    scene = load_scene(args.scene)
+    scene = load_scene(args.scene, registered=False)  # the service checks the generator against its own registry
     try:
         client = Client(args.server, timeout_ms=args.timeout_ms, name="reconloop-cli", **client_keys(args))
     except zmq.ZMQError as err:

@@ -179,12 +179,12 @@ def split_protocol(
     if protocol == "dtu":
         if n != DTU_VIEWS:
             raise ValueError(f"dtu: the protocol's view ids index a DTU scan's {DTU_VIEWS} views; the scene has {n}")
-        if not 1 <= train_views <= len(DTU_TRAIN_IDS):
+        if train_views > len(DTU_TRAIN_IDS):
             raise ValueError(f"dtu: train_views must be in [1, {len(DTU_TRAIN_IDS)}]; got {train_views}")
         train, test = list(DTU_TRAIN_IDS[:train_views]), list(DTU_TEST_IDS)
     elif protocol == "llff":
         rest = [i for i in range(n) if i % LLFF_HOLDOUT_EVERY]
-        if not 1 <= train_views <= len(rest):
+        if train_views > len(rest):
             raise ValueError(f"train_views must be in [1, {len(rest)}] for {n} captures; got {train_views}")
         train = [rest[round(j * (len(rest) - 1) / max(train_views - 1, 1))] for j in range(train_views)]
         test = [i for i in range(n) if i % LLFF_HOLDOUT_EVERY == 0]
@@ -194,7 +194,7 @@ def split_protocol(
         order = [distinct[i] for i in order_around([caps[i].camera for i in distinct])]
         step = n / train_views if protocol == "ring" else ring_step
         span = round(step * (train_views - 1))
-        if not 1 <= train_views <= n or span >= n:
+        if train_views > n or span >= n:
             raise ValueError(f"{protocol}: {train_views} views {step:g} apart do not fit a ring of {n}")
         pos = [(ring_start + round(j * step)) % n for j in range(train_views)]
         train = [order[p] for p in pos]

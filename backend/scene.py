@@ -183,10 +183,12 @@ def _registered_names() -> dict[str, list[str]]:
     return {"generator": GENERATORS.names()}
 
 
-def _settings_from_json(cls, d: Any, path: str = "settings") -> Settings:
-    """Settings from a scene.json/wire map (missing names take defaults). Raises SceneError naming the field."""
+def _settings_from_json(cls, d: Any, path: str = "settings", *, registered: bool = True) -> Settings:
+    """Settings from a scene.json/wire map (missing names take defaults). Raises SceneError naming the field.
+    ``registered``: check the generator against this backend's registry (False: a client's, whose service
+    checks it against its own)."""
     try:
-        return cls(**check_settings(d, path, _registered_names()))
+        return cls(**check_settings(d, path, _registered_names() if registered else {}))
     except SettingError as err:
         raise SceneError(str(err)) from None
 
@@ -407,8 +409,9 @@ def _capture_from_json(d: Any, root: Path, path: str, *, need_camera: bool) -> C
     return Capture(name=name, image=image_path, camera=camera, mask=mask_path)
 
 
-def scene_from_json(data: Any, root: Path) -> Scene:
-    """Check and build a Scene from parsed scene.json; image paths resolve against ``root``."""
+def scene_from_json(data: Any, root: Path, *, registered: bool = True) -> Scene:
+    """Check and build a Scene from parsed scene.json; image paths resolve against ``root``; ``registered``:
+    as in ``Settings.from_json``."""
     if not isinstance(data, dict):
         raise SceneError(f"scene.json: must hold an object; got {type(data).__name__}")
     version = data.get("version")
@@ -447,13 +450,14 @@ def scene_from_json(data: Any, root: Path) -> Scene:
     if not isinstance(heldout_json, list):
         raise SceneError("heldout: must be a list")
     heldout = [_capture_from_json(c, root, f"heldout[{i}]", need_camera=True) for i, c in enumerate(heldout_json)]
-    settings = Settings.from_json(data.get("settings"))
+    settings = Settings.from_json(data.get("settings"), registered=registered)
     return Scene(root=root.resolve(), captures=captures, trajectory=trajectory, heldout=heldout, settings=settings)
 
 
-def load_scene(folder: str | os.PathLike) -> Scene:
+def load_scene(folder: str | os.PathLike, *, registered: bool = True) -> Scene:
     """Load and check ``folder/scene.json`` (or the scene.json file given). Raises SceneError (field path
-    + reason); a folder without scene.json gets told how to make one (:func:`_no_scene_json`)."""
+    + reason); a folder without scene.json gets told how to make one (:func:`_no_scene_json`).
+    ``registered``: as in ``Settings.from_json`` (``reconloop submit`` leaves the generator to the service)."""
     given = Path(folder)
     if not given.exists():
         raise SceneError(f"{given}: no such {'file' if given.name == SCENE_FILE else 'folder'}")
@@ -465,7 +469,7 @@ def load_scene(folder: str | os.PathLike) -> Scene:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SceneError(f"scene.json: not valid JSON: {err}") from None
-    return scene_from_json(data, root)
+    return scene_from_json(data, root, registered=registered)
 
 
 def _no_scene_json(folder: Path) -> str:

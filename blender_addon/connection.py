@@ -148,7 +148,9 @@ def plain_error(err: BaseException, endpoint: str = "") -> str:
         hint = f" Start it with `{start_hint(endpoint)}`." if endpoint else ""
         return f"the ReconLoop service{where} does not answer: is it running?{hint} ({err})"
     if isinstance(err, ProtocolError):
-        if err.code == "unsupported_version":  # protocol.errors.UNSUPPORTED_VERSION
+        from protocol.errors import UNSUPPORTED_VERSION  # importable: _protocol() above found the package
+
+        if err.code == UNSUPPORTED_VERSION:
             where = f" at {endpoint}" if endpoint else ""
             return (
                 f"the ReconLoop service{where} speaks another protocol version than this add-on "

@@ -108,23 +108,36 @@ def _ensure_linked(scene: bpy.types.Scene, coll: bpy.types.Collection) -> None:
 def clear_collection(coll: bpy.types.Collection) -> None:
     """Delete the objects of ``coll`` and the data only they used."""
     for obj in list(coll.objects):
-        data = obj.data
-        bpy.data.objects.remove(obj, do_unlink=True)
-        if data is not None and data.users == 0:
-            if isinstance(data, bpy.types.Mesh):
-                bpy.data.meshes.remove(data)
-            elif isinstance(data, bpy.types.Camera):
-                bpy.data.cameras.remove(data)
+        _remove_object(obj)
 
 
 def remove_kind(coll: bpy.types.Collection, kind: str) -> None:
     """Delete the objects of one kind (points, gaussians, ...) from ``coll`` (a partial result replaced)."""
     for obj in list(coll.objects):
         if obj.get(OBJECT_KIND) == kind:
-            data = obj.data
-            bpy.data.objects.remove(obj, do_unlink=True)
-            if isinstance(data, bpy.types.Mesh) and data.users == 0:
-                bpy.data.meshes.remove(data)
+            _remove_object(obj)
+
+
+def _remove_object(obj: bpy.types.Object) -> None:
+    """Delete ``obj``, then its mesh or camera and its animation where nothing else uses them (a re-import
+    would otherwise leave ``path.001`` cameras and their actions behind)."""
+    data = obj.data
+    # the pose's and the lens's action: one action with a slot for each since Blender 4.4, so by name, once
+    actions = {
+        b.animation_data.action.name
+        for b in (obj, data)
+        if b is not None and b.animation_data and b.animation_data.action
+    }
+    bpy.data.objects.remove(obj, do_unlink=True)
+    if data is not None and data.users == 0:
+        if isinstance(data, bpy.types.Mesh):
+            bpy.data.meshes.remove(data)
+        elif isinstance(data, bpy.types.Camera):
+            bpy.data.cameras.remove(data)
+    for name in actions:
+        action = bpy.data.actions.get(name)
+        if action is not None and action.users == 0:
+            bpy.data.actions.remove(action)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -502,7 +502,8 @@ class PendingRequest:
             if msg is None or msg.get("op") == "event":
                 continue
             # An error reply with a nil id answers a request whose id the server could not read (a header
-            # over its limits, say); replies keep request order, and this socket carries this request alone.
+            # over its limits, say), taken as this request's: the only other requests on this socket are a
+            # reopen's watch re-subscriptions, small headers the server reads, so their errors carry their ids.
             unread = msg.get("id") is None and not msg["ok"]
             if msg.get("id") != self.rid and not unread:
                 continue  # stale replies of earlier tries (and of re-subscriptions) are dropped

@@ -20,6 +20,7 @@ objects is saved as ``DIR/<name>_reconstructed.blend`` (or ``--save PATH``). Exi
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -41,6 +42,17 @@ def existing_file(text: str) -> Path:
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"{text}: no such file")
     return path
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: seconds, at least 1 (the operator's ``timeout_s`` would clamp a smaller value to 1 s)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 1.0 <= seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, at least 1; got {text!r}")
+    return seconds
 
 
 def image_size(text: str) -> tuple[int, int]:
@@ -95,7 +107,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--gaussian-iterations", type=int, default=None)
     ap.add_argument("--segment-length", type=int, default=None)
     ap.add_argument("--retrieval-k", type=int, default=None)
-    ap.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S)
+    ap.add_argument(
+        "--timeout-s", type=positive_seconds, default=DEFAULT_TIMEOUT_S, help="how long to wait for the job"
+    )
     return ap.parse_args(argv)
 
 
@@ -197,11 +211,9 @@ def set_setting(st, name: str, value: object, flag: str) -> None:
         BY_NAME[name].check(value, f"{flag}: {name}")  # the table the sidebar's properties are built from
     except SettingError as err:
         raise SystemExit(str(err)) from None
-    try:
-        setattr(st, name, value)
-    except TypeError:  # an open row's name beyond the offer (Blender refuses an enum value it does not list)
+    if BY_NAME[name].open_choices:  # Blender refuses an enum value it does not list: offer the name first
         sys.modules[type(st).__module__].offer_generator(value)  # the add-on's props module
-        setattr(st, name, value)
+    setattr(st, name, value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     rt = bpy.context.window_manager.reconloop
     stem = Path(bpy.data.filepath).stem if bpy.data.filepath else "scene"
     save = (args.save or out / f"{stem}_reconstructed.blend").resolve()
+    save.parent.mkdir(parents=True, exist_ok=True)  # --save into a new folder: after the job, not a traceback
     bpy.ops.wm.save_as_mainfile(filepath=str(save))
     coll = next((c for c in bpy.data.collections if c.get("reconloop_job") == rt.job), None)
     objects = sorted(o.name for o in coll.objects) if coll is not None else []

@@ -221,9 +221,9 @@ def estimate_cameras(
         raise ValueError(f"estimate_cameras: {len(labels)} photo_names for {len(paths)} photos")
     if len(paths) < cfg.min_registered:
         raise SfMError(f"sfm: needs at least {cfg.min_registered} photos to estimate cameras; got {len(paths)}")
-    for p in paths:
+    for p, label in zip(paths, labels):
         if not p.is_file():
-            raise SfMError(f"sfm: photo not found: {p}")
+            raise SfMError(f"sfm: photo not found: {p if label == p.name else f'{label} ({p})'}")
     sizes = [image_size(p) for p in paths]
     work = Path(work_dir)
     if work.exists():

@@ -150,8 +150,8 @@ def check_head_answers(address: str | None) -> None:
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise ConnectionError(f"--ray {address}: must be auto, local or HOST:PORT of a Ray head")
-    try:
-        socket.create_connection((host, int(port)), timeout=HEAD_CONNECT_TIMEOUT_S).close()
+    try:  # an IPv6 head is written [::1]:6379
+        socket.create_connection((host.strip("[]"), int(port)), timeout=HEAD_CONNECT_TIMEOUT_S).close()
     except OSError as err:
         raise ConnectionError(no_cluster_message(address, err)) from None
 
@@ -201,6 +201,8 @@ class RayPool:
             try:
                 ray.init(**kwargs, runtime_env=checkout_runtime_env())
             except ConnectionError as err:  # Ray's text points at a `--address` flag reconloop does not have
+                if address in (None, "local"):  # Ray started here and failed: its own reason stands
+                    raise
                 raise ConnectionError(no_cluster_message(address, err)) from None
             self.started_ray = True
         local = address in (None, "local")

@@ -142,6 +142,8 @@ class Service:
         runner: Runner | None = None,
         context: zmq.Context | None = None,
     ) -> None:
+        if config.keep_days is not None and not config.keep_days > 0:
+            raise ValueError(f"ServiceConfig.keep_days must be > 0 or None; got {config.keep_days}")
         self.config = config
         self.runner = runner or default_runner
         # a ZAP handler is one per context: an authenticated service gets a context of its own
@@ -316,9 +318,11 @@ class Service:
 
     def _prune(self) -> None:
         """Delete ended jobs older than ``keep_days`` (their watchers go with them)."""
-        gone = self.store.prune(self.config.keep_days * DAY_S)
+        gone = set(self.store.prune(self.config.keep_days * DAY_S))
         for job in gone:
             self.watchers.pop(job, None)
+        for key in [k for k in self._maps if k[0] in gone]:  # their files' space is freed once unmapped
+            del self._maps[key]
         if gone:
             log.info("deleted %d ended job(s) older than %g days (--keep-days)", len(gone), self.config.keep_days)
 

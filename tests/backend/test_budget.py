@@ -199,7 +199,7 @@ def test_probe_keeps_torchs_threads_unless_one_thread_beats_them_warm(monkeypatc
             return timings[len(calls) - 1]
 
         monkeypatch.setattr(budget, "measure_step_seconds", fake)
-        monkeypatch.setattr(budget, "_threads_one_beat", [])
+        monkeypatch.setattr(budget, "_before_one_thread", None)
         return budget._measure_step_costs("torch_cpu", "cpu"), calls, torch.get_num_threads()
 
     threads = torch.get_num_threads()
@@ -232,8 +232,8 @@ def test_a_long_lived_process_measures_again_and_tries_its_threads_again(monkeyp
     clock = [1000.0]
     monkeypatch.setattr(budget, "measure_step_seconds", fake)
     monkeypatch.setattr(budget, "_probes", {})
-    monkeypatch.setattr(budget, "_threads_one_beat", [])
-    monkeypatch.setattr(budget.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(budget, "_before_one_thread", None)
+    monkeypatch.setattr(budget, "_clock", lambda: clock[0])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -245,6 +245,34 @@ def test_a_long_lived_process_measures_again_and_tries_its_threads_again(monkeyp
         again = measure_step_costs("torch_cpu", "cpu")
         assert calls[4:] == [2, 1, 2, 2]  # from torch's count again, not from the one thread left behind
         assert again.threads == 0 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_thread_count_set_after_a_probe_is_kept(monkeypatch):
+    """Where one thread won and the count was then set again (a Ray worker's share, a user), the next probe
+    starts from that count, not from the one before the probe; a cached one-thread plan sets one thread again."""
+    import backend.budget as budget
+
+    timings = iter([0.095, 0.05, 0.09, 0.07, 0.06, 0.09, 0.05, 0.07])
+    calls = []
+    clock = [0.0]
+    monkeypatch.setattr(
+        budget, "measure_step_seconds", lambda *a, **k: calls.append(torch.get_num_threads()) or next(timings)
+    )
+    monkeypatch.setattr(budget, "_probes", {})
+    monkeypatch.setattr(budget, "_before_one_thread", None)
+    monkeypatch.setattr(budget, "_clock", lambda: clock[0])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert measure_step_costs("torch_cpu", "cpu").threads == 1
+        torch.set_num_threads(3)
+        assert measure_step_costs("torch_cpu", "cpu").threads == 1 and torch.get_num_threads() == 1  # cached
+        torch.set_num_threads(3)
+        clock[0] += budget.PROBE_MAX_AGE_S + 1
+        assert measure_step_costs("torch_cpu", "cpu").threads == 0
+        assert calls[4:] == [3, 1, 3, 3] and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import socket
 import sys
 
 import pytest
@@ -90,14 +91,14 @@ def test_ray_auto_without_a_cluster_names_the_options_to_use(monkeypatch, tmp_pa
 def test_ray_at_an_address_without_a_head_is_one_line_at_once(monkeypatch, tmp_path, capsys):
     """``--ray HOST:PORT`` where nothing listens: ``ray.init`` would retry for minutes with only Ray's warnings;
     the service refuses before calling it, naming the option."""
-    from backend.service.spawn import free_port
-
     ray = pytest.importorskip("ray")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail(f"ray.init called with {kwargs}"))
-    address = f"127.0.0.1:{free_port()}"
-    argv = [*SERVE, "--ray", address, "--bind", "tcp://127.0.0.1:*", "--data-dir", str(tmp_path / "jobs")]
-    assert main(argv) == 1
+    with socket.socket() as held:  # bound, never listening: connecting is refused, and no other test takes it
+        held.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{held.getsockname()[1]}"
+        argv = [*SERVE, "--ray", address, "--bind", "tcp://127.0.0.1:*", "--data-dir", str(tmp_path / "jobs")]
+        assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(
         rf"reconloop serve: --ray {address}: no Ray cluster there \(ConnectionRefusedError: .*\): start its head "

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -241,3 +242,19 @@ def test_workers_share_the_cluster_cpus_as_threads() -> None:
     assert worker_cpus(16.0, 1, 0.0) == (1, 16)  # one CPU worker runs on the machine's 16 cores
     assert worker_cpus(64.0, 8, 1.0) == (0, 8)  # GPU workers reserve no CPU but run 8 threads each
     assert worker_cpus(2.0, 4, 0.0) == (1, 1)  # never fewer than one
+
+
+def test_the_head_check_takes_an_ipv6_address():
+    """``--ray [::1]:PORT``: the brackets are the address's, not the host's (a live head was refused)."""
+    from backend.service.ray_pool import check_head_answers
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    with socket.socket(socket.AF_INET6) as head:
+        try:
+            head.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+        head.listen()
+        check_head_answers(f"[::1]:{head.getsockname()[1]}")
+        check_head_answers(f"ray://[::1]:{head.getsockname()[1]}")

@@ -273,6 +273,17 @@ def test_without_the_generators_any_generator_name_loads(monkeypatch):
     assert Settings.from_json({"generator": "anyrecn"}).generator == "anyrecn"
 
 
+def test_a_client_leaves_the_generator_to_its_service(scene_dir):
+    """``reconloop submit`` loads the scene without this backend's registry: a generator only the service has
+    (a plugin) reaches the service, which checks it against its own (below)."""
+    data = read_json(scene_dir)
+    data["settings"]["generator"] = "passthrough"
+    write_json(scene_dir, data)
+    with pytest.raises(SceneError, match=r"^settings\.generator: must be one of"):
+        load_scene(scene_dir)
+    assert load_scene(scene_dir, registered=False).settings.generator == "passthrough"
+
+
 def test_the_service_refuses_a_submit_with_an_unknown_generator(tmp_path):
     """The generator typo is refused when the job is submitted (the service loads the scene then), with the
     field named; no job is made."""

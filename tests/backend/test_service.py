@@ -466,6 +466,10 @@ def test_prune_deletes_only_ended_jobs_older_than_the_age(tmp_path):
     assert not old_done.dir.exists() and (None, "k-old") not in store.keys and old_done.job not in store.jobs
     assert all(r.dir.exists() for r in (old_queued, old_running, new_failed))  # waiting, running, recent: kept
     assert set(store.jobs) == {old_queued.job, old_running.job, new_failed.job}
+    with pytest.raises(ValueError, match="max_age_s must be > 0"):
+        store.prune(0)
+    with pytest.raises(ValueError, match=r"ServiceConfig.keep_days must be > 0 or None; got 0"):
+        Service(ServiceConfig(data_dir=tmp_path / "other", keep_days=0))
 
 
 def test_a_service_with_keep_days_deletes_old_ended_jobs_at_start(tmp_path):

@@ -268,3 +268,16 @@ def test_a_jobs_path_leaves_the_render_settings_and_estimated_cameras_set_them(t
     with pytest.raises(ReconLoopError, match=r"estimated cameras: 1 camera.*'e2' \(240x320, fx/fy 1\)"):
         importers.import_estimated_cameras(mixed, {}, results, scene)
     assert len(bpy.data.objects) == n_objects
+
+
+def test_a_replaced_path_camera_leaves_no_data_behind(registered):
+    """Import job refreshes a job's collection: each re-import replaces the path camera (remove_kind), and
+    its camera data and action go with it instead of piling up as ``path.001``, ``path.002``."""
+    scene = bpy.context.scene
+    results = importers.job_collection(scene, "re", "job-re")
+    path = [(f, _estimated("p", 320, 240, 300.0, 280.0).camera) for f in (1, 2)]
+    cameras, actions = len(bpy.data.cameras), len(bpy.data.actions)
+    for _ in range(3):
+        importers.remove_kind(results, importers.KIND_TRAJECTORY)
+        importers.import_trajectory_camera(path, "re path", results, scene)
+    assert len(bpy.data.cameras) == cameras + 1 and len(bpy.data.actions) == actions + 1

@@ -217,46 +217,14 @@ def test_probe_keeps_torchs_threads_unless_one_thread_beats_them_warm(monkeypatc
         torch.set_num_threads(threads)
 
 
-def test_a_long_lived_process_measures_again_and_tries_its_threads_again(monkeypatch):
-    """A service reuses its step costs for PROBE_MAX_AGE_S, then measures again; where one thread won under
-    a moment's load, the next measurement starts from the thread count one thread beat."""
-    import backend.budget as budget
-
-    timings = iter([0.095, 0.05, 0.09, 0.07, 0.06, 0.09, 0.05, 0.07])  # one thread wins, then loses
-    calls = []
-
-    def fake(rasterizer, device, n, size, views=1):
-        calls.append(torch.get_num_threads())
-        return next(timings)
-
-    clock = [1000.0]
-    monkeypatch.setattr(budget, "measure_step_seconds", fake)
-    monkeypatch.setattr(budget, "_probes", {})
-    monkeypatch.setattr(budget, "_before_one_thread", None)
-    monkeypatch.setattr(budget, "_clock", lambda: clock[0])
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        first = measure_step_costs("torch_cpu", "cpu")
-        assert first.threads == 1 and torch.get_num_threads() == 1 and len(calls) == 4
-        clock[0] += budget.PROBE_MAX_AGE_S - 1
-        assert measure_step_costs("torch_cpu", "cpu") is first and len(calls) == 4  # reused
-        clock[0] += 2
-        again = measure_step_costs("torch_cpu", "cpu")
-        assert calls[4:] == [2, 1, 2, 2]  # from torch's count again, not from the one thread left behind
-        assert again.threads == 0 and torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_a_thread_count_set_after_a_probe_is_kept(monkeypatch):
-    """Where one thread won and the count was then set again (a Ray worker's share, a user), the next probe
-    starts from that count, not from the one before the probe; a cached one-thread plan sets one thread again."""
+@pytest.fixture
+def probes(monkeypatch):
+    """Step timings faked in order (one thread wins the first probe, loses the second), the probes' clock at
+    ``clock[0]``, no costs cached; yields (calls: torch's thread count at each timing, clock). Threads restored."""
     import backend.budget as budget
 
     timings = iter([0.095, 0.05, 0.09, 0.07, 0.06, 0.09, 0.05, 0.07])
-    calls = []
-    clock = [0.0]
+    calls, clock = [], [1000.0]
     monkeypatch.setattr(
         budget, "measure_step_seconds", lambda *a, **k: calls.append(torch.get_num_threads()) or next(timings)
     )
@@ -264,17 +232,40 @@ def test_a_thread_count_set_after_a_probe_is_kept(monkeypatch):
     monkeypatch.setattr(budget, "_before_one_thread", None)
     monkeypatch.setattr(budget, "_clock", lambda: clock[0])
     threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        assert measure_step_costs("torch_cpu", "cpu").threads == 1
-        torch.set_num_threads(3)
-        assert measure_step_costs("torch_cpu", "cpu").threads == 1 and torch.get_num_threads() == 1  # cached
-        torch.set_num_threads(3)
-        clock[0] += budget.PROBE_MAX_AGE_S + 1
-        assert measure_step_costs("torch_cpu", "cpu").threads == 0
-        assert calls[4:] == [3, 1, 3, 3] and torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(2)
+    yield calls, clock
+    torch.set_num_threads(threads)
+
+
+def test_a_long_lived_process_measures_again_and_tries_its_threads_again(probes):
+    """A service reuses its step costs for PROBE_MAX_AGE_S, then measures again; where one thread won under
+    a moment's load, the next measurement starts from the thread count one thread beat."""
+    from backend.budget import PROBE_MAX_AGE_S
+
+    calls, clock = probes
+    first = measure_step_costs("torch_cpu", "cpu")
+    assert first.threads == 1 and torch.get_num_threads() == 1 and len(calls) == 4
+    clock[0] += PROBE_MAX_AGE_S - 1
+    assert measure_step_costs("torch_cpu", "cpu") is first and len(calls) == 4  # reused
+    clock[0] += 2
+    again = measure_step_costs("torch_cpu", "cpu")
+    assert calls[4:] == [2, 1, 2, 2]  # from torch's count again, not from the one thread left behind
+    assert again.threads == 0 and torch.get_num_threads() == 2
+
+
+def test_a_thread_count_set_after_a_probe_is_kept(probes):
+    """Where one thread won and the count was then set again (a Ray worker's share, a user), the next probe
+    starts from that count, not from the one before the probe; a cached one-thread plan sets one thread again."""
+    from backend.budget import PROBE_MAX_AGE_S
+
+    calls, clock = probes
+    assert measure_step_costs("torch_cpu", "cpu").threads == 1
+    torch.set_num_threads(3)
+    assert measure_step_costs("torch_cpu", "cpu").threads == 1 and torch.get_num_threads() == 1  # cached
+    torch.set_num_threads(3)
+    clock[0] += PROBE_MAX_AGE_S + 1
+    assert measure_step_costs("torch_cpu", "cpu").threads == 0
+    assert calls[4:] == [3, 1, 3, 3] and torch.get_num_threads() == 3
 
 
 def test_devices_auto_and_checked_names():

@@ -16,7 +16,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .devices import DEVICE_HELP
 
@@ -132,14 +132,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if service.worker_still_running():
-        # a job step past the stop's wait, in native code (torch, numba): its job is marked interrupted; the
-        # interpreter's exit would abort on the thread (exit 134), so leave without waiting for it
-        log.info("a job step was still running; exiting without waiting for it")
-        sys.stdout.flush()
-        logging.shutdown()
-        os._exit(0)
+        if service.worker_still_running():  # after a stop, or an error that ended the loop
+            _exit_past_running_step(sys.exc_info()[1])
     return 0
+
+
+def _exit_past_running_step(err: BaseException | None) -> NoReturn:
+    """Leave the process while a worker thread is still inside a job step (past the stop's wait, in native
+    code: torch, numba). Its job is marked interrupted; the interpreter's exit would wait on the thread, or
+    abort on it (exit 134). Exit 0 after a stop; after ``err``, an error that ended the service, log it
+    (the CLI's own report of it is skipped) and exit 1."""
+    if err is None:
+        log.info("a job step was still running; exiting without waiting for it")
+    else:
+        log.error(
+            "the service stopped on an error; a job step was still running, exiting without waiting for it",
+            exc_info=err,
+        )
+    sys.stdout.flush()
+    logging.shutdown()
+    os._exit(0 if err is None else 1)
 
 
 def zmq_endpoint(text: str) -> str:

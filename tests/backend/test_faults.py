@@ -29,7 +29,7 @@ from backend.fileio import sha256_file
 from backend.scene import load_scene
 from backend.service import worker as worker_module
 from backend.service.probe import run as probe_runner
-from backend.service.spawn import free_port, wait_answering
+from backend.service.spawn import free_port, serve_command, serve_env, wait_answering
 from backend.service.store import (
     ARTIFACTS_DIR,
     INTERRUPTED_REASON,
@@ -43,6 +43,7 @@ from protocol import errors
 from protocol.client import Client
 from protocol.errors import ProtocolError
 from tests.backend._reliability import (
+    REPO,
     TIMEOUT_MS,
     WAIT_S,
     finished_probe_job,
@@ -362,6 +363,51 @@ def test_sigterm_mid_step_stops_like_ctrl_c_and_exits_0(tmp_path):
         with Client(endpoint, timeout_ms=TIMEOUT_MS) as c:
             status = c.status(job)
         assert status["state"] == "interrupted" and "the service stopped during this job" in status["message"]
+
+
+# `reconloop serve` whose request loop fails once a job runs: the error a bug in the loop would raise, with
+# the stop's wait cut to half a second (the test's time)
+LOOP_FAULT = """
+import sys
+from backend import cli
+from backend.service import server
+
+server.STOP_WAIT_S = 0.5
+drain = server.Service._drain
+
+def faulty_drain(self, slot):
+    drain(self, slot)
+    if slot.running and self.store.jobs[slot.running].state == "running":
+        raise RuntimeError("injected fault in the request loop")
+
+server.Service._drain = faulty_drain
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.xdist_group("service-subprocess")
+def test_an_error_in_the_loop_mid_step_exits_1_with_its_traceback(tmp_path):
+    """An error that ends the service's loop while a worker thread is inside a step: the process exits 1 at
+    once, the error and the step left behind in its log. It used to leave through the interpreter's exit, which
+    aborts with 134 on a step in torch's native code (a Python step, as here, hid that)."""
+    data_dir = tmp_path / "jobs"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cmd = serve_command(endpoint, data_dir, runner="backend.service.probe:run")
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([cmd[0], "-c", LOOP_FAULT, *cmd[3:]], cwd=REPO, env=serve_env(), stderr=log)
+    try:
+        wait_answering(endpoint, WAIT_S, proc=proc)
+        with Client(endpoint, timeout_ms=TIMEOUT_MS) as c:
+            c.submit(probe_scene("steps=2 delay_ms=60000"))  # one step sleeps a minute
+        assert proc.wait(WAIT_S) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = log_path.read_text()
+    assert "the service stopped on an error; a job step was still running" in log, log
+    assert "RuntimeError: injected fault in the request loop" in log, log
 
 
 def test_torn_journal_line_is_ignored_after_restart(tmp_path, record_property):

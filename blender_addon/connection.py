@@ -232,6 +232,17 @@ class JobsRequest(ServiceRequest):
         return self.client.begin("jobs", retries=retries)
 
 
+class DeleteRequest(ServiceRequest):
+    """``Client.delete`` without waiting (Delete job): the reply's ``job`` is gone from the service's store."""
+
+    def __init__(self, client, job: str, service: LocalService | None = None) -> None:
+        self.job = job
+        super().__init__(client, service)
+
+    def _begin(self, retries: int | None) -> PendingRequest:
+        return self.client.begin("delete", job=self.job, retries=retries)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checking a remote address before ZeroMQ sees it
 

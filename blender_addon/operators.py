@@ -434,8 +434,9 @@ class RECONLOOP_OT_cancel(bpy.types.Operator):
 # once and answered on a timer. The session's client has one request in flight at a time (a reply to
 # another is dropped as stale, and its request waits out its timeout), so a side request is refused
 # while a job runs or while the other side request waits, and a job that starts drops them.
-SIDE_REQUESTS = {"probe": "Test connection", "jobs": "Refresh jobs"}  # SESSION.handlers key -> operator
-SIDE_NOTES = {"probe": "hello_summary", "jobs": "jobs_note"}  # where each shows its progress
+# SESSION.handlers key -> operator; where each shows its progress
+SIDE_REQUESTS = {"probe": "Test connection", "jobs": "Refresh jobs", "delete": "Delete job"}
+SIDE_NOTES = {"probe": "hello_summary", "jobs": "jobs_note", "delete": "jobs_note"}
 
 
 def client_busy(key: str, then: str) -> str | None:
@@ -468,6 +469,14 @@ def _show_jobs(rt, reply: dict) -> None:
         item = rt.jobs.add()
         item.job, item.state, item.stage = j["job"], j["state"], j["stage"]
         item.message, item.created = j["message"][:500], j["created"]
+
+
+def _forget_job(rt, reply: dict) -> None:
+    """A job the service deleted leaves the list."""
+    index = next((i for i, item in enumerate(rt.jobs) if item.job == reply["job"]), None)
+    if index is not None:
+        rt.jobs.remove(index)
+        rt.jobs_index = min(rt.jobs_index, len(rt.jobs) - 1)
 
 
 def _side_tick(key: str, waiting: str, show) -> float | None:
@@ -509,6 +518,11 @@ def _probe_tick():
 def _jobs_tick():
     """Timer for Refresh jobs in the UI: one look for the jobs reply per tick, never waiting."""
     return _side_tick("jobs", "listing the jobs...", _show_jobs)
+
+
+def _delete_tick():
+    """Timer for Delete job in the UI: one look for the delete reply per tick, never waiting."""
+    return _side_tick("delete", "deleting the job...", _forget_job)
 
 
 def _start_side_request(key: str, request: connection.ServiceRequest, tick, waiting: str) -> None:
@@ -648,6 +662,50 @@ class RECONLOOP_OT_import_job(bpy.types.Operator):
             self.report({"ERROR"}, error)
             popup_error(error)
             return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class RECONLOOP_OT_delete_job(bpy.types.Operator):
+    """Delete a past job and its files from the service (an ended one; what was imported stays in the scene)"""
+
+    bl_idname = "reconloop.delete_job"
+    bl_label = "Delete job"
+
+    job: bpy.props.StringProperty(name="Job")
+    server: _server_property()
+
+    @classmethod
+    def poll(cls, context):
+        return connection.SESSION.driver is None
+
+    def invoke(self, context, event):
+        return context.window_manager.invoke_confirm(self, event)
+
+    def execute(self, context):
+        busy = client_busy("delete", "delete the job")
+        if busy:
+            self.report({"WARNING"}, busy)
+            return {"CANCELLED"}
+        rt = context.window_manager.reconloop
+        job = self.job or (rt.jobs[rt.jobs_index].job if 0 <= rt.jobs_index < len(rt.jobs) else "")
+        try:
+            if not job:
+                raise ReconLoopError("pick a job in the list first")
+            state = next((j.state for j in rt.jobs if j.job == job), "")
+            if state in ("queued", "running"):
+                raise ReconLoopError(f"job {job[:8]} is {state}: it can be deleted once it has ended")
+            cfg = preferences.connection_config(context, server=self.server)
+            client, service = connection.connect(cfg)
+            request = connection.DeleteRequest(client, job, service)
+            if _background():
+                _forget_job(rt, connection.wait_for(request))
+                self.report({"INFO"}, f"deleted job {job[:8]} from the service")
+                return {"FINISHED"}
+        except Exception as err:  # noqa: BLE001
+            message = connection.plain_error(err, connection.SESSION.endpoint)
+            self.report({"ERROR"}, message)
+            return {"CANCELLED"}
+        _start_side_request("delete", request, _delete_tick, "deleting the job...")
         return {"FINISHED"}
 
 
@@ -862,6 +920,7 @@ CLASSES = (
     RECONLOOP_OT_stop_service,
     RECONLOOP_OT_refresh_jobs,
     RECONLOOP_OT_import_job,
+    RECONLOOP_OT_delete_job,
     RECONLOOP_OT_import_gaussians,
     RECONLOOP_OT_import_points,
     RECONLOOP_OT_import_dataset,

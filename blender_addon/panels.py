@@ -165,11 +165,13 @@ class RECONLOOP_PT_jobs(_Panel, bpy.types.Panel):
             item = rt.jobs[rt.jobs_index]
             if item.message:
                 layout.label(text=item.message[:120])
+            row = layout.row()
             if item.state == "done":  # only a finished job has results to import
-                op = layout.operator("reconloop.import_job", icon="IMPORT")
-                op.job = item.job
+                row.operator("reconloop.import_job", icon="IMPORT").job = item.job
             else:
-                layout.label(text=f"results when the job is done ({item.state})", icon="TIME")
+                row.label(text=f"results when the job is done ({item.state})", icon="TIME")
+            if item.state not in ("queued", "running"):  # the service deletes an ended job only
+                row.operator("reconloop.delete_job", icon="TRASH", text="Delete").job = item.job
 
 
 CLASSES = (

@@ -224,6 +224,11 @@ class Client:
     def cancel(self, job: str) -> dict[str, Any]:
         return self.request("cancel", job=job)
 
+    def delete(self, job: str) -> dict[str, Any]:
+        """Delete an ended job and its files from the service's store (a queued or running one: ProtocolError
+        bad_field; cancel it first)."""
+        return self.request("delete", job=job)
+
     def jobs(self) -> list[dict[str, Any]]:
         return self.request("jobs")["jobs"]
 

@@ -350,6 +350,13 @@ OPS: dict[str, OpSchema] = {
             reply=(JOB, STATE),
         ),
         OpSchema(
+            "delete",
+            "Delete an ended job (done, failed, cancelled, interrupted) and its files from the store. A queued or\n"
+            "running job is refused (`bad_field`): cancel it first. The reply's `state` is the state it ended in.",
+            request=(JOB,),
+            reply=(JOB, STATE),
+        ),
+        OpSchema(
             "jobs",
             "List the jobs in the store, oldest first.",
             request=(),

@@ -164,6 +164,7 @@ class Service:
             "submit": self._submit,
             "status": self._status,
             "cancel": self._cancel,
+            "delete": self._delete,
             "jobs": self._jobs,
             "fetch": self._fetch,
             "shutdown": self._shutdown,
@@ -318,13 +319,19 @@ class Service:
 
     def _prune(self) -> None:
         """Delete ended jobs older than ``keep_days`` (their watchers go with them)."""
-        gone = set(self.store.prune(self.config.keep_days * DAY_S))
-        for job in gone:
-            self.watchers.pop(job, None)
-        for key in [k for k in self._maps if k[0] in gone]:  # their files' space is freed once unmapped
-            del self._maps[key]
+        gone = self.store.prune(self.config.keep_days * DAY_S)
+        self._forget(gone)
         if gone:
             log.info("deleted %d ended job(s) older than %g days (--keep-days)", len(gone), self.config.keep_days)
+
+    def _forget(self, jobs: list[str]) -> None:
+        """Drop what the loop holds for deleted jobs: their watchers, their artifacts' memory maps (the files'
+        space is freed once unmapped)."""
+        gone = set(jobs)
+        for job in gone:
+            self.watchers.pop(job, None)
+        for key in [k for k in self._maps if k[0] in gone]:
+            del self._maps[key]
 
     def _reap(self) -> bool:
         """Fail the job of every worker that died, start one in its place; returns True when slots changed."""
@@ -523,6 +530,19 @@ class Service:
         elif record.state == "queued":
             self.queue.remove(record.job)
             self._event(record, "cancelled", record.stage, record.fraction, "cancelled by a client before it started")
+        return {"job": record.job, "state": record.state}
+
+    def _delete(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:
+        record = self._record(msg, req)
+        if not record.is_terminal or self._slot_of(record.job) is not None:  # a worker may still write its files
+            raise ProtocolError(
+                errors.BAD_FIELD,
+                f"delete: job {record.job} is {record.state}; only an ended job is deleted: cancel it first",
+                field="job",
+            )
+        self.store.delete(record)  # an OSError (the folder cannot be moved) answers internal, with its reason
+        self._forget([record.job])
+        log.info("job %s deleted by a client", record.job)
         return {"job": record.job, "state": record.state}
 
     def _jobs(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:

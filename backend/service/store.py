@@ -449,26 +449,38 @@ class JobStore:
 
     def prune(self, max_age_s: float, now: float | None = None) -> list[str]:
         """Delete the folders of ended jobs (done, failed, cancelled, interrupted) whose last event is older than
-        ``max_age_s``; returns their ids. Queued and running jobs are never touched. Each folder is first
-        renamed to a ``TMP_PREFIX`` name in one step (a job is listed whole or not at all; ``load`` sweeps what
-        a crash leaves), then deleted on a thread of its own, so a large folder does not hold up requests."""
+        ``max_age_s`` (``delete`` each); returns their ids. Queued and running jobs are never touched; a job
+        whose folder cannot be moved stays listed, with a warning in the log."""
         if not max_age_s > 0:
             raise ValueError(f"JobStore.prune: max_age_s must be > 0; got {max_age_s}")
         cutoff = (time.time() if now is None else now) - max_age_s
         gone = []
         for record in [r for r in self.jobs.values() if r.is_terminal and r.updated < cutoff]:
-            doomed = self.root / f"{TMP_PREFIX}{record.job}"
             try:
-                os.replace(record.dir, doomed)
+                self.delete(record)
             except OSError as err:
                 log.warning("job %s: not deleted (kept listed): %s", record.job, err)
                 continue
-            threading.Thread(target=shutil.rmtree, args=(doomed, True), name="reconloop-prune", daemon=True).start()
-            del self.jobs[record.job]
-            if record.key:
-                self.keys.pop((record.owner, record.key), None)
             gone.append(record.job)
         return gone
+
+    def delete(self, record: JobRecord) -> None:
+        """Delete an ended job: its folder is first renamed to a ``TMP_PREFIX`` name in one step (a job is listed
+        whole or not at all; ``load`` sweeps what a crash leaves), then deleted on a thread of its own, so a large
+        folder does not hold up requests.
+
+        Raises:
+            ValueError: the job has not ended (queued or running).
+            OSError: the folder could not be moved; the job stays listed.
+        """
+        if not record.is_terminal:
+            raise ValueError(f"JobStore.delete: job {record.job} is {record.state}; only an ended job is deleted")
+        doomed = self.root / f"{TMP_PREFIX}{record.job}"
+        os.replace(record.dir, doomed)
+        threading.Thread(target=shutil.rmtree, args=(doomed, True), name="reconloop-delete", daemon=True).start()
+        del self.jobs[record.job]
+        if record.key:
+            self.keys.pop((record.owner, record.key), None)
 
     def listed(self) -> list[JobRecord]:
         """Jobs oldest first, at most MAX_JOBS_LISTED (the newest)."""

@@ -128,6 +128,7 @@ def test_clients_see_and_control_only_their_own_jobs(curve_service, keys, record
         for op, fields in (
             ("status", {}),
             ("cancel", {}),
+            ("delete", {}),
             ("fetch", {"name": "summary.json"}),
             ("status", {"watch": True, "since": 0}),
         ):
@@ -146,7 +147,7 @@ def test_clients_see_and_control_only_their_own_jobs(curve_service, keys, record
     row(
         record_property,
         "access",
-        "client B asks status/cancel/fetch/watch of client A's job id",
+        "client B asks status/cancel/delete/fetch/watch of client A's job id",
         "not_found for each; A's job unaffected; same submit key from A and B gives two jobs",
     )
 

@@ -19,6 +19,7 @@ from backend.fileio import sha256_file
 from backend.progress import ProgressEvent
 from backend.service import Service, ServiceConfig
 from backend.service import worker as worker_module
+from backend.service.probe import run as probe_runner
 from backend.service.server import is_loopback
 from backend.service.spawn import free_port, serve_command, serve_env
 from backend.service.store import ARTIFACTS_DIR, INTERRUPTED_REASON, JobStore, check_artifact_name, resolve_inside
@@ -26,7 +27,7 @@ from protocol import errors, limits
 from protocol.client import Client
 from protocol.codec import pack
 from protocol.errors import ProtocolError
-from tests.backend._reliability import start_service, stop_service
+from tests.backend._reliability import probe_scene, start_service, stop_service, wait_state
 from tests.protocol.helpers import camera, png_bytes, runner, running_service, scene_msg
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,16 +60,6 @@ def service(tmp_path):
 def client(service):
     with Client(service.endpoint, timeout_ms=TIMEOUT_MS, retries=1) as c:
         yield c
-
-
-def wait_state(client: Client, job: str, states=("done", "failed", "cancelled", "interrupted")) -> dict:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        status = client.status(job)
-        if status["state"] in states:
-            return status
-        time.sleep(0.02)
-    raise AssertionError(f"job {job} still {status['state']}")
 
 
 def test_hello_reports_version_generators_device_limits(client):
@@ -470,6 +461,39 @@ def test_prune_deletes_only_ended_jobs_older_than_the_age(tmp_path):
         store.prune(0)
     with pytest.raises(ValueError, match=r"ServiceConfig.keep_days must be > 0 or None; got 0"):
         Service(ServiceConfig(data_dir=tmp_path / "other", keep_days=0))
+
+
+def test_a_client_deletes_an_ended_job_and_only_an_ended_one(tmp_path):
+    """delete: an ended job's folder, listing and submit key go; a running or queued job is refused, naming the
+    field and what to do; a second delete, and any later request for it, get not_found."""
+    data_dir = tmp_path / "jobs"
+    svc, thread = start(data_dir, runner=probe_runner)
+    try:
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            done = c.request("submit", scene=probe_scene("steps=1"), key="first")["job"]
+            assert wait_state(c, done)["state"] == "done"
+            running = c.submit(probe_scene("steps=100 delay_ms=100"))  # 10 s, cancelled at a step boundary
+            queued = c.submit(probe_scene("steps=1"))
+            wait_state(c, running, ("running",))
+            for job, state in ((running, "running"), (queued, "queued")):
+                with pytest.raises(ProtocolError, match=rf"delete: job {job} is {state}; .*cancel it first") as err:
+                    c.delete(job)
+                assert (err.value.code, err.value.field) == (errors.BAD_FIELD, "job")
+            assert (data_dir / done).is_dir()
+            assert c.delete(done)["state"] == "done"
+            assert not (data_dir / done).exists() and done not in {j["job"] for j in c.jobs()}
+            for op, fields in (("delete", {}), ("status", {}), ("fetch", {"name": "summary.json"})):
+                with pytest.raises(ProtocolError) as err:
+                    c.request(op, job=done, **fields)
+                assert err.value.code == errors.NOT_FOUND
+            again = c.request("submit", scene=probe_scene("steps=1"), key="first")["job"]  # the key went with it
+            assert again != done
+            c.cancel(running)
+            assert wait_state(c, running)["state"] == "cancelled"
+            assert c.delete(running)["state"] == "cancelled" and not (data_dir / running).exists()
+    finally:
+        stop_service(svc, thread)
+    assert {p.name for p in data_dir.iterdir() if not p.name.startswith(".")} >= {queued, again}
 
 
 def test_a_service_with_keep_days_deletes_old_ended_jobs_at_start(tmp_path):

@@ -241,6 +241,51 @@ def test_import_job_takes_the_server_and_results_folder_a_script_gives(registere
     assert {o.get(importers.OBJECT_KIND) for o in coll.objects} == {"points", "gaussians", importers.KIND_TRAJECTORY}
 
 
+def test_delete_job_removes_an_ended_job_from_the_service_and_the_list(registered, endpoint, temple_dir, tmp_path):
+    """Past jobs offers Delete for an ended job only; the service forgets it, the list drops it, and the
+    objects already imported stay in the scene."""
+    from protocol.client import Client
+
+    build_temple_scene(temple_dir, ids=(0, 8))
+    assert bpy.ops.reconloop.reconstruct(server=endpoint, output_dir=str(tmp_path)) == {"FINISHED"}
+    rt = bpy.context.window_manager.reconloop
+    job = rt.job
+    assert bpy.ops.reconloop.refresh_jobs(server=endpoint) == {"FINISHED"}
+    rt.jobs_index = [j.job for j in rt.jobs].index(job)
+    operators_drawn = [e[1] for e in _draw(panels.RECONLOOP_PT_jobs).log if e[0] == "operator"]
+    assert operators_drawn == ["reconloop.refresh_jobs", "reconloop.import_job", "reconloop.delete_job"]
+    rt.jobs[rt.jobs_index].state = "running"  # as a job still running is listed: no Delete, and refused
+    assert "reconloop.delete_job" not in [e[1] for e in _draw(panels.RECONLOOP_PT_jobs).log if e[0] == "operator"]
+    with pytest.raises(RuntimeError, match=rf"job {job[:8]} is running: it can be deleted once it has ended"):
+        bpy.ops.reconloop.delete_job(job=job, server=endpoint)
+    rt.jobs[rt.jobs_index].state = "done"
+    results = _results()
+    assert bpy.ops.reconloop.delete_job(job=job, server=endpoint) == {"FINISHED"}
+    assert job not in [j.job for j in rt.jobs] and _results() == results
+    with Client(endpoint) as c:
+        assert job not in [j["job"] for j in c.jobs()]
+    with pytest.raises(RuntimeError, match=rf"no job '{job}'"):  # the service's own words
+        bpy.ops.reconloop.delete_job(job=job, server=endpoint)
+
+
+def test_delete_job_in_the_ui_returns_at_once_and_a_timer_takes_the_reply(
+    registered, endpoint, temple_dir, tmp_path, monkeypatch
+):
+    build_temple_scene(temple_dir, ids=(0, 8))
+    assert bpy.ops.reconloop.reconstruct(server=endpoint, output_dir=str(tmp_path)) == {"FINISHED"}
+    rt = bpy.context.window_manager.reconloop
+    job = rt.job
+    assert bpy.ops.reconloop.refresh_jobs(server=endpoint) == {"FINISHED"}
+    monkeypatch.setattr(operators, "_background", lambda: False)  # the UI's path from here
+    assert bpy.ops.reconloop.delete_job(job=job, server=endpoint) == {"FINISHED"}
+    assert bpy.app.timers.is_registered(operators._delete_tick) and job in [j.job for j in rt.jobs]
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while operators._delete_tick() is not None:
+        assert time.monotonic() < deadline, rt.jobs_note
+        time.sleep(0.01)
+    assert job not in [j.job for j in rt.jobs] and rt.jobs_note == "" and "delete" not in connection.SESSION.handlers
+
+
 # -- 3: a trajectory camera that does not move --------------------------------------------------
 
 

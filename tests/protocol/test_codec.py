@@ -279,6 +279,7 @@ def valid_requests() -> dict[str, dict]:
         "submit": {"scene": scene, "key": "k"},
         "status": {"job": JOB, "watch": True, "since": 0},
         "cancel": {"job": JOB},
+        "delete": {"job": JOB},
         "jobs": {},
         "fetch": {"job": JOB, "name": "a.ply", "offset": 0, "length": 10},
         "shutdown": {},

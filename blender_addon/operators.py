@@ -12,6 +12,9 @@ import contextlib
 import os
 import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import bpy
 from bpy_extras.io_utils import ExportHelper, ImportHelper
@@ -430,13 +433,21 @@ class RECONLOOP_OT_cancel(bpy.types.Operator):
         return {"FINISHED"}
 
 
-# Test connection and Refresh jobs: requests of the sidebar's own ("side requests"), in the UI sent at
-# once and answered on a timer. The session's client has one request in flight at a time (a reply to
-# another is dropped as stale, and its request waits out its timeout), so a side request is refused
-# while a job runs or while the other side request waits, and a job that starts drops them.
-# SESSION.handlers key -> operator; where each shows its progress
-SIDE_REQUESTS = {"probe": "Test connection", "jobs": "Refresh jobs", "delete": "Delete job"}
-SIDE_NOTES = {"probe": "hello_summary", "jobs": "jobs_note", "delete": "jobs_note"}
+# Test connection, Refresh jobs and Delete job: requests of the sidebar's own ("side requests"), in the UI
+# sent at once and answered on a timer. The session's client has one request in flight at a time (a reply
+# to another is dropped as stale, and its request waits out its timeout), so a side request is refused
+# while a job runs or while another side request waits, and a job that starts drops them.
+
+
+@dataclass(frozen=True)
+class SideRequest:
+    """One kind of side request, by its ``SESSION.handlers`` key in ``SIDE``."""
+
+    operator: str  # its button, as the user knows it
+    then: str  # what the user may do later, when the client is busy
+    note: str  # the runtime property that shows it waiting
+    waiting: str  # what that note says meanwhile
+    show: Callable[[Any, dict], None]  # show(rt, reply): the reply into the sidebar
 
 
 def client_busy(key: str, then: str) -> str | None:
@@ -444,18 +455,18 @@ def client_busy(key: str, then: str) -> str | None:
     s = connection.SESSION
     if s.driver is not None:
         return f"a job is running: its status is shown in the panel; {then} once it has ended"
-    for other, label in SIDE_REQUESTS.items():
+    for other, side in SIDE.items():
         request = s.handlers.get(other)
         if other != key and request is not None and request.client is s.client:
-            return f"{label} is waiting for the service: {then} once it has answered"
+            return f"{side.operator} is waiting for the service: {then} once it has answered"
     return None
 
 
 def _drop_side_requests(rt) -> None:
     s = connection.SESSION
-    for key, note in SIDE_NOTES.items():
+    for key, side in SIDE.items():
         if s.handlers.pop(key, None) is not None:
-            setattr(rt, note, "")
+            setattr(rt, side.note, "")
 
 
 def _show_hello(rt, reply: dict) -> None:
@@ -479,57 +490,98 @@ def _forget_job(rt, reply: dict) -> None:
         rt.jobs_index = min(rt.jobs_index, len(rt.jobs) - 1)
 
 
-def _side_tick(key: str, waiting: str, show) -> float | None:
+SIDE = {
+    "probe": SideRequest("Test connection", "test the connection", "hello_summary", "connecting...", _show_hello),
+    "jobs": SideRequest("Refresh jobs", "refresh the jobs", "jobs_note", "listing the jobs...", _show_jobs),
+    "delete": SideRequest("Delete job", "delete the job", "jobs_note", "deleting the job...", _forget_job),
+}
+
+
+def _side_tick(key: str) -> float | None:
     """One look for the reply of the side request ``key``, never waiting: the timer's next interval,
-    or None once it has ended (``show(rt, reply)`` takes the reply; an error goes to a popup)."""
+    or None once it has ended (its ``show`` takes the reply; an error goes to a popup)."""
     s = connection.SESSION
     request = s.handlers.get(key)
     if request is None or s.client is None or request.client is not s.client:  # stopped or reconnected meanwhile
         s.handlers.pop(key, None)
         return None
     rt = _runtime()
-    note = SIDE_NOTES[key]
+    side = SIDE[key]
     try:
         reply = request.poll(0)
     except Exception as err:  # noqa: BLE001
         s.handlers.pop(key, None)
-        setattr(rt, note, "")
+        setattr(rt, side.note, "")
         message = connection.plain_error(err, s.endpoint)
         rt.last_error = message
         popup_error(message)
         _redraw()
         return None
     if reply is None:
-        setattr(rt, note, request.waiting_text() if request.waited_s >= 1.0 else waiting)
+        setattr(rt, side.note, request.waiting_text() if request.waited_s >= 1.0 else side.waiting)
         _redraw()
         return TICK_S
     s.handlers.pop(key, None)
-    setattr(rt, note, "")
-    show(rt, reply)
+    setattr(rt, side.note, "")
+    side.show(rt, reply)
     _redraw()
     return None
 
 
 def _probe_tick():
     """Timer for Test connection in the UI: one look for the hello reply per tick, never waiting."""
-    return _side_tick("probe", "connecting...", _show_hello)
+    return _side_tick("probe")
 
 
 def _jobs_tick():
     """Timer for Refresh jobs in the UI: one look for the jobs reply per tick, never waiting."""
-    return _side_tick("jobs", "listing the jobs...", _show_jobs)
+    return _side_tick("jobs")
 
 
 def _delete_tick():
     """Timer for Delete job in the UI: one look for the delete reply per tick, never waiting."""
-    return _side_tick("delete", "deleting the job...", _forget_job)
+    return _side_tick("delete")
 
 
-def _start_side_request(key: str, request: connection.ServiceRequest, tick, waiting: str) -> None:
+SIDE_TICKS = {"probe": _probe_tick, "jobs": _jobs_tick, "delete": _delete_tick}  # a timer is one function
+
+
+def send_side_request(op, context, key: str, make, *, done=None, popup: bool = False) -> set[str]:
+    """What an operator with the side request ``key`` does: refused while the client is busy; in
+    background mode it waits for the reply and shows it, in the UI its timer takes the reply.
+
+    Args:
+        op: the operator (its ``server`` and ``report``).
+        make: ``make(client, service)`` -> the ``connection.ServiceRequest`` to send.
+        done: ``done(rt)`` -> a line to report once a background request is answered.
+        popup: also show an error in a popup (besides the report).
+    """
+    side = SIDE[key]
+    busy = client_busy(key, side.then)
+    if busy:
+        op.report({"WARNING"}, busy)
+        return {"CANCELLED"}
+    rt = context.window_manager.reconloop
+    try:
+        cfg = preferences.connection_config(context, server=op.server)
+        request = make(*connection.connect(cfg))
+        if _background():
+            side.show(rt, connection.wait_for(request))
+            if done is not None:
+                op.report({"INFO"}, done(rt))
+            return {"FINISHED"}
+    except Exception as err:  # noqa: BLE001
+        message = connection.plain_error(err, connection.SESSION.endpoint)
+        op.report({"ERROR"}, message)
+        if popup:
+            popup_error(message)
+        return {"CANCELLED"}
     connection.SESSION.handlers[key] = request
-    setattr(_runtime(), SIDE_NOTES[key], waiting)
+    setattr(rt, side.note, side.waiting)
+    tick = SIDE_TICKS[key]
     if not bpy.app.timers.is_registered(tick):
         bpy.app.timers.register(tick, first_interval=0.0)
+    return {"FINISHED"}
 
 
 class RECONLOOP_OT_test_connection(bpy.types.Operator):
@@ -541,26 +593,9 @@ class RECONLOOP_OT_test_connection(bpy.types.Operator):
     server: _server_property()
 
     def execute(self, context):
-        busy = client_busy("probe", "test the connection")
-        if busy:
-            self.report({"WARNING"}, busy)
-            return {"CANCELLED"}
-        rt = context.window_manager.reconloop
-        try:
-            cfg = preferences.connection_config(context, server=self.server)
-            client, service = connection.connect(cfg)
-            probe = connection.HelloProbe(client, service)
-            if _background():
-                _show_hello(rt, connection.wait_for(probe))
-                self.report({"INFO"}, rt.hello_summary)
-                return {"FINISHED"}
-        except Exception as err:  # noqa: BLE001
-            message = connection.plain_error(err, connection.SESSION.endpoint)
-            self.report({"ERROR"}, message)
-            popup_error(message)
-            return {"CANCELLED"}
-        _start_side_request("probe", probe, _probe_tick, "connecting...")
-        return {"FINISHED"}
+        return send_side_request(
+            self, context, "probe", connection.HelloProbe, done=lambda rt: rt.hello_summary, popup=True
+        )
 
 
 class RECONLOOP_OT_stop_service(bpy.types.Operator):
@@ -598,24 +633,7 @@ class RECONLOOP_OT_refresh_jobs(bpy.types.Operator):
     server: _server_property()
 
     def execute(self, context):
-        busy = client_busy("jobs", "refresh the jobs")
-        if busy:
-            self.report({"WARNING"}, busy)
-            return {"CANCELLED"}
-        rt = context.window_manager.reconloop
-        try:
-            cfg = preferences.connection_config(context, server=self.server)
-            client, service = connection.connect(cfg)
-            request = connection.JobsRequest(client, service)
-            if _background():
-                _show_jobs(rt, connection.wait_for(request))
-                return {"FINISHED"}
-        except Exception as err:  # noqa: BLE001
-            message = connection.plain_error(err, connection.SESSION.endpoint)
-            self.report({"ERROR"}, message)
-            return {"CANCELLED"}
-        _start_side_request("jobs", request, _jobs_tick, "listing the jobs...")
-        return {"FINISHED"}
+        return send_side_request(self, context, "jobs", connection.JobsRequest)
 
 
 class RECONLOOP_OT_import_job(bpy.types.Operator):
@@ -682,31 +700,21 @@ class RECONLOOP_OT_delete_job(bpy.types.Operator):
         return context.window_manager.invoke_confirm(self, event)
 
     def execute(self, context):
-        busy = client_busy("delete", "delete the job")
-        if busy:
-            self.report({"WARNING"}, busy)
-            return {"CANCELLED"}
         rt = context.window_manager.reconloop
         job = self.job or (rt.jobs[rt.jobs_index].job if 0 <= rt.jobs_index < len(rt.jobs) else "")
-        try:
-            if not job:
-                raise ReconLoopError("pick a job in the list first")
-            state = next((j.state for j in rt.jobs if j.job == job), "")
-            if state in ("queued", "running"):
-                raise ReconLoopError(f"job {job[:8]} is {state}: it can be deleted once it has ended")
-            cfg = preferences.connection_config(context, server=self.server)
-            client, service = connection.connect(cfg)
-            request = connection.DeleteRequest(client, job, service)
-            if _background():
-                _forget_job(rt, connection.wait_for(request))
-                self.report({"INFO"}, f"deleted job {job[:8]} from the service")
-                return {"FINISHED"}
-        except Exception as err:  # noqa: BLE001
-            message = connection.plain_error(err, connection.SESSION.endpoint)
-            self.report({"ERROR"}, message)
+        state = next((j.state for j in rt.jobs if j.job == job), "")
+        if not job:
+            self.report({"ERROR"}, "pick a job in the list first")
             return {"CANCELLED"}
-        _start_side_request("delete", request, _delete_tick, "deleting the job...")
-        return {"FINISHED"}
+        if state in ("queued", "running"):
+            self.report({"ERROR"}, f"job {job[:8]} is {state}: it can be deleted once it has ended")
+            return {"CANCELLED"}
+
+        def make(client, service):
+            return connection.DeleteRequest(client, job, service)
+
+        done = f"deleted job {job[:8]} from the service"
+        return send_side_request(self, context, "delete", make, done=lambda rt: done)
 
 
 class _ImportPly(ImportHelper):
@@ -883,7 +891,7 @@ def _on_load_pre(*_args) -> None:
         print(f"ReconLoop: {note}")
     _CARRIED["note"] = note
     s.driver = None
-    for key in ("importer", *SIDE_REQUESTS):
+    for key in ("importer", *SIDE):
         s.handlers.pop(key, None)
     stop_timers()
 

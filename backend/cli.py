@@ -311,22 +311,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run_loop(args.scene, args.out, args.device, args.budget, args.refiner_out)
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
+def service_client(args: argparse.Namespace) -> Any:
+    """A ``protocol.client.Client`` of ``--server`` with ``--timeout-ms`` and the client's keys; a bad
+    address is a ValueError naming ``--server``."""
     import zmq
 
     from protocol.client import Client
 
-    from .scene import load_scene
     from .service.options import client_keys
+
+    try:
+        return Client(args.server, timeout_ms=args.timeout_ms, name="reconloop-cli", **client_keys(args))
+    except zmq.ZMQError as err:
+        raise endpoint_error("--server", args.server, err) from None
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """List the service's jobs (this client's), newest last; ``--delete JOB``: delete ended jobs first."""
+    import time
+
+    with service_client(args) as client:
+        for job in args.delete:
+            state = client.delete(job)["state"]
+            print(f"job {job}: deleted ({state})")
+        jobs = client.jobs()
+    for j in jobs:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(j["created"]))
+        print(f"{j['job']}  {when}  {j['state']:<11}  {j['message']}")
+    if not jobs:
+        print(f"no jobs on {args.server}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .scene import load_scene
     from .service.store import check_artifact_name, scene_message
 
     check_out_folder(args.out)  # before the job runs: its results would have nowhere to go
     scene = load_scene(args.scene, registered=False)  # the service checks the generator against its own registry
-    try:
-        client = Client(args.server, timeout_ms=args.timeout_ms, name="reconloop-cli", **client_keys(args))
-    except zmq.ZMQError as err:
-        raise endpoint_error("--server", args.server, err) from None
-    with client:
+    with service_client(args) as client:
         info = client.hello()
         log.info("server %s on %s, device %s", info["server"], args.server, info["device"])
         job = client.submit(scene_message(scene))
@@ -558,6 +581,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_client_arguments(p)
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser(
+        "jobs",
+        help="list a service's jobs, or delete ended ones",
+        description=(
+            "List the jobs a running service keeps for this client (oldest first: id, created, state, message). "
+            "--delete JOB deletes an ended job and its files from the service first (a queued or running job is "
+            "refused: it can be deleted once it has ended)."
+        ),
+    )
+    p.add_argument("--server", type=zmq_endpoint, default=DEFAULT_SERVER, help="service endpoint (default %(default)s)")
+    p.add_argument(
+        "--delete", action="append", default=[], metavar="JOB", help="delete this ended job (repeat for more)"
+    )
+    p.add_argument(
+        "--timeout-ms", type=int, default=30_000, help="per-request timeout before a retry (default %(default)s)"
+    )
+    add_client_arguments(p)
+    p.set_defaults(func=cmd_jobs)
     add_keys_command(sub)
 
     p = sub.add_parser(

@@ -85,6 +85,20 @@ def test_submit_of_failing_job_exits_1(service, tmp_path, capsys):
     assert (tmp_path / "out" / "step0.bin").is_file()  # what was finished still comes back
 
 
+def test_jobs_lists_and_deletes_ended_jobs(service, tmp_path, capsys):
+    scene = write_scene(tmp_path / "scene", prompt="steps:1")
+    assert main(["submit", str(scene), "--server", service.endpoint, "--out", str(tmp_path / "out")]) == 0
+    job = capsys.readouterr().out.split()[1]
+    assert main(["jobs", "--server", service.endpoint]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"{job}  ") and "  done  " in line
+    assert main(["jobs", "--server", service.endpoint, "--delete", job]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"job {job}: deleted (done)", f"no jobs on {service.endpoint}"]
+    assert not (service.data_dir / job).exists()
+    assert main(["jobs", "--server", service.endpoint, "--delete", job]) == 2
+    assert f"reconloop jobs: not_found: delete: no job '{job}'" in capsys.readouterr().err
+
+
 def test_bad_scene_exits_2_with_the_field(tmp_path, capsys):
     scene = write_scene(tmp_path / "scene")
     data = json.loads((scene / "scene.json").read_text())

@@ -119,29 +119,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     in_main = threading.current_thread() is threading.main_thread()  # signal handlers are set there only
     previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
+    failure: BaseException | None = None  # what ended the service, other than a stop
     try:
         service.serve_forever()
     except KeyboardInterrupt:
         log.info("stopped by %s", "SIGTERM" if terminated else "Ctrl-C")
-    except StoreInUseError as err:
-        raise ValueError(f"{err}: stop that service, or pass --data-dir DIR to give this one its own store") from None
-    except zmq.ZMQError as err:
-        if service.endpoint is not None:  # bound: a later socket's error, not --bind's
-            raise
-        raise endpoint_error("--bind", args.bind, err) from None
+    except BaseException as err:
+        failure = err
+        if isinstance(err, StoreInUseError):
+            raise ValueError(
+                f"{err}: stop that service, or pass --data-dir DIR to give this one its own store"
+            ) from None
+        if isinstance(err, zmq.ZMQError) and service.endpoint is None:  # not bound: --bind's error
+            raise endpoint_error("--bind", args.bind, err) from None
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        if service.worker_still_running():  # after a stop, or an error that ended the loop
-            _exit_past_running_step(sys.exc_info()[1])
+        if service.worker_still_running():
+            _exit_past_running_step(failure)
     return 0
 
 
 def _exit_past_running_step(err: BaseException | None) -> NoReturn:
     """Leave the process while a worker thread is still inside a job step (past the stop's wait, in native
-    code: torch, numba). Its job is marked interrupted; the interpreter's exit would wait on the thread, or
-    abort on it (exit 134). Exit 0 after a stop; after ``err``, an error that ended the service, log it
-    (the CLI's own report of it is skipped) and exit 1."""
+    code: torch, numba). Its job is marked interrupted; the interpreter's exit can abort on the (daemon)
+    thread (exit 134). Exit 0 after a stop; after ``err``, an error that ended the service, log it (the
+    CLI's own report of it is skipped) and exit 1."""
     if err is None:
         log.info("a job step was still running; exiting without waiting for it")
     else:
@@ -326,14 +330,29 @@ def service_client(args: argparse.Namespace) -> Any:
         raise endpoint_error("--server", args.server, err) from None
 
 
+def add_service_client_arguments(p: argparse.ArgumentParser) -> None:
+    """The options ``service_client`` reads: ``--server``, ``--timeout-ms`` and the client's keys."""
+    from .service.options import add_client_arguments
+
+    p.add_argument("--server", type=zmq_endpoint, default=DEFAULT_SERVER, help="service endpoint (default %(default)s)")
+    p.add_argument(
+        "--timeout-ms", type=int, default=30_000, help="per-request timeout before a retry (default %(default)s)"
+    )
+    add_client_arguments(p)
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
-    """List the service's jobs (this client's), newest last; ``--delete JOB``: delete ended jobs first."""
+    """List the service's jobs (this client's), oldest first, after ``--cancel`` and ``--delete``."""
     import time
 
     with service_client(args) as client:
+        for job in args.cancel:
+            state = client.cancel(job)["state"]
+            said = {"queued": "cancel sent", "running": "cancel sent (it stops at its next step)", "cancelled": state}
+            print(f"job {job}: {said.get(state, f'already {state}')}")
         for job in args.delete:
-            state = client.delete(job)["state"]
-            print(f"job {job}: deleted ({state})")
+            client.delete(job)
+            print(f"job {job}: deleted")
         jobs = client.jobs()
     for j in jobs:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(j["created"]))
@@ -538,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="this machine's private address that workers connect back to (default: Ray's node IP; "
         "127.0.0.1 for a local Ray)",
     )
-    from .service.options import add_client_arguments, add_generator_arguments, add_keys_command, add_serve_arguments
+    from .service.options import add_generator_arguments, add_keys_command, add_serve_arguments
 
     add_serve_arguments(p)
     add_generator_arguments(p)
@@ -574,12 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("scene", type=Path, metavar="SCENE", help="scene folder (scene.json + images)")
-    p.add_argument("--server", type=zmq_endpoint, default=DEFAULT_SERVER, help="service endpoint (default %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="folder for the downloaded artifacts")
-    p.add_argument(
-        "--timeout-ms", type=int, default=30_000, help="per-request timeout before a retry (default %(default)s)"
-    )
-    add_client_arguments(p)
+    add_service_client_arguments(p)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser(
@@ -587,18 +602,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="list a service's jobs, or delete ended ones",
         description=(
             "List the jobs a running service keeps for this client (oldest first: id, created, state, message). "
-            "--delete JOB deletes an ended job and its files from the service first (a queued or running job is "
-            "refused: it can be deleted once it has ended)."
+            "--cancel JOB asks a queued or running job to stop (a running one stops at its next step); --delete "
+            "JOB deletes an ended job and its files from the service (a queued or running one is refused)."
         ),
     )
-    p.add_argument("--server", type=zmq_endpoint, default=DEFAULT_SERVER, help="service endpoint (default %(default)s)")
+    p.add_argument("--cancel", action="append", default=[], metavar="JOB", help="cancel this job (repeat for more)")
     p.add_argument(
         "--delete", action="append", default=[], metavar="JOB", help="delete this ended job (repeat for more)"
     )
-    p.add_argument(
-        "--timeout-ms", type=int, default=30_000, help="per-request timeout before a retry (default %(default)s)"
-    )
-    add_client_arguments(p)
+    add_service_client_arguments(p)
     p.set_defaults(func=cmd_jobs)
     add_keys_command(sub)
 

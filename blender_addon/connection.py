@@ -233,7 +233,10 @@ class JobsRequest(ServiceRequest):
 
 
 class DeleteRequest(ServiceRequest):
-    """``Client.delete`` without waiting (Delete job): the reply's ``job`` is gone from the service's store."""
+    """``Client.delete`` without waiting (Delete job): the reply's ``job`` is gone from the service's store.
+
+    A job the service does not have (deleted by another client, or by this request's first try when its
+    reply was lost and the request resent) is gone as well: the reply then says ``gone: True``."""
 
     def __init__(self, client, job: str, service: LocalService | None = None) -> None:
         self.job = job
@@ -241,6 +244,16 @@ class DeleteRequest(ServiceRequest):
 
     def _begin(self, retries: int | None) -> PendingRequest:
         return self.client.begin("delete", job=self.job, retries=retries)
+
+    def poll(self, wait_ms: float = 0) -> dict[str, Any] | None:
+        from protocol.errors import NOT_FOUND, ProtocolError  # importable: the client was made from it
+
+        try:
+            return super().poll(wait_ms)
+        except ProtocolError as err:
+            if err.code != NOT_FOUND:
+                raise
+            return {"job": self.job, "gone": True}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -740,7 +753,8 @@ def connect(cfg: ConnectionConfig, *, start_service: bool = True) -> tuple[Any, 
 
 
 def wait_for(request: ServiceRequest, timeout_s: float = SERVICE_START_TIMEOUT_S) -> dict[str, Any]:
-    """Block until ``request`` is answered (background mode: Test connection, Refresh jobs); the reply."""
+    """Block until ``request`` is answered (background mode: Test connection, Refresh jobs, Delete job); the
+    reply."""
     deadline = time.monotonic() + timeout_s
     while (reply := request.poll(SERVICE_PROBE_MS)) is None:
         if time.monotonic() > deadline:

@@ -37,7 +37,7 @@ def _safe_name(text: str) -> str:
 
 def _server_property():
     """The ``server`` option of the operators that talk to the service (Reconstruct, Test connection,
-    Refresh jobs, Import job): an address that overrides the preferences, for scripts and tests."""
+    Refresh jobs, Import job, Delete job): an address that overrides the preferences, for scripts and tests."""
     return bpy.props.StringProperty(
         name="Server", description="Service address; overrides the preferences (e.g. tcp://127.0.0.1:5555)", default=""
     )
@@ -448,6 +448,7 @@ class SideRequest:
     note: str  # the runtime property that shows it waiting
     waiting: str  # what that note says meanwhile
     show: Callable[[Any, dict], None]  # show(rt, reply): the reply into the sidebar
+    tick: Callable[[], float | None]  # its timer in the UI (a timer is one function)
 
 
 def client_busy(key: str, then: str) -> str | None:
@@ -483,18 +484,18 @@ def _show_jobs(rt, reply: dict) -> None:
 
 
 def _forget_job(rt, reply: dict) -> None:
-    """A job the service deleted leaves the list."""
+    """A job the service deleted (or no longer has: ``reply["gone"]``) leaves the list; the selection stays
+    on the job it was on."""
     index = next((i for i, item in enumerate(rt.jobs) if item.job == reply["job"]), None)
     if index is not None:
         rt.jobs.remove(index)
-        rt.jobs_index = min(rt.jobs_index, len(rt.jobs) - 1)
+        if index < rt.jobs_index or rt.jobs_index >= len(rt.jobs):
+            rt.jobs_index -= 1
 
 
-SIDE = {
-    "probe": SideRequest("Test connection", "test the connection", "hello_summary", "connecting...", _show_hello),
-    "jobs": SideRequest("Refresh jobs", "refresh the jobs", "jobs_note", "listing the jobs...", _show_jobs),
-    "delete": SideRequest("Delete job", "delete the job", "jobs_note", "deleting the job...", _forget_job),
-}
+def _deleted(rt, reply: dict) -> str:
+    what = "was not on the service (deleted already)" if reply.get("gone") else "deleted from the service"
+    return f"job {reply['job'][:8]} {what}"
 
 
 def _side_tick(key: str) -> float | None:
@@ -543,7 +544,15 @@ def _delete_tick():
     return _side_tick("delete")
 
 
-SIDE_TICKS = {"probe": _probe_tick, "jobs": _jobs_tick, "delete": _delete_tick}  # a timer is one function
+SIDE = {
+    "probe": SideRequest(
+        "Test connection", "test the connection", "hello_summary", "connecting...", _show_hello, _probe_tick
+    ),
+    "jobs": SideRequest("Refresh jobs", "refresh the jobs", "jobs_note", "listing the jobs...", _show_jobs, _jobs_tick),
+    "delete": SideRequest(
+        "Delete job", "delete the job", "jobs_note", "deleting the job...", _forget_job, _delete_tick
+    ),
+}
 
 
 def send_side_request(op, context, key: str, make, *, done=None, popup: bool = False) -> set[str]:
@@ -553,7 +562,7 @@ def send_side_request(op, context, key: str, make, *, done=None, popup: bool = F
     Args:
         op: the operator (its ``server`` and ``report``).
         make: ``make(client, service)`` -> the ``connection.ServiceRequest`` to send.
-        done: ``done(rt)`` -> a line to report once a background request is answered.
+        done: ``done(rt, reply)`` -> a line to report once a background request is answered.
         popup: also show an error in a popup (besides the report).
     """
     side = SIDE[key]
@@ -566,9 +575,10 @@ def send_side_request(op, context, key: str, make, *, done=None, popup: bool = F
         cfg = preferences.connection_config(context, server=op.server)
         request = make(*connection.connect(cfg))
         if _background():
-            side.show(rt, connection.wait_for(request))
+            reply = connection.wait_for(request)
+            side.show(rt, reply)
             if done is not None:
-                op.report({"INFO"}, done(rt))
+                op.report({"INFO"}, done(rt, reply))
             return {"FINISHED"}
     except Exception as err:  # noqa: BLE001
         message = connection.plain_error(err, connection.SESSION.endpoint)
@@ -578,9 +588,8 @@ def send_side_request(op, context, key: str, make, *, done=None, popup: bool = F
         return {"CANCELLED"}
     connection.SESSION.handlers[key] = request
     setattr(rt, side.note, side.waiting)
-    tick = SIDE_TICKS[key]
-    if not bpy.app.timers.is_registered(tick):
-        bpy.app.timers.register(tick, first_interval=0.0)
+    if not bpy.app.timers.is_registered(side.tick):
+        bpy.app.timers.register(side.tick, first_interval=0.0)
     return {"FINISHED"}
 
 
@@ -594,7 +603,7 @@ class RECONLOOP_OT_test_connection(bpy.types.Operator):
 
     def execute(self, context):
         return send_side_request(
-            self, context, "probe", connection.HelloProbe, done=lambda rt: rt.hello_summary, popup=True
+            self, context, "probe", connection.HelloProbe, done=lambda rt, reply: rt.hello_summary, popup=True
         )
 
 
@@ -636,6 +645,12 @@ class RECONLOOP_OT_refresh_jobs(bpy.types.Operator):
         return send_side_request(self, context, "jobs", connection.JobsRequest)
 
 
+def _picked_job(op, rt) -> str:
+    """The job Import job or Delete job acts on: its ``job`` option, else the row selected under Past jobs
+    ("" when none is)."""
+    return op.job or (rt.jobs[rt.jobs_index].job if 0 <= rt.jobs_index < len(rt.jobs) else "")
+
+
 class RECONLOOP_OT_import_job(bpy.types.Operator):
     """Download a past job's results again and import them"""
 
@@ -655,7 +670,7 @@ class RECONLOOP_OT_import_job(bpy.types.Operator):
 
     def execute(self, context):
         rt = context.window_manager.reconloop
-        job = self.job or (rt.jobs[rt.jobs_index].job if 0 <= rt.jobs_index < len(rt.jobs) else "")
+        job = _picked_job(self, rt)
         try:
             if not job:
                 raise ReconLoopError("pick a job in the list first")
@@ -697,11 +712,19 @@ class RECONLOOP_OT_delete_job(bpy.types.Operator):
         return connection.SESSION.driver is None
 
     def invoke(self, context, event):
-        return context.window_manager.invoke_confirm(self, event)
+        job = _picked_job(self, context.window_manager.reconloop)
+        return context.window_manager.invoke_confirm(
+            self,
+            event,
+            title="Delete job",
+            message=f"Delete job {job[:8]} and its files from the service? What was imported stays in the scene.",
+            confirm_text="Delete",
+            icon="WARNING",
+        )
 
     def execute(self, context):
         rt = context.window_manager.reconloop
-        job = self.job or (rt.jobs[rt.jobs_index].job if 0 <= rt.jobs_index < len(rt.jobs) else "")
+        job = _picked_job(self, rt)
         state = next((j.state for j in rt.jobs if j.job == job), "")
         if not job:
             self.report({"ERROR"}, "pick a job in the list first")
@@ -713,8 +736,7 @@ class RECONLOOP_OT_delete_job(bpy.types.Operator):
         def make(client, service):
             return connection.DeleteRequest(client, job, service)
 
-        done = f"deleted job {job[:8]} from the service"
-        return send_side_request(self, context, "delete", make, done=lambda rt: done)
+        return send_side_request(self, context, "delete", make, done=_deleted, popup=True)
 
 
 class _ImportPly(ImportHelper):
@@ -850,7 +872,7 @@ def unregister_menus() -> None:
 
 
 def stop_timers() -> None:
-    for fn in (_tick, _probe_tick, _jobs_tick):
+    for fn in (_tick, *(side.tick for side in SIDE.values())):
         if bpy.app.timers.is_registered(fn):
             bpy.app.timers.unregister(fn)
 

@@ -168,8 +168,10 @@ class RECONLOOP_PT_jobs(_Panel, bpy.types.Panel):
             row = layout.row()
             if item.state == "done":  # only a finished job has results to import
                 row.operator("reconloop.import_job", icon="IMPORT").job = item.job
-            else:
+            elif item.state in ("queued", "running"):
                 row.label(text=f"results when the job is done ({item.state})", icon="TIME")
+            else:
+                row.label(text=f"no results ({item.state})", icon="INFO")
             if item.state not in ("queued", "running"):  # the service deletes an ended job only
                 row.operator("reconloop.delete_job", icon="TRASH", text="Delete").job = item.job
 

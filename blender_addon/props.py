@@ -128,7 +128,7 @@ class ReconLoopRuntime(bpy.types.PropertyGroup):
     started: bpy.props.FloatProperty(name="Started")
     last_error: bpy.props.StringProperty(name="Last error")
     hello_summary: bpy.props.StringProperty(name="Service")
-    jobs_note: bpy.props.StringProperty(name="Jobs")  # while Refresh jobs waits for the service
+    jobs_note: bpy.props.StringProperty(name="Jobs")  # while Refresh jobs or Delete job waits for the service
     unregistered: bpy.props.StringProperty(name="Photos without camera")
     jobs: bpy.props.CollectionProperty(type=ReconLoopJobItem)
     jobs_index: bpy.props.IntProperty()

@@ -226,8 +226,16 @@ class Client:
 
     def delete(self, job: str) -> dict[str, Any]:
         """Delete an ended job and its files from the service's store (a queued or running one: ProtocolError
-        bad_field; cancel it first)."""
-        return self.request("delete", job=job)
+        bad_field; cancel it and wait for it to end). A resent delete whose first try was handled, its reply
+        lost, gets not_found from the service: that is a success here, the reply ``{"job": job, "state":
+        "deleted", "resent": True}``."""
+        pending = self.begin("delete", job=job)
+        try:
+            return pending.wait()
+        except ProtocolError as err:
+            if err.code != errors.NOT_FOUND or pending.tries < 2:
+                raise
+            return {"job": job, "state": "deleted", "resent": True}
 
     def jobs(self) -> list[dict[str, Any]]:
         return self.request("jobs")["jobs"]

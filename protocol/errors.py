@@ -20,7 +20,8 @@ CODES: dict[str, str] = {
     BAD_MSGPACK: "the header frame is not valid msgpack, not a map, or over the unpack limits",
     UNSUPPORTED_VERSION: "header `v` missing or not a version the server speaks (see `hello`)",
     UNKNOWN_OP: "`op` is not one of the ops in this table",
-    BAD_FIELD: "a field is missing, unknown, of the wrong type or out of range; `field` names it",
+    BAD_FIELD: "a field is missing, unknown, of the wrong type or out of range, or names a job in a state the op "
+    "refuses (`delete` of a job not ended); `field` names it",
     TOO_LARGE: "a message, frame, array, list, string or image is over a limit",
     NOT_FOUND: "no such job or artifact",
     CANCELLED: "reserved: no op of version 1 returns it (a cancelled job's `status`, `fetch` and `cancel` "

@@ -352,7 +352,8 @@ OPS: dict[str, OpSchema] = {
         OpSchema(
             "delete",
             "Delete an ended job (done, failed, cancelled, interrupted) and its files from the store. A queued or\n"
-            "running job is refused (`bad_field`): cancel it first. The reply's `state` is the state it ended in.",
+            "running job is refused (`bad_field`): cancel it and wait for it to end. The reply's `state` is the state\n"
+            "it ended in (see Jobs, Delete).",
             request=(JOB,),
             reply=(JOB, STATE),
         ),

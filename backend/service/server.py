@@ -534,14 +534,28 @@ class Service:
 
     def _delete(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:
         record = self._record(msg, req)
-        if not record.is_terminal or self._slot_of(record.job) is not None:  # a worker may still write its files
+        if not record.is_terminal:
             raise ProtocolError(
                 errors.BAD_FIELD,
-                f"delete: job {record.job} is {record.state}; only an ended job is deleted: cancel it first",
+                f"delete: job {record.job} is {record.state}; only an ended job is deleted: cancel it and wait "
+                "for it to end",
                 field="job",
             )
-        self.store.delete(record)  # an OSError (the folder cannot be moved) answers internal, with its reason
-        self._forget([record.job])
+        if self._slot_of(record.job) is not None:  # its worker may still write its files
+            raise ProtocolError(
+                errors.BAD_FIELD,
+                f"delete: job {record.job} has ended but its worker has not let go of it yet; try again",
+                field="job",
+            )
+        self._forget([record.job])  # its memory maps first: a mapped file can block the folder's move
+        try:
+            self.store.delete(record)
+        except OSError as err:
+            raise ProtocolError(
+                errors.INTERNAL,
+                f"delete: job {record.job}'s folder cannot be moved ({err.strerror or err}); it stays listed",
+                field="job",
+            ) from None
         log.info("job %s deleted by a client", record.job)
         return {"job": record.job, "state": record.state}
 

@@ -479,8 +479,8 @@ class JobStore:
         os.replace(record.dir, doomed)
         threading.Thread(target=shutil.rmtree, args=(doomed, True), name="reconloop-delete", daemon=True).start()
         del self.jobs[record.job]
-        if record.key:
-            self.keys.pop((record.owner, record.key), None)
+        if record.key and self.keys.get((record.owner, record.key)) == record.job:
+            del self.keys[(record.owner, record.key)]
 
     def listed(self) -> list[JobRecord]:
         """Jobs oldest first, at most MAX_JOBS_LISTED (the newest)."""

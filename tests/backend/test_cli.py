@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from backend.cli import build_parser, main
-from tests.protocol.helpers import jpeg_bytes, png_bytes, running_service
+from protocol.client import Client
+from tests.protocol.helpers import jpeg_bytes, png_bytes, running_service, scene_msg
 
 REPO = Path(__file__).resolve().parents[2]
 COMMANDS = ("serve", "run", "submit", "import", "demo")
@@ -85,15 +87,24 @@ def test_submit_of_failing_job_exits_1(service, tmp_path, capsys):
     assert (tmp_path / "out" / "step0.bin").is_file()  # what was finished still comes back
 
 
-def test_jobs_lists_and_deletes_ended_jobs(service, tmp_path, capsys):
+def test_jobs_lists_cancels_and_deletes(service, tmp_path, capsys):
     scene = write_scene(tmp_path / "scene", prompt="steps:1")
     assert main(["submit", str(scene), "--server", service.endpoint, "--out", str(tmp_path / "out")]) == 0
     job = capsys.readouterr().out.split()[1]
     assert main(["jobs", "--server", service.endpoint]) == 0
     (line,) = capsys.readouterr().out.splitlines()
     assert line.startswith(f"{job}  ") and "  done  " in line
+    with Client(service.endpoint) as c:
+        running = c.submit(scene_msg("steps:200", delay_ms=50))  # 10 s unless cancelled
+        while c.status(running)["state"] != "running":
+            time.sleep(0.02)
+    assert main(["jobs", "--server", service.endpoint, "--delete", running]) == 2
+    assert f"delete: job {running} is running; only an ended job is deleted" in capsys.readouterr().err
+    assert main(["jobs", "--server", service.endpoint, "--cancel", running, "--cancel", job]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == [f"job {running}: cancel sent (it stops at its next step)", f"job {job}: already done"]
     assert main(["jobs", "--server", service.endpoint, "--delete", job]) == 0
-    assert capsys.readouterr().out.splitlines() == [f"job {job}: deleted (done)", f"no jobs on {service.endpoint}"]
+    assert capsys.readouterr().out.splitlines()[0] == f"job {job}: deleted"
     assert not (service.data_dir / job).exists()
     assert main(["jobs", "--server", service.endpoint, "--delete", job]) == 2
     assert f"reconloop jobs: not_found: delete: no job '{job}'" in capsys.readouterr().err

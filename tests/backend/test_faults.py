@@ -365,19 +365,23 @@ def test_sigterm_mid_step_stops_like_ctrl_c_and_exits_0(tmp_path):
         assert status["state"] == "interrupted" and "the service stopped during this job" in status["message"]
 
 
-# `reconloop serve` whose request loop fails once a job runs: the error a bug in the loop would raise, with
-# the stop's wait cut to half a second (the test's time)
+# `reconloop serve` whose request loop fails once, when a job runs: the error a bug in the loop would raise,
+# with the stop's wait cut to half a second (the test's time). A step in torch's native code can make the
+# interpreter's exit abort (134); the atexit hook stands in for that: only os._exit skips it.
 LOOP_FAULT = """
-import sys
+import atexit, os, sys
 from backend import cli
 from backend.service import server
 
+atexit.register(os._exit, 134)
 server.STOP_WAIT_S = 0.5
 drain = server.Service._drain
+fired = []
 
 def faulty_drain(self, slot):
     drain(self, slot)
-    if slot.running and self.store.jobs[slot.running].state == "running":
+    if not fired and slot.running and self.store.jobs[slot.running].state == "running":
+        fired.append(slot.running)
         raise RuntimeError("injected fault in the request loop")
 
 server.Service._drain = faulty_drain
@@ -387,9 +391,9 @@ sys.exit(cli.main(sys.argv[1:]))
 
 @pytest.mark.xdist_group("service-subprocess")
 def test_an_error_in_the_loop_mid_step_exits_1_with_its_traceback(tmp_path):
-    """An error that ends the service's loop while a worker thread is inside a step: the process exits 1 at
-    once, the error and the step left behind in its log. It used to leave through the interpreter's exit, which
-    aborts with 134 on a step in torch's native code (a Python step, as here, hid that)."""
+    """An error that ends the service's loop while a worker thread is inside a step: the service closes as
+    after a stop (the job interrupted), logs the error and exits 1 at once, past the interpreter's exit,
+    which can abort with 134 on a step in torch's native code."""
     data_dir = tmp_path / "jobs"
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     cmd = serve_command(endpoint, data_dir, runner="backend.service.probe:run")
@@ -399,7 +403,7 @@ def test_an_error_in_the_loop_mid_step_exits_1_with_its_traceback(tmp_path):
     try:
         wait_answering(endpoint, WAIT_S, proc=proc)
         with Client(endpoint, timeout_ms=TIMEOUT_MS) as c:
-            c.submit(probe_scene("steps=2 delay_ms=60000"))  # one step sleeps a minute
+            job = c.submit(probe_scene("steps=2 delay_ms=60000"))  # one step sleeps a minute
         assert proc.wait(WAIT_S) == 1
     finally:
         if proc.poll() is None:
@@ -407,7 +411,9 @@ def test_an_error_in_the_loop_mid_step_exits_1_with_its_traceback(tmp_path):
             proc.wait()
     log = log_path.read_text()
     assert "the service stopped on an error; a job step was still running" in log, log
-    assert "RuntimeError: injected fault in the request loop" in log, log
+    assert log.count("RuntimeError: injected fault in the request loop") == 1, log
+    last = json.loads((data_dir / job / JOURNAL_FILE).read_text().splitlines()[-1])
+    assert last["state"] == "interrupted", last
 
 
 def test_torn_journal_line_is_ignored_after_restart(tmp_path, record_property):

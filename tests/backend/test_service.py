@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import time
@@ -476,10 +478,11 @@ def test_a_client_deletes_an_ended_job_and_only_an_ended_one(tmp_path):
             queued = c.submit(probe_scene("steps=1"))
             wait_state(c, running, ("running",))
             for job, state in ((running, "running"), (queued, "queued")):
-                with pytest.raises(ProtocolError, match=rf"delete: job {job} is {state}; .*cancel it first") as err:
+                with pytest.raises(ProtocolError, match=rf"delete: job {job} is {state}; .*cancel it and wait") as err:
                     c.delete(job)
                 assert (err.value.code, err.value.field) == (errors.BAD_FIELD, "job")
             assert (data_dir / done).is_dir()
+            c.request("fetch", job=done, name="summary.json", offset=0, length=8)  # a download under way (mapped)
             assert c.delete(done)["state"] == "done"
             assert not (data_dir / done).exists() and done not in {j["job"] for j in c.jobs()}
             for op, fields in (("delete", {}), ("status", {}), ("fetch", {"name": "summary.json"})):
@@ -494,6 +497,34 @@ def test_a_client_deletes_an_ended_job_and_only_an_ended_one(tmp_path):
     finally:
         stop_service(svc, thread)
     assert {p.name for p in data_dir.iterdir() if not p.name.startswith(".")} >= {queued, again}
+    svc, thread = start(data_dir, runner=probe_runner)  # after a restart: still gone, its key still free
+    try:
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            assert {done, running} & {j["job"] for j in c.jobs()} == set()
+            assert c.request("submit", scene=probe_scene("steps=1"), key="first")["job"] == again
+        assert not [p for p in data_dir.iterdir() if p.name.startswith(".tmp-")]
+    finally:
+        stop_service(svc, thread)
+
+
+def test_a_delete_whose_folder_cannot_move_answers_internal_and_keeps_the_job(tmp_path, monkeypatch):
+    svc, thread = start(tmp_path / "jobs", runner=probe_runner)
+    try:
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            job = c.submit(probe_scene("steps=1"))
+            wait_state(c, job)
+
+            def busy(record):
+                raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(record.dir))
+
+            monkeypatch.setattr(svc.store, "delete", busy)
+            with pytest.raises(
+                ProtocolError, match=rf"delete: job {job}'s folder cannot be moved \(Device or resource"
+            ):
+                c.delete(job)
+            assert job in {j["job"] for j in c.jobs()} and c.status(job)["state"] == "done"
+    finally:
+        stop_service(svc, thread)
 
 
 def test_a_service_with_keep_days_deletes_old_ended_jobs_at_start(tmp_path):

@@ -9,6 +9,7 @@ import time
 import bpy
 
 from blender_addon import connection, operators
+from protocol import errors
 from tests.protocol.helpers import HELLO_REPLY, ScriptedService, artifact, status_reply
 
 TICK_BOUND_S = 0.2  # a timer tick may take about 0.1 s: Blender's UI waits for it
@@ -82,11 +83,12 @@ def test_stop_service_stops_the_timers_without_waiting(registered, tmp_path):
     )
     client, service = connection.connect(cfg)  # a service still starting, as Test connection leaves it
     connection.SESSION.handlers["probe"] = connection.HelloProbe(client, service)
-    bpy.app.timers.register(operators._probe_tick, first_interval=1.0)
+    for side in operators.SIDE.values():  # every side request's timer, as if each had been sent
+        bpy.app.timers.register(side.tick, first_interval=1.0)
     assert operators._probe_tick() == operators.TICK_S
     result, took = _timed(bpy.ops.reconloop.stop_service)
     assert result == {"FINISHED"} and took < 1.0, f"Stop service took {took:.1f} s"
-    assert not bpy.app.timers.is_registered(operators._probe_tick)
+    assert not [key for key, side in operators.SIDE.items() if bpy.app.timers.is_registered(side.tick)]
     # A tick that fires anyway (queued before the stop) finds no client and ends quietly.
     assert operators._probe_tick() is None and operators._tick() is None
     assert bpy.context.window_manager.reconloop.last_error == ""
@@ -156,8 +158,36 @@ def test_refresh_jobs_never_waits_and_never_takes_a_running_jobs_reply(
     svc.answer(hello, **HELLO_REPLY)
     deadline = time.monotonic() + 2
     while driver.hello is None:  # every timer of the add-on fires, as in the UI
-        operators._jobs_tick(), operators._probe_tick()
+        [side.tick() for side in operators.SIDE.values()]
         assert operators._tick() is not None and time.monotonic() < deadline
         time.sleep(0.01)
     assert svc.request()["op"] == "status"  # the watch follows; the hello was not resent
     assert driver.progress.message == "" and rt.last_error == ""
+
+
+def test_delete_job_takes_not_found_as_gone_and_keeps_the_selection(
+    registered, silent_endpoint, loopback_router, monkeypatch
+):
+    """Delete job in the UI: sent at once, Refresh jobs refused while it waits; a job the service no longer
+    has (deleted elsewhere, or by a first try whose reply was lost) leaves the list without an error, and
+    the selection stays on its job."""
+    monkeypatch.setattr(operators, "_background", lambda: False)
+    rt = bpy.context.window_manager.reconloop
+    svc = ScriptedService(loopback_router)
+    a, b, c = "a" * 32, "b" * 32, "c" * 32
+    operators._show_jobs(rt, {"jobs": [_listed(c, "done"), _listed(b, "failed"), _listed(a, "cancelled")]})
+    assert [j.job for j in rt.jobs] == [a, b, c]
+    rt.jobs_index = 2
+    assert bpy.ops.reconloop.delete_job(job=a, server=silent_endpoint) == {"FINISHED"}
+    assert rt.jobs_note == "deleting the job..."
+    assert "Delete job is waiting for the service" in operators.client_busy("jobs", "refresh the jobs")
+    assert bpy.ops.reconloop.refresh_jobs(server=silent_endpoint) == {"CANCELLED"}
+    request = svc.request()
+    assert request["op"] == "delete" and request["job"] == a and not svc.pending()
+    svc.fail(request, errors.NOT_FOUND, f"delete: no job {a!r}")
+    deadline = time.monotonic() + 5
+    while operators._delete_tick() is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert [j.job for j in rt.jobs] == [b, c] and rt.jobs[rt.jobs_index].job == c
+    assert rt.last_error == "" and rt.jobs_note == ""

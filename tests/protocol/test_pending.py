@@ -148,3 +148,35 @@ def test_a_header_over_the_servers_limit_is_refused_before_sending(svc):
             client.begin("submit", key="k", scene=scene_msg(captures=1))  # a PNG as bin in the header
         assert not svc.router.poll(200), "the oversized request was sent"
     assert err.value.code == errors.TOO_LARGE and "max_header_bytes" in err.value.message
+
+
+def test_a_resent_delete_that_finds_no_job_succeeds_and_a_first_one_fails(svc):
+    """The first try deleted the job but its reply was lost: the resend's not_found means it is gone. A first
+    try's not_found is the caller's error."""
+    import threading
+
+    def delete_in_thread(client: Client) -> tuple[threading.Thread, list]:
+        out: list = []
+
+        def run():
+            try:
+                out.append(client.delete(JOB))
+            except ProtocolError as err:
+                out.append(err)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread, out
+
+    not_found = (errors.NOT_FOUND, f"delete: no job {JOB!r}")
+    with Client(svc.endpoint, timeout_ms=300, retries=2) as client:
+        thread, out = delete_in_thread(client)
+        first = svc.request(WAIT_S)  # handled, its reply never sent
+        assert first["op"] == "delete" and first["job"] == JOB
+        svc.fail(svc.request(WAIT_S), *not_found)  # the resend, 300 ms later
+        thread.join(WAIT_S)
+        assert out == [{"job": JOB, "state": "deleted", "resent": True}]
+        thread, out = delete_in_thread(client)
+        svc.fail(svc.request(WAIT_S), *not_found)
+        thread.join(WAIT_S)
+        assert isinstance(out[0], ProtocolError) and out[0].code == errors.NOT_FOUND

@@ -599,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "jobs",
-        help="list a service's jobs, or delete ended ones",
+        help="list a service's jobs; cancel them, or delete ended ones",
         description=(
             "List the jobs a running service keeps for this client (oldest first: id, created, state, message). "
             "--cancel JOB asks a queued or running job to stop (a running one stops at its next step); --delete "

@@ -900,7 +900,9 @@ def abandoned_job_note(driver, importer, why: str, *, service_stopped: bool = Fa
     return f"{why}: job {job} keeps running on the service; import it from Past jobs (Refresh jobs) once it is done"
 
 
-_CARRIED = {"note": ""}  # what load_pre said about an abandoned job, for the newly opened file's sidebar
+# what load_pre let go of, until the file opens (load_post: its sidebar shows the note) or fails to
+# (load_post_fail: the file still open takes its job back)
+_CARRIED: dict = {"note": "", "driver": None, "importer": None}
 
 
 @bpy.app.handlers.persistent
@@ -908,10 +910,9 @@ def _on_load_pre(*_args) -> None:
     """Another .blend is opening: stop importing into the old one (the job stays on the service,
     listed under Past jobs for re-import); the sidebar of the new file says so (``_on_load_post``)."""
     s = connection.SESSION
-    note = abandoned_job_note(s.driver, s.handlers.get("importer"), "Another file was opened")
-    if note:
-        print(f"ReconLoop: {note}")
-    _CARRIED["note"] = note
+    importer = s.handlers.get("importer")
+    note = abandoned_job_note(s.driver, importer, "Another file was opened")
+    _CARRIED.update(note=note, driver=s.driver, importer=importer)
     s.driver = None
     for key in ("importer", *SIDE):
         s.handlers.pop(key, None)
@@ -921,12 +922,33 @@ def _on_load_pre(*_args) -> None:
 @bpy.app.handlers.persistent
 def _on_load_post(*_args) -> None:
     """The file is open (with a fresh sidebar state): show what load_pre said about the job left behind."""
-    note, _CARRIED["note"] = _CARRIED["note"], ""
+    note = _CARRIED["note"]
+    _CARRIED.update(note="", driver=None, importer=None)
     if note:
+        print(f"ReconLoop: {note}")
         bpy.context.window_manager.reconloop.last_error = note
 
 
-_HANDLERS = (("load_pre", _on_load_pre), ("load_post", _on_load_post))
+@bpy.app.handlers.persistent
+def _on_load_post_fail(*_args) -> None:
+    """The file did not open, and the one open before stays: it takes back the job load_pre let go of (its
+    sidebar still shows it running), and no note is left for the next file that opens."""
+    s = connection.SESSION
+    driver, importer = _CARRIED["driver"], _CARRIED["importer"]
+    _CARRIED.update(note="", driver=None, importer=None)
+    rt = bpy.context.window_manager.reconloop
+    for side in SIDE.values():  # the side requests load_pre dropped: their notes no longer wait
+        setattr(rt, side.note, "")
+    if driver is None or s.client is None or driver.client is not s.client:
+        return
+    s.driver = driver
+    if importer is not None:
+        s.handlers["importer"] = importer
+    if not bpy.app.timers.is_registered(_tick):
+        bpy.app.timers.register(_tick, first_interval=0.0)
+
+
+_HANDLERS = (("load_pre", _on_load_pre), ("load_post", _on_load_post), ("load_post_fail", _on_load_post_fail))
 
 
 def register_handlers() -> None:

@@ -386,6 +386,28 @@ def test_opening_another_file_says_the_job_goes_on(registered, ui, endpoint, tem
     assert bpy.context.window_manager.reconloop.last_error == ""
 
 
+def test_a_file_that_fails_to_open_leaves_the_job_where_it_was(registered, ui, endpoint, temple_dir, tmp_path):
+    """A .blend that fails to open leaves the open file as it was: its job is followed on and imported there,
+    and no note about an abandoned job waits for the next file that opens."""
+    good = tmp_path / "other.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(good))
+    broken = tmp_path / "broken.blend"
+    broken.write_bytes(b"BLENDER-v500 not a blend file")
+    job = _start_held_job(endpoint, temple_dir, tmp_path)
+    driver = connection.SESSION.driver
+    with pytest.raises(RuntimeError, match="broken.blend"):
+        bpy.ops.wm.open_mainfile(filepath=str(broken))
+    rt = bpy.context.window_manager.reconloop
+    assert connection.SESSION.driver is driver and bpy.app.timers.is_registered(operators._tick)
+    assert rt.is_running and rt.job == job and rt.last_error == ""
+    RELEASE.set()
+    _tick_until(lambda: False)
+    assert rt.state == "done" and not rt.is_running
+    assert _results() == [f"{COLLECTION} gaussians", f"{COLLECTION} points"]
+    bpy.ops.wm.open_mainfile(filepath=str(good))
+    assert bpy.context.window_manager.reconloop.last_error == ""
+
+
 # -- 8: the service a job ran on ----------------------------------------------------------------
 
 

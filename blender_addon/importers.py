@@ -652,10 +652,15 @@ def write_frame_sequence(frames: dict[int, str], folder: str, frame_start: int, 
     return first
 
 
-def set_background_sequence(camera_obj: bpy.types.Object, first_file: str, frame_start: int, frame_count: int):
-    """Show an image sequence (files numbered by Blender frame) as the camera's background."""
+def set_background_sequence(
+    camera_obj: bpy.types.Object, first_file: str, frame_start: int, frame_count: int, job: str = ""
+):
+    """Show an image sequence (files numbered by Blender frame) as the camera's background; ``job``: the job
+    whose frames they are (``camera_showing_job`` finds the camera again)."""
     img = bpy.data.images.load(first_file, check_existing=False)
     img.source = "SEQUENCE"
+    if job:
+        img[COLLECTION_JOB] = job
     cam = camera_obj.data
     for bg in list(cam.background_images):
         if bg.image is not None and bg.image.get(OBJECT_KIND) == scene_io.KIND_FRAME:
@@ -673,6 +678,17 @@ def set_background_sequence(camera_obj: bpy.types.Object, first_file: str, frame
     user.use_cyclic = False
     cam.show_background_images = True
     return bg
+
+
+def camera_showing_job(scene: bpy.types.Scene, job: str) -> bpy.types.Object | None:
+    """The user's camera in ``scene`` whose background shows ``job``'s generated frames (the trajectory
+    camera the job ran on), or None; a path camera the add-on made is not one."""
+    for obj in scene.objects:
+        if obj.type != "CAMERA" or obj.get(OBJECT_KIND) == KIND_TRAJECTORY:
+            continue
+        if any(bg.image is not None and bg.image.get(COLLECTION_JOB) == job for bg in obj.data.background_images):
+            return obj
+    return None
 
 
 def import_trajectory_camera(

@@ -143,16 +143,29 @@ class ResultImporter:
                 missing = scene_io.unregistered_photos(self.photos, cams)
                 self.unregistered = scene_io.unregistered_note(missing, len(self.photos))
                 _runtime().unregistered = self.unregistered
-            if not self.trajectory_camera:  # the service invented the path: give it a camera
+            if not self.trajectory_camera:  # the service invented the path, or a re-import: a camera on it
                 with open(path, "rb") as f:
                     path_cams = scene_io.parse_trajectory_json(f.read(), name)
                 if path_cams:
-                    importers.remove_kind(coll, importers.KIND_TRAJECTORY)  # a re-import: one path camera
-                    obj = importers.import_trajectory_camera(path_cams, f"{self.key} path", coll, self.scene)
-                    self.imported = True
-                    self.trajectory_camera = obj.name
+                    own = self._camera_it_ran_on(path_cams) if self.reimport else None
+                    if own is not None:  # the user's camera, unmoved: its frames are refreshed there
+                        self.trajectory_camera = own.name
+                    else:
+                        importers.remove_kind(coll, importers.KIND_TRAJECTORY)  # a re-import: one path camera
+                        obj = importers.import_trajectory_camera(path_cams, f"{self.key} path", coll, self.scene)
+                        self.imported = True
+                        self.trajectory_camera = obj.name
                     self.frame_range = (path_cams[0][0], path_cams[-1][0])
                     self._frames_dirty = bool(self.frames)
+
+    def _camera_it_ran_on(self, path: list) -> bpy.types.Object | None:
+        """The user's camera that shows this job's frames and still follows the job's ``path`` (the frames
+        are refreshed there rather than on a second, path camera), or None."""
+        cam = importers.camera_showing_job(self.scene, self.job) if self.job else None
+        if cam is None:
+            return None
+        now = dict(sample_trajectory(cam, self.scene, path[0][0], path[-1][0], 1))
+        return cam if scene_io.same_path(now, path) else None
 
     def flush(self) -> None:
         """Show newly arrived generated frames as the trajectory camera's background sequence."""
@@ -166,7 +179,7 @@ class ResultImporter:
         folder = os.path.join(self._job_dir, "sequence")
         first_file = importers.write_frame_sequence(self.frames, folder, start, end)
         first = min(self.frames)
-        importers.set_background_sequence(cam, first_file, first, max(end, max(self.frames)) - first + 1)
+        importers.set_background_sequence(cam, first_file, first, max(end, max(self.frames)) - first + 1, self.job)
         self.imported = True
 
 

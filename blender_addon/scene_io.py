@@ -188,6 +188,28 @@ def check_trajectory_moves(samples: list[tuple[int, OpenCVCamera]], camera_name:
     )
 
 
+PATH_TOLERANCE = 2e-3  # same_path: world-to-camera entries, and intrinsics as shares of the image size
+
+
+def same_path(now: dict[int, OpenCVCamera], path: list[tuple[int, OpenCVCamera]]) -> bool:
+    """Whether a camera sampled now (``now``: frame -> camera, at the render size) still has the views of a
+    job's ``path`` (at the job's working size): the same world-to-camera at each of the path's frames, and
+    the same intrinsics as shares of the image size (a path at another size matches)."""
+
+    def shares(cam: OpenCVCamera) -> np.ndarray:
+        K = cam.K
+        return np.array([K[0, 0] / cam.width, K[1, 1] / cam.height, K[0, 2] / cam.width, K[1, 2] / cam.height])
+
+    tol = PATH_TOLERANCE
+    for frame, cam in path:
+        other = now.get(frame)
+        if other is None or not np.allclose(other.w2c, cam.w2c, rtol=tol, atol=tol):
+            return False
+        if not np.allclose(shares(other), shares(cam), atol=tol):
+            return False
+    return True
+
+
 def frame_number(name: str) -> int:
     """The frame number at the end of a generated frame's file name (``frames/000012.png`` -> 12)."""
     m = _FRAME_NUMBER.search(name)

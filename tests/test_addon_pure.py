@@ -603,3 +603,25 @@ def test_stopping_a_service_does_not_wait_for_it(silent_endpoint, tmp_path):
         _, took = _timed(svc.stop, client)
     assert took < connection.SHUTDOWN_REPLY_MS / 1000 + STEP_BOUND_S
     assert svc.wait_stopped(10) and svc.proc.returncode is not None
+
+
+def test_same_path_matches_a_job_path_at_its_working_size_only_where_nothing_moved():
+    """Import job refreshes a job's frames on the camera it ran on while that camera still follows the job's
+    path (cameras.json is at the loop's working size, the camera at the render size)."""
+
+    def cam(tx: float, f: float, width: int, height: int) -> cam_math.OpenCVCamera:
+        w2c = np.eye(4)
+        w2c[0, 3] = tx
+        s = width / 1920
+        K = np.array([[f * s, 0, 960 * s], [0, f * height / 1080, 540 * height / 1080], [0, 0, 1]])
+        return cam_math.OpenCVCamera(w2c=w2c, K=K, width=width, height=height)
+
+    now = {f: cam(0.1 * f, 1500.0, 1920, 1080) for f in range(1, 11)}
+    path = [(f, cam(0.1 * f, 1500.0, 896, 512)) for f in (1, 4, 7, 10)]  # 896x512: another aspect, same shares
+    assert scene_io.same_path(now, path)
+    moved = {**now, 7: cam(0.75, 1500.0, 1920, 1080)}
+    zoomed = {**now, 4: cam(0.4, 1600.0, 1920, 1080)}
+    shorter = {f: c for f, c in now.items() if f < 10}
+    assert not scene_io.same_path(moved, path)
+    assert not scene_io.same_path(zoomed, path)
+    assert not scene_io.same_path(shorter, path)

@@ -248,12 +248,15 @@ def test_reconstruct_temple_against_local_service(installed, temple_dir, tmp_pat
         assert bpy.ops.reconloop.refresh_jobs() == {"FINISHED"}
         listed = {j.job: j.state for j in bpy.context.window_manager.reconloop.jobs}
         assert listed.get(job) == "done", listed
-        # The job is in the scene already: its collection is refreshed, not copied; a camera on the job's
-        # own path (cameras.json) carries its frames.
+        # The job is in the scene already: its collection is refreshed, not copied; the trajectory camera it
+        # ran on still follows the job's own path (cameras.json, at the loop's working size), so its frames
+        # are refreshed there and no second, path camera is made.
         assert bpy.ops.reconloop.import_job(job=job) == {"FINISHED"}
         (again,) = [c for c in bpy.data.collections if c.get("reconloop_job") == job]
         assert again.name == f"ReconLoop {made['collection'].name}"
-        assert {o.get("reconloop_kind") for o in again.objects} >= {"points", "gaussians", "trajectory"}
+        assert {o.get("reconloop_kind") for o in again.objects} == {"points", "gaussians"}
+        shown = [bg.image for bg in made["trajectory"].data.background_images if bg.image is not None]
+        assert [img.get("reconloop_job") for img in shown if img.source == "SEQUENCE"] == [job]
     finally:
         bpy.ops.reconloop.stop_service()  # returns at once; the service's exit is awaited off the main thread
     assert service.wait_stopped(30) and service.proc.returncode is not None, "the local service was not stopped"

@@ -196,8 +196,9 @@ def test_undo_after_results_that_came_on_the_timer(registered, ui, endpoint, tem
 
 
 def test_import_job_uses_the_jobs_own_path_and_no_second_copy(registered, endpoint, temple_dir, tmp_path):
-    """A past job's frames go behind a camera on the job's own path (cameras.json), whatever the sidebar's
-    Trajectory is now; a job already in the scene (also after reopening the file) is refreshed where it is."""
+    """A past job's frames go back behind the camera the job ran on while that camera still follows the
+    job's path (cameras.json), else behind a camera on that path, whatever the sidebar's Trajectory is now;
+    a job already in the scene (also after reopening the file) is refreshed where it is."""
     made = build_temple_scene(temple_dir, ids=(0, 8))  # Trajectory keyed at frames 1 and 3
     scene = bpy.context.scene
     assert bpy.ops.reconloop.reconstruct(server=endpoint, output_dir=str(tmp_path)) == {"FINISHED"}
@@ -211,11 +212,25 @@ def test_import_job_uses_the_jobs_own_path_and_no_second_copy(registered, endpoi
     blend = tmp_path / "scene.blend"
     bpy.ops.wm.save_as_mainfile(filepath=str(blend))
     bpy.ops.wm.open_mainfile(filepath=str(blend))
-    for _ in range(2):  # twice: the second import refreshes the first
+
+    def reimport() -> bpy.types.Collection:
         assert bpy.ops.reconloop.import_job(job=job, server=endpoint, output_dir=str(tmp_path)) == {"FINISHED"}
         assert _frame_backgrounds(bpy.data.objects["Still"]) == []
         (coll,) = _job_collections(job)
         assert coll.name == f"ReconLoop {COLLECTION}" and f"ReconLoop job {job[:8]}" not in bpy.data.collections
+        return coll
+
+    for _ in range(2):  # twice: the second import refreshes the first; the Trajectory camera has not moved
+        coll = reimport()
+        assert sorted(o.get(importers.OBJECT_KIND) for o in coll.objects) == ["gaussians", "points"]
+        assert _frame_backgrounds(bpy.data.objects["Trajectory"]) == [(1, 3)]
+        assert _results() == [f"{COLLECTION} gaussians", f"{COLLECTION} points"]
+    # The camera the job ran on is moved: the frames go behind a camera on the job's path instead.
+    trajectory = bpy.data.objects["Trajectory"]
+    trajectory.location.x += 0.5
+    trajectory.keyframe_insert("location", frame=3)
+    for _ in range(2):
+        coll = reimport()
         kinds = sorted(o.get(importers.OBJECT_KIND) for o in coll.objects)
         assert kinds == ["gaussians", "points", importers.KIND_TRAJECTORY], kinds
         (path,) = [o for o in coll.objects if o.get(importers.OBJECT_KIND) == importers.KIND_TRAJECTORY]

@@ -656,7 +656,7 @@ def set_background_sequence(
     camera_obj: bpy.types.Object, first_file: str, frame_start: int, frame_count: int, job: str = ""
 ):
     """Show an image sequence (files numbered by Blender frame) as the camera's background; ``job``: the job
-    whose frames they are (``camera_showing_job`` finds the camera again)."""
+    whose frames they are (``cameras_showing_job`` finds the camera again)."""
     img = bpy.data.images.load(first_file, check_existing=False)
     img.source = "SEQUENCE"
     if job:
@@ -680,15 +680,16 @@ def set_background_sequence(
     return bg
 
 
-def camera_showing_job(scene: bpy.types.Scene, job: str) -> bpy.types.Object | None:
-    """The user's camera in ``scene`` whose background shows ``job``'s generated frames (the trajectory
-    camera the job ran on), or None; a path camera the add-on made is not one."""
-    for obj in scene.objects:
-        if obj.type != "CAMERA" or obj.get(OBJECT_KIND) == KIND_TRAJECTORY:
-            continue
-        if any(bg.image is not None and bg.image.get(COLLECTION_JOB) == job for bg in obj.data.background_images):
-            return obj
-    return None
+def cameras_showing_job(scene: bpy.types.Scene, job: str) -> list[bpy.types.Object]:
+    """The user's cameras in ``scene`` whose background shows ``job``'s generated frames (the trajectory
+    camera the job ran on, and any copy of it); a path camera the add-on made is not one."""
+    return [
+        obj
+        for obj in scene.objects
+        if obj.type == "CAMERA"
+        and obj.get(OBJECT_KIND) != KIND_TRAJECTORY
+        and any(bg.image is not None and bg.image.get(COLLECTION_JOB) == job for bg in obj.data.background_images)
+    ]
 
 
 def import_trajectory_camera(

@@ -21,7 +21,7 @@ from bpy_extras.io_utils import ExportHelper, ImportHelper
 
 from . import connection, datasets, importers, preferences, props, scene_io
 from .errors import ReconLoopError
-from .scene_read import read_captures, sample_trajectory
+from .scene_read import read_captures, sample_frames, sample_trajectory
 
 TICK_S = 0.1  # timer interval while a job runs
 TICK_BUSY_S = 0.01  # ...while files are downloading
@@ -148,10 +148,10 @@ class ResultImporter:
                     path_cams = scene_io.parse_trajectory_json(f.read(), name)
                 if path_cams:
                     own = self._camera_it_ran_on(path_cams) if self.reimport else None
+                    importers.remove_kind(coll, importers.KIND_TRAJECTORY)  # a re-import: one path camera at most
                     if own is not None:  # the user's camera, unmoved: its frames are refreshed there
                         self.trajectory_camera = own.name
                     else:
-                        importers.remove_kind(coll, importers.KIND_TRAJECTORY)  # a re-import: one path camera
                         obj = importers.import_trajectory_camera(path_cams, f"{self.key} path", coll, self.scene)
                         self.imported = True
                         self.trajectory_camera = obj.name
@@ -161,11 +161,14 @@ class ResultImporter:
     def _camera_it_ran_on(self, path: list) -> bpy.types.Object | None:
         """The user's camera that shows this job's frames and still follows the job's ``path`` (the frames
         are refreshed there rather than on a second, path camera), or None."""
-        cam = importers.camera_showing_job(self.scene, self.job) if self.job else None
-        if cam is None:
-            return None
-        now = dict(sample_trajectory(cam, self.scene, path[0][0], path[-1][0], 1))
-        return cam if scene_io.same_path(now, path) else None
+        for cam in importers.cameras_showing_job(self.scene, self.job) if self.job else []:
+            try:
+                now = dict(sample_frames(cam, self.scene, [frame for frame, _ in path]))
+            except ReconLoopError:  # no longer a perspective camera
+                continue
+            if scene_io.same_path(now, path):
+                return cam
+        return None
 
     def flush(self) -> None:
         """Show newly arrived generated frames as the trajectory camera's background sequence."""
@@ -914,8 +917,15 @@ def abandoned_job_note(driver, importer, why: str, *, service_stopped: bool = Fa
 
 
 # what load_pre let go of, until the file opens (load_post: its sidebar shows the note) or fails to
-# (load_post_fail: the file still open takes its job back)
-_CARRIED: dict = {"note": "", "driver": None, "importer": None}
+# (load_post_fail: the file still open takes its job and side requests back)
+_CARRIED: dict = {"note": "", "driver": None, "handlers": {}}
+
+
+def _take_carried() -> tuple[str, Any, dict]:
+    """What load_pre let go of (note, driver, SESSION.handlers), now no longer carried."""
+    out = _CARRIED["note"], _CARRIED["driver"], _CARRIED["handlers"]
+    _CARRIED.update(note="", driver=None, handlers={})
+    return out
 
 
 @bpy.app.handlers.persistent
@@ -923,20 +933,17 @@ def _on_load_pre(*_args) -> None:
     """Another .blend is opening: stop importing into the old one (the job stays on the service,
     listed under Past jobs for re-import); the sidebar of the new file says so (``_on_load_post``)."""
     s = connection.SESSION
-    importer = s.handlers.get("importer")
-    note = abandoned_job_note(s.driver, importer, "Another file was opened")
-    _CARRIED.update(note=note, driver=s.driver, importer=importer)
+    handlers = {key: s.handlers.pop(key) for key in ("importer", *SIDE) if key in s.handlers}
+    note = abandoned_job_note(s.driver, handlers.get("importer"), "Another file was opened")
+    _CARRIED.update(note=note, driver=s.driver, handlers=handlers)
     s.driver = None
-    for key in ("importer", *SIDE):
-        s.handlers.pop(key, None)
     stop_timers()
 
 
 @bpy.app.handlers.persistent
 def _on_load_post(*_args) -> None:
     """The file is open (with a fresh sidebar state): show what load_pre said about the job left behind."""
-    note = _CARRIED["note"]
-    _CARRIED.update(note="", driver=None, importer=None)
+    note, _, _ = _take_carried()
     if note:
         print(f"ReconLoop: {note}")
         bpy.context.window_manager.reconloop.last_error = note
@@ -944,19 +951,29 @@ def _on_load_post(*_args) -> None:
 
 @bpy.app.handlers.persistent
 def _on_load_post_fail(*_args) -> None:
-    """The file did not open, and the one open before stays: it takes back the job load_pre let go of (its
-    sidebar still shows it running), and no note is left for the next file that opens."""
+    """The file did not open, and the one open before stays: it takes back the job and the side requests
+    load_pre let go of (its sidebar still shows them), and no note is left for the next file that opens."""
     s = connection.SESSION
-    driver, importer = _CARRIED["driver"], _CARRIED["importer"]
-    _CARRIED.update(note="", driver=None, importer=None)
+    note, driver, handlers = _take_carried()
     rt = bpy.context.window_manager.reconloop
-    for side in SIDE.values():  # the side requests load_pre dropped: their notes no longer wait
-        setattr(rt, side.note, "")
-    if driver is None or s.client is None or driver.client is not s.client:
+    for key, request in handlers.items():
+        if key not in SIDE:
+            continue
+        if s.client is not None and request.client is s.client:
+            s.handlers[key] = request
+            if not bpy.app.timers.is_registered(SIDE[key].tick):
+                bpy.app.timers.register(SIDE[key].tick, first_interval=0.0)
+        else:
+            setattr(rt, SIDE[key].note, "")
+    if driver is None:
+        return
+    if s.client is None or driver.client is not s.client:  # the connection changed meanwhile: as if left
+        rt.is_running = False
+        rt.last_error = note
         return
     s.driver = driver
-    if importer is not None:
-        s.handlers["importer"] = importer
+    if "importer" in handlers:
+        s.handlers["importer"] = handlers["importer"]
     if not bpy.app.timers.is_registered(_tick):
         bpy.app.timers.register(_tick, first_interval=0.0)
 
@@ -972,6 +989,7 @@ def register_handlers() -> None:
 
 
 def unregister_handlers() -> None:
+    _take_carried()  # disabled between a load's pre and post: nothing carried to a later file
     for name, fn in _HANDLERS:
         handlers = getattr(bpy.app.handlers, name)
         if fn in handlers:

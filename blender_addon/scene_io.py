@@ -188,24 +188,35 @@ def check_trajectory_moves(samples: list[tuple[int, OpenCVCamera]], camera_name:
     )
 
 
-PATH_TOLERANCE = 2e-3  # same_path: world-to-camera entries, and intrinsics as shares of the image size
+PATH_MOVE = 1e-4  # same_path: a camera centre moved by this share of the path's size, or turned by this (radians)
+PATH_SHARES = 1e-4  # same_path: intrinsics, as shares of the image size
 
 
 def same_path(now: dict[int, OpenCVCamera], path: list[tuple[int, OpenCVCamera]]) -> bool:
-    """Whether a camera sampled now (``now``: frame -> camera, at the render size) still has the views of a
-    job's ``path`` (at the job's working size): the same world-to-camera at each of the path's frames, and
-    the same intrinsics as shares of the image size (a path at another size matches)."""
+    """Whether a camera sampled now (``now``: frame -> camera) still has the views of a job's ``path`` (as
+    cameras.json holds it: float32, at the render size of the day): at each of the path's frames the camera
+    centre within PATH_MOVE of the path's size (its centres' extent, or their distance from the origin),
+    its rotation within PATH_MOVE radians, and the intrinsics as shares of the image size (a render size
+    changed since in proportion still matches)."""
+
+    def centre(cam: OpenCVCamera) -> np.ndarray:
+        return -cam.w2c[:3, :3].T @ cam.w2c[:3, 3]
 
     def shares(cam: OpenCVCamera) -> np.ndarray:
         K = cam.K
         return np.array([K[0, 0] / cam.width, K[1, 1] / cam.height, K[0, 2] / cam.width, K[1, 2] / cam.height])
 
-    tol = PATH_TOLERANCE
+    centres = np.array([centre(cam) for _, cam in path])
+    size = max(float(np.ptp(centres, axis=0).max()), float(np.abs(centres).max()), 1e-6)
     for frame, cam in path:
         other = now.get(frame)
-        if other is None or not np.allclose(other.w2c, cam.w2c, rtol=tol, atol=tol):
+        if other is None or np.linalg.norm(centre(other) - centre(cam)) > PATH_MOVE * size:
             return False
-        if not np.allclose(shares(other), shares(cam), atol=tol):
+        # the angle between the rotations, well conditioned near 0: |R1 - R2|_F = 2 sqrt(2) sin(angle / 2)
+        chord = np.linalg.norm(other.w2c[:3, :3] - cam.w2c[:3, :3]) / (2.0 * np.sqrt(2.0))
+        if 2.0 * np.arcsin(min(chord, 1.0)) > PATH_MOVE:
+            return False
+        if not np.allclose(shares(other), shares(cam), rtol=0.0, atol=PATH_SHARES):
             return False
     return True
 

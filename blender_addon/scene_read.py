@@ -6,6 +6,7 @@ Only reading and writing Blender data lives here; every formula is in ``cameras.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import bpy
 import numpy as np
@@ -79,10 +80,17 @@ def sample_trajectory(
         raise ReconLoopError(f"trajectory frame step must be at least 1; got {frame_step}")
     if frame_end < frame_start:
         raise ReconLoopError(f"trajectory frame range is empty: start {frame_start} > end {frame_end}")
+    return sample_frames(obj, scene, range(frame_start, frame_end + 1, frame_step))
+
+
+def sample_frames(
+    obj: bpy.types.Object, scene: bpy.types.Scene, frames: Iterable[int]
+) -> list[tuple[int, cam_math.OpenCVCamera]]:
+    """The camera ``obj`` at each of ``frames`` (``sample_trajectory``'s reading), the current frame restored."""
     saved_frame, saved_sub = scene.frame_current, scene.frame_subframe
     out = []
     try:
-        for f in range(frame_start, frame_end + 1, frame_step):
+        for f in frames:
             scene.frame_set(f)
             out.append((f, sample_camera(obj, scene)))
     finally:

@@ -605,23 +605,31 @@ def test_stopping_a_service_does_not_wait_for_it(silent_endpoint, tmp_path):
     assert svc.wait_stopped(10) and svc.proc.returncode is not None
 
 
-def test_same_path_matches_a_job_path_at_its_working_size_only_where_nothing_moved():
+def test_same_path_matches_an_unmoved_camera_only():
     """Import job refreshes a job's frames on the camera it ran on while that camera still follows the job's
-    path (cameras.json is at the loop's working size, the camera at the render size)."""
+    path: cameras.json's float32 cameras (a render size changed since in proportion still matches); a move
+    of a ten-thousandth of the path's size, a turn, a zoom or a missing frame does not."""
 
-    def cam(tx: float, f: float, width: int, height: int) -> cam_math.OpenCVCamera:
+    def cam(centre, f: float, width: int, height: int, yaw: float = 0.3) -> cam_math.OpenCVCamera:
+        c, s_ = np.cos(yaw), np.sin(yaw)
+        R = np.array([[c, 0, -s_], [0, 1, 0], [s_, 0, c]])
         w2c = np.eye(4)
-        w2c[0, 3] = tx
-        s = width / 1920
-        K = np.array([[f * s, 0, 960 * s], [0, f * height / 1080, 540 * height / 1080], [0, 0, 1]])
+        w2c[:3, :3], w2c[:3, 3] = R, -R @ np.asarray(centre, float)
+        K = np.array([[f * width / 1920, 0, width / 2], [0, f * width / 1920, height / 2], [0, 0, 1]])
         return cam_math.OpenCVCamera(w2c=w2c, K=K, width=width, height=height)
 
-    now = {f: cam(0.1 * f, 1500.0, 1920, 1080) for f in range(1, 11)}
-    path = [(f, cam(0.1 * f, 1500.0, 896, 512)) for f in (1, 4, 7, 10)]  # 896x512: another aspect, same shares
-    assert scene_io.same_path(now, path)
-    moved = {**now, 7: cam(0.75, 1500.0, 1920, 1080)}
-    zoomed = {**now, 4: cam(0.4, 1600.0, 1920, 1080)}
-    shorter = {f: c for f, c in now.items() if f < 10}
-    assert not scene_io.same_path(moved, path)
-    assert not scene_io.same_path(zoomed, path)
-    assert not scene_io.same_path(shorter, path)
+    for origin in (np.zeros(3), np.array([60.0, 60.0, 60.0])):  # near the world's origin, and far from it
+        centres = {f: origin + [0.1 * f, 0.0, 0.6] for f in range(1, 11)}
+        now = {f: cam(centres[f], 1500.0, 1920, 1080) for f in range(1, 11)}
+        path = [(f, cam(centres[f], 1500.0, 960, 540)) for f in (1, 4, 7, 10)]
+        wire = [(f, cam_math.OpenCVCamera(c.w2c.astype(np.float32), c.K.astype(np.float32), c.width, c.height))
+                for f, c in path]  # fmt: skip
+        assert scene_io.same_path(now, path) and scene_io.same_path(now, wire)
+        size = max(0.9, np.abs(origin).max() + 1.0)  # the path's centres: 0.9 apart, this far from the origin
+        for changed in (
+            {7: cam(centres[7] + [0, 0, 2e-4 * size], 1500.0, 1920, 1080)},
+            {7: cam(centres[7], 1500.0, 1920, 1080, yaw=0.3 + 2e-4)},
+            {4: cam(centres[4], 1600.0, 1920, 1080)},
+        ):
+            assert not scene_io.same_path({**now, **changed}, path), changed
+        assert not scene_io.same_path({f: c for f, c in now.items() if f < 10}, path)

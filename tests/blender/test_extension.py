@@ -249,7 +249,7 @@ def test_reconstruct_temple_against_local_service(installed, temple_dir, tmp_pat
         listed = {j.job: j.state for j in bpy.context.window_manager.reconloop.jobs}
         assert listed.get(job) == "done", listed
         # The job is in the scene already: its collection is refreshed, not copied; the trajectory camera it
-        # ran on still follows the job's own path (cameras.json, at the loop's working size), so its frames
+        # ran on still follows the job's own path (cameras.json, as the real loop writes it), so its frames
         # are refreshed there and no second, path camera is made.
         assert bpy.ops.reconloop.import_job(job=job) == {"FINISHED"}
         (again,) = [c for c in bpy.data.collections if c.get("reconloop_job") == job]

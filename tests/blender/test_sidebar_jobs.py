@@ -225,17 +225,31 @@ def test_import_job_uses_the_jobs_own_path_and_no_second_copy(registered, endpoi
         assert sorted(o.get(importers.OBJECT_KIND) for o in coll.objects) == ["gaussians", "points"]
         assert _frame_backgrounds(bpy.data.objects["Trajectory"]) == [(1, 3)]
         assert _results() == [f"{COLLECTION} gaussians", f"{COLLECTION} points"]
-    # The camera the job ran on is moved: the frames go behind a camera on the job's path instead.
+    # The camera the job ran on is moved, or made orthographic: the frames go behind a camera on the job's
+    # path instead; moved back, the path camera goes again.
     trajectory = bpy.data.objects["Trajectory"]
+    bpy.context.scene.frame_set(3)  # the file was reopened: a new scene
     trajectory.location.x += 0.5
     trajectory.keyframe_insert("location", frame=3)
-    for _ in range(2):
+
+    def on_the_path_camera() -> None:
         coll = reimport()
         kinds = sorted(o.get(importers.OBJECT_KIND) for o in coll.objects)
         assert kinds == ["gaussians", "points", importers.KIND_TRAJECTORY], kinds
         (path,) = [o for o in coll.objects if o.get(importers.OBJECT_KIND) == importers.KIND_TRAJECTORY]
         assert _frame_backgrounds(path) == [(1, 3)]
         assert _results() == [f"{COLLECTION} gaussians", f"{COLLECTION} path", f"{COLLECTION} points"]
+
+    on_the_path_camera()
+    on_the_path_camera()
+    trajectory.location.x -= 0.5
+    trajectory.keyframe_insert("location", frame=3)
+    trajectory.data.type = "ORTHO"
+    on_the_path_camera()
+    trajectory.data.type = "PERSP"
+    coll = reimport()
+    assert sorted(o.get(importers.OBJECT_KIND) for o in coll.objects) == ["gaussians", "points"]
+    assert _frame_backgrounds(trajectory) == [(1, 3)]
 
 
 def test_import_job_takes_the_server_and_results_folder_a_script_gives(registered, endpoint, temple_dir, tmp_path):
@@ -410,11 +424,14 @@ def test_a_file_that_fails_to_open_leaves_the_job_where_it_was(registered, ui, e
     broken.write_bytes(b"BLENDER-v500 not a blend file")
     job = _start_held_job(endpoint, temple_dir, tmp_path)
     driver = connection.SESSION.driver
+    rt = bpy.context.window_manager.reconloop
+    shown = rt.hello_summary
+    assert "ReconLoop" in shown
     with pytest.raises(RuntimeError, match="broken.blend"):
         bpy.ops.wm.open_mainfile(filepath=str(broken))
     rt = bpy.context.window_manager.reconloop
     assert connection.SESSION.driver is driver and bpy.app.timers.is_registered(operators._tick)
-    assert rt.is_running and rt.job == job and rt.last_error == ""
+    assert rt.is_running and rt.job == job and rt.last_error == "" and rt.hello_summary == shown
     RELEASE.set()
     _tick_until(lambda: False)
     assert rt.state == "done" and not rt.is_running

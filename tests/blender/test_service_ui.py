@@ -7,6 +7,7 @@ import sys
 import time
 
 import bpy
+import pytest
 
 from blender_addon import connection, operators
 from protocol import errors
@@ -191,3 +192,26 @@ def test_delete_job_takes_not_found_as_gone_and_keeps_the_selection(
         time.sleep(0.01)
     assert [j.job for j in rt.jobs] == [b, c] and rt.jobs[rt.jobs_index].job == c
     assert rt.last_error == "" and rt.jobs_note == ""
+
+
+def test_a_file_that_fails_to_open_keeps_a_waiting_refresh(
+    registered, silent_endpoint, loopback_router, monkeypatch, tmp_path
+):
+    """load_pre drops the side requests; a file that then fails to open gives them back, timer and note."""
+    monkeypatch.setattr(operators, "_background", lambda: False)
+    rt = bpy.context.window_manager.reconloop
+    svc = ScriptedService(loopback_router)
+    assert bpy.ops.reconloop.refresh_jobs(server=silent_endpoint) == {"FINISHED"}
+    request = svc.request()
+    broken = tmp_path / "broken.blend"
+    broken.write_bytes(b"BLENDER-v500 not a blend file")
+    with pytest.raises(RuntimeError, match="broken.blend"):
+        bpy.ops.wm.open_mainfile(filepath=str(broken))
+    assert "jobs" in connection.SESSION.handlers and bpy.app.timers.is_registered(operators._jobs_tick)
+    assert rt.jobs_note == "listing the jobs..."
+    svc.answer(request, jobs=[_listed("a" * 32, "done")])
+    deadline = time.monotonic() + 5
+    while operators._jobs_tick() is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert [j.job for j in rt.jobs] == ["a" * 32] and rt.jobs_note == ""

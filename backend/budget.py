@@ -228,8 +228,7 @@ def measure_step_costs(rasterizer_name: str, device: torch.device | str, views: 
     if measured is None or now - measured[0] > PROBE_MAX_AGE_S:
         measured = _probes[key] = (now, _measure_step_costs(*key))
     costs = measured[1]
-    if costs.threads == 1:  # the costs were measured on one thread: so the job runs (another probe may have reset it)
-        torch.set_num_threads(1)
+    _use_threads(costs.threads)  # as measured: a cached plan's choice, whatever another probe set since
     return costs
 
 
@@ -239,12 +238,26 @@ _probes: dict[tuple[str, str, int], tuple[float, StepCosts]] = {}  # key -> (_cl
 _before_one_thread: int | None = None  # torch's thread count when a probe last chose one thread
 
 
-def _measure_step_costs(rasterizer_name: str, device: str, views: int = 1) -> StepCosts:
+def _use_threads(threads: int) -> None:
+    """Torch's thread count for costs measured with ``threads``: 1 sets one thread (remembering the count it
+    replaced); 0 gives back the remembered count while a probe's one thread is still in force. A count set
+    by anyone else (a Ray worker's share, a user) is left alone."""
     global _before_one_thread
-    (n1, n2), (w, h) = PROBE_GAUSSIANS, PROBE_SIZE
-    if _before_one_thread is not None and torch.get_num_threads() == 1:  # still that choice: its load may be gone
+    now = torch.get_num_threads()
+    if threads == 1:
+        if now != 1:
+            _before_one_thread = now
+            torch.set_num_threads(1)
+    elif now == 1 and _before_one_thread is not None:
         torch.set_num_threads(_before_one_thread)
-    _before_one_thread = None
+        _before_one_thread = None
+    elif now != 1:
+        _before_one_thread = None  # one thread is no longer in force: nothing to give back
+
+
+def _measure_step_costs(rasterizer_name: str, device: str, views: int = 1) -> StepCosts:
+    (n1, n2), (w, h) = PROBE_GAUSSIANS, PROBE_SIZE
+    _use_threads(0)  # from torch's own count: the load that made one thread faster may be gone
     t1 = measure_step_seconds(rasterizer_name, device, n1, PROBE_SIZE, views)
     threads = 0
     default_threads = torch.get_num_threads()
@@ -258,8 +271,7 @@ def _measure_step_costs(rasterizer_name: str, device: str, views: int = 1) -> St
         t1 = min(t1, measure_step_seconds(rasterizer_name, device, n1, PROBE_SIZE, views))
         if t1_single < t1:
             t1, threads = t1_single, 1
-            torch.set_num_threads(1)
-            _before_one_thread = default_threads
+            _use_threads(1)
     t2 = measure_step_seconds(rasterizer_name, device, n2, PROBE_SIZE, views)
     per_gaussian = max(t2 - t1, 0.0) / (n2 - n1)
     per_pixel = max(t1 - per_gaussian * n1, 0.1 * t1) / (w * h)

@@ -203,6 +203,19 @@ def _ray_config(args: argparse.Namespace) -> Any:
     return RayConfig(address=args.ray, workers=args.workers, host=args.ray_host)
 
 
+def ray_address(text: str) -> str:
+    """argparse type of ``serve --ray``: ``auto``, ``local`` or a Ray head's ``[ray://]HOST:PORT``."""
+    if text in ("auto", "local"):
+        return text
+    from .service.ray_pool import head_address
+
+    try:
+        head_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def positive_days(text: str) -> float:
     """argparse type of ``serve --keep-days``: a finite number of days above 0."""
     try:
@@ -332,11 +345,15 @@ def service_client(args: argparse.Namespace) -> Any:
 
 def add_service_client_arguments(p: argparse.ArgumentParser) -> None:
     """The options ``service_client`` reads: ``--server``, ``--timeout-ms`` and the client's keys."""
+    from .evaluate_args import positive_int
     from .service.options import add_client_arguments
 
     p.add_argument("--server", type=zmq_endpoint, default=DEFAULT_SERVER, help="service endpoint (default %(default)s)")
     p.add_argument(
-        "--timeout-ms", type=int, default=30_000, help="per-request timeout before a retry (default %(default)s)"
+        "--timeout-ms",
+        type=positive_int,
+        default=30_000,
+        help="per-request timeout before a retry (default %(default)s)",
     )
     add_client_arguments(p)
 
@@ -538,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="auto",
         default=None,
+        type=ray_address,
         metavar="ADDRESS",
         help="run jobs on Ray actors, one per GPU: 'auto' (the cluster this node joined with `ray start`; the "
         "default when the option has no value), 'local' (start Ray here), or the head's HOST:PORT",

@@ -29,14 +29,12 @@ class Registry(Generic[T]):
         kind: what the entries are, for error messages ("generator").
         modules: name -> module that registers it when imported (loaded on first ``get``). A module
             of the package that is not named here is never imported, so its name is unknown.
-        install_hint: what to install when a module's own imports are missing (``pip install ...``).
     """
 
-    def __init__(self, kind: str, modules: Mapping[str, str] | None = None, install_hint: str = "") -> None:
+    def __init__(self, kind: str, modules: Mapping[str, str] | None = None) -> None:
         self.kind = kind
         self._modules = dict(modules or {})
         self._items: dict[str, type[T]] = {}
-        self.install_hint = install_hint
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
         if name != name.lower() or not name:
@@ -57,10 +55,9 @@ class Registry(Generic[T]):
             try:
                 importlib.import_module(module)
             except ModuleNotFoundError as err:
-                if err.name is None or module == err.name or module.startswith(f"{err.name}."):
-                    raise
-                hint = f" ({self.install_hint})" if self.install_hint else ""
-                raise ValueError(f"{self.kind} {name!r} needs {err.name}, which is not installed here{hint}") from err
+                if err.name is None or err.name.partition(".")[0] == module.partition(".")[0]:
+                    raise  # a module of the same package: the project's own bug, not a missing package
+                raise ValueError(f"{self.kind} {name!r} needs {err.name}, which is not installed here") from err
             if name not in self._items:
                 raise ValueError(f"{self.kind} {name!r}: its module {module} registers no {self.kind} of that name")
         try:

@@ -488,14 +488,20 @@ def _no_scene_json(folder: Path) -> str:
             f"{problem}; it holds a dataset in the {fmt} format: make a scene of it with "
             f"reconloop import {fmt} {folder} DST"
         )
-    # the photos in the folder, else in its first subfolder that holds any (a camera's DCIM/, images/)
-    for where in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
+
+    # the photos in the folder, else in the first folder below, two levels at most, that holds any (images/,
+    # a camera card's DCIM/100CANON/); hidden folders (.thumbnails/, a NAS's @eaDir/) are not looked in
+    def below(where: Path) -> list[Path]:
+        return sorted(p for p in where.iterdir() if p.is_dir() and not p.name.startswith((".", "@")))
+
+    children = below(folder)
+    for where in [folder, *children, *(g for c in children for g in below(c))]:
         photos = [p.relative_to(folder).as_posix() for p in list_images(where)]
         if photos:
             break
     else:
         return problem
-    inside = "" if where == folder else f" (in {where.name}/)"
+    inside = "" if where == folder else f" (in {where.relative_to(folder).as_posix()}/)"
     listed = ", ".join(json.dumps({"image": name}) for name in photos[:2]) + (", ..." if len(photos) > 2 else "")
     return (
         f"{problem}; for its {len(photos)} photos{inside}, write one that lists them without a camera "

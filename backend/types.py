@@ -285,13 +285,18 @@ class Frames:
 
     def check(self, targets: Cameras, who: str) -> None:
         """Raise ValueError, naming ``who`` (the generator), unless these are frames for ``targets``: images
-        [F, H, W, 3], finite, in [0, 1] to rounding (IMAGE_SLACK), confidence [F, H, W] in [0, 1] (the fit's
-        rule), F, H, W the cameras'. One host sync."""
+        [F, H, W, 3], floating point, finite, in [0, 1] to rounding (IMAGE_SLACK), confidence [F, H, W] in
+        [0, 1] (the fit's rule), F, H, W the cameras'. One host sync."""
         f, h, w = len(targets), targets.height, targets.width
         if tuple(self.images.shape) != (f, h, w, 3):
             raise ValueError(f"{who}: Frames.images must be [{f}, {h}, {w}, 3]; got {tuple(self.images.shape)}")
         if tuple(self.confidence.shape) != (f, h, w):
             raise ValueError(f"{who}: Frames.confidence must be [{f}, {h}, {w}]; got {tuple(self.confidence.shape)}")
+        if not (self.images.is_floating_point() and self.confidence.is_floating_point()):  # 0/1 bytes pass the range
+            raise ValueError(
+                f"{who}: Frames.images and Frames.confidence must be floating point; got {self.images.dtype} and "
+                f"{self.confidence.dtype}"
+            )
         if f == 0:
             return
         bounds = [t.float().to(self.images.device) for t in (*self.images.aminmax(), *self.confidence.aminmax())]

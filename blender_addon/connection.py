@@ -233,27 +233,15 @@ class JobsRequest(ServiceRequest):
 
 
 class DeleteRequest(ServiceRequest):
-    """``Client.delete`` without waiting (Delete job): the reply's ``job`` is gone from the service's store.
-
-    A job the service does not have (deleted by another client, or by this request's first try when its
-    reply was lost and the request resent) is gone as well: the reply then says ``gone: True``."""
+    """``Client.delete`` without waiting (Delete job): the reply's ``job`` is gone from the service's store,
+    also when the service no longer had it (``gone: True``: deleted elsewhere, or by a lost first try)."""
 
     def __init__(self, client, job: str, service: LocalService | None = None) -> None:
         self.job = job
         super().__init__(client, service)
 
     def _begin(self, retries: int | None) -> PendingRequest:
-        return self.client.begin("delete", job=self.job, retries=retries)
-
-    def poll(self, wait_ms: float = 0) -> dict[str, Any] | None:
-        from protocol.errors import NOT_FOUND, ProtocolError  # importable: the client was made from it
-
-        try:
-            return super().poll(wait_ms)
-        except ProtocolError as err:
-            if err.code != NOT_FOUND:
-                raise
-            return {"job": self.job, "gone": True}
+        return self.client.begin_delete(self.job, gone_ok=True, retries=retries)
 
 
 # ---------------------------------------------------------------------------------------------

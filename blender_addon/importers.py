@@ -64,6 +64,7 @@ FRAME_FILE = "frame_{:06d}.png"  # image sequence names: Blender frame number, z
 COLLECTION_KEY = "reconloop_key"
 COLLECTION_JOB = "reconloop_job"
 OBJECT_KIND = "reconloop_kind"
+FRAME_JOB = "reconloop_job"  # on a generated frame sequence's image: the job it came from
 KIND_TRAJECTORY = "trajectory"  # an animated camera on the path the service chose
 
 
@@ -660,7 +661,7 @@ def set_background_sequence(
     img = bpy.data.images.load(first_file, check_existing=False)
     img.source = "SEQUENCE"
     if job:
-        img[COLLECTION_JOB] = job
+        img[FRAME_JOB] = job
     cam = camera_obj.data
     for bg in list(cam.background_images):
         if bg.image is not None and bg.image.get(OBJECT_KIND) == scene_io.KIND_FRAME:
@@ -688,7 +689,7 @@ def cameras_showing_job(scene: bpy.types.Scene, job: str) -> list[bpy.types.Obje
         for obj in scene.objects
         if obj.type == "CAMERA"
         and obj.get(OBJECT_KIND) != KIND_TRAJECTORY
-        and any(bg.image is not None and bg.image.get(COLLECTION_JOB) == job for bg in obj.data.background_images)
+        and any(bg.image is not None and bg.image.get(FRAME_JOB) == job for bg in obj.data.background_images)
     ]
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import bpy
 from bpy_extras.io_utils import ExportHelper, ImportHelper
 
+from protocol.schemas import TERMINAL_STATES
+
 from . import connection, datasets, importers, preferences, props, scene_io
 from .errors import ReconLoopError
 from .scene_read import read_captures, sample_frames, sample_trajectory
@@ -164,7 +166,7 @@ class ResultImporter:
         for cam in importers.cameras_showing_job(self.scene, self.job) if self.job else []:
             try:
                 now = dict(sample_frames(cam, self.scene, [frame for frame, _ in path]))
-            except ReconLoopError:  # no longer a perspective camera
+            except (ReconLoopError, ValueError):  # no longer a perspective camera, or scaled to nothing
                 continue
             if scene_io.same_path(now, path):
                 return cam
@@ -467,8 +469,9 @@ class SideRequest:
     tick: Callable[[], float | None]  # its timer in the UI (a timer is one function)
 
 
-def client_busy(key: str, then: str) -> str | None:
-    """Why the side request ``key`` cannot be sent now (``then``: what to do later), or None."""
+def client_busy(key: str) -> str | None:
+    """Why the side request ``key`` cannot be sent now (saying when to try again), or None."""
+    then = SIDE[key].then
     s = connection.SESSION
     if s.driver is not None:
         return f"a job is running: its status is shown in the panel; {then} once it has ended"
@@ -582,7 +585,7 @@ def send_side_request(op, context, key: str, make, *, done=None, popup: bool = F
         popup: also show an error in a popup (besides the report).
     """
     side = SIDE[key]
-    busy = client_busy(key, side.then)
+    busy = client_busy(key)
     if busy:
         op.report({"WARNING"}, busy)
         return {"CANCELLED"}
@@ -723,12 +726,11 @@ class RECONLOOP_OT_delete_job(bpy.types.Operator):
     job: bpy.props.StringProperty(name="Job")
     server: _server_property()
 
-    @classmethod
-    def poll(cls, context):
-        return connection.SESSION.driver is None
-
     def invoke(self, context, event):
         job = _picked_job(self, context.window_manager.reconloop)
+        if not job:
+            self.report({"ERROR"}, "pick a job in the list first")
+            return {"CANCELLED"}
         return context.window_manager.invoke_confirm(
             self,
             event,
@@ -745,7 +747,7 @@ class RECONLOOP_OT_delete_job(bpy.types.Operator):
         if not job:
             self.report({"ERROR"}, "pick a job in the list first")
             return {"CANCELLED"}
-        if state in ("queued", "running"):
+        if state and state not in TERMINAL_STATES:
             self.report({"ERROR"}, f"job {job[:8]} is {state}: it can be deleted once it has ended")
             return {"CANCELLED"}
 

@@ -6,6 +6,7 @@ import time
 
 import bpy
 
+from protocol.schemas import TERMINAL_STATES
 from protocol.settings import SECTION_ADVANCED, SECTION_MAIN, in_section
 
 from . import connection
@@ -168,11 +169,11 @@ class RECONLOOP_PT_jobs(_Panel, bpy.types.Panel):
             row = layout.row()
             if item.state == "done":  # only a finished job has results to import
                 row.operator("reconloop.import_job", icon="IMPORT").job = item.job
-            elif item.state in ("queued", "running"):
+            elif item.state not in TERMINAL_STATES:
                 row.label(text=f"results when the job is done ({item.state})", icon="TIME")
             else:
                 row.label(text=f"no results ({item.state})", icon="INFO")
-            if item.state not in ("queued", "running"):  # the service deletes an ended job only
+            if item.state in TERMINAL_STATES:  # the service deletes an ended job only
                 row.operator("reconloop.delete_job", icon="TRASH", text="Delete").job = item.job
 
 

@@ -224,18 +224,22 @@ class Client:
     def cancel(self, job: str) -> dict[str, Any]:
         return self.request("cancel", job=job)
 
+    def begin_delete(self, job: str, *, gone_ok: bool = False, retries: int | None = None) -> PendingRequest:
+        """``delete`` without waiting. A not_found answer means the job is gone when it answers a resent try
+        (the first one deleted it, its reply lost) or, with ``gone_ok``, any try (a list whose row is stale):
+        the reply is then ``{"job": job, "state": None, "gone": True}``; otherwise the ProtocolError stands."""
+
+        def gone(pending: PendingRequest, err: ProtocolError) -> dict[str, Any] | None:
+            if err.code == errors.NOT_FOUND and (gone_ok or pending.tries > 1):
+                return {"job": job, "state": None, "gone": True}
+            return None
+
+        return PendingRequest(self, "delete", {"job": job}, retries=retries, on_error=gone)
+
     def delete(self, job: str) -> dict[str, Any]:
         """Delete an ended job and its files from the service's store (a queued or running one: ProtocolError
-        bad_field; cancel it and wait for it to end). A resent delete whose first try was handled, its reply
-        lost, gets not_found from the service: that is a success here, the reply ``{"job": job, "state":
-        "deleted", "resent": True}``."""
-        pending = self.begin("delete", job=job)
-        try:
-            return pending.wait()
-        except ProtocolError as err:
-            if err.code != errors.NOT_FOUND or pending.tries < 2:
-                raise
-            return {"job": job, "state": "deleted", "resent": True}
+        bad_field; cancel it and wait for it to end); ``begin_delete`` says what a not_found means."""
+        return self.begin_delete(job).wait()
 
     def jobs(self) -> list[dict[str, Any]]:
         return self.request("jobs")["jobs"]
@@ -439,6 +443,7 @@ class PendingRequest:
         timeout_ms: int | None = None,
         retries: int | None = None,
         on_reply: Callable[[dict[str, Any]], None] | None = None,
+        on_error: Callable[[PendingRequest, ProtocolError], dict[str, Any] | None] | None = None,
     ) -> None:
         self.client, self.op, self.fields = client, op, fields
         self.timeout_ms = client.timeout_ms if timeout_ms is None else int(timeout_ms)
@@ -446,6 +451,7 @@ class PendingRequest:
         self.tries = 0
         self.started = time.monotonic()
         self._on_reply = on_reply  # the client's own bookkeeping for this op (hello, watch)
+        self._on_error = on_error  # an error reply this op takes as a reply (delete's not_found), or None
         self._reply: dict[str, Any] | None = None
         self._error: BaseException | None = None
         self._send()
@@ -477,11 +483,16 @@ class PendingRequest:
             raise self._error
         try:
             reply = self._wait_reply(until)
-            if reply is not None and self._on_reply is not None:
-                self._on_reply(reply)
-        except (ProtocolError, TimeoutError, ClientClosedError) as err:
+        except ProtocolError as err:
+            reply = self._on_error(self, err) if self._on_error is not None else None
+            if reply is None:
+                self._error = err
+                raise
+        except (TimeoutError, ClientClosedError) as err:
             self._error = err
             raise
+        if reply is not None and self._on_reply is not None:
+            self._on_reply(reply)
         self._reply = reply
         return reply
 

@@ -55,7 +55,6 @@ GENERATORS: Registry[Any] = Registry(
         "anyrecon": "backend.generators.anyrecon",
         "refine": "backend.generators.refine",
     },
-    install_hint="pip install 'reconloop[gpu]'",  # anyrecon's diffusers
 )
 
 MEMORY_MODES = ("none", "fp8", "group_offload", "model_offload")  # where a learned generator's weights live
@@ -260,6 +259,8 @@ class GeneratorCache:
                     self._group = SequenceParallelGroup(build, [f"cuda:{r}" for r in range(world)])
                 else:
                     self._components = cls.load_components(weights, config, device)
+            except ImportError as err:  # a package the models need (the weights are not at fault)
+                raise ValueError(f"generator {config.name!r}: {err}") from err
             except (OSError, ValueError, RuntimeError) as err:
                 raise GeneratorWeightsError(weights_advice(config.name, weights, err)) from err
             self._key = key

@@ -201,8 +201,11 @@ def load_anyrecon_components(
     are placed for ``memory_mode`` (CPU for the offloaded modes); its hooks are installed by
     ``AnyReconGenerator``.
     """
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    try:
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    except ImportError as err:
+        raise ImportError(f"needs {err.name}, which is not installed here (pip install 'reconloop[gpu]')") from err
 
     if dtype not in DTYPES:
         raise ValueError(f"AnyRecon: dtype must be one of {tuple(DTYPES)}; got {dtype!r}")

@@ -13,8 +13,6 @@ from protocol import limits
 
 from .auth import AuthConfig, generate_keys
 
-LIMIT_OPTIONS = limits.LIMIT_OPTIONS  # `serve`'s options that lower a JobLimits field
-
 
 def add_keys_command(sub: Any) -> None:
     """The ``keys`` subcommand."""
@@ -58,7 +56,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("per-job limits (defaults: the protocol's limits)")
     defaults = limits.JobLimits()
-    for option, field, scale, doc in LIMIT_OPTIONS:
+    for option, field, scale, doc in limits.LIMIT_OPTIONS:
         g.add_argument(option, type=int, default=getattr(defaults, field) // scale, help=f"{doc} (default %(default)s)")
 
 
@@ -68,7 +66,8 @@ def serve_security(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--curve-secret and --allow-keys go together; got one of them")
     auth = AuthConfig(args.curve_secret, args.allow_keys) if args.curve_secret is not None else None
     values = {
-        field: getattr(args, option[2:].replace("-", "_")) * scale for option, field, scale, _doc in LIMIT_OPTIONS
+        field: getattr(args, option[2:].replace("-", "_")) * scale
+        for option, field, scale, _doc in limits.LIMIT_OPTIONS
     }
     return {"auth": auth, "job_limits": limits.JobLimits(**values)}
 

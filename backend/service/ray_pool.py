@@ -141,17 +141,26 @@ def no_cluster_message(address: str | None, err: BaseException) -> str:
     )
 
 
+def head_address(address: str) -> tuple[str, int]:
+    """The host and port of a Ray head's ``[ray://]HOST:PORT`` (an IPv6 host in brackets: ``[::1]:6379``).
+
+    Raises:
+        ValueError: not of that form (``serve --ray``'s argparse type says so before anything starts).
+    """
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"must be auto, local or HOST:PORT of a Ray head; got {address!r}")
+    return host.strip("[]"), int(port)
+
+
 def check_head_answers(address: str | None) -> None:
     """Raise ConnectionError (:func:`no_cluster_message`) unless a ``--ray HOST:PORT`` (or ``ray://HOST:PORT``)
     accepts a TCP connection within HEAD_CONNECT_TIMEOUT_S: ``ray.init`` would retry such an address for
     minutes, printing only Ray's own warnings. ``auto`` and ``local`` are Ray's to check."""
     if address in (None, "auto", "local"):
         return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ConnectionError(f"--ray {address}: must be auto, local or HOST:PORT of a Ray head")
-    try:  # an IPv6 head is written [::1]:6379
-        socket.create_connection((host.strip("[]"), int(port)), timeout=HEAD_CONNECT_TIMEOUT_S).close()
+    try:
+        socket.create_connection(head_address(address), timeout=HEAD_CONNECT_TIMEOUT_S).close()
     except OSError as err:
         raise ConnectionError(no_cluster_message(address, err)) from None
 

@@ -318,20 +318,29 @@ class Service:
             self._on_worker(slot, msgpack.unpackb(slot.pair.recv()))
 
     def _prune(self) -> None:
-        """Delete ended jobs older than ``keep_days`` (their watchers go with them)."""
-        gone = self.store.prune(self.config.keep_days * DAY_S)
-        self._forget(gone)
+        """Delete ended jobs older than ``keep_days``; a job whose folder cannot be moved stays listed."""
+        gone = 0
+        for record in self.store.expired(self.config.keep_days * DAY_S):
+            try:
+                self._remove(record)
+            except OSError as err:
+                log.warning("job %s: not deleted (kept listed): %s", record.job, err)
+                continue
+            gone += 1
         if gone:
-            log.info("deleted %d ended job(s) older than %g days (--keep-days)", len(gone), self.config.keep_days)
+            log.info("deleted %d ended job(s) older than %g days (--keep-days)", gone, self.config.keep_days)
 
-    def _forget(self, jobs: list[str]) -> None:
-        """Drop what the loop holds for deleted jobs: their watchers, their artifacts' memory maps (the files'
-        space is freed once unmapped)."""
-        gone = set(jobs)
-        for job in gone:
-            self.watchers.pop(job, None)
-        for key in [k for k in self._maps if k[0] in gone]:
+    def _remove(self, record: JobRecord) -> None:
+        """Delete an ended job: what the loop holds for it first (its watchers; its artifacts' memory maps,
+        which can block the folder's move and keep the files' space), then its folder (``JobStore.delete``).
+
+        Raises:
+            OSError: the folder could not be moved; the job stays listed.
+        """
+        self.watchers.pop(record.job, None)
+        for key in [k for k in self._maps if k[0] == record.job]:
             del self._maps[key]
+        self.store.delete(record)
 
     def _reap(self) -> bool:
         """Fail the job of every worker that died, start one in its place; returns True when slots changed."""
@@ -541,15 +550,8 @@ class Service:
                 "for it to end",
                 field="job",
             )
-        if self._slot_of(record.job) is not None:  # its worker may still write its files
-            raise ProtocolError(
-                errors.BAD_FIELD,
-                f"delete: job {record.job} has ended but its worker has not let go of it yet; try again",
-                field="job",
-            )
-        self._forget([record.job])  # its memory maps first: a mapped file can block the folder's move
         try:
-            self.store.delete(record)
+            self._remove(record)
         except OSError as err:
             raise ProtocolError(
                 errors.INTERNAL,

@@ -447,22 +447,11 @@ class JobStore:
         record.artifacts = read_manifest(job_dir)  # the manifest, not the journal, is the truth about files
         return record
 
-    def prune(self, max_age_s: float, now: float | None = None) -> list[str]:
-        """Delete the folders of ended jobs (done, failed, cancelled, interrupted) whose last event is older than
-        ``max_age_s`` (``delete`` each); returns their ids. Queued and running jobs are never touched; a job
-        whose folder cannot be moved stays listed, with a warning in the log."""
-        if not max_age_s > 0:
-            raise ValueError(f"JobStore.prune: max_age_s must be > 0; got {max_age_s}")
+    def expired(self, max_age_s: float, now: float | None = None) -> list[JobRecord]:
+        """The ended jobs (done, failed, cancelled, interrupted) whose last event is older than ``max_age_s``:
+        what ``serve --keep-days`` deletes. Queued and running jobs never are."""
         cutoff = (time.time() if now is None else now) - max_age_s
-        gone = []
-        for record in [r for r in self.jobs.values() if r.is_terminal and r.updated < cutoff]:
-            try:
-                self.delete(record)
-            except OSError as err:
-                log.warning("job %s: not deleted (kept listed): %s", record.job, err)
-                continue
-            gone.append(record.job)
-        return gone
+        return [r for r in self.jobs.values() if r.is_terminal and r.updated < cutoff]
 
     def delete(self, record: JobRecord) -> None:
         """Delete an ended job: its folder is first renamed to a ``TMP_PREFIX`` name in one step (a job is listed

@@ -319,3 +319,17 @@ def test_loop_config_follows_the_budget_plan():
         assert plan.fits == pytest.approx(fits) and plan.reserved_s == 12
         assert "12 s kept for the refine generator's training" in plan.sentence
     assert cfg.budget.fits == 2 and cfg.budget.reserved_s == 0
+
+
+def test_cached_plans_of_two_frame_counts_each_run_on_the_threads_they_were_measured_on(probes):
+    """A process that plans for two frame counts (eval, a library caller): one thread won for one, torch's
+    count for the other; each cached plan sets its own count, so one never leaves the other single-threaded."""
+    calls, _ = probes
+    one = measure_step_costs("torch_cpu", "cpu", views=1)
+    assert one.threads == 1 and torch.get_num_threads() == 1
+    three = measure_step_costs("torch_cpu", "cpu", views=3)
+    assert calls[4:] == [2, 1, 2, 2]  # measured from torch's count, not from the one thread left by the first
+    assert three.threads == 0 and torch.get_num_threads() == 2
+    assert measure_step_costs("torch_cpu", "cpu", views=1) is one and torch.get_num_threads() == 1
+    assert measure_step_costs("torch_cpu", "cpu", views=3) is three and torch.get_num_threads() == 2
+    assert len(calls) == 8

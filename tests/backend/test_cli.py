@@ -15,7 +15,7 @@ from protocol.client import Client
 from tests.protocol.helpers import jpeg_bytes, png_bytes, running_service, scene_msg
 
 REPO = Path(__file__).resolve().parents[2]
-COMMANDS = ("serve", "run", "submit", "import", "demo")
+COMMANDS = ("serve", "run", "submit", "jobs", "import", "demo")
 
 
 def test_help_is_fast_and_does_not_import_torch():
@@ -227,3 +227,17 @@ def test_keep_days_is_a_positive_number_of_days(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", f"--keep-days={bad}"])
         assert f"argument --keep-days: must be a number of days above 0; got '{bad}'" in capsys.readouterr().err
+
+
+def test_ray_address_and_timeout_are_checked_before_anything_starts(capsys):
+    for ok in ("auto", "local", "10.0.0.5:6379", "ray://head:10001", "[::1]:6379"):
+        assert build_parser().parse_args(["serve", "--ray", ok]).ray == ok
+    assert build_parser().parse_args(["serve", "--ray"]).ray == "auto"
+    for bad in ("foo", "head:", "head:port", "[::1]:70000"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", f"--ray={bad}"])
+        assert f"argument --ray: must be auto, local or HOST:PORT of a Ray head; got '{bad}'" in capsys.readouterr().err
+    for command in (["jobs"], ["submit", "scene", "--out", "o"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--timeout-ms", "-5"])
+        assert "argument --timeout-ms: must be a whole number >= 1; got '-5'" in capsys.readouterr().err

@@ -235,16 +235,19 @@ def test_a_dataset_folder_without_scene_json_names_its_import(temple_dir):
     )
 
 
-@pytest.mark.parametrize("subfolder", ["", "DCIM"])
+@pytest.mark.parametrize("subfolder", ["", "images", "DCIM/100CANON"])
 def test_a_photo_folder_without_scene_json_says_how_to_list_the_photos(tmp_path, subfolder):
     """The scene.json the message shows loads: its photos without cameras, which the loop estimates; photos
-    one folder down (a camera card's DCIM/) are listed with that folder in their paths."""
+    one or two folders down (images/, a camera card's DCIM/100CANON/) are listed with those folders in their
+    paths, and a hidden folder's thumbnails are not."""
     (tmp_path / "CACHE").mkdir()  # sorted before DCIM: a subfolder without photos is passed over
-    (tmp_path / subfolder).mkdir(exist_ok=True)
+    (tmp_path / ".thumbnails").mkdir()  # sorted first, and its photos are not the user's
+    Image.new("RGB", (8, 6)).save(tmp_path / ".thumbnails" / "t.jpg")
+    (tmp_path / subfolder).mkdir(parents=True, exist_ok=True)
     for name in ("b.jpg", "a.png"):
         Image.new("RGB", (WIDTH, HEIGHT)).save(tmp_path / subfolder / name)
     (tmp_path / "notes.txt").write_text("not a photo")
-    inside = r" \(in DCIM/\)" if subfolder else ""
+    inside = rf" \(in {subfolder}/\)" if subfolder else ""
     with pytest.raises(
         SceneError, match=rf"^scene\.json: not found in .*; for its 2 photos{inside}, .*estimates their cameras"
     ) as err:

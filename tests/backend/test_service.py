@@ -442,7 +442,7 @@ def test_a_runners_long_texts_are_clipped_where_events_are_made(tmp_path):
 # Keeping the store small (--keep-days)
 
 
-def test_prune_deletes_only_ended_jobs_older_than_the_age(tmp_path):
+def test_only_ended_jobs_older_than_the_age_expire_and_only_ended_jobs_are_deleted(tmp_path):
     store = JobStore(tmp_path / "jobs")
     old_done = store.create({"scene": scene_msg(), "key": "k-old"})
     store.append(old_done, "done", "done", 1.0, "finished")
@@ -455,12 +455,13 @@ def test_prune_deletes_only_ended_jobs_older_than_the_age(tmp_path):
     now = time.time()
     for record in (old_done, old_queued, old_running):
         record.updated -= 3 * 86_400  # their last events three days ago
-    assert store.prune(2 * 86_400, now) == [old_done.job]
+    assert store.expired(2 * 86_400, now) == [old_done]  # waiting, running, recent: kept
+    store.delete(old_done)
     assert not old_done.dir.exists() and (None, "k-old") not in store.keys and old_done.job not in store.jobs
-    assert all(r.dir.exists() for r in (old_queued, old_running, new_failed))  # waiting, running, recent: kept
     assert set(store.jobs) == {old_queued.job, old_running.job, new_failed.job}
-    with pytest.raises(ValueError, match="max_age_s must be > 0"):
-        store.prune(0)
+    with pytest.raises(ValueError, match=rf"JobStore.delete: job {old_running.job} is running; only an ended job"):
+        store.delete(old_running)
+    assert old_running.dir.exists()
     with pytest.raises(ValueError, match=r"ServiceConfig.keep_days must be > 0 or None; got 0"):
         Service(ServiceConfig(data_dir=tmp_path / "other", keep_days=0))
 

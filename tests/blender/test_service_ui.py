@@ -120,7 +120,7 @@ def test_refresh_jobs_never_waits_and_never_takes_a_running_jobs_reply(
         interval, took = _timed(operators._jobs_tick)
         assert interval == operators.TICK_S and took < TICK_BOUND_S
     assert rt.jobs_note == "listing the jobs..."
-    assert "Refresh jobs is waiting for the service" in operators.client_busy("probe", "test the connection")
+    assert "Refresh jobs is waiting for the service" in operators.client_busy("probe")
     assert bpy.ops.reconloop.test_connection(server=silent_endpoint) == {"CANCELLED"}
     # The reply, once it comes, fills the list (newest first) on the next tick.
     request = svc.request()
@@ -145,9 +145,7 @@ def test_refresh_jobs_never_waits_and_never_takes_a_running_jobs_reply(
     assert hello["op"] == "hello"
 
     # With the job's request in flight, Refresh jobs and Test connection send nothing.
-    assert operators.client_busy("jobs", "refresh the jobs").startswith(
-        "a job is running: its status is shown in the panel"
-    )
+    assert operators.client_busy("jobs").startswith("a job is running: its status is shown in the panel")
     assert bpy.ops.reconloop.refresh_jobs(server=silent_endpoint) == {"CANCELLED"}
     assert bpy.ops.reconloop.test_connection(server=silent_endpoint) == {"CANCELLED"}
     assert not svc.pending() and connection.SESSION.driver is driver
@@ -181,7 +179,7 @@ def test_delete_job_takes_not_found_as_gone_and_keeps_the_selection(
     rt.jobs_index = 2
     assert bpy.ops.reconloop.delete_job(job=a, server=silent_endpoint) == {"FINISHED"}
     assert rt.jobs_note == "deleting the job..."
-    assert "Delete job is waiting for the service" in operators.client_busy("jobs", "refresh the jobs")
+    assert "Delete job is waiting for the service" in operators.client_busy("jobs")
     assert bpy.ops.reconloop.refresh_jobs(server=silent_endpoint) == {"CANCELLED"}
     request = svc.request()
     assert request["op"] == "delete" and request["job"] == a and not svc.pending()

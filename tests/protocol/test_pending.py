@@ -175,7 +175,7 @@ def test_a_resent_delete_that_finds_no_job_succeeds_and_a_first_one_fails(svc):
         assert first["op"] == "delete" and first["job"] == JOB
         svc.fail(svc.request(WAIT_S), *not_found)  # the resend, 300 ms later
         thread.join(WAIT_S)
-        assert out == [{"job": JOB, "state": "deleted", "resent": True}]
+        assert out == [{"job": JOB, "state": None, "gone": True}]
         thread, out = delete_in_thread(client)
         svc.fail(svc.request(WAIT_S), *not_found)
         thread.join(WAIT_S)

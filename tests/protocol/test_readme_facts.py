@@ -1,6 +1,6 @@
 """What protocol/README.md says about the service beyond the tables, checked against the real service:
 nil op/id in error replies, submit keys matched alone, the cancel reply's state, settings given as nil,
-and that the generated settings and limits tables cover every setting and every ``hello`` limit."""
+and that the limits table documents every ``hello`` limit."""
 
 from __future__ import annotations
 
@@ -19,14 +19,10 @@ WAIT_S = 20.0
 
 def test_limit_docs_cover_every_hello_limit():
     assert set(limits.LIMIT_DOCS) == set(limits.JobLimits().as_dict())
-    table = limits.limits_markdown()
-    assert all(f"| `{key}` |" in table for key in limits.LIMIT_DOCS)
 
 
-def test_settings_table_has_every_setting():
-    table = settings.settings_markdown()
-    assert all(f"| `{s.name}` ({s.label}) |" in table for s in settings.SETTINGS)
-    assert "| `width` (Width) | int | 16..4096 | 320 |" in table
+def test_settings_table_rows_read_as_the_readme_shows_them():
+    assert "| `width` (Width) | int | 16..4096 | 320 |" in settings.settings_markdown()
 
 
 class Conn:

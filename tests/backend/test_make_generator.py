@@ -131,6 +131,27 @@ def test_a_job_without_weights_fails_with_the_advice(tmp_path: Path, monkeypatch
     assert "no_such_folder" in message and "reconloop serve --weights anyrecon=FOLDER" in message, message
 
 
+def test_a_missing_package_is_named_with_what_to_install(monkeypatch) -> None:
+    """Without diffusers, loading anyrecon says what to install, not that its weights are bad."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_diffusers(name, *args, **kwargs):
+        if name == "diffusers" or name.startswith("diffusers."):
+            raise ModuleNotFoundError("No module named 'diffusers'", name="diffusers")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_diffusers)
+    with pytest.raises(ValueError) as err:
+        GeneratorCache({"anyrecon": GeneratorWeights("/no/such/folder")}).get(GeneratorConfig("anyrecon"), "cpu")
+    assert not isinstance(err.value, GeneratorWeightsError)
+    assert (
+        str(err.value)
+        == "generator 'anyrecon': needs diffusers, which is not installed here (pip install 'reconloop[gpu]')"
+    )
+
+
 def test_a_leading_tilde_is_expanded(monkeypatch, tmp_path: Path) -> None:
     """``~`` in a weights path or LoRA path (from serve's options, the environment or Python) is the home
     folder: zsh and sh leave ``--weights anyrecon=~/m`` as typed, and nothing expands the variables."""

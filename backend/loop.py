@@ -357,7 +357,8 @@ def run_loop(
                 memory = update_memory(memory, lifted, renders, frames.confidence, captures, cfg.update)
         track.finish(
             "generate",
-            f"segment {k + 1}/{len(segments)}: frames {seg.start + 1}-{seg.stop}, {len(picked)} captures "
+            f"segment {k + 1}/{len(segments)}: frames {step0.frame_numbers[seg.start]}-"
+            f"{step0.frame_numbers[seg.stop - 1]}, {len(picked)} captures "
             f"retrieved, {float(renders.mask.float().mean()):.0%} of pixels rendered, memory {len(memory)} points",
             names,
             share=PROGRESS_SHARES["generate"] / len(segments),

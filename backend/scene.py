@@ -41,14 +41,16 @@ from protocol.settings import SETTINGS, SettingError, check_settings
 SCENE_FORMAT_VERSION = 1
 SCENE_FILE = "scene.json"
 
-# COLMAP's names and parameter counts for the distortion models we accept on captures.
-DISTORTION_PARAMS = {
-    "NONE": 0,
-    "SIMPLE_RADIAL": 1,  # k
-    "RADIAL": 2,  # k1 k2
-    "OPENCV": 4,  # k1 k2 p1 p2
-    "FULL_OPENCV": 8,  # k1 k2 p1 p2 k3 k4 k5 k6
+# COLMAP's names and distortion coefficients (in its order) for the models we accept on captures; COLMAP's own
+# parameter lists start with the focal length and principal point, which are in K here.
+DISTORTION_COEFFS = {
+    "NONE": (),
+    "SIMPLE_RADIAL": ("k",),
+    "RADIAL": ("k1", "k2"),
+    "OPENCV": ("k1", "k2", "p1", "p2"),
+    "FULL_OPENCV": ("k1", "k2", "p1", "p2", "k3", "k4", "k5", "k6"),
 }
+DISTORTION_PARAMS = {model: len(coeffs) for model, coeffs in DISTORTION_COEFFS.items()}
 
 ROTATION_TOL = 1e-4  # |R^T R - I| and |det R - 1| allowed in a camera's rotation
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -338,7 +340,11 @@ def distortion_from_json(d: Any, path: str) -> Distortion:
         raise SceneError(f"{path}.model: unknown model {model!r}; known: {', '.join(DISTORTION_PARAMS)}")
     params = d.get("params", [])
     if not isinstance(params, list) or len(params) != DISTORTION_PARAMS[model]:
-        raise SceneError(f"{path}.params: {model} takes {DISTORTION_PARAMS[model]} numbers; got {params!r}")
+        coeffs = " ".join(DISTORTION_COEFFS[model]) or "none"
+        raise SceneError(
+            f"{path}.params: {model} takes {DISTORTION_PARAMS[model]} numbers ({coeffs}: the distortion coefficients "
+            f"alone, the focal length and principal point go in K); got {params!r}"
+        )
     values = []
     for i, v in enumerate(params):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

@@ -280,11 +280,18 @@ def check_address(text: str) -> str | None:
 
 
 def start_hint(endpoint: str) -> str:
-    """The command that starts a service answering at ``endpoint`` (run on the machine it names)."""
-    if endpoint.startswith("tcp://"):
-        port = endpoint.rsplit(":", 1)[-1]
-        return f"reconloop serve --bind tcp://0.0.0.0:{port}"
-    return f"reconloop serve --bind {endpoint}"
+    """The command that starts a service answering at ``endpoint`` (run on the machine it names): on a loopback
+    address as it is; on any other, bound to every interface with the CurveZMQ keys the service then needs."""
+    from protocol.curve import endpoint_is_local
+
+    if not endpoint.startswith("tcp://"):
+        return f"reconloop serve --bind {endpoint}"
+    port = endpoint.rsplit(":", 1)[-1]
+    if endpoint_is_local(endpoint):
+        return f"reconloop serve --bind tcp://127.0.0.1:{port}"
+    return (
+        f"reconloop serve --bind tcp://0.0.0.0:{port} --curve-secret keys/server.key_secret --allow-keys keys/clients"
+    )
 
 
 def preflight(endpoint: str, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> None:

@@ -1,4 +1,5 @@
-"""CurveZMQ key files for clients and servers: make a pair, load one, set up a client socket.
+"""CurveZMQ key files for clients and servers: make a pair, load one, set up a client socket; which endpoints
+need them.
 
 Pure pyzmq (``zmq.auth``), no torch, so the Blender add-on uses it too. Key files are ZeroMQ
 certificate files: ``NAME.key`` holds the public key (give it away), ``NAME.key_secret`` holds both
@@ -14,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import stat
@@ -29,6 +31,8 @@ PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
 SECRET_FILE_MODE = 0o600
 Z85_KEY_CHARS = 40
+LOCAL_TRANSPORTS = ("ipc", "inproc")
+LOOPBACK_NAMES = frozenset({"localhost"})
 
 
 class AuthError(ValueError):
@@ -109,3 +113,25 @@ def configure_client_socket(
     sock.curve_serverkey = load_public_key(server_key)
     sock.curve_publickey = public
     sock.curve_secretkey = secret
+
+
+def endpoint_is_local(endpoint: str) -> bool:
+    """Whether an endpoint is reachable only from this machine (loopback TCP, ipc, inproc): the service binds
+    one without keys, any other only with them (``backend.service.auth.check_bind``)."""
+    transport, sep, address = endpoint.partition("://")
+    if not sep:
+        raise AuthError(f"bind must be a ZeroMQ endpoint like tcp://127.0.0.1:5555; got {endpoint!r}")
+    if transport in LOCAL_TRANSPORTS:
+        return True
+    if transport != "tcp":
+        return False  # pgm, epgm, udp, ws, ...: treat as network
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    if ";" in host:  # tcp://source;destination: only the part after ';' is bound
+        host = host.split(";", 1)[1]
+    host = host.strip("[]")
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # '*', an interface name or a host name: may face the network

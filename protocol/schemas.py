@@ -185,7 +185,8 @@ CAMERA_FIELDS = (
             Field(
                 "params",
                 "list",
-                "the model's parameters",
+                "the distortion coefficients alone, in COLMAP's order (focal length and principal point are in K):"
+                " NONE none, SIMPLE_RADIAL k, RADIAL k1 k2, OPENCV k1 k2 p1 p2, FULL_OPENCV k1 k2 p1 p2 k3 k4 k5 k6",
                 items=Field("params[]", "float"),
                 max_len=MAX_DISTORTION_PARAMS,
             ),
@@ -287,7 +288,13 @@ OPS: dict[str, OpSchema] = {
                     items=Field("generators[]", "str", max_len=limits.MAX_NAME_BYTES),
                     max_len=limits.MAX_MAP_LEN,
                 ),
-                Field("device", "str", "compute device: 'cpu' or 'cuda:0'", max_len=limits.MAX_NAME_BYTES),
+                Field(
+                    "device",
+                    "str",
+                    "compute device, for people to read: 'cpu', 'cuda:0' or 'mps'; on a Ray pool"
+                    " 'ray: N workers, 1 GPU each' or 'ray: N workers, cpu' (docs/cluster.md)",
+                    max_len=limits.MAX_NAME_BYTES,
+                ),
                 Field(
                     "gpu",
                     "struct",
@@ -359,7 +366,9 @@ OPS: dict[str, OpSchema] = {
         ),
         OpSchema(
             "jobs",
-            "List the jobs in the store, oldest first.",
+            f"List your jobs in the store, oldest first: the newest {limits.MAX_JOBS_LISTED} at most. Older ones stay\n"
+            "in the store, answer `status` and `fetch` by id, and leave with `delete` or the service's `--keep-days`.\n"
+            "With keys the count is of your own jobs.",
             request=(),
             reply=(
                 Field(
@@ -603,9 +612,15 @@ def check_version(msg: dict) -> int:
     """The header's ``v``; raises ``unsupported_version`` unless this code speaks it."""
     v = msg.get("v")
     if isinstance(v, bool) or not isinstance(v, int) or v not in SUPPORTED_VERSIONS:
+        op = msg.get("op")
+        advice = (
+            "hello carries v too, any integer, beside the versions you speak"
+            if isinstance(op, str) and op == "hello"  # op may be anything that arrived: an array compares elementwise
+            else "send hello to negotiate"
+        )
         raise ProtocolError(
             errors.UNSUPPORTED_VERSION,
-            f"v must be one of {list(SUPPORTED_VERSIONS)}; got {_got(v)} (send hello to negotiate)",
+            f"v must be one of {list(SUPPORTED_VERSIONS)}; got {_got(v)} ({advice})",
             field="v",
         )
     return v

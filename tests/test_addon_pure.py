@@ -309,6 +309,24 @@ def test_check_address(text, problem):
     assert got is None if problem is None else problem in got
 
 
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:5555", "tcp://localhost:6000", "tcp://gpu-box.lan:6000"])
+def test_the_start_hint_is_a_command_the_service_accepts(endpoint, tmp_path):
+    """The hint after "no service at ...": a loopback bind for a loopback address, keys with any other. It used to
+    say `--bind tcp://0.0.0.0:PORT` for 127.0.0.1 too, which the service refuses without keys."""
+    import shlex
+
+    from backend.cli import build_parser
+    from backend.service.auth import check_bind
+    from blender_addon.connection import start_hint
+
+    argv = shlex.split(start_hint(endpoint))
+    assert argv[:2] == ["reconloop", "serve"]
+    args = build_parser().parse_args(argv[1:])
+    assert args.bind.rsplit(":", 1)[1] == endpoint.rsplit(":", 1)[1]
+    check_bind(args.bind, None if args.curve_secret is None else object())  # refuses a network bind without keys
+    assert (args.curve_secret is None) == ("gpu-box" not in endpoint)
+
+
 def test_preflight_unknown_host_and_no_service_fail_fast():
     import socket
     import time
@@ -320,7 +338,9 @@ def test_preflight_unknown_host_and_no_service_fail_fast():
     with pytest.raises(ReconLoopError, match="unknown host 'no-such-host.invalid'"):
         preflight("tcp://no-such-host.invalid:5555")
     port = free_loopback_port()
-    with pytest.raises(ReconLoopError, match=rf"reconloop serve --bind tcp://0\.0\.0\.0:{port}"):
+    with pytest.raises(
+        ReconLoopError, match=rf"Start it on 127\.0\.0\.1 with `reconloop serve --bind tcp://127\.0\.0\.1:{port}`"
+    ):
         preflight(f"tcp://127.0.0.1:{port}")
     assert time.monotonic() - t0 < 5.0
     with pytest.raises(ReconLoopError, match="not HTTP"):

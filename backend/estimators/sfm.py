@@ -13,12 +13,9 @@ section 3: OpenCV w2c; COLMAP's pixel centres are at i + 0.5 like ours, so K nee
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import shutil
-import signal
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +24,7 @@ from types import ModuleType
 import numpy as np
 
 from ..scene import DISTORTION_PARAMS, Camera, Distortion, image_size
+from ..signals import keeps_sigterm
 
 # COLMAP model name -> (indices of fx, fy, cx, cy in params, distortion model or None, its param slice)
 _MODELS = {
@@ -135,20 +133,10 @@ def _camera_from_colmap(image, camera) -> Camera:
 
 
 def import_pycolmap() -> ModuleType:
-    """pycolmap, imported without taking over SIGTERM.
-
-    pycolmap installs glog's failure signal handler on import, which prints a C++ stack trace on
-    SIGTERM, the normal way to stop the service. SIGTERM gets back what it had before the import:
-    in the main thread through ``signal``; in another thread (the service's job thread), where only
-    the default action can be restored, through libc.
-    """
-    previous = signal.getsignal(signal.SIGTERM)
-    import pycolmap  # heavy; only jobs with captures lacking cameras need it
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, previous)
-    elif previous == signal.SIG_DFL and os.name == "posix":
-        ctypes.CDLL(None).signal(signal.SIGTERM, ctypes.c_void_p(0))  # SIG_DFL
+    """pycolmap, imported without taking over SIGTERM (``backend.signals``): it installs glog's failure signal
+    handler on import, which prints a C++ stack trace on SIGTERM, the normal way to stop the service."""
+    with keeps_sigterm():
+        import pycolmap  # heavy; only jobs with captures lacking cameras need it
     return pycolmap
 
 

@@ -29,7 +29,6 @@ Example (server with one allowed client)::
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 from dataclasses import dataclass
@@ -39,7 +38,15 @@ from typing import Any
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from protocol.curve import PUBLIC_SUFFIX, AuthError, KeyPair, generate_keys, load_public_key, load_secret_pair
+from protocol.curve import (
+    PUBLIC_SUFFIX,
+    AuthError,
+    KeyPair,
+    endpoint_is_local,
+    generate_keys,
+    load_public_key,
+    load_secret_pair,
+)
 
 __all__ = [
     "LOCAL_OWNER",
@@ -57,8 +64,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LOCAL_OWNER = "local"  # the owner of every job when the service runs without keys
-LOCAL_TRANSPORTS = ("ipc", "inproc")
-LOOPBACK_NAMES = frozenset({"localhost"})
 ZAP_DOMAIN = "reconloop"
 
 
@@ -77,27 +82,6 @@ class AuthConfig:
 
 # ----------------------------------------------------------------------------------------------
 # Bind policy
-
-
-def endpoint_is_local(endpoint: str) -> bool:
-    """Whether a bind endpoint is reachable only from this machine (loopback TCP, ipc, inproc)."""
-    transport, sep, address = endpoint.partition("://")
-    if not sep:
-        raise AuthError(f"bind must be a ZeroMQ endpoint like tcp://127.0.0.1:5555; got {endpoint!r}")
-    if transport in LOCAL_TRANSPORTS:
-        return True
-    if transport != "tcp":
-        return False  # pgm, epgm, udp, ws, ...: treat as network
-    host = address.rsplit(":", 1)[0] if ":" in address else address
-    if ";" in host:  # tcp://source;destination: only the part after ';' is bound
-        host = host.split(";", 1)[1]
-    host = host.strip("[]")
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # '*', an interface name or a host name: may face the network
 
 
 def check_bind(endpoint: str, auth: AuthConfig | None) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 import zmq
 
+from ..signals import keeps_sigterm
 from .worker import Runner, Slot, Worker
 
 log = logging.getLogger(__name__)
@@ -202,13 +203,15 @@ class RayPool:
                 "log_to_driver": False,
                 "configure_logging": True,
             }
-            if address in (None, "local"):
+            if address in (None, "local"):  # a Ray of its own, even where another runs on this machine
                 kwargs["num_cpus"] = max(self.config.workers or 0, os.cpu_count() or 1)
+                kwargs["address"] = "local"
             else:
                 check_head_answers(address)
                 kwargs["address"] = address
             try:
-                ray.init(**kwargs, runtime_env=checkout_runtime_env())
+                with keeps_sigterm():  # Ray's own handler exits at once, its core worker's aborts (134)
+                    ray.init(**kwargs, runtime_env=checkout_runtime_env())
             except ConnectionError as err:  # Ray's text points at a `--address` flag reconloop does not have
                 if address in (None, "local"):  # Ray started here and failed: its own reason stands
                     raise

@@ -229,7 +229,8 @@ class Service:
                 self.pool = RayPool(self.context, self.config.ray, self.runner, self.config.device)
             self.slots: list[Slot] = self.pool.start()
             if self.config.ray is not None:
-                self.device = f"ray: {len(self.slots)} workers, {self.pool.device_kind()}"
+                count = len(self.slots)
+                self.device = f"ray: {count} worker{'s' if count != 1 else ''}, {self.pool.device_kind()}"
         except BaseException as err:
             self._startup_error = err
             self._release()  # a retry in this process finds the store unlocked and the port free
@@ -563,7 +564,7 @@ class Service:
 
     def _jobs(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:
         positions = self.queue.positions()
-        return {"jobs": [self._summary(r, positions) for r in self.store.listed() if may_access(r.owner, req.owner)]}
+        return {"jobs": [self._summary(r, positions) for r in self.store.listed(req.owner)]}
 
     def _summary(self, record: JobRecord, positions: dict[str, int]) -> dict[str, Any]:
         """A job's summary, with a waiting job's place in the queue (``queue_position``, 1 = next, and

@@ -38,6 +38,7 @@ from protocol.schemas import TERMINAL_STATES
 
 from ..fileio import sha256_file, write_atomic
 from ..scene import SCENE_FILE, Scene, SceneError, load_scene
+from .auth import may_access
 
 log = logging.getLogger(__name__)
 
@@ -471,9 +472,12 @@ class JobStore:
         if record.key and self.keys.get((record.owner, record.key)) == record.job:
             del self.keys[(record.owner, record.key)]
 
-    def listed(self) -> list[JobRecord]:
-        """Jobs oldest first, at most MAX_JOBS_LISTED (the newest)."""
-        jobs = sorted(self.jobs.values(), key=lambda r: r.created)
+    def listed(self, requester: str) -> list[JobRecord]:
+        """The jobs ``requester`` may see (``auth.may_access``), oldest first, at most MAX_JOBS_LISTED: the newest.
+
+        The owner comes first and the cap after, so another client's jobs never push one's own off the list.
+        """
+        jobs = sorted((r for r in self.jobs.values() if may_access(r.owner, requester)), key=lambda r: r.created)
         return jobs[-limits.MAX_JOBS_LISTED :]
 
     def artifact_path(self, record: JobRecord, name: str) -> Path:

@@ -26,6 +26,7 @@ from protocol.ply import gaussian_field_names
 
 W, H = 96, 72
 FRAMES = 12
+FRAME_NUMBERS = [10 + 5 * i for i in range(FRAMES)]  # Blender's frames 10-65 at a step of 5: not the indices
 ITERATIONS = 100
 POINT_FIELDS = ("x", "y", "z", "red", "green", "blue", "confidence", "source")
 STAGE_ORDER = ["cameras", "memory", "guide", "generate", "update", "fit", "outputs"]
@@ -42,7 +43,10 @@ def temple3(tmp_path_factory: pytest.TempPathFactory) -> Scene:
     orbit = default_trajectory([c.camera for c in scene.captures], FRAMES)
     settings = Settings(width=W, height=H, gaussian_iterations=ITERATIONS, segment_length=6, segment_overlap=2)
     return replace(
-        scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(orbit)], heldout=[], settings=settings
+        scene,
+        trajectory=[TrajectoryFrame(n, c) for n, c in zip(FRAME_NUMBERS, orbit, strict=True)],
+        heldout=[],
+        settings=settings,
     )
 
 
@@ -76,7 +80,7 @@ def test_outputs_are_valid(loop_run) -> None:
     assert g.count == result.metrics["gaussians"] > 0
 
     index = json.loads((out / "frames" / "cameras.json").read_text())["frames"]
-    assert [e["frame"] for e in index] == list(range(1, FRAMES + 1))
+    assert [e["frame"] for e in index] == FRAME_NUMBERS
     for e in index:
         assert Image.open(out / "frames" / e["image"]).size == (W, H)
         conf = np.asarray(Image.open(out / "frames" / e["confidence"]))
@@ -119,6 +123,8 @@ def test_progress_events_in_order_with_every_artifact(loop_run) -> None:
     on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert on_disk == set(announced)
     assert any(e.stage == "fit" and "step" in e.message for e in events), "the fit reports its steps"
+    segments = [e.message.split(",")[0] for e in events if e.stage == "generate" and e.message.startswith("segment")]
+    assert segments == ["segment 1/2: frames 10-35", "segment 2/2: frames 40-65"]  # Blender's numbers
 
 
 @pytest.mark.slow
@@ -195,16 +201,18 @@ def test_a_second_run_into_the_folder_replaces_the_first(
     small = replace(temple3.settings, width=64, height=48, gaussian_iterations=3, update_memory=False)
     first = run_loop(replace(temple3, settings=small), tmp_path, device="cpu")
     assert first.metrics["timing"]["stages"]["outputs"]["seconds"] >= slow_write
-    assert (tmp_path / "gaussians.ply").is_file() and (tmp_path / "frames" / f"frame_{FRAMES:04d}.png").is_file()
+    assert (tmp_path / "gaussians.ply").is_file() and (
+        tmp_path / "frames" / f"frame_{FRAME_NUMBERS[-1]:04d}.png"
+    ).is_file()
     (tmp_path / "notes.txt").write_text("the user's own file")
     (tmp_path / "frames" / "mine.png").write_bytes(b"not the loop's")
 
     again = replace(small, gaussian_iterations=0, segment_length=2, segment_overlap=16)
     run_loop(replace(temple3, trajectory=temple3.trajectory[:4], settings=again), tmp_path, device="cpu")
     index = json.loads((tmp_path / "frames" / "cameras.json").read_text())["frames"]
-    assert [e["frame"] for e in index] == [1, 2, 3, 4]
+    assert [e["frame"] for e in index] == FRAME_NUMBERS[:4]
     frames = sorted(p.name for p in (tmp_path / "frames").glob("*_*.png"))
-    assert frames == [f"{kind}_{i:04d}.png" for kind in ("confidence", "frame") for i in range(1, 5)]
+    assert frames == [f"{kind}_{i:04d}.png" for kind in ("confidence", "frame") for i in FRAME_NUMBERS[:4]]
     assert not (tmp_path / "gaussians.ply").exists()
     assert (tmp_path / "notes.txt").is_file() and (tmp_path / "frames" / "mine.png").is_file()
     metrics = json.loads((tmp_path / "metrics.json").read_text())

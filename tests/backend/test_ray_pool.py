@@ -21,11 +21,12 @@ from backend.fileio import sha256_file
 from backend.progress import no_progress
 from backend.service import probe
 from backend.service.fairqueue import FairQueue
+from backend.service.spawn import free_port, wait_answering
 from backend.service.store import ARTIFACTS_DIR, write_scene_message
 from protocol import errors, limits
 from protocol.client import Client
 from protocol.errors import ProtocolError
-from tests.backend._reliability import TIMEOUT_MS, probe_scene, start_service, stop_service, wait_state
+from tests.backend._reliability import TIMEOUT_MS, probe_scene, spawn_serve, start_service, stop_service, wait_state
 
 pytestmark = pytest.mark.xdist_group("ray")
 
@@ -39,6 +40,7 @@ from backend.service.ray_pool import RayConfig, checkout_runtime_env  # noqa: E4
 WORKERS = 2
 CANCEL_BOUND_S = 2.0
 DEATH_BOUND_S = 10.0
+RAY_START_S = 120.0  # a Ray of its own in a subprocess: about 10 s on 2 idle cores
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +189,30 @@ def test_front_end_restart_keeps_finished_jobs_and_marks_running_ones_interrupte
             assert wait_state(c, waiting)["state"] == "done"  # queued before the restart: runs after it
     finally:
         stop_service(svc, thread)
+
+
+def test_sigterm_stops_a_ray_service_as_it_stops_one_without_ray(tmp_path):
+    """SIGTERM (systemd, docker stop) to `serve --ray local` mid-job: the service stops between steps, marks the
+    job interrupted and exits 0. ``ray.init`` used to take SIGTERM over: the process aborted (-6, glog's stack
+    trace), left the job "running" and Ray's agents behind."""
+    data_dir = tmp_path / "jobs"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = spawn_serve(data_dir, endpoint, "--ray", "local", "--workers", "1")
+    try:
+        wait_answering(endpoint, RAY_START_S, proc=proc)
+        with Client(endpoint, timeout_ms=TIMEOUT_MS) as c:
+            assert c.hello()["device"] == "ray: 1 worker, cpu"
+            job = c.submit(probe_scene("steps=2 delay_ms=60000"))  # one step sleeps a minute
+            wait_state(c, job, ("running",))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(RAY_START_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = (tmp_path / f"serve-{endpoint.rsplit(':', 1)[1]}.log").read_text()
+    assert "stopped by SIGTERM" in log and "SIGTERM received" not in log, log
+    assert journal(data_dir, job)[-1]["state"] == "interrupted"
 
 
 def test_fair_queue_is_fifo_per_client_and_takes_turns():

@@ -145,7 +145,8 @@ def edit(data: dict, dotted: str, value) -> dict:
         (
             "captures.1.camera.distortion",
             {"model": "RADIAL", "params": [0.1]},
-            r"^captures\[1\]\.camera\.distortion\.params: RADIAL takes 2",
+            r"^captures\[1\]\.camera\.distortion\.params: RADIAL takes 2 numbers \(k1 k2: the distortion "
+            r"coefficients alone, the focal length and principal point go in K\)",
         ),
         (
             "trajectory.0.camera.distortion",

@@ -466,6 +466,18 @@ def test_only_ended_jobs_older_than_the_age_expire_and_only_ended_jobs_are_delet
         Service(ServiceConfig(data_dir=tmp_path / "other", keep_days=0))
 
 
+def test_a_clients_list_is_capped_among_its_own_jobs_not_everyones(tmp_path, monkeypatch):
+    """jobs: the newest MAX_JOBS_LISTED of the asking client's jobs. Another client's many jobs used to push
+    one's own off the list (the cap was taken over every client's jobs, the owner filter after it)."""
+    monkeypatch.setattr(limits, "MAX_JOBS_LISTED", 3)
+    store = JobStore(tmp_path / "jobs")
+    alice = store.create({"scene": scene_msg(), "key": None}, owner="alice")
+    bobs = [store.create({"scene": scene_msg(), "key": None}, owner="bob") for _ in range(4)]
+    assert store.listed("alice") == [alice]
+    assert store.listed("bob") == bobs[1:]  # the newest 3, oldest first
+    assert store.listed("carol") == []
+
+
 def test_a_client_deletes_an_ended_job_and_only_an_ended_one(tmp_path):
     """delete: an ended job's folder, listing and submit key go; a running or queued job is refused, naming the
     field and what to do; a second delete, and any later request for it, get not_found."""

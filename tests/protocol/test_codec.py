@@ -181,6 +181,15 @@ def test_bad_frames_get_codes(frames, code):
     assert code_of(frames) == code
 
 
+def test_a_missing_v_says_what_to_send_and_does_not_tell_a_hello_to_send_hello():
+    from protocol.schemas import check_version
+
+    with pytest.raises(ProtocolError, match=r"got None \(send hello to negotiate\)"):
+        check_version({"op": "jobs", "id": 1})
+    with pytest.raises(ProtocolError, match=r"got None \(hello carries v too, any integer, beside the versions"):
+        check_version({"op": "hello", "id": 1, "versions": [1]})
+
+
 def test_unpack_limits_and_depth():
     deep: object = 1
     for _ in range(limits.MAX_DEPTH + 2):

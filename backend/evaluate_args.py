@@ -35,6 +35,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def existing_dir(text: str) -> Path:
+    """An argparse ``type`` for a folder that exists (a scene or data folder a script reads)."""
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no folder {path}" if not path.exists() else f"{path} is not a folder")
+    return path
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``reconloop eval`` to a (sub)parser."""
     parser.add_argument(

@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 
 import bpy  # noqa: E402
 
+from backend.evaluate_args import positive_int  # noqa: E402
 from blender_addon import importers  # noqa: E402
 from protocol.ply import (  # noqa: E402
     GaussianArrays,
@@ -76,9 +77,9 @@ def time_one(path: Path, reader, importer, name: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--count", type=int, default=1_000_000)
-    ap.add_argument("--runs", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--count", type=positive_int, default=1_000_000)
+    ap.add_argument("--runs", type=positive_int, default=3)
     args = ap.parse_args(argv)
     rng = np.random.default_rng(SEED)
     with tempfile.TemporaryDirectory() as tmp:

@@ -227,7 +227,7 @@ def overhead(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
     p = sub.add_parser("throughput", help="CPU: jobs per minute with 1 and 2 workers")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="pool sizes; 0: the service without Ray")

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_loop import add_ssim_conv, bench_scene, ssim_on_convolutions, warm_up  # noqa: E402
 
-from backend.evaluate_args import size_wxh  # noqa: E402
+from backend.evaluate_args import existing_dir, size_wxh  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
 from backend.scene import Settings  # noqa: E402
 from backend.stages.cameras import prepare_captures  # noqa: E402
@@ -128,7 +128,7 @@ def profile_sets(
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "middlebury_temple")
+    ap.add_argument("--data", type=existing_dir, default=REPO.parent / "shared" / "data" / "middlebury_temple")
     ap.add_argument(
         "--size",
         type=size_wxh,

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_loop_quality import SCENES, load_bench_scene  # noqa: E402
+from bench_loop_quality import SCENES, bench_scene_names, load_bench_scene  # noqa: E402
 
 from backend.loop import LoopConfig  # noqa: E402
 from backend.stages.cameras import load_views  # noqa: E402
@@ -80,7 +80,7 @@ def timed(fn, device: torch.device) -> tuple[float, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--scenes", default="temple,fern,door", help="bench scenes whose memories to search ('' none)")
     p.add_argument("--random", default="20000,65000", help="sizes of uniform random point sets ('' none)")
@@ -90,15 +90,22 @@ def main(argv: list[str] | None = None) -> int:
         "--max-exhaustive", type=int, default=70_000, help="on the CPU, skip the exhaustive search above this size"
     )
     args = p.parse_args(argv)
+    names = bench_scene_names(p, args.data, args.scenes, allow_none=True)
+    try:
+        sizes = [int(n) for n in args.random.split(",") if n.strip()]
+    except ValueError:
+        p.error(f"--random: comma-separated point counts; got {args.random!r}")
+    if any(n < 1 for n in sizes):
+        p.error(f"--random: point counts must be at least 1; got {args.random!r}")
     device = torch.device(args.device)
     k = FitConfig().knn
     sets: list[tuple[str, torch.Tensor]] = []
     with tempfile.TemporaryDirectory(prefix="reconloop-knn-") as work:
-        for name in filter(None, (s.strip() for s in args.scenes.split(","))):
+        for name in names:
             sets.append((f"{name} memory", scene_points(args.data, name, Path(work) / name)))
     gen = torch.Generator().manual_seed(0)
-    for n in filter(None, (s.strip() for s in args.random.split(","))):
-        sets.append((f"uniform {int(n)}", torch.rand(int(n), 3, generator=gen)))
+    for n in sizes:
+        sets.append((f"uniform {n}", torch.rand(n, 3, generator=gen)))
     print(f"device {device}, k {k}, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     print("| points | N | k-d tree (s) | exhaustive (s) | speedup | max relative error: k-d tree / exhaustive |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_loop_quality import SCENES, load_bench_scene  # noqa: E402
+from bench_loop_quality import SCENES, bench_scene_names, load_bench_scene  # noqa: E402
 
 from backend.evaluate_args import size_wxh  # noqa: E402
 from backend.generators.refine import LeaveOut, RefineConfig, leave_out_subsets  # noqa: E402
@@ -140,10 +140,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None, help="folder for leave_out_fits.json")
     args = ap.parse_args()
-    names = [s for s in args.scenes.split(",") if s]
-    unknown = [s for s in names if s not in SCENES]
-    if unknown or not names:
-        ap.error(f"--scenes: unknown {unknown or 'none given'}; choose from {', '.join(SCENES)}")
+    names = bench_scene_names(ap, args.data, args.scenes)
     if args.repeats < 1 or args.iterations < 0 or args.fit_iterations < 1 or args.profile < 0:
         ap.error(
             "--repeats and --fit-iterations must be >= 1, --iterations and --profile >= 0; got "

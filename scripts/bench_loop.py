@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
 from backend import ssim_kernels  # noqa: E402
 from backend.camera_paths import order_around, path_through  # noqa: E402
 from backend.evaluate import split_protocol  # noqa: E402
-from backend.evaluate_args import size_wxh  # noqa: E402
+from backend.evaluate_args import existing_dir, size_wxh  # noqa: E402
 from backend.formats import import_scene  # noqa: E402
 from backend.loop import LoopConfig, run_loop  # noqa: E402
 from backend.scene import Camera, Scene, Settings, TrajectoryFrame, save_scene  # noqa: E402
@@ -120,8 +120,8 @@ def ssim_on_convolutions() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "middlebury_temple")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=existing_dir, default=REPO.parent / "shared" / "data" / "middlebury_temple")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--frames", type=int, default=120)
     ap.add_argument(

@@ -247,13 +247,32 @@ def add_scene_seed_args(p: argparse.ArgumentParser, work: Path) -> None:
     p.add_argument("--out", type=Path, default=None, help="write the reports here as JSON")
 
 
+def bench_scene_names(
+    p: argparse.ArgumentParser, data: Path, text: str, option: str = "--scenes", *, allow_none: bool = False
+) -> list[str]:
+    """The bench scenes of a comma-separated option, each checked before any work: an unknown name, a missing
+    ``--data`` folder or a scene's folder missing from it is the parser's error, naming the option."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCENES]
+    if unknown or not (names or allow_none):
+        p.error(f"{option}: unknown scene(s) {unknown or 'none given'}; known: {', '.join(sorted(SCENES))}")
+    if names and not data.is_dir():
+        p.error(f"--data: no folder {data}; point it at the shared scenes (../shared/data beside the clone)")
+    folders = {n: SCENES[n][0] for n in names}
+    missing = [
+        f"{n} ({f})"
+        for n, f in folders.items()
+        if not (data / f).is_dir() and not (data / f"{f}{IMPORTED_SUFFIX}").is_dir()
+    ]
+    if missing:
+        p.error(f"--data: {data} has no folder for scene(s) {', '.join(missing)}")
+    return names
+
+
 def scene_seeds(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str, tuple[int, int], int]]:
     """(scene, working size, seed) for every scene and seed of :func:`add_scene_seed_args`' options, in
-    order; an unknown scene is the parser's error, naming the known ones."""
-    names = args.scenes.split(",")
-    unknown = [n for n in names if n not in SCENES]
-    if unknown:
-        p.error(f"--scenes: unknown scene(s) {unknown}; known: {', '.join(sorted(SCENES))}")
+    order; an unknown or missing scene is the parser's error (:func:`bench_scene_names`)."""
+    names = bench_scene_names(p, args.data, args.scenes)
     seeds = [int(s) for s in args.seeds.split(",")]
     return [(name, args.size or SCENES[name][3], seed) for name in names for seed in seeds]
 
@@ -561,7 +580,7 @@ def write_report(results: dict, out: Path | None, quiet: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="folder holding the scenes")
     p.add_argument("--scenes", default="temple,fern", help="comma-separated: " + ", ".join(SCENES))
     p.add_argument(
@@ -632,9 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         "iterations": args.iterations,
         "scenes": {},
     }
-    for name in (s.strip() for s in args.scenes.split(",")):
-        if name not in SCENES:
-            p.error(f"--scenes: unknown scene {name!r}; choose from {', '.join(SCENES)}")
+    for name in bench_scene_names(p, args.data, args.scenes):
         size = args.size or SCENES[name][3]
         with tempfile.TemporaryDirectory(prefix="reconloop-quality-") as work:
             scene = load_bench_scene(args.data, name, Path(work) / "scene")

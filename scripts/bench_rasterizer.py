@@ -2,7 +2,8 @@
 
 The Gaussians are ``backend.budget.probe_scene``'s: on a surface in front of the cameras, as a stereo
 memory (a depth map lifted to 3D), with scales of the point spacing as ``init_gaussians`` gives them. Each case renders C
-cameras of W x H and back-propagates an L1 loss; the figure is N x W x H x C / seconds.
+cameras of W x H and back-propagates the budget probe's loss (a fixed weighted sum of the image,
+``backend.budget.probe_loss_weights``: a dense gradient, as a fit's); the figure is N x W x H x C / seconds.
 
 ``--kernels`` times the current rasterizer with each compositing kernel (numba's rows, torch's pairs);
 ``--against REV`` also times the rasterizer of a git revision (its ``torch_cpu.py`` loaded from ``git
@@ -20,6 +21,7 @@ import importlib.util
 import json
 import math
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -82,20 +84,21 @@ def load_revision(rev: str):
     source = subprocess.run(
         ["git", "show", f"{rev}:backend/rasterizers/torch_cpu.py"], cwd=ROOT, check=True, capture_output=True, text=True
     ).stdout
-    source = source.replace("from . import RASTERIZERS, cpu_kernel\n", "from backend.rasterizers import cpu_kernel\n")
-    source = source.replace("from . import RASTERIZERS\n", "")
-    source = source.replace('@RASTERIZERS.register("torch_cpu")\n', "")
-    source = source.replace("from .sh import", "from backend.rasterizers.sh import")
-    path = Path(tempfile.mkdtemp()) / "torch_cpu_rev.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("torch_cpu_rev", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # the package's relative imports made absolute; the class not registered a second time
+    source = re.sub(r"^from \.( import|\w)", r"from backend.rasterizers\1", source, flags=re.M)
+    source = re.sub(r"^from backend\.rasterizers(\w)", r"from backend.rasterizers.\1", source, flags=re.M)
+    source = re.sub(r"^@RASTERIZERS\.register\(.*\)\n", "", source, flags=re.M)
+    with tempfile.TemporaryDirectory(prefix="bench-rasterizer-") as folder:
+        path = Path(folder) / "torch_cpu_rev.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("torch_cpu_rev", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module.TorchCpuRasterizer
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per case (best is kept)")
     parser.add_argument(

@@ -58,7 +58,9 @@ def main() -> int:
     )
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--tolerance", type=float, default=1e-4, help="largest difference allowed (map; gradient / max)")
-    ap.add_argument("--out", type=Path, default=None, help="folder for ssim.json")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="folder for ssim_<device>.json (ssim_cuda.json, ssim_cpu.json)"
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     kernels = ssim_kernels.kernels_for(torch.zeros(1, device=device))
@@ -70,7 +72,7 @@ def main() -> int:
         batches = [
             (int(b.split("x", 1)[0]), *size_wxh(b.split("x", 1)[1])) for b in (args.batches or default).split(",")
         ]
-    except ValueError as err:
+    except (ValueError, argparse.ArgumentTypeError) as err:
         ap.error(f"--batches: FRAMESxWxH,...; {err}")
     chooser = ssim_kernels.kernels_for
     rows, ok = [], True

@@ -25,7 +25,7 @@ from tests.blender._splat_compare import cycles_render, service_render  # noqa: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("scene", type=Path, help="scene folder (its captures' cameras are the views)")
     ap.add_argument("results", type=Path, help="a job's output folder (gaussians.ply found below it)")
     ap.add_argument("--size", type=size_wxh, default="96x72", metavar="WxH")
@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", default="CYCLES", help="Blender's render engine (CYCLES, BLENDER_EEVEE)")
     args = ap.parse_args(argv)
     W, H = args.size
-    ply = next(args.results.rglob("gaussians.ply"))
+    ply = next(args.results.rglob("gaussians.ply"), None)
+    if ply is None:
+        ap.error(f"results: no gaussians.ply in {args.results} or below it; give a job's output folder")
     g = read_gaussians_ply(ply)
     scene = load_scene(args.scene)
     scores = []

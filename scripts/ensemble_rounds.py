@@ -120,7 +120,7 @@ def summary_line(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_scene_seed_args(p, Path("/tmp/ensemble_rounds"))
     p.add_argument("--members", type=int, default=3, help="sets per ensemble (the guide's and each round's)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of the loop")

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_loop_quality import SCENES, load_bench_scene  # noqa: E402
+from bench_loop_quality import SCENES, bench_scene_names, load_bench_scene  # noqa: E402
 
 from backend.evaluate import EvalConfig, LoopStart, evaluate_scene, split_protocol  # noqa: E402
 from backend.evaluate_args import size_wxh  # noqa: E402
@@ -147,7 +147,7 @@ def dense_captures(full: Scene, split: Scene) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--scene", default="fern", choices=sorted(SCENES))
     p.add_argument(
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    bench_scene_names(p, args.data, args.scene, "--scene")
     W, H = args.size or SCENES[args.scene][3]
     with tempfile.TemporaryDirectory(prefix="reconloop-ceiling-") as work:
         full = load_bench_scene(args.data, args.scene, Path(work) / "scene", split=False)

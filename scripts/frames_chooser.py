@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_loop_quality import SCENES, load_bench_scene  # noqa: E402
+from bench_loop_quality import SCENES, bench_scene_names, load_bench_scene  # noqa: E402
 
 from backend.evaluate import ORACLE_BLOCK_PX, EvalConfig, evaluate_scene  # noqa: E402
 from backend.evaluate_args import size_wxh  # noqa: E402
@@ -83,7 +83,7 @@ def chooser_table(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--scene", default="temple", choices=sorted(SCENES))
     p.add_argument("--size", type=size_wxh, default="256x192", metavar="WxH", help="working size")
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--members", type=int, default=None, help="the guide's sets (default: the device's)")
     args = p.parse_args(argv)
+    bench_scene_names(p, args.data, args.scene, "--scene")
     W, H = args.size
     with tempfile.TemporaryDirectory(prefix="reconloop-chooser-") as work:
         scene = load_bench_scene(args.data, args.scene, Path(work) / "scene")

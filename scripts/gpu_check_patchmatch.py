@@ -90,7 +90,7 @@ def llff_coverage(scene_dir: Path, angles: list[float], device: str) -> list[dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scene", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared/data/lund_door")
     ap.add_argument("--sides", type=int, nargs="+", default=[640, 1024])
     ap.add_argument("--views", type=int, nargs="+", default=[3, 5])

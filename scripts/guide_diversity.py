@@ -140,7 +140,7 @@ def run_scene(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_scene_seed_args(p, Path("/tmp/guide_diversity"))
     p.add_argument("--members", type=int, default=3)
     p.add_argument("--variants", default="default", help="comma-separated: " + ", ".join(KINDS) + " (with a share)")

@@ -72,7 +72,7 @@ def run_scene(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_scene_seed_args(p, Path("/tmp/guide_union"))
     p.add_argument("--members", type=int, default=3)
     args = p.parse_args(argv)

@@ -63,7 +63,7 @@ class DemoArgs:
 
 
 def parse_args(argv: list[str] | None = None) -> DemoArgs:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="scene folder to write")
     ap.add_argument("--captures", type=int, default=DemoArgs.captures, help="capture cameras on a ring")
     ap.add_argument("--frames", type=int, default=DemoArgs.frames, help="frames of the orbit trajectory")

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.estimators.mvs import MVSConfig, estimate_depths  # noqa: E402
+from backend.evaluate_args import existing_dir, positive_int  # noqa: E402
 from backend.formats.colmap import read_colmap, read_colmap_points  # noqa: E402
 from backend.formats.undistort import undistort_image  # noqa: E402
 from backend.types import (  # noqa: E402
@@ -85,11 +86,13 @@ def evaluate(scene: Path, side: int, views: int, planes: int, device: str) -> di
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--scene", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared/data/lund_door")
-    ap.add_argument("--sides", type=int, nargs="+", default=[320, 640])
-    ap.add_argument("--views", type=int, nargs="+", default=[3, 4])
-    ap.add_argument("--planes", type=int, default=MVSConfig.num_planes)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--scene", type=existing_dir, default=Path(__file__).resolve().parents[1].parent / "shared/data/lund_door"
+    )
+    ap.add_argument("--sides", type=positive_int, nargs="+", default=[320, 640])
+    ap.add_argument("--views", type=positive_int, nargs="+", default=[3, 4])
+    ap.add_argument("--planes", type=positive_int, default=MVSConfig.num_planes)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -517,6 +518,25 @@ def test_bench_quality_refuses_a_folder_for_out(tmp_path) -> None:
     assert "--budget: a time budget in minutes above 0; got 0.0" in err.getvalue()
 
 
+def test_bench_scripts_check_their_scenes_before_any_work(tmp_path, shared_data: Path) -> None:
+    """An unknown scene, a missing --data folder or a scene missing from it is one line naming the option, for
+    every script that takes bench scenes (they shared a traceback naming an internal ``src`` field)."""
+    quality, knn = bench_quality(), script_module("bench_knn")
+    cases = [
+        (quality.main, ["--scenes", "templ"], "--scenes: unknown scene(s) ['templ']; known: dino-ring"),
+        (quality.main, ["--data", str(tmp_path / "none")], f"--data: no folder {tmp_path / 'none'}"),
+        (quality.main, ["--data", str(tmp_path), "--scenes", "fern"], "has no folder for scene(s) fern (llff_fern)"),
+        (knn.main, ["--scenes", "", "--random", "abc"], "--random: comma-separated point counts; got 'abc'"),
+        (knn.main, ["--scenes", "bogus", "--random", ""], "--scenes: unknown scene(s) ['bogus']"),
+    ]
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+            main(argv)
+        assert message in err.getvalue(), (argv, err.getvalue())
+    parser = argparse.ArgumentParser()
+    assert quality.bench_scene_names(parser, shared_data, "temple, fern") == ["temple", "fern"]
+
+
 def test_every_bench_variant_builds_its_configs() -> None:
     """Each row of scripts/bench_loop_quality.py makes its loop, fit, reproject or refiner config, so a
     removed or renamed setting fails here and not in a GPU call; a misspelt override is named."""
@@ -558,8 +578,9 @@ def test_bench_loop_fit_set_types_values_and_names_a_bad_field(tmp_path: Path) -
     with pytest.raises(SystemExit, match="--guide-set member: not a bool, int, float or str field of GuideConfig"):
         bench_loop.config_overrides(["member=5"], guide, "--guide-set")
     # a value of the right type that the config refuses stops the run with the config's reason, before any work
-    # (the scene folder is not there: reading it first would fail with another message)
-    args = ["--data", str(tmp_path / "no_scene"), "--out", str(tmp_path), "--device", "cpu", "--frames", "4"]
+    # (the scene folder is empty: reading it first would fail with another message)
+    (tmp_path / "empty").mkdir()
+    args = ["--data", str(tmp_path / "empty"), "--out", str(tmp_path), "--device", "cpu", "--frames", "4"]
     with pytest.raises(SystemExit, match=r"--guide-set: GuideConfig.member_points .* in \(0, 1\]; got 2.0"):
         bench_loop.main([*args, "--guide-set", "member_points=2"])
 

@@ -429,6 +429,8 @@ def test_bench_rasterizer_runs_tiny(tmp_path):
             assert case[kernel]["seconds"] > 0 and case[kernel]["gaussian_pixels_per_s"] > 0
         assert case["max_image_diff"] < 1e-5 and case["max_grad_rel_diff"] < 1e-4 and case["speedup"] > 0
     scene = bench.probe_scene(300, 32, 24, 1)
+    committed = bench.load_revision("HEAD")  # --against REV: the package's imports of a revision made absolute
+    assert torch.equal(bench.step(committed(), scene)[2], bench.step(TorchCpuRasterizer(), scene)[2])
     _, _, img, grads = bench.step(TorchCpuRasterizer(), scene)
     assert img.shape == (1, 24, 32, 3) and img.abs().sum() > 0
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

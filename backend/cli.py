@@ -7,6 +7,7 @@ answers at once.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -32,6 +33,7 @@ PERCENT = 100
 EXIT_BAD_INPUT = 2
 EXIT_JOB_FAILED = 1
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, a shell tool's status when its reader goes
 
 log = logging.getLogger("reconloop")
 
@@ -61,7 +63,9 @@ examples:
 
 
 class ProgressBar:
-    """A tqdm bar driven by ProgressEvents (fraction 0..1; the stage and message as its text)."""
+    """A tqdm bar driven by ProgressEvents (fraction 0..1; the stage and message as its text). The bar shows the
+    start of the latest message; each stage's last message is written whole above it when the next stage begins
+    (what the time budget chose, cameras SfM could not place)."""
 
     def __init__(self, desc: str) -> None:
         from tqdm import tqdm
@@ -69,18 +73,40 @@ class ProgressBar:
         self.bar = tqdm(
             total=PERCENT, desc=desc, unit="%", bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} {postfix}"
         )
+        self.stage, self.message = desc, ""
 
     def update(self, stage: str, fraction: float, message: str = "") -> None:
+        if stage != self.stage:
+            self._write_stage()
+        self.stage, self.message = stage, message
         self.bar.n = round(fraction * PERCENT, 1)
         self.bar.set_description_str(stage, refresh=False)
         self.bar.set_postfix_str(message[:60], refresh=False)
         self.bar.refresh()
 
+    def _write_stage(self) -> None:
+        if self.message:
+            self.bar.write(f"{self.stage}: {self.message}", file=sys.stderr)  # beside the bar, not in stdout
+            self.message = ""
+
     def __call__(self, event: Any) -> None:  # a ProgressFn
         self.update(event.stage, event.fraction, event.message)
 
     def close(self) -> None:
+        self._write_stage()
         self.bar.close()
+
+
+def print_notes(out: Path) -> None:
+    """The job's notes (``metrics.json``: what the loop fell back to and why) under its results."""
+    from .outputs import METRICS_FILE
+
+    try:
+        notes = json.loads((out / METRICS_FILE).read_text()).get("notes", [])
+    except (OSError, ValueError):
+        return
+    for note in notes:
+        print(f"note: {note}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,28 +253,28 @@ def positive_days(text: str) -> float:
     return days
 
 
-def budget_minutes(text: str) -> float:
-    """argparse type of ``--budget``: minutes, a finite number within the range of the job setting it
-    becomes (``time_budget_min`` in protocol.settings), so that a bad value is named here and not as a
-    traceback (inf) or a setting's error later (5000)."""
+def budget_minutes(text: str) -> int:
+    """argparse type of ``--budget``: whole minutes within the range of the job setting it becomes
+    (``time_budget_min`` in protocol.settings, an int), so that a bad value is named here and not as a setting's
+    error later (5000), and a fraction is not rounded away (0.4 became 0: no budget at all)."""
     from protocol.settings import BY_NAME
 
     lo, hi = BY_NAME["time_budget_min"].range
     try:
-        minutes = float(text)
+        minutes = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of minutes in [{lo}, {hi}]; got {text!r}") from None
-    if not lo <= minutes <= hi:  # nan and inf fail it too
-        raise argparse.ArgumentTypeError(f"must be a number of minutes in [{lo}, {hi}]; got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a whole number of minutes in [{lo}, {hi}]; got {text!r}") from None
+    if not lo <= minutes <= hi:
+        raise argparse.ArgumentTypeError(f"must be a whole number of minutes in [{lo}, {hi}]; got {text!r}")
     return minutes
 
 
-def budget_for(option: float | None, device: str) -> int:
+def budget_for(option: int | None, device: str) -> int:
     """Minutes of the ``--budget`` option, or the device's default (backend.budget); 0: none."""
     from .devices import default_budget_min
 
     minutes = option if option is not None else default_budget_min(device)
-    return max(0, round(minutes or 0))
+    return max(0, int(minutes or 0))
 
 
 def with_budget(scene: Scene, budget_min: int) -> Scene:
@@ -297,25 +323,35 @@ def _run_loop(
     check_out_folder(out)
     scene = scene_dir if isinstance(scene_dir, Scene) else load_scene(scene_dir)
     from .devices import pick_device
-    from .generators import GeneratorCache, GeneratorConfig
-    from .loop import run_loop
+    from .generators import GeneratorCache
+    from .loop import LoopConfig, run_loop
+    from .outputs import JOB_FILES
 
     device = pick_device(device)
     scene = with_budget(scene, budget_for(budget, device))
-    generator = None
-    if refiner_out is not None:
-        generator = GeneratorCache().get(GeneratorConfig.from_settings(scene.settings), device)
-        if not hasattr(generator, "save"):
-            raise SystemExit(
-                f"--refiner-out: generator {scene.settings.generator!r} trains no weights to save; "
-                "set the scene's generator to 'refine'"
-            )
+    config = LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
+    generator = GeneratorCache().get(config.generator, device)  # missing weights: said before any work
+    if refiner_out is not None and not hasattr(generator, "save"):
+        raise SystemExit(
+            f"--refiner-out: generator {scene.settings.generator!r} trains no weights to save; "
+            "set the scene's generator to 'refine'"
+        )
+    if any((out / name).is_file() for name in JOB_FILES):
+        print(f"{out} holds an earlier run's results: this run replaces them (other files there stay)")
     out.mkdir(parents=True, exist_ok=True)
     bar = ProgressBar("loop")
     try:
-        run_loop(scene, out, device=device, progress=bar, generator=generator)
+        run_loop(scene, out, device=device, progress=bar, config=config, generator=generator)
+    except KeyboardInterrupt:
+        bar.close()
+        print(
+            f"interrupted: {out} holds what was written before, an unfinished job; run again to redo it",
+            file=sys.stderr,
+        )
+        raise
     finally:
         bar.close()
+    print_notes(out)
     if generator is not None:
         generator.save(refiner_out)
         print(f"refiner weights written to {refiner_out}")
@@ -381,10 +417,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from .scene import load_scene
-    from .service.store import check_artifact_name, scene_message
+    from .service.store import scene_message
 
     check_out_folder(args.out)  # before the job runs: its results would have nowhere to go
     scene = load_scene(args.scene, registered=False)  # the service checks the generator against its own registry
+    print(f"connecting to {args.server} ...", file=sys.stderr, flush=True)
     with service_client(args) as client:
         info = client.hello()
         log.info("server %s on %s, device %s", info["server"], args.server, info["device"])
@@ -392,11 +429,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"job {job} submitted to {args.server}")
         client.watch(job, since=0)
         bar = ProgressBar("queued")
-        state, message = "queued", ""
         try:
             for event in client.events(job):
                 bar.update(event["stage"], event["fraction"], event["message"])
-                state, message = event["state"], event["message"]
         except KeyboardInterrupt:
             bar.close()
             client.cancel(job)
@@ -404,13 +439,35 @@ def cmd_submit(args: argparse.Namespace) -> int:
             return EXIT_INTERRUPTED
         finally:
             bar.close()
-        artifacts = client.status(job)["artifacts"]
-        args.out.mkdir(parents=True, exist_ok=True)
-        for entry in artifacts:
-            name = check_artifact_name(entry["name"])
-            client.fetch_to(job, name, args.out / name)
-        print(f"job {job}: {state} ({message}); {len(artifacts)} artifacts in {args.out}, sha256 verified")
-    return 0 if state == "done" else EXIT_JOB_FAILED
+        return fetch_results(client, job, args.out)
+
+
+def fetch_results(client: Any, job: str, out: Path) -> int:
+    """Download every artifact of ``job`` into ``out`` (sha256 checked), print the job's notes and how it ended;
+    the exit status: 0 for a done job, 1 for one that failed or was cancelled (what it finished still comes)."""
+    from .service.store import check_artifact_name
+
+    status = client.status(job)
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in status["artifacts"]:
+        name = check_artifact_name(entry["name"])
+        client.fetch_to(job, name, out / name)
+    print_notes(out)
+    count = len(status["artifacts"])
+    print(f"job {job}: {status['state']} ({status['message']}); {count} artifacts in {out}, sha256 verified")
+    return 0 if status["state"] == "done" else EXIT_JOB_FAILED
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Download a job's results: one submitted from elsewhere, or whose ``submit`` was stopped."""
+    check_out_folder(args.out)
+    with service_client(args) as client:
+        from protocol.schemas import TERMINAL_STATES
+
+        state = client.status(args.job)["state"]
+        if state not in TERMINAL_STATES:
+            raise ValueError(f"job {args.job} is {state}: fetch it once it has ended (`reconloop jobs` shows it)")
+        return fetch_results(client, args.job, args.out)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -517,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     budget_help = (
-        "about this many minutes per job: the working size, Gaussians and steps are sized to it from measured "
+        "about this many whole minutes per job: the working size, Gaussians and steps are sized to it from measured "
         "step costs (default: 4 on cpu, 5 on mps, none on cuda; 0: none; a scene's own time_budget_min wins)"
     )
 
@@ -630,6 +687,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_service_client_arguments(p)
     p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser(
+        "fetch",
+        help="download an ended job's results from a service",
+        description=(
+            "Download every artifact of JOB (an id `reconloop jobs` lists) into --out, checking each file's sha256: "
+            "the results of a job whose `submit` was stopped, or one submitted from Blender."
+        ),
+    )
+    p.add_argument("job", metavar="JOB", help="the job's id")
+    p.add_argument("--out", type=Path, required=True, help="folder for the downloaded artifacts")
+    add_service_client_arguments(p)
+    p.set_defaults(func=cmd_fetch)
     add_keys_command(sub)
 
     p = sub.add_parser(
@@ -697,11 +767,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reconloop {args.command}: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except TimeoutError as err:
-        print(f"reconloop {args.command}: {err}", file=sys.stderr)
+        server = getattr(args, "server", None)
+        hint = f"; is `reconloop serve` running at {server}?" if server else ""
+        print(f"reconloop {args.command}: {err}{hint}", file=sys.stderr)
         return EXIT_JOB_FAILED
     except subprocess.CalledProcessError as err:
         print(f"reconloop {args.command}: {err}", file=sys.stderr)
         return EXIT_JOB_FAILED
+    except BrokenPipeError:  # a reader such as `head` closed the pipe: end quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return EXIT_BROKEN_PIPE
     except OSError as err:  # after TimeoutError, one of its kind: a file not read or written (full disk, no permission)
         where = f"{err.filename}: " if err.filename else ""
         print(f"reconloop {args.command}: {where}{err.strerror or err}", file=sys.stderr)

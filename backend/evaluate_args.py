@@ -14,13 +14,18 @@ DEFAULT_TRAIN_VIEWS = 3  # AnyRecon/ReconX sparse-view setting
 
 
 def size_wxh(text: str) -> tuple[int, int]:
-    """An argparse ``type`` for sizes written WIDTHxHEIGHT (``640x480``): (width, height), both >= 1."""
+    """An argparse ``type`` for working sizes written WIDTHxHEIGHT (``640x480``): (width, height), each in the
+    range of the job settings ``width`` and ``height`` (protocol.settings), so that a size no job can run at is
+    refused at once (10000x10000 ran out of memory after a minute; 10x10 failed in the fit's SSIM)."""
+    from protocol.settings import BY_NAME
+
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 640x480; got {text!r}") from None
-    if width < 1 or height < 1:
-        raise argparse.ArgumentTypeError(f"width and height must be >= 1; got {text!r}")
+    (wlo, whi), (hlo, hhi) = BY_NAME["width"].range, BY_NAME["height"].range
+    if not (wlo <= width <= whi and hlo <= height <= hhi):
+        raise argparse.ArgumentTypeError(f"width must be in [{wlo}, {whi}] and height in [{hlo}, {hhi}]; got {text!r}")
     return width, height
 
 

@@ -31,7 +31,7 @@ from backend.formats.base import EXPORTERS, IMPORTERS, ImportedScene
 from backend.formats.colmap import ColmapPoints, read_colmap_points
 from backend.formats.undistort import UNDISTORTED_HELDOUT_DIR, undistort_capture
 from backend.masks import write_mask
-from backend.scene import Capture, Scene, SceneError, Settings, load_scene, save_scene
+from backend.scene import SCENE_FILE, Capture, Scene, SceneError, Settings, load_scene, save_scene
 
 MASKS_DIR = "masks"  # masks a reader made (silhouettes) are written here, one PNG per capture
 BOUNDS_FILE = "bounds.json"  # near/far depth per capture name, when the format has them (LLFF)
@@ -127,8 +127,16 @@ def import_scene(
     scene = Scene(root=dst.resolve(), captures=captures, heldout=heldout, settings=settings or Settings())
     if found.bounds:
         write_atomic(dst / BOUNDS_FILE, json.dumps(found.bounds, indent=1).encode())
-    save_scene(scene, dst)
-    return load_scene(dst)
+    earlier = (dst / SCENE_FILE).read_bytes() if (dst / SCENE_FILE).is_file() else None
+    written = save_scene(scene, dst)
+    try:
+        return load_scene(dst)
+    except SceneError:  # a scene that does not load: the folder keeps the scene.json it had, or none
+        if earlier is None:
+            written.unlink()
+        else:
+            write_atomic(written, earlier)
+        raise
 
 
 def _with_masks(captures: list[Capture], masks: dict[str, np.ndarray], dst: Path) -> list[Capture]:

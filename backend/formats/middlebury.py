@@ -68,6 +68,19 @@ def read_middlebury(
         if not path.is_file():
             raise SceneError(f"{where}: image file not found: {path}")
         width, height = image_size(path)
+        # the par file's K holds for the photos as taken: one size for all, the principal point inside it
+        if captures and (width, height) != (captures[0].camera.width, captures[0].camera.height):
+            first = captures[0]
+            raise SceneError(
+                f"{where}: {row[0]} is {width}x{height}, {first.image.name} is "
+                f"{first.camera.width}x{first.camera.height}: {par.name}'s intrinsics hold for the photos as taken, "
+                "one size; use the original photos"
+            )
+        if not (0 < K[0, 2] < width and 0 < K[1, 2] < height):
+            raise SceneError(
+                f"{where}: the principal point ({K[0, 2]:g}, {K[1, 2]:g}) lies outside {row[0]} ({width}x{height}): "
+                "the photo was resized or cropped since its intrinsics were measured; use the original photos"
+            )
         camera = make_camera(w2c_from_rt(R, t), K, width, height, where)
         captures.append(Capture(name=path.stem, image=path, camera=camera))
     masks = {c.name: silhouette(c.image) for c in captures} if silhouettes else {}

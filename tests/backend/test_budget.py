@@ -285,8 +285,8 @@ def test_budget_setting_and_option(tmp_path):
     assert Settings.from_json({"time_budget_min": 5}).time_budget_min == 5
     with pytest.raises(SceneError, match=r"settings\.time_budget_min: must be in \[0, 1440\]; got -1"):
         Settings.from_json({"time_budget_min": -1})
-    args = build_parser().parse_args(["run", "scene", "--out", "o", "--budget", "2.5"])
-    assert args.budget == 2.5
+    args = build_parser().parse_args(["run", "scene", "--out", "o", "--budget", "2"])
+    assert args.budget == 2
     assert budget_for(None, "cpu") == 4 and budget_for(None, "cuda:0") == 0 and budget_for(7, "cuda:0") == 7
     scene = Scene(tmp_path, [Capture("a", tmp_path / "a.png")])
     assert with_budget(scene, 3).settings.time_budget_min == 3

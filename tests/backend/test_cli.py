@@ -15,7 +15,7 @@ from protocol.client import Client
 from tests.protocol.helpers import jpeg_bytes, png_bytes, running_service, scene_msg
 
 REPO = Path(__file__).resolve().parents[2]
-COMMANDS = ("serve", "run", "submit", "jobs", "import", "demo")
+COMMANDS = ("serve", "run", "submit", "jobs", "fetch", "import", "demo")
 
 
 def test_help_is_fast_and_does_not_import_torch():
@@ -60,10 +60,13 @@ def test_eval_size_is_parsed_or_named_in_the_error(capsys):
     """``--size WxH`` (``evaluate_args.size_wxh``, shared by the eval CLI and the bench scripts)."""
     args = build_parser().parse_args(["eval", "scene", "--out", "o", "--size", "640X480"])
     assert args.size == (640, 480)
-    for bad in ("640", "0x480", "axb"):
+    for bad in ("640", "0x480", "axb", "10x10", "10000x10000"):  # the last two: the fit's SSIM, out of memory
         with pytest.raises(SystemExit):
             build_parser().parse_args(["eval", "scene", "--out", "o", "--size", bad])
         assert "--size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "scene", "--out", "o", "--size", "4097x300"])
+    assert "width must be in [16, 4096] and height in [16, 4096]; got '4097x300'" in capsys.readouterr().err
 
 
 def test_submit_fetches_every_artifact(service, tmp_path, capsys):
@@ -78,6 +81,16 @@ def test_submit_fetches_every_artifact(service, tmp_path, capsys):
     assert names == ["step0.bin", "step1.bin", "step2.bin", "step3.bin", "times.json"]
     for name in names:
         assert (out / name).read_bytes() == (produced / name).read_bytes()
+    # `reconloop fetch`: the same results again, for a job whose submit was stopped or ran elsewhere
+    again = tmp_path / "again"
+    assert main(["fetch", job, "--server", service.endpoint, "--out", str(again)]) == 0
+    assert f"job {job}: done" in capsys.readouterr().out
+    assert sorted(p.name for p in again.iterdir()) == names
+    with Client(service.endpoint) as c:
+        running = c.submit(scene_msg("steps:200", delay_ms=50))
+        assert main(["fetch", running, "--server", service.endpoint, "--out", str(again)]) == 2
+        c.cancel(running)
+    assert f"job {running} is " in capsys.readouterr().err
 
 
 def test_submit_of_failing_job_exits_1(service, tmp_path, capsys):
@@ -121,21 +134,22 @@ def test_bad_scene_exits_2_with_the_field(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["run", "serve"])
-def test_budget_is_a_finite_number_of_minutes_in_the_settings_range(command, capsys):
-    """``--budget`` takes what ``time_budget_min`` takes (its range from protocol.settings), named in the
-    error, not an OverflowError (inf), an unclear error (nan) or a job setting past its range (5000)."""
+def test_budget_is_a_whole_number_of_minutes_in_the_settings_range(command, capsys):
+    """``--budget`` takes what ``time_budget_min`` takes (whole minutes in its range from protocol.settings),
+    named in the error, not a job setting past its range (5000), and no fraction rounded away (0.4 was 0: no
+    budget at all)."""
     from protocol.settings import BY_NAME
 
     lo, hi = BY_NAME["time_budget_min"].range
     given = ["scene", "--out", "o"] if command == "run" else []
-    assert build_parser().parse_args([command, *given, "--budget", "2.5"]).budget == 2.5
+    assert build_parser().parse_args([command, *given, "--budget", "2"]).budget == 2
     assert build_parser().parse_args([command, *given, "--budget", str(hi)]).budget == hi
-    for bad in ("inf", "nan", "-inf", str(hi + 1), "5000", "-1", "soon"):
+    for bad in ("inf", "nan", "-inf", str(hi + 1), "5000", "-1", "soon", "0.4", "2.5"):
         with pytest.raises(SystemExit) as exit_:
             build_parser().parse_args([command, *given, f"--budget={bad}"])
         assert exit_.value.code == 2
         err = capsys.readouterr().err
-        assert f"--budget: must be a number of minutes in [{lo}, {hi}]; got '{bad}'" in err, err
+        assert f"--budget: must be a whole number of minutes in [{lo}, {hi}]; got '{bad}'" in err, err
 
 
 def write_posed_scene(folder: Path, image: bytes) -> Path:
@@ -188,7 +202,54 @@ def test_submit_to_no_server_times_out(tmp_path, capsys):
         )
         == 1
     )
-    assert "no reply" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no reply" in err and "is `reconloop serve` running at tcp://127.0.0.1:9?" in err
+
+
+def test_the_bar_writes_each_stages_last_message_whole_and_run_prints_the_notes(tmp_path, capsys):
+    """The bar cuts its message at 60 characters: what the time budget chose, or that SfM left photos out, is
+    written whole when its stage ends; the job's notes (metrics.json) come after the results."""
+    from backend.cli import ProgressBar, print_notes
+
+    budget = "time budget 4 min: 320x240, 400 steps, 15,000 Gaussians (measured: 3.1 ms a step at 160x120)"
+    bar = ProgressBar("loop")
+    bar.update("cameras", 0.0, budget)
+    bar.update("cameras", 0.01, "3 captures at 320x240; 3 cameras estimated; 24 trajectory frames")
+    bar.update("memory", 0.1, "memory: 12,000 points")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "cameras: 3 captures at 320x240; 3 cameras estimated; 24 trajectory frames\n" in err
+    assert "memory: memory: 12,000 points\n" in err and budget not in err  # each stage's last message
+    (tmp_path / "metrics.json").write_text('{"notes": ["SfM could not place 4 of 7 photos; left out: a, b, c, d"]}')
+    print_notes(tmp_path)
+    print_notes(tmp_path / "none")  # no metrics.json (a job that failed early): nothing
+    assert capsys.readouterr().out == "note: SfM could not place 4 of 7 photos; left out: a, b, c, d\n"
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`reconloop jobs | head -1`: the reader goes, the command ends with a shell tool's status (141), not with
+    "reconloop jobs: Broken pipe" and exit 1."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", FLOODING_COMMAND], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert child.stdout.readline() == b"line 0\n"
+    child.stdout.close()
+    assert child.wait(60) == 141
+    assert child.stderr.read() == b""
+
+
+FLOODING_COMMAND = """
+import sys
+from backend import cli
+
+def flood(args):
+    for i in range(1_000_000):
+        print("line", i)
+    return 0
+
+cli.cmd_import = flood
+sys.exit(cli.main(["import", "colmap", "a", "b"]))
+"""
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -112,6 +113,41 @@ def test_middlebury_box_centre_in_every_view(name, box, tmp_path):
         uv, z = cam.project(centre[None])
         assert z[0] > 0, cap.name
         assert 0 <= uv[0, 0] < cam.width and 0 <= uv[0, 1] < cam.height, (cap.name, uv)
+
+
+@pytest.mark.parametrize("size", [(320, 240), (400, 300)])
+def test_a_resized_middlebury_photo_is_refused_naming_it(temple_dir, tmp_path, size):
+    """The par file has intrinsics and no image size: a photo resized since (320x240: its principal point outside
+    it; 400x300: a size the other photos do not have) was imported with the full-size K, a wrong camera."""
+    from PIL import Image
+
+    src = tmp_path / "temple"
+    shutil.copytree(temple_dir, src)
+    photo = sorted(src.glob("*.png"))[5]
+    with Image.open(photo) as im:
+        im.resize(size).save(photo)
+    with pytest.raises(SceneError, match=rf"line \d+: {photo.name} is {size[0]}x{size[1]}|outside {photo.name}"):
+        import_scene("middlebury", src, tmp_path / "out")
+
+
+def test_an_import_that_does_not_load_keeps_the_folders_scene_json(tmp_path):
+    """A COLMAP model whose photo was resized since: the import is refused naming it, and the folder keeps the
+    scene.json it had (it used to be replaced by the refused one), or none when it had none."""
+    from PIL import Image
+
+    src = tmp_path / "door"
+    shutil.copytree(require_shared_data("lund_door"), src)
+    photo = sorted((src / "images").iterdir())[2]
+    with Image.open(photo) as im:
+        im.resize((im.width // 2, im.height // 2)).save(photo)
+    dst = tmp_path / "scene"
+    with pytest.raises(SceneError, match=rf"does not match the image {photo.name}"):
+        import_scene("colmap", src, dst)
+    assert not (dst / "scene.json").exists()
+    (dst / "scene.json").write_text("the user's earlier scene")
+    with pytest.raises(SceneError, match=rf"does not match the image {photo.name}"):
+        import_scene("colmap", src, dst)
+    assert (dst / "scene.json").read_text() == "the user's earlier scene"
 
 
 def test_temple_box_corners_in_every_view_and_epipolar(temple_dir, tmp_path):

@@ -101,7 +101,11 @@ def test_run_without_weights_is_one_line(monkeypatch, tmp_path: Path, capsys) ->
     monkeypatch.delenv("RECONLOOP_ALLOW_DOWNLOAD", raising=False)
     monkeypatch.setenv("RECONLOOP_ANYRECON_WEIGHTS", str(tmp_path / "nonexistent"))
     scene = anyrecon_scene(tmp_path / "scene")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "gaussians.ply").write_text("an earlier run's")
     assert main(["run", str(scene), "--out", str(tmp_path / "o"), "--device", "cpu", "--budget", "0"]) == 2
+    # said before any work: the earlier results stay and nothing was written (it came after the guide's fits)
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["gaussians.ply"]
     err = capsys.readouterr().err
     line = err.rstrip("\n").rsplit("\n", 1)[-1]  # after the progress bar's lines
     assert (

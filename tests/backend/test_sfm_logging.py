@@ -49,6 +49,30 @@ def test_sigterm_after_pycolmap_import_prints_no_stack_trace(in_thread, module, 
     assert "stack trace" not in child.stderr and "SIGTERM" not in child.stderr
 
 
+# `reconloop serve`: a Python SIGTERM handler in the main thread, pycolmap imported by the job thread
+SIGTERM_HANDLED_CHILD = """
+import os, signal, threading, time
+from backend.estimators.sfm import import_pycolmap
+signal.signal(signal.SIGTERM, lambda signum, frame: print("handled", signum, flush=True))
+t = threading.Thread(target=import_pycolmap)
+t.start()
+t.join()
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.5)
+"""
+
+
+def test_sigterm_reaches_serves_handler_after_a_job_thread_imports_pycolmap():
+    """After a job that ran SfM, SIGTERM stopped `reconloop serve` with glog's abort and stack trace: the job
+    thread could not give back CPython's handler. ``keeps_sigterm`` restores libc's disposition from any thread."""
+    pytest.importorskip("pycolmap")
+    child = subprocess.run(
+        [sys.executable, "-c", SIGTERM_HANDLED_CHILD], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == 0 and child.stdout == f"handled {int(signal.SIGTERM)}\n", child.stderr
+    assert "stack trace" not in child.stderr
+
+
 def test_colmap_lines_go_to_our_log_not_the_console(tmp_path, caplog, capfd):
     pycolmap = import_pycolmap()
     with caplog.at_level(logging.DEBUG, logger="backend.estimators.sfm.colmap"):

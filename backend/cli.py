@@ -7,6 +7,7 @@ answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -62,6 +63,9 @@ examples:
 # Progress
 
 
+SERVICE_STAGES = ("queued", "starting", "done")  # the service's own stages: its waiting, not the loop's work
+
+
 class ProgressBar:
     """A tqdm bar driven by ProgressEvents (fraction 0..1; the stage and message as its text). The bar shows the
     start of the latest message; each stage's last message is written whole above it when the next stage begins
@@ -85,15 +89,18 @@ class ProgressBar:
         self.bar.refresh()
 
     def _write_stage(self) -> None:
-        if self.message:
+        if self.message and self.stage not in SERVICE_STAGES:
             self.bar.write(f"{self.stage}: {self.message}", file=sys.stderr)  # beside the bar, not in stdout
-            self.message = ""
+        self.message = ""
 
     def __call__(self, event: Any) -> None:  # a ProgressFn
         self.update(event.stage, event.fraction, event.message)
 
-    def close(self) -> None:
-        self._write_stage()
+    def close(self, *, write_last: bool = True) -> None:
+        """Close the bar; ``write_last=False``: without the last stage's line (``submit`` says how a job ended
+        on a line of its own)."""
+        if write_last:
+            self._write_stage()
         self.bar.close()
 
 
@@ -312,7 +319,7 @@ def check_out_folder(out: Path) -> None:
 
 
 def _run_loop(
-    scene_dir: Path | Scene, out: Path, device: str, budget: float | None = None, refiner_out: Path | None = None
+    scene_dir: Path | Scene, out: Path, device: str, budget: int | None = None, refiner_out: Path | None = None
 ) -> int:
     """Run the loop in this process on a scene folder (or a loaded Scene) with a progress bar;
     ``budget``: minutes (None: the device's default, backend.budget); ``refiner_out``: also save the
@@ -352,7 +359,7 @@ def _run_loop(
     finally:
         bar.close()
     print_notes(out)
-    if generator is not None:
+    if refiner_out is not None:
         generator.save(refiner_out)
         print(f"refiner weights written to {refiner_out}")
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
@@ -421,8 +428,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     check_out_folder(args.out)  # before the job runs: its results would have nowhere to go
     scene = load_scene(args.scene, registered=False)  # the service checks the generator against its own registry
-    print(f"connecting to {args.server} ...", file=sys.stderr, flush=True)
-    with service_client(args) as client:
+    with service_client(args) as client:  # a malformed --server is refused here, before saying anything else
+        print(f"connecting to {args.server} ...", file=sys.stderr, flush=True)
         info = client.hello()
         log.info("server %s on %s, device %s", info["server"], args.server, info["device"])
         job = client.submit(scene_message(scene))
@@ -433,26 +440,28 @@ def cmd_submit(args: argparse.Namespace) -> int:
             for event in client.events(job):
                 bar.update(event["stage"], event["fraction"], event["message"])
         except KeyboardInterrupt:
-            bar.close()
+            bar.close(write_last=False)
             client.cancel(job)
             print(f"job {job}: cancel sent")
             return EXIT_INTERRUPTED
         finally:
-            bar.close()
+            bar.close(write_last=False)
         return fetch_results(client, job, args.out)
 
 
 def fetch_results(client: Any, job: str, out: Path) -> int:
     """Download every artifact of ``job`` into ``out`` (sha256 checked), print the job's notes and how it ended;
     the exit status: 0 for a done job, 1 for one that failed or was cancelled (what it finished still comes)."""
+    from .outputs import METRICS_FILE
     from .service.store import check_artifact_name
 
     status = client.status(job)
     out.mkdir(parents=True, exist_ok=True)
-    for entry in status["artifacts"]:
-        name = check_artifact_name(entry["name"])
+    names = [check_artifact_name(entry["name"]) for entry in status["artifacts"]]
+    for name in names:
         client.fetch_to(job, name, out / name)
-    print_notes(out)
+    if METRICS_FILE in names:  # not an earlier job's, left in the folder by a job that failed before writing one
+        print_notes(out)
     count = len(status["artifacts"])
     print(f"job {job}: {status['state']} ({status['message']}); {count} artifacts in {out}, sha256 verified")
     return 0 if status["state"] == "done" else EXIT_JOB_FAILED
@@ -762,7 +771,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .scene import SceneError
 
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader gone: said here (below), not as noise at the interpreter's exit
+        return code
     except (SceneError, ProtocolError, ValueError, FileNotFoundError) as err:
         print(f"reconloop {args.command}: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -775,7 +786,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reconloop {args.command}: {err}", file=sys.stderr)
         return EXIT_JOB_FAILED
     except BrokenPipeError:  # a reader such as `head` closed the pipe: end quietly, as a shell tool does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # stdout without a file descriptor
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would fail again
+            os.close(devnull)
         return EXIT_BROKEN_PIPE
     except OSError as err:  # after TimeoutError, one of its kind: a file not read or written (full disk, no permission)
         where = f"{err.filename}: " if err.filename else ""

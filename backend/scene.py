@@ -36,20 +36,12 @@ from typing import Any
 import numpy as np
 
 from protocol.images import encoded_image_size
+from protocol.schemas import DISTORTION_COEFFS
 from protocol.settings import SETTINGS, SettingError, check_settings
 
 SCENE_FORMAT_VERSION = 1
 SCENE_FILE = "scene.json"
 
-# COLMAP's names and distortion coefficients (in its order) for the models we accept on captures; COLMAP's own
-# parameter lists start with the focal length and principal point, which are in K here.
-DISTORTION_COEFFS = {
-    "NONE": (),
-    "SIMPLE_RADIAL": ("k",),
-    "RADIAL": ("k1", "k2"),
-    "OPENCV": ("k1", "k2", "p1", "p2"),
-    "FULL_OPENCV": ("k1", "k2", "p1", "p2", "k3", "k4", "k5", "k6"),
-}
 DISTORTION_PARAMS = {model: len(coeffs) for model, coeffs in DISTORTION_COEFFS.items()}
 
 ROTATION_TOL = 1e-4  # |R^T R - I| and |det R - 1| allowed in a camera's rotation

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 
 SIGACTION_BYTES = 512  # more than any libc's struct sigaction (glibc x86-64: 152, musl: 152, macOS: 16)
+_LOCK = threading.RLock()  # one save-to-restore at a time: overlapping ones would restore each other's library's
 
 
 def _libc_sigaction(signum: int, new: ctypes.Array | None, old: ctypes.Array | None) -> None:
@@ -32,16 +33,20 @@ def keeps_sigterm() -> Iterator[None]:
     Two layers are restored: Python's handler (``signal.signal``, in the main thread only, where a library such as
     Ray replaced it) and the C handler behind it (libc's ``sigaction``, process-wide, so also from the service's job
     thread, where pycolmap's glog replaced CPython's own handler, which runs the Python one, under ``reconloop
-    serve``'s SIGTERM handler).
+    serve``'s SIGTERM handler). Uses in two threads at once take turns.
+
+    A SIGTERM that arrives while the body runs, after the library took it over, still meets the library's handler:
+    about 0.1 s of pycolmap's import, and the seconds ``ray.init`` takes when ``serve --ray`` starts.
     """
-    previous = signal.getsignal(signal.SIGTERM)
-    saved = ctypes.create_string_buffer(SIGACTION_BYTES) if os.name == "posix" else None
-    if saved is not None:
-        _libc_sigaction(signal.SIGTERM, None, saved)
-    try:
-        yield
-    finally:
-        if threading.current_thread() is threading.main_thread() and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    with _LOCK:
+        previous = signal.getsignal(signal.SIGTERM)
+        saved = ctypes.create_string_buffer(SIGACTION_BYTES) if os.name == "posix" else None
         if saved is not None:
-            _libc_sigaction(signal.SIGTERM, saved, None)
+            _libc_sigaction(signal.SIGTERM, None, saved)
+        try:
+            yield
+        finally:
+            if threading.current_thread() is threading.main_thread() and previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            if saved is not None:
+                _libc_sigaction(signal.SIGTERM, saved, None)

@@ -282,13 +282,15 @@ def check_address(text: str) -> str | None:
 def start_hint(endpoint: str) -> str:
     """The command that starts a service answering at ``endpoint`` (run on the machine it names): on a loopback
     address as it is; on any other, bound to every interface with the CurveZMQ keys the service then needs."""
-    from protocol.curve import endpoint_is_local
-
     if not endpoint.startswith("tcp://"):
         return f"reconloop serve --bind {endpoint}"
+    try:
+        from protocol.curve import endpoint_is_local
+    except ImportError:  # pragma: no cover - an extension built without its wheels: the plain command
+        return f"reconloop serve --bind {endpoint}"
     port = endpoint.rsplit(":", 1)[-1]
-    if endpoint_is_local(endpoint):
-        return f"reconloop serve --bind tcp://127.0.0.1:{port}"
+    if endpoint_is_local(endpoint):  # as it is: a service on 127.0.0.2 or [::1] answers there only
+        return f"reconloop serve --bind {endpoint.replace('tcp://localhost:', 'tcp://127.0.0.1:')}"
     return (
         f"reconloop serve --bind tcp://0.0.0.0:{port} --curve-secret keys/server.key_secret --allow-keys keys/clients"
     )

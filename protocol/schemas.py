@@ -41,6 +41,15 @@ TERMINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 SHA256_HEX_CHARS = 64
 MAX_CLIENT_VERSIONS = 16
 MAX_DISTORTION_PARAMS = 16
+# COLMAP's names and distortion coefficients (in its order) for the models a capture may carry; COLMAP's own
+# parameter lists start with the focal length and principal point, which are in K here (backend.scene reads them)
+DISTORTION_COEFFS = {
+    "NONE": (),
+    "SIMPLE_RADIAL": ("k",),
+    "RADIAL": ("k1", "k2"),
+    "OPENCV": ("k1", "k2", "p1", "p2"),
+    "FULL_OPENCV": ("k1", "k2", "p1", "p2", "k3", "k4", "k5", "k6"),
+}
 MAX_MODEL_CHARS = 32
 FRAME_NUMBER_MAX = 2**31 - 1
 SCALAR_TYPES = (type(None), bool, int, float, str)
@@ -181,12 +190,12 @@ CAMERA_FIELDS = (
         "lens distortion, captures only (COLMAP models)",
         required=False,
         fields=(
-            Field("model", "str", "NONE, SIMPLE_RADIAL, RADIAL, OPENCV or FULL_OPENCV", max_len=MAX_MODEL_CHARS),
+            Field("model", "str", ", ".join(DISTORTION_COEFFS), max_len=MAX_MODEL_CHARS),
             Field(
                 "params",
                 "list",
-                "the distortion coefficients alone, in COLMAP's order (focal length and principal point are in K):"
-                " NONE none, SIMPLE_RADIAL k, RADIAL k1 k2, OPENCV k1 k2 p1 p2, FULL_OPENCV k1 k2 p1 p2 k3 k4 k5 k6",
+                "the distortion coefficients alone, in COLMAP's order (focal length and principal point are in K): "
+                + ", ".join(f"{model} {' '.join(coeffs) or 'none'}" for model, coeffs in DISTORTION_COEFFS.items()),
                 items=Field("params[]", "float"),
                 max_len=MAX_DISTORTION_PARAMS,
             ),
@@ -298,7 +307,7 @@ OPS: dict[str, OpSchema] = {
                 Field(
                     "gpu",
                     "struct",
-                    "present when the device is a GPU",
+                    "present when the device is one CUDA GPU (never on a Ray pool)",
                     required=False,
                     fields=(
                         Field("name", "str", "GPU name", max_len=limits.MAX_NAME_BYTES),
@@ -614,7 +623,7 @@ def check_version(msg: dict) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v not in SUPPORTED_VERSIONS:
         op = msg.get("op")
         advice = (
-            "hello carries v too, any integer, beside the versions you speak"
+            "hello carries v too, any version number, beside the versions you speak"
             if isinstance(op, str) and op == "hello"  # op may be anything that arrived: an array compares elementwise
             else "send hello to negotiate"
         )

@@ -128,7 +128,9 @@ def profile_sets(
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=existing_dir, default=REPO.parent / "shared" / "data" / "middlebury_temple")
+    ap.add_argument(
+        "--data", type=existing_dir, default=str(REPO.parent / "shared" / "data" / "middlebury_temple")
+    )  # a str: checked too
     ap.add_argument(
         "--size",
         type=size_wxh,

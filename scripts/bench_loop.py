@@ -121,7 +121,9 @@ def ssim_on_convolutions() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=existing_dir, default=REPO.parent / "shared" / "data" / "middlebury_temple")
+    ap.add_argument(
+        "--data", type=existing_dir, default=str(REPO.parent / "shared" / "data" / "middlebury_temple")
+    )  # a str: checked too
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--frames", type=int, default=120)
     ap.add_argument(

@@ -262,7 +262,7 @@ def bench_scene_names(
     missing = [
         f"{n} ({f})"
         for n, f in folders.items()
-        if not (data / f).is_dir() and not (data / f"{f}{IMPORTED_SUFFIX}").is_dir()
+        if not (data / f).is_dir() and not (data / f"{f}{IMPORTED_SUFFIX}" / "scene.json").is_file()  # as loaded
     ]
     if missing:
         p.error(f"--data: {data} has no folder for scene(s) {', '.join(missing)}")

@@ -80,18 +80,32 @@ def time_case(rasterizer, scene: dict, repeats: int) -> tuple[float, float, torc
 
 
 def load_revision(rev: str):
-    """The ``TorchCpuRasterizer`` class of ``backend/rasterizers/torch_cpu.py`` at git revision ``rev``."""
-    source = subprocess.run(
-        ["git", "show", f"{rev}:backend/rasterizers/torch_cpu.py"], cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout
-    # the package's relative imports made absolute; the class not registered a second time
-    source = re.sub(r"^from \.( import|\w)", r"from backend.rasterizers\1", source, flags=re.M)
-    source = re.sub(r"^from backend\.rasterizers(\w)", r"from backend.rasterizers.\1", source, flags=re.M)
+    """The ``TorchCpuRasterizer`` class of ``backend/rasterizers/torch_cpu.py`` at git revision ``rev``.
+
+    Raises:
+        ValueError: git has no such revision or file (``--against`` names it).
+    """
+    try:
+        source = subprocess.run(
+            ["git", "show", f"{rev}:backend/rasterizers/torch_cpu.py"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    except subprocess.CalledProcessError as err:
+        raise ValueError(f"no backend/rasterizers/torch_cpu.py at {rev!r}: {err.stderr.strip()}") from None
+    return load_source(source, re.sub(r"\W", "_", rev))
+
+
+def load_source(source: str, tag: str):
+    """The ``TorchCpuRasterizer`` class of a ``torch_cpu.py`` text, loaded as a module of ``backend.rasterizers``
+    (its relative imports resolve there) and not registered a second time."""
     source = re.sub(r"^@RASTERIZERS\.register\(.*\)\n", "", source, flags=re.M)
     with tempfile.TemporaryDirectory(prefix="bench-rasterizer-") as folder:
         path = Path(folder) / "torch_cpu_rev.py"
         path.write_text(source)
-        spec = importlib.util.spec_from_file_location("torch_cpu_rev", path)
+        spec = importlib.util.spec_from_file_location(f"backend.rasterizers._torch_cpu_{tag}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     return module.TorchCpuRasterizer
@@ -115,7 +129,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--kernels: comma-separated, of {', '.join(KERNELS)}; got {args.kernels!r}")
     rasterizers = {f"current/{k}": TorchCpuRasterizer(kernel=k) for k in kernels}
     if args.against:
-        rasterizers[args.against] = load_revision(args.against)()
+        try:
+            rasterizers[args.against] = load_revision(args.against)()
+        except ValueError as err:
+            parser.error(f"--against: {err}")
     first, base = next(iter(rasterizers)), list(rasterizers)[-1]
     results = []
     for n, width, height, n_cams in TINY_CASES if args.tiny else CASES:

@@ -88,7 +88,7 @@ def evaluate(scene: Path, side: int, views: int, planes: int, device: str) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--scene", type=existing_dir, default=Path(__file__).resolve().parents[1].parent / "shared/data/lund_door"
+        "--scene", type=existing_dir, default=str(Path(__file__).resolve().parents[1].parent / "shared/data/lund_door")
     )
     ap.add_argument("--sides", type=positive_int, nargs="+", default=[320, 640])
     ap.add_argument("--views", type=positive_int, nargs="+", default=[3, 4])

@@ -309,7 +309,9 @@ def test_check_address(text, problem):
     assert got is None if problem is None else problem in got
 
 
-@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:5555", "tcp://localhost:6000", "tcp://gpu-box.lan:6000"])
+@pytest.mark.parametrize(
+    "endpoint", ["tcp://127.0.0.1:5555", "tcp://localhost:6000", "tcp://[::1]:7000", "tcp://gpu-box.lan:6000"]
+)
 def test_the_start_hint_is_a_command_the_service_accepts(endpoint, tmp_path):
     """The hint after "no service at ...": a loopback bind for a loopback address, keys with any other. It used to
     say `--bind tcp://0.0.0.0:PORT` for 127.0.0.1 too, which the service refuses without keys."""
@@ -323,6 +325,7 @@ def test_the_start_hint_is_a_command_the_service_accepts(endpoint, tmp_path):
     assert argv[:2] == ["reconloop", "serve"]
     args = build_parser().parse_args(argv[1:])
     assert args.bind.rsplit(":", 1)[1] == endpoint.rsplit(":", 1)[1]
+    assert args.bind == endpoint or "localhost" in endpoint or "gpu-box" in endpoint  # a loopback address as given
     check_bind(args.bind, None if args.curve_secret is None else object())  # refuses a network bind without keys
     assert (args.curve_secret is None) == ("gpu-box" not in endpoint)
 

@@ -125,18 +125,19 @@ def import_scene(
         captures = [undistort_capture(c, dst) for c in captures]
         heldout = [undistort_capture(c, dst, UNDISTORTED_HELDOUT_DIR) for c in heldout]
     scene = Scene(root=dst.resolve(), captures=captures, heldout=heldout, settings=settings or Settings())
-    if found.bounds:
-        write_atomic(dst / BOUNDS_FILE, json.dumps(found.bounds, indent=1).encode())
     earlier = (dst / SCENE_FILE).read_bytes() if (dst / SCENE_FILE).is_file() else None
     written = save_scene(scene, dst)
     try:
-        return load_scene(dst)
+        loaded = load_scene(dst)
     except SceneError:  # a scene that does not load: the folder keeps the scene.json it had, or none
         if earlier is None:
             written.unlink()
         else:
             write_atomic(written, earlier)
         raise
+    if found.bounds:  # beside the scene.json it belongs to, never beside a refused one's predecessor
+        write_atomic(dst / BOUNDS_FILE, json.dumps(found.bounds, indent=1).encode())
+    return loaded
 
 
 def _with_masks(captures: list[Capture], masks: dict[str, np.ndarray], dst: Path) -> list[Capture]:

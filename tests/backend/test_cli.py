@@ -167,6 +167,20 @@ def write_posed_scene(folder: Path, image: bytes) -> Path:
     return folder
 
 
+def test_run_to_the_end_twice_into_one_folder(tmp_path, capsys):
+    """`reconloop run` of a tiny posed scene ends with 0 and its files; a second run says it replaces them."""
+    scene = write_posed_scene(tmp_path / "scene", png_bytes())
+    meta = json.loads((scene / "scene.json").read_text())
+    meta["settings"] = {"width": 32, "height": 24, "gaussian_iterations": 2, "guide": False}
+    (scene / "scene.json").write_text(json.dumps(meta))
+    argv = ["run", str(scene), "--out", str(tmp_path / "o"), "--device", "cpu", "--budget", "0"]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"files in {tmp_path / 'o'}: " in out and "gaussians.ply" in out and "earlier run" not in out
+    assert main(argv) == 0
+    assert f"{tmp_path / 'o'} holds an earlier run's results: this run replaces them" in capsys.readouterr().out
+
+
 def test_run_names_a_bad_out_or_a_broken_photo(tmp_path, capsys):
     """``--out`` on a file and a truncated capture PNG: exit 2 with the option or the capture and its file
     named, not a FileExistsError or Pillow's "image file is truncated" traceback."""

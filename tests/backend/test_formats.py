@@ -115,18 +115,20 @@ def test_middlebury_box_centre_in_every_view(name, box, tmp_path):
         assert 0 <= uv[0, 0] < cam.width and 0 <= uv[0, 1] < cam.height, (cap.name, uv)
 
 
-@pytest.mark.parametrize("size", [(320, 240), (400, 300)])
-def test_a_resized_middlebury_photo_is_refused_naming_it(temple_dir, tmp_path, size):
-    """The par file has intrinsics and no image size: a photo resized since (320x240: its principal point outside
-    it; 400x300: a size the other photos do not have) was imported with the full-size K, a wrong camera."""
+@pytest.mark.parametrize("size, every", [((320, 240), False), ((640, 400), False), ((512, 384), True)])
+def test_resized_middlebury_photos_are_refused_naming_one(temple_dir, tmp_path, size, every):
+    """The par file has intrinsics and no image size: photos resized since (one to 320x240 or 640x400, or all to
+    512x384) were imported with the full-size K, wrong cameras."""
     from PIL import Image
 
     src = tmp_path / "temple"
     shutil.copytree(temple_dir, src)
-    photo = sorted(src.glob("*.png"))[5]
-    with Image.open(photo) as im:
-        im.resize(size).save(photo)
-    with pytest.raises(SceneError, match=rf"line \d+: {photo.name} is {size[0]}x{size[1]}|outside {photo.name}"):
+    photos = sorted(src.glob("*.png"))
+    for photo in photos if every else photos[5:6]:
+        with Image.open(photo) as im:
+            im.resize(size).save(photo)
+    name = r"templeSR\d+\.png" if every else photos[5].name
+    with pytest.raises(SceneError, match=rf"{name} is {size[0]}x{size[1]}|far from the centre of {name}"):
         import_scene("middlebury", src, tmp_path / "out")
 
 

@@ -429,8 +429,14 @@ def test_bench_rasterizer_runs_tiny(tmp_path):
             assert case[kernel]["seconds"] > 0 and case[kernel]["gaussian_pixels_per_s"] > 0
         assert case["max_image_diff"] < 1e-5 and case["max_grad_rel_diff"] < 1e-4 and case["speedup"] > 0
     scene = bench.probe_scene(300, 32, 24, 1)
-    committed = bench.load_revision("HEAD")  # --against REV: the package's imports of a revision made absolute
-    assert torch.equal(bench.step(committed(), scene)[2], bench.step(TorchCpuRasterizer(), scene)[2])
+    # --against REV: a revision's file loaded as a module of the package (its relative imports resolve there)
+    from backend.rasterizers import torch_cpu
+
+    loaded = bench.load_source(Path(torch_cpu.__file__).read_text(), "test")
+    assert loaded is not TorchCpuRasterizer
+    assert torch.equal(bench.step(loaded(), scene)[2], bench.step(TorchCpuRasterizer(), scene)[2])
+    with pytest.raises(ValueError, match="no backend/rasterizers/torch_cpu.py at 'no-such-revision'"):
+        bench.load_revision("no-such-revision")
     _, _, img, grads = bench.step(TorchCpuRasterizer(), scene)
     assert img.shape == (1, 24, 32, 3) and img.abs().sum() > 0
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -186,7 +186,7 @@ def test_a_missing_v_says_what_to_send_and_does_not_tell_a_hello_to_send_hello()
 
     with pytest.raises(ProtocolError, match=r"got None \(send hello to negotiate\)"):
         check_version({"op": "jobs", "id": 1})
-    with pytest.raises(ProtocolError, match=r"got None \(hello carries v too, any integer, beside the versions"):
+    with pytest.raises(ProtocolError, match=r"got None \(hello carries v too, any version number, beside the versions"):
         check_version({"op": "hello", "id": 1, "versions": [1]})
 
 

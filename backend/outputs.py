@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import resource
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -46,6 +45,11 @@ from protocol.ply import GaussianArrays, PointArrays, write_gaussians_ply, write
 
 from .fileio import write_atomic
 from .scene import Camera
+
+try:
+    import resource  # Unix only
+except ImportError:  # Windows: no peak RSS to read; every job runs all the same
+    resource = None
 
 POINTS_FILE = "points.ply"
 POINTS_FINAL_FILE = "points_final.ply"
@@ -283,9 +287,12 @@ def write_overview_as(out_dir: Path, name: str, rows: Sequence[Sequence[np.ndarr
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory so far: CUDA's max allocated on a CUDA device, else the process's peak RSS."""
+    """Peak memory so far: CUDA's max allocated on a CUDA device, else the process's peak RSS (0 where the OS has
+    no ``resource`` module: Windows)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    if resource is None:
+        return 0
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * RSS_UNIT_BYTES
 
 

@@ -507,14 +507,23 @@ def _no_scene_json(folder: Path) -> str:
     )
 
 
+def relative_posix(path: str | os.PathLike, root: Path) -> str:
+    """``path`` relative to ``root`` with forward slashes, as scene.json holds it on every OS (Windows' backslashes
+    are one file name on Linux); absolute where no relative path exists (Windows: another drive)."""
+    try:
+        return Path(os.path.relpath(path, root)).as_posix()
+    except ValueError:  # "path is on mount 'D:', start on mount 'C:'"
+        return Path(path).resolve().as_posix()
+
+
 def scene_to_json(scene: Scene, root: Path | None = None) -> dict[str, Any]:
     """The scene.json object; image paths are written relative to ``root`` (default scene.root)."""
     root = Path(root or scene.root).resolve()
 
     def cap(c: Capture) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": c.name, "image": os.path.relpath(c.image, root)}
+        out: dict[str, Any] = {"name": c.name, "image": relative_posix(c.image, root)}
         if c.mask is not None:
-            out["mask"] = os.path.relpath(c.mask, root)
+            out["mask"] = relative_posix(c.mask, root)
         if c.camera is not None:
             out["camera"] = c.camera.to_json()
         return out

@@ -114,9 +114,11 @@ def make_client(endpoint: str, cfg: ConnectionConfig):
                 raise ReconLoopError(f"key file not found: {path}")
         kwargs["server_key"] = cfg.server_key_file
         kwargs["client_key"] = cfg.client_key_file
+    import zmq  # importable: _protocol() above found protocol.client, which uses it
+
     try:
         return client_mod.Client(endpoint, **kwargs)
-    except (ValueError, OSError) as err:  # unreadable key files, a malformed address
+    except (ValueError, OSError, zmq.ZMQError) as err:  # unreadable key files, an address ZeroMQ refuses
         raise ReconLoopError(f"cannot connect to {endpoint}: {err}") from None
 
 
@@ -252,6 +254,15 @@ PREFLIGHT_TIMEOUT_S = 4.0  # a TCP connect to a remote service: refused or silen
 _TCP_ADDRESS = re.compile(r"^tcp://(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})$")
 
 
+def _has_ipc() -> bool:
+    """Whether this ZeroMQ has the ipc:// transport (not on Windows); assumed so where pyzmq is missing."""
+    try:
+        import zmq
+    except ImportError:  # pragma: no cover - an extension built without its wheels: _protocol() says so later
+        return True
+    return bool(zmq.has("ipc"))
+
+
 def check_address(text: str) -> str | None:
     """Why ``text`` is not a ZeroMQ address a client can connect to, or None when it is.
 
@@ -268,6 +279,8 @@ def check_address(text: str) -> str | None:
     if scheme in ("http", "https", "ws", "wss"):
         return f"the service speaks ZeroMQ, not {scheme.upper()}: write tcp://{rest.rstrip('/')}"
     if scheme == "ipc":
+        if not _has_ipc():
+            return "ipc:// is not available on this system (Windows' ZeroMQ has none): use tcp://127.0.0.1:5555"
         return None if rest else "ipc:// needs the path of the service's socket file, e.g. ipc:///tmp/reconloop"
     if scheme != "tcp":
         return f"unknown transport {scheme!r}: use tcp://host:port or ipc://path"
@@ -312,21 +325,32 @@ def preflight(endpoint: str, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> None:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:
         raise ReconLoopError(f"unknown host {host!r} in {endpoint}: check the name in the add-on preferences") from None
-    family, kind, proto, _, addr = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.settimeout(timeout_s)
-        try:
-            sock.connect(addr)
-        except (ConnectionRefusedError, TimeoutError, OSError) as err:
-            why = "refused the connection" if isinstance(err, ConnectionRefusedError) else f"did not answer ({err})"
-            raise ReconLoopError(
-                f"no ReconLoop service at {endpoint}: {host}:{port} {why}. "
-                f"Start it on {host} with `{start_hint(endpoint)}`"
-            ) from None
+    err: OSError | None = None
+    for family, kind, proto, _, addr in infos:  # each address in turn: macOS and Windows give localhost's ::1 first
+        with socket.socket(family, kind, proto) as sock:
+            sock.settimeout(timeout_s)
+            try:
+                sock.connect(addr)
+                return
+            except OSError as e:  # refused, timed out, unreachable
+                err = e
+    why = "refused the connection" if isinstance(err, ConnectionRefusedError) else f"did not answer ({err})"
+    raise ReconLoopError(
+        f"no ReconLoop service at {endpoint}: {host}:{port} {why}. Start it on {host} with `{start_hint(endpoint)}`"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # A local service (a subprocess; one short-lived thread awaits its exit after a stop)
+
+
+def command_words(text: str, *, windows: bool = os.name == "nt") -> list[str]:
+    """The words of the preferences' service command. On Windows a path's backslashes stay (POSIX splitting takes
+    them for escapes: ``C:\\Users\\me\\reconloop.exe`` became ``C:Usersmereconloop.exe``) and quotes around a
+    word with spaces go, as the Windows shell would take them; elsewhere the shell's own rules."""
+    if not windows:
+        return shlex.split(text)
+    return [w[1:-1] if len(w) > 1 and w[0] == w[-1] == '"' else w for w in shlex.split(text, posix=False)]
 
 
 def free_loopback_port() -> int:
@@ -341,7 +365,7 @@ def service_command(cfg: ConnectionConfig, endpoint: str) -> list[str]:
     if cfg.local_python:
         base = [cfg.local_python, "-m", "backend.cli"]
     else:
-        base = shlex.split(cfg.local_command or "reconloop")
+        base = command_words(cfg.local_command or "reconloop")
         if not base:
             raise ReconLoopError("set the command that starts the ReconLoop service in the add-on preferences")
     cmd = base + ["serve", "--bind", endpoint, "--device", cfg.local_device or "auto"]

@@ -303,9 +303,10 @@ def build(out_dir: Path = DIST, cache: Path = WHEEL_CACHE, *, split: bool = True
         proto = build_protocol_wheel(Path(tmp), version)
         for platform in (None, *PLATFORMS) if split else (None,):
             wheels = wheels_for(platform, cache) + [proto]
-            manifest = render_manifest(
-                source, [f"./wheels/{w.name}" for w in wheels], [] if platform is None else [platform.blender]
-            )
+            # the all-platform zip names the platforms it has wheels for: no list means every platform to Blender,
+            # and an Intel Mac or an ARM PC would install it and lack pyzmq and msgpack
+            names = [p.blender for p in PLATFORMS] if platform is None else [platform.blender]
+            manifest = render_manifest(source, [f"./wheels/{w.name}" for w in wheels], names)
             outputs.append(write_zip(out_dir / _zip_name(version, platform), manifest, wheels))
     return outputs
 

@@ -354,6 +354,52 @@ def test_preflight_unknown_host_and_no_service_fail_fast():
         preflight(f"tcp://127.0.0.1:{listening.getsockname()[1]}")
 
 
+def test_ipc_is_refused_where_zeromq_has_none(monkeypatch):
+    """Windows' pyzmq has no ipc://: the add-on offered it and then said to start `serve --bind ipc://...`."""
+    import zmq
+
+    from blender_addon.connection import check_address
+
+    monkeypatch.setattr(zmq, "has", lambda capability: capability != "ipc")
+    assert check_address("ipc:///tmp/reconloop") == (
+        "ipc:// is not available on this system (Windows' ZeroMQ has none): use tcp://127.0.0.1:5555"
+    )
+    assert check_address("tcp://127.0.0.1:5555") is None
+
+
+def test_preflight_tries_every_address_of_a_name(monkeypatch):
+    """macOS and Windows resolve localhost to ::1 first; the service listens on 127.0.0.1: the check tried the
+    first address alone and said "refused"."""
+    import socket
+
+    from blender_addon import connection
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        port = listening.getsockname()[1]
+        v6_first = [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+        ]
+        monkeypatch.setattr(connection.socket, "getaddrinfo", lambda *a, **k: v6_first)
+        connection.preflight(f"tcp://localhost:{port}")
+
+
+@pytest.mark.parametrize(
+    "text, windows, words",
+    [
+        (r"C:\Users\me\.venv\Scripts\reconloop.exe", True, [r"C:\Users\me\.venv\Scripts\reconloop.exe"]),
+        (r'"C:\Program Files\rl\reconloop.exe" --x', True, [r"C:\Program Files\rl\reconloop.exe", "--x"]),
+        ('reconloop --data-dir "/a b"', False, ["reconloop", "--data-dir", "/a b"]),
+    ],
+)
+def test_the_service_command_keeps_a_windows_path(text, windows, words):
+    from blender_addon.connection import command_words
+
+    assert command_words(text, windows=windows) == words
+
+
 def test_render_conflicts_name_the_cameras_that_cannot_share_a_scene():
     K = np.array([[500.0, 0, 330], [0, 500.0, 233], [0, 0, 1]])
     K_tall = np.array([[500.0, 0, 330], [0, 520.0, 233], [0, 0, 1]])

@@ -60,3 +60,19 @@ def test_no_import_runs_back_up_a_layer(where: str) -> None:
             if not allowed and any(name == p or name.startswith(p + ".") for p in FORBIDDEN[where]):
                 bad.append(f"{f.relative_to(REPO)} imports {name}")
     assert not bad, "\n".join(bad)
+
+
+UNIX_ONLY = {"fcntl", "resource", "termios", "pwd", "grp"}  # Python's docs: Availability: Unix
+
+
+@pytest.mark.parametrize("package", ["backend", "protocol", "blender_addon"])
+def test_no_module_imports_a_unix_only_module_where_windows_would_fail(package: str) -> None:
+    """The service and the extension run on Windows too: a module-level import of a Unix-only module must sit
+    under ``try``/``except ImportError`` (``import resource`` in backend/outputs.py failed every job there)."""
+    bad = []
+    for path in sorted((REPO / package).rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:  # module level only: an import in a function is lazy
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            bad += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names if n.split(".")[0] in UNIX_ONLY]
+    assert not bad, bad

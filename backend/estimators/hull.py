@@ -67,14 +67,15 @@ class HullConfig:
 
 
 def axes_center(cams: Cameras) -> Tensor | None:
-    """The point nearest all optical axes (least squares), or None when they are near parallel. [3]"""
-    c = cams.centers.double()
-    d = cams.c2w[:, :3, 2].double()
-    P = torch.eye(3, dtype=torch.float64, device=c.device) - d[:, :, None] * d[:, None, :]  # [C, 3, 3]
+    """The point nearest all optical axes (least squares), or None when they are near parallel; solved in float64 on
+    the CPU (Apple's ``mps`` has no float64), returned on the cameras' device. [3]"""
+    c = cams.centers.cpu().double()
+    d = cams.c2w[:, :3, 2].cpu().double()
+    P = torch.eye(3, dtype=torch.float64) - d[:, :, None] * d[:, None, :]  # [C, 3, 3]
     A, b = P.sum(0), (P @ c[:, :, None]).sum(0)[:, 0]
     if float(torch.linalg.cond(A)) > COND_MAX:
         return None
-    return torch.linalg.solve(A, b).float()
+    return torch.linalg.solve(A, b).to(cams.centers)
 
 
 def auto_box(cams: Cameras, box_scale: float = 1.0) -> tuple[Tensor, Tensor]:

@@ -25,7 +25,7 @@ from backend.formats.base import (
     resolve_in,
     w2c_from_rt,
 )
-from backend.scene import DISTORTION_PARAMS, Camera, Capture, Distortion, Scene, SceneError
+from backend.scene import DISTORTION_PARAMS, Camera, Capture, Distortion, Scene, SceneError, relative_posix
 
 # COLMAP camera model -> (index of fx, fy, cx, cy in its params; our distortion model or None).
 # The distortion parameters follow the intrinsics in COLMAP's order, which is OpenCV's order.
@@ -274,7 +274,7 @@ def export_colmap(
             cam_ids[key] = len(cam_ids) + 1
             cam_lines.append(_line([cam_ids[key], model, cam.width, cam.height, *map(float, params)]))
         q = _quaternion_wxyz(cam.w2c[:3, :3])
-        name = Path(os.path.relpath(cap.image, image_root)).as_posix()
+        name = relative_posix(cap.image, image_root)
         image_lines.append(_line([image_id, *map(float, q), *map(float, cam.w2c[:3, 3]), cam_ids[key], name]))
         obs = []
         if points is not None and cap.name in points.observations:

@@ -32,7 +32,7 @@ from backend.formats.base import (
     resolve_in,
     w2c_from_c2w,
 )
-from backend.scene import IMAGE_SUFFIXES, Camera, Capture, Distortion, Scene, SceneError, image_size
+from backend.scene import IMAGE_SUFFIXES, Camera, Capture, Distortion, Scene, SceneError, image_size, relative_posix
 
 TRANSFORMS_FILES = ("transforms.json", "transforms_train.json")
 TEST_FILE = "transforms_test.json"
@@ -219,7 +219,7 @@ def export_nerf(scene: Scene, dst: Path) -> Path:
         if cap.camera is None:
             raise ValueError(f"{where}.camera: missing; transforms.json needs every camera")
         c2w_gl = cap.camera.c2w @ GL_TO_CV
-        rel = Path(os.path.relpath(cap.image, path.parent.resolve())).as_posix()
+        rel = relative_posix(cap.image, path.parent.resolve())
         frames.append({"file_path": rel, "transform_matrix": c2w_gl.tolist()})
         intr.append(_intrinsics_json(cap.camera, f"{where}.camera"))
     data: dict[str, Any] = {"camera_model": "OPENCV"}

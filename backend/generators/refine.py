@@ -691,7 +691,7 @@ def gain_standard_error(frames: Tensor, chosen: Tensor, truth: Tensor, block: in
         0.0
     """
     drop = tile_means((frames - truth).abs().mean(-1), block) - tile_means((chosen - truth).abs().mean(-1), block)
-    drop = drop.flatten().double()
+    drop = drop.flatten().cpu().double()  # on the CPU: Apple's mps has no float64
     # rounded so that tiles that all gain the same give 0 exactly, not float32 noise from the tile means
     return round(float(drop.std() / math.sqrt(drop.numel())), 12) if drop.numel() > 1 else 0.0
 

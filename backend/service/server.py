@@ -688,11 +688,15 @@ def _lock_dir(folder: Path) -> _DirLock:
     """Hold an exclusive lock on ``folder/.lock`` so that two services never share a job store."""
     f = open(folder / ".lock", "a+")
     try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks here
-        return _DirLock(f)
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            import fcntl
+        except ImportError:  # Windows: a lock on the file's first byte, held until the file is closed
+            import msvcrt
+
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
         raise StoreInUseError(f"the job store {folder} is in use by another reconloop service") from None

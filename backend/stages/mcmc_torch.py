@@ -25,7 +25,8 @@ def relocation(opacities: Tensor, scales: Tensor, ratios: Tensor, binoms: Tensor
     With o the Gaussian's opacity and n its copies (``ratios``, clamped to 1..n_max):
     o' = 1 - (1 - o)^(1/n) and s' = o s / D, D = sum_{i=1..n} sum_{k=0..i-1} C(i-1, k) (-1)^k o'^(k+1) / sqrt(k+1).
     The inner sums over i collapse into C(n, k+1) (the hockey-stick identity), the row sums of the binomial
-    table up to n - 1. D is summed in float64: its terms alternate in sign.
+    table up to n - 1. D is summed in float64, on the CPU (Apple's ``mps`` has no float64): its terms alternate
+    in sign.
 
     Args:
         opacities: in [0, 1). [N]
@@ -36,15 +37,16 @@ def relocation(opacities: Tensor, scales: Tensor, ratios: Tensor, binoms: Tensor
         (new opacities [N], new scales [N, 3]), in the inputs' dtype.
     """
     n_max = binoms.shape[0]
-    n = ratios.clamp(1, n_max).long()  # [N]
-    o = opacities.double()
+    n = ratios.cpu().clamp(1, n_max).long()  # [N]
+    o = opacities.detach().cpu().double()
     new_o = 1.0 - (1.0 - o) ** (1.0 / n.double())  # [N]
-    weights = torch.cumsum(binoms.double(), dim=0)[n - 1]  # sum_{j < n} C(j, k) = C(n, k + 1). [N, n_max]
-    k = torch.arange(n_max, dtype=torch.float64, device=opacities.device)
+    weights = torch.cumsum(binoms.cpu().double(), dim=0)[n - 1]  # sum_{j < n} C(j, k) = C(n, k + 1). [N, n_max]
+    k = torch.arange(n_max, dtype=torch.float64)
     signs = 1.0 - 2.0 * (k % 2)
     terms = weights * signs / torch.sqrt(k + 1.0) * new_o[:, None] ** (k + 1.0)  # [N, n_max]
     coeff = o / terms.sum(dim=1)  # [N]
-    return new_o.to(opacities.dtype), (coeff[:, None] * scales.double()).to(scales.dtype)
+    new_scales = coeff[:, None] * scales.detach().cpu().double()
+    return new_o.to(opacities), new_scales.to(scales)
 
 
 def covariance(

@@ -353,3 +353,19 @@ def test_look_at_puts_the_target_on_the_optical_axis_with_world_y_up():
     assert cam[2] > 0
     above = w2c[:3, :3] @ np.array([0.2, 1.1, 0.0]) + w2c[:3, 3]  # world +y is image up (smaller y)
     assert above[1] < 0
+
+
+def test_scene_json_paths_are_relative_with_slashes_or_absolute_across_drives(tmp_path, monkeypatch):
+    """Windows: photos on D: and the scene on C: have no relative path (os.path.relpath raises): the export failed."""
+    import backend.scene as scene_module
+    from backend.scene import relative_posix
+
+    (tmp_path / "photos").mkdir()
+    photo = tmp_path / "photos" / "a.png"
+    assert relative_posix(photo, tmp_path / "scene") == "../photos/a.png"
+
+    def other_drive(path, start):
+        raise ValueError("path is on mount 'D:', start on mount 'C:'")
+
+    monkeypatch.setattr(scene_module.os.path, "relpath", other_drive)
+    assert relative_posix(photo, tmp_path / "scene") == photo.resolve().as_posix()

@@ -77,6 +77,10 @@ def test_per_platform_zips(extension_zips):
         tags = {"linux-x64": "linux", "windows-x64": "win_amd64", "macos-arm64": "macosx"}
         binary = [w for w in wheels if not w.endswith("-none-any.whl")]
         assert len(binary) == 4 and all(tags[platform] in w for w in binary), binary
+    # the all-platform zip names the three it bundles wheels for (no list: Blender would take it on any platform)
+    with zipfile.ZipFile(extension_zips[0]) as zf:
+        manifest = zf.read("blender_manifest.toml").decode()
+    assert 'platforms = ["linux-x64", "windows-x64", "macos-arm64"]' in manifest
 
 
 def test_builds_at_once_each_bundle_a_whole_protocol_wheel(tmp_path):

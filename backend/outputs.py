@@ -327,6 +327,8 @@ class StageMeter:
 
     def summary(self) -> dict[str, Any]:
         memory_kind = "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss"
+        if self.device.type != "cuda" and resource is None:
+            memory_kind = "unmeasured (no resource module: Windows)"  # the peaks read 0
         return {
             "device": str(self.device),
             "memory": memory_kind,

@@ -325,16 +325,18 @@ def preflight(endpoint: str, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> None:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:
         raise ReconLoopError(f"unknown host {host!r} in {endpoint}: check the name in the add-on preferences") from None
-    err: OSError | None = None
+    errors: list[OSError] = []
+    deadline = time.monotonic() + timeout_s  # one wait for all of them: Blender's UI waits on it
     for family, kind, proto, _, addr in infos:  # each address in turn: macOS and Windows give localhost's ::1 first
-        with socket.socket(family, kind, proto) as sock:
-            sock.settimeout(timeout_s)
-            try:
+        try:
+            with socket.socket(family, kind, proto) as sock:  # inside: a family this machine lacks is one more miss
+                sock.settimeout(max(0.05, deadline - time.monotonic()))
                 sock.connect(addr)
                 return
-            except OSError as e:  # refused, timed out, unreachable
-                err = e
-    why = "refused the connection" if isinstance(err, ConnectionRefusedError) else f"did not answer ({err})"
+        except OSError as e:  # refused, timed out, unreachable
+            errors.append(e)
+    refused = any(isinstance(e, ConnectionRefusedError) for e in errors)  # the clearest of the addresses' answers
+    why = "refused the connection" if refused else f"did not answer ({errors[-1]})"
     raise ReconLoopError(
         f"no ReconLoop service at {endpoint}: {host}:{port} {why}. Start it on {host} with `{start_hint(endpoint)}`"
     )
@@ -350,7 +352,8 @@ def command_words(text: str, *, windows: bool = os.name == "nt") -> list[str]:
     word with spaces go, as the Windows shell would take them; elsewhere the shell's own rules."""
     if not windows:
         return shlex.split(text)
-    return [w[1:-1] if len(w) > 1 and w[0] == w[-1] == '"' else w for w in shlex.split(text, posix=False)]
+    # a word is a run of non-blanks and "quoted spans", which may sit inside it (--data-dir="C:\a b")
+    return [w.replace('"', "") for w in re.findall(r'(?:[^\s"]+|"[^"]*"?)+', text)]
 
 
 def free_loopback_port() -> int:

@@ -379,6 +379,7 @@ def test_preflight_tries_every_address_of_a_name(monkeypatch):
         listening.listen(1)
         port = listening.getsockname()[1]
         v6_first = [
+            (12345, socket.SOCK_STREAM, 6, "", ("nowhere", port)),  # a family this machine cannot open a socket of
             (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
             (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
         ]
@@ -392,6 +393,8 @@ def test_preflight_tries_every_address_of_a_name(monkeypatch):
         (r"C:\Users\me\.venv\Scripts\reconloop.exe", True, [r"C:\Users\me\.venv\Scripts\reconloop.exe"]),
         (r'"C:\Program Files\rl\reconloop.exe" --x', True, [r"C:\Program Files\rl\reconloop.exe", "--x"]),
         ('reconloop --data-dir "/a b"', False, ["reconloop", "--data-dir", "/a b"]),
+        (r'reconloop --data-dir="C:\a b"', True, ["reconloop", r"--data-dir=C:\a b"]),
+        ("  ", True, []),
     ],
 )
 def test_the_service_command_keeps_a_windows_path(text, windows, words):

@@ -82,3 +82,14 @@ def test_fetching_removes_cached_wheels_that_match_no_pin(tmp_path):
     (cache / ".fetched").write_text("")  # the Makefile's stamp is not a wheel: it stays
     assert sorted(p.name for p in build_extension.prune_wheels(cache)) == sorted(stale)
     assert sorted(p.name for p in cache.iterdir()) == sorted(pinned + [".fetched"])
+
+
+def test_the_manifests_texts_fit_blenders_limits():
+    """`blender --command extension validate` (and extensions.blender.org) refuse a tagline or a permission's
+    reason over 64 characters; installing takes them, so nothing else here would notice."""
+    import tomllib
+
+    manifest = tomllib.loads((build_extension.ADDON_DIR / build_extension.MANIFEST).read_text())
+    assert len(manifest["tagline"]) <= 64, manifest["tagline"]
+    for name, reason in manifest.get("permissions", {}).items():
+        assert len(reason) <= 64, (name, reason)

@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -32,7 +31,7 @@ from ..camera_paths import SIM_MIN_CAMERAS, default_trajectory, similarity, tran
 from ..formats.undistort import undistort_image
 from ..masks import stack_masks
 from ..outputs import CaptureCamera
-from ..scene import Camera, Capture, Scene, SceneError, image_size
+from ..scene import Camera, Capture, Scene, SceneError, image_size, relative_posix
 from ..types import Cameras, Views
 
 U8_MAX = 255.0
@@ -139,7 +138,7 @@ def prepare_captures(
     captures = load_views(used, W, H, device, cameras=[cams_found[i] for i in kept], pinholes=pinholes)
     records = [
         CaptureCamera(
-            name=c.name, image=os.path.relpath(c.image, scene.root), camera=cams_found[i], is_estimated=is_estimated[i]
+            name=c.name, image=relative_posix(c.image, scene.root), camera=cams_found[i], is_estimated=is_estimated[i]
         )
         for c, i in zip(used, kept, strict=True)
     ]

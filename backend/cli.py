@@ -336,6 +336,8 @@ def _run_loop(
 
     device = pick_device(device)
     scene = with_budget(scene, budget_for(budget, device))
+    if scene.settings.time_budget_min and scene.settings.gaussian_iterations:  # seconds of silence otherwise
+        print(f"planning a {scene.settings.time_budget_min}-minute job on {device} ...", file=sys.stderr, flush=True)
     config = LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
     generator = GeneratorCache().get(config.generator, device)  # missing weights: said before any work
     if refiner_out is not None and not hasattr(generator, "save"):

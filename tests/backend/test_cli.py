@@ -179,6 +179,8 @@ def test_run_to_the_end_twice_into_one_folder(tmp_path, capsys):
     assert f"files in {tmp_path / 'o'}: " in out and "gaussians.ply" in out and "earlier run" not in out
     assert main(argv) == 0
     assert f"{tmp_path / 'o'} holds an earlier run's results: this run replaces them" in capsys.readouterr().out
+    assert main([*argv[:-1], "1"]) == 0  # a budget: the probe's seconds are announced, not silent
+    assert "planning a 1-minute job on cpu ..." in capsys.readouterr().err
 
 
 def test_run_names_a_bad_out_or_a_broken_photo(tmp_path, capsys):

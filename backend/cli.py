@@ -104,14 +104,8 @@ class ProgressBar:
         self.bar.close()
 
 
-def print_notes(out: Path) -> None:
-    """The job's notes (``metrics.json``: what the loop fell back to and why) under its results."""
-    from .outputs import METRICS_FILE
-
-    try:
-        notes = json.loads((out / METRICS_FILE).read_text()).get("notes", [])
-    except (OSError, ValueError):
-        return
+def print_notes(notes: Sequence[str]) -> None:
+    """The job's notes (``metrics.json``'s: what the loop fell back to and why) under its results."""
     for note in notes:
         print(f"note: {note}")
 
@@ -195,7 +189,7 @@ def zmq_endpoint(text: str) -> str:
     """argparse type of ``serve --bind`` and ``submit --server``: a ZeroMQ endpoint (``tcp://HOST:PORT``,
     ``ipc://PATH``), by the check the service makes of its bind (``auth.endpoint_is_local``), so that
     ``127.0.0.1:5555`` is named here and not as ZeroMQ's "Invalid argument" traceback."""
-    from .service.auth import AuthError, endpoint_is_local
+    from protocol.curve import AuthError, endpoint_is_local
 
     try:
         endpoint_is_local(text)
@@ -330,27 +324,28 @@ def _run_loop(
     check_out_folder(out)
     scene = scene_dir if isinstance(scene_dir, Scene) else load_scene(scene_dir)
     from .devices import pick_device
-    from .generators import GeneratorCache
+    from .generators import GeneratorCache, GeneratorConfig
     from .loop import LoopConfig, run_loop
-    from .outputs import JOB_FILES
+    from .outputs import earlier_outputs
 
     device = pick_device(device)
     scene = with_budget(scene, budget_for(budget, device))
-    if scene.settings.time_budget_min and scene.settings.gaussian_iterations:  # seconds of silence otherwise
-        print(f"planning a {scene.settings.time_budget_min}-minute job on {device} ...", file=sys.stderr, flush=True)
-    config = LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
-    generator = GeneratorCache().get(config.generator, device)  # missing weights: said before any work
+    # missing weights are said before any work, the budget's probe included (the plan does not change them)
+    generator = GeneratorCache().get(GeneratorConfig.from_settings(scene.settings), device)
     if refiner_out is not None and not hasattr(generator, "save"):
         raise SystemExit(
             f"--refiner-out: generator {scene.settings.generator!r} trains no weights to save; "
             "set the scene's generator to 'refine'"
         )
-    if any((out / name).is_file() for name in JOB_FILES):
+    if scene.settings.time_budget_min and scene.settings.gaussian_iterations:  # seconds of silence otherwise
+        print(f"planning a {scene.settings.time_budget_min}-minute job on {device} ...", file=sys.stderr, flush=True)
+    config = LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
+    if earlier_outputs(out):
         print(f"{out} holds an earlier run's results: this run replaces them (other files there stay)")
     out.mkdir(parents=True, exist_ok=True)
     bar = ProgressBar("loop")
     try:
-        run_loop(scene, out, device=device, progress=bar, config=config, generator=generator)
+        result = run_loop(scene, out, device=device, progress=bar, config=config, generator=generator)
     except KeyboardInterrupt:
         bar.close()
         print(
@@ -360,11 +355,11 @@ def _run_loop(
         raise
     finally:
         bar.close()
-    print_notes(out)
+    print_notes(result.metrics.get("notes", []))
     if refiner_out is not None:
         generator.save(refiner_out)
         print(f"refiner weights written to {refiner_out}")
-    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    files = sorted(set(result.artifacts))
     print(f"{len(files)} files in {out}: {', '.join(files[:12])}{' ...' if len(files) > 12 else ''}")
     return 0
 
@@ -451,19 +446,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return fetch_results(client, job, args.out)
 
 
-def fetch_results(client: Any, job: str, out: Path) -> int:
+def fetch_results(client: Any, job: str, out: Path, status: dict[str, Any] | None = None) -> int:
     """Download every artifact of ``job`` into ``out`` (sha256 checked), print the job's notes and how it ended;
     the exit status: 0 for a done job, 1 for one that failed or was cancelled (what it finished still comes)."""
     from .outputs import METRICS_FILE
     from .service.store import check_artifact_name
 
-    status = client.status(job)
+    status = status or client.status(job)
     out.mkdir(parents=True, exist_ok=True)
     names = [check_artifact_name(entry["name"]) for entry in status["artifacts"]]
     for name in names:
         client.fetch_to(job, name, out / name)
     if METRICS_FILE in names:  # not an earlier job's, left in the folder by a job that failed before writing one
-        print_notes(out)
+        with contextlib.suppress(OSError, ValueError):
+            print_notes(json.loads((out / METRICS_FILE).read_text()).get("notes", []))
     count = len(status["artifacts"])
     print(f"job {job}: {status['state']} ({status['message']}); {count} artifacts in {out}, sha256 verified")
     return 0 if status["state"] == "done" else EXIT_JOB_FAILED
@@ -475,10 +471,12 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     with service_client(args) as client:
         from protocol.schemas import TERMINAL_STATES
 
-        state = client.status(args.job)["state"]
-        if state not in TERMINAL_STATES:
-            raise ValueError(f"job {args.job} is {state}: fetch it once it has ended (`reconloop jobs` shows it)")
-        return fetch_results(client, args.job, args.out)
+        status = client.status(args.job)
+        if status["state"] not in TERMINAL_STATES:
+            raise ValueError(
+                f"job {args.job} is {status['state']}: fetch it once it has ended (`reconloop jobs` shows it)"
+            )
+        return fetch_results(client, args.job, args.out, status)
 
 
 def cmd_import(args: argparse.Namespace) -> int:

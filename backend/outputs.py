@@ -117,21 +117,26 @@ def clear_outputs(out_dir: Path) -> list[str]:
     that generates fewer frames, or fits no Gaussians, would leave the first run's there as its own.
     Returns the names removed, relative to ``out_dir``.
     """
-    removed = []
-    for name in JOB_FILES:
-        path = out_dir / name
-        if path.is_file():
-            path.unlink()
-            removed.append(name)
+    removed = earlier_outputs(out_dir)
+    for name in removed:
+        (out_dir / name).unlink()
+    folder = out_dir / FRAMES_DIR
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    return removed
+
+
+def earlier_outputs(out_dir: Path) -> list[str]:
+    """What :func:`clear_outputs` removes from ``out_dir``: an earlier run's files, relative to it."""
+    found = [name for name in JOB_FILES if (out_dir / name).is_file()]
     folder = out_dir / FRAMES_DIR
     if folder.is_dir():
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and (path.name == CAMERAS_FILE or FRAME_FILE_PATTERN.fullmatch(path.name)):
-                path.unlink()
-                removed.append(f"{FRAMES_DIR}/{path.name}")
-        if not any(folder.iterdir()):
-            folder.rmdir()
-    return removed
+        found += [
+            f"{FRAMES_DIR}/{path.name}"
+            for path in sorted(folder.iterdir())
+            if path.is_file() and (path.name == CAMERAS_FILE or FRAME_FILE_PATTERN.fullmatch(path.name))
+        ]
+    return found
 
 
 def write_frames(

@@ -513,7 +513,9 @@ def _forget_job(rt, reply: dict) -> None:
 
 
 def _deleted(rt, reply: dict) -> str:
-    what = "was not on the service (deleted already)" if reply.get("gone") else "deleted from the service"
+    what = (
+        "was not on the service (deleted already, or no such job)" if reply.get("gone") else "deleted from the service"
+    )
     return f"job {reply['job'][:8]} {what}"
 
 

@@ -54,7 +54,7 @@ from backend.generators.refine import LOSS_SYNC_EVERY, RefineConfig, RefineGener
 from backend.generators.reproject import ReprojectConfig, ReprojectGenerator  # noqa: E402
 from backend.loop import LoopConfig  # noqa: E402
 from backend.outputs import to_u8, write_overview_as  # noqa: E402
-from backend.scene import Scene  # noqa: E402
+from backend.scene import SCENE_FILE, Scene  # noqa: E402
 from backend.stages.cameras import load_image, load_views, resize_image, to_tensor, undistorted  # noqa: E402
 from backend.stages.memory import build_memory  # noqa: E402
 
@@ -216,11 +216,18 @@ def bench_config(
 def load_bench_scene(data: Path, name: str, work: Path, *, split: bool = True) -> Scene:
     """One of SCENES from ``data``, imported into ``work`` and split by its protocol (``split``); a
     ``<folder>_imported`` copy (a scene.json made where pycolmap is) is used when ``data`` has one."""
-    folder, fmt, protocol, _, options = SCENES[name]
-    src = data / folder
-    if (data / f"{folder}{IMPORTED_SUFFIX}" / "scene.json").is_file():
-        src, fmt, options = data / f"{folder}{IMPORTED_SUFFIX}", None, {}
-    return scene_for_eval(src, fmt, protocol if split else None, 3, work, **options)
+    src, fmt, options = bench_scene_source(data, name)
+    return scene_for_eval(src, fmt, SCENES[name][2] if split else None, 3, work, **options)
+
+
+def bench_scene_source(data: Path, name: str) -> tuple[Path, str | None, dict]:
+    """Where one of SCENES is read from in ``data``, its format and import options: the ``<folder>_imported`` copy
+    (a scene.json, format None) where ``data`` has one, else the dataset's own folder."""
+    folder, fmt, _, _, options = SCENES[name]
+    imported = data / f"{folder}{IMPORTED_SUFFIX}"
+    if (imported / SCENE_FILE).is_file():
+        return imported, None, {}
+    return data / folder, fmt, options
 
 
 # a variant's loop overrides beyond LOOP_FIELDS: the guide's fields (bench key -> GuideConfig field), the other
@@ -258,12 +265,7 @@ def bench_scene_names(
         p.error(f"{option}: unknown scene(s) {unknown or 'none given'}; known: {', '.join(sorted(SCENES))}")
     if names and not data.is_dir():
         p.error(f"--data: no folder {data}; point it at the shared scenes (../shared/data beside the clone)")
-    folders = {n: SCENES[n][0] for n in names}
-    missing = [
-        f"{n} ({f})"
-        for n, f in folders.items()
-        if not (data / f).is_dir() and not (data / f"{f}{IMPORTED_SUFFIX}" / "scene.json").is_file()  # as loaded
-    ]
+    missing = [f"{n} ({SCENES[n][0]})" for n in names if not bench_scene_source(data, n)[0].is_dir()]
     if missing:
         p.error(f"--data: {data} has no folder for scene(s) {', '.join(missing)}")
     return names

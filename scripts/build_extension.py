@@ -69,6 +69,7 @@ PLATFORMS = (
         re.compile(r"(manylinux|musllinux)[^-]*x86_64"),
     ),
     Platform("windows-x64", ("win_amd64",), re.compile(r"win_amd64")),
+    Platform("windows-arm64", ("win_arm64",), re.compile(r"win_arm64")),  # the pinned pyzmq and msgpack have them
     Platform(
         "macos-arm64",
         (

@@ -16,6 +16,7 @@ import build_extension  # noqa: E402
 TAGS = {
     "linux-x64": "manylinux_2_17_x86_64",
     "windows-x64": "win_amd64",
+    "windows-arm64": "win_arm64",
     "macos-arm64": "macosx_11_0_arm64",
 }
 

@@ -31,7 +31,7 @@ from backend.formats.base import EXPORTERS, IMPORTERS, ImportedScene
 from backend.formats.colmap import ColmapPoints, read_colmap_points
 from backend.formats.undistort import UNDISTORTED_HELDOUT_DIR, undistort_capture
 from backend.masks import write_mask
-from backend.scene import SCENE_FILE, Capture, Scene, SceneError, Settings, load_scene, save_scene
+from backend.scene import Capture, Scene, SceneError, Settings, save_scene, scene_from_json, scene_to_json
 
 MASKS_DIR = "masks"  # masks a reader made (silhouettes) are written here, one PNG per capture
 BOUNDS_FILE = "bounds.json"  # near/far depth per capture name, when the format has them (LLFF)
@@ -125,16 +125,10 @@ def import_scene(
         captures = [undistort_capture(c, dst) for c in captures]
         heldout = [undistort_capture(c, dst, UNDISTORTED_HELDOUT_DIR) for c in heldout]
     scene = Scene(root=dst.resolve(), captures=captures, heldout=heldout, settings=settings or Settings())
-    earlier = (dst / SCENE_FILE).read_bytes() if (dst / SCENE_FILE).is_file() else None
-    written = save_scene(scene, dst)
-    try:
-        loaded = load_scene(dst)
-    except SceneError:  # a scene that does not load: the folder keeps the scene.json it had, or none
-        if earlier is None:
-            written.unlink()
-        else:
-            write_atomic(written, earlier)
-        raise
+    # checked as load_scene reads it back before anything replaces the folder's scene.json (a refused import
+    # leaves the one it had, or none)
+    loaded = scene_from_json(json.loads(json.dumps(scene_to_json(scene, dst))), dst)
+    save_scene(scene, dst)
     if found.bounds:  # beside the scene.json it belongs to, never beside a refused one's predecessor
         write_atomic(dst / BOUNDS_FILE, json.dumps(found.bounds, indent=1).encode())
     return loaded

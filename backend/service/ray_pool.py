@@ -71,6 +71,11 @@ class RayConfig:
             raise ValueError(f"RayConfig.workers must be a positive integer or None; got {self.workers!r}")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise ValueError(f"RayConfig.gpus_per_worker must be >= 0 or None; got {self.gpus_per_worker!r}")
+        if self.address not in (None, "auto", "local"):
+            try:
+                head_address(self.address)
+            except ValueError as err:
+                raise ValueError(f"RayConfig.address {err}") from None
 
 
 class PoolWorker:

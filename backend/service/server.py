@@ -89,6 +89,10 @@ class ServiceConfig:
     ray: RayConfig | None = None
     keep_days: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.keep_days is not None and not self.keep_days > 0:
+            raise ValueError(f"ServiceConfig.keep_days must be > 0 or None; got {self.keep_days}")
+
 
 def resolve_device(device: str) -> str:
     """``--device`` to a torch device name (backend.devices: auto = cuda, then mps, then cpu)."""
@@ -142,8 +146,6 @@ class Service:
         runner: Runner | None = None,
         context: zmq.Context | None = None,
     ) -> None:
-        if config.keep_days is not None and not config.keep_days > 0:
-            raise ValueError(f"ServiceConfig.keep_days must be > 0 or None; got {config.keep_days}")
         self.config = config
         self.runner = runner or default_runner
         # a ZAP handler is one per context: an authenticated service gets a context of its own
@@ -332,13 +334,12 @@ class Service:
             log.info("deleted %d ended job(s) older than %g days (--keep-days)", gone, self.config.keep_days)
 
     def _remove(self, record: JobRecord) -> None:
-        """Delete an ended job: what the loop holds for it first (its watchers; its artifacts' memory maps,
-        which can block the folder's move and keep the files' space), then its folder (``JobStore.delete``).
+        """Delete an ended job: what the loop holds for it first (its artifacts' memory maps, which can block the
+        folder's move and keep the files' space), then its folder (``JobStore.delete``).
 
         Raises:
             OSError: the folder could not be moved; the job stays listed.
         """
-        self.watchers.pop(record.job, None)
         for key in [k for k in self._maps if k[0] == record.job]:
             del self._maps[key]
         self.store.delete(record)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -321,6 +322,8 @@ class JobStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.jobs: dict[str, JobRecord] = {}
         self.keys: dict[tuple[str | None, str], str] = {}  # (owner, idempotency key) -> job
+        self._doomed: queue.SimpleQueue[Path] = queue.SimpleQueue()  # moved-aside folders the deleter removes
+        self._deleter: threading.Thread | None = None
 
     # -- creation ---------------------------------------------------------------------------------
 
@@ -456,8 +459,8 @@ class JobStore:
 
     def delete(self, record: JobRecord) -> None:
         """Delete an ended job: its folder is first renamed to a ``TMP_PREFIX`` name in one step (a job is listed
-        whole or not at all; ``load`` sweeps what a crash leaves), then deleted on a thread of its own, so a large
-        folder does not hold up requests.
+        whole or not at all; ``load`` sweeps what a crash leaves), then deleted by the store's one deleter
+        thread, so a large folder does not hold up requests (and a long ``--keep-days`` pass starts no crowd).
 
         Raises:
             ValueError: the job has not ended (queued or running).
@@ -467,10 +470,20 @@ class JobStore:
             raise ValueError(f"JobStore.delete: job {record.job} is {record.state}; only an ended job is deleted")
         doomed = self.root / f"{TMP_PREFIX}{record.job}"
         os.replace(record.dir, doomed)
-        threading.Thread(target=shutil.rmtree, args=(doomed, True), name="reconloop-delete", daemon=True).start()
         del self.jobs[record.job]
         if record.key and self.keys.get((record.owner, record.key)) == record.job:
             del self.keys[(record.owner, record.key)]
+        self._doomed.put(doomed)
+        if self._deleter is None:
+            self._deleter = threading.Thread(target=self._delete_forever, name="reconloop-delete", daemon=True)
+            self._deleter.start()
+
+    def _delete_forever(self) -> None:
+        def failed(function: Any, path: str, exc_info: Any) -> None:
+            log.warning("could not delete %s (%s); the next start sweeps it", path, exc_info[1])
+
+        while True:
+            shutil.rmtree(self._doomed.get(), onerror=failed)
 
     def listed(self, requester: str) -> list[JobRecord]:
         """The jobs ``requester`` may see (``auth.may_access``), oldest first, at most MAX_JOBS_LISTED: the newest.

@@ -146,6 +146,7 @@ def test_an_import_that_does_not_load_keeps_the_folders_scene_json(tmp_path):
     with pytest.raises(SceneError, match=rf"does not match the image {photo.name}"):
         import_scene("colmap", src, dst)
     assert not (dst / "scene.json").exists()
+    dst.mkdir(exist_ok=True)
     (dst / "scene.json").write_text("the user's earlier scene")
     with pytest.raises(SceneError, match=rf"does not match the image {photo.name}"):
         import_scene("colmap", src, dst)

@@ -284,3 +284,12 @@ def test_the_head_check_takes_an_ipv6_address():
         head.listen()
         check_head_answers(f"[::1]:{head.getsockname()[1]}")
         check_head_answers(f"ray://[::1]:{head.getsockname()[1]}")
+
+
+def test_a_ray_config_names_a_malformed_address_when_made():
+    """A library caller's RayConfig(address="headnode") was taken, and failed only when the pool started."""
+    with pytest.raises(
+        ValueError, match=r"RayConfig.address must be auto, local or HOST:PORT of a Ray head; got 'headnode'"
+    ):
+        RayConfig(address="headnode")
+    assert RayConfig(address="10.0.0.5:6379").address == "10.0.0.5:6379"

@@ -66,6 +66,7 @@ def test_per_platform_zips(extension_zips):
         "reconloop-0.1.0.zip",
         "reconloop-0.1.0-linux_x64.zip",
         "reconloop-0.1.0-windows_x64.zip",
+        "reconloop-0.1.0-windows_arm64.zip",
         "reconloop-0.1.0-macos_arm64.zip",
     }
     for path in extension_zips[1:]:
@@ -74,13 +75,13 @@ def test_per_platform_zips(extension_zips):
             manifest = zf.read("blender_manifest.toml").decode()
             wheels = [n for n in zf.namelist() if n.startswith("wheels/")]
         assert f'platforms = ["{platform}"]' in manifest
-        tags = {"linux-x64": "linux", "windows-x64": "win_amd64", "macos-arm64": "macosx"}
+        tags = {"linux-x64": "linux", "windows-x64": "win_amd64", "windows-arm64": "win_arm64", "macos-arm64": "macosx"}
         binary = [w for w in wheels if not w.endswith("-none-any.whl")]
         assert len(binary) == 4 and all(tags[platform] in w for w in binary), binary
     # the all-platform zip names the three it bundles wheels for (no list: Blender would take it on any platform)
     with zipfile.ZipFile(extension_zips[0]) as zf:
         manifest = zf.read("blender_manifest.toml").decode()
-    assert 'platforms = ["linux-x64", "windows-x64", "macos-arm64"]' in manifest
+    assert 'platforms = ["linux-x64", "windows-x64", "windows-arm64", "macos-arm64"]' in manifest
 
 
 def test_builds_at_once_each_bundle_a_whole_protocol_wheel(tmp_path):

@@ -449,8 +449,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def fetch_results(client: Any, job: str, out: Path, status: dict[str, Any] | None = None) -> int:
     """Download every artifact of ``job`` into ``out`` (sha256 checked), print the job's notes and how it ended;
     the exit status: 0 for a done job, 1 for one that failed or was cancelled (what it finished still comes)."""
+    from protocol.limits import check_artifact_name
+
     from .outputs import METRICS_FILE
-    from .service.store import check_artifact_name
 
     status = status or client.status(job)
     out.mkdir(parents=True, exist_ok=True)

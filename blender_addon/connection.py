@@ -11,6 +11,7 @@ The protocol itself is ``protocol.client.Client`` (Lazy Pirate retries, event re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from protocol.limits import check_artifact_name
 from protocol.schemas import TERMINAL_STATES
 
 from . import scene_io
@@ -573,6 +575,14 @@ class JobDriver:
         """Ask the service to cancel the job (sent by the next step; it stops at a step boundary)."""
         self.cancel_requested = True
 
+    def drop_downloads(self) -> None:
+        """Forget the files still to come and delete the one half downloaded (its ``.part``): the add-on stops
+        following the job after an error; what arrived whole stays."""
+        if self._current is not None and self._current.tmp:
+            with contextlib.suppress(OSError):
+                os.remove(self._current.tmp)
+        self._current, self._queue = None, []
+
     @property
     def is_downloading(self) -> bool:
         return self._current is not None or bool(self._queue)
@@ -597,6 +607,8 @@ class JobDriver:
             self.submitted = True
             return self.client.begin("submit", scene=self.scene), self._on_submit
         if not self._watching:
+            if not (isinstance(self.job, str) and self.job.isascii() and self.job.isalnum()):  # a folder name below
+                raise ReconLoopError(f"the service gave a job id that is not a plain name: {self.job!r}")
             self.out_dir = os.path.join(self.out_root, self.job)
             os.makedirs(self.out_dir, exist_ok=True)
             return self.client.begin_watch(self.job), self._on_watch
@@ -664,6 +676,10 @@ class JobDriver:
 
     def _want(self, a: dict[str, Any]) -> None:
         name, sha = a["name"], a["sha256"]
+        try:  # joined to the job's folder below: a wrong or hostile service must not write outside it
+            check_artifact_name(name)
+        except ValueError as err:
+            raise ReconLoopError(f"the service announced an output file this add-on will not write: {err}") from None
         kind = scene_io.artifact_kind(name)
         if kind not in IMPORTED_KINDS and name not in EXTRA_FILES:
             return

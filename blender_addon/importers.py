@@ -657,18 +657,34 @@ def set_background_sequence(
     camera_obj: bpy.types.Object, first_file: str, frame_start: int, frame_count: int, job: str = ""
 ):
     """Show an image sequence (files numbered by Blender frame) as the camera's background; ``job``: the job
-    whose frames they are (``cameras_showing_job`` finds the camera again)."""
-    img = bpy.data.images.load(first_file, check_existing=False)
-    img.source = "SEQUENCE"
-    if job:
-        img[FRAME_JOB] = job
+    whose frames they are (``cameras_showing_job`` finds the camera again).
+
+    A call for the sequence the camera already shows (a job's frames arriving one segment after another)
+    reloads its image; one for another sequence replaces the camera's earlier frames and removes their image
+    where no camera shows it any more, so that no stale image stays in the file.
+    """
     cam = camera_obj.data
-    for bg in list(cam.background_images):
-        if bg.image is not None and bg.image.get(OBJECT_KIND) == scene_io.KIND_FRAME:
-            cam.background_images.remove(bg)
-    img[OBJECT_KIND] = scene_io.KIND_FRAME
-    bg = cam.background_images.new()
-    bg.image = img
+    bg = None
+    for old in list(cam.background_images):
+        img = old.image
+        if img is None or img.get(OBJECT_KIND) != scene_io.KIND_FRAME:
+            continue
+        shown = os.path.normcase(os.path.abspath(bpy.path.abspath(img.filepath)))
+        if bg is None and img.get(FRAME_JOB, "") == job and shown == os.path.normcase(os.path.abspath(first_file)):
+            bg = old
+            img.reload()
+            continue
+        cam.background_images.remove(old)
+        if not any(b.image == img for c in bpy.data.cameras for b in c.background_images):
+            bpy.data.images.remove(img)
+    if bg is None:
+        img = bpy.data.images.load(first_file, check_existing=False)
+        img.source = "SEQUENCE"
+        if job:
+            img[FRAME_JOB] = job
+        img[OBJECT_KIND] = scene_io.KIND_FRAME
+        bg = cam.background_images.new()
+        bg.image = img
     bg.frame_method = "STRETCH"
     bg.alpha = 1.0
     user = bg.image_user

@@ -271,10 +271,15 @@ def _tick():
         importer.flush()
     except Exception as err:  # noqa: BLE001 - one boundary: show it, stop the job's timer
         message = connection.plain_error(err, s.endpoint)
+        driver.drop_downloads()
+        if driver.progress.state == "done" or driver.progress.state not in TERMINAL_STATES:  # it goes on there
+            note = abandoned_job_note(driver, importer, "The add-on stopped following the job")
+            message = f"{message}. {note}" if note else message
         rt = _runtime()
         rt.is_running = False
         rt.last_error = message
         s.driver = None
+        s.handlers.pop("importer", None)
         print(f"ReconLoop: {message}")
         if importer.imported:  # what arrived stays: an undo step of its own
             push_undo()
@@ -359,12 +364,7 @@ def prepare_job(context, *, server: str = "", output_dir: str = "") -> tuple[con
             raise ReconLoopError("pick a folder of photos")
         folder = bpy.path.abspath(st.photo_folder)
         captures = scene_io.captures_from_folder(folder)
-        photos = {
-            c.name: os.path.join(folder, f)
-            for c in captures
-            for f in os.listdir(folder)
-            if os.path.splitext(f)[0] == c.name
-        }
+        photos = {c.name: c.path for c in captures}  # the files read, not a sidecar of the same stem
         key = os.path.basename(os.path.normpath(folder))
     trajectory = []
     start, end, step = st.frame_range(scene)
@@ -763,19 +763,22 @@ class _ImportPly(ImportHelper):
     filename_ext = ".ply"
     filter_glob: bpy.props.StringProperty(default="*.ply", options={"HIDDEN"})
 
-    def _collection(self, context) -> bpy.types.Collection:
-        coll = bpy.data.collections.get(IMPORTS_COLLECTION)
-        if coll is None:
-            coll = bpy.data.collections.new(IMPORTS_COLLECTION)
-        if coll.name not in context.scene.collection.children:
-            context.scene.collection.children.link(coll)
-        return coll
-
     def execute(self, context):
         name = os.path.splitext(os.path.basename(self.filepath))[0]
+        children = context.scene.collection.children
+        coll = bpy.data.collections.get(IMPORTS_COLLECTION)
+        made, linked = coll is None, coll is not None and coll.name in children
+        if made:
+            coll = bpy.data.collections.new(IMPORTS_COLLECTION)
+        if not linked:
+            children.link(coll)
         try:
-            obj = self.importer(bpy.path.abspath(self.filepath), name, self._collection(context))
+            obj = self.importer(bpy.path.abspath(self.filepath), name, coll)
         except ReconLoopError as err:
+            if made:  # a file that cannot be read leaves nothing behind (no undo step is pushed for it)
+                bpy.data.collections.remove(coll)
+            elif not linked:
+                children.unlink(coll)
             self.report({"ERROR"}, str(err))
             return {"CANCELLED"}
         if getattr(self, "as_fitted", None) is not None:

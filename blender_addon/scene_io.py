@@ -76,12 +76,14 @@ class CaptureInput:
         image: the PNG/JPEG file's bytes.
         image_format: "png" or "jpeg".
         camera: OpenCV camera at the photo's pixel size, or None to have it estimated.
+        path: the file the photo was read from, where it was read from one ("" for a camera's background).
     """
 
     name: str
     image: bytes
     image_format: str
     camera: OpenCVCamera | None = None
+    path: str = ""
 
 
 def image_info(data: bytes, name: str) -> ImageInfo:
@@ -104,10 +106,11 @@ def captures_from_folder(folder: str) -> list[CaptureInput]:
         raise ReconLoopError(f"no PNG or JPEG photos in {folder}")
     out = []
     for fname in names:
-        with open(os.path.join(folder, fname), "rb") as f:
+        path = os.path.join(folder, fname)
+        with open(path, "rb") as f:
             data = f.read()
         info = image_info(data, fname)
-        out.append(CaptureInput(name=os.path.splitext(fname)[0], image=data, image_format=info.format))
+        out.append(CaptureInput(name=os.path.splitext(fname)[0], image=data, image_format=info.format, path=path))
     return out
 
 

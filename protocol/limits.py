@@ -74,6 +74,28 @@ def clip_utf8(text: str, max_bytes: int, tail: str = "...") -> str:
     return data[:cut].decode("utf-8", "surrogatepass") + tail
 
 
+WINDOWS_RESERVED = frozenset('<>:"|?*\\')  # characters no Windows file name may hold
+
+
+def check_artifact_name(name: str) -> str:
+    """Return ``name`` if it is a safe relative '/'-separated path, else raise ValueError.
+
+    The rule of an output file's name on both sides: the service writes only such names, and a client joins
+    only such names to its folder (a name from a wrong or hostile service cannot write outside it).
+    Refused: empty, absolute, ``..`` or ``.`` parts, empty parts, backslashes and other characters
+    Windows forbids, control characters, more than MAX_NAME_BYTES UTF-8 bytes (the protocol's unit).
+    """
+    if not isinstance(name, str) or not name or utf8_len(name) > MAX_NAME_BYTES:
+        raise ValueError(f"artifact name must be 1..{MAX_NAME_BYTES} UTF-8 bytes; got {name!r}")
+    if name.startswith("/") or any(ord(c) < 32 or c in WINDOWS_RESERVED for c in name):
+        raise ValueError(
+            f"artifact name must be a relative '/'-separated path without control or <>:\"|?*\\ characters; got {name!r}"
+        )
+    if any(p in ("", ".", "..") for p in name.split("/")):
+        raise ValueError(f"artifact name must not hold empty, '.' or '..' parts; got {name!r}")
+    return name
+
+
 def unpack_limits() -> dict[str, Any]:
     """Keyword arguments for ``msgpack.unpackb`` that bound what one header may allocate."""
     return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -20,6 +21,18 @@ def require_shared_data(name: str = "") -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+def require_module(name: str, why: str = ""):
+    """The module ``name``, imported. Missing: a failure under CI=true (``make setup`` installs every module
+    a test asks for), else a skip, as for the shared data."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        msg = f"{name} is not installed ({err}){': ' + why if why else ''}; `make setup` installs it"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
 
 
 @pytest.fixture

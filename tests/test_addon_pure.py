@@ -194,8 +194,10 @@ def test_image_info_and_folder(temple_dir, tmp_path):
     for name in ("b.png", "a.png"):
         (tmp_path / name).write_bytes(PNG_1x1)
     (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "a.xmp").write_text("<x:xmpmeta/>")  # a sidecar of the same stem, listed after a.png or not
     caps = scene_io.captures_from_folder(str(tmp_path))
     assert [c.name for c in caps] == ["a", "b"] and all(c.camera is None for c in caps)
+    assert [c.path for c in caps] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]  # the files read
     with pytest.raises(ReconLoopError, match="no PNG or JPEG photos"):
         (tmp_path / "empty").mkdir()
         scene_io.captures_from_folder(str(tmp_path / "empty"))
@@ -600,6 +602,19 @@ def test_driver_runs_a_job_in_steps_that_never_wait(tmp_path, monkeypatch, loopb
         svc.answer(status, **status_reply(job, "done", 5))
         _drive(driver, 5)
     assert driver.progress.state == "done" and len(files) == 1
+    # A download that the add-on stops (an error in a later step): its .part goes, the queue empties.
+    with Client(loopback_router.getsockopt_string(zmq.LAST_ENDPOINT), timeout_ms=3000, retries=0) as client:
+        driver = connection.JobDriver(client, str(tmp_path / "dropped"), job=job)
+        svc.answer(_step_until_request(driver, svc), **HELLO_REPLY)
+        watch = _step_until_request(driver, svc)
+        svc.answer(watch, **status_reply(job, "running", 1, [artifact("points.ply", data)]))
+        fetch = _step_until_request(driver, svc)
+        svc.answer(fetch, **fetch_reply(job, "points.ply", data, 0, fetch["length"]))
+        while driver._current.offset == 0:
+            assert not _bounded_step(driver)
+        assert list((tmp_path / "dropped").rglob("*.part"))
+        driver.drop_downloads()
+        assert not list((tmp_path / "dropped").rglob("*.part")) and not driver.is_downloading
 
     svc = Service(
         ServiceConfig(bind="tcp://127.0.0.1:*", data_dir=tmp_path / "jobs", device="cpu"), runner=_points_runner
@@ -624,6 +639,38 @@ def test_driver_runs_a_job_in_steps_that_never_wait(tmp_path, monkeypatch, loopb
     assert Path(path).read_bytes() == data
     assert steps > 6 and longest < 0.5, (steps, longest)  # hello, submit, watch, 3 chunks: 6 replies at least
     assert slow.progress.state == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("job", "name", "refused"),
+    [
+        ("0123456789abcdef0123456789abcdef", "../../escaped/points.ply", "will not write"),
+        ("0123456789abcdef0123456789abcdef", "/tmp/points.ply", "will not write"),
+        ("../../escaped", "points.ply", "not a plain name"),
+    ],
+)
+def test_a_service_cannot_write_outside_the_results_folder(tmp_path, loopback_router, job, name, refused):
+    """The service's job id and output names become paths below the add-on's folder: one that would leave it
+    ends the job with an error naming it, and nothing is written outside."""
+    import zmq
+
+    from blender_addon import connection
+    from blender_addon.errors import ReconLoopError
+    from protocol.client import Client
+
+    from .protocol.helpers import HELLO_REPLY, ScriptedService, artifact, scene_msg, status_reply
+
+    svc = ScriptedService(loopback_router)
+    root = tmp_path / "a" / "b" / "results"
+    with Client(loopback_router.getsockopt_string(zmq.LAST_ENDPOINT), timeout_ms=3000, retries=0) as client:
+        driver = connection.JobDriver(client, str(root), scene=scene_msg())
+        svc.answer(_step_until_request(driver, svc), **HELLO_REPLY)
+        svc.answer(_step_until_request(driver, svc), job=job, state="queued")
+        with pytest.raises(ReconLoopError, match=refused):
+            watch = _step_until_request(driver, svc)
+            svc.answer(watch, **status_reply(job, "running", 1, [artifact(name, b"ply")]))
+            _drive(driver, 5)
+    assert all(root in p.parents for p in tmp_path.rglob("*") if p.is_file() or p.name == "escaped")
 
 
 def test_a_service_of_another_version_is_named_with_both_versions(loopback_router):

@@ -11,11 +11,12 @@ import pytest
 from PIL import Image
 
 from backend.scene import load_scene
+from tests.conftest import require_module
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "make_demo_scene.py"
 
-pytest.importorskip("bpy")
+require_module("bpy", "the demo scene is made in Blender")
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,6 @@ IMAGES_DIR = "images"
 TMP_PREFIX = ".tmp-"
 PNG_FAST_COMPRESSION = 1  # raw pixels from the wire become PNGs; speed over size
 INTERRUPTED_REASON = "the service stopped while this job was running; submit it again to rerun"
-WINDOWS_RESERVED = frozenset('<>:"|?*\\')
 CUT_LINE_SEQ = re.compile(rb'^\{"seq": (\d+)')  # the seq of a journal line cut short (json.dumps writes it first)
 
 
@@ -66,27 +65,9 @@ def is_job_id(value: str) -> bool:
     return len(value) == 2 * JOB_ID_BYTES and all(c in "0123456789abcdef" for c in value)
 
 
-def check_artifact_name(name: str) -> str:
-    """Return ``name`` if it is a safe relative '/'-separated path, else raise ValueError.
-
-    Refused: empty, absolute, ``..`` or ``.`` parts, empty parts, backslashes and other characters
-    Windows forbids, control characters, more than MAX_NAME_BYTES UTF-8 bytes (the protocol's unit).
-    """
-    if not isinstance(name, str) or not name or limits.utf8_len(name) > limits.MAX_NAME_BYTES:
-        raise ValueError(f"artifact name must be 1..{limits.MAX_NAME_BYTES} UTF-8 bytes; got {name!r}")
-    if name.startswith("/") or any(ord(c) < 32 or c in WINDOWS_RESERVED for c in name):
-        raise ValueError(
-            f"artifact name must be a relative '/'-separated path without control or <>:\"|?*\\ characters; got {name!r}"
-        )
-    parts = name.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"artifact name must not hold empty, '.' or '..' parts; got {name!r}")
-    return name
-
-
 def resolve_inside(root: Path, name: str) -> Path:
     """``root/name`` as a regular file inside ``root`` (no symlink anywhere on the way), or ValueError."""
-    check_artifact_name(name)
+    limits.check_artifact_name(name)
     root = root.resolve()
     path = root.joinpath(*PurePosixPath(name).parts)
     probe = root
@@ -305,7 +286,7 @@ class Manifest:
                 continue
             name = path.relative_to(self.out_dir).as_posix()
             try:
-                check_artifact_name(name)
+                limits.check_artifact_name(name)
             except ValueError as err:
                 log.warning("job %s: output file not listed: %s", self.job_dir.name, err)
                 continue

@@ -14,7 +14,7 @@ import pytest
 import backend.cli as cli
 from backend.cli import EPILOG, build_parser, main
 from tests.backend.test_cli import write_scene
-from tests.conftest import REPO, require_shared_data
+from tests.conftest import REPO, require_module, require_shared_data
 from tests.protocol.helpers import running_service
 
 # `serve` with the tests' small runner: no generator weights, no loop
@@ -68,7 +68,7 @@ def test_a_second_service_on_the_same_store_says_what_to_do(tmp_path, capsys):
 def test_ray_auto_without_a_cluster_names_the_options_to_use(monkeypatch, tmp_path, capsys):
     """``--ray auto`` where no `ray start` ran: reconloop's options in the advice, not Ray's `--address`
     flag (Ray's ConnectionError, as ``ray.init(address="auto")`` raises it; no cluster is started)."""
-    ray = pytest.importorskip("ray")
+    ray = require_module("ray")
 
     def no_cluster(**kwargs):
         assert kwargs["address"] == "auto"
@@ -91,7 +91,7 @@ def test_ray_auto_without_a_cluster_names_the_options_to_use(monkeypatch, tmp_pa
 def test_ray_at_an_address_without_a_head_is_one_line_at_once(monkeypatch, tmp_path, capsys):
     """``--ray HOST:PORT`` where nothing listens: ``ray.init`` would retry for minutes with only Ray's warnings;
     the service refuses before calling it, naming the option."""
-    ray = pytest.importorskip("ray")
+    ray = require_module("ray")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail(f"ray.init called with {kwargs}"))
     with socket.socket() as held:  # bound, never listening: connecting is refused, and no other test takes it

@@ -26,6 +26,7 @@ from backend.evaluate import (
 )
 from backend.formats import import_scene
 from backend.loop import LoopConfig
+from backend.metrics import psnr
 from backend.scene import Settings
 
 
@@ -131,9 +132,13 @@ def test_evaluate_scene_small(temple_dir: Path, tmp_path: Path, monkeypatch: pyt
         )
     finally:
         torch.set_num_threads(threads)
-    for key in ("points", "gaussians_captures", "guide", "gaussians_loop", "frames"):
-        assert 5.0 < report[key]["psnr"] < 60.0, (key, report[key])
-        assert -1.0 <= report[key]["ssim"] <= 1.0
+    # each figure beats a model that knows nothing: each view's own mean colour (11.5 dB here); the fits by far
+    # (15.6-16.4 dB measured on the dev machine), the memory's points (holes left black) by a little (12.5)
+    truth = kept["truth"]
+    flat = float(psnr(truth.mean(dim=(1, 2), keepdim=True).expand_as(truth), truth).mean())
+    assert report["points"]["psnr"] > flat + 0.5 and report["points"]["ssim"] > 0.2, (flat, report["points"])
+    for key in ("gaussians_captures", "guide", "gaussians_loop", "frames"):
+        assert flat + 3.0 < report[key]["psnr"] < 60.0 and 0.4 < report[key]["ssim"] <= 1.0, (flat, key, report[key])
     assert report["frames_views"] == len(scene.heldout) == 2
     assert 0.0 < report["frames_confidence"] <= 1.0
     # the frames' error per unit of the fit's weight, beside their plain mean absolute error

@@ -14,11 +14,12 @@ import zmq
 from PIL import Image
 
 from backend.service.spawn import free_port, wait_answering
-from backend.service.store import ARTIFACTS_DIR, MANIFEST_FILE, Manifest, check_artifact_name, resolve_inside
+from backend.service.store import ARTIFACTS_DIR, MANIFEST_FILE, Manifest, resolve_inside
 from protocol import errors, limits
 from protocol.client import Client
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
+from protocol.limits import check_artifact_name
 from tests.backend._reliability import (
     TIMEOUT_MS,
     WAIT_S,

@@ -27,13 +27,11 @@ from protocol import errors, limits
 from protocol.client import Client
 from protocol.errors import ProtocolError
 from tests.backend._reliability import TIMEOUT_MS, probe_scene, spawn_serve, start_service, stop_service, wait_state
+from tests.conftest import require_module
 
 pytestmark = pytest.mark.xdist_group("ray")
 
-if os.environ.get("CI", "").lower() == "true":
-    import ray  # CI installs the dev extra, which holds Ray: a missing Ray fails there
-else:
-    ray = pytest.importorskip("ray")
+ray = require_module("ray", "the dev extra holds it")
 
 from backend.service.ray_pool import RayConfig, checkout_runtime_env  # noqa: E402
 

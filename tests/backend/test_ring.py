@@ -96,7 +96,11 @@ def test_ring_protocol_runs_end_to_end(dino_dir, tmp_path):
         trajectory_mode="interpolate",
         config=EvalConfig(loop=cfg, frames_per_leg=2),
     )
-    assert report["gaussians_loop"]["psnr"] > 5
+    # the fit learns the object from the hull's points: its render beats theirs (15.7 against 13.9 dB measured,
+    # the object alone 14.1 against 13.2), full image and masked
+    for suffix, margin in (("", 1.0), ("_masked", 0.3)):
+        loop, points = report[f"gaussians_loop{suffix}"]["psnr"], report[f"points{suffix}"]["psnr"]
+        assert loop > points + margin, (suffix, loop, points)
     assert "visual hull" in " ".join(report["loop_notes"]) and "visual hull" in " ".join(report["memory_notes"])
     for key in ("points", "gaussians_captures", "gaussians_loop"):
         assert 5 < report[f"{key}_masked"]["psnr"] < 60 and 0 < report[f"{key}_masked"]["ssim"] <= 1

@@ -24,11 +24,12 @@ from backend.service import worker as worker_module
 from backend.service.probe import run as probe_runner
 from backend.service.server import is_loopback
 from backend.service.spawn import free_port, serve_command, serve_env
-from backend.service.store import ARTIFACTS_DIR, INTERRUPTED_REASON, JobStore, check_artifact_name, resolve_inside
+from backend.service.store import ARTIFACTS_DIR, INTERRUPTED_REASON, JobStore, resolve_inside
 from protocol import errors, limits
 from protocol.client import Client
 from protocol.codec import pack
 from protocol.errors import ProtocolError
+from protocol.limits import check_artifact_name
 from tests.backend._reliability import probe_scene, start_service, stop_service, wait_state
 from tests.protocol.helpers import camera, png_bytes, runner, running_service, scene_msg
 

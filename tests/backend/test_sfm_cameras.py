@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from backend.estimators.sfm import EXIF_FOCAL, EXIF_IFD, EXIF_MAKE, EXIF_MODEL, SfMConfig, camera_groups
+from tests.conftest import require_module
 
 
 def _photo(path: Path, size: tuple[int, int], make: str | None = None, focal: float | None = None) -> Path:
@@ -70,7 +71,7 @@ def _flat_photos(folder: Path, names: list[str]) -> list[Path]:
 def test_sfm_failure_names_the_photos_as_the_user_does(tmp_path: Path) -> None:
     """The message names ``photo_names`` (the captures' names) when given, not the files it read: a job
     store keeps the photos as c0000.png ... (issue: the service named those to the user)."""
-    pytest.importorskip("pycolmap")
+    require_module("pycolmap")
     from backend.estimators.sfm import SfMError, estimate_cameras
 
     cfg = SfMConfig(num_threads=1)
@@ -88,7 +89,7 @@ def test_sfm_failure_names_the_photos_as_the_user_does(tmp_path: Path) -> None:
 def test_a_service_job_names_the_photos_sfm_could_not_place(tmp_path: Path) -> None:
     """Through the service (the job store renames the photos c0000.png ...), the loop's SfM failure
     names the user's photos, as ``reconloop run`` does."""
-    pytest.importorskip("pycolmap")
+    require_module("pycolmap")
     import json
 
     from backend.loop import run_loop

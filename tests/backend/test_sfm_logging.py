@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from backend.estimators.sfm import colmap_logging, forward_glog_lines, import_pycolmap
+from tests.conftest import require_module
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,7 +38,7 @@ time.sleep(5)
 @pytest.mark.parametrize("in_thread", [False, True], ids=["main-thread", "job-thread"])
 def test_sigterm_after_pycolmap_import_prints_no_stack_trace(in_thread, module, importer):
     """SfM and PatchMatch (which first asks whether pycolmap has CUDA) import pycolmap the same way."""
-    pytest.importorskip("pycolmap")
+    require_module("pycolmap")
     child = subprocess.run(
         [sys.executable, "-c", SIGTERM_CHILD.format(in_thread=in_thread, module=module, importer=importer)],
         cwd=REPO,
@@ -65,7 +66,7 @@ time.sleep(0.5)
 def test_sigterm_reaches_serves_handler_after_a_job_thread_imports_pycolmap():
     """After a job that ran SfM, SIGTERM stopped `reconloop serve` with glog's abort and stack trace: the job
     thread could not give back CPython's handler. ``keeps_sigterm`` restores libc's disposition from any thread."""
-    pytest.importorskip("pycolmap")
+    require_module("pycolmap")
     child = subprocess.run(
         [sys.executable, "-c", SIGTERM_HANDLED_CHILD], cwd=REPO, capture_output=True, text=True, timeout=120
     )

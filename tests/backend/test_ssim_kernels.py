@@ -21,6 +21,7 @@ from backend import ssim_kernels
 from backend.metrics import SSIM_C1 as C1
 from backend.metrics import SSIM_C2 as C2
 from backend.metrics import gaussian_window, windowed_ssim, windowed_ssim_conv
+from tests.conftest import require_module
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,7 +62,7 @@ def test_numba_kernels_match_the_convolutions():
 
 
 def test_triton_kernels_match_the_convolutions_in_triton_interpreter():
-    pytest.importorskip("triton", reason="Triton is a dev dependency (pyproject.toml); the kernels need it")
+    require_module("triton", "a dev dependency (pyproject.toml) on x86-64 Linux; the kernels need it")
     code = "from tests.backend.test_ssim_kernels import check_kernels; check_kernels('triton'); print('ok')"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)

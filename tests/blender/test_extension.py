@@ -221,9 +221,12 @@ def test_non_gaussian_ply_is_a_clear_error(installed, tmp_path):
     with pytest.raises(PlyFormatError, match="points.ply has no f_dc_0: not a Gaussian file"):
         read_gaussians_ply(path)
     n_objects = len(bpy.data.objects)
+    imports = "ReconLoop imports"  # the collection an import makes: not made for a file that cannot be read
+    if imports in bpy.data.collections:
+        bpy.data.collections.remove(bpy.data.collections[imports])
     with pytest.raises(RuntimeError, match="points.ply has no f_dc_0: not a Gaussian file"):
         bpy.ops.reconloop.import_gaussians(filepath=str(path))
-    assert len(bpy.data.objects) == n_objects
+    assert len(bpy.data.objects) == n_objects and imports not in bpy.data.collections
 
 
 def test_reconstruct_temple_against_local_service(installed, temple_dir, tmp_path, monkeypatch):
@@ -412,6 +415,38 @@ def test_service_fault_is_a_plain_error(installed, probe_service, temple_dir):
         connection.close()
     rt = bpy.context.window_manager.reconloop
     assert rt.state == "failed" and "out of memory" in rt.last_error and not rt.is_running
+
+
+def test_an_error_while_following_a_job_says_where_it_goes_on(installed, probe_service, temple_dir, monkeypatch):
+    """An error in a timer step ends the add-on's following of a job the service still runs: the job's importer
+    is let go, anything half downloaded deleted, and the error says where the job's results are to be had."""
+    import time
+
+    ops = sys.modules[f"{ADDON}.operators"]
+    conn = sys.modules[f"{ADDON}.connection"]
+    _use_remote(probe_service["endpoint"], probe_service["keys"])
+    build_temple_scene(temple_dir, ids=(0, 8))
+    bpy.context.scene.reconloop.prompt = "probe steps=50 delay_ms=100"
+    try:
+        driver, importer = ops.prepare_job(bpy.context)
+        ops.begin_job(bpy.context, driver, importer)
+        deadline = time.monotonic() + 60
+        while driver.job is None:
+            assert ops._tick() is not None, "the job ended before the service took it"
+            assert time.monotonic() < deadline, "the service did not take the job"
+        dropped = []
+        monkeypatch.setattr(driver, "drop_downloads", lambda: dropped.append(True))
+
+        def broken(wait_ms=0):
+            raise conn.ReconLoopError("the disk is full")
+
+        monkeypatch.setattr(driver, "step", broken)
+        assert ops._tick() is None
+    finally:
+        conn.close()
+    rt = bpy.context.window_manager.reconloop
+    assert dropped and "importer" not in conn.SESSION.handlers and not rt.is_running
+    assert rt.last_error.startswith("the disk is full.") and "keeps running on the service" in rt.last_error
 
 
 def test_timer_path_takes_short_steps(installed, probe_service, temple_dir):

@@ -140,11 +140,17 @@ def test_frame_sequence_fills_gaps(tmp_path):
     assert bg.image.source == "SEQUENCE" and bg.image_user.frame_duration == 4
     # Blender's file number for scene frame f: f - frame_start + 1 + frame_offset == f
     assert 3 - bg.image_user.frame_start + 1 + bg.image_user.frame_offset == 3
-    # a second call replaces the first sequence, leaving other backgrounds alone
+    # the same job's sequence again (its next segment's frames): the same image, reloaded, no stale copy
+    images = len(bpy.data.images)
     cam.data.background_images.new()
-    importers.set_background_sequence(cam, first, 1, 4)
+    again = importers.set_background_sequence(cam, first, 1, 5)
+    assert again.image == bg.image and again.image_user.frame_duration == 5 and len(bpy.data.images) == images
     kinds = [b.image is not None for b in cam.data.background_images]
-    assert sorted(kinds) == [False, True]
+    assert sorted(kinds) == [False, True]  # other backgrounds left alone
+    # another job's sequence replaces it, and the replaced image goes where no camera shows it any more
+    other = importers.set_background_sequence(cam, first, 1, 4, job="job2")
+    assert other.image.get(importers.FRAME_JOB) == "job2" and len(bpy.data.images) == images
+    assert sorted(b.image is not None for b in cam.data.background_images) == [False, True]
 
 
 def test_cycles_shows_points_and_gaussians_in_their_colours():

@@ -319,10 +319,9 @@ def run_loop(
             picked = retrieve_views(memory, targets, captures.cams, cfg.retrieval)
         # 4. Render M (and the guide where it is opaque) into the segment's cameras.
         with meter.measure("render"):
-            renders = render_memory(memory, targets, cfg.render)
-            point_rgb[seg.indices] = renders.rgb
-            if guide:
-                renders = guided_renders(renders, guide, targets, cfg.fit, cfg.guide)
+            memory_renders = render_memory(memory, targets, cfg.render)  # M's own: overview.png and the update
+            point_rgb[seg.indices] = memory_renders.rgb
+            renders = guided_renders(memory_renders, guide, targets, cfg.fit, cfg.guide) if guide else memory_renders
             retrieved = retrieved_views(captures, picked, memory, cfg.render, guide_depth)
         # 5. Generate the frames from [retrieved captures ; carried frames ; renders].
         carried_idx = list(seg.carried)
@@ -354,7 +353,7 @@ def run_loop(
         if cfg.update.enabled:
             with meter.measure("update"):
                 lifted = Views(frames.images, targets, [-1] * len(targets))
-                memory = update_memory(memory, lifted, renders, frames.confidence, captures, cfg.update)
+                memory = update_memory(memory, lifted, memory_renders, frames.confidence, captures, cfg.update)
         track.finish(
             "generate",
             f"segment {k + 1}/{len(segments)}: frames {step0.frame_numbers[seg.start]}-"

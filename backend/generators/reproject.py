@@ -236,12 +236,17 @@ class ReprojectGenerator:
             depth: rendered camera z, 0 where empty. [F, H, W]
             mask: pixels the memory covers. bool [F, H, W]
         Returns:
-            camera z for every pixel; where the frame has no rendered pixel at all, 0. [F, H, W]
+            camera z for every pixel. A frame with no rendered pixel at all (the memory behind it, or out of
+            its view) takes the median rendered depth of the other frames, which the photo-consistency
+            search then refines; 0 only where no frame has a rendered pixel. [F, H, W]
         """
         valid = mask & (depth > self.config.min_depth)
         inv = torch.where(valid, 1.0 / depth.clamp_min(self.config.min_depth), torch.zeros_like(depth))
         inv_filled = push_pull(inv[:, None], valid[:, None].to(depth.dtype))[:, 0]
         guess = torch.where(inv_filled > 0, 1.0 / inv_filled.clamp_min(self.config.min_depth), torch.zeros_like(depth))
+        empty = ~valid.flatten(1).any(dim=1)  # [F]
+        if bool(empty.any()) and not bool(empty.all()):
+            guess[empty] = depth[valid].median()
         return torch.where(valid, depth, guess)
 
     def reproject(

@@ -246,7 +246,9 @@ def voxel_downsample(memory: GeometryMemory, voxel_size: float) -> GeometryMemor
     """Merge the points of each voxel into one.
 
     Position and colour are confidence-weighted means, confidence is the voxel's maximum, and the
-    source id is that of the most confident point (ties: the largest id).
+    source id is that of the most confident point a capture measured (source >= 0), where the voxel holds
+    one, else of its most confident point (ties: the largest id): a generated frame's point that lands on a
+    measured one does not make it generated.
 
     Args:
         memory: N points.
@@ -266,7 +268,10 @@ def voxel_downsample(memory: GeometryMemory, voxel_size: float) -> GeometryMemor
     xyz = torch.zeros(G, 3, device=dev).index_add_(0, inv, memory.xyz * w[:, None]) / wsum[:, None]
     rgb = torch.zeros(G, 3, device=dev).index_add_(0, inv, memory.rgb * w[:, None]) / wsum[:, None]
     conf = torch.full((G,), -1.0, device=dev).scatter_reduce(0, inv, memory.confidence, "amax")
-    is_best = memory.confidence >= conf[inv]
+    # the source's rank: measured points above every generated one, then by confidence
+    rank = memory.confidence + (memory.source >= 0).to(memory.confidence) * (float(conf.max()) + 2.0)
+    best = torch.full((G,), -math.inf, device=dev).scatter_reduce(0, inv, rank, "amax")
+    is_best = rank >= best[inv]
     lowest = torch.iinfo(torch.int32).min
     source = torch.full((G,), lowest, dtype=torch.int32, device=dev).scatter_reduce(
         0, inv[is_best], memory.source[is_best].to(torch.int32), "amax"

@@ -148,8 +148,9 @@ def lift_filled(
 ) -> GeometryMemory:
     """Points for the pixels the generator filled, by plane sweep against captures and other frames.
 
-    Stereo runs at ``cfg.stereo.max_side`` on every ``cfg.stereo_stride``-th frame; a filled depth
-    is kept where another of those frames' depth (rendered or stereo) agrees with it.
+    Stereo runs at ``cfg.stereo.max_side`` on every ``cfg.stereo_stride``-th frame (and the last, where that
+    picks one frame alone); a filled depth is kept where another of those frames' depth (rendered or stereo)
+    agrees with it.
     """
     Fn, H, W = renders.depth.shape
     s = cfg.stereo
@@ -168,6 +169,8 @@ def lift_filled(
     gray = to_gray(all_imgs)
     candidates = match_candidates(all_cams, s)
     chosen = list(range(0, Fn, cfg.stereo_stride))
+    if len(chosen) == 1 and Fn > 1:  # a short segment: a second frame for the consistency check to hold against
+        chosen.append(Fn - 1)
     stereo_depth = torch.zeros(len(chosen), h, w, device=gray.device)
     stereo_conf = torch.zeros(len(chosen), h, w, device=gray.device)
     for n, f in enumerate(chosen):

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from plyfile import PlyData
 
+import backend.loop as loop_module
 from backend.camera_paths import default_trajectory, order_around, path_through, scene_center
 from backend.evaluate import split_protocol
 from backend.formats import import_scene
@@ -165,17 +166,34 @@ def test_no_trajectory_no_fit_no_update(temple3: Scene, single_thread, tmp_path:
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("loop")
-def test_a_guide_of_two_fits_runs_in_the_loop(temple3: Scene, single_thread, tmp_path: Path) -> None:
+def test_a_guide_of_two_fits_runs_in_the_loop(
+    temple3: Scene, single_thread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A self-ensemble guide (GuideConfig.members 2; a CUDA job's is 3): its sets fitted together, with
-    steps reported once for all of them, and the job goes on to its frames and Gaussians."""
-    settings = replace(temple3.settings, gaussian_iterations=30, update_memory=False)
+    steps reported once for all of them, and the job goes on to its frames and Gaussians. The memory update
+    gets the memory's own render, not the guide's (which covers nearly every pixel and left its stereo none)."""
+    settings = replace(temple3.settings, gaussian_iterations=30)
     cfg = LoopConfig.from_settings(settings)
     cfg = replace(cfg, guide=replace(cfg.guide, members=2))
+    render, update = loop_module.render_memory, loop_module.update_memory
+    memory_renders, update_renders = [], []
+
+    def spy_render(*args, **kwargs):
+        memory_renders.append(render(*args, **kwargs))
+        return memory_renders[-1]
+
+    def spy_update(memory, frames, renders, *args, **kwargs):
+        update_renders.append(renders)
+        return update(memory, frames, renders, *args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "render_memory", spy_render)
+    monkeypatch.setattr(loop_module, "update_memory", spy_update)
     events: list[ProgressEvent] = []
     result = run_loop(replace(temple3, settings=settings), tmp_path, device="cpu", config=cfg, progress=events.append)
     guide = [e.message for e in events if e.stage == "guide"]
     assert any("step 30/30" in m for m in guide) and "in 2 sets on the captures alone" in guide[-1]
     assert result.gaussians is not None and result.frames.images.shape[0] == FRAMES
+    assert update_renders and all(any(r is m for m in memory_renders) for r in update_renders)
 
 
 @pytest.mark.slow

@@ -93,6 +93,20 @@ def test_colours_from_captures_with_confidence_levels() -> None:
     assert torch.all((out.images >= 0) & (out.images <= 1))
 
 
+def test_a_frame_the_memory_misses_takes_its_depth_from_the_others() -> None:
+    """A frame with no rendered pixel (the memory behind its camera) still takes the captures' colours: its
+    depth starts at the other frames' median and the photo-consistency search refines it (it came out black)."""
+    cfg = ReprojectConfig()
+    mask = torch.ones(2, H, W, dtype=torch.bool)
+    mask[1] = False  # the second frame sees none of the memory
+    cond, truth = _cond([0.4, 0.5], [0.0, 0.9], mask)
+    out = ReprojectGenerator(cfg).generate(cond, num_steps=2, seed=0)
+    seen = out.confidence[1] > cfg.inpainted_confidence
+    assert seen.float().mean() > 0.8, float(seen.float().mean())
+    err = (out.images[1][seen] - truth[1][seen]).abs().mean()
+    assert err < 0.01, float(err)
+
+
 def test_confidence_follows_agreement_of_sources() -> None:
     cfg = ReprojectConfig()
     mask = torch.ones(1, H, W, dtype=torch.bool)

@@ -100,7 +100,11 @@ def test_voxel_downsample_merges_by_confidence():
     first = int(torch.argmin(out.xyz.norm(dim=1)))
     torch.testing.assert_close(out.xyz[first], 0.25 * xyz[0] + 0.75 * xyz[1])
     torch.testing.assert_close(out.rgb[first], torch.tensor([0.25, 0.75, 0.0]))
-    assert out.confidence[first] == 0.75 and out.source[first] == -1  # the most confident point's id
+    # the voxel's confidence is its most confident point's (a generated one); its source the capture that
+    # measured a point there (a frame's point landing on a measured one does not make it generated)
+    assert out.confidence[first] == 0.75 and out.source[first] == 3
+    generated = GeometryMemory(xyz[:2], rgb[:2], torch.tensor([0.25, 0.75]), torch.tensor([-1, -2], dtype=torch.int32))
+    assert voxel_downsample(generated, 0.1).source.tolist() == [-2]  # no capture's: the most confident point's
     assert len(voxel_downsample(mem, 10.0)) == 1 and len(voxel_downsample(mem, 1e-3)) == 4
     with pytest.raises(ValueError, match="voxel_size"):
         voxel_downsample(mem, 0.0)

@@ -21,9 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .scene import Camera
-
-SIM_MIN_CAMERAS = 3  # camera centres needed to fix a similarity transform
+from .scene import SIM_MIN_CAMERAS, Camera  # noqa: F401  (SIM_MIN_CAMERAS: the rule scene.py checks scenes by)
 
 
 def similarity(src: Sequence[np.ndarray], dst: Sequence[np.ndarray]) -> tuple[float, np.ndarray, np.ndarray]:

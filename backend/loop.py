@@ -231,7 +231,8 @@ def run_loop(
         progress: called between steps with every finished artifact; may raise Cancelled.
         config: the loop's config; default ``LoopConfig.from_settings(scene.settings)``.
         generator: a ready generator (e.g. one a service's ``GeneratorCache`` keeps loaded between
-            jobs); default: built from ``config.generator``, its weights located by the environment.
+            jobs); default: built from ``config.generator``, its weights located by the environment, and let go
+            when the job ends (a multi-GPU generator's process group closed, so that the next job can make one).
         guide: the guide's members fitted already on these captures at the working size as
             ``fit_guide`` fits them with ``config.fit`` and ``config.guide`` (e.g. the guide an evaluation
             fitted and scored); the rest of ``config.guide.members`` are fitted here. Ignored when the
@@ -243,6 +244,39 @@ def run_loop(
     Returns:
         LoopResult (files written under out_dir, plus in-memory results).
     """
+    cache = None if generator is not None else GeneratorCache()
+    try:
+        return _run_loop(
+            scene,
+            out_dir,
+            device=device,
+            progress=progress,
+            config=config,
+            generator=generator,
+            cache=cache,
+            guide=guide,
+            memory=memory,
+            memory_notes=memory_notes,
+        )
+    finally:
+        if cache is not None:
+            cache.clear()
+
+
+def _run_loop(
+    scene: Scene,
+    out_dir: Path,
+    *,
+    device: torch.device | str,
+    progress: ProgressFn,
+    config: LoopConfig | None,
+    generator: Generator | None,
+    cache: GeneratorCache | None,
+    guide: Sequence[Gaussians],
+    memory: GeometryMemory | None,
+    memory_notes: Sequence[str],
+) -> LoopResult:
+    """:func:`run_loop`'s work; ``cache`` loads the generator where none is given."""
     device = torch.device(device)
     cfg = config or LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
     out_dir = Path(out_dir)
@@ -261,6 +295,13 @@ def run_loop(
             scene, width=cfg.width, height=cfg.height, default_frames=cfg.default_frames, device=device
         )
     captures, targets_all, W, H = step0.captures, step0.targets, step0.width, step0.height
+    needed = getattr(
+        type(generator) if generator is not None else GENERATORS.get(cfg.generator.name), "min_captures", 1
+    )
+    if len(captures) < needed:  # said now, not after the memory and the guide
+        raise ValueError(
+            f"generator {cfg.generator.name!r} needs at least {needed} captures with cameras; this job has {len(captures)}"
+        )
     if cfg.budget is not None:
         step0.notes.insert(0, cfg.budget.sentence)
     placed = [n for n in step0.notes if n.startswith("SfM could not place")]  # named to the user, not dropped
@@ -302,7 +343,7 @@ def run_loop(
 
     # 2. Segments of the trajectory.
     segments = split_segments(len(targets_all), cfg.segments)
-    gen = generator or GeneratorCache().get(cfg.generator, device)
+    gen = generator or cache.get(cfg.generator, device)
     if hasattr(gen, "prepare"):  # a generator that learns from the captures first (``refine``)
         with meter.measure("prepare"):
             gen.prepare(captures, cfg, device=device, progress=track.within("prepare"), notes=step0.notes)

@@ -124,5 +124,11 @@ def stack_masks(captures: list[Capture], cameras: list[Camera], width: int, heig
     found = [capture_mask(c, cam) for c, cam in zip(captures, cameras)]
     if all(m is None for m in found):
         return None
+    if all(m is not None and not m.any() for m in found):  # nothing left to reconstruct: say why, not later
+        where = ", ".join(f"{c.name} ({c.mask.name if c.mask is not None else 'its alpha'})" for c in captures)
+        raise SceneError(
+            f"captures: every capture's mask keeps no pixel: {where}; a mask keeps the object white (or opaque in "
+            "the photo's alpha channel) and the rest black"
+        )
     full = [np.ones((height, width), bool) if m is None else resize_mask(m, width, height) for m in found]
     return torch.from_numpy(np.stack(full)).to(device)

@@ -40,6 +40,7 @@ from protocol.schemas import DISTORTION_COEFFS
 from protocol.settings import SETTINGS, SettingError, check_settings
 
 SCENE_FORMAT_VERSION = 1
+SIM_MIN_CAMERAS = 3  # given camera centres that fix a similarity: SfM's frame aligned to the scene's
 SCENE_FILE = "scene.json"
 
 DISTORTION_PARAMS = {model: len(coeffs) for model, coeffs in DISTORTION_COEFFS.items()}
@@ -448,8 +449,27 @@ def scene_from_json(data: Any, root: Path, *, registered: bool = True) -> Scene:
     if not isinstance(heldout_json, list):
         raise SceneError("heldout: must be a list")
     heldout = [_capture_from_json(c, root, f"heldout[{i}]", need_camera=True) for i, c in enumerate(heldout_json)]
+    _check_frame(captures, trajectory, heldout)
     settings = Settings.from_json(data.get("settings"), registered=registered)
     return Scene(root=root.resolve(), captures=captures, trajectory=trajectory, heldout=heldout, settings=settings)
+
+
+def _check_frame(captures: list[Capture], trajectory: list[TrajectoryFrame], heldout: list[Capture]) -> None:
+    """Refuse cameras that would not share the captures' frame: where captures lack cameras, SfM places them
+    in a frame of its own and aligns it to the scene's only through SIM_MIN_CAMERAS given ones or more; with
+    fewer, a trajectory's or held-out view's camera would not be where the photos are."""
+    given = sum(c.camera is not None for c in captures)
+    if given == len(captures) or given >= SIM_MIN_CAMERAS:
+        return
+    for name, items in (("trajectory", trajectory), ("heldout", heldout)):
+        if items:
+            raise SceneError(
+                f"{name}: {given} of the {len(captures)} captures have cameras; SfM places the others in a frame "
+                f"of its own, aligned to the scene's only through {SIM_MIN_CAMERAS} given cameras or more, so the "
+                f"{name}'s cameras would not be where the photos are: give {SIM_MIN_CAMERAS} or more captures "
+                f"their cameras, or send no {name}"
+                + (" (the service then makes a path through the captures)" if name == "trajectory" else "")
+            )
 
 
 def load_scene(folder: str | os.PathLike, *, registered: bool = True) -> Scene:

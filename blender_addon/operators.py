@@ -369,6 +369,12 @@ def prepare_job(context, *, server: str = "", output_dir: str = "") -> tuple[con
     trajectory = []
     start, end, step = st.frame_range(scene)
     cam = st.trajectory_camera
+    if cam is not None and st.capture_source != "COLLECTION":
+        raise ReconLoopError(
+            "a folder of photos has no cameras: the service places them with SfM in a frame of its own, where the "
+            f"trajectory camera {cam.name!r} would not be; clear the trajectory camera (the service makes a path "
+            "through the photos), or use a collection of cameras with the photos as backgrounds"
+        )
     if cam is not None:
         trajectory = sample_trajectory(cam, scene, start, end, step)
         scene_io.check_trajectory_moves(trajectory, cam.name)

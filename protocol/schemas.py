@@ -231,7 +231,8 @@ SCENE = Field(
         Field(
             "trajectory",
             "list",
-            "cameras to generate, by frame number (increasing); absent or empty: the service's own path (see Jobs)",
+            "cameras to generate, by frame number (increasing); absent or empty: the service's own path (see Jobs). "
+            "Refused where captures lack cameras and fewer than 3 have one (SfM's frame, not the scene's)",
             required=False,
             max_len=limits.MAX_TRAJECTORY,
             items=Field(

@@ -262,6 +262,10 @@ class GeneratorCache:
             except ImportError as err:  # a package the models need (the weights are not at fault)
                 raise ValueError(f"generator {config.name!r}: {err}") from err
             except (OSError, ValueError, RuntimeError) as err:
+                import torch
+
+                if isinstance(err, torch.OutOfMemoryError):
+                    raise  # the card is too small, the weights not at fault: the job says "out of memory"
                 raise GeneratorWeightsError(weights_advice(config.name, weights, err)) from err
             self._key = key
         if self._group is not None:

@@ -198,8 +198,8 @@ def load_anyrecon_components(
 
     The transformer and the VAE are in ``dtype`` (AnyRecon runs both in bf16), CLIP in float32 (as
     AnyRecon). The UMT5 text encoder is loaded only when a prompt is not in the text cache. Models
-    are placed for ``memory_mode`` (CPU for the offloaded modes); its hooks are installed by
-    ``AnyReconGenerator``.
+    are placed for ``memory_mode`` (CPU for the offloaded modes); fp8 is applied here, before the transformer
+    moves to the device; the other modes' hooks are installed by ``AnyReconGenerator``.
     """
     try:
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
@@ -232,6 +232,9 @@ def load_anyrecon_components(
         enc = UMT5EncoderModel.from_pretrained(path_or_hub_id, subfolder="text_encoder", torch_dtype=dt, **kw)
         return enc, tok
 
+    if memory_mode == "fp8":  # stored as fp8 here, on the CPU: a 14B transformer's bf16 weights (30.5 GiB) never
+        # reach the card whole, which a 32-GB card's fp8 job (15.3 GiB of weights) needs
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dt)
     if memory_mode not in ("model_offload", "group_offload"):
         transformer.to(device)
     vae.to("cpu" if memory_mode == "model_offload" else device)
@@ -243,6 +246,7 @@ def load_anyrecon_components(
         image_processor,
         text_encoder_loader=load_text_encoder,
         name=str(path_or_hub_id),
+        memory_mode="fp8" if memory_mode == "fp8" else None,  # the others' hooks: AnyReconGenerator's
     )
 
 
@@ -271,6 +275,8 @@ def ramp(length: int, at_start: bool, at_end: bool, border: int) -> Tensor:
     """Blend weights along one axis of a tile: 1, rising as (i+1)/border over the first ``border``
     samples unless the tile starts at the image edge, falling likewise at the end. float32 [length]"""
     w = torch.ones(length)
+    if border <= 0:  # tiles that do not overlap (stride == tile): nothing to blend
+        return w
     steps = (torch.arange(border) + 1) / border
     if not at_start:
         w[:border] = steps[:length]

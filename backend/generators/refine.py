@@ -797,6 +797,8 @@ class RefineGenerator:
         >>> frames = gen.generate(cond, num_steps=1, seed=0)          # doctest: +SKIP
     """
 
+    min_captures = 2  # one left out, one kept at least (``run_loop`` checks it before any work)
+
     def __init__(self, config: RefineConfig | None = None, reproject: ReprojectConfig | None = None) -> None:
         self.config = config or RefineConfig()
         reproject = reproject or ReprojectConfig()

@@ -142,8 +142,10 @@ def window_density(layout: WindowLayout) -> float:
 def attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Dense attention that also returns the log-sum-exp of each query's scores.
 
-    CUDA: the cuDNN kernel (on contiguous copies where it refuses the strides), else the flash
-    kernel; CPU: torch's flash kernel for CPU. The scale is 1/sqrt(D), as in ``F.scaled_dot_product_attention``.
+    CUDA in half precision: the cuDNN kernel (on contiguous copies where it refuses the strides), else the
+    flash kernel; CUDA in float32: :func:`attention_lse_math` (cuDNN returns NaN for float32 without an error,
+    measured on an H100, and flash refuses it); CPU: torch's flash kernel for CPU. The scale is 1/sqrt(D), as in
+    ``F.scaled_dot_product_attention``.
 
     Args:
         q: [B, heads, Lq, D]; k, v: [B, heads, Lk, D] (any strides with a unit last stride).
@@ -152,6 +154,9 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         (out, lse): attention output [B, heads, Lq, D] in q's dtype, and log(sum_k exp(q.k * scale))
         float32 [B, heads, Lq].
     """
+    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
+        LSE_KERNELS["math"] += 1
+        return attention_lse_math(q, k, v)
     if q.is_cuda:
         for copy in (False, True):  # cuDNN may refuse strides (overlapping window views): retry on copies
             try:
@@ -166,6 +171,17 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     else:
         r = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
     return r[0], r[1].reshape(q.shape[:3]).float()
+
+
+def attention_lse_math(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`attention_lse` by matrix products in float32 (the scores held whole: small or float32 models).
+
+    Returns:
+        (out [B, heads, Lq, D] in q's dtype, lse float32 [B, heads, Lq]).
+    """
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, heads, Lq, Lk]
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.exp(scores - lse[..., None]) @ v.float()).to(q.dtype), lse
 
 
 LSE_KERNELS: Counter = Counter()  # CUDA calls of attention_lse per kernel (benchmarks report it)

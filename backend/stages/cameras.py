@@ -27,6 +27,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from protocol.settings import BY_NAME
+
 from ..camera_paths import SIM_MIN_CAMERAS, default_trajectory, similarity, transform_camera
 from ..formats.undistort import undistort_image
 from ..masks import stack_masks
@@ -35,6 +37,7 @@ from ..scene import Camera, Capture, Scene, SceneError, image_size, relative_pos
 from ..types import Cameras, Views
 
 U8_MAX = 255.0
+MIN_SIDE = BY_NAME["height"].range[0]  # the working size's shortest side, as the settings allow it (16)
 
 
 @dataclass
@@ -193,10 +196,13 @@ def working_size(width: int, height: int, trajectory: Sequence[Camera]) -> tuple
     if abs(tw / th - width / height) < 1e-3:
         return width, height, ""
     scale = math.sqrt(width * height / (tw * th))
-    w, h = max(1, round(tw * scale)), max(1, round(th * scale))
+    raised = scale * min(tw, th) < MIN_SIDE  # a very wide or tall trajectory: its short side MIN_SIDE at least
+    scale = max(scale, MIN_SIDE / min(tw, th))
+    w, h = round(tw * scale), round(th * scale)
+    how = f"its short side raised to {MIN_SIDE} pixels" if raised else "at about the same pixel count"
     note = (
         f"working size {width}x{height} has another aspect than the trajectory ({tw}x{th}); "
-        f"using {w}x{h}, the trajectory's aspect at about the same pixel count"
+        f"using {w}x{h}, the trajectory's aspect {how}"
     )
     return w, h, note
 
@@ -216,7 +222,12 @@ def capture_cameras(scene: Scene, notes: list[str]) -> tuple[list[Camera | None]
     known = [c for c in given if c is not None]
     sizes = {(c.width, c.height) for c in known}
     same_size = len(sizes) == 1 and all(image_size(c.image) == next(iter(sizes)) for c in scene.captures)
-    known_K = known[0].K if known and same_size else None
+    # SfM may hold every photo to the given intrinsics only where the given cameras share one pinhole (no zoom
+    # between them, no lens distortion left to model)
+    one_pinhole = all(
+        np.allclose(c.K, known[0].K) and (c.distortion is None or c.distortion.is_identity) for c in known
+    )
+    known_K = known[0].K if known and same_size and one_pinhole else None
     with tempfile.TemporaryDirectory(prefix="reconloop-sfm-") as work:
         sfm = SfMConfig(camera_grouping=scene.settings.photo_cameras)
         estimated = estimate_cameras(
@@ -233,6 +244,13 @@ def capture_cameras(scene: Scene, notes: list[str]) -> tuple[list[Camera | None]
         cams = [g if g is not None else e for g, e in zip(given, estimated, strict=True)]
         notes.append(f"estimated {sum(g is None for g in given)} cameras with SfM, aligned to {len(pairs)} given ones")
         return cams, [g is None for g in given]
+    if known and (scene.trajectory or scene.heldout):  # load_scene let it through: enough given, too few placed
+        field = "trajectory" if scene.trajectory else "heldout"
+        raise SceneError(
+            f"{field}: SfM placed {len(pairs)} of the {len(known)} captures that have cameras, fewer than the "
+            f"{SIM_MIN_CAMERAS} its frame is aligned by, so the {field}'s cameras would not be where the photos are; "
+            "give more captures their cameras, or photos SfM can match"
+        )
     if known:
         notes.append(
             f"only {len(known)} captures had cameras (fewer than {SIM_MIN_CAMERAS} to align to): SfM cameras used for all"

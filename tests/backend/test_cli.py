@@ -42,8 +42,8 @@ def write_scene(folder: Path, prompt: str = "") -> Path:
     cam = {"w2c": [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], "K": K, "width": 64, "height": 48}
     scene = {
         "version": 1,
+        # b without a camera (the service's SfM would place it), and so no trajectory: it would not be in SfM's frame
         "captures": [{"name": "a", "image": "images/a.png", "camera": cam}, {"name": "b", "image": "images/b.jpg"}],
-        "trajectory": [{"frame": 1, "camera": cam}],
         "settings": {"prompt": prompt},
     }
     (folder / "scene.json").write_text(json.dumps(scene))

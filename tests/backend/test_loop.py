@@ -237,6 +237,21 @@ def test_a_second_run_into_the_folder_replaces_the_first(
     assert metrics["frames"] == 4 and metrics["segments"] == 2 and metrics["gaussians"] == 0
 
 
+def test_a_generator_that_needs_more_captures_says_so_before_any_work(
+    temple3: Scene, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``refine`` leaves a capture out to learn from: with one capture the job stops at once, naming the generator
+    and the count (it failed after the memory and the guide, in the refiner's preparation)."""
+
+    def no_memory(*args, **kwargs):
+        raise AssertionError("the memory was built for a job that cannot run")
+
+    monkeypatch.setattr(loop_module, "build_memory", no_memory)
+    scene = replace(temple3, captures=temple3.captures[:1], settings=replace(temple3.settings, generator="refine"))
+    with pytest.raises(ValueError, match=r"^generator 'refine' needs at least 2 captures with cameras; this job has 1"):
+        run_loop(scene, tmp_path, device="cpu")
+
+
 def test_path_through_hits_keys_and_orders_the_ring(temple_dir: Path, tmp_path: Path) -> None:
     scene = import_scene("middlebury", temple_dir, tmp_path)
     cams = [c.camera for c in scene.captures]
@@ -286,6 +301,10 @@ def test_working_size_keeps_the_trajectory_aspect(temple_dir: Path, tmp_path: Pa
     assert abs(w / h - 480 / 640) < 0.01 and abs(w * h - 320 * 240) < 320 * 4
     assert "aspect" in note
     assert working_size(320, 240, [c.camera for c in scene.captures])[:2] == (320, 240)
+    # a strip of a trajectory at the smallest size: its short side stays at the settings' 16 pixels (it was 3,
+    # and the fit's SSIM failed on a 2-pixel-high image, naming neither)
+    strip = [scene.captures[0].camera.scaled(1000, 40)]
+    assert working_size(16, 16, strip)[:2] == (400, 16) and "short side raised to 16" in working_size(16, 16, strip)[2]
 
 
 def test_configs_reject_bad_settings() -> None:

@@ -235,3 +235,17 @@ def test_job_settings_reach_the_generator_config() -> None:
         Settings.from_json({"generator_memory": "swap"})
     with pytest.raises(SceneError, match="settings.generator_attention: must be one of auto, full, block"):
         Settings.from_json({"generator_attention": "window_ours"})
+
+
+def test_out_of_memory_while_loading_is_not_blamed_on_the_weights(monkeypatch) -> None:
+    """A card too small for the weights: the job's "out of memory", not advice to point at another folder."""
+    import torch
+
+    from backend.generators.anyrecon import AnyReconGenerator
+
+    def too_big(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 30.50 GiB")
+
+    monkeypatch.setattr(AnyReconGenerator, "load_components", classmethod(too_big))
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+        GeneratorCache({"anyrecon": GeneratorWeights("/weights")}).get(GeneratorConfig("anyrecon"), "cpu")

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from backend.formats import import_scene
-from backend.masks import capture_mask, image_alpha, read_mask, resize_mask, threshold_silhouette
-from backend.scene import SceneError, load_scene, save_scene
+from backend.masks import capture_mask, image_alpha, read_mask, resize_mask, stack_masks, threshold_silhouette
+from backend.scene import Camera, Capture, SceneError, load_scene, look_at, save_scene
 
 DINO_BOX = (np.array([-0.061897, -0.018874, -0.057845]), np.array([0.010897, 0.068227, 0.015495]))
 
@@ -137,6 +137,21 @@ def test_a_mask_that_keeps_no_pixel_is_refused_naming_the_file(tmp_path):
     assert read_mask(tmp_path / "white.png").sum() == 16
     Image.fromarray(labels * 0).save(tmp_path / "black.png")  # a view without the object: empty, not an error
     assert not read_mask(tmp_path / "black.png").any()
+
+
+def test_masks_that_all_keep_no_pixel_are_refused_naming_them(tmp_path):
+    """One all-black mask is a view without the object; every capture's black leaves nothing to reconstruct,
+    refused when the captures are read (every geometry fallback came out empty, the fit said 'memory empty')."""
+    cam = Camera(w2c=look_at(np.array([0.0, 0.0, -3.0]), np.zeros(3)), K=np.diag([8.0, 8.0, 1.0]), width=8, height=8)
+    caps = []
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"p{i}.png")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / f"m{i}.png")
+        caps.append(Capture(f"p{i}", tmp_path / f"p{i}.png", cam, mask=tmp_path / f"m{i}.png"))
+    with pytest.raises(SceneError, match=r"^captures: every capture's mask keeps no pixel: p0 \(m0.png\), p1"):
+        stack_masks(caps, [cam, cam], 8, 8, "cpu")
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "m1.png")
+    assert stack_masks(caps, [cam, cam], 8, 8, "cpu").sum() == 64  # one view with the object: it goes on
 
 
 def test_mask_and_alpha_keep_values_above_127_only(tmp_path):

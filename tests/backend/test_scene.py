@@ -42,18 +42,20 @@ def make_camera(angle: float, distortion: Distortion | None = None) -> Camera:
 
 @pytest.fixture
 def scene_dir(tmp_path) -> Path:
-    """A valid scene folder: 3 captures (one without camera, one with distortion), 1 held out,
-    a trajectory, settings; images in a sibling folder, referenced by relative paths."""
+    """A valid scene folder: 4 captures (one without camera, one with distortion; 3 with cameras, which
+    SfM's frame aligns to), 1 held out, a trajectory, settings; images in a sibling folder, referenced by
+    relative paths."""
     images = tmp_path / "photos"
     images.mkdir()
-    for i in range(4):
-        Image.new("RGB", (WIDTH, HEIGHT), (i * 60, 0, 0)).save(images / f"img{i}.png")
+    for i in range(5):
+        Image.new("RGB", (WIDTH, HEIGHT), (i * 50, 0, 0)).save(images / f"img{i}.png")
     scene = Scene(
         root=tmp_path / "scene",
         captures=[
             Capture("img0", images / "img0.png", make_camera(0.0)),
             Capture("img1", images / "img1.png", make_camera(0.3, Distortion("SIMPLE_RADIAL", (-0.03,)))),
             Capture("img2", images / "img2.png", None),
+            Capture("img4", images / "img4.png", make_camera(0.4)),
         ],
         trajectory=[TrajectoryFrame(1, make_camera(0.1)), TrajectoryFrame(5, make_camera(0.2))],
         heldout=[Capture("img3", images / "img3.png", make_camera(0.5))],
@@ -73,7 +75,7 @@ def write_json(folder: Path, data: dict) -> None:
 
 def test_round_trip(scene_dir, tmp_path):
     scene = load_scene(scene_dir)
-    assert [c.name for c in scene.captures] == ["img0", "img1", "img2"]
+    assert [c.name for c in scene.captures] == ["img0", "img1", "img2", "img4"]
     assert scene.captures[0].image == (tmp_path / "photos" / "img0.png").resolve()
     assert read_json(scene_dir)["captures"][0]["image"] == "../photos/img0.png"
     assert scene.captures[2].camera is None and not scene.has_all_cameras
@@ -180,6 +182,8 @@ def edit(data: dict, dotted: str, value) -> dict:
             rf"^settings\.generator: must be one of {', '.join(GENERATORS.names())}; got 'anyrecn'$",
         ),
         ("captures", [], r"^captures: must be a non-empty list"),
+        # 2 given cameras cannot align SfM's frame: a trajectory or held-out view would not be where the photos are
+        ("captures.3.camera", None, r"^trajectory: 2 of the 4 captures have cameras; SfM places the others in a frame"),
     ],
 )
 def test_rejections_name_the_field(scene_dir, dotted, value, message):

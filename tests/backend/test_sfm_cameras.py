@@ -110,3 +110,25 @@ def test_a_service_job_names_the_photos_sfm_could_not_place(tmp_path: Path) -> N
     assert final["state"] == "failed"
     assert "not placed: templeSR0001, templeSR0002." in final["message"], final["message"]
     assert "c0000" not in final["message"]
+
+
+def test_a_trajectory_needs_the_sfm_frame_aligned(temple_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 given cameras align SfM's frame to the scene's; where SfM places only 2 of them, the trajectory (in the
+    scene's frame) would not be where the photos are: refused by name, not run in two frames at once."""
+    from dataclasses import replace
+
+    from backend.estimators import sfm
+    from backend.formats.middlebury import read_middlebury
+    from backend.scene import Scene, SceneError, Settings, TrajectoryFrame
+    from backend.stages.cameras import capture_cameras
+
+    given = read_middlebury(temple_dir).captures[:4]
+    caps = [*given[:3], replace(given[3], camera=None)]
+    scene = Scene(temple_dir, caps, [TrajectoryFrame(1, given[0].camera)], [], Settings())
+    placed = [None, given[1].camera, given[2].camera, given[3].camera]  # the first given camera not placed
+    monkeypatch.setattr(sfm, "estimate_cameras", lambda *args, **kwargs: placed)
+    with pytest.raises(SceneError, match=r"^trajectory: SfM placed 2 of the 3 captures that have cameras"):
+        capture_cameras(scene, [])
+    notes: list[str] = []
+    cams, estimated = capture_cameras(replace(scene, trajectory=[]), notes)  # no trajectory: SfM's frame for all
+    assert cams == placed and estimated == [True] * 4 and "SfM cameras used for all" in notes[0]

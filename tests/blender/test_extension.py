@@ -535,6 +535,12 @@ def test_photo_folder_without_cameras(installed, probe_service, temple_dir, tmp_
     st = bpy.context.scene.reconloop
     st.capture_source = "FOLDER"
     st.photo_folder = str(temple_dir)
+    # a trajectory camera means nothing in SfM's frame: refused before anything is sent
+    path_cam = bpy.data.objects.new("path", bpy.data.cameras.new("path"))
+    bpy.context.scene.collection.objects.link(path_cam)
+    st.trajectory_camera = path_cam
+    with pytest.raises(sys.modules[f"{ADDON}.errors"].ReconLoopError, match="clear the trajectory camera"):
+        ops.prepare_job(bpy.context, output_dir=str(tmp_path))
     st.trajectory_camera = None
     st.prompt = "probe steps=1"
     try:

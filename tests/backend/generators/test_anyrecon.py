@@ -294,3 +294,10 @@ def test_from_pretrained_local_folder_with_lora(components, temple_cond: Conditi
         )
     with pytest.raises(ValueError, match="attention 'block' needs weights trained with block"):
         AnyReconGenerator.from_pretrained(str(root), config=replace(config, attention="block"), device="cpu")
+    # fp8: the transformer is stored in fp8 when loaded, before it moves to the device (its bf16 weights would
+    # not fit a card that its fp8 ones do), and the generator does not cast it again
+    fp8 = AnyReconGenerator.from_pretrained(
+        str(root), config=replace(config, memory_mode="fp8"), device="cpu", local_files_only=True
+    )
+    assert torch.float8_e4m3fn in {p.dtype for p in fp8.components.transformer.parameters()}
+    assert fp8.components.memory_mode == "fp8"

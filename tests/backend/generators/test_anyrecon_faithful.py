@@ -181,6 +181,17 @@ def test_tiled_decode_blends_tiles_like_anyrecon(tmp_path: Path) -> None:
     assert (whole - out).abs().max() > 1e-4  # tiles differ from one whole-frame decode at their seams
 
 
+def test_tiles_that_do_not_overlap_decode_as_their_tiles(tmp_path: Path) -> None:
+    """decode_stride == decode_tile (allowed): no border to blend; each pixel is its one tile's (it crashed)."""
+    c = tiny_anyrecon_components(0)
+    lat = torch.randn(1, 16, 1, 4, 6, generator=torch.Generator().manual_seed(2))
+    out = _gen(c, tmp_path, decode_tile=(2, 3), decode_stride=(2, 3)).decode(lat)
+    mean, std = _gen(c, tmp_path)._latent_stats()
+    raw = (lat * std + mean).permute(2, 1, 0, 3, 4)
+    corner = c.vae.decode(raw[..., 0:2, 0:3], return_dict=False)[0][:, :, 0]
+    torch.testing.assert_close(out[:, :, :16, :24], (corner.clamp(-1, 1) + 1) / 2, atol=1e-5, rtol=1e-5)
+
+
 def test_default_size_is_anyrecons(tmp_path: Path) -> None:
     cfg = AnyReconConfig()
     assert (cfg.height, cfg.width) == (512, 896)

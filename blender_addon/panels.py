@@ -94,6 +94,8 @@ class RECONLOOP_PT_trajectory(_Panel, bpy.types.Panel):
         cam = st.trajectory_camera
         if cam is None:
             layout.label(text="No camera: the service invents a path", icon="INFO")
+        elif st.capture_source == "FOLDER":  # Reconstruct refuses it (operators.prepare_job says why)
+            layout.label(text="A photo folder's cameras come from SfM: clear this camera", icon="ERROR")
         else:
             frames = len(range(start, end + 1, step))
             layout.label(text=f"{frames} frames")

@@ -35,6 +35,9 @@ def test_trajectory_range_shows_the_scene_range(registered):
     shown = {e[2]: (e[1], e[3]) for e in layout.log if e[0] == "prop" and e[2].startswith("frame_")}
     assert shown["frame_end"] == (st, True)
     assert ("label", "40 frames") in layout.log
+    st.capture_source = "FOLDER"  # a photo folder's cameras come from SfM: the camera is flagged, not counted
+    labels = [e[1] for e in _draw(panels.RECONLOOP_PT_trajectory).log if e[0] == "label"]
+    assert "A photo folder's cameras come from SfM: clear this camera" in labels and "40 frames" not in labels
 
 
 def test_import_job_only_for_finished_jobs(registered):

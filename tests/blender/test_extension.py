@@ -417,19 +417,29 @@ def test_service_fault_is_a_plain_error(installed, probe_service, temple_dir):
     assert rt.state == "failed" and "out of memory" in rt.last_error and not rt.is_running
 
 
+def _timer_modules(probe_service, temple_dir, prompt: str):
+    """The installed add-on's operators and connection modules, the probe service and a temple scene set up."""
+    _use_remote(probe_service["endpoint"], probe_service["keys"])
+    build_temple_scene(temple_dir, ids=(0, 8))
+    bpy.context.scene.reconloop.prompt = prompt
+    return sys.modules[f"{ADDON}.operators"], sys.modules[f"{ADDON}.connection"]
+
+
+def _begin_timer_job(ops):
+    """Start Reconstruct's job as the button does, for the test to drive ``ops._tick`` as Blender's timer would."""
+    driver, importer = ops.prepare_job(bpy.context)
+    ops.begin_job(bpy.context, driver, importer)
+    return driver
+
+
 def test_an_error_while_following_a_job_says_where_it_goes_on(installed, probe_service, temple_dir, monkeypatch):
     """An error in a timer step ends the add-on's following of a job the service still runs: the job's importer
     is let go, anything half downloaded deleted, and the error says where the job's results are to be had."""
     import time
 
-    ops = sys.modules[f"{ADDON}.operators"]
-    conn = sys.modules[f"{ADDON}.connection"]
-    _use_remote(probe_service["endpoint"], probe_service["keys"])
-    build_temple_scene(temple_dir, ids=(0, 8))
-    bpy.context.scene.reconloop.prompt = "probe steps=50 delay_ms=100"
+    ops, conn = _timer_modules(probe_service, temple_dir, "probe steps=50 delay_ms=100")
     try:
-        driver, importer = ops.prepare_job(bpy.context)
-        ops.begin_job(bpy.context, driver, importer)
+        driver = _begin_timer_job(ops)
         deadline = time.monotonic() + 60
         while driver.job is None:
             assert ops._tick() is not None, "the job ended before the service took it"
@@ -453,14 +463,9 @@ def test_timer_path_takes_short_steps(installed, probe_service, temple_dir):
     """The UI path: the timer callback drives a job in short, bounded steps until it ends."""
     import time
 
-    ops = sys.modules[f"{ADDON}.operators"]
-    conn = sys.modules[f"{ADDON}.connection"]
-    _use_remote(probe_service["endpoint"], probe_service["keys"])
-    build_temple_scene(temple_dir, ids=(0, 8))
-    bpy.context.scene.reconloop.prompt = "probe steps=6 delay_ms=150"
+    ops, conn = _timer_modules(probe_service, temple_dir, "probe steps=6 delay_ms=150")
     try:
-        driver, importer = ops.prepare_job(bpy.context)
-        ops.begin_job(bpy.context, driver, importer)
+        _begin_timer_job(ops)
         ticks, longest, fractions = 0, 0.0, []
         deadline = time.monotonic() + 60
         while True:

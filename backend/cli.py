@@ -1,4 +1,5 @@
-"""``reconloop``: run the service, run the loop in-process, submit to a service, import scenes, demo.
+"""``reconloop``: run the service, run the loop in-process, submit to a service and list, fetch or cancel its
+jobs, make keys, import scenes, evaluate at held-out views, demo.
 
 Heavy packages (torch, the loop) are imported only by the commands that need them, so ``--help``
 answers at once.

@@ -23,6 +23,11 @@ import numpy as np
 
 from .scene import SIM_MIN_CAMERAS, Camera  # noqa: F401  (SIM_MIN_CAMERAS: the rule scene.py checks scenes by)
 
+# Two cameras whose centres are closer than this fraction of the cameras' mean distance to their centroid,
+# with optical axes within SAME_POSE_DEG, are one pose (a photo taken again from the same place).
+SAME_POSE_DIST = 0.01
+SAME_POSE_DEG = 1.0
+
 
 def similarity(src: Sequence[np.ndarray], dst: Sequence[np.ndarray]) -> tuple[float, np.ndarray, np.ndarray]:
     """Scale, rotation and translation with dst ~ s R src + t (Umeyama, least squares)."""
@@ -178,3 +183,23 @@ def default_trajectory(cams: Sequence[Camera], num_frames: int) -> list[Camera]:
     sized = [c.scaled(cams[0].width, cams[0].height) for c in cams]
     order = order_around(sized)
     return path_through([sized[i] for i in order], num_frames, closed=True)
+
+
+def distinct_poses(cams: Sequence[Camera]) -> list[int]:
+    """Indices of the cameras to keep when photos repeat a pose: the first of each group of cameras
+    whose centres lie within SAME_POSE_DIST (relative) and whose optical axes within SAME_POSE_DEG.
+
+    (The Middlebury temple ring has one: templeSR0001 and templeSR0011 share a pose.)
+    """
+    centers = np.stack([c.center for c in cams])
+    axes = np.stack([c.c2w[:3, 2] for c in cams])
+    scale = float(np.linalg.norm(centers - centers.mean(0), axis=1).mean()) or 1.0
+    cos_tol = math.cos(math.radians(SAME_POSE_DEG))
+    keep: list[int] = []
+    for i in range(len(cams)):
+        if not any(
+            np.linalg.norm(centers[i] - centers[j]) < SAME_POSE_DIST * scale and axes[i] @ axes[j] > cos_tol
+            for j in keep
+        ):
+            keep.append(i)
+    return keep

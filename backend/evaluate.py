@@ -30,7 +30,6 @@ Command line: ``reconloop eval`` (``add_eval_arguments`` / ``run_eval``, wired i
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -43,7 +42,7 @@ import torch
 from torch import Tensor
 
 from . import outputs
-from .camera_paths import order_around, path_through
+from .camera_paths import distinct_poses, order_around, path_through
 from .devices import pick_device
 from .evaluate_args import DEFAULT_TRAIN_VIEWS, PROTOCOLS, TRAJECTORY_MODES, add_eval_arguments  # noqa: F401
 from .generators import Generator
@@ -51,7 +50,7 @@ from .loop import LoopConfig, run_loop
 from .masks import stack_masks
 from .metrics import DATA_RANGE, MSE_FLOOR, best_of_blocks, image_metrics, load_lpips, ssim_map, weighted_l1
 from .progress import ProgressFn, no_progress
-from .scene import Camera, Scene, TrajectoryFrame
+from .scene import Scene, TrajectoryFrame
 from .stages.cameras import load_image, load_views, resize_image, to_tensor, undistorted, working_size
 from .stages.fit import FitViews, Gaussians, fit_gaussians, render_gaussians
 from .stages.guide import fit_guide, render_guide
@@ -63,10 +62,6 @@ EVAL_FILE = "eval.json"
 EVAL_PICTURE = "eval.png"
 LOOP_DIR = "loop"
 RING_ARC_STEP = 2  # ring-arc protocol: training views this many ring positions apart
-# Two captures whose centres are closer than this fraction of the cameras' mean distance to their centroid,
-# with optical axes within SAME_POSE_DEG, are one ring position (photos taken again from the same pose).
-SAME_POSE_DIST = 0.01
-SAME_POSE_DEG = 1.0
 LLFF_HOLDOUT_EVERY = 8  # LLFF protocol: every 8th image is a test view
 # DTU sparse-view protocol (pixelNeRF, RegNeRF; a scan's 49 views in order): the first N of the training
 # ids train, the test ids are scored, and the 15 views left (the object barely in frame) are neither
@@ -119,26 +114,6 @@ class LoopStart:
     memory: GeometryMemory | None = None
     notes: list[str] = field(default_factory=list)
     guide: list[Gaussians] = field(default_factory=list)
-
-
-def distinct_poses(cams: Sequence[Camera]) -> list[int]:
-    """Indices of the cameras to keep when photos repeat a pose: the first of each group of cameras
-    whose centres lie within SAME_POSE_DIST (relative) and whose optical axes within SAME_POSE_DEG.
-
-    (The Middlebury temple ring has one: templeSR0001 and templeSR0011 share a pose.)
-    """
-    centers = np.stack([c.center for c in cams])
-    axes = np.stack([c.c2w[:3, 2] for c in cams])
-    scale = float(np.linalg.norm(centers - centers.mean(0), axis=1).mean()) or 1.0
-    cos_tol = math.cos(math.radians(SAME_POSE_DEG))
-    keep: list[int] = []
-    for i in range(len(cams)):
-        if not any(
-            np.linalg.norm(centers[i] - centers[j]) < SAME_POSE_DIST * scale and axes[i] @ axes[j] > cos_tol
-            for j in keep
-        ):
-            keep.append(i)
-    return keep
 
 
 def split_protocol(

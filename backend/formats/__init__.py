@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from backend.camera_paths import distinct_poses
 from backend.fileio import write_atomic
 from backend.formats import colmap, dtu, llff, middlebury, nerf  # noqa: F401  (fill the registries)
 from backend.formats.base import EXPORTERS, IMPORTERS, ImportedScene
@@ -36,6 +38,8 @@ from backend.scene import Capture, Scene, SceneError, Settings, save_scene, scen
 MASKS_DIR = "masks"  # masks a reader made (silhouettes) are written here, one PNG per capture
 BOUNDS_FILE = "bounds.json"  # near/far depth per capture name, when the format has them (LLFF)
 LLFF_HOLDOUT_EVERY = 8  # the LLFF protocol holds out every 8th image (NeRF, AnyRecon, ReconX)
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "BOUNDS_FILE",
@@ -62,6 +66,10 @@ def split_holdout(
         captures: all captures, in the format's order.
         holdout_every: hold out captures 0, n, 2n, ... (the LLFF protocol uses 8); 0 keeps all.
         train_ids: keep exactly these indices and hold out the rest (the sparse-view protocols).
+
+    A view that would be held out at the pose of a kept one (a photo taken again from the same place: the
+    Middlebury temple's templeSR0001 and templeSR0011, 41.5 dB apart) is neither: its score would be
+    memorisation. The log names it.
     """
     if holdout_every and train_ids is not None:
         raise ValueError("holdout_every and train_ids: give one or the other, not both")
@@ -78,7 +86,16 @@ def split_holdout(
         keep = {i for i in range(n) if i % holdout_every}
     else:
         return list(captures), []
-    return [c for i, c in enumerate(captures) if i in keep], [c for i, c in enumerate(captures) if i not in keep]
+    kept = [c for i, c in enumerate(captures) if i in keep]
+    held = [c for i, c in enumerate(captures) if i not in keep]
+    posed = [c.camera for c in kept if c.camera is not None]
+    poses = len(distinct_poses(posed)) if posed else 0
+    repeats = {
+        h.name for h in held if h.camera is not None and posed and len(distinct_poses([*posed, h.camera])) == poses
+    }
+    if repeats:
+        logger.warning("not held out, at the pose of a kept capture: %s", ", ".join(sorted(repeats)))
+    return kept, [h for h in held if h.name not in repeats]
 
 
 def import_scene(

@@ -96,6 +96,30 @@ def make_camera(
     return Camera(w2c=w2c, K=K, width=int(width), height=int(height), distortion=distortion)
 
 
+CENTRE_SHARE = 0.1  # how far a principal point may sit from the photo's centre, as a share of its side
+SKEW_MAX_PX = 0.01  # a decomposed projection's skew that moves no pixel further than this is none
+
+
+def check_principal_point(K: np.ndarray, width: int, height: int, where: str, photo: str, measured_at: str) -> None:
+    """SceneError naming ``where`` when K's principal point sits far from the centre of the ``width`` x ``height``
+    photo: the photos were resized or cropped since the intrinsics (measured at ``measured_at``) were."""
+    if abs(K[0, 2] / width - 0.5) > CENTRE_SHARE or abs(K[1, 2] / height - 0.5) > CENTRE_SHARE:
+        raise SceneError(
+            f"{where}: the principal point ({K[0, 2]:g}, {K[1, 2]:g}) is far from the centre of {photo} "
+            f"({width}x{height}): the photos were resized or cropped since their intrinsics were measured "
+            f"({measured_at}); use the original photos"
+        )
+
+
+def without_negligible_skew(K: np.ndarray, height: int) -> np.ndarray:
+    """K with its skew set to 0 where it moves no pixel of a ``height``-pixel photo by more than SKEW_MAX_PX (a
+    calibrated projection decomposes with a trace of one; the exporters' formats have no skew)."""
+    if abs(K[0, 1]) * height / (2 * K[1, 1]) <= SKEW_MAX_PX:
+        K = K.copy()
+        K[0, 1] = 0.0
+    return K
+
+
 def list_images(folder: Path) -> list[Path]:
     """PNG and JPEG files of a folder, sorted by name (the order LLFF and IDR rely on)."""
     if not folder.is_dir():

@@ -249,7 +249,8 @@ def export_colmap(
     the deepest folder holding every image); pass that folder as ``images`` when reading back.
 
     Args:
-        scene: captures (all with cameras) and held-out views.
+        scene: captures (all with cameras) and held-out views; COLMAP's model has no notion of held out, so both
+            are written as images alike and come back as captures (the NeRF exporter keeps the split).
         dst: output folder.
         points: 3D points to write with their observations (by capture name), or None for none.
         image_root: folder the image names are relative to.

@@ -23,7 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.formats.base import IMPORTERS, ImportedScene, find_first, list_images, make_camera, resolve_in, w2c_from_rt
+from backend.formats.base import (
+    IMPORTERS,
+    ImportedScene,
+    check_principal_point,
+    find_first,
+    list_images,
+    make_camera,
+    resolve_in,
+    w2c_from_rt,
+    without_negligible_skew,
+)
 from backend.formats.undistort import HALF_PIXEL
 from backend.scene import Capture, SceneError, image_size
 
@@ -107,6 +117,8 @@ def read_dtu(
         K, R, t = decompose_projection(P[:3, :4])
         K[:2, 2] += PIXEL_CENTRE_SHIFT
         width, height = image_size(path)
+        K = without_negligible_skew(K, height)
+        check_principal_point(K, width, height, where, path.name, "DTU's are 1600x1200")
         camera = make_camera(w2c_from_rt(R, t), K, width, height, where)
         mask = mask_files[i].resolve() if mask_files else None
         if mask is not None and image_size(mask) != (width, height):

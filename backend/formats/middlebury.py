@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.formats.base import IMPORTERS, ImportedScene, make_camera, resolve_in, w2c_from_rt
+from backend.formats.base import IMPORTERS, ImportedScene, check_principal_point, make_camera, resolve_in, w2c_from_rt
 from backend.masks import threshold_silhouette
 from backend.scene import Capture, SceneError, image_size
 
@@ -23,9 +23,6 @@ SILHOUETTE_THRESHOLD = 0.19
 SILHOUETTE_DILATE_PX = 10
 SILHOUETTE_ERODE_PX = 7
 PAR_FIELDS = 22  # name + 9 (K) + 9 (R) + 3 (t)
-CENTRE_SHARE = (
-    0.1  # how far the principal point may sit from the photo's centre, as a share of its side (the sets: 0.03)
-)
 K_VALUES, R_VALUES = slice(0, 9), slice(9, 18)  # of the 21 numbers after the name; t is the rest
 
 
@@ -79,12 +76,7 @@ def read_middlebury(
                 f"{first.camera.width}x{first.camera.height}: {par.name}'s intrinsics hold for the photos as taken, "
                 "one size; use the original photos"
             )
-        if abs(K[0, 2] / width - 0.5) > CENTRE_SHARE or abs(K[1, 2] / height - 0.5) > CENTRE_SHARE:
-            raise SceneError(
-                f"{where}: the principal point ({K[0, 2]:g}, {K[1, 2]:g}) is far from the centre of {row[0]} "
-                f"({width}x{height}): the photos were resized or cropped since their intrinsics were measured "
-                "(Middlebury's are 640x480); use the original photos"
-            )
+        check_principal_point(K, width, height, where, row[0], "Middlebury's are 640x480; the sets' sit within 0.03")
         camera = make_camera(w2c_from_rt(R, t), K, width, height, where)
         captures.append(Capture(name=path.stem, image=path, camera=camera))
     masks = {c.name: silhouette(c.image) for c in captures} if silhouettes else {}

@@ -302,6 +302,18 @@ def test_fern_holdout_protocol(fern_dir, tmp_path):
         import_scene("llff", fern_dir, tmp_path, train_ids=[3, 20])
 
 
+def test_a_held_out_view_at_a_kept_pose_is_not_held_out(temple_dir, tmp_path, caplog):
+    """The temple photographs one pose twice (templeSR0001, templeSR0011: 41.5 dB apart): holding out one
+    while the other trains would score memorisation, so it is left out of the held-out views, by name."""
+    scene = import_scene("middlebury", temple_dir, tmp_path, holdout_every=8)
+    assert [c.name for c in scene.heldout] == ["templeSR0009"] and "templeSR0001" not in [
+        c.name for c in scene.captures
+    ]
+    assert "not held out, at the pose of a kept capture: templeSR0001" in caplog.text
+    scene = import_scene("middlebury", temple_dir, tmp_path, train_ids=[1, 2, 3])  # no repeat among these
+    assert "templeSR0001" in [c.name for c in scene.heldout] and "templeSR0011" in [c.name for c in scene.heldout]
+
+
 # ----------------------------------------------------------------------------------------------
 # Round trips through the exporters
 

@@ -118,6 +118,31 @@ def test_dtu_real_layout_with_masks(temple_dir, tmp_path):
         np.testing.assert_allclose(a.camera.center, (b.camera.center - [-0.02, 0.1, 0.025]) / 0.1, atol=1e-6)
 
 
+def test_dtu_drops_a_negligible_skew_and_names_resized_photos(temple_dir, tmp_path):
+    """A calibrated projection decomposes with a trace of skew, which the exporters' formats cannot hold: below
+    SKEW_MAX_PX it is none (the scene exports). Photos smaller than their cameras are refused by name."""
+    from backend.formats import export_scene
+
+    _dtu_folder(temple_dir, tmp_path, 3, with_masks=False)
+    npz = tmp_path / "dtu" / "cameras_sphere.npz"
+    mats = dict(np.load(npz))
+    for i in range(3):  # skew of 1e-5 fx: at most 0.004 px on a 480-pixel-high photo
+        mats[f"world_mat_{i}"][0, :] += 1e-5 * mats[f"world_mat_{i}"][1, :]
+    np.savez(npz, **mats)
+    scene = import_scene("dtu", tmp_path / "dtu", tmp_path / "out", use_scale_mat=False)
+    assert all(c.camera.K[0, 1] == 0.0 for c in scene.captures)
+    export_scene("nerf", scene, tmp_path / "nerf")  # refused any skew
+    small = tmp_path / "dtu" / "image"
+    for path in small.iterdir():  # the photos at half size, the cameras as measured
+        Image.open(path.resolve()).resize((320, 240)).save(path.with_suffix(".tmp.png"))
+        path.unlink()
+        path.with_suffix(".tmp.png").rename(path)
+    with pytest.raises(
+        SceneError, match=r"the principal point \(.*\) is far from the centre of 000000.png \(320x240\)"
+    ):
+        import_scene("dtu", tmp_path / "dtu", tmp_path / "out2", use_scale_mat=False)
+
+
 def test_dtu_counts_cameras_by_world_mat_keys_only(temple_dir, tmp_path):
     _dtu_folder(temple_dir, tmp_path, 3, with_masks=False)
     (tmp_path / "dtu" / "image" / "000002.png").unlink()

@@ -119,8 +119,10 @@ def thin_memory(memory: GeometryMemory, max_points: int) -> Thinned:
     sorted_keys = keys[order]
     is_first = torch.ones_like(sorted_keys, dtype=torch.bool)
     is_first[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    keep = torch.sort(order[is_first]).values  # the memory's own order
-    kept = memory.select(keep)
+    keep = order[is_first]
+    if len(keep) > max_points:  # a cap below the 8 cells the coarsest voxel may straddle: the most confident
+        keep = keep[torch.argsort(memory.confidence[keep], descending=True, stable=True)[:max_points]]
+    kept = memory.select(torch.sort(keep).values)  # the memory's own order
     return Thinned(kept, n - len(kept), voxel, _thin_note(n, len(kept), max_points, voxel))
 
 
@@ -351,7 +353,8 @@ def plan_budget(
         measure: ``measure(n, W, H)``, the seconds of one real step with n Gaussians at W x H
             (:func:`measure_step_seconds` on this device). Given, the chosen step is measured once;
             slower than :data:`PLAN_CHECK_RATIO` times the prediction, the costs' ``per_gaussian`` is
-            refitted through the measurement and the plan made again (once), and the sentence says so.
+            refitted through the measurement and the plan made again (once), at most at the size measured,
+            and the sentence says so.
 
     Example::
 
@@ -401,12 +404,15 @@ def plan_budget(
     measured = measure(cap, w, h)
     if measured <= PLAN_CHECK_RATIO * step:
         return plan
+    # The excess refitted on the Gaussians (the probes pin the pixels' rate down), and no size above the one measured:
+    # the plan made again could move to an unmeasured size 6 times larger, whose pixels the excess did not reach
+    # (its fits took 1.7 times their share)
     per_gaussian = max((measured - costs.per_pixel * w * h) / cap, costs.per_gaussian)
     again = plan_budget(
         budget_min,
         replace(costs, per_gaussian=per_gaussian),
         max_iterations=max_iterations,
-        max_size=max_size,
+        max_size=(w, h),
         fits=fits,
         reserved_s=reserved_s,
         reserved_for=reserved_for,

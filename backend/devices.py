@@ -62,4 +62,6 @@ def pick_device(name: str = "auto") -> str:
         raise ValueError(f"--device must be auto, {', '.join(DEVICE_KINDS)} or cuda:N; got {name!r}")
     if not is_available(device.type):
         raise ValueError(f"--device {name}: torch sees no {device.type} device on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 up")
     return str(device)

@@ -69,7 +69,7 @@ class GsplatRasterizer:
         except ImportError as err:
             raise ImportError(
                 f"the gsplat rasterizer needs the gsplat package ({err}); "
-                "install reconloop[gpu] or use the torch_cpu rasterizer"
+                "pip install gsplat (a dependency of reconloop), or use the torch_cpu rasterizer"
             ) from err
         return rasterization(
             means,

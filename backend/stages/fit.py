@@ -684,8 +684,8 @@ def _make_strategy(cfg: FitConfig, initial: int) -> Any:
         from gsplat.strategy import DefaultStrategy, MCMCStrategy
     except ImportError as err:
         raise ImportError(
-            f"FitConfig.strategy {cfg.strategy!r} needs the gsplat package ({err}); "
-            "install reconloop[gpu] or use strategy 'none'"
+            f"FitConfig.strategy {cfg.strategy!r} needs the gsplat package ({err}), a dependency of reconloop: "
+            "pip install gsplat"
         ) from err
     start, stop, every = cfg.refine_steps()
     if cfg.strategy == "mcmc":

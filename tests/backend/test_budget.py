@@ -59,6 +59,16 @@ def test_thin_memory_keeps_the_most_confident_point_per_voxel_under_the_cap():
     torch.testing.assert_close(thinned.memory.source, memory.source[idx])
 
 
+def test_thin_memory_keeps_to_a_cap_below_the_coarsest_voxels_cells():
+    """The coarsest voxel (the cloud's extent) may straddle 8 cells: a cap of 1 to 7 keeps that many, the most
+    confident (a cap of 1 kept 2)."""
+    memory = cloud(1000)
+    for cap in range(1, 8):
+        thinned = thin_memory(memory, cap)
+        assert len(thinned.memory) <= cap and thinned.dropped == 1000 - len(thinned.memory)
+    assert float(thin_memory(memory, 1).memory.confidence[0]) == float(memory.confidence.max())
+
+
 def test_thin_memory_of_points_in_one_place_keeps_the_most_confident():
     n = 10
     memory = GeometryMemory(
@@ -172,6 +182,22 @@ def test_plan_measures_its_chosen_step_and_plans_again_when_it_is_slower():
         assert kept == blind
 
 
+def test_a_plan_made_again_stays_at_the_size_it_measured():
+    """A machine twice as slow as its probes (another program on the cores): the plan made again keeps to the
+    size it measured and the fits to their share (it moved to 640x480, never measured, and took 627 s of 360)."""
+    probed = StepCosts(per_pixel=2.42e-6, per_gaussian=3.24e-6, views=3)  # a 2-core machine's probes
+
+    def twice(n: int, w: int, h: int) -> float:
+        return 2 * probed.seconds(n, w, h)
+
+    first = plan_budget(10.0, probed, max_iterations=1000, max_size=(640, 480), fits=2)
+    again = plan_budget(10.0, probed, max_iterations=1000, max_size=(640, 480), fits=2, measure=twice)
+    assert "planned again" in again.sentence
+    assert again.width * again.height <= first.width * first.height
+    spent = again.fits * again.iterations * twice(again.max_gaussians, again.width, again.height)
+    assert spent <= 10.0 * 60 * FIT_SHARE, spent
+
+
 def test_measured_step_is_positive_and_grows_with_gaussians():
     small = measure_step_seconds("torch_cpu", "cpu", 200, (32, 24))
     assert 0 < small < 10
@@ -268,7 +294,7 @@ def test_a_thread_count_set_after_a_probe_is_kept(probes):
     assert calls[4:] == [3, 1, 3, 3] and torch.get_num_threads() == 3
 
 
-def test_devices_auto_and_checked_names():
+def test_devices_auto_and_checked_names(monkeypatch):
     assert pick_device("auto") == (
         "cuda:0" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     )
@@ -278,6 +304,11 @@ def test_devices_auto_and_checked_names():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="torch sees no cuda device"):
             pick_device("cuda:1")
+    with monkeypatch.context() as m:  # one GPU: cuda:5 named with the count, not CUDA's "invalid device ordinal"
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "device_count", lambda: 1)
+        with pytest.raises(ValueError, match=r"--device cuda:5: this machine has 1 CUDA device\(s\), cuda:0 up"):
+            pick_device("cuda:5")
     assert default_budget_min("cpu") == 4.0 and default_budget_min("cuda:0") is None
 
 

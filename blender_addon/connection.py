@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from protocol.limits import check_artifact_name
+from protocol.limits import check_artifact_name, is_job_id
 from protocol.schemas import TERMINAL_STATES
 
 from . import scene_io
@@ -607,8 +607,8 @@ class JobDriver:
             self.submitted = True
             return self.client.begin("submit", scene=self.scene), self._on_submit
         if not self._watching:
-            if not (isinstance(self.job, str) and self.job.isascii() and self.job.isalnum()):  # a folder name below
-                raise ReconLoopError(f"the service gave a job id that is not a plain name: {self.job!r}")
+            if not is_job_id(self.job):  # a folder name below: the service's own kind of id, nothing else
+                raise ReconLoopError(f"the service gave a job id that is not one (32 hex characters): {self.job!r}")
             self.out_dir = os.path.join(self.out_root, self.job)
             os.makedirs(self.out_dir, exist_ok=True)
             return self.client.begin_watch(self.job), self._on_watch
@@ -676,13 +676,13 @@ class JobDriver:
 
     def _want(self, a: dict[str, Any]) -> None:
         name, sha = a["name"], a["sha256"]
+        kind = scene_io.artifact_kind(name)
+        if kind not in IMPORTED_KINDS and name not in EXTRA_FILES:
+            return
         try:  # joined to the job's folder below: a wrong or hostile service must not write outside it
             check_artifact_name(name)
         except ValueError as err:
             raise ReconLoopError(f"the service announced an output file this add-on will not write: {err}") from None
-        kind = scene_io.artifact_kind(name)
-        if kind not in IMPORTED_KINDS and name not in EXTRA_FILES:
-            return
         if self._have.get(name) == sha:
             return
         if self._current is not None and self._current.name == name and self._current.sha256 == sha:

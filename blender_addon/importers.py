@@ -86,7 +86,7 @@ def job_collection(scene: bpy.types.Scene, key: str, job_id: str) -> bpy.types.C
         coll[COLLECTION_KEY] = key
     else:
         clear_collection(coll)
-        _ensure_linked(scene, coll)
+        ensure_linked(scene, coll)
     coll[COLLECTION_JOB] = job_id
     return coll
 
@@ -96,11 +96,11 @@ def existing_job_collection(scene: bpy.types.Scene, job_id: str) -> bpy.types.Co
     was not), or None. A job imported again goes there instead of into a second, overlapping copy."""
     coll = next((c for c in bpy.data.collections if c.get(COLLECTION_JOB) == job_id), None)
     if coll is not None:
-        _ensure_linked(scene, coll)
+        ensure_linked(scene, coll)
     return coll
 
 
-def _ensure_linked(scene: bpy.types.Scene, coll: bpy.types.Collection) -> None:
+def ensure_linked(scene: bpy.types.Scene, coll: bpy.types.Collection) -> None:
     """Link ``coll`` under the scene's collection unless it is already in the scene's tree."""
     if coll not in scene.collection.children_recursive:
         scene.collection.children.link(coll)
@@ -661,7 +661,7 @@ def set_background_sequence(
 
     A call for the sequence the camera already shows (a job's frames arriving one segment after another)
     reloads its image; one for another sequence replaces the camera's earlier frames and removes their image
-    where no camera shows it any more, so that no stale image stays in the file.
+    where nothing else uses it, so that no stale image stays in the file.
     """
     cam = camera_obj.data
     bg = None
@@ -675,8 +675,11 @@ def set_background_sequence(
             img.reload()
             continue
         cam.background_images.remove(old)
-        if not any(b.image == img for c in bpy.data.cameras for b in c.background_images):
-            bpy.data.images.remove(img)
+        # Blender counts a removed background as a user still: the image goes only where nothing else (another
+        # camera, a material's node, the compositor) refers to it and the user has not pinned it
+        if not img.use_fake_user and not any(b.image == img for c in bpy.data.cameras for b in c.background_images):
+            if not bpy.data.user_map(subset=[img])[img]:
+                bpy.data.images.remove(img)
     if bg is None:
         img = bpy.data.images.load(first_file, check_existing=False)
         img.source = "SEQUENCE"

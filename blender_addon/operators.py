@@ -272,8 +272,9 @@ def _tick():
     except Exception as err:  # noqa: BLE001 - one boundary: show it, stop the job's timer
         message = connection.plain_error(err, s.endpoint)
         driver.drop_downloads()
-        if driver.progress.state == "done" or driver.progress.state not in TERMINAL_STATES:  # it goes on there
-            note = abandoned_job_note(driver, importer, "The add-on stopped following the job")
+        unreachable = isinstance(err, TimeoutError) or type(err).__name__ == "ClientClosedError"  # said above
+        if not unreachable and driver.progress.state not in ("failed", "cancelled", "interrupted"):
+            note = abandoned_job_note(driver, importer, "The add-on stopped following the job")  # it goes on there
             message = f"{message}. {note}" if note else message
         rt = _runtime()
         rt.is_running = False
@@ -314,8 +315,10 @@ def _start_job(context, driver: connection.JobDriver, importer: ResultImporter, 
         try:
             connection.run_blocking(driver, timeout_s)
         except BaseException:
+            driver.drop_downloads()
             rt.is_running = False
             s.driver = None
+            s.handlers.pop("importer", None)
             raise
         return _finish(driver, importer)
     if not bpy.app.timers.is_registered(_tick):
@@ -363,18 +366,18 @@ def prepare_job(context, *, server: str = "", output_dir: str = "") -> tuple[con
         if not st.photo_folder:
             raise ReconLoopError("pick a folder of photos")
         folder = bpy.path.abspath(st.photo_folder)
+        if st.trajectory_camera is not None:  # before the photos are read: known at once
+            raise ReconLoopError(
+                "a folder of photos has no cameras: the service places them with SfM in a frame of its own, where the "
+                f"trajectory camera {st.trajectory_camera.name!r} would not be; clear the trajectory camera (the service makes a path "
+                "through the photos), or use a collection of cameras with the photos as backgrounds"
+            )
         captures = scene_io.captures_from_folder(folder)
         photos = {c.name: c.path for c in captures}  # the files read, not a sidecar of the same stem
         key = os.path.basename(os.path.normpath(folder))
     trajectory = []
     start, end, step = st.frame_range(scene)
     cam = st.trajectory_camera
-    if cam is not None and st.capture_source != "COLLECTION":
-        raise ReconLoopError(
-            "a folder of photos has no cameras: the service places them with SfM in a frame of its own, where the "
-            f"trajectory camera {cam.name!r} would not be; clear the trajectory camera (the service makes a path "
-            "through the photos), or use a collection of cameras with the photos as backgrounds"
-        )
     if cam is not None:
         trajectory = sample_trajectory(cam, scene, start, end, step)
         scene_io.check_trajectory_moves(trajectory, cam.name)
@@ -771,20 +774,19 @@ class _ImportPly(ImportHelper):
 
     def execute(self, context):
         name = os.path.splitext(os.path.basename(self.filepath))[0]
-        children = context.scene.collection.children
+        scene = context.scene
         coll = bpy.data.collections.get(IMPORTS_COLLECTION)
-        made, linked = coll is None, coll is not None and coll.name in children
+        made, linked = coll is None, coll is not None and coll in scene.collection.children_recursive
         if made:
             coll = bpy.data.collections.new(IMPORTS_COLLECTION)
-        if not linked:
-            children.link(coll)
+        importers.ensure_linked(scene, coll)
         try:
             obj = self.importer(bpy.path.abspath(self.filepath), name, coll)
         except ReconLoopError as err:
             if made:  # a file that cannot be read leaves nothing behind (no undo step is pushed for it)
                 bpy.data.collections.remove(coll)
             elif not linked:
-                children.unlink(coll)
+                scene.collection.children.unlink(coll)
             self.report({"ERROR"}, str(err))
             return {"CANCELLED"}
         if getattr(self, "as_fitted", None) is not None:

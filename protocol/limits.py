@@ -74,6 +74,14 @@ def clip_utf8(text: str, max_bytes: int, tail: str = "...") -> str:
     return data[:cut].decode("utf-8", "surrogatepass") + tail
 
 
+JOB_ID_CHARS = 32  # a job id: 32 lowercase hex characters (128 random bits, the service's secrets.token_hex(16))
+
+
+def is_job_id(value: object) -> bool:
+    """Whether ``value`` is a job id as the service makes them (also a safe folder name on every system)."""
+    return isinstance(value, str) and len(value) == JOB_ID_CHARS and all(c in "0123456789abcdef" for c in value)
+
+
 WINDOWS_RESERVED = frozenset('<>:"|?*\\')  # characters no Windows file name may hold
 
 
@@ -82,8 +90,9 @@ def check_artifact_name(name: str) -> str:
 
     The rule of an output file's name on both sides: the service writes only such names, and a client joins
     only such names to its folder (a name from a wrong or hostile service cannot write outside it).
-    Refused: empty, absolute, ``..`` or ``.`` parts, empty parts, backslashes and other characters
-    Windows forbids, control characters, more than MAX_NAME_BYTES UTF-8 bytes (the protocol's unit).
+    Refused: empty, absolute, ``..`` or ``.`` parts, empty parts, parts ending in a dot or a space (Windows drops
+    those), backslashes and other characters Windows forbids, control characters, more than MAX_NAME_BYTES UTF-8
+    bytes (the protocol's unit).
     """
     if not isinstance(name, str) or not name or utf8_len(name) > MAX_NAME_BYTES:
         raise ValueError(f"artifact name must be 1..{MAX_NAME_BYTES} UTF-8 bytes; got {name!r}")
@@ -93,6 +102,8 @@ def check_artifact_name(name: str) -> str:
         )
     if any(p in ("", ".", "..") for p in name.split("/")):
         raise ValueError(f"artifact name must not hold empty, '.' or '..' parts; got {name!r}")
+    if any(p.endswith((".", " ")) for p in name.split("/")):  # Windows drops them: '.. ' would be '..'
+        raise ValueError(f"artifact name parts must not end in '.' or a space; got {name!r}")
     return name
 
 

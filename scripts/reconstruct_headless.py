@@ -97,7 +97,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("--extension", type=existing_file, default=None, help="extension zip to install first")
     ap.add_argument("--captures", default="", help="name of the collection of capture cameras")
-    ap.add_argument("--photos", type=Path, default=None, help="a folder of photos without cameras instead")
+    ap.add_argument(
+        "--photos",
+        type=Path,
+        default=None,
+        help="a folder of photos without cameras instead (SfM places them: the service makes the path, and a "
+        "trajectory camera is refused with it)",
+    )
     ap.add_argument("--trajectory", default="", help="name of the animated trajectory camera")
     ap.add_argument(
         "--frames", type=frame_range, default=None, help="START:END[:STEP] (default: the scene's frame range)"
@@ -176,6 +182,7 @@ def configure(args: argparse.Namespace) -> None:
     if args.photos is not None:
         st.capture_source = "FOLDER"
         st.photo_folder = str(args.photos.resolve())
+        st.trajectory_camera = None  # SfM places the photos in a frame of its own: the service makes the path
     elif args.captures:
         coll = bpy.data.collections.get(args.captures)
         if coll is None:

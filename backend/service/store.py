@@ -44,7 +44,7 @@ from .auth import may_access
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
-JOB_ID_BYTES = 16  # 32 hex characters, 128 bits: unguessable
+JOB_ID_BYTES = limits.JOB_ID_CHARS // 2  # 128 bits: unguessable
 META_FILE = "meta.json"
 JOURNAL_FILE = "journal.jsonl"
 MANIFEST_FILE = "manifest.json"
@@ -59,10 +59,6 @@ CUT_LINE_SEQ = re.compile(rb'^\{"seq": (\d+)')  # the seq of a journal line cut 
 
 def new_job_id() -> str:
     return secrets.token_hex(JOB_ID_BYTES)
-
-
-def is_job_id(value: str) -> bool:
-    return len(value) == 2 * JOB_ID_BYTES and all(c in "0123456789abcdef" for c in value)
 
 
 def resolve_inside(root: Path, name: str) -> Path:
@@ -393,7 +389,7 @@ class JobStore:
         """Read every job directory; running jobs become interrupted. Returns the jobs still queued, in order."""
         for tmp in self.root.glob(f"{TMP_PREFIX}*"):
             shutil.rmtree(tmp, ignore_errors=True)  # a submit cut short: never acknowledged
-        for job_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and is_job_id(p.name)):
+        for job_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and limits.is_job_id(p.name)):
             try:
                 record = self._load_one(job_dir)
             except (OSError, ValueError, KeyError) as err:

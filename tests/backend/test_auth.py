@@ -13,10 +13,11 @@ import zmq.auth
 
 from backend.cli import main as cli_main
 from backend.service.auth import LOCAL_OWNER, AuthConfig, AuthError, endpoint_is_local, generate_keys
-from backend.service.store import is_job_id, write_scene_message
+from backend.service.store import write_scene_message
 from protocol import errors
 from protocol.client import Client
 from protocol.errors import ProtocolError
+from protocol.limits import is_job_id
 from tests.backend._reliability import TIMEOUT_MS, probe_scene, row, start_service, stop_service, wait_state
 
 REFUSED_TIMEOUT_MS = 400  # a refused CurveZMQ handshake never answers: the client times out

@@ -147,10 +147,16 @@ def test_frame_sequence_fills_gaps(tmp_path):
     assert again.image == bg.image and again.image_user.frame_duration == 5 and len(bpy.data.images) == images
     kinds = [b.image is not None for b in cam.data.background_images]
     assert sorted(kinds) == [False, True]  # other backgrounds left alone
-    # another job's sequence replaces it, and the replaced image goes where no camera shows it any more
+    # another job's sequence replaces it, and the replaced image goes where nothing else uses it
     other = importers.set_background_sequence(cam, first, 1, 4, job="job2")
     assert other.image.get(importers.FRAME_JOB) == "job2" and len(bpy.data.images) == images
     assert sorted(b.image is not None for b in cam.data.background_images) == [False, True]
+    # ... but stays where a material's node shows it too
+    mat = bpy.data.materials.new("uses the frames")
+    mat.node_tree.nodes.new("ShaderNodeTexImage").image = other.image
+    kept = other.image
+    importers.set_background_sequence(cam, first, 1, 4, job="job3")
+    assert kept.name in bpy.data.images and len(bpy.data.images) == images + 1
 
 
 def test_cycles_shows_points_and_gaussians_in_their_colours():

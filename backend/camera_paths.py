@@ -185,15 +185,24 @@ def default_trajectory(cams: Sequence[Camera], num_frames: int) -> list[Camera]:
     return path_through([sized[i] for i in order], num_frames, closed=True)
 
 
+def _poses(cams: Sequence[Camera]) -> tuple[np.ndarray, np.ndarray]:
+    """Centres [N, 3] and optical axes [N, 3] of ``cams``."""
+    return np.stack([c.center for c in cams]), np.stack([c.c2w[:3, 2] for c in cams])
+
+
+def _pose_scale(centers: np.ndarray) -> float:
+    """The cameras' mean distance to their centroid: the unit of SAME_POSE_DIST (1 for one camera)."""
+    return float(np.linalg.norm(centers - centers.mean(0), axis=1).mean()) or 1.0
+
+
 def distinct_poses(cams: Sequence[Camera]) -> list[int]:
     """Indices of the cameras to keep when photos repeat a pose: the first of each group of cameras
     whose centres lie within SAME_POSE_DIST (relative) and whose optical axes within SAME_POSE_DEG.
 
     (The Middlebury temple ring has one: templeSR0001 and templeSR0011 share a pose.)
     """
-    centers = np.stack([c.center for c in cams])
-    axes = np.stack([c.c2w[:3, 2] for c in cams])
-    scale = float(np.linalg.norm(centers - centers.mean(0), axis=1).mean()) or 1.0
+    centers, axes = _poses(cams)
+    scale = _pose_scale(centers)
     cos_tol = math.cos(math.radians(SAME_POSE_DEG))
     keep: list[int] = []
     for i in range(len(cams)):
@@ -203,3 +212,15 @@ def distinct_poses(cams: Sequence[Camera]) -> list[int]:
         ):
             keep.append(i)
     return keep
+
+
+def repeats_a_pose(cams: Sequence[Camera], others: Sequence[Camera]) -> list[bool]:
+    """For each of ``others``, whether it stands at a pose of ``cams`` (distinct_poses' rule, at ``cams``' scale,
+    so that a camera far from them does not widen it)."""
+    if not cams or not others:
+        return [False] * len(others)
+    centers, axes = _poses(cams)
+    o_centers, o_axes = _poses(others)
+    near = np.linalg.norm(o_centers[:, None] - centers[None], axis=-1) < SAME_POSE_DIST * _pose_scale(centers)
+    aligned = o_axes @ axes.T > math.cos(math.radians(SAME_POSE_DEG))
+    return (near & aligned).any(axis=1).tolist()

@@ -306,7 +306,7 @@ def evaluate_scene(
     meter = outputs.StageMeter(device)
 
     truth, held = heldout_views(scene, W, H, device)
-    held_masks = stack_masks(scene.heldout, [c.camera for c in scene.heldout], W, H, "cpu")
+    held_masks = stack_masks(scene.heldout, [c.camera for c in scene.heldout], W, H, "cpu", need_pixels=False)
 
     def add_scores(key: str, pred: Tensor, views: Sequence[int] | None = None) -> None:
         picked = list(range(len(held))) if views is None else list(views)

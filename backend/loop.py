@@ -246,7 +246,7 @@ def run_loop(
     """
     cache = None if generator is not None else GeneratorCache()
     try:
-        return _run_loop(
+        result = _run_loop(
             scene,
             out_dir,
             device=device,
@@ -258,9 +258,16 @@ def run_loop(
             memory=memory,
             memory_notes=memory_notes,
         )
-    finally:
-        if cache is not None:
-            cache.clear()
+    except BaseException:
+        if cache is not None:  # the job's own error is the one to see: one from letting go is only logged
+            try:
+                cache.clear()
+            except Exception:  # noqa: BLE001
+                log.exception("letting go of the generator after the job failed")
+        raise
+    if cache is not None:
+        cache.clear()
+    return result
 
 
 def _run_loop(
@@ -300,7 +307,8 @@ def _run_loop(
     )
     if len(captures) < needed:  # said now, not after the memory and the guide
         raise ValueError(
-            f"generator {cfg.generator.name!r} needs at least {needed} captures with cameras; this job has {len(captures)}"
+            f"generator {cfg.generator.name!r} needs at least {needed} captures with cameras; this job has "
+            f"{len(captures)}" + "".join(f" ({n})" for n in step0.notes if n.startswith("SfM could not place"))
         )
     if cfg.budget is not None:
         step0.notes.insert(0, cfg.budget.sentence)

@@ -116,19 +116,22 @@ def threshold_silhouette(image: np.ndarray, *, threshold: float, dilate_px: int,
     return mask > 0
 
 
-def stack_masks(captures: list[Capture], cameras: list[Camera], width: int, height: int, device):
+def stack_masks(
+    captures: list[Capture], cameras: list[Camera], width: int, height: int, device, *, need_pixels: bool = True
+):
     """The captures' masks at the working size, or None when none of them has one (a capture
-    without a mask keeps every pixel). bool [C, height, width]"""
+    without a mask keeps every pixel). ``need_pixels``: masks that all keep no pixel are an error (captures to fit;
+    held-out views without the object only leave their masked score out). bool [C, height, width]"""
     import torch  # kept out of the module's imports: the CLI's parser imports the importers, not torch
 
     found = [capture_mask(c, cam) for c, cam in zip(captures, cameras)]
     if all(m is None for m in found):
         return None
-    if all(m is not None and not m.any() for m in found):  # nothing left to reconstruct: say why, not later
+    full = [np.ones((height, width), bool) if m is None else resize_mask(m, width, height) for m in found]
+    if need_pixels and not any(m.any() for m in full):  # nothing left to reconstruct at this size: say why
         where = ", ".join(f"{c.name} ({c.mask.name if c.mask is not None else 'its alpha'})" for c in captures)
         raise SceneError(
-            f"captures: every capture's mask keeps no pixel: {where}; a mask keeps the object white (or opaque in "
-            "the photo's alpha channel) and the rest black"
+            f"captures: every mask keeps no pixel at the working size {width}x{height}: {where}; a mask keeps the "
+            "object white (or opaque in the photo's alpha channel) and the rest black"
         )
-    full = [np.ones((height, width), bool) if m is None else resize_mask(m, width, height) for m in found]
     return torch.from_numpy(np.stack(full)).to(device)

@@ -449,27 +449,24 @@ def scene_from_json(data: Any, root: Path, *, registered: bool = True) -> Scene:
     if not isinstance(heldout_json, list):
         raise SceneError("heldout: must be a list")
     heldout = [_capture_from_json(c, root, f"heldout[{i}]", need_camera=True) for i, c in enumerate(heldout_json)]
-    _check_frame(captures, trajectory, heldout)
+    _check_frame(captures, trajectory)
     settings = Settings.from_json(data.get("settings"), registered=registered)
     return Scene(root=root.resolve(), captures=captures, trajectory=trajectory, heldout=heldout, settings=settings)
 
 
-def _check_frame(captures: list[Capture], trajectory: list[TrajectoryFrame], heldout: list[Capture]) -> None:
-    """Refuse cameras that would not share the captures' frame: where captures lack cameras, SfM places them
+def _check_frame(captures: list[Capture], trajectory: list[TrajectoryFrame]) -> None:
+    """Refuse a trajectory that would not share the captures' frame: where captures lack cameras, SfM places them
     in a frame of its own and aligns it to the scene's only through SIM_MIN_CAMERAS given ones or more; with
-    fewer, a trajectory's or held-out view's camera would not be where the photos are."""
+    fewer, the trajectory's cameras would not be where the photos are. (Held-out views are scored only by the
+    evaluation, which needs every capture's camera and says so.)"""
     given = sum(c.camera is not None for c in captures)
-    if given == len(captures) or given >= SIM_MIN_CAMERAS:
-        return
-    for name, items in (("trajectory", trajectory), ("heldout", heldout)):
-        if items:
-            raise SceneError(
-                f"{name}: {given} of the {len(captures)} captures have cameras; SfM places the others in a frame "
-                f"of its own, aligned to the scene's only through {SIM_MIN_CAMERAS} given cameras or more, so the "
-                f"{name}'s cameras would not be where the photos are: give {SIM_MIN_CAMERAS} or more captures "
-                f"their cameras, or send no {name}"
-                + (" (the service then makes a path through the captures)" if name == "trajectory" else "")
-            )
+    if trajectory and given < len(captures) and given < SIM_MIN_CAMERAS:
+        raise SceneError(
+            f"trajectory: {given} of the {len(captures)} captures have cameras; SfM places the others in a frame of "
+            f"its own, aligned to the scene's only through {SIM_MIN_CAMERAS} given cameras or more, so the "
+            f"trajectory's cameras would not be where the photos are: give {SIM_MIN_CAMERAS} or more captures their "
+            "cameras, or send no trajectory (the service then makes a path through the captures)"
+        )
 
 
 def load_scene(folder: str | os.PathLike, *, registered: bool = True) -> Scene:

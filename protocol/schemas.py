@@ -247,8 +247,7 @@ SCENE = Field(
         ),
         _captures(
             "heldout",
-            "photos kept out of the fit, for evaluation (camera required); refused, as the trajectory is, where "
-            "captures lack cameras and fewer than 3 have one",
+            "photos kept out of the fit, for evaluation (camera required)",
             required=False,
             min_len=0,
             max_len=limits.MAX_HELDOUT,

@@ -44,6 +44,7 @@ FORMAT_FILES = (
     "backend/registry.py",
     "backend/fileio.py",
     "backend/masks.py",
+    "backend/camera_paths.py",
 )
 WHEEL_CACHE = REPO / ".cache" / "extension_wheels"
 DIST = REPO / "dist"

@@ -94,3 +94,22 @@ def test_the_manifests_texts_fit_blenders_limits():
     assert len(manifest["tagline"]) <= 64, manifest["tagline"]
     for name, reason in manifest.get("permissions", {}).items():
         assert len(reason) <= 64, (name, reason)
+
+
+def test_the_bundled_backend_imports_on_its_own(tmp_path):
+    """The protocol wheel's backend (FORMAT_FILES and backend/formats) imports without the rest of backend, as in
+    Blender: ``backend.formats`` came to import ``backend.camera_paths``, which the wheel lacked."""
+    import subprocess
+    import zipfile
+
+    import numpy
+
+    wheel = build_extension.build_protocol_wheel(tmp_path / "wheel", "0.0.0")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    # -S: no site-packages, so neither the editable install's backend nor anything but numpy's folder
+    code = (
+        f"import sys; sys.path[:0] = [{str(tmp_path / 'site')!r}, {str(Path(numpy.__file__).parents[1])!r}]; "
+        "import backend.formats, protocol; assert backend.formats.__file__.startswith(sys.path[0]), backend.__file__"
+    )
+    run = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from backend.camera_paths import distinct_poses
+from backend.camera_paths import repeats_a_pose
 from backend.fileio import write_atomic
 from backend.formats import colmap, dtu, llff, middlebury, nerf  # noqa: F401  (fill the registries)
 from backend.formats.base import EXPORTERS, IMPORTERS, ImportedScene
@@ -89,10 +89,8 @@ def split_holdout(
     kept = [c for i, c in enumerate(captures) if i in keep]
     held = [c for i, c in enumerate(captures) if i not in keep]
     posed = [c.camera for c in kept if c.camera is not None]
-    poses = len(distinct_poses(posed)) if posed else 0
-    repeats = {
-        h.name for h in held if h.camera is not None and posed and len(distinct_poses([*posed, h.camera])) == poses
-    }
+    held_posed = [h for h in held if h.camera is not None]
+    repeats = {h.name for h, r in zip(held_posed, repeats_a_pose(posed, [h.camera for h in held_posed])) if r}
     if repeats:
         logger.warning("not held out, at the pose of a kept capture: %s", ", ".join(sorted(repeats)))
     return kept, [h for h in held if h.name not in repeats]

@@ -264,7 +264,7 @@ class GeneratorCache:
             except (OSError, ValueError, RuntimeError) as err:
                 import torch
 
-                if isinstance(err, torch.OutOfMemoryError):
+                if isinstance(err, torch.cuda.OutOfMemoryError):  # torch.OutOfMemoryError from 2.5 on
                     raise  # the card is too small, the weights not at fault: the job says "out of memory"
                 raise GeneratorWeightsError(weights_advice(config.name, weights, err)) from err
             self._key = key

@@ -154,10 +154,11 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         (out, lse): attention output [B, heads, Lq, D] in q's dtype, and log(sum_k exp(q.k * scale))
         float32 [B, heads, Lq].
     """
-    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
+    path = lse_path(q)
+    if path == "math":
         LSE_KERNELS["math"] += 1
         return attention_lse_math(q, k, v)
-    if q.is_cuda:
+    if path == "cuda":
         for copy in (False, True):  # cuDNN may refuse strides (overlapping window views): retry on copies
             try:
                 args = (q.contiguous(), k.contiguous(), v.contiguous()) if copy else (q, k, v)
@@ -171,6 +172,14 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     else:
         r = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
     return r[0], r[1].reshape(q.shape[:3]).float()
+
+
+def lse_path(q: Tensor) -> str:
+    """Which of :func:`attention_lse`'s paths a query takes: ``cuda`` (cuDNN, else flash: half precision on
+    CUDA), ``math`` (float32 on CUDA, where cuDNN returned NaN without an error) or ``cpu``."""
+    if not q.is_cuda:
+        return "cpu"
+    return "cuda" if q.dtype in (torch.float16, torch.bfloat16) else "math"
 
 
 def attention_lse_math(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -37,7 +37,7 @@ from ..scene import Camera, Capture, Scene, SceneError, image_size, relative_pos
 from ..types import Cameras, Views
 
 U8_MAX = 255.0
-MIN_SIDE = BY_NAME["height"].range[0]  # the working size's shortest side, as the settings allow it (16)
+MIN_SIDE, MAX_SIDE = BY_NAME["height"].range  # the working size's sides as the settings allow them (16, 4096)
 
 
 @dataclass
@@ -198,7 +198,7 @@ def working_size(width: int, height: int, trajectory: Sequence[Camera]) -> tuple
     scale = math.sqrt(width * height / (tw * th))
     raised = scale * min(tw, th) < MIN_SIDE  # a very wide or tall trajectory: its short side MIN_SIDE at least
     scale = max(scale, MIN_SIDE / min(tw, th))
-    w, h = round(tw * scale), round(th * scale)
+    w, h = min(round(tw * scale), MAX_SIDE), min(round(th * scale), MAX_SIDE)  # the long side MAX_SIDE at most
     how = f"its short side raised to {MIN_SIDE} pixels" if raised else "at about the same pixel count"
     note = (
         f"working size {width}x{height} has another aspect than the trajectory ({tw}x{th}); "
@@ -244,12 +244,11 @@ def capture_cameras(scene: Scene, notes: list[str]) -> tuple[list[Camera | None]
         cams = [g if g is not None else e for g, e in zip(given, estimated, strict=True)]
         notes.append(f"estimated {sum(g is None for g in given)} cameras with SfM, aligned to {len(pairs)} given ones")
         return cams, [g is None for g in given]
-    if known and (scene.trajectory or scene.heldout):  # load_scene let it through: enough given, too few placed
-        field = "trajectory" if scene.trajectory else "heldout"
+    if known and scene.trajectory:  # load_scene let it through: enough given, too few placed
         raise SceneError(
-            f"{field}: SfM placed {len(pairs)} of the {len(known)} captures that have cameras, fewer than the "
-            f"{SIM_MIN_CAMERAS} its frame is aligned by, so the {field}'s cameras would not be where the photos are; "
-            "give more captures their cameras, or photos SfM can match"
+            f"trajectory: SfM placed {len(pairs)} of the {len(known)} captures that have cameras, fewer than the "
+            f"{SIM_MIN_CAMERAS} its frame is aligned by, so the trajectory's cameras would not be where the photos "
+            "are; give more captures their cameras, or photos SfM can match"
         )
     if known:
         notes.append(

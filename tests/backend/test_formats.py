@@ -312,6 +312,14 @@ def test_a_held_out_view_at_a_kept_pose_is_not_held_out(temple_dir, tmp_path, ca
     assert "not held out, at the pose of a kept capture: templeSR0001" in caplog.text
     scene = import_scene("middlebury", temple_dir, tmp_path, train_ids=[1, 2, 3])  # no repeat among these
     assert "templeSR0001" in [c.name for c in scene.heldout] and "templeSR0011" in [c.name for c in scene.heldout]
+    # the pose rule at the kept cameras' own scale: a view far from them does not widen it (it merged two kept
+    # cameras 1.2 % apart and dropped the far view as a repeat)
+    from backend.camera_paths import repeats_a_pose
+    from backend.scene import look_at
+
+    cams = [c.camera for c in scene.captures]
+    far = replace(cams[0], w2c=look_at(50 * cams[0].center + 1.0))
+    assert repeats_a_pose(cams, [far, cams[1]]) == [False, True]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -438,6 +438,7 @@ def test_an_error_while_following_a_job_says_where_it_goes_on(installed, probe_s
     import time
 
     ops, conn = _timer_modules(probe_service, temple_dir, "probe steps=50 delay_ms=100")
+    driver = None
     try:
         driver = _begin_timer_job(ops)
         deadline = time.monotonic() + 60
@@ -453,6 +454,8 @@ def test_an_error_while_following_a_job_says_where_it_goes_on(installed, probe_s
         monkeypatch.setattr(driver, "step", broken)
         assert ops._tick() is None
     finally:
+        if conn.SESSION.client is not None and driver is not None and driver.job:  # not to hold the next test's job
+            conn.SESSION.client.cancel(driver.job)
         conn.close()
     rt = bpy.context.window_manager.reconloop
     assert dropped and "importer" not in conn.SESSION.handlers and not rt.is_running
@@ -539,7 +542,12 @@ def test_photo_folder_without_cameras(installed, probe_service, temple_dir, tmp_
     _use_remote(probe_service["endpoint"], probe_service["keys"])
     st = bpy.context.scene.reconloop
     st.capture_source = "FOLDER"
-    st.photo_folder = str(temple_dir)
+    photos = tmp_path / "photos"  # the temple's photos, and a sidecar beside the first (a camera app's .xmp)
+    photos.mkdir()
+    for png in sorted(temple_dir.glob("*.png")):
+        (photos / png.name).symlink_to(png)
+    (photos / "templeSR0001.xmp").write_text("<x:xmpmeta/>")
+    st.photo_folder = str(photos)
     # a trajectory camera means nothing in SfM's frame: refused before anything is sent
     path_cam = bpy.data.objects.new("path", bpy.data.cameras.new("path"))
     bpy.context.scene.collection.objects.link(path_cam)
@@ -552,7 +560,7 @@ def test_photo_folder_without_cameras(installed, probe_service, temple_dir, tmp_
         driver, importer = ops.prepare_job(bpy.context, output_dir=str(tmp_path))
         assert [c["name"] for c in driver.scene["captures"]][:2] == ["templeSR0001", "templeSR0002"]
         assert all("camera" not in c for c in driver.scene["captures"])
-        assert importer.photos["templeSR0001"] == str(temple_dir / "templeSR0001.png")
+        assert importer.photos["templeSR0001"] == str(photos / "templeSR0001.png")  # the photo, not the sidecar
         conn.run_blocking(driver, 60)
         assert driver.progress.state == "done"
     finally:

@@ -265,7 +265,9 @@ def test_runs_inside_the_loop_by_name(components, tmp_path: Path) -> None:
     assert len(list((tmp_path / "job").rglob("*.png"))) >= 8
 
 
-def test_from_pretrained_local_folder_with_lora(components, temple_cond: ConditionVideo, tmp_path: Path) -> None:
+def test_from_pretrained_local_folder_with_lora(
+    components, temple_cond: ConditionVideo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The real loading path on a diffusers-layout folder of the tiny models (no hub), LoRA merged."""
     from backend.generators.tiny import save_diffusers_folder
     from tests.backend.generators.test_anyrecon_lora import diffsynth_lora
@@ -296,8 +298,19 @@ def test_from_pretrained_local_folder_with_lora(components, temple_cond: Conditi
         AnyReconGenerator.from_pretrained(str(root), config=replace(config, attention="block"), device="cpu")
     # fp8: the transformer is stored in fp8 when loaded, before it moves to the device (its bf16 weights would
     # not fit a card that its fp8 ones do), and the generator does not cast it again
+    from diffusers import WanTransformer3DModel
+
+    moved: list[set] = []  # the transformer's parameter dtypes at each move
+    to = WanTransformer3DModel.to
+
+    def spy_to(self, *args, **kwargs):
+        moved.append({p.dtype for p in self.parameters()})
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(WanTransformer3DModel, "to", spy_to)
     fp8 = AnyReconGenerator.from_pretrained(
         str(root), config=replace(config, memory_mode="fp8"), device="cpu", local_files_only=True
     )
+    assert moved and torch.float8_e4m3fn in moved[-1]  # already fp8 when it went to the device
     assert torch.float8_e4m3fn in {p.dtype for p in fp8.components.transformer.parameters()}
     assert fp8.components.memory_mode == "fp8"

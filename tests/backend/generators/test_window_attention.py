@@ -3,6 +3,8 @@ window_ours mask, their exact kernels against dense masked attention; the proces
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ from backend.generators.window_attention import (
     attention_lse_math,
     block_frame_mask,
     dense_window_mask,
+    lse_path,
     mask_attention_split,
     paged_attention_available,
     paged_sequences,
@@ -185,6 +188,8 @@ def test_attention_lse_matches_logsumexp() -> None:
         out, lse = path(q, k[:, :, :7], v[:, :, :7])
         torch.testing.assert_close(lse, torch.logsumexp(scores, -1))
         torch.testing.assert_close(out, torch.softmax(scores, -1) @ v[:, :, :7])
+    on_cuda = [SimpleNamespace(is_cuda=True, dtype=dt) for dt in (torch.float32, torch.bfloat16, torch.float16)]
+    assert [lse_path(x) for x in on_cuda] == ["math", "cuda", "cuda"] and lse_path(q) == "cpu"
 
 
 def _tiny_transformer_inputs(frames: int = 5):

@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -309,6 +310,10 @@ class BudgetPlan:
     fits: float
     reserved_s: float
     sentence: str
+
+    def as_json(self) -> dict[str, Any]:
+        """The plan as metrics.json holds it: every field but the sentence, the costs as a map."""
+        return {k: v for k, v in asdict(self).items() if k != "sentence"}
 
 
 def _plan_sizes(max_size: tuple[int, int]) -> list[tuple[int, int]]:

@@ -453,6 +453,8 @@ def _run_loop(
         "notes": step0.notes,
         "timing": meter.summary(),
     }
+    if cfg.budget is not None:  # the plan as fields (the note says it for people): what another run can compare
+        metrics["budget"] = cfg.budget.as_json()
     metrics_name = outputs.write_metrics(out_dir, metrics)
     track.finish("outputs", "overview and metrics written", [overview_name, metrics_name])
 

@@ -13,6 +13,7 @@ from PIL import Image
 from plyfile import PlyData
 
 import backend.loop as loop_module
+from backend.budget import StepCosts, plan_budget
 from backend.camera_paths import default_trajectory, order_around, path_through, scene_center
 from backend.evaluate import split_protocol
 from backend.formats import import_scene
@@ -174,7 +175,8 @@ def test_a_guide_of_two_fits_runs_in_the_loop(
     gets the memory's own render, not the guide's (which covers nearly every pixel and left its stereo none)."""
     settings = replace(temple3.settings, gaussian_iterations=30)
     cfg = LoopConfig.from_settings(settings)
-    cfg = replace(cfg, guide=replace(cfg.guide, members=2))
+    plan = plan_budget(1.0, StepCosts(1e-6, 1e-6, views=3), max_iterations=30, max_size=(W, H))  # as a budget made
+    cfg = replace(cfg, guide=replace(cfg.guide, members=2), budget=plan)
     render, update = loop_module.render_memory, loop_module.update_memory
     memory_renders, update_renders = [], []
 
@@ -194,6 +196,10 @@ def test_a_guide_of_two_fits_runs_in_the_loop(
     assert any("step 30/30" in m for m in guide) and "in 2 sets on the captures alone" in guide[-1]
     assert result.gaussians is not None and result.frames.images.shape[0] == FRAMES
     assert update_renders and all(any(r is m for m in memory_renders) for r in update_renders)
+    # the plan in metrics.json as fields, beside the note that says it in words
+    written = json.loads((tmp_path / "metrics.json").read_text())["budget"]
+    assert written["max_gaussians"] == plan.max_gaussians and written["costs"]["views"] == 3
+    assert "sentence" not in written and result.metrics["notes"][0] == plan.sentence
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -244,9 +245,9 @@ def run_loop(
     Returns:
         LoopResult (files written under out_dir, plus in-memory results).
     """
-    cache = None if generator is not None else GeneratorCache()
-    try:
-        result = _run_loop(
+    # a generator loaded here is let go when the job ends; one given is its owner's to keep
+    with GeneratorCache() if generator is None else contextlib.nullcontext() as cache:
+        return _run_loop(
             scene,
             out_dir,
             device=device,
@@ -258,16 +259,6 @@ def run_loop(
             memory=memory,
             memory_notes=memory_notes,
         )
-    except BaseException:
-        if cache is not None:  # the job's own error is the one to see: one from letting go is only logged
-            try:
-                cache.clear()
-            except Exception:  # noqa: BLE001
-                log.exception("letting go of the generator after the job failed")
-        raise
-    if cache is not None:
-        cache.clear()
-    return result
 
 
 def _run_loop(

@@ -228,6 +228,20 @@ class GeneratorCache:
     def weights_for(self, name: str) -> GeneratorWeights:
         return self.weights.get(name) or GeneratorWeights.from_env(name)
 
+    def __enter__(self) -> GeneratorCache:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Let go of what was loaded (a multi-GPU group closed); while an error leaves the block, an error in
+        letting go is logged, not raised in its place."""
+        if exc_type is None:
+            self.clear()
+            return
+        try:
+            self.clear()
+        except Exception:  # noqa: BLE001
+            logger.exception("letting go of the generator after an error")
+
     @property
     def loaded(self) -> tuple | None:
         """The key of the models in memory, or None."""

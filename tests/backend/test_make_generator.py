@@ -249,3 +249,20 @@ def test_out_of_memory_while_loading_is_not_blamed_on_the_weights(monkeypatch) -
     monkeypatch.setattr(AnyReconGenerator, "load_components", classmethod(too_big))
     with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
         GeneratorCache({"anyrecon": GeneratorWeights("/weights")}).get(GeneratorConfig("anyrecon"), "cpu")
+
+
+def test_a_cache_lets_go_when_its_block_ends_and_keeps_the_blocks_error(monkeypatch, caplog) -> None:
+    """``with GeneratorCache() as cache`` (run_loop's, for a generator it loads itself) clears the cache at the end;
+    when the block failed, an error in clearing (a multi-GPU group's close) is logged, not raised in its place."""
+    cleared = []
+    with GeneratorCache() as cache:
+        monkeypatch.setattr(cache, "clear", lambda: cleared.append(True))
+    assert cleared == [True]
+
+    def broken_clear():
+        raise RuntimeError("the group's followers did not stop")
+
+    with pytest.raises(ValueError, match="the job's own error"), GeneratorCache() as cache:
+        monkeypatch.setattr(cache, "clear", broken_clear)
+        raise ValueError("the job's own error")
+    assert "letting go of the generator after an error" in caplog.text

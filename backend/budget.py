@@ -123,7 +123,7 @@ def thin_memory(memory: GeometryMemory, max_points: int) -> Thinned:
     keep = order[is_first]
     if len(keep) > max_points:  # a cap below the 8 cells the coarsest voxel may straddle: the most confident
         keep = keep[torch.argsort(memory.confidence[keep], descending=True, stable=True)[:max_points]]
-        voxel = 0.0  # not one point per voxel: the note says "the most confident"
+        voxel = 0.0  # not one point per voxel: the note names no voxel
     kept = memory.select(torch.sort(keep).values)  # the memory's own order
     return Thinned(kept, n - len(kept), voxel, _thin_note(n, len(kept), max_points, voxel))
 

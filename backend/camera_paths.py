@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .scene import SIM_MIN_CAMERAS, Camera  # noqa: F401  (SIM_MIN_CAMERAS: the rule scene.py checks scenes by)
+from .scene import Camera
 
 # Two cameras whose centres are closer than this fraction of the cameras' mean distance to their centroid,
 # with optical axes within SAME_POSE_DEG, are one pose (a photo taken again from the same place).
@@ -195,6 +195,16 @@ def _pose_scale(centers: np.ndarray) -> float:
     return float(np.linalg.norm(centers - centers.mean(0), axis=1).mean()) or 1.0
 
 
+def _same_pose(
+    centers: np.ndarray, axes: np.ndarray, others: tuple[np.ndarray, np.ndarray], scale: float
+) -> np.ndarray:
+    """Whether camera i of (``centers``, ``axes``) and camera j of ``others`` share a pose: centres within
+    SAME_POSE_DIST x ``scale``, optical axes within SAME_POSE_DEG. bool [N, M]"""
+    o_centers, o_axes = others
+    near = np.linalg.norm(centers[:, None] - o_centers[None], axis=-1) < SAME_POSE_DIST * scale
+    return near & (axes @ o_axes.T > math.cos(math.radians(SAME_POSE_DEG)))
+
+
 def distinct_poses(cams: Sequence[Camera]) -> list[int]:
     """Indices of the cameras to keep when photos repeat a pose: the first of each group of cameras
     whose centres lie within SAME_POSE_DIST (relative) and whose optical axes within SAME_POSE_DEG.
@@ -202,14 +212,10 @@ def distinct_poses(cams: Sequence[Camera]) -> list[int]:
     (The Middlebury temple ring has one: templeSR0001 and templeSR0011 share a pose.)
     """
     centers, axes = _poses(cams)
-    scale = _pose_scale(centers)
-    cos_tol = math.cos(math.radians(SAME_POSE_DEG))
+    same = _same_pose(centers, axes, (centers, axes), _pose_scale(centers))
     keep: list[int] = []
     for i in range(len(cams)):
-        if not any(
-            np.linalg.norm(centers[i] - centers[j]) < SAME_POSE_DIST * scale and axes[i] @ axes[j] > cos_tol
-            for j in keep
-        ):
+        if not same[i, keep].any():
             keep.append(i)
     return keep
 
@@ -220,7 +226,4 @@ def repeats_a_pose(cams: Sequence[Camera], others: Sequence[Camera]) -> list[boo
     if not cams or not others:
         return [False] * len(others)
     centers, axes = _poses(cams)
-    o_centers, o_axes = _poses(others)
-    near = np.linalg.norm(o_centers[:, None] - centers[None], axis=-1) < SAME_POSE_DIST * _pose_scale(centers)
-    aligned = o_axes @ axes.T > math.cos(math.radians(SAME_POSE_DEG))
-    return (near & aligned).any(axis=1).tolist()
+    return _same_pose(*_poses(others), (centers, axes), _pose_scale(centers)).any(axis=1).tolist()

@@ -65,3 +65,13 @@ def pick_device(name: str = "auto") -> str:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 up")
     return str(device)
+
+
+OOM_CLASS_NAMES = frozenset({"OutOfMemoryError", "MemoryError", "_ArrayMemoryError"})
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """MemoryError (host) or torch's OutOfMemoryError (GPU, either spelling), by class, without importing torch."""
+    if isinstance(err, MemoryError):
+        return True
+    return any(cls.__name__ in OOM_CLASS_NAMES for cls in type(err).__mro__)

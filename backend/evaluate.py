@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from . import outputs
-from .camera_paths import distinct_poses, order_around, path_through
+from .camera_paths import distinct_poses, order_around, path_through, repeats_a_pose
 from .devices import pick_device
 from .evaluate_args import DEFAULT_TRAIN_VIEWS, PROTOCOLS, TRAJECTORY_MODES, add_eval_arguments  # noqa: F401
 from .generators import Generator
@@ -177,6 +177,10 @@ def split_protocol(
             test = [i for i in distinct if i not in train]
         else:
             test = [order[(ring_start + k) % n] for k in range(1, span) if (ring_start + k) % n not in pos]
+    # every protocol: a view at a training view's pose is not held out (its score would be memorisation), the
+    # import's rule (backend.formats.split_holdout)
+    repeats = repeats_a_pose([caps[i].camera for i in train], [caps[i].camera for i in test])
+    test = [i for i, r in zip(test, repeats, strict=True) if not r]
     if not test:
         raise ValueError(
             f"--protocol {protocol} with {train_views} training views leaves no held-out view of "

@@ -293,17 +293,17 @@ def _run_loop(
             scene, width=cfg.width, height=cfg.height, default_frames=cfg.default_frames, device=device
         )
     captures, targets_all, W, H = step0.captures, step0.targets, step0.width, step0.height
+    placed = [n for n in step0.notes if n.startswith("SfM could not place")]  # named to the user, not dropped
     needed = getattr(
         type(generator) if generator is not None else GENERATORS.get(cfg.generator.name), "min_captures", 1
     )
     if len(captures) < needed:  # said now, not after the memory and the guide
         raise ValueError(
             f"generator {cfg.generator.name!r} needs at least {needed} captures with cameras; this job has "
-            f"{len(captures)}" + "".join(f" ({n})" for n in step0.notes if n.startswith("SfM could not place"))
+            f"{len(captures)}" + "".join(f" ({n})" for n in placed)
         )
     if cfg.budget is not None:
         step0.notes.insert(0, cfg.budget.sentence)
-    placed = [n for n in step0.notes if n.startswith("SfM could not place")]  # named to the user, not dropped
     track.finish(
         "cameras",
         f"{len(captures)} captures at {W}x{H}; {step0.num_estimated} cameras estimated; {len(targets_all)} "

@@ -140,6 +140,11 @@ def describe_hello(reply: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def is_unreachable(err: BaseException) -> bool:
+    """Whether ``err`` says the service did not answer or the connection is gone (not what the job did)."""
+    return isinstance(err, (TimeoutError, _protocol()[0].ClientClosedError))
+
+
 def plain_error(err: BaseException, endpoint: str = "") -> str:
     """A user-facing sentence for an error from the client or the service."""
     client_mod, ProtocolError = _protocol()
@@ -608,7 +613,7 @@ class JobDriver:
             return self.client.begin("submit", scene=self.scene), self._on_submit
         if not self._watching:
             if not is_job_id(self.job):  # a folder name below: the service's own kind of id, nothing else
-                raise ReconLoopError(f"the service gave a job id that is not one (32 hex characters): {self.job!r}")
+                raise ReconLoopError(f"job: {self.job!r} is not a ReconLoop job id (32 hex characters)")
             self.out_dir = os.path.join(self.out_root, self.job)
             os.makedirs(self.out_dir, exist_ok=True)
             return self.client.begin_watch(self.job), self._on_watch
@@ -813,6 +818,8 @@ def close(*, wait: bool = False) -> None:
     if s.client is not None:
         s.client.close()
         s.client = None
+    if s.driver is not None:
+        s.driver.drop_downloads()  # no .part file outlives the following of its job
     s.driver = None
     s.handlers.clear()
     s.config = None

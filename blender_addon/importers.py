@@ -676,10 +676,9 @@ def set_background_sequence(
             continue
         cam.background_images.remove(old)
         # Blender counts a removed background as a user still: the image goes only where nothing else (another
-        # camera, a material's node, the compositor) refers to it and the user has not pinned it
-        if not img.use_fake_user and not any(b.image == img for c in bpy.data.cameras for b in c.background_images):
-            if not bpy.data.user_map(subset=[img])[img]:
-                bpy.data.images.remove(img)
+        # camera's background, a material's node, the compositor) refers to it and the user has not pinned it
+        if not img.use_fake_user and not bpy.data.user_map(subset=[img])[img]:
+            bpy.data.images.remove(img)
     if bg is None:
         img = bpy.data.images.load(first_file, check_existing=False)
         img.source = "SEQUENCE"

@@ -243,15 +243,22 @@ def push_undo(message: str = UNDO_MESSAGE) -> bool:
     return True
 
 
+def _stop_following(driver: connection.JobDriver) -> None:
+    """Let go of a job the add-on no longer follows (an error, or the end): its half-downloaded file, the session's
+    driver and importer, the running flag."""
+    driver.drop_downloads()
+    _runtime().is_running = False
+    connection.SESSION.driver = None
+    connection.SESSION.handlers.pop("importer", None)
+
+
 def _finish(driver: connection.JobDriver, importer: ResultImporter) -> str | None:
     """After the last step: the error message of a failed job, or None."""
     rt = _runtime()
-    rt.is_running = False
     importer.flush()
     if importer.imported:
         push_undo()
-    connection.SESSION.driver = None
-    connection.SESSION.handlers.pop("importer", None)
+    _stop_following(driver)
     if driver.progress.state in ("failed", "interrupted"):
         rt.last_error = driver.progress.message or f"the job {driver.progress.state}"
         return f"the reconstruction {driver.progress.state}: {driver.progress.message}"
@@ -271,16 +278,12 @@ def _tick():
         importer.flush()
     except Exception as err:  # noqa: BLE001 - one boundary: show it, stop the job's timer
         message = connection.plain_error(err, s.endpoint)
-        driver.drop_downloads()
-        unreachable = isinstance(err, TimeoutError) or type(err).__name__ == "ClientClosedError"  # said above
-        if not unreachable and driver.progress.state not in ("failed", "cancelled", "interrupted"):
-            note = abandoned_job_note(driver, importer, "The add-on stopped following the job")  # it goes on there
+        # the job goes on there unless it ended, or the service itself is what failed (the message says so)
+        if not connection.is_unreachable(err) and driver.progress.state not in ("failed", "cancelled", "interrupted"):
+            note = abandoned_job_note(driver, importer, "The add-on stopped following the job")
             message = f"{message}. {note}" if note else message
-        rt = _runtime()
-        rt.is_running = False
-        rt.last_error = message
-        s.driver = None
-        s.handlers.pop("importer", None)
+        _stop_following(driver)
+        _runtime().last_error = message
         print(f"ReconLoop: {message}")
         if importer.imported:  # what arrived stays: an undo step of its own
             push_undo()
@@ -308,17 +311,12 @@ def begin_job(context, driver: connection.JobDriver, importer: ResultImporter) -
 
 def _start_job(context, driver: connection.JobDriver, importer: ResultImporter, timeout_s: float) -> str | None:
     """Run the driver: to the end here in background mode, else on the timer. Returns an error or None."""
-    s = connection.SESSION
-    rt = context.window_manager.reconloop
     begin_job(context, driver, importer)
     if _background():
         try:
             connection.run_blocking(driver, timeout_s)
         except BaseException:
-            driver.drop_downloads()
-            rt.is_running = False
-            s.driver = None
-            s.handlers.pop("importer", None)
+            _stop_following(driver)
             raise
         return _finish(driver, importer)
     if not bpy.app.timers.is_registered(_tick):

@@ -100,9 +100,10 @@ def check_artifact_name(name: str) -> str:
         raise ValueError(
             f"artifact name must be a relative '/'-separated path without control or <>:\"|?*\\ characters; got {name!r}"
         )
-    if any(p in ("", ".", "..") for p in name.split("/")):
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"artifact name must not hold empty, '.' or '..' parts; got {name!r}")
-    if any(p.endswith((".", " ")) for p in name.split("/")):  # Windows drops them: '.. ' would be '..'
+    if any(p.endswith((".", " ")) for p in parts):  # Windows drops them: '.. ' would be '..'
         raise ValueError(f"artifact name parts must not end in '.' or a space; got {name!r}")
     return name
 

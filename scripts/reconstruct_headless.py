@@ -116,7 +116,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument(
         "--timeout-s", type=positive_seconds, default=DEFAULT_TIMEOUT_S, help="how long to wait for the job"
     )
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.photos is not None and args.trajectory:
+        ap.error(
+            "--photos and --trajectory: a folder's photos are placed by SfM in a frame of its own, where no "
+            "camera of the .blend is; leave --trajectory out (the service makes a path through the photos)"
+        )
+    return args
 
 
 def script_argv() -> list[str]:

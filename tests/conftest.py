@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -12,27 +13,29 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RECONLOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def missing(msg: str) -> NoReturn:
+    """Something a test needs is missing: a failure under CI=true (CI has all of it), else a skip (also at a
+    module's top)."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(msg)
+    pytest.skip(msg, allow_module_level=True)
+
+
 def require_shared_data(name: str = "") -> Path:
-    """Path of ``../shared/data/name``. Missing: a failure under CI=true, else a skip."""
+    """Path of ``../shared/data/name``. Missing: :func:`missing`."""
     path = SHARED_DATA / name if name else SHARED_DATA
     if not path.exists():
-        msg = f"real test data missing: {path} (../shared/data beside the clone)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        missing(f"real test data missing: {path} (../shared/data beside the clone)")
     return path
 
 
 def require_module(name: str, why: str = ""):
-    """The module ``name``, imported. Missing: a failure under CI=true (``make setup`` installs every module
-    a test asks for), else a skip, as for the shared data."""
+    """The module ``name``, imported. Missing: :func:`missing` (``make setup`` installs every module a test asks
+    for)."""
     try:
         return importlib.import_module(name)
     except ImportError as err:
-        msg = f"{name} is not installed ({err}){': ' + why if why else ''}; `make setup` installs it"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg, allow_module_level=True)  # a module's first line may ask (test_ray_pool, test_demo_scene)
+        missing(f"{name} is not installed ({err}){': ' + why if why else ''}; `make setup` installs it")
 
 
 @pytest.fixture

@@ -646,7 +646,7 @@ def test_driver_runs_a_job_in_steps_that_never_wait(tmp_path, monkeypatch, loopb
     [
         ("0123456789abcdef0123456789abcdef", "../../escaped/points.ply", "will not write"),
         ("0123456789abcdef0123456789abcdef", "ABSOLUTE/points.ply", "will not write"),
-        ("../../escaped", "points.ply", "not one \\(32 hex characters\\)"),
+        ("../../escaped", "points.ply", "is not a ReconLoop job id \\(32 hex characters\\)"),
     ],
 )
 def test_a_service_cannot_write_outside_the_results_folder(tmp_path, loopback_router, job, name, refused):

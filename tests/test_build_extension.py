@@ -106,7 +106,8 @@ def test_the_bundled_backend_imports_on_its_own(tmp_path):
 
     wheel = build_extension.build_protocol_wheel(tmp_path / "wheel", "0.0.0")
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
-    # -S: no site-packages, so neither the editable install's backend nor anything but numpy's folder
+    # -S: no site-packages processing, so no editable install's backend: the wheel's is the one found (the numpy
+    # folder added after it holds the other packages too; a missing backend module is what this catches)
     code = (
         f"import sys; sys.path[:0] = [{str(tmp_path / 'site')!r}, {str(Path(numpy.__file__).parents[1])!r}]; "
         "import backend.formats, protocol; assert backend.formats.__file__.startswith(sys.path[0]), backend.__file__"

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ..devices import is_out_of_memory
 from ..registry import Registry
 
 if TYPE_CHECKING:  # torch loads with the first generator, not with the service's options
@@ -276,9 +277,7 @@ class GeneratorCache:
             except ImportError as err:  # a package the models need (the weights are not at fault)
                 raise ValueError(f"generator {config.name!r}: {err}") from err
             except (OSError, ValueError, RuntimeError) as err:
-                import torch
-
-                if isinstance(err, torch.cuda.OutOfMemoryError):  # torch.OutOfMemoryError from 2.5 on
+                if is_out_of_memory(err):
                     raise  # the card is too small, the weights not at fault: the job says "out of memory"
                 raise GeneratorWeightsError(weights_advice(config.name, weights, err)) from err
             self._key = key

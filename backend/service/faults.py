@@ -16,18 +16,12 @@ import logging
 import sys
 from typing import Any
 
+from ..devices import is_out_of_memory
+
 log = logging.getLogger(__name__)
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-OOM_CLASS_NAMES = frozenset({"OutOfMemoryError", "MemoryError", "_ArrayMemoryError"})
 MAX_DETAIL_CHARS = 500
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """MemoryError (host) or torch's OutOfMemoryError (GPU), by class, without importing torch."""
-    if isinstance(err, MemoryError):
-        return True
-    return any(cls.__name__ in OOM_CLASS_NAMES for cls in type(err).__mro__)
 
 
 def is_disk_full(err: BaseException) -> bool:

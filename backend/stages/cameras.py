@@ -29,11 +29,11 @@ from torch import Tensor
 
 from protocol.settings import BY_NAME
 
-from ..camera_paths import SIM_MIN_CAMERAS, default_trajectory, similarity, transform_camera
+from ..camera_paths import default_trajectory, similarity, transform_camera
 from ..formats.undistort import undistort_image
 from ..masks import stack_masks
 from ..outputs import CaptureCamera
-from ..scene import Camera, Capture, Scene, SceneError, image_size, relative_posix
+from ..scene import SIM_MIN_CAMERAS, Camera, Capture, Scene, SceneError, image_size, relative_posix
 from ..types import Cameras, Views
 
 U8_MAX = 255.0

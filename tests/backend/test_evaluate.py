@@ -62,11 +62,22 @@ def test_ring_protocols_on_temple(temple_dir: Path, tmp_path: Path) -> None:
 def test_dtu_protocol_is_pixelnerfs_split_of_49_views(temple_dir: Path, tmp_path: Path) -> None:
     """Train on views 25, 22, 28; score the 25 test views; the 15 others are neither."""
     temple = import_scene("middlebury", temple_dir, tmp_path)
-    views = [replace(temple.captures[i % len(temple.captures)], name=f"{i:03d}") for i in range(49)]
+
+    def view(i: int, like: int | None = None):  # the temple's 16 poses again and again, each round moved aside
+        cap = temple.captures[(i if like is None else like) % len(temple.captures)]
+        w2c = cap.camera.w2c.copy()
+        w2c[0, 3] += 0.1 * ((i if like is None else like) // len(temple.captures))
+        return replace(cap, name=f"{i:03d}", camera=replace(cap.camera, w2c=w2c))
+
+    views = [view(i) for i in range(49)]
     split = split_protocol(replace(temple, captures=views), "dtu", train_views=3)
     assert [c.name for c in split.captures] == ["022", "025", "028"]
     held = [int(c.name) for c in split.heldout]
     assert len(held) == 25 and held[:4] == [1, 2, 9, 10] and not {3, 7, 16, 21, 36, 39} & set(held)
+    # a test view at a training view's pose is not held out (it would score memorisation), in every protocol
+    views[1] = view(1, like=25)
+    split = split_protocol(replace(temple, captures=views), "dtu", train_views=3)
+    assert [int(c.name) for c in split.heldout][:3] == [2, 9, 10] and len(split.heldout) == 24
     with pytest.raises(ValueError, match="dtu: the protocol's view ids index a DTU scan's 49 views; the scene has 16"):
         split_protocol(temple, "dtu")
     with pytest.raises(ValueError, match=r"dtu: train_views must be in \[1, 9\]; got 10"):

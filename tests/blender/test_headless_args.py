@@ -74,6 +74,7 @@ def test_a_value_the_add_on_would_not_take_is_one_line(registered, tmp_path, fla
         (("--extension", "reconloop.zip"), "argument --extension: reconloop.zip: no such file"),
         (("--server-key", "server.key"), "argument --server-key: server.key: no such file"),
         (("--timeout-s", "0"), "argument --timeout-s: must be a number of seconds, at least 1; got '0'"),
+        (("--photos", "photos", "--trajectory", "Camera"), "--photos and --trajectory: a folder's photos are placed"),
     ],
 )
 def test_a_malformed_argument_is_a_usage_error(tmp_path, capsys, flags, message):

@@ -68,9 +68,9 @@ def capture_mask(capture: Capture, camera: Camera | None = None) -> np.ndarray |
     if mask is None:
         return None
     if camera is not None and camera.distortion is not None and not camera.distortion.is_identity:
-        from .formats.undistort import undistort_image
+        from .formats.undistort import undistort_mask
 
-        mask = undistort_image(mask.astype(np.uint8) * 255, camera) > MASK_LEVEL
+        mask = undistort_mask(mask, camera)
     return mask
 
 

@@ -5,7 +5,8 @@ Importers, by name: ``colmap`` (text or binary sparse model), ``llff`` (``poses_
 Exporters: ``colmap`` (text model), ``nerf`` (``transforms.json``).
 
 Images stay where they lie: scene.json refers to them by paths relative to the scene folder. Only
-``undistort=True`` writes images, undistorted copies under ``DST/undistorted/``.
+``undistort=True`` writes images, undistorted copies under ``DST/undistorted/`` (and the captures' mask
+files, undistorted alike, under ``DST/undistorted_masks/``).
 
 Example::
 
@@ -113,7 +114,8 @@ def import_scene(
         fmt: importer name (``colmap``, ``llff``, ``middlebury``, ``nerf``, ``dtu``).
         src: the source folder (or file, for ``nerf``).
         dst: the scene folder to write; created if missing; an existing scene.json is replaced.
-        undistort: write undistorted images into ``dst/undistorted`` and drop the distortion.
+        undistort: write undistorted images into ``dst/undistorted`` (their mask files, undistorted with
+            them, into ``dst/undistorted_masks``) and drop the distortion.
         holdout_every, train_ids: move captures to ``heldout`` (see :func:`split_holdout`); added to
             any test views the format itself names.
         settings: job settings to store (default: defaults).

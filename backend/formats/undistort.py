@@ -1,4 +1,5 @@
-"""Undistorted copies of captured photos, same K, so that every later stage sees ideal pinholes.
+"""Undistorted copies of captured photos (and of their mask files), same K, so that every later stage
+sees ideal pinholes.
 
 OpenCV's remap puts pixel centres at integer coordinates; ours (DESIGN.md section 3) sit at i + 0.5.
 The maps are therefore built with K shifted by half a pixel, so the output pixel with centre
@@ -13,10 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from backend.fileio import write_atomic
+from backend.masks import MASK_LEVEL, read_mask, write_mask
 from backend.scene import Camera, Capture, SceneError
 
 UNDISTORTED_DIR = "undistorted"
 UNDISTORTED_HELDOUT_DIR = f"{UNDISTORTED_DIR}/heldout"
+# undistorted masks: DST/undistorted_masks/<folder>/<name>.png, outside every photo's folder (a capture's
+# name may hold a "/", so no file name inside DST/<folder> is safe from a photo's)
+UNDISTORTED_MASKS_DIR = "undistorted_masks"
 JPEG_QUALITY = 95  # undistorted JPEGs are re-encoded; PNGs stay lossless
 HALF_PIXEL = 0.5
 
@@ -49,13 +54,23 @@ def undistort_image(image: np.ndarray, camera: Camera) -> np.ndarray:
     return cv2.remap(image, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
 
 
+def undistort_mask(mask: np.ndarray, camera: Camera) -> np.ndarray:
+    """A mask remapped like its photo (:func:`undistort_image`), kept above
+    :data:`backend.masks.MASK_LEVEL`. bool [H, W] -> bool [H, W]"""
+    return undistort_image(mask.astype(np.uint8) * 255, camera) > MASK_LEVEL
+
+
 def undistort_capture(capture: Capture, dst: Path, folder: str = UNDISTORTED_DIR) -> Capture:
-    """Write the undistorted photo to ``dst/<folder>/<name><suffix>``; return the capture with that
-    image and the camera without distortion. Captures without distortion come back as they are.
+    """Write the undistorted photo to ``dst/<folder>/<name><suffix>`` and, when the capture has a
+    ``mask`` file, its undistorted mask to ``dst/undistorted_masks/<folder>/<name>.png``
+    (:data:`UNDISTORTED_MASKS_DIR`, :func:`undistort_mask`); return the capture with that image, that mask and
+    the camera without distortion. Captures without distortion come back as they are (an identity
+    distortion is only dropped: photo and mask already agree with the pinhole).
 
     Names are unique among a scene's captures, not between captures and held-out views (NeRF's
     ``train/r_0`` and ``test/r_0``), so held-out views go to a folder of their own
-    (:data:`UNDISTORTED_HELDOUT_DIR`): one must never overwrite a capture's photo."""
+    (:data:`UNDISTORTED_HELDOUT_DIR`): one must never overwrite a capture's photo. Masks go under a folder
+    of their own, so that none can overwrite a photo whatever the captures' names."""
     import cv2
 
     cam = capture.camera
@@ -68,10 +83,22 @@ def undistort_capture(capture: Capture, dst: Path, folder: str = UNDISTORTED_DIR
         raise SceneError(f"{capture.name}: cannot read {capture.image}")
     if image.shape[:2] != (cam.height, cam.width):
         raise SceneError(f"{capture.name}: image is {image.shape[1]}x{image.shape[0]}; camera {cam.width}x{cam.height}")
+    mask = None
+    if capture.mask is not None:  # before anything is written: a bad mask leaves no half-undistorted capture
+        mask = read_mask(capture.mask)
+        if mask.shape != (cam.height, cam.width):
+            raise SceneError(
+                f"{capture.name}: mask {capture.mask} is {mask.shape[1]}x{mask.shape[0]}; camera {cam.width}x{cam.height}"
+            )
     suffix = capture.image.suffix.lower()
     params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if suffix in (".jpg", ".jpeg") else []
     ok, encoded = cv2.imencode(suffix, undistort_image(image, cam), params)
     if not ok:
         raise SceneError(f"{capture.name}: cannot encode the undistorted image as {suffix}")
     out = write_atomic(Path(dst) / folder / f"{capture.name}{capture.image.suffix}", encoded.tobytes())
-    return replace(capture, image=out.resolve(), camera=replace(cam, distortion=None))
+    mask_out = capture.mask
+    if mask is not None:
+        mask_out = write_mask(
+            undistort_mask(mask, cam), Path(dst) / UNDISTORTED_MASKS_DIR / folder / f"{capture.name}.png"
+        ).resolve()
+    return replace(capture, image=out.resolve(), mask=mask_out, camera=replace(cam, distortion=None))

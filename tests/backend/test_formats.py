@@ -26,8 +26,9 @@ from backend.formats import (
 )
 from backend.formats.colmap import camera_from_colmap, colmap_camera_params
 from backend.formats.dtu import decompose_projection
-from backend.formats.undistort import UNDISTORTED_DIR, UNDISTORTED_HELDOUT_DIR, undistort_image
-from backend.scene import Camera, Distortion, Scene, SceneError, load_scene
+from backend.formats.undistort import UNDISTORTED_DIR, UNDISTORTED_HELDOUT_DIR, undistort_capture, undistort_image
+from backend.masks import MASK_LEVEL, capture_mask, read_mask
+from backend.scene import Camera, Capture, Distortion, Scene, SceneError, load_scene
 from tests.conftest import require_shared_data
 
 # Bounding boxes from the READMEs of the Middlebury sets (min corner, max corner).
@@ -408,6 +409,43 @@ def test_undistorted_heldout_view_never_overwrites_a_capture_of_its_name(temple_
             cv2.imread(str(photo)), replace(cap.camera, distortion=Distortion("OPENCV", (0.05, 0, 0, 0)))
         )
         np.testing.assert_array_equal(cv2.imread(str(written)), undistorted)
+
+
+def test_undistorted_capture_gets_its_mask_undistorted_too(tmp_path):
+    """The mask file is remapped with the photo (the camera comes back without distortion, so nothing
+    later would undistort the mask): same map, thresholded at MASK_LEVEL, written where no photo goes."""
+    width, height = 80, 60
+    K = np.array([[70.0, 0, 40.0], [0, 70.0, 30.0], [0, 0, 1]])
+    cam = Camera(w2c=np.eye(4), K=K, width=width, height=height, distortion=Distortion("OPENCV", (-0.35, 0, 0, 0)))
+    photo = tmp_path / "src" / "r_0.png"
+    photo.parent.mkdir()
+    cv2.imwrite(str(photo), np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    mask = np.zeros((height, width), np.uint8)
+    mask[4:30, 50:78] = 255  # off-centre, reaching the corner where the distortion moves pixels most
+    mask_file = tmp_path / "src" / "r_0_mask.png"
+    cv2.imwrite(str(mask_file), mask)
+    dst = tmp_path / "scene"
+    expected = undistort_image(mask, cam) > MASK_LEVEL
+    written = {}
+    for folder in (UNDISTORTED_DIR, UNDISTORTED_HELDOUT_DIR):  # a capture and a held-out view of one name
+        out = undistort_capture(Capture("r_0", photo, cam, mask=mask_file), dst, folder)
+        assert out.camera.distortion is None and out.mask is not None and out.mask.is_file()
+        assert out.mask.is_absolute() and out.mask != mask_file.resolve()
+        got = read_mask(out.mask)
+        assert (got != (mask > MASK_LEVEL)).sum() > 50  # really remapped, not a copy of the distorted mask
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(capture_mask(out, out.camera), expected)  # what the stages will see
+        written[folder] = (out.image, out.mask)
+    photos = {image for image, _ in written.values()}
+    masks = {m for _, m in written.values()}
+    assert len(photos) == len(masks) == 2 and not photos & masks
+    np.testing.assert_array_equal(read_mask(mask_file), mask > MASK_LEVEL)  # the source mask is left as it was
+
+    bare = undistort_capture(Capture("r_1", photo, cam), dst)
+    assert bare.mask is None and bare.image.is_file()
+    identity = replace(cam, distortion=Distortion("OPENCV", (0, 0, 0, 0)))
+    kept = undistort_capture(Capture("r_2", photo, identity, mask=mask_file), dst)
+    assert kept.mask == mask_file and kept.image == photo and kept.camera.distortion is None
 
 
 def test_written_files_get_the_mode_a_new_file_would(temple_dir, tmp_path):

@@ -1,5 +1,5 @@
 """The Wan block's elementwise kernels at the generator's full size, compiled: GB/s against the bytes
-they must move (H200 HBM3e: 4.8 TB/s). Usage: python scripts/bench_elementwise.py --out FILE.json"""
+they must move (H200 HBM3e: 4.8 TB/s). CUDA only. Usage: python scripts/bench_elementwise.py --out FILE.json"""
 
 import argparse
 import json
@@ -47,6 +47,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU: it times the generator's kernels on one (torch sees none here)")
     dev, bf = "cuda", torch.bfloat16
     res = {"gpu": torch.cuda.get_device_name()}
     u = torch.randn(L, FFN, device=dev, dtype=bf)

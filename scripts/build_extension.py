@@ -50,7 +50,8 @@ WHEEL_CACHE = REPO / ".cache" / "extension_wheels"
 DIST = REPO / "dist"
 MANIFEST = "blender_manifest.toml"
 
-# Pinned so every build bundles the same code; the versions the project's own environment tests.
+# Pinned so every build bundles the same code: the versions the project's environment ran when they were last
+# raised (pyproject.toml asks only for pyzmq>=25, msgpack>=1.0, plyfile>=1.0, so a later `make setup` may test newer).
 BINARY_REQUIREMENTS = ("pyzmq==27.3.0", "msgpack==1.2.4")
 PURE_REQUIREMENTS = ("plyfile==1.1.3",)
 PYTHON_VERSIONS = ("3.11", "3.13")  # Blender 4.2-5.0 and 5.1+

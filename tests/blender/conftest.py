@@ -18,9 +18,13 @@ os.environ["BLENDER_USER_RESOURCES"] = str(_USER_RESOURCES)
 
 try:
     import bpy
-except ImportError:  # pragma: no cover - depends on the environment
+except ImportError as err:  # pragma: no cover - depends on the environment
     if os.environ.get("CI", "").lower() == "true":
-        raise RuntimeError("tests/blender need the bpy wheel: `pip install bpy==5.0.1` on Python 3.11") from None
+        # the wheel may be there without the system libraries it loads (libX11, libxkbcommon, libGL: README)
+        raise RuntimeError(
+            f"tests/blender need the bpy wheel (`pip install bpy==5.0.1` on Python 3.11) and the system libraries "
+            f"it loads; importing it failed: {err}"
+        ) from None
     pytest.skip("tests/blender need the bpy wheel (pip install bpy on Python 3.11)", allow_module_level=True)
 
 

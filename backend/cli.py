@@ -126,15 +126,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     weights = serve_generator_weights(args)
     runner = _import_object(args.runner) if args.runner else GeneratorLoopRunner(GeneratorCache(weights))
-    device = pick_device(args.device)
-    budget_min = budget_for(args.budget, device)
-    if budget_min:
-        runner = _budget_runner(runner, budget_min)
+    ray = _ray_config(args)
+    # A Ray pool's workers resolve the device on their own nodes (each actor checks it as it starts): the front
+    # end may run on a head or login node without a GPU, whose "auto" would send every job to the CPU.
+    device = args.device if ray is not None else pick_device(args.device)
+    runner = _budget_runner(runner, args.budget)
     config = ServiceConfig(
         bind=args.bind,
         data_dir=args.data_dir,
         device=device,
-        ray=_ray_config(args),
+        ray=ray,
         keep_days=args.keep_days,
         **serve_security(args),
     )
@@ -288,11 +289,12 @@ def with_budget(scene: Scene, budget_min: int) -> Scene:
     return replace(scene, settings=replace(scene.settings, time_budget_min=budget_min))
 
 
-def _budget_runner(runner: Any, budget_min: int) -> Any:
-    """A job runner that gives every job without a budget of its own ``budget_min`` minutes."""
+def _budget_runner(runner: Any, option: int | None) -> Any:
+    """A job runner that gives every job without a budget of its own ``--budget``'s minutes, else the default
+    of the device the job runs on (:func:`budget_for`; a Ray worker's, not the front end's)."""
 
-    def run(scene: Scene, out_dir: Path, **kwargs: Any) -> Any:
-        return runner(with_budget(scene, budget_min), out_dir, **kwargs)
+    def run(scene: Scene, out_dir: Path, *, device: str, **kwargs: Any) -> Any:
+        return runner(with_budget(scene, budget_for(option, device)), out_dir, device=device, **kwargs)
 
     return run
 

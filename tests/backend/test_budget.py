@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from backend.devices import default_budget_min, pick_device
 from backend.scene import Capture, Scene, SceneError, Settings
 from backend.stages.fit import FitConfig, FitViews, fit_gaussians
 from backend.types import Cameras, GeometryMemory
+from tests.conftest import require_module
 
 
 def cloud(n: int, seed: int = 0) -> GeometryMemory:
@@ -364,3 +366,38 @@ def test_cached_plans_of_two_frame_counts_each_run_on_the_threads_they_were_meas
     assert measure_step_costs("torch_cpu", "cpu", views=1) is one and torch.get_num_threads() == 1
     assert measure_step_costs("torch_cpu", "cpu", views=3) is three and torch.get_num_threads() == 2
     assert len(calls) == 8
+
+
+def test_serve_leaves_a_ray_pools_device_and_budget_to_its_workers(monkeypatch):
+    """A Ray front end on a node without a GPU must not turn "auto" into "cpu" for every worker, nor give
+    every job the CPU's budget: each worker resolves the device, each job gets its device's default."""
+    require_module("ray", "serve --workers needs it")
+    import backend.devices
+    import backend.service
+
+    seen = {}
+
+    class FakeService:
+        def __init__(self, config, runner):
+            seen["config"], seen["runner"] = config, runner
+
+        def serve_forever(self):
+            pass
+
+        def worker_still_running(self):
+            return False
+
+    monkeypatch.setattr(backend.service, "Service", FakeService)
+    monkeypatch.setattr(backend.devices, "is_available", lambda kind: kind == "cpu")  # a head node: no GPU
+    jobs = []
+    monkeypatch.setattr("backend.service.options.GeneratorLoopRunner", lambda cache: lambda s, o, **kw: jobs.append(s))
+    from backend.cli import main as cli_main
+
+    assert cli_main(["serve", "--workers", "2", "--data-dir", "unused"]) == 0
+    assert seen["config"].device == "auto"  # resolved by each worker on its own node
+    scene = Scene(Path("."), [Capture("a", Path("a.png"))])
+    seen["runner"](scene, Path("o"), device="cuda:0", progress=None)
+    seen["runner"](scene, Path("o"), device="cpu", progress=None)
+    assert [j.settings.time_budget_min for j in jobs] == [0, 4]  # the worker's device, not the front end's
+    assert cli_main(["serve", "--data-dir", "unused"]) == 0  # no pool: the front end's device, resolved here
+    assert seen["config"].device == "cpu"

@@ -1,7 +1,10 @@
 """Wire limits. One place for every size the codec, the validator and the service enforce.
 
 A message larger than a limit gets a ``too_large`` error (or, above ``MAX_FRAME_BYTES``, is dropped by
-the socket itself before it reaches Python), so a request can cost no memory beyond these numbers.
+the socket itself before it reaches Python), so a request can cost no memory beyond these numbers. One cost
+is libzmq's own: it holds a whole multipart message before its first frame can be read, ~64 bytes a frame
+beyond the frames' bytes, whatever their count; the service reads the frames one by one and keeps at most
+``MAX_FRAMES`` (4M empty frames, 7 MiB on the wire, cost ~250 MiB in libzmq until read and dropped).
 """
 
 from __future__ import annotations
@@ -146,7 +149,7 @@ LIMIT_OPTIONS = (
     ("--max-captures", "max_captures", 1, "photos per job"),
     ("--max-heldout", "max_heldout", 1, "held-out photos per job"),
     ("--max-trajectory", "max_trajectory", 1, "trajectory cameras per job"),
-    ("--max-image-side", "max_image_side", 1, "pixels on a side (captures, cameras, settings width/height)"),
+    ("--max-image-side", "max_image_side", 1, "pixels on a side (captures, masks, cameras, settings width/height)"),
     ("--max-frame-mib", "max_frame_bytes", MIB, "MiB in one frame at the socket; bigger frames drop the connection"),
     ("--max-request-mib", "max_request_bytes", MIB, "MiB in one submit request"),
     ("--max-queued", "max_queued_jobs", 1, "jobs waiting at once"),
@@ -165,7 +168,7 @@ class JobLimits:
         max_captures: photos per job (``scene.captures``).
         max_heldout: held-out photos per job.
         max_trajectory: trajectory cameras per job.
-        max_image_side: pixels on a side: capture images, camera width/height, settings width/height.
+        max_image_side: pixels on a side: capture images and masks, camera width/height, settings width/height.
         max_frame_bytes: one frame at the socket (ZMQ_MAXMSGSIZE); a bigger frame drops the connection
             inside libzmq before it is allocated.
         max_request_bytes: all frames of one submit request together.
@@ -234,13 +237,16 @@ def check_job(scene: dict[str, Any], request_bytes: int, job_limits: JobLimits) 
     side = job_limits.max_image_side
     for key in ("captures", "heldout"):
         for i, cap in enumerate(scene.get(key) or ()):
-            image = cap["image"]
-            if getattr(image, "ndim", 1) == 3:
-                h, w = int(image.shape[0]), int(image.shape[1])
-            else:
-                _fmt, w, h = encoded_image_size(image_bytes(image))
-            if w > side or h > side:
-                raise refuse(f"scene.{key}[{i}].image", f"at most {side} px a side", f"{w}x{h}")
+            for field in ("image", "mask"):
+                image = cap.get(field)
+                if image is None:
+                    continue
+                if getattr(image, "ndim", 1) == 3:
+                    h, w = int(image.shape[0]), int(image.shape[1])
+                else:
+                    _fmt, w, h = encoded_image_size(image_bytes(image))
+                if w > side or h > side:
+                    raise refuse(f"scene.{key}[{i}].{field}", f"at most {side} px a side", f"{w}x{h}")
     for key in ("captures", "heldout", "trajectory"):
         for i, item in enumerate(scene.get(key) or ()):
             cam = item.get("camera")
@@ -272,7 +278,7 @@ LIMIT_DOCS: dict[str, tuple[str, str]] = {
     "max_trajectory": ("items", "`scene.trajectory` of one job"),
     "max_image_side": (
         "pixels",
-        "a side of a capture image, of a camera's width/height and of the `width`/`height` settings",
+        "a side of a capture image or mask, of a camera's width/height and of the `width`/`height` settings",
     ),
     "fetch_chunk_bytes": ("bytes", "a `fetch` without `length` returns this many bytes"),
     "max_fetch_chunk_bytes": ("bytes", "the largest `length` a `fetch` may ask for"),

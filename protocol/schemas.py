@@ -216,6 +216,14 @@ def _captures(name: str, doc: str, *, required: bool, min_len: int, max_len: int
         fields=(
             Field("name", "str", "unique capture name", min_len=1, max_len=limits.MAX_NAME_BYTES),
             Field("image", "image", "PNG/JPEG file, or raw pixels uint8 [H, W, 3|4]"),
+            Field(
+                "mask",
+                "image",
+                "which pixels are the object (or what to keep), at the image's size: PNG/JPEG file (greyscale, "
+                "or RGBA whose alpha is the mask) or raw pixels uint8 [H, W, 3|4]; above 127 of 255 is kept "
+                "(see Masks)",
+                required=False,
+            ),
             _camera(required=False),
         ),
     )

@@ -6,7 +6,7 @@ Layout of ``<data_dir>/<job>/`` (``job`` = 32 hex characters from ``secrets.toke
     journal.jsonl    one JSON event per line: {"seq", "time", "state", "stage", "fraction",
                      "message", "artifacts": [{"name", "size", "sha256"}]}; append-only. A line cut by a
                      crash is skipped at load; its seq is never given to another event
-    scene/           scene.json + images/ (what backend.scene.load_scene reads)
+    scene/           scene.json + images/ + masks/ (what backend.scene.load_scene reads)
     artifacts/       the runner's output folder; what clients fetch
     manifest.json    {"format": 1, "artifacts": [{"name", "size", "sha256"}]}; rewritten atomically
 
@@ -51,6 +51,7 @@ MANIFEST_FILE = "manifest.json"
 SCENE_DIR = "scene"
 ARTIFACTS_DIR = "artifacts"
 IMAGES_DIR = "images"
+MASKS_DIR = "masks"  # capture masks, named like their photos (masks/c0003.png beside images/c0003.jpg)
 TMP_PREFIX = ".tmp-"
 PNG_FAST_COMPRESSION = 1  # raw pixels from the wire become PNGs; speed over size
 INTERRUPTED_REASON = "the service stopped while this job was running; submit it again to rerun"
@@ -111,20 +112,53 @@ def _write_image(image: bytes | np.ndarray, path_stem: Path) -> Path:
     return path
 
 
+def _image_size(image: bytes | np.ndarray) -> tuple[int, int]:
+    """(width, height) of an image field (raw pixels, or a PNG/JPEG file read by its header)."""
+    if isinstance(image, np.ndarray) and image.ndim == 3:
+        return int(image.shape[1]), int(image.shape[0])
+    _fmt, w, h = encoded_image_size(image_bytes(image))
+    return w, h
+
+
+def _check_mask_sizes(scene: dict[str, Any]) -> None:
+    """Refuse a capture whose mask is not its photo's size, naming the field and the capture (before
+    anything is written; load_scene checks it again, by file name)."""
+    for key in ("captures", "heldout"):
+        for i, c in enumerate(scene.get(key) or ()):
+            if c.get("mask") is None:
+                continue
+            (mw, mh), (w, h) = _image_size(c["mask"]), _image_size(c["image"])
+            if (mw, mh) != (w, h):
+                where = f"scene.{key}[{i}].mask"
+                raise ProtocolError(
+                    errors.BAD_FIELD,
+                    f"submit: {where}: capture {c['name']!r}'s mask is {mw}x{mh}; its image is {w}x{h} "
+                    "(a mask has its photo's size)",
+                    field=where,
+                )
+
+
 def write_scene_message(scene: dict[str, Any], folder: Path) -> Scene:
     """Write a submit request's ``scene`` (validated by the codec) as a scene folder and load it.
 
-    Image files are named by position (``images/c0003.png``), never by the client's names.
+    Image files are named by position (``images/c0003.png``), never by the client's names; a capture's
+    mask goes to ``masks/`` under its photo's stem (``masks/c0003.png``).
     Raises ProtocolError ``bad_field`` naming the field (``scene.captures[3].camera.K: ...``).
     """
+    _check_mask_sizes(scene)
     images = folder / IMAGES_DIR
     images.mkdir(parents=True, exist_ok=True)
+    masks = folder / MASKS_DIR
 
     def captures(items: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
         out = []
         for i, c in enumerate(items):
             path = _write_image(c["image"], images / f"{prefix}{i:04d}")
             entry: dict[str, Any] = {"name": c["name"], "image": f"{IMAGES_DIR}/{path.name}"}
+            if c.get("mask") is not None:
+                masks.mkdir(exist_ok=True)
+                mask_path = _write_image(c["mask"], masks / f"{prefix}{i:04d}")
+                entry["mask"] = f"{MASKS_DIR}/{mask_path.name}"
             if c.get("camera") is not None:
                 entry["camera"] = _camera_json(c["camera"])
             out.append(entry)
@@ -147,7 +181,8 @@ def write_scene_message(scene: dict[str, Any], folder: Path) -> Scene:
 
 
 def scene_message(scene: Scene) -> dict[str, Any]:
-    """A loaded scene as the ``scene`` field of a submit request: files as uint8 arrays (frames)."""
+    """A loaded scene as the ``scene`` field of a submit request: files (photos, masks) as uint8 arrays
+    (frames)."""
 
     def camera(cam: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"w2c": cam.w2c, "K": cam.K, "width": cam.width, "height": cam.height}
@@ -157,6 +192,8 @@ def scene_message(scene: Scene) -> dict[str, Any]:
 
     def capture(c: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"name": c.name, "image": np.fromfile(c.image, dtype=np.uint8)}
+        if c.mask is not None:
+            out["mask"] = np.fromfile(c.mask, dtype=np.uint8)
         if c.camera is not None:
             out["camera"] = camera(c.camera)
         return out

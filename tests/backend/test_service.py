@@ -18,20 +18,29 @@ import pytest
 import zmq
 
 from backend.fileio import sha256_file
+from backend.masks import capture_mask
 from backend.progress import ProgressEvent
+from backend.scene import load_scene
 from backend.service import Service, ServiceConfig
 from backend.service import worker as worker_module
 from backend.service.probe import run as probe_runner
 from backend.service.server import is_loopback
 from backend.service.spawn import free_port, serve_command, serve_env
-from backend.service.store import ARTIFACTS_DIR, INTERRUPTED_REASON, JobStore, resolve_inside
+from backend.service.store import (
+    ARTIFACTS_DIR,
+    INTERRUPTED_REASON,
+    JobStore,
+    resolve_inside,
+    scene_message,
+    write_scene_message,
+)
 from protocol import errors, limits
 from protocol.client import Client
-from protocol.codec import pack
+from protocol.codec import decode, encode, pack
 from protocol.errors import ProtocolError
 from protocol.limits import check_artifact_name
 from tests.backend._reliability import probe_scene, start_service, stop_service, wait_state
-from tests.protocol.helpers import camera, png_bytes, runner, running_service, scene_msg
+from tests.protocol.helpers import HEIGHT, WIDTH, camera, png_bytes, runner, running_service, scene_msg
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_MS = 5000
@@ -139,6 +148,96 @@ def test_bad_scene_gets_bad_field_naming_the_field(client):
         client.submit(scene)
     assert client.jobs() == []  # nothing half-made
     assert client.hello()["version"] == 1
+
+
+def masked_scene_folder(root: Path) -> Path:
+    """A scene folder whose captures 0-2 and held-out photo carry mask files (greyscale PNG, RGBA PNG, JPEG,
+    greyscale PNG) and capture 3 none; names hold '/' and a mask shares a photo's file name."""
+    from PIL import Image
+
+    (root / "images" / "left").mkdir(parents=True)
+    (root / "masks").mkdir()
+
+    def cam(tz: float) -> dict:
+        return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in camera(tz=tz).items()}
+
+    def mask(i: int) -> np.ndarray:
+        m = np.zeros((HEIGHT, WIDTH), np.uint8)
+        m[4 + i : 30 + i, 8 + 2 * i : 50 - i] = 255
+        return m
+
+    entries = []
+    for i, kind in enumerate(("L", "RGBA", "jpeg", "L", None)):
+        name = f"left/{i}"
+        (root / "images" / f"{name}.png").write_bytes(png_bytes(seed=i))
+        entry = {"name": name, "image": f"images/{name}.png", "camera": cam(float(i))}
+        if kind == "RGBA":
+            rgba = np.zeros((HEIGHT, WIDTH, 4), np.uint8)
+            rgba[..., 3] = mask(i)
+            Image.fromarray(rgba, "RGBA").save(root / "masks" / f"{i}.png")
+        elif kind == "jpeg":
+            Image.fromarray(mask(i)).save(root / "masks" / f"{i}.jpg", quality=95)
+        elif kind == "L":
+            Image.fromarray(mask(i)).save(root / "masks" / f"{i}.png")
+        if kind is not None:
+            entry["mask"] = f"masks/{i}.{'jpg' if kind == 'jpeg' else 'png'}"
+        entries.append(entry)
+    held = entries.pop(3)
+    data = {"version": 1, "captures": entries, "heldout": [held], "settings": {"seed": 0}}
+    (root / "scene.json").write_text(json.dumps(data))
+    return root
+
+
+def test_masks_survive_scene_message_and_write_scene_message(tmp_path):
+    """`reconloop submit`'s path: a loaded scene through scene_message, the codec and the service's
+    write_scene_message keeps every capture's and held-out photo's mask file, byte for byte."""
+    src = load_scene(masked_scene_folder(tmp_path / "src"))
+    assert [c.mask is not None for c in src.captures + src.heldout] == [True, True, True, False, True]
+    wire = {"v": 1, "op": "submit", "id": 1, "scene": scene_message(src)}
+    got = write_scene_message(decode(encode(wire, "request"), "request")["scene"], tmp_path / "dst")
+    for a, b in zip(src.captures + src.heldout, got.captures + got.heldout, strict=True):
+        assert (a.mask is None) == (b.mask is None), a.name
+        if a.mask is not None:
+            assert b.mask.read_bytes() == a.mask.read_bytes(), a.name
+            assert capture_mask(b).any() and np.array_equal(capture_mask(b), capture_mask(a)), a.name
+    written = json.loads((tmp_path / "dst" / "scene.json").read_text())
+    want = ["masks/c0000.png", "masks/c0001.png", "masks/c0002.jpg", None]
+    assert [c.get("mask") for c in written["captures"]] == want
+    assert written["heldout"][0]["mask"] == "masks/h0000.png"
+    # raw pixels travel as a mask too (RGBA: the alpha is the mask), written as a PNG
+    scene = scene_msg()
+    alpha = np.zeros((HEIGHT, WIDTH), np.uint8)
+    alpha[10:20, 5:40] = 255
+    scene["captures"][1]["mask"] = np.dstack([np.zeros((HEIGHT, WIDTH, 3), np.uint8), alpha])
+    raw = write_scene_message(scene, tmp_path / "raw")
+    assert raw.captures[0].mask is None and raw.captures[1].mask.name == "c0001.png"
+    assert np.array_equal(capture_mask(raw.captures[1]), alpha > 0)
+
+
+def test_a_submitted_masked_scene_arrives_with_its_masks(client, service, tmp_path):
+    src = load_scene(masked_scene_folder(tmp_path / "src"))
+    job = client.submit(scene_message(src))
+    arrived = load_scene(service.data_dir / job / "scene")
+    assert [c.mask.read_bytes() if c.mask else None for c in arrived.captures + arrived.heldout] == [
+        c.mask.read_bytes() if c.mask else None for c in src.captures + src.heldout
+    ]
+    assert wait_state(client, job)["state"] == "done"
+
+
+def test_a_mask_of_another_size_is_refused_naming_the_capture_and_the_field(client):
+    for key, index in (("captures", 1), ("heldout", 0)):
+        scene = scene_msg()
+        scene["heldout"] = [{"name": "held", "image": png_bytes(), "camera": camera()}]
+        scene[key][index]["mask"] = png_bytes(width=WIDTH // 2, height=HEIGHT // 2)
+        with pytest.raises(ProtocolError) as err:
+            client.submit(scene)
+        name = scene[key][index]["name"]
+        assert err.value.code == errors.BAD_FIELD and err.value.field == f"scene.{key}[{index}].mask"
+        assert err.value.message == (
+            f"submit: scene.{key}[{index}].mask: capture {name!r}'s mask is 32x24; its image is 64x48 "
+            "(a mask has its photo's size)"
+        )
+    assert client.jobs() == []  # nothing half-made
 
 
 def test_jobs_run_in_order_one_at_a_time(client):

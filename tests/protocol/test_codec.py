@@ -261,6 +261,39 @@ def test_images_checked_by_header():
     validate(ok, "request")
 
 
+def test_masks_travel_and_are_checked_like_images():
+    """A capture's (and a held-out photo's) ``mask`` is an image field: it round-trips, and a bad one is
+    refused naming ``scene.<list>[i].mask`` and the rule, not as an unknown field."""
+    scene = scene_msg()
+    scene["captures"][0]["mask"] = np.frombuffer(png_bytes(seed=5), np.uint8)
+    scene["captures"][1]["mask"] = np.full((48, 64, 4), 255, np.uint8)
+    scene["heldout"] = [{"name": "h", "image": png_bytes(), "mask": png_bytes(seed=6), "camera": camera()}]
+    msg = {"v": 1, "op": "submit", "id": 1, "scene": scene}
+    got = decode(encode(msg, "request"), "request")
+    assert same(msg, got)
+    assert bytes(got["scene"]["captures"][0]["mask"]) == png_bytes(seed=5)
+    assert bytes(got["scene"]["heldout"][0]["mask"]) == png_bytes(seed=6)
+
+    def with_mask(key, mask):
+        bad = {**msg, "scene": {**scene, key: [{**scene[key][0], "mask": mask}]}}
+        with pytest.raises(ProtocolError) as err:
+            validate(bad, "request")
+        return err.value
+
+    for key in ("captures", "heldout"):
+        field = f"scene.{key}[0].mask"
+        for mask, code, rule in (
+            ("m.png", errors.BAD_FIELD, "must be a PNG/JPEG file"),
+            (b"GIF89a....", errors.BAD_FIELD, "must be a PNG or JPEG file; not a PNG or JPEG file"),
+            (png_bytes()[:20], errors.BAD_FIELD, "must be a PNG or JPEG file; PNG without an IHDR"),
+            (np.zeros((4, 4), np.uint8), errors.BAD_FIELD, "must be a PNG/JPEG file"),
+            (png_bytes(width=limits.MAX_IMAGE_SIDE + 1, height=1), errors.TOO_LARGE, "must be at most 4096 px a side"),
+        ):
+            err = with_mask(key, mask)
+            assert (err.code, err.field) == (code, field), (key, mask)
+            assert err.message.startswith(f"submit: {field} {rule}"), err.message
+
+
 # ----------------------------------------------------------------------------------------------
 # A wrong type in every field of every op (the same cases run against the live service)
 
@@ -281,7 +314,8 @@ WRONG = {
 def valid_requests() -> dict[str, dict]:
     """One valid request per op, with every optional field present."""
     scene = scene_msg()
-    scene["heldout"] = [{"name": "h", "image": png_bytes(), "camera": camera()}]
+    scene["heldout"] = [{"name": "h", "image": png_bytes(), "mask": png_bytes(seed=9), "camera": camera()}]
+    scene["captures"][0]["mask"] = np.frombuffer(png_bytes(seed=8), np.uint8)
     scene["captures"][0]["camera"]["distortion"] = {"model": "SIMPLE_RADIAL", "params": [0.01]}
     fields = {
         "hello": {"versions": [1], "client": "test"},

@@ -144,13 +144,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def on_sigterm(signum: int, frame: Any) -> None:  # systemd, docker stop, kill: stop as Ctrl-C does
         terminated.append(signum)
-        raise KeyboardInterrupt  # what Ctrl-C raises; service.stop() here could wait on a lock the loop holds
+        # A flag the loop reads within its poll (no lock: the handler runs in the loop's thread). Not Ctrl-C's
+        # KeyboardInterrupt: raised here it can land anywhere, in a zmq Frame's __dealloc__ it was ignored
+        # ("Exception ignored in") and the service went on.
+        service.stop()
 
     in_main = threading.current_thread() is threading.main_thread()  # signal handlers are set there only
     previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
     failure: BaseException | None = None  # what ended the service, other than a stop
     try:
         service.serve_forever()
+        if terminated:
+            log.info("stopped by SIGTERM")
     except KeyboardInterrupt:
         log.info("stopped by %s", "SIGTERM" if terminated else "Ctrl-C")
     except BaseException as err:

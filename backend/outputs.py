@@ -44,6 +44,7 @@ from torch import Tensor
 from protocol.ply import GaussianArrays, PointArrays, write_gaussians_ply, write_points_ply
 
 from .fileio import write_atomic
+from .progress import mark_stage
 from .scene import Camera
 
 try:
@@ -320,6 +321,9 @@ class StageMeter:
         t0 = time.perf_counter()
         try:
             yield
+        except BaseException as err:
+            mark_stage(err, stage)  # a failure message names this stage (progress.failed_stage)
+            raise
         finally:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)

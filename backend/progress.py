@@ -28,6 +28,28 @@ class Cancelled(Exception):
     """Raised by a progress callback to stop the job at the next step boundary."""
 
 
+STAGE_ATTR = "reconloop_stage"  # the attribute an exception gets: the stage it was raised in
+
+
+def mark_stage(err: BaseException, stage: str) -> None:
+    """Tag ``err`` with the stage that was running when it was raised, unless an inner stage did already
+    (the innermost wins). ``outputs.StageMeter.measure`` tags what leaves a stage it times."""
+    if getattr(err, STAGE_ATTR, None) is None:
+        try:
+            setattr(err, STAGE_ATTR, stage)
+        except (AttributeError, TypeError):  # an exception type without a __dict__: it stays untagged
+            pass
+
+
+def failed_stage(err: BaseException) -> str | None:
+    """The stage ``err`` was raised in (``mark_stage``), or None where no timed stage was running.
+
+    Not the stage a job last reported: ``ProgressTracker.finish`` reports a stage as it ends, so that one is
+    the stage before the failing one (an out-of-memory error in the fit read "in stage 'update'")."""
+    stage = getattr(err, STAGE_ATTR, None)
+    return stage if isinstance(stage, str) else None
+
+
 ProgressFn = Callable[[ProgressEvent], None]
 
 

@@ -140,12 +140,21 @@ def _in_refs(value: Any, frames: Sequence[Buffer], used: list[bool], depth: int)
     return value
 
 
+def check_frame_count(count: int) -> None:
+    """Raise ``too_large`` for a message of more than ``MAX_FRAMES`` frames.
+
+    A receiver that counts frames as they arrive (the service drops those past the limit unkept) calls it
+    with the count; ``read_header`` calls it with the frames it got.
+    """
+    if count > limits.MAX_FRAMES:
+        raise ProtocolError(errors.TOO_LARGE, f"{count} frames; at most {limits.MAX_FRAMES}")
+
+
 def read_header(frames: Sequence[Buffer]) -> dict[str, Any]:
     """Check the frame layout and unpack frame 0 (no array resolution, no schema)."""
     if not frames:
         raise ProtocolError(errors.BAD_FRAME, "a message needs at least one frame (the msgpack header)")
-    if len(frames) > limits.MAX_FRAMES:
-        raise ProtocolError(errors.TOO_LARGE, f"{len(frames)} frames; at most {limits.MAX_FRAMES}")
+    check_frame_count(len(frames))
     sizes = [memoryview(f).nbytes for f in frames]
     if sum(sizes) > limits.MAX_MESSAGE_BYTES:
         raise ProtocolError(errors.TOO_LARGE, f"message of {sum(sizes)} bytes; at most {limits.MAX_MESSAGE_BYTES}")

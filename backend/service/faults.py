@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from ..devices import is_out_of_memory
+from ..progress import failed_stage
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,13 @@ def _detail(err: BaseException) -> str:
 
 
 def describe_failure(err: BaseException, *, stage: str | None = None, data_dir: Any = None) -> str:
-    """One plain sentence for a fault that ended a job or a request."""
+    """One plain sentence for a fault that ended a job or a request.
+
+    It names the stage ``err`` was raised in (``progress.failed_stage``: a stage the loop times), else
+    ``stage``, the stage the job last reported (often the one before the failing stage: the loop reports a
+    stage as it ends).
+    """
+    stage = failed_stage(err) or stage
     where = f" in stage {stage!r}" if stage else ""
     if is_out_of_memory(err):
         kind = "GPU memory" if type(err).__name__ == "OutOfMemoryError" else "memory"
@@ -47,7 +54,9 @@ def describe_failure(err: BaseException, *, stage: str | None = None, data_dir: 
 
 
 def release_memory() -> None:
-    """After a fault: collect garbage and, when torch is loaded with CUDA, empty its cache."""
+    """After every job (and a fault): collect garbage and, when torch is loaded with CUDA, empty its cache, so
+    that the GPU memory a job reserved goes back to the device (other processes, ``nvidia-smi``). A generator's
+    weights that ``GeneratorCache`` keeps stay loaded: they are referenced, not garbage."""
     gc.collect()
     torch = sys.modules.get("torch")
     if torch is None:

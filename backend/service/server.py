@@ -33,7 +33,7 @@ import msgpack
 import zmq
 
 from protocol import errors, limits
-from protocol.codec import decode, encode
+from protocol.codec import check_frame_count, decode, encode
 from protocol.errors import ProtocolError
 from protocol.schemas import OPS
 from protocol.version import PROTOCOL_VERSION, SUPPORTED_VERSIONS, choose_version
@@ -58,6 +58,7 @@ PRUNE_EVERY_S = 600.0  # how often a service with keep_days looks for ended jobs
 DAY_S = 86_400.0
 OPEN_ARTIFACTS = 8  # memory maps kept open between fetch chunks
 SNDHWM = 10000  # replies and events queued per client before the socket drops them
+ENVELOPE_FRAMES = 2  # frames before a request's own: the ROUTER's identity, a REQ client's empty delimiter
 
 
 def default_data_dir() -> Path:
@@ -153,7 +154,7 @@ class Service:
         self.auth: ServerAuth | None = None
         self.data_dir = Path(config.data_dir) if config.data_dir is not None else default_data_dir()
         self.endpoint: str | None = None
-        self._stop = threading.Event()
+        self._stopping = False  # a plain flag, no lock: stop() may run in a signal handler (``reconloop serve``'s)
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self.device = config.device
@@ -175,8 +176,9 @@ class Service:
     # -- running ------------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Ask the loop to end (any thread). A running job becomes interrupted."""
-        self._stop.set()
+        """Ask the loop to end (any thread, or a signal handler: it takes no lock); the loop notices within
+        POLL_MS. A running job becomes interrupted."""
+        self._stopping = True
 
     def worker_still_running(self) -> bool:
         """After ``serve_forever``: whether a worker thread is still inside a job step (one longer than the
@@ -257,7 +259,7 @@ class Service:
     def _loop(self) -> None:
         poller = self._poller()
         next_prune = 0.0  # time.monotonic() of the next look for old jobs (keep_days)
-        while not self._stop.is_set():
+        while not self._stopping:
             if self.config.keep_days is not None and time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + PRUNE_EVERY_S
                 self._prune()
@@ -272,7 +274,7 @@ class Service:
                 for _ in range(MAX_BATCH):
                     if not self.router.poll(0):
                         break
-                    self._on_request(self.router.recv_multipart(copy=False))
+                    self._on_request(*recv_message(self.router, limits.MAX_FRAMES + ENVELOPE_FRAMES))
 
     def _close(self) -> None:
         for slot in self.slots:
@@ -394,7 +396,7 @@ class Service:
             self._event(record, "running", msg["stage"], msg["fraction"], msg["message"], msg["artifacts"])
         elif kind == "finished":
             fraction = 1.0 if msg["state"] == "done" else record.fraction
-            stage = "done" if msg["state"] == "done" else record.stage
+            stage = "done" if msg["state"] == "done" else msg.get("stage") or record.stage  # failed: where
             self._event(record, msg["state"], stage, fraction, msg["message"], msg["artifacts"])
             if slot.running == record.job:
                 slot.running = None
@@ -429,17 +431,20 @@ class Service:
 
     # -- requests ------------------------------------------------------------------------------------
 
-    def _on_request(self, frames: list[zmq.Frame]) -> None:
-        if len(frames) < 2:
+    def _on_request(self, frames: list[zmq.Frame], count: int) -> None:
+        """Answer one request: ``frames``, the envelope first, are the first of its ``count`` frames
+        (``recv_message`` dropped those past the limit unkept)."""
+        if count < 2:
             return  # an identity with nothing after it: nothing to answer
         envelope = [frames[0].bytes]
         body = frames[1:]
-        if len(body) > 1 and len(body[0]) == 0:  # a REQ client's empty delimiter frame: echo it
+        if count > 2 and len(body[0]) == 0:  # a REQ client's empty delimiter frame: echo it
             envelope.append(b"")
             body = body[1:]
         req = _Request(envelope=envelope, frames=body, peer=peer_address(body[0]), owner=self.auth.owner(body[0]))
         op, rid = None, None
         try:
+            check_frame_count(count - len(envelope))  # what decode says of len(body) once all frames are kept
             msg = decode(body, "request")
             op, rid = msg["op"], msg["id"]
             fields = self.handlers[op](msg, req)
@@ -458,7 +463,7 @@ class Service:
         for frames_after in req.after:
             self.router.send_multipart(envelope + frames_after, copy=False)
         if req.stop_after:
-            self._stop.set()
+            self._stopping = True
 
     @staticmethod
     def _error_frames(op: str | None, rid: Any, err: ProtocolError) -> list[Any]:
@@ -648,6 +653,25 @@ class _Request:
 
     def __post_init__(self) -> None:
         self.after = []
+
+
+def recv_message(sock: zmq.Socket, keep: int) -> tuple[list[zmq.Frame], int]:
+    """One multipart message, frame by frame: its first ``keep`` frames (zero-copy) and its frame count.
+
+    Frames past ``keep`` are received and dropped at once, unkept: libzmq holds a whole message before the
+    first frame can be read, ~64 bytes a frame, but a kept frame is a Python object of a few hundred, so a
+    message of millions of empty frames (2 bytes each on the wire) kept whole took a GiB and seconds before
+    its frame count was checked. ``frame.more`` is a field of the frame: cheaper than ``RCVMORE``'s getsockopt.
+    """
+    frame = sock.recv(copy=False)
+    frames = [frame]
+    count = 1
+    while frame.more:
+        frame = sock.recv(copy=False)
+        count += 1
+        if count <= keep:
+            frames.append(frame)
+    return frames, count
 
 
 def _ordinal(n: int) -> str:

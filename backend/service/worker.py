@@ -6,7 +6,8 @@ never shared between threads). Messages are msgpack maps:
 main -> worker: ``{"cmd": "run", "job", "dir"}``, ``{"cmd": "cancel", "job"}``, ``{"cmd": "stop"}``
 worker -> main: ``{"kind": "started", "job"}``,
 ``{"kind": "progress", "job", "stage", "fraction", "message", "artifacts": [entries]}``,
-``{"kind": "finished", "job", "state", "message", "artifacts": [entries]}``
+``{"kind": "finished", "job", "state", "message", "artifacts": [entries]}`` (a failed job's also ``"stage"``: the
+stage it failed in, ``progress.failed_stage``, else the stage it last reported)
 
 Cancel and stop are read in the progress callback, which raises ``Cancelled``: a job stops at the
 next step boundary the runner reports. Texts are clipped to the protocol's limits in UTF-8 bytes.
@@ -27,7 +28,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from ..progress import Cancelled, ProgressEvent, ProgressFn
+from ..progress import Cancelled, ProgressEvent, ProgressFn, failed_stage
 from ..scene import Scene, load_scene
 from .faults import describe_failure, release_memory
 from .store import ARTIFACTS_DIR, SCENE_DIR, Manifest
@@ -124,23 +125,23 @@ class Worker(threading.Thread):
         send({"kind": "started", "job": job})
         state, message = "done", "finished"
         try:
-            scene = load_scene(job_dir / SCENE_DIR)
-            self.runner(scene, job_dir / ARTIFACTS_DIR, device=self.device, progress=progress)
-        except _Stop:
-            state, message = "interrupted", "the service stopped during this job; submit it again to rerun"
-        except Cancelled:
-            state, message = "cancelled", "cancelled by a client"
-        except KeyboardInterrupt:
-            raise
-        except BaseException as err:  # a fault in a job (even SystemExit from a library) fails that job only
-            log.error("job %s failed:\n%s", job, traceback.format_exc())
-            state, message = (
-                "failed",
-                describe_failure(err, stage=stage[0], data_dir=job_dir.parent),
-            )
-        if (
-            state == "failed"
-        ):  # out of the except block: the exception being handled no longer holds the frames' tensors
+            try:
+                scene = load_scene(job_dir / SCENE_DIR)
+                self.runner(scene, job_dir / ARTIFACTS_DIR, device=self.device, progress=progress)
+            except _Stop:
+                state, message = "interrupted", "the service stopped during this job; submit it again to rerun"
+            except Cancelled:
+                state, message = "cancelled", "cancelled by a client"
+            except KeyboardInterrupt:
+                raise
+            except BaseException as err:  # a fault in a job (even SystemExit from a library) fails that job only
+                log.error("job %s failed:\n%s", job, traceback.format_exc())
+                stage[0] = failed_stage(err) or stage[0]  # the stage it was raised in, not the last reported
+                state, message = "failed", describe_failure(err, stage=stage[0], data_dir=job_dir.parent)
+        finally:
+            # After every job, done or not: what it held goes, and the CUDA cache it filled goes back to the
+            # device (a done job kept GBs reserved). Out of the except blocks: a handled exception no longer
+            # holds the frames' tensors. The generator cache's weights stay (referenced, not garbage).
             release_memory()
         try:
             entries = manifest.add(manifest.unlisted())
@@ -149,7 +150,10 @@ class Worker(threading.Thread):
             entries = []
             if state == "done":
                 state, message = "failed", f"cannot record the outputs: {err}"
-        send({"kind": "finished", "job": job, "state": state, "message": message, "artifacts": entries})
+        finished = {"kind": "finished", "job": job, "state": state, "message": message, "artifacts": entries}
+        if state == "failed" and stage[0] is not None:  # the failed event's stage (else: the stage last reported)
+            finished["stage"] = stage[0]
+        send(finished)
         return flags["stop"]
 
 

@@ -589,6 +589,108 @@ def test_memory_is_released_once_the_failed_jobs_frames_are_gone(tmp_path, monke
     )
 
 
+def test_memory_is_released_after_every_job_not_only_a_failed_one(tmp_path, monkeypatch):
+    """A done, a cancelled and a failed job each end with release_memory (gc and the CUDA cache emptied): a done
+    job used to keep the GPU memory it reserved until the next job's failure."""
+    calls = []
+    monkeypatch.setattr(worker_module, "release_memory", lambda: calls.append(1))
+    svc, thread = start_service(tmp_path / "jobs")
+    try:
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            assert wait_state(c, c.submit(probe_scene("steps=2")))["state"] == "done"
+            assert len(calls) == 1
+            job = c.submit(probe_scene(f"steps=5000 delay_ms={STEP_MS}"))
+            wait_state(c, job, states=("running",))
+            c.cancel(job)
+            assert wait_state(c, job)["state"] == "cancelled"
+            assert len(calls) == 2
+            assert wait_state(c, c.submit(probe_scene("steps=2 fault=error at=0")))["state"] == "failed"
+            assert len(calls) == 3
+    finally:
+        stop_service(svc, thread)
+
+
+def test_a_stage_meter_tags_what_leaves_a_stage_the_innermost_stage_wins():
+    import torch
+
+    from backend.outputs import StageMeter
+    from backend.progress import failed_stage
+    from backend.service.faults import describe_failure
+
+    meter = StageMeter(torch.device("cpu"))
+    with pytest.raises(RuntimeError) as info:
+        with meter.measure("fit"), meter.measure("outputs"):
+            raise RuntimeError("disk on fire")
+    assert failed_stage(info.value) == "outputs"
+    assert meter.stages["fit"]["calls"] == meter.stages["outputs"]["calls"] == 1  # still timed
+    assert describe_failure(info.value, stage="update") == "RuntimeError: disk on fire (in stage 'outputs')"
+    assert describe_failure(ValueError("x"), stage="update") == "ValueError: x (in stage 'update')"  # untagged
+
+
+def _raise(err: BaseException):
+    def stage_fn(*args, **kwargs):
+        raise err
+
+    return stage_fn
+
+
+@pytest.mark.parametrize(
+    "target, err, stage, message",
+    [
+        # the loop reports "update" as it ends, then fits: the OOM used to read "in stage 'update'"
+        (
+            "fit_gaussians",
+            "oom",
+            "fit",
+            "out of GPU memory in stage 'fit': CUDA out of memory. Tried to allocate 2.00 GiB (injected)",
+        ),
+        # the loop reports "cameras" as it ends, then builds the memory: the error used to read "in stage 'cameras'"
+        ("build_memory", RuntimeError("injected in the memory"), "memory", "RuntimeError: injected in the memory"),
+    ],
+)
+@pytest.mark.xdist_group("loop")
+def test_a_failed_real_loop_job_names_the_stage_it_failed_in(
+    temple_dir, tmp_path, monkeypatch, single_thread, target, err, stage, message
+):
+    """The real loop (default runner, 3 temple captures at 64x48) with a stage that raises: the failed event's
+    stage and message name that stage (StageMeter.measure tags the error), not the stage reported before it."""
+    from dataclasses import replace
+
+    import torch
+
+    import backend.loop as loop_module
+    from backend.camera_paths import default_trajectory
+    from backend.evaluate import split_protocol
+    from backend.formats import import_scene
+    from backend.scene import Settings, TrajectoryFrame
+    from backend.service.worker import default_runner
+
+    if err == "oom":
+        err = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+    monkeypatch.setattr(loop_module, target, _raise(err))
+    scene = split_protocol(
+        import_scene("middlebury", temple_dir, tmp_path / "temple"), "ring-arc", train_views=3, ring_start=11
+    )
+    orbit = default_trajectory([c.camera for c in scene.captures], 4)
+    settings = Settings(width=64, height=48, gaussian_iterations=10, guide=False, segment_length=4, segment_overlap=1)
+    scene = replace(
+        scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(orbit)], heldout=[], settings=settings
+    )
+    svc, thread = start_service(tmp_path / "jobs", runner=default_runner)
+    try:
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            job = c.submit(scene_message(scene))
+            c.watch(job, since=0)
+            events = list(c.events(job, idle_ms=60_000))
+    finally:
+        stop_service(svc, thread)
+    failed = events[-1]
+    assert failed["state"] == "failed", failed
+    assert failed["stage"] == stage, failed
+    assert failed["message"].startswith(message), failed["message"]
+    assert f"(in stage {stage!r})" in failed["message"] or f"in stage {stage!r}:" in failed["message"]
+
+
 def test_torn_journal_line_keeps_its_seq_and_the_next_event_starts_a_new_line(tmp_path, record_property):
     """A cut last line: the next event (interrupted) goes on a line of its own with a seq never given out."""
     store = JobStore(tmp_path / "jobs")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import zmq
 
+from backend.service.server import recv_message
 from protocol import errors, limits
 from protocol.codec import decode, pack
 from tests.protocol.helpers import ask, dealer, running_service
@@ -101,6 +102,58 @@ def test_frame_over_socket_limit_is_dropped_and_service_goes_on(endpoint, sock):
     fresh.connect(endpoint)
     jobs_ok(fresh)
     fresh.close()
+
+
+def test_far_too_many_frames_are_dropped_unkept_answered_too_large_and_service_goes_on(sock):
+    """A message of 300,000 frames more than MAX_FRAMES (empty: 2 bytes each on the wire): the service reads it
+    frame by frame and keeps at most the limit, answers too_large naming the count and the limit, and serves the
+    next request. It used to keep every frame before counting them (4M frames: 1.1 GB, the loop blocked 14 s)."""
+    count = limits.MAX_FRAMES + 300_000
+    header = msgpack.packb({"v": 1, "op": "jobs", "id": 4})
+    sock.send(header, zmq.SNDMORE)
+    for _ in range(count - 2):
+        sock.send(b"", zmq.SNDMORE)
+    sock.send(b"")
+    assert sock.poll(30_000), "no reply"
+    reply = decode(sock.recv_multipart(), "reply")
+    assert reply["ok"] is False and reply["error"]["code"] == errors.TOO_LARGE
+    assert reply["error"]["message"] == f"{count} frames; at most {limits.MAX_FRAMES}"
+    jobs_ok(sock)
+
+
+@pytest.mark.parametrize("kind", [zmq.DEALER, zmq.REQ])
+def test_the_frame_limit_counts_the_requests_frames_not_the_envelope(endpoint, kind):
+    """MAX_FRAMES frames are within the limit (the extra ones then are stray: bad_frame), one more is too_large,
+    from a DEALER and from a REQ, whose empty delimiter frame is the envelope's."""
+    s = zmq.Context.instance().socket(kind)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    header = msgpack.packb({"v": 1, "op": "jobs", "id": 5})
+    try:
+        for count, code in ((limits.MAX_FRAMES, errors.BAD_FRAME), (limits.MAX_FRAMES + 1, errors.TOO_LARGE)):
+            s.send_multipart([header] + [b""] * (count - 1))
+            assert s.poll(TIMEOUT_MS), "no reply"
+            reply = decode(s.recv_multipart(), "reply")
+            assert reply["error"]["code"] == code, reply
+    finally:
+        s.close()
+
+
+def test_recv_message_keeps_the_first_frames_and_counts_them_all():
+    ctx = zmq.Context.instance()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    a.bind("inproc://test-recv-message")
+    b.connect("inproc://test-recv-message")
+    try:
+        a.send_multipart([b"first", *[b"x"] * 10, b"last"])
+        a.send(b"alone")
+        frames, count = recv_message(b, keep=3)
+        assert count == 12 and [f.bytes for f in frames] == [b"first", b"x", b"x"]
+        frames, count = recv_message(b, keep=3)  # the next message starts clean
+        assert count == 1 and [f.bytes for f in frames] == [b"alone"]
+    finally:
+        a.close(linger=0)
+        b.close(linger=0)
 
 
 def test_req_socket_with_delimiter_frame_is_answered(endpoint):

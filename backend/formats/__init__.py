@@ -5,8 +5,9 @@ Importers, by name: ``colmap`` (text or binary sparse model), ``llff`` (``poses_
 Exporters: ``colmap`` (text model), ``nerf`` (``transforms.json``).
 
 Images stay where they lie: scene.json refers to them by paths relative to the scene folder. Only
-``undistort=True`` writes images, undistorted copies under ``DST/undistorted/`` (and the captures' mask
-files, undistorted alike, under ``DST/undistorted_masks/``).
+``undistort=True`` writes images, undistorted copies under ``DST/undistorted/`` (held-out views'
+``DST/undistorted_heldout/``; mask files, undistorted alike, under ``DST/undistorted_masks/`` and
+``DST/undistorted_heldout_masks/``).
 
 Example::
 
@@ -114,8 +115,9 @@ def import_scene(
         fmt: importer name (``colmap``, ``llff``, ``middlebury``, ``nerf``, ``dtu``).
         src: the source folder (or file, for ``nerf``).
         dst: the scene folder to write; created if missing; an existing scene.json is replaced.
-        undistort: write undistorted images into ``dst/undistorted`` (their mask files, undistorted with
-            them, into ``dst/undistorted_masks``) and drop the distortion.
+        undistort: write undistorted images into ``dst/undistorted`` (held-out views' into
+            ``dst/undistorted_heldout``; mask files, undistorted with them, into ``<folder>_masks``) and drop
+            the distortion.
         holdout_every, train_ids: move captures to ``heldout`` (see :func:`split_holdout`); added to
             any test views the format itself names.
         settings: job settings to store (default: defaults).

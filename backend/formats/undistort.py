@@ -18,10 +18,10 @@ from backend.masks import MASK_LEVEL, read_mask, write_mask
 from backend.scene import Camera, Capture, SceneError
 
 UNDISTORTED_DIR = "undistorted"
-UNDISTORTED_HELDOUT_DIR = f"{UNDISTORTED_DIR}/heldout"
-# undistorted masks: DST/undistorted_masks/<folder>/<name>.png, outside every photo's folder (a capture's
-# name may hold a "/", so no file name inside DST/<folder> is safe from a photo's)
-UNDISTORTED_MASKS_DIR = "undistorted_masks"
+# Held-out views beside the captures' folder, not in it: a capture's name may hold a "/" (``heldout/r_0``), so
+# no folder inside another's is safe from its names. Each folder's masks go to ``<folder>_masks`` alike.
+UNDISTORTED_HELDOUT_DIR = "undistorted_heldout"
+MASKS_SUFFIX = "_masks"
 JPEG_QUALITY = 95  # undistorted JPEGs are re-encoded; PNGs stay lossless
 HALF_PIXEL = 0.5
 
@@ -62,15 +62,13 @@ def undistort_mask(mask: np.ndarray, camera: Camera) -> np.ndarray:
 
 def undistort_capture(capture: Capture, dst: Path, folder: str = UNDISTORTED_DIR) -> Capture:
     """Write the undistorted photo to ``dst/<folder>/<name><suffix>`` and, when the capture has a
-    ``mask`` file, its undistorted mask to ``dst/undistorted_masks/<folder>/<name>.png``
-    (:data:`UNDISTORTED_MASKS_DIR`, :func:`undistort_mask`); return the capture with that image, that mask and
+    ``mask`` file, its undistorted mask (:func:`undistort_mask`) to ``dst/<folder>_masks/<name>.png``; return the capture with that image, that mask and
     the camera without distortion. Captures without distortion come back as they are (an identity
     distortion is only dropped: photo and mask already agree with the pinhole).
 
     Names are unique among a scene's captures, not between captures and held-out views (NeRF's
-    ``train/r_0`` and ``test/r_0``), so held-out views go to a folder of their own
-    (:data:`UNDISTORTED_HELDOUT_DIR`): one must never overwrite a capture's photo. Masks go under a folder
-    of their own, so that none can overwrite a photo whatever the captures' names."""
+    ``train/r_0`` and ``test/r_0``), so held-out views go to a folder of their own beside the captures'
+    (:data:`UNDISTORTED_HELDOUT_DIR`): one must never overwrite a capture's photo or mask, whatever the names."""
     import cv2
 
     cam = capture.camera
@@ -99,6 +97,6 @@ def undistort_capture(capture: Capture, dst: Path, folder: str = UNDISTORTED_DIR
     mask_out = capture.mask
     if mask is not None:
         mask_out = write_mask(
-            undistort_mask(mask, cam), Path(dst) / UNDISTORTED_MASKS_DIR / folder / f"{capture.name}.png"
+            undistort_mask(mask, cam), Path(dst) / f"{folder}{MASKS_SUFFIX}" / f"{capture.name}.png"
         ).resolve()
     return replace(capture, image=out.resolve(), mask=mask_out, camera=replace(cam, distortion=None))

@@ -427,18 +427,21 @@ def test_undistorted_capture_gets_its_mask_undistorted_too(tmp_path):
     dst = tmp_path / "scene"
     expected = undistort_image(mask, cam) > MASK_LEVEL
     written = {}
-    for folder in (UNDISTORTED_DIR, UNDISTORTED_HELDOUT_DIR):  # a capture and a held-out view of one name
-        out = undistort_capture(Capture("r_0", photo, cam, mask=mask_file), dst, folder)
+    # a held-out view "r_0" and a capture whose name could reach the held-out folder's files if it sat in the
+    # captures' folder ("heldout/r_0", the old layout's undistorted/heldout/r_0.png), and one of the same name
+    views = ((UNDISTORTED_DIR, "heldout/r_0"), (UNDISTORTED_HELDOUT_DIR, "r_0"), (UNDISTORTED_DIR, "r_0"))
+    for folder, name in views:
+        out = undistort_capture(Capture(name, photo, cam, mask=mask_file), dst, folder)
         assert out.camera.distortion is None and out.mask is not None and out.mask.is_file()
         assert out.mask.is_absolute() and out.mask != mask_file.resolve()
         got = read_mask(out.mask)
         assert (got != (mask > MASK_LEVEL)).sum() > 50  # really remapped, not a copy of the distorted mask
         np.testing.assert_array_equal(got, expected)
         np.testing.assert_array_equal(capture_mask(out, out.camera), expected)  # what the stages will see
-        written[folder] = (out.image, out.mask)
+        written[folder, name] = (out.image, out.mask)
     photos = {image for image, _ in written.values()}
     masks = {m for _, m in written.values()}
-    assert len(photos) == len(masks) == 2 and not photos & masks
+    assert len(photos) == len(masks) == 3 and not photos & masks
     np.testing.assert_array_equal(read_mask(mask_file), mask > MASK_LEVEL)  # the source mask is left as it was
 
     bare = undistort_capture(Capture("r_1", photo, cam), dst)

@@ -144,9 +144,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def on_sigterm(signum: int, frame: Any) -> None:  # systemd, docker stop, kill: stop as Ctrl-C does
         terminated.append(signum)
-        # A flag the loop reads within its poll (no lock: the handler runs in the loop's thread). Not Ctrl-C's
-        # KeyboardInterrupt: raised here it can land anywhere, in a zmq Frame's __dealloc__ it was ignored
-        # ("Exception ignored in") and the service went on.
+        # In the loop, a flag it reads within its poll (no lock: the handler runs in the loop's thread). Not Ctrl-C's
+        # KeyboardInterrupt there: raised anywhere, in a zmq Frame's __dealloc__ it was ignored ("Exception ignored
+        # in") and the service went on. During start-up (the store's recovery, up to 120 s of waiting for Ray's
+        # workers) nothing reads the flag yet: KeyboardInterrupt, as Ctrl-C, ends it there.
+        if not service.serving:
+            raise KeyboardInterrupt
         service.stop()
 
     in_main = threading.current_thread() is threading.main_thread()  # signal handlers are set there only

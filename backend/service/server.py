@@ -180,6 +180,12 @@ class Service:
         POLL_MS. A running job becomes interrupted."""
         self._stopping = True
 
+    @property
+    def serving(self) -> bool:
+        """Whether start-up is over and the loop runs (it reads ``stop()``'s flag); False while it binds, recovers
+        the store and waits for a Ray pool's workers, and after a start-up error."""
+        return self._ready.is_set() and self._startup_error is None
+
     def worker_still_running(self) -> bool:
         """After ``serve_forever``: whether a worker thread is still inside a job step (one longer than the
         stop's wait, STOP_WAIT_S). Ray's workers are processes, stopped with the pool: never."""
@@ -209,7 +215,8 @@ class Service:
             self.auth = ServerAuth.start(
                 self.context, self.config.auth, self.config.bind
             )  # refuses an open bind without keys
-            self.device = resolve_device(self.config.device)
+            if self.config.ray is None:  # a Ray pool's workers resolve it on their own nodes (RayPool)
+                self.device = resolve_device(self.config.device)
             from ..generators import GENERATORS  # imports torch: here, not in the first hello
 
             self.generators = GENERATORS.names()

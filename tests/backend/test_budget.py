@@ -401,3 +401,36 @@ def test_serve_leaves_a_ray_pools_device_and_budget_to_its_workers(monkeypatch):
     assert [j.settings.time_budget_min for j in jobs] == [0, 4]  # the worker's device, not the front end's
     assert cli_main(["serve", "--data-dir", "unused"]) == 0  # no pool: the front end's device, resolved here
     assert seen["config"].device == "cpu"
+
+
+def test_a_ray_service_leaves_an_explicit_device_to_its_workers(monkeypatch, tmp_path):
+    """`serve --ray --device cuda` on a head node without a GPU: the front end passes "cuda" to the pool
+    (each actor checks it on its node) instead of refusing to start."""
+    require_module("ray", "serve --workers needs it")
+    import backend.devices
+    import backend.service.ray_pool as ray_pool
+    from backend.service import Service, ServiceConfig
+
+    monkeypatch.setattr(backend.devices, "is_available", lambda kind: kind == "cpu")
+    seen = []
+
+    class Started(Exception):
+        pass
+
+    class FakePool:
+        def __init__(self, context, config, runner, device):
+            seen.append(device)
+
+        def start(self):
+            raise Started
+
+        def close(self, *args, **kwargs):
+            pass
+
+    monkeypatch.setattr(ray_pool, "RayPool", FakePool)
+    config = ServiceConfig(
+        bind="tcp://127.0.0.1:*", data_dir=tmp_path, device="cuda", ray=ray_pool.RayConfig(workers=1)
+    )
+    with pytest.raises(Started):
+        Service(config, runner=lambda *a, **k: None).serve_forever()
+    assert seen == ["cuda"]

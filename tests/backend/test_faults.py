@@ -416,6 +416,47 @@ def test_an_error_in_the_loop_mid_step_exits_1_with_its_traceback(tmp_path):
     assert last["state"] == "interrupted", last
 
 
+# `reconloop serve` whose start-up (the store's recovery) takes a minute, saying when it begins: where a Ray
+# pool's workers or a large store keep start-up long, before the loop reads stop()'s flag.
+SLOW_START = """
+import sys, time
+from backend import cli
+from backend.service import store
+
+def slow_load(self):
+    print("store load begins", file=sys.stderr, flush=True)
+    time.sleep(60)
+    return []
+
+store.JobStore.load = slow_load
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.xdist_group("service-subprocess")
+def test_sigterm_during_start_up_stops_at_once(tmp_path):
+    """SIGTERM while the service starts (before its loop reads the stop flag) ends it at once with exit 0, as
+    Ctrl-C does, not after start-up (docker stop's 10 s would have ended in SIGKILL)."""
+    data_dir = tmp_path / "jobs"
+    cmd = serve_command(f"tcp://127.0.0.1:{free_port()}", data_dir, runner="backend.service.probe:run")
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([cmd[0], "-c", SLOW_START, *cmd[3:]], cwd=REPO, env=serve_env(), stderr=log)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while "store load begins" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        assert proc.wait(WAIT_S) == 0
+        assert time.monotonic() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "stopped by SIGTERM" in log_path.read_text()
+
+
 def test_torn_journal_line_is_ignored_after_restart(tmp_path, record_property):
     """A crash can cut the journal's last line; the job loads from the lines before it."""
     job = finished_probe_job(tmp_path / "jobs", "steps=2")

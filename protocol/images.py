@@ -71,3 +71,11 @@ def image_bytes(image: bytes | np.ndarray) -> bytes | memoryview:
     if isinstance(image, np.ndarray):
         return memoryview(np.ascontiguousarray(image)).cast("B")
     return image
+
+
+def image_field_size(image: bytes | np.ndarray) -> tuple[int, int]:
+    """(width, height) of an image field: raw pixels [H, W, C], or a PNG/JPEG file read by its header."""
+    if isinstance(image, np.ndarray) and image.ndim == 3:
+        return int(image.shape[1]), int(image.shape[0])
+    _fmt, w, h = encoded_image_size(image_bytes(image))
+    return w, h

@@ -218,7 +218,7 @@ def check_job(scene: dict[str, Any], request_bytes: int, job_limits: JobLimits) 
         ProtocolError: ``too_large`` naming the field, the server's limit and what arrived.
     """
     from .errors import TOO_LARGE, ProtocolError
-    from .images import encoded_image_size, image_bytes
+    from .images import image_field_size
 
     def refuse(field: str, rule: str, got: Any) -> ProtocolError:
         return ProtocolError(TOO_LARGE, f"submit: {field} must be {rule} on this server; got {got}", field=field)
@@ -241,10 +241,7 @@ def check_job(scene: dict[str, Any], request_bytes: int, job_limits: JobLimits) 
                 image = cap.get(field)
                 if image is None:
                     continue
-                if getattr(image, "ndim", 1) == 3:
-                    h, w = int(image.shape[0]), int(image.shape[1])
-                else:
-                    _fmt, w, h = encoded_image_size(image_bytes(image))
+                w, h = image_field_size(image)
                 if w > side or h > side:
                     raise refuse(f"scene.{key}[{i}].{field}", f"at most {side} px a side", f"{w}x{h}")
     for key in ("captures", "heldout", "trajectory"):

@@ -34,10 +34,11 @@ import numpy as np
 
 from protocol import errors, limits
 from protocol.errors import ProtocolError
-from protocol.images import encoded_image_size, image_bytes
+from protocol.images import encoded_image_size, image_bytes, image_field_size
 from protocol.schemas import TERMINAL_STATES
 
 from ..fileio import sha256_file, write_atomic
+from ..masks import read_mask
 from ..scene import SCENE_FILE, Scene, SceneError, load_scene
 from .auth import may_access
 
@@ -112,14 +113,6 @@ def _write_image(image: bytes | np.ndarray, path_stem: Path) -> Path:
     return path
 
 
-def _image_size(image: bytes | np.ndarray) -> tuple[int, int]:
-    """(width, height) of an image field (raw pixels, or a PNG/JPEG file read by its header)."""
-    if isinstance(image, np.ndarray) and image.ndim == 3:
-        return int(image.shape[1]), int(image.shape[0])
-    _fmt, w, h = encoded_image_size(image_bytes(image))
-    return w, h
-
-
 def _check_mask_sizes(scene: dict[str, Any]) -> None:
     """Refuse a capture whose mask is not its photo's size, naming the field and the capture (before
     anything is written; load_scene checks it again, by file name)."""
@@ -127,7 +120,7 @@ def _check_mask_sizes(scene: dict[str, Any]) -> None:
         for i, c in enumerate(scene.get(key) or ()):
             if c.get("mask") is None:
                 continue
-            (mw, mh), (w, h) = _image_size(c["mask"]), _image_size(c["image"])
+            (mw, mh), (w, h) = image_field_size(c["mask"]), image_field_size(c["image"])
             if (mw, mh) != (w, h):
                 where = f"scene.{key}[{i}].mask"
                 raise ProtocolError(
@@ -136,6 +129,18 @@ def _check_mask_sizes(scene: dict[str, Any]) -> None:
                     "(a mask has its photo's size)",
                     field=where,
                 )
+
+
+def _check_mask_content(path: Path, where: str, name: str) -> None:
+    """Refuse a written mask the job could not read (a 0/1 label image, a body cut short), naming the field
+    and the capture, not the service's file (the codec read its header only)."""
+    try:
+        read_mask(path)
+    except (SceneError, OSError, ValueError) as err:
+        reason = str(err).replace(f"mask: {path} ", "").replace(str(path), "the file")
+        raise ProtocolError(
+            errors.BAD_FIELD, f"submit: {where}: capture {name!r}'s mask {reason}", field=where
+        ) from None
 
 
 def write_scene_message(scene: dict[str, Any], folder: Path) -> Scene:
@@ -150,7 +155,7 @@ def write_scene_message(scene: dict[str, Any], folder: Path) -> Scene:
     images.mkdir(parents=True, exist_ok=True)
     masks = folder / MASKS_DIR
 
-    def captures(items: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    def captures(items: list[dict[str, Any]], key: str, prefix: str) -> list[dict[str, Any]]:
         out = []
         for i, c in enumerate(items):
             path = _write_image(c["image"], images / f"{prefix}{i:04d}")
@@ -158,17 +163,18 @@ def write_scene_message(scene: dict[str, Any], folder: Path) -> Scene:
             if c.get("mask") is not None:
                 masks.mkdir(exist_ok=True)
                 mask_path = _write_image(c["mask"], masks / f"{prefix}{i:04d}")
+                _check_mask_content(mask_path, f"scene.{key}[{i}].mask", c["name"])
                 entry["mask"] = f"{MASKS_DIR}/{mask_path.name}"
             if c.get("camera") is not None:
                 entry["camera"] = _camera_json(c["camera"])
             out.append(entry)
         return out
 
-    data: dict[str, Any] = {"version": 1, "captures": captures(scene["captures"], "c")}
+    data: dict[str, Any] = {"version": 1, "captures": captures(scene["captures"], "captures", "c")}
     if scene.get("trajectory"):
         data["trajectory"] = [{"frame": t["frame"], "camera": _camera_json(t["camera"])} for t in scene["trajectory"]]
     if scene.get("heldout"):
-        data["heldout"] = captures(scene["heldout"], "h")
+        data["heldout"] = captures(scene["heldout"], "heldout", "h")
     if scene.get("settings") is not None:
         data["settings"] = scene["settings"]
     write_atomic(folder / SCENE_FILE, json.dumps(data, indent=1).encode())

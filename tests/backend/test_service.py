@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import signal
@@ -238,6 +239,28 @@ def test_a_mask_of_another_size_is_refused_naming_the_capture_and_the_field(clie
             "(a mask has its photo's size)"
         )
     assert client.jobs() == []  # nothing half-made
+
+
+def test_a_mask_the_job_could_not_read_is_refused_at_submit(client):
+    """A 0/1 label image passes the codec (a PNG of the right size) but keeps no pixel: refused by field and
+    capture at submit, not as a failed job naming the service's file."""
+    from PIL import Image
+
+    labels = np.zeros((HEIGHT, WIDTH), np.uint8)
+    labels[5:20, 5:30] = 1
+    buf = io.BytesIO()
+    Image.fromarray(labels).save(buf, format="PNG")
+    scene = scene_msg()
+    scene["captures"][0]["mask"] = buf.getvalue()
+    with pytest.raises(ProtocolError) as err:
+        client.submit(scene)
+    name = scene["captures"][0]["name"]
+    assert err.value.code == errors.BAD_FIELD and err.value.field == "scene.captures[0].mask"
+    assert err.value.message == (
+        f"submit: scene.captures[0].mask: capture {name!r}'s mask keeps no pixel (its highest value 1 is not "
+        "above 127 of 255); a mask is white (255) where the object is"
+    )
+    assert client.jobs() == []
 
 
 def test_jobs_run_in_order_one_at_a_time(client):

@@ -5,7 +5,9 @@ Middlebury) and ``backend.scene`` (scene.json); both are numpy-only and travel i
 protocol wheel (scripts/build_extension.py), so nothing here imports torch. Each capture becomes a
 camera object whose lens, sensor and shift reproduce its K at the photo's size, with the photo as its
 background image; lens distortion, which a Blender camera cannot hold, is kept on the object
-(``reconloop_distortion``) and written back on export.
+(``reconloop_distortion``) and written back on export. A capture's mask (DTU/IDR ``mask/``, scene.json's
+``mask``) is kept on the object as its file's absolute path (``reconloop_mask``): a job sends it beside the
+photo, and the export writes it back to scene.json.
 
 Example (Blender's Python console)::
 
@@ -24,7 +26,14 @@ import numpy as np
 
 from . import cameras as cam_math
 from .errors import ReconLoopError
-from .scene_read import apply_camera_params, background_image, image_file, read_captures, sample_trajectory
+from .scene_read import (
+    PROP_MASK,
+    apply_camera_params,
+    background_image,
+    image_file,
+    read_captures,
+    sample_trajectory,
+)
 
 FORMAT_AUTO = "auto"
 FORMAT_SCENE = "scene"
@@ -71,7 +80,8 @@ def read_dataset(path: str, fmt: str = FORMAT_AUTO):
 
 
 def add_capture_camera(scene: bpy.types.Scene, capture, coll: bpy.types.Collection, *, set_render: bool):
-    """A camera object for one ``backend.scene.Capture``: its K and pose, its photo as background."""
+    """A camera object for one ``backend.scene.Capture``: its K and pose, its photo as background, its mask
+    file's path (if any) as ``reconloop_mask``."""
     cam = capture.camera
     params = cam_math.blender_from_opencv(cam.w2c, cam.K, cam.width, cam.height)
     obj = bpy.data.objects.new(capture.name, bpy.data.cameras.new(capture.name))
@@ -83,6 +93,8 @@ def add_capture_camera(scene: bpy.types.Scene, capture, coll: bpy.types.Collecti
     obj.data.show_background_images = True
     if cam.distortion is not None and not cam.distortion.is_identity:
         obj[PROP_DISTORTION] = json.dumps({"model": cam.distortion.model, "params": list(cam.distortion.params)})
+    if capture.mask is not None:
+        obj[PROP_MASK] = str(Path(capture.mask).resolve())
     return obj
 
 
@@ -151,7 +163,10 @@ def scene_from_blender(scene: bpy.types.Scene, coll: bpy.types.Collection, root:
             height=c.camera.height,
             distortion=distortion,
         )
-        out.append(Capture(name=c.name, image=image, camera=cam))
+        mask = Path(c.mask).resolve() if c.mask is not None else None
+        if mask is not None and not mask.is_file():
+            raise ReconLoopError(f"camera {obj.name!r}: mask file not found: {mask} ({PROP_MASK})")
+        out.append(Capture(name=c.name, image=image, camera=cam, mask=mask))
     frames = []
     if trajectory_camera is not None:
         for f, cam in sample_trajectory(trajectory_camera, scene, scene.frame_start, scene.frame_end, 1):

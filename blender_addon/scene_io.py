@@ -77,6 +77,8 @@ class CaptureInput:
         image_format: "png" or "jpeg".
         camera: OpenCV camera at the photo's pixel size, or None to have it estimated.
         path: the file the photo was read from, where it was read from one ("" for a camera's background).
+        mask: the PNG/JPEG file of the capture's mask (its photo's size; which pixels are the object), sent
+            untouched beside the photo (protocol/README.md, Masks); None: no mask.
     """
 
     name: str
@@ -84,6 +86,7 @@ class CaptureInput:
     image_format: str
     camera: OpenCVCamera | None = None
     path: str = ""
+    mask: str | None = None
 
 
 def image_info(data: bytes, name: str) -> ImageInfo:
@@ -114,6 +117,37 @@ def captures_from_folder(folder: str) -> list[CaptureInput]:
     return out
 
 
+def mask_bytes(capture: CaptureInput) -> bytes:
+    """The encoded file bytes of a capture's mask, checked to be a PNG/JPEG of its photo's size.
+
+    Raises ReconLoopError naming the capture and the file when the file is missing, unreadable, not a
+    PNG/JPEG or of another size than the photo (the service would refuse it after the upload).
+    """
+    path = capture.mask
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ReconLoopError(f"capture {capture.name!r}: mask file not found: {path}") from None
+    except OSError as err:
+        raise ReconLoopError(f"capture {capture.name!r}: cannot read mask file {path}: {err}") from None
+    if encoded_image_size is None:
+        raise ReconLoopError("the protocol package is missing: reinstall the ReconLoop extension")
+    try:
+        _, mw, mh = encoded_image_size(data)
+    except ValueError as err:
+        raise ReconLoopError(
+            f"capture {capture.name!r}: mask {path} is not a PNG or JPEG file we can read ({err})"
+        ) from None
+    photo = image_info(capture.image, capture.name)
+    if (mw, mh) != (photo.width, photo.height):
+        raise ReconLoopError(
+            f"capture {capture.name!r}: mask {path} is {mw}x{mh}; its photo is {photo.width}x{photo.height} "
+            "(a mask has its photo's size)"
+        )
+    return data
+
+
 def build_scene_payload(
     captures: list[CaptureInput],
     trajectory: Iterable[tuple[int, OpenCVCamera]],
@@ -126,8 +160,8 @@ def build_scene_payload(
         trajectory: (Blender frame number, camera at the render size), frame numbers increasing.
         settings: job settings by name (SETTING_NAMES).
     Returns:
-        {"captures": [{name, image, camera?}], "trajectory": [{frame, camera}], "settings": {...}}
-        with cameras as float32 numpy arrays and each image file as a uint8 array [N].
+        {"captures": [{name, image, mask?, camera?}], "trajectory": [{frame, camera}], "settings": {...}}
+        with cameras as float32 numpy arrays and each image (and mask) file as a uint8 array [N].
     """
     if not captures:
         raise ReconLoopError("no captures: pick a collection of cameras with photos, or a folder of photos")
@@ -146,6 +180,8 @@ def build_scene_payload(
     for c in captures:
         # uint8 arrays travel as their own frames (bytes would sit in the msgpack header)
         msg: dict[str, Any] = {"name": c.name, "image": np.frombuffer(bytes(c.image), dtype=np.uint8)}
+        if c.mask is not None:
+            msg["mask"] = np.frombuffer(mask_bytes(c), dtype=np.uint8)
         if c.camera is not None:
             msg["camera"] = c.camera.to_wire()
         cap_msgs.append(msg)

@@ -15,6 +15,10 @@ from . import cameras as cam_math
 from .errors import ReconLoopError
 from .scene_io import CaptureInput, image_info
 
+# The capture's mask file (absolute path) on its camera object, set by the dataset import (datasets.py);
+# read_captures sends it beside the photo. A path starting with // is relative to the .blend file.
+PROP_MASK = "reconloop_mask"
+
 
 def camera_params(obj: bpy.types.Object, scene: bpy.types.Scene) -> cam_math.BlenderCameraParams:
     """The projection values of camera object ``obj`` at the scene's current frame."""
@@ -124,8 +128,20 @@ def background_image(obj: bpy.types.Object):
     return None
 
 
+def mask_path(obj: bpy.types.Object) -> str | None:
+    """The absolute path of the camera's mask file (custom property ``reconloop_mask``), or None when it has
+    none (no property, or an empty one). Whether the file is there is checked when it is read."""
+    value = obj.get(PROP_MASK)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ReconLoopError(f"camera {obj.name!r}: {PROP_MASK} must be the mask file's path; got {value!r}")
+    return bpy.path.abspath(value, library=obj.library)
+
+
 def read_captures(collection: bpy.types.Collection, scene: bpy.types.Scene) -> list[CaptureInput]:
-    """Captures from the camera objects of ``collection`` (sorted by name), each with its photo.
+    """Captures from the camera objects of ``collection`` (sorted by name), each with its photo (and the
+    path of its mask file, where the camera has one: ``reconloop_mask``).
 
     Each camera's first background image is its photo; its K is the camera's K at the render size
     mapped onto the photo's pixels the way Blender draws it (frame method; offset, scale, rotation
@@ -169,7 +185,9 @@ def read_captures(collection: bpy.types.Collection, scene: bpy.types.Scene) -> l
         camera = cam_math.OpenCVCamera(
             w2c=cam_math.w2c_from_matrix_world(p.matrix_world), K=K_img, width=info.width, height=info.height
         )
-        out.append(CaptureInput(name=obj.name, image=data, image_format=info.format, camera=camera))
+        out.append(
+            CaptureInput(name=obj.name, image=data, image_format=info.format, camera=camera, mask=mask_path(obj))
+        )
     return out
 
 

@@ -174,6 +174,50 @@ def test_build_scene_payload():
     validate({"v": max(SUPPORTED_VERSIONS), "op": "submit", "id": 1, "scene": scene}, "request")
 
 
+def _png(pixels: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", pixels)
+    assert ok
+    return buf.tobytes()
+
+
+def test_build_scene_payload_sends_each_capture_mask_file(tmp_path):
+    """A capture's mask file goes as its bytes (uint8 [N], like the photo) under ``mask``; one without a mask
+    has no ``mask`` key; the payload passes the protocol's validator."""
+    mask = tmp_path / "masks" / "a.png"
+    mask.parent.mkdir()
+    mask.write_bytes(_png(np.full((1, 1), 255, np.uint8)))
+    caps = [
+        scene_io.CaptureInput("a", PNG_1x1, "png", _cam(1, 1), mask=str(mask)),
+        scene_io.CaptureInput("b", PNG_1x1, "png", _cam(1, 1)),
+    ]
+    scene = scene_io.build_scene_payload(caps, [], {"geometry": "hull"})
+    a, b = scene["captures"]
+    assert a["mask"].dtype == np.uint8 and a["mask"].ndim == 1
+    assert a["mask"].tobytes() == mask.read_bytes() and a["image"].tobytes() == PNG_1x1
+    assert "mask" not in b
+    from protocol.schemas import validate
+    from protocol.version import SUPPORTED_VERSIONS
+
+    validate({"v": max(SUPPORTED_VERSIONS), "op": "submit", "id": 1, "scene": scene}, "request")
+
+
+def test_a_bad_mask_file_names_the_capture_and_the_file(tmp_path):
+    def payload(mask):
+        return scene_io.build_scene_payload([scene_io.CaptureInput("a", PNG_1x1, "png", _cam(1, 1), mask=mask)], [], {})
+
+    gone = tmp_path / "gone.png"
+    with pytest.raises(ReconLoopError, match=f"capture 'a': mask file not found: {gone}"):
+        payload(str(gone))
+    (tmp_path / "mask.txt").write_text("not an image")
+    with pytest.raises(ReconLoopError, match=r"capture 'a': mask .*mask.txt is not a PNG or JPEG"):
+        payload(str(tmp_path / "mask.txt"))
+    (tmp_path / "big.png").write_bytes(_png(np.zeros((2, 3), np.uint8)))
+    with pytest.raises(ReconLoopError, match=r"capture 'a': mask .*big.png is 3x2; its photo is 1x1"):
+        payload(str(tmp_path / "big.png"))
+
+
 def test_build_scene_payload_errors():
     cap = scene_io.CaptureInput("a", PNG_1x1, "png", _cam(1, 1))
     with pytest.raises(ReconLoopError, match="no captures"):

@@ -156,3 +156,74 @@ def test_export_writes_the_photo_in_use_and_refuses_a_packed_one(registered, tmp
     img.filepath = ""
     with pytest.raises(ReconLoopError, match="camera 'a': photo is packed or not on disk; unpack it before exporting"):
         datasets.export_dataset(scene, coll, str(tmp_path / "out2"), "scene")
+
+
+def _dtu_with_masks(scene, root: Path) -> Path:
+    """An IDR/DTU folder of ``scene``'s captures: cameras.npz (world_mat P = K [R t] with IDR's pixel
+    centres, identity scale_mat), ``image/`` linking the photos, ``mask/`` linking their mask files."""
+    (root / "image").mkdir(parents=True)
+    (root / "mask").mkdir()
+    mats = {}
+    for i, cap in enumerate(scene.captures):
+        world_mat = np.eye(4)
+        K_idr = cap.camera.K - np.array([[0, 0, 0.5], [0, 0, 0.5], [0, 0, 0]])  # IDR: pixel centres at integers
+        world_mat[:3] = K_idr @ cap.camera.w2c[:3]
+        mats[f"world_mat_{i}"], mats[f"scale_mat_{i}"] = world_mat, np.eye(4)
+        (root / "image" / cap.image.name).symlink_to(cap.image)
+        (root / "mask" / cap.mask.name).symlink_to(cap.mask)
+    np.savez(root / "cameras.npz", **mats)
+    return root
+
+
+@pytest.mark.parametrize("source", ["scene", "dtu"])
+def test_capture_masks_reach_the_cameras_the_payload_and_the_export(registered, dino_dir, tmp_path, source):
+    """A masked dataset (the dino's silhouettes, as `reconloop import middlebury --silhouettes` writes them,
+    read from scene.json or from a DTU ``mask/`` folder): each camera keeps its mask file's absolute path,
+    a job sends that file's bytes beside the photo (a hull job needs them), the export writes it back, and a
+    mask file gone since is named with its capture."""
+    from backend.formats import import_scene
+    from blender_addon import scene_io
+    from blender_addon.errors import ReconLoopError
+    from blender_addon.scene_read import read_captures
+    from protocol.schemas import validate
+    from protocol.version import SUPPORTED_VERSIONS
+
+    made = import_scene("middlebury", dino_dir, tmp_path / "scene", silhouettes=True)
+    src = tmp_path / "scene" if source == "scene" else _dtu_with_masks(made, tmp_path / "dtu")
+    expected = {c.name: c.mask for c in (load_scene(src) if source == "scene" else IMPORTERS.get("dtu")(src)).captures}
+    assert len(expected) == 16 and all(m is not None and m.is_file() for m in expected.values())
+
+    assert bpy.ops.reconloop.import_dataset(directory=str(src), filepath=str(src)) == {"FINISHED"}
+    scene = bpy.context.scene
+    coll = scene.reconloop.captures
+    cams = [o for o in coll.objects if o.type == "CAMERA"]
+    assert sorted(o.name for o in cams) == sorted(expected)
+    for o in cams:
+        assert o[datasets.PROP_MASK] == str(expected[o.name].resolve()), o.name
+        assert Path(o[datasets.PROP_MASK]).is_absolute()
+
+    caps = read_captures(coll, scene)
+    assert {c.name: c.mask for c in caps} == {n: str(m.resolve()) for n, m in expected.items()}
+    payload = scene_io.build_scene_payload(caps, [], {"geometry": "hull"})
+    for msg in payload["captures"]:
+        assert msg["mask"].tobytes() == expected[msg["name"]].read_bytes(), msg["name"]
+        assert msg["image"].tobytes() != msg["mask"].tobytes()
+    validate({"v": max(SUPPORTED_VERSIONS), "op": "submit", "id": 1, "scene": payload}, "request")
+
+    assert bpy.ops.reconloop.export_dataset(filepath=str(tmp_path / "out"), format="scene") == {"FINISHED"}
+    back = {c.name: c.mask for c in load_scene(tmp_path / "out").captures}
+    assert back == {n: m.resolve() for n, m in expected.items()}
+
+    # One camera without a mask sends none; a mask file gone since is named with its capture.
+    del bpy.data.objects["dinoSR0002"][datasets.PROP_MASK]
+    gone = expected["dinoSR0001"].resolve()
+    gone.unlink()
+    caps = read_captures(coll, scene)
+    assert next(c for c in caps if c.name == "dinoSR0002").mask is None
+    with pytest.raises(ReconLoopError, match=f"capture 'dinoSR0001': mask file not found: {gone}"):
+        scene_io.build_scene_payload(caps, [], {})
+    with pytest.raises(ReconLoopError, match=f"camera 'dinoSR0001': mask file not found: {gone}"):
+        datasets.export_dataset(scene, coll, str(tmp_path / "out2"), "scene")
+    ok = [c for c in caps if c.name != "dinoSR0001"]
+    payload = scene_io.build_scene_payload(ok, [], {})
+    assert [("mask" in m) for m in payload["captures"]][:2] == [False, True]  # dinoSR0002, dinoSR0003

@@ -27,15 +27,18 @@ from tests.blender._splat_compare import cycles_render, service_render  # noqa: 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("scene", type=Path, help="scene folder (its captures' cameras are the views)")
-    ap.add_argument("results", type=Path, help="a job's output folder (gaussians.ply found below it)")
+    ap.add_argument("results", type=Path, help="a job's output folder (gaussians.ply below it; of several, the newest)")
     ap.add_argument("--size", type=size_wxh, default="96x72", metavar="WxH")
     ap.add_argument("--cameras", type=int, default=3, help="the first N captures")
     ap.add_argument("--engine", default="CYCLES", help="Blender's render engine (CYCLES, BLENDER_EEVEE)")
     args = ap.parse_args(argv)
     W, H = args.size
-    ply = next(args.results.rglob("gaussians.ply"), None)
-    if ply is None:
+    found = sorted(args.results.rglob("gaussians.ply"), key=lambda p: p.stat().st_mtime)
+    if not found:
         ap.error(f"results: no gaussians.ply in {args.results} or below it; give a job's output folder")
+    ply = found[-1]  # the newest job's (demo_out/results keeps every job's), named in the output
+    if len(found) > 1:
+        print(f"{len(found)} gaussians.ply below {args.results}; the newest: {ply} (give its job's folder for another)")
     g = read_gaussians_ply(ply)
     scene = load_scene(args.scene)
     scores = []

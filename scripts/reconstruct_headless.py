@@ -20,8 +20,10 @@ objects is saved as ``DIR/<name>_reconstructed.blend`` (or ``--save PATH``). Exi
 from __future__ import annotations
 
 import argparse
+import atexit
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -234,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.extension is not None and "bpy" not in sys.modules:
         # bpy as a module reads this when imported: the extension goes to a temporary user folder,
         # never into the user's own Blender configuration.
-        os.environ["BLENDER_USER_RESOURCES"] = tempfile.mkdtemp(prefix="reconloop_blender_user_")
+        os.environ["BLENDER_USER_RESOURCES"] = user = tempfile.mkdtemp(prefix="reconloop_blender_user_")
+        atexit.register(shutil.rmtree, user, ignore_errors=True)
     import bpy
 
     if args.blend is not None:

@@ -67,14 +67,53 @@ examples:
 SERVICE_STAGES = ("queued", "starting", "done")  # the service's own stages: its waiting, not the loop's work
 
 
+class _BarLogHandler(logging.Handler):
+    """Stands in for a console log handler while a bar is shown: its lines (formatted, filtered and levelled as
+    the handler's) go out through ``tqdm.write``, on lines of their own above the bar, not after its text."""
+
+    def __init__(self, console: logging.StreamHandler) -> None:
+        super().__init__(console.level)
+        self.console = console
+        self.filters = list(console.filters)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.console.format(record), file=self.console.stream)
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def logs_above_bar() -> Any:
+    """Route the root logger's console handlers (stdout, stderr: ``logging.basicConfig``'s) through
+    ``tqdm.write`` for the ``with`` block; other handlers (files, pytest's) stay as they are."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    swapped = [
+        _BarLogHandler(h) if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr) else h
+        for h in before
+    ]
+    root.handlers = swapped
+    try:
+        yield
+    finally:
+        if root.handlers == swapped:  # unless someone set other handlers meanwhile
+            root.handlers = before
+
+
 class ProgressBar:
     """A tqdm bar driven by ProgressEvents (fraction 0..1; the stage and message as its text). The bar shows the
     start of the latest message; each stage's last message is written whole above it when the next stage begins
-    (what the time budget chose, cameras SfM could not place)."""
+    (what the time budget chose, cameras SfM could not place). While it is shown, log lines go above it
+    (:func:`logs_above_bar`), not into its line."""
 
     def __init__(self, desc: str) -> None:
         from tqdm import tqdm
 
+        self._logs = contextlib.ExitStack()
+        self._logs.enter_context(logs_above_bar())
         self.bar = tqdm(
             total=PERCENT, desc=desc, unit="%", bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} {postfix}"
         )
@@ -103,6 +142,13 @@ class ProgressBar:
         if write_last:
             self._write_stage()
         self.bar.close()
+        self._logs.close()  # log lines go to the console again (closing twice is harmless)
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close(write_last=exc[0] is None)
 
 
 def print_notes(notes: Sequence[str]) -> None:
@@ -381,15 +427,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def service_client(args: argparse.Namespace) -> Any:
     """A ``protocol.client.Client`` of ``--server`` with ``--timeout-ms`` and the client's keys; a bad
-    address is a ValueError naming ``--server``."""
+    address is a ValueError naming ``--server``. A request without a reply says so on stderr each time it is
+    resent (a dead service or a wrong port is otherwise minutes of silence)."""
     import zmq
 
     from protocol.client import Client
 
     from .service.options import client_keys
 
+    def on_retry(op: str, attempt: int, attempts: int, waited_s: float) -> None:
+        from tqdm import tqdm  # above a progress bar when one is shown
+
+        waited = f"{waited_s:.0f}" if waited_s >= 10 else f"{waited_s:.1f}"
+        tqdm.write(
+            f"no reply from {args.server} after {waited} s; retrying ({attempt} of {attempts}) ...", file=sys.stderr
+        )
+
     try:
-        return Client(args.server, timeout_ms=args.timeout_ms, name="reconloop-cli", **client_keys(args))
+        return Client(
+            args.server, timeout_ms=args.timeout_ms, name="reconloop-cli", on_retry=on_retry, **client_keys(args)
+        )
     except zmq.ZMQError as err:
         raise endpoint_error("--server", args.server, err) from None
 
@@ -444,17 +501,38 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"job {job} submitted to {args.server}")
         client.watch(job, since=0)
         bar = ProgressBar("queued")
+        last: dict[str, Any] = {}
         try:
             for event in client.events(job):
+                last = event
                 bar.update(event["stage"], event["fraction"], event["message"])
         except KeyboardInterrupt:
             bar.close(write_last=False)
             client.cancel(job)
             print(f"job {job}: cancel sent")
             return EXIT_INTERRUPTED
+        except TimeoutError:  # the service is gone mid-job (killed, its machine down): say how to get the results
+            bar.close(write_last=False)
+            print(f"job {job}: the service stopped answering; {fetch_later(args, job)}", file=sys.stderr)
+            raise
         finally:
             bar.close(write_last=False)
+        if last.get("state") == "interrupted":  # the service stopped: asking it for the status would wait in vain
+            print(f"job {job}: interrupted ({last['message']}); {fetch_later(args, job)}", file=sys.stderr)
+            return EXIT_JOB_FAILED
         return fetch_results(client, job, args.out)
+
+
+def fetch_later(args: argparse.Namespace, job: str) -> str:
+    """How to download what ``job`` finished once the service is back: the ``fetch`` command, with
+    ``submit``'s server, keys and output folder."""
+    import shlex
+
+    words = ["reconloop", "fetch", job, "--out", str(args.out), "--server", args.server]
+    for option, value in (("--server-key", args.server_key), ("--client-key", args.client_key)):
+        if value is not None:
+            words += [option, str(value)]
+    return f"once the service is back, `{shlex.join(words)}` downloads what it finished"
 
 
 def fetch_results(client: Any, job: str, out: Path, status: dict[str, Any] | None = None) -> int:

@@ -49,7 +49,7 @@ from .generators import Generator
 from .loop import LoopConfig, run_loop
 from .masks import stack_masks
 from .metrics import DATA_RANGE, MSE_FLOOR, best_of_blocks, image_metrics, load_lpips, ssim_map, weighted_l1
-from .progress import ProgressFn, no_progress
+from .progress import ProgressEvent, ProgressFn, ProgressTracker, no_progress
 from .scene import Scene, TrajectoryFrame
 from .stages.cameras import load_image, load_views, resize_image, to_tensor, undistorted, working_size
 from .stages.fit import FitViews, Gaussians, fit_gaussians, render_gaussians
@@ -73,6 +73,9 @@ PICTURE_ROWS = 4
 # frames_guide_oracle: per tile of this side, the frame or the captures-only render, whichever is closer to
 # the held-out photo: how much the frames hold that the guide lacks, for a chooser that knew where
 ORACLE_BLOCK_PX = 16
+# Share of an evaluation's progress bar per part (rough CPU proportions): the baselines, then the loop, whose own
+# events (0..1) fill the loop's share. Without baselines the loop has the whole bar.
+EVAL_PROGRESS_SHARES = {"load": 0.02, "memory": 0.08, "captures": 0.15, "guide": 0.1, "loop": 0.65}
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,8 @@ def evaluate_scene(
     baselines: bool = True,
     keep: dict[str, Tensor] | None = None,
     start: LoopStart | None = None,
+    source: str | Path | None = None,
+    source_format: str | None = None,
 ) -> dict[str, Any]:
     """Score (a) point render, (b) captures-only Gaussians, (c) the full loop at the held-out cameras.
 
@@ -276,7 +281,9 @@ def evaluate_scene(
         device: where everything runs.
         trajectory_mode: see the module docstring (overrides ``config.trajectory_mode``).
         config: loop config and path settings.
-        progress: passed to the loop.
+        progress: gets the evaluation's progress: the baselines' stages (``load``, ``memory``, ``captures``,
+            ``guide``; their fits step by step), then the loop's events with their fractions scaled into the rest
+            of the bar (may raise :class:`backend.progress.Cancelled`).
         generator: a ready generator for the loop (default: built from the loop config's name).
         baselines: also score (a) and (b); off scores the loop alone (comparing loop variants
             against baselines computed once).
@@ -287,6 +294,9 @@ def evaluate_scene(
         start: with ``baselines``, filled with the memory and guide made here (:class:`LoopStart`);
             without, the loop starts from a start so filled (same scene, size and memory and guide
             settings; checked no further) instead of building its memory and fitting its guide.
+        source, source_format: the folder and format the scene was imported from, recorded in eval.json as its
+            ``scene`` and ``format`` (default: ``scene.root``, no format): an import's ``scene.root`` is a
+            temporary folder (``reconloop eval --format``) gone once the evaluation ends.
     Returns:
         the report written to eval.json.
     """
@@ -319,7 +329,8 @@ def evaluate_scene(
             report[f"{key}_masked"] = masked_score(pred, truth[picked], held_masks[picked])
 
     report: dict[str, Any] = {
-        "scene": str(scene.root),
+        "scene": str(source if source is not None else scene.root),
+        **({"format": source_format} if source_format else {}),
         "train_views": [c.name for c in scene.captures],
         "heldout_views": [c.name for c in scene.heldout],
         "working_size": [W, H],
@@ -334,29 +345,46 @@ def evaluate_scene(
     memory: GeometryMemory | None = None
     notes: list[str] = []
     guide: list[Gaussians] = []
+    shares = EVAL_PROGRESS_SHARES if baselines else {"loop": 1.0}
+    track = ProgressTracker(progress, shares)
     # (a) the point memory alone, and (b) Gaussians on the captures alone
     if baselines:
         with meter.measure("load"):
             captures = load_views(scene.captures, W, H, device)
+        track.finish("load", f"{len(scene.captures)} captures and {len(held)} held-out views at {W}x{H}")
+        # said as it begins: the memory has no steps to show, and takes a while on a CPU
+        track.within("memory")(0.0, f"building the point memory from {len(scene.captures)} captures")
         with meter.measure("memory"):
             memory = build_memory(captures, loop_cfg.memory, estimator=loop_cfg.estimator, notes=notes)
             report["memory_notes"] = notes
         with meter.measure("points_render"), torch.no_grad():
             points = render_memory(memory, held, loop_cfg.render).rgb
-        with meter.measure("fit_captures"):
-            g_caps = fit_gaussians(FitViews.from_views(captures), memory, loop_cfg.fit, device=device)
-        caps_render = render_gaussians(g_caps, held, loop_cfg.fit)
         add_scores("points", points)
+        track.finish("memory", f"initial memory: {len(memory)} points; points PSNR {report['points']['psnr']:.2f}")
+        with meter.measure("fit_captures"):
+            on_step = track.steps("captures", "Gaussians on the captures", loop_cfg.fit.iterations)
+            g_caps = fit_gaussians(FitViews.from_views(captures), memory, loop_cfg.fit, device=device, progress=on_step)
+        caps_render = render_gaussians(g_caps, held, loop_cfg.fit)
         report["points_coverage"] = float((points.sum(-1) > 0).float().mean())
         add_scores("gaussians_captures", caps_render)
+        track.finish(
+            "captures",
+            f"{len(g_caps)} Gaussians on the captures alone; PSNR {report['gaussians_captures']['psnr']:.2f}",
+        )
         columns += [points, caps_render]
         # the captures-only fit is the guide's first member where the members start from all of M
         guide = [g_caps] if loop_cfg.guide.member_points >= 1.0 else []
         if loop_cfg.guide.enabled and (loop_cfg.guide.members > 1 or not guide):  # the rest, and their render
             with meter.measure("fit_guide"):
-                guide = fit_guide(captures, memory, loop_cfg.fit, loop_cfg.guide, device=device, ready=guide)
+                on_step = track.steps("guide", "guide Gaussians on the captures", loop_cfg.fit.iterations)
+                guide = fit_guide(
+                    captures, memory, loop_cfg.fit, loop_cfg.guide, device=device, ready=guide, progress=on_step
+                )
             guide_rgb, _, guide_spread = render_guide(guide, held, loop_cfg.fit, loop_cfg.guide)
             add_scores("guide", guide_rgb)
+            track.finish("guide", f"guide: {len(guide)} sets; PSNR {report['guide']['psnr']:.2f}")
+        else:
+            track.skip("guide")
         if start is not None:
             start.memory, start.notes, start.guide = memory, notes, guide
     elif start is not None:
@@ -367,12 +395,17 @@ def evaluate_scene(
     # (c) the full loop along the evaluation trajectory; its memory and guide are (a)'s and (b)'s when
     # those were made here (the same captures, size and settings)
     loop_scene = replace(scene, trajectory=traj)
+    loop_start, loop_share = track.done, shares["loop"]
+
+    def loop_progress(event: ProgressEvent) -> None:  # the loop's bar (0..1) as the rest of the evaluation's
+        progress(replace(event, fraction=min(loop_start + loop_share * event.fraction, 1.0)))
+
     t0 = time.perf_counter()
     result = run_loop(
         loop_scene,
         out_dir / LOOP_DIR,
         device=device,
-        progress=progress,
+        progress=loop_progress,
         config=replace(loop_cfg, width=W, height=H),
         generator=generator,
         guide=guide,
@@ -451,6 +484,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     ``args.device`` is resolved as ``run`` and ``serve`` resolve theirs (``devices.pick_device``: ``auto``
     is cuda, then mps, then cpu; a bad name is a ValueError naming ``--device``)."""
+    from .cli import ProgressBar
+
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory(prefix="reconloop-eval-") as work:
         options = {"silhouettes": True} if getattr(args, "silhouettes", False) else {}
@@ -463,9 +498,17 @@ def run_eval(args: argparse.Namespace) -> int:
             loop_cfg = replace(loop_cfg, fit=replace(loop_cfg.fit, iterations=args.iterations))
         if args.no_update:
             loop_cfg = replace(loop_cfg, update=replace(loop_cfg.update, enabled=False))
-        report = evaluate_scene(
-            scene, args.out, device=device, trajectory_mode=args.trajectory_mode, config=EvalConfig(loop=loop_cfg)
-        )
+        with ProgressBar("eval") as bar:  # the baselines, then the loop: minutes on a CPU
+            report = evaluate_scene(
+                scene,
+                args.out,
+                device=device,
+                trajectory_mode=args.trajectory_mode,
+                config=EvalConfig(loop=loop_cfg),
+                progress=bar,
+                source=Path(args.scene).absolute() if args.format else None,
+                source_format=args.format,
+            )
     keys = ("points", "gaussians_captures", "guide", "gaussians_loop", "frames", "frames_guide_oracle")
     for key in [k for base in keys for k in (base, f"{base}_masked")]:
         if key in report:

@@ -62,6 +62,11 @@ class ClientClosedError(RuntimeError):
     """A request on a client that was closed (``Client.close``): nothing can be sent or received."""
 
 
+# ``on_retry(op, attempt, attempts, waited_s)``: a request ``op`` got no reply in time and is about to be sent
+# again, as try ``attempt`` of ``attempts``, ``waited_s`` seconds after it was first sent.
+RetryFn = Callable[[str, int, int, float], None]
+
+
 class Client:
     """Requests, pushed events and chunked downloads over one DEALER socket.
 
@@ -75,6 +80,10 @@ class Client:
             with ``client_key``, the connection is encrypted and authenticated (``reconloop keys``).
         client_key: this client's ``NAME.key_secret`` file; its public key must be in the server's
             ``--allow-keys`` folder. The server ties the jobs this client submits to that key.
+        on_retry: called as ``on_retry(op, attempt, attempts, waited_s)`` each time a request that got no reply
+            within ``timeout_ms`` is about to be resent (try ``attempt`` of ``attempts``), so that a command line
+            can say why it waits (default: nothing is said; the resend is logged at DEBUG). An exception it raises
+            ends the request.
     """
 
     def __init__(
@@ -87,6 +96,7 @@ class Client:
         name: str = "reconloop-client",
         server_key: str | os.PathLike | bytes | None = None,
         client_key: str | os.PathLike | None = None,
+        on_retry: RetryFn | None = None,
     ) -> None:
         if (server_key is None) != (client_key is None):
             raise ValueError("Client: server_key and client_key go together (CurveZMQ needs both); got one of them")
@@ -96,6 +106,7 @@ class Client:
         self.timeout_ms = timeout_ms
         self.retries = retries
         self.name = name
+        self.on_retry = on_retry
         self.context = context or zmq.Context.instance()
         self.server: dict[str, Any] | None = None  # the hello reply
         self.reconnects = 0
@@ -122,6 +133,14 @@ class Client:
             configure_client_socket(sock, self.server_key, self.client_key)
         sock.connect(self.endpoint)
         self._sock = sock
+
+    def _retrying(self, op: str, attempt: int, attempts: int, waited_s: float) -> None:
+        """A request without a reply is about to be sent again: log it and tell ``on_retry``."""
+        log.debug(
+            "%s: no reply to %s after %.1f s; retrying (%d of %d)", self.endpoint, op, waited_s, attempt, attempts
+        )
+        if self.on_retry is not None:
+            self.on_retry(op, attempt, attempts, waited_s)
 
     def _reopen(self) -> None:
         if self._sock is not None:
@@ -353,6 +372,7 @@ class Client:
                 tries += 1
                 if tries > self.retries:
                     raise TimeoutError(f"fetch {name}: no reply from {self.endpoint} after {tries} tries")
+                self._retrying("fetch", tries + 1, self.retries + 1, tries * self.timeout_ms / 1000)
                 self._reopen()
                 next_offset = min(list(inflight.values()) + [next_offset])
                 inflight.clear()
@@ -511,6 +531,7 @@ class PendingRequest:
                     raise TimeoutError(
                         f"{self.op}: no reply from {client.endpoint} after {self.tries} tries of {self.timeout_ms} ms"
                     )
+                client._retrying(self.op, self.tries + 1, self.retries + 1, self.waited_s)
                 self._send()  # ... and the request again
                 continue
             left_ms = (min(until, self.deadline) - now) * 1000

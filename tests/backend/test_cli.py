@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -98,6 +99,77 @@ def test_submit_of_failing_job_exits_1(service, tmp_path, capsys):
     assert main(["submit", str(scene), "--server", service.endpoint, "--out", str(tmp_path / "out")]) == 1
     assert "failed" in capsys.readouterr().out
     assert (tmp_path / "out" / "step0.bin").is_file()  # what was finished still comes back
+
+
+def test_submit_of_a_job_the_service_stopped_on_ends_at_once_with_the_fetch_command(tmp_path, capsys):
+    """The service stops mid-job (the job's last event: interrupted): `submit` says so at once, with the job's id
+    and the `fetch` command that downloads what it finished once the service is back, exit 1. It used to ask the
+    stopped service for the job's status and wait 3 tries of --timeout-ms (90 s by default) for nothing."""
+    scene = write_scene(tmp_path / "scene", prompt="steps:400")
+    meta = json.loads((scene / "scene.json").read_text())
+    meta["settings"]["seed"] = 50  # ms a step: 20 s unless the service stops
+    (scene / "scene.json").write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    stopped: list[float] = []
+    with running_service(tmp_path / "jobs") as svc:
+
+        def stop_once_running() -> None:
+            with Client(svc.endpoint) as c:
+                while not any(j["state"] == "running" for j in c.jobs()):
+                    time.sleep(0.02)
+            time.sleep(0.2)  # a few steps, a few events
+            stopped.append(time.monotonic())
+            svc.stop()
+
+        stopper = threading.Thread(target=stop_once_running, daemon=True)
+        stopper.start()
+        argv = ["submit", str(scene), "--server", svc.endpoint, "--out", str(out), "--timeout-ms", "3000"]
+        assert main(argv) == 1
+        ended = time.monotonic()
+        stopper.join(5)
+    assert ended - stopped[0] < 2.5  # not a try of --timeout-ms on a service that is gone
+    captured = capsys.readouterr()
+    job = captured.out.split()[1]
+    assert (
+        f"job {job}: interrupted (the service stopped during this job; submit it again to rerun); once the service "
+        f"is back, `reconloop fetch {job} --out {out} --server {svc.endpoint}` downloads what it finished"
+    ) in captured.err, captured.err
+    assert "no reply" not in captured.err
+
+
+@pytest.mark.xdist_group("service-subprocess")
+def test_submit_to_a_service_killed_mid_job_says_each_retry_and_how_to_fetch_later(tmp_path, capsys):
+    """The service dies without a word (kill -9, its machine down): `submit` says each retry of the request that
+    gets no reply, then that the service stopped answering, with the `fetch` command for later, exit 1."""
+    from backend.service.spawn import wait_answering
+    from tests.backend._reliability import WAIT_S, serve_processes
+
+    scene = write_scene(tmp_path / "scene", prompt="probe steps=400 delay_ms=50")
+    out = tmp_path / "out"
+    with serve_processes(tmp_path / "jobs") as (endpoint, spawn):
+        proc = spawn()
+        wait_answering(endpoint, WAIT_S, proc=proc)
+
+        def kill_once_running() -> None:
+            with Client(endpoint) as c:
+                while not any(j["state"] == "running" for j in c.jobs()):
+                    time.sleep(0.02)
+            proc.kill()
+
+        killer = threading.Thread(target=kill_once_running, daemon=True)
+        killer.start()
+        argv = ["submit", str(scene), "--server", endpoint, "--out", str(out), "--timeout-ms", "300"]
+        assert main(argv) == 1
+        killer.join(5)
+    captured = capsys.readouterr()
+    job = captured.out.split()[1]
+    err = captured.err
+    assert f"no reply from {endpoint} after " in err and "s; retrying (3 of 3) ..." in err, err
+    assert (
+        f"job {job}: the service stopped answering; once the service is back, "
+        f"`reconloop fetch {job} --out {out} --server {endpoint}` downloads what it finished"
+    ) in err, err
+    assert f"is `reconloop serve` running at {endpoint}?" in err
 
 
 def test_jobs_lists_cancels_and_deletes(service, tmp_path, capsys):
@@ -239,6 +311,35 @@ def test_the_bar_writes_each_stages_last_message_whole_and_run_prints_the_notes(
     print_notes(["SfM could not place 4 of 7 photos; left out: a, b, c, d"])
     print_notes([])
     assert capsys.readouterr().out == "note: SfM could not place 4 of 7 photos; left out: a, b, c, d\n"
+
+
+def test_log_lines_go_above_the_bar_not_into_its_line(capsys):
+    """A log line while the bar is shown is a line of its own (`logging.basicConfig`'s console handler goes
+    through tqdm.write), not glued to the bar's text ("... 24575 pointsINFO backend.stages.fit: ..."); once the
+    bar is closed, the console handler is back."""
+    import logging
+    import re
+
+    from backend.cli import ProgressBar
+
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stderr)  # what main()'s logging.basicConfig sets
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(console)
+    fit = logging.getLogger("backend.stages.fit")
+    try:
+        bar = ProgressBar("loop")
+        bar.update("memory", 0.13, "initial memory: 24575 points")
+        fit.warning("fit: 24575 Gaussians")
+        bar.close()
+        assert console in root.handlers
+        fit.warning("after the bar")
+    finally:
+        root.removeHandler(console)
+    err = capsys.readouterr().err
+    lines = re.split(r"[\r\n]", err)
+    assert "WARNING backend.stages.fit: fit: 24575 Gaussians" in lines, err
+    assert err.endswith("\nWARNING backend.stages.fit: after the bar\n"), err
 
 
 def test_a_closed_pipe_ends_the_command_quietly():

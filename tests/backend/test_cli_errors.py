@@ -118,6 +118,26 @@ def test_submit_refuses_an_out_file_before_submitting(tmp_path, silent_endpoint,
     assert capsys.readouterr().err.strip() == f"reconloop submit: --out {afile}: exists and is not a folder"
 
 
+def test_a_service_that_does_not_answer_is_said_at_each_retry(silent_endpoint, capsys):
+    """A wrong port or a dead service: each try that gets no reply is one line on stderr as the request is sent
+    again (it was 3 tries of 30 s in silence), then the timeout's line; a library's Client stays silent."""
+    from protocol.client import Client
+
+    assert main(["jobs", "--server", silent_endpoint, "--timeout-ms", "200"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    for line, attempt in zip(lines[:2], (2, 3), strict=True):  # after about 0.2 s, then 0.4 s
+        said = rf"no reply from {re.escape(silent_endpoint)} after \d\.\d s; retrying \({attempt} of 3\) \.\.\."
+        assert re.fullmatch(said, line), lines
+    assert lines[2].startswith("reconloop jobs: jobs: no reply from") and len(lines) == 3, lines
+    retried = []
+    with Client(silent_endpoint, timeout_ms=50, retries=1) as client, pytest.raises(TimeoutError):
+        client.jobs()
+    with Client(silent_endpoint, timeout_ms=50, retries=1, on_retry=lambda *a: retried.append(a)) as client:
+        with pytest.raises(TimeoutError):
+            client.jobs()
+    assert capsys.readouterr().err == "" and [a[:3] for a in retried] == [("jobs", 2, 2)]
+
+
 def test_demo_without_bpy_says_how_to_get_it(monkeypatch, tmp_path, capsys):
     """The built-in scene needs bpy: without it, a hint before any child process (its ImportError traceback)."""
 

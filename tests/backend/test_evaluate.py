@@ -611,3 +611,50 @@ def test_a_broken_heldout_photo_names_its_capture(temple_dir: Path, tmp_path: Pa
     first = replace(scene.heldout[0], image=broken)
     with pytest.raises(SceneError, match=rf"capture '{first.name}': cannot read the image"):
         heldout_views(replace(scene, heldout=[first]), 32, 24, "cpu")
+
+
+def test_eval_shows_its_progress_and_records_the_folder_it_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``reconloop eval`` shows `run`'s bar from its first step (it was silent for minutes, then printed the
+    scores): the baselines' stages, their fits step by step, then the loop's, one bar from 0 to 100%. With
+    ``--format``, eval.json names the folder the scene came from and its format, not the temporary folder it
+    was imported into (deleted on exit)."""
+    import shutil
+
+    import backend.cli
+    import backend.formats
+    from backend.cli import main
+    from backend.scene import load_scene
+
+    src = ring_scene(tmp_path / "src", 3, heldout=1)
+    imported: list[Path] = []
+
+    def fake_import(fmt, source, dst, **kw):  # the importers are tested in test_formats.py
+        shutil.copytree(source, dst, dirs_exist_ok=True)
+        imported.append(dst)
+        return load_scene(dst)
+
+    monkeypatch.setattr(backend.formats, "import_scene", fake_import)
+    shown: list[tuple[str, float]] = []
+    update = backend.cli.ProgressBar.update
+
+    def recorded(self, stage, fraction, message=""):
+        shown.append((stage, fraction))
+        update(self, stage, fraction, message)
+
+    monkeypatch.setattr(backend.cli.ProgressBar, "update", recorded)
+    out = tmp_path / "e"
+    argv = ["eval", str(src), "--format", "llff", "--out", str(out), "--device", "cpu", "--size", "32x24"]
+    assert main([*argv, "--iterations", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "gaussians_loop" in captured.out
+    stages = [stage for stage, _ in shown]
+    assert stages[0] == "load" and {"memory", "captures", "generate", "fit"} <= set(stages), stages
+    assert stages.index("captures") < stages.index("generate")  # the baselines, then the loop
+    fractions = [f for _, f in shown]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0), shown
+    assert "Gaussians on the captures: step 2/2" in captured.err and "100%|" in captured.err
+    report = json.loads((out / "eval.json").read_text())
+    assert report["scene"] == str(src.absolute()) and report["format"] == "llff"
+    assert imported and not imported[0].exists()  # the import's folder, gone: not what eval.json names

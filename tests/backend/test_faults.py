@@ -19,6 +19,7 @@ import sys
 import time
 import weakref
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -504,27 +505,32 @@ def test_runner_outputs_outside_the_job_are_refused(client, record_property):
 # The real loop behind the service
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("loop")
-def test_real_loop_job_and_cancel_through_the_service(temple_dir, tmp_path, record_property):
-    """The reconstruction loop (default runner) on 3 temple captures at 64x48, no fit: done, fetched, then cancelled."""
+def temple_orbit_scene(temple_dir: Path, tmp_path: Path, frames: int, **settings: Any) -> Any:
+    """3 temple captures (ring-arc, none held out) and an orbit of ``frames`` through them, at 64x48 with
+    ``settings``: a real loop job small enough for a test."""
     from dataclasses import replace
 
     from backend.camera_paths import default_trajectory
     from backend.evaluate import split_protocol
     from backend.formats import import_scene
     from backend.scene import Settings, TrajectoryFrame
-    from backend.service.store import scene_message
-    from backend.service.worker import default_runner
 
     scene = split_protocol(
         import_scene("middlebury", temple_dir, tmp_path / "temple"), "ring-arc", train_views=3, ring_start=11
     )
-    orbit = default_trajectory([c.camera for c in scene.captures], 6)
-    settings = Settings(width=64, height=48, gaussian_iterations=0, segment_length=6, segment_overlap=2)
-    scene = replace(
-        scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(orbit)], heldout=[], settings=settings
-    )
+    orbit = default_trajectory([c.camera for c in scene.captures], frames)
+    trajectory = [TrajectoryFrame(i + 1, c) for i, c in enumerate(orbit)]
+    return replace(scene, trajectory=trajectory, heldout=[], settings=Settings(width=64, height=48, **settings))
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("loop")
+def test_real_loop_job_and_cancel_through_the_service(temple_dir, tmp_path, record_property):
+    """The reconstruction loop (default runner) on 3 temple captures at 64x48, no fit: done, fetched, then cancelled."""
+    from backend.service.store import scene_message
+    from backend.service.worker import default_runner
+
+    scene = temple_orbit_scene(temple_dir, tmp_path, 6, gaussian_iterations=0, segment_length=6, segment_overlap=2)
     svc, thread = start_service(tmp_path / "jobs", runner=default_runner)
     try:
         with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
@@ -695,27 +701,16 @@ def test_a_failed_real_loop_job_names_the_stage_it_failed_in(
 ):
     """The real loop (default runner, 3 temple captures at 64x48) with a stage that raises: the failed event's
     stage and message name that stage (StageMeter.measure tags the error), not the stage reported before it."""
-    from dataclasses import replace
-
     import torch
 
     import backend.loop as loop_module
-    from backend.camera_paths import default_trajectory
-    from backend.evaluate import split_protocol
-    from backend.formats import import_scene
-    from backend.scene import Settings, TrajectoryFrame
     from backend.service.worker import default_runner
 
     if err == "oom":
         err = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
     monkeypatch.setattr(loop_module, target, _raise(err))
-    scene = split_protocol(
-        import_scene("middlebury", temple_dir, tmp_path / "temple"), "ring-arc", train_views=3, ring_start=11
-    )
-    orbit = default_trajectory([c.camera for c in scene.captures], 4)
-    settings = Settings(width=64, height=48, gaussian_iterations=10, guide=False, segment_length=4, segment_overlap=1)
-    scene = replace(
-        scene, trajectory=[TrajectoryFrame(i + 1, c) for i, c in enumerate(orbit)], heldout=[], settings=settings
+    scene = temple_orbit_scene(
+        temple_dir, tmp_path, 4, gaussian_iterations=10, guide=False, segment_length=4, segment_overlap=1
     )
     svc, thread = start_service(tmp_path / "jobs", runner=default_runner)
     try:

@@ -33,6 +33,11 @@ ATTR_SCALE = "scale"  # FLOAT_VECTOR: the Gaussian's axis scales (world units, o
 ATTR_ROTATION = "rotation"  # QUATERNION w x y z (unit)
 ATTR_OPACITY = "opacity"  # FLOAT in (0, 1)
 ATTR_COLOR_SRGB = "color_srgb"  # FLOAT_COLOR: the Gaussians' base colour as stored (sRGB-encoded values)
+# FLOAT_VECTOR: SH coefficient k of the Gaussian, RGB, as fitted (``sh_0`` = the .ply's f_dc, ``sh_1`` ... its
+# f_rest, band by band as GaussianArrays.sh orders them): written for k < (d+1)^2 when the Gaussians' SH degree d
+# is above 0, none for d = 0. ``sh_0`` repeats ``color_srgb`` unclipped: the service adds the bands to it, then
+# clamps at 0.
+ATTR_SH = "sh_{}"
 # The Value node in the Gaussians material that picks ``color_srgb`` (1) or ``color`` (0).
 SRGB_SWITCH = "sRGB blending"
 # Cycles does not read a point cloud attribute named "color" (it renders black): the points node group
@@ -52,7 +57,25 @@ CUTOFF_SIGMA = 3.0  # a Gaussian's footprint ends here, in standard deviations (
 # The instanced shell is an icosahedron (Blender's ico sphere of 1 subdivision: 12 vertices, 20 faces); its
 # circumradius is set so its faces (inradius = ICOSAHEDRON_INRADIUS x circumradius) enclose the cutoff sphere.
 ICOSAHEDRON_INRADIUS = 0.7947
-ALPHA_MAX = 0.99  # the highest opacity one Gaussian reaches (3DGS clamps alike)
+# The highest opacity one Gaussian reaches: the service's clamp (backend/rasterizers/__init__.py ALPHA_MAX, as
+# gsplat's kernels), repeated here because the extension does not ship the backend.
+ALPHA_MAX = 0.999
+# The real SH basis in the 3DGS / gsplat sign convention, the constants of backend/rasterizers/sh.py (SH_C0 is
+# protocol.ply's): colour = max(0, 0.5 + sum_k Y_k(dir) sh_k), dir the unit vector from the camera to the centre.
+SH_C0 = 0.28209479177387814
+SH_C1 = 0.4886025119029199
+SH_C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960396)
+SH_C3 = (
+    -0.5900435899266435,
+    2.890611442640554,
+    -0.4570457994644658,
+    0.3731763325901154,
+    -0.4570457994644658,
+    1.445305721320277,
+    -0.5900435899266435,
+)
+SH_OFFSET = 0.5  # colour = 0.5 + SH value (3DGS)
+MAX_SH_DEGREE = 3
 # Renders draw each Gaussian on a card parallel to the camera's image plane (gaussians_node_group). FLOAT_VECTOR
 # on instances: the rows of the matrix from the instance's space to the Gaussian's frame in standard deviations
 # (the identity for the viewport's shells)
@@ -214,6 +237,10 @@ def import_gaussians(g, name: str, coll: bpy.types.Collection) -> bpy.types.Obje
     3DGS does (opacity x exp(-r^2/2) out to CUTOFF_SIGMA, alpha-blended) in EEVEE and Cycles. The object
     casts no shadows and is invisible to indirect rays: it shows the reconstruction, it does not light it.
 
+    Gaussians of SH degree d > 0 also carry their (d+1)^2 SH coefficients (``sh_0`` ..., ATTR_SH), and
+    their node group is that of degree d, which colours each Gaussian as the service does from the scene
+    camera's direction; degree 0 costs nothing more than the base colour.
+
     Args:
         g: ``protocol.ply.GaussianArrays`` (means [N, 3], log_scales [N, 3], quats wxyz [N, 4],
             opacity_logits [N], sh [N, K, 3]).
@@ -227,10 +254,15 @@ def import_gaussians(g, name: str, coll: bpy.types.Collection) -> bpy.types.Obje
     rgb = g.rgb
     _set_attribute(mesh, ATTR_COLOR, "FLOAT_COLOR", "color", _rgba_linear(rgb))
     _set_attribute(mesh, ATTR_COLOR_SRGB, "FLOAT_COLOR", "color", np.c_[rgb, np.ones(len(rgb), np.float32)])
+    degree = g.sh_degree
+    if degree > 0:
+        sh = np.ascontiguousarray(np.asarray(g.sh, dtype=np.float32).transpose(1, 0, 2))  # [K, N, 3]
+        for k in range(sh.shape[0]):
+            _set_attribute(mesh, ATTR_SH.format(k), "FLOAT_VECTOR", "vector", sh[k])
     obj = bpy.data.objects.new(name, mesh)
-    obj["sh_degree"] = g.sh_degree
+    obj["sh_degree"] = degree
     mod = obj.modifiers.new("Gaussians", "NODES")
-    mod.node_group = gaussians_node_group()
+    mod.node_group = gaussians_node_group(degree)
     obj.visible_shadow = obj.visible_diffuse = obj.visible_glossy = obj.visible_volume_scatter = False
     return _link(obj, coll, scene_io.KIND_GAUSSIANS)
 
@@ -353,7 +385,9 @@ def gaussian_material() -> bpy.types.Material:
     r2 = |p|^2 - (p . d)^2 (p: the hit point, d: the unit ray direction, both in object space), which is
     the squared Mahalanobis distance of the projected 2D Gaussian that 3DGS rasterizes. The ray takes
     alpha = min(opacity exp(-r2 / 2), ALPHA_MAX) for r2 < CUTOFF_SIGMA^2, once (back faces are clear),
-    over an emission of the SH DC colour (linear, from the ``color`` attribute).
+    over an emission of the instance's ``color`` (linear) or ``color_srgb`` (the values as fitted; the
+    ``sRGB blending`` switch picks): the SH DC colour, or for Gaussians of SH degree above 0 their colour
+    seen from the scene camera, which :func:`gaussians_node_group` stores on the instances.
     """
     mat = bpy.data.materials.get(GAUSSIANS_MATERIAL)
     if mat is not None:
@@ -431,6 +465,99 @@ def gaussian_material() -> bpy.types.Material:
     return mat
 
 
+def _sh_basis(nt, degree: int, direction) -> list:
+    """Sockets of the SH basis functions Y_1 .. Y_(K-1) (backend/rasterizers/sh.py's sh_basis) at
+    ``direction`` (normalised here). Shader and geometry node trees alike."""
+    xyz = nt.nodes.new("ShaderNodeSeparateXYZ")
+    nt.links.new(_vmath(nt, "NORMALIZE", direction), xyz.inputs[0])
+    x, y, z = xyz.outputs["X"], xyz.outputs["Y"], xyz.outputs["Z"]
+
+    def mul(*factors):
+        out = factors[0]
+        for f in factors[1:]:
+            out = _math(nt, "MULTIPLY", out, f)
+        return out
+
+    def sub(a, b):
+        return _math(nt, "SUBTRACT", a, b)
+
+    out = [mul(y, -SH_C1), mul(z, SH_C1), mul(x, -SH_C1)]
+    if degree >= 2:
+        xx, yy, zz = mul(x, x), mul(y, y), mul(z, z)
+        xy, xx_yy = mul(x, y), _math(nt, "ADD", xx, yy)
+        out += [
+            mul(xy, SH_C2[0]),
+            mul(y, z, SH_C2[1]),
+            mul(sub(mul(zz, 2.0), xx_yy), SH_C2[2]),
+            mul(x, z, SH_C2[3]),
+            mul(sub(xx, yy), SH_C2[4]),
+        ]
+    if degree >= 3:
+        four_zz = sub(mul(zz, 4.0), xx_yy)  # 4z^2 - x^2 - y^2
+        out += [
+            mul(y, sub(mul(xx, 3.0), yy), SH_C3[0]),
+            mul(xy, z, SH_C3[1]),
+            mul(y, four_zz, SH_C3[2]),
+            mul(z, sub(mul(zz, 2.0), mul(xx_yy, 3.0)), SH_C3[3]),
+            mul(x, four_zz, SH_C3[4]),
+            mul(z, sub(xx, yy), SH_C3[5]),
+            mul(x, sub(xx, mul(yy, 3.0)), SH_C3[6]),
+        ]
+    return out
+
+
+def _sh_color(nt, coefficients: list, direction):
+    """The colour seen along ``direction`` (camera to centre) as the service computes it (backend/rasterizers/
+    sh.py's sh_to_colors): max(0, 0.5 + sum_k Y_k sh_k), in the fitted (sRGB-encoded) values.
+
+    Args:
+        coefficients: vector sockets of sh_0 .. sh_(K-1), K = (d+1)^2.
+    Returns:
+        a vector socket. Shader and geometry node trees alike.
+    """
+    degree = int(round(len(coefficients) ** 0.5)) - 1
+    acc = nt.nodes.new("ShaderNodeVectorMath")  # 0.5 + Y_0 sh_0
+    acc.operation = "MULTIPLY_ADD"
+    nt.links.new(coefficients[0], acc.inputs[0])
+    acc.inputs[1].default_value = (SH_C0,) * 3
+    acc.inputs[2].default_value = (SH_OFFSET,) * 3
+    total = acc.outputs["Vector"]
+    for coefficient, basis in zip(coefficients[1:], _sh_basis(nt, degree, direction), strict=True):
+        node = nt.nodes.new("ShaderNodeVectorMath")  # + Y_k sh_k
+        node.operation = "MULTIPLY_ADD"
+        nt.links.new(coefficient, node.inputs[0])
+        nt.links.new(basis, node.inputs[1])
+        nt.links.new(total, node.inputs[2])
+        total = node.outputs["Vector"]
+    floor = nt.nodes.new("ShaderNodeVectorMath")
+    floor.operation = "MAXIMUM"
+    nt.links.new(total, floor.inputs[0])
+    floor.inputs[1].default_value = (0.0, 0.0, 0.0)
+    return floor.outputs["Vector"]
+
+
+def _srgb_to_linear(nt, color):
+    """scene_io.srgb_to_linear on a vector socket, clipped to [0, 1] first (as ``color`` is). Shader and
+    geometry node trees alike."""
+    rgb = nt.nodes.new("ShaderNodeSeparateXYZ")
+    nt.links.new(color, rgb.inputs[0])
+    out = nt.nodes.new("ShaderNodeCombineXYZ")
+    for i in range(3):
+        c = _math(nt, "MINIMUM", _math(nt, "MAXIMUM", rgb.outputs[i], 0.0), 1.0)
+        linear = _math(nt, "DIVIDE", c, scene_io.SRGB_LINEAR_SLOPE)
+        curve = _math(
+            nt,
+            "POWER",
+            _math(nt, "DIVIDE", _math(nt, "ADD", c, scene_io.SRGB_OFFSET), 1.0 + scene_io.SRGB_OFFSET),
+            scene_io.SRGB_GAMMA,
+        )
+        above = _math(nt, "GREATER_THAN", c, scene_io.SRGB_LINEAR_KNEE)
+        nt.links.new(
+            _math(nt, "ADD", linear, _math(nt, "MULTIPLY", above, _math(nt, "SUBTRACT", curve, linear))), out.inputs[i]
+        )
+    return out.outputs["Vector"]
+
+
 def points_node_group() -> bpy.types.NodeTree:
     """Mesh vertices -> points of radius ``Point Radius`` with the points material (colour from ``color``)."""
     tree = bpy.data.node_groups.get(POINTS_NODES)
@@ -476,8 +603,29 @@ def _store_frame(tree: bpy.types.NodeTree, instances, rows):
     return instances
 
 
-def gaussians_node_group() -> bpy.types.NodeTree:
-    """Mesh vertices -> one instance per Gaussian; :func:`gaussian_material` draws the Gaussian on it.
+def _store_sh_colors(tree: bpy.types.NodeTree, points, degree: int, position, camera):
+    """Points with ``color_srgb`` and ``color`` set to the colour of SH degree ``degree`` seen from
+    ``camera`` (a location socket, the points' space)."""
+    coefficients = []
+    for k in range((degree + 1) ** 2):
+        read = tree.nodes.new("GeometryNodeInputNamedAttribute")
+        read.data_type = "FLOAT_VECTOR"
+        read.inputs["Name"].default_value = ATTR_SH.format(k)
+        coefficients.append(read.outputs["Attribute"])
+    fitted = _sh_color(tree, coefficients, _vmath(tree, "SUBTRACT", position, camera))
+    for name, value in ((ATTR_COLOR_SRGB, fitted), (ATTR_COLOR, _srgb_to_linear(tree, fitted))):
+        store = tree.nodes.new("GeometryNodeStoreNamedAttribute")
+        store.data_type, store.domain = "FLOAT_COLOR", "POINT"
+        store.inputs["Name"].default_value = name
+        tree.links.new(points, store.inputs["Geometry"])
+        tree.links.new(value, store.inputs["Value"])
+        points = store.outputs["Geometry"]
+    return points
+
+
+def gaussians_node_group(degree: int = 0) -> bpy.types.NodeTree:
+    """Mesh vertices -> one instance per Gaussian; :func:`gaussian_material` draws the Gaussian on it. One
+    group per SH degree: "ReconLoop Gaussians" (degree 0), "ReconLoop Gaussians SH 3", ...
 
     In the viewport the instance is an icosahedron, rotated by ``rotation`` and scaled by ``scale`` (its
     space counts standard deviations), that holds the CUTOFF_SIGMA ellipsoid, drawn once at its front
@@ -491,16 +639,36 @@ def gaussians_node_group() -> bpy.types.NodeTree:
     a_y - a_z y / z) for the centre at (x, y, z), and the card's half sizes are CUTOFF_SIGMA x the root
     sums of their squares (at most CARD_MAX_SIGMA sigmas). Either instance stores the rows of the matrix
     from its space to the Gaussian's frame (ATTR_FRAME) for the material: where a ray meets the geometry
-    does not change the Gaussian it sees there."""
-    tree = bpy.data.node_groups.get(GAUSSIANS_NODES)
+    does not change the Gaussian it sees there.
+
+    For SH degree d > 0 the group first overwrites each point's ``color_srgb`` and ``color`` (so the
+    instances') with its colour seen from the scene camera, as the service computes it (:func:`_sh_color`
+    over the ATTR_SH attributes; dir from the camera to the centre, in the object's axes, which are the
+    service's world axes while the object keeps the transform it was imported with). Geometry nodes, not
+    the material, evaluate it: EEVEE reads at most 8 instance attributes per material (GPU_MAX_UNIFORM_ATTR)
+    and drops the rest, and a degree 3 needs 16 coefficients. The viewport's shells take the same colours:
+    the scene camera's view, not the viewport's."""
+    if not 0 <= degree <= MAX_SH_DEGREE:
+        raise ValueError(f"degree must be in 0..{MAX_SH_DEGREE}; got {degree}")
+    name = GAUSSIANS_NODES if degree == 0 else f"{GAUSSIANS_NODES} SH {degree}"
+    tree = bpy.data.node_groups.get(name)
     if tree is not None:
         return tree
-    tree = _new_tree(GAUSSIANS_NODES)
+    tree = _new_tree(name)
     n = tree.nodes
     links = tree.links
     gin, gout = n.new("NodeGroupInput"), n.new("NodeGroupOutput")
     to_points = n.new("GeometryNodeMeshToPoints")
     links.new(gin.outputs["Geometry"], to_points.inputs["Mesh"])
+    points = to_points.outputs["Points"]
+    # the scene camera in the object's space
+    camera = n.new("GeometryNodeInputActiveCamera")
+    info = n.new("GeometryNodeObjectInfo")
+    info.transform_space = "RELATIVE"
+    links.new(camera.outputs["Active Camera"], info.inputs["Object"])
+    position = n.new("GeometryNodeInputPosition")
+    if degree > 0:
+        points = _store_sh_colors(tree, points, degree, position.outputs["Position"], info.outputs["Location"])
     material = gaussian_material()
     rot = n.new("GeometryNodeInputNamedAttribute")
     rot.data_type = "QUATERNION"
@@ -514,7 +682,7 @@ def gaussians_node_group() -> bpy.types.NodeTree:
         set_mat.inputs["Material"].default_value = material
         links.new(mesh_node.outputs["Mesh"], set_mat.inputs["Geometry"])
         inst = n.new("GeometryNodeInstanceOnPoints")
-        links.new(to_points.outputs["Points"], inst.inputs["Points"])
+        links.new(points, inst.inputs["Points"])
         links.new(set_mat.outputs["Geometry"], inst.inputs["Instance"])
         links.new(rotation, inst.inputs["Rotation"])
         links.new(size, inst.inputs["Scale"])
@@ -532,10 +700,6 @@ def gaussians_node_group() -> bpy.types.NodeTree:
 
     # render: cards parallel to the camera's image plane through each centre (the camera in the object's
     # space), as wide and tall as the 3-sigma ellipse the rasterizer splats, carried onto the card's plane
-    camera = n.new("GeometryNodeInputActiveCamera")
-    info = n.new("GeometryNodeObjectInfo")
-    info.transform_space = "RELATIVE"
-    links.new(camera.outputs["Active Camera"], info.inputs["Object"])
     uncam = n.new("FunctionNodeInvertRotation")
     links.new(info.outputs["Rotation"], uncam.inputs["Rotation"])
 
@@ -545,7 +709,6 @@ def gaussians_node_group() -> bpy.types.NodeTree:
         links.new(uncam.outputs["Rotation"], node.inputs["Rotation"])
         return node.outputs["Vector"]
 
-    position = n.new("GeometryNodeInputPosition")
     centre = n.new("ShaderNodeSeparateXYZ")  # the centre in the camera's axes (in front: z < 0)
     links.new(
         in_camera(math("SUBTRACT", position.outputs["Position"], info.outputs["Location"], vector=True)),

@@ -14,18 +14,30 @@ from protocol.ply import SH_C0, GaussianArrays
 from ._splat_compare import cycles_render, fit_temple, psnr, service_render
 
 MIN_PSNR_DB = 25.0
+# View-dependent colour: Cycles against the service on the varied Gaussians with SH bands of degree 1 / 2 / 3
+# (40.7 / 39.7 / 40.3 dB measured; 41.5 with SH 0), and the same Gaussians drawn in their DC colour only, as the
+# add-on drew them before it read f_rest (25.2 / 22.8 / 19.7 dB)
+MIN_SH_PSNR_DB = 35.0
+MAX_DC_ONLY_PSNR_DB = 28.0
+SH_REST_SIGMA = 0.3  # the higher bands' coefficients: about +-0.15 of colour per band across the view
 
 
-def _varied_gaussians(n=300, seed=0) -> GaussianArrays:
-    """Overlapping Gaussians of every shape: thin and round, 3 cm to 25 cm sigmas, faint to opaque."""
+def _varied_gaussians(n=300, seed=0, degree=0) -> GaussianArrays:
+    """Overlapping Gaussians of every shape: thin and round, 3 cm to 25 cm sigmas, faint to opaque; of SH
+    degree ``degree``, the bands above DC random (drawn last: the Gaussians of degree 0 are the same)."""
     rng = np.random.default_rng(seed)
-    return GaussianArrays(
-        means=rng.normal(0, 0.6, (n, 3)).astype(np.float32),
-        log_scales=np.log(rng.uniform(0.03, 0.25, (n, 3))).astype(np.float32),
-        quats=rng.normal(size=(n, 4)).astype(np.float32),
-        opacity_logits=rng.uniform(-2, 4, n).astype(np.float32),
-        sh=((rng.uniform(0, 1, (n, 1, 3)) - 0.5) / SH_C0).astype(np.float32),
-    )
+    means = rng.normal(0, 0.6, (n, 3)).astype(np.float32)
+    log_scales = np.log(rng.uniform(0.03, 0.25, (n, 3))).astype(np.float32)
+    quats = rng.normal(size=(n, 4)).astype(np.float32)
+    opacity_logits = rng.uniform(-2, 4, n).astype(np.float32)
+    dc = (rng.uniform(0, 1, (n, 1, 3)) - 0.5) / SH_C0
+    rest = rng.normal(0, SH_REST_SIGMA, (n, (degree + 1) ** 2 - 1, 3))
+    return GaussianArrays(means, log_scales, quats, opacity_logits, np.concatenate([dc, rest], 1).astype(np.float32))
+
+
+def _dc_only(g: GaussianArrays) -> GaussianArrays:
+    """The same Gaussians without their bands above DC (degree 0)."""
+    return GaussianArrays(g.means, g.log_scales, g.quats, g.opacity_logits, np.ascontiguousarray(g.sh[:, :1]))
 
 
 def test_varied_gaussians_render_as_the_service_renders_them(tmp_path):
@@ -39,6 +51,88 @@ def test_varied_gaussians_render_as_the_service_renders_them(tmp_path):
     # blended in Blender's linear space instead, the see-through parts come out brighter
     linear = cycles_render(g, w2c, K, W, H, tmp_path / "linear.png", as_fitted=False)
     assert linear.mean() > got.mean()
+
+
+@pytest.mark.parametrize("degree", [1, 3])
+def test_view_dependent_colour_renders_as_the_service_renders_it(degree, tmp_path):
+    """Gaussians with SH bands above DC: the add-on colours each one from the camera's direction to its
+    centre, as the service does; drawn in the DC colour only, the render is clearly another."""
+    g = _varied_gaussians(degree=degree)
+    W, H = 96, 72
+    K = np.array([[90.0, 0, W / 2], [0, 90.0, H / 2], [0, 0, 1]])
+    w2c = look_at((0.3, 0.5, -4.0))
+    want = service_render(g, w2c, K, W, H)
+    got = cycles_render(g, w2c, K, W, H, tmp_path / "sh.png")
+    assert psnr(want, got) >= MIN_SH_PSNR_DB
+    dc_only = cycles_render(_dc_only(g), w2c, K, W, H, tmp_path / "dc.png")
+    assert psnr(want, dc_only) <= MAX_DC_ONLY_PSNR_DB
+
+
+def test_view_dependent_colour_follows_the_camera(tmp_path):
+    """One nearly opaque Gaussian of SH degree 2 seen from two sides takes the service's colour from each, in
+    "as fitted" and in linear blending (opaque: the two agree once displayed)."""
+    rng = np.random.default_rng(3)
+    sh = rng.normal(0, 0.4, (1, 9, 3)).astype(np.float32)
+    sh[0, 0] = (0.5 - 0.5) / SH_C0
+    g = GaussianArrays(
+        means=np.zeros((1, 3), np.float32),
+        log_scales=np.log(np.float32([[0.3, 0.3, 0.3]])),
+        quats=np.float32([[1.0, 0.0, 0.0, 0.0]]),
+        opacity_logits=np.float32([8.0]),
+        sh=sh,
+    )
+    W, H = 24, 18
+    K = np.array([[60.0, 0, W / 2], [0, 60.0, H / 2], [0, 0, 1]])  # sigma 4.5 pixels: a flat top at the centre
+    centres = []
+    for i, eye in enumerate([(0.3, 0.5, -4.0), (-3.0, 1.0, 2.5)]):
+        w2c = look_at(eye, target=(0.0, 0.0, 0.0))
+        want = service_render(g, w2c, K, W, H)[H // 2, W // 2]
+        for as_fitted in (True, False):
+            got = cycles_render(g, w2c, K, W, H, tmp_path / f"{i}{as_fitted}.png", as_fitted=as_fitted)
+            np.testing.assert_allclose(got[H // 2, W // 2], want, atol=0.02)
+        centres.append(want)
+    assert np.abs(centres[0] - centres[1]).max() > 0.1, centres  # the two sides differ
+
+
+def test_gaussian_ply_keeps_its_sh_coefficients(tmp_path):
+    """A .ply's f_dc and f_rest arrive as the ``sh_k`` attributes, unchanged; degree 0 adds none."""
+    import bpy
+
+    from blender_addon import importers
+    from protocol.ply import write_gaussians_ply
+
+    coll = importers.job_collection(bpy.context.scene, "splats", "job")
+    for degree in (0, 2, 3):
+        g = _varied_gaussians(n=50, seed=degree, degree=degree)
+        write_gaussians_ply(tmp_path / f"{degree}.ply", g)
+        obj = importers.import_gaussians_ply(str(tmp_path / f"{degree}.ply"), f"degree {degree}", coll)
+        assert obj["sh_degree"] == degree
+        names = sorted(a.name for a in obj.data.attributes if a.name.startswith("sh_"))
+        assert names == sorted(importers.ATTR_SH.format(k) for k in range(g.sh.shape[1] if degree else 0))
+        for k in range(len(names)):
+            np.testing.assert_array_equal(importers.attribute_values(obj, importers.ATTR_SH.format(k)), g.sh[:, k])
+        mod = obj.modifiers["Gaussians"]
+        assert mod.node_group == importers.gaussians_node_group(degree)
+        # the instances carry the coefficients to the material
+        depsgraph = bpy.context.evaluated_depsgraph_get()
+        geometry = obj.evaluated_get(depsgraph).evaluated_geometry()
+        instances = geometry.instances_pointcloud()
+        assert set(names) <= set(instances.attributes.keys())
+
+
+def test_the_addon_uses_the_service_constants():
+    """The add-on repeats the service's alpha clamp and SH constants (it does not ship the backend)."""
+    from backend import rasterizers
+    from backend.rasterizers import sh
+    from blender_addon import importers
+
+    assert importers.ALPHA_MAX == rasterizers.ALPHA_MAX
+    assert importers.SH_OFFSET == sh.COLOR_OFFSET and importers.MAX_SH_DEGREE == sh.MAX_SH_DEGREE
+    np.testing.assert_allclose(
+        [importers.SH_C0, importers.SH_C1, *importers.SH_C2, *importers.SH_C3],
+        [sh.SH_C0, sh.SH_C1, *sh.SH_C2, *sh.SH_C3],
+        rtol=1e-15,
+    )
 
 
 def test_fitted_temple_renders_as_the_service_renders_it(temple_dir, tmp_path):

@@ -35,8 +35,8 @@ ATTR_OPACITY = "opacity"  # FLOAT in (0, 1)
 ATTR_COLOR_SRGB = "color_srgb"  # FLOAT_COLOR: the Gaussians' base colour as stored (sRGB-encoded values)
 # FLOAT_VECTOR: SH coefficient k of the Gaussian, RGB, as fitted (``sh_0`` = the .ply's f_dc, ``sh_1`` ... its
 # f_rest, band by band as GaussianArrays.sh orders them): written for k < (d+1)^2 when the Gaussians' SH degree d
-# is above 0, none for d = 0. ``sh_0`` repeats ``color_srgb`` unclipped: the service adds the bands to it, then
-# clamps at 0.
+# is above 0, none for d = 0. ``sh_0`` keeps the base colour unclipped (``color_srgb`` = 0.5 + C0 * ``sh_0``,
+# clipped to [0, 1]): the service adds the bands to 0.5 + C0 * ``sh_0``, then clamps at 0.
 ATTR_SH = "sh_{}"
 # The Value node in the Gaussians material that picks ``color_srgb`` (1) or ``color`` (0).
 SRGB_SWITCH = "sRGB blending"

@@ -527,11 +527,16 @@ class PendingRequest:
             now = time.monotonic()
             if now >= self.deadline:
                 client._reopen()  # Lazy Pirate: a fresh socket (re-subscribed) ...
-                if self.tries > self.retries:
-                    raise TimeoutError(
-                        f"{self.op}: no reply from {client.endpoint} after {self.tries} tries of {self.timeout_ms} ms"
-                    )
-                client._retrying(self.op, self.tries + 1, self.retries + 1, self.waited_s)
+                try:  # what ends the request here ends it for a later poll too (the socket is gone)
+                    if self.tries > self.retries:
+                        raise TimeoutError(
+                            f"{self.op}: no reply from {client.endpoint} after {self.tries} tries of "
+                            f"{self.timeout_ms} ms"
+                        )
+                    client._retrying(self.op, self.tries + 1, self.retries + 1, self.waited_s)
+                except BaseException as err:
+                    self._error = err
+                    raise
                 self._send()  # ... and the request again
                 continue
             left_ms = (min(until, self.deadline) - now) * 1000

@@ -138,6 +138,25 @@ def test_a_service_that_does_not_answer_is_said_at_each_retry(silent_endpoint, c
     assert capsys.readouterr().err == "" and [a[:3] for a in retried] == [("jobs", 2, 2)]
 
 
+def test_an_on_retry_that_raises_ends_the_request_for_good(silent_endpoint):
+    """What on_retry raises ends the request: a later wait raises it again, not a second call of on_retry on
+    a request whose socket is gone."""
+    from protocol.client import Client
+
+    calls = []
+
+    def stop(*args):
+        calls.append(args)
+        raise KeyboardInterrupt
+
+    with Client(silent_endpoint, timeout_ms=50, retries=2, on_retry=stop) as client:
+        request = client.begin_hello()
+        for _ in range(2):
+            with pytest.raises(KeyboardInterrupt):
+                request.wait()
+    assert len(calls) == 1
+
+
 def test_demo_without_bpy_says_how_to_get_it(monkeypatch, tmp_path, capsys):
     """The built-in scene needs bpy: without it, a hint before any child process (its ImportError traceback)."""
 

@@ -282,6 +282,9 @@ def _measure_step_costs(rasterizer_name: str, device: str, views: int = 1) -> St
     return StepCosts(per_pixel, per_gaussian, threads, views)
 
 
+OVERRUN_SLACK = 1.25  # a job past this share of its budget is told so (BudgetPlan.overrun_note)
+
+
 @dataclass(frozen=True)
 class BudgetPlan:
     """What a time budget buys on this device.
@@ -314,6 +317,16 @@ class BudgetPlan:
     def as_json(self) -> dict[str, Any]:
         """The plan as metrics.json holds it: every field but the sentence, the costs as a map."""
         return {k: v for k, v in asdict(self).items() if k != "sentence"}
+
+    def overrun_note(self, elapsed_s: float) -> str | None:
+        """What to tell a user whose job took more than :data:`OVERRUN_SLACK` times the budget (the plan is made
+        once, from steps measured before the job: another process's load later slows every step), or None."""
+        if elapsed_s <= self.budget_min * 60 * OVERRUN_SLACK:
+            return None
+        return (
+            f"the job took {elapsed_s / 60:.1f} min of its {self.budget_min:g}-minute budget: its steps ran slower "
+            f"than the plan measured (predicted {self.step_seconds:.3g} s a fitting step; another program's load?)"
+        )
 
 
 def _plan_sizes(max_size: tuple[int, int]) -> list[tuple[int, int]]:

@@ -428,6 +428,9 @@ def _run_loop(
     # Outputs: overview.png and metrics.json.
     with meter.measure("outputs"):
         overview_name = write_overview(out_dir, captures, point_rgb, frame_images, gaussians, targets_all, cfg)
+    if cfg.budget is not None and (overrun := cfg.budget.overrun_note(meter.summary()["total_seconds"])):
+        log.warning(overrun)
+        step0.notes.append(overrun)
     metrics = {
         "scene": str(scene.root),
         "working_size": [W, H],

@@ -12,6 +12,7 @@ from backend.budget import (
     FIT_SHARE,
     GAUSSIAN_CAPS,
     MIN_ITERATIONS,
+    OVERRUN_SLACK,
     PLAN_CHECK_RATIO,
     StepCosts,
     measure_step_costs,
@@ -312,6 +313,16 @@ def test_devices_auto_and_checked_names(monkeypatch):
         with pytest.raises(ValueError, match=r"--device cuda:5: this machine has 1 CUDA device\(s\), cuda:0 up"):
             pick_device("cuda:5")
     assert default_budget_min("cpu") == 4.0 and default_budget_min("cuda:0") is None
+
+
+def test_a_job_well_past_its_budget_is_told_so():
+    """The plan is made once: a job whose steps ran slower (another program's load) hears by how much, past a
+    quarter over the budget; within it, nothing."""
+    plan = plan_budget(4.0, StepCosts(per_pixel=2e-6, per_gaussian=2e-6), max_iterations=3000, max_size=(320, 240))
+    assert plan.overrun_note(4 * 60) is None and plan.overrun_note(4 * 60 * OVERRUN_SLACK) is None
+    note = plan.overrun_note(8 * 60 + 30)
+    assert note is not None and note.startswith("the job took 8.5 min of its 4-minute budget: its steps ran slower")
+    assert f"predicted {plan.step_seconds:.3g} s a fitting step" in note
 
 
 def test_budget_setting_and_option(tmp_path):

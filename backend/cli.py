@@ -67,53 +67,18 @@ examples:
 SERVICE_STAGES = ("queued", "starting", "done")  # the service's own stages: its waiting, not the loop's work
 
 
-class _BarLogHandler(logging.Handler):
-    """Stands in for a console log handler while a bar is shown: its lines (formatted, filtered and levelled as
-    the handler's) go out through ``tqdm.write``, on lines of their own above the bar, not after its text."""
-
-    def __init__(self, console: logging.StreamHandler) -> None:
-        super().__init__(console.level)
-        self.console = console
-        self.filters = list(console.filters)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
-        try:
-            tqdm.write(self.console.format(record), file=self.console.stream)
-        except Exception:
-            self.handleError(record)
-
-
-@contextlib.contextmanager
-def logs_above_bar() -> Any:
-    """Route the root logger's console handlers (stdout, stderr: ``logging.basicConfig``'s) through
-    ``tqdm.write`` for the ``with`` block; other handlers (files, pytest's) stay as they are."""
-    root = logging.getLogger()
-    before = list(root.handlers)
-    swapped = [
-        _BarLogHandler(h) if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr) else h
-        for h in before
-    ]
-    root.handlers = swapped
-    try:
-        yield
-    finally:
-        if root.handlers == swapped:  # unless someone set other handlers meanwhile
-            root.handlers = before
-
-
 class ProgressBar:
     """A tqdm bar driven by ProgressEvents (fraction 0..1; the stage and message as its text). The bar shows the
     start of the latest message; each stage's last message is written whole above it when the next stage begins
-    (what the time budget chose, cameras SfM could not place). While it is shown, log lines go above it
-    (:func:`logs_above_bar`), not into its line."""
+    (what the time budget chose, cameras SfM could not place). While it is shown, log lines go above it (tqdm's
+    ``logging_redirect_tqdm`` of the console handlers), not into its line."""
 
     def __init__(self, desc: str) -> None:
         from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         self._logs = contextlib.ExitStack()
-        self._logs.enter_context(logs_above_bar())
+        self._logs.enter_context(logging_redirect_tqdm())
         self.bar = tqdm(
             total=PERCENT, desc=desc, unit="%", bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} {postfix}"
         )

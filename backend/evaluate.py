@@ -49,7 +49,7 @@ from .generators import Generator
 from .loop import LoopConfig, run_loop
 from .masks import stack_masks
 from .metrics import DATA_RANGE, MSE_FLOOR, best_of_blocks, image_metrics, load_lpips, ssim_map, weighted_l1
-from .progress import ProgressEvent, ProgressFn, ProgressTracker, no_progress
+from .progress import ProgressFn, ProgressTracker, no_progress
 from .scene import Scene, TrajectoryFrame
 from .stages.cameras import load_image, load_views, resize_image, to_tensor, undistorted, working_size
 from .stages.fit import FitViews, Gaussians, fit_gaussians, render_gaussians
@@ -395,17 +395,12 @@ def evaluate_scene(
     # (c) the full loop along the evaluation trajectory; its memory and guide are (a)'s and (b)'s when
     # those were made here (the same captures, size and settings)
     loop_scene = replace(scene, trajectory=traj)
-    loop_start, loop_share = track.done, shares["loop"]
-
-    def loop_progress(event: ProgressEvent) -> None:  # the loop's bar (0..1) as the rest of the evaluation's
-        progress(replace(event, fraction=min(loop_start + loop_share * event.fraction, 1.0)))
-
     t0 = time.perf_counter()
     result = run_loop(
         loop_scene,
         out_dir / LOOP_DIR,
         device=device,
-        progress=loop_progress,
+        progress=track.nested("loop"),  # the loop's bar (0..1) as the rest of the evaluation's
         config=replace(loop_cfg, width=W, height=H),
         generator=generator,
         guide=guide,

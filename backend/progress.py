@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,16 @@ class ProgressTracker:
             self.progress(ProgressEvent(stage, fraction, f"{what}: step {step}/{total}, loss {loss:.4f}"))
 
         return on_step
+
+    def nested(self, stage: str) -> ProgressFn:
+        """A progress callback for a whole job run as this stage (the loop inside an evaluation): its events keep
+        their stage and message, their fractions (0..1) fill the stage's share from where the bar is."""
+        start, share = self.done, self.shares[stage]
+
+        def on_event(event: ProgressEvent) -> None:
+            self.progress(replace(event, fraction=min(start + share * event.fraction, 1.0)))
+
+        return on_event
 
     def within(self, stage: str) -> Callable[[float, str], None]:
         """A ``(fraction, message)`` callback for work that has no share of the bar (a generator's

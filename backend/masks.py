@@ -27,6 +27,14 @@ U8_MAX = 255.0
 MASK_LEVEL = 127  # a mask or alpha pixel above this (of 255) is kept
 
 
+class MaskError(SceneError):
+    """A mask file the job cannot use; ``reason`` says why without the file's name (for a client that sent it)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"mask: {path} {reason}")
+        self.reason = reason
+
+
 def read_mask(path: Path) -> np.ndarray:
     """A mask file: alpha when the image has one, else its grey level; above half is kept. bool [H, W]
 
@@ -43,9 +51,10 @@ def read_mask(path: Path) -> np.ndarray:
     mask = grey > MASK_LEVEL
     peak = int(grey.max())
     if 0 < peak <= MASK_LEVEL:  # marks, none above half: a label image (0/1), not an empty view
-        raise SceneError(
-            f"mask: {path} keeps no pixel (its highest value {peak} is not above {MASK_LEVEL} of 255); "
-            "a mask is white (255) where the object is"
+        raise MaskError(
+            path,
+            f"keeps no pixel (its highest value {peak} is not above {MASK_LEVEL} of 255); "
+            "a mask is white (255) where the object is",
         )
     return mask
 

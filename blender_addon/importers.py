@@ -19,9 +19,17 @@ from .errors import ReconLoopError
 from .scene_read import apply_camera_params
 
 try:
-    from protocol.ply import GaussianArrays, PlyFormatError, PointArrays, read_gaussians_ply, read_points_ply
+    from protocol.ply import (
+        MAX_SH_DEGREE,
+        SH_C0,
+        GaussianArrays,
+        PlyFormatError,
+        PointArrays,
+        read_gaussians_ply,
+        read_points_ply,
+    )
 except ImportError:  # pragma: no cover - the extension was built without its protocol wheel
-    GaussianArrays = PointArrays = None
+    GaussianArrays = PointArrays = SH_C0 = MAX_SH_DEGREE = None
     PlyFormatError = ValueError
     read_gaussians_ply = read_points_ply = None
 
@@ -60,9 +68,9 @@ ICOSAHEDRON_INRADIUS = 0.7947
 # The highest opacity one Gaussian reaches: the service's clamp (backend/rasterizers/__init__.py ALPHA_MAX, as
 # gsplat's kernels), repeated here because the extension does not ship the backend.
 ALPHA_MAX = 0.999
-# The real SH basis in the 3DGS / gsplat sign convention, the constants of backend/rasterizers/sh.py (SH_C0 is
-# protocol.ply's): colour = max(0, 0.5 + sum_k Y_k(dir) sh_k), dir the unit vector from the camera to the centre.
-SH_C0 = 0.28209479177387814
+# The real SH basis in the 3DGS / gsplat sign convention, the constants of backend/rasterizers/sh.py (SH_C0 and
+# MAX_SH_DEGREE are protocol.ply's): colour = max(0, 0.5 + sum_k Y_k(dir) sh_k), dir the unit vector from the camera
+# to the centre.
 SH_C1 = 0.4886025119029199
 SH_C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960396)
 SH_C3 = (
@@ -75,7 +83,6 @@ SH_C3 = (
     -0.5900435899266435,
 )
 SH_OFFSET = 0.5  # colour = 0.5 + SH value (3DGS)
-MAX_SH_DEGREE = 3
 # Renders draw each Gaussian on a card parallel to the camera's image plane (gaussians_node_group). FLOAT_VECTOR
 # on instances: the rows of the matrix from the instance's space to the Gaussian's frame in standard deviations
 # (the identity for the viewport's shells)
@@ -506,16 +513,16 @@ def _sh_basis(nt, degree: int, direction) -> list:
     return out
 
 
-def _sh_color(nt, coefficients: list, direction):
+def _sh_color(nt, degree: int, coefficients: list, direction):
     """The colour seen along ``direction`` (camera to centre) as the service computes it (backend/rasterizers/
     sh.py's sh_to_colors): max(0, 0.5 + sum_k Y_k sh_k), in the fitted (sRGB-encoded) values.
 
     Args:
+        degree: the SH degree d.
         coefficients: vector sockets of sh_0 .. sh_(K-1), K = (d+1)^2.
     Returns:
         a vector socket. Shader and geometry node trees alike.
     """
-    degree = int(round(len(coefficients) ** 0.5)) - 1
     acc = nt.nodes.new("ShaderNodeVectorMath")  # 0.5 + Y_0 sh_0
     acc.operation = "MULTIPLY_ADD"
     nt.links.new(coefficients[0], acc.inputs[0])
@@ -612,7 +619,7 @@ def _store_sh_colors(tree: bpy.types.NodeTree, points, degree: int, position, ca
         read.data_type = "FLOAT_VECTOR"
         read.inputs["Name"].default_value = ATTR_SH.format(k)
         coefficients.append(read.outputs["Attribute"])
-    fitted = _sh_color(tree, coefficients, _vmath(tree, "SUBTRACT", position, camera))
+    fitted = _sh_color(tree, degree, coefficients, _vmath(tree, "SUBTRACT", position, camera))
     for name, value in ((ATTR_COLOR_SRGB, fitted), (ATTR_COLOR, _srgb_to_linear(tree, fitted))):
         store = tree.nodes.new("GeometryNodeStoreNamedAttribute")
         store.data_type, store.domain = "FLOAT_COLOR", "POINT"

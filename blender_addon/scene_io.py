@@ -89,14 +89,15 @@ class CaptureInput:
     mask: str | None = None
 
 
-def image_info(data: bytes, name: str) -> ImageInfo:
-    """Format and size of a PNG/JPEG file from its header. Raises ReconLoopError for anything else."""
+def image_info(data: bytes, name: str, what: str = "photo") -> ImageInfo:
+    """Format and size of a PNG/JPEG file from its header. Raises ReconLoopError for anything else, naming
+    ``what`` (the photo, a capture's mask) and ``name``."""
     if encoded_image_size is None:
         raise ReconLoopError("the protocol package is missing: reinstall the ReconLoop extension")
     try:
         fmt, w, h = encoded_image_size(data)
     except ValueError as err:
-        raise ReconLoopError(f"photo {name!r} is not a PNG or JPEG file we can read ({err})") from None
+        raise ReconLoopError(f"{what} {name!r} is not a PNG or JPEG file we can read ({err})") from None
     return ImageInfo(format=fmt, width=int(w), height=int(h))
 
 
@@ -131,19 +132,12 @@ def mask_bytes(capture: CaptureInput) -> bytes:
         raise ReconLoopError(f"capture {capture.name!r}: mask file not found: {path}") from None
     except OSError as err:
         raise ReconLoopError(f"capture {capture.name!r}: cannot read mask file {path}: {err}") from None
-    if encoded_image_size is None:
-        raise ReconLoopError("the protocol package is missing: reinstall the ReconLoop extension")
-    try:
-        _, mw, mh = encoded_image_size(data)
-    except ValueError as err:
-        raise ReconLoopError(
-            f"capture {capture.name!r}: mask {path} is not a PNG or JPEG file we can read ({err})"
-        ) from None
+    mask = image_info(data, path, what=f"capture {capture.name!r}: mask")
     photo = image_info(capture.image, capture.name)
-    if (mw, mh) != (photo.width, photo.height):
+    if (mask.width, mask.height) != (photo.width, photo.height):
         raise ReconLoopError(
-            f"capture {capture.name!r}: mask {path} is {mw}x{mh}; its photo is {photo.width}x{photo.height} "
-            "(a mask has its photo's size)"
+            f"capture {capture.name!r}: mask {path} is {mask.width}x{mask.height}; its photo is "
+            f"{photo.width}x{photo.height} (a mask has its photo's size)"
         )
     return data
 

@@ -211,7 +211,7 @@ def test_a_bad_mask_file_names_the_capture_and_the_file(tmp_path):
     with pytest.raises(ReconLoopError, match=f"capture 'a': mask file not found: {gone}"):
         payload(str(gone))
     (tmp_path / "mask.txt").write_text("not an image")
-    with pytest.raises(ReconLoopError, match=r"capture 'a': mask .*mask.txt is not a PNG or JPEG"):
+    with pytest.raises(ReconLoopError, match=r"capture 'a': mask '.*mask.txt' is not a PNG or JPEG"):
         payload(str(tmp_path / "mask.txt"))
     (tmp_path / "big.png").write_bytes(_png(np.zeros((2, 3), np.uint8)))
     with pytest.raises(ReconLoopError, match=r"capture 'a': mask .*big.png is 3x2; its photo is 1x1"):

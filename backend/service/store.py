@@ -38,7 +38,7 @@ from protocol.images import encoded_image_size, image_bytes, image_field_size
 from protocol.schemas import TERMINAL_STATES
 
 from ..fileio import sha256_file, write_atomic
-from ..masks import read_mask
+from ..masks import MaskError, read_mask
 from ..scene import SCENE_FILE, Scene, SceneError, load_scene
 from .auth import may_access
 
@@ -114,8 +114,8 @@ def _write_image(image: bytes | np.ndarray, path_stem: Path) -> Path:
 
 
 def _check_mask_sizes(scene: dict[str, Any]) -> None:
-    """Refuse a capture whose mask is not its photo's size, naming the field and the capture (before
-    anything is written; load_scene checks it again, by file name)."""
+    """Refuse a capture whose mask is not its photo's size, naming the field and the client's capture (load_scene
+    checks it again after the files are written, and names the service's copy of the file)."""
     for key in ("captures", "heldout"):
         for i, c in enumerate(scene.get(key) or ()):
             if c.get("mask") is None:
@@ -133,14 +133,15 @@ def _check_mask_sizes(scene: dict[str, Any]) -> None:
 
 def _check_mask_content(path: Path, where: str, name: str) -> None:
     """Refuse a written mask the job could not read (a 0/1 label image, a body cut short), naming the field
-    and the capture, not the service's file (the codec read its header only)."""
+    and the client's capture, not the service's file (the codec read its header only)."""
     try:
         read_mask(path)
-    except (SceneError, OSError, ValueError) as err:
-        reason = str(err).replace(f"mask: {path} ", "").replace(str(path), "the file")
-        raise ProtocolError(
-            errors.BAD_FIELD, f"submit: {where}: capture {name!r}'s mask {reason}", field=where
-        ) from None
+        return
+    except MaskError as err:
+        reason = err.reason
+    except (OSError, ValueError) as err:  # PIL: a body cut short or corrupt behind a valid header
+        reason = f"cannot be decoded ({type(err).__name__})"
+    raise ProtocolError(errors.BAD_FIELD, f"submit: {where}: capture {name!r}'s mask {reason}", field=where)
 
 
 def write_scene_message(scene: dict[str, Any], folder: Path) -> Scene:

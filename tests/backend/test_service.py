@@ -260,6 +260,11 @@ def test_a_mask_the_job_could_not_read_is_refused_at_submit(client):
         f"submit: scene.captures[0].mask: capture {name!r}'s mask keeps no pixel (its highest value 1 is not "
         "above 127 of 255); a mask is white (255) where the object is"
     )
+    whole = png_bytes()  # a mask whose header is a PNG of the photo's size and whose pixels are cut off
+    scene["captures"][0]["mask"] = whole[:60]
+    with pytest.raises(ProtocolError) as err:
+        client.submit(scene)
+    assert err.value.field == "scene.captures[0].mask" and "'s mask cannot be decoded (" in err.value.message
     assert client.jobs() == []
 
 

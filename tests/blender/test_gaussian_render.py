@@ -113,11 +113,11 @@ def test_gaussian_ply_keeps_its_sh_coefficients(tmp_path):
             np.testing.assert_array_equal(importers.attribute_values(obj, importers.ATTR_SH.format(k)), g.sh[:, k])
         mod = obj.modifiers["Gaussians"]
         assert mod.node_group == importers.gaussians_node_group(degree)
-        # the instances carry the coefficients to the material
+        # the colour the node group evaluates from them reaches the instances the material reads
         depsgraph = bpy.context.evaluated_depsgraph_get()
         geometry = obj.evaluated_get(depsgraph).evaluated_geometry()
         instances = geometry.instances_pointcloud()
-        assert set(names) <= set(instances.attributes.keys())
+        assert {importers.ATTR_COLOR, importers.ATTR_COLOR_SRGB} <= set(instances.attributes.keys())
 
 
 def test_the_addon_uses_the_service_constants():

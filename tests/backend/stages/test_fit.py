@@ -19,6 +19,7 @@ from backend.stages.fit import (
     FitConfig,
     FitViews,
     Gaussians,
+    _Fit,
     _make_strategy,
     _prune_to_cap,
     _Run,
@@ -241,6 +242,36 @@ def test_refinement_schedule_is_a_share_of_the_run():
         FitConfig(refine_start=0.8, refine_stop=0.5)
     with pytest.raises(ValueError, match=r"FitConfig.refine_every is a share of the run in \(0, 1\]; got 0"):
         FitConfig(refine_every=0)
+
+
+def test_coarse_to_fine_fits_reduced_views_of_the_same_scene_first():
+    """The schedule: a quarter of the side for the first half of ``coarse_share``, half for the rest of
+    it; the reduced views are the images area-averaged at cameras whose intrinsics follow, so the scene
+    rendered at them matches; and the fit of the coarse views first still recovers the scene."""
+    cfg = FitConfig(iterations=100, coarse_share=0.4)
+    assert [cfg.resolution_divisor(s) for s in (0, 19, 20, 39, 40, 99)] == [4, 4, 2, 2, 1, 1]
+    assert {FitConfig(iterations=100).resolution_divisor(s) for s in range(100)} == {1}
+    with pytest.raises(ValueError, match=r"FitConfig.coarse_share must be in \[0, 1\]; got 1.5"):
+        FitConfig(coarse_share=1.5)
+
+    cams, images, noisy = make_scene(seed=3)
+    masks = torch.zeros(3, H, W, dtype=torch.bool)
+    masks[:, :, : W // 2 + 1] = True
+    views = FitViews(images, cams, torch.ones(3, H, W), masks)
+    cfg = test_config(coarse_share=0.5)
+    fit = _Fit.start(views, noisy, cfg, torch.device("cpu"), seed=0)
+    small, small_masks, small_conf, small_cams = fit.views_at(2)
+    assert (small_cams.width, small_cams.height) == (W // 2, H // 2) and small.shape == (3, H // 2, W // 2, 3)
+    torch.testing.assert_close(small[:, 3, 5], images[:, 6:8, 10:12].mean(dim=(1, 2)))
+    assert small_masks[:, :, : W // 4].all() and not small_masks[:, :, W // 4 + 1 :].any()
+    assert torch.equal(small_conf, torch.ones(3, H // 2, W // 2))
+    assert fit.views_at(4)[0].shape == small.shape  # 9 px high: halved only as far as 16 px stay
+    g = fit_gaussians(FitViews(images, cams, torch.ones(3, H, W)), noisy, cfg, device="cpu")
+    assert psnr(render_gaussians(g, cams, cfg), images).mean().item() > 30.0
+    # the fitted scene at the reduced cameras is the reduced images (unscaled intrinsics would crop them)
+    assert psnr(render_gaussians(g, small_cams, cfg), small).mean().item() > 25.0
+    unscaled = Cameras(small_cams.w2c, cams.K, W // 2, H // 2)
+    assert psnr(render_gaussians(g, unscaled, cfg), small).mean().item() < 20.0
 
 
 def test_mcmc_relocation_in_torch_is_the_papers_equation():

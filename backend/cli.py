@@ -509,15 +509,21 @@ def fetch_results(client: Any, job: str, out: Path, status: dict[str, Any] | Non
 
     status = status or client.status(job)
     out.mkdir(parents=True, exist_ok=True)
-    names = [check_artifact_name(entry["name"]) for entry in status["artifacts"]]
+    names, refused = [], []
+    for entry in status["artifacts"]:
+        try:  # joined to ``out`` below: a wrong or hostile service's name must not write outside it
+            names.append(check_artifact_name(entry["name"]))
+        except ValueError as err:  # the others still come
+            refused.append(str(err))
     for name in names:
         client.fetch_to(job, name, out / name)
     if METRICS_FILE in names:  # not an earlier job's, left in the folder by a job that failed before writing one
         with contextlib.suppress(OSError, ValueError):
             print_notes(json.loads((out / METRICS_FILE).read_text()).get("notes", []))
-    count = len(status["artifacts"])
-    print(f"job {job}: {status['state']} ({status['message']}); {count} artifacts in {out}, sha256 verified")
-    return 0 if status["state"] == "done" else EXIT_JOB_FAILED
+    print(f"job {job}: {status['state']} ({status['message']}); {len(names)} artifacts in {out}, sha256 verified")
+    for why in refused:
+        print(f"error: an output file of job {job} was not written: {why}", file=sys.stderr)
+    return 0 if status["state"] == "done" and not refused else EXIT_JOB_FAILED
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:

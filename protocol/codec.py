@@ -163,9 +163,11 @@ def read_header(frames: Sequence[Buffer]) -> dict[str, Any]:
     try:
         header = msgpack.unpackb(memoryview(frames[0]), raw=False, strict_map_key=True, **limits.unpack_limits())
     except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as err:
-        # ExtraData, FormatError, StackError and UnicodeDecodeError all derive from ValueError.
+        # ExtraData, FormatError, StackError and UnicodeDecodeError all derive from ValueError. FormatError
+        # (a byte that starts no msgpack type, such as 0xc1) carries no message: its class's says what it is.
+        detail = str(err) or (type(err).__doc__ or "").strip().splitlines()[0].lower()
         raise ProtocolError(
-            errors.BAD_MSGPACK, f"header frame is not valid msgpack within the limits: {type(err).__name__}: {err}"
+            errors.BAD_MSGPACK, f"header frame is not valid msgpack within the limits: {type(err).__name__}: {detail}"
         ) from None
     if not isinstance(header, dict):
         raise ProtocolError(errors.BAD_MSGPACK, f"header frame must hold a msgpack map; got {type(header).__name__}")

@@ -94,6 +94,32 @@ def test_submit_fetches_every_artifact(service, tmp_path, capsys):
     assert f"job {running} is " in capsys.readouterr().err
 
 
+def test_fetch_writes_the_safe_outputs_of_a_service_that_names_one_unsafely(tmp_path, capsys):
+    """A wrong or hostile service's name that would write outside the folder is refused, named, and the
+    exit status says so; the job's other outputs still come."""
+    from backend.cli import fetch_results
+
+    class Service:  # what fetch_results asks of a Client
+        def status(self, job):
+            names = ("points.ply", "../escape.txt", "frames/0001.png")
+            return {"state": "done", "message": "ok", "artifacts": [{"name": n} for n in names]}
+
+        def fetch_to(self, job, name, path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(name)
+
+    out = tmp_path / "job" / "out"
+    assert fetch_results(Service(), "j1", out) == 1
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == ["frames/0001.png", "points.ply"]
+    assert not (tmp_path / "job" / "escape.txt").exists()
+    captured = capsys.readouterr()
+    assert "job j1: done (ok); 2 artifacts in" in captured.out
+    assert (
+        "error: an output file of job j1 was not written: artifact name must not hold empty, '.' or '..' parts; "
+        "got '../escape.txt'" in captured.err
+    )
+
+
 def test_submit_of_failing_job_exits_1(service, tmp_path, capsys):
     scene = write_scene(tmp_path / "scene", prompt="fail")
     assert main(["submit", str(scene), "--server", service.endpoint, "--out", str(tmp_path / "out")]) == 1

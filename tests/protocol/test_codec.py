@@ -181,6 +181,19 @@ def test_bad_frames_get_codes(frames, code):
     assert code_of(frames) == code
 
 
+def test_a_header_msgpack_cannot_read_says_why():
+    """msgpack's FormatError has no message of its own (a reserved byte such as 0xc1): the error still says
+    what went wrong, as the others do."""
+    for frame, why in (
+        (b"\xc1garbage", "FormatError: invalid msgpack format"),
+        (b"\x92\x01", "ValueError: Unpack failed: incomplete input"),
+        (msgpack.packb({"v": 1}) + b"\x00", "ExtraData: unpack(b) received extra data."),
+    ):
+        with pytest.raises(ProtocolError, match=r"header frame is not valid msgpack within the limits: ") as err:
+            unpack([frame])
+        assert str(err.value).endswith(why), str(err.value)
+
+
 def test_a_missing_v_says_what_to_send_and_does_not_tell_a_hello_to_send_hello():
     from protocol.schemas import check_version
 

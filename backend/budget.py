@@ -8,7 +8,10 @@ Two pieces, used by ``backend.loop`` and ``backend.stages.fit``:
 - :func:`plan_budget` turns "about N minutes" into a working size, a Gaussian cap and a number of
   fitting steps, from the measured cost of a few rasterizer steps on this device
   (:func:`measure_step_seconds`), checks the chosen step by measuring it where it is given the means,
-  and says what it chose in one sentence for the log, the job's metrics notes and the progress message.
+  and says what it chose in one sentence for the log, the job's metrics notes and the progress message;
+  a job that falls behind it (another program's load on the cores after the plan was measured) runs fewer
+  steps in its last fit (:meth:`BudgetPlan.last_fit_steps`, from the guide's steps as timed by
+  :class:`StepClock`), and says so.
 
 The fit's cost model: a step costs ``per_pixel x W x H + per_gaussian x N`` seconds (the pairs a
 rasterizer composites grow with the pixels times the surface's depth complexity, the projection with
@@ -318,6 +321,30 @@ class BudgetPlan:
         """The plan as metrics.json holds it: every field but the sentence, the costs as a map."""
         return {k: v for k, v in asdict(self).items() if k != "sentence"}
 
+    def last_fit_steps(self, elapsed_s: float, step_seconds: float | None = None) -> tuple[int, str | None]:
+        """Steps for the job's last fit, from what is left of the budget when it starts: the plan's
+        ``iterations`` while they fit in the time left, else as many as do (at least
+        :data:`MIN_ITERATIONS`), with a sentence saying why. The plan is made from steps measured before the
+        job; a load that came later (another program on the cores) slows every step, and only the steps
+        still to come can give the time back. Never more steps than planned.
+
+        Args:
+            elapsed_s: seconds the job has run so far.
+            step_seconds: one step of one fit as measured during this job (:class:`StepClock` on an earlier
+                fit), or None for the plan's prediction.
+        """
+        step = self.step_seconds if step_seconds is None else step_seconds
+        left = self.budget_min * 60.0 - elapsed_s
+        affordable = int(left / step) if step > 0 and left > 0 else 0
+        steps = min(self.iterations, max(MIN_ITERATIONS, affordable))
+        if steps >= self.iterations:
+            return self.iterations, None
+        return steps, (
+            f"the last fit runs {steps} of its {self.iterations} steps: {max(left, 0.0):.0f} s of the "
+            f"{self.budget_min:g}-minute budget were left after {elapsed_s:.0f} s, at {step:.3g} s a step "
+            f"(predicted {self.step_seconds:.3g} s; another program's load?)"
+        )
+
     def overrun_note(self, elapsed_s: float) -> str | None:
         """What to tell a user whose job took more than :data:`OVERRUN_SLACK` times the budget (the plan is made
         once, from steps measured before the job: another process's load later slows every step), or None."""
@@ -327,6 +354,29 @@ class BudgetPlan:
             f"the job took {elapsed_s / 60:.1f} min of its {self.budget_min:g}-minute budget: its steps ran slower "
             f"than the plan measured (predicted {self.step_seconds:.3g} s a fitting step; another program's load?)"
         )
+
+
+class StepClock:
+    """Seconds per step of a fit, from its progress callbacks: :meth:`wrap` a fit's ``progress(step, loss)``
+    and read :meth:`seconds_per_step` afterwards. Timed from the first callback on, so the steps before it
+    (a first step's compilation and caches) do not count."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[int, float]] = []  # (step, time.perf_counter())
+
+    def wrap(self, progress: Callable[[int, float], None]) -> Callable[[int, float], None]:
+        def on_step(step: int, loss: float) -> None:
+            self.marks.append((step, time.perf_counter()))
+            progress(step, loss)
+
+        return on_step
+
+    def seconds_per_step(self) -> float | None:
+        """Mean seconds of the steps between the first and the last callback, or None before two."""
+        if len(self.marks) < 2 or self.marks[-1][0] <= self.marks[0][0]:
+            return None
+        (s0, t0), (s1, t1) = self.marks[0], self.marks[-1]
+        return (t1 - t0) / (s1 - s0)
 
 
 def _plan_sizes(max_size: tuple[int, int]) -> list[tuple[int, int]]:

@@ -39,7 +39,7 @@ import torch
 from protocol.ply import PointArrays
 
 from . import outputs
-from .budget import BudgetPlan, measure_step_costs, measure_step_seconds, plan_budget, thin_memory
+from .budget import BudgetPlan, StepClock, measure_step_costs, measure_step_seconds, plan_budget, thin_memory
 from .generators import GENERATORS, Generator, GeneratorCache, GeneratorConfig
 from .progress import ProgressFn, ProgressTracker, no_progress
 from .scene import Scene, Settings
@@ -329,9 +329,11 @@ def _run_loop(
 
     # 1b. The guide: Gaussians on the captures alone, rendered for the generator.
     guide_depth = None  # the guide's depth in the captures where it is opaque, else 0 [C, H, W]
+    guide_clock, fitted_members = StepClock(), 0  # the guide's steps as they ran: the last fit's under a time budget
     if cfg.guide.enabled and cfg.has_fit:
         with meter.measure("guide"):
-            on_step = track.steps("guide", "guide Gaussians on the captures", cfg.fit.iterations)
+            on_step = guide_clock.wrap(track.steps("guide", "guide Gaussians on the captures", cfg.fit.iterations))
+            fitted_members = cfg.guide.members - len(guide or [])  # in lockstep: one step moves them all
             guide = fit_guide(captures, memory, cfg.fit, cfg.guide, device=device, ready=guide, progress=on_step)
             guide_depth = render_guide(guide, captures.cams, cfg.fit, cfg.guide)[1]
         sets = f" in {len(guide)} sets" if len(guide) > 1 else ""
@@ -411,17 +413,26 @@ def _run_loop(
     # 7. Fit Gaussians on captures (confidence 1) and generated frames (their confidence), from the
     #    captures' memory (the updates steer later segments; the fit starts from what was measured).
     #    Resuming the guide's Gaussians instead lost on the H200 (docs/benchmarks.md, run 22).
-    gaussians = None
+    gaussians, fit_cfg = None, cfg.fit
     if cfg.has_fit:
-        views = captures_and_frames(captures, FitViews(frame_images, targets_all, frame_conf), cfg.fit.capture_share)
+        if cfg.budget is not None:  # a job behind its plan gives the time back in its last fit's steps
+            guide_step = guide_clock.seconds_per_step()
+            iterations, late = cfg.budget.last_fit_steps(
+                meter.summary()["total_seconds"], guide_step / fitted_members if guide_step else None
+            )
+            if late:
+                log.warning(late)
+                step0.notes.append(late)
+                fit_cfg = replace(fit_cfg, iterations=iterations)
+        views = captures_and_frames(captures, FitViews(frame_images, targets_all, frame_conf), fit_cfg.capture_share)
         with meter.measure("fit"):
-            on_step = track.steps("fit", "Gaussians", cfg.fit.iterations)
-            gaussians = fit_gaussians(views, memory_initial, cfg.fit, device=device, progress=on_step)
+            on_step = track.steps("fit", "Gaussians", fit_cfg.iterations)
+            gaussians = fit_gaussians(views, memory_initial, fit_cfg, device=device, progress=on_step)
             if cfg.has_crop_to_masks and captures.masks is not None:
                 gaussians = crop_to_masks(gaussians, captures.cams, captures.masks)
         with meter.measure("outputs"):
             outputs.write_gaussians(out_dir / outputs.GAUSSIANS_FILE, gaussians_to_arrays(gaussians))
-        track.finish("fit", f"{len(gaussians)} Gaussians after {cfg.fit.iterations} steps", [outputs.GAUSSIANS_FILE])
+        track.finish("fit", f"{len(gaussians)} Gaussians after {fit_cfg.iterations} steps", [outputs.GAUSSIANS_FILE])
     else:
         track.skip("fit")
 
@@ -442,7 +453,7 @@ def _run_loop(
         "points_initial": len(memory_initial),
         "points_final": len(memory),
         "gaussians": len(gaussians) if gaussians is not None else 0,
-        "fit_iterations": cfg.fit.iterations if cfg.has_fit else 0,
+        "fit_iterations": fit_cfg.iterations if cfg.has_fit else 0,
         "mean_confidence": float(frame_conf.mean()),
         "notes": step0.notes,
         "timing": meter.summary(),

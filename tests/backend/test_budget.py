@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from backend import budget as budget_module
 from backend.budget import (
     FIT_SHARE,
     GAUSSIAN_CAPS,
     MIN_ITERATIONS,
     OVERRUN_SLACK,
     PLAN_CHECK_RATIO,
+    StepClock,
     StepCosts,
     measure_step_costs,
     measure_step_seconds,
@@ -323,6 +325,46 @@ def test_a_job_well_past_its_budget_is_told_so():
     note = plan.overrun_note(8 * 60 + 30)
     assert note is not None and note.startswith("the job took 8.5 min of its 4-minute budget: its steps ran slower")
     assert f"predicted {plan.step_seconds:.3g} s a fitting step" in note
+
+
+def test_a_job_behind_its_plan_gives_the_time_back_in_its_last_fit():
+    """On plan, the last fit keeps its steps; behind it (the earlier stages or a measured step slower than
+    predicted), as many as the time left affords, said in a sentence; never fewer than MIN_ITERATIONS nor
+    more than planned."""
+    plan = replace(
+        plan_budget(4.0, StepCosts(1e-6, 1e-6), max_iterations=3000, max_size=(160, 120)),
+        iterations=1000,
+        step_seconds=0.05,
+    )
+    last_fit = 1000 * 0.05
+    assert plan.last_fit_steps(4 * 60 - last_fit - 1) == (1000, None)
+    assert plan.last_fit_steps(0.0, step_seconds=0.001) == (1000, None)  # faster than planned: no more steps
+    steps, note = plan.last_fit_steps(4 * 60 - last_fit / 2)  # half the last fit's time left
+    assert steps == 500 and note == (
+        "the last fit runs 500 of its 1000 steps: 25 s of the 4-minute budget were left after 215 s, at 0.05 s a "
+        "step (predicted 0.05 s; another program's load?)"
+    )
+    steps, note = plan.last_fit_steps(4 * 60 - last_fit, step_seconds=0.1)  # on time, but steps twice as slow
+    assert steps == 500 and "at 0.1 s a step (predicted 0.05 s" in note
+    steps, note = plan.last_fit_steps(5 * 60)  # past the budget already
+    assert steps == MIN_ITERATIONS and note.startswith(f"the last fit runs {MIN_ITERATIONS} of its 1000 steps: 0 s")
+    short = replace(plan, iterations=MIN_ITERATIONS // 2)
+    assert short.last_fit_steps(5 * 60) == (MIN_ITERATIONS // 2, None)  # a plan under the floor keeps its steps
+
+
+def test_step_clock_times_a_fit_from_its_first_callback(monkeypatch):
+    """The steps before the first callback (compilation, caches) do not count; the callback still runs."""
+    ticks = iter([100.0, 101.0, 103.0])
+    monkeypatch.setattr(budget_module.time, "perf_counter", lambda: next(ticks))
+    seen: list[tuple[int, float]] = []
+    clock = StepClock()
+    on_step = clock.wrap(lambda step, loss: seen.append((step, loss)))
+    assert clock.seconds_per_step() is None
+    on_step(50, 0.5)
+    assert clock.seconds_per_step() is None  # one mark is no interval
+    on_step(100, 0.4)
+    on_step(150, 0.3)
+    assert clock.seconds_per_step() == pytest.approx(3.0 / 100) and seen == [(50, 0.5), (100, 0.4), (150, 0.3)]
 
 
 def test_budget_setting_and_option(tmp_path):

@@ -13,6 +13,7 @@ from PIL import Image
 from plyfile import PlyData
 
 import backend.loop as loop_module
+from backend import budget as budget_module
 from backend.budget import StepCosts, plan_budget
 from backend.camera_paths import default_trajectory, order_around, path_through, scene_center
 from backend.evaluate import split_protocol
@@ -172,10 +173,14 @@ def test_a_guide_of_two_fits_runs_in_the_loop(
 ) -> None:
     """A self-ensemble guide (GuideConfig.members 2; a CUDA job's is 3): its sets fitted together, with
     steps reported once for all of them, and the job goes on to its frames and Gaussians. The memory update
-    gets the memory's own render, not the guide's (which covers nearly every pixel and left its stereo none)."""
+    gets the memory's own render, not the guide's (which covers nearly every pixel and left its stereo none).
+    A job behind its time budget when the last fit starts runs fewer of its steps, and says so."""
     settings = replace(temple3.settings, gaussian_iterations=30)
     cfg = LoopConfig.from_settings(settings)
     plan = plan_budget(1.0, StepCosts(1e-6, 1e-6, views=3), max_iterations=30, max_size=(W, H))  # as a budget made
+    assert plan.iterations == 30
+    plan = replace(plan, budget_min=0.001)  # 0.06 s: spent before the last fit
+    monkeypatch.setattr(budget_module, "MIN_ITERATIONS", 10)  # a test fit's 30 steps are under the real floor
     cfg = replace(cfg, guide=replace(cfg.guide, members=2), budget=plan)
     render, update = loop_module.render_memory, loop_module.update_memory
     memory_renders, update_renders = [], []
@@ -200,6 +205,12 @@ def test_a_guide_of_two_fits_runs_in_the_loop(
     written = json.loads((tmp_path / "metrics.json").read_text())["budget"]
     assert written["max_gaussians"] == plan.max_gaussians and written["costs"]["views"] == 3
     assert "sentence" not in written and result.metrics["notes"][0] == plan.sentence
+    fit = [e.message for e in events if e.stage == "fit"]
+    assert (
+        any("step 10/10" in m for m in fit) and "after 10 steps" in fit[-1] and result.metrics["fit_iterations"] == 10
+    )
+    late = [n for n in result.metrics["notes"] if n.startswith("the last fit runs 10 of its 30 steps: 0 s of the")]
+    assert len(late) == 1 and "0.001-minute budget were left after" in late[0], result.metrics["notes"]
 
 
 @pytest.mark.slow

@@ -165,7 +165,7 @@ def read_header(frames: Sequence[Buffer]) -> dict[str, Any]:
     except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as err:
         # ExtraData, FormatError, StackError and UnicodeDecodeError all derive from ValueError. FormatError
         # (a byte that starts no msgpack type, such as 0xc1) carries no message: its class's says what it is.
-        detail = str(err) or (type(err).__doc__ or "").strip().splitlines()[0].lower()
+        detail = str(err) or ((type(err).__doc__ or "").strip() or "no detail").splitlines()[0].lower()
         raise ProtocolError(
             errors.BAD_MSGPACK, f"header frame is not valid msgpack within the limits: {type(err).__name__}: {detail}"
         ) from None

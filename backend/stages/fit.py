@@ -34,9 +34,10 @@ Regularisers for few views that need no learned weights (each a FitConfig field)
 - **Opacity decay**: after each step every opacity is multiplied by ``opacity_decay``, so Gaussians
   that the views do not keep asking for fade and DefaultStrategy prunes them.
 - **Coarse to fine**: for the first ``coarse_share`` of the run the views are fitted at reduced
-  resolution (its first half at a quarter of the image side, its second half at half; the images,
-  confidence and masks area-averaged, the cameras' intrinsics scaled), so that the Gaussians take
-  the views' low frequencies before their detail, as frequency schedules do for sparse-view NeRFs.
+  resolution (its first half at a quarter of the image side, its second half at half; the images
+  averaged over what the loss sees, :meth:`_Fit.views_at`; the cameras' intrinsics scaled), so that the
+  Gaussians take the views' low frequencies before their detail, as frequency schedules do for
+  sparse-view NeRFs.
 - **Random background behind masks**: when the views carry masks (``FitViews.masks``) and
   ``has_random_background`` is on, each step draws one random colour per frame, composites the
   render over it and puts it into the target's masked-out pixels: no Gaussian can explain the
@@ -88,7 +89,7 @@ IDENTITY_QUAT = (1.0, 0.0, 0.0, 0.0)  # w x y z
 ADAM_BETAS = (0.9, 0.999)  # torch defaults, as simple_trainer
 MAX_BATCH_SIZE = 10  # frames per step where simple_trainer's scaling of the betas leaves beta1 at 0
 ADAM_EPS = 1e-15  # simple_trainer
-MIN_COARSE_SIDE = 16  # coarse-to-fine never fits views with a shorter side than this (pixels)
+MIN_COARSE_SIDE = 32  # coarse-to-fine never fits views with a shorter side (pixels; LPIPS's AlexNet needs 31)
 PAD_SCALE = 1e-6  # axis scale of the stand-ins that pad a lockstep fit's sets to one size (opacity 0: never drawn)
 
 
@@ -157,7 +158,7 @@ class FitConfig:
         coarse_share: the share of the run fitted below full resolution (module docstring); 0 = off. At 0.4
             the loop gained on the temple (+0.47 dB, every seed), the temple-ring (+0.27) and the door (+0.09)
             and lost on the fern (-0.15, every seed) and the dino-ring (-0.06), 3 seeds on an H100
-            (docs/benchmarks.md, run 74): it splits the scenes, so it is off.
+            (docs/benchmarks.md, run 74, the views' plain mean then): it splits the scenes, so it is off.
         max_gaussians: cap on the Gaussians, 0 for none: the memory is thinned to it on a voxel grid
             before the fit (backend.budget.thin_memory) and densification prunes the least opaque
             beyond it. Set from the time budget (backend.budget.plan_budget).
@@ -259,8 +260,10 @@ class FitConfig:
                     raise ValueError(f"FitConfig.{f.name} must be >= 0; got {getattr(self, f.name)}")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"FitConfig.dropout_rate must be in [0, 1); got {self.dropout_rate}")
-        if not 0.0 <= self.coarse_share <= 1.0:
-            raise ValueError(f"FitConfig.coarse_share must be in [0, 1]; got {self.coarse_share}")
+        if not 0.0 <= self.coarse_share < 1.0:
+            raise ValueError(
+                f"FitConfig.coarse_share must be in [0, 1) (the fit ends at full resolution); got {self.coarse_share}"
+            )
         if not 0.0 < self.opacity_decay <= 1.0:
             raise ValueError(f"FitConfig.opacity_decay must be in (0, 1]; got {self.opacity_decay}")
         if len(self.background) != 3:
@@ -851,8 +854,11 @@ class _Fit:
 
     def views_at(self, divisor: int) -> tuple[Tensor, Tensor | None, Tensor, Cameras]:
         """Images, masks, confidence and cameras with the image side ``divisor`` times smaller (the
-        divisor halved until the shorter side is at least MIN_COARSE_SIDE): area-averaged, a mask kept
-        where most of its pixels were; made once a divisor."""
+        divisor halved until the shorter side is at least MIN_COARSE_SIDE), made once a divisor: a reduced
+        pixel's colour is the mean of its pixels weighted by their confidence (and mask), so that what the
+        full-size loss never sees (zero confidence, the backdrop behind a mask) does not reach it either
+        (the plain mean where all of them weigh 0); its confidence is their mean; its mask holds where
+        at least half of them were masked in."""
         while divisor > 1 and min(self.cams.width, self.cams.height) // divisor < MIN_COARSE_SIDE:
             divisor //= 2
         if divisor == 1:
@@ -863,9 +869,16 @@ class _Fit:
             def area(t: Tensor) -> Tensor:  # [F, H, W, c] -> [F, h, w, c]
                 return F.interpolate(t.permute(0, 3, 1, 2), size=(h, w), mode="area").permute(0, 2, 3, 1)
 
-            masks = None if self.masks is None else area(self.masks[..., None].float())[..., 0] >= 0.5
+            weight = self.confidence[..., None]  # [F, H, W, 1]
+            masks = None
+            if self.masks is not None:
+                masks = area(self.masks[..., None].float())[..., 0] >= 0.5
+                weight = weight * self.masks[..., None]
+            mean_weight = area(weight)
+            weighted = area(self.images * weight) / mean_weight.clamp_min(1e-12)
+            images = torch.where(mean_weight > 0, weighted, area(self.images))
             confidence = area(self.confidence[..., None])[..., 0]
-            self.reduced[divisor] = (area(self.images), masks, confidence, self.cams.resized(w, h))
+            self.reduced[divisor] = (images, masks, confidence, self.cams.resized(w, h))
         return self.reduced[divisor]
 
     def take(self, batch: list[int], divisor: int = 1) -> tuple[Tensor, Tensor | None, Tensor, Cameras]:

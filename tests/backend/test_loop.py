@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -179,9 +180,10 @@ def test_a_guide_of_two_fits_runs_in_the_loop(
     cfg = LoopConfig.from_settings(settings)
     plan = plan_budget(1.0, StepCosts(1e-6, 1e-6, views=3), max_iterations=30, max_size=(W, H))  # as a budget made
     assert plan.iterations == 30
-    plan = replace(plan, budget_min=0.001)  # 0.06 s: spent before the last fit
+    plan = replace(plan, budget_min=0.001, step_seconds=1e-4)  # 0.06 s: spent before the last fit; steps faster
     monkeypatch.setattr(budget_module, "MIN_ITERATIONS", 10)  # a test fit's 30 steps are under the real floor
-    cfg = replace(cfg, guide=replace(cfg.guide, members=2), budget=plan)
+    # the guide's steps timed every 10: the last fit's step from them, not from the plan's prediction
+    cfg = replace(cfg, guide=replace(cfg.guide, members=2), budget=plan, fit=replace(cfg.fit, progress_every=10))
     render, update = loop_module.render_memory, loop_module.update_memory
     memory_renders, update_renders = [], []
 
@@ -211,6 +213,8 @@ def test_a_guide_of_two_fits_runs_in_the_loop(
     )
     late = [n for n in result.metrics["notes"] if n.startswith("the last fit runs 10 of its 30 steps: 0 s of the")]
     assert len(late) == 1 and "0.001-minute budget were left after" in late[0], result.metrics["notes"]
+    measured = re.search(r" s, at (\S+) s a step \(predicted (\S+) s;", late[0])
+    assert measured and float(measured[1]) > float(measured[2]) == pytest.approx(plan.step_seconds, rel=1e-2)
 
 
 @pytest.mark.slow

@@ -538,6 +538,7 @@ class JobDriver:
         self.hello: dict[str, Any] | None = None
         self._queue: list[_Download] = []
         self._have: dict[str, str] = {}  # name -> sha256 downloaded
+        self.refused: list[str] = []  # why an output file the service announced was not written, one per file
         self._current: _Download | None = None
         self._last_event = time.monotonic()
         self._seq = 0  # the newest event (or status) applied
@@ -686,8 +687,10 @@ class JobDriver:
             return
         try:  # joined to the job's folder below: a wrong or hostile service must not write outside it
             check_artifact_name(name)
-        except ValueError as err:
-            raise ReconLoopError(f"the service announced an output file this add-on will not write: {err}") from None
+        except ValueError as err:  # the job's other files still come; the job's end names this one
+            if str(err) not in self.refused:
+                self.refused.append(str(err))
+            return
         if self._have.get(name) == sha:
             return
         if self._current is not None and self._current.name == name and self._current.sha256 == sha:

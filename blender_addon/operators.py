@@ -262,6 +262,9 @@ def _finish(driver: connection.JobDriver, importer: ResultImporter) -> str | Non
     if driver.progress.state in ("failed", "interrupted"):
         rt.last_error = driver.progress.message or f"the job {driver.progress.state}"
         return f"the reconstruction {driver.progress.state}: {driver.progress.message}"
+    if driver.refused:  # the job's other files came and were imported
+        rt.last_error = "the service announced output files this add-on did not write: " + "; ".join(driver.refused)
+        return rt.last_error
     if importer.unregistered:
         print(f"ReconLoop: {importer.unregistered}")
     return None

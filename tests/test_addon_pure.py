@@ -685,17 +685,9 @@ def test_driver_runs_a_job_in_steps_that_never_wait(tmp_path, monkeypatch, loopb
     assert slow.progress.state == "cancelled"
 
 
-@pytest.mark.parametrize(
-    ("job", "name", "refused"),
-    [
-        ("0123456789abcdef0123456789abcdef", "../../escaped/points.ply", "will not write"),
-        ("0123456789abcdef0123456789abcdef", "ABSOLUTE/points.ply", "will not write"),
-        ("../../escaped", "points.ply", "is not a ReconLoop job id \\(32 hex characters\\)"),
-    ],
-)
-def test_a_service_cannot_write_outside_the_results_folder(tmp_path, loopback_router, job, name, refused):
-    """The service's job id and output names become paths below the add-on's folder: one that would leave it
-    ends the job with an error naming it, and nothing is written outside."""
+def test_a_service_job_id_outside_the_results_folder_ends_the_job(tmp_path, loopback_router):
+    """The service's job id becomes the folder below the add-on's: one that would leave it ends the job with an
+    error naming it, and nothing is written outside."""
     import zmq
 
     from blender_addon import connection
@@ -706,15 +698,45 @@ def test_a_service_cannot_write_outside_the_results_folder(tmp_path, loopback_ro
 
     svc = ScriptedService(loopback_router)
     root = tmp_path / "a" / "b" / "results"
-    name = name.replace("ABSOLUTE", str(tmp_path / "absolute"))  # an absolute path that the check below can see
+    job = "../../escaped"
     with Client(loopback_router.getsockopt_string(zmq.LAST_ENDPOINT), timeout_ms=3000, retries=0) as client:
         driver = connection.JobDriver(client, str(root), scene=scene_msg())
         svc.answer(_step_until_request(driver, svc), **HELLO_REPLY)
         svc.answer(_step_until_request(driver, svc), job=job, state="queued")
-        with pytest.raises(ReconLoopError, match=refused):
+        with pytest.raises(ReconLoopError, match="is not a ReconLoop job id \\(32 hex characters\\)"):
             watch = _step_until_request(driver, svc)
-            svc.answer(watch, **status_reply(job, "running", 1, [artifact(name, b"ply")]))
+            svc.answer(watch, **status_reply(job, "running", 1, [artifact("points.ply", b"ply")]))
             _drive(driver, 5)
+    assert all(root in p.parents for p in tmp_path.rglob("*") if p.is_file() or p.name == "escaped")
+
+
+@pytest.mark.parametrize("name", ["../../escaped/points.ply", "ABSOLUTE/points.ply"])
+def test_a_service_output_name_outside_the_results_folder_is_not_written(tmp_path, loopback_router, name):
+    """An output name that would leave the job's folder is not written and is named when the job ends (the
+    sidebar's error, as ``reconloop fetch`` does); the job's other files still come."""
+    import zmq
+
+    from blender_addon import connection
+    from protocol.client import Client
+
+    from .protocol.helpers import HELLO_REPLY, ScriptedService, artifact, fetch_reply, scene_msg, status_reply
+
+    svc = ScriptedService(loopback_router)
+    root = tmp_path / "a" / "b" / "results"
+    name = name.replace("ABSOLUTE", str(tmp_path / "absolute"))  # an absolute path that the check below can see
+    job, data, files = "0123456789abcdef0123456789abcdef", b"ply", []
+    with Client(loopback_router.getsockopt_string(zmq.LAST_ENDPOINT), timeout_ms=3000, retries=0) as client:
+        driver = connection.JobDriver(client, str(root), scene=scene_msg(), on_file=lambda *a: files.append(a))
+        svc.answer(_step_until_request(driver, svc), **HELLO_REPLY)
+        svc.answer(_step_until_request(driver, svc), job=job, state="queued")
+        watch = _step_until_request(driver, svc)
+        svc.answer(watch, **status_reply(job, "done", 1, [artifact(name, data), artifact("points.ply", data)]))
+        fetch = _step_until_request(driver, svc)
+        assert fetch["name"] == "points.ply"
+        svc.answer(fetch, **fetch_reply(job, "points.ply", data, 0, fetch["length"]))
+        _drive(driver, 5)
+    assert driver.progress.state == "done" and [(kind, n) for kind, n, _ in files] == [("points", "points.ply")]
+    assert len(driver.refused) == 1 and "artifact name must" in driver.refused[0] and name in driver.refused[0]
     assert all(root in p.parents for p in tmp_path.rglob("*") if p.is_file() or p.name == "escaped")
 
 

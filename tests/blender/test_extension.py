@@ -462,6 +462,29 @@ def test_an_error_while_following_a_job_says_where_it_goes_on(installed, probe_s
     assert rt.last_error.startswith("the disk is full.") and "keeps running on the service" in rt.last_error
 
 
+def test_an_output_the_add_on_did_not_write_is_named_when_the_job_ends(installed, probe_service, temple_dir):
+    """A file the service named unsafely was skipped while the job's others came (JobDriver.refused, tested with
+    a scripted service in test_addon_pure): the job ends done, with the sidebar's error naming it."""
+    import time
+
+    ops, conn = _timer_modules(probe_service, temple_dir, "probe steps=2")
+    try:
+        driver = _begin_timer_job(ops)
+        driver.refused.append("artifact name must not hold empty, '.' or '..' parts; got '../x.ply'")
+        deadline = time.monotonic() + 60
+        while (interval := ops._tick()) is not None:
+            assert time.monotonic() < deadline, "the job did not end"
+            time.sleep(interval)
+    finally:
+        conn.close()
+    rt = bpy.context.window_manager.reconloop
+    assert rt.state == "done" and not rt.is_running
+    assert rt.last_error == (
+        "the service announced output files this add-on did not write: artifact name must not hold empty, '.' or "
+        "'..' parts; got '../x.ply'"
+    )
+
+
 def test_timer_path_takes_short_steps(installed, probe_service, temple_dir):
     """The UI path: the timer callback drives a job in short, bounded steps until it ends."""
     import time

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,32 @@ ROTATION_TOL = 1e-4  # |R^T R - I| and |det R - 1| allowed in a camera's rotatio
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
+MAX_PROBLEMS_SAID = 8  # a scene with more problems than this names the first ones and counts the rest
+
+
 class SceneError(ValueError):
-    """A scene that cannot be used; the message starts with the path of the offending field."""
+    """A scene that cannot be used; the message starts with the path of the offending field.
+
+    Attributes:
+        problems: every problem found, each "field path: reason" (one unless :meth:`of` gathered several:
+            the captures', the trajectory's and the held-out views' items are each checked, so that a
+            scene with several bad items is told all of them at once).
+    """
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems: tuple[str, ...] = tuple(problems) or (message,)
+
+    @classmethod
+    def of(cls, problems: Sequence[str], prefix: str = "") -> SceneError:
+        """One error for several problems, each with ``prefix`` before its field path: "p1; p2; ... (N
+        problems)", at most :data:`MAX_PROBLEMS_SAID` named; one problem is its own message."""
+        said = [prefix + p for p in problems[:MAX_PROBLEMS_SAID]]
+        more = len(problems) - len(said)
+        text = "; ".join(said) + (f"; and {more} more" if more else "")
+        if len(problems) > 1:
+            text += f" ({len(problems)} problems)"
+        return cls(text, [prefix + p for p in problems])
 
 
 @dataclass(frozen=True)
@@ -420,38 +445,48 @@ def scene_from_json(data: Any, root: Path, *, registered: bool = True) -> Scene:
     captures_json = data.get("captures")
     if not isinstance(captures_json, list) or not captures_json:
         raise SceneError("captures: must be a non-empty list")
-    captures = [_capture_from_json(c, root, f"captures[{i}]", need_camera=False) for i, c in enumerate(captures_json)]
+    traj_json = data.get("trajectory") or []
+    if not isinstance(traj_json, list):
+        raise SceneError("trajectory: must be a list")
+    heldout_json = data.get("heldout") or []
+    if not isinstance(heldout_json, list):
+        raise SceneError("heldout: must be a list")
+    problems: list[str] = []  # every item's, so that a scene with several bad items hears of all of them
+
+    def each(items: list[Any], key: str, build: Callable[[Any, str], Any]) -> list[Any]:
+        built = []
+        for i, item in enumerate(items):
+            try:
+                built.append(build(item, f"{key}[{i}]"))
+            except SceneError as err:
+                problems.extend(err.problems)
+        return built
+
+    captures = each(captures_json, "captures", lambda c, p: _capture_from_json(c, root, p, need_camera=False))
+    trajectory = each(traj_json, "trajectory", _trajectory_frame_from_json)
+    heldout = each(heldout_json, "heldout", lambda c, p: _capture_from_json(c, root, p, need_camera=True))
+    if problems:
+        raise SceneError.of(problems)
     names = [c.name for c in captures]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise SceneError(f"captures: names must be unique; {dup!r} appears twice")
-    trajectory = []
-    traj_json = data.get("trajectory") or []
-    if not isinstance(traj_json, list):
-        raise SceneError("trajectory: must be a list")
-    for i, t in enumerate(traj_json):
-        p = f"trajectory[{i}]"
-        if not isinstance(t, dict):
-            raise SceneError(f"{p}: must be an object with frame and camera")
-        _refuse_unknown(t, TRAJECTORY_KEYS, p)
-        frame = t.get("frame")
-        if isinstance(frame, bool) or not isinstance(frame, int):
-            raise SceneError(f"{p}.frame: must be an integer; got {frame!r}")
-        trajectory.append(
-            TrajectoryFrame(
-                frame=frame, camera=camera_from_json(t.get("camera"), f"{p}.camera", allow_distortion=False)
-            )
-        )
     frames = [t.frame for t in trajectory]
     if frames != sorted(set(frames)):
         raise SceneError("trajectory: frame numbers must increase strictly")
-    heldout_json = data.get("heldout") or []
-    if not isinstance(heldout_json, list):
-        raise SceneError("heldout: must be a list")
-    heldout = [_capture_from_json(c, root, f"heldout[{i}]", need_camera=True) for i, c in enumerate(heldout_json)]
     _check_frame(captures, trajectory)
     settings = Settings.from_json(data.get("settings"), registered=registered)
     return Scene(root=root.resolve(), captures=captures, trajectory=trajectory, heldout=heldout, settings=settings)
+
+
+def _trajectory_frame_from_json(t: Any, p: str) -> TrajectoryFrame:
+    if not isinstance(t, dict):
+        raise SceneError(f"{p}: must be an object with frame and camera")
+    _refuse_unknown(t, TRAJECTORY_KEYS, p)
+    frame = t.get("frame")
+    if isinstance(frame, bool) or not isinstance(frame, int):
+        raise SceneError(f"{p}.frame: must be an integer; got {frame!r}")
+    return TrajectoryFrame(frame=frame, camera=camera_from_json(t.get("camera"), f"{p}.camera", allow_distortion=False))
 
 
 def _check_frame(captures: list[Capture], trajectory: list[TrajectoryFrame]) -> None:

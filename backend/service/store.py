@@ -181,10 +181,10 @@ def write_scene_message(scene: dict[str, Any], folder: Path) -> Scene:
     write_atomic(folder / SCENE_FILE, json.dumps(data, indent=1).encode())
     try:
         return load_scene(folder)
-    except SceneError as err:
-        text = str(err)
-        where = text.split(":", 1)[0]
-        raise ProtocolError(errors.BAD_FIELD, f"submit: scene.{text}", field=f"scene.{where}") from None
+    except SceneError as err:  # every problem named as the wire's field path; the first is the reply's field
+        where = err.problems[0].split(":", 1)[0]
+        text = str(SceneError.of(err.problems, prefix="scene."))
+        raise ProtocolError(errors.BAD_FIELD, f"submit: {text}", field=f"scene.{where}") from None
 
 
 def scene_message(scene: Scene) -> dict[str, Any]:

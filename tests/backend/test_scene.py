@@ -14,6 +14,7 @@ from PIL import Image
 
 from backend.generators import GENERATORS
 from backend.scene import (
+    MAX_PROBLEMS_SAID,
     SCENE_FILE,
     Camera,
     Capture,
@@ -190,6 +191,37 @@ def test_rejections_name_the_field(scene_dir, dotted, value, message):
     write_json(scene_dir, edit(read_json(scene_dir), dotted, value))
     with pytest.raises(SceneError, match=message):
         load_scene(scene_dir)
+
+
+def test_every_bad_item_is_named_at_once(scene_dir):
+    """A scene with several bad captures, trajectory frames or held-out views hears of all of them in one
+    error (its first field first, as every SceneError starts), not one per try; past MAX_PROBLEMS_SAID the
+    rest are counted."""
+    data = edit(read_json(scene_dir), "captures.0.image", "../photos/missing.png")
+    data = edit(data, "captures.2.image", "../photos/img0.tiff")
+    data = edit(data, "trajectory.1.frame", "5")
+    data = edit(data, "heldout.0.camera", None)
+    write_json(scene_dir, data)
+    with pytest.raises(SceneError) as err:
+        load_scene(scene_dir)
+    assert [p.split(":")[0] for p in err.value.problems] == [
+        "captures[0].image",
+        "captures[2].image",
+        "trajectory[1].frame",
+        "heldout[0].camera",
+    ]
+    text = str(err.value)
+    assert text.startswith("captures[0].image: file not found: ") and text.endswith(
+        "; captures[2].image: must be a PNG or JPEG file; got '../photos/img0.tiff'; trajectory[1].frame: must be an "
+        "integer; got '5'; heldout[0].camera: missing (4 problems)"
+    )
+    many = {"version": 1, "captures": [{"image": f"../photos/gone{i}.png"} for i in range(MAX_PROBLEMS_SAID + 3)]}
+    with pytest.raises(SceneError) as err:
+        scene_from_json(many, scene_dir)
+    assert len(err.value.problems) == MAX_PROBLEMS_SAID + 3 and str(err.value).count("file not found") == (
+        MAX_PROBLEMS_SAID
+    )
+    assert str(err.value).endswith(f"; and 3 more ({MAX_PROBLEMS_SAID + 3} problems)")
 
 
 def test_never_half_loads(scene_dir):

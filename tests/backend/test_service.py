@@ -143,6 +143,16 @@ def test_bad_scene_gets_bad_field_naming_the_field(client):
     scene["captures"][0]["camera"] = camera(width=65)
     with pytest.raises(ProtocolError, match=r"scene.captures\[0\].camera: size 65x48 does not match"):
         client.submit(scene)
+    scene = scene_msg()  # several bad captures: each named with its wire path, the first is the reply's field
+    scene["captures"][0]["camera"] = camera(width=65)
+    scene["captures"][1]["camera"] = camera(width=66)
+    with pytest.raises(ProtocolError) as err:
+        client.submit(scene)
+    assert err.value.field == "scene.captures[0].camera" and err.value.message.startswith(
+        "submit: scene.captures[0].camera: size 65x48 does not match"
+    )
+    assert "; scene.captures[1].camera: size 66x48 does not match" in err.value.message
+    assert err.value.message.endswith(" (2 problems)")
     scene = scene_msg()
     scene["settings"] = {"width": "wide"}
     with pytest.raises(ProtocolError, match="scene.settings.width: must be an integer"):

@@ -7,6 +7,7 @@ Arrays go in with ``foreach_set``; there is no per-point Python loop.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 
@@ -54,6 +55,11 @@ ATTR_DISPLAY_COLOR = "display_color"
 RGBA = 4
 U8_MAX = 255.0
 
+# The Gaussians' node groups and material as this add-on builds them: one built by an earlier version (a .blend
+# saved before) is rebuilt when Gaussians are imported, and its users take the new one (_reusable, _adopt).
+# 2: the rasterizer's low-pass and alpha floor in renders.
+GAUSSIANS_VERSION = 2
+VERSION_PROP = "reconloop_version"  # the ID property that holds it
 POINTS_NODES = "ReconLoop Points"
 GAUSSIANS_NODES = "ReconLoop Gaussians"
 POINTS_MATERIAL = "ReconLoop Points"
@@ -61,13 +67,17 @@ GAUSSIANS_MATERIAL = "ReconLoop Gaussians"
 POINT_RADIUS_DEFAULT = 0.002  # world units, for the node group's default (each object gets its own)
 POINT_RADIUS_FRACTION = 1.0 / 800.0  # a cloud's point radius: this fraction of its robust diagonal
 ROBUST_PERCENTILES = (2.0, 98.0)  # the extent of a cloud, ignoring stray points
-CUTOFF_SIGMA = 3.0  # a Gaussian's footprint ends here, in standard deviations (as 3DGS rasterizers cut it)
+# The highest opacity one Gaussian reaches: the service's clamp (backend/rasterizers/__init__.py ALPHA_MAX, as
+# gsplat's kernels), repeated here because the extension does not ship the backend; and the least alpha it draws
+# (ALPHA_MIN: below it a Gaussian adds nothing to a pixel)
+ALPHA_MAX = 0.999
+ALPHA_MIN = 1.0 / 255.0
+# A Gaussian's footprint ends where its alpha falls below ALPHA_MIN, at most here, in standard deviations (opacity
+# 1): sqrt(2 ln 255) = 3.33, the service's and gsplat's opacity-aware box (torch_cpu.RADIUS_SIGMAS)
+CUTOFF_SIGMA = math.sqrt(2.0 * math.log(1.0 / ALPHA_MIN))
 # The instanced shell is an icosahedron (Blender's ico sphere of 1 subdivision: 12 vertices, 20 faces); its
 # circumradius is set so its faces (inradius = ICOSAHEDRON_INRADIUS x circumradius) enclose the cutoff sphere.
 ICOSAHEDRON_INRADIUS = 0.7947
-# The highest opacity one Gaussian reaches: the service's clamp (backend/rasterizers/__init__.py ALPHA_MAX, as
-# gsplat's kernels), repeated here because the extension does not ship the backend.
-ALPHA_MAX = 0.999
 # The real SH basis in the 3DGS / gsplat sign convention, the constants of backend/rasterizers/sh.py (SH_C0 and
 # MAX_SH_DEGREE are protocol.ply's): colour = max(0, 0.5 + sum_k Y_k(dir) sh_k), dir the unit vector from the camera
 # to the centre.
@@ -88,6 +98,17 @@ SH_OFFSET = 0.5  # colour = 0.5 + SH value (3DGS)
 # (the identity for the viewport's shells)
 ATTR_FRAME = ("splat_frame_x", "splat_frame_y", "splat_frame_z")
 CARD_MAX_SIGMA = 1000.0  # a card's half size at most, in the Gaussian's largest sigmas
+CARD_MIN_SIGMA = 1e-3  # and at least, in its sigmas (a Gaussian too faint to draw: no singular instance)
+EULER = math.e
+# The service's rasterizer (and gsplat's "classic" mode) adds this many px^2 to every Gaussian's projected 2D
+# covariance, opacity unchanged: a Gaussian thinner than a pixel is drawn as a blob of at least ~0.55 px sigma
+# (backend/rasterizers/torch_cpu.py EPS2D, gsplat's eps2d; repeated here as the extension does not ship the
+# backend). Renders' cards do the same in pixels of the render (gaussians_node_group's "Low-pass" input).
+LOW_PASS_PX2 = 0.3
+LOW_PASS_INPUT = "Low-pass"  # the Gaussians node group's input: px^2 added in renders (0: the Gaussians as fitted)
+# Value nodes of the Gaussians node group, driven by the active scene's render size in pixels (resolution x
+# percentage): with the active camera's projection matrix they give its focal lengths in the render's pixels
+RENDER_SIZE_NODES = (("Render Width", "resolution_x"), ("Render Height", "resolution_y"))
 # Cycles gives up on a path after this many transparent surfaces (default 8, too few for overlapping splats).
 TRANSPARENT_BOUNCES = 256
 FRAME_FILE = "frame_{:06d}.png"  # image sequence names: Blender frame number, zero padded
@@ -241,7 +262,8 @@ def import_gaussians(g, name: str, coll: bpy.types.Collection) -> bpy.types.Obje
     """A Gaussians object: vertices at the means with ``scale``, ``rotation``, ``opacity`` and ``color``
     attributes; geometry nodes instance a shell per Gaussian in the viewport and a card parallel to the
     camera's image plane in renders (:func:`gaussians_node_group`), and :func:`gaussian_material` draws it as
-    3DGS does (opacity x exp(-r^2/2) out to CUTOFF_SIGMA, alpha-blended) in EEVEE and Cycles. The object
+    3DGS does (opacity x exp(-r^2/2) from ALPHA_MIN up, alpha-blended; in renders widened by the rasterizer's
+    low-pass of LOW_PASS_PX2 px^2) in EEVEE and Cycles. The object
     casts no shadows and is invisible to indirect rays: it shows the reconstruction, it does not light it.
 
     Gaussians of SH degree d > 0 also carry their (d+1)^2 SH coefficients (``sh_0`` ..., ATTR_SH), and
@@ -325,6 +347,28 @@ def attribute_values(obj: bpy.types.Object, name: str) -> np.ndarray:
 # Node groups and materials (built once per file, reused)
 
 
+def _reusable(ids, name: str):
+    """The Gaussians' node group or material ``name`` in ``ids`` (bpy.data.node_groups or .materials) for reuse:
+    (it, None) where this add-on's GAUSSIANS_VERSION built it; (None, the older one, renamed aside) where an
+    earlier add-on did (a .blend saved before: its Gaussians would render as that version drew them), for
+    :func:`_adopt` to replace; (None, None) where there is none."""
+    found = ids.get(name)
+    if found is None:
+        return None, None
+    if found.get(VERSION_PROP) == GAUSSIANS_VERSION:
+        return found, None
+    found.name = f"{name} (older add-on)"
+    return None, found
+
+
+def _adopt(ids, built, older) -> None:
+    """Mark ``built`` as this add-on version's; every user of ``older`` (from :func:`_reusable`) takes it."""
+    built[VERSION_PROP] = GAUSSIANS_VERSION
+    if older is not None:
+        older.user_remap(built)
+        ids.remove(older)
+
+
 def _new_tree(name: str) -> bpy.types.NodeTree:
     tree = bpy.data.node_groups.new(name, "GeometryNodeTree")
     tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
@@ -391,12 +435,15 @@ def gaussian_material() -> bpy.types.Material:
     highest density where it passes closest to the centre: at squared distance
     r2 = |p|^2 - (p . d)^2 (p: the hit point, d: the unit ray direction, both in object space), which is
     the squared Mahalanobis distance of the projected 2D Gaussian that 3DGS rasterizes. The ray takes
-    alpha = min(opacity exp(-r2 / 2), ALPHA_MAX) for r2 < CUTOFF_SIGMA^2, once (back faces are clear),
-    over an emission of the instance's ``color`` (linear) or ``color_srgb`` (the values as fitted; the
-    ``sRGB blending`` switch picks): the SH DC colour, or for Gaussians of SH degree above 0 their colour
-    seen from the scene camera, which :func:`gaussians_node_group` stores on the instances.
+    alpha = min(opacity exp(-r2 / 2), ALPHA_MAX) for r2 < CUTOFF_SIGMA^2, 0 where that is below ALPHA_MIN (the
+    rasterizer drops it: the fitted temple's median opacity is 0.006, and drawn in full such Gaussians were a
+    haze), once (back faces are clear), over an emission of the instance's ``color`` (linear) or
+    ``color_srgb`` (the values as fitted; the ``sRGB blending`` switch picks): the SH DC colour, or for
+    Gaussians of SH degree above 0 their colour seen from the scene camera, which :func:`gaussians_node_group`
+    stores on the instances. A render's card carries in its frame the Gaussian widened by the rasterizer's
+    low-pass (:func:`gaussians_node_group`).
     """
-    mat = bpy.data.materials.get(GAUSSIANS_MATERIAL)
+    mat, older = _reusable(bpy.data.materials, GAUSSIANS_MATERIAL)
     if mat is not None:
         return mat
     mat, nt, out, emit = _emission_material(GAUSSIANS_MATERIAL)
@@ -439,6 +486,7 @@ def gaussian_material() -> bpy.types.Material:
     r2 = _math(nt, "SUBTRACT", _vmath(nt, "DOT_PRODUCT", p, p), _math(nt, "MULTIPLY", along, along))
     density = _math(nt, "EXPONENT", _math(nt, "MULTIPLY", r2, -0.5))
     alpha = _math(nt, "MINIMUM", _math(nt, "MULTIPLY", opacity.outputs["Fac"], density), ALPHA_MAX)
+    alpha = _math(nt, "MULTIPLY", alpha, _math(nt, "SUBTRACT", 1.0, _math(nt, "LESS_THAN", alpha, ALPHA_MIN)))
     inside = _math(nt, "LESS_THAN", r2, CUTOFF_SIGMA * CUTOFF_SIGMA)
     # Each splat counts once: at its front face, or, when the camera sits inside its cutoff sphere (a large
     # Gaussian around the viewer; its rays meet only back faces), at the back face.
@@ -469,6 +517,7 @@ def gaussian_material() -> bpy.types.Material:
     if hasattr(mat, "use_transparency_overlap"):
         mat.use_transparency_overlap = True
     mat.diffuse_color = (0.8, 0.8, 0.8, 1.0)
+    _adopt(bpy.data.materials, mat, older)
     return mat
 
 
@@ -630,6 +679,66 @@ def _store_sh_colors(tree: bpy.types.NodeTree, points, degree: int, position, ca
     return points
 
 
+def _render_size(tree: bpy.types.NodeTree) -> list:
+    """Value nodes holding the active scene's render width and height in pixels (resolution x percentage),
+    kept up to date by drivers (simple expressions: no Python runs, the file renders without the add-on).
+    Returns their output sockets [width, height]."""
+    out = []
+    for label, prop in RENDER_SIZE_NODES:
+        value = tree.nodes.new("ShaderNodeValue")
+        value.name = value.label = label
+        driver = tree.driver_add(f'nodes["{label}"].outputs[0].default_value').driver
+        driver.type = "SCRIPTED"
+        for var_name, path in (("size", f"render.{prop}"), ("percent", "render.resolution_percentage")):
+            var = driver.variables.new()
+            var.name, var.type = var_name, "CONTEXT_PROP"
+            var.targets[0].context_property = "ACTIVE_SCENE"
+            var.targets[0].data_path = path
+        driver.expression = "size * percent / 100"
+        out.append(value.outputs[0])
+    return out
+
+
+def _low_pass_rows(tree: bpy.types.NodeTree, rows: list, blurs: list) -> list:
+    """The rows of a frame matrix F (instance space -> a Gaussian's frame in standard deviations, where its
+    covariance is I) after the Gaussian is convolved with Gaussians of covariance u u^T for each ``u`` of
+    ``blurs`` (vector sockets in the frame's coordinates): the rows of G F with G^T G = (I + sum u u^T)^-1.
+
+    One blur at a time: (I + u u^T)^(-1/2) = I - c u^ u^T with c = 1 - 1 / sqrt(1 + |u|^2) (u^ = u / |u|),
+    and I + u u^T + v v^T = B (I + w w^T) B with B = (I + u u^T)^(1/2), w = B^-1 v, so the next blur is
+    carried by B^-1 first. No matrix is inverted or factored: a blur far wider than the Gaussian (a sigma of
+    a thousandth of a pixel) loses no precision. Geometry node fields."""
+    n, links = tree.nodes, tree.links
+    for j, u in enumerate(blurs):
+        unit = _vmath(tree, "NORMALIZE", u)
+        c = _math(
+            tree,
+            "SUBTRACT",
+            1.0,
+            _math(tree, "INVERSE_SQRT", _math(tree, "ADD", 1.0, _vmath(tree, "DOT_PRODUCT", u, u))),
+        )
+        comps = n.new("ShaderNodeSeparateXYZ")
+        links.new(unit, comps.inputs[0])
+        along = None  # sum_k u^_k row_k
+        for k, row in enumerate(rows):
+            term = _vmath(tree, "SCALE", row, comps.outputs[k])
+            along = term if along is None else _vmath(tree, "ADD", along, term)
+        rows = [
+            _vmath(tree, "SUBTRACT", row, _vmath(tree, "SCALE", along, _math(tree, "MULTIPLY", c, comps.outputs[k])))
+            for k, row in enumerate(rows)
+        ]
+        blurs[j + 1 :] = [
+            _vmath(
+                tree,
+                "SUBTRACT",
+                v,
+                _vmath(tree, "SCALE", unit, _math(tree, "MULTIPLY", c, _vmath(tree, "DOT_PRODUCT", unit, v))),
+            )
+            for v in blurs[j + 1 :]
+        ]
+    return rows
+
+
 def gaussians_node_group(degree: int = 0) -> bpy.types.NodeTree:
     """Mesh vertices -> one instance per Gaussian; :func:`gaussian_material` draws the Gaussian on it. One
     group per SH degree: "ReconLoop Gaussians" (degree 0), "ReconLoop Gaussians SH 3", ...
@@ -641,12 +750,21 @@ def gaussians_node_group(degree: int = 0) -> bpy.types.NodeTree:
     of their centres' depth, the order in which the service's rasterizer composites them. (Shells are met
     where the ray enters them: a wide Gaussian behind an object, a backdrop of the demo scene with sigmas
     of metres, was drawn in front of it; docs/benchmarks.md, "Gaussians in Blender".) The card is the
-    bounding box of the 3-sigma ellipse the rasterizer splats, carried along the ray through the centre
-    onto the card's plane: each Gaussian axis a (camera axes, one sigma) gives (a_x - a_z x / z,
-    a_y - a_z y / z) for the centre at (x, y, z), and the card's half sizes are CUTOFF_SIGMA x the root
-    sums of their squares (at most CARD_MAX_SIGMA sigmas). Either instance stores the rows of the matrix
-    from its space to the Gaussian's frame (ATTR_FRAME) for the material: where a ray meets the geometry
-    does not change the Gaussian it sees there.
+    bounding box of the ellipse the rasterizer splats (as far as alpha reaches ALPHA_MIN: sqrt(2 ln(opacity /
+    ALPHA_MIN)) sigmas, at most CUTOFF_SIGMA), carried along the ray through the centre onto the card's plane:
+    each Gaussian axis a (camera axes, one sigma) gives (a_x - a_z x / z, a_y - a_z y / z) for the centre at
+    (x, y, z), and the card's half sizes are that many sigmas x the root sums of their squares (at most
+    CARD_MAX_SIGMA sigmas). Either instance stores the rows of the matrix from its space to the Gaussian's
+    frame (ATTR_FRAME) for the material: where a ray meets the geometry does not change the Gaussian it sees
+    there.
+
+    A card draws its Gaussian convolved with the rasterizer's low-pass (the "Low-pass" input, LOW_PASS_PX2 px^2
+    in the render's pixels, as the service's eps2d): a Gaussian of sigma z sqrt(eps) / f along the camera's
+    x and y at the centre's depth z (f: the focal length in the render's pixels, from the active camera's
+    projection matrix and the render size that drivers read from the active scene), which the rasterizer's
+    Jacobian maps to eps px^2. It widens the card and enters the frame rows (:func:`_low_pass_rows`). A
+    Gaussian thinner than a pixel, common in real fits, is otherwise far thinner in Cycles than in the service's
+    render (docs/benchmarks.md, "Gaussians in Blender"). The viewport's shells draw the Gaussians as fitted.
 
     For SH degree d > 0 the group first overwrites each point's ``color_srgb`` and ``color`` (so the
     instances') with its colour seen from the scene camera, as the service computes it (:func:`_sh_color`
@@ -658,10 +776,16 @@ def gaussians_node_group(degree: int = 0) -> bpy.types.NodeTree:
     if not 0 <= degree <= MAX_SH_DEGREE:
         raise ValueError(f"degree must be in 0..{MAX_SH_DEGREE}; got {degree}")
     name = GAUSSIANS_NODES if degree == 0 else f"{GAUSSIANS_NODES} SH {degree}"
-    tree = bpy.data.node_groups.get(name)
+    tree, older = _reusable(bpy.data.node_groups, name)
     if tree is not None:
         return tree
     tree = _new_tree(name)
+    low_pass = tree.interface.new_socket(LOW_PASS_INPUT, in_out="INPUT", socket_type="NodeSocketFloat")
+    low_pass.description = (
+        "px^2 added to each Gaussian's 2D covariance in renders, in the render's pixels, as the service's "
+        "rasterizer does (0: the Gaussians as fitted, thin ones thinner than the service draws them)"
+    )
+    low_pass.default_value, low_pass.min_value = LOW_PASS_PX2, 0.0
     n = tree.nodes
     links = tree.links
     gin, gout = n.new("NodeGroupInput"), n.new("NodeGroupOutput")
@@ -706,7 +830,7 @@ def gaussians_node_group(degree: int = 0) -> bpy.types.NodeTree:
     shells = _store_frame(tree, instanced(shell, rot.outputs["Attribute"], scale.outputs["Attribute"]), identity)
 
     # render: cards parallel to the camera's image plane through each centre (the camera in the object's
-    # space), as wide and tall as the 3-sigma ellipse the rasterizer splats, carried onto the card's plane
+    # space), as wide and tall as the ellipse the rasterizer splats, carried onto the card's plane
     uncam = n.new("FunctionNodeInvertRotation")
     links.new(info.outputs["Rotation"], uncam.inputs["Rotation"])
 
@@ -726,24 +850,49 @@ def gaussians_node_group(degree: int = 0) -> bpy.types.NodeTree:
     sigmas = n.new("ShaderNodeSeparateXYZ")
     links.new(scale.outputs["Attribute"], sigmas.inputs["Vector"])
     largest = math("MAXIMUM", math("MAXIMUM", sigmas.outputs[0], sigmas.outputs[1]), sigmas.outputs[2])
-    widest = math("MULTIPLY", largest, CARD_MAX_SIGMA)
-    var_x, var_y, axes = None, None, []
+    # the low-pass: a Gaussian of LOW_PASS px^2 in the render's pixels, at the centre's depth in world units along
+    # the camera's x and y (the rasterizer's Jacobian maps those axes to pixels by f / z): sigma z sqrt(eps) / f
+    blur_sigma = [0.0, 0.0]  # Blender before 5.0 has no Camera Info node: no low-pass, the Gaussians as fitted
+    if hasattr(bpy.types, "GeometryNodeCameraInfo"):
+        lens = n.new("GeometryNodeCameraInfo")
+        links.new(camera.outputs["Active Camera"], lens.inputs["Camera"])
+        projection = n.new("FunctionNodeSeparateMatrix")  # P00 = 2 fx / width, P11 = 2 fy / height (pixels)
+        links.new(lens.outputs["Projection Matrix"], projection.inputs["Matrix"])
+        blur_sigma = []
+        for p, side in zip(("Column 1 Row 1", "Column 2 Row 2"), _render_size(tree), strict=True):
+            focal = math("MULTIPLY", math("MULTIPLY", projection.outputs[p], side), 0.5)  # pixels
+            per_pixel = math("DIVIDE", math("ABSOLUTE", depth), focal)  # world units a pixel at the centre's depth
+            blur_sigma.append(math("MULTIPLY", per_pixel, math("SQRT", gin.outputs[LOW_PASS_INPUT])))
+    var_x, var_y = (math("MULTIPLY", b, b) for b in blur_sigma)
+    widest = math("MULTIPLY", math("MAXIMUM", largest, math("MAXIMUM", *blur_sigma)), CARD_MAX_SIGMA)
+    axes, blur_x, blur_y = [], n.new("ShaderNodeCombineXYZ"), n.new("ShaderNodeCombineXYZ")
     for k, unit in enumerate(identity):
         turn = n.new("FunctionNodeRotateVector")  # the Gaussian's axis k, one sigma long, in the camera's axes
         turn.inputs["Vector"].default_value = unit
         links.new(rot.outputs["Attribute"], turn.inputs["Rotation"])
         a = in_camera(turn.outputs["Vector"])
         axes.append(a)
+        # the blur's axes in the Gaussian's frame (standard deviations): row k of S^-1 R^T times sigma_blur
+        unit_parts = n.new("ShaderNodeSeparateXYZ")
+        links.new(a, unit_parts.inputs[0])
+        for blur, part, b in ((blur_x, "X", blur_sigma[0]), (blur_y, "Y", blur_sigma[1])):
+            links.new(math("DIVIDE", math("MULTIPLY", unit_parts.outputs[part], b), sigmas.outputs[k]), blur.inputs[k])
         parts = n.new("ShaderNodeSeparateXYZ")
         links.new(math("SCALE", a, sigmas.outputs[k], vector=True), parts.inputs[0])
         # carried along the ray through the centre onto the card's plane: (a_x - a_z x / z, a_y - a_z y / z)
         u_x = math("SUBTRACT", parts.outputs["X"], math("MULTIPLY", parts.outputs["Z"], slope_x))
         u_y = math("SUBTRACT", parts.outputs["Y"], math("MULTIPLY", parts.outputs["Z"], slope_y))
         sq_x, sq_y = math("MULTIPLY", u_x, u_x), math("MULTIPLY", u_y, u_y)
-        var_x = sq_x if var_x is None else math("ADD", var_x, sq_x)
-        var_y = sq_y if var_y is None else math("ADD", var_y, sq_y)
-    half_x = math("MINIMUM", math("MULTIPLY", math("SQRT", var_x), CUTOFF_SIGMA), widest)
-    half_y = math("MINIMUM", math("MULTIPLY", math("SQRT", var_y), CUTOFF_SIGMA), widest)
+        var_x, var_y = math("ADD", var_x, sq_x), math("ADD", var_y, sq_y)
+    # as far as alpha reaches ALPHA_MIN: sqrt(2 ln(opacity / ALPHA_MIN)) sigmas (0 for a Gaussian fainter than that)
+    opacity = n.new("GeometryNodeInputNamedAttribute")
+    opacity.data_type = "FLOAT"
+    opacity.inputs["Name"].default_value = ATTR_OPACITY
+    reach = math("MAXIMUM", math("DIVIDE", opacity.outputs["Attribute"], ALPHA_MIN), 1.0)
+    extent = math("SQRT", math("MULTIPLY", math("LOGARITHM", reach, EULER), 2.0))
+    extent = math("MAXIMUM", math("MINIMUM", extent, CUTOFF_SIGMA), CARD_MIN_SIGMA)
+    half_x = math("MINIMUM", math("MULTIPLY", math("SQRT", var_x), extent), widest)
+    half_y = math("MINIMUM", math("MULTIPLY", math("SQRT", var_y), extent), widest)
     size = n.new("ShaderNodeCombineXYZ")
     links.new(half_x, size.inputs["X"])
     links.new(half_y, size.inputs["Y"])
@@ -752,11 +901,13 @@ def gaussians_node_group(degree: int = 0) -> bpy.types.NodeTree:
     card.inputs["Size X"].default_value = card.inputs["Size Y"].default_value = 2.0
     card.inputs["Vertices X"].default_value = card.inputs["Vertices Y"].default_value = 2
     cards = instanced(card, info.outputs["Rotation"], size.outputs["Vector"])
-    # frame row k = (the Gaussian's axis k in the camera's axes, times the card's size) / sigma_k
+    # frame row k = (the Gaussian's axis k in the camera's axes, times the card's size) / sigma_k; then the
+    # frame of the Gaussian convolved with the low-pass
     rows = [
         math("DIVIDE", math("MULTIPLY", a, size.outputs["Vector"], vector=True), sigmas.outputs[k], vector=True)
         for k, a in enumerate(axes)
     ]
+    rows = _low_pass_rows(tree, rows, [blur_x.outputs["Vector"], blur_y.outputs["Vector"]])
     cards = _store_frame(tree, cards, rows)
 
     viewport = n.new("GeometryNodeIsViewport")
@@ -766,6 +917,7 @@ def gaussians_node_group(degree: int = 0) -> bpy.types.NodeTree:
     links.new(cards, pick.inputs["False"])
     links.new(shells, pick.inputs["True"])
     links.new(pick.outputs["Output"], gout.inputs["Geometry"])
+    _adopt(bpy.data.node_groups, tree, older)
     return tree
 
 

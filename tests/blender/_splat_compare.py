@@ -41,8 +41,10 @@ def cycles_render(
     *,
     as_fitted: bool = True,
     engine: str = "CYCLES",
+    resolution_percentage: int = 100,
 ) -> np.ndarray:
-    """Cycles' render of the imported Gaussians over black (a fresh scene). float32 [H, W, 3] in [0, 1]"""
+    """Cycles' render of the imported Gaussians over black (a fresh scene). float32 [H, W, 3] in [0, 1]; with
+    ``resolution_percentage`` p, the scene keeps the camera's size W x H and renders W p / 100 x H p / 100."""
     from PIL import Image
 
     scene = bpy.context.scene
@@ -53,6 +55,7 @@ def cycles_render(
     cam = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
     scene.collection.objects.link(cam)
     apply_camera_params(cam, scene, cam_math.blender_from_opencv(w2c, K, width, height))
+    scene.render.resolution_percentage = resolution_percentage
     cam.data.clip_start = 0.01
     scene.camera = cam
     importers.prepare_render_for_gaussians(scene, as_fitted=as_fitted)
@@ -84,10 +87,20 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 TEMPLE_BOX = ((-0.073568, 0.021728, -0.012445), (0.028855, 0.181892, 0.062736))  # README.txt of the data
 
 
-def fit_temple(temple_dir: Path, *, ids=(0, 4, 8, 12), size=(80, 60), iterations=60, points=1500):
+def fit_temple(
+    temple_dir: Path,
+    *,
+    ids=(0, 4, 8, 12),
+    size=(80, 60),
+    iterations=60,
+    points=1500,
+    sh_degree=0,
+    sh_degree_interval=1000,
+):
     """A small Gaussian fit of the real temple on the CPU: (GaussianArrays, the captures' cameras at ``size``).
 
-    Starts from points spread through the temple's bounding box (the data's README gives it).
+    Starts from points spread through the temple's bounding box (the data's README gives it); the SH
+    degree fitted rises by one every ``sh_degree_interval`` steps up to ``sh_degree``.
     """
     from PIL import Image
 
@@ -120,6 +133,13 @@ def fit_temple(temple_dir: Path, *, ids=(0, 4, 8, 12), size=(80, 60), iterations
         torch.ones(len(caps), size[1], size[0]),
     )
     torch.manual_seed(0)
-    cfg = FitConfig(iterations=iterations, rasterizer="torch_cpu", strategy="none", lpips_weight=0.0, sh_degree=0)
+    cfg = FitConfig(
+        iterations=iterations,
+        rasterizer="torch_cpu",
+        strategy="none",
+        lpips_weight=0.0,
+        sh_degree=sh_degree,
+        sh_degree_interval=sh_degree_interval,
+    )
     g = fit_gaussians(views, memory, cfg, device="cpu")
     return gaussians_to_arrays(g), cams

@@ -215,6 +215,35 @@ def test_cycles_shows_points_and_gaussians_in_their_colours():
     assert green.sum() > 20, "Gaussians did not render green"
 
 
+def test_gaussians_drawn_by_an_older_add_on_take_this_ones_node_group_and_material():
+    """A .blend saved with an earlier add-on holds its node group and material under the names this one reuses:
+    they are rebuilt on the next import, and the Gaussians already in the file take the new ones too."""
+    from protocol.ply import GaussianArrays
+
+    n = 4
+    g = GaussianArrays(
+        means=np.zeros((n, 3), np.float32),
+        log_scales=np.full((n, 3), -3.0, np.float32),
+        quats=np.tile(np.float32([1, 0, 0, 0]), (n, 1)),
+        opacity_logits=np.zeros(n, np.float32),
+        sh=np.zeros((n, 1, 3), np.float32),
+    )
+    coll = importers.job_collection(bpy.context.scene, "older", "job")
+    first = importers.import_gaussians(g, "first", coll)
+    group, material = first.modifiers[0].node_group, importers.gaussian_material()
+    for made in (group, material):  # as an earlier version left them: no version, no low-pass input
+        del made[importers.VERSION_PROP]
+    group.interface.remove(group.interface.items_tree[importers.LOW_PASS_INPUT])
+    second = importers.import_gaussians(g, "second", coll)
+    new_group = second.modifiers[0].node_group
+    assert new_group.name == importers.GAUSSIANS_NODES and importers.LOW_PASS_INPUT in new_group.interface.items_tree
+    assert first.modifiers[0].node_group == new_group  # the older Gaussians render as this version draws them
+    assert new_group[importers.VERSION_PROP] == importers.GAUSSIANS_VERSION
+    assert importers.gaussian_material()[importers.VERSION_PROP] == importers.GAUSSIANS_VERSION
+    assert not [ID.name for ID in (*bpy.data.node_groups, *bpy.data.materials) if "older add-on" in ID.name]
+    assert importers.gaussians_node_group() == new_group  # now reused
+
+
 def _photo_camera(coll, name: str, photo: Path, frame_method: str = "STRETCH"):
     obj = bpy.data.objects.new(name, bpy.data.cameras.new(name))
     coll.objects.link(obj)

@@ -538,7 +538,9 @@ class JobDriver:
         self.hello: dict[str, Any] | None = None
         self._queue: list[_Download] = []
         self._have: dict[str, str] = {}  # name -> sha256 downloaded
-        self.refused: list[str] = []  # why an output file the service announced was not written, one per file
+        # why an output file the service announced was not written, one per file (dict: ordered, no repeats when
+        # the file is announced again)
+        self.refused: dict[str, None] = {}
         self._current: _Download | None = None
         self._last_event = time.monotonic()
         self._seq = 0  # the newest event (or status) applied
@@ -688,8 +690,7 @@ class JobDriver:
         try:  # joined to the job's folder below: a wrong or hostile service must not write outside it
             check_artifact_name(name)
         except ValueError as err:  # the job's other files still come; the job's end names this one
-            if str(err) not in self.refused:
-                self.refused.append(str(err))
+            self.refused[str(err)] = None
             return
         if self._have.get(name) == sha:
             return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 
 import bpy
@@ -60,6 +61,7 @@ U8_MAX = 255.0
 # 2: the rasterizer's low-pass and alpha floor in renders.
 GAUSSIANS_VERSION = 2
 VERSION_PROP = "reconloop_version"  # the ID property that holds it
+LOW_PASS_PROP = "reconloop_low_pass"  # a node group's ID property: built with the low-pass (Blender 5.0 and later)
 POINTS_NODES = "ReconLoop Points"
 GAUSSIANS_NODES = "ReconLoop Gaussians"
 POINTS_MATERIAL = "ReconLoop Points"
@@ -290,6 +292,7 @@ def import_gaussians(g, name: str, coll: bpy.types.Collection) -> bpy.types.Obje
             _set_attribute(mesh, ATTR_SH.format(k), "FLOAT_VECTOR", "vector", sh[k])
     obj = bpy.data.objects.new(name, mesh)
     obj["sh_degree"] = degree
+    upgrade_gaussians_groups()  # a file saved with an earlier add-on: every degree's group, not only this one
     mod = obj.modifiers.new("Gaussians", "NODES")
     mod.node_group = gaussians_node_group(degree)
     obj.visible_shadow = obj.visible_diffuse = obj.visible_glossy = obj.visible_volume_scatter = False
@@ -347,15 +350,24 @@ def attribute_values(obj: bpy.types.Object, name: str) -> np.ndarray:
 # Node groups and materials (built once per file, reused)
 
 
+def _is_current(found) -> bool:
+    """Built by this add-on's GAUSSIANS_VERSION, and a node group with the low-pass where this Blender has it
+    (a group built under Blender 4.x, which lacks the Camera Info node, is rebuilt under 5.0)."""
+    if found.get(VERSION_PROP) != GAUSSIANS_VERSION:
+        return False
+    wants_low_pass = isinstance(found, bpy.types.NodeTree) and hasattr(bpy.types, "GeometryNodeCameraInfo")
+    return not wants_low_pass or bool(found.get(LOW_PASS_PROP))
+
+
 def _reusable(ids, name: str):
     """The Gaussians' node group or material ``name`` in ``ids`` (bpy.data.node_groups or .materials) for reuse:
-    (it, None) where this add-on's GAUSSIANS_VERSION built it; (None, the older one, renamed aside) where an
-    earlier add-on did (a .blend saved before: its Gaussians would render as that version drew them), for
-    :func:`_adopt` to replace; (None, None) where there is none."""
+    (it, None) where it is current (:func:`_is_current`) or linked from a library (not ours to change); (None,
+    the older one, renamed aside) where an earlier add-on built it (a .blend saved before: its Gaussians would
+    render as that version drew them), for :func:`_adopt` to replace; (None, None) where there is none."""
     found = ids.get(name)
     if found is None:
         return None, None
-    if found.get(VERSION_PROP) == GAUSSIANS_VERSION:
+    if _is_current(found) or found.library is not None:
         return found, None
     found.name = f"{name} (older add-on)"
     return None, found
@@ -367,6 +379,30 @@ def _adopt(ids, built, older) -> None:
     if older is not None:
         older.user_remap(built)
         ids.remove(older)
+    if isinstance(built, bpy.types.NodeTree):  # the remapped modifiers' inputs follow the new interface
+        for obj in bpy.data.objects:
+            for mod in obj.modifiers:
+                if mod.type == "NODES" and mod.node_group == built and obj.library is None:
+                    mod.node_group = built
+
+
+def upgrade_gaussians_groups() -> None:
+    """Every Gaussians node group an earlier add-on built (each SH degree's, and the ``.001`` copies that an
+    object appended from another file brings) replaced by this version's, its users remapped: so that a file
+    saved before renders all its Gaussians as the service does, not only those of the degree imported next."""
+    pattern = re.compile(rf"^{re.escape(GAUSSIANS_NODES)}(?: SH (\d))?(?:\.\d+)?$")
+    stale = [
+        (tree.name, int(match[1] or 0))
+        for tree in bpy.data.node_groups
+        if (match := pattern.match(tree.name)) and tree.library is None and not _is_current(tree)
+    ]
+    for name, degree in stale:
+        current = gaussians_node_group(degree)  # rebuilds the group of that name where it is stale
+        tree = bpy.data.node_groups.get(name)  # a ".001" copy, still stale; the group itself is ``current`` now
+        if tree is not None and tree != current:
+            tree.user_remap(current)
+            bpy.data.node_groups.remove(tree)
+            _adopt(bpy.data.node_groups, current, None)
 
 
 def _new_tree(name: str) -> bpy.types.NodeTree:
@@ -858,10 +894,14 @@ def gaussians_node_group(degree: int = 0) -> bpy.types.NodeTree:
         links.new(camera.outputs["Active Camera"], lens.inputs["Camera"])
         projection = n.new("FunctionNodeSeparateMatrix")  # P00 = 2 fx / width, P11 = 2 fy / height (pixels)
         links.new(lens.outputs["Projection Matrix"], projection.inputs["Matrix"])
+        # world units a pixel spans at the centre: |z| / f for a perspective camera (f in pixels), 1 / (pixels a
+        # world unit) for an orthographic one, whose P00 W / 2 is that
+        ortho = lens.outputs["Is Orthographic"]
+        reach = math("ADD", ortho, math("MULTIPLY", math("SUBTRACT", 1.0, ortho), math("ABSOLUTE", depth)))
         blur_sigma = []
         for p, side in zip(("Column 1 Row 1", "Column 2 Row 2"), _render_size(tree), strict=True):
             focal = math("MULTIPLY", math("MULTIPLY", projection.outputs[p], side), 0.5)  # pixels
-            per_pixel = math("DIVIDE", math("ABSOLUTE", depth), focal)  # world units a pixel at the centre's depth
+            per_pixel = math("DIVIDE", reach, focal)
             blur_sigma.append(math("MULTIPLY", per_pixel, math("SQRT", gin.outputs[LOW_PASS_INPUT])))
     var_x, var_y = (math("MULTIPLY", b, b) for b in blur_sigma)
     widest = math("MULTIPLY", math("MAXIMUM", largest, math("MAXIMUM", *blur_sigma)), CARD_MAX_SIGMA)
@@ -917,6 +957,7 @@ def gaussians_node_group(degree: int = 0) -> bpy.types.NodeTree:
     links.new(cards, pick.inputs["False"])
     links.new(shells, pick.inputs["True"])
     links.new(pick.outputs["Output"], gout.inputs["Geometry"])
+    tree[LOW_PASS_PROP] = hasattr(bpy.types, "GeometryNodeCameraInfo")
     _adopt(bpy.data.node_groups, tree, older)
     return tree
 

@@ -42,9 +42,11 @@ def cycles_render(
     as_fitted: bool = True,
     engine: str = "CYCLES",
     resolution_percentage: int = 100,
+    ortho_scale: float | None = None,
 ) -> np.ndarray:
     """Cycles' render of the imported Gaussians over black (a fresh scene). float32 [H, W, 3] in [0, 1]; with
-    ``resolution_percentage`` p, the scene keeps the camera's size W x H and renders W p / 100 x H p / 100."""
+    ``resolution_percentage`` p, the scene keeps the camera's size W x H and renders W p / 100 x H p / 100; with
+    ``ortho_scale``, the camera is orthographic, that many world units wide (``K`` places nothing then)."""
     from PIL import Image
 
     scene = bpy.context.scene
@@ -56,6 +58,8 @@ def cycles_render(
     scene.collection.objects.link(cam)
     apply_camera_params(cam, scene, cam_math.blender_from_opencv(w2c, K, width, height))
     scene.render.resolution_percentage = resolution_percentage
+    if ortho_scale is not None:
+        cam.data.type, cam.data.ortho_scale = "ORTHO", ortho_scale
     cam.data.clip_start = 0.01
     scene.camera = cam
     importers.prepare_render_for_gaussians(scene, as_fitted=as_fitted)

@@ -88,6 +88,24 @@ def test_gaussians_thinner_than_a_pixel_render_as_the_service_renders_them(perce
     assert psnr(want, got) >= MIN_RASTERIZER_RULES_PSNR_DB
 
 
+def test_an_orthographic_camera_widens_a_thin_gaussian_by_the_low_pass_at_any_depth(tmp_path):
+    """An orthographic camera maps a world unit to the same pixels at every depth: a Gaussian of 1 mm (a fiftieth
+    of a pixel) 6 m away is drawn as the low-pass's blob of about 0.55 px sigma, its alpha summing to about
+    2 pi 0.3 = 1.9 pixels, not widened as a perspective camera's would be at that depth (6 times as wide)."""
+    g = GaussianArrays(
+        means=np.zeros((1, 3), np.float32),
+        log_scales=np.full((1, 3), np.log(0.001), np.float32),
+        quats=np.float32([[1, 0, 0, 0]]),
+        opacity_logits=np.float32([8.0]),
+        sh=np.full((1, 1, 3), 0.5 / SH_C0, np.float32),  # white
+    )
+    W, H = 48, 36
+    K = np.array([[50.0, 0, W / 2], [0, 50.0, H / 2], [0, 0, 1]])
+    got = cycles_render(g, look_at((0.0, 0.0, -6.0)), K, W, H, tmp_path / "ortho.png", ortho_scale=2.4)
+    total = float(got[..., 0].sum())  # 1 px = 5 cm; white over black: the alpha, pixel by pixel
+    assert 1.0 < total < 4.0, total
+
+
 def test_faint_gaussians_render_as_the_service_renders_them(tmp_path):
     """2000 Gaussians of opacity 0.004-0.01: the rasterizer leaves out every alpha below 1/255, so each covers at
     most the middle of its footprint (none where its opacity is below 1/255); Cycles drew all of them out to

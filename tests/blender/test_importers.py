@@ -216,32 +216,45 @@ def test_cycles_shows_points_and_gaussians_in_their_colours():
 
 
 def test_gaussians_drawn_by_an_older_add_on_take_this_ones_node_group_and_material():
-    """A .blend saved with an earlier add-on holds its node group and material under the names this one reuses:
-    they are rebuilt on the next import, and the Gaussians already in the file take the new ones too."""
+    """A .blend saved with an earlier add-on holds its node groups and material under the names this one reuses
+    (every SH degree's, and a ".001" copy that an appended object brought): all are rebuilt on the next import
+    of any degree, and the Gaussians already in the file take the new ones, their modifiers' inputs with them."""
     from protocol.ply import GaussianArrays
 
     n = 4
-    g = GaussianArrays(
-        means=np.zeros((n, 3), np.float32),
-        log_scales=np.full((n, 3), -3.0, np.float32),
-        quats=np.tile(np.float32([1, 0, 0, 0]), (n, 1)),
-        opacity_logits=np.zeros(n, np.float32),
-        sh=np.zeros((n, 1, 3), np.float32),
-    )
+
+    def gaussians(degree: int) -> GaussianArrays:
+        return GaussianArrays(
+            means=np.zeros((n, 3), np.float32),
+            log_scales=np.full((n, 3), -3.0, np.float32),
+            quats=np.tile(np.float32([1, 0, 0, 0]), (n, 1)),
+            opacity_logits=np.zeros(n, np.float32),
+            sh=np.zeros((n, (degree + 1) ** 2, 3), np.float32),
+        )
+
     coll = importers.job_collection(bpy.context.scene, "older", "job")
-    first = importers.import_gaussians(g, "first", coll)
-    group, material = first.modifiers[0].node_group, importers.gaussian_material()
-    for made in (group, material):  # as an earlier version left them: no version, no low-pass input
-        del made[importers.VERSION_PROP]
-    group.interface.remove(group.interface.items_tree[importers.LOW_PASS_INPUT])
-    second = importers.import_gaussians(g, "second", coll)
-    new_group = second.modifiers[0].node_group
-    assert new_group.name == importers.GAUSSIANS_NODES and importers.LOW_PASS_INPUT in new_group.interface.items_tree
-    assert first.modifiers[0].node_group == new_group  # the older Gaussians render as this version draws them
-    assert new_group[importers.VERSION_PROP] == importers.GAUSSIANS_VERSION
+    first = importers.import_gaussians(gaussians(0), "first", coll)
+    third = importers.import_gaussians(gaussians(3), "third", coll)
+    appended = first.copy()  # an object appended from another file with its own copy of the group
+    coll.objects.link(appended)
+    appended.modifiers[0].node_group = first.modifiers[0].node_group.copy()
+    assert appended.modifiers[0].node_group.name == importers.GAUSSIANS_NODES + ".001"
+    older = [first, third, appended]
+    for made in [o.modifiers[0].node_group for o in older] + [importers.gaussian_material()]:
+        del made[importers.VERSION_PROP]  # as an earlier version left them: no version, no low-pass input
+        if isinstance(made, bpy.types.NodeTree):
+            made.interface.remove(made.interface.items_tree[importers.LOW_PASS_INPUT])
+    importers.import_gaussians(gaussians(0), "second", coll)
+    groups = [g for g in bpy.data.node_groups if g.name.startswith(importers.GAUSSIANS_NODES)]
+    assert sorted(g.name for g in groups) == [importers.GAUSSIANS_NODES, importers.GAUSSIANS_NODES + " SH 3"]
+    assert all(g[importers.VERSION_PROP] == importers.GAUSSIANS_VERSION for g in groups)
     assert importers.gaussian_material()[importers.VERSION_PROP] == importers.GAUSSIANS_VERSION
     assert not [ID.name for ID in (*bpy.data.node_groups, *bpy.data.materials) if "older add-on" in ID.name]
-    assert importers.gaussians_node_group() == new_group  # now reused
+    for obj, degree in zip(older, (0, 3, 0), strict=True):  # the older Gaussians render as this version draws them
+        mod = obj.modifiers[0]
+        assert mod.node_group == importers.gaussians_node_group(degree), obj.name
+        low_pass = mod.node_group.interface.items_tree[importers.LOW_PASS_INPUT].identifier
+        assert low_pass in mod.keys(), f"{obj.name}: the modifier lacks the Low-pass input's value"
 
 
 def _photo_camera(coll, name: str, photo: Path, frame_method: str = "STRETCH"):

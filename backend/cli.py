@@ -503,6 +503,7 @@ def fetch_later(args: argparse.Namespace, job: str) -> str:
 def fetch_results(client: Any, job: str, out: Path, status: dict[str, Any] | None = None) -> int:
     """Download every artifact of ``job`` into ``out`` (sha256 checked), print the job's notes and how it ended;
     the exit status: 0 for a done job, 1 for one that failed or was cancelled (what it finished still comes)."""
+    from protocol.errors import listed
     from protocol.limits import check_artifact_name
 
     from .outputs import METRICS_FILE
@@ -521,8 +522,8 @@ def fetch_results(client: Any, job: str, out: Path, status: dict[str, Any] | Non
         with contextlib.suppress(OSError, ValueError):
             print_notes(json.loads((out / METRICS_FILE).read_text()).get("notes", []))
     print(f"job {job}: {status['state']} ({status['message']}); {len(names)} artifacts in {out}, sha256 verified")
-    for why in refused:
-        print(f"error: an output file of job {job} was not written: {why}", file=sys.stderr)
+    if refused:
+        print(f"error: output files of job {job} were not written: {listed(refused)}", file=sys.stderr)
     return 0 if status["state"] == "done" and not refused else EXIT_JOB_FAILED
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from protocol.errors import listed
 from protocol.images import encoded_image_size
 from protocol.schemas import DISTORTION_COEFFS
 from protocol.settings import SETTINGS, SettingError, check_settings
@@ -48,9 +49,6 @@ DISTORTION_PARAMS = {model: len(coeffs) for model, coeffs in DISTORTION_COEFFS.i
 
 ROTATION_TOL = 1e-4  # |R^T R - I| and |det R - 1| allowed in a camera's rotation
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-MAX_PROBLEMS_SAID = 8  # a scene with more problems than this names the first ones and counts the rest
 
 
 class SceneError(ValueError):
@@ -69,13 +67,13 @@ class SceneError(ValueError):
     @classmethod
     def of(cls, problems: Sequence[str], prefix: str = "") -> SceneError:
         """One error for several problems, each with ``prefix`` before its field path: "p1; p2; ... (N
-        problems)", at most :data:`MAX_PROBLEMS_SAID` named; one problem is its own message."""
-        said = [prefix + p for p in problems[:MAX_PROBLEMS_SAID]]
-        more = len(problems) - len(said)
-        text = "; ".join(said) + (f"; and {more} more" if more else "")
+        problems)", at most ``protocol.errors.MAX_LISTED`` named (:func:`protocol.errors.listed`); one problem is
+        its own message."""
+        problems = [prefix + p for p in problems]
+        text = listed(problems)
         if len(problems) > 1:
             text += f" ({len(problems)} problems)"
-        return cls(text, [prefix + p for p in problems])
+        return cls(text, problems)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from protocol.errors import listed
+
 SENSOR_FITS = ("AUTO", "HORIZONTAL", "VERTICAL")
 FRAME_METHODS = ("STRETCH", "FIT", "CROP")
 PERCENT = 100  # resolution_percentage is in percent
@@ -346,10 +348,9 @@ def render_conflicts(cams) -> str | None:
             bad.append(f"{name!r} ({int(width)}x{int(height)}, fx/fy {ratio:.6g})")
     if not bad:
         return None
-    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
     return (
         f"{len(bad)} camera(s) differ in image size or fx/fy from the first, {first[0]!r} "
-        f"({first[1]}x{first[2]}, fx/fy {first[3]:.6g}): {', '.join(bad[:5])}{more}. A Blender scene has "
+        f"({first[1]}x{first[2]}, fx/fy {first[3]:.6g}): {listed(bad, 5, ', ')}. A Blender scene has "
         "one render size and one pixel aspect, so these cameras would get wrong intrinsics; import cameras "
         "of one image size and fx/fy at a time (e.g. into separate scenes), or resize the photos to one size"
     )

@@ -353,7 +353,7 @@ def attribute_values(obj: bpy.types.Object, name: str) -> np.ndarray:
 def _is_current(found) -> bool:
     """Built by this add-on's GAUSSIANS_VERSION, and a node group with the low-pass where this Blender has it
     (a group built under Blender 4.x, which lacks the Camera Info node, is rebuilt under 5.0)."""
-    if found.get(VERSION_PROP) != GAUSSIANS_VERSION:
+    if found.get(VERSION_PROP, 0) < GAUSSIANS_VERSION:  # a newer add-on's stays
         return False
     wants_low_pass = isinstance(found, bpy.types.NodeTree) and hasattr(bpy.types, "GeometryNodeCameraInfo")
     return not wants_low_pass or bool(found.get(LOW_PASS_PROP))
@@ -388,9 +388,11 @@ def _adopt(ids, built, older) -> None:
 
 def upgrade_gaussians_groups() -> None:
     """Every Gaussians node group an earlier add-on built (each SH degree's, and the ``.001`` copies that an
-    object appended from another file brings) replaced by this version's, its users remapped: so that a file
-    saved before renders all its Gaussians as the service does, not only those of the degree imported next."""
-    pattern = re.compile(rf"^{re.escape(GAUSSIANS_NODES)}(?: SH (\d))?(?:\.\d+)?$")
+    object appended from another file brings; found by name, as the groups before GAUSSIANS_VERSION 2 carry no
+    marker) replaced by this version's, its users remapped and the replaced ones named in the console: so that a
+    file saved before renders all its Gaussians as the service does, not only those of the degree imported
+    next."""
+    pattern = re.compile(rf"^{re.escape(GAUSSIANS_NODES)}(?: SH ([1-{MAX_SH_DEGREE}]))?(?:\.\d+)?$")
     stale = [
         (tree.name, int(match[1] or 0))
         for tree in bpy.data.node_groups
@@ -403,6 +405,8 @@ def upgrade_gaussians_groups() -> None:
             tree.user_remap(current)
             bpy.data.node_groups.remove(tree)
             _adopt(bpy.data.node_groups, current, None)
+    if stale:  # an edit made to one of them is gone with it
+        print(f"ReconLoop: replaced node groups of an earlier add-on version: {', '.join(n for n, _ in stale)}")
 
 
 def _new_tree(name: str) -> bpy.types.NodeTree:

@@ -19,6 +19,7 @@ from typing import Any
 import bpy
 from bpy_extras.io_utils import ExportHelper, ImportHelper
 
+from protocol.errors import listed
 from protocol.schemas import TERMINAL_STATES
 
 from . import connection, datasets, importers, preferences, props, scene_io
@@ -252,9 +253,6 @@ def _stop_following(driver: connection.JobDriver) -> None:
     connection.SESSION.handlers.pop("importer", None)
 
 
-MAX_REFUSED_SAID = 8  # output files the service named unsafely that the end of a job names, the rest counted
-
-
 def _finish(driver: connection.JobDriver, importer: ResultImporter) -> str | None:
     """After the last step: the error message of a failed job, or None."""
     rt = _runtime()
@@ -266,10 +264,8 @@ def _finish(driver: connection.JobDriver, importer: ResultImporter) -> str | Non
         rt.last_error = driver.progress.message or f"the job {driver.progress.state}"
         return f"the reconstruction {driver.progress.state}: {driver.progress.message}"
     if driver.refused:  # the job's other files came and were imported; a hostile service may name thousands
-        said = list(driver.refused)[:MAX_REFUSED_SAID]
-        more = len(driver.refused) - len(said)
-        rt.last_error = "the service announced output files this add-on did not write: " + "; ".join(said)
-        rt.last_error += f"; and {more} more" if more else ""
+        refused = listed(list(driver.refused))
+        rt.last_error = f"the service announced output files this add-on did not write: {refused}"
         return rt.last_error
     if importer.unregistered:
         print(f"ReconLoop: {importer.unregistered}")

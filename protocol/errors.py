@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 BAD_FRAME = "bad_frame"  # wrong number or layout of frames, an array frame of the wrong size
@@ -67,3 +68,14 @@ class ProtocolError(Exception):
             message = f"[{code}] {message}"
             code = INTERNAL
         return cls(code, message, field=error.get("field"))
+
+
+MAX_LISTED = 8  # entries a message names before it counts the rest (listed)
+
+
+def listed(items: Sequence[str], most: int = MAX_LISTED, sep: str = "; ") -> str:
+    """``items`` joined by ``sep`` for a message: the first ``most`` said, the rest counted ("a; b; and 3 more"),
+    so that a request or a job with thousands of bad entries is not answered with megabytes of text."""
+    said = sep.join(items[:most])
+    more = len(items) - min(len(items), most)
+    return f"{said}{sep}and {more} more" if more else said

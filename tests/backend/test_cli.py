@@ -115,7 +115,7 @@ def test_fetch_writes_the_safe_outputs_of_a_service_that_names_one_unsafely(tmp_
     captured = capsys.readouterr()
     assert "job j1: done (ok); 2 artifacts in" in captured.out
     assert (
-        "error: an output file of job j1 was not written: artifact name must not hold empty, '.' or '..' parts; "
+        "error: output files of job j1 were not written: artifact name must not hold empty, '.' or '..' parts; "
         "got '../escape.txt'" in captured.err
     )
 

@@ -14,7 +14,6 @@ from PIL import Image
 
 from backend.generators import GENERATORS
 from backend.scene import (
-    MAX_PROBLEMS_SAID,
     SCENE_FILE,
     Camera,
     Capture,
@@ -28,6 +27,7 @@ from backend.scene import (
     scene_from_json,
     scene_to_json,
 )
+from protocol.errors import MAX_LISTED
 
 WIDTH, HEIGHT = 32, 24
 
@@ -195,7 +195,7 @@ def test_rejections_name_the_field(scene_dir, dotted, value, message):
 
 def test_every_bad_item_is_named_at_once(scene_dir):
     """A scene with several bad captures, trajectory frames or held-out views hears of all of them in one
-    error (its first field first, as every SceneError starts), not one per try; past MAX_PROBLEMS_SAID the
+    error (its first field first, as every SceneError starts), not one per try; past MAX_LISTED the
     rest are counted."""
     data = edit(read_json(scene_dir), "captures.0.image", "../photos/missing.png")
     data = edit(data, "captures.2.image", "../photos/img0.tiff")
@@ -215,13 +215,11 @@ def test_every_bad_item_is_named_at_once(scene_dir):
         "; captures[2].image: must be a PNG or JPEG file; got '../photos/img0.tiff'; trajectory[1].frame: must be an "
         "integer; got '5'; heldout[0].camera: missing (4 problems)"
     )
-    many = {"version": 1, "captures": [{"image": f"../photos/gone{i}.png"} for i in range(MAX_PROBLEMS_SAID + 3)]}
+    many = {"version": 1, "captures": [{"image": f"../photos/gone{i}.png"} for i in range(MAX_LISTED + 3)]}
     with pytest.raises(SceneError) as err:
         scene_from_json(many, scene_dir)
-    assert len(err.value.problems) == MAX_PROBLEMS_SAID + 3 and str(err.value).count("file not found") == (
-        MAX_PROBLEMS_SAID
-    )
-    assert str(err.value).endswith(f"; and 3 more ({MAX_PROBLEMS_SAID + 3} problems)")
+    assert len(err.value.problems) == MAX_LISTED + 3 and str(err.value).count("file not found") == (MAX_LISTED)
+    assert str(err.value).endswith(f"; and 3 more ({MAX_LISTED + 3} problems)")
 
 
 def test_never_half_loads(scene_dir):

@@ -244,9 +244,19 @@ def test_gaussians_drawn_by_an_older_add_on_take_this_ones_node_group_and_materi
         del made[importers.VERSION_PROP]  # as an earlier version left them: no version, no low-pass input
         if isinstance(made, bpy.types.NodeTree):
             made.interface.remove(made.interface.items_tree[importers.LOW_PASS_INPUT])
+    users = bpy.data.node_groups.new(importers.GAUSSIANS_NODES + " SH 7", "GeometryNodeTree")  # not a degree of ours
+    newer = importers.gaussians_node_group(1)
+    newer[importers.VERSION_PROP] = importers.GAUSSIANS_VERSION + 1  # a newer add-on's: not downgraded
     importers.import_gaussians(gaussians(0), "second", coll)
     groups = [g for g in bpy.data.node_groups if g.name.startswith(importers.GAUSSIANS_NODES)]
-    assert sorted(g.name for g in groups) == [importers.GAUSSIANS_NODES, importers.GAUSSIANS_NODES + " SH 3"]
+    assert sorted(g.name for g in groups) == [
+        importers.GAUSSIANS_NODES,
+        *(f"{importers.GAUSSIANS_NODES} SH {d}" for d in (1, 3, 7)),
+    ]
+    assert (
+        users.get(importers.VERSION_PROP) is None and newer[importers.VERSION_PROP] == importers.GAUSSIANS_VERSION + 1
+    )
+    groups = [g for g in groups if g not in (users, newer)]
     assert all(g[importers.VERSION_PROP] == importers.GAUSSIANS_VERSION for g in groups)
     assert importers.gaussian_material()[importers.VERSION_PROP] == importers.GAUSSIANS_VERSION
     assert not [ID.name for ID in (*bpy.data.node_groups, *bpy.data.materials) if "older add-on" in ID.name]

@@ -27,6 +27,12 @@ MIN_RASTERIZER_RULES_PSNR_DB = 40.0
 MIN_LONGER_FIT_PSNR_DB = 45.0  # the temple after 300 steps, captures 0-3: 49.3-53.7 dB now, 28.4-31.2 before
 
 
+def _front_view() -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The synthetic tests' camera: (w2c, K, W, H), 96x72 at a 90-px focal length, 4 m in front of the origin."""
+    W, H = 96, 72
+    return look_at((0.3, 0.5, -4.0)), np.array([[90.0, 0, W / 2], [0, 90.0, H / 2], [0, 0, 1]]), W, H
+
+
 def _varied_gaussians(n=300, seed=0, degree=0) -> GaussianArrays:
     """Overlapping Gaussians of every shape: thin and round, 3 cm to 25 cm sigmas, faint to opaque; of SH
     degree ``degree``, the bands above DC random (drawn last: the Gaussians of degree 0 are the same)."""
@@ -59,9 +65,7 @@ def _dc_only(g: GaussianArrays) -> GaussianArrays:
 
 def test_varied_gaussians_render_as_the_service_renders_them(tmp_path):
     g = _varied_gaussians()
-    W, H = 96, 72
-    K = np.array([[90.0, 0, W / 2], [0, 90.0, H / 2], [0, 0, 1]])
-    w2c = look_at((0.3, 0.5, -4.0))
+    w2c, K, W, H = _front_view()
     want = service_render(g, w2c, K, W, H)
     got = cycles_render(g, w2c, K, W, H, tmp_path / "cycles.png")
     assert psnr(want, got) >= MIN_PSNR_DB
@@ -78,9 +82,7 @@ def test_gaussians_thinner_than_a_pixel_render_as_the_service_renders_them(perce
     follow the render's size and percentage (the fitted temple's opaque Gaussians are 0.3-1.3 px thin; without
     the low-pass it scored 28.4-31.2 dB after 300 steps, docs/benchmarks.md)."""
     g = _small_gaussians(400, 0, (0.003, 0.1), (0.0, 5.0))
-    W, H = 96, 72
-    K = np.array([[90.0, 0, W / 2], [0, 90.0, H / 2], [0, 0, 1]])
-    w2c = look_at((0.3, 0.5, -4.0))
+    w2c, K, W, H = _front_view()
     scaled = K * np.array([[percent / 100], [percent / 100], [1.0]])
     want = service_render(g, w2c, scaled, W * percent // 100, H * percent // 100)
     got = cycles_render(g, w2c, K, W, H, tmp_path / "thin.png", resolution_percentage=percent)
@@ -111,9 +113,7 @@ def test_faint_gaussians_render_as_the_service_renders_them(tmp_path):
     most the middle of its footprint (none where its opacity is below 1/255); Cycles drew all of them out to
     3 sigma, a haze (the fitted temple's median opacity is 0.006)."""
     g = _small_gaussians(2000, 1, (0.05, 0.3), (-5.6, -4.6))
-    W, H = 96, 72
-    K = np.array([[90.0, 0, W / 2], [0, 90.0, H / 2], [0, 0, 1]])
-    w2c = look_at((0.3, 0.5, -4.0))
+    w2c, K, W, H = _front_view()
     want = service_render(g, w2c, K, W, H)
     got = cycles_render(g, w2c, K, W, H, tmp_path / "faint.png")
     assert want.mean() > 0.01
@@ -154,9 +154,7 @@ def test_view_dependent_colour_renders_as_the_service_renders_it(degree, tmp_pat
     """Gaussians with SH bands above DC: the add-on colours each one from the camera's direction to its
     centre, as the service does; drawn in the DC colour only, the render is clearly another."""
     g = _varied_gaussians(degree=degree)
-    W, H = 96, 72
-    K = np.array([[90.0, 0, W / 2], [0, 90.0, H / 2], [0, 0, 1]])
-    w2c = look_at((0.3, 0.5, -4.0))
+    w2c, K, W, H = _front_view()
     want = service_render(g, w2c, K, W, H)
     got = cycles_render(g, w2c, K, W, H, tmp_path / "sh.png")
     assert psnr(want, got) >= MIN_SH_PSNR_DB

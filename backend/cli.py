@@ -353,37 +353,40 @@ def _run_loop(
     device = pick_device(device)
     scene = with_budget(scene, budget_for(budget, device))
     # missing weights are said before any work, the budget's probe included (the plan does not change them)
-    generator = GeneratorCache().get(GeneratorConfig.from_settings(scene.settings), device)
-    if refiner_out is not None and not hasattr(generator, "save"):
-        raise SystemExit(
-            f"--refiner-out: generator {scene.settings.generator!r} trains no weights to save; "
-            "set the scene's generator to 'refine'"
-        )
-    if scene.settings.time_budget_min and scene.settings.gaussian_iterations:  # seconds of silence otherwise
-        print(f"planning a {scene.settings.time_budget_min}-minute job on {device} ...", file=sys.stderr, flush=True)
-    config = LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
-    if earlier_outputs(out):
-        print(f"{out} holds an earlier run's results: this run replaces them (other files there stay)")
-    out.mkdir(parents=True, exist_ok=True)
-    bar = ProgressBar("loop")
-    try:
-        result = run_loop(scene, out, device=device, progress=bar, config=config, generator=generator)
-    except KeyboardInterrupt:
-        bar.close()
-        print(
-            f"interrupted: {out} holds what was written before, an unfinished job; run again to redo it",
-            file=sys.stderr,
-        )
-        raise
-    finally:
-        bar.close()
-    print_notes(result.metrics.get("notes", []))
-    if refiner_out is not None:
-        generator.save(refiner_out)
-        print(f"refiner weights written to {refiner_out}")
-    files = sorted(set(result.artifacts))
-    print(f"{len(files)} files in {out}: {', '.join(files[:12])}{' ...' if len(files) > 12 else ''}")
-    return 0
+    with GeneratorCache() as cache:  # what it loads is let go of when the run ends, however it ends
+        generator = cache.get(GeneratorConfig.from_settings(scene.settings), device)
+        if refiner_out is not None and not hasattr(generator, "save"):
+            raise SystemExit(
+                f"--refiner-out: generator {scene.settings.generator!r} trains no weights to save; "
+                "set the scene's generator to 'refine'"
+            )
+        if scene.settings.time_budget_min and scene.settings.gaussian_iterations:  # seconds of silence otherwise
+            print(
+                f"planning a {scene.settings.time_budget_min}-minute job on {device} ...", file=sys.stderr, flush=True
+            )
+        config = LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
+        if earlier_outputs(out):
+            print(f"{out} holds an earlier run's results: this run replaces them (other files there stay)")
+        out.mkdir(parents=True, exist_ok=True)
+        bar = ProgressBar("loop")
+        try:
+            result = run_loop(scene, out, device=device, progress=bar, config=config, generator=generator)
+        except KeyboardInterrupt:
+            bar.close()
+            print(
+                f"interrupted: {out} holds what was written before, an unfinished job; run again to redo it",
+                file=sys.stderr,
+            )
+            raise
+        finally:
+            bar.close()
+        print_notes(result.metrics.get("notes", []))
+        if refiner_out is not None:
+            generator.save(refiner_out)
+            print(f"refiner weights written to {refiner_out}")
+        files = sorted(set(result.artifacts))
+        print(f"{len(files)} files in {out}: {', '.join(files[:12])}{' ...' if len(files) > 12 else ''}")
+        return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

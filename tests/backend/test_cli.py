@@ -281,6 +281,26 @@ def test_run_to_the_end_twice_into_one_folder(tmp_path, capsys):
     assert "planning a 1-minute job on cpu ..." in capsys.readouterr().err
 
 
+def test_run_lets_go_of_its_generator_however_it_ends(tmp_path, monkeypatch, capsys):
+    """`reconloop run` holds the generator in a GeneratorCache block: what it loaded is let go of (a
+    multi-GPU group's processes stopped) when the run stops on an error and when it ends."""
+    from backend.generators import GeneratorCache
+
+    cleared: list[GeneratorCache] = []
+    clear = GeneratorCache.clear
+    monkeypatch.setattr(GeneratorCache, "clear", lambda self: cleared.append(self) or clear(self))
+    scene = write_posed_scene(tmp_path / "scene", png_bytes())
+    meta = json.loads((scene / "scene.json").read_text())
+    meta["settings"] = {"width": 32, "height": 24, "gaussian_iterations": 2, "guide": False}
+    (scene / "scene.json").write_text(json.dumps(meta))
+    argv = ["run", str(scene), "--out", str(tmp_path / "o"), "--device", "cpu", "--budget", "0"]
+    with pytest.raises(SystemExit, match="--refiner-out: generator 'reproject' trains no weights to save"):
+        main([*argv, "--refiner-out", str(tmp_path / "weights")])
+    assert len(cleared) == 1
+    assert main(argv) == 0, capsys.readouterr().err
+    assert len(cleared) == 2 and cleared[0] is not cleared[1]
+
+
 def test_run_names_a_bad_out_or_a_broken_photo(tmp_path, capsys):
     """``--out`` on a file and a truncated capture PNG: exit 2 with the option or the capture and its file
     named, not a FileExistsError or Pillow's "image file is truncated" traceback."""

@@ -180,10 +180,6 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
         {"inpainted_confidence": 0.6, "reprojected_confidence": 0.8, "single_source_factor": 1.0},
     ),
     "no random background": ({}, {"has_random_background": False}, {}),
-    # the views fitted coarse to fine (FitConfig.coarse_share: that share of the run at a quarter, then half the side)
-    "coarse to fine 0.2": ({}, {"coarse_share": 0.2}, {}),
-    "coarse to fine 0.4": ({}, {"coarse_share": 0.4}, {}),
-    "coarse to fine 0.6": ({}, {"coarse_share": 0.6}, {}),
     "hull geometry": ({"estimator": "hull"}, {}, {}),
     "plane sweep geometry": ({"estimator": "mvs"}, {}, {}),  # the CPU path, where patchmatch is the default
     "patchmatch geometry": ({"estimator": "patchmatch"}, {}, {}),

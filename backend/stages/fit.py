@@ -33,11 +33,6 @@ Regularisers for few views that need no learned weights (each a FitConfig field)
   ``sh_degree_interval`` schedules its rise.
 - **Opacity decay**: after each step every opacity is multiplied by ``opacity_decay``, so Gaussians
   that the views do not keep asking for fade and DefaultStrategy prunes them.
-- **Coarse to fine**: for the first ``coarse_share`` of the run the views are fitted at reduced
-  resolution (its first half at a quarter of the image side, its second half at half; the images
-  averaged over what the loss sees, :meth:`_Fit.views_at`; the cameras' intrinsics scaled), so that the
-  Gaussians take the views' low frequencies before their detail, as frequency schedules do for
-  sparse-view NeRFs.
 - **Random background behind masks**: when the views carry masks (``FitViews.masks``) and
   ``has_random_background`` is on, each step draws one random colour per frame, composites the
   render over it and puts it into the target's masked-out pixels: no Gaussian can explain the
@@ -66,7 +61,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from protocol.ply import MAX_SH_DEGREE, GaussianArrays
@@ -89,7 +83,6 @@ IDENTITY_QUAT = (1.0, 0.0, 0.0, 0.0)  # w x y z
 ADAM_BETAS = (0.9, 0.999)  # torch defaults, as simple_trainer
 MAX_BATCH_SIZE = 10  # frames per step where simple_trainer's scaling of the betas leaves beta1 at 0
 ADAM_EPS = 1e-15  # simple_trainer
-MIN_COARSE_SIDE = 32  # coarse-to-fine never fits views with a shorter side (pixels; LPIPS's AlexNet needs 31)
 PAD_SCALE = 1e-6  # axis scale of the stand-ins that pad a lockstep fit's sets to one size (opacity 0: never drawn)
 
 
@@ -155,10 +148,6 @@ class FitConfig:
             0.1 on the fern (+0.16 dB) and temple (+0.24) in every seed, 0.3 no further (run 22).
         opacity_decay: opacities are multiplied by this after every step; 1 = off.
         has_random_background: with masks, masked-out pixels see a random colour (module docstring).
-        coarse_share: the share of the run fitted below full resolution (module docstring); 0 = off. At 0.4
-            the loop gained on the temple (+0.47 dB, every seed), the temple-ring (+0.27) and the door (+0.09)
-            and lost on the fern (-0.15, every seed) and the dino-ring (-0.06), 3 seeds on an H100
-            (docs/benchmarks.md, run 74, the views' plain mean then): it splits the scenes, so it is off.
         max_gaussians: cap on the Gaussians, 0 for none: the memory is thinned to it on a voxel grid
             before the fit (backend.budget.thin_memory) and densification prunes the least opaque
             beyond it. Set from the time budget (backend.budget.plan_budget).
@@ -204,7 +193,6 @@ class FitConfig:
     dropout_rate: float = 0.2
     opacity_decay: float = 1.0
     has_random_background: bool = True
-    coarse_share: float = 0.0
     max_gaussians: int = 0
     seed: int = 0
     progress_every: int = 50
@@ -260,22 +248,10 @@ class FitConfig:
                     raise ValueError(f"FitConfig.{f.name} must be >= 0; got {getattr(self, f.name)}")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"FitConfig.dropout_rate must be in [0, 1); got {self.dropout_rate}")
-        if not 0.0 <= self.coarse_share < 1.0:
-            raise ValueError(
-                f"FitConfig.coarse_share must be in [0, 1) (the fit ends at full resolution); got {self.coarse_share}"
-            )
         if not 0.0 < self.opacity_decay <= 1.0:
             raise ValueError(f"FitConfig.opacity_decay must be in (0, 1]; got {self.opacity_decay}")
         if len(self.background) != 3:
             raise ValueError(f"FitConfig.background must be 3 floats; got {self.background!r}")
-
-    def resolution_divisor(self, step: int) -> int:
-        """How many times smaller than the views' the image side fitted at ``step`` is: 4, 2 or 1
-        (``coarse_share``'s schedule)."""
-        coarse = self.coarse_share * self.iterations
-        if step >= coarse:
-            return 1
-        return 4 if step < coarse / 2 else 2
 
     def refine_steps(self) -> tuple[int, int, int]:
         """The densification schedule in steps of this run: (start, stop, every), every >= 1."""
@@ -821,7 +797,6 @@ class _Fit:
     gen: torch.Generator
     gen_device: torch.Generator
     order: list[int] = field(default_factory=list)  # frames left in this pass
-    reduced: dict[int, tuple[Tensor, Tensor | None, Tensor, Cameras]] = field(default_factory=dict)  # by divisor
 
     @classmethod
     def start(cls, views: FitViews, init: GeometryMemory, cfg: FitConfig, device: torch.device, seed: int) -> _Fit:
@@ -852,42 +827,14 @@ class _Fit:
             batch.append(self.order.pop())
         return batch
 
-    def views_at(self, divisor: int) -> tuple[Tensor, Tensor | None, Tensor, Cameras]:
-        """Images, masks, confidence and cameras with the image side ``divisor`` times smaller (the
-        divisor halved until the shorter side is at least MIN_COARSE_SIDE), made once a divisor: a reduced
-        pixel's colour is the mean of its pixels weighted by their confidence (and mask), so that what the
-        full-size loss never sees (zero confidence, the backdrop behind a mask) does not reach it either
-        (the plain mean where all of them weigh 0); its confidence is their mean; its mask holds where
-        at least half of them were masked in."""
-        while divisor > 1 and min(self.cams.width, self.cams.height) // divisor < MIN_COARSE_SIDE:
-            divisor //= 2
-        if divisor == 1:
-            return self.images, self.masks, self.confidence, self.cams
-        if divisor not in self.reduced:
-            w, h = self.cams.width // divisor, self.cams.height // divisor
-
-            def area(t: Tensor) -> Tensor:  # [F, H, W, c] -> [F, h, w, c]
-                return F.interpolate(t.permute(0, 3, 1, 2), size=(h, w), mode="area").permute(0, 2, 3, 1)
-
-            weight = self.confidence[..., None]  # [F, H, W, 1]
-            masks = None
-            if self.masks is not None:
-                masks = area(self.masks[..., None].float())[..., 0] >= 0.5
-                weight = weight * self.masks[..., None]
-            mean_weight = area(weight)
-            weighted = area(self.images * weight) / mean_weight.clamp_min(1e-12)
-            images = torch.where(mean_weight > 0, weighted, area(self.images))
-            confidence = area(self.confidence[..., None])[..., 0]
-            self.reduced[divisor] = (images, masks, confidence, self.cams.resized(w, h))
-        return self.reduced[divisor]
-
-    def take(self, batch: list[int], divisor: int = 1) -> tuple[Tensor, Tensor | None, Tensor, Cameras]:
+    def take(self, batch: list[int]) -> tuple[Tensor, Tensor | None, Tensor, Cameras]:
         """The batch's images [b, H, W, 3], masks [b, H, W] (or None), confidence [b, H, W] and cameras,
-        cut by :func:`take_rows`, at the image side :meth:`views_at` ``divisor`` gives."""
-        images, all_masks, all_confidence, all_cams = self.views_at(divisor)
-        cams = Cameras(take_rows(all_cams.w2c, batch), take_rows(all_cams.K, batch), all_cams.width, all_cams.height)
-        masks = None if all_masks is None else take_rows(all_masks, batch)
-        return take_rows(images, batch), masks, take_rows(all_confidence, batch), cams
+        cut by :func:`take_rows`."""
+        cams = Cameras(
+            take_rows(self.cams.w2c, batch), take_rows(self.cams.K, batch), self.cams.width, self.cams.height
+        )
+        masks = None if self.masks is None else take_rows(self.masks, batch)
+        return take_rows(self.images, batch), masks, take_rows(self.confidence, batch), cams
 
 
 def take_rows(t: Tensor, rows: Sequence[int]) -> Tensor:
@@ -1105,11 +1052,10 @@ def fit_gaussians_many(
         sh_degree = min(step // cfg.sh_degree_interval, cfg.sh_degree)
         rate = cfg.dropout_rate * step / max(cfg.iterations - 1, 1)
         batches = [f.next_batch(cfg.batch_size) for f in fits]
-        divisor = cfg.resolution_divisor(step)
         targets, backgrounds, opacities = [], [], []
         cams, confidences = [], []
         for f, batch in zip(fits, batches):
-            target, masks, confidence, batch_cams = f.take(batch, divisor)
+            target, masks, confidence, batch_cams = f.take(batch)
             bg = background
             if masks is not None:  # one random colour per frame, behind the render and in the masked-out target
                 bg = torch.rand(len(batch), 3, device=device, generator=f.gen_device)
@@ -1134,9 +1080,6 @@ def fit_gaussians_many(
         if loss.requires_grad:
             drawn.before_backward([f.run for f in fits], cfg, step)
             loss.backward()
-        if divisor == 1:  # the reduced views are done with
-            for f in fits:
-                f.reduced.clear()
         for k, (f, learn) in enumerate(zip(fits, learns)):
             if streams is None:
                 f.run.after_backward(cfg, step, drawn.meta(k), learn)

@@ -19,7 +19,6 @@ from backend.stages.fit import (
     FitConfig,
     FitViews,
     Gaussians,
-    _Fit,
     _make_strategy,
     _prune_to_cap,
     _Run,
@@ -54,9 +53,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def make_scene(seed: int = 0, n: int = 40, scale: int = 1):
-    """Coloured Gaussians seen by 3 cameras 3 units away, 20 degrees apart; images by torch_cpu, at
-    ``scale`` x (W, H)."""
+def make_scene(seed: int = 0, n: int = 40):
+    """Coloured Gaussians seen by 3 cameras 3 units away, 20 degrees apart; images by torch_cpu."""
     gen = torch.Generator().manual_seed(seed)
     means = torch.rand(n, 3, generator=gen) * torch.tensor([1.0, 0.8, 0.4]) - torch.tensor([0.5, 0.4, 0.2])
     colors = torch.rand(n, 3, generator=gen)
@@ -68,10 +66,8 @@ def make_scene(seed: int = 0, n: int = 40, scale: int = 1):
         [torch.tensor(look_at((3 * math.sin(a), 0.0, -3 * math.cos(a))), dtype=torch.float32) for a in angles]
     )
     K = torch.tensor([[FOCAL, 0.0, W / 2], [0.0, FOCAL, H / 2], [0.0, 0.0, 1.0]]).repeat(len(angles), 1, 1)
-    cams = Cameras(w2c, K, W, H).resized(W * scale, H * scale)
-    images, _, _ = RASTERIZERS.make("torch_cpu").render(
-        means, quats, scales, opacities, colors, w2c, cams.K, cams.width, cams.height
-    )
+    cams = Cameras(w2c, K, W, H)
+    images, _, _ = RASTERIZERS.make("torch_cpu").render(means, quats, scales, opacities, colors, w2c, K, W, H)
     noisy = GeometryMemory(
         means + 0.04 * torch.randn(n, 3, generator=gen),
         (colors + 0.2 * torch.randn(n, 3, generator=gen)).clamp(0, 1),
@@ -245,53 +241,6 @@ def test_refinement_schedule_is_a_share_of_the_run():
         FitConfig(refine_start=0.8, refine_stop=0.5)
     with pytest.raises(ValueError, match=r"FitConfig.refine_every is a share of the run in \(0, 1\]; got 0"):
         FitConfig(refine_every=0)
-
-
-def test_coarse_to_fine_fits_reduced_views_of_the_same_scene_first(monkeypatch):
-    """The schedule: a quarter of the side for the first half of ``coarse_share``, half for the rest of
-    it, never below MIN_COARSE_SIDE; the reduced views are the images averaged over what the loss sees
-    (confidence, mask) at cameras whose intrinsics follow, so the scene rendered at them matches; the fit
-    draws them first and still recovers the scene."""
-    cfg = FitConfig(iterations=100, coarse_share=0.4)
-    assert [cfg.resolution_divisor(s) for s in (0, 19, 20, 39, 40, 99)] == [4, 4, 2, 2, 1, 1]
-    assert {FitConfig(iterations=100).resolution_divisor(s) for s in range(100)} == {1}
-    for bad in (1.0, -0.1):
-        with pytest.raises(ValueError, match=rf"FitConfig.coarse_share must be in \[0, 1\) .*; got {bad}"):
-            FitConfig(coarse_share=bad)
-
-    w, h = 2 * W, 2 * H  # 96x72: a quarter (24x18) is under MIN_COARSE_SIDE, a half is not
-    cams, images, noisy = make_scene(seed=3, scale=2)
-    masks = torch.ones(3, h, w, dtype=torch.bool)
-    masks[:, :, w // 2 :] = False
-    masks[:, :, w // 2 - 1] = False  # the reduced pixel at the edge is half masked out: still in
-    confidence = torch.ones(3, h, w)
-    confidence[:, :2, :2] = 0.0  # pixels the loss never sees...
-    confidence[:, 1, 1] = 1.0
-    backdrop = images.clone()
-    backdrop[confidence == 0] = 5.0  # ... whose targets must not reach the reduced image either
-    backdrop[:, :, w // 2 - 1 :] = 7.0  # nor the backdrop behind the mask
-    fit = _Fit.start(FitViews(backdrop, cams, confidence, masks), noisy, test_config(), torch.device("cpu"), seed=0)
-    small, small_masks, small_conf, small_cams = fit.views_at(4)
-    assert (small_cams.width, small_cams.height) == (w // 2, h // 2) and small.shape == (3, h // 2, w // 2, 3)
-    torch.testing.assert_close(small[:, 3, 5], images[:, 6:8, 10:12].mean(dim=(1, 2)))
-    torch.testing.assert_close(small[:, 0, 0], images[:, 1, 1])  # its one pixel the loss sees
-    torch.testing.assert_close(small[:, 5, w // 4 - 1], images[:, 10:12, w // 2 - 2].mean(dim=1))  # masked-in column
-    assert float(small[:, :, w // 4 :].min()) == 7.0  # masked out: the backdrop, which the fit replaces
-    assert small_masks[:, :, : w // 4].all() and not small_masks[:, :, w // 4 :].any()
-    assert small_conf[0, 0, 0] == 0.25 and small_conf[0, 1:, 1:].eq(1.0).all()
-
-    drawn: list[int] = []
-    take = _Fit.take
-    monkeypatch.setattr(_Fit, "take", lambda self, *a: drawn.append(take(self, *a)[0].shape[2]) or take(self, *a))
-    cfg = test_config(coarse_share=0.5)
-    g = fit_gaussians(FitViews(images, cams, torch.ones(3, h, w)), noisy, cfg, device="cpu")
-    assert drawn == [w // 2] * 50 + [w] * 50
-    assert psnr(render_gaussians(g, cams, cfg), images).mean().item() > 30.0
-    # the fitted scene at the reduced cameras is the reduced images (unscaled intrinsics would crop them)
-    reduced = _Fit.start(FitViews(images, cams, torch.ones(3, h, w)), noisy, cfg, torch.device("cpu"), 0).views_at(2)
-    assert psnr(render_gaussians(g, reduced[3], cfg), reduced[0]).mean().item() > 25.0
-    unscaled = Cameras(reduced[3].w2c, cams.K, w // 2, h // 2)
-    assert psnr(render_gaussians(g, unscaled, cfg), reduced[0]).mean().item() < 20.0
 
 
 def test_mcmc_relocation_in_torch_is_the_papers_equation():

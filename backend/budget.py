@@ -36,6 +36,11 @@ from .types import GeometryMemory
 WORKING_SIZES = ((320, 240), (256, 192), (192, 144), (160, 120))
 GAUSSIAN_CAPS = (120_000, 80_000, 60_000, 40_000, 30_000, 20_000, 15_000, 10_000)
 MIN_ITERATIONS = 200  # fewer steps than this per fit leave the Gaussians where they started
+# Steps per fit a plan secures before it spends time on a larger size or more Gaussians, when the job asks for more
+# than the budget affords (the setting's default, 3000, on a CPU): the default until that was 300, and 200 steps
+# instead of 300 cost the demo's Gaussians more than a smaller cap did (docs/benchmarks.md, "make demo, the demo
+# scene remade"), so a default job's plan is the one a 300-step job had, what time is left going to more steps
+PLAN_ITERATIONS = 300
 FIT_SHARE = 0.6  # share of the budget for the two Gaussian fits (guide and final); the rest: SfM, stereo, frames
 PROBE_GAUSSIANS = (2_000, 8_000)  # the two measured steps: Gaussians, at PROBE_SIZE
 PROBE_SIZE = (128, 96)
@@ -407,8 +412,8 @@ def plan_budget(
     The largest size (up to ``max_size``) and cap that still allow the job's own ``max_iterations``
     steps per fit win, size before cap: a short fit the job asked for is not cut for more Gaussians
     (200 steps instead of 300 cost the demo's Gaussians more than a smaller cap does). When no choice
-    allows that many, the largest that allows :data:`MIN_ITERATIONS` wins, and steps then fill the
-    fits' share, up to ``max_iterations``. A step costs
+    allows that many, the largest that allows :data:`PLAN_ITERATIONS` wins, else the largest that allows
+    :data:`MIN_ITERATIONS`, and steps then fill the fits' share, up to ``max_iterations``. A step costs
     ``costs.seconds(cap, W, H)``. When even the
     smallest choice cannot reach the minimum, it is taken with what steps the budget allows (at
     least 1 per fit) and the sentence says so.
@@ -442,7 +447,7 @@ def plan_budget(
     fit_seconds = max(budget_min * 60.0 * FIT_SHARE - reserved_s, 0.0)
     sizes = _plan_sizes(max_size)
     choice = None
-    for min_steps in (max_iterations, MIN_ITERATIONS):  # the job's own step count first, if affordable
+    for min_steps in (max_iterations, PLAN_ITERATIONS, MIN_ITERATIONS):  # the job's own step count first, if affordable
         for w, h in sizes:
             for cap in GAUSSIAN_CAPS:
                 step = costs.seconds(cap, w, h)

@@ -213,9 +213,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "gaussian_iterations",
         "int",
-        300,
+        3000,
         "Iterations",
-        "Optimisation steps of the final Gaussian fit; more is sharper and slower",
+        "Optimisation steps of each Gaussian fit (the guide's and the final one); more is sharper and slower. "
+        "A time budget (Minutes; CPU services have one by default) plans fewer where they do not fit",
         range=(0, 1_000_000),
     ),
     Setting(

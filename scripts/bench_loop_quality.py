@@ -180,6 +180,9 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
         {"inpainted_confidence": 0.6, "reprojected_confidence": 0.8, "single_source_factor": 1.0},
     ),
     "no random background": ({}, {"has_random_background": False}, {}),
+    # the step count users' jobs had before 3000 became the setting's default (every fit of the row: captures only,
+    # the guide's, the loop's); the bench's --iterations is the default row's
+    "300 steps": ({}, {"iterations": 300}, {}),
     "hull geometry": ({"estimator": "hull"}, {}, {}),
     "plane sweep geometry": ({"estimator": "mvs"}, {}, {}),  # the CPU path, where patchmatch is the default
     "patchmatch geometry": ({"estimator": "patchmatch"}, {}, {}),

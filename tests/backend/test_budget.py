@@ -15,6 +15,7 @@ from backend.budget import (
     MIN_ITERATIONS,
     OVERRUN_SLACK,
     PLAN_CHECK_RATIO,
+    PLAN_ITERATIONS,
     StepClock,
     StepCosts,
     measure_step_costs,
@@ -134,21 +135,39 @@ def test_plan_fits_the_budget_and_never_exceeds_the_job():
         4.0, StepCosts(per_pixel=1e-9, per_gaussian=1e-5), max_iterations=300, max_size=(320, 240)
     )
     assert (steps_first.iterations, steps_first.max_gaussians) == (300, 20_000)
-    # ... and when no cap affords it, the largest cap that affords MIN_ITERATIONS does.
+    # ... and when no cap affords it (the default 3000 on a CPU), the largest cap that affords PLAN_ITERATIONS
+    # does (20,000 Gaussians, not the 30,000 that afford MIN_ITERATIONS), its steps filling the fits' share;
     many = plan_budget(4.0, StepCosts(per_pixel=1e-9, per_gaussian=1e-5), max_iterations=3000, max_size=(320, 240))
-    assert many.max_gaussians == 30_000 and MIN_ITERATIONS <= many.iterations < 300
+    assert many.max_gaussians == 20_000 and many.iterations == 359  # 72 s a fit at 0.2 s a step
+    # A job asking for the setting's default where the budget cannot afford it gets the size and cap a job
+    # asking for PLAN_ITERATIONS gets (the default until 3000), and the time left over as more steps.
+    for per_pixel, per_gaussian, minutes in (
+        (2e-6, 2e-6, 4.0),
+        (1e-6, 3e-6, 3.0),
+        (4e-6, 1e-6, 5.0),
+        (1e-9, 1e-5, 4.0),
+    ):
+        step_costs = StepCosts(per_pixel=per_pixel, per_gaussian=per_gaussian)
+        asked = plan_budget(minutes, step_costs, max_iterations=3000, max_size=(320, 240))
+        old = plan_budget(minutes, step_costs, max_iterations=PLAN_ITERATIONS, max_size=(320, 240))
+        assert (asked.width, asked.height, asked.max_gaussians) == (old.width, old.height, old.max_gaussians)
+        assert asked.iterations >= old.iterations == PLAN_ITERATIONS
+    # ... and where no cap affords those, the largest that affords MIN_ITERATIONS.
+    fewer = plan_budget(1.5, StepCosts(per_pixel=1e-9, per_gaussian=1e-5), max_iterations=3000, max_size=(320, 240))
+    assert fewer.max_gaussians == 10_000 and MIN_ITERATIONS <= fewer.iterations == 269 < PLAN_ITERATIONS
     # A slower device gets a smaller problem; one too slow for anything is told so.
     slow = plan_budget(4.0, StepCosts(per_pixel=2e-5, per_gaussian=2e-6), max_iterations=3000, max_size=(320, 240))
     assert slow.width * slow.height * slow.max_gaussians < plan.width * plan.height * plan.max_gaussians
     hopeless = plan_budget(0.5, StepCosts(per_pixel=1e-3, per_gaussian=1e-4), max_iterations=300, max_size=(320, 240))
     assert hopeless.iterations >= 1 and "too short" in hopeless.sentence
     # More fits (the refiner's leave-out guides, fractions of a fit) and seconds kept for its training
-    # leave fewer steps per fit, and the sentence says why.
+    # leave a smaller problem per fit (here a smaller size for the PLAN_ITERATIONS steps), and the sentence says why.
     refine = plan_budget(
         4.0, costs, max_iterations=3000, max_size=(320, 240), fits=2.6, reserved_s=10, reserved_for="training"
     )
     step = costs.seconds(refine.max_gaussians, refine.width, refine.height)
-    assert refine.iterations < plan.iterations and refine.fits * refine.iterations * step <= 4.0 * 60 * FIT_SHARE - 10
+    assert refine.width * refine.height * refine.max_gaussians < plan.width * plan.height * plan.max_gaussians
+    assert refine.iterations >= PLAN_ITERATIONS and refine.fits * refine.iterations * step <= 4.0 * 60 * FIT_SHARE - 10
     assert "2.6 fits" in refine.sentence and "10 s kept for training" in refine.sentence
     # Costs measured on steps of 3 frames (FitConfig.batch_size on gsplat) are what a step costs; the
     # sentence says a step's frames.

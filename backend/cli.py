@@ -798,6 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate_args import add_eval_arguments
 
     add_eval_arguments(p)
+    p.add_argument("--budget", type=budget_minutes, default=None, metavar="MINUTES", help=budget_help)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(

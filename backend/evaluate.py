@@ -479,18 +479,21 @@ def run_eval(args: argparse.Namespace) -> int:
 
     ``args.device`` is resolved as ``run`` and ``serve`` resolve theirs (``devices.pick_device``: ``auto``
     is cuda, then mps, then cpu; a bad name is a ValueError naming ``--device``)."""
-    from .cli import ProgressBar
+    from .cli import ProgressBar, budget_for, with_budget
 
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory(prefix="reconloop-eval-") as work:
         options = {"silhouettes": True} if getattr(args, "silhouettes", False) else {}
         scene = scene_for_eval(args.scene, args.format, args.protocol, args.train_views, Path(work), **options)
-        loop_cfg = LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
+        # --size and --iterations are the job's settings, and a time budget (the device's default, as for `run`)
+        # plans within them: a scene imported with the default 3000 steps is not three 3000-step fits on a CPU
+        settings = scene.settings
         if args.size:
-            w, h = args.size
-            loop_cfg = replace(loop_cfg, width=w, height=h)
+            settings = replace(settings, width=args.size[0], height=args.size[1])
         if args.iterations is not None:
-            loop_cfg = replace(loop_cfg, fit=replace(loop_cfg.fit, iterations=args.iterations))
+            settings = replace(settings, gaussian_iterations=args.iterations)
+        scene = with_budget(replace(scene, settings=settings), budget_for(getattr(args, "budget", None), device))
+        loop_cfg = LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
         if args.no_update:
             loop_cfg = replace(loop_cfg, update=replace(loop_cfg.update, enabled=False))
         with ProgressBar("eval") as bar:  # the baselines, then the loop: minutes on a CPU

@@ -71,10 +71,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--trajectory-mode", choices=TRAJECTORY_MODES, default="auto", help="the loop's path (default %(default)s)"
     )
     parser.add_argument(
-        "--size", type=size_wxh, default=None, metavar="WxH", help="working size (default: the scene's settings)"
+        "--size",
+        type=size_wxh,
+        default=None,
+        metavar="WxH",
+        help="working size (default: the scene's settings; under a time budget the most the plan may choose)",
     )
     parser.add_argument(
-        "--iterations", type=int, default=None, help="Gaussian iterations (default: the scene's settings)"
+        "--iterations",
+        type=int,
+        default=None,
+        help="Gaussian iterations (default: the scene's settings; under a time budget the most the plan may choose)",
     )
     parser.add_argument("--no-update", action="store_true", help="turn the memory update (step 6) off")
     parser.add_argument(

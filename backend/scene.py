@@ -218,7 +218,7 @@ def _settings_to_json(self) -> dict[str, Any]:
 _PY_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "enum": str}
 
 # Per-job settings a user picks (Blender sidebar, CLI or scene.json): one field per row of
-# protocol.settings.SETTINGS (name, default and rule live there). Defaults favour CPU.
+# protocol.settings.SETTINGS (name, default and rule live there). A CPU's default time budget plans within them.
 Settings = make_dataclass(
     "Settings",
     [(s.name, _PY_TYPES[s.kind], field(default=s.default)) for s in SETTINGS],

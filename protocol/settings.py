@@ -48,7 +48,7 @@ class Setting:
     Attributes:
         name: the key on the wire and in scene.json; a Python identifier.
         kind: "int", "float", "bool", "str" or "enum".
-        default: the value when a job does not give one (favours CPU).
+        default: the value when a job does not give one (a CPU's time budget plans a job within them).
         label: short name in the sidebar (fits a narrow sidebar: about 16 characters).
         help: one or two sentences: what it changes and what it costs.
         range: (min, max), inclusive, for "int" and "float"; None for the others.

@@ -252,14 +252,40 @@ def test_eval_device_is_picked_as_run_and_serve_pick_it(
 
     monkeypatch.setattr(backend.evaluate, "evaluate_scene", record)
     monkeypatch.setattr(backend.devices, "is_available", lambda kind: kind in ("mps", "cpu"))  # a Mac
-    for device in ([], ["--device", "auto"]):
-        assert main(["eval", str(scene), "--out", str(tmp_path / "e"), *device]) == 0
+    for device in ([], ["--device", "auto"]):  # no budget: its plan would measure steps on this fake mps
+        assert main(["eval", str(scene), "--out", str(tmp_path / "e"), "--budget", "0", *device]) == 0
         assert got.pop("device") == "mps"
     for bad in ("gpu", "cuda:x"):
         assert main(["eval", str(scene), "--out", str(tmp_path / "e"), "--device", bad]) == 2
         err = capsys.readouterr().err
         assert f"reconloop eval: --device must be auto, cuda, mps, cpu or cuda:N; got '{bad}'" in err, err
         assert "Traceback" not in err and not got
+
+
+def test_eval_plans_a_time_budget_as_run_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``reconloop eval`` on a CPU sizes the job to the device's default budget as ``run`` does (a scene
+    imported with the default 3000 steps is not three 3000-step fits on two cores): ``--size`` and
+    ``--iterations`` are then the most its plan may choose; ``--budget 0`` runs them as given."""
+    import backend.evaluate
+    from backend.cli import main
+    from backend.devices import DEFAULT_BUDGET_MIN
+
+    scene = ring_scene(tmp_path / "s", 2, heldout=1)
+    got: list[object] = []
+
+    def record(scene, out, *, device, config, **kw):
+        got.append(config.loop)
+        return {}
+
+    monkeypatch.setattr(backend.evaluate, "evaluate_scene", record)
+    args = ["eval", str(scene), "--out", str(tmp_path / "e"), "--device", "cpu", "--size", "64x48"]
+    assert main([*args, "--iterations", "3000"]) == 0
+    planned = got.pop()
+    assert planned.budget is not None and planned.budget.budget_min == DEFAULT_BUDGET_MIN["cpu"]
+    assert planned.fit.iterations == planned.budget.iterations <= 3000 and planned.width * planned.height <= 64 * 48
+    assert main([*args, "--iterations", "7", "--budget", "0"]) == 0
+    given = got.pop()
+    assert given.budget is None and given.fit.iterations == 7 and (given.width, given.height) == (64, 48)
 
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"

@@ -347,12 +347,13 @@ class BudgetPlan:
         steps = min(self.iterations, max(MIN_ITERATIONS, affordable))
         if steps >= self.iterations:
             return self.iterations, None
-        # the steps measured slower than planned: a load on the device; as planned: the work before took longer
-        why = (
-            "another program's load?"
-            if step > PLAN_CHECK_RATIO * self.step_seconds
-            else "the stages before it ran long"
-        )
+        # steps measured slower than planned: a load on the device; as planned: the work before them took longer
+        if step_seconds is None:
+            why = "another program's load, or the stages before it ran long?"
+        elif step > PLAN_CHECK_RATIO * self.step_seconds:
+            why = "another program's load?"
+        else:
+            why = "the stages before it ran long"
         return steps, (
             f"the last fit runs {steps} of its {self.iterations} steps: {max(left, 0.0):.0f} s of the "
             f"{self.budget_min:g}-minute budget were left after {elapsed_s:.0f} s, at {step:.3g} s a step "
@@ -435,10 +436,11 @@ def plan_budget(
         reserved_s: seconds of the fits' share kept for other device work (``reserved_for`` says
             what, in the sentence).
         measure: ``measure(n, W, H)``, the seconds of one real step with n Gaussians at W x H
-            (:func:`measure_step_seconds` on this device). Given, the chosen step is measured once;
+            (:func:`measure_step_seconds` on this device). Given, the chosen step is measured;
             slower than :data:`PLAN_CHECK_RATIO` times the prediction, the costs' ``per_gaussian`` is
-            refitted through the measurement and the plan made again (once), at most at the size measured,
-            and the sentence says so.
+            refitted through the measurement and the plan made again, at most at the size measured; a new
+            choice is measured too, and where it is slower than that predicts as well, the plan is made from
+            every probed rate slowed by the first measurement's ratio. The sentence says so.
 
     Example::
 
@@ -502,16 +504,29 @@ def plan_budget(
         reserved_for=reserved_for,
     )
     note = f"; a step at {cap} Gaussians took {measured:.2f} s, not the probes' {step:.2f} s: planned again"
-    again = replace(again, sentence=again.sentence + note)
     choice = (again.max_gaussians, again.width, again.height)
     if choice == (cap, w, h):
-        return again
+        return replace(again, sentence=again.sentence + note)
     # The refit is right where the probes' pair extrapolated badly to a larger cap, and wrong where every step is
     # slower (another program on the cores): at a smaller cap of the size measured it predicts too little (a plan
-    # took 1.26 times its share). So the new choice is measured too, and steps follow that measurement.
+    # took 1.26 times its share). So the new choice is measured too; slower than predicted, every probed rate is
+    # taken as slower by the first measurement's ratio, and the plan made from that.
     measured_again = measure(*choice)
     if measured_again <= PLAN_CHECK_RATIO * again.step_seconds:
-        return again
-    steps = max(1, min(max_iterations, int(max(fit_seconds, 0.0) / (fits * measured_again))))
-    note = f"; at {again.max_gaussians} Gaussians a step took {measured_again:.2f} s: {steps} steps per fit"
-    return replace(again, iterations=steps, step_seconds=measured_again, sentence=again.sentence + note)
+        return replace(again, sentence=again.sentence + note)
+    ratio = measured / step
+    slower = replace(costs, per_pixel=costs.per_pixel * ratio, per_gaussian=costs.per_gaussian * ratio)
+    uniform = plan_budget(
+        budget_min,
+        slower,
+        max_iterations=max_iterations,
+        max_size=(w, h),
+        fits=fits,
+        reserved_s=reserved_s,
+        reserved_for=reserved_for,
+    )
+    note += (
+        f", and a step at {again.max_gaussians} Gaussians took {measured_again:.2f} s, not {again.step_seconds:.2f} s: "
+        f"planned with every probed rate {ratio:.2g} times slower"
+    )
+    return replace(uniform, sentence=uniform.sentence + note)

@@ -79,7 +79,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--iterations",
-        type=int,
+        type=positive_int,
         default=None,
         help="Gaussian iterations (default: the scene's settings; under a time budget the most the plan may choose)",
     )

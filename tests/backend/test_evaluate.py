@@ -262,7 +262,9 @@ def test_eval_device_is_picked_as_run_and_serve_pick_it(
         assert "Traceback" not in err and not got
 
 
-def test_eval_plans_a_time_budget_as_run_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eval_plans_a_time_budget_as_run_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``reconloop eval`` on a CPU sizes the job to the device's default budget as ``run`` does (a scene
     imported with the default 3000 steps is not three 3000-step fits on two cores): ``--size`` and
     ``--iterations`` are then the most its plan may choose; ``--budget 0`` runs them as given."""
@@ -286,6 +288,9 @@ def test_eval_plans_a_time_budget_as_run_does(tmp_path: Path, monkeypatch: pytes
     assert main([*args, "--iterations", "7", "--budget", "0"]) == 0
     given = got.pop()
     assert given.budget is None and given.fit.iterations == 7 and (given.width, given.height) == (64, 48)
+    with pytest.raises(SystemExit):  # no fit is no evaluation (0 ran the whole loop, then failed on no Gaussians)
+        main([*args, "--iterations", "0"])
+    assert "--iterations" in capsys.readouterr().err and not got
 
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"

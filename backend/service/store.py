@@ -114,21 +114,26 @@ def _write_image(image: bytes | np.ndarray, path_stem: Path) -> Path:
 
 
 def _check_mask_sizes(scene: dict[str, Any]) -> None:
-    """Refuse a capture whose mask is not its photo's size, naming the field and the client's capture (load_scene
-    checks it again after the files are written, and names the service's copy of the file)."""
+    """Refuse captures whose mask is not their photo's size, naming each field and client's capture in one error
+    (as :meth:`SceneError.of` names a scene's problems; the reply's ``field`` is the first), before anything is
+    written (load_scene checks it again after the files are written, and names the service's copy of the file)."""
+    problems: list[str] = []
     for key in ("captures", "heldout"):
         for i, c in enumerate(scene.get(key) or ()):
             if c.get("mask") is None:
                 continue
             (mw, mh), (w, h) = image_field_size(c["mask"]), image_field_size(c["image"])
             if (mw, mh) != (w, h):
-                where = f"scene.{key}[{i}].mask"
-                raise ProtocolError(
-                    errors.BAD_FIELD,
-                    f"submit: {where}: capture {c['name']!r}'s mask is {mw}x{mh}; its image is {w}x{h} "
-                    "(a mask has its photo's size)",
-                    field=where,
+                problems.append(
+                    f"scene.{key}[{i}].mask: capture {c['name']!r}'s mask is {mw}x{mh}; its image is {w}x{h}"
                 )
+    if problems:
+        text = str(SceneError.of(problems))
+        raise ProtocolError(
+            errors.BAD_FIELD,
+            f"submit: {text} (a mask has its photo's size)",
+            field=problems[0].split(":", 1)[0],
+        )
 
 
 def _check_mask_content(path: Path, where: str, name: str) -> None:

@@ -439,8 +439,9 @@ def plan_budget(
             (:func:`measure_step_seconds` on this device). Given, the chosen step is measured;
             slower than :data:`PLAN_CHECK_RATIO` times the prediction, the costs' ``per_gaussian`` is
             refitted through the measurement and the plan made again, at most at the size measured; a new
-            choice is measured too, and where it is slower than that predicts as well, the plan is made from
-            every probed rate slowed by the first measurement's ratio. The sentence says so.
+            choice is measured too, and where it is slower than that predicts as well, both rates are solved
+            through the two measurements (:func:`_costs_through`) and the plan made a third time, its choice
+            measured where it was not and its steps what that measurement affords. The sentence says so.
 
     Example::
 
@@ -475,15 +476,7 @@ def plan_budget(
         choice = (w, h, cap, costs.seconds(cap, w, h))
     w, h, cap, step = choice
     iterations = max(1, min(max_iterations, int(fit_seconds / (fits * step))))
-    reserved = f"; {reserved_s:g} s kept for {reserved_for or 'other work'}" if reserved_s else ""
-    sentence = (
-        f"time budget {budget_min:g} min: working size {w}x{h}, at most {cap} Gaussians, "
-        f"{iterations} steps per fit ({fits:g} fit{'s' if fits != 1 else ''}, about {step:.2f} s a step"
-        f"{f' of {costs.views} frames' if costs.views > 1 else ''} as "
-        f"measured here{', on one thread' if costs.threads == 1 else ''}{reserved})"
-    )
-    if is_short:
-        sentence += f"; the budget is too short for {MIN_ITERATIONS} steps per fit even at the smallest size"
+    sentence = _plan_sentence(budget_min, w, h, cap, iterations, step, costs, fits, reserved_s, reserved_for, is_short)
     plan = BudgetPlan(budget_min, w, h, cap, iterations, step, costs, fits, reserved_s, sentence)
     if measure is None:
         return plan
@@ -493,40 +486,76 @@ def plan_budget(
     # The excess refitted on the Gaussians (the probes pin the pixels' rate down), and no size above the one measured:
     # the plan made again could move to an unmeasured size 6 times larger, whose pixels the excess did not reach
     # (its fits took 1.7 times their share)
+    again_kw = {"max_iterations": max_iterations, "max_size": (w, h), "fits": fits, "reserved_s": reserved_s}
+    again_kw["reserved_for"] = reserved_for
     per_gaussian = max((measured - costs.per_pixel * w * h) / cap, costs.per_gaussian)
-    again = plan_budget(
-        budget_min,
-        replace(costs, per_gaussian=per_gaussian),
-        max_iterations=max_iterations,
-        max_size=(w, h),
-        fits=fits,
-        reserved_s=reserved_s,
-        reserved_for=reserved_for,
-    )
+    again = plan_budget(budget_min, replace(costs, per_gaussian=per_gaussian), **again_kw)
     note = f"; a step at {cap} Gaussians took {measured:.2f} s, not the probes' {step:.2f} s: planned again"
-    choice = (again.max_gaussians, again.width, again.height)
-    if choice == (cap, w, h):
+    first, second = (cap, w, h), (again.max_gaussians, again.width, again.height)
+    if second == first:
         return replace(again, sentence=again.sentence + note)
     # The refit is right where the probes' pair extrapolated badly to a larger cap, and wrong where every step is
     # slower (another program on the cores): at a smaller cap of the size measured it predicts too little (a plan
-    # took 1.26 times its share). So the new choice is measured too; slower than predicted, every probed rate is
-    # taken as slower by the first measurement's ratio, and the plan made from that.
-    measured_again = measure(*choice)
+    # took 1.26 times its share). So the new choice is measured too; slower than predicted, both rates are solved
+    # through the two measurements and the plan made a third time; its choice, where not measured yet, is measured
+    # and its steps are what that measurement affords.
+    measured_again = measure(*second)
     if measured_again <= PLAN_CHECK_RATIO * again.step_seconds:
         return replace(again, sentence=again.sentence + note)
-    ratio = measured / step
-    slower = replace(costs, per_pixel=costs.per_pixel * ratio, per_gaussian=costs.per_gaussian * ratio)
-    uniform = plan_budget(
-        budget_min,
-        slower,
-        max_iterations=max_iterations,
-        max_size=(w, h),
-        fits=fits,
-        reserved_s=reserved_s,
-        reserved_for=reserved_for,
+    note += f", and at {second[0]} Gaussians {measured_again:.2f} s, not {again.step_seconds:.2f} s: planned from both"
+    third = plan_budget(budget_min, _costs_through(costs, (first, measured), (second, measured_again)), **again_kw)
+    choice = (third.max_gaussians, third.width, third.height)
+    seconds = {first: measured, second: measured_again}.get(choice)
+    if seconds is None:
+        seconds = measure(*choice)
+    if seconds <= third.step_seconds:
+        return replace(third, sentence=third.sentence + note)
+    steps = max(1, min(max_iterations, int(fit_seconds / (fits * seconds))))
+    short = steps < min(MIN_ITERATIONS, max_iterations)
+    sentence = _plan_sentence(
+        budget_min, *choice[1:], choice[0], steps, seconds, third.costs, fits, reserved_s, reserved_for, short
     )
-    note += (
-        f", and a step at {again.max_gaussians} Gaussians took {measured_again:.2f} s, not {again.step_seconds:.2f} s: "
-        f"planned with every probed rate {ratio:.2g} times slower"
+    return replace(third, iterations=steps, step_seconds=seconds, sentence=sentence + note)
+
+
+def _plan_sentence(
+    budget_min: float,
+    w: int,
+    h: int,
+    cap: int,
+    iterations: int,
+    step: float,
+    costs: StepCosts,
+    fits: float,
+    reserved_s: float,
+    reserved_for: str,
+    is_short: bool,
+) -> str:
+    """What a plan chose and why, for people (:attr:`BudgetPlan.sentence`)."""
+    reserved = f"; {reserved_s:g} s kept for {reserved_for or 'other work'}" if reserved_s else ""
+    sentence = (
+        f"time budget {budget_min:g} min: working size {w}x{h}, at most {cap} Gaussians, "
+        f"{iterations} steps per fit ({fits:g} fit{'s' if fits != 1 else ''}, about {step:.2f} s a step"
+        f"{f' of {costs.views} frames' if costs.views > 1 else ''} as "
+        f"measured here{', on one thread' if costs.threads == 1 else ''}{reserved})"
     )
-    return replace(uniform, sentence=uniform.sentence + note)
+    if is_short:
+        sentence += f"; the budget is too short for {MIN_ITERATIONS} steps per fit even at the smallest size"
+    return sentence
+
+
+def _costs_through(
+    probed: StepCosts, a: tuple[tuple[int, int, int], float], b: tuple[tuple[int, int, int], float]
+) -> StepCosts:
+    """Step costs through two measured steps ``((n, w, h), seconds)``: both rates solved where the two pin them
+    down (different Gaussians or pixels) and neither comes out below the probes', else every probed rate slowed
+    by the larger of the two measurements' ratios to the probes' prediction."""
+    ((n1, w1, h1), t1), ((n2, w2, h2), t2) = a, b
+    p1, p2 = w1 * h1, w2 * h2
+    det = p1 * n2 - p2 * n1
+    if det != 0:
+        per_pixel, per_gaussian = (t1 * n2 - t2 * n1) / det, (p1 * t2 - p2 * t1) / det
+        if per_pixel >= probed.per_pixel and per_gaussian >= probed.per_gaussian:
+            return replace(probed, per_pixel=per_pixel, per_gaussian=per_gaussian)
+    ratio = max(t1 / probed.seconds(n1, w1, h1), t2 / probed.seconds(n2, w2, h2))
+    return replace(probed, per_pixel=probed.per_pixel * ratio, per_gaussian=probed.per_gaussian * ratio)

@@ -226,12 +226,34 @@ def test_a_plan_made_again_stays_at_the_size_it_measured():
     assert again.width * again.height <= first.width * first.height
     spent = again.fits * again.iterations * twice(again.max_gaussians, again.width, again.height)
     assert spent <= 10.0 * 60 * FIT_SHARE, spent
-    # its new choice measured too: slower than the refit predicts (its fits took 1.26 times the share), so the plan
-    # is made from every probed rate twice as slow, which is the plan the device's true costs give
-    assert again.sentence.endswith("not 0.45 s: planned with every probed rate 2 times slower"), again.sentence
+    # its new choice measured too: slower than the refit predicts (its fits took 1.26 times the share), so both rates
+    # are solved through the two measurements, which gives the plan the device's true costs give
+    assert again.sentence.endswith("not 0.45 s: planned from both"), again.sentence
     true_costs = replace(probed, per_pixel=2 * probed.per_pixel, per_gaussian=2 * probed.per_gaussian)
     true = plan_budget(10.0, true_costs, max_iterations=1000, max_size=(320, 240), fits=2)
-    assert replace(again, sentence="") == replace(true, sentence="")
+    assert (again.width, again.height, again.max_gaussians, again.iterations) == (
+        true.width,
+        true.height,
+        true.max_gaussians,
+        true.iterations,
+    )
+    # Pixels six times the probes' rate and Gaussians at it: not a uniform slowdown (the rate of the first
+    # measurement alone planned 1.9 times the share), and within the share by the two measurements' rates.
+    pixels = replace(probed, per_pixel=6 * probed.per_pixel)
+    kw = {"max_iterations": 300, "max_size": (320, 240), "fits": 2}
+    plan = plan_budget(10.0, probed, **kw, measure=lambda n, w, h: pixels.seconds(n, w, h))
+    assert plan.fits * plan.iterations * pixels.seconds(plan.max_gaussians, plan.width, plan.height) <= 360
+    # ... and one where the third choice, new, measures slower than both rates predict: its steps are what that
+    # measurement affords, the sentence's step is the measured one
+    third = lambda n, w, h: probed.seconds(n, w, h) * 3 * (1 + (n / 30_000) ** 0.5) * (1 + w * h / 40_000) / 4  # noqa: E731
+    made = plan_budget(20.0, probed, max_iterations=1000, max_size=(320, 240), fits=2, measure=third)
+    assert (made.width, made.height, made.max_gaussians, made.iterations) == (320, 240, 15_000, 410)
+    assert made.step_seconds == third(15_000, 320, 240) and "about 0.88 s a step" in made.sentence
+    assert made.fits * made.iterations * made.step_seconds <= 20 * 60 * FIT_SHARE
+    # a device whose steps grow faster than any line through the measurements: within the check's tolerance
+    curved = lambda n, w, h: probed.seconds(n, w, h) * (1 + (w * h / 20_000) ** 2)  # noqa: E731
+    bent = plan_budget(10.0, probed, **kw, measure=curved)
+    assert bent.fits * bent.iterations * curved(bent.max_gaussians, bent.width, bent.height) <= 360 * PLAN_CHECK_RATIO
 
 
 def test_measured_step_is_positive_and_grows_with_gaussians():

@@ -113,10 +113,10 @@ def _write_image(image: bytes | np.ndarray, path_stem: Path) -> Path:
     return path
 
 
-def _check_mask_sizes(scene: dict[str, Any]) -> None:
-    """Refuse captures whose mask is not their photo's size, naming each field and client's capture in one error
-    (as :meth:`SceneError.of` names a scene's problems; the reply's ``field`` is the first), before anything is
-    written (load_scene checks it again after the files are written, and names the service's copy of the file)."""
+def _mask_size_problems(scene: dict[str, Any]) -> list[str]:
+    """The captures whose mask is not their photo's size, each as a problem of :class:`SceneError` (its field path
+    without ``scene.``, the client's capture named): load_scene finds them too, but names the service's copy of
+    the file."""
     problems: list[str] = []
     for key in ("captures", "heldout"):
         for i, c in enumerate(scene.get(key) or ()):
@@ -125,15 +125,10 @@ def _check_mask_sizes(scene: dict[str, Any]) -> None:
             (mw, mh), (w, h) = image_field_size(c["mask"]), image_field_size(c["image"])
             if (mw, mh) != (w, h):
                 problems.append(
-                    f"scene.{key}[{i}].mask: capture {c['name']!r}'s mask is {mw}x{mh}; its image is {w}x{h}"
+                    f"{key}[{i}].mask: capture {c['name']!r}'s mask is {mw}x{mh}; its image is {w}x{h} "
+                    "(a mask has its photo's size)"
                 )
-    if problems:
-        text = str(SceneError.of(problems))
-        raise ProtocolError(
-            errors.BAD_FIELD,
-            f"submit: {text} (a mask has its photo's size)",
-            field=problems[0].split(":", 1)[0],
-        )
+    return problems
 
 
 def _check_mask_content(path: Path, where: str, name: str) -> None:
@@ -150,13 +145,14 @@ def _check_mask_content(path: Path, where: str, name: str) -> None:
 
 
 def write_scene_message(scene: dict[str, Any], folder: Path) -> Scene:
-    """Write a submit request's ``scene`` (validated by the codec) as a scene folder and load it.
+    """Write a submit request's ``scene`` (validated by the codec) as a scene folder and load it; every problem
+    load_scene finds, and every mask of another size than its photo, named in one error.
 
     Image files are named by position (``images/c0003.png``), never by the client's names; a capture's
     mask goes to ``masks/`` under its photo's stem (``masks/c0003.png``).
     Raises ProtocolError ``bad_field`` naming the field (``scene.captures[3].camera.K: ...``).
     """
-    _check_mask_sizes(scene)
+    mask_problems = _mask_size_problems(scene)
     images = folder / IMAGES_DIR
     images.mkdir(parents=True, exist_ok=True)
     masks = folder / MASKS_DIR
@@ -184,12 +180,17 @@ def write_scene_message(scene: dict[str, Any], folder: Path) -> Scene:
     if scene.get("settings") is not None:
         data["settings"] = scene["settings"]
     write_atomic(folder / SCENE_FILE, json.dumps(data, indent=1).encode())
+    problems: list[str] = []
     try:
-        return load_scene(folder)
-    except SceneError as err:  # every problem named as the wire's field path; the first is the reply's field
-        where = err.problems[0].split(":", 1)[0]
-        text = str(SceneError.of(err.problems, prefix="scene."))
-        raise ProtocolError(errors.BAD_FIELD, f"submit: {text}", field=f"scene.{where}") from None
+        loaded = load_scene(folder)
+    except SceneError as err:
+        problems = list(err.problems)
+    if mask_problems or problems:  # every problem named as the wire's field path; the first is the reply's field
+        sized = {p.split(":", 1)[0] for p in mask_problems}  # said with the client's capture, not the service's file
+        problems = mask_problems + [p for p in problems if p.split(":", 1)[0] not in sized]
+        text = str(SceneError.of(problems, prefix="scene."))
+        raise ProtocolError(errors.BAD_FIELD, f"submit: {text}", field=f"scene.{problems[0].split(':', 1)[0]}")
+    return loaded
 
 
 def scene_message(scene: Scene) -> dict[str, Any]:

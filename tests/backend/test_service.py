@@ -248,18 +248,22 @@ def test_a_mask_of_another_size_is_refused_naming_the_capture_and_the_field(clie
             f"submit: scene.{key}[{index}].mask: capture {name!r}'s mask is 32x24; its image is 64x48 "
             "(a mask has its photo's size)"
         )
-    scene = scene_msg()  # every mask of another size named in one error, the reply's field the first
+    scene = scene_msg()  # every mask of another size named in one error with the scene's other problems
     scene["heldout"] = [{"name": "held", "image": png_bytes(), "camera": camera()}]
     scene["captures"][1]["mask"] = png_bytes(width=WIDTH // 2, height=HEIGHT // 2)
     scene["heldout"][0]["mask"] = png_bytes(width=WIDTH, height=HEIGHT // 2)
+    scene["captures"][0]["camera"] = camera(height=HEIGHT + 1)  # passes the codec, not load_scene
     with pytest.raises(ProtocolError) as err:
         client.submit(scene)
     first = scene["captures"][1]["name"]
-    assert err.value.field == "scene.captures[1].mask" and err.value.message == (
-        f"submit: scene.captures[1].mask: capture {first!r}'s mask is 32x24; its image is 64x48; "
-        "scene.heldout[0].mask: capture 'held''s mask is 64x24; its image is 64x48 (2 problems) "
-        "(a mask has its photo's size)"
-    )
+    assert err.value.field == "scene.captures[1].mask", err.value.message
+    message = err.value.message
+    assert message.startswith(
+        f"submit: scene.captures[1].mask: capture {first!r}'s mask is 32x24; its image is 64x48 (a mask has its "
+        "photo's size); scene.heldout[0].mask: capture 'held''s mask is 64x24; its image is 64x48 (a mask has its "
+        f"photo's size); scene.captures[0].camera: size 64x{HEIGHT + 1} does not match the image "
+    ), message
+    assert message.endswith("(3 problems)") and message.count(".mask:") == 2  # not again with the service's file
     assert client.jobs() == []  # nothing half-made
 
 

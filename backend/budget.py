@@ -486,8 +486,13 @@ def plan_budget(
     # The excess refitted on the Gaussians (the probes pin the pixels' rate down), and no size above the one measured:
     # the plan made again could move to an unmeasured size 6 times larger, whose pixels the excess did not reach
     # (its fits took 1.7 times their share)
-    again_kw = {"max_iterations": max_iterations, "max_size": (w, h), "fits": fits, "reserved_s": reserved_s}
-    again_kw["reserved_for"] = reserved_for
+    again_kw = {
+        "max_iterations": max_iterations,
+        "max_size": (w, h),
+        "fits": fits,
+        "reserved_s": reserved_s,
+        "reserved_for": reserved_for,
+    }
     per_gaussian = max((measured - costs.per_pixel * w * h) / cap, costs.per_gaussian)
     again = plan_budget(budget_min, replace(costs, per_gaussian=per_gaussian), **again_kw)
     note = f"; a step at {cap} Gaussians took {measured:.2f} s, not the probes' {step:.2f} s: planned again"
@@ -504,7 +509,7 @@ def plan_budget(
         return replace(again, sentence=again.sentence + note)
     note += f", and at {second[0]} Gaussians {measured_again:.2f} s, not {again.step_seconds:.2f} s: planned from both"
     third = plan_budget(budget_min, _costs_through(costs, (first, measured), (second, measured_again)), **again_kw)
-    choice = (third.max_gaussians, third.width, third.height)
+    cap, w, h = choice = (third.max_gaussians, third.width, third.height)
     seconds = {first: measured, second: measured_again}.get(choice)
     if seconds is None:
         seconds = measure(*choice)
@@ -512,9 +517,7 @@ def plan_budget(
         return replace(third, sentence=third.sentence + note)
     steps = max(1, min(max_iterations, int(fit_seconds / (fits * seconds))))
     short = steps < min(MIN_ITERATIONS, max_iterations)
-    sentence = _plan_sentence(
-        budget_min, *choice[1:], choice[0], steps, seconds, third.costs, fits, reserved_s, reserved_for, short
-    )
+    sentence = _plan_sentence(budget_min, w, h, cap, steps, seconds, third.costs, fits, reserved_s, reserved_for, short)
     return replace(third, iterations=steps, step_seconds=seconds, sentence=sentence + note)
 
 

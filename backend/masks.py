@@ -32,7 +32,11 @@ class MaskError(SceneError):
 
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(f"mask: {path} {reason}")
+        self.path = path
         self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:  # pickled whole (a process pool's error), not as its text
+        return type(self), (self.path, self.reason)
 
 
 def read_mask(path: Path) -> np.ndarray:

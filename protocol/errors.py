@@ -53,6 +53,13 @@ class ProtocolError(Exception):
         self.request_id: Any = None
         self.op: str | None = None
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled whole (a process pool's error), with what it was read from
+        return (
+            type(self),
+            (self.code, self.message),
+            {"field": self.field, "request_id": self.request_id, "op": self.op},
+        )
+
     def to_wire(self) -> dict[str, Any]:
         """The ``error`` map of a reply."""
         out: dict[str, Any] = {"code": self.code, "message": self.message}

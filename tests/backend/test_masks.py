@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from backend.formats import import_scene
-from backend.masks import capture_mask, image_alpha, read_mask, resize_mask, stack_masks, threshold_silhouette
+from backend.masks import (
+    MaskError,
+    capture_mask,
+    image_alpha,
+    read_mask,
+    resize_mask,
+    stack_masks,
+    threshold_silhouette,
+)
 from backend.scene import Camera, Capture, SceneError, load_scene, look_at, save_scene
 
 DINO_BOX = (np.array([-0.061897, -0.018874, -0.057845]), np.array([0.010897, 0.068227, 0.015495]))
@@ -162,6 +171,16 @@ def test_a_mask_that_keeps_no_pixel_is_refused_naming_the_file(tmp_path):
     assert read_mask(tmp_path / "white.png").sum() == 16
     Image.fromarray(labels * 0).save(tmp_path / "black.png")  # a view without the object: empty, not an error
     assert not read_mask(tmp_path / "black.png").any()
+
+
+def test_a_mask_error_survives_pickling_whole(tmp_path):
+    """A process pool's worker hands its error back pickled: the same text and the reason kept for a client."""
+    Image.fromarray(np.ones((4, 4), np.uint8)).save(tmp_path / "labels.png")
+    with pytest.raises(MaskError) as err:
+        read_mask(tmp_path / "labels.png")
+    again = pickle.loads(pickle.dumps(err.value))
+    assert type(again) is MaskError and str(again) == str(err.value)
+    assert (again.path, again.reason) == (err.value.path, err.value.reason)
 
 
 def test_masks_that_all_keep_no_pixel_are_refused_naming_them(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import msgpack
 import numpy as np
 import pytest
@@ -456,3 +458,13 @@ def test_status_reply_with_the_most_artifacts_a_job_may_list_fits():
     with pytest.raises(ProtocolError) as err:
         encode({**reply, "artifacts": artifacts + artifacts[:1]}, "reply")
     assert err.value.code == errors.TOO_LARGE and err.value.field == "artifacts"
+
+
+def test_a_protocol_error_survives_pickling_whole():
+    """Code, message, field and what the request was read as come back (a process pool's error is pickled)."""
+    err = ProtocolError("bad_field", "must be positive; got -1", field="settings.gaussian_iterations")
+    err.request_id, err.op = 7, "submit"
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is ProtocolError and str(again) == str(err)
+    assert again.to_wire() == err.to_wire()
+    assert (again.request_id, again.op) == (7, "submit")

@@ -9,7 +9,7 @@ changed), so that every row of a scene is measured in one process against one ba
 the loop's gain over the captures-only fit of the same seed: one fit differs from another by
 0.1-0.3 dB.
 
-Fit variants (dropout, SH degree, opacity decay, random background) patch the fit settings of the
+Fit variants (dropout, SH degree, random background) patch the fit settings of the
 baselines too: their row's captures-only fit is scored again with the same settings, so the loop's
 gain is measured against a captures-only fit with the same regularisers. Scenes with masks
 (``temple-ring`` and ``dino-ring``, Middlebury silhouettes) get masked scores beside full-image ones.
@@ -143,8 +143,6 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "dropout 0.3": ({}, {"dropout_rate": 0.3}, {}),
     "sh degree 1": ({}, {"sh_degree": 1}, {}),
     "sh degree 0": ({}, {"sh_degree": 0}, {}),
-    "opacity decay 0.9995": ({}, {"opacity_decay": 0.9995}, {}),
-    "sh 1 + decay": ({}, {"sh_degree": 1, "opacity_decay": 0.9995}, {}),
     "dropout 0.2 + sh 1": ({}, {"dropout_rate": 0.2, "sh_degree": 1}, {}),
     # the fit's own settings: how far the centres move, how the Gaussians are densified. The strategy is
     # gsplat's MCMC (on either rasterizer); the DefaultStrategy rows name it, as do its thresholds'

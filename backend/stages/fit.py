@@ -31,8 +31,6 @@ Regularisers for few views that need no learned weights (each a FitConfig field)
   outside training use every Gaussian.
 - **SH degree**: ``sh_degree`` caps view-dependent colour (3 views cannot pin it down) and
   ``sh_degree_interval`` schedules its rise.
-- **Opacity decay**: after each step every opacity is multiplied by ``opacity_decay``, so Gaussians
-  that the views do not keep asking for fade and DefaultStrategy prunes them.
 - **Random background behind masks**: when the views carry masks (``FitViews.masks``) and
   ``has_random_background`` is on, each step draws one random colour per frame, composites the
   render over it and puts it into the target's masked-out pixels: no Gaussian can explain the
@@ -146,7 +144,6 @@ class FitConfig:
         dropout_rate: Gaussian dropout's final rate (module docstring); 0 = off. 0.1 won on every
             scene's loop with either strategy (run 21; DropGaussian's own rate for LLFF), 0.2 beat
             0.1 on the fern (+0.16 dB) and temple (+0.24) in every seed, 0.3 no further (run 22).
-        opacity_decay: opacities are multiplied by this after every step; 1 = off.
         has_random_background: with masks, masked-out pixels see a random colour (module docstring).
         max_gaussians: cap on the Gaussians, 0 for none: the memory is thinned to it on a voxel grid
             before the fit (backend.budget.thin_memory) and densification prunes the least opaque
@@ -191,7 +188,6 @@ class FitConfig:
     background: tuple[float, float, float] = (0.0, 0.0, 0.0)
     capture_share: float = 0.5
     dropout_rate: float = 0.2
-    opacity_decay: float = 1.0
     has_random_background: bool = True
     max_gaussians: int = 0
     seed: int = 0
@@ -248,8 +244,6 @@ class FitConfig:
                     raise ValueError(f"FitConfig.{f.name} must be >= 0; got {getattr(self, f.name)}")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"FitConfig.dropout_rate must be in [0, 1); got {self.dropout_rate}")
-        if not 0.0 < self.opacity_decay <= 1.0:
-            raise ValueError(f"FitConfig.opacity_decay must be in (0, 1]; got {self.opacity_decay}")
         if len(self.background) != 3:
             raise ValueError(f"FitConfig.background must be 3 floats; got {self.background!r}")
 
@@ -501,15 +495,6 @@ def dropout_opacities(opacities: Tensor, rate: float, generator: torch.Generator
         return opacities
     keep = torch.rand(opacities.shape, device=opacities.device, generator=generator) >= rate
     return torch.where(keep, (opacities / (1.0 - rate)).clamp(max=1.0), torch.zeros_like(opacities))
-
-
-def decay_opacities(logits: Tensor, factor: float) -> None:
-    """Multiply the opacities behind ``logits`` by ``factor`` in place (no gradient). [N]"""
-    if factor >= 1.0:
-        return
-    with torch.no_grad():
-        p = torch.sigmoid(logits) * factor
-        logits.copy_(torch.logit(p.clamp(1e-6, 1.0 - 1e-6)))
 
 
 def crop_to_masks(g: Gaussians, cams: Cameras, masks: Tensor) -> Gaussians:
@@ -766,8 +751,6 @@ class _Run:
             # also without a step: MCMC's regularisers give a gradient where no Gaussian is seen,
             # which must not pile up into the next step that learns
             opt.zero_grad(set_to_none=True)
-        if learn:
-            decay_opacities(self.params["opacities"], cfg.opacity_decay)
         self.scheduler.step()
         if learn and self.strategy is not None:
             if cfg.strategy == "mcmc":  # noise scaled by the centres' learning rate of this step

@@ -66,14 +66,7 @@ def test_dropout_rate_rises_from_zero():
     assert not torch.allclose(more[0].opacity_logits, more[1].opacity_logits)
 
 
-def test_opacity_decay_multiplies_every_step():
-    cams, images, memory = make_scene()
-    views = FitViews(images, cams, torch.ones(images.shape[:3]))
-    cfg = replace(BASE, iterations=5, opacity_decay=0.9, opacities_lr=0.0, init_opacity=0.5)
-    g = fit_gaussians(views, memory, cfg, device="cpu")
-    torch.testing.assert_close(torch.sigmoid(g.opacity_logits), torch.full((len(g),), 0.5 * 0.9**5), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="opacity_decay must be in"):
-        FitConfig(opacity_decay=0.0)
+def test_fit_config_refuses_a_dropout_rate_of_one():
     with pytest.raises(ValueError, match="dropout_rate must be in"):
         FitConfig(dropout_rate=1.0)
 

@@ -131,22 +131,24 @@ def _mask_size_problems(scene: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _check_mask_content(path: Path, where: str, name: str) -> None:
-    """Refuse a written mask the job could not read (a 0/1 label image, a body cut short), naming the field
-    and the client's capture, not the service's file (the codec read its header only)."""
+def _mask_content_problem(path: Path, where: str, name: str) -> str | None:
+    """A written mask the job could not read (a 0/1 label image, a body cut short) as a problem of
+    :class:`SceneError` (``where``: its field path without ``scene.``), naming the client's capture, not the
+    service's file (the codec read its header only); None for a mask the job can read."""
     try:
         read_mask(path)
-        return
+        return None
     except MaskError as err:
         reason = err.reason
     except (OSError, ValueError) as err:  # PIL: a body cut short or corrupt behind a valid header
         reason = f"cannot be decoded ({type(err).__name__})"
-    raise ProtocolError(errors.BAD_FIELD, f"submit: {where}: capture {name!r}'s mask {reason}", field=where)
+    return f"{where}: capture {name!r}'s mask {reason}"
 
 
 def write_scene_message(scene: dict[str, Any], folder: Path) -> Scene:
     """Write a submit request's ``scene`` (validated by the codec) as a scene folder and load it; every problem
-    load_scene finds, and every mask of another size than its photo, named in one error.
+    load_scene finds, every mask of another size than its photo and every mask the job could not read, named
+    in one error.
 
     Image files are named by position (``images/c0003.png``), never by the client's names; a capture's
     mask goes to ``masks/`` under its photo's stem (``masks/c0003.png``).
@@ -165,7 +167,9 @@ def write_scene_message(scene: dict[str, Any], folder: Path) -> Scene:
             if c.get("mask") is not None:
                 masks.mkdir(exist_ok=True)
                 mask_path = _write_image(c["mask"], masks / f"{prefix}{i:04d}")
-                _check_mask_content(mask_path, f"scene.{key}[{i}].mask", c["name"])
+                unread = _mask_content_problem(mask_path, f"{key}[{i}].mask", c["name"])
+                if unread:
+                    mask_problems.append(unread)
                 entry["mask"] = f"{MASKS_DIR}/{mask_path.name}"
             if c.get("camera") is not None:
                 entry["camera"] = _camera_json(c["camera"])
@@ -186,7 +190,8 @@ def write_scene_message(scene: dict[str, Any], folder: Path) -> Scene:
     except SceneError as err:
         problems = list(err.problems)
     if mask_problems or problems:  # every problem named as the wire's field path; the first is the reply's field
-        sized = {p.split(":", 1)[0] for p in mask_problems}  # said with the client's capture, not the service's file
+        # a mask's problems said with the client's capture, not again with the service's file
+        sized = {p.split(":", 1)[0] for p in mask_problems}
         problems = mask_problems + [p for p in problems if p.split(":", 1)[0] not in sized]
         text = str(SceneError.of(problems, prefix="scene."))
         raise ProtocolError(errors.BAD_FIELD, f"submit: {text}", field=f"scene.{problems[0].split(':', 1)[0]}")

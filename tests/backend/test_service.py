@@ -291,6 +291,23 @@ def test_a_mask_the_job_could_not_read_is_refused_at_submit(client):
     with pytest.raises(ProtocolError) as err:
         client.submit(scene)
     assert err.value.field == "scene.captures[0].mask" and "'s mask cannot be decoded (" in err.value.message
+    # every mask the job could not read named in one error, beside a mask of another size and a camera's problem
+    scene = scene_msg(captures=3)
+    scene["captures"][0]["mask"] = whole[:60]
+    scene["captures"][1]["mask"] = buf.getvalue()
+    scene["captures"][2]["mask"] = png_bytes(width=WIDTH // 2, height=HEIGHT // 2)
+    scene["captures"][2]["camera"] = camera(height=HEIGHT + 1)
+    with pytest.raises(ProtocolError) as err:
+        client.submit(scene)
+    message = err.value.message
+    assert message.endswith("(4 problems)") and message.count(".mask:") == 3, message
+    for part in (
+        f"scene.captures[0].mask: capture {name!r}'s mask cannot be decoded (",
+        f"scene.captures[1].mask: capture {scene['captures'][1]['name']!r}'s mask keeps no pixel (",
+        "scene.captures[2].mask: capture",
+        "scene.captures[2].camera: size 64x",
+    ):
+        assert part in message, (part, message)
     assert client.jobs() == []
 
 

@@ -43,6 +43,8 @@ from backend.stages.fit import FitConfig, FitViews, fit_gaussians_many  # noqa: 
 from backend.stages.memory import build_memory  # noqa: E402
 from backend.types import GeometryMemory, Views  # noqa: E402
 
+JOB_ITERATIONS = 3000  # scripts/bench_loop.py's fit, the setting's default
+
 
 def fit_sets(views: Views, memory: GeometryMemory, cfg: FitConfig, sets: int, device: torch.device) -> float:
     """Seconds for ``sets`` Gaussian sets fitted on ``views`` in lockstep (seeds 0, 1, ...)."""
@@ -80,12 +82,18 @@ def syncs_per_step(
 
 
 def profile_sets(
-    views: Views, memory: GeometryMemory, cfg: FitConfig, sets: int, device: torch.device, out: Path
+    views: Views, memory: GeometryMemory, cfg: FitConfig, sets: int, device: torch.device, out: Path, steps: int
 ) -> dict[str, float]:
-    """Where ``cfg.iterations`` steps of ``sets`` sets spend the host's time: the Python functions
+    """Where ``steps`` steps of ``sets`` sets in lockstep spend the host's time: the Python functions
     (cProfile, their own time and their callees'), then the operators and the GPU's busy time
-    (torch.profiler), written to ``out/profile_sets{sets}.txt``. Returns the GPU's busy and the
-    wall-clock milliseconds per step of the torch.profiler run (both inflated by the profilers)."""
+    (torch.profiler), written to ``out/profile_sets{sets}.txt``.
+
+    The steps are a window of a whole fit of ``cfg.iterations`` steps, from its middle third's start (the
+    Gaussians grown, densified every ``refine_every``, the SH degree raised as in a job): a fit as short
+    as the window would densify every few steps, its schedules being shares of the run. The window's
+    steps are counted by the rasterizer calls (one a step), so nothing in the fit reads the GPU back for
+    it. Returns the GPU's busy and the wall-clock milliseconds per step, and the kernel launches per step,
+    of the window (the times inflated by the profilers)."""
     import cProfile
     import io
     import pstats
@@ -93,21 +101,47 @@ def profile_sets(
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    prof = cProfile.Profile()
-    prof.enable()
-    fit_sets(views, memory, cfg, sets, device)
-    prof.disable()
-    text = io.StringIO()
-    for key in ("tottime", "cumulative"):
-        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(45)
+    from backend.stages import fit as fit_module
+
+    first = cfg.iterations // 3
+    if not 0 < steps <= cfg.iterations - first:
+        raise ValueError(f"--profile-steps: 1 to {cfg.iterations - first} steps of a {cfg.iterations}-step fit")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    t0 = time.perf_counter()
-    with profile(activities=activities) as tprof:
+    python, torch_prof = cProfile.Profile(), profile(activities=activities)
+    draw = fit_module._SetsRender.draw
+    step, wall = 0, [0.0, 0.0]
+
+    def counted(*args, **kwargs):  # one rasterizer call a step: the window opens and closes on them
+        nonlocal step
+        if step == first:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            wall[0] = time.perf_counter()
+            torch_prof.start()
+            python.enable()
+        elif step == first + steps:
+            python.disable()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            torch_prof.stop()
+            wall[1] = time.perf_counter()
+        step += 1
+        return draw(*args, **kwargs)
+
+    fit_module._SetsRender.draw = counted
+    try:
         fit_sets(views, memory, cfg, sets, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall = time.perf_counter() - t0
-    averages = tprof.key_averages()
+    finally:
+        fit_module._SetsRender.draw = draw
+        if step <= first + steps:  # the window ran to the fit's end
+            python.disable()
+            torch_prof.stop()
+            wall[1] = time.perf_counter()
+    text = io.StringIO()
+    text.write(f"{sets} set(s): steps {first} to {first + steps} of {cfg.iterations}\n")
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(python, stream=text).sort_stats(key).print_stats(45)
+    averages = torch_prof.key_averages()
     text.write(averages.table(sort_by="self_cpu_time_total", row_limit=45))
     busy = 0.0
     if device.type == "cuda":
@@ -116,9 +150,9 @@ def profile_sets(
         busy = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1e3
     launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     per_step = {
-        "gpu_busy_ms": busy / cfg.iterations,
-        "wall_ms": 1e3 * wall / cfg.iterations,
-        "kernel_launches": launches / cfg.iterations,
+        "gpu_busy_ms": busy / steps,
+        "wall_ms": 1e3 * (wall[1] - wall[0]) / steps,
+        "kernel_launches": launches / steps,
     }
     text.write(f"\nper step: {json.dumps(per_step)}\n")
     out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +182,8 @@ def main() -> int:
         "--profile-steps",
         type=int,
         default=0,
-        help="also profile this many steps per set count (cProfile and torch.profiler; needs --out)",
+        help="also profile this many steps per set count, a window of a whole fit from its middle third "
+        "(cProfile and torch.profiler; needs --out)",
     )
     add_ssim_conv(ap)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -172,11 +207,14 @@ def main() -> int:
         ap.error(
             "--sets >= 1 each, --repeats >= 1, --iterations >= 0, --sync-steps 0 or >= 2, --profile-steps with --out"
         )
+    steps = args.iterations or JOB_ITERATIONS
+    if args.profile_steps > steps - steps // 3:
+        ap.error(f"--profile-steps: at most {steps - steps // 3}, a window from step {steps // 3} of {steps}")
     device = torch.device(args.device)
     if args.ssim_conv:
         ssim_on_convolutions()
     width, height = args.size
-    settings = Settings(width=width, height=height, gaussian_iterations=3000)
+    settings = Settings(width=width, height=height, gaussian_iterations=JOB_ITERATIONS)
     cfg = LoopConfig.from_settings(settings, device=device)
     fit_cfg = replace(cfg.fit, iterations=args.iterations) if args.iterations else cfg.fit
     with tempfile.TemporaryDirectory(prefix="reconloop-fit-steps-") as work:
@@ -199,9 +237,7 @@ def main() -> int:
     profiled = {}
     if args.profile_steps:
         for k in sets:
-            profiled[k] = profile_sets(
-                views, memory, replace(fit_cfg, iterations=args.profile_steps), k, device, args.out
-            )
+            profiled[k] = profile_sets(views, memory, fit_cfg, k, device, args.out, args.profile_steps)
             print(f"profiled {k} set(s), {args.profile_steps} steps: {profiled[k]}", flush=True)
     med = {k: statistics.median(v) for k, v in seconds.items()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,20 @@ def test_jobs_dry_run_lists_the_processes_a_pattern_selects(tmp_path: Path) -> N
     spec.unlink()
     assert f"jobs: the spec file '{spec}' does not exist" in dry("^fern|").stderr
     assert not (tmp_path / "out").exists()  # no set-up ran
+
+
+def test_fit_steps_profiles_a_window_of_a_whole_fit(temple_dir: Path, tmp_path: Path) -> None:
+    """scripts/bench_fit_steps.py --profile-steps: the window starts at the fit's middle third, not a fit as
+    short as the window (whose schedules, shares of the run, would densify every few steps); a window past
+    the fit's end is refused before anything runs."""
+    cmd = [sys.executable, str(SCRIPTS / "bench_fit_steps.py"), "--data", str(temple_dir), "--device", "cpu"]
+    cmd += ["--size", "64x48", "--iterations", "30", "--sets", "3", "--sync-steps", "0", "--out", str(tmp_path)]
+    done = subprocess.run([*cmd, "--profile-steps", "5"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "profile_sets3.txt").read_text()
+    assert text.startswith("3 set(s): steps 10 to 15 of 30\n")
+    assert re.search(r"^\s+5\s.*fit\.py:\d+\(draw\)$", text, re.M), text  # the window's 5 rasterizer calls
+    report = (tmp_path / "fit_steps.json").read_text()
+    assert '"profiled_per_step"' in report and '"wall_ms"' in report
+    refused = subprocess.run([*cmd, "--profile-steps", "21"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--profile-steps: at most 20, a window from step 10 of 30" in refused.stderr

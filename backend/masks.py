@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,23 +36,26 @@ class MaskError(SceneError):
         self.path = path
         self.reason = reason
 
-    def __reduce__(self) -> tuple[type, tuple[Path, str]]:  # pickled whole (a process pool's error), not as its text
-        return type(self), (self.path, self.reason)
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled whole (a process pool's error), not as its text
+        return type(self), (self.path, self.reason), self.__dict__
 
 
 def read_mask(path: Path) -> np.ndarray:
     """A mask file: alpha when the image has one, else its grey level; above half is kept. bool [H, W]
 
     An all-black mask is a view without the object (its masked score is left out: ``masked_score``);
-    one whose marks all sit at or below half (a 0/1 label image) raises SceneError naming the file,
-    rather than being read as empty."""
+    one whose marks all sit at or below half (a 0/1 label image) raises MaskError naming the file,
+    rather than being read as empty, as does a file that cannot be decoded."""
     from PIL import Image  # not in Blender's Python: only where a mask is read or written
 
-    with Image.open(path) as im:
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            grey = np.asarray(im.convert("RGBA"))[..., 3]
-        else:
-            grey = np.asarray(im.convert("L"))
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                grey = np.asarray(im.convert("RGBA"))[..., 3]
+            else:
+                grey = np.asarray(im.convert("L"))
+    except Exception as err:  # PIL raises several types (SyntaxError too) for a file cut short or corrupt
+        raise MaskError(path, f"cannot be decoded ({type(err).__name__})") from err
     mask = grey > MASK_LEVEL
     peak = int(grey.max())
     if 0 < peak <= MASK_LEVEL:  # marks, none above half: a label image (0/1), not an empty view

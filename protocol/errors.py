@@ -54,11 +54,7 @@ class ProtocolError(Exception):
         self.op: str | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickled whole (a process pool's error), with what it was read from
-        return (
-            type(self),
-            (self.code, self.message),
-            {"field": self.field, "request_id": self.request_id, "op": self.op},
-        )
+        return type(self), (self.code, self.message), self.__dict__
 
     def to_wire(self) -> dict[str, Any]:
         """The ``error`` map of a reply."""

@@ -113,6 +113,19 @@ def _write_image(image: bytes | np.ndarray, path_stem: Path) -> Path:
     return path
 
 
+_VIEW_NOUN = {"captures": "capture", "heldout": "held-out view"}  # how a problem names the client's view
+_SECTIONS = ("captures", "trajectory", "heldout")  # a scene's lists in load_scene's order
+_POSITION = re.compile(r"^(\w+)(?:\[(\d+)\])?")
+
+
+def _by_position(problem: str) -> tuple[int, int]:
+    """A problem's place in the scene (``captures[2].mask: ...`` after every problem of ``captures[1]``, before
+    the trajectory's and the held-out views'); problems of the scene as a whole last."""
+    name, index = _POSITION.match(problem).groups()
+    section = _SECTIONS.index(name) if name in _SECTIONS else len(_SECTIONS)
+    return section, -1 if index is None else int(index)
+
+
 def _mask_size_problems(scene: dict[str, Any]) -> list[str]:
     """The captures whose mask is not their photo's size, each as a problem of :class:`SceneError` (its field path
     without ``scene.``, the client's capture named): load_scene finds them too, but names the service's copy of
@@ -125,24 +138,21 @@ def _mask_size_problems(scene: dict[str, Any]) -> list[str]:
             (mw, mh), (w, h) = image_field_size(c["mask"]), image_field_size(c["image"])
             if (mw, mh) != (w, h):
                 problems.append(
-                    f"{key}[{i}].mask: capture {c['name']!r}'s mask is {mw}x{mh}; its image is {w}x{h} "
+                    f"{key}[{i}].mask: {_VIEW_NOUN[key]} {c['name']!r}'s mask is {mw}x{mh}; its image is {w}x{h} "
                     "(a mask has its photo's size)"
                 )
     return problems
 
 
-def _mask_content_problem(path: Path, where: str, name: str) -> str | None:
+def _mask_content_problem(path: Path, key: str, i: int, name: str) -> str | None:
     """A written mask the job could not read (a 0/1 label image, a body cut short) as a problem of
-    :class:`SceneError` (``where``: its field path without ``scene.``), naming the client's capture, not the
+    :class:`SceneError` (its field path ``key[i].mask``, without ``scene.``), naming the client's view, not the
     service's file (the codec read its header only); None for a mask the job can read."""
     try:
         read_mask(path)
         return None
     except MaskError as err:
-        reason = err.reason
-    except (OSError, ValueError) as err:  # PIL: a body cut short or corrupt behind a valid header
-        reason = f"cannot be decoded ({type(err).__name__})"
-    return f"{where}: capture {name!r}'s mask {reason}"
+        return f"{key}[{i}].mask: {_VIEW_NOUN[key]} {name!r}'s mask {err.reason}"
 
 
 def write_scene_message(scene: dict[str, Any], folder: Path) -> Scene:
@@ -167,7 +177,7 @@ def write_scene_message(scene: dict[str, Any], folder: Path) -> Scene:
             if c.get("mask") is not None:
                 masks.mkdir(exist_ok=True)
                 mask_path = _write_image(c["mask"], masks / f"{prefix}{i:04d}")
-                unread = _mask_content_problem(mask_path, f"{key}[{i}].mask", c["name"])
+                unread = _mask_content_problem(mask_path, key, i, c["name"])
                 if unread:
                     mask_problems.append(unread)
                 entry["mask"] = f"{MASKS_DIR}/{mask_path.name}"
@@ -190,9 +200,9 @@ def write_scene_message(scene: dict[str, Any], folder: Path) -> Scene:
     except SceneError as err:
         problems = list(err.problems)
     if mask_problems or problems:  # every problem named as the wire's field path; the first is the reply's field
-        # a mask's problems said with the client's capture, not again with the service's file
+        # a mask's problems said with the client's view, not again with the service's file; in the scene's order
         sized = {p.split(":", 1)[0] for p in mask_problems}
-        problems = mask_problems + [p for p in problems if p.split(":", 1)[0] not in sized]
+        problems = sorted(mask_problems + [p for p in problems if p.split(":", 1)[0] not in sized], key=_by_position)
         text = str(SceneError.of(problems, prefix="scene."))
         raise ProtocolError(errors.BAD_FIELD, f"submit: {text}", field=f"scene.{problems[0].split(':', 1)[0]}")
     return loaded

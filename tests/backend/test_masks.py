@@ -173,6 +173,14 @@ def test_a_mask_that_keeps_no_pixel_is_refused_naming_the_file(tmp_path):
     assert not read_mask(tmp_path / "black.png").any()
 
 
+def test_a_mask_that_cannot_be_decoded_is_a_mask_error_naming_the_file(tmp_path):
+    """A body cut short behind a valid header: MaskError (a SceneError), not PIL's own exception."""
+    Image.fromarray(np.full((48, 64), 255, np.uint8)).save(tmp_path / "whole.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:60])
+    with pytest.raises(MaskError, match=r"cut.png cannot be decoded \((OSError|SyntaxError|ValueError)"):
+        read_mask(tmp_path / "cut.png")
+
+
 def test_a_mask_error_survives_pickling_whole(tmp_path):
     """A process pool's worker hands its error back pickled: the same text and the reason kept for a client."""
     Image.fromarray(np.ones((4, 4), np.uint8)).save(tmp_path / "labels.png")
@@ -181,6 +189,8 @@ def test_a_mask_error_survives_pickling_whole(tmp_path):
     again = pickle.loads(pickle.dumps(err.value))
     assert type(again) is MaskError and str(again) == str(err.value)
     assert (again.path, again.reason) == (err.value.path, err.value.reason)
+    err.value.add_note("a note")  # what else it carries, too
+    assert pickle.loads(pickle.dumps(err.value)).__notes__ == ["a note"]
 
 
 def test_masks_that_all_keep_no_pixel_are_refused_naming_them(tmp_path):

@@ -244,27 +244,52 @@ def test_a_mask_of_another_size_is_refused_naming_the_capture_and_the_field(clie
             client.submit(scene)
         name = scene[key][index]["name"]
         assert err.value.code == errors.BAD_FIELD and err.value.field == f"scene.{key}[{index}].mask"
+        noun = {"captures": "capture", "heldout": "held-out view"}[key]
         assert err.value.message == (
-            f"submit: scene.{key}[{index}].mask: capture {name!r}'s mask is 32x24; its image is 64x48 "
+            f"submit: scene.{key}[{index}].mask: {noun} {name!r}'s mask is 32x24; its image is 64x48 "
             "(a mask has its photo's size)"
         )
-    scene = scene_msg()  # every mask of another size named in one error with the scene's other problems
+    scene = scene_msg()  # every mask of another size named in one error with the scene's other problems, in order
     scene["heldout"] = [{"name": "held", "image": png_bytes(), "camera": camera()}]
     scene["captures"][1]["mask"] = png_bytes(width=WIDTH // 2, height=HEIGHT // 2)
     scene["heldout"][0]["mask"] = png_bytes(width=WIDTH, height=HEIGHT // 2)
     scene["captures"][0]["camera"] = camera(height=HEIGHT + 1)  # passes the codec, not load_scene
     with pytest.raises(ProtocolError) as err:
         client.submit(scene)
-    first = scene["captures"][1]["name"]
-    assert err.value.field == "scene.captures[1].mask", err.value.message
+    second = scene["captures"][1]["name"]
+    assert err.value.field == "scene.captures[0].camera", err.value.message
     message = err.value.message
-    assert message.startswith(
-        f"submit: scene.captures[1].mask: capture {first!r}'s mask is 32x24; its image is 64x48 (a mask has its "
-        "photo's size); scene.heldout[0].mask: capture 'held''s mask is 64x24; its image is 64x48 (a mask has its "
-        f"photo's size); scene.captures[0].camera: size 64x{HEIGHT + 1} does not match the image "
+    assert message.startswith(f"submit: scene.captures[0].camera: size 64x{HEIGHT + 1} does not match the image ")
+    assert message.endswith(
+        f"; scene.captures[1].mask: capture {second!r}'s mask is 32x24; its image is 64x48 (a mask has its "
+        "photo's size); scene.heldout[0].mask: held-out view 'held''s mask is 64x24; its image is 64x48 (a mask has "
+        "its photo's size) (3 problems)"
     ), message
-    assert message.endswith("(3 problems)") and message.count(".mask:") == 2  # not again with the service's file
+    assert message.count(".mask:") == 2  # not again with the service's file
     assert client.jobs() == []  # nothing half-made
+
+
+def _png_with_a_garbled_chunk() -> bytes:
+    """A white mask of the photo's size whose pixels span two IDAT chunks, the second's type garbled (a valid
+    CRC): its header reads, its body raises SyntaxError in PIL."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((HEIGHT, WIDTH), 255, np.uint8)).save(buf, format="PNG")
+    data, pos, out = buf.getvalue(), 8, buf.getvalue()[:8]
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
+        pos += 12 + n
+        half = len(body) // 2
+        out += chunk(kind, body) if kind != b"IDAT" else chunk(b"IDAT", body[:half]) + chunk(b"\0\1\2\3", body[half:])
+    return out
 
 
 def test_a_mask_the_job_could_not_read_is_refused_at_submit(client):
@@ -291,6 +316,11 @@ def test_a_mask_the_job_could_not_read_is_refused_at_submit(client):
     with pytest.raises(ProtocolError) as err:
         client.submit(scene)
     assert err.value.field == "scene.captures[0].mask" and "'s mask cannot be decoded (" in err.value.message
+    scene["captures"][0]["mask"] = _png_with_a_garbled_chunk()  # PIL raises SyntaxError for it
+    with pytest.raises(ProtocolError) as err:
+        client.submit(scene)
+    assert err.value.code == errors.BAD_FIELD and err.value.field == "scene.captures[0].mask"
+    assert err.value.message.endswith("'s mask cannot be decoded (SyntaxError)")
     # every mask the job could not read named in one error, beside a mask of another size and a camera's problem
     scene = scene_msg(captures=3)
     scene["captures"][0]["mask"] = whole[:60]
@@ -301,13 +331,18 @@ def test_a_mask_the_job_could_not_read_is_refused_at_submit(client):
         client.submit(scene)
     message = err.value.message
     assert message.endswith("(4 problems)") and message.count(".mask:") == 3, message
-    for part in (
-        f"scene.captures[0].mask: capture {name!r}'s mask cannot be decoded (",
-        f"scene.captures[1].mask: capture {scene['captures'][1]['name']!r}'s mask keeps no pixel (",
-        "scene.captures[2].mask: capture",
-        "scene.captures[2].camera: size 64x",
+    assert err.value.field == "scene.captures[0].mask"
+    at = 0
+    for part in (  # in the scene's order, whichever check found them
+        f"submit: scene.captures[0].mask: capture {name!r}'s mask cannot be decoded (",
+        f"; scene.captures[1].mask: capture {scene['captures'][1]['name']!r}'s mask keeps no pixel (",
+        "; scene.captures[2].",
+        "; scene.captures[2].",
     ):
-        assert part in message, (part, message)
+        found = message.find(part, at)
+        assert found >= at, (part, message)
+        at = found + 1
+    assert "scene.captures[2].mask: capture" in message and "scene.captures[2].camera: size 64x" in message
     assert client.jobs() == []
 
 

@@ -26,6 +26,7 @@ import warnings
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -92,8 +93,9 @@ def profile_sets(
     Gaussians grown, densified every ``refine_every``, the SH degree raised as in a job): a fit as short
     as the window would densify every few steps, its schedules being shares of the run. The window's
     steps are counted by the rasterizer calls (one a step), so nothing in the fit reads the GPU back for
-    it. Returns the GPU's busy and the wall-clock milliseconds per step, and the kernel launches per step,
-    of the window (the times inflated by the profilers)."""
+    it; the window opens at step ``first``'s rasterizer call, after that step's batch and dropout are drawn, so
+    it holds N whole steps shifted by that much. Returns the GPU's busy and the wall-clock milliseconds per
+    step, and the kernel launches per step, of the window (the times inflated by the profilers)."""
     import cProfile
     import io
     import pstats
@@ -111,6 +113,13 @@ def profile_sets(
     draw = fit_module._SetsRender.draw
     step, wall = 0, [0.0, 0.0]
 
+    def close() -> None:  # the window's wall clock stops before the profiler collects its trace
+        python.disable()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall[1] = time.perf_counter()
+        torch_prof.stop()
+
     def counted(*args, **kwargs):  # one rasterizer call a step: the window opens and closes on them
         nonlocal step
         if step == first:
@@ -120,23 +129,16 @@ def profile_sets(
             torch_prof.start()
             python.enable()
         elif step == first + steps:
-            python.disable()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            torch_prof.stop()
-            wall[1] = time.perf_counter()
+            close()
         step += 1
         return draw(*args, **kwargs)
 
-    fit_module._SetsRender.draw = counted
-    try:
-        fit_sets(views, memory, cfg, sets, device)
-    finally:
-        fit_module._SetsRender.draw = draw
-        if step <= first + steps:  # the window ran to the fit's end
-            python.disable()
-            torch_prof.stop()
-            wall[1] = time.perf_counter()
+    with mock.patch.object(fit_module._SetsRender, "draw", counted):
+        try:
+            fit_sets(views, memory, cfg, sets, device)
+        finally:
+            if first < step <= first + steps:  # the window opened and ran to the fit's end (or its error)
+                close()
     text = io.StringIO()
     text.write(f"{sets} set(s): steps {first} to {first + steps} of {cfg.iterations}\n")
     for key in ("tottime", "cumulative"):

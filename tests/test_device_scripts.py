@@ -92,3 +92,44 @@ def test_fit_steps_profiles_a_window_of_a_whole_fit(temple_dir: Path, tmp_path: 
     assert '"profiled_per_step"' in report and '"wall_ms"' in report
     refused = subprocess.run([*cmd, "--profile-steps", "21"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--profile-steps: at most 20, a window from step 10 of 30" in refused.stderr
+
+
+def _bench_fit_steps():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        return importlib.import_module("bench_fit_steps")
+    finally:
+        sys.path.pop(0)
+
+
+def test_fit_steps_profile_restores_the_fit_and_keeps_the_fits_own_error(tmp_path: Path, monkeypatch) -> None:
+    """The rasterizer's classmethod is put back as it was, and a fit that fails before the window opens raises
+    its own error, not the profiler's for stopping a trace it never started."""
+    import pytest
+    import torch
+
+    from backend.stages import fit
+    from backend.stages.fit import FitConfig
+    from backend.types import Cameras, GeometryMemory, Views
+
+    bench = _bench_fit_steps()
+    w2c = torch.eye(4).repeat(2, 1, 1)
+    w2c[1, 0, 3] = 0.1
+    cams = Cameras(w2c, torch.tensor([[20.0, 0, 12], [0, 20, 8], [0, 0, 1]]).repeat(2, 1, 1), 24, 16)
+    views = Views(torch.rand(2, 16, 24, 3), cams, [0, 1])
+    memory = GeometryMemory(
+        torch.randn(60, 3) * 0.2 + torch.tensor([0, 0, 2.0]), torch.rand(60, 3), torch.ones(60), torch.zeros(60).int()
+    )
+    cfg = FitConfig(iterations=9, rasterizer="torch_cpu", sh_degree=1)
+    before = fit._SetsRender.__dict__["draw"]
+    per_step = bench.profile_sets(views, memory, cfg, 2, torch.device("cpu"), tmp_path, 3)
+    assert fit._SetsRender.__dict__["draw"] is before and per_step["wall_ms"] > 0
+    assert (tmp_path / "profile_sets2.txt").read_text().startswith("2 set(s): steps 3 to 6 of 9\n")
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the fit's own error")
+
+    monkeypatch.setattr(bench, "fit_sets", fails)
+    with pytest.raises(RuntimeError, match="the fit's own error"):
+        bench.profile_sets(views, memory, cfg, 2, torch.device("cpu"), tmp_path, 3)
+    assert fit._SetsRender.__dict__["draw"] is before

@@ -11,12 +11,17 @@ from pathlib import Path
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-def _prebuilt():
+def _script(name: str):
+    """A module of scripts/ (imported with the folder on the path, as the script runs)."""
     sys.path.insert(0, str(SCRIPTS))
     try:
-        return importlib.import_module("gsplat_prebuilt")
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+def _prebuilt():
+    return _script("gsplat_prebuilt")
 
 
 def test_shim_makes_the_library_the_module_gsplat_imports_first(tmp_path: Path, monkeypatch) -> None:
@@ -94,14 +99,6 @@ def test_fit_steps_profiles_a_window_of_a_whole_fit(temple_dir: Path, tmp_path: 
     assert refused.returncode == 2 and "--profile-steps: at most 20, a window from step 10 of 30" in refused.stderr
 
 
-def _bench_fit_steps():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        return importlib.import_module("bench_fit_steps")
-    finally:
-        sys.path.pop(0)
-
-
 def test_fit_steps_profile_restores_the_fit_and_keeps_the_fits_own_error(tmp_path: Path, monkeypatch) -> None:
     """The rasterizer's classmethod is put back as it was, and a fit that fails before the window opens raises
     its own error, not the profiler's for stopping a trace it never started."""
@@ -112,7 +109,7 @@ def test_fit_steps_profile_restores_the_fit_and_keeps_the_fits_own_error(tmp_pat
     from backend.stages.fit import FitConfig
     from backend.types import Cameras, GeometryMemory, Views
 
-    bench = _bench_fit_steps()
+    bench = _script("bench_fit_steps")
     w2c = torch.eye(4).repeat(2, 1, 1)
     w2c[1, 0, 3] = 0.1
     cams = Cameras(w2c, torch.tensor([[20.0, 0, 12], [0, 20, 8], [0, 0, 1]]).repeat(2, 1, 1), 24, 16)

@@ -580,7 +580,8 @@ class JobDriver:
         return self.done
 
     def cancel(self) -> None:
-        """Ask the service to cancel the job (sent by the next step; it stops at a step boundary)."""
+        """Ask the service to cancel the job (sent by the next step; it stops at a step boundary); once the job
+        has ended, the files still to download are dropped (what arrived stays)."""
         self.cancel_requested = True
 
     def drop_downloads(self) -> None:
@@ -623,6 +624,11 @@ class JobDriver:
         if self.cancel_requested and not self._cancel_sent:
             self._cancel_sent = True
             return self.client.begin("cancel", job=self.job), lambda reply: None
+        if self.cancel_requested and self._terminal and self.is_downloading:  # the job ended: stop its downloads
+            left = len(self._queue) + (self._current is not None)
+            self.drop_downloads()
+            self._set(state="cancelled", message=f"cancelled: {left} file(s) not downloaded (Import job brings them)")
+            return None
         if self._current is not None or self._queue:
             return self._fetch_request(), self._on_chunk
         return None

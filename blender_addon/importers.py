@@ -126,13 +126,15 @@ KIND_TRAJECTORY = "trajectory"  # an animated camera on the path the service cho
 
 
 def job_collection(scene: bpy.types.Scene, key: str, job_id: str) -> bpy.types.Collection:
-    """The collection for one job's results; an old collection with the same ``key`` is emptied and reused.
+    """The collection for one job's results; an old collection of this scene with the same ``key`` is emptied
+    and reused.
 
     Args:
         key: what a re-run shares with the run it replaces (the captures' name).
     """
     name = f"ReconLoop {key}"
-    coll = next((c for c in bpy.data.collections if c.get(COLLECTION_KEY) == key), None)
+    # this scene's: another scene's collection of the same key (a photo folder of the same name) is not emptied
+    coll = next((c for c in scene.collection.children_recursive if c.get(COLLECTION_KEY) == key), None)
     if coll is None:
         coll = bpy.data.collections.new(name)
         scene.collection.children.link(coll)

@@ -32,6 +32,7 @@ DEFAULT_TIMEOUT_S = 3600.0  # background mode: give up (and cancel) after this l
 POPUP_TITLE = "ReconLoop"
 PROGRESS_LINES = 10  # background mode prints progress in tenths
 IMPORTS_COLLECTION = "ReconLoop imports"
+IMPORTS_KEY = "reconloop_imports"  # marks a scene's collection of imported .ply files
 
 
 def _safe_name(text: str) -> str:
@@ -85,6 +86,8 @@ class ResultImporter:
         reimport: bool = False,
     ) -> None:
         self.scene_name = scene_name
+        found = bpy.data.scenes.get(scene_name)
+        self.scene_uid = found.session_uid if found is not None else 0  # the scene renamed meanwhile: still found
         self.key = key
         self.trajectory_camera = trajectory_camera
         self.frame_range = frame_range
@@ -96,13 +99,22 @@ class ResultImporter:
         self.objects: dict[str, str] = {}  # kind -> object name
         self.unregistered = ""  # photo-folder mode: the photos that got no camera, in one line
         self.reimport = reimport
-        self.imported = False  # whether anything reached the scene (an undo step is pushed after the job)
+        self.arrived: list[str] = []  # what reached the scene since the last undo step pushed for it
+        self.failed: dict[str, str] = {}  # file name -> why it could not be imported (the others still are)
+
+    @property
+    def imported(self) -> bool:
+        """Whether anything reached the scene since the last undo step pushed for it."""
+        return bool(self.arrived)
 
     @property
     def scene(self) -> bpy.types.Scene:
         scene = bpy.data.scenes.get(self.scene_name)
-        if scene is None:
-            raise ReconLoopError(f"the scene {self.scene_name!r} was deleted while the job ran")
+        if scene is None or (self.scene_uid and scene.session_uid != self.scene_uid):
+            scene = next((s for s in bpy.data.scenes if self.scene_uid and s.session_uid == self.scene_uid), None)
+            if scene is None:
+                raise ReconLoopError(f"the scene {self.scene_name!r} was deleted while the job ran")
+            self.scene_name = scene.name  # renamed while the job ran
         return scene
 
     def collection(self) -> bpy.types.Collection:
@@ -117,19 +129,29 @@ class ResultImporter:
         return coll
 
     def on_file(self, kind: str, name: str, path: str) -> None:
+        """Import one downloaded file. A file that fails is named in ``failed`` and the job's other files still
+        come (a deleted scene stops the job: every file would fail)."""
         self._job_dir = os.path.dirname(path) if kind != scene_io.KIND_FRAME else os.path.dirname(os.path.dirname(path))
+        self.scene  # noqa: B018 - raises when the scene is gone
+        try:
+            self._import(kind, name, path)
+        except Exception as err:  # noqa: BLE001 - one file's failure must not cost the job's other results
+            self.failed[name] = str(err) or type(err).__name__
+            print(f"ReconLoop: could not import {name}: {self.failed[name]}")
+
+    def _import(self, kind: str, name: str, path: str) -> None:
         if kind == scene_io.KIND_POINTS:
             coll = self.collection()
             importers.remove_kind(coll, kind)
             obj = importers.import_points_ply(path, f"{self.key} points", coll)
             self.objects[kind] = obj.name
-            self.imported = True
+            self.arrived.append("points")
         elif kind == scene_io.KIND_GAUSSIANS:
             coll = self.collection()
             importers.remove_kind(coll, kind)
             obj = importers.import_gaussians_ply(path, f"{self.key} gaussians", coll)
             self.objects[kind] = obj.name
-            self.imported = True
+            self.arrived.append("Gaussians")
             importers.prepare_render_for_gaussians(self.scene)
         elif kind == scene_io.KIND_FRAME:
             self.frames[scene_io.frame_number(name)] = path
@@ -140,8 +162,12 @@ class ResultImporter:
             coll = self.collection()
             if cams:
                 importers.remove_kind(coll, kind)
-                importers.import_estimated_cameras(cams, self.photos, coll, self.scene)
-                self.imported = True
+                try:  # refused (photos of several sizes): the path camera below still comes
+                    importers.import_estimated_cameras(cams, self.photos, coll, self.scene)
+                    self.arrived.append("cameras")
+                except ReconLoopError as err:
+                    self.failed[name] = str(err)
+                    print(f"ReconLoop: could not import {name}: {err}")
             if self.photos:  # photo-folder mode: say which photos SfM could not place
                 missing = scene_io.unregistered_photos(self.photos, cams)
                 self.unregistered = scene_io.unregistered_note(missing, len(self.photos))
@@ -156,7 +182,7 @@ class ResultImporter:
                         self.trajectory_camera = own.name
                     else:
                         obj = importers.import_trajectory_camera(path_cams, f"{self.key} path", coll, self.scene)
-                        self.imported = True
+                        self.arrived.append("path camera")
                         self.trajectory_camera = obj.name
                     self.frame_range = (path_cams[0][0], path_cams[-1][0])
                     self._frames_dirty = bool(self.frames)
@@ -186,7 +212,7 @@ class ResultImporter:
         first_file = importers.write_frame_sequence(self.frames, folder, start, end)
         first = min(self.frames)
         importers.set_background_sequence(cam, first_file, first, max(end, max(self.frames)) - first + 1, self.job)
-        self.imported = True
+        self.arrived.append("frames")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +270,16 @@ def push_undo(message: str = UNDO_MESSAGE) -> bool:
     return True
 
 
+def _push_arrivals(importer: ResultImporter, *, ending: bool = False) -> None:
+    """What arrived since the last step pushed, an undo step of its own: without it an undo of the user's
+    next edit would take the results away with it, while the job still runs. Frames alone wait for the next
+    object or the job's end (``ending``): one a tick would fill Blender's undo steps (32 by default) and push
+    the user's own out; an undo meanwhile loses only their background, which the next frame sets again."""
+    if importer.arrived and (ending or set(importer.arrived) != {"frames"}):
+        push_undo(f"{UNDO_MESSAGE}: {', '.join(dict.fromkeys(importer.arrived))}")
+        importer.arrived.clear()
+
+
 def _stop_following(driver: connection.JobDriver) -> None:
     """Let go of a job the add-on no longer follows (an error, or the end): its half-downloaded file, the session's
     driver and importer, the running flag."""
@@ -257,8 +293,7 @@ def _finish(driver: connection.JobDriver, importer: ResultImporter) -> str | Non
     """After the last step: the error message of a failed job, or None."""
     rt = _runtime()
     importer.flush()
-    if importer.imported:
-        push_undo()
+    _push_arrivals(importer, ending=True)
     _stop_following(driver)
     if driver.progress.state in ("failed", "interrupted"):
         rt.last_error = driver.progress.message or f"the job {driver.progress.state}"
@@ -266,6 +301,10 @@ def _finish(driver: connection.JobDriver, importer: ResultImporter) -> str | Non
     if driver.refused:  # the job's other files came and were imported; a hostile service may name thousands
         refused = listed(list(driver.refused))
         rt.last_error = f"the service announced output files this add-on did not write: {refused}"
+        return rt.last_error
+    if importer.failed:  # the job's other files came and were imported
+        failed = listed([f"{name}: {why}" for name, why in importer.failed.items()])
+        rt.last_error = f"could not import {failed}; the job's other results were imported"
         return rt.last_error
     if importer.unregistered:
         print(f"ReconLoop: {importer.unregistered}")
@@ -290,11 +329,11 @@ def _tick():
         _stop_following(driver)
         _runtime().last_error = message
         print(f"ReconLoop: {message}")
-        if importer.imported:  # what arrived stays: an undo step of its own
-            push_undo()
+        _push_arrivals(importer, ending=True)  # what arrived stays: an undo step of its own
         popup_error(message)
         _redraw()
         return None
+    _push_arrivals(importer)
     _redraw()
     if done:
         message = _finish(driver, importer)
@@ -654,8 +693,8 @@ class RECONLOOP_OT_stop_service(bpy.types.Operator):
         why = "Stop service stopped the local service" if local else "Stop service closed the connection"
         importer = s.handlers.get("importer")
         note = abandoned_job_note(s.driver, importer, why, service_stopped=local)
-        if s.driver is not None and importer is not None and importer.imported:
-            push_undo()  # what arrived stays: an undo step of its own
+        if s.driver is not None and importer is not None:
+            _push_arrivals(importer, ending=True)  # what arrived stays: an undo step of its own
         stop_timers()
         connection.close()  # asks (or terminates) and returns; the process's exit is awaited off this thread
         rt = context.window_manager.reconloop
@@ -778,10 +817,14 @@ class _ImportPly(ImportHelper):
     def execute(self, context):
         name = os.path.splitext(os.path.basename(self.filepath))[0]
         scene = context.scene
-        coll = bpy.data.collections.get(IMPORTS_COLLECTION)
-        made, linked = coll is None, coll is not None and coll in scene.collection.children_recursive
+        # this scene's (another scene's would bring that scene's imports into this one)
+        coll = next((c for c in scene.collection.children_recursive if c.get(IMPORTS_KEY)), None)
+        if coll is None:  # a file of an earlier version: the collection by name, where it is in this scene
+            coll = next((c for c in scene.collection.children_recursive if c.name == IMPORTS_COLLECTION), None)
+        made, linked = coll is None, coll is not None
         if made:
             coll = bpy.data.collections.new(IMPORTS_COLLECTION)
+            coll[IMPORTS_KEY] = True
         importers.ensure_linked(scene, coll)
         try:
             obj = self.importer(bpy.path.abspath(self.filepath), name, coll)

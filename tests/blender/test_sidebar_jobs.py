@@ -185,9 +185,16 @@ def test_undo_after_results_that_came_on_the_timer(registered, ui, endpoint, tem
     assert bpy.context.window_manager.reconloop.is_running
     _tick_until(lambda: False)
     assert len(_results()) == 2 and bpy.context.scene.view_settings.view_transform == "Raw"
-    bpy.ops.ed.undo()
-    assert "UserEdit" in _names() and _results() == []
-    bpy.ops.ed.redo()
+    # each tick's arrivals an undo step of their own (the points while the job ran, then the rest): undone one
+    # by one, never the user's edit with them
+    undone = []
+    while _results():
+        assert "UserEdit" in _names() and len(undone) < 4, undone  # points, Gaussians, the frames at the end
+        undone.append(_results())
+        bpy.ops.ed.undo()
+    assert "UserEdit" in _names() and undone[-1] == [f"{COLLECTION} points"], undone
+    for _ in undone:
+        bpy.ops.ed.redo()
     assert "UserEdit" in _names() and len(_results()) == 2
     assert bpy.context.scene.view_settings.view_transform == "Raw"
 
@@ -491,3 +498,115 @@ def _driver(job=None, submitted=True, state="running"):
 def test_what_is_said_of_a_job_left_behind(driver, importer, service_stopped, said):
     note = operators.abandoned_job_note(driver, importer, "S", service_stopped=service_stopped)
     assert note.startswith(said) and bool(note) == bool(said), note
+
+
+# -- 9: what arrives while the user goes on working ---------------------------------------------
+
+
+def test_undo_while_the_job_runs_keeps_what_already_arrived(registered, ui, endpoint, temple_dir, tmp_path):
+    """The points arrive on the timer while the job runs: an undo step of their own there and then, so undoing
+    the user's next edit takes that edit, not the points (and the Gaussians go into the same collection)."""
+    _user_edit()
+    _start_held_job(endpoint, temple_dir, tmp_path)
+    assert _results() == [f"{COLLECTION} points"]
+    bpy.ops.mesh.primitive_uv_sphere_add(location=(0, 3, 0))
+    bpy.context.active_object.name = "NextEdit"
+    bpy.ops.ed.undo_push(message="user adds a sphere")
+    bpy.ops.ed.undo()
+    assert "NextEdit" not in _names() and _results() == [f"{COLLECTION} points"]
+    RELEASE.set()
+    _tick_until(lambda: False)
+    assert _results() == [f"{COLLECTION} gaussians", f"{COLLECTION} points"]
+    (coll,) = _job_collections(bpy.context.window_manager.reconloop.job)
+    assert sorted(o.name for o in coll.objects) == _results()
+
+
+def test_a_scene_renamed_while_the_job_runs_still_gets_its_results(registered, ui, endpoint, temple_dir, tmp_path):
+    _start_held_job(endpoint, temple_dir, tmp_path)
+    bpy.context.scene.name = "Renamed"
+    RELEASE.set()
+    _tick_until(lambda: False)
+    rt = bpy.context.window_manager.reconloop
+    assert rt.last_error == "" and rt.state == "done", rt.last_error
+    assert _results() == [f"{COLLECTION} gaussians", f"{COLLECTION} points"]
+
+
+def test_cancel_stops_the_downloads_of_a_job_that_ended(registered, ui, endpoint, temple_dir, tmp_path):
+    """Import job of a past job: its files are only downloads, which Cancel stops (the service has nothing
+    left to cancel); nothing half-downloaded stays."""
+    build_temple_scene(temple_dir, ids=(0, 8))
+    RELEASE.set()
+    assert bpy.ops.reconloop.reconstruct(server=endpoint, output_dir=str(tmp_path / "run")) == {"FINISHED"}
+    _tick_until(lambda: False)
+    job = bpy.context.window_manager.reconloop.job
+    again = tmp_path / "again"
+    assert bpy.ops.reconloop.import_job(job=job, server=endpoint, output_dir=str(again)) == {"FINISHED"}
+    assert bpy.ops.reconloop.cancel() == {"FINISHED"}
+    _tick_until(lambda: False)
+    rt = bpy.context.window_manager.reconloop
+    assert rt.state == "cancelled" and "file(s) not downloaded (Import job brings them)" in rt.message, rt.message
+    assert not rt.is_running and connection.SESSION.driver is None
+    assert not list(again.rglob("*.ply")) and not list(again.rglob("*.part"))
+
+
+def _mixed_sizes_runner(scene, out_dir: Path, *, device, progress):
+    """A photo folder's job whose SfM placed photos of two sizes (one scene cannot hold both cameras)."""
+    from backend.progress import ProgressEvent
+
+    results_runner(scene, out_dir, device=device, progress=lambda event: None)
+    doc = json.loads((out_dir / "cameras.json").read_text())
+    first, second = (dict(c, estimated=True) for c in doc["captures"][:2])
+    second["camera"] = dict(second["camera"], width=first["camera"]["height"], height=first["camera"]["width"])
+    doc["captures"] = [first, second]
+    (out_dir / "cameras.json").write_text(json.dumps(doc))
+    progress(ProgressEvent("fit", 0.9, "all", ("points.ply", "cameras.json", "gaussians.ply")))
+
+
+def test_a_file_that_cannot_be_imported_costs_only_itself(registered, ui, temple_dir, tmp_path):
+    """cameras.json's estimated cameras refused (two image sizes): the Gaussians after it still come, and the
+    error names the file and why."""
+    from backend.service import Service, ServiceConfig
+
+    svc = Service(
+        ServiceConfig(bind="tcp://127.0.0.1:*", data_dir=tmp_path / "jobs", device="cpu"), runner=_mixed_sizes_runner
+    )
+    thread = svc.start_thread()
+    try:
+        build_temple_scene(temple_dir, ids=(0, 8))
+        assert bpy.ops.reconloop.reconstruct(server=svc.endpoint, output_dir=str(tmp_path / "out")) == {"FINISHED"}
+        _tick_until(lambda: False)
+    finally:
+        svc.stop()
+        thread.join(20)
+    rt = bpy.context.window_manager.reconloop
+    assert rt.last_error.startswith("could not import cameras.json: estimated cameras: 1 camera(s) differ"), (
+        rt.last_error
+    )
+    assert rt.last_error.endswith("; the job's other results were imported")
+    assert _results() == [f"{COLLECTION} gaussians", f"{COLLECTION} points"]
+
+
+def test_results_and_imports_stay_in_their_own_scene(registered, tmp_path):
+    """Two scenes: a job's collection of the same key (photo folders of one name) in the other scene is not
+    emptied, and a .ply imported in one scene does not bring the other's imports along."""
+    a = bpy.context.scene
+    coll = importers.job_collection(a, "images", "a" * 32)
+    importers._link(bpy.data.objects.new("A result", bpy.data.meshes.new("m")), coll, "points")
+    b = bpy.data.scenes.new("B")
+    other = importers.job_collection(b, "images", "b" * 32)
+    assert other is not coll and [o.name for o in coll.objects] == ["A result"]
+    assert coll not in b.collection.children_recursive and other not in a.collection.children_recursive
+    ply = tmp_path / "p.ply"
+    write_points_ply(
+        ply,
+        PointArrays(
+            xyz=np.zeros((3, 3), np.float32),
+            rgb=np.zeros((3, 3), np.uint8),
+            confidence=np.ones(3, np.float32),
+            source=np.zeros(3, np.int32),
+        ),
+    )
+    assert bpy.ops.reconloop.import_points(filepath=str(ply)) == {"FINISHED"}
+    bpy.context.window.scene = b
+    assert bpy.ops.reconloop.import_points(filepath=str(ply)) == {"FINISHED"}
+    assert sorted(o.name for o in b.objects) == ["p.001"] and "p.001" not in a.objects

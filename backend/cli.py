@@ -547,13 +547,29 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from .formats import run_import
 
-    return run_import(args)
+    try:
+        return run_import(args)
+    except KeyboardInterrupt:  # scene.json is written last: a folder without it is never read as a scene
+        if (Path(args.dst) / "scene.json").is_file():
+            left = "its scene.json is an earlier import's, and files written since may not match it"
+        else:
+            left = "it holds a partial import (no scene.json)"
+        print(f"interrupted: {args.dst}: {left}; run again to redo it", file=sys.stderr)
+        raise
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import run_eval
+    from .evaluate import EVAL_FILE, run_eval
 
-    return run_eval(args)
+    out = Path(args.out)
+    check_out_folder(out)
+    try:
+        return run_eval(args)
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: {out} holds an unfinished evaluation (no {EVAL_FILE}); run again to redo it", file=sys.stderr
+        )
+        raise
 
 
 # `reconloop demo --scene DATASET`: the sparse-view split of ../shared/data/README.md per format (a COLMAP

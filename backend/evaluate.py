@@ -496,6 +496,8 @@ def run_eval(args: argparse.Namespace) -> int:
         loop_cfg = LoopConfig.from_settings(scene.settings, device=device, num_captures=len(scene.captures))
         if args.no_update:
             loop_cfg = replace(loop_cfg, update=replace(loop_cfg.update, enabled=False))
+        for name in (EVAL_FILE, EVAL_PICTURE):  # an earlier run's scores must not pass for this one's if it stops
+            (Path(args.out) / name).unlink(missing_ok=True)
         with ProgressBar("eval") as bar:  # the baselines, then the loop: minutes on a CPU
             report = evaluate_scene(
                 scene,

@@ -150,6 +150,8 @@ def import_scene(
     save_scene(scene, dst)
     if found.bounds:  # beside the scene.json it belongs to, never beside a refused one's predecessor
         write_atomic(dst / BOUNDS_FILE, json.dumps(found.bounds, indent=1).encode())
+    else:  # an earlier import's (another format's) bounds do not describe this scene
+        (dst / BOUNDS_FILE).unlink(missing_ok=True)
     return loaded
 
 

@@ -19,6 +19,7 @@ the captures' masks.
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -96,8 +97,11 @@ def read_dtu(
         raise SceneError(f"cameras: {npz_path} not found")
     image_dir = resolve_in(src, images) if images else find_first(src, IMAGE_CANDIDATES, "images", is_dir=True)
     files = list_images(image_dir)
-    with np.load(npz_path, allow_pickle=False) as npz:
-        mats = dict(npz)
+    try:
+        with np.load(npz_path, allow_pickle=False) as npz:
+            mats = dict(npz)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # empty, cut short, or not an .npz
+        raise SceneError(f"cameras: {npz_path} is not a numpy .npz file: {err}") from None
     count = sum(1 for key in mats if WORLD_MAT_KEY.fullmatch(key))
     if count != len(files):
         raise SceneError(f"images: {image_dir} holds {len(files)} images; {npz_path.name} has {count} cameras")
@@ -130,7 +134,10 @@ def read_dtu(
 
 def _matrix(value: np.ndarray, where: str, shapes: tuple[tuple[int, int], ...]) -> np.ndarray:
     """A finite float64 matrix of one of ``shapes``; else SceneError naming ``where``."""
-    m = np.asarray(value, dtype=np.float64)
+    try:
+        m = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise SceneError(f"{where}: must be a matrix of numbers; got dtype {np.asarray(value).dtype}") from None
     if m.shape not in shapes or not np.all(np.isfinite(m)):
         want = " or ".join(f"{r}x{c}" for r, c in shapes)
         raise SceneError(f"{where}: must be a finite {want} matrix; got shape {m.shape}")

@@ -53,10 +53,14 @@ def read_llff(src: Path, *, cameras: str | None = None, images: str | None = Non
         raise SceneError(f"cameras: {poses_path} not found")
     try:
         data = np.load(poses_path, allow_pickle=False)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, EOFError) as err:  # EOFError: an empty file
         raise SceneError(f"cameras: {poses_path} is not a numpy array file: {err}") from None
     if data.ndim != 2 or data.shape[1] != POSE_COLUMNS:
         raise SceneError(f"{poses_path.name}: must be [N, {POSE_COLUMNS}]; got shape {data.shape}")
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise SceneError(f"{poses_path.name}: must hold real numbers; got dtype {data.dtype}")
+    if len(data) == 0:
+        raise SceneError(f"{poses_path.name}: holds no poses")
     image_dir = resolve_in(src, images) if images else find_first(src, IMAGE_CANDIDATES, "images", is_dir=True)
     files = list_images(image_dir)
     if len(files) != len(data):
@@ -70,8 +74,10 @@ def read_llff(src: Path, *, cameras: str | None = None, images: str | None = Non
         c2w = np.eye(4)
         c2w[:3, :3] = pose[:, LLFF_TO_OPENCV_COLUMNS] * LLFF_TO_OPENCV_SIGNS
         c2w[:3, 3] = pose[:, 3]
-        if not np.all(np.isfinite(pose)) or full_w <= 0 or full_h <= 0:
-            raise SceneError(f"{where}: pose must be finite with a positive size; got hwf {pose[:, 4].tolist()}")
+        if not np.all(np.isfinite(pose)):
+            raise SceneError(f"{where}: the pose must be finite; it holds NaN or infinity")
+        if full_w <= 0 or full_h <= 0:
+            raise SceneError(f"{where}: the image size must be positive; got hwf {pose[:, 4].tolist()}")
         K_full = intrinsics(focal, focal, full_w / 2, full_h / 2)
         K = K_full * np.array([[width / full_w], [height / full_h], [1.0]])
         if image_size(path) != (width, height):

@@ -48,7 +48,11 @@ def read_middlebury(
     if not par.is_file():
         raise SceneError(f"cameras: {par} not found")
     image_dir = resolve_in(src, images) if images else src
-    lines = [line.split() for line in par.read_text().splitlines() if line.strip()]
+    try:
+        text = par.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SceneError(f"{par.name}: not a text file ({err.reason} at byte {err.start})") from None
+    lines = [line.split() for line in text.splitlines() if line.strip()]
     if not lines or len(lines[0]) != 1 or not lines[0][0].isdigit():
         raise SceneError(f"{par.name}: first line must be the number of images")
     count, rows = int(lines[0][0]), lines[1:]

@@ -113,14 +113,18 @@ def _frame_camera(frame: dict, top: dict, image: Path, where: str) -> Camera:
         fy = fx
     cx = _number(intr, "cx", where) if "cx" in intr else width / 2
     cy = _number(intr, "cy", where) if "cy" in intr else height / 2
+    if frame.get("transform_matrix") is None:
+        raise SceneError(f"{where}.transform_matrix: missing")
     try:
-        c2w_gl = np.asarray(frame.get("transform_matrix"), dtype=np.float64)
+        c2w_gl = np.asarray(frame["transform_matrix"], dtype=np.float64)
     except (TypeError, ValueError):
         raise SceneError(f"{where}.transform_matrix: must be a 4x4 or 3x4 matrix of numbers") from None
     if c2w_gl.shape == (3, 4):
         c2w_gl = np.vstack([c2w_gl, [0.0, 0.0, 0.0, 1.0]])
-    if c2w_gl.shape != (4, 4) or not np.all(np.isfinite(c2w_gl)):
-        raise SceneError(f"{where}.transform_matrix: must be a finite 4x4 or 3x4 matrix; got shape {c2w_gl.shape}")
+    if c2w_gl.shape != (4, 4):
+        raise SceneError(f"{where}.transform_matrix: must be a 4x4 or 3x4 matrix; got shape {c2w_gl.shape}")
+    if not np.all(np.isfinite(c2w_gl)):
+        raise SceneError(f"{where}.transform_matrix: must be finite; it holds NaN or infinity")
     w2c = w2c_from_c2w(c2w_gl @ GL_TO_CV)
     return make_camera(w2c, intrinsics(fx, fy, cx, cy), width, height, where, _distortion(intr, where))
 
@@ -164,6 +168,10 @@ def read_nerf(src: Path, *, cameras: str | None = None) -> ImportedScene:
     if not json_path.is_file():
         raise SceneError(f"cameras: {json_path} not found")
     top, frames = _read_frames(json_path)
+    for key in HELDOUT_KEYS:
+        names = top.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(p, str) for p in names):
+            raise SceneError(f"{json_path.name}.{key}: must be a list of file paths (strings)")
     held_paths = {os.path.normpath(p) for key in HELDOUT_KEYS for p in top.get(key, [])}
     captures = [c for p, c in frames if os.path.normpath(p) not in held_paths]
     heldout = [c for p, c in frames if os.path.normpath(p) in held_paths]

@@ -689,3 +689,44 @@ def test_eval_shows_its_progress_and_records_the_folder_it_imported(
     report = json.loads((out / "eval.json").read_text())
     assert report["scene"] == str(src.absolute()) and report["format"] == "llff"
     assert imported and not imported[0].exists()  # the import's folder, gone: not what eval.json names
+
+
+def test_eval_interrupted_leaves_no_earlier_report_passing_for_its_own(tmp_path, monkeypatch, capsys):
+    """An earlier run's eval.json and eval.png go once the scene is read; Ctrl-C then says what the folder holds
+    (exit 130); an --out that is a file is refused before any work."""
+    import backend.evaluate
+    from backend.cli import EXIT_INTERRUPTED, main
+
+    scene = ring_scene(tmp_path / "s", 2, heldout=1)
+    out = tmp_path / "e"
+    out.mkdir()
+    for name in ("eval.json", "eval.png"):
+        (out / name).write_text("an earlier run's")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(backend.evaluate, "evaluate_scene", interrupted)
+    assert main(["eval", str(scene), "--out", str(out), "--budget", "0", "--device", "cpu"]) == EXIT_INTERRUPTED
+    assert not (out / "eval.json").exists() and not (out / "eval.png").exists()
+    assert f"interrupted: {out} holds an unfinished evaluation (no eval.json); run again" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["eval", str(scene), "--out", str(tmp_path / "file"), "--device", "cpu"]) == 2
+    assert f"--out {tmp_path / 'file'}: exists and is not a folder" in capsys.readouterr().err
+
+
+def test_import_interrupted_says_what_the_folder_holds(temple_dir, tmp_path, monkeypatch, capsys):
+    import backend.formats
+    from backend.cli import EXIT_INTERRUPTED, main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(backend.formats, "import_scene", interrupted)
+    dst = tmp_path / "scene"
+    assert main(["import", "middlebury", str(temple_dir), str(dst)]) == EXIT_INTERRUPTED
+    assert f"interrupted: {dst}: it holds a partial import (no scene.json); run again" in capsys.readouterr().err
+    dst.mkdir()
+    (dst / "scene.json").write_text("{}")
+    assert main(["import", "middlebury", str(temple_dir), str(dst)]) == EXIT_INTERRUPTED
+    assert "its scene.json is an earlier import's, and files written since may not match it" in capsys.readouterr().err

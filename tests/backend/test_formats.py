@@ -491,6 +491,76 @@ def test_nerf_bad_camera_names_the_field(temple_dir, tmp_path, top, matrix, matc
 
 
 @pytest.mark.parametrize(
+    "frame, top, match",
+    [
+        ({"transform_matrix": None}, {}, r"frames\[0\]\.transform_matrix: missing$"),
+        (
+            {"transform_matrix": [[float("nan")] * 4] * 4},
+            {},
+            r"transform_matrix: must be finite; it holds NaN or infinity$",
+        ),
+        ({}, {"test_filenames": 5}, r"^transforms_train.json.test_filenames: must be a list of file paths"),
+        ({}, {"val_filenames": [5]}, r"^transforms_train.json.val_filenames: must be a list of file paths"),
+    ],
+)
+def test_nerf_malformed_file_names_the_field(temple_dir, tmp_path, frame, top, match):
+    _nerf_split(tmp_path / "src", "train", sorted(temple_dir.glob("*.png"))[0], camera_angle_x=0.69, **top)
+    data = json.loads((tmp_path / "src" / "transforms_train.json").read_text())
+    data["frames"][0].update(frame)
+    (tmp_path / "src" / "transforms_train.json").write_text(json.dumps(data))
+    with pytest.raises(SceneError, match=match):
+        import_scene("nerf", tmp_path / "src", tmp_path / "scene")
+
+
+def test_malformed_numpy_camera_files_are_refused_naming_the_file(fern_dir, temple_dir, tmp_path):
+    """Empty, cut short, of strings, with no rows, or a NaN in a translation: one line naming the file."""
+    images = str(fern_dir / "images_8")
+    llff = tmp_path / "poses_bounds.npy"
+    raw = np.load(fern_dir / "poses_bounds.npy")
+    cases = [
+        (b"", r"poses_bounds.npy is not a numpy array file"),
+        (raw.astype(str), r"poses_bounds.npy: must hold real numbers; got dtype <U"),
+        (raw[:0], r"poses_bounds.npy: holds no poses"),
+    ]
+    nan_translation = raw.copy()
+    nan_translation[2, 3] = np.nan
+    cases.append((nan_translation, r"poses_bounds.npy\[2\]: the pose must be finite; it holds NaN or infinity"))
+    for content, match in cases:
+        if isinstance(content, bytes):
+            llff.write_bytes(content)
+        else:
+            np.save(llff, content)
+        with pytest.raises(SceneError, match=match):
+            import_scene("llff", tmp_path, tmp_path / "scene", images=images)
+    dtu = tmp_path / "dtu"
+    (dtu / "image").mkdir(parents=True)
+    (dtu / "image" / "000.png").symlink_to(sorted(temple_dir.glob("*.png"))[0])
+    for content, match in [
+        (b"", r"cameras: .*cameras.npz is not a numpy .npz file"),
+        (b"world_mat_0 = 1 2 3", r"cameras: .*cameras.npz is not a numpy .npz file"),
+    ]:
+        (dtu / "cameras.npz").write_bytes(content)
+        with pytest.raises(SceneError, match=match):
+            import_scene("dtu", dtu, tmp_path / "scene")
+    np.savez(dtu / "cameras.npz", world_mat_0=np.full((4, 4), "a"))
+    with pytest.raises(SceneError, match=r"cameras.npz\[world_mat_0\]: must be a matrix of numbers; got dtype <U1"):
+        import_scene("dtu", dtu, tmp_path / "scene")
+
+
+def test_a_par_file_that_is_not_text_is_refused_naming_it(tmp_path):
+    (tmp_path / "temple_par.txt").write_bytes(b"\xff\xfe1\n")
+    with pytest.raises(SceneError, match=r"^temple_par.txt: not a text file \(invalid start byte at byte 0\)"):
+        import_scene("middlebury", tmp_path, tmp_path / "scene")
+
+
+def test_an_import_of_another_format_drops_the_earlier_bounds(fern_dir, temple_dir, tmp_path):
+    import_scene("llff", fern_dir, tmp_path / "scene", images=str(fern_dir / "images_8"))
+    assert (tmp_path / "scene" / "bounds.json").is_file()
+    import_scene("middlebury", temple_dir, tmp_path / "scene")
+    assert not (tmp_path / "scene" / "bounds.json").exists()
+
+
+@pytest.mark.parametrize(
     "column, value, match",
     [
         (slice(0, 3), 0.0, r"poses_bounds.npy\[2\].*rotation"),  # the rotation's first column zeroed

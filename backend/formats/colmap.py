@@ -136,9 +136,73 @@ def _rotation_matrix(rotation) -> np.ndarray:
     return np.asarray(pycolmap.Rotation3d(quat_xyzw / np.linalg.norm(quat_xyzw)).matrix())
 
 
+def _colmap_param_count(model: str) -> int:
+    """How many parameters a COLMAP camera model of COLMAP_CAMERA_MODELS takes."""
+    indices, dist_model = COLMAP_CAMERA_MODELS[model]
+    return max(indices) + 1 + (DISTORTION_PARAMS[dist_model] if dist_model else 0)
+
+
+def _check_text_model(model_dir: Path) -> None:
+    """A text model's cameras.txt and images.txt checked line by line before pycolmap reads them (its errors
+    name a line of its C++ source, not of the file): SceneError naming the file, the line and the field.
+    A binary model (read first by pycolmap where both are there) is left to pycolmap."""
+    cameras_txt, images_txt = model_dir / "cameras.txt", model_dir / "images.txt"
+    if (model_dir / "cameras.bin").is_file() or not cameras_txt.is_file():
+        return
+    camera_ids = set()
+    for n, line in enumerate(cameras_txt.read_text(errors="replace").splitlines(), start=1):
+        fields, where = line.split(), f"cameras.txt line {n}"
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) < 4:
+            raise SceneError(f"{where}: must be CAMERA_ID MODEL WIDTH HEIGHT PARAMS[]; got {len(fields)} fields")
+        cam_id, model, width, height = fields[:4]
+        if not (cam_id.isdigit() and width.isdigit() and height.isdigit()):
+            raise SceneError(
+                f"{where}: CAMERA_ID, WIDTH and HEIGHT must be whole numbers; got {cam_id} {width} {height}"
+            )
+        if model not in COLMAP_CAMERA_MODELS:
+            raise SceneError(
+                f"{where}: camera model {model} is not supported; supported: {', '.join(COLMAP_CAMERA_MODELS)}"
+            )
+        if len(fields) - 4 != _colmap_param_count(model):
+            raise SceneError(f"{where}: {model} takes {_colmap_param_count(model)} parameters; got {len(fields) - 4}")
+        _check_numbers(fields[4:], f"{where}: PARAMS")
+        camera_ids.add(int(cam_id))
+    if not images_txt.is_file():
+        return
+    # an image takes two lines, the second its 2D points (possibly empty); comment lines are not counted
+    lines = [(n, line) for n, line in enumerate(images_txt.read_text(errors="replace").splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if not line.startswith("#")]
+    while lines and not lines[-1][1].strip():  # blank lines at the end (the last image's points among them)
+        lines.pop()
+    for n, line in lines[0::2]:
+        fields, where = line.split(), f"images.txt line {n}"
+        if len(fields) < 10:
+            raise SceneError(
+                f"{where}: must be IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME; got {len(fields)} fields "
+                "(each image takes two lines, the second its 2D points, possibly empty)"
+            )
+        if not fields[0].isdigit() or not fields[8].isdigit():
+            raise SceneError(f"{where}: IMAGE_ID and CAMERA_ID must be whole numbers; got {fields[0]} and {fields[8]}")
+        _check_numbers(fields[1:8], f"{where}: QW QX QY QZ TX TY TZ")
+        if int(fields[8]) not in camera_ids:
+            raise SceneError(f"{where}: CAMERA_ID {fields[8]} is not in cameras.txt")
+
+
+def _check_numbers(fields: list[str], where: str) -> None:
+    try:
+        values = [float(f) for f in fields]
+    except ValueError:
+        raise SceneError(f"{where} must be numbers; got {' '.join(fields)}") from None
+    if not all(np.isfinite(values)):
+        raise SceneError(f"{where} must be finite; got {' '.join(fields)}")
+
+
 def _read_reconstruction(model_dir: Path):
     from backend.estimators.sfm import import_pycolmap  # the package imports torch; --help must not
 
+    _check_text_model(model_dir)
     pycolmap = import_pycolmap()
 
     try:

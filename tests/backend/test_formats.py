@@ -648,3 +648,63 @@ def test_cli_arguments(temple_dir, tmp_path, capsys):
     assert [c.name for c in scene.captures] == ["templeSR0001", "templeSR0006", "templeSR0011"]
     with pytest.raises(SystemExit):
         parser.parse_args(["import", "middlebury", "a", "b", "--train-ids", "0,5", "--holdout-every", "8"])
+
+
+@pytest.mark.parametrize(
+    "file, line, text, match",
+    [
+        (
+            "images.txt",
+            5,
+            "1 0.98 0.001 0.17",
+            r"^images.txt line 5: must be IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME; got 4",
+        ),
+        (
+            "images.txt",
+            5,
+            "1 0.98 0.001 0.17 -0.03 -7.6 0.43 2.75 7 DSC_0001.JPG",
+            r"^images.txt line 5: CAMERA_ID 7 is not in",
+        ),
+        (
+            "images.txt",
+            5,
+            "1 0.98 0.001 x -0.03 -7.6 0.43 2.75 1 DSC_0001.JPG",
+            r"^images.txt line 5: QW QX QY QZ TX TY TZ must",
+        ),
+        (
+            "cameras.txt",
+            4,
+            "1 SIMPLE_RADIAL 1296 1936 2435.38 648",
+            r"^cameras.txt line 4: SIMPLE_RADIAL takes 4 parameters; got 2",
+        ),
+        (
+            "cameras.txt",
+            4,
+            "1 OPENCV_FISHEYE 1296 1936 1 2 3 4 5 6 7 8",
+            r"^cameras.txt line 4: camera model OPENCV_FISH",
+        ),
+        (
+            "cameras.txt",
+            4,
+            "1 SIMPLE_RADIAL 1296 1936 2435.38 648 968 nan",
+            r"^cameras.txt line 4: PARAMS must be finite",
+        ),
+        (
+            "cameras.txt",
+            4,
+            "1 SIMPLE_RADIAL 1296.5 1936 2435.38 648 968 0",
+            r"^cameras.txt line 4: CAMERA_ID, WIDTH and HEIGHT",
+        ),
+    ],
+)
+def test_colmap_text_model_lines_are_checked_naming_file_line_and_field(door_dir, tmp_path, file, line, text, match):
+    """pycolmap's own errors name a line of its C++ source ("Rig with ID 7 does not exist" for a missing camera)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("cameras.txt", "images.txt", "points3D.txt"):
+        (model / name).write_text((door_dir / "colmap_ground_truth" / name).read_text())
+    lines = (model / file).read_text().splitlines()
+    lines[line - 1] = text
+    (model / file).write_text("\n".join(lines) + "\n")
+    with pytest.raises(SceneError, match=match):
+        import_scene("colmap", model, tmp_path / "scene", images=str(door_dir / "images"))

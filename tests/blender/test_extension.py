@@ -27,6 +27,7 @@ from protocol.ply import (  # noqa: E402
     write_points_ply,
 )
 
+from ._plys import write_blank_points  # noqa: E402
 from ._temple import build_temple_scene, silhouette  # noqa: E402
 
 # One worker should run this module (its fixtures, the installed extension and a service, are per
@@ -208,16 +209,7 @@ def test_points_operator_matches_reader(installed, tmp_path):
 
 
 def test_non_gaussian_ply_is_a_clear_error(installed, tmp_path):
-    path = tmp_path / "points.ply"
-    write_points_ply(
-        path,
-        PointArrays(
-            xyz=np.zeros((4, 3), np.float32),
-            rgb=np.zeros((4, 3), np.uint8),
-            confidence=np.ones(4, np.float32),
-            source=np.zeros(4, np.int32),
-        ),
-    )
+    path = write_blank_points(tmp_path / "points.ply", 4)
     with pytest.raises(PlyFormatError, match="points.ply has no f_dc_0: not a Gaussian file"):
         read_gaussians_ply(path)
     n_objects = len(bpy.data.objects)

@@ -23,6 +23,7 @@ from blender_addon import connection, importers, operators, panels, preferences
 from protocol.ply import GaussianArrays, PointArrays, write_gaussians_ply, write_points_ply
 
 from ._layout import RecordingLayout, draw
+from ._plys import write_blank_points
 from ._temple import COLLECTION, build_temple_scene
 
 HOLD = "hold"  # the prompt of a job that waits for RELEASE before its last files (a job still running)
@@ -596,16 +597,7 @@ def test_results_and_imports_stay_in_their_own_scene(registered, tmp_path):
     other = importers.job_collection(b, "images", "b" * 32)
     assert other is not coll and [o.name for o in coll.objects] == ["A result"]
     assert coll not in b.collection.children_recursive and other not in a.collection.children_recursive
-    ply = tmp_path / "p.ply"
-    write_points_ply(
-        ply,
-        PointArrays(
-            xyz=np.zeros((3, 3), np.float32),
-            rgb=np.zeros((3, 3), np.uint8),
-            confidence=np.ones(3, np.float32),
-            source=np.zeros(3, np.int32),
-        ),
-    )
+    ply = write_blank_points(tmp_path / "p.ply", 3)
     assert bpy.ops.reconloop.import_points(filepath=str(ply)) == {"FINISHED"}
     bpy.context.window.scene = b
     assert bpy.ops.reconloop.import_points(filepath=str(ply)) == {"FINISHED"}

@@ -1003,8 +1003,11 @@ def _on_load_pre(*_args) -> None:
 
 @bpy.app.handlers.persistent
 def _on_load_post(*_args) -> None:
-    """The file is open (with a fresh sidebar state): show what load_pre said about the job left behind."""
-    note, _, _ = _take_carried()
+    """The file is open (with a fresh sidebar state): show what load_pre said about the job left behind; its
+    half-downloaded file goes (Import job downloads the job's files again)."""
+    note, driver, _ = _take_carried()
+    if driver is not None:
+        driver.drop_downloads()
     if note:
         print(f"ReconLoop: {note}")
         bpy.context.window_manager.reconloop.last_error = note
@@ -1029,6 +1032,7 @@ def _on_load_post_fail(*_args) -> None:
     if driver is None:
         return
     if s.client is None or driver.client is not s.client:  # the connection changed meanwhile: as if left
+        driver.drop_downloads()
         rt.is_running = False
         rt.last_error = note
         return

@@ -411,7 +411,11 @@ def test_opening_another_file_says_the_job_goes_on(registered, ui, endpoint, tem
     blend = tmp_path / "other.blend"
     bpy.ops.wm.save_as_mainfile(filepath=str(blend))
     job = _start_held_job(endpoint, temple_dir, tmp_path)
+    part = Path(connection.SESSION.driver.out_dir) / "gaussians.ply.part"  # a download the file's opening cuts off
+    part.write_bytes(b"ply\n")
+    connection.SESSION.driver._current = connection._Download("gaussians.ply", "0" * 64, 9, "gaussians", 4, str(part))
     bpy.ops.wm.open_mainfile(filepath=str(blend))
+    assert not part.exists()
     rt = bpy.context.window_manager.reconloop
     assert rt.last_error == (
         f"Another file was opened: job {job[:8]} keeps running on the service; "

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import mmap
 import threading
 import time
 import traceback
@@ -27,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import msgpack
 import zmq
@@ -56,7 +55,7 @@ MAX_BATCH = 64  # requests handled per wake-up before the worker's messages get 
 STOP_WAIT_S = 10.0  # how long shutdown waits for a running job to reach a step boundary
 PRUNE_EVERY_S = 600.0  # how often a service with keep_days looks for ended jobs to delete
 DAY_S = 86_400.0
-OPEN_ARTIFACTS = 8  # memory maps kept open between fetch chunks
+OPEN_ARTIFACTS = 8  # artifact files kept open between fetch chunks
 SNDHWM = 10000  # replies and events queued per client before the socket drops them
 ENVELOPE_FRAMES = 2  # frames before a request's own: the ROUTER's identity, a REQ client's empty delimiter
 
@@ -247,7 +246,7 @@ class Service:
             self._release()  # a retry in this process finds the store unlocked and the port free
             self._ready.set()
             raise
-        self._maps: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
+        self._files: OrderedDict[tuple[str, str, str], BinaryIO] = OrderedDict()
         self.watchers: dict[str, dict[bytes, list[bytes]]] = {}
         log.info("reconloop service on %s, data in %s, device %s", self.endpoint, self.data_dir, self.device)
         self._ready.set()
@@ -284,6 +283,8 @@ class Service:
                     self._on_request(*recv_message(self.router, limits.MAX_FRAMES + ENVELOPE_FRAMES))
 
     def _close(self) -> None:
+        while self._files:
+            self._files.popitem()[1].close()
         for slot in self.slots:
             self._send(slot, {"cmd": "stop"})
         self.pool.join(STOP_WAIT_S)
@@ -343,14 +344,14 @@ class Service:
             log.info("deleted %d ended job(s) older than %g days (--keep-days)", gone, self.config.keep_days)
 
     def _remove(self, record: JobRecord) -> None:
-        """Delete an ended job: what the loop holds for it first (its artifacts' memory maps, which can block the
+        """Delete an ended job: what the loop holds for it first (its artifacts' open files, which can block the
         folder's move and keep the files' space), then its folder (``JobStore.delete``).
 
         Raises:
             OSError: the folder could not be moved; the job stays listed.
         """
-        for key in [k for k in self._maps if k[0] == record.job]:
-            del self._maps[key]
+        for key in [k for k in self._files if k[0] == record.job]:
+            self._files.pop(key).close()
         self.store.delete(record)
 
     def _reap(self) -> bool:
@@ -612,7 +613,7 @@ class Service:
                 errors.BAD_FIELD, f"fetch: offset must be at most the size {total}; got {offset}", field="offset"
             )
         n = min(length, total - offset)
-        data = self._artifact_map(record, name, entry)[offset : offset + n]
+        data = self._artifact_chunk(record, name, entry, offset, n)
         return {
             "job": record.job,
             "name": name,
@@ -622,22 +623,32 @@ class Service:
             "sha256": entry["sha256"],
         }
 
-    def _artifact_map(self, record: JobRecord, name: str, entry: dict[str, Any]) -> Any:
-        """A memory map of an artifact, kept open for the next chunks (the few most recent ones).
+    def _artifact_chunk(self, record: JobRecord, name: str, entry: dict[str, Any], offset: int, n: int) -> Any:
+        """``n`` bytes of an artifact from ``offset`` (uint8 [n]), read from a file kept open for the next
+        chunks (the few most recent ones), keyed by sha256 too, so a file the job rewrote is opened again.
 
-        Keyed by sha256 too, so a file the job rewrote is mapped again. Maps dropped from the cache
-        close once zmq has sent the last frame that points into them.
+        Read, not memory-mapped: a file cut short in place under a map kills the process (SIGBUS) when a
+        reply's frame points into the part that is gone; read, it is an error for that fetch alone.
         """
         key = (record.job, name, entry["sha256"])
-        mapped = self._maps.get(key)
-        if mapped is None:
-            mapped = _map_file(self.store.artifact_path(record, name), entry["size"])
-            self._maps[key] = mapped
-            while len(self._maps) > OPEN_ARTIFACTS:
-                self._maps.popitem(last=False)
+        f = self._files.get(key)
+        if f is None:
+            f = _open_artifact(self.store.artifact_path(record, name), entry["size"])
+            self._files[key] = f
+            while len(self._files) > OPEN_ARTIFACTS:
+                self._files.popitem(last=False)[1].close()
         else:
-            self._maps.move_to_end(key)
-        return mapped
+            self._files.move_to_end(key)
+        f.seek(offset)
+        data = f.read(n)
+        if len(data) != n:
+            self._files.pop(key).close()
+            raise ProtocolError(
+                errors.INTERNAL, f"fetch: {name} changed size since it was recorded (cut short on the server's disk)"
+            )
+        import numpy as np
+
+        return np.frombuffer(data, dtype=np.uint8)
 
     def _shutdown(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:
         if not is_loopback(req.peer):
@@ -691,17 +702,14 @@ def _clip(text: str) -> str:
     return limits.clip_utf8(text, limits.MAX_STR_BYTES)
 
 
-def _map_file(path: Path, total: int) -> Any:
-    """The file as a read-only uint8 array over a memory map (slices of it are sent without copying)."""
-    import numpy as np
-
-    with open(path, "rb") as f:
-        if f.seek(0, 2) != total:
-            raise ProtocolError(errors.INTERNAL, f"fetch: {path.name} changed size since it was recorded")
-        if total == 0:
-            return np.zeros(0, dtype=np.uint8)
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return np.frombuffer(mm, dtype=np.uint8)
+def _open_artifact(path: Path, total: int) -> BinaryIO:
+    """The artifact open for reading, its size checked against the one recorded."""
+    # unbuffered: each chunk read from the disk as it is now, not from what an earlier read left buffered
+    f = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open between chunks (Service._files), closed on eviction
+    if f.seek(0, 2) != total:
+        f.close()
+        raise ProtocolError(errors.INTERNAL, f"fetch: {path.name} changed size since it was recorded")
+    return f
 
 
 class StoreInUseError(RuntimeError):

@@ -131,6 +131,22 @@ def test_fetch_chunks_offsets_and_errors(client):
     assert err.value.code == errors.NOT_FOUND
 
 
+def test_a_file_cut_short_in_place_while_fetched_fails_that_fetch_only(client, service):
+    """An artifact truncated on the server's disk between two chunks (a runner that rewrites a listed file in
+    place): that fetch is refused, and the service goes on (a memory map of it killed the process: SIGBUS)."""
+    job = client.submit(scene_msg())
+    wait_state(client, job)
+    first = client.request("fetch", job=job, name="step2.bin", offset=0, length=10)
+    assert len(first["data"]) == 10
+    path = service.store.artifact_path(service.store.jobs[job], "step2.bin")
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ProtocolError, match=r"fetch: step2.bin changed size since it was recorded") as err:
+        client.request("fetch", job=job, name="step2.bin", offset=500, length=10)
+    assert err.value.code == errors.INTERNAL
+    assert client.status(job)["state"] == "done"  # still serving
+
+
 def test_bad_scene_gets_bad_field_naming_the_field(client):
     scene = scene_msg()
     scene["captures"][1]["camera"]["K"] = np.array([[-50.0, 0, 32], [0, 50, 24], [0, 0, 1]])

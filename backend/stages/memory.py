@@ -178,6 +178,9 @@ def _note(notes: list[str], line: str) -> None:
     notes.append(line)
 
 
+SAME_POSITION_TOL = 1e-6  # captures closer than this (relative to the centres' distance from the origin) share one
+
+
 def bounded_depth_points(views: Views, cfg: MemoryConfig) -> tuple[GeometryMemory, str]:
     """Every capture's pixels (a regular subsample, masked pixels only when there are masks) at one
     depth per capture: where its optical axis passes nearest the others' (the axes' meeting point),
@@ -191,9 +194,18 @@ def bounded_depth_points(views: Views, cfg: MemoryConfig) -> tuple[GeometryMemor
     if center is None or bool((z <= 0).any()):
         c = cams.centers
         base = (c[:, None] - c[None]).norm(dim=-1)
-        median = float(base[base > 0].median()) if bool((base > 0).any()) else 1.0
-        z = torch.full((C,), median / math.tan(math.radians(FALLBACK_TRI_ANGLE_DEG)), device=c.device)
-        what = "depth from the captures' baseline"
+        # a baseline of rounding noise (captures turned on a tripod) is none: relative to the centres' scale
+        apart = base > SAME_POSITION_TOL * max(1.0, float(c.norm(dim=-1).max()))
+        if bool(apart.any()):
+            median = float(base[apart].median())
+            z = torch.full((C,), median / math.tan(math.radians(FALLBACK_TRI_ANGLE_DEG)), device=c.device)
+            what = "depth from the captures' baseline"
+        else:
+            z = torch.ones(C, device=c.device)
+            what = (
+                "depth 1 in the scene's units, a guess: the captures share one position (or there is one), so no "
+                "baseline measures it"
+            )
     else:
         what = "depth of the point the optical axes meet"
     stride = max(1, round(math.sqrt(C * H * W / max(cfg.fallback_points, 1))))

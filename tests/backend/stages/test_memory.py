@@ -256,3 +256,25 @@ def test_an_estimator_without_a_config_is_built_with_its_own_and_falls_back_to_p
     assert len(notes) == 1 and re.fullmatch(
         r"geometry: refused with its own default; used plane sweep \(\d+ points\)", notes[0]
     )
+
+
+def test_captures_from_one_position_get_a_stated_depth_not_a_rounding_noise_one():
+    """A tripod panorama (one centre, turned 0/120/240 degrees): its baselines are rounding noise (~1e-16), which
+    put every fallback point on the centre and the job's renders black; now a depth of 1, said to be a guess."""
+    from backend.stages.memory import bounded_depth_points
+
+    turns = []
+    for deg in (0.0, 120.0, 240.0):
+        a = np.radians(deg)
+        R = torch.tensor([[np.cos(a), 0, -np.sin(a)], [0, 1, 0], [np.sin(a), 0, np.cos(a)]], dtype=torch.float32)
+        w2c = torch.eye(4)
+        w2c[:3, :3] = R
+        w2c[:3, 3] = -R @ torch.tensor([0.3, 0.1, 0.7])  # one centre, off the origin: rounding noise between them
+        turns.append(w2c)
+    K = torch.tensor([[20.0, 0, 12], [0, 20, 8], [0, 0, 1]]).repeat(3, 1, 1)
+    cams = Cameras(torch.stack(turns), K, 24, 16)
+    views = Views(torch.rand(3, 16, 24, 3), cams, [0, 1, 2])
+    memory, what = bounded_depth_points(views, MemoryConfig())
+    assert "the captures share one position" in what and "a guess" in what
+    distance = (memory.xyz - cams.centers[0]).norm(dim=-1)
+    assert float(distance.min()) > 0.99, float(distance.min())  # at depth 1 along each ray, not on the centre

@@ -378,6 +378,15 @@ def _run_loop(
                 file=sys.stderr,
             )
             raise
+        except RuntimeError as err:  # torch's allocators: a sentence naming the stage, not a traceback
+            from .devices import is_out_of_memory
+            from .service.faults import describe_failure
+
+            if not is_out_of_memory(err):
+                raise
+            bar.close()
+            print(f"reconloop run: {describe_failure(err)}; {out} holds an unfinished job", file=sys.stderr)
+            return EXIT_JOB_FAILED
         finally:
             bar.close()
         print_notes(result.metrics.get("notes", []))

@@ -70,8 +70,14 @@ def pick_device(name: str = "auto") -> str:
 OOM_CLASS_NAMES = frozenset({"OutOfMemoryError", "MemoryError", "_ArrayMemoryError"})
 
 
+CPU_ALLOCATOR_FAILURE = "can't allocate memory"  # torch's DefaultCPUAllocator raises a plain RuntimeError
+
+
 def is_out_of_memory(err: BaseException) -> bool:
-    """MemoryError (host) or torch's OutOfMemoryError (GPU, either spelling), by class, without importing torch."""
+    """MemoryError (host), torch's OutOfMemoryError (GPU, either spelling), by class, without importing torch, or
+    the RuntimeError of torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
     if isinstance(err, MemoryError):
+        return True
+    if isinstance(err, RuntimeError) and CPU_ALLOCATOR_FAILURE in str(err):
         return True
     return any(cls.__name__ in OOM_CLASS_NAMES for cls in type(err).__mro__)

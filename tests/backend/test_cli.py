@@ -464,3 +464,22 @@ def test_ray_address_and_timeout_are_checked_before_anything_starts(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args([*command, "--timeout-ms", "-5"])
         assert "argument --timeout-ms: must be a whole number >= 1; got '-5'" in capsys.readouterr().err
+
+
+def test_run_out_of_memory_is_a_sentence_naming_the_stage(tmp_path, monkeypatch, capsys):
+    """torch's CPU allocator failing mid-job: one line naming the stage and what to try, exit 1, no traceback."""
+    import backend.loop
+    from backend.progress import mark_stage
+
+    def out_of_memory(*args, **kwargs):
+        err = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9663676416 bytes.")
+        mark_stage(err, "render")
+        raise err
+
+    monkeypatch.setattr(backend.loop, "run_loop", out_of_memory)
+    scene = write_posed_scene(tmp_path / "scene", png_bytes())
+    assert main(["run", str(scene), "--out", str(tmp_path / "o"), "--device", "cpu", "--budget", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "reconloop run: out of memory in stage 'render': DefaultCPUAllocator: can't allocate memory" in err, err
+    assert "try a smaller resolution or fewer frames" in err and "holds an unfinished job" in err
+    assert "Traceback" not in err

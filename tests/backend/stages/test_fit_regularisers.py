@@ -129,26 +129,17 @@ def test_slow_steps_still_report_progress_every_couple_of_seconds(monkeypatch):
     progress_every says: the job's bar moves and the service's cancel, read there, is seen."""
     from backend.stages import fit
 
-    clock = iter(range(0, 1000, 3))  # every reading 3 s after the one before
-    monkeypatch.setattr(fit.time, "monotonic", lambda: float(next(clock)))
     cams, images, memory = make_scene()
     views = FitViews(images, cams, torch.ones(images.shape[:3]))
-    steps = []
-    fit_gaussians(
-        views,
-        memory,
-        replace(BASE, iterations=4, progress_every=1000),
-        device="cpu",
-        progress=lambda s, _: steps.append(s),
-    )
-    assert steps == [1, 2, 3, 4]
-    steps.clear()
+
+    def reported(iterations: int, every: int) -> list[int]:
+        steps = []
+        cfg = replace(BASE, iterations=iterations, progress_every=every)
+        fit_gaussians(views, memory, cfg, device="cpu", progress=lambda s, _: steps.append(s))
+        return steps
+
+    clock = iter(range(0, 1000, 3))  # every reading 3 s after the one before
+    monkeypatch.setattr(fit.time, "monotonic", lambda: float(next(clock)))
+    assert reported(4, 1000) == [1, 2, 3, 4]
     monkeypatch.setattr(fit.time, "monotonic", lambda: 0.0)  # quick steps: every progress_every and the last
-    fit_gaussians(
-        views,
-        memory,
-        replace(BASE, iterations=5, progress_every=2),
-        device="cpu",
-        progress=lambda s, _: steps.append(s),
-    )
-    assert steps == [2, 4, 5]
+    assert reported(5, 2) == [2, 4, 5]

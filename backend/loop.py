@@ -67,6 +67,7 @@ from .types import Cameras, Frames, GeometryMemory, Views
 log = logging.getLogger(__name__)
 
 # Share of the job's progress bar per step (rough CPU proportions; only the order matters).
+BLIND_COVERAGE = 0.01  # a segment whose renders cover less of its pixels is named in a note (a camera looking away)
 PROGRESS_SHARES = {
     "cameras": 0.03,
     "memory": 0.1,
@@ -354,6 +355,7 @@ def _run_loop(
     point_rgb = torch.zeros(F_all, H, W, 3, device=device)  # M's render, for overview.png
     frame_cams = targets_all.to_scene()
     frame_index: dict[int, dict[str, Any]] = {}  # frames/cameras.json: this run's frames, kept here
+    blind: list[str] = []  # segments whose views see (almost) nothing of M or the guide
     for k, seg in enumerate(segments):
         targets = targets_all[seg.indices]
         # 3. Retrieval: captures that cover this segment's views of M.
@@ -396,13 +398,22 @@ def _run_loop(
             with meter.measure("update"):
                 lifted = Views(frames.images, targets, [-1] * len(targets))
                 memory = update_memory(memory, lifted, memory_renders, frames.confidence, captures, cfg.update)
+        coverage = float(renders.mask.float().mean())
+        span = f"{step0.frame_numbers[seg.start]}-{step0.frame_numbers[seg.stop - 1]}"
+        if coverage < BLIND_COVERAGE:
+            blind.append(span)
         track.finish(
             "generate",
-            f"segment {k + 1}/{len(segments)}: frames {step0.frame_numbers[seg.start]}-"
-            f"{step0.frame_numbers[seg.stop - 1]}, {len(picked)} captures "
-            f"retrieved, {float(renders.mask.float().mean()):.0%} of pixels rendered, memory {len(memory)} points",
+            f"segment {k + 1}/{len(segments)}: frames {span}, {len(picked)} captures "
+            f"retrieved, {coverage:.0%} of pixels rendered, memory {len(memory)} points",
             names,
             share=PROGRESS_SHARES["generate"] / len(segments),
+        )
+    if blind:
+        step0.notes.append(
+            f"the trajectory's frames {', '.join(blind)} see almost nothing the captures saw (under "
+            f"{BLIND_COVERAGE:.0%} of their pixels): those frames are the generator's guess; check that the trajectory "
+            "looks at the scene from near the captures"
         )
     if note := getattr(gen, "segments_note", None):  # what a learning generator did per segment (``refine``)
         step0.notes.append(note)

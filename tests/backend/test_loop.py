@@ -150,6 +150,20 @@ def test_cancelled_propagates_and_stops(temple3: Scene, single_thread, tmp_path:
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("loop")
+def test_a_trajectory_looking_away_is_named_in_a_note(temple3: Scene, single_thread, tmp_path: Path) -> None:
+    """Every trajectory camera turned about its own vertical axis to look away: the job still ends, and a note
+    names the frames that saw nothing (they were black, with no word)."""
+    turn = np.diag([-1.0, 1.0, -1.0, 1.0])  # 180 degrees about the camera's y axis, its centre kept
+    away = [TrajectoryFrame(t.frame, replace(t.camera, w2c=turn @ t.camera.w2c)) for t in temple3.trajectory]
+    settings = replace(temple3.settings, gaussian_iterations=0, update_memory=False, guide=False)
+    result = run_loop(replace(temple3, trajectory=away, settings=settings), tmp_path, device="cpu")
+    (note,) = [n for n in result.metrics["notes"] if "see almost nothing the captures saw" in n]
+    assert note.startswith(f"the trajectory's frames {FRAME_NUMBERS[0]}-"), note
+    assert f"-{FRAME_NUMBERS[-1]} see almost nothing" in note and "under 1% of their pixels" in note
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("loop")
 def test_no_trajectory_no_fit_no_update(temple3: Scene, single_thread, tmp_path: Path) -> None:
     settings = replace(temple3.settings, gaussian_iterations=0, update_memory=False, segment_length=8)
     scene = replace(temple3, trajectory=[], settings=settings)
@@ -160,6 +174,7 @@ def test_no_trajectory_no_fit_no_update(temple3: Scene, single_thread, tmp_path:
     assert result.frame_numbers == list(range(1, 9))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert any("no trajectory" in n for n in metrics["notes"])
+    assert not any("see almost nothing" in n for n in metrics["notes"])  # the made path looks at the scene
     # the made path starts on a capture
     first = json.loads((tmp_path / "cameras.json").read_text())["trajectory"][0]["camera"]
     centers = [c.camera.center for c in scene.captures]

@@ -304,7 +304,8 @@ class BudgetPlan:
             loop keeps the trajectory's aspect at this pixel count).
         max_gaussians: cap on the Gaussians (the memory is thinned to it; densification stays under it).
         iterations: steps per Gaussian fit.
-        step_seconds: predicted seconds per fitting step at this size and cap.
+        step_seconds: seconds per fitting step at this size and cap: predicted, or measured where a re-plan
+            measured its choice.
         costs: the measured step costs the plan used.
         fits: Gaussian fits the loop runs, in lengths of one fit (2 with the guide, else 1, plus what
             the generator's preparation fits: the refiner's leave-out guides, a fifth each).
@@ -543,7 +544,7 @@ def _plan_sentence(
         f"measured here{', on one thread' if costs.threads == 1 else ''}{reserved})"
     )
     if is_short:
-        sentence += f"; the budget is too short for {MIN_ITERATIONS} steps per fit even at the smallest size"
+        sentence += f"; the budget is too short for {MIN_ITERATIONS} steps per fit at this size"
     return sentence
 
 

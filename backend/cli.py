@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .devices import DEVICE_HELP
+from .devices import DEVICE_HELP, is_out_of_memory
 
 if TYPE_CHECKING:
     import zmq
@@ -378,15 +378,6 @@ def _run_loop(
                 file=sys.stderr,
             )
             raise
-        except RuntimeError as err:  # torch's allocators: a sentence naming the stage, not a traceback
-            from .devices import is_out_of_memory
-            from .service.faults import describe_failure
-
-            if not is_out_of_memory(err):
-                raise
-            bar.close()
-            print(f"reconloop run: {describe_failure(err)}; {out} holds an unfinished job", file=sys.stderr)
-            return EXIT_JOB_FAILED
         finally:
             bar.close()
         print_notes(result.metrics.get("notes", []))
@@ -888,6 +879,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_JOB_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except (RuntimeError, MemoryError) as err:  # out of memory in any command's job: a sentence, not a traceback
+        if not is_out_of_memory(err):
+            raise
+        from .service.faults import describe_failure
+
+        print(f"reconloop {args.command}: {describe_failure(err)}", file=sys.stderr)
+        return EXIT_JOB_FAILED
 
 
 if __name__ == "__main__":

@@ -66,8 +66,8 @@ from .types import Cameras, Frames, GeometryMemory, Views
 
 log = logging.getLogger(__name__)
 
-# Share of the job's progress bar per step (rough CPU proportions; only the order matters).
 BLIND_COVERAGE = 0.01  # a segment whose renders cover less of its pixels is named in a note (a camera looking away)
+# Share of the job's progress bar per step (rough CPU proportions; only the order matters).
 PROGRESS_SHARES = {
     "cameras": 0.03,
     "memory": 0.1,

@@ -103,11 +103,6 @@ class ResultImporter:
         self.failed: dict[str, str] = {}  # file name -> why it could not be imported (the others still are)
 
     @property
-    def imported(self) -> bool:
-        """Whether anything reached the scene since the last undo step pushed for it."""
-        return bool(self.arrived)
-
-    @property
     def scene(self) -> bpy.types.Scene:
         scene = bpy.data.scenes.get(self.scene_name)
         if scene is None or (self.scene_uid and scene.session_uid != self.scene_uid):
@@ -821,18 +816,16 @@ class _ImportPly(ImportHelper):
         coll = next((c for c in scene.collection.children_recursive if c.get(IMPORTS_KEY)), None)
         if coll is None:  # a file of an earlier version: the collection by name, where it is in this scene
             coll = next((c for c in scene.collection.children_recursive if c.name == IMPORTS_COLLECTION), None)
-        made, linked = coll is None, coll is not None
+        made = coll is None
         if made:
             coll = bpy.data.collections.new(IMPORTS_COLLECTION)
             coll[IMPORTS_KEY] = True
-        importers.ensure_linked(scene, coll)
+            scene.collection.children.link(coll)
         try:
             obj = self.importer(bpy.path.abspath(self.filepath), name, coll)
         except ReconLoopError as err:
             if made:  # a file that cannot be read leaves nothing behind (no undo step is pushed for it)
                 bpy.data.collections.remove(coll)
-            elif not linked:
-                scene.collection.children.unlink(coll)
             self.report({"ERROR"}, str(err))
             return {"CANCELLED"}
         if getattr(self, "as_fitted", None) is not None:

@@ -44,7 +44,7 @@ from backend.stages.fit import FitConfig, FitViews, fit_gaussians_many  # noqa: 
 from backend.stages.memory import build_memory  # noqa: E402
 from backend.types import GeometryMemory, Views  # noqa: E402
 
-JOB_ITERATIONS = 3000  # scripts/bench_loop.py's fit, the setting's default
+JOB_ITERATIONS = Settings().gaussian_iterations  # the setting's default, scripts/bench_loop.py's fit
 
 
 def fit_sets(views: Views, memory: GeometryMemory, cfg: FitConfig, sets: int, device: torch.device) -> float:

@@ -60,17 +60,13 @@ def camera_from_colmap(model: str, width: int, height: int, params: np.ndarray, 
     Returns:
         Camera with w2c = identity, K and distortion set.
     """
-    if model not in COLMAP_CAMERA_MODELS:
-        raise SceneError(
-            f"{where}: camera model {model} is not supported; supported: {', '.join(COLMAP_CAMERA_MODELS)}"
-        )
+    count = _colmap_param_count(model, where)
     (ifx, ify, icx, icy), dist_model = COLMAP_CAMERA_MODELS[model]
     params = np.asarray(params, dtype=np.float64)
-    n_intr = max(ifx, ify, icx, icy) + 1
-    n_dist = DISTORTION_PARAMS[dist_model] if dist_model else 0
-    if params.shape != (n_intr + n_dist,):
-        raise SceneError(f"{where}: {model} takes {n_intr + n_dist} parameters; got {params.tolist()}")
+    if params.shape != (count,):
+        raise SceneError(f"{where}: {model} takes {count} parameters; got {params.tolist()}")
     K = intrinsics(params[ifx], params[ify], params[icx], params[icy])
+    n_intr = max(ifx, ify, icx, icy) + 1
     distortion = Distortion(dist_model, tuple(float(v) for v in params[n_intr:])) if dist_model else None
     return make_camera(np.eye(4), K, width, height, where, distortion)
 
@@ -136,8 +132,12 @@ def _rotation_matrix(rotation) -> np.ndarray:
     return np.asarray(pycolmap.Rotation3d(quat_xyzw / np.linalg.norm(quat_xyzw)).matrix())
 
 
-def _colmap_param_count(model: str) -> int:
-    """How many parameters a COLMAP camera model of COLMAP_CAMERA_MODELS takes."""
+def _colmap_param_count(model: str, where: str) -> int:
+    """How many parameters a COLMAP camera model takes; SceneError naming ``where`` for one we do not read."""
+    if model not in COLMAP_CAMERA_MODELS:
+        raise SceneError(
+            f"{where}: camera model {model} is not supported; supported: {', '.join(COLMAP_CAMERA_MODELS)}"
+        )
     indices, dist_model = COLMAP_CAMERA_MODELS[model]
     return max(indices) + 1 + (DISTORTION_PARAMS[dist_model] if dist_model else 0)
 
@@ -161,23 +161,24 @@ def _check_text_model(model_dir: Path) -> None:
             raise SceneError(
                 f"{where}: CAMERA_ID, WIDTH and HEIGHT must be whole numbers; got {cam_id} {width} {height}"
             )
-        if model not in COLMAP_CAMERA_MODELS:
-            raise SceneError(
-                f"{where}: camera model {model} is not supported; supported: {', '.join(COLMAP_CAMERA_MODELS)}"
-            )
-        if len(fields) - 4 != _colmap_param_count(model):
-            raise SceneError(f"{where}: {model} takes {_colmap_param_count(model)} parameters; got {len(fields) - 4}")
+        count = _colmap_param_count(model, where)
+        if len(fields) - 4 != count:
+            raise SceneError(f"{where}: {model} takes {count} parameters; got {len(fields) - 4}")
         _check_numbers(fields[4:], f"{where}: PARAMS")
         camera_ids.add(int(cam_id))
     if not images_txt.is_file():
         return
-    # an image takes two lines, the second its 2D points (possibly empty); comment lines are not counted
-    lines = [(n, line) for n, line in enumerate(images_txt.read_text(errors="replace").splitlines(), 1)]
-    lines = [(n, line) for n, line in lines if not line.startswith("#")]
-    while lines and not lines[-1][1].strip():  # blank lines at the end (the last image's points among them)
-        lines.pop()
-    for n, line in lines[0::2]:
-        fields, where = line.split(), f"images.txt line {n}"
+    # as COLMAP reads it: blank and comment lines skipped before an image's line; the line after it is its 2D points
+    # (possibly empty)
+    lines = images_txt.read_text(errors="replace").splitlines()
+    k = 0
+    while k < len(lines):
+        line = lines[k].strip()
+        if not line or line.startswith("#"):
+            k += 1
+            continue
+        fields, where = line.split(), f"images.txt line {k + 1}"
+        k += 2
         if len(fields) < 10:
             raise SceneError(
                 f"{where}: must be IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME; got {len(fields)} fields "

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import msgpack
+import numpy as np
 import zmq
 
 from protocol import errors, limits
@@ -646,8 +647,6 @@ class Service:
             raise ProtocolError(
                 errors.INTERNAL, f"fetch: {name} changed size since it was recorded (cut short on the server's disk)"
             )
-        import numpy as np
-
         return np.frombuffer(data, dtype=np.uint8)
 
     def _shutdown(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:

@@ -121,7 +121,10 @@ _POSITION = re.compile(r"^(\w+)(?:\[(\d+)\])?")
 def _by_position(problem: str) -> tuple[int, int]:
     """A problem's place in the scene (``captures[2].mask: ...`` after every problem of ``captures[1]``, before
     the trajectory's and the held-out views'); problems of the scene as a whole last."""
-    name, index = _POSITION.match(problem).groups()
+    found = _POSITION.match(problem)
+    if found is None:  # not a field path: with the scene's problems as a whole
+        return len(_SECTIONS), -1
+    name, index = found.groups()
     section = _SECTIONS.index(name) if name in _SECTIONS else len(_SECTIONS)
     return section, -1 if index is None else int(index)
 

@@ -38,6 +38,7 @@ MAX_PACKED_CELLS = 1 << 62  # voxel grids with more cells than this are keyed by
 COLOR_LEVELS = 255  # uchar colours in the .ply
 QUANTILE_SAMPLES = 1 << 20  # points used to estimate the scene's extent
 FALLBACK_TRI_ANGLE_DEG = 15.0  # bounded depth without meeting axes: the depth at which the baseline subtends this
+SAME_POSITION_TOL = 1e-6  # captures closer than this (relative to the centres' distance from the origin) share one
 
 
 @dataclass(frozen=True)
@@ -178,9 +179,6 @@ def _note(notes: list[str], line: str) -> None:
     notes.append(line)
 
 
-SAME_POSITION_TOL = 1e-6  # captures closer than this (relative to the centres' distance from the origin) share one
-
-
 def bounded_depth_points(views: Views, cfg: MemoryConfig) -> tuple[GeometryMemory, str]:
     """Every capture's pixels (a regular subsample, masked pixels only when there are masks) at one
     depth per capture: where its optical axis passes nearest the others' (the axes' meeting point),
@@ -188,26 +186,27 @@ def bounded_depth_points(views: Views, cfg: MemoryConfig) -> tuple[GeometryMemor
     a phrase naming the depth used."""
     cams = views.cams
     C, H, W = views.images.shape[:3]
-    center = axes_center(cams) if C > 1 else None
-    if center is not None:
-        z = cams.w2c[:, 2, :3] @ center + cams.w2c[:, 2, 3]  # [C] the centre's depth in each camera
-    if center is None or bool((z <= 0).any()):
-        c = cams.centers
-        base = (c[:, None] - c[None]).norm(dim=-1)
-        # a baseline of rounding noise (captures turned on a tripod) is none: relative to the centres' scale
-        apart = base > SAME_POSITION_TOL * max(1.0, float(c.norm(dim=-1).max()))
-        if bool(apart.any()):
+    c = cams.centers
+    base = (c[:, None] - c[None]).norm(dim=-1)
+    # a baseline of rounding noise (captures turned on a tripod) is none: relative to the centres' scale
+    apart = base > SAME_POSITION_TOL * max(1.0, float(c.norm(dim=-1).max()))
+    if not bool(apart.any()):  # nothing measures a depth (the axes' meeting point is the shared centre itself)
+        guess = 1.0 / math.tan(math.radians(FALLBACK_TRI_ANGLE_DEG))  # a unit baseline's depth, as before
+        z = torch.full((C,), guess, device=c.device)
+        what = (
+            f"depth {guess:.2f} in the scene's units, a guess: the captures share one position (or there is one), "
+            "so no baseline measures it"
+        )
+    else:
+        center = axes_center(cams)
+        if center is not None:
+            z = cams.w2c[:, 2, :3] @ center + cams.w2c[:, 2, 3]  # [C] the centre's depth in each camera
+        if center is None or bool((z <= 0).any()):
             median = float(base[apart].median())
             z = torch.full((C,), median / math.tan(math.radians(FALLBACK_TRI_ANGLE_DEG)), device=c.device)
             what = "depth from the captures' baseline"
         else:
-            z = torch.ones(C, device=c.device)
-            what = (
-                "depth 1 in the scene's units, a guess: the captures share one position (or there is one), so no "
-                "baseline measures it"
-            )
-    else:
-        what = "depth of the point the optical axes meet"
+            what = "depth of the point the optical axes meet"
     stride = max(1, round(math.sqrt(C * H * W / max(cfg.fallback_points, 1))))
     depth = torch.zeros(C, H, W, device=views.images.device)
     depth[:, stride // 2 :: stride, stride // 2 :: stride] = z[:, None, None]

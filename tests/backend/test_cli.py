@@ -481,5 +481,5 @@ def test_run_out_of_memory_is_a_sentence_naming_the_stage(tmp_path, monkeypatch,
     assert main(["run", str(scene), "--out", str(tmp_path / "o"), "--device", "cpu", "--budget", "0"]) == 1
     err = capsys.readouterr().err
     assert "reconloop run: out of memory in stage 'render': DefaultCPUAllocator: can't allocate memory" in err, err
-    assert "try a smaller resolution or fewer frames" in err and "holds an unfinished job" in err
+    assert "try a smaller resolution or fewer frames" in err
     assert "Traceback" not in err

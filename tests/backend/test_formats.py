@@ -708,3 +708,16 @@ def test_colmap_text_model_lines_are_checked_naming_file_line_and_field(door_dir
     (model / file).write_text("\n".join(lines) + "\n")
     with pytest.raises(SceneError, match=match):
         import_scene("colmap", model, tmp_path / "scene", images=str(door_dir / "images"))
+
+
+def test_colmap_text_model_with_blank_and_indented_comment_lines_reads_as_colmap_does(door_dir, tmp_path):
+    """COLMAP skips blank and comment lines before an image's line (the line after it is its points): the check
+    before pycolmap does too, so such a model is not refused."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("cameras.txt", "points3D.txt"):
+        (model / name).write_text((door_dir / "colmap_ground_truth" / name).read_text())
+    lines = (door_dir / "colmap_ground_truth" / "images.txt").read_text().splitlines()
+    lines[6:6] = ["", "   # an indented comment between two images"]  # after the first image's two lines
+    (model / "images.txt").write_text("\n".join(lines) + "\n")
+    assert len(import_scene("colmap", model, tmp_path / "scene", images=str(door_dir / "images")).captures) == 12

@@ -260,7 +260,7 @@ def test_an_estimator_without_a_config_is_built_with_its_own_and_falls_back_to_p
 
 def test_captures_from_one_position_get_a_stated_depth_not_a_rounding_noise_one():
     """A tripod panorama (one centre, turned 0/120/240 degrees): its baselines are rounding noise (~1e-16), which
-    put every fallback point on the centre and the job's renders black; now a depth of 1, said to be a guess."""
+    put every fallback point on the centre and the job's renders black; now a stated depth, said to be a guess."""
     from backend.stages.memory import bounded_depth_points
 
     turns = []
@@ -277,4 +277,4 @@ def test_captures_from_one_position_get_a_stated_depth_not_a_rounding_noise_one(
     memory, what = bounded_depth_points(views, MemoryConfig())
     assert "the captures share one position" in what and "a guess" in what
     distance = (memory.xyz - cams.centers[0]).norm(dim=-1)
-    assert float(distance.min()) > 0.99, float(distance.min())  # at depth 1 along each ray, not on the centre
+    assert float(distance.min()) > 0.99, float(distance.min())  # at the guessed depth along each ray, not on the centre

@@ -1,6 +1,8 @@
 """The service: one ROUTER socket, one Poller loop, its workers, one job store.
 
-The main thread owns the ROUTER (clients) and one PAIR per worker and answers every request at once.
+The main thread owns the ROUTER (clients) and one PAIR per worker and answers every request at once, but for
+a submit: its job folder (photos written, raw pixels encoded as PNGs, the scene loaded, its masks read: seconds
+for a large scene) is written by one writer thread, and the loop answers the submit when the folder is whole.
 Without Ray there is one worker, a thread on ``inproc://`` (see ``worker.py``); with ``ServiceConfig.ray``
 the workers are Ray actors on a cluster, each behind a PAIR over TCP (``ray_pool.py``). Waiting jobs
 start FIFO per client, clients in turn (``fairqueue.py``). Every request and
@@ -24,6 +26,7 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -42,7 +45,7 @@ from .. import __version__
 from .auth import LOCAL_OWNER, AuthConfig, ServerAuth, may_access
 from .fairqueue import FairQueue
 from .faults import describe_failure
-from .store import JobRecord, JobStore
+from .store import JobRecord, JobStore, PreparedJob
 from .worker import Runner, Slot, ThreadPool, default_runner
 
 if TYPE_CHECKING:
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 POLL_MS = 100  # the loop wakes at least this often to notice stop()
+WRITING_POLL_MS = 5  # ... and this often while the writer thread writes a submit's job folder
 MAX_BATCH = 64  # requests handled per wake-up before the worker's messages get a turn
 STOP_WAIT_S = 10.0  # how long shutdown waits for a running job to reach a step boundary
 PRUNE_EVERY_S = 600.0  # how often a service with keep_days looks for ended jobs to delete
@@ -162,7 +166,7 @@ class Service:
         self._lock: _DirLock | None = None  # what start-up creates: a failed start-up closes what exists
         self.router: zmq.Socket | None = None
         self.pool: Any = None
-        self.handlers: dict[str, Callable[[dict[str, Any], _Request], dict[str, Any]]] = {
+        self.handlers: dict[str, Callable[[dict[str, Any], _Request], dict[str, Any] | None]] = {
             "hello": self._hello,
             "submit": self._submit,
             "status": self._status,
@@ -248,6 +252,8 @@ class Service:
             self._ready.set()
             raise
         self._files: OrderedDict[tuple[str, str, str], BinaryIO] = OrderedDict()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconloop-write")
+        self._writing: list[_Writing] = []  # submits whose folders the writer writes, in the order they came
         self.watchers: dict[str, dict[bytes, list[bytes]]] = {}
         log.info("reconloop service on %s, data in %s, device %s", self.endpoint, self.data_dir, self.device)
         self._ready.set()
@@ -272,8 +278,9 @@ class Service:
                 self._prune()
             if self._reap():
                 poller = self._poller()
+            self._finish_writes()
             self._dispatch()
-            ready = dict(poller.poll(POLL_MS))
+            ready = dict(poller.poll(WRITING_POLL_MS if self._writing else POLL_MS))
             for slot in self.slots:
                 if slot.pair in ready:
                     self._drain(slot)
@@ -284,6 +291,10 @@ class Service:
                     self._on_request(*recv_message(self.router, limits.MAX_FRAMES + ENVELOPE_FRAMES))
 
     def _close(self) -> None:
+        # a folder being written is finished and its job listed (queued: the next start runs it); submits not
+        # begun are refused
+        self._writer.shutdown(wait=True, cancel_futures=True)
+        self._finish_writes()
         while self._files:
             self._files.popitem()[1].close()
         for slot in self.slots:
@@ -455,24 +466,36 @@ class Service:
         try:
             check_frame_count(count - len(envelope))  # what decode says of len(body) once all frames are kept
             msg = decode(body, "request")
-            op, rid = msg["op"], msg["id"]
+            op, rid = req.op, req.rid = msg["op"], msg["id"]
             fields = self.handlers[op](msg, req)
-            reply = {"v": PROTOCOL_VERSION, "op": op, "id": rid, "ok": True, **fields}
-            out = encode(reply, "reply")
+            if fields is None:  # a submit whose folder the writer writes: _finish_writes answers it
+                return
+            out = self._reply_frames(op, rid, fields)
         except ProtocolError as err:
             op = op or err.op
             rid = rid if rid is not None else err.request_id
             out = self._error_frames(op, rid, err)
         except Exception as err:  # a bug: answer, log, go on
-            log.error("request %s %r failed:\n%s", op, rid, traceback.format_exc())
-            out = self._error_frames(
-                op, rid, ProtocolError(errors.INTERNAL, f"{op}: {describe_failure(err, data_dir=self.data_dir)}")
-            )
-        self.router.send_multipart(envelope + out, copy=False)
+            out = self._internal_error_frames(op, rid, err)
+        self._answer(req, out)
+
+    def _answer(self, req: _Request, out: list[Any]) -> None:
+        """Send a request's reply, then what it sends after it (``status``'s replayed events)."""
+        self.router.send_multipart(req.envelope + out, copy=False)
         for frames_after in req.after:
-            self.router.send_multipart(envelope + frames_after, copy=False)
+            self.router.send_multipart(req.envelope + frames_after, copy=False)
         if req.stop_after:
             self._stopping = True
+
+    @staticmethod
+    def _reply_frames(op: str, rid: Any, fields: dict[str, Any]) -> list[Any]:
+        return encode({"v": PROTOCOL_VERSION, "op": op, "id": rid, "ok": True, **fields}, "reply")
+
+    def _internal_error_frames(self, op: str | None, rid: Any, err: Exception) -> list[Any]:
+        """A bug's reply (logged with its traceback): the service answers and goes on."""
+        log.error("request %s %r failed:\n%s", op, rid, "".join(traceback.format_exception(err)))
+        text = f"{op}: {describe_failure(err, data_dir=self.data_dir)}"
+        return self._error_frames(op, rid, ProtocolError(errors.INTERNAL, text))
 
     @staticmethod
     def _error_frames(op: str | None, rid: Any, err: ProtocolError) -> list[Any]:
@@ -508,28 +531,60 @@ class Service:
             "limits": self.config.job_limits.as_dict(),
         }
 
-    def _submit(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:
+    def _submit(self, msg: dict[str, Any], req: _Request) -> dict[str, Any] | None:
+        """Check a submit and hand its job folder to the writer thread; None: ``_finish_writes`` answers it.
+        A submit with the key of a listed job is answered with that job; one with the key of a job being
+        written (a client's resend) is answered with it when it is listed."""
         key = msg.get("key")
         if key and (req.owner, key) in self.store.keys:
             record = self.store.jobs[self.store.keys[(req.owner, key)]]
             return {"job": record.job, "state": record.state}
+        writing = next((w for w in self._writing if key and (w.owner, w.key) == (req.owner, key)), None)
+        if writing is not None:
+            writing.requests.append(req)
+            return None
         limits.check_job(msg["scene"], sum(memoryview(f).nbytes for f in req.frames), self.config.job_limits)
-        if len(self.queue) >= self.config.job_limits.max_queued_jobs:
+        waiting = len(self.queue) + len(self._writing)
+        if waiting >= self.config.job_limits.max_queued_jobs:
             raise ProtocolError(
                 errors.TOO_LARGE,
-                f"submit: the queue is full ({len(self.queue)} jobs waiting); submit again when some have finished",
+                f"submit: the queue is full ({waiting} jobs waiting); submit again when some have finished",
             )
-        mine, cap = self.queue.count(req.owner), self.config.job_limits.max_queued_per_client
+        mine = self.queue.count(req.owner) + sum(w.owner == req.owner for w in self._writing)
+        cap = self.config.job_limits.max_queued_per_client
         if mine >= cap:
             raise ProtocolError(
                 errors.TOO_LARGE,
                 f"submit: this client has {mine} jobs waiting, the most one client may queue on this server "
                 f"is {cap}; submit again when some have started",
             )
-        record = self.store.create(msg, owner=req.owner)
-        self.queue.append(req.owner, record.job)
-        log.info("job %s queued (%d captures)", record.job, len(msg["scene"]["captures"]))
-        return {"job": record.job, "state": record.state}
+        future = self._writer.submit(self.store.prepare, msg, req.owner)
+        self._writing.append(_Writing(future, req.owner, key, len(msg["scene"]["captures"]), [req]))
+        return None
+
+    def _finish_writes(self) -> None:
+        """List the jobs whose folders the writer has finished, in the order they came, and answer their submits:
+        the job and its state, or why the scene was refused."""
+        while self._writing and self._writing[0].future.done():
+            writing = self._writing.pop(0)
+            try:
+                record = self.store.commit(writing.future.result())
+            except CancelledError:
+                err = ProtocolError(
+                    errors.INTERNAL, "submit: the service stopped before this job was written; submit it again"
+                )
+                outs = [self._error_frames(r.op, r.rid, err) for r in writing.requests]
+            except ProtocolError as err:
+                outs = [self._error_frames(r.op, r.rid, err) for r in writing.requests]
+            except Exception as err:  # a bug, or the disk: every request of this submit answered
+                outs = [self._internal_error_frames(r.op, r.rid, err) for r in writing.requests]
+            else:
+                self.queue.append(writing.owner, record.job)
+                log.info("job %s queued (%d captures)", record.job, writing.captures)
+                fields = {"job": record.job, "state": record.state}
+                outs = [self._reply_frames(r.op, r.rid, fields) for r in writing.requests]
+            for req, out in zip(writing.requests, outs):
+                self._answer(req, out)
 
     def _status(self, msg: dict[str, Any], req: _Request) -> dict[str, Any]:
         record = self._record(msg, req)
@@ -665,11 +720,31 @@ class _Request:
     frames: list[zmq.Frame]
     peer: str | None
     owner: str = "local"  # auth.LOCAL_OWNER, or the client's CurveZMQ public key
+    op: str | None = None  # the op and id once decoded: a deferred reply (a submit being written) names them
+    rid: Any = None
     after: list[list[Any]] = None  # type: ignore[assignment]
     stop_after: bool = False
 
     def __post_init__(self) -> None:
         self.after = []
+
+
+@dataclass
+class _Writing:
+    """A submit whose job folder the writer thread writes (``JobStore.prepare``).
+
+    Attributes:
+        future: the prepared job, or the error that refused the scene.
+        owner, key: the client and its idempotency key (None: none), so a resend joins this submit.
+        captures: how many captures it has (the log's line).
+        requests: the requests it answers when done: the submit, then resends with its key.
+    """
+
+    future: Future[PreparedJob]
+    owner: str
+    key: str | None
+    captures: int
+    requests: list[_Request]
 
 
 def recv_message(sock: zmq.Socket, keep: int) -> tuple[list[zmq.Frame], int]:

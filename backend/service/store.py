@@ -25,7 +25,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -284,21 +284,28 @@ class JobRecord:
 
 
 def read_manifest(job_dir: Path) -> dict[str, dict[str, Any]]:
-    """name -> {name, size, sha256} from ``manifest.json``; entries whose file is gone are dropped."""
+    """name -> {name, size, sha256} from ``manifest.json``; entries whose file is gone are dropped.
+
+    Raises ValueError, KeyError or TypeError for a manifest that is not one (damaged on disk, edited by hand).
+    """
     path = job_dir / MANIFEST_FILE
     if not path.is_file():
         return {}
-    entries = json.loads(path.read_text()).get("artifacts", [])
+    return present_artifacts(job_dir, json.loads(path.read_text()).get("artifacts", []))
+
+
+def present_artifacts(job_dir: Path, entries: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """name -> {name, size, sha256} of the artifact entries whose file is in the job's output folder at its size."""
     out = {}
     for e in entries:
         try:
             p = resolve_inside(job_dir / ARTIFACTS_DIR, e["name"])
         except ValueError as err:
-            log.warning("job %s: manifest entry dropped: %s", job_dir.name, err)
+            log.warning("job %s: artifact dropped: %s", job_dir.name, err)
             continue
         if p.stat().st_size != e["size"]:
             log.warning(
-                "job %s: %s has %d bytes, manifest says %d; dropped",
+                "job %s: %s has %d bytes, its entry says %d; dropped",
                 job_dir.name,
                 e["name"],
                 p.stat().st_size,
@@ -359,8 +366,24 @@ class Manifest:
         return names
 
 
+@dataclass(frozen=True)
+class PreparedJob:
+    """A job written whole under a ``TMP_PREFIX`` folder by ``JobStore.prepare``, not yet listed.
+
+    Attributes:
+        record: the job as it will be listed (``dir`` the folder it will have); no events applied yet.
+        event: its first event (queued), already in the folder's journal.
+        tmp: the folder it is written in.
+    """
+
+    record: JobRecord
+    event: dict[str, Any]
+    tmp: Path
+
+
 class JobStore:
-    """Job directories under ``root``. Used by the service's main thread only (the worker uses Manifest)."""
+    """Job directories under ``root``. Used by the service's main thread only (the worker uses Manifest), but for
+    ``prepare``, which the service's writer thread runs."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -374,6 +397,17 @@ class JobStore:
 
     def create(self, msg: dict[str, Any], owner: str | None = None) -> JobRecord:
         """Build a job directory from a validated submit request; raises ProtocolError for a bad scene."""
+        return self.commit(self.prepare(msg, owner))
+
+    def prepare(self, msg: dict[str, Any], owner: str | None = None) -> PreparedJob:
+        """A job's whole folder written under a ``TMP_PREFIX`` name, not yet listed: the slow part of ``create``
+        (images written, raw pixels encoded, the scene loaded and its masks read). Touches no shared state, so
+        the service runs it on its writer thread while the main thread answers other requests; ``commit`` lists
+        it, ``discard`` drops it.
+
+        Raises:
+            ProtocolError: ``bad_field`` naming every problem of the scene; nothing is left behind.
+        """
         job = new_job_id()
         tmp = self.root / f"{TMP_PREFIX}{job}"
         try:
@@ -389,15 +423,30 @@ class JobStore:
             event = self._event(record, "queued", "queued", 0.0, "waiting for the worker", [])
             with open(tmp / JOURNAL_FILE, "a") as f:
                 f.write(json.dumps(event) + "\n")
-            os.replace(tmp, record.dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return PreparedJob(record, event, tmp)
+
+    def commit(self, prepared: PreparedJob) -> JobRecord:
+        """List a prepared job: its folder moved to its job id in one step (a job is listed whole or not at all;
+        ``load`` sweeps a folder a crash left under its ``TMP_PREFIX`` name). Main thread only."""
+        record, event = prepared.record, prepared.event
+        try:
+            os.replace(prepared.tmp, record.dir)
+        except BaseException:
+            self.discard(prepared)
+            raise
         self._apply(record, event)
-        self.jobs[job] = record
+        self.jobs[record.job] = record
         if record.key:
-            self.keys[(record.owner, record.key)] = job
+            self.keys[(record.owner, record.key)] = record.job
         return record
+
+    @staticmethod
+    def discard(prepared: PreparedJob) -> None:
+        """Drop a prepared job that will not be listed (the service stopped, or its key was taken meanwhile)."""
+        shutil.rmtree(prepared.tmp, ignore_errors=True)
 
     # -- events -------------------------------------------------------------------------------------
 
@@ -493,7 +542,17 @@ class JobStore:
             self._apply(record, event)
         if not record.events:
             raise ValueError("empty journal")
-        record.artifacts = read_manifest(job_dir)  # the manifest, not the journal, is the truth about files
+        try:
+            record.artifacts = read_manifest(job_dir)  # the manifest, not the journal, is the truth about files
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # the job stays listed, its files with it
+            log.warning(
+                "job %s: %s unreadable (%s: %s); its files as its events listed them",
+                job_dir.name,
+                MANIFEST_FILE,
+                type(err).__name__,
+                err,
+            )
+            record.artifacts = present_artifacts(job_dir, record.artifacts.values())
         return record
 
     def expired(self, max_age_s: float, now: float | None = None) -> list[JobRecord]:

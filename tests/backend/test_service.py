@@ -556,6 +556,120 @@ def test_submit_with_same_key_is_one_job(client):
     assert png_bytes()  # helper sanity: a real PNG
 
 
+@pytest.fixture
+def held_writes(monkeypatch):
+    """A gate the service's job folders wait at (``write_scene_message`` holds until it is set): a submit
+    whose photos take seconds to write; set at the end so no thread stays blocked."""
+    import threading
+
+    from backend.service import store as store_module
+
+    gate, started, write = threading.Event(), threading.Event(), store_module.write_scene_message
+
+    def held(scene, folder):
+        started.set()
+        assert gate.wait(WAIT_S), "the test never let the write finish"
+        return write(scene, folder)
+
+    monkeypatch.setattr(store_module, "write_scene_message", held)
+    yield gate, started
+    gate.set()
+
+
+def _submit_in_thread(endpoint: str, scene: dict, key: str | None = None) -> tuple[object, dict]:
+    """Submit from a thread of its own (a client that waits for its reply): (the thread, what it got)."""
+    import threading
+
+    got: dict = {}
+
+    def submit():
+        with Client(endpoint, timeout_ms=4 * TIMEOUT_MS, retries=0) as c:
+            try:
+                got["reply"] = c.request("submit", scene=scene, key=key)
+            except ProtocolError as err:
+                got["error"] = err
+
+    thread = threading.Thread(target=submit, daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_a_submit_being_written_holds_up_no_other_request(service, client, held_writes):
+    """The loop answers others while a submit's job folder is written (raw pixels encoded: 29 s for 805 MB)."""
+    gate, started = held_writes
+    thread, got = _submit_in_thread(service.endpoint, scene_msg(), key="slow")
+    assert started.wait(WAIT_S)
+    with Client(service.endpoint, timeout_ms=2000, retries=0) as other:
+        assert other.hello()["device"] == "cpu"
+        assert other.jobs() == []  # not listed until its folder is whole
+    resend, resent = _submit_in_thread(service.endpoint, scene_msg(), key="slow")  # a client's retry: the same job
+    time.sleep(0.2)
+    assert not got and not resent
+    gate.set()
+    thread.join(WAIT_S)
+    resend.join(WAIT_S)
+    job = got["reply"]["job"]
+    assert resent["reply"]["job"] == job and [j["job"] for j in client.jobs()] == [job]
+    assert wait_state(client, job)["state"] == "done"
+
+
+def test_a_submit_being_written_counts_towards_the_queue_caps(tmp_path, held_writes):
+    gate, started = held_writes
+    svc, thread = start(tmp_path / "jobs", job_limits=limits.JobLimits(max_queued_per_client=1))
+    try:
+        first, got = _submit_in_thread(svc.endpoint, scene_msg())
+        assert started.wait(WAIT_S)
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS, retries=0) as c:
+            with pytest.raises(ProtocolError) as err:
+                c.request("submit", scene=scene_msg())
+            assert err.value.code == errors.TOO_LARGE and "1 jobs waiting" in str(err.value)
+            gate.set()
+            first.join(WAIT_S)
+            assert wait_state(c, got["reply"]["job"])["state"] == "done"
+    finally:
+        stop_service(svc, thread)
+
+
+def test_a_scene_refused_while_written_is_answered_with_its_field(service, client, held_writes):
+    gate, started = held_writes
+    scene = scene_msg()
+    scene["captures"][1]["mask"] = png_bytes()[:60]  # a PNG of the photo's size whose pixels are cut off
+    thread, got = _submit_in_thread(service.endpoint, scene)
+    assert started.wait(WAIT_S)
+    gate.set()
+    thread.join(WAIT_S)
+    assert got["error"].code == errors.BAD_FIELD and got["error"].field == "scene.captures[1].mask"
+    assert client.jobs() == [] and not list((service.data_dir).glob(".tmp-*"))
+
+
+def test_a_stop_during_a_write_lists_its_job_and_refuses_the_next(tmp_path, held_writes):
+    """Stopping waits for the folder being written (its job listed, queued: the next start runs it) and answers a
+    submit not begun with an error to send it again."""
+    gate, started = held_writes
+    svc, thread = start(tmp_path / "jobs")
+    first, got = _submit_in_thread(svc.endpoint, scene_msg(), key="a")
+    assert started.wait(WAIT_S)
+    second, refused = _submit_in_thread(svc.endpoint, scene_msg(), key="b")
+    deadline = time.monotonic() + WAIT_S
+    while len(svc._writing) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    svc.stop()
+    time.sleep(0.2)
+    gate.set()
+    thread.join(WAIT_S)
+    first.join(WAIT_S)
+    second.join(WAIT_S)
+    job = got["reply"]["job"]
+    assert refused["error"].code == errors.INTERNAL and "stopped before this job was written" in str(refused["error"])
+    svc, thread = start(tmp_path / "jobs")
+    try:
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            assert [j["job"] for j in c.jobs()] == [job]
+            assert wait_state(c, job)["state"] == "done"
+    finally:
+        stop_service(svc, thread)
+
+
 # ----------------------------------------------------------------------------------------------
 # Handing jobs to the worker
 
@@ -773,5 +887,28 @@ def test_a_service_with_keep_days_deletes_old_ended_jobs_at_start(tmp_path):
         with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
             assert c.jobs() == []
         assert not (data_dir / job).exists()
+    finally:
+        stop_service(svc, thread)
+
+
+@pytest.mark.parametrize("manifest", ['{"artifacts": [', '{"artifacts": [{"size": 3}]}', "[]"])
+def test_a_job_whose_manifest_is_damaged_stays_listed_with_its_files(tmp_path, manifest):
+    """manifest.json damaged on disk or edited by hand: the job is listed at the next start, its files as its events
+    listed them (each checked against the output folder), not skipped as unreadable."""
+    data_dir = tmp_path / "jobs"
+    with finished_job(data_dir, runner) as (c, job, events):
+        before = c.status(job)["artifacts"]
+        assert events[-1]["state"] == "done" and before
+    (data_dir / job / "manifest.json").write_text(manifest)
+    gone = before[0]["name"]  # a file deleted as well: not listed
+    (data_dir / job / ARTIFACTS_DIR / gone).unlink()
+    svc, thread = start(data_dir)
+    try:
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
+            assert [j["job"] for j in c.jobs()] == [job]
+            assert c.status(job)["artifacts"] == before[1:]
+            kept = before[1]
+            data = c.fetch_bytes(job, kept["name"])
+            assert len(data) == kept["size"] and hashlib.sha256(data).hexdigest() == kept["sha256"]
     finally:
         stop_service(svc, thread)

@@ -41,7 +41,7 @@ from protocol.ply import PointArrays
 from . import outputs
 from .budget import BudgetPlan, StepClock, measure_step_costs, measure_step_seconds, plan_budget, thin_memory
 from .generators import GENERATORS, Generator, GeneratorCache, GeneratorConfig
-from .progress import ProgressFn, ProgressTracker, no_progress
+from .progress import ProgressFn, ProgressTracker, no_progress, throttled
 from .scene import Scene, Settings
 from .stages.cameras import prepare_captures
 from .stages.fit import (
@@ -291,7 +291,12 @@ def _run_loop(
     # 0. Captures and cameras: photos as stored (sRGB untouched); SfM for captures without a camera.
     with meter.measure("cameras"):
         step0 = prepare_captures(
-            scene, width=cfg.width, height=cfg.height, default_frames=cfg.default_frames, device=device
+            scene,
+            width=cfg.width,
+            height=cfg.height,
+            default_frames=cfg.default_frames,
+            device=device,
+            progress=throttled(track.within("cameras")),
         )
     captures, targets_all, W, H = step0.captures, step0.targets, step0.width, step0.height
     placed = [n for n in step0.notes if n.startswith("SfM could not place")]  # named to the user, not dropped
@@ -314,7 +319,13 @@ def _run_loop(
     # 1. Geometry memory M from the posed captures.
     with meter.measure("memory"):
         if memory is None:
-            memory = build_memory(captures, cfg.memory, estimator=cfg.estimator, notes=step0.notes)
+            memory = build_memory(
+                captures,
+                cfg.memory,
+                estimator=cfg.estimator,
+                notes=step0.notes,
+                progress=throttled(track.within("memory")),
+            )
         else:
             step0.notes.extend(memory_notes)
             memory = memory.to(device)

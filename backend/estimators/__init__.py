@@ -1,6 +1,7 @@
 """Geometry estimators: build the initial memory M from posed captures (DESIGN.md section 1 step 1).
 
-An estimator is any object with ``estimate(views) -> GeometryMemory``. Implementations register
+An estimator is any object with ``estimate(views, progress) -> GeometryMemory`` (``progress(fraction, message)``
+says where it is, at least every ``PROGRESS_INTERVAL_S`` in long work, and raises ``Cancelled`` to stop it). Implementations register
 under a lowercase name with ``@ESTIMATORS.register("name")`` and take their config in the
 constructor; ``ESTIMATORS.make(name, cfg)`` builds one by name. ``mvs`` (plane-sweep multi-view stereo,
 no learned weights) is the default; ``patchmatch`` (COLMAP's PatchMatch stereo through pycolmap's
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+from ..progress import WorkProgress, no_work_progress
 from ..registry import Registry
 from ..types import GeometryMemory, Views
 
@@ -30,7 +32,7 @@ class GeometryError(ValueError):
 
 @runtime_checkable
 class GeometryEstimator(Protocol):
-    def estimate(self, views: Views) -> GeometryMemory: ...
+    def estimate(self, views: Views, progress: WorkProgress = no_work_progress) -> GeometryMemory: ...
 
 
 # Each implementation registers itself when its module is imported (on first use of its name).

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..progress import WorkProgress, no_work_progress
 from ..types import Cameras, GeometryMemory, Views, project_points
 from . import ESTIMATORS, GeometryError
 
@@ -196,14 +197,16 @@ class VisualHull:
         cfg.check()
         self.cfg = cfg
 
-    def estimate(self, views: Views) -> GeometryMemory:
-        """Captures (images [C, H, W, 3], cameras, ids, masks [C, H, W]) -> surface points of the hull."""
+    def estimate(self, views: Views, progress: WorkProgress = no_work_progress) -> GeometryMemory:
+        """Captures (images [C, H, W, 3], cameras, ids, masks [C, H, W]) -> surface points of the hull (carved in
+        one pass over all captures at once: ``progress`` hears its start)."""
         if views.masks is None:
             raise GeometryError("hull: the captures have no masks; a visual hull needs each capture's object mask")
         if tuple(views.masks.shape) != tuple(views.images.shape[:3]):
             raise ValueError(
                 f"hull: views.masks must be {tuple(views.images.shape[:3])} (one per image); got {tuple(views.masks.shape)}"
             )
+        progress(0.0, f"visual hull: carving {self.cfg.resolution} voxels a side with {len(views)} masks")
         centres, size, dims, occ = carve(views, self.cfg)
         if not occ.any():
             return GeometryMemory.empty(views.images.device)

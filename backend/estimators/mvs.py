@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..progress import WorkProgress, no_work_progress
 from ..types import PIXEL_CENTER, Cameras, GeometryMemory, Views, backproject, pixel_rays
 from . import ESTIMATORS, GeometryError
 
@@ -338,7 +339,13 @@ def _fundamental(cam_a: Cameras, cam_b: Cameras) -> np.ndarray:
     return np.linalg.inv(Kb).T @ tx @ R @ np.linalg.inv(Ka)
 
 
-def sparse_points(gray: Tensor, cams: Cameras, pairs: list[tuple[int, int]], cfg: MVSConfig) -> list[np.ndarray]:
+def sparse_points(
+    gray: Tensor,
+    cams: Cameras,
+    pairs: list[tuple[int, int]],
+    cfg: MVSConfig,
+    progress: WorkProgress = no_work_progress,
+) -> list[np.ndarray]:
     """Triangulate SIFT matches of the given view pairs with the known cameras.
 
     Args:
@@ -346,15 +353,20 @@ def sparse_points(gray: Tensor, cams: Cameras, pairs: list[tuple[int, int]], cfg
         cams: their C cameras.
         pairs: (a, b) view pairs to match, a != b.
         cfg: SIFT, ratio, epipolar thresholds.
+        progress: ``(fraction, message)`` per view's features and per pair (fraction of this work).
     Returns:
         per view, the world points triangulated from its pairs. C arrays of float64 [n_i, 3]
     """
     gray_u8 = (gray.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    feats = [_sift(g, cfg) for g in gray_u8]
+    feats = []
+    for i, g in enumerate(gray_u8):
+        progress(0.5 * i / len(gray_u8), f"plane sweep: SIFT features of capture {i + 1} of {len(gray_u8)}")
+        feats.append(_sift(g, cfg))
     P = (cams.K.cpu().double() @ cams.w2c[:, :3, :].cpu().double()).numpy()  # [C, 3, 4]
     matcher = cv2.BFMatcher(cv2.NORM_L2)
     found: list[list[np.ndarray]] = [[] for _ in range(len(cams))]
-    for a, b in pairs:
+    for n, (a, b) in enumerate(pairs):
+        progress(0.5 + 0.5 * n / len(pairs), f"plane sweep: matching capture pair {n + 1} of {len(pairs)}")
         (pa, da), (pb, db) = feats[a], feats[b]
         if da is None or db is None or len(da) < 2 or len(db) < 2:
             continue
@@ -542,8 +554,9 @@ class DepthMaps:
     ranges: list[tuple[float, float]]
 
 
-def estimate_depths(views: Views, cfg: MVSConfig) -> DepthMaps:
-    """Depth maps of every capture by plane sweep against its neighbours (steps 1 to 4)."""
+def estimate_depths(views: Views, cfg: MVSConfig, progress: WorkProgress = no_work_progress) -> DepthMaps:
+    """Depth maps of every capture by plane sweep against its neighbours (steps 1 to 4); ``progress`` hears each
+    capture's features, pair and sweep (fractions: the sparse points to 0.3, the sweeps to 1)."""
     cfg.check()
     if len(views) < 2:
         raise GeometryError(f"mvs: needs at least 2 captures with cameras; got {len(views)}")
@@ -553,12 +566,13 @@ def estimate_depths(views: Views, cfg: MVSConfig) -> DepthMaps:
     C, H, W = gray.shape
     candidates = match_candidates(cams, cfg)
     pairs = sorted({(min(i, j), max(i, j)) for i in range(C) for j in candidates[i]})
-    sparse = sparse_points(gray, cams, pairs, cfg)
+    sparse = sparse_points(gray, cams, pairs, cfg, lambda f, message: progress(0.3 * f, message))
 
     depth = torch.zeros(C, H, W, device=gray.device)
     conf = torch.zeros(C, H, W, device=gray.device)
     neighbors, ranges = [], []
     for i in range(C):
+        progress(0.3 + 0.7 * i / C, f"plane sweep: depth of capture {i + 1} of {C}")
         near, far = depth_range(cams, i, sparse[i], candidates[i], cfg)
         nb = select_neighbors(cams, i, candidates[i], math.sqrt(near * far), cfg)
         neighbors.append(nb)
@@ -584,7 +598,8 @@ class PlaneSweepMVS:
         cfg.check()
         self.cfg = cfg
 
-    def estimate(self, views: Views) -> GeometryMemory:
+    def estimate(self, views: Views, progress: WorkProgress = no_work_progress) -> GeometryMemory:
         """Captures (images [C, H, W, 3] in [0, 1], cameras, ids) -> fused points with source ids."""
-        maps = estimate_depths(views, self.cfg)
+        maps = estimate_depths(views, self.cfg, lambda f, message: progress(0.9 * f, message))
+        progress(0.9, f"plane sweep: fusing {len(maps.depth)} depth maps")
         return fuse_depths(maps.depth, maps.confidence, maps.views, maps.neighbors, self.cfg)

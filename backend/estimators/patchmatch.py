@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ..progress import WorkProgress, no_work_progress, run_reporting
 from ..types import GeometryMemory, Views
 from . import ESTIMATORS, GeometryError
 from .mvs import (
@@ -203,9 +204,12 @@ def read_depth_maps(work: Path, names: list[str], height: int, width: int, devic
     return out
 
 
-def run_patchmatch(work: Path, depth_range: tuple[float, float], cfg: PatchMatchConfig) -> None:
+def run_patchmatch(
+    work: Path, depth_range: tuple[float, float], cfg: PatchMatchConfig, progress: WorkProgress = no_work_progress
+) -> None:
     """Step 2: COLMAP's PatchMatch stereo on the workspace (CUDA); COLMAP's log lines go to our log
-    (``backend.estimators.sfm.colmap``), not the console."""
+    (``backend.estimators.sfm.colmap``), not the console. One call into COLMAP, which takes no cancellation: on its
+    own thread, ``progress`` hears it every ``PROGRESS_INTERVAL_S``, and a cancel stops the job once it ends."""
     pycolmap = import_pycolmap()
     options = pycolmap.PatchMatchOptions()
     options.max_image_size = -1  # the workspace's images are already at the processing size
@@ -217,7 +221,12 @@ def run_patchmatch(work: Path, depth_range: tuple[float, float], cfg: PatchMatch
     options.depth_min, options.depth_max = depth_range
     options.gpu_index = cfg.gpu_index
     with colmap_logging(pycolmap, work):
-        pycolmap.patch_match_stereo(work, workspace_format="COLMAP", options=options)
+        run_reporting(
+            lambda: pycolmap.patch_match_stereo(work, workspace_format="COLMAP", options=options),
+            progress,
+            0.0,
+            "PatchMatch stereo",
+        )
 
 
 @ESTIMATORS.register("patchmatch")
@@ -235,13 +244,13 @@ class PatchMatchMVS:
         cfg.check()
         self.cfg = cfg
 
-    def estimate(self, views: Views) -> GeometryMemory:
+    def estimate(self, views: Views, progress: WorkProgress = no_work_progress) -> GeometryMemory:
         """Captures (images [C, H, W, 3] in [0, 1], cameras, ids) -> fused points with source ids."""
-        maps = patchmatch_depths(views, self.cfg)
+        maps = patchmatch_depths(views, self.cfg, lambda f, message: progress(0.5 * f, message))
         if self.cfg.min_coverage_share > 0:
-            check_coverage(
-                maps.depth, estimate_depths(views, fusion_config(self.cfg)).depth, self.cfg.min_coverage_share
-            )
+            sweep = estimate_depths(views, fusion_config(self.cfg), lambda f, message: progress(0.5 + 0.4 * f, message))
+            check_coverage(maps.depth, sweep.depth, self.cfg.min_coverage_share)
+        progress(0.9, f"PatchMatch: fusing {len(maps.depth)} depth maps")
         return fuse_depths(maps.depth, maps.confidence, maps.views, maps.neighbors, fusion_config(self.cfg))
 
 
@@ -261,12 +270,15 @@ def fusion_config(cfg: PatchMatchConfig) -> MVSConfig:
     return replace(MVSConfig(), max_side=cfg.max_side, min_consistent=cfg.min_consistent)
 
 
-def patchmatch_depths(views: Views, cfg: PatchMatchConfig = PatchMatchConfig()) -> DepthMaps:
+def patchmatch_depths(
+    views: Views, cfg: PatchMatchConfig = PatchMatchConfig(), progress: WorkProgress = no_work_progress
+) -> DepthMaps:
     """Every capture's geometric depth map by COLMAP PatchMatch (module docstring, steps 1 and 2).
 
     Args:
         views: >= 2 posed captures, images [C, H, W, 3] in [0, 1].
         cfg: PatchMatch settings.
+        progress: ``(fraction, message)``: the sparse points to 0.3, COLMAP's PatchMatch to 1.
     Returns:
         the depth maps at the processing size (``views`` downsized to ``cfg.max_side``): depth [C, h, w]
         (camera z, 0 where PatchMatch kept none), confidence 1 where there is a depth, the source views
@@ -287,14 +299,14 @@ def patchmatch_depths(views: Views, cfg: PatchMatchConfig = PatchMatchConfig()) 
             f"patchmatch: no capture has a neighbour within {mvs_cfg.max_view_angle_deg:g} degrees of view angle"
         )
     pairs = sorted({(min(i, j), max(i, j)) for i in range(len(cams)) for j in sources[i]})
-    sparse = sparse_points(to_gray(small.images), cams, pairs, mvs_cfg)
+    sparse = sparse_points(to_gray(small.images), cams, pairs, mvs_cfg, lambda f, message: progress(0.3 * f, message))
     ranges = [depth_range(cams, i, sparse[i], sources[i], mvs_cfg) for i in range(len(cams))]
     near, far = min(r[0] for r in ranges), max(r[1] for r in ranges)
     work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="reconloop-pm-"))
     try:
         names = write_workspace(small, work, sources)
         try:
-            run_patchmatch(work, (near, far), cfg)
+            run_patchmatch(work, (near, far), cfg, lambda f, message: progress(0.3 + 0.7 * f, message))
         except Exception as err:  # pycolmap raises RuntimeError variants (CUDA, workspace)
             raise GeometryError(f"patchmatch: COLMAP failed: {type(err).__name__}: {err}") from err
         depth = read_depth_maps(work, names, cams.height, cams.width, small.images.device)

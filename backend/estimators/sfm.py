@@ -16,13 +16,15 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
+from ..progress import WorkProgress, no_work_progress, run_reporting
 from ..scene import DISTORTION_PARAMS, Camera, Distortion, image_size
 from ..signals import keeps_sigterm
 
@@ -180,6 +182,7 @@ def estimate_cameras(
     work_dir: str | os.PathLike,
     cfg: SfMConfig = SfMConfig(),
     photo_names: Sequence[str] | None = None,
+    progress: WorkProgress = no_work_progress,
 ) -> list[Camera | None]:
     """Estimate the cameras of photos by incremental SfM.
 
@@ -191,6 +194,10 @@ def estimate_cameras(
         cfg: feature, threshold and seed settings.
         photo_names: what the user calls each photo, for messages (the captures' names: a service's
             job store keeps the photos under its own file names); None: the photos' file names.
+        progress: ``(fraction, message)`` at the start of each of COLMAP's steps and every
+            ``PROGRESS_INTERVAL_S`` during it (each a single call into COLMAP, run on a thread of its own,
+            ``run_reporting``); when it raises (``Cancelled``), COLMAP is asked to stop (pycolmap's
+            ``CancellationToken``, where it has one) and the error is raised within seconds.
     Returns:
         per photo, its Camera (OpenCV w2c, K, size, distortion when estimated) or None if it did not
         register. All cameras share COLMAP's world frame and scale.
@@ -249,20 +256,53 @@ def estimate_cameras(
     extraction.max_image_size = cfg.max_image_size
     extraction.sift.max_num_features = cfg.max_num_features
     extraction.num_threads = cfg.num_threads
+    options.num_threads = cfg.num_threads
+    options.random_seed = cfg.seed
+    token = pycolmap.CancellationToken() if hasattr(pycolmap, "CancellationToken") else None  # pycolmap >= 3.13
+    stop = {} if token is None else {"cancellation_token": token}
+    placed = 0  # photos COLMAP has registered so far (its callbacks run on its thread, with the GIL)
+
+    def initial_pair() -> None:
+        nonlocal placed
+        placed += 2
+
+    def next_image() -> None:
+        nonlocal placed
+        placed += 1
+
+    def steps(work: Callable[[], Any], fraction: float, what: str | Callable[[], str]) -> Any:
+        return run_reporting(work, progress, fraction, what, cancel=None if token is None else token.cancel)
+
+    n = len(paths)
     with colmap_logging(pycolmap, work):
-        pycolmap.extract_features(
-            database,
-            image_dir,
-            image_names=names,
-            camera_mode=camera_mode,
-            reader_options=reader,
-            extraction_options=extraction,
-            device=pycolmap.Device.cpu,
+        steps(
+            lambda: pycolmap.extract_features(
+                database,
+                image_dir,
+                image_names=names,
+                camera_mode=camera_mode,
+                reader_options=reader,
+                extraction_options=extraction,
+                device=pycolmap.Device.cpu,
+                **stop,
+            ),
+            0.0,
+            f"SfM: finding features in {n} photos",
         )
-        pycolmap.match_exhaustive(database)
-        options.num_threads = cfg.num_threads
-        options.random_seed = cfg.seed
-        recs = pycolmap.incremental_mapping(database, image_dir, model_dir, options)
+        steps(lambda: pycolmap.match_exhaustive(database, **stop), 0.4, f"SfM: matching {n * (n - 1) // 2} photo pairs")
+        recs = steps(
+            lambda: pycolmap.incremental_mapping(
+                database,
+                image_dir,
+                model_dir,
+                options,
+                initial_image_pair_callback=initial_pair,
+                next_image_callback=next_image,
+                **stop,
+            ),
+            0.7,
+            lambda: f"SfM: placing the photos, {min(placed, n)} of {n} placed",
+        )
     rec = max(recs.values(), key=lambda r: r.num_reg_images(), default=None)
     log.info("sfm: %d of %d photos placed", 0 if rec is None else rec.num_reg_images(), len(paths))
 

@@ -23,11 +23,12 @@ import functools
 import gc
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..devices import is_out_of_memory
+from ..progress import WorkProgress
 from ..registry import Registry
 
 if TYPE_CHECKING:  # torch loads with the first generator, not with the service's options
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 # ``progress(fraction, message)`` of one segment's generation, fraction in [0, 1]; it may raise
 # (``backend.progress.Cancelled``) to stop: a learned generator calls it after each denoising step
-GenerateProgress = Callable[[float, str], None]
+GenerateProgress = WorkProgress
 
 
 @runtime_checkable

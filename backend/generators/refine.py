@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..metrics import tile_means
+from ..progress import WorkProgress
 from ..stages.fit import FitViews, Gaussians, fit_gaussians_many
 from ..stages.guide import guided_renders, render_guide
 from ..stages.memory import build_memory
@@ -91,8 +92,6 @@ COLOR_CENTER = 0.5  # colours enter the network centred
 GROUPS = 8  # GroupNorm groups (fewer when a block is narrower)
 INFERENCE_CHUNK = 4  # frames refined at once
 LOSS_SYNC_EVERY = 10  # training steps between reading the loss on the host (and checking the clock)
-
-ProgressCallback = Callable[[float, str], None]
 
 log = logging.getLogger(__name__)
 
@@ -479,7 +478,7 @@ def make_pairs(
     reproject: ReprojectGenerator,
     *,
     device: torch.device | str,
-    progress: ProgressCallback | None = None,
+    progress: WorkProgress | None = None,
     notes: list[str] | None = None,
 ) -> TrainingPairs:
     """One training pair per left-out capture of every subset of :func:`leave_out_subsets`.
@@ -575,7 +574,7 @@ def train_refiner(
     pairs: TrainingPairs,
     cfg: RefineConfig,
     *,
-    progress: ProgressCallback | None = None,
+    progress: WorkProgress | None = None,
 ) -> list[float]:
     """Train ``net`` on augmented crops of ``pairs`` until ``cfg.seconds`` (or ``cfg.max_steps``).
 
@@ -846,7 +845,7 @@ class RefineGenerator:
         cfg: LoopConfig,
         *,
         device: torch.device | str,
-        progress: ProgressCallback | None = None,
+        progress: WorkProgress | None = None,
         notes: list[str] | None = None,
     ) -> None:
         """Build the leave-out pairs, train a fresh network on them and choose its strength.
@@ -864,7 +863,7 @@ class RefineGenerator:
         """
         device = torch.device(device)
 
-        def part(lo: float, hi: float) -> ProgressCallback | None:
+        def part(lo: float, hi: float) -> WorkProgress | None:
             if progress is None:
                 return None
             return lambda f, msg: progress(lo + (hi - lo) * f, msg)

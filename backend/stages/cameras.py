@@ -33,6 +33,7 @@ from ..camera_paths import default_trajectory, similarity, transform_camera
 from ..formats.undistort import undistort_image
 from ..masks import stack_masks
 from ..outputs import CaptureCamera
+from ..progress import WorkProgress, no_work_progress
 from ..scene import SIM_MIN_CAMERAS, Camera, Capture, Scene, SceneError, image_size, relative_posix
 from ..types import Cameras, Views
 
@@ -105,7 +106,13 @@ def load_views(
 
 
 def prepare_captures(
-    scene: Scene, *, width: int, height: int, default_frames: int, device: torch.device | str
+    scene: Scene,
+    *,
+    width: int,
+    height: int,
+    default_frames: int,
+    device: torch.device | str,
+    progress: WorkProgress = no_work_progress,
 ) -> CaptureStep:
     """Step 0: the captures with cameras, the trajectory, both at the working size.
 
@@ -115,9 +122,10 @@ def prepare_captures(
         default_frames: frames of the closed path made through the captures when the scene has no
             trajectory.
         device: where the image tensors go.
+        progress: ``(fraction, message)`` of SfM, where captures have no camera; it may raise ``Cancelled``.
     """
     notes: list[str] = []
-    cams_found, is_estimated = capture_cameras(scene, notes)
+    cams_found, is_estimated = capture_cameras(scene, notes, progress)
     kept = [i for i, c in enumerate(cams_found) if c is not None]
     if len(kept) < len(cams_found):
         missing = [c.name for c, cam in zip(scene.captures, cams_found, strict=True) if cam is None]
@@ -207,7 +215,9 @@ def working_size(width: int, height: int, trajectory: Sequence[Camera]) -> tuple
     return w, h, note
 
 
-def capture_cameras(scene: Scene, notes: list[str]) -> tuple[list[Camera | None], list[bool]]:
+def capture_cameras(
+    scene: Scene, notes: list[str], progress: WorkProgress = no_work_progress
+) -> tuple[list[Camera | None], list[bool]]:
     """Each capture's camera; when some are missing, all are estimated with SfM (pycolmap).
 
     With 3 or more given cameras, the SfM frame is aligned to them (similarity on camera centres)
@@ -236,6 +246,7 @@ def capture_cameras(scene: Scene, notes: list[str]) -> tuple[list[Camera | None]
             work_dir=work,
             cfg=sfm,
             photo_names=[c.name for c in scene.captures],  # the user's names, not a job store's files
+            progress=progress,
         )
     pairs = [(g, e) for g, e in zip(given, estimated, strict=True) if g is not None and e is not None]
     if len(pairs) >= SIM_MIN_CAMERAS:

@@ -66,6 +66,7 @@ from protocol.ply import MAX_SH_DEGREE, GaussianArrays
 
 from ..budget import thin_memory
 from ..metrics import LpipsFn, load_lpips, ssim_map
+from ..progress import PROGRESS_INTERVAL_S
 from ..rasterizers import RASTERIZERS, Rasterizer
 from ..rasterizers.sh import num_sh_bases, rgb_to_sh, sh_to_colors
 from ..types import Cameras, GeometryMemory, Views
@@ -82,9 +83,6 @@ IDENTITY_QUAT = (1.0, 0.0, 0.0, 0.0)  # w x y z
 ADAM_BETAS = (0.9, 0.999)  # torch defaults, as simple_trainer
 MAX_BATCH_SIZE = 10  # frames per step where simple_trainer's scaling of the betas leaves beta1 at 0
 ADAM_EPS = 1e-15  # simple_trainer
-# At most this long without a progress call (a job's progress bar, and the service's cancel, which is read there):
-# every progress_every steps took 54-62 s on the CPU at 320x240 with 250k Gaussians and no budget
-PROGRESS_INTERVAL_S = 2.0
 PAD_SCALE = 1e-6  # axis scale of the stand-ins that pad a lockstep fit's sets to one size (opacity 0: never drawn)
 
 

@@ -28,6 +28,7 @@ from ..estimators import ESTIMATORS, GeometryError
 from ..estimators.hull import HullConfig, axes_center, inside_masks
 from ..estimators.mvs import MVSConfig
 from ..estimators.patchmatch import PatchMatchConfig
+from ..progress import WorkProgress, no_work_progress
 from ..types import GeometryMemory, Views, backproject
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,12 @@ def check_views(views: Views, where: str) -> None:
 
 
 def build_memory(
-    views: Views, cfg: MemoryConfig = MemoryConfig(), *, estimator: str = "mvs", notes: list[str] | None = None
+    views: Views,
+    cfg: MemoryConfig = MemoryConfig(),
+    *,
+    estimator: str = "mvs",
+    notes: list[str] | None = None,
+    progress: WorkProgress = no_work_progress,
 ) -> GeometryMemory:
     """The initial memory M from posed captures.
 
@@ -117,6 +123,8 @@ def build_memory(
         cfg: estimator settings, confidence floor, voxel size, point cap.
         estimator: registered geometry estimator name (``mvs``, ``hull``, ``patchmatch``).
         notes: the job's notes; a line saying which fallback was used and why is appended.
+        progress: ``(fraction, message)`` from the estimator (and each fallback) as it goes; it may raise
+            ``Cancelled``.
     Returns:
         GeometryMemory with xyz [N, 3], rgb [N, 3], confidence [N], source [N] (capture ids), on
         the device of ``views.images``.
@@ -128,7 +136,7 @@ def build_memory(
     """
     cfg.check()
     check_views(views, "build_memory")
-    memory = estimate_with_fallback(views, cfg, estimator, notes if notes is not None else [])
+    memory = estimate_with_fallback(views, cfg, estimator, notes if notes is not None else [], progress)
     if cfg.has_mask_points and views.masks is not None and len(memory):
         memory = memory.select(inside_masks(memory.xyz, views.cams, views.masks))
     if cfg.min_confidence > 0:
@@ -145,7 +153,9 @@ FALLBACKS = {"patchmatch": ("mvs", "hull"), "mvs": ("hull",), "hull": ("mvs",)}
 USED = {"mvs": "plane sweep", "hull": "the visual hull of the captures' masks"}
 
 
-def estimate_with_fallback(views: Views, cfg: MemoryConfig, estimator: str, notes: list[str]) -> GeometryMemory:
+def estimate_with_fallback(
+    views: Views, cfg: MemoryConfig, estimator: str, notes: list[str], progress: WorkProgress = no_work_progress
+) -> GeometryMemory:
     """The named estimator's points; on a GeometryError or fewer than ``cfg.min_points`` points, the
     next of :data:`FALLBACKS` (plane sweep after PatchMatch, the visual hull where there are masks),
     at last bounded depth, with a line in ``notes`` (module docstring)."""
@@ -156,7 +166,7 @@ def estimate_with_fallback(views: Views, cfg: MemoryConfig, estimator: str, note
     for name in chain:
         try:
             est = ESTIMATORS.make(name, est_cfgs[name]) if name in est_cfgs else ESTIMATORS.make(name)
-            memory = est.estimate(views)
+            memory = est.estimate(views, progress)
         except GeometryError as err:
             why += f"; {err}" if why else str(err)
             continue

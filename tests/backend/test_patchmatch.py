@@ -130,7 +130,7 @@ def test_patchmatch_covering_much_less_than_plane_sweep_gives_way_to_it(temple_d
     sparse = sweep.depth.clone()
     sparse[:, : sparse.shape[1] * 3 // 4] = 0  # three quarters of every map emptied
     for maps, falls_back in ((sweep, False), (replace(sweep, depth=sparse), True)):
-        monkeypatch.setattr(patchmatch, "patchmatch_depths", lambda v, c, m=maps: m)
+        monkeypatch.setattr(patchmatch, "patchmatch_depths", lambda v, c, progress, m=maps: m)
         notes: list[str] = []
         memory = build_memory(views, cfg, estimator="patchmatch", notes=notes)
         assert len(memory) > 100

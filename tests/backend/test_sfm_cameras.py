@@ -132,3 +132,39 @@ def test_a_trajectory_needs_the_sfm_frame_aligned(temple_dir: Path, monkeypatch:
     notes: list[str] = []
     cams, estimated = capture_cameras(replace(scene, trajectory=[]), notes)  # no trajectory: SfM's frame for all
     assert cams == placed and estimated == [True] * 4 and "SfM cameras used for all" in notes[0]
+
+
+def test_sfm_says_each_step_and_a_cancel_stops_it_inside_colmap(
+    temple_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COLMAP's three steps each announced, then every PROGRESS_INTERVAL_S while one runs (extraction took 30 s for
+    12 photos with no word); a cancel during extraction stops it there (pycolmap's CancellationToken, where it has
+    one), raised as Cancelled, and matching never starts."""
+    require_module("pycolmap")
+    from backend import progress as progress_module
+    from backend.estimators.sfm import estimate_cameras
+    from backend.progress import Cancelled
+
+    photos = sorted(temple_dir.glob("templeSR000[1-6].png"))
+    cfg = SfMConfig(num_threads=1, max_image_size=640)
+    heard: list[tuple[float, str]] = []
+    cams = estimate_cameras(photos, work_dir=tmp_path / "a", cfg=cfg, progress=lambda f, m: heard.append((f, m)))
+    steps = [(f, m) for f, m in heard if not m.endswith(" s)")]
+    assert steps == [
+        (0.0, "SfM: finding features in 6 photos"),
+        (0.4, "SfM: matching 15 photo pairs"),
+        (0.7, "SfM: placing the photos, 0 of 6 placed"),
+    ]
+    assert sum(c is not None for c in cams) >= 2
+
+    monkeypatch.setattr(progress_module, "PROGRESS_INTERVAL_S", 0.01)
+    heard.clear()
+
+    def cancel_while_extracting(fraction: float, message: str) -> None:
+        heard.append((fraction, message))
+        if message.startswith("SfM: finding features in 6 photos ("):
+            raise Cancelled("cancelled by a client")
+
+    with pytest.raises(Cancelled, match="cancelled by a client"):
+        estimate_cameras(photos, work_dir=tmp_path / "b", cfg=cfg, progress=cancel_while_extracting)
+    assert [m for _, m in heard] == ["SfM: finding features in 6 photos", "SfM: finding features in 6 photos (0 s)"]

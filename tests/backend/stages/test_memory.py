@@ -241,7 +241,7 @@ def test_an_estimator_without_a_config_is_built_with_its_own_and_falls_back_to_p
         def __init__(self, cfg: str = "its own default") -> None:
             self.cfg = cfg
 
-        def estimate(self, views: Views) -> GeometryMemory:
+        def estimate(self, views: Views, progress=None) -> GeometryMemory:
             raise GeometryError(f"refused with {self.cfg}")
 
     ESTIMATORS.register("refusing_for_test")(Refusing)

@@ -115,6 +115,7 @@ RENDER_SIZE_NODES = (("Render Width", "resolution_x"), ("Render Height", "resolu
 TRANSPARENT_BOUNCES = 256
 FRAME_FILE = "frame_{:06d}.png"  # image sequence names: Blender frame number, zero padded
 COLLECTION_KEY = "reconloop_key"
+COLLECTION_SOURCE = "reconloop_source"  # what the job's photos came from: a photo folder's path, a collection's name
 COLLECTION_JOB = "reconloop_job"
 OBJECT_KIND = "reconloop_kind"
 FRAME_JOB = "reconloop_job"  # on a generated frame sequence's image: the job it came from
@@ -125,20 +126,35 @@ KIND_TRAJECTORY = "trajectory"  # an animated camera on the path the service cho
 # Collections
 
 
-def job_collection(scene: bpy.types.Scene, key: str, job_id: str) -> bpy.types.Collection:
-    """The collection for one job's results; an old collection of this scene with the same ``key`` is emptied
-    and reused.
+def job_collection(scene: bpy.types.Scene, key: str, job_id: str, source: str = "") -> bpy.types.Collection:
+    """The collection for one job's results; an old collection of this scene with the same ``key`` and ``source``
+    (a re-run) is emptied and reused. Another source's collection of that key (a second photo folder named
+    ``images``) is left alone: the new one's key gets a number (``images 2``; its ``COLLECTION_KEY`` says which).
 
     Args:
         key: what a re-run shares with the run it replaces (the captures' name).
+        source: where the photos came from (a folder's absolute path); "": any collection of the key is a re-run's.
     """
-    name = f"ReconLoop {key}"
+
+    def of(coll: bpy.types.Collection, k: str) -> bool:
+        return coll.get(COLLECTION_KEY) == k
+
+    def same_source(coll: bpy.types.Collection) -> bool:  # one made before sources were recorded: a re-run's
+        return not source or coll.get(COLLECTION_SOURCE, source) == source
+
     # this scene's: another scene's collection of the same key (a photo folder of the same name) is not emptied
-    coll = next((c for c in scene.collection.children_recursive if c.get(COLLECTION_KEY) == key), None)
+    ours = list(scene.collection.children_recursive)
+    n, wanted = 1, key
+    while any(of(c, wanted) and not same_source(c) for c in ours):
+        n += 1
+        wanted = f"{key} {n}"
+    coll = next((c for c in ours if of(c, wanted)), None)
     if coll is None:
-        coll = bpy.data.collections.new(name)
+        coll = bpy.data.collections.new(f"ReconLoop {wanted}")
         scene.collection.children.link(coll)
-        coll[COLLECTION_KEY] = key
+        coll[COLLECTION_KEY] = wanted
+        if source:
+            coll[COLLECTION_SOURCE] = source
     else:
         clear_collection(coll)
         ensure_linked(scene, coll)

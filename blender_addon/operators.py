@@ -73,6 +73,8 @@ class ResultImporter:
         frame_range: (start, end) of the trajectory in Blender frames.
         photos: {capture name: photo file} for estimated cameras' backgrounds.
         reimport: a past job downloaded again (Import job), not a job this file submitted.
+        source: where the photos came from (a photo folder's absolute path): a re-run of the same source replaces
+            its results, another folder of the same name gets a collection of its own.
     """
 
     def __init__(
@@ -84,8 +86,10 @@ class ResultImporter:
         photos: dict[str, str] | None = None,
         *,
         reimport: bool = False,
+        source: str = "",
     ) -> None:
         self.scene_name = scene_name
+        self.source = source
         found = bpy.data.scenes.get(scene_name)
         self.scene_uid = found.session_uid if found is not None else 0  # the scene renamed meanwhile: still found
         self.key = key
@@ -120,7 +124,8 @@ class ResultImporter:
         if coll is not None:
             self.key = coll.get(importers.COLLECTION_KEY, self.key)  # object names follow the collection's
         else:
-            coll = importers.job_collection(self.scene, self.key, self.job)
+            coll = importers.job_collection(self.scene, self.key, self.job, self.source)
+            self.key = coll[importers.COLLECTION_KEY]  # "images 2" beside another folder's "images"
         return coll
 
     def on_file(self, kind: str, name: str, path: str) -> None:
@@ -399,6 +404,7 @@ def prepare_job(context, *, server: str = "", output_dir: str = "") -> tuple[con
             raise ReconLoopError("pick the collection that holds your cameras (each with its photo as background)")
         captures = read_captures(st.captures, scene)
         key = st.captures.name
+        source = f"collection {key}"  # not a folder's results of the same name
     else:
         if not st.photo_folder:
             raise ReconLoopError("pick a folder of photos")
@@ -411,7 +417,8 @@ def prepare_job(context, *, server: str = "", output_dir: str = "") -> tuple[con
             )
         captures = scene_io.captures_from_folder(folder)
         photos = {c.name: c.path for c in captures}  # the files read, not a sidecar of the same stem
-        key = os.path.basename(os.path.normpath(folder))
+        source = os.path.normpath(folder)
+        key = os.path.basename(source)
     trajectory = []
     start, end, step = st.frame_range(scene)
     cam = st.trajectory_camera
@@ -423,7 +430,7 @@ def prepare_job(context, *, server: str = "", output_dir: str = "") -> tuple[con
     client, service = connection.connect(cfg)
     out_root = os.path.join(preferences.results_dir(context, output_dir), _safe_name(key))
     driver = connection.JobDriver(client, out_root, scene=payload, service=service)
-    importer = ResultImporter(scene.name, key, cam.name if cam is not None else "", (start, end), photos)
+    importer = ResultImporter(scene.name, key, cam.name if cam is not None else "", (start, end), photos, source=source)
     context.window_manager.reconloop.unregistered = ""
     _driver_hooks(driver, importer)
     return driver, importer

@@ -345,3 +345,20 @@ def test_a_replaced_path_camera_leaves_no_data_behind(registered):
         importers.remove_kind(results, importers.KIND_TRAJECTORY)
         importers.import_trajectory_camera(path, "re path", results, scene)
     assert len(bpy.data.cameras) == cameras + 1 and len(bpy.data.actions) == actions + 1
+
+
+def test_another_photo_folder_of_the_same_name_gets_its_own_collection():
+    """Two folders named ``images`` (two datasets) in one scene: the second's job does not empty the first's
+    results; a re-run of either replaces its own."""
+    scene = bpy.context.scene
+    first = importers.job_collection(scene, "images", "job1", "/data/door/images")
+    importers._link(bpy.data.objects.new("door points", bpy.data.meshes.new("m")), first, "points")
+    second = importers.job_collection(scene, "images", "job2", "/data/fern/images")
+    assert second is not first and [o.name for o in first.objects] == ["door points"]
+    assert second["reconloop_key"] == "images 2" and second.name == "ReconLoop images 2"
+    importers._link(bpy.data.objects.new("fern points", bpy.data.meshes.new("m")), second, "points")
+    again = importers.job_collection(scene, "images", "job3", "/data/fern/images")
+    assert again is second and len(again.objects) == 0 and [o.name for o in first.objects] == ["door points"]
+    assert importers.job_collection(scene, "images", "job4", "/data/door/images") is first
+    third = importers.job_collection(scene, "images", "job5", "/data/dino/images")
+    assert third["reconloop_key"] == "images 3"

@@ -635,6 +635,66 @@ def _make_optimizers(
     }
 
 
+def adam_step(runs: Sequence[_Run], learns: Sequence[bool]) -> None:
+    """The optimizers' step of every set whose step had a gradient (``learns``), then every gradient dropped (also
+    without a step: MCMC's regularisers give a gradient where no Gaussian is seen, which must not pile up into the
+    next step that learns).
+
+    Fused (CUDA) optimizers of equal hyperparameters step in one ``torch._fused_adam_`` call, the kernel
+    ``Adam(fused=True).step`` launches for each of its parameter groups, over the same state (``exp_avg``,
+    ``exp_avg_sq`` and ``step`` in each optimizer's ``state``, where gsplat's strategies grow, prune and relocate
+    it): the sets' quaternions, colours, opacities and scales share theirs. A lockstep fit of 3 sets made 18
+    ``Optimizer.step`` calls a step, a quarter of the host time of a fit bound by it (docs/benchmarks.md, run 77);
+    the update of each element is Adam's, bit for bit. Other optimizers (the CPU's) step as they are.
+    """
+    batches: dict[tuple[Any, ...], list[list[Tensor]]] = {}
+    for run, learn in zip(runs, learns, strict=True):
+        for opt in run.optimizers.values():
+            if not learn:
+                continue
+            (group,) = opt.param_groups
+            if not group["fused"] or group["amsgrad"] or group["maximize"] or group["capturable"]:
+                opt.step()
+                continue
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = opt.state[p]
+                if not state:  # as Adam's _init_group makes it for a fused step
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                b1, b2 = group["betas"]
+                key = (group["lr"], b1, b2, group["eps"], group["weight_decay"], p.device, p.dtype)
+                lists = batches.setdefault(key, [[], [], [], [], []])
+                for out, t in zip(
+                    lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"]), strict=True
+                ):
+                    out.append(t)
+    for (lr, b1, b2, eps, decay, _, _), (ps, grads, exp_avgs, exp_avg_sqs, steps) in batches.items():
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(
+            ps,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            amsgrad=False,
+            lr=lr,
+            beta1=b1,
+            beta2=b2,
+            weight_decay=decay,
+            eps=eps,
+            maximize=False,
+            grad_scale=None,
+            found_inf=None,
+        )
+    for run in runs:
+        for p in run.params.values():
+            p.grad = None
+
+
 def _prune_to_cap(params: torch.nn.ParameterDict, optimizers: dict, state: dict[str, Any], cap: int) -> None:
     """Remove the least opaque Gaussians beyond ``cap`` (after densification), with their optimizer
     moments and per-Gaussian strategy state (gsplat's ``remove`` op). gsplat's ``remove`` cuts every
@@ -709,11 +769,13 @@ def _make_strategy(cfg: FitConfig, initial: int) -> Any:
 @dataclass
 class _Run:
     """One set of Gaussians being fitted: raw parameters (gsplat's names), their optimizers, the
-    centres' learning-rate schedule, the densification strategy and its running state."""
+    centres' learning-rate decay a step (simple_trainer's ExponentialLR, applied by ``after_step``: torch's scheduler
+    warns when its optimizer's ``step`` was not called, and :func:`adam_step` steps the optimizers' state instead),
+    the densification strategy and its running state."""
 
     params: torch.nn.ParameterDict
     optimizers: dict[str, torch.optim.Optimizer]
-    scheduler: torch.optim.lr_scheduler.ExponentialLR
+    means_decay: float
     strategy: Any
     state: dict[str, Any]
 
@@ -734,27 +796,20 @@ class _Run:
             params["shN"] = g0.sh[:, 1:].contiguous().clone()
         optimizers = _make_optimizers(params, cfg, scale, frames)
         means_decay = cfg.means_lr_final_factor ** (1.0 / cfg.iterations)
-        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizers["means"], gamma=means_decay)
         strategy = _make_strategy(cfg, len(g0.means))
         state: dict[str, Any] = {}
         if strategy is not None:
             strategy.check_sanity(params, optimizers)
             state = strategy.initialize_state(**({} if cfg.strategy == "mcmc" else {"scene_scale": scale}))
-        return cls(params, optimizers, scheduler, strategy, state)
+        return cls(params, optimizers, means_decay, strategy, state)
 
     def before_backward(self, cfg: FitConfig, step: int, meta: dict[str, Any]) -> None:
         if self.strategy is not None and cfg.strategy == "default":
             self.strategy.step_pre_backward(self.params, self.optimizers, self.state, step, meta)
 
-    def after_backward(self, cfg: FitConfig, step: int, meta: dict[str, Any], learn: bool) -> None:
-        """Optimizer step (when this step had a gradient), schedule, then densification (as simple_trainer)."""
-        for opt in self.optimizers.values():
-            if learn:
-                opt.step()
-            # also without a step: MCMC's regularisers give a gradient where no Gaussian is seen,
-            # which must not pile up into the next step that learns
-            opt.zero_grad(set_to_none=True)
-        self.scheduler.step()
+    def after_step(self, cfg: FitConfig, step: int, meta: dict[str, Any], learn: bool) -> None:
+        """After the optimizers' step (:func:`adam_step`): the schedule, then densification (as simple_trainer)."""
+        self.optimizers["means"].param_groups[0]["lr"] *= self.means_decay  # ExponentialLR's step
         if learn and self.strategy is not None:
             if cfg.strategy == "mcmc":  # noise scaled by the centres' learning rate of this step
                 lr = self.optimizers["means"].param_groups[0]["lr"]
@@ -1068,12 +1123,13 @@ def fit_gaussians_many(
         if loss.requires_grad:
             drawn.before_backward([f.run for f in fits], cfg, step)
             loss.backward()
+        adam_step([f.run for f in fits], learns)
         for k, (f, learn) in enumerate(zip(fits, learns)):
             if streams is None:
-                f.run.after_backward(cfg, step, drawn.meta(k), learn)
+                f.run.after_step(cfg, step, drawn.meta(k), learn)
             else:
                 with streams[k]:
-                    f.run.after_backward(cfg, step, drawn.meta(k), learn)
+                    f.run.after_step(cfg, step, drawn.meta(k), learn)
         if progress is not None and (
             (step + 1) % cfg.progress_every == 0
             or step + 1 == cfg.iterations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import replace
+from unittest import mock
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from backend.stages.fit import (
     _make_strategy,
     _prune_to_cap,
     _Run,
+    adam_step,
     confidence_loss,
     default_rasterizer,
     fit_gaussians,
@@ -495,8 +497,6 @@ def test_mcmc_strategy_is_gsplats_with_the_cap_and_its_regularisers(caplog):
     assert (params["opacities"].grad > 0).all() and (params["scales"].grad > 0).all()
 
 
-# no step learns here, so torch warns that the schedule stepped first
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
 def test_a_step_that_learns_nothing_keeps_no_gradient_and_the_cap_spares_mcmcs_table():
     """MCMC's regularisers give a gradient even where no Gaussian is seen: a step that does not learn
     drops it (else it piles into the next step that does). The cap cuts per-Gaussian state only, not
@@ -506,11 +506,69 @@ def test_a_step_that_learns_nothing_keeps_no_gradient_and_the_cap_spares_mcmcs_t
     run = _Run.start(init_gaussians(noisy, cfg), cfg, scale=1.0, frames=3)
     mcmc_regularisers(run.params, cfg).backward()
     assert run.params["opacities"].grad is not None
-    run.after_backward(cfg, 0, {}, learn=False)
+    adam_step([run], [False])
+    run.after_step(cfg, 0, {}, learn=False)
     assert all(p.grad is None for p in run.params.values())
     table = run.state["binoms"].clone()
     _prune_to_cap(run.params, run.optimizers, run.state, 5)
     assert len(run.params["means"]) == 5 and torch.equal(run.state["binoms"], table)
+
+
+def test_the_sets_fused_adam_step_is_adams_bit_for_bit():
+    """adam_step's fused calls, one per set of hyperparameters across the sets (3 sets' 18 optimizers in 7 calls),
+    give each parameter and its moments what each optimizer's own fused step gives; a set that does not learn keeps
+    its parameters, and every gradient is dropped."""
+    _, _, noisy = make_scene()
+    cfg = test_config(strategy="none", sh_degree=1)
+    g0 = init_gaussians(noisy, cfg)
+
+    def runs() -> list[_Run]:
+        out = [_Run.start(g0, cfg, scale=scale, frames=3) for scale in (1.0, 2.0, 1.0)]
+        for run in out:  # fused, as on CUDA (the CPU has the kernel too)
+            run.optimizers = {
+                name: torch.optim.Adam(
+                    [{"params": opt.param_groups[0]["params"], "lr": opt.param_groups[0]["lr"]}],
+                    fused=True,
+                    eps=opt.defaults["eps"],
+                    betas=opt.defaults["betas"],
+                )
+                for name, opt in run.optimizers.items()
+            }
+        return out
+
+    ours, torchs = runs(), runs()
+    calls = []
+    fused = torch._fused_adam_
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[0]))
+        return fused(*args, **kwargs)
+
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        learns = [True, step != 1, True]
+        for a, b in zip(ours, torchs, strict=True):
+            for name in a.params:
+                grad = torch.randn(a.params[name].shape, generator=gen)
+                a.params[name].grad, b.params[name].grad = grad.clone(), grad.clone()
+        learning = [opt for run, learn in zip(ours, learns, strict=True) if learn for opt in run.optimizers.values()]
+        calls.clear()
+        with mock.patch.object(torch, "_fused_adam_", counted):
+            adam_step(ours, learns)
+        # one call per learning rate (the sets' means differ by their scene scale), each over all its parameters
+        assert len(calls) == len({opt.param_groups[0]["lr"] for opt in learning}) < len(learning)
+        assert sum(calls) == len(learning)
+        for run, learn in zip(torchs, learns, strict=True):
+            for opt in run.optimizers.values():
+                if learn:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+    for a, b in zip(ours, torchs, strict=True):
+        for name in a.params:
+            assert a.params[name].grad is None
+            assert torch.equal(a.params[name], b.params[name]), name
+            sa, sb = a.optimizers[name].state[a.params[name]], b.optimizers[name].state[b.params[name]]
+            assert all(torch.equal(sa[k], sb[k]) for k in ("step", "exp_avg", "exp_avg_sq")), name
 
 
 def test_geometry_render_gives_the_colour_and_the_depth_of_a_wall():
@@ -602,3 +660,21 @@ def test_take_rows_is_indexing_by_slices():
         got = take_rows(t, rows)
         assert torch.equal(got, t[rows]), rows
     assert take_rows(t, [3]).data_ptr() == t[3].data_ptr()  # one row: a view, nothing copied
+
+
+def test_the_centres_learning_rate_decays_as_simple_trainers_exponential_schedule():
+    """after_step multiplies the centres' learning rate by its decay, as torch's ExponentialLR does, step for step:
+    after ``iterations`` steps it is ``means_lr_final_factor`` of its start; the other rates stay."""
+    _, _, noisy = make_scene()
+    cfg = test_config(iterations=50, means_lr_final_factor=0.01)
+    run = _Run.start(init_gaussians(noisy, cfg), cfg, scale=1.0, frames=3)
+    start = {name: opt.param_groups[0]["lr"] for name, opt in run.optimizers.items()}
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=start["means"])
+    schedule = torch.optim.lr_scheduler.ExponentialLR(probe, gamma=run.means_decay)
+    for step in range(cfg.iterations):
+        probe.step()
+        schedule.step()
+        run.after_step(cfg, step, {}, learn=False)
+        assert run.optimizers["means"].param_groups[0]["lr"] == probe.param_groups[0]["lr"]
+    assert run.optimizers["means"].param_groups[0]["lr"] == pytest.approx(0.01 * start["means"])
+    assert all(run.optimizers[n].param_groups[0]["lr"] == lr for n, lr in start.items() if n != "means")

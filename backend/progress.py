@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -10,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # At most this long without a progress call (a job's progress bar, and the service's cancel, which is read there):
 # every progress_every steps of a fit took 54-62 s on the CPU at 320x240 with 250k Gaussians and no budget, and SfM's
@@ -65,26 +67,42 @@ ProgressFn = Callable[[ProgressEvent], None]
 # ``progress(fraction, message)`` of work inside a stage (a generator's segment, SfM, a geometry estimator), fraction
 # in [0, 1] of that work; it may raise ``Cancelled`` to stop the work there
 WorkProgress = Callable[[float, str], None]
+THROTTLE_STEP = 0.1  # a work progress call whose fraction moved this far is a new step: ``throttled`` passes it
 
 
 def no_work_progress(fraction: float, message: str) -> None:
     """A work progress callback that ignores everything."""
 
 
-def throttled(report: WorkProgress, interval_s: float = PROGRESS_INTERVAL_S) -> WorkProgress:
-    """``report``, called at most once per ``interval_s`` (the first call at once): for work that could say where it
-    is many times a second (plane sweep on a GPU: a capture in milliseconds), so a job's journal gets a line an
-    interval, not one a capture. A cancel is read as often as the calls pass."""
-    last = -math.inf
+def throttled(
+    report: WorkProgress, interval_s: float = PROGRESS_INTERVAL_S, step: float = THROTTLE_STEP
+) -> WorkProgress:
+    """``report``, called at most once per ``interval_s`` (the first call at once), and whenever the fraction has
+    moved by ``step`` since the last call passed (a new step of the work: SfM's matching after its extraction, plane
+    sweep's fusion, a fallback estimator): for work that could say where it is many times a second (plane sweep on a
+    GPU: a capture in milliseconds), so a job's journal gets a line an interval, not one a capture. A cancel is
+    read as often as the calls pass."""
+    last, last_fraction = -math.inf, -math.inf
 
     def call(fraction: float, message: str) -> None:
-        nonlocal last
+        nonlocal last, last_fraction
         now = time.monotonic()
-        if now - last >= interval_s:
-            last = now
+        if now - last >= interval_s or abs(fraction - last_fraction) >= step:
+            last, last_fraction = now, fraction
             report(fraction, message)
 
     return call
+
+
+def _wait_out(done: threading.Event, what: str) -> None:
+    """Wait for stopped work to end: another Ctrl-C meanwhile is said and waited through (the work writes into a
+    folder its caller then deletes, and a daemon thread inside a library at exit can abort the interpreter)."""
+    while True:
+        try:
+            done.wait()
+            return
+        except KeyboardInterrupt:
+            log.warning("%s: stopping; waiting for it to end", what)
 
 
 def run_reporting(
@@ -130,9 +148,13 @@ def run_reporting(
         while not done.wait(interval_s):
             report(fraction, f"{text()} ({time.monotonic() - start:.0f} s)")
     except BaseException:
-        if cancel is not None:
-            cancel()
-        done.wait()
+        try:
+            if cancel is not None:
+                cancel()
+        finally:
+            _wait_out(done, text())
+        if error:  # the work's answer to being stopped (pycolmap: InterruptedError), under the caller's error
+            log.debug("%s ended with %s: %s", text(), type(error[0]).__name__, error[0])
         raise
     thread.join()
     if error:

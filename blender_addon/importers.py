@@ -127,37 +127,38 @@ KIND_TRAJECTORY = "trajectory"  # an animated camera on the path the service cho
 
 
 def job_collection(scene: bpy.types.Scene, key: str, job_id: str, source: str = "") -> bpy.types.Collection:
-    """The collection for one job's results; an old collection of this scene with the same ``key`` and ``source``
-    (a re-run) is emptied and reused. Another source's collection of that key (a second photo folder named
+    """The collection for one job's results; this scene's collection of an earlier run of the same ``source`` (a
+    re-run) is emptied and reused. Another source's collection of that key (a second photo folder named
     ``images``) is left alone: the new one's key gets a number (``images 2``; its ``COLLECTION_KEY`` says which).
 
     Args:
         key: what a re-run shares with the run it replaces (the captures' name).
-        source: where the photos came from (a folder's absolute path); "": any collection of the key is a re-run's.
+        source: where the photos came from (a folder's absolute path); "": the collection of ``key`` is a re-run's.
+            A collection of ``key`` made before sources were recorded is taken as this source's, and records it.
     """
 
-    def of(coll: bpy.types.Collection, k: str) -> bool:
-        return coll.get(COLLECTION_KEY) == k
-
-    def same_source(coll: bpy.types.Collection) -> bool:  # one made before sources were recorded: a re-run's
-        return not source or coll.get(COLLECTION_SOURCE, source) == source
+    def numbered(k: object) -> bool:  # key, or key and a number
+        return isinstance(k, str) and (k == key or (k.startswith(f"{key} ") and k[len(key) + 1 :].isdigit()))
 
     # this scene's: another scene's collection of the same key (a photo folder of the same name) is not emptied
-    ours = list(scene.collection.children_recursive)
-    n, wanted = 1, key
-    while any(of(c, wanted) and not same_source(c) for c in ours):
-        n += 1
-        wanted = f"{key} {n}"
-    coll = next((c for c in ours if of(c, wanted)), None)
+    ours = [c for c in scene.collection.children_recursive if numbered(c.get(COLLECTION_KEY))]
+    coll = next((c for c in ours if source and c.get(COLLECTION_SOURCE) == source), None)  # its own, whatever number
     if coll is None:
+        coll = next((c for c in ours if c[COLLECTION_KEY] == key and (not source or COLLECTION_SOURCE not in c)), None)
+    if coll is None:
+        taken = {c[COLLECTION_KEY] for c in ours}
+        n, wanted = 1, key
+        while wanted in taken:
+            n += 1
+            wanted = f"{key} {n}"
         coll = bpy.data.collections.new(f"ReconLoop {wanted}")
         scene.collection.children.link(coll)
         coll[COLLECTION_KEY] = wanted
-        if source:
-            coll[COLLECTION_SOURCE] = source
     else:
         clear_collection(coll)
         ensure_linked(scene, coll)
+    if source:
+        coll[COLLECTION_SOURCE] = source
     coll[COLLECTION_JOB] = job_id
     return coll
 

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..progress import WorkProgress, no_work_progress, run_reporting
+from ..progress import Cancelled, WorkProgress, no_work_progress, run_reporting
 from ..types import GeometryMemory, Views
 from . import ESTIMATORS, GeometryError
 from .mvs import (
@@ -208,8 +208,9 @@ def run_patchmatch(
     work: Path, depth_range: tuple[float, float], cfg: PatchMatchConfig, progress: WorkProgress = no_work_progress
 ) -> None:
     """Step 2: COLMAP's PatchMatch stereo on the workspace (CUDA); COLMAP's log lines go to our log
-    (``backend.estimators.sfm.colmap``), not the console. One call into COLMAP, which takes no cancellation: on its
-    own thread, ``progress`` hears it every ``PROGRESS_INTERVAL_S``, and a cancel stops the job once it ends."""
+    (``backend.estimators.sfm.colmap``), not the console. One call into COLMAP on its own thread: ``progress`` hears
+    it every ``PROGRESS_INTERVAL_S``, and a cancel stops it (pycolmap's ``CancellationToken``, where it has one;
+    else the job stops once it ends)."""
     pycolmap = import_pycolmap()
     options = pycolmap.PatchMatchOptions()
     options.max_image_size = -1  # the workspace's images are already at the processing size
@@ -220,12 +221,15 @@ def run_patchmatch(
     options.filter_min_triangulation_angle = cfg.min_triangulation_angle_deg
     options.depth_min, options.depth_max = depth_range
     options.gpu_index = cfg.gpu_index
+    token = pycolmap.CancellationToken() if hasattr(pycolmap, "CancellationToken") else None
+    stop = {} if token is None else {"cancellation_token": token}
     with colmap_logging(pycolmap, work):
         run_reporting(
-            lambda: pycolmap.patch_match_stereo(work, workspace_format="COLMAP", options=options),
+            lambda: pycolmap.patch_match_stereo(work, workspace_format="COLMAP", options=options, **stop),
             progress,
             0.0,
             "PatchMatch stereo",
+            cancel=None if token is None else token.cancel,
         )
 
 
@@ -307,6 +311,8 @@ def patchmatch_depths(
         names = write_workspace(small, work, sources)
         try:
             run_patchmatch(work, (near, far), cfg, lambda f, message: progress(0.3 + 0.7 * f, message))
+        except Cancelled:  # a client's cancel, not COLMAP's failure: no fallback to plane sweep
+            raise
         except Exception as err:  # pycolmap raises RuntimeError variants (CUDA, workspace)
             raise GeometryError(f"patchmatch: COLMAP failed: {type(err).__name__}: {err}") from err
         depth = read_depth_maps(work, names, cams.height, cams.width, small.images.device)

@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 POLL_MS = 100  # the loop wakes at least this often to notice stop()
-WRITING_POLL_MS = 5  # ... and this often while the writer thread writes a submit's job folder
+WRITING_POLL_MS = 20  # ... and this often while the writer thread writes a submit's job folder
+CLOSE_LINGER_MS = 200  # a stopping service's last replies (submits answered as it stops) this long to go out
 MAX_BATCH = 64  # requests handled per wake-up before the worker's messages get a turn
 STOP_WAIT_S = 10.0  # how long shutdown waits for a running job to reach a step boundary
 PRUNE_EVERY_S = 600.0  # how often a service with keep_days looks for ended jobs to delete
@@ -291,35 +292,38 @@ class Service:
                     self._on_request(*recv_message(self.router, limits.MAX_FRAMES + ENVELOPE_FRAMES))
 
     def _close(self) -> None:
-        # a folder being written is finished and its job listed (queued: the next start runs it); submits not
-        # begun are refused
-        self._writer.shutdown(wait=True, cancel_futures=True)
-        self._finish_writes()
-        while self._files:
-            self._files.popitem()[1].close()
-        for slot in self.slots:
-            self._send(slot, {"cmd": "stop"})
-        self.pool.join(STOP_WAIT_S)
-        for slot in self.slots:
-            self._drain(slot)
-            record = self.store.jobs.get(slot.running) if slot.running else None
-            if record is not None and not record.is_terminal:
-                self._event(
-                    record,
-                    "interrupted",
-                    record.stage,
-                    record.fraction,
-                    "the service stopped during this job; submit it again to rerun",
-                )
-        self._release()
+        try:
+            for slot in self.slots:  # first: the running job reaches its step boundary while the writer finishes
+                self._send(slot, {"cmd": "stop"})
+            # a folder being written is finished and its job listed (queued: the next start runs it); submits not
+            # begun are refused
+            self._writer.shutdown(wait=True, cancel_futures=True)
+            self._finish_writes()
+            while self._files:
+                self._files.popitem()[1].close()
+            self.pool.join(STOP_WAIT_S)
+            for slot in self.slots:
+                self._drain(slot)
+                record = self.store.jobs.get(slot.running) if slot.running else None
+                if record is not None and not record.is_terminal:
+                    self._event(
+                        record,
+                        "interrupted",
+                        record.stage,
+                        record.fraction,
+                        "the service stopped during this job; submit it again to rerun",
+                    )
+        finally:  # also after a second Ctrl-C: the lock, the port and the pool are let go
+            self._release(linger_ms=CLOSE_LINGER_MS)
         log.info("reconloop service stopped")
 
-    def _release(self) -> None:
-        """Close the pool, the ROUTER, auth and the store's lock: each one that start-up got to."""
+    def _release(self, linger_ms: int = 0) -> None:
+        """Close the pool, the ROUTER (its unsent replies kept ``linger_ms``), auth and the store's lock: each one that
+        start-up got to."""
         if self.pool is not None:
             self.pool.close()
         if self.router is not None:
-            self.router.close(linger=0)
+            self.router.close(linger=linger_ms)
         if self.auth is not None:
             self.auth.stop()
         if self._lock is not None:
@@ -541,6 +545,7 @@ class Service:
             return {"job": record.job, "state": record.state}
         writing = next((w for w in self._writing if key and (w.owner, w.key) == (req.owner, key)), None)
         if writing is not None:
+            req.frames = []  # its answer needs the envelope and id alone: the resent payload is not kept meanwhile
             writing.requests.append(req)
             return None
         limits.check_job(msg["scene"], sum(memoryview(f).nbytes for f in req.frames), self.config.job_limits)

@@ -286,7 +286,8 @@ class JobRecord:
 def read_manifest(job_dir: Path) -> dict[str, dict[str, Any]]:
     """name -> {name, size, sha256} from ``manifest.json``; entries whose file is gone are dropped.
 
-    Raises ValueError, KeyError or TypeError for a manifest that is not one (damaged on disk, edited by hand).
+    Raises ValueError, KeyError, TypeError or AttributeError for a manifest that is not one (damaged on disk, edited
+    by hand: ``[]`` has no ``get``).
     """
     path = job_dir / MANIFEST_FILE
     if not path.is_file():
@@ -445,7 +446,7 @@ class JobStore:
 
     @staticmethod
     def discard(prepared: PreparedJob) -> None:
-        """Drop a prepared job that will not be listed (the service stopped, or its key was taken meanwhile)."""
+        """Drop a prepared job that will not be listed (its folder could not be moved into place)."""
         shutil.rmtree(prepared.tmp, ignore_errors=True)
 
     # -- events -------------------------------------------------------------------------------------

@@ -653,7 +653,10 @@ def adam_step(runs: Sequence[_Run], learns: Sequence[bool]) -> None:
             if not learn:
                 continue
             (group,) = opt.param_groups
-            if not group["fused"] or group["amsgrad"] or group["maximize"] or group["capturable"]:
+            plain = not (
+                group["amsgrad"] or group["maximize"] or group["capturable"] or group.get("decoupled_weight_decay")
+            )
+            if not (group["fused"] and plain):  # the CPU's, or not plain Adam: its own step
                 opt.step()
                 continue
             for p in group["params"]:

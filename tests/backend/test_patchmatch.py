@@ -143,3 +143,28 @@ def test_patchmatch_covering_much_less_than_plane_sweep_gives_way_to_it(temple_d
     check_coverage(torch.tensor([1.0] * 4 + [0.0] * 6), torch.tensor([1.0] * 5 + [0.0] * 5), 0.8)  # 40 >= 0.8 x 50
     with pytest.raises(ValueError, match="min_coverage_share must be >= 0"):
         PatchMatchConfig(min_coverage_share=-1).check()
+
+
+def test_a_cancel_during_patchmatch_stops_the_job_instead_of_falling_back(temple_dir, tmp_path, monkeypatch):
+    """A client's cancel raised in PatchMatch's progress is not COLMAP failing: it leaves the memory stage as
+    Cancelled, with no fallback to plane sweep and no note (it read as 'patchmatch: COLMAP failed: Cancelled')."""
+    from backend.progress import Cancelled
+
+    scene = split_protocol(import_scene("middlebury", temple_dir, tmp_path / "s"), "ring-arc")
+    cams = Cameras.from_scene([c.camera for c in scene.captures], W, H)
+    views = Views(to_tensor([resize_image(load_image(c.image), W, H) for c in scene.captures], "cpu"), cams, [0, 1, 2])
+
+    def cancelled(work, depth_range, cfg, progress):
+        progress(0.0, "PatchMatch stereo (2 s)")
+
+    def cancel(fraction, message):
+        if message.startswith("PatchMatch stereo"):
+            raise Cancelled("cancelled by a client")
+
+    monkeypatch.setattr(patchmatch, "has_cuda_patchmatch", lambda: True)
+    monkeypatch.setattr(patchmatch, "run_patchmatch", cancelled)
+    notes: list[str] = []
+    cfg = replace(MemoryConfig(mvs=MVSConfig(max_side=W, num_planes=16)), patchmatch=PatchMatchConfig(max_side=W))
+    with pytest.raises(Cancelled, match="cancelled by a client"):
+        build_memory(views, cfg, estimator="patchmatch", notes=notes, progress=cancel)
+    assert notes == []

@@ -10,14 +10,16 @@ from backend import progress as progress_module
 from backend.progress import Cancelled, run_reporting, throttled
 
 
-def test_throttled_passes_the_first_call_then_one_an_interval(monkeypatch):
-    clock = iter([0.0, 0.5, 1.9, 2.0, 2.1, 4.5])
+def test_throttled_passes_the_first_call_then_one_an_interval_and_each_new_step(monkeypatch):
+    """Within an interval only a call whose fraction moved a tenth passes (a new step: SfM's matching after its
+    extraction, plane sweep's fusion), so the message a long step shows is its own."""
+    clock = iter([0.0, 0.5, 1.9, 2.0, 2.1, 4.5, 4.6, 4.7])
     monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
     heard = []
     report = throttled(lambda f, m: heard.append(m), interval_s=2.0)
-    for n in range(6):
-        report(n / 6, f"m{n}")
-    assert heard == ["m0", "m3", "m5"]
+    for n, fraction in enumerate([0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.4, 0.45]):
+        report(fraction, f"m{n}")
+    assert heard == ["m0", "m3", "m5", "m6"]
 
 
 def test_run_reporting_says_where_the_work_is_while_it_runs():
@@ -89,3 +91,24 @@ def test_a_message_the_work_updates_is_read_at_each_report():
 
     run_reporting(work, report, 0.7, lambda: f"SfM: placing the photos, {placed[0]} of 3 placed", interval_s=0.01)
     assert heard[-1].startswith("SfM: placing the photos, 3 of 3 placed (")
+
+
+def test_work_is_waited_for_even_when_its_cancel_is_cut_short():
+    """A second Ctrl-C landing in ``cancel()`` (or a cancel that fails) still leaves no work running: it is waited
+    for, then the interrupt goes on up."""
+    ended = threading.Event()
+
+    def work():
+        threading.Event().wait(0.3)  # stops on its own, a moment later
+        ended.set()
+
+    def report(fraction, message):
+        if message.endswith(" s)"):
+            raise Cancelled("cancelled by a client")
+
+    def cancel():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_reporting(work, report, 0.0, "SfM: matching", cancel=cancel, interval_s=0.01)
+    assert ended.is_set()

@@ -362,3 +362,21 @@ def test_another_photo_folder_of_the_same_name_gets_its_own_collection():
     assert importers.job_collection(scene, "images", "job4", "/data/door/images") is first
     third = importers.job_collection(scene, "images", "job5", "/data/dino/images")
     assert third["reconloop_key"] == "images 3"
+
+
+def test_a_rerun_finds_its_own_collection_whatever_its_number_and_an_old_one_is_claimed():
+    """A re-run reuses its source's collection even where a lower number came free (the first folder's deleted), and
+    a collection made before sources were recorded is claimed by the first run of its key, not emptied by every
+    folder of that name."""
+    scene = bpy.context.scene
+    legacy = importers.job_collection(scene, "images", "job0")  # no source: as an older add-on made it
+    assert "reconloop_source" not in legacy
+    door = importers.job_collection(scene, "images", "job1", "/data/door/images")
+    assert door is legacy and door["reconloop_source"] == "/data/door/images"
+    importers._link(bpy.data.objects.new("door points", bpy.data.meshes.new("m")), door, "points")
+    fern = importers.job_collection(scene, "images", "job2", "/data/fern/images")
+    assert fern is not door and [o.name for o in door.objects] == ["door points"]
+    bpy.data.collections.remove(door)  # "images" is free again
+    again = importers.job_collection(scene, "images", "job3", "/data/fern/images")
+    assert again is fern and again["reconloop_key"] == "images 2"
+    assert [c for c in scene.collection.children_recursive if c.get("reconloop_key", "").startswith("images")] == [fern]

@@ -94,15 +94,20 @@ def throttled(
     return call
 
 
-def _wait_out(done: threading.Event, what: str) -> None:
-    """Wait for stopped work to end: another Ctrl-C meanwhile is said and waited through (the work writes into a
-    folder its caller then deletes, and a daemon thread inside a library at exit can abort the interpreter)."""
+def _wait_out(done: threading.Event, what: str, cancel: Callable[[], None] | None) -> None:
+    """Wait for stopped work to end: another Ctrl-C meanwhile is said, asks the work to stop again (the first may
+    have landed before ``cancel`` ran) and is waited through (the work writes into a folder its caller then deletes,
+    and a daemon thread inside a library at exit can abort the interpreter)."""
+    again = False
     while True:
         try:
+            if again and cancel is not None:
+                cancel()
             done.wait()
             return
         except KeyboardInterrupt:
             log.warning("%s: stopping; waiting for it to end", what)
+            again = True
 
 
 def run_reporting(
@@ -152,7 +157,7 @@ def run_reporting(
             if cancel is not None:
                 cancel()
         finally:
-            _wait_out(done, text())
+            _wait_out(done, text(), cancel)
         if error:  # the work's answer to being stopped (pycolmap: InterruptedError), under the caller's error
             log.debug("%s ended with %s: %s", text(), type(error[0]).__name__, error[0])
         raise

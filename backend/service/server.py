@@ -2,7 +2,8 @@
 
 The main thread owns the ROUTER (clients) and one PAIR per worker and answers every request at once, but for
 a submit: its job folder (photos written, raw pixels encoded as PNGs, the scene loaded, its masks read: seconds
-for a large scene) is written by one writer thread, and the loop answers the submit when the folder is whole.
+for a large scene) is written by a writer thread (WRITER_THREADS of them), and the loop answers the submit when the
+folder is whole.
 Without Ray there is one worker, a thread on ``inproc://`` (see ``worker.py``); with ``ServiceConfig.ray``
 the workers are Ray actors on a cluster, each behind a PAIR over TCP (``ray_pool.py``). Waiting jobs
 start FIFO per client, clients in turn (``fairqueue.py``). Every request and
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 POLL_MS = 100  # the loop wakes at least this often to notice stop()
 WRITING_POLL_MS = 20  # ... and this often while the writer thread writes a submit's job folder
+WRITER_THREADS = 2  # submits' folders written at once: a small one is not held up by a large one's 29 s
 CLOSE_LINGER_MS = 200  # a stopping service's last replies (submits answered as it stops) this long to go out
 MAX_BATCH = 64  # requests handled per wake-up before the worker's messages get a turn
 STOP_WAIT_S = 10.0  # how long shutdown waits for a running job to reach a step boundary
@@ -253,8 +255,8 @@ class Service:
             self._ready.set()
             raise
         self._files: OrderedDict[tuple[str, str, str], BinaryIO] = OrderedDict()
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconloop-write")
-        self._writing: list[_Writing] = []  # submits whose folders the writer writes, in the order they came
+        self._writer = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="reconloop-write")
+        self._writing: list[_Writing] = []  # submits whose folders the writers write, in the order they came
         self.watchers: dict[str, dict[bytes, list[bytes]]] = {}
         log.info("reconloop service on %s, data in %s, device %s", self.endpoint, self.data_dir, self.device)
         self._ready.set()
@@ -568,10 +570,13 @@ class Service:
         return None
 
     def _finish_writes(self) -> None:
-        """List the jobs whose folders the writer has finished, in the order they came, and answer their submits:
-        the job and its state, or why the scene was refused."""
-        while self._writing and self._writing[0].future.done():
-            writing = self._writing.pop(0)
+        """List the jobs whose folders the writers have finished and answer their submits (the job and its state, or
+        why the scene was refused): a job is queued when its folder is whole, those finished together in the order
+        their submits came."""
+        finished = {id(w) for w in self._writing if w.future.done()}  # once: a write may end meanwhile
+        done = [w for w in self._writing if id(w) in finished]
+        self._writing = [w for w in self._writing if id(w) not in finished]
+        for writing in done:
             try:
                 record = self.store.commit(writing.future.result())
             except CancelledError:

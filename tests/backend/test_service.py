@@ -643,31 +643,66 @@ def test_a_scene_refused_while_written_is_answered_with_its_field(service, clien
 
 
 def test_a_stop_during_a_write_lists_its_job_and_refuses_the_next(tmp_path, held_writes):
-    """Stopping waits for the folder being written (its job listed, queued: the next start runs it) and answers a
-    submit not begun with an error to send it again."""
+    """Stopping waits for the folders being written (their jobs listed, queued: the next start runs them) and answers
+    a submit not begun with an error to send it again."""
+    from backend.service.server import WRITER_THREADS
+
     gate, started = held_writes
     svc, thread = start(tmp_path / "jobs")
-    first, got = _submit_in_thread(svc.endpoint, scene_msg(), key="a")
+    keys = [f"k{n}" for n in range(WRITER_THREADS + 1)]  # one more than there are writers: it waits its turn
+    submits = [_submit_in_thread(svc.endpoint, scene_msg(), key=k) for k in keys]
     assert started.wait(WAIT_S)
-    second, refused = _submit_in_thread(svc.endpoint, scene_msg(), key="b")
     deadline = time.monotonic() + WAIT_S
-    while len(svc._writing) < 2 and time.monotonic() < deadline:
+    while len(svc._writing) < len(keys) and time.monotonic() < deadline:
         time.sleep(0.01)
     svc.stop()
     time.sleep(0.2)
     gate.set()
     thread.join(WAIT_S)
-    first.join(WAIT_S)
-    second.join(WAIT_S)
-    job = got["reply"]["job"]
-    assert refused["error"].code == errors.INTERNAL and "stopped before this job was written" in str(refused["error"])
+    for submitter, _ in submits:
+        submitter.join(WAIT_S)
+    answers = [got for _, got in submits]
+    refused = [got["error"] for got in answers if "error" in got]
+    jobs = sorted(got["reply"]["job"] for got in answers if "reply" in got)
+    assert len(jobs) == WRITER_THREADS and len(refused) == 1
+    assert refused[0].code == errors.INTERNAL and "stopped before this job was written" in str(refused[0])
     svc, thread = start(tmp_path / "jobs")
     try:
         with Client(svc.endpoint, timeout_ms=TIMEOUT_MS) as c:
-            assert [j["job"] for j in c.jobs()] == [job]
-            assert wait_state(c, job)["state"] == "done"
+            assert sorted(j["job"] for j in c.jobs()) == jobs
+            assert all(wait_state(c, job)["state"] == "done" for job in jobs)
     finally:
         stop_service(svc, thread)
+
+
+def test_a_small_submit_is_not_held_up_by_a_large_ones_write(service, client, monkeypatch):
+    """Two writers: a submit whose folder takes long (a large scene of raw pixels) leaves another writer for the next
+    submit, which is queued and answered first."""
+    import threading
+
+    from backend.service import store as store_module
+
+    gate, write = threading.Event(), store_module.write_scene_message
+
+    def held(scene, folder):
+        if scene["captures"][0]["name"] == "large":
+            assert gate.wait(WAIT_S), "the test never let the write finish"
+        return write(scene, folder)
+
+    monkeypatch.setattr(store_module, "write_scene_message", held)
+    large = scene_msg()
+    large["captures"][0]["name"] = "large"
+    try:
+        slow, got = _submit_in_thread(service.endpoint, large)
+        deadline = time.monotonic() + WAIT_S
+        while not service._writing and time.monotonic() < deadline:
+            time.sleep(0.01)
+        small = client.submit(scene_msg())  # answered while the large one's folder is still being written
+        assert not got and [j["job"] for j in client.jobs()] == [small]
+    finally:
+        gate.set()
+    slow.join(WAIT_S)
+    assert [j["job"] for j in client.jobs()] == [small, got["reply"]["job"]]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -147,6 +147,14 @@ def prepare_captures(
         notes.append(note)
     # ids = memory.source ids: indices into the captures used
     captures = load_views(used, W, H, device, cameras=[cams_found[i] for i in kept], pinholes=pinholes)
+    if captures.masks is not None:  # a capture whose mask keeps nothing adds nothing: said, not silent
+        empty = [c.name for c, m in zip(used, captures.masks, strict=True) if not bool(m.any())]
+        if empty:
+            notes.append(
+                f"the mask of {len(empty)} capture{'s' if len(empty) > 1 else ''} ({', '.join(empty)}) keeps no pixel "
+                f"at the working size {W}x{H}: {'they add' if len(empty) > 1 else 'it adds'} nothing to the memory "
+                "or the fit (a mask is white where the object is; an inverted or blank mask?)"
+            )
     records = [
         CaptureCamera(
             name=c.name, image=relative_posix(c.image, scene.root), camera=cams_found[i], is_estimated=is_estimated[i]

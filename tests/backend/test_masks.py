@@ -245,3 +245,20 @@ def test_dtu_bad_matrix_names_the_key(temple_dir, tmp_path, key, value, match):
     np.savez(npz, **mats)
     with pytest.raises(SceneError, match=match):
         import_scene("dtu", tmp_path / "dtu", tmp_path / "out")
+
+
+def test_one_capture_whose_mask_keeps_nothing_is_named_in_a_note(tmp_path):
+    """One blank (or inverted) mask among good ones: the job goes on without that capture's pixels, and a note names
+    it (it added nothing to the memory or the fit, silently)."""
+    from backend.scene import Scene
+    from backend.stages.cameras import prepare_captures
+
+    caps = []
+    for i, x in enumerate((-0.5, 0.0, 0.5)):
+        cam = Camera(w2c=look_at(np.array([x, 0.0, -3.0]), np.zeros(3)), K=np.diag([8.0, 8.0, 1.0]), width=16, height=16)
+        Image.fromarray(np.full((16, 16, 3), 90 * i, np.uint8)).save(tmp_path / f"p{i}.png")
+        Image.fromarray(np.full((16, 16), 0 if i == 1 else 255, np.uint8)).save(tmp_path / f"m{i}.png")
+        caps.append(Capture(f"p{i}", tmp_path / f"p{i}.png", cam, mask=tmp_path / f"m{i}.png"))
+    step = prepare_captures(Scene(tmp_path, caps), width=16, height=16, default_frames=4, device="cpu")
+    (note,) = [n for n in step.notes if "keeps no pixel" in n]
+    assert note.startswith("the mask of 1 capture (p1) keeps no pixel at the working size 16x16: it adds nothing")

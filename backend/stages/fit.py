@@ -923,6 +923,8 @@ class _SetsRender:
         n = max(sizes)
 
         def stacked(items: Sequence[Tensor], fill: Sequence[float] | float) -> Tensor:
+            if all(len(t) == n for t in items):  # sets of one size (MCMC's grow alike): one copy, no pads
+                return torch.stack(list(items))
             # the pads filled on the device: a fill made on the host and copied would wait for the GPU
             rows = [t.new_empty(n - len(t), *t.shape[1:]) for t in items]
             for pad in rows:

@@ -514,6 +514,22 @@ def test_a_step_that_learns_nothing_keeps_no_gradient_and_the_cap_spares_mcmcs_t
     assert len(run.params["means"]) == 5 and torch.equal(run.state["binoms"], table)
 
 
+def test_sets_of_one_size_in_lockstep_end_where_their_lone_fits_end():
+    """Sets of one size (the guide's members: MCMC grows them alike) are stacked without pads, and each still ends
+    where its lone fit ends."""
+    scenes = [make_scene(seed=s, n=24) for s in (3, 4, 5)]
+    views = [FitViews(images, cams, torch.ones(len(cams), H, W)) for cams, images, _ in scenes]
+    memories = [noisy for _, _, noisy in scenes]
+    cfg = test_config(iterations=12, strategy="mcmc", max_gaussians=30, dropout_rate=0.2)
+    seeds = [7, 8, 9]
+    lone = [fit_gaussians(v, m, replace(cfg, seed=s), device="cpu") for v, m, s in zip(views, memories, seeds)]
+    together = fit_gaussians_many(views, memories, cfg, device="cpu", seeds=seeds)
+    assert len({len(g) for g in together}) == 1
+    for g, alone in zip(together, lone, strict=True):
+        for field in ("means", "log_scales", "quats", "opacity_logits", "sh"):
+            torch.testing.assert_close(getattr(g, field), getattr(alone, field), rtol=0, atol=1e-5)
+
+
 def test_the_sets_fused_adam_step_is_adams_bit_for_bit():
     """adam_step's fused calls, one per set of hyperparameters across the sets (3 sets' 18 optimizers in 7 calls),
     give each parameter and its moments what each optimizer's own fused step gives; a set that does not learn keeps

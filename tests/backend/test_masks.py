@@ -255,7 +255,9 @@ def test_one_capture_whose_mask_keeps_nothing_is_named_in_a_note(tmp_path):
 
     caps = []
     for i, x in enumerate((-0.5, 0.0, 0.5)):
-        cam = Camera(w2c=look_at(np.array([x, 0.0, -3.0]), np.zeros(3)), K=np.diag([8.0, 8.0, 1.0]), width=16, height=16)
+        cam = Camera(
+            w2c=look_at(np.array([x, 0.0, -3.0]), np.zeros(3)), K=np.diag([8.0, 8.0, 1.0]), width=16, height=16
+        )
         Image.fromarray(np.full((16, 16, 3), 90 * i, np.uint8)).save(tmp_path / f"p{i}.png")
         Image.fromarray(np.full((16, 16), 0 if i == 1 else 255, np.uint8)).save(tmp_path / f"m{i}.png")
         caps.append(Capture(f"p{i}", tmp_path / f"p{i}.png", cam, mask=tmp_path / f"m{i}.png"))

@@ -94,20 +94,28 @@ def throttled(
     return call
 
 
-def _wait_out(done: threading.Event, what: str, cancel: Callable[[], None] | None) -> None:
-    """Wait for stopped work to end: another Ctrl-C meanwhile is said, asks the work to stop again (the first may
-    have landed before ``cancel`` ran) and is waited through (the work writes into a folder its caller then deletes,
-    and a daemon thread inside a library at exit can abort the interpreter)."""
-    again = False
+def _wait_out(done: threading.Event, what: str, cancel: Callable[[], None] | None, *, ask: bool) -> None:
+    """Wait for stopped work to end (the work writes into a folder its caller then deletes, and a daemon thread
+    inside a library at exit can abort the interpreter). ``ask``: ``cancel`` has not run to its end yet (a second
+    Ctrl-C landed in it), so it is asked first; another Ctrl-C meanwhile is said and asks again; a cancel that fails
+    (or is itself cut short) is logged, and the wait goes on."""
     while True:
-        try:
-            if again and cancel is not None:
+        if ask and cancel is not None:
+            ask = False
+            try:
                 cancel()
+            except KeyboardInterrupt:
+                log.warning("%s: stopping; waiting for it to end", what)
+            except Exception as err:  # the wait matters more than the request to stop
+                log.warning(
+                    "%s: could not ask it to stop (%s: %s); waiting for it to end", what, type(err).__name__, err
+                )
+        try:
             done.wait()
             return
         except KeyboardInterrupt:
             log.warning("%s: stopping; waiting for it to end", what)
-            again = True
+            ask = True
 
 
 def run_reporting(
@@ -153,11 +161,13 @@ def run_reporting(
         while not done.wait(interval_s):
             report(fraction, f"{text()} ({time.monotonic() - start:.0f} s)")
     except BaseException:
+        asked = cancel is None
         try:
             if cancel is not None:
                 cancel()
+            asked = True
         finally:
-            _wait_out(done, text(), cancel)
+            _wait_out(done, text(), cancel, ask=not asked)
         if error:  # the work's answer to being stopped (pycolmap: InterruptedError), under the caller's error
             log.debug("%s ended with %s: %s", text(), type(error[0]).__name__, error[0])
         raise

@@ -571,11 +571,18 @@ class Service:
 
     def _finish_writes(self) -> None:
         """List the jobs whose folders the writers have finished and answer their submits (the job and its state, or
-        why the scene was refused): a job is queued when its folder is whole, those finished together in the order
-        their submits came."""
-        finished = {id(w) for w in self._writing if w.future.done()}  # once: a write may end meanwhile
-        done = [w for w in self._writing if id(w) in finished]
-        self._writing = [w for w in self._writing if id(w) not in finished]
+        why the scene was refused): a job is queued when its folder is whole, but after every earlier submit of the
+        same connection, so one connection's submits are answered and queued in the order they came (protocol
+        README, Transport); another connection's small submit overtakes a large one."""
+        waiting: set[bytes] = set()  # connections with an earlier submit still being written
+        done: list[_Writing] = []
+        for writing in list(self._writing):  # in arrival order; each future read once: a write may end meanwhile
+            connection = writing.requests[0].envelope[0]
+            if connection not in waiting and writing.future.done():
+                done.append(writing)
+                self._writing.remove(writing)
+            else:
+                waiting.add(connection)
         for writing in done:
             try:
                 record = self.store.commit(writing.future.result())

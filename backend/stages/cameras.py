@@ -148,12 +148,15 @@ def prepare_captures(
     # ids = memory.source ids: indices into the captures used
     captures = load_views(used, W, H, device, cameras=[cams_found[i] for i in kept], pinholes=pinholes)
     if captures.masks is not None:  # a capture whose mask keeps nothing adds nothing: said, not silent
-        empty = [c.name for c, m in zip(used, captures.masks, strict=True) if not bool(m.any())]
+        kept_any = captures.masks.flatten(1).any(dim=1).tolist()  # one read of the device
+        empty = [c.name for c, kept in zip(used, kept_any, strict=True) if not kept]
         if empty:
+            many = len(empty) > 1
             notes.append(
-                f"the mask of {len(empty)} capture{'s' if len(empty) > 1 else ''} ({', '.join(empty)}) keeps no pixel "
-                f"at the working size {W}x{H}: {'they add' if len(empty) > 1 else 'it adds'} nothing to the memory "
-                "or the fit (a mask is white where the object is; an inverted or blank mask?)"
+                f"the mask{'s' if many else ''} of {len(empty)} capture{'s' if many else ''} ({', '.join(empty[:8])}"
+                f"{', ...' if len(empty) > 8 else ''}) keep{'' if many else 's'} no pixel at the working size {W}x{H}: "
+                f"{'they add' if many else 'it adds'} nothing to the memory or the fit (a mask is white, or opaque in "
+                "the photo's alpha, where the object is; an inverted or blank mask?)"
             )
     records = [
         CaptureCamera(

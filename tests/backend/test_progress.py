@@ -112,3 +112,47 @@ def test_work_is_waited_for_even_when_its_cancel_is_cut_short():
     with pytest.raises(KeyboardInterrupt):
         run_reporting(work, report, 0.0, "SfM: matching", cancel=cancel, interval_s=0.01)
     assert ended.is_set()
+
+
+def test_a_cancel_cut_short_by_a_second_ctrl_c_is_asked_again():
+    """The second Ctrl-C lands inside the first ``cancel()``: the wait asks again, so the work stops (it ran to its
+    own end, with no cancel in effect)."""
+    stop, calls, stopped = threading.Event(), [], []
+
+    def work():
+        stopped.append(stop.wait(2))
+
+    def report(fraction, message):
+        if message.endswith(" s)"):
+            raise KeyboardInterrupt
+
+    def cancel():
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # before it asked anything
+        stop.set()
+
+    with pytest.raises(KeyboardInterrupt):
+        run_reporting(work, report, 0.0, "SfM: matching", cancel=cancel, interval_s=0.01)
+    assert len(calls) == 2 and stopped == [True]
+
+
+def test_a_cancel_that_fails_when_asked_again_still_leaves_no_work_running(caplog):
+    ended, calls = threading.Event(), []
+
+    def work():
+        threading.Event().wait(0.3)
+        ended.set()
+
+    def report(fraction, message):
+        if message.endswith(" s)"):
+            raise Cancelled("cancelled by a client")
+
+    def cancel():
+        calls.append(1)
+        raise KeyboardInterrupt if len(calls) == 1 else RuntimeError("token gone")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_reporting(work, report, 0.0, "SfM: matching", cancel=cancel, interval_s=0.01)
+    assert ended.is_set() and len(calls) == 2
+    assert "could not ask it to stop (RuntimeError: token gone)" in caplog.text

@@ -559,20 +559,23 @@ def test_submit_with_same_key_is_one_job(client):
 @pytest.fixture
 def held_writes(monkeypatch):
     """A gate the service's job folders wait at (``write_scene_message`` holds until it is set): a submit
-    whose photos take seconds to write; set at the end so no thread stays blocked."""
+    whose photos take seconds to write; set at the end so no thread stays blocked. Yields (the gate, an event set
+    when the first write reaches it, the names of the scenes' first captures whose writes reached it)."""
     import threading
 
     from backend.service import store as store_module
 
     gate, started, write = threading.Event(), threading.Event(), store_module.write_scene_message
+    entered: list[str] = []
 
     def held(scene, folder):
+        entered.append(scene["captures"][0]["name"])
         started.set()
         assert gate.wait(WAIT_S), "the test never let the write finish"
         return write(scene, folder)
 
     monkeypatch.setattr(store_module, "write_scene_message", held)
-    yield gate, started
+    yield gate, started, entered
     gate.set()
 
 
@@ -596,7 +599,7 @@ def _submit_in_thread(endpoint: str, scene: dict, key: str | None = None) -> tup
 
 def test_a_submit_being_written_holds_up_no_other_request(service, client, held_writes):
     """The loop answers others while a submit's job folder is written (raw pixels encoded: 29 s for 805 MB)."""
-    gate, started = held_writes
+    gate, started, _ = held_writes
     thread, got = _submit_in_thread(service.endpoint, scene_msg(), key="slow")
     assert started.wait(WAIT_S)
     with Client(service.endpoint, timeout_ms=2000, retries=0) as other:
@@ -614,7 +617,7 @@ def test_a_submit_being_written_holds_up_no_other_request(service, client, held_
 
 
 def test_a_submit_being_written_counts_towards_the_queue_caps(tmp_path, held_writes):
-    gate, started = held_writes
+    gate, started, _ = held_writes
     svc, thread = start(tmp_path / "jobs", job_limits=limits.JobLimits(max_queued_per_client=1))
     try:
         first, got = _submit_in_thread(svc.endpoint, scene_msg())
@@ -631,7 +634,7 @@ def test_a_submit_being_written_counts_towards_the_queue_caps(tmp_path, held_wri
 
 
 def test_a_scene_refused_while_written_is_answered_with_its_field(service, client, held_writes):
-    gate, started = held_writes
+    gate, started, _ = held_writes
     scene = scene_msg()
     scene["captures"][1]["mask"] = png_bytes()[:60]  # a PNG of the photo's size whose pixels are cut off
     thread, got = _submit_in_thread(service.endpoint, scene)
@@ -647,13 +650,13 @@ def test_a_stop_during_a_write_lists_its_job_and_refuses_the_next(tmp_path, held
     a submit not begun with an error to send it again."""
     from backend.service.server import WRITER_THREADS
 
-    gate, started = held_writes
+    gate, started, entered = held_writes
     svc, thread = start(tmp_path / "jobs")
     keys = [f"k{n}" for n in range(WRITER_THREADS + 1)]  # one more than there are writers: it waits its turn
     submits = [_submit_in_thread(svc.endpoint, scene_msg(), key=k) for k in keys]
     assert started.wait(WAIT_S)
     deadline = time.monotonic() + WAIT_S
-    while len(svc._writing) < len(keys) and time.monotonic() < deadline:
+    while (len(svc._writing) < len(keys) or len(entered) < WRITER_THREADS) and time.monotonic() < deadline:
         time.sleep(0.01)
     svc.stop()
     time.sleep(0.2)
@@ -673,6 +676,51 @@ def test_a_stop_during_a_write_lists_its_job_and_refuses_the_next(tmp_path, held
             assert all(wait_state(c, job)["state"] == "done" for job in jobs)
     finally:
         stop_service(svc, thread)
+
+
+def test_one_connections_submits_are_answered_and_queued_in_their_order(service, monkeypatch):
+    """A client that sends a large submit and then a small one on one connection, without waiting: the small one's
+    folder is written first (two writers), but its reply and its job come after the large one's."""
+    import threading
+
+    from backend.service import store as store_module
+    from tests.protocol.helpers import dealer
+
+    gate, write = threading.Event(), store_module.write_scene_message
+
+    def held(scene, folder):
+        if scene["captures"][0]["name"] == "large":
+            assert gate.wait(WAIT_S), "the test never let the write finish"
+        return write(scene, folder)
+
+    monkeypatch.setattr(store_module, "write_scene_message", held)
+    sock = dealer(service.endpoint)
+    try:
+        for rid, name in ((1, "large"), (2, "small")):
+            scene = scene_msg()
+            scene["captures"][0]["name"] = name
+            sock.send_multipart(encode({"v": 1, "op": "submit", "id": rid, "scene": scene}, "request"))
+        deadline = time.monotonic() + WAIT_S
+        while not (len(service._writing) == 2 and service._writing[1].future.done()) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the small one's folder is whole, the large one's is not
+        assert not sock.poll(300), "the small submit was answered before the large one"
+        gate.set()
+        replies = []
+        while len(replies) < 2:
+            assert sock.poll(WAIT_S * 1000), "no reply"
+            msg = decode(sock.recv_multipart(copy=False), "reply")
+            if msg["op"] == "submit":
+                replies.append(msg)
+    finally:
+        gate.set()
+        sock.close(linger=0)
+    assert [r["id"] for r in replies] == [1, 2] and all(r["ok"] for r in replies)
+    started_at = []
+    with Client(service.endpoint, timeout_ms=TIMEOUT_MS) as c:
+        for reply in replies:  # the one worker runs them in the order they were queued
+            c.watch(reply["job"], since=0)
+            started_at.append(next(e["time"] for e in c.events(reply["job"]) if e["state"] == "running"))
+    assert started_at[0] < started_at[1]
 
 
 def test_a_small_submit_is_not_held_up_by_a_large_ones_write(service, client, monkeypatch):

@@ -579,6 +579,26 @@ def held_writes(monkeypatch):
     gate.set()
 
 
+@pytest.fixture
+def held_large(monkeypatch):
+    """A gate the job folders of scenes whose first capture is named ``large`` wait at (a large scene of raw
+    pixels); the others are written at once. Set at the end so no thread stays blocked."""
+    import threading
+
+    from backend.service import store as store_module
+
+    gate, write = threading.Event(), store_module.write_scene_message
+
+    def held(scene, folder):
+        if scene["captures"][0]["name"] == "large":
+            assert gate.wait(WAIT_S), "the test never let the write finish"
+        return write(scene, folder)
+
+    monkeypatch.setattr(store_module, "write_scene_message", held)
+    yield gate
+    gate.set()
+
+
 def _submit_in_thread(endpoint: str, scene: dict, key: str | None = None) -> tuple[object, dict]:
     """Submit from a thread of its own (a client that waits for its reply): (the thread, what it got)."""
     import threading
@@ -678,22 +698,12 @@ def test_a_stop_during_a_write_lists_its_job_and_refuses_the_next(tmp_path, held
         stop_service(svc, thread)
 
 
-def test_one_connections_submits_are_answered_and_queued_in_their_order(service, monkeypatch):
+def test_one_connections_submits_are_answered_and_queued_in_their_order(service, held_large):
     """A client that sends a large submit and then a small one on one connection, without waiting: the small one's
     folder is written first (two writers), but its reply and its job come after the large one's."""
-    import threading
-
-    from backend.service import store as store_module
     from tests.protocol.helpers import dealer
 
-    gate, write = threading.Event(), store_module.write_scene_message
-
-    def held(scene, folder):
-        if scene["captures"][0]["name"] == "large":
-            assert gate.wait(WAIT_S), "the test never let the write finish"
-        return write(scene, folder)
-
-    monkeypatch.setattr(store_module, "write_scene_message", held)
+    gate = held_large
     sock = dealer(service.endpoint)
     try:
         for rid, name in ((1, "large"), (2, "small")):
@@ -723,21 +733,10 @@ def test_one_connections_submits_are_answered_and_queued_in_their_order(service,
     assert started_at[0] < started_at[1]
 
 
-def test_a_small_submit_is_not_held_up_by_a_large_ones_write(service, client, monkeypatch):
+def test_a_small_submit_is_not_held_up_by_a_large_ones_write(service, client, held_large):
     """Two writers: a submit whose folder takes long (a large scene of raw pixels) leaves another writer for the next
     submit, which is queued and answered first."""
-    import threading
-
-    from backend.service import store as store_module
-
-    gate, write = threading.Event(), store_module.write_scene_message
-
-    def held(scene, folder):
-        if scene["captures"][0]["name"] == "large":
-            assert gate.wait(WAIT_S), "the test never let the write finish"
-        return write(scene, folder)
-
-    monkeypatch.setattr(store_module, "write_scene_message", held)
+    gate = held_large
     large = scene_msg()
     large["captures"][0]["name"] = "large"
     try:

@@ -82,6 +82,10 @@ def syncs_per_step(
     return (len(caught) - 2 * base) / steps, {k: n / steps for k, n in where.most_common(12)}
 
 
+class _WindowClosed(Exception):
+    """Raised in the fit's rasterizer call after the profiled window: the fit stops there."""
+
+
 def profile_sets(
     views: Views, memory: GeometryMemory, cfg: FitConfig, sets: int, device: torch.device, out: Path, steps: int
 ) -> dict[str, float]:
@@ -94,7 +98,7 @@ def profile_sets(
     as the window would densify every few steps, its schedules being shares of the run. The window's
     steps are counted by the rasterizer calls (one a step), so nothing in the fit reads the GPU back for
     it; the window opens at step ``first``'s rasterizer call, after that step's batch and dropout are drawn, so
-    it holds N whole steps shifted by that much. Returns the GPU's busy and the wall-clock milliseconds per
+    it holds N whole steps shifted by that much, and the fit stops at the window's end. Returns the GPU's busy and the wall-clock milliseconds per
     step, and the kernel launches per step, of the window (the times inflated by the profilers)."""
     import cProfile
     import io
@@ -111,9 +115,12 @@ def profile_sets(
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     python, torch_prof = cProfile.Profile(), profile(activities=activities)
     draw = fit_module._SetsRender.draw
-    step, wall = 0, [0.0, 0.0]
+    step, wall, closed = 0, [0.0, 0.0], []
 
     def close() -> None:  # the window's wall clock stops before the profiler collects its trace
+        if closed:
+            return
+        closed.append(True)
         python.disable()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -130,14 +137,17 @@ def profile_sets(
             python.enable()
         elif step == first + steps:
             close()
+            raise _WindowClosed  # the rest of the fit would profile nothing: device time saved
         step += 1
         return draw(*args, **kwargs)
 
     with mock.patch.object(fit_module._SetsRender, "draw", counted):
         try:
             fit_sets(views, memory, cfg, sets, device)
+        except _WindowClosed:
+            pass
         finally:
-            if first < step <= first + steps:  # the window opened and ran to the fit's end (or its error)
+            if step > first:  # the window opened: closed at its end, or at the fit's end (or its error)
                 close()
     text = io.StringIO()
     text.write(f"{sets} set(s): steps {first} to {first + steps} of {cfg.iterations}\n")

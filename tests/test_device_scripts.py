@@ -100,8 +100,8 @@ def test_fit_steps_profiles_a_window_of_a_whole_fit(temple_dir: Path, tmp_path: 
 
 
 def test_fit_steps_profile_restores_the_fit_and_keeps_the_fits_own_error(tmp_path: Path, monkeypatch) -> None:
-    """The rasterizer's classmethod is put back as it was, and a fit that fails before the window opens raises
-    its own error, not the profiler's for stopping a trace it never started."""
+    """The rasterizer's classmethod is put back as it was, the fit stops at the window's end, and a fit that fails
+    before the window opens raises its own error, not the profiler's for stopping a trace it never started."""
     import pytest
     import torch
 
@@ -122,6 +122,16 @@ def test_fit_steps_profile_restores_the_fit_and_keeps_the_fits_own_error(tmp_pat
     per_step = bench.profile_sets(views, memory, cfg, 2, torch.device("cpu"), tmp_path, 3)
     assert fit._SetsRender.__dict__["draw"] is before and per_step["wall_ms"] > 0
     assert (tmp_path / "profile_sets2.txt").read_text().startswith("2 set(s): steps 3 to 6 of 9\n")
+    calls = []
+
+    def drawing(cls, *args, **kwargs):  # every rasterizer call of the fit, the window's and the rest
+        calls.append(1)
+        return before.__func__(cls, *args, **kwargs)
+
+    monkeypatch.setattr(fit._SetsRender, "draw", classmethod(drawing))
+    bench.profile_sets(views, memory, cfg, 2, torch.device("cpu"), tmp_path, 3)
+    assert len(calls) == 6  # steps 0 to 5: the fit stops at the window's end, not at its 9th step
+    monkeypatch.setattr(fit._SetsRender, "draw", before)
 
     def fails(*args, **kwargs):
         raise RuntimeError("the fit's own error")

@@ -994,3 +994,25 @@ def test_a_job_whose_manifest_is_damaged_stays_listed_with_its_files(tmp_path, m
             assert len(data) == kept["size"] and hashlib.sha256(data).hexdigest() == kept["sha256"]
     finally:
         stop_service(svc, thread)
+
+
+def test_a_submit_of_raw_pixels_waits_for_the_service_to_write_them(service, monkeypatch):
+    """The client's try waits longer for a scene of raw pixels, which the service PNG-encodes before it answers: a
+    write slower than the client's timeout is no TimeoutError (the job was made and the client gave up on it)."""
+    import protocol.client as client_module
+    from backend.service import store as store_module
+
+    write = store_module.write_scene_message
+
+    def slow(scene, folder):
+        time.sleep(1.5)  # the encoding of a large scene
+        return write(scene, folder)
+
+    monkeypatch.setattr(store_module, "write_scene_message", slow)
+    scene = scene_msg()
+    scene["captures"][0]["image"] = np.zeros((HEIGHT, WIDTH, 3), np.uint8)  # raw pixels
+    raw = scene["captures"][0]["image"].nbytes
+    monkeypatch.setattr(client_module, "RAW_SUBMIT_BYTES_PER_S", raw / 3.0)  # 3 s more a try for this scene
+    with Client(service.endpoint, timeout_ms=1000, retries=0) as c:
+        job = c.submit(scene)
+        assert wait_state(c, job)["state"] == "done"

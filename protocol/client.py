@@ -46,6 +46,7 @@ import zmq
 from . import errors, limits
 from .codec import decode, encode
 from .errors import ProtocolError
+from .images import is_raw_pixels
 from .schemas import TERMINAL_STATES
 from .version import PROTOCOL_VERSION, SUPPORTED_VERSIONS
 
@@ -246,7 +247,7 @@ class Client:
             image.nbytes
             for view in (*(scene.get("captures") or ()), *(scene.get("heldout") or ()))
             for image in (view.get("image"), view.get("mask"))
-            if isinstance(image, np.ndarray) and image.ndim == 3
+            if is_raw_pixels(image)
         )
         timeout_ms = self.timeout_ms + math.ceil(1000 * raw / RAW_SUBMIT_BYTES_PER_S)
         key = key or secrets.token_hex(IDEMPOTENT_KEY_BYTES)

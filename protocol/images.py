@@ -7,6 +7,7 @@ Blender's Python), so an oversized image is refused before anything decodes it.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import numpy as np
 
@@ -66,6 +67,11 @@ def _jpeg_size(data: bytes | memoryview) -> tuple[int, int]:
     raise ValueError("JPEG without a start-of-frame segment")
 
 
+def is_raw_pixels(image: Any) -> bool:
+    """Whether an image field is raw pixels (uint8 [H, W, C]), not an encoded PNG/JPEG file (bytes or uint8 [N])."""
+    return isinstance(image, np.ndarray) and image.ndim == 3
+
+
 def image_bytes(image: bytes | np.ndarray) -> bytes | memoryview:
     """The encoded file of an image field given as bytes or as a 1-D uint8 array."""
     if isinstance(image, np.ndarray):
@@ -75,7 +81,7 @@ def image_bytes(image: bytes | np.ndarray) -> bytes | memoryview:
 
 def image_field_size(image: bytes | np.ndarray) -> tuple[int, int]:
     """(width, height) of an image field: raw pixels [H, W, C], or a PNG/JPEG file read by its header."""
-    if isinstance(image, np.ndarray) and image.ndim == 3:
+    if is_raw_pixels(image):
         return int(image.shape[1]), int(image.shape[0])
     _fmt, w, h = encoded_image_size(image_bytes(image))
     return w, h

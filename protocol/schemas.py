@@ -19,7 +19,7 @@ import numpy as np
 
 from . import errors, limits
 from .errors import ProtocolError
-from .images import encoded_image_size
+from .images import encoded_image_size, is_raw_pixels
 from .limits import limits_markdown
 from .settings import PIPE, settings_markdown
 from .version import SUPPORTED_VERSIONS
@@ -597,7 +597,7 @@ class _Checker:
 
     def image(self, value: Any, path: str) -> None:
         side = limits.MAX_IMAGE_SIDE
-        if isinstance(value, np.ndarray) and value.ndim == 3:
+        if is_raw_pixels(value):
             h, w, c = value.shape
             if value.dtype != np.uint8 or c not in (3, limits.MAX_IMAGE_CHANNELS) or h < 1 or w < 1:
                 raise self.fail(errors.BAD_FIELD, path, "raw pixels uint8 [H, W, 3|4]", value)

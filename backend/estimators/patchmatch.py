@@ -49,7 +49,7 @@ from .mvs import (
     sparse_points,
     to_gray,
 )
-from .sfm import colmap_logging, import_pycolmap
+from .sfm import colmap_cancellation, colmap_logging, import_pycolmap
 
 U8_MAX = 255.0
 STEREO_DIR = "stereo"
@@ -221,15 +221,14 @@ def run_patchmatch(
     options.filter_min_triangulation_angle = cfg.min_triangulation_angle_deg
     options.depth_min, options.depth_max = depth_range
     options.gpu_index = cfg.gpu_index
-    token = pycolmap.CancellationToken() if hasattr(pycolmap, "CancellationToken") else None
-    stop = {} if token is None else {"cancellation_token": token}
+    stop, cancel = colmap_cancellation(pycolmap)
     with colmap_logging(pycolmap, work):
         run_reporting(
             lambda: pycolmap.patch_match_stereo(work, workspace_format="COLMAP", options=options, **stop),
             progress,
             0.0,
             "PatchMatch stereo",
-            cancel=None if token is None else token.cancel,
+            cancel=cancel,
         )
 
 

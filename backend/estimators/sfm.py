@@ -142,6 +142,16 @@ def import_pycolmap() -> ModuleType:
     return pycolmap
 
 
+def colmap_cancellation(pycolmap: ModuleType) -> tuple[dict[str, Any], Callable[[], None] | None]:
+    """What stops a long pycolmap call from another thread: the keyword arguments to pass it
+    (``cancellation_token``) and the function that asks it to stop; ``({}, None)`` where pycolmap has no
+    ``CancellationToken`` (before 3.13: the call runs to its end)."""
+    if not hasattr(pycolmap, "CancellationToken"):
+        return {}, None
+    token = pycolmap.CancellationToken()
+    return {"cancellation_token": token}, token.cancel
+
+
 @contextlib.contextmanager
 def colmap_logging(pycolmap: ModuleType, work_dir: Path) -> Iterator[None]:
     """Send COLMAP's glog output to ``work_dir/colmap.*`` instead of the console, then into our log
@@ -258,8 +268,7 @@ def estimate_cameras(
     extraction.num_threads = cfg.num_threads
     options.num_threads = cfg.num_threads
     options.random_seed = cfg.seed
-    token = pycolmap.CancellationToken() if hasattr(pycolmap, "CancellationToken") else None  # pycolmap >= 3.13
-    stop = {} if token is None else {"cancellation_token": token}
+    stop, cancel = colmap_cancellation(pycolmap)
     placed = 0  # photos COLMAP has registered so far (its callbacks run on its thread, with the GIL)
 
     def initial_pair() -> None:
@@ -271,7 +280,7 @@ def estimate_cameras(
         placed += 1
 
     def steps(work: Callable[[], Any], fraction: float, what: str | Callable[[], str]) -> Any:
-        return run_reporting(work, progress, fraction, what, cancel=None if token is None else token.cancel)
+        return run_reporting(work, progress, fraction, what, cancel=cancel)
 
     n = len(paths)
     with colmap_logging(pycolmap, work):

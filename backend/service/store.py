@@ -34,7 +34,7 @@ import numpy as np
 
 from protocol import errors, limits
 from protocol.errors import ProtocolError
-from protocol.images import encoded_image_size, image_bytes, image_field_size
+from protocol.images import encoded_image_size, image_bytes, image_field_size, is_raw_pixels
 from protocol.schemas import TERMINAL_STATES
 
 from ..fileio import sha256_file, write_atomic
@@ -98,7 +98,7 @@ def _camera_json(cam: dict[str, Any]) -> dict[str, Any]:
 
 def _write_image(image: bytes | np.ndarray, path_stem: Path) -> Path:
     """Write an image field as a PNG/JPEG file; returns the path (suffix from the format)."""
-    if isinstance(image, np.ndarray) and image.ndim == 3:
+    if is_raw_pixels(image):
         from PIL import Image
 
         path = path_stem.with_suffix(".png")
@@ -404,7 +404,7 @@ class JobStore:
         """A job's whole folder written under a ``TMP_PREFIX`` name, not yet listed: the slow part of ``create``
         (images written, raw pixels encoded, the scene loaded and its masks read). Touches no shared state, so
         the service runs it on its writer thread while the main thread answers other requests; ``commit`` lists
-        it, ``discard`` drops it.
+        it.
 
         Raises:
             ProtocolError: ``bad_field`` naming every problem of the scene; nothing is left behind.
@@ -436,18 +436,13 @@ class JobStore:
         try:
             os.replace(prepared.tmp, record.dir)
         except BaseException:
-            self.discard(prepared)
+            shutil.rmtree(prepared.tmp, ignore_errors=True)
             raise
         self._apply(record, event)
         self.jobs[record.job] = record
         if record.key:
             self.keys[(record.owner, record.key)] = record.job
         return record
-
-    @staticmethod
-    def discard(prepared: PreparedJob) -> None:
-        """Drop a prepared job that will not be listed (its folder could not be moved into place)."""
-        shutil.rmtree(prepared.tmp, ignore_errors=True)
 
     # -- events -------------------------------------------------------------------------------------
 

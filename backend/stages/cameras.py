@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from protocol.errors import listed
 from protocol.settings import BY_NAME
 
 from ..camera_paths import default_trajectory, similarity, transform_camera
@@ -153,8 +154,8 @@ def prepare_captures(
         if empty:
             many = len(empty) > 1
             notes.append(
-                f"the mask{'s' if many else ''} of {len(empty)} capture{'s' if many else ''} ({', '.join(empty[:8])}"
-                f"{', ...' if len(empty) > 8 else ''}) keep{'' if many else 's'} no pixel at the working size {W}x{H}: "
+                f"the mask{'s' if many else ''} of {len(empty)} capture{'s' if many else ''} ({listed(empty, sep=', ')}) "
+                f"keep{'' if many else 's'} no pixel at the working size {W}x{H}: "
                 f"{'they add' if many else 'it adds'} nothing to the memory or the fit (a mask is white, or opaque in "
                 "the photo's alpha, where the object is; an inverted or blank mask?)"
             )

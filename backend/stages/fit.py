@@ -649,9 +649,9 @@ def adam_step(runs: Sequence[_Run], learns: Sequence[bool]) -> None:
     """
     batches: dict[tuple[Any, ...], list[list[Tensor]]] = {}
     for run, learn in zip(runs, learns, strict=True):
+        if not learn:
+            continue
         for opt in run.optimizers.values():
-            if not learn:
-                continue
             (group,) = opt.param_groups
             plain = not (
                 group["amsgrad"] or group["maximize"] or group["capturable"] or group.get("decoupled_weight_decay")

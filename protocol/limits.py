@@ -28,6 +28,8 @@ MAX_HEADER_BYTES = 8 * MIB
 MAX_FRAME_BYTES = MAX_ARRAY_BYTES  # the socket's ZMQ_MAXMSGSIZE: bigger frames drop the connection
 MAX_MESSAGE_BYTES = 1024 * MIB  # all frames of one message together
 MAX_FRAMES = 16384
+# Submits held in memory while their job folders are written (the service's two writer threads): two of the largest.
+MAX_WRITING_BYTES = 2 * MAX_MESSAGE_BYTES
 
 # A scene in a submit request.
 MAX_CAPTURES = 1024
@@ -154,6 +156,12 @@ LIMIT_OPTIONS = (
     ("--max-request-mib", "max_request_bytes", MIB, "MiB in one submit request"),
     ("--max-queued", "max_queued_jobs", 1, "jobs waiting at once"),
     ("--max-queued-per-client", "max_queued_per_client", 1, "jobs one client may have waiting at once"),
+    (
+        "--max-writing-mib",
+        "max_writing_bytes",
+        MIB,
+        "MiB of submits held in memory while their job folders are written",
+    ),
 )
 HELLO_KEY = {"max_request_bytes": "max_message_bytes"}  # a JobLimits field sent under another key in hello
 
@@ -174,6 +182,9 @@ class JobLimits:
         max_request_bytes: all frames of one submit request together.
         max_queued_jobs: jobs waiting at once; a submit beyond it is refused until some finish.
         max_queued_per_client: jobs one client (one CurveZMQ key, or ``local``) may have waiting at once.
+        max_writing_bytes: the submits (all their frames) the server holds in memory while its writer threads write
+            their job folders; a submit that would pass it is refused while others are written (one alone always
+            fits), so many large submits at once cost refusals, not the server's memory.
     """
 
     max_captures: int = MAX_CAPTURES
@@ -184,6 +195,7 @@ class JobLimits:
     max_request_bytes: int = MAX_MESSAGE_BYTES
     max_queued_jobs: int = MAX_JOBS_LISTED
     max_queued_per_client: int = MAX_JOBS_LISTED
+    max_writing_bytes: int = MAX_WRITING_BYTES
 
     def __post_init__(self) -> None:
         ceilings = {
@@ -195,6 +207,7 @@ class JobLimits:
             "max_request_bytes": MAX_MESSAGE_BYTES,
             "max_queued_jobs": MAX_ID_INT,
             "max_queued_per_client": MAX_ID_INT,
+            "max_writing_bytes": MAX_ID_INT,
         }
         for name, ceiling in ceilings.items():
             value = getattr(self, name)
@@ -286,6 +299,11 @@ LIMIT_DOCS: dict[str, tuple[str, str]] = {
     "max_queued_per_client": (
         "jobs",
         "jobs one client may have waiting at once (a client is a CurveZMQ key; a service without keys has one client)",
+    ),
+    "max_writing_bytes": (
+        "bytes",
+        "submits held in memory while their job folders are written; a submit that would pass it while others are "
+        "written is refused `too_large` until they are (one alone always fits)",
     ),
 }
 

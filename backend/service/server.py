@@ -550,7 +550,16 @@ class Service:
             req.frames = []  # its answer needs the envelope and id alone: the resent payload is not kept meanwhile
             writing.requests.append(req)
             return None
-        limits.check_job(msg["scene"], sum(memoryview(f).nbytes for f in req.frames), self.config.job_limits)
+        nbytes = sum(memoryview(f).nbytes for f in req.frames)
+        limits.check_job(msg["scene"], nbytes, self.config.job_limits)
+        held, most = sum(w.nbytes for w in self._writing), self.config.job_limits.max_writing_bytes
+        if self._writing and held + nbytes > most:
+            raise ProtocolError(
+                errors.TOO_LARGE,
+                f"submit: the service is writing {len(self._writing)} earlier submits of {_mib(held)} and holds at "
+                f"most {_mib(most)} of them at once; this one is {_mib(nbytes)}: submit it again when they are "
+                "written (seconds)",
+            )
         waiting = len(self.queue) + len(self._writing)
         if waiting >= self.config.job_limits.max_queued_jobs:
             raise ProtocolError(
@@ -566,7 +575,7 @@ class Service:
                 f"is {cap}; submit again when some have started",
             )
         future = self._writer.submit(self.store.prepare, msg, req.owner)
-        self._writing.append(_Writing(future, req.owner, key, len(msg["scene"]["captures"]), [req]))
+        self._writing.append(_Writing(future, req.owner, key, len(msg["scene"]["captures"]), nbytes, [req]))
         return None
 
     def _finish_writes(self) -> None:
@@ -754,6 +763,7 @@ class _Writing:
         future: the prepared job, or the error that refused the scene.
         owner, key: the client and its idempotency key (None: none), so a resend joins this submit.
         captures: how many captures it has (the log's line).
+        nbytes: the submit's frames, held until its folder is written (``JobLimits.max_writing_bytes``).
         requests: the requests it answers when done: the submit, then resends with its key.
     """
 
@@ -761,6 +771,7 @@ class _Writing:
     owner: str
     key: str | None
     captures: int
+    nbytes: int
     requests: list[_Request]
 
 
@@ -781,6 +792,10 @@ def recv_message(sock: zmq.Socket, keep: int) -> tuple[list[zmq.Frame], int]:
         if count <= keep:
             frames.append(frame)
     return frames, count
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / limits.MIB:.1f} MiB"
 
 
 def _ordinal(n: int) -> str:

@@ -653,6 +653,34 @@ def test_a_submit_being_written_counts_towards_the_queue_caps(tmp_path, held_wri
         stop_service(svc, thread)
 
 
+def test_submits_held_while_written_are_capped_in_bytes(tmp_path, held_writes):
+    """Submits wait in memory for the writer threads; past ``max_writing_bytes`` the next is refused (memory stays
+    bounded) and the service goes on: a submit that fits, or any once the writes are done, is taken."""
+    gate, started, _ = held_writes
+    small, large = scene_msg(), scene_msg(captures=30)  # 13 kB and 221 kB of frames
+    cap = 300_000  # the large one and the small one, not two large ones
+    svc, thread = start(tmp_path / "jobs", job_limits=limits.JobLimits(max_writing_bytes=cap))
+    try:
+        first, got = _submit_in_thread(svc.endpoint, large)
+        assert started.wait(WAIT_S)
+        with Client(svc.endpoint, timeout_ms=TIMEOUT_MS, retries=0) as c:
+            with pytest.raises(ProtocolError) as err:
+                c.request("submit", scene=large)
+            assert err.value.code == errors.TOO_LARGE and "holds at most 0.3 MiB" in str(err.value)
+            assert c.hello()["limits"]["max_writing_bytes"] == cap
+            later, got_small = _submit_in_thread(svc.endpoint, small)  # a small one still fits beside the large one
+            time.sleep(0.2)
+            assert not got_small and len(svc._writing) == 2
+            gate.set()
+            first.join(WAIT_S)
+            later.join(WAIT_S)
+            jobs = [got["reply"]["job"], got_small["reply"]["job"], c.submit(large)]
+            assert all(wait_state(c, job)["state"] == "done" for job in jobs)
+    finally:
+        gate.set()
+        stop_service(svc, thread)
+
+
 def test_a_scene_refused_while_written_is_answered_with_its_field(service, client, held_writes):
     gate, started, _ = held_writes
     scene = scene_msg()

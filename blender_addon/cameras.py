@@ -7,7 +7,7 @@ Conventions:
     * OpenCV/COLMAP: world-to-camera 4x4 (x right, y down, z forward); K in pixels, pixel i spans
       [i, i+1] (its centre is i + 0.5); width and height in pixels.
     * Blender: camera objects look down -Z with +Y up; ``matrix_world`` may carry scale, which the
-      projection ignores.
+      projection ignores (a positive scale per axis; a shear or a mirror is refused: :func:`unscaled`).
 
 Blender to OpenCV::
 
@@ -174,12 +174,32 @@ def intrinsics_from_blender(p: BlenderCameraParams) -> tuple[np.ndarray, int, in
 
 
 def unscaled(matrix_world: np.ndarray) -> np.ndarray:
-    """``matrix_world`` with the scale of each axis removed (columns of the 3x3 normalised). [4, 4]"""
+    """``matrix_world`` with the scale of each axis removed (columns of the 3x3 normalised, as Blender's camera
+    does before it inverts the matrix into the view). [4, 4]
+
+    Raises:
+        CameraConversionError: where what is left is not a rotation, which no pinhole camera can follow: a
+            parent's non-uniform scale with a rotation between them shears the camera's axes (Blender renders
+            through the skewed frame), or a negative scale on the camera or a parent mirrors them.
+    """
     m = np.array(matrix_world, dtype=np.float64)
     norms = np.linalg.norm(m[:3, :3], axis=0)
     if np.any(norms <= 0):
         raise CameraConversionError(f"matrix_world has a zero scale on an axis; column norms {norms.tolist()}")
     m[:3, :3] /= norms
+    R = m[:3, :3]
+    shear = float(np.abs(R.T @ R - np.eye(3)).max())
+    if shear > ROTATION_TOL:
+        raise CameraConversionError(
+            f"its axes are sheared (|R^T R - I| = {shear:.2g}): a parent's non-uniform scale with a rotation between "
+            "them skews the view, which no photo's camera has; apply the parent's scale (Object > Apply > Scale) or "
+            "make it uniform"
+        )
+    if np.linalg.det(R) < 0:
+        raise CameraConversionError(
+            "its axes are mirrored: a negative scale on the camera or a parent flips the view, which no photo's "
+            "camera does; make the scale positive (rotate the camera instead)"
+        )
     return m
 
 
@@ -285,18 +305,21 @@ def image_intrinsics(
     frame_method: str = "STRETCH",
     pixel_aspect_x: float = 1.0,
     pixel_aspect_y: float = 1.0,
+    image_aspect: tuple[float, float] = (1.0, 1.0),
 ) -> np.ndarray:
     """K of a camera background photo, from the camera's K at the render size.
 
     Blender draws a camera's background image into the camera frame: 'STRETCH' fills it, 'FIT' scales
-    the photo (square pixels) to fit inside the displayed frame (render size times pixel aspect),
-    'CROP' to cover it, both centred. Image offset, rotation, scale and flips must be at their
-    defaults (the caller checks them).
+    the photo (its pixels ``image_aspect`` wide and high: ``Image.display_aspect``, square for most photos)
+    to fit inside the displayed frame (render size times pixel aspect), 'CROP' to cover it, both centred.
+    Image offset, rotation, scale and flips must be at their defaults (the caller checks them).
 
     Args:
         K: intrinsics at the render size. [3, 3]
         render_w, render_h: render size in pixels.
         image_w, image_h: the photo's size in pixels.
+        pixel_aspect_x, pixel_aspect_y: the render's pixel aspect.
+        image_aspect: the photo's pixel aspect (x, y), both > 0.
     Returns:
         K of the photo, pixel i spans [i, i+1]. float64 [3, 3]
     """
@@ -309,15 +332,19 @@ def image_intrinsics(
         out[0] *= sx
         out[1] *= sy
         return out
+    image_ax, image_ay = (float(a) for a in image_aspect)
+    if not (np.isfinite(image_ax) and np.isfinite(image_ay) and image_ax > 0 and image_ay > 0):
+        raise CameraConversionError(f"image_aspect must be two positive numbers; got {tuple(image_aspect)!r}")
     disp_w, disp_h = render_w * pixel_aspect_x, render_h * pixel_aspect_y
-    ratio_w, ratio_h = disp_w / image_w, disp_h / image_h
+    ratio_w, ratio_h = disp_w / (image_w * image_ax), disp_h / (image_h * image_ay)
     s = min(ratio_w, ratio_h) if frame_method == "FIT" else max(ratio_w, ratio_h)
-    # render pixel u -> displayed x = u * aspect_x -> image pixel = image_w/2 + (x - disp_w/2) / s
-    ax, ay = pixel_aspect_x / s, pixel_aspect_y / s
+    # render pixel u -> displayed x = u * aspect_x -> the photo's displayed x = image_w * image_ax / 2 +
+    # (x - disp_w/2) / s -> its pixel = that / image_ax = image_w/2 + (x - disp_w/2) / (s * image_ax)
+    ax, ay = pixel_aspect_x / (s * image_ax), pixel_aspect_y / (s * image_ay)
     out = np.array(
         [
-            [K[0, 0] * ax, K[0, 1] * ax, image_w / 2.0 + (K[0, 2] * pixel_aspect_x - disp_w / 2.0) / s],
-            [0.0, K[1, 1] * ay, image_h / 2.0 + (K[1, 2] * pixel_aspect_y - disp_h / 2.0) / s],
+            [K[0, 0] * ax, K[0, 1] * ax, image_w / 2.0 + (K[0, 2] - render_w / 2.0) * ax],
+            [0.0, K[1, 1] * ay, image_h / 2.0 + (K[1, 2] - render_h / 2.0) * ay],
             [0.0, 0.0, 1.0],
         ]
     )

@@ -193,7 +193,7 @@ class ResultImporter:
         for cam in importers.cameras_showing_job(self.scene, self.job) if self.job else []:
             try:
                 now = dict(sample_frames(cam, self.scene, [frame for frame, _ in path]))
-            except (ReconLoopError, ValueError):  # no longer a perspective camera, or scaled to nothing
+            except (ReconLoopError, ValueError):  # no longer a perspective camera; scaled to nothing, sheared
                 continue
             if scene_io.same_path(now, path):
                 return cam

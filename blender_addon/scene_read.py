@@ -5,8 +5,9 @@ Only reading and writing Blender data lives here; every formula is in ``cameras.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import bpy
 import numpy as np
@@ -46,7 +47,18 @@ def camera_params(obj: bpy.types.Object, scene: bpy.types.Scene) -> cam_math.Ble
 
 def sample_camera(obj: bpy.types.Object, scene: bpy.types.Scene) -> cam_math.OpenCVCamera:
     """The OpenCV camera of ``obj`` at the current frame, at the render size."""
-    return cam_math.opencv_from_blender(camera_params(obj, scene))
+    p = camera_params(obj, scene)
+    with _named(obj):
+        return cam_math.opencv_from_blender(p)
+
+
+@contextlib.contextmanager
+def _named(obj: bpy.types.Object) -> Iterator[None]:
+    """A camera the formulas refuse (sheared, mirrored, scaled to nothing) named in the error the user sees."""
+    try:
+        yield
+    except cam_math.CameraConversionError as err:
+        raise ReconLoopError(f"camera {obj.name!r}: {err}") from err
 
 
 def apply_camera_params(
@@ -96,7 +108,10 @@ def sample_frames(
     try:
         for f in frames:
             scene.frame_set(f)
-            out.append((f, sample_camera(obj, scene)))
+            try:
+                out.append((f, sample_camera(obj, scene)))
+            except ReconLoopError as err:
+                raise ReconLoopError(f"{err} (at frame {f})") from err
     finally:
         scene.frame_set(saved_frame, subframe=saved_sub)
     return out
@@ -121,11 +136,10 @@ def image_bytes(image: bpy.types.Image) -> bytes:
 
 
 def background_image(obj: bpy.types.Object):
-    """The camera's photo: its first background of source Image that has an image, or None."""
-    for bg in obj.data.background_images:
-        if bg.source == "IMAGE" and bg.image is not None:
-            return bg
-    return None
+    """The camera's photo: its first shown background of source Image that has an image (the one Blender draws
+    over the others), else its first hidden one (a photo hidden to look at the scene is still the photo), or None."""
+    photos = [bg for bg in obj.data.background_images if bg.source == "IMAGE" and bg.image is not None]
+    return next((bg for bg in photos if bg.show_background_image), photos[0] if photos else None)
 
 
 def mask_path(obj: bpy.types.Object) -> str | None:
@@ -163,7 +177,9 @@ def read_captures(collection: bpy.types.Collection, scene: bpy.types.Scene) -> l
         data = image_bytes(bg.image)
         info = image_info(data, bg.image.name)
         p = camera_params(obj, scene)
-        K, W, H = cam_math.intrinsics_from_blender(p)
+        with _named(obj):
+            K, W, H = cam_math.intrinsics_from_blender(p)
+            w2c = cam_math.w2c_from_matrix_world(p.matrix_world)
         stretched = bg.frame_method == "STRETCH"
         if stretched and cam_math.stretch_mismatch_px(W, H, info.width, info.height) > cam_math.STRETCH_TOL_PX:
             raise ReconLoopError(
@@ -181,10 +197,9 @@ def read_captures(collection: bpy.types.Collection, scene: bpy.types.Scene) -> l
             frame_method=bg.frame_method,
             pixel_aspect_x=p.pixel_aspect_x,
             pixel_aspect_y=p.pixel_aspect_y,
+            image_aspect=tuple(bg.image.display_aspect),
         )
-        camera = cam_math.OpenCVCamera(
-            w2c=cam_math.w2c_from_matrix_world(p.matrix_world), K=K_img, width=info.width, height=info.height
-        )
+        camera = cam_math.OpenCVCamera(w2c=w2c, K=K_img, width=info.width, height=info.height)
         out.append(
             CaptureInput(name=obj.name, image=data, image_format=info.format, camera=camera, mask=mask_path(obj))
         )

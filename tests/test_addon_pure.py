@@ -85,6 +85,22 @@ def test_scale_is_ignored():
     np.testing.assert_allclose(cam_math.w2c_from_matrix_world(scaled), cam_math.w2c_from_matrix_world(m), atol=1e-12)
 
 
+def test_a_sheared_or_mirrored_camera_is_refused():
+    """A parent's non-uniform scale with a rotation between them shears the camera's axes, and a negative scale
+    mirrors them: Blender renders through that frame (its view is the normalised matrix's inverse, 893 px from
+    the transpose this module takes for a rotation), which no photo's camera has."""
+    rng = np.random.default_rng(4)
+    rot = np.eye(4)
+    rot[:3, :3] = _random_rotation(rng)
+    parent = np.diag([1.0, 3.0, 0.5, 1.0])
+    with pytest.raises(cam_math.CameraConversionError, match="sheared.*Apply > Scale"):
+        cam_math.w2c_from_matrix_world(parent @ rot)
+    for flip in ([-1.0, 1.0, 1.0, 1.0], [1.0, 1.0, -1.0, 1.0]):
+        with pytest.raises(cam_math.CameraConversionError, match="mirrored.*negative scale"):
+            cam_math.w2c_from_matrix_world(rot @ np.diag(flip))
+    cam_math.w2c_from_matrix_world(np.diag([2.0, 2.0, 2.0, 1.0]) @ rot)  # a uniform parent scale is a rotation
+
+
 def test_image_intrinsics_fit_crop_stretch():
     K = np.array([[100.0, 0, 32], [0, 100.0, 24], [0, 0, 1]])
     # Same aspect: all three methods are a plain scale.
@@ -131,6 +147,19 @@ def test_image_intrinsics_fit_crop_stretch():
     # Only the ratio of the two aspects matters.
     Kc2 = cam_math.image_intrinsics(K, 64, 48, 480, 480, frame_method="CROP", pixel_aspect_x=4.0, pixel_aspect_y=2.0)
     np.testing.assert_allclose(Kc2, Kc)
+
+
+@pytest.mark.parametrize("method", ["FIT", "CROP"])
+def test_a_photos_own_pixel_aspect_is_how_blender_draws_it(method):
+    """An anamorphic photo (1440x1080 with ``Image.display_aspect`` 4/3 : 1) shows as a 1920x1080 one: its K is
+    that photo's squeezed to 3/4 across (Blender's background image takes the photo's aspect as w * aspx / h *
+    aspy; the 150 px the photo's own aspect moved it went unseen before)."""
+    K = np.array([[1500.0, 0, 1000], [0, 1500.0, 500], [0, 0, 1]])
+    square = cam_math.image_intrinsics(K, 2000, 1000, 1920, 1080, frame_method=method)
+    anamorphic = cam_math.image_intrinsics(K, 2000, 1000, 1440, 1080, frame_method=method, image_aspect=(4 / 3, 1.0))
+    np.testing.assert_allclose(anamorphic, np.diag([0.75, 1.0, 1.0]) @ square)
+    with pytest.raises(cam_math.CameraConversionError, match="image_aspect"):
+        cam_math.image_intrinsics(K, 2000, 1000, 1440, 1080, frame_method=method, image_aspect=(0.0, 1.0))
 
 
 def test_bad_values_name_the_field():

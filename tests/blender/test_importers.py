@@ -67,6 +67,61 @@ def test_capture_without_photo_is_a_clear_error():
         read_captures(coll, bpy.context.scene)
 
 
+def _capture_with_photos(tmp_path: Path, sizes: list[tuple[int, int]]) -> tuple[bpy.types.Collection, bpy.types.Object]:
+    """A collection with one camera whose backgrounds are PNG photos of ``sizes``, in that order."""
+    from PIL import Image
+
+    coll = bpy.data.collections.new("caps")
+    bpy.context.scene.collection.children.link(coll)
+    obj = bpy.data.objects.new("cam_a", bpy.data.cameras.new("cam_a"))
+    coll.objects.link(obj)
+    for w, h in sizes:
+        path = tmp_path / f"photo_{w}x{h}.png"
+        Image.new("RGB", (w, h)).save(path)
+        obj.data.background_images.new().image = bpy.data.images.load(str(path))
+    return coll, obj
+
+
+def test_the_photo_is_the_shown_background_with_its_own_pixel_aspect(tmp_path):
+    """The photo read is the background Blender shows (a hidden one before it was sent instead), mapped to the frame
+    with its own pixel aspect (``Image.display_aspect``: an anamorphic photo was 150 px off in Fit)."""
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 1920, 1080, 100
+    coll, obj = _capture_with_photos(tmp_path, [(1920, 1080), (1440, 1080)])
+    hidden, shown = obj.data.background_images
+    hidden.show_background_image = False
+    shown.frame_method = "FIT"
+    shown.image.display_aspect = (4 / 3, 1.0)
+    (capture,) = read_captures(coll, scene)
+    assert (capture.camera.width, capture.camera.height) == (1440, 1080)
+    K = sample_camera(obj, scene).K  # the render's: 1920x1080, as the photo shows
+    np.testing.assert_allclose(capture.camera.K, np.diag([0.75, 1.0, 1.0]) @ K, atol=1e-6)
+    shown.show_background_image = False  # none shown: the first photo, hidden to look at the scene, is the photo
+    assert read_captures(coll, scene)[0].camera.width == 1920
+
+
+def test_a_sheared_or_mirrored_camera_is_named_with_its_frame(tmp_path):
+    """A camera under a parent of non-uniform scale with a rotation between them, or under a negative scale, has no
+    pinhole camera (it was sent 893 px off, or mirrored): the error names the camera, and the frame in a path."""
+    scene = bpy.context.scene
+    coll, obj = _capture_with_photos(tmp_path, [(1920, 1080)])
+    parent = bpy.data.objects.new("rig", None)
+    scene.collection.objects.link(parent)
+    obj.parent = parent
+    obj.rotation_euler = (1.2, 0.3, 0.7)
+    parent.scale = (1.0, 3.0, 0.5)
+    bpy.context.view_layer.update()
+    with pytest.raises(ReconLoopError, match="camera 'cam_a': its axes are sheared"):
+        read_captures(coll, scene)
+    parent.scale = (1.0, 1.0, 1.0)
+    parent.keyframe_insert("scale", frame=1)
+    parent.scale = (-1.0, 1.0, 1.0)
+    parent.keyframe_insert("scale", frame=3)
+    assert len(sample_trajectory(obj, scene, 1, 1, 1)) == 1
+    with pytest.raises(ReconLoopError, match=r"camera 'cam_a': its axes are mirrored.* \(at frame 3\)"):
+        sample_trajectory(obj, scene, 1, 3, 2)
+
+
 def test_estimated_cameras_match_their_opencv_values(temple_dir, tmp_path):
     caps, _ = temple_captures(temple_dir, ids=(0, 5))
     est = [

@@ -26,6 +26,9 @@ from .scene import Camera, Capture, SceneError
 
 U8_MAX = 255.0
 MASK_LEVEL = 127  # a mask or alpha pixel above this (of 255) is kept
+OPAQUE = 255  # an alpha of this everywhere masks nothing
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's modes of a 16-bit grey level
+U16_PER_U8 = 257  # 65535 / 255
 
 
 class MaskError(SceneError):
@@ -40,20 +43,35 @@ class MaskError(SceneError):
         return type(self), (self.path, self.reason), self.__dict__
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """A mask file: alpha when the image has one, else its grey level; above half is kept. bool [H, W]
+def eight_bit(im: Any) -> Any:
+    """A Pillow image with a 16-bit grey level (a 16-bit greyscale PNG: mode ``I;16`` or ``I``) as an 8-bit one
+    (``L``, value / 257); any other as it is. Pillow's own conversion clips such a level at 255, so a 16-bit photo
+    read almost white and a mask's soft edge as kept."""
+    from PIL import Image
 
-    An all-black mask is a view without the object (its masked score is left out: ``masked_score``);
+    if im.mode not in HIGH_BIT_MODES:
+        return im
+    level = np.asarray(im, dtype=np.float64) / U16_PER_U8
+    return Image.fromarray(np.clip(np.rint(level), 0, 255).astype(np.uint8), mode="L")
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask file: alpha when the image has one that masks anything, else its grey level (16-bit too); above half
+    is kept. bool [H, W]
+
+    An alpha opaque everywhere is no mask (an editor's black-and-white export with an alpha channel): the grey
+    level is. An all-black mask is a view without the object (its masked score is left out: ``masked_score``);
     one whose marks all sit at or below half (a 0/1 label image) raises MaskError naming the file,
     rather than being read as empty, as does a file that cannot be decoded."""
     from PIL import Image  # not in Blender's Python: only where a mask is read or written
 
     try:
         with Image.open(path) as im:
+            grey = None
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 grey = np.asarray(im.convert("RGBA"))[..., 3]
-            else:
-                grey = np.asarray(im.convert("L"))
+            if grey is None or grey.min() == OPAQUE:
+                grey = np.asarray(eight_bit(im).convert("L"))
     except Exception as err:  # PIL raises several types (SyntaxError too) for a file cut short or corrupt
         raise MaskError(path, f"cannot be decoded ({type(err).__name__})") from err
     mask = grey > MASK_LEVEL
@@ -68,14 +86,15 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def image_alpha(path: Path) -> np.ndarray | None:
-    """The photo's alpha channel as a mask (above half kept), or None when it has none. bool [H, W]"""
+    """The photo's alpha channel as a mask (above half kept), or None when it has none or it is opaque everywhere
+    (a PNG saved with an alpha channel it does not use: no mask, so no hull and no masked scores). bool [H, W]"""
     from PIL import Image  # not in Blender's Python: only where a mask is read or written
 
     with Image.open(path) as im:
         if im.mode not in ("RGBA", "LA", "PA") and not (im.mode == "P" and "transparency" in im.info):
             return None
         alpha = np.asarray(im.convert("RGBA"))[..., 3]
-    return alpha > MASK_LEVEL
+    return None if alpha.min() == OPAQUE else alpha > MASK_LEVEL
 
 
 def capture_mask(capture: Capture, camera: Camera | None = None) -> np.ndarray | None:

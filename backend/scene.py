@@ -170,8 +170,8 @@ class Capture:
     """A photo with its camera (None: to be estimated). ``image`` is an absolute path once loaded.
 
     ``mask`` (optional) is a greyscale or RGBA image of the photo's size whose pixels above half (alpha
-    for RGBA) are the object, or what to keep; without one, a photo with an alpha channel is masked
-    by its alpha (``backend.masks.capture_mask``).
+    for RGBA, unless it is opaque everywhere) are the object, or what to keep; without one, a photo with an
+    alpha channel that is not opaque everywhere is masked by its alpha (``backend.masks.capture_mask``).
     """
 
     name: str
@@ -297,6 +297,10 @@ def _matrix(value: Any, shape: tuple[int, int], path: str) -> np.ndarray:
         raise SceneError(f"{path}: must be a {shape[0]}x{shape[1]} matrix of numbers; {err}") from None
     if arr.shape != shape:
         raise SceneError(f"{path}: must be a {shape[0]}x{shape[1]} matrix; got shape {arr.shape}")
+    for i, row in enumerate(value):  # JSON numbers only: numpy reads "1.5" and true as numbers too
+        for j, v in enumerate(row):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise SceneError(f"{path}[{i}][{j}]: must be a number; got {v!r}")
     if not np.all(np.isfinite(arr)):
         raise SceneError(f"{path}: holds NaN or infinity")
     return arr
@@ -437,7 +441,7 @@ def scene_from_json(data: Any, root: Path, *, registered: bool = True) -> Scene:
     if not isinstance(data, dict):
         raise SceneError(f"scene.json: must hold an object; got {type(data).__name__}")
     version = data.get("version")
-    if version != SCENE_FORMAT_VERSION:
+    if isinstance(version, bool) or version != SCENE_FORMAT_VERSION:  # true == 1 in Python
         raise SceneError(f"version: scene format version must be {SCENE_FORMAT_VERSION}; got {version!r}")
     _refuse_unknown(data, SCENE_KEYS, "")
     captures_json = data.get("captures")

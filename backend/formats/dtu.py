@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,9 +43,18 @@ CAMERA_FILES = ("cameras.npz", "cameras_sphere.npz", "cameras_large.npz")
 IMAGE_CANDIDATES = ("image", "images")
 MASK_CANDIDATES = ("mask", "masks")
 WORLD_MAT_KEY = re.compile(r"world_mat_(\d+)")
+CAMERA_KEY = re.compile(r"(world|scale)_mat_\d+")  # the entries read: others (NeuS's inverses, a tool's notes) are not
 WORLD_MAT = "world_mat_{}"
 SCALE_MAT = "scale_mat_{}"
 PIXEL_CENTRE_SHIFT = HALF_PIXEL  # IDR's pixel centres at integers, ours at i + 0.5
+
+
+def _entry(npz: Any, key: str, name: str) -> np.ndarray:
+    """One array of an .npz: an entry numpy cannot read without pickle (an object array) is named."""
+    try:
+        return npz[key]
+    except ValueError as err:
+        raise SceneError(f"{name}[{key}]: cannot be read: {err}") from None
 
 
 def decompose_projection(P: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -99,7 +109,9 @@ def read_dtu(
     files = list_images(image_dir)
     try:
         with np.load(npz_path, allow_pickle=False) as npz:
-            mats = dict(npz)
+            mats = {key: _entry(npz, key, npz_path.name) for key in npz.files if CAMERA_KEY.fullmatch(key)}
+    except SceneError:
+        raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # empty, cut short, or not an .npz
         raise SceneError(f"cameras: {npz_path} is not a numpy .npz file: {err}") from None
     count = sum(1 for key in mats if WORLD_MAT_KEY.fullmatch(key))

@@ -28,6 +28,7 @@ from backend.formats.base import (
 from backend.scene import Capture, SceneError, image_size
 
 POSES_FILE = "poses_bounds.npy"
+ASPECT_TOL_PX = 1.0  # the images' height may differ by this much from hwf's shape at their width (downsizing rounds)
 POSE_SHAPE = (3, 5)  # [R | t | hwf], flattened row by row into the first 15 numbers of a row
 NEAR, FAR = 15, 16  # then the near and far depth
 POSE_COLUMNS = 17
@@ -78,6 +79,11 @@ def read_llff(src: Path, *, cameras: str | None = None, images: str | None = Non
             raise SceneError(f"{where}: the pose must be finite; it holds NaN or infinity")
         if full_w <= 0 or full_h <= 0:
             raise SceneError(f"{where}: the image size must be positive; got hwf {pose[:, 4].tolist()}")
+        if abs(full_h * width / full_w - height) > ASPECT_TOL_PX:  # K would stretch one axis against the other
+            raise SceneError(
+                f"{where}: hwf says {full_w:g}x{full_h:g} photos, another shape than the images' {width}x{height}: "
+                "the photos were rotated or cropped since the poses were made; use the photos the poses were made for"
+            )
         K_full = intrinsics(focal, focal, full_w / 2, full_h / 2)
         K = K_full * np.array([[width / full_w], [height / full_h], [1.0]])
         if image_size(path) != (width, height):

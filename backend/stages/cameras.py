@@ -32,7 +32,7 @@ from protocol.settings import BY_NAME
 
 from ..camera_paths import default_trajectory, similarity, transform_camera
 from ..formats.undistort import undistort_image
-from ..masks import stack_masks
+from ..masks import eight_bit, stack_masks
 from ..outputs import CaptureCamera
 from ..progress import WorkProgress, no_work_progress
 from ..scene import SIM_MIN_CAMERAS, Camera, Capture, Scene, SceneError, image_size, relative_posix
@@ -179,7 +179,8 @@ def prepare_captures(
 def load_image(
     path: Path, width: int | None = None, height: int | None = None, *, capture: str | None = None
 ) -> np.ndarray:
-    """An 8-bit sRGB image as stored (no colour management), optionally resized. uint8 [H, W, 3]
+    """An 8-bit sRGB image as stored (no colour management; a 16-bit grey level to 8 bits), optionally resized.
+    uint8 [H, W, 3]
 
     A file that cannot be read or decoded (truncated, not an image) raises SceneError naming the
     capture (``capture``, when the caller knows it) and the file: the scene's check reads only the
@@ -187,7 +188,7 @@ def load_image(
     """
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = eight_bit(im).convert("RGB")
             if width is not None and height is not None and im.size != (width, height):
                 im = im.resize((width, height), Image.BILINEAR)
             return np.asarray(im).copy()

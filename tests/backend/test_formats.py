@@ -579,6 +579,21 @@ def test_llff_bad_pose_or_bounds_names_the_row(fern_dir, tmp_path, column, value
         import_scene("llff", tmp_path, tmp_path / "scene", images=str(fern_dir / "images_8"))
 
 
+def test_llff_poses_of_photos_of_another_shape_are_refused_naming_the_row(fern_dir, tmp_path):
+    """hwf of another shape than the images (a row's height and width swapped, or a square's): K was scaled by the
+    two ratios apart, fx 543 against fy 306 for the fern, where the photos were rotated or cropped."""
+    raw = np.load(fern_dir / "poses_bounds.npy")
+    h, w = raw[2, 4], raw[2, 9]
+    for hw in ((w, h), (w, w)):
+        bad = raw.copy()
+        bad[2, 4], bad[2, 9] = hw
+        np.save(tmp_path / "poses_bounds.npy", bad)
+        with pytest.raises(
+            SceneError, match=r"poses_bounds.npy\[2\]: hwf says .* another shape than the images' 504x378"
+        ):
+            import_scene("llff", tmp_path, tmp_path / "scene", images=str(fern_dir / "images_8"))
+
+
 # ----------------------------------------------------------------------------------------------
 # DTU / IDR
 

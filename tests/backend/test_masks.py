@@ -159,6 +159,46 @@ def test_dtu_counts_cameras_by_world_mat_keys_only(temple_dir, tmp_path):
         import_scene("dtu", tmp_path / "dtu", tmp_path / "out")
 
 
+def test_dtu_reads_its_camera_entries_alone(temple_dir, tmp_path):
+    """An entry of another name that numpy reads only with pickle (a tool's notes) is not read; one of a camera's
+    names that cannot be read is named (the whole file was refused as "not a numpy .npz file")."""
+    _dtu_folder(temple_dir, tmp_path, 3, with_masks=False)
+    npz = tmp_path / "dtu" / "cameras_sphere.npz"
+    mats = dict(np.load(npz))
+    np.savez(npz, **mats, meta=np.array([{"tool": "x"}], dtype=object))
+    assert len(import_scene("dtu", tmp_path / "dtu", tmp_path / "out", use_scale_mat=False).captures) == 3
+    mats["scale_mat_1"] = np.array([{"not": "a matrix"}], dtype=object)
+    np.savez(npz, **mats)
+    with pytest.raises(SceneError, match=r"cameras_sphere.npz\[scale_mat_1\]: cannot be read: Object arrays"):
+        import_scene("dtu", tmp_path / "dtu", tmp_path / "out2")
+
+
+def test_a_16_bit_photo_or_mask_reads_at_its_level(temple_dir, tmp_path):
+    """A 16-bit greyscale PNG (Pillow's I;16) read almost white (Pillow clips the level at 255: the temple's mean
+    191 for 33), and a 16-bit mask's soft edge as kept."""
+    from backend.stages.cameras import load_image
+
+    grey = np.asarray(Image.open(next(temple_dir.glob("*.png"))).convert("L"))
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "photo16.png")
+    assert Image.open(tmp_path / "photo16.png").mode == "I;16"
+    np.testing.assert_array_equal(load_image(tmp_path / "photo16.png"), np.dstack([grey] * 3))
+    edge = np.array([[0, 100, 200, 255]], np.uint16) * 257  # a soft edge: two pixels below half
+    Image.fromarray(edge).save(tmp_path / "mask16.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "mask16.png"), [[False, False, True, True]])
+
+
+def test_an_alpha_opaque_everywhere_masks_nothing(temple_dir, tmp_path):
+    """An RGBA mask whose alpha is opaque everywhere (an editor's black-and-white export) is its grey level, where
+    it kept every pixel; a photo with such an alpha has no mask (no hull, no masked scores)."""
+    rgb = np.asarray(Image.open(next(temple_dir.glob("*.png"))).convert("RGB"))
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])).save(tmp_path / "opaque.png")
+    assert image_alpha(tmp_path / "opaque.png") is None
+    white = np.zeros(rgb.shape, np.uint8)
+    white[10:20, 30:50] = 255
+    Image.fromarray(np.dstack([white, np.full(rgb.shape[:2], 255, np.uint8)])).save(tmp_path / "mask_rgba.png")
+    assert read_mask(tmp_path / "mask_rgba.png").sum() == 200
+
+
 def test_a_mask_that_keeps_no_pixel_is_refused_naming_the_file(tmp_path):
     """A 0/1 label image keeps nothing above half: refused, not read as an empty object; an all-black
     mask is a view without the object."""

@@ -401,3 +401,25 @@ def test_scene_json_paths_are_relative_with_slashes_or_absolute_across_drives(tm
 
     monkeypatch.setattr(scene_module.os.path, "relpath", other_drive)
     assert relative_posix(photo, tmp_path / "scene") == photo.resolve().as_posix()
+
+
+def test_camera_numbers_must_be_json_numbers(temple_dir, tmp_path):
+    """A string or a boolean in K (or w2c), and ``"version": true``, were read as numbers by numpy."""
+    from backend.formats import import_scene
+
+    import_scene("middlebury", temple_dir, tmp_path / "s")
+    data = json.loads((tmp_path / "s" / "scene.json").read_text())
+    for path, value, match in (
+        (("K", 0, 0), "1520.4", r"captures\[0\]\.camera\.K\[0\]\[0\]: must be a number; got '1520.4'"),
+        (("K", 2, 2), True, r"captures\[0\]\.camera\.K\[2\]\[2\]: must be a number; got True"),
+        (("w2c", 0, 3), None, r"captures\[0\]\.camera\.w2c"),
+    ):
+        bad = json.loads(json.dumps(data))
+        key, i, j = path
+        bad["captures"][0]["camera"][key][i][j] = value
+        (tmp_path / "s" / "scene.json").write_text(json.dumps(bad))
+        with pytest.raises(SceneError, match=match):
+            load_scene(tmp_path / "s")
+    (tmp_path / "s" / "scene.json").write_text(json.dumps({**data, "version": True}))
+    with pytest.raises(SceneError, match="version: scene format version must be 1; got True"):
+        load_scene(tmp_path / "s")

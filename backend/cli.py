@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_SCRIPT = REPO / "scripts" / "make_demo_scene.py"
 DEFAULT_SERVER = "tcp://127.0.0.1:5555"
 PERCENT = 100
+MAX_PORT = 65535
 EXIT_BAD_INPUT = 2
 EXIT_JOB_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -218,6 +219,9 @@ def zmq_endpoint(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"must be a ZeroMQ endpoint like {DEFAULT_SERVER} (tcp://HOST:PORT or ipc://PATH); got {text!r}"
         ) from None
+    port = text.rpartition(":")[2] if text.startswith("tcp://") else ""
+    if port.isdigit() and int(port) > MAX_PORT:  # ZeroMQ would connect, and wait, without a word (0: bind's any)
+        raise argparse.ArgumentTypeError(f"the port must be at most {MAX_PORT}; got {port} in {text!r}")
     return text
 
 

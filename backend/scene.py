@@ -513,6 +513,8 @@ def load_scene(folder: str | os.PathLike, *, registered: bool = True) -> Scene:
     given = Path(folder)
     if not given.exists():
         raise SceneError(f"{given}: no such {'file' if given.name == SCENE_FILE else 'folder'}")
+    if given.is_file() and given.suffix.lower() != ".json":  # a photo or a dataset's file: not read as JSON
+        raise SceneError(f"{given}: is a file; a scene is a folder with {SCENE_FILE} (or the path of its {SCENE_FILE})")
     path = given / SCENE_FILE if given.is_dir() else given
     root = path.parent
     if not path.is_file():

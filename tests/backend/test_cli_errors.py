@@ -43,6 +43,15 @@ def test_an_endpoint_without_a_transport_is_named_by_its_option(command, option,
     assert "got '127.0.0.1:5555'" in err
 
 
+def test_a_port_past_65535_is_named_by_its_option(capsys):
+    """``tcp://127.0.0.1:99999``: ZeroMQ connected to it and the client waited out its retries without a word."""
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["submit", "scene", "--out", "o", "--server", "tcp://127.0.0.1:99999"])
+    assert exit_.value.code == 2
+    assert "argument --server: the port must be at most 65535; got 99999" in capsys.readouterr().err
+    assert build_parser().parse_args(["serve", "--bind", "tcp://127.0.0.1:0"]).bind == "tcp://127.0.0.1:0"  # any
+
+
 def test_submit_to_a_malformed_endpoint_names_server_and_the_reason(tmp_path, capsys):
     """A transport but no port: ZeroMQ's connect refuses it; one line naming --server, not ZMQError."""
     scene = write_scene(tmp_path / "scene")

@@ -257,6 +257,9 @@ def test_a_missing_scene_folder_is_named(tmp_path, monkeypatch):
         load_scene("scnee/")
     with pytest.raises(SceneError, match=rf"^{tmp_path / 'nope' / SCENE_FILE}: no such file$"):
         load_scene(tmp_path / "nope" / SCENE_FILE)
+    (tmp_path / "templeSR_par.txt").write_text("16\n")  # a dataset's file given for its folder: was read as JSON
+    with pytest.raises(SceneError, match=r"templeSR_par.txt: is a file; a scene is a folder with scene.json"):
+        load_scene(tmp_path / "templeSR_par.txt")
 
 
 def test_a_dataset_folder_without_scene_json_names_its_import(temple_dir):

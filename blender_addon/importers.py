@@ -222,7 +222,8 @@ def _points_mesh(name: str, xyz: np.ndarray) -> bpy.types.Mesh:
     mesh = bpy.data.meshes.new(name)
     n = int(xyz.shape[0])
     mesh.vertices.add(n)
-    mesh.attributes["position"].data.foreach_set("vector", np.ascontiguousarray(xyz, dtype=np.float32).ravel())
+    if n:  # a mesh without vertices has no position attribute (a job's empty result: an empty object)
+        mesh.attributes["position"].data.foreach_set("vector", np.ascontiguousarray(xyz, dtype=np.float32).ravel())
     return mesh
 
 
@@ -296,8 +297,8 @@ def import_gaussians(g, name: str, coll: bpy.types.Collection) -> bpy.types.Obje
             opacity_logits [N], sh [N, K, 3]).
     """
     mesh = _points_mesh(name, g.means)
-    quats = g.quats.astype(np.float32)
-    quats /= np.linalg.norm(quats, axis=1, keepdims=True)
+    quats = g.quats.astype(np.float64)  # normalised in float64: float32's norm of 1e-30 is 0, of 3e38 inf
+    quats = (quats / np.linalg.norm(quats, axis=1, keepdims=True)).astype(np.float32)
     _set_attribute(mesh, ATTR_SCALE, "FLOAT_VECTOR", "vector", g.scales)
     _set_attribute(mesh, ATTR_ROTATION, "QUATERNION", "value", quats)
     _set_attribute(mesh, ATTR_OPACITY, "FLOAT", "value", g.opacities)
@@ -318,25 +319,33 @@ def import_gaussians(g, name: str, coll: bpy.types.Collection) -> bpy.types.Obje
     return _link(obj, coll, scene_io.KIND_GAUSSIANS)
 
 
-def import_points_ply(path: str, name: str, coll: bpy.types.Collection) -> bpy.types.Object:
-    """Read a point cloud .ply (protocol.ply) and import it. Raises ReconLoopError in plain words."""
+def read_points_file(path: str):
+    """A point cloud .ply (protocol.ply) as ``PointArrays``. Raises ReconLoopError in plain words."""
     try:
-        points = read_points_ply(path)
+        return read_points_ply(path)
     except (PlyFormatError, OSError) as err:
         raise ReconLoopError(str(err)) from None
-    return import_points(points, name, coll)
 
 
-def import_gaussians_ply(path: str, name: str, coll: bpy.types.Collection) -> bpy.types.Object:
-    """Read a Gaussian .ply (protocol.ply) and import it; a .ply without Gaussian fields raises
+def read_gaussians_file(path: str):
+    """A Gaussian .ply (protocol.ply) as ``GaussianArrays``; a .ply without Gaussian fields raises
     ReconLoopError ("x.ply has no f_dc_0: not a Gaussian file")."""
     if read_gaussians_ply is None:
         raise ReconLoopError("the protocol package is missing: reinstall the ReconLoop extension")
     try:
-        g = read_gaussians_ply(path)
+        return read_gaussians_ply(path)
     except (PlyFormatError, OSError) as err:
         raise ReconLoopError(str(err)) from None
-    return import_gaussians(g, name, coll)
+
+
+def import_points_ply(path: str, name: str, coll: bpy.types.Collection) -> bpy.types.Object:
+    """Read a point cloud .ply (:func:`read_points_file`) and import it."""
+    return import_points(read_points_file(path), name, coll)
+
+
+def import_gaussians_ply(path: str, name: str, coll: bpy.types.Collection) -> bpy.types.Object:
+    """Read a Gaussian .ply (:func:`read_gaussians_file`) and import it."""
+    return import_gaussians(read_gaussians_file(path), name, coll)
 
 
 def mesh_positions(obj: bpy.types.Object) -> np.ndarray:

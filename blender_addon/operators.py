@@ -141,15 +141,17 @@ class ResultImporter:
 
     def _import(self, kind: str, name: str, path: str) -> None:
         if kind == scene_io.KIND_POINTS:
+            points = importers.read_points_file(path)  # read first: a file that fails leaves the earlier result
             coll = self.collection()
             importers.remove_kind(coll, kind)
-            obj = importers.import_points_ply(path, f"{self.key} points", coll)
+            obj = importers.import_points(points, f"{self.key} points", coll)
             self.objects[kind] = obj.name
             self.arrived.append("points")
         elif kind == scene_io.KIND_GAUSSIANS:
+            gaussians = importers.read_gaussians_file(path)
             coll = self.collection()
             importers.remove_kind(coll, kind)
-            obj = importers.import_gaussians_ply(path, f"{self.key} gaussians", coll)
+            obj = importers.import_gaussians(gaussians, f"{self.key} gaussians", coll)
             self.objects[kind] = obj.name
             self.arrived.append("Gaussians")
             importers.prepare_render_for_gaussians(self.scene)

@@ -44,6 +44,7 @@ from plyfile import PlyData, PlyElement
 
 # Zeroth spherical-harmonics basis constant, 1 / (2 sqrt(pi)): colour = 0.5 + SH_C0 * f_dc.
 SH_C0 = 0.28209479177387814
+LOG_SCALE_MAX = 80.0  # a Gaussian's log-scale above this is refused (float32's exp overflows near 88.7)
 # The SH degrees the layout carries (3DGS uses 3; viewers accept 0..3).
 MAX_SH_DEGREE = 3
 
@@ -401,6 +402,12 @@ def read_gaussians_ply(source: PathOrFile, *, name: str | None = None) -> Gaussi
         ("rotation", quats),
     ):
         _finite_or_raise(values, field, name)
+    huge = int(np.count_nonzero((log_scales > LOG_SCALE_MAX).any(axis=1)))
+    if huge:  # exp overflows float32 near 88.7: the scale would be inf
+        raise PlyFormatError(
+            f"{name}: {huge} of {n} Gaussians have a scale_* above {LOG_SCALE_MAX:g} (e^{LOG_SCALE_MAX:g} world units "
+            "or more: no scene is that large)"
+        )
     zero_quats = int(np.count_nonzero(~np.any(quats != 0, axis=1)))
     if zero_quats:
         raise PlyFormatError(f"{name}: {zero_quats} of {n} Gaussians have an all-zero rotation (rot_0..3)")

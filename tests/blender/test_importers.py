@@ -435,3 +435,65 @@ def test_a_rerun_finds_its_own_collection_whatever_its_number_and_an_old_one_is_
     again = importers.job_collection(scene, "images", "job3", "/data/fern/images")
     assert again is fern and again["reconloop_key"] == "images 2"
     assert [c for c in scene.collection.children_recursive if c.get("reconloop_key", "").startswith("images")] == [fern]
+
+
+def _gaussians(n: int, degree: int = 0, **values: np.ndarray):
+    from protocol.ply import GaussianArrays, num_sh_bases
+
+    g = {
+        "means": np.zeros((n, 3), np.float32),
+        "log_scales": np.full((n, 3), -3.0, np.float32),
+        "quats": np.tile(np.array([1, 0, 0, 0], np.float32), (n, 1)),
+        "opacity_logits": np.zeros(n, np.float32),
+        "sh": np.zeros((n, num_sh_bases(degree), 3), np.float32),
+    }
+    return GaussianArrays(**{**g, **values})
+
+
+@pytest.mark.parametrize("degree", [0, 3])
+def test_an_empty_result_imports_as_an_empty_object(tmp_path, degree):
+    """0 Gaussians or 0 points (a job whose masks cropped everything): a mesh without vertices has no position
+    attribute, and the import raised KeyError where an empty object is the result."""
+    from protocol.ply import write_gaussians_ply
+
+    from ._plys import write_blank_points
+
+    coll = bpy.data.collections.new("results")
+    write_gaussians_ply(tmp_path / "g.ply", _gaussians(0, degree))
+    obj = importers.import_gaussians_ply(str(tmp_path / "g.ply"), f"empty {degree}", coll)
+    assert len(obj.data.vertices) == 0 and obj.modifiers["Gaussians"].node_group is not None
+    points = importers.import_points_ply(str(write_blank_points(tmp_path / "p.ply", 0)), "no points", coll)
+    assert len(points.data.vertices) == 0
+
+
+def test_rotations_far_from_unit_length_are_normalised_and_huge_scales_refused(tmp_path):
+    """A rotation of length 1e-30 was stored as [inf, nan, nan, nan] and one of 3e38 as zeros (normalised in
+    float32); a log-scale of 200 as an inf scale. Rotations are normalised in float64; such scales are refused."""
+    from protocol.ply import write_gaussians_ply
+
+    coll = bpy.data.collections.new("results")
+    quats = np.array([[1e-30, 0, 0, 0], [3e38, 3e38, 0, 0]], np.float32)
+    obj = importers.import_gaussians(_gaussians(2, quats=quats), "odd rotations", coll)
+    got = np.zeros(8, np.float32)
+    obj.data.attributes[importers.ATTR_ROTATION].data.foreach_get("value", got)
+    np.testing.assert_allclose(got.reshape(2, 4), [[1, 0, 0, 0], [0.5**0.5, 0.5**0.5, 0, 0]], atol=1e-6)
+    write_gaussians_ply(tmp_path / "huge.ply", _gaussians(2, log_scales=np.array([[200, 0, 0], [0, 0, 0]], np.float32)))
+    with pytest.raises(ReconLoopError, match="1 of 2 Gaussians have a scale_\\* above 80"):
+        importers.import_gaussians_ply(str(tmp_path / "huge.ply"), "huge", coll)
+
+
+def test_a_result_that_fails_to_read_keeps_the_earlier_one(tmp_path):
+    """A job's gaussians.ply that cannot be read (cut short) is named in ``failed``; the earlier Gaussians stay (they
+    were removed before the new file was read)."""
+    from blender_addon import operators
+    from protocol.ply import write_gaussians_ply
+
+    importer = operators.ResultImporter(bpy.context.scene.name, "k", "", (1, 2))
+    write_gaussians_ply(tmp_path / "gaussians.ply", _gaussians(3))
+    importer.on_file(scene_io.KIND_GAUSSIANS, "gaussians.ply", str(tmp_path / "gaussians.ply"))
+    first = importer.objects[scene_io.KIND_GAUSSIANS]
+    data = (tmp_path / "gaussians.ply").read_bytes()
+    (tmp_path / "gaussians.ply").write_bytes(data[: len(data) - 20])
+    importer.on_file(scene_io.KIND_GAUSSIANS, "gaussians.ply", str(tmp_path / "gaussians.ply"))
+    assert "gaussians.ply" in importer.failed
+    assert first in bpy.data.objects and len(bpy.data.objects[first].data.vertices) == 3

@@ -61,9 +61,11 @@ OVERVIEW_FILE = "overview.png"
 FRAMES_DIR = "frames"
 FRAME_IMAGE = "frame_{:04d}.png"
 FRAME_CONFIDENCE = "confidence_{:04d}.png"
-# the files of FRAME_IMAGE and FRAME_CONFIDENCE, any frame number (more than 4 digits too)
+# the files of FRAME_IMAGE and FRAME_CONFIDENCE, any frame number (more than 4 digits too, and below 0: "-002")
 FRAME_FILE_PATTERN = re.compile(
-    "|".join(re.escape(name).replace(re.escape("{:04d}"), r"\d{4,}") for name in (FRAME_IMAGE, FRAME_CONFIDENCE))
+    "|".join(
+        re.escape(name).replace(re.escape("{:04d}"), r"(?:\d{4,}|-\d{3,})") for name in (FRAME_IMAGE, FRAME_CONFIDENCE)
+    )
 )
 # every file the loop writes at the folder's top (the frames folder aside): what clear_outputs removes
 JOB_FILES = (POINTS_FILE, POINTS_FINAL_FILE, GAUSSIANS_FILE, CAMERAS_FILE, METRICS_FILE, OVERVIEW_FILE)

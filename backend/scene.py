@@ -47,6 +47,7 @@ SCENE_FILE = "scene.json"
 
 DISTORTION_PARAMS = {model: len(coeffs) for model, coeffs in DISTORTION_COEFFS.items()}
 
+SHAPE_TOL_PX = 1.0  # a trajectory camera's height may differ by this much from the first's shape at its width
 ROTATION_TOL = 1e-4  # |R^T R - I| and |det R - 1| allowed in a camera's rotation
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -476,9 +477,25 @@ def scene_from_json(data: Any, root: Path, *, registered: bool = True) -> Scene:
     frames = [t.frame for t in trajectory]
     if frames != sorted(set(frames)):
         raise SceneError("trajectory: frame numbers must increase strictly")
+    _check_trajectory_shape(trajectory)
     _check_frame(captures, trajectory)
     settings = Settings.from_json(data.get("settings"), registered=registered)
     return Scene(root=root.resolve(), captures=captures, trajectory=trajectory, heldout=heldout, settings=settings)
+
+
+def _check_trajectory_shape(trajectory: list[TrajectoryFrame]) -> None:
+    """Every trajectory camera of the first's shape: the loop renders every frame at one working size, so a frame of
+    another shape was squeezed into it (a 30x90 frame behind a 100x20 one: fx/fy 2.8), with no word."""
+    if not trajectory:
+        return
+    first = trajectory[0].camera
+    for i, t in enumerate(trajectory):
+        w, h = t.camera.width, t.camera.height
+        if abs(w * first.height / first.width - h) > SHAPE_TOL_PX:
+            raise SceneError(
+                f"trajectory[{i}].camera: {w}x{h} is another shape than trajectory[0]'s {first.width}x{first.height}; "
+                "the loop renders every frame at one size: give the trajectory's cameras one aspect ratio"
+            )
 
 
 def _trajectory_frame_from_json(t: Any, p: str) -> TrajectoryFrame:

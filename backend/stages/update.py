@@ -31,6 +31,7 @@ from .memory import QUANTILE_SAMPLES, auto_voxel_size, cap_points, check_views, 
 from .render import RenderConfig, render_memory
 
 GENERATED_SOURCE = -1  # source id of points lifted from generated frames (DESIGN.md section 3)
+CAPTURE_PIXELS_MAX = 2.0  # the automatic voxel's pixel term at most this many times the captures' own
 
 
 def _default_stereo() -> MVSConfig:
@@ -196,13 +197,24 @@ def lift_filled(
     return pts
 
 
-def update_voxel_size(memory: GeometryMemory, cams: Cameras, renders: Renders, cfg: UpdateConfig) -> float:
-    """Automatic merge voxel: max(voxel_fraction x diagonal, voxel_px pixels at the median depth)."""
+def update_voxel_size(
+    memory: GeometryMemory, cams: Cameras, renders: Renders, cfg: UpdateConfig, captures: Cameras | None = None
+) -> float:
+    """Automatic merge voxel: max(voxel_fraction x diagonal, voxel_px pixels at the median depth), the pixel term
+    at most :data:`CAPTURE_PIXELS_MAX` times the captures' (``voxel_px`` of their pixels at the memory's median
+    depth in them): frames 150 times as far as the scene made a voxel that merged the whole temple memory into 11
+    points, where a trajectory among the captures has a pixel term like theirs and is never capped."""
     size = auto_voxel_size(memory, cfg.voxel_fraction)
     z = renders.depth[renders.mask]
     if z.numel():
-        focal = float(cams.K[:, 0, 0].median())
-        size = max(size, cfg.voxel_px * float(z.median()) / focal)
+        pixel = cfg.voxel_px * float(z.median()) / float(cams.K[:, 0, 0].median())
+        if captures is not None and len(captures) and len(memory):
+            at = torch.einsum("cj,nj->cn", captures.w2c[:, 2, :3], memory.xyz) + captures.w2c[:, 2, 3, None]  # [C, N]
+            seen = at[at > 0]
+            if seen.numel():
+                own = cfg.voxel_px * float(seen.median()) / float(captures.K[:, 0, 0].median())
+                pixel = min(pixel, CAPTURE_PIXELS_MAX * own)
+        size = max(size, pixel)
     return size
 
 
@@ -247,7 +259,9 @@ def update_memory(
     new = GeometryMemory.cat(parts)
     new = new.select(new.confidence >= cfg.min_confidence)
     merged = GeometryMemory.cat([memory, new.to(memory.device)])
-    voxel = cfg.voxel_size or update_voxel_size(memory if len(memory) > 1 else merged, frames.cams, renders, cfg)
+    voxel = cfg.voxel_size or update_voxel_size(
+        memory if len(memory) > 1 else merged, frames.cams, renders, cfg, captures.cams if len(captures) else None
+    )
     if voxel > 0:
         merged = voxel_downsample(merged, voxel)
     return cap_points(merged, cfg.max_points)

@@ -453,13 +453,15 @@ def test_write_frames_threads_round_trip(tmp_path):
 
 
 def test_clear_outputs_removes_only_the_loops_files(tmp_path):
-    """What an earlier run wrote goes (frames by name, numbers past 9999 too); a user's files stay."""
+    """What an earlier run wrote goes (frames by name, numbers past 9999 and below 0 too: a rerun left frame_-002.png
+    beside a new path); a user's files stay."""
     from backend.outputs import FRAMES_DIR, JOB_FILES, clear_outputs
 
     frames = tmp_path / FRAMES_DIR
     frames.mkdir()
     loop_files = [*JOB_FILES, f"{FRAMES_DIR}/cameras.json", f"{FRAMES_DIR}/frame_0001.png"]
     loop_files += [f"{FRAMES_DIR}/confidence_0001.png", f"{FRAMES_DIR}/frame_12345.png"]
+    loop_files += [f"{FRAMES_DIR}/frame_-002.png", f"{FRAMES_DIR}/confidence_-002.png"]
     own = ["notes.txt", "scene.json", f"{FRAMES_DIR}/frame_1.png", f"{FRAMES_DIR}/frame_0001.jpg"]
     for name in loop_files + own:
         (tmp_path / name).write_bytes(b"x")

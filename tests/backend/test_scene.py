@@ -157,6 +157,12 @@ def edit(data: dict, dotted: str, value) -> dict:
             r"^trajectory\[0\]\.camera\.distortion: only captures",
         ),
         ("trajectory.1.frame", 1, r"^trajectory: frame numbers must increase strictly"),
+        # a trajectory frame of another shape was squeezed into the first's working size, with no word
+        (
+            "trajectory.1.camera.height",
+            HEIGHT * 3,
+            r"^trajectory\[1\]\.camera: 32x72 is another shape than trajectory\[0\]'s 32x24; the loop renders",
+        ),
         ("captures.1.name", "img0", r"^captures: names must be unique; 'img0' appears twice"),
         ("heldout.0.camera", None, r"^heldout\[0\]\.camera: missing"),
         ("captures.0.camera.focal", 3, r"^captures\[0\]\.camera\.focal: unknown field"),

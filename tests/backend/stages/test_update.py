@@ -103,3 +103,18 @@ def test_measured_points_keep_their_capture(temple_dir):
     _, memory, _, _, _, updated, _ = _setup(str(temple_dir))
     assert bool((memory.source >= 0).all())
     assert int((updated.source >= 0).sum()) > 0.5 * len(memory)
+
+
+def test_frames_far_beyond_the_captures_keep_the_memory(temple_dir):
+    """Frames 150 times as far as the scene: the merge voxel's pixel term (one pixel at the median depth) grew
+    with the distance until the update merged the whole memory into 5 points of 13,789; at most twice the
+    captures' own, it keeps about a quarter (the far frames' pixels are that coarse)."""
+    captures, memory, frames, _, _, _, _ = _setup(str(temple_dir))
+    w2c = frames.cams.w2c.clone()
+    near = render_memory(memory, frames.cams)
+    w2c[:, 2, 3] += 150 * float(near.depth[near.mask].median())  # each camera backed off along its axis
+    far = Views(frames.images, replace(frames.cams, w2c=w2c), frames.ids)
+    renders = render_memory(memory, far.cams)
+    assert renders.mask.any()
+    updated = update_memory(memory, far, renders, torch.where(renders.mask, 1.0, 0.0), captures, CFG)
+    assert len(updated) > 0.15 * len(memory), (len(memory), len(updated))

@@ -328,6 +328,26 @@ def test_path_through_hits_keys_and_orders_the_ring(temple_dir: Path, tmp_path: 
     assert max(radii) / min(radii) < 1.1
 
 
+@pytest.mark.parametrize("protocol, ring_start", [("ring", 0), ("ring-arc", 11)])
+def test_a_path_round_the_captures_keeps_the_scene_in_view(temple_dir: Path, tmp_path: Path, protocol, ring_start):
+    """The Middlebury ring's cameras are rolled apart (their up vectors 90 degrees and more apart): slerping the
+    keys' rotations alone swung the view off the temple between them (14 of 24 frames of the 3-view ring's path,
+    6 of 12 of the test scene's). Every frame now faces the centre the keys' axes meet at, the keys hit exactly."""
+    from tests.backend.stages._geometry_data import TEMPLE_BOX
+
+    scene = split_protocol(
+        import_scene("middlebury", temple_dir, tmp_path), protocol, train_views=3, ring_start=ring_start
+    )
+    keys = [c.camera for c in scene.captures]
+    centre = (TEMPLE_BOX[0] + TEMPLE_BOX[1]) / 2
+    for cam in default_trajectory(keys, 24):
+        (uv,), (depth,) = cam.project(centre[None])
+        assert depth > 0 and 0 <= uv[0] <= cam.width and 0 <= uv[1] <= cam.height, (uv, depth)
+    order = order_around(keys)
+    for k, i in enumerate(order):
+        np.testing.assert_allclose(default_trajectory(keys, 24)[8 * k].w2c, keys[i].w2c, atol=1e-9)
+
+
 def test_path_through_slerps_rotations_the_short_way() -> None:
     """Keys rotated +-100 degrees about z (canonical quaternions with a negative dot): the midpoint is
     the rotation by 180 degrees, 80 degrees from each key, not the identity 100 degrees the long way."""

@@ -150,8 +150,9 @@ def order_around(cams: Sequence[Camera]) -> list[int]:
 def path_through(keys: Sequence[Camera], num_frames: int, *, closed: bool = True) -> list[Camera]:
     """A smooth camera path visiting ``keys`` in the given order, ``num_frames`` cameras in all.
 
-    Rotations are slerped; positions orbit the axes' meeting point when the cameras look at a common
-    centre from spread-out directions (ring captures), else move on straight lines (forward-facing).
+    Positions orbit the axes' meeting point when the cameras look at a common centre from spread-out directions
+    (ring captures), and every camera faces it, turned by the keys' own offsets from facing it (slerped), rolled as
+    the keys' rotations slerped; else positions move on straight lines (forward-facing) and rotations are slerped.
     Keys are hit exactly when ``num_frames`` is a multiple of the number of legs.
     """
     if not keys:

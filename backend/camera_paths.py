@@ -93,15 +93,25 @@ def _slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
     return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
 
 
-def _facing(pos: np.ndarray, target: np.ndarray, like: np.ndarray) -> np.ndarray:
-    """The camera-to-world rotation (OpenCV: x right, y down, z forward) at ``pos`` looking at ``target``, rolled as
-    rotation ``like`` is (its down axis, else its right one where that is along the view). [3, 3]"""
+def _facing(pos: np.ndarray, target: np.ndarray, down: np.ndarray) -> np.ndarray:
+    """The camera-to-world rotation (OpenCV: x right, y down, z forward) at ``pos`` looking at ``target``, its down
+    axis as near ``down`` as the view allows (any where ``down`` lies along the view). [3, 3]"""
     z = (target - pos) / np.linalg.norm(target - pos)
-    x = np.cross(like[:, 1], z)
-    if np.linalg.norm(x) < 1e-6:  # ``like`` looks straight up or down the new view
-        x = like[:, 0] - (like[:, 0] @ z) * z
+    x = np.cross(down, z)
+    if np.linalg.norm(x) < 1e-6:
+        x = np.cross(np.eye(3)[int(np.argmin(np.abs(z)))], z)
     x /= np.linalg.norm(x)
     return np.stack([x, np.cross(z, x), z], axis=1)
+
+
+def _orbit_axis(keys: Sequence[Camera], center: np.ndarray) -> np.ndarray:
+    """The direction an orbit of ``keys`` about ``center`` turns around (the legs' summed normals), else the keys'
+    mean down axis: the down of every camera facing the centre before its own roll. [3]"""
+    rel = [c.center - center for c in keys]
+    axis = sum(np.cross(a, b) for a, b in zip(rel, rel[1:]))
+    if np.linalg.norm(axis) < 1e-9 * max(float(np.linalg.norm(r)) for r in rel) ** 2:
+        axis = np.mean([c.c2w[:3, 1] for c in keys], axis=0)
+    return axis / max(np.linalg.norm(axis), 1e-12)
 
 
 def scene_center(cams: Sequence[Camera]) -> np.ndarray | None:
@@ -151,8 +161,8 @@ def path_through(keys: Sequence[Camera], num_frames: int, *, closed: bool = True
     """A smooth camera path visiting ``keys`` in the given order, ``num_frames`` cameras in all.
 
     Positions orbit the axes' meeting point when the cameras look at a common centre from spread-out directions
-    (ring captures), and every camera faces it, turned by the keys' own offsets from facing it (slerped), rolled as
-    the keys' rotations slerped; else positions move on straight lines (forward-facing) and rotations are slerped.
+    (ring captures), and every camera faces it upright (down along the orbit's axis), turned by the keys' rolls and
+    offsets from that, slerped; else positions move on straight lines (forward-facing) and rotations are slerped.
     Keys are hit exactly when ``num_frames`` is a multiple of the number of legs.
     """
     if not keys:
@@ -166,8 +176,9 @@ def path_through(keys: Sequence[Camera], num_frames: int, *, closed: bool = True
     center = scene_center(keys) if spread >= ORBIT_MIN_SPREAD_DEG else None
     legs = len(keys) if closed else len(keys) - 1
     quats = [_rotation_to_quat(c.c2w[:3, :3]) for c in keys]
-    if center is not None:  # each key's rotation as one facing the centre, then its own offset from that
-        offsets = [_rotation_to_quat(_facing(c.center, center, c.c2w[:3, :3]).T @ c.c2w[:3, :3]) for c in keys]
+    if center is not None:  # each key's rotation as the one facing the centre upright, then its own roll and offset
+        axis = _orbit_axis(keys, center)
+        offsets = [_rotation_to_quat(_facing(c.center, center, axis).T @ c.c2w[:3, :3]) for c in keys]
     out = []
     for k in range(num_frames):
         s = k * legs / num_frames if closed else k * legs / max(num_frames - 1, 1)
@@ -182,11 +193,11 @@ def path_through(keys: Sequence[Camera], num_frames: int, *, closed: bool = True
             da, db = a.center - center, b.center - center
             ra, rb = np.linalg.norm(da), np.linalg.norm(db)
             pos = center + _slerp(da / ra, db / rb, t) * ((1 - t) * ra + t * rb)
-            # facing the centre from pos, rolled as the slerped rotation, turned by the keys' offsets slerped: the
-            # slerp alone swung the view off the scene between keys whose roll differs (the Middlebury ring's
-            # cameras: 14 of 24 frames of the temple's 3-view ring path saw nothing of it)
+            # facing the centre from pos upright, turned by the keys' rolls and offsets slerped (about the view: the
+            # roll turns evenly): the keys' rotations slerped swung the view off the scene between keys rolled apart
+            # (the Middlebury ring's: 69 of 120 frames of the temple's 3-view ring path saw nothing of it)
             oa, ob = offsets[i], offsets[(i + 1) % len(keys)]
-            R_c2w = _facing(pos, center, R_c2w) @ _quat_to_rotation(_slerp(oa, ob if np.dot(oa, ob) >= 0 else -ob, t))
+            R_c2w = _facing(pos, center, axis) @ _quat_to_rotation(_slerp(oa, ob if np.dot(oa, ob) >= 0 else -ob, t))
         else:
             pos = (1 - t) * a.center + t * b.center
         w2c = np.eye(4)

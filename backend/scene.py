@@ -47,7 +47,6 @@ SCENE_FILE = "scene.json"
 
 DISTORTION_PARAMS = {model: len(coeffs) for model, coeffs in DISTORTION_COEFFS.items()}
 
-SHAPE_TOL_PX = 1.0  # a trajectory camera's height may differ by this much from the first's shape at its width
 ROTATION_TOL = 1e-4  # |R^T R - I| and |det R - 1| allowed in a camera's rotation
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -483,6 +482,12 @@ def scene_from_json(data: Any, root: Path, *, registered: bool = True) -> Scene:
     return Scene(root=root.resolve(), captures=captures, trajectory=trajectory, heldout=heldout, settings=settings)
 
 
+def same_shape(width: int, height: int, other_width: float, other_height: float) -> bool:
+    """Whether two image sizes have one aspect ratio, each side rounded to whole pixels (a size scaled down and
+    rounded, either way round): |w h0 - h w0| within half the four sides' sum."""
+    return abs(width * other_height - height * other_width) <= (width + height + other_width + other_height) / 2
+
+
 def _check_trajectory_shape(trajectory: list[TrajectoryFrame]) -> None:
     """Every trajectory camera of the first's shape: the loop renders every frame at one working size, so a frame of
     another shape was squeezed into it (a 30x90 frame behind a 100x20 one: fx/fy 2.8), with no word."""
@@ -491,7 +496,7 @@ def _check_trajectory_shape(trajectory: list[TrajectoryFrame]) -> None:
     first = trajectory[0].camera
     for i, t in enumerate(trajectory):
         w, h = t.camera.width, t.camera.height
-        if abs(w * first.height / first.width - h) > SHAPE_TOL_PX:
+        if not same_shape(w, h, first.width, first.height):
             raise SceneError(
                 f"trajectory[{i}].camera: {w}x{h} is another shape than trajectory[0]'s {first.width}x{first.height}; "
                 "the loop renders every frame at one size: give the trajectory's cameras one aspect ratio"

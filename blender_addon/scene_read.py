@@ -136,8 +136,8 @@ def image_bytes(image: bpy.types.Image) -> bytes:
 
 
 def background_image(obj: bpy.types.Object):
-    """The camera's photo: its first shown background of source Image that has an image (the one Blender draws
-    over the others), else its first hidden one (a photo hidden to look at the scene is still the photo), or None."""
+    """The camera's photo: its first shown background of source Image that has an image, else its first hidden one
+    (a photo hidden to look at the scene is still the photo), or None."""
     photos = [bg for bg in obj.data.background_images if bg.source == "IMAGE" and bg.image is not None]
     return next((bg for bg in photos if bg.show_background_image), photos[0] if photos else None)
 
@@ -157,7 +157,8 @@ def read_captures(collection: bpy.types.Collection, scene: bpy.types.Scene) -> l
     """Captures from the camera objects of ``collection`` (sorted by name), each with its photo (and the
     path of its mask file, where the camera has one: ``reconloop_mask``).
 
-    Each camera's first background image is its photo; its K is the camera's K at the render size
+    Each camera's first shown background image is its photo (:func:`background_image`); its K is the camera's K at
+    the render size
     mapped onto the photo's pixels the way Blender draws it (frame method; offset, scale, rotation
     and flips must be at their defaults). A photo stretched into the frame must have the render's shape.
     """

@@ -109,7 +109,8 @@ def read_dtu(
     files = list_images(image_dir)
     try:
         with np.load(npz_path, allow_pickle=False) as npz:
-            mats = {key: _entry(npz, key, npz_path.name) for key in npz.files if CAMERA_KEY.fullmatch(key)}
+            wanted = CAMERA_KEY if use_scale_mat else WORLD_MAT_KEY
+            mats = {key: _entry(npz, key, npz_path.name) for key in npz.files if wanted.fullmatch(key)}
     except SceneError:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # empty, cut short, or not an .npz

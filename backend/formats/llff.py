@@ -25,10 +25,9 @@ from backend.formats.base import (
     resolve_in,
     w2c_from_c2w,
 )
-from backend.scene import Capture, SceneError, image_size
+from backend.scene import Capture, SceneError, image_size, same_shape
 
 POSES_FILE = "poses_bounds.npy"
-ASPECT_TOL_PX = 1.0  # the images' height may differ by this much from hwf's shape at their width (downsizing rounds)
 POSE_SHAPE = (3, 5)  # [R | t | hwf], flattened row by row into the first 15 numbers of a row
 NEAR, FAR = 15, 16  # then the near and far depth
 POSE_COLUMNS = 17
@@ -79,7 +78,7 @@ def read_llff(src: Path, *, cameras: str | None = None, images: str | None = Non
             raise SceneError(f"{where}: the pose must be finite; it holds NaN or infinity")
         if full_w <= 0 or full_h <= 0:
             raise SceneError(f"{where}: the image size must be positive; got hwf {pose[:, 4].tolist()}")
-        if abs(full_h * width / full_w - height) > ASPECT_TOL_PX:  # K would stretch one axis against the other
+        if not same_shape(width, height, full_w, full_h):  # K would stretch one axis against the other
             raise SceneError(
                 f"{where}: hwf says {full_w:g}x{full_h:g} photos, another shape than the images' {width}x{height}: "
                 "the photos were rotated or cropped since the poses were made; use the photos the poses were made for"

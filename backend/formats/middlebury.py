@@ -91,8 +91,10 @@ def silhouette(path: Path) -> np.ndarray:
     """The object's mask in one photo by the README's recipe. bool [H, W]"""
     from PIL import Image  # only for silhouettes; the add-on imports this module without PIL
 
+    from backend.masks import eight_bit
+
     with Image.open(path) as im:
-        rgb = np.asarray(im.convert("RGB"))
+        rgb = np.asarray(eight_bit(im).convert("RGB"))
     return threshold_silhouette(
         rgb, threshold=SILHOUETTE_THRESHOLD, dilate_px=SILHOUETTE_DILATE_PX, erode_px=SILHOUETTE_ERODE_PX
     )

@@ -32,6 +32,7 @@ from .render import RenderConfig, render_memory
 
 GENERATED_SOURCE = -1  # source id of points lifted from generated frames (DESIGN.md section 3)
 CAPTURE_PIXELS_MAX = 2.0  # the automatic voxel's pixel term at most this many times the captures' own
+DEPTH_SAMPLES = 65536  # memory points whose depth in the captures gives theirs (a [C, N] of 2M points was GBs)
 
 
 def _default_stereo() -> MVSConfig:
@@ -202,14 +203,16 @@ def update_voxel_size(
 ) -> float:
     """Automatic merge voxel: max(voxel_fraction x diagonal, voxel_px pixels at the median depth), the pixel term
     at most :data:`CAPTURE_PIXELS_MAX` times the captures' (``voxel_px`` of their pixels at the memory's median
-    depth in them): frames 150 times as far as the scene made a voxel that merged the whole temple memory into 11
-    points, where a trajectory among the captures has a pixel term like theirs and is never capped."""
+    depth in them): frames 150 times as far as the scene made a voxel that merged the whole temple memory into a
+    handful of points (5 of 13,789 in tests/backend/stages/test_update.py), where a trajectory among the captures has
+    a pixel term like theirs and is never capped."""
     size = auto_voxel_size(memory, cfg.voxel_fraction)
     z = renders.depth[renders.mask]
     if z.numel():
         pixel = cfg.voxel_px * float(z.median()) / float(cams.K[:, 0, 0].median())
         if captures is not None and len(captures) and len(memory):
-            at = torch.einsum("cj,nj->cn", captures.w2c[:, 2, :3], memory.xyz) + captures.w2c[:, 2, 3, None]  # [C, N]
+            xyz = memory.xyz[:: -(-len(memory) // DEPTH_SAMPLES)]  # [<= DEPTH_SAMPLES, 3], evenly strided
+            at = torch.einsum("cj,nj->cn", captures.w2c[:, 2, :3], xyz) + captures.w2c[:, 2, 3, None]  # [C, n]
             seen = at[at > 0]
             if seen.numel():
                 own = cfg.voxel_px * float(seen.median()) / float(captures.K[:, 0, 0].median())

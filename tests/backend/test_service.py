@@ -669,7 +669,9 @@ def test_submits_held_while_written_are_capped_in_bytes(tmp_path, held_writes):
             assert err.value.code == errors.TOO_LARGE and "holds at most 0.3 MiB" in str(err.value)
             assert c.hello()["limits"]["max_writing_bytes"] == cap
             later, got_small = _submit_in_thread(svc.endpoint, small)  # a small one still fits beside the large one
-            time.sleep(0.2)
+            deadline = time.monotonic() + WAIT_S
+            while len(svc._writing) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert not got_small and len(svc._writing) == 2
             gate.set()
             first.join(WAIT_S)

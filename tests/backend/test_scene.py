@@ -432,3 +432,15 @@ def test_camera_numbers_must_be_json_numbers(temple_dir, tmp_path):
     (tmp_path / "s" / "scene.json").write_text(json.dumps({**data, "version": True}))
     with pytest.raises(SceneError, match="version: scene format version must be 1; got True"):
         load_scene(tmp_path / "s")
+
+
+def test_same_shape_allows_each_sides_rounding_either_way_round():
+    """One rule for a trajectory camera against the first and an LLFF image against its hwf: a size scaled down and
+    rounded keeps its shape (a small first camera's rounding is not multiplied up; a portrait images_8 of 3004x4003
+    is 376x500); another aspect is not."""
+    from backend.scene import same_shape
+
+    assert same_shape(1920, 1080, 100, 56) and same_shape(100, 56, 1920, 1080)
+    assert same_shape(376, 500, 3004, 4003) and same_shape(504, 378, 4032, 3024)
+    assert not same_shape(30, 90, 100, 20) and not same_shape(1920, 1088, 1920, 1080)
+    assert not same_shape(504, 378, 3024, 4032)  # height and width swapped

@@ -366,7 +366,7 @@ def _run_loop(
     point_rgb = torch.zeros(F_all, H, W, 3, device=device)  # M's render, for overview.png
     frame_cams = targets_all.to_scene()
     frame_index: dict[int, dict[str, Any]] = {}  # frames/cameras.json: this run's frames, kept here
-    blind: list[str] = []  # segments whose views see (almost) nothing of M or the guide
+    blind: set[int] = set()  # the trajectory's frames (indices) that see (almost) nothing of M or the guide
     for k, seg in enumerate(segments):
         targets = targets_all[seg.indices]
         # 3. Retrieval: captures that cover this segment's views of M.
@@ -409,10 +409,12 @@ def _run_loop(
             with meter.measure("update"):
                 lifted = Views(frames.images, targets, [-1] * len(targets))
                 memory = update_memory(memory, lifted, memory_renders, frames.confidence, captures, cfg.update)
-        coverage = float(renders.mask.float().mean())
+        covered = renders.mask.float().mean(dim=(1, 2))  # [F]
+        coverage = float(covered.mean())
         span = f"{step0.frame_numbers[seg.start]}-{step0.frame_numbers[seg.stop - 1]}"
-        if coverage < BLIND_COVERAGE:
-            blind.append(span)
+        # a segment under BLIND_COVERAGE, and any frame that sees none of it (one camera looking away mid-path,
+        # which the segment's mean hides; a frame of a small memory's point render may see the object in 0.5 %)
+        blind.update(i for i, share in zip(seg.indices, covered.tolist()) if coverage < BLIND_COVERAGE or share == 0)
         track.finish(
             "generate",
             f"segment {k + 1}/{len(segments)}: frames {span}, {len(picked)} captures "
@@ -422,9 +424,9 @@ def _run_loop(
         )
     if blind:
         step0.notes.append(
-            f"the trajectory's frames {', '.join(blind)} see almost nothing the captures saw (under "
-            f"{BLIND_COVERAGE:.0%} of their pixels): those frames are the generator's guess; check that the trajectory "
-            "looks at the scene from near the captures"
+            f"the trajectory's frames {', '.join(_spans(sorted(blind), step0.frame_numbers))} see almost nothing the "
+            f"captures saw (under {BLIND_COVERAGE:.0%} of their pixels, or none of a frame's): those frames are the "
+            "generator's guess; check that the trajectory looks at the scene from near the captures"
         )
     if note := getattr(gen, "segments_note", None):  # what a learning generator did per segment (``refine``)
         step0.notes.append(note)
@@ -497,6 +499,17 @@ def _run_loop(
         gaussians=gaussians,
         metrics=metrics,
     )
+
+
+def _spans(indices: Sequence[int], numbers: Sequence[int]) -> list[str]:
+    """Runs of consecutive trajectory indices (ascending) as frame numbers: ``["3", "7-9"]``."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return [f"{numbers[r[0]]}" if len(r) == 1 else f"{numbers[r[0]]}-{numbers[r[-1]]}" for r in runs]
 
 
 def _points(memory: GeometryMemory) -> PointArrays:

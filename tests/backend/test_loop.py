@@ -184,6 +184,14 @@ def test_a_trajectory_looking_away_is_named_in_a_note(temple3: Scene, single_thr
     (note,) = [n for n in result.metrics["notes"] if "see almost nothing the captures saw" in n]
     assert note.startswith(f"the trajectory's frames {FRAME_NUMBERS[0]}-"), note
     assert f"-{FRAME_NUMBERS[-1]} see almost nothing" in note and "under 1% of their pixels" in note
+    # one frame looking away among frames that see the scene: named alone (the segment's mean hid it)
+    one = [
+        TrajectoryFrame(t.frame, replace(t.camera, w2c=turn @ t.camera.w2c)) if i == 1 else t
+        for i, t in enumerate(temple3.trajectory)
+    ]
+    result = run_loop(replace(temple3, trajectory=one, settings=settings), tmp_path / "one", device="cpu")
+    (note,) = [n for n in result.metrics["notes"] if "see almost nothing the captures saw" in n]
+    assert note.startswith(f"the trajectory's frames {FRAME_NUMBERS[1]} see almost nothing"), note
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import logging
@@ -135,7 +136,33 @@ def import_scene(
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise SceneError(f"src: {src} not found")
-    found: ImportedScene = reader(src, **options)
+    before = _entries(dst)
+    try:
+        return _import_into(reader(src, **options), dst, undistort, holdout_every, train_ids, settings)
+    except BaseException:  # a refused import leaves the folder as it found it: none of the masks or images it wrote
+        for path in sorted(_entries(dst) - before, reverse=True):  # a folder's files before the folder
+            if path.is_dir() and not path.is_symlink():
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+        raise
+
+
+def _entries(folder: Path) -> set[Path]:
+    """Every file and folder below ``folder`` (and itself, when it is there)."""
+    return {folder, *folder.rglob("*")} if folder.is_dir() else set()
+
+
+def _import_into(
+    found: ImportedScene,
+    dst: Path,
+    undistort: bool,
+    holdout_every: int,
+    train_ids: Sequence[int] | None,
+    settings: Settings | None,
+) -> Scene:
+    """:func:`import_scene`'s writing: masks, undistorted images, scene.json and bounds.json into ``dst``."""
     if found.masks:
         found = replace(found, captures=_with_masks(found.captures, found.masks, dst))
     captures, heldout = split_holdout(found.captures, holdout_every=holdout_every, train_ids=train_ids)

@@ -304,3 +304,19 @@ def test_one_capture_whose_mask_keeps_nothing_is_named_in_a_note(tmp_path):
     step = prepare_captures(Scene(tmp_path, caps), width=16, height=16, default_frames=4, device="cpu")
     (note,) = [n for n in step.notes if "keeps no pixel" in n]
     assert note.startswith("the mask of 1 capture (p1) keeps no pixel at the working size 16x16: it adds nothing")
+
+
+def test_a_refused_import_leaves_the_folder_as_it_was(temple_dir, tmp_path):
+    """An import refused after it wrote its masks (a training id past the captures) left 16 mask files and no
+    scene.json; now what it wrote goes, and what the folder held stays."""
+    with pytest.raises(ValueError, match="99"):
+        import_scene("middlebury", temple_dir, tmp_path / "new", silhouettes=True, train_ids=[0, 99])
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "used" / "masks").mkdir(parents=True)
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="99"):
+        import_scene("middlebury", temple_dir, tmp_path / "used", silhouettes=True, train_ids=[0, 99])
+    assert sorted(p.relative_to(tmp_path / "used").as_posix() for p in (tmp_path / "used").rglob("*")) == [
+        "masks",
+        "notes.txt",
+    ]

@@ -74,6 +74,8 @@ def frame_range(text: str) -> tuple[int, int, int]:
         numbers = []
     if len(numbers) not in (2, 3) or (len(numbers) == 3 and numbers[2] < 1):
         raise argparse.ArgumentTypeError(f"must be START:END[:STEP] in frames, STEP at least 1; got {text!r}")
+    if numbers[1] < numbers[0]:  # an empty range: it was taken, and the job ran the scene's path without a word
+        raise argparse.ArgumentTypeError(f"END must not be before START; got {text!r}")
     return numbers[0], numbers[1], numbers[2] if len(numbers) == 3 else 1
 
 

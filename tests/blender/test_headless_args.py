@@ -70,6 +70,7 @@ def test_a_value_the_add_on_would_not_take_is_one_line(registered, tmp_path, fla
         (("--size", "64"), "argument --size: must be WIDTHxHEIGHT in pixels, e.g. 320x240; got '64'"),
         (("--frames", "1-40"), "argument --frames: must be START:END[:STEP] in frames, STEP at least 1; got '1-40'"),
         (("--frames", "1:40:0"), "argument --frames: must be START:END[:STEP]"),
+        (("--frames", "5:1"), "argument --frames: END must not be before START; got '5:1'"),
         (("--blend", "missing.blend"), "argument --blend: missing.blend: no such file"),
         (("--extension", "reconloop.zip"), "argument --extension: reconloop.zip: no such file"),
         (("--server-key", "server.key"), "argument --server-key: server.key: no such file"),

@@ -126,10 +126,13 @@ KIND_TRAJECTORY = "trajectory"  # an animated camera on the path the service cho
 # Collections
 
 
-def job_collection(scene: bpy.types.Scene, key: str, job_id: str, source: str = "") -> bpy.types.Collection:
+def job_collection(
+    scene: bpy.types.Scene, key: str, job_id: str, source: str = "", *, empty: bool = True
+) -> bpy.types.Collection:
     """The collection for one job's results; this scene's collection of an earlier run of the same ``source`` (a
-    re-run) is emptied and reused. Another source's collection of that key (a second photo folder named
-    ``images``) is left alone: the new one's key gets a number (``images 2``; its ``COLLECTION_KEY`` says which).
+    re-run) is reused, emptied (``empty``; else its results stay until the new job's replace them, kind by kind:
+    :func:`remove_kind`, :func:`remove_other_kinds`). Another source's collection of that key (a second photo folder
+    named ``images``) is left alone: the new one's key gets a number (``images 2``; its ``COLLECTION_KEY`` says which).
 
     Args:
         key: what a re-run shares with the run it replaces (the captures' name).
@@ -155,7 +158,8 @@ def job_collection(scene: bpy.types.Scene, key: str, job_id: str, source: str = 
         scene.collection.children.link(coll)
         coll[COLLECTION_KEY] = wanted
     else:
-        clear_collection(coll)
+        if empty:
+            clear_collection(coll)
         ensure_linked(scene, coll)
     if source:
         coll[COLLECTION_SOURCE] = source
@@ -188,6 +192,14 @@ def remove_kind(coll: bpy.types.Collection, kind: str) -> None:
     """Delete the objects of one kind (points, gaussians, ...) from ``coll`` (a partial result replaced)."""
     for obj in list(coll.objects):
         if obj.get(OBJECT_KIND) == kind:
+            _remove_object(obj)
+
+
+def remove_other_kinds(coll: bpy.types.Collection, kinds: set[str]) -> None:
+    """Delete the objects of ``coll`` of a kind not in ``kinds`` (an earlier run's results the new run did not
+    replace); objects of no kind (the user's) stay."""
+    for obj in list(coll.objects):
+        if obj.get(OBJECT_KIND) and obj.get(OBJECT_KIND) not in kinds:
             _remove_object(obj)
 
 

@@ -101,6 +101,7 @@ class ResultImporter:
         self._frames_dirty = False
         self._job_dir = ""
         self.objects: dict[str, str] = {}  # kind -> object name
+        self.delivered: set[str] = set()  # the kinds this job has put in its collection (the rest: an earlier run's)
         self.unregistered = ""  # photo-folder mode: the photos that got no camera, in one line
         self.reimport = reimport
         self.arrived: list[str] = []  # what reached the scene since the last undo step pushed for it
@@ -124,9 +125,16 @@ class ResultImporter:
         if coll is not None:
             self.key = coll.get(importers.COLLECTION_KEY, self.key)  # object names follow the collection's
         else:
-            coll = importers.job_collection(self.scene, self.key, self.job, self.source)
+            # an earlier run's results stay until this job's replace them (a cancelled re-run keeps its Gaussians)
+            coll = importers.job_collection(self.scene, self.key, self.job, self.source, empty=False)
             self.key = coll[importers.COLLECTION_KEY]  # "images 2" beside another folder's "images"
         return coll
+
+    def drop_earlier(self) -> None:
+        """At the end of a job that finished: an earlier run's results of kinds this job did not deliver go."""
+        coll = importers.existing_job_collection(self.scene, self.job) if self.job else None
+        if coll is not None:
+            importers.remove_other_kinds(coll, self.delivered)
 
     def on_file(self, kind: str, name: str, path: str) -> None:
         """Import one downloaded file. A file that fails is named in ``failed`` and the job's other files still
@@ -146,6 +154,7 @@ class ResultImporter:
             importers.remove_kind(coll, kind)
             obj = importers.import_points(points, f"{self.key} points", coll)
             self.objects[kind] = obj.name
+            self.delivered.add(kind)
             self.arrived.append("points")
         elif kind == scene_io.KIND_GAUSSIANS:
             gaussians = importers.read_gaussians_file(path)
@@ -153,6 +162,7 @@ class ResultImporter:
             importers.remove_kind(coll, kind)
             obj = importers.import_gaussians(gaussians, f"{self.key} gaussians", coll)
             self.objects[kind] = obj.name
+            self.delivered.add(kind)
             self.arrived.append("Gaussians")
             importers.prepare_render_for_gaussians(self.scene)
         elif kind == scene_io.KIND_FRAME:
@@ -164,6 +174,7 @@ class ResultImporter:
             coll = self.collection()
             if cams:
                 importers.remove_kind(coll, kind)
+                self.delivered.add(kind)
                 try:  # refused (photos of several sizes): the path camera below still comes
                     importers.import_estimated_cameras(cams, self.photos, coll, self.scene)
                     self.arrived.append("cameras")
@@ -180,6 +191,7 @@ class ResultImporter:
                 if path_cams:
                     own = self._camera_it_ran_on(path_cams) if self.reimport else None
                     importers.remove_kind(coll, importers.KIND_TRAJECTORY)  # a re-import: one path camera at most
+                    self.delivered.add(importers.KIND_TRAJECTORY)
                     if own is not None:  # the user's camera, unmoved: its frames are refreshed there
                         self.trajectory_camera = own.name
                     else:
@@ -295,6 +307,8 @@ def _finish(driver: connection.JobDriver, importer: ResultImporter) -> str | Non
     """After the last step: the error message of a failed job, or None."""
     rt = _runtime()
     importer.flush()
+    if driver.progress.state == "done":  # a job cancelled or failed keeps the earlier run's results it did not replace
+        importer.drop_earlier()
     _push_arrivals(importer, ending=True)
     _stop_following(driver)
     if driver.progress.state in ("failed", "interrupted"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import bpy
@@ -497,3 +498,32 @@ def test_a_result_that_fails_to_read_keeps_the_earlier_one(tmp_path):
     importer.on_file(scene_io.KIND_GAUSSIANS, "gaussians.ply", str(tmp_path / "gaussians.ply"))
     assert "gaussians.ply" in importer.failed
     assert first in bpy.data.objects and len(bpy.data.objects[first].data.vertices) == 3
+
+
+def test_a_rerun_keeps_the_earlier_results_until_its_own_replace_them(tmp_path):
+    """A re-run emptied its collection when its first file came, so one cancelled before its Gaussians left none:
+    now each kind stays until the new run's replaces it, and a run that finishes drops the kinds it did not deliver."""
+    from blender_addon import operators
+    from protocol.ply import write_gaussians_ply
+
+    from ._plys import write_blank_points
+
+    points = str(write_blank_points(tmp_path / "points.ply", 4))
+    write_gaussians_ply(tmp_path / "gaussians.ply", _gaussians(3))
+
+    def run(job: str, files: list[tuple[str, str]]) -> operators.ResultImporter:
+        importer = operators.ResultImporter(bpy.context.scene.name, "caps", "", (1, 2))
+        importer.job = job
+        for kind, path in files:
+            importer.on_file(kind, os.path.basename(path), path)
+        return importer
+
+    both = [(scene_io.KIND_POINTS, points), (scene_io.KIND_GAUSSIANS, str(tmp_path / "gaussians.ply"))]
+    run("job1", both).drop_earlier()
+    cancelled = run("job2", both[:1])  # cancelled after its points: no drop_earlier
+    kinds = sorted(o.get(importers.OBJECT_KIND) for o in cancelled.collection().objects)
+    assert kinds == [scene_io.KIND_GAUSSIANS, scene_io.KIND_POINTS]
+    assert cancelled.objects[scene_io.KIND_POINTS] in bpy.data.objects  # the new points, beside the old Gaussians
+    done = run("job3", both[:1])
+    done.drop_earlier()  # finished without Gaussians (no fit): the earlier run's go
+    assert [o.get(importers.OBJECT_KIND) for o in done.collection().objects] == [scene_io.KIND_POINTS]

@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .scene import Camera
+from .scene import Camera, look_at
 
 # Two cameras whose centres are closer than this fraction of the cameras' mean distance to their centroid,
 # with optical axes within SAME_POSE_DEG, are one pose (a photo taken again from the same place).
@@ -91,17 +91,6 @@ def _slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
         return v / np.linalg.norm(v)
     theta = math.acos(dot)
     return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
-
-
-def _facing(pos: np.ndarray, target: np.ndarray, down: np.ndarray) -> np.ndarray:
-    """The camera-to-world rotation (OpenCV: x right, y down, z forward) at ``pos`` looking at ``target``, its down
-    axis as near ``down`` as the view allows (any where ``down`` lies along the view). [3, 3]"""
-    z = (target - pos) / np.linalg.norm(target - pos)
-    x = np.cross(down, z)
-    if np.linalg.norm(x) < 1e-6:
-        x = np.cross(np.eye(3)[int(np.argmin(np.abs(z)))], z)
-    x /= np.linalg.norm(x)
-    return np.stack([x, np.cross(z, x), z], axis=1)
 
 
 def _orbit_axis(keys: Sequence[Camera], center: np.ndarray) -> np.ndarray:
@@ -178,7 +167,7 @@ def path_through(keys: Sequence[Camera], num_frames: int, *, closed: bool = True
     quats = [_rotation_to_quat(c.c2w[:3, :3]) for c in keys]
     if center is not None:  # each key's rotation as the one facing the centre upright, then its own roll and offset
         axis = _orbit_axis(keys, center)
-        offsets = [_rotation_to_quat(_facing(c.center, center, axis).T @ c.c2w[:3, :3]) for c in keys]
+        offsets = [_rotation_to_quat(look_at(c.center, center, axis)[:3, :3] @ c.c2w[:3, :3]) for c in keys]
     out = []
     for k in range(num_frames):
         s = k * legs / num_frames if closed else k * legs / max(num_frames - 1, 1)
@@ -197,7 +186,9 @@ def path_through(keys: Sequence[Camera], num_frames: int, *, closed: bool = True
             # roll turns evenly): the keys' rotations slerped swung the view off the scene between keys rolled apart
             # (the Middlebury ring's: 69 of 120 frames of the temple's 3-view ring path saw nothing of it)
             oa, ob = offsets[i], offsets[(i + 1) % len(keys)]
-            R_c2w = _facing(pos, center, axis) @ _quat_to_rotation(_slerp(oa, ob if np.dot(oa, ob) >= 0 else -ob, t))
+            R_c2w = look_at(pos, center, axis)[:3, :3].T @ _quat_to_rotation(
+                _slerp(oa, ob if np.dot(oa, ob) >= 0 else -ob, t)
+            )
         else:
             pos = (1 - t) * a.center + t * b.center
         w2c = np.eye(4)

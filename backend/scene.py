@@ -250,7 +250,7 @@ def look_at(eye, target=(0.0, 0.0, 0.0), down=(0.0, -1.0, 0.0)) -> np.ndarray:
     Args:
         eye, target: world points. [3]
         down: the world direction that points down in the image (OpenCV y); default world -y,
-            so world +y is up in the image. [3]
+            so world +y is up in the image; one along the view gives any roll. [3]
     Returns:
         w2c: world-to-camera, OpenCV (x right, y down, z forward). float64 [4, 4]
 
@@ -262,6 +262,8 @@ def look_at(eye, target=(0.0, 0.0, 0.0), down=(0.0, -1.0, 0.0)) -> np.ndarray:
     z = target - eye
     z /= np.linalg.norm(z)
     x = np.cross(down, z)
+    if np.linalg.norm(x) < 1e-6:  # ``down`` along the view: a right axis square to it, any
+        x = np.cross(np.eye(3)[int(np.argmin(np.abs(z)))], z)
     x /= np.linalg.norm(x)
     R = np.stack([x, np.cross(z, x), z])
     w2c = np.eye(4)

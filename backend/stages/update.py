@@ -212,7 +212,7 @@ def update_voxel_size(
         pixel = cfg.voxel_px * float(z.median()) / float(cams.K[:, 0, 0].median())
         if captures is not None and len(captures) and len(memory):
             xyz = memory.xyz[:: -(-len(memory) // DEPTH_SAMPLES)]  # [<= DEPTH_SAMPLES, 3], evenly strided
-            at = torch.einsum("cj,nj->cn", captures.w2c[:, 2, :3], xyz) + captures.w2c[:, 2, 3, None]  # [C, n]
+            at = project_points(xyz, captures)[1]  # [C, n]
             seen = at[at > 0]
             if seen.numel():
                 own = cfg.voxel_px * float(seen.median()) / float(captures.K[:, 0, 0].median())
